@@ -1,0 +1,452 @@
+"""The TrainingLoop protocol: the contract every backend adapter implements.
+
+Every framework's tutorial repeats five parts: a **dataset**, a **model**, a **loss**, an
+**optimizer** and a **step**. ``TrainingLoop`` names them once. An adapter (one per framework,
+in ``unitrain.backends``) subclasses it and implements the underscored hooks natively; everything
+public is defined here, with its checks and bookkeeping, so the contract lives in one place.
+
+Construction::
+
+    loop = Backend(model, loss=CrossEntropyLoss(), optimizer=SGD(lr=0.01), seed=0)
+
+``model`` is a :class:`~unitrain.layers.Sequential` of layer specs (built natively, starting
+from :func:`~unitrain.weights.init_weights` ``(model, seed)``, so every backend starts from
+identical weights) or the framework's own model object (``torch.nn.Module``, MindSpore
+``nn.Cell``, Chainer ``Chain``) when the adapter has the ``native-model`` capability.
+
+Data: batches are ``(x, y)`` NumPy arrays; ``x`` float32 of shape ``(N, *features)``, ``y`` int64
+class indices for class losses (float32 shaped like the output for MSE). Adapters wrap them
+without copying where the framework allows.
+
+Contract of the two ways to drive a loop (both on every backend):
+
+* **whole step**: ``step((x, y))`` does zero_grad, forward, loss, backward and update, and returns
+  the loss computed with the *pre-update* weights. :meth:`fit` and :meth:`evaluate` build on it.
+* **tutorial-shaped step**: ``zero_grad()``, ``pred = forward(x)``, ``l = loss(pred, y)``,
+  ``backward(l)``, ``update()``. Gradients accumulate across ``backward`` calls until
+  ``zero_grad``; ``update`` applies the optimizer to the accumulated gradients. The sequence
+  gives the same result as ``step`` (bit-for-bit without dropout). Frameworks that compute
+  gradients functionally (MindSpore) record what ``forward`` and ``loss`` saw and differentiate in
+  ``backward``.
+
+Modes: a new loop is in training mode. ``train()`` / ``eval()`` switch every layer: Dropout is
+active and BatchNorm normalises with batch statistics and updates its running statistics only
+in training. ``predict`` and ``evaluate`` always run in eval mode without gradients and leave
+mode, parameters, buffers, optimizer state and ``step_count`` untouched.
+
+Dtype: ``dtype="float32"`` (default) or ``"float64"`` (capability ``float64``) sets parameters,
+inputs, outputs, gradients and optimizer state alike.
+
+Weights: ``state_dict()`` returns NumPy copies (``self.dtype``) with the keys and layouts of the
+equivalent PyTorch ``nn.Sequential.state_dict()`` (``1.weight`` of shape ``(512, 784)`` ...,
+BatchNorm adds ``running_mean``, ``running_var``, ``num_batches_tracked``). ``load_state_dict``
+accepts exactly those keys and shapes. ``save_weights`` / ``load_weights`` are safetensors files.
+
+Optimizer: the update equations are PyTorch's on every backend (see :mod:`unitrain.optim`).
+``optimizer_state_dict()`` returns ``{"step": int64 scalar, "<param>.<buffer>": array}`` with
+``<buffer>`` in the spec's ``state_names`` (``momentum_buffer``; ``exp_avg``, ``exp_avg_sq``);
+buffers not created yet are absent.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar
+
+import numpy as np
+
+from . import weights as weights_io
+from .data import ArrayDataset
+from .layers import Sequential
+from .losses import CrossEntropyLoss, Loss, MSELoss
+from .optim import SGD, Optimizer
+
+#: Capability tags an adapter may declare (checks gated on a missing one are skipped).
+CAPABILITIES = frozenset({"float64", "dropout", "batchnorm", "conv", "native-model", "compiled-step"})
+
+
+class InputError(ValueError):
+    """A batch that cannot be fed to the model: wrong shape, dtype, labels or NaN."""
+
+
+class TrainingLoop(ABC):
+    #: registry name, e.g. ``"torch"``
+    name: ClassVar[str]
+    #: import name of the framework, e.g. ``"torch"``; ``None`` for NumPy-only adapters
+    framework: ClassVar[str | None] = None
+    #: subset of :data:`CAPABILITIES`
+    capabilities: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(
+        self,
+        model: Any,
+        loss: Loss | None = None,
+        optimizer: Optimizer | None = None,
+        *,
+        seed: int = 0,
+        dtype: str = "float32",
+    ):
+        loss = CrossEntropyLoss() if loss is None else loss
+        optimizer = SGD() if optimizer is None else optimizer
+        if not isinstance(loss, Loss):
+            raise TypeError(f"loss must be a unitrain loss spec, got {loss!r}")
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"optimizer must be a unitrain optimizer spec, got {optimizer!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        if dtype not in ("float32", "float64") or (dtype == "float64" and "float64" not in self.capabilities):
+            supported = "float32, float64" if "float64" in self.capabilities else "float32"
+            raise ValueError(f"dtype {dtype!r} is not supported by the {self.name} backend; expected: {supported}")
+        #: floating dtype of parameters, inputs, outputs and optimizer state
+        self.dtype = np.dtype(dtype)
+        self.loss_spec = loss
+        self.optimizer_spec = optimizer
+        self.seed = seed
+        #: optimizer steps taken (``update`` / ``step`` calls)
+        self.step_count = 0
+        self.training = True
+        self._output_shapes: dict[tuple[int, ...], tuple[int, ...]] = {}
+        self._forward_shape: tuple[int, ...] | None = None
+        if isinstance(model, Sequential):
+            self.model_spec: Sequential | None = model
+            self._build(model)
+            self.load_state_dict(weights_io.init_weights(model, seed))
+        elif self.is_native_model(model):
+            self.model_spec = None
+            self._wrap_native(model)
+        else:
+            raise TypeError(
+                f"model must be a unitrain Sequential or a native {self.name} model, got {type(model).__name__}"
+            )
+        self._set_training(True)
+
+    # --- hooks an adapter implements ------------------------------------------------------
+
+    @abstractmethod
+    def _build(self, model: Sequential) -> None:
+        """Build the native model, loss and optimizer from specs (weights are loaded after)."""
+
+    def _wrap_native(self, model: Any) -> None:
+        """Adopt the framework's own model (only with the ``native-model`` capability)."""
+        raise TypeError(f"the {self.name} backend cannot train native models")
+
+    @classmethod
+    def is_native_model(cls, model: Any) -> bool:
+        """Whether ``model`` is this framework's model type. Must not import the framework:
+        if it is not in ``sys.modules`` yet, ``model`` cannot be one of its objects."""
+        return False
+
+    @abstractmethod
+    def _set_training(self, mode: bool) -> None: ...
+
+    @abstractmethod
+    def _zero_grad(self) -> None: ...
+
+    @abstractmethod
+    def _forward(self, x: np.ndarray) -> Any:
+        """Forward pass, recording what ``_backward`` needs; returns native predictions."""
+
+    @abstractmethod
+    def _loss(self, pred: Any, y: np.ndarray) -> Any:
+        """Loss of native predictions; returns a native scalar."""
+
+    @abstractmethod
+    def _backward(self, loss: Any) -> None:
+        """Add the gradients of ``loss`` to the accumulated ones."""
+
+    @abstractmethod
+    def _update(self) -> None:
+        """Apply one optimizer step (PyTorch's equations) to the accumulated gradients."""
+
+    @abstractmethod
+    def _step(self, x: np.ndarray, y: np.ndarray) -> Any:
+        """The whole step; returns the pre-update loss as a native scalar (no host sync)."""
+
+    @abstractmethod
+    def _predict(self, x: np.ndarray) -> np.ndarray:
+        """Outputs for ``x`` without gradients, in the current mode (the caller set eval)."""
+
+    @abstractmethod
+    def _evaluate_batch(self, x: np.ndarray, y: np.ndarray) -> tuple[float, int]:
+        """``(sum of per-sample losses, number correct)`` in the current mode, no gradients."""
+
+    @abstractmethod
+    def _gradients(self) -> dict[str, np.ndarray]:
+        """Accumulated gradients by parameter name (zeros after ``zero_grad``)."""
+
+    @abstractmethod
+    def _state_dict(self) -> dict[str, np.ndarray]: ...
+
+    @abstractmethod
+    def _load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        """Load an already validated state (``self.dtype`` arrays, int64 ``num_batches_tracked``)."""
+
+    @abstractmethod
+    def _optimizer_state_dict(self) -> dict[str, np.ndarray]: ...
+
+    @abstractmethod
+    def _load_optimizer_state_dict(self, state: Mapping[str, np.ndarray]) -> None: ...
+
+    @staticmethod
+    def to_float(value: Any) -> float:
+        """A native scalar (as returned by ``step``/``loss``) as a Python float (syncs)."""
+        return float(value)
+
+    # --- the tutorial-shaped step ---------------------------------------------------------
+
+    def zero_grad(self) -> None:
+        """Clear the accumulated gradients."""
+        self._zero_grad()
+
+    def forward(self, x: np.ndarray) -> Any:
+        """Model output for a batch (native tensor); in training mode it is differentiable."""
+        x = self._check_x(x)
+        self._forward_shape = x.shape
+        return self._forward(x)
+
+    def loss(self, pred: Any, y: np.ndarray) -> Any:
+        """Loss of ``pred`` (the output of the last :meth:`forward`) against targets ``y``."""
+        if self._forward_shape is None:
+            raise RuntimeError("loss() needs the predictions of a forward() call first")
+        n, *sample_shape = self._forward_shape
+        return self._loss(pred, self._check_y(y, n, tuple(sample_shape)))
+
+    def backward(self, loss: Any) -> None:
+        """Accumulate the gradients of ``loss`` (as returned by :meth:`loss`)."""
+        self._backward(loss)
+
+    def update(self) -> None:
+        """One optimizer step on the accumulated gradients; counts towards ``step_count``."""
+        self._update()
+        self.step_count += 1
+
+    # --- the whole step and what builds on it ---------------------------------------------
+
+    def step(self, batch: tuple[np.ndarray, np.ndarray]) -> Any:
+        """zero_grad, forward, loss, backward, update; returns the pre-update loss (native
+        scalar: ``float(...)`` or :meth:`to_float` reads it)."""
+        x, y = self._check_batch(batch)
+        loss = self._step(x, y)
+        self.step_count += 1
+        return loss
+
+    def train(self, mode: bool = True) -> TrainingLoop:
+        self.training = bool(mode)
+        self._set_training(self.training)
+        return self
+
+    def eval(self) -> TrainingLoop:
+        return self.train(False)
+
+    def predict(self, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+        """Model outputs (NumPy, ``self.dtype``) in eval mode; changes no state."""
+        x = self._check_x(x)
+        with _eval_mode(self):
+            outputs = [self._predict(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+        return np.concatenate(outputs) if outputs else np.zeros((0,), self.dtype)
+
+    def evaluate(self, dataset: ArrayDataset | tuple, batch_size: int = 1000) -> dict[str, float]:
+        """``{"loss", "accuracy", "num_correct", "num_samples"}`` over the whole dataset in eval
+        mode; ``loss`` is the mean per-sample loss whatever the loss spec's reduction."""
+        dataset = ArrayDataset.of(dataset)
+        total_loss, correct = 0.0, 0
+        with _eval_mode(self):
+            for x, y in dataset.batches(batch_size):
+                x, y = self._check_batch((x, y))
+                batch_loss, batch_correct = self._evaluate_batch(x, y)
+                total_loss += batch_loss
+                correct += batch_correct
+        n = len(dataset)
+        per_sample = total_loss / n if n else float("nan")
+        if isinstance(self.loss_spec, MSELoss):
+            per_sample /= max(1, int(np.prod(dataset.y.shape[1:])))  # MSE averages elements
+        return {
+            "loss": per_sample,
+            "accuracy": correct / n if n and self.loss_spec.class_targets else float("nan"),
+            "num_correct": correct,
+            "num_samples": n,
+        }
+
+    def fit(
+        self,
+        train_data: ArrayDataset | tuple,
+        *,
+        epochs: int = 1,
+        batch_size: int = 64,
+        shuffle: bool = True,
+        max_steps: int | None = None,
+        eval_data: ArrayDataset | tuple | None = None,
+        extensions: Iterable[Any] = (),
+        start_epoch: int = 0,
+    ) -> list[dict[str, float]]:
+        """Train for ``epochs`` epochs (or until ``max_steps`` optimizer steps in total).
+
+        Batch order is :meth:`ArrayDataset.batches` with this loop's seed: identical on every
+        backend. Returns one record per epoch: ``epoch``, ``train_loss`` (mean of the epoch's
+        step losses), ``samples_per_sec`` and, with ``eval_data``, ``test_loss`` /
+        ``test_accuracy``.
+
+        ``extensions`` are duck-typed hooks, as in Chainer's trainer; each may define any of
+        ``on_fit_start(loop, plan)``, ``on_epoch_start(loop, epoch)``,
+        ``on_step_end(loop, step_in_epoch, loss)`` (``loss`` native; read it only when needed, it
+        syncs), ``on_epoch_end(loop, record)`` and ``finalize(loop)``, which always runs, even
+        when training raises.
+        """
+        train_data = ArrayDataset.of(train_data)
+        eval_data = None if eval_data is None else ArrayDataset.of(eval_data)
+        _check_count("epochs", epochs, minimum=0)
+        _check_count("batch_size", batch_size, minimum=1)
+        if max_steps is not None:
+            _check_count("max_steps", max_steps, minimum=0)
+        extensions = list(extensions)
+        steps_per_epoch = train_data.num_batches(batch_size)
+        _call(extensions, "on_fit_start", self, {"epochs": epochs, "steps_per_epoch": steps_per_epoch})
+        history = []
+        try:
+            for epoch in range(start_epoch, epochs):
+                if max_steps is not None and self.step_count >= max_steps:
+                    break
+                self.train()
+                _call(extensions, "on_epoch_start", self, epoch)
+                losses, seen, started = [], 0, time.perf_counter()
+                batches = train_data.batches(batch_size, shuffle=shuffle, seed=self.seed, epoch=epoch)
+                for index, (x, y) in enumerate(batches):
+                    if max_steps is not None and self.step_count >= max_steps:
+                        break
+                    loss = self.step((x, y))
+                    losses.append(loss)
+                    seen += len(x)
+                    _call(extensions, "on_step_end", self, index, loss)
+                elapsed = time.perf_counter() - started
+                record = {
+                    "epoch": epoch + 1,
+                    "steps": self.step_count,
+                    "train_loss": float(np.mean([self.to_float(v) for v in losses])) if losses else float("nan"),
+                    "samples_per_sec": seen / elapsed if elapsed > 0 else float("nan"),
+                }
+                if eval_data is not None:
+                    metrics = self.evaluate(eval_data)
+                    record["test_loss"] = metrics["loss"]
+                    record["test_accuracy"] = metrics["accuracy"]
+                history.append(record)
+                _call(extensions, "on_epoch_end", self, record)
+        finally:
+            _call(extensions, "finalize", self)
+        return history
+
+    # --- weights --------------------------------------------------------------------------
+
+    def state_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Keys and shapes that :meth:`load_state_dict` accepts."""
+        if self.model_spec is not None:
+            return self.model_spec.state_shapes()
+        return {key: value.shape for key, value in self._state_dict().items()}
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return self._state_dict()
+
+    def gradients(self) -> dict[str, np.ndarray]:
+        """Accumulated gradients (NumPy copies) by parameter name."""
+        return self._gradients()
+
+    def load_state_dict(self, state: Mapping[str, np.ndarray], source: str = "state") -> None:
+        weights_io.check_state(self.state_shapes(), state, source)
+        converted = {
+            key: np.asarray(value, np.int64 if key.endswith("num_batches_tracked") else self.dtype)
+            for key, value in state.items()
+        }
+        for key, value in converted.items():
+            if value.dtype.kind == "f" and not np.isfinite(value).all():
+                raise weights_io.WeightsError(f"{source}: {key!r} contains NaN or infinite values")
+        self._load_state_dict(converted)
+
+    def save_weights(self, path) -> None:
+        weights_io.save_safetensors(path, self.state_dict(), {"format": "pt", "producer": f"unitrain/{self.name}"})
+
+    def load_weights(self, path) -> None:
+        tensors, _ = weights_io.load_safetensors(path)
+        self.load_state_dict(tensors, source=str(path))
+
+    def optimizer_state_dict(self) -> dict[str, np.ndarray]:
+        return self._optimizer_state_dict()
+
+    def load_optimizer_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        self._load_optimizer_state_dict(state)
+
+    # --- input checks ---------------------------------------------------------------------
+
+    def _check_x(self, x) -> np.ndarray:
+        x = np.asarray(x)
+        if x.dtype != self.dtype:
+            if x.dtype.kind not in "fiu":
+                raise InputError(f"inputs must be numeric, got dtype {x.dtype}")
+            x = x.astype(self.dtype)
+        if x.ndim < 2:
+            raise InputError(f"inputs must be a batch of shape (N, ...), got shape {x.shape}")
+        if self.model_spec is not None:
+            self._output_shape(x.shape[1:])
+        if not np.isfinite(x).all():
+            raise InputError("inputs contain NaN or infinite values")
+        return x
+
+    def _output_shape(self, sample_shape: tuple[int, ...]) -> tuple[int, ...]:
+        if sample_shape not in self._output_shapes:
+            try:
+                self._output_shapes[sample_shape] = self.model_spec.output_shape(sample_shape)
+            except ValueError as error:
+                raise InputError(str(error)) from None
+        return self._output_shapes[sample_shape]
+
+    def _check_y(self, y, n: int, sample_shape=None) -> np.ndarray:
+        y = np.asarray(y)
+        if len(y) != n:
+            raise InputError(f"got {n} inputs but {len(y)} targets")
+        if not self.loss_spec.class_targets:
+            return y.astype(self.dtype, copy=False)
+        if y.ndim != 1 or y.dtype.kind not in "iu":
+            raise InputError(f"class targets must be a 1-D integer array, got dtype {y.dtype} shape {y.shape}")
+        if sample_shape is not None and self.model_spec is not None and len(y):
+            classes = self._output_shape(sample_shape)[0]
+            low, high = int(y.min()), int(y.max())
+            if low < 0 or high >= classes:
+                bad = low if low < 0 else high
+                raise InputError(f"label {bad} is out of range: the model has {classes} classes (0..{classes - 1})")
+        return y.astype(np.int64, copy=False)
+
+    def _check_batch(self, batch) -> tuple[np.ndarray, np.ndarray]:
+        try:
+            x, y = batch
+        except (TypeError, ValueError):
+            raise InputError(f"a batch must be a pair (x, y), got {type(batch).__name__}") from None
+        x = self._check_x(x)
+        return x, self._check_y(y, len(x), x.shape[1:])
+
+
+class _eval_mode:
+    """Temporarily switch a loop to eval mode, restoring the previous mode."""
+
+    def __init__(self, loop: TrainingLoop):
+        self.loop = loop
+
+    def __enter__(self):
+        self.was_training = self.loop.training
+        if self.was_training:
+            self.loop._set_training(False)
+
+    def __exit__(self, *exc):
+        if self.was_training:
+            self.loop._set_training(True)
+
+
+def _call(extensions, hook: str, *args) -> None:
+    for extension in extensions:
+        method = getattr(extension, hook, None)
+        if method is not None:
+            method(*args)
+
+
+def _check_count(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
