@@ -192,7 +192,7 @@ def cmd_train(args) -> int:
         extensions.insert(0, ProgressBar())
     if args.metrics is not None:
         extensions.append(MetricsWriter(args.metrics, loop.name, args.model))
-    loop.fit(
+    history = loop.fit(
         train_data,
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -201,6 +201,9 @@ def cmd_train(args) -> int:
         eval_data=test_data,
         extensions=extensions,
     )
+    if not history:  # --epochs 0 or --max-steps 0: still report the model as it is
+        metrics = loop.evaluate(test_data)
+        print(f"no training step taken  test accuracy {100 * metrics['accuracy']:.2f}%  test loss {metrics['loss']:.4f}")
     if args.save is not None:
         loop.save_weights(args.save)
         print(f"unitrain: saved weights to {args.save}")

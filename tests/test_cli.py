@@ -1,0 +1,77 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def run(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "unitrain", *args], capture_output=True, text=True, env=env)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--backend", "jax"], "unknown backend 'jax'; available: numpy, torch, mindspore, chainer"),
+        (["--lr", "0"], "argument --lr: must be > 0, got 0"),
+        (["--lr", "-0.5"], "argument --lr: must be > 0, got -0.5"),
+        (["--lr", "fast"], "argument --lr: expected a number, got 'fast'"),
+        (["--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+        (["--epochs", "-1"], "argument --epochs: must be >= 0, got -1"),
+        (["--max-steps", "-3"], "argument --max-steps: must be >= 0, got -3"),
+        (["--model", "resnet"], "argument --model: invalid choice: 'resnet'"),
+        (["--momentum", "1.5"], r"--optimizer sgd: momentum must be in [0, 1), got 1.5"),
+        (["--optimizer", "adam", "--momentum", "0.9"], "--momentum/--nesterov apply to sgd, not adam"),
+        (["--init-weights", "missing.safetensors"], "--init-weights missing.safetensors does not exist"),
+        (["--data-dir", "no/such/dir"], "--data-dir no/such/dir does not exist or is not a directory"),
+        (["--save", "no/such/dir/w.safetensors"], "directory no/such/dir does not exist"),
+    ],
+)
+def test_bad_arguments_exit_2_with_a_message_and_no_traceback(args, message):
+    result = run("train", *args)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_existing_outputs_are_never_overwritten_without_consent(tmp_path):
+    for flag in ("--save", "--metrics"):
+        target = tmp_path / f"precious{flag}"
+        target.write_text("user data")
+        result = run("train", flag, str(target), "--max-steps", "0")
+        assert result.returncode == 2 and "already exists; pass --overwrite" in result.stderr
+        assert target.read_text() == "user data"
+
+
+def test_environment_variable_picks_the_backend():
+    import os
+
+    result = run("train", env={**os.environ, "UNITRAIN_BACKEND": "jax"})
+    assert result.returncode == 2 and "unknown backend 'jax'" in result.stderr
+
+
+def test_backends_lists_every_backend_with_its_version():
+    result = run("backends")
+    assert result.returncode == 0
+    lines = {line.split()[0]: line.split() for line in result.stdout.splitlines()}
+    assert set(lines) >= {"numpy", "torch", "mindspore", "chainer"}
+    for name, fields in lines.items():
+        assert fields[1] in ("installed", "missing")
+        if fields[1] == "installed":
+            assert fields[2][0].isdigit(), f"{name} shows no version: {fields}"
+
+
+def test_help_and_console_script():
+    result = run("--help")
+    assert result.returncode == 0 and "train" in result.stdout and "backends" in result.stdout
+    result = run("train", "--help")
+    assert "--init-weights" in result.stdout and "--max-steps" in result.stdout
+
+
+def test_max_steps_zero_evaluates_and_saves(tmp_path):
+    """A zero-step run still evaluates, reports and saves the (initial) weights."""
+    metrics, weights = tmp_path / "m.jsonl", tmp_path / "w.safetensors"
+    result = run("train", "--max-steps", "0", "--epochs", "1", "--metrics", str(metrics), "--save", str(weights))
+    assert result.returncode == 0, result.stderr
+    assert weights.stat().st_size > 4 * 500_000
+    assert metrics.read_text() == ""  # no epoch ran, so no epoch record

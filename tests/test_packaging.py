@@ -1,0 +1,52 @@
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+BACKEND_MODULES = ["numpy", "torch", "mindspore", "chainer"]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    pytest.importorskip("build")
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path_factory.mktemp("dist")
+    subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(out), str(root)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    (path,) = out.glob("unitrain-*.whl")
+    return path
+
+
+def test_wheel_contains_every_backend_the_suite_and_mnist(wheel):
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for module in BACKEND_MODULES:
+        assert f"unitrain/backends/{module}.py" in names
+    assert "unitrain/conformance/__init__.py" in names
+    for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        assert f"unitrain/data/mnist/{stem}.gz" in names
+    assert not any(name.startswith(("tests/", "backends/", "conformance/")) for name in names)
+    metadata = next(n for n in names if n.endswith("METADATA"))
+    text = zipfile.ZipFile(wheel).read(metadata).decode()
+    for extra in ("torch", "mindspore", "chainer", "all", "test"):
+        assert f"Provides-Extra: {extra}" in text
+    entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "unitrain = unitrain.cli:main" in entry_points
+
+
+def test_installed_wheel_trains_offline_from_its_own_data(wheel, tmp_path):
+    """Installed into a bare target (no source tree on the path), the wheel finds its MNIST copy."""
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+                   check=True)  # fmt: skip
+    code = (
+        "import unitrain, unitrain.backends.numpy as b; d = unitrain.load_mnist('test');"
+        "print(len(d), unitrain.__file__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(target)},
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert out.startswith("10000 ") and str(target) in out
