@@ -27,7 +27,7 @@ from torch.nn.utils import skip_init
 from unitrain import layers
 from unitrain.loop import TrainingLoop
 from unitrain.losses import CrossEntropyLoss, MSELoss, NLLLoss
-from unitrain.optim import SGD
+from unitrain.optim import SGD, Adam
 from unitrain.weights import WeightsError
 
 _DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
@@ -172,10 +172,7 @@ class TorchLoop(TrainingLoop):
 
     def _gradients(self) -> dict[str, np.ndarray]:
         # zero_grad sets gradients to None (PyTorch's default), which reads as zeros
-        return {
-            name: _numpy(p.grad) if p.grad is not None else np.zeros(p.shape, _numpy(p[:0]).dtype)
-            for name, p in self._params.items()
-        }
+        return {name: _numpy(torch.zeros_like(p) if p.grad is None else p.grad) for name, p in self._params.items()}
 
     def _state_dict(self) -> dict[str, np.ndarray]:
         return {key: _numpy(value) for key, value in self.model.state_dict().items()}
@@ -212,7 +209,7 @@ class TorchLoop(TrainingLoop):
             if len(present) != len(names):
                 raise WeightsError(f"optimizer state for {name!r} has {present}, needs all of {list(names)}")
             buffers = {key: torch.tensor(state[f"{name}.{key}"], dtype=p.dtype, device=p.device) for key in names}
-            if "exp_avg" in buffers:
+            if isinstance(self.optimizer_spec, Adam):
                 buffers["step"] = torch.tensor(float(step))  # Adam keeps its bias-correction count per parameter
             loaded[p] = buffers
         self.optimizer.state.clear()

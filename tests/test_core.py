@@ -79,7 +79,9 @@ def test_optimizer_state_names():
 
 
 def test_registry_errors_name_the_alternatives(monkeypatch):
-    with pytest.raises(registry.BackendError, match="unknown backend 'jax'; available: numpy, torch, mindspore, chainer"):
+    with pytest.raises(
+        registry.BackendError, match="unknown backend 'jax'; available: numpy, torch, mindspore, chainer"
+    ):
         registry.get_backend("jax")
     missing = registry.BackendSpec("ghost", "ghost:Loop", "ghost_framework_not_installed", None, "pip install ghost")
     monkeypatch.setitem(registry.BUILTIN, "ghost", missing)

@@ -128,4 +128,3 @@ def test_chainer_tutorial_split(mnist_train):
     np.testing.assert_array_equal(train.y, again.y)
     with pytest.raises(ValueError, match="split size must be in 0..60000"):
         mnist_train.split(70000)
-

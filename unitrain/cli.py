@@ -17,7 +17,6 @@ from .optim import OPTIMIZERS
 from .weights import WeightsError
 
 
-
 class UsageError(Exception):
     """A command line that cannot work (bad value, missing file, would overwrite)."""
 
@@ -203,7 +202,9 @@ def cmd_train(args) -> int:
     )
     if not history:  # --epochs 0 or --max-steps 0: still report the model as it is
         metrics = loop.evaluate(test_data)
-        print(f"no training step taken  test accuracy {100 * metrics['accuracy']:.2f}%  test loss {metrics['loss']:.4f}")
+        print(
+            f"no training step taken  test accuracy {100 * metrics['accuracy']:.2f}%  test loss {metrics['loss']:.4f}"
+        )
     if args.save is not None:
         loop.save_weights(args.save)
         print(f"unitrain: saved weights to {args.save}")
