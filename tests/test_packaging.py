@@ -4,6 +4,8 @@ import zipfile
 
 import pytest
 
+from unitrain.data import MNIST_FILES
+
 BACKEND_MODULES = ["numpy", "torch", "mindspore", "chainer"]
 
 
@@ -27,12 +29,7 @@ def test_wheel_contains_every_backend_the_suite_and_mnist(wheel):
     for module in BACKEND_MODULES:
         assert f"unitrain/backends/{module}.py" in names
     assert "unitrain/conformance/__init__.py" in names
-    for stem in (
-        "train-images-idx3-ubyte",
-        "train-labels-idx1-ubyte",
-        "t10k-images-idx3-ubyte",
-        "t10k-labels-idx1-ubyte",
-    ):
+    for stem in MNIST_FILES:
         assert f"unitrain/data/mnist/{stem}.gz" in names
     assert not any(name.startswith(("tests/", "backends/", "conformance/")) for name in names)
     metadata = next(n for n in names if n.endswith("METADATA"))

@@ -124,7 +124,7 @@ def cmd_backends(args) -> int:
         )
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)), row[3], sep="  ")
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)), row[3], sep="  ")
     return 0
 
 

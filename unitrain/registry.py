@@ -106,9 +106,9 @@ def get_backend(name: str | None = None) -> type:
 def backend_of(model: Any) -> str | None:
     """The built-in backend whose framework ``model`` belongs to, or ``None``."""
     for spec in BUILTIN.values():
-        if spec.framework and spec.framework in sys.modules and spec.framework != "numpy":
-            if load_adapter(spec.target).is_native_model(model):
-                return spec.name
+        native_capable = spec.framework not in (None, "numpy") and spec.framework in sys.modules
+        if native_capable and load_adapter(spec.target).is_native_model(model):
+            return spec.name
     return None
 
 
