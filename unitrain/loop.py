@@ -280,6 +280,7 @@ class TrainingLoop(ABC):
         eval_data: ArrayDataset | tuple | None = None,
         extensions: Iterable[Any] = (),
         start_epoch: int = 0,
+        start_batch: int = 0,
     ) -> list[dict[str, float]]:
         """Train for ``epochs`` epochs (or until ``max_steps`` optimizer steps in total).
 
@@ -293,6 +294,9 @@ class TrainingLoop(ABC):
         ``on_step_end(loop, step_in_epoch, loss)`` (``loss`` native; read it only when needed, it
         syncs), ``on_epoch_end(loop, record)`` and ``finalize(loop)``, which always runs, even
         when training raises.
+
+        ``start_epoch`` / ``start_batch`` resume a run: training begins at that batch of that
+        epoch (0-based), in the order an uninterrupted run would have used.
         """
         train_data = ArrayDataset.of(train_data)
         eval_data = None if eval_data is None else ArrayDataset.of(eval_data)
@@ -311,8 +315,9 @@ class TrainingLoop(ABC):
                 self.train()
                 _call(extensions, "on_epoch_start", self, epoch)
                 losses, seen, started = [], 0, time.perf_counter()
-                batches = train_data.batches(batch_size, shuffle=shuffle, seed=self.seed, epoch=epoch)
-                for index, (x, y) in enumerate(batches):
+                first = start_batch if epoch == start_epoch else 0
+                batches = train_data.batches(batch_size, shuffle=shuffle, seed=self.seed, epoch=epoch, start=first)
+                for index, (x, y) in enumerate(batches, start=first):
                     if max_steps is not None and self.step_count >= max_steps:
                         break
                     loss = self.step((x, y))
