@@ -163,6 +163,9 @@ def load_mnist(split: str = "train", data_dir: str | Path | None = None, *, veri
     if not directory.is_dir():
         raise DataError(f"data directory {directory} does not exist or is not a directory")
     images, labels = _mnist_uint8(split, str(directory.resolve()), verify)
-    # A 256-entry lookup table normalises 47M pixels far faster than float arithmetic.
-    table = ((np.arange(256) / 255.0 - MNIST_MEAN) / MNIST_STD).astype(np.float32)
-    return ArrayDataset(table[images][:, None], labels.astype(np.int64))
+    x = images[:, None].astype(np.float32)
+    # in place, in float32: the tutorial's formula without 188 MB temporaries per operation
+    x /= np.float32(255)
+    x -= np.float32(MNIST_MEAN)
+    x /= np.float32(MNIST_STD)
+    return ArrayDataset(x, labels.astype(np.int64))
