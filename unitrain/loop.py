@@ -187,7 +187,9 @@ class TrainingLoop(ABC):
     def _optimizer_state_dict(self) -> dict[str, np.ndarray]: ...
 
     @abstractmethod
-    def _load_optimizer_state_dict(self, state: Mapping[str, np.ndarray]) -> None: ...
+    def _load_optimizer_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        """Load validated optimizer state: ``step`` plus, per parameter, all buffers or none
+        (``self.dtype`` arrays). The caller sets ``step_count``."""
 
     @staticmethod
     def to_float(value: Any) -> float:
@@ -374,11 +376,42 @@ class TrainingLoop(ABC):
         tensors, _ = weights_io.load_safetensors(path)
         self.load_state_dict(tensors, source=str(path))
 
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Trainable parameters' names and shapes (the keys of :meth:`gradients`)."""
+        if self.model_spec is not None:
+            return self.model_spec.param_shapes()
+        return {key: value.shape for key, value in self._gradients().items()}
+
     def optimizer_state_dict(self) -> dict[str, np.ndarray]:
         return self._optimizer_state_dict()
 
-    def load_optimizer_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
-        self._load_optimizer_state_dict(state)
+    def load_optimizer_state_dict(self, state: Mapping[str, np.ndarray], source: str = "optimizer state") -> None:
+        """Restore optimizer buffers and the step count. Each parameter has all of the spec's
+        ``state_names`` buffers or none (not created yet)."""
+        names = self.optimizer_spec.state_names
+        shapes = self.param_shapes()
+        expected = {f"{param}.{name}": shape for param, shape in shapes.items() for name in names}
+        unknown = sorted(set(state) - set(expected) - {"step"})
+        if "step" not in state or unknown:
+            raise weights_io.WeightsError(
+                f"{source} does not fit {self.optimizer_spec}: it needs 'step' and keys among "
+                f"'<param>.{{{', '.join(names)}}}'; missing 'step'={'step' not in state}, unexpected {unknown}"
+            )
+        for key, value in state.items():
+            if key != "step" and tuple(np.shape(value)) != tuple(expected[key]):
+                raise weights_io.WeightsError(
+                    f"{source}: {key!r} has shape {tuple(np.shape(value))}, the model expects {tuple(expected[key])}"
+                )
+        for param in shapes:
+            present = [name for name in names if f"{param}.{name}" in state]
+            if present and len(present) != len(names):
+                raise weights_io.WeightsError(f"{source}: {param!r} has buffers {present}, needs all of {list(names)}")
+        step = int(np.asarray(state["step"]))
+        self._load_optimizer_state_dict({
+            "step": np.array(step, np.int64),
+            **{key: np.asarray(value, self.dtype) for key, value in state.items() if key != "step"},
+        })  # fmt: skip
+        self.step_count = step
 
     # --- input checks ---------------------------------------------------------------------
 
