@@ -3,9 +3,9 @@
 SGD/Adam/AdamW with ``foreach=False`` (PyTorch's single-tensor equations, which unitrain.optim
 reproduces).
 
-Dropout draws from this loop's own random stream (seeded with the loop's seed), swapped into the
-device's default generator only for training forwards: results depend on the seed alone, and the
-user's global torch RNG is neither reset nor advanced. Layers are built with ``skip_init`` for the
+Dropout draws from this loop's own random stream (the one ``torch.manual_seed(seed)`` starts),
+swapped into the device's default generator only for training forwards: results depend on the
+seed alone, and the user's global torch RNG is neither reset nor advanced. Layers are built with ``skip_init`` for the
 same reason (their weights come from ``init_weights`` anyway).
 
 A native ``torch.nn.Module`` is trained on the device of its parameters (CPU or CUDA); it is cast
@@ -28,7 +28,6 @@ from unitrain import layers
 from unitrain.loop import TrainingLoop
 from unitrain.losses import CrossEntropyLoss, MSELoss, NLLLoss
 from unitrain.optim import SGD, Adam
-from unitrain.weights import WeightsError
 
 _DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
 _CRITERIA = {CrossEntropyLoss: F.cross_entropy, NLLLoss: F.nll_loss, MSELoss: F.mse_loss}
@@ -132,6 +131,11 @@ class TorchLoop(TrainingLoop):
 
     # --- hooks ----------------------------------------------------------------------------
 
+    @staticmethod
+    def to_float(value: torch.Tensor) -> float:
+        # float() warns on a tensor that requires grad (what loss() returns); item() reads both kinds
+        return value.item()
+
     def _set_training(self, mode: bool) -> None:
         self.model.train(mode)
 
@@ -192,26 +196,13 @@ class TorchLoop(TrainingLoop):
 
     def _load_optimizer_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
         names = self.optimizer_spec.state_names
-        expected = {f"{name}.{key}": p for name, p in self._params.items() for key in names}
-        unknown = sorted(set(state) - set(expected) - {"step"})
-        if "step" not in state or unknown:
-            raise WeightsError(f"optimizer state needs 'step' and keys among {sorted(expected)}; unexpected {unknown}")
-        for key, value in state.items():
-            if key != "step" and tuple(np.shape(value)) != tuple(expected[key].shape):
-                shape = tuple(expected[key].shape)
-                raise WeightsError(f"optimizer state {key!r} has shape {np.shape(value)}, expected {shape}")
-        step = int(np.asarray(state["step"]))
         loaded = {}
         for name, p in self._params.items():
-            present = [key for key in names if f"{name}.{key}" in state]
-            if not present:
-                continue
-            if len(present) != len(names):
-                raise WeightsError(f"optimizer state for {name!r} has {present}, needs all of {list(names)}")
-            buffers = {key: torch.tensor(state[f"{name}.{key}"], dtype=p.dtype, device=p.device) for key in names}
-            if isinstance(self.optimizer_spec, Adam):
-                buffers["step"] = torch.tensor(float(step))  # Adam keeps its bias-correction count per parameter
-            loaded[p] = buffers
+            if names and f"{name}.{names[0]}" in state:  # all buffers or none (checked by the caller)
+                buffers = {key: torch.tensor(state[f"{name}.{key}"], device=p.device) for key in names}
+                if isinstance(self.optimizer_spec, Adam):
+                    # Adam keeps its bias-correction count per parameter
+                    buffers["step"] = torch.tensor(float(state["step"]))
+                loaded[p] = buffers
         self.optimizer.state.clear()
         self.optimizer.state.update(loaded)
-        self.step_count = step

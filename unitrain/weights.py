@@ -106,7 +106,7 @@ def save_safetensors(path, tensors: Mapping[str, np.ndarray], metadata: Mapping[
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}
     arrays, offset = [], 0
     for name, value in tensors.items():
-        array = np.ascontiguousarray(value)
+        array = np.asarray(value, order="C")  # ascontiguousarray would turn 0-d into 1-d
         if array.dtype not in _CODES:
             raise WeightsError(f"tensor {name!r} has dtype {array.dtype}, which safetensors cannot hold")
         array = array.astype(array.dtype.newbyteorder("<"), copy=False)

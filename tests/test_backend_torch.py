@@ -1,0 +1,374 @@
+"""The PyTorch backend against hand-written plain-PyTorch code (nn.Sequential + torch.optim).
+
+Both run the same PyTorch kernels in the same order, so results are compared bit-for-bit.
+"""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+from unitrain.backends.torch import TorchLoop
+
+import unitrain as ut
+from unitrain.weights import WeightsError
+
+SEED = 0
+
+
+def bn_spec():
+    return ut.Sequential(
+        ut.Conv2d(1, 4, 3), ut.BatchNorm2d(4), ut.ReLU(), ut.MaxPool2d(2), ut.Flatten(),
+        ut.Sequential(ut.Linear(4 * 13 * 13, 32), ut.BatchNorm1d(32, eps=1e-3, momentum=0.2)),
+        ut.ReLU(), ut.Dropout(0.3), ut.Linear(32, 10),
+    )  # fmt: skip
+
+
+# The same networks written by hand in plain PyTorch.
+def torch_mlp():
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)
+    )
+
+
+def torch_cnn():
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 12, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(192, 120), nn.ReLU(), nn.Linear(120, 60), nn.ReLU(), nn.Linear(60, 10),
+    )  # fmt: skip
+
+
+def torch_bn():
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Sequential(nn.Linear(4 * 13 * 13, 32), nn.BatchNorm1d(32, eps=1e-3, momentum=0.2)),
+        nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 10),
+    )  # fmt: skip
+
+
+REFERENCES = {"mlp": (ut.mlp, torch_mlp), "cnn": (ut.cnn, torch_cnn), "bn": (bn_spec, torch_bn)}
+
+
+def reference(name, dtype=torch.float32):
+    spec, build = REFERENCES[name]
+    model = build().to(dtype)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in ut.init_weights(spec(), SEED).items()})
+    return model
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    return ut.load_mnist("train")
+
+
+def first_batches(data, n, batch_size=64):
+    return [(x, y) for _, (x, y) in zip(range(n), data.batches(batch_size), strict=False)]
+
+
+def assert_same_state(loop_state, torch_state):
+    assert list(loop_state) == list(torch_state)
+    for key, value in torch_state.items():
+        np.testing.assert_array_equal(loop_state[key], value.numpy(), err_msg=key)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "bn"])
+def test_forward_matches_torch(name, mnist):
+    x = mnist.x[:100]
+    loop = TorchLoop(REFERENCES[name][0](), seed=SEED)
+    ref = reference(name)
+    with torch.no_grad():
+        np.testing.assert_array_equal(loop.predict(x), ref.eval()(torch.from_numpy(x)).numpy())
+        # training mode: BN batch statistics, and dropout drawn as torch.manual_seed(seed) would
+        with torch.random.fork_rng():
+            torch.manual_seed(SEED)
+            expected = ref.train()(torch.from_numpy(x)).numpy()
+    np.testing.assert_array_equal(loop.forward(x).detach().numpy(), expected)
+
+
+OPTIMIZERS = [
+    ("mlp", ut.SGD(lr=0.01, momentum=0.9), lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9), 50),
+    ("cnn", ut.SGD(lr=0.01, momentum=0.9), lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9), 50),
+    ("mlp", ut.Adam(lr=1e-3), lambda p: torch.optim.Adam(p, lr=1e-3), 20),
+    ("cnn", ut.Adam(lr=1e-3), lambda p: torch.optim.Adam(p, lr=1e-3), 20),
+    ("mlp", ut.AdamW(lr=1e-3, weight_decay=0.1), lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.1), 20),
+    (
+        "mlp",
+        ut.SGD(lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4),
+        lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4),
+        50,
+    ),
+    ("bn", ut.Adam(lr=1e-3, weight_decay=1e-4), lambda p: torch.optim.Adam(p, lr=1e-3, weight_decay=1e-4), 20),
+]
+
+
+@pytest.mark.parametrize(("name", "spec", "make_optimizer", "steps"), OPTIMIZERS)
+def test_training_matches_torch_bit_for_bit(name, spec, make_optimizer, steps, mnist):
+    batches = first_batches(mnist, steps)
+    loop = TorchLoop(REFERENCES[name][0](), optimizer=spec, seed=SEED)
+    losses = [float(loop.step(batch)) for batch in batches]
+
+    model = reference(name)
+    optimizer = make_optimizer(model.parameters())
+    expected = []
+    with torch.random.fork_rng():
+        torch.manual_seed(SEED)  # the dropout stream of a loop with this seed
+        for x, y in batches:
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y))
+            loss.backward()
+            optimizer.step()
+            expected.append(loss.item())
+
+    assert losses == expected
+    assert_same_state(loop.state_dict(), model.state_dict())
+    state = loop.optimizer_state_dict()
+    assert state["step"] == steps and state["step"].dtype == np.int64
+    for param_name, param in model.named_parameters():
+        for key in spec.state_names:
+            np.testing.assert_array_equal(state[f"{param_name}.{key}"], optimizer.state[param][key].numpy())
+
+
+def test_float64_matches_torch(mnist):
+    batches = first_batches(mnist, 5)
+    loop = TorchLoop(ut.mlp(), optimizer=ut.Adam(), seed=SEED, dtype="float64")
+    for batch in batches:
+        loop.step(batch)
+    model = reference("mlp", torch.float64)
+    optimizer = torch.optim.Adam(model.parameters())
+    for x, y in batches:
+        optimizer.zero_grad()
+        F.cross_entropy(model(torch.from_numpy(x).double()), torch.from_numpy(y)).backward()
+        optimizer.step()
+    assert_same_state(loop.state_dict(), model.state_dict())
+    assert loop.predict(batches[0][0]).dtype == np.float64
+    assert all(v.dtype == np.float64 for v in loop.optimizer_state_dict().values() if v.ndim)
+
+
+@pytest.mark.parametrize(
+    ("loss", "functional", "target"),
+    [
+        (ut.NLLLoss(reduction="sum"), F.nll_loss, lambda y: y),
+        (ut.MSELoss(), F.mse_loss, lambda y: np.eye(10, dtype=np.float32)[y]),
+    ],
+)
+def test_other_losses_match_torch(loss, functional, target, mnist):
+    x, y = mnist.x[:64], target(mnist.y[:64])
+    loop = TorchLoop(ut.mlp(), loss=loss, seed=SEED)
+    value = loop.step((x, y))
+    model = reference("mlp")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    expected = functional(model(torch.from_numpy(x)), torch.from_numpy(y), reduction=loss.reduction)
+    expected.backward()
+    optimizer.step()
+    assert float(value) == expected.item()
+    assert_same_state(loop.state_dict(), model.state_dict())
+    metrics = loop.evaluate((x, y))
+    with torch.no_grad():
+        mean = functional(model(torch.from_numpy(x)), torch.from_numpy(y)).item()
+    assert metrics["loss"] == pytest.approx(mean, rel=1e-6)
+
+
+def test_evaluate_matches_torch(mnist):
+    loop = TorchLoop(ut.cnn(), seed=SEED)
+    metrics = loop.evaluate(mnist.subset(slice(0, 2500)), batch_size=1000)
+    with torch.no_grad():
+        logits = reference("cnn").eval()(torch.from_numpy(mnist.x[:2500]))
+        mean = F.cross_entropy(logits, torch.from_numpy(mnist.y[:2500])).item()
+    assert metrics["loss"] == pytest.approx(mean, rel=1e-6)
+    assert metrics["num_correct"] == int((logits.argmax(1).numpy() == mnist.y[:2500]).sum())
+    assert metrics["num_samples"] == 2500
+
+
+@pytest.mark.parametrize("name", ["mlp", "bn"])
+def test_step_equals_tutorial_sequence(name, mnist):
+    whole = TorchLoop(REFERENCES[name][0](), optimizer=ut.SGD(momentum=0.9), seed=SEED)
+    manual = TorchLoop(REFERENCES[name][0](), optimizer=ut.SGD(momentum=0.9), seed=SEED)
+    for x, y in first_batches(mnist, 3):
+        expected = whole.step((x, y))
+        manual.zero_grad()
+        loss = manual.loss(manual.forward(x), y)
+        manual.backward(loss)
+        manual.update()
+        assert loss.item() == expected.item()  # with dropout too: both draw from the loop's stream
+    assert_same_state(whole.state_dict(), {k: torch.from_numpy(v) for k, v in manual.state_dict().items()})
+    assert whole.step_count == manual.step_count == 3
+
+
+def test_zero_grad_and_accumulation(mnist):
+    x, y = mnist.x[:64], mnist.y[:64]
+    loop = TorchLoop(ut.cnn(), loss=ut.CrossEntropyLoss(reduction="sum"), seed=SEED)
+    grads = loop.gradients()
+    assert list(grads) == list(ut.cnn().param_shapes()) and not any(g.any() for g in grads.values())
+    loop.backward(loop.loss(loop.forward(x), y))
+    full = loop.gradients()
+    assert all(g.any() for g in full.values())
+    loop.zero_grad()
+    assert not any(g.any() for g in loop.gradients().values())
+    for half in (slice(0, 32), slice(32, 64)):
+        loop.backward(loop.loss(loop.forward(x[half]), y[half]))
+    for key, value in loop.gradients().items():
+        np.testing.assert_allclose(value, full[key], rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+def test_dropout_only_in_training_and_seeded():
+    spec = ut.Sequential(ut.Linear(20, 200), ut.Dropout(0.5))
+    x = np.random.default_rng(1).standard_normal((8, 20), np.float32)
+    loop = TorchLoop(spec, seed=3)
+    clean = loop.predict(x)
+    weights = ut.init_weights(spec, 3)
+    np.testing.assert_allclose(clean, x @ weights["0.weight"].T + weights["0.bias"], rtol=1e-5, atol=1e-6)
+    global_state = torch.get_rng_state()
+    dropped = loop.forward(x).detach().numpy()
+    assert torch.equal(torch.get_rng_state(), global_state)  # the user's global RNG is untouched
+    kept = dropped != 0
+    assert 0.3 < kept.mean() < 0.7
+    np.testing.assert_allclose(dropped[kept], 2 * clean[kept], rtol=1e-5)
+    assert not np.array_equal(dropped, loop.forward(x).detach().numpy())  # the stream moves on
+    torch.manual_seed(123)  # does not affect the loop's stream
+    np.testing.assert_array_equal(TorchLoop(spec, seed=3).forward(x).detach().numpy(), dropped)
+    assert not np.array_equal(TorchLoop(spec, seed=4).forward(x).detach().numpy(), dropped)
+    loop.eval()
+    np.testing.assert_array_equal(loop.forward(x).detach().numpy(), clean)
+
+
+def test_batchnorm_running_stats_follow_pytorch(mnist):
+    spec = ut.Sequential(ut.Flatten(), ut.Linear(784, 16), ut.BatchNorm1d(16, eps=1e-3, momentum=0.2))
+    x, y = mnist.x[:64], mnist.y[:64] % 10
+    w = ut.init_weights(spec, SEED)
+    h = x.reshape(64, -1).astype(np.float64) @ w["1.weight"].T + w["1.bias"]
+    loop = TorchLoop(spec, seed=SEED)
+    loop.eval()
+    loop.forward(x)
+    loop.predict(x)
+    loop.evaluate((x, y))
+    assert loop.state_dict()["2.num_batches_tracked"] == 0  # eval mode updates nothing
+    loop.train()
+    loop.step((x, y))
+    state = loop.state_dict()
+    np.testing.assert_allclose(state["2.running_mean"], 0.2 * h.mean(0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(state["2.running_var"], 0.8 + 0.2 * h.var(0, ddof=1), rtol=1e-4)  # unbiased
+    assert state["2.num_batches_tracked"] == 1 and state["2.num_batches_tracked"].dtype == np.int64
+    # eval normalises with the running statistics
+    h = x.reshape(64, -1) @ state["1.weight"].T + state["1.bias"]
+    expected = (h - state["2.running_mean"]) / np.sqrt(state["2.running_var"] + 1e-3) * state["2.weight"]
+    np.testing.assert_allclose(loop.predict(x), expected + state["2.bias"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_predict_and_evaluate_change_nothing(training, mnist):
+    loop = TorchLoop(bn_spec(), optimizer=ut.Adam(), seed=SEED)
+    for batch in first_batches(mnist, 2):
+        loop.step(batch)
+    loop.train(training)
+    before = loop.state_dict(), loop.optimizer_state_dict(), loop.step_count
+    loop.predict(mnist.x[:300], batch_size=128)
+    loop.evaluate(mnist.subset(slice(0, 300)), batch_size=128)
+    after = loop.state_dict(), loop.optimizer_state_dict(), loop.step_count
+    for old, new in zip(before[:2], after[:2], strict=True):
+        assert list(old) == list(new)
+        for key in old:
+            np.testing.assert_array_equal(old[key], new[key], err_msg=key)
+    assert before[2] == after[2] == 2
+    assert loop.training is training and loop.model.training is training
+
+
+def test_state_dict_layout_and_copies():
+    spec = bn_spec()
+    loop = TorchLoop(spec, seed=SEED)
+    state = loop.state_dict()
+    assert {k: v.shape for k, v in state.items()} == spec.state_shapes()
+    assert list(state) == list(spec.state_shapes()) == list(reference("bn").state_dict())
+    for key, value in state.items():
+        assert value.dtype == (np.int64 if key.endswith("num_batches_tracked") else np.float32), key
+    state["0.weight"][:] = 7  # a copy, not the parameter
+    assert not (loop.state_dict()["0.weight"] == 7).any()
+
+
+def test_weights_round_trip(tmp_path, mnist):
+    loop = TorchLoop(bn_spec(), optimizer=ut.Adam(), seed=SEED)
+    for batch in first_batches(mnist, 3):
+        loop.step(batch)
+    path = tmp_path / "w.safetensors"
+    loop.save_weights(path)
+    other = TorchLoop(bn_spec(), seed=5)
+    other.load_weights(path)
+    assert_same_state(other.state_dict(), {k: torch.from_numpy(v) for k, v in loop.state_dict().items()})
+    # the file is an ordinary PyTorch state_dict
+    model = reference("bn")
+    model.load_state_dict(load_file(path))
+    with torch.no_grad():
+        np.testing.assert_array_equal(model.eval()(torch.from_numpy(mnist.x[:50])).numpy(), loop.predict(mnist.x[:50]))
+
+
+@pytest.mark.parametrize("spec", [ut.SGD(momentum=0.9), ut.Adam(), ut.AdamW()])
+def test_optimizer_state_round_trip(spec, mnist):
+    batches = first_batches(mnist, 5)
+    loop = TorchLoop(ut.mlp(), optimizer=spec, seed=SEED)
+    fresh = TorchLoop(ut.mlp(), optimizer=spec, seed=1)
+    assert list(fresh.optimizer_state_dict()) == ["step"]  # buffers appear with the first step
+    for batch in batches[:3]:
+        loop.step(batch)
+    fresh.load_state_dict(loop.state_dict())
+    fresh.load_optimizer_state_dict(loop.optimizer_state_dict())
+    assert fresh.step_count == 3
+    for batch in batches[3:]:
+        loop.step(batch)
+        fresh.step(batch)
+    for old, new in [
+        (loop.state_dict(), fresh.state_dict()),
+        (loop.optimizer_state_dict(), fresh.optimizer_state_dict()),
+    ]:
+        assert list(old) == list(new)
+        for key in old:
+            np.testing.assert_array_equal(old[key], new[key], err_msg=key)
+    state = loop.optimizer_state_dict()
+    with pytest.raises(WeightsError, match="unexpected"):
+        fresh.load_optimizer_state_dict({**state, "9.weight.exp_avg": state["1.bias." + spec.state_names[0]]})
+    with pytest.raises(WeightsError, match="shape"):
+        fresh.load_optimizer_state_dict({**state, f"1.bias.{spec.state_names[0]}": np.zeros(3, np.float32)})
+
+
+def test_native_model_trains(mnist):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(1, 8, 3, stride=2), nn.ReLU(), nn.Flatten())
+            self.head = nn.Linear(8 * 13 * 13, 10)
+
+        def forward(self, x):
+            return self.head(self.features(x))
+
+    torch.manual_seed(0)
+    net = Net()
+    loop = ut.make_loop(model=net, optimizer=ut.Adam(lr=1e-3))
+    assert isinstance(loop, TorchLoop) and loop.model is net
+    assert TorchLoop.is_native_model(net) and not TorchLoop.is_native_model(ut.mlp())
+    assert list(loop.state_dict()) == list(net.state_dict())
+    data = mnist.subset(slice(0, 2000))
+    before = loop.evaluate(data)["loss"]
+    loop.fit(data, epochs=1, batch_size=64)
+    assert loop.evaluate(data)["loss"] < before / 2
+    assert loop.step_count == 32 and list(loop.gradients()) == [n for n, _ in net.named_parameters()]
+
+
+def test_read_only_and_strided_inputs_work_without_warnings(mnist):
+    loop = TorchLoop(ut.mlp(), seed=SEED)
+    x = mnist.x[:10].copy()
+    expected = loop.predict(x)
+    x.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(loop.predict(x), expected)
+        # row order may change the matmul's blocking, hence rounding
+        np.testing.assert_allclose(loop.predict(x[::-1]), expected[::-1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_one_epoch_of_mlp_reaches_90_percent():
+    loop = TorchLoop(ut.mlp(), optimizer=ut.SGD(lr=0.01), seed=0)
+    (record,) = loop.fit(ut.load_mnist("train"), epochs=1, batch_size=64, shuffle=True, eval_data=ut.load_mnist("test"))
+    print(f"torch mlp 1 epoch: accuracy {record['test_accuracy']:.4f}, {record['samples_per_sec']:.0f} samples/s")
+    assert record["test_accuracy"] >= 0.90
