@@ -1,0 +1,459 @@
+"""The Chainer adapter against hand-written PyTorch references (same initial weights, same batches)."""
+
+import numpy as np
+import pytest
+
+import unitrain as ut
+from unitrain.registry import backend_of
+
+# The adapter first: it makes `import chainer` work (see its distutils note).
+ChainerLoop = pytest.importorskip("unitrain.backends.chainer").ChainerLoop
+chainer = pytest.importorskip("chainer")
+torch = pytest.importorskip("torch")
+
+from chainer import links as L  # noqa: E402
+
+# Float32 drift between two frameworks that sum in different orders; the training tests print
+# the measured max abs differences (run with -s).
+RTOL, ATOL = 1e-4, 1e-5
+
+
+def bn_mlp(dropout=0.0):
+    layers = [ut.Flatten(), ut.Linear(784, 64), ut.BatchNorm1d(64, momentum=0.2), ut.ReLU()]
+    if dropout:
+        layers.append(ut.Dropout(dropout))
+    return ut.Sequential(*layers, ut.Linear(64, 10))
+
+
+def bn_cnn():
+    """BatchNorm2d with a non-default eps, a pool with stride != window, nested Sequential."""
+    return ut.Sequential(
+        ut.Sequential(ut.Conv2d(1, 4, 3, stride=2, padding=1), ut.BatchNorm2d(4, eps=1e-3), ut.ReLU()),
+        ut.MaxPool2d(3, stride=2),
+        ut.Flatten(),
+        ut.Linear(4 * 6 * 6, 10),
+    )
+
+
+MODELS = {"mlp": ut.mlp, "cnn": ut.cnn, "bn_mlp": bn_mlp, "bn_cnn": bn_cnn}
+
+
+def torch_model(spec, seed=0, dtype=torch.float32):
+    """The equivalent torch.nn.Sequential with the same initial weights."""
+
+    def build(layer):
+        if isinstance(layer, ut.Sequential):
+            return torch.nn.Sequential(*map(build, layer))
+        if isinstance(layer, ut.Linear):
+            return torch.nn.Linear(layer.in_features, layer.out_features, layer.bias)
+        if isinstance(layer, ut.Conv2d):
+            c = layer
+            return torch.nn.Conv2d(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, bias=c.bias)
+        if isinstance(layer, ut.MaxPool2d):
+            return torch.nn.MaxPool2d(layer.kernel_size, layer.stride)
+        if isinstance(layer, (ut.BatchNorm1d, ut.BatchNorm2d)):
+            kind = torch.nn.BatchNorm1d if isinstance(layer, ut.BatchNorm1d) else torch.nn.BatchNorm2d
+            return kind(layer.num_features, layer.eps, layer.momentum)
+        if isinstance(layer, ut.Dropout):
+            return torch.nn.Dropout(layer.p)
+        return {ut.ReLU: torch.nn.ReLU, ut.Flatten: torch.nn.Flatten}[type(layer)]()
+
+    model = build(spec).to(dtype)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in ut.init_weights(spec, seed).items()})
+    return model
+
+
+def torch_state(model):
+    return {k: v.detach().numpy() for k, v in model.state_dict().items()}
+
+
+def assert_states_close(actual, expected, rtol=RTOL, atol=ATOL):
+    assert actual.keys() == expected.keys()
+    for key in expected:
+        np.testing.assert_allclose(actual[key], expected[key], rtol=rtol, atol=atol, err_msg=key)
+    return max(float(np.abs(actual[k] - expected[k]).max()) for k in expected)
+
+
+def assert_states_equal(actual, expected):
+    assert actual.keys() == expected.keys()
+    for key in expected:
+        assert actual[key].dtype == expected[key].dtype, key
+        np.testing.assert_array_equal(actual[key], expected[key], err_msg=key)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def torch_single_thread():
+    """The references are small; torch's thread pool only contends with Chainer's BLAS for the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    return ut.load_mnist("train").subset(slice(0, 50 * 64))
+
+
+@pytest.fixture(scope="module")
+def batches(mnist):
+    return list(mnist.batches(64))
+
+
+# --- forward, losses --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_forward_matches_torch(name, batches):
+    spec = MODELS[name]()
+    loop, reference = ChainerLoop(spec), torch_model(spec)
+    x = batches[0][0]
+    expected = reference.eval()(torch.from_numpy(x)).detach().numpy()
+    np.testing.assert_allclose(loop.predict(x), expected, rtol=1e-5, atol=1e-5)
+    # Training mode: BatchNorm normalises with batch statistics and updates its running ones.
+    # Chainer's float32 statistics over (N, H, W) are NumPy float32 reductions over strided axes,
+    # accumulated naively (measured here: variance off by 1e-4 relative, outputs by 1.6e-4 where
+    # float64 agrees to 1e-15); PyTorch's CPU kernel accumulates in double. Hence the looser bound.
+    atol = 5e-4 if spec.has(ut.BatchNorm2d) else 1e-5
+    expected = reference.train()(torch.from_numpy(x)).detach().numpy()
+    np.testing.assert_allclose(loop.forward(x).array, expected, rtol=1e-5, atol=atol)
+    assert_states_close(loop.state_dict(), torch_state(reference), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("loss", "reference"),
+    [
+        (ut.CrossEntropyLoss(), torch.nn.functional.cross_entropy),
+        (ut.CrossEntropyLoss("sum"), lambda p, y: torch.nn.functional.cross_entropy(p, y, reduction="sum")),
+        (ut.NLLLoss(), lambda p, y: torch.nn.functional.nll_loss(torch.log_softmax(p, 1), y)),
+        (ut.NLLLoss("sum"), lambda p, y: torch.nn.functional.nll_loss(torch.log_softmax(p, 1), y, reduction="sum")),
+    ],
+)
+def test_class_losses_match_torch(loss, reference, batches):
+    x, y = batches[0]
+    loop = ChainerLoop(ut.mlp(), loss)
+    pred = loop.forward(x)
+    if isinstance(loss, ut.NLLLoss):
+        pred = chainer.functions.log_softmax(pred)
+    expected = reference(torch.from_numpy(loop.predict(x)), torch.from_numpy(y)).item()
+    assert loop.to_float(loop.loss(pred, y)) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_mse_matches_torch(reduction):
+    x = np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)
+    y = np.random.default_rng(1).standard_normal((16, 3)).astype(np.float32)
+    spec = ut.Sequential(ut.Linear(8, 3))
+    loop, reference = ChainerLoop(spec, ut.MSELoss(reduction)), torch_model(spec)
+    expected = torch.nn.functional.mse_loss(reference(torch.from_numpy(x)), torch.from_numpy(y), reduction=reduction)
+    assert loop.to_float(loop.loss(loop.forward(x), y)) == pytest.approx(expected.item(), rel=1e-5)
+    per_element = expected.item() / (y.size if reduction == "sum" else 1)
+    assert loop.evaluate((x, y))["loss"] == pytest.approx(per_element, rel=1e-5)
+
+
+# --- training against torch -------------------------------------------------------------------
+
+OPTIMIZERS = {
+    "sgd_momentum": (ut.SGD(lr=0.01, momentum=0.9), lambda p: torch.optim.SGD(p, 0.01, 0.9, foreach=False)),
+    "sgd_nesterov_wd": (
+        ut.SGD(lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-3),
+        lambda p: torch.optim.SGD(p, 0.01, 0.9, weight_decay=1e-3, nesterov=True, foreach=False),
+    ),
+    "adam": (
+        ut.Adam(lr=1e-3, weight_decay=1e-4),
+        lambda p: torch.optim.Adam(p, 1e-3, weight_decay=1e-4, foreach=False),
+    ),
+    "adamw": (ut.AdamW(lr=1e-3), lambda p: torch.optim.AdamW(p, 1e-3, foreach=False)),
+}  # fmt: skip
+
+
+def train_torch(model, make_optimizer, batches):
+    optimizer = make_optimizer(model.parameters())
+    model.train()
+    for x, y in batches:
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y))
+        loss.backward()
+        optimizer.step()
+    return optimizer
+
+
+@pytest.mark.parametrize(
+    ("model", "optimizer", "steps"),
+    [("mlp", "sgd_momentum", 50), ("cnn", "sgd_momentum", 50), ("bn_cnn", "sgd_nesterov_wd", 30),
+     ("mlp", "adam", 20), ("cnn", "adamw", 20)],
+)  # fmt: skip
+def test_training_matches_torch(model, optimizer, steps, batches):
+    spec, (opt_spec, make_torch_optimizer) = MODELS[model](), OPTIMIZERS[optimizer]
+    loop, reference = ChainerLoop(spec, optimizer=opt_spec), torch_model(spec)
+    for batch in batches[:steps]:
+        loop.step(batch)
+    torch_optimizer = train_torch(reference, make_torch_optimizer, batches[:steps])
+    # Adam divides by sqrt(v): where a gradient is mostly float32 rounding (units that barely
+    # matter), two frameworks' rounding moves a weight differently by up to ~lr per step
+    # (measured 1e-4 for cnn/adamw). The float64 runs below show the equations agree to 1e-15.
+    atol = ATOL if isinstance(opt_spec, ut.SGD) else 3e-4
+    diff = assert_states_close(loop.state_dict(), torch_state(reference), atol=atol)
+    print(f"{model}/{optimizer}: max abs weight diff after {steps} steps vs torch: {diff:.2e}")
+    # Optimizer buffers follow PyTorch's too, under PyTorch's names.
+    expected = {
+        f"{n}.{k}": v.numpy()
+        for n, p in reference.named_parameters()
+        for k, v in torch_optimizer.state[p].items()
+        if k != "step"
+    }
+    state = loop.optimizer_state_dict()
+    assert state.pop("step") == steps
+    assert_states_close(state, expected, atol=1e-4)  # exp_avg_sq of tiny gradients: relative noise
+
+
+@pytest.mark.parametrize(("model", "optimizer"), [("bn_mlp", "sgd_momentum"), ("mlp", "adam"), ("cnn", "adamw")])
+def test_float64_matches_torch(model, optimizer, batches):
+    spec, (opt_spec, make_torch_optimizer) = MODELS[model](), OPTIMIZERS[optimizer]
+    loop = ChainerLoop(spec, optimizer=opt_spec, dtype="float64")
+    reference = torch_model(spec, dtype=torch.float64)
+    batches64 = [(x.astype(np.float64), y) for x, y in batches[:10]]
+    for batch in batches64:
+        loop.step(batch)
+    train_torch(reference, make_torch_optimizer, batches64)
+    state = loop.state_dict()
+    assert all(v.dtype == (np.int64 if k.endswith("tracked") else np.float64) for k, v in state.items())
+    assert loop.predict(batches64[0][0]).dtype == np.float64
+    assert all(v.dtype == np.float64 for v in loop.gradients().values())
+    assert all(v.dtype == np.float64 for k, v in loop.optimizer_state_dict().items() if k != "step")
+    diff = assert_states_close(state, torch_state(reference), rtol=1e-10, atol=1e-13)
+    print(f"float64 {model}/{optimizer}: max abs weight diff after 10 steps vs torch: {diff:.1e}")
+
+
+# --- the tutorial-shaped step, gradients --------------------------------------------------------
+
+
+def tutorial_step(loop, x, y):
+    loop.zero_grad()
+    loss = loop.loss(loop.forward(x), y)
+    loop.backward(loss)
+    loop.update()
+    return loss
+
+
+@pytest.mark.parametrize("optimizer", [ut.SGD(lr=0.05, momentum=0.9), ut.Adam()])
+def test_step_equals_tutorial_sequence(optimizer, batches):
+    whole, tutorial = ChainerLoop(bn_cnn(), optimizer=optimizer), ChainerLoop(bn_cnn(), optimizer=optimizer)
+    for x, y in batches[:3]:
+        assert float(whole.step((x, y))) == tutorial.to_float(tutorial_step(tutorial, x, y))
+    assert_states_equal(whole.state_dict(), tutorial.state_dict())
+    assert_states_equal(whole.optimizer_state_dict(), tutorial.optimizer_state_dict())
+    assert_states_equal(whole.gradients(), tutorial.gradients())
+    assert whole.step_count == tutorial.step_count == 3
+
+
+def test_zero_grad_clears(batches):
+    loop = ChainerLoop(ut.mlp())
+    x, y = batches[0]
+    assert all(not g.any() for g in loop.gradients().values())
+    loop.backward(loop.loss(loop.forward(x), y))
+    grads = loop.gradients()
+    assert {k: g.shape for k, g in grads.items()} == ut.mlp().param_shapes()
+    assert all(g.any() for g in grads.values())
+    loop.zero_grad()
+    assert all(not g.any() for g in loop.gradients().values())
+
+
+def test_gradients_accumulate(batches):
+    x, y = batches[0]
+    halves = ChainerLoop(ut.cnn(), ut.CrossEntropyLoss("sum"), ut.SGD(momentum=0.9))
+    full = ChainerLoop(ut.cnn(), ut.CrossEntropyLoss("sum"), ut.SGD(momentum=0.9))
+    halves.zero_grad()
+    for part in (slice(0, 32), slice(32, 64)):
+        halves.backward(halves.loss(halves.forward(x[part]), y[part]))
+    full.zero_grad()
+    full.backward(full.loss(full.forward(x), y))
+    assert_states_close(halves.gradients(), full.gradients(), rtol=1e-5, atol=1e-5)
+    halves.update()
+    full.update()
+    assert_states_close(halves.state_dict(), full.state_dict(), rtol=1e-5, atol=1e-6)
+    # The momentum buffer is a copy of the first gradient, not the gradient array itself.
+    buffers = halves.optimizer_state_dict()
+    for param in halves.model.params():
+        param.grad.fill(0)  # in place, as Link.zerograds does
+    assert_states_equal(halves.optimizer_state_dict(), buffers)
+
+
+def test_update_without_gradients_changes_nothing(batches):
+    loop = ChainerLoop(ut.mlp(), optimizer=ut.Adam(weight_decay=0.1))
+    before = loop.state_dict()
+    loop.zero_grad()
+    loop.update()  # as torch: parameters without gradients are skipped, their state is not created
+    assert_states_equal(loop.state_dict(), before)
+    assert list(loop.optimizer_state_dict()) == ["step"]
+
+
+# --- modes --------------------------------------------------------------------------------------
+
+
+def test_dropout_only_in_training(batches):
+    x = batches[0][0]
+    loop, plain = ChainerLoop(bn_mlp(dropout=0.5), seed=3), ChainerLoop(bn_mlp(), seed=3)
+    np.testing.assert_array_equal(loop.predict(x), plain.predict(x))  # eval: identity
+    loop.eval()
+    np.testing.assert_array_equal(loop.forward(x).array, plain.predict(x))
+    loop.train()
+    hidden = ChainerLoop(ut.Sequential(ut.Flatten(), ut.Dropout(0.5)), seed=3)
+    out = hidden.forward(x).array
+    kept = out != 0
+    assert 0.45 < 1 - kept.mean() < 0.55
+    np.testing.assert_allclose(out[kept], 2 * x.reshape(64, -1)[kept], rtol=1e-6)
+    # Masks come from the loop's seed, not NumPy's global RNG.
+    again = ChainerLoop(ut.Sequential(ut.Flatten(), ut.Dropout(0.5)), seed=3)
+    np.random.seed(123)
+    np.testing.assert_array_equal(again.forward(x).array, out)
+    assert not np.array_equal(hidden.forward(x).array, out)
+
+
+def test_batchnorm_running_stats_follow_torch_only_in_training(batches):
+    spec = bn_cnn()
+    loop, reference = ChainerLoop(spec), torch_model(spec)
+    for x, _ in batches[:3]:
+        loop.forward(x)
+        reference.train()(torch.from_numpy(x))
+    state = loop.state_dict()
+    assert state["0.1.num_batches_tracked"] == 3 and state["0.1.num_batches_tracked"].dtype == np.int64
+    assert_states_close(state, torch_state(reference))
+    loop.eval()
+    loop.forward(batches[3][0])
+    assert_states_equal(loop.state_dict(), state)
+    np.testing.assert_allclose(
+        loop.predict(batches[3][0]), reference.eval()(torch.from_numpy(batches[3][0])).detach().numpy(), atol=1e-5
+    )
+
+
+def test_predict_and_evaluate_change_nothing(batches):
+    loop = ChainerLoop(bn_mlp(dropout=0.2), optimizer=ut.Adam())
+    twin = ChainerLoop(bn_mlp(dropout=0.2), optimizer=ut.Adam())
+    loop.step(batches[0])
+    twin.step(batches[0])
+    state, opt_state = loop.state_dict(), loop.optimizer_state_dict()
+    loop.predict(batches[1][0])
+    metrics = loop.evaluate(ut.ArrayDataset(*batches[1]), batch_size=16)
+    assert metrics["num_samples"] == 64 and 0 <= metrics["accuracy"] <= 1
+    assert_states_equal(loop.state_dict(), state)
+    assert_states_equal(loop.optimizer_state_dict(), opt_state)
+    assert loop.step_count == 1 and loop.training
+    # Still in training mode, and no dropout mask was drawn: it continues exactly like its twin.
+    assert float(loop.step(batches[2])) == float(twin.step(batches[2]))
+    assert_states_equal(loop.state_dict(), twin.state_dict())
+
+
+def test_evaluate_matches_torch(batches):
+    loop, reference = ChainerLoop(ut.mlp()), torch_model(ut.mlp())
+    x, y = np.concatenate([b[0] for b in batches[:4]]), np.concatenate([b[1] for b in batches[:4]])
+    metrics = loop.evaluate((x, y), batch_size=100)
+    logits = reference.eval()(torch.from_numpy(x))
+    assert metrics["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, torch.from_numpy(y)).item())
+    assert metrics["num_correct"] == int((logits.argmax(1).numpy() == y).sum())
+
+
+# --- weights and optimizer state ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_state_dict_layout(name):
+    spec = MODELS[name]()
+    state = ChainerLoop(spec).state_dict()
+    assert {k: v.shape for k, v in state.items()} == spec.state_shapes()
+    assert list(state) == list(spec.state_shapes())
+    assert all(v.dtype == (np.int64 if k.endswith("num_batches_tracked") else np.float32) for k, v in state.items())
+    assert_states_equal(state, ut.init_weights(spec, 0))
+
+
+def test_weights_round_trip(tmp_path, batches):
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    loop = ChainerLoop(bn_cnn(), optimizer=ut.SGD(lr=0.1))
+    for batch in batches[:3]:
+        loop.step(batch)
+    loop.save_weights(tmp_path / "w.safetensors")
+    fresh = ChainerLoop(bn_cnn(), seed=7)
+    fresh.load_weights(tmp_path / "w.safetensors")
+    assert_states_equal(fresh.state_dict(), loop.state_dict())
+    x = batches[4][0]
+    np.testing.assert_array_equal(fresh.predict(x), loop.predict(x))
+    # PyTorch reads the file as its own state_dict.
+    reference = torch_model(bn_cnn())
+    reference.load_state_dict(safetensors_torch.load_file(tmp_path / "w.safetensors"))
+    np.testing.assert_allclose(reference.eval()(torch.from_numpy(x)).detach().numpy(), loop.predict(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("optimizer", [ut.SGD(momentum=0.9), ut.AdamW()])
+def test_optimizer_state_round_trip(optimizer, batches):
+    loop = ChainerLoop(bn_mlp(), optimizer=optimizer)
+    for batch in batches[:3]:
+        loop.step(batch)
+    state = loop.optimizer_state_dict()
+    assert state["step"].dtype == np.int64 and state["step"].shape == () and state["step"] == 3
+    assert set(state) == {"step"} | {f"{p}.{s}" for p in bn_mlp().param_shapes() for s in optimizer.state_names}
+    resumed = ChainerLoop(bn_mlp(), optimizer=optimizer, seed=5)
+    resumed.load_state_dict(loop.state_dict())
+    resumed.load_optimizer_state_dict(state)
+    assert_states_equal(resumed.optimizer_state_dict(), state)
+    for batch in batches[3:5]:
+        assert float(resumed.step(batch)) == float(loop.step(batch))
+    assert_states_equal(resumed.state_dict(), loop.state_dict())
+    with pytest.raises(ValueError, match="optimizer state"):
+        resumed.load_optimizer_state_dict({**state, "nope.exp_avg": np.zeros(1)})
+
+
+# --- native models ------------------------------------------------------------------------------
+
+
+class NativeNet(chainer.Chain):
+    def __init__(self):
+        super().__init__()
+        with self.init_scope():
+            self.l1 = L.Linear(784, 64)
+            self.bn = L.BatchNormalization(64)
+            self.l2 = L.Linear(64, 10)
+
+    def forward(self, x):
+        return self.l2(chainer.functions.relu(self.bn(self.l1(x))))
+
+
+def test_native_model_trains(batches):
+    np.random.seed(0)  # Chainer's initializers draw from NumPy's global RNG
+    net = NativeNet()
+    assert ChainerLoop.is_native_model(net) and backend_of(net) == "chainer"
+    assert not ChainerLoop.is_native_model(torch.nn.Linear(2, 2))
+    loop = ut.make_loop(None, net, optimizer=ut.SGD(lr=0.05, momentum=0.9))
+    assert isinstance(loop, ChainerLoop)
+    state = loop.state_dict()
+    assert {k: v.shape for k, v in state.items()} == {
+        "bn.avg_mean": (64,), "bn.avg_var": (64,), "bn.beta": (64,), "bn.gamma": (64,),
+        "l1.W": (64, 784), "l1.b": (64,), "l2.W": (10, 64), "l2.b": (10,),
+    }  # fmt: skip
+    before = loop.evaluate(ut.ArrayDataset(*batches[-1]))["loss"]
+    losses = [float(loop.step(batch)) for batch in batches[:40]]
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
+    assert loop.evaluate(ut.ArrayDataset(*batches[-1]))["loss"] < 0.5 * before
+    params = ("l1.W", "l1.b", "bn.gamma", "bn.beta", "l2.W", "l2.b")
+    assert set(loop.optimizer_state_dict()) == {"step"} | {f"{k}.momentum_buffer" for k in params}
+    loop.load_state_dict(state)  # Chainer's names round-trip too
+    assert_states_equal(loop.state_dict(), state)
+    np.testing.assert_array_equal(net.l1.W.array, state["l1.W"])
+
+
+def test_native_model_must_be_initialized():
+    with pytest.raises(ValueError, match="not initialized"):
+        ChainerLoop(L.Linear(None, 10))
+
+
+# --- end to end ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_one_epoch_mlp_reaches_90_percent():
+    loop = ChainerLoop(ut.mlp(), optimizer=ut.SGD(lr=0.01), seed=0)
+    history = loop.fit(ut.load_mnist("train"), epochs=1, batch_size=64, shuffle=True, eval_data=ut.load_mnist("test"))
+    record = history[0]
+    print(
+        f"chainer mlp 1 epoch: test accuracy {record['test_accuracy']:.4f}, {record['samples_per_sec']:.0f} samples/s"
+    )
+    assert record["test_accuracy"] >= 0.90
