@@ -1,0 +1,415 @@
+"""The NumPy backend against PyTorch: the same weights and batches through hand-built
+``torch.nn`` models and hand-written PyTorch training loops."""
+
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from unitrain.backends.numpy import NumpyLoop
+
+from unitrain import (
+    SGD,
+    Adam,
+    AdamW,
+    BatchNorm1d,
+    BatchNorm2d,
+    Conv2d,
+    CrossEntropyLoss,
+    Dropout,
+    Flatten,
+    Linear,
+    MaxPool2d,
+    MSELoss,
+    NLLLoss,
+    ReLU,
+    Sequential,
+    cnn,
+    mlp,
+)
+from unitrain.loop import InputError
+
+
+def bn_net(dropout=0.3):
+    """BatchNorm 1d/2d, padded strided conv, overlapping pooling, nesting and dropout."""
+    return Sequential(
+        Conv2d(1, 4, 3, stride=2, padding=1, bias=False), BatchNorm2d(4), ReLU(), MaxPool2d(3, stride=2),
+        Flatten(),
+        Sequential(Linear(144, 16, bias=False), BatchNorm1d(16)), ReLU(), Dropout(dropout), Linear(16, 10),
+    )  # fmt: skip
+
+
+MODELS = {"mlp": mlp, "cnn": cnn, "bn": bn_net, "bn_no_dropout": lambda: bn_net(0.0)}
+
+
+def torch_layers(spec):
+    layers = []
+    for layer in spec:
+        if isinstance(layer, Sequential):
+            layers.append(torch_layers(layer))
+        elif isinstance(layer, Linear):
+            layers.append(torch.nn.Linear(layer.in_features, layer.out_features, layer.bias))
+        elif isinstance(layer, Conv2d):
+            layers.append(torch.nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size,
+                                          layer.stride, layer.padding, bias=layer.bias))  # fmt: skip
+        elif isinstance(layer, MaxPool2d):
+            layers.append(torch.nn.MaxPool2d(layer.kernel_size, layer.stride))
+        elif isinstance(layer, (BatchNorm1d, BatchNorm2d)):
+            kind = torch.nn.BatchNorm1d if isinstance(layer, BatchNorm1d) else torch.nn.BatchNorm2d
+            layers.append(kind(layer.num_features, layer.eps, layer.momentum))
+        elif isinstance(layer, Dropout):
+            layers.append(torch.nn.Dropout(layer.p))
+        else:
+            layers.append({ReLU: torch.nn.ReLU, Flatten: torch.nn.Flatten}[type(layer)]())
+    return torch.nn.Sequential(*layers)
+
+
+def torch_twin(loop):
+    """The equivalent torch.nn.Sequential holding the loop's current weights, in its mode."""
+    model = torch_layers(loop.model_spec).to(torch.float64 if loop.dtype == np.float64 else torch.float32)
+    model.load_state_dict({key: torch.from_numpy(value) for key, value in loop.state_dict().items()})
+    return model.train(loop.training)
+
+
+def torch_loss(spec, pred, y):
+    fn = {CrossEntropyLoss: torch.nn.functional.cross_entropy, NLLLoss: torch.nn.functional.nll_loss,
+          MSELoss: torch.nn.functional.mse_loss}[type(spec)]  # fmt: skip
+    return fn(pred, torch.from_numpy(y), reduction=spec.reduction)
+
+
+def assert_state_close(actual, expected, rtol, atol):
+    """Same keys in the same order and close values; ``atol`` scales with arrays whose largest
+    magnitude exceeds 1 (summed losses), where rounding grows with the values."""
+    assert list(actual) == list(expected)
+    for key, value in expected.items():
+        scale = max(1.0, float(np.abs(value).max(initial=0)))
+        np.testing.assert_allclose(actual[key], value, rtol=rtol, atol=atol * scale, err_msg=key)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    # PyTorch's thread pool thrashes on a busy 2-core machine (10x slower); the reference needs no speed
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def mnist(mnist_train):
+    return mnist_train
+
+
+@pytest.fixture(scope="module")
+def batch(mnist):
+    return mnist.x[:64], mnist.y[:64]
+
+
+# (dropout in training draws different masks than PyTorch: see test_dropout_gradient_uses_the_mask)
+@pytest.mark.parametrize("model, training", [(m, t) for m in MODELS for t in (True, False) if (m, t) != ("bn", True)])
+def test_forward_loss_gradients_and_buffers_match_torch(model, training, batch):
+    x, y = batch
+    loop = NumpyLoop(MODELS[model]()).train(training)
+    reference = torch_twin(loop)
+    pred = loop.forward(x)
+    loss = loop.loss(pred, y)
+    loop.backward(loss)
+    expected_pred = reference(torch.from_numpy(x))
+    expected_loss = torch.nn.functional.cross_entropy(expected_pred, torch.from_numpy(y))
+    expected_loss.backward()
+    np.testing.assert_allclose(pred, expected_pred.detach().numpy(), rtol=1e-5, atol=1e-5)
+    assert float(loss) == pytest.approx(expected_loss.item(), rel=1e-6)
+    expected_grads = {name: param.grad.numpy() for name, param in reference.named_parameters()}
+    # atol 1e-5: under BatchNorm2d PyTorch's float32 conv gradient is 5e-6 off the float64 one, ours 7e-8
+    assert_state_close(loop.gradients(), expected_grads, rtol=1e-4, atol=1e-5)
+    expected_state = {key: value.numpy() for key, value in reference.state_dict().items()}
+    assert_state_close(loop.state_dict(), expected_state, rtol=1e-6, atol=1e-7)  # running statistics
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn", "bn_no_dropout"])
+def test_float64_matches_torch_tightly(model, batch):
+    x, y = batch
+    loop = NumpyLoop(MODELS[model](), dtype="float64")
+    reference = torch_twin(loop)
+    pred = loop.forward(x)
+    loop.backward(loop.loss(pred, y))
+    assert pred.dtype == np.float64
+    expected = reference(torch.from_numpy(x.astype(np.float64)))
+    torch.nn.functional.cross_entropy(expected, torch.from_numpy(y)).backward()
+    np.testing.assert_allclose(pred, expected.detach().numpy(), rtol=1e-12, atol=1e-12)
+    grads = loop.gradients()
+    assert all(grad.dtype == np.float64 for grad in grads.values())
+    assert_state_close(grads, {n: p.grad.numpy() for n, p in reference.named_parameters()}, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss_spec", [cls(reduction) for cls in (CrossEntropyLoss, NLLLoss, MSELoss)
+                                       for reduction in ("mean", "sum")])  # fmt: skip
+def test_losses_match_torch(loss_spec, batch):
+    x, y = batch
+    if isinstance(loss_spec, MSELoss):
+        y = np.random.default_rng(0).standard_normal((len(x), 10)).astype(np.float32)
+    loop = NumpyLoop(mlp(), loss=loss_spec)
+    reference = torch_twin(loop)
+    loss = loop.loss(loop.forward(x), y)
+    loop.backward(loss)
+    expected = torch_loss(loss_spec, reference(torch.from_numpy(x)), y)
+    expected.backward()
+    assert float(loss) == pytest.approx(expected.item(), rel=1e-5)
+    assert_state_close(loop.gradients(), {n: p.grad.numpy() for n, p in reference.named_parameters()},
+                       rtol=1e-4, atol=1e-6)  # fmt: skip
+
+
+@pytest.mark.parametrize("kernel, stride, padding, pool", [(3, 1, 1, (2,)), (3, 2, 1, (3, 2)), (2, 3, 0, (2, 3)),
+                                                          (5, 1, 2, (3, 1))])  # fmt: skip
+def test_conv_and_pool_geometries_match_torch(kernel, stride, padding, pool):
+    # the 1x1 conv first makes the tested conv compute its input gradient; 9x11 leaves pooling remainders
+    spec = Sequential(Conv2d(2, 3, 1), Conv2d(3, 4, kernel, stride, padding), ReLU(), MaxPool2d(*pool), Flatten())
+    x = np.random.default_rng(1).standard_normal((5, 2, 9, 11)).astype(np.float32)
+    loop = NumpyLoop(spec, loss=MSELoss())
+    reference = torch_twin(loop)
+    pred = loop.forward(x)
+    y = np.random.default_rng(2).standard_normal(pred.shape).astype(np.float32)
+    loop.backward(loop.loss(pred, y))
+    expected = reference(torch.from_numpy(x))
+    torch.nn.functional.mse_loss(expected, torch.from_numpy(y)).backward()
+    np.testing.assert_allclose(pred, expected.detach().numpy(), rtol=1e-5, atol=1e-6)
+    assert_state_close(loop.gradients(), {n: p.grad.numpy() for n, p in reference.named_parameters()},
+                       rtol=1e-4, atol=1e-6)  # fmt: skip
+
+
+def test_dropout_gradient_uses_the_mask(batch):
+    x, y = batch
+    loop = NumpyLoop(Sequential(Flatten(), Linear(784, 32), Dropout(0.5), Linear(32, 10)), seed=3)
+    reference = torch_twin(loop)
+    hidden = reference[1](reference[0](torch.from_numpy(x)))
+    pred = loop.forward(x)
+    loop.backward(loop.loss(pred, y))
+    scale = loop._layers[2].scale  # the mask this forward drew (PyTorch's form: 0 or 1/(1-p))
+    assert set(np.unique(scale)) == {0.0, 2.0} and 0.4 < (scale == 0).mean() < 0.6
+    expected = reference[3](hidden * torch.from_numpy(scale))
+    torch.nn.functional.cross_entropy(expected, torch.from_numpy(y)).backward()
+    np.testing.assert_allclose(pred, expected.detach().numpy(), rtol=1e-5, atol=1e-6)
+    assert_state_close(loop.gradients(), {n: p.grad.numpy() for n, p in reference.named_parameters()},
+                       rtol=1e-4, atol=1e-6)  # fmt: skip
+
+
+def test_dropout_is_identity_in_eval_and_seeded(batch):
+    x, _ = batch
+    flat = x.reshape(len(x), -1)
+    model = Sequential(Flatten(), Dropout(0.25))
+    first, second = NumpyLoop(model, seed=5), NumpyLoop(model, seed=5)
+    masked = first.forward(x)
+    np.testing.assert_array_equal(masked, second.forward(x))
+    assert not np.array_equal(masked, NumpyLoop(model, seed=6).forward(x))
+    kept = masked != 0
+    np.testing.assert_allclose(masked[kept], flat[kept] / 0.75, rtol=1e-6)
+    np.testing.assert_array_equal(first.eval().forward(x), flat)
+    np.testing.assert_array_equal(first.predict(x), flat)
+
+
+def torch_optimizer(spec, params):
+    if isinstance(spec, SGD):
+        return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, dampening=spec.dampening,
+                               nesterov=spec.nesterov, weight_decay=spec.weight_decay, foreach=False)  # fmt: skip
+    kind = torch.optim.AdamW if isinstance(spec, AdamW) else torch.optim.Adam
+    return kind(params, lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay, foreach=False)
+
+
+# case: (model, optimizer, steps, atol). Measured max abs weight difference after the run: SGD 4.5e-8; with
+# BatchNorm2d 4.2e-6 (PyTorch's float32 conv gradient under BatchNorm2d is 5e-6 off the float64 one, ours 7e-8;
+# momentum buffers sum that error up to 2e-5); Adam/AdamW up to 1e-4, as Adam normalises the float32 rounding
+# noise of near-zero gradients into steps of order lr (in float64 the runs agree to 1e-14, tested below).
+TRAJECTORIES = {
+    "mlp-sgd-momentum": ("mlp", SGD(lr=0.01, momentum=0.9), 50, 1e-5),
+    "cnn-sgd-momentum": ("cnn", SGD(lr=0.01, momentum=0.9), 50, 1e-5),
+    "mlp-adam": ("mlp", Adam(lr=1e-3), 20, 2e-4),
+    "cnn-adamw": ("cnn", AdamW(lr=1e-3, weight_decay=0.01), 20, 2e-4),
+    "mlp-adamw": ("mlp", AdamW(lr=1e-3, weight_decay=0.01), 20, 2e-4),
+    "mlp-nesterov-wd": ("mlp", SGD(lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4), 20, 1e-5),
+    "bn-sgd-momentum-wd": ("bn_no_dropout", SGD(lr=0.01, momentum=0.9, weight_decay=1e-4), 20, 1e-4),
+}
+
+
+def run_both(case, mnist, dtype="float32"):
+    """Train the NumPy loop and a hand-written PyTorch loop side by side; returns both and the optimizer."""
+    model, optimizer, steps, _ = TRAJECTORIES[case]
+    loop = NumpyLoop(MODELS[model](), optimizer=optimizer, dtype=dtype)
+    reference = torch_twin(loop)
+    torch_opt = torch_optimizer(optimizer, reference.parameters())
+    for x, y in mnist.subset(slice(0, 64 * steps)).batches(64):
+        loss = loop.step((x, y))
+        torch_opt.zero_grad()
+        expected = torch.nn.functional.cross_entropy(reference(torch.from_numpy(x.astype(dtype))), torch.from_numpy(y))
+        expected.backward()
+        torch_opt.step()
+        assert float(loss) == pytest.approx(expected.item(), rel=1e-4, abs=1e-5)
+    assert loop.step_count == loop.optimizer_state_dict()["step"] == steps
+    return loop, reference, torch_opt
+
+
+@pytest.mark.parametrize("case", TRAJECTORIES)
+def test_training_trajectory_matches_a_torch_loop(case, mnist):
+    loop, reference, torch_opt = run_both(case, mnist)
+    atol = TRAJECTORIES[case][3]
+    expected = {key: value.numpy() for key, value in reference.state_dict().items()}
+    assert_state_close(loop.state_dict(), expected, rtol=1e-4, atol=atol)
+    optimizer_state = loop.optimizer_state_dict()
+    for name, param in reference.named_parameters():
+        for buffer, value in torch_opt.state[param].items():
+            if buffer != "step":
+                np.testing.assert_allclose(optimizer_state[f"{name}.{buffer}"], value.numpy(), rtol=1e-4, atol=atol)
+
+
+@pytest.mark.parametrize("case", ["mlp-adam", "cnn-adamw"])
+def test_adam_trajectory_is_exact_in_float64(case, mnist):
+    loop, reference, _ = run_both(case, mnist, "float64")
+    expected = {key: value.numpy() for key, value in reference.state_dict().items()}
+    assert_state_close(loop.state_dict(), expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("model", ["cnn", "bn_no_dropout"])
+def test_step_equals_tutorial_sequence_bit_for_bit(model, mnist):
+    whole = NumpyLoop(MODELS[model](), optimizer=SGD(lr=0.05, momentum=0.9))
+    tutorial = NumpyLoop(MODELS[model](), optimizer=SGD(lr=0.05, momentum=0.9))
+    for x, y in mnist.subset(slice(0, 64 * 4)).batches(64):
+        step_loss = whole.step((x, y))
+        tutorial.zero_grad()
+        loss = tutorial.loss(tutorial.forward(x), y)
+        tutorial.backward(loss)
+        tutorial.update()
+        assert float(step_loss) == float(loss)
+    assert tutorial.step_count == whole.step_count == 4
+    for key, value in whole.state_dict().items():
+        np.testing.assert_array_equal(tutorial.state_dict()[key], value, err_msg=key)
+    for key, value in whole.optimizer_state_dict().items():
+        np.testing.assert_array_equal(tutorial.optimizer_state_dict()[key], value, err_msg=key)
+
+
+def test_gradients_accumulate_until_zero_grad(batch):
+    x, y = batch
+    halves = NumpyLoop(cnn(), loss=CrossEntropyLoss("sum"))
+    full = NumpyLoop(cnn(), loss=CrossEntropyLoss("sum"))
+    for part in (slice(0, 32), slice(32, 64)):
+        halves.backward(halves.loss(halves.forward(x[part]), y[part]))
+    full.backward(full.loss(full.forward(x), y))
+    assert_state_close(halves.gradients(), full.gradients(), rtol=1e-5, atol=1e-6)
+    halves.zero_grad()
+    assert all(not grad.any() for grad in halves.gradients().values())
+    before = halves.state_dict()
+    halves.update()  # zero gradients, no momentum: nothing moves
+    assert_state_close(halves.state_dict(), before, rtol=0, atol=0)
+
+
+def test_backward_refuses_the_loss_of_an_older_forward(batch):
+    x, y = batch
+    loop = NumpyLoop(mlp())
+    loss = loop.loss(loop.forward(x), y)
+    loop.forward(x)
+    with pytest.raises(RuntimeError, match="latest forward"):
+        loop.backward(loss)
+
+
+def test_batchnorm_statistics_update_only_in_training(batch):
+    x, y = batch
+    loop = NumpyLoop(bn_net())
+    reference = torch_twin(loop)
+    buffers = ("1.running_mean", "1.running_var", "1.num_batches_tracked", "5.1.running_mean", "5.1.running_var")
+    for _ in range(3):
+        loop.forward(x)
+        reference(torch.from_numpy(x))
+    state = loop.state_dict()
+    assert state["1.num_batches_tracked"] == 3 and state["1.num_batches_tracked"].dtype == np.int64
+    expected = reference.state_dict()
+    for key in buffers:
+        np.testing.assert_allclose(state[key], expected[key].numpy(), rtol=1e-5, atol=1e-7, err_msg=key)
+    loop.eval()
+    loop.forward(x)
+    loop.predict(x)
+    loop.evaluate((x, y))
+    assert_state_close(loop.state_dict(), state, rtol=0, atol=0)
+    single = NumpyLoop(Sequential(Flatten(), Linear(784, 4), BatchNorm1d(4)))
+    with pytest.raises(InputError, match="more than one value"):
+        single.forward(x[:1])  # PyTorch refuses this too: the unbiased variance divides by zero
+
+
+def test_predict_and_evaluate_change_nothing(mnist):
+    loop = NumpyLoop(bn_net(), optimizer=Adam())
+    for batch in mnist.subset(slice(0, 128)).batches(64):
+        loop.step(batch)
+    state, optimizer_state = loop.state_dict(), loop.optimizer_state_dict()
+    x, y = mnist.x[:300], mnist.y[:300]
+    pred = loop.predict(x, batch_size=128)
+    metrics = loop.evaluate((x, y), batch_size=128)
+    assert loop.training and loop.step_count == 2
+    assert_state_close(loop.state_dict(), state, rtol=0, atol=0)
+    assert_state_close(loop.optimizer_state_dict(), optimizer_state, rtol=0, atol=0)
+    reference = torch_twin(loop).eval()
+    with torch.no_grad():
+        expected = reference(torch.from_numpy(x))
+    np.testing.assert_allclose(pred, expected.numpy(), rtol=1e-5, atol=1e-5)
+    expected_loss = torch.nn.functional.cross_entropy(expected, torch.from_numpy(y)).item()
+    assert metrics["loss"] == pytest.approx(expected_loss, rel=1e-5)
+    assert metrics["num_correct"] == int((expected.argmax(1).numpy() == y).sum())
+
+
+def test_state_dict_layout_and_weight_files(tmp_path, batch):
+    loop = NumpyLoop(bn_net(), seed=4)
+    loop.step(batch)
+    state = loop.state_dict()
+    expected = torch_layers(bn_net()).state_dict()
+    assert list(state) == list(expected)
+    for key, value in expected.items():
+        assert state[key].shape == tuple(value.shape), key
+        assert state[key].dtype == (np.int64 if key.endswith("num_batches_tracked") else np.float32), key
+    path = tmp_path / "weights.safetensors"
+    loop.save_weights(path)
+    torch_layers(bn_net()).load_state_dict(safetensors.torch.load_file(path))  # PyTorch reads the file
+    restored = NumpyLoop(bn_net(), seed=9)
+    restored.load_weights(path)
+    for key, value in state.items():
+        np.testing.assert_array_equal(restored.state_dict()[key], value, err_msg=key)
+        assert restored.state_dict()[key].dtype == value.dtype
+
+
+@pytest.mark.parametrize("optimizer", [SGD(lr=0.05, momentum=0.9), Adam(lr=1e-3)])
+def test_optimizer_state_round_trip(optimizer, mnist):
+    batches = list(mnist.subset(slice(0, 64 * 5)).batches(64))
+    original = NumpyLoop(cnn(), optimizer=optimizer)
+    for batch in batches[:3]:
+        original.step(batch)
+    saved = original.optimizer_state_dict()
+    assert set(saved) == {"step"} | {f"{name}.{buffer}" for name in cnn().param_shapes()
+                                     for buffer in optimizer.state_names}  # fmt: skip
+    assert saved["step"].dtype == np.int64 and saved["step"].shape == ()
+    resumed = NumpyLoop(cnn(), optimizer=optimizer, seed=1)
+    resumed.load_state_dict(original.state_dict())
+    resumed.load_optimizer_state_dict(saved)
+    for batch in batches[3:]:
+        original.step(batch)
+        resumed.step(batch)
+    for key, value in original.state_dict().items():
+        np.testing.assert_array_equal(resumed.state_dict()[key], value, err_msg=key)
+    with pytest.raises(ValueError, match="unexpected"):
+        resumed.load_optimizer_state_dict({"step": np.int64(1), "0.weight.nonsense": saved["step"]})
+
+
+def test_float64_trains_end_to_end(mnist):
+    loop = NumpyLoop(bn_net(), optimizer=Adam(), dtype="float64")
+    history = loop.fit(mnist.subset(slice(0, 640)), epochs=2, batch_size=64)
+    assert history[1]["train_loss"] < history[0]["train_loss"]
+    assert all(v.dtype == np.float64 for k, v in loop.state_dict().items() if "num_batches" not in k)
+    assert all(v.dtype == np.float64 for k, v in loop.optimizer_state_dict().items() if k != "step")
+    assert loop.predict(mnist.x[:5]).dtype == np.float64
+
+
+def test_native_models_are_refused():
+    assert "native-model" not in NumpyLoop.capabilities
+    with pytest.raises(TypeError, match="native numpy model"):
+        NumpyLoop(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.slow
+def test_one_epoch_of_mlp_reaches_90_percent(mnist, mnist_test):
+    loop = NumpyLoop(mlp(), optimizer=SGD(lr=0.01), seed=0)
+    (record,) = loop.fit(mnist, epochs=1, batch_size=64, shuffle=True, eval_data=mnist_test)
+    print(f"numpy mlp: test accuracy {record['test_accuracy']:.4f}, {record['samples_per_sec']:.0f} samples/s")
+    assert record["test_accuracy"] >= 0.90
