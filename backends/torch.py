@@ -80,6 +80,10 @@ class TorchLoop(TrainingLoop):
         framework = sys.modules.get("torch")
         return framework is not None and isinstance(model, framework.nn.Module)
 
+    @classmethod
+    def native_example_model(cls) -> nn.Module:
+        return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+
     def _adopt(self, model: nn.Module) -> None:
         self.model = model
         self._params = dict(model.named_parameters())

@@ -1,2 +1,15 @@
 """The conformance suite (imported as ``unitrain.conformance``): shared checks that prove an
-adapter obeys the :class:`unitrain.TrainingLoop` protocol."""
+adapter obeys the :class:`unitrain.TrainingLoop` protocol.
+
+Three ways to run it: ``unitrain conformance``; :func:`parametrize_with_checks` in a test
+module; :func:`run_checks`, which returns one :class:`CheckResult` per check.
+"""
+
+from .checks import CHECKS, CheckFailure, CheckSkipped
+from .pytest_helpers import parametrize_with_checks
+from .runner import CheckResult, format_matrix, run_check, run_checks
+
+__all__ = [
+    "CHECKS", "CheckFailure", "CheckResult", "CheckSkipped", "format_matrix", "parametrize_with_checks",
+    "run_check", "run_checks",
+]  # fmt: skip

@@ -78,6 +78,8 @@ class TrainingLoop(ABC):
     framework: ClassVar[str | None] = None
     #: subset of :data:`CAPABILITIES`
     capabilities: ClassVar[frozenset[str]] = frozenset()
+    #: conformance checks this adapter is known to fail, ``{check name: reason}`` (see ``unitrain.conformance``)
+    conformance_xfails: ClassVar[dict[str, str]] = {}
 
     def __init__(
         self,
@@ -137,6 +139,12 @@ class TrainingLoop(ABC):
         """Whether ``model`` is this framework's model type. Must not import the framework:
         if it is not in ``sys.modules`` yet, ``model`` cannot be one of its objects."""
         return False
+
+    @classmethod
+    def native_example_model(cls) -> Any:
+        """For the conformance suite (capability ``native-model``): a small native model of the
+        framework mapping float inputs of shape ``(N, 8)`` to 3 class logits; ``None`` if not offered."""
+        return None
 
     @abstractmethod
     def _set_training(self, mode: bool) -> None: ...

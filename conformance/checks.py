@@ -1,0 +1,944 @@
+"""The checks. Each is a function of the adapter class; it builds its own small loops, compares
+them with :mod:`.reference` and raises :class:`CheckFailure` with what was expected, what came
+out, the max error and the tolerance. Capability tags a check needs are declared with it; an
+adapter lacking one gets a skip naming it.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import inspect
+import math
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from unitrain import layers
+from unitrain.data import ArrayDataset, load_mnist
+from unitrain.loop import CAPABILITIES, TrainingLoop
+from unitrain.losses import CrossEntropyLoss, MSELoss, NLLLoss
+from unitrain.optim import SGD, Adam, AdamW
+
+from . import reference, tolerances
+from .reference import F64
+
+
+class CheckFailure(AssertionError):
+    """A check found the adapter wrong; ``max_error``/``tolerance`` are set for numeric mismatches."""
+
+    def __init__(self, message: str, max_error: float | None = None, tolerance: float | None = None):
+        super().__init__(message)
+        self.message, self.max_error, self.tolerance = message, max_error, tolerance
+
+
+class CheckSkipped(Exception):
+    """The check does not apply to this adapter; the argument says why."""
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    function: Callable[[type[TrainingLoop]], None]
+    requires: frozenset[str]
+
+    @property
+    def summary(self) -> str:
+        """The docstring's first paragraph, on one line."""
+        return " ".join(inspect.getdoc(self.function).split("\n\n")[0].split())
+
+    def __call__(self, adapter: type[TrainingLoop]) -> _Record:
+        """Run the check; returns its comparison nearest to tolerance."""
+        missing = sorted(self.requires - adapter.capabilities)
+        if missing:
+            raise CheckSkipped(f"needs capability {', '.join(missing)}, which {adapter.__name__} does not declare")
+        record = _Record(self.name)
+        token = _current.set(record)
+        try:
+            self.function(adapter)
+        finally:
+            _current.reset(token)
+        return record
+
+
+#: every check by name, in the order they run
+CHECKS: dict[str, Check] = {}
+
+
+def check(*requires: str):
+    unknown = set(requires) - CAPABILITIES
+    assert not unknown, unknown
+
+    def register(function):
+        CHECKS[function.__name__] = Check(function.__name__, function, frozenset(requires))
+        return function
+
+    return register
+
+
+# --- comparing --------------------------------------------------------------------------------
+
+
+class _Record:
+    """The running check's name and the comparison nearest to its tolerance."""
+
+    def __init__(self, name: str):
+        self.name, self.max_error, self.tolerance = name, None, None
+
+    def note(self, error: float, tolerance: float) -> None:
+        ratio = error / tolerance if tolerance else (math.inf if error else 0.0)
+        best = self.max_error / self.tolerance if self.tolerance else (math.inf if self.max_error else -1.0)
+        if self.max_error is None or ratio > best:
+            self.max_error, self.tolerance = error, tolerance
+
+
+_current: contextvars.ContextVar[_Record] = contextvars.ContextVar("conformance_check")
+
+
+def fail(message: str, max_error: float | None = None, tolerance: float | None = None):
+    raise CheckFailure(message, max_error, tolerance)
+
+
+def compare(what: str, got, expected, *, dtype, size: float, scale: float | None = None) -> None:
+    """``got`` within :func:`tolerances.tolerance` of ``expected`` (``size`` rounded operations on
+    values of magnitude ``scale``, by default the largest expected value)."""
+    got, expected = np.asarray(got), np.asarray(expected, F64)
+    if got.shape != expected.shape:
+        fail(f"{what}: expected shape {expected.shape}, got shape {got.shape}")
+    record = _current.get()
+    if scale is None:
+        scale = float(np.abs(expected).max()) if expected.size else 0.0
+    _within(what, got, expected, tolerances.tolerance(dtype, size, scale, record.name))
+
+
+def compare_exact(what: str, got, expected) -> None:
+    """Bit-for-bit equality, dtype included."""
+    got, expected = np.asarray(got), np.asarray(expected)
+    if got.shape != expected.shape:
+        fail(f"{what}: expected shape {expected.shape}, got shape {got.shape}")
+    if got.dtype != expected.dtype:
+        fail(f"{what}: expected dtype {expected.dtype}, got dtype {got.dtype}")
+    _within(what, got, expected, 0.0, " (must be bit-exact)")
+
+
+def _within(what, got, expected, tolerance, note=""):
+    diff = np.array(np.abs(got.astype(F64) - expected.astype(F64)))  # an array even when 0-d
+    diff[np.isnan(diff) | (np.isnan(got) != np.isnan(expected))] = math.inf
+    diff[np.isnan(got) & np.isnan(expected)] = 0.0
+    error = float(diff.max()) if diff.size else 0.0
+    _current.get().note(error, tolerance)
+    if error > tolerance:
+        index = np.unravel_index(int(np.argmax(diff)), diff.shape)
+        where = f" at index {tuple(int(i) for i in index)}" if diff.ndim else ""
+        fail(
+            f"{what}: expected {float(expected[index]):.6g}, got {float(got[index]):.6g}{where}; "
+            f"max error {error:.3g} > tolerance {tolerance:.3g}{note}",
+            error,
+            tolerance,
+        )
+
+
+def compare_states(what: str, got: dict, expected: dict, *, dtype=None, size: float = 0) -> None:
+    """Same keys; values within tolerance (``dtype`` given) or bit-exact."""
+    if list(got) != list(expected):
+        missing = [k for k in expected if k not in got]
+        extra = [k for k in got if k not in expected]
+        if missing or extra:
+            fail(f"{what}: expected keys {list(expected)}, got {list(got)} (missing {missing}, unexpected {extra})")
+    for key in expected:
+        if dtype is None:
+            compare_exact(f"{what} {key!r}", got[key], expected[key])
+        else:
+            compare(f"{what} {key!r}", got[key], expected[key], dtype=dtype, size=size)
+
+
+def expect_error(what: str, action: Callable[[], object], *needles: str, kind=ValueError) -> None:
+    """``action`` raises ``kind`` whose message contains every needle."""
+    try:
+        action()
+    except kind as error:
+        message = str(error)
+        absent = [n for n in needles if n not in message]
+        if absent:
+            fail(f"{what}: the error message {message!r} does not mention {absent}")
+        return
+    except Exception as error:
+        fail(f"{what}: expected {kind.__name__}, got {type(error).__name__}: {error}")
+    fail(f"{what}: expected {kind.__name__}, nothing was raised")
+
+
+# --- models and data ------------------------------------------------------------------------
+
+
+def dense_model() -> layers.Sequential:
+    """Input ``(N, 3, 4)``."""
+    return layers.Sequential(layers.Flatten(), layers.Linear(12, 10), layers.ReLU(), layers.Linear(10, 4))
+
+
+def conv_model() -> layers.Sequential:
+    """Input ``(N, 2, 9, 9)``: padding, overlapping pooling windows and a strided convolution."""
+    return layers.Sequential(
+        layers.Conv2d(2, 3, 3, padding=1), layers.ReLU(), layers.MaxPool2d(3, stride=2),
+        layers.Conv2d(3, 4, 2, stride=2), layers.ReLU(), layers.Flatten(), layers.Linear(16, 4),
+    )  # fmt: skip
+
+
+def batchnorm_model() -> layers.Sequential:
+    """Input ``(N, 6)``."""
+    return layers.Sequential(
+        layers.Linear(6, 8), layers.BatchNorm1d(8, momentum=0.2), layers.ReLU(), layers.Linear(8, 4)
+    )
+
+
+def batchnorm2d_model() -> layers.Sequential:
+    """Input ``(N, 2, 5, 5)``."""
+    return layers.Sequential(
+        layers.Conv2d(2, 3, 3), layers.BatchNorm2d(3, eps=1e-3), layers.ReLU(), layers.Flatten(), layers.Linear(27, 4)
+    )
+
+
+DENSE_FAN_IN = 12
+CONV_FAN_IN = 27  # the largest number of products summed into one output (3 channels x 3 x 3)
+
+
+def inputs(shape, seed: int = 0, n: int = 8) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=(n, *shape)).astype(np.float32)
+
+
+def labels(n: int = 8, classes: int = 4, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed + 100).integers(0, classes, n).astype(np.int64)
+
+
+def loaded(adapter, model, state, **options) -> TrainingLoop:
+    loop = adapter(model, **options)
+    loop.load_state_dict(state)
+    return loop
+
+
+def state_of(model, seed: int = 0) -> dict[str, np.ndarray]:
+    return reference.random_state(model, np.random.default_rng(seed))
+
+
+def params_of(loop: TrainingLoop) -> dict[str, np.ndarray]:
+    state = loop.state_dict()
+    return {key: state[key] for key in loop.model_spec.param_shapes()}
+
+
+def loss_kind(spec) -> str:
+    return {CrossEntropyLoss: "cross_entropy", NLLLoss: "nll", MSELoss: "mse"}[type(spec)]
+
+
+def tutorial_gradients(loop: TrainingLoop, x, y) -> float:
+    """zero_grad, forward, loss, backward; returns the loss."""
+    loop.zero_grad()
+    value = loop.loss(loop.forward(x), y)
+    loop.backward(value)
+    return loop.to_float(value)
+
+
+# --- 1. protocol surface ------------------------------------------------------------------------
+
+PUBLIC_METHODS = (
+    "zero_grad", "forward", "loss", "backward", "update", "step", "train", "eval", "predict", "evaluate", "fit",
+    "state_shapes", "state_dict", "gradients", "load_state_dict", "save_weights", "load_weights",
+    "optimizer_state_dict", "load_optimizer_state_dict", "to_float", "is_native_model", "native_example_model",
+)  # fmt: skip
+
+
+@check()
+def check_protocol_surface(adapter):
+    """Every method and attribute of the protocol exists with the documented signature."""
+    if not (isinstance(adapter, type) and issubclass(adapter, TrainingLoop)):
+        fail(f"{adapter!r} is not a TrainingLoop subclass")
+    if getattr(adapter, "__abstractmethods__", None):
+        fail(f"{adapter.__name__} leaves hooks unimplemented: {sorted(adapter.__abstractmethods__)}")
+    if not isinstance(adapter.name, str) or not adapter.name:
+        fail(f"{adapter.__name__}.name must be a non-empty string, got {adapter.name!r}")
+    if not isinstance(adapter.capabilities, frozenset) or not adapter.capabilities <= CAPABILITIES:
+        fail(f"{adapter.__name__}.capabilities must be a frozenset within {sorted(CAPABILITIES)}, "
+             f"got {adapter.capabilities!r}")  # fmt: skip
+    if not isinstance(adapter.conformance_xfails, dict):
+        fail(f"{adapter.__name__}.conformance_xfails must be a dict, got {adapter.conformance_xfails!r}")
+    for name in ("__init__", *PUBLIC_METHODS):
+        expected = inspect.signature(getattr(TrainingLoop, name))
+        got = inspect.signature(getattr(adapter, name))
+        if [(p.name, p.kind, p.default) for p in got.parameters.values()] != [
+            (p.name, p.kind, p.default) for p in expected.parameters.values()
+        ]:
+            fail(f"{adapter.__name__}.{name}{got} differs from the protocol's {name}{expected}")
+    loop = adapter(dense_model(), seed=0)
+    facts = {"training": (loop.training, True), "step_count": (loop.step_count, 0), "seed": (loop.seed, 0),
+             "dtype": (loop.dtype, np.dtype(np.float32))}  # fmt: skip
+    for attribute, (got, expected) in facts.items():
+        if got != expected:
+            fail(f"a new loop's {attribute} is {got!r}, expected {expected!r}")
+
+
+# --- 2-3. forward -------------------------------------------------------------------------------
+
+
+def _mode_model(adapter) -> layers.Sequential:
+    extra = [layers.BatchNorm1d(8)] if "batchnorm" in adapter.capabilities else []
+    extra += [layers.Dropout(0.5)] if "dropout" in adapter.capabilities else []
+    return layers.Sequential(layers.Linear(6, 8), layers.Sequential(*extra, layers.ReLU()), layers.Linear(8, 4))
+
+
+@check()
+def check_eval_forward_deterministic(adapter):
+    """Eval-mode outputs are bitwise equal for the same weights and input (dropout/BatchNorm included)."""
+    model = _mode_model(adapter)
+    loop = loaded(adapter, model, state_of(model))
+    x = inputs((6,))
+    first = loop.predict(x)
+    compare_exact("predict() called twice", loop.predict(x), first)
+    loop.eval()
+    compare_exact("predict() in eval mode vs. in training mode", loop.predict(x), first)
+    compare_exact("a second loop with the same weights", loaded(adapter, model, state_of(model)).predict(x), first)
+
+
+def _check_forward(adapter, model, input_shape, size):
+    state = state_of(model)
+    loop = loaded(adapter, model, state)
+    x = inputs(input_shape)
+    compare("predict()", loop.predict(x), reference.Reference(model, state).forward(x), dtype=loop.dtype, size=size)
+
+
+@check()
+def check_forward_dense(adapter):
+    """Flatten, Linear and ReLU match the reference forward."""
+    _check_forward(adapter, dense_model(), (3, 4), DENSE_FAN_IN)
+
+
+@check("conv")
+def check_forward_conv(adapter):
+    """Conv2d (padding, stride) and MaxPool2d (overlapping windows) match the reference forward."""
+    _check_forward(adapter, conv_model(), (2, 9, 9), CONV_FAN_IN)
+
+
+@check("dropout")
+def check_forward_dropout_eval(adapter):
+    """Dropout is the identity in eval mode."""
+    model = layers.Sequential(layers.Linear(6, 8), layers.ReLU(), layers.Dropout(0.5), layers.Linear(8, 4))
+    _check_forward(adapter, model, (6,), 8)
+
+
+@check("batchnorm")
+def check_forward_batchnorm_eval(adapter):
+    """BatchNorm1d/2d in eval mode normalise with the running statistics, as the reference does."""
+    _check_forward(adapter, batchnorm_model(), (6,), 8)
+    if "conv" in adapter.capabilities:
+        _check_forward(adapter, batchnorm2d_model(), (2, 5, 5), CONV_FAN_IN)
+
+
+@check("batchnorm")
+def check_forward_batchnorm_train(adapter):
+    """BatchNorm in training mode (batch statistics): loss and gradients match the reference."""
+    model = batchnorm_model()
+    state = state_of(model)
+    loop = loaded(adapter, model, state, loss=MSELoss(reduction="sum"))
+    x, target = inputs((6,)), inputs((4,), seed=1)
+    ref = reference.Reference(model, state)
+    expected, grad = reference.loss("mse", "sum", ref.forward(x, training=True), target)
+    got = tutorial_gradients(loop, x, target)
+    compare("training-mode loss", got, expected, dtype=loop.dtype, size=32)
+    compare_states("gradient", loop.gradients(), ref.backward(grad), dtype=loop.dtype, size=64)
+
+
+# --- 4. losses --------------------------------------------------------------------------------
+
+
+def _identity_loop(adapter, loss):
+    """A loop whose forward returns its input exactly: one Linear with identity weights."""
+    model = layers.Sequential(layers.Linear(5, 5))
+    return loaded(adapter, model, {"0.weight": np.eye(5, dtype=np.float32), "0.bias": np.zeros(5, np.float32)},
+                  loss=loss)  # fmt: skip
+
+
+@check()
+def check_losses(adapter):
+    """Cross-entropy, NLL and MSE with mean and sum reduction match their closed forms."""
+    pred = (3 * inputs((5,), seed=2)).astype(np.float32)
+    for spec in (CrossEntropyLoss, NLLLoss, MSELoss):
+        target = inputs((5,), seed=3) if spec is MSELoss else labels(classes=5)
+        for reduction in ("mean", "sum"):
+            loop = _identity_loop(adapter, spec(reduction=reduction))
+            expected, _ = reference.loss(loss_kind(loop.loss_spec), reduction, pred, target)
+            got = loop.to_float(loop.loss(loop.forward(pred), target))
+            compare(f"{spec.__name__}(reduction={reduction!r})", got, expected, dtype=loop.dtype, size=40)
+        per_sample = reference.loss_terms(loss_kind(loop.loss_spec), pred, target)[0].mean()
+        compare(f"{spec.__name__} evaluate()['loss']", loop.evaluate((pred, target))["loss"], per_sample,
+                dtype=loop.dtype, size=40)  # fmt: skip
+
+
+@check()
+def check_loss_extreme_logits(adapter):
+    """Cross-entropy of logits of magnitude 1e4 is finite and exact, and so are its gradients."""
+    pred = np.array([[1e4, -1e4, 0, 0, 0], [-1e4, 1e4, 0, 0, 0], [0, 0, 1e4, 1e4, -1e4]], np.float32)
+    target = np.array([0, 0, 4])
+    loop = _identity_loop(adapter, CrossEntropyLoss())
+    expected, grad = reference.loss("cross_entropy", "mean", pred, target)
+    got = tutorial_gradients(loop, pred, target)
+    compare("cross-entropy of extreme logits", got, expected, dtype=loop.dtype, size=5)
+    # log-softmax subtracts numbers of magnitude 1e4: float32 keeps ~1e4 * eps of absolute accuracy
+    compare("gradient '0.bias' for extreme logits", loop.gradients()["0.bias"], grad.sum(0), dtype=loop.dtype, size=5,
+            scale=1e4)  # fmt: skip
+
+
+# --- 5. gradients -------------------------------------------------------------------------------
+
+
+def _check_gradients(adapter, model, input_shape, loss, size):
+    state = state_of(model)
+    loop = loaded(adapter, model, state, loss=loss)
+    x = inputs(input_shape)
+    y = inputs((4,), seed=1) if isinstance(loss, MSELoss) else labels()
+    ref = reference.Reference(model, state)
+    expected, grad = reference.loss(loss_kind(loss), loss.reduction, ref.forward(x, training=True), y)
+    compare(f"{type(loss).__name__} loss", tutorial_gradients(loop, x, y), expected, dtype=loop.dtype, size=size)
+    compare_states(f"{type(loss).__name__} gradient", loop.gradients(), ref.backward(grad), dtype=loop.dtype,
+                   size=size * 8)  # fmt: skip
+
+
+@check()
+def check_gradients(adapter):
+    """Gradients of every parameter match the reference for cross-entropy, NLL (sum) and MSE."""
+    for loss in (CrossEntropyLoss(), NLLLoss(reduction="sum"), MSELoss()):
+        _check_gradients(adapter, dense_model(), (3, 4), loss, DENSE_FAN_IN)
+
+
+@check("conv")
+def check_gradients_conv(adapter):
+    """Gradients through Conv2d and MaxPool2d match the reference."""
+    _check_gradients(adapter, conv_model(), (2, 9, 9), CrossEntropyLoss(), CONV_FAN_IN)
+
+
+@check("float64")
+def check_gradients_finite_differences(adapter):
+    """In float64, gradients match central finite differences of the adapter's own loss."""
+    model = dense_model()
+    state = {k: v.astype(F64) for k, v in state_of(model).items()}
+    loop = loaded(adapter, model, state, loss=CrossEntropyLoss(reduction="sum"), dtype="float64")
+    x, y = inputs((3, 4)).astype(F64), labels()
+    tutorial_gradients(loop, x, y)
+    gradients = loop.gradients()
+    rng = np.random.default_rng(5)
+    h = tolerances.FINITE_DIFFERENCE_STEP
+    for key in state:
+        for flat in rng.choice(state[key].size, 3, replace=False):
+            index = np.unravel_index(flat, state[key].shape)
+            values = []
+            for sign in (1, -1):
+                shifted = {k: v.copy() for k, v in state.items()}
+                shifted[key][index] += sign * h
+                loop.load_state_dict(shifted)
+                values.append(loop.to_float(loop.loss(loop.forward(x), y)))
+            numeric = (values[0] - values[1]) / (2 * h)
+            tol = tolerances.FINITE_DIFFERENCE_TOLERANCE * max(1.0, abs(numeric))
+            _within(f"gradient {key!r}{tuple(int(i) for i in index)} vs. central difference",
+                    np.asarray(gradients[key][index]), np.asarray(numeric), tol)  # fmt: skip
+
+
+# --- 6-7. optimizers ------------------------------------------------------------------------------
+
+
+def _optimizer_steps(adapter, spec, steps=3, loop=None, ref_optimizer=None, buffers=True):
+    """``steps`` tutorial steps; after each, parameters and optimizer buffers must equal the
+    reference optimizer applied to the same gradients. Returns the loop and the reference."""
+    model = dense_model()
+    loop = loop or loaded(adapter, model, state_of(model), optimizer=spec)
+    ref_optimizer = ref_optimizer or reference.Optimizer(spec)
+    params = {k: v.astype(F64) for k, v in params_of(loop).items()}
+    for step in range(1, steps + 1):
+        tutorial_gradients(loop, inputs((3, 4), seed=step), labels(seed=step))
+        params = ref_optimizer.update(params, loop.gradients())
+        loop.update()
+        label = f"{spec} step {step}"
+        compare_states(f"{label}: parameter", params_of(loop), params, dtype=loop.dtype, size=4 * step)
+        if not buffers:
+            continue
+        state = loop.optimizer_state_dict()
+        if int(state.get("step", -1)) != loop.step_count:
+            fail(f"{label}: optimizer_state_dict()['step'] is {state.get('step')}, expected {loop.step_count}")
+        for key, value in ref_optimizer.state.items():
+            if key not in state:
+                fail(f"{label}: optimizer_state_dict() lacks {key!r}")
+            compare(f"{label}: {key}", state[key], value, dtype=loop.dtype, size=4 * step)
+    return loop, ref_optimizer
+
+
+@check()
+def check_sgd_updates(adapter):
+    """Plain SGD, with and without weight decay: 3 steps match the closed form."""
+    _optimizer_steps(adapter, SGD(lr=0.1))
+    _optimizer_steps(adapter, SGD(lr=0.1, weight_decay=0.05))
+
+
+@check()
+def check_sgd_momentum(adapter):
+    """SGD with momentum (and dampening, weight decay): parameters and momentum buffers match."""
+    _optimizer_steps(adapter, SGD(lr=0.1, momentum=0.9))
+    _optimizer_steps(adapter, SGD(lr=0.1, momentum=0.9, dampening=0.3, weight_decay=0.01))
+
+
+@check()
+def check_sgd_nesterov(adapter):
+    """Nesterov momentum with weight decay matches the closed form."""
+    _optimizer_steps(adapter, SGD(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01))
+
+
+@check()
+def check_sgd_momentum_new_lr(adapter):
+    """Resuming momentum SGD from saved weights and optimizer state with a new learning rate continues
+    PyTorch's trajectory.
+
+    The momentum buffer must hold gradients, not velocities with the old lr folded in (Chainer's
+    convention). Only parameters are compared here; buffers are check_sgd_momentum's."""
+    first = SGD(lr=0.1, momentum=0.9)
+    loop, ref_optimizer = _optimizer_steps(adapter, first, steps=2, buffers=False)
+    second = SGD(lr=0.02, momentum=0.9)
+    resumed = loaded(adapter, dense_model(), loop.state_dict(), optimizer=second)
+    resumed.load_optimizer_state_dict(loop.optimizer_state_dict())
+    resumed.step_count = loop.step_count
+    ref_optimizer.spec = second
+    _optimizer_steps(adapter, second, steps=2, loop=resumed, ref_optimizer=ref_optimizer, buffers=False)
+
+
+@check()
+def check_adam_updates(adapter):
+    """Adam (with and without L2 weight decay): parameters and both moments match, bias correction included."""
+    _optimizer_steps(adapter, Adam(lr=0.01, eps=1e-4))
+    _optimizer_steps(adapter, Adam(lr=0.01, betas=(0.8, 0.9), eps=1e-4, weight_decay=0.1))
+
+
+@check()
+def check_adamw_updates(adapter):
+    """AdamW (decoupled weight decay): parameters and both moments match."""
+    _optimizer_steps(adapter, AdamW(lr=0.01, eps=1e-4, weight_decay=0.1))
+
+
+# --- 8-10. the step ---------------------------------------------------------------------------------
+
+
+@check()
+def check_zero_grad(adapter):
+    """zero_grad() clears every accumulated gradient."""
+    loop = adapter(dense_model())
+    tutorial_gradients(loop, inputs((3, 4)), labels())
+    if not any(np.any(g != 0) for g in loop.gradients().values()):
+        fail("backward() left every gradient zero")
+    loop.zero_grad()
+    for key, grad in loop.gradients().items():
+        if np.any(grad != 0):
+            fail(f"after zero_grad(), gradient {key!r} is not zero: max |g| = {float(np.abs(grad).max()):.3g}")
+
+
+@check()
+def check_gradient_accumulation(adapter):
+    """Without zero_grad, gradients accumulate: two half-batches (sum reduction) equal the full batch."""
+    loop = adapter(dense_model(), loss=CrossEntropyLoss(reduction="sum"))
+    x, y = inputs((3, 4)), labels()
+    tutorial_gradients(loop, x, y)
+    full = loop.gradients()
+    tutorial_gradients(loop, x[:4], y[:4])
+    loop.backward(loop.loss(loop.forward(x[4:]), y[4:]))
+    compare_states("two accumulated half-batches vs. the full batch: gradient", loop.gradients(),
+                   {k: v.astype(F64) for k, v in full.items()}, dtype=loop.dtype, size=8 * DENSE_FAN_IN)  # fmt: skip
+
+
+@check()
+def check_step_returns_pre_update_loss(adapter):
+    """step() returns the loss of the weights before its update."""
+    model = dense_model()
+    state = state_of(model)
+    loop = loaded(adapter, model, state, optimizer=SGD(lr=0.5))
+    x, y = inputs((3, 4)), labels()
+    expected, _ = reference.loss("cross_entropy", "mean", reference.Reference(model, state).forward(x), y)
+    compare("step() return value", loop.to_float(loop.step((x, y))), expected, dtype=loop.dtype, size=DENSE_FAN_IN)
+    if loop.step_count != 1:
+        fail(f"step_count after one step() is {loop.step_count}, expected 1")
+
+
+@check()
+def check_tutorial_sequence_equals_step(adapter):
+    """zero_grad, forward, loss, backward, update gives bit-for-bit what step() gives."""
+    model = batchnorm_model() if "batchnorm" in adapter.capabilities else dense_model()
+    shape = (6,) if "batchnorm" in adapter.capabilities else (3, 4)
+    state = state_of(model)
+    whole = loaded(adapter, model, state, optimizer=SGD(lr=0.1, momentum=0.9))
+    parts = loaded(adapter, model, state, optimizer=SGD(lr=0.1, momentum=0.9))
+    for step in range(3):
+        x, y = inputs(shape, seed=step), labels(seed=step)
+        whole.step((x, y))
+        tutorial_gradients(parts, x, y)
+        parts.update()
+    compare_states(f"after 3 steps, {model.layers[1]} model, tutorial sequence vs. step():", parts.state_dict(),
+                   whole.state_dict())  # fmt: skip
+    compare_states("optimizer state, tutorial sequence vs. step():", parts.optimizer_state_dict(),
+                   whole.optimizer_state_dict())  # fmt: skip
+    if parts.step_count != whole.step_count:
+        fail(f"step_count: tutorial sequence {parts.step_count}, step() {whole.step_count}")
+
+
+# --- 11-13. modes, dropout, BatchNorm ---------------------------------------------------------------
+
+
+@check()
+def check_train_eval_toggles(adapter):
+    """train()/eval() are idempotent, return the loop and reach layers inside nested Sequentials."""
+    if not {"dropout", "batchnorm"} & adapter.capabilities:
+        raise CheckSkipped("needs dropout or batchnorm: without them training and eval mode compute the same")
+    model = _mode_model(adapter)
+    state = state_of(model)
+    loop = loaded(adapter, model, state, loss=MSELoss(reduction="sum"))
+    x, target = inputs((6,)), np.zeros((8, 4), np.float32)
+    eval_loss, _ = reference.loss("mse", "sum", reference.Reference(model, state).forward(x), target)
+
+    def observed_loss():
+        return loop.to_float(loop.loss(loop.forward(x), target))
+
+    for calls in (["eval"], ["eval", "eval"], ["train", "eval"]):
+        for call in calls:
+            if getattr(loop, call)() is not loop:
+                fail(f"{call}() must return the loop itself")
+        if loop.training:
+            fail(f"after {'(), '.join(calls)}() the loop reports training=True")
+        compare(f"loss after {'(), '.join(calls)}()", observed_loss(), eval_loss, dtype=loop.dtype, size=8)
+    for calls in (["train"], ["train", "train"], ["eval", "train"]):
+        for call in calls:
+            getattr(loop, call)()
+        if not loop.training:
+            fail(f"after {'(), '.join(calls)}() the loop reports training=False")
+        if abs(observed_loss() - eval_loss) <= 1e-3 * abs(eval_loss):
+            fail(f"after {'(), '.join(calls)}() the nested {model.layers[1]} still computes as in eval mode")
+
+
+@check("dropout")
+def check_dropout_statistics(adapter):
+    """In training, Dropout zeroes a fraction p of elements (within 5 standard deviations) and scales
+    survivors by 1/(1-p); two forwards draw different masks."""
+    p, n = 0.3, 4000
+    model = layers.Sequential(layers.Dropout(p), layers.Linear(n, 1, bias=False))
+    loop = loaded(adapter, model, {"1.weight": np.ones((1, n), np.float32)}, loss=MSELoss(reduction="sum"))
+    x, target = np.ones((1, n), np.float32), np.zeros((1, 1), np.float32)
+    masks = []
+    for _ in range(2):
+        # loss = out**2 with out = sum(kept) / (1 - p), and d loss / d w = 2 * out * kept / (1 - p)
+        out = math.sqrt(tutorial_gradients(loop, x, target))
+        scaled = loop.gradients()["1.weight"][0] / (2 * out)
+        kept = scaled > 0.5 / (1 - p)
+        compare("survivor scale", scaled, kept / (1 - p), dtype=loop.dtype, size=n)
+        dropped = 1 - kept.mean()
+        bound = 5 * math.sqrt(p * (1 - p) / n)
+        if abs(dropped - p) > bound:
+            fail(f"dropped fraction {dropped:.4f}, expected p = {p} within {bound:.4f}", abs(dropped - p), bound)
+        masks.append(kept)
+    if np.array_equal(*masks):
+        fail("two training forwards used the same dropout mask")
+
+
+@check("batchnorm")
+def check_batchnorm_running_stats(adapter):
+    """Running statistics follow PyTorch's momentum and unbiased-variance convention, and change
+    only in training (not in eval forwards, predict or evaluate)."""
+    models = [(batchnorm_model(), (6,))]
+    if "conv" in adapter.capabilities:
+        models.append((batchnorm2d_model(), (2, 5, 5)))
+    for model, shape in models:
+        state = state_of(model)
+        loop = loaded(adapter, model, state)
+        ref = reference.Reference(model, state)
+        x, y = inputs(shape), labels()
+        loop.forward(x)
+        ref.forward(x, training=True)
+        buffers = {k: v for k, v in ref.state.items() if k.startswith("1.running") or k.startswith("1.num")}
+        got = loop.state_dict()
+        for key, value in buffers.items():
+            if key.endswith("num_batches_tracked"):
+                compare_exact(f"{key} after one training forward", got[key], value)
+            else:
+                compare(f"{key} after one training forward", got[key], value, dtype=loop.dtype, size=2 * len(x))
+        loop.eval()
+        before = loop.state_dict()
+        actions = {"an eval-mode forward": loop.forward, "predict": loop.predict, "evaluate": loop.evaluate}
+        for action, run in actions.items():
+            run((x, y) if action == "evaluate" else x)
+            for key in buffers:
+                compare_exact(f"{key} after {action}", loop.state_dict()[key], before[key])
+
+
+@check("batchnorm")
+def check_batchnorm_eval_batch_independence(adapter):
+    """In eval mode a sample's BatchNorm output does not depend on the other samples of its batch."""
+    model = batchnorm_model()
+    loop = loaded(adapter, model, state_of(model))
+    x = inputs((6,))
+    batch = loop.predict(x)
+    alone = np.concatenate([loop.predict(x[i : i + 1]) for i in range(len(x))])
+    compare("predict() of each sample alone vs. in the batch", alone, batch, dtype=loop.dtype, size=8)
+
+
+# --- 14. evaluate/predict change nothing ---------------------------------------------------------
+
+
+@check()
+def check_evaluate_predict_change_nothing(adapter):
+    """predict and evaluate leave parameters, buffers, gradients, optimizer state, step count and mode alone."""
+    model = _mode_model(adapter)
+    loop = loaded(adapter, model, state_of(model), optimizer=Adam(lr=0.01))
+    x, y = inputs((6,)), labels()
+    for step in range(2):
+        loop.step((inputs((6,), seed=step), labels(seed=step)))
+    for mode in ("train", "eval"):
+        getattr(loop, mode)()
+        before = (loop.state_dict(), loop.gradients(), loop.optimizer_state_dict(), loop.step_count, loop.training)
+        loop.predict(x)
+        loop.evaluate((x, y), batch_size=3)
+        after = (loop.state_dict(), loop.gradients(), loop.optimizer_state_dict(), loop.step_count, loop.training)
+        for what, got, expected in zip(
+            ("state_dict()", "gradients()", "optimizer_state_dict()"), after, before, strict=False
+        ):
+            compare_states(f"in {mode} mode, predict/evaluate changed {what}", got, expected)
+        if after[3:] != before[3:]:
+            fail(f"in {mode} mode, predict/evaluate changed (step_count, training) from {before[3:]} to {after[3:]}")
+
+
+# --- 15. weights ----------------------------------------------------------------------------------
+
+
+@check()
+def check_weights_round_trip(adapter):
+    """load_state_dict then state_dict() gives the same arrays bit for bit, and so do save/load_weights."""
+    model = batchnorm_model() if "batchnorm" in adapter.capabilities else dense_model()
+    state = state_of(model)
+    loop = loaded(adapter, model, state)
+    compare_states("state_dict() after load_state_dict():", loop.state_dict(), state)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "weights.safetensors"
+        loop.save_weights(path)
+        fresh = adapter(model, seed=1)
+        fresh.load_weights(path)
+    compare_states("state_dict() after save_weights()/load_weights():", fresh.state_dict(), state)
+
+
+@check()
+def check_reference_weights_file(adapter):
+    """A safetensors file written by the reference loads and gives the reference's forward."""
+    model = batchnorm_model() if "batchnorm" in adapter.capabilities else dense_model()
+    shape = (6,) if "batchnorm" in adapter.capabilities else (3, 4)
+    state = state_of(model, seed=9)
+    loop = adapter(model)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "reference.safetensors"
+        reference.write_safetensors(path, state)
+        loop.load_weights(path)
+    x = inputs(shape)
+    compare("predict() with the reference's weight file", loop.predict(x),
+            reference.Reference(model, state).forward(x), dtype=loop.dtype, size=DENSE_FAN_IN)  # fmt: skip
+
+
+@check()
+def check_weights_errors(adapter):
+    """Loading wrong keys or shapes raises an error naming them."""
+    model = dense_model()
+    loop = adapter(model)
+    state = state_of(model)
+    missing = {k: v for k, v in state.items() if k != "3.bias"}
+    expect_error("load_state_dict() without '3.bias'", lambda: loop.load_state_dict(missing), "3.bias")
+    extra = {**state, "9.weight": state["3.bias"]}
+    expect_error("load_state_dict() with an extra key", lambda: loop.load_state_dict(extra), "9.weight")
+    wrong = {**state, "1.weight": state["1.weight"].T}
+    expect_error("load_state_dict() with a transposed '1.weight'", lambda: loop.load_state_dict(wrong), "1.weight",
+                 "(12, 10)")  # fmt: skip
+    compare_states("state_dict() after rejected loads (must be unchanged):", loop.state_dict(),
+                   reference.initial_state(model, 0))  # fmt: skip
+
+
+# --- 16-18. seeds, epochs, dtypes ------------------------------------------------------------------
+
+
+def _record_batches(loop: TrainingLoop) -> list[np.ndarray]:
+    """Spy on the whole-step hook: returns the list that will receive each step's inputs."""
+    seen, step = [], loop._step
+
+    def spy(x, y):
+        seen.append(np.array(x))
+        return step(x, y)
+
+    loop._step = spy
+    return seen
+
+
+def _indexed_data(n: int) -> ArrayDataset:
+    """Samples whose first feature is their index."""
+    x = inputs((3, 4), n=n)
+    x[:, 0, 0] = np.arange(n)
+    return ArrayDataset(x, labels(n))
+
+
+@check()
+def check_seeds(adapter):
+    """The same seed gives the documented initial weights and batch order; another seed differs."""
+    model = dense_model()
+    data = _indexed_data(10)
+    orders = {}
+    for seed in (3, 4):
+        loop = adapter(model, seed=seed)
+        compare_states(f"initial state_dict() with seed {seed}:", loop.state_dict(),
+                       reference.initial_state(model, seed))  # fmt: skip
+        seen = _record_batches(loop)
+        loop.fit(data, epochs=2, batch_size=4)
+        orders[seed] = [int(v) for x in seen for v in x[:, 0, 0]]
+        expected = [int(i) for epoch in range(2) for i in np.random.default_rng([seed, epoch]).permutation(10)]
+        if orders[seed] != expected:
+            fail(f"batch order with seed {seed}: expected {expected}, got {orders[seed]}")
+    if orders[3] == orders[4]:
+        fail("seeds 3 and 4 gave the same batch order")
+
+
+@check()
+def check_epoch_visits_every_sample(adapter):
+    """An epoch visits every sample once; the last partial batch holds the remainder."""
+    loop = adapter(dense_model())
+    seen = _record_batches(loop)
+    history = loop.fit(_indexed_data(10), epochs=1, batch_size=4)
+    sizes = [len(x) for x in seen]
+    visited = sorted(int(v) for x in seen for v in x[:, 0, 0])
+    if sizes != [4, 4, 2] or visited != list(range(10)):
+        fail(f"10 samples in batches of 4: expected batch sizes [4, 4, 2] covering 0..9 once, "
+             f"got sizes {sizes} covering {visited}")  # fmt: skip
+    if loop.step_count != 3 or len(history) != 1 or history[0]["steps"] != 3:
+        fail(f"after one epoch of 3 batches: step_count {loop.step_count}, history {history}")
+
+
+@check()
+def check_float32_dtypes(adapter):
+    """float32 parameters, gradients, outputs and optimizer state stay float32."""
+    for spec in (SGD(lr=0.1, momentum=0.9), Adam()):
+        model = batchnorm_model() if "batchnorm" in adapter.capabilities else dense_model()
+        shape = (6,) if "batchnorm" in adapter.capabilities else (3, 4)
+        loop = adapter(model, optimizer=spec)
+        for step in range(2):
+            loop.step((inputs(shape, seed=step), labels(seed=step)))
+        arrays = {f"state_dict()[{k!r}]": v for k, v in loop.state_dict().items() if "num_batches" not in k}
+        arrays.update({f"gradients()[{k!r}]": v for k, v in loop.gradients().items()})
+        arrays.update({f"optimizer_state_dict()[{k!r}]": v for k, v in loop.optimizer_state_dict().items()
+                       if k != "step"})  # fmt: skip
+        arrays["predict()"] = loop.predict(inputs(shape))
+        for what, value in arrays.items():
+            if np.asarray(value).dtype != np.float32:
+                fail(f"{spec}: {what} has dtype {np.asarray(value).dtype}, expected float32")
+
+
+# --- 19. bad input ---------------------------------------------------------------------------------
+
+
+@check()
+def check_bad_input(adapter):
+    """Wrong feature size, out-of-range or non-integer labels and NaN inputs raise clear errors."""
+    loop = adapter(dense_model())
+    x, y = inputs((3, 4)), labels()
+    expect_error("step() with 13 features per sample", lambda: loop.step((inputs((13,)), y)), "12", "(13,)")
+    expect_error("step() with label 4 for 4 classes", lambda: loop.step((x, np.full(8, 4))), "label 4")
+    expect_error("step() with label -1", lambda: loop.step((x, np.full(8, -1))), "label -1")
+    expect_error("step() with float labels", lambda: loop.step((x, y.astype(np.float32))), "integer")
+    nan = x.copy()
+    nan[2, 1, 1] = np.nan
+    expect_error("step() with a NaN input", lambda: loop.step((nan, y)), "NaN")
+    expect_error("predict() with a NaN input", lambda: loop.predict(nan), "NaN")
+    if loop.step_count != 0:
+        fail(f"rejected batches changed step_count to {loop.step_count}")
+
+
+# --- 20-22. training as a whole -------------------------------------------------------------------
+
+
+#: Adam's eps is raised from 1e-8 so that float32 noise on near-zero gradients (~1e-8) is not
+#: amplified into lr-sized steps; Adam's equations themselves are checked exactly elsewhere.
+TRAJECTORY_OPTIMIZERS = (SGD(lr=0.01, momentum=0.9), Adam(lr=1e-3, eps=1e-4))
+TRAJECTORY_BATCH = 16
+
+
+@functools.lru_cache(maxsize=4)
+def _reference_trajectory(preset: str, spec, steps: int):
+    """Per-step losses and final parameters of the reference, shared by every backend."""
+    model = layers.preset(preset)
+    data = load_mnist("train")
+    ref, optimizer = reference.Reference(model, reference.initial_state(model, 0)), reference.Optimizer(spec)
+    losses = []
+    for step in range(steps):
+        batch = slice(step * TRAJECTORY_BATCH, (step + 1) * TRAJECTORY_BATCH)
+        losses.append(reference.train_step(ref, CrossEntropyLoss(), optimizer, data.x[batch], data.y[batch]))
+    return losses, {key: ref.state[key] for key in model.param_shapes()}
+
+
+def _trajectory(adapter, preset, steps):
+    model, data = layers.preset(preset), load_mnist("train")
+    size = max(layer.fan_in() for _, layer in model.named_layers() if layer.param_shapes())
+    for spec in TRAJECTORY_OPTIMIZERS:
+        loop = adapter(model, optimizer=spec)
+        losses = []
+        for step in range(steps):
+            batch = slice(step * TRAJECTORY_BATCH, (step + 1) * TRAJECTORY_BATCH)
+            losses.append(loop.to_float(loop.step((data.x[batch], data.y[batch]))))
+        expected_losses, expected_params = _reference_trajectory(preset, spec, steps)
+        compare(f"{spec}: losses of {steps} steps", losses, expected_losses, dtype=loop.dtype, size=size)
+        compare_states(f"{spec}: after {steps} steps, parameter", params_of(loop), expected_params,
+                       dtype=loop.dtype, size=size)  # fmt: skip
+
+
+@check()
+def check_trajectory_mlp(adapter):
+    """100 steps of the mlp on MNIST (SGD with momentum, and Adam) stay within tolerance of the reference."""
+    _trajectory(adapter, "mlp", steps=100)
+
+
+@check("conv")
+def check_trajectory_cnn(adapter):
+    """20 steps of the cnn on MNIST (SGD with momentum, and Adam) stay within tolerance of the reference."""
+    _trajectory(adapter, "cnn", steps=20)
+
+
+@check()
+def check_overfit_smoke(adapter):
+    """16 fixed samples are learned to near-zero loss."""
+    model = layers.Sequential(layers.Flatten(), layers.Linear(12, 32), layers.ReLU(), layers.Linear(32, 4))
+    loop = adapter(model, optimizer=Adam(lr=0.02))
+    data = ArrayDataset(inputs((3, 4), n=16), labels(16))
+    loop.fit(data, epochs=150, batch_size=16, shuffle=False)
+    metrics = loop.evaluate(data)
+    if not (metrics["loss"] < 0.05 and metrics["accuracy"] == 1.0):
+        fail(f"after 150 full-batch Adam steps on 16 samples: loss {metrics['loss']:.4g} (expected < 0.05), "
+             f"accuracy {metrics['accuracy']:.3f} (expected 1)")  # fmt: skip
+
+
+@check("native-model")
+def check_native_model(adapter):
+    """A native model of the framework (native_example_model()) trains through the same loop."""
+    model = adapter.native_example_model()
+    if model is None:
+        raise CheckSkipped(f"{adapter.__name__}.native_example_model() offers no example native model")
+    if not adapter.is_native_model(model):
+        fail(f"{adapter.__name__}.is_native_model() rejects its own native_example_model()")
+    loop = adapter(model, optimizer=Adam(lr=0.02))
+    if loop.model_spec is not None:
+        fail(f"a native model gave model_spec {loop.model_spec!r}, expected None")
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(16, 8)).astype(np.float32), rng.integers(0, 3, 16)
+    start = loop.evaluate((x, y))["loss"]
+    for _ in range(60):
+        loop.step((x, y))
+    metrics = loop.evaluate((x, y))
+    if not metrics["loss"] < start / 2:
+        fail(f"60 Adam steps on 16 samples took the native model's loss from {start:.4g} to {metrics['loss']:.4g}, "
+             f"expected below half")  # fmt: skip
+    if loop.predict(x).shape != (16, 3):
+        fail(f"predict() of the native model has shape {loop.predict(x).shape}, expected (16, 3)")
+    state = loop.state_dict()
+    if not state:
+        fail("state_dict() of the native model is empty")
+    copy = adapter(adapter.native_example_model())
+    copy.load_state_dict(state)
+    compare_exact("predict() after loading the trained native state into a fresh one", copy.predict(x), loop.predict(x))

@@ -1,0 +1,225 @@
+"""The conformance suite has teeth: deliberately broken adapters are caught by the right check,
+with the exact message. Each is the NumPy backend with one thing done wrong."""
+
+import json
+import math
+import subprocess
+import sys
+from typing import ClassVar
+
+import numpy as np
+import pytest
+from unitrain.backends.numpy import LossValue, NumpyLoop, _BatchNorm, _Dropout, _loss_terms
+from unitrain.conformance import CHECKS, run_check, run_checks
+
+from unitrain.optim import Adam
+
+
+class _NumpyAdamVariant(NumpyLoop):
+    """The NumPy backend with its Adam step replaced by :meth:`adam`."""
+
+    def _update(self):
+        if not isinstance(self.optimizer_spec, Adam):
+            return super()._update()
+        self._optimizer_steps += 1
+        spec, state, t = self.optimizer_spec, self._optimizer_state, self._optimizer_steps
+        for name, param in self._params.items():
+            grad = self._grads[name] + (0 if spec.decoupled_weight_decay else spec.weight_decay * param)
+            if spec.decoupled_weight_decay:
+                param *= 1 - spec.lr * spec.weight_decay
+            m = spec.betas[0] * state.get(f"{name}.exp_avg", 0) + (1 - spec.betas[0]) * grad
+            v = spec.betas[1] * state.get(f"{name}.exp_avg_sq", 0) + (1 - spec.betas[1]) * grad * grad
+            state[f"{name}.exp_avg"], state[f"{name}.exp_avg_sq"] = m, v
+            param -= self.adam(m, v, t, spec)
+
+    def adam(self, m, v, t, spec):
+        raise NotImplementedError
+
+
+class AdamWithoutBiasCorrection(_NumpyAdamVariant):
+    def adam(self, m, v, t, spec):
+        return spec.lr * m / (np.sqrt(v) + spec.eps)
+
+
+class EpsilonInsideSqrt(_NumpyAdamVariant):
+    def adam(self, m, v, t, spec):
+        m_hat, v_hat = m / (1 - spec.betas[0] ** t), v / (1 - spec.betas[1] ** t)
+        return spec.lr * m_hat / np.sqrt(v_hat + spec.eps)
+
+
+class DropoutInEval(NumpyLoop):
+    def _run(self, x, record):
+        for layer in self._layers:
+            x = layer.forward(x, self._mode or isinstance(layer, _Dropout), record)
+        return x
+
+
+class BatchNormStatisticsInEval(NumpyLoop):
+    def _run(self, x, record):
+        for layer in self._layers:
+            if isinstance(layer, _BatchNorm) and not self._mode:
+                axes = (0, *range(2, x.ndim))
+                count = x.size // x.shape[1]
+                layer._update_running(x.mean(axes), x.var(axes) * count / (count - 1))
+            x = layer.forward(x, self._mode, record)
+        return x
+
+
+class ChainerStyleMomentum(NumpyLoop):
+    """Chainer's MomentumSGD: the velocity has the learning rate folded in (``v = m*v + lr*g``,
+    ``p -= v``), and it is what the optimizer state holds."""
+
+    def _update(self):
+        if not self.optimizer_spec.momentum:
+            return super()._update()
+        self._optimizer_steps += 1
+        spec = self.optimizer_spec
+        for name, param in self._params.items():
+            key = f"{name}.momentum_buffer"
+            velocity = spec.lr * self._grads[name]
+            if key in self._optimizer_state:
+                velocity += spec.momentum * self._optimizer_state[key]
+            self._optimizer_state[key] = velocity
+            param -= velocity
+
+
+class ZeroGradDoesNothing(NumpyLoop):
+    def _zero_grad(self):
+        pass
+
+
+class LossSummedNotAveraged(NumpyLoop):
+    def _loss(self, pred, y):
+        terms, grad = _loss_terms(self.loss_spec, pred, y)
+        return LossValue(terms.sum(), lambda: grad(1), self._forward_id)
+
+
+class ExportTransposesAWeight(NumpyLoop):
+    def _state_dict(self):
+        state = super()._state_dict()
+        first = next(key for key, value in state.items() if value.ndim == 2)
+        state[first] = state[first].T
+        return state
+
+
+def failure(adapter, check):
+    result = run_check(adapter, check)
+    assert result.status == "fail", result
+    message, reproduce = result.message.split("\n  reproduce: ")
+    assert reproduce == f"unitrain conformance --adapter {__name__}:{adapter.__name__} --check {check}"
+    return message, result
+
+
+CAUGHT = {
+    (AdamWithoutBiasCorrection, "check_adam_updates"):
+        "Adam(lr=0.01, weight_decay=0.0, betas=(0.9, 0.999), eps=0.0001) step 1: parameter '1.weight': "
+        "expected 0.269192, got 0.290257 at index (6, 6); max error 0.0211 > tolerance 3.81e-06",
+    (EpsilonInsideSqrt, "check_adam_updates"):
+        "Adam(lr=0.01, weight_decay=0.0, betas=(0.9, 0.999), eps=0.0001) step 1: parameter '1.weight': "
+        "expected -0.249878, got -0.257934 at index (4, 11); max error 0.00806 > tolerance 3.81e-06",
+    (DropoutInEval, "check_forward_dropout_eval"):
+        "predict(): expected 0.567939, got 0.833644 at index (3, 2); max error 0.266 > tolerance 7.63e-06",
+    (BatchNormStatisticsInEval, "check_batchnorm_running_stats"):
+        "1.running_mean after an eval-mode forward: expected 0.311676, got 0.164939 at index (5,); "
+        "max error 0.147 > tolerance 0 (must be bit-exact)",
+    (ChainerStyleMomentum, "check_sgd_momentum_new_lr"):
+        "SGD(lr=0.02, weight_decay=0.0, momentum=0.9, dampening=0.0, nesterov=False) step 1: parameter '1.weight': "
+        "expected 0.0293309, got 0.0435649 at index (6, 9); max error 0.0142 > tolerance 3.81e-06",
+    (ZeroGradDoesNothing, "check_zero_grad"): "after zero_grad(), gradient '1.weight' is not zero: max |g| = 0.111",
+    (LossSummedNotAveraged, "check_losses"):
+        "CrossEntropyLoss(reduction='mean'): expected 3.17645, got 25.4116; max error 22.2 > tolerance 0.000121",
+    (ExportTransposesAWeight, "check_weights_round_trip"):
+        "state_dict() after load_state_dict(): '0.weight': expected shape (8, 6), got shape (6, 8)",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("adapter", "check"), CAUGHT, ids=[a.__name__ for a, _ in CAUGHT])
+def test_a_broken_adapter_is_caught_by_the_right_check(adapter, check):
+    message, result = failure(adapter, check)
+    assert message == CAUGHT[adapter, check]
+    if "tolerance" in message:
+        assert result.max_error > result.tolerance
+
+
+def test_chainer_style_momentum_also_fails_on_its_buffer_convention():
+    message, _ = failure(ChainerStyleMomentum, "check_sgd_momentum")
+    # the velocity holds lr * buffer: 0.1 times PyTorch's
+    assert message == (
+        "SGD(lr=0.1, weight_decay=0.0, momentum=0.9, dampening=0.0, nesterov=False) step 1: 1.weight.momentum_buffer: "
+        "expected -0.174412, got -0.0174412 at index (6, 6); max error 0.157 > tolerance 3.81e-06"
+    )
+
+
+def test_the_intact_backend_passes_every_check_the_broken_ones_fail():
+    for check in {check for _, check in CAUGHT}:
+        assert run_check(NumpyLoop, check).status == "pass", check
+
+
+def test_missing_capability_is_a_skip_with_its_reason():
+    (result,) = run_checks(NumpyLoop, ["check_native_model"])
+    assert result.status == "skip"
+    assert result.message == "needs capability native-model, which NumpyLoop does not declare"
+
+
+def test_a_declared_expected_failure_is_xfail_with_its_reason():
+    (result,) = run_checks(ZeroGradDoesNothing, ["check_zero_grad"], xfails={"check_zero_grad": "issue 42"})
+    assert result.status == "xfail" and not result.unexpected
+    assert result.message.startswith("expected failure (issue 42): after zero_grad()")
+
+
+def test_a_declared_expected_failure_that_passes_is_reported():
+    class Declares(NumpyLoop):
+        conformance_xfails: ClassVar[dict[str, str]] = {"check_zero_grad": "believed broken"}
+
+    (result,) = run_checks(Declares, ["check_zero_grad"])
+    assert result.status == "xpass" and result.unexpected
+    assert "believed broken" in result.message
+
+
+def test_a_declared_expected_failure_naming_no_check_is_an_error():
+    results = run_checks(NumpyLoop, ["check_zero_grad"], xfails={"check_zero_gradient": "typo"})
+    assert [(r.check, r.status) for r in results] == [("check_zero_gradient", "error"), ("check_zero_grad", "pass")]
+    assert "names no known check" in results[0].message
+
+
+def test_an_adapter_that_crashes_fails_the_check_naming_the_error():
+    class Crashes(NumpyLoop):
+        def _gradients(self):
+            raise RuntimeError("boom")
+
+    result = run_check(Crashes, "check_zero_grad")
+    assert result.status == "fail"
+    assert result.message.startswith("raised RuntimeError: boom (test_conformance_meta.py:")
+
+
+def test_every_check_has_a_one_line_summary_and_a_unique_name():
+    assert len(CHECKS) >= 22
+    for name, check in CHECKS.items():
+        assert name.startswith("check_") and check.summary.endswith(".")
+
+
+def test_cli_reproduces_a_single_failing_check_and_writes_json(tmp_path):
+    out = tmp_path / "results.json"
+    command = [sys.executable, "-m", "unitrain", "conformance", "--adapter", f"{__name__}:ZeroGradDoesNothing",
+               "--check", "check_zero_grad", "--check", "check_losses", "--json", str(out)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, cwd=str(tmp_path.parent), env=_env())
+    assert result.returncode == 1, result.stderr
+    assert "check_zero_grad  FAIL" in result.stdout and "check_losses     pass" in result.stdout
+    rows = json.loads(out.read_text())
+    assert [(r["check"], r["status"]) for r in rows] == [("check_zero_grad", "fail"), ("check_losses", "pass")]
+    assert math.isfinite(rows[1]["max_error"]) and rows[1]["max_error"] <= rows[1]["tolerance"]
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    for argv, needle in ((["--check", "check_nope", "--backend", "numpy"], "unknown check 'check_nope'"),
+                         (["--backend", "nope"], "unknown backend 'nope'")):  # fmt: skip
+        result = subprocess.run([sys.executable, "-m", "unitrain", "conformance", *argv], capture_output=True,
+                                text=True)  # fmt: skip
+        assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr
+
+
+def _env():
+    import os
+    from pathlib import Path
+
+    return {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
