@@ -25,7 +25,6 @@ Adam (``t`` counts steps from 1; AdamW replaces the first line by ``p = p * (1 -
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 
@@ -118,5 +117,5 @@ def adam_update(param, grad, exp_avg, exp_avg_sq, step: int, spec: Adam, sqrt):
     exp_avg = exp_avg + (1 - beta1) * (grad - exp_avg)
     exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad
     step_size = spec.lr / (1 - beta1**step)
-    denom = sqrt(exp_avg_sq) / math.sqrt(1 - beta2**step) + spec.eps
+    denom = sqrt(exp_avg_sq) / (1 - beta2**step) ** 0.5 + spec.eps
     return param - step_size * (exp_avg / denom), exp_avg, exp_avg_sq

@@ -1,0 +1,311 @@
+"""MindSpore backend (CPU, float32).
+
+MindSpore differentiates functions, not tensors: ``step`` is one ``mindspore.jit`` graph of
+``value_and_grad(forward + loss)`` followed by the optimizer's update, written into the
+parameters with ``ops.assign``. Adam's step number enters the graph as a tensor (so the graph is
+compiled once), which makes its bias corrections float32 where PyTorch's are float64.
+
+The tutorial-shaped ``backward`` re-runs forward + loss on the batch recorded by ``forward`` and
+``loss`` through the same compiled gradient function, so it equals ``step`` bit for bit. The
+re-run would update BatchNorm's running statistics a second time, so ``backward`` restores them;
+with dropout active it draws a fresh mask (the gradient of another dropout sample).
+
+MindSpore's BatchNorm feeds the unbiased batch variance to its running estimate, as PyTorch
+does, but its ``momentum`` weights the *old* value; ``num_batches_tracked`` is added here.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from types import SimpleNamespace
+
+import mindspore as ms
+import numpy as np
+from mindspore import Parameter, Tensor, nn, ops
+
+from unitrain.layers import (
+    BatchNorm1d,
+    BatchNorm2d,
+    Conv2d,
+    Dropout,
+    Flatten,
+    Linear,
+    MaxPool2d,
+    ReLU,
+    Sequential,
+)  # fmt: skip
+from unitrain.loop import TrainingLoop
+from unitrain.losses import CrossEntropyLoss, MSELoss, NLLLoss
+from unitrain.optim import SGD, adam_update, sgd_update
+
+ms.set_device("CPU")  # the adapter is written and tested for MindSpore's CPU build
+
+_LOSSES = {CrossEntropyLoss: nn.CrossEntropyLoss, NLLLoss: nn.NLLLoss, MSELoss: nn.MSELoss}
+
+
+class _BatchNorm(nn.Cell):
+    """MindSpore's BatchNorm plus PyTorch's ``num_batches_tracked``."""
+
+    def __init__(self, spec):
+        super().__init__()
+        native = nn.BatchNorm2d if isinstance(spec, BatchNorm2d) else nn.BatchNorm1d
+        self.bn = native(spec.num_features, eps=spec.eps, momentum=1.0 - spec.momentum)
+        self.num_batches_tracked = Parameter(Tensor(0, ms.int64), name="num_batches_tracked", requires_grad=False)
+
+    def construct(self, x):
+        if self.training:
+            ops.assign_add(self.num_batches_tracked, Tensor(1, ms.int64))
+        return self.bn(x)
+
+    def state(self) -> dict[str, Parameter]:
+        bn = self.bn
+        return {"weight": bn.gamma, "bias": bn.beta, "running_mean": bn.moving_mean,
+                "running_var": bn.moving_variance, "num_batches_tracked": self.num_batches_tracked}  # fmt: skip
+
+
+def _build_cell(model: Sequential, prefix: str, params: dict[str, Parameter]) -> nn.SequentialCell:
+    """The native network; fills ``params`` with canonical name -> Parameter."""
+    cells = []
+    for index, layer in enumerate(model):
+        name = f"{prefix}{index}"
+        if isinstance(layer, Sequential):
+            cell = _build_cell(layer, name + ".", params)
+        elif isinstance(layer, Linear):
+            cell = nn.Dense(layer.in_features, layer.out_features, "zeros", "zeros", has_bias=layer.bias)
+        elif isinstance(layer, Conv2d):
+            # PyTorch pads explicitly (or not at all); MindSpore's default pad_mode is "same".
+            cell = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
+                             pad_mode="pad" if layer.padding else "valid", padding=layer.padding,
+                             has_bias=layer.bias, weight_init="zeros", bias_init="zeros")  # fmt: skip
+        elif isinstance(layer, MaxPool2d):
+            cell = nn.MaxPool2d(layer.kernel_size, layer.step)
+        elif isinstance(layer, ReLU):
+            cell = nn.ReLU()
+        elif isinstance(layer, Flatten):
+            cell = nn.Flatten()
+        elif isinstance(layer, Dropout):
+            cell = nn.Dropout(p=layer.p)
+        elif isinstance(layer, (BatchNorm1d, BatchNorm2d)):
+            cell = _BatchNorm(layer)
+            params.update({f"{name}.{key}": param for key, param in cell.state().items()})
+        else:
+            raise TypeError(f"the mindspore backend cannot build {layer!r}")
+        if isinstance(layer, (Linear, Conv2d)):
+            params[f"{name}.weight"] = cell.weight
+            if layer.bias:
+                params[f"{name}.bias"] = cell.bias
+        cells.append(cell)
+    return nn.SequentialCell(cells)
+
+
+def _write(param: Parameter, value: np.ndarray) -> None:
+    # In place: after Parameter.set_data a compiled graph no longer sees the parameter's updates.
+    ops.assign(param, Tensor(np.array(value, copy=True)))
+
+
+class MindSporeLoop(TrainingLoop):
+    name = "mindspore"
+    framework = "mindspore"
+    # No float64: MindSpore's CPU Conv2D, BatchNorm and cross entropy take float16/32 only.
+    capabilities = frozenset({"dropout", "batchnorm", "conv", "native-model", "compiled-step"})
+
+    #: ``False`` runs every step eagerly (PyNative), to debug or to compare speed
+    compiled = True
+
+    @classmethod
+    def is_native_model(cls, model) -> bool:
+        module = sys.modules.get("mindspore")
+        return module is not None and isinstance(model, module.nn.Cell)
+
+    @classmethod
+    def native_example_model(cls) -> nn.Cell:
+        return nn.SequentialCell([nn.Dense(8, 16), nn.ReLU(), nn.Dense(16, 3)])
+
+    def _build(self, model: Sequential) -> None:
+        ms.set_seed(self.seed)  # nn.Dropout takes its op seeds from the global seed
+        self._params: dict[str, Parameter] = {}
+        self._setup(_build_cell(model, "", self._params))
+
+    def _wrap_native(self, model) -> None:
+        ms.set_seed(self.seed)
+        self._params = {param.name: param for param in model.get_parameters()}
+        self._setup(model)
+
+    def _setup(self, net: nn.Cell) -> None:
+        self._net = net
+        self._grad_names = [name for name, param in self._params.items() if param.requires_grad]
+        self._buffers = [param for param in self._params.values() if not param.requires_grad]
+
+        def zeros_like(kind: str, name: str) -> Parameter:
+            param = self._params[name]
+            return Parameter(ops.zeros(param.shape, param.dtype), name=f"{kind}.{name}", requires_grad=False)
+
+        self._grads = [zeros_like("grad", name) for name in self._grad_names]
+        self._opt_state = {
+            kind: [zeros_like(kind, name) for name in self._grad_names] for kind in self.optimizer_spec.state_names
+        }
+        # Optimizer steps taken, and whether its buffers exist (PyTorch creates them at the first step).
+        self._opt_steps, self._opt_ready = 0, False
+        self._recorded_x = self._recorded_y = None
+        # A compiled function keeps the train/eval branches of the mode it was compiled in.
+        self._compiled_by_mode: dict[bool, SimpleNamespace] = {}
+
+    def _compile(self) -> SimpleNamespace:
+        """The step's parts as compiled functions, for the network's current mode. (MindSpore's
+        graph syntax has no ``zip(strict=)``, hence the noqa.)"""
+        net, grads, opt_state = self._net, self._grads, self._opt_state
+        weights = [self._params[name] for name in self._grad_names]
+        spec, loss_cls = self.optimizer_spec, _LOSSES[type(self.loss_spec)]
+        loss_fn, sum_loss = loss_cls(reduction=self.loss_spec.reduction), loss_cls(reduction="sum")
+        class_targets = self.loss_spec.class_targets
+
+        def forward(x):
+            return net(x)
+
+        def loss(pred, y):
+            return loss_fn(pred, y)
+
+        def forward_loss(x, y):
+            return loss_fn(net(x), y)
+
+        value_and_grad = ms.value_and_grad(forward_loss, None, weights)
+
+        def apply_update(gradients, t, first):
+            if isinstance(spec, SGD):
+                momentum = opt_state.get("momentum_buffer", [None] * len(weights))
+                for param, grad, buf in zip(weights, gradients, momentum):  # noqa: B905
+                    new_param, new_buf = sgd_update(param, grad, None if first else buf, spec)
+                    if new_buf is not None:
+                        ops.assign(buf, new_buf)
+                    ops.assign(param, new_param)
+            else:
+                for param, grad, m, v in zip(weights, gradients, opt_state["exp_avg"], opt_state["exp_avg_sq"]):  # noqa: B905
+                    new_param, new_m, new_v = adam_update(param, grad, m, v, t, spec, ops.sqrt)
+                    ops.assign(m, new_m)
+                    ops.assign(v, new_v)
+                    ops.assign(param, new_param)
+            return t
+
+        def step(x, y, t, first):
+            value, gradients = value_and_grad(x, y)
+            for buf, grad in zip(grads, gradients):  # noqa: B905
+                ops.assign(buf, grad)
+            apply_update(gradients, t, first)
+            return value
+
+        def backward(x, y):
+            value, gradients = value_and_grad(x, y)
+            for buf, grad in zip(grads, gradients):  # noqa: B905
+                ops.assign_add(buf, grad)
+            return value
+
+        def update(t, first):
+            return apply_update(grads, t, first)
+
+        def zero_grad():
+            for buf in grads:
+                ops.assign(buf, ops.zeros_like(buf))
+            return len(grads)
+
+        def evaluate(x, y):
+            pred = net(x)
+            correct = (pred.argmax(1) == y).sum() if class_targets else 0
+            return sum_loss(pred, y), correct
+
+        functions = (forward, loss, step, backward, update, zero_grad, evaluate)
+        return SimpleNamespace(**{fn.__name__: ms.jit(fn) if self.compiled else fn for fn in functions})
+
+    # --- conversions --------------------------------------------------------------------
+
+    def _x(self, x: np.ndarray) -> Tensor:
+        return Tensor.from_numpy(np.ascontiguousarray(x))
+
+    def _y(self, y: np.ndarray) -> Tensor:
+        # MindSpore's class losses take int32 labels.
+        dtype = np.int32 if self.loss_spec.class_targets else self.dtype
+        return Tensor.from_numpy(np.ascontiguousarray(y, dtype))
+
+    def _step_args(self) -> tuple[Tensor, bool]:
+        """Adam's step number (a tensor: the graph is compiled once, not per step) and whether
+        SGD's momentum buffer is to be created from the gradient. From the zero buffer the
+        general formula gives exactly the gradient unless dampening is used, so only then is a
+        graph compiled for the first step."""
+        first = not self._opt_ready and bool(getattr(self.optimizer_spec, "dampening", 0))
+        return Tensor(self._opt_steps + 1, ms.int64), first
+
+    def _stepped(self) -> None:
+        self._opt_steps += 1
+        self._opt_ready = True
+
+    # --- hooks ----------------------------------------------------------------------------
+
+    def _set_training(self, mode: bool) -> None:
+        self._net.set_train(mode)
+        if mode not in self._compiled_by_mode:
+            self._compiled_by_mode[mode] = self._compile()
+        self._fn = self._compiled_by_mode[mode]
+
+    def _zero_grad(self) -> None:
+        self._fn.zero_grad()
+
+    def _forward(self, x):
+        self._recorded_x, self._recorded_y = self._x(x), None
+        return self._fn.forward(self._recorded_x)
+
+    def _loss(self, pred, y):
+        self._recorded_y = self._y(y)
+        return self._fn.loss(pred, self._recorded_y)
+
+    def _backward(self, loss) -> None:
+        if self._recorded_y is None:
+            raise RuntimeError("backward() needs the loss() of a forward() first")
+        # The re-run would update BatchNorm's running statistics a second time for this batch.
+        saved = [buffer.asnumpy().copy() for buffer in self._buffers] if self._net.training else []
+        self._fn.backward(self._recorded_x, self._recorded_y)
+        for buffer, value in zip(self._buffers, saved, strict=False):
+            _write(buffer, value)
+
+    def _update(self) -> None:
+        self._fn.update(*self._step_args())
+        self._stepped()
+
+    def _step(self, x, y):
+        loss = self._fn.step(self._x(x), self._y(y), *self._step_args())
+        self._stepped()
+        return loss
+
+    def _predict(self, x):
+        return self._fn.forward(self._x(x)).asnumpy()
+
+    def _evaluate_batch(self, x, y):
+        loss, correct = self._fn.evaluate(self._x(x), self._y(y))
+        return float(loss), int(correct)
+
+    def _gradients(self):
+        return {name: buf.asnumpy().copy() for name, buf in zip(self._grad_names, self._grads, strict=True)}
+
+    def _state_dict(self):
+        return {name: param.asnumpy().copy() for name, param in self._params.items()}
+
+    def _load_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        for name, value in state.items():
+            _write(self._params[name], value)
+
+    def _optimizer_state_dict(self):
+        state = {"step": np.array(self._opt_steps, np.int64)}
+        if self._opt_ready:
+            for kind, buffers in self._opt_state.items():
+                for name, buf in zip(self._grad_names, buffers, strict=True):
+                    state[f"{name}.{kind}"] = buf.asnumpy().copy()
+        return state
+
+    def _load_optimizer_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
+        self._opt_steps = int(state["step"])
+        self._opt_ready = False
+        for kind, buffers in self._opt_state.items():
+            for name, buf in zip(self._grad_names, buffers, strict=True):
+                key = f"{name}.{kind}"
+                self._opt_ready |= key in state
+                # An absent buffer restarts from zero, as if the first step were still to come.
+                _write(buf, np.asarray(state[key], self.dtype) if key in state else np.zeros(buf.shape, self.dtype))

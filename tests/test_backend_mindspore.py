@@ -1,0 +1,267 @@
+"""The MindSpore backend against hand-written plain-PyTorch code (nn.Sequential + torch.optim).
+
+Different kernels make results agree to float32 rounding, not bit for bit. Measured max abs
+differences: forward < 1e-5; 50 SGD steps (momentum) 6e-8; 20 Adam/AdamW steps 1.5e-5: gradients
+near 1e-8 differ by a few percent between the two frameworks' kernels and Adam divides them by
+sqrt(v) + eps ~ 1e-8. The data decides when a ReLU flips and Adam turns that into an O(lr)
+difference (AdamW with weight_decay=0.1 does at step 8), so the Adam cases use settings that
+stay below 5e-5.
+"""
+
+import mindspore as ms
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from unitrain.backends.mindspore import MindSporeLoop
+
+import unitrain as ut
+
+SEED = 0
+
+
+def bn_spec():
+    """Every layer kind, for 1x10x10 inputs (MindSpore's CPU convolutions are slow)."""
+    return ut.Sequential(
+        ut.Conv2d(1, 4, 3, padding=1), ut.BatchNorm2d(4), ut.ReLU(), ut.MaxPool2d(2), ut.Flatten(),
+        ut.Sequential(ut.Linear(4 * 5 * 5, 32), ut.BatchNorm1d(32, eps=1e-3, momentum=0.2)),
+        ut.ReLU(), ut.Dropout(0.3), ut.Linear(32, 10),
+    )  # fmt: skip
+
+
+def no_dropout(spec):
+    return ut.Sequential(*(layer for layer in spec if not isinstance(layer, ut.Dropout)))
+
+
+# The same networks written by hand in plain PyTorch.
+def torch_mlp():
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)
+    )
+
+
+def torch_cnn():
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 12, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(192, 120), nn.ReLU(), nn.Linear(120, 60), nn.ReLU(), nn.Linear(60, 10),
+    )  # fmt: skip
+
+
+def torch_bn():
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Sequential(nn.Linear(4 * 5 * 5, 32), nn.BatchNorm1d(32, eps=1e-3, momentum=0.2)),
+        nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 10),
+    )  # fmt: skip
+
+
+REFERENCES = {"mlp": (ut.mlp, torch_mlp), "cnn": (ut.cnn, torch_cnn), "bn": (bn_spec, torch_bn)}
+
+
+def reference(name):
+    spec, build = REFERENCES[name]
+    model = build()
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in ut.init_weights(spec(), SEED).items()})
+    return model
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    return ut.load_mnist("train")
+
+
+@pytest.fixture(scope="module")
+def small():
+    """Three batches of 32 random 1x10x10 images for ``bn_spec``."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((96, 1, 10, 10)).astype(np.float32)
+    return ut.ArrayDataset(x, rng.integers(0, 10, 96))
+
+
+def first_batches(data, n, batch_size=64):
+    return [(x, y) for _, (x, y) in zip(range(n), data.batches(batch_size), strict=False)]
+
+
+def max_diff(loop_state, torch_state):
+    assert list(loop_state) == list(torch_state)
+    return max(float(np.abs(loop_state[k] - v.numpy()).max()) for k, v in torch_state.items())
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "bn"])
+def test_forward_matches_torch(name, mnist, small):
+    x = small.x if name == "bn" else mnist.x[:100]
+    loop = MindSporeLoop(REFERENCES[name][0](), seed=SEED)
+    model = reference(name)
+    if name == "bn":  # dropout draws differ between frameworks: compare in eval mode
+        loop.eval()
+        model.eval()
+    out = loop.forward(x)
+    assert isinstance(out, ms.Tensor)
+    np.testing.assert_allclose(out.asnumpy(), model(torch.from_numpy(x)).detach().numpy(), atol=1e-5)
+
+
+def torch_training(model, optimizer, batches):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # ~10x faster than 2 threads for these small batches on a busy 2-core machine
+    try:
+        for x, y in batches:
+            optimizer.zero_grad()
+            F.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y)).backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+    return model.state_dict()
+
+
+@pytest.mark.parametrize(
+    ("name", "spec", "torch_optimizer", "steps", "atol"),
+    [
+        ("mlp", ut.SGD(lr=0.01, momentum=0.9), lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9), 50, 1e-6),
+        ("cnn", ut.SGD(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
+         lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3), 5, 1e-6),
+        ("mlp", ut.Adam(lr=1e-3), lambda p: torch.optim.Adam(p, lr=1e-3), 20, 5e-5),
+        ("mlp", ut.AdamW(lr=1e-3), lambda p: torch.optim.AdamW(p, lr=1e-3), 20, 5e-5),
+    ],
+    ids=["sgd-momentum", "sgd-nesterov-wd", "adam", "adamw"],
+)  # fmt: skip
+def test_training_matches_torch(name, spec, torch_optimizer, steps, atol, mnist):
+    batches = first_batches(mnist, steps)
+    loop = MindSporeLoop(REFERENCES[name][0](), optimizer=spec, seed=SEED)
+    for batch in batches:
+        loop.step(batch)
+    model = reference(name)
+    expected = torch_training(model, torch_optimizer(model.parameters()), batches)
+    assert max_diff(loop.state_dict(), expected) <= atol
+    assert loop.step_count == steps
+    assert int(loop.optimizer_state_dict()["step"]) == steps
+
+
+def test_batchnorm_follows_torch_in_training_only(small):
+    """Running statistics (unbiased variance, momentum 0.1 and 0.2) and num_batches_tracked."""
+    spec = no_dropout(bn_spec())
+    model = nn.Sequential(*(module for module in torch_bn() if not isinstance(module, nn.Dropout)))
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in ut.init_weights(spec, SEED).items()})
+    loop = MindSporeLoop(spec, optimizer=ut.SGD(lr=0.1), seed=SEED)
+    batches = list(small.batches(32))
+    for batch in batches:
+        loop.step(batch)
+    expected = torch_training(model, torch.optim.SGD(model.parameters(), lr=0.1), batches)
+    assert max_diff(loop.state_dict(), expected) <= 1e-5
+    assert loop.state_dict()["5.1.num_batches_tracked"] == 3
+    before = loop.state_dict()
+    loop.eval()
+    loop.step(batches[0])  # eval mode: normalises with the running statistics, leaves them alone
+    state = loop.state_dict()
+    for key in ("1.running_mean", "1.running_var", "5.1.running_var", "1.num_batches_tracked"):
+        np.testing.assert_array_equal(state[key], before[key])
+    assert not np.array_equal(state["0.weight"], before["0.weight"])
+
+
+def tutorial_step(loop, x, y):
+    loop.zero_grad()
+    pred = loop.forward(x)
+    loss = loop.loss(pred, y)
+    loop.backward(loss)
+    loop.update()
+    return loss
+
+
+@pytest.mark.parametrize("spec", [ut.SGD(lr=0.1, momentum=0.9, dampening=0.1), ut.Adam()], ids=["sgd", "adam"])
+def test_tutorial_step_equals_step(spec, small):
+    whole, tutorial = (MindSporeLoop(no_dropout(bn_spec()), optimizer=spec, seed=SEED) for _ in range(2))
+    for x, y in small.batches(32):
+        assert float(whole.step((x, y))) == float(tutorial_step(tutorial, x, y))
+    for got, want in [(tutorial.state_dict(), whole.state_dict()), (tutorial.gradients(), whole.gradients()),
+                      (tutorial.optimizer_state_dict(), whole.optimizer_state_dict())]:  # fmt: skip
+        assert list(got) == list(want)
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def test_gradients_accumulate_until_zero_grad(mnist):
+    loop = MindSporeLoop(ut.mlp(), loss=ut.CrossEntropyLoss(reduction="sum"), seed=SEED)
+    x, y = mnist.x[:64], mnist.y[:64]
+    for part in (slice(0, 32), slice(32, 64)):
+        loop.backward(loop.loss(loop.forward(x[part]), y[part]))
+    halves = loop.gradients()
+    loop.zero_grad()
+    assert all(not g.any() for g in loop.gradients().values())
+    loop.backward(loop.loss(loop.forward(x), y))
+    full = loop.gradients()
+    model = reference("mlp")
+    F.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y), reduction="sum").backward()
+    for key, param in model.named_parameters():
+        np.testing.assert_allclose(halves[key], full[key], rtol=1e-4, atol=1e-5, err_msg=key)
+        np.testing.assert_allclose(full[key], param.grad.numpy(), rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+def test_modes_dropout_and_read_only_evaluation(small):
+    loop = MindSporeLoop(bn_spec(), optimizer=ut.Adam(), seed=SEED)
+    x, y = small.x, small.y
+    loop.step((x, y))
+    state, opt_state = loop.state_dict(), loop.optimizer_state_dict()
+    predicted = loop.predict(x)
+    metrics = loop.evaluate((x, y), batch_size=50)
+    np.testing.assert_array_equal(loop.predict(x), predicted)  # eval: dropout is the identity
+    model = reference("bn").eval()
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+    expected = model(torch.from_numpy(x))
+    np.testing.assert_allclose(predicted, expected.detach().numpy(), atol=1e-5)
+    assert metrics["loss"] == pytest.approx(F.cross_entropy(expected, torch.from_numpy(y)).item(), rel=1e-5)
+    assert metrics["num_correct"] == int((expected.argmax(1).numpy() == y).sum())
+    assert loop.training and loop.step_count == 1
+    for got, want in [(loop.state_dict(), state), (loop.optimizer_state_dict(), opt_state)]:
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    train_out = loop.forward(x).asnumpy()  # training: dropout active, batch statistics
+    assert not np.allclose(train_out, predicted)
+    assert loop.state_dict()["1.num_batches_tracked"] == 2
+
+
+def test_state_dict_and_files(tmp_path, small):
+    spec = no_dropout(bn_spec())
+    loop = MindSporeLoop(spec, optimizer=ut.SGD(lr=0.1, momentum=0.9), seed=SEED)
+    state = loop.state_dict()
+    assert {k: v.shape for k, v in state.items()} == spec.state_shapes()
+    assert all(v.dtype == (np.int64 if k.endswith("num_batches_tracked") else np.float32) for k, v in state.items())
+    assert set(loop.optimizer_state_dict()) == {"step"}  # buffers are created by the first step
+    batches = list(small.batches(32))
+    loop.step(batches[0])
+    loop.save_weights(tmp_path / "w.safetensors")
+    opt_state = loop.optimizer_state_dict()
+    assert opt_state["step"].dtype == np.int64 and "5.0.weight.momentum_buffer" in opt_state
+
+    restored = MindSporeLoop(spec, optimizer=ut.SGD(lr=0.1, momentum=0.9), seed=1)
+    restored.load_weights(tmp_path / "w.safetensors")
+    restored.load_optimizer_state_dict(opt_state)
+    for key, value in loop.state_dict().items():
+        np.testing.assert_array_equal(restored.state_dict()[key], value, err_msg=key)
+    for batch in batches[1:]:
+        assert float(loop.step(batch)) == float(restored.step(batch))
+    for key, value in loop.state_dict().items():
+        np.testing.assert_array_equal(restored.state_dict()[key], value, err_msg=key)
+    restored.load_optimizer_state_dict({"step": np.array(0)})  # a fresh optimizer: no buffers yet
+    assert set(restored.optimizer_state_dict()) == {"step"}
+
+
+def test_native_cell_trains(mnist):
+    cell = ms.nn.SequentialCell(
+        [ms.nn.Flatten(), ms.nn.Dense(784, 64), ms.nn.BatchNorm1d(64), ms.nn.ReLU(), ms.nn.Dense(64, 10)]
+    )
+    assert MindSporeLoop.is_native_model(cell) and not MindSporeLoop.is_native_model(torch_mlp())
+    loop = ut.make_loop(None, cell, optimizer=ut.SGD(lr=0.05, momentum=0.9))
+    assert isinstance(loop, MindSporeLoop)
+    assert {"1.weight", "2.moving_mean", "4.bias"} <= set(loop.state_dict())
+    batches = first_batches(mnist, 30)
+    losses = [float(loop.step(batch)) for batch in batches]
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
+    assert set(loop.gradients()) == {"1.weight", "1.bias", "2.gamma", "2.beta", "4.weight", "4.bias"}
+
+
+@pytest.mark.slow
+def test_one_epoch_mlp_reaches_90_percent():
+    loop = MindSporeLoop(ut.mlp(), optimizer=ut.SGD(lr=0.01), seed=0)
+    history = loop.fit(ut.load_mnist("train"), epochs=1, batch_size=64, eval_data=ut.load_mnist("test"))
+    print(history)
+    assert history[0]["test_accuracy"] >= 0.90
