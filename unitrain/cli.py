@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from . import registry
-from .data import DataError, load_mnist
+from .checkpoint import WEIGHTS, Checkpointer, Diverged, Interrupted, checkpoint_paths, load_checkpoint, stop_on_sigint
+from .data import MNIST_MEAN, MNIST_STD, DataError, load_mnist
 from .layers import PRESETS, preset
 from .loop import InputError
 from .optim import OPTIMIZERS
-from .weights import WeightsError
+from .weights import WeightsError, check_state, load_safetensors
 
 
 class UsageError(Exception):
@@ -47,6 +52,18 @@ def _int_at_least(minimum: int):
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _int_in_range(low: int, high: int):
+    at_least = _int_at_least(low)
+
+    def parse(text: str) -> int:
+        value = at_least(text)
+        if value > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high}, got {value}")
         return value
 
     return parse
@@ -91,20 +108,63 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="progress bar on stderr (default: when stderr is a terminal)",
     )
+    train.add_argument(
+        "--checkpoint-dir", type=Path, metavar="DIR", help="write checkpoints (each epoch's end, Ctrl-C)"
+    )
+    train.add_argument("--checkpoint-every", type=_int_at_least(1), metavar="N", help="also checkpoint every N steps")
+    train.add_argument("--keep", type=_int_at_least(1), default=3, metavar="K", help="keep the newest K checkpoints")
+    train.add_argument(
+        "--resume",
+        type=Path,
+        metavar="DIR",
+        help="continue the run checkpointed in DIR (its newest checkpoint, or a step-N folder), on any --backend",
+    )
     train.set_defaults(handler=cmd_train)
+
+    evaluate = commands.add_parser("evaluate", help="test loss and accuracy of a weights file on MNIST's test set")
+    predict = commands.add_parser("predict", help="classify an MNIST test image or a 28x28 grayscale PNG")
+    for command in (evaluate, predict):
+        command.add_argument("--weights", type=Path, metavar="FILE", required=True, help="safetensors weights")
+        command.add_argument("--backend", help=f"default: ${registry.ENV_VAR} or numpy")
+        command.add_argument("--model", choices=sorted(PRESETS), default="mlp")
+        command.add_argument("--data-dir", type=Path, metavar="DIR", help="read MNIST IDX files from DIR")
+    evaluate.set_defaults(handler=cmd_evaluate)
+    source = predict.add_mutually_exclusive_group()
+    source.add_argument("--index", type=_int_in_range(0, 9999), help="MNIST test image number (default 0)")
+    source.add_argument("--image", type=Path, metavar="FILE.png", help="28x28 grayscale PNG, white digit on black")
+    predict.set_defaults(handler=cmd_predict)
 
     backends = commands.add_parser("backends", help="list backends and whether their framework is installed")
     backends.set_defaults(handler=cmd_backends)
+
+    conformance = commands.add_parser(
+        "conformance",
+        help="run the conformance suite: a matrix of checks x backends",
+        description="Run the conformance checks on backends (default: every installed one). "
+        "Exit status 1 on any unexpected failure.",
+    )
+    conformance.add_argument("--backend", action="append", metavar="NAME", help="a registered backend (repeatable)")
+    conformance.add_argument(
+        "--adapter", action="append", metavar="MODULE:CLASS", help="an adapter class to import (repeatable)"
+    )
+    conformance.add_argument("--check", action="append", metavar="NAME", help="run only this check (repeatable)")
+    conformance.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
+    conformance.set_defaults(handler=cmd_conformance)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # which flags were typed (--resume refuses explicit conflicting settings)
     try:
         return args.handler(args)
     except USER_ERRORS as error:
         print(f"unitrain: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("unitrain: interrupted", file=sys.stderr)
+        return 130
 
 
 # --- unitrain backends -------------------------------------------------------------------
@@ -126,6 +186,18 @@ def cmd_backends(args) -> int:
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)), row[3], sep="  ")
     return 0
+
+
+# --- unitrain conformance ----------------------------------------------------------------
+
+
+def cmd_conformance(args) -> int:
+    from unitrain.conformance import runner
+
+    if args.json is not None:
+        _check_output(Path(args.json), "--json", overwrite=True)
+
+    return runner.main(args.backend, args.adapter, args.check, args.json)
 
 
 # --- unitrain train ----------------------------------------------------------------------
@@ -170,7 +242,9 @@ def cmd_train(args) -> int:
     _check_output(args.metrics, "--metrics", args.overwrite)
     if args.save is not None and args.metrics is not None and args.save.resolve() == args.metrics.resolve():
         raise UsageError("--save and --metrics name the same file")
-    optimizer = _optimizer(args)
+    resume = _resume(args) if args.resume is not None else None
+    optimizer = resume.optimizer_spec() if resume is not None else _optimizer(args)
+    _check_checkpoint_dir(args, resume)
     model = preset(args.model)
     adapter = registry.get_backend(args.backend)
     train_data = load_mnist("train", args.data_dir)
@@ -179,27 +253,61 @@ def cmd_train(args) -> int:
     loop = adapter(model, optimizer=optimizer, seed=args.seed)
     if args.init_weights is not None:
         loop.load_weights(args.init_weights)
+    if resume is not None:
+        resume.restore(loop)
     version = registry.backend_specs()[loop.name].version()
     print(
         f"unitrain: backend {loop.name}{f' {version}' if version else ''}, model {args.model}, {optimizer}, "
         f"batch {args.batch_size}, MNIST {len(train_data)} train / {len(test_data)} test",
         flush=True,
     )
+    if resume is not None:
+        print(f"unitrain: resuming {resume.path} (trained on {resume.backend}): step {resume.step}, "
+              f"epoch {resume.epoch + 1} from batch {resume.batch}", flush=True)  # fmt: skip
     show_progress = sys.stderr.isatty() if args.progress is None else args.progress
-    extensions = [EpochReport(args.epochs)]
+    # checkpoints, NaN/Inf detection and Ctrl-C; before EpochReport, whose train loss it completes after a resume
+    checkpointer = Checkpointer(
+        args.checkpoint_dir,
+        every=args.checkpoint_every,
+        keep=args.keep,
+        max_steps=args.max_steps,
+        run=_run_config(args),
+        resume=resume,
+    )
+    extensions = [checkpointer, EpochReport(args.epochs)]
     if show_progress:
         extensions.insert(0, ProgressBar())
     if args.metrics is not None:
         extensions.append(MetricsWriter(args.metrics, loop.name, args.model))
-    history = loop.fit(
-        train_data,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        shuffle=not args.no_shuffle,
-        max_steps=args.max_steps,
-        eval_data=test_data,
-        extensions=extensions,
-    )
+
+    def notice():
+        print("\nunitrain: stopping at the next step boundary (Ctrl-C again to abort)", file=sys.stderr, flush=True)
+
+    try:
+        with stop_on_sigint(checkpointer, notice):
+            history = loop.fit(
+                train_data,
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                shuffle=not args.no_shuffle,
+                max_steps=args.max_steps,
+                eval_data=test_data,
+                extensions=extensions,
+                start_epoch=resume.epoch if resume is not None else 0,
+                start_batch=resume.batch if resume is not None else 0,
+            )
+            checkpointer.finish(loop)
+    except Interrupted:
+        if args.checkpoint_dir is None:
+            how = "no checkpoint written (train with --checkpoint-dir DIR to make a run resumable)"
+        else:
+            how = f"checkpoint {checkpointer.last_saved}; resume with: unitrain train --resume {args.checkpoint_dir}"
+        print(f"unitrain: interrupted at step {loop.step_count}; {how}", file=sys.stderr)
+        return 130
+    except Diverged as error:
+        kept = f"; the last good checkpoint is {checkpointer.last_saved}" if checkpointer.last_saved else ""
+        print(f"unitrain: error: training diverged: {error}; stopped{kept}", file=sys.stderr)
+        return 1
     if not history:  # --epochs 0 or --max-steps 0: still report the model as it is
         metrics = loop.evaluate(test_data)
         print(
@@ -209,6 +317,94 @@ def cmd_train(args) -> int:
         loop.save_weights(args.save)
         print(f"unitrain: saved weights to {args.save}")
     return 0
+
+
+def _run_config(args) -> dict:
+    return {
+        "model": args.model,
+        "dataset": args.dataset,
+        "optimizer": args.optimizer,
+        "batch_size": args.batch_size,
+        "epochs": args.epochs,
+        "max_steps": args.max_steps,
+        "shuffle": not args.no_shuffle,
+    }
+
+
+def _resume(args):
+    """Load and verify ``--resume``'s checkpoint; the run's settings come from it (explicit
+    conflicting flags are errors, except a new --epochs/--max-steps end); returns it."""
+    if args.init_weights is not None:
+        raise UsageError("--init-weights and --resume exclude each other: a resumed run continues from its checkpoint")
+    checkpoint = load_checkpoint(args.resume)
+    if checkpoint.finished:
+        raise UsageError(
+            f"--resume {args.resume}: the run finished at step {checkpoint.step}, there is nothing to resume; start a "
+            f"new run from its weights with --init-weights {checkpoint.path / WEIGHTS}"
+        )
+    run, spec = checkpoint.run, checkpoint.optimizer_spec()
+    if missing := [key for key in _run_config(args) if key not in run]:
+        raise UsageError(f"--resume {args.resume}: the checkpoint lacks the run settings {missing}")
+    recorded = {
+        "model": run["model"],
+        "dataset": run["dataset"],
+        "optimizer": run["optimizer"],
+        "batch_size": run["batch_size"],
+        "no_shuffle": not run["shuffle"],
+        "seed": checkpoint.seed,
+        "lr": spec.lr,
+        "momentum": getattr(spec, "momentum", None),
+        "nesterov": getattr(spec, "nesterov", False),
+        "weight_decay": spec.weight_decay,
+    }
+    typed = {token.partition("=")[0] for token in args.argv if token.startswith("--")}
+
+    def given(key: str) -> bool:  # typed in full or as an abbreviation argparse accepted
+        flag = "--" + key.replace("_", "-")
+        return any(flag.startswith(token) for token in typed)
+
+    for key, value in recorded.items():
+        if given(key) and getattr(args, key) != value:
+            flag = "--" + key.replace("_", "-")
+            raise UsageError(
+                f"{flag} {getattr(args, key)} differs from the resumed run's {value}; a resumed run keeps its settings"
+            )
+        setattr(args, key, value)
+    for key in ("epochs", "max_steps"):  # a new end may be given; otherwise the run's
+        if not given(key):
+            setattr(args, key, run[key])
+    if checkpoint.epoch >= args.epochs or (args.max_steps is not None and checkpoint.step >= args.max_steps):
+        raise UsageError(f"--resume {args.resume}: the checkpoint at step {checkpoint.step} is already past the run's "
+                         f"end (--epochs {args.epochs}, --max-steps {args.max_steps})")  # fmt: skip
+    args.backend = args.backend or checkpoint.backend
+    if args.checkpoint_dir is None:
+        args.checkpoint_dir = checkpoint.path.parent
+    return checkpoint
+
+
+def _check_checkpoint_dir(args, resume) -> None:
+    """``--checkpoint-dir`` must be creatable and writable, and hold no other run's checkpoints."""
+    directory = args.checkpoint_dir
+    if directory is None:
+        if args.checkpoint_every is not None:
+            raise UsageError("--checkpoint-every needs --checkpoint-dir DIR")
+        return
+    if directory.exists() and not directory.is_dir():
+        raise UsageError(f"--checkpoint-dir {directory} is a file, expected a directory")
+    resumed_here = resume is not None and directory.resolve() == resume.path.parent.resolve()
+    if directory.is_dir() and checkpoint_paths(directory) and not resumed_here:
+        raise UsageError(
+            f"--checkpoint-dir {directory} already holds a run's checkpoints; continue it with --resume {directory} "
+            "or choose another directory"
+        )
+    existing = next(path for path in (directory.absolute(), *directory.absolute().parents) if path.exists())
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, f"{existing} is not a directory")
+        with tempfile.TemporaryFile(dir=existing):  # what os.access cannot tell: read-only mounts, root
+            pass
+    except OSError as error:
+        raise UsageError(f"--checkpoint-dir {directory} is not writable: {error.strerror}") from None
 
 
 class EpochReport:
@@ -266,3 +462,84 @@ class MetricsWriter:
 
     def finalize(self, loop):
         self.file.close()
+
+
+# --- unitrain evaluate / predict ---------------------------------------------------------------
+
+
+def _read_weights(path: Path, model_name: str) -> dict:
+    """``--weights`` checked against the model before any framework is imported."""
+    if path.is_dir():
+        raise UsageError(f"--weights {path} is a directory, expected a safetensors file")
+    if not path.exists():
+        raise UsageError(f"--weights {path} does not exist")
+    if path.stat().st_size == 0:
+        raise UsageError(f"--weights {path} is empty, expected a safetensors file")
+    tensors, _ = load_safetensors(path)
+    check_state(preset(model_name).state_shapes(), tensors, f"--weights {path}")
+    return tensors
+
+
+def _loop_with_weights(args):
+    weights = _read_weights(args.weights, args.model)
+    if args.data_dir is not None and not args.data_dir.is_dir():
+        raise UsageError(f"--data-dir {args.data_dir} does not exist or is not a directory")
+    loop = registry.get_backend(args.backend)(preset(args.model))
+    loop.load_state_dict(weights, source=str(args.weights))
+    return loop
+
+
+def cmd_evaluate(args) -> int:
+    loop = _loop_with_weights(args)
+    metrics = loop.evaluate(load_mnist("test", args.data_dir))
+    print(
+        f"{args.weights} on {loop.name}: test accuracy {100 * metrics['accuracy']:.2f}% "
+        f"({metrics['num_correct']}/{metrics['num_samples']})  test loss {metrics['loss']:.4f}"
+    )
+    return 0
+
+
+def _read_png(path: Path) -> np.ndarray:
+    """A 28x28 8-bit grayscale PNG as one normalised MNIST sample, shape (1, 1, 28, 28)."""
+    if path.is_dir():
+        raise UsageError(f"--image {path} is a directory, expected a PNG file")
+    if not path.is_file():
+        raise UsageError(f"--image {path} does not exist")
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError:
+        raise UsageError("--image needs Pillow: pip install pillow") from None
+    try:
+        with Image.open(path) as image:
+            image.load()
+            kind, mode, size = image.format, image.mode, image.size
+            pixels = np.asarray(image)
+    except (UnidentifiedImageError, OSError) as error:
+        raise UsageError(f"--image {path} is not a readable image: {error}") from None
+    if kind != "PNG":
+        raise UsageError(f"--image {path} is a {kind} image, expected a PNG")
+    if mode != "L":
+        raise UsageError(f"--image {path} has mode {mode}, expected 8-bit grayscale (mode L), e.g. image.convert('L')")
+    if size != (28, 28):
+        raise UsageError(f"--image {path} is {size[0]}x{size[1]} pixels, expected 28x28")
+    table = ((np.arange(256) / 255.0 - MNIST_MEAN) / MNIST_STD).astype(np.float32)  # exactly as load_mnist
+    return table[pixels][None, None]
+
+
+def cmd_predict(args) -> int:
+    if args.image is not None:
+        x, what = _read_png(args.image), str(args.image)
+    loop = _loop_with_weights(args)
+    if args.image is None:
+        index = args.index or 0
+        test = load_mnist("test", args.data_dir)
+        if index >= len(test):
+            raise UsageError(f"--index {index} is out of range: the test set has {len(test)} images")
+        x, what = test.x[index : index + 1], f"test image {index} (true label {test.y[index]})"
+    logits = loop.predict(x)[0].astype(np.float64)
+    probabilities = np.exp(logits - logits.max())
+    probabilities /= probabilities.sum()
+    label = int(probabilities.argmax())
+    print(f"{what}: label {label} (probability {probabilities[label]:.4f})")
+    print("  ".join(f"{digit}: {p:.4f}" for digit, p in enumerate(probabilities)))
+    return 0

@@ -1,0 +1,355 @@
+"""Checkpoints: exact resume on every backend, resume across backends, crashes, Ctrl-C, divergence
+and the bad-input list of `unitrain train --resume` / `evaluate` / `predict`."""
+
+import hashlib
+import itertools
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import installed_backends
+
+import unitrain
+from unitrain.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    Diverged,
+    checkpoint_paths,
+    load_checkpoint,
+    save_checkpoint,
+)
+from unitrain.optim import SGD, Adam
+from unitrain.weights import load_safetensors, save_safetensors
+
+BACKENDS = installed_backends()
+OPTIMIZERS = {"sgd-momentum": SGD(lr=0.05, momentum=0.9), "adam": Adam(lr=0.002)}
+BATCH, STEPS_PER_EPOCH = 32, 8
+
+
+@pytest.fixture(scope="module")
+def small_train(mnist_train):
+    """8 batches per epoch: runs cross epoch boundaries in a handful of steps."""
+    return mnist_train.subset(np.arange(BATCH * STEPS_PER_EPOCH - 5))  # a short last batch too
+
+
+def fit(loop, data, checkpointer=None, resume=None, epochs=2):
+    loop.fit(
+        data,
+        epochs=epochs,
+        batch_size=BATCH,
+        extensions=[checkpointer] if checkpointer else [],
+        start_epoch=resume.epoch if resume else 0,
+        start_batch=resume.batch if resume else 0,
+    )
+    return loop
+
+
+def resumed(backend, checkpoint, data):
+    loop = unitrain.make_loop(backend, unitrain.mlp(), optimizer=checkpoint.optimizer_spec(), seed=checkpoint.seed)
+    checkpoint.restore(loop)
+    return fit(loop, data, resume=checkpoint)
+
+
+def assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert np.array_equal(a[key], b[key]), f"{key} differs by {np.abs(a[key] - b[key]).max()}"
+
+
+# --- resume in-process ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpointed_runs(small_train, tmp_path_factory):
+    """``checkpointed_runs(backend, optimizer)``: a 2-epoch run that checkpointed every 3 steps."""
+    runs = {}
+
+    def run(backend, opt_name):
+        if (backend, opt_name) not in runs:
+            folder = tmp_path_factory.mktemp(f"{backend}-{opt_name}")
+            loop = unitrain.make_loop(backend, unitrain.mlp(), optimizer=OPTIMIZERS[opt_name], seed=3)
+            fit(loop, small_train, Checkpointer(folder, every=3, keep=None))
+            runs[backend, opt_name] = loop, folder
+        return runs[backend, opt_name]
+
+    return run
+
+
+@pytest.mark.parametrize("opt_name", OPTIMIZERS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resume_on_the_same_backend_is_bit_identical(backend, opt_name, checkpointed_runs, small_train):
+    loop, folder = checkpointed_runs(backend, opt_name)
+    steps = [int(p.name.split("-")[1]) for p in checkpoint_paths(folder)]
+    assert steps == [3, 6, 8, 9, 12, 15, 16], steps  # every 3 steps and each epoch's end
+    for step in (3, 8, 9):  # mid-epoch, an epoch's end, just after one
+        checkpoint = load_checkpoint(folder / f"step-{step:08d}")
+        again = resumed(backend, checkpoint, small_train)
+        assert again.step_count == loop.step_count == 16
+        assert_same_state(again.state_dict(), loop.state_dict())
+        assert_same_state(again.optimizer_state_dict(), loop.optimizer_state_dict())
+
+
+@pytest.mark.parametrize("opt_name", OPTIMIZERS)
+@pytest.mark.parametrize(("first", "second"), list(itertools.permutations(BACKENDS, 2)))
+def test_resume_on_another_backend_ends_within_float32_tolerance(first, second, opt_name, checkpointed_runs,
+                                                                 small_train):  # fmt: skip
+    loop, folder = checkpointed_runs(first, opt_name)
+    checkpoint = load_checkpoint(folder / "step-00000006")
+    assert checkpoint.backend == first and len(checkpoint.optimizer_state) > 1  # momentum / moments carried
+    moved = resumed(second, checkpoint, small_train)
+    assert moved.step_count == 16
+    reference, result = loop.state_dict(), moved.state_dict()
+    for key in reference:
+        assert np.abs(result[key] - checkpoint.weights[key]).max() > 1e-4, f"{second} did not train {key}"
+        np.testing.assert_allclose(result[key], reference[key], rtol=1e-4, atol=2e-6, err_msg=key)
+    for key, value in loop.optimizer_state_dict().items():  # near-zero moments: tolerance on the buffer's scale
+        atol = 1e-4 * float(np.abs(value).max())
+        np.testing.assert_allclose(moved.optimizer_state_dict()[key], value, rtol=1e-4, atol=atol, err_msg=key)
+
+
+# --- crash safety ---------------------------------------------------------------------------
+
+
+def test_keeps_the_newest_k_and_ignores_a_half_written_one(tmp_path, small_train):
+    loop = unitrain.make_loop("numpy", unitrain.mlp(), seed=0)
+    fit(loop, small_train, Checkpointer(tmp_path, every=2, keep=3), epochs=1)
+    assert [p.name for p in checkpoint_paths(tmp_path)] == ["step-00000004", "step-00000006", "step-00000008"]
+    # what a crash mid-write leaves: a hidden staging folder (here even a complete-looking one)
+    staging = tmp_path / ".tmp-step-00000010-x"
+    staging.mkdir()
+    (staging / "checkpoint.json").write_text("{")
+    assert load_checkpoint(tmp_path).step == 8
+    save_checkpoint(tmp_path, loop, epoch=1, batch=0, keep=3)
+    assert not staging.exists(), "stale staging folders are swept on the next write"
+
+
+def test_a_damaged_newest_checkpoint_is_reported_with_the_intact_previous_one(tmp_path, small_train):
+    loop = unitrain.make_loop("numpy", unitrain.mlp(), seed=0)
+    fit(loop, small_train, Checkpointer(tmp_path, every=3), epochs=1)
+    newest = checkpoint_paths(tmp_path)[-1]
+    with open(newest / "weights.safetensors", "r+b") as f:
+        f.seek(1000)
+        f.write(b"\xff\xfe")
+    with pytest.raises(CheckpointError, match=r"sha256 .*--resume .*step-00000006"):
+        load_checkpoint(tmp_path)
+
+
+def test_divergence_stops_at_the_step_and_writes_no_bad_checkpoint(tmp_path, small_train):
+    loop = unitrain.make_loop("numpy", unitrain.mlp(), optimizer=SGD(lr=1e30), seed=0)
+    with pytest.raises(Diverged, match="loss is nan at step 2 "):
+        fit(loop, small_train, Checkpointer(tmp_path, every=1))
+    assert [p.name for p in checkpoint_paths(tmp_path)] == ["step-00000001"]
+    assert load_checkpoint(tmp_path).step == 1
+
+
+# --- the command line -------------------------------------------------------------------------
+
+
+def cli(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "unitrain", *args], capture_output=True, text=True, **kwargs)
+
+
+def start(*args):
+    return subprocess.Popen([sys.executable, "-m", "unitrain", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+
+
+def train_args(backend, folder, *extra):
+    return ["train", "--no-progress", "--backend", backend, "--optimizer", "adam", "--lr", "0.001",
+            "--max-steps", "12", "--checkpoint-dir", str(folder), "--checkpoint-every", "1", *extra]  # fmt: skip
+
+
+def newest_step(folder):
+    paths = checkpoint_paths(folder) if folder.is_dir() else []
+    return int(paths[-1].name.split("-")[1]) if paths else 0
+
+
+def final_state(folder):
+    checkpoint = load_checkpoint(folder)
+    assert checkpoint.finished and checkpoint.step == 12
+    return {**checkpoint.weights, **{f"optimizer.{k}": v for k, v in checkpoint.optimizer_state.items()}}
+
+
+def sigkill_and_resume(backend, tmp_path, kills):
+    """Kill training with SIGKILL `kills` times at random steps, resuming each time; every checkpoint
+    on disk must verify after each kill. The finished run must equal an uninterrupted one bit for bit."""
+    reference = tmp_path / "reference"
+    result = cli(*train_args(backend, reference))
+    assert result.returncode == 0, result.stderr
+    folder, chooser, killed = tmp_path / "killed", random.Random(f"{backend}-{kills}"), 0
+    for attempt in range(kills):
+        if newest_step(folder) >= 10:  # the kill came late; leave a few steps for the final resume
+            break
+        resume = ["--resume", str(folder)] if attempt else []
+        target = chooser.randint(newest_step(folder) + 1, 10)
+        process = start(*train_args(backend, folder, *resume))
+        while newest_step(folder) < target and process.poll() is None:
+            time.sleep(0.002)
+        time.sleep(chooser.uniform(0, 0.03))  # land anywhere: mid-step, mid-write, mid-rename
+        process.send_signal(signal.SIGKILL)
+        process.communicate()
+        killed += process.returncode == -signal.SIGKILL
+        for path in checkpoint_paths(folder):
+            load_checkpoint(path)  # never a corrupt checkpoint
+    assert killed, "no kill landed before the run finished"
+    if not load_checkpoint(folder).finished:
+        result = cli(*train_args(backend, folder, "--resume", str(folder)))
+        assert result.returncode == 0, result.stderr
+        assert "resuming" in result.stdout
+    assert_same_state(final_state(folder), final_state(reference))
+
+
+def test_sigkill_at_random_steps_then_resume_is_bit_identical_numpy(tmp_path):
+    sigkill_and_resume("numpy", tmp_path, kills=3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sigkill_at_random_steps_then_resume_is_bit_identical(backend, tmp_path):
+    sigkill_and_resume(backend, tmp_path, kills=3)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_ctrl_c_checkpoints_at_a_step_boundary_and_says_how_to_resume(backend, tmp_path):
+    if backend not in BACKENDS:
+        pytest.skip(f"{backend} is not installed")
+    folder = tmp_path / "run"
+    process = start(*train_args(backend, folder, "--checkpoint-every", "4"))
+    while newest_step(folder) < 4 and process.poll() is None:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate()
+    assert process.returncode == 130, stderr
+    assert f"resume with: unitrain train --resume {folder}" in stderr and "Traceback" not in stderr
+    interrupted = load_checkpoint(folder)
+    assert not interrupted.finished and interrupted.batch == interrupted.step  # a step boundary
+    result = cli(*train_args(backend, folder, "--resume", str(folder)))
+    assert result.returncode == 0, result.stderr
+    reference = tmp_path / "reference"
+    assert cli(*train_args(backend, reference)).returncode == 0
+    assert_same_state(final_state(folder), final_state(reference))
+
+
+def test_cross_backend_resume_from_the_command_line(tmp_path):
+    if "torch" not in BACKENDS:
+        pytest.skip("torch is not installed")
+    folder = tmp_path / "run"
+    first = cli(*train_args("numpy", folder, "--max-steps", "12"))
+    assert first.returncode == 0, first.stderr
+    # extend the run (a new --max-steps) from a mid-run checkpoint, on torch, into a fresh directory
+    moved = tmp_path / "moved"
+    result = cli("train", "--no-progress", "--resume", str(folder / "step-00000010"), "--backend", "torch",
+                 "--max-steps", "12", "--checkpoint-dir", str(moved))  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "backend torch" in result.stdout and "trained on numpy" in result.stdout
+    for key, value in final_state(folder).items():
+        np.testing.assert_allclose(final_state(moved)[key], value, rtol=1e-4, atol=1e-6, err_msg=key)
+
+
+def test_divergence_from_the_command_line(tmp_path):
+    result = cli("train", "--no-progress", "--lr", "1e30", "--max-steps", "5", "--checkpoint-dir", str(tmp_path),
+                 "--checkpoint-every", "1")  # fmt: skip
+    assert result.returncode == 1
+    assert "training diverged: loss is nan at step 2" in result.stderr and "step-00000001" in result.stderr
+    assert [p.name for p in checkpoint_paths(tmp_path)] == ["step-00000001"]
+
+
+# --- bad input --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A finished run, an unfinished one, and assorted bad files."""
+    root = tmp_path_factory.mktemp("inputs")
+    loop = unitrain.make_loop("numpy", unitrain.mlp(), seed=0)
+    run = {"model": "mlp", "dataset": "mnist", "optimizer": "sgd", "batch_size": 64, "epochs": 1, "max_steps": 5,
+           "shuffle": True}  # fmt: skip
+    save_checkpoint(root / "finished", loop, epoch=0, batch=0, run=run, finished=True)
+    for name in ("truncated", "corrupted", "unfinished"):
+        save_checkpoint(root / name, loop, epoch=0, batch=0, run=run)
+    weights = root / "truncated" / "step-00000000" / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with open(root / "corrupted" / "step-00000000" / "weights.safetensors", "r+b") as f:
+        f.seek(5000)
+        f.write(b"\x01\x02\x03")
+    cnn = unitrain.make_loop("numpy", unitrain.cnn(), seed=0)
+    save_checkpoint(root / "cnn-run", cnn, epoch=0, batch=0, run={**run, "model": "cnn"})
+    state = loop.state_dict()
+    save_safetensors(root / "good.safetensors", state)
+    save_safetensors(root / "missing.safetensors", {k: v for k, v in state.items() if k != "5.bias"})
+    save_safetensors(root / "extra.safetensors", {**state, "6.weight": np.zeros((3, 3), np.float32)})
+    save_safetensors(root / "misshaped.safetensors", {**state, "5.bias": np.zeros(11, np.float32)})
+    (root / "model.pt").write_bytes(b"\x80\x04\x95" + b"\x00" * 64)  # a pickle's opening bytes
+    (root / "empty.safetensors").write_bytes(b"")
+    (root / "a-directory").mkdir()
+    (root / "not-a-dir").write_text("a file")
+    from PIL import Image
+
+    Image.new("L", (32, 32)).save(root / "big.png")
+    Image.new("RGB", (28, 28)).save(root / "rgb.png")
+    return root
+
+
+def tree_digest(root: Path):
+    return {p: hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir" for p in sorted(root.rglob("*"))}
+
+
+BAD_INPUTS = [
+    ("truncated checkpoint", ["train", "--resume", "{r}/truncated"], "has 2679236 bytes, the manifest says 2679336"),
+    ("corrupted checkpoint", ["train", "--resume", "{r}/corrupted"], "does not match its sha256"),
+    ("checkpoint of another model", ["train", "--resume", "{r}/cnn-run", "--model", "mlp"],
+     "--model mlp differs from the resumed run's cnn"),
+    ("weights of another model", ["evaluate", "--weights", "{r}/cnn-run/step-00000000/weights.safetensors"],
+     "does not match the model: missing keys ['1.weight', '1.bias'"),
+    ("missing key", ["evaluate", "--weights", "{r}/missing.safetensors"], "missing keys ['5.bias']"),
+    ("extra key", ["predict", "--weights", "{r}/extra.safetensors"], "unexpected keys ['6.weight']"),
+    ("mis-shaped key", ["evaluate", "--weights", "{r}/misshaped.safetensors"],
+     "key '5.bias' has shape (11,), the model expects (10,)"),
+    ("pickle", ["evaluate", "--weights", "{r}/model.pt"], "looks like a pickle"),
+    ("empty file", ["evaluate", "--weights", "{r}/empty.safetensors"], "is empty, expected a safetensors file"),
+    ("directory for a file", ["evaluate", "--weights", "{r}/a-directory"], "is a directory, expected a safetensors"),
+    ("file for a directory", ["train", "--resume", "{r}/not-a-dir"], "is a file, expected a checkpoint directory"),
+    ("finished run", ["train", "--resume", "{r}/finished"], "the run finished at step 0, there is nothing to resume"),
+    ("unwritable checkpoint dir", ["train", "--checkpoint-dir", "{r}/not-a-dir/checkpoints"], "is not writable"),
+    ("checkpoint dir of another run", ["train", "--checkpoint-dir", "{r}/unfinished"], "already holds a run's"),
+    ("PNG of the wrong size", ["predict", "--weights", "{r}/good.safetensors", "--image", "{r}/big.png"],
+     "is 32x32 pixels, expected 28x28"),
+    ("PNG of the wrong mode", ["predict", "--weights", "{r}/good.safetensors", "--image", "{r}/rgb.png"],
+     "has mode RGB, expected 8-bit grayscale"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("args", "message"), [case[1:] for case in BAD_INPUTS], ids=[case[0] for case in BAD_INPUTS])
+def test_bad_input_is_one_clear_line_exit_2_and_overwrites_nothing(args, message, files):
+    before = tree_digest(files)
+    result = cli(*(arg.format(r=files) for arg in args))
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("unitrain: error: ")
+    assert tree_digest(files) == before
+
+
+def test_a_read_only_checkpoint_dir_is_refused(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root can write into read-only directories")
+    tmp_path.chmod(0o555)
+    try:
+        result = cli("train", "--checkpoint-dir", str(tmp_path / "ckpt"))
+    finally:
+        tmp_path.chmod(0o755)
+    assert result.returncode == 2 and "is not writable" in result.stderr
+
+
+def test_manifest_records_what_a_resume_needs(files):
+    manifest = json.loads((files / "unfinished" / "step-00000000" / "checkpoint.json").read_text())
+    assert manifest["versions"]["unitrain"] == unitrain.__version__ and manifest["versions"]["numpy"]
+    assert {"step", "epoch", "batch", "seed", "optimizer", "run", "files", "data_order"} <= manifest.keys()
+    tensors, _ = load_safetensors(files / "unfinished" / "step-00000000" / "optimizer.safetensors")
+    assert tensors["step"].dtype == np.int64

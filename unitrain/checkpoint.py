@@ -1,0 +1,399 @@
+"""Checkpoints that survive crashes and move between backends.
+
+A checkpoint directory holds the newest ``keep`` checkpoints of one run, one folder per step::
+
+    DIR/step-00001200/weights.safetensors    canonical state (a plain weights file: --weights / --init-weights)
+    DIR/step-00001200/optimizer.safetensors  {"step", "<param>.<momentum_buffer|exp_avg|exp_avg_sq>"}
+    DIR/step-00001200/checkpoint.json        manifest: position, run configuration, versions, sha256 of both files
+
+A checkpoint is written into a hidden ``.tmp-*`` folder (each file fsynced, the manifest last) which
+is then renamed into place and the directory fsynced, so a crash at any instant leaves either no new
+checkpoint or a complete one; leftover ``.tmp-*`` folders are ignored and swept on the next write.
+Loading verifies the manifest's sizes and sha256 digests and never unpickles anything.
+
+Exact resumption needs no RNG state beyond the run's seed: the batch order of epoch ``e`` is a pure
+function of ``(seed, e)`` (see :mod:`unitrain.data`), so the position ``(epoch, batch)`` restarts the
+data stream where it stopped. Dropout's random stream is each backend's own and is not part of the
+TrainingLoop contract, so a model with Dropout resumes with different masks (the presets have none).
+
+Python API::
+
+    loop.fit(data, extensions=[Checkpointer("ckpt", every=100)], ...)
+    checkpoint = load_checkpoint("ckpt")                # the newest one, verified
+    loop = make_loop("torch", mlp(), optimizer=checkpoint.optimizer_spec(), seed=checkpoint.seed)
+    checkpoint.restore(loop)
+    loop.fit(data, start_epoch=checkpoint.epoch, start_batch=checkpoint.batch, ...)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import optim, registry
+from .weights import State, WeightsError, atomic_write, current_umask, load_safetensors, save_safetensors
+
+FORMAT, FORMAT_VERSION = "unitrain-checkpoint", 1
+MANIFEST, WEIGHTS, OPTIMIZER = "checkpoint.json", "weights.safetensors", "optimizer.safetensors"
+_NAME = re.compile(r"step-(\d{8,})")
+
+
+class CheckpointError(WeightsError):
+    """A checkpoint that is missing, damaged, or does not fit the run resuming from it."""
+
+
+class Diverged(RuntimeError):
+    """Training produced a NaN or infinite loss (or weights); the run stops."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
+class Interrupted(Exception):
+    """Training stopped at a step boundary because the user asked (Ctrl-C)."""
+
+
+# --- writing --------------------------------------------------------------------------------
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _digest(path: Path) -> dict[str, Any]:
+    data = path.read_bytes()
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def optimizer_config(spec: optim.Optimizer) -> dict[str, Any]:
+    return {"type": type(spec).__name__, **dataclasses.asdict(spec)}
+
+
+def optimizer_from_config(config: Mapping[str, Any]) -> optim.Optimizer:
+    classes = {cls.__name__: cls for cls in optim.OPTIMIZERS.values()}
+    options = dict(config)
+    kind = options.pop("type", None)
+    if kind not in classes:
+        raise CheckpointError(f"unknown optimizer type {kind!r} in checkpoint; expected one of {sorted(classes)}")
+    if "betas" in options:
+        options["betas"] = tuple(options["betas"])
+    try:
+        return classes[kind](**options)
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"checkpoint optimizer {config!r} is invalid: {error}") from None
+
+
+def _versions(backend: str) -> dict[str, str | None]:
+    from . import __version__
+
+    spec = registry.backend_specs().get(backend)
+    return {"unitrain": __version__, backend: spec.version() if spec else None}
+
+
+def save_checkpoint(
+    directory: str | os.PathLike,
+    loop,
+    *,
+    epoch: int,
+    batch: int,
+    run: Mapping[str, Any] | None = None,
+    finished: bool = False,
+    epoch_loss: tuple[float, int] = (0.0, 0),
+    keep: int | None = 3,
+) -> Path:
+    """Write a checkpoint of ``loop`` whose training continues at batch ``batch`` of epoch
+    ``epoch``; keep the newest ``keep`` (None: all). ``run`` is the run's configuration (JSON
+    values); ``epoch_loss`` the (sum, count) of the current epoch's step losses so far."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    name = f"step-{loop.step_count:08d}"
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "step": loop.step_count,
+        "epoch": epoch,
+        "batch": batch,
+        "finished": finished,
+        "backend": loop.name,
+        "versions": _versions(loop.name),
+        "seed": loop.seed,
+        "dtype": str(loop.dtype),
+        "optimizer": optimizer_config(loop.optimizer_spec),
+        "loss": type(loop.loss_spec).__name__,
+        "data_order": "numpy.random.default_rng([seed, epoch]).permutation(num_samples), batches from `batch` on",
+        "epoch_loss": {"sum": float(epoch_loss[0]), "count": int(epoch_loss[1])},
+        "run": dict(run or {}),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    _sweep(directory, ".tmp-")
+    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=directory))
+    os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp's 0700 would hide the checkpoint from others
+    try:
+        save_safetensors(staging / WEIGHTS, loop.state_dict(), {"format": "pt", "producer": f"unitrain/{loop.name}"})
+        save_safetensors(staging / OPTIMIZER, loop.optimizer_state_dict())
+        manifest["files"] = {file: _digest(staging / file) for file in (WEIGHTS, OPTIMIZER)}
+        atomic_write(staging / MANIFEST, [json.dumps(manifest, indent=1).encode()])  # last: marks it complete
+        final = directory / name
+        if final.exists():  # the same step again (a resumed run): the old copy goes first
+            final.rename(Path(tempfile.mkdtemp(prefix=".trash-", dir=directory)) / name)
+        staging.rename(final)
+        _fsync_dir(directory)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if keep is not None:
+        for old in checkpoint_paths(directory)[:-keep]:
+            # renamed first, so a half-deleted folder never looks like a checkpoint
+            old.rename(Path(tempfile.mkdtemp(prefix=".trash-", dir=directory)) / old.name)
+    _sweep(directory, ".trash-")
+    return final
+
+
+def _sweep(directory: Path, prefix: str) -> None:
+    for leftover in directory.glob(f"{prefix}*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+# --- reading --------------------------------------------------------------------------------
+
+
+def checkpoint_paths(directory: str | os.PathLike) -> list[Path]:
+    """The checkpoint folders in ``directory``, oldest first (by step)."""
+    found = [(int(m.group(1)), p) for p in Path(directory).iterdir() if (m := _NAME.fullmatch(p.name)) and p.is_dir()]
+    return [path for _, path in sorted(found)]
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    manifest: dict[str, Any]
+    weights: State
+    optimizer_state: State
+
+    step = property(lambda self: self.manifest["step"])
+    epoch = property(lambda self: self.manifest["epoch"], doc="epoch to continue at (0-based)")
+    batch = property(lambda self: self.manifest["batch"], doc="batch of that epoch to continue at")
+    finished = property(lambda self: self.manifest["finished"])
+    backend = property(lambda self: self.manifest["backend"])
+    seed = property(lambda self: self.manifest["seed"])
+    run = property(lambda self: self.manifest["run"])
+
+    @property
+    def epoch_loss(self) -> tuple[float, int]:
+        return self.manifest["epoch_loss"]["sum"], self.manifest["epoch_loss"]["count"]
+
+    def optimizer_spec(self) -> optim.Optimizer:
+        return optimizer_from_config(self.manifest["optimizer"])
+
+    def restore(self, loop) -> None:
+        """Load weights, optimizer state and step count into ``loop`` (any backend), which must
+        use the checkpoint's optimizer and seed."""
+        if loop.optimizer_spec != self.optimizer_spec():
+            raise CheckpointError(
+                f"{self.path} was trained with {self.optimizer_spec()}, the loop uses {loop.optimizer_spec}"
+            )
+        if loop.seed != self.seed:
+            raise CheckpointError(f"{self.path} was trained with seed {self.seed} (it fixes the data order), "
+                                  f"the loop uses seed {loop.seed}")  # fmt: skip
+        loop.load_state_dict(self.weights, source=str(self.path / WEIGHTS))
+        try:
+            loop.load_optimizer_state_dict(self.optimizer_state)
+        except (KeyError, ValueError) as error:
+            raise CheckpointError(f"{self.path / OPTIMIZER} does not fit the model: {error}") from None
+
+
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """The checkpoint at ``path``: a checkpoint folder, or a checkpoint directory (its newest
+    checkpoint). Verifies sizes and sha256 digests; raises :class:`CheckpointError`."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a file, expected a checkpoint directory")
+    if _NAME.fullmatch(path.name) or (path / MANIFEST).exists():
+        return _verified(path)
+    candidates = checkpoint_paths(path)
+    if not candidates:
+        raise CheckpointError(f"{path} holds no checkpoint (no step-NNNNNNNN folder)")
+    try:
+        return _verified(candidates[-1])
+    except CheckpointError as error:
+        if len(candidates) == 1:
+            raise
+        raise CheckpointError(f"{error}; the previous checkpoint {candidates[-2]} may be intact: "
+                              f"pass --resume {candidates[-2]} to continue from it") from None  # fmt: skip
+
+
+def _verified(folder: Path) -> Checkpoint:
+    def damaged(why: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint {folder} is damaged: {why}")
+
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        raise damaged(f"{MANIFEST} is missing or not a file")
+    try:
+        manifest = json.loads(manifest_path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise damaged(f"{MANIFEST} is not valid JSON ({error})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise damaged(f"{MANIFEST} is not a unitrain checkpoint manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {folder} has format version {manifest.get('format_version')!r}; "
+                              f"this unitrain reads version {FORMAT_VERSION}")  # fmt: skip
+    required = ("step", "epoch", "batch", "finished", "backend", "seed", "optimizer", "epoch_loss", "run", "files")
+    if missing := [key for key in required if key not in manifest]:
+        raise damaged(f"{MANIFEST} lacks {missing}")
+    loaded = {}
+    for file in (WEIGHTS, OPTIMIZER):
+        expected = manifest["files"].get(file) if isinstance(manifest["files"], dict) else None
+        if not isinstance(expected, dict):
+            raise damaged(f"{MANIFEST} lists no digest for {file}")
+        if not (folder / file).is_file():
+            raise damaged(f"{file} is missing or not a file")
+        actual = _digest(folder / file)
+        if actual["bytes"] != expected.get("bytes"):
+            raise damaged(f"{file} has {actual['bytes']} bytes, the manifest says {expected.get('bytes')} (truncated?)")
+        if actual["sha256"] != expected.get("sha256"):
+            raise damaged(f"{file} does not match its sha256 in the manifest (corrupted bytes)")
+        loaded[file], _ = load_safetensors(folder / file)
+    if int(loaded[OPTIMIZER].get("step", -1)) != manifest["step"]:
+        raise damaged(f"optimizer step {loaded[OPTIMIZER].get('step')} differs from the manifest's {manifest['step']}")
+    return Checkpoint(folder, manifest, loaded[WEIGHTS], loaded[OPTIMIZER])
+
+
+# --- the training extension -----------------------------------------------------------------
+
+
+class Checkpointer:
+    """A :meth:`~unitrain.loop.TrainingLoop.fit` extension: writes checkpoints every ``every``
+    steps and at each epoch's end (``directory`` None: none), stops on a NaN/Inf loss
+    (:class:`Diverged`, before any checkpoint of the diverged state is written) and, once
+    :attr:`stop_requested` is set (Ctrl-C, see :func:`stop_on_sigint`), writes a checkpoint at
+    the next step boundary and raises :class:`Interrupted`.
+
+    Losses are read (a host sync) in bulk: every ``check_every`` steps, before a checkpoint
+    and at epoch ends. ``resume`` is the checkpoint the run continues from, if any."""
+
+    def __init__(
+        self,
+        directory: str | os.PathLike | None,
+        *,
+        every: int | None = None,
+        keep: int | None = 3,
+        max_steps: int | None = None,
+        run: Mapping[str, Any] | None = None,
+        resume: Checkpoint | None = None,
+        check_every: int = 100,
+    ):
+        self.directory = None if directory is None else Path(directory)
+        self.every, self.keep, self.max_steps, self.run = every, keep, max_steps, run
+        self.check_every = every if every else check_every
+        self.carried = {resume.epoch: resume.epoch_loss} if resume is not None else {}
+        self.stop_requested = False
+        #: the newest checkpoint written by this run
+        self.last_saved: Path | None = resume.path if resume is not None else None
+        self.last_saved_step: int | None = None
+        self.position = (resume.epoch, resume.batch) if resume is not None else (0, 0)
+        self.unchecked: list[tuple[int, int, Any]] = []
+
+    def on_fit_start(self, loop, plan):
+        self.epochs, self.steps_per_epoch = plan["epochs"], plan["steps_per_epoch"]
+
+    def on_epoch_start(self, loop, epoch):
+        self.epoch = epoch
+        self.loss_sum, self.loss_count = self.carried.pop(epoch, (0.0, 0))
+        self.resumed_mid_epoch = self.loss_count > 0
+
+    def on_step_end(self, loop, index, loss):
+        self.unchecked.append((loop.step_count, index, loss))
+        self.position = (self.epoch, index + 1)
+        if index + 1 == self.steps_per_epoch or (self.max_steps is not None and loop.step_count >= self.max_steps):
+            return  # on_epoch_end comes next and checkpoints there
+        due = self.every is not None and loop.step_count % self.every == 0
+        if due or self.stop_requested or len(self.unchecked) >= self.check_every:
+            self._check_losses(loop)
+        if (due or self.stop_requested) and self.directory is not None:
+            self._save(loop, finished=False)
+        if self.stop_requested:
+            raise Interrupted()
+
+    def on_epoch_end(self, loop, record):
+        self._check_losses(loop)
+        if self.position[1] >= self.steps_per_epoch:
+            self.position = (self.epoch + 1, 0)
+        if self.resumed_mid_epoch:
+            record["train_loss"] = self.loss_sum / self.loss_count  # includes the steps before the resume
+        finished = self.position[0] >= self.epochs or (self.max_steps is not None and loop.step_count >= self.max_steps)
+        if self.directory is not None:
+            self._save(loop, finished=finished)
+        if self.stop_requested and not finished:
+            raise Interrupted()
+
+    def finish(self, loop) -> None:
+        """After ``fit`` returned: make sure the newest checkpoint is the finished state."""
+        if self.directory is not None and self.last_saved_step != loop.step_count:
+            self._check_losses(loop)
+            self._save(loop, finished=True)
+
+    def _check_losses(self, loop) -> None:
+        for step, index, loss in self.unchecked:
+            value = loop.to_float(loss)
+            if not np.isfinite(value):
+                raise Diverged(f"loss is {value} at step {step} (epoch {self.epoch + 1}, batch {index + 1})", step)
+            self.loss_sum += value
+            self.loss_count += 1
+        self.unchecked.clear()
+
+    def _save(self, loop, finished: bool) -> None:
+        for kind, state in (("weights", loop.state_dict()), ("optimizer state", loop.optimizer_state_dict())):
+            bad = [key for key, value in state.items() if value.dtype.kind == "f" and not np.isfinite(value).all()]
+            if bad:
+                raise Diverged(f"{kind} {bad[0]!r} became NaN or infinite at step {loop.step_count}", loop.step_count)
+        self.last_saved = save_checkpoint(
+            self.directory,
+            loop,
+            epoch=self.position[0],
+            batch=self.position[1],
+            run=self.run,
+            finished=finished,
+            epoch_loss=(self.loss_sum, self.loss_count) if self.position[1] else (0.0, 0),
+            keep=self.keep,
+        )
+        self.last_saved_step = loop.step_count
+
+
+@contextmanager
+def stop_on_sigint(checkpointer: Checkpointer, notice=None):
+    """While active, the first SIGINT (Ctrl-C) asks ``checkpointer`` to stop at the next step
+    boundary (calling ``notice()``); a second one interrupts at once (KeyboardInterrupt)."""
+
+    def handler(signum, frame):
+        checkpointer.stop_requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if notice is not None:
+            notice()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield checkpointer
+    finally:
+        signal.signal(signal.SIGINT, previous)
