@@ -10,6 +10,8 @@ Parameters are updated in place, so views of them (the convolution's weight matr
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
@@ -291,6 +293,18 @@ class LossValue:
         return f"LossValue({float(self.value)!r})"
 
 
+def _quiet(method):
+    """Runs ``method`` without NumPy's overflow/invalid warnings. A diverging run is reported
+    from its NaN/Inf loss (as every framework does); the warnings would only repeat it."""
+
+    @functools.wraps(method)
+    def quiet(*args, **kwargs):
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            return method(*args, **kwargs)
+
+    return quiet
+
+
 class NumpyLoop(TrainingLoop):
     name = "numpy"
     capabilities = frozenset({"dropout", "batchnorm", "conv", "float64"})
@@ -326,6 +340,7 @@ class NumpyLoop(TrainingLoop):
         for grad in self._grads.values():
             grad.fill(0)
 
+    @_quiet
     def _run(self, x, record):
         for layer in self._layers:
             x = layer.forward(x, self._mode, record)
@@ -335,6 +350,7 @@ class NumpyLoop(TrainingLoop):
         self._forward_id += 1
         return self._run(x, record=True)
 
+    @_quiet
     def _loss(self, pred, y):
         terms, grad = _loss_terms(self.loss_spec, pred, y)
         value = terms.sum()
@@ -343,6 +359,7 @@ class NumpyLoop(TrainingLoop):
             return LossValue(value, lambda: grad(1 / terms.size), self._forward_id)
         return LossValue(value, lambda: grad(1), self._forward_id)
 
+    @_quiet
     def _backward(self, loss):
         if not isinstance(loss, LossValue) or loss.forward_id != self._forward_id:
             raise RuntimeError("backward() needs the loss of the latest forward(); only its intermediates are kept")
@@ -351,6 +368,7 @@ class NumpyLoop(TrainingLoop):
         for index in range(len(self._layers) - 1, first - 1, -1):
             grad = self._layers[index].backward(grad, index > first)
 
+    @_quiet
     def _update(self):
         self._optimizer_steps += 1
         spec, state = self.optimizer_spec, self._optimizer_state
