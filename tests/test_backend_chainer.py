@@ -12,6 +12,17 @@ chainer = pytest.importorskip("chainer")
 torch = pytest.importorskip("torch")
 
 from chainer import links as L  # noqa: E402
+from torch_reference import (  # noqa: E402
+    assert_states_close,
+    assert_states_equal,
+    load_state,
+    numpy_state,
+    optimizer_buffers,
+    torch_layers,
+    train_torch,
+)
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 # Float32 drift between two frameworks that sum in different orders; the training tests print
 # the measured max abs differences (run with -s).
@@ -38,76 +49,19 @@ def bn_cnn():
 MODELS = {"mlp": ut.mlp, "cnn": ut.cnn, "bn_mlp": bn_mlp, "bn_cnn": bn_cnn}
 
 
-def torch_model(spec, seed=0, dtype=torch.float32):
+def torch_model(spec, dtype=torch.float32):
     """The equivalent torch.nn.Sequential with the same initial weights."""
-
-    def build(layer):
-        if isinstance(layer, ut.Sequential):
-            return torch.nn.Sequential(*map(build, layer))
-        if isinstance(layer, ut.Linear):
-            return torch.nn.Linear(layer.in_features, layer.out_features, layer.bias)
-        if isinstance(layer, ut.Conv2d):
-            c = layer
-            return torch.nn.Conv2d(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, bias=c.bias)
-        if isinstance(layer, ut.MaxPool2d):
-            return torch.nn.MaxPool2d(layer.kernel_size, layer.stride)
-        if isinstance(layer, (ut.BatchNorm1d, ut.BatchNorm2d)):
-            kind = torch.nn.BatchNorm1d if isinstance(layer, ut.BatchNorm1d) else torch.nn.BatchNorm2d
-            return kind(layer.num_features, layer.eps, layer.momentum)
-        if isinstance(layer, ut.Dropout):
-            return torch.nn.Dropout(layer.p)
-        return {ut.ReLU: torch.nn.ReLU, ut.Flatten: torch.nn.Flatten}[type(layer)]()
-
-    model = build(spec).to(dtype)
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in ut.init_weights(spec, seed).items()})
-    return model
-
-
-def torch_state(model):
-    return {k: v.detach().numpy() for k, v in model.state_dict().items()}
-
-
-def assert_states_close(actual, expected, rtol=RTOL, atol=ATOL):
-    assert actual.keys() == expected.keys()
-    for key in expected:
-        np.testing.assert_allclose(actual[key], expected[key], rtol=rtol, atol=atol, err_msg=key)
-    return max(float(np.abs(actual[k] - expected[k]).max()) for k in expected)
-
-
-def assert_states_equal(actual, expected):
-    assert actual.keys() == expected.keys()
-    for key in expected:
-        assert actual[key].dtype == expected[key].dtype, key
-        np.testing.assert_array_equal(actual[key], expected[key], err_msg=key)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def torch_single_thread():
-    """The references are small; torch's thread pool only contends with Chainer's BLAS for the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def mnist():
-    return ut.load_mnist("train").subset(slice(0, 50 * 64))
-
-
-@pytest.fixture(scope="module")
-def batches(mnist):
-    return list(mnist.batches(64))
+    return load_state(torch_layers(spec).to(dtype), ut.init_weights(spec, 0))
 
 
 # --- forward, losses --------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_forward_matches_torch(name, batches):
+def test_forward_matches_torch(name, mnist_batches):
     spec = MODELS[name]()
     loop, reference = ChainerLoop(spec), torch_model(spec)
-    x = batches[0][0]
+    x = mnist_batches[0][0]
     expected = reference.eval()(torch.from_numpy(x)).detach().numpy()
     np.testing.assert_allclose(loop.predict(x), expected, rtol=1e-5, atol=1e-5)
     # Training mode: BatchNorm normalises with batch statistics and updates its running ones.
@@ -117,7 +71,7 @@ def test_forward_matches_torch(name, batches):
     atol = 5e-4 if spec.has(ut.BatchNorm2d) else 1e-5
     expected = reference.train()(torch.from_numpy(x)).detach().numpy()
     np.testing.assert_allclose(loop.forward(x).array, expected, rtol=1e-5, atol=atol)
-    assert_states_close(loop.state_dict(), torch_state(reference), atol=1e-5)
+    assert_states_close(loop.state_dict(), numpy_state(reference), rtol=RTOL, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -129,8 +83,8 @@ def test_forward_matches_torch(name, batches):
         (ut.NLLLoss("sum"), lambda p, y: torch.nn.functional.nll_loss(torch.log_softmax(p, 1), y, reduction="sum")),
     ],
 )
-def test_class_losses_match_torch(loss, reference, batches):
-    x, y = batches[0]
+def test_class_losses_match_torch(loss, reference, mnist_batches):
+    x, y = mnist_batches[0]
     loop = ChainerLoop(ut.mlp(), loss)
     pred = loop.forward(x)
     if isinstance(loss, ut.NLLLoss):
@@ -167,61 +121,46 @@ OPTIMIZERS = {
 }  # fmt: skip
 
 
-def train_torch(model, make_optimizer, batches):
-    optimizer = make_optimizer(model.parameters())
-    model.train()
-    for x, y in batches:
-        optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y))
-        loss.backward()
-        optimizer.step()
-    return optimizer
-
-
 @pytest.mark.parametrize(
     ("model", "optimizer", "steps"),
     [("mlp", "sgd_momentum", 50), ("cnn", "sgd_momentum", 50), ("bn_cnn", "sgd_nesterov_wd", 30),
      ("mlp", "adam", 20), ("cnn", "adamw", 20)],
 )  # fmt: skip
-def test_training_matches_torch(model, optimizer, steps, batches):
+def test_training_matches_torch(model, optimizer, steps, mnist_batches):
     spec, (opt_spec, make_torch_optimizer) = MODELS[model](), OPTIMIZERS[optimizer]
     loop, reference = ChainerLoop(spec, optimizer=opt_spec), torch_model(spec)
-    for batch in batches[:steps]:
+    for batch in mnist_batches[:steps]:
         loop.step(batch)
-    torch_optimizer = train_torch(reference, make_torch_optimizer, batches[:steps])
+    torch_optimizer = make_torch_optimizer(reference.parameters())
+    train_torch(reference, torch_optimizer, mnist_batches[:steps])
     # Adam divides by sqrt(v): where a gradient is mostly float32 rounding (units that barely
     # matter), two frameworks' rounding moves a weight differently by up to ~lr per step
     # (measured 1e-4 for cnn/adamw). The float64 runs below show the equations agree to 1e-15.
     atol = ATOL if isinstance(opt_spec, ut.SGD) else 3e-4
-    diff = assert_states_close(loop.state_dict(), torch_state(reference), atol=atol)
+    diff = assert_states_close(loop.state_dict(), numpy_state(reference), rtol=RTOL, atol=atol)
     print(f"{model}/{optimizer}: max abs weight diff after {steps} steps vs torch: {diff:.2e}")
-    # Optimizer buffers follow PyTorch's too, under PyTorch's names.
-    expected = {
-        f"{n}.{k}": v.numpy()
-        for n, p in reference.named_parameters()
-        for k, v in torch_optimizer.state[p].items()
-        if k != "step"
-    }
+    # Optimizer buffers follow PyTorch's too, under PyTorch's names (atol: exp_avg_sq of tiny gradients is
+    # relative noise).
     state = loop.optimizer_state_dict()
     assert state.pop("step") == steps
-    assert_states_close(state, expected, atol=1e-4)  # exp_avg_sq of tiny gradients: relative noise
+    assert_states_close(state, optimizer_buffers(reference, torch_optimizer), rtol=RTOL, atol=1e-4)
 
 
 @pytest.mark.parametrize(("model", "optimizer"), [("bn_mlp", "sgd_momentum"), ("mlp", "adam"), ("cnn", "adamw")])
-def test_float64_matches_torch(model, optimizer, batches):
+def test_float64_matches_torch(model, optimizer, mnist_batches):
     spec, (opt_spec, make_torch_optimizer) = MODELS[model](), OPTIMIZERS[optimizer]
     loop = ChainerLoop(spec, optimizer=opt_spec, dtype="float64")
     reference = torch_model(spec, dtype=torch.float64)
-    batches64 = [(x.astype(np.float64), y) for x, y in batches[:10]]
+    batches64 = [(x.astype(np.float64), y) for x, y in mnist_batches[:10]]
     for batch in batches64:
         loop.step(batch)
-    train_torch(reference, make_torch_optimizer, batches64)
+    train_torch(reference, make_torch_optimizer(reference.parameters()), batches64)
     state = loop.state_dict()
     assert all(v.dtype == (np.int64 if k.endswith("tracked") else np.float64) for k, v in state.items())
     assert loop.predict(batches64[0][0]).dtype == np.float64
     assert all(v.dtype == np.float64 for v in loop.gradients().values())
     assert all(v.dtype == np.float64 for k, v in loop.optimizer_state_dict().items() if k != "step")
-    diff = assert_states_close(state, torch_state(reference), rtol=1e-10, atol=1e-13)
+    diff = assert_states_close(state, numpy_state(reference), rtol=1e-10, atol=1e-13)
     print(f"float64 {model}/{optimizer}: max abs weight diff after 10 steps vs torch: {diff:.1e}")
 
 
@@ -237,9 +176,9 @@ def tutorial_step(loop, x, y):
 
 
 @pytest.mark.parametrize("optimizer", [ut.SGD(lr=0.05, momentum=0.9), ut.Adam()])
-def test_step_equals_tutorial_sequence(optimizer, batches):
+def test_step_equals_tutorial_sequence(optimizer, mnist_batches):
     whole, tutorial = ChainerLoop(bn_cnn(), optimizer=optimizer), ChainerLoop(bn_cnn(), optimizer=optimizer)
-    for x, y in batches[:3]:
+    for x, y in mnist_batches[:3]:
         assert float(whole.step((x, y))) == tutorial.to_float(tutorial_step(tutorial, x, y))
     assert_states_equal(whole.state_dict(), tutorial.state_dict())
     assert_states_equal(whole.optimizer_state_dict(), tutorial.optimizer_state_dict())
@@ -247,9 +186,9 @@ def test_step_equals_tutorial_sequence(optimizer, batches):
     assert whole.step_count == tutorial.step_count == 3
 
 
-def test_zero_grad_clears(batches):
+def test_zero_grad_clears(mnist_batches):
     loop = ChainerLoop(ut.mlp())
-    x, y = batches[0]
+    x, y = mnist_batches[0]
     assert all(not g.any() for g in loop.gradients().values())
     loop.backward(loop.loss(loop.forward(x), y))
     grads = loop.gradients()
@@ -259,8 +198,8 @@ def test_zero_grad_clears(batches):
     assert all(not g.any() for g in loop.gradients().values())
 
 
-def test_gradients_accumulate(batches):
-    x, y = batches[0]
+def test_gradients_accumulate(mnist_batches):
+    x, y = mnist_batches[0]
     halves = ChainerLoop(ut.cnn(), ut.CrossEntropyLoss("sum"), ut.SGD(momentum=0.9))
     full = ChainerLoop(ut.cnn(), ut.CrossEntropyLoss("sum"), ut.SGD(momentum=0.9))
     halves.zero_grad()
@@ -279,7 +218,7 @@ def test_gradients_accumulate(batches):
     assert_states_equal(halves.optimizer_state_dict(), buffers)
 
 
-def test_update_without_gradients_changes_nothing(batches):
+def test_update_without_gradients_changes_nothing(mnist_batches):
     loop = ChainerLoop(ut.mlp(), optimizer=ut.Adam(weight_decay=0.1))
     before = loop.state_dict()
     loop.zero_grad()
@@ -291,8 +230,8 @@ def test_update_without_gradients_changes_nothing(batches):
 # --- modes --------------------------------------------------------------------------------------
 
 
-def test_dropout_only_in_training(batches):
-    x = batches[0][0]
+def test_dropout_only_in_training(mnist_batches):
+    x = mnist_batches[0][0]
     loop, plain = ChainerLoop(bn_mlp(dropout=0.5), seed=3), ChainerLoop(bn_mlp(), seed=3)
     np.testing.assert_array_equal(loop.predict(x), plain.predict(x))  # eval: identity
     loop.eval()
@@ -310,43 +249,42 @@ def test_dropout_only_in_training(batches):
     assert not np.array_equal(hidden.forward(x).array, out)
 
 
-def test_batchnorm_running_stats_follow_torch_only_in_training(batches):
+def test_batchnorm_running_stats_follow_torch_only_in_training(mnist_batches):
     spec = bn_cnn()
     loop, reference = ChainerLoop(spec), torch_model(spec)
-    for x, _ in batches[:3]:
+    for x, _ in mnist_batches[:3]:
         loop.forward(x)
         reference.train()(torch.from_numpy(x))
     state = loop.state_dict()
     assert state["0.1.num_batches_tracked"] == 3 and state["0.1.num_batches_tracked"].dtype == np.int64
-    assert_states_close(state, torch_state(reference))
+    assert_states_close(state, numpy_state(reference), rtol=RTOL, atol=ATOL)
     loop.eval()
-    loop.forward(batches[3][0])
+    x = mnist_batches[3][0]
+    loop.forward(x)
     assert_states_equal(loop.state_dict(), state)
-    np.testing.assert_allclose(
-        loop.predict(batches[3][0]), reference.eval()(torch.from_numpy(batches[3][0])).detach().numpy(), atol=1e-5
-    )
+    np.testing.assert_allclose(loop.predict(x), reference.eval()(torch.from_numpy(x)).detach().numpy(), atol=1e-5)
 
 
-def test_predict_and_evaluate_change_nothing(batches):
+def test_predict_and_evaluate_change_nothing(mnist_batches):
     loop = ChainerLoop(bn_mlp(dropout=0.2), optimizer=ut.Adam())
     twin = ChainerLoop(bn_mlp(dropout=0.2), optimizer=ut.Adam())
-    loop.step(batches[0])
-    twin.step(batches[0])
+    loop.step(mnist_batches[0])
+    twin.step(mnist_batches[0])
     state, opt_state = loop.state_dict(), loop.optimizer_state_dict()
-    loop.predict(batches[1][0])
-    metrics = loop.evaluate(ut.ArrayDataset(*batches[1]), batch_size=16)
+    loop.predict(mnist_batches[1][0])
+    metrics = loop.evaluate(ut.ArrayDataset(*mnist_batches[1]), batch_size=16)
     assert metrics["num_samples"] == 64 and 0 <= metrics["accuracy"] <= 1
     assert_states_equal(loop.state_dict(), state)
     assert_states_equal(loop.optimizer_state_dict(), opt_state)
     assert loop.step_count == 1 and loop.training
     # Still in training mode, and no dropout mask was drawn: it continues exactly like its twin.
-    assert float(loop.step(batches[2])) == float(twin.step(batches[2]))
+    assert float(loop.step(mnist_batches[2])) == float(twin.step(mnist_batches[2]))
     assert_states_equal(loop.state_dict(), twin.state_dict())
 
 
-def test_evaluate_matches_torch(batches):
+def test_evaluate_matches_torch(mnist_batches):
     loop, reference = ChainerLoop(ut.mlp()), torch_model(ut.mlp())
-    x, y = np.concatenate([b[0] for b in batches[:4]]), np.concatenate([b[1] for b in batches[:4]])
+    x, y = np.concatenate([b[0] for b in mnist_batches[:4]]), np.concatenate([b[1] for b in mnist_batches[:4]])
     metrics = loop.evaluate((x, y), batch_size=100)
     logits = reference.eval()(torch.from_numpy(x))
     assert metrics["loss"] == pytest.approx(torch.nn.functional.cross_entropy(logits, torch.from_numpy(y)).item())
@@ -366,16 +304,16 @@ def test_state_dict_layout(name):
     assert_states_equal(state, ut.init_weights(spec, 0))
 
 
-def test_weights_round_trip(tmp_path, batches):
+def test_weights_round_trip(tmp_path, mnist_batches):
     safetensors_torch = pytest.importorskip("safetensors.torch")
     loop = ChainerLoop(bn_cnn(), optimizer=ut.SGD(lr=0.1))
-    for batch in batches[:3]:
+    for batch in mnist_batches[:3]:
         loop.step(batch)
     loop.save_weights(tmp_path / "w.safetensors")
     fresh = ChainerLoop(bn_cnn(), seed=7)
     fresh.load_weights(tmp_path / "w.safetensors")
     assert_states_equal(fresh.state_dict(), loop.state_dict())
-    x = batches[4][0]
+    x = mnist_batches[4][0]
     np.testing.assert_array_equal(fresh.predict(x), loop.predict(x))
     # PyTorch reads the file as its own state_dict.
     reference = torch_model(bn_cnn())
@@ -384,9 +322,9 @@ def test_weights_round_trip(tmp_path, batches):
 
 
 @pytest.mark.parametrize("optimizer", [ut.SGD(momentum=0.9), ut.AdamW()])
-def test_optimizer_state_round_trip(optimizer, batches):
+def test_optimizer_state_round_trip(optimizer, mnist_batches):
     loop = ChainerLoop(bn_mlp(), optimizer=optimizer)
-    for batch in batches[:3]:
+    for batch in mnist_batches[:3]:
         loop.step(batch)
     state = loop.optimizer_state_dict()
     assert state["step"].dtype == np.int64 and state["step"].shape == () and state["step"] == 3
@@ -395,7 +333,7 @@ def test_optimizer_state_round_trip(optimizer, batches):
     resumed.load_state_dict(loop.state_dict())
     resumed.load_optimizer_state_dict(state)
     assert_states_equal(resumed.optimizer_state_dict(), state)
-    for batch in batches[3:5]:
+    for batch in mnist_batches[3:5]:
         assert float(resumed.step(batch)) == float(loop.step(batch))
     assert_states_equal(resumed.state_dict(), loop.state_dict())
     with pytest.raises(ValueError, match="optimizer state"):
@@ -417,7 +355,7 @@ class NativeNet(chainer.Chain):
         return self.l2(chainer.functions.relu(self.bn(self.l1(x))))
 
 
-def test_native_model_trains(batches):
+def test_native_model_trains(mnist_batches):
     np.random.seed(0)  # Chainer's initializers draw from NumPy's global RNG
     net = NativeNet()
     assert ChainerLoop.is_native_model(net) and backend_of(net) == "chainer"
@@ -429,10 +367,10 @@ def test_native_model_trains(batches):
         "bn.avg_mean": (64,), "bn.avg_var": (64,), "bn.beta": (64,), "bn.gamma": (64,),
         "l1.W": (64, 784), "l1.b": (64,), "l2.W": (10, 64), "l2.b": (10,),
     }  # fmt: skip
-    before = loop.evaluate(ut.ArrayDataset(*batches[-1]))["loss"]
-    losses = [float(loop.step(batch)) for batch in batches[:40]]
+    before = loop.evaluate(ut.ArrayDataset(*mnist_batches[-1]))["loss"]
+    losses = [float(loop.step(batch)) for batch in mnist_batches[:40]]
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
-    assert loop.evaluate(ut.ArrayDataset(*batches[-1]))["loss"] < 0.5 * before
+    assert loop.evaluate(ut.ArrayDataset(*mnist_batches[-1]))["loss"] < 0.5 * before
     params = ("l1.W", "l1.b", "bn.gamma", "bn.beta", "l2.W", "l2.b")
     assert set(loop.optimizer_state_dict()) == {"step"} | {f"{k}.momentum_buffer" for k in params}
     loop.load_state_dict(state)  # Chainer's names round-trip too

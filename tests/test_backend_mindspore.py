@@ -14,104 +14,52 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch_reference import (
+    SEED,
+    assert_states_close,
+    assert_states_equal,
+    bn_spec,
+    load_state,
+    network_spec,
+    numpy_state,
+    reference,
+    torch_bn,
+    torch_mlp,
+    train_torch,
+)
 from unitrain.backends.mindspore import MindSporeLoop
 
 import unitrain as ut
 
-SEED = 0
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
-
-def bn_spec():
-    """Every layer kind, for 1x10x10 inputs (MindSpore's CPU convolutions are slow)."""
-    return ut.Sequential(
-        ut.Conv2d(1, 4, 3, padding=1), ut.BatchNorm2d(4), ut.ReLU(), ut.MaxPool2d(2), ut.Flatten(),
-        ut.Sequential(ut.Linear(4 * 5 * 5, 32), ut.BatchNorm1d(32, eps=1e-3, momentum=0.2)),
-        ut.ReLU(), ut.Dropout(0.3), ut.Linear(32, 10),
-    )  # fmt: skip
+# bn_spec for 1x10x10 inputs: MindSpore's CPU convolutions are slow
+SMALL_BN = {"image_size": 10, "padding": 1}
 
 
 def no_dropout(spec):
     return ut.Sequential(*(layer for layer in spec if not isinstance(layer, ut.Dropout)))
 
 
-# The same networks written by hand in plain PyTorch.
-def torch_mlp():
-    return nn.Sequential(
-        nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)
-    )
-
-
-def torch_cnn():
-    return nn.Sequential(
-        nn.Conv2d(1, 6, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 12, 5), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(192, 120), nn.ReLU(), nn.Linear(120, 60), nn.ReLU(), nn.Linear(60, 10),
-    )  # fmt: skip
-
-
-def torch_bn():
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-        nn.Sequential(nn.Linear(4 * 5 * 5, 32), nn.BatchNorm1d(32, eps=1e-3, momentum=0.2)),
-        nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 10),
-    )  # fmt: skip
-
-
-REFERENCES = {"mlp": (ut.mlp, torch_mlp), "cnn": (ut.cnn, torch_cnn), "bn": (bn_spec, torch_bn)}
-
-
-def reference(name):
-    spec, build = REFERENCES[name]
-    model = build()
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in ut.init_weights(spec(), SEED).items()})
-    return model
-
-
-@pytest.fixture(scope="module")
-def mnist():
-    return ut.load_mnist("train")
-
-
 @pytest.fixture(scope="module")
 def small():
-    """Three batches of 32 random 1x10x10 images for ``bn_spec``."""
+    """Three batches of 32 random 1x10x10 images for ``bn_spec(**SMALL_BN)``."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((96, 1, 10, 10)).astype(np.float32)
     return ut.ArrayDataset(x, rng.integers(0, 10, 96))
 
 
-def first_batches(data, n, batch_size=64):
-    return [(x, y) for _, (x, y) in zip(range(n), data.batches(batch_size), strict=False)]
-
-
-def max_diff(loop_state, torch_state):
-    assert list(loop_state) == list(torch_state)
-    return max(float(np.abs(loop_state[k] - v.numpy()).max()) for k, v in torch_state.items())
-
-
 @pytest.mark.parametrize("name", ["mlp", "cnn", "bn"])
-def test_forward_matches_torch(name, mnist, small):
-    x = small.x if name == "bn" else mnist.x[:100]
-    loop = MindSporeLoop(REFERENCES[name][0](), seed=SEED)
-    model = reference(name)
+def test_forward_matches_torch(name, mnist_train, small):
+    x = small.x if name == "bn" else mnist_train.x[:100]
+    loop = MindSporeLoop(network_spec(name, **SMALL_BN), seed=SEED)
+    model = reference(name, **SMALL_BN)
     if name == "bn":  # dropout draws differ between frameworks: compare in eval mode
         loop.eval()
         model.eval()
     out = loop.forward(x)
     assert isinstance(out, ms.Tensor)
     np.testing.assert_allclose(out.asnumpy(), model(torch.from_numpy(x)).detach().numpy(), atol=1e-5)
-
-
-def torch_training(model, optimizer, batches):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # ~10x faster than 2 threads for these small batches on a busy 2-core machine
-    try:
-        for x, y in batches:
-            optimizer.zero_grad()
-            F.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y)).backward()
-            optimizer.step()
-    finally:
-        torch.set_num_threads(threads)
-    return model.state_dict()
 
 
 @pytest.mark.parametrize(
@@ -125,29 +73,29 @@ def torch_training(model, optimizer, batches):
     ],
     ids=["sgd-momentum", "sgd-nesterov-wd", "adam", "adamw"],
 )  # fmt: skip
-def test_training_matches_torch(name, spec, torch_optimizer, steps, atol, mnist):
-    batches = first_batches(mnist, steps)
-    loop = MindSporeLoop(REFERENCES[name][0](), optimizer=spec, seed=SEED)
+def test_training_matches_torch(name, spec, torch_optimizer, steps, atol, mnist_batches):
+    batches = mnist_batches[:steps]
+    loop = MindSporeLoop(network_spec(name), optimizer=spec, seed=SEED)
     for batch in batches:
         loop.step(batch)
     model = reference(name)
-    expected = torch_training(model, torch_optimizer(model.parameters()), batches)
-    assert max_diff(loop.state_dict(), expected) <= atol
+    train_torch(model, torch_optimizer(model.parameters()), batches)
+    assert_states_close(loop.state_dict(), numpy_state(model), rtol=0, atol=atol)
     assert loop.step_count == steps
     assert int(loop.optimizer_state_dict()["step"]) == steps
 
 
 def test_batchnorm_follows_torch_in_training_only(small):
     """Running statistics (unbiased variance, momentum 0.1 and 0.2) and num_batches_tracked."""
-    spec = no_dropout(bn_spec())
-    model = nn.Sequential(*(module for module in torch_bn() if not isinstance(module, nn.Dropout)))
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in ut.init_weights(spec, SEED).items()})
+    spec = no_dropout(bn_spec(**SMALL_BN))
+    model = nn.Sequential(*(module for module in torch_bn(**SMALL_BN) if not isinstance(module, nn.Dropout)))
+    load_state(model, ut.init_weights(spec, SEED))
     loop = MindSporeLoop(spec, optimizer=ut.SGD(lr=0.1), seed=SEED)
     batches = list(small.batches(32))
     for batch in batches:
         loop.step(batch)
-    expected = torch_training(model, torch.optim.SGD(model.parameters(), lr=0.1), batches)
-    assert max_diff(loop.state_dict(), expected) <= 1e-5
+    train_torch(model, torch.optim.SGD(model.parameters(), lr=0.1), batches)
+    assert_states_close(loop.state_dict(), numpy_state(model), rtol=0, atol=1e-5)
     assert loop.state_dict()["5.1.num_batches_tracked"] == 3
     before = loop.state_dict()
     loop.eval()
@@ -169,19 +117,17 @@ def tutorial_step(loop, x, y):
 
 @pytest.mark.parametrize("spec", [ut.SGD(lr=0.1, momentum=0.9, dampening=0.1), ut.Adam()], ids=["sgd", "adam"])
 def test_tutorial_step_equals_step(spec, small):
-    whole, tutorial = (MindSporeLoop(no_dropout(bn_spec()), optimizer=spec, seed=SEED) for _ in range(2))
+    whole, tutorial = (MindSporeLoop(no_dropout(bn_spec(**SMALL_BN)), optimizer=spec, seed=SEED) for _ in range(2))
     for x, y in small.batches(32):
         assert float(whole.step((x, y))) == float(tutorial_step(tutorial, x, y))
     for got, want in [(tutorial.state_dict(), whole.state_dict()), (tutorial.gradients(), whole.gradients()),
                       (tutorial.optimizer_state_dict(), whole.optimizer_state_dict())]:  # fmt: skip
-        assert list(got) == list(want)
-        for key in want:
-            np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+        assert_states_equal(got, want)
 
 
-def test_gradients_accumulate_until_zero_grad(mnist):
+def test_gradients_accumulate_until_zero_grad(mnist_train):
     loop = MindSporeLoop(ut.mlp(), loss=ut.CrossEntropyLoss(reduction="sum"), seed=SEED)
-    x, y = mnist.x[:64], mnist.y[:64]
+    x, y = mnist_train.x[:64], mnist_train.y[:64]
     for part in (slice(0, 32), slice(32, 64)):
         loop.backward(loop.loss(loop.forward(x[part]), y[part]))
     halves = loop.gradients()
@@ -197,30 +143,28 @@ def test_gradients_accumulate_until_zero_grad(mnist):
 
 
 def test_modes_dropout_and_read_only_evaluation(small):
-    loop = MindSporeLoop(bn_spec(), optimizer=ut.Adam(), seed=SEED)
+    loop = MindSporeLoop(bn_spec(**SMALL_BN), optimizer=ut.Adam(), seed=SEED)
     x, y = small.x, small.y
     loop.step((x, y))
     state, opt_state = loop.state_dict(), loop.optimizer_state_dict()
     predicted = loop.predict(x)
     metrics = loop.evaluate((x, y), batch_size=50)
     np.testing.assert_array_equal(loop.predict(x), predicted)  # eval: dropout is the identity
-    model = reference("bn").eval()
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+    model = load_state(torch_bn(**SMALL_BN), state).eval()
     expected = model(torch.from_numpy(x))
     np.testing.assert_allclose(predicted, expected.detach().numpy(), atol=1e-5)
     assert metrics["loss"] == pytest.approx(F.cross_entropy(expected, torch.from_numpy(y)).item(), rel=1e-5)
     assert metrics["num_correct"] == int((expected.argmax(1).numpy() == y).sum())
     assert loop.training and loop.step_count == 1
-    for got, want in [(loop.state_dict(), state), (loop.optimizer_state_dict(), opt_state)]:
-        for key in want:
-            np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+    assert_states_equal(loop.state_dict(), state)
+    assert_states_equal(loop.optimizer_state_dict(), opt_state)
     train_out = loop.forward(x).asnumpy()  # training: dropout active, batch statistics
     assert not np.allclose(train_out, predicted)
     assert loop.state_dict()["1.num_batches_tracked"] == 2
 
 
 def test_state_dict_and_files(tmp_path, small):
-    spec = no_dropout(bn_spec())
+    spec = no_dropout(bn_spec(**SMALL_BN))
     loop = MindSporeLoop(spec, optimizer=ut.SGD(lr=0.1, momentum=0.9), seed=SEED)
     state = loop.state_dict()
     assert {k: v.shape for k, v in state.items()} == spec.state_shapes()
@@ -235,17 +179,15 @@ def test_state_dict_and_files(tmp_path, small):
     restored = MindSporeLoop(spec, optimizer=ut.SGD(lr=0.1, momentum=0.9), seed=1)
     restored.load_weights(tmp_path / "w.safetensors")
     restored.load_optimizer_state_dict(opt_state)
-    for key, value in loop.state_dict().items():
-        np.testing.assert_array_equal(restored.state_dict()[key], value, err_msg=key)
+    assert_states_equal(restored.state_dict(), loop.state_dict())
     for batch in batches[1:]:
         assert float(loop.step(batch)) == float(restored.step(batch))
-    for key, value in loop.state_dict().items():
-        np.testing.assert_array_equal(restored.state_dict()[key], value, err_msg=key)
+    assert_states_equal(restored.state_dict(), loop.state_dict())
     restored.load_optimizer_state_dict({"step": np.array(0)})  # a fresh optimizer: no buffers yet
     assert set(restored.optimizer_state_dict()) == {"step"}
 
 
-def test_native_cell_trains(mnist):
+def test_native_cell_trains(mnist_batches):
     cell = ms.nn.SequentialCell(
         [ms.nn.Flatten(), ms.nn.Dense(784, 64), ms.nn.BatchNorm1d(64), ms.nn.ReLU(), ms.nn.Dense(64, 10)]
     )
@@ -253,7 +195,7 @@ def test_native_cell_trains(mnist):
     loop = ut.make_loop(None, cell, optimizer=ut.SGD(lr=0.05, momentum=0.9))
     assert isinstance(loop, MindSporeLoop)
     assert {"1.weight", "2.moving_mean", "4.bias"} <= set(loop.state_dict())
-    batches = first_batches(mnist, 30)
+    batches = mnist_batches[:30]
     losses = [float(loop.step(batch)) for batch in batches]
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
     assert set(loop.gradients()) == {"1.weight", "1.bias", "2.gamma", "2.beta", "4.weight", "4.bias"}

@@ -5,6 +5,16 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
+from torch_reference import (
+    assert_states_close,
+    assert_states_equal,
+    load_state,
+    numpy_gradients,
+    numpy_state,
+    optimizer_buffers,
+    torch_layers,
+    train_torch,
+)
 from unitrain.backends.numpy import NumpyLoop
 
 from unitrain import (
@@ -40,68 +50,24 @@ def bn_net(dropout=0.3):
 
 MODELS = {"mlp": mlp, "cnn": cnn, "bn": bn_net, "bn_no_dropout": lambda: bn_net(0.0)}
 
-
-def torch_layers(spec):
-    layers = []
-    for layer in spec:
-        if isinstance(layer, Sequential):
-            layers.append(torch_layers(layer))
-        elif isinstance(layer, Linear):
-            layers.append(torch.nn.Linear(layer.in_features, layer.out_features, layer.bias))
-        elif isinstance(layer, Conv2d):
-            layers.append(torch.nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size,
-                                          layer.stride, layer.padding, bias=layer.bias))  # fmt: skip
-        elif isinstance(layer, MaxPool2d):
-            layers.append(torch.nn.MaxPool2d(layer.kernel_size, layer.stride))
-        elif isinstance(layer, (BatchNorm1d, BatchNorm2d)):
-            kind = torch.nn.BatchNorm1d if isinstance(layer, BatchNorm1d) else torch.nn.BatchNorm2d
-            layers.append(kind(layer.num_features, layer.eps, layer.momentum))
-        elif isinstance(layer, Dropout):
-            layers.append(torch.nn.Dropout(layer.p))
-        else:
-            layers.append({ReLU: torch.nn.ReLU, Flatten: torch.nn.Flatten}[type(layer)]())
-    return torch.nn.Sequential(*layers)
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
 
 def torch_twin(loop):
     """The equivalent torch.nn.Sequential holding the loop's current weights, in its mode."""
     model = torch_layers(loop.model_spec).to(torch.float64 if loop.dtype == np.float64 else torch.float32)
-    model.load_state_dict({key: torch.from_numpy(value) for key, value in loop.state_dict().items()})
-    return model.train(loop.training)
+    return load_state(model, loop.state_dict()).train(loop.training)
+
+
+@pytest.fixture(scope="module")
+def batch(mnist_batches):
+    return mnist_batches[0]
 
 
 def torch_loss(spec, pred, y):
     fn = {CrossEntropyLoss: torch.nn.functional.cross_entropy, NLLLoss: torch.nn.functional.nll_loss,
           MSELoss: torch.nn.functional.mse_loss}[type(spec)]  # fmt: skip
     return fn(pred, torch.from_numpy(y), reduction=spec.reduction)
-
-
-def assert_state_close(actual, expected, rtol, atol):
-    """Same keys in the same order and close values; ``atol`` scales with arrays whose largest
-    magnitude exceeds 1 (summed losses), where rounding grows with the values."""
-    assert list(actual) == list(expected)
-    for key, value in expected.items():
-        scale = max(1.0, float(np.abs(value).max(initial=0)))
-        np.testing.assert_allclose(actual[key], value, rtol=rtol, atol=atol * scale, err_msg=key)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # PyTorch's thread pool thrashes on a busy 2-core machine (10x slower); the reference needs no speed
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def mnist(mnist_train):
-    return mnist_train
-
-
-@pytest.fixture(scope="module")
-def batch(mnist):
-    return mnist.x[:64], mnist.y[:64]
 
 
 # (dropout in training draws different masks than PyTorch: see test_dropout_gradient_uses_the_mask)
@@ -118,11 +84,11 @@ def test_forward_loss_gradients_and_buffers_match_torch(model, training, batch):
     expected_loss.backward()
     np.testing.assert_allclose(pred, expected_pred.detach().numpy(), rtol=1e-5, atol=1e-5)
     assert float(loss) == pytest.approx(expected_loss.item(), rel=1e-6)
-    expected_grads = {name: param.grad.numpy() for name, param in reference.named_parameters()}
+    expected_grads = numpy_gradients(reference)
     # atol 1e-5: under BatchNorm2d PyTorch's float32 conv gradient is 5e-6 off the float64 one, ours 7e-8
-    assert_state_close(loop.gradients(), expected_grads, rtol=1e-4, atol=1e-5)
-    expected_state = {key: value.numpy() for key, value in reference.state_dict().items()}
-    assert_state_close(loop.state_dict(), expected_state, rtol=1e-6, atol=1e-7)  # running statistics
+    assert_states_close(loop.gradients(), expected_grads, rtol=1e-4, atol=1e-5, scale_atol=True)
+    # running statistics
+    assert_states_close(loop.state_dict(), numpy_state(reference), rtol=1e-6, atol=1e-7, scale_atol=True)
 
 
 @pytest.mark.parametrize("model", ["mlp", "cnn", "bn_no_dropout"])
@@ -138,7 +104,7 @@ def test_float64_matches_torch_tightly(model, batch):
     np.testing.assert_allclose(pred, expected.detach().numpy(), rtol=1e-12, atol=1e-12)
     grads = loop.gradients()
     assert all(grad.dtype == np.float64 for grad in grads.values())
-    assert_state_close(grads, {n: p.grad.numpy() for n, p in reference.named_parameters()}, rtol=1e-9, atol=1e-12)
+    assert_states_close(grads, numpy_gradients(reference), rtol=1e-9, atol=1e-12, scale_atol=True)
 
 
 @pytest.mark.parametrize("loss_spec", [cls(reduction) for cls in (CrossEntropyLoss, NLLLoss, MSELoss)
@@ -154,8 +120,7 @@ def test_losses_match_torch(loss_spec, batch):
     expected = torch_loss(loss_spec, reference(torch.from_numpy(x)), y)
     expected.backward()
     assert float(loss) == pytest.approx(expected.item(), rel=1e-5)
-    assert_state_close(loop.gradients(), {n: p.grad.numpy() for n, p in reference.named_parameters()},
-                       rtol=1e-4, atol=1e-6)  # fmt: skip
+    assert_states_close(loop.gradients(), numpy_gradients(reference), rtol=1e-4, atol=1e-6, scale_atol=True)
 
 
 @pytest.mark.parametrize("kernel, stride, padding, pool", [(3, 1, 1, (2,)), (3, 2, 1, (3, 2)), (2, 3, 0, (2, 3)),
@@ -172,8 +137,7 @@ def test_conv_and_pool_geometries_match_torch(kernel, stride, padding, pool):
     expected = reference(torch.from_numpy(x))
     torch.nn.functional.mse_loss(expected, torch.from_numpy(y)).backward()
     np.testing.assert_allclose(pred, expected.detach().numpy(), rtol=1e-5, atol=1e-6)
-    assert_state_close(loop.gradients(), {n: p.grad.numpy() for n, p in reference.named_parameters()},
-                       rtol=1e-4, atol=1e-6)  # fmt: skip
+    assert_states_close(loop.gradients(), numpy_gradients(reference), rtol=1e-4, atol=1e-6, scale_atol=True)
 
 
 def test_dropout_gradient_uses_the_mask(batch):
@@ -188,8 +152,7 @@ def test_dropout_gradient_uses_the_mask(batch):
     expected = reference[3](hidden * torch.from_numpy(scale))
     torch.nn.functional.cross_entropy(expected, torch.from_numpy(y)).backward()
     np.testing.assert_allclose(pred, expected.detach().numpy(), rtol=1e-5, atol=1e-6)
-    assert_state_close(loop.gradients(), {n: p.grad.numpy() for n, p in reference.named_parameters()},
-                       rtol=1e-4, atol=1e-6)  # fmt: skip
+    assert_states_close(loop.gradients(), numpy_gradients(reference), rtol=1e-4, atol=1e-6, scale_atol=True)
 
 
 def test_dropout_is_identity_in_eval_and_seeded(batch):
@@ -229,48 +192,40 @@ TRAJECTORIES = {
 }
 
 
-def run_both(case, mnist, dtype="float32"):
-    """Train the NumPy loop and a hand-written PyTorch loop side by side; returns both and the optimizer."""
+def run_both(case, mnist_batches, dtype="float32"):
+    """Train the NumPy loop and the hand-written PyTorch loop on the same batches; returns both and the optimizer."""
     model, optimizer, steps, _ = TRAJECTORIES[case]
     loop = NumpyLoop(MODELS[model](), optimizer=optimizer, dtype=dtype)
     reference = torch_twin(loop)
     torch_opt = torch_optimizer(optimizer, reference.parameters())
-    for x, y in mnist.subset(slice(0, 64 * steps)).batches(64):
-        loss = loop.step((x, y))
-        torch_opt.zero_grad()
-        expected = torch.nn.functional.cross_entropy(reference(torch.from_numpy(x.astype(dtype))), torch.from_numpy(y))
-        expected.backward()
-        torch_opt.step()
-        assert float(loss) == pytest.approx(expected.item(), rel=1e-4, abs=1e-5)
+    batches = mnist_batches[:steps]
+    losses = [float(loop.step(batch)) for batch in batches]
+    assert losses == pytest.approx(train_torch(reference, torch_opt, batches), rel=1e-4, abs=1e-5)
     assert loop.step_count == loop.optimizer_state_dict()["step"] == steps
     return loop, reference, torch_opt
 
 
 @pytest.mark.parametrize("case", TRAJECTORIES)
-def test_training_trajectory_matches_a_torch_loop(case, mnist):
-    loop, reference, torch_opt = run_both(case, mnist)
+def test_training_trajectory_matches_a_torch_loop(case, mnist_batches):
+    loop, reference, torch_opt = run_both(case, mnist_batches)
     atol = TRAJECTORIES[case][3]
-    expected = {key: value.numpy() for key, value in reference.state_dict().items()}
-    assert_state_close(loop.state_dict(), expected, rtol=1e-4, atol=atol)
+    assert_states_close(loop.state_dict(), numpy_state(reference), rtol=1e-4, atol=atol, scale_atol=True)
     optimizer_state = loop.optimizer_state_dict()
-    for name, param in reference.named_parameters():
-        for buffer, value in torch_opt.state[param].items():
-            if buffer != "step":
-                np.testing.assert_allclose(optimizer_state[f"{name}.{buffer}"], value.numpy(), rtol=1e-4, atol=atol)
+    del optimizer_state["step"]
+    assert_states_close(optimizer_state, optimizer_buffers(reference, torch_opt), rtol=1e-4, atol=atol)
 
 
 @pytest.mark.parametrize("case", ["mlp-adam", "cnn-adamw"])
-def test_adam_trajectory_is_exact_in_float64(case, mnist):
-    loop, reference, _ = run_both(case, mnist, "float64")
-    expected = {key: value.numpy() for key, value in reference.state_dict().items()}
-    assert_state_close(loop.state_dict(), expected, rtol=1e-10, atol=1e-12)
+def test_adam_trajectory_is_exact_in_float64(case, mnist_batches):
+    loop, reference, _ = run_both(case, mnist_batches, "float64")
+    assert_states_close(loop.state_dict(), numpy_state(reference), rtol=1e-10, atol=1e-12, scale_atol=True)
 
 
 @pytest.mark.parametrize("model", ["cnn", "bn_no_dropout"])
-def test_step_equals_tutorial_sequence_bit_for_bit(model, mnist):
+def test_step_equals_tutorial_sequence_bit_for_bit(model, mnist_batches):
     whole = NumpyLoop(MODELS[model](), optimizer=SGD(lr=0.05, momentum=0.9))
     tutorial = NumpyLoop(MODELS[model](), optimizer=SGD(lr=0.05, momentum=0.9))
-    for x, y in mnist.subset(slice(0, 64 * 4)).batches(64):
+    for x, y in mnist_batches[:4]:
         step_loss = whole.step((x, y))
         tutorial.zero_grad()
         loss = tutorial.loss(tutorial.forward(x), y)
@@ -278,10 +233,8 @@ def test_step_equals_tutorial_sequence_bit_for_bit(model, mnist):
         tutorial.update()
         assert float(step_loss) == float(loss)
     assert tutorial.step_count == whole.step_count == 4
-    for key, value in whole.state_dict().items():
-        np.testing.assert_array_equal(tutorial.state_dict()[key], value, err_msg=key)
-    for key, value in whole.optimizer_state_dict().items():
-        np.testing.assert_array_equal(tutorial.optimizer_state_dict()[key], value, err_msg=key)
+    assert_states_equal(tutorial.state_dict(), whole.state_dict())
+    assert_states_equal(tutorial.optimizer_state_dict(), whole.optimizer_state_dict())
 
 
 def test_gradients_accumulate_until_zero_grad(batch):
@@ -291,12 +244,12 @@ def test_gradients_accumulate_until_zero_grad(batch):
     for part in (slice(0, 32), slice(32, 64)):
         halves.backward(halves.loss(halves.forward(x[part]), y[part]))
     full.backward(full.loss(full.forward(x), y))
-    assert_state_close(halves.gradients(), full.gradients(), rtol=1e-5, atol=1e-6)
+    assert_states_close(halves.gradients(), full.gradients(), rtol=1e-5, atol=1e-6, scale_atol=True)
     halves.zero_grad()
     assert all(not grad.any() for grad in halves.gradients().values())
     before = halves.state_dict()
     halves.update()  # zero gradients, no momentum: nothing moves
-    assert_state_close(halves.state_dict(), before, rtol=0, atol=0)
+    assert_states_equal(halves.state_dict(), before)
 
 
 def test_backward_refuses_the_loss_of_an_older_forward(batch):
@@ -325,23 +278,23 @@ def test_batchnorm_statistics_update_only_in_training(batch):
     loop.forward(x)
     loop.predict(x)
     loop.evaluate((x, y))
-    assert_state_close(loop.state_dict(), state, rtol=0, atol=0)
+    assert_states_equal(loop.state_dict(), state)
     single = NumpyLoop(Sequential(Flatten(), Linear(784, 4), BatchNorm1d(4)))
     with pytest.raises(InputError, match="more than one value"):
         single.forward(x[:1])  # PyTorch refuses this too: the unbiased variance divides by zero
 
 
-def test_predict_and_evaluate_change_nothing(mnist):
+def test_predict_and_evaluate_change_nothing(mnist_train, mnist_batches):
     loop = NumpyLoop(bn_net(), optimizer=Adam())
-    for batch in mnist.subset(slice(0, 128)).batches(64):
+    for batch in mnist_batches[:2]:
         loop.step(batch)
     state, optimizer_state = loop.state_dict(), loop.optimizer_state_dict()
-    x, y = mnist.x[:300], mnist.y[:300]
+    x, y = mnist_train.x[:300], mnist_train.y[:300]
     pred = loop.predict(x, batch_size=128)
     metrics = loop.evaluate((x, y), batch_size=128)
     assert loop.training and loop.step_count == 2
-    assert_state_close(loop.state_dict(), state, rtol=0, atol=0)
-    assert_state_close(loop.optimizer_state_dict(), optimizer_state, rtol=0, atol=0)
+    assert_states_equal(loop.state_dict(), state)
+    assert_states_equal(loop.optimizer_state_dict(), optimizer_state)
     reference = torch_twin(loop).eval()
     with torch.no_grad():
         expected = reference(torch.from_numpy(x))
@@ -365,14 +318,12 @@ def test_state_dict_layout_and_weight_files(tmp_path, batch):
     torch_layers(bn_net()).load_state_dict(safetensors.torch.load_file(path))  # PyTorch reads the file
     restored = NumpyLoop(bn_net(), seed=9)
     restored.load_weights(path)
-    for key, value in state.items():
-        np.testing.assert_array_equal(restored.state_dict()[key], value, err_msg=key)
-        assert restored.state_dict()[key].dtype == value.dtype
+    assert_states_equal(restored.state_dict(), state)
 
 
 @pytest.mark.parametrize("optimizer", [SGD(lr=0.05, momentum=0.9), Adam(lr=1e-3)])
-def test_optimizer_state_round_trip(optimizer, mnist):
-    batches = list(mnist.subset(slice(0, 64 * 5)).batches(64))
+def test_optimizer_state_round_trip(optimizer, mnist_batches):
+    batches = mnist_batches[:5]
     original = NumpyLoop(cnn(), optimizer=optimizer)
     for batch in batches[:3]:
         original.step(batch)
@@ -386,19 +337,18 @@ def test_optimizer_state_round_trip(optimizer, mnist):
     for batch in batches[3:]:
         original.step(batch)
         resumed.step(batch)
-    for key, value in original.state_dict().items():
-        np.testing.assert_array_equal(resumed.state_dict()[key], value, err_msg=key)
+    assert_states_equal(resumed.state_dict(), original.state_dict())
     with pytest.raises(ValueError, match="unexpected"):
         resumed.load_optimizer_state_dict({"step": np.int64(1), "0.weight.nonsense": saved["step"]})
 
 
-def test_float64_trains_end_to_end(mnist):
+def test_float64_trains_end_to_end(mnist_train):
     loop = NumpyLoop(bn_net(), optimizer=Adam(), dtype="float64")
-    history = loop.fit(mnist.subset(slice(0, 640)), epochs=2, batch_size=64)
+    history = loop.fit(mnist_train.subset(slice(0, 640)), epochs=2, batch_size=64)
     assert history[1]["train_loss"] < history[0]["train_loss"]
     assert all(v.dtype == np.float64 for k, v in loop.state_dict().items() if "num_batches" not in k)
     assert all(v.dtype == np.float64 for k, v in loop.optimizer_state_dict().items() if k != "step")
-    assert loop.predict(mnist.x[:5]).dtype == np.float64
+    assert loop.predict(mnist_train.x[:5]).dtype == np.float64
 
 
 def test_native_models_are_refused():
@@ -408,8 +358,8 @@ def test_native_models_are_refused():
 
 
 @pytest.mark.slow
-def test_one_epoch_of_mlp_reaches_90_percent(mnist, mnist_test):
+def test_one_epoch_of_mlp_reaches_90_percent(mnist_train, mnist_test):
     loop = NumpyLoop(mlp(), optimizer=SGD(lr=0.01), seed=0)
-    (record,) = loop.fit(mnist, epochs=1, batch_size=64, shuffle=True, eval_data=mnist_test)
+    (record,) = loop.fit(mnist_train, epochs=1, batch_size=64, shuffle=True, eval_data=mnist_test)
     print(f"numpy mlp: test accuracy {record['test_accuracy']:.4f}, {record['samples_per_sec']:.0f} samples/s")
     assert record["test_accuracy"] >= 0.90

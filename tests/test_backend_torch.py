@@ -1,4 +1,4 @@
-"""The PyTorch backend against hand-written plain-PyTorch code (nn.Sequential + torch.optim).
+"""The PyTorch backend against hand-written plain-PyTorch code (nn.Sequential + torch.optim, in torch_reference.py).
 
 Both run the same PyTorch kernels in the same order, so results are compared bit-for-bit.
 """
@@ -11,73 +11,26 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
+from torch_reference import (
+    SEED,
+    assert_states_equal,
+    bn_spec,
+    network_spec,
+    numpy_state,
+    optimizer_buffers,
+    reference,
+    train_torch,
+)
 from unitrain.backends.torch import TorchLoop
 
 import unitrain as ut
 from unitrain.weights import WeightsError
 
-SEED = 0
-
-
-def bn_spec():
-    return ut.Sequential(
-        ut.Conv2d(1, 4, 3), ut.BatchNorm2d(4), ut.ReLU(), ut.MaxPool2d(2), ut.Flatten(),
-        ut.Sequential(ut.Linear(4 * 13 * 13, 32), ut.BatchNorm1d(32, eps=1e-3, momentum=0.2)),
-        ut.ReLU(), ut.Dropout(0.3), ut.Linear(32, 10),
-    )  # fmt: skip
-
-
-# The same networks written by hand in plain PyTorch.
-def torch_mlp():
-    return nn.Sequential(
-        nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)
-    )
-
-
-def torch_cnn():
-    return nn.Sequential(
-        nn.Conv2d(1, 6, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 12, 5), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(192, 120), nn.ReLU(), nn.Linear(120, 60), nn.ReLU(), nn.Linear(60, 10),
-    )  # fmt: skip
-
-
-def torch_bn():
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-        nn.Sequential(nn.Linear(4 * 13 * 13, 32), nn.BatchNorm1d(32, eps=1e-3, momentum=0.2)),
-        nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 10),
-    )  # fmt: skip
-
-
-REFERENCES = {"mlp": (ut.mlp, torch_mlp), "cnn": (ut.cnn, torch_cnn), "bn": (bn_spec, torch_bn)}
-
-
-def reference(name, dtype=torch.float32):
-    spec, build = REFERENCES[name]
-    model = build().to(dtype)
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in ut.init_weights(spec(), SEED).items()})
-    return model
-
-
-@pytest.fixture(scope="module")
-def mnist():
-    return ut.load_mnist("train")
-
-
-def first_batches(data, n, batch_size=64):
-    return [(x, y) for _, (x, y) in zip(range(n), data.batches(batch_size), strict=False)]
-
-
-def assert_same_state(loop_state, torch_state):
-    assert list(loop_state) == list(torch_state)
-    for key, value in torch_state.items():
-        np.testing.assert_array_equal(loop_state[key], value.numpy(), err_msg=key)
-
 
 @pytest.mark.parametrize("name", ["mlp", "cnn", "bn"])
-def test_forward_matches_torch(name, mnist):
-    x = mnist.x[:100]
-    loop = TorchLoop(REFERENCES[name][0](), seed=SEED)
+def test_forward_matches_torch(name, mnist_train):
+    x = mnist_train.x[:100]
+    loop = TorchLoop(network_spec(name), seed=SEED)
     ref = reference(name)
     with torch.no_grad():
         np.testing.assert_array_equal(loop.predict(x), ref.eval()(torch.from_numpy(x)).numpy())
@@ -105,44 +58,33 @@ OPTIMIZERS = [
 
 
 @pytest.mark.parametrize(("name", "spec", "make_optimizer", "steps"), OPTIMIZERS)
-def test_training_matches_torch_bit_for_bit(name, spec, make_optimizer, steps, mnist):
-    batches = first_batches(mnist, steps)
-    loop = TorchLoop(REFERENCES[name][0](), optimizer=spec, seed=SEED)
+def test_training_matches_torch_bit_for_bit(name, spec, make_optimizer, steps, mnist_batches):
+    batches = mnist_batches[:steps]
+    loop = TorchLoop(network_spec(name), optimizer=spec, seed=SEED)
     losses = [float(loop.step(batch)) for batch in batches]
 
     model = reference(name)
     optimizer = make_optimizer(model.parameters())
-    expected = []
     with torch.random.fork_rng():
         torch.manual_seed(SEED)  # the dropout stream of a loop with this seed
-        for x, y in batches:
-            optimizer.zero_grad()
-            loss = F.cross_entropy(model(torch.from_numpy(x)), torch.from_numpy(y))
-            loss.backward()
-            optimizer.step()
-            expected.append(loss.item())
+        expected = train_torch(model, optimizer, batches)
 
     assert losses == expected
-    assert_same_state(loop.state_dict(), model.state_dict())
+    assert_states_equal(loop.state_dict(), numpy_state(model))
     state = loop.optimizer_state_dict()
-    assert state["step"] == steps and state["step"].dtype == np.int64
-    for param_name, param in model.named_parameters():
-        for key in spec.state_names:
-            np.testing.assert_array_equal(state[f"{param_name}.{key}"], optimizer.state[param][key].numpy())
+    assert state["step"] == steps and state.pop("step").dtype == np.int64
+    assert {key.rsplit(".", 1)[1] for key in state} == set(spec.state_names)
+    assert_states_equal(state, optimizer_buffers(model, optimizer))
 
 
-def test_float64_matches_torch(mnist):
-    batches = first_batches(mnist, 5)
+def test_float64_matches_torch(mnist_batches):
+    batches = mnist_batches[:5]
     loop = TorchLoop(ut.mlp(), optimizer=ut.Adam(), seed=SEED, dtype="float64")
     for batch in batches:
         loop.step(batch)
     model = reference("mlp", torch.float64)
-    optimizer = torch.optim.Adam(model.parameters())
-    for x, y in batches:
-        optimizer.zero_grad()
-        F.cross_entropy(model(torch.from_numpy(x).double()), torch.from_numpy(y)).backward()
-        optimizer.step()
-    assert_same_state(loop.state_dict(), model.state_dict())
+    train_torch(model, torch.optim.Adam(model.parameters()), batches)
+    assert_states_equal(loop.state_dict(), numpy_state(model))
     assert loop.predict(batches[0][0]).dtype == np.float64
     assert all(v.dtype == np.float64 for v in loop.optimizer_state_dict().values() if v.ndim)
 
@@ -154,8 +96,8 @@ def test_float64_matches_torch(mnist):
         (ut.MSELoss(), F.mse_loss, lambda y: np.eye(10, dtype=np.float32)[y]),
     ],
 )
-def test_other_losses_match_torch(loss, functional, target, mnist):
-    x, y = mnist.x[:64], target(mnist.y[:64])
+def test_other_losses_match_torch(loss, functional, target, mnist_train):
+    x, y = mnist_train.x[:64], target(mnist_train.y[:64])
     loop = TorchLoop(ut.mlp(), loss=loss, seed=SEED)
     value = loop.step((x, y))
     model = reference("mlp")
@@ -164,41 +106,41 @@ def test_other_losses_match_torch(loss, functional, target, mnist):
     expected.backward()
     optimizer.step()
     assert float(value) == expected.item()
-    assert_same_state(loop.state_dict(), model.state_dict())
+    assert_states_equal(loop.state_dict(), numpy_state(model))
     metrics = loop.evaluate((x, y))
     with torch.no_grad():
         mean = functional(model(torch.from_numpy(x)), torch.from_numpy(y)).item()
     assert metrics["loss"] == pytest.approx(mean, rel=1e-6)
 
 
-def test_evaluate_matches_torch(mnist):
+def test_evaluate_matches_torch(mnist_train):
     loop = TorchLoop(ut.cnn(), seed=SEED)
-    metrics = loop.evaluate(mnist.subset(slice(0, 2500)), batch_size=1000)
+    metrics = loop.evaluate(mnist_train.subset(slice(0, 2500)), batch_size=1000)
     with torch.no_grad():
-        logits = reference("cnn").eval()(torch.from_numpy(mnist.x[:2500]))
-        mean = F.cross_entropy(logits, torch.from_numpy(mnist.y[:2500])).item()
+        logits = reference("cnn").eval()(torch.from_numpy(mnist_train.x[:2500]))
+        mean = F.cross_entropy(logits, torch.from_numpy(mnist_train.y[:2500])).item()
     assert metrics["loss"] == pytest.approx(mean, rel=1e-6)
-    assert metrics["num_correct"] == int((logits.argmax(1).numpy() == mnist.y[:2500]).sum())
+    assert metrics["num_correct"] == int((logits.argmax(1).numpy() == mnist_train.y[:2500]).sum())
     assert metrics["num_samples"] == 2500
 
 
 @pytest.mark.parametrize("name", ["mlp", "bn"])
-def test_step_equals_tutorial_sequence(name, mnist):
-    whole = TorchLoop(REFERENCES[name][0](), optimizer=ut.SGD(momentum=0.9), seed=SEED)
-    manual = TorchLoop(REFERENCES[name][0](), optimizer=ut.SGD(momentum=0.9), seed=SEED)
-    for x, y in first_batches(mnist, 3):
+def test_step_equals_tutorial_sequence(name, mnist_batches):
+    whole = TorchLoop(network_spec(name), optimizer=ut.SGD(momentum=0.9), seed=SEED)
+    manual = TorchLoop(network_spec(name), optimizer=ut.SGD(momentum=0.9), seed=SEED)
+    for x, y in mnist_batches[:3]:
         expected = whole.step((x, y))
         manual.zero_grad()
         loss = manual.loss(manual.forward(x), y)
         manual.backward(loss)
         manual.update()
         assert loss.item() == expected.item()  # with dropout too: both draw from the loop's stream
-    assert_same_state(whole.state_dict(), {k: torch.from_numpy(v) for k, v in manual.state_dict().items()})
+    assert_states_equal(whole.state_dict(), manual.state_dict())
     assert whole.step_count == manual.step_count == 3
 
 
-def test_zero_grad_and_accumulation(mnist):
-    x, y = mnist.x[:64], mnist.y[:64]
+def test_zero_grad_and_accumulation(mnist_train):
+    x, y = mnist_train.x[:64], mnist_train.y[:64]
     loop = TorchLoop(ut.cnn(), loss=ut.CrossEntropyLoss(reduction="sum"), seed=SEED)
     grads = loop.gradients()
     assert list(grads) == list(ut.cnn().param_shapes()) and not any(g.any() for g in grads.values())
@@ -234,9 +176,9 @@ def test_dropout_only_in_training_and_seeded():
     np.testing.assert_array_equal(loop.forward(x).detach().numpy(), clean)
 
 
-def test_batchnorm_running_stats_follow_pytorch(mnist):
+def test_batchnorm_running_stats_follow_pytorch(mnist_train):
     spec = ut.Sequential(ut.Flatten(), ut.Linear(784, 16), ut.BatchNorm1d(16, eps=1e-3, momentum=0.2))
-    x, y = mnist.x[:64], mnist.y[:64] % 10
+    x, y = mnist_train.x[:64], mnist_train.y[:64] % 10
     w = ut.init_weights(spec, SEED)
     h = x.reshape(64, -1).astype(np.float64) @ w["1.weight"].T + w["1.bias"]
     loop = TorchLoop(spec, seed=SEED)
@@ -258,19 +200,17 @@ def test_batchnorm_running_stats_follow_pytorch(mnist):
 
 
 @pytest.mark.parametrize("training", [True, False])
-def test_predict_and_evaluate_change_nothing(training, mnist):
+def test_predict_and_evaluate_change_nothing(training, mnist_train, mnist_batches):
     loop = TorchLoop(bn_spec(), optimizer=ut.Adam(), seed=SEED)
-    for batch in first_batches(mnist, 2):
+    for batch in mnist_batches[:2]:
         loop.step(batch)
     loop.train(training)
     before = loop.state_dict(), loop.optimizer_state_dict(), loop.step_count
-    loop.predict(mnist.x[:300], batch_size=128)
-    loop.evaluate(mnist.subset(slice(0, 300)), batch_size=128)
+    loop.predict(mnist_train.x[:300], batch_size=128)
+    loop.evaluate(mnist_train.subset(slice(0, 300)), batch_size=128)
     after = loop.state_dict(), loop.optimizer_state_dict(), loop.step_count
     for old, new in zip(before[:2], after[:2], strict=True):
-        assert list(old) == list(new)
-        for key in old:
-            np.testing.assert_array_equal(old[key], new[key], err_msg=key)
+        assert_states_equal(new, old)
     assert before[2] == after[2] == 2
     assert loop.training is training and loop.model.training is training
 
@@ -287,25 +227,27 @@ def test_state_dict_layout_and_copies():
     assert not (loop.state_dict()["0.weight"] == 7).any()
 
 
-def test_weights_round_trip(tmp_path, mnist):
+def test_weights_round_trip(tmp_path, mnist_train, mnist_batches):
     loop = TorchLoop(bn_spec(), optimizer=ut.Adam(), seed=SEED)
-    for batch in first_batches(mnist, 3):
+    for batch in mnist_batches[:3]:
         loop.step(batch)
     path = tmp_path / "w.safetensors"
     loop.save_weights(path)
     other = TorchLoop(bn_spec(), seed=5)
     other.load_weights(path)
-    assert_same_state(other.state_dict(), {k: torch.from_numpy(v) for k, v in loop.state_dict().items()})
+    assert_states_equal(other.state_dict(), loop.state_dict())
     # the file is an ordinary PyTorch state_dict
     model = reference("bn")
     model.load_state_dict(load_file(path))
     with torch.no_grad():
-        np.testing.assert_array_equal(model.eval()(torch.from_numpy(mnist.x[:50])).numpy(), loop.predict(mnist.x[:50]))
+        np.testing.assert_array_equal(
+            model.eval()(torch.from_numpy(mnist_train.x[:50])).numpy(), loop.predict(mnist_train.x[:50])
+        )
 
 
 @pytest.mark.parametrize("spec", [ut.SGD(momentum=0.9), ut.Adam(), ut.AdamW()])
-def test_optimizer_state_round_trip(spec, mnist):
-    batches = first_batches(mnist, 5)
+def test_optimizer_state_round_trip(spec, mnist_batches):
+    batches = mnist_batches[:5]
     loop = TorchLoop(ut.mlp(), optimizer=spec, seed=SEED)
     fresh = TorchLoop(ut.mlp(), optimizer=spec, seed=1)
     assert list(fresh.optimizer_state_dict()) == ["step"]  # buffers appear with the first step
@@ -317,13 +259,8 @@ def test_optimizer_state_round_trip(spec, mnist):
     for batch in batches[3:]:
         loop.step(batch)
         fresh.step(batch)
-    for old, new in [
-        (loop.state_dict(), fresh.state_dict()),
-        (loop.optimizer_state_dict(), fresh.optimizer_state_dict()),
-    ]:
-        assert list(old) == list(new)
-        for key in old:
-            np.testing.assert_array_equal(old[key], new[key], err_msg=key)
+    assert_states_equal(fresh.state_dict(), loop.state_dict())
+    assert_states_equal(fresh.optimizer_state_dict(), loop.optimizer_state_dict())
     state = loop.optimizer_state_dict()
     with pytest.raises(WeightsError, match="unexpected"):
         fresh.load_optimizer_state_dict({**state, "9.weight.exp_avg": state["1.bias." + spec.state_names[0]]})
@@ -331,7 +268,7 @@ def test_optimizer_state_round_trip(spec, mnist):
         fresh.load_optimizer_state_dict({**state, f"1.bias.{spec.state_names[0]}": np.zeros(3, np.float32)})
 
 
-def test_native_model_trains(mnist):
+def test_native_model_trains(mnist_train):
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
@@ -347,16 +284,16 @@ def test_native_model_trains(mnist):
     assert isinstance(loop, TorchLoop) and loop.model is net
     assert TorchLoop.is_native_model(net) and not TorchLoop.is_native_model(ut.mlp())
     assert list(loop.state_dict()) == list(net.state_dict())
-    data = mnist.subset(slice(0, 2000))
+    data = mnist_train.subset(slice(0, 2000))
     before = loop.evaluate(data)["loss"]
     loop.fit(data, epochs=1, batch_size=64)
     assert loop.evaluate(data)["loss"] < before / 2
     assert loop.step_count == 32 and list(loop.gradients()) == [n for n, _ in net.named_parameters()]
 
 
-def test_read_only_and_strided_inputs_work_without_warnings(mnist):
+def test_read_only_and_strided_inputs_work_without_warnings(mnist_train):
     loop = TorchLoop(ut.mlp(), seed=SEED)
-    x = mnist.x[:10].copy()
+    x = mnist_train.x[:10].copy()
     expected = loop.predict(x)
     x.setflags(write=False)
     with warnings.catch_warnings():

@@ -1,0 +1,130 @@
+"""Plain PyTorch as ground truth for the backend tests: hand-written twins of unitrain's networks, a
+translation of any layer spec into ``torch.nn``, a hand-written training loop, and state comparisons."""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import unitrain as ut
+
+SEED = 0
+
+
+def torch_mlp():
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)
+    )
+
+
+def torch_cnn():
+    return nn.Sequential(
+        nn.Conv2d(1, 6, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 12, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(192, 120), nn.ReLU(), nn.Linear(120, 60), nn.ReLU(), nn.Linear(60, 10),
+    )  # fmt: skip
+
+
+def bn_spec(image_size=28, padding=0):
+    """Every layer kind, for 1 x image_size x image_size inputs; ``torch_bn`` is its hand-written twin."""
+    pooled = (image_size + 2 * padding - 2) // 2
+    return ut.Sequential(
+        ut.Conv2d(1, 4, 3, padding=padding), ut.BatchNorm2d(4), ut.ReLU(), ut.MaxPool2d(2), ut.Flatten(),
+        ut.Sequential(ut.Linear(4 * pooled * pooled, 32), ut.BatchNorm1d(32, eps=1e-3, momentum=0.2)),
+        ut.ReLU(), ut.Dropout(0.3), ut.Linear(32, 10),
+    )  # fmt: skip
+
+
+def torch_bn(image_size=28, padding=0):
+    pooled = (image_size + 2 * padding - 2) // 2
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=padding), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+        nn.Sequential(nn.Linear(4 * pooled * pooled, 32), nn.BatchNorm1d(32, eps=1e-3, momentum=0.2)),
+        nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 10),
+    )  # fmt: skip
+
+
+def network_spec(name, **bn_geometry):
+    """The unitrain spec of "mlp", "cnn" or "bn" (``bn_geometry``: ``bn_spec``'s arguments)."""
+    return bn_spec(**bn_geometry) if name == "bn" else {"mlp": ut.mlp, "cnn": ut.cnn}[name]()
+
+
+def reference(name, dtype=torch.float32, **bn_geometry):
+    """The hand-written torch twin of ``network_spec(name)`` holding the initial weights unitrain draws with SEED."""
+    model = torch_bn(**bn_geometry) if name == "bn" else {"mlp": torch_mlp, "cnn": torch_cnn}[name]()
+    return load_state(model.to(dtype), ut.init_weights(network_spec(name, **bn_geometry), SEED))
+
+
+def torch_layers(spec):
+    """Any unitrain layer spec translated into the equivalent ``torch.nn.Sequential``."""
+    if isinstance(spec, ut.Sequential):
+        return nn.Sequential(*map(torch_layers, spec))
+    if isinstance(spec, ut.Linear):
+        return nn.Linear(spec.in_features, spec.out_features, spec.bias)
+    if isinstance(spec, ut.Conv2d):
+        return nn.Conv2d(spec.in_channels, spec.out_channels, spec.kernel_size, spec.stride, spec.padding,
+                         bias=spec.bias)  # fmt: skip
+    if isinstance(spec, ut.MaxPool2d):
+        return nn.MaxPool2d(spec.kernel_size, spec.stride)
+    if isinstance(spec, (ut.BatchNorm1d, ut.BatchNorm2d)):
+        kind = nn.BatchNorm1d if isinstance(spec, ut.BatchNorm1d) else nn.BatchNorm2d
+        return kind(spec.num_features, spec.eps, spec.momentum)
+    if isinstance(spec, ut.Dropout):
+        return nn.Dropout(spec.p)
+    return {ut.ReLU: nn.ReLU, ut.Flatten: nn.Flatten}[type(spec)]()
+
+
+def load_state(model, state):
+    """``model`` holding ``state`` (NumPy arrays under PyTorch's names)."""
+    model.load_state_dict({key: torch.from_numpy(value) for key, value in state.items()})
+    return model
+
+
+def numpy_state(model):
+    return {key: value.detach().numpy() for key, value in model.state_dict().items()}
+
+
+def numpy_gradients(model):
+    return {name: param.grad.numpy() for name, param in model.named_parameters()}
+
+
+def optimizer_buffers(model, optimizer):
+    """A torch optimizer's per-parameter buffers under the keys of ``Loop.optimizer_state_dict`` ("step" aside)."""
+    return {
+        f"{name}.{key}": value.numpy()
+        for name, param in model.named_parameters()
+        for key, value in optimizer.state[param].items()
+        if key != "step"
+    }
+
+
+def train_torch(model, optimizer, batches):
+    """The hand-written PyTorch training loop (cross-entropy, inputs in the model's dtype); returns each loss."""
+    dtype = next(model.parameters()).dtype
+    model.train()
+    losses = []
+    for x, y in batches:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(torch.from_numpy(x).to(dtype)), torch.from_numpy(y))
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
+def assert_states_equal(actual, expected):
+    """The same keys in the same order, and identical values and dtypes."""
+    assert list(actual) == list(expected)
+    for key, value in expected.items():
+        assert actual[key].dtype == value.dtype, key
+        np.testing.assert_array_equal(actual[key], value, err_msg=key)
+
+
+def assert_states_close(actual, expected, *, rtol, atol, scale_atol=False):
+    """The same keys in the same order and close values; returns the largest absolute difference.
+    ``scale_atol``: ``atol`` grows with arrays whose largest magnitude exceeds 1
+    (gradients of summed losses, say), where rounding grows with the values."""
+    assert list(actual) == list(expected)
+    for key, value in expected.items():
+        scale = max(1.0, float(np.abs(value).max(initial=0))) if scale_atol else 1.0
+        np.testing.assert_allclose(actual[key], value, rtol=rtol, atol=atol * scale, equal_nan=False, err_msg=key)
+    return max(float(np.abs(actual[key] - value).max(initial=0)) for key, value in expected.items())
