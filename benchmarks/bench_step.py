@@ -105,6 +105,7 @@ def native_chainer(model_name, state):
     if model_name == "mlp":
         net = chainer.Sequential(L.Linear(784, 512), F.relu, L.Linear(512, 512), F.relu, L.Linear(512, 10))
     else:
+
         def pool(h):
             return F.max_pooling_2d(h, 2, cover_all=False)
 
@@ -154,7 +155,7 @@ def main():
                             "unitrain_samples_per_sec": ours, "native": reference,
                             "native_samples_per_sec": native, "ratio": ours / native})  # fmt: skip
 
-    print(f"\n| model | backend | unitrain samples/s | native loop | native samples/s | unitrain / native |")
+    print("\n| model | backend | unitrain samples/s | native loop | native samples/s | unitrain / native |")
     print("| --- | --- | ---: | --- | ---: | ---: |")
     for r in results:
         print(f"| {r['model']} (batch {r['batch']}) | {r['backend']} | {r['unitrain_samples_per_sec']:.0f} | "
