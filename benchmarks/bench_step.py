@@ -102,23 +102,37 @@ def native_chainer(model_name, state):
     import chainer.functions as F
     import chainer.links as L
 
-    if model_name == "mlp":
-        net = chainer.Sequential(L.Linear(784, 512), F.relu, L.Linear(512, 512), F.relu, L.Linear(512, 10))
-    else:
+    class MLP(chainer.Chain):  # as in Chainer's "write a training loop" tutorial
+        def __init__(self):
+            super().__init__()
+            with self.init_scope():
+                self.l1, self.l2, self.l3 = L.Linear(784, 512), L.Linear(512, 512), L.Linear(512, 10)
 
-        def pool(h):
-            return F.max_pooling_2d(h, 2, cover_all=False)
+        def forward(self, x):
+            return self.l3(F.relu(self.l2(F.relu(self.l1(x)))))
 
-        net = chainer.Sequential(L.Convolution2D(1, 6, 5), F.relu, pool, L.Convolution2D(6, 12, 5), F.relu, pool,
-                                 L.Linear(192, 120), F.relu, L.Linear(120, 60), F.relu, L.Linear(60, 10))  # fmt: skip
-    params = [p for link in net.children() for p in (link.W, link.b)]
+    class CNN(chainer.Chain):
+        def __init__(self):
+            super().__init__()
+            with self.init_scope():
+                self.c1, self.c2 = L.Convolution2D(1, 6, 5), L.Convolution2D(6, 12, 5)
+                self.l1, self.l2, self.l3 = L.Linear(192, 120), L.Linear(120, 60), L.Linear(60, 10)
+
+        def forward(self, x):
+            h = F.max_pooling_2d(F.relu(self.c1(x)), 2, cover_all=False)
+            h = F.max_pooling_2d(F.relu(self.c2(h)), 2, cover_all=False)
+            return self.l3(F.relu(self.l2(F.relu(self.l1(h)))))
+
+    net = MLP() if model_name == "mlp" else CNN()
+    links = [net.l1, net.l2, net.l3] if model_name == "mlp" else [net.c1, net.c2, net.l1, net.l2, net.l3]
+    params = [p for link in links for p in (link.W, link.b)]
     for param, value in zip(params, state.values(), strict=True):
         param.array[...] = value
     optimizer = chainer.optimizers.SGD(lr=0.01)
     optimizer.setup(net)
 
     def step(x, y):
-        loss = F.softmax_cross_entropy(net(x if model_name == "cnn" else x.reshape(len(x), -1)), y.astype(np.int32))
+        loss = F.softmax_cross_entropy(net(x), y.astype(np.int32))
         net.cleargrads()
         loss.backward()
         optimizer.update()
