@@ -25,6 +25,7 @@ Adam (``t`` counts steps from 1; AdamW replaces the first line by ``p = p * (1 -
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 
@@ -49,6 +50,16 @@ class Optimizer:
 
     #: names of the per-parameter state buffers, as in PyTorch's ``optimizer.state``
     state_names = ()
+
+    def __str__(self) -> str:
+        """Compact: the learning rate and whatever differs from the defaults."""
+        defaults = type(self)()
+        shown = [
+            f"{field.name}={getattr(self, field.name)}"
+            for field in dataclasses.fields(self)
+            if field.name == "lr" or getattr(self, field.name) != getattr(defaults, field.name)
+        ]
+        return f"{type(self).__name__}({', '.join(shown)})"
 
 
 @dataclass(frozen=True)
