@@ -24,17 +24,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
-from unitrain.layers import (
-    BatchNorm1d,
-    BatchNorm2d,
-    Conv2d,
-    Dropout,
-    Flatten,
-    Linear,
-    MaxPool2d,
-    ReLU,
-    Sequential,
-)  # fmt: skip
+from unitrain import layers
 from unitrain.loop import TrainingLoop
 from unitrain.losses import CrossEntropyLoss, MSELoss, NLLLoss
 from unitrain.optim import SGD, adam_update, sgd_update
@@ -49,7 +39,7 @@ class _BatchNorm(nn.Cell):
 
     def __init__(self, spec):
         super().__init__()
-        native = nn.BatchNorm2d if isinstance(spec, BatchNorm2d) else nn.BatchNorm1d
+        native = nn.BatchNorm2d if isinstance(spec, layers.BatchNorm2d) else nn.BatchNorm1d
         self.bn = native(spec.num_features, eps=spec.eps, momentum=1.0 - spec.momentum)
         self.num_batches_tracked = Parameter(Tensor(0, ms.int64), name="num_batches_tracked", requires_grad=False)
 
@@ -64,34 +54,34 @@ class _BatchNorm(nn.Cell):
                 "running_var": bn.moving_variance, "num_batches_tracked": self.num_batches_tracked}  # fmt: skip
 
 
-def _build_cell(model: Sequential, prefix: str, params: dict[str, Parameter]) -> nn.SequentialCell:
+def _build_cell(model: layers.Sequential, prefix: str, params: dict[str, Parameter]) -> nn.SequentialCell:
     """The native network; fills ``params`` with canonical name -> Parameter."""
     cells = []
     for index, layer in enumerate(model):
         name = f"{prefix}{index}"
-        if isinstance(layer, Sequential):
+        if isinstance(layer, layers.Sequential):
             cell = _build_cell(layer, name + ".", params)
-        elif isinstance(layer, Linear):
+        elif isinstance(layer, layers.Linear):
             cell = nn.Dense(layer.in_features, layer.out_features, "zeros", "zeros", has_bias=layer.bias)
-        elif isinstance(layer, Conv2d):
+        elif isinstance(layer, layers.Conv2d):
             # PyTorch pads explicitly (or not at all); MindSpore's default pad_mode is "same".
             cell = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
                              pad_mode="pad" if layer.padding else "valid", padding=layer.padding,
                              has_bias=layer.bias, weight_init="zeros", bias_init="zeros")  # fmt: skip
-        elif isinstance(layer, MaxPool2d):
+        elif isinstance(layer, layers.MaxPool2d):
             cell = nn.MaxPool2d(layer.kernel_size, layer.step)
-        elif isinstance(layer, ReLU):
+        elif isinstance(layer, layers.ReLU):
             cell = nn.ReLU()
-        elif isinstance(layer, Flatten):
+        elif isinstance(layer, layers.Flatten):
             cell = nn.Flatten()
-        elif isinstance(layer, Dropout):
+        elif isinstance(layer, layers.Dropout):
             cell = nn.Dropout(p=layer.p)
-        elif isinstance(layer, (BatchNorm1d, BatchNorm2d)):
+        elif isinstance(layer, (layers.BatchNorm1d, layers.BatchNorm2d)):
             cell = _BatchNorm(layer)
             params.update({f"{name}.{key}": param for key, param in cell.state().items()})
         else:
             raise TypeError(f"the mindspore backend cannot build {layer!r}")
-        if isinstance(layer, (Linear, Conv2d)):
+        if isinstance(layer, (layers.Linear, layers.Conv2d)):
             params[f"{name}.weight"] = cell.weight
             if layer.bias:
                 params[f"{name}.bias"] = cell.bias
@@ -122,7 +112,7 @@ class MindSporeLoop(TrainingLoop):
     def native_example_model(cls) -> nn.Cell:
         return nn.SequentialCell([nn.Dense(8, 16), nn.ReLU(), nn.Dense(16, 3)])
 
-    def _build(self, model: Sequential) -> None:
+    def _build(self, model: layers.Sequential) -> None:
         ms.set_seed(self.seed)  # nn.Dropout takes its op seeds from the global seed
         self._params: dict[str, Parameter] = {}
         self._setup(_build_cell(model, "", self._params))
