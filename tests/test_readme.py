@@ -1,0 +1,26 @@
+"""The README's code runs as written."""
+
+import ast
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def python_blocks(section: str) -> list[str]:
+    text = README.read_text().split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", text, re.S)
+
+
+@pytest.mark.slow
+def test_the_python_api_example_trains_and_saves(tmp_path):
+    (example,) = python_blocks("The Python API")
+    result = subprocess.run([sys.executable, "-c", example], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    metrics = ast.literal_eval(result.stdout.strip().splitlines()[-1])  # the printed evaluate() dict
+    assert metrics["num_samples"] == 10000 and metrics["accuracy"] >= 0.92
+    assert (tmp_path / "mlp.safetensors").stat().st_size > 2_000_000
