@@ -16,6 +16,7 @@ does, but its ``momentum`` weights the *old* value; ``num_batches_tracked`` is a
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Mapping
 from types import SimpleNamespace
@@ -30,6 +31,18 @@ from unitrain.losses import CrossEntropyLoss, MSELoss, NLLLoss
 from unitrain.optim import SGD, adam_update, sgd_update
 
 ms.set_device("CPU")  # the adapter is written and tested for MindSpore's CPU build
+
+
+class _OwnGraphsFilter(logging.Filter):
+    """Each loop, in each mode, compiles graphs of its own network: by design, so MindSpore's hint
+    to reuse the jitted function ("has been compiled again") does not apply to this module's."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("has been compiled again" in message and __file__ in message)
+
+
+ms.log._get_logger().addFilter(_OwnGraphsFilter())  # MindSpore has no public handle on its logger
 
 _LOSSES = {CrossEntropyLoss: nn.CrossEntropyLoss, NLLLoss: nn.NLLLoss, MSELoss: nn.MSELoss}
 

@@ -1,0 +1,100 @@
+"""The tutorial ports in examples/ run on every installed backend and print what their tutorials print."""
+
+import ast
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+from conftest import installed_backends
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+SCRIPTS = sorted(path.stem for path in EXAMPLES.glob("*.py"))
+STEPS = ["--max-steps", "20"]
+NUMBER = r"(\d+\.\d+)"
+
+
+def example(name: str):
+    spec = importlib.util.spec_from_file_location(f"examples_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(params=installed_backends())
+def backend(request):
+    if request.param == "torch":  # its thread pool only contends for two busy cores
+        request.getfixturevalue("torch_single_thread")
+    return request.param
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_examples_import_no_framework_and_are_listed_in_the_readme(name):
+    tree = ast.parse((EXAMPLES / f"{name}.py").read_text())
+    imported = {
+        alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+    }
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported <= {"__future__", "argparse", "os", "numpy", "unitrain"}
+    assert ast.get_docstring(tree) and f"{name}.py" in (EXAMPLES / "README.md").read_text()
+
+
+def test_chainer_training_loop_trains_saves_and_reloads(backend, tmp_path, capsys):
+    out = tmp_path / "model.safetensors"
+    example("chainer_training_loop").main(["--backend", backend, *STEPS, "--out", str(out), "--show", "8"])
+    printed = capsys.readouterr().out
+    (loss, val_loss, val_accuracy) = map(
+        float, re.search(rf"epoch:01 train_loss:{NUMBER} val_loss:{NUMBER} val_accuracy:{NUMBER}", printed).groups()
+    )
+    assert loss < 2.4 and val_loss < 2.4 and 0.1 < val_accuracy <= 1
+    assert len(re.findall(r"predicted label: \d  true label: \d", printed)) == 8
+    assert "the loaded model classifies like the trained one: True" in printed and out.stat().st_size > 0
+
+
+def test_pytorch_training_loop_logs_running_loss_and_validates_in_eval_mode(backend, tmp_path, capsys):
+    out = tmp_path / "best.safetensors"
+    example("pytorch_training_loop").main(["--backend", backend, *STEPS, "--log-every", "10", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert re.findall(r"  batch (\d+) loss: \d+\.\d+", printed) == ["10", "20"]
+    train_loss, valid_loss = map(float, re.search(rf"LOSS train {NUMBER} valid {NUMBER}", printed).groups())
+    assert train_loss < 2 and valid_loss < 2
+    assert re.search(r"final validation accuracy: \d+\.\d%", printed) and out.stat().st_size > 0
+
+
+def test_mindspore_model_training_prints_the_tutorials_lines(backend, capsys):
+    accuracies = example("mindspore_model_training").main(["--backend", backend, *STEPS])
+    printed = capsys.readouterr().out
+    assert "loss: " in printed and "[  0/938]" in printed
+    (accuracy,) = map(float, re.findall(r"Test: \n Accuracy: (\d+\.\d)%, Avg loss: \d+\.\d{6} \n", printed))
+    assert accuracy == pytest.approx(100 * accuracies[0], abs=0.05) and accuracy > 15  # chance: 10%
+    assert printed.rstrip().endswith("Done!")
+
+
+def test_single_training_step_is_the_same_on_every_backend(capsys):
+    example("single_training_step").main(["--compare"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0].strip() for line in lines] == installed_backends()
+    for line in lines:
+        before, after = map(float, re.search(rf"loss before {NUMBER}  after {NUMBER}", line).groups())
+        assert after < before
+    differences = [float(d) for line in lines[1:] for d in re.findall(r"max weight difference from numpy (\S+)", line)]
+    assert len(differences) == len(lines) - 1 and max(differences, default=0) < 1e-6
+
+
+def test_single_training_step_on_one_backend(backend, capsys):
+    example("single_training_step").main(["--backend", backend])
+    assert re.fullmatch(rf" *{backend}: loss before {NUMBER}  after {NUMBER}  largest parameter change \S+\n",
+                        capsys.readouterr().out)  # fmt: skip
+
+
+def test_cnn_training_prints_total_correct_and_loss(backend, capsys):
+    example("cnn_training").main(["--backend", backend, *STEPS])
+    match = re.fullmatch(r"epoch 0 total_correct: (\d+) loss: (\S+)\n", capsys.readouterr().out)
+    correct, total_loss = int(match[1]), float(match[2])
+    assert 0 < correct <= 20 * 100 and 0 < total_loss < 20 * 2.5
+
+
+@pytest.mark.slow
+def test_mindspore_model_training_full_run_matches_the_tutorial():
+    accuracies = example("mindspore_model_training").main(["--backend", "numpy"])
+    assert len(accuracies) == 3 and accuracies[0] >= 0.90 and accuracies[2] >= 0.92
