@@ -20,7 +20,6 @@ Run: ``python examples/chainer_training_loop.py --backend chainer``.
 from __future__ import annotations
 
 import argparse
-import os
 
 import numpy as np
 
@@ -43,7 +42,7 @@ def tutorial_mlp(n_mid_units: int = 100, n_out: int = 10) -> Sequential:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--backend", choices=unitrain.available_backends(), default=os.environ.get("UNITRAIN_BACKEND", "numpy")
+        "--backend", choices=unitrain.available_backends(), help="default: $UNITRAIN_BACKEND, else numpy"
     )
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=128)

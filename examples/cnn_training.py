@@ -21,7 +21,6 @@ Run: ``python examples/cnn_training.py --backend torch``.
 from __future__ import annotations
 
 import argparse
-import os
 
 import unitrain
 from unitrain import Adam, CrossEntropyLoss
@@ -30,7 +29,7 @@ from unitrain import Adam, CrossEntropyLoss
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--backend", choices=unitrain.available_backends(), default=os.environ.get("UNITRAIN_BACKEND", "numpy")
+        "--backend", choices=unitrain.available_backends(), help="default: $UNITRAIN_BACKEND, else numpy"
     )
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=100)

@@ -25,7 +25,6 @@ Run: ``python examples/mindspore_model_training.py --backend mindspore``.
 from __future__ import annotations
 
 import argparse
-import os
 
 import unitrain
 from unitrain import SGD, CrossEntropyLoss
@@ -53,7 +52,7 @@ def main(argv: list[str] | None = None) -> list[float]:
     """Returns the test accuracy after each epoch."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--backend", choices=unitrain.available_backends(), default=os.environ.get("UNITRAIN_BACKEND", "numpy")
+        "--backend", choices=unitrain.available_backends(), help="default: $UNITRAIN_BACKEND, else numpy"
     )
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64)

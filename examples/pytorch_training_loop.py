@@ -24,7 +24,6 @@ Run: ``python examples/pytorch_training_loop.py --backend torch``.
 from __future__ import annotations
 
 import argparse
-import os
 
 import numpy as np
 
@@ -57,7 +56,7 @@ def train_one_epoch(loop, train, args, epoch: int) -> float:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--backend", choices=unitrain.available_backends(), default=os.environ.get("UNITRAIN_BACKEND", "numpy")
+        "--backend", choices=unitrain.available_backends(), help="default: $UNITRAIN_BACKEND, else numpy"
     )
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=64)

@@ -18,7 +18,6 @@ Run: ``python examples/single_training_step.py --compare``.
 from __future__ import annotations
 
 import argparse
-import os
 
 import numpy as np
 
@@ -43,7 +42,7 @@ def single_step(backend: str, weights: dict[str, np.ndarray], x: np.ndarray, y: 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--backend", choices=unitrain.available_backends(), default=os.environ.get("UNITRAIN_BACKEND", "numpy")
+        "--backend", choices=unitrain.available_backends(), help="default: $UNITRAIN_BACKEND, else numpy"
     )
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-2)
@@ -54,7 +53,8 @@ def main(argv: list[str] | None = None) -> None:
 
     x, y = next(unitrain.load_mnist("train").batches(args.batch_size))
     weights = unitrain.init_weights(unitrain.mlp(), args.seed)
-    backends = [name for name, spec in backend_specs().items() if spec.installed()] if args.compare else [args.backend]
+    installed = [name for name, spec in backend_specs().items() if spec.installed()]
+    backends = installed if args.compare else [unitrain.get_backend(args.backend).name]
 
     reference = None
     for backend in backends:
