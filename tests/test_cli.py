@@ -74,3 +74,26 @@ def test_max_steps_zero_evaluates_and_saves(tmp_path):
     assert result.returncode == 0, result.stderr
     assert weights.stat().st_size > 4 * 500_000
     assert metrics.read_text() == ""  # no epoch ran, so no epoch record
+
+
+@pytest.fixture
+def torch_uninstalled(monkeypatch):
+    """The torch backend as it looks on a machine without PyTorch."""
+    from unitrain import registry
+
+    spec = registry.BUILTIN["torch"]
+    missing = registry.BackendSpec(spec.name, spec.target, "torch_is_not_installed_here", None, spec.install_hint)
+    monkeypatch.setitem(registry.BUILTIN, "torch", missing)
+
+
+def test_a_missing_framework_names_the_extra_to_install(torch_uninstalled, capsys):
+    from unitrain.cli import main
+
+    assert main(["train", "--backend", "torch"]) == 2
+    assert (
+        "backend 'torch' needs torch_is_not_installed_here, which is not installed: pip install 'unitrain[torch]'"
+        in (capsys.readouterr().err)
+    )
+    assert main(["backends"]) == 0
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("torch")]
+    assert line.split()[:3] == ["torch", "missing", "-"] and "pip install 'unitrain[torch]'" in line
