@@ -90,10 +90,8 @@ def test_a_missing_framework_names_the_extra_to_install(torch_uninstalled, capsy
     from unitrain.cli import main
 
     assert main(["train", "--backend", "torch"]) == 2
-    assert (
-        "backend 'torch' needs torch_is_not_installed_here, which is not installed: pip install 'unitrain[torch]'"
-        in (capsys.readouterr().err)
-    )
+    message = "backend 'torch' needs torch_is_not_installed_here, which is not installed: pip install 'unitrain[torch]'"
+    assert message in capsys.readouterr().err
     assert main(["backends"]) == 0
     (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("torch")]
     assert line.split()[:3] == ["torch", "missing", "-"] and "pip install 'unitrain[torch]'" in line
