@@ -6,6 +6,7 @@ import itertools
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -184,10 +185,14 @@ def sigkill_and_resume(backend, tmp_path, kills):
     result = cli(*train_args(backend, reference))
     assert result.returncode == 0, result.stderr
     folder, chooser, killed = tmp_path / "killed", random.Random(f"{backend}-{kills}"), 0
-    for attempt in range(kills):
-        if newest_step(folder) >= 10:  # the kill came late; leave a few steps for the final resume
+    for _ in range(3 * kills):  # a kill can land after the run finished: then start over
+        if killed == kills:
             break
-        resume = ["--resume", str(folder)] if attempt else []
+        if newest_step(folder) and load_checkpoint(folder).finished:
+            shutil.rmtree(folder)
+        if newest_step(folder) >= 10:  # leave a few steps for the final resume
+            break
+        resume = ["--resume", str(folder)] if newest_step(folder) else []
         target = chooser.randint(newest_step(folder) + 1, 10)
         process = start(*train_args(backend, folder, *resume))
         while newest_step(folder) < target and process.poll() is None:
