@@ -41,6 +41,3 @@ class NLLLoss(Loss):
 @dataclass(frozen=True)
 class MSELoss(Loss):
     class_targets = False
-
-
-LOSSES = {"cross_entropy": CrossEntropyLoss, "nll": NLLLoss, "mse": MSELoss}
