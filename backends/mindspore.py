@@ -148,8 +148,8 @@ class MindSporeLoop(TrainingLoop):
         self._opt_state = {
             kind: [zeros_like(kind, name) for name in self._grad_names] for kind in self.optimizer_spec.state_names
         }
-        # Optimizer steps taken, and whether its buffers exist (PyTorch creates them at the first step).
-        self._opt_steps, self._opt_ready = 0, False
+        # Whether the optimizer buffers exist (PyTorch creates them at the first step).
+        self._opt_ready = False
         self._recorded_x = self._recorded_y = None
         # A compiled function keeps the train/eval branches of the mode it was compiled in.
         self._compiled_by_mode: dict[bool, SimpleNamespace] = {}
@@ -230,16 +230,13 @@ class MindSporeLoop(TrainingLoop):
         return Tensor.from_numpy(np.ascontiguousarray(y, dtype))
 
     def _step_args(self) -> tuple[Tensor, bool]:
-        """Adam's step number (a tensor: the graph is compiled once, not per step) and whether
+        """Adam's step number (``step_count`` counts the steps already taken; a tensor, so the
+        graph is compiled once, not per step) and whether
         SGD's momentum buffer is to be created from the gradient. From the zero buffer the
         general formula gives exactly the gradient unless dampening is used, so only then is a
         graph compiled for the first step."""
         first = not self._opt_ready and bool(getattr(self.optimizer_spec, "dampening", 0))
-        return Tensor(self._opt_steps + 1, ms.int64), first
-
-    def _stepped(self) -> None:
-        self._opt_steps += 1
-        self._opt_ready = True
+        return Tensor(self.step_count + 1, ms.int64), first
 
     # --- hooks ----------------------------------------------------------------------------
 
@@ -271,11 +268,11 @@ class MindSporeLoop(TrainingLoop):
 
     def _update(self) -> None:
         self._fn.update(*self._step_args())
-        self._stepped()
+        self._opt_ready = True
 
     def _step(self, x, y):
         loss = self._fn.step(self._x(x), self._y(y), *self._step_args())
-        self._stepped()
+        self._opt_ready = True
         return loss
 
     def _predict(self, x):
@@ -296,7 +293,7 @@ class MindSporeLoop(TrainingLoop):
             _write(self._params[name], value)
 
     def _optimizer_state_dict(self):
-        state = {"step": np.array(self._opt_steps, np.int64)}
+        state = {"step": np.array(self.step_count, np.int64)}
         if self._opt_ready:
             for kind, buffers in self._opt_state.items():
                 for name, buf in zip(self._grad_names, buffers, strict=True):
@@ -304,7 +301,6 @@ class MindSporeLoop(TrainingLoop):
         return state
 
     def _load_optimizer_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
-        self._opt_steps = int(state["step"])
         self._opt_ready = False
         for kind, buffers in self._opt_state.items():
             for name, buf in zip(self._grad_names, buffers, strict=True):

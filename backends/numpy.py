@@ -329,7 +329,6 @@ class NumpyLoop(TrainingLoop):
         # layers before the first one with parameters need no backward, and it no input gradient
         self._first_trained = next((i for i, layer in enumerate(self._layers) if layer.params), len(self._layers))
         self._optimizer_state: dict[str, np.ndarray] = {}
-        self._optimizer_steps = 0
         self._mode = True
         self._forward_id = 0
 
@@ -370,7 +369,6 @@ class NumpyLoop(TrainingLoop):
 
     @_quiet
     def _update(self):
-        self._optimizer_steps += 1
         spec, state = self.optimizer_spec, self._optimizer_state
         for name, param in self._params.items():
             grad = self._grads[name]
@@ -379,7 +377,7 @@ class NumpyLoop(TrainingLoop):
                 if avg not in state:
                     state[avg], state[avg_sq] = np.zeros_like(param), np.zeros_like(param)
                 param[...], state[avg], state[avg_sq] = adam_update(
-                    param, grad, state[avg], state[avg_sq], self._optimizer_steps, spec, np.sqrt
+                    param, grad, state[avg], state[avg_sq], self.step_count + 1, spec, np.sqrt
                 )
             else:
                 param[...], buf = sgd_update(param, grad, state.get(f"{name}.momentum_buffer"), spec)
@@ -415,8 +413,7 @@ class NumpyLoop(TrainingLoop):
 
     def _optimizer_state_dict(self):
         state = {name: value.copy() for name, value in self._optimizer_state.items()}
-        return {"step": np.array(self._optimizer_steps, np.int64), **state}
+        return {"step": np.array(self.step_count, np.int64), **state}
 
     def _load_optimizer_state_dict(self, state):
-        self._optimizer_steps = int(state["step"])
         self._optimizer_state = {key: np.array(value) for key, value in state.items() if key != "step"}

@@ -45,7 +45,15 @@ from typing import Any
 import numpy as np
 
 from . import optim, registry
-from .weights import State, WeightsError, atomic_write, current_umask, load_safetensors, save_safetensors
+from .weights import (
+    State,
+    WeightsError,
+    atomic_write,
+    current_umask,
+    fsync_dir,
+    load_safetensors,
+    save_safetensors,
+)
 
 FORMAT, FORMAT_VERSION = "unitrain-checkpoint", 1
 MANIFEST, WEIGHTS, OPTIMIZER = "checkpoint.json", "weights.safetensors", "optimizer.safetensors"
@@ -69,14 +77,6 @@ class Interrupted(Exception):
 
 
 # --- writing --------------------------------------------------------------------------------
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _digest(path: Path) -> dict[str, Any]:
@@ -156,7 +156,7 @@ def save_checkpoint(
         if final.exists():  # the same step again (a resumed run): the old copy goes first
             final.rename(Path(tempfile.mkdtemp(prefix=".trash-", dir=directory)) / name)
         staging.rename(final)
-        _fsync_dir(directory)
+        fsync_dir(directory)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
