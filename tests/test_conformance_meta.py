@@ -21,8 +21,8 @@ class _NumpyAdamVariant(NumpyLoop):
     def _update(self):
         if not isinstance(self.optimizer_spec, Adam):
             return super()._update()
-        self._optimizer_steps += 1
-        spec, state, t = self.optimizer_spec, self._optimizer_state, self._optimizer_steps
+        # the protocol counts this step after _update returns
+        spec, state, t = self.optimizer_spec, self._optimizer_state, self.step_count + 1
         for name, param in self._params.items():
             grad = self._grads[name] + (0 if spec.decoupled_weight_decay else spec.weight_decay * param)
             if spec.decoupled_weight_decay:
@@ -72,7 +72,6 @@ class ChainerStyleMomentum(NumpyLoop):
     def _update(self):
         if not self.optimizer_spec.momentum:
             return super()._update()
-        self._optimizer_steps += 1
         spec = self.optimizer_spec
         for name, param in self._params.items():
             key = f"{name}.momentum_buffer"
