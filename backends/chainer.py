@@ -43,7 +43,7 @@ with warnings.catch_warnings():
     from chainer.serializers import DictionarySerializer, NpzDeserializer
 
 from unitrain import layers
-from unitrain.loop import TrainingLoop
+from unitrain.loop import TrainingLoop, generator_state, set_generator_state
 from unitrain.losses import CrossEntropyLoss, NLLLoss
 from unitrain.optim import SGD, adam_update, sgd_update
 
@@ -160,13 +160,13 @@ class _Optimizer(chainer.optimizer.GradientMethod):
 class ChainerLoop(TrainingLoop):
     name = "chainer"
     framework = "chainer"
-    capabilities = frozenset({"dropout", "batchnorm", "conv", "native-model", "float64"})
+    capabilities = frozenset({"dropout", "batchnorm", "conv", "native-model", "float64", "random-state"})
 
     # --- building ---------------------------------------------------------------------------
 
     def _build(self, model):
         zero = chainer.initializers.Zero(self.dtype)  # init_weights is loaded right after
-        rng = np.random.default_rng(self.seed)
+        self._rng = np.random.default_rng(self.seed)
         stack, self._paths = [], {}  # canonical name -> Chainer serializer path
         for name, spec in model.named_layers():
             if isinstance(spec, (layers.Linear, layers.Conv2d)):
@@ -182,7 +182,7 @@ class ChainerLoop(TrainingLoop):
                 # cover_all=False: PyTorch's floor output size (Chainer's default pads to cover every input).
                 layer = functools.partial(F.max_pooling_2d, ksize=spec.kernel_size, stride=spec.step, cover_all=False)
             elif isinstance(spec, layers.Dropout):
-                layer = _Dropout(spec.p, rng)
+                layer = _Dropout(spec.p, self._rng)
             else:
                 layer = {layers.ReLU: F.relu, layers.Flatten: _flatten}[type(spec)]
             if isinstance(layer, chainer.Link):
@@ -306,3 +306,10 @@ class ChainerLoop(TrainingLoop):
             entries = {key: np.array(state[f"{name}.{key}"]) for key in names if f"{name}.{key}" in state}
             param.update_rule.load(entries, step)
         self.optimizer.t = step
+
+    def _random_state(self):
+        # a native Chain's F.dropout draws from NumPy's global RNG, which the loop does not own
+        return {"dropout": generator_state(self._rng)} if self.model_spec is not None else {}
+
+    def _load_random_state(self, state):
+        set_generator_state(self._rng, state["dropout"])

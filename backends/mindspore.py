@@ -8,7 +8,9 @@ compiled once), which makes its bias corrections float32 where PyTorch's are flo
 The tutorial-shaped ``backward`` re-runs forward + loss on the batch recorded by ``forward`` and
 ``loss`` through the same compiled gradient function, so it equals ``step`` bit for bit. The
 re-run would update BatchNorm's running statistics a second time, so ``backward`` restores them;
-with dropout active it draws a fresh mask (the gradient of another dropout sample).
+with dropout active it draws a fresh mask (the gradient of another dropout sample). Dropout's
+random state lives inside MindSpore's stateful CPU kernels, which expose it to nothing (not even
+``mindspore.get_rng_state``): no ``random-state`` capability.
 
 MindSpore's BatchNorm feeds the unbiased batch variance to its running estimate, as PyTorch
 does, but its ``momentum`` weights the *old* value; ``num_batches_tracked`` is added here.

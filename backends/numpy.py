@@ -16,7 +16,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from unitrain.layers import BatchNorm1d, BatchNorm2d, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU
-from unitrain.loop import InputError, TrainingLoop
+from unitrain.loop import InputError, TrainingLoop, generator_state, set_generator_state
 from unitrain.losses import CrossEntropyLoss, MSELoss, NLLLoss
 from unitrain.optim import Adam, adam_update, sgd_update
 
@@ -307,13 +307,13 @@ def _quiet(method):
 
 class NumpyLoop(TrainingLoop):
     name = "numpy"
-    capabilities = frozenset({"dropout", "batchnorm", "conv", "float64"})
+    capabilities = frozenset({"dropout", "batchnorm", "conv", "float64", "random-state"})
 
     def _build(self, model):
         # a child stream of the seed: independent of init_weights' and the batch order's draws
-        rng = np.random.default_rng(np.random.SeedSequence(self.seed).spawn(1)[0])
+        self._rng = np.random.default_rng(np.random.SeedSequence(self.seed).spawn(1)[0])
         named = list(model.named_layers())
-        self._layers = [_LAYERS[type(spec)](spec, self.dtype, rng) for _, spec in named]
+        self._layers = [_LAYERS[type(spec)](spec, self.dtype, self._rng) for _, spec in named]
         made_here = False  # whether the current activation is an array the pass allocated
         for layer in self._layers:
             if isinstance(layer, _ReLU):
@@ -417,3 +417,9 @@ class NumpyLoop(TrainingLoop):
 
     def _load_optimizer_state_dict(self, state):
         self._optimizer_state = {key: np.array(value) for key, value in state.items() if key != "step"}
+
+    def _random_state(self):
+        return {"dropout": generator_state(self._rng)}
+
+    def _load_random_state(self, state):
+        set_generator_state(self._rng, state["dropout"])

@@ -65,7 +65,7 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
 class TorchLoop(TrainingLoop):
     name = "torch"
     framework = "torch"
-    capabilities = frozenset({"dropout", "batchnorm", "conv", "native-model", "float64"})
+    capabilities = frozenset({"dropout", "batchnorm", "conv", "native-model", "float64", "random-state"})
 
     # --- building -------------------------------------------------------------------------
 
@@ -210,3 +210,14 @@ class TorchLoop(TrainingLoop):
                 loaded[p] = buffers
         self.optimizer.state.clear()
         self.optimizer.state.update(loaded)
+
+    def _random_state(self) -> dict[str, np.ndarray]:
+        return {"dropout": self._rng_state.numpy().copy()}
+
+    def _load_random_state(self, state: Mapping[str, np.ndarray]) -> None:
+        restored = torch.from_numpy(np.array(state["dropout"]))
+        try:  # set_state validates the bytes (size, and the generator's own checks)
+            torch.Generator(self._device).set_state(restored)
+        except RuntimeError as error:
+            raise ValueError(str(error)) from None
+        self._rng_state = restored

@@ -244,7 +244,8 @@ def tutorial_gradients(loop: TrainingLoop, x, y) -> float:
 PUBLIC_METHODS = (
     "zero_grad", "forward", "loss", "backward", "update", "step", "train", "eval", "predict", "evaluate", "fit",
     "state_shapes", "state_dict", "gradients", "load_state_dict", "save_weights", "load_weights",
-    "optimizer_state_dict", "load_optimizer_state_dict", "to_float", "is_native_model", "native_example_model",
+    "optimizer_state_dict", "load_optimizer_state_dict", "random_state", "load_random_state", "to_float",
+    "is_native_model", "native_example_model",
 )  # fmt: skip
 
 
@@ -637,6 +638,39 @@ def check_dropout_statistics(adapter):
         masks.append(kept)
     if np.array_equal(*masks):
         fail("two training forwards used the same dropout mask")
+
+
+@check("dropout", "random-state")
+def check_random_state_resumes_dropout(adapter):
+    """random_state() is uint8 arrays that predict/evaluate leave alone; a loop restored from
+    state_dict, optimizer_state_dict and random_state draws the original's dropout masks (its next
+    steps give bit-identical weights); bytes that are not a state are refused, naming the key."""
+    model = layers.Sequential(
+        layers.Flatten(), layers.Linear(12, 10), layers.ReLU(), layers.Dropout(0.5), layers.Linear(10, 4)
+    )
+    optimizer = SGD(lr=0.1, momentum=0.9)
+    loop = loaded(adapter, model, state_of(model), optimizer=optimizer)
+    batches = [(inputs((3, 4), seed=i), labels(seed=i)) for i in range(3)]
+    loop.step(batches[0])
+    saved = loop.state_dict(), loop.optimizer_state_dict(), loop.random_state()
+    if not saved[2] or any(np.asarray(value).dtype != np.uint8 for value in saved[2].values()):
+        fail(f"random_state() must be a non-empty dict of uint8 arrays, got {saved[2]!r:.200}")
+    loop.predict(batches[1][0])
+    loop.evaluate(batches[1])
+    compare_states("random_state() after predict/evaluate", loop.random_state(), saved[2])
+    for batch in batches[1:]:
+        loop.step(batch)
+    restored = adapter(model, optimizer=optimizer, seed=1)  # another seed: the state alone decides
+    restored.load_state_dict(saved[0])
+    restored.load_optimizer_state_dict(saved[1])
+    restored.load_random_state(saved[2])
+    for batch in batches[1:]:
+        restored.step(batch)
+    compare_states("after a restore, the next steps' weights", restored.state_dict(), loop.state_dict())
+    key = next(iter(saved[2]))
+    garbage, unknown = {key: np.zeros(3, np.uint8)}, {"bogus": saved[2][key]}
+    expect_error("load_random_state() of 3 zero bytes", lambda: restored.load_random_state(garbage), adapter.name)
+    expect_error("load_random_state() with an unknown key", lambda: restored.load_random_state(unknown), "bogus")
 
 
 @check("batchnorm")

@@ -115,6 +115,30 @@ def test_resume_on_another_backend_ends_within_float32_tolerance(first, second, 
         np.testing.assert_allclose(moved.optimizer_state_dict()[key], value, rtol=1e-4, atol=atol, err_msg=key)
 
 
+def dropout_mlp():
+    return unitrain.Sequential(unitrain.Flatten(), unitrain.Linear(784, 64), unitrain.ReLU(), unitrain.Dropout(0.3),
+                               unitrain.Linear(64, 10))  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_dropout_model_resumes_with_the_masks_an_uninterrupted_run_draws(backend, small_train, tmp_path):
+    if "random-state" not in unitrain.get_backend(backend).capabilities:
+        pytest.skip(f"{backend} does not declare random-state: it draws fresh dropout masks after a resume")
+    optimizer = OPTIMIZERS["adam"]
+    loop = unitrain.make_loop(backend, dropout_mlp(), optimizer=optimizer, seed=3)
+    fit(loop, small_train, Checkpointer(tmp_path, every=5, keep=None))
+    checkpoint = load_checkpoint(tmp_path / "step-00000005")
+    assert (checkpoint.path / "random.safetensors").is_file() and checkpoint.random_state
+    again = unitrain.make_loop(backend, dropout_mlp(), optimizer=optimizer, seed=3)
+    checkpoint.restore(again)
+    assert_same_state(fit(again, small_train, resume=checkpoint).state_dict(), loop.state_dict())
+    # another backend cannot read this stream: it resumes with its own masks
+    other = next(name for name in BACKENDS if name != backend)
+    moved = unitrain.make_loop(other, dropout_mlp(), optimizer=optimizer, seed=3)
+    checkpoint.restore(moved)
+    assert moved.step_count == 5
+
+
 # --- crash safety ---------------------------------------------------------------------------
 
 
@@ -157,9 +181,9 @@ def cli(*args, **kwargs):
     return subprocess.run([sys.executable, "-m", "unitrain", *args], capture_output=True, text=True, **kwargs)
 
 
-def start(*args):
+def start(*args, **kwargs):
     return subprocess.Popen([sys.executable, "-m", "unitrain", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)  # fmt: skip
+                            text=True, **kwargs)  # fmt: skip
 
 
 def train_args(backend, folder, *extra):
@@ -221,17 +245,16 @@ def test_sigkill_at_random_steps_then_resume_is_bit_identical(backend, tmp_path)
     sigkill_and_resume(backend, tmp_path, kills=3)
 
 
-@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_ctrl_c_checkpoints_at_a_step_boundary_and_says_how_to_resume(backend, tmp_path):
-    if backend not in BACKENDS:
-        pytest.skip(f"{backend} is not installed")
     folder = tmp_path / "run"
     process = start(*train_args(backend, folder, "--checkpoint-every", "4"))
     while newest_step(folder) < 4 and process.poll() is None:
         time.sleep(0.005)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate()
-    assert process.returncode == 130, stderr
+    # MindSpore's own SIGINT handler turns Ctrl-C into SIGTERM, which stops the run the same way
+    assert process.returncode == 128 + (signal.SIGTERM if backend == "mindspore" else signal.SIGINT), stderr
     assert f"resume with: unitrain train --resume {folder}" in stderr and "Traceback" not in stderr
     interrupted = load_checkpoint(folder)
     assert not interrupted.finished and interrupted.batch == interrupted.step  # a step boundary
@@ -240,6 +263,37 @@ def test_ctrl_c_checkpoints_at_a_step_boundary_and_says_how_to_resume(backend, t
     reference = tmp_path / "reference"
     assert cli(*train_args(backend, reference)).returncode == 0
     assert_same_state(final_state(folder), final_state(reference))
+
+
+def test_ctrl_c_without_a_checkpoint_dir_still_checkpoints_into_a_new_folder(tmp_path):
+    (tmp_path / "unitrain-interrupted-keep.txt").write_text("the user's")
+    process = start("train", "--no-progress", "--epochs", "1", cwd=tmp_path)
+    assert process.stdout.readline().startswith("unitrain: backend numpy")
+    time.sleep(0.5)  # into the epoch
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate()
+    assert process.returncode == 130, stderr
+    [folder] = [path for path in tmp_path.iterdir() if path.is_dir()]
+    assert folder.name.startswith("unitrain-interrupted-")
+    assert f"resume with: unitrain train --resume {folder.name}\n" in stderr and "Traceback" not in stderr
+    interrupted = load_checkpoint(folder)
+    assert not interrupted.finished and interrupted.step > 0
+    assert (tmp_path / "unitrain-interrupted-keep.txt").read_text() == "the user's"
+    result = cli("train", "--no-progress", "--resume", folder.name, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert load_checkpoint(folder).finished
+
+
+def test_sigterm_stops_at_a_step_boundary_like_ctrl_c(tmp_path):
+    folder = tmp_path / "run"
+    process = start(*train_args("numpy", folder, "--checkpoint-every", "4"))
+    while newest_step(folder) < 4 and process.poll() is None:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate()
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert f"resume with: unitrain train --resume {folder}" in stderr
+    assert not load_checkpoint(folder).finished
 
 
 def test_cross_backend_resume_from_the_command_line(tmp_path):

@@ -101,6 +101,11 @@ class ExportTransposesAWeight(NumpyLoop):
         return state
 
 
+class RandomStateNotRestored(NumpyLoop):
+    def _load_random_state(self, state):
+        pass
+
+
 def failure(adapter, check):
     result = run_check(adapter, check)
     assert result.status == "fail", result
@@ -129,6 +134,9 @@ CAUGHT = {
         "CrossEntropyLoss(reduction='mean'): expected 3.17645, got 25.4116; max error 22.2 > tolerance 0.000121",
     (ExportTransposesAWeight, "check_weights_round_trip"):
         "state_dict() after load_state_dict(): '0.weight': expected shape (8, 6), got shape (6, 8)",
+    (RandomStateNotRestored, "check_random_state_resumes_dropout"):
+        "after a restore, the next steps' weights '1.weight': expected 0.220625, got 0.171773 at index (6, 11); "
+        "max error 0.0489 > tolerance 0 (must be bit-exact)",
 }  # fmt: skip
 
 

@@ -4,17 +4,19 @@ A checkpoint directory holds the newest ``keep`` checkpoints of one run, one fol
 
     DIR/step-00001200/weights.safetensors    canonical state (a plain weights file: --weights / --init-weights)
     DIR/step-00001200/optimizer.safetensors  {"step", "<param>.<momentum_buffer|exp_avg|exp_avg_sq>"}
-    DIR/step-00001200/checkpoint.json        manifest: position, run configuration, versions, sha256 of both files
+    DIR/step-00001200/random.safetensors     the dropout stream (backends with ``random-state``; opaque bytes)
+    DIR/step-00001200/checkpoint.json        manifest: position, run configuration, versions, sha256 of the files
 
 A checkpoint is written into a hidden ``.tmp-*`` folder (each file fsynced, the manifest last) which
 is then renamed into place and the directory fsynced, so a crash at any instant leaves either no new
 checkpoint or a complete one; leftover ``.tmp-*`` folders are ignored and swept on the next write.
 Loading verifies the manifest's sizes and sha256 digests and never unpickles anything.
 
-Exact resumption needs no RNG state beyond the run's seed: the batch order of epoch ``e`` is a pure
+The batch order needs no RNG state beyond the run's seed: the order of epoch ``e`` is a pure
 function of ``(seed, e)`` (see :mod:`unitrain.data`), so the position ``(epoch, batch)`` restarts the
-data stream where it stopped. Dropout's random stream is each backend's own and is not part of the
-TrainingLoop contract, so a model with Dropout resumes with different masks (the presets have none).
+data stream where it stopped. Dropout's stream is each backend's own: the checkpoint keeps it (as
+``TrainingLoop.random_state()``) and a resume on the same backend restores it, so dropout masks
+continue exactly too; another backend, or one without the ``random-state`` capability, draws its own.
 
 Python API::
 
@@ -57,6 +59,7 @@ from .weights import (
 
 FORMAT, FORMAT_VERSION = "unitrain-checkpoint", 1
 MANIFEST, WEIGHTS, OPTIMIZER = "checkpoint.json", "weights.safetensors", "optimizer.safetensors"
+RANDOM = "random.safetensors"  # only when the loop has a random state
 _NAME = re.compile(r"step-(\d{8,})")
 
 
@@ -73,7 +76,7 @@ class Diverged(RuntimeError):
 
 
 class Interrupted(Exception):
-    """Training stopped at a step boundary because the user asked (Ctrl-C)."""
+    """Training stopped at a step boundary because the user asked (Ctrl-C, SIGTERM)."""
 
 
 # --- writing --------------------------------------------------------------------------------
@@ -150,7 +153,11 @@ def save_checkpoint(
     try:
         save_safetensors(staging / WEIGHTS, loop.state_dict(), {"format": "pt", "producer": f"unitrain/{loop.name}"})
         save_safetensors(staging / OPTIMIZER, loop.optimizer_state_dict())
-        manifest["files"] = {file: _digest(staging / file) for file in (WEIGHTS, OPTIMIZER)}
+        files = [WEIGHTS, OPTIMIZER]
+        if random_state := loop.random_state():
+            save_safetensors(staging / RANDOM, random_state, {"producer": f"unitrain/{loop.name}"})
+            files.append(RANDOM)
+        manifest["files"] = {file: _digest(staging / file) for file in files}
         atomic_write(staging / MANIFEST, [json.dumps(manifest, indent=1).encode()])  # last: marks it complete
         final = directory / name
         if final.exists():  # the same step again (a resumed run): the old copy goes first
@@ -188,6 +195,8 @@ class Checkpoint:
     manifest: dict[str, Any]
     weights: State
     optimizer_state: State
+    #: the dropout stream of ``backend`` (empty if it keeps none)
+    random_state: State
 
     step = property(lambda self: self.manifest["step"])
     epoch = property(lambda self: self.manifest["epoch"], doc="epoch to continue at (0-based)")
@@ -206,7 +215,7 @@ class Checkpoint:
 
     def restore(self, loop) -> None:
         """Load weights, optimizer state and step count into ``loop`` (any backend), which must
-        use the checkpoint's optimizer and seed."""
+        use the checkpoint's optimizer and seed; on the checkpoint's own backend, the random state too."""
         if loop.optimizer_spec != self.optimizer_spec():
             raise CheckpointError(
                 f"{self.path} was trained with {self.optimizer_spec()}, the loop uses {loop.optimizer_spec}"
@@ -219,6 +228,8 @@ class Checkpoint:
             loop.load_optimizer_state_dict(self.optimizer_state)
         except (KeyError, ValueError) as error:
             raise CheckpointError(f"{self.path / OPTIMIZER} does not fit the model: {error}") from None
+        if loop.name == self.backend and self.random_state:
+            loop.load_random_state(self.random_state, source=str(self.path / RANDOM))
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
@@ -262,9 +273,12 @@ def _verified(folder: Path) -> Checkpoint:
     required = ("step", "epoch", "batch", "finished", "backend", "seed", "optimizer", "epoch_loss", "run", "files")
     if missing := [key for key in required if key not in manifest]:
         raise damaged(f"{MANIFEST} lacks {missing}")
-    loaded = {}
-    for file in (WEIGHTS, OPTIMIZER):
-        expected = manifest["files"].get(file) if isinstance(manifest["files"], dict) else None
+    loaded = {RANDOM: {}}
+    listed = manifest["files"] if isinstance(manifest["files"], dict) else {}
+    for file in (WEIGHTS, OPTIMIZER, RANDOM):
+        expected = listed.get(file)
+        if file == RANDOM and expected is None:
+            continue
         if not isinstance(expected, dict):
             raise damaged(f"{MANIFEST} lists no digest for {file}")
         if not (folder / file).is_file():
@@ -277,7 +291,7 @@ def _verified(folder: Path) -> Checkpoint:
         loaded[file], _ = load_safetensors(folder / file)
     if int(loaded[OPTIMIZER].get("step", -1)) != manifest["step"]:
         raise damaged(f"optimizer step {loaded[OPTIMIZER].get('step')} differs from the manifest's {manifest['step']}")
-    return Checkpoint(folder, manifest, loaded[WEIGHTS], loaded[OPTIMIZER])
+    return Checkpoint(folder, manifest, loaded[WEIGHTS], loaded[OPTIMIZER], loaded[RANDOM])
 
 
 # --- the training extension -----------------------------------------------------------------
@@ -287,8 +301,9 @@ class Checkpointer:
     """A :meth:`~unitrain.loop.TrainingLoop.fit` extension: writes checkpoints every ``every``
     steps and at each epoch's end (``directory`` None: none), stops on a NaN/Inf loss
     (:class:`Diverged`, before any checkpoint of the diverged state is written) and, once
-    :attr:`stop_requested` is set (Ctrl-C, see :func:`stop_on_sigint`), writes a checkpoint at
-    the next step boundary and raises :class:`Interrupted`.
+    :attr:`stop_requested` is set (Ctrl-C, see :func:`stop_on_signals`), writes a checkpoint at
+    the next step boundary and raises :class:`Interrupted`. That one goes to ``directory``, or
+    when there is none to ``interrupt_directory``, so that an interrupted run is never lost.
 
     Losses are read (a host sync) in bulk: every ``check_every`` steps, before a checkpoint
     and at epoch ends. ``resume`` is the checkpoint the run continues from, if any."""
@@ -303,12 +318,15 @@ class Checkpointer:
         run: Mapping[str, Any] | None = None,
         resume: Checkpoint | None = None,
         check_every: int = 100,
+        interrupt_directory: str | os.PathLike | None = None,
     ):
         self.directory = None if directory is None else Path(directory)
+        self.interrupt_directory = None if interrupt_directory is None else Path(interrupt_directory)
         self.every, self.keep, self.max_steps, self.run = every, keep, max_steps, run
         self.check_every = every if every else check_every
         self.carried = {resume.epoch: resume.epoch_loss} if resume is not None else {}
         self.stop_requested = False
+        self.stop_signal: int | None = None
         #: the newest checkpoint written by this run
         self.last_saved: Path | None = resume.path if resume is not None else None
         self.last_saved_step: int | None = None
@@ -331,9 +349,10 @@ class Checkpointer:
         due = self.every is not None and loop.step_count % self.every == 0
         if due or self.stop_requested or len(self.unchecked) >= self.check_every:
             self._check_losses(loop)
-        if (due or self.stop_requested) and self.directory is not None:
+        if due and self.directory is not None:
             self._save(loop, finished=False)
         if self.stop_requested:
+            self._save_interrupted(loop)
             raise Interrupted()
 
     def on_epoch_end(self, loop, record):
@@ -346,6 +365,8 @@ class Checkpointer:
         if self.directory is not None:
             self._save(loop, finished=finished)
         if self.stop_requested and not finished:
+            if self.directory is None:
+                self._save_interrupted(loop)
             raise Interrupted()
 
     def finish(self, loop) -> None:
@@ -362,6 +383,14 @@ class Checkpointer:
             self.loss_sum += value
             self.loss_count += 1
         self.unchecked.clear()
+
+    def _save_interrupted(self, loop) -> None:
+        if self.directory is None:
+            if self.interrupt_directory is None:
+                return
+            self.directory = self.interrupt_directory
+        if self.last_saved_step != loop.step_count:
+            self._save(loop, finished=False)
 
     def _save(self, loop, finished: bool) -> None:
         for kind, state in (("weights", loop.state_dict()), ("optimizer state", loop.optimizer_state_dict())):
@@ -381,19 +410,28 @@ class Checkpointer:
         self.last_saved_step = loop.step_count
 
 
+#: SIGTERM too: a cluster's preemption notice, and what MindSpore turns Ctrl-C into (its own SIGINT
+#: handler, installed at every graph run, kills the process with SIGTERM)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 @contextmanager
-def stop_on_sigint(checkpointer: Checkpointer, notice=None):
-    """While active, the first SIGINT (Ctrl-C) asks ``checkpointer`` to stop at the next step
-    boundary (calling ``notice()``); a second one interrupts at once (KeyboardInterrupt)."""
+def stop_on_signals(checkpointer: Checkpointer, notice=None):
+    """While active, the first SIGINT (Ctrl-C) or SIGTERM asks ``checkpointer`` to stop at the
+    next step boundary (calling ``notice()``) and is recorded in ``checkpointer.stop_signal``;
+    a second one aborts at once (KeyboardInterrupt, or SIGTERM's default)."""
 
     def handler(signum, frame):
         checkpointer.stop_requested = True
+        checkpointer.stop_signal = signum
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         if notice is not None:
             notice()
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
     try:
         yield checkpointer
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, action in previous.items():
+            signal.signal(signum, action)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import itertools
 import json
 import os
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from . import registry
-from .checkpoint import WEIGHTS, Checkpointer, Diverged, Interrupted, checkpoint_paths, load_checkpoint, stop_on_sigint
+from .checkpoint import WEIGHTS, Checkpointer, Diverged, Interrupted, checkpoint_paths, load_checkpoint, stop_on_signals
 from .data import MNIST_MEAN, MNIST_STD, DataError, load_mnist
 from .layers import PRESETS, preset
 from .loop import InputError
@@ -273,6 +274,7 @@ def cmd_train(args) -> int:
         max_steps=args.max_steps,
         run=_run_config(args),
         resume=resume,
+        interrupt_directory=_interrupt_directory() if args.checkpoint_dir is None else None,
     )
     extensions = [checkpointer, EpochReport(args.epochs)]
     if show_progress:
@@ -284,7 +286,7 @@ def cmd_train(args) -> int:
         print("\nunitrain: stopping at the next step boundary (Ctrl-C again to abort)", file=sys.stderr, flush=True)
 
     try:
-        with stop_on_sigint(checkpointer, notice):
+        with stop_on_signals(checkpointer, notice):
             history = loop.fit(
                 train_data,
                 epochs=args.epochs,
@@ -298,12 +300,12 @@ def cmd_train(args) -> int:
             )
             checkpointer.finish(loop)
     except Interrupted:
-        if args.checkpoint_dir is None:
-            how = "no checkpoint written (train with --checkpoint-dir DIR to make a run resumable)"
+        if checkpointer.directory is None:
+            how = "no checkpoint written: the current directory is not writable (use --checkpoint-dir DIR)"
         else:
-            how = f"checkpoint {checkpointer.last_saved}; resume with: unitrain train --resume {args.checkpoint_dir}"
+            how = f"checkpoint {checkpointer.last_saved}; resume with: unitrain train --resume {checkpointer.directory}"
         print(f"unitrain: interrupted at step {loop.step_count}; {how}", file=sys.stderr)
-        return 130
+        return 128 + checkpointer.stop_signal
     except Diverged as error:
         kept = f"; the last good checkpoint is {checkpointer.last_saved}" if checkpointer.last_saved else ""
         print(f"unitrain: error: training diverged: {error}; stopped{kept}", file=sys.stderr)
@@ -317,6 +319,19 @@ def cmd_train(args) -> int:
         loop.save_weights(args.save)
         print(f"unitrain: saved weights to {args.save}")
     return 0
+
+
+def _interrupt_directory() -> Path | None:
+    """Where Ctrl-C checkpoints a run that has no --checkpoint-dir: a new folder in the current
+    directory, named after the run's start; None if the current directory is not writable."""
+    stem = f"unitrain-interrupted-{time.strftime('%Y%m%d-%H%M%S')}"
+    candidates = itertools.chain([stem], (f"{stem}-{n}" for n in itertools.count(2)))
+    name = next(name for name in candidates if not Path(name).exists())
+    try:
+        with tempfile.TemporaryFile(dir="."):
+            return Path(name)
+    except OSError:
+        return None
 
 
 def _run_config(args) -> dict:

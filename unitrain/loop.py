@@ -46,10 +46,18 @@ Optimizer: the update equations are PyTorch's on every backend (see :mod:`unitra
 ``optimizer_state_dict()`` returns ``{"step": int64 scalar, "<param>.<buffer>": array}`` with
 ``<buffer>`` in the spec's ``state_names`` (``momentum_buffer``; ``exp_avg``, ``exp_avg_sq``);
 buffers not created yet are absent.
+
+Randomness: dropout masks come from the loop's own random stream, started from ``seed``; the
+user's global RNGs are neither reset nor advanced where the framework allows. With the
+``random-state`` capability, ``random_state()`` captures that stream as ``{name: uint8 array}``,
+opaque bytes that only the same backend reads back (``load_random_state``), so that a restored
+loop draws the masks an uninterrupted one would have drawn. Without it, ``random_state()`` is
+``{}``.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
@@ -64,7 +72,7 @@ from .losses import CrossEntropyLoss, Loss, MSELoss
 from .optim import SGD, Optimizer
 
 #: Capability tags an adapter may declare (checks gated on a missing one are skipped).
-CAPABILITIES = frozenset({"float64", "dropout", "batchnorm", "conv", "native-model", "compiled-step"})
+CAPABILITIES = frozenset({"float64", "dropout", "batchnorm", "conv", "native-model", "compiled-step", "random-state"})
 
 
 class InputError(ValueError):
@@ -198,6 +206,14 @@ class TrainingLoop(ABC):
     def _load_optimizer_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
         """Load validated optimizer state: ``step`` plus, per parameter, all buffers or none
         (``self.dtype`` arrays). The caller sets ``step_count``."""
+
+    def _random_state(self) -> dict[str, np.ndarray]:
+        """The loop's random stream as uint8 arrays (only with the ``random-state`` capability)."""
+        return {}
+
+    def _load_random_state(self, state: Mapping[str, np.ndarray]) -> None:
+        """Restore what ``_random_state`` returned; raise ValueError on anything else."""
+        raise ValueError(f"the {self.name} backend keeps no random state")
 
     @staticmethod
     def to_float(value: Any) -> float:
@@ -421,6 +437,24 @@ class TrainingLoop(ABC):
         })  # fmt: skip
         self.step_count = step
 
+    def random_state(self) -> dict[str, np.ndarray]:
+        """The dropout stream's state (``{}`` without the ``random-state`` capability)."""
+        return self._random_state()
+
+    def load_random_state(self, state: Mapping[str, np.ndarray], source: str = "random state") -> None:
+        """Restore a :meth:`random_state` of this backend; other keys or bytes are an error."""
+        expected = set(self._random_state())
+        if set(state) != expected:
+            raise weights_io.WeightsError(
+                f"{source} has keys {sorted(state)}, the {self.name} backend's random state has {sorted(expected)}"
+            )
+        if not expected:
+            return
+        try:
+            self._load_random_state({key: np.asarray(value, np.uint8) for key, value in state.items()})
+        except ValueError as error:
+            raise weights_io.WeightsError(f"{source} is not a {self.name} random state: {error}") from None
+
     # --- input checks ---------------------------------------------------------------------
 
     def _check_x(self, x) -> np.ndarray:
@@ -468,6 +502,19 @@ class TrainingLoop(ABC):
             raise InputError(f"a batch must be a pair (x, y), got {type(batch).__name__}") from None
         x = self._check_x(x)
         return x, self._check_y(y, len(x), x.shape[1:])
+
+
+def generator_state(rng: np.random.Generator) -> np.ndarray:
+    """A NumPy Generator's state as uint8 bytes (its JSON), for :meth:`TrainingLoop.random_state`."""
+    return np.frombuffer(json.dumps(rng.bit_generator.state).encode(), np.uint8)
+
+
+def set_generator_state(rng: np.random.Generator, state: np.ndarray) -> None:
+    """Restore :func:`generator_state` bytes into ``rng``; ValueError if they are not one."""
+    try:
+        rng.bit_generator.state = json.loads(np.asarray(state, np.uint8).tobytes())
+    except (UnicodeDecodeError, json.JSONDecodeError, TypeError, KeyError) as error:
+        raise ValueError(f"not a {type(rng.bit_generator).__name__} state ({error})") from None
 
 
 class _eval_mode:
