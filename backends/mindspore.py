@@ -113,7 +113,7 @@ class MindSporeLoop(TrainingLoop):
     name = "mindspore"
     framework = "mindspore"
     # No float64: MindSpore's CPU Conv2D, BatchNorm and cross entropy take float16/32 only.
-    capabilities = frozenset({"dropout", "batchnorm", "conv", "native-model", "compiled-step"})
+    capabilities = frozenset({"dropout", "batchnorm", "conv", "native-model"})
 
     #: ``False`` runs every step eagerly (PyNative), to debug or to compare speed
     compiled = True

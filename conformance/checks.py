@@ -583,6 +583,30 @@ def check_tutorial_sequence_equals_step(adapter):
         fail(f"step_count: tutorial sequence {parts.step_count}, step() {whole.step_count}")
 
 
+@check()
+def check_step_follows_state_changes(adapter):
+    """step() follows what changed since the last step (a compiled step must not keep stale copies):
+    after load_state_dict and load_optimizer_state_dict with fresh optimizer state, and across a
+    smaller batch, each step returns the reference loss and lands on the reference parameters."""
+    model = dense_model()
+    for spec in (SGD(lr=0.1, momentum=0.9), Adam(lr=0.01, eps=1e-4)):
+        loop = loaded(adapter, model, state_of(model), optimizer=spec)
+        for step in range(2):  # whatever the adapter compiles or caches is now warm
+            loop.step((inputs((3, 4), seed=step), labels(seed=step)))
+        state = state_of(model, seed=1)
+        loop.load_state_dict(state)
+        loop.load_optimizer_state_dict({"step": np.array(0)})  # no buffers: momentum and moments start afresh
+        ref, ref_optimizer = reference.Reference(model, state), reference.Optimizer(spec)
+        for step, n in enumerate((8, 5, 8), start=1):
+            x, y = inputs((3, 4), seed=10 + step, n=n), labels(n, seed=10 + step)
+            expected = reference.train_step(ref, loop.loss_spec, ref_optimizer, x, y)
+            label = f"{spec}, step {step} after load_state_dict/load_optimizer_state_dict (batch of {n})"
+            compare(f"{label}: step() return value", loop.to_float(loop.step((x, y))), expected,
+                    dtype=loop.dtype, size=DENSE_FAN_IN)  # fmt: skip
+            compare_states(f"{label}: parameter", params_of(loop), {k: ref.state[k] for k in model.param_shapes()},
+                           dtype=loop.dtype, size=4 * step)  # fmt: skip
+
+
 # --- 11-13. modes, dropout, BatchNorm ---------------------------------------------------------------
 
 

@@ -72,7 +72,7 @@ from .losses import CrossEntropyLoss, Loss, MSELoss
 from .optim import SGD, Optimizer
 
 #: Capability tags an adapter may declare (checks gated on a missing one are skipped).
-CAPABILITIES = frozenset({"float64", "dropout", "batchnorm", "conv", "native-model", "compiled-step", "random-state"})
+CAPABILITIES = frozenset({"float64", "dropout", "batchnorm", "conv", "native-model", "random-state"})
 
 
 class InputError(ValueError):
