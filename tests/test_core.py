@@ -24,7 +24,7 @@ def _modules_after(code: str) -> list[str]:
 @pytest.mark.parametrize(
     "code",
     [
-        "import unitrain, unitrain.backends, unitrain.conformance",
+        "import unitrain, unitrain.backends, unitrain.conformance, unitrain.compare, unitrain.checkpoint",
         "from unitrain.cli import main\ntry: main(['--help'])\nexcept SystemExit: pass",
         "from unitrain.cli import main; main(['backends'])",
         "import unitrain; unitrain.load_mnist('test'); unitrain.init_weights(unitrain.cnn(), 0)",

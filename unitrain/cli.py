@@ -86,29 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend",
         help=f"numpy, torch, mindspore, chainer or a registered one (default: ${registry.ENV_VAR} or numpy)",
     )
-    train.add_argument("--model", choices=sorted(PRESETS), default="mlp")
-    train.add_argument("--dataset", choices=["mnist"], default="mnist")
-    train.add_argument("--epochs", type=_int_at_least(0), default=3)
-    train.add_argument("--batch-size", type=_int_at_least(1), default=64)
-    train.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="sgd")
-    train.add_argument("--lr", type=_positive_float, default=0.01)
-    train.add_argument("--momentum", type=_float, default=None, help="SGD momentum (default 0)")
-    train.add_argument("--nesterov", action="store_true", help="Nesterov momentum (SGD)")
-    train.add_argument("--weight-decay", type=_float, default=None, help="default 0 (adamw: 0.01)")
-    train.add_argument("--seed", type=_int_at_least(0), default=0)
-    train.add_argument("--max-steps", type=_int_at_least(0), help="stop after N optimizer steps in total")
-    train.add_argument("--no-shuffle", action="store_true", help="visit samples in file order")
-    train.add_argument("--init-weights", type=Path, metavar="FILE", help="start from these safetensors weights")
+    _add_run_arguments(train)
     train.add_argument("--save", type=Path, metavar="FILE", help="write the trained weights (safetensors)")
     train.add_argument("--metrics", type=Path, metavar="FILE", help="write one JSON object per epoch")
-    train.add_argument("--data-dir", type=Path, metavar="DIR", help="read MNIST IDX files from DIR")
     train.add_argument("--overwrite", action="store_true", help="allow --save/--metrics to replace files")
-    train.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="progress bar on stderr (default: when stderr is a terminal)",
-    )
     train.add_argument(
         "--checkpoint-dir", type=Path, metavar="DIR", help="write checkpoints (each epoch's end, Ctrl-C)"
     )
@@ -121,6 +102,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue the run checkpointed in DIR (its newest checkpoint, or a step-N folder), on any --backend",
     )
     train.set_defaults(handler=cmd_train)
+
+    compare = commands.add_parser(
+        "compare",
+        help="the same run on several backends side by side, in one report",
+        description="Train on each backend in turn from the same initial weights, over the same batches, with the "
+        "same settings (those of train), then report accuracy, loss, speed and how far each backend's weights and "
+        "predictions are from the first one's.",
+    )
+    compare.add_argument(
+        "--backends", metavar="A,B,...", help="comma-separated backends, the reference first (default: all installed)"
+    )
+    _add_run_arguments(compare)
+    compare.add_argument("--json", type=Path, metavar="FILE", help="also write the report as JSON")
+    compare.add_argument("--overwrite", action="store_true", help="allow --json to replace a file")
+    compare.set_defaults(handler=cmd_compare)
 
     evaluate = commands.add_parser("evaluate", help="test loss and accuracy of a weights file on MNIST's test set")
     predict = commands.add_parser("predict", help="classify an MNIST test image or a 28x28 grayscale PNG")
@@ -152,6 +148,30 @@ def build_parser() -> argparse.ArgumentParser:
     conformance.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
     conformance.set_defaults(handler=cmd_conformance)
     return parser
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """What defines a training run (train and compare share them)."""
+    parser.add_argument("--model", choices=sorted(PRESETS), default="mlp")
+    parser.add_argument("--dataset", choices=["mnist"], default="mnist")
+    parser.add_argument("--epochs", type=_int_at_least(0), default=3)
+    parser.add_argument("--batch-size", type=_int_at_least(1), default=64)
+    parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="sgd")
+    parser.add_argument("--lr", type=_positive_float, default=0.01)
+    parser.add_argument("--momentum", type=_float, default=None, help="SGD momentum (default 0)")
+    parser.add_argument("--nesterov", action="store_true", help="Nesterov momentum (SGD)")
+    parser.add_argument("--weight-decay", type=_float, default=None, help="default 0 (adamw: 0.01)")
+    parser.add_argument("--seed", type=_int_at_least(0), default=0)
+    parser.add_argument("--max-steps", type=_int_at_least(0), help="stop after N optimizer steps in total")
+    parser.add_argument("--no-shuffle", action="store_true", help="visit samples in file order")
+    parser.add_argument("--init-weights", type=Path, metavar="FILE", help="start from these safetensors weights")
+    parser.add_argument("--data-dir", type=Path, metavar="DIR", help="read MNIST IDX files from DIR")
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar on stderr (default: when stderr is a terminal)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -201,6 +221,67 @@ def cmd_conformance(args) -> int:
     return runner.main(args.backend, args.adapter, args.check, args.json)
 
 
+# --- unitrain compare --------------------------------------------------------------------
+
+
+def cmd_compare(args) -> int:
+    from .compare import compare_backends, format_report
+
+    specs = registry.backend_specs()
+    if args.backends is None:
+        backends = [name for name, spec in specs.items() if spec.installed()]
+    else:
+        backends = [name.strip() for name in args.backends.split(",") if name.strip()]
+    if len(backends) < 2 or len(set(backends)) != len(backends):
+        given = args.backends if args.backends is not None else ",".join(backends)
+        raise UsageError(f"--backends needs two or more different backends, got {given!r}")
+    for name in backends:
+        if name not in specs:
+            raise UsageError(f"unknown backend {name!r} in --backends; available: {', '.join(specs)}")
+        if not specs[name].installed():
+            raise UsageError(f"backend {name!r} needs {specs[name].framework}, which is not installed: "
+                             f"{specs[name].install_hint}")  # fmt: skip
+    initial = _check_run_inputs(args)
+    _check_output(args.json, "--json", args.overwrite)
+    optimizer = _optimizer(args)
+    train_data, test_data = load_mnist("train", args.data_dir), load_mnist("test", args.data_dir)
+    print(
+        f"unitrain compare: {', '.join(backends)}; model {args.model}, {optimizer}, batch {args.batch_size}, "
+        f"seed {args.seed}: the same initial weights and batches on every backend",
+        flush=True,
+    )
+    show_progress = sys.stderr.isatty() if args.progress is None else args.progress
+
+    def extensions(backend):
+        return [*([ProgressBar()] if show_progress else []), EpochReport(args.epochs, prefix=f"{backend}: ")]
+
+    results = compare_backends(
+        backends, preset(args.model), optimizer, train_data, test_data,
+        seed=args.seed, initial_weights=initial, extensions=extensions,
+        epochs=args.epochs, batch_size=args.batch_size, shuffle=not args.no_shuffle, max_steps=args.max_steps,
+    )  # fmt: skip
+    print()
+    print(format_report(results, len(test_data)))
+    if args.json is not None:
+        report = {"run": {**_run_config(args), "seed": args.seed, "optimizer": str(optimizer)}, "results": results}
+        with open(args.json, "w", encoding="utf-8") as file:
+            json.dump(report, file, indent=1)
+    return 0
+
+
+def _check_run_inputs(args) -> dict | None:
+    """The files a run reads; returns ``--init-weights``' tensors, checked against the model."""
+    if args.data_dir is not None and not args.data_dir.is_dir():
+        raise UsageError(f"--data-dir {args.data_dir} does not exist or is not a directory")
+    if args.init_weights is None:
+        return None
+    if not args.init_weights.is_file():
+        raise UsageError(f"--init-weights {args.init_weights} does not exist or is not a file")
+    tensors, _ = load_safetensors(args.init_weights)
+    check_state(preset(args.model).state_shapes(), tensors, f"--init-weights {args.init_weights}")
+    return tensors
+
+
 # --- unitrain train ----------------------------------------------------------------------
 
 
@@ -235,10 +316,7 @@ def _optimizer(args):
 
 def cmd_train(args) -> int:
     # Everything the user typed is checked before the (slow) framework import and any training.
-    if args.init_weights is not None and not args.init_weights.is_file():
-        raise UsageError(f"--init-weights {args.init_weights} does not exist or is not a file")
-    if args.data_dir is not None and not args.data_dir.is_dir():
-        raise UsageError(f"--data-dir {args.data_dir} does not exist or is not a directory")
+    initial = _check_run_inputs(args)
     _check_output(args.save, "--save", args.overwrite)
     _check_output(args.metrics, "--metrics", args.overwrite)
     if args.save is not None and args.metrics is not None and args.save.resolve() == args.metrics.resolve():
@@ -252,8 +330,8 @@ def cmd_train(args) -> int:
     test_data = load_mnist("test", args.data_dir)
 
     loop = adapter(model, optimizer=optimizer, seed=args.seed)
-    if args.init_weights is not None:
-        loop.load_weights(args.init_weights)
+    if initial is not None:
+        loop.load_state_dict(initial, source=str(args.init_weights))
     if resume is not None:
         resume.restore(loop)
     version = registry.backend_specs()[loop.name].version()
@@ -425,12 +503,12 @@ def _check_checkpoint_dir(args, resume) -> None:
 class EpochReport:
     """One line per epoch: train loss, test accuracy, average test loss, samples/s."""
 
-    def __init__(self, epochs: int):
-        self.epochs = epochs
+    def __init__(self, epochs: int, prefix: str = ""):
+        self.epochs, self.prefix = epochs, prefix
 
     def on_epoch_end(self, loop, record):
         print(
-            f"epoch {record['epoch']}/{self.epochs}  train loss {record['train_loss']:.4f}  "
+            f"{self.prefix}epoch {record['epoch']}/{self.epochs}  train loss {record['train_loss']:.4f}  "
             f"test accuracy {100 * record['test_accuracy']:.2f}%  test loss {record['test_loss']:.4f}  "
             f"{record['samples_per_sec']:.0f} samples/s",
             flush=True,
