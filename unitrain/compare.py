@@ -43,6 +43,7 @@ def compare_backends(
     ``same_predictions`` (test samples given the same label)."""
     adapters = {name: registry.get_backend(name) for name in backends}  # all resolved before any training
     results: list[dict[str, Any]] = []
+    reference = None  # the first backend's final weights and test labels
     for name, adapter in adapters.items():
         loop = adapter(model, optimizer=optimizer, seed=seed)
         if initial_weights is not None:
@@ -50,7 +51,11 @@ def compare_backends(
         history = loop.fit(train_data, eval_data=test_data, extensions=extensions(name), **fit_options)
         metrics = loop.evaluate(test_data)
         speeds = [record["samples_per_sec"] for record in history if np.isfinite(record["samples_per_sec"])]
-        result = {
+        weights, labels = loop.state_dict(), loop.predict(test_data.x).argmax(1)
+        if reference is None:
+            reference = weights, labels
+        differences = [np.abs(weights[key].astype(np.float64) - value).max() for key, value in reference[0].items()]
+        results.append({
             "backend": name,
             "version": registry.backend_specs()[name].version(),
             "history": history,
@@ -59,21 +64,10 @@ def compare_backends(
             "test_loss": metrics["loss"],
             "num_correct": metrics["num_correct"],
             "samples_per_sec": float(np.mean(speeds)) if speeds else None,
-            "max_weight_difference": None,
-            "same_predictions": None,
-            # kept only for the comparison below
-            "_weights": loop.state_dict(),
-            "_labels": loop.predict(test_data.x).argmax(1),
-        }
-        if results:
-            first = results[0]
-            result["max_weight_difference"] = max(
-                float(np.abs(result["_weights"][key].astype(np.float64) - value).max())
-                for key, value in first["_weights"].items()
-            )
-            result["same_predictions"] = int((result["_labels"] == first["_labels"]).sum())
-        results.append(result)
-    return [{key: value for key, value in result.items() if not key.startswith("_")} for result in results]
+            "max_weight_difference": float(max(differences)) if results else None,
+            "same_predictions": int((labels == reference[1]).sum()) if results else None,
+        })  # fmt: skip
+    return results
 
 
 def format_report(results: Sequence[dict[str, Any]], num_test: int) -> str:
