@@ -7,10 +7,11 @@ compiled once), which makes its bias corrections float32 where PyTorch's are flo
 
 The tutorial-shaped ``backward`` re-runs forward + loss on the batch recorded by ``forward`` and
 ``loss`` through the same compiled gradient function, so it equals ``step`` bit for bit. The
-re-run would update BatchNorm's running statistics a second time, so ``backward`` restores them;
-with dropout active it draws a fresh mask (the gradient of another dropout sample). Dropout's
-random state lives inside MindSpore's stateful CPU kernels, which expose it to nothing (not even
-``mindspore.get_rng_state``): no ``random-state`` capability.
+re-run would update BatchNorm's running statistics a second time, so ``backward`` restores them.
+Dropout masks are drawn by the loop from its own NumPy stream and passed into the graph (see
+:class:`_Network`), so the re-run reuses ``forward``'s masks and the stream can be checkpointed:
+MindSpore's ``nn.Dropout`` keeps its random state inside stateful kernels that expose it to
+nothing, not even ``mindspore.get_rng_state``. A native Cell keeps its own ``nn.Dropout``.
 
 MindSpore's BatchNorm feeds the unbiased batch variance to its running estimate, as PyTorch
 does, but its ``momentum`` weights the *old* value; ``num_batches_tracked`` is added here.
@@ -28,7 +29,7 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
 from unitrain import layers
-from unitrain.loop import TrainingLoop
+from unitrain.loop import TrainingLoop, generator_state, set_generator_state
 from unitrain.losses import CrossEntropyLoss, MSELoss, NLLLoss
 from unitrain.optim import SGD, adam_update, sgd_update
 
@@ -69,14 +70,39 @@ class _BatchNorm(nn.Cell):
                 "running_var": bn.moving_variance, "num_batches_tracked": self.num_batches_tracked}  # fmt: skip
 
 
-def _build_cell(model: layers.Sequential, prefix: str, params: dict[str, Parameter]) -> nn.SequentialCell:
+class _Dropout(nn.Cell):
+    """Marks where :class:`_Network` applies the ``mask_index``-th dropout mask."""
+
+    def __init__(self, mask_index: int):
+        super().__init__()
+        self.mask_index = mask_index
+
+
+class _Network(nn.Cell):
+    """The spec's leaf layers in order. Dropout multiplies by a mask passed in with the input,
+    ``masks`` (one per Dropout layer; empty in eval mode): the loop draws them from a stream it
+    owns, so it can checkpoint the stream and ``backward`` can reuse ``forward``'s masks. (The
+    stateful random kernels behind ``nn.Dropout`` allow neither.)"""
+
+    def __init__(self, cells: list[nn.Cell]):
+        super().__init__()
+        self.layers = nn.CellList(cells)
+
+    def construct(self, x, masks):
+        for layer in self.layers:
+            if isinstance(layer, _Dropout):
+                if self.training:
+                    x = x * masks[layer.mask_index]
+            else:
+                x = layer(x)
+        return x
+
+
+def _build_cell(model: layers.Sequential, params: dict[str, Parameter]) -> _Network:
     """The native network; fills ``params`` with canonical name -> Parameter."""
     cells = []
-    for index, layer in enumerate(model):
-        name = f"{prefix}{index}"
-        if isinstance(layer, layers.Sequential):
-            cell = _build_cell(layer, name + ".", params)
-        elif isinstance(layer, layers.Linear):
+    for name, layer in model.named_layers():
+        if isinstance(layer, layers.Linear):
             cell = nn.Dense(layer.in_features, layer.out_features, "zeros", "zeros", has_bias=layer.bias)
         elif isinstance(layer, layers.Conv2d):
             # PyTorch pads explicitly (or not at all); MindSpore's default pad_mode is "same".
@@ -90,7 +116,7 @@ def _build_cell(model: layers.Sequential, prefix: str, params: dict[str, Paramet
         elif isinstance(layer, layers.Flatten):
             cell = nn.Flatten()
         elif isinstance(layer, layers.Dropout):
-            cell = nn.Dropout(p=layer.p)
+            cell = _Dropout(sum(isinstance(other, _Dropout) for other in cells))
         elif isinstance(layer, (layers.BatchNorm1d, layers.BatchNorm2d)):
             cell = _BatchNorm(layer)
             params.update({f"{name}.{key}": param for key, param in cell.state().items()})
@@ -101,7 +127,7 @@ def _build_cell(model: layers.Sequential, prefix: str, params: dict[str, Paramet
             if layer.bias:
                 params[f"{name}.bias"] = cell.bias
         cells.append(cell)
-    return nn.SequentialCell(cells)
+    return _Network(cells)
 
 
 def _write(param: Parameter, value: np.ndarray) -> None:
@@ -113,7 +139,7 @@ class MindSporeLoop(TrainingLoop):
     name = "mindspore"
     framework = "mindspore"
     # No float64: MindSpore's CPU Conv2D, BatchNorm and cross entropy take float16/32 only.
-    capabilities = frozenset({"dropout", "batchnorm", "conv", "native-model"})
+    capabilities = frozenset({"dropout", "batchnorm", "conv", "native-model", "random-state"})
 
     #: ``False`` runs every step eagerly (PyNative), to debug or to compare speed
     compiled = True
@@ -128,9 +154,12 @@ class MindSporeLoop(TrainingLoop):
         return nn.SequentialCell([nn.Dense(8, 16), nn.ReLU(), nn.Dense(16, 3)])
 
     def _build(self, model: layers.Sequential) -> None:
-        ms.set_seed(self.seed)  # nn.Dropout takes its op seeds from the global seed
+        # dropout masks: a child stream of the seed, independent of init_weights' and the batch order's draws
+        self._rng = np.random.default_rng(np.random.SeedSequence(self.seed).spawn(1)[0])
+        self._dropout_p = [layer.p for _, layer in model.named_layers() if isinstance(layer, layers.Dropout)]
+        self._mask_shapes: dict[tuple[int, ...], list[tuple[int, ...]]] = {}
         self._params: dict[str, Parameter] = {}
-        self._setup(_build_cell(model, "", self._params))
+        self._setup(_build_cell(model, self._params))
 
     def _wrap_native(self, model) -> None:
         ms.set_seed(self.seed)
@@ -152,7 +181,7 @@ class MindSporeLoop(TrainingLoop):
         }
         # Whether the optimizer buffers exist (PyTorch creates them at the first step).
         self._opt_ready = False
-        self._recorded_x = self._recorded_y = None
+        self._recorded_x = self._recorded_y = self._recorded_masks = None
         # A compiled function keeps the train/eval branches of the mode it was compiled in.
         self._compiled_by_mode: dict[bool, SimpleNamespace] = {}
 
@@ -160,19 +189,24 @@ class MindSporeLoop(TrainingLoop):
         """The step's parts as compiled functions, for the network's current mode. (MindSpore's
         graph syntax has no ``zip(strict=)``, hence the noqa.)"""
         net, grads, opt_state = self._net, self._grads, self._opt_state
+        masked = isinstance(net, _Network)
+
+        def run(x, masks):
+            return net(x, masks) if masked else net(x)
+
         weights = [self._params[name] for name in self._grad_names]
         spec, loss_cls = self.optimizer_spec, _LOSSES[type(self.loss_spec)]
         loss_fn, sum_loss = loss_cls(reduction=self.loss_spec.reduction), loss_cls(reduction="sum")
         class_targets = self.loss_spec.class_targets
 
-        def forward(x):
-            return net(x)
+        def forward(x, masks):
+            return run(x, masks)
 
         def loss(pred, y):
             return loss_fn(pred, y)
 
-        def forward_loss(x, y):
-            return loss_fn(net(x), y)
+        def forward_loss(x, y, masks):
+            return loss_fn(run(x, masks), y)
 
         value_and_grad = ms.value_and_grad(forward_loss, None, weights)
 
@@ -192,15 +226,15 @@ class MindSporeLoop(TrainingLoop):
                     ops.assign(param, new_param)
             return t
 
-        def step(x, y, t, first):
-            value, gradients = value_and_grad(x, y)
+        def step(x, y, t, first, masks):
+            value, gradients = value_and_grad(x, y, masks)
             for buf, grad in zip(grads, gradients):  # noqa: B905
                 ops.assign(buf, grad)
             apply_update(gradients, t, first)
             return value
 
-        def backward(x, y):
-            value, gradients = value_and_grad(x, y)
+        def backward(x, y, masks):
+            value, gradients = value_and_grad(x, y, masks)
             for buf, grad in zip(grads, gradients):  # noqa: B905
                 ops.assign_add(buf, grad)
             return value
@@ -214,7 +248,7 @@ class MindSporeLoop(TrainingLoop):
             return len(grads)
 
         def evaluate(x, y):
-            pred = net(x)
+            pred = run(x, ())
             correct = (pred.argmax(1) == y).sum() if class_targets else 0
             return sum_loss(pred, y), correct
 
@@ -222,6 +256,23 @@ class MindSporeLoop(TrainingLoop):
         return SimpleNamespace(**{fn.__name__: ms.jit(fn) if self.compiled else fn for fn in functions})
 
     # --- conversions --------------------------------------------------------------------
+
+    def _masks(self, x: np.ndarray) -> tuple[Tensor, ...]:
+        """Fresh dropout masks for a training forward of ``x`` (scaled by ``1/(1-p)``), else ``()``."""
+        if not (self._net.training and isinstance(self._net, _Network) and self._dropout_p):
+            return ()
+        if x.shape[1:] not in self._mask_shapes:
+            shapes, shape = [], x.shape[1:]
+            for _, layer in self.model_spec.named_layers():
+                if isinstance(layer, layers.Dropout):
+                    shapes.append(shape)
+                shape = layer.output_shape(shape)
+            self._mask_shapes[x.shape[1:]] = shapes
+        # mutable: a plain tuple of tensors would be a graph constant, compiled again at every step
+        return ms.mutable(tuple(
+            Tensor.from_numpy((self._rng.random((len(x), *shape), np.float32) >= p) * np.float32(1 / (1 - p)))
+            for p, shape in zip(self._dropout_p, self._mask_shapes[x.shape[1:]], strict=True)
+        ))  # fmt: skip
 
     def _x(self, x: np.ndarray) -> Tensor:
         return Tensor.from_numpy(np.ascontiguousarray(x))
@@ -252,8 +303,8 @@ class MindSporeLoop(TrainingLoop):
         self._fn.zero_grad()
 
     def _forward(self, x):
-        self._recorded_x, self._recorded_y = self._x(x), None
-        return self._fn.forward(self._recorded_x)
+        self._recorded_x, self._recorded_masks, self._recorded_y = self._x(x), self._masks(x), None
+        return self._fn.forward(self._recorded_x, self._recorded_masks)
 
     def _loss(self, pred, y):
         self._recorded_y = self._y(y)
@@ -264,7 +315,7 @@ class MindSporeLoop(TrainingLoop):
             raise RuntimeError("backward() needs the loss() of a forward() first")
         # The re-run would update BatchNorm's running statistics a second time for this batch.
         saved = [buffer.asnumpy().copy() for buffer in self._buffers] if self._net.training else []
-        self._fn.backward(self._recorded_x, self._recorded_y)
+        self._fn.backward(self._recorded_x, self._recorded_y, self._recorded_masks)
         for buffer, value in zip(self._buffers, saved, strict=False):
             _write(buffer, value)
 
@@ -273,16 +324,23 @@ class MindSporeLoop(TrainingLoop):
         self._opt_ready = True
 
     def _step(self, x, y):
-        loss = self._fn.step(self._x(x), self._y(y), *self._step_args())
+        loss = self._fn.step(self._x(x), self._y(y), *self._step_args(), self._masks(x))
         self._opt_ready = True
         return loss
 
     def _predict(self, x):
-        return self._fn.forward(self._x(x)).asnumpy()
+        return self._fn.forward(self._x(x), ()).asnumpy()
 
     def _evaluate_batch(self, x, y):
         loss, correct = self._fn.evaluate(self._x(x), self._y(y))
         return float(loss), int(correct)
+
+    def _random_state(self):
+        # a native Cell's nn.Dropout keeps its random state inside MindSpore's kernels
+        return {"dropout": generator_state(self._rng)} if self.model_spec is not None else {}
+
+    def _load_random_state(self, state):
+        set_generator_state(self._rng, state["dropout"])
 
     def _gradients(self):
         return {name: buf.asnumpy().copy() for name, buf in zip(self._grad_names, self._grads, strict=True)}

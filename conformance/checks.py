@@ -186,6 +186,13 @@ def conv_model() -> layers.Sequential:
     )  # fmt: skip
 
 
+def dropout_model() -> layers.Sequential:
+    """Input ``(N, 3, 4)``."""
+    return layers.Sequential(
+        layers.Flatten(), layers.Linear(12, 10), layers.ReLU(), layers.Dropout(0.5), layers.Linear(10, 4)
+    )
+
+
 def batchnorm_model() -> layers.Sequential:
     """Input ``(N, 6)``."""
     return layers.Sequential(
@@ -564,23 +571,28 @@ def check_step_returns_pre_update_loss(adapter):
 
 @check()
 def check_tutorial_sequence_equals_step(adapter):
-    """zero_grad, forward, loss, backward, update gives bit-for-bit what step() gives."""
-    model = batchnorm_model() if "batchnorm" in adapter.capabilities else dense_model()
-    shape = (6,) if "batchnorm" in adapter.capabilities else (3, 4)
-    state = state_of(model)
-    whole = loaded(adapter, model, state, optimizer=SGD(lr=0.1, momentum=0.9))
-    parts = loaded(adapter, model, state, optimizer=SGD(lr=0.1, momentum=0.9))
-    for step in range(3):
-        x, y = inputs(shape, seed=step), labels(seed=step)
-        whole.step((x, y))
-        tutorial_gradients(parts, x, y)
-        parts.update()
-    compare_states(f"after 3 steps, {model.layers[1]} model, tutorial sequence vs. step():", parts.state_dict(),
-                   whole.state_dict())  # fmt: skip
-    compare_states("optimizer state, tutorial sequence vs. step():", parts.optimizer_state_dict(),
-                   whole.optimizer_state_dict())  # fmt: skip
-    if parts.step_count != whole.step_count:
-        fail(f"step_count: tutorial sequence {parts.step_count}, step() {whole.step_count}")
+    """zero_grad, forward, loss, backward, update gives bit-for-bit what step() gives, with
+    BatchNorm and with Dropout (the same masks) where the adapter has them."""
+    models = [("a dense", dense_model(), (3, 4))]
+    if "batchnorm" in adapter.capabilities:
+        models.append(("a BatchNorm1d", batchnorm_model(), (6,)))
+    if "dropout" in adapter.capabilities:
+        models.append(("a Dropout", dropout_model(), (3, 4)))
+    for what, model, shape in models:
+        state = state_of(model)
+        whole = loaded(adapter, model, state, optimizer=SGD(lr=0.1, momentum=0.9))
+        parts = loaded(adapter, model, state, optimizer=SGD(lr=0.1, momentum=0.9))
+        for step in range(3):
+            x, y = inputs(shape, seed=step), labels(seed=step)
+            whole.step((x, y))
+            tutorial_gradients(parts, x, y)
+            parts.update()
+        compare_states(f"after 3 steps of {what} model, tutorial sequence vs. step():", parts.state_dict(),
+                       whole.state_dict())  # fmt: skip
+        compare_states(f"optimizer state of {what} model, tutorial sequence vs. step():",
+                       parts.optimizer_state_dict(), whole.optimizer_state_dict())  # fmt: skip
+        if parts.step_count != whole.step_count:
+            fail(f"step_count: tutorial sequence {parts.step_count}, step() {whole.step_count}")
 
 
 @check()
@@ -669,9 +681,7 @@ def check_random_state_resumes_dropout(adapter):
     """random_state() is uint8 arrays that predict/evaluate leave alone; a loop restored from
     state_dict, optimizer_state_dict and random_state draws the original's dropout masks (its next
     steps give bit-identical weights); bytes that are not a state are refused, naming the key."""
-    model = layers.Sequential(
-        layers.Flatten(), layers.Linear(12, 10), layers.ReLU(), layers.Dropout(0.5), layers.Linear(10, 4)
-    )
+    model = dropout_model()
     optimizer = SGD(lr=0.1, momentum=0.9)
     loop = loaded(adapter, model, state_of(model), optimizer=optimizer)
     batches = [(inputs((3, 4), seed=i), labels(seed=i)) for i in range(3)]

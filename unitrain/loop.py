@@ -25,9 +25,9 @@ Contract of the two ways to drive a loop (both on every backend):
 * **tutorial-shaped step**: ``zero_grad()``, ``pred = forward(x)``, ``l = loss(pred, y)``,
   ``backward(l)``, ``update()``. Gradients accumulate across ``backward`` calls until
   ``zero_grad``; ``update`` applies the optimizer to the accumulated gradients. The sequence
-  gives the same result as ``step`` (bit-for-bit without dropout). Frameworks that compute
-  gradients functionally (MindSpore) record what ``forward`` and ``loss`` saw and differentiate in
-  ``backward``.
+  gives the same result as ``step``, bit for bit, dropout masks included. Frameworks that compute
+  gradients functionally (MindSpore) record what ``forward`` and ``loss`` saw (masks included)
+  and differentiate in ``backward``.
 
 Modes: a new loop is in training mode. ``train()`` / ``eval()`` switch every layer: Dropout is
 active and BatchNorm normalises with batch statistics and updates its running statistics only
