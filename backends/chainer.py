@@ -43,9 +43,10 @@ with warnings.catch_warnings():
     from chainer.serializers import DictionarySerializer, NpzDeserializer
 
 from unitrain import layers
-from unitrain.loop import TrainingLoop, generator_state, set_generator_state
+from unitrain.loop import TrainingLoop
 from unitrain.losses import CrossEntropyLoss, NLLLoss
 from unitrain.optim import SGD, adam_update, sgd_update
+from unitrain.randomness import dropout_mask, dropout_stream, generator_state, set_generator_state
 
 #: PyTorch's state names -> Chainer's attribute names
 _LINK_NAMES = {"weight": "W", "bias": "b"}
@@ -78,10 +79,9 @@ class _Dropout:
         self.p, self.rng = p, rng
 
     def __call__(self, x):
-        mask = None
-        if chainer.config.train:  # in eval F.dropout is the identity
-            mask = (self.rng.random(x.shape) >= self.p) * x.dtype.type(1 / (1 - self.p))
-        return F.dropout(x, self.p, mask=mask)
+        if not (chainer.config.train and self.p):  # in eval F.dropout is the identity
+            return x
+        return F.dropout(x, self.p, mask=dropout_mask(self.rng, x.shape, self.p, x.dtype))
 
 
 def _flatten(x):
@@ -166,7 +166,7 @@ class ChainerLoop(TrainingLoop):
 
     def _build(self, model):
         zero = chainer.initializers.Zero(self.dtype)  # init_weights is loaded right after
-        self._rng = np.random.default_rng(self.seed)
+        self._rng = dropout_stream(self.seed)
         stack, self._paths = [], {}  # canonical name -> Chainer serializer path
         for name, spec in model.named_layers():
             if isinstance(spec, (layers.Linear, layers.Conv2d)):

@@ -29,9 +29,10 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
 from unitrain import layers
-from unitrain.loop import TrainingLoop, generator_state, set_generator_state
+from unitrain.loop import TrainingLoop
 from unitrain.losses import CrossEntropyLoss, MSELoss, NLLLoss
 from unitrain.optim import SGD, adam_update, sgd_update
+from unitrain.randomness import dropout_mask, dropout_stream, generator_state, set_generator_state
 
 ms.set_device("CPU")  # the adapter is written and tested for MindSpore's CPU build
 
@@ -154,8 +155,7 @@ class MindSporeLoop(TrainingLoop):
         return nn.SequentialCell([nn.Dense(8, 16), nn.ReLU(), nn.Dense(16, 3)])
 
     def _build(self, model: layers.Sequential) -> None:
-        # dropout masks: a child stream of the seed, independent of init_weights' and the batch order's draws
-        self._rng = np.random.default_rng(np.random.SeedSequence(self.seed).spawn(1)[0])
+        self._rng = dropout_stream(self.seed)
         self._dropout_p = [layer.p for _, layer in model.named_layers() if isinstance(layer, layers.Dropout)]
         self._mask_shapes: dict[tuple[int, ...], list[tuple[int, ...]]] = {}
         self._params: dict[str, Parameter] = {}
@@ -270,7 +270,7 @@ class MindSporeLoop(TrainingLoop):
             self._mask_shapes[x.shape[1:]] = shapes
         # mutable: a plain tuple of tensors would be a graph constant, compiled again at every step
         return ms.mutable(tuple(
-            Tensor.from_numpy((self._rng.random((len(x), *shape), np.float32) >= p) * np.float32(1 / (1 - p)))
+            Tensor.from_numpy(dropout_mask(self._rng, (len(x), *shape), p, np.float32))
             for p, shape in zip(self._dropout_p, self._mask_shapes[x.shape[1:]], strict=True)
         ))  # fmt: skip
 

@@ -16,9 +16,10 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from unitrain.layers import BatchNorm1d, BatchNorm2d, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU
-from unitrain.loop import InputError, TrainingLoop, generator_state, set_generator_state
+from unitrain.loop import InputError, TrainingLoop
 from unitrain.losses import CrossEntropyLoss, MSELoss, NLLLoss
 from unitrain.optim import Adam, adam_update, sgd_update
+from unitrain.randomness import dropout_mask, dropout_stream, generator_state, set_generator_state
 
 
 class _Layer:
@@ -169,10 +170,7 @@ class _Dropout(_Layer):
         self.rng = rng
 
     def forward(self, x, training, record):
-        scale = None
-        if training and self.spec.p:
-            keep = self.rng.random(x.shape, x.dtype) >= self.spec.p
-            scale = np.multiply(keep, 1 / (1 - self.spec.p), dtype=x.dtype)  # PyTorch's mask: 0 or 1/(1-p)
+        scale = dropout_mask(self.rng, x.shape, self.spec.p, x.dtype) if training and self.spec.p else None
         if record:
             self.scale = scale
         return x if scale is None else x * scale
@@ -310,8 +308,7 @@ class NumpyLoop(TrainingLoop):
     capabilities = frozenset({"dropout", "batchnorm", "conv", "float64", "random-state"})
 
     def _build(self, model):
-        # a child stream of the seed: independent of init_weights' and the batch order's draws
-        self._rng = np.random.default_rng(np.random.SeedSequence(self.seed).spawn(1)[0])
+        self._rng = dropout_stream(self.seed)
         named = list(model.named_layers())
         self._layers = [_LAYERS[type(spec)](spec, self.dtype, self._rng) for _, spec in named]
         made_here = False  # whether the current activation is an array the pass allocated

@@ -81,3 +81,23 @@ def test_a_weight_file_from_any_backend_loads_into_every_other(writer, tmp_path,
         loop.load_weights(path)
         np.testing.assert_allclose(loop.predict(x), expected, rtol=1e-4, atol=1e-5, err_msg=f"{writer}->{reader}")
         assert loop.state_dict()["1.num_batches_tracked"] == 1
+
+
+def test_numpy_chainer_and_mindspore_drop_the_same_units(mnist_train):
+    """They draw dropout masks by one rule (unitrain.randomness), so a model with Dropout trains to the
+    same weights on each; PyTorch draws from its own generator."""
+    model = unitrain.Sequential(
+        unitrain.Flatten(), unitrain.Linear(784, 64), unitrain.ReLU(), unitrain.Dropout(0.5),
+        unitrain.Linear(64, 32), unitrain.ReLU(), unitrain.Dropout(0.0), unitrain.Dropout(0.3), unitrain.Linear(32, 10),
+    )  # fmt: skip
+    data = mnist_train.subset(np.arange(640))
+    final = {}
+    for backend in [name for name in BACKENDS if name != "torch"]:
+        loop = unitrain.make_loop(backend, model, optimizer=unitrain.SGD(lr=0.05, momentum=0.9), seed=4)
+        loop.fit(data, epochs=2, batch_size=64)
+        final[backend] = loop.state_dict()
+    start = unitrain.init_weights(model, 4)
+    for backend, state in final.items():
+        for key, value in state.items():
+            assert np.abs(value - start[key]).max() > 1e-3, f"{backend} did not train {key}"
+            np.testing.assert_allclose(value, final["numpy"][key], rtol=0, atol=1e-6, err_msg=f"{backend} {key}")

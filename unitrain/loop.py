@@ -57,7 +57,6 @@ loop draws the masks an uninterrupted one would have drawn. Without it, ``random
 
 from __future__ import annotations
 
-import json
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
@@ -502,19 +501,6 @@ class TrainingLoop(ABC):
             raise InputError(f"a batch must be a pair (x, y), got {type(batch).__name__}") from None
         x = self._check_x(x)
         return x, self._check_y(y, len(x), x.shape[1:])
-
-
-def generator_state(rng: np.random.Generator) -> np.ndarray:
-    """A NumPy Generator's state as uint8 bytes (its JSON), for :meth:`TrainingLoop.random_state`."""
-    return np.frombuffer(json.dumps(rng.bit_generator.state).encode(), np.uint8)
-
-
-def set_generator_state(rng: np.random.Generator, state: np.ndarray) -> None:
-    """Restore :func:`generator_state` bytes into ``rng``; ValueError if they are not one."""
-    try:
-        rng.bit_generator.state = json.loads(np.asarray(state, np.uint8).tobytes())
-    except (UnicodeDecodeError, json.JSONDecodeError, TypeError, KeyError) as error:
-        raise ValueError(f"not a {type(rng.bit_generator).__name__} state ({error})") from None
 
 
 class _eval_mode:
