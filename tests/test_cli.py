@@ -95,3 +95,23 @@ def test_a_missing_framework_names_the_extra_to_install(torch_uninstalled, capsy
     assert main(["backends"]) == 0
     (line,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("torch")]
     assert line.split()[:3] == ["torch", "missing", "-"] and "pip install 'unitrain[torch]'" in line
+
+
+def test_sigterm_outside_training_ends_the_command_like_ctrl_c(monkeypatch, capsys):
+    """MindSpore's own SIGINT handler turns Ctrl-C into SIGTERM; either ends a command cleanly."""
+    import os
+    import signal
+    import time
+
+    from unitrain import cli
+
+    def terminated(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler interrupts this
+        return 0
+
+    monkeypatch.setattr(cli, "cmd_backends", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    assert cli.main(["backends"]) == 130
+    assert capsys.readouterr().err == "unitrain: interrupted\n"
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -7,6 +7,7 @@ import errno
 import itertools
 import json
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -178,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     args.argv = argv  # which flags were typed (--resume refuses explicit conflicting settings)
+    # SIGTERM ends a command as Ctrl-C does: MindSpore turns Ctrl-C into SIGTERM (see stop_on_signals)
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         return args.handler(args)
     except USER_ERRORS as error:
@@ -186,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("unitrain: interrupted", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # --- unitrain backends -------------------------------------------------------------------
