@@ -46,7 +46,7 @@ from unitrain import layers
 from unitrain.loop import TrainingLoop
 from unitrain.losses import CrossEntropyLoss, NLLLoss
 from unitrain.optim import SGD, adam_update, sgd_update
-from unitrain.randomness import dropout_mask, dropout_stream, generator_state, set_generator_state
+from unitrain.randomness import dropout_mask, dropout_stream, set_stream_state, stream_state
 
 #: PyTorch's state names -> Chainer's attribute names
 _LINK_NAMES = {"weight": "W", "bias": "b"}
@@ -309,7 +309,7 @@ class ChainerLoop(TrainingLoop):
 
     def _random_state(self):
         # a native Chain's F.dropout draws from NumPy's global RNG, which the loop does not own
-        return {"dropout": generator_state(self._rng)} if self.model_spec is not None else {}
+        return stream_state(self._rng) if self.model_spec is not None else {}
 
     def _load_random_state(self, state):
-        set_generator_state(self._rng, state["dropout"])
+        set_stream_state(self._rng, state)

@@ -32,7 +32,7 @@ from unitrain import layers
 from unitrain.loop import TrainingLoop
 from unitrain.losses import CrossEntropyLoss, MSELoss, NLLLoss
 from unitrain.optim import SGD, adam_update, sgd_update
-from unitrain.randomness import dropout_mask, dropout_stream, generator_state, set_generator_state
+from unitrain.randomness import dropout_mask, dropout_stream, set_stream_state, stream_state
 
 ms.set_device("CPU")  # the adapter is written and tested for MindSpore's CPU build
 
@@ -337,10 +337,10 @@ class MindSporeLoop(TrainingLoop):
 
     def _random_state(self):
         # a native Cell's nn.Dropout keeps its random state inside MindSpore's kernels
-        return {"dropout": generator_state(self._rng)} if self.model_spec is not None else {}
+        return stream_state(self._rng) if self.model_spec is not None else {}
 
     def _load_random_state(self, state):
-        set_generator_state(self._rng, state["dropout"])
+        set_stream_state(self._rng, state)
 
     def _gradients(self):
         return {name: buf.asnumpy().copy() for name, buf in zip(self._grad_names, self._grads, strict=True)}

@@ -19,7 +19,7 @@ from unitrain.layers import BatchNorm1d, BatchNorm2d, Conv2d, Dropout, Flatten, 
 from unitrain.loop import InputError, TrainingLoop
 from unitrain.losses import CrossEntropyLoss, MSELoss, NLLLoss
 from unitrain.optim import Adam, adam_update, sgd_update
-from unitrain.randomness import dropout_mask, dropout_stream, generator_state, set_generator_state
+from unitrain.randomness import dropout_mask, dropout_stream, set_stream_state, stream_state
 
 
 class _Layer:
@@ -416,7 +416,7 @@ class NumpyLoop(TrainingLoop):
         self._optimizer_state = {key: np.array(value) for key, value in state.items() if key != "step"}
 
     def _random_state(self):
-        return {"dropout": generator_state(self._rng)}
+        return stream_state(self._rng)
 
     def _load_random_state(self, state):
-        set_generator_state(self._rng, state["dropout"])
+        set_stream_state(self._rng, state)

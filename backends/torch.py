@@ -212,10 +212,10 @@ class TorchLoop(TrainingLoop):
         self.optimizer.state.update(loaded)
 
     def _random_state(self) -> dict[str, np.ndarray]:
-        return {"dropout": self._rng_state.numpy().copy()}
+        return {"torch_generator": self._rng_state.numpy().copy()}
 
     def _load_random_state(self, state: Mapping[str, np.ndarray]) -> None:
-        restored = torch.from_numpy(np.array(state["dropout"]))
+        restored = torch.from_numpy(np.array(state["torch_generator"]))
         try:  # set_state validates the bytes (size, and the generator's own checks)
             torch.Generator(self._device).set_state(restored)
         except RuntimeError as error:

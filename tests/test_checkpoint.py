@@ -132,11 +132,14 @@ def test_a_dropout_model_resumes_with_the_masks_an_uninterrupted_run_draws(backe
     again = unitrain.make_loop(backend, dropout_mlp(), optimizer=optimizer, seed=3)
     checkpoint.restore(again)
     assert_same_state(fit(again, small_train, resume=checkpoint).state_dict(), loop.state_dict())
-    # another backend cannot read this stream: it resumes with its own masks
-    other = next(name for name in BACKENDS if name != backend)
-    moved = unitrain.make_loop(other, dropout_mlp(), optimizer=optimizer, seed=3)
-    checkpoint.restore(moved)
-    assert moved.step_count == 5
+    for other in (name for name in BACKENDS if name != backend):
+        moved = unitrain.make_loop(other, dropout_mlp(), optimizer=optimizer, seed=3)
+        checkpoint.restore(moved)
+        final = fit(moved, small_train, resume=checkpoint).state_dict()
+        difference = max(float(np.abs(final[key] - value).max()) for key, value in loop.state_dict().items())
+        # NumPy, Chainer and MindSpore keep one kind of stream (unitrain.randomness): the same masks
+        same_stream = "torch" not in (backend, other)
+        assert (difference < 1e-5) == same_stream, f"{backend} -> {other}: weights differ by {difference}"
 
 
 # --- crash safety ---------------------------------------------------------------------------

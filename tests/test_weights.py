@@ -107,6 +107,19 @@ def test_malformed_files_are_rejected_with_a_reason(tmp_path, damage, message):
         load_safetensors(path)
 
 
+def test_a_header_of_128_bytes_is_not_mistaken_for_a_pickle(tmp_path):
+    """The header length is little-endian: 128 (mod 256) makes the first byte 0x80, pickle's marker."""
+    path = tmp_path / "w.safetensors"
+    for length in range(1, 300):
+        state = {"k" * length: np.zeros(3, np.float32)}
+        save_safetensors(path, state)
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    tensors, _ = load_safetensors(path)
+    assert list(tensors) == list(state)
+
+
 def test_missing_file_and_directory(tmp_path):
     with pytest.raises(WeightsError, match="does not exist"):
         load_safetensors(tmp_path / "nope.safetensors")

@@ -14,9 +14,10 @@ Loading verifies the manifest's sizes and sha256 digests and never unpickles any
 
 The batch order needs no RNG state beyond the run's seed: the order of epoch ``e`` is a pure
 function of ``(seed, e)`` (see :mod:`unitrain.data`), so the position ``(epoch, batch)`` restarts the
-data stream where it stopped. Dropout's stream is each backend's own: the checkpoint keeps it (as
-``TrainingLoop.random_state()``) and a resume on the same backend restores it, so dropout masks
-continue exactly too; another backend, or one without the ``random-state`` capability, draws its own.
+data stream where it stopped. The checkpoint also keeps the loop's dropout stream
+(``TrainingLoop.random_state()``) and a resume restores it into a loop that keeps the same kind
+of stream, so dropout masks continue exactly too: the same backend, or NumPy, Chainer and
+MindSpore among themselves (:mod:`unitrain.randomness`); PyTorch's generator is its own.
 
 Python API::
 
@@ -215,7 +216,8 @@ class Checkpoint:
 
     def restore(self, loop) -> None:
         """Load weights, optimizer state and step count into ``loop`` (any backend), which must
-        use the checkpoint's optimizer and seed; on the checkpoint's own backend, the random state too."""
+        use the checkpoint's optimizer and seed; and the random state where ``loop`` keeps the
+        same kind of stream (the same backend, or NumPy, Chainer and MindSpore among themselves)."""
         if loop.optimizer_spec != self.optimizer_spec():
             raise CheckpointError(
                 f"{self.path} was trained with {self.optimizer_spec()}, the loop uses {loop.optimizer_spec}"
@@ -228,7 +230,7 @@ class Checkpoint:
             loop.load_optimizer_state_dict(self.optimizer_state)
         except (KeyError, ValueError) as error:
             raise CheckpointError(f"{self.path / OPTIMIZER} does not fit the model: {error}") from None
-        if loop.name == self.backend and self.random_state:
+        if self.random_state and set(self.random_state) == set(loop.random_state()):  # the same kind of stream
             loop.load_random_state(self.random_state, source=str(self.path / RANDOM))
 
 

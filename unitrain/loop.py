@@ -49,10 +49,10 @@ buffers not created yet are absent.
 
 Randomness: dropout masks come from the loop's own random stream, started from ``seed``; the
 user's global RNGs are neither reset nor advanced where the framework allows. With the
-``random-state`` capability, ``random_state()`` captures that stream as ``{name: uint8 array}``,
-opaque bytes that only the same backend reads back (``load_random_state``), so that a restored
-loop draws the masks an uninterrupted one would have drawn. Without it, ``random_state()`` is
-``{}``.
+``random-state`` capability, ``random_state()`` captures that stream as ``{key: uint8 array}``,
+opaque bytes whose keys name the kind of stream; ``load_random_state`` takes a state with the
+loop's own keys, so that a restored loop draws the masks an uninterrupted one would have drawn.
+Without it, ``random_state()`` is ``{}``.
 """
 
 from __future__ import annotations

@@ -25,14 +25,19 @@ def dropout_mask(rng: np.random.Generator, shape: tuple[int, ...], p: float, dty
     return np.multiply(rng.random(shape, dtype) >= p, 1 / (1 - p), dtype=dtype)
 
 
-def generator_state(rng: np.random.Generator) -> np.ndarray:
-    """A NumPy Generator's state as uint8 bytes (its JSON), for ``TrainingLoop.random_state``."""
-    return np.frombuffer(json.dumps(rng.bit_generator.state).encode(), np.uint8)
+#: the key of this stream in ``TrainingLoop.random_state()``: loops whose keys match can load each
+#: other's state (a checkpoint resumed on another of these backends keeps its masks)
+STREAM_KEY = "unitrain_dropout_stream"
 
 
-def set_generator_state(rng: np.random.Generator, state: np.ndarray) -> None:
-    """Restore :func:`generator_state` bytes into ``rng``; ValueError if they are not one."""
+def stream_state(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """``{STREAM_KEY: the generator's state as uint8 bytes (its JSON)}``."""
+    return {STREAM_KEY: np.frombuffer(json.dumps(rng.bit_generator.state).encode(), np.uint8)}
+
+
+def set_stream_state(rng: np.random.Generator, state: dict[str, np.ndarray]) -> None:
+    """Restore :func:`stream_state` into ``rng``; ValueError if the bytes are not one."""
     try:
-        rng.bit_generator.state = json.loads(np.asarray(state, np.uint8).tobytes())
+        rng.bit_generator.state = json.loads(np.asarray(state[STREAM_KEY], np.uint8).tobytes())
     except (UnicodeDecodeError, json.JSONDecodeError, TypeError, KeyError) as error:
         raise ValueError(f"not a {type(rng.bit_generator).__name__} state ({error})") from None

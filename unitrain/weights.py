@@ -149,7 +149,9 @@ def load_safetensors(path) -> tuple[State, dict[str, str]]:
     def bad(why: str) -> WeightsError:
         return WeightsError(f"{path} is not a valid safetensors file: {why}")
 
-    if data[:1] == b"\x80" or data[:2] == b"PK":
+    # A header length of 128 (mod 256) also starts with 0x80: a safetensors header is JSON, from byte 8.
+    plausible = len(data) > 8 and data[8:9] == b"{" and struct.unpack("<Q", data[:8])[0] <= len(data) - 8
+    if not plausible and (data[:1] == b"\x80" or data[:2] == b"PK"):
         raise bad("it looks like a pickle or torch.save archive; unitrain never unpickles, "
                   "convert it with safetensors.torch.save_file")  # fmt: skip
     if len(data) < 8:
