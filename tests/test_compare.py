@@ -58,7 +58,7 @@ def test_every_backend_starts_from_the_given_weights(mnist_train, mnist_test):
     [
         (["--backends", "numpy"], "--backends needs two or more different backends, got 'numpy'"),
         (["--backends", "numpy,numpy"], "--backends needs two or more different backends, got 'numpy,numpy'"),
-        (["--backends", "numpy,jax"], "unknown backend 'jax' in --backends; available: numpy, torch"),
+        (["--backends", "numpy,jax"], "unknown backend 'jax'; available: numpy, torch, mindspore, chainer"),
         (["--backends", PAIR, "--lr", "0"], "argument --lr: must be > 0, got 0"),
         pytest.param(["--backends", PAIR, "--data-dir", "nowhere"], "--data-dir nowhere does not", marks=needs_two),
     ],

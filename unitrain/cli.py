@@ -232,20 +232,15 @@ def cmd_conformance(args) -> int:
 def cmd_compare(args) -> int:
     from .compare import compare_backends, format_report
 
-    specs = registry.backend_specs()
     if args.backends is None:
-        backends = [name for name, spec in specs.items() if spec.installed()]
+        backends = [name for name, spec in registry.backend_specs().items() if spec.installed()]
     else:
         backends = [name.strip() for name in args.backends.split(",") if name.strip()]
     if len(backends) < 2 or len(set(backends)) != len(backends):
         given = args.backends if args.backends is not None else ",".join(backends)
         raise UsageError(f"--backends needs two or more different backends, got {given!r}")
     for name in backends:
-        if name not in specs:
-            raise UsageError(f"unknown backend {name!r} in --backends; available: {', '.join(specs)}")
-        if not specs[name].installed():
-            raise UsageError(f"backend {name!r} needs {specs[name].framework}, which is not installed: "
-                             f"{specs[name].install_hint}")  # fmt: skip
+        registry.usable_spec(name)
     initial = _check_run_inputs(args)
     _check_output(args.json, "--json", args.overwrite)
     optimizer = _optimizer(args)

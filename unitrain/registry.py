@@ -91,16 +91,20 @@ def load_adapter(target: str) -> type:
     return adapter
 
 
-def get_backend(name: str | None = None) -> type:
-    """The adapter class of backend ``name`` (default: ``$UNITRAIN_BACKEND`` or ``numpy``)."""
-    name = name or os.environ.get(ENV_VAR) or DEFAULT_BACKEND
+def usable_spec(name: str) -> BackendSpec:
+    """The spec of backend ``name``, checked to be known and installed (nothing is imported)."""
     specs = backend_specs()
     if name not in specs:
         raise BackendError(f"unknown backend {name!r}; available: {', '.join(specs)}")
     spec = specs[name]
     if not spec.installed():
         raise BackendError(f"backend {name!r} needs {spec.framework}, which is not installed: {spec.install_hint}")
-    return load_adapter(spec.target)
+    return spec
+
+
+def get_backend(name: str | None = None) -> type:
+    """The adapter class of backend ``name`` (default: ``$UNITRAIN_BACKEND`` or ``numpy``)."""
+    return load_adapter(usable_spec(name or os.environ.get(ENV_VAR) or DEFAULT_BACKEND).target)
 
 
 def backend_of(model: Any) -> str | None:
