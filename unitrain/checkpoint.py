@@ -196,7 +196,7 @@ class Checkpoint:
     manifest: dict[str, Any]
     weights: State
     optimizer_state: State
-    #: the dropout stream of ``backend`` (empty if it keeps none)
+    #: the loop's dropout stream (``TrainingLoop.random_state()``; empty if it kept none)
     random_state: State
 
     step = property(lambda self: self.manifest["step"])
@@ -367,8 +367,7 @@ class Checkpointer:
         if self.directory is not None:
             self._save(loop, finished=finished)
         if self.stop_requested and not finished:
-            if self.directory is None:
-                self._save_interrupted(loop)
+            self._save_interrupted(loop)  # saved just above when the run has a directory
             raise Interrupted()
 
     def finish(self, loop) -> None:
