@@ -271,15 +271,13 @@ def cmd_compare(args) -> int:
 
 def _check_run_inputs(args) -> dict | None:
     """The files a run reads; returns ``--init-weights``' tensors, checked against the model."""
-    if args.data_dir is not None and not args.data_dir.is_dir():
-        raise UsageError(f"--data-dir {args.data_dir} does not exist or is not a directory")
-    if args.init_weights is None:
-        return None
-    if not args.init_weights.is_file():
-        raise UsageError(f"--init-weights {args.init_weights} does not exist or is not a file")
-    tensors, _ = load_safetensors(args.init_weights)
-    check_state(preset(args.model).state_shapes(), tensors, f"--init-weights {args.init_weights}")
-    return tensors
+    _check_data_dir(args.data_dir)
+    return None if args.init_weights is None else _read_weights(args.init_weights, args.model, "--init-weights")
+
+
+def _check_data_dir(path: Path | None) -> None:
+    if path is not None and not path.is_dir():
+        raise UsageError(f"--data-dir {path} does not exist or is not a directory")
 
 
 # --- unitrain train ----------------------------------------------------------------------
@@ -560,23 +558,22 @@ class MetricsWriter:
 # --- unitrain evaluate / predict ---------------------------------------------------------------
 
 
-def _read_weights(path: Path, model_name: str) -> dict:
-    """``--weights`` checked against the model before any framework is imported."""
+def _read_weights(path: Path, model_name: str, flag: str = "--weights") -> dict:
+    """A weights file checked against the model before any framework is imported."""
     if path.is_dir():
-        raise UsageError(f"--weights {path} is a directory, expected a safetensors file")
+        raise UsageError(f"{flag} {path} is a directory, expected a safetensors file")
     if not path.exists():
-        raise UsageError(f"--weights {path} does not exist")
+        raise UsageError(f"{flag} {path} does not exist")
     if path.stat().st_size == 0:
-        raise UsageError(f"--weights {path} is empty, expected a safetensors file")
+        raise UsageError(f"{flag} {path} is empty, expected a safetensors file")
     tensors, _ = load_safetensors(path)
-    check_state(preset(model_name).state_shapes(), tensors, f"--weights {path}")
+    check_state(preset(model_name).state_shapes(), tensors, f"{flag} {path}")
     return tensors
 
 
 def _loop_with_weights(args):
     weights = _read_weights(args.weights, args.model)
-    if args.data_dir is not None and not args.data_dir.is_dir():
-        raise UsageError(f"--data-dir {args.data_dir} does not exist or is not a directory")
+    _check_data_dir(args.data_dir)
     loop = registry.get_backend(args.backend)(preset(args.model))
     loop.load_state_dict(weights, source=str(args.weights))
     return loop
