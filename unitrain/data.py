@@ -148,7 +148,7 @@ def read_idx(file: BinaryIO, name: str = "IDX data", dims: tuple[int | None, ...
         len(declared) == len(dims) and all(d is None or d == e for e, d in zip(declared, dims, strict=True))
     )
     if not fits:
-        expected = "(" + ", ".join("N" if d is None else str(d) for d in dims) + ")"
+        expected = "(" + ", ".join("N" if d is None else str(d) for d in dims) + ("," if len(dims) == 1 else "") + ")"
         raise DataError(f"{name}: the header declares dimensions {declared}, expected {expected}")
     need = math.prod(declared)
     data = bytearray()
