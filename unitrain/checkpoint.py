@@ -48,15 +48,8 @@ from typing import Any
 import numpy as np
 
 from . import optim, registry
-from .weights import (
-    State,
-    WeightsError,
-    atomic_write,
-    current_umask,
-    fsync_dir,
-    load_safetensors,
-    save_safetensors,
-)
+from .files import atomic_write, current_umask, fsync_dir
+from .weights import State, WeightsError, load_safetensors, save_safetensors
 
 FORMAT, FORMAT_VERSION = "unitrain-checkpoint", 1
 MANIFEST, WEIGHTS, OPTIMIZER = "checkpoint.json", "weights.safetensors", "optimizer.safetensors"
