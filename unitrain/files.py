@@ -118,7 +118,7 @@ def publish(path: Path, write: Callable[[Path], None], *, overwrite: bool) -> Pa
     with ``overwrite``, something other than a regular file), it is kept and the file goes to
     the first free ``stem.N.ext`` instead. Returns where the file went."""
     path = Path(path)
-    with naming(path):
+    try:
         fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
         os.close(fd)
         staged = Path(name)
@@ -138,6 +138,8 @@ def publish(path: Path, write: Callable[[Path], None], *, overwrite: bool) -> Pa
         finally:
             staged.unlink(missing_ok=True)
         fsync_dir(path.parent)
+    except OSError as error:  # named after the file asked for, not our temporary one
+        raise OSError(error.errno, error.strerror or str(error), str(path)) from None
     return final
 
 
