@@ -265,6 +265,19 @@ def test_keep_spares_another_runs_checkpoint_that_appears_mid_write(finished_run
     assert digests(theirs) == digests(finished_run / "step-00000002")
 
 
+def test_keep_deletes_only_checkpoints_known_to_be_this_runs(tmp_path, small_loop):
+    """One whose manifest cannot be read is neither another run's (no refusal) nor ours to delete;
+    checkpoints written before runs had ids (run_id None) continue as one run."""
+    unreadable = tmp_path / "step-00000001"
+    unreadable.mkdir()
+    (unreadable / "checkpoint.json").write_text("{")
+    for step in (2, 4, 6):
+        small_loop.step_count = step
+        save_checkpoint(tmp_path, small_loop, epoch=0, batch=step, keep=1)
+    assert [path.name for path in checkpoint_paths(tmp_path)] == ["step-00000001", "step-00000006"]
+    assert (unreadable / "checkpoint.json").read_text() == "{"
+
+
 # --- signals from the first instant ---------------------------------------------------------------
 
 

@@ -132,7 +132,7 @@ def save_checkpoint(
     step = loop.step_count
     name = f"step-{step:08d}"
     for existing in checkpoint_paths(directory):  # one run per directory, its steps only growing
-        if _run_id(existing) != run_id:
+        if _run_id(existing) not in (run_id, _UNKNOWN_RUN):
             raise CheckpointError(f"{directory} holds {existing.name} of another run; a directory keeps one run's "
                                   "checkpoints: write this run's into a new directory (a resumed run: "
                                   "Checkpointer(..., resume=checkpoint) continues its own)")  # fmt: skip
@@ -187,14 +187,18 @@ def save_checkpoint(
     return final
 
 
+#: the run of a checkpoint whose manifest cannot be read: not known to be another run's, nor ours to delete
+_UNKNOWN_RUN = object()
+
+
 def _run_id(folder: Path) -> object:
-    """The run a checkpoint belongs to, as its manifest says; unreadable: an id no run has."""
+    """The run a checkpoint belongs to, as its manifest says (None: written before runs had ids)."""
     try:
         with open(folder / MANIFEST, "rb") as file:
             manifest = json.loads(file.read(1 << 20))  # a manifest is a few kB; more is not ours
-        return manifest["run_id"] if isinstance(manifest, dict) else object()
-    except (OSError, ValueError, KeyError):
-        return object()
+        return manifest.get("run_id") if isinstance(manifest, dict) else _UNKNOWN_RUN
+    except (OSError, ValueError):
+        return _UNKNOWN_RUN
 
 
 def _sweep(directory: Path, prefix: str) -> None:
