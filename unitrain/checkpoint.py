@@ -40,6 +40,7 @@ import shutil
 import signal
 import tempfile
 import time
+import uuid
 from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ import numpy as np
 
 from . import optim, registry
 from .data import num_batches
+from .files import atomic_write, current_umask, fsync_dir
 from .layers import PRESETS
 from .reading import (
     Int,
@@ -69,10 +71,7 @@ from .weights import (
     Declared,
     State,
     WeightsError,
-    atomic_write,
     check_state,
-    current_umask,
-    fsync_dir,
     load_safetensors,
     save_safetensors,
 )
@@ -146,13 +145,29 @@ def save_checkpoint(
     finished: bool = False,
     epoch_loss: tuple[float, int] = (0.0, 0),
     keep: int | None = 3,
+    run_id: str | None = None,
 ) -> Path:
     """Write a checkpoint of ``loop`` whose training continues at batch ``batch`` of epoch
-    ``epoch``; keep the newest ``keep`` (None: all). ``run`` is the run's configuration (JSON
-    values); ``epoch_loss`` the (sum, count) of the current epoch's step losses so far."""
+    ``epoch``; keep the newest ``keep`` (None: all) of the run ``run_id`` (a resumed run keeps
+    its id; another run's checkpoints are never deleted). ``run`` is the run's configuration (JSON
+    values); ``epoch_loss`` the (sum, count) of the current epoch's step losses so far.
+
+    A directory holds one run, its steps only growing: another run's checkpoint there, or one
+    later than this step (a resume of an older checkpoint), is refused with
+    :class:`CheckpointError`, so that ``load_checkpoint(directory)`` never picks a mixed run."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    name = f"step-{loop.step_count:08d}"
+    step = loop.step_count
+    name = f"step-{step:08d}"
+    for existing in checkpoint_paths(directory):  # one run per directory, its steps only growing
+        if _run_id(existing) not in (run_id, _UNKNOWN_RUN):
+            raise CheckpointError(f"{directory} holds {existing.name} of another run; a directory keeps one run's "
+                                  "checkpoints: write this run's into a new directory (a resumed run: "
+                                  "Checkpointer(..., resume=checkpoint) continues its own)")  # fmt: skip
+        if _step(existing) > step:
+            raise CheckpointError(f"{directory} holds {existing.name}, later than step {step}: writing there would "
+                                  "interleave two futures of the run; write the branch's checkpoints into a new "
+                                  "directory")  # fmt: skip
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -169,6 +184,7 @@ def save_checkpoint(
         "data_order": "numpy.random.default_rng([seed, epoch]).permutation(num_samples), batches from `batch` on",
         "epoch_loss": {"sum": float(epoch_loss[0]), "count": int(epoch_loss[1])},
         "run": dict(run or {}),
+        "run_id": run_id,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     _sweep(directory, ".tmp-")
@@ -192,11 +208,25 @@ def save_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     if keep is not None:
-        for old in checkpoint_paths(directory)[:-keep]:
+        for old in [path for path in checkpoint_paths(directory) if _run_id(path) == run_id][:-keep]:
             # renamed first, so a half-deleted folder never looks like a checkpoint
             old.rename(Path(tempfile.mkdtemp(prefix=".trash-", dir=directory)) / old.name)
     _sweep(directory, ".trash-")
     return final
+
+
+#: the run of a checkpoint whose manifest cannot be read: not known to be another run's, nor ours to delete
+_UNKNOWN_RUN = object()
+
+
+def _run_id(folder: Path) -> object:
+    """The run a checkpoint belongs to, as its manifest says (None: written before runs had ids)."""
+    try:
+        with open(folder / MANIFEST, "rb") as file:
+            manifest = json.loads(file.read(1 << 20))  # a manifest is a few kB; more is not ours
+        return manifest.get("run_id") if isinstance(manifest, dict) else _UNKNOWN_RUN
+    except (OSError, ValueError):
+        return _UNKNOWN_RUN
 
 
 def _sweep(directory: Path, prefix: str) -> None:
@@ -209,8 +239,12 @@ def _sweep(directory: Path, prefix: str) -> None:
 
 def checkpoint_paths(directory: str | os.PathLike) -> list[Path]:
     """The checkpoint folders in ``directory``, oldest first (by step)."""
-    found = [(int(m.group(1)), p) for p in Path(directory).iterdir() if (m := _NAME.fullmatch(p.name)) and p.is_dir()]
-    return [path for _, path in sorted(found)]
+    found = [p for p in Path(directory).iterdir() if _NAME.fullmatch(p.name) and p.is_dir()]
+    return sorted(found, key=_step)
+
+
+def _step(folder: Path) -> int:
+    return int(_NAME.fullmatch(folder.name).group(1))
 
 
 @dataclass
@@ -448,6 +482,8 @@ class Checkpointer:
         self.every, self.keep, self.max_steps, self.run = every, keep, max_steps, run
         self.check_every = every if every else check_every
         self.carried = {resume.epoch: resume.epoch_loss} if resume is not None else {}
+        #: which checkpoints are this run's (``keep`` deletes no other's); a resume continues the run
+        self.run_id = resume.manifest.get("run_id") if resume is not None else uuid.uuid4().hex
         self.stop_requested = False
         self.stop_signal: int | None = None
         #: the newest checkpoint written by this run
@@ -528,6 +564,7 @@ class Checkpointer:
             finished=finished,
             epoch_loss=(self.loss_sum, self.loss_count) if self.position[1] else (0.0, 0),
             keep=self.keep,
+            run_id=self.run_id,
         )
         self.last_saved_step = loop.step_count
 
