@@ -101,6 +101,24 @@ def test_malformed_safetensors_headers_are_refused(tmp_path, header, message):
     assert message in str(error.value) and "\n" not in str(error.value)
 
 
+def test_huge_headers_are_refused_in_bounded_memory(tmp_path):
+    """The library's own limit (100 MB) lets its parser take 1.2 GB; unitrain's is 16 MiB."""
+    entry = b'"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},'
+    for name, size in (("over", 17 << 20), ("under", 16 << 20)):
+        header = b"{" + entry * (size // len(entry) - 1) + entry[:-1] + b"}"
+        (tmp_path / name).write_bytes(struct.pack("<Q", len(header)) + header + bytes(4))
+    code = ("import resource, sys\nfrom unitrain.weights import WeightsError, load_safetensors\n"
+            "for path in sys.argv[1:]:\n    try:\n        load_safetensors(path)\n"
+            "    except WeightsError as error:\n        print(error)\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)")  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", code, tmp_path / "over", tmp_path / "under"],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    over, under, rss_mb = result.stdout.splitlines()
+    assert "is over unitrain's limit of 16777216 bytes" in over
+    assert "key 'a' appears more than once" in under
+    assert int(rss_mb) < MAX_RSS_MB
+
+
 def test_an_integer_weights_file_is_refused_naming_key_and_dtype(tmp_path, weights):
     state, _ = load_safetensors(weights)
     save_safetensors(tmp_path / "i32.safetensors", {**state, "1.weight": state["1.weight"].astype(np.int32)})
