@@ -222,10 +222,8 @@ _UNKNOWN_RUN = object()
 def _run_id(folder: Path) -> object:
     """The run a checkpoint belongs to, as its manifest says (None: written before runs had ids)."""
     try:
-        with open(folder / MANIFEST, "rb") as file:
-            manifest = json.loads(file.read(1 << 20))  # a manifest is a few kB; more is not ours
-        return manifest.get("run_id") if isinstance(manifest, dict) else _UNKNOWN_RUN
-    except (OSError, ValueError):
+        return _manifest(folder / MANIFEST).get("run_id")
+    except (OSError, CheckpointError):
         return _UNKNOWN_RUN
 
 
@@ -365,6 +363,7 @@ MANIFEST_SCHEMA = {
         "shuffle": Optional(bool),
     },
     "created": Optional(str),
+    "run_id": Optional(Nullable(str)),
     "files": {WEIGHTS: _DIGEST, OPTIMIZER: _DIGEST, RANDOM: Optional(_DIGEST)},
 }
 #: a manifest is about 1.5 kB; anything far larger is not one
@@ -377,7 +376,7 @@ def _verified(folder: Path) -> Checkpoint:
     def damaged(why: str) -> CheckpointError:
         return CheckpointError(f"checkpoint {folder} is damaged: {why}")
 
-    manifest = _manifest(folder / MANIFEST, damaged)
+    manifest = _manifest(folder / MANIFEST)
     try:
         spec = optimizer_from_config(manifest["optimizer"])
     except CheckpointError as error:
@@ -428,8 +427,12 @@ def _verified(folder: Path) -> Checkpoint:
     return Checkpoint(folder, manifest, weights, optimizer_state, random_state)
 
 
-def _manifest(path: Path, damaged) -> dict[str, Any]:
+def _manifest(path: Path) -> dict[str, Any]:
     """The manifest, parsed and validated against :data:`MANIFEST_SCHEMA`."""
+
+    def damaged(why: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint {path.parent} is damaged: {why}")
+
     if problem := path_problem(path):
         raise damaged(f"{MANIFEST} {problem}")
     with open(path, "rb") as file:
@@ -442,8 +445,8 @@ def _manifest(path: Path, damaged) -> dict[str, Any]:
         raise damaged(f"{MANIFEST} is not valid JSON ({str(error)[:200]})") from None
     version = manifest.get("format_version", FORMAT_VERSION) if isinstance(manifest, dict) else FORMAT_VERSION
     if version != FORMAT_VERSION and manifest.get("format") == FORMAT:
-        raise CheckpointError(f"checkpoint {path.parent} has format version {short(manifest['format_version'])}; "
-                                  f"this unitrain reads version {FORMAT_VERSION}")  # fmt: skip
+        raise CheckpointError(f"checkpoint {path.parent} has format version {short(version)}; "
+                              f"this unitrain reads version {FORMAT_VERSION}")  # fmt: skip
     try:
         check_json(manifest, MANIFEST_SCHEMA)
     except ValueError as error:
