@@ -350,10 +350,11 @@ def test_checkpoint_files_of_the_wrong_kind(checkpoint, tmp_path):
         ({"run/batch_size": 10**12}, "so its batch 5 must be in 0..0"),
         ({"epoch": 7}, "so its step 5 must be epoch 7 x 938 + batch 5 = 6571"),
         ({"epoch": 7, "step": 6571}, "is already past the run's end (--epochs 3"),
+        ({"seed": -1}, "checkpoint.json field 'seed': expected an integer in 0..2^63-1, got -1"),
     ],
-    ids=["batch 10^9", "batch size 10^12", "epoch beyond the step", "epoch beyond the run"],
+    ids=["batch 10^9", "batch size 10^12", "epoch beyond the step", "epoch beyond the run", "seed -1"],
 )
-def test_a_tampered_resume_position_is_refused(checkpoint, tmp_path, edit, message):
+def test_a_tampered_resume_position_or_manifest_is_refused_by_the_cli(checkpoint, tmp_path, edit, message):
     folder = tampered(checkpoint, tmp_path, edit)
     if "step" in edit:  # the optimizer's step must follow the manifest's
         state, _ = load_safetensors(folder / "optimizer.safetensors")
