@@ -95,7 +95,7 @@ def _valid_file(tmp_path):
         (lambda data: data[:5], "header too small"),
         (lambda data: data[:-4], "file not fully covered"),
         (lambda data: data + b"\0" * 8, "file not fully covered"),
-        (lambda data: b"\xff" * 8 + data[8:], "header too large"),
+        (lambda data: b"\xff" * 8 + data[8:], "over unitrain's limit"),
         (lambda data: data[:8] + b"#" + data[9:], "invalid JSON in header"),
         (lambda data: pickle.dumps({"a": 1}), "looks like a pickle"),
         (lambda data: b"PK\x03\x04" + data, "looks like a pickle or torch.save archive"),

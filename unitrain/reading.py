@@ -179,9 +179,8 @@ def _expect(condition: bool, value, expected: str, where: str) -> None:
 def short_list(items, shown: int = 5) -> str:
     """A list cut for a one-line message: its first ``shown`` items and how many more."""
     items = list(items)
-    if len(items) <= shown:
-        return str(items)
-    return f"{items[:shown]} and {len(items) - shown} more"
+    listed = "[" + ", ".join(short(item) for item in items[:shown]) + "]"  # each item cut too
+    return listed if len(items) <= shown else f"{listed} and {len(items) - shown} more"
 
 
 def short(value) -> str:

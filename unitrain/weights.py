@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 
 from .files import atomic_write
 from .layers import Conv2d, Linear, Sequential, _BatchNorm
-from .reading import path_problem, short_list
+from .reading import path_problem, short, short_list
 
 State = dict[str, np.ndarray]
 
@@ -186,7 +186,7 @@ def _refuse_duplicate_keys(path: Path, header_len: int, bad) -> None:
         seen = set()
         for key, _ in pairs:
             if key in seen:
-                raise bad(f"key {key!r} appears more than once in the header")
+                raise bad(f"key {short(key)} appears more than once in the header")
             seen.add(key)
         # returns None: the values are not needed (the library parsed them), so they are not kept
 
