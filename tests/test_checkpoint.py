@@ -365,7 +365,7 @@ def tree_digest(root: Path):
 
 
 BAD_INPUTS = [
-    ("truncated checkpoint", ["train", "--resume", "{r}/truncated"], "has 2679236 bytes, the manifest says 2679336"),
+    ("truncated checkpoint", ["train", "--resume", "{r}/truncated"], "bytes, the manifest says"),
     ("corrupted checkpoint", ["train", "--resume", "{r}/corrupted"], "does not match its sha256"),
     ("checkpoint of another model", ["train", "--resume", "{r}/cnn-run", "--model", "mlp"],
      "--model mlp differs from the resumed run's cnn"),
@@ -378,7 +378,7 @@ BAD_INPUTS = [
     ("pickle", ["evaluate", "--weights", "{r}/model.pt"], "looks like a pickle"),
     ("empty file", ["evaluate", "--weights", "{r}/empty.safetensors"], "is empty, expected a safetensors file"),
     ("directory for a file", ["evaluate", "--weights", "{r}/a-directory"], "is a directory, expected a safetensors"),
-    ("file for a directory", ["train", "--resume", "{r}/not-a-dir"], "is a file, expected a checkpoint directory"),
+    ("file for a directory", ["train", "--resume", "{r}/not-a-dir"], "is a regular file, expected a checkpoint directory"),
     ("finished run", ["train", "--resume", "{r}/finished"], "the run finished at step 0, there is nothing to resume"),
     ("unwritable checkpoint dir", ["train", "--checkpoint-dir", "{r}/not-a-dir/checkpoints"], "is not writable"),
     ("checkpoint dir of another run", ["train", "--checkpoint-dir", "{r}/unfinished"], "already holds a run's"),

@@ -10,16 +10,18 @@ import math
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from . import files, registry
 from .checkpoint import WEIGHTS, Checkpointer, Diverged, Interrupted, checkpoint_paths, load_checkpoint, stop_on_signals
-from .data import MNIST_MEAN, MNIST_STD, DataError, load_mnist
+from .data import MNIST_MEAN, MNIST_SIZES, MNIST_STD, DataError, load_mnist
 from .layers import PRESETS, preset
 from .loop import InputError
 from .optim import OPTIMIZERS
+from .reading import path_problem
 from .signals import ending_on_signals, interrupted
 from .weights import WeightsError, check_state, load_safetensors
 
@@ -211,7 +213,7 @@ def _published(flag: str, path: Path, final: Path, what: str, overwrite: bool) -
     """Whether ``what`` went to ``path`` as asked; if not (see :func:`files.publish`), say where."""
     if final == path:
         return True
-    found = f"is a {files.describe(path)}, never replaced" if overwrite else "appeared during the run"
+    found = f"is {files.describe(path)}, never replaced" if overwrite else "appeared during the run"
     print(f"unitrain: {flag} {path} {found}; kept it and wrote the {what} to {final} instead", file=sys.stderr)
     return False
 
@@ -309,8 +311,8 @@ def _check_run_inputs(args) -> dict | None:
 
 
 def _check_data_dir(path: Path | None) -> None:
-    if path is not None and not path.is_dir():
-        raise UsageError(f"--data-dir {path} does not exist or is not a directory")
+    if path is not None and (problem := path_problem(path, "a directory")):
+        raise UsageError(f"--data-dir {path} {problem}")
 
 
 # --- unitrain train ----------------------------------------------------------------------
@@ -459,6 +461,7 @@ def _resume(args):
     run, spec = checkpoint.run, checkpoint.optimizer_spec()
     if missing := [key for key in _run_config(args) if key not in run]:
         raise UsageError(f"--resume {args.resume}: the checkpoint lacks the run settings {missing}")
+    checkpoint.check_position(MNIST_SIZES["train"], run["batch_size"])
     recorded = {
         "model": run["model"],
         "dataset": run["dataset"],
@@ -593,16 +596,9 @@ class MetricsWriter:
 
 
 def _read_weights(path: Path, model_name: str, flag: str = "--weights") -> dict:
-    """A weights file checked against the model before any framework is imported."""
-    if path.is_dir():
-        raise UsageError(f"{flag} {path} is a directory, expected a safetensors file")
-    if not path.exists():
-        raise UsageError(f"{flag} {path} does not exist")
-    if path.stat().st_size == 0:
-        raise UsageError(f"{flag} {path} is empty, expected a safetensors file")
-    tensors, _ = load_safetensors(path)
-    check_state(preset(model_name).state_shapes(), tensors, f"{flag} {path}")
-    return tensors
+    """A weights file checked against the model (from its header) before any framework is imported."""
+    shapes, name = preset(model_name).state_shapes(), f"{flag} {path}"
+    return load_safetensors(path, lambda declared: check_state(shapes, declared, name), name=name)[0]
 
 
 def _loop_with_weights(args):
@@ -625,21 +621,25 @@ def cmd_evaluate(args) -> int:
 
 def _read_png(path: Path) -> np.ndarray:
     """A 28x28 8-bit grayscale PNG as one normalised MNIST sample, shape (1, 1, 28, 28)."""
-    if path.is_dir():
-        raise UsageError(f"--image {path} is a directory, expected a PNG file")
-    if not path.is_file():
-        raise UsageError(f"--image {path} does not exist")
+    if problem := path_problem(path, "a PNG file"):
+        raise UsageError(f"--image {path} {problem}")
     try:
         from PIL import Image, UnidentifiedImageError
     except ImportError:
         raise UsageError("--image needs Pillow: pip install pillow") from None
     try:
-        with Image.open(path) as image:
-            image.load()
-            kind, mode, size = image.format, image.mode, image.size
-            pixels = np.asarray(image)
-    except (UnidentifiedImageError, OSError) as error:
-        raise UsageError(f"--image {path} is not a readable image: {error}") from None
+        with warnings.catch_warnings():
+            # Pillow's guard stays on: over its pixel limit it warns, over twice the limit it raises
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:  # reads the header only
+                kind, mode, size = image.format, image.mode, image.size
+                if kind == "PNG" and mode == "L" and size == (28, 28):  # decode only what is expected
+                    pixels = np.asarray(image)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise UsageError(f"--image {path} declares more pixels than Pillow decodes "
+                         f"({Image.MAX_IMAGE_PIXELS}); expected 28x28") from None  # fmt: skip
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        raise UsageError(f"--image {path} is not a readable image: {str(error)[:200]}") from None
     if kind != "PNG":
         raise UsageError(f"--image {path} is a {kind} image, expected a PNG")
     if mode != "L":
