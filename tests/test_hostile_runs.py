@@ -169,6 +169,8 @@ def test_publish_without_hard_links_uses_an_atomic_rename_that_never_replaces(tm
     "command_line", [["compare", "--backends", ",".join(installed_backends()[:2])], ["conformance"]]
 )
 def test_json_reports_refuse_an_existing_file_without_overwrite(tmp_path, command_line):
+    if command_line[0] == "compare" and len(installed_backends()) < 2:
+        pytest.skip("compare needs two installed backends")
     report = tmp_path / "report.json"
     report.write_text("the user's report")
     result = command(*command_line, "--json", str(report))

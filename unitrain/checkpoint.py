@@ -5,7 +5,11 @@ A checkpoint directory holds the newest ``keep`` checkpoints of one run, one fol
     DIR/step-00001200/weights.safetensors    canonical state (a plain weights file: --weights / --init-weights)
     DIR/step-00001200/optimizer.safetensors  {"step", "<param>.<momentum_buffer|exp_avg|exp_avg_sq>"}
     DIR/step-00001200/random.safetensors     the dropout stream (backends with ``random-state``; opaque bytes)
-    DIR/step-00001200/checkpoint.json        manifest: position, run configuration, versions, sha256 of the files
+    DIR/step-00001200/checkpoint.json        manifest: position, run configuration and id, versions, sha256 of the files
+
+A directory holds one run: its manifests carry the run's id, a resume continues it, and a
+checkpoint of another run, or of a step older than one already there (a branch from an older
+checkpoint), is refused rather than interleaved; ``keep`` deletes only the run's own.
 
 A checkpoint is written into a hidden ``.tmp-*`` folder (each file fsynced, the manifest last) which
 is then renamed into place and the directory fsynced, so a crash at any instant leaves either no new
@@ -67,14 +71,7 @@ from .reading import (
     short,
     short_list,
 )
-from .weights import (
-    Declared,
-    State,
-    WeightsError,
-    check_state,
-    load_safetensors,
-    save_safetensors,
-)
+from .weights import Declared, State, WeightsError, check_state, load_safetensors, save_safetensors
 
 FORMAT, FORMAT_VERSION = "unitrain-checkpoint", 1
 MANIFEST, WEIGHTS, OPTIMIZER = "checkpoint.json", "weights.safetensors", "optimizer.safetensors"
@@ -363,7 +360,7 @@ MANIFEST_SCHEMA = {
         "shuffle": Optional(bool),
     },
     "created": Optional(str),
-    "run_id": Optional(Nullable(str)),
+    "run_id": Optional(Nullable(str)),  # which run wrote it (save_checkpoint); absent in older checkpoints
     "files": {WEIGHTS: _DIGEST, OPTIMIZER: _DIGEST, RANDOM: Optional(_DIGEST)},
 }
 #: a manifest is about 1.5 kB; anything far larger is not one
@@ -466,7 +463,8 @@ class Checkpointer:
     when there is none to ``interrupt_directory``, so that an interrupted run is never lost.
 
     Losses are read (a host sync) in bulk: every ``check_every`` steps, before a checkpoint
-    and at epoch ends. ``resume`` is the checkpoint the run continues from, if any."""
+    and at epoch ends. ``resume`` is the checkpoint the run continues from, if any: the run
+    keeps its id, so ``directory`` may be that checkpoint's own when it is the newest there."""
 
     def __init__(
         self,

@@ -213,7 +213,7 @@ def _published(flag: str, path: Path, final: Path, what: str, overwrite: bool) -
     """Whether ``what`` went to ``path`` as asked; if not (see :func:`files.publish`), say where."""
     if final == path:
         return True
-    found = f"is a {files.describe(path)}, never replaced" if overwrite else "appeared during the run"
+    found = f"is {files.describe(path)}, never replaced" if overwrite else "appeared during the run"
     print(f"unitrain: {flag} {path} {found}; kept it and wrote the {what} to {final} instead", file=sys.stderr)
     return False
 

@@ -23,6 +23,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
 
+from .reading import path_kind
+
 
 class OutputError(Exception):
     """An output path that cannot be written as asked (exists, is not a regular file, no folder)."""
@@ -75,16 +77,10 @@ def naming(path: Path) -> Iterator[None]:
         raise OSError(error.errno, error.strerror or str(error), str(path)) from None
 
 
-def describe(path: Path) -> str | None:
-    """What is at ``path`` itself (a symbolic link is not followed): None when nothing."""
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return None
-    kinds = [(stat.S_ISREG, "regular file"), (stat.S_ISDIR, "directory"), (stat.S_ISLNK, "symbolic link"),
-             (stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
-             (stat.S_ISSOCK, "socket")]  # fmt: skip
-    return next((name for test, name in kinds if test(mode)), "special file")
+def describe(path: Path) -> str:
+    """What is at ``path`` itself, in :func:`~unitrain.reading.path_kind`'s words, except that a
+    symbolic link is not followed: ``"a symbolic link"``, ``"a regular file"``, ``"nothing"``, ..."""
+    return "a symbolic link" if os.path.islink(path) else path_kind(path)
 
 
 def check_output(path: Path | None, flag: str, overwrite: bool) -> None:
@@ -92,11 +88,11 @@ def check_output(path: Path | None, flag: str, overwrite: bool) -> None:
     if path is None:
         return
     kind = describe(path)
-    if kind == "directory":
+    if kind == "a directory":
         raise OutputError(f"{flag} {path} is a directory, expected a file path")
-    if kind not in (None, "regular file"):
-        raise OutputError(f"{flag} {path} is a {kind}; only a regular file is ever replaced, choose another path")
-    if kind is not None and not overwrite:
+    if kind not in ("nothing", "a regular file"):
+        raise OutputError(f"{flag} {path} is {kind}; only a regular file is ever replaced, choose another path")
+    if kind != "nothing" and not overwrite:
         raise OutputError(f"{flag} {path} already exists; pass --overwrite to replace it")
     parent = path.parent
     if not parent.is_dir():
@@ -130,7 +126,7 @@ def publish(path: Path, write: Callable[[Path], None], *, overwrite: bool) -> Pa
                 os.fsync(fd)  # whatever ``write`` did: the bytes are on disk before the name is
             finally:
                 os.close(fd)
-            if overwrite and describe(path) in (None, "regular file"):
+            if overwrite and describe(path) in ("nothing", "a regular file"):
                 os.replace(staged, path)  # replaces a symbolic link itself, never what it points to
                 final = path
             else:
@@ -148,7 +144,7 @@ def create_output(path: Path, *, overwrite: bool) -> tuple[TextIO, Path]:
     exclusively, or with ``overwrite`` a regular file truncated; when something else is there now,
     it is kept and the file is created at the first free ``stem.N.ext``. Returns it and its path."""
     for target in _beside(Path(path)):
-        replace = overwrite and target == path and describe(target) == "regular file"
+        replace = overwrite and target == path and describe(target) == "a regular file"
         # O_NOFOLLOW: never through a symbolic link; O_NONBLOCK: a FIFO put there cannot hang us
         flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | (0 if replace else os.O_EXCL)
         try:
