@@ -136,28 +136,64 @@ def assert_states_close(actual, expected, *, rtol, atol, scale_atol=False):
 # How far a backend's float32 result may lie from PyTorch's float32 result of the same case, derived
 # rather than tuned. Both approximate one exact result, which the float64 runs pin down (there the
 # backends agree with PyTorch to ~1e-14), so |ours32 - torch32| <= |ours32 - exact| + |torch32 - exact|.
-# The last term, PyTorch's own float32 drift on this case, is measured in the test itself on whatever
-# CPU runs it (the same hand-written loop in float32 and float64): it shows how strongly the case
-# amplifies rounding (BatchNorm makes a conv weight gradient a sum of 12544 terms that nearly cancel,
-# Adam turns the rounding noise of near-zero gradients into steps of order lr). Kernels differ in how
-# they add up a sum of n terms: blocked or pairwise (error ~ eps log n) or in one running sum (error
-# ~ eps sqrt(n) for random rounding, Higham ch. 4), and which one runs depends on the CPU (oneDNN
-# limited to SSE4.1 makes PyTorch's bn_cnn drift 8x smaller than with AVX2, while Chainer's OpenBLAS
-# GEMM keeps its drift). So a backend may drift up to sqrt(n) times as far as PyTorch, n bounding the
-# longest sum of one step (the elements of one input batch). A wrong equation is caught by the float64
-# runs; here the float32 path must stay within rounding of it. The floor is one float32 rounding of the
-# value (conformance/tolerances.py, size 1), for a key PyTorch happens to get exactly right.
+# PyTorch's own float32 drift on the case is measured in the test itself, on whatever CPU runs it: the
+# hand-written loop in float32, once as given and once with each batch's samples in reverse order
+# (the same exact result, other summation orders), against the loop in float64. It shows how strongly
+# the case amplifies rounding: BatchNorm makes a conv weight gradient a sum of 12544 terms that nearly
+# cancel, Adam turns the rounding noise of a near-zero gradient into a step of order lr, and which
+# key's noise grows most is chance, so the drift is the largest over all keys. Kernels also differ in
+# how they add up n terms: blocked or pairwise (error ~ eps log n) or in one running sum (error ~ eps
+# sqrt(n) for random rounding errors, Higham, Accuracy and Stability, ch. 4), and which runs depends
+# on the CPU (oneDNN limited to SSE4.1 makes PyTorch's bn_cnn drift 8x smaller than with AVX2, while
+# Chainer's OpenBLAS GEMM keeps its drift). So a backend may drift sqrt(n) times as far as PyTorch,
+# n bounding the longest sum of one step (the elements of one input batch). Wrong equations are
+# caught by the float64 runs; here the float32 path must stay within rounding of them. The floor is
+# one float32 rounding of the value (conformance/tolerances.py, size 1).
 
 
-def drift_tolerances(torch32, torch64, size):
-    """Per key: sqrt(size) times PyTorch's own float32 drift ``max |torch32 - torch64|``, at least one
-    float32 rounding; ``size``: the longest sum of one step."""
+class TorchRun(NamedTuple):
+    """A hand-written PyTorch run: final state, optimizer buffers, and ``{"loss": each step's loss}``."""
+
+    state: dict
+    buffers: dict
+    losses: dict
+
+
+class TorchRuns(NamedTuple):
+    """The same case as ``float32``, ``float64``, and ``reversed``: float32 with each batch's samples
+    in reverse order."""
+
+    float32: TorchRun
+    float64: TorchRun
+    reversed: TorchRun
+
+
+def torch_runs(make_model, make_optimizer, batches):
+    """The hand-written loop trained on ``batches`` from the same initial weights (``make_model(dtype)``),
+    as ``TorchRuns``. The models must hold no dropout (its masks follow the sample order); mean losses
+    and batch statistics ignore it."""
+    batches_reversed = [(x[::-1].copy(), y[::-1].copy()) for x, y in batches]
+    runs = []
+    for dtype, data in ((torch.float32, batches), (torch.float64, batches), (torch.float32, batches_reversed)):
+        model = make_model(dtype)
+        optimizer = make_optimizer(model.parameters())
+        losses = np.array(train_torch(model, optimizer, data))
+        runs.append(TorchRun(numpy_state(model), optimizer_buffers(model, optimizer), {"loss": losses}))
+    return TorchRuns(*runs)
+
+
+def drift_tolerances(runs32, run64, size):
+    """Per key of ``run64`` (a part of a TorchRun): sqrt(size) times PyTorch's float32 drift, the largest
+    ``|float32 - float64|`` over all keys of ``runs32``, at least one float32 rounding of the key's
+    values; ``size``: the longest sum of one step."""
+    drift = max(
+        float(np.abs(run32[key] - value.astype(np.float64)).max(initial=0))
+        for run32 in runs32
+        for key, value in run64.items()
+    )
     return {
-        key: max(
-            np.sqrt(size) * float(np.abs(torch32[key] - torch64[key].astype(np.float64)).max(initial=0)),
-            tolerance(np.float32, 1, float(np.abs(torch64[key]).max(initial=0))),
-        )
-        for key in torch64
+        key: max(np.sqrt(size) * drift, tolerance(np.float32, 1, float(np.abs(value).max(initial=0))))
+        for key, value in run64.items()
     }
 
 
@@ -166,6 +202,17 @@ def float64_tolerances(expected, size):
     checked where rounding is ~1e-16. ``size``: the longest sum in one step; the elements of one input
     batch bound every sum of these networks (a conv weight gradient adds batch x output pixels terms)."""
     return {key: tolerance(np.float64, size, float(np.abs(value).max(initial=0))) for key, value in expected.items()}
+
+
+def expected_run(runs, dtype, size):
+    """For a backend's run in ``dtype`` ("float32" or "float64"): PyTorch's run of that dtype and, per
+    part and key, the tolerance (``drift_tolerances`` in float32, ``float64_tolerances`` in float64);
+    ``size``: the longest sum of one step."""
+    if np.dtype(dtype) == np.float64:
+        return runs.float64, TorchRun(*(float64_tolerances(part, size) for part in runs.float64))
+    parts = zip(runs.float32, runs.reversed, runs.float64, strict=True)
+    return runs.float32, TorchRun(*(drift_tolerances((part32, reversed32), part64, size)
+                                    for part32, reversed32, part64 in parts))  # fmt: skip
 
 
 def assert_within_drift(actual, expected, tolerances):
@@ -177,42 +224,9 @@ def assert_within_drift(actual, expected, tolerances):
         if value.dtype.kind in "iu":
             np.testing.assert_array_equal(actual[key], value, err_msg=key)
             continue
-        difference = np.abs(actual[key].astype(np.float64) - value.astype(np.float64))
-        assert difference.max(initial=0) <= tolerances[key], (
-            f"{key}: max difference {difference.max():.3g} > {tolerances[key]:.3g} "
-            "(see drift_tolerances / float64_tolerances)"
+        difference = float(np.abs(actual[key].astype(np.float64) - value.astype(np.float64)).max(initial=0))
+        assert difference <= tolerances[key], (
+            f"{key}: max difference {difference:.3g} > {tolerances[key]:.3g} (drift_tolerances, float64_tolerances)"
         )
-        worst = max(worst, float(difference.max(initial=0)) / tolerances[key])
+        worst = max(worst, difference / tolerances[key])
     return worst
-
-
-class TorchRun(NamedTuple):
-    """A hand-written PyTorch run: final state, optimizer buffers, and ``{"loss": each step's loss}``."""
-
-    state: dict
-    buffers: dict
-    losses: dict
-
-
-def torch_runs(make_model, make_optimizer, batches):
-    """The hand-written loop trained on ``batches`` in float32 and in float64 from the same initial
-    weights (``make_model(dtype)``): ``{dtype: TorchRun}``; their difference is PyTorch's own float32
-    drift on this case."""
-    runs = {}
-    for dtype in (torch.float32, torch.float64):
-        model = make_model(dtype)
-        optimizer = make_optimizer(model.parameters())
-        losses = np.array(train_torch(model, optimizer, batches))
-        runs[dtype] = TorchRun(numpy_state(model), optimizer_buffers(model, optimizer), {"loss": losses})
-    return runs
-
-
-def expected_run(runs, dtype, size):
-    """For a backend's run in ``dtype`` ("float32" or "float64"): PyTorch's run of that dtype and, per
-    part and key, the tolerance (``drift_tolerances`` in float32, ``float64_tolerances`` in float64);
-    ``size``: the longest sum of one step."""
-    run32, run64 = runs[torch.float32], runs[torch.float64]
-    if np.dtype(dtype) == np.float64:
-        return run64, TorchRun(*(float64_tolerances(part, size) for part in run64))
-    parts = zip(run32, run64, strict=True)
-    return run32, TorchRun(*(drift_tolerances(part32, part64, size) for part32, part64 in parts))
