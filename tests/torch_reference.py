@@ -186,11 +186,8 @@ def drift_tolerances(runs32, run64, size):
     """Per key of ``run64`` (a part of a TorchRun): sqrt(size) times PyTorch's float32 drift, the largest
     ``|float32 - float64|`` over all keys of ``runs32``, at least one float32 rounding of the key's
     values; ``size``: the longest sum of one step."""
-    drift = max(
-        float(np.abs(run32[key] - value.astype(np.float64)).max(initial=0))
-        for run32 in runs32
-        for key, value in run64.items()
-    )
+    differences = (np.abs(run32[key] - value.astype(np.float64)) for run32 in runs32 for key, value in run64.items())
+    drift = max((float(difference.max(initial=0)) for difference in differences), default=0.0)
     return {
         key: max(np.sqrt(size) * drift, tolerance(np.float32, 1, float(np.abs(value).max(initial=0))))
         for key, value in run64.items()
