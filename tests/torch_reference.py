@@ -1,6 +1,7 @@
 """Plain PyTorch as ground truth for the backend tests: hand-written twins of unitrain's networks, a
 translation of any layer spec into ``torch.nn``, a hand-written training loop, and state comparisons."""
 
+import copy
 from typing import NamedTuple
 
 import numpy as np
@@ -210,6 +211,18 @@ def expected_run(runs, dtype, size):
     parts = zip(runs.float32, runs.reversed, runs.float64, strict=True)
     return runs.float32, TorchRun(*(drift_tolerances((part32, reversed32), part64, size)
                                     for part32, reversed32, part64 in parts))  # fmt: skip
+
+
+def torch_output(model, x, function=None):
+    """``model``'s float32 output for ``x`` in its current mode (a training-mode BatchNorm records its
+    statistics), or ``function`` of it, and the tolerances PyTorch's own float32 drift gives it (a float64
+    copy computes the same; drift_tolerances): ``assert_within_drift``'s ``expected, tolerances``."""
+    twin = copy.deepcopy(model).double()
+    outputs = []
+    for network, dtype in ((model, torch.float32), (twin, torch.float64)):
+        out = network(torch.from_numpy(x).to(dtype))
+        outputs.append({"out": (function(out) if function else out).detach().numpy()})
+    return outputs[0], drift_tolerances(outputs[:1], outputs[1], x.size)
 
 
 def assert_within_drift(actual, expected, tolerances):
