@@ -1,11 +1,10 @@
 """The MindSpore backend against hand-written plain-PyTorch code (nn.Sequential + torch.optim).
 
-Different kernels make results agree to float32 rounding, not bit for bit. Measured max abs
-differences: forward < 1e-5; 50 SGD steps (momentum) 6e-8; 20 Adam/AdamW steps 1.5e-5: gradients
-near 1e-8 differ by a few percent between the two frameworks' kernels and Adam divides them by
-sqrt(v) + eps ~ 1e-8. The data decides when a ReLU flips and Adam turns that into an O(lr)
-difference (AdamW with weight_decay=0.1 does at step 8), so the Adam cases use settings that
-stay below 5e-5.
+Different kernels make results agree to float32 rounding, not bit for bit: training runs are held
+within the drift PyTorch's own float32 loop shows on the same case (torch_reference.drift_tolerances).
+Gradients near 1e-8 differ by a few percent between the two frameworks' kernels and Adam divides them
+by sqrt(v) + eps ~ 1e-8: the data decides when a ReLU flips, and Adam turns that into an O(lr)
+difference, which PyTorch's own float32 run with reversed batches shows as well.
 """
 
 import mindspore as ms
@@ -13,19 +12,19 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch_reference import (
     SEED,
-    assert_states_close,
     assert_states_equal,
+    assert_within_drift,
     bn_spec,
+    expected_run,
     load_state,
     network_spec,
-    numpy_state,
     reference,
     torch_bn,
+    torch_layers,
     torch_mlp,
-    train_torch,
+    torch_runs,
 )
 from unitrain.backends.mindspore import MindSporeLoop
 
@@ -63,24 +62,27 @@ def test_forward_matches_torch(name, mnist_train, small):
 
 
 @pytest.mark.parametrize(
-    ("name", "spec", "torch_optimizer", "steps", "atol"),
+    ("name", "spec", "torch_optimizer", "steps"),
     [
-        ("mlp", ut.SGD(lr=0.01, momentum=0.9), lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9), 50, 1e-6),
+        ("mlp", ut.SGD(lr=0.01, momentum=0.9), lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9), 50),
         ("cnn", ut.SGD(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
-         lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3), 5, 1e-6),
-        ("mlp", ut.Adam(lr=1e-3), lambda p: torch.optim.Adam(p, lr=1e-3), 20, 5e-5),
-        ("mlp", ut.AdamW(lr=1e-3), lambda p: torch.optim.AdamW(p, lr=1e-3), 20, 5e-5),
+         lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3), 5),
+        ("mlp", ut.Adam(lr=1e-3), lambda p: torch.optim.Adam(p, lr=1e-3), 20),
+        ("mlp", ut.AdamW(lr=1e-3), lambda p: torch.optim.AdamW(p, lr=1e-3), 20),
     ],
     ids=["sgd-momentum", "sgd-nesterov-wd", "adam", "adamw"],
 )  # fmt: skip
-def test_training_matches_torch(name, spec, torch_optimizer, steps, atol, mnist_batches):
+def test_training_matches_torch(name, spec, torch_optimizer, steps, mnist_batches):
     batches = mnist_batches[:steps]
     loop = MindSporeLoop(network_spec(name), optimizer=spec, seed=SEED)
-    for batch in batches:
-        loop.step(batch)
-    model = reference(name)
-    train_torch(model, torch_optimizer(model.parameters()), batches)
-    assert_states_close(loop.state_dict(), numpy_state(model), rtol=0, atol=atol)
+    losses = {"loss": np.array([float(loop.step(batch)) for batch in batches])}
+    # MindSpore's adapter runs float32 only: within the drift PyTorch's own float32 loop shows on this
+    # case (torch_reference.drift_tolerances); the equations are asserted in float64 by the conformance
+    # suite's reference and the other backends' tests.
+    runs = torch_runs(lambda dtype: reference(name, dtype), torch_optimizer, batches)
+    expected, tolerances = expected_run(runs, "float32", size=batches[0][0].size)
+    assert_within_drift(losses, expected.losses, tolerances.losses)
+    assert_within_drift(loop.state_dict(), expected.state, tolerances.state)
     assert loop.step_count == steps
     assert int(loop.optimizer_state_dict()["step"]) == steps
 
@@ -88,14 +90,14 @@ def test_training_matches_torch(name, spec, torch_optimizer, steps, atol, mnist_
 def test_batchnorm_follows_torch_in_training_only(small):
     """Running statistics (unbiased variance, momentum 0.1 and 0.2) and num_batches_tracked."""
     spec = no_dropout(bn_spec(**SMALL_BN))
-    model = nn.Sequential(*(module for module in torch_bn(**SMALL_BN) if not isinstance(module, nn.Dropout)))
-    load_state(model, ut.init_weights(spec, SEED))
     loop = MindSporeLoop(spec, optimizer=ut.SGD(lr=0.1), seed=SEED)
     batches = list(small.batches(32))
     for batch in batches:
         loop.step(batch)
-    train_torch(model, torch.optim.SGD(model.parameters(), lr=0.1), batches)
-    assert_states_close(loop.state_dict(), numpy_state(model), rtol=0, atol=1e-5)
+    runs = torch_runs(lambda dtype: load_state(torch_layers(spec).to(dtype), ut.init_weights(spec, SEED)),
+                      lambda params: torch.optim.SGD(params, lr=0.1), batches)  # fmt: skip
+    expected, tolerances = expected_run(runs, "float32", size=batches[0][0].size)
+    assert_within_drift(loop.state_dict(), expected.state, tolerances.state)
     assert loop.state_dict()["5.1.num_batches_tracked"] == 3
     before = loop.state_dict()
     loop.eval()
