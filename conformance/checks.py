@@ -956,15 +956,15 @@ def _between_convs(layer, channels=4, image=(6, 5)) -> layers.Sequential:
 @check("conv")
 def check_conv2d_options(adapter):
     """Conv2d with pair kernel/stride/padding, dilation, groups (depthwise) and no bias matches the reference."""
+    strided = layers.Conv2d(2, 4, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(2, 1), groups=2)
     cases = {
-        "Conv2d(2, 4, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(2, 1), groups=2)": layers.Sequential(
-            layers.Conv2d(2, 4, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(2, 1), groups=2),
-            layers.Flatten(), layers.Linear(4 * 3 * 8, 3),
+        repr(strided): layers.Sequential(
+            strided, layers.Flatten(), layers.Linear(math.prod(strided.output_shape((2, 6, 5))), 3)
         ),
         "depthwise Conv2d(4, 4, 3, groups=4, bias=False)": _between_convs(
             layers.Conv2d(4, 4, 3, padding=1, groups=4, bias=False)
         ),
-    }  # fmt: skip
+    }
     for what, model in cases.items():
         _layer_case(adapter, what, model, (2, 6, 5), size=2 * 4 * 3 * 8)
 
