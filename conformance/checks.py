@@ -295,9 +295,14 @@ def check_protocol_surface(adapter):
 
 
 def _mode_model(adapter) -> layers.Sequential:
+    """Input ``(N, 6)``: BatchNorm and Dropout (where the adapter has them) nested one level down,
+    inside a Residual's body where the adapter has branches."""
     extra = [layers.BatchNorm1d(8)] if "batchnorm" in adapter.capabilities else []
     extra += [layers.Dropout(0.5)] if "dropout" in adapter.capabilities else []
-    return layers.Sequential(layers.Linear(6, 8), layers.Sequential(*extra, layers.ReLU()), layers.Linear(8, 4))
+    middle = layers.Sequential(*extra, layers.ReLU())
+    if "residual" in adapter.capabilities:
+        middle = layers.Residual(middle, post=layers.ReLU())
+    return layers.Sequential(layers.Linear(6, 8), middle, layers.Linear(8, 4))
 
 
 @check()
@@ -578,12 +583,14 @@ def check_step_returns_pre_update_loss(adapter):
 @check()
 def check_tutorial_sequence_equals_step(adapter):
     """zero_grad, forward, loss, backward, update gives bit-for-bit what step() gives, with
-    BatchNorm and with Dropout (the same masks) where the adapter has them."""
+    BatchNorm and with Dropout (the same masks), also inside a Residual, where the adapter has them."""
     models = [("a dense", dense_model(), (3, 4))]
     if "batchnorm" in adapter.capabilities:
         models.append(("a BatchNorm1d", batchnorm_model(), (6,)))
     if "dropout" in adapter.capabilities:
         models.append(("a Dropout", dropout_model(), (3, 4)))
+    if "residual" in adapter.capabilities:
+        models.append(("a residual", _mode_model(adapter), (6,)))
     for what, model, shape in models:
         state = state_of(model)
         whole = loaded(adapter, model, state, optimizer=SGD(lr=0.1, momentum=0.9))
