@@ -134,6 +134,8 @@ def test_pairs_are_normalised_and_groups_shape_the_weight():
         (lambda: unitrain.CustomLoss(lambda p, t: (p**p).sum()), "exponent of \\*\\* must be a Python number"),
         (lambda: unitrain.CustomLoss(lambda p, t: p.sum() if p.sum() else 0), "has no truth value"),
         (lambda: unitrain.CustomLoss(lambda p, t: 1.0), "must return an expression"),
+        (lambda: unitrain.CustomLoss(lambda p, t: (p > t).sum()), "comparisons are not among"),
+        (lambda: unitrain.CustomLoss(lambda p, t: (np.ones(3) * p).sum()), "cannot enter the loss expression"),
     ],
 )
 def test_specs_reject_nonsense(make, message):
