@@ -49,7 +49,6 @@ from unitrain.layers import (
 from unitrain.loop import InputError, TrainingLoop
 from unitrain.losses import (
     BCEWithLogitsLoss,
-    CrossEntropyLoss,
     CustomLoss,
     HuberLoss,
     L1Loss,
@@ -145,7 +144,7 @@ class _Conv2d(_Layer):
         spec = self.spec
         (kh, kw), (dh, dw), (sh, sw), groups = spec.kernel_size, spec.dilation, spec.stride, spec.groups
         x = _pad(x, spec.padding)
-        n, c = x.shape[:2]
+        n = len(x)
         span = ((kh - 1) * dh + 1, (kw - 1) * dw + 1)
         windows = sliding_window_view(x, span, axis=(2, 3))[:, :, ::sh, ::sw, ::dh, ::dw]  # (N, C, OH, OW, kh, kw)
         oh, ow = windows.shape[2:4]
@@ -911,7 +910,7 @@ class NumpyLoop(TrainingLoop):
     def _evaluate_batch(self, x, y):
         pred = self._run(x, record=False)
         terms, _ = _loss_terms(self.loss_spec, pred, y)
-        correct = int((pred.argmax(1) == y).sum()) if self.loss_spec.class_targets else 0
+        correct = int((pred.argmax(1) == y).sum()) if y.dtype.kind in "iu" else 0
         return float(terms.sum(dtype=np.float64)), correct
 
     def _gradients(self):
