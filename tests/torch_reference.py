@@ -128,3 +128,60 @@ def assert_states_close(actual, expected, *, rtol, atol, scale_atol=False):
         scale = max(1.0, float(np.abs(value).max(initial=0))) if scale_atol else 1.0
         np.testing.assert_allclose(actual[key], value, rtol=rtol, atol=atol * scale, equal_nan=False, err_msg=key)
     return max(float(np.abs(actual[key] - value).max(initial=0)) for key, value in expected.items())
+
+
+class BasicBlock(nn.Module):
+    """torchvision's ResNet BasicBlock: two 3x3 convolutions with BatchNorm, plus the input (or its
+    ``downsample``) added before the last ReLU. Attribute names give torchvision's ``state_dict`` keys."""
+
+    def __init__(self, in_planes, planes, stride=1, downsample=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + identity)
+
+
+class ResNet18(nn.Module):
+    """torchvision's ``resnet18()`` written out in plain PyTorch (torchvision itself is not a dependency):
+    the same module names, shapes, initialisation and forward, for ``in_channels`` x H x W inputs."""
+
+    def __init__(self, num_classes=1000, in_channels=3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU()
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.layer1 = self._stage(64, 64, stride=1)
+        self.layer2 = self._stage(64, 128, stride=2)
+        self.layer3 = self._stage(128, 256, stride=2)
+        self.layer4 = self._stage(256, 512, stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(512, num_classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.constant_(module.weight, 1)
+                nn.init.constant_(module.bias, 0)
+
+    @staticmethod
+    def _stage(in_planes, planes, stride):
+        """torchvision's ``_make_layer`` for two BasicBlocks; the first downsamples when the shape changes."""
+        downsample = None
+        if stride != 1 or in_planes != planes:
+            downsample = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+        return nn.Sequential(BasicBlock(in_planes, planes, stride, downsample), BasicBlock(planes, planes))
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
