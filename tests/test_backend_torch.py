@@ -26,6 +26,7 @@ from torch_reference import (
     train_torch,
 )
 from unitrain.backends.torch import TorchLoop
+from unitrain.conformance.tolerances import tolerance
 
 import unitrain as ut
 from unitrain import expr
@@ -432,6 +433,49 @@ def test_new_loss_value_and_step_match_torch(name, torch_single_thread):
     expected.backward()
     optimizer.step()
     assert value.item() == expected.item()
+    assert_states_equal(loop.state_dict(), numpy_state(model))
+
+    # evaluate: the mean per-sample loss (per element for the elementwise losses), accuracy only for class indices
+    metrics = loop.evaluate((x, y))
+    with torch.no_grad():
+        pred, target_tensor = model(torch.from_numpy(x)), torch.from_numpy(y)
+        if isinstance(loss, ut.CustomLoss):  # fn applied to each sample alone
+            mean = np.mean([functional(pred[i : i + 1], target_tensor[i : i + 1], None).item() for i in range(len(x))])
+        else:
+            mean = functional(pred, target_tensor, "mean").item()
+    # the core sums per-sample float32 values: rounding of one float32 reduction over the batch's elements
+    assert metrics["loss"] == pytest.approx(mean, abs=tolerance(np.float32, size=y.size, expected_scale=abs(mean)))
+    class_indices = y.dtype.kind == "i"
+    assert np.isnan(metrics["accuracy"]) != class_indices
+    if class_indices:
+        assert metrics["num_correct"] == int((pred.argmax(1).numpy() == y).sum())
+
+
+class TorchResidualWithDropout(nn.Module):
+    """Hand-written twin of ``residual_dropout_spec()``."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.drop = nn.Dropout(0.5)
+        self.downsample = nn.Sequential(nn.Dropout(0.3))
+        self.post = nn.Tanh()
+
+    def forward(self, x):
+        return self.post(self.drop(self.fc(x)) + self.downsample(x))
+
+
+def test_dropout_in_both_branches_draws_from_the_loops_stream(torch_single_thread):
+    spec = ut.Residual(ut.Sequential({"fc": ut.Linear(6, 6), "drop": ut.Dropout(0.5)}), ut.Sequential(ut.Dropout(0.3)),
+                       ut.Tanh())  # fmt: skip
+    batches = random_batches((6,), classes=6, count=3)
+    loop = TorchLoop(spec, optimizer=MOMENTUM_SGD, seed=SEED)
+    model = load_state(TorchResidualWithDropout(), ut.init_weights(spec, SEED))
+    assert list(loop.state_dict()) == list(model.state_dict())
+    losses = [float(loop.step(batch)) for batch in batches]
+    with torch.random.fork_rng():
+        torch.manual_seed(SEED)  # the dropout stream of a loop with this seed
+        assert losses == train_torch(model, momentum_sgd(model), batches)
     assert_states_equal(loop.state_dict(), numpy_state(model))
 
 
