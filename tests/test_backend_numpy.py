@@ -2,6 +2,7 @@
 ``torch.nn`` models and hand-written PyTorch training loops."""
 
 import math
+from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -40,7 +41,9 @@ from unitrain import (
     MSELoss,
     NLLLoss,
     ReLU,
+    Residual,
     Sequential,
+    Tanh,
     cnn,
     mlp,
 )
@@ -497,3 +500,48 @@ def test_erfc_is_float64_accurate():
     np.testing.assert_allclose(_erfc(x), expected, rtol=6e-14, atol=0)
     assert np.isnan(_erfc(np.array([np.nan])))[0]
     np.testing.assert_array_equal(_erfc(np.array([-np.inf, np.inf, -40.0, 40.0])), [2, 0, 2, 0])
+
+
+def nested_residual_spec():
+    """Residuals nested in a residual's body: an identity shortcut around a pre-activation body (its ReLU
+    must not overwrite the input the shortcut adds), a Tanh whose output a ReLU reads next (must not be
+    overwritten either), a downsample with BatchNorm, no post in the inner block."""
+    inner = Residual(Sequential({"relu": ReLU(), "conv": Conv2d(4, 4, 3, padding=1)}))
+    block = Residual(
+        Sequential({"conv1": Conv2d(3, 4, 3, stride=2, padding=1), "inner": inner, "tanh": Tanh(), "relu": ReLU()}),
+        shortcut=Sequential(Conv2d(3, 4, 1, stride=2, bias=False), BatchNorm2d(4)),
+        post=ReLU(),
+    )
+    return Sequential({"block": block, "pool": AdaptiveAvgPool2d(1), "flatten": Flatten(), "fc": Linear(4, 3)})
+
+
+def torch_nested_residual():
+    inner = TorchResidual({"relu": nn.ReLU(), "conv": nn.Conv2d(4, 4, 3, padding=1)})
+    block = TorchResidual(
+        {"conv1": nn.Conv2d(3, 4, 3, stride=2, padding=1), "inner": inner, "tanh": nn.Tanh(), "relu": nn.ReLU()},
+        downsample=nn.Sequential(nn.Conv2d(3, 4, 1, stride=2, bias=False), nn.BatchNorm2d(4)),
+        post=nn.ReLU(),
+    )
+    return nn.Sequential(
+        OrderedDict(block=block, pool=nn.AdaptiveAvgPool2d(1), flatten=nn.Flatten(), fc=nn.Linear(4, 3))
+    )
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_nested_residuals_train_like_torch(dtype):
+    spec = nested_residual_spec()
+    optimizer = SGD(lr=0.1, momentum=0.9)
+    loop = NumpyLoop(spec, optimizer=optimizer, dtype=dtype)
+    reference = load_state(torch_nested_residual().to(getattr(torch, dtype)), loop.state_dict())
+    assert list(loop.state_dict()) == list(reference.state_dict())
+    assert "block.inner.conv.weight" in loop.state_dict() and "block.downsample.1.running_var" in loop.state_dict()
+    batches = [(x.astype(dtype), y) for x, y in random_batches((3, 8, 8), classes=3, count=2)]
+    losses = [float(loop.step(batch)) for batch in batches]
+    tolerance = WEIGHT_TOLERANCE[dtype]
+    assert losses == pytest.approx(
+        train_torch(reference, torch_optimizer(optimizer, reference.parameters()), batches), rel=0, abs=tolerance
+    )
+    assert_states_close(loop.state_dict(), numpy_state(reference), rtol=0, atol=tolerance)
+    with torch.no_grad():
+        expected = reference.eval()(torch.from_numpy(batches[0][0])).numpy()
+    np.testing.assert_allclose(loop.predict(batches[0][0]), expected, rtol=0, atol=tolerance)
