@@ -10,6 +10,8 @@ import safetensors.torch
 import torch
 from torch import nn
 from torch_reference import (
+    SEED,
+    ResNet18,
     assert_states_close,
     assert_states_equal,
     leaf_cases,
@@ -22,6 +24,7 @@ from torch_reference import (
     train_torch,
 )
 from unitrain.backends.numpy import NumpyLoop, _erfc
+from unitrain.conformance.tolerances import eps, tolerance
 
 from unitrain import (
     SGD,
@@ -46,6 +49,7 @@ from unitrain import (
     Tanh,
     cnn,
     mlp,
+    resnet18,
 )
 from unitrain.loop import InputError
 
@@ -545,3 +549,38 @@ def test_nested_residuals_train_like_torch(dtype):
     with torch.no_grad():
         expected = reference.eval()(torch.from_numpy(batches[0][0])).numpy()
     np.testing.assert_allclose(loop.predict(batches[0][0]), expected, rtol=0, atol=tolerance)
+
+
+def resnet18_runs(dtype, x, y, optimizer):
+    """unitrain.resnet18() on NumPy and the plain-PyTorch ResNet-18 from the same weights: each one's eval
+    logits, then the state after one step in training mode (BatchNorm on batch statistics)."""
+    loop = NumpyLoop(resnet18(), optimizer=optimizer, dtype=dtype)
+    model = load_state(ResNet18().to(getattr(torch, dtype)), loop.state_dict())
+    x = x.astype(dtype)
+    with torch.no_grad():
+        expected_logits = model.eval()(torch.from_numpy(x)).numpy()
+    logits = loop.predict(x)
+    loop.step((x, y))
+    train_torch(model, torch_optimizer(optimizer, model.parameters()), [(x, y)])
+    return (logits, loop.state_dict()), (expected_logits, numpy_state(model))
+
+
+def test_resnet18_matches_plain_pytorch_resnet18():
+    # 2x3x64x64: layer4 sees 2x2 maps, so its training-mode BatchNorm normalises 8 values per channel; at 32x32
+    # it would be 2, whose normalised values are +-1 whatever the input, an ill-conditioned step (float32
+    # weights then differ from float64 by O(1) in PyTorch itself)
+    rng = np.random.default_rng(SEED)
+    x, y = rng.standard_normal((2, 3, 64, 64)), rng.integers(0, 1000, 2)
+    optimizer = SGD(lr=0.01, momentum=0.9)
+    (logits64, state64), (truth_logits, truth_state) = resnet18_runs("float64", x, y, optimizer)
+    (logits32, state32), (torch_logits32, torch_state32) = resnet18_runs("float32", x, y, optimizer)
+    assert list(state32) == list(truth_state)  # torchvision's keys, in its order
+    for actual, actual64, torch32, truth in [(logits32, logits64, torch_logits32, truth_logits)] + [
+        (state32[key], state64[key], torch_state32[key], truth_state[key]) for key in truth_state
+    ]:
+        # PyTorch's own float32 error against the float64 result measures this case's rounding: as the
+        # conformance formula MULTIPLE * eps * size * scale with the chain length `size` it implies
+        scale = max(1.0, float(np.abs(truth).max()))
+        size = float(np.abs(torch32 - truth).max()) / (eps(np.float32) * scale)
+        np.testing.assert_allclose(actual, truth, rtol=0, atol=tolerance(np.float32, size, scale))
+        np.testing.assert_allclose(actual64, truth, rtol=0, atol=tolerance(np.float64, size, scale))
