@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch_reference import (
     SEED,
@@ -34,10 +35,14 @@ from unitrain import (
     AvgPool2d,
     BatchNorm1d,
     BatchNorm2d,
+    BCEWithLogitsLoss,
     Conv2d,
     CrossEntropyLoss,
+    CustomLoss,
     Dropout,
     Flatten,
+    HuberLoss,
+    L1Loss,
     Linear,
     LogSoftmax,
     MaxPool2d,
@@ -46,6 +51,7 @@ from unitrain import (
     ReLU,
     Residual,
     Sequential,
+    SmoothL1Loss,
     Tanh,
     cnn,
     mlp,
@@ -584,3 +590,67 @@ def test_resnet18_matches_plain_pytorch_resnet18():
         size = float(np.abs(torch32 - truth).max()) / (eps(np.float32) * scale)
         np.testing.assert_allclose(actual, truth, rtol=0, atol=tolerance(np.float32, size, scale))
         np.testing.assert_allclose(actual64, truth, rtol=0, atol=tolerance(np.float64, size, scale))
+
+
+def soft_targets(labels):
+    """Class probabilities: each row a softmax of standard-normal scores."""
+    scores = np.random.default_rng(1).standard_normal((len(labels), 5))
+    return np.exp(scores) / np.exp(scores).sum(1, keepdims=True)
+
+
+def regression_targets(labels):
+    return np.random.default_rng(2).uniform(-2, 2, (len(labels), 5))
+
+
+# name: (loss spec, the torch function of (pred, target, reduction), targets from the batch's class labels)
+NEW_LOSSES = {
+    "ce_label_smoothing": (CrossEntropyLoss(label_smoothing=0.1),
+                           lambda p, t, r: F.cross_entropy(p, t, reduction=r, label_smoothing=0.1), lambda y: y),
+    "ce_soft_targets_smoothed": (CrossEntropyLoss(reduction="sum", label_smoothing=0.2),
+                                 lambda p, t, r: F.cross_entropy(p, t, reduction=r, label_smoothing=0.2), soft_targets),
+    "ce_one_hot": (CrossEntropyLoss(), lambda p, t, r: F.cross_entropy(p, t, reduction=r), lambda y: np.eye(5)[y]),
+    "nll_after_logsoftmax": (NLLLoss(reduction="sum"), lambda p, t, r: F.nll_loss(p, t, reduction=r), lambda y: y),
+    "bce_with_logits": (BCEWithLogitsLoss(), lambda p, t, r: F.binary_cross_entropy_with_logits(p, t, reduction=r),
+                        lambda y: np.random.default_rng(3).uniform(0, 1, (len(y), 5))),
+    "l1": (L1Loss(reduction="sum"), lambda p, t, r: F.l1_loss(p, t, reduction=r), regression_targets),
+    "smooth_l1": (SmoothL1Loss(beta=0.5), lambda p, t, r: F.smooth_l1_loss(p, t, reduction=r, beta=0.5),
+                  regression_targets),
+    "smooth_l1_beta_0": (SmoothL1Loss(beta=0.0), lambda p, t, r: F.smooth_l1_loss(p, t, reduction=r, beta=0.0),
+                         regression_targets),
+    "huber": (HuberLoss(reduction="sum", delta=0.7), lambda p, t, r: F.huber_loss(p, t, reduction=r, delta=0.7),
+              regression_targets),
+    "custom_tutorial": (CustomLoss(lambda pred, labels: (pred - labels).sum()), lambda p, t, r: (p - t).sum(),
+                        regression_targets),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("name", NEW_LOSSES)
+def test_new_loss_value_gradients_and_step_match_torch(name, dtype):
+    loss, functional, make_targets = NEW_LOSSES[name]
+    head = [LogSoftmax(dim=1)] if isinstance(loss, NLLLoss) else []
+    optimizer = SGD(lr=0.1, momentum=0.9)
+    loop = NumpyLoop(Sequential(Linear(6, 8), Tanh(), Linear(8, 5), *head), loss=loss, optimizer=optimizer, dtype=dtype)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5), *(nn.LogSoftmax(dim=1) for _ in head))
+    model = load_state(model.to(getattr(torch, dtype)), loop.state_dict())
+    ((x, labels),) = random_batches((6,), classes=5, count=1, batch_size=8)
+    x, y = x.astype(dtype), make_targets(labels)
+    y = y.astype(dtype) if y.dtype.kind == "f" else y
+    value = loop.loss(loop.forward(x), y)
+    loop.backward(value)
+    expected = functional(model(torch.from_numpy(x)), torch.from_numpy(y), getattr(loss, "reduction", None))
+    expected.backward()
+    # a few roundings per summed term (the loss adds up 40 of them), as the conformance formula counts them
+    atol = tolerance(dtype, size=y.size, expected_scale=abs(expected.item()))
+    assert np.asarray(value.value).dtype == dtype
+    assert float(value) == pytest.approx(expected.item(), rel=0, abs=atol)
+    gradients = loop.gradients()
+    assert all(grad.dtype == dtype for grad in gradients.values())
+    assert_states_close(gradients, numpy_gradients(model), rtol=0, atol=atol, scale_atol=True)
+    loop.update()
+    torch_optimizer(optimizer, model.parameters()).step()
+    assert_states_close(loop.state_dict(), numpy_state(model), rtol=0, atol=atol)
+    if not isinstance(loss, CustomLoss):  # evaluate: mean per sample (per element for elementwise losses)
+        with torch.no_grad():
+            mean = functional(model(torch.from_numpy(x)), torch.from_numpy(y), "mean").item()
+        assert loop.evaluate((x, y))["loss"] == pytest.approx(mean, rel=0, abs=tolerance(dtype, y.size, abs(mean)))
