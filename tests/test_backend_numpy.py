@@ -58,6 +58,7 @@ from unitrain import (
     resnet18,
 )
 from unitrain.loop import InputError
+from unitrain.randomness import dropout_mask, dropout_stream
 
 
 def bn_net(dropout=0.3):
@@ -654,3 +655,38 @@ def test_new_loss_value_gradients_and_step_match_torch(name, dtype):
         with torch.no_grad():
             mean = functional(model(torch.from_numpy(x)), torch.from_numpy(y), "mean").item()
         assert loop.evaluate((x, y))["loss"] == pytest.approx(mean, rel=0, abs=tolerance(dtype, y.size, abs(mean)))
+
+
+def residual_dropout_spec():
+    body = Sequential({"fc": Linear(6, 6), "bn": BatchNorm1d(6), "drop": Dropout(0.5)})
+    return Sequential(Residual(body, Sequential(Dropout(0.3)), Tanh()), Linear(6, 3))
+
+
+def test_dropout_in_both_branches_draws_the_stream_in_forward_order():
+    loop = NumpyLoop(residual_dropout_spec(), seed=5)
+    ((x, _),) = random_batches((6,), classes=3, count=1)
+    loop.forward(x)
+    block = loop._root.nodes[0]
+    rng = dropout_stream(5)  # one stream, masks drawn in named_layers order: the body's, then the shortcut's
+    np.testing.assert_array_equal(block.body.nodes[2].scale, dropout_mask(rng, (4, 6), 0.5, np.float32))
+    np.testing.assert_array_equal(block.shortcut.nodes[0].scale, dropout_mask(rng, (4, 6), 0.3, np.float32))
+
+
+def test_branches_step_like_the_tutorial_sequence_and_resume_bit_for_bit():
+    batches = random_batches((6,), classes=3, count=4)
+    whole, tutorial = (NumpyLoop(residual_dropout_spec(), optimizer=SGD(lr=0.1, momentum=0.9)) for _ in range(2))
+    for x, y in batches[:2]:
+        step_loss = whole.step((x, y))
+        tutorial.zero_grad()
+        loss = tutorial.loss(tutorial.forward(x), y)
+        tutorial.backward(loss)
+        tutorial.update()
+        assert float(step_loss) == float(loss)
+    assert_states_equal(tutorial.state_dict(), whole.state_dict())
+    resumed = NumpyLoop(residual_dropout_spec(), optimizer=SGD(lr=0.1, momentum=0.9), seed=9)
+    resumed.load_state_dict(whole.state_dict())
+    resumed.load_optimizer_state_dict(whole.optimizer_state_dict())
+    resumed.load_random_state(whole.random_state())
+    for batch in batches[2:]:
+        assert float(resumed.step(batch)) == float(whole.step(batch))
+    assert_states_equal(resumed.state_dict(), whole.state_dict())
