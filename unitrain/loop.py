@@ -95,7 +95,11 @@ from .losses import CrossEntropyLoss, CustomLoss, Loss
 from .optim import SGD, Optimizer
 
 #: Capability tags an adapter may declare (checks gated on a missing one are skipped).
-CAPABILITIES = frozenset({"float64", "dropout", "batchnorm", "conv", "native-model", "random-state"})
+CAPABILITIES = frozenset({
+    "float64", "dropout", "batchnorm", "conv", "native-model", "random-state",
+    # issue 8: graphs with branches, the layers and losses real tutorials use, the user's own loss
+    "residual", "activations", "layernorm", "pooling", "losses", "custom-loss",
+})  # fmt: skip
 
 
 class InputError(ValueError):
