@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn.utils import skip_init
 
 from unitrain import expr, layers, losses
-from unitrain.loop import TrainingLoop
+from unitrain.loop import CAPABILITIES, TrainingLoop
 from unitrain.optim import SGD, Adam
 
 _DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
@@ -119,7 +119,7 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
 class TorchLoop(TrainingLoop):
     name = "torch"
     framework = "torch"
-    capabilities = frozenset({"dropout", "batchnorm", "conv", "native-model", "float64", "random-state"})
+    capabilities = CAPABILITIES  # every one
 
     # --- building -------------------------------------------------------------------------
 
