@@ -828,7 +828,10 @@ def _quiet(method):
 
 class NumpyLoop(TrainingLoop):
     name = "numpy"
-    capabilities = frozenset({"dropout", "batchnorm", "conv", "float64", "random-state"})
+    capabilities = frozenset({
+        "dropout", "batchnorm", "conv", "float64", "random-state",
+        "residual", "activations", "layernorm", "pooling", "losses", "custom-loss",
+    })  # fmt: skip
 
     def _build(self, model):
         self._rng = dropout_stream(self.seed)
