@@ -463,13 +463,15 @@ class ChainerLoop(TrainingLoop):
             return self.model(x)
 
     def _loss(self, pred, y):
-        return self._compute_loss(pred, y, self.loss_spec.reduction)
+        return self._compute_loss(pred, y)
 
-    def _compute_loss(self, pred, y, reduction):
-        if isinstance(self.loss_spec, losses.CustomLoss):
-            return expr.evaluate(self.loss_spec.tree, pred, y, _EXPR_OPS)
-        terms = _LOSS_TERMS[type(self.loss_spec)](self.loss_spec, pred, y)
-        return F.mean(terms) if reduction == "mean" else F.sum(terms)
+    def _compute_loss(self, pred, y, reduction=None):
+        """The loss spec's value; ``reduction`` overrides the spec's own (a CustomLoss has none)."""
+        spec = self.loss_spec
+        if isinstance(spec, losses.CustomLoss):
+            return expr.evaluate(spec.tree, pred, y, _EXPR_OPS)
+        terms = _LOSS_TERMS[type(spec)](spec, pred, y)
+        return F.mean(terms) if (reduction or spec.reduction) == "mean" else F.sum(terms)
 
     def _backward(self, loss):
         loss.backward()

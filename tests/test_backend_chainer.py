@@ -631,9 +631,12 @@ def every_op(pred, target, ops):
     ).sum()
 
 
-#: torch's functions under unitrain.expr's names
-TORCH_OPS = SimpleNamespace(**{name: getattr(torch, name) for name in
-                               ("maximum", "minimum", "sqrt", "square", "exp", "log", "log_softmax", "softmax")})  # fmt: skip
+#: torch's functions under unitrain.expr's names (torch.maximum/minimum take tensors only)
+TORCH_OPS = SimpleNamespace(
+    **{name: getattr(torch, name) for name in ("sqrt", "square", "exp", "log", "log_softmax", "softmax")},
+    maximum=lambda a, b: torch.maximum(a, torch.as_tensor(b, dtype=a.dtype)),
+    minimum=lambda a, b: torch.minimum(a, torch.as_tensor(b, dtype=a.dtype)),
+)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -654,3 +657,44 @@ def test_custom_loss_every_op_matches_torch(dtype):
     torch_custom_step(twin, lambda p, t: every_op(p, t, TORCH_OPS), x, y)
     atol = STEP_ATOL32 if dtype == "float32" else STEP_ATOL64
     assert_states_close(loop.state_dict(), numpy_state(twin), rtol=0, atol=atol)
+
+
+def largest_difference(actual, expected):
+    """The largest absolute difference between two states (or two arrays)."""
+    if isinstance(expected, np.ndarray):
+        return float(np.abs(actual - expected).max())
+    assert list(actual) == list(expected)
+    return max(float(np.abs(actual[key] - value).max(initial=0)) for key, value in expected.items())
+
+
+def test_resnet18_matches_plain_pytorch():
+    """``unitrain.resnet18()`` against tests/torch_reference.py's ResNet18 from the same weights: eval
+    logits, then one SGD-momentum step with BatchNorm in training mode.
+
+    The batch is (2, 3, 64, 64): at 32x32 or 28x28 the last stage is 1x1, so its BatchNorm in training
+    mode normalises two values per channel and the step is ill-conditioned (PyTorch's own float32 and
+    float64 weights then differ by 0.9); at 64x64 it sees 8 values per channel."""
+    spec = ut.resnet18(num_classes=10)
+    x = np.random.default_rng(5).standard_normal((2, 3, 64, 64))
+    y = np.array([3, 7])
+    runs = {}
+    for dtype in ("float64", "float32"):
+        loop = ChainerLoop(spec, optimizer=SGD_MOMENTUM[0], dtype=dtype)
+        reference = load_state(ResNet18(num_classes=10).to(getattr(torch, dtype)), loop.state_dict())
+        assert {k: v.shape for k, v in loop.state_dict().items()} == {k: v.shape for k, v in numpy_state(reference).items()}
+        assert list(loop.state_dict()) == list(reference.state_dict())  # torchvision's keys, in its order
+        batch = (x.astype(dtype), y)
+        logits = (loop.predict(batch[0]), reference.eval()(torch.from_numpy(batch[0])).detach().numpy())
+        loop.step(batch)
+        train_torch(reference, SGD_MOMENTUM[1](reference.parameters()), [batch])
+        runs[dtype] = logits, (loop.state_dict(), numpy_state(reference))
+    # float64: the same equations agree to float64 rounding (the issue's float32 bound scaled, see STEP_ATOL64).
+    for chainer_result, torch_result in runs["float64"]:
+        assert largest_difference(chainer_result, torch_result) <= STEP_ATOL64
+    # float32: Chainer's error from the float64 truth must be of the order of PyTorch's own float32 error on
+    # the same case. 4x allows for Chainer's BatchNorm statistics being float32 sums where PyTorch's CPU
+    # kernel accumulates in double; a wrong equation (a dropped shortcut, a misplaced pool) is off by 1e-2 or more.
+    for (chainer32, torch32), (_, truth) in zip(runs["float32"], runs["float64"], strict=True):
+        own_error, torch_error = largest_difference(chainer32, truth), largest_difference(torch32, truth)
+        print(f"resnet18 float32: chainer {own_error:.1e}, torch {torch_error:.1e} from float64")
+        assert own_error <= 4 * torch_error
