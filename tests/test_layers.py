@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from unitrain.conformance.reference import torchvision_resnet18_state_shapes
 
 import unitrain
 from unitrain import expr
@@ -24,28 +25,10 @@ from unitrain.layers import (
 )
 
 
-def _torchvision_resnet18_state_keys() -> list[str]:
-    """``torchvision.models.resnet18().state_dict()`` keys, written from torchvision's
-    resnet.py: ResNet.__init__ registers conv1, bn1, relu, maxpool, layer1..layer4, avgpool,
-    fc; BasicBlock registers conv1, bn1, relu, conv2, bn2, downsample (a Sequential of a 1x1
-    conv and a BatchNorm2d, only in the first block of layers 2-4)."""
-
-    def bn(name):
-        return [f"{name}.{key}" for key in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")]
-
-    keys = ["conv1.weight", *bn("bn1")]
-    for stage in range(1, 5):
-        for block in range(2):
-            prefix = f"layer{stage}.{block}"
-            keys += [f"{prefix}.conv1.weight", *bn(f"{prefix}.bn1"), f"{prefix}.conv2.weight", *bn(f"{prefix}.bn2")]
-            if stage > 1 and block == 0:
-                keys += [f"{prefix}.downsample.0.weight", *bn(f"{prefix}.downsample.1")]
-    return [*keys, "fc.weight", "fc.bias"]
-
-
 def test_resnet18_has_torchvisions_state_dict_keys_and_shapes():
     shapes = unitrain.resnet18().state_shapes()
-    assert list(shapes) == _torchvision_resnet18_state_keys()
+    # torchvision's keys and shapes, written from its resnet.py, in state_dict order
+    assert list(shapes.items()) == list(torchvision_resnet18_state_shapes().items())
     assert shapes["conv1.weight"] == (64, 3, 7, 7)
     assert shapes["layer2.0.conv1.weight"] == (128, 64, 3, 3)
     assert shapes["layer2.0.downsample.0.weight"] == (128, 64, 1, 1)
@@ -204,7 +187,7 @@ def test_numpy_gradient_matches_finite_differences(name):
     pred, target = rng.normal(size=(3, 4)), rng.uniform(0.1, 1, size=(3, 4))
     tree = unitrain.CustomLoss(EXPRESSIONS[name]).tree
     value, grad = expr.numpy_value_and_grad(tree, pred, target)
-    assert value == pytest.approx(float(expr.evaluate(tree, pred, target, _NUMPY_FORWARD)), rel=1e-12)
+    assert value == pytest.approx(expr.numpy_value(tree, pred, target), rel=1e-12)
     numeric = np.zeros_like(pred)
     for index in np.ndindex(pred.shape):
         step = np.zeros_like(pred)
@@ -214,11 +197,6 @@ def test_numpy_gradient_matches_finite_differences(name):
         numeric[index] = (plus - minus) / 2e-6
     # Central differences in float64 with h=1e-6: truncation ~h^2, rounding ~1e-16/h ~ 1e-10.
     np.testing.assert_allclose(grad, numeric, rtol=1e-6, atol=1e-7)
-
-
-_NUMPY_FORWARD = {op: forward for op, (forward, _) in expr.NUMPY_OPS.items()} | {
-    "const": lambda value: np.float64(value)
-}
 
 
 def test_tree_is_plain_and_broadcasts_constants():

@@ -279,6 +279,45 @@ NUMPY_OPS: dict[str, tuple[Callable, Callable]] = {
 }
 
 
+def _axis_of(axis: int, shape: tuple[int, ...], op: str) -> int:
+    if not -len(shape) <= axis < len(shape):
+        raise ValueError(f"{op} over axis {axis} of a value of shape {shape}")
+    return axis % len(shape)
+
+
+def result_shape(tree: Node, pred_shape: tuple[int, ...], target_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape ``tree`` computes for inputs of these shapes; ``ValueError`` names the first
+    operation whose operands do not broadcast or whose axis does not exist."""
+    op, children, static = split(tree)
+    if op in ("pred", "target", "const"):
+        return {"pred": tuple(pred_shape), "target": tuple(target_shape), "const": ()}[op]
+    shapes = [result_shape(child, pred_shape, target_shape) for child in children]
+    if len(shapes) == 2:
+        try:
+            return tuple(np.broadcast_shapes(*shapes))
+        except ValueError:
+            raise ValueError(f"{op} of shapes {shapes[0]} and {shapes[1]} (they do not broadcast)") from None
+    (shape,) = shapes
+    axis = static.get("axis")
+    if op in ("sum", "mean"):
+        if axis is None:
+            return ()
+        axis = _axis_of(axis, shape, op)
+        return shape[:axis] + shape[axis + 1 :]
+    if op in ("log_softmax", "softmax"):
+        _axis_of(axis, shape, op)
+    return shape
+
+
+def numpy_value(tree: Node, pred: np.ndarray, target: np.ndarray) -> float:
+    """The loss alone, computed with the same NumPy forward rules."""
+    return float(evaluate(tree, pred, target, _numpy_forward(pred.dtype)))
+
+
+def _numpy_forward(dtype) -> dict[str, Callable]:
+    return {op: forward for op, (forward, _) in NUMPY_OPS.items()} | {"const": lambda value: np.asarray(value, dtype)}
+
+
 def numpy_value_and_grad(tree: Node, pred: np.ndarray, target: np.ndarray) -> tuple[float, np.ndarray]:
     """The loss and ``dloss/dpred`` in ``pred``'s dtype (constants take that dtype too)."""
     dtype = pred.dtype
