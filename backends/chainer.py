@@ -369,7 +369,10 @@ class _Optimizer(chainer.optimizer.GradientMethod):
 class ChainerLoop(TrainingLoop):
     name = "chainer"
     framework = "chainer"
-    capabilities = frozenset({"dropout", "batchnorm", "conv", "native-model", "float64", "random-state"})
+    capabilities = frozenset({
+        "dropout", "batchnorm", "conv", "native-model", "float64", "random-state",
+        "residual", "activations", "layernorm", "pooling", "losses", "custom-loss",
+    })  # fmt: skip
 
     # --- building ---------------------------------------------------------------------------
 
@@ -506,7 +509,7 @@ class ChainerLoop(TrainingLoop):
         with chainer.using_config("train", self._train), chainer.no_backprop_mode():
             pred = self.model(x)
             loss = self._compute_loss(pred, y, "sum")
-        correct = int((pred.array.argmax(axis=1) == y).sum()) if self.loss_spec.class_targets else 0
+        correct = int((pred.array.argmax(axis=1) == y).sum()) if y.dtype.kind == "i" else 0  # class indices
         return float(loss.array), correct
 
     # --- state ------------------------------------------------------------------------------

@@ -558,7 +558,9 @@ def regression_batch(kind, rows=8, classes=5):
 TF = torch.nn.functional
 #: name -> (loss spec, torch's loss function, kind of targets)
 LOSSES = {
-    "ce_label_smoothing": (ut.CrossEntropyLoss(label_smoothing=0.1), lambda p, y: TF.cross_entropy(p, y, label_smoothing=0.1), "indices"),
+    "ce_label_smoothing": (
+        ut.CrossEntropyLoss(label_smoothing=0.1), lambda p, y: TF.cross_entropy(p, y, label_smoothing=0.1), "indices",
+    ),
     "ce_probabilities": (ut.CrossEntropyLoss(), TF.cross_entropy, "probabilities"),
     "ce_probabilities_smoothing_sum": (
         ut.CrossEntropyLoss("sum", label_smoothing=0.2),
@@ -584,7 +586,8 @@ def test_new_loss_matches_torch(name):
     loss, torch_loss, kind = LOSSES[name]
     head = [ut.LogSoftmax(dim=1)] if isinstance(loss, ut.NLLLoss) else []
     spec = ut.Sequential(ut.Linear(12, 5), *head)
-    twin = load_state(nn.Sequential(nn.Linear(12, 5), *([nn.LogSoftmax(dim=1)] if head else [])), ut.init_weights(spec, 0))
+    twin_head = [nn.LogSoftmax(dim=1)] if head else []
+    twin = load_state(nn.Sequential(nn.Linear(12, 5), *twin_head), ut.init_weights(spec, 0))
     loop = ChainerLoop(spec, loss, SGD_MOMENTUM[0])
     x, y = regression_batch(kind)
     expected = torch_loss(twin(torch.from_numpy(x)), torch.from_numpy(y))
@@ -647,7 +650,8 @@ def test_custom_loss_every_op_matches_torch(dtype):
     spec = ut.Sequential(ut.Linear(5, 5))
     x = np.random.default_rng(3).standard_normal((6, 5)).astype(dtype)
     x[0, 0] = 0.25
-    y = x + np.random.default_rng(4).standard_normal((6, 5)).astype(dtype) * (np.arange(5) % 2)  # ties in columns 0, 2, 4
+    noise = np.random.default_rng(4).standard_normal((6, 5)).astype(dtype)
+    y = x + noise * (np.arange(5) % 2)  # ties in columns 0, 2, 4
     state = {"0.weight": np.eye(5, dtype=np.float32), "0.bias": np.zeros(5, np.float32)}
     loop = ChainerLoop(spec, ut.CustomLoss(lambda p, t: every_op(p, t, expr)), SGD_MOMENTUM[0], dtype=dtype)
     loop.load_state_dict(state)
@@ -713,8 +717,8 @@ def test_resnet18_matches_plain_pytorch():
     for dtype in ("float64", "float32"):
         loop = ChainerLoop(spec, optimizer=optimizer[0], dtype=dtype)
         reference = load_state(ResNet18(num_classes=10).to(getattr(torch, dtype)), loop.state_dict())
-        assert {k: v.shape for k, v in loop.state_dict().items()} == {k: v.shape for k, v in numpy_state(reference).items()}
-        assert list(loop.state_dict()) == list(reference.state_dict())  # torchvision's keys, in its order
+        # torchvision's keys in its order (load_state_dict above checked the shapes)
+        assert list(loop.state_dict()) == list(reference.state_dict())
         batch = (x.astype(dtype), y)
         if dtype == "float64":  # on a copy: a training-mode forward updates BatchNorm's running statistics
             assert kink_margin(copy.deepcopy(reference).train(), batch[0]) > 1e-5
