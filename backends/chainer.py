@@ -379,38 +379,41 @@ class ChainerLoop(TrainingLoop):
     def _build(self, model):
         self._rng = dropout_stream(self.seed)
         paths = {}  # canonical name -> Chainer serializer path
-        root = _Sequence()
-        self._fill(root, model.children, "", "", paths)
+        root = self._node(model, "", "", paths)
         self._paths = {key: paths[key] for key in model.state_shapes()}  # in state_dict order
         self._adopt(root)
 
-    def _fill(self, chain: _Sequence, children, name: str, path: str, paths: dict) -> None:
-        """Build ``children`` ((name, spec) pairs) into ``chain``, whose canonical name and Chainer
-        path are the prefixes ``name`` and ``path``; record each state entry's path in ``paths``."""
-        for child_name, spec in children:
-            attribute = chain.child_name(child_name)
-            chain.append(attribute, self._node(spec, f"{name}{child_name}", f"{path}{attribute}", paths))
-
     def _node(self, spec, name: str, path: str, paths: dict):
-        """The native callable of ``spec`` (a container or a leaf) named ``name`` (``path`` in Chainer)."""
+        """The native callable of ``spec`` (a container or a leaf). ``name`` and ``path`` prefix its state
+        entries' canonical names and Chainer paths (``layer1.0.`` and ``layer1/0/``; empty at the root);
+        each entry's path goes into ``paths``. The tree of Chains mirrors the spec's, so the two agree."""
         if isinstance(spec, layers.Residual):
             block = _Residual()
-            self._fill(block, spec.body.children, f"{name}.", f"{path}/", paths)
+            self._fill(block, spec.body.children, name, path, paths)
             for role, child in (("downsample", spec.shortcut), ("post", spec.post)):
                 if child is not None:
-                    attribute = block.child_name(role)
-                    block.attach(role, attribute, self._node(child, f"{name}.{role}", f"{path}/{attribute}", paths))
+                    block.attach(role, *self._child(block, role, child, name, path, paths))
             return block
         if isinstance(spec, layers.Sequential):
             chain = _Sequence()
-            self._fill(chain, spec.children, f"{name}.", f"{path}/", paths)
+            self._fill(chain, spec.children, name, path, paths)
             return chain
         layer = self._leaf(spec)
         if isinstance(layer, chainer.Link):
             names = _LINK_NAMES if isinstance(layer, (L.Linear, L.Convolution2D)) else _BN_NAMES
             for key in {**spec.param_shapes(), **spec.buffer_shapes()}:
-                paths[f"{name}.{key}"] = f"{path}/{names[key]}"
+                paths[f"{name}{key}"] = f"{path}{names[key]}"
         return layer
+
+    def _child(self, chain: _Sequence, child_name: str, spec, name: str, path: str, paths: dict):
+        """``(attribute, native callable)`` of ``chain``'s child ``child_name``."""
+        attribute = chain.child_name(child_name)
+        return attribute, self._node(spec, f"{name}{child_name}.", f"{path}{attribute}/", paths)
+
+    def _fill(self, chain: _Sequence, children, name: str, path: str, paths: dict) -> None:
+        """Append ``children`` ((name, spec) pairs) to ``chain``."""
+        for child_name, spec in children:
+            chain.append(*self._child(chain, child_name, spec, name, path, paths))
 
     def _leaf(self, spec):
         zero = chainer.initializers.Zero(self.dtype)  # init_weights is loaded right after

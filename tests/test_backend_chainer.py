@@ -736,3 +736,29 @@ def test_resnet18_matches_plain_pytorch():
         own_error, torch_error = largest_difference(chainer32, truth), largest_difference(torch32, truth)
         print(f"resnet18 float32: chainer {own_error:.1e}, torch {torch_error:.1e} from float64")
         assert own_error <= 4 * torch_error
+
+
+def test_residual_as_the_whole_model():
+    spec = ut.Residual(ut.Sequential({"fc": ut.Linear(6, 6), "act": ut.Tanh()}), ut.Linear(6, 6, bias=False), ut.ReLU())
+    loop = ChainerLoop(spec)
+    assert list(loop.state_dict()) == ["fc.weight", "fc.bias", "downsample.weight"]
+    x = np.random.default_rng(6).standard_normal((3, 6)).astype(np.float32)
+    state = loop.state_dict()
+    expected = np.maximum(np.tanh(x @ state["fc.weight"].T + state["fc.bias"]) + x @ state["downsample.weight"].T, 0)
+    np.testing.assert_allclose(loop.predict(x), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["ce_label_smoothing", "ce_probabilities", "bce_with_logits", "l1", "smooth_l1"])
+def test_evaluate_with_new_losses_matches_torch(name):
+    """evaluate's loss is the per-sample (class losses) or per-element mean, over uneven batches."""
+    loss, torch_loss, kind = LOSSES[name]
+    spec = ut.Sequential(ut.Linear(12, 5))
+    loop, twin = ChainerLoop(spec, loss), load_state(nn.Sequential(nn.Linear(12, 5)), ut.init_weights(spec, 0))
+    x, y = regression_batch(kind)
+    metrics = loop.evaluate((x, y), batch_size=3)
+    logits = twin(torch.from_numpy(x))
+    assert metrics["loss"] == pytest.approx(torch_loss(logits, torch.from_numpy(y)).item(), rel=1e-5)
+    if kind == "indices":
+        assert metrics["num_correct"] == int((logits.argmax(1).numpy() == y).sum())
+    else:
+        assert np.isnan(metrics["accuracy"])
