@@ -1,7 +1,15 @@
-"""Chainer backend: ``chainer.links`` and ``chainer.functions`` called in order by a ``ChainList``,
-trained by a ``chainer.Optimizer`` whose update rules run PyTorch's equations (:mod:`unitrain.optim`).
+"""Chainer backend: ``chainer.links`` and ``chainer.functions`` in a tree of Chains that mirrors the
+spec's containers (a ``Residual`` adds its body and shortcut in its own ``forward``), trained by a
+``chainer.Optimizer`` whose update rules run PyTorch's equations (:mod:`unitrain.optim`).
 
 What is special about Chainer:
+
+* Children are registered under the spec's names, so Chainer's paths mirror PyTorch's keys
+  (``layer2/0/downsample/0/W`` is ``layer2.0.downsample.0.weight``). A name Chain already uses as an
+  attribute (``forward``, ``params``) gets a trailing ``_`` in Chainer only.
+* What Chainer lacks is written from its primitives with PyTorch's equations: exact GELU (``F.erf``),
+  SiLU, adaptive average pooling, label smoothing and probability targets of the cross-entropy,
+  BCE with float targets, and tie-splitting ``maximum``/``minimum`` for ``CustomLoss``.
 
 * Training vs. eval is not model state but ``chainer.config.train``; the loop sets it around every
   call. ``predict`` / ``evaluate`` also turn off ``enable_backprop``.
