@@ -762,3 +762,20 @@ def test_evaluate_with_new_losses_matches_torch(name):
         assert metrics["num_correct"] == int((logits.argmax(1).numpy() == y).sum())
     else:
         assert np.isnan(metrics["accuracy"])
+
+
+def test_step_equals_tutorial_sequence_through_branches(mnist_batches):
+    """Dropout in both branches of a Residual draws the loop's stream in one order (body, then shortcut)."""
+
+    def spec():
+        body = ut.Sequential(ut.Linear(784, 32), ut.BatchNorm1d(32), ut.ReLU(), ut.Dropout(0.3))
+        return ut.Sequential(
+            ut.Flatten(), ut.Residual(body, ut.Sequential(ut.Linear(784, 32), ut.Dropout(0.5)), ut.ReLU()),
+            ut.Linear(32, 10),
+        )  # fmt: skip
+
+    whole, tutorial = (ChainerLoop(spec(), optimizer=ut.SGD(lr=0.05, momentum=0.9), seed=4) for _ in range(2))
+    for x, y in mnist_batches[:3]:
+        assert float(whole.step((x, y))) == tutorial.to_float(tutorial_step(tutorial, x, y))
+    assert_states_equal(whole.state_dict(), tutorial.state_dict())
+    assert_states_equal(whole.random_state(), tutorial.random_state())
