@@ -211,3 +211,53 @@ def test_tree_is_plain_and_broadcasts_constants():
     assert value == 6.0 and (grad == np.arange(3.0)).all()
     _, grad32 = expr.numpy_value_and_grad(tree, np.ones((2, 2), np.float32), np.zeros((2, 2), np.float32))
     assert grad32.dtype == np.float32
+
+
+# --- the loop's checks of targets and of models with branches (core code, run through NumPy) ---------
+
+
+def _loop(loss, model=None):
+    from unitrain.backends.numpy import NumpyLoop
+
+    return NumpyLoop(model or Sequential(Linear(4, 3)), loss=loss)
+
+
+def test_targets_are_checked_against_the_loss_and_the_output_shape():
+    from unitrain.loop import InputError
+
+    x = np.ones((2, 4), np.float32)
+    cases = [
+        (unitrain.CrossEntropyLoss(), np.ones((2, 4), np.float32), r"probabilities of shape \(2, 4\) .*\(2, 3\)"),
+        (unitrain.CrossEntropyLoss(), np.zeros(2, np.float32), r"class indices must be an integer array"),
+        (unitrain.NLLLoss(), np.zeros((2, 3), np.float32), "NLLLoss needs integer class indices"),
+        (unitrain.L1Loss(), np.zeros((2, 4), np.float32), r"targets of shape \(2, 4\) do not match"),
+        (unitrain.BCEWithLogitsLoss(), np.full((2, 3), np.nan, np.float32), "NaN"),
+        (unitrain.CustomLoss(lambda p, t: (p * t).sum()), np.zeros((2, 2)), r"mul of shapes \(2, 3\) and \(2, 2\)"),
+        (unitrain.CustomLoss(lambda p, t: p.sum(2).sum()), np.zeros((2, 3)), r"sum over axis 2 of .* \(2, 3\)"),
+        (unitrain.CrossEntropyLoss(), np.array(["a", "b"]), "targets must be numeric"),
+    ]  # fmt: skip
+    for loss, y, message in cases:
+        with pytest.raises(InputError, match=message):
+            _loop(loss).step((x, y))
+    image = Sequential(Conv2d(1, 2, 3), LogSoftmax(dim=1))
+    with pytest.raises(InputError, match=r"class indices needs model outputs of shape \(N, classes\)"):
+        _loop(unitrain.NLLLoss(), image).step((np.ones((2, 1, 5, 5), np.float32), np.zeros(2, np.int64)))
+
+
+def test_accepted_targets_reach_the_backend_in_the_right_dtype():
+    x = np.ones((2, 4), np.float32)
+    soft = _loop(unitrain.CrossEntropyLoss(label_smoothing=0.1))
+    assert soft._check_y(np.full((2, 3), 1 / 3), 2, (4,)).dtype == np.float32
+    assert soft._check_y(np.array([0, 2], np.int32), 2, (4,)).dtype == np.int64
+    custom = _loop(unitrain.CustomLoss(lambda p, t: (p - t).sum()))
+    assert custom._check_y(np.array([[1], [2]], np.int64), 2, (4,)).dtype == np.float32  # broadcasts over (2, 3)
+    assert np.isfinite(custom.to_float(custom.step((x, np.zeros((2, 3))))))
+
+
+def test_evaluate_of_a_custom_loss_is_the_mean_of_each_samples_loss():
+    loop = _loop(unitrain.CustomLoss(lambda p, t: ((p - t) ** 2).sum()))
+    x, y = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32), np.ones((5, 3), np.float32)
+    pred = loop.predict(x).astype(np.float64)
+    expected = ((pred - 1) ** 2).sum() / 5
+    metrics = loop.evaluate((x, y), batch_size=2)
+    assert metrics["loss"] == pytest.approx(expected, rel=1e-6) and np.isnan(metrics["accuracy"])
