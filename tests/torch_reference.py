@@ -204,3 +204,62 @@ class GarmentClassifier(nn.Module):
         x = self.pool(F.relu(self.conv2(x)))
         x = x.view(-1, 16 * 4 * 4)
         return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
+def leaf_cases():
+    """Every leaf of issue 8, each in a small trainable network, with its hand-written ``torch.nn`` twin:
+    ``{name: (spec, torch module, per-sample input shape)}``. A convolution (images) or a linear layer
+    (vectors) in front gives the leaf trainable inputs; a linear head maps to 3 classes."""
+    image, vector = (2, 7, 7), (6,)
+    image_leaves = {
+        "conv2d_tuple_args": (ut.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2)),
+                              nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2))),
+        "conv2d_depthwise": (ut.Conv2d(4, 4, 3, groups=4, bias=False), nn.Conv2d(4, 4, 3, groups=4, bias=False)),
+        "conv2d_groups_dilation": (ut.Conv2d(4, 6, 3, padding=2, dilation=2, groups=2),
+                                   nn.Conv2d(4, 6, 3, padding=2, dilation=2, groups=2)),
+        "maxpool2d_padding": (ut.MaxPool2d(3, stride=2, padding=1), nn.MaxPool2d(3, stride=2, padding=1)),
+        "avgpool2d_padding": (ut.AvgPool2d(3, stride=2, padding=1), nn.AvgPool2d(3, stride=2, padding=1)),
+        "avgpool2d_exclude_pad": (ut.AvgPool2d(3, stride=2, padding=1, count_include_pad=False),
+                                  nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False)),
+        "avgpool2d_default_stride": (ut.AvgPool2d(2), nn.AvgPool2d(2)),
+        "adaptiveavgpool2d_1": (ut.AdaptiveAvgPool2d(1), nn.AdaptiveAvgPool2d(1)),
+        "adaptiveavgpool2d_3x2": (ut.AdaptiveAvgPool2d((3, 2)), nn.AdaptiveAvgPool2d((3, 2))),
+        "layernorm_chw": (ut.LayerNorm((4, 7, 7)), nn.LayerNorm((4, 7, 7))),
+        "softmax_channels": (ut.Softmax(dim=1), nn.Softmax(dim=1)),
+        "logsoftmax_last": (ut.LogSoftmax(dim=-1), nn.LogSoftmax(dim=-1)),
+    }  # fmt: skip
+    vector_leaves = {
+        "identity": (ut.Identity(), nn.Identity()),
+        "tanh": (ut.Tanh(), nn.Tanh()),
+        "sigmoid": (ut.Sigmoid(), nn.Sigmoid()),
+        "gelu": (ut.GELU(), nn.GELU()),
+        "gelu_tanh": (ut.GELU(approximate="tanh"), nn.GELU(approximate="tanh")),
+        "leakyrelu": (ut.LeakyReLU(0.2), nn.LeakyReLU(0.2)),
+        "silu": (ut.SiLU(), nn.SiLU()),
+        "elu": (ut.ELU(alpha=0.5), nn.ELU(alpha=0.5)),
+        "softmax": (ut.Softmax(dim=1), nn.Softmax(dim=1)),
+        "logsoftmax": (ut.LogSoftmax(dim=-1), nn.LogSoftmax(dim=-1)),
+        "layernorm": (ut.LayerNorm(5), nn.LayerNorm(5)),
+        "layernorm_no_affine": (ut.LayerNorm(5, eps=1e-3, elementwise_affine=False),
+                                nn.LayerNorm(5, eps=1e-3, elementwise_affine=False)),
+    }  # fmt: skip
+    cases = {}
+    for leaves, shape, spec_front, torch_front in [
+        (image_leaves, image, ut.Conv2d(2, 4, 3, padding=1), lambda: nn.Conv2d(2, 4, 3, padding=1)),
+        (vector_leaves, vector, ut.Linear(6, 5), lambda: nn.Linear(6, 5)),
+    ]:
+        for name, (spec_leaf, torch_leaf) in leaves.items():
+            features = int(np.prod(ut.Sequential(spec_front, spec_leaf).output_shape(shape)))
+            spec = ut.Sequential(spec_front, spec_leaf, ut.Flatten(), ut.Linear(features, 3))
+            twin = nn.Sequential(torch_front(), torch_leaf, nn.Flatten(), nn.Linear(features, 3))
+            cases[name] = (spec, twin, shape)
+    return cases
+
+
+def random_batches(shape, classes, count, batch_size=4, seed=SEED):
+    """``count`` batches of standard-normal float32 inputs (per-sample ``shape``), int64 labels below ``classes``."""
+    rng = np.random.default_rng(seed)
+    return [
+        (rng.standard_normal((batch_size, *shape)).astype(np.float32), rng.integers(0, classes, batch_size))
+        for _ in range(count)
+    ]
