@@ -424,11 +424,12 @@ class ChainerLoop(TrainingLoop):
             chain.append(*self._child(chain, child_name, spec, name, path, paths))
 
     def _leaf(self, spec):
-        zero = chainer.initializers.Zero(self.dtype)  # init_weights is loaded right after
-        init = {"nobias": not getattr(spec, "bias", True), "initialW": zero, "initial_bias": zero}
-        if isinstance(spec, layers.Linear):
-            return L.Linear(spec.in_features, spec.out_features, **init)
-        if isinstance(spec, layers.Conv2d):
+        """The native link or function of a leaf spec."""
+        if isinstance(spec, (layers.Linear, layers.Conv2d)):
+            zero = chainer.initializers.Zero(self.dtype)  # init_weights is loaded right after
+            init = {"nobias": not spec.bias, "initialW": zero, "initial_bias": zero}
+            if isinstance(spec, layers.Linear):
+                return L.Linear(spec.in_features, spec.out_features, **init)
             size = spec.in_channels, spec.out_channels, spec.kernel_size, spec.stride, spec.padding
             return L.Convolution2D(*size, dilate=spec.dilation, groups=spec.groups, **init)
         if isinstance(spec, layers._BatchNorm):
