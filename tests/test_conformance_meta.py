@@ -318,8 +318,9 @@ CAUGHT_ISSUE8 = {
         "dense residual model: predict(): expected -0.678236, got -0.0745026 at index (3, 3); "
         "max error 0.604 > tolerance 3.05e-05",
     (AvgPoolDividesByUnpaddedCount, "check_pooling"):
-        "AvgPool2d(kernel_size=(3, 3), stride=(2, 2), padding=(1, 1), count_include_pad=True): predict(): "
-        "expected 0.243966, got 0.360086 at index (5, 0); max error 0.116 > tolerance 0.000114",
+        "MaxPool2d(kernel_size=(3, 3), stride=(2, 2), padding=(1, 1)) then AvgPool2d(kernel_size=(3, 3), "
+        "stride=(2, 2), padding=(1, 1), count_include_pad=True): predict(): expected 0.599038, got 1.49855 at "
+        "index (6, 0); max error 0.9 > tolerance 0.000114",
     # the tanh form is at most ~5e-4 off the erf form: still 25 times the tolerance
     (GeluTanhForExact, "check_activations"):
         "GELU(approximate='none'): predict(): expected 0.510459, got 0.510251 at index (3, 1); "
