@@ -38,7 +38,7 @@ from unitrain.conformance.tolerances import MULTIPLE, eps
 import unitrain
 from unitrain import SGD, CustomLoss
 from unitrain.registry import backend_specs
-from unitrain.weights import WeightsError, load_safetensors
+from unitrain.weights import WeightsError, check_state, load_safetensors
 
 #: How far two backends' updated weights may differ, as a fraction of the update (the loaded weights are
 #: exact; only ``lr * gradient`` is computed). The conformance suite's bound for a float32 result of
@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.weights:
         try:
             weights, _ = load_safetensors(args.weights)
+            check_state(unitrain.resnet18().state_shapes(), weights, args.weights)
         except WeightsError as error:
             parser.error(str(error))
     else:

@@ -98,6 +98,27 @@ def test_single_training_step_on_one_backend(name, torch_single_thread, capsys):
     assert after < before and change > 0
 
 
+def test_single_training_step_loads_torchvision_weights(torch_single_thread, tmp_path, capsys):
+    """The tutorial's pretrained weights come as a torchvision state_dict saved with safetensors."""
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+    from torch_reference import ResNet18
+
+    torch.manual_seed(1)
+    path = tmp_path / "resnet18.safetensors"
+    save_file(ResNet18().state_dict(), path)
+    example("single_training_step").main(["--backend", "torch", "--weights", str(path)])
+    example("single_training_step").main(["--backend", "torch"])
+    loaded, default = capsys.readouterr().out.splitlines()
+    assert loaded.startswith("     torch: loss before") and loaded != default
+    (tmp_path / "broken.safetensors").write_bytes(b"not safetensors")
+    save_file({"fc.weight": torch.zeros(10, 512)}, tmp_path / "other.safetensors")
+    for name, message in [("broken", "broken.safetensors"), ("other", "missing keys ['conv1.weight'")]:
+        with pytest.raises(SystemExit) as exit_info:
+            example("single_training_step").main(["--weights", str(tmp_path / f"{name}.safetensors")])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_single_training_step_refuses_unknown_backends(capsys):
     with pytest.raises(SystemExit) as exit_info:
         example("single_training_step").main(["--compare", "--backends", "torch,tensorflow"])
