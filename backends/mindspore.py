@@ -9,12 +9,20 @@ The tutorial-shaped ``backward`` re-runs forward + loss on the batch recorded by
 ``loss`` through the same compiled gradient function, so it equals ``step`` bit for bit. The
 re-run would update BatchNorm's running statistics a second time, so ``backward`` restores them.
 Dropout masks are drawn by the loop from its own NumPy stream and passed into the graph (see
-:class:`_Network`), so the re-run reuses ``forward``'s masks and the stream can be checkpointed:
+:class:`_TakesMasks`), so the re-run reuses ``forward``'s masks and the stream can be checkpointed:
 MindSpore's ``nn.Dropout`` keeps its random state inside stateful kernels that expose it to
 nothing, not even ``mindspore.get_rng_state``. A native Cell keeps its own ``nn.Dropout``.
 
+A spec model is built as a tree of Cells mirroring the spec's (:class:`_Builder`): containers
+call their children in order, a residual block adds its body and shortcut where the spec says,
+and every Parameter is kept under its dotted PyTorch name (``layer2.0.downsample.1.weight``).
+A CustomLoss becomes a Cell per expression node (:class:`_ExprNode`), compiled into the step
+like the layers.
+
 MindSpore's BatchNorm feeds the unbiased batch variance to its running estimate, as PyTorch
 does, but its ``momentum`` weights the *old* value; ``num_batches_tracked`` is added here.
+MindSpore's float32 CPU kernels of the exponential family are approximations, so those
+activations run in float64 (:func:`_in_float64`).
 """
 
 from __future__ import annotations
@@ -59,8 +67,6 @@ class _OwnGraphsFilter(logging.Filter):
 
 ms.log._get_logger().addFilter(_OwnGraphsFilter())  # MindSpore has no public handle on its logger
 
-F64 = ms.float64
-
 
 def _in_float64(fn, x, *args):
     """``fn(x, *args)`` computed in float64 and rounded once to ``x``'s dtype. MindSpore's float32
@@ -68,7 +74,7 @@ def _in_float64(fn, x, *args):
     float64: tanh up to 840 ulp, expm1 500, exp 40, sigmoid 20), its float64 kernels round
     correctly; PyTorch's float32 results are within an ulp or two. Used for the activations and
     custom-loss functions built on them; the cost is two casts of the activation."""
-    return fn(x.astype(F64), *args).astype(x.dtype)
+    return fn(x.astype(ms.float64), *args).astype(x.dtype)
 
 
 def _elu(x, alpha):
@@ -99,9 +105,9 @@ class _LayerNorm(nn.Cell):
     def __init__(self, spec: layers.LayerNorm):
         super().__init__()
         self.normalized_rank, self.eps, shape = len(spec.normalized_shape), spec.eps, spec.normalized_shape
-        self.affine = spec.elementwise_affine
-        self.weight = Parameter(ops.ones(shape, ms.float32), name="weight", requires_grad=self.affine)
-        self.bias = Parameter(ops.zeros(shape, ms.float32), name="bias", requires_grad=self.affine)
+        affine = spec.elementwise_affine
+        self.weight = Parameter(ops.ones(shape, ms.float32), name="weight", requires_grad=affine)
+        self.bias = Parameter(ops.zeros(shape, ms.float32), name="bias", requires_grad=affine)
 
     def construct(self, x):
         axis = x.ndim - self.normalized_rank
