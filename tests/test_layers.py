@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from unitrain.conformance.reference import torchvision_resnet18_state_shapes
 
 import unitrain
 from unitrain import expr
@@ -24,28 +25,10 @@ from unitrain.layers import (
 )
 
 
-def _torchvision_resnet18_state_keys() -> list[str]:
-    """``torchvision.models.resnet18().state_dict()`` keys, written from torchvision's
-    resnet.py: ResNet.__init__ registers conv1, bn1, relu, maxpool, layer1..layer4, avgpool,
-    fc; BasicBlock registers conv1, bn1, relu, conv2, bn2, downsample (a Sequential of a 1x1
-    conv and a BatchNorm2d, only in the first block of layers 2-4)."""
-
-    def bn(name):
-        return [f"{name}.{key}" for key in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")]
-
-    keys = ["conv1.weight", *bn("bn1")]
-    for stage in range(1, 5):
-        for block in range(2):
-            prefix = f"layer{stage}.{block}"
-            keys += [f"{prefix}.conv1.weight", *bn(f"{prefix}.bn1"), f"{prefix}.conv2.weight", *bn(f"{prefix}.bn2")]
-            if stage > 1 and block == 0:
-                keys += [f"{prefix}.downsample.0.weight", *bn(f"{prefix}.downsample.1")]
-    return [*keys, "fc.weight", "fc.bias"]
-
-
 def test_resnet18_has_torchvisions_state_dict_keys_and_shapes():
     shapes = unitrain.resnet18().state_shapes()
-    assert list(shapes) == _torchvision_resnet18_state_keys()
+    # torchvision's keys and shapes, written from its resnet.py, in state_dict order
+    assert list(shapes.items()) == list(torchvision_resnet18_state_shapes().items())
     assert shapes["conv1.weight"] == (64, 3, 7, 7)
     assert shapes["layer2.0.conv1.weight"] == (128, 64, 3, 3)
     assert shapes["layer2.0.downsample.0.weight"] == (128, 64, 1, 1)
@@ -151,6 +134,8 @@ def test_pairs_are_normalised_and_groups_shape_the_weight():
         (lambda: unitrain.CustomLoss(lambda p, t: (p**p).sum()), "exponent of \\*\\* must be a Python number"),
         (lambda: unitrain.CustomLoss(lambda p, t: p.sum() if p.sum() else 0), "has no truth value"),
         (lambda: unitrain.CustomLoss(lambda p, t: 1.0), "must return an expression"),
+        (lambda: unitrain.CustomLoss(lambda p, t: (p > t).sum()), "comparisons are not among"),
+        (lambda: unitrain.CustomLoss(lambda p, t: (np.ones(3) * p).sum()), "cannot enter the loss expression"),
     ],
 )
 def test_specs_reject_nonsense(make, message):
@@ -228,3 +213,70 @@ def test_tree_is_plain_and_broadcasts_constants():
     assert value == 6.0 and (grad == np.arange(3.0)).all()
     _, grad32 = expr.numpy_value_and_grad(tree, np.ones((2, 2), np.float32), np.zeros((2, 2), np.float32))
     assert grad32.dtype == np.float32
+
+
+# --- the loop's checks of targets and of models with branches (core code, run through NumPy) ---------
+
+
+def _loop(loss, model=None):
+    from unitrain.backends.numpy import NumpyLoop
+
+    return NumpyLoop(model or Sequential(Linear(4, 3)), loss=loss)
+
+
+def test_targets_are_checked_against_the_loss_and_the_output_shape():
+    from unitrain.loop import InputError
+
+    x = np.ones((2, 4), np.float32)
+    cases = [
+        (unitrain.CrossEntropyLoss(), np.ones((2, 4), np.float32), r"probabilities of shape \(2, 4\) .*\(2, 3\)"),
+        (unitrain.CrossEntropyLoss(), np.zeros(2, np.float32), r"class indices must be an integer array"),
+        (unitrain.NLLLoss(), np.zeros((2, 3), np.float32), "NLLLoss needs integer class indices"),
+        (unitrain.L1Loss(), np.zeros((2, 4), np.float32), r"targets of shape \(2, 4\) do not match"),
+        (unitrain.BCEWithLogitsLoss(), np.full((2, 3), np.nan, np.float32), "NaN"),
+        (unitrain.CustomLoss(lambda p, t: (p * t).sum()), np.zeros((2, 2)), r"mul of shapes \(2, 3\) and \(2, 2\)"),
+        (unitrain.CustomLoss(lambda p, t: p.sum(2).sum()), np.zeros((2, 3)), r"sum over axis 2 of .* \(2, 3\)"),
+        (unitrain.CrossEntropyLoss(), np.array(["a", "b"]), "targets must be numeric"),
+    ]  # fmt: skip
+    for loss, y, message in cases:
+        with pytest.raises(InputError, match=message):
+            _loop(loss).step((x, y))
+    image = Sequential(Conv2d(1, 2, 3), LogSoftmax(dim=1))
+    with pytest.raises(InputError, match=r"class indices needs model outputs of shape \(N, classes\)"):
+        _loop(unitrain.NLLLoss(), image).step((np.ones((2, 1, 5, 5), np.float32), np.zeros(2, np.int64)))
+
+
+def test_accepted_targets_reach_the_backend_in_the_right_dtype():
+    x = np.ones((2, 4), np.float32)
+    soft = _loop(unitrain.CrossEntropyLoss(label_smoothing=0.1))
+    assert soft._check_y(np.full((2, 3), 1 / 3), 2, (4,)).dtype == np.float32
+    assert soft._check_y(np.array([0, 2], np.int32), 2, (4,)).dtype == np.int64
+    custom = _loop(unitrain.CustomLoss(lambda p, t: (p - t).sum()))
+    assert custom._check_y(np.array([[1], [2]], np.int64), 2, (4,)).dtype == np.float32  # broadcasts over (2, 3)
+    assert np.isfinite(custom.to_float(custom.step((x, np.zeros((2, 3))))))
+
+
+def test_evaluate_of_a_custom_loss_is_the_mean_of_each_samples_loss():
+    loop = _loop(unitrain.CustomLoss(lambda p, t: ((p - t) ** 2).sum()))
+    x, y = np.random.default_rng(0).normal(size=(5, 4)).astype(np.float32), np.ones((5, 3), np.float32)
+    pred = loop.predict(x).astype(np.float64)
+    expected = ((pred - 1) ** 2).sum() / 5
+    metrics = loop.evaluate((x, y), batch_size=2)
+    assert metrics["loss"] == pytest.approx(expected, rel=1e-6) and np.isnan(metrics["accuracy"])
+
+
+def test_batchnorm_training_needs_two_values_per_channel():
+    from unitrain.loop import InputError
+
+    model = Sequential({"conv": Conv2d(1, 2, 3), "norms": Sequential(unitrain.BatchNorm2d(2)), "flat": Flatten()})
+    loop = _loop(unitrain.MSELoss(), model)
+    one, target = np.ones((1, 1, 3, 3), np.float32), np.zeros((1, 2), np.float32)
+    message = r"^norms\.0: BatchNorm in training needs more than one value per channel, but a batch of 1 gives 1"
+    with pytest.raises(InputError, match=message):
+        loop.step((one, target))
+    with pytest.raises(InputError, match=message):
+        loop.forward(one)
+    loop.step((np.ones((2, 1, 3, 3), np.float32), np.zeros((2, 2), np.float32)))
+    loop.eval()
+    assert loop.predict(one).shape == (1, 2)
+    assert unitrain.resnet18().leaf_input_shapes((3, 64, 64))["layer4.1.bn2"] == (512, 2, 2)

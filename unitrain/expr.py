@@ -69,8 +69,17 @@ class Expr:
     def __repr__(self):
         return f"Expr({self.node!r})"
 
+    #: NumPy defers to the methods below, which refuse arrays with a message, instead of building object arrays
+    __array_ufunc__ = None
+
     def __bool__(self):
         raise TypeError("a CustomLoss expression has no truth value; use expr.maximum/minimum, not if or comparisons")
+
+    def _compare(self, other):
+        raise TypeError("comparisons are not among CustomLoss's operations; use expr.maximum/minimum")
+
+    __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = _compare
+    __hash__ = None
 
     def __add__(self, other):
         return _apply("add", self, other)
