@@ -375,7 +375,10 @@ class MindSporeLoop(TrainingLoop):
     name = "mindspore"
     framework = "mindspore"
     # No float64: MindSpore's CPU Conv2D, BatchNorm and cross entropy take float16/32 only.
-    capabilities = frozenset({"dropout", "batchnorm", "conv", "native-model", "random-state"})
+    capabilities = frozenset({
+        "dropout", "batchnorm", "conv", "native-model", "random-state",
+        "residual", "activations", "layernorm", "pooling", "losses", "custom-loss",
+    })  # fmt: skip
 
     #: ``False`` runs every step eagerly (PyNative), to debug or to compare speed
     compiled = True
