@@ -25,6 +25,7 @@ from torch_reference import (
     random_batches,
     torch_layers,
     torch_runs,
+    train_torch,
 )
 from unitrain.backends.numpy import NumpyLoop, _erfc
 from unitrain.conformance.tolerances import eps, tolerance
