@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
             difference = relative_difference(updated, reference, weights)
             line += f"  weights differ from {backends[0]} by {difference:.1e} of its update"
         print(line)
-    if len(backends) > 1:
+    if args.compare:
         print(f"float32 rounding allows {ROUNDING_ALLOWS:.1e} of the update")
 
 

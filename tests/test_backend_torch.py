@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch_reference import (
     SEED,
+    GarmentClassifier,
     ResNet18,
     assert_states_equal,
     bn_spec,
@@ -344,6 +345,16 @@ def test_resnet18_matches_plain_pytorch(num_classes, shape, torch_single_thread)
     assert losses == train_torch(model, momentum_sgd(model), batches)
     assert_states_equal(loop.state_dict(), numpy_state(model))
     assert_states_equal(loop.gradients(), {k: p.grad.numpy() for k, p in model.named_parameters()})
+
+
+def test_lenet_is_the_garment_classifier(mnist_batches, torch_single_thread):
+    batches = mnist_batches[:2]
+    loop = TorchLoop(ut.lenet(), optimizer=MOMENTUM_SGD, seed=SEED)
+    model = load_state(GarmentClassifier(), ut.init_weights(ut.lenet(), SEED))
+    assert list(loop.state_dict()) == list(model.state_dict())
+    losses = [float(loop.step(batch)) for batch in batches]
+    assert losses == train_torch(model, momentum_sgd(model), batches)
+    assert_states_equal(loop.state_dict(), numpy_state(model))
 
 
 def test_resnet18_step_equals_tutorial_sequence(torch_single_thread):
