@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -87,9 +88,10 @@ def _native_paths(container: Container, links_only: bool, prefix=((), ())) -> It
 
 def _file_limit(model: Container) -> int:
     """The largest file a model's weights fill: every tensor float64, plus room for names and
-    headers (1 KiB a tensor, 1 MiB in all; a torch.save archive's records take under 200 bytes)."""
+    headers (1 KiB a tensor; a torch.save archive's records take under 200 bytes) and 16 MiB, so
+    that a file for another small model gets to the message naming its keys."""
     shapes = model.state_shapes()
-    return 8 * sum(math.prod(shape) for shape in shapes.values()) + 1024 * len(shapes) + (1 << 20)
+    return 8 * sum(math.prod(shape) for shape in shapes.values()) + 1024 * len(shapes) + (16 << 20)
 
 
 def _refuse_large(path: Path, name: str, model: Container) -> None:
@@ -98,9 +100,14 @@ def _refuse_large(path: Path, name: str, model: Container) -> None:
         raise WeightsError(f"{name} has {size} bytes, more than this model's weights fill even in float64 ({limit})")
 
 
-def _first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return short(lines[0], 300) if lines else type(error).__name__
+def _reason(error: BaseException) -> str:
+    """A library's error in one line of at most 200 characters: torch.load's weights-only refusal
+    wraps the reason ("Unsupported global: GLOBAL posix.system ...") in paragraphs of advice."""
+    advice = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    paragraphs = [p.replace("WeightsUnpickler error:", "").strip() for p in str(error).split("\n\n")]
+    reasons = [p for p in paragraphs if p and not p.startswith(advice)]
+    line = " ".join(reasons[0].split()) if reasons else type(error).__name__
+    return line if len(line) <= 200 else line[:197] + "..."
 
 
 def _import(module: str, extra: str):
@@ -181,11 +188,11 @@ class TorchStateDict(Format):
         with open(path, "rb") as file:
             archive = file.read(4) == b"PK\x03\x04"  # torch.save's zip format maps; the legacy one cannot
         try:
-            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=archive)
+            with warnings.catch_warnings():  # its advice on pickle protocols is not the user's to act on
+                warnings.simplefilter("ignore")
+                loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=archive)
         except Exception as error:  # a hostile file raises whatever the unpickler meets; all say "not readable"
-            raise WeightsError(
-                f"{name} is not a file torch.load(weights_only=True) reads: {_first_line(error)}"
-            ) from None
+            raise WeightsError(f"{name} is not a file torch.load(weights_only=True) reads: {_reason(error)}") from None
         if not isinstance(loaded, Mapping) or not all(isinstance(key, str) for key in loaded):
             raise WeightsError(f"{name} holds a {type(loaded).__name__}, expected a state_dict (names -> tensors)")
         nested = [key for key, value in loaded.items() if isinstance(value, Mapping)]
@@ -210,7 +217,7 @@ class TorchStateDict(Format):
 
     def write(self, path, model, state):
         torch = _import("torch", "torch")
-        torch.save({key: torch.from_numpy(np.ascontiguousarray(value)) for key, value in state.items()}, path)
+        torch.save({key: torch.from_numpy(np.array(value, order="C")) for key, value in state.items()}, path)
 
 
 class MindSporeCheckpoint(Format):
@@ -223,14 +230,14 @@ class MindSporeCheckpoint(Format):
             params = ms.load_checkpoint(str(path))
             arrays = {key: param.asnumpy() for key, param in params.items()}
         except Exception as error:  # MindSpore's parser raises ValueError, RuntimeError or TypeError
-            raise WeightsError(f"{name} is not a MindSpore checkpoint: {_first_line(error)}") from None
+            raise WeightsError(f"{name} is not a MindSpore checkpoint: {_reason(error)}") from None
         wanted = self._checked(model, {key: describe(value) for key, value in arrays.items()}, name)
         return self._state(model, {key: arrays[native] for native, key in wanted.items()}, name)
 
     def write(self, path, model, state):
         ms = self._mindspore()
         names = native_names(model, self.naming)
-        entries = [{"name": names[key], "data": ms.Tensor(np.ascontiguousarray(value))} for key, value in state.items()]
+        entries = [{"name": names[key], "data": ms.Tensor(np.array(value, order="C"))} for key, value in state.items()]
         # save_checkpoint appends ".ckpt" to any other name, so it writes beside ``path`` first.
         named = path.with_name(path.name + ".ckpt")
         try:
@@ -263,7 +270,7 @@ class ChainerNpz(Format):
         except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
             if isinstance(error, WeightsError):
                 raise
-            raise WeightsError(f"{name} is not an npz archive NumPy reads: {_first_line(error)}") from None
+            raise WeightsError(f"{name} is not an npz archive NumPy reads: {_reason(error)}") from None
         return self._state(model, tensors, name)
 
     def _members(self, archive, name: str) -> list[str]:
