@@ -173,7 +173,8 @@ class Safetensors(Format):
 
     def read(self, path, model, name):
         shapes = model.state_shapes()
-        return load_safetensors(path, lambda declared: check_state(shapes, declared, name), name=name)[0]
+        tensors = load_safetensors(path, lambda declared: check_state(shapes, declared, name), name=name)[0]
+        return self._state(model, tensors, name)
 
     def write(self, path, model, state):
         save_safetensors(path, state, {"format": "pt", "producer": "unitrain/convert"})
