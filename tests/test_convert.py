@@ -158,6 +158,7 @@ def native_mindspore():
     import mindspore as ms
     from mindspore import nn
 
+    get_backend("mindspore")  # the adapter sets MindSpore's device, which must come before any tensor
     ms.set_seed(0)
     net = nn.SequentialCell([nn.Conv2d(1, 3, 3, pad_mode="valid", has_bias=True), nn.BatchNorm2d(3), nn.ReLU(),
                              nn.MaxPool2d(2, 2), nn.Flatten(), nn.Dense(507, 10)])  # fmt: skip
@@ -189,8 +190,15 @@ def native_chainer():
 
     chainer, F, L = adapter.chainer, adapter.F, adapter.L
 
-    net = chainer.Sequential(L.Convolution2D(1, 3, 3), L.BatchNormalization(3), F.relu,
-                             lambda x: F.max_pooling_2d(x, 2), L.Linear(507, 10))  # fmt: skip
+    class Net(chainer.ChainList):  # chainer.Sequential would misnumber its third link (see unitrain.convert)
+        def __init__(self):
+            super().__init__(L.Convolution2D(1, 3, 3), L.BatchNormalization(3), L.Linear(507, 10))
+
+        def forward(self, x):
+            conv, bn, fc = self
+            return fc(F.max_pooling_2d(F.relu(bn(conv(x))), 2))
+
+    net = Net()
 
     def train(batches):  # Chainer's "write a training loop" tutorial
         optimizer = chainer.optimizers.SGD(lr=0.05)

@@ -15,8 +15,10 @@ them from the model spec as each framework names the equivalent network:
   LayerNorm ``gamma``/``beta``.
 * Chainer: ``/``-separated link paths as ``save_npz`` writes them; ``W``/``b``, BatchNormalization
   ``gamma``/``beta``/``avg_mean``/``avg_var`` plus its fine-tuning counter ``N``. A positional
-  ``Sequential`` is a ``chainer.Sequential``, which numbers only its links (the children with
-  weights): ``mlp``'s ``1.weight`` is Chainer's ``0/W``.
+  ``Sequential`` is a ``chainer.ChainList`` of its links (the children with weights) in order:
+  ``mlp``'s ``1.weight`` is Chainer's ``0/W``. (``chainer.Sequential`` means to number its links
+  so too, but 7.8.1's ``insert`` puts every link after the first one second: with three links
+  or more its names are out of order.)
 
 MindSpore and Chainer have no ``num_batches_tracked``: it is written under that name beside the
 layer's tensors (their loaders ignore keys the network lacks) so round trips are exact, and a file
@@ -250,6 +252,8 @@ class MindSporeCheckpoint(Format):
     @staticmethod
     def _mindspore():
         ms = _import("mindspore", "mindspore")
+        # The adapter chooses MindSpore's device, which can be chosen only before its first tensor.
+        _import("unitrain.backends.mindspore", "mindspore")
         # Its failures are raised as exceptions, which say it once: not also logged to stderr.
         ms.log._get_logger().setLevel("CRITICAL")  # MindSpore has no public handle on its logger
         return ms
