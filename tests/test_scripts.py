@@ -3,7 +3,6 @@ depends on changed: on a set-up machine they start at once. (The slow path, a fr
 installing everything, is what CI's `bash .ci/run` runs.)"""
 
 import hashlib
-import os
 import shutil
 import subprocess
 import sys
