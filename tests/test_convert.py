@@ -336,6 +336,13 @@ def hostile_files(tmp_path):
     with zipfile.ZipFile(tmp_path / "script.npz", "w") as archive:
         archive.writestr("run.py", "print('hi')")
     cases["npz with a non-array member"] = (tmp_path / "script.npz", r"members \['run\.py'\] are not \.npy arrays")
+    with zipfile.ZipFile(tmp_path / "directory.npz", "w") as archive:
+        for index in range(5000):  # bounded memory: refused from the zip's end record
+            archive.writestr(f"{index}.npy", b"")
+    cases["npz listing thousands of members"] = (tmp_path / "directory.npz", r"lists far more members than")
+    np.save(tmp_path / "plain.npz", np.zeros(3))  # np.save writes .npy whatever the name
+    (tmp_path / "plain.npz.npy").rename(tmp_path / "plain.npz")
+    cases["an .npy file named .npz"] = (tmp_path / "plain.npz", r"is not an npz archive \(a zip file\)")
     (tmp_path / "garbage.ckpt").write_bytes(b"\x80\x04garbage" * 10)
     cases["garbage checkpoint"] = (tmp_path / "garbage.ckpt", r"is not a MindSpore checkpoint: Failed to read")
     with open(tmp_path / "huge.npz", "wb") as file:

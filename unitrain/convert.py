@@ -266,11 +266,11 @@ class ChainerNpz(Format):
 
     def read(self, path, model, name):
         _refuse_large(path, name, model)
+        self._refuse_large_directory(path, name, model)
         try:
             with np.load(path, allow_pickle=False) as archive:
                 declared = {key: self._header(archive.zip, key, name) for key in self._members(archive, name)}
                 wanted = self._checked(model, declared, name)
-                # ``N`` is BatchNormalization's fine-tuning counter; unitrain has no use for it.
                 tensors = {key: archive[native] for native, key in wanted.items()}
         except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
             if isinstance(error, WeightsError):
@@ -278,10 +278,33 @@ class ChainerNpz(Format):
             raise WeightsError(f"{name} is not an npz archive NumPy reads: {_reason(error)}") from None
         return self._state(model, tensors, name)
 
+    @staticmethod
+    def _refuse_large_directory(path: Path, name: str, model: Container) -> None:
+        """Python's zipfile holds every member's entry in memory, about ten times its size in the
+        file's central directory: that size, from the end record, must fit the model's tensors
+        (an entry is 46 bytes and the name; 1 KiB each and 64 KiB in all is ample)."""
+        with open(path, "rb") as file:
+            if file.read(4) not in (b"PK\x03\x04", b"PK\x05\x06"):
+                raise WeightsError(f"{name} is not an npz archive (a zip file)")
+            size = file.seek(0, os.SEEK_END)
+            file.seek(max(0, size - (1 << 16) - 22))  # the end record, after a comment of up to 64 KiB
+            tail = file.read()
+        at = tail.rfind(b"PK\x05\x06")
+        directory = int.from_bytes(tail[at + 12 : at + 16], "little") if at >= 0 else 0
+        limit = 1024 * (2 * len(model.state_shapes())) + (1 << 16)  # with Chainer's N: twice the tensors
+        if directory > limit:
+            raise WeightsError(f"{name}: its zip directory of {directory} bytes lists far more members than this "
+                               f"model's tensors (at most {limit} bytes)")  # fmt: skip
+
     def _members(self, archive, name: str) -> list[str]:
-        others = [member for member in archive.zip.namelist() if not member.endswith(".npy")]
+        members = archive.zip.namelist()
+        others = [member for member in members if not member.endswith(".npy")]
         if others:
             raise WeightsError(f"{name}: members {short_list(others)} are not .npy arrays")
+        if len(set(members)) != len(members):
+            twice = sorted({member for member in members if members.count(member) > 1})
+            raise WeightsError(f"{name}: members {short_list(twice)} appear more than once")
+        # ``N`` is BatchNormalization's fine-tuning counter; unitrain has no use for it.
         chainer_counters = {key for key in archive.files if key.endswith("/N") and f"{key[:-2]}/avg_mean" in archive}
         return [key for key in archive.files if key not in chainer_counters]
 
