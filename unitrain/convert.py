@@ -332,9 +332,9 @@ class Onnx(Format):
     suffixes, title, readable = (".onnx",), "ONNX model (export only)", False
 
     def write(self, path, model, state):
+        onnx = _import("onnx", "onnx")  # before onnx_export, which imports it
         from .onnx_export import to_onnx
 
-        onnx = _import("onnx", "onnx")
         graph = to_onnx(model, state, INPUT_SHAPE)
         onnx.checker.check_model(graph, full_check=True)
         onnx.save_model(graph, str(path))
