@@ -397,3 +397,16 @@ def test_core_imports_no_framework():
             "convert.convert(d / 'w.safetensors', d / 'w.npz', m); convert.read(d / 'w.npz', m);"
             "print(sorted({'torch', 'mindspore', 'chainer', 'onnx'} & set(sys.modules)))")  # fmt: skip
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout == "[]\n"
+
+
+@pytest.mark.skipif(not (has("torch") and has("mindspore")), reason="torch and mindspore are needed")
+def test_the_command_says_one_line_and_nothing_else(tmp_path):
+    """In a real process: neither torch's warnings nor MindSpore's own logging reach stderr."""
+    cases, marker = hostile_files(tmp_path)
+    for why in ("pickle that runs a command", "garbage checkpoint"):
+        path = cases[why][0]
+        run = subprocess.run([sys.executable, "-m", "unitrain", "convert", str(path), str(tmp_path / "o.safetensors")],
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert run.returncode == 2 and run.stdout == "", why
+        assert run.stderr.count("\n") == 1 and re.search(cases[why][1], run.stderr), (why, run.stderr)
+    assert not marker.exists()
