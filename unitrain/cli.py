@@ -143,6 +143,19 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--image", type=Path, metavar="FILE.png", help="28x28 grayscale PNG, white digit on black")
     predict.set_defaults(handler=cmd_predict)
 
+    convert = commands.add_parser(
+        "convert",
+        help="a model's weights to or from PyTorch, MindSpore or Chainer files, or to ONNX",
+        description="Convert weights between file formats, chosen by extension: .safetensors (unitrain's), "
+        ".pt/.pth (a PyTorch state_dict), .ckpt (MindSpore), .npz (Chainer's save_npz); .onnx to export the model. "
+        "Tensors are named as each framework names the model's layers (see the README).",
+    )
+    convert.add_argument("input", type=Path, metavar="IN", help="the weights to read")
+    convert.add_argument("output", type=Path, metavar="OUT", help="the file to write")
+    convert.add_argument("--model", choices=sorted(PRESETS), default="mlp", help="the model the weights belong to")
+    convert.add_argument("--overwrite", action="store_true", help="allow OUT to replace a file")
+    convert.set_defaults(handler=cmd_convert)
+
     backends = commands.add_parser("backends", help="list backends and whether their framework is installed")
     backends.set_defaults(handler=cmd_backends)
 
@@ -216,6 +229,18 @@ def _published(flag: str, path: Path, final: Path, what: str, overwrite: bool) -
     found = f"is {files.describe(path)}, never replaced" if overwrite else "appeared during the run"
     print(f"unitrain: {flag} {path} {found}; kept it and wrote the {what} to {final} instead", file=sys.stderr)
     return False
+
+
+# --- unitrain convert --------------------------------------------------------------------
+
+
+def cmd_convert(args) -> int:
+    from .convert import convert, format_of
+
+    final = convert(args.input, args.output, preset(args.model), overwrite=args.overwrite)
+    placed = _published("OUT", args.output, final, "weights", args.overwrite)
+    print(f"unitrain: wrote {final} ({format_of(final, 'OUT').title}, model {args.model})")
+    return 0 if placed else 2
 
 
 # --- unitrain backends -------------------------------------------------------------------
