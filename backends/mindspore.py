@@ -293,6 +293,14 @@ class MindSporeLoop(TrainingLoop):
 
     # --- hooks ----------------------------------------------------------------------------
 
+    @classmethod
+    def set_threads(cls, count: int) -> None:
+        super().set_threads(count)
+        try:  # MindSpore's CPU kernels' pool (25 threads by default)
+            ms.device_context.cpu.op_tuning.threads_num(count)
+        except RuntimeError:  # "can not be set repeatedly": once per process, the first count stays
+            pass
+
     def _set_training(self, mode: bool) -> None:
         self._net.set_train(mode)
         if mode not in self._compiled_by_mode:

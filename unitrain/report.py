@@ -1,0 +1,148 @@
+"""``unitrain compare --report DIR``: the comparison as a web page, ``DIR/index.html`` with PNG
+figures beside it (no script, no external resource: the folder can be copied or mailed whole).
+
+The page holds the run's settings, the table of :func:`unitrain.compare.format_report`, and the
+figures of :mod:`unitrain.plot`: every step's loss on every backend, its difference from the
+reference's on a log scale, test accuracy per epoch, each layer's weight divergence over the
+steps with a sentence saying which layer departs first and when, and samples/s.
+
+Files are published with :func:`unitrain.files.publish`: an existing file of the same name is
+replaced only with ``overwrite``, and one that appears while the run trains is kept (the new file
+goes beside it, and the page links to where it went).
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import files, plot
+from .layers import Sequential
+
+
+def layer_names(model: Sequential) -> dict[str, str]:
+    """``{"1": "1 Linear 784→512", ...}`` for the layers that hold weights or statistics."""
+    names = {}
+    for name, layer in model.named_layers():
+        shape = layer.param_shapes().get("weight")
+        if shape is not None:  # (out, in, *kernel) or, for BatchNorm, (channels,)
+            size = f"{shape[1]}→{shape[0]}" if len(shape) > 1 else str(shape[0])
+            kernel = f" {'×'.join(map(str, shape[2:]))}" if len(shape) > 2 else ""
+            names[name] = f"{name} {type(layer).__name__} {size}{kernel}"
+    return names
+
+
+def first_departure(result: dict[str, Any], names: dict[str, str]) -> str:
+    """In words: which layer's weights first differ from the reference, at which sampled step and
+    by how much, and which differs most at the last sample."""
+    divergence = result.get("divergence")
+    if not divergence or not divergence["steps"]:
+        return f"{result['label']}: no step was sampled."
+    steps, layers = divergence["steps"], divergence["layers"]
+    first = {layer: next((i for i, value in enumerate(values) if value > 0), None) for layer, values in layers.items()}
+    moved = [index for index in first.values() if index is not None]
+    if not moved:
+        return f"{result['label']}: every layer equals the reference to the bit at every sampled step, to {steps[-1]}."
+    earliest = min(moved)
+    leaving = sorted(
+        (layer for layer, index in first.items() if index == earliest), key=lambda name: -layers[name][earliest]
+    )
+    who = f"layer {names.get(leaving[0], leaving[0])} departs" if len(leaving) == 1 else (
+        f"layers {', '.join(names.get(layer, layer) for layer in leaving)} depart")  # fmt: skip
+    last = max(layers, key=lambda name: layers[name][-1])
+    return (
+        f"{result['label']}: {who} first, at step {steps[earliest]} (max |Δw| {layers[leaving[0]][earliest]:.2g}); "
+        f"at step {steps[-1]} layer {names.get(last, last)} differs most ({layers[last][-1]:.2g})."
+    )
+
+
+def write_report(
+    directory: Path,
+    results: Sequence[dict[str, Any]],
+    *,
+    title: str,
+    settings: dict[str, Any],
+    table: str,
+    model: Sequential,
+    overwrite: bool,
+) -> tuple[Path, list[tuple[Path, Path]]]:
+    """Draw the figures and write ``directory/index.html``; returns the page's path and the
+    ``(asked, written)`` paths of files that went beside an existing one of the same name."""
+    results = [{**result, "label": result.get("label", result["backend"])} for result in results]
+    names = layer_names(model)
+    directory.mkdir(exist_ok=True)
+    figures = [
+        ("loss.png", plot.loss_figure(results), "Training loss at every step, all backends overlaid."),
+        ("loss-difference.png", plot.loss_difference_figure(results),
+         f"How far each backend's loss is from {results[0]['label']}'s at the same step; steps where the two are "
+         "equal to the bit have no logarithm and are not drawn."),
+        ("accuracy.png", plot.accuracy_figure(results), "Test accuracy (10,000 images) after each epoch."),
+        ("divergence.png", plot.divergence_figure(results, names),
+         f"The largest weight difference in each layer from {results[0]['label']}'s weights at the same step, "
+         f"sampled every {_sample_every(results)} steps."),
+        ("speed.png", plot.speed_figure(_speeds(results)), "Training throughput (mean over the epochs)."),
+    ]  # fmt: skip
+    sidestepped: list[tuple[Path, Path]] = []
+    written = {}
+    for name, figure, _ in figures:
+        written[name] = _publish(directory / name, lambda staged, f=figure: plot.save_png(f, staged), overwrite,
+                                 sidestepped)  # fmt: skip
+    departures = [first_departure(result, names) for result in results[1:]]
+    page = _page(title, settings, table, [(written[name], caption) for name, _, caption in figures], departures)
+    index = _publish(directory / "index.html", lambda staged: staged.write_text(page, encoding="utf-8"), overwrite,
+                     sidestepped)  # fmt: skip
+    return index, sidestepped
+
+
+def _sample_every(results: Sequence[dict[str, Any]]) -> int | None:
+    return next((result["divergence"]["every"] for result in results if result.get("divergence")), None)
+
+
+def _speeds(results: Sequence[dict[str, Any]]) -> list[tuple[str, float]]:
+    return [(result["label"], result["samples_per_sec"]) for result in results if result["samples_per_sec"]]
+
+
+def _publish(path: Path, write, overwrite: bool, sidestepped: list) -> Path:
+    final = files.publish(path, write, overwrite=overwrite)
+    if final != path:
+        sidestepped.append((path, final))
+    return final
+
+
+def _page(title, settings, table, figures, departures) -> str:
+    escape = html.escape
+    rows = "".join(
+        f"<tr><th>{escape(str(key))}</th><td>{escape(str(value))}</td></tr>" for key, value in settings.items()
+    )
+    figure_html = "".join(
+        f'<figure><img src="{escape(path.name)}" alt="{escape(caption)}"><figcaption>{escape(caption)}</figcaption>'
+        "</figure>"
+        for path, caption in figures
+    )
+    departure_items = "".join(f"<li>{escape(line)}</li>" for line in departures)
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>{escape(title)}</title>
+<style>
+body {{ font-family: sans-serif; max-width: 70em; margin: 2em auto; padding: 0 1em; color: #222; }}
+table {{ border-collapse: collapse; }} th, td {{ text-align: left; padding: 0.15em 0.8em 0.15em 0; }}
+pre {{ background: #f4f4f4; padding: 0.8em; overflow-x: auto; }}
+figure {{ margin: 1.5em 0; }} img {{ max-width: 100%; }} figcaption {{ color: #555; }}
+</style>
+</head>
+<body>
+<h1>{escape(title)}</h1>
+<table>{rows}</table>
+<h2>Results</h2>
+<pre>{escape(table)}</pre>
+<h2>Which layer departs first</h2>
+<ul>{departure_items}</ul>
+<h2>Figures</h2>
+{figure_html}
+</body>
+</html>
+"""
