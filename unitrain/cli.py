@@ -137,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--report", type=Path, metavar="DIR", help="also write a web page with figures: DIR/index.html (matplotlib)"
     )
     compare.add_argument(
+        "--native",
+        action="store_true",
+        help="also train each framework's hand-written tutorial loop (torch, mindspore, chainer; SGD), for speed "
+        "and weights",
+    )
+    compare.add_argument(
         "--sample-every", type=_int_at_least(1), metavar="K",
         help="compare each layer's weights with the reference every K steps (default: 50 samples per run)",
     )  # fmt: skip
@@ -321,6 +327,13 @@ def cmd_compare(args) -> int:
     if args.report is not None:
         plot.require_matplotlib("--report")
     optimizer = _optimizer(args)
+    if args.native:
+        from .native import check_run
+
+        try:
+            check_run(preset(args.model), optimizer)
+        except ValueError as error:
+            raise UsageError(f"--native: {error}") from None
     train_data, test_data = load_mnist("train", args.data_dir), load_mnist("test", args.data_dir)
     print(
         f"unitrain compare: {', '.join(backends)}; model {args.model}, {optimizer}, batch {args.batch_size}, "
@@ -335,7 +348,7 @@ def cmd_compare(args) -> int:
     results = compare_backends(
         backends, preset(args.model), optimizer, train_data, test_data,
         seed=args.seed, initial_weights=initial, extensions=extensions, threads=args.threads,
-        sample_every=args.sample_every,
+        sample_every=args.sample_every, native=args.native,
         epochs=args.epochs, batch_size=args.batch_size, shuffle=not args.no_shuffle, max_steps=args.max_steps,
     )  # fmt: skip
     table = format_report(results, len(test_data))

@@ -13,15 +13,18 @@ which layer departs first, and when. :mod:`unitrain.report` draws them.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
 
+from . import native as native_models
 from . import registry
 from .data import ArrayDataset
 from .layers import Sequential
 from .optim import Optimizer
+from .weights import init_weights
 
 #: weight snapshots the reference keeps for the divergence curves, at most (MLP: 2.7 MB each)
 DIVERGENCE_SAMPLES = 50
@@ -94,6 +97,7 @@ def compare_backends(
     extensions: Callable[[str], Iterable[Any]] = lambda backend: (),
     sample_every: int | None = None,
     threads: int | None = None,
+    native: bool = False,
     **fit_options: Any,
 ) -> list[dict[str, Any]]:
     """Train ``model`` on each backend in turn, every one from ``initial_weights`` (default: the
@@ -108,8 +112,15 @@ def compare_backends(
     any weight), ``same_predictions`` (test samples given the same label) and ``divergence``:
     ``{"every": k, "steps": [...], "layers": {layer: [largest difference at each step]}}``,
     sampled every ``sample_every`` steps (default: :func:`sample_interval` of the run's steps).
-    ``threads``: each backend's :meth:`~unitrain.TrainingLoop.set_threads` before it trains."""
+    ``threads``: each backend's :meth:`~unitrain.TrainingLoop.set_threads` before it trains.
+
+    ``native``: after each backend whose framework has one, its hand-written tutorial loop
+    (:mod:`unitrain.native`; preset models and plain SGD only) trains too, from the same weights
+    over the same batches, in a result of its own with ``native`` True and ``label``
+    ``"<backend> (native loop)"``; its test metrics are those of its weights loaded into the
+    backend's unitrain loop."""
     adapters = {name: registry.get_backend(name) for name in backends}  # all resolved before any training
+    model_name = native_models.check_run(model, optimizer) if native else None
     if sample_every is None:
         sample_every = sample_interval(planned_steps(train_data, **fit_options))
     results: list[dict[str, Any]] = []
@@ -124,7 +135,6 @@ def compare_backends(
         recorder = StepRecorder(sample_every, snapshots)
         history = loop.fit(train_data, eval_data=test_data, extensions=[*extensions(name), recorder], **fit_options)
         metrics = loop.evaluate(test_data)
-        speeds = [record["samples_per_sec"] for record in history if np.isfinite(record["samples_per_sec"])]
         weights, labels = loop.state_dict(), loop.predict(test_data.x).argmax(1)
         if reference is None:
             reference, snapshots = (weights, labels), recorder.snapshots
@@ -138,12 +148,71 @@ def compare_backends(
             "test_accuracy": metrics["accuracy"],
             "test_loss": metrics["loss"],
             "num_correct": metrics["num_correct"],
-            "samples_per_sec": float(np.mean(speeds)) if speeds else None,
+            "samples_per_sec": _mean_speed(history),
             "max_weight_difference": max(differences.values(), default=0.0) if results else None,
             "same_predictions": int((labels == reference[1]).sum()) if results else None,
             "divergence": recorder.divergence if results else None,
         })  # fmt: skip
+        if model_name is not None and name in native_models.FRAMEWORKS:
+            start = initial_weights if initial_weights is not None else init_weights(model, seed)
+            recorder = StepRecorder(sample_every, snapshots)
+            native_loop = native_models.native_loop(name, model_name, start, optimizer.lr)
+            history = _train_native(native_loop, loop, recorder, train_data, test_data, seed=seed, **fit_options)
+            loop.load_state_dict(native_loop.state_dict())
+            metrics, labels = loop.evaluate(test_data), loop.predict(test_data.x).argmax(1)
+            differences = layer_differences(native_loop.state_dict(), reference[0])
+            results.append({
+                **results[-1],
+                "label": f"{name} (native loop)",
+                "native": True,
+                "history": history,
+                "steps": native_loop.step_count,
+                "step_losses": recorder.losses,
+                "test_accuracy": metrics["accuracy"],
+                "test_loss": metrics["loss"],
+                "num_correct": metrics["num_correct"],
+                "samples_per_sec": _mean_speed(history),
+                "max_weight_difference": max(differences.values(), default=0.0),
+                "same_predictions": int((labels == reference[1]).sum()),
+                "divergence": recorder.divergence,
+            })  # fmt: skip
     return results
+
+
+def _mean_speed(history: list[dict[str, float]]) -> float | None:
+    speeds = [record["samples_per_sec"] for record in history if np.isfinite(record["samples_per_sec"])]
+    return float(np.mean(speeds)) if speeds else None
+
+
+def _train_native(native_loop, evaluator, recorder, train_data, test_data, *, seed, epochs=1, batch_size=64,
+                  shuffle=True, max_steps=None) -> list[dict[str, float]]:  # fmt: skip
+    """:meth:`~unitrain.TrainingLoop.fit`'s epochs, batches and records for a native loop; the test
+    metrics are its weights' in ``evaluator`` (a unitrain loop of the same framework)."""
+    history = []
+    for epoch in range(epochs):
+        if max_steps is not None and native_loop.step_count >= max_steps:
+            break
+        losses, seen, started = [], 0, time.perf_counter()
+        for index, (x, y) in enumerate(train_data.batches(batch_size, shuffle=shuffle, seed=seed, epoch=epoch)):
+            if max_steps is not None and native_loop.step_count >= max_steps:
+                break
+            losses.append(native_loop.step(x, y))
+            seen += len(x)
+            recorder.on_step_end(native_loop, index, losses[-1])
+        elapsed = time.perf_counter() - started
+        evaluator.load_state_dict(native_loop.state_dict())
+        metrics = evaluator.evaluate(test_data)
+        record = {
+            "epoch": epoch + 1,
+            "steps": native_loop.step_count,
+            "train_loss": float(np.mean([native_loop.to_float(loss) for loss in losses])) if losses else float("nan"),
+            "samples_per_sec": seen / elapsed if elapsed > 0 else float("nan"),
+            "test_loss": metrics["loss"],
+            "test_accuracy": metrics["accuracy"],
+        }
+        recorder.on_epoch_end(native_loop, record)
+        history.append(record)
+    return history
 
 
 def planned_steps(data: ArrayDataset, *, epochs: int = 1, batch_size: int = 64, max_steps: int | None = None,
@@ -162,7 +231,7 @@ def format_report(results: Sequence[dict[str, Any]], num_test: int) -> str:
     for result in results:
         accuracies = " ".join(f"{100 * record['test_accuracy']:.2f}%" for record in result["history"])
         rows.append((
-            result["backend"],
+            result.get("label", result["backend"]),
             result["version"] or "-",
             accuracies or f"{100 * result['test_accuracy']:.2f}% (untrained)",
             f"{result['test_loss']:.4f}",

@@ -11,6 +11,7 @@ one or several runs; the others draw what :func:`unitrain.compare.compare_backen
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -159,15 +160,17 @@ def loss_difference_figure(results: Sequence[dict[str, Any]]):
         difference = np.abs(losses[:steps] - reference[:steps])
         equal = int((difference == 0).sum())
         difference[difference == 0] = np.nan
-        # points, not lines: the steps equal to the bit leave gaps that a line would hide
-        ax.plot(np.arange(1, steps + 1), difference, marker=".", linestyle="none", color=f"C{index}",
+        # points, not lines: the steps equal to the bit leave gaps that a line would hide; a native
+        # loop's hollow and larger, so that it stays visible where it equals its backend's
+        hollow = {"markerfacecolor": "none", "markersize": 8} if result.get("native") else {"markersize": 4}
+        ax.plot(np.arange(1, steps + 1), difference, marker="o", linestyle="none", color=f"C{index}", **hollow,
                 label=f"{result['label']} ({equal:,} of {steps:,} steps equal to the bit)")  # fmt: skip
     ax.set_yscale("log")
     ax.set_title(f"|loss − {results[0]['label']}'s loss| at every step (log scale)")
     ax.set_xlabel("step")
     ax.set_ylabel("absolute difference")
     ax.grid(alpha=0.3, which="both")
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
     return figure
 
 
@@ -192,8 +195,11 @@ def divergence_figure(results: Sequence[dict[str, Any]], layer_names: dict[str, 
     """Each layer's largest weight difference from the reference over the steps, one panel per
     backend, log scale."""
     others = [result for result in results[1:] if result["divergence"] and result["divergence"]["steps"]]
-    figure, axes = _figure(1, max(1, len(others)), width=5.0, height=4.0)
-    for ax, result in zip(axes[0], others, strict=False):
+    columns = min(3, max(1, len(others)))
+    figure, axes = _figure(math.ceil(max(1, len(others)) / columns), columns, width=4.6, height=3.6)
+    for ax in axes.flat[len(others) :]:
+        ax.set_visible(False)
+    for ax, result in zip(axes.flat, others, strict=False):
         divergence = result["divergence"]
         for layer, values in divergence["layers"].items():
             values = np.asarray(values, np.float64)
@@ -203,7 +209,8 @@ def divergence_figure(results: Sequence[dict[str, Any]], layer_names: dict[str, 
         ax.set_title(f"{result['label']} vs {results[0]['label']}")
         ax.set_xlabel(f"step (sampled every {divergence['every']})")
         ax.grid(alpha=0.3, which="both")
-    axes[0][0].set_ylabel("max |Δw| in the layer (log scale)")
+    for row in axes:
+        row[0].set_ylabel("max |Δw| in the layer (log scale)")
     axes[0][0].legend(fontsize="small")
     return figure
 
