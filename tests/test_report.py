@@ -93,6 +93,27 @@ def test_step_losses_and_divergence_are_those_of_the_loops_themselves(mnist_trai
     assert results[0]["divergence"] is None
 
 
+@needs_torch
+def test_the_native_loop_row_is_plain_pytorch_trained_on_the_same_batches(mnist_train, mnist_test,
+                                                                          torch_single_thread):  # fmt: skip
+    """PyTorch's own tutorial loop and unitrain's torch adapter do the same arithmetic: the same
+    losses and weights, to the bit (a difference would be overhead or a bug in the adapter)."""
+    results = compare_backends(["numpy", "torch"], unitrain.mlp(), unitrain.SGD(lr=0.05), mnist_train, mnist_test,
+                               sample_every=3, native=True, epochs=1, max_steps=6)  # fmt: skip
+    assert [r.get("label", r["backend"]) for r in results] == ["numpy", "torch", "torch (native loop)"]
+    adapter, native = results[1], results[2]
+    assert native["native"] and native["steps"] == 6 and native["samples_per_sec"] > 0
+    assert native["step_losses"] == adapter["step_losses"] and native["divergence"] == adapter["divergence"]
+    assert native["max_weight_difference"] == adapter["max_weight_difference"]
+    assert native["num_correct"] == adapter["num_correct"] and len(native["history"]) == 1
+
+
+@needs_torch
+def test_native_loops_refuse_what_the_tutorials_do_not_do(capsys):
+    status, _, err = run_cli(capsys, "compare", "--backends", "numpy,torch", "--native", "--optimizer", "adam")
+    assert status == 2 and "--native: the native loops train with the tutorials' plain SGD(lr), not Adam(" in err
+
+
 def test_the_sample_interval_bounds_the_snapshots():
     assert [sample_interval(steps) for steps in (0, 1, 50, 51, 2814)] == [1, 1, 1, 2, 57]
 
