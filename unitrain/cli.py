@@ -368,15 +368,17 @@ def _write_report(args, results, run, table) -> bool:
     where asked (see :func:`files.publish`)."""
     from .report import write_report
 
+    backends = [result for result in results if not result.get("native")]
     settings = {
-        "backends": ", ".join(f"{r['backend']} {r['version'] or ''}".strip() for r in results),
+        "backends": ", ".join(f"{r['backend']} {r['version'] or ''}".strip() for r in backends),
         **{key.replace("_", " "): value for key, value in run.items() if value is not None},
         "steps": results[0]["steps"],
         "initial weights": args.init_weights or f"init_weights(model, seed={args.seed})",
         "machine": f"{platform.machine()}, {default_threads()} cores; {platform.platform(terse=True)}",
         "written": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
-    title = f"unitrain compare: {', '.join(r['backend'] for r in results)} on {args.model}"
+    native = " and their native loops" if len(backends) < len(results) else ""
+    title = f"unitrain compare: {', '.join(r['backend'] for r in backends)}{native} on {args.model}"
     index, sidestepped = write_report(args.report, results, title=title, settings=settings, table=table,
                                       model=preset(args.model), overwrite=args.overwrite)  # fmt: skip
     for asked, final in sidestepped:
