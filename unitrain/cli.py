@@ -508,7 +508,9 @@ def cmd_train(args) -> int:
         final = files.publish(args.save, loop.save_weights, overwrite=args.overwrite)
         placed = _published("--save", args.save, final, "weights", args.overwrite) and placed
         print(f"unitrain: saved weights to {final}")
-    if args.plot is not None and history:
+    if args.plot is not None and not history:
+        print(f"unitrain: no epoch was trained, so there is nothing to draw; --plot {args.plot} not written")
+    elif args.plot is not None:
         figure = plot.curves_figure([(f"{loop.name} {args.model}", history)])
         final = files.publish(args.plot, lambda staged: plot.save_png(figure, staged), overwrite=args.overwrite)
         placed = _published("--plot", args.plot, final, "figure", args.overwrite) and placed
