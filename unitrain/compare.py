@@ -30,6 +30,12 @@ from .weights import init_weights
 DIVERGENCE_SAMPLES = 50
 
 
+def sampled(step: int, every: int) -> bool:
+    """Whether the weights are compared at ``step``: every ``every`` steps, and at the powers of two
+    before the first of those (1, 2, 4, ...), when the early steps would otherwise go unseen."""
+    return step % every == 0 or (step < every and step & (step - 1) == 0)
+
+
 def sample_interval(total_steps: int, samples: int = DIVERGENCE_SAMPLES) -> int:
     """Every how many steps to compare weights so that a run of ``total_steps`` takes at most
     ``samples`` snapshots (one state_dict copy each; the reference keeps them in memory)."""
@@ -53,13 +59,13 @@ def layer_differences(state: dict[str, np.ndarray], reference: dict[str, np.ndar
 
 
 class StepRecorder:
-    """A fit extension: every step's loss, and every ``sample_every`` steps each layer's largest
+    """A fit extension: every step's loss, and at the :func:`sampled` steps each layer's largest
     weight difference from ``reference`` (the first backend's snapshots by step; ``None`` on the
     first backend itself, which takes the snapshots).
 
     Losses are kept as the native scalars ``step`` returns and read at the epoch's end, after fit
     has read them for the epoch's mean: no host sync beyond the loop's own. The snapshots are one
-    ``state_dict()`` copy (and, on an asynchronous framework, one sync) every ``sample_every`` steps."""
+    ``state_dict()`` copy (and, on an asynchronous framework, one sync) per sampled step."""
 
     def __init__(self, sample_every: int, reference: dict[int, dict[str, np.ndarray]] | None):
         self.every, self.reference = sample_every, reference
@@ -71,7 +77,7 @@ class StepRecorder:
     def on_step_end(self, loop, index, loss):
         self.pending.append(loss)
         step = loop.step_count
-        if step % self.every:
+        if not sampled(step, self.every):
             return
         if self.reference is None:
             self.snapshots[step] = loop.state_dict()
@@ -111,7 +117,7 @@ def compare_backends(
     (None for the first itself), ``max_weight_difference`` (the largest absolute difference of
     any weight), ``same_predictions`` (test samples given the same label) and ``divergence``:
     ``{"every": k, "steps": [...], "layers": {layer: [largest difference at each step]}}``,
-    sampled every ``sample_every`` steps (default: :func:`sample_interval` of the run's steps).
+    at the :func:`sampled` steps of ``sample_every`` (default: :func:`sample_interval` of the run).
     ``threads``: each backend's :meth:`~unitrain.TrainingLoop.set_threads` before it trains.
 
     ``native``: after each backend whose framework has one, its hand-written tutorial loop

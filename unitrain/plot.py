@@ -38,11 +38,11 @@ def require_matplotlib(what: str) -> None:
         raise PlotError(f"{what} needs matplotlib: pip install 'unitrain[report]'")
 
 
-def _figure(rows: int = 1, columns: int = 1, width: float = 6.4, height: float = 4.0):
+def _figure(rows: int = 1, columns: int = 1, width: float = 6.4, height: float = 4.0, **subplots: Any):
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(width * columns, height * rows), layout="constrained")
-    return figure, figure.subplots(rows, columns, squeeze=False)
+    return figure, figure.subplots(rows, columns, squeeze=False, **subplots)
 
 
 def save_png(figure, path: Path) -> None:
@@ -151,9 +151,10 @@ def loss_figure(results: Sequence[dict[str, Any]]):
 def loss_difference_figure(results: Sequence[dict[str, Any]]):
     """|loss − reference loss| at every step, log scale; steps where they are equal to the bit
     (a zero has no logarithm) are left out."""
-    figure, axes = _figure(width=8.0, height=4.2)
+    figure, axes = _figure(width=9.0, height=4.6)
     ax = axes[0][0]
     reference = np.asarray(results[0]["step_losses"], np.float64)
+    size = 4 if len(reference) <= 300 else 1.5  # thousands of points: small enough not to bury each other
     for index, result in enumerate(results[1:], start=1):
         losses = np.asarray(result["step_losses"], np.float64)
         steps = min(len(losses), len(reference))
@@ -162,15 +163,20 @@ def loss_difference_figure(results: Sequence[dict[str, Any]]):
         difference[difference == 0] = np.nan
         # points, not lines: the steps equal to the bit leave gaps that a line would hide; a native
         # loop's hollow and larger, so that it stays visible where it equals its backend's
-        hollow = {"markerfacecolor": "none", "markersize": 8} if result.get("native") else {"markersize": 4}
+        hollow = {"markerfacecolor": "none", "markersize": 2 * size} if result.get("native") else {"markersize": size}
         ax.plot(np.arange(1, steps + 1), difference, marker="o", linestyle="none", color=f"C{index}", **hollow,
-                label=f"{result['label']} ({equal:,} of {steps:,} steps equal to the bit)")  # fmt: skip
+                label=f"{result['label']} ({equal:,}/{steps:,} steps bit-equal)")  # fmt: skip
     ax.set_yscale("log")
     ax.set_title(f"|loss − {results[0]['label']}'s loss| at every step (log scale)")
     ax.set_xlabel("step")
     ax.set_ylabel("absolute difference")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
+    figure.legend(
+        loc="outside lower center",
+        ncols=min(3, len(results) - 1) if len(results) <= 4 else 2,
+        fontsize="small",
+        markerscale=6 / size,
+    )
     return figure
 
 
@@ -191,23 +197,25 @@ def accuracy_figure(results: Sequence[dict[str, Any]]):
     return figure
 
 
-def divergence_figure(results: Sequence[dict[str, Any]], layer_names: dict[str, str]):
+def divergence_figure(results: Sequence[dict[str, Any]], layer_names: dict[str, str], allowances: dict[str, float]):
     """Each layer's largest weight difference from the reference over the steps, one panel per
-    backend, log scale."""
+    backend, log scale; ``allowances`` (per layer) are drawn as dotted lines of the layer's colour."""
     others = [result for result in results[1:] if result["divergence"] and result["divergence"]["steps"]]
     columns = min(3, max(1, len(others)))
-    figure, axes = _figure(math.ceil(max(1, len(others)) / columns), columns, width=4.6, height=3.6)
+    figure, axes = _figure(math.ceil(max(1, len(others)) / columns), columns, width=4.6, height=3.6, sharey=True)
     for ax in axes.flat[len(others) :]:
         ax.set_visible(False)
     for ax, result in zip(axes.flat, others, strict=False):
         divergence = result["divergence"]
-        for layer, values in divergence["layers"].items():
+        for index, (layer, values) in enumerate(divergence["layers"].items()):
             values = np.asarray(values, np.float64)
             values[values == 0] = np.nan
-            ax.plot(divergence["steps"], values, marker=".", label=layer_names.get(layer, layer))
+            ax.plot(divergence["steps"], values, marker=".", color=f"C{index}", label=layer_names.get(layer, layer))
+            if layer in allowances:
+                ax.axhline(allowances[layer], color=f"C{index}", linestyle=":", linewidth=1)
         ax.set_yscale("log")
         ax.set_title(f"{result['label']} vs {results[0]['label']}")
-        ax.set_xlabel(f"step (sampled every {divergence['every']})")
+        ax.set_xlabel(f"step (1, 2, 4, ... then every {divergence['every']})")
         ax.grid(alpha=0.3, which="both")
     for row in axes:
         row[0].set_ylabel("max |Δw| in the layer (log scale)")

@@ -14,11 +14,13 @@ goes beside it, and the page links to where it went).
 from __future__ import annotations
 
 import html
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from . import files, plot
+from .conformance.tolerances import tolerance
 from .layers import Sequential
 
 
@@ -34,28 +36,54 @@ def layer_names(model: Sequential) -> dict[str, str]:
     return names
 
 
-def first_departure(result: dict[str, Any], names: dict[str, str]) -> str:
-    """In words: which layer's weights first differ from the reference, at which sampled step and
-    by how much, and which differs most at the last sample."""
-    divergence = result.get("divergence")
+def rounding_allowances(model: Sequential) -> dict[str, float]:
+    """Per layer, how far one float32 step may move its weights by rounding alone: the conformance
+    suite's tolerance for a dot product of fan-in terms, ``8 · eps(float32) · fan_in``
+    (:func:`unitrain.conformance.tolerances.tolerance`). A layer further apart than that has
+    departed: rounding differences fed back through many steps, not one step's rounding."""
+    allowances = {}
+    for name, layer in model.named_layers():
+        shape = layer.param_shapes().get("weight")
+        if shape is not None:
+            allowances[name] = tolerance("float32", size=math.prod(shape[1:]))
+    return allowances
+
+
+def first_departure(result: dict[str, Any], names: dict[str, str], allowances: dict[str, float]) -> str:
+    """In words: at which sampled step the weights first differ from the reference at all, which
+    layer first moves further apart than one step's rounding allows (and when the others do),
+    and which differs most at the last sample."""
+    label, divergence = result["label"], result.get("divergence")
     if not divergence or not divergence["steps"]:
-        return f"{result['label']}: no step was sampled."
+        return f"{label}: no step was sampled."
     steps, layers = divergence["steps"], divergence["layers"]
-    first = {layer: next((i for i, value in enumerate(values) if value > 0), None) for layer, values in layers.items()}
-    moved = [index for index in first.values() if index is not None]
-    if not moved:
-        return f"{result['label']}: every layer equals the reference to the bit at every sampled step, to {steps[-1]}."
-    earliest = min(moved)
-    leaving = sorted(
-        (layer for layer, index in first.items() if index == earliest), key=lambda name: -layers[name][earliest]
-    )
-    who = f"layer {names.get(leaving[0], leaving[0])} departs" if len(leaving) == 1 else (
-        f"layers {', '.join(names.get(layer, layer) for layer in leaving)} depart")  # fmt: skip
+
+    def first_step(layer: str, above: float) -> int | None:
+        return next((index for index, value in enumerate(layers[layer]) if value > above), None)
+
+    differing = {layer: index for layer in layers if (index := first_step(layer, 0.0)) is not None}
+    if not differing:
+        return f"{label}: every layer equals the reference to the bit at every sampled step, to step {steps[-1]}."
+    earliest = min(differing.values())
+    largest = max((layer for layer, index in differing.items() if index == earliest),
+                  key=lambda layer: layers[layer][earliest])  # fmt: skip
+    text = (f"{label}: the weights first differ at step {steps[earliest]} (largest in layer "
+            f"{names.get(largest, largest)}: {layers[largest][earliest]:.2g}).")  # fmt: skip
+    departed = {
+        layer: index for layer in layers if (index := first_step(layer, allowances.get(layer, math.inf))) is not None
+    }
+    order = sorted(departed, key=lambda layer: (departed[layer], -layers[layer][departed[layer]]))
+    if order:
+        first, *others = order
+        text += (f" Layer {names.get(first, first)} is the first to move further apart than one step's float32 "
+                 f"rounding allows ({allowances[first]:.2g}), at step {steps[departed[first]]}")  # fmt: skip
+        text += "".join(f"; layer {names.get(layer, layer)} at step {steps[departed[layer]]}" for layer in others)
+        never = [names.get(layer, layer) for layer in layers if layer not in departed]
+        text += f"; {', '.join(never)} never." if never else "."
+    else:
+        text += " No layer moves further apart than one step's float32 rounding allows."
     last = max(layers, key=lambda name: layers[name][-1])
-    return (
-        f"{result['label']}: {who} first, at step {steps[earliest]} (max |Δw| {layers[leaving[0]][earliest]:.2g}); "
-        f"at step {steps[-1]} layer {names.get(last, last)} differs most ({layers[last][-1]:.2g})."
-    )
+    return text + f" At step {steps[-1]}, layer {names.get(last, last)} differs most ({layers[last][-1]:.2g})."
 
 
 def write_report(
@@ -71,7 +99,7 @@ def write_report(
     """Draw the figures and write ``directory/index.html``; returns the page's path and the
     ``(asked, written)`` paths of files that went beside an existing one of the same name."""
     results = [{**result, "label": result.get("label", result["backend"])} for result in results]
-    names = layer_names(model)
+    names, allowances = layer_names(model), rounding_allowances(model)
     directory.mkdir(exist_ok=True)
     figures = [
         ("loss.png", plot.loss_figure(results), "Training loss at every step, all backends overlaid."),
@@ -79,9 +107,10 @@ def write_report(
          f"How far each backend's loss is from {results[0]['label']}'s at the same step; steps where the two are "
          "equal to the bit have no logarithm and are not drawn."),
         ("accuracy.png", plot.accuracy_figure(results), "Test accuracy (10,000 images) after each epoch."),
-        ("divergence.png", plot.divergence_figure(results, names),
+        ("divergence.png", plot.divergence_figure(results, names, allowances),
          f"The largest weight difference in each layer from {results[0]['label']}'s weights at the same step, "
-         f"sampled every {_sample_every(results)} steps."),
+         f"at steps 1, 2, 4, ... and every {_sample_every(results)} steps. Dotted: one step's float32 rounding "
+         "allowance per layer (8 · eps · fan-in); a layer above it has departed from the reference."),
         ("speed.png", plot.speed_figure(_speeds(results)), "Training throughput (mean over the epochs)."),
     ]  # fmt: skip
     sidestepped: list[tuple[Path, Path]] = []
@@ -89,7 +118,7 @@ def write_report(
     for name, figure, _ in figures:
         written[name] = _publish(directory / name, lambda staged, f=figure: plot.save_png(f, staged), overwrite,
                                  sidestepped)  # fmt: skip
-    departures = [first_departure(result, names) for result in results[1:]]
+    departures = [first_departure(result, names, allowances) for result in results[1:]]
     page = _page(title, settings, table, [(written[name], caption) for name, _, caption in figures], departures)
     index = _publish(directory / "index.html", lambda staged: staged.write_text(page, encoding="utf-8"), overwrite,
                      sidestepped)  # fmt: skip
