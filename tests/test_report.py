@@ -6,12 +6,14 @@ import subprocess
 import sys
 from html.parser import HTMLParser
 
+import numpy as np
 import pytest
 from conftest import installed_backends
 
 import unitrain
 from unitrain import cli
-from unitrain.compare import compare_backends, layer_differences, sample_interval
+from unitrain.compare import compare_backends, layer_differences, sample_interval, sampled
+from unitrain.report import first_departure, layer_names, rounding_allowances
 
 pytest.importorskip("matplotlib")
 needs_torch = pytest.mark.skipif("torch" not in installed_backends(), reason="PyTorch is not installed")
@@ -57,11 +59,11 @@ def test_compare_report_writes_a_page_whose_figures_all_exist(tmp_path):
     assert set(parser.links) == names  # nothing external, nothing missing
     for name in names:
         assert_png(report / name)
-    assert "max |Δw| vs numpy" in page and "sampled every 2 steps" in page  # 60 steps / 50 samples
-    assert "departs first, at step" in page or "depart first, at step" in page
+    assert "max |Δw| vs numpy" in page and "at steps 1, 2, 4, ... and every 2 steps" in page  # 60 steps / 50 samples
+    assert "torch: the weights first differ at step " in page and "float32 rounding allows" in page
     records = json.loads((tmp_path / "r.json").read_text())["results"]
     assert [len(r["step_losses"]) for r in records] == [60, 60]  # --json keeps every step
-    assert records[1]["divergence"]["steps"] == list(range(2, 61, 2))
+    assert records[1]["divergence"]["steps"] == [1, *range(2, 61, 2)]
 
     # the same folder again is refused, and nothing in it changes; --overwrite writes into it
     before = {path.name: path.read_bytes() for path in report.iterdir()}
@@ -83,13 +85,13 @@ def test_step_losses_and_divergence_are_those_of_the_loops_themselves(mnist_trai
             break
         for loop, recorded in zip(loops, losses, strict=True):
             recorded.append(loop.to_float(loop.step(batch)))
-        if step % every == 0:
+        if sampled(step, every):
             divergence[step] = layer_differences(loops[1].state_dict(), loops[0].state_dict())
     assert [r["step_losses"] for r in results] == losses
     recorded = results[1]["divergence"]
-    assert recorded["steps"] == [2, 4, 6] and set(recorded["layers"]) == {"1", "3", "5"}
+    assert recorded["steps"] == [1, 2, 4, 6] and set(recorded["layers"]) == {"1", "3", "5"}
     for layer, values in recorded["layers"].items():
-        assert values == [divergence[step][layer] for step in (2, 4, 6)]
+        assert values == [divergence[step][layer] for step in (1, 2, 4, 6)]
     assert results[0]["divergence"] is None
 
 
@@ -116,6 +118,28 @@ def test_native_loops_refuse_what_the_tutorials_do_not_do(capsys):
 
 def test_the_sample_interval_bounds_the_snapshots():
     assert [sample_interval(steps) for steps in (0, 1, 50, 51, 2814)] == [1, 1, 1, 2, 57]
+    assert [step for step in range(1, 200) if sampled(step, 57)] == [1, 2, 4, 8, 16, 32, 57, 114, 171]
+
+
+def test_the_departure_sentence_names_the_layer_that_leaves_rounding_first():
+    model = unitrain.mlp()
+    allowances = rounding_allowances(model)
+    assert allowances["3"] == pytest.approx(8 * np.finfo(np.float32).eps * 512)  # 8 · eps · fan-in
+    result = {"label": "torch", "divergence": {"every": 10, "steps": [1, 10, 20, 30], "layers": {
+        "1": [0.0, 1e-8, 1e-6, 1e-5],       # differs, never past 8·eps·784 = 7.5e-4
+        "3": [0.0, 2e-8, 6e-4, 9e-4],       # past 4.9e-4 at step 20
+        "5": [0.0, 0.0, 1e-7, 1e-3],        # past it at step 30, largest at the end
+    }}}  # fmt: skip
+    assert first_departure(result, layer_names(model), allowances) == (
+        "torch: the weights first differ at step 10 (largest in layer 3 Linear 512→512: 2e-08). Layer 3 Linear "
+        "512→512 is the first to move further apart than one step's float32 rounding allows (0.00049), at step 20; "
+        "layer 5 Linear 512→10 at step 30; 1 Linear 784→512 never. At step 30, layer 5 Linear 512→10 differs most "
+        "(0.001)."
+    )
+    equal = {"label": "mindspore", "divergence": {"every": 1, "steps": [1], "layers": {"1": [0.0]}}}
+    assert first_departure(equal, {}, allowances) == (
+        "mindspore: every layer equals the reference to the bit at every sampled step, to step 1."
+    )
 
 
 @needs_torch
