@@ -143,6 +143,16 @@ def test_the_departure_sentence_names_the_layer_that_leaves_rounding_first():
 
 
 @needs_torch
+def test_a_run_without_steps_gets_a_page_without_figures(tmp_path):
+    report = tmp_path / "report"
+    result = command("compare", "--backends", "numpy,torch", "--max-steps", "0", "--threads", "1", "--no-progress",
+                     "--report", str(report))  # fmt: skip
+    assert result.returncode == 0 and "Warning" not in result.stderr, result.stderr
+    assert [path.name for path in report.iterdir()] == ["index.html"]
+    assert "No training step was taken: nothing to draw." in (report / "index.html").read_text()
+
+
+@needs_torch
 def test_a_report_path_that_is_no_new_or_empty_folder_is_refused_before_any_work(tmp_path, capsys):
     a_file = tmp_path / "file"
     a_file.write_text("the user's")

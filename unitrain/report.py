@@ -101,25 +101,31 @@ def write_report(
     results = [{**result, "label": result.get("label", result["backend"])} for result in results]
     names, allowances = layer_names(model), rounding_allowances(model)
     directory.mkdir(exist_ok=True)
-    figures = [
-        ("loss.png", plot.loss_figure(results), "Training loss at every step, all backends overlaid."),
-        ("loss-difference.png", plot.loss_difference_figure(results),
+    stepped = any(result["step_losses"] for result in results)
+    sampled = any(result.get("divergence") and result["divergence"]["steps"] for result in results)
+    figures = [  # (file, whether there is anything to draw, drawing, caption)
+        ("loss.png", stepped, lambda: plot.loss_figure(results), "Training loss at every step, all backends overlaid."),
+        ("loss-difference.png", stepped, lambda: plot.loss_difference_figure(results),
          f"How far each backend's loss is from {results[0]['label']}'s at the same step; steps where the two are "
          "equal to the bit have no logarithm and are not drawn."),
-        ("accuracy.png", plot.accuracy_figure(results), "Test accuracy (10,000 images) after each epoch."),
-        ("divergence.png", plot.divergence_figure(results, names, allowances),
+        ("accuracy.png", any(result["history"] for result in results), lambda: plot.accuracy_figure(results),
+         "Test accuracy (10,000 images) after each epoch."),
+        ("divergence.png", sampled, lambda: plot.divergence_figure(results, names, allowances),
          f"The largest weight difference in each layer from {results[0]['label']}'s weights at the same step, "
          f"at steps 1, 2, 4, ... and every {_sample_every(results)} steps. Dotted: one step's float32 rounding "
          "allowance per layer (8 · eps · fan-in); a layer above it has departed from the reference."),
-        ("speed.png", plot.speed_figure(_speeds(results)), "Training throughput (mean over the epochs)."),
+        ("speed.png", bool(_speeds(results)), lambda: plot.speed_figure(_speeds(results)),
+         "Training throughput (mean over the epochs)."),
     ]  # fmt: skip
     sidestepped: list[tuple[Path, Path]] = []
-    written = {}
-    for name, figure, _ in figures:
-        written[name] = _publish(directory / name, lambda staged, f=figure: plot.save_png(f, staged), overwrite,
-                                 sidestepped)  # fmt: skip
+    drawn = []
+    for name, anything, draw, caption in figures:
+        if anything:
+            figure = draw()
+            path = _publish(directory / name, lambda staged, f=figure: plot.save_png(f, staged), overwrite, sidestepped)
+            drawn.append((path, caption))
     departures = [first_departure(result, names, allowances) for result in results[1:]]
-    page = _page(title, settings, table, [(written[name], caption) for name, _, caption in figures], departures)
+    page = _page(title, settings, table, drawn, departures)
     index = _publish(directory / "index.html", lambda staged: staged.write_text(page, encoding="utf-8"), overwrite,
                      sidestepped)  # fmt: skip
     return index, sidestepped
@@ -171,7 +177,7 @@ figure {{ margin: 1.5em 0; }} img {{ max-width: 100%; }} figcaption {{ color: #5
 <h2>Which layer departs first</h2>
 <ul>{departure_items}</ul>
 <h2>Figures</h2>
-{figure_html}
+{figure_html or "<p>No training step was taken: nothing to draw.</p>"}
 </body>
 </html>
 """
