@@ -60,7 +60,7 @@ def test_compare_report_writes_a_page_whose_figures_all_exist(tmp_path):
     for name in names:
         assert_png(report / name)
     assert "max |Δw| vs numpy" in page and "at steps 1, 2, 4, ... and every 2 steps" in page  # 60 steps / 50 samples
-    assert "torch: the weights first differ at step " in page and "float32 rounding allows" in page
+    assert "torch: the weights first differ at step " in page and "Dotted: one step's float32 rounding" in page
     records = json.loads((tmp_path / "r.json").read_text())["results"]
     assert [len(r["step_losses"]) for r in records] == [60, 60]  # --json keeps every step
     assert records[1]["divergence"]["steps"] == [1, *range(2, 61, 2)]
@@ -121,23 +121,25 @@ def test_the_sample_interval_bounds_the_snapshots():
     assert [step for step in range(1, 200) if sampled(step, 57)] == [1, 2, 4, 8, 16, 32, 57, 114, 171]
 
 
-def test_the_departure_sentence_names_the_layer_that_leaves_rounding_first():
-    model = unitrain.mlp()
-    allowances = rounding_allowances(model)
-    assert allowances["3"] == pytest.approx(8 * np.finfo(np.float32).eps * 512)  # 8 · eps · fan-in
+def test_the_rounding_allowance_is_the_conformance_tolerance_of_one_dot_product():
+    allowances = rounding_allowances(unitrain.mlp())
+    assert allowances == pytest.approx({layer: 8 * np.finfo(np.float32).eps * fan_in
+                                        for layer, fan_in in (("1", 784), ("3", 512), ("5", 512))})  # fmt: skip
+
+
+def test_the_departure_sentence_names_the_layer_whose_difference_jumps_first():
     result = {"label": "torch", "divergence": {"every": 10, "steps": [1, 10, 20, 30], "layers": {
-        "1": [0.0, 1e-8, 1e-6, 1e-5],       # differs, never past 8·eps·784 = 7.5e-4
-        "3": [0.0, 2e-8, 6e-4, 9e-4],       # past 4.9e-4 at step 20
-        "5": [0.0, 0.0, 1e-7, 1e-3],        # past it at step 30, largest at the end
+        "1": [0.0, 1e-8, 2e-8, 4e-8],       # differs, grows slowly: never departs
+        "3": [0.0, 2e-8, 6e-6, 9e-6],       # jumps 300-fold at step 20
+        "5": [0.0, 0.0, 1e-7, 1e-5],        # first differs at step 20, jumps at step 30, largest at the end
     }}}  # fmt: skip
-    assert first_departure(result, layer_names(model), allowances) == (
+    assert first_departure(result, layer_names(unitrain.mlp())) == (
         "torch: the weights first differ at step 10 (largest in layer 3 Linear 512→512: 2e-08). Layer 3 Linear "
-        "512→512 is the first to move further apart than one step's float32 rounding allows (0.00049), at step 20; "
-        "layer 5 Linear 512→10 at step 30; 1 Linear 784→512 never. At step 30, layer 5 Linear 512→10 differs most "
-        "(0.001)."
+        "512→512 departs first: at step 20 its difference jumps 10-fold or more, to 6e-06; layer 5 Linear 512→10 "
+        "at step 30; 1 Linear 784→512 never. At step 30, layer 5 Linear 512→10 differs most (1e-05)."
     )
     equal = {"label": "mindspore", "divergence": {"every": 1, "steps": [1], "layers": {"1": [0.0]}}}
-    assert first_departure(equal, {}, allowances) == (
+    assert first_departure(equal, {}) == (
         "mindspore: every layer equals the reference to the bit at every sampled step, to step 1."
     )
 

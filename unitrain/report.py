@@ -49,41 +49,58 @@ def rounding_allowances(model: Sequential) -> dict[str, float]:
     return allowances
 
 
-def first_departure(result: dict[str, Any], names: dict[str, str], allowances: dict[str, float]) -> str:
+#: a layer "departs" when its difference from the reference grows this many times between two
+#: samples: rounding differences accumulate slowly, while a ReLU unit whose pre-activation ends on
+#: the other side of zero on one backend changes that unit's update at once, by orders of magnitude
+DEPARTURE_JUMP = 10.0
+
+
+def first_departure(result: dict[str, Any], names: dict[str, str]) -> str:
     """In words: at which sampled step the weights first differ from the reference at all, which
-    layer first moves further apart than one step's rounding allows (and when the others do),
-    and which differs most at the last sample."""
+    layer departs first (its difference jumps :data:`DEPARTURE_JUMP`-fold between two samples)
+    and when the others do, and which differs most at the last sample."""
     label, divergence = result["label"], result.get("divergence")
     if not divergence or not divergence["steps"]:
         return f"{label}: no step was sampled."
     steps, layers = divergence["steps"], divergence["layers"]
 
-    def first_step(layer: str, above: float) -> int | None:
-        return next((index for index, value in enumerate(layers[layer]) if value > above), None)
+    def name(layer: str) -> str:
+        return names.get(layer, layer)
 
-    differing = {layer: index for layer in layers if (index := first_step(layer, 0.0)) is not None}
+    differing = {
+        layer: next((i for i, value in enumerate(values) if value > 0), None) for layer, values in layers.items()
+    }
+    differing = {layer: index for layer, index in differing.items() if index is not None}
     if not differing:
         return f"{label}: every layer equals the reference to the bit at every sampled step, to step {steps[-1]}."
     earliest = min(differing.values())
     largest = max((layer for layer, index in differing.items() if index == earliest),
                   key=lambda layer: layers[layer][earliest])  # fmt: skip
-    text = (f"{label}: the weights first differ at step {steps[earliest]} (largest in layer "
-            f"{names.get(largest, largest)}: {layers[largest][earliest]:.2g}).")  # fmt: skip
-    departed = {
-        layer: index for layer in layers if (index := first_step(layer, allowances.get(layer, math.inf))) is not None
-    }
+    text = f"{label}: the weights first differ at step {steps[earliest]} (largest in layer {name(largest)}: " \
+           f"{layers[largest][earliest]:.2g})."  # fmt: skip
+    departed = {layer: index for layer, values in layers.items() if (index := _jump(values)) is not None}
     order = sorted(departed, key=lambda layer: (departed[layer], -layers[layer][departed[layer]]))
     if order:
         first, *others = order
-        text += (f" Layer {names.get(first, first)} is the first to move further apart than one step's float32 "
-                 f"rounding allows ({allowances[first]:.2g}), at step {steps[departed[first]]}")  # fmt: skip
-        text += "".join(f"; layer {names.get(layer, layer)} at step {steps[departed[layer]]}" for layer in others)
-        never = [names.get(layer, layer) for layer in layers if layer not in departed]
+        text += (f" Layer {name(first)} departs first: at step {steps[departed[first]]} its difference jumps "
+                 f"{DEPARTURE_JUMP:g}-fold or more, to {layers[first][departed[first]]:.2g}")  # fmt: skip
+        text += "".join(f"; layer {name(layer)} at step {steps[departed[layer]]}" for layer in others)
+        never = [name(layer) for layer in layers if layer not in departed]
         text += f"; {', '.join(never)} never." if never else "."
     else:
-        text += " No layer moves further apart than one step's float32 rounding allows."
-    last = max(layers, key=lambda name: layers[name][-1])
-    return text + f" At step {steps[-1]}, layer {names.get(last, last)} differs most ({layers[last][-1]:.2g})."
+        text += f" No layer's difference jumps {DEPARTURE_JUMP:g}-fold between two samples."
+    last = max(layers, key=lambda layer: layers[layer][-1])
+    return text + f" At step {steps[-1]}, layer {name(last)} differs most ({layers[last][-1]:.2g})."
+
+
+def _jump(values: Sequence[float]) -> int | None:
+    """The first sample at which ``values`` exceed :data:`DEPARTURE_JUMP` times every earlier one."""
+    peak = 0.0
+    for index, value in enumerate(values):
+        if peak > 0 and value > DEPARTURE_JUMP * peak:
+            return index
+        peak = max(peak, value)
+    return None
 
 
 def write_report(
@@ -124,7 +141,7 @@ def write_report(
             figure = draw()
             path = _publish(directory / name, lambda staged, f=figure: plot.save_png(f, staged), overwrite, sidestepped)
             drawn.append((path, caption))
-    departures = [first_departure(result, names, allowances) for result in results[1:]]
+    departures = [first_departure(result, names) for result in results[1:]]
     page = _page(title, settings, table, drawn, departures)
     index = _publish(directory / "index.html", lambda staged: staged.write_text(page, encoding="utf-8"), overwrite,
                      sidestepped)  # fmt: skip
