@@ -144,6 +144,7 @@ def test_the_departure_sentence_names_the_layer_whose_difference_jumps_first():
     )
 
 
+@pytest.mark.slow  # two framework imports and evaluations for an edge case
 @needs_torch
 def test_a_run_without_steps_gets_a_page_without_figures(tmp_path):
     report = tmp_path / "report"
