@@ -19,6 +19,7 @@ does, but its ``momentum`` weights the *old* value; ``num_batches_tracked`` is a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from collections.abc import Mapping
@@ -296,10 +297,10 @@ class MindSporeLoop(TrainingLoop):
     @classmethod
     def set_threads(cls, count: int) -> None:
         super().set_threads(count)
-        try:  # MindSpore's CPU kernels' pool (25 threads by default)
+        # MindSpore's CPU kernels' pool (25 threads by default) is set once per process ("can not be
+        # set repeatedly", a RuntimeError): a second call keeps the first count
+        with contextlib.suppress(RuntimeError):
             ms.device_context.cpu.op_tuning.threads_num(count)
-        except RuntimeError:  # "can not be set repeatedly": once per process, the first count stays
-            pass
 
     def _set_training(self, mode: bool) -> None:
         self._net.set_train(mode)
