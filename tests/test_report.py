@@ -1,6 +1,7 @@
 """Figures (issue 10): `compare --report DIR`, `unitrain plot`, `train --plot`, and what they draw
 from: every step's loss and each layer's weight divergence, recorded during `compare`."""
 
+import html
 import json
 import subprocess
 import sys
@@ -52,7 +53,7 @@ def test_compare_report_writes_a_page_whose_figures_all_exist(tmp_path):
                      "--threads", "1", "--report", str(report), "--json", str(tmp_path / "r.json"))  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert f"report written to {report / 'index.html'}" in result.stdout
-    page = (report / "index.html").read_text()
+    page = html.unescape((report / "index.html").read_text())
     parser = _Links()
     parser.feed(page)
     names = {"loss.png", "loss-difference.png", "accuracy.png", "divergence.png", "speed.png"}
