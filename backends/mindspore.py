@@ -27,6 +27,7 @@ activations run in float64 (:func:`_in_float64`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import sys
@@ -529,6 +530,14 @@ class MindSporeLoop(TrainingLoop):
         return Tensor(self.step_count + 1, ms.int64), first
 
     # --- hooks ----------------------------------------------------------------------------
+
+    @classmethod
+    def set_threads(cls, count: int) -> None:
+        super().set_threads(count)
+        # MindSpore's CPU kernels' pool (25 threads by default) is set once per process ("can not be
+        # set repeatedly", a RuntimeError): a second call keeps the first count
+        with contextlib.suppress(RuntimeError):
+            ms.device_context.cpu.op_tuning.threads_num(count)
 
     def _set_training(self, mode: bool) -> None:
         self._net.set_train(mode)

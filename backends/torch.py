@@ -200,6 +200,11 @@ class TorchLoop(TrainingLoop):
 
     # --- hooks ----------------------------------------------------------------------------
 
+    @classmethod
+    def set_threads(cls, count: int) -> None:
+        super().set_threads(count)
+        torch.set_num_threads(count)  # intra-op pool; its default (all physical cores) crawls on a busy machine
+
     @staticmethod
     def to_float(value: torch.Tensor) -> float:
         # float() warns on a tensor that requires grad (what loss() returns); item() reads both kinds

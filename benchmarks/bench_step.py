@@ -24,6 +24,7 @@ from typing import NamedTuple
 import numpy as np
 
 import unitrain
+from unitrain.native import native_loop
 
 # the plain-PyTorch twins of unitrain's networks (ResNet-18 from torchvision's source) live with the tests
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -91,91 +92,21 @@ def native_torch(model_name, state):
     return step
 
 
-def native_mindspore(model_name, state):
-    if model_name not in ("mlp", "cnn"):
-        return None
-    import mindspore as ms
-    from mindspore import nn
+def native_tutorial_loop(framework):
+    """MindSpore's and Chainer's hand-written tutorial loops (unitrain/native.py, which
+    ``unitrain compare --native`` runs too): the MLP and the CNN only."""
 
-    ms.set_device("CPU")
-    if model_name == "mlp":
-        net = nn.SequentialCell(nn.Flatten(), nn.Dense(784, 512), nn.ReLU(), nn.Dense(512, 512), nn.ReLU(),
-                                nn.Dense(512, 10))  # fmt: skip
-    else:
-        net = nn.SequentialCell(nn.Conv2d(1, 6, 5, pad_mode="valid", has_bias=True), nn.ReLU(),
-                                nn.MaxPool2d(2, 2), nn.Conv2d(6, 12, 5, pad_mode="valid", has_bias=True), nn.ReLU(),
-                                nn.MaxPool2d(2, 2), nn.Flatten(), nn.Dense(192, 120), nn.ReLU(), nn.Dense(120, 60),
-                                nn.ReLU(), nn.Dense(60, 10))  # fmt: skip
-    for param, value in zip(net.trainable_params(), state.values(), strict=True):
-        param.set_data(ms.Tensor(value))
-    loss_fn = nn.CrossEntropyLoss()
-    optimizer = nn.SGD(net.trainable_params(), learning_rate=0.01)
+    def make(model_name, state):
+        return native_loop(framework, model_name, state).step if model_name in ("mlp", "cnn") else None
 
-    def forward(data, label):
-        return loss_fn(net(data), label)
-
-    grad_fn = ms.value_and_grad(forward, None, optimizer.parameters)
-
-    @ms.jit
-    def train_step(data, label):
-        loss, grads = grad_fn(data, label)
-        optimizer(grads)
-        return loss
-
-    def step(x, y):
-        return train_step(ms.Tensor.from_numpy(x), ms.Tensor.from_numpy(y.astype(np.int32)))
-
-    return step
+    return make
 
 
-def native_chainer(model_name, state):
-    if model_name not in ("mlp", "cnn"):
-        return None
-    os.environ.setdefault("SETUPTOOLS_USE_DISTUTILS", "stdlib")
-    import chainer
-    import chainer.functions as F
-    import chainer.links as L
-
-    class MLP(chainer.Chain):  # as in Chainer's "write a training loop" tutorial
-        def __init__(self):
-            super().__init__()
-            with self.init_scope():
-                self.l1, self.l2, self.l3 = L.Linear(784, 512), L.Linear(512, 512), L.Linear(512, 10)
-
-        def forward(self, x):
-            return self.l3(F.relu(self.l2(F.relu(self.l1(x)))))
-
-    class CNN(chainer.Chain):
-        def __init__(self):
-            super().__init__()
-            with self.init_scope():
-                self.c1, self.c2 = L.Convolution2D(1, 6, 5), L.Convolution2D(6, 12, 5)
-                self.l1, self.l2, self.l3 = L.Linear(192, 120), L.Linear(120, 60), L.Linear(60, 10)
-
-        def forward(self, x):
-            h = F.max_pooling_2d(F.relu(self.c1(x)), 2, cover_all=False)
-            h = F.max_pooling_2d(F.relu(self.c2(h)), 2, cover_all=False)
-            return self.l3(F.relu(self.l2(F.relu(self.l1(h)))))
-
-    net = MLP() if model_name == "mlp" else CNN()
-    links = [net.l1, net.l2, net.l3] if model_name == "mlp" else [net.c1, net.c2, net.l1, net.l2, net.l3]
-    params = [p for link in links for p in (link.W, link.b)]
-    for param, value in zip(params, state.values(), strict=True):
-        param.array[...] = value
-    optimizer = chainer.optimizers.SGD(lr=0.01)
-    optimizer.setup(net)
-
-    def step(x, y):
-        loss = F.softmax_cross_entropy(net(x), y.astype(np.int32))
-        net.cleargrads()
-        loss.backward()
-        optimizer.update()
-        return loss.array
-
-    return step
-
-
-NATIVE = {"torch": native_torch, "mindspore": native_mindspore, "chainer": native_chainer}
+NATIVE = {
+    "torch": native_torch,
+    "mindspore": native_tutorial_loop("mindspore"),
+    "chainer": native_tutorial_loop("chainer"),
+}
 
 
 def main():

@@ -251,6 +251,15 @@ class TrainingLoop(ABC):
         """Restore what ``_random_state`` returned; raise ValueError on anything else."""
         raise ValueError(f"the {self.name} backend keeps no random state")
 
+    @classmethod
+    def set_threads(cls, count: int) -> None:
+        """Compute on ``count`` CPU threads, process-wide, from now on (before the first loop is
+        built). The base class limits the BLAS and OpenMP pools loaded in the process (NumPy's,
+        with threadpoolctl); an adapter whose framework keeps its own pool sets that too."""
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=count)  # applies now, process-wide; the returned handle only restores
+
     @staticmethod
     def to_float(value: Any) -> float:
         """A native scalar (as returned by ``step``/``loss``) as a Python float (syncs)."""
