@@ -1154,9 +1154,15 @@ def _targets(kind: str, n: int = 8, classes: int = 5) -> np.ndarray:
 LOSS_TERMS = 40
 
 
-def _identity_gradients(pred, grad):
-    """Gradients of :func:`_identity_loop`'s weight and bias when ``grad`` = dloss/dpred."""
-    return {"0.weight": grad.T @ np.asarray(pred, F64), "0.bias": grad.sum(0)}
+def _loss_and_gradients(adapter, loss, pred, target, what):
+    """Through :func:`_identity_loop`, the tutorial sequence's loss and gradients (``grad.T @ pred``
+    and ``grad.sum(0)`` for ``grad`` = dloss/dpred) match the reference; returns the loop and the loss."""
+    loop = _identity_loop(adapter, loss)
+    expected, grad = reference.loss(loss, pred, target)
+    compare(f"{what}: loss", tutorial_gradients(loop, pred, target), expected, dtype=loop.dtype, size=LOSS_TERMS)
+    gradients = {"0.weight": grad.T @ np.asarray(pred, F64), "0.bias": grad.sum(0)}
+    compare_states(f"{what}: gradient", loop.gradients(), gradients, dtype=loop.dtype, size=LOSS_TERMS)
+    return loop, expected
 
 
 @check("losses")
@@ -1166,12 +1172,8 @@ def check_losses_new(adapter):
     pred = (3 * inputs((5,), seed=2)).astype(np.float32)
     for spec, kind in NEW_LOSSES:
         target = _targets(kind)
-        loop = _identity_loop(adapter, spec)
-        expected, grad = reference.loss(spec, pred, target)
         what = f"{spec} with {kind} targets"
-        compare(f"{what}: loss", tutorial_gradients(loop, pred, target), expected, dtype=loop.dtype, size=LOSS_TERMS)
-        compare_states(f"{what}: gradient", loop.gradients(), _identity_gradients(pred, grad), dtype=loop.dtype,
-                       size=LOSS_TERMS)  # fmt: skip
+        loop, _ = _loss_and_gradients(adapter, spec, pred, target, what)
         per_sample = reference.loss_terms(spec, pred, target)[0].mean()
         compare(f"{what}: evaluate()['loss']", loop.evaluate((pred, target))["loss"], per_sample, dtype=loop.dtype,
                 size=LOSS_TERMS)  # fmt: skip
@@ -1192,13 +1194,8 @@ def check_custom_loss(adapter):
     pred = inputs((5,), seed=2)
     target = np.random.default_rng(8).uniform(0.1, 1.0, (8, 5)).astype(np.float32)
     for tree, (fn, _) in reference.CUSTOM_LOSSES.items():
-        loss = CustomLoss(fn)
-        loop = _identity_loop(adapter, loss)
-        expected, grad = reference.loss(loss, pred, target)
         what = f"CustomLoss {tree[0]}(...)"
-        compare(f"{what}: loss", tutorial_gradients(loop, pred, target), expected, dtype=loop.dtype, size=LOSS_TERMS)
-        compare_states(f"{what}: gradient", loop.gradients(), _identity_gradients(pred, grad), dtype=loop.dtype,
-                       size=LOSS_TERMS)  # fmt: skip
+        loop, expected = _loss_and_gradients(adapter, CustomLoss(fn), pred, target, what)
         compare(f"{what}: step() return value", loop.to_float(loop.step((pred, target))), expected,
                 dtype=loop.dtype, size=LOSS_TERMS)  # fmt: skip
 

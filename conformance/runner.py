@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 import traceback
@@ -141,8 +140,9 @@ def format_report(results: list[CheckResult]) -> str:
     return "\n".join(lines)
 
 
-def main(backends: list[str] | None, adapters: list[str] | None, checks: list[str] | None, json_path) -> int:
-    """``unitrain conformance``: run, print the matrix, write ``--json``; 1 on any unexpected result."""
+def run_matrix(backends: list[str] | None, adapters: list[str] | None, checks: list[str] | None) -> list[CheckResult]:
+    """``unitrain conformance``'s run: the named backends and adapter classes (default: every
+    installed backend) through the named checks (default: all), reporting progress on stderr."""
     selected = [registry.load_adapter(target) for target in adapters or []]
     names = backends or ([] if adapters else [n for n, s in registry.backend_specs().items() if s.installed()])
     selected += [registry.get_backend(name) for name in names]
@@ -153,7 +153,9 @@ def main(backends: list[str] | None, adapters: list[str] | None, checks: list[st
     for adapter in selected:
         results += run_checks(adapter, checks)
         print(f"unitrain: {adapter_label(adapter)} done", file=sys.stderr, flush=True)
-    print(format_report(results))
-    if json_path is not None:
-        Path(json_path).write_text(json.dumps([asdict(r) for r in results], indent=1) + "\n", encoding="utf-8")
-    return 1 if any(r.unexpected for r in results) else 0
+    return results
+
+
+def results_json(results: list[CheckResult]) -> list[dict]:
+    """The results as JSON values (``unitrain conformance --json``)."""
+    return [asdict(r) for r in results]

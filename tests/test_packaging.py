@@ -37,7 +37,7 @@ def test_wheel_contains_every_backend_the_suite_and_mnist(wheel):
     for extra in ("torch", "mindspore", "chainer", "all", "test"):
         assert f"Provides-Extra: {extra}" in text
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
-    assert "unitrain = unitrain.cli:main" in entry_points
+    assert "unitrain = unitrain.__main__:main" in entry_points
 
 
 def test_installed_wheel_trains_offline_from_its_own_data(wheel, tmp_path):

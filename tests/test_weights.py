@@ -91,11 +91,12 @@ def _valid_file(tmp_path):
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
-        (lambda data: b"", "shorter than the 8-byte header length"),
-        (lambda data: data[:-4], "truncated"),
-        (lambda data: data + b"\0" * 8, "trailing bytes"),
-        (lambda data: b"\xff" * 8 + data[8:], "header length"),
-        (lambda data: data[:8] + b"#" + data[9:], "header is not JSON"),
+        (lambda data: b"", "is empty, expected a safetensors file"),
+        (lambda data: data[:5], "header too small"),
+        (lambda data: data[:-4], "file not fully covered"),
+        (lambda data: data + b"\0" * 8, "file not fully covered"),
+        (lambda data: b"\xff" * 8 + data[8:], "over unitrain's limit"),
+        (lambda data: data[:8] + b"#" + data[9:], "invalid JSON in header"),
         (lambda data: pickle.dumps({"a": 1}), "looks like a pickle"),
         (lambda data: b"PK\x03\x04" + data, "looks like a pickle or torch.save archive"),
     ],
@@ -121,7 +122,7 @@ def test_a_header_of_128_bytes_is_not_mistaken_for_a_pickle(tmp_path):
 
 
 def test_missing_file_and_directory(tmp_path):
-    with pytest.raises(WeightsError, match="does not exist"):
+    with pytest.raises(WeightsError, match="nope.safetensors does not exist"):
         load_safetensors(tmp_path / "nope.safetensors")
     with pytest.raises(WeightsError, match="is a directory"):
         load_safetensors(tmp_path)

@@ -1,60 +1,48 @@
 """unitrain: one training loop, four deep-learning backends (PyTorch, MindSpore, Chainer, NumPy).
 
-Importing this package imports no framework; only the backend that is asked for does.
+Importing this package imports no framework; only the backend that is asked for does. Its names
+load on first use (PEP 562), so that the ``unitrain`` command handles Ctrl-C before NumPy loads.
 """
 
-from . import expr
-from .data import ArrayDataset, load_mnist
-from .layers import (
-    ELU,
-    GELU,
-    AdaptiveAvgPool2d,
-    AvgPool2d,
-    BatchNorm1d,
-    BatchNorm2d,
-    Conv2d,
-    Dropout,
-    Flatten,
-    Identity,
-    LayerNorm,
-    LeakyReLU,
-    Linear,
-    LogSoftmax,
-    MaxPool2d,
-    ReLU,
-    Residual,
-    Sequential,
-    Sigmoid,
-    SiLU,
-    Softmax,
-    Tanh,
-    cnn,
-    lenet,
-    mlp,
-    resnet18,
-)  # fmt: skip
-from .loop import TrainingLoop
-from .losses import (
-    BCEWithLogitsLoss,
-    CrossEntropyLoss,
-    CustomLoss,
-    HuberLoss,
-    L1Loss,
-    MSELoss,
-    NLLLoss,
-    SmoothL1Loss,
-)  # fmt: skip
-from .optim import SGD, Adam, AdamW
-from .registry import available_backends, get_backend, make_loop
-from .weights import init_weights
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "ELU", "GELU", "SGD", "Adam", "AdamW", "AdaptiveAvgPool2d", "ArrayDataset", "AvgPool2d",
-    "BCEWithLogitsLoss", "BatchNorm1d", "BatchNorm2d", "Conv2d", "CrossEntropyLoss", "CustomLoss",
-    "Dropout", "Flatten", "HuberLoss", "Identity", "L1Loss", "LayerNorm", "LeakyReLU", "Linear",
-    "LogSoftmax", "MSELoss", "MaxPool2d", "NLLLoss", "ReLU", "Residual", "Sequential", "SiLU", "Sigmoid",
-    "SmoothL1Loss", "Softmax", "Tanh", "TrainingLoop", "available_backends", "cnn", "expr",
-    "get_backend", "init_weights", "lenet", "load_mnist", "make_loop", "mlp", "resnet18",
-]  # fmt: skip
+#: each public name and the submodule that defines it
+_EXPORTS = {
+    "ArrayDataset": "data", "load_mnist": "data",
+    "BatchNorm1d": "layers", "BatchNorm2d": "layers", "Conv2d": "layers", "Dropout": "layers",
+    "Flatten": "layers", "Linear": "layers", "MaxPool2d": "layers", "ReLU": "layers",
+    "Sequential": "layers", "cnn": "layers", "mlp": "layers",
+    "AdaptiveAvgPool2d": "layers", "AvgPool2d": "layers", "ELU": "layers", "GELU": "layers",
+    "Identity": "layers", "LayerNorm": "layers", "LeakyReLU": "layers", "LogSoftmax": "layers",
+    "Residual": "layers", "SiLU": "layers", "Sigmoid": "layers", "Softmax": "layers", "Tanh": "layers",
+    "lenet": "layers", "resnet18": "layers",
+    "TrainingLoop": "loop",
+    "CrossEntropyLoss": "losses", "MSELoss": "losses", "NLLLoss": "losses",
+    "BCEWithLogitsLoss": "losses", "CustomLoss": "losses", "HuberLoss": "losses", "L1Loss": "losses",
+    "SmoothL1Loss": "losses",
+    "SGD": "optim", "Adam": "optim", "AdamW": "optim",
+    "available_backends": "registry", "get_backend": "registry", "make_loop": "registry",
+    "init_weights": "weights",
+}  # fmt: skip
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    else:  # a submodule not imported yet, as ``import unitrain`` used to import them all
+        try:
+            value = importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as error:
+            if error.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module 'unitrain' has no attribute {name!r}") from None
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

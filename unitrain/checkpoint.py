@@ -5,7 +5,11 @@ A checkpoint directory holds the newest ``keep`` checkpoints of one run, one fol
     DIR/step-00001200/weights.safetensors    canonical state (a plain weights file: --weights / --init-weights)
     DIR/step-00001200/optimizer.safetensors  {"step", "<param>.<momentum_buffer|exp_avg|exp_avg_sq>"}
     DIR/step-00001200/random.safetensors     the dropout stream (backends with ``random-state``; opaque bytes)
-    DIR/step-00001200/checkpoint.json        manifest: position, run configuration, versions, sha256 of the files
+    DIR/step-00001200/checkpoint.json        manifest: position, run configuration and id, versions, sha256 of the files
+
+A directory holds one run: its manifests carry the run's id, a resume continues it, and a
+checkpoint of another run, or of a step older than one already there (a branch from an older
+checkpoint), is refused rather than interleaved; ``keep`` deletes only the run's own.
 
 A checkpoint is written into a hidden ``.tmp-*`` folder (each file fsynced, the manifest last) which
 is then renamed into place and the directory fsynced, so a crash at any instant leaves either no new
@@ -33,12 +37,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
 import signal
 import tempfile
 import time
+import uuid
 from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -48,15 +54,24 @@ from typing import Any
 import numpy as np
 
 from . import optim, registry
-from .weights import (
-    State,
-    WeightsError,
-    atomic_write,
-    current_umask,
-    fsync_dir,
-    load_safetensors,
-    save_safetensors,
+from .data import num_batches
+from .files import atomic_write, current_umask, fsync_dir
+from .layers import PRESETS
+from .reading import (
+    Int,
+    MapOf,
+    Nullable,
+    Number,
+    OneOf,
+    Optional,
+    Text,
+    check_json,
+    path_kind,
+    path_problem,
+    short,
+    short_list,
 )
+from .weights import Declared, State, WeightsError, check_state, load_safetensors, save_safetensors
 
 FORMAT, FORMAT_VERSION = "unitrain-checkpoint", 1
 MANIFEST, WEIGHTS, OPTIMIZER = "checkpoint.json", "weights.safetensors", "optimizer.safetensors"
@@ -84,8 +99,12 @@ class Interrupted(Exception):
 
 
 def _digest(path: Path) -> dict[str, Any]:
-    data = path.read_bytes()
-    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as file:
+        for chunk in iter(lambda: file.read(1 << 20), b""):  # in pieces: memory stays bounded
+            digest.update(chunk)
+            size += len(chunk)
+    return {"bytes": size, "sha256": digest.hexdigest()}
 
 
 def optimizer_config(spec: optim.Optimizer) -> dict[str, Any]:
@@ -123,13 +142,29 @@ def save_checkpoint(
     finished: bool = False,
     epoch_loss: tuple[float, int] = (0.0, 0),
     keep: int | None = 3,
+    run_id: str | None = None,
 ) -> Path:
     """Write a checkpoint of ``loop`` whose training continues at batch ``batch`` of epoch
-    ``epoch``; keep the newest ``keep`` (None: all). ``run`` is the run's configuration (JSON
-    values); ``epoch_loss`` the (sum, count) of the current epoch's step losses so far."""
+    ``epoch``; keep the newest ``keep`` (None: all) of the run ``run_id`` (a resumed run keeps
+    its id; another run's checkpoints are never deleted). ``run`` is the run's configuration (JSON
+    values); ``epoch_loss`` the (sum, count) of the current epoch's step losses so far.
+
+    A directory holds one run, its steps only growing: another run's checkpoint there, or one
+    later than this step (a resume of an older checkpoint), is refused with
+    :class:`CheckpointError`, so that ``load_checkpoint(directory)`` never picks a mixed run."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    name = f"step-{loop.step_count:08d}"
+    step = loop.step_count
+    name = f"step-{step:08d}"
+    for existing in checkpoint_paths(directory):  # one run per directory, its steps only growing
+        if _run_id(existing) not in (run_id, _UNKNOWN_RUN):
+            raise CheckpointError(f"{directory} holds {existing.name} of another run; a directory keeps one run's "
+                                  "checkpoints: write this run's into a new directory (a resumed run: "
+                                  "Checkpointer(..., resume=checkpoint) continues its own)")  # fmt: skip
+        if _step(existing) > step:
+            raise CheckpointError(f"{directory} holds {existing.name}, later than step {step}: writing there would "
+                                  "interleave two futures of the run; write the branch's checkpoints into a new "
+                                  "directory")  # fmt: skip
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -146,6 +181,7 @@ def save_checkpoint(
         "data_order": "numpy.random.default_rng([seed, epoch]).permutation(num_samples), batches from `batch` on",
         "epoch_loss": {"sum": float(epoch_loss[0]), "count": int(epoch_loss[1])},
         "run": dict(run or {}),
+        "run_id": run_id,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     _sweep(directory, ".tmp-")
@@ -169,11 +205,23 @@ def save_checkpoint(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     if keep is not None:
-        for old in checkpoint_paths(directory)[:-keep]:
+        for old in [path for path in checkpoint_paths(directory) if _run_id(path) == run_id][:-keep]:
             # renamed first, so a half-deleted folder never looks like a checkpoint
             old.rename(Path(tempfile.mkdtemp(prefix=".trash-", dir=directory)) / old.name)
     _sweep(directory, ".trash-")
     return final
+
+
+#: the run of a checkpoint whose manifest cannot be read: not known to be another run's, nor ours to delete
+_UNKNOWN_RUN = object()
+
+
+def _run_id(folder: Path) -> object:
+    """The run a checkpoint belongs to, as its manifest says (None: written before runs had ids)."""
+    try:
+        return _manifest(folder / MANIFEST).get("run_id")
+    except (OSError, CheckpointError):
+        return _UNKNOWN_RUN
 
 
 def _sweep(directory: Path, prefix: str) -> None:
@@ -186,8 +234,12 @@ def _sweep(directory: Path, prefix: str) -> None:
 
 def checkpoint_paths(directory: str | os.PathLike) -> list[Path]:
     """The checkpoint folders in ``directory``, oldest first (by step)."""
-    found = [(int(m.group(1)), p) for p in Path(directory).iterdir() if (m := _NAME.fullmatch(p.name)) and p.is_dir()]
-    return [path for _, path in sorted(found)]
+    found = [p for p in Path(directory).iterdir() if _NAME.fullmatch(p.name) and p.is_dir()]
+    return sorted(found, key=_step)
+
+
+def _step(folder: Path) -> int:
+    return int(_NAME.fullmatch(folder.name).group(1))
 
 
 @dataclass
@@ -214,6 +266,20 @@ class Checkpoint:
     def optimizer_spec(self) -> optim.Optimizer:
         return optimizer_from_config(self.manifest["optimizer"])
 
+    def check_position(self, num_samples: int, batch_size: int) -> None:
+        """Refuse a position the run cannot have reached on data of ``num_samples`` samples in
+        batches of ``batch_size`` (raises :class:`CheckpointError` naming the field and its
+        range): ``batch`` within an epoch, and ``step == epoch * batches per epoch + batch``,
+        which every run started from step 0 keeps."""
+        per_epoch = num_batches(num_samples, batch_size)
+        where = f"checkpoint {self.path}: {num_samples} samples in batches of {batch_size} make {per_epoch} per epoch"
+        if not self.batch < per_epoch:
+            raise CheckpointError(f"{where}, so its batch {short(self.batch)} must be in 0..{per_epoch - 1}")
+        if self.step != self.epoch * per_epoch + self.batch:
+            expected = self.epoch * per_epoch + self.batch
+            raise CheckpointError(f"{where}, so its step {short(self.step)} must be epoch {short(self.epoch)} "
+                                  f"x {per_epoch} + batch {self.batch} = {short(expected)}")  # fmt: skip
+
     def restore(self, loop) -> None:
         """Load weights, optimizer state and step count into ``loop`` (any backend), which must
         use the checkpoint's optimizer and seed; and the random state where ``loop`` keeps the
@@ -231,18 +297,20 @@ class Checkpoint:
         except (KeyError, ValueError) as error:
             raise CheckpointError(f"{self.path / OPTIMIZER} does not fit the model: {error}") from None
         if self.random_state and set(self.random_state) == set(loop.random_state()):  # the same kind of stream
-            loop.load_random_state(self.random_state, source=str(self.path / RANDOM))
+            try:
+                loop.load_random_state(self.random_state, source=str(self.path / RANDOM))
+            except WeightsError as error:
+                raise CheckpointError(str(error)) from None
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """The checkpoint at ``path``: a checkpoint folder, or a checkpoint directory (its newest
-    checkpoint). Verifies sizes and sha256 digests; raises :class:`CheckpointError`."""
+    checkpoint). Validates the manifest against :data:`MANIFEST_SCHEMA`, then each file's size,
+    sha256 and header before reading its tensors; raises :class:`CheckpointError`."""
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint {path} is a file, expected a checkpoint directory")
-    if _NAME.fullmatch(path.name) or (path / MANIFEST).exists():
+    if problem := path_problem(path, "a checkpoint directory"):
+        raise CheckpointError(f"checkpoint {path} {problem}")
+    if _NAME.fullmatch(path.name) or path_kind(path / MANIFEST) != "nothing":
         return _verified(path)
     candidates = checkpoint_paths(path)
     if not candidates:
@@ -256,44 +324,131 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
                               f"pass --resume {candidates[-2]} to continue from it") from None  # fmt: skip
 
 
+_DIGEST = {"bytes": Int(), "sha256": Text("[0-9a-f]{64}")}
+#: what a manifest must hold (fields it may add are ignored); see save_checkpoint
+MANIFEST_SCHEMA = {
+    "format": OneOf((FORMAT,)),
+    "format_version": OneOf((FORMAT_VERSION,)),
+    "step": Int(),
+    "epoch": Int(),
+    "batch": Int(),
+    "finished": bool,
+    "backend": str,
+    "versions": Optional(MapOf(str, Nullable(str))),
+    "seed": Int(),
+    "dtype": Optional(str),
+    "optimizer": {
+        "type": OneOf(tuple(cls.__name__ for cls in optim.OPTIMIZERS.values())),
+        "lr": Number(),
+        "weight_decay": Number(),
+        "momentum": Optional(Number()),
+        "dampening": Optional(Number()),
+        "nesterov": Optional(bool),
+        "betas": Optional([Number(), Number()]),
+        "eps": Optional(Number()),
+    },
+    "loss": Optional(str),
+    "data_order": Optional(str),
+    "epoch_loss": {"sum": Number(), "count": Int()},
+    "run": {  # the command line's run settings; a checkpoint written from Python may have none
+        "model": Optional(OneOf(tuple(PRESETS))),
+        "dataset": Optional(OneOf(("mnist",))),
+        "optimizer": Optional(OneOf(tuple(optim.OPTIMIZERS))),
+        "batch_size": Optional(Int(1)),
+        "epochs": Optional(Int()),
+        "max_steps": Optional(Nullable(Int())),
+        "shuffle": Optional(bool),
+    },
+    "created": Optional(str),
+    "run_id": Optional(Nullable(str)),  # which run wrote it (save_checkpoint); absent in older checkpoints
+    "files": {WEIGHTS: _DIGEST, OPTIMIZER: _DIGEST, RANDOM: Optional(_DIGEST)},
+}
+#: a manifest is about 1.5 kB; anything far larger is not one
+_MAX_MANIFEST_BYTES = 1 << 20
+#: the backends' random states are PCG64's JSON (about 170 bytes) or torch's CPU generator (5 kB)
+_MAX_RANDOM_STATE_BYTES = 1 << 20
+
+
 def _verified(folder: Path) -> Checkpoint:
     def damaged(why: str) -> CheckpointError:
         return CheckpointError(f"checkpoint {folder} is damaged: {why}")
 
-    manifest_path = folder / MANIFEST
-    if not manifest_path.is_file():
-        raise damaged(f"{MANIFEST} is missing or not a file")
+    manifest = _manifest(folder / MANIFEST)
     try:
-        manifest = json.loads(manifest_path.read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise damaged(f"{MANIFEST} is not valid JSON ({error})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise damaged(f"{MANIFEST} is not a unitrain checkpoint manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {folder} has format version {manifest.get('format_version')!r}; "
-                              f"this unitrain reads version {FORMAT_VERSION}")  # fmt: skip
-    required = ("step", "epoch", "batch", "finished", "backend", "seed", "optimizer", "epoch_loss", "run", "files")
-    if missing := [key for key in required if key not in manifest]:
-        raise damaged(f"{MANIFEST} lacks {missing}")
-    loaded = {RANDOM: {}}
-    listed = manifest["files"] if isinstance(manifest["files"], dict) else {}
+        spec = optimizer_from_config(manifest["optimizer"])
+    except CheckpointError as error:
+        raise damaged(str(error)) from None
+    files = manifest["files"]
     for file in (WEIGHTS, OPTIMIZER, RANDOM):
-        expected = listed.get(file)
-        if file == RANDOM and expected is None:
+        if file not in files:
             continue
-        if not isinstance(expected, dict):
-            raise damaged(f"{MANIFEST} lists no digest for {file}")
-        if not (folder / file).is_file():
-            raise damaged(f"{file} is missing or not a file")
-        actual = _digest(folder / file)
-        if actual["bytes"] != expected.get("bytes"):
-            raise damaged(f"{file} has {actual['bytes']} bytes, the manifest says {expected.get('bytes')} (truncated?)")
-        if actual["sha256"] != expected.get("sha256"):
+        if problem := path_problem(folder / file):
+            raise damaged(f"{file} {problem}")
+        declared, size = files[file], (folder / file).stat().st_size
+        if size != declared["bytes"]:  # before reading any of it
+            raise damaged(f"{file} has {size} bytes, the manifest says {declared['bytes']} (truncated?)")
+        if _digest(folder / file)["sha256"] != declared["sha256"]:
             raise damaged(f"{file} does not match its sha256 in the manifest (corrupted bytes)")
-        loaded[file], _ = load_safetensors(folder / file)
-    if int(loaded[OPTIMIZER].get("step", -1)) != manifest["step"]:
-        raise damaged(f"optimizer step {loaded[OPTIMIZER].get('step')} differs from the manifest's {manifest['step']}")
-    return Checkpoint(folder, manifest, loaded[WEIGHTS], loaded[OPTIMIZER], loaded[RANDOM])
+
+    def read(file: str, check) -> State:
+        return load_safetensors(folder / file, check, name=f"checkpoint file {folder / file}")[0]
+
+    weights_layout: dict[str, Declared] = {}
+
+    def check_weights(declared):  # the run's model where the manifest names one, else the file's own keys
+        model = manifest["run"].get("model")
+        shapes = PRESETS[model]().state_shapes() if model else {key: d.shape for key, d in declared.items()}
+        check_state(shapes, declared, f"checkpoint file {folder / WEIGHTS}")
+        weights_layout.update(declared)
+
+    def check_optimizer(declared):  # "step" and, per parameter, buffers of its shape
+        buffers = {f"{key}.{name}": d.shape for key, d in weights_layout.items() for name in spec.state_names}
+        expected = {"step": (), **buffers}
+        unknown = [key for key in declared if key not in expected]
+        wrong = [key for key in declared if key in expected and tuple(declared[key].shape) != expected[key]]
+        if "step" not in declared or unknown or wrong or declared["step"].dtype != "I64":
+            raise damaged(f"{OPTIMIZER} does not fit {spec} and the weights: needs an I64 scalar 'step' "
+                          f"and '<param>.{{{', '.join(spec.state_names)}}}' buffers of the parameters' shapes; "
+                          f"unexpected {short_list(unknown)}, mis-shaped {short_list(wrong)}")  # fmt: skip
+
+    def check_random(declared):  # opaque bytes, and small
+        size = sum(math.prod(d.shape) for d in declared.values())
+        if any(d.dtype != "U8" or len(d.shape) != 1 for d in declared.values()) or size > _MAX_RANDOM_STATE_BYTES:
+            raise damaged(f"{RANDOM} must hold 1-D U8 arrays of at most {_MAX_RANDOM_STATE_BYTES} bytes in all")
+
+    weights = read(WEIGHTS, check_weights)
+    optimizer_state = read(OPTIMIZER, check_optimizer)
+    random_state = read(RANDOM, check_random) if RANDOM in files else {}
+    if int(optimizer_state["step"]) != manifest["step"]:
+        raise damaged(f"optimizer step {int(optimizer_state['step'])} differs from the manifest's {manifest['step']}")
+    return Checkpoint(folder, manifest, weights, optimizer_state, random_state)
+
+
+def _manifest(path: Path) -> dict[str, Any]:
+    """The manifest, parsed and validated against :data:`MANIFEST_SCHEMA`."""
+
+    def damaged(why: str) -> CheckpointError:
+        return CheckpointError(f"checkpoint {path.parent} is damaged: {why}")
+
+    if problem := path_problem(path):
+        raise damaged(f"{MANIFEST} {problem}")
+    with open(path, "rb") as file:
+        text = file.read(_MAX_MANIFEST_BYTES + 1)
+    if len(text) > _MAX_MANIFEST_BYTES:
+        raise damaged(f"{MANIFEST} is over {_MAX_MANIFEST_BYTES} bytes, not a manifest")
+    try:
+        manifest = json.loads(text)
+    except (ValueError, RecursionError) as error:  # ValueError: not JSON, or an integer of over 4300 digits
+        raise damaged(f"{MANIFEST} is not valid JSON ({str(error)[:200]})") from None
+    version = manifest.get("format_version", FORMAT_VERSION) if isinstance(manifest, dict) else FORMAT_VERSION
+    if version != FORMAT_VERSION and manifest.get("format") == FORMAT:
+        raise CheckpointError(f"checkpoint {path.parent} has format version {short(version)}; "
+                              f"this unitrain reads version {FORMAT_VERSION}")  # fmt: skip
+    try:
+        check_json(manifest, MANIFEST_SCHEMA)
+    except ValueError as error:
+        raise damaged(f"{MANIFEST} {error}") from None
+    return manifest
 
 
 # --- the training extension -----------------------------------------------------------------
@@ -308,7 +463,8 @@ class Checkpointer:
     when there is none to ``interrupt_directory``, so that an interrupted run is never lost.
 
     Losses are read (a host sync) in bulk: every ``check_every`` steps, before a checkpoint
-    and at epoch ends. ``resume`` is the checkpoint the run continues from, if any."""
+    and at epoch ends. ``resume`` is the checkpoint the run continues from, if any: the run
+    keeps its id, so ``directory`` may be that checkpoint's own when it is the newest there."""
 
     def __init__(
         self,
@@ -327,6 +483,8 @@ class Checkpointer:
         self.every, self.keep, self.max_steps, self.run = every, keep, max_steps, run
         self.check_every = every if every else check_every
         self.carried = {resume.epoch: resume.epoch_loss} if resume is not None else {}
+        #: which checkpoints are this run's (``keep`` deletes no other's); a resume continues the run
+        self.run_id = resume.manifest.get("run_id") if resume is not None else uuid.uuid4().hex
         self.stop_requested = False
         self.stop_signal: int | None = None
         #: the newest checkpoint written by this run
@@ -407,6 +565,7 @@ class Checkpointer:
             finished=finished,
             epoch_loss=(self.loss_sum, self.loss_count) if self.position[1] else (0.0, 0),
             keep=self.keep,
+            run_id=self.run_id,
         )
         self.last_saved_step = loop.step_count
 

@@ -6,21 +6,23 @@ import argparse
 import errno
 import itertools
 import json
-import os
-import signal
+import math
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 
-from . import registry
+from . import files, registry
 from .checkpoint import WEIGHTS, Checkpointer, Diverged, Interrupted, checkpoint_paths, load_checkpoint, stop_on_signals
-from .data import MNIST_MEAN, MNIST_STD, DataError, load_mnist
+from .data import MNIST_MEAN, MNIST_SIZES, MNIST_STD, DataError, load_mnist
 from .layers import PRESETS, preset
 from .loop import InputError
 from .optim import OPTIMIZERS
+from .reading import path_problem
+from .signals import ending_on_signals, interrupted
 from .weights import WeightsError, check_state, load_safetensors
 
 
@@ -29,7 +31,15 @@ class UsageError(Exception):
 
 
 #: errors that are the user's to fix: reported in one line, exit code 2, no traceback
-USER_ERRORS = (UsageError, registry.BackendError, DataError, WeightsError, InputError, OSError)
+USER_ERRORS = (UsageError, files.OutputError, registry.BackendError, DataError, WeightsError, InputError, OSError)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Reports a bad command line as every other error: one line, exit code 2 (argparse's own
+    prints the usage first); subcommands' parsers are of this class too."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see: {self.prog} --help)")
 
 
 def _positive_float(text: str) -> float:
@@ -41,9 +51,12 @@ def _positive_float(text: str) -> float:
 
 def _float(text: str) -> float:
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def _int_at_least(minimum: int):
@@ -72,9 +85,7 @@ def _int_in_range(low: int, high: int):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="unitrain", description="One training loop on PyTorch, MindSpore, Chainer or NumPy."
-    )
+    parser = _Parser(prog="unitrain", description="One training loop on PyTorch, MindSpore, Chainer or NumPy.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = commands.add_parser(
@@ -147,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     conformance.add_argument("--check", action="append", metavar="NAME", help="run only this check (repeatable)")
     conformance.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
+    conformance.add_argument("--overwrite", action="store_true", help="allow --json to replace a file")
     conformance.set_defaults(handler=cmd_conformance)
     return parser
 
@@ -177,20 +189,33 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
-    args.argv = argv  # which flags were typed (--resume refuses explicit conflicting settings)
     # SIGTERM ends a command as Ctrl-C does: MindSpore turns Ctrl-C into SIGTERM (see stop_on_signals)
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        return args.handler(args)
-    except USER_ERRORS as error:
-        print(f"unitrain: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("unitrain: interrupted", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with ending_on_signals():
+        try:
+            args = build_parser().parse_args(argv)
+            args.argv = argv  # which flags were typed (--resume refuses explicit conflicting settings)
+            return args.handler(args)
+        except USER_ERRORS as error:
+            print(f"unitrain: error: {_one_line(error)}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt as interrupt:
+            return interrupted(interrupt)
+
+
+def _one_line(error: Exception) -> str:
+    """An OSError as path and reason (``w.safetensors: No space left on device``), not ``[Errno 28] ...``."""
+    if isinstance(error, OSError) and error.strerror:
+        return f"{error.filename}: {error.strerror}" if error.filename is not None else error.strerror
+    return str(error)
+
+
+def _published(flag: str, path: Path, final: Path, what: str, overwrite: bool) -> bool:
+    """Whether ``what`` went to ``path`` as asked; if not (see :func:`files.publish`), say where."""
+    if final == path:
+        return True
+    found = f"is {files.describe(path)}, never replaced" if overwrite else "appeared during the run"
+    print(f"unitrain: {flag} {path} {found}; kept it and wrote the {what} to {final} instead", file=sys.stderr)
+    return False
 
 
 # --- unitrain backends -------------------------------------------------------------------
@@ -220,10 +245,20 @@ def cmd_backends(args) -> int:
 def cmd_conformance(args) -> int:
     from unitrain.conformance import runner
 
-    if args.json is not None:
-        _check_output(Path(args.json), "--json", overwrite=True)
+    files.check_output(args.json, "--json", args.overwrite)
+    results = runner.run_matrix(args.backend, args.adapter, args.check)
+    print(runner.format_report(results))
+    status = 1 if any(r.unexpected for r in results) else 0
+    if args.json is not None and not _write_json(args, runner.results_json(results), "results"):
+        return 2
+    return status
 
-    return runner.main(args.backend, args.adapter, args.check, args.json)
+
+def _write_json(args, report, what: str) -> bool:
+    """``--json``: the report, published without replacing a file that appeared meanwhile."""
+    text = json.dumps(report, indent=1) + "\n"
+    final = files.publish(args.json, lambda staged: staged.write_text(text, encoding="utf-8"), overwrite=args.overwrite)
+    return _published("--json", args.json, final, what, args.overwrite)
 
 
 # --- unitrain compare --------------------------------------------------------------------
@@ -242,7 +277,7 @@ def cmd_compare(args) -> int:
     for name in backends:
         registry.usable_spec(name)
     initial = _check_run_inputs(args)
-    _check_output(args.json, "--json", args.overwrite)
+    files.check_output(args.json, "--json", args.overwrite)
     optimizer = _optimizer(args)
     train_data, test_data = load_mnist("train", args.data_dir), load_mnist("test", args.data_dir)
     print(
@@ -264,8 +299,8 @@ def cmd_compare(args) -> int:
     print(format_report(results, len(test_data)))
     if args.json is not None:
         report = {"run": {**_run_config(args), "seed": args.seed, "optimizer": str(optimizer)}, "results": results}
-        with open(args.json, "w", encoding="utf-8") as file:
-            json.dump(report, file, indent=1)
+        if not _write_json(args, report, "report"):
+            return 2
     return 0
 
 
@@ -276,25 +311,11 @@ def _check_run_inputs(args) -> dict | None:
 
 
 def _check_data_dir(path: Path | None) -> None:
-    if path is not None and not path.is_dir():
-        raise UsageError(f"--data-dir {path} does not exist or is not a directory")
+    if path is not None and (problem := path_problem(path, "a directory")):
+        raise UsageError(f"--data-dir {path} {problem}")
 
 
 # --- unitrain train ----------------------------------------------------------------------
-
-
-def _check_output(path: Path | None, flag: str, overwrite: bool) -> None:
-    if path is None:
-        return
-    if path.is_dir():
-        raise UsageError(f"{flag} {path} is a directory, expected a file path")
-    if path.exists() and not overwrite:
-        raise UsageError(f"{flag} {path} already exists; pass --overwrite to replace it")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise UsageError(f"{flag} {path}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"{flag} {path}: directory {parent} is not writable")
 
 
 def _optimizer(args):
@@ -315,8 +336,8 @@ def _optimizer(args):
 def cmd_train(args) -> int:
     # Everything the user typed is checked before the (slow) framework import and any training.
     initial = _check_run_inputs(args)
-    _check_output(args.save, "--save", args.overwrite)
-    _check_output(args.metrics, "--metrics", args.overwrite)
+    files.check_output(args.save, "--save", args.overwrite)
+    files.check_output(args.metrics, "--metrics", args.overwrite)
     if args.save is not None and args.metrics is not None and args.save.resolve() == args.metrics.resolve():
         raise UsageError("--save and --metrics name the same file")
     resume = _resume(args) if args.resume is not None else None
@@ -355,8 +376,11 @@ def cmd_train(args) -> int:
     extensions = [checkpointer, EpochReport(args.epochs)]
     if show_progress:
         extensions.insert(0, ProgressBar())
+    placed = True  # every output went where the user asked
     if args.metrics is not None:
-        extensions.append(MetricsWriter(args.metrics, loop.name, args.model))
+        metrics = MetricsWriter(args.metrics, loop.name, args.model, args.overwrite)
+        placed = _published("--metrics", args.metrics, metrics.path, "metrics", args.overwrite)
+        extensions.append(metrics)
 
     def notice():
         print("\nunitrain: stopping at the next step boundary (Ctrl-C again to abort)", file=sys.stderr, flush=True)
@@ -392,9 +416,10 @@ def cmd_train(args) -> int:
             f"no training step taken  test accuracy {100 * metrics['accuracy']:.2f}%  test loss {metrics['loss']:.4f}"
         )
     if args.save is not None:
-        loop.save_weights(args.save)
-        print(f"unitrain: saved weights to {args.save}")
-    return 0
+        final = files.publish(args.save, loop.save_weights, overwrite=args.overwrite)
+        placed = _published("--save", args.save, final, "weights", args.overwrite) and placed
+        print(f"unitrain: saved weights to {final}")
+    return 0 if placed else 2
 
 
 def _interrupt_directory() -> Path | None:
@@ -436,6 +461,7 @@ def _resume(args):
     run, spec = checkpoint.run, checkpoint.optimizer_spec()
     if missing := [key for key in _run_config(args) if key not in run]:
         raise UsageError(f"--resume {args.resume}: the checkpoint lacks the run settings {missing}")
+    checkpoint.check_position(MNIST_SIZES["train"], run["batch_size"])
     recorded = {
         "model": run["model"],
         "dataset": run["dataset"],
@@ -483,16 +509,23 @@ def _check_checkpoint_dir(args, resume) -> None:
     if directory.exists() and not directory.is_dir():
         raise UsageError(f"--checkpoint-dir {directory} is a file, expected a directory")
     resumed_here = resume is not None and directory.resolve() == resume.path.parent.resolve()
-    if directory.is_dir() and checkpoint_paths(directory) and not resumed_here:
+    existing = checkpoint_paths(directory) if directory.is_dir() else []
+    if existing and not resumed_here:
         raise UsageError(
             f"--checkpoint-dir {directory} already holds a run's checkpoints; continue it with --resume {directory} "
             "or choose another directory"
         )
-    existing = next(path for path in (directory.absolute(), *directory.absolute().parents) if path.exists())
+    if resumed_here and existing and existing[-1].resolve() != resume.path.resolve():
+        # continuing there would interleave two futures of the run (and --keep delete the newer one)
+        raise UsageError(
+            f"--resume {resume.path} is not the newest checkpoint in {directory} ({existing[-1].name} is); "
+            "to branch from it, pass a new --checkpoint-dir DIR"
+        )
+    nearest = next(path for path in (directory.absolute(), *directory.absolute().parents) if path.exists())
     try:
-        if not existing.is_dir():
-            raise NotADirectoryError(errno.ENOTDIR, f"{existing} is not a directory")
-        with tempfile.TemporaryFile(dir=existing):  # what os.access cannot tell: read-only mounts, root
+        if not nearest.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, f"{nearest} is not a directory")
+        with tempfile.TemporaryFile(dir=nearest):  # what os.access cannot tell: read-only mounts, root
             pass
     except OSError as error:
         raise UsageError(f"--checkpoint-dir {directory} is not writable: {error.strerror}") from None
@@ -541,34 +574,31 @@ class ProgressBar:
 
 
 class MetricsWriter:
-    """JSON Lines, one object per epoch, flushed as each epoch ends."""
+    """JSON Lines, one object per epoch, flushed as each epoch ends. Written where asked, or beside
+    it when something appeared there since start-up (``path`` says where, see
+    :func:`files.create_output`)."""
 
-    def __init__(self, path: Path, backend: str, model: str):
-        self.file = open(path, "w", encoding="utf-8")  # noqa: SIM115 - closed in finalize
+    def __init__(self, path: Path, backend: str, model: str, overwrite: bool = False):
+        self.file, self.path = files.create_output(path, overwrite=overwrite)
         self.fields = {"backend": backend, "model": model}
 
     def on_epoch_end(self, loop, record):
-        self.file.write(json.dumps({**self.fields, **record}) + "\n")
-        self.file.flush()
+        with files.naming(self.path):
+            self.file.write(json.dumps({**self.fields, **record}) + "\n")
+            self.file.flush()
 
     def finalize(self, loop):
-        self.file.close()
+        with files.naming(self.path):
+            self.file.close()
 
 
 # --- unitrain evaluate / predict ---------------------------------------------------------------
 
 
 def _read_weights(path: Path, model_name: str, flag: str = "--weights") -> dict:
-    """A weights file checked against the model before any framework is imported."""
-    if path.is_dir():
-        raise UsageError(f"{flag} {path} is a directory, expected a safetensors file")
-    if not path.exists():
-        raise UsageError(f"{flag} {path} does not exist")
-    if path.stat().st_size == 0:
-        raise UsageError(f"{flag} {path} is empty, expected a safetensors file")
-    tensors, _ = load_safetensors(path)
-    check_state(preset(model_name).state_shapes(), tensors, f"{flag} {path}")
-    return tensors
+    """A weights file checked against the model (from its header) before any framework is imported."""
+    shapes, name = preset(model_name).state_shapes(), f"{flag} {path}"
+    return load_safetensors(path, lambda declared: check_state(shapes, declared, name), name=name)[0]
 
 
 def _loop_with_weights(args):
@@ -591,21 +621,25 @@ def cmd_evaluate(args) -> int:
 
 def _read_png(path: Path) -> np.ndarray:
     """A 28x28 8-bit grayscale PNG as one normalised MNIST sample, shape (1, 1, 28, 28)."""
-    if path.is_dir():
-        raise UsageError(f"--image {path} is a directory, expected a PNG file")
-    if not path.is_file():
-        raise UsageError(f"--image {path} does not exist")
+    if problem := path_problem(path, "a PNG file"):
+        raise UsageError(f"--image {path} {problem}")
     try:
         from PIL import Image, UnidentifiedImageError
     except ImportError:
         raise UsageError("--image needs Pillow: pip install pillow") from None
     try:
-        with Image.open(path) as image:
-            image.load()
-            kind, mode, size = image.format, image.mode, image.size
-            pixels = np.asarray(image)
-    except (UnidentifiedImageError, OSError) as error:
-        raise UsageError(f"--image {path} is not a readable image: {error}") from None
+        with warnings.catch_warnings():
+            # Pillow's guard stays on: over its pixel limit it warns, over twice the limit it raises
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:  # reads the header only
+                kind, mode, size = image.format, image.mode, image.size
+                if kind == "PNG" and mode == "L" and size == (28, 28):  # decode only what is expected
+                    pixels = np.asarray(image)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise UsageError(f"--image {path} declares more pixels than Pillow decodes "
+                         f"({Image.MAX_IMAGE_PIXELS}); expected 28x28") from None  # fmt: skip
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+        raise UsageError(f"--image {path} is not a readable image: {str(error)[:200]}") from None
     if kind != "PNG":
         raise UsageError(f"--image {path} is a {kind} image, expected a PNG")
     if mode != "L":

@@ -440,7 +440,8 @@ class TrainingLoop(ABC):
         weights_io.save_safetensors(path, self.state_dict(), {"format": "pt", "producer": f"unitrain/{self.name}"})
 
     def load_weights(self, path) -> None:
-        tensors, _ = weights_io.load_safetensors(path)
+        shapes = self.state_shapes()  # checked from the file's header, before any tensor is read
+        tensors, _ = weights_io.load_safetensors(path, lambda declared: weights_io.check_state(shapes, declared, path))
         self.load_state_dict(tensors, source=str(path))
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:

@@ -26,11 +26,18 @@ Adam (``t`` counts steps from 1; AdamW replaces the first line by ``p = p * (1 -
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 
 def _check(name: str, value, condition: bool, expected: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not condition:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (isinstance(value, float) and not math.isfinite(value))
+    ):
+        raise ValueError(f"{name} must be a finite number {expected}, got {value!r}")
+    if not condition:
         raise ValueError(f"{name} must be {expected}, got {value!r}")
 
 

@@ -12,6 +12,8 @@ import json
 
 import numpy as np
 
+from .reading import Int, OneOf, check_json
+
 
 def dropout_stream(seed: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence(seed).spawn(1)[0])
@@ -35,9 +37,20 @@ def stream_state(rng: np.random.Generator) -> dict[str, np.ndarray]:
     return {STREAM_KEY: np.frombuffer(json.dumps(rng.bit_generator.state).encode(), np.uint8)}
 
 
+#: what ``numpy.random.PCG64().state`` holds: 128-bit state and increment, a cached 32-bit half
+_PCG64_STATE = {
+    "bit_generator": OneOf(("PCG64",)),
+    "state": {"state": Int(0, 2**128 - 1), "inc": Int(0, 2**128 - 1)},
+    "has_uint32": Int(0, 1),
+    "uinteger": Int(0, 2**32 - 1),
+}
+
+
 def set_stream_state(rng: np.random.Generator, state: dict[str, np.ndarray]) -> None:
     """Restore :func:`stream_state` into ``rng``; ValueError if the bytes are not one."""
     try:
-        rng.bit_generator.state = json.loads(np.asarray(state[STREAM_KEY], np.uint8).tobytes())
-    except (UnicodeDecodeError, json.JSONDecodeError, TypeError, KeyError) as error:
-        raise ValueError(f"not a {type(rng.bit_generator).__name__} state ({error})") from None
+        decoded = json.loads(np.asarray(state[STREAM_KEY], np.uint8).tobytes())
+        check_json(decoded, _PCG64_STATE)
+    except (ValueError, RecursionError, TypeError, KeyError) as error:  # ValueError: bad JSON, or the schema's
+        raise ValueError(f"not a {type(rng.bit_generator).__name__} state ({str(error)[:200]})") from None
+    rng.bit_generator.state = decoded

@@ -10,14 +10,17 @@ from __future__ import annotations
 import json
 import math
 import os
-import struct
-import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
+import safetensors.numpy
+from safetensors import SafetensorError, safe_open
 
+from .files import atomic_write
 from .layers import Container, Conv2d, LayerNorm, Linear, _BatchNorm
+from .reading import path_problem, short, short_list
 
 State = dict[str, np.ndarray]
 
@@ -59,143 +62,147 @@ def init_weights(model: Container, seed: int) -> State:
     return state
 
 
-def check_state(expected: Mapping[str, tuple[int, ...]], state: Mapping[str, np.ndarray], source="state"):
-    """Raise :class:`WeightsError` unless ``state`` has exactly the expected keys and shapes."""
+def check_state(expected: Mapping[str, tuple[int, ...]], state: Mapping, source="state"):
+    """Raise :class:`WeightsError` unless ``state`` (arrays, or a file's :class:`Declared`
+    tensors) has exactly the expected keys and shapes, and floating values except the integer
+    BatchNorm counters ``num_batches_tracked``."""
     missing = [key for key in expected if key not in state]
     extra = [key for key in state if key not in expected]
     problems = []
     if missing:
-        problems.append(f"missing keys {missing}")
+        problems.append(f"missing keys {short_list(missing)}")
     if extra:
-        problems.append(f"unexpected keys {extra}")
-    for key, shape in expected.items():
-        if key in state and tuple(np.shape(state[key])) != tuple(shape):
-            problems.append(f"key {key!r} has shape {tuple(np.shape(state[key]))}, the model expects {tuple(shape)}")
+        problems.append(f"unexpected keys {short_list(extra)}")
+    for key, wanted in expected.items():
+        if key not in state:
+            continue
+        shape, dtype = describe(state[key])
+        if tuple(shape) != tuple(wanted):
+            problems.append(f"key {key!r} has shape {tuple(shape)}, the model expects {tuple(wanted)}")
+        elif key.endswith("num_batches_tracked") and dtype not in _INTEGER:
+            problems.append(f"key {key!r} has dtype {dtype}, expected an integer dtype")
+        elif not key.endswith("num_batches_tracked") and dtype not in _FLOATING:
+            problems.append(f"key {key!r} has dtype {dtype}, expected a floating dtype ({', '.join(_FLOATING)})")
     if problems:
         raise WeightsError(f"{source} does not match the model: " + "; ".join(problems))
 
 
 # --- safetensors ----------------------------------------------------------------------------
-# Format: u64 little-endian header length, a JSON header {name: {dtype, shape, data_offsets}},
-# then the raw little-endian tensor bytes. https://github.com/huggingface/safetensors
+# Read and written by the format's reference implementation (the `safetensors` library, memory-
+# mapped, which refuses malformed headers); unitrain adds what the format leaves open: pickles
+# named as such, duplicate keys, NumPy's limits, and the caller's keys, shapes and dtypes checked
+# from the header before any tensor is read.
 
+#: safetensors' dtype names that NumPy holds
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
-    "U8": np.uint8, "BOOL": np.bool_,
+    "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
 }  # fmt: skip
 _CODES = {np.dtype(v): k for k, v in _DTYPES.items()}
-_MAX_HEADER = 100 * 1024 * 1024
+_FLOATING, _INTEGER = ("F16", "F32", "F64"), ("I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8")
+_MAX_DIMS = 32  # NumPy 1.x's limit on dimensions
+#: The library accepts headers up to 100 MB, and its parser then takes 12x that in memory (1.2 GB,
+#: measured); 16 MiB (about 160,000 tensors' entries) keeps a header under 200 MB.
+_MAX_HEADER = 16 << 20
 
 
-def current_umask() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
+class Declared(NamedTuple):
+    """A tensor as a safetensors header declares it, before its data is read."""
+
+    shape: tuple[int, ...]
+    #: safetensors' name of the dtype ("F32", "I64", "BF16", ...)
+    dtype: str
 
 
-def atomic_write(path: str | os.PathLike, chunks) -> None:
-    """Write ``chunks`` (bytes-likes) to ``path`` so that a crash at any instant leaves either
-    the old file or the complete new one: temporary file in the same folder, fsync, rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 would hide the file from others
-        with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent or Path("."))
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename inside ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def describe(value) -> Declared:
+    """The shape and safetensors dtype name of an array (or of a :class:`Declared` tensor)."""
+    if isinstance(value, Declared):
+        return value
+    array = np.asarray(value)
+    return Declared(array.shape, _CODES.get(array.dtype.newbyteorder("="), str(array.dtype)))
 
 
 def save_safetensors(path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None):
-    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
-    arrays, offset = [], 0
-    for name, value in tensors.items():
-        array = np.asarray(value, order="C")  # ascontiguousarray would turn 0-d into 1-d
-        if array.dtype not in _CODES:
-            raise WeightsError(f"tensor {name!r} has dtype {array.dtype}, which safetensors cannot hold")
-        array = array.astype(array.dtype.newbyteorder("<"), copy=False)
-        header[name] = {
-            "dtype": _CODES[array.dtype.newbyteorder("=")],
-            "shape": list(array.shape),
-            "data_offsets": [offset, offset + array.nbytes],
-        }
-        offset += array.nbytes
-        arrays.append(array)
-    encoded = json.dumps(header, separators=(",", ":")).encode()
-    encoded += b" " * (-len(encoded) % 8)  # data starts 8-byte aligned, as the reference writer does
-    atomic_write(path, [struct.pack("<Q", len(encoded)), encoded, *(a.data for a in arrays)])
-
-
-def load_safetensors(path) -> tuple[State, dict[str, str]]:
-    """Read a safetensors file, validating every offset; returns ``(tensors, metadata)``."""
-    path = Path(path)
-    if path.is_dir():
-        raise WeightsError(f"{path} is a directory, expected a safetensors file")
+    arrays = {name: np.asarray(value, order="C") for name, value in tensors.items()}  # the library needs C order
+    for name, array in arrays.items():
+        if array.dtype.newbyteorder("=") not in _CODES:
+            raise WeightsError(f"tensor {name!r} has dtype {array.dtype}, which unitrain does not write")
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise WeightsError(f"weights file {path} does not exist") from None
-    except OSError as error:
-        raise WeightsError(f"cannot read weights file {path}: {error.strerror}") from None
+        data = safetensors.numpy.save(arrays, dict(metadata) if metadata else None)
+    except (SafetensorError, TypeError) as error:
+        raise WeightsError(f"cannot write {path}: {error}") from None
+    atomic_write(path, [data])
+
+
+def load_safetensors(
+    path, check: Callable[[dict[str, Declared]], None] | None = None, *, name: str | None = None
+) -> tuple[State, dict[str, str]]:
+    """Read a safetensors file; returns ``(tensors, metadata)``. ``check`` sees every tensor's
+    :class:`Declared` shape and dtype before any data is read, and raises to refuse the file.
+    Floating tensors must be finite. ``name`` is how messages call the file (default: its path)."""
+    path = Path(path)
+    name = name or str(path)
+    if problem := path_problem(path, "a safetensors file"):
+        raise WeightsError(f"{name} {problem}")
 
     def bad(why: str) -> WeightsError:
-        return WeightsError(f"{path} is not a valid safetensors file: {why}")
+        return WeightsError(f"{name} is not a valid safetensors file: {why}")
 
+    try:
+        with open(path, "rb") as file:
+            size, start = os.fstat(file.fileno()).st_size, file.read(9)
+    except OSError as error:
+        raise WeightsError(f"cannot read {name}: {error.strerror}") from None
+    if size == 0:
+        raise WeightsError(f"{name} is empty, expected a safetensors file")
     # A header length of 128 (mod 256) also starts with 0x80: a safetensors header is JSON, from byte 8.
-    plausible = len(data) > 8 and data[8:9] == b"{" and struct.unpack("<Q", data[:8])[0] <= len(data) - 8
-    if not plausible and (data[:1] == b"\x80" or data[:2] == b"PK"):
+    header_len = int.from_bytes(start[:8], "little")
+    if not (start[8:9] == b"{" and header_len <= size - 8) and (start[:1] == b"\x80" or start[:2] == b"PK"):
         raise bad("it looks like a pickle or torch.save archive; unitrain never unpickles, "
                   "convert it with safetensors.torch.save_file")  # fmt: skip
-    if len(data) < 8:
-        raise bad(f"{len(data)} bytes is shorter than the 8-byte header length")
-    (header_len,) = struct.unpack("<Q", data[:8])
-    if header_len > min(_MAX_HEADER, len(data) - 8):
-        raise bad(f"header length {header_len} exceeds the file's {len(data) - 8} remaining bytes")
+    if header_len > _MAX_HEADER:
+        raise bad(f"its header of {header_len} bytes is over unitrain's limit of {_MAX_HEADER} bytes")
     try:
-        header = json.loads(data[8 : 8 + header_len])
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise bad(f"header is not JSON ({error})") from None
-    if not isinstance(header, dict):
-        raise bad("header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    body = memoryview(data)[8 + header_len :]
-    tensors, spans = {}, []
-    for name, info in header.items():
-        try:
-            dtype = np.dtype(_DTYPES[info["dtype"]]).newbyteorder("<")
-            shape = tuple(int(d) for d in info["shape"])
-            begin, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise bad(f"entry {name!r} has a malformed dtype, shape or data_offsets: {info!r}") from None
-        if any(d < 0 for d in shape) or not 0 <= begin <= end <= len(body):
-            raise bad(f"tensor {name!r} spans bytes {begin}..{end} of a {len(body)}-byte body (truncated?)")
-        if end - begin != math.prod(shape) * dtype.itemsize:
-            raise bad(f"tensor {name!r} of shape {shape} and dtype {info['dtype']} "
-                      f"needs {math.prod(shape) * dtype.itemsize} bytes, has {end - begin}")  # fmt: skip
-        spans.append((begin, end, name))
-        tensors[name] = np.frombuffer(body[begin:end], dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
-    spans.sort()
-    position = 0
-    for begin, end, name in spans:
-        if begin != position:
-            raise bad(f"tensor {name!r} starts at byte {begin}, expected {position} (overlap or gap)")
-        position = end
-    if position != len(body):
-        raise bad(f"{len(body) - position} trailing bytes after the last tensor")
+        with safe_open(path, framework="numpy") as file:
+            declared = {key: Declared(tuple(file.get_slice(key).get_shape()), file.get_slice(key).get_dtype())
+                        for key in file.offset_keys()}  # fmt: skip
+            for key, (shape, dtype) in declared.items():
+                if len(shape) > _MAX_DIMS or max(shape, default=0) >= 2**63 or dtype not in _DTYPES:
+                    raise bad(f"tensor {key!r} of shape {short_list(shape)} and dtype {dtype} is beyond NumPy "
+                              f"(at most {_MAX_DIMS} dimensions below 2^63, dtypes {', '.join(_DTYPES)})")  # fmt: skip
+            _refuse_duplicate_keys(path, header_len, bad)
+            if check is not None:
+                check(declared)
+            tensors = {key: file.get_tensor(key) for key in declared}
+            metadata = file.metadata() or {}
+    except SafetensorError as error:
+        raise bad(str(error)) from None
+    except OSError as error:
+        raise WeightsError(f"cannot read {name}: {error.strerror or error}") from None
+    for key, value in tensors.items():
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            raise WeightsError(f"{name}: tensor {key!r} contains NaN or infinite values")
     return tensors, metadata
+
+
+def _refuse_duplicate_keys(path: Path, header_len: int, bad) -> None:
+    """The library keeps the last of two equal keys; a file that says two things is refused.
+    Runs after the library accepted the header, so its nesting and numbers are bounded."""
+
+    def unique(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise bad(f"key {short(key)} appears more than once in the header")
+            seen.add(key)
+        # returns None: the values are not needed (the library parsed them), so they are not kept
+
+    with open(path, "rb") as file:
+        file.seek(8)
+        try:
+            json.loads(file.read(header_len), object_pairs_hook=unique)
+        except ValueError as error:
+            if isinstance(error, WeightsError):
+                raise
+            raise bad(f"header is not JSON ({error})") from None

@@ -1,0 +1,384 @@
+"""Hostile runs (issue 7, the writing and process half): outputs that appear, or are not regular
+files, while unitrain writes; resuming an older checkpoint; early signals; full disks; malformed
+command lines. Every case ends with one line on stderr and exit code 2 (130/143 for signals), and
+every file the user had is byte-identical afterwards."""
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+from conftest import installed_backends
+
+import unitrain
+from unitrain import cli, files
+from unitrain.checkpoint import Checkpointer, CheckpointError, checkpoint_paths, load_checkpoint, save_checkpoint
+from unitrain.weights import load_safetensors
+
+TINY_RUN = ["--no-progress", "--epochs", "1", "--batch-size", "8"]  # numpy, a few steps
+
+
+def command(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "unitrain", *args], capture_output=True, text=True, **kwargs)
+
+
+def snapshot(*paths):
+    """sha256 of every file under ``paths`` (what the user had), and what each path is."""
+    found = {}
+    for root in paths:
+        found[str(root)] = files.describe(root)
+        for path in [root, *root.rglob("*")] if root.is_dir() else [root]:
+            if path.is_file() and not path.is_symlink():
+                found[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return found
+
+
+def digests(folder):
+    return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in folder.iterdir()}
+
+
+def one_error_line(stderr: str, expected: str) -> None:
+    lines = stderr.splitlines()
+    assert len(lines) == 1 and expected in lines[0] and "Traceback" not in stderr, stderr
+
+
+def run_cli(capsys, *argv):
+    """``unitrain ARGV`` in this process: (exit code, stdout, stderr)."""
+    status = cli.main(list(argv))
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+@pytest.fixture
+def small_loop():
+    return unitrain.make_loop("numpy", unitrain.mlp(), seed=0)
+
+
+@pytest.fixture
+def appears_during_the_run(monkeypatch):
+    """Files that a user (or another job) creates at the given paths after unitrain's start-up
+    checks, while the run loads its data."""
+    created = {}
+    load_mnist = cli.load_mnist
+
+    def load_then_create(*args, **kwargs):
+        for path, content in created.items():
+            if not path.exists():
+                path.write_bytes(content)
+        return load_mnist(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "load_mnist", load_then_create)
+    return created
+
+
+# --- outputs: never clobbered, only regular files replaced ------------------------------------
+
+
+def test_outputs_that_appear_during_the_run_are_kept_and_ours_go_beside_them(tmp_path, capsys, appears_during_the_run):
+    weights, metrics = tmp_path / "w.safetensors", tmp_path / "m.jsonl"
+    appears_during_the_run.update({weights: b"the user's weights", metrics: b"the user's metrics"})
+    status, out, err = run_cli(capsys, "train", *TINY_RUN, "--max-steps", "2", "--save", str(weights),
+                               "--metrics", str(metrics))  # fmt: skip
+    assert status == 2
+    assert weights.read_bytes() == b"the user's weights" and metrics.read_bytes() == b"the user's metrics"
+    lines = err.splitlines()
+    assert lines == [
+        f"unitrain: --metrics {metrics} appeared during the run; kept it and wrote the metrics to "
+        f"{tmp_path / 'm.1.jsonl'} instead",
+        f"unitrain: --save {weights} appeared during the run; kept it and wrote the weights to "
+        f"{tmp_path / 'w.1.safetensors'} instead",
+    ]
+    tensors, _ = load_safetensors(tmp_path / "w.1.safetensors")
+    assert set(tensors) == set(unitrain.mlp().state_shapes())
+    assert json.loads((tmp_path / "m.1.jsonl").read_text())["steps"] == 2
+    assert f"saved weights to {tmp_path / 'w.1.safetensors'}" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.1.jsonl", "m.jsonl", "w.1.safetensors", "w.safetensors"]
+
+
+def test_overwrite_replaces_a_regular_file_whole(tmp_path, capsys):
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"old")
+    status, _, err = run_cli(capsys, "train", *TINY_RUN, "--max-steps", "0", "--save", str(weights), "--overwrite")
+    assert status == 0, err
+    assert set(load_safetensors(weights)[0]) == set(unitrain.mlp().state_shapes())
+    assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]  # no temporary file left
+
+
+@pytest.mark.parametrize("flag", ["--save", "--metrics"])
+@pytest.mark.parametrize("kind", ["symbolic link", "FIFO", "directory"])
+def test_only_a_regular_file_is_ever_replaced(tmp_path, flag, kind):
+    target, precious = tmp_path / "out", tmp_path / "precious.safetensors"
+    precious.write_bytes(b"what the link points to")
+    {"symbolic link": lambda: target.symlink_to(precious), "FIFO": lambda: os.mkfifo(target),
+     "directory": target.mkdir}[kind]()  # fmt: skip
+    before = snapshot(tmp_path)
+    result = command("train", flag, str(target), "--overwrite", timeout=60)  # a FIFO opened for writing would hang
+    assert result.returncode == 2
+    one_error_line(result.stderr, f"{flag} {target} is a {kind}")
+    assert snapshot(tmp_path) == before
+
+
+def test_a_device_node_is_never_replaced():
+    """As root, replacing /dev/null by a regular file would break the system."""
+    before = os.stat("/dev/null")
+    result = command("train", "--save", "/dev/null", "--overwrite")
+    assert result.returncode == 2
+    one_error_line(result.stderr, "--save /dev/null is a character device; only a regular file is ever replaced")
+    after = os.stat("/dev/null")
+    assert (after.st_ino, after.st_mode, after.st_rdev) == (before.st_ino, before.st_mode, before.st_rdev)
+
+
+def test_publish_keeps_whatever_appeared_and_never_follows_links(tmp_path):
+    target, precious = tmp_path / "report.json", tmp_path / "precious"
+    precious.write_bytes(b"keep")
+
+    def write_while_a_link_appears(staged):
+        target.symlink_to(precious)
+        staged.write_bytes(b"ours")
+
+    for overwrite in (False, True):  # with consent too: a link is not a regular file
+        final = files.publish(target, write_while_a_link_appears, overwrite=overwrite)
+        assert final == tmp_path / "report.1.json" and final.read_bytes() == b"ours"
+        assert target.is_symlink() and precious.read_bytes() == b"keep"
+        target.unlink(), final.unlink()
+
+
+def test_publish_without_hard_links_uses_an_atomic_rename_that_never_replaces(tmp_path, monkeypatch):
+    """Filesystems without hard links (FAT, some network mounts): renameat2(RENAME_NOREPLACE)."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("renameat2 is Linux's")
+
+    def no_hard_links(source, target):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(files.os, "link", no_hard_links)
+    target = tmp_path / "w.safetensors"
+    assert files.publish(target, lambda staged: staged.write_bytes(b"first"), overwrite=False) == target
+    final = files.publish(target, lambda staged: staged.write_bytes(b"second"), overwrite=False)
+    assert final == tmp_path / "w.1.safetensors"
+    assert (target.read_bytes(), final.read_bytes()) == (b"first", b"second")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.1.safetensors", "w.safetensors"]
+
+
+@pytest.mark.parametrize(
+    "command_line", [["compare", "--backends", ",".join(installed_backends()[:2])], ["conformance"]]
+)
+def test_json_reports_refuse_an_existing_file_without_overwrite(tmp_path, command_line):
+    if command_line[0] == "compare" and len(installed_backends()) < 2:
+        pytest.skip("compare needs two installed backends")
+    report = tmp_path / "report.json"
+    report.write_text("the user's report")
+    result = command(*command_line, "--json", str(report))
+    assert result.returncode == 2
+    one_error_line(result.stderr, f"--json {report} already exists; pass --overwrite to replace it")
+    assert report.read_text() == "the user's report"
+
+
+def test_conformance_json_is_published_beside_a_file_that_appeared(tmp_path, capsys, monkeypatch):
+    from unitrain.conformance import runner
+
+    report, check = tmp_path / "results.json", "check_losses"
+    run_checks = runner.run_checks
+
+    def run_checks_while_a_file_appears(*args, **kwargs):
+        report.write_text("the user's results")
+        return run_checks(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "run_checks", run_checks_while_a_file_appears)
+    status, _, err = run_cli(capsys, "conformance", "--backend", "numpy", "--check", check, "--json", str(report))
+    assert status == 2
+    beside = tmp_path / "results.1.json"
+    one_error_line(
+        err.replace("unitrain: numpy done\n", ""),
+        f"--json {report} appeared during the run; kept it and wrote the results to {beside} instead",
+    )
+    assert report.read_text() == "the user's results"
+    assert [(r["check"], r["backend"], r["status"]) for r in json.loads(beside.read_text())] == [
+        (check, "numpy", "pass")
+    ]
+
+
+# --- checkpoints: a resume never deletes or interleaves -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A run checkpointed at steps 2, 4 and 6 (finished)."""
+    directory = tmp_path_factory.mktemp("run") / "D"
+    result = command("train", *TINY_RUN, "--max-steps", "6", "--checkpoint-dir", str(directory),
+                     "--checkpoint-every", "2", "--keep", "5")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert [path.name for path in checkpoint_paths(directory)] == ["step-00000002", "step-00000004", "step-00000006"]
+    return directory
+
+
+def test_resuming_an_older_checkpoint_in_its_own_directory_is_refused(finished_run, tmp_path, capsys):
+    before = snapshot(finished_run)
+    older = finished_run / "step-00000002"
+    status, _, err = run_cli(capsys, "train", "--no-progress", "--resume", str(older), "--max-steps", "5")
+    assert status == 2
+    one_error_line(err, f"--resume {older} is not the newest checkpoint in {finished_run} (step-00000006 is); "
+                        "to branch from it, pass a new --checkpoint-dir DIR")  # fmt: skip
+    assert snapshot(finished_run) == before
+
+    branch = tmp_path / "branch"
+    status, _, err = run_cli(capsys, "train", "--no-progress", "--resume", str(older), "--max-steps", "5",
+                             "--checkpoint-dir", str(branch))  # fmt: skip
+    assert status == 0, err
+    assert snapshot(finished_run) == before, "the branch left the original run alone"
+    assert [path.name for path in checkpoint_paths(branch)] == ["step-00000005"]
+    assert load_checkpoint(finished_run).step == 6 and load_checkpoint(finished_run).finished
+    assert load_checkpoint(branch).step == 5 and load_checkpoint(branch).finished
+
+
+def test_a_checkpoint_directory_holds_one_run_and_keep_deletes_no_other(finished_run, tmp_path, small_loop):
+    directory = tmp_path / "D"
+    shutil.copytree(finished_run, directory)
+    before = snapshot(directory)
+    for loop_step in (3, 8):  # older than the run's newest, and newer: both another run's
+        small_loop.step_count = loop_step
+        with pytest.raises(CheckpointError, match="holds step-00000002 of another run"):
+            save_checkpoint(directory, small_loop, epoch=0, batch=loop_step, keep=1, run_id="another")
+    assert snapshot(directory) == before
+
+
+def test_keep_spares_another_runs_checkpoint_that_appears_mid_write(finished_run, tmp_path, small_loop):
+    """Two jobs started at once on one directory: the other one's checkpoint lands while ours is
+    written; ``keep`` prunes only our run's."""
+    directory, theirs = tmp_path / "D", tmp_path / "D" / "step-00000001"
+    checkpointer = Checkpointer(directory, keep=1)
+    state_dict = small_loop.state_dict
+
+    def state_dict_while_another_run_writes():
+        shutil.copytree(finished_run / "step-00000002", theirs)
+        return state_dict()
+
+    for step in (2, 4):
+        small_loop.step_count = step
+        if step == 4:
+            small_loop.state_dict = state_dict_while_another_run_writes
+        save_checkpoint(directory, small_loop, epoch=0, batch=step, keep=1, run_id=checkpointer.run_id)
+    assert [path.name for path in checkpoint_paths(directory)] == ["step-00000001", "step-00000004"]
+    assert digests(theirs) == digests(finished_run / "step-00000002")
+
+
+def test_keep_deletes_only_checkpoints_known_to_be_this_runs(tmp_path, small_loop):
+    """One whose manifest cannot be read is neither another run's (no refusal) nor ours to delete;
+    checkpoints written before runs had ids (run_id None) continue as one run."""
+    unreadable = tmp_path / "step-00000001"
+    unreadable.mkdir()
+    (unreadable / "checkpoint.json").write_text("{")
+    for step in (2, 4, 6):
+        small_loop.step_count = step
+        save_checkpoint(tmp_path, small_loop, epoch=0, batch=step, keep=1)
+    assert [path.name for path in checkpoint_paths(tmp_path)] == ["step-00000001", "step-00000006"]
+    assert (unreadable / "checkpoint.json").read_text() == "{"
+
+
+# --- signals from the first instant ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_an_early_signal_ends_the_command_in_one_line(signum, status):
+    """The signal arrives while NumPy is still being imported (``-X importtime`` reports each
+    import as it completes): before today's handler would have been installed."""
+    process = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "unitrain", "backends"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    lines = []
+    for line in process.stderr:
+        lines.append(line)
+        if "numpy" in line:
+            process.send_signal(signum)
+            break
+    lines += process.stderr.readlines()
+    process.wait(timeout=60)
+    assert any("numpy" in line for line in lines), "NumPy was never imported"
+    assert process.returncode == status
+    assert [line for line in lines if not line.startswith("import time:")] == ["unitrain: interrupted\n"]
+
+
+# --- messages: one line each ---------------------------------------------------------------------
+
+
+def test_a_full_disk_names_the_file(tmp_path, monkeypatch):
+    """ENOSPC often surfaces only at fsync (delayed allocation)."""
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(files.os, "fsync", disk_full)
+    target = tmp_path / "w.safetensors"
+    for write in (lambda: files.atomic_write(target, [b"x"]),
+                  lambda: files.publish(target, lambda staged: staged.write_bytes(b"x"), overwrite=False)):  # fmt: skip
+        with pytest.raises(OSError) as raised:
+            write()
+        assert cli._one_line(raised.value) == f"{target}: No space left on device"
+        assert list(tmp_path.iterdir()) == [], "no temporary file is left behind"
+
+
+def test_a_full_disk_ends_a_run_in_one_line_naming_the_file(tmp_path):
+    """A real full disk: a 1 MiB tmpfs, mounted in a user namespace where the system allows one."""
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    script = (
+        'd="$1"; shift; mount -t tmpfs -o size=1m tmpfs "$d" && echo kept > "$d/user.txt" && "$@"; status=$?; '
+        'ls -A "$d" >&2; sha256sum "$d/user.txt" >&2; exit $status'
+    )
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs tmpfs {disk}"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {probe.stderr.decode().strip()}")
+    weights = disk / "w.safetensors"
+    result = subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", str(disk), sys.executable, "-m", "unitrain",
+                             "train", *TINY_RUN, "--max-steps", "1", "--save", str(weights)],
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    error, listing, digest = result.stderr.splitlines()
+    assert error == f"unitrain: error: {weights}: No space left on device"
+    assert listing == "user.txt", "the weights' temporary file is gone; nothing else was touched"
+    assert digest.split()[0] == hashlib.sha256(b"kept\n").hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "--lr"], "unitrain: error: argument --lr: expected one argument (see: unitrain train --help)"),
+        (["train", "--bogus"], "unitrain: error: unrecognized arguments: --bogus"),
+        (["trian"], "unitrain: error: argument COMMAND: invalid choice: 'trian'"),
+        (["evaluate"], "unitrain: error: the following arguments are required: --weights"),
+        (["predict", "--weights", "w", "--index", "1", "--image", "x.png"], "not allowed with argument --index"),
+        (["train", "--lr", "inf"], "argument --lr: expected a finite number, got 'inf'"),
+        (["train", "--lr", "nan"], "argument --lr: expected a finite number, got 'nan'"),
+        (["compare", "--lr=-inf"], "argument --lr: expected a finite number, got '-inf'"),
+        (["train", "--weight-decay", "inf"], "argument --weight-decay: expected a finite number, got 'inf'"),
+        (["train", "--weight-decay", "nan"], "argument --weight-decay: expected a finite number, got 'nan'"),
+        (["train", "--momentum", "inf"], "argument --momentum: expected a finite number, got 'inf'"),
+    ],
+)
+def test_a_malformed_command_line_is_one_line_and_exit_2(capsys, argv, message):
+    status, out, err = run_cli(capsys, *argv)
+    assert status == 2 and out == ""
+    one_error_line(err, message)
+
+
+@pytest.mark.parametrize(
+    ("spec", "options", "message"),
+    [
+        (unitrain.SGD, {"lr": float("inf")}, "lr must be a finite number > 0, got inf"),
+        (unitrain.SGD, {"weight_decay": float("inf")}, "weight_decay must be a finite number >= 0, got inf"),
+        (unitrain.SGD, {"momentum": float("nan")}, "momentum must be a finite number in [0, 1), got nan"),
+        (unitrain.Adam, {"betas": (0.9, float("inf"))}, "betas[1] must be a finite number in [0, 1), got inf"),
+        (unitrain.AdamW, {"eps": float("inf")}, "eps must be a finite number > 0, got inf"),
+    ],
+)
+def test_optimizers_refuse_infinite_and_nan_hyperparameters(spec, options, message):
+    """For the Python API and for resumed checkpoints, whose optimizer settings come from a file."""
+    with pytest.raises(ValueError) as raised:
+        spec(**options)
+    assert str(raised.value) == message

@@ -1,0 +1,190 @@
+"""Writing files without losing any: atomic writes, and outputs that never clobber.
+
+Everything unitrain writes goes through here. :func:`atomic_write` replaces a file so that a crash
+at any instant leaves the old or the complete new one. An output the user names (``--save``,
+``--metrics``, ``--json``) is checked at start-up (:func:`check_output`) and, since a file may
+appear at that path while a run takes hours, published without ever replacing what appeared
+(:func:`publish`, :func:`create_output`): the new file goes beside it as ``name.1.ext``. Only a
+regular file is ever replaced, and only with the user's consent (``overwrite``): never a symbolic
+link, a device node (``--save /dev/null --overwrite`` as root would replace the system's), a FIFO
+or a directory. An OSError while writing carries the path it concerns.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import itertools
+import os
+import stat
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TextIO
+
+from .reading import path_kind
+
+
+class OutputError(Exception):
+    """An output path that cannot be written as asked (exists, is not a regular file, no folder)."""
+
+
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def atomic_write(path: str | os.PathLike, chunks: Iterable) -> None:
+    """Write ``chunks`` (bytes-likes) to ``path`` so that a crash at any instant leaves either
+    the old file or the complete new one: temporary file in the same folder, fsync, rename."""
+    path = Path(path)
+    with naming(path):
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 would hide the file from others
+            with os.fdopen(fd, "wb") as file:
+                for chunk in chunks:
+                    file.write(chunk)
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def naming(path: Path) -> Iterator[None]:
+    """Re-raise an OSError that lacks a file name (a full disk: ``[Errno 28]`` from write or
+    fsync) with ``path``, so that the message says which file could not be written."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is not None:
+            raise
+        raise OSError(error.errno, error.strerror or str(error), str(path)) from None
+
+
+def describe(path: Path) -> str:
+    """What is at ``path`` itself, in :func:`~unitrain.reading.path_kind`'s words, except that a
+    symbolic link is not followed: ``"a symbolic link"``, ``"a regular file"``, ``"nothing"``, ..."""
+    return "a symbolic link" if os.path.islink(path) else path_kind(path)
+
+
+def check_output(path: Path | None, flag: str, overwrite: bool) -> None:
+    """At start-up: ``path`` can be created, or replaced (a regular file, with ``overwrite``)."""
+    if path is None:
+        return
+    kind = describe(path)
+    if kind == "a directory":
+        raise OutputError(f"{flag} {path} is a directory, expected a file path")
+    if kind not in ("nothing", "a regular file"):
+        raise OutputError(f"{flag} {path} is {kind}; only a regular file is ever replaced, choose another path")
+    if kind != "nothing" and not overwrite:
+        raise OutputError(f"{flag} {path} already exists; pass --overwrite to replace it")
+    parent = path.parent
+    if not parent.is_dir():
+        raise OutputError(f"{flag} {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"{flag} {path}: directory {parent} is not writable")
+
+
+def _beside(path: Path) -> Iterator[Path]:
+    """``path``, then ``stem.1.ext``, ``stem.2.ext``, ... in the same folder."""
+    yield path
+    for number in itertools.count(1):
+        yield path.with_name(f"{path.stem}.{number}{path.suffix}")
+
+
+def publish(path: Path, write: Callable[[Path], None], *, overwrite: bool) -> Path:
+    """Create the file ``path`` by ``write(staged)`` into a temporary file beside it, then
+    publish that without replacing anything: when something appeared at ``path`` meanwhile (or,
+    with ``overwrite``, something other than a regular file), it is kept and the file goes to
+    the first free ``stem.N.ext`` instead. Returns where the file went."""
+    path = Path(path)
+    try:
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+        os.close(fd)
+        staged = Path(name)
+        try:
+            write(staged)
+            os.chmod(staged, 0o666 & ~current_umask())  # mkstemp's 0600 would hide the file from others
+            fd = os.open(staged, os.O_RDONLY)
+            try:
+                os.fsync(fd)  # whatever ``write`` did: the bytes are on disk before the name is
+            finally:
+                os.close(fd)
+            if overwrite and describe(path) in ("nothing", "a regular file"):
+                os.replace(staged, path)  # replaces a symbolic link itself, never what it points to
+                final = path
+            else:
+                final = next(target for target in _beside(path) if _link_no_replace(staged, target))
+        finally:
+            staged.unlink(missing_ok=True)
+        fsync_dir(path.parent)
+    except OSError as error:  # named after the file asked for, not our temporary one
+        raise OSError(error.errno, error.strerror or str(error), str(path)) from None
+    return final
+
+
+def create_output(path: Path, *, overwrite: bool) -> tuple[TextIO, Path]:
+    """Open a new text file at ``path`` for writing as it goes (``--metrics``): created
+    exclusively, or with ``overwrite`` a regular file truncated; when something else is there now,
+    it is kept and the file is created at the first free ``stem.N.ext``. Returns it and its path."""
+    for target in _beside(Path(path)):
+        replace = overwrite and target == path and describe(target) == "a regular file"
+        # O_NOFOLLOW: never through a symbolic link; O_NONBLOCK: a FIFO put there cannot hang us
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | (0 if replace else os.O_EXCL)
+        try:
+            fd = os.open(target, flags, 0o666)
+        except OSError as error:
+            if error.errno in (errno.EEXIST, errno.ELOOP, errno.ENXIO):
+                continue
+            raise OutputError(f"cannot create {target}: {error.strerror}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            continue
+        os.set_blocking(fd, True)
+        os.ftruncate(fd, 0)
+        return os.fdopen(fd, "w", encoding="utf-8"), target
+
+
+def _link_no_replace(source: Path, target: Path) -> bool:
+    """Give ``source``'s file the name ``target`` unless that name exists (False then)."""
+    try:
+        os.link(source, target)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as error:
+        if error.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+    return _rename_no_replace(source, target)  # a filesystem without hard links (FAT, some network mounts)
+
+
+_RENAME_NOREPLACE, _AT_FDCWD = 1, -100  # from <linux/fs.h> and <fcntl.h>
+
+
+def _rename_no_replace(source: Path, target: Path) -> bool:
+    """Linux's ``renameat2(RENAME_NOREPLACE)``: an atomic rename that fails if ``target`` exists."""
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        raise OSError(errno.ENOTSUP, "the filesystem has no hard links and the C library no renameat2", str(target))
+    if renameat2(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), _RENAME_NOREPLACE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code == errno.EEXIST:
+        return False
+    raise OSError(code, os.strerror(code), str(target))
