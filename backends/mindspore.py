@@ -106,9 +106,9 @@ class _LayerNorm(nn.Cell):
     def __init__(self, spec: layers.LayerNorm):
         super().__init__()
         self.normalized_rank, self.eps, shape = len(spec.normalized_shape), spec.eps, spec.normalized_shape
-        affine = spec.elementwise_affine
-        self.weight = Parameter(ops.ones(shape, ms.float32), name="weight", requires_grad=affine)
-        self.bias = Parameter(ops.zeros(shape, ms.float32), name="bias", requires_grad=affine)
+        self.weight, self.bias = ops.ones(shape, ms.float32), ops.zeros(shape, ms.float32)
+        if spec.elementwise_affine:
+            self.weight, self.bias = Parameter(self.weight, name="weight"), Parameter(self.bias, name="bias")
 
     def construct(self, x):
         axis = x.ndim - self.normalized_rank
@@ -400,6 +400,8 @@ class MindSporeLoop(TrainingLoop):
         builder = _Builder()
         net = builder.build(model, "")
         self._params = {key: builder.params[key] for key in model.state_shapes()}  # state_dict order
+        for key, param in self._params.items():
+            param.name = key  # MindSpore's own tools (checkpoints, summaries) show PyTorch's names too
         self._setup(net)
 
     def _wrap_native(self, model) -> None:
