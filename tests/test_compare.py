@@ -19,8 +19,22 @@ def run(*args, cwd=None):
     return subprocess.run([sys.executable, "-m", "unitrain", *args], capture_output=True, text=True, cwd=cwd)
 
 
+def one_relu_crossing(mnist_train, steps):
+    """How far one ReLU crossing can move a weight in the report's run (plain SGD, lr 0.01, the default
+    shuffled batches): float32 rounding, which differs between CPUs and kernels, can put one sample's
+    pre-activation on the other side of zero on one backend, changing that sample's share of its step;
+    at most lr x the largest one-sample share of a step, measured along the float64 run
+    (torch_reference.largest_sample_share)."""
+    torch = pytest.importorskip("torch")
+    from torch_reference import largest_sample_share, load_state, torch_layers
+
+    model = load_state(torch_layers(unitrain.mlp()).double(), unitrain.init_weights(unitrain.mlp(), seed=0))
+    batches = [batch for _, batch in zip(range(steps), mnist_train.batches(64, shuffle=True, seed=0), strict=False)]
+    return 0.01 * largest_sample_share(model, torch.optim.SGD(model.parameters(), lr=0.01), batches)
+
+
 @needs_two
-def test_the_report_puts_backends_side_by_side(tmp_path):
+def test_the_report_puts_backends_side_by_side(tmp_path, mnist_train):
     report = tmp_path / "report.json"
     result = run("compare", "--backends", PAIR, "--epochs", "2", "--max-steps", "40", "--no-progress",
                  "--json", str(report))  # fmt: skip
@@ -33,7 +47,8 @@ def test_the_report_puts_backends_side_by_side(tmp_path):
     assert records["run"]["max_steps"] == 40 and records["run"]["seed"] == 0
     first, second = records["results"]
     assert first["steps"] == second["steps"] == 40 and len(first["history"]) == 1  # max-steps ends epoch 1
-    assert first["max_weight_difference"] is None and 0 < second["max_weight_difference"] < 1e-5
+    assert first["max_weight_difference"] is None
+    assert 0 < second["max_weight_difference"] <= one_relu_crossing(mnist_train, 40)
     assert second["same_predictions"] >= 9990
     assert abs(first["test_accuracy"] - second["test_accuracy"]) <= 5e-4
 

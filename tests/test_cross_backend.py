@@ -39,35 +39,6 @@ def after_50_sgd_steps(tmp_path_factory, request):
     return load_safetensors(init)[0], states, folder, request.param
 
 
-def largest_sample_share(model, optimizer, batches):
-    """Trains ``model`` (float64, Linear layers) on ``batches``; returns the largest element of one
-    sample's share of any step's mean-loss gradient. A Linear layer's weight gradient from one sample is
-    the outer product of the gradient at its output (already divided by the batch size) and its input,
-    so the largest element is their two largest magnitudes multiplied (the bias: the first alone)."""
-    import torch
-    import torch.nn.functional as F
-
-    seen = []
-
-    def record(_, args, out):
-        out.retain_grad()
-        seen.append((args[0].detach(), out))
-
-    for layer in model.modules():
-        if isinstance(layer, torch.nn.Linear):
-            layer.register_forward_hook(record)
-    largest = 0.0
-    for x, y in batches:
-        seen.clear()
-        optimizer.zero_grad()
-        F.cross_entropy(model(torch.from_numpy(x).double()), torch.from_numpy(y)).backward()
-        optimizer.step()
-        for inputs, out in seen:
-            per_sample = out.grad.abs().amax(1) * torch.clamp(inputs.flatten(1).abs().amax(1), min=1)
-            largest = max(largest, float(per_sample.max()))
-    return largest
-
-
 @pytest.fixture(scope="module")
 def torch_after_50_sgd_steps(after_50_sgd_steps, mnist_batches):
     """The hand-written PyTorch loop on the same case (torch_reference.torch_runs), the tolerances its
@@ -79,7 +50,7 @@ def torch_after_50_sgd_steps(after_50_sgd_steps, mnist_batches):
     most lr x the largest one-sample share of a step / (1 - m), measured along the float64 run."""
     pytest.importorskip("torch")
     import torch
-    from torch_reference import expected_run, load_state, torch_layers, torch_runs
+    from torch_reference import expected_run, largest_sample_share, load_state, torch_layers, torch_runs
 
     init, _, _, momentum = after_50_sgd_steps
     batches, lr = mnist_batches[:50], 0.01

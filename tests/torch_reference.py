@@ -240,6 +240,8 @@ def assert_within_drift(actual, expected, tolerances):
         )
         worst = max(worst, difference / tolerances[key])
     return worst
+
+
 class BasicBlock(nn.Module):
     """torchvision's ResNet BasicBlock: two 3x3 convolutions with BatchNorm, plus the input (or its
     ``downsample``) added before the last ReLU. Attribute names give torchvision's ``state_dict`` keys."""
@@ -373,3 +375,29 @@ def random_batches(shape, classes, count, batch_size=4, seed=SEED):
         (rng.standard_normal((batch_size, *shape)).astype(np.float32), rng.integers(0, classes, batch_size))
         for _ in range(count)
     ]
+
+
+def largest_sample_share(model, optimizer, batches):
+    """Trains ``model`` (float64, Linear layers) on ``batches``; returns the largest element of one
+    sample's share of any step's mean-loss gradient. A Linear layer's weight gradient from one sample is
+    the outer product of the gradient at its output (already divided by the batch size) and its input,
+    so the largest element is their two largest magnitudes multiplied (the bias: the first alone)."""
+    seen = []
+
+    def record(_, args, out):
+        out.retain_grad()
+        seen.append((args[0].detach(), out))
+
+    for layer in model.modules():
+        if isinstance(layer, torch.nn.Linear):
+            layer.register_forward_hook(record)
+    largest = 0.0
+    for x, y in batches:
+        seen.clear()
+        optimizer.zero_grad()
+        F.cross_entropy(model(torch.from_numpy(x).double()), torch.from_numpy(y)).backward()
+        optimizer.step()
+        for inputs, out in seen:
+            per_sample = out.grad.abs().amax(1) * torch.clamp(inputs.flatten(1).abs().amax(1), min=1)
+            largest = max(largest, float(per_sample.max()))
+    return largest
