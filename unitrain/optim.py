@@ -286,23 +286,27 @@ def optimizer_update(spec: Optimizer, param, grad, buffers: tuple, step, lr, sqr
     the spec's ``state_names`` buffers in that order (created by the caller from
     :func:`initial_buffer_value`, except SGD's momentum buffer: ``None`` before the first step);
     ``step`` counts from 1. Returns ``(param, buffers)`` in the same order."""
+    # written for MindSpore's graph syntax too: no starred assignment, no dicts
     if isinstance(spec, SGD):
         param, buf = sgd_update(param, grad, buffers[0] if buffers else None, spec, lr, in_place)
         return param, (buf,) if buffers else ()
     if isinstance(spec, Adam):
-        param, *new = adam_update(param, grad, *buffers, step, spec, lr, sqrt, in_place)
-    elif isinstance(spec, RMSprop):
-        named = dict(zip(spec.state_names, buffers, strict=True))
-        param, *new = rmsprop_update(
-            param, grad, named["square_avg"], named.get("momentum_buffer"), named.get("grad_avg"),
-            spec, lr, sqrt, in_place,
-        )  # fmt: skip
-        new = [value for value in new if value is not None]
-    elif isinstance(spec, Adagrad):
-        param, *new = adagrad_update(param, grad, *buffers, step, spec, lr, sqrt, in_place)
-    else:
-        param, *new = adadelta_update(param, grad, *buffers, spec, lr, sqrt, in_place)
-    return param, tuple(new)
+        param, exp_avg, exp_avg_sq = adam_update(param, grad, buffers[0], buffers[1], step, spec, lr, sqrt, in_place)
+        return param, (exp_avg, exp_avg_sq)
+    if isinstance(spec, RMSprop):
+        momentum_buffer = buffers[1] if spec.momentum else None
+        grad_avg = buffers[-1] if spec.centered else None
+        param, square_avg, momentum_buffer, grad_avg = rmsprop_update(
+            param, grad, buffers[0], momentum_buffer, grad_avg, spec, lr, sqrt, in_place
+        )
+        return param, (square_avg,) + ((momentum_buffer,) if spec.momentum else ()) + (
+            (grad_avg,) if spec.centered else ()
+        )
+    if isinstance(spec, Adagrad):
+        param, state_sum = adagrad_update(param, grad, buffers[0], step, spec, lr, sqrt, in_place)
+        return param, (state_sum,)
+    param, square_avg, acc_delta = adadelta_update(param, grad, buffers[0], buffers[1], spec, lr, sqrt, in_place)
+    return param, (square_avg, acc_delta)
 
 
 def clip_grad_norm_scale(norms, max_norm: float, sqrt, minimum):
