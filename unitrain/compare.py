@@ -8,7 +8,7 @@ samples/s, and how far its final weights and test-set predictions are from the f
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -29,12 +29,14 @@ def compare_backends(
     seed: int = 0,
     initial_weights: dict[str, np.ndarray] | None = None,
     extensions: Callable[[str], Iterable[Any]] = lambda backend: (),
+    loop_options: Mapping[str, Any] | None = None,
     **fit_options: Any,
 ) -> list[dict[str, Any]]:
     """Train ``model`` on each backend in turn, every one from ``initial_weights`` (default: the
     seed's :func:`~unitrain.weights.init_weights`), with :meth:`~unitrain.TrainingLoop.fit`'s
-    ``fit_options`` (``epochs``, ``batch_size``, ``shuffle``, ``max_steps``) and the fit
-    extensions ``extensions(backend)``.
+    ``fit_options`` (``epochs``, ``batch_size``, ``shuffle``, ``max_steps``), the fit
+    extensions ``extensions(backend)`` and the loops' further constructor arguments
+    ``loop_options`` (``lr_schedule``, ``clip_grad_norm``, ``clip_grad_value``).
 
     Returns one result per backend: ``backend``, ``version``, ``history`` (fit's records),
     ``steps``, ``test_accuracy``, ``test_loss``, ``num_correct``, ``samples_per_sec`` (mean over
@@ -45,7 +47,7 @@ def compare_backends(
     results: list[dict[str, Any]] = []
     reference = None  # the first backend's final weights and test labels
     for name, adapter in adapters.items():
-        loop = adapter(model, optimizer=optimizer, seed=seed)
+        loop = adapter(model, optimizer=optimizer, seed=seed, **(loop_options or {}))
         if initial_weights is not None:
             loop.load_state_dict(initial_weights)
         history = loop.fit(train_data, eval_data=test_data, extensions=extensions(name), **fit_options)
