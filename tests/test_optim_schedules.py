@@ -1,6 +1,7 @@
 """Issue 9: RMSprop, Adagrad, Adadelta on every backend against torch.optim; the LR schedules against
 torch.optim.lr_scheduler (resumed mid-schedule too); gradient clipping; the CLI flags."""
 
+import functools
 import re
 import subprocess
 import sys
@@ -39,22 +40,45 @@ def _torch_optimizer(spec, params):
     return getattr(torch.optim, type(spec).__name__)(params, **arguments, foreach=False)
 
 
-@pytest.mark.parametrize("backend", installed_backends())
-@pytest.mark.parametrize("spec", [case[0] for case in NEW_OPTIMIZERS], ids=[str(case[0]) for case in NEW_OPTIMIZERS])
-def test_new_optimizers_land_where_torch_optim_lands_after_20_steps(backend, spec, torch_single_thread):
-    """Float32 on every backend, from the same weights and batches: within the drift PyTorch's own
-    float32 loop shows against float64 (torch_reference.expected_run), and within the issue's 2e-5."""
+@functools.cache
+def _torch_runs(spec):
+    """The batches and PyTorch's runs on them, once per spec for all backends."""
     batches = random_batches((784,), 10, 20, batch_size=8)
-    runs = torch_runs(lambda dtype: reference("mlp", dtype), lambda params: _torch_optimizer(spec, params), batches)
-    expected, tolerances = expected_run(runs, "float32", size=batches[0][0].size)
-    loop = unitrain.make_loop(backend, unitrain.mlp(), optimizer=spec, seed=SEED)
+    return batches, torch_runs(
+        lambda dtype: reference("mlp", dtype), lambda params: _torch_optimizer(spec, params), batches
+    )
+
+
+def _slow_on_mindspore(backends):
+    """MindSpore compiles a graph per optimizer (~5-15 s each on a busy 2-core machine)."""
+    return [pytest.param(name, marks=pytest.mark.slow) if name == "mindspore" else name for name in backends]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("backend", _slow_on_mindspore(installed_backends()))
+@pytest.mark.parametrize("spec", [case[0] for case in NEW_OPTIMIZERS], ids=[str(case[0]) for case in NEW_OPTIMIZERS])
+def test_new_optimizers_land_where_torch_optim_lands_after_20_steps(backend, spec, dtype, torch_single_thread):
+    """From the same weights and batches. Float64: the equations (conformance formula, ~1e-13).
+    Float32: within sqrt(n) times the drift of PyTorch's own float32 loop against float64
+    (torch_reference.expected_run). That drift is ~3e-8 for Adagrad and Adadelta, far under the
+    issue's 2e-5, but RMSprop's first steps divide each gradient by about its own magnitude, so
+    PyTorch's float32 run itself lands up to 6e-3 (centered) from its float64 run on this case."""
+    loop_class = unitrain.get_backend(backend)
+    if dtype == "float64" and "float64" not in loop_class.capabilities:
+        pytest.skip(f"{backend} has no float64")
+    batches, runs = _torch_runs(spec)
+    expected, tolerances = expected_run(runs, dtype, size=batches[0][0].size)
+    loop = unitrain.make_loop(backend, unitrain.mlp(), optimizer=spec, seed=SEED, dtype=dtype)
     for batch in batches:
         loop.step(batch)
     state = loop.state_dict()
     assert_within_drift({key: state[key] for key in expected.state}, expected.state, tolerances.state)
-    assert max(float(np.abs(state[key] - value).max()) for key, value in expected.state.items()) <= 2e-5
-    buffers = {key: value for key, value in loop.optimizer_state_dict().items() if key != "step"}
-    assert sorted(buffers) == sorted(expected.optimizer), "PyTorch's buffer names"
+    if not isinstance(spec, optim.RMSprop):
+        assert max(float(np.abs(state[key] - value).max()) for key, value in expected.state.items()) <= 2e-5
+    buffers = loop.optimizer_state_dict()
+    assert int(buffers.pop("step")) == len(batches)
+    assert sorted(buffers) == sorted(expected.buffers), "PyTorch's buffer names"
+    assert_within_drift({key: buffers[key] for key in expected.buffers}, expected.buffers, tolerances.buffers)
 
 
 @pytest.mark.parametrize("spec", [case[0] for case in NEW_OPTIMIZERS] + [optim.SGD(momentum=0.9), optim.AdamW()])
