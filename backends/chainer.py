@@ -397,7 +397,7 @@ class ChainerLoop(TrainingLoop):
     framework = "chainer"
     capabilities = frozenset({
         "dropout", "batchnorm", "conv", "native-model", "float64", "random-state",
-        "residual", "activations", "layernorm", "pooling", "losses", "custom-loss",
+        "residual", "activations", "layernorm", "pooling", "losses", "custom-loss", "optimizers", "clipping",
     })  # fmt: skip
 
     # --- building ---------------------------------------------------------------------------

@@ -378,7 +378,7 @@ class MindSporeLoop(TrainingLoop):
     # No float64: MindSpore's CPU Conv2D, BatchNorm and cross entropy take float16/32 only.
     capabilities = frozenset({
         "dropout", "batchnorm", "conv", "native-model", "random-state",
-        "residual", "activations", "layernorm", "pooling", "losses", "custom-loss",
+        "residual", "activations", "layernorm", "pooling", "losses", "custom-loss", "optimizers", "clipping",
     })  # fmt: skip
 
     #: ``False`` runs every step eagerly (PyNative), to debug or to compare speed

@@ -832,7 +832,7 @@ class NumpyLoop(TrainingLoop):
     name = "numpy"
     capabilities = frozenset({
         "dropout", "batchnorm", "conv", "float64", "random-state",
-        "residual", "activations", "layernorm", "pooling", "losses", "custom-loss",
+        "residual", "activations", "layernorm", "pooling", "losses", "custom-loss", "optimizers", "clipping",
     })  # fmt: skip
 
     def _build(self, model):

@@ -117,6 +117,8 @@ CAPABILITIES = frozenset({
     "float64", "dropout", "batchnorm", "conv", "native-model", "random-state",
     # issue 8: graphs with branches, the layers and losses real tutorials use, the user's own loss
     "residual", "activations", "layernorm", "pooling", "losses", "custom-loss",
+    # issue 9: RMSprop/Adagrad/Adadelta, set_lr and schedules; gradient clipping
+    "optimizers", "clipping",
 })  # fmt: skip
 
 
