@@ -297,3 +297,24 @@ def test_cli_adadelta_with_steplr_and_clipping_shows_the_lr_per_epoch(tmp_path):
     assert [line.split("  lr ")[1].split()[0] for line in result.stdout.splitlines() if "  lr " in line] == [
         "1", "0.7", "0.49",
     ]  # fmt: skip
+
+
+@pytest.mark.skipif("mindspore" not in installed_backends(), reason="MindSpore is not installed")
+def test_set_lr_compiles_nothing_on_mindspore(monkeypatch):
+    """The lr is an input of the compiled step: counting MindSpore's graph compilations (its
+    ``_check_recompile`` runs once per compilation, after its cache lookup) around set_lr."""
+    from mindspore.graph import api
+
+    compiled = []
+    original = api._check_recompile
+    monkeypatch.setattr(api, "_check_recompile", lambda *args: compiled.append(args[3]) or original(*args))
+    model, data = _small_run()
+    loop = unitrain.make_loop("mindspore", model, optimizer=optim.Adadelta(), clip_grad_norm=1.0)
+    x, y = next(iter(data.batches(10)))
+    loop.step((x, y))
+    before = len(compiled)
+    assert before >= 1, "the counter sees the first compilation"
+    for lr in (0.5, 0.25, 0.125):
+        loop.set_lr(lr)
+        loop.step((x, y))
+    assert len(compiled) == before
