@@ -318,3 +318,25 @@ def test_set_lr_compiles_nothing_on_mindspore(monkeypatch):
         loop.set_lr(lr)
         loop.step((x, y))
     assert len(compiled) == before
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("position", 10**8 + 1, "lr_schedule.position"),
+        ("schedule", "StepLR(step_size=__import__('os'))", "its lr_schedule is invalid"),
+        ("schedule", "Foo()", "unknown schedule 'Foo'"),
+    ],
+)
+def test_a_hostile_schedule_in_a_manifest_is_refused(tmp_path, field, value, message):
+    import json
+
+    model, data = _small_run()
+    loop = unitrain.make_loop("numpy", model, optimizer=optim.SGD(), lr_schedule=schedules.StepLR(step_size=1))
+    loop.fit(data, epochs=1, batch_size=10)
+    folder = save_checkpoint(tmp_path, loop, epoch=1, batch=0)
+    manifest = json.loads((folder / "checkpoint.json").read_text())
+    manifest["lr_schedule"][field] = value
+    (folder / "checkpoint.json").write_text(json.dumps(manifest))
+    with pytest.raises(unitrain.checkpoint.CheckpointError, match=re.escape(message)):
+        load_checkpoint(tmp_path)

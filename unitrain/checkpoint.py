@@ -394,7 +394,9 @@ MANIFEST_SCHEMA = {
     },
     # the live lr, the schedule and its position (steps taken), clipping; absent in older checkpoints
     "lr": Optional(Number(0)),
-    "lr_schedule": Optional(Nullable({"schedule": str, "position": Int()})),
+    # restoring replays the schedule step by step (PyTorch's floats depend on the path), a few µs each:
+    # 10^8 steps bounds that at minutes, and no run takes as many (90 ImageNet epochs per batch: 4.5e5)
+    "lr_schedule": Optional(Nullable({"schedule": str, "position": Int(0, 10**8)})),
     "clip_grad": Optional({"norm": Nullable(Number(0)), "value": Nullable(Number(0))}),
     "loss": Optional(str),
     "data_order": Optional(str),
