@@ -54,7 +54,7 @@ with warnings.catch_warnings():
 
 from unitrain import expr, layers, losses
 from unitrain.loop import TrainingLoop
-from unitrain.optim import SGD, adam_update, sgd_update
+from unitrain.optim import SGD, clip_grad_norm_scale, initial_buffer_value, optimizer_update
 from unitrain.randomness import dropout_mask, dropout_stream, set_stream_state, stream_state
 
 #: PyTorch's state names -> Chainer's attribute names
@@ -337,27 +337,44 @@ class _Rule(chainer.UpdateRule):
         self.t = t if state else 0
 
 
-class _SGDRule(_Rule):
-    def update_core_cpu(self, param):
-        new, buf = sgd_update(param.array, param.grad, self.state.get("momentum_buffer"), self.spec)
-        param.array[...] = new
-        if buf is not None:
-            # The first buffer is the gradient array itself: copy it, as PyTorch clones it, so that
-            # nothing that writes param.grad in place (Link.zerograds) can reach the buffer.
-            self.state["momentum_buffer"] = buf.copy() if buf is param.grad else buf
+class _PyTorchRule(_Rule):
+    """Any spec's update (:func:`unitrain.optim.optimizer_update`), in place on the parameter's
+    arrays; ``lr`` is the optimizer's, which ``set_lr`` changes."""
 
+    def __init__(self, spec, optimizer):
+        super().__init__(spec)
+        self.optimizer = optimizer
 
-class _AdamRule(_Rule):
     def init_state(self, param):
-        self.state["exp_avg"] = np.zeros_like(param.array)
-        self.state["exp_avg_sq"] = np.zeros_like(param.array)
+        if not isinstance(self.spec, SGD):  # SGD's momentum buffer starts as the first gradient
+            for name in self.spec.state_names:
+                self.state[name] = np.full_like(param.array, initial_buffer_value(self.spec, name))
 
     def update_core_cpu(self, param):
-        s = self.state
-        new, s["exp_avg"], s["exp_avg_sq"] = adam_update(
-            param.array, param.grad, s["exp_avg"], s["exp_avg_sq"], self.t, self.spec, np.sqrt
+        names = self.spec.state_names
+        buffers = tuple(self.state.get(name) for name in names)
+        _, buffers = optimizer_update(
+            self.spec, param.array, param.grad, buffers, self.t, self.optimizer.lr, np.sqrt, in_place=True
         )
-        param.array[...] = new
+        self.state.update(zip(names, buffers, strict=True))
+
+
+class _ClipGradNorm:
+    """A Chainer optimizer hook (timing ``pre``): ``clip_grad_norm_``'s global-norm clipping.
+    Chainer's own ``GradientClipping`` leaves out PyTorch's ``+ 1e-6`` and scales only above the norm."""
+
+    name, timing, call_for_each_param = "ClipGradNorm", "pre", False
+
+    def __init__(self, max_norm):
+        self.max_norm = max_norm
+
+    def __call__(self, optimizer):
+        grads = [param.grad for param in optimizer.target.params() if param.grad is not None]
+        if grads:
+            norms = [np.linalg.norm(grad.reshape(-1)) for grad in grads]
+            scale = clip_grad_norm_scale(norms, self.max_norm, np.sqrt, np.minimum).astype(grads[0].dtype)
+            for grad in grads:
+                grad *= scale
 
 
 class _Optimizer(chainer.optimizer.GradientMethod):
@@ -366,9 +383,10 @@ class _Optimizer(chainer.optimizer.GradientMethod):
     def __init__(self, spec):
         super().__init__()
         self.spec = spec
+        self.lr = spec.lr
 
     def create_update_rule(self):
-        return (_SGDRule if isinstance(self.spec, SGD) else _AdamRule)(self.spec)
+        return _PyTorchRule(self.spec, self)
 
     def reallocate_cleared_grads(self):
         """Keep cleared gradients ``None`` (GradientMethod would fill them with zeros)."""
@@ -379,7 +397,7 @@ class ChainerLoop(TrainingLoop):
     framework = "chainer"
     capabilities = frozenset({
         "dropout", "batchnorm", "conv", "native-model", "float64", "random-state",
-        "residual", "activations", "layernorm", "pooling", "losses", "custom-loss",
+        "residual", "activations", "layernorm", "pooling", "losses", "custom-loss", "optimizers", "clipping",
     })  # fmt: skip
 
     # --- building ---------------------------------------------------------------------------
@@ -462,6 +480,11 @@ class ChainerLoop(TrainingLoop):
         self._params = {name: params[path] for name, path in self._paths.items() if path in params}
         self.optimizer = _Optimizer(self.optimizer_spec)
         self.optimizer.setup(model)
+        if self.clip_grad_norm is not None:
+            self.optimizer.add_hook(_ClipGradNorm(self.clip_grad_norm))
+        elif self.clip_grad_value is not None:  # Chainer's own hook clamps like torch.clamp_
+            bound = self.clip_grad_value
+            self.optimizer.add_hook(chainer.optimizer_hooks.GradientHardClipping(-bound, bound))
 
     @classmethod
     def is_native_model(cls, model):
@@ -508,6 +531,9 @@ class ChainerLoop(TrainingLoop):
         self.optimizer.update()
         # The array, not the Variable: fit keeps an epoch's losses, and a Variable keeps its graph.
         return loss.array
+
+    def _set_lr(self, lr):
+        self.optimizer.lr = lr
 
     @staticmethod
     def to_float(value):

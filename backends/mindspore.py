@@ -2,8 +2,9 @@
 
 MindSpore differentiates functions, not tensors: ``step`` is one ``mindspore.jit`` graph of
 ``value_and_grad(forward + loss)`` followed by the optimizer's update, written into the
-parameters with ``ops.assign``. Adam's step number enters the graph as a tensor (so the graph is
-compiled once), which makes its bias corrections float32 where PyTorch's are float64.
+parameters with ``ops.assign``. The step number and the lr enter the graph as tensors (so the
+graph is compiled once, and ``set_lr`` compiles nothing), which makes Adam's bias corrections and
+Adagrad's lr decay float32 where PyTorch's are float64. Gradient clipping runs inside the graph.
 
 The tutorial-shaped ``backward`` re-runs forward + loss on the batch recorded by ``forward`` and
 ``loss`` through the same compiled gradient function, so it equals ``step`` bit for bit. The
@@ -51,7 +52,7 @@ from unitrain.losses import (
     NLLLoss,
     SmoothL1Loss,
 )
-from unitrain.optim import SGD, adam_update, sgd_update
+from unitrain.optim import clip_grad_norm_scale, initial_buffer_value, optimizer_update
 from unitrain.randomness import dropout_mask, dropout_stream, set_stream_state, stream_state
 
 ms.set_device("CPU")  # the adapter is written and tested for MindSpore's CPU build
@@ -378,7 +379,7 @@ class MindSporeLoop(TrainingLoop):
     # No float64: MindSpore's CPU Conv2D, BatchNorm and cross entropy take float16/32 only.
     capabilities = frozenset({
         "dropout", "batchnorm", "conv", "native-model", "random-state",
-        "residual", "activations", "layernorm", "pooling", "losses", "custom-loss",
+        "residual", "activations", "layernorm", "pooling", "losses", "custom-loss", "optimizers", "clipping",
     })  # fmt: skip
 
     #: ``False`` runs every step eagerly (PyNative), to debug or to compare speed
@@ -414,14 +415,20 @@ class MindSporeLoop(TrainingLoop):
         self._grad_names = [name for name, param in self._params.items() if param.requires_grad]
         self._buffers = [param for param in self._params.values() if not param.requires_grad]
 
-        def zeros_like(kind: str, name: str) -> Parameter:
+        def buffer_like(kind: str, name: str, value: float = 0.0) -> Parameter:
             param = self._params[name]
-            return Parameter(ops.zeros(param.shape, param.dtype), name=f"{kind}.{name}", requires_grad=False)
+            return Parameter(
+                ops.full(param.shape, value, dtype=param.dtype), name=f"{kind}.{name}", requires_grad=False
+            )
 
-        self._grads = [zeros_like("grad", name) for name in self._grad_names]
+        spec = self.optimizer_spec
+        self._grads = [buffer_like("grad", name) for name in self._grad_names]
         self._opt_state = {
-            kind: [zeros_like(kind, name) for name in self._grad_names] for kind in self.optimizer_spec.state_names
+            kind: [buffer_like(kind, name, initial_buffer_value(spec, kind)) for name in self._grad_names]
+            for kind in spec.state_names
         }
+        # an input of the compiled step, so that set_lr compiles nothing
+        self._lr = Tensor(self.lr, ms.float32)
         # Whether the optimizer buffers exist (PyTorch creates them at the first step).
         self._opt_ready = False
         self._recorded_x = self._recorded_y = self._recorded_masks = None
@@ -454,27 +461,36 @@ class MindSporeLoop(TrainingLoop):
 
         value_and_grad = ms.value_and_grad(forward_loss, None, weights)
 
-        def apply_update(gradients, t, first):
-            if isinstance(spec, SGD):
-                momentum = opt_state.get("momentum_buffer", [None] * len(weights))
-                for param, grad, buf in zip(weights, gradients, momentum):  # noqa: B905
-                    new_param, new_buf = sgd_update(param, grad, None if first else buf, spec)
-                    if new_buf is not None:
-                        ops.assign(buf, new_buf)
-                    ops.assign(param, new_param)
-            else:
-                for param, grad, m, v in zip(weights, gradients, opt_state["exp_avg"], opt_state["exp_avg_sq"]):  # noqa: B905
-                    new_param, new_m, new_v = adam_update(param, grad, m, v, t, spec, ops.sqrt)
-                    ops.assign(m, new_m)
-                    ops.assign(v, new_v)
-                    ops.assign(param, new_param)
+        # each parameter's optimizer buffers, in the spec's state_names order
+        buffers_of = [tuple(opt_state[kind][i] for kind in spec.state_names) for i in range(len(weights))]
+        max_norm, max_value = self.clip_grad_norm, self.clip_grad_value
+
+        def clipped(gradients):
+            if max_value is not None:
+                return [ops.clamp(grad, -max_value, max_value) for grad in gradients]
+            if max_norm is None:
+                return gradients
+            norms = [ops.sqrt((grad * grad).sum()) for grad in gradients]
+            scale = clip_grad_norm_scale(norms, max_norm, ops.sqrt, ops.minimum)
+            return [grad * scale for grad in gradients]
+
+        def apply_update(gradients, t, first, lr):
+            for param, grad, buffers in zip(weights, gradients, buffers_of):  # noqa: B905
+                # SGD's momentum buffer is created from the gradient (see _step_args)
+                new_param, new_buffers = optimizer_update(
+                    spec, param, grad, (None,) if first else buffers, t, lr, ops.sqrt
+                )
+                for buf, new_buf in zip(buffers, new_buffers):  # noqa: B905
+                    ops.assign(buf, new_buf)
+                ops.assign(param, new_param)
             return t
 
-        def step(x, y, t, first, masks):
+        def step(x, y, t, first, lr, masks):
             value, gradients = value_and_grad(x, y, masks)
+            gradients = clipped(gradients)
             for buf, grad in zip(grads, gradients):  # noqa: B905
                 ops.assign(buf, grad)
-            apply_update(gradients, t, first)
+            apply_update(gradients, t, first, lr)
             return value
 
         def backward(x, y, masks):
@@ -483,8 +499,12 @@ class MindSporeLoop(TrainingLoop):
                 ops.assign_add(buf, grad)
             return value
 
-        def update(t, first):
-            return apply_update(grads, t, first)
+        def update(t, first, lr):
+            gradients = clipped(grads)
+            if max_value is not None or max_norm is not None:
+                for buf, grad in zip(grads, gradients):  # noqa: B905
+                    ops.assign(buf, grad)
+            return apply_update(gradients, t, first, lr)
 
         def zero_grad():
             for buf in grads:
@@ -522,14 +542,17 @@ class MindSporeLoop(TrainingLoop):
         dtype = np.int32 if y.dtype.kind in "iu" else self.dtype
         return Tensor.from_numpy(np.ascontiguousarray(y, dtype))
 
-    def _step_args(self) -> tuple[Tensor, bool]:
-        """Adam's step number (``step_count`` counts the steps already taken; a tensor, so the
-        graph is compiled once, not per step) and whether
+    def _step_args(self) -> tuple[Tensor, bool, Tensor]:
+        """The step number (``step_count`` counts the steps already taken; a tensor, so the
+        graph is compiled once, not per step), the lr (a tensor too) and whether
         SGD's momentum buffer is to be created from the gradient. From the zero buffer the
         general formula gives exactly the gradient unless dampening is used, so only then is a
         graph compiled for the first step."""
         first = not self._opt_ready and bool(getattr(self.optimizer_spec, "dampening", 0))
-        return Tensor(self.step_count + 1, ms.int64), first
+        return Tensor(self.step_count + 1, ms.int64), first, self._lr
+
+    def _set_lr(self, lr: float) -> None:
+        self._lr = Tensor(lr, ms.float32)
 
     # --- hooks ----------------------------------------------------------------------------
 
@@ -614,5 +637,8 @@ class MindSporeLoop(TrainingLoop):
             for name, buf in zip(self._grad_names, buffers, strict=True):
                 key = f"{name}.{kind}"
                 self._opt_ready |= key in state
-                # An absent buffer restarts from zero, as if the first step were still to come.
-                _write(buf, np.asarray(state[key], self.dtype) if key in state else np.zeros(buf.shape, self.dtype))
+                # An absent buffer restarts from its initial value, as if the first step were still to come.
+                initial = initial_buffer_value(self.optimizer_spec, kind)
+                _write(
+                    buf, np.asarray(state[key], self.dtype) if key in state else np.full(buf.shape, initial, self.dtype)
+                )

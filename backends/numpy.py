@@ -56,7 +56,7 @@ from unitrain.losses import (
     NLLLoss,
     SmoothL1Loss,
 )
-from unitrain.optim import Adam, adam_update, sgd_update
+from unitrain.optim import clip_grad_norm_scale, initial_buffer_value, optimizer_update
 from unitrain.randomness import dropout_mask, dropout_stream, set_stream_state, stream_state
 
 # --- leaves --------------------------------------------------------------------------------------
@@ -832,7 +832,7 @@ class NumpyLoop(TrainingLoop):
     name = "numpy"
     capabilities = frozenset({
         "dropout", "batchnorm", "conv", "float64", "random-state",
-        "residual", "activations", "layernorm", "pooling", "losses", "custom-loss",
+        "residual", "activations", "layernorm", "pooling", "losses", "custom-loss", "optimizers", "clipping",
     })  # fmt: skip
 
     def _build(self, model):
@@ -886,21 +886,32 @@ class NumpyLoop(TrainingLoop):
 
     @_quiet
     def _update(self):
-        spec, state = self.optimizer_spec, self._optimizer_state
+        spec, state, names = self.optimizer_spec, self._optimizer_state, self.optimizer_spec.state_names
+        self._clip_gradients()
         for name, param in self._params.items():
-            grad = self._grads[name]
-            if isinstance(spec, Adam):
-                avg, avg_sq = f"{name}.exp_avg", f"{name}.exp_avg_sq"
-                if avg not in state:
-                    state[avg], state[avg_sq] = np.zeros_like(param), np.zeros_like(param)
-                param[...], state[avg], state[avg_sq] = adam_update(
-                    param, grad, state[avg], state[avg_sq], self.step_count + 1, spec, np.sqrt
-                )
-            else:
-                param[...], buf = sgd_update(param, grad, state.get(f"{name}.momentum_buffer"), spec)
-                if buf is not None:
-                    # the first step's buffer is the gradient itself, which zero_grad clears
-                    state[f"{name}.momentum_buffer"] = buf.copy() if buf is grad else buf
+            keys = [f"{name}.{buffer}" for buffer in names]
+            if keys and keys[0] not in state and names != ("momentum_buffer",):  # SGD's starts as the gradient
+                for key, buffer in zip(keys, names, strict=True):
+                    state[key] = np.full_like(param, initial_buffer_value(spec, buffer))
+            buffers = tuple(state.get(key) for key in keys)
+            _, buffers = optimizer_update(
+                spec, param, self._grads[name], buffers, self.step_count + 1, self.lr, np.sqrt, in_place=True
+            )
+            state.update(zip(keys, buffers, strict=True))
+
+    def _clip_gradients(self):
+        grads = list(self._grads.values())
+        if self.clip_grad_value is not None:
+            for grad in grads:
+                np.clip(grad, -self.clip_grad_value, self.clip_grad_value, out=grad)
+        elif self.clip_grad_norm is not None and grads:
+            norms = [np.linalg.norm(grad.reshape(-1)) for grad in grads]
+            scale = clip_grad_norm_scale(norms, self.clip_grad_norm, np.sqrt, np.minimum).astype(self.dtype)
+            for grad in grads:
+                grad *= scale
+
+    def _set_lr(self, lr):
+        pass  # each update reads self.lr
 
     def _step(self, x, y):
         self._zero_grad()

@@ -1,7 +1,7 @@
 """PyTorch backend: the spec tree built with ``torch.nn`` (an ``nn.Sequential`` with the spec's child
 names for each ``Sequential``, a small module for each ``Residual``), so native ``state_dict`` keys are
 the canonical ones (torchvision's for ``resnet18()``); ``torch.nn.functional`` losses, a ``CustomLoss``
-evaluated on torch tensors (autograd differentiates it); ``torch.optim`` SGD/Adam/AdamW with
+evaluated on torch tensors (autograd differentiates it); the ``torch.optim`` class of the spec's name with
 ``foreach=False`` (PyTorch's single-tensor equations, which unitrain.optim reproduces).
 
 Dropout draws from this loop's own random stream (the one ``torch.manual_seed(seed)`` starts),
@@ -27,9 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import skip_init
 
-from unitrain import expr, layers, losses
+from unitrain import expr, layers, losses, optim
 from unitrain.loop import CAPABILITIES, TrainingLoop
-from unitrain.optim import SGD, Adam
 
 _DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
 
@@ -151,17 +150,11 @@ class TorchLoop(TrainingLoop):
         self._rng_state = torch.Generator(self._device).manual_seed(self.seed).get_state()
         self._criterion = self._make_criterion(self.loss_spec)
         spec = self.optimizer_spec
-        params = list(self._params.values())
-        if isinstance(spec, SGD):
-            self.optimizer = torch.optim.SGD(
-                params, lr=spec.lr, momentum=spec.momentum, dampening=spec.dampening,
-                weight_decay=spec.weight_decay, nesterov=spec.nesterov, foreach=False,
-            )  # fmt: skip
-        else:
-            cls = torch.optim.AdamW if spec.decoupled_weight_decay else torch.optim.Adam
-            self.optimizer = cls(
-                params, lr=spec.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay, foreach=False
-            )
+        # every spec field is the torch.optim class's argument of the same name
+        arguments = {field.name: getattr(spec, field.name) for field in fields(spec)}
+        self.optimizer = getattr(torch.optim, type(spec).__name__)(
+            list(self._params.values()), **arguments, foreach=False
+        )
 
     # --- helpers --------------------------------------------------------------------------
 
@@ -226,13 +219,25 @@ class TorchLoop(TrainingLoop):
         loss.backward()
 
     def _update(self) -> None:
+        self._clip_gradients()
         self.optimizer.step()
+
+    def _clip_gradients(self) -> None:
+        params = self._params.values()
+        if self.clip_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm, foreach=False)
+        elif self.clip_grad_value is not None:
+            torch.nn.utils.clip_grad_value_(params, self.clip_grad_value, foreach=False)
+
+    def _set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
 
     def _step(self, x: np.ndarray, y: np.ndarray) -> torch.Tensor:
         self.optimizer.zero_grad()
         loss = self._loss_of(self._run(self._tensor(x)), y)
         loss.backward()
-        self.optimizer.step()
+        self._update()
         return loss.detach()
 
     def _predict(self, x: np.ndarray) -> np.ndarray:
@@ -263,6 +268,8 @@ class TorchLoop(TrainingLoop):
         state = {"step": np.array(self.step_count, np.int64)}
         for name, p in self._params.items():
             buffers = self.optimizer.state.get(p, {})
+            if "step" in buffers and float(buffers["step"]) == 0:  # Adagrad's state exists before its first step
+                continue
             for key in self.optimizer_spec.state_names:
                 if buffers.get(key) is not None:
                     state[f"{name}.{key}"] = _numpy(buffers[key])
@@ -274,10 +281,16 @@ class TorchLoop(TrainingLoop):
         for name, p in self._params.items():
             if names and f"{name}.{names[0]}" in state:  # all buffers or none (checked by the caller)
                 buffers = {key: torch.tensor(state[f"{name}.{key}"], device=p.device) for key in names}
-                if isinstance(self.optimizer_spec, Adam):
-                    # Adam keeps its bias-correction count per parameter
+                if not isinstance(self.optimizer_spec, optim.SGD):
+                    # the others keep a step count per parameter (Adam's bias correction, Adagrad's lr decay)
                     buffers["step"] = torch.tensor(float(state["step"]))
                 loaded[p] = buffers
+            elif isinstance(self.optimizer_spec, optim.Adagrad):  # torch creates its sum at construction
+                initial = self.optimizer_spec.initial_accumulator_value
+                loaded[p] = {
+                    "step": torch.tensor(0.0),
+                    "sum": torch.full_like(p, initial, memory_format=torch.preserve_format),
+                }
         self.optimizer.state.clear()
         self.optimizer.state.update(loaded)
 

@@ -30,7 +30,8 @@ from unitrain.losses import (
     NLLLoss,
     SmoothL1Loss,
 )
-from unitrain.optim import SGD, Adam, AdamW
+from unitrain.optim import SGD, Adadelta, Adagrad, Adam, AdamW, RMSprop
+from unitrain.schedules import StepLR
 
 from . import reference, tolerances
 from .reference import F64
@@ -520,7 +521,7 @@ def check_sgd_momentum_new_lr(adapter):
     resumed = loaded(adapter, dense_model(), loop.state_dict(), optimizer=second)
     resumed.load_optimizer_state_dict(loop.optimizer_state_dict())
     resumed.step_count = loop.step_count
-    ref_optimizer.spec = second
+    ref_optimizer.spec, ref_optimizer.lr = second, second.lr
     _optimizer_steps(adapter, second, steps=2, loop=resumed, ref_optimizer=ref_optimizer, buffers=False)
 
 
@@ -535,6 +536,68 @@ def check_adam_updates(adapter):
 def check_adamw_updates(adapter):
     """AdamW (decoupled weight decay): parameters and both moments match."""
     _optimizer_steps(adapter, AdamW(lr=0.01, eps=1e-4, weight_decay=0.1))
+
+
+@check("optimizers")
+def check_rmsprop_updates(adapter):
+    """RMSprop (plain; centered with momentum and weight decay): parameters and buffers match."""
+    _optimizer_steps(adapter, RMSprop(lr=0.01, alpha=0.9, eps=0.01))
+    _optimizer_steps(adapter, RMSprop(lr=0.01, alpha=0.9, eps=0.01, momentum=0.5, centered=True, weight_decay=0.1))
+
+
+@check("optimizers")
+def check_adagrad_updates(adapter):
+    """Adagrad with lr decay, an initial accumulator and weight decay: parameters and ``sum`` match."""
+    _optimizer_steps(adapter, Adagrad(lr=0.1, lr_decay=0.5, initial_accumulator_value=0.1, weight_decay=0.1))
+
+
+@check("optimizers")
+def check_adadelta_updates(adapter):
+    """Adadelta (with weight decay): parameters and both accumulators match."""
+    _optimizer_steps(adapter, Adadelta(lr=1.0, rho=0.8, eps=1e-3, weight_decay=0.1))
+
+
+@check("optimizers")
+def check_set_lr_and_schedule(adapter):
+    """``set_lr`` changes the live loop's next updates; ``fit`` steps a StepLR per epoch (the lr in
+    each record), and ``seek_schedule`` resumes it mid-schedule."""
+    spec = SGD(lr=0.1, momentum=0.9)
+    loop, ref_optimizer = _optimizer_steps(adapter, spec, steps=1, buffers=False)
+    loop.set_lr(0.03)
+    ref_optimizer.lr = 0.03
+    _optimizer_steps(adapter, spec, steps=2, loop=loop, ref_optimizer=ref_optimizer, buffers=False)
+    model = dense_model()
+    schedule = StepLR(step_size=1, gamma=0.5)
+    scheduled = loaded(adapter, model, state_of(model), optimizer=SGD(lr=0.2), lr_schedule=schedule)
+    history = scheduled.fit((inputs((3, 4)), labels()), epochs=3, batch_size=4, shuffle=False)
+    lrs = [record.get("lr") for record in history]
+    if lrs != [0.2, 0.1, 0.05] or scheduled.lr != 0.025 or scheduled.schedule_position != 3:
+        got = f"records' lr {lrs}, then lr {scheduled.lr} at position {scheduled.schedule_position}"
+        fail(f"StepLR(step_size=1, gamma=0.5) from lr 0.2 over 3 epochs: {got}; expected [0.2, 0.1, 0.05], 0.025, 3")
+    resumed = loaded(adapter, model, scheduled.state_dict(), optimizer=SGD(lr=0.2), lr_schedule=schedule)
+    resumed.seek_schedule(2)
+    if resumed.lr != 0.05:
+        fail(f"seek_schedule(2) on StepLR(step_size=1, gamma=0.5) from lr 0.2: lr {resumed.lr}, expected 0.05")
+
+
+@check("clipping")
+def check_gradient_clipping(adapter):
+    """Clipping by global norm (``clip_grad_norm_``: one factor for all gradients) and by value,
+    between the gradients and the update."""
+    model = dense_model()
+    for options in ({"clip_grad_norm": 0.05}, {"clip_grad_value": 0.02}):
+        loop = loaded(adapter, model, state_of(model), optimizer=SGD(lr=0.5), **options)
+        params = {key: value.astype(F64) for key, value in params_of(loop).items()}
+        for step in range(1, 3):
+            tutorial_gradients(loop, inputs((3, 4), seed=step), labels(seed=step))
+            grads = reference.clip_gradients(
+                loop.gradients(), max_norm=options.get("clip_grad_norm"), max_value=options.get("clip_grad_value")
+            )
+            params = {key: value - 0.5 * grads[key] for key, value in params.items()}
+            loop.update()
+            compare_states(
+                f"{options} step {step}: parameter", params_of(loop), params, dtype=loop.dtype, size=4 * step
+            )
 
 
 # --- 8-10. the step ---------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from unitrain.backends import numpy as numpy_backend
 from unitrain.backends.numpy import LossValue, NumpyLoop, _loss_terms
 from unitrain.conformance import CHECKS, run_check, run_checks
 
-from unitrain.optim import Adam
+from unitrain.optim import Adagrad, Adam, RMSprop
 
 
 class _NumpyAdamVariant(NumpyLoop):
@@ -119,6 +119,44 @@ class ChainerStyleMomentum(NumpyLoop):
             param -= velocity
 
 
+class RMSpropEpsilonInsideSqrt(NumpyLoop):
+    """RMSprop dividing by ``sqrt(square_avg + eps)`` instead of ``sqrt(square_avg) + eps``."""
+
+    def _update(self):
+        spec = self.optimizer_spec
+        if not isinstance(spec, RMSprop) or spec.momentum or spec.centered:
+            return super()._update()
+        for name, param in self._params.items():
+            grad = self._grads[name] + spec.weight_decay * param
+            key = f"{name}.square_avg"
+            square_avg = spec.alpha * self._optimizer_state.get(key, 0) + (1 - spec.alpha) * grad * grad
+            self._optimizer_state[key] = square_avg
+            param -= self.lr * grad / np.sqrt(square_avg + spec.eps)
+
+
+class AdagradWithoutLrDecay(NumpyLoop):
+    """Adagrad ignoring ``lr_decay`` (every step at the full lr)."""
+
+    def _update(self):
+        spec = self.optimizer_spec
+        if isinstance(spec, Adagrad):
+            self.optimizer_spec = dataclasses.replace(spec, lr_decay=0.0)
+        try:
+            super()._update()
+        finally:
+            self.optimizer_spec = spec
+
+
+class ClipPerTensor(NumpyLoop):
+    """Gradient clipping by each gradient's own norm instead of the norm of all of them together."""
+
+    def _clip_gradients(self):
+        if self.clip_grad_norm is None:
+            return super()._clip_gradients()
+        for grad in self._grads.values():
+            grad *= min(1.0, self.clip_grad_norm / (float(np.linalg.norm(grad)) + 1e-6))
+
+
 class ZeroGradDoesNothing(NumpyLoop):
     def _zero_grad(self):
         pass
@@ -165,6 +203,15 @@ CAUGHT = {
     (EpsilonInsideSqrt, "check_adam_updates"):
         "Adam(lr=0.01, eps=0.0001) step 1: parameter '1.weight': "
         "expected -0.249878, got -0.257934 at index (4, 11); max error 0.00806 > tolerance 3.81e-06",
+    (RMSpropEpsilonInsideSqrt, "check_rmsprop_updates"):
+        "RMSprop(lr=0.01, alpha=0.9, eps=0.01) step 1: parameter '1.weight': "
+        "expected 0.202825, got 0.217777 at index (3, 1); max error 0.015 > tolerance 3.81e-06",
+    (AdagradWithoutLrDecay, "check_adagrad_updates"):
+        "Adagrad(lr=0.1, weight_decay=0.1, lr_decay=0.5, initial_accumulator_value=0.1) step 2: parameter "
+        "'1.weight': expected 0.0445752, got 0.057831 at index (6, 9); max error 0.0133 > tolerance 7.63e-06",
+    (ClipPerTensor, "check_gradient_clipping"):
+        "{'clip_grad_norm': 0.05} step 1: parameter '1.weight': "
+        "expected 0.26568, got 0.267114 at index (6, 6); max error 0.00143 > tolerance 3.81e-06",
     (DropoutInEval, "check_forward_dropout_eval"):
         "predict(): expected 0.567939, got 0.833644 at index (3, 2); max error 0.266 > tolerance 7.63e-06",
     (BatchNormStatisticsInEval, "check_batchnorm_running_stats"):

@@ -53,7 +53,7 @@ from typing import Any
 
 import numpy as np
 
-from . import optim, registry
+from . import optim, registry, schedules
 from .data import num_batches
 from .files import atomic_write, current_umask, fsync_dir
 from .layers import PRESETS
@@ -177,6 +177,14 @@ def save_checkpoint(
         "seed": loop.seed,
         "dtype": str(loop.dtype),
         "optimizer": optimizer_config(loop.optimizer_spec),
+        "lr": loop.lr,
+        "lr_schedule": None
+        if loop.lr_schedule is None
+        else {
+            "schedule": str(loop.lr_schedule),
+            "position": loop.schedule_position,
+        },
+        "clip_grad": {"norm": loop.clip_grad_norm, "value": loop.clip_grad_value},
         "loss": type(loop.loss_spec).__name__,
         "data_order": "numpy.random.default_rng([seed, epoch]).permutation(num_samples), batches from `batch` on",
         "epoch_loss": {"sum": float(epoch_loss[0]), "count": int(epoch_loss[1])},
@@ -266,6 +274,20 @@ class Checkpoint:
     def optimizer_spec(self) -> optim.Optimizer:
         return optimizer_from_config(self.manifest["optimizer"])
 
+    def lr_schedule(self) -> schedules.LRSchedule | None:
+        recorded = self.manifest.get("lr_schedule")
+        if recorded is None:
+            return None
+        try:
+            return schedules.parse_schedule(recorded["schedule"])
+        except ValueError as error:
+            raise CheckpointError(f"checkpoint {self.path}: its lr_schedule is invalid: {error}") from None
+
+    def clipping(self) -> dict[str, float | None]:
+        """``{"clip_grad_norm": ..., "clip_grad_value": ...}`` as the loop's constructor takes them."""
+        recorded = self.manifest.get("clip_grad", {"norm": None, "value": None})
+        return {"clip_grad_norm": recorded["norm"], "clip_grad_value": recorded["value"]}
+
     def check_position(self, num_samples: int, batch_size: int) -> None:
         """Refuse a position the run cannot have reached on data of ``num_samples`` samples in
         batches of ``batch_size`` (raises :class:`CheckpointError` naming the field and its
@@ -291,11 +313,29 @@ class Checkpoint:
         if loop.seed != self.seed:
             raise CheckpointError(f"{self.path} was trained with seed {self.seed} (it fixes the data order), "
                                   f"the loop uses seed {loop.seed}")  # fmt: skip
+        schedule, clipping = self.lr_schedule(), self.clipping()
+        if loop.lr_schedule != schedule:
+            raise CheckpointError(
+                f"{self.path} was trained with lr_schedule {schedule}, the loop uses {loop.lr_schedule}"
+            )
+        if {"clip_grad_norm": loop.clip_grad_norm, "clip_grad_value": loop.clip_grad_value} != clipping:
+            used = f"clip_grad_norm={loop.clip_grad_norm}, clip_grad_value={loop.clip_grad_value}"
+            raise CheckpointError(f"{self.path} was trained with {clipping}, the loop clips with {used}")
         loop.load_state_dict(self.weights, source=str(self.path / WEIGHTS))
         try:
             loop.load_optimizer_state_dict(self.optimizer_state)
         except (KeyError, ValueError) as error:
             raise CheckpointError(f"{self.path / OPTIMIZER} does not fit the model: {error}") from None
+        if schedule is not None:
+            # fit steps a per-batch schedule after every step, a per-epoch one after every whole epoch
+            position = self.manifest["lr_schedule"]["position"]
+            expected = self.step if schedule.per_batch else self.epoch
+            if position != expected:
+                raise CheckpointError(f"checkpoint {self.path}: lr_schedule position {short(position)} does not fit "
+                                      f"{'step' if schedule.per_batch else 'epoch'} {short(expected)}")  # fmt: skip
+            loop.seek_schedule(position)
+        elif "lr" in self.manifest:  # an lr set by hand (set_lr)
+            loop.set_lr(self.manifest["lr"])
         if self.random_state and set(self.random_state) == set(loop.random_state()):  # the same kind of stream
             try:
                 loop.load_random_state(self.random_state, source=str(self.path / RANDOM))
@@ -346,7 +386,18 @@ MANIFEST_SCHEMA = {
         "nesterov": Optional(bool),
         "betas": Optional([Number(), Number()]),
         "eps": Optional(Number()),
+        "alpha": Optional(Number()),
+        "centered": Optional(bool),
+        "lr_decay": Optional(Number()),
+        "initial_accumulator_value": Optional(Number()),
+        "rho": Optional(Number()),
     },
+    # the live lr, the schedule and its position (steps taken), clipping; absent in older checkpoints
+    "lr": Optional(Number(0)),
+    # restoring replays the schedule step by step (PyTorch's floats depend on the path), a few µs each:
+    # 10^8 steps bounds that at minutes, and no run takes as many (90 ImageNet epochs per batch: 4.5e5)
+    "lr_schedule": Optional(Nullable({"schedule": str, "position": Int(0, 10**8)})),
+    "clip_grad": Optional({"norm": Nullable(Number(0)), "value": Nullable(Number(0))}),
     "loss": Optional(str),
     "data_order": Optional(str),
     "epoch_loss": {"sum": Number(), "count": Int()},
@@ -358,6 +409,9 @@ MANIFEST_SCHEMA = {
         "epochs": Optional(Int()),
         "max_steps": Optional(Nullable(Int())),
         "shuffle": Optional(bool),
+        "lr_schedule": Optional(Nullable(str)),
+        "clip_grad_norm": Optional(Nullable(Number(0))),
+        "clip_grad_value": Optional(Nullable(Number(0))),
     },
     "created": Optional(str),
     "run_id": Optional(Nullable(str)),  # which run wrote it (save_checkpoint); absent in older checkpoints
@@ -376,6 +430,7 @@ def _verified(folder: Path) -> Checkpoint:
     manifest = _manifest(folder / MANIFEST)
     try:
         spec = optimizer_from_config(manifest["optimizer"])
+        Checkpoint(folder, manifest, {}, {}, {}).lr_schedule()
     except CheckpointError as error:
         raise damaged(str(error)) from None
     files = manifest["files"]

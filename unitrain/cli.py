@@ -24,6 +24,7 @@ from .layers import PRESETS, preset
 from .loop import InputError
 from .optim import OPTIMIZERS
 from .reading import path_problem
+from .schedules import parse_schedule
 from .signals import ending_on_signals, interrupted
 from .weights import WeightsError, check_state, load_safetensors
 
@@ -60,6 +61,14 @@ def _float(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
     return value
+
+
+def _schedule(text: str) -> str:
+    """A schedule, checked now (before any training) and kept in its canonical spelling."""
+    try:
+        return str(parse_schedule(text))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _int_at_least(minimum: int):
@@ -225,6 +234,14 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--momentum", type=_float, default=None, help="SGD momentum (default 0)")
     parser.add_argument("--nesterov", action="store_true", help="Nesterov momentum (SGD)")
     parser.add_argument("--weight-decay", type=_float, default=None, help="default 0 (adamw: 0.01)")
+    parser.add_argument(
+        "--lr-schedule", type=_schedule, metavar="'StepLR(step_size=1, gamma=0.7)'",
+        help="a torch.optim.lr_scheduler class with its arguments (StepLR, MultiStepLR, ExponentialLR, "
+        "CosineAnnealingLR, LinearLR, OneCycleLR, SequentialLR)",
+    )  # fmt: skip
+    clipping = parser.add_mutually_exclusive_group()
+    clipping.add_argument("--clip-grad-norm", type=_positive_float, metavar="X", help="clip gradients to total norm X")
+    clipping.add_argument("--clip-grad-value", type=_positive_float, metavar="X", help="clip gradients to [-X, X]")
     parser.add_argument("--seed", type=_int_at_least(0), default=0)
     parser.add_argument("--max-steps", type=_int_at_least(0), help="stop after N optimizer steps in total")
     parser.add_argument("--no-shuffle", action="store_true", help="visit samples in file order")
@@ -356,7 +373,7 @@ def cmd_compare(args) -> int:
         from .native import check_run
 
         try:
-            check_run(preset(args.model), optimizer)
+            check_run(preset(args.model), optimizer, _training_options(args))
         except ValueError as error:
             raise UsageError(f"--native: {error}") from None
     train_data, test_data = load_mnist("train", args.data_dir), load_mnist("test", args.data_dir)
@@ -373,7 +390,7 @@ def cmd_compare(args) -> int:
     results = compare_backends(
         backends, preset(args.model), optimizer, train_data, test_data,
         seed=args.seed, initial_weights=initial, extensions=extensions, threads=args.threads,
-        sample_every=args.sample_every, native=args.native,
+        sample_every=args.sample_every, native=args.native, loop_options=_training_options(args),
         epochs=args.epochs, batch_size=args.batch_size, shuffle=not args.no_shuffle, max_steps=args.max_steps,
     )  # fmt: skip
     table = format_report(results, len(test_data))
@@ -441,6 +458,15 @@ def _optimizer(args):
         raise UsageError(f"--optimizer {args.optimizer}: {error}") from None
 
 
+def _training_options(args) -> dict:
+    """The loop's lr schedule and gradient clipping, from the command line."""
+    return {
+        "lr_schedule": None if args.lr_schedule is None else parse_schedule(args.lr_schedule),
+        "clip_grad_norm": args.clip_grad_norm,
+        "clip_grad_value": args.clip_grad_value,
+    }
+
+
 def cmd_train(args) -> int:
     # Everything the user typed is checked before the (slow) framework import and any training.
     initial = _check_run_inputs(args)
@@ -462,7 +488,7 @@ def cmd_train(args) -> int:
     train_data = load_mnist("train", args.data_dir)
     test_data = load_mnist("test", args.data_dir)
 
-    loop = adapter(model, optimizer=optimizer, seed=args.seed)
+    loop = adapter(model, optimizer=optimizer, seed=args.seed, **_training_options(args))
     if initial is not None:
         loop.load_state_dict(initial, source=str(args.init_weights))
     if resume is not None:
@@ -565,6 +591,9 @@ def _run_config(args) -> dict:
         "epochs": args.epochs,
         "max_steps": args.max_steps,
         "shuffle": not args.no_shuffle,
+        "lr_schedule": args.lr_schedule,
+        "clip_grad_norm": args.clip_grad_norm,
+        "clip_grad_value": args.clip_grad_value,
     }
 
 
@@ -580,7 +609,8 @@ def _resume(args):
             f"new run from its weights with --init-weights {checkpoint.path / WEIGHTS}"
         )
     run, spec = checkpoint.run, checkpoint.optimizer_spec()
-    if missing := [key for key in _run_config(args) if key not in run]:
+    optional = {"lr_schedule", "clip_grad_norm", "clip_grad_value"}  # absent in older checkpoints
+    if missing := [key for key in _run_config(args) if key not in run and key not in optional]:
         raise UsageError(f"--resume {args.resume}: the checkpoint lacks the run settings {missing}")
     checkpoint.check_position(MNIST_SIZES["train"], run["batch_size"])
     recorded = {
@@ -594,6 +624,8 @@ def _resume(args):
         "momentum": getattr(spec, "momentum", None),
         "nesterov": getattr(spec, "nesterov", False),
         "weight_decay": spec.weight_decay,
+        "lr_schedule": None if (schedule := checkpoint.lr_schedule()) is None else str(schedule),
+        **checkpoint.clipping(),
     }
     typed = {token.partition("=")[0] for token in args.argv if token.startswith("--")}
 
@@ -662,6 +694,7 @@ class EpochReport:
         print(
             f"{self.prefix}epoch {record['epoch']}/{self.epochs}  train loss {record['train_loss']:.4f}  "
             f"test accuracy {100 * record['test_accuracy']:.2f}%  test loss {record['test_loss']:.4f}  "
+            f"lr {record['lr']:.4g}  "
             f"{record['samples_per_sec']:.0f} samples/s",
             flush=True,
         )

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -104,12 +104,14 @@ def compare_backends(
     sample_every: int | None = None,
     threads: int | None = None,
     native: bool = False,
+    loop_options: Mapping[str, Any] | None = None,
     **fit_options: Any,
 ) -> list[dict[str, Any]]:
     """Train ``model`` on each backend in turn, every one from ``initial_weights`` (default: the
     seed's :func:`~unitrain.weights.init_weights`), with :meth:`~unitrain.TrainingLoop.fit`'s
-    ``fit_options`` (``epochs``, ``batch_size``, ``shuffle``, ``max_steps``) and the fit
-    extensions ``extensions(backend)``.
+    ``fit_options`` (``epochs``, ``batch_size``, ``shuffle``, ``max_steps``), the fit
+    extensions ``extensions(backend)`` and the loops' further constructor arguments
+    ``loop_options`` (``lr_schedule``, ``clip_grad_norm``, ``clip_grad_value``).
 
     Returns one result per backend: ``backend``, ``version``, ``history`` (fit's records),
     ``steps``, ``step_losses`` (every step's loss), ``test_accuracy``, ``test_loss``,
@@ -126,7 +128,7 @@ def compare_backends(
     ``"<backend> (native loop)"``; its test metrics are those of its weights loaded into the
     backend's unitrain loop."""
     adapters = {name: registry.get_backend(name) for name in backends}  # all resolved before any training
-    model_name = native_models.check_run(model, optimizer) if native else None
+    model_name = native_models.check_run(model, optimizer, loop_options) if native else None
     if sample_every is None:
         sample_every = sample_interval(planned_steps(train_data, **fit_options))
     results: list[dict[str, Any]] = []
@@ -135,7 +137,7 @@ def compare_backends(
     for name, adapter in adapters.items():
         if threads is not None:
             adapter.set_threads(threads)
-        loop = adapter(model, optimizer=optimizer, seed=seed)
+        loop = adapter(model, optimizer=optimizer, seed=seed, **(loop_options or {}))
         if initial_weights is not None:
             loop.load_state_dict(initial_weights)
         recorder = StepRecorder(sample_every, snapshots)

@@ -69,8 +69,22 @@ accepts exactly those keys and shapes. ``save_weights`` / ``load_weights`` are s
 
 Optimizer: the update equations are PyTorch's on every backend (see :mod:`unitrain.optim`).
 ``optimizer_state_dict()`` returns ``{"step": int64 scalar, "<param>.<buffer>": array}`` with
-``<buffer>`` in the spec's ``state_names`` (``momentum_buffer``; ``exp_avg``, ``exp_avg_sq``);
-buffers not created yet are absent.
+``<buffer>`` in the spec's ``state_names`` (PyTorch's: ``momentum_buffer``; ``exp_avg``,
+``exp_avg_sq``; ``square_avg``, ``momentum_buffer``, ``grad_avg``; ``sum``; ``square_avg``,
+``acc_delta``); buffers not created yet are absent (Adagrad's ``sum`` too, until the first step).
+
+Learning rate: ``loop.lr`` is the lr the next update uses; it starts as ``optimizer.lr``, and
+``set_lr(lr)`` changes it on the live loop (no rebuilding; MindSpore feeds it into its compiled
+step as an input, so nothing is compiled again). ``lr_schedule`` (:mod:`unitrain.schedules`)
+makes :meth:`fit` step it as PyTorch's scheduler would (per epoch, or per batch for OneCycleLR);
+``schedule_position`` counts those steps and ``seek_schedule(position)`` replays the schedule to
+one (a checkpoint restores it). ``optimizer_spec.lr`` stays the initial lr.
+
+Gradient clipping (``clip_grad_norm=`` or ``clip_grad_value=``, not both) happens inside
+``update``/``step``, between the gradients and the optimizer: by global norm with
+``torch.nn.utils.clip_grad_norm_``'s semantics (every gradient times ``min(1, max_norm /
+(total 2-norm + 1e-6))``, :func:`~unitrain.optim.clip_grad_norm_scale`), or by value (each
+element clamped to ``[-v, v]``); natively where the framework has it.
 
 Randomness: dropout masks come from the loop's own random stream, started from ``seed``; the
 user's global RNGs are neither reset nor advanced where the framework allows. With the
@@ -96,12 +110,15 @@ from .data import ArrayDataset
 from .layers import Container, _BatchNorm
 from .losses import CrossEntropyLoss, CustomLoss, Loss
 from .optim import SGD, Optimizer
+from .schedules import LRSchedule
 
 #: Capability tags an adapter may declare (checks gated on a missing one are skipped).
 CAPABILITIES = frozenset({
     "float64", "dropout", "batchnorm", "conv", "native-model", "random-state",
     # issue 8: graphs with branches, the layers and losses real tutorials use, the user's own loss
     "residual", "activations", "layernorm", "pooling", "losses", "custom-loss",
+    # issue 9: RMSprop/Adagrad/Adadelta, set_lr and schedules; gradient clipping
+    "optimizers", "clipping",
 })  # fmt: skip
 
 
@@ -127,6 +144,9 @@ class TrainingLoop(ABC):
         *,
         seed: int = 0,
         dtype: str = "float32",
+        lr_schedule: LRSchedule | None = None,
+        clip_grad_norm: float | None = None,
+        clip_grad_value: float | None = None,
     ):
         loss = CrossEntropyLoss() if loss is None else loss
         optimizer = SGD() if optimizer is None else optimizer
@@ -141,8 +161,22 @@ class TrainingLoop(ABC):
             raise ValueError(f"dtype {dtype!r} is not supported by the {self.name} backend; expected: {supported}")
         #: floating dtype of parameters, inputs, outputs and optimizer state
         self.dtype = np.dtype(dtype)
+        if lr_schedule is not None and not isinstance(lr_schedule, LRSchedule):
+            raise TypeError(f"lr_schedule must be a unitrain.schedules spec, got {lr_schedule!r}")
+        for name, value in (("clip_grad_norm", clip_grad_norm), ("clip_grad_value", clip_grad_value)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not math.isfinite(value) or value <= 0):  # fmt: skip
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        if clip_grad_norm is not None and clip_grad_value is not None:
+            raise ValueError("clip_grad_norm and clip_grad_value exclude each other: clip one way")
         self.loss_spec = loss
         self.optimizer_spec = optimizer
+        #: the lr the next update uses (``set_lr``, or the schedule, changes it)
+        self.lr = float(optimizer.lr)
+        self.lr_schedule = lr_schedule
+        self._scheduler = None if lr_schedule is None else lr_schedule.start(self.lr)
+        self.clip_grad_norm = None if clip_grad_norm is None else float(clip_grad_norm)
+        self.clip_grad_value = None if clip_grad_value is None else float(clip_grad_value)
         self.seed = seed
         #: optimizer steps taken (``update`` / ``step`` calls)
         self.step_count = 0
@@ -164,6 +198,8 @@ class TrainingLoop(ABC):
                 f"got {type(model).__name__}"
             )
         self._set_training(True)
+        if self._scheduler is not None and self._scheduler.lr != self.lr:  # LinearLR, OneCycleLR start elsewhere
+            self.set_lr(self._scheduler.lr)
 
     # --- hooks an adapter implements ------------------------------------------------------
 
@@ -243,6 +279,10 @@ class TrainingLoop(ABC):
         """Load validated optimizer state: ``step`` plus, per parameter, all buffers or none
         (``self.dtype`` arrays). The caller sets ``step_count``."""
 
+    def _set_lr(self, lr: float) -> None:
+        """Make the next updates use ``lr`` (the optimizer, its state and compiled code stay)."""
+        raise NotImplementedError(f"the {self.name} backend cannot change the lr of a live loop")
+
     def _random_state(self) -> dict[str, np.ndarray]:
         """The loop's random stream as uint8 arrays (only with the ``random-state`` capability)."""
         return {}
@@ -293,6 +333,27 @@ class TrainingLoop(ABC):
         """One optimizer step on the accumulated gradients; counts towards ``step_count``."""
         self._update()
         self.step_count += 1
+
+    def set_lr(self, lr: float) -> None:
+        """Use ``lr`` from the next update on (a schedule's zero included)."""
+        if isinstance(lr, bool) or not isinstance(lr, (int, float, np.floating)) or not math.isfinite(lr) or lr < 0:
+            raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+        self._set_lr(float(lr))
+        self.lr = float(lr)
+
+    @property
+    def schedule_position(self) -> int:
+        """Steps the ``lr_schedule`` has taken (0 without one)."""
+        return 0 if self._scheduler is None else self._scheduler.position
+
+    def seek_schedule(self, position: int) -> None:
+        """Put the ``lr_schedule`` at ``position`` (replayed from its start) and use its lr."""
+        if self._scheduler is None:
+            raise ValueError("this loop has no lr_schedule")
+        self.set_lr(self._scheduler.seek(position))
+
+    def _step_schedule(self) -> None:
+        self.set_lr(self._scheduler.step())
 
     # --- the whole step and what builds on it ---------------------------------------------
 
@@ -364,8 +425,11 @@ class TrainingLoop(ABC):
 
         Batch order is :meth:`ArrayDataset.batches` with this loop's seed: identical on every
         backend. Returns one record per epoch: ``epoch``, ``train_loss`` (mean of the epoch's
-        step losses), ``samples_per_sec`` and, with ``eval_data``, ``test_loss`` /
-        ``test_accuracy``.
+        step losses), ``lr`` (the lr of the epoch's first step), ``samples_per_sec`` and, with
+        ``eval_data``, ``test_loss`` / ``test_accuracy``. The ``lr_schedule`` steps after each
+        step (per-batch schedules) or after each epoch that ran all its batches, before the
+        extensions' ``on_step_end`` / ``on_epoch_end`` (a checkpoint written there holds the
+        schedule's new position).
 
         ``extensions`` are duck-typed hooks, as in Chainer's trainer; each may define any of
         ``on_fit_start(loop, plan)``, ``on_epoch_start(loop, epoch)``,
@@ -384,6 +448,9 @@ class TrainingLoop(ABC):
             _check_count("max_steps", max_steps, minimum=0)
         extensions = list(extensions)
         steps_per_epoch = train_data.num_batches(batch_size)
+        self._check_schedule_length(
+            epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
+        )
         _call(extensions, "on_fit_start", self, {"epochs": epochs, "steps_per_epoch": steps_per_epoch})
         history = []
         try:
@@ -392,7 +459,7 @@ class TrainingLoop(ABC):
                     break
                 self.train()
                 _call(extensions, "on_epoch_start", self, epoch)
-                losses, seen, started = [], 0, time.perf_counter()
+                losses, seen, started, epoch_lr = [], 0, time.perf_counter(), self.lr
                 first = start_batch if epoch == start_epoch else 0
                 batches = train_data.batches(batch_size, shuffle=shuffle, seed=self.seed, epoch=epoch, start=first)
                 for index, (x, y) in enumerate(batches, start=first):
@@ -401,12 +468,15 @@ class TrainingLoop(ABC):
                     loss = self.step((x, y))
                     losses.append(loss)
                     seen += len(x)
+                    if self._scheduler is not None and self.lr_schedule.per_batch:
+                        self._step_schedule()
                     _call(extensions, "on_step_end", self, index, loss)
                 elapsed = time.perf_counter() - started
                 record = {
                     "epoch": epoch + 1,
                     "steps": self.step_count,
                     "train_loss": float(np.mean([self.to_float(v) for v in losses])) if losses else float("nan"),
+                    "lr": epoch_lr,
                     "samples_per_sec": seen / elapsed if elapsed > 0 else float("nan"),
                 }
                 if eval_data is not None:
@@ -414,10 +484,21 @@ class TrainingLoop(ABC):
                     record["test_loss"] = metrics["loss"]
                     record["test_accuracy"] = metrics["accuracy"]
                 history.append(record)
+                completed = first + len(losses) == steps_per_epoch
+                if self._scheduler is not None and not self.lr_schedule.per_batch and completed:
+                    self._step_schedule()
                 _call(extensions, "on_epoch_end", self, record)
         finally:
             _call(extensions, "finalize", self)
         return history
+
+    def _check_schedule_length(self, planned_steps: int) -> None:
+        """OneCycleLR is defined for its total_steps only (PyTorch raises past them): refuse a
+        longer run before training."""
+        spec = self.lr_schedule
+        if spec is not None and spec.per_batch and planned_steps > spec.steps:
+            raise ValueError(f"{spec} covers {spec.steps} steps, but the run takes up to {planned_steps}; "
+                             "raise total_steps (or epochs/steps_per_epoch)")  # fmt: skip
 
     # --- weights --------------------------------------------------------------------------
 

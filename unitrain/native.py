@@ -13,7 +13,7 @@ its loop is built.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -43,14 +43,18 @@ class NativeLoop:
         return loss
 
 
-def check_run(model: Sequential, optimizer: Optimizer) -> str:
+def check_run(model: Sequential, optimizer: Optimizer, loop_options: Mapping[str, Any] | None = None) -> str:
     """The preset name of ``model`` if the native loops can train it with ``optimizer`` (plain SGD,
-    the tutorials' optimizer); ValueError saying why not otherwise."""
+    the tutorials' optimizer) and the loop's ``loop_options`` (none: a constant lr, no clipping);
+    ValueError saying why not otherwise."""
     name = next((name for name in MODELS if preset(name) == model), None)
     if name is None:
         raise ValueError(f"the native loops build the preset models {', '.join(MODELS)} only")
     if optimizer != SGD(lr=optimizer.lr):
         raise ValueError(f"the native loops train with the tutorials' plain SGD(lr), not {optimizer}")
+    options = sorted(key for key, value in (loop_options or {}).items() if value is not None)
+    if options:
+        raise ValueError(f"the native loops train at a constant lr without clipping, not with {', '.join(options)}")
     return name
 
 

@@ -1,6 +1,7 @@
 """Optimizer specs and their update equations, which are PyTorch's on every backend.
 
-The math lives once, in :func:`sgd_update` and :func:`adam_update`: plain functions over any
+The math lives once, in :func:`sgd_update`, :func:`adam_update`, :func:`rmsprop_update`,
+:func:`adagrad_update` and :func:`adadelta_update` (:func:`optimizer_update` picks one): plain functions over any
 array type with arithmetic operators (NumPy, Chainer's arrays, MindSpore tensors), in the
 order PyTorch's single-tensor implementations use. Backends whose framework ships PyTorch's
 equations (PyTorch itself) use the native optimizer; the others plug these functions into their
@@ -21,12 +22,36 @@ Adam (``t`` counts steps from 1; AdamW replaces the first line by ``p = p * (1 -
     m = m + (1 - beta1) * (g - m)
     v = beta2 * v + (1 - beta2) * g * g
     p = p - lr / (1 - beta1**t) * m / (sqrt(v) / sqrt(1 - beta2**t) + eps)
+
+RMSprop (``g += weight_decay * p`` first; ``buf`` with momentum, ``ga`` when centered)::
+
+    sq  = alpha * sq + (1 - alpha) * g * g
+    ga  = ga + (1 - alpha) * (g - ga);  avg = sqrt(sq - ga * ga) + eps   (centered)
+    avg = sqrt(sq) + eps                                                (otherwise)
+    buf = momentum * buf + g / avg;     p = p - lr * buf                (momentum > 0)
+    p   = p - lr * g / avg                                              (otherwise)
+
+Adagrad (``sum`` starts at ``initial_accumulator_value``; ``t`` from 1)::
+
+    sum = sum + g * g
+    p   = p - lr / (1 + (t - 1) * lr_decay) * g / (sqrt(sum) + eps)
+
+Adadelta::
+
+    sq    = rho * sq + (1 - rho) * g * g
+    delta = sqrt(acc + eps) / sqrt(sq + eps) * g
+    acc   = rho * acc + (1 - rho) * delta * delta
+    p     = p - lr * delta
+
+Gradient clipping (:func:`clip_grad_norm_scale`): ``torch.nn.utils.clip_grad_norm_``'s global
+norm; by value is ``clamp(g, -v, v)``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from dataclasses import dataclass
 
 
@@ -110,30 +135,185 @@ class AdamW(Adam):
     decoupled_weight_decay = True
 
 
-OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW}
+@dataclass(frozen=True)
+class RMSprop(Optimizer):
+    alpha: float = 0.99
+    eps: float = 1e-8
+    momentum: float = 0.0
+    centered: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check("alpha", self.alpha, 0 <= self.alpha <= 1, "in [0, 1]")
+        _check("eps", self.eps, self.eps > 0, "> 0")
+        _check("momentum", self.momentum, 0 <= self.momentum < 1, "in [0, 1)")
+        if not isinstance(self.centered, bool):
+            raise ValueError(f"centered must be True or False, got {self.centered!r}")
+
+    @property
+    def state_names(self):
+        return ("square_avg",) + ("momentum_buffer",) * (self.momentum > 0) + ("grad_avg",) * self.centered
 
 
-def sgd_update(param, grad, buf, spec: SGD):
+@dataclass(frozen=True)
+class Adagrad(Optimizer):
+    lr_decay: float = 0.0
+    initial_accumulator_value: float = 0.0
+    eps: float = 1e-10
+
+    state_names = ("sum",)
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check("lr_decay", self.lr_decay, self.lr_decay >= 0, ">= 0")
+        value = self.initial_accumulator_value
+        _check("initial_accumulator_value", value, value >= 0, ">= 0")
+        _check("eps", self.eps, self.eps > 0, "> 0")
+
+
+@dataclass(frozen=True)
+class Adadelta(Optimizer):
+    lr: float = 1.0
+    rho: float = 0.9
+    eps: float = 1e-6
+
+    state_names = ("square_avg", "acc_delta")
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check("rho", self.rho, 0 <= self.rho <= 1, "in [0, 1]")
+        _check("eps", self.eps, self.eps > 0, "> 0")
+
+
+OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW, "rmsprop": RMSprop, "adagrad": Adagrad, "adadelta": Adadelta}
+
+
+def initial_buffer_value(spec: Optimizer, name: str) -> float:
+    """The value a state buffer starts from when the first step creates it (SGD's momentum
+    buffer is the exception: it starts as the gradient, see :func:`sgd_update`)."""
+    return spec.initial_accumulator_value if isinstance(spec, Adagrad) else 0.0
+
+
+def _arithmetic(in_place: bool):
+    """``(add, sub, mul, div)``: in-place operators where the caller owns NumPy arrays (the results
+    are the same bits, without a new array per operation), else ones that return new values (any
+    array type, MindSpore's graphs included)."""
+    if in_place:
+        return operator.iadd, operator.isub, operator.imul, operator.itruediv
+    return operator.add, operator.sub, operator.mul, operator.truediv
+
+
+# Every update below takes ``lr`` apart from the spec (a schedule or ``set_lr`` changes it; the
+# spec keeps the initial one) and, with ``in_place=True``, writes ``param`` and the buffers in
+# place (NumPy arrays the caller owns). ``sqrt`` is the array module's square root. Each returns
+# the new parameter and buffers.
+
+
+def sgd_update(param, grad, buf, spec: SGD, lr, in_place: bool = False):
     """One SGD step. ``buf`` is ``None`` before the first step. Returns ``(param, buf)``."""
+    add, sub, mul, _ = _arithmetic(in_place)
     if spec.weight_decay:
         grad = grad + spec.weight_decay * param
     if spec.momentum:
-        buf = grad if buf is None else spec.momentum * buf + (1 - spec.dampening) * grad
+        if buf is None:  # PyTorch clones the gradient; a graph's value needs no copy
+            buf = grad.copy() if in_place else grad
+        else:
+            buf = add(mul(buf, spec.momentum), (1 - spec.dampening) * grad)
         grad = grad + spec.momentum * buf if spec.nesterov else buf
-    return param - spec.lr * grad, buf
+    return sub(param, lr * grad), buf
 
 
-def adam_update(param, grad, exp_avg, exp_avg_sq, step: int, spec: Adam, sqrt):
-    """One Adam/AdamW step number ``step`` (from 1). ``sqrt`` is the array module's square
-    root. Returns ``(param, exp_avg, exp_avg_sq)``."""
+def adam_update(param, grad, exp_avg, exp_avg_sq, step, spec: Adam, lr, sqrt, in_place: bool = False):
+    """One Adam/AdamW step number ``step`` (from 1). Returns ``(param, exp_avg, exp_avg_sq)``."""
+    add, sub, mul, div = _arithmetic(in_place)
     beta1, beta2 = spec.betas
     if spec.weight_decay:
         if spec.decoupled_weight_decay:
-            param = param * (1 - spec.lr * spec.weight_decay)
+            param = mul(param, 1 - lr * spec.weight_decay)
         else:
             grad = grad + spec.weight_decay * param
-    exp_avg = exp_avg + (1 - beta1) * (grad - exp_avg)
-    exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * grad * grad
-    step_size = spec.lr / (1 - beta1**step)
-    denom = sqrt(exp_avg_sq) / (1 - beta2**step) ** 0.5 + spec.eps
-    return param - step_size * (exp_avg / denom), exp_avg, exp_avg_sq
+    exp_avg = add(exp_avg, (1 - beta1) * (grad - exp_avg))
+    exp_avg_sq = add(mul(exp_avg_sq, beta2), (1 - beta2) * grad * grad)
+    step_size = lr / (1 - beta1**step)
+    denom = add(div(sqrt(exp_avg_sq), (1 - beta2**step) ** 0.5), spec.eps)
+    return sub(param, mul(exp_avg / denom, step_size)), exp_avg, exp_avg_sq
+
+
+def rmsprop_update(param, grad, square_avg, momentum_buffer, grad_avg, spec: RMSprop, lr, sqrt, in_place=False):
+    """One RMSprop step; ``momentum_buffer`` / ``grad_avg`` are ``None`` unless the spec has
+    momentum / is centered. Returns ``(param, square_avg, momentum_buffer, grad_avg)``."""
+    add, sub, mul, _ = _arithmetic(in_place)
+    if spec.weight_decay:
+        grad = grad + spec.weight_decay * param
+    square_avg = add(mul(square_avg, spec.alpha), (1 - spec.alpha) * grad * grad)
+    if spec.centered:
+        grad_avg = add(grad_avg, (1 - spec.alpha) * (grad - grad_avg))
+        avg = sqrt(square_avg - grad_avg * grad_avg)
+    else:
+        avg = sqrt(square_avg)
+    avg = add(avg, spec.eps)
+    if spec.momentum:
+        momentum_buffer = add(mul(momentum_buffer, spec.momentum), grad / avg)
+        return sub(param, lr * momentum_buffer), square_avg, momentum_buffer, grad_avg
+    return sub(param, mul(grad / avg, lr)), square_avg, momentum_buffer, grad_avg
+
+
+def adagrad_update(param, grad, state_sum, step, spec: Adagrad, lr, sqrt, in_place: bool = False):
+    """One Adagrad step number ``step`` (from 1). Returns ``(param, sum)``."""
+    add, sub, mul, _ = _arithmetic(in_place)
+    if spec.weight_decay:
+        grad = grad + spec.weight_decay * param
+    decayed_lr = lr / (1 + (step - 1) * spec.lr_decay)
+    state_sum = add(state_sum, grad * grad)
+    std = add(sqrt(state_sum), spec.eps)
+    return sub(param, mul(grad / std, decayed_lr)), state_sum
+
+
+def adadelta_update(param, grad, square_avg, acc_delta, spec: Adadelta, lr, sqrt, in_place: bool = False):
+    """One Adadelta step. Returns ``(param, square_avg, acc_delta)``."""
+    add, sub, mul, div = _arithmetic(in_place)
+    if spec.weight_decay:
+        grad = grad + spec.weight_decay * param
+    square_avg = add(mul(square_avg, spec.rho), (1 - spec.rho) * grad * grad)
+    std = sqrt(square_avg + spec.eps)
+    delta = mul(div(sqrt(acc_delta + spec.eps), std), grad)
+    acc_delta = add(mul(acc_delta, spec.rho), (1 - spec.rho) * delta * delta)
+    return sub(param, lr * delta), square_avg, acc_delta
+
+
+def optimizer_update(spec: Optimizer, param, grad, buffers: tuple, step, lr, sqrt, in_place: bool = False):
+    """One step of ``spec``'s optimizer on one parameter, whatever its kind: ``buffers`` holds
+    the spec's ``state_names`` buffers in that order (created by the caller from
+    :func:`initial_buffer_value`, except SGD's momentum buffer: ``None`` before the first step);
+    ``step`` counts from 1. Returns ``(param, buffers)`` in the same order."""
+    # written for MindSpore's graph syntax too: no starred assignment, no dicts
+    if isinstance(spec, SGD):
+        param, buf = sgd_update(param, grad, buffers[0] if buffers else None, spec, lr, in_place)
+        return param, (buf,) if buffers else ()
+    if isinstance(spec, Adam):
+        param, exp_avg, exp_avg_sq = adam_update(param, grad, buffers[0], buffers[1], step, spec, lr, sqrt, in_place)
+        return param, (exp_avg, exp_avg_sq)
+    if isinstance(spec, RMSprop):
+        momentum_buffer = buffers[1] if spec.momentum else None
+        grad_avg = buffers[-1] if spec.centered else None
+        param, square_avg, momentum_buffer, grad_avg = rmsprop_update(
+            param, grad, buffers[0], momentum_buffer, grad_avg, spec, lr, sqrt, in_place
+        )
+        return param, (square_avg,) + ((momentum_buffer,) if spec.momentum else ()) + (
+            (grad_avg,) if spec.centered else ()
+        )
+    if isinstance(spec, Adagrad):
+        param, state_sum = adagrad_update(param, grad, buffers[0], step, spec, lr, sqrt, in_place)
+        return param, (state_sum,)
+    param, square_avg, acc_delta = adadelta_update(param, grad, buffers[0], buffers[1], spec, lr, sqrt, in_place)
+    return param, (square_avg, acc_delta)
+
+
+def clip_grad_norm_scale(norms, max_norm: float, sqrt, minimum):
+    """``torch.nn.utils.clip_grad_norm_``'s factor for every gradient: ``max_norm / (total +
+    1e-6)`` clamped to 1, ``total`` being the 2-norm of all gradients together, from each
+    gradient's 2-norm in ``norms`` (computed once, then every gradient is multiplied by it)."""
+    squares = norms[0] * norms[0]
+    for norm in norms[1:]:
+        squares = squares + norm * norm
+    return minimum(max_norm / (sqrt(squares) + 1e-6), 1.0)

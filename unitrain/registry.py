@@ -116,10 +116,11 @@ def backend_of(model: Any) -> str | None:
     return None
 
 
-def make_loop(backend: str | None = None, model: Any = None, loss=None, optimizer=None, *, seed: int = 0):
-    """Build a training loop. A native model picks its own backend when ``backend`` is None."""
+def make_loop(backend: str | None = None, model: Any = None, loss=None, optimizer=None, *, seed: int = 0, **options):
+    """Build a training loop. A native model picks its own backend when ``backend`` is None.
+    ``options``: the loop's other keyword arguments (``dtype``, ``lr_schedule``, ``clip_grad_norm``, ...)."""
     if model is None:
         raise TypeError("make_loop() needs a model (a unitrain Sequential or a native model)")
     if backend is None:
         backend = backend_of(model)
-    return get_backend(backend)(model, loss, optimizer, seed=seed)
+    return get_backend(backend)(model, loss, optimizer, seed=seed, **options)

@@ -97,10 +97,10 @@ class TinyDenseLoop(TrainingLoop):
                 zeros = np.zeros_like(param)
                 param[...], state[f"{name}.exp_avg"], state[f"{name}.exp_avg_sq"] = adam_update(
                     param, grad, state.get(f"{name}.exp_avg", zeros), state.get(f"{name}.exp_avg_sq", zeros),
-                    self._steps, spec, np.sqrt,
+                    self._steps, spec, spec.lr, np.sqrt,
                 )  # fmt: skip
             else:
-                param[...], buf = sgd_update(param, grad, state.get(f"{name}.momentum_buffer"), spec)
+                param[...], buf = sgd_update(param, grad, state.get(f"{name}.momentum_buffer"), spec, spec.lr)
                 if buf is not None:
                     state[f"{name}.momentum_buffer"] = buf.copy()
 
