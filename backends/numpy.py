@@ -1,11 +1,17 @@
 """NumPy backend: no framework, hand-written forward and backward passes.
 
-Each layer is a small class: ``forward`` keeps what its ``backward`` needs, ``backward`` adds the
-parameter gradients into preallocated ``grads`` buffers and returns the input gradient. With no
-autograd tape, ``forward`` records those caches, ``loss`` returns a :class:`LossValue` that knows
-its gradient with respect to the predictions, and ``backward`` runs the layers in reverse from it.
-The caches belong to the latest ``forward``; ``backward`` refuses the loss of an older one.
-Parameters are updated in place, so views of them (the convolution's weight matrix) stay valid.
+The model is a tree of nodes mirroring the spec: :class:`_Sequence` (a ``Sequential``),
+:class:`_Residual` (``post(body(x) + shortcut(x))``) and leaf layers. Every node has
+``forward(x, training, record)`` (``record``: keep what backward needs) and
+``backward(grad, need_input_grad)``, which adds the parameter gradients into preallocated
+``grads`` buffers and returns the input gradient (``None`` when not needed). A backward owns the
+gradient it is given (it may overwrite it) and returns one its caller owns.
+
+With no autograd tape, ``forward`` records those caches, ``loss`` returns a :class:`LossValue`
+that knows its gradient with respect to the predictions, and ``backward`` runs the tree in
+reverse from it. The caches belong to the latest ``forward``; ``backward`` refuses the loss of an
+older one. Parameters are updated in place, so views of them (the convolution's weight matrix)
+stay valid.
 """
 
 from __future__ import annotations
@@ -15,17 +21,56 @@ import functools
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from unitrain.layers import BatchNorm1d, BatchNorm2d, Conv2d, Dropout, Flatten, Linear, MaxPool2d, ReLU
+from unitrain import expr
+from unitrain.layers import (
+    ELU,
+    GELU,
+    AdaptiveAvgPool2d,
+    AvgPool2d,
+    BatchNorm1d,
+    BatchNorm2d,
+    Conv2d,
+    Dropout,
+    Flatten,
+    Identity,
+    LayerNorm,
+    LeakyReLU,
+    Linear,
+    LogSoftmax,
+    MaxPool2d,
+    ReLU,
+    Residual,
+    Sequential,
+    Sigmoid,
+    SiLU,
+    Softmax,
+    Tanh,
+)
 from unitrain.loop import InputError, TrainingLoop
-from unitrain.losses import CrossEntropyLoss, MSELoss, NLLLoss
+from unitrain.losses import (
+    BCEWithLogitsLoss,
+    CrossEntropyLoss,
+    CustomLoss,
+    HuberLoss,
+    L1Loss,
+    MSELoss,
+    NLLLoss,
+    SmoothL1Loss,
+)
 from unitrain.optim import Adam, adam_update, sgd_update
 from unitrain.randomness import dropout_mask, dropout_stream, set_stream_state, stream_state
+
+# --- leaves --------------------------------------------------------------------------------------
 
 
 class _Layer:
     """Parameters, gradients and buffers as arrays named like PyTorch's, allocated from the spec.
-    Subclasses define ``forward(x, training, record)`` (``record``: keep what backward needs) and
-    ``backward(grad, need_input_grad)`` (returns the input gradient, or ``None`` when not needed)."""
+    Subclasses define ``forward(x, training, record)`` and ``backward(grad, need_input_grad)``."""
+
+    #: backward reads this layer's output array, so nothing may overwrite it in place
+    keeps_output = False
+    #: forward may return its input (or a view of it) unchanged
+    passes_input = False
 
     def __init__(self, spec, dtype, rng):
         self.spec = spec
@@ -35,6 +80,10 @@ class _Layer:
             key: np.zeros(shape, np.int64 if key == "num_batches_tracked" else dtype)
             for key, shape in spec.buffer_shapes().items()
         }
+
+    @property
+    def has_params(self):
+        return bool(self.params)
 
 
 class _Linear(_Layer):
@@ -53,132 +102,202 @@ class _Linear(_Layer):
         return grad @ self.params["weight"] if need_input_grad else None
 
 
+def _window_slices(array, kernel, stride, out_size, dilation=(1, 1)):
+    """For each kernel offset ``(i, j)`` in row-major order, the strided view of ``array``
+    (N, C, H, W) holding the element at that offset of every window, shape (N, C, OH, OW)."""
+    (kh, kw), (sh, sw), (oh, ow), (dh, dw) = kernel, stride, out_size, dilation
+    for i in range(kh):
+        for j in range(kw):
+            top, left = i * dh, j * dw
+            yield array[:, :, top : top + sh * (oh - 1) + 1 : sh, left : left + sw * (ow - 1) + 1 : sw]
+
+
+def _pad(x, padding, value=0.0):
+    (ph, pw) = padding
+    return np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=value) if ph or pw else x
+
+
+def _unpad(x, padding):
+    (ph, pw), (h, w) = padding, x.shape[2:]
+    return x[:, :, ph : h - ph, pw : w - pw] if ph or pw else x
+
+
+#: Output positions per sample from which per-sample matmuls beat one matmul over the whole batch.
+#: Measured on MNIST's CNN (24x24 and 8x8 outputs: per sample 1.5-3.5x faster, the big matmul
+#: needs transposing copies) and ResNet-18 on 28x28 (7x7 and smaller: one matmul 1.4-12x faster,
+#: the per-sample matrices being too thin for BLAS).
+_PER_SAMPLE_POSITIONS = 64
+
+
 class _Conv2d(_Layer):
-    """im2col: each sample's windows become a (C*k*k, OH*OW) matrix, so one batched matmul
-    yields NCHW output directly (measured faster than one (C*k*k, N*OH*OW) matmul plus the
-    transposing copies it needs in both passes)."""
+    """im2col with the weight as ``groups`` matrices (out/groups, in/groups*kh*kw). Large outputs:
+    each sample's windows become a (K, OH*OW) matrix per group, so one batched matmul yields NCHW
+    output directly. Small outputs (deep layers): all samples' windows form one (K, N*OH*OW) matrix
+    per group, for one large matmul. ``_PER_SAMPLE_POSITIONS`` picks."""
 
     def __init__(self, spec, dtype, rng):
         super().__init__(spec, dtype, rng)
-        self.matrix = self.params["weight"].reshape(spec.out_channels, -1)
-        self.grad_matrix = self.grads["weight"].reshape(spec.out_channels, -1)
+        shape = (spec.groups, spec.out_channels // spec.groups, -1)
+        self.matrix = self.params["weight"].reshape(shape)
+        self.grad_matrix = self.grads["weight"].reshape(shape)
 
     def forward(self, x, training, record):
-        k, s, p = self.spec.kernel_size, self.spec.stride, self.spec.padding
-        if p:
-            x = np.pad(x, ((0, 0), (0, 0), (p, p), (p, p)))
+        spec = self.spec
+        (kh, kw), (dh, dw), (sh, sw), groups = spec.kernel_size, spec.dilation, spec.stride, spec.groups
+        x = _pad(x, spec.padding)
         n, c = x.shape[:2]
-        windows = sliding_window_view(x, (k, k), axis=(2, 3))[:, :, ::s, ::s]  # (N, C, OH, OW, k, k)
+        span = ((kh - 1) * dh + 1, (kw - 1) * dw + 1)
+        windows = sliding_window_view(x, span, axis=(2, 3))[:, :, ::sh, ::sw, ::dh, ::dw]  # (N, C, OH, OW, kh, kw)
         oh, ow = windows.shape[2:4]
-        cols = windows.transpose(0, 1, 4, 5, 2, 3).reshape(n, c * k * k, oh * ow)  # the one copy
-        out = self.matrix @ cols
+        per_sample = oh * ow >= _PER_SAMPLE_POSITIONS
+        if per_sample:
+            cols = windows.transpose(0, 1, 4, 5, 2, 3).reshape(n, groups, -1, oh * ow)
+        else:
+            cols = windows.transpose(1, 4, 5, 0, 2, 3).reshape(groups, -1, n * oh * ow)
+        # the one copy: reshape may return a view whose strides BLAS refuses (NumPy's own loop is far slower)
+        cols = np.ascontiguousarray(cols)
+        if per_sample:
+            out = (self.matrix @ cols).reshape(n, -1, oh, ow)
+        else:
+            out = (self.matrix @ cols).reshape(-1, n, oh, ow).transpose(1, 0, 2, 3)
         if "bias" in self.params:
-            out += self.params["bias"][:, None]
+            out += self.params["bias"][:, None, None]
         if record:
-            self.cols, self.padded_shape = cols, x.shape
-        return out.reshape(n, -1, oh, ow)
+            self.cols, self.padded_shape, self.per_sample = cols, x.shape, per_sample
+        return out if per_sample else np.ascontiguousarray(out)
 
     def backward(self, grad, need_input_grad):
-        n, o, oh, ow = grad.shape
-        grad = grad.reshape(n, o, oh * ow)
-        self.grad_matrix += (grad @ self.cols.transpose(0, 2, 1)).sum(0)
+        spec, groups = self.spec, self.spec.groups
+        n, _, oh, ow = grad.shape
         if "bias" in self.grads:
-            self.grads["bias"] += grad.sum((0, 2))
+            self.grads["bias"] += grad.sum((0, 2, 3))
+        if self.per_sample:
+            grad = grad.reshape(n, groups, -1, oh * ow)
+            self.grad_matrix += (grad @ self.cols.transpose(0, 1, 3, 2)).sum(0)
+        else:
+            grad = grad.transpose(1, 0, 2, 3).reshape(groups, -1, n * oh * ow)
+            self.grad_matrix += grad @ self.cols.transpose(0, 2, 1)
         if not need_input_grad:
             return None
-        k, s, p = self.spec.kernel_size, self.spec.stride, self.spec.padding
-        grad_cols = (self.matrix.T @ grad).reshape(n, -1, k, k, oh, ow)
+        grad_cols = self.matrix.transpose(0, 2, 1) @ grad
+        c = self.padded_shape[1]
+        (kh, kw) = spec.kernel_size
+        if self.per_sample:
+            grad_cols = grad_cols.reshape(n, c, kh, kw, oh, ow)
+        else:
+            grad_cols = grad_cols.reshape(c, kh, kw, n, oh, ow).transpose(3, 0, 1, 2, 4, 5)
         # col2im: scatter-add each kernel offset's columns back onto the input positions it read
         grad_x = np.zeros(self.padded_shape, grad.dtype)
-        for i in range(k):
-            for j in range(k):
-                grad_x[:, :, i : i + s * oh : s, j : j + s * ow : s] += grad_cols[:, :, i, j]
-        h, w = self.padded_shape[2:]
-        return grad_x[:, :, p : h - p, p : w - p] if p else grad_x
+        targets = _window_slices(grad_x, spec.kernel_size, spec.stride, (oh, ow), spec.dilation)
+        for offset, target in enumerate(targets):
+            target += grad_cols[:, :, offset // kw, offset % kw]
+        return _unpad(grad_x, spec.padding)
 
 
 class _MaxPool2d(_Layer):
-    """Max over the k*k strided slices of the input, one per window offset; ``argmax`` keeps the
-    first maximal offset per window (PyTorch's tie rule), and backward routes the gradient there."""
-
-    def _slices(self, x, oh, ow):
-        k, s = self.spec.kernel_size, self.spec.step
-        for i in range(k):
-            for j in range(k):
-                yield x[:, :, i : i + s * oh : s, j : j + s * ow : s]
+    """Max over the kh*kw strided slices of the (-inf padded) input, one per window offset;
+    ``argmax`` keeps the first maximal offset per window (PyTorch's tie rule), and backward
+    routes the gradient there."""
 
     def forward(self, x, training, record):
-        k, s = self.spec.kernel_size, self.spec.step
-        oh, ow = ((d - k) // s + 1 for d in x.shape[2:])
-        slices = self._slices(x, oh, ow)
+        spec = self.spec
+        x = _pad(x, spec.padding, -np.inf)
+        out_size = tuple((d - k) // s + 1 for d, k, s in zip(x.shape[2:], spec.kernel_size, spec.stride, strict=True))
+        slices = _window_slices(x, spec.kernel_size, spec.stride, out_size)
         out = next(slices).copy()
-        argmax = np.zeros(out.shape, np.min_scalar_type(k * k - 1))
+        argmax = np.zeros(out.shape, np.min_scalar_type(np.prod(spec.kernel_size) - 1))
         for offset, candidate in enumerate(slices, 1):
             np.putmask(argmax, candidate > out, offset)  # putmask, maximum: far faster than copyto(where=)
             np.maximum(out, candidate, out=out)
         if record:
-            self.argmax, self.input_shape = argmax, x.shape
+            self.argmax, self.padded_shape = argmax, x.shape
         return out
 
     def backward(self, grad, need_input_grad):
-        k, s = self.spec.kernel_size, self.spec.step
-        oh, ow = grad.shape[2:]
-        h, w = self.input_shape[2:]
-        if s == k and (h, w) == (oh * k, ow * k):
+        spec = self.spec
+        if spec.stride == spec.kernel_size and self.padded_shape[2:] == tuple(
+            o * k for o, k in zip(grad.shape[2:], spec.kernel_size, strict=True)
+        ):
             # windows tile the input exactly: every element is written once, no zeroing or adding
-            grad_x = np.empty(self.input_shape, grad.dtype)
-            for offset, target in enumerate(self._slices(grad_x, oh, ow)):
+            grad_x = np.empty(self.padded_shape, grad.dtype)
+            for offset, target in enumerate(_window_slices(grad_x, spec.kernel_size, spec.stride, grad.shape[2:])):
                 target[...] = grad * (self.argmax == offset)  # faster than a ufunc writing to strided out=
         else:
-            grad_x = np.zeros(self.input_shape, grad.dtype)
-            for offset, target in enumerate(self._slices(grad_x, oh, ow)):
+            grad_x = np.zeros(self.padded_shape, grad.dtype)
+            for offset, target in enumerate(_window_slices(grad_x, spec.kernel_size, spec.stride, grad.shape[2:])):
                 target += grad * (self.argmax == offset)
-        return grad_x
+        return _unpad(grad_x, spec.padding)
 
 
-class _ReLU(_Layer):
-    def __init__(self, spec, dtype, rng):
-        super().__init__(spec, dtype, rng)
-        #: set by the loop when the input is an array this pass made (never the caller's batch)
-        self.in_place = False
+class _AvgPool2d(_Layer):
+    """Sum of the kh*kw strided slices of the zero-padded input over the divisor: kh*kw, or with
+    ``count_include_pad=False`` each window's count of non-padding elements."""
+
+    def _divisor(self, size, out_size):
+        spec = self.spec
+        if spec.count_include_pad or spec.padding == (0, 0):
+            return np.prod(spec.kernel_size)
+        # per axis: how many of a window's rows (columns) lie inside the unpadded input
+        counts = [
+            np.minimum(np.arange(o) * s - p + k, d) - np.maximum(np.arange(o) * s - p, 0)
+            for d, o, k, s, p in zip(size, out_size, spec.kernel_size, spec.stride, spec.padding, strict=True)
+        ]
+        return np.outer(*counts)
 
     def forward(self, x, training, record):
-        out = np.maximum(x, 0, out=x if self.in_place else None)
+        spec = self.spec
+        size = x.shape[2:]
+        x = _pad(x, spec.padding)
+        out_size = tuple((d - k) // s + 1 for d, k, s in zip(x.shape[2:], spec.kernel_size, spec.stride, strict=True))
+        slices = _window_slices(x, spec.kernel_size, spec.stride, out_size)
+        out = next(slices).copy()
+        for candidate in slices:
+            out += candidate
+        divisor = self._divisor(size, out_size)
+        out /= np.asarray(divisor, out.dtype)
         if record:
-            self.out = out
+            self.divisor, self.padded_shape = divisor, x.shape
         return out
 
     def backward(self, grad, need_input_grad):
-        # every backward returns a fresh array, so the incoming gradient can be overwritten
-        grad *= self.out > 0
-        return grad
+        spec = self.spec
+        grad = grad / np.asarray(self.divisor, grad.dtype)
+        grad_x = np.zeros(self.padded_shape, grad.dtype)
+        for target in _window_slices(grad_x, spec.kernel_size, spec.stride, grad.shape[2:]):
+            target += grad
+        return _unpad(grad_x, spec.padding)
 
 
-class _Flatten(_Layer):
+def _adaptive_bins(size, out):
+    """(out, size) averaging matrix of PyTorch's adaptive bins along one axis: row ``i`` is
+    ``1/len`` over ``floor(i*size/out) .. ceil((i+1)*size/out)``."""
+    starts = np.arange(out) * size // out
+    ends = -(-(np.arange(out) + 1) * size // out)
+    positions = np.arange(size)
+    inside = (positions >= starts[:, None]) & (positions < ends[:, None])
+    return inside / (ends - starts)[:, None]
+
+
+class _AdaptiveAvgPool2d(_Layer):
+    """Output size 1: the mean over H and W. Otherwise bin averages are separable, so
+    ``rows @ x @ cols.T`` with the two axes' averaging matrices (``_adaptive_bins``)."""
+
     def forward(self, x, training, record):
         if record:
             self.input_shape = x.shape
-        return x.reshape(len(x), -1)
-
-    def backward(self, grad, need_input_grad):
-        return grad.reshape(self.input_shape)
-
-
-class _Dropout(_Layer):
-    def __init__(self, spec, dtype, rng):
-        super().__init__(spec, dtype, rng)
-        self.rng = rng
-
-    def forward(self, x, training, record):
-        scale = dropout_mask(self.rng, x.shape, self.spec.p, x.dtype) if training and self.spec.p else None
+        if self.spec.output_size == (1, 1):
+            return x.mean((2, 3), keepdims=True)
+        (h, w), (oh, ow) = x.shape[2:], self.spec.output_size
+        rows, cols = _adaptive_bins(h, oh).astype(x.dtype), _adaptive_bins(w, ow).astype(x.dtype)
         if record:
-            self.scale = scale
-        return x if scale is None else x * scale
+            self.rows, self.cols = rows, cols
+        return rows @ x @ cols.T
 
     def backward(self, grad, need_input_grad):
-        if self.scale is not None:
-            grad *= self.scale
-        return grad
+        if self.spec.output_size == (1, 1):
+            h, w = self.input_shape[2:]
+            return np.broadcast_to(grad / (h * w), self.input_shape).copy()
+        return self.rows.T @ grad @ self.cols
 
 
 class _BatchNorm(_Layer):
@@ -231,26 +350,381 @@ class _BatchNorm(_Layer):
         return grad_x
 
 
+class _LayerNorm(_Layer):
+    """Per sample over the trailing ``normalized_shape`` dims: ``x_hat = (x - mean) / std``
+    (biased variance), ``x_hat * weight + bias``; backward as BatchNorm's over those dims."""
+
+    def __init__(self, spec, dtype, rng):
+        super().__init__(spec, dtype, rng)
+        self.keeps_output = not spec.elementwise_affine  # then the output is the kept x_hat
+
+    def forward(self, x, training, record):
+        axes = tuple(range(-len(self.spec.normalized_shape), 0))
+        centered = x - x.mean(axes, keepdims=True)
+        inv_std = 1 / np.sqrt(np.square(centered).mean(axes, keepdims=True) + self.spec.eps)
+        x_hat = centered
+        x_hat *= inv_std
+        if record:
+            self.x_hat, self.inv_std, self.axes = x_hat, inv_std, axes
+        if not self.params:
+            return x_hat
+        return x_hat * self.params["weight"] + self.params["bias"]
+
+    def backward(self, grad, need_input_grad):
+        leading = tuple(range(grad.ndim - len(self.axes)))
+        if self.params:
+            self.grads["weight"] += (grad * self.x_hat).sum(leading)
+            self.grads["bias"] += grad.sum(leading)
+            grad = grad * self.params["weight"]
+        if not need_input_grad:
+            return None
+        # dx = (g - mean(g) - x_hat * mean(g * x_hat)) / std, means over the normalised dims
+        grad_x = self.x_hat * (grad * self.x_hat).mean(self.axes, keepdims=True)
+        grad_x += grad.mean(self.axes, keepdims=True)
+        np.subtract(grad, grad_x, out=grad_x)
+        grad_x *= self.inv_std
+        return grad_x
+
+
+class _ReLU(_Layer):
+    keeps_output = True
+
+    def __init__(self, spec, dtype, rng):
+        super().__init__(spec, dtype, rng)
+        #: set when the input is an array this pass made that nothing else reads (see ``_build``)
+        self.in_place = False
+
+    def forward(self, x, training, record):
+        out = np.maximum(x, 0, out=x if self.in_place else None)
+        if record:
+            self.out = out
+        return out
+
+    def backward(self, grad, need_input_grad):
+        grad *= self.out > 0
+        return grad
+
+
+class _Identity(_Layer):
+    passes_input = True
+
+    def forward(self, x, training, record):
+        return x
+
+    def backward(self, grad, need_input_grad):
+        return grad
+
+
+class _Tanh(_Layer):
+    keeps_output = True
+
+    def forward(self, x, training, record):
+        out = np.tanh(x)
+        if record:
+            self.out = out
+        return out
+
+    def backward(self, grad, need_input_grad):
+        grad *= 1 - np.square(self.out)
+        return grad
+
+
+def _sigmoid(x):
+    """Stable and accurate for either sign: exp of a non-positive number only."""
+    small = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1, small) / (1 + small)
+
+
+class _Sigmoid(_Layer):
+    keeps_output = True
+
+    def forward(self, x, training, record):
+        out = _sigmoid(x)
+        if record:
+            self.out = out
+        return out
+
+    def backward(self, grad, need_input_grad):
+        grad *= self.out * (1 - self.out)
+        return grad
+
+
+class _SiLU(_Layer):
+    def forward(self, x, training, record):
+        sigmoid = _sigmoid(x)
+        if record:
+            self.x, self.sigmoid = x, sigmoid
+        return x * sigmoid
+
+    def backward(self, grad, need_input_grad):
+        # d/dx x*s(x) = s * (1 + x * (1 - s))
+        grad *= self.sigmoid * (1 + self.x * (1 - self.sigmoid))
+        return grad
+
+
+#: Cephes' rational approximations of erfc (S. L. Moshier, ndtr.c): erf(x) = x*T(x^2)/U(x^2)
+#: for |x| < 1, erfc(x) = exp(-x^2)*P(x)/Q(x) for 1 <= x < 8 and exp(-x^2)*R(x)/S(x) beyond;
+#: relative error below 1e-15 in float64 (checked against math.erf in the tests). Written out
+#: because NumPy has no erf and SciPy is not a dependency; vectorised, ~20x faster than
+#: applying math.erf element by element.
+_ERF_T = (9.60497373987051638749e0, 9.00260197203842689217e1, 2.23200534594684319226e3,
+          7.00332514112805075473e3, 5.55923013010394962768e4)  # fmt: skip
+_ERF_U = (1.0, 3.35617141647503099647e1, 5.21357949780152679795e2, 4.59432382970980127987e3,
+          2.26290000613890934246e4, 4.92673942608635921086e4)  # fmt: skip
+_ERFC_P = (2.46196981473530512524e-10, 5.64189564831068821977e-1, 7.46321056442269912687e0,
+           4.86371970985681366614e1, 1.96520832956077098242e2, 5.26445194995477358631e2,
+           9.34528527171957607540e2, 1.02755188689515710272e3, 5.57535335369399327526e2)  # fmt: skip
+_ERFC_Q = (1.0, 1.32281951154744992508e1, 8.67072140885989742329e1, 3.54937778887819891062e2,
+           9.75708501743205489753e2, 1.82390916687909736289e3, 2.24633760818710981792e3,
+           1.65666309194161350182e3, 5.57535340817727675546e2)  # fmt: skip
+_ERFC_R = (5.64189583547755073984e-1, 1.27536670759978104416e0, 5.01905042251180477414e0,
+           6.16021097993053585195e0, 7.40974269950448939160e0, 2.97886665372100240670e0)  # fmt: skip
+_ERFC_S = (1.0, 2.26052863220117276590e0, 9.39603524938001434673e0, 1.20489539808096656605e1,
+           1.70814450747565897222e1, 9.60896809063285878198e0, 3.36907645100081516050e0)  # fmt: skip
+
+
+def _rational(numerator, denominator, x):
+    """``numerator(x) / denominator(x)``, coefficients from the highest power (Horner)."""
+    return np.polyval(np.asarray(numerator, x.dtype), x) / np.polyval(np.asarray(denominator, x.dtype), x)
+
+
+def _erfc(x):
+    """The complementary error function, elementwise, in ``x``'s floating dtype."""
+    magnitude = np.abs(x)
+    out = np.empty_like(x)
+    near = (magnitude < 1).nonzero()
+    out[near] = 1 - x[near] * _rational(_ERF_T, _ERF_U, np.square(x[near]))
+    bands = (
+        ((magnitude >= 1) & (magnitude < 8), _ERFC_P, _ERFC_Q),
+        (~(magnitude < 8), _ERFC_R, _ERFC_S),  # NaN lands here and stays NaN
+    )
+    for band, numerator, denominator in bands:
+        index = band.nonzero()
+        # erfc underflows to 0 beyond 27 even in float64; the clip keeps the polynomials finite
+        a = np.minimum(magnitude[index], 30)
+        tail = np.exp(-np.square(a)) * _rational(numerator, denominator, a)
+        out[index] = np.where(x[index] < 0, 2 - tail, tail)
+    return out
+
+
+class _GELU(_Layer):
+    """``x * Phi(x)``: exact, ``Phi(x) = erfc(-x/sqrt(2))/2`` (accurate for either sign), or the
+    tanh approximation. Gradients: ``Phi(x) + x * phi(x)``, and the tanh form's derivative."""
+
+    def forward(self, x, training, record):
+        if self.spec.approximate == "tanh":
+            inner = np.sqrt(2 / np.pi).astype(x.dtype) * (x + 0.044715 * x**3)
+            cdf = 0.5 * (1 + np.tanh(inner))
+        else:
+            cdf = 0.5 * _erfc(x * -np.sqrt(0.5).astype(x.dtype))
+        if record:
+            self.x, self.cdf = x, cdf
+        return x * cdf
+
+    def backward(self, grad, need_input_grad):
+        x, cdf = self.x, self.cdf
+        if self.spec.approximate == "tanh":
+            # d/dx 0.5*x*(1 + tanh(u)) = cdf + x * (1 - tanh(u)^2)/2 * u',  tanh(u) = 2*cdf - 1
+            tanh = 2 * cdf - 1
+            slope = np.sqrt(2 / np.pi).astype(x.dtype) * (1 + 3 * 0.044715 * np.square(x))
+            grad *= cdf + 0.5 * x * (1 - np.square(tanh)) * slope
+        else:
+            density = np.exp(-0.5 * np.square(x)) / np.sqrt(2 * np.pi).astype(x.dtype)
+            grad *= cdf + x * density
+        return grad
+
+
+class _LeakyReLU(_Layer):
+    def forward(self, x, training, record):
+        positive = x > 0
+        if record:
+            self.positive = positive
+        return np.where(positive, x, x * self.spec.negative_slope)
+
+    def backward(self, grad, need_input_grad):
+        return np.where(self.positive, grad, grad * self.spec.negative_slope)
+
+
+class _ELU(_Layer):
+    def forward(self, x, training, record):
+        negative_part = self.spec.alpha * np.expm1(np.minimum(x, 0))
+        if record:
+            self.x, self.negative_part = x, negative_part
+        return np.where(x > 0, x, negative_part)
+
+    def backward(self, grad, need_input_grad):
+        # below zero d/dx alpha*(exp(x) - 1) = alpha*exp(x) = output + alpha
+        return np.where(self.x > 0, grad, grad * (self.negative_part + self.spec.alpha))
+
+
+def _log_softmax(x, axis):
+    shifted = x - x.max(axis, keepdims=True)
+    shifted -= np.log(np.exp(shifted).sum(axis, keepdims=True))
+    return shifted
+
+
+class _Softmax(_Layer):
+    keeps_output = True
+
+    def forward(self, x, training, record):
+        out = np.exp(_log_softmax(x, self.spec.dim))
+        if record:
+            self.out = out
+        return out
+
+    def backward(self, grad, need_input_grad):
+        # s * (g - sum(g * s)) along the softmax axis
+        grad -= (grad * self.out).sum(self.spec.dim, keepdims=True)
+        grad *= self.out
+        return grad
+
+
+class _LogSoftmax(_Layer):
+    keeps_output = True
+
+    def forward(self, x, training, record):
+        out = _log_softmax(x, self.spec.dim)
+        if record:
+            self.out = out
+        return out
+
+    def backward(self, grad, need_input_grad):
+        # g - softmax * sum(g) along the axis
+        return grad - np.exp(self.out) * grad.sum(self.spec.dim, keepdims=True)
+
+
+class _Flatten(_Layer):
+    passes_input = True
+
+    def forward(self, x, training, record):
+        if record:
+            self.input_shape = x.shape
+        return x.reshape(len(x), -1)
+
+    def backward(self, grad, need_input_grad):
+        return grad.reshape(self.input_shape)
+
+
+class _Dropout(_Layer):
+    passes_input = True  # in eval mode and with p == 0
+
+    def __init__(self, spec, dtype, rng):
+        super().__init__(spec, dtype, rng)
+        self.rng = rng
+
+    def forward(self, x, training, record):
+        scale = dropout_mask(self.rng, x.shape, self.spec.p, x.dtype) if training and self.spec.p else None
+        if record:
+            self.scale = scale
+        return x if scale is None else x * scale
+
+    def backward(self, grad, need_input_grad):
+        if self.scale is not None:
+            grad *= self.scale
+        return grad
+
+
 _LAYERS = {
     Linear: _Linear,
     Conv2d: _Conv2d,
     MaxPool2d: _MaxPool2d,
-    ReLU: _ReLU,
-    Flatten: _Flatten,
-    Dropout: _Dropout,
+    AvgPool2d: _AvgPool2d,
+    AdaptiveAvgPool2d: _AdaptiveAvgPool2d,
     BatchNorm1d: _BatchNorm,
     BatchNorm2d: _BatchNorm,
+    LayerNorm: _LayerNorm,
+    Identity: _Identity,
+    ReLU: _ReLU,
+    Tanh: _Tanh,
+    Sigmoid: _Sigmoid,
+    SiLU: _SiLU,
+    GELU: _GELU,
+    LeakyReLU: _LeakyReLU,
+    ELU: _ELU,
+    Softmax: _Softmax,
+    LogSoftmax: _LogSoftmax,
+    Flatten: _Flatten,
+    Dropout: _Dropout,
 }
 
+# --- containers ----------------------------------------------------------------------------------
 
-def _loss_terms(spec, pred, y):
-    """Per-sample (MSE: per-element) losses and a function returning the gradient of their
-    sum times ``scale`` with respect to ``pred`` (a fresh array on every call)."""
-    if isinstance(spec, MSELoss):
-        if y.shape != pred.shape:
-            raise InputError(f"MSE targets must have the predictions' shape {pred.shape}, got {y.shape}")
-        diff = pred - y
-        return diff * diff, lambda scale: diff * (2 * scale)
+
+class _Sequence:
+    def __init__(self, nodes):
+        self.nodes = nodes
+        # nodes before the first one with parameters need no backward, and it no input gradient
+        self.first_trained = next((i for i, node in enumerate(nodes) if node.has_params), len(nodes))
+        self.has_params = self.first_trained < len(nodes)
+
+    def forward(self, x, training, record):
+        for node in self.nodes:
+            x = node.forward(x, training, record)
+        return x
+
+    def backward(self, grad, need_input_grad):
+        stop = 0 if need_input_grad else self.first_trained
+        for index in range(len(self.nodes) - 1, stop - 1, -1):
+            grad = self.nodes[index].backward(grad, need_input_grad or index > stop)
+        return grad if need_input_grad else None
+
+
+class _Residual:
+    """``post(body(x) + shortcut(x))``; ``shortcut`` None is the identity, ``post`` None nothing."""
+
+    def __init__(self, body, shortcut, post, add_in_place):
+        self.body, self.shortcut, self.post = body, shortcut, post
+        #: whether the body's output is an array nothing else reads, so the sum can overwrite it
+        self.add_in_place = add_in_place
+        self.has_params = any(node is not None and node.has_params for node in (body, shortcut, post))
+
+    def forward(self, x, training, record):
+        out = self.body.forward(x, training, record)
+        skip = x if self.shortcut is None else self.shortcut.forward(x, training, record)
+        out = np.add(out, skip, out=out if self.add_in_place else None)
+        return out if self.post is None else self.post.forward(out, training, record)
+
+    def backward(self, grad, need_input_grad):
+        if self.post is not None:
+            grad = self.post.backward(grad, True)
+        # both branches receive the same gradient, and a backward may overwrite what it is given
+        shared = self.shortcut is not None or need_input_grad
+        body_grad = self.body.backward(grad.copy() if shared else grad, need_input_grad)
+        if self.shortcut is not None:
+            grad = self.shortcut.backward(grad, need_input_grad)
+        if not need_input_grad:
+            return None
+        body_grad += grad
+        return body_grad
+
+
+def _build(spec, leaves, private):
+    """The node tree of ``spec``, taking its leaves in ``named_layers`` order from ``leaves``.
+    ``private``: whether the node's input is an array this pass made that nothing else reads
+    (so a ReLU may overwrite it). Returns the node and the same property of its output."""
+    if isinstance(spec, Sequential):
+        nodes = []
+        for _, child in spec.children:
+            node, private = _build(child, leaves, private)
+            nodes.append(node)
+        return _Sequence(nodes), private
+    if isinstance(spec, Residual):
+        body, body_private = _build(spec.body, leaves, False)  # x feeds the shortcut too
+        shortcut = None if spec.shortcut is None else _build(spec.shortcut, leaves, False)[0]
+        post, private = (None, True) if spec.post is None else _build(spec.post, leaves, True)
+        return _Residual(body, shortcut, post, body_private), private
+    layer = next(leaves)
+    assert layer.spec is spec, "the tree walk must visit leaves in named_layers order"
+    if isinstance(layer, _ReLU):
+        layer.in_place = private
+    return layer, private if layer.passes_input else not layer.keeps_output
+
+
+# --- losses --------------------------------------------------------------------------------------
+
+
+def _class_terms(spec, pred, y):
+    """CrossEntropyLoss and NLLLoss: per-sample losses and the gradient function."""
     if pred.ndim != 2:
         raise InputError(f"{type(spec).__name__} needs predictions of shape (N, classes), got {pred.shape}")
     rows = np.arange(len(y))
@@ -262,17 +736,67 @@ def _loss_terms(spec, pred, y):
             return g
 
         return -pred[rows, y], grad
-    assert isinstance(spec, CrossEntropyLoss)
-    shifted = pred - pred.max(1, keepdims=True)  # stable log-softmax
-    log_probs = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
+    log_probs = _log_softmax(pred, 1)
+    smoothing, classes = spec.label_smoothing, pred.shape[1]
+    if y.dtype.kind == "f":
+        if y.shape != pred.shape:
+            raise InputError(f"class-probability targets must have the predictions' shape {pred.shape}, got {y.shape}")
+        target = y * (1 - smoothing) + smoothing / classes if smoothing else y
+        terms = -(target * log_probs).sum(1)
 
-    def grad(scale):  # softmax - one_hot
+        def grad(scale):  # softmax * sum(target) - target
+            g = np.exp(log_probs)
+            g *= target.sum(1, keepdims=True)
+            g -= target
+            g *= scale
+            return g
+
+        return terms, grad
+    terms = -log_probs[rows, y]
+    if smoothing:
+        terms = (1 - smoothing) * terms - smoothing / classes * log_probs.sum(1)
+
+    def grad(scale):  # softmax - ((1 - smoothing) * one_hot + smoothing / classes)
         g = np.exp(log_probs)
-        g[rows, y] -= 1
+        g[rows, y] -= 1 - smoothing
+        if smoothing:
+            g -= smoothing / classes
         g *= scale
         return g
 
-    return -log_probs[rows, y], grad
+    return terms, grad
+
+
+def _elementwise_terms(spec, pred, y):
+    """Losses on targets shaped like the predictions: per-element losses and the gradient function."""
+    if y.shape != pred.shape:
+        raise InputError(f"{type(spec).__name__} targets must have the predictions' shape {pred.shape}, got {y.shape}")
+    if isinstance(spec, BCEWithLogitsLoss):
+        # max(p, 0) - p*t + log(1 + exp(-|p|)); gradient sigmoid(p) - t
+        return np.maximum(pred, 0) - pred * y + np.log1p(np.exp(-np.abs(pred))), lambda s: (_sigmoid(pred) - y) * s
+    diff = pred - y
+    if isinstance(spec, MSELoss):
+        return diff * diff, lambda scale: diff * (2 * scale)
+    if isinstance(spec, L1Loss) or (isinstance(spec, SmoothL1Loss) and spec.beta == 0):
+        return np.abs(diff), lambda scale: np.sign(diff) * scale
+    # SmoothL1Loss(beta) is HuberLoss(delta=beta) / beta; both quadratic inside, linear outside
+    width = spec.beta if isinstance(spec, SmoothL1Loss) else spec.delta
+    divisor = spec.beta if isinstance(spec, SmoothL1Loss) else 1.0
+    magnitude = np.abs(diff)
+    inside = magnitude < width
+    terms = np.where(inside, 0.5 * diff * diff, width * (magnitude - 0.5 * width)) / diff.dtype.type(divisor)
+    return terms, lambda scale: np.where(inside, diff, width * np.sign(diff)) * (scale / divisor)
+
+
+_ELEMENTWISE_LOSSES = (MSELoss, L1Loss, BCEWithLogitsLoss, SmoothL1Loss, HuberLoss)
+
+
+def _loss_terms(spec, pred, y):
+    """Per-sample (elementwise losses: per-element) losses and a function returning the gradient
+    of their sum times ``scale`` with respect to ``pred`` (a fresh array on every call)."""
+    if isinstance(spec, _ELEMENTWISE_LOSSES):
+        return _elementwise_terms(spec, pred, y)
+    return _class_terms(spec, pred, y)
 
 
 class LossValue:
@@ -310,21 +834,15 @@ class NumpyLoop(TrainingLoop):
     def _build(self, model):
         self._rng = dropout_stream(self.seed)
         named = list(model.named_layers())
-        self._layers = [_LAYERS[type(spec)](spec, self.dtype, self._rng) for _, spec in named]
-        made_here = False  # whether the current activation is an array the pass allocated
-        for layer in self._layers:
-            if isinstance(layer, _ReLU):
-                layer.in_place = made_here
-            made_here = made_here or not isinstance(layer, (_Flatten, _Dropout))  # these may pass x on
+        leaves = [_LAYERS[type(spec)](spec, self.dtype, self._rng) for _, spec in named]
+        self._root, _ = _build(model, iter(leaves), private=False)
         self._params, self._grads, self._state = {}, {}, {}
-        for (prefix, _), layer in zip(named, self._layers, strict=True):
+        for (prefix, _), layer in zip(named, leaves, strict=True):
             for key, value in {**layer.params, **layer.buffers}.items():
                 self._state[f"{prefix}.{key}"] = value
             for key in layer.params:
                 self._params[f"{prefix}.{key}"] = layer.params[key]
                 self._grads[f"{prefix}.{key}"] = layer.grads[key]
-        # layers before the first one with parameters need no backward, and it no input gradient
-        self._first_trained = next((i for i, layer in enumerate(self._layers) if layer.params), len(self._layers))
         self._optimizer_state: dict[str, np.ndarray] = {}
         self._mode = True
         self._forward_id = 0
@@ -338,9 +856,7 @@ class NumpyLoop(TrainingLoop):
 
     @_quiet
     def _run(self, x, record):
-        for layer in self._layers:
-            x = layer.forward(x, self._mode, record)
-        return x
+        return self._root.forward(x, self._mode, record)
 
     def _forward(self, x):
         self._forward_id += 1
@@ -348,6 +864,9 @@ class NumpyLoop(TrainingLoop):
 
     @_quiet
     def _loss(self, pred, y):
+        if isinstance(self.loss_spec, CustomLoss):
+            value, grad = expr.numpy_value_and_grad(self.loss_spec.tree, pred, y)
+            return LossValue(self.dtype.type(value), grad.copy, self._forward_id)
         terms, grad = _loss_terms(self.loss_spec, pred, y)
         value = terms.sum()
         if self.loss_spec.reduction == "mean":
@@ -359,10 +878,7 @@ class NumpyLoop(TrainingLoop):
     def _backward(self, loss):
         if not isinstance(loss, LossValue) or loss.forward_id != self._forward_id:
             raise RuntimeError("backward() needs the loss of the latest forward(); only its intermediates are kept")
-        grad = loss.grad()
-        first = self._first_trained
-        for index in range(len(self._layers) - 1, first - 1, -1):
-            grad = self._layers[index].backward(grad, index > first)
+        self._root.backward(loss.grad(), False)
 
     @_quiet
     def _update(self):

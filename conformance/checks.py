@@ -20,7 +20,16 @@ import numpy as np
 from unitrain import layers
 from unitrain.data import ArrayDataset, load_mnist
 from unitrain.loop import CAPABILITIES, TrainingLoop
-from unitrain.losses import CrossEntropyLoss, MSELoss, NLLLoss
+from unitrain.losses import (
+    BCEWithLogitsLoss,
+    CrossEntropyLoss,
+    CustomLoss,
+    HuberLoss,
+    L1Loss,
+    MSELoss,
+    NLLLoss,
+    SmoothL1Loss,
+)
 from unitrain.optim import SGD, Adam, AdamW
 
 from . import reference, tolerances
@@ -234,10 +243,6 @@ def params_of(loop: TrainingLoop) -> dict[str, np.ndarray]:
     return {key: state[key] for key in loop.model_spec.param_shapes()}
 
 
-def loss_kind(spec) -> str:
-    return {CrossEntropyLoss: "cross_entropy", NLLLoss: "nll", MSELoss: "mse"}[type(spec)]
-
-
 def tutorial_gradients(loop: TrainingLoop, x, y) -> float:
     """zero_grad, forward, loss, backward; returns the loss."""
     loop.zero_grad()
@@ -289,9 +294,14 @@ def check_protocol_surface(adapter):
 
 
 def _mode_model(adapter) -> layers.Sequential:
+    """Input ``(N, 6)``: BatchNorm and Dropout (where the adapter has them) nested one level down,
+    inside a Residual's body where the adapter has branches."""
     extra = [layers.BatchNorm1d(8)] if "batchnorm" in adapter.capabilities else []
     extra += [layers.Dropout(0.5)] if "dropout" in adapter.capabilities else []
-    return layers.Sequential(layers.Linear(6, 8), layers.Sequential(*extra, layers.ReLU()), layers.Linear(8, 4))
+    middle = layers.Sequential(*extra, layers.ReLU())
+    if "residual" in adapter.capabilities:
+        middle = layers.Residual(middle, post=layers.ReLU())
+    return layers.Sequential(layers.Linear(6, 8), middle, layers.Linear(8, 4))
 
 
 @check()
@@ -349,7 +359,7 @@ def check_forward_batchnorm_train(adapter):
     loop = loaded(adapter, model, state, loss=MSELoss(reduction="sum"))
     x, target = inputs((6,)), inputs((4,), seed=1)
     ref = reference.Reference(model, state)
-    expected, grad = reference.loss("mse", "sum", ref.forward(x, training=True), target)
+    expected, grad = reference.loss(loop.loss_spec, ref.forward(x, training=True), target)
     got = tutorial_gradients(loop, x, target)
     compare("training-mode loss", got, expected, dtype=loop.dtype, size=32)
     compare_states("gradient", loop.gradients(), ref.backward(grad), dtype=loop.dtype, size=64)
@@ -373,10 +383,10 @@ def check_losses(adapter):
         target = inputs((5,), seed=3) if spec is MSELoss else labels(classes=5)
         for reduction in ("mean", "sum"):
             loop = _identity_loop(adapter, spec(reduction=reduction))
-            expected, _ = reference.loss(loss_kind(loop.loss_spec), reduction, pred, target)
+            expected, _ = reference.loss(loop.loss_spec, pred, target)
             got = loop.to_float(loop.loss(loop.forward(pred), target))
             compare(f"{spec.__name__}(reduction={reduction!r})", got, expected, dtype=loop.dtype, size=40)
-        per_sample = reference.loss_terms(loss_kind(loop.loss_spec), pred, target)[0].mean()
+        per_sample = reference.loss_terms(loop.loss_spec, pred, target)[0].mean()
         compare(f"{spec.__name__} evaluate()['loss']", loop.evaluate((pred, target))["loss"], per_sample,
                 dtype=loop.dtype, size=40)  # fmt: skip
 
@@ -387,7 +397,7 @@ def check_loss_extreme_logits(adapter):
     pred = np.array([[1e4, -1e4, 0, 0, 0], [-1e4, 1e4, 0, 0, 0], [0, 0, 1e4, 1e4, -1e4]], np.float32)
     target = np.array([0, 0, 4])
     loop = _identity_loop(adapter, CrossEntropyLoss())
-    expected, grad = reference.loss("cross_entropy", "mean", pred, target)
+    expected, grad = reference.loss(loop.loss_spec, pred, target)
     got = tutorial_gradients(loop, pred, target)
     compare("cross-entropy of extreme logits", got, expected, dtype=loop.dtype, size=5)
     # log-softmax subtracts numbers of magnitude 1e4: float32 keeps ~1e4 * eps of absolute accuracy
@@ -404,7 +414,7 @@ def _check_gradients(adapter, model, input_shape, loss, size):
     x = inputs(input_shape)
     y = inputs((4,), seed=1) if isinstance(loss, MSELoss) else labels()
     ref = reference.Reference(model, state)
-    expected, grad = reference.loss(loss_kind(loss), loss.reduction, ref.forward(x, training=True), y)
+    expected, grad = reference.loss(loss, ref.forward(x, training=True), y)
     compare(f"{type(loss).__name__} loss", tutorial_gradients(loop, x, y), expected, dtype=loop.dtype, size=size)
     compare_states(f"{type(loss).__name__} gradient", loop.gradients(), ref.backward(grad), dtype=loop.dtype,
                    size=size * 8)  # fmt: skip
@@ -563,7 +573,7 @@ def check_step_returns_pre_update_loss(adapter):
     state = state_of(model)
     loop = loaded(adapter, model, state, optimizer=SGD(lr=0.5))
     x, y = inputs((3, 4)), labels()
-    expected, _ = reference.loss("cross_entropy", "mean", reference.Reference(model, state).forward(x), y)
+    expected, _ = reference.loss(loop.loss_spec, reference.Reference(model, state).forward(x), y)
     compare("step() return value", loop.to_float(loop.step((x, y))), expected, dtype=loop.dtype, size=DENSE_FAN_IN)
     if loop.step_count != 1:
         fail(f"step_count after one step() is {loop.step_count}, expected 1")
@@ -572,12 +582,14 @@ def check_step_returns_pre_update_loss(adapter):
 @check()
 def check_tutorial_sequence_equals_step(adapter):
     """zero_grad, forward, loss, backward, update gives bit-for-bit what step() gives, with
-    BatchNorm and with Dropout (the same masks) where the adapter has them."""
+    BatchNorm and with Dropout (the same masks), also inside a Residual, where the adapter has them."""
     models = [("a dense", dense_model(), (3, 4))]
     if "batchnorm" in adapter.capabilities:
         models.append(("a BatchNorm1d", batchnorm_model(), (6,)))
     if "dropout" in adapter.capabilities:
         models.append(("a Dropout", dropout_model(), (3, 4)))
+    if "residual" in adapter.capabilities:
+        models.append(("a residual", _mode_model(adapter), (6,)))
     for what, model, shape in models:
         state = state_of(model)
         whole = loaded(adapter, model, state, optimizer=SGD(lr=0.1, momentum=0.9))
@@ -631,7 +643,7 @@ def check_train_eval_toggles(adapter):
     state = state_of(model)
     loop = loaded(adapter, model, state, loss=MSELoss(reduction="sum"))
     x, target = inputs((6,)), np.zeros((8, 4), np.float32)
-    eval_loss, _ = reference.loss("mse", "sum", reference.Reference(model, state).forward(x), target)
+    eval_loss, _ = reference.loss(loop.loss_spec, reference.Reference(model, state).forward(x), target)
 
     def observed_loss():
         return loop.to_float(loop.loss(loop.forward(x), target))
@@ -920,7 +932,272 @@ def check_bad_input(adapter):
         fail(f"rejected batches changed step_count to {loop.step_count}")
 
 
-# --- 20-22. training as a whole -------------------------------------------------------------------
+# --- 20-26. graphs with branches, the layers and losses of issue 8, the user's own loss ---------------
+
+
+def _layer_case(adapter, what, model, input_shape, *, size, scale=1.0, loss=None):
+    """Eval-mode forward and training-mode loss and gradients of ``model`` (random weights) match the
+    reference; ``scale`` widens the inputs so that activations see their curved regions."""
+    state = state_of(model)
+    loss = loss or MSELoss(reduction="sum")
+    loop = loaded(adapter, model, state, loss=loss)
+    x = scale * inputs(input_shape)
+    ref = reference.Reference(model, state)
+    compare(f"{what}: predict()", loop.predict(x), ref.forward(x), dtype=loop.dtype, size=size)
+    output = model.output_shape(input_shape)
+    target = inputs(output, seed=1)
+    expected, grad = reference.loss(loss, ref.forward(x, training=True), target)
+    compare(f"{what}: training loss", tutorial_gradients(loop, x, target), expected, dtype=loop.dtype, size=size)
+    compare_states(f"{what}: gradient", loop.gradients(), ref.backward(grad), dtype=loop.dtype, size=8 * size)
+
+
+def _between_convs(*middle, channels=4, image=(6, 5)) -> layers.Sequential:
+    """Input ``(N, 2, *image)``: a convolution feeds the ``middle`` layers (so their backward
+    reaches a parameter) and a Linear reads their output."""
+    stem = layers.Conv2d(2, channels, 3, padding=1)
+    out = layers.Sequential(*middle).output_shape((channels, *image))
+    return layers.Sequential(stem, *middle, layers.Flatten(), layers.Linear(math.prod(out), 3))
+
+
+@check("conv")
+def check_conv2d_options(adapter):
+    """Conv2d with pair kernel/stride/padding, dilation, groups (depthwise) and no bias matches the reference."""
+    strided = layers.Conv2d(2, 4, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(2, 1), groups=2)
+    cases = {
+        repr(strided): layers.Sequential(
+            strided, layers.Flatten(), layers.Linear(math.prod(strided.output_shape((2, 6, 5))), 3)
+        ),
+        "depthwise Conv2d(4, 4, 3, groups=4, bias=False)": _between_convs(
+            layers.Conv2d(4, 4, 3, padding=1, groups=4, bias=False)
+        ),
+    }
+    for what, model in cases.items():
+        _layer_case(adapter, what, model, (2, 6, 5), size=2 * 4 * 3 * 8)
+
+
+@check("conv", "pooling")
+def check_pooling(adapter):
+    """MaxPool2d with padding, AvgPool2d (count_include_pad True and False) and AdaptiveAvgPool2d
+    (uneven bins) match the reference; two pools per model keep the number of models small."""
+    cases = (
+        (layers.MaxPool2d(3, stride=2, padding=1), layers.AvgPool2d(3, stride=2, padding=1)),
+        (layers.MaxPool2d((2, 3), stride=(1, 2), padding=(1, 1)),
+         layers.AvgPool2d((2, 3), stride=(1, 2), padding=(1, 1), count_include_pad=False)),
+        (layers.AvgPool2d(3, stride=1, padding=1, count_include_pad=False), layers.AdaptiveAvgPool2d((4, 3))),
+    )  # fmt: skip
+    for pools in cases:
+        what = " then ".join(map(repr, pools))
+        _layer_case(adapter, what, _between_convs(*pools), (2, 6, 5), size=4 * 6 * 5)
+
+
+@check("layernorm")
+def check_layer_norm(adapter):
+    """LayerNorm over the last dim and over several trailing dims, with and without affine parameters."""
+    vector = layers.Sequential(layers.Linear(6, 8), layers.LayerNorm(8, eps=1e-3), layers.Linear(8, 4))
+    _layer_case(adapter, "LayerNorm(8)", vector, (6,), size=16)
+    plain = layers.Sequential(layers.Linear(6, 8), layers.LayerNorm(8, elementwise_affine=False), layers.Linear(8, 4))
+    _layer_case(adapter, "LayerNorm(8, elementwise_affine=False)", plain, (6,), size=16)
+    if "conv" in adapter.capabilities:
+        _layer_case(adapter, "LayerNorm((4, 6, 5))", _between_convs(layers.LayerNorm((4, 6, 5))), (2, 6, 5),
+                    size=4 * 6 * 5)  # fmt: skip
+
+
+#: Activations, each between two Linear layers; inputs scaled by 3 so that GELU, ELU, SiLU ...
+#: are compared where they curve (where GELU's tanh form is up to 5e-4 off the erf form).
+ACTIVATIONS = (
+    layers.Identity(), layers.Tanh(), layers.Sigmoid(), layers.GELU(), layers.GELU(approximate="tanh"),
+    layers.LeakyReLU(0.2), layers.SiLU(), layers.ELU(alpha=0.7), layers.Softmax(dim=1), layers.LogSoftmax(dim=-1),
+)  # fmt: skip
+
+
+@check("activations")
+def check_activations(adapter):
+    """Identity, Tanh, Sigmoid, GELU (exact and tanh), LeakyReLU, SiLU, ELU, Softmax and LogSoftmax
+    (over the feature axis, and LogSoftmax over the channels of an image batch) match their formulas."""
+    for layer in ACTIVATIONS:
+        model = layers.Sequential(layers.Linear(6, 8), layer, layers.Linear(8, 4))
+        _layer_case(adapter, repr(layer), model, (6,), size=8, scale=3.0)
+    if "conv" in adapter.capabilities:
+        layer = layers.LogSoftmax(dim=1)
+        _layer_case(adapter, f"{layer!r} of (N, C, H, W)", _between_convs(layer), (2, 6, 5), size=18, scale=3.0)
+
+
+def residual_dense_model() -> layers.Sequential:
+    """Input ``(N, 6)``: an identity shortcut with a layer after the add, a projection shortcut,
+    and a Residual nested in a Residual's body, under named children."""
+    inner = layers.Residual(layers.Sequential({"fc": layers.Linear(8, 8), "act": layers.Tanh()}))
+    return layers.Sequential({
+        "stem": layers.Linear(6, 8),
+        "block": layers.Residual(
+            layers.Sequential({"fc1": layers.Linear(8, 8), "relu": layers.ReLU(), "fc2": layers.Linear(8, 8)}),
+            post=layers.ReLU(),
+        ),
+        "down": layers.Residual(
+            layers.Sequential({"fc1": layers.Linear(8, 5), "inner": layers.Sequential(layers.ReLU())}),
+            shortcut=layers.Sequential(layers.Linear(8, 5)),
+        ),
+        "nested": layers.Residual(
+            layers.Sequential({"pre": layers.Linear(5, 8), "res": inner, "post_fc": layers.Linear(8, 5)})
+        ),
+        "head": layers.Linear(5, 4),
+    })  # fmt: skip
+
+
+def mini_resnet(batchnorm: bool) -> layers.Sequential:
+    """Input ``(N, 2, 7, 7)``: ResNet-18's stem and two BasicBlocks (the second with a strided
+    1x1-conv downsample) at 4-6 channels, with torchvision's names."""
+    norm = layers.BatchNorm2d if batchnorm else (lambda channels: layers.Identity())
+
+    def block(cin, cout, stride):
+        body = layers.Sequential({
+            "conv1": layers.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), "bn1": norm(cout),
+            "relu": layers.ReLU(), "conv2": layers.Conv2d(cout, cout, 3, padding=1, bias=False), "bn2": norm(cout),
+        })  # fmt: skip
+        downsample = None
+        if stride != 1 or cin != cout:
+            downsample = layers.Sequential(layers.Conv2d(cin, cout, 1, stride=stride, bias=False), norm(cout))
+        return layers.Residual(body, downsample, layers.ReLU())
+
+    return layers.Sequential({
+        "conv1": layers.Conv2d(2, 4, 3, stride=1, padding=1, bias=False), "bn1": norm(4), "relu": layers.ReLU(),
+        "maxpool": layers.MaxPool2d(3, stride=2, padding=1) if batchnorm else layers.Identity(),
+        "layer1": layers.Sequential(block(4, 4, 1)), "layer2": layers.Sequential(block(4, 6, 2)),
+        "avgpool": layers.AdaptiveAvgPool2d(1) if batchnorm else layers.Flatten(), "flatten": layers.Flatten(),
+        "fc": layers.Linear(6 if batchnorm else 6 * 4 * 4, 3),
+    })  # fmt: skip
+
+
+@check("residual")
+def check_residual(adapter):
+    """Residual blocks (identity and projection shortcuts, a layer after the add, nesting) under named
+    children: forward, loss and every gradient match the reference, and state_dict() uses the dotted names."""
+    model = residual_dense_model()
+    _layer_case(adapter, "dense residual model", model, (6,), size=4 * 8)
+    keys = list(adapter(model).state_dict())
+    if keys != list(model.state_shapes()):
+        fail(f"state_dict() keys of the residual model: expected {list(model.state_shapes())}, got {keys}")
+    if "conv" in adapter.capabilities:
+        _layer_case(adapter, "convolutional residual model", mini_resnet(batchnorm=False), (2, 7, 7), size=6 * 9 * 4)
+
+
+@check("residual", "conv", "batchnorm", "pooling")
+def check_mini_resnet(adapter):
+    """ResNet-18's structure at toy size (stem, max pool, BasicBlocks with BatchNorm and a strided
+    downsample, global average pool): eval forward and training-mode gradients match the reference."""
+    _layer_case(adapter, "mini ResNet", mini_resnet(batchnorm=True), (2, 7, 7), size=6 * 9 * 4)
+
+
+@check("residual", "conv", "batchnorm")
+def check_resnet18_state_dict(adapter):
+    """unitrain.resnet18()'s state_dict() has torchvision's keys and shapes, in torchvision's order."""
+    state = adapter(layers.resnet18(num_classes=10, in_channels=1)).state_dict()
+    expected = reference.torchvision_resnet18_state_shapes(num_classes=10, in_channels=1)
+    got = {key: tuple(np.shape(value)) for key, value in state.items()}
+    if list(got) != list(expected):
+        fail(f"resnet18 state_dict() keys: expected {list(expected)}, got {list(got)}")
+    wrong = {key: (got[key], shape) for key, shape in expected.items() if got[key] != shape}
+    if wrong:
+        fail(f"resnet18 state_dict() shapes (got, expected): {wrong}")
+
+
+#: (loss spec, kind of targets) of the checks below: class indices, class probabilities, floats, [0, 1]
+NEW_LOSSES = (
+    (CrossEntropyLoss(label_smoothing=0.2), "indices"),
+    (CrossEntropyLoss(), "probabilities"),
+    (CrossEntropyLoss(label_smoothing=0.2), "probabilities"),
+    (BCEWithLogitsLoss(), "unit"),
+    (L1Loss(), "floats"),
+    (SmoothL1Loss(beta=0.5), "floats"),
+    (HuberLoss(delta=0.7), "floats"),
+)
+
+
+def _targets(kind: str, n: int = 8, classes: int = 5) -> np.ndarray:
+    rng = np.random.default_rng(7)
+    if kind == "indices":
+        return labels(n, classes)
+    if kind == "probabilities":
+        return rng.dirichlet(np.ones(classes), n).astype(np.float32)
+    if kind == "unit":
+        return rng.uniform(0, 1, (n, classes)).astype(np.float32)
+    return (2 * inputs((classes,), seed=4, n=n)).astype(np.float32)
+
+
+def _identity_gradients(pred, grad):
+    """Gradients of :func:`_identity_loop`'s weight and bias when ``grad`` = dloss/dpred."""
+    return {"0.weight": grad.T @ np.asarray(pred, F64), "0.bias": grad.sum(0)}
+
+
+@check("losses")
+def check_losses_new(adapter):
+    """CrossEntropyLoss with label smoothing and class-probability targets, BCEWithLogitsLoss, L1Loss,
+    SmoothL1Loss and HuberLoss: values (mean, and sum for two), gradients and evaluate() match their formulas."""
+    pred = (3 * inputs((5,), seed=2)).astype(np.float32)
+    for spec, kind in NEW_LOSSES:
+        target = _targets(kind)
+        loop = _identity_loop(adapter, spec)
+        expected, grad = reference.loss(spec, pred, target)
+        what = f"{spec} with {kind} targets"
+        compare(f"{what}: loss", tutorial_gradients(loop, pred, target), expected, dtype=loop.dtype, size=40)
+        compare_states(f"{what}: gradient", loop.gradients(), _identity_gradients(pred, grad), dtype=loop.dtype,
+                       size=40)  # fmt: skip
+        per_sample = reference.loss_terms(spec, pred, target)[0].mean()
+        compare(f"{what}: evaluate()['loss']", loop.evaluate((pred, target))["loss"], per_sample, dtype=loop.dtype,
+                size=40)  # fmt: skip
+    # "sum" adds what "mean" averages: over samples for class probabilities, over elements for the rest
+    for spec, kind in ((CrossEntropyLoss(reduction="sum"), "probabilities"), (L1Loss(reduction="sum"), "floats")):
+        target = _targets(kind)
+        loop = _identity_loop(adapter, spec)
+        expected, _ = reference.loss(spec, pred, target)
+        compare(f"{spec} with {kind} targets: loss", loop.to_float(loop.loss(loop.forward(pred), target)), expected,
+                dtype=loop.dtype, size=40)  # fmt: skip
+
+
+@check("custom-loss")
+def check_custom_loss(adapter):
+    """CustomLoss: the seed tutorial's (pred - labels).sum(), a hand-written soft cross-entropy and an
+    expression using every operation give the closed-form loss and gradients, through the tutorial
+    sequence and through step()."""
+    pred = inputs((5,), seed=2)
+    target = np.random.default_rng(8).uniform(0.1, 1.0, (8, 5)).astype(np.float32)
+    for tree, (fn, _) in reference.CUSTOM_LOSSES.items():
+        loss = CustomLoss(fn)
+        loop = _identity_loop(adapter, loss)
+        expected, grad = reference.loss(loss, pred, target)
+        what = f"CustomLoss {tree[0]}(...)"
+        compare(f"{what}: loss", tutorial_gradients(loop, pred, target), expected, dtype=loop.dtype, size=40)
+        compare_states(f"{what}: gradient", loop.gradients(), _identity_gradients(pred, grad), dtype=loop.dtype,
+                       size=40)  # fmt: skip
+        compare(f"{what}: step() return value", loop.to_float(loop.step((pred, target))), expected,
+                dtype=loop.dtype, size=40)  # fmt: skip
+
+
+@check()
+def check_bad_input_branches(adapter):
+    """Branches that do not fit and targets that do not fit the loss are refused before any framework
+    work, naming the layer path or both shapes."""
+    x = inputs((4,))
+    mismatch = layers.Sequential({"block": layers.Residual(layers.Sequential(layers.Linear(4, 5)))})
+    loop = adapter(mismatch)
+    expect_error("step() through a Residual whose body changes the shape", lambda: loop.step((x, labels())),
+                 "block: body gives (5,), shortcut gives (4,)")  # fmt: skip
+    model = layers.Sequential(layers.Linear(4, 4))
+    cases = (
+        (CrossEntropyLoss(), np.full((8, 3), 1 / 3, np.float32), ("(8, 3)", "(8, 4)")),
+        (NLLLoss(), np.zeros((8, 4), np.float32), ("NLLLoss", "integer class indices")),
+        (MSELoss(), np.zeros((8, 5), np.float32), ("(8, 5)", "(8, 4)")),
+        (CustomLoss(lambda pred, target: (pred - target).sum()), np.zeros((8, 3), np.float32),
+         ("(8, 4)", "(8, 3)", "do not broadcast")),
+    )  # fmt: skip
+    for loss, target, needles in cases:
+        loop = adapter(model, loss=loss)
+        expect_error(f"step() with {loss} and targets of shape {target.shape}", lambda: loop.step((x, target)),  # noqa: B023
+                     *needles)  # fmt: skip
+        if loop.step_count != 0:
+            fail(f"a rejected batch changed step_count to {loop.step_count}")
+
+
+# --- 27-29. training as a whole -------------------------------------------------------------------
 
 
 #: Adam's eps is raised from 1e-8 so that float32 noise on near-zero gradients (~1e-8) is not

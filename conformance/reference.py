@@ -5,8 +5,9 @@ NumPy backend or :mod:`unitrain.optim`, so that a shared mistake cannot make bot
 does not matter here; clarity does: convolution and pooling loop over kernel offsets and output
 positions, and every backward pass is the textbook derivative of its forward.
 
-A state is a dict of arrays keyed like ``torch.nn.Sequential.state_dict()``; everything is
-computed in float64 whatever the arrays came in as.
+A state is a dict of arrays keyed like the equivalent PyTorch model's ``state_dict()``; everything
+is computed in float64 whatever the arrays came in as. Custom losses are checked against closed
+forms written by hand for the expressions in :data:`CUSTOM_LOSSES`, not by walking their trees.
 """
 
 from __future__ import annotations
@@ -23,14 +24,20 @@ from unitrain import layers
 F64 = np.float64
 
 
-# --- forward and backward of a Sequential -----------------------------------------------------
+# --- forward and backward of a model tree ------------------------------------------------------
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
 
 
 class Reference:
     """A float64 copy of a model: ``forward`` records what ``backward`` needs; BatchNorm's running
-    statistics are updated in ``self.state`` by training forwards, as PyTorch does."""
+    statistics are updated in ``self.state`` by training forwards, as PyTorch does. The tree is
+    walked as the spec describes it: a Sequential applies its children in order, a Residual
+    computes ``post(body(x) + shortcut(x))`` and sends the gradient of the sum down both paths."""
 
-    def __init__(self, model: layers.Sequential, state: dict[str, np.ndarray]):
+    def __init__(self, model: layers.Layer, state: dict[str, np.ndarray]):
         self.model = model
         self.state = {
             key: np.array(value, np.int64 if key.endswith("num_batches_tracked") else F64)
@@ -41,36 +48,48 @@ class Reference:
         return {key: self.state[f"{name}.{key}"] for key in layer.param_shapes()}
 
     def forward(self, x: np.ndarray, training: bool = False, dropout_masks: dict | None = None) -> np.ndarray:
-        """Output for ``x``; in training, Dropout needs its keep-masks by layer name."""
-        x = np.asarray(x, F64)
-        self.tape = []
-        for name, layer in self.model.named_layers():
-            inputs = x
-            if isinstance(layer, layers.Linear):
-                p = self.params(name, layer)
-                x = x @ p["weight"].T + (p["bias"] if layer.bias else 0.0)
-            elif isinstance(layer, layers.Conv2d):
-                x = conv2d(x, **self.params(name, layer), stride=layer.stride, padding=layer.padding)
-            elif isinstance(layer, layers.MaxPool2d):
-                x = max_pool2d(x, layer.kernel_size, layer.step)
-            elif isinstance(layer, layers.ReLU):
-                x = np.maximum(x, 0.0)
-            elif isinstance(layer, layers.Flatten):
-                x = x.reshape(len(x), -1)
-            elif isinstance(layer, layers.Dropout):
-                if training and layer.p > 0:
-                    x = x * dropout_masks[name] / (1 - layer.p)
-            elif isinstance(layer, layers._BatchNorm):
-                x = self._batch_norm(name, layer, x, training)
-            else:
-                raise TypeError(f"the reference has no {layer!r}")
-            self.tape.append((name, layer, inputs, training, dropout_masks))
-        return x
+        """Output for ``x``; in training, Dropout needs its keep-masks by layer path."""
+        self.training, self.masks, self.inputs = training, dropout_masks or {}, {}
+        return self._forward(self.model, np.asarray(x, F64), "")
 
-    def _batch_norm(self, name, layer, x, training):
+    def _forward(self, node, x, path):
+        if isinstance(node, layers.Sequential):
+            for name, child in node.children:
+                x = self._forward(child, x, _join(path, name))
+            return x
+        if isinstance(node, layers.Residual):
+            total = self._forward(node.body, x, path)
+            total = total + (x if node.shortcut is None else self._forward(node.shortcut, x, _join(path, "downsample")))
+            return total if node.post is None else self._forward(node.post, total, _join(path, "post"))
+        self.inputs[path] = x
+        return self._leaf(path, node, x)
+
+    def _leaf(self, name, layer, x):
+        p = self.params(name, layer)
+        if isinstance(layer, layers.Linear):
+            return x @ p["weight"].T + (p["bias"] if layer.bias else 0.0)
+        if isinstance(layer, layers.Conv2d):
+            return conv2d(x, p["weight"], p.get("bias"), layer.stride, layer.padding, layer.dilation, layer.groups)
+        if isinstance(layer, layers.MaxPool2d):
+            return max_pool2d(x, layer.kernel_size, layer.stride, layer.padding)[0]
+        if isinstance(layer, layers.AvgPool2d):
+            return avg_pool2d(x, layer.kernel_size, layer.stride, layer.padding, layer.count_include_pad)
+        if isinstance(layer, layers.AdaptiveAvgPool2d):
+            return adaptive_avg_pool2d(x, layer.output_size)
+        if isinstance(layer, layers.Flatten):
+            return x.reshape(len(x), -1)
+        if isinstance(layer, layers.Dropout):
+            return x * self.masks[name] / (1 - layer.p) if self.training and layer.p > 0 else x
+        if isinstance(layer, layers._BatchNorm):
+            return self._batch_norm(name, layer, x)
+        if isinstance(layer, layers.LayerNorm):
+            return layer_norm(x, len(layer.normalized_shape), layer.eps, p.get("weight"), p.get("bias"))[0]
+        return activation(layer, x)[0]
+
+    def _batch_norm(self, name, layer, x):
         axes = (0, *range(2, x.ndim))
         shape = (1, -1) + (1,) * (x.ndim - 2)
-        if training:
+        if self.training:
             count = x.size // x.shape[1]
             mean, var = x.mean(axes), x.var(axes)  # biased variance normalises ...
             m = layer.momentum  # ... the unbiased one feeds the running estimate (PyTorch)
@@ -87,148 +106,407 @@ class Reference:
 
     def backward(self, grad: np.ndarray) -> dict[str, np.ndarray]:
         """Gradients of every parameter, given the gradient of the loss w.r.t. the last output."""
-        grads = {}
-        for name, layer, x, training, masks in reversed(self.tape):
-            if isinstance(layer, layers.Linear):
-                p = self.params(name, layer)
-                grads[f"{name}.weight"] = grad.T @ x
-                if layer.bias:
-                    grads[f"{name}.bias"] = grad.sum(0)
-                grad = grad @ p["weight"]
-            elif isinstance(layer, layers.Conv2d):
-                p = self.params(name, layer)
-                grad, grads[f"{name}.weight"], bias_grad = conv2d_backward(
-                    x, p["weight"], grad, layer.stride, layer.padding
-                )
-                if layer.bias:
-                    grads[f"{name}.bias"] = bias_grad
-            elif isinstance(layer, layers.MaxPool2d):
-                grad = max_pool2d_backward(x, grad, layer.kernel_size, layer.step)
-            elif isinstance(layer, layers.ReLU):
-                grad = grad * (x > 0)
-            elif isinstance(layer, layers.Flatten):
-                grad = grad.reshape(x.shape)
-            elif isinstance(layer, layers.Dropout):
-                if training and layer.p > 0:
-                    grad = grad * masks[name] / (1 - layer.p)
-            elif isinstance(layer, layers._BatchNorm):
-                grad, grads[f"{name}.weight"], grads[f"{name}.bias"] = self._batch_norm_backward(
-                    name, layer, x, grad, training
-                )
-        return grads
+        self.grads = {}
+        self.input_grad = self._backward(self.model, np.asarray(grad, F64), "")
+        return self.grads
 
-    def _batch_norm_backward(self, name, layer, x, grad, training):
+    def _backward(self, node, grad, path):
+        if isinstance(node, layers.Sequential):
+            for name, child in reversed(node.children):
+                grad = self._backward(child, grad, _join(path, name))
+            return grad
+        if isinstance(node, layers.Residual):
+            if node.post is not None:
+                grad = self._backward(node.post, grad, _join(path, "post"))
+            body = self._backward(node.body, grad, path)
+            return body + (
+                grad if node.shortcut is None else self._backward(node.shortcut, grad, _join(path, "downsample"))
+            )
+        return self._leaf_backward(path, node, self.inputs[path], grad)
+
+    def _leaf_backward(self, name, layer, x, grad):
+        p = self.params(name, layer)
+        if isinstance(layer, layers.Linear):
+            self.grads[f"{name}.weight"] = grad.T @ x
+            if layer.bias:
+                self.grads[f"{name}.bias"] = grad.sum(0)
+            return grad @ p["weight"]
+        if isinstance(layer, layers.Conv2d):
+            grad_x, self.grads[f"{name}.weight"], bias_grad = conv2d_backward(
+                x, p["weight"], grad, layer.stride, layer.padding, layer.dilation, layer.groups
+            )
+            if layer.bias:
+                self.grads[f"{name}.bias"] = bias_grad
+            return grad_x
+        if isinstance(layer, layers.MaxPool2d):
+            return max_pool2d_backward(x, grad, layer.kernel_size, layer.stride, layer.padding)
+        if isinstance(layer, layers.AvgPool2d):
+            return avg_pool2d_backward(x, grad, layer.kernel_size, layer.stride, layer.padding, layer.count_include_pad)
+        if isinstance(layer, layers.AdaptiveAvgPool2d):
+            return adaptive_avg_pool2d_backward(x, grad, layer.output_size)
+        if isinstance(layer, layers.Flatten):
+            return grad.reshape(x.shape)
+        if isinstance(layer, layers.Dropout):
+            return grad * self.masks[name] / (1 - layer.p) if self.training and layer.p > 0 else grad
+        if isinstance(layer, layers._BatchNorm):
+            grad_x, self.grads[f"{name}.weight"], self.grads[f"{name}.bias"] = self._batch_norm_backward(
+                name, layer, x, grad
+            )
+            return grad_x
+        if isinstance(layer, layers.LayerNorm):
+            rank = len(layer.normalized_shape)
+            grad_x, grad_weight, grad_bias = layer_norm_backward(x, grad, rank, layer.eps, p.get("weight"))
+            if layer.elementwise_affine:
+                self.grads[f"{name}.weight"], self.grads[f"{name}.bias"] = grad_weight, grad_bias
+            return grad_x
+        if isinstance(layer, (layers.Softmax, layers.LogSoftmax)):
+            return softmax_backward(layer, x, grad)
+        return grad * activation(layer, x)[1]
+
+    def _batch_norm_backward(self, name, layer, x, grad):
         axes = (0, *range(2, x.ndim))
         shape = (1, -1) + (1,) * (x.ndim - 2)
         weight = self.state[f"{name}.weight"].reshape(shape)
-        if not training:
+        if not self.training:
             std = np.sqrt(self.state[f"{name}.running_var"].reshape(shape) + layer.eps)
             x_hat = (x - self.state[f"{name}.running_mean"].reshape(shape)) / std
             return grad * weight / std, (grad * x_hat).sum(axes), grad.sum(axes)
-        count = x.size // x.shape[1]
-        mean = x.mean(axes, keepdims=True)
-        std = np.sqrt(x.var(axes, keepdims=True) + layer.eps)
-        x_hat = (x - mean) / std
-        grad_x_hat = grad * weight
-        # d/dx of (x - mean(x)) / sqrt(var(x) + eps), contracted with grad_x_hat
-        grad_x = (
-            grad_x_hat
-            - grad_x_hat.sum(axes, keepdims=True) / count
-            - x_hat * (grad_x_hat * x_hat).sum(axes, keepdims=True) / count
-        ) / std
+        grad_x, x_hat = _normalise_backward(x, grad * weight, axes, layer.eps)
         return grad_x, (grad * x_hat).sum(axes), grad.sum(axes)
 
 
-def conv2d(x, weight, bias=None, stride=1, padding=0):
-    """``out[n, o, i, j] = bias[o] + sum_{c, a, b} w[o, c, a, b] * x_padded[n, c, i*s + a, j*s + b]``."""
-    x = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
-    out_channels, _, k, _ = weight.shape
-    oh, ow = ((d - k) // stride + 1 for d in x.shape[2:])
+def _normalise_backward(x, grad_x_hat, axes, eps):
+    """d/dx of ``(x - mean(x)) / sqrt(var(x) + eps)`` (statistics over ``axes``, biased variance),
+    contracted with ``grad_x_hat``; also returns ``x_hat``."""
+    count = math.prod(x.shape[a] for a in axes)
+    mean = x.mean(axes, keepdims=True)
+    std = np.sqrt(x.var(axes, keepdims=True) + eps)
+    x_hat = (x - mean) / std
+    grad_x = (
+        grad_x_hat
+        - grad_x_hat.sum(axes, keepdims=True) / count
+        - x_hat * (grad_x_hat * x_hat).sum(axes, keepdims=True) / count
+    ) / std
+    return grad_x, x_hat
+
+
+# --- layers as plain functions ------------------------------------------------------------------
+
+
+def _pad(x, padding, value=0.0):
+    (ph, pw) = padding
+    return np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=value)
+
+
+def _offsets(kernel, dilation, stride, out):
+    """For each kernel offset ``(a, b)``: the row and column slices of the padded input that
+    offset multiplies, over every output position."""
+    (kh, kw), (dh, dw), (sh, sw), (oh, ow) = kernel, dilation, stride, out
+    for a in range(kh):
+        for b in range(kw):
+            yield a, b, slice(a * dh, a * dh + sh * (oh - 1) + 1, sh), slice(b * dw, b * dw + sw * (ow - 1) + 1, sw)
+
+
+def _conv_out(x_padded, kernel, dilation, stride):
+    sizes = zip(x_padded.shape[2:], kernel, dilation, stride, strict=True)
+    return tuple((d - dil * (k - 1) - 1) // s + 1 for d, k, dil, s in sizes)
+
+
+def conv2d(x, weight, bias=None, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1):
+    """``out[n, o, i, j] = bias[o] + sum_{c, a, b} w[o, c, a, b] * x_pad[n, g*C/G + c, i*sh + a*dh, j*sw + b*dw]``
+    where ``g = o // (O/G)`` is the output channel's group (``torch.nn.Conv2d``)."""
+    xp = _pad(x, padding)
+    out_channels, group_in, kh, kw = weight.shape
+    group_out = out_channels // groups
+    oh, ow = _conv_out(xp, (kh, kw), dilation, stride)
     out = np.zeros((len(x), out_channels, oh, ow))
-    for a in range(k):
-        for b in range(k):
-            patch = x[:, :, a : a + stride * (oh - 1) + 1 : stride, b : b + stride * (ow - 1) + 1 : stride]
-            out += np.einsum("nchw,oc->nohw", patch, weight[:, :, a, b])
+    for g in range(groups):
+        o, c = slice(g * group_out, (g + 1) * group_out), slice(g * group_in, (g + 1) * group_in)
+        for a, b, rows, cols in _offsets((kh, kw), dilation, stride, (oh, ow)):
+            out[:, o] += np.einsum("nchw,oc->nohw", xp[:, c, rows, cols], weight[o, :, a, b])
     if bias is not None:
         out += bias[None, :, None, None]
     return out
 
 
-def conv2d_backward(x, weight, grad, stride, padding):
+def conv2d_backward(x, weight, grad, stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1):
     """``(grad_x, grad_weight, grad_bias)`` of :func:`conv2d`."""
-    padded = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
-    k = weight.shape[2]
+    xp = _pad(x, padding)
+    out_channels, group_in, kh, kw = weight.shape
+    group_out = out_channels // groups
     oh, ow = grad.shape[2:]
-    grad_padded = np.zeros_like(padded)
-    grad_weight = np.zeros_like(weight)
-    for a in range(k):
-        for b in range(k):
-            rows = slice(a, a + stride * (oh - 1) + 1, stride)
-            cols = slice(b, b + stride * (ow - 1) + 1, stride)
-            grad_weight[:, :, a, b] = np.einsum("nohw,nchw->oc", grad, padded[:, :, rows, cols])
-            grad_padded[:, :, rows, cols] += np.einsum("nohw,oc->nchw", grad, weight[:, :, a, b])
-    h, w = padded.shape[2:]
-    grad_x = grad_padded[:, :, padding : h - padding, padding : w - padding]
-    return grad_x, grad_weight, grad.sum((0, 2, 3))
+    grad_padded, grad_weight = np.zeros_like(xp), np.zeros_like(weight)
+    for g in range(groups):
+        o, c = slice(g * group_out, (g + 1) * group_out), slice(g * group_in, (g + 1) * group_in)
+        for a, b, rows, cols in _offsets((kh, kw), dilation, stride, (oh, ow)):
+            grad_weight[o, :, a, b] = np.einsum("nohw,nchw->oc", grad[:, o], xp[:, c, rows, cols])
+            grad_padded[:, c, rows, cols] += np.einsum("nohw,oc->nchw", grad[:, o], weight[o, :, a, b])
+    (ph, pw), (h, w) = padding, xp.shape[2:]
+    return grad_padded[:, :, ph : h - ph, pw : w - pw], grad_weight, grad.sum((0, 2, 3))
 
 
-def _windows(x, k, stride):
-    oh, ow = ((d - k) // stride + 1 for d in x.shape[2:])
+def _windows(padded_shape, kernel, stride):
+    """``(i, j, rows, cols)`` of every pooling window over a padded input (floor mode)."""
+    (kh, kw), (sh, sw) = kernel, stride
+    oh, ow = ((d - k) // s + 1 for d, k, s in zip(padded_shape[2:], kernel, stride, strict=True))
     for i in range(oh):
         for j in range(ow):
-            yield i, j, (slice(i * stride, i * stride + k), slice(j * stride, j * stride + k))
+            yield i, j, slice(i * sh, i * sh + kh), slice(j * sw, j * sw + kw)
 
 
-def max_pool2d(x, k, stride):
-    oh, ow = ((d - k) // stride + 1 for d in x.shape[2:])
-    out = np.empty((*x.shape[:2], oh, ow))
-    for i, j, (rows, cols) in _windows(x, k, stride):
-        out[:, :, i, j] = x[:, :, rows, cols].max((2, 3))
+def _unpad(grad_padded, padding):
+    (ph, pw), (h, w) = padding, grad_padded.shape[2:]
+    return grad_padded[:, :, ph : h - ph, pw : w - pw]
+
+
+def max_pool2d(x, kernel, stride, padding=(0, 0)):
+    """Window maxima, padding counting as -inf. Returns ``(out, padded input)``."""
+    xp = _pad(x, padding, -np.inf)
+    windows = list(_windows(xp.shape, kernel, stride))
+    out = np.empty((*x.shape[:2], windows[-1][0] + 1, windows[-1][1] + 1))
+    for i, j, rows, cols in windows:
+        out[:, :, i, j] = xp[:, :, rows, cols].max((2, 3))
+    return out, xp
+
+
+def max_pool2d_backward(x, grad, kernel, stride, padding=(0, 0)):
+    """The gradient goes to the first maximal element of each window (row-major), PyTorch's rule."""
+    _, xp = max_pool2d(x, kernel, stride, padding)
+    grad_padded = np.zeros_like(xp)
+    n, c = x.shape[:2]
+    ni, ci = np.meshgrid(np.arange(n), np.arange(c), indexing="ij")
+    for i, j, rows, cols in _windows(xp.shape, kernel, stride):
+        a, b = np.divmod(xp[:, :, rows, cols].reshape(n, c, -1).argmax(2), kernel[1])
+        grad_padded[ni, ci, rows.start + a, cols.start + b] += grad[:, :, i, j]
+    return _unpad(grad_padded, padding)
+
+
+def _avg_divisors(x, kernel, stride, padding, count_include_pad):
+    """Per output position: ``kh*kw``, or the number of the window's elements inside the input."""
+    inside = _pad(np.ones((1, 1, *x.shape[2:])), padding)
+    windows = list(_windows(inside.shape, kernel, stride))
+    divisors = np.empty((windows[-1][0] + 1, windows[-1][1] + 1))
+    for i, j, rows, cols in windows:
+        divisors[i, j] = kernel[0] * kernel[1] if count_include_pad else inside[0, 0, rows, cols].sum()
+    return divisors, windows
+
+
+def avg_pool2d(x, kernel, stride, padding=(0, 0), count_include_pad=True):
+    """Window sums over the zero-padded input divided by :func:`_avg_divisors`."""
+    xp = _pad(x, padding)
+    divisors, windows = _avg_divisors(x, kernel, stride, padding, count_include_pad)
+    out = np.empty((*x.shape[:2], *divisors.shape))
+    for i, j, rows, cols in windows:
+        out[:, :, i, j] = xp[:, :, rows, cols].sum((2, 3)) / divisors[i, j]
     return out
 
 
-def max_pool2d_backward(x, grad, k, stride):
-    """The gradient goes to the first maximal element of each window (row-major), PyTorch's rule."""
+def avg_pool2d_backward(x, grad, kernel, stride, padding=(0, 0), count_include_pad=True):
+    divisors, windows = _avg_divisors(x, kernel, stride, padding, count_include_pad)
+    grad_padded = np.zeros((*x.shape[:2], x.shape[2] + 2 * padding[0], x.shape[3] + 2 * padding[1]))
+    for i, j, rows, cols in windows:
+        grad_padded[:, :, rows, cols] += (grad[:, :, i, j] / divisors[i, j])[:, :, None, None]
+    return _unpad(grad_padded, padding)
+
+
+def _adaptive_bins(size, out):
+    """PyTorch's adaptive bins: ``floor(i*size/out)`` to ``ceil((i+1)*size/out)``."""
+    return [slice(math.floor(i * size / out), math.ceil((i + 1) * size / out)) for i in range(out)]
+
+
+def adaptive_avg_pool2d(x, output_size):
+    rows, cols = (_adaptive_bins(d, o) for d, o in zip(x.shape[2:], output_size, strict=True))
+    return np.stack([np.stack([x[:, :, r, c].mean((2, 3)) for c in cols], -1) for r in rows], -2)
+
+
+def adaptive_avg_pool2d_backward(x, grad, output_size):
+    rows, cols = (_adaptive_bins(d, o) for d, o in zip(x.shape[2:], output_size, strict=True))
     grad_x = np.zeros_like(x)
-    n, c = x.shape[:2]
-    for i, j, (rows, cols) in _windows(x, k, stride):
-        window = x[:, :, rows, cols].reshape(n, c, -1)
-        first = window.argmax(2)
-        a, b = np.divmod(first, k)
-        ni, ci = np.meshgrid(np.arange(n), np.arange(c), indexing="ij")
-        grad_x[ni, ci, rows.start + a, cols.start + b] += grad[:, :, i, j]
+    for i, r in enumerate(rows):
+        for j, c in enumerate(cols):
+            count = (r.stop - r.start) * (c.stop - c.start)
+            grad_x[:, :, r, c] += (grad[:, :, i, j] / count)[:, :, None, None]
     return grad_x
+
+
+def layer_norm(x, rank, eps, weight=None, bias=None):
+    """``(x - mean) / sqrt(var + eps) * weight + bias`` over the last ``rank`` dims (biased
+    variance). Returns ``(out, x_hat)``."""
+    axes = tuple(range(x.ndim - rank, x.ndim))
+    x_hat = (x - x.mean(axes, keepdims=True)) / np.sqrt(x.var(axes, keepdims=True) + eps)
+    out = x_hat if weight is None else x_hat * weight + bias
+    return out, x_hat
+
+
+def layer_norm_backward(x, grad, rank, eps, weight=None):
+    axes = tuple(range(x.ndim - rank, x.ndim))
+    grad_x, x_hat = _normalise_backward(x, grad if weight is None else grad * weight, axes, eps)
+    leading = tuple(range(x.ndim - rank))
+    return grad_x, (grad * x_hat).sum(leading), grad.sum(leading)
+
+
+_erf = np.vectorize(math.erf)
+
+
+def activation(layer, x):
+    """``(f(x), f'(x))`` of an elementwise activation, from PyTorch's documented formulas."""
+    if isinstance(layer, layers.Identity):
+        return x, np.ones_like(x)
+    if isinstance(layer, layers.ReLU):
+        return np.maximum(x, 0.0), (x > 0).astype(F64)
+    if isinstance(layer, layers.Tanh):
+        y = np.tanh(x)
+        return y, 1 - y * y
+    if isinstance(layer, layers.Sigmoid):
+        y = 1 / (1 + np.exp(-x))
+        return y, y * (1 - y)
+    if isinstance(layer, layers.SiLU):
+        s = 1 / (1 + np.exp(-x))
+        return x * s, s * (1 + x * (1 - s))
+    if isinstance(layer, layers.LeakyReLU):
+        return np.where(x > 0, x, layer.negative_slope * x), np.where(x > 0, 1.0, layer.negative_slope)
+    if isinstance(layer, layers.ELU):
+        return np.where(x > 0, x, layer.alpha * (np.exp(x) - 1)), np.where(x > 0, 1.0, layer.alpha * np.exp(x))
+    if isinstance(layer, layers.GELU) and layer.approximate == "none":
+        cdf, pdf = (1 + _erf(x / math.sqrt(2))) / 2, np.exp(-x * x / 2) / math.sqrt(2 * math.pi)
+        return x * cdf, cdf + x * pdf
+    if isinstance(layer, layers.GELU):
+        c = math.sqrt(2 / math.pi)
+        t = np.tanh(c * (x + 0.044715 * x**3))
+        return 0.5 * x * (1 + t), 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * c * (1 + 3 * 0.044715 * x * x)
+    if isinstance(layer, (layers.Softmax, layers.LogSoftmax)):
+        shifted = x - x.max(layer.dim, keepdims=True)
+        log_probs = shifted - np.log(np.exp(shifted).sum(layer.dim, keepdims=True))
+        return (log_probs if isinstance(layer, layers.LogSoftmax) else np.exp(log_probs)), None
+    raise TypeError(f"the reference has no {layer!r}")
+
+
+def softmax_backward(layer, x, grad):
+    """Softmax: ``y * (g - sum(g * y))``; LogSoftmax: ``g - softmax * sum(g)``, sums along ``dim``."""
+    probs = activation(layers.Softmax(layer.dim), x)[0]
+    if isinstance(layer, layers.LogSoftmax):
+        return grad - probs * grad.sum(layer.dim, keepdims=True)
+    return probs * (grad - (grad * probs).sum(layer.dim, keepdims=True))
 
 
 # --- losses -----------------------------------------------------------------------------------
 
 
-def loss_terms(kind: str, pred: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-sample (MSE: per-element) losses and the gradient of their *sum* w.r.t. ``pred``.
-    ``kind``: ``"cross_entropy"``, ``"nll"`` or ``"mse"``."""
-    pred = np.asarray(pred, F64)
-    if kind == "mse":
-        diff = pred - np.asarray(target, F64)
-        return diff**2, 2 * diff
-    rows = np.arange(len(pred))
-    one_hot = np.zeros_like(pred)
-    one_hot[rows, target] = 1.0
-    if kind == "nll":
-        return -pred[rows, target], -one_hot
-    if kind == "cross_entropy":
-        top = pred.max(1, keepdims=True)
-        log_sum_exp = top[:, 0] + np.log(np.exp(pred - top).sum(1))
-        softmax = np.exp(pred - (top + np.log(np.exp(pred - top).sum(1, keepdims=True))))
-        return log_sum_exp - pred[rows, target], softmax - one_hot
-    raise ValueError(f"unknown loss kind {kind!r}")
+def _log_softmax_rows(pred):
+    top = pred.max(1, keepdims=True)
+    return pred - (top + np.log(np.exp(pred - top).sum(1, keepdims=True)))
 
 
-def loss(kind: str, reduction: str, pred, target) -> tuple[float, np.ndarray]:
-    """``(loss, gradient w.r.t. pred)`` with PyTorch's reductions (MSE's mean is over elements)."""
-    terms, grad = loss_terms(kind, pred, target)
-    if reduction == "sum":
+def loss_terms(spec, pred: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sample (elementwise losses: per-element) terms of a built-in loss spec and the
+    gradient of their *sum* w.r.t. ``pred``, from PyTorch's documented formulas."""
+    pred, kind = np.asarray(pred, F64), type(spec).__name__
+    target = np.asarray(target)
+    if kind in ("CrossEntropyLoss", "NLLLoss"):
+        if target.dtype.kind in "iu":
+            q = np.zeros_like(pred)
+            q[np.arange(len(pred)), target] = 1.0
+        else:
+            q = target.astype(F64)
+        if kind == "NLLLoss":
+            return -(q * pred).sum(1), -q
+        smoothing = spec.label_smoothing
+        q = (1 - smoothing) * q + smoothing / pred.shape[1]
+        log_probs = _log_softmax_rows(pred)
+        return -(q * log_probs).sum(1), np.exp(log_probs) * q.sum(1, keepdims=True) - q
+    d = pred - target.astype(F64)
+    if kind == "MSELoss":
+        return d**2, 2 * d
+    if kind == "L1Loss":
+        return np.abs(d), np.sign(d)
+    if kind == "BCEWithLogitsLoss":
+        t = target.astype(F64)
+        return np.maximum(pred, 0) - pred * t + np.log1p(np.exp(-np.abs(pred))), 1 / (1 + np.exp(-pred)) - t
+    if kind == "SmoothL1Loss":
+        beta = spec.beta
+        if beta == 0:
+            return np.abs(d), np.sign(d)
+        small = np.abs(d) < beta
+        return np.where(small, 0.5 * d * d / beta, np.abs(d) - 0.5 * beta), np.where(small, d / beta, np.sign(d))
+    if kind == "HuberLoss":
+        delta = spec.delta
+        small = np.abs(d) <= delta
+        return np.where(small, 0.5 * d * d, delta * (np.abs(d) - 0.5 * delta)), np.where(small, d, delta * np.sign(d))
+    raise ValueError(f"the reference has no loss {kind}")
+
+
+def loss(spec, pred, target) -> tuple[float, np.ndarray]:
+    """``(loss, gradient w.r.t. pred)`` with PyTorch's reductions (elementwise losses average
+    over elements); a CustomLoss spec is looked up in :data:`CUSTOM_LOSSES` by its tree."""
+    if type(spec).__name__ == "CustomLoss":
+        return CUSTOM_LOSSES[spec.tree][1](np.asarray(pred, F64), np.asarray(target, F64))
+    terms, grad = loss_terms(spec, pred, target)
+    if spec.reduction == "sum":
         return float(terms.sum()), grad
     return float(terms.mean()), grad / terms.size
+
+
+def _custom(fn, value_and_grad):
+    from unitrain.losses import CustomLoss
+
+    return CustomLoss(fn).tree, (fn, value_and_grad)
+
+
+def _softmax_rows(pred, axis):
+    e = np.exp(pred - pred.max(axis, keepdims=True))
+    return e / e.sum(axis, keepdims=True)
+
+
+def _every_op_value_and_grad(p, t):
+    """Closed form of ``EVERY_OP`` below, term by term."""
+    n = p.size
+    root = np.sqrt((p - t) ** 2 + 1.0)
+    s0 = _softmax_rows(p, 0)
+    terms = [
+        ((root - 1).mean(), (p - t) / root / n),
+        (0.1 * np.maximum(p, 0.0).sum(), 0.1 * (p > 0)),
+        (-np.minimum(p, t).mean(), -1.0 * (p < t) / n),
+        (np.abs(p).mean() / 2, np.sign(p) / 2 / n),
+        ((np.exp(-p) / 4).sum(), -np.exp(-p) / 4),
+        (np.log(1 + p**2).mean(), 2 * p / (1 + p**2) / n),
+        ((s0 * t).sum(), s0 * (t - (t * s0).sum(0, keepdims=True))),
+        ((p**3).mean(1).sum() / 3, p**2 / p.shape[1]),
+    ]
+    return float(sum(v for v, _ in terms)), sum(g for _, g in terms)
+
+
+def _every_op(pred, target):
+    from unitrain import expr
+
+    return (
+        (expr.sqrt(expr.square(pred - target) + 1.0) - 1).mean()
+        + 0.1 * expr.maximum(pred, 0.0).sum()
+        - expr.minimum(pred, target).mean()
+        + abs(pred).mean() / 2
+        + (expr.exp(-pred) / 4).sum()
+        + expr.log(1 + pred**2).mean()
+        + (expr.softmax(pred, 0) * target).sum()
+        + (pred**3).mean(axis=1).sum() / 3
+    )
+
+
+def _soft_cross_entropy(pred, target):
+    from unitrain import expr
+
+    return -(target * expr.log_softmax(pred, axis=1)).sum(axis=1).mean()
+
+
+#: The custom losses the conformance suite trains with: tree -> (fn, closed-form (value, dloss/dpred)).
+CUSTOM_LOSSES = dict([
+    # the seed tutorial's loss: d/dpred = 1 everywhere
+    _custom(lambda pred, labels: (pred - labels).sum(), lambda p, t: (float((p - t).sum()), np.ones_like(p))),
+    # soft-target cross-entropy written by hand: d/dpred = (softmax(p) * sum(t) - t) / N
+    _custom(_soft_cross_entropy, lambda p, t: (
+        float(-(t * _log_softmax_rows(p)).sum(1).mean()),
+        (_softmax_rows(p, 1) * t.sum(1, keepdims=True) - t) / len(p),
+    )),
+    _custom(_every_op, _every_op_value_and_grad),
+])  # fmt: skip
 
 
 # --- optimizers -------------------------------------------------------------------------------
@@ -295,8 +573,7 @@ class Optimizer:
 def train_step(ref: Reference, spec_loss, optimizer: Optimizer, x, y) -> float:
     """One whole step on the reference: forward (training), loss, backward, update. Returns the
     pre-update loss."""
-    kind = {"CrossEntropyLoss": "cross_entropy", "NLLLoss": "nll", "MSELoss": "mse"}[type(spec_loss).__name__]
-    value, grad = loss(kind, spec_loss.reduction, ref.forward(x, training=True), y)
+    value, grad = loss(spec_loss, ref.forward(x, training=True), y)
     grads = ref.backward(grad)
     ref.state.update(optimizer.update({name: ref.state[name] for name in grads}, grads))
     return value
@@ -305,33 +582,42 @@ def train_step(ref: Reference, spec_loss, optimizer: Optimizer, x, y) -> float:
 # --- initial weights and weight files ---------------------------------------------------------
 
 
-def initial_state(model: layers.Sequential, seed: int) -> dict[str, np.ndarray]:
+def initial_state(model: layers.Layer, seed: int) -> dict[str, np.ndarray]:
     """The documented initial draw (see :func:`unitrain.weights.init_weights`): per Linear/Conv2d,
-    weight then bias ``~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` from ``default_rng(seed)`` in float64,
-    rounded to float32; BatchNorm weight 1, bias 0, running mean 0, variance 1, count 0."""
+    weight then bias ``~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` (``fan_in = in/groups * kh * kw``)
+    from ``default_rng(seed)`` in float64, rounded to float32; with ``init="resnet"`` Conv2d
+    weights are ``N(0, 2 / (out * kh * kw))`` instead. BatchNorm/LayerNorm weight 1, bias 0,
+    running mean 0, variance 1, count 0."""
     rng = np.random.default_rng(seed)
+    resnet = getattr(model, "init", None) == "resnet"
     state = {}
     for name, layer in model.named_layers():
         if isinstance(layer, layers.Linear):
             fan_in = layer.in_features
         elif isinstance(layer, layers.Conv2d):
-            fan_in = layer.in_channels * layer.kernel_size**2
-        elif isinstance(layer, layers._BatchNorm):
-            n = layer.num_features
-            state.update({f"{name}.weight": np.ones(n, np.float32), f"{name}.bias": np.zeros(n, np.float32),
-                          f"{name}.running_mean": np.zeros(n, np.float32),
-                          f"{name}.running_var": np.ones(n, np.float32),
-                          f"{name}.num_batches_tracked": np.array(0, np.int64)})  # fmt: skip
+            fan_in = layer.in_channels // layer.groups * layer.kernel_size[0] * layer.kernel_size[1]
+        elif isinstance(layer, (layers._BatchNorm, layers.LayerNorm)):
+            for key, shape in {**layer.param_shapes(), **layer.buffer_shapes()}.items():
+                if key == "num_batches_tracked":
+                    state[f"{name}.{key}"] = np.array(0, np.int64)
+                else:
+                    state[f"{name}.{key}"] = np.full(
+                        shape, 1.0 if key in ("weight", "running_var") else 0.0, np.float32
+                    )
             continue
         else:
             continue
         bound = 1 / math.sqrt(fan_in)
         for key, shape in layer.param_shapes().items():
-            state[f"{name}.{key}"] = rng.uniform(-bound, bound, shape).astype(np.float32)
+            if resnet and key == "weight" and isinstance(layer, layers.Conv2d):
+                value = rng.normal(0.0, math.sqrt(2 / (shape[0] * shape[2] * shape[3])), shape)
+            else:
+                value = rng.uniform(-bound, bound, shape)
+            state[f"{name}.{key}"] = value.astype(np.float32)
     return state
 
 
-def random_state(model: layers.Sequential, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def random_state(model: layers.Layer, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """float32 weights with every entry non-trivial (BatchNorm scales, shifts and running
     statistics away from 1 and 0), to load into a loop under test."""
     state = {}
@@ -339,13 +625,40 @@ def random_state(model: layers.Sequential, rng: np.random.Generator) -> dict[str
         for key, shape in {**layer.param_shapes(), **layer.buffer_shapes()}.items():
             if key == "num_batches_tracked":
                 value = np.array(3, np.int64)
-            elif key in ("running_var",) or (key == "weight" and isinstance(layer, layers._BatchNorm)):
+            elif key == "running_var" or (key == "weight" and isinstance(layer, (layers._BatchNorm, layers.LayerNorm))):
                 value = rng.uniform(0.5, 1.5, shape).astype(np.float32)
             else:
                 bound = 1 / math.sqrt(layer.fan_in()) if isinstance(layer, (layers.Linear, layers.Conv2d)) else 0.5
                 value = rng.uniform(-bound, bound, shape).astype(np.float32)
             state[f"{name}.{key}"] = value
     return state
+
+
+def torchvision_resnet18_state_shapes(num_classes: int = 1000, in_channels: int = 3) -> dict[str, tuple]:
+    """``torchvision.models.resnet18().state_dict()``'s keys and shapes, in order, written from
+    torchvision's resnet.py: ``ResNet.__init__`` registers conv1 (7x7, no bias), bn1, relu,
+    maxpool, layer1..layer4 (two BasicBlocks each), avgpool, fc; a BasicBlock registers conv1,
+    bn1, relu, conv2, bn2 (3x3 convs without bias) and, in the first block of layers 2-4, a
+    downsample ``Sequential(conv1x1 stride 2, BatchNorm2d)``. (``in_channels`` replaces conv1's 3.)"""
+
+    def batch_norm(name, n):
+        return {f"{name}.weight": (n,), f"{name}.bias": (n,), f"{name}.running_mean": (n,),
+                f"{name}.running_var": (n,), f"{name}.num_batches_tracked": ()}  # fmt: skip
+
+    shapes = {"conv1.weight": (64, in_channels, 7, 7), **batch_norm("bn1", 64)}
+    planes_in = 64
+    for stage, planes in enumerate((64, 128, 256, 512), start=1):
+        for block in range(2):
+            prefix, cin = f"layer{stage}.{block}", planes_in if block == 0 else planes
+            shapes[f"{prefix}.conv1.weight"] = (planes, cin, 3, 3)
+            shapes.update(batch_norm(f"{prefix}.bn1", planes))
+            shapes[f"{prefix}.conv2.weight"] = (planes, planes, 3, 3)
+            shapes.update(batch_norm(f"{prefix}.bn2", planes))
+            if block == 0 and cin != planes:
+                shapes[f"{prefix}.downsample.0.weight"] = (planes, cin, 1, 1)
+                shapes.update(batch_norm(f"{prefix}.downsample.1", planes))
+        planes_in = planes
+    return {**shapes, "fc.weight": (num_classes, 512), "fc.bias": (num_classes,)}
 
 
 _SAFETENSORS_CODES = {np.dtype(np.float32): "F32", np.dtype(np.float64): "F64", np.dtype(np.int64): "I64"}

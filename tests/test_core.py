@@ -55,7 +55,7 @@ def test_shape_inference_names_the_layer():
     ("make", "message"),
     [
         (lambda: unitrain.Linear(0, 3), "in_features must be a positive integer, got 0"),
-        (lambda: unitrain.Conv2d(1, 2, 3, padding=-1), "padding must be a non-negative integer"),
+        (lambda: unitrain.Conv2d(1, 2, 3, padding=-1), "padding must be an integer >= 0 or a pair of them, got -1"),
         (lambda: unitrain.Dropout(1.0), r"p must be in \[0, 1\), got 1.0"),
         (lambda: unitrain.BatchNorm1d(4, momentum=0), r"momentum must be in \(0, 1\]"),
         (lambda: unitrain.Sequential(unitrain.ReLU(), "relu"), "item 1 is 'relu', expected a unitrain layer spec"),

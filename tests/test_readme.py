@@ -24,3 +24,13 @@ def test_the_python_api_example_trains_and_saves(tmp_path):
     metrics = ast.literal_eval(result.stdout.strip().splitlines()[-1])  # the printed evaluate() dict
     assert metrics["num_samples"] == 10000 and metrics["accuracy"] >= 0.92
     assert (tmp_path / "mlp.safetensors").stat().st_size > 2_000_000
+
+
+def test_the_models_section_examples_run():
+    model_example, loss_example, _torchvision_example = python_blocks("Models, layers and losses")
+    namespace = {}
+    exec(model_example, namespace)  # the README's own code
+    assert namespace["model"].output_shape((3, 32, 32)) == (10,)
+    assert list(namespace["model"].state_shapes())[:3] == ["stem.weight", "stem.bias", "block.conv1.weight"]
+    exec(loss_example, namespace)
+    assert namespace["seed_tutorial"].tree == ("sum", ("sub", ("pred",), ("target",)), None)

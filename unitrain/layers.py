@@ -2,25 +2,71 @@
 
 A spec describes a layer; it holds no weights. Each backend builds the native equivalent
 (``torch.nn.Linear``, ``mindspore.nn.Dense``, ``chainer.links.Linear``, NumPy arrays).
-Names and layouts of weights follow PyTorch: a ``Sequential`` of specs has exactly the
-``state_dict`` keys and shapes of the equivalent ``torch.nn.Sequential``.
+Class names, argument names, defaults and equations are PyTorch's, and a model's weight
+names are exactly the ``state_dict`` keys and shapes of the equivalent ``torch.nn`` model.
 
-Shape inference (:meth:`Layer.output_shape`) lets the core reject a batch of the wrong
-feature size with a message naming the layer, before any framework sees it.
+A model is a tree: containers (:class:`Sequential`, :class:`Residual`) whose leaves are
+layers. Backends build the tree recursively, so a residual add happens where the spec puts it.
+Pair arguments (``kernel_size``, ``stride``, ...) accept an int or a 2-tuple and are stored
+as ``(h, w)`` tuples.
+
+Shape inference (:meth:`Layer.output_shape`) lets the core reject a batch or a model that
+does not fit, before any framework sees it, with a message naming the layer's dotted path.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 Shape = tuple[int, ...]
+Pair = tuple[int, int]
 
 
 def _positive_int(layer: str, name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{layer}: {name} must be a positive integer, got {value!r}")
+
+
+def _pair(spec: Layer, name: str, minimum: int) -> None:
+    """Normalise ``spec.<name>`` (an int or a 2-tuple of ints >= ``minimum``) to a 2-tuple."""
+    value = getattr(spec, name)
+    pair = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
+    if (
+        not isinstance(pair, (tuple, list))
+        or len(pair) != 2
+        or any(isinstance(v, bool) or not isinstance(v, int) or v < minimum for v in pair)
+    ):
+        raise ValueError(
+            f"{type(spec).__name__}: {name} must be an integer >= {minimum} or a pair of them, got {value!r}"
+        )
+    object.__setattr__(spec, name, tuple(pair))
+
+
+def _number(spec: Layer, name: str) -> None:
+    value = getattr(spec, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{type(spec).__name__}: {name} must be a finite number, got {value!r}")
+    object.__setattr__(spec, name, float(value))
+
+
+def _image_shape(spec: Layer, input_shape: Shape, channels: int | None = None) -> Shape:
+    if len(input_shape) != 3 or (channels is not None and input_shape[0] != channels):
+        wanted = "(C, H, W)" if channels is None else f"(channels={channels}, height, width)"
+        raise ValueError(f"{spec} expects per-sample input {wanted}, got per-sample shape {input_shape}")
+    return input_shape
+
+
+def _window_output(spec: Layer, input_shape: Shape, kernel: Pair, dilation: Pair = (1, 1)) -> Pair:
+    """Output height and width of a sliding window (PyTorch's floor rule)."""
+    out = tuple(
+        (size + 2 * pad - dil * (k - 1) - 1) // step + 1
+        for size, pad, dil, k, step in zip(input_shape[1:], spec.padding, dilation, kernel, spec.stride, strict=True)
+    )
+    if min(out) < 1:
+        raise ValueError(f"{spec}: input {input_shape[1]}x{input_shape[2]} is smaller than the window")
+    return out
 
 
 class Layer:
@@ -41,6 +87,9 @@ class Layer:
     def fan_in(self) -> int:
         """Inputs feeding one output unit; sets the init bound ``1/sqrt(fan_in)``."""
         raise NotImplementedError
+
+
+# --- leaves with weights ---------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -72,97 +121,55 @@ class Linear(Layer):
 
 @dataclass(frozen=True)
 class Conv2d(Layer):
-    """2-D convolution over NCHW input, square kernel, no dilation or groups."""
+    """2-D cross-correlation over NCHW input with zero padding (``torch.nn.Conv2d``).
+    Weight ``(out_channels, in_channels // groups, kh, kw)``; each of the ``groups`` groups
+    of output channels sees only its own ``in_channels // groups`` input channels."""
 
     in_channels: int
     out_channels: int
-    kernel_size: int
-    stride: int = 1
-    padding: int = 0
+    kernel_size: int | Pair
+    stride: int | Pair = 1
+    padding: int | Pair = 0
+    dilation: int | Pair = 1
+    groups: int = 1
     bias: bool = True
 
     def __post_init__(self):
-        for name in ("in_channels", "out_channels", "kernel_size", "stride"):
+        for name in ("in_channels", "out_channels", "groups"):
             _positive_int("Conv2d", name, getattr(self, name))
-        if isinstance(self.padding, bool) or not isinstance(self.padding, int) or self.padding < 0:
-            raise ValueError(f"Conv2d: padding must be a non-negative integer, got {self.padding!r}")
+        for name, minimum in (("kernel_size", 1), ("stride", 1), ("padding", 0), ("dilation", 1)):
+            _pair(self, name, minimum)
+        if self.in_channels % self.groups or self.out_channels % self.groups:
+            raise ValueError(
+                f"Conv2d: in_channels ({self.in_channels}) and out_channels ({self.out_channels}) "
+                f"must be divisible by groups ({self.groups})"
+            )
 
     def param_shapes(self):
-        k = self.kernel_size
-        shapes = {"weight": (self.out_channels, self.in_channels, k, k)}
+        shapes = {"weight": (self.out_channels, self.in_channels // self.groups, *self.kernel_size)}
         if self.bias:
             shapes["bias"] = (self.out_channels,)
         return shapes
 
     def output_shape(self, input_shape):
-        if len(input_shape) != 3 or input_shape[0] != self.in_channels:
-            raise ValueError(
-                f"{self} expects per-sample input (channels={self.in_channels}, height, width), "
-                f"got per-sample shape {input_shape}"
-            )
-        _, h, w = input_shape
-        out_h, out_w = ((d + 2 * self.padding - self.kernel_size) // self.stride + 1 for d in (h, w))
-        if out_h < 1 or out_w < 1:
-            raise ValueError(f"{self}: input {h}x{w} is smaller than the kernel")
-        return (self.out_channels, out_h, out_w)
+        _image_shape(self, input_shape, self.in_channels)
+        return (self.out_channels, *_window_output(self, input_shape, self.kernel_size, self.dilation))
 
     def fan_in(self):
-        return self.in_channels * self.kernel_size**2
+        return self.in_channels // self.groups * math.prod(self.kernel_size)
 
 
 @dataclass(frozen=True)
-class MaxPool2d(Layer):
-    """Max pooling with a square window; stride defaults to the window (PyTorch's default)."""
+class _Norm(Layer):
+    """Shared validation of the normalisation layers' ``eps``."""
 
-    kernel_size: int
-    stride: int | None = None
-
-    def __post_init__(self):
-        _positive_int("MaxPool2d", "kernel_size", self.kernel_size)
-        if self.stride is not None:
-            _positive_int("MaxPool2d", "stride", self.stride)
-
-    @property
-    def step(self) -> int:
-        return self.stride or self.kernel_size
-
-    def output_shape(self, input_shape):
-        if len(input_shape) != 3:
-            raise ValueError(f"{self} expects per-sample input (C, H, W), got {input_shape}")
-        c, h, w = input_shape
-        out_h, out_w = ((d - self.kernel_size) // self.step + 1 for d in (h, w))
-        if out_h < 1 or out_w < 1:
-            raise ValueError(f"{self}: input {h}x{w} is smaller than the window")
-        return (c, out_h, out_w)
+    def _check_eps(self):
+        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not self.eps > 0:
+            raise ValueError(f"{type(self).__name__}: eps must be > 0, got {self.eps!r}")
 
 
 @dataclass(frozen=True)
-class ReLU(Layer):
-    pass
-
-
-@dataclass(frozen=True)
-class Flatten(Layer):
-    """Flattens every dimension but the batch one (C-order, as ``torch.nn.Flatten``)."""
-
-    def output_shape(self, input_shape):
-        return (math.prod(input_shape),)
-
-
-@dataclass(frozen=True)
-class Dropout(Layer):
-    """Inverted dropout: in training zero each element with probability ``p`` and scale the
-    survivors by ``1/(1-p)``; identity in eval mode."""
-
-    p: float = 0.5
-
-    def __post_init__(self):
-        if not 0.0 <= self.p < 1.0:
-            raise ValueError(f"Dropout: p must be in [0, 1), got {self.p!r}")
-
-
-@dataclass(frozen=True)
-class _BatchNorm(Layer):
+class _BatchNorm(_Norm):
     """PyTorch's BatchNorm. Training: normalise with the batch mean and biased variance and
     update ``running = (1 - momentum) * running + momentum * batch_stat`` where the variance
     fed to the running estimate is the *unbiased* one. Eval: normalise with the running
@@ -176,8 +183,7 @@ class _BatchNorm(Layer):
 
     def __post_init__(self):
         _positive_int(type(self).__name__, "num_features", self.num_features)
-        if not self.eps > 0:
-            raise ValueError(f"{type(self).__name__}: eps must be > 0, got {self.eps!r}")
+        self._check_eps()
         if not 0.0 < self.momentum <= 1.0:
             raise ValueError(f"{type(self).__name__}: momentum must be in (0, 1], got {self.momentum!r}")
 
@@ -212,61 +218,359 @@ class BatchNorm2d(_BatchNorm):
 
 
 @dataclass(frozen=True)
-class Sequential(Layer):
-    """An ordered stack; layer ``i`` owns the names ``"{i}.weight"`` etc., as in PyTorch."""
+class LayerNorm(_Norm):
+    """``y = (x - mean) / sqrt(var + eps) * weight + bias`` over the trailing
+    ``normalized_shape`` dims of each sample, biased variance (``torch.nn.LayerNorm``).
+    ``normalized_shape`` (int or tuple) is stored as a tuple of ints."""
 
-    layers: tuple[Layer, ...] = field(default_factory=tuple)
+    normalized_shape: int | tuple[int, ...]
+    eps: float = 1e-5
+    elementwise_affine: bool = True
 
-    def __init__(self, *layers: Layer):
-        if len(layers) == 1 and isinstance(layers[0], (list, tuple)):
-            layers = tuple(layers[0])
-        for index, layer in enumerate(layers):
+    def __post_init__(self):
+        shape = self.normalized_shape
+        shape = (shape,) if isinstance(shape, int) and not isinstance(shape, bool) else shape
+        if (
+            not isinstance(shape, (tuple, list))
+            or not shape
+            or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape)
+        ):
+            raise ValueError(
+                f"LayerNorm: normalized_shape must be a positive integer or a non-empty tuple of them, "
+                f"got {self.normalized_shape!r}"
+            )
+        object.__setattr__(self, "normalized_shape", tuple(shape))
+        self._check_eps()
+
+    def param_shapes(self):
+        if not self.elementwise_affine:
+            return {}
+        return {"weight": self.normalized_shape, "bias": self.normalized_shape}
+
+    def output_shape(self, input_shape):
+        n = len(self.normalized_shape)
+        if tuple(input_shape[len(input_shape) - n :]) != self.normalized_shape:
+            raise ValueError(
+                f"{self} expects per-sample input ending in {self.normalized_shape}, got per-sample shape {input_shape}"
+            )
+        return input_shape
+
+
+# --- pooling -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Pool2d(Layer):
+    """Window pooling; ``stride=None`` means the window size. After construction ``stride``
+    is always a pair. Padding at most half the window, floor mode (PyTorch's rules)."""
+
+    kernel_size: int | Pair
+    stride: int | Pair | None = None
+    padding: int | Pair = 0
+
+    def __post_init__(self):
+        _pair(self, "kernel_size", 1)
+        if self.stride is None:
+            object.__setattr__(self, "stride", self.kernel_size)
+        _pair(self, "stride", 1)
+        _pair(self, "padding", 0)
+        if any(2 * p > k for p, k in zip(self.padding, self.kernel_size, strict=True)):
+            raise ValueError(
+                f"{type(self).__name__}: padding {self.padding} must be at most half the window {self.kernel_size}"
+            )
+
+    def output_shape(self, input_shape):
+        _image_shape(self, input_shape)
+        return (input_shape[0], *_window_output(self, input_shape, self.kernel_size))
+
+
+@dataclass(frozen=True)
+class MaxPool2d(_Pool2d):
+    """Maximum over each window; padding counts as -inf (never the maximum)."""
+
+
+@dataclass(frozen=True)
+class AvgPool2d(_Pool2d):
+    """Mean over each window with zero padding: divided by ``kh*kw`` when
+    ``count_include_pad`` (PyTorch's default), else by the window's non-padding elements."""
+
+    count_include_pad: bool = True
+
+
+@dataclass(frozen=True)
+class AdaptiveAvgPool2d(Layer):
+    """Average over PyTorch's adaptive bins: output row ``i`` averages input rows
+    ``floor(i*H/oh)`` to ``ceil((i+1)*H/oh)`` (exclusive), the same for columns. ``1`` is a
+    global average."""
+
+    output_size: int | Pair
+
+    def __post_init__(self):
+        _pair(self, "output_size", 1)
+
+    def output_shape(self, input_shape):
+        _image_shape(self, input_shape)
+        return (input_shape[0], *self.output_size)
+
+
+# --- leaves without weights --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Identity(Layer):
+    pass
+
+
+@dataclass(frozen=True)
+class ReLU(Layer):
+    pass
+
+
+@dataclass(frozen=True)
+class Tanh(Layer):
+    pass
+
+
+@dataclass(frozen=True)
+class Sigmoid(Layer):
+    pass
+
+
+@dataclass(frozen=True)
+class SiLU(Layer):
+    """``x * sigmoid(x)``."""
+
+
+@dataclass(frozen=True)
+class GELU(Layer):
+    """``approximate="none"``: ``x * Phi(x)`` with the exact normal CDF
+    ``Phi(x) = (1 + erf(x / sqrt(2))) / 2``; ``"tanh"``:
+    ``0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x**3)))``."""
+
+    approximate: str = "none"
+
+    def __post_init__(self):
+        if self.approximate not in ("none", "tanh"):
+            raise ValueError(f"GELU: approximate must be 'none' or 'tanh', got {self.approximate!r}")
+
+
+@dataclass(frozen=True)
+class LeakyReLU(Layer):
+    """``x if x >= 0 else negative_slope * x``."""
+
+    negative_slope: float = 0.01
+
+    def __post_init__(self):
+        _number(self, "negative_slope")
+
+
+@dataclass(frozen=True)
+class ELU(Layer):
+    """``x if x > 0 else alpha * (exp(x) - 1)``."""
+
+    alpha: float = 1.0
+
+    def __post_init__(self):
+        _number(self, "alpha")
+
+
+@dataclass(frozen=True)
+class _SoftmaxLike(Layer):
+    """``dim`` counts the batch axis (as PyTorch) and may be negative."""
+
+    dim: int
+
+    def __post_init__(self):
+        if isinstance(self.dim, bool) or not isinstance(self.dim, int):
+            raise ValueError(f"{type(self).__name__}: dim must be an integer, got {self.dim!r}")
+
+    def output_shape(self, input_shape):
+        rank = len(input_shape) + 1
+        if not -rank <= self.dim < rank:
+            raise ValueError(
+                f"{self}: dim {self.dim} is out of range for a batch of rank {rank} "
+                f"(per-sample shape {input_shape}); expected {-rank}..{rank - 1}"
+            )
+        return input_shape
+
+
+@dataclass(frozen=True)
+class Softmax(_SoftmaxLike):
+    """``exp(x) / sum(exp(x))`` along ``dim``."""
+
+
+@dataclass(frozen=True)
+class LogSoftmax(_SoftmaxLike):
+    """``x - log(sum(exp(x)))`` along ``dim``."""
+
+
+@dataclass(frozen=True)
+class Flatten(Layer):
+    """Flattens every dimension but the batch one (C-order, as ``torch.nn.Flatten``)."""
+
+    def output_shape(self, input_shape):
+        return (math.prod(input_shape),)
+
+
+@dataclass(frozen=True)
+class Dropout(Layer):
+    """Inverted dropout: in training zero each element with probability ``p`` and scale the
+    survivors by ``1/(1-p)``; identity in eval mode."""
+
+    p: float = 0.5
+
+    def __post_init__(self):
+        if not 0.0 <= self.p < 1.0:
+            raise ValueError(f"Dropout: p must be in [0, 1), got {self.p!r}")
+
+
+# --- containers ----------------------------------------------------------------------------------
+
+
+class Container(Layer):
+    """A layer made of named children. Its leaves' weights are named by dotted paths
+    (``layer1.0.conv1.weight``), in ``state_dict`` order."""
+
+    children: tuple[tuple[str, Layer], ...]
+
+    def named_layers(self, prefix: str = "") -> Iterator[tuple[str, Layer]]:
+        """Every leaf layer with its dotted path, in ``state_dict`` order."""
+        for name, child in self.children:
+            if isinstance(child, Container):
+                yield from child.named_layers(f"{prefix}{name}.")
+            else:
+                yield f"{prefix}{name}", child
+
+    def _shapes(self, of) -> dict[str, Shape]:
+        return {f"{name}.{key}": shape for name, layer in self.named_layers() for key, shape in of(layer).items()}
+
+    def param_shapes(self):
+        return self._shapes(lambda layer: layer.param_shapes())
+
+    def buffer_shapes(self):
+        return self._shapes(lambda layer: layer.buffer_shapes())
+
+    def state_shapes(self) -> dict[str, Shape]:
+        """Every key of the weight file, in ``torch.nn.Module.state_dict()`` order."""
+        return self._shapes(lambda layer: {**layer.param_shapes(), **layer.buffer_shapes()})
+
+    def output_shape(self, input_shape):
+        return self._trace(tuple(input_shape), "")
+
+    def _trace(self, input_shape: Shape, path: str) -> Shape:
+        raise NotImplementedError
+
+    def has(self, kind: type[Layer]) -> bool:
+        return any(isinstance(layer, kind) for _, layer in self.named_layers())
+
+
+def _trace(layer: Layer, input_shape: Shape, path: str) -> Shape:
+    """``layer``'s output shape; a leaf's error is prefixed with its dotted path."""
+    if isinstance(layer, Container):
+        return layer._trace(input_shape, path)
+    try:
+        return tuple(layer.output_shape(input_shape))
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}" if path else str(error)) from None
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+@dataclass(frozen=True, init=False)
+class Sequential(Container):
+    """An ordered stack, ``Sequential(a, b, ...)`` (children named ``"0"``, ``"1"``, ...) or
+    ``Sequential({"conv1": a, "bn1": b})`` (children named by the keys), as
+    ``torch.nn.Sequential``. ``init`` chooses how :func:`unitrain.init_weights` draws the
+    model's first weights when this is the outermost container: ``"pytorch"`` (each layer's
+    PyTorch default) or ``"resnet"`` (torchvision's ResNet scheme)."""
+
+    children: tuple[tuple[str, Layer], ...] = field(default_factory=tuple)
+    init: str = "pytorch"
+
+    def __init__(self, *layers, init: str = "pytorch"):
+        if len(layers) == 1 and isinstance(layers[0], Mapping):
+            items = list(layers[0].items())
+            for name, _ in items:
+                if not isinstance(name, str) or not name or "." in name:
+                    raise ValueError(f"Sequential: child name {name!r} must be a non-empty string without '.'")
+        else:
+            if len(layers) == 1 and isinstance(layers[0], (list, tuple)):
+                layers = tuple(layers[0])
+            items = [(str(index), layer) for index, layer in enumerate(layers)]
+        for name, layer in items:
             if not isinstance(layer, Layer):
-                raise TypeError(f"Sequential: item {index} is {layer!r}, expected a unitrain layer spec")
-        object.__setattr__(self, "layers", tuple(layers))
+                raise TypeError(f"Sequential: item {name} is {layer!r}, expected a unitrain layer spec")
+        if init not in INIT_SCHEMES:
+            raise ValueError(f"Sequential: init must be one of {INIT_SCHEMES}, got {init!r}")
+        object.__setattr__(self, "children", tuple(items))
+        object.__setattr__(self, "init", init)
+
+    @property
+    def layers(self) -> tuple[Layer, ...]:
+        return tuple(layer for _, layer in self.children)
 
     def __iter__(self) -> Iterator[Layer]:
         return iter(self.layers)
 
     def __len__(self) -> int:
-        return len(self.layers)
+        return len(self.children)
 
-    def named_layers(self, prefix: str = "") -> Iterator[tuple[str, Layer]]:
-        """Leaf layers with their dotted PyTorch prefix (``"3"``, ``"2.0"`` when nested)."""
-        for index, layer in enumerate(self.layers):
-            name = f"{prefix}{index}"
-            if isinstance(layer, Sequential):
-                yield from layer.named_layers(name + ".")
-            else:
-                yield name, layer
-
-    def param_shapes(self):
-        return {
-            f"{name}.{key}": shape for name, layer in self.named_layers() for key, shape in layer.param_shapes().items()
-        }
-
-    def buffer_shapes(self):
-        return {
-            f"{name}.{key}": shape
-            for name, layer in self.named_layers()
-            for key, shape in layer.buffer_shapes().items()
-        }
-
-    def state_shapes(self) -> dict[str, Shape]:
-        """Every key of the weight file, in ``torch.nn.Sequential.state_dict()`` order."""
-        shapes = {}
-        for name, layer in self.named_layers():
-            for key, shape in {**layer.param_shapes(), **layer.buffer_shapes()}.items():
-                shapes[f"{name}.{key}"] = shape
-        return shapes
-
-    def output_shape(self, input_shape):
-        for _, layer in self.named_layers():
-            input_shape = layer.output_shape(input_shape)
+    def _trace(self, input_shape, path):
+        for name, layer in self.children:
+            input_shape = _trace(layer, input_shape, _join(path, name))
         return input_shape
 
-    def has(self, kind: type[Layer]) -> bool:
-        return any(isinstance(layer, kind) for _, layer in self.named_layers())
+
+INIT_SCHEMES = ("pytorch", "resnet")
+
+
+@dataclass(frozen=True)
+class Residual(Container):
+    """``y = post(body(x) + shortcut(x))``: a skip connection (torchvision's BasicBlock).
+    ``shortcut=None`` is the identity, ``post=None`` means nothing after the add. Naming:
+    the body's children live directly in the Residual's namespace (``conv1``, ``bn1``, ...),
+    the shortcut is ``downsample`` and ``post`` is ``post``."""
+
+    body: Sequential
+    shortcut: Layer | None = None
+    post: Layer | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.body, Sequential):
+            raise TypeError(f"Residual: body must be a unitrain Sequential, got {self.body!r}")
+        for name, value in (("shortcut", self.shortcut), ("post", self.post)):
+            if value is not None and not isinstance(value, Layer):
+                raise TypeError(f"Residual: {name} must be a unitrain layer spec or None, got {value!r}")
+        clash = {name for name, _ in self.body.children} & {"downsample", "post"}
+        if clash:
+            raise ValueError(
+                f"Residual: body children may not be named {sorted(clash)}: those name the shortcut and post"
+            )
+
+    @property
+    def children(self) -> tuple[tuple[str, Layer], ...]:
+        named = list(self.body.children)
+        if self.shortcut is not None:
+            named.append(("downsample", self.shortcut))
+        if self.post is not None:
+            named.append(("post", self.post))
+        return tuple(named)
+
+    def _trace(self, input_shape, path):
+        body = self.body._trace(input_shape, path)
+        shortcut = input_shape
+        if self.shortcut is not None:
+            shortcut = _trace(self.shortcut, input_shape, _join(path, "downsample"))
+        if body != shortcut:
+            raise ValueError(f"{path or 'Residual'}: body gives {body}, shortcut gives {shortcut}")
+        if self.post is not None:
+            return _trace(self.post, body, _join(path, "post"))
+        return body
+
+
+# --- presets ---------------------------------------------------------------------------------------
 
 
 def mlp() -> Sequential:
@@ -284,7 +588,66 @@ def cnn() -> Sequential:
     )  # fmt: skip
 
 
-PRESETS = {"mlp": mlp, "cnn": cnn}
+def lenet() -> Sequential:
+    """LeNet-5 as PyTorch's "Training with PyTorch" tutorial's ``GarmentClassifier`` for
+    1x28x28 input, with its ``state_dict`` names (``conv1``, ``conv2``, ``fc1``..``fc3``)."""
+    return Sequential({
+        "conv1": Conv2d(1, 6, 5), "relu1": ReLU(), "pool1": MaxPool2d(2, 2),
+        "conv2": Conv2d(6, 16, 5), "relu2": ReLU(), "pool2": MaxPool2d(2, 2),
+        "flatten": Flatten(),
+        "fc1": Linear(16 * 4 * 4, 120), "relu3": ReLU(),
+        "fc2": Linear(120, 84), "relu4": ReLU(),
+        "fc3": Linear(84, 10),
+    })  # fmt: skip
+
+
+def _basic_block(in_planes: int, planes: int, stride: int) -> Residual:
+    """torchvision's ``BasicBlock``: two 3x3 convs with BatchNorm, a 1x1-conv downsample
+    when the shape changes, ReLU after the add."""
+    body = Sequential({
+        "conv1": Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False), "bn1": BatchNorm2d(planes),
+        "relu": ReLU(),
+        "conv2": Conv2d(planes, planes, 3, padding=1, bias=False), "bn2": BatchNorm2d(planes),
+    })  # fmt: skip
+    downsample = None
+    if stride != 1 or in_planes != planes:
+        downsample = Sequential(Conv2d(in_planes, planes, 1, stride=stride, bias=False), BatchNorm2d(planes))
+    return Residual(body, downsample, ReLU())
+
+
+def resnet18(num_classes: int = 1000, in_channels: int = 3) -> Sequential:
+    """torchvision's ``resnet18()``: the same module names, shapes, forward and
+    initialisation scheme (``init="resnet"``), so its ``state_dict`` loads unchanged.
+    Input size rule: any H, W >= 1; each stride-2 step (stem conv, max pool, layers 2-4)
+    takes a size to ``ceil(size / 2)``, so the last stage sees ``ceil(H / 32)``: 224 gives
+    7x7, MNIST's 28x28 gives 1x1 (BatchNorm training there needs batches of 2 or more)."""
+    _positive_int("resnet18", "num_classes", num_classes)
+    _positive_int("resnet18", "in_channels", in_channels)
+    stages, in_planes = {}, 64
+    for index, (planes, stride) in enumerate(((64, 1), (128, 2), (256, 2), (512, 2)), start=1):
+        stages[f"layer{index}"] = Sequential(_basic_block(in_planes, planes, stride), _basic_block(planes, planes, 1))
+        in_planes = planes
+    return Sequential(
+        {
+            "conv1": Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False),
+            "bn1": BatchNorm2d(64),
+            "relu": ReLU(),
+            "maxpool": MaxPool2d(3, stride=2, padding=1),
+            **stages,
+            "avgpool": AdaptiveAvgPool2d(1),
+            "flatten": Flatten(),
+            "fc": Linear(512, num_classes),
+        },
+        init="resnet",
+    )
+
+
+def mnist_resnet18() -> Sequential:
+    """``--model resnet18``: ResNet-18 for 1x28x28 images and 10 classes."""
+    return resnet18(num_classes=10, in_channels=1)
+
+
+PRESETS = {"mlp": mlp, "cnn": cnn, "lenet": lenet, "resnet18": mnist_resnet18}
 
 
 def preset(name: str) -> Sequential:

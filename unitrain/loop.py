@@ -9,14 +9,36 @@ Construction::
 
     loop = Backend(model, loss=CrossEntropyLoss(), optimizer=SGD(lr=0.01), seed=0)
 
-``model`` is a :class:`~unitrain.layers.Sequential` of layer specs (built natively, starting
-from :func:`~unitrain.weights.init_weights` ``(model, seed)``, so every backend starts from
-identical weights) or the framework's own model object (``torch.nn.Module``, MindSpore
-``nn.Cell``, Chainer ``Chain``) when the adapter has the ``native-model`` capability.
+``model`` is a tree of layer specs (a :class:`~unitrain.layers.Sequential`, possibly holding
+:class:`~unitrain.layers.Residual` blocks and further containers; built natively and
+recursively, starting from :func:`~unitrain.weights.init_weights` ``(model, seed)``, so every
+backend starts from identical weights) or the framework's own model object
+(``torch.nn.Module``, MindSpore ``nn.Cell``, Chainer ``Chain``) when the adapter has the
+``native-model`` capability.
 
-Data: batches are ``(x, y)`` NumPy arrays; ``x`` float32 of shape ``(N, *features)``, ``y`` int64
-class indices for class losses (float32 shaped like the output for MSE). Adapters wrap them
-without copying where the framework allows.
+Data: batches are ``(x, y)`` NumPy arrays; ``x`` float32 of shape ``(N, *features)``. The
+dtype of ``y`` says what the targets are, checked against the loss spec
+(:mod:`unitrain.losses`) and the model's output shape before any framework sees them:
+
+* integer ``y`` of shape ``(N,)``: class indices in ``0..C-1`` (``CrossEntropyLoss``,
+  ``NLLLoss``; the model's per-sample output must be ``(C,)``); passed on as int64;
+* floating ``y`` shaped like the model's output: class probabilities for
+  ``CrossEntropyLoss`` (soft or one-hot targets), regression targets for the elementwise
+  losses (``MSELoss``, ``L1Loss``, ``BCEWithLogitsLoss``, ``SmoothL1Loss``, ``HuberLoss``;
+  integers are accepted and converted); passed on in the loop's dtype;
+* ``CustomLoss``: any numeric ``y`` whose shape the user's expression can combine with the
+  output's (NumPy broadcasting); passed on in the loop's dtype (float32 by default).
+
+Adapters wrap the arrays without copying where the framework allows.
+
+The user's own loss: ``CustomLoss(fn)`` records ``fn(pred, target)`` once as an expression
+tree over a small set of portable operations (:mod:`unitrain.expr`: arithmetic, powers,
+``sum``/``mean``, ``abs exp log sqrt square maximum minimum log_softmax softmax``). An
+adapter evaluates the tree with :func:`unitrain.expr.evaluate` and its framework's own
+functions, so the framework's autograd differentiates it; the NumPy adapter uses
+:func:`unitrain.expr.numpy_value_and_grad`, whose forward and backward rules are written
+once. ``step``/``loss`` return ``fn``'s value on the batch; ``evaluate`` reports the mean
+over samples of ``fn`` applied to each sample alone (computed by the core from ``predict``).
 
 Contract of the two ways to drive a loop (both on every backend):
 
@@ -38,8 +60,9 @@ Dtype: ``dtype="float32"`` (default) or ``"float64"`` (capability ``float64``) s
 inputs, outputs, gradients and optimizer state alike.
 
 Weights: ``state_dict()`` returns NumPy copies (``self.dtype``) with the keys and layouts of the
-equivalent PyTorch ``nn.Sequential.state_dict()`` (``1.weight`` of shape ``(512, 784)`` ...,
-BatchNorm adds ``running_mean``, ``running_var``, ``num_batches_tracked``). ``load_state_dict``
+equivalent PyTorch model's ``state_dict()``: each leaf's dotted path (``1.weight`` of shape
+``(512, 784)``, ``layer1.0.bn1.running_mean``; see :meth:`~unitrain.layers.Container.named_layers`),
+BatchNorm adds ``running_mean``, ``running_var``, ``num_batches_tracked``. ``load_state_dict``
 accepts exactly those keys and shapes. ``save_weights`` / ``load_weights`` are safetensors files.
 
 Optimizer: the update equations are PyTorch's on every backend (see :mod:`unitrain.optim`).
@@ -64,14 +87,19 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from . import expr
 from . import weights as weights_io
 from .data import ArrayDataset
-from .layers import Sequential
-from .losses import CrossEntropyLoss, Loss, MSELoss
+from .layers import Container
+from .losses import CrossEntropyLoss, CustomLoss, Loss
 from .optim import SGD, Optimizer
 
 #: Capability tags an adapter may declare (checks gated on a missing one are skipped).
-CAPABILITIES = frozenset({"float64", "dropout", "batchnorm", "conv", "native-model", "random-state"})
+CAPABILITIES = frozenset({
+    "float64", "dropout", "batchnorm", "conv", "native-model", "random-state",
+    # issue 8: graphs with branches, the layers and losses real tutorials use, the user's own loss
+    "residual", "activations", "layernorm", "pooling", "losses", "custom-loss",
+})  # fmt: skip
 
 
 class InputError(ValueError):
@@ -118,8 +146,8 @@ class TrainingLoop(ABC):
         self.training = True
         self._output_shapes: dict[tuple[int, ...], tuple[int, ...]] = {}
         self._forward_shape: tuple[int, ...] | None = None
-        if isinstance(model, Sequential):
-            self.model_spec: Sequential | None = model
+        if isinstance(model, Container):
+            self.model_spec: Container | None = model
             self._build(model)
             self.load_state_dict(weights_io.init_weights(model, seed))
         elif self.is_native_model(model):
@@ -127,14 +155,15 @@ class TrainingLoop(ABC):
             self._wrap_native(model)
         else:
             raise TypeError(
-                f"model must be a unitrain Sequential or a native {self.name} model, got {type(model).__name__}"
+                f"model must be a unitrain Sequential or Residual or a native {self.name} model, "
+                f"got {type(model).__name__}"
             )
         self._set_training(True)
 
     # --- hooks an adapter implements ------------------------------------------------------
 
     @abstractmethod
-    def _build(self, model: Sequential) -> None:
+    def _build(self, model: Container) -> None:
         """Build the native model, loss and optimizer from specs (weights are loaded after)."""
 
     def _wrap_native(self, model: Any) -> None:
@@ -185,7 +214,10 @@ class TrainingLoop(ABC):
 
     @abstractmethod
     def _evaluate_batch(self, x: np.ndarray, y: np.ndarray) -> tuple[float, int]:
-        """``(sum of per-sample losses, number correct)`` in the current mode, no gradients."""
+        """``(sum of per-sample losses, number correct)`` in the current mode, no gradients.
+        Elementwise losses: the sum over all elements. ``number correct`` counts
+        ``argmax(pred) == y`` for integer class targets; it is ignored otherwise (return 0).
+        Not called for a ``CustomLoss``."""
 
     @abstractmethod
     def _gradients(self) -> dict[str, np.ndarray]:
@@ -280,16 +312,21 @@ class TrainingLoop(ABC):
         with _eval_mode(self):
             for x, y in dataset.batches(batch_size):
                 x, y = self._check_batch((x, y))
+                if isinstance(self.loss_spec, CustomLoss):
+                    tree, pred = self.loss_spec.tree, self._predict(x)
+                    total_loss += sum(expr.numpy_value(tree, pred[i : i + 1], y[i : i + 1]) for i in range(len(x)))
+                    continue
                 batch_loss, batch_correct = self._evaluate_batch(x, y)
                 total_loss += batch_loss
                 correct += batch_correct
         n = len(dataset)
         per_sample = total_loss / n if n else float("nan")
-        if isinstance(self.loss_spec, MSELoss):
-            per_sample /= max(1, int(np.prod(dataset.y.shape[1:])))  # MSE averages elements
+        if not self.loss_spec.class_targets and not isinstance(self.loss_spec, CustomLoss):
+            per_sample /= max(1, int(np.prod(dataset.y.shape[1:])))  # elementwise losses average elements
+        class_indices = self.loss_spec.class_targets and np.asarray(dataset.y).dtype.kind in "iu"
         return {
             "loss": per_sample,
-            "accuracy": correct / n if n and self.loss_spec.class_targets else float("nan"),
+            "accuracy": correct / n if n and class_indices else float("nan"),
             "num_correct": correct,
             "num_samples": n,
         }
@@ -480,19 +517,56 @@ class TrainingLoop(ABC):
         return self._output_shapes[sample_shape]
 
     def _check_y(self, y, n: int, sample_shape=None) -> np.ndarray:
+        """Targets checked against the loss spec and, for spec models, the output shape (see
+        the module docstring); returns int64 class indices or ``self.dtype`` values."""
         y = np.asarray(y)
-        if len(y) != n:
-            raise InputError(f"got {n} inputs but {len(y)} targets")
-        if not self.loss_spec.class_targets:
-            return y.astype(self.dtype, copy=False)
-        if y.ndim != 1 or y.dtype.kind not in "iu":
+        spec = self.loss_spec
+        loss_name = type(spec).__name__
+        if y.ndim == 0 or len(y) != n:
+            raise InputError(f"got {n} inputs but targets of shape {y.shape}")
+        if y.dtype.kind not in "fiub":
+            raise InputError(f"targets must be numeric, got dtype {y.dtype}")
+        output = None
+        if sample_shape is not None and self.model_spec is not None:
+            output = self._output_shape(sample_shape)
+        if spec.class_targets and y.dtype.kind in "iu":
+            return self._check_class_indices(y, output, loss_name)
+        if not spec.float_targets:
+            raise InputError(f"{loss_name} needs integer class indices of shape (N,), got dtype {y.dtype}")
+        if not np.isfinite(y).all():
+            raise InputError("targets contain NaN or infinite values")
+        if output is not None:
+            if isinstance(spec, CustomLoss):
+                try:
+                    expr.result_shape(spec.tree, (n, *output), y.shape)
+                except ValueError as error:
+                    raise InputError(
+                        f"CustomLoss on outputs of shape {(n, *output)}, targets {y.shape}: {error}"
+                    ) from None
+            elif y.shape[1:] != output:
+                kind = "class probabilities" if spec.class_targets else "targets"
+                hint = " (class indices must be an integer array)" if spec.class_targets else ""
+                raise InputError(
+                    f"{loss_name}: {kind} of shape {y.shape} do not match the model's outputs of shape "
+                    f"{(n, *output)}{hint}"
+                )
+        return y.astype(self.dtype, copy=False)
+
+    def _check_class_indices(self, y, output, loss_name: str) -> np.ndarray:
+        if y.ndim != 1:
             raise InputError(f"class targets must be a 1-D integer array, got dtype {y.dtype} shape {y.shape}")
-        if sample_shape is not None and self.model_spec is not None and len(y):
-            classes = self._output_shape(sample_shape)[0]
-            low, high = int(y.min()), int(y.max())
-            if low < 0 or high >= classes:
-                bad = low if low < 0 else high
-                raise InputError(f"label {bad} is out of range: the model has {classes} classes (0..{classes - 1})")
+        if output is not None:
+            if len(output) != 1:
+                raise InputError(
+                    f"{loss_name} with class indices needs model outputs of shape (N, classes), "
+                    f"the model gives per-sample shape {output}"
+                )
+            classes = output[0]
+            if len(y):
+                low, high = int(y.min()), int(y.max())
+                if low < 0 or high >= classes:
+                    bad = low if low < 0 else high
+                    raise InputError(f"label {bad} is out of range: the model has {classes} classes (0..{classes - 1})")
         return y.astype(np.int64, copy=False)
 
     def _check_batch(self, batch) -> tuple[np.ndarray, np.ndarray]:

@@ -1,43 +1,131 @@
 """Framework-neutral loss specs.
 
-Every backend computes these natively with PyTorch's definitions:
+Every backend computes these natively with PyTorch's definitions (``p = pred``, ``t = target``):
 
-- ``CrossEntropyLoss``: ``-log_softmax(logits)[y]``; targets are integer class indices.
-- ``NLLLoss``: ``-logp[y]`` on log-probabilities; targets are integer class indices.
-- ``MSELoss``: ``(pred - target) ** 2`` per element; targets are floats shaped like ``pred``.
+- ``CrossEntropyLoss(label_smoothing=e)``: ``-sum_c q_c * log_softmax(p)_c`` where ``q`` is
+  the target distribution, ``(1-e)*t + e/C``; ``t`` is one-hot of a class index (integer
+  targets, shape ``(N,)``) or class probabilities (float targets, shape ``(N, C)``).
+- ``NLLLoss``: ``-p[t]`` on log-probabilities (e.g. after ``LogSoftmax(dim=1)``); integer targets.
+- ``MSELoss``: ``(p - t)**2``; ``L1Loss``: ``|p - t|``.
+- ``BCEWithLogitsLoss``: ``max(p, 0) - p*t + log(1 + exp(-|p|))`` (stable form of
+  ``-t*log(sigmoid(p)) - (1-t)*log(1-sigmoid(p))``).
+- ``SmoothL1Loss(beta)``: ``0.5*d**2/beta if |d| < beta else |d| - 0.5*beta`` with
+  ``d = p - t`` (``beta == 0``: ``|d|``); ``HuberLoss(delta)``:
+  ``0.5*d**2 if |d| <= delta else delta*(|d| - 0.5*delta)``.
+- ``CustomLoss(fn)``: the user's own expression of ``pred`` and ``target`` (:mod:`unitrain.expr`).
 
-``reduction="mean"`` averages over samples (MSE: over elements), ``"sum"`` adds them up.
+Elementwise losses take float targets shaped like ``pred``. ``reduction="mean"`` averages
+over samples (class losses) or over elements (elementwise losses); ``"sum"`` adds them up.
+A batch's target dtype tells the kind: integer = class indices, floating = probabilities or
+regression targets.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from . import expr
 
 REDUCTIONS = ("mean", "sum")
 
 
-@dataclass(frozen=True)
 class Loss:
-    reduction: str = "mean"
+    """Base of all loss specs (frozen dataclasses)."""
 
-    #: ``True`` when targets are integer class indices (and accuracy is meaningful).
-    class_targets = True
+    #: ``True`` when targets MAY be integer class indices (and accuracy is meaningful).
+    class_targets = False
+    #: ``True`` when targets MAY be floats: shaped like ``pred`` (class probabilities for
+    #: CrossEntropyLoss), or as a CustomLoss's ``fn`` expects.
+    float_targets = True
+
+
+@dataclass(frozen=True)
+class _Reduced(Loss):
+    reduction: str = "mean"
 
     def __post_init__(self):
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"{type(self).__name__}: reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
 
 
+def _non_negative(spec: Loss, name: str, strictly: bool = False) -> None:
+    value = getattr(spec, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        valid = False
+    else:
+        valid = value > 0 if strictly else value >= 0
+    if not valid:
+        raise ValueError(f"{type(spec).__name__}: {name} must be a {'positive' if strictly else 'non-negative'} "
+                         f"number, got {value!r}")  # fmt: skip
+    object.__setattr__(spec, name, float(value))
+
+
 @dataclass(frozen=True)
-class CrossEntropyLoss(Loss):
+class CrossEntropyLoss(_Reduced):
+    label_smoothing: float = 0.0
+
+    class_targets = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        _non_negative(self, "label_smoothing")
+        if self.label_smoothing > 1:
+            raise ValueError(f"CrossEntropyLoss: label_smoothing must be in [0, 1], got {self.label_smoothing!r}")
+
+
+@dataclass(frozen=True)
+class NLLLoss(_Reduced):
+    class_targets = True
+    float_targets = False
+
+
+@dataclass(frozen=True)
+class MSELoss(_Reduced):
     pass
 
 
 @dataclass(frozen=True)
-class NLLLoss(Loss):
+class L1Loss(_Reduced):
     pass
 
 
 @dataclass(frozen=True)
-class MSELoss(Loss):
-    class_targets = False
+class BCEWithLogitsLoss(_Reduced):
+    pass
+
+
+@dataclass(frozen=True)
+class SmoothL1Loss(_Reduced):
+    beta: float = 1.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        _non_negative(self, "beta")
+
+
+@dataclass(frozen=True)
+class HuberLoss(_Reduced):
+    delta: float = 1.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        _non_negative(self, "delta", strictly=True)
+
+
+@dataclass(frozen=True)
+class CustomLoss(Loss):
+    """The user's own loss: ``fn(pred, target)`` written with Python arithmetic, numbers,
+    ``.sum()``/``.mean()`` and :mod:`unitrain.expr`'s functions, returning a scalar, e.g.
+    ``CustomLoss(lambda pred, labels: (pred - labels).sum())``. ``fn`` runs once, here, on
+    placeholders; ``tree`` is what it computed (see :mod:`unitrain.expr`), which every
+    backend evaluates natively. Targets are float32 arrays, shaped as ``fn`` expects."""
+
+    fn: Callable = field(compare=False, repr=False)
+    tree: tuple = field(init=False)
+
+    def __post_init__(self):
+        if not callable(self.fn):
+            raise TypeError(f"CustomLoss: fn must be a function (pred, target) -> loss, got {self.fn!r}")
+        object.__setattr__(self, "tree", expr.trace(self.fn))

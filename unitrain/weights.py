@@ -19,7 +19,7 @@ import safetensors.numpy
 from safetensors import SafetensorError, safe_open
 
 from .files import atomic_write
-from .layers import Conv2d, Linear, Sequential, _BatchNorm
+from .layers import Container, Conv2d, LayerNorm, Linear, _BatchNorm
 from .reading import path_problem, short, short_list
 
 State = dict[str, np.ndarray]
@@ -29,28 +29,36 @@ class WeightsError(ValueError):
     """A weights file or state that does not fit: wrong keys, shapes or a malformed file."""
 
 
-def init_weights(model: Sequential, seed: int) -> State:
-    """PyTorch's default initialisation, drawn by NumPy so every backend starts identical.
+def init_weights(model: Container, seed: int) -> State:
+    """The first weights, drawn by NumPy so every backend starts identical.
 
-    Linear and Conv2d: weight and bias ``~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` (what
-    ``kaiming_uniform_(a=sqrt(5))`` amounts to), drawn in float64 from
-    ``numpy.random.default_rng(seed)`` layer by layer, weight before bias, then rounded to
-    float32. BatchNorm: weight 1, bias 0, running mean 0, running variance 1.
+    Draws are float64 from ``numpy.random.default_rng(seed)``, leaf by leaf in
+    ``state_dict`` order, weight before bias, then rounded to float32. PyTorch's defaults
+    (``init="pytorch"``): Linear and Conv2d weight and bias ``~ U(-1/sqrt(fan_in),
+    1/sqrt(fan_in))`` with ``fan_in = in_channels / groups * kh * kw`` (what
+    ``kaiming_uniform_(a=sqrt(5))`` amounts to); BatchNorm and LayerNorm weight 1, bias 0,
+    running mean 0, running variance 1. ``init="resnet"`` (torchvision's ResNet) changes
+    only Conv2d weights: ``~ N(0, 2 / fan_out)`` with ``fan_out = out_channels * kh * kw``
+    (``kaiming_normal_(mode="fan_out", nonlinearity="relu")``).
     """
     rng = np.random.default_rng(seed)
+    resnet = getattr(model, "init", "pytorch") == "resnet"
     state: State = {}
     for name, layer in model.named_layers():
+        shapes = layer.param_shapes()
         if isinstance(layer, (Linear, Conv2d)):
             bound = 1.0 / math.sqrt(layer.fan_in())
-            for key, shape in layer.param_shapes().items():
-                state[f"{name}.{key}"] = rng.uniform(-bound, bound, shape).astype(np.float32)
-        elif isinstance(layer, _BatchNorm):
-            n = layer.num_features
-            state[f"{name}.weight"] = np.ones(n, np.float32)
-            state[f"{name}.bias"] = np.zeros(n, np.float32)
-            state[f"{name}.running_mean"] = np.zeros(n, np.float32)
-            state[f"{name}.running_var"] = np.ones(n, np.float32)
-            state[f"{name}.num_batches_tracked"] = np.zeros((), np.int64)
+            for key, shape in shapes.items():
+                if resnet and isinstance(layer, Conv2d) and key == "weight":
+                    std = math.sqrt(2.0 / (shape[0] * math.prod(shape[2:])))
+                    value = rng.normal(0.0, std, shape)
+                else:
+                    value = rng.uniform(-bound, bound, shape)
+                state[f"{name}.{key}"] = value.astype(np.float32)
+        elif isinstance(layer, (_BatchNorm, LayerNorm)):
+            for key, shape in {**shapes, **layer.buffer_shapes()}.items():
+                fill = 1 if key in ("weight", "running_var") else 0
+                state[f"{name}.{key}"] = np.full(shape, fill, np.int64 if key == "num_batches_tracked" else np.float32)
     return state
 
 
