@@ -17,7 +17,8 @@ import numpy as np
 
 from . import files, registry
 from .checkpoint import WEIGHTS, Checkpointer, Diverged, Interrupted, checkpoint_paths, load_checkpoint, stop_on_signals
-from .data import MNIST_MEAN, MNIST_SIZES, MNIST_STD, DataError, load_mnist
+from .data import PACKAGED, ArrayDataset, DataError
+from .datasets import dataset_kind, load_datasets
 from .layers import PRESETS, preset
 from .loop import InputError
 from .optim import OPTIMIZERS
@@ -90,9 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser(
         "train",
-        help="train a model on MNIST",
-        description="Train on MNIST. Defaults are the MindSpore beginner tutorial's: MLP 784-512-512-10, "
-        "SGD lr 0.01, batch 64, 3 epochs.",
+        help="train a model on MNIST, Fashion-MNIST or your own data",
+        description="Train on a dataset (default MNIST). Defaults are the MindSpore beginner tutorial's: "
+        "MLP 784-512-512-10, SGD lr 0.01, batch 64, 3 epochs.",
     )
     train.add_argument(
         "--backend",
@@ -130,16 +131,16 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--overwrite", action="store_true", help="allow --json to replace a file")
     compare.set_defaults(handler=cmd_compare)
 
-    evaluate = commands.add_parser("evaluate", help="test loss and accuracy of a weights file on MNIST's test set")
-    predict = commands.add_parser("predict", help="classify an MNIST test image or a 28x28 grayscale PNG")
+    evaluate = commands.add_parser("evaluate", help="test loss and accuracy of a weights file on a test set")
+    predict = commands.add_parser("predict", help="classify a test image or a 28x28 grayscale PNG")
     for command in (evaluate, predict):
         command.add_argument("--weights", type=Path, metavar="FILE", required=True, help="safetensors weights")
         command.add_argument("--backend", help=f"default: ${registry.ENV_VAR} or numpy")
         command.add_argument("--model", choices=sorted(PRESETS), default="mlp")
-        command.add_argument("--data-dir", type=Path, metavar="DIR", help="read MNIST IDX files from DIR")
+        _add_data_arguments(command)
     evaluate.set_defaults(handler=cmd_evaluate)
     source = predict.add_mutually_exclusive_group()
-    source.add_argument("--index", type=_int_in_range(0, 9999), help="MNIST test image number (default 0)")
+    source.add_argument("--index", type=_int_at_least(0), help="test image number (default 0)")
     source.add_argument("--image", type=Path, metavar="FILE.png", help="28x28 grayscale PNG, white digit on black")
     predict.set_defaults(handler=cmd_predict)
 
@@ -166,7 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """What defines a training run (train and compare share them)."""
     parser.add_argument("--model", choices=sorted(PRESETS), default="mlp")
-    parser.add_argument("--dataset", choices=["mnist"], default="mnist")
+    _add_data_arguments(parser)
+    parser.add_argument(
+        "--val-split", type=_int_at_least(0), default=0, metavar="N",
+        help="hold N training samples out (chosen by --seed) for val_loss / val_accuracy each epoch",
+    )  # fmt: skip
     parser.add_argument("--epochs", type=_int_at_least(0), default=3)
     parser.add_argument("--batch-size", type=_int_at_least(1), default=64)
     parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="sgd")
@@ -178,13 +183,21 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-steps", type=_int_at_least(0), help="stop after N optimizer steps in total")
     parser.add_argument("--no-shuffle", action="store_true", help="visit samples in file order")
     parser.add_argument("--init-weights", type=Path, metavar="FILE", help="start from these safetensors weights")
-    parser.add_argument("--data-dir", type=Path, metavar="DIR", help="read MNIST IDX files from DIR")
     parser.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="progress bar on stderr (default: when stderr is a terminal)",
     )
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dataset", default="mnist", metavar="|".join(PACKAGED) + "|PATH",
+        help="a packaged dataset, or your own: a Keras-style .npz, a folder of IDX files, of class folders of "
+        "images (train/, test/) or of CIFAR-10 binary batches (default: mnist)",
+    )  # fmt: skip
+    parser.add_argument("--data-dir", type=Path, metavar="DIR", help="read the packaged dataset's IDX files from DIR")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -279,7 +292,7 @@ def cmd_compare(args) -> int:
     initial = _check_run_inputs(args)
     files.check_output(args.json, "--json", args.overwrite)
     optimizer = _optimizer(args)
-    train_data, test_data = load_mnist("train", args.data_dir), load_mnist("test", args.data_dir)
+    train_data, val_data, test_data = _run_data(args)
     print(
         f"unitrain compare: {', '.join(backends)}; model {args.model}, {optimizer}, batch {args.batch_size}, "
         f"seed {args.seed}: the same initial weights and batches on every backend",
@@ -292,7 +305,7 @@ def cmd_compare(args) -> int:
 
     results = compare_backends(
         backends, preset(args.model), optimizer, train_data, test_data,
-        seed=args.seed, initial_weights=initial, extensions=extensions,
+        seed=args.seed, initial_weights=initial, extensions=extensions, val_data=val_data,
         epochs=args.epochs, batch_size=args.batch_size, shuffle=not args.no_shuffle, max_steps=args.max_steps,
     )  # fmt: skip
     print()
@@ -306,13 +319,49 @@ def cmd_compare(args) -> int:
 
 def _check_run_inputs(args) -> dict | None:
     """The files a run reads; returns ``--init-weights``' tensors, checked against the model."""
-    _check_data_dir(args.data_dir)
     return None if args.init_weights is None else _read_weights(args.init_weights, args.model, "--init-weights")
 
 
-def _check_data_dir(path: Path | None) -> None:
-    if path is not None and (problem := path_problem(path, "a directory")):
-        raise UsageError(f"--data-dir {path} {problem}")
+def _check_data_source(args) -> None:
+    if args.data_dir is not None and (problem := path_problem(args.data_dir, "a directory")):
+        raise UsageError(f"--data-dir {args.data_dir} {problem}")
+    if args.data_dir is not None and args.dataset not in PACKAGED:
+        raise UsageError(f"--data-dir is for {' or '.join(PACKAGED)}, not for --dataset {args.dataset}")
+    try:
+        dataset_kind(args.dataset)
+    except DataError as error:
+        raise UsageError(f"--dataset {args.dataset}: {error}") from None
+
+
+def _load_data(args) -> tuple[ArrayDataset, ArrayDataset]:
+    """``--dataset``'s training and test sets, checked to fit ``--model`` (before any framework loads)."""
+    _check_data_source(args)
+    train, test = load_datasets(args.dataset, data_dir=args.data_dir)
+    model = preset(args.model)
+    try:
+        output = model.output_shape(train.x.shape[1:])
+    except ValueError as error:
+        shape = "x".join(map(str, train.x.shape[1:]))
+        raise UsageError(
+            f"--model {args.model} does not take --dataset {args.dataset}'s {shape} samples: {error}"
+        ) from None
+    if len(output) != 1 or output[0] < len(train.classes):
+        raise UsageError(f"--model {args.model} gives outputs of shape {output}; --dataset {args.dataset} has "
+                         f"{len(train.classes)} classes")  # fmt: skip
+    return train, test
+
+
+def _run_data(args) -> tuple[ArrayDataset, ArrayDataset | None, ArrayDataset]:
+    """Training, validation (``--val-split``; ``None`` without) and test sets of the run."""
+    train, test = _load_data(args)
+    if not args.val_split:
+        return train, None, test
+    if args.val_split >= len(train):
+        raise UsageError(f"--val-split {args.val_split} leaves no training data: the training set has "
+                         f"{len(train)} samples")  # fmt: skip
+    # held out by the run's seed: the same samples on every backend and in a resumed run
+    train, val = train.split(len(train) - args.val_split, seed=args.seed)
+    return train, val, test
 
 
 # --- unitrain train ----------------------------------------------------------------------
@@ -344,9 +393,10 @@ def cmd_train(args) -> int:
     optimizer = resume.optimizer_spec() if resume is not None else _optimizer(args)
     _check_checkpoint_dir(args, resume)
     model = preset(args.model)
+    train_data, val_data, test_data = _run_data(args)
+    if resume is not None:
+        resume.check_position(len(train_data), args.batch_size)
     adapter = registry.get_backend(args.backend)
-    train_data = load_mnist("train", args.data_dir)
-    test_data = load_mnist("test", args.data_dir)
 
     loop = adapter(model, optimizer=optimizer, seed=args.seed)
     if initial is not None:
@@ -356,7 +406,8 @@ def cmd_train(args) -> int:
     version = registry.backend_specs()[loop.name].version()
     print(
         f"unitrain: backend {loop.name}{f' {version}' if version else ''}, model {args.model}, {optimizer}, "
-        f"batch {args.batch_size}, MNIST {len(train_data)} train / {len(test_data)} test",
+        f"batch {args.batch_size}, {args.dataset} {len(train_data)} train"
+        f"{f' / {len(val_data)} validation' if val_data is not None else ''} / {len(test_data)} test",
         flush=True,
     )
     if resume is not None:
@@ -369,7 +420,7 @@ def cmd_train(args) -> int:
         every=args.checkpoint_every,
         keep=args.keep,
         max_steps=args.max_steps,
-        run=_run_config(args),
+        run={**_run_config(args), "normalization": train_data.normalization.to_json()},
         resume=resume,
         interrupt_directory=_interrupt_directory() if args.checkpoint_dir is None else None,
     )
@@ -378,7 +429,8 @@ def cmd_train(args) -> int:
         extensions.insert(0, ProgressBar())
     placed = True  # every output went where the user asked
     if args.metrics is not None:
-        metrics = MetricsWriter(args.metrics, loop.name, args.model, args.overwrite)
+        fields = {"backend": loop.name, "model": args.model, "dataset": args.dataset}
+        metrics = MetricsWriter(args.metrics, fields, args.overwrite)
         placed = _published("--metrics", args.metrics, metrics.path, "metrics", args.overwrite)
         extensions.append(metrics)
 
@@ -394,6 +446,7 @@ def cmd_train(args) -> int:
                 shuffle=not args.no_shuffle,
                 max_steps=args.max_steps,
                 eval_data=test_data,
+                val_data=val_data,
                 extensions=extensions,
                 start_epoch=resume.epoch if resume is not None else 0,
                 start_batch=resume.batch if resume is not None else 0,
@@ -439,6 +492,7 @@ def _run_config(args) -> dict:
     return {
         "model": args.model,
         "dataset": args.dataset,
+        "val_split": args.val_split,
         "optimizer": args.optimizer,
         "batch_size": args.batch_size,
         "epochs": args.epochs,
@@ -459,12 +513,13 @@ def _resume(args):
             f"new run from its weights with --init-weights {checkpoint.path / WEIGHTS}"
         )
     run, spec = checkpoint.run, checkpoint.optimizer_spec()
+    run.setdefault("val_split", 0)  # checkpoints from before --val-split
     if missing := [key for key in _run_config(args) if key not in run]:
         raise UsageError(f"--resume {args.resume}: the checkpoint lacks the run settings {missing}")
-    checkpoint.check_position(MNIST_SIZES["train"], run["batch_size"])
     recorded = {
         "model": run["model"],
         "dataset": run["dataset"],
+        "val_split": run["val_split"],
         "optimizer": run["optimizer"],
         "batch_size": run["batch_size"],
         "no_shuffle": not run["shuffle"],
@@ -532,18 +587,21 @@ def _check_checkpoint_dir(args, resume) -> None:
 
 
 class EpochReport:
-    """One line per epoch: train loss, test accuracy, average test loss, samples/s."""
+    """One line per epoch: train loss (and accuracy), validation and test accuracy and average
+    loss, samples/s."""
 
     def __init__(self, epochs: int, prefix: str = ""):
         self.epochs, self.prefix = epochs, prefix
 
     def on_epoch_end(self, loop, record):
-        print(
-            f"{self.prefix}epoch {record['epoch']}/{self.epochs}  train loss {record['train_loss']:.4f}  "
-            f"test accuracy {100 * record['test_accuracy']:.2f}%  test loss {record['test_loss']:.4f}  "
-            f"{record['samples_per_sec']:.0f} samples/s",
-            flush=True,
-        )
+        parts = [f"{self.prefix}epoch {record['epoch']}/{self.epochs}", f"train loss {record['train_loss']:.4f}"]
+        if "train_accuracy" in record:
+            parts.append(f"train accuracy {100 * record['train_accuracy']:.2f}%")
+        for name in ("val", "test"):
+            if f"{name}_loss" in record:
+                parts.append(f"{name} accuracy {100 * record[f'{name}_accuracy']:.2f}%  "
+                             f"{name} loss {record[f'{name}_loss']:.4f}")  # fmt: skip
+        print("  ".join([*parts, f"{record['samples_per_sec']:.0f} samples/s"]), flush=True)
 
 
 class ProgressBar:
@@ -578,9 +636,9 @@ class MetricsWriter:
     it when something appeared there since start-up (``path`` says where, see
     :func:`files.create_output`)."""
 
-    def __init__(self, path: Path, backend: str, model: str, overwrite: bool = False):
+    def __init__(self, path: Path, fields: dict, overwrite: bool = False):
         self.file, self.path = files.create_output(path, overwrite=overwrite)
-        self.fields = {"backend": backend, "model": model}
+        self.fields = fields
 
     def on_epoch_end(self, loop, record):
         with files.naming(self.path):
@@ -603,15 +661,15 @@ def _read_weights(path: Path, model_name: str, flag: str = "--weights") -> dict:
 
 def _loop_with_weights(args):
     weights = _read_weights(args.weights, args.model)
-    _check_data_dir(args.data_dir)
     loop = registry.get_backend(args.backend)(preset(args.model))
     loop.load_state_dict(weights, source=str(args.weights))
     return loop
 
 
 def cmd_evaluate(args) -> int:
+    test = _load_data(args)[1]
     loop = _loop_with_weights(args)
-    metrics = loop.evaluate(load_mnist("test", args.data_dir))
+    metrics = loop.evaluate(test)
     print(
         f"{args.weights} on {loop.name}: test accuracy {100 * metrics['accuracy']:.2f}% "
         f"({metrics['num_correct']}/{metrics['num_samples']})  test loss {metrics['loss']:.4f}"
@@ -619,8 +677,8 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def _read_png(path: Path) -> np.ndarray:
-    """A 28x28 8-bit grayscale PNG as one normalised MNIST sample, shape (1, 1, 28, 28)."""
+def _read_png(path: Path, normalization) -> np.ndarray:
+    """A 28x28 8-bit grayscale PNG as one normalised sample, shape (1, 1, 28, 28)."""
     if problem := path_problem(path, "a PNG file"):
         raise UsageError(f"--image {path} {problem}")
     try:
@@ -646,17 +704,16 @@ def _read_png(path: Path) -> np.ndarray:
         raise UsageError(f"--image {path} has mode {mode}, expected 8-bit grayscale (mode L), e.g. image.convert('L')")
     if size != (28, 28):
         raise UsageError(f"--image {path} is {size[0]}x{size[1]} pixels, expected 28x28")
-    table = ((np.arange(256) / 255.0 - MNIST_MEAN) / MNIST_STD).astype(np.float32)  # exactly as load_mnist
-    return table[pixels][None, None]
+    return normalization(pixels[None, None])  # exactly as the dataset's images
 
 
 def cmd_predict(args) -> int:
+    test = _load_data(args)[1]
     if args.image is not None:
-        x, what = _read_png(args.image), str(args.image)
+        x, what = _read_png(args.image, test.normalization), str(args.image)
     loop = _loop_with_weights(args)
     if args.image is None:
         index = args.index or 0
-        test = load_mnist("test", args.data_dir)
         if index >= len(test):
             raise UsageError(f"--index {index} is out of range: the test set has {len(test)} images")
         x, what = test.x[index : index + 1], f"test image {index} (true label {test.y[index]})"
