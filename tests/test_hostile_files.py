@@ -285,7 +285,7 @@ MANIFEST_CASES = [
     ({"epoch_loss/sum": float("nan")}, "field 'epoch_loss.sum': expected a finite number, got nan"),
     ({"optimizer/lr": "0.1"}, "field 'optimizer.lr': expected a finite number, got '0.1'"),
     ({"optimizer/type": "Lion"}, "field 'optimizer.type': expected one of 'SGD', 'Adam', 'AdamW'"),
-    ({"run/model": "resnet"}, "field 'run.model': expected one of 'mlp', 'cnn', got 'resnet'"),
+    ({"run/model": "resnet"}, "field 'run.model': expected one of 'mlp', 'cnn', 'lenet', 'resnet18', got 'resnet'"),
     ({"files/weights.safetensors/sha256": 12}, "field 'files.weights.safetensors.sha256': expected a string"),
     ({"files/optimizer.safetensors/bytes": 10**30}, "expected an integer in 0..2^63-1, got an integer of 100 bits"),
     ({"files": []}, "field 'files': expected an object, got []"),

@@ -395,7 +395,7 @@ def cmd_train(args) -> int:
     model = preset(args.model)
     train_data, val_data, test_data = _run_data(args)
     if resume is not None:
-        resume.check_position(len(train_data), args.batch_size)
+        _check_resume_position(args, resume, len(train_data))
     adapter = registry.get_backend(args.backend)
 
     loop = adapter(model, optimizer=optimizer, seed=args.seed)
@@ -545,13 +545,18 @@ def _resume(args):
     for key in ("epochs", "max_steps"):  # a new end may be given; otherwise the run's
         if not given(key):
             setattr(args, key, run[key])
-    if checkpoint.epoch >= args.epochs or (args.max_steps is not None and checkpoint.step >= args.max_steps):
-        raise UsageError(f"--resume {args.resume}: the checkpoint at step {checkpoint.step} is already past the run's "
-                         f"end (--epochs {args.epochs}, --max-steps {args.max_steps})")  # fmt: skip
     args.backend = args.backend or checkpoint.backend
     if args.checkpoint_dir is None:
         args.checkpoint_dir = checkpoint.path.parent
     return checkpoint
+
+
+def _check_resume_position(args, checkpoint, num_samples: int) -> None:
+    """The checkpoint's position must be one the run reaches on its training data, before its end."""
+    checkpoint.check_position(num_samples, args.batch_size)
+    if checkpoint.epoch >= args.epochs or (args.max_steps is not None and checkpoint.step >= args.max_steps):
+        raise UsageError(f"--resume {args.resume}: the checkpoint at step {checkpoint.step} is already past the run's "
+                         f"end (--epochs {args.epochs}, --max-steps {args.max_steps})")  # fmt: skip
 
 
 def _check_checkpoint_dir(args, resume) -> None:
