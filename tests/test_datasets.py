@@ -224,3 +224,61 @@ def test_padding_fills_with_normalised_black():
     data = ArrayDataset(norm(np.full((1, 1, 2, 2), 255, np.uint8)), np.zeros(1, np.int64), norm).padded(1)
     assert data.x.shape == (1, 1, 4, 4)
     assert data.x[0, 0, 0, 0] == np.float32(-2.0) and data.x[0, 0, 1, 1] == np.float32(2.0)
+
+
+# --- from the command line --------------------------------------------------------------------
+
+
+def run_cli(capsys, *argv):
+    """``unitrain ARGV`` in this process: (exit code, stdout, stderr)."""
+    from unitrain import cli
+
+    status = cli.main(list(argv))
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def _digits_npz(path, n_train=40, n_test=12, shape=(28, 28)):
+    y_train, y_test = np.arange(n_train) % 10, np.arange(n_test) % 10
+    return _npz(path, x_train=_images(n_train, shape), y_train=y_train, x_test=_images(n_test, shape, 1), y_test=y_test)
+
+
+def test_cli_trains_on_an_npz_with_a_validation_split(tmp_path, capsys):
+    import json
+
+    path, metrics = _digits_npz(tmp_path / "d.npz"), tmp_path / "m.jsonl"
+    status, out, err = run_cli(capsys, "train", "--dataset", str(path), "--val-split", "10", "--epochs", "2",
+                               "--batch-size", "8", "--no-progress", "--metrics", str(metrics))  # fmt: skip
+    assert status == 0, err
+    assert f"{path} 30 train / 10 validation / 12 test" in out
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2] and records[0]["dataset"] == str(path)
+    for record in records:
+        assert 0 <= record["train_accuracy"] <= 1 and 0 <= record["val_accuracy"] <= 1
+        assert record["val_loss"] > 0 and record["test_loss"] > 0
+        assert round(record["val_accuracy"] * 10) == record["val_accuracy"] * 10  # of 10 samples
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--dataset", "no/such.npz"], "--dataset no/such.npz: dataset no/such.npz does not exist"),
+        (["--dataset", "fashion-mnist", "--val-split", "60000"], "--val-split 60000 leaves no training data"),
+        (["--dataset", "{npz}", "--data-dir", "{dir}"], "--data-dir is for mnist or fashion-mnist, not for"),
+        (["--dataset", "{colour}"], "--model mlp does not take --dataset {colour}'s 3x32x32 samples"),
+        (["--dataset", "{keys}"], "holds the arrays ['x_train', 'y_train']; expected exactly x_train, y_train, x_test"),
+        (["--dataset", "{many}"], "--model mlp gives outputs of shape (10,); --dataset {many} has 12 classes"),
+    ],
+)
+def test_cli_refuses_bad_data_in_one_line_before_training(tmp_path, capsys, args, message):
+    names = {"npz": _digits_npz(tmp_path / "d.npz"), "dir": tmp_path}
+    names["colour"] = _npz(tmp_path / "c.npz", x_train=_images(4, (32, 32, 3)), x_test=_images(2, (32, 32, 3)),
+                           y_train=np.arange(4) % 2, y_test=np.arange(2))  # fmt: skip
+    np.savez(tmp_path / "k.npz", x_train=_images(2), y_train=np.zeros(2, int))
+    names["keys"] = tmp_path / "k.npz"
+    names["many"] = _npz(tmp_path / "m.npz", x_train=_images(12, (28, 28)), y_train=np.arange(12),
+                         x_test=_images(2, (28, 28)), y_test=np.arange(2))  # fmt: skip
+    argv = [arg.format(**names) for arg in args]
+    status, out, err = run_cli(capsys, "train", "--no-progress", *argv)
+    assert status == 2 and out == ""
+    assert err.count("\n") == 1 and message.format(**names) in err, err
