@@ -289,24 +289,33 @@ def packaged_mnist_dir() -> Path:
     return PACKAGED["mnist"].directory()
 
 
-def load_packaged(name: str, split: str = "train", data_dir: str | Path | None = None, *,
-                  verify: bool = True) -> ArrayDataset:  # fmt: skip
-    """A packaged dataset (``"mnist"``, ``"fashion-mnist"``) as ``x`` float32 ``(N, 1, 28, 28)``
-    normalised ``(x/255 - mean)/std`` with its own training set's mean and std, and ``y``
-    int64. ``split``: ``"train"`` (60,000) or ``"test"`` (10,000). ``data_dir`` reads the
-    original IDX files (gzipped or raw) from elsewhere; by default the copy inside the package
-    is used. ``verify`` checks the files' sha256 against the originals'."""
+def packaged_arrays(name: str, split: str, data_dir: str | Path | None = None, *,
+                    verify: bool = True) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """A packaged dataset's pixels, uint8 ``(N, 1, 28, 28)`` (a read-only view of a cached
+    array), and labels (uint8 ``(N,)``), read from ``data_dir`` or the package (see
+    :func:`load_packaged`)."""
     if name not in PACKAGED:
         raise DataError(f"unknown dataset {name!r}; expected one of: {', '.join(PACKAGED)}")
-    dataset = PACKAGED[name]
     if split not in SPLITS:
-        raise ValueError(f"unknown {dataset.title} split {split!r}; expected one of {SPLITS}")
-    directory = Path(data_dir) if data_dir is not None else dataset.directory()
+        raise ValueError(f"unknown {PACKAGED[name].title} split {split!r}; expected one of {SPLITS}")
+    directory = Path(data_dir) if data_dir is not None else PACKAGED[name].directory()
     if problem := path_problem(directory, "a directory"):
         raise DataError(f"data directory {directory} {problem}")
     images, labels = _packaged_uint8(name, split, str(directory.resolve()), verify)
-    normalization = dataset.normalization()
-    return ArrayDataset(normalization(images[:, None]), labels.astype(np.int64), normalization, dataset.classes)
+    return images[:, None], labels
+
+
+def load_packaged(name: str, split: str = "train", data_dir: str | Path | None = None, *, verify: bool = True,
+                  normalization: Normalization | None = None) -> ArrayDataset:  # fmt: skip
+    """A packaged dataset (``"mnist"``, ``"fashion-mnist"``) as ``x`` float32 ``(N, 1, 28, 28)``
+    normalised ``(x/255 - mean)/std`` with its own training set's mean and std (or
+    ``normalization``), and ``y`` int64. ``split``: ``"train"`` (60,000) or ``"test"``
+    (10,000). ``data_dir`` reads the original IDX files (gzipped or raw) from elsewhere; by
+    default the copy inside the package is used. ``verify`` checks the files' sha256 against
+    the originals'."""
+    images, labels = packaged_arrays(name, split, data_dir, verify=verify)
+    normalization = normalization or PACKAGED[name].normalization()
+    return ArrayDataset(normalization(images), labels.astype(np.int64), normalization, PACKAGED[name].classes)
 
 
 def load_mnist(split: str = "train", data_dir: str | Path | None = None, *, verify: bool = True) -> ArrayDataset:

@@ -75,15 +75,10 @@ def load_datasets(source: str | os.PathLike, *, data_dir=None, verify: bool = Tr
     per channel) instead of the dataset's own."""
     given = None if normalization is None else _given_normalization(normalization)
     if isinstance(source, str) and source in PACKAGED:
-        train, test = (load_packaged(source, split, data_dir, verify=verify) for split in SPLITS)
-        if given is None:
-            return train, test
-        raw = _Raw(source, *_unnormalised(train), *_unnormalised(test), train.classes)
-    else:
-        if data_dir is not None:
-            raise DataError(f"a data directory is for {' or '.join(PACKAGED)}, not for the dataset {source}")
-        raw = _read(Path(source))
-    return _finish(raw, source, given)
+        return tuple(load_packaged(source, split, data_dir, verify=verify, normalization=given) for split in SPLITS)
+    if data_dir is not None:
+        raise DataError(f"a data directory is for {' or '.join(PACKAGED)}, not for the dataset {source}")
+    return _finish(_read(Path(source)), source, given)
 
 
 def load_dataset(source: str | os.PathLike, split: str = "train", **options) -> ArrayDataset:
@@ -91,8 +86,10 @@ def load_dataset(source: str | os.PathLike, split: str = "train", **options) -> 
     user's dataset is normalised with its training set's statistics, so both are read."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-    if isinstance(source, str) and source in PACKAGED and options.get("normalization") is None:
-        return load_packaged(source, split, options.get("data_dir"), verify=options.get("verify", True))
+    if isinstance(source, str) and source in PACKAGED:  # its normalisation is known: read this split alone
+        given = options.pop("normalization", None)
+        given = None if given is None else _given_normalization(given)
+        return load_packaged(source, split, **options, normalization=given)
     return load_datasets(source, **options)[SPLITS.index(split)]
 
 
@@ -110,13 +107,6 @@ def _given_normalization(value) -> Normalization:
     mean, std = value
     mean, std = np.atleast_1d(mean).astype(float), np.atleast_1d(std).astype(float)
     return Normalization(tuple(mean.tolist()), tuple(std.tolist()), "given")
-
-
-def _unnormalised(dataset: ArrayDataset) -> tuple[np.ndarray, np.ndarray]:
-    """A packaged dataset's pixels back in [0, 1] (float32), to normalise another way."""
-    norm = dataset.normalization
-    x = dataset.x * np.float32(norm.std[0]) + np.float32(norm.mean[0])
-    return np.clip(x, 0, 1, out=x), dataset.y
 
 
 def _finish(raw: _Raw, source, given: Normalization | None) -> tuple[ArrayDataset, ArrayDataset]:
