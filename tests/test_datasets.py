@@ -263,7 +263,7 @@ def test_cli_trains_on_an_npz_with_a_validation_split(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--dataset", "no/such.npz"], "--dataset no/such.npz: dataset no/such.npz does not exist"),
+        (["--dataset", "no/such.npz"], "error: dataset no/such.npz does not exist; expected mnist or fashion-mnist"),
         (["--dataset", "fashion-mnist", "--val-split", "60000"], "--val-split 60000 leaves no training data"),
         (["--dataset", "{npz}", "--data-dir", "{dir}"], "--data-dir is for mnist or fashion-mnist, not for"),
         (["--dataset", "{colour}"], "--model mlp does not take --dataset {colour}'s 3x32x32 samples"),
@@ -300,3 +300,23 @@ def test_fashion_mnist_one_epoch_of_the_default_mlp_reaches_79_percent(backend, 
     assert status == 0, err
     (record,) = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert record["dataset"] == "fashion-mnist" and record["test_accuracy"] >= 0.79
+
+
+def test_a_run_with_a_validation_split_resumes_exactly(tmp_path, capsys):
+    """The held-out samples follow the seed, so a resumed run trains on the same samples in the
+    same order and ends with the uninterrupted run's weights, bit for bit."""
+    from unitrain.weights import load_safetensors
+
+    path = _digits_npz(tmp_path / "d.npz")
+    run = ["train", "--dataset", str(path), "--val-split", "10", "--epochs", "2", "--batch-size", "8", "--no-progress"]
+    full, resumed = tmp_path / "full.safetensors", tmp_path / "resumed.safetensors"
+    checkpoints = ["--checkpoint-dir", str(tmp_path / "a"), "--checkpoint-every", "3", "--keep", "10"]
+    status, _, err = run_cli(capsys, *run, *checkpoints, "--save", str(full))
+    assert status == 0, err
+    middle = tmp_path / "a" / "step-00000003"  # 30 samples make 4 batches: batch 3 of the first epoch
+    status, out, err = run_cli(capsys, "train", "--resume", str(middle), "--checkpoint-dir", str(tmp_path / "b"),
+                               "--no-progress", "--save", str(resumed))  # fmt: skip
+    assert status == 0, err
+    assert "30 train / 10 validation / 12 test" in out
+    (a, _), (b, _) = load_safetensors(full), load_safetensors(resumed)
+    assert a.keys() == b.keys() and all(np.array_equal(a[key], b[key]) for key in a)

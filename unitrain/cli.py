@@ -327,10 +327,7 @@ def _check_data_source(args) -> None:
         raise UsageError(f"--data-dir {args.data_dir} {problem}")
     if args.data_dir is not None and args.dataset not in PACKAGED:
         raise UsageError(f"--data-dir is for {' or '.join(PACKAGED)}, not for --dataset {args.dataset}")
-    try:
-        dataset_kind(args.dataset)
-    except DataError as error:
-        raise UsageError(f"--dataset {args.dataset}: {error}") from None
+    dataset_kind(args.dataset)  # a DataError names the dataset and what was expected
 
 
 def _load_data(args) -> tuple[ArrayDataset, ArrayDataset]:
