@@ -320,3 +320,13 @@ def test_a_run_with_a_validation_split_resumes_exactly(tmp_path, capsys):
     assert "30 train / 10 validation / 12 test" in out
     (a, _), (b, _) = load_safetensors(full), load_safetensors(resumed)
     assert a.keys() == b.keys() and all(np.array_equal(a[key], b[key]) for key in a)
+
+
+def test_resize_is_bilinear_and_keeps_constant_images_constant():
+    x = np.full((2, 1, 28, 28), 0.25, np.float32)
+    x[1, 0, :, 14:] = 1.0  # left half 0.25, right half 1
+    out = ArrayDataset(x, np.zeros(2, np.int64)).resized(32, 32).x
+    assert out.shape == (2, 1, 32, 32) and out.dtype == np.float32
+    np.testing.assert_allclose(out[0], 0.25, rtol=1e-6)
+    assert out[1, 0, 5, 0] == pytest.approx(0.25) and out[1, 0, 5, -1] == pytest.approx(1.0)
+    assert np.all(np.diff(out[1, 0, 5]) >= -1e-6)  # a monotone ramp across the edge, no ringing

@@ -426,7 +426,8 @@ def cmd_train(args) -> int:
         extensions.insert(0, ProgressBar())
     placed = True  # every output went where the user asked
     if args.metrics is not None:
-        fields = {"backend": loop.name, "model": args.model, "dataset": args.dataset}
+        fields = {"backend": loop.name, "model": args.model, "dataset": args.dataset,
+                  "normalization": train_data.normalization.to_json()}  # fmt: skip
         metrics = MetricsWriter(args.metrics, fields, args.overwrite)
         placed = _published("--metrics", args.metrics, metrics.path, "metrics", args.overwrite)
         extensions.append(metrics)

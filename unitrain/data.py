@@ -25,7 +25,7 @@ from typing import BinaryIO
 import numpy as np
 
 from .reading import path_kind, path_problem
-from .transforms import Augmentation, Normalization, pad
+from .transforms import Augmentation, Normalization, pad, resize
 
 #: MNIST's mean and std, the values of PyTorch's MNIST example (of the training set's pixels / 255)
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -176,15 +176,9 @@ class ArrayDataset:
         fill = self.normalization.fill() if self.normalization is not None else (0.0,) * self.x.shape[1]
         return dataclasses.replace(self, x=pad(self.x, padding, fill))
 
-    def describe(self) -> dict:
-        """What the samples are, for run records: shape, classes, normalisation, augmentation."""
-        return {
-            "samples": len(self),
-            "sample_shape": list(self.x.shape[1:]),
-            "classes": None if self.classes is None else list(self.classes),
-            "normalization": None if self.normalization is None else self.normalization.to_json(),
-            "augmentation": None if self.augmentation is None else self.augmentation.to_json(),
-        }
+    def resized(self, height: int, width: int) -> ArrayDataset:
+        """Samples resized to ``height`` x ``width`` (bilinear, see :func:`~unitrain.transforms.resize`)."""
+        return dataclasses.replace(self, x=resize(self.x, (height, width)))
 
 
 # --- IDX files ------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Image transforms, done once in NumPy so that every backend sees identical bits.
 
 Static transforms run when a dataset is loaded: channels-last to NCHW, scaling to [0, 1],
-:class:`Normalization` and :func:`pad`. The random ones (:class:`Augmentation`: random crop with
+:class:`Normalization`, :func:`pad` and :func:`resize`. The random ones (:class:`Augmentation`: random crop with
 padding, horizontal flip) run per batch as a pure function of ``(seed, epoch, batch index)``, so
 the same run augments the same way on every backend and a resumed run continues exactly.
 Padding fills with the normalised value of a black pixel (``-mean/std``), which is what
@@ -92,6 +92,23 @@ def pad(x: np.ndarray, padding: int, fill: tuple[float, ...]) -> np.ndarray:
     out = np.empty((n, c, h + 2 * padding, w + 2 * padding), x.dtype)
     out[...] = np.asarray(fill, x.dtype).reshape(1, c, 1, 1)
     out[:, :, padding : padding + h, padding : padding + w] = x
+    return out
+
+
+def resize(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``x`` ``(N, C, H, W)`` float32 resized to ``size = (height, width)`` with Pillow's
+    bilinear filter (antialiased when shrinking, as torchvision's ``Resize`` on an image), one
+    float channel (mode ``F``) at a time: the same bits whatever backend trains on them."""
+    from PIL import Image
+
+    height, width = size
+    if height < 1 or width < 1:
+        raise ValueError(f"resize needs a size of at least 1x1, got {height}x{width}")
+    out = np.empty((*x.shape[:2], height, width), np.float32)
+    for i, sample in enumerate(x):
+        for c, channel in enumerate(sample):
+            image = Image.fromarray(np.ascontiguousarray(channel, np.float32), mode="F")
+            out[i, c] = np.asarray(image.resize((width, height), Image.Resampling.BILINEAR))
     return out
 
 
