@@ -1,7 +1,15 @@
-"""Chainer backend: ``chainer.links`` and ``chainer.functions`` called in order by a ``ChainList``,
-trained by a ``chainer.Optimizer`` whose update rules run PyTorch's equations (:mod:`unitrain.optim`).
+"""Chainer backend: ``chainer.links`` and ``chainer.functions`` in a tree of Chains that mirrors the
+spec's containers (a ``Residual`` adds its body and shortcut in its own ``forward``), trained by a
+``chainer.Optimizer`` whose update rules run PyTorch's equations (:mod:`unitrain.optim`).
 
 What is special about Chainer:
+
+* Children are registered under the spec's names, so Chainer's paths mirror PyTorch's keys
+  (``layer2/0/downsample/0/W`` is ``layer2.0.downsample.0.weight``). A name Chain already uses as an
+  attribute (``forward``, ``params``) gets a trailing ``_`` in Chainer only.
+* What Chainer lacks is written from its primitives with PyTorch's equations: exact GELU (``F.erf``),
+  SiLU, adaptive average pooling, label smoothing and probability targets of the cross-entropy,
+  BCE with float targets, and tie-splitting ``maximum``/``minimum`` for ``CustomLoss``.
 
 * Training vs. eval is not model state but ``chainer.config.train``; the loop sets it around every
   call. ``predict`` / ``evaluate`` also turn off ``enable_backprop``.
@@ -9,13 +17,15 @@ What is special about Chainer:
   they are mapped to PyTorch's names (layouts already agree). A native Chain keeps Chainer's own
   names, ``/l1/W`` becoming ``l1.W``.
 * Gradients accumulate in ``param.grad`` across ``backward`` calls until ``cleargrads``.
-* BatchNorm's float32 batch statistics are plain NumPy float32 reductions, where PyTorch's CPU
-  kernel accumulates in double: after ``BatchNorm2d`` outputs agree with PyTorch to about 1e-4.
+* BatchNorm's float32 batch statistics are NumPy float32 reductions (PyTorch's CPU kernel
+  accumulates in double); ``_BatchNorm`` hands them a C-contiguous input so that NumPy sums pairwise.
 """
 
 from __future__ import annotations
 
 import functools
+import math
+import operator
 import os
 import sys
 import warnings
@@ -42,9 +52,8 @@ with warnings.catch_warnings():
     import chainer.links as L
     from chainer.serializers import DictionarySerializer, NpzDeserializer
 
-from unitrain import layers
+from unitrain import expr, layers, losses
 from unitrain.loop import TrainingLoop
-from unitrain.losses import CrossEntropyLoss, NLLLoss
 from unitrain.optim import SGD, adam_update, sgd_update
 from unitrain.randomness import dropout_mask, dropout_stream, set_stream_state, stream_state
 
@@ -68,6 +77,13 @@ class _BatchNorm(L.BatchNormalization):
     def forward(self, x):
         if chainer.config.train:
             self.num_batches_tracked += 1
+        if x.ndim > 2 and not x.array.flags.c_contiguous:
+            # Chainer's Convolution2D returns a channels-last view (strides N, C=1, H, W), and NumPy
+            # reduces such an array over (N, H, W) by adding its 64*14*14 elements one after another
+            # in float32 (pairwise summation only runs along a contiguous innermost axis): batch mean
+            # and variance came out 5e-5 to 8e-5 off, 1000x the 4e-8 to 2e-7 of a C-contiguous copy.
+            # Reshaping through (N, -1) makes that copy (a view is impossible) and is differentiable.
+            x = F.reshape(F.reshape(x, (x.shape[0], -1)), x.shape)
         return super().forward(x)
 
 
@@ -88,18 +104,219 @@ def _flatten(x):
     return F.reshape(x, (x.shape[0], -1))
 
 
-class _Stack(chainer.ChainList):
-    """Layers called in order; the links among them are the children ``0, 1, ...``.
-    (``chainer.Sequential`` misorders its children when functions sit between links.)"""
+def _identity(x):
+    return x
 
-    def __init__(self, stack):
-        super().__init__(*(layer for layer in stack if isinstance(layer, chainer.Link)))
-        self.stack = stack
+
+def _gelu(x):
+    """PyTorch's exact GELU, ``x * Φ(x)`` through the error function (Chainer has no GELU)."""
+    return x * 0.5 * (1 + F.erf(x * math.sqrt(0.5)))
+
+
+def _gelu_tanh(x):
+    """PyTorch's ``GELU(approximate="tanh")``."""
+    return 0.5 * x * (1 + F.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+
+
+def _silu(x):
+    return x * F.sigmoid(x)
+
+
+def _max_pool(spec: layers.MaxPool2d):
+    # cover_all=False: PyTorch's floor output size (Chainer's default pads to cover every input);
+    # Chainer pads with -inf, as PyTorch does.
+    return functools.partial(
+        F.max_pooling_2d, ksize=spec.kernel_size, stride=spec.stride, pad=spec.padding, cover_all=False
+    )
+
+
+def _avg_pool(spec: layers.AvgPool2d):
+    # F.average_pooling_2d averages zero padding in (count_include_pad=True, dividing by kh*kw);
+    # pad_value=None of the N-d variant divides by the window's non-padding elements instead.
+    if spec.count_include_pad:
+        return functools.partial(F.average_pooling_2d, ksize=spec.kernel_size, stride=spec.stride, pad=spec.padding)
+    return functools.partial(
+        F.average_pooling_nd, ksize=spec.kernel_size, stride=spec.stride, pad=spec.padding, pad_value=None
+    )
+
+
+def _adaptive_avg_pool(x, output_size):
+    """PyTorch's adaptive bins: output row ``i`` averages input rows ``floor(i*H/oh) .. ceil((i+1)*H/oh)``
+    (columns alike); Chainer has no adaptive pooling."""
+    (out_h, out_w), (n, c, h, w) = output_size, x.shape
+    if (out_h, out_w) == (1, 1):
+        return F.mean(x, axis=(2, 3), keepdims=True)
+    rows = [(i * h // out_h, -(-(i + 1) * h // out_h)) for i in range(out_h)]
+    cols = [(j * w // out_w, -(-(j + 1) * w // out_w)) for j in range(out_w)]
+    bins = [F.mean(x[:, :, top:bottom, left:right], axis=(2, 3)) for top, bottom in rows for left, right in cols]
+    return F.reshape(F.stack(bins, axis=2), (n, c, out_h, out_w))
+
+
+#: Leaves without state: the native function each spec becomes.
+_FUNCTIONS = {
+    layers.Identity: lambda spec: _identity,
+    layers.ReLU: lambda spec: F.relu,
+    layers.Tanh: lambda spec: F.tanh,
+    layers.Sigmoid: lambda spec: F.sigmoid,
+    layers.GELU: lambda spec: _gelu_tanh if spec.approximate == "tanh" else _gelu,
+    layers.LeakyReLU: lambda spec: functools.partial(F.leaky_relu, slope=spec.negative_slope),
+    layers.SiLU: lambda spec: _silu,
+    layers.ELU: lambda spec: functools.partial(F.elu, alpha=spec.alpha),
+    layers.Softmax: lambda spec: functools.partial(F.softmax, axis=spec.dim),
+    layers.LogSoftmax: lambda spec: functools.partial(F.log_softmax, axis=spec.dim),
+    layers.Flatten: lambda spec: _flatten,
+    layers.MaxPool2d: _max_pool,
+    layers.AvgPool2d: _avg_pool,
+    layers.AdaptiveAvgPool2d: lambda spec: functools.partial(_adaptive_avg_pool, output_size=spec.output_size),
+}
+
+
+class _LayerNorm(chainer.Link):
+    """PyTorch's LayerNorm over the trailing ``normalized_shape`` dimensions, through
+    ``F.layer_normalization`` (which normalises the rows of a matrix, eps inside the square root as
+    PyTorch). ``gamma``/``beta`` keep PyTorch's ``normalized_shape`` layout."""
+
+    def __init__(self, spec: layers.LayerNorm, dtype: np.dtype):
+        super().__init__()
+        self.eps, self.size = spec.eps, math.prod(spec.normalized_shape)
+        self.affine = spec.elementwise_affine
+        if self.affine:
+            with self.init_scope():
+                self.gamma = chainer.Parameter(np.ones(spec.normalized_shape, dtype))
+                self.beta = chainer.Parameter(np.zeros(spec.normalized_shape, dtype))
 
     def forward(self, x):
-        for layer in self.stack:
+        rows = F.reshape(x, (-1, self.size))
+        if self.affine:
+            gamma, beta = F.reshape(self.gamma, (self.size,)), F.reshape(self.beta, (self.size,))
+        else:  # constants: no parameters to train
+            gamma, beta = np.ones(self.size, x.dtype), np.zeros(self.size, x.dtype)
+        return F.reshape(F.layer_normalization(rows, gamma, beta, self.eps), x.shape)
+
+
+class _Sequence(chainer.Chain):
+    """Layers called in order; its links are children named as the spec names them, so that
+    Chainer's paths (``layer1/0/conv1/W``) mirror PyTorch's keys (``layer1.0.conv1.weight``).
+    (``chainer.Sequential`` misorders its children when functions sit between links.)"""
+
+    def __init__(self):
+        super().__init__()
+        self._calls = []
+
+    def child_name(self, name: str) -> str:
+        """The attribute to register child ``name`` under: the name itself unless Chain already
+        has such an attribute (``forward``, ``params`` ...)."""
+        while hasattr(self, name):
+            name += "_"
+        return name
+
+    def register(self, attribute: str, layer) -> None:
+        if isinstance(layer, chainer.Link):
+            self.add_link(attribute, layer)
+
+    def append(self, attribute: str, layer) -> None:
+        self.register(attribute, layer)
+        self._calls.append(layer)
+
+    def forward(self, x):
+        for layer in self._calls:
             x = layer(x)
         return x
+
+
+class _Residual(_Sequence):
+    """``post(body(x) + shortcut(x))``; the body's layers are this block's own children (torchvision's
+    BasicBlock: ``layer1.0.conv1``), the shortcut is ``downsample``, the layer after the add ``post``."""
+
+    def __init__(self):
+        super().__init__()
+        self._branches = {"downsample": _identity, "post": _identity}
+
+    def attach(self, role: str, attribute: str, layer) -> None:
+        """Set the ``downsample`` (shortcut) or ``post`` layer."""
+        self.register(attribute, layer)
+        self._branches[role] = layer
+
+    def forward(self, x):
+        return self._branches["post"](super().forward(x) + self._branches["downsample"](x))
+
+
+def _cross_entropy(spec: losses.CrossEntropyLoss, logits, y):
+    """Per sample. Class indices without smoothing: Chainer's own softmax cross-entropy. Otherwise
+    PyTorch's ``-sum(((1 - ε) * target + ε / C) * log_softmax(logits))``, where ``target`` is the given
+    probabilities or the one-hot rows of the class indices (Chainer has no label smoothing)."""
+    if y.dtype.kind != "f" and not spec.label_smoothing:
+        return F.softmax_cross_entropy(logits, y.astype(np.int32), reduce="no")
+    classes = logits.shape[1]
+    target = y if y.dtype.kind == "f" else np.eye(classes, dtype=logits.dtype)[y]
+    target = (1 - spec.label_smoothing) * target + spec.label_smoothing / classes
+    return -F.sum(target * F.log_softmax(logits), axis=1)
+
+
+def _bce_with_logits(spec, logits, y):
+    """PyTorch's stable form ``(1 - y) * x - log_sigmoid(x)``, ``-log_sigmoid(x) = softplus(-x)``
+    (Chainer's sigmoid_cross_entropy takes only 0/1 integer labels)."""
+    return (1 - y) * logits + F.softplus(-logits)
+
+
+def _smooth_l1(spec, pred, y):
+    """PyTorch's ``SmoothL1Loss(beta)`` is ``HuberLoss(delta=beta) / beta``; ``beta=0`` is L1."""
+    if spec.beta == 0:
+        return F.absolute_error(pred, y)
+    return F.huber_loss(pred, y, spec.beta, reduce="no") / spec.beta
+
+
+#: Per-sample (class losses) or per-element terms of each loss; ``reduction`` sums or averages them.
+_LOSS_TERMS = {
+    losses.CrossEntropyLoss: _cross_entropy,
+    losses.NLLLoss: lambda spec, logp, y: -F.select_item(logp, y.astype(np.int32)),
+    losses.MSELoss: lambda spec, pred, y: F.squared_error(pred, y),
+    losses.BCEWithLogitsLoss: _bce_with_logits,
+    losses.L1Loss: lambda spec, pred, y: F.absolute_error(pred, y),
+    losses.SmoothL1Loss: _smooth_l1,
+    losses.HuberLoss: lambda spec, pred, y: F.huber_loss(pred, y, spec.delta, reduce="no"),
+}
+
+
+def _broadcast(a, b):
+    """Two operands (Variables, arrays or Python numbers) as Variables of one shape and dtype."""
+    dtype = next(v.dtype for v in (a, b) if hasattr(v, "dtype"))
+    return F.broadcast(*(v if hasattr(v, "dtype") else np.asarray(v, dtype) for v in (a, b)))
+
+
+def _maximum(a, b):
+    """``torch.maximum``: ties split the gradient evenly (``F.maximum`` gives it all to ``a``). The two
+    selections are the same value, so their mean is exact, and at a tie each side gets half."""
+    a, b = _broadcast(a, b)
+    return 0.5 * (F.where(a.array >= b.array, a, b) + F.where(a.array > b.array, a, b))
+
+
+def _minimum(a, b):
+    a, b = _broadcast(a, b)
+    return 0.5 * (F.where(a.array <= b.array, a, b) + F.where(a.array < b.array, a, b))
+
+
+#: CustomLoss's operations (:mod:`unitrain.expr`) as Chainer functions; Chainer's autograd differentiates them.
+_EXPR_OPS = {
+    "const": lambda value: value,
+    "neg": operator.neg,
+    "add": operator.add,
+    "sub": operator.sub,
+    "mul": operator.mul,
+    "div": operator.truediv,
+    "pow": lambda a, exponent: a**exponent,
+    "abs": F.absolute,
+    "exp": F.exp,
+    "log": F.log,
+    "sqrt": F.sqrt,
+    "square": F.square,
+    "sum": lambda a, axis: F.sum(a, axis=axis),
+    "mean": lambda a, axis: F.mean(a, axis=axis),
+    "maximum": _maximum,
+    "minimum": _minimum,
+    "log_softmax": lambda a, axis: F.log_softmax(a, axis=axis),
+    "softmax": lambda a, axis: F.softmax(a, axis=axis),
+}
 
 
 class _Rule(chainer.UpdateRule):
@@ -160,38 +377,68 @@ class _Optimizer(chainer.optimizer.GradientMethod):
 class ChainerLoop(TrainingLoop):
     name = "chainer"
     framework = "chainer"
-    capabilities = frozenset({"dropout", "batchnorm", "conv", "native-model", "float64", "random-state"})
+    capabilities = frozenset({
+        "dropout", "batchnorm", "conv", "native-model", "float64", "random-state",
+        "residual", "activations", "layernorm", "pooling", "losses", "custom-loss",
+    })  # fmt: skip
 
     # --- building ---------------------------------------------------------------------------
 
     def _build(self, model):
-        zero = chainer.initializers.Zero(self.dtype)  # init_weights is loaded right after
         self._rng = dropout_stream(self.seed)
-        stack, self._paths = [], {}  # canonical name -> Chainer serializer path
-        for name, spec in model.named_layers():
-            if isinstance(spec, (layers.Linear, layers.Conv2d)):
-                init = {"nobias": not spec.bias, "initialW": zero, "initial_bias": zero}
-                if isinstance(spec, layers.Linear):
-                    layer = L.Linear(spec.in_features, spec.out_features, **init)
-                else:
-                    size = spec.in_channels, spec.out_channels, spec.kernel_size, spec.stride, spec.padding
-                    layer = L.Convolution2D(*size, **init)
-            elif isinstance(spec, layers._BatchNorm):
-                layer = _BatchNorm(spec, self.dtype)
-            elif isinstance(spec, layers.MaxPool2d):
-                # cover_all=False: PyTorch's floor output size (Chainer's default pads to cover every input).
-                layer = functools.partial(F.max_pooling_2d, ksize=spec.kernel_size, stride=spec.step, cover_all=False)
-            elif isinstance(spec, layers.Dropout):
-                layer = _Dropout(spec.p, self._rng)
-            else:
-                layer = {layers.ReLU: F.relu, layers.Flatten: _flatten}[type(spec)]
-            if isinstance(layer, chainer.Link):
-                index = sum(isinstance(other, chainer.Link) for other in stack)  # its ChainList child name
-                names = _BN_NAMES if isinstance(layer, _BatchNorm) else _LINK_NAMES
-                for key in {**spec.param_shapes(), **spec.buffer_shapes()}:
-                    self._paths[f"{name}.{key}"] = f"{index}/{names[key]}"
-            stack.append(layer)
-        self._adopt(_Stack(stack))
+        paths = {}  # canonical name -> Chainer serializer path
+        root = self._node(model, "", "", paths)
+        self._paths = {key: paths[key] for key in model.state_shapes()}  # in state_dict order
+        self._adopt(root)
+
+    def _node(self, spec, name: str, path: str, paths: dict):
+        """The native callable of ``spec`` (a container or a leaf). ``name`` and ``path`` prefix its state
+        entries' canonical names and Chainer paths (``layer1.0.`` and ``layer1/0/``; empty at the root);
+        each entry's path goes into ``paths``. The tree of Chains mirrors the spec's, so the two agree."""
+        if isinstance(spec, layers.Residual):
+            block = _Residual()
+            self._fill(block, spec.body.children, name, path, paths)
+            for role, child in (("downsample", spec.shortcut), ("post", spec.post)):
+                if child is not None:
+                    block.attach(role, *self._child(block, role, child, name, path, paths))
+            return block
+        if isinstance(spec, layers.Sequential):
+            chain = _Sequence()
+            self._fill(chain, spec.children, name, path, paths)
+            return chain
+        layer = self._leaf(spec)
+        if isinstance(layer, chainer.Link):
+            names = _LINK_NAMES if isinstance(layer, (L.Linear, L.Convolution2D)) else _BN_NAMES
+            for key in {**spec.param_shapes(), **spec.buffer_shapes()}:
+                paths[f"{name}{key}"] = f"{path}{names[key]}"
+        return layer
+
+    def _child(self, chain: _Sequence, child_name: str, spec, name: str, path: str, paths: dict):
+        """``(attribute, native callable)`` of ``chain``'s child ``child_name``."""
+        attribute = chain.child_name(child_name)
+        return attribute, self._node(spec, f"{name}{child_name}.", f"{path}{attribute}/", paths)
+
+    def _fill(self, chain: _Sequence, children, name: str, path: str, paths: dict) -> None:
+        """Append ``children`` ((name, spec) pairs) to ``chain``."""
+        for child_name, spec in children:
+            chain.append(*self._child(chain, child_name, spec, name, path, paths))
+
+    def _leaf(self, spec):
+        """The native link or function of a leaf spec."""
+        if isinstance(spec, (layers.Linear, layers.Conv2d)):
+            zero = chainer.initializers.Zero(self.dtype)  # init_weights is loaded right after
+            init = {"nobias": not spec.bias, "initialW": zero, "initial_bias": zero}
+            if isinstance(spec, layers.Linear):
+                return L.Linear(spec.in_features, spec.out_features, **init)
+            size = spec.in_channels, spec.out_channels, spec.kernel_size, spec.stride, spec.padding
+            return L.Convolution2D(*size, dilate=spec.dilation, groups=spec.groups, **init)
+        if isinstance(spec, layers._BatchNorm):
+            return _BatchNorm(spec, self.dtype)
+        if isinstance(spec, layers.LayerNorm):
+            return _LayerNorm(spec, self.dtype)
+        if isinstance(spec, layers.Dropout):
+            return _Dropout(spec.p, self._rng)
+        return _FUNCTIONS[type(spec)](spec)
 
     def _wrap_native(self, model):
         uninitialized = [path for path, param in model.namedparams() if param.array is None]
@@ -238,16 +485,15 @@ class ChainerLoop(TrainingLoop):
             return self.model(x)
 
     def _loss(self, pred, y):
-        return self._compute_loss(pred, y, self.loss_spec.reduction)
+        return self._compute_loss(pred, y)
 
-    def _compute_loss(self, pred, y, reduction):
-        if isinstance(self.loss_spec, CrossEntropyLoss):
-            per_sample = F.softmax_cross_entropy(pred, y.astype(np.int32), reduce="no")
-        elif isinstance(self.loss_spec, NLLLoss):
-            per_sample = -F.select_item(pred, y.astype(np.int32))
-        else:
-            per_sample = F.squared_error(pred, y)
-        return F.mean(per_sample) if reduction == "mean" else F.sum(per_sample)
+    def _compute_loss(self, pred, y, reduction=None):
+        """The loss spec's value; ``reduction`` overrides the spec's own (a CustomLoss has none)."""
+        spec = self.loss_spec
+        if isinstance(spec, losses.CustomLoss):
+            return expr.evaluate(spec.tree, pred, y, _EXPR_OPS)
+        terms = _LOSS_TERMS[type(spec)](spec, pred, y)
+        return F.mean(terms) if (reduction or spec.reduction) == "mean" else F.sum(terms)
 
     def _backward(self, loss):
         loss.backward()
@@ -284,7 +530,7 @@ class ChainerLoop(TrainingLoop):
         with chainer.using_config("train", self._train), chainer.no_backprop_mode():
             pred = self.model(x)
             loss = self._compute_loss(pred, y, "sum")
-        correct = int((pred.array.argmax(axis=1) == y).sum()) if self.loss_spec.class_targets else 0
+        correct = int((pred.array.argmax(axis=1) == y).sum()) if y.dtype.kind == "i" else 0  # class indices
         return float(loss.array), correct
 
     # --- state ------------------------------------------------------------------------------

@@ -9,16 +9,26 @@ The tutorial-shaped ``backward`` re-runs forward + loss on the batch recorded by
 ``loss`` through the same compiled gradient function, so it equals ``step`` bit for bit. The
 re-run would update BatchNorm's running statistics a second time, so ``backward`` restores them.
 Dropout masks are drawn by the loop from its own NumPy stream and passed into the graph (see
-:class:`_Network`), so the re-run reuses ``forward``'s masks and the stream can be checkpointed:
+:class:`_TakesMasks`), so the re-run reuses ``forward``'s masks and the stream can be checkpointed:
 MindSpore's ``nn.Dropout`` keeps its random state inside stateful kernels that expose it to
 nothing, not even ``mindspore.get_rng_state``. A native Cell keeps its own ``nn.Dropout``.
 
+A spec model is built as a tree of Cells mirroring the spec's (:class:`_Builder`): containers
+call their children in order, a residual block adds its body and shortcut where the spec says,
+and every Parameter is kept under its dotted PyTorch name (``layer2.0.downsample.1.weight``).
+A CustomLoss becomes a Cell per expression node (:class:`_ExprNode`), compiled into the step
+like the layers.
+
 MindSpore's BatchNorm feeds the unbiased batch variance to its running estimate, as PyTorch
 does, but its ``momentum`` weights the *old* value; ``num_batches_tracked`` is added here.
+MindSpore's float32 CPU kernels of the exponential family are approximations, so those
+activations run in float64 (:func:`_in_float64`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import sys
 from collections.abc import Mapping
@@ -28,9 +38,19 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
-from unitrain import layers
+from unitrain import expr, layers
 from unitrain.loop import TrainingLoop
-from unitrain.losses import CrossEntropyLoss, MSELoss, NLLLoss
+from unitrain.losses import (
+    BCEWithLogitsLoss,
+    CrossEntropyLoss,
+    CustomLoss,
+    HuberLoss,
+    L1Loss,
+    Loss,
+    MSELoss,
+    NLLLoss,
+    SmoothL1Loss,
+)
 from unitrain.optim import SGD, adam_update, sgd_update
 from unitrain.randomness import dropout_mask, dropout_stream, set_stream_state, stream_state
 
@@ -48,7 +68,51 @@ class _OwnGraphsFilter(logging.Filter):
 
 ms.log._get_logger().addFilter(_OwnGraphsFilter())  # MindSpore has no public handle on its logger
 
-_LOSSES = {CrossEntropyLoss: nn.CrossEntropyLoss, NLLLoss: nn.NLLLoss, MSELoss: nn.MSELoss}
+
+def _in_float64(fn, x, *args):
+    """``fn(x, *args)`` computed in float64 and rounded once to ``x``'s dtype. MindSpore's float32
+    CPU kernels of exp, tanh, sigmoid and expm1 are fast approximations (measured against
+    float64: tanh up to 840 ulp, expm1 500, exp 40, sigmoid 20), its float64 kernels round
+    correctly; PyTorch's float32 results are within an ulp or two. Used for the activations and
+    custom-loss functions built on them; the cost is two casts of the activation."""
+    return fn(x.astype(ms.float64), *args).astype(x.dtype)
+
+
+def _elu(x, alpha):
+    # MindSpore's Elu kernel accepts only alpha == 1.0, so PyTorch's equation from primitives.
+    return ops.where(x > 0, x, alpha * ops.expm1(x))
+
+
+class _Activation(nn.Cell):
+    """An elementwise function computed in float64 (see :func:`_in_float64`); ``args`` are
+    its static arguments (an axis, alpha, the GELU form)."""
+
+    def __init__(self, fn, *args):
+        super().__init__()
+        self.fn, self.args = fn, args
+
+    def construct(self, x):
+        return _in_float64(self.fn, x, *self.args)
+
+
+class _LayerNorm(nn.Cell):
+    """PyTorch's LayerNorm over the trailing ``normalized_shape`` dims. MindSpore's LayerNorm
+    primitive computes the same equation (``eps`` inside the square root, biased variance) but
+    takes the first normalised axis as a non-negative index, known only once the input's rank
+    is: the primitive is made in ``construct``, where the rank is a compile-time constant
+    (``nn.LayerNorm`` fixes the axis at construction). Without ``elementwise_affine`` the scale
+    and shift are constant ones and zeros."""
+
+    def __init__(self, spec: layers.LayerNorm):
+        super().__init__()
+        self.normalized_rank, self.eps, shape = len(spec.normalized_shape), spec.eps, spec.normalized_shape
+        affine = spec.elementwise_affine
+        self.weight = Parameter(ops.ones(shape, ms.float32), name="weight", requires_grad=affine)
+        self.bias = Parameter(ops.zeros(shape, ms.float32), name="bias", requires_grad=affine)
+
+    def construct(self, x):
+        axis = x.ndim - self.normalized_rank
+        return ops.LayerNorm(axis, axis, self.eps)(x, self.weight, self.bias)[0]
 
 
 class _BatchNorm(nn.Cell):
@@ -71,64 +135,236 @@ class _BatchNorm(nn.Cell):
                 "running_var": bn.moving_variance, "num_batches_tracked": self.num_batches_tracked}  # fmt: skip
 
 
-class _Dropout(nn.Cell):
-    """Marks where :class:`_Network` applies the ``mask_index``-th dropout mask."""
+class _TakesMasks(nn.Cell):
+    """A node called with the dropout masks, ``node(x, masks)``: the containers and Dropout.
+    ``masks`` holds one mask per Dropout layer of the whole model (empty in eval mode): the loop
+    draws them from a stream it owns, so it can checkpoint the stream and ``backward`` can reuse
+    ``forward``'s masks. (The stateful random kernels behind ``nn.Dropout`` allow neither.)"""
+
+
+def _apply(node, x, masks):
+    return node(x, masks) if isinstance(node, _TakesMasks) else node(x)
+
+
+class _Dropout(_TakesMasks):
+    """Multiplies by the model's ``mask_index``-th dropout mask in training."""
 
     def __init__(self, mask_index: int):
         super().__init__()
         self.mask_index = mask_index
 
+    def construct(self, x, masks):
+        return x * masks[self.mask_index] if self.training else x
 
-class _Network(nn.Cell):
-    """The spec's leaf layers in order. Dropout multiplies by a mask passed in with the input,
-    ``masks`` (one per Dropout layer; empty in eval mode): the loop draws them from a stream it
-    owns, so it can checkpoint the stream and ``backward`` can reuse ``forward``'s masks. (The
-    stateful random kernels behind ``nn.Dropout`` allow neither.)"""
 
+class _Sequential(_TakesMasks):
     def __init__(self, cells: list[nn.Cell]):
         super().__init__()
         self.layers = nn.CellList(cells)
 
     def construct(self, x, masks):
         for layer in self.layers:
-            if isinstance(layer, _Dropout):
-                if self.training:
-                    x = x * masks[layer.mask_index]
-            else:
-                x = layer(x)
+            x = _apply(layer, x, masks)
         return x
 
 
-def _build_cell(model: layers.Sequential, params: dict[str, Parameter]) -> _Network:
-    """The native network; fills ``params`` with canonical name -> Parameter."""
-    cells = []
-    for name, layer in model.named_layers():
-        if isinstance(layer, layers.Linear):
-            cell = nn.Dense(layer.in_features, layer.out_features, "zeros", "zeros", has_bias=layer.bias)
-        elif isinstance(layer, layers.Conv2d):
-            # PyTorch pads explicitly (or not at all); MindSpore's default pad_mode is "same".
-            cell = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride,
-                             pad_mode="pad" if layer.padding else "valid", padding=layer.padding,
-                             has_bias=layer.bias, weight_init="zeros", bias_init="zeros")  # fmt: skip
-        elif isinstance(layer, layers.MaxPool2d):
-            cell = nn.MaxPool2d(layer.kernel_size, layer.step)
-        elif isinstance(layer, layers.ReLU):
-            cell = nn.ReLU()
-        elif isinstance(layer, layers.Flatten):
-            cell = nn.Flatten()
-        elif isinstance(layer, layers.Dropout):
-            cell = _Dropout(sum(isinstance(other, _Dropout) for other in cells))
-        elif isinstance(layer, (layers.BatchNorm1d, layers.BatchNorm2d)):
-            cell = _BatchNorm(layer)
-            params.update({f"{name}.{key}": param for key, param in cell.state().items()})
+class _Residual(_TakesMasks):
+    """``post(body(x) + shortcut(x))``; a missing shortcut is the identity, a missing post nothing."""
+
+    def __init__(self, body: nn.Cell, shortcut: nn.Cell | None, post: nn.Cell | None):
+        super().__init__()
+        self.body, self.shortcut, self.post = body, shortcut, post
+
+    def construct(self, x, masks):
+        y = self.body(x, masks)
+        y = y + (x if self.shortcut is None else _apply(self.shortcut, x, masks))
+        return y if self.post is None else _apply(self.post, y, masks)
+
+
+def _pool(spec) -> nn.Cell:
+    kind = nn.MaxPool2d if isinstance(spec, layers.MaxPool2d) else nn.AvgPool2d
+    extra = {"count_include_pad": spec.count_include_pad} if isinstance(spec, layers.AvgPool2d) else {}
+    if not any(spec.padding):
+        return kind(spec.kernel_size, spec.stride, **extra)
+    # 2.x pools pad like PyTorch: -inf for the maximum, zeros counted or not for the average.
+    return kind(spec.kernel_size, spec.stride, pad_mode="pad", padding=spec.padding, **extra)
+
+
+#: leaves without weights: spec type -> native cell
+_PLAIN_LEAVES = {
+    layers.Identity: lambda spec: nn.Identity(),
+    layers.ReLU: lambda spec: nn.ReLU(),
+    layers.LeakyReLU: lambda spec: nn.LeakyReLU(spec.negative_slope),
+    layers.Flatten: lambda spec: nn.Flatten(),
+    layers.MaxPool2d: _pool,
+    layers.AvgPool2d: _pool,
+    layers.AdaptiveAvgPool2d: lambda spec: nn.AdaptiveAvgPool2d(spec.output_size),
+    layers.Tanh: lambda spec: _Activation(ops.tanh),
+    layers.Sigmoid: lambda spec: _Activation(ops.sigmoid),
+    layers.SiLU: lambda spec: _Activation(ops.silu),
+    layers.ELU: lambda spec: _Activation(_elu, spec.alpha),
+    layers.GELU: lambda spec: _Activation(ops.gelu, spec.approximate),
+    layers.Softmax: lambda spec: _Activation(ops.softmax, spec.dim),
+    layers.LogSoftmax: lambda spec: _Activation(ops.log_softmax, spec.dim),
+}
+
+
+class _Builder:
+    """Builds the spec's tree as Cells, filling ``params`` with dotted PyTorch name -> Parameter
+    and numbering the Dropout layers in the order they run (the order of ``named_layers``)."""
+
+    def __init__(self):
+        self.params: dict[str, Parameter] = {}
+        self.dropouts = 0
+
+    def build(self, spec: layers.Layer, path: str) -> nn.Cell:
+        if isinstance(spec, layers.Sequential):
+            return _Sequential([self.build(child, _join(path, name)) for name, child in spec.children])
+        if isinstance(spec, layers.Residual):
+            body = self.build(spec.body, path)  # the body's children live in the Residual's namespace
+            shortcut = None if spec.shortcut is None else self.build(spec.shortcut, _join(path, "downsample"))
+            post = None if spec.post is None else self.build(spec.post, _join(path, "post"))
+            return _Residual(body, shortcut, post)
+        cell, state = self._leaf(spec)
+        self.params.update({f"{path}.{key}": param for key, param in state.items()})
+        return cell
+
+    def _leaf(self, spec: layers.Layer) -> tuple[nn.Cell, dict[str, Parameter]]:
+        if type(spec) in _PLAIN_LEAVES:
+            return _PLAIN_LEAVES[type(spec)](spec), {}
+        if isinstance(spec, layers.Dropout):
+            self.dropouts += 1
+            return _Dropout(self.dropouts - 1), {}
+        if isinstance(spec, (layers.BatchNorm1d, layers.BatchNorm2d)):
+            cell = _BatchNorm(spec)
+            return cell, cell.state()
+        if isinstance(spec, layers.LayerNorm):
+            cell = _LayerNorm(spec)
+            return cell, {"weight": cell.weight, "bias": cell.bias} if spec.elementwise_affine else {}
+        if isinstance(spec, layers.Linear):
+            cell = nn.Dense(spec.in_features, spec.out_features, "zeros", "zeros", has_bias=spec.bias)
+        elif isinstance(spec, layers.Conv2d):
+            # PyTorch pads explicitly, (top, bottom, left, right) in MindSpore's "pad" mode.
+            (ph, pw) = spec.padding
+            cell = nn.Conv2d(spec.in_channels, spec.out_channels, spec.kernel_size, spec.stride,
+                             pad_mode="pad", padding=(ph, ph, pw, pw), dilation=spec.dilation, group=spec.groups,
+                             has_bias=spec.bias, weight_init="zeros", bias_init="zeros")  # fmt: skip
         else:
-            raise TypeError(f"the mindspore backend cannot build {layer!r}")
-        if isinstance(layer, (layers.Linear, layers.Conv2d)):
-            params[f"{name}.weight"] = cell.weight
-            if layer.bias:
-                params[f"{name}.bias"] = cell.bias
-        cells.append(cell)
-    return _Network(cells)
+            raise TypeError(f"the mindspore backend cannot build {spec!r}")
+        return cell, {"weight": cell.weight, **({"bias": cell.bias} if spec.bias else {})}
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _dropout_shapes(spec: layers.Layer, shape: tuple[int, ...], found: list) -> tuple[int, ...]:
+    """``spec``'s output shape for per-sample input ``shape``; appends the per-sample input shape
+    of each Dropout it contains to ``found``, in the order they run."""
+    if isinstance(spec, layers.Sequential):
+        for child in spec.layers:
+            shape = _dropout_shapes(child, shape, found)
+        return shape
+    if isinstance(spec, layers.Residual):
+        out = _dropout_shapes(spec.body, shape, found)
+        if spec.shortcut is not None:
+            _dropout_shapes(spec.shortcut, shape, found)
+        return out if spec.post is None else _dropout_shapes(spec.post, out, found)
+    if isinstance(spec, layers.Dropout):
+        found.append(shape)
+    return spec.output_shape(shape)
+
+
+def _const(value):
+    return Tensor(value, ms.float32)
+
+
+def _power(a, exponent):
+    return ops.pow(a, exponent)
+
+
+def _exp(a):
+    return _in_float64(ops.exp, a)
+
+
+def _log(a):
+    return _in_float64(ops.log, a)
+
+
+def _sum(a, axis):
+    return ops.sum(a, axis)
+
+
+def _mean(a, axis):
+    return ops.mean(a, axis)
+
+
+def _log_softmax(a, axis):
+    return _in_float64(ops.log_softmax, a, axis)
+
+
+def _softmax(a, axis):
+    return _in_float64(ops.softmax, a, axis)
+
+
+#: The custom-loss operations of :mod:`unitrain.expr` as MindSpore functions, whose parameters
+#: after the operands are the op's static arguments in ``expr.STATIC`` order.
+_EXPR_OPS = {
+    "const": _const, "add": ops.add, "sub": ops.sub, "mul": ops.mul, "div": ops.div, "neg": ops.neg,
+    "pow": _power, "abs": ops.abs, "square": ops.square, "sqrt": ops.sqrt, "exp": _exp, "log": _log,
+    "maximum": ops.maximum, "minimum": ops.minimum, "sum": _sum, "mean": _mean,
+    "log_softmax": _log_softmax, "softmax": _softmax,
+}  # fmt: skip
+
+
+class _ExprInput(nn.Cell):
+    """``pred`` (``index`` 0) or ``target`` (1) in a custom loss's tree of Cells."""
+
+    def __init__(self, index: int):
+        super().__init__()
+        self.index = index
+
+    def construct(self, pred, target):
+        return pred if self.index == 0 else target
+
+
+class _ExprNode(nn.Cell):
+    """One operation of a custom loss: ``fn(*operands, *static)``. Graph mode cannot walk the
+    tree itself (it allows constant tuples nested 6 deep at most), so :func:`_custom_loss` turns
+    the tree into Cells once, at construction, and the compiled step runs them like layers."""
+
+    def __init__(self, fn, *operands, **static):
+        super().__init__()
+        self.fn, self.operands, self.static = fn, nn.CellList(list(operands)), tuple(static.values())
+
+    def construct(self, pred, target):
+        values = ()
+        for operand in self.operands:
+            values = (*values, operand(pred, target))
+        return self.fn(*values, *self.static)
+
+
+def _custom_loss(tree) -> nn.Cell:
+    """The custom loss's tree as Cells: ``expr.evaluate`` walks it with an op table whose
+    entries build the node's Cell from its operands' Cells."""
+    builders = {op: functools.partial(_ExprNode, fn) for op, fn in _EXPR_OPS.items()}
+    return expr.evaluate(tree, _ExprInput(0), _ExprInput(1), builders)
+
+
+def _loss_function(spec: Loss, reduction: str):
+    """The native loss of ``spec`` with ``reduction`` (MindSpore's losses follow PyTorch's
+    equations, arguments aside: ``nn.HuberLoss``'s ``delta``, ``nn.SmoothL1Loss``'s ``beta``)."""
+    if isinstance(spec, CustomLoss):
+        return _custom_loss(spec.tree)
+    if isinstance(spec, CrossEntropyLoss):
+        return nn.CrossEntropyLoss(reduction=reduction, label_smoothing=spec.label_smoothing)
+    if isinstance(spec, SmoothL1Loss):
+        # PyTorch's beta == 0 is the L1 loss; MindSpore's kernel refuses beta == 0.
+        return nn.SmoothL1Loss(spec.beta, reduction) if spec.beta > 0 else nn.L1Loss(reduction)
+    if isinstance(spec, HuberLoss):
+        return nn.HuberLoss(reduction, spec.delta)
+    native = {NLLLoss: nn.NLLLoss, MSELoss: nn.MSELoss, L1Loss: nn.L1Loss, BCEWithLogitsLoss: nn.BCEWithLogitsLoss}
+    return native[type(spec)](reduction=reduction)
 
 
 def _write(param: Parameter, value: np.ndarray) -> None:
@@ -140,7 +376,10 @@ class MindSporeLoop(TrainingLoop):
     name = "mindspore"
     framework = "mindspore"
     # No float64: MindSpore's CPU Conv2D, BatchNorm and cross entropy take float16/32 only.
-    capabilities = frozenset({"dropout", "batchnorm", "conv", "native-model", "random-state"})
+    capabilities = frozenset({
+        "dropout", "batchnorm", "conv", "native-model", "random-state",
+        "residual", "activations", "layernorm", "pooling", "losses", "custom-loss",
+    })  # fmt: skip
 
     #: ``False`` runs every step eagerly (PyNative), to debug or to compare speed
     compiled = True
@@ -158,8 +397,10 @@ class MindSporeLoop(TrainingLoop):
         self._rng = dropout_stream(self.seed)
         self._dropout_p = [layer.p for _, layer in model.named_layers() if isinstance(layer, layers.Dropout)]
         self._mask_shapes: dict[tuple[int, ...], list[tuple[int, ...]]] = {}
-        self._params: dict[str, Parameter] = {}
-        self._setup(_build_cell(model, self._params))
+        builder = _Builder()
+        net = builder.build(model, "")
+        self._params = {key: builder.params[key] for key in model.state_shapes()}  # state_dict order
+        self._setup(net)
 
     def _wrap_native(self, model) -> None:
         ms.set_seed(self.seed)
@@ -189,15 +430,16 @@ class MindSporeLoop(TrainingLoop):
         """The step's parts as compiled functions, for the network's current mode. (MindSpore's
         graph syntax has no ``zip(strict=)``, hence the noqa.)"""
         net, grads, opt_state = self._net, self._grads, self._opt_state
-        masked = isinstance(net, _Network)
+        masked = isinstance(net, _TakesMasks)
 
         def run(x, masks):
             return net(x, masks) if masked else net(x)
 
         weights = [self._params[name] for name in self._grad_names]
-        spec, loss_cls = self.optimizer_spec, _LOSSES[type(self.loss_spec)]
-        loss_fn, sum_loss = loss_cls(reduction=self.loss_spec.reduction), loss_cls(reduction="sum")
-        class_targets = self.loss_spec.class_targets
+        spec = self.optimizer_spec
+        loss_fn = _loss_function(self.loss_spec, getattr(self.loss_spec, "reduction", None))
+        # the core evaluates a CustomLoss itself, from predict
+        sum_loss = None if isinstance(self.loss_spec, CustomLoss) else _loss_function(self.loss_spec, "sum")
 
         def forward(x, masks):
             return run(x, masks)
@@ -255,7 +497,7 @@ class MindSporeLoop(TrainingLoop):
 
         def evaluate(x, y):
             pred = run(x, ())
-            correct = (pred.argmax(1) == y).sum() if class_targets else 0
+            correct = (pred.argmax(1) == y).sum() if y.dtype == ms.int32 else 0  # class indices only
             return sum_loss(pred, y), correct
 
         functions = (forward, loss, step, backward, update, zero_grad, evaluate)
@@ -265,14 +507,10 @@ class MindSporeLoop(TrainingLoop):
 
     def _masks(self, x: np.ndarray) -> tuple[Tensor, ...]:
         """Fresh dropout masks for a training forward of ``x`` (scaled by ``1/(1-p)``), else ``()``."""
-        if not (self._net.training and isinstance(self._net, _Network) and self._dropout_p):
+        if not (self._net.training and isinstance(self._net, _TakesMasks) and self._dropout_p):
             return ()
         if x.shape[1:] not in self._mask_shapes:
-            shapes, shape = [], x.shape[1:]
-            for _, layer in self.model_spec.named_layers():
-                if isinstance(layer, layers.Dropout):
-                    shapes.append(shape)
-                shape = layer.output_shape(shape)
+            _dropout_shapes(self.model_spec, x.shape[1:], shapes := [])
             self._mask_shapes[x.shape[1:]] = shapes
         # mutable: a plain tuple of tensors would be a graph constant, compiled again at every step
         return ms.mutable(tuple(
@@ -284,8 +522,8 @@ class MindSporeLoop(TrainingLoop):
         return Tensor.from_numpy(np.ascontiguousarray(x))
 
     def _y(self, y: np.ndarray) -> Tensor:
-        # MindSpore's class losses take int32 labels.
-        dtype = np.int32 if self.loss_spec.class_targets else self.dtype
+        # Integer targets are class indices, which MindSpore's class losses take as int32.
+        dtype = np.int32 if y.dtype.kind in "iu" else self.dtype
         return Tensor.from_numpy(np.ascontiguousarray(y, dtype))
 
     def _step_args(self) -> tuple[Tensor, bool]:
@@ -298,6 +536,14 @@ class MindSporeLoop(TrainingLoop):
         return Tensor(self.step_count + 1, ms.int64), first
 
     # --- hooks ----------------------------------------------------------------------------
+
+    @classmethod
+    def set_threads(cls, count: int) -> None:
+        super().set_threads(count)
+        # MindSpore's CPU kernels' pool (25 threads by default) is set once per process ("can not be
+        # set repeatedly", a RuntimeError): a second call keeps the first count
+        with contextlib.suppress(RuntimeError):
+            ms.device_context.cpu.op_tuning.threads_num(count)
 
     def _set_training(self, mode: bool) -> None:
         self._net.set_train(mode)

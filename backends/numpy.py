@@ -49,7 +49,6 @@ from unitrain.layers import (
 from unitrain.loop import InputError, TrainingLoop
 from unitrain.losses import (
     BCEWithLogitsLoss,
-    CrossEntropyLoss,
     CustomLoss,
     HuberLoss,
     L1Loss,
@@ -117,6 +116,11 @@ def _pad(x, padding, value=0.0):
     return np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=value) if ph or pw else x
 
 
+def _pooled_size(padded_shape, spec):
+    """Output height and width of a pooling window sliding over a padded (N, C, H, W) input."""
+    return tuple((d - k) // s + 1 for d, k, s in zip(padded_shape[2:], spec.kernel_size, spec.stride, strict=True))
+
+
 def _unpad(x, padding):
     (ph, pw), (h, w) = padding, x.shape[2:]
     return x[:, :, ph : h - ph, pw : w - pw] if ph or pw else x
@@ -145,7 +149,7 @@ class _Conv2d(_Layer):
         spec = self.spec
         (kh, kw), (dh, dw), (sh, sw), groups = spec.kernel_size, spec.dilation, spec.stride, spec.groups
         x = _pad(x, spec.padding)
-        n, c = x.shape[:2]
+        n = len(x)
         span = ((kh - 1) * dh + 1, (kw - 1) * dw + 1)
         windows = sliding_window_view(x, span, axis=(2, 3))[:, :, ::sh, ::sw, ::dh, ::dw]  # (N, C, OH, OW, kh, kw)
         oh, ow = windows.shape[2:4]
@@ -202,7 +206,7 @@ class _MaxPool2d(_Layer):
     def forward(self, x, training, record):
         spec = self.spec
         x = _pad(x, spec.padding, -np.inf)
-        out_size = tuple((d - k) // s + 1 for d, k, s in zip(x.shape[2:], spec.kernel_size, spec.stride, strict=True))
+        out_size = _pooled_size(x.shape, spec)
         slices = _window_slices(x, spec.kernel_size, spec.stride, out_size)
         out = next(slices).copy()
         argmax = np.zeros(out.shape, np.min_scalar_type(np.prod(spec.kernel_size) - 1))
@@ -248,7 +252,7 @@ class _AvgPool2d(_Layer):
         spec = self.spec
         size = x.shape[2:]
         x = _pad(x, spec.padding)
-        out_size = tuple((d - k) // s + 1 for d, k, s in zip(x.shape[2:], spec.kernel_size, spec.stride, strict=True))
+        out_size = _pooled_size(x.shape, spec)
         slices = _window_slices(x, spec.kernel_size, spec.stride, out_size)
         out = next(slices).copy()
         for candidate in slices:
@@ -738,9 +742,7 @@ def _class_terms(spec, pred, y):
         return -pred[rows, y], grad
     log_probs = _log_softmax(pred, 1)
     smoothing, classes = spec.label_smoothing, pred.shape[1]
-    if y.dtype.kind == "f":
-        if y.shape != pred.shape:
-            raise InputError(f"class-probability targets must have the predictions' shape {pred.shape}, got {y.shape}")
+    if y.dtype.kind == "f":  # class probabilities, shaped like pred (checked by the core)
         target = y * (1 - smoothing) + smoothing / classes if smoothing else y
         terms = -(target * log_probs).sum(1)
 
@@ -768,9 +770,8 @@ def _class_terms(spec, pred, y):
 
 
 def _elementwise_terms(spec, pred, y):
-    """Losses on targets shaped like the predictions: per-element losses and the gradient function."""
-    if y.shape != pred.shape:
-        raise InputError(f"{type(spec).__name__} targets must have the predictions' shape {pred.shape}, got {y.shape}")
+    """Losses on targets shaped like the predictions (checked by the core): per-element losses and
+    the gradient function."""
     if isinstance(spec, BCEWithLogitsLoss):
         # max(p, 0) - p*t + log(1 + exp(-|p|)); gradient sigmoid(p) - t
         return np.maximum(pred, 0) - pred * y + np.log1p(np.exp(-np.abs(pred))), lambda s: (_sigmoid(pred) - y) * s
@@ -829,7 +830,10 @@ def _quiet(method):
 
 class NumpyLoop(TrainingLoop):
     name = "numpy"
-    capabilities = frozenset({"dropout", "batchnorm", "conv", "float64", "random-state"})
+    capabilities = frozenset({
+        "dropout", "batchnorm", "conv", "float64", "random-state",
+        "residual", "activations", "layernorm", "pooling", "losses", "custom-loss",
+    })  # fmt: skip
 
     def _build(self, model):
         self._rng = dropout_stream(self.seed)
@@ -915,7 +919,7 @@ class NumpyLoop(TrainingLoop):
     def _evaluate_batch(self, x, y):
         pred = self._run(x, record=False)
         terms, _ = _loss_terms(self.loss_spec, pred, y)
-        correct = int((pred.argmax(1) == y).sum()) if self.loss_spec.class_targets else 0
+        correct = int((pred.argmax(1) == y).sum()) if y.dtype.kind in "iu" else 0
         return float(terms.sum(dtype=np.float64)), correct
 
     def _gradients(self):

@@ -1,7 +1,8 @@
-"""PyTorch backend: ``torch.nn`` layers in an ``nn.Sequential`` with the spec's indices (so native
-``state_dict`` keys are the canonical ones), ``torch.nn.functional`` losses and ``torch.optim``
-SGD/Adam/AdamW with ``foreach=False`` (PyTorch's single-tensor equations, which unitrain.optim
-reproduces).
+"""PyTorch backend: the spec tree built with ``torch.nn`` (an ``nn.Sequential`` with the spec's child
+names for each ``Sequential``, a small module for each ``Residual``), so native ``state_dict`` keys are
+the canonical ones (torchvision's for ``resnet18()``); ``torch.nn.functional`` losses, a ``CustomLoss``
+evaluated on torch tensors (autograd differentiates it); ``torch.optim`` SGD/Adam/AdamW with
+``foreach=False`` (PyTorch's single-tensor equations, which unitrain.optim reproduces).
 
 Dropout draws from this loop's own random stream (the one ``torch.manual_seed(seed)`` starts),
 swapped into the device's default generator only for training forwards: results depend on the
@@ -15,7 +16,9 @@ to the loop's dtype in place.
 from __future__ import annotations
 
 import sys
+from collections import OrderedDict
 from collections.abc import Mapping
+from dataclasses import fields
 from typing import Any
 
 import numpy as np
@@ -24,36 +27,87 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import skip_init
 
-from unitrain import layers
-from unitrain.loop import TrainingLoop
-from unitrain.losses import CrossEntropyLoss, MSELoss, NLLLoss
+from unitrain import expr, layers, losses
+from unitrain.loop import CAPABILITIES, TrainingLoop
 from unitrain.optim import SGD, Adam
 
 _DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
-_CRITERIA = {CrossEntropyLoss: F.cross_entropy, NLLLoss: F.nll_loss, MSELoss: F.mse_loss}
+
+#: Leaves without weights whose spec fields are ``torch.nn``'s constructor arguments, name for name.
+_PLAIN_LEAVES = (
+    layers.Identity, layers.ReLU, layers.Tanh, layers.Sigmoid, layers.GELU, layers.LeakyReLU, layers.SiLU,
+    layers.ELU, layers.Softmax, layers.LogSoftmax, layers.Flatten, layers.Dropout, layers.MaxPool2d,
+    layers.AvgPool2d, layers.AdaptiveAvgPool2d,
+)  # fmt: skip
+
+#: The built-in loss specs' ``torch.nn.functional`` twins; each spec's fields (``reduction``,
+#: ``label_smoothing``, ``beta``, ``delta``) are the function's keyword arguments, name for name.
+_FUNCTIONAL_LOSSES = {
+    losses.CrossEntropyLoss: F.cross_entropy, losses.NLLLoss: F.nll_loss, losses.MSELoss: F.mse_loss,
+    losses.BCEWithLogitsLoss: F.binary_cross_entropy_with_logits, losses.L1Loss: F.l1_loss,
+    losses.SmoothL1Loss: F.smooth_l1_loss, losses.HuberLoss: F.huber_loss,
+}  # fmt: skip
+
+
+def _expr_ops(dtype: torch.dtype, device: torch.device) -> dict:
+    """``unitrain.expr``'s operations as torch functions; constants become tensors of the loop's dtype."""
+    return {
+        "const": lambda value: torch.tensor(value, dtype=dtype, device=device),
+        "add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div, "neg": torch.neg,
+        "pow": lambda a, exponent: torch.pow(a, exponent),
+        "sum": lambda a, axis: a.sum() if axis is None else a.sum(axis),
+        "mean": lambda a, axis: a.mean() if axis is None else a.mean(axis),
+        "abs": torch.abs, "exp": torch.exp, "log": torch.log, "sqrt": torch.sqrt, "square": torch.square,
+        "maximum": torch.maximum, "minimum": torch.minimum,
+        "log_softmax": lambda a, axis: torch.log_softmax(a, axis), "softmax": lambda a, axis: torch.softmax(a, axis),
+    }  # fmt: skip
+
+
+class _Residual(nn.Module):
+    """``post(body(x) + downsample(x))``. The body's layers are registered directly on the block
+    and the shortcut as ``downsample``, so parameter names are torchvision's BasicBlock's
+    (``layer1.0.conv1.weight``, ``layer2.0.downsample.0.weight``)."""
+
+    def __init__(self, body: dict[str, nn.Module], downsample: nn.Module | None, post: nn.Module | None):
+        super().__init__()
+        for name, module in body.items():
+            self.add_module(name, module)
+        self.body_names = tuple(body)
+        self.downsample = downsample
+        self.post = post
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x
+        for name in self.body_names:
+            out = self._modules[name](out)
+        out = out + (x if self.downsample is None else self.downsample(x))
+        return out if self.post is None else self.post(out)
 
 
 def _module(spec: layers.Layer, dtype: torch.dtype) -> nn.Module:
     if isinstance(spec, layers.Sequential):
-        return nn.Sequential(*(_module(layer, dtype) for layer in spec))
+        return nn.Sequential(OrderedDict((name, _module(child, dtype)) for name, child in spec.children))
+    if isinstance(spec, layers.Residual):
+        body = {name: _module(child, dtype) for name, child in spec.body.children}
+        shortcut = None if spec.shortcut is None else _module(spec.shortcut, dtype)
+        post = None if spec.post is None else _module(spec.post, dtype)
+        return _Residual(body, shortcut, post)
     if isinstance(spec, layers.Linear):
         return skip_init(nn.Linear, spec.in_features, spec.out_features, bias=spec.bias, dtype=dtype)
     if isinstance(spec, layers.Conv2d):
         return skip_init(
-            nn.Conv2d, spec.in_channels, spec.out_channels, spec.kernel_size,
-            stride=spec.stride, padding=spec.padding, bias=spec.bias, dtype=dtype,
+            nn.Conv2d, spec.in_channels, spec.out_channels, spec.kernel_size, stride=spec.stride,
+            padding=spec.padding, dilation=spec.dilation, groups=spec.groups, bias=spec.bias, dtype=dtype,
         )  # fmt: skip
     if isinstance(spec, layers._BatchNorm):
         cls = nn.BatchNorm1d if isinstance(spec, layers.BatchNorm1d) else nn.BatchNorm2d
         return skip_init(cls, spec.num_features, eps=spec.eps, momentum=spec.momentum, dtype=dtype)
-    if isinstance(spec, layers.MaxPool2d):
-        return nn.MaxPool2d(spec.kernel_size, stride=spec.step)
-    if isinstance(spec, layers.Dropout):
-        return nn.Dropout(spec.p)
-    if isinstance(spec, layers.ReLU):
-        return nn.ReLU()
-    if isinstance(spec, layers.Flatten):
-        return nn.Flatten()
+    if isinstance(spec, layers.LayerNorm):
+        return skip_init(
+            nn.LayerNorm, spec.normalized_shape, eps=spec.eps, elementwise_affine=spec.elementwise_affine, dtype=dtype
+        )
+    if isinstance(spec, _PLAIN_LEAVES):
+        return getattr(nn, type(spec).__name__)(**{field.name: getattr(spec, field.name) for field in fields(spec)})
     raise TypeError(f"the torch backend cannot build {spec!r}")
 
 
@@ -65,11 +119,11 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
 class TorchLoop(TrainingLoop):
     name = "torch"
     framework = "torch"
-    capabilities = frozenset({"dropout", "batchnorm", "conv", "native-model", "float64", "random-state"})
+    capabilities = CAPABILITIES  # every one
 
     # --- building -------------------------------------------------------------------------
 
-    def _build(self, model: layers.Sequential) -> None:
+    def _build(self, model: layers.Container) -> None:
         self._adopt(_module(model, _DTYPES[self.dtype]))
 
     def _wrap_native(self, model: nn.Module) -> None:
@@ -95,7 +149,7 @@ class TorchLoop(TrainingLoop):
         else:
             raise TypeError(f"the torch backend trains CPU or CUDA models, got one on {self._device}")
         self._rng_state = torch.Generator(self._device).manual_seed(self.seed).get_state()
-        self._criterion = _CRITERIA[type(self.loss_spec)]
+        self._criterion = self._make_criterion(self.loss_spec)
         spec = self.optimizer_spec
         params = list(self._params.values())
         if isinstance(spec, SGD):
@@ -110,6 +164,17 @@ class TorchLoop(TrainingLoop):
             )
 
     # --- helpers --------------------------------------------------------------------------
+
+    def _make_criterion(self, spec: losses.Loss):
+        """``criterion(pred, y, reduction=None)``: the loss as torch computes it (None: the spec's reduction)."""
+        if isinstance(spec, losses.CustomLoss):
+            # the user's own loss: its recorded expression on torch tensors, differentiated by autograd;
+            # it reduces itself (the core evaluates it per sample)
+            ops = _expr_ops(_DTYPES[self.dtype], self._device)
+            return lambda pred, y, reduction=None: expr.evaluate(spec.tree, pred, y, ops)
+        function = _FUNCTIONAL_LOSSES[type(spec)]
+        arguments = {field.name: getattr(spec, field.name) for field in fields(spec) if field.name != "reduction"}
+        return lambda pred, y, reduction=None: function(pred, y, **arguments, reduction=reduction or spec.reduction)
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         # from_numpy shares the batch's memory; it rejects negative strides and warns on
@@ -130,10 +195,15 @@ class TorchLoop(TrainingLoop):
             self._rng_state = self._generator.get_state()
             self._generator.set_state(outer)
 
-    def _loss_of(self, pred: torch.Tensor, y: np.ndarray, reduction: str) -> torch.Tensor:
-        return self._criterion(pred, self._tensor(y), reduction=reduction)
+    def _loss_of(self, pred: torch.Tensor, y: np.ndarray, reduction: str | None = None) -> torch.Tensor:
+        return self._criterion(pred, self._tensor(y), reduction)
 
     # --- hooks ----------------------------------------------------------------------------
+
+    @classmethod
+    def set_threads(cls, count: int) -> None:
+        super().set_threads(count)
+        torch.set_num_threads(count)  # intra-op pool; its default (all physical cores) crawls on a busy machine
 
     @staticmethod
     def to_float(value: torch.Tensor) -> float:
@@ -150,7 +220,7 @@ class TorchLoop(TrainingLoop):
         return self._run(self._tensor(x))
 
     def _loss(self, pred: torch.Tensor, y: np.ndarray) -> torch.Tensor:
-        return self._loss_of(pred, y, self.loss_spec.reduction)
+        return self._loss_of(pred, y)
 
     def _backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -161,7 +231,7 @@ class TorchLoop(TrainingLoop):
     def _step(self, x: np.ndarray, y: np.ndarray) -> torch.Tensor:
         self.optimizer.zero_grad()
         pred = self._run(self._tensor(x))
-        loss = self._loss_of(pred, y, self.loss_spec.reduction)
+        loss = self._loss_of(pred, y)
         loss.backward()
         self.optimizer.step()
         self._step_pred = pred.detach()
@@ -182,7 +252,7 @@ class TorchLoop(TrainingLoop):
         with torch.no_grad():
             pred = self.model(self._tensor(x))
             total = self._loss_of(pred, y, "sum")
-            if not self.loss_spec.class_targets:
+            if y.dtype.kind != "i":  # not class indices: no accuracy
                 return float(total), 0
             correct = (pred.argmax(1) == self._tensor(y)).sum()
             return float(total), int(correct)

@@ -935,17 +935,45 @@ def check_bad_input(adapter):
 # --- 20-26. graphs with branches, the layers and losses of issue 8, the user's own loss ---------------
 
 
-def _layer_case(adapter, what, model, input_shape, *, size, scale=1.0, loss=None):
-    """Eval-mode forward and training-mode loss and gradients of ``model`` (random weights) match the
-    reference; ``scale`` widens the inputs so that activations see their curved regions."""
+def _longest_sum(model, input_shape, n: int) -> int:
+    """The most terms summed into one value anywhere in ``model``'s forward pass on ``n`` samples —
+    a dot product's fan-in, a pooling window, a normalisation's count, a softmax's axis — which is
+    the ``size`` of :func:`tolerances.tolerance` for its outputs (the suite's convention, as
+    ``CONV_FAN_IN`` for the conv model)."""
+    shapes = model.leaf_input_shapes(input_shape)
+    sizes = [1]
+    for path, layer in model.named_layers():
+        batch_shape = (n, *shapes[path])
+        if isinstance(layer, (layers.Linear, layers.Conv2d)):
+            sizes.append(layer.fan_in())
+        elif isinstance(layer, (layers.MaxPool2d, layers.AvgPool2d)):
+            sizes.append(math.prod(layer.kernel_size))
+        elif isinstance(layer, layers.AdaptiveAvgPool2d):  # a bin spans at most ceil(size / out) + 1 rows
+            sizes.append(math.prod(-(-d // o) + 1 for d, o in zip(batch_shape[2:], layer.output_size, strict=True)))
+        elif isinstance(layer, layers.LayerNorm):
+            sizes.append(math.prod(layer.normalized_shape))
+        elif isinstance(layer, layers._BatchNorm):  # training statistics over the batch and the positions
+            sizes.append(n * math.prod(batch_shape[2:]))
+        elif isinstance(layer, (layers.Softmax, layers.LogSoftmax)):
+            sizes.append(batch_shape[layer.dim])
+    return max(sizes)
+
+
+def _layer_case(adapter, what, model, input_shape, *, scale=1.0):
+    """Eval-mode forward and training-mode loss (MSE, sum) and gradients of ``model`` (random weights)
+    match the reference; ``scale`` widens the inputs so that activations see their curved regions.
+    Tolerance sizes: the forward's :func:`_longest_sum`; the loss adds up every output too; and
+    gradients, as in ``_check_gradients``, allow 8 times the loss's."""
     state = state_of(model)
-    loss = loss or MSELoss(reduction="sum")
+    loss = MSELoss(reduction="sum")
     loop = loaded(adapter, model, state, loss=loss)
     x = scale * inputs(input_shape)
     ref = reference.Reference(model, state)
+    size = _longest_sum(model, input_shape, len(x))
     compare(f"{what}: predict()", loop.predict(x), ref.forward(x), dtype=loop.dtype, size=size)
     output = model.output_shape(input_shape)
     target = inputs(output, seed=1)
+    size = max(size, len(x) * math.prod(output))
     expected, grad = reference.loss(loss, ref.forward(x, training=True), target)
     compare(f"{what}: training loss", tutorial_gradients(loop, x, target), expected, dtype=loop.dtype, size=size)
     compare_states(f"{what}: gradient", loop.gradients(), ref.backward(grad), dtype=loop.dtype, size=8 * size)
@@ -972,7 +1000,7 @@ def check_conv2d_options(adapter):
         ),
     }
     for what, model in cases.items():
-        _layer_case(adapter, what, model, (2, 6, 5), size=2 * 4 * 3 * 8)
+        _layer_case(adapter, what, model, (2, 6, 5))
 
 
 @check("conv", "pooling")
@@ -987,19 +1015,18 @@ def check_pooling(adapter):
     )  # fmt: skip
     for pools in cases:
         what = " then ".join(map(repr, pools))
-        _layer_case(adapter, what, _between_convs(*pools), (2, 6, 5), size=4 * 6 * 5)
+        _layer_case(adapter, what, _between_convs(*pools), (2, 6, 5))
 
 
 @check("layernorm")
 def check_layer_norm(adapter):
     """LayerNorm over the last dim and over several trailing dims, with and without affine parameters."""
     vector = layers.Sequential(layers.Linear(6, 8), layers.LayerNorm(8, eps=1e-3), layers.Linear(8, 4))
-    _layer_case(adapter, "LayerNorm(8)", vector, (6,), size=16)
+    _layer_case(adapter, "LayerNorm(8)", vector, (6,))
     plain = layers.Sequential(layers.Linear(6, 8), layers.LayerNorm(8, elementwise_affine=False), layers.Linear(8, 4))
-    _layer_case(adapter, "LayerNorm(8, elementwise_affine=False)", plain, (6,), size=16)
+    _layer_case(adapter, "LayerNorm(8, elementwise_affine=False)", plain, (6,))
     if "conv" in adapter.capabilities:
-        _layer_case(adapter, "LayerNorm((4, 6, 5))", _between_convs(layers.LayerNorm((4, 6, 5))), (2, 6, 5),
-                    size=4 * 6 * 5)  # fmt: skip
+        _layer_case(adapter, "LayerNorm((4, 6, 5))", _between_convs(layers.LayerNorm((4, 6, 5))), (2, 6, 5))
 
 
 #: Activations, each between two Linear layers; inputs scaled by 3 so that GELU, ELU, SiLU ...
@@ -1016,10 +1043,10 @@ def check_activations(adapter):
     (over the feature axis, and LogSoftmax over the channels of an image batch) match their formulas."""
     for layer in ACTIVATIONS:
         model = layers.Sequential(layers.Linear(6, 8), layer, layers.Linear(8, 4))
-        _layer_case(adapter, repr(layer), model, (6,), size=8, scale=3.0)
+        _layer_case(adapter, repr(layer), model, (6,), scale=3.0)
     if "conv" in adapter.capabilities:
         layer = layers.LogSoftmax(dim=1)
-        _layer_case(adapter, f"{layer!r} of (N, C, H, W)", _between_convs(layer), (2, 6, 5), size=18, scale=3.0)
+        _layer_case(adapter, f"{layer!r} of (N, C, H, W)", _between_convs(layer), (2, 6, 5), scale=3.0)
 
 
 def residual_dense_model() -> layers.Sequential:
@@ -1072,19 +1099,19 @@ def check_residual(adapter):
     """Residual blocks (identity and projection shortcuts, a layer after the add, nesting) under named
     children: forward, loss and every gradient match the reference, and state_dict() uses the dotted names."""
     model = residual_dense_model()
-    _layer_case(adapter, "dense residual model", model, (6,), size=4 * 8)
+    _layer_case(adapter, "dense residual model", model, (6,))
     keys = list(adapter(model).state_dict())
     if keys != list(model.state_shapes()):
         fail(f"state_dict() keys of the residual model: expected {list(model.state_shapes())}, got {keys}")
     if "conv" in adapter.capabilities:
-        _layer_case(adapter, "convolutional residual model", mini_resnet(batchnorm=False), (2, 7, 7), size=6 * 9 * 4)
+        _layer_case(adapter, "convolutional residual model", mini_resnet(batchnorm=False), (2, 7, 7))
 
 
 @check("residual", "conv", "batchnorm", "pooling")
 def check_mini_resnet(adapter):
     """ResNet-18's structure at toy size (stem, max pool, BasicBlocks with BatchNorm and a strided
     downsample, global average pool): eval forward and training-mode gradients match the reference."""
-    _layer_case(adapter, "mini ResNet", mini_resnet(batchnorm=True), (2, 7, 7), size=6 * 9 * 4)
+    _layer_case(adapter, "mini ResNet", mini_resnet(batchnorm=True), (2, 7, 7))
 
 
 @check("residual", "conv", "batchnorm")
@@ -1123,9 +1150,19 @@ def _targets(kind: str, n: int = 8, classes: int = 5) -> np.ndarray:
     return (2 * inputs((classes,), seed=4, n=n)).astype(np.float32)
 
 
-def _identity_gradients(pred, grad):
-    """Gradients of :func:`_identity_loop`'s weight and bias when ``grad`` = dloss/dpred."""
-    return {"0.weight": grad.T @ np.asarray(pred, F64), "0.bias": grad.sum(0)}
+#: the loss checks' tolerance size: every one of the 8 x 5 predictions' terms is summed into the loss
+LOSS_TERMS = 40
+
+
+def _loss_and_gradients(adapter, loss, pred, target, what):
+    """Through :func:`_identity_loop`, the tutorial sequence's loss and gradients (``grad.T @ pred``
+    and ``grad.sum(0)`` for ``grad`` = dloss/dpred) match the reference; returns the loop and the loss."""
+    loop = _identity_loop(adapter, loss)
+    expected, grad = reference.loss(loss, pred, target)
+    compare(f"{what}: loss", tutorial_gradients(loop, pred, target), expected, dtype=loop.dtype, size=LOSS_TERMS)
+    gradients = {"0.weight": grad.T @ np.asarray(pred, F64), "0.bias": grad.sum(0)}
+    compare_states(f"{what}: gradient", loop.gradients(), gradients, dtype=loop.dtype, size=LOSS_TERMS)
+    return loop, expected
 
 
 @check("losses")
@@ -1135,22 +1172,18 @@ def check_losses_new(adapter):
     pred = (3 * inputs((5,), seed=2)).astype(np.float32)
     for spec, kind in NEW_LOSSES:
         target = _targets(kind)
-        loop = _identity_loop(adapter, spec)
-        expected, grad = reference.loss(spec, pred, target)
         what = f"{spec} with {kind} targets"
-        compare(f"{what}: loss", tutorial_gradients(loop, pred, target), expected, dtype=loop.dtype, size=40)
-        compare_states(f"{what}: gradient", loop.gradients(), _identity_gradients(pred, grad), dtype=loop.dtype,
-                       size=40)  # fmt: skip
+        loop, _ = _loss_and_gradients(adapter, spec, pred, target, what)
         per_sample = reference.loss_terms(spec, pred, target)[0].mean()
         compare(f"{what}: evaluate()['loss']", loop.evaluate((pred, target))["loss"], per_sample, dtype=loop.dtype,
-                size=40)  # fmt: skip
+                size=LOSS_TERMS)  # fmt: skip
     # "sum" adds what "mean" averages: over samples for class probabilities, over elements for the rest
     for spec, kind in ((CrossEntropyLoss(reduction="sum"), "probabilities"), (L1Loss(reduction="sum"), "floats")):
         target = _targets(kind)
         loop = _identity_loop(adapter, spec)
         expected, _ = reference.loss(spec, pred, target)
         compare(f"{spec} with {kind} targets: loss", loop.to_float(loop.loss(loop.forward(pred), target)), expected,
-                dtype=loop.dtype, size=40)  # fmt: skip
+                dtype=loop.dtype, size=LOSS_TERMS)  # fmt: skip
 
 
 @check("custom-loss")
@@ -1161,15 +1194,10 @@ def check_custom_loss(adapter):
     pred = inputs((5,), seed=2)
     target = np.random.default_rng(8).uniform(0.1, 1.0, (8, 5)).astype(np.float32)
     for tree, (fn, _) in reference.CUSTOM_LOSSES.items():
-        loss = CustomLoss(fn)
-        loop = _identity_loop(adapter, loss)
-        expected, grad = reference.loss(loss, pred, target)
         what = f"CustomLoss {tree[0]}(...)"
-        compare(f"{what}: loss", tutorial_gradients(loop, pred, target), expected, dtype=loop.dtype, size=40)
-        compare_states(f"{what}: gradient", loop.gradients(), _identity_gradients(pred, grad), dtype=loop.dtype,
-                       size=40)  # fmt: skip
+        loop, expected = _loss_and_gradients(adapter, CustomLoss(fn), pred, target, what)
         compare(f"{what}: step() return value", loop.to_float(loop.step((pred, target))), expected,
-                dtype=loop.dtype, size=40)  # fmt: skip
+                dtype=loop.dtype, size=LOSS_TERMS)  # fmt: skip
 
 
 @check()

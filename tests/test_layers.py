@@ -134,6 +134,8 @@ def test_pairs_are_normalised_and_groups_shape_the_weight():
         (lambda: unitrain.CustomLoss(lambda p, t: (p**p).sum()), "exponent of \\*\\* must be a Python number"),
         (lambda: unitrain.CustomLoss(lambda p, t: p.sum() if p.sum() else 0), "has no truth value"),
         (lambda: unitrain.CustomLoss(lambda p, t: 1.0), "must return an expression"),
+        (lambda: unitrain.CustomLoss(lambda p, t: (p > t).sum()), "comparisons are not among"),
+        (lambda: unitrain.CustomLoss(lambda p, t: (np.ones(3) * p).sum()), "cannot enter the loss expression"),
     ],
 )
 def test_specs_reject_nonsense(make, message):
@@ -261,3 +263,20 @@ def test_evaluate_of_a_custom_loss_is_the_mean_of_each_samples_loss():
     expected = ((pred - 1) ** 2).sum() / 5
     metrics = loop.evaluate((x, y), batch_size=2)
     assert metrics["loss"] == pytest.approx(expected, rel=1e-6) and np.isnan(metrics["accuracy"])
+
+
+def test_batchnorm_training_needs_two_values_per_channel():
+    from unitrain.loop import InputError
+
+    model = Sequential({"conv": Conv2d(1, 2, 3), "norms": Sequential(unitrain.BatchNorm2d(2)), "flat": Flatten()})
+    loop = _loop(unitrain.MSELoss(), model)
+    one, target = np.ones((1, 1, 3, 3), np.float32), np.zeros((1, 2), np.float32)
+    message = r"^norms\.0: BatchNorm in training needs more than one value per channel, but a batch of 1 gives 1"
+    with pytest.raises(InputError, match=message):
+        loop.step((one, target))
+    with pytest.raises(InputError, match=message):
+        loop.forward(one)
+    loop.step((np.ones((2, 1, 3, 3), np.float32), np.zeros((2, 2), np.float32)))
+    loop.eval()
+    assert loop.predict(one).shape == (1, 2)
+    assert unitrain.resnet18().leaf_input_shapes((3, 64, 64))["layer4.1.bn2"] == (512, 2, 2)

@@ -34,3 +34,10 @@ def test_the_models_section_examples_run():
     assert list(namespace["model"].state_shapes())[:3] == ["stem.weight", "stem.bias", "block.conv1.weight"]
     exec(loss_example, namespace)
     assert namespace["seed_tutorial"].tree == ("sum", ("sub", ("pred",), ("target",)), None)
+
+
+def test_the_conformance_matrix_lists_every_check_in_order():
+    from unitrain.conformance import CHECKS
+
+    text = README.read_text().split("## The conformance suite\n", 1)[1]
+    assert re.findall(r"^\| `(check_\w+)` \|", text, re.M) == list(CHECKS)

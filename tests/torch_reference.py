@@ -1,10 +1,14 @@
 """Plain PyTorch as ground truth for the backend tests: hand-written twins of unitrain's networks, a
 translation of any layer spec into ``torch.nn``, a hand-written training loop, and state comparisons."""
 
+import copy
+from typing import NamedTuple
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from unitrain.conformance.tolerances import tolerance
 
 import unitrain as ut
 
@@ -128,3 +132,244 @@ def assert_states_close(actual, expected, *, rtol, atol, scale_atol=False):
         scale = max(1.0, float(np.abs(value).max(initial=0))) if scale_atol else 1.0
         np.testing.assert_allclose(actual[key], value, rtol=rtol, atol=atol * scale, equal_nan=False, err_msg=key)
     return max(float(np.abs(actual[key] - value).max(initial=0)) for key, value in expected.items())
+
+
+# How far a backend's float32 result may lie from PyTorch's float32 result of the same case, derived
+# rather than tuned. Both approximate one exact result, which the float64 runs pin down (there the
+# backends agree with PyTorch to ~1e-14), so |ours32 - torch32| <= |ours32 - exact| + |torch32 - exact|.
+# PyTorch's own float32 drift on the case is measured in the test itself, on whatever CPU runs it: the
+# hand-written loop in float32, once as given and once with each batch's samples in reverse order
+# (the same exact result, other summation orders), against the loop in float64. It shows how strongly
+# the case amplifies rounding: BatchNorm makes a conv weight gradient a sum of 12544 terms that nearly
+# cancel, Adam turns the rounding noise of a near-zero gradient into a step of order lr, and which
+# key's noise grows most is chance, so the drift is the largest over all keys. Kernels also differ in
+# how they add up n terms: blocked or pairwise (error ~ eps log n) or in one running sum (error ~ eps
+# sqrt(n) for random rounding errors, Higham, Accuracy and Stability, ch. 4), and which runs depends
+# on the CPU (oneDNN limited to SSE4.1 makes PyTorch's bn_cnn drift 8x smaller than with AVX2, while
+# Chainer's OpenBLAS GEMM keeps its drift). So a backend may drift sqrt(n) times as far as PyTorch,
+# n bounding the longest sum of one step (the elements of one input batch). Wrong equations are
+# caught by the float64 runs; here the float32 path must stay within rounding of them. The floor is
+# one float32 rounding of the value (conformance/tolerances.py, size 1).
+
+
+class TorchRun(NamedTuple):
+    """A hand-written PyTorch run: final state, optimizer buffers, and ``{"loss": each step's loss}``."""
+
+    state: dict
+    buffers: dict
+    losses: dict
+
+
+class TorchRuns(NamedTuple):
+    """The same case as ``float32``, ``float64``, and ``reversed``: float32 with each batch's samples
+    in reverse order."""
+
+    float32: TorchRun
+    float64: TorchRun
+    reversed: TorchRun
+
+
+def torch_runs(make_model, make_optimizer, batches):
+    """The hand-written loop trained on ``batches`` from the same initial weights (``make_model(dtype)``),
+    as ``TorchRuns``. The models must hold no dropout (its masks follow the sample order); mean losses
+    and batch statistics ignore it."""
+    batches_reversed = [(x[::-1].copy(), y[::-1].copy()) for x, y in batches]
+    runs = []
+    for dtype, data in ((torch.float32, batches), (torch.float64, batches), (torch.float32, batches_reversed)):
+        model = make_model(dtype)
+        optimizer = make_optimizer(model.parameters())
+        losses = np.array(train_torch(model, optimizer, data))
+        runs.append(TorchRun(numpy_state(model), optimizer_buffers(model, optimizer), {"loss": losses}))
+    return TorchRuns(*runs)
+
+
+def drift_tolerances(runs32, run64, size):
+    """Per key of ``run64`` (a part of a TorchRun): sqrt(size) times PyTorch's float32 drift, the largest
+    ``|float32 - float64|`` over all keys of ``runs32``, at least one float32 rounding of the key's
+    values; ``size``: the longest sum of one step."""
+    differences = (np.abs(run32[key] - value.astype(np.float64)) for run32 in runs32 for key, value in run64.items())
+    drift = max((float(difference.max(initial=0)) for difference in differences), default=0.0)
+    return {
+        key: max(np.sqrt(size) * drift, tolerance(np.float32, 1, float(np.abs(value).max(initial=0))))
+        for key, value in run64.items()
+    }
+
+
+def float64_tolerances(expected, size):
+    """Per key, the conformance formula for float64 (8 eps n max(1, |x|)): the equations themselves,
+    checked where rounding is ~1e-16. ``size``: the longest sum in one step; the elements of one input
+    batch bound every sum of these networks (a conv weight gradient adds batch x output pixels terms)."""
+    return {key: tolerance(np.float64, size, float(np.abs(value).max(initial=0))) for key, value in expected.items()}
+
+
+def expected_run(runs, dtype, size):
+    """For a backend's run in ``dtype`` ("float32" or "float64"): PyTorch's run of that dtype and, per
+    part and key, the tolerance (``drift_tolerances`` in float32, ``float64_tolerances`` in float64);
+    ``size``: the longest sum of one step."""
+    if np.dtype(dtype) == np.float64:
+        return runs.float64, TorchRun(*(float64_tolerances(part, size) for part in runs.float64))
+    parts = zip(runs.float32, runs.reversed, runs.float64, strict=True)
+    return runs.float32, TorchRun(*(drift_tolerances((part32, reversed32), part64, size)
+                                    for part32, reversed32, part64 in parts))  # fmt: skip
+
+
+def torch_output(model, x, function=None):
+    """``model``'s float32 output for ``x`` in its current mode (a training-mode BatchNorm records its
+    statistics), or ``function`` of it, and the tolerances PyTorch's own float32 drift gives it (a float64
+    copy computes the same; drift_tolerances): ``assert_within_drift``'s ``expected, tolerances``."""
+    twin = copy.deepcopy(model).double()
+    outputs = []
+    for network, dtype in ((model, torch.float32), (twin, torch.float64)):
+        out = network(torch.from_numpy(x).to(dtype))
+        outputs.append({"out": (function(out) if function else out).detach().numpy()})
+    return outputs[0], drift_tolerances(outputs[:1], outputs[1], x.size)
+
+
+def assert_within_drift(actual, expected, tolerances):
+    """The same keys in the same order, integers equal, floats within ``tolerances`` (per key);
+    returns the largest difference as a fraction of its key's tolerance."""
+    assert list(actual) == list(expected)
+    worst = 0.0
+    for key, value in expected.items():
+        if value.dtype.kind in "iu":
+            np.testing.assert_array_equal(actual[key], value, err_msg=key)
+            continue
+        difference = float(np.abs(actual[key].astype(np.float64) - value.astype(np.float64)).max(initial=0))
+        assert difference <= tolerances[key], (
+            f"{key}: max difference {difference:.3g} > {tolerances[key]:.3g} (drift_tolerances, float64_tolerances)"
+        )
+        worst = max(worst, difference / tolerances[key])
+    return worst
+class BasicBlock(nn.Module):
+    """torchvision's ResNet BasicBlock: two 3x3 convolutions with BatchNorm, plus the input (or its
+    ``downsample``) added before the last ReLU. Attribute names give torchvision's ``state_dict`` keys."""
+
+    def __init__(self, in_planes, planes, stride=1, downsample=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+
+    def forward(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(out + identity)
+
+
+class ResNet18(nn.Module):
+    """torchvision's ``resnet18()`` written out in plain PyTorch (torchvision itself is not a dependency):
+    the same module names, shapes, initialisation and forward, for ``in_channels`` x H x W inputs."""
+
+    def __init__(self, num_classes=1000, in_channels=3):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU()
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        self.layer1 = self._stage(64, 64, stride=1)
+        self.layer2 = self._stage(64, 128, stride=2)
+        self.layer3 = self._stage(128, 256, stride=2)
+        self.layer4 = self._stage(256, 512, stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(512, num_classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.constant_(module.weight, 1)
+                nn.init.constant_(module.bias, 0)
+
+    @staticmethod
+    def _stage(in_planes, planes, stride):
+        """torchvision's ``_make_layer`` for two BasicBlocks; the first downsamples when the shape changes."""
+        downsample = None
+        if stride != 1 or in_planes != planes:
+            downsample = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+        return nn.Sequential(BasicBlock(in_planes, planes, stride, downsample), BasicBlock(planes, planes))
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+class GarmentClassifier(nn.Module):
+    """The LeNet of PyTorch's "Training with PyTorch" tutorial (``unitrain.lenet()``'s twin), for 1x28x28 input."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 6, 5)
+        self.pool = nn.MaxPool2d(2, 2)
+        self.conv2 = nn.Conv2d(6, 16, 5)
+        self.fc1 = nn.Linear(16 * 4 * 4, 120)
+        self.fc2 = nn.Linear(120, 84)
+        self.fc3 = nn.Linear(84, 10)
+
+    def forward(self, x):
+        x = self.pool(F.relu(self.conv1(x)))
+        x = self.pool(F.relu(self.conv2(x)))
+        x = x.view(-1, 16 * 4 * 4)
+        return self.fc3(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
+def leaf_cases():
+    """Every leaf of issue 8, each in a small trainable network, with its hand-written ``torch.nn`` twin:
+    ``{name: (spec, torch module, per-sample input shape)}``. A convolution (images) or a linear layer
+    (vectors) in front gives the leaf trainable inputs; a linear head maps to 3 classes."""
+    image, vector = (2, 7, 7), (6,)
+    image_leaves = {
+        "conv2d_tuple_args": (ut.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2)),
+                              nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(1, 2))),
+        "conv2d_depthwise": (ut.Conv2d(4, 4, 3, groups=4, bias=False), nn.Conv2d(4, 4, 3, groups=4, bias=False)),
+        "conv2d_groups_dilation": (ut.Conv2d(4, 6, 3, padding=2, dilation=2, groups=2),
+                                   nn.Conv2d(4, 6, 3, padding=2, dilation=2, groups=2)),
+        "maxpool2d_padding": (ut.MaxPool2d(3, stride=2, padding=1), nn.MaxPool2d(3, stride=2, padding=1)),
+        "avgpool2d_padding": (ut.AvgPool2d(3, stride=2, padding=1), nn.AvgPool2d(3, stride=2, padding=1)),
+        "avgpool2d_exclude_pad": (ut.AvgPool2d(3, stride=2, padding=1, count_include_pad=False),
+                                  nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False)),
+        "avgpool2d_default_stride": (ut.AvgPool2d(2), nn.AvgPool2d(2)),
+        "adaptiveavgpool2d_1": (ut.AdaptiveAvgPool2d(1), nn.AdaptiveAvgPool2d(1)),
+        "adaptiveavgpool2d_3x2": (ut.AdaptiveAvgPool2d((3, 2)), nn.AdaptiveAvgPool2d((3, 2))),
+        "layernorm_chw": (ut.LayerNorm((4, 7, 7)), nn.LayerNorm((4, 7, 7))),
+        "softmax_channels": (ut.Softmax(dim=1), nn.Softmax(dim=1)),
+        "logsoftmax_last": (ut.LogSoftmax(dim=-1), nn.LogSoftmax(dim=-1)),
+    }  # fmt: skip
+    vector_leaves = {
+        "identity": (ut.Identity(), nn.Identity()),
+        "tanh": (ut.Tanh(), nn.Tanh()),
+        "sigmoid": (ut.Sigmoid(), nn.Sigmoid()),
+        "gelu": (ut.GELU(), nn.GELU()),
+        "gelu_tanh": (ut.GELU(approximate="tanh"), nn.GELU(approximate="tanh")),
+        "leakyrelu": (ut.LeakyReLU(0.2), nn.LeakyReLU(0.2)),
+        "silu": (ut.SiLU(), nn.SiLU()),
+        "elu": (ut.ELU(alpha=0.5), nn.ELU(alpha=0.5)),
+        "softmax": (ut.Softmax(dim=1), nn.Softmax(dim=1)),
+        "logsoftmax": (ut.LogSoftmax(dim=-1), nn.LogSoftmax(dim=-1)),
+        "layernorm": (ut.LayerNorm(5), nn.LayerNorm(5)),
+        "layernorm_no_affine": (ut.LayerNorm(5, eps=1e-3, elementwise_affine=False),
+                                nn.LayerNorm(5, eps=1e-3, elementwise_affine=False)),
+    }  # fmt: skip
+    cases = {}
+    for leaves, shape, spec_front, torch_front in [
+        (image_leaves, image, ut.Conv2d(2, 4, 3, padding=1), lambda: nn.Conv2d(2, 4, 3, padding=1)),
+        (vector_leaves, vector, ut.Linear(6, 5), lambda: nn.Linear(6, 5)),
+    ]:
+        for name, (spec_leaf, torch_leaf) in leaves.items():
+            features = int(np.prod(ut.Sequential(spec_front, spec_leaf).output_shape(shape)))
+            spec = ut.Sequential(spec_front, spec_leaf, ut.Flatten(), ut.Linear(features, 3))
+            twin = nn.Sequential(torch_front(), torch_leaf, nn.Flatten(), nn.Linear(features, 3))
+            cases[name] = (spec, twin, shape)
+    return cases
+
+
+def random_batches(shape, classes, count, batch_size=4, seed=SEED):
+    """``count`` batches of standard-normal float32 inputs (per-sample ``shape``), int64 labels below ``classes``."""
+    rng = np.random.default_rng(seed)
+    return [
+        (rng.standard_normal((batch_size, *shape)).astype(np.float32), rng.integers(0, classes, batch_size))
+        for _ in range(count)
+    ]

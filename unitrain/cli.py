@@ -7,6 +7,8 @@ import errno
 import itertools
 import json
 import math
+import os
+import platform
 import sys
 import tempfile
 import time
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import files, registry
+from . import files, plot, registry
 from .checkpoint import WEIGHTS, Checkpointer, Diverged, Interrupted, checkpoint_paths, load_checkpoint, stop_on_signals
 from .data import PACKAGED, ArrayDataset, DataError
 from .datasets import dataset_kind, load_datasets
@@ -32,7 +34,8 @@ class UsageError(Exception):
 
 
 #: errors that are the user's to fix: reported in one line, exit code 2, no traceback
-USER_ERRORS = (UsageError, files.OutputError, registry.BackendError, DataError, WeightsError, InputError, OSError)
+USER_ERRORS = (UsageError, files.OutputError, registry.BackendError, DataError, WeightsError, InputError, OSError,
+               plot.PlotError)  # fmt: skip
 
 
 class _Parser(argparse.ArgumentParser):
@@ -102,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arguments(train)
     train.add_argument("--save", type=Path, metavar="FILE", help="write the trained weights (safetensors)")
     train.add_argument("--metrics", type=Path, metavar="FILE", help="write one JSON object per epoch")
-    train.add_argument("--overwrite", action="store_true", help="allow --save/--metrics to replace files")
+    train.add_argument("--plot", type=Path, metavar="FILE.png", help="draw the run's curves by epoch (matplotlib)")
+    train.add_argument("--overwrite", action="store_true", help="allow --save/--metrics/--plot to replace files")
     train.add_argument(
         "--checkpoint-dir", type=Path, metavar="DIR", help="write checkpoints (each epoch's end, Ctrl-C)"
     )
@@ -127,9 +131,38 @@ def build_parser() -> argparse.ArgumentParser:
         "--backends", metavar="A,B,...", help="comma-separated backends, the reference first (default: all installed)"
     )
     _add_run_arguments(compare)
-    compare.add_argument("--json", type=Path, metavar="FILE", help="also write the report as JSON")
-    compare.add_argument("--overwrite", action="store_true", help="allow --json to replace a file")
+    compare.add_argument(
+        "--json", type=Path, metavar="FILE", help="also write the report as JSON, every step's loss too"
+    )
+    compare.add_argument(
+        "--report", type=Path, metavar="DIR", help="also write a web page with figures: DIR/index.html (matplotlib)"
+    )
+    compare.add_argument(
+        "--native",
+        action="store_true",
+        help="also train each framework's hand-written tutorial loop (torch, mindspore, chainer; SGD), for speed "
+        "and weights",
+    )
+    compare.add_argument(
+        "--sample-every", type=_int_at_least(1), metavar="K",
+        help="compare each layer's weights with the reference every K steps (default: 50 samples per run)",
+    )  # fmt: skip
+    compare.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="allow --json to replace a file, --report to write into a non-empty DIR",
+    )
     compare.set_defaults(handler=cmd_compare)
+
+    plot_command = commands.add_parser(
+        "plot",
+        help="draw train loss, test loss and test accuracy by epoch of train --metrics files",
+        description="Draw the curves of one or several runs (train --metrics files) into one PNG, one line per file.",
+    )
+    plot_command.add_argument("metrics", nargs="+", type=Path, metavar="METRICS.jsonl")
+    plot_command.add_argument("-o", "--output", type=Path, required=True, metavar="FILE.png", help="the figure")
+    plot_command.add_argument("--overwrite", action="store_true", help="allow -o to replace a file")
+    plot_command.set_defaults(handler=cmd_plot)
 
     evaluate = commands.add_parser("evaluate", help="test loss and accuracy of a weights file on a test set")
     predict = commands.add_parser("predict", help="classify a test image or a 28x28 grayscale PNG")
@@ -143,6 +176,19 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--index", type=_int_at_least(0), help="test image number (default 0)")
     source.add_argument("--image", type=Path, metavar="FILE.png", help="28x28 grayscale PNG, white digit on black")
     predict.set_defaults(handler=cmd_predict)
+
+    convert = commands.add_parser(
+        "convert",
+        help="a model's weights to or from PyTorch, MindSpore or Chainer files, or to ONNX",
+        description="Convert weights between file formats, chosen by extension: .safetensors (unitrain's), "
+        ".pt/.pth (a PyTorch state_dict), .ckpt (MindSpore), .npz (Chainer's save_npz); .onnx to export the model. "
+        "Tensors are named as each framework names the model's layers (see the README).",
+    )
+    convert.add_argument("input", type=Path, metavar="IN", help="the weights to read")
+    convert.add_argument("output", type=Path, metavar="OUT", help="the file to write")
+    convert.add_argument("--model", choices=sorted(PRESETS), default="mlp", help="the model the weights belong to")
+    convert.add_argument("--overwrite", action="store_true", help="allow OUT to replace a file")
+    convert.set_defaults(handler=cmd_convert)
 
     backends = commands.add_parser("backends", help="list backends and whether their framework is installed")
     backends.set_defaults(handler=cmd_backends)
@@ -164,6 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def default_threads() -> int:
+    """Every core this process may run on (its CPU affinity, which a container or taskset narrows)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """What defines a training run (train and compare share them)."""
     parser.add_argument("--model", choices=sorted(PRESETS), default="mlp")
@@ -183,6 +234,13 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-steps", type=_int_at_least(0), help="stop after N optimizer steps in total")
     parser.add_argument("--no-shuffle", action="store_true", help="visit samples in file order")
     parser.add_argument("--init-weights", type=Path, metavar="FILE", help="start from these safetensors weights")
+    parser.add_argument(
+        "--threads",
+        type=_int_at_least(1),
+        default=default_threads(),
+        metavar="N",
+        help="CPU threads for the framework's kernels and BLAS (default: %(default)s, every core this process may use)",
+    )
     parser.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
@@ -229,6 +287,18 @@ def _published(flag: str, path: Path, final: Path, what: str, overwrite: bool) -
     found = f"is {files.describe(path)}, never replaced" if overwrite else "appeared during the run"
     print(f"unitrain: {flag} {path} {found}; kept it and wrote the {what} to {final} instead", file=sys.stderr)
     return False
+
+
+# --- unitrain convert --------------------------------------------------------------------
+
+
+def cmd_convert(args) -> int:
+    from .convert import convert, format_of
+
+    final = convert(args.input, args.output, preset(args.model), overwrite=args.overwrite)
+    placed = _published("OUT", args.output, final, "weights", args.overwrite)
+    print(f"unitrain: wrote {final} ({format_of(final, 'OUT').title}, model {args.model})")
+    return 0 if placed else 2
 
 
 # --- unitrain backends -------------------------------------------------------------------
@@ -291,7 +361,17 @@ def cmd_compare(args) -> int:
         registry.usable_spec(name)
     initial = _check_run_inputs(args)
     files.check_output(args.json, "--json", args.overwrite)
+    files.check_output_dir(args.report, "--report", args.overwrite)
+    if args.report is not None:
+        plot.require_matplotlib("--report")
     optimizer = _optimizer(args)
+    if args.native:
+        from .native import check_run
+
+        try:
+            check_run(preset(args.model), optimizer)
+        except ValueError as error:
+            raise UsageError(f"--native: {error}") from None
     train_data, val_data, test_data = _run_data(args)
     print(
         f"unitrain compare: {', '.join(backends)}; model {args.model}, {optimizer}, batch {args.batch_size}, "
@@ -305,16 +385,44 @@ def cmd_compare(args) -> int:
 
     results = compare_backends(
         backends, preset(args.model), optimizer, train_data, test_data,
-        seed=args.seed, initial_weights=initial, extensions=extensions, val_data=val_data,
+        seed=args.seed, initial_weights=initial, extensions=extensions, threads=args.threads,
+        sample_every=args.sample_every, native=args.native, val_data=val_data,
         epochs=args.epochs, batch_size=args.batch_size, shuffle=not args.no_shuffle, max_steps=args.max_steps,
     )  # fmt: skip
+    table = format_report(results, len(test_data))
     print()
-    print(format_report(results, len(test_data)))
+    print(table)
+    placed = True
+    run = {**_run_config(args), "seed": args.seed, "optimizer": str(optimizer), "threads": args.threads}
     if args.json is not None:
-        report = {"run": {**_run_config(args), "seed": args.seed, "optimizer": str(optimizer)}, "results": results}
-        if not _write_json(args, report, "report"):
-            return 2
-    return 0
+        placed = _write_json(args, {"run": run, "results": results}, "report")
+    if args.report is not None:
+        placed = _write_report(args, results, run, table) and placed
+    return 0 if placed else 2
+
+
+def _write_report(args, results, run, table) -> bool:
+    """``--report DIR``: the web page and its figures; says where files went that could not go
+    where asked (see :func:`files.publish`)."""
+    from .report import write_report
+
+    backends = [result for result in results if not result.get("native")]
+    settings = {
+        "backends": ", ".join(f"{r['backend']} {r['version'] or ''}".strip() for r in backends),
+        **{key.replace("_", " "): value for key, value in run.items() if value is not None},
+        "steps": results[0]["steps"],
+        "initial weights": args.init_weights or f"init_weights(model, seed={args.seed})",
+        "machine": f"{platform.machine()}, {default_threads()} cores; {platform.platform(terse=True)}",
+        "written": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    native = " and their native loops" if len(backends) < len(results) else ""
+    title = f"unitrain compare: {', '.join(r['backend'] for r in backends)}{native} on {args.model}"
+    index, sidestepped = write_report(args.report, results, title=title, settings=settings, table=table,
+                                      model=preset(args.model), overwrite=args.overwrite)  # fmt: skip
+    for asked, final in sidestepped:
+        _published("--report", asked, final, "file", args.overwrite)
+    print(f"unitrain: report written to {index}")
+    return not sidestepped
 
 
 def _check_run_inputs(args) -> dict | None:
@@ -384,8 +492,13 @@ def cmd_train(args) -> int:
     initial = _check_run_inputs(args)
     files.check_output(args.save, "--save", args.overwrite)
     files.check_output(args.metrics, "--metrics", args.overwrite)
-    if args.save is not None and args.metrics is not None and args.save.resolve() == args.metrics.resolve():
-        raise UsageError("--save and --metrics name the same file")
+    files.check_output(args.plot, "--plot", args.overwrite)
+    outputs = {flag: path.resolve() for flag, path in (("--save", args.save), ("--metrics", args.metrics),
+                                                        ("--plot", args.plot)) if path is not None}  # fmt: skip
+    if len(set(outputs.values())) < len(outputs):
+        raise UsageError(f"{' and '.join(outputs)} must name different files")
+    if args.plot is not None:
+        plot.require_matplotlib("--plot")
     resume = _resume(args) if args.resume is not None else None
     optimizer = resume.optimizer_spec() if resume is not None else _optimizer(args)
     _check_checkpoint_dir(args, resume)
@@ -394,6 +507,7 @@ def cmd_train(args) -> int:
     if resume is not None:
         _check_resume_position(args, resume, len(train_data))
     adapter = registry.get_backend(args.backend)
+    adapter.set_threads(args.threads)
 
     loop = adapter(model, optimizer=optimizer, seed=args.seed)
     if initial is not None:
@@ -470,6 +584,13 @@ def cmd_train(args) -> int:
         final = files.publish(args.save, loop.save_weights, overwrite=args.overwrite)
         placed = _published("--save", args.save, final, "weights", args.overwrite) and placed
         print(f"unitrain: saved weights to {final}")
+    if args.plot is not None and not history:
+        print(f"unitrain: no epoch was trained, so there is nothing to draw; --plot {args.plot} not written")
+    elif args.plot is not None:
+        figure = plot.curves_figure([(f"{loop.name} {args.model}", history)])
+        final = files.publish(args.plot, lambda staged: plot.save_png(figure, staged), overwrite=args.overwrite)
+        placed = _published("--plot", args.plot, final, "figure", args.overwrite) and placed
+        print(f"unitrain: drew the curves in {final}")
     return 0 if placed else 2
 
 
@@ -608,30 +729,35 @@ class EpochReport:
 
 
 class ProgressBar:
-    """A progress bar on stderr. Reads the loss (a host sync) only when it redraws."""
+    """tqdm's progress bar on stderr while an epoch runs, removed at the epoch's end (where
+    :class:`EpochReport` prints its line). Reads the loss, a host sync, at most every ``interval``
+    seconds."""
 
-    width, interval = 30, 0.2
+    interval = 0.2
 
     def on_fit_start(self, loop, plan):
-        self.total = plan["steps_per_epoch"]
+        self.total, self.bar = plan["steps_per_epoch"], None
 
     def on_epoch_start(self, loop, epoch):
-        self.epoch, self.last_draw = epoch + 1, 0.0
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=self.total, desc=f"epoch {epoch + 1}", unit="step", leave=False, file=sys.stderr,
+                        mininterval=self.interval, dynamic_ncols=True)  # fmt: skip
+        self.loss_read = 0.0
 
     def on_step_end(self, loop, index, loss):
         now = time.monotonic()
-        if now - self.last_draw >= self.interval or index + 1 == self.total:
-            self.last_draw = now
-            done = (index + 1) / self.total
-            bar = "#" * int(done * self.width)
-            sys.stderr.write(
-                f"\repoch {self.epoch} [{bar:<{self.width}}] {index + 1}/{self.total} loss {loop.to_float(loss):.4f}"
-            )
-            sys.stderr.flush()
+        if now - self.loss_read >= self.interval:
+            self.loss_read = now
+            self.bar.set_postfix_str(f"loss {loop.to_float(loss):.4f}", refresh=False)
+        self.bar.update(index + 1 - self.bar.n)  # a resumed epoch starts at its batch, not at 0
 
     def on_epoch_end(self, loop, record):
-        sys.stderr.write("\r" + " " * (self.width + 60) + "\r")
-        sys.stderr.flush()
+        self.bar.close()
+
+    def finalize(self, loop):
+        if self.bar is not None:
+            self.bar.close()
 
 
 class MetricsWriter:
@@ -651,6 +777,25 @@ class MetricsWriter:
     def finalize(self, loop):
         with files.naming(self.path):
             self.file.close()
+
+
+# --- unitrain plot -----------------------------------------------------------------------
+
+
+def cmd_plot(args) -> int:
+    files.check_output(args.output, "-o", args.overwrite)
+    plot.require_matplotlib("unitrain plot")
+    runs = []
+    for path in args.metrics:
+        records = plot.read_metrics(path)
+        backends = sorted({str(r["backend"]) for r in records if isinstance(r.get("backend"), str)})
+        runs.append((f"{path} ({', '.join(backends)})" if backends else str(path), records))
+    figure = plot.curves_figure(runs)
+    final = files.publish(args.output, lambda staged: plot.save_png(figure, staged), overwrite=args.overwrite)
+    if not _published("-o", args.output, final, "figure", args.overwrite):
+        return 2
+    print(f"unitrain: drew {len(runs)} run{'s' if len(runs) > 1 else ''} in {final}")
+    return 0
 
 
 # --- unitrain evaluate / predict ---------------------------------------------------------------

@@ -40,7 +40,6 @@ MNIST_DIMS = {
     "t10k-images-idx3-ubyte": (10000, 28, 28),
     "t10k-labels-idx1-ubyte": (10000,),
 }
-MNIST_SIZES = {"train": MNIST_DIMS["train-labels-idx1-ubyte"][0], "test": MNIST_DIMS["t10k-labels-idx1-ubyte"][0]}
 #: at most this many bytes of raw samples are read from any file the user gives (1 GiB)
 MAX_DATA_BYTES = 1 << 30
 

@@ -8,21 +8,14 @@ operations it applies are recorded as a tree of plain tuples:
   static arguments named ``STATIC[op]`` (an exponent, an axis), e.g.
   ``("sum", ("sub", ("pred",), ("target",)), None)``.
 
-The operations (the whole list; broadcasting as NumPy):
+The operations (the whole list; broadcasting as NumPy), with their static arguments:
 
-==============  ======================================  ==========================
-op              written as                              static arguments
-==============  ======================================  ==========================
-add sub mul div ``a + b``, ``a - b``, ``a * b``, ``a / b``  (numbers on either side)
-neg             ``-a``
-pow             ``a ** k``                               ``exponent`` (a number)
-sum mean        ``a.sum()``, ``a.mean(axis)``            ``axis`` (None: all elements)
-abs exp log     ``abs(a)``, ``expr.exp(a)``, ...
-sqrt square     ``expr.sqrt(a)``, ``expr.square(a)``
-maximum minimum ``expr.maximum(a, b)``                   (ties split the gradient, as torch)
-log_softmax     ``expr.log_softmax(a, axis)``            ``axis``
-softmax         ``expr.softmax(a, axis)``                ``axis``
-==============  ======================================  ==========================
+- ``add sub mul div``: ``a + b``, ``a - b``, ``a * b``, ``a / b`` (Python numbers on either side);
+- ``neg``: ``-a``; ``pow``: ``a ** k`` (``exponent``, a number);
+- ``sum mean``: ``a.sum()``, ``a.mean(axis)`` (``axis``; None: all elements);
+- ``abs exp log sqrt square``: ``abs(a)``, ``expr.exp(a)``, ...;
+- ``maximum minimum``: ``expr.maximum(a, b)`` (ties split the gradient, as torch);
+- ``log_softmax softmax``: ``expr.log_softmax(a, axis)`` (``axis``).
 
 Each backend evaluates a tree with :func:`evaluate` and its NATIVE op table, so its own
 autograd differentiates it. The NumPy backend uses :func:`numpy_value_and_grad`: each op's
@@ -69,8 +62,17 @@ class Expr:
     def __repr__(self):
         return f"Expr({self.node!r})"
 
+    #: NumPy defers to the methods below, which refuse arrays with a message, instead of building object arrays
+    __array_ufunc__ = None
+
     def __bool__(self):
         raise TypeError("a CustomLoss expression has no truth value; use expr.maximum/minimum, not if or comparisons")
+
+    def _compare(self, other):
+        raise TypeError("comparisons are not among CustomLoss's operations; use expr.maximum/minimum")
+
+    __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = _compare
+    __hash__ = None
 
     def __add__(self, other):
         return _apply("add", self, other)

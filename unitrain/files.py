@@ -101,6 +101,24 @@ def check_output(path: Path | None, flag: str, overwrite: bool) -> None:
         raise OutputError(f"{flag} {path}: directory {parent} is not writable")
 
 
+def check_output_dir(path: Path | None, flag: str, overwrite: bool) -> None:
+    """At start-up: ``path`` is a directory to write several outputs into (``--report``): nothing
+    yet (its parent exists), an empty directory, or with ``overwrite`` a directory whose files of
+    the same names may be replaced (others are left alone)."""
+    if path is None:
+        return
+    kind = describe(path)
+    if kind == "nothing":
+        check_output(path, flag, overwrite)  # the parent exists and is writable
+        return
+    if kind != "a directory":
+        raise OutputError(f"{flag} {path} is {kind}, expected a directory (new or empty)")
+    if not overwrite and any(Path(path).iterdir()):
+        raise OutputError(f"{flag} {path} is a directory that is not empty; pass --overwrite to write into it")
+    if not os.access(path, os.W_OK):
+        raise OutputError(f"{flag} {path} is not writable")
+
+
 def _beside(path: Path) -> Iterator[Path]:
     """``path``, then ``stem.1.ext``, ``stem.2.ext``, ... in the same folder."""
     yield path

@@ -455,19 +455,28 @@ class Container(Layer):
         return self._shapes(lambda layer: {**layer.param_shapes(), **layer.buffer_shapes()})
 
     def output_shape(self, input_shape):
-        return self._trace(tuple(input_shape), "")
+        return self._trace(tuple(input_shape), "", {})
 
-    def _trace(self, input_shape: Shape, path: str) -> Shape:
+    def leaf_input_shapes(self, input_shape: Shape) -> dict[str, Shape]:
+        """The per-sample input shape of every leaf, by dotted path (``ValueError`` as
+        :meth:`output_shape`)."""
+        shapes: dict[str, Shape] = {}
+        self._trace(tuple(input_shape), "", shapes)
+        return shapes
+
+    def _trace(self, input_shape: Shape, path: str, seen: dict[str, Shape]) -> Shape:
         raise NotImplementedError
 
     def has(self, kind: type[Layer]) -> bool:
         return any(isinstance(layer, kind) for _, layer in self.named_layers())
 
 
-def _trace(layer: Layer, input_shape: Shape, path: str) -> Shape:
-    """``layer``'s output shape; a leaf's error is prefixed with its dotted path."""
+def _trace(layer: Layer, input_shape: Shape, path: str, seen: dict[str, Shape]) -> Shape:
+    """``layer``'s output shape; a leaf's error is prefixed with its dotted path, and ``seen``
+    records each leaf's input shape."""
     if isinstance(layer, Container):
-        return layer._trace(input_shape, path)
+        return layer._trace(input_shape, path, seen)
+    seen[path] = input_shape
     try:
         return tuple(layer.output_shape(input_shape))
     except ValueError as error:
@@ -517,9 +526,9 @@ class Sequential(Container):
     def __len__(self) -> int:
         return len(self.children)
 
-    def _trace(self, input_shape, path):
+    def _trace(self, input_shape, path, seen):
         for name, layer in self.children:
-            input_shape = _trace(layer, input_shape, _join(path, name))
+            input_shape = _trace(layer, input_shape, _join(path, name), seen)
         return input_shape
 
 
@@ -558,15 +567,15 @@ class Residual(Container):
             named.append(("post", self.post))
         return tuple(named)
 
-    def _trace(self, input_shape, path):
-        body = self.body._trace(input_shape, path)
+    def _trace(self, input_shape, path, seen):
+        body = self.body._trace(input_shape, path, seen)
         shortcut = input_shape
         if self.shortcut is not None:
-            shortcut = _trace(self.shortcut, input_shape, _join(path, "downsample"))
+            shortcut = _trace(self.shortcut, input_shape, _join(path, "downsample"), seen)
         if body != shortcut:
             raise ValueError(f"{path or 'Residual'}: body gives {body}, shortcut gives {shortcut}")
         if self.post is not None:
-            return _trace(self.post, body, _join(path, "post"))
+            return _trace(self.post, body, _join(path, "post"), seen)
         return body
 
 

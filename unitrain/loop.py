@@ -29,7 +29,9 @@ dtype of ``y`` says what the targets are, checked against the loss spec
 * ``CustomLoss``: any numeric ``y`` whose shape the user's expression can combine with the
   output's (NumPy broadcasting); passed on in the loop's dtype (float32 by default).
 
-Adapters wrap the arrays without copying where the framework allows.
+Adapters wrap the arrays without copying where the framework allows. A training forward also
+needs more than one value per BatchNorm channel (batch size times the spatial size there, as
+PyTorch demands); that too is refused before any framework work.
 
 The user's own loss: ``CustomLoss(fn)`` records ``fn(pred, target)`` once as an expression
 tree over a small set of portable operations (:mod:`unitrain.expr`: arithmetic, powers,
@@ -80,6 +82,7 @@ Without it, ``random_state()`` is ``{}``.
 
 from __future__ import annotations
 
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
@@ -90,7 +93,7 @@ import numpy as np
 from . import expr
 from . import weights as weights_io
 from .data import ArrayDataset
-from .layers import Container
+from .layers import Container, _BatchNorm
 from .losses import CrossEntropyLoss, CustomLoss, Loss
 from .optim import SGD, Optimizer
 
@@ -144,7 +147,9 @@ class TrainingLoop(ABC):
         #: optimizer steps taken (``update`` / ``step`` calls)
         self.step_count = 0
         self.training = True
-        self._output_shapes: dict[tuple[int, ...], tuple[int, ...]] = {}
+        #: per-sample input shape -> (per-sample output shape, the BatchNorm with the fewest values
+        #: per channel and sample as (path, count), or None)
+        self._shape_facts: dict[tuple[int, ...], tuple[tuple[int, ...], tuple[str, int] | None]] = {}
         self._forward_shape: tuple[int, ...] | None = None
         if isinstance(model, Container):
             self.model_spec: Container | None = model
@@ -253,6 +258,15 @@ class TrainingLoop(ABC):
         have no ``train_accuracy``)."""
         return None
 
+    @classmethod
+    def set_threads(cls, count: int) -> None:
+        """Compute on ``count`` CPU threads, process-wide, from now on (before the first loop is
+        built). The base class limits the BLAS and OpenMP pools loaded in the process (NumPy's,
+        with threadpoolctl); an adapter whose framework keeps its own pool sets that too."""
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=count)  # applies now, process-wide; the returned handle only restores
+
     @staticmethod
     def to_float(value: Any) -> float:
         """A native scalar (as returned by ``step``/``loss``) as a Python float (syncs)."""
@@ -273,6 +287,7 @@ class TrainingLoop(ABC):
     def forward(self, x: np.ndarray) -> Any:
         """Model output for a batch (native tensor); in training mode it is differentiable."""
         x = self._check_x(x)
+        self._check_batch_statistics(x)
         self._forward_shape = x.shape
         return self._forward(x)
 
@@ -298,6 +313,7 @@ class TrainingLoop(ABC):
         """zero_grad, forward, loss, backward, update; returns the pre-update loss (native
         scalar: ``float(...)`` or :meth:`to_float` reads it)."""
         x, y = self._check_batch(batch)
+        self._check_batch_statistics(x)
         loss = self._step(x, y)
         self.step_count += 1
         return loss
@@ -533,12 +549,30 @@ class TrainingLoop(ABC):
         return x
 
     def _output_shape(self, sample_shape: tuple[int, ...]) -> tuple[int, ...]:
-        if sample_shape not in self._output_shapes:
+        return self._facts(sample_shape)[0]
+
+    def _facts(self, sample_shape):
+        if sample_shape not in self._shape_facts:
             try:
-                self._output_shapes[sample_shape] = self.model_spec.output_shape(sample_shape)
+                output = self.model_spec.output_shape(sample_shape)
+                inputs = self.model_spec.leaf_input_shapes(sample_shape)
             except ValueError as error:
                 raise InputError(str(error)) from None
-        return self._output_shapes[sample_shape]
+            norms = [(path, math.prod(inputs[path][1:])) for path, layer in self.model_spec.named_layers()
+                     if isinstance(layer, _BatchNorm)]  # fmt: skip
+            self._shape_facts[sample_shape] = (output, min(norms, key=lambda norm: norm[1], default=None))
+        return self._shape_facts[sample_shape]
+
+    def _check_batch_statistics(self, x: np.ndarray) -> None:
+        """A training forward needs more than one value per BatchNorm channel (as PyTorch)."""
+        if not self.training or self.model_spec is None:
+            return
+        norm = self._facts(x.shape[1:])[1]
+        if norm is not None and len(x) * norm[1] < 2:
+            raise InputError(
+                f"{norm[0]}: BatchNorm in training needs more than one value per channel, but a batch of "
+                f"{len(x)} gives {len(x) * norm[1]} there; use batches of 2 or more (or eval mode)"
+            )
 
     def _check_y(self, y, n: int, sample_shape=None) -> np.ndarray:
         """Targets checked against the loss spec and, for spec models, the output shape (see

@@ -1,9 +1,9 @@
 """An example third-party backend: a dense-only NumPy adapter in one file.
 
 It supports Flatten, Linear and ReLU in float32 and declares no capability, so the conformance
-suite skips its convolution, dropout, BatchNorm, float64 and native-model checks with a reason
-and runs every other one. A package registers it under the ``unitrain.backends`` entry-point
-group::
+suite skips its convolution, dropout, BatchNorm, float64, native-model and issue-8 (residual,
+layers, losses, custom-loss) checks with a reason and runs every other one. A package registers
+it under the ``unitrain.backends`` entry-point group::
 
     [project.entry-points."unitrain.backends"]
     tinydense = "unitrain_tinydense:TinyDenseLoop"
