@@ -1,4 +1,5 @@
-"""Datasets: in-memory arrays, seeded batching, and MNIST shipped inside the package.
+"""Datasets: in-memory arrays, seeded batching, IDX files, and the datasets shipped inside the
+package (MNIST, Fashion-MNIST). The user's own formats are read by :mod:`unitrain.datasets`.
 
 Every backend receives the same NumPy batches in the same order for a given seed: the order of
 epoch ``e`` is ``numpy.random.default_rng([seed, e]).permutation(n)``, a pure function of
