@@ -526,14 +526,23 @@ class ChainerLoop(TrainingLoop):
 
     def _step(self, x, y):
         self._zero_grad()
-        loss = self._loss(self._forward(x), y)
+        pred = self._forward(x)
+        loss = self._loss(pred, y)
         loss.backward()
         self.optimizer.update()
-        # The array, not the Variable: fit keeps an epoch's losses, and a Variable keeps its graph.
+        self._step_pred = pred.array  # arrays, not Variables: a Variable keeps its graph
         return loss.array
 
     def _set_lr(self, lr):
         self.optimizer.lr = lr
+
+    def _step_correct(self, y):
+        xp = chainer.backend.get_array_module(self._step_pred)
+        return (self._step_pred.argmax(axis=1) == xp.asarray(y)).sum()
+
+    @staticmethod
+    def to_numpy(value):
+        return chainer.backend.CpuDevice().send(getattr(value, "array", value)).copy()
 
     @staticmethod
     def to_float(value):

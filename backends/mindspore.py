@@ -459,7 +459,13 @@ class MindSporeLoop(TrainingLoop):
         def forward_loss(x, y, masks):
             return loss_fn(run(x, masks), y)
 
+        def forward_loss_pred(x, y, masks):
+            pred = run(x, masks)
+            return loss_fn(pred, y), pred
+
         value_and_grad = ms.value_and_grad(forward_loss, None, weights)
+        # the whole step also returns its predictions (has_aux: not differentiated), for train accuracy
+        value_pred_and_grad = ms.value_and_grad(forward_loss_pred, None, weights, has_aux=True)
 
         # each parameter's optimizer buffers, in the spec's state_names order
         buffers_of = [tuple(opt_state[kind][i] for kind in spec.state_names) for i in range(len(weights))]
@@ -486,12 +492,12 @@ class MindSporeLoop(TrainingLoop):
             return t
 
         def step(x, y, t, first, lr, masks):
-            value, gradients = value_and_grad(x, y, masks)
+            (value, pred), gradients = value_pred_and_grad(x, y, masks)
             gradients = clipped(gradients)
             for buf, grad in zip(grads, gradients):  # noqa: B905
                 ops.assign(buf, grad)
             apply_update(gradients, t, first, lr)
-            return value
+            return value, pred
 
         def backward(x, y, masks):
             value, gradients = value_and_grad(x, y, masks)
@@ -595,9 +601,16 @@ class MindSporeLoop(TrainingLoop):
         self._opt_ready = True
 
     def _step(self, x, y):
-        loss = self._fn.step(self._x(x), self._y(y), *self._step_args(), self._masks(x))
+        loss, self._step_pred = self._fn.step(self._x(x), self._y(y), *self._step_args(), self._masks(x))
         self._opt_ready = True
         return loss
+
+    def _step_correct(self, y):
+        return (self._step_pred.argmax(1) == self._y(y)).sum()
+
+    @staticmethod
+    def to_numpy(value):
+        return value.asnumpy().copy() if isinstance(value, Tensor) else np.array(value)
 
     def _predict(self, x):
         return self._fn.forward(self._x(x), ()).asnumpy()

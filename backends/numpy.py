@@ -915,10 +915,14 @@ class NumpyLoop(TrainingLoop):
 
     def _step(self, x, y):
         self._zero_grad()
-        loss = self._loss(self._forward(x), y)
+        self._step_pred = self._forward(x)
+        loss = self._loss(self._step_pred, y)
         self._backward(loss)
         self._update()
         return loss.value
+
+    def _step_correct(self, y):
+        return int((self._step_pred.argmax(1) == y).sum())
 
     def _predict(self, x):
         return self._run(x, record=False)

@@ -235,10 +235,19 @@ class TorchLoop(TrainingLoop):
 
     def _step(self, x: np.ndarray, y: np.ndarray) -> torch.Tensor:
         self.optimizer.zero_grad()
-        loss = self._loss_of(self._run(self._tensor(x)), y)
+        pred = self._run(self._tensor(x))
+        loss = self._loss_of(pred, y)
         loss.backward()
         self._update()
+        self._step_pred = pred.detach()
         return loss.detach()
+
+    def _step_correct(self, y: np.ndarray) -> torch.Tensor:
+        return (self._step_pred.argmax(1) == self._tensor(y)).sum()
+
+    @staticmethod
+    def to_numpy(value) -> np.ndarray:
+        return _numpy(value)
 
     def _predict(self, x: np.ndarray) -> np.ndarray:
         with torch.no_grad():

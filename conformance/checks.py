@@ -643,6 +643,30 @@ def check_step_returns_pre_update_loss(adapter):
 
 
 @check()
+def check_predictions_as_numpy_and_train_accuracy(adapter):
+    """``to_numpy(forward(x))`` is a NumPy array of the loop's dtype, in eval mode what
+    ``predict(x)`` gives; ``fit``'s ``train_accuracy`` (where the adapter reports it) counts the
+    step's own predictions: those of the weights before the update."""
+    model = dense_model()
+    state = state_of(model)
+    loop = loaded(adapter, model, state, optimizer=SGD(lr=0.5))
+    x, y = inputs((3, 4)), labels()
+    loop.eval()
+    pred = loop.to_numpy(loop.forward(x))
+    if not isinstance(pred, np.ndarray) or pred.dtype != loop.dtype:
+        fail(f"to_numpy(forward(x)) gave {type(pred).__name__} of dtype {getattr(pred, 'dtype', None)}, "
+             f"expected a numpy.ndarray of {loop.dtype}")  # fmt: skip
+    compare("to_numpy(forward(x)) vs. predict(x)", pred, loop.predict(x), dtype=loop.dtype, size=DENSE_FAN_IN)
+    expected = reference.Reference(model, state).forward(x)
+    (record,) = loop.fit((x, y), epochs=1, batch_size=len(x), shuffle=False)
+    if "train_accuracy" in record:
+        correct = float(np.mean(expected.argmax(axis=1) == y))
+        if record["train_accuracy"] != correct:
+            fail(f"train_accuracy {record['train_accuracy']} after one step, expected {correct}: the argmax of "
+                 "that step's own forward pass")  # fmt: skip
+
+
+@check()
 def check_tutorial_sequence_equals_step(adapter):
     """zero_grad, forward, loss, backward, update gives bit-for-bit what step() gives, with
     BatchNorm and with Dropout (the same masks), also inside a Residual, where the adapter has them."""

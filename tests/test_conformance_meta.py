@@ -188,6 +188,23 @@ class RandomStateNotRestored(NumpyLoop):
         pass
 
 
+class TrainAccuracyAfterTheUpdate(NumpyLoop):
+    """Counts a second forward pass, with the updated weights: an extra pass, and the wrong one."""
+
+    def _step_correct(self, y):
+        return int((self._run(self._step_input, record=False).argmax(1) == y).sum())
+
+    def _step(self, x, y):
+        self._step_input = x
+        return super()._step(x, y)
+
+
+class PredictionsAsAList(NumpyLoop):
+    @staticmethod
+    def to_numpy(value):
+        return value.tolist()
+
+
 def failure(adapter, check):
     result = run_check(adapter, check)
     assert result.status == "fail", result
@@ -231,6 +248,10 @@ CAUGHT = {
     (RandomStateNotRestored, "check_random_state_resumes_dropout"):
         "after a restore, the next steps' weights '1.weight': expected 0.220625, got 0.171773 at index (6, 11); "
         "max error 0.0489 > tolerance 0 (must be bit-exact)",
+    (TrainAccuracyAfterTheUpdate, "check_predictions_as_numpy_and_train_accuracy"):
+        "train_accuracy 0.5 after one step, expected 0.25: the argmax of that step's own forward pass",
+    (PredictionsAsAList, "check_predictions_as_numpy_and_train_accuracy"):
+        "to_numpy(forward(x)) gave list of dtype None, expected a numpy.ndarray of float32",
 }  # fmt: skip
 
 

@@ -128,3 +128,26 @@ def test_chainer_tutorial_split(mnist_train):
     np.testing.assert_array_equal(train.y, again.y)
     with pytest.raises(ValueError, match="split size must be in 0..60000"):
         mnist_train.split(70000)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "torch", "chainer", "mindspore"])
+def test_fit_records_train_accuracy_of_its_own_steps_and_validation_metrics(backend, mnist_test):
+    """``train_accuracy`` counts the argmax of the very forward passes the steps made: a
+    tutorial-shaped loop from the same seed, counting its ``forward`` outputs read through
+    ``to_numpy``, gets the same count exactly; ``val_*`` are ``evaluate`` on the split."""
+    import unitrain
+
+    pytest.importorskip(backend)
+    train, val = mnist_test.subset(slice(0, 300)).split(200, seed=3)
+    (record,) = unitrain.make_loop(backend, unitrain.mlp(), seed=0).fit(
+        train, epochs=1, batch_size=32, val_data=val, eval_data=val
+    )
+    manual, correct = unitrain.make_loop(backend, unitrain.mlp(), seed=0), 0
+    for x, y in train.batches(32, shuffle=True, seed=0, epoch=0):
+        pred = manual.to_numpy(manual.forward(x))  # the weights the step's own forward pass sees
+        assert isinstance(pred, np.ndarray) and pred.dtype == np.float32 and pred.shape == (len(x), 10)
+        correct += int((pred.argmax(1) == y).sum())
+        manual.step((x, y))
+    assert record["train_accuracy"] == correct / len(train)
+    assert (record["val_loss"], record["val_accuracy"]) == (record["test_loss"], record["test_accuracy"])
+    assert record["val_accuracy"] == manual.evaluate(val)["accuracy"]

@@ -72,7 +72,7 @@ def test_predict_a_test_image_and_the_same_image_as_png(trained_weights, mnist_t
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--index", "10000"], "argument --index: must be <= 9999, got 10000"),
+        (["--index", "10000"], "--index 10000 is out of range: the test set has 10000 images"),
         (["--index", "3", "--image", "x.png"], "argument --image: not allowed with argument --index"),
         (["--image", "missing.png"], "--image missing.png does not exist"),
     ],

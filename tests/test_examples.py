@@ -55,14 +55,18 @@ def test_chainer_training_loop_trains_saves_and_reloads(backend, tmp_path, capsy
     assert "the loaded model classifies like the trained one: True" in printed and out.stat().st_size > 0
 
 
-def test_pytorch_training_loop_logs_running_loss_and_validates_in_eval_mode(backend, tmp_path, capsys):
+def test_pytorch_training_loop_on_fashion_mnist_saves_and_reloads_the_best_model(backend, tmp_path, capsys):
     out = tmp_path / "best.safetensors"
     example("pytorch_training_loop").main(["--backend", backend, *STEPS, "--log-every", "10", "--out", str(out)])
     printed = capsys.readouterr().out
+    assert "Training set has 60000 instances\nValidation set has 10000 instances\n" in printed
+    garments = printed.splitlines()[2].split("  ")  # the first batch's 4 labels, by name
+    assert len(garments) == 4 and set(garments) <= set(unitrain.data.PACKAGED["fashion-mnist"].classes)
     assert re.findall(r"  batch (\d+) loss: \d+\.\d+", printed) == ["10", "20"]
     train_loss, valid_loss = map(float, re.search(rf"LOSS train {NUMBER} valid {NUMBER}", printed).groups())
-    assert train_loss < 2 and valid_loss < 2
-    assert re.search(r"final validation accuracy: \d+\.\d%", printed) and out.stat().st_size > 0
+    assert 0 < train_loss < 2.4 and 0 < valid_loss < 2.4  # ln(10) = 2.30 at chance, lr 0.001 moves slowly
+    reloaded, best = map(float, re.search(rf"reloaded: valid loss {NUMBER} \(best {NUMBER}\)", printed).groups())
+    assert reloaded == best and out.stat().st_size > 0
 
 
 def test_mindspore_model_training_prints_the_tutorials_lines(backend, capsys):
@@ -166,7 +170,8 @@ def test_cnn_training_prints_total_correct_and_loss(backend, capsys):
     example("cnn_training").main(["--backend", backend, *STEPS])
     match = re.fullmatch(r"epoch 0 total_correct: (\d+) loss: (\S+)\n", capsys.readouterr().out)
     correct, total_loss = int(match[1]), float(match[2])
-    assert 0 < correct <= 20 * 100 and 0 < total_loss < 20 * 2.5
+    # Adam lr 0.01 on Fashion-MNIST learns within 20 batches of 100: above chance (10%), loss below ln(10)
+    assert 10 * 20 < correct <= 20 * 100 and 0 < total_loss < 20 * 2.31
 
 
 @pytest.mark.slow

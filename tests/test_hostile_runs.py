@@ -64,15 +64,15 @@ def appears_during_the_run(monkeypatch):
     """Files that a user (or another job) creates at the given paths after unitrain's start-up
     checks, while the run loads its data."""
     created = {}
-    load_mnist = cli.load_mnist
+    load_datasets = cli.load_datasets
 
     def load_then_create(*args, **kwargs):
         for path, content in created.items():
             if not path.exists():
                 path.write_bytes(content)
-        return load_mnist(*args, **kwargs)
+        return load_datasets(*args, **kwargs)
 
-    monkeypatch.setattr(cli, "load_mnist", load_then_create)
+    monkeypatch.setattr(cli, "load_datasets", load_then_create)
     return created
 
 

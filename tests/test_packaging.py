@@ -4,7 +4,7 @@ import zipfile
 
 import pytest
 
-from unitrain.data import MNIST_FILES
+from unitrain.data import PACKAGED
 
 BACKEND_MODULES = ["numpy", "torch", "mindspore", "chainer"]
 
@@ -24,13 +24,14 @@ def wheel(tmp_path_factory):
     return path
 
 
-def test_wheel_contains_every_backend_the_suite_and_mnist(wheel):
+def test_wheel_contains_every_backend_the_suite_and_the_datasets(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     for module in BACKEND_MODULES:
         assert f"unitrain/backends/{module}.py" in names
     assert "unitrain/conformance/__init__.py" in names
-    for stem in MNIST_FILES:
-        assert f"unitrain/data/mnist/{stem}.gz" in names
+    for name, dataset in PACKAGED.items():  # mnist, fashion-mnist: their IDX files and provenance
+        assert {f"unitrain/data/{name}/{stem}.gz" for stem in dataset.sha256} <= names
+        assert f"unitrain/data/{name}/README.md" in names
     assert not any(name.startswith(("tests/", "backends/", "conformance/")) for name in names)
     metadata = next(n for n in names if n.endswith("METADATA"))
     text = zipfile.ZipFile(wheel).read(metadata).decode()
@@ -47,6 +48,7 @@ def test_installed_wheel_trains_offline_from_its_own_data(wheel, tmp_path):
                    check=True)  # fmt: skip
     code = (
         "import unitrain, unitrain.backends.numpy as b; d = unitrain.load_mnist('test');"
+        "f = unitrain.load_dataset('fashion-mnist', 'test'); assert len(f) == len(d);"
         "print(len(d), unitrain.__file__)"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(target)},

@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 #: each public name and the submodule that defines it
 _EXPORTS = {
-    "ArrayDataset": "data", "load_mnist": "data",
+    "ArrayDataset": "data", "load_mnist": "data", "load_dataset": "datasets", "load_datasets": "datasets",
     "ELU": "layers", "GELU": "layers", "AdaptiveAvgPool2d": "layers", "AvgPool2d": "layers",
     "BatchNorm1d": "layers", "BatchNorm2d": "layers", "Conv2d": "layers", "Dropout": "layers",
     "Flatten": "layers", "Identity": "layers", "LayerNorm": "layers", "LeakyReLU": "layers",

@@ -403,7 +403,8 @@ MANIFEST_SCHEMA = {
     "epoch_loss": {"sum": Number(), "count": Int()},
     "run": {  # the command line's run settings; a checkpoint written from Python may have none
         "model": Optional(OneOf(tuple(PRESETS))),
-        "dataset": Optional(OneOf(("mnist",))),
+        "dataset": Optional(str),  # a packaged name or the path of the user's dataset
+        "val_split": Optional(Int()),
         "optimizer": Optional(OneOf(tuple(optim.OPTIMIZERS))),
         "batch_size": Optional(Int(1)),
         "epochs": Optional(Int()),

@@ -19,7 +19,8 @@ import numpy as np
 
 from . import files, plot, registry
 from .checkpoint import WEIGHTS, Checkpointer, Diverged, Interrupted, checkpoint_paths, load_checkpoint, stop_on_signals
-from .data import MNIST_MEAN, MNIST_SIZES, MNIST_STD, DataError, load_mnist
+from .data import PACKAGED, ArrayDataset, DataError
+from .datasets import dataset_kind, load_datasets
 from .layers import PRESETS, preset
 from .loop import InputError
 from .optim import OPTIMIZERS
@@ -102,9 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser(
         "train",
-        help="train a model on MNIST",
-        description="Train on MNIST. Defaults are the MindSpore beginner tutorial's: MLP 784-512-512-10, "
-        "SGD lr 0.01, batch 64, 3 epochs.",
+        help="train a model on MNIST, Fashion-MNIST or your own data",
+        description="Train on a dataset (default MNIST). Defaults are the MindSpore beginner tutorial's: "
+        "MLP 784-512-512-10, SGD lr 0.01, batch 64, 3 epochs.",
     )
     train.add_argument(
         "--backend",
@@ -172,16 +173,16 @@ def build_parser() -> argparse.ArgumentParser:
     plot_command.add_argument("--overwrite", action="store_true", help="allow -o to replace a file")
     plot_command.set_defaults(handler=cmd_plot)
 
-    evaluate = commands.add_parser("evaluate", help="test loss and accuracy of a weights file on MNIST's test set")
-    predict = commands.add_parser("predict", help="classify an MNIST test image or a 28x28 grayscale PNG")
+    evaluate = commands.add_parser("evaluate", help="test loss and accuracy of a weights file on a test set")
+    predict = commands.add_parser("predict", help="classify a test image or a 28x28 grayscale PNG")
     for command in (evaluate, predict):
         command.add_argument("--weights", type=Path, metavar="FILE", required=True, help="safetensors weights")
         command.add_argument("--backend", help=f"default: ${registry.ENV_VAR} or numpy")
         command.add_argument("--model", choices=sorted(PRESETS), default="mlp")
-        command.add_argument("--data-dir", type=Path, metavar="DIR", help="read MNIST IDX files from DIR")
+        _add_data_arguments(command)
     evaluate.set_defaults(handler=cmd_evaluate)
     source = predict.add_mutually_exclusive_group()
-    source.add_argument("--index", type=_int_in_range(0, 9999), help="MNIST test image number (default 0)")
+    source.add_argument("--index", type=_int_at_least(0), help="test image number (default 0)")
     source.add_argument("--image", type=Path, metavar="FILE.png", help="28x28 grayscale PNG, white digit on black")
     predict.set_defaults(handler=cmd_predict)
 
@@ -226,7 +227,11 @@ def default_threads() -> int:
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """What defines a training run (train and compare share them)."""
     parser.add_argument("--model", choices=sorted(PRESETS), default="mlp")
-    parser.add_argument("--dataset", choices=["mnist"], default="mnist")
+    _add_data_arguments(parser)
+    parser.add_argument(
+        "--val-split", type=_int_at_least(0), default=0, metavar="N",
+        help="hold N training samples out (chosen by --seed) for val_loss / val_accuracy each epoch",
+    )  # fmt: skip
     parser.add_argument("--epochs", type=_int_at_least(0), default=3)
     parser.add_argument("--batch-size", type=_int_at_least(1), default=64)
     parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="sgd")
@@ -246,7 +251,6 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-steps", type=_int_at_least(0), help="stop after N optimizer steps in total")
     parser.add_argument("--no-shuffle", action="store_true", help="visit samples in file order")
     parser.add_argument("--init-weights", type=Path, metavar="FILE", help="start from these safetensors weights")
-    parser.add_argument("--data-dir", type=Path, metavar="DIR", help="read MNIST IDX files from DIR")
     parser.add_argument(
         "--threads",
         type=_int_at_least(1),
@@ -260,6 +264,15 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="progress bar on stderr (default: when stderr is a terminal)",
     )
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dataset", default="mnist", metavar="|".join(PACKAGED) + "|PATH",
+        help="a packaged dataset, or your own: a Keras-style .npz, a folder of IDX files, of class folders of "
+        "images (train/, test/) or of CIFAR-10 binary batches (default: mnist)",
+    )  # fmt: skip
+    parser.add_argument("--data-dir", type=Path, metavar="DIR", help="read the packaged dataset's IDX files from DIR")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -376,7 +389,7 @@ def cmd_compare(args) -> int:
             check_run(preset(args.model), optimizer, _training_options(args))
         except ValueError as error:
             raise UsageError(f"--native: {error}") from None
-    train_data, test_data = load_mnist("train", args.data_dir), load_mnist("test", args.data_dir)
+    train_data, val_data, test_data = _run_data(args)
     print(
         f"unitrain compare: {', '.join(backends)}; model {args.model}, {optimizer}, batch {args.batch_size}, "
         f"seed {args.seed}: the same initial weights and batches on every backend",
@@ -390,7 +403,7 @@ def cmd_compare(args) -> int:
     results = compare_backends(
         backends, preset(args.model), optimizer, train_data, test_data,
         seed=args.seed, initial_weights=initial, extensions=extensions, threads=args.threads,
-        sample_every=args.sample_every, native=args.native, loop_options=_training_options(args),
+        sample_every=args.sample_every, native=args.native, loop_options=_training_options(args), val_data=val_data,
         epochs=args.epochs, batch_size=args.batch_size, shuffle=not args.no_shuffle, max_steps=args.max_steps,
     )  # fmt: skip
     table = format_report(results, len(test_data))
@@ -431,13 +444,46 @@ def _write_report(args, results, run, table) -> bool:
 
 def _check_run_inputs(args) -> dict | None:
     """The files a run reads; returns ``--init-weights``' tensors, checked against the model."""
-    _check_data_dir(args.data_dir)
     return None if args.init_weights is None else _read_weights(args.init_weights, args.model, "--init-weights")
 
 
-def _check_data_dir(path: Path | None) -> None:
-    if path is not None and (problem := path_problem(path, "a directory")):
-        raise UsageError(f"--data-dir {path} {problem}")
+def _check_data_source(args) -> None:
+    if args.data_dir is not None and (problem := path_problem(args.data_dir, "a directory")):
+        raise UsageError(f"--data-dir {args.data_dir} {problem}")
+    if args.data_dir is not None and args.dataset not in PACKAGED:
+        raise UsageError(f"--data-dir is for {' or '.join(PACKAGED)}, not for --dataset {args.dataset}")
+    dataset_kind(args.dataset)  # a DataError names the dataset and what was expected
+
+
+def _load_data(args) -> tuple[ArrayDataset, ArrayDataset]:
+    """``--dataset``'s training and test sets, checked to fit ``--model`` (before any framework loads)."""
+    _check_data_source(args)
+    train, test = load_datasets(args.dataset, data_dir=args.data_dir)
+    model = preset(args.model)
+    try:
+        output = model.output_shape(train.x.shape[1:])
+    except ValueError as error:
+        shape = "x".join(map(str, train.x.shape[1:]))
+        raise UsageError(
+            f"--model {args.model} does not take --dataset {args.dataset}'s {shape} samples: {error}"
+        ) from None
+    if len(output) != 1 or output[0] < len(train.classes):
+        raise UsageError(f"--model {args.model} gives outputs of shape {output}; --dataset {args.dataset} has "
+                         f"{len(train.classes)} classes")  # fmt: skip
+    return train, test
+
+
+def _run_data(args) -> tuple[ArrayDataset, ArrayDataset | None, ArrayDataset]:
+    """Training, validation (``--val-split``; ``None`` without) and test sets of the run."""
+    train, test = _load_data(args)
+    if not args.val_split:
+        return train, None, test
+    if args.val_split >= len(train):
+        raise UsageError(f"--val-split {args.val_split} leaves no training data: the training set has "
+                         f"{len(train)} samples")  # fmt: skip
+    # held out by the run's seed: the same samples on every backend and in a resumed run
+    train, val = train.split(len(train) - args.val_split, seed=args.seed)
+    return train, val, test
 
 
 # --- unitrain train ----------------------------------------------------------------------
@@ -483,10 +529,11 @@ def cmd_train(args) -> int:
     optimizer = resume.optimizer_spec() if resume is not None else _optimizer(args)
     _check_checkpoint_dir(args, resume)
     model = preset(args.model)
+    train_data, val_data, test_data = _run_data(args)
+    if resume is not None:
+        _check_resume_position(args, resume, len(train_data))
     adapter = registry.get_backend(args.backend)
     adapter.set_threads(args.threads)
-    train_data = load_mnist("train", args.data_dir)
-    test_data = load_mnist("test", args.data_dir)
 
     loop = adapter(model, optimizer=optimizer, seed=args.seed, **_training_options(args))
     if initial is not None:
@@ -496,7 +543,8 @@ def cmd_train(args) -> int:
     version = registry.backend_specs()[loop.name].version()
     print(
         f"unitrain: backend {loop.name}{f' {version}' if version else ''}, model {args.model}, {optimizer}, "
-        f"batch {args.batch_size}, MNIST {len(train_data)} train / {len(test_data)} test",
+        f"batch {args.batch_size}, {args.dataset} {len(train_data)} train"
+        f"{f' / {len(val_data)} validation' if val_data is not None else ''} / {len(test_data)} test",
         flush=True,
     )
     if resume is not None:
@@ -509,7 +557,7 @@ def cmd_train(args) -> int:
         every=args.checkpoint_every,
         keep=args.keep,
         max_steps=args.max_steps,
-        run=_run_config(args),
+        run={**_run_config(args), "normalization": train_data.normalization.to_json()},
         resume=resume,
         interrupt_directory=_interrupt_directory() if args.checkpoint_dir is None else None,
     )
@@ -518,7 +566,9 @@ def cmd_train(args) -> int:
         extensions.insert(0, ProgressBar())
     placed = True  # every output went where the user asked
     if args.metrics is not None:
-        metrics = MetricsWriter(args.metrics, loop.name, args.model, args.overwrite)
+        fields = {"backend": loop.name, "model": args.model, "dataset": args.dataset,
+                  "normalization": train_data.normalization.to_json()}  # fmt: skip
+        metrics = MetricsWriter(args.metrics, fields, args.overwrite)
         placed = _published("--metrics", args.metrics, metrics.path, "metrics", args.overwrite)
         extensions.append(metrics)
 
@@ -534,6 +584,7 @@ def cmd_train(args) -> int:
                 shuffle=not args.no_shuffle,
                 max_steps=args.max_steps,
                 eval_data=test_data,
+                val_data=val_data,
                 extensions=extensions,
                 start_epoch=resume.epoch if resume is not None else 0,
                 start_batch=resume.batch if resume is not None else 0,
@@ -586,6 +637,7 @@ def _run_config(args) -> dict:
     return {
         "model": args.model,
         "dataset": args.dataset,
+        "val_split": args.val_split,
         "optimizer": args.optimizer,
         "batch_size": args.batch_size,
         "epochs": args.epochs,
@@ -610,12 +662,13 @@ def _resume(args):
         )
     run, spec = checkpoint.run, checkpoint.optimizer_spec()
     optional = {"lr_schedule", "clip_grad_norm", "clip_grad_value"}  # absent in older checkpoints
+    run.setdefault("val_split", 0)  # checkpoints from before --val-split
     if missing := [key for key in _run_config(args) if key not in run and key not in optional]:
         raise UsageError(f"--resume {args.resume}: the checkpoint lacks the run settings {missing}")
-    checkpoint.check_position(MNIST_SIZES["train"], run["batch_size"])
     recorded = {
         "model": run["model"],
         "dataset": run["dataset"],
+        "val_split": run["val_split"],
         "optimizer": run["optimizer"],
         "batch_size": run["batch_size"],
         "no_shuffle": not run["shuffle"],
@@ -643,13 +696,18 @@ def _resume(args):
     for key in ("epochs", "max_steps"):  # a new end may be given; otherwise the run's
         if not given(key):
             setattr(args, key, run[key])
-    if checkpoint.epoch >= args.epochs or (args.max_steps is not None and checkpoint.step >= args.max_steps):
-        raise UsageError(f"--resume {args.resume}: the checkpoint at step {checkpoint.step} is already past the run's "
-                         f"end (--epochs {args.epochs}, --max-steps {args.max_steps})")  # fmt: skip
     args.backend = args.backend or checkpoint.backend
     if args.checkpoint_dir is None:
         args.checkpoint_dir = checkpoint.path.parent
     return checkpoint
+
+
+def _check_resume_position(args, checkpoint, num_samples: int) -> None:
+    """The checkpoint's position must be one the run reaches on its training data, before its end."""
+    checkpoint.check_position(num_samples, args.batch_size)
+    if checkpoint.epoch >= args.epochs or (args.max_steps is not None and checkpoint.step >= args.max_steps):
+        raise UsageError(f"--resume {args.resume}: the checkpoint at step {checkpoint.step} is already past the run's "
+                         f"end (--epochs {args.epochs}, --max-steps {args.max_steps})")  # fmt: skip
 
 
 def _check_checkpoint_dir(args, resume) -> None:
@@ -685,19 +743,22 @@ def _check_checkpoint_dir(args, resume) -> None:
 
 
 class EpochReport:
-    """One line per epoch: train loss, test accuracy, average test loss, samples/s."""
+    """One line per epoch: train loss (and accuracy), validation and test accuracy and average
+    loss, samples/s."""
 
     def __init__(self, epochs: int, prefix: str = ""):
         self.epochs, self.prefix = epochs, prefix
 
     def on_epoch_end(self, loop, record):
-        print(
-            f"{self.prefix}epoch {record['epoch']}/{self.epochs}  train loss {record['train_loss']:.4f}  "
-            f"test accuracy {100 * record['test_accuracy']:.2f}%  test loss {record['test_loss']:.4f}  "
-            f"lr {record['lr']:.4g}  "
-            f"{record['samples_per_sec']:.0f} samples/s",
-            flush=True,
-        )
+        parts = [f"{self.prefix}epoch {record['epoch']}/{self.epochs}", f"train loss {record['train_loss']:.4f}"]
+        if "train_accuracy" in record:
+            parts.append(f"train accuracy {100 * record['train_accuracy']:.2f}%")
+        for name in ("val", "test"):
+            if f"{name}_loss" in record:
+                parts.append(f"{name} accuracy {100 * record[f'{name}_accuracy']:.2f}%  "
+                             f"{name} loss {record[f'{name}_loss']:.4f}")  # fmt: skip
+        parts.append(f"lr {record['lr']:.4g}")
+        print("  ".join([*parts, f"{record['samples_per_sec']:.0f} samples/s"]), flush=True)
 
 
 class ProgressBar:
@@ -737,9 +798,9 @@ class MetricsWriter:
     it when something appeared there since start-up (``path`` says where, see
     :func:`files.create_output`)."""
 
-    def __init__(self, path: Path, backend: str, model: str, overwrite: bool = False):
+    def __init__(self, path: Path, fields: dict, overwrite: bool = False):
         self.file, self.path = files.create_output(path, overwrite=overwrite)
-        self.fields = {"backend": backend, "model": model}
+        self.fields = fields
 
     def on_epoch_end(self, loop, record):
         with files.naming(self.path):
@@ -781,15 +842,15 @@ def _read_weights(path: Path, model_name: str, flag: str = "--weights") -> dict:
 
 def _loop_with_weights(args):
     weights = _read_weights(args.weights, args.model)
-    _check_data_dir(args.data_dir)
     loop = registry.get_backend(args.backend)(preset(args.model))
     loop.load_state_dict(weights, source=str(args.weights))
     return loop
 
 
 def cmd_evaluate(args) -> int:
+    test = _load_data(args)[1]
     loop = _loop_with_weights(args)
-    metrics = loop.evaluate(load_mnist("test", args.data_dir))
+    metrics = loop.evaluate(test)
     print(
         f"{args.weights} on {loop.name}: test accuracy {100 * metrics['accuracy']:.2f}% "
         f"({metrics['num_correct']}/{metrics['num_samples']})  test loss {metrics['loss']:.4f}"
@@ -797,8 +858,8 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-def _read_png(path: Path) -> np.ndarray:
-    """A 28x28 8-bit grayscale PNG as one normalised MNIST sample, shape (1, 1, 28, 28)."""
+def _read_png(path: Path, normalization) -> np.ndarray:
+    """A 28x28 8-bit grayscale PNG as one normalised sample, shape (1, 1, 28, 28)."""
     if problem := path_problem(path, "a PNG file"):
         raise UsageError(f"--image {path} {problem}")
     try:
@@ -824,17 +885,16 @@ def _read_png(path: Path) -> np.ndarray:
         raise UsageError(f"--image {path} has mode {mode}, expected 8-bit grayscale (mode L), e.g. image.convert('L')")
     if size != (28, 28):
         raise UsageError(f"--image {path} is {size[0]}x{size[1]} pixels, expected 28x28")
-    table = ((np.arange(256) / 255.0 - MNIST_MEAN) / MNIST_STD).astype(np.float32)  # exactly as load_mnist
-    return table[pixels][None, None]
+    return normalization(pixels[None, None])  # exactly as the dataset's images
 
 
 def cmd_predict(args) -> int:
+    test = _load_data(args)[1]
     if args.image is not None:
-        x, what = _read_png(args.image), str(args.image)
+        x, what = _read_png(args.image, test.normalization), str(args.image)
     loop = _loop_with_weights(args)
     if args.image is None:
         index = args.index or 0
-        test = load_mnist("test", args.data_dir)
         if index >= len(test):
             raise UsageError(f"--index {index} is out of range: the test set has {len(test)} images")
         x, what = test.x[index : index + 1], f"test image {index} (true label {test.y[index]})"

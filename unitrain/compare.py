@@ -193,7 +193,7 @@ def _mean_speed(history: list[dict[str, float]]) -> float | None:
 
 
 def _train_native(native_loop, evaluator, recorder, train_data, test_data, *, seed, epochs=1, batch_size=64,
-                  shuffle=True, max_steps=None) -> list[dict[str, float]]:  # fmt: skip
+                  shuffle=True, max_steps=None, val_data=None) -> list[dict[str, float]]:  # fmt: skip
     """:meth:`~unitrain.TrainingLoop.fit`'s epochs, batches and records for a native loop; the test
     metrics are its weights' in ``evaluator`` (a unitrain loop of the same framework)."""
     history = []
@@ -218,6 +218,9 @@ def _train_native(native_loop, evaluator, recorder, train_data, test_data, *, se
             "test_loss": metrics["loss"],
             "test_accuracy": metrics["accuracy"],
         }
+        if val_data is not None:  # as fit's records: the validation split's metrics
+            metrics = evaluator.evaluate(val_data)
+            record.update(val_loss=metrics["loss"], val_accuracy=metrics["accuracy"])
         recorder.on_epoch_end(native_loop, record)
         history.append(record)
     return history

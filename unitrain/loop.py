@@ -291,6 +291,13 @@ class TrainingLoop(ABC):
         """Restore what ``_random_state`` returned; raise ValueError on anything else."""
         raise ValueError(f"the {self.name} backend keeps no random state")
 
+    def _step_correct(self, y: np.ndarray) -> Any:
+        """How many of the last ``_step``'s training predictions ``argmax`` to the class indices
+        ``y`` (that step's targets), as a native scalar (no host sync), computed from the forward
+        pass the step already made; ``None`` if the adapter does not keep it (then epoch records
+        have no ``train_accuracy``)."""
+        return None
+
     @classmethod
     def set_threads(cls, count: int) -> None:
         """Compute on ``count`` CPU threads, process-wide, from now on (before the first loop is
@@ -304,6 +311,12 @@ class TrainingLoop(ABC):
     def to_float(value: Any) -> float:
         """A native scalar (as returned by ``step``/``loss``) as a Python float (syncs)."""
         return float(value)
+
+    @staticmethod
+    def to_numpy(value: Any) -> np.ndarray:
+        """A native tensor (as returned by ``forward``, ``loss``, ``step``) as a NumPy array, a
+        host copy (syncs): ``loop.to_numpy(loop.forward(x))`` on every backend."""
+        return np.array(value)
 
     # --- the tutorial-shaped step ---------------------------------------------------------
 
@@ -417,6 +430,7 @@ class TrainingLoop(ABC):
         shuffle: bool = True,
         max_steps: int | None = None,
         eval_data: ArrayDataset | tuple | None = None,
+        val_data: ArrayDataset | tuple | None = None,
         extensions: Iterable[Any] = (),
         start_epoch: int = 0,
         start_batch: int = 0,
@@ -424,12 +438,15 @@ class TrainingLoop(ABC):
         """Train for ``epochs`` epochs (or until ``max_steps`` optimizer steps in total).
 
         Batch order is :meth:`ArrayDataset.batches` with this loop's seed: identical on every
-        backend. Returns one record per epoch: ``epoch``, ``train_loss`` (mean of the epoch's
-        step losses), ``lr`` (the lr of the epoch's first step), ``samples_per_sec`` and, with
-        ``eval_data``, ``test_loss`` / ``test_accuracy``. The ``lr_schedule`` steps after each
-        step (per-batch schedules) or after each epoch that ran all its batches, before the
-        extensions' ``on_step_end`` / ``on_epoch_end`` (a checkpoint written there holds the
-        schedule's new position).
+        backend. Returns one record per epoch: ``epoch``, ``steps``, ``train_loss`` (mean of the
+        epoch's step losses), ``lr`` (the lr of the epoch's first step), ``samples_per_sec``; with
+        integer class targets ``train_accuracy`` (of the training forward passes, in training mode,
+        as the weights moved: no extra pass; absent if the adapter's ``_step_correct`` is ``None``);
+        with ``val_data`` (a validation split) ``val_loss`` / ``val_accuracy``; with ``eval_data``
+        ``test_loss`` / ``test_accuracy`` (both from :meth:`evaluate` after the epoch). The
+        ``lr_schedule`` steps after each step (per-batch schedules) or after each epoch that ran all
+        its batches, before the extensions' ``on_step_end`` / ``on_epoch_end`` (a checkpoint written
+        there holds the schedule's new position).
 
         ``extensions`` are duck-typed hooks, as in Chainer's trainer; each may define any of
         ``on_fit_start(loop, plan)``, ``on_epoch_start(loop, epoch)``,
@@ -438,10 +455,12 @@ class TrainingLoop(ABC):
         when training raises.
 
         ``start_epoch`` / ``start_batch`` resume a run: training begins at that batch of that
-        epoch (0-based), in the order an uninterrupted run would have used.
+        epoch (0-based), in the order an uninterrupted run would have used (``train_loss`` and
+        ``train_accuracy`` of the resumed epoch then cover its remaining batches).
         """
         train_data = ArrayDataset.of(train_data)
-        eval_data = None if eval_data is None else ArrayDataset.of(eval_data)
+        evaluated = {prefix: ArrayDataset.of(data) for prefix, data in (("val", val_data), ("test", eval_data))
+                     if data is not None}  # fmt: skip
         _check_count("epochs", epochs, minimum=0)
         _check_count("batch_size", batch_size, minimum=1)
         if max_steps is not None:
@@ -451,6 +470,7 @@ class TrainingLoop(ABC):
         self._check_schedule_length(
             epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
         )
+        count_correct = self.loss_spec.class_targets and np.asarray(train_data.y).dtype.kind in "iu"
         _call(extensions, "on_fit_start", self, {"epochs": epochs, "steps_per_epoch": steps_per_epoch})
         history = []
         try:
@@ -459,7 +479,7 @@ class TrainingLoop(ABC):
                     break
                 self.train()
                 _call(extensions, "on_epoch_start", self, epoch)
-                losses, seen, started, epoch_lr = [], 0, time.perf_counter(), self.lr
+                losses, corrects, seen, started, epoch_lr = [], [], 0, time.perf_counter(), self.lr
                 first = start_batch if epoch == start_epoch else 0
                 batches = train_data.batches(batch_size, shuffle=shuffle, seed=self.seed, epoch=epoch, start=first)
                 for index, (x, y) in enumerate(batches, start=first):
@@ -467,6 +487,8 @@ class TrainingLoop(ABC):
                         break
                     loss = self.step((x, y))
                     losses.append(loss)
+                    if count_correct:
+                        corrects.append(self._step_correct(y))
                     seen += len(x)
                     if self._scheduler is not None and self.lr_schedule.per_batch:
                         self._step_schedule()
@@ -479,10 +501,12 @@ class TrainingLoop(ABC):
                     "lr": epoch_lr,
                     "samples_per_sec": seen / elapsed if elapsed > 0 else float("nan"),
                 }
-                if eval_data is not None:
-                    metrics = self.evaluate(eval_data)
-                    record["test_loss"] = metrics["loss"]
-                    record["test_accuracy"] = metrics["accuracy"]
+                if count_correct and None not in corrects:
+                    record["train_accuracy"] = sum(self.to_float(c) for c in corrects) / seen if seen else float("nan")
+                for prefix, data in evaluated.items():
+                    metrics = self.evaluate(data)
+                    record[f"{prefix}_loss"] = metrics["loss"]
+                    record[f"{prefix}_accuracy"] = metrics["accuracy"]
                 history.append(record)
                 completed = first + len(losses) == steps_per_epoch
                 if self._scheduler is not None and not self.lr_schedule.per_batch and completed:
