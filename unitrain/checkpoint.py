@@ -173,6 +173,7 @@ def save_checkpoint(
         "batch": batch,
         "finished": finished,
         "backend": loop.name,
+        "world_size": loop.world_size,  # processes that trained it (data parallel); any number may resume it
         "versions": _versions(loop.name),
         "seed": loop.seed,
         "dtype": str(loop.dtype),
@@ -502,6 +503,9 @@ class Checkpointer:
         self.resumed_mid_epoch = self.loss_count > 0
 
     def on_step_end(self, loop, index, loss):
+        if loop.world_size > 1 and loop.any_rank(self.stop_requested):  # every rank stops at the same step
+            self.stop_requested = True
+            self.stop_signal = self.stop_signal or signal.SIGTERM
         self.unchecked.append((loop.step_count, index, loss))
         self.position = (self.epoch, index + 1)
         if index + 1 == self.steps_per_epoch or (self.max_steps is not None and loop.step_count >= self.max_steps):

