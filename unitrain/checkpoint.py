@@ -575,8 +575,9 @@ class Checkpointer:
 
 
 #: SIGTERM too: a cluster's preemption notice, and what MindSpore turns Ctrl-C into (its own SIGINT
-#: handler, installed at every graph run, kills the process with SIGTERM)
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+#: handler, installed at every graph run, kills the process with SIGTERM); SIGUSR1: how
+#: ``unitrain train --nproc`` stops the ranks of an mpiexec job (mpiexec forwards only that one)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
 @contextmanager

