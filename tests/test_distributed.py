@@ -19,7 +19,7 @@ from unitrain.layers import preset
 from unitrain.weights import init_weights, load_safetensors, save_safetensors
 
 #: backends whose engine unitrain drives, and the variable their launcher sets to each worker's rank
-ENGINES = {"numpy": "OMPI_COMM_WORLD_RANK", "torch": "RANK"}
+ENGINES = {"numpy": "OMPI_COMM_WORLD_RANK", "torch": "RANK", "chainer": "OMPI_COMM_WORLD_RANK"}
 STEPS = 20
 RUN = ["--no-progress", "--epochs", "1", "--max-steps", str(STEPS), "--no-shuffle", "--batch-size", "64"]
 

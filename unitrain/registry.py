@@ -54,7 +54,7 @@ BUILTIN = {
         BackendSpec("mindspore", "unitrain.backends.mindspore:MindSporeLoop", "mindspore", "mindspore",
                     "pip install 'unitrain[mindspore]'"),
         BackendSpec("chainer", "unitrain.backends.chainer:ChainerLoop", "chainer", "chainer",
-                    "pip install 'unitrain[chainer]' (see DEVELOPERS.md for its build quirks)"),
+                    "pip install 'unitrain[chainer]' (see DEVELOPERS.md for its build quirks)", launcher="mpiexec"),
     )
 }  # fmt: skip
 
