@@ -116,9 +116,9 @@ def check_port(port: int) -> None:
                               "it out for a free one") from None  # fmt: skip
 
 
-def command(launcher: str, nproc: int, argv: list[str], master_port: int | None) -> list[str]:
-    """The launcher's command line that starts ``nproc`` workers of ``python -m unitrain argv``."""
-    worker = ["-m", "unitrain", *argv]
+def command(launcher: str, nproc: int, worker: list[str], master_port: int | None = None) -> list[str]:
+    """The launcher's command line that starts ``nproc`` workers of ``python WORKER`` (a script and
+    its arguments, or ``-m module ...``)."""
     if launcher == "torchrun":
         rendezvous = ["--standalone"]  # a free port of its own choosing
         if master_port is not None:
@@ -168,7 +168,10 @@ def run(launcher: str, nproc: int, argv: list[str], master_port: int | None) -> 
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(threads_per_rank(nproc)))
     process = subprocess.Popen(
-        command(launcher, nproc, argv, master_port), env=env, stderr=subprocess.PIPE, start_new_session=True
+        command(launcher, nproc, ["-m", "unitrain", *argv], master_port),
+        env=env,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
     )
     report, received = b"", None
     while True:

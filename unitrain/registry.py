@@ -123,10 +123,19 @@ def backend_of(model: Any) -> str | None:
     return None
 
 
-def make_loop(backend: str | None = None, model: Any = None, loss=None, optimizer=None, *, seed: int = 0):
-    """Build a training loop. A native model picks its own backend when ``backend`` is None."""
+def make_loop(
+    backend: str | None = None,
+    model: Any = None,
+    loss=None,
+    optimizer=None,
+    *,
+    seed: int = 0,
+    distributed: bool = False,
+):
+    """Build a training loop. A native model picks its own backend when ``backend`` is None.
+    ``distributed``: join the process group of the engine's launcher (see ``TrainingLoop``)."""
     if model is None:
         raise TypeError("make_loop() needs a model (a unitrain Sequential or a native model)")
     if backend is None:
         backend = backend_of(model)
-    return get_backend(backend)(model, loss, optimizer, seed=seed)
+    return get_backend(backend)(model, loss, optimizer, seed=seed, distributed=distributed)
