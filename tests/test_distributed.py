@@ -16,6 +16,7 @@ import pytest
 from unitrain import cli, distributed, registry
 from unitrain.checkpoint import load_checkpoint
 from unitrain.layers import preset
+from unitrain.randomness import dropout_stream, rank_seed
 from unitrain.weights import init_weights, load_safetensors, save_safetensors
 
 #: backends whose engine unitrain drives, and the variable their launcher sets to each worker's rank
@@ -73,6 +74,14 @@ def test_shards_cover_the_batch_in_order():
             assert bounds[0][0] == 0 and bounds[-1][1] == size
             assert all(bounds[i][1] == bounds[i + 1][0] for i in range(world - 1))
             assert max(b - a for a, b in bounds) - min(b - a for a, b in bounds) <= 1
+
+
+def test_dropout_streams_are_distinct_per_rank_and_rank_0s_is_the_one_process_stream():
+    draws = [dropout_stream(7, rank).random(8) for rank in range(3)]
+    assert np.array_equal(draws[0], np.random.default_rng(np.random.SeedSequence(7).spawn(1)[0]).random(8))
+    assert not np.array_equal(draws[0], draws[1]) and not np.array_equal(draws[1], draws[2])
+    assert np.array_equal(draws[1], dropout_stream(7, 1).random(8))  # reproducible
+    assert rank_seed(7, 0) == 7 and len({rank_seed(7, rank) for rank in range(4)}) == 4
 
 
 def test_failed_rank_is_read_from_each_launchers_report():
