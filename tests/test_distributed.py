@@ -2,6 +2,7 @@
 backend's launcher (torchrun, mpiexec), and two processes splitting each global batch reproduce one
 process on the whole batch. CPU is scarce: 2 ranks, the MLP, 20 steps."""
 
+import json
 import os
 import signal
 import socket
@@ -161,9 +162,11 @@ def test_two_processes_equal_one(backend, rank_variable, initial, tmp_path):
     common = ["train", "--backend", backend, *RUN, "--init-weights", str(initial)]
     one = command(*common, "--save", str(tmp_path / "one.safetensors"))
     assert one.returncode == 0, one.stderr
-    two = command(*common, "--nproc", "2", "--save", str(tmp_path / "two.safetensors"))
+    metrics = tmp_path / "two.jsonl"
+    two = command(*common, "--nproc", "2", "--save", str(tmp_path / "two.safetensors"), "--metrics", str(metrics))
     assert two.returncode == 0, two.stderr
     assert "2 processes" in two.stdout and two.stdout.count("epoch 1/1") == 1  # rank 0 reports, alone
+    assert [json.loads(line)["world_size"] for line in metrics.read_text().splitlines()] == [2]
     assert max_difference(tmp_path / "one.safetensors", tmp_path / "two.safetensors") <= TOLERANCE
 
 

@@ -400,7 +400,7 @@ def cmd_train(args) -> int:
         if show_progress:
             extensions.insert(0, ProgressBar())
         if args.metrics is not None:
-            metrics = MetricsWriter(args.metrics, loop.name, args.model, args.overwrite)
+            metrics = MetricsWriter(args.metrics, loop, args.model, args.overwrite)
             placed = _published("--metrics", args.metrics, metrics.path, "metrics", args.overwrite)
             extensions.append(metrics)
 
@@ -641,9 +641,9 @@ class MetricsWriter:
     it when something appeared there since start-up (``path`` says where, see
     :func:`files.create_output`)."""
 
-    def __init__(self, path: Path, backend: str, model: str, overwrite: bool = False):
+    def __init__(self, path: Path, loop, model: str, overwrite: bool = False):
         self.file, self.path = files.create_output(path, overwrite=overwrite)
-        self.fields = {"backend": backend, "model": model}
+        self.fields = {"backend": loop.name, "model": model, "world_size": loop.world_size}
 
     def on_epoch_end(self, loop, record):
         with files.naming(self.path):
