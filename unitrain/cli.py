@@ -376,6 +376,14 @@ def cmd_train(args) -> int:
     test_data = load_mnist("test", args.data_dir)
 
     loop = adapter(model, optimizer=optimizer, seed=args.seed, distributed=world_size is not None)
+    status = _train(args, loop, optimizer, initial, resume, train_data, test_data, show_progress)
+    if loop.world_size > 1:  # the ranks end together: after rank 0's files, and as engines' teardowns need
+        loop.any_rank(False)
+    return status
+
+
+def _train(args, loop, optimizer, initial, resume, train_data, test_data, show_progress: bool) -> int:
+    """``unitrain train``'s run, once everything it needs is checked and loaded; the exit status."""
     lead = loop.rank == 0  # the other ranks train in silence: metrics, progress and files come from rank 0
     if initial is not None:
         loop.load_state_dict(initial, source=str(args.init_weights))

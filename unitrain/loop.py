@@ -80,7 +80,7 @@ loop's own keys, so that a restored loop draws the masks an uninterrupted one wo
 Without it, ``random_state()`` is ``{}``.
 
 Data parallel (capability ``distributed``): a process started by the backend's engine launcher
-(``torchrun``, ``mpiexec``, named in the backend's registry entry; ``unitrain train --nproc N``
+(``torchrun``, ``mpiexec``, ``msrun``, named in the backend's registry entry; ``unitrain train --nproc N``
 runs it, see :mod:`unitrain.distributed`)
 passes ``distributed=True`` to join that engine's process group; ``rank`` and ``world_size`` say
 where it stands (``0`` and ``1`` otherwise). Every rank builds the same initial weights (the same

@@ -52,7 +52,7 @@ BUILTIN = {
         BackendSpec("torch", "unitrain.backends.torch:TorchLoop", "torch", "torch",
                     "pip install 'unitrain[torch]'", launcher="torchrun"),
         BackendSpec("mindspore", "unitrain.backends.mindspore:MindSporeLoop", "mindspore", "mindspore",
-                    "pip install 'unitrain[mindspore]'"),
+                    "pip install 'unitrain[mindspore]'", launcher="msrun"),
         BackendSpec("chainer", "unitrain.backends.chainer:ChainerLoop", "chainer", "chainer",
                     "pip install 'unitrain[chainer]' (see DEVELOPERS.md for its build quirks)", launcher="mpiexec"),
     )
