@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -54,17 +54,20 @@ def worker(backend: str, steps: int, batch_size: int) -> dict:
             loop._all_sum(np.zeros(1))
         figures["communication_ms_per_step"] = 1e3 * (time.perf_counter() - started) / COMMUNICATION_REPEATS
         figures["step_ms"] = 1e3 * elapsed / steps
+    loop.any_rank(False)  # the ranks end together (msrun's teardown needs it)
     return figures if loop.rank == 0 else {}
 
 
 def measure(backend: str, nproc: int, steps: int, batch_size: int) -> dict:
-    arguments = [__file__, "--worker", "--backends", backend, "--steps", str(steps), "--batch-size", str(batch_size)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(distributed.threads_per_rank(nproc)))
-    if nproc == 1:
-        run = [sys.executable, *arguments]
-    else:
-        run = distributed.command(registry.backend_specs()[backend].launcher, nproc, arguments)
-    output = subprocess.run(run, env=env, capture_output=True, text=True, check=True).stdout
+    arguments = [__file__, "--as-worker", "--backends", backend, "--steps", str(steps), "--batch-size", str(batch_size)]
+    launcher = registry.backend_specs()[backend].launcher
+    with tempfile.TemporaryDirectory() as logs:  # msrun's workers' output
+        if nproc == 1:
+            run = [sys.executable, *arguments]
+        else:
+            run = distributed.command(launcher, nproc, arguments, log_dir=logs)
+        env = distributed.environment(launcher, nproc)
+        output = subprocess.run(run, env=env, capture_output=True, text=True, check=True).stdout
     return json.loads(next(line for line in output.splitlines() if line.startswith("{")))
 
 
@@ -75,9 +78,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    # not --worker: msrun's parser would take it for an abbreviation of its --worker_num
+    parser.add_argument("--as-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.worker:
+    if args.as_worker:
         figures = worker(args.backends, args.steps, args.batch_size)
         if figures:
             print(json.dumps(figures), flush=True)

@@ -2,9 +2,10 @@
 
 ``unitrain train --nproc N`` does not start processes itself: it runs the launcher of the
 backend's engine (``torchrun`` for torch.distributed, ``mpiexec`` for MPI, ``msrun`` for
-MindSpore) on ``python -m unitrain`` with the same command line, waits for it, and turns its failure report into one line. Each
-worker then sees the launcher's environment (:func:`launched_world_size`) and joins the engine's
-process group (``TrainingLoop(..., distributed=True)``). The semantics are stated once, on
+MindSpore) on ``python -m unitrain`` with the same command line, waits for it, and turns its
+failure report into one line. Each worker then sees the launcher's environment
+(:func:`launched_world_size`) and joins the engine's process group
+(``TrainingLoop(..., distributed=True)``). The semantics are stated once, on
 :class:`unitrain.TrainingLoop`. Standard library only: nothing here imports a framework.
 """
 
@@ -201,18 +202,23 @@ def _msrun_pids(log_dir: str) -> dict[int, int]:
     return pids
 
 
+def environment(launcher: str, nproc: int) -> dict[str, str]:
+    """The launcher's environment: this one, with cores / ``nproc`` threads per rank unless set."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(threads_per_rank(nproc)))
+    if launcher == "msrun":
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])  # its `python`
+        env.setdefault("GLOG_v", "2")  # MindSpore's warnings, which name each worker's pid
+    return env
+
+
 def run(launcher: str, nproc: int, argv: list[str], master_port: int | None) -> int:
     """Run the launcher (its output passes through) and return the job's exit status; on failure,
     a last line names the rank that failed. The launcher runs in its own session, so that a
     terminal's Ctrl-C reaches the workers once, as the launcher's SIGTERM (a second signal would
     abort them before their checkpoint)."""
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(threads_per_rank(nproc)))
-    log_dir = None
-    if launcher == "msrun":
-        log_dir = tempfile.mkdtemp(prefix="unitrain-msrun-")
-        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])  # its `python`
-        env.setdefault("GLOG_v", "2")  # MindSpore's warnings, which name each worker's pid
+    env = environment(launcher, nproc)
+    log_dir = tempfile.mkdtemp(prefix="unitrain-msrun-") if launcher == "msrun" else None
     # msrun shows worker 0's log (its stdout and stderr) on its stdout, MindSpore's log lines included
     process = subprocess.Popen(
         command(launcher, nproc, ["-m", "unitrain", *argv], master_port, log_dir),
