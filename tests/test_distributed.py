@@ -211,13 +211,17 @@ def worker(pid: int, variable: str, rank: int) -> int | None:
 
 
 def start_long_run(backend, tmp_path):
-    """A full epoch on two processes; returns once rank 0 has said it is training."""
+    """A full epoch on two processes, checkpointed every 3 steps (only the newest kept); returns
+    once the first checkpoint is there: both ranks are training (they take each step together),
+    with their stop handlers in place. A signal before that ends the job with nothing to save."""
     job = subprocess.Popen([sys.executable, "-m", "unitrain", "train", "--backend", backend, "--nproc", "2",
-                            "--no-progress", "--epochs", "1", "--checkpoint-dir", str(tmp_path / "ck")],
+                            "--no-progress", "--epochs", "1", "--checkpoint-dir", str(tmp_path / "ck"),
+                            "--checkpoint-every", "3", "--keep", "1"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    # msrun (MindSpore) reports on the workers it starts first
-    assert any("2 processes" in line for line in iter(job.stdout.readline, "") if line.startswith("unitrain: backend"))
-    time.sleep(1)  # a few steps in
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "ck").glob("step-*")):
+        assert job.poll() is None and time.monotonic() < deadline, job.communicate()
+        time.sleep(0.2)
     return job
 
 
@@ -259,7 +263,7 @@ def test_sigterm_checkpoints_once_and_stops_every_rank(backend, rank_variable, t
     out, err = job.communicate(timeout=120)
     assert job.returncode == 128 + signal.SIGTERM, err
     saved = list((tmp_path / "ck").iterdir())
-    assert len(saved) == 1, saved
+    assert len(saved) == 1, saved  # the interrupted step's (--keep 1)
     # msrun shows worker 0's stdout and stderr together, on stdout
     assert f"checkpoint {saved[0]}" in out + err and "Traceback" not in out + err
     assert load_checkpoint(saved[0]).manifest["world_size"] == 2
