@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--nproc",
         type=_int_at_least(1),
         metavar="N",
-        help="data-parallel over N processes on the backend's own engine and launcher (torchrun, mpiexec)",
+        help="data-parallel over N processes on the backend's own engine and launcher (torchrun, mpiexec, msrun)",
     )
     train.add_argument(
         "--master-port", type=_int_in_range(1, 65535), metavar="P", help="--nproc: the rendezvous port (default: free)"

@@ -80,9 +80,10 @@ loop's own keys, so that a restored loop draws the masks an uninterrupted one wo
 Without it, ``random_state()`` is ``{}``.
 
 Data parallel (capability ``distributed``): a process started by the backend's engine launcher
-(``torchrun``, ``mpiexec``, ``msrun``, named in the backend's registry entry; ``unitrain train --nproc N``
-runs it, see :mod:`unitrain.distributed`)
-passes ``distributed=True`` to join that engine's process group; ``rank`` and ``world_size`` say
+(``torchrun``, ``mpiexec``, ``msrun``, named in the backend's registry entry; ``unitrain train
+--nproc N`` runs it, see :mod:`unitrain.distributed`) passes ``distributed=True`` to join that
+engine's process group (the adapter's ``_setup_distributed``; ``_reduce_gradients`` and
+``_all_sum`` are the engine's allreduce); ``rank`` and ``world_size`` say
 where it stands (``0`` and ``1`` otherwise). Every rank builds the same initial weights (the same
 seed, or loads the same weights) and calls ``step``/``fit`` with the same *global* batches; rank
 ``r`` computes rows :func:`~unitrain.distributed.shard` ``(N, r, world_size)`` of each, contiguous
@@ -96,7 +97,9 @@ its running statistics are rank 0's in checkpoints). Dropout masks come from a s
 from ``(seed, rank)`` (rank 0's is the one-process stream): distinct and reproducible; a resumed
 multi-process run restores rank 0's stream, the other ranks restart theirs. ``fit`` evaluates on
 rank 0 only (the other ranks' records lack the test metrics); the caller keeps metrics, progress,
-checkpoints and saved weights to rank 0, whose checkpoints record ``world_size``. A checkpoint
+checkpoints and saved weights to rank 0, whose checkpoints record ``world_size``, and has the
+ranks stop together (:meth:`any_rank`: :class:`~unitrain.checkpoint.Checkpointer` agrees on a
+Ctrl-C at every step). A checkpoint
 resumes with any number of processes (and on any backend): the global batches are the same.
 """
 
