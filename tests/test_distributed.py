@@ -4,6 +4,7 @@ process on the whole batch. CPU is scarce: 2 ranks, the MLP, 20 steps."""
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -238,6 +239,9 @@ def test_a_killed_worker_ends_the_job(backend, rank_variable, tmp_path):
     assert job.returncode != 0 and time.monotonic() - killed < 120
     assert err.splitlines()[-1].startswith(f"unitrain: error: the {registry.backend_specs()[backend].launcher} job")
     assert "rank 1" in err.splitlines()[-1], err
+    _, kept, logs = err.splitlines()[-1].partition("the workers' logs are in ")  # msrun's, kept for the user
+    if kept:
+        shutil.rmtree(logs)
     assert ended(survivor, within=10)  # no orphan: the other rank is gone too
 
 
