@@ -280,7 +280,7 @@ def test_batchnorm_statistics_after_a_conv_are_summed_pairwise(mnist_batches):
     of a channel in one float32 running sum (5e-5 relative error); the adapter's BatchNorm sums pairwise."""
     loop = ChainerLoop(ut.Sequential(ut.Conv2d(1, 4, 3, stride=2, padding=1), ut.BatchNorm2d(4, momentum=1.0)))
     x = mnist_batches[0][0]
-    conv_out = loop.model[0](x).array.astype(np.float64)  # the same float32 values BatchNorm receives
+    conv_out = getattr(loop.model, "0")(x).array.astype(np.float64)  # the same float32 values BatchNorm receives
     loop.forward(x)  # momentum 1: the running statistics become this batch's
     state = loop.state_dict()
     n = conv_out.size // 4
