@@ -398,12 +398,13 @@ class ChainerLoop(TrainingLoop):
     capabilities = frozenset({
         "dropout", "batchnorm", "conv", "native-model", "float64", "random-state",
         "residual", "activations", "layernorm", "pooling", "losses", "custom-loss", "optimizers", "clipping",
+        "distributed",
     })  # fmt: skip
 
     # --- building ---------------------------------------------------------------------------
 
     def _build(self, model):
-        self._rng = dropout_stream(self.seed)
+        self._rng = dropout_stream(self.seed, self.rank)
         paths = {}  # canonical name -> Chainer serializer path
         root = self._node(model, "", "", paths)
         self._paths = {key: paths[key] for key in model.state_shapes()}  # in state_dict order
@@ -547,6 +548,28 @@ class ChainerLoop(TrainingLoop):
     @staticmethod
     def to_float(value):
         return float(getattr(value, "array", value))  # float() does not take a chainer.Variable
+
+    # --- data parallel: ChainerMN over MPI (launched by mpiexec) ------------------------------
+
+    def _setup_distributed(self):
+        import chainermn  # imports mpi4py
+
+        # 'naive': MPI allreduce of NumPy arrays ('flat' and the NCCL ones need CuPy). Not
+        # create_multi_node_optimizer: it averages inside update(), where the core's weighted sum
+        # of shards already did, and its first update() only broadcasts the weights.
+        self._communicator = chainermn.create_communicator("naive")
+        return self._communicator.rank, self._communicator.size
+
+    def _reduce_gradients(self, weight):
+        scale = self.dtype.type(weight * self._communicator.size)  # the mean below divides the sum by the size
+        for param in self.model.params():
+            if param.grad is not None:
+                param.grad *= scale
+        # zero_fill: a rank without rows (or a parameter without a gradient) still takes part
+        self._communicator.multi_node_mean_grad(self.model, zero_fill=True)
+
+    def _all_sum(self, values):
+        return self._communicator.allreduce(values)
 
     def _predict(self, x):
         with chainer.using_config("train", self._train), chainer.no_backprop_mode():

@@ -380,6 +380,7 @@ class MindSporeLoop(TrainingLoop):
     capabilities = frozenset({
         "dropout", "batchnorm", "conv", "native-model", "random-state",
         "residual", "activations", "layernorm", "pooling", "losses", "custom-loss", "optimizers", "clipping",
+        "distributed",
     })  # fmt: skip
 
     #: ``False`` runs every step eagerly (PyNative), to debug or to compare speed
@@ -395,7 +396,7 @@ class MindSporeLoop(TrainingLoop):
         return nn.SequentialCell([nn.Dense(8, 16), nn.ReLU(), nn.Dense(16, 3)])
 
     def _build(self, model: layers.Sequential) -> None:
-        self._rng = dropout_stream(self.seed)
+        self._rng = dropout_stream(self.seed, self.rank)
         self._dropout_p = [layer.p for _, layer in model.named_layers() if isinstance(layer, layers.Dropout)]
         self._mask_shapes: dict[tuple[int, ...], list[tuple[int, ...]]] = {}
         builder = _Builder()
@@ -618,6 +619,31 @@ class MindSporeLoop(TrainingLoop):
     def _evaluate_batch(self, x, y):
         loss, correct = self._fn.evaluate(self._x(x), self._y(y))
         return float(loss), int(correct)
+
+    # --- data parallel: mindspore.communication (launched by msrun; mccl on CPU) --------------
+
+    def _setup_distributed(self):
+        from mindspore.communication import get_group_size, get_rank, init
+
+        init()  # msrun's scheduler process never returns from it
+        self._allreduce = ops.AllReduce()
+        self._reduce = None
+        return get_rank(), get_group_size()
+
+    def _reduce_gradients(self, weight):
+        if self._reduce is None:  # the gradient buffers exist once the model is built
+            grads, allreduce = self._grads, self._allreduce
+
+            def reduce_gradients(weight):
+                for buf in grads:
+                    ops.assign(buf, allreduce(buf * weight))
+                return weight
+
+            self._reduce = ms.jit(reduce_gradients)  # the engine's AllReduce inside a compiled graph
+        self._reduce(Tensor(weight, ms.float32))
+
+    def _all_sum(self, values):
+        return self._allreduce(Tensor.from_numpy(np.asarray(values, np.float32))).asnumpy().astype(np.float64)
 
     def _random_state(self):
         # a native Cell's nn.Dropout keeps its random state inside MindSpore's kernels

@@ -833,10 +833,11 @@ class NumpyLoop(TrainingLoop):
     capabilities = frozenset({
         "dropout", "batchnorm", "conv", "float64", "random-state",
         "residual", "activations", "layernorm", "pooling", "losses", "custom-loss", "optimizers", "clipping",
+        "distributed",
     })  # fmt: skip
 
     def _build(self, model):
-        self._rng = dropout_stream(self.seed)
+        self._rng = dropout_stream(self.seed, self.rank)
         named = list(model.named_layers())
         leaves = [_LAYERS[type(spec)](spec, self.dtype, self._rng) for _, spec in named]
         self._root, _ = _build(model, iter(leaves), private=False)
@@ -949,6 +950,33 @@ class NumpyLoop(TrainingLoop):
 
     def _load_optimizer_state_dict(self, state):
         self._optimizer_state = {key: np.array(value) for key, value in state.items() if key != "step"}
+
+    # --- data parallel: MPI through mpi4py (launched by mpiexec) ------------------------------
+
+    def _setup_distributed(self):
+        from mpi4py import MPI
+
+        self._comm = MPI.COMM_WORLD
+        return self._comm.Get_rank(), self._comm.Get_size()
+
+    def _reduce_gradients(self, weight):
+        from mpi4py import MPI
+
+        grads = list(self._grads.values())
+        flat = np.concatenate([grad.ravel() for grad in grads])  # one allreduce for all parameters
+        flat *= self.dtype.type(weight)
+        self._comm.Allreduce(MPI.IN_PLACE, flat, op=MPI.SUM)
+        offset = 0
+        for grad in grads:
+            grad[...] = flat[offset : offset + grad.size].reshape(grad.shape)
+            offset += grad.size
+
+    def _all_sum(self, values):
+        from mpi4py import MPI
+
+        total = np.empty_like(values)
+        self._comm.Allreduce(values, total, op=MPI.SUM)
+        return total
 
     def _random_state(self):
         return stream_state(self._rng)

@@ -15,6 +15,7 @@ to the loop's dtype in place.
 
 from __future__ import annotations
 
+import atexit
 import sys
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -23,12 +24,14 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import skip_init
 
 from unitrain import expr, layers, losses, optim
 from unitrain.loop import CAPABILITIES, TrainingLoop
+from unitrain.randomness import rank_seed
 
 _DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
 
@@ -147,7 +150,7 @@ class TorchLoop(TrainingLoop):
             self._generator = torch.cuda.default_generators[self._device.index]
         else:
             raise TypeError(f"the torch backend trains CPU or CUDA models, got one on {self._device}")
-        self._rng_state = torch.Generator(self._device).manual_seed(self.seed).get_state()
+        self._rng_state = torch.Generator(self._device).manual_seed(rank_seed(self.seed, self.rank)).get_state()
         self._criterion = self._make_criterion(self.loss_spec)
         spec = self.optimizer_spec
         # every spec field is the torch.optim class's argument of the same name
@@ -199,9 +202,9 @@ class TorchLoop(TrainingLoop):
         torch.set_num_threads(count)  # intra-op pool; its default (all physical cores) crawls on a busy machine
 
     @staticmethod
-    def to_float(value: torch.Tensor) -> float:
+    def to_float(value: torch.Tensor | float) -> float:
         # float() warns on a tensor that requires grad (what loss() returns); item() reads both kinds
-        return value.item()
+        return value.item() if isinstance(value, torch.Tensor) else float(value)
 
     def _set_training(self, mode: bool) -> None:
         self.model.train(mode)
@@ -302,6 +305,30 @@ class TorchLoop(TrainingLoop):
                 }
         self.optimizer.state.clear()
         self.optimizer.state.update(loaded)
+
+    # --- data parallel: torch.distributed (launched by torchrun) ----------------------------
+
+    def _setup_distributed(self) -> tuple[int, int]:
+        if not dist.is_initialized():
+            dist.init_process_group()  # gloo for CPU tensors, NCCL for CUDA ones where built in
+            atexit.register(dist.destroy_process_group)
+        return dist.get_rank(), dist.get_world_size()
+
+    def _reduce_gradients(self, weight: float) -> None:
+        params = list(self._params.values())
+        for param in params:
+            if param.grad is None:  # zero_grad sets them to None; a rank without rows has none
+                param.grad = torch.zeros_like(param)
+        flat = torch.cat([param.grad.reshape(-1) for param in params])  # one all_reduce for all parameters
+        flat.mul_(weight)
+        dist.all_reduce(flat)
+        for param, reduced in zip(params, flat.split([param.numel() for param in params]), strict=True):
+            param.grad.copy_(reduced.view_as(param))
+
+    def _all_sum(self, values: np.ndarray) -> np.ndarray:
+        total = torch.from_numpy(np.array(values, np.float64))
+        dist.all_reduce(total)
+        return total.numpy()
 
     def _random_state(self) -> dict[str, np.ndarray]:
         return {"torch_generator": self._rng_state.numpy().copy()}

@@ -173,6 +173,7 @@ def save_checkpoint(
         "batch": batch,
         "finished": finished,
         "backend": loop.name,
+        "world_size": loop.world_size,  # processes that trained it (data parallel); any number may resume it
         "versions": _versions(loop.name),
         "seed": loop.seed,
         "dtype": str(loop.dtype),
@@ -558,6 +559,9 @@ class Checkpointer:
         self.resumed_mid_epoch = self.loss_count > 0
 
     def on_step_end(self, loop, index, loss):
+        if loop.world_size > 1 and loop.any_rank(self.stop_requested):  # every rank stops at the same step
+            self.stop_requested = True
+            self.stop_signal = self.stop_signal or signal.SIGTERM
         self.unchecked.append((loop.step_count, index, loss))
         self.position = (self.epoch, index + 1)
         if index + 1 == self.steps_per_epoch or (self.max_steps is not None and loop.step_count >= self.max_steps):
@@ -627,8 +631,9 @@ class Checkpointer:
 
 
 #: SIGTERM too: a cluster's preemption notice, and what MindSpore turns Ctrl-C into (its own SIGINT
-#: handler, installed at every graph run, kills the process with SIGTERM)
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+#: handler, installed at every graph run, kills the process with SIGTERM); SIGUSR1: how
+#: ``unitrain train --nproc`` stops the ranks of an mpiexec job (mpiexec forwards only that one)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
 @contextmanager

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import files, plot, registry
+from . import distributed, files, plot, registry
 from .checkpoint import WEIGHTS, Checkpointer, Diverged, Interrupted, checkpoint_paths, load_checkpoint, stop_on_signals
 from .data import PACKAGED, ArrayDataset, DataError
 from .datasets import dataset_kind, load_datasets
@@ -35,8 +35,10 @@ class UsageError(Exception):
 
 
 #: errors that are the user's to fix: reported in one line, exit code 2, no traceback
-USER_ERRORS = (UsageError, files.OutputError, registry.BackendError, DataError, WeightsError, InputError, OSError,
-               plot.PlotError)  # fmt: skip
+USER_ERRORS = (
+    UsageError, distributed.LaunchError, files.OutputError, registry.BackendError, DataError, WeightsError, InputError,
+    OSError, plot.PlotError,
+)  # fmt: skip
 
 
 class _Parser(argparse.ArgumentParser):
@@ -112,6 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"numpy, torch, mindspore, chainer or a registered one (default: ${registry.ENV_VAR} or numpy)",
     )
     _add_run_arguments(train)
+    train.add_argument(
+        "--nproc",
+        type=_int_at_least(1),
+        metavar="N",
+        help="data-parallel over N processes on the backend's own engine and launcher (torchrun, mpiexec, msrun)",
+    )
+    train.add_argument(
+        "--master-port", type=_int_in_range(1, 65535), metavar="P", help="--nproc: the rendezvous port (default: free)"
+    )
     train.add_argument("--save", type=Path, metavar="FILE", help="write the trained weights (safetensors)")
     train.add_argument("--metrics", type=Path, metavar="FILE", help="write one JSON object per epoch")
     train.add_argument("--plot", type=Path, metavar="FILE.png", help="draw the run's curves by epoch (matplotlib)")
@@ -254,9 +265,9 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads",
         type=_int_at_least(1),
-        default=default_threads(),
         metavar="N",
-        help="CPU threads for the framework's kernels and BLAS (default: %(default)s, every core this process may use)",
+        help="CPU threads for the framework's kernels and BLAS (default: every core this process may use; "
+        "with --nproc, an equal share per process)",
     )
     parser.add_argument(
         "--progress",
@@ -402,7 +413,7 @@ def cmd_compare(args) -> int:
 
     results = compare_backends(
         backends, preset(args.model), optimizer, train_data, test_data,
-        seed=args.seed, initial_weights=initial, extensions=extensions, threads=args.threads,
+        seed=args.seed, initial_weights=initial, extensions=extensions, threads=args.threads or default_threads(),
         sample_every=args.sample_every, native=args.native, loop_options=_training_options(args), val_data=val_data,
         epochs=args.epochs, batch_size=args.batch_size, shuffle=not args.no_shuffle, max_steps=args.max_steps,
     )  # fmt: skip
@@ -410,7 +421,12 @@ def cmd_compare(args) -> int:
     print()
     print(table)
     placed = True
-    run = {**_run_config(args), "seed": args.seed, "optimizer": str(optimizer), "threads": args.threads}
+    run = {
+        **_run_config(args),
+        "seed": args.seed,
+        "optimizer": str(optimizer),
+        "threads": args.threads or default_threads(),
+    }
     if args.json is not None:
         placed = _write_json(args, {"run": run, "results": results}, "report")
     if args.report is not None:
@@ -528,52 +544,74 @@ def cmd_train(args) -> int:
     resume = _resume(args) if args.resume is not None else None
     optimizer = resume.optimizer_spec() if resume is not None else _optimizer(args)
     _check_checkpoint_dir(args, resume)
+    spec = registry.usable_spec(registry.backend_name(args.backend))
+    world_size = distributed.launched_world_size(spec.launcher)  # None: not started by the engine's launcher
+    show_progress = sys.stderr.isatty() if args.progress is None else args.progress
+    if world_size is None and (args.nproc or 1) > 1:
+        _check_world(args, args.nproc)
+        distributed.check_engine(spec.name, spec.launcher)
+        if args.master_port is not None:
+            distributed.check_port(args.master_port)
+        # the workers' stderr is a pipe (the failure report is read from it): the progress bar is decided here
+        argv = [*_without_option(args.argv, "--nproc"), "--progress" if show_progress else "--no-progress"]
+        return distributed.run(spec.launcher, args.nproc, argv, args.master_port)
+    if world_size is not None:
+        if args.nproc is not None and args.nproc != world_size:
+            raise UsageError(f"--nproc {args.nproc}, but {spec.launcher} started {world_size} processes")
+        _check_world(args, world_size)
     model = preset(args.model)
     train_data, val_data, test_data = _run_data(args)
     if resume is not None:
         _check_resume_position(args, resume, len(train_data))
-    adapter = registry.get_backend(args.backend)
-    adapter.set_threads(args.threads)
+    adapter = registry.load_adapter(spec.target)
+    # one process: every core; a data-parallel rank: its share (what the launcher's OMP_NUM_THREADS says)
+    adapter.set_threads(args.threads or distributed.threads_per_rank(world_size or 1))
 
-    loop = adapter(model, optimizer=optimizer, seed=args.seed, **_training_options(args))
+    loop = adapter(model, optimizer=optimizer, seed=args.seed, distributed=world_size is not None,
+                   **_training_options(args))  # fmt: skip
+    status = _train(args, loop, optimizer, initial, resume, (train_data, val_data, test_data), show_progress)
+    if loop.world_size > 1:  # the ranks end together: after rank 0's files, and as engines' teardowns need
+        loop.any_rank(False)
+    return status
+
+
+def _train(args, loop, optimizer, initial, resume, data, show_progress: bool) -> int:
+    """``unitrain train``'s run, once everything it needs is checked and loaded (``data``: train,
+    validation or None, test); the exit status."""
+    train_data, val_data, test_data = data
+    lead = loop.rank == 0  # the other ranks train in silence: metrics, progress and files come from rank 0
     if initial is not None:
         loop.load_state_dict(initial, source=str(args.init_weights))
     if resume is not None:
         resume.restore(loop)
-    version = registry.backend_specs()[loop.name].version()
-    print(
-        f"unitrain: backend {loop.name}{f' {version}' if version else ''}, model {args.model}, {optimizer}, "
-        f"batch {args.batch_size}, {args.dataset} {len(train_data)} train"
-        f"{f' / {len(val_data)} validation' if val_data is not None else ''} / {len(test_data)} test",
-        flush=True,
-    )
-    if resume is not None:
-        print(f"unitrain: resuming {resume.path} (trained on {resume.backend}): step {resume.step}, "
-              f"epoch {resume.epoch + 1} from batch {resume.batch}", flush=True)  # fmt: skip
-    show_progress = sys.stderr.isatty() if args.progress is None else args.progress
+    if lead:
+        _announce(args, loop, optimizer, resume, data)
     # checkpoints, NaN/Inf detection and Ctrl-C; before EpochReport, whose train loss it completes after a resume
     checkpointer = Checkpointer(
-        args.checkpoint_dir,
+        args.checkpoint_dir if lead else None,
         every=args.checkpoint_every,
         keep=args.keep,
         max_steps=args.max_steps,
         run={**_run_config(args), "normalization": train_data.normalization.to_json()},
         resume=resume,
-        interrupt_directory=_interrupt_directory() if args.checkpoint_dir is None else None,
+        interrupt_directory=_interrupt_directory() if args.checkpoint_dir is None and lead else None,
     )
-    extensions = [checkpointer, EpochReport(args.epochs)]
-    if show_progress:
-        extensions.insert(0, ProgressBar())
+    extensions = [checkpointer]
     placed = True  # every output went where the user asked
-    if args.metrics is not None:
-        fields = {"backend": loop.name, "model": args.model, "dataset": args.dataset,
-                  "normalization": train_data.normalization.to_json()}  # fmt: skip
-        metrics = MetricsWriter(args.metrics, fields, args.overwrite)
-        placed = _published("--metrics", args.metrics, metrics.path, "metrics", args.overwrite)
-        extensions.append(metrics)
+    if lead:
+        extensions.append(EpochReport(args.epochs))
+        if show_progress:
+            extensions.insert(0, ProgressBar())
+        if args.metrics is not None:
+            fields = {"backend": loop.name, "model": args.model, "dataset": args.dataset,
+                      "normalization": train_data.normalization.to_json(), "world_size": loop.world_size}  # fmt: skip
+            metrics = MetricsWriter(args.metrics, fields, args.overwrite)
+            placed = _published("--metrics", args.metrics, metrics.path, "metrics", args.overwrite)
+            extensions.append(metrics)
 
     def notice():
-        print("\nunitrain: stopping at the next step boundary (Ctrl-C again to abort)", file=sys.stderr, flush=True)
+        if lead:
+            print("\nunitrain: stopping at the next step boundary (Ctrl-C again to abort)", file=sys.stderr, flush=True)
 
     try:
         with stop_on_signals(checkpointer, notice):
@@ -591,6 +629,8 @@ def cmd_train(args) -> int:
             )
             checkpointer.finish(loop)
     except Interrupted:
+        if not lead:
+            return 128 + checkpointer.stop_signal
         if checkpointer.directory is None:
             how = "no checkpoint written: the current directory is not writable (use --checkpoint-dir DIR)"
         else:
@@ -599,8 +639,11 @@ def cmd_train(args) -> int:
         return 128 + checkpointer.stop_signal
     except Diverged as error:
         kept = f"; the last good checkpoint is {checkpointer.last_saved}" if checkpointer.last_saved else ""
-        print(f"unitrain: error: training diverged: {error}; stopped{kept}", file=sys.stderr)
+        if lead:
+            print(f"unitrain: error: training diverged: {error}; stopped{kept}", file=sys.stderr)
         return 1
+    if not lead:
+        return 0
     if not history:  # --epochs 0 or --max-steps 0: still report the model as it is
         metrics = loop.evaluate(test_data)
         print(
@@ -618,6 +661,43 @@ def cmd_train(args) -> int:
         placed = _published("--plot", args.plot, final, "figure", args.overwrite) and placed
         print(f"unitrain: drew the curves in {final}")
     return 0 if placed else 2
+
+
+def _without_option(argv: list[str], flag: str) -> list[str]:
+    """``argv`` without ``flag`` (or an abbreviation argparse accepted) and its value. The workers
+    learn the world size from the launcher, and torchrun's own parser refuses ``--nproc`` as an
+    ambiguous abbreviation of its ``--nproc-per-node``."""
+    kept, tokens = [], iter(argv)
+    for token in tokens:
+        name, equals, _ = token.partition("=")
+        if len(name) > 2 and flag.startswith(name):
+            if not equals:
+                next(tokens, None)
+            continue
+        kept.append(token)
+    return kept
+
+
+def _check_world(args, world_size: int) -> None:
+    """Every rank needs rows of every full global batch."""
+    if world_size > args.batch_size:
+        raise UsageError(f"--nproc {world_size} is more processes than the global --batch-size {args.batch_size}; "
+                         f"use at most {args.batch_size}")  # fmt: skip
+
+
+def _announce(args, loop, optimizer, resume, data) -> None:
+    train_data, val_data, test_data = data
+    version = registry.backend_specs()[loop.name].version()
+    processes = f", {loop.world_size} processes" if loop.world_size > 1 else ""
+    print(
+        f"unitrain: backend {loop.name}{f' {version}' if version else ''}{processes}, model {args.model}, "
+        f"{optimizer}, batch {args.batch_size}, {args.dataset} {len(train_data)} train"
+        f"{f' / {len(val_data)} validation' if val_data is not None else ''} / {len(test_data)} test",
+        flush=True,
+    )
+    if resume is not None:
+        print(f"unitrain: resuming {resume.path} (trained on {resume.backend}): step {resume.step}, "
+              f"epoch {resume.epoch + 1} from batch {resume.batch}", flush=True)  # fmt: skip
 
 
 def _interrupt_directory() -> Path | None:

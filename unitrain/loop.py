@@ -92,6 +92,29 @@ user's global RNGs are neither reset nor advanced where the framework allows. Wi
 opaque bytes whose keys name the kind of stream; ``load_random_state`` takes a state with the
 loop's own keys, so that a restored loop draws the masks an uninterrupted one would have drawn.
 Without it, ``random_state()`` is ``{}``.
+
+Data parallel (capability ``distributed``): a process started by the backend's engine launcher
+(``torchrun``, ``mpiexec``, ``msrun``, named in the backend's registry entry; ``unitrain train
+--nproc N`` runs it, see :mod:`unitrain.distributed`) passes ``distributed=True`` to join that
+engine's process group (the adapter's ``_setup_distributed``; ``_reduce_gradients`` and
+``_all_sum`` are the engine's allreduce); ``rank`` and ``world_size`` say
+where it stands (``0`` and ``1`` otherwise). Every rank builds the same initial weights (the same
+seed, or loads the same weights) and calls ``step``/``fit`` with the same *global* batches; rank
+``r`` computes rows :func:`~unitrain.distributed.shard` ``(N, r, world_size)`` of each, contiguous
+and in the order one process would use, and the engine sums each rank's gradients weighted by its
+share of the batch, so every rank applies the gradients of the whole global batch: the run equals
+a one-process run on the global batch to float32 rounding of that sum. ``step`` returns the loss
+of the global batch on every rank. The tutorial-shaped step stays per rank: each rank feeds its
+own rows, and ``update`` averages the accumulated gradients across ranks with equal weights.
+BatchNorm normalises each replica's shard with its own statistics (per-replica, not synchronised:
+its running statistics are rank 0's in checkpoints). Dropout masks come from a stream per rank,
+from ``(seed, rank)`` (rank 0's is the one-process stream): distinct and reproducible; a resumed
+multi-process run restores rank 0's stream, the other ranks restart theirs. ``fit`` evaluates on
+rank 0 only (the other ranks' records lack the test metrics); the caller keeps metrics, progress,
+checkpoints and saved weights to rank 0, whose checkpoints record ``world_size``, and has the
+ranks stop together (:meth:`any_rank`: :class:`~unitrain.checkpoint.Checkpointer` agrees on a
+Ctrl-C at every step). A checkpoint
+resumes with any number of processes (and on any backend): the global batches are the same.
 """
 
 from __future__ import annotations
@@ -107,6 +130,7 @@ import numpy as np
 from . import expr
 from . import weights as weights_io
 from .data import ArrayDataset
+from .distributed import shard
 from .layers import Container, _BatchNorm
 from .losses import CrossEntropyLoss, CustomLoss, Loss
 from .optim import SGD, Optimizer
@@ -119,6 +143,8 @@ CAPABILITIES = frozenset({
     "residual", "activations", "layernorm", "pooling", "losses", "custom-loss",
     # issue 9: RMSprop/Adagrad/Adadelta, set_lr and schedules; gradient clipping
     "optimizers", "clipping",
+    # issue 11: data parallel on the framework's own engine (``launcher`` names its launcher)
+    "distributed",
 })  # fmt: skip
 
 
@@ -147,6 +173,7 @@ class TrainingLoop(ABC):
         lr_schedule: LRSchedule | None = None,
         clip_grad_norm: float | None = None,
         clip_grad_value: float | None = None,
+        distributed: bool = False,
     ):
         loss = CrossEntropyLoss() if loss is None else loss
         optimizer = SGD() if optimizer is None else optimizer
@@ -178,6 +205,10 @@ class TrainingLoop(ABC):
         self.clip_grad_norm = None if clip_grad_norm is None else float(clip_grad_norm)
         self.clip_grad_value = None if clip_grad_value is None else float(clip_grad_value)
         self.seed = seed
+        if distributed and "distributed" not in self.capabilities:
+            raise ValueError(f"the {self.name} backend cannot train data-parallel (no 'distributed' capability)")
+        #: this process's place in a data-parallel run (see the module docstring)
+        self.rank, self.world_size = self._setup_distributed() if distributed else (0, 1)
         #: optimizer steps taken (``update`` / ``step`` calls)
         self.step_count = 0
         self.training = True
@@ -283,6 +314,20 @@ class TrainingLoop(ABC):
         """Make the next updates use ``lr`` (the optimizer, its state and compiled code stay)."""
         raise NotImplementedError(f"the {self.name} backend cannot change the lr of a live loop")
 
+    def _setup_distributed(self) -> tuple[int, int]:
+        """Join the process group the engine's launcher set up (called before ``_build``, so
+        that the dropout stream can depend on the rank); returns ``(rank, world_size)``."""
+        raise NotImplementedError
+
+    def _reduce_gradients(self, weight: float) -> None:
+        """Replace the accumulated gradients, on every rank, by the sum over ranks of ``weight``
+        times each rank's own (``weight`` may differ between ranks), with the engine's allreduce."""
+        raise NotImplementedError
+
+    def _all_sum(self, values: np.ndarray) -> np.ndarray:
+        """The elementwise sum over ranks of a small float64 array (the engine's allreduce)."""
+        raise NotImplementedError
+
     def _random_state(self) -> dict[str, np.ndarray]:
         """The loop's random stream as uint8 arrays (only with the ``random-state`` capability)."""
         return {}
@@ -309,7 +354,8 @@ class TrainingLoop(ABC):
 
     @staticmethod
     def to_float(value: Any) -> float:
-        """A native scalar (as returned by ``step``/``loss``) as a Python float (syncs)."""
+        """A native scalar (as returned by ``step``/``loss``; a data-parallel ``step`` returns a
+        Python float) as a Python float (syncs)."""
         return float(value)
 
     @staticmethod
@@ -343,7 +389,10 @@ class TrainingLoop(ABC):
         self._backward(loss)
 
     def update(self) -> None:
-        """One optimizer step on the accumulated gradients; counts towards ``step_count``."""
+        """One optimizer step on the accumulated gradients (data parallel: averaged over ranks);
+        counts towards ``step_count``."""
+        if self.world_size > 1:
+            self._reduce_gradients(1 / self.world_size)
         self._update()
         self.step_count += 1
 
@@ -374,10 +423,34 @@ class TrainingLoop(ABC):
         """zero_grad, forward, loss, backward, update; returns the pre-update loss (native
         scalar: ``float(...)`` or :meth:`to_float` reads it)."""
         x, y = self._check_batch(batch)
-        self._check_batch_statistics(x)
-        loss = self._step(x, y)
+        if self.world_size > 1:
+            loss = self._shard_step(x, y)
+        else:
+            self._check_batch_statistics(x)
+            loss = self._step(x, y)
         self.step_count += 1
         return loss
+
+    def _shard_step(self, x: np.ndarray, y: np.ndarray) -> float:
+        """This rank's rows of a global batch; returns the global batch's loss (see the module docstring)."""
+        start, stop = shard(len(x), self.rank, self.world_size)
+        weight = (stop - start) / len(x)
+        self._zero_grad()
+        local = 0.0
+        if stop > start:  # a last batch smaller than the world leaves some ranks without rows
+            self._check_batch_statistics(x[start:stop])
+            loss = self._loss(self._forward(x[start:stop]), y[start:stop])
+            self._backward(loss)
+            local = self.to_float(loss)
+        self._reduce_gradients(weight)
+        self._update()
+        return float(self._all_sum(np.array([weight * local]))[0])
+
+    def any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any rank (every rank must call it at the same point)."""
+        if self.world_size == 1:
+            return bool(flag)
+        return bool(self._all_sum(np.array([float(flag)]))[0] > 0)
 
     def train(self, mode: bool = True) -> TrainingLoop:
         self.training = bool(mode)
@@ -470,7 +543,10 @@ class TrainingLoop(ABC):
         self._check_schedule_length(
             epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
         )
-        count_correct = self.loss_spec.class_targets and np.asarray(train_data.y).dtype.kind in "iu"
+        # a data-parallel step keeps only its rank's rows: train accuracy is a one-process record
+        count_correct = (
+            self.world_size == 1 and self.loss_spec.class_targets and np.asarray(train_data.y).dtype.kind in "iu"
+        )
         _call(extensions, "on_fit_start", self, {"epochs": epochs, "steps_per_epoch": steps_per_epoch})
         history = []
         try:
@@ -503,10 +579,11 @@ class TrainingLoop(ABC):
                 }
                 if count_correct and None not in corrects:
                     record["train_accuracy"] = sum(self.to_float(c) for c in corrects) / seen if seen else float("nan")
-                for prefix, data in evaluated.items():
-                    metrics = self.evaluate(data)
-                    record[f"{prefix}_loss"] = metrics["loss"]
-                    record[f"{prefix}_accuracy"] = metrics["accuracy"]
+                if self.rank == 0:  # evaluation on rank 0 only (module docstring)
+                    for prefix, data in evaluated.items():
+                        metrics = self.evaluate(data)
+                        record[f"{prefix}_loss"] = metrics["loss"]
+                        record[f"{prefix}_accuracy"] = metrics["accuracy"]
                 history.append(record)
                 completed = first + len(losses) == steps_per_epoch
                 if self._scheduler is not None and not self.lr_schedule.per_batch and completed:
@@ -606,7 +683,7 @@ class TrainingLoop(ABC):
             raise weights_io.WeightsError(
                 f"{source} has keys {sorted(state)}, the {self.name} backend's random state has {sorted(expected)}"
             )
-        if not expected:
+        if not expected or self.rank != 0:  # the other ranks' streams are their own (module docstring)
             return
         try:
             self._load_random_state({key: np.asarray(value, np.uint8) for key, value in state.items()})

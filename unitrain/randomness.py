@@ -15,8 +15,15 @@ import numpy as np
 from .reading import Int, OneOf, check_json
 
 
-def dropout_stream(seed: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence(seed).spawn(1)[0])
+def dropout_stream(seed: int, rank: int = 0) -> np.random.Generator:
+    """The stream of data-parallel rank ``rank`` (its own child of the seed; rank 0's is the
+    one-process stream)."""
+    return np.random.default_rng(np.random.SeedSequence(seed).spawn(rank + 1)[rank])
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank``'s framework generator (PyTorch's): ``seed`` itself on rank 0."""
+    return seed if rank == 0 else int(np.random.SeedSequence(seed, spawn_key=(rank,)).generate_state(1, np.uint64)[0])
 
 
 def dropout_mask(rng: np.random.Generator, shape: tuple[int, ...], p: float, dtype) -> np.ndarray:

@@ -32,6 +32,8 @@ class BackendSpec:
     framework: str | None = None  # import name whose presence the backend needs
     distribution: str | None = None  # package whose version is reported
     install_hint: str | None = None
+    #: the launcher of the framework's distributed engine (``unitrain train --nproc``), if supported
+    launcher: str | None = None
 
     def installed(self) -> bool:
         return self.framework is None or importlib.util.find_spec(self.framework) is not None
@@ -46,13 +48,13 @@ class BackendSpec:
 BUILTIN = {
     spec.name: spec
     for spec in (
-        BackendSpec("numpy", "unitrain.backends.numpy:NumpyLoop", "numpy", "numpy"),
+        BackendSpec("numpy", "unitrain.backends.numpy:NumpyLoop", "numpy", "numpy", launcher="mpiexec"),
         BackendSpec("torch", "unitrain.backends.torch:TorchLoop", "torch", "torch",
-                    "pip install 'unitrain[torch]'"),
+                    "pip install 'unitrain[torch]'", launcher="torchrun"),
         BackendSpec("mindspore", "unitrain.backends.mindspore:MindSporeLoop", "mindspore", "mindspore",
-                    "pip install 'unitrain[mindspore]'"),
+                    "pip install 'unitrain[mindspore]'", launcher="msrun"),
         BackendSpec("chainer", "unitrain.backends.chainer:ChainerLoop", "chainer", "chainer",
-                    "pip install 'unitrain[chainer]' (see DEVELOPERS.md for its build quirks)"),
+                    "pip install 'unitrain[chainer]' (see DEVELOPERS.md for its build quirks)", launcher="mpiexec"),
     )
 }  # fmt: skip
 
@@ -102,9 +104,14 @@ def usable_spec(name: str) -> BackendSpec:
     return spec
 
 
+def backend_name(name: str | None = None) -> str:
+    """``name``, or the default backend: ``$UNITRAIN_BACKEND`` or ``numpy``."""
+    return name or os.environ.get(ENV_VAR) or DEFAULT_BACKEND
+
+
 def get_backend(name: str | None = None) -> type:
     """The adapter class of backend ``name`` (default: ``$UNITRAIN_BACKEND`` or ``numpy``)."""
-    return load_adapter(usable_spec(name or os.environ.get(ENV_VAR) or DEFAULT_BACKEND).target)
+    return load_adapter(usable_spec(backend_name(name)).target)
 
 
 def backend_of(model: Any) -> str | None:
@@ -118,7 +125,8 @@ def backend_of(model: Any) -> str | None:
 
 def make_loop(backend: str | None = None, model: Any = None, loss=None, optimizer=None, *, seed: int = 0, **options):
     """Build a training loop. A native model picks its own backend when ``backend`` is None.
-    ``options``: the loop's other keyword arguments (``dtype``, ``lr_schedule``, ``clip_grad_norm``, ...)."""
+    ``options``: the loop's other keyword arguments (``dtype``, ``lr_schedule``, ``clip_grad_norm``,
+    ``distributed``: join the process group of the engine's launcher, see ``TrainingLoop``)."""
     if model is None:
         raise TypeError("make_loop() needs a model (a unitrain Sequential or a native model)")
     if backend is None:

