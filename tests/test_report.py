@@ -229,7 +229,9 @@ def test_threads_must_be_positive(capsys):
     assert status == 2 and "argument --threads: must be >= 1, got 0" in err
 
 
-def test_the_progress_bar_shows_steps_and_loss_then_gives_way_to_the_epoch_line(capsys):
+def test_the_progress_bar_shows_steps_and_loss_then_gives_way_to_the_epoch_line(capsys, monkeypatch):
+    # redraw at every step: three fast steps may all fall inside one refresh interval of 0.2 s
+    monkeypatch.setattr(cli.ProgressBar, "interval", 0)
     status, out, err = run_cli(
         capsys, "train", "--progress", "--epochs", "1", "--batch-size", "1000", "--max-steps", "3"
     )
