@@ -70,6 +70,11 @@ def test_the_issues_recipe_trains_in_one_command_and_resumes_with_its_model_and_
     last_epoch = next(line for line in resumed.stdout.splitlines() if line.startswith("epoch 3/3"))
     assert "lr 0.49" in last_epoch
 
+    (tmp_path / "netdef.py").rename(tmp_path / "moved.py")  # reading the checkpoint imports nothing; resuming does
+    gone = run("train", "--resume", str(middle), "--checkpoint-dir", "other", cwd=tmp_path)
+    assert gone.returncode == 2
+    assert f"--resume {middle}: model 'netdef:build': cannot import netdef" in gone.stderr
+
 
 MODULES = {
     "broken.py": "import no_such_dependency_of_theirs\n",

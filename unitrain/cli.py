@@ -806,6 +806,10 @@ def _resume(args):
                 f"{flag} {getattr(args, key)} differs from the resumed run's {value}; a resumed run keeps its settings"
             )
         setattr(args, key, value)
+    try:  # a package.module:function run imports its model again, as it did when it started
+        model_from_name(args.model)
+    except ValueError as error:
+        raise UsageError(f"--resume {args.resume}: {error}") from None
     for key in ("epochs", "max_steps"):  # a new end may be given; otherwise the run's
         if not given(key):
             setattr(args, key, run[key])
