@@ -427,8 +427,8 @@ def cmd_compare(args) -> int:
             raise UsageError(f"--native: {error}") from None
     train_data, val_data, test_data = _run_data(args)
     print(
-        f"unitrain compare: {', '.join(backends)}; model {args.model}, {optimizer}, batch {args.batch_size}, "
-        f"seed {args.seed}: the same initial weights and batches on every backend",
+        f"unitrain compare: {', '.join(backends)}; model {args.model}, {args.loss} loss, {optimizer}, "
+        f"batch {args.batch_size}, seed {args.seed}: the same initial weights and batches on every backend",
         flush=True,
     )
     show_progress = sys.stderr.isatty() if args.progress is None else args.progress
@@ -721,7 +721,7 @@ def _announce(args, loop, optimizer, resume, data) -> None:
     processes = f", {loop.world_size} processes" if loop.world_size > 1 else ""
     print(
         f"unitrain: backend {loop.name}{f' {version}' if version else ''}{processes}, model {args.model}, "
-        f"{optimizer}, batch {args.batch_size}, {args.dataset} {len(train_data)} train"
+        f"{args.loss} loss, {optimizer}, batch {args.batch_size}, {args.dataset} {len(train_data)} train"
         f"{f' / {len(val_data)} validation' if val_data is not None else ''} / {len(test_data)} test",
         flush=True,
     )
@@ -872,8 +872,9 @@ class EpochReport:
             parts.append(f"train accuracy {100 * record['train_accuracy']:.2f}%")
         for name in ("val", "test"):
             if f"{name}_loss" in record:
-                parts.append(f"{name} accuracy {100 * record[f'{name}_accuracy']:.2f}%  "
-                             f"{name} loss {record[f'{name}_loss']:.4f}")  # fmt: skip
+                if math.isfinite(accuracy := record[f"{name}_accuracy"]):  # NaN: targets that are not classes
+                    parts.append(f"{name} accuracy {100 * accuracy:.2f}%")
+                parts.append(f"{name} loss {record[f'{name}_loss']:.4f}")
         parts.append(f"lr {record['lr']:.4g}")
         print("  ".join([*parts, f"{record['samples_per_sec']:.0f} samples/s"]), flush=True)
 
@@ -921,7 +922,9 @@ class MetricsWriter:
 
     def on_epoch_end(self, loop, record):
         with files.naming(self.path):
-            self.file.write(json.dumps({**self.fields, **record}) + "\n")
+            # an accuracy is NaN where the targets are not classes (--loss mse ...): left out, as JSON has no NaN
+            known = {key: value for key, value in record.items() if not (key.endswith("_accuracy") and value != value)}
+            self.file.write(json.dumps({**self.fields, **known}) + "\n")
             self.file.flush()
 
     def finalize(self, loop):
