@@ -6,8 +6,7 @@
 For each backend and model (see ``BENCHES``: the tutorial MLP and CNN, LeNet, ResNet-18 on MNIST-sized
 and 3x64x64 input) it times SGD steps on the same batches, after a warm-up, through ``loop.step`` and
 through the framework's own tutorial loop written by hand, and reports samples/s and the ratio
-unitrain/native (1.00 = no overhead). NumPy has no native loop; its ratio is against PyTorch. A backend
-without a hand-written loop for a model gets no row for it.
+unitrain/native (1.00 = no overhead). NumPy has no native loop; its ratio is against PyTorch.
 """
 
 from __future__ import annotations
@@ -94,10 +93,11 @@ def native_torch(model_name, state):
 
 def native_tutorial_loop(framework):
     """MindSpore's and Chainer's hand-written tutorial loops (unitrain/native.py, which
-    ``unitrain compare --native`` runs too): the MLP and the CNN only."""
+    ``unitrain compare --native`` runs too for the MLP and the CNN); the ResNet-18 benches share one
+    network, its input channels and classes read from the weights."""
 
     def make(model_name, state):
-        return native_loop(framework, model_name, state).step if model_name in ("mlp", "cnn") else None
+        return native_loop(framework, model_name.split("-")[0], state).step
 
     return make
 
@@ -132,8 +132,6 @@ def main():
         for backend in args.backends.split(","):
             reference = "torch" if backend == "numpy" else backend
             native_step = NATIVE[reference](model_name, state)
-            if native_step is None:
-                continue
             loop = unitrain.make_loop(backend, bench.spec(), seed=0)
             ours = native = 0.0
             for _ in range(args.repeats):  # alternated, best of each: load from other processes only slows down
