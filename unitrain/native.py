@@ -59,7 +59,8 @@ def check_run(model: Sequential, optimizer: Optimizer) -> str:
 
 
 def native_loop(framework: str, model_name: str, state: dict[str, np.ndarray], lr: float = 0.01) -> NativeLoop:
-    """The ``framework``'s tutorial loop training preset ``model_name`` from ``state`` with SGD(lr)."""
+    """The ``framework``'s tutorial loop training preset ``model_name`` (one of :data:`MODELS`, or for
+    MindSpore and Chainer of :data:`BENCHMARK_MODELS` too) from ``state`` with SGD(lr)."""
     return {"torch": _torch, "mindspore": _mindspore, "chainer": _chainer}[framework](model_name, state, lr)
 
 
