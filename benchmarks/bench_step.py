@@ -123,6 +123,8 @@ def main():
     load_seconds = time.perf_counter() - started
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
           f"MNIST train+cache load {load_seconds:.2f} s")  # fmt: skip
+    print("\n| model | backend | unitrain samples/s | native loop | native samples/s | unitrain / native |")
+    print("| --- | --- | ---: | --- | ---: | ---: |")
     results = []
     for model_name in args.models.split(","):
         bench = BENCHES[model_name]
@@ -140,12 +142,9 @@ def main():
             results.append({"model": model_name, "batch": bench.batch, "backend": backend,
                             "unitrain_samples_per_sec": ours, "native": reference,
                             "native_samples_per_sec": native, "ratio": ours / native})  # fmt: skip
-
-    print("\n| model | backend | unitrain samples/s | native loop | native samples/s | unitrain / native |")
-    print("| --- | --- | ---: | --- | ---: | ---: |")
-    for r in results:
-        print(f"| {r['model']} (batch {r['batch']}) | {r['backend']} | {r['unitrain_samples_per_sec']:.0f} | "
-              f"{r['native']} | {r['native_samples_per_sec']:.0f} | {r['ratio']:.2f} |")  # fmt: skip
+            r = results[-1]  # as soon as measured: a long run's rows are not lost if it is stopped
+            print(f"| {r['model']} (batch {r['batch']}) | {r['backend']} | {r['unitrain_samples_per_sec']:.0f} | "
+                  f"{r['native']} | {r['native_samples_per_sec']:.0f} | {r['ratio']:.2f} |", flush=True)  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"mnist_load_seconds": load_seconds, "results": results}, f, indent=1)
