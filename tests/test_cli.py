@@ -18,7 +18,7 @@ def run(*args, env=None):
         (["--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
         (["--epochs", "-1"], "argument --epochs: must be >= 0, got -1"),
         (["--max-steps", "-3"], "argument --max-steps: must be >= 0, got -3"),
-        (["--model", "resnet"], "argument --model: invalid choice: 'resnet'"),
+        (["--model", "resnet"], "argument --model: unknown model 'resnet'; expected one of mlp, cnn, lenet, resnet18"),
         (["--momentum", "1.5"], r"--optimizer sgd: momentum must be in [0, 1), got 1.5"),
         (["--optimizer", "adam", "--momentum", "0.9"], "--momentum/--nesterov apply to sgd, not adam"),
         (["--init-weights", "missing.safetensors"], "--init-weights missing.safetensors does not exist"),

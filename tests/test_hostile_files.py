@@ -21,7 +21,7 @@ import pytest
 import unitrain
 from unitrain.checkpoint import MANIFEST, RANDOM, CheckpointError, load_checkpoint, save_checkpoint
 from unitrain.data import DataError, load_mnist, packaged_mnist_dir
-from unitrain.layers import PRESETS
+from unitrain.layers import MODEL_PATTERN
 from unitrain.randomness import STREAM_KEY
 from unitrain.weights import WeightsError, check_state, load_safetensors, save_safetensors
 
@@ -294,7 +294,7 @@ MANIFEST_CASES = [
     ({"epoch_loss/sum": float("nan")}, "field 'epoch_loss.sum': expected a finite number, got nan"),
     ({"optimizer/lr": "0.1"}, "field 'optimizer.lr': expected a finite number, got '0.1'"),
     ({"optimizer/type": "Lion"}, "field 'optimizer.type': expected one of 'SGD', 'Adam', 'AdamW'"),
-    ({"run/model": "resnet"}, f"field 'run.model': expected one of {', '.join(map(repr, PRESETS))}, got 'resnet'"),
+    ({"run/model": "resnet"}, f"field 'run.model': expected a string matching {MODEL_PATTERN}, got 'resnet'"),
     ({"files/weights.safetensors/sha256": 12}, "field 'files.weights.safetensors.sha256': expected a string"),
     ({"files/optimizer.safetensors/bytes": 10**30}, "expected an integer in 0..2^63-1, got an integer of 100 bits"),
     ({"files": []}, "field 'files': expected an object, got []"),

@@ -56,7 +56,8 @@ import numpy as np
 from . import optim, registry, schedules
 from .data import num_batches
 from .files import atomic_write, current_umask, fsync_dir
-from .layers import PRESETS
+from .layers import MODEL_PATTERN, PRESETS
+from .losses import LOSSES
 from .reading import (
     Int,
     MapOf,
@@ -403,7 +404,8 @@ MANIFEST_SCHEMA = {
     "data_order": Optional(str),
     "epoch_loss": {"sum": Number(), "count": Int()},
     "run": {  # the command line's run settings; a checkpoint written from Python may have none
-        "model": Optional(OneOf(tuple(PRESETS))),
+        "model": Optional(Text(MODEL_PATTERN)),  # a preset or package.module:function
+        "loss": Optional(OneOf(tuple(LOSSES))),  # absent in older checkpoints: cross-entropy
         "dataset": Optional(str),  # a packaged name or the path of the user's dataset
         "val_split": Optional(Int()),
         "optimizer": Optional(OneOf(tuple(optim.OPTIMIZERS))),
@@ -454,7 +456,9 @@ def _verified(folder: Path) -> Checkpoint:
 
     def check_weights(declared):  # the run's model where the manifest names one, else the file's own keys
         model = manifest["run"].get("model")
-        shapes = PRESETS[model]().state_shapes() if model else {key: d.shape for key, d in declared.items()}
+        # reading a checkpoint runs no code it names: a package.module:function model is imported only
+        # where a run is resumed (the loop then checks these weights against it)
+        shapes = PRESETS[model]().state_shapes() if model in PRESETS else {k: d.shape for k, d in declared.items()}
         check_state(shapes, declared, f"checkpoint file {folder / WEIGHTS}")
         weights_layout.update(declared)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import itertools
 import json
@@ -21,8 +22,9 @@ from . import distributed, files, plot, registry
 from .checkpoint import WEIGHTS, Checkpointer, Diverged, Interrupted, checkpoint_paths, load_checkpoint, stop_on_signals
 from .data import PACKAGED, ArrayDataset, DataError
 from .datasets import dataset_kind, load_datasets
-from .layers import PRESETS, preset
+from .layers import PRESETS, model_from_name
 from .loop import InputError
+from .losses import LOSSES
 from .optim import OPTIMIZERS
 from .reading import path_problem
 from .schedules import parse_schedule
@@ -72,6 +74,23 @@ def _schedule(text: str) -> str:
         return str(parse_schedule(text))
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _model(text: str) -> str:
+    """A model name, resolved now (importing a ``module:function``) so that a bad one stops the
+    command before any training; kept as typed, as runs and checkpoints record it."""
+    try:
+        model_from_name(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def _add_model_argument(parser: argparse.ArgumentParser, help: str = "") -> None:
+    parser.add_argument(
+        "--model", type=_model, default="mlp", metavar="NAME|module:function",
+        help=f"{help}{', '.join(PRESETS)} (default mlp), or package.module:function returning a unitrain model spec",
+    )  # fmt: skip
 
 
 def _int_at_least(minimum: int):
@@ -189,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     for command in (evaluate, predict):
         command.add_argument("--weights", type=Path, metavar="FILE", required=True, help="safetensors weights")
         command.add_argument("--backend", help=f"default: ${registry.ENV_VAR} or numpy")
-        command.add_argument("--model", choices=sorted(PRESETS), default="mlp")
+        _add_model_argument(command)
         _add_data_arguments(command)
     evaluate.set_defaults(handler=cmd_evaluate)
     source = predict.add_mutually_exclusive_group()
@@ -206,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("input", type=Path, metavar="IN", help="the weights to read")
     convert.add_argument("output", type=Path, metavar="OUT", help="the file to write")
-    convert.add_argument("--model", choices=sorted(PRESETS), default="mlp", help="the model the weights belong to")
+    _add_model_argument(convert, "the model the weights belong to: ")
     convert.add_argument("--overwrite", action="store_true", help="allow OUT to replace a file")
     convert.set_defaults(handler=cmd_convert)
 
@@ -237,7 +256,11 @@ def default_threads() -> int:
 
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """What defines a training run (train and compare share them)."""
-    parser.add_argument("--model", choices=sorted(PRESETS), default="mlp")
+    _add_model_argument(parser)
+    parser.add_argument(
+        "--loss", choices=list(LOSSES), default="cross-entropy",
+        help="the torch.nn loss (default cross-entropy; the elementwise ones train on one-hot labels)",
+    )  # fmt: skip
     _add_data_arguments(parser)
     parser.add_argument(
         "--val-split", type=_int_at_least(0), default=0, metavar="N",
@@ -323,7 +346,7 @@ def _published(flag: str, path: Path, final: Path, what: str, overwrite: bool) -
 def cmd_convert(args) -> int:
     from .convert import convert, format_of
 
-    final = convert(args.input, args.output, preset(args.model), overwrite=args.overwrite)
+    final = convert(args.input, args.output, model_from_name(args.model), overwrite=args.overwrite)
     placed = _published("OUT", args.output, final, "weights", args.overwrite)
     print(f"unitrain: wrote {final} ({format_of(final, 'OUT').title}, model {args.model})")
     return 0 if placed else 2
@@ -396,14 +419,16 @@ def cmd_compare(args) -> int:
     if args.native:
         from .native import check_run
 
+        if args.loss != "cross-entropy":
+            raise UsageError(f"--native: the native loops train with cross-entropy, not --loss {args.loss}")
         try:
-            check_run(preset(args.model), optimizer, _training_options(args))
+            check_run(model_from_name(args.model), optimizer, _training_options(args))
         except ValueError as error:
             raise UsageError(f"--native: {error}") from None
     train_data, val_data, test_data = _run_data(args)
     print(
-        f"unitrain compare: {', '.join(backends)}; model {args.model}, {optimizer}, batch {args.batch_size}, "
-        f"seed {args.seed}: the same initial weights and batches on every backend",
+        f"unitrain compare: {', '.join(backends)}; model {args.model}, {args.loss} loss, {optimizer}, "
+        f"batch {args.batch_size}, seed {args.seed}: the same initial weights and batches on every backend",
         flush=True,
     )
     show_progress = sys.stderr.isatty() if args.progress is None else args.progress
@@ -412,7 +437,7 @@ def cmd_compare(args) -> int:
         return [*([ProgressBar()] if show_progress else []), EpochReport(args.epochs, prefix=f"{backend}: ")]
 
     results = compare_backends(
-        backends, preset(args.model), optimizer, train_data, test_data,
+        backends, model_from_name(args.model), optimizer, train_data, test_data,
         seed=args.seed, initial_weights=initial, extensions=extensions, threads=args.threads or default_threads(),
         sample_every=args.sample_every, native=args.native, loop_options=_training_options(args), val_data=val_data,
         epochs=args.epochs, batch_size=args.batch_size, shuffle=not args.no_shuffle, max_steps=args.max_steps,
@@ -451,7 +476,7 @@ def _write_report(args, results, run, table) -> bool:
     native = " and their native loops" if len(backends) < len(results) else ""
     title = f"unitrain compare: {', '.join(r['backend'] for r in backends)}{native} on {args.model}"
     index, sidestepped = write_report(args.report, results, title=title, settings=settings, table=table,
-                                      model=preset(args.model), overwrite=args.overwrite)  # fmt: skip
+                                      model=model_from_name(args.model), overwrite=args.overwrite)  # fmt: skip
     for asked, final in sidestepped:
         _published("--report", asked, final, "file", args.overwrite)
     print(f"unitrain: report written to {index}")
@@ -475,7 +500,7 @@ def _load_data(args) -> tuple[ArrayDataset, ArrayDataset]:
     """``--dataset``'s training and test sets, checked to fit ``--model`` (before any framework loads)."""
     _check_data_source(args)
     train, test = load_datasets(args.dataset, data_dir=args.data_dir)
-    model = preset(args.model)
+    model = model_from_name(args.model)
     try:
         output = model.output_shape(train.x.shape[1:])
     except ValueError as error:
@@ -492,6 +517,9 @@ def _load_data(args) -> tuple[ArrayDataset, ArrayDataset]:
 def _run_data(args) -> tuple[ArrayDataset, ArrayDataset | None, ArrayDataset]:
     """Training, validation (``--val-split``; ``None`` without) and test sets of the run."""
     train, test = _load_data(args)
+    if not LOSSES[args.loss].class_targets:  # an elementwise loss compares the outputs with one-hot labels
+        width = model_from_name(args.model).output_shape(train.x.shape[1:])[0]
+        train, test = (dataclasses.replace(data, y=np.eye(width, dtype=np.float32)[data.y]) for data in (train, test))
     if not args.val_split:
         return train, None, test
     if args.val_split >= len(train):
@@ -521,8 +549,10 @@ def _optimizer(args):
 
 
 def _training_options(args) -> dict:
-    """The loop's lr schedule and gradient clipping, from the command line."""
+    """The loop's loss, lr schedule and gradient clipping, from the command line."""
     return {
+        # None: the loop's default, CrossEntropyLoss, which is the native loops' loss too
+        "loss": None if args.loss == "cross-entropy" else LOSSES[args.loss](),
         "lr_schedule": None if args.lr_schedule is None else parse_schedule(args.lr_schedule),
         "clip_grad_norm": args.clip_grad_norm,
         "clip_grad_value": args.clip_grad_value,
@@ -559,7 +589,7 @@ def cmd_train(args) -> int:
         if args.nproc is not None and args.nproc != world_size:
             raise UsageError(f"--nproc {args.nproc}, but {spec.launcher} started {world_size} processes")
         _check_world(args, world_size)
-    model = preset(args.model)
+    model = model_from_name(args.model)
     train_data, val_data, test_data = _run_data(args)
     if resume is not None:
         _check_resume_position(args, resume, len(train_data))
@@ -691,7 +721,7 @@ def _announce(args, loop, optimizer, resume, data) -> None:
     processes = f", {loop.world_size} processes" if loop.world_size > 1 else ""
     print(
         f"unitrain: backend {loop.name}{f' {version}' if version else ''}{processes}, model {args.model}, "
-        f"{optimizer}, batch {args.batch_size}, {args.dataset} {len(train_data)} train"
+        f"{args.loss} loss, {optimizer}, batch {args.batch_size}, {args.dataset} {len(train_data)} train"
         f"{f' / {len(val_data)} validation' if val_data is not None else ''} / {len(test_data)} test",
         flush=True,
     )
@@ -716,6 +746,7 @@ def _interrupt_directory() -> Path | None:
 def _run_config(args) -> dict:
     return {
         "model": args.model,
+        "loss": args.loss,
         "dataset": args.dataset,
         "val_split": args.val_split,
         "optimizer": args.optimizer,
@@ -743,10 +774,12 @@ def _resume(args):
     run, spec = checkpoint.run, checkpoint.optimizer_spec()
     optional = {"lr_schedule", "clip_grad_norm", "clip_grad_value"}  # absent in older checkpoints
     run.setdefault("val_split", 0)  # checkpoints from before --val-split
+    run.setdefault("loss", "cross-entropy")  # checkpoints from before --loss
     if missing := [key for key in _run_config(args) if key not in run and key not in optional]:
         raise UsageError(f"--resume {args.resume}: the checkpoint lacks the run settings {missing}")
     recorded = {
         "model": run["model"],
+        "loss": run["loss"],
         "dataset": run["dataset"],
         "val_split": run["val_split"],
         "optimizer": run["optimizer"],
@@ -773,6 +806,10 @@ def _resume(args):
                 f"{flag} {getattr(args, key)} differs from the resumed run's {value}; a resumed run keeps its settings"
             )
         setattr(args, key, value)
+    try:  # a package.module:function run imports its model again, as it did when it started
+        model_from_name(args.model)
+    except ValueError as error:
+        raise UsageError(f"--resume {args.resume}: {error}") from None
     for key in ("epochs", "max_steps"):  # a new end may be given; otherwise the run's
         if not given(key):
             setattr(args, key, run[key])
@@ -835,8 +872,9 @@ class EpochReport:
             parts.append(f"train accuracy {100 * record['train_accuracy']:.2f}%")
         for name in ("val", "test"):
             if f"{name}_loss" in record:
-                parts.append(f"{name} accuracy {100 * record[f'{name}_accuracy']:.2f}%  "
-                             f"{name} loss {record[f'{name}_loss']:.4f}")  # fmt: skip
+                if math.isfinite(accuracy := record[f"{name}_accuracy"]):  # NaN: targets that are not classes
+                    parts.append(f"{name} accuracy {100 * accuracy:.2f}%")
+                parts.append(f"{name} loss {record[f'{name}_loss']:.4f}")
         parts.append(f"lr {record['lr']:.4g}")
         print("  ".join([*parts, f"{record['samples_per_sec']:.0f} samples/s"]), flush=True)
 
@@ -884,7 +922,9 @@ class MetricsWriter:
 
     def on_epoch_end(self, loop, record):
         with files.naming(self.path):
-            self.file.write(json.dumps({**self.fields, **record}) + "\n")
+            # an accuracy is NaN where the targets are not classes (--loss mse ...): left out, as JSON has no NaN
+            known = {key: value for key, value in record.items() if not (key.endswith("_accuracy") and value != value)}
+            self.file.write(json.dumps({**self.fields, **known}) + "\n")
             self.file.flush()
 
     def finalize(self, loop):
@@ -916,13 +956,13 @@ def cmd_plot(args) -> int:
 
 def _read_weights(path: Path, model_name: str, flag: str = "--weights") -> dict:
     """A weights file checked against the model (from its header) before any framework is imported."""
-    shapes, name = preset(model_name).state_shapes(), f"{flag} {path}"
+    shapes, name = model_from_name(model_name).state_shapes(), f"{flag} {path}"
     return load_safetensors(path, lambda declared: check_state(shapes, declared, name), name=name)[0]
 
 
 def _loop_with_weights(args):
     weights = _read_weights(args.weights, args.model)
-    loop = registry.get_backend(args.backend)(preset(args.model))
+    loop = registry.get_backend(args.backend)(model_from_name(args.model))
     loop.load_state_dict(weights, source=str(args.weights))
     return loop
 

@@ -16,7 +16,11 @@ does not fit, before any framework sees it, with a message naming the layer's do
 
 from __future__ import annotations
 
+import importlib
 import math
+import os
+import re
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -664,3 +668,47 @@ def preset(name: str) -> Sequential:
         return PRESETS[name]()
     except KeyError:
         raise ValueError(f"unknown model {name!r}; expected one of: {', '.join(PRESETS)}") from None
+
+
+#: ``package.module:function``, a user's function that returns a model spec
+FACTORY_PATTERN = r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*"
+#: what a run may name as its model: a preset or a factory (checkpoints record it)
+MODEL_PATTERN = "|".join([*map(re.escape, PRESETS), FACTORY_PATTERN])
+
+
+def model_from_name(name: str) -> Container:
+    """The model ``name`` names: a :data:`PRESETS` name, or ``package.module:function``, a
+    function importable with the current directory first on ``sys.path`` (as ``python -m``
+    has it) that takes no arguments and returns a :class:`Container`. ``ValueError`` (one
+    line, naming ``name``) for anything else."""
+    if name in PRESETS:
+        return preset(name)
+    expected = f"one of {', '.join(PRESETS)} or package.module:function returning a unitrain model spec"
+    if not re.fullmatch(FACTORY_PATTERN, name):
+        raise ValueError(f"unknown model {name!r}; expected {expected}")
+    module_name, function_name = name.split(":")
+    here = os.getcwd()
+    sys.path.insert(0, here)
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as error:  # the user's module may raise anything on import
+        raise ValueError(f"model {name!r}: cannot import {module_name}: {_one_line(error)}") from None
+    finally:
+        sys.path.remove(here)
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        found = "has no attribute" if function is None else f"has a {type(function).__name__}, not a function, named"
+        raise ValueError(f"model {name!r}: module {module_name} {found} {function_name!r}; expected {expected}")
+    try:
+        model = function()
+    except Exception as error:  # the user's code
+        raise ValueError(f"model {name!r}: {function_name}() raised {_one_line(error)}") from None
+    if not isinstance(model, Container):
+        raise ValueError(f"model {name!r}: {function_name}() returned {type(model).__name__}, expected a unitrain "
+                         "model spec (a unitrain.layers Container such as Sequential)")  # fmt: skip
+    return model
+
+
+def _one_line(error: Exception) -> str:
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    return text if len(text) <= 200 else text[:197] + "..."

@@ -129,3 +129,10 @@ class CustomLoss(Loss):
         if not callable(self.fn):
             raise TypeError(f"CustomLoss: fn must be a function (pred, target) -> loss, got {self.fn!r}")
         object.__setattr__(self, "tree", expr.trace(self.fn))
+
+
+#: the losses a run names (``--loss``), with their default arguments
+LOSSES = {
+    "cross-entropy": CrossEntropyLoss, "nll": NLLLoss, "mse": MSELoss, "l1": L1Loss,
+    "bce-with-logits": BCEWithLogitsLoss, "smooth-l1": SmoothL1Loss, "huber": HuberLoss,
+}  # fmt: skip

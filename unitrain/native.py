@@ -1,5 +1,5 @@
-"""Each framework's own tutorial training loop, written by hand without unitrain, for the two
-preset models and plain SGD: what ``unitrain compare --native`` and ``benchmarks/bench_step.py``
+"""Each framework's own tutorial training loop, written by hand without unitrain, for the preset
+models and plain SGD: what ``unitrain compare --native`` and ``benchmarks/bench_step.py``
 measure unitrain's adapters against, in speed and in weights.
 
 PyTorch: ``zero_grad / forward / cross_entropy / backward / step``. MindSpore: ``value_and_grad``
@@ -23,8 +23,12 @@ from .optim import SGD, Optimizer
 
 #: frameworks with a native loop here (NumPy has no tutorial loop of its own)
 FRAMEWORKS = ("torch", "mindspore", "chainer")
-#: the preset models the native loops build
+#: the preset models every native loop builds (what ``compare --native`` accepts)
 MODELS = ("mlp", "cnn")
+#: built by the MindSpore and Chainer loops too, for ``benchmarks/bench_step.py`` (whose PyTorch twins
+#: of them are tests/torch_reference.py's): LeNet and ResNet-18, its input channels and classes read
+#: from the state's ``conv1.weight`` and ``fc.weight``
+BENCHMARK_MODELS = ("lenet", "resnet18")
 
 
 class NativeLoop:
@@ -59,8 +63,30 @@ def check_run(model: Sequential, optimizer: Optimizer, loop_options: Mapping[str
 
 
 def native_loop(framework: str, model_name: str, state: dict[str, np.ndarray], lr: float = 0.01) -> NativeLoop:
-    """The ``framework``'s tutorial loop training preset ``model_name`` from ``state`` with SGD(lr)."""
+    """The ``framework``'s tutorial loop training preset ``model_name`` (one of :data:`MODELS`, or for
+    MindSpore and Chainer of :data:`BENCHMARK_MODELS` too) from ``state`` with SGD(lr)."""
     return {"torch": _torch, "mindspore": _mindspore, "chainer": _chainer}[framework](model_name, state, lr)
+
+
+def _batches_tracked(state: dict[str, np.ndarray], steps: int) -> dict[str, np.ndarray]:
+    """PyTorch's BatchNorm step counts after ``steps`` more steps from ``state`` (MindSpore's and
+    Chainer's BatchNorms keep none)."""
+    return {key: np.asarray(value + steps) for key, value in state.items() if key.endswith(".num_batches_tracked")}
+
+
+def _renamed(names: dict[str, str], separator: str, suffixes: dict[str, str]) -> dict[str, str]:
+    """``names`` (native name -> anything) keyed to PyTorch's: ``separator`` becomes ``.`` and the last
+    part is translated by ``suffixes`` (those not in it are kept)."""
+    renamed = {}
+    for name in names:
+        *path, last = name.strip(separator).split(separator)
+        renamed[name] = ".".join([*path, suffixes.get(last, last)])
+    return renamed
+
+
+def _resnet_shape(state: dict[str, np.ndarray]) -> tuple[int, int]:
+    """(input channels, classes) of the ResNet-18 whose weights are ``state``."""
+    return state["conv1.weight"].shape[1], state["fc.weight"].shape[0]
 
 
 def _torch(model_name, state, lr):
@@ -96,6 +122,8 @@ def _mindspore(model_name, state, lr):
     from mindspore import nn
 
     ms.set_device("CPU")
+    if model_name in BENCHMARK_MODELS:
+        return _mindspore_named(model_name, state, lr)
     if model_name == "mlp":
         net = nn.SequentialCell(nn.Flatten(), nn.Dense(784, 512), nn.ReLU(), nn.Dense(512, 512), nn.ReLU(),
                                 nn.Dense(512, 10))  # fmt: skip
@@ -107,6 +135,17 @@ def _mindspore(model_name, state, lr):
     params = net.trainable_params()  # in the order of the PyTorch keys: weight, bias, layer by layer
     for param, value in zip(params, state.values(), strict=True):
         param.set_data(ms.Tensor(np.array(value, np.float32)))
+    return _mindspore_train(net, params, lr, lambda: {
+        key: param.asnumpy().copy() for key, param in zip(state, params, strict=True)})  # fmt: skip
+
+
+def _mindspore_train(net, params, lr, state_dict):
+    """MindSpore's tutorial training step for ``net``: ``value_and_grad`` of the loss, ``nn.SGD`` on
+    ``params``, one ``@mindspore.jit`` graph."""
+    import mindspore as ms
+    from mindspore import nn
+
+    net.set_train(True)  # BatchNorm normalises with the batch's statistics and updates its running ones
     loss_fn = nn.CrossEntropyLoss()
     optimizer = nn.SGD(params, learning_rate=lr)
 
@@ -124,10 +163,83 @@ def _mindspore(model_name, state, lr):
     def step(x, y):
         return train_step(ms.Tensor.from_numpy(x), ms.Tensor.from_numpy(y.astype(np.int32)))
 
-    def state_dict():
-        return {key: param.asnumpy().copy() for key, param in zip(state, params, strict=True)}
-
     return NativeLoop(step, state_dict, lambda loss: float(loss.asnumpy()))
+
+
+def _mindspore_named(model_name, state, lr):
+    """LeNet and ResNet-18 as Cells whose parameter names are PyTorch's but for BatchNorm's."""
+    import mindspore as ms
+    from mindspore import nn, ops
+
+    class LeNet(nn.Cell):  # MindSpore's LeNet-5 tutorial's Cell, with the GarmentClassifier's layers
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(1, 6, 5, pad_mode="valid", has_bias=True)
+            self.conv2 = nn.Conv2d(6, 16, 5, pad_mode="valid", has_bias=True)
+            self.fc1, self.fc2, self.fc3 = nn.Dense(256, 120), nn.Dense(120, 84), nn.Dense(84, 10)
+            self.relu, self.max_pool2d, self.flatten = nn.ReLU(), nn.MaxPool2d(2, 2), nn.Flatten()
+
+        def construct(self, x):
+            x = self.max_pool2d(self.relu(self.conv1(x)))
+            x = self.flatten(self.max_pool2d(self.relu(self.conv2(x))))
+            return self.fc3(self.relu(self.fc2(self.relu(self.fc1(x)))))
+
+    def batch_norm(channels):  # MindSpore's momentum weighs the old running value: 1 - PyTorch's 0.1
+        return nn.BatchNorm2d(channels, eps=1e-5, momentum=0.9)
+
+    def conv(in_channels, out_channels, kernel, stride=1, padding=0):
+        return nn.Conv2d(in_channels, out_channels, kernel, stride, pad_mode="pad", padding=padding)
+
+    class BasicBlock(nn.Cell):
+        def __init__(self, in_planes, planes, stride):
+            super().__init__()
+            self.conv1, self.bn1 = conv(in_planes, planes, 3, stride, 1), batch_norm(planes)
+            self.conv2, self.bn2 = conv(planes, planes, 3, 1, 1), batch_norm(planes)
+            self.relu = nn.ReLU()
+            self.downsample = None
+            if stride != 1 or in_planes != planes:
+                self.downsample = nn.SequentialCell(conv(in_planes, planes, 1, stride), batch_norm(planes))
+
+        def construct(self, x):
+            out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+            return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+    class ResNet18(nn.Cell):
+        def __init__(self, in_channels, num_classes):
+            super().__init__()
+            self.conv1, self.bn1, self.relu = conv(in_channels, 64, 7, 2, 3), batch_norm(64), nn.ReLU()
+            self.maxpool = nn.MaxPool2d(3, 2, pad_mode="pad", padding=1)
+            in_planes = 64
+            for index, (planes, stride) in enumerate(((64, 1), (128, 2), (256, 2), (512, 2)), start=1):
+                setattr(
+                    self,
+                    f"layer{index}",
+                    nn.SequentialCell(BasicBlock(in_planes, planes, stride), BasicBlock(planes, planes, 1)),
+                )
+                in_planes = planes
+            self.fc = nn.Dense(512, num_classes)
+
+        def construct(self, x):
+            x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+            x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+            return self.fc(ops.mean(x, (2, 3)))
+
+    net = LeNet() if model_name == "lenet" else ResNet18(*_resnet_shape(state))
+    native = dict(net.parameters_and_names())
+    names = _renamed(native, ".", {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean",
+                                   "moving_variance": "running_var"})  # fmt: skip
+    if set(names.values()) | set(_batches_tracked(state, 0)) != set(state):
+        raise ValueError(f"the MindSpore {model_name} does not have the state's keys")
+    for name, param in native.items():
+        param.set_data(ms.Tensor(np.array(state[names[name]], np.float32)))
+
+    def state_dict():
+        values = {names[name]: param.asnumpy().copy() for name, param in native.items()}
+        values |= _batches_tracked(state, loop.step_count)
+        return {key: values[key] for key in state}
+
+    loop = _mindspore_train(net, net.trainable_params(), lr, state_dict)
+    return loop
 
 
 def _chainer(model_name, state, lr):
@@ -135,6 +247,9 @@ def _chainer(model_name, state, lr):
     import chainer
     import chainer.functions as F
     import chainer.links as L
+
+    if model_name in BENCHMARK_MODELS:
+        return _chainer_named(model_name, state, lr)
 
     class MLP(chainer.Chain):  # as in Chainer's "write a training loop" tutorial
         def __init__(self):
@@ -162,6 +277,16 @@ def _chainer(model_name, state, lr):
     params = [p for link in links for p in (link.W, link.b)]  # Chainer's W is (out, in, ...) as PyTorch's
     for param, value in zip(params, state.values(), strict=True):
         param.array[...] = value
+    return _chainer_train(net, lr, lambda: {
+        key: param.array.copy() for key, param in zip(state, params, strict=True)})  # fmt: skip
+
+
+def _chainer_train(net, lr, state_dict):
+    """Chainer's tutorial training step for ``net``: ``cleargrads / backward / update`` with
+    ``optimizers.SGD``."""
+    import chainer
+    import chainer.functions as F
+
     optimizer = chainer.optimizers.SGD(lr=lr)
     optimizer.setup(net)
 
@@ -172,7 +297,89 @@ def _chainer(model_name, state, lr):
         optimizer.update()
         return loss.array
 
-    def state_dict():
-        return {key: param.array.copy() for key, param in zip(state, params, strict=True)}
-
     return NativeLoop(step, state_dict, float)
+
+
+def _chainer_named(model_name, state, lr):
+    """LeNet and ResNet-18 as Chains whose link names are PyTorch's module names."""
+    import chainer
+    import chainer.functions as F
+    import chainer.links as L
+    from chainer import serializers
+
+    class LeNet(chainer.Chain):  # PyTorch's "Training with PyTorch" GarmentClassifier
+        def __init__(self):
+            super().__init__()
+            with self.init_scope():
+                self.conv1, self.conv2 = L.Convolution2D(1, 6, 5), L.Convolution2D(6, 16, 5)
+                self.fc1, self.fc2, self.fc3 = L.Linear(256, 120), L.Linear(120, 84), L.Linear(84, 10)
+
+        def forward(self, x):
+            h = F.max_pooling_2d(F.relu(self.conv1(x)), 2, cover_all=False)
+            h = F.max_pooling_2d(F.relu(self.conv2(h)), 2, cover_all=False)
+            return self.fc3(F.relu(self.fc2(F.relu(self.fc1(h)))))
+
+    def batch_norm(
+        channels,
+    ):  # decay weighs the old running value (1 - PyTorch's momentum 0.1); Chainer's default eps is 2e-5, PyTorch's 1e-5
+        return L.BatchNormalization(channels, decay=0.9, eps=1e-5)
+
+    class BasicBlock(chainer.Chain):
+        def __init__(self, in_planes, planes, stride):
+            super().__init__()
+            with self.init_scope():
+                self.conv1 = L.Convolution2D(in_planes, planes, 3, stride, 1, nobias=True)
+                self.bn1 = batch_norm(planes)
+                self.conv2 = L.Convolution2D(planes, planes, 3, 1, 1, nobias=True)
+                self.bn2 = batch_norm(planes)
+                if stride != 1 or in_planes != planes:
+                    self.downsample = chainer.Sequential(
+                        L.Convolution2D(in_planes, planes, 1, stride, 0, nobias=True), batch_norm(planes)
+                    )
+
+        def forward(self, x):
+            h = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+            return F.relu(h + (self.downsample(x) if hasattr(self, "downsample") else x))
+
+    class ResNet18(chainer.Chain):
+        def __init__(self, in_channels, num_classes):
+            super().__init__()
+            with self.init_scope():
+                self.conv1 = L.Convolution2D(in_channels, 64, 7, 2, 3, nobias=True)
+                self.bn1 = batch_norm(64)
+                in_planes = 64
+                for index, (planes, stride) in enumerate(((64, 1), (128, 2), (256, 2), (512, 2)), start=1):
+                    setattr(
+                        self,
+                        f"layer{index}",
+                        chainer.Sequential(BasicBlock(in_planes, planes, stride), BasicBlock(planes, planes, 1)),
+                    )
+                    in_planes = planes
+                self.fc = L.Linear(512, num_classes)
+
+        def forward(self, x):
+            h = F.max_pooling_2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1, cover_all=False)
+            h = self.layer4(self.layer3(self.layer2(self.layer1(h))))
+            return self.fc(F.mean(h, axis=(2, 3)))
+
+    net = LeNet() if model_name == "lenet" else ResNet18(*_resnet_shape(state))
+    # Chainer's serializers read and write the weights and BatchNorm's statistics by path ("layer1/0/bn1/gamma");
+    # BatchNormalization.N counts its fine-tuning mode, unused in training, and is left as it is
+    serializer = serializers.DictionarySerializer()
+    serializer.save(net)
+    names = _renamed(serializer.target, "/", {"W": "weight", "b": "bias", "gamma": "weight", "beta": "bias",
+                                              "avg_mean": "running_mean", "avg_var": "running_var"})  # fmt: skip
+    names = {name: key for name, key in names.items() if not name.endswith("/N")}
+    if set(names.values()) | set(_batches_tracked(state, 0)) != set(state):
+        raise ValueError(f"the Chainer {model_name} does not have the state's keys")
+    serializers.NpzDeserializer({**serializer.target, **{name: state[key] for name, key in names.items()}}).load(net)
+
+    def state_dict():
+        serializer = serializers.DictionarySerializer()
+        serializer.save(net)
+        values = {key: np.array(serializer.target[name]) for name, key in names.items()}
+        values |= _batches_tracked(state, loop.step_count)
+        return {key: values[key] for key in state}
+
+    loop = _chainer_train(net, lr, state_dict)
+    return loop
