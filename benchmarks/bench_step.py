@@ -23,7 +23,7 @@ from typing import NamedTuple
 import numpy as np
 
 import unitrain
-from unitrain.native import native_loop
+from unitrain.native import native_loop, torch_loop
 
 # the plain-PyTorch twins of unitrain's networks (ResNet-18 from torchvision's source) live with the tests
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -70,25 +70,13 @@ def _time(step, batches, steps, warmup) -> float:
 
 
 def native_torch(model_name, state):
-    import torch
-    import torch.nn.functional as F
     from torch_reference import GarmentClassifier, ResNet18, torch_cnn, torch_mlp
 
     net = {
         "mlp": torch_mlp, "cnn": torch_cnn, "lenet": GarmentClassifier,
         "resnet18-1x28x28": lambda: ResNet18(num_classes=10, in_channels=1), "resnet18-3x64x64": ResNet18,
     }[model_name]()  # fmt: skip
-    net.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
-
-    def step(x, y):
-        optimizer.zero_grad()
-        loss = F.cross_entropy(net(torch.from_numpy(x)), torch.from_numpy(y))
-        loss.backward()
-        optimizer.step()
-        return loss.detach()
-
-    return step
+    return torch_loop(net, state, lr=0.01).step
 
 
 def native_tutorial_loop(framework):

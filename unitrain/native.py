@@ -90,8 +90,6 @@ def _resnet_shape(state: dict[str, np.ndarray]) -> tuple[int, int]:
 
 
 def _torch(model_name, state, lr):
-    import torch
-    import torch.nn.functional as F
     from torch import nn
 
     if model_name == "mlp":
@@ -101,6 +99,15 @@ def _torch(model_name, state, lr):
         net = nn.Sequential(nn.Conv2d(1, 6, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 12, 5), nn.ReLU(),
                             nn.MaxPool2d(2), nn.Flatten(), nn.Linear(192, 120), nn.ReLU(), nn.Linear(120, 60),
                             nn.ReLU(), nn.Linear(60, 10))  # fmt: skip
+    return torch_loop(net, state, lr)
+
+
+def torch_loop(net, state: dict[str, np.ndarray], lr: float) -> NativeLoop:
+    """PyTorch's tutorial loop (``zero_grad / forward / loss / backward / step``, plain SGD) training
+    the ``torch.nn.Module`` ``net`` from ``state``."""
+    import torch
+    import torch.nn.functional as F
+
     net.load_state_dict({k: torch.from_numpy(np.array(v, np.float32)) for k, v in state.items()})
     optimizer = torch.optim.SGD(net.parameters(), lr=lr)
 
