@@ -20,9 +20,9 @@ def run(*args, env=None):
         (["--max-steps", "-3"], "argument --max-steps: must be >= 0, got -3"),
         (["--model", "resnet"], "argument --model: unknown model 'resnet'; expected one of mlp, cnn, lenet, resnet18"),
         (["--momentum", "1.5"], r"--optimizer sgd: momentum must be in [0, 1), got 1.5"),
-        (["--optimizer", "adam", "--momentum", "0.9"], "--momentum/--nesterov apply to sgd, not adam"),
-        (["--init-weights", "missing.safetensors"], "--init-weights missing.safetensors does not exist"),
-        (["--data-dir", "no/such/dir"], "--data-dir no/such/dir does not exist"),
+        (["--optimizer", "adam", "--momentum", "0.9"], "--momentum does not apply to --optimizer adam"),
+        (["--init-weights", "missing.safetensors"], "init_weights missing.safetensors does not exist"),
+        (["--data-dir", "no/such/dir"], "data.data_dir no/such/dir does not exist"),
         (["--save", "no/such/dir/w.safetensors"], "directory no/such/dir does not exist"),
     ],
 )

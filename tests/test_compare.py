@@ -9,6 +9,7 @@ from conftest import installed_backends
 
 import unitrain
 from unitrain.compare import compare_backends, format_report
+from unitrain.run import Run
 
 OTHERS = [name for name in installed_backends() if name != "numpy"]
 needs_two = pytest.mark.skipif(not OTHERS, reason="only NumPy is installed")
@@ -54,13 +55,13 @@ def test_the_report_puts_backends_side_by_side(tmp_path, mnist_train):
 
 
 @needs_two
-def test_every_backend_starts_from_the_given_weights(mnist_train, mnist_test):
+def test_every_backend_starts_from_the_given_weights(mnist_train, mnist_test, tmp_path):
     model = unitrain.mlp()
-    start = unitrain.init_weights(model, seed=7)  # not the loops' seed
-    results = compare_backends(["numpy", OTHERS[0]], model, unitrain.SGD(), mnist_train, mnist_test,
-                               initial_weights=start, epochs=1, max_steps=0)  # fmt: skip
     reference = unitrain.make_loop("numpy", model)
-    reference.load_state_dict(start)
+    reference.load_state_dict(unitrain.init_weights(model, seed=7))  # not the loops' seed
+    reference.save_weights(tmp_path / "start.safetensors")
+    run = Run(init_weights=str(tmp_path / "start.safetensors"), epochs=1, max_steps=0)
+    results = compare_backends(["numpy", OTHERS[0]], run, data=(mnist_train, None, mnist_test))
     expected = reference.evaluate(mnist_test)["num_correct"]
     assert [result["num_correct"] for result in results] == [expected, expected]
     assert results[1]["max_weight_difference"] == 0 and results[1]["same_predictions"] == len(mnist_test)
@@ -75,7 +76,7 @@ def test_every_backend_starts_from_the_given_weights(mnist_train, mnist_test):
         (["--backends", "numpy,numpy"], "--backends needs two or more different backends, got 'numpy,numpy'"),
         (["--backends", "numpy,jax"], "unknown backend 'jax'; available: numpy, torch, mindspore, chainer"),
         (["--backends", PAIR, "--lr", "0"], "argument --lr: must be > 0, got 0"),
-        pytest.param(["--backends", PAIR, "--data-dir", "nowhere"], "--data-dir nowhere does not", marks=needs_two),
+        pytest.param(["--backends", PAIR, "--data-dir", "nowhere"], "data.data_dir nowhere does not", marks=needs_two),
     ],
 )
 def test_bad_arguments_exit_2_with_a_message(args, message):
@@ -88,7 +89,7 @@ def test_weights_of_another_model_and_an_existing_report_are_refused(tmp_path):
     cnn_weights = tmp_path / "cnn.safetensors"
     unitrain.make_loop("numpy", unitrain.cnn()).save_weights(cnn_weights)
     result = run("compare", "--backends", PAIR, "--init-weights", str(cnn_weights))
-    assert result.returncode == 2 and f"--init-weights {cnn_weights}" in result.stderr and "0.weight" in result.stderr
+    assert result.returncode == 2 and f"init_weights {cnn_weights}" in result.stderr and "0.weight" in result.stderr
     report = tmp_path / "report.json"
     report.write_text("the user's")
     result = run("compare", "--backends", PAIR, "--json", str(report))

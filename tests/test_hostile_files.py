@@ -285,8 +285,8 @@ def tampered(checkpoint: Path, destination: Path, edit) -> Path:
 
 MANIFEST_CASES = [
     ({"epoch": "0"}, "field 'epoch': expected an integer in 0..2^63-1, got '0'"),
-    ({"run/batch_size": "64"}, "field 'run.batch_size': expected an integer in 1..2^63-1, got '64'"),
-    ({"run/batch_size": 0}, "field 'run.batch_size': expected an integer in 1..2^63-1, got 0"),
+    ({"run/batch_size": "64"}, "its run is invalid: field 'batch_size': expected an integer in 1..2^63-1, got '64'"),
+    ({"run/batch_size": 0}, "its run is invalid: field 'batch_size': expected an integer in 1..2^63-1, got 0"),
     ({"seed": -1}, "field 'seed': expected an integer in 0..2^63-1, got -1"),
     ({"step": 2**200}, "field 'step': expected an integer in 0..2^63-1, got 2^200"),
     ({"batch": {"nested": [1, {"deeper": 2}]}}, "field 'batch': expected an integer"),

@@ -17,6 +17,7 @@ from conftest import installed_backends
 
 import unitrain
 from unitrain import cli, files
+from unitrain import run as run_module
 from unitrain.checkpoint import Checkpointer, CheckpointError, checkpoint_paths, load_checkpoint, save_checkpoint
 from unitrain.weights import load_safetensors
 
@@ -64,7 +65,7 @@ def appears_during_the_run(monkeypatch):
     """Files that a user (or another job) creates at the given paths after unitrain's start-up
     checks, while the run loads its data."""
     created = {}
-    load_datasets = cli.load_datasets
+    load_datasets = run_module.load_datasets
 
     def load_then_create(*args, **kwargs):
         for path, content in created.items():
@@ -72,7 +73,7 @@ def appears_during_the_run(monkeypatch):
                 path.write_bytes(content)
         return load_datasets(*args, **kwargs)
 
-    monkeypatch.setattr(cli, "load_datasets", load_then_create)
+    monkeypatch.setattr(run_module, "load_datasets", load_then_create)
     return created
 
 

@@ -116,4 +116,4 @@ def test_elementwise_losses_train_on_one_hot_labels_and_native_loops_keep_cross_
     assert "accuracy" not in result.stdout  # one-hot targets are not class indices: no accuracy, and no "nan%"
     native = run("compare", "--backends", "numpy,torch", "--native", "--loss", "nll", cwd=tmp_path)
     assert native.returncode == 2
-    assert "--native: the native loops train with cross-entropy, not --loss nll" in native.stderr
+    assert "--native: the native loops train with cross-entropy, not nll" in native.stderr

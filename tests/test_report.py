@@ -15,6 +15,7 @@ import unitrain
 from unitrain import cli
 from unitrain.compare import compare_backends, layer_differences, sample_interval, sampled
 from unitrain.report import first_departure, layer_names, rounding_allowances
+from unitrain.run import Run
 
 pytest.importorskip("matplotlib")
 needs_torch = pytest.mark.skipif("torch" not in installed_backends(), reason="PyTorch is not installed")
@@ -77,8 +78,8 @@ def test_compare_report_writes_a_page_whose_figures_all_exist(tmp_path):
 def test_step_losses_and_divergence_are_those_of_the_loops_themselves(mnist_train, mnist_test, torch_single_thread):
     """What compare records equals what the two loops give when driven by hand, step by step."""
     model, steps, every = unitrain.mlp(), 6, 2
-    results = compare_backends(["numpy", "torch"], model, unitrain.SGD(), mnist_train, mnist_test,
-                               sample_every=every, epochs=1, max_steps=steps)  # fmt: skip
+    results = compare_backends(["numpy", "torch"], Run(epochs=1, max_steps=steps), sample_every=every,
+                               data=(mnist_train, None, mnist_test))  # fmt: skip
     loops = [unitrain.make_loop(name, model, seed=0) for name in ("numpy", "torch")]
     losses, divergence = [[], []], {}
     for step, batch in enumerate(mnist_train.batches(64, shuffle=True, seed=0, epoch=0), start=1):
@@ -101,8 +102,9 @@ def test_the_native_loop_row_is_plain_pytorch_trained_on_the_same_batches(mnist_
                                                                           torch_single_thread):  # fmt: skip
     """PyTorch's own tutorial loop and unitrain's torch adapter do the same arithmetic: the same
     losses and weights, to the bit (a difference would be overhead or a bug in the adapter)."""
-    results = compare_backends(["numpy", "torch"], unitrain.mlp(), unitrain.SGD(lr=0.05), mnist_train, mnist_test,
-                               sample_every=3, native=True, epochs=1, max_steps=6)  # fmt: skip
+    run = Run(optimizer=unitrain.SGD(lr=0.05), epochs=1, max_steps=6)
+    results = compare_backends(["numpy", "torch"], run, data=(mnist_train, None, mnist_test), sample_every=3,
+                               native=True)  # fmt: skip
     assert [r.get("label", r["backend"]) for r in results] == ["numpy", "torch", "torch (native loop)"]
     adapter, native = results[1], results[2]
     assert native["native"] and native["steps"] == 6 and native["samples_per_sec"] > 0

@@ -22,7 +22,8 @@ _EXPORTS = {
     "BCEWithLogitsLoss": "losses", "CrossEntropyLoss": "losses", "CustomLoss": "losses",
     "HuberLoss": "losses", "L1Loss": "losses", "MSELoss": "losses", "NLLLoss": "losses",
     "SmoothL1Loss": "losses",
-    "SGD": "optim", "Adam": "optim", "AdamW": "optim",
+    "SGD": "optim", "Adam": "optim", "AdamW": "optim", "RMSprop": "optim", "Adagrad": "optim", "Adadelta": "optim",
+    "DataSpec": "run", "Run": "run", "load_recipe": "run",
     "available_backends": "registry", "get_backend": "registry", "make_loop": "registry",
     "init_weights": "weights",
 }  # fmt: skip

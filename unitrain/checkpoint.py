@@ -34,7 +34,6 @@ Python API::
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -57,7 +56,6 @@ from . import optim, registry, schedules
 from .data import num_batches
 from .files import atomic_write, current_umask, fsync_dir
 from .layers import MODEL_PATTERN, PRESETS
-from .losses import LOSSES
 from .reading import (
     Int,
     MapOf,
@@ -69,9 +67,11 @@ from .reading import (
     check_json,
     path_kind,
     path_problem,
+    read_capped,
     short,
     short_list,
 )
+from .run import Run, RunError
 from .weights import Declared, State, WeightsError, check_state, load_safetensors, save_safetensors
 
 FORMAT, FORMAT_VERSION = "unitrain-checkpoint", 1
@@ -108,22 +108,11 @@ def _digest(path: Path) -> dict[str, Any]:
     return {"bytes": size, "sha256": digest.hexdigest()}
 
 
-def optimizer_config(spec: optim.Optimizer) -> dict[str, Any]:
-    return {"type": type(spec).__name__, **dataclasses.asdict(spec)}
-
-
 def optimizer_from_config(config: Mapping[str, Any]) -> optim.Optimizer:
-    classes = {cls.__name__: cls for cls in optim.OPTIMIZERS.values()}
-    options = dict(config)
-    kind = options.pop("type", None)
-    if kind not in classes:
-        raise CheckpointError(f"unknown optimizer type {kind!r} in checkpoint; expected one of {sorted(classes)}")
-    if "betas" in options:
-        options["betas"] = tuple(options["betas"])
     try:
-        return classes[kind](**options)
-    except (TypeError, ValueError) as error:
-        raise CheckpointError(f"checkpoint optimizer {config!r} is invalid: {error}") from None
+        return optim.optimizer_from_config(config)
+    except ValueError as error:
+        raise CheckpointError(f"checkpoint optimizer: {error}") from None
 
 
 def _versions(backend: str) -> dict[str, str | None]:
@@ -140,6 +129,7 @@ def save_checkpoint(
     epoch: int,
     batch: int,
     run: Mapping[str, Any] | None = None,
+    normalization: Mapping[str, Any] | None = None,
     finished: bool = False,
     epoch_loss: tuple[float, int] = (0.0, 0),
     keep: int | None = 3,
@@ -147,8 +137,9 @@ def save_checkpoint(
 ) -> Path:
     """Write a checkpoint of ``loop`` whose training continues at batch ``batch`` of epoch
     ``epoch``; keep the newest ``keep`` (None: all) of the run ``run_id`` (a resumed run keeps
-    its id; another run's checkpoints are never deleted). ``run`` is the run's configuration (JSON
-    values); ``epoch_loss`` the (sum, count) of the current epoch's step losses so far.
+    its id; another run's checkpoints are never deleted). ``run`` is the run's
+    :meth:`~unitrain.run.Run.to_dict`, ``normalization`` its data's (``Normalization.to_json()``);
+    ``epoch_loss`` the (sum, count) of the current epoch's step losses so far.
 
     A directory holds one run, its steps only growing: another run's checkpoint there, or one
     later than this step (a resume of an older checkpoint), is refused with
@@ -178,7 +169,7 @@ def save_checkpoint(
         "versions": _versions(loop.name),
         "seed": loop.seed,
         "dtype": str(loop.dtype),
-        "optimizer": optimizer_config(loop.optimizer_spec),
+        "optimizer": loop.optimizer_spec.to_config(),
         "lr": loop.lr,
         "lr_schedule": None
         if loop.lr_schedule is None
@@ -191,6 +182,7 @@ def save_checkpoint(
         "data_order": "numpy.random.default_rng([seed, epoch]).permutation(num_samples), batches from `batch` on",
         "epoch_loss": {"sum": float(epoch_loss[0]), "count": int(epoch_loss[1])},
         "run": dict(run or {}),
+        "normalization": normalization,
         "run_id": run_id,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -275,6 +267,23 @@ class Checkpoint:
 
     def optimizer_spec(self) -> optim.Optimizer:
         return optimizer_from_config(self.manifest["optimizer"])
+
+    def run_spec(self) -> Run:
+        """The run that wrote the checkpoint, which a resume continues."""
+        recorded = self.run
+        if not recorded:
+            raise CheckpointError(f"checkpoint {self.path} records no run (it was written from Python without one); "
+                                  "resume it from Python with Checkpoint.restore(loop)")  # fmt: skip
+        if "data" not in recorded:  # written before runs were one value: the command line's flat record
+            recorded = {
+                "data": {"dataset": recorded.get("dataset", "mnist"), "val_split": recorded.get("val_split", 0)},
+                "optimizer": self.manifest["optimizer"], "seed": self.seed,
+                **{key: value for key, value in recorded.items() if key in _FLAT_RUN_FIELDS},
+            }  # fmt: skip
+        try:
+            return Run.from_dict(recorded)
+        except RunError as error:
+            raise CheckpointError(f"{MANIFEST}: its run is invalid: {error}") from None
 
     def lr_schedule(self) -> schedules.LRSchedule | None:
         recorded = self.manifest.get("lr_schedule")
@@ -403,20 +412,10 @@ MANIFEST_SCHEMA = {
     "loss": Optional(str),
     "data_order": Optional(str),
     "epoch_loss": {"sum": Number(), "count": Int()},
-    "run": {  # the command line's run settings; a checkpoint written from Python may have none
-        "model": Optional(Text(MODEL_PATTERN)),  # a preset or package.module:function
-        "loss": Optional(OneOf(tuple(LOSSES))),  # absent in older checkpoints: cross-entropy
-        "dataset": Optional(str),  # a packaged name or the path of the user's dataset
-        "val_split": Optional(Int()),
-        "optimizer": Optional(OneOf(tuple(optim.OPTIMIZERS))),
-        "batch_size": Optional(Int(1)),
-        "epochs": Optional(Int()),
-        "max_steps": Optional(Nullable(Int())),
-        "shuffle": Optional(bool),
-        "lr_schedule": Optional(Nullable(str)),
-        "clip_grad_norm": Optional(Nullable(Number(0))),
-        "clip_grad_value": Optional(Nullable(Number(0))),
-    },
+    # the run (unitrain.run.Run.to_dict(), checked when resumed; a checkpoint written from Python may
+    # have none); its model is checked here, as the weights are read against a preset's shapes
+    "run": {"model": Optional(Text(MODEL_PATTERN))},
+    "normalization": Optional(Nullable({"mean": list, "std": list, "source": str})),
     "created": Optional(str),
     "run_id": Optional(Nullable(str)),  # which run wrote it (save_checkpoint); absent in older checkpoints
     "files": {WEIGHTS: _DIGEST, OPTIMIZER: _DIGEST, RANDOM: Optional(_DIGEST)},
@@ -434,7 +433,10 @@ def _verified(folder: Path) -> Checkpoint:
     manifest = _manifest(folder / MANIFEST)
     try:
         spec = optimizer_from_config(manifest["optimizer"])
-        Checkpoint(folder, manifest, {}, {}, {}).lr_schedule()
+        recorded = Checkpoint(folder, manifest, {}, {}, {})
+        recorded.lr_schedule()
+        if manifest["run"]:  # checked now, though only a resume uses it (importing nothing)
+            recorded.run_spec()
     except CheckpointError as error:
         raise damaged(str(error)) from None
     files = manifest["files"]
@@ -493,9 +495,7 @@ def _manifest(path: Path) -> dict[str, Any]:
 
     if problem := path_problem(path):
         raise damaged(f"{MANIFEST} {problem}")
-    with open(path, "rb") as file:
-        text = file.read(_MAX_MANIFEST_BYTES + 1)
-    if len(text) > _MAX_MANIFEST_BYTES:
+    if (text := read_capped(path, _MAX_MANIFEST_BYTES)) is None:
         raise damaged(f"{MANIFEST} is over {_MAX_MANIFEST_BYTES} bytes, not a manifest")
     try:
         manifest = json.loads(text)
@@ -524,8 +524,10 @@ class Checkpointer:
     when there is none to ``interrupt_directory``, so that an interrupted run is never lost.
 
     Losses are read (a host sync) in bulk: every ``check_every`` steps, before a checkpoint
-    and at epoch ends. ``resume`` is the checkpoint the run continues from, if any: the run
-    keeps its id, so ``directory`` may be that checkpoint's own when it is the newest there."""
+    and at epoch ends. ``run`` (a :class:`~unitrain.run.Run`) and ``normalization`` (its
+    data's) are recorded in each checkpoint. ``resume`` is the checkpoint the run continues
+    from, if any: the run keeps its id, so ``directory`` may be that checkpoint's own when it is
+    the newest there."""
 
     def __init__(
         self,
@@ -534,14 +536,16 @@ class Checkpointer:
         every: int | None = None,
         keep: int | None = 3,
         max_steps: int | None = None,
-        run: Mapping[str, Any] | None = None,
+        run: Run | None = None,
+        normalization: Mapping[str, Any] | None = None,
         resume: Checkpoint | None = None,
         check_every: int = 100,
         interrupt_directory: str | os.PathLike | None = None,
     ):
         self.directory = None if directory is None else Path(directory)
         self.interrupt_directory = None if interrupt_directory is None else Path(interrupt_directory)
-        self.every, self.keep, self.max_steps, self.run = every, keep, max_steps, run
+        self.every, self.keep, self.max_steps = every, keep, max_steps
+        self.run, self.normalization = None if run is None else run.to_dict(), normalization
         self.check_every = every if every else check_every
         self.carried = {resume.epoch: resume.epoch_loss} if resume is not None else {}
         #: which checkpoints are this run's (``keep`` deletes no other's); a resume continues the run
@@ -626,6 +630,7 @@ class Checkpointer:
             epoch=self.position[0],
             batch=self.position[1],
             run=self.run,
+            normalization=self.normalization,
             finished=finished,
             epoch_loss=(self.loss_sum, self.loss_count) if self.position[1] else (0.0, 0),
             keep=self.keep,
@@ -633,6 +638,10 @@ class Checkpointer:
         )
         self.last_saved_step = loop.step_count
 
+
+#: the fields a checkpoint written before runs were one value recorded as they are now
+_FLAT_RUN_FIELDS = ("model", "loss", "batch_size", "epochs", "max_steps", "shuffle", "lr_schedule", "clip_grad_norm",
+                    "clip_grad_value")  # fmt: skip
 
 #: SIGTERM too: a cluster's preemption notice, and what MindSpore turns Ctrl-C into (its own SIGINT
 #: handler, installed at every graph run, kills the process with SIGTERM); SIGUSR1: how

@@ -21,12 +21,12 @@ import numpy as np
 from . import distributed, files, plot, registry
 from .checkpoint import WEIGHTS, Checkpointer, Diverged, Interrupted, checkpoint_paths, load_checkpoint, stop_on_signals
 from .data import PACKAGED, ArrayDataset, DataError
-from .datasets import dataset_kind, load_datasets
 from .layers import PRESETS, model_from_name
 from .loop import InputError
 from .losses import LOSSES
 from .optim import OPTIMIZERS
 from .reading import path_problem
+from .run import DataSpec, Run, RunError, load_recipe
 from .schedules import parse_schedule
 from .signals import ending_on_signals, interrupted
 from .weights import WeightsError, check_state, load_safetensors
@@ -39,7 +39,7 @@ class UsageError(Exception):
 #: errors that are the user's to fix: reported in one line, exit code 2, no traceback
 USER_ERRORS = (
     UsageError, distributed.LaunchError, files.OutputError, registry.BackendError, DataError, WeightsError, InputError,
-    OSError, plot.PlotError,
+    OSError, plot.PlotError, RunError,
 )  # fmt: skip
 
 
@@ -86,9 +86,9 @@ def _model(text: str) -> str:
     return text
 
 
-def _add_model_argument(parser: argparse.ArgumentParser, help: str = "") -> None:
+def _add_model_argument(parser: argparse.ArgumentParser, help: str = "", default: str = "mlp") -> None:
     parser.add_argument(
-        "--model", type=_model, default="mlp", metavar="NAME|module:function",
+        "--model", type=_model, default=default, metavar="NAME|module:function",
         help=f"{help}{', '.join(PRESETS)} (default mlp), or package.module:function returning a unitrain model spec",
     )  # fmt: skip
 
@@ -254,37 +254,70 @@ def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+#: the flags that describe the run (a :class:`~unitrain.run.Run`): absent from the parsed
+#: arguments unless typed, so that they override a recipe or checkpoint only where given
+_RUN_FIELDS = ("model", "loss", "lr_schedule", "clip_grad_norm", "clip_grad_value", "batch_size", "epochs",
+               "max_steps", "shuffle", "seed", "init_weights")  # fmt: skip
+_DATA_FIELDS = tuple(field.name for field in dataclasses.fields(DataSpec))
+_OPTIMIZER_FLAGS = ("optimizer", "lr", "momentum", "nesterov", "weight_decay")
+
+
 def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """What defines a training run (train and compare share them)."""
-    _add_model_argument(parser)
+    """What defines a training run (train and compare share them): a recipe file and flags,
+    which override it. Defaults are a :class:`~unitrain.run.Run`'s."""
+    unset = argparse.SUPPRESS
     parser.add_argument(
-        "--loss", choices=list(LOSSES), default="cross-entropy",
+        "recipe", nargs="?", type=Path, metavar="RECIPE.toml",
+        help="the run as a file (write one with --print-recipe); flags given too override it",
+    )  # fmt: skip
+    parser.add_argument("--print-recipe", action="store_true",
+                        help="print the run as a recipe (TOML) on stdout and exit without training")  # fmt: skip
+    _add_model_argument(parser, default=unset)
+    parser.add_argument(
+        "--loss", choices=list(LOSSES), default=unset,
         help="the torch.nn loss (default cross-entropy; the elementwise ones train on one-hot labels)",
     )  # fmt: skip
-    _add_data_arguments(parser)
+    _add_data_arguments(parser, default=unset)
     parser.add_argument(
-        "--val-split", type=_int_at_least(0), default=0, metavar="N",
+        "--val-split", type=_int_at_least(0), default=unset, metavar="N",
         help="hold N training samples out (chosen by --seed) for val_loss / val_accuracy each epoch",
     )  # fmt: skip
-    parser.add_argument("--epochs", type=_int_at_least(0), default=3)
-    parser.add_argument("--batch-size", type=_int_at_least(1), default=64)
-    parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="sgd")
-    parser.add_argument("--lr", type=_positive_float, default=0.01)
-    parser.add_argument("--momentum", type=_float, default=None, help="SGD momentum (default 0)")
-    parser.add_argument("--nesterov", action="store_true", help="Nesterov momentum (SGD)")
-    parser.add_argument("--weight-decay", type=_float, default=None, help="default 0 (adamw: 0.01)")
     parser.add_argument(
-        "--lr-schedule", type=_schedule, metavar="'StepLR(step_size=1, gamma=0.7)'",
+        "--normalize", type=_normalization, default=unset, metavar="MEAN/STD",
+        help="normalise with this mean and std, one number or one per channel, comma-separated "
+        "('0.1307/0.3081'; default: the packaged dataset's, or your training set's)",
+    )  # fmt: skip
+    parser.add_argument("--resize", type=_size, default=unset, metavar="HxW", help="resize samples (bilinear)")
+    parser.add_argument("--pad", type=_int_at_least(0), default=unset, metavar="N",
+                        help="pad samples by N pixels of black on every side (after --resize)")  # fmt: skip
+    parser.add_argument("--random-crop-padding", type=_int_at_least(0), default=unset, metavar="N",
+                        help="augment: crop training samples at random from a copy padded by N pixels")  # fmt: skip
+    parser.add_argument("--random-horizontal-flip", action=argparse.BooleanOptionalAction, default=unset,
+                        help="augment: flip half of the training samples left to right")  # fmt: skip
+    parser.add_argument("--epochs", type=_int_at_least(0), default=unset, help="default 3")
+    parser.add_argument("--batch-size", type=_int_at_least(1), default=unset, help="default 64")
+    parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default=unset, help="default sgd")
+    parser.add_argument("--lr", type=_positive_float, default=unset, help="default 0.01")
+    parser.add_argument("--momentum", type=_float, default=unset, help="SGD's or RMSprop's momentum (default 0)")
+    parser.add_argument("--nesterov", action="store_true", default=unset, help="Nesterov momentum (SGD)")
+    parser.add_argument("--weight-decay", type=_float, default=unset, help="default 0 (adamw: 0.01)")
+    parser.add_argument(
+        "--lr-schedule", type=_schedule, default=unset, metavar="'StepLR(step_size=1, gamma=0.7)'",
         help="a torch.optim.lr_scheduler class with its arguments (StepLR, MultiStepLR, ExponentialLR, "
         "CosineAnnealingLR, LinearLR, OneCycleLR, SequentialLR)",
     )  # fmt: skip
     clipping = parser.add_mutually_exclusive_group()
-    clipping.add_argument("--clip-grad-norm", type=_positive_float, metavar="X", help="clip gradients to total norm X")
-    clipping.add_argument("--clip-grad-value", type=_positive_float, metavar="X", help="clip gradients to [-X, X]")
-    parser.add_argument("--seed", type=_int_at_least(0), default=0)
-    parser.add_argument("--max-steps", type=_int_at_least(0), help="stop after N optimizer steps in total")
-    parser.add_argument("--no-shuffle", action="store_true", help="visit samples in file order")
-    parser.add_argument("--init-weights", type=Path, metavar="FILE", help="start from these safetensors weights")
+    clipping.add_argument("--clip-grad-norm", type=_positive_float, default=unset, metavar="X",
+                          help="clip gradients to total norm X")  # fmt: skip
+    clipping.add_argument("--clip-grad-value", type=_positive_float, default=unset, metavar="X",
+                          help="clip gradients to [-X, X]")  # fmt: skip
+    parser.add_argument("--seed", type=_int_at_least(0), default=unset, help="default 0")
+    parser.add_argument("--max-steps", type=_int_at_least(0), default=unset, metavar="N",
+                        help="stop after N optimizer steps in total")  # fmt: skip
+    parser.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=unset,
+                        help="visit samples in a new random order each epoch (default) or in file order")  # fmt: skip
+    parser.add_argument("--init-weights", type=str, default=unset, metavar="FILE",
+                        help="start from these safetensors weights")  # fmt: skip
     parser.add_argument(
         "--threads",
         type=_int_at_least(1),
@@ -300,13 +333,82 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_data_arguments(parser: argparse.ArgumentParser, default=None) -> None:
     parser.add_argument(
-        "--dataset", default="mnist", metavar="|".join(PACKAGED) + "|PATH",
+        "--dataset", default="mnist" if default is None else default, metavar="|".join(PACKAGED) + "|PATH",
         help="a packaged dataset, or your own: a Keras-style .npz, a folder of IDX files, of class folders of "
         "images (train/, test/) or of CIFAR-10 binary batches (default: mnist)",
     )  # fmt: skip
-    parser.add_argument("--data-dir", type=Path, metavar="DIR", help="read the packaged dataset's IDX files from DIR")
+    parser.add_argument("--data-dir", type=str, default=default, metavar="DIR",
+                        help="read the packaged dataset's IDX files from DIR")  # fmt: skip
+
+
+def _normalization(text: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    mean, slash, std = text.partition("/")
+    try:
+        if not slash:
+            raise ValueError
+        return tuple(_float(v) for v in mean.split(",")), tuple(_positive_float(v) for v in std.split(","))
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(f"expected MEAN/STD, finite numbers (std > 0), comma-separated per "
+                                         f"channel, got {text[:100]!r}") from None  # fmt: skip
+
+
+def _size(text: str) -> tuple[int, int]:
+    height, x, width = text.lower().partition("x")
+    try:
+        size = int(height), int(width)
+    except ValueError:
+        size = None
+    if not x or size is None or min(size) < 1:
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH such as 32x32, got {text[:100]!r}")
+    return size
+
+
+def _typed_run_settings(args) -> dict:
+    """The run settings typed on the command line (argparse left the others out)."""
+    return {key: value for key, value in vars(args).items() if key in (*_RUN_FIELDS, *_DATA_FIELDS, *_OPTIMIZER_FLAGS)}
+
+
+def _with_flags(base: Run, typed: dict) -> Run:
+    """``base`` with the settings ``typed`` on the command line."""
+    changes = {key: typed[key] for key in _RUN_FIELDS if key in typed}
+    if "clip_grad_norm" in typed or "clip_grad_value" in typed:  # the one typed replaces the other's clipping
+        changes = {"clip_grad_norm": None, "clip_grad_value": None, **changes}
+    data = {key: typed[key] for key in _DATA_FIELDS if key in typed}
+    try:
+        return base.replace(**changes, data=data, optimizer=_optimizer(base.optimizer, typed))
+    except RunError as error:
+        raise UsageError(str(error)) from None
+
+
+def _optimizer(base, typed: dict):
+    """``base`` with the typed optimizer flags: ``--optimizer`` a different one keeps the lr only."""
+    options = {key: typed[key] for key in ("lr", "momentum", "nesterov", "weight_decay") if key in typed}
+    kind = OPTIMIZERS[typed["optimizer"]] if "optimizer" in typed else type(base)
+    if kind is type(base):
+        options = {**dataclasses.asdict(base), **options}
+    else:
+        options.setdefault("lr", base.lr)
+    name = next(key for key, value in OPTIMIZERS.items() if value is kind)
+    arguments = {field.name for field in dataclasses.fields(kind)}
+    if inapplicable := [key for key in options if key not in arguments]:
+        raise UsageError(f"--{inapplicable[0].replace('_', '-')} does not apply to --optimizer {name}")
+    try:
+        return kind(**options)
+    except ValueError as error:
+        raise UsageError(f"--optimizer {name}: {error}") from None
+
+
+def _run_of(args) -> tuple[Run, object]:
+    """The run the command line describes, and the checkpoint it resumes (or None)."""
+    typed = _typed_run_settings(args)
+    if getattr(args, "resume", None) is not None:
+        if args.recipe is not None:
+            raise UsageError("--resume continues the run its checkpoint records; a RECIPE starts a new run")
+        return _resume(args, typed)
+    base = load_recipe(args.recipe) if args.recipe is not None else Run()
+    return _with_flags(base, typed), None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -401,6 +503,10 @@ def _write_json(args, report, what: str) -> bool:
 def cmd_compare(args) -> int:
     from .compare import compare_backends, format_report
 
+    run, _ = _run_of(args)
+    if args.print_recipe:
+        print(run.to_toml(), end="")
+        return 0
     if args.backends is None:
         backends = [name for name, spec in registry.backend_specs().items() if spec.installed()]
     else:
@@ -410,158 +516,87 @@ def cmd_compare(args) -> int:
         raise UsageError(f"--backends needs two or more different backends, got {given!r}")
     for name in backends:
         registry.usable_spec(name)
-    initial = _check_run_inputs(args)
+    run.initial_weights()  # checked now, before any training
     files.check_output(args.json, "--json", args.overwrite)
     files.check_output_dir(args.report, "--report", args.overwrite)
     if args.report is not None:
         plot.require_matplotlib("--report")
-    optimizer = _optimizer(args)
     if args.native:
         from .native import check_run
 
-        if args.loss != "cross-entropy":
-            raise UsageError(f"--native: the native loops train with cross-entropy, not --loss {args.loss}")
         try:
-            check_run(model_from_name(args.model), optimizer, _training_options(args))
+            check_run(run)
         except ValueError as error:
             raise UsageError(f"--native: {error}") from None
-    train_data, val_data, test_data = _run_data(args)
+    data = run.datasets()
     print(
-        f"unitrain compare: {', '.join(backends)}; model {args.model}, {args.loss} loss, {optimizer}, "
-        f"batch {args.batch_size}, seed {args.seed}: the same initial weights and batches on every backend",
+        f"unitrain compare: {', '.join(backends)}; model {run.model}, {run.loss} loss, {run.optimizer}, "
+        f"batch {run.batch_size}, seed {run.seed}: the same initial weights and batches on every backend",
         flush=True,
     )
     show_progress = sys.stderr.isatty() if args.progress is None else args.progress
 
     def extensions(backend):
-        return [*([ProgressBar()] if show_progress else []), EpochReport(args.epochs, prefix=f"{backend}: ")]
+        return [*([ProgressBar()] if show_progress else []), EpochReport(run.epochs, prefix=f"{backend}: ")]
 
-    results = compare_backends(
-        backends, model_from_name(args.model), optimizer, train_data, test_data,
-        seed=args.seed, initial_weights=initial, extensions=extensions, threads=args.threads or default_threads(),
-        sample_every=args.sample_every, native=args.native, loop_options=_training_options(args), val_data=val_data,
-        epochs=args.epochs, batch_size=args.batch_size, shuffle=not args.no_shuffle, max_steps=args.max_steps,
-    )  # fmt: skip
-    table = format_report(results, len(test_data))
+    threads = args.threads or default_threads()
+    results = compare_backends(backends, run, data=data, extensions=extensions, threads=threads,
+                               sample_every=args.sample_every, native=args.native)  # fmt: skip
+    table = format_report(results, len(data[2]))
     print()
     print(table)
     placed = True
-    run = {
-        **_run_config(args),
-        "seed": args.seed,
-        "optimizer": str(optimizer),
-        "threads": args.threads or default_threads(),
-    }
+    settings = {"run": run.to_dict(), "threads": threads}
     if args.json is not None:
-        placed = _write_json(args, {"run": run, "results": results}, "report")
+        placed = _write_json(args, {**settings, "results": results}, "report")
     if args.report is not None:
         placed = _write_report(args, results, run, table) and placed
     return 0 if placed else 2
 
 
-def _write_report(args, results, run, table) -> bool:
+def _write_report(args, results, run: Run, table) -> bool:
     """``--report DIR``: the web page and its figures; says where files went that could not go
     where asked (see :func:`files.publish`)."""
     from .report import write_report
 
     backends = [result for result in results if not result.get("native")]
+    recorded = run.to_dict()
     settings = {
         "backends": ", ".join(f"{r['backend']} {r['version'] or ''}".strip() for r in backends),
-        **{key.replace("_", " "): value for key, value in run.items() if value is not None},
+        **{key.replace("_", " "): value for key, value in recorded.items() if key not in ("data", "optimizer")},
+        **{key.replace("_", " "): value for key, value in recorded["data"].items()},
+        "optimizer": str(run.optimizer),
+        "threads": args.threads or default_threads(),
         "steps": results[0]["steps"],
-        "initial weights": args.init_weights or f"init_weights(model, seed={args.seed})",
+        "initial weights": run.init_weights or f"init_weights(model, seed={run.seed})",
         "machine": f"{platform.machine()}, {default_threads()} cores; {platform.platform(terse=True)}",
         "written": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
     native = " and their native loops" if len(backends) < len(results) else ""
-    title = f"unitrain compare: {', '.join(r['backend'] for r in backends)}{native} on {args.model}"
+    title = f"unitrain compare: {', '.join(r['backend'] for r in backends)}{native} on {run.model}"
     index, sidestepped = write_report(args.report, results, title=title, settings=settings, table=table,
-                                      model=model_from_name(args.model), overwrite=args.overwrite)  # fmt: skip
+                                      model=run.model_spec(), overwrite=args.overwrite)  # fmt: skip
     for asked, final in sidestepped:
         _published("--report", asked, final, "file", args.overwrite)
     print(f"unitrain: report written to {index}")
     return not sidestepped
 
 
-def _check_run_inputs(args) -> dict | None:
-    """The files a run reads; returns ``--init-weights``' tensors, checked against the model."""
-    return None if args.init_weights is None else _read_weights(args.init_weights, args.model, "--init-weights")
-
-
-def _check_data_source(args) -> None:
-    if args.data_dir is not None and (problem := path_problem(args.data_dir, "a directory")):
-        raise UsageError(f"--data-dir {args.data_dir} {problem}")
-    if args.data_dir is not None and args.dataset not in PACKAGED:
-        raise UsageError(f"--data-dir is for {' or '.join(PACKAGED)}, not for --dataset {args.dataset}")
-    dataset_kind(args.dataset)  # a DataError names the dataset and what was expected
-
-
-def _load_data(args) -> tuple[ArrayDataset, ArrayDataset]:
-    """``--dataset``'s training and test sets, checked to fit ``--model`` (before any framework loads)."""
-    _check_data_source(args)
-    train, test = load_datasets(args.dataset, data_dir=args.data_dir)
-    model = model_from_name(args.model)
-    try:
-        output = model.output_shape(train.x.shape[1:])
-    except ValueError as error:
-        shape = "x".join(map(str, train.x.shape[1:]))
-        raise UsageError(
-            f"--model {args.model} does not take --dataset {args.dataset}'s {shape} samples: {error}"
-        ) from None
-    if len(output) != 1 or output[0] < len(train.classes):
-        raise UsageError(f"--model {args.model} gives outputs of shape {output}; --dataset {args.dataset} has "
-                         f"{len(train.classes)} classes")  # fmt: skip
-    return train, test
-
-
-def _run_data(args) -> tuple[ArrayDataset, ArrayDataset | None, ArrayDataset]:
-    """Training, validation (``--val-split``; ``None`` without) and test sets of the run."""
-    train, test = _load_data(args)
-    if not LOSSES[args.loss].class_targets:  # an elementwise loss compares the outputs with one-hot labels
-        width = model_from_name(args.model).output_shape(train.x.shape[1:])[0]
-        train, test = (dataclasses.replace(data, y=np.eye(width, dtype=np.float32)[data.y]) for data in (train, test))
-    if not args.val_split:
-        return train, None, test
-    if args.val_split >= len(train):
-        raise UsageError(f"--val-split {args.val_split} leaves no training data: the training set has "
-                         f"{len(train)} samples")  # fmt: skip
-    # held out by the run's seed: the same samples on every backend and in a resumed run
-    train, val = train.split(len(train) - args.val_split, seed=args.seed)
-    return train, val, test
+def _test_data(args) -> ArrayDataset:
+    """``--dataset``'s test set, checked to fit ``--model`` (before any framework loads)."""
+    return Run(model=args.model, data=DataSpec(dataset=args.dataset, data_dir=args.data_dir)).datasets()[2]
 
 
 # --- unitrain train ----------------------------------------------------------------------
 
 
-def _optimizer(args):
-    spec = OPTIMIZERS[args.optimizer]
-    options = {"lr": args.lr}
-    if args.weight_decay is not None:
-        options["weight_decay"] = args.weight_decay
-    if args.optimizer == "sgd":
-        options.update(momentum=args.momentum or 0.0, nesterov=args.nesterov)
-    elif args.momentum is not None or args.nesterov:
-        raise UsageError(f"--momentum/--nesterov apply to sgd, not {args.optimizer}")
-    try:
-        return spec(**options)
-    except ValueError as error:
-        raise UsageError(f"--optimizer {args.optimizer}: {error}") from None
-
-
-def _training_options(args) -> dict:
-    """The loop's loss, lr schedule and gradient clipping, from the command line."""
-    return {
-        # None: the loop's default, CrossEntropyLoss, which is the native loops' loss too
-        "loss": None if args.loss == "cross-entropy" else LOSSES[args.loss](),
-        "lr_schedule": None if args.lr_schedule is None else parse_schedule(args.lr_schedule),
-        "clip_grad_norm": args.clip_grad_norm,
-        "clip_grad_value": args.clip_grad_value,
-    }
-
-
 def cmd_train(args) -> int:
+    run, resume = _run_of(args)
+    if args.print_recipe:
+        print(run.to_toml(), end="")
+        return 0
     # Everything the user typed is checked before the (slow) framework import and any training.
-    initial = _check_run_inputs(args)
+    initial = run.initial_weights()
     files.check_output(args.save, "--save", args.overwrite)
     files.check_output(args.metrics, "--metrics", args.overwrite)
     files.check_output(args.plot, "--plot", args.overwrite)
@@ -571,14 +606,12 @@ def cmd_train(args) -> int:
         raise UsageError(f"{' and '.join(outputs)} must name different files")
     if args.plot is not None:
         plot.require_matplotlib("--plot")
-    resume = _resume(args) if args.resume is not None else None
-    optimizer = resume.optimizer_spec() if resume is not None else _optimizer(args)
     _check_checkpoint_dir(args, resume)
     spec = registry.usable_spec(registry.backend_name(args.backend))
     world_size = distributed.launched_world_size(spec.launcher)  # None: not started by the engine's launcher
     show_progress = sys.stderr.isatty() if args.progress is None else args.progress
     if world_size is None and (args.nproc or 1) > 1:
-        _check_world(args, args.nproc)
+        _check_world(run, args.nproc)
         distributed.check_engine(spec.name, spec.launcher)
         if args.master_port is not None:
             distributed.check_port(args.master_port)
@@ -588,52 +621,51 @@ def cmd_train(args) -> int:
     if world_size is not None:
         if args.nproc is not None and args.nproc != world_size:
             raise UsageError(f"--nproc {args.nproc}, but {spec.launcher} started {world_size} processes")
-        _check_world(args, world_size)
-    model = model_from_name(args.model)
-    train_data, val_data, test_data = _run_data(args)
+        _check_world(run, world_size)
+    data = run.datasets()
     if resume is not None:
-        _check_resume_position(args, resume, len(train_data))
+        _check_resume_position(args, run, resume, len(data[0]))
     adapter = registry.load_adapter(spec.target)
     # one process: every core; a data-parallel rank: its share (what the launcher's OMP_NUM_THREADS says)
     adapter.set_threads(args.threads or distributed.threads_per_rank(world_size or 1))
 
-    loop = adapter(model, optimizer=optimizer, seed=args.seed, distributed=world_size is not None,
-                   **_training_options(args))  # fmt: skip
-    status = _train(args, loop, optimizer, initial, resume, (train_data, val_data, test_data), show_progress)
+    loop = adapter(run.model_spec(), distributed=world_size is not None, **run.loop_options())
+    status = _train(args, run, loop, initial, resume, data, show_progress)
     if loop.world_size > 1:  # the ranks end together: after rank 0's files, and as engines' teardowns need
         loop.any_rank(False)
     return status
 
 
-def _train(args, loop, optimizer, initial, resume, data, show_progress: bool) -> int:
+def _train(args, run: Run, loop, initial, resume, data, show_progress: bool) -> int:
     """``unitrain train``'s run, once everything it needs is checked and loaded (``data``: train,
     validation or None, test); the exit status."""
     train_data, val_data, test_data = data
     lead = loop.rank == 0  # the other ranks train in silence: metrics, progress and files come from rank 0
     if initial is not None:
-        loop.load_state_dict(initial, source=str(args.init_weights))
+        loop.load_state_dict(initial, source=run.init_weights)
     if resume is not None:
         resume.restore(loop)
     if lead:
-        _announce(args, loop, optimizer, resume, data)
+        _announce(run, loop, resume, data)
     # checkpoints, NaN/Inf detection and Ctrl-C; before EpochReport, whose train loss it completes after a resume
     checkpointer = Checkpointer(
         args.checkpoint_dir if lead else None,
         every=args.checkpoint_every,
         keep=args.keep,
-        max_steps=args.max_steps,
-        run={**_run_config(args), "normalization": train_data.normalization.to_json()},
+        max_steps=run.max_steps,
+        run=run,
+        normalization=train_data.normalization.to_json(),
         resume=resume,
         interrupt_directory=_interrupt_directory() if args.checkpoint_dir is None and lead else None,
     )
     extensions = [checkpointer]
     placed = True  # every output went where the user asked
     if lead:
-        extensions.append(EpochReport(args.epochs))
+        extensions.append(EpochReport(run.epochs))
         if show_progress:
             extensions.insert(0, ProgressBar())
         if args.metrics is not None:
-            fields = {"backend": loop.name, "model": args.model, "dataset": args.dataset,
+            fields = {"backend": loop.name, "model": run.model, "dataset": run.data.dataset,
                       "normalization": train_data.normalization.to_json(), "world_size": loop.world_size}  # fmt: skip
             metrics = MetricsWriter(args.metrics, fields, args.overwrite)
             placed = _published("--metrics", args.metrics, metrics.path, "metrics", args.overwrite)
@@ -647,10 +679,7 @@ def _train(args, loop, optimizer, initial, resume, data, show_progress: bool) ->
         with stop_on_signals(checkpointer, notice):
             history = loop.fit(
                 train_data,
-                epochs=args.epochs,
-                batch_size=args.batch_size,
-                shuffle=not args.no_shuffle,
-                max_steps=args.max_steps,
+                **run.fit_options(),
                 eval_data=test_data,
                 val_data=val_data,
                 extensions=extensions,
@@ -686,7 +715,7 @@ def _train(args, loop, optimizer, initial, resume, data, show_progress: bool) ->
     if args.plot is not None and not history:
         print(f"unitrain: no epoch was trained, so there is nothing to draw; --plot {args.plot} not written")
     elif args.plot is not None:
-        figure = plot.curves_figure([(f"{loop.name} {args.model}", history)])
+        figure = plot.curves_figure([(f"{loop.name} {run.model}", history)])
         final = files.publish(args.plot, lambda staged: plot.save_png(figure, staged), overwrite=args.overwrite)
         placed = _published("--plot", args.plot, final, "figure", args.overwrite) and placed
         print(f"unitrain: drew the curves in {final}")
@@ -708,20 +737,20 @@ def _without_option(argv: list[str], flag: str) -> list[str]:
     return kept
 
 
-def _check_world(args, world_size: int) -> None:
+def _check_world(run: Run, world_size: int) -> None:
     """Every rank needs rows of every full global batch."""
-    if world_size > args.batch_size:
-        raise UsageError(f"--nproc {world_size} is more processes than the global --batch-size {args.batch_size}; "
-                         f"use at most {args.batch_size}")  # fmt: skip
+    if world_size > run.batch_size:
+        raise UsageError(f"--nproc {world_size} is more processes than the global batch size {run.batch_size}; "
+                         f"use at most {run.batch_size}")  # fmt: skip
 
 
-def _announce(args, loop, optimizer, resume, data) -> None:
+def _announce(run: Run, loop, resume, data) -> None:
     train_data, val_data, test_data = data
     version = registry.backend_specs()[loop.name].version()
     processes = f", {loop.world_size} processes" if loop.world_size > 1 else ""
     print(
-        f"unitrain: backend {loop.name}{f' {version}' if version else ''}{processes}, model {args.model}, "
-        f"{args.loss} loss, {optimizer}, batch {args.batch_size}, {args.dataset} {len(train_data)} train"
+        f"unitrain: backend {loop.name}{f' {version}' if version else ''}{processes}, model {run.model}, "
+        f"{run.loss} loss, {run.optimizer}, batch {run.batch_size}, {run.data.dataset} {len(train_data)} train"
         f"{f' / {len(val_data)} validation' if val_data is not None else ''} / {len(test_data)} test",
         flush=True,
     )
@@ -743,27 +772,10 @@ def _interrupt_directory() -> Path | None:
         return None
 
 
-def _run_config(args) -> dict:
-    return {
-        "model": args.model,
-        "loss": args.loss,
-        "dataset": args.dataset,
-        "val_split": args.val_split,
-        "optimizer": args.optimizer,
-        "batch_size": args.batch_size,
-        "epochs": args.epochs,
-        "max_steps": args.max_steps,
-        "shuffle": not args.no_shuffle,
-        "lr_schedule": args.lr_schedule,
-        "clip_grad_norm": args.clip_grad_norm,
-        "clip_grad_value": args.clip_grad_value,
-    }
-
-
-def _resume(args):
-    """Load and verify ``--resume``'s checkpoint; the run's settings come from it (explicit
-    conflicting flags are errors, except a new --epochs/--max-steps end); returns it."""
-    if args.init_weights is not None:
+def _resume(args, typed: dict) -> tuple[Run, object]:
+    """Load and verify ``--resume``'s checkpoint; the run is the one it records (typed settings
+    that differ are errors, except a new --epochs/--max-steps end); returns it and the checkpoint."""
+    if "init_weights" in typed:
         raise UsageError("--init-weights and --resume exclude each other: a resumed run continues from its checkpoint")
     checkpoint = load_checkpoint(args.resume)
     if checkpoint.finished:
@@ -771,60 +783,34 @@ def _resume(args):
             f"--resume {args.resume}: the run finished at step {checkpoint.step}, there is nothing to resume; start a "
             f"new run from its weights with --init-weights {checkpoint.path / WEIGHTS}"
         )
-    run, spec = checkpoint.run, checkpoint.optimizer_spec()
-    optional = {"lr_schedule", "clip_grad_norm", "clip_grad_value"}  # absent in older checkpoints
-    run.setdefault("val_split", 0)  # checkpoints from before --val-split
-    run.setdefault("loss", "cross-entropy")  # checkpoints from before --loss
-    if missing := [key for key in _run_config(args) if key not in run and key not in optional]:
-        raise UsageError(f"--resume {args.resume}: the checkpoint lacks the run settings {missing}")
-    recorded = {
-        "model": run["model"],
-        "loss": run["loss"],
-        "dataset": run["dataset"],
-        "val_split": run["val_split"],
-        "optimizer": run["optimizer"],
-        "batch_size": run["batch_size"],
-        "no_shuffle": not run["shuffle"],
-        "seed": checkpoint.seed,
-        "lr": spec.lr,
-        "momentum": getattr(spec, "momentum", None),
-        "nesterov": getattr(spec, "nesterov", False),
-        "weight_decay": spec.weight_decay,
-        "lr_schedule": None if (schedule := checkpoint.lr_schedule()) is None else str(schedule),
-        **checkpoint.clipping(),
-    }
-    typed = {token.partition("=")[0] for token in args.argv if token.startswith("--")}
-
-    def given(key: str) -> bool:  # typed in full or as an abbreviation argparse accepted
-        flag = "--" + key.replace("_", "-")
-        return any(flag.startswith(token) for token in typed)
-
-    for key, value in recorded.items():
-        if given(key) and getattr(args, key) != value:
-            flag = "--" + key.replace("_", "-")
-            raise UsageError(
-                f"{flag} {getattr(args, key)} differs from the resumed run's {value}; a resumed run keeps its settings"
-            )
-        setattr(args, key, value)
+    recorded = checkpoint.run_spec()
+    run = _with_flags(recorded, typed)
+    changed = [(f"--{name}", getattr(run, name), getattr(recorded, name)) for name in _RUN_FIELDS
+               if name not in ("epochs", "max_steps") and getattr(run, name) != getattr(recorded, name)]  # fmt: skip
+    changed += [(f"--{field}", getattr(run.data, field), getattr(recorded.data, field)) for field in _DATA_FIELDS
+                if getattr(run.data, field) != getattr(recorded.data, field)]  # fmt: skip
+    if run.optimizer != recorded.optimizer:
+        changed.append(("--optimizer", run.optimizer, recorded.optimizer))
+    if changed:
+        flag, value, kept = changed[0]
+        raise UsageError(f"{flag.replace('_', '-')} {value} differs from the resumed run's {kept}; a resumed run "
+                         "keeps its settings")  # fmt: skip
     try:  # a package.module:function run imports its model again, as it did when it started
-        model_from_name(args.model)
-    except ValueError as error:
+        run.model_spec()
+    except RunError as error:
         raise UsageError(f"--resume {args.resume}: {error}") from None
-    for key in ("epochs", "max_steps"):  # a new end may be given; otherwise the run's
-        if not given(key):
-            setattr(args, key, run[key])
     args.backend = args.backend or checkpoint.backend
     if args.checkpoint_dir is None:
         args.checkpoint_dir = checkpoint.path.parent
-    return checkpoint
+    return run, checkpoint
 
 
-def _check_resume_position(args, checkpoint, num_samples: int) -> None:
+def _check_resume_position(args, run: Run, checkpoint, num_samples: int) -> None:
     """The checkpoint's position must be one the run reaches on its training data, before its end."""
-    checkpoint.check_position(num_samples, args.batch_size)
-    if checkpoint.epoch >= args.epochs or (args.max_steps is not None and checkpoint.step >= args.max_steps):
+    checkpoint.check_position(num_samples, run.batch_size)
+    if checkpoint.epoch >= run.epochs or (run.max_steps is not None and checkpoint.step >= run.max_steps):
         raise UsageError(f"--resume {args.resume}: the checkpoint at step {checkpoint.step} is already past the run's "
-                         f"end (--epochs {args.epochs}, --max-steps {args.max_steps})")  # fmt: skip
+                         f"end (--epochs {run.epochs}, --max-steps {run.max_steps})")  # fmt: skip
 
 
 def _check_checkpoint_dir(args, resume) -> None:
@@ -968,7 +954,7 @@ def _loop_with_weights(args):
 
 
 def cmd_evaluate(args) -> int:
-    test = _load_data(args)[1]
+    test = _test_data(args)
     loop = _loop_with_weights(args)
     metrics = loop.evaluate(test)
     print(
@@ -1009,7 +995,7 @@ def _read_png(path: Path, normalization) -> np.ndarray:
 
 
 def cmd_predict(args) -> int:
-    test = _load_data(args)[1]
+    test = _test_data(args)
     if args.image is not None:
         x, what = _read_png(args.image, test.normalization), str(args.image)
     loop = _loop_with_weights(args)

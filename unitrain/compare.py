@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,8 +22,7 @@ import numpy as np
 from . import native as native_models
 from . import registry
 from .data import ArrayDataset
-from .layers import Sequential
-from .optim import Optimizer
+from .run import Run
 from .weights import init_weights
 
 #: weight snapshots the reference keeps for the divergence curves, at most (MLP: 2.7 MB each)
@@ -93,25 +92,18 @@ class StepRecorder:
 
 def compare_backends(
     backends: Sequence[str],
-    model: Sequential,
-    optimizer: Optimizer,
-    train_data: ArrayDataset,
-    test_data: ArrayDataset,
+    run: Run,
     *,
-    seed: int = 0,
-    initial_weights: dict[str, np.ndarray] | None = None,
+    data: tuple[ArrayDataset, ArrayDataset | None, ArrayDataset] | None = None,
     extensions: Callable[[str], Iterable[Any]] = lambda backend: (),
     sample_every: int | None = None,
     threads: int | None = None,
     native: bool = False,
-    loop_options: Mapping[str, Any] | None = None,
-    **fit_options: Any,
 ) -> list[dict[str, Any]]:
-    """Train ``model`` on each backend in turn, every one from ``initial_weights`` (default: the
-    seed's :func:`~unitrain.weights.init_weights`), with :meth:`~unitrain.TrainingLoop.fit`'s
-    ``fit_options`` (``epochs``, ``batch_size``, ``shuffle``, ``max_steps``), the fit
-    extensions ``extensions(backend)`` and the loops' further constructor arguments
-    ``loop_options`` (``lr_schedule``, ``clip_grad_norm``, ``clip_grad_value``).
+    """Train ``run`` on each backend in turn, every one from the run's initial weights (its
+    ``init_weights``, or the seed's :func:`~unitrain.weights.init_weights`) over ``data`` (the
+    run's :meth:`~unitrain.run.Run.datasets`, loaded if not given), with the fit extensions
+    ``extensions(backend)``.
 
     Returns one result per backend: ``backend``, ``version``, ``history`` (fit's records),
     ``steps``, ``step_losses`` (every step's loss), ``test_accuracy``, ``test_loss``,
@@ -127,17 +119,20 @@ def compare_backends(
     over the same batches, in a result of its own with ``native`` True and ``label``
     ``"<backend> (native loop)"``; its test metrics are those of its weights loaded into the
     backend's unitrain loop."""
+    train_data, val_data, test_data = run.datasets() if data is None else data
+    model, initial_weights = run.model_spec(), run.initial_weights()
+    fit_options = {**run.fit_options(), "val_data": val_data}
     adapters = {name: registry.get_backend(name) for name in backends}  # all resolved before any training
-    model_name = native_models.check_run(model, optimizer, loop_options) if native else None
+    model_name = native_models.check_run(run) if native else None
     if sample_every is None:
-        sample_every = sample_interval(planned_steps(train_data, **fit_options))
+        sample_every = sample_interval(planned_steps(train_data, **run.fit_options()))
     results: list[dict[str, Any]] = []
     reference = None  # the first backend's final weights and test labels
     snapshots = None  # the first backend's weights every sample_every steps
     for name, adapter in adapters.items():
         if threads is not None:
             adapter.set_threads(threads)
-        loop = adapter(model, optimizer=optimizer, seed=seed, **(loop_options or {}))
+        loop = adapter(model, **run.loop_options())
         if initial_weights is not None:
             loop.load_state_dict(initial_weights)
         recorder = StepRecorder(sample_every, snapshots)
@@ -162,10 +157,10 @@ def compare_backends(
             "divergence": recorder.divergence if results else None,
         })  # fmt: skip
         if model_name is not None and name in native_models.FRAMEWORKS:
-            start = initial_weights if initial_weights is not None else init_weights(model, seed)
+            start = initial_weights if initial_weights is not None else init_weights(model, run.seed)
             recorder = StepRecorder(sample_every, snapshots)
-            native_loop = native_models.native_loop(name, model_name, start, optimizer.lr)
-            history = _train_native(native_loop, loop, recorder, train_data, test_data, seed=seed, **fit_options)
+            native_loop = native_models.native_loop(name, model_name, start, run.optimizer.lr)
+            history = _train_native(native_loop, loop, recorder, train_data, test_data, seed=run.seed, **fit_options)
             loop.load_state_dict(native_loop.state_dict())
             metrics, labels = loop.evaluate(test_data), loop.predict(test_data.x).argmax(1)
             differences = layer_differences(native_loop.state_dict(), reference[0])

@@ -13,13 +13,14 @@ its loop is built.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from .layers import Sequential, preset
-from .optim import SGD, Optimizer
+from .layers import preset
+from .optim import SGD
+from .run import Run
 
 #: frameworks with a native loop here (NumPy has no tutorial loop of its own)
 FRAMEWORKS = ("torch", "mindspore", "chainer")
@@ -47,16 +48,18 @@ class NativeLoop:
         return loss
 
 
-def check_run(model: Sequential, optimizer: Optimizer, loop_options: Mapping[str, Any] | None = None) -> str:
-    """The preset name of ``model`` if the native loops can train it with ``optimizer`` (plain SGD,
-    the tutorials' optimizer) and the loop's ``loop_options`` (none: a constant lr, no clipping);
-    ValueError saying why not otherwise."""
-    name = next((name for name in MODELS if preset(name) == model), None)
+def check_run(run: Run) -> str:
+    """The preset name of ``run``'s model if the native loops can train the run: a preset they
+    build, the tutorials' plain SGD(lr) and cross-entropy, a constant lr, no clipping; ValueError
+    saying why not otherwise."""
+    name = next((name for name in MODELS if preset(name) == run.model_spec()), None)
     if name is None:
         raise ValueError(f"the native loops build the preset models {', '.join(MODELS)} only")
-    if optimizer != SGD(lr=optimizer.lr):
-        raise ValueError(f"the native loops train with the tutorials' plain SGD(lr), not {optimizer}")
-    options = sorted(key for key, value in (loop_options or {}).items() if value is not None)
+    if run.optimizer != SGD(lr=run.optimizer.lr):
+        raise ValueError(f"the native loops train with the tutorials' plain SGD(lr), not {run.optimizer}")
+    if run.loss != "cross-entropy":
+        raise ValueError(f"the native loops train with cross-entropy, not {run.loss}")
+    options = [key for key in ("lr_schedule", "clip_grad_norm", "clip_grad_value") if getattr(run, key) is not None]
     if options:
         raise ValueError(f"the native loops train at a constant lr without clipping, not with {', '.join(options)}")
     return name

@@ -93,6 +93,10 @@ class Optimizer:
         ]
         return f"{type(self).__name__}({', '.join(shown)})"
 
+    def to_config(self) -> dict:
+        """JSON values: ``{"type": "SGD", "lr": 0.01, ...}``, every argument explicit."""
+        return {"type": type(self).__name__, **dataclasses.asdict(self)}
+
 
 @dataclass(frozen=True)
 class SGD(Optimizer):
@@ -124,6 +128,9 @@ class Adam(Optimizer):
 
     def __post_init__(self):
         super().__post_init__()
+        if not (isinstance(self.betas, (tuple, list)) and len(self.betas) == 2):
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {self.betas!r}")
+        object.__setattr__(self, "betas", tuple(self.betas))  # a list from JSON or TOML: hashable and equal
         for i, beta in enumerate(self.betas):
             _check(f"betas[{i}]", beta, 0 <= beta < 1, "in [0, 1)")
         _check("eps", self.eps, self.eps > 0, "> 0")
@@ -186,6 +193,23 @@ class Adadelta(Optimizer):
 
 
 OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW, "rmsprop": RMSprop, "adagrad": Adagrad, "adadelta": Adadelta}
+
+
+def optimizer_from_config(config) -> Optimizer:
+    """The spec :meth:`Optimizer.to_config` described (arguments left out take their defaults);
+    ValueError naming the problem."""
+    classes = {cls.__name__: cls for cls in OPTIMIZERS.values()}
+    options = dict(config)
+    kind = options.pop("type", None)
+    if kind not in classes:
+        raise ValueError(f"unknown optimizer type {str(kind)[:100]!r}; expected one of {', '.join(classes)}")
+    arguments = [field.name for field in dataclasses.fields(classes[kind])]
+    if unknown := sorted(set(options) - set(arguments)):
+        raise ValueError(f"{kind} has no argument {str(unknown[0])[:100]!r}; its arguments: {', '.join(arguments)}")
+    try:
+        return classes[kind](**options)
+    except TypeError as error:  # e.g. betas that are not a pair
+        raise ValueError(f"{kind}: {error}") from None
 
 
 def initial_buffer_value(spec: Optimizer, name: str) -> float:

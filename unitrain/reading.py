@@ -58,6 +58,14 @@ def path_problem(path: str | os.PathLike, expected: str = "a regular file") -> s
     return f"is {kind}, expected {expected}"
 
 
+def read_capped(path: str | os.PathLike, limit: int) -> bytes | None:
+    """The bytes of the file at ``path``, or None if it holds more than ``limit`` (reading at most
+    ``limit + 1``: memory stays bounded whatever the file)."""
+    with open(path, "rb") as file:
+        data = file.read(limit + 1)
+    return data if len(data) <= limit else None
+
+
 # --- JSON schemas ---------------------------------------------------------------------------
 # A schema is a type (str, bool), an Int/Number range, a OneOf set of values, a Text pattern, a
 # list of schemas (a list of that length), a dict of fields (Optional(...) for those that may be
@@ -136,7 +144,7 @@ class MapOf:
     values: Any
 
 
-_TYPE_NAMES = {str: "a string", bool: "true or false"}
+_TYPE_NAMES = {str: "a string", bool: "true or false", list: "a list", dict: "an object"}
 
 
 def check_json(value, schema, where: str = "") -> None:

@@ -1,0 +1,390 @@
+"""A run as one value: everything that decides what a training run computes, in one frozen,
+serialisable description (as Keras' ``get_config`` or Lightning's config file).
+
+:class:`Run` names the model, the data and its transforms (:class:`DataSpec`), the loss, the
+optimizer, the lr schedule, gradient clipping, batch size, epochs, step limit, shuffling, seed and
+initial weights. It is not the backend, the thread count or where outputs go: the same run gives
+the same numbers on any backend. ``unitrain train`` and ``compare`` build one from a recipe file
+and their flags (flags override the file); checkpoints record it, and a resumed run is the
+recorded one; :func:`~unitrain.compare.compare_backends` takes one; :meth:`Run.train` trains one
+from Python. A recipe is the run's :meth:`~Run.to_dict` in TOML (``unitrain train ...
+--print-recipe > run.toml``, then ``unitrain train run.toml``)::
+
+    model = "mlp"
+    loss = "cross-entropy"
+    batch_size = 64
+    epochs = 3
+    shuffle = true
+    seed = 0
+    lr_schedule = "StepLR(step_size=1, gamma=0.7)"   # optional, as are clip_grad_norm,
+                                                     # clip_grad_value, max_steps, init_weights
+    [data]
+    dataset = "fashion-mnist"     # a packaged dataset, or the path of your own
+    val_split = 0
+    pad = 0                       # optional: normalize = {mean = [...], std = [...]}, resize = [H, W]
+    random_crop_padding = 0
+    random_horizontal_flip = false
+
+    [optimizer]
+    type = "SGD"                  # PyTorch's class name; every argument explicit
+    lr = 0.01
+    ...
+
+A field left out takes its default; an unknown one is an error (a misspelt name would otherwise
+be silently ignored). Relative paths are relative to the current directory, as on the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import optim
+from .data import PACKAGED, DataError
+from .datasets import load_datasets
+from .losses import LOSSES
+from .reading import Int, Nullable, Number, OneOf, Optional, Text, check_json, path_problem, read_capped, short
+from .schedules import LRSchedule, parse_schedule
+
+
+class RunError(ValueError):
+    """A run description (recipe file, checkpoint record or flags) that cannot describe a run."""
+
+
+#: a recipe is a few hundred bytes; anything far larger is not one (and is not read whole)
+MAX_RECIPE_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """The data of a run and its transforms, done once in NumPy (see :mod:`unitrain.transforms`).
+
+    ``dataset``: a packaged name (``mnist``, ``fashion-mnist``) or the path of your own
+    (:func:`~unitrain.datasets.load_datasets`); ``data_dir``: a packaged dataset's IDX files
+    from elsewhere. ``val_split``: training samples held out (chosen by the run's seed) for
+    ``val_loss``/``val_accuracy``. Static transforms, on every split: ``normalize``
+    (``(mean, std)`` per channel; None: the packaged dataset's own, or your training set's),
+    then ``resize`` (``(height, width)``, bilinear), then ``pad`` (pixels of normalised black on
+    every side). Random ones, on training batches only: ``random_crop_padding`` (torchvision's
+    ``RandomCrop(size, padding)``) and ``random_horizontal_flip``."""
+
+    dataset: str = "mnist"
+    data_dir: str | None = None
+    val_split: int = 0
+    normalize: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    resize: tuple[int, int] | None = None
+    pad: int = 0
+    random_crop_padding: int = 0
+    random_horizontal_flip: bool = False
+
+    def __post_init__(self):
+        _require(isinstance(self.dataset, str) and self.dataset != "", "data.dataset", self.dataset,
+                 "a dataset name or path")  # fmt: skip
+        _require(self.data_dir is None or isinstance(self.data_dir, str), "data.data_dir", self.data_dir, "a path")
+        for name in ("val_split", "pad", "random_crop_padding"):
+            _require(_is_int(getattr(self, name), 0), f"data.{name}", getattr(self, name), "an integer >= 0")
+        _require(isinstance(self.random_horizontal_flip, bool), "data.random_horizontal_flip",
+                 self.random_horizontal_flip, "true or false")  # fmt: skip
+        if self.resize is not None:
+            object.__setattr__(self, "resize", tuple(self.resize))
+            _require(len(self.resize) == 2 and all(_is_int(side, 1) for side in self.resize), "data.resize",
+                     self.resize, "[height, width], each an integer >= 1")  # fmt: skip
+        if self.normalize is not None:
+            try:
+                mean, std = (tuple(float(v) for v in values) for values in self.normalize)
+            except (TypeError, ValueError):
+                raise RunError(f"data.normalize: expected (mean, std), one number each per channel, got "
+                               f"{short(self.normalize)}") from None  # fmt: skip
+            _require(len(mean) == len(std) >= 1 and all(map(math.isfinite, mean)), "data.normalize", self.normalize,
+                     "as many finite means as stds")  # fmt: skip
+            _require(all(math.isfinite(s) and s > 0 for s in std), "data.normalize", self.normalize, "stds > 0")
+            object.__setattr__(self, "normalize", (mean, std))
+
+    def to_dict(self) -> dict[str, Any]:
+        normalize = None if self.normalize is None else dict(mean=list(self.normalize[0]), std=list(self.normalize[1]))
+        values = {
+            "dataset": self.dataset, "data_dir": self.data_dir, "val_split": self.val_split, "normalize": normalize,
+            "resize": None if self.resize is None else list(self.resize), "pad": self.pad,
+            "random_crop_padding": self.random_crop_padding, "random_horizontal_flip": self.random_horizontal_flip,
+        }  # fmt: skip
+        return {key: value for key, value in values.items() if value is not None}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> DataSpec:
+        _check_fields(values, _DATA_SCHEMA, "data")
+        values = dict(values)
+        if "normalize" in values:
+            values["normalize"] = (values["normalize"]["mean"], values["normalize"]["std"])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run (see the module's doc). ``model``: a preset name or
+    ``package.module:function`` returning a spec; ``loss``: a name of :data:`unitrain.losses.LOSSES`;
+    ``optimizer``: a spec of :mod:`unitrain.optim`; ``lr_schedule``: a spec of
+    :mod:`unitrain.schedules` or its text; ``init_weights``: a safetensors file to start from
+    (None: :func:`~unitrain.weights.init_weights` of the seed). Invalid values raise
+    :class:`RunError` naming the field."""
+
+    model: str = "mlp"
+    data: DataSpec = field(default_factory=DataSpec)
+    loss: str = "cross-entropy"
+    optimizer: optim.Optimizer = field(default_factory=lambda: optim.SGD(lr=0.01))
+    lr_schedule: LRSchedule | None = None
+    clip_grad_norm: float | None = None
+    clip_grad_value: float | None = None
+    batch_size: int = 64
+    epochs: int = 3
+    max_steps: int | None = None
+    shuffle: bool = True
+    seed: int = 0
+    init_weights: str | None = None
+
+    def __post_init__(self):
+        from .layers import MODEL_PATTERN
+
+        _require(isinstance(self.model, str) and re.fullmatch(MODEL_PATTERN, self.model) is not None, "model",
+                 self.model, "a preset name or package.module:function")  # fmt: skip
+        _require(isinstance(self.data, DataSpec), "data", self.data, "a DataSpec")
+        _require(self.loss in LOSSES, "loss", self.loss, f"one of {', '.join(LOSSES)}")
+        _require(isinstance(self.optimizer, optim.Optimizer), "optimizer", self.optimizer, "an optimizer spec")
+        if isinstance(self.lr_schedule, str):
+            try:
+                object.__setattr__(self, "lr_schedule", parse_schedule(self.lr_schedule))
+            except ValueError as error:
+                raise RunError(f"lr_schedule: {error}") from None
+        _require(self.lr_schedule is None or isinstance(self.lr_schedule, LRSchedule), "lr_schedule",
+                 self.lr_schedule, "a schedule like 'StepLR(step_size=1, gamma=0.7)'")  # fmt: skip
+        for name in ("clip_grad_norm", "clip_grad_value"):
+            value = getattr(self, name)
+            _require(value is None or (_is_number(value) and value > 0), name, value, "a finite number > 0")
+        if self.clip_grad_norm is not None and self.clip_grad_value is not None:
+            raise RunError("clip_grad_norm and clip_grad_value exclude each other: clip by norm or by value")
+        _require(_is_int(self.batch_size, 1), "batch_size", self.batch_size, "an integer >= 1")
+        _require(_is_int(self.epochs, 0), "epochs", self.epochs, "an integer >= 0")
+        _require(self.max_steps is None or _is_int(self.max_steps, 0), "max_steps", self.max_steps, "an integer >= 0")
+        _require(isinstance(self.shuffle, bool), "shuffle", self.shuffle, "true or false")
+        _require(_is_int(self.seed, 0), "seed", self.seed, "an integer >= 0")
+        _require(self.init_weights is None or isinstance(self.init_weights, str), "init_weights", self.init_weights,
+                 "the path of a safetensors file")  # fmt: skip
+
+    # --- as a value ---------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """The run as JSON/TOML values, every field explicit but those that are None (TOML has no
+        null; a field left out is None or the default)."""
+        values = {
+            "model": self.model, "loss": self.loss, "batch_size": self.batch_size, "epochs": self.epochs,
+            "max_steps": self.max_steps, "shuffle": self.shuffle, "seed": self.seed,
+            "init_weights": self.init_weights,
+            "lr_schedule": None if self.lr_schedule is None else str(self.lr_schedule),
+            "clip_grad_norm": self.clip_grad_norm, "clip_grad_value": self.clip_grad_value,
+            "data": self.data.to_dict(), "optimizer": self.optimizer.to_config(),
+        }  # fmt: skip
+        return {key: value for key, value in values.items() if value is not None}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Run:
+        """The run :meth:`to_dict` gave (or a recipe: any field may be left out)."""
+        _check_fields(values, _RUN_SCHEMA, "")
+        values = dict(values)
+        if "data" in values:
+            values["data"] = DataSpec.from_dict(values["data"])
+        if "optimizer" in values:
+            try:
+                values["optimizer"] = optim.optimizer_from_config(values["optimizer"])
+            except ValueError as error:
+                raise RunError(f"optimizer: {error}") from None
+        return cls(**values)
+
+    def to_toml(self) -> str:
+        import tomli_w
+
+        return tomli_w.dumps(self.to_dict())
+
+    def replace(self, **changes: Any) -> Run:
+        """A copy with ``changes``; ``data`` may be a dict of :class:`DataSpec` fields to change."""
+        if isinstance(changes.get("data"), Mapping):
+            changes["data"] = dataclasses.replace(self.data, **changes["data"])
+        return dataclasses.replace(self, **changes)
+
+    # --- what it builds -------------------------------------------------------------------------
+
+    def model_spec(self):
+        """The model's spec (imports a ``package.module:function``); RunError if it names none."""
+        from .layers import model_from_name
+
+        try:
+            return model_from_name(self.model)
+        except ValueError as error:
+            raise RunError(str(error)) from None
+
+    def loop_options(self) -> dict[str, Any]:
+        """A loop's constructor arguments besides the model: ``adapter(model, **options)``."""
+        return {
+            # None: the loop's default, CrossEntropyLoss, which the native loops use too
+            "loss": None if self.loss == "cross-entropy" else LOSSES[self.loss](),
+            "optimizer": self.optimizer, "seed": self.seed, "lr_schedule": self.lr_schedule,
+            "clip_grad_norm": self.clip_grad_norm, "clip_grad_value": self.clip_grad_value,
+        }  # fmt: skip
+
+    def fit_options(self) -> dict[str, Any]:
+        """:meth:`~unitrain.TrainingLoop.fit`'s arguments that the run decides."""
+        return {"epochs": self.epochs, "batch_size": self.batch_size, "shuffle": self.shuffle,
+                "max_steps": self.max_steps}  # fmt: skip
+
+    def initial_weights(self) -> dict | None:
+        """``init_weights``' tensors, checked against the model from the file's header before
+        any is read (WeightsError otherwise); None without."""
+        if self.init_weights is None:
+            return None
+        from .weights import check_state, load_safetensors
+
+        shapes, name = self.model_spec().state_shapes(), f"init_weights {self.init_weights}"
+        return load_safetensors(Path(self.init_weights), lambda declared: check_state(shapes, declared, name),
+                                name=name)[0]  # fmt: skip
+
+    def datasets(self):
+        """``(train, validation or None, test)``: the data loaded, transformed and split, checked
+        to fit the model and loss (DataError / RunError naming the problem)."""
+        spec = self.data
+        if spec.data_dir is not None and (problem := path_problem(spec.data_dir, "a directory")):
+            raise RunError(f"data.data_dir {spec.data_dir} {problem}")
+        if spec.data_dir is not None and spec.dataset not in PACKAGED:
+            raise RunError(f"data.data_dir is for {' or '.join(PACKAGED)}, not for the dataset {spec.dataset}")
+        train, test = load_datasets(spec.dataset, data_dir=spec.data_dir, normalization=spec.normalize)
+        if spec.resize is not None:
+            train, test = (data.resized(*spec.resize) for data in (train, test))
+        if spec.pad:
+            train, test = (data.padded(spec.pad) for data in (train, test))
+        output = self._output_shape(train.x.shape[1:], train.classes)
+        if not LOSSES[self.loss].class_targets:  # an elementwise loss compares the outputs with one-hot labels
+            train, test = (dataclasses.replace(data, y=np.eye(output[0], dtype=np.float32)[data.y])
+                           for data in (train, test))  # fmt: skip
+        val = None
+        if spec.val_split:
+            if spec.val_split >= len(train):
+                raise DataError(f"data.val_split {spec.val_split} leaves no training data: the training set has "
+                                f"{len(train)} samples")  # fmt: skip
+            # held out by the run's seed: the same samples on every backend and in a resumed run
+            train, val = train.split(len(train) - spec.val_split, seed=self.seed)
+        if spec.random_crop_padding or spec.random_horizontal_flip:  # training batches only, not validation's
+            train = train.augmented(spec.random_crop_padding, spec.random_horizontal_flip)
+        return train, val, test
+
+    def _output_shape(self, sample_shape: tuple[int, ...], classes: tuple[str, ...] | None) -> tuple[int, ...]:
+        try:
+            output = self.model_spec().output_shape(sample_shape)
+        except ValueError as error:
+            raise DataError(f"model {self.model} does not take {self.data.dataset}'s "
+                            f"{'x'.join(map(str, sample_shape))} samples: {error}") from None  # fmt: skip
+        if len(output) != 1 or (classes is not None and output[0] < len(classes)):
+            many = f"; {self.data.dataset} has {len(classes)} classes" if classes is not None else ""
+            raise DataError(f"model {self.model} gives outputs of shape {output}, expected one score per class{many}")
+        return output
+
+    def make_loop(self, backend: str | None = None, *, distributed: bool = False):
+        """A loop of ``backend`` (default: ``$UNITRAIN_BACKEND`` or numpy) set up for this run:
+        its model, loss, optimizer, seed, schedule, clipping and initial weights."""
+        from . import registry
+
+        loop = registry.get_backend(backend)(self.model_spec(), distributed=distributed, **self.loop_options())
+        if (initial := self.initial_weights()) is not None:
+            loop.load_state_dict(initial, source=self.init_weights)
+        return loop
+
+    def train(self, backend: str | None = None, *, extensions: Iterable[Any] = (), data=None):
+        """Train the run on ``backend``; returns ``(loop, history)``. ``data``: its
+        :meth:`datasets`, when already loaded."""
+        train, val, test = self.datasets() if data is None else data
+        loop = self.make_loop(backend)
+        history = loop.fit(train, eval_data=test, val_data=val, extensions=extensions, **self.fit_options())
+        return loop, history
+
+
+def load_recipe(path: str | Path) -> Run:
+    """The run a TOML recipe file describes (RunError naming the file and the field)."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
+    path = Path(path)
+    if problem := path_problem(path, "a TOML recipe file"):
+        raise RunError(f"recipe {path} {problem}")
+    if (text := read_capped(path, MAX_RECIPE_BYTES)) is None:
+        raise RunError(f"recipe {path} is larger than {MAX_RECIPE_BYTES} bytes; a recipe is a few hundred")
+    try:
+        values = tomllib.loads(text.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise RunError(f"recipe {path} is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as error:
+        raise RunError(f"recipe {path} is not valid TOML: {error}") from None
+    try:
+        return Run.from_dict(values)
+    except RunError as error:
+        raise RunError(f"recipe {path}: {error}") from None
+
+
+# --- validation -------------------------------------------------------------------------------
+
+
+def _is_int(value, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _require(condition: bool, name: str, value, expected: str) -> None:
+    if not condition:
+        raise RunError(f"{name}: expected {expected}, got {short(value)}")
+
+
+def _check_fields(values, schema: Mapping[str, Any], where: str) -> None:
+    """``values`` against ``schema``, refusing fields it does not name (a typo)."""
+    if not isinstance(values, Mapping):
+        raise RunError(f"{where or 'the run'}: expected a table of fields, got {short(values)}")
+    if unknown := sorted(set(values) - set(schema)):
+        inside = f" in {where}" if where else ""
+        raise RunError(f"unknown field {short(unknown[0])}{inside}; expected some of {', '.join(schema)}")
+    try:
+        check_json(dict(values), schema, where)
+    except ValueError as error:
+        raise RunError(str(error)) from None
+
+
+_DATA_SCHEMA = {
+    "dataset": Optional(str),
+    "data_dir": Optional(str),
+    "val_split": Optional(Int()),
+    "normalize": Optional({"mean": list, "std": list}),
+    "resize": Optional([Int(1), Int(1)]),
+    "pad": Optional(Int()),
+    "random_crop_padding": Optional(Int()),
+    "random_horizontal_flip": Optional(bool),
+}
+_RUN_SCHEMA = {
+    "model": Optional(str),
+    "loss": Optional(OneOf(tuple(LOSSES))),
+    "data": Optional(dict),
+    "optimizer": Optional(dict),
+    "lr_schedule": Optional(Nullable(str)),
+    "clip_grad_norm": Optional(Nullable(Number(0))),
+    "clip_grad_value": Optional(Nullable(Number(0))),
+    "batch_size": Optional(Int(1)),
+    "epochs": Optional(Int()),
+    "max_steps": Optional(Nullable(Int())),
+    "shuffle": Optional(bool),
+    "seed": Optional(Int()),
+    "init_weights": Optional(Nullable(Text(".+"))),
+}
