@@ -178,3 +178,20 @@ def test_cnn_training_prints_total_correct_and_loss(backend, capsys):
 def test_mindspore_model_training_full_run_matches_the_tutorial():
     accuracies = example("mindspore_model_training").main(["--backend", "numpy"])
     assert len(accuracies) == 3 and accuracies[0] >= 0.90 and accuracies[2] >= 0.92
+
+
+RECIPES = sorted(path.stem for path in (EXAMPLES / "recipes").glob("*.toml"))
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_each_recipe_is_listed_loads_and_trains(name, monkeypatch):
+    """Every tutorial recipe describes a valid run whose model takes its data, and takes steps."""
+    from unitrain.run import load_recipe
+
+    monkeypatch.chdir(EXAMPLES.parent)  # its module:function models import from the repository's root
+    assert f"recipes/{name}.toml" in (EXAMPLES / "README.md").read_text()
+    run = load_recipe(EXAMPLES / "recipes" / f"{name}.toml")
+    train = run.datasets()[0]
+    loop = run.make_loop("numpy")
+    history = loop.fit(train.subset(np.arange(3 * run.batch_size)), **{**run.fit_options(), "epochs": 1})
+    assert loop.step_count == 3 and np.isfinite(history[0]["train_loss"])

@@ -252,3 +252,29 @@ def test_compare_takes_a_recipe_and_records_it(tmp_path):
 
 def load_recipe_text(text: str) -> Run:
     return Run.from_dict(tomllib.loads(text))
+
+
+def test_evaluate_and_predict_take_the_runs_model_and_transforms_from_its_recipe(tmp_path):
+    _dataset(tmp_path / "digits.npz")
+    (tmp_path / "run.toml").write_text(
+        Run(data=DataSpec(dataset="digits.npz", resize=(24, 24), pad=2), epochs=1, max_steps=6).to_toml()
+    )
+    trained = cli("train", "run.toml", *OUTPUTS, "--save", "w.safetensors", "--metrics", "m.jsonl", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr
+    (record,) = map(json.loads, (tmp_path / "m.jsonl").read_text().splitlines())
+    evaluated = cli("evaluate", "--weights", "w.safetensors", "--recipe", "run.toml", cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert f"test loss {record['test_loss']:.4f}" in evaluated.stdout
+
+    from PIL import Image
+
+    with np.load(tmp_path / "digits.npz") as arrays:
+        Image.fromarray(arrays["x_test"][3]).save(tmp_path / "digit.png")
+    by_index = cli("predict", "--weights", "w.safetensors", "--recipe", "run.toml", "--index", "3", cwd=tmp_path)
+    by_image = cli("predict", "--weights", "w.safetensors", "--recipe", "run.toml", "--image", "digit.png",
+                   cwd=tmp_path)  # fmt: skip
+    assert by_index.returncode == 0 and by_image.returncode == 0, by_index.stderr + by_image.stderr
+    assert by_index.stdout.splitlines()[1] == by_image.stdout.splitlines()[1]  # the same probabilities
+
+    refused = cli("evaluate", "--weights", "w.safetensors", "--recipe", "run.toml", "--model", "cnn", cwd=tmp_path)
+    assert refused.returncode == 2 and "--model and --recipe exclude each other" in refused.stderr

@@ -20,7 +20,7 @@ import numpy as np
 
 from . import distributed, files, plot, registry
 from .checkpoint import WEIGHTS, Checkpointer, Diverged, Interrupted, checkpoint_paths, load_checkpoint, stop_on_signals
-from .data import PACKAGED, ArrayDataset, DataError
+from .data import PACKAGED, DataError
 from .layers import PRESETS, model_from_name
 from .loop import InputError
 from .losses import LOSSES
@@ -208,8 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     for command in (evaluate, predict):
         command.add_argument("--weights", type=Path, metavar="FILE", required=True, help="safetensors weights")
         command.add_argument("--backend", help=f"default: ${registry.ENV_VAR} or numpy")
-        _add_model_argument(command)
-        _add_data_arguments(command)
+        command.add_argument(
+            "--recipe", type=Path, metavar="RECIPE.toml",
+            help="the model and data (dataset and transforms) of the run the weights come from",
+        )  # fmt: skip
+        _add_model_argument(command, default=argparse.SUPPRESS)
+        _add_data_arguments(command, default=argparse.SUPPRESS)
     evaluate.set_defaults(handler=cmd_evaluate)
     source = predict.add_mutually_exclusive_group()
     source.add_argument("--index", type=_int_at_least(0), help="test image number (default 0)")
@@ -582,9 +586,16 @@ def _write_report(args, results, run: Run, table) -> bool:
     return not sidestepped
 
 
-def _test_data(args) -> ArrayDataset:
-    """``--dataset``'s test set, checked to fit ``--model`` (before any framework loads)."""
-    return Run(model=args.model, data=DataSpec(dataset=args.dataset, data_dir=args.data_dir)).datasets()[2]
+def _evaluation_run(args) -> Run:
+    """The model and data ``evaluate``/``predict`` use: ``--recipe``'s, or ``--model`` and
+    ``--dataset``'s (argparse leaves out those not typed)."""
+    typed = [f"--{key.replace('_', '-')}" for key in ("model", "dataset", "data_dir") if hasattr(args, key)]
+    if args.recipe is None:
+        data = DataSpec(dataset=getattr(args, "dataset", "mnist"), data_dir=getattr(args, "data_dir", None))
+        return Run(model=getattr(args, "model", "mlp"), data=data)
+    if typed:
+        raise UsageError(f"{typed[0]} and --recipe exclude each other: the recipe names the model and data")
+    return load_recipe(args.recipe)
 
 
 # --- unitrain train ----------------------------------------------------------------------
@@ -946,16 +957,17 @@ def _read_weights(path: Path, model_name: str, flag: str = "--weights") -> dict:
     return load_safetensors(path, lambda declared: check_state(shapes, declared, name), name=name)[0]
 
 
-def _loop_with_weights(args):
-    weights = _read_weights(args.weights, args.model)
-    loop = registry.get_backend(args.backend)(model_from_name(args.model))
+def _loop_with_weights(args, run: Run):
+    weights = _read_weights(args.weights, run.model)
+    loop = registry.get_backend(args.backend)(run.model_spec())
     loop.load_state_dict(weights, source=str(args.weights))
     return loop
 
 
 def cmd_evaluate(args) -> int:
-    test = _test_data(args)
-    loop = _loop_with_weights(args)
+    run = _evaluation_run(args)
+    test = run.datasets()[2]
+    loop = _loop_with_weights(args, run)
     metrics = loop.evaluate(test)
     print(
         f"{args.weights} on {loop.name}: test accuracy {100 * metrics['accuracy']:.2f}% "
@@ -995,10 +1007,12 @@ def _read_png(path: Path, normalization) -> np.ndarray:
 
 
 def cmd_predict(args) -> int:
-    test = _test_data(args)
-    if args.image is not None:
-        x, what = _read_png(args.image, test.normalization), str(args.image)
-    loop = _loop_with_weights(args)
+    run = _evaluation_run(args)
+    test = run.datasets()[2]
+    if args.image is not None:  # normalised, resized and padded as the run's samples
+        image = _read_png(args.image, test.normalization)
+        x, what = run.data.static_transforms(dataclasses.replace(test, x=image, y=test.y[:1])).x, str(args.image)
+    loop = _loop_with_weights(args, run)
     if args.image is None:
         index = args.index or 0
         if index >= len(test):

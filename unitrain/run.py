@@ -117,6 +117,12 @@ class DataSpec:
         }  # fmt: skip
         return {key: value for key, value in values.items() if value is not None}
 
+    def static_transforms(self, data):
+        """``data`` (an :class:`~unitrain.data.ArrayDataset`, normalised) resized, then padded."""
+        if self.resize is not None:
+            data = data.resized(*self.resize)
+        return data.padded(self.pad) if self.pad else data
+
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> DataSpec:
         _check_fields(values, _DATA_SCHEMA, "data")
@@ -262,10 +268,7 @@ class Run:
         if spec.data_dir is not None and spec.dataset not in PACKAGED:
             raise RunError(f"data.data_dir is for {' or '.join(PACKAGED)}, not for the dataset {spec.dataset}")
         train, test = load_datasets(spec.dataset, data_dir=spec.data_dir, normalization=spec.normalize)
-        if spec.resize is not None:
-            train, test = (data.resized(*spec.resize) for data in (train, test))
-        if spec.pad:
-            train, test = (data.padded(spec.pad) for data in (train, test))
+        train, test = spec.static_transforms(train), spec.static_transforms(test)
         output = self._output_shape(train.x.shape[1:], train.classes)
         if not LOSSES[self.loss].class_targets:  # an elementwise loss compares the outputs with one-hot labels
             train, test = (dataclasses.replace(data, y=np.eye(output[0], dtype=np.float32)[data.y])

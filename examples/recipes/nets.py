@@ -1,0 +1,17 @@
+"""Models of the recipes beside this file that no preset covers, as ``module:function`` factories
+(run the recipes from the repository's root, where ``examples.recipes.nets`` imports)."""
+
+from unitrain.layers import Conv2d, Dropout, Flatten, Linear, LogSoftmax, MaxPool2d, ReLU, Sequential
+
+
+def pytorch_mnist_net() -> Sequential:
+    """``Net`` of PyTorch's official MNIST example (pytorch/examples, ``mnist/main.py``), with its
+    ``state_dict`` keys: conv1, conv2, fc1, fc2 (the functional ReLUs, pooling, flatten and
+    log-softmax become layers of their own)."""
+    return Sequential({
+        "conv1": Conv2d(1, 32, 3, 1), "relu1": ReLU(),
+        "conv2": Conv2d(32, 64, 3, 1), "relu2": ReLU(),
+        "pool": MaxPool2d(2), "dropout1": Dropout(0.25), "flatten": Flatten(),
+        "fc1": Linear(9216, 128), "relu3": ReLU(), "dropout2": Dropout(0.5),
+        "fc2": Linear(128, 10), "log_softmax": LogSoftmax(dim=1),
+    })  # fmt: skip
