@@ -47,12 +47,14 @@ from typing import Any
 
 import numpy as np
 
-from . import optim
+from . import optim, registry
 from .data import PACKAGED, DataError
 from .datasets import load_datasets
+from .layers import MODEL_PATTERN, model_from_name
 from .losses import LOSSES
 from .reading import Int, Nullable, Number, OneOf, Optional, Text, check_json, path_problem, read_capped, short
 from .schedules import LRSchedule, parse_schedule
+from .weights import check_state, load_safetensors
 
 
 class RunError(ValueError):
@@ -156,8 +158,6 @@ class Run:
     init_weights: str | None = None
 
     def __post_init__(self):
-        from .layers import MODEL_PATTERN
-
         _require(isinstance(self.model, str) and re.fullmatch(MODEL_PATTERN, self.model) is not None, "model",
                  self.model, "a preset name or package.module:function")  # fmt: skip
         _require(isinstance(self.data, DataSpec), "data", self.data, "a DataSpec")
@@ -227,8 +227,6 @@ class Run:
 
     def model_spec(self):
         """The model's spec (imports a ``package.module:function``); RunError if it names none."""
-        from .layers import model_from_name
-
         try:
             return model_from_name(self.model)
         except ValueError as error:
@@ -253,8 +251,6 @@ class Run:
         any is read (WeightsError otherwise); None without."""
         if self.init_weights is None:
             return None
-        from .weights import check_state, load_safetensors
-
         shapes, name = self.model_spec().state_shapes(), f"init_weights {self.init_weights}"
         return load_safetensors(Path(self.init_weights), lambda declared: check_state(shapes, declared, name),
                                 name=name)[0]  # fmt: skip
@@ -298,8 +294,6 @@ class Run:
     def make_loop(self, backend: str | None = None, *, distributed: bool = False):
         """A loop of ``backend`` (default: ``$UNITRAIN_BACKEND`` or numpy) set up for this run:
         its model, loss, optimizer, seed, schedule, clipping and initial weights."""
-        from . import registry
-
         loop = registry.get_backend(backend)(self.model_spec(), distributed=distributed, **self.loop_options())
         if (initial := self.initial_weights()) is not None:
             loop.load_state_dict(initial, source=self.init_weights)
