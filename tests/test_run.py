@@ -278,3 +278,21 @@ def test_evaluate_and_predict_take_the_runs_model_and_transforms_from_its_recipe
 
     refused = cli("evaluate", "--weights", "w.safetensors", "--recipe", "run.toml", "--model", "cnn", cwd=tmp_path)
     assert refused.returncode == 2 and "--model and --recipe exclude each other" in refused.stderr
+
+
+def test_a_run_from_init_weights_resumes_without_them(tmp_path):
+    """The recorded run names its initial weights; a resume starts from its checkpoint instead, so
+    the file may be gone."""
+    _dataset(tmp_path / "digits.npz")
+    unitrain.make_loop("numpy", unitrain.mlp(), seed=5).save_weights(tmp_path / "start.safetensors")
+    flags = ["--dataset", "digits.npz", "--init-weights", "start.safetensors", "--epochs", "2", *OUTPUTS]
+    first = cli("train", *flags, "--checkpoint-dir", "ck", "--checkpoint-every", "5", "--save", "whole.safetensors",
+                cwd=tmp_path)  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    (tmp_path / "start.safetensors").unlink()
+    resume = ["train", "--resume", "ck/step-00000010", "--checkpoint-dir", "branch", *OUTPUTS]
+    resumed = cli(*resume, "--save", "resumed.safetensors", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    whole = load_safetensors(tmp_path / "whole.safetensors")[0]
+    for key, value in load_safetensors(tmp_path / "resumed.safetensors")[0].items():
+        np.testing.assert_array_equal(whole[key], value)

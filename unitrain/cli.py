@@ -607,7 +607,7 @@ def cmd_train(args) -> int:
         print(run.to_toml(), end="")
         return 0
     # Everything the user typed is checked before the (slow) framework import and any training.
-    initial = run.initial_weights()
+    initial = run.initial_weights() if resume is None else None  # a resumed run starts from its checkpoint
     files.check_output(args.save, "--save", args.overwrite)
     files.check_output(args.metrics, "--metrics", args.overwrite)
     files.check_output(args.plot, "--plot", args.overwrite)
