@@ -205,8 +205,9 @@ def scheduled_optimizer(optimizer: optim.Optimizer, schedule: LRSchedule | None)
     if schedule is None or not schedule.cycles_momentum:
         return optimizer
     if optim.momentum(optimizer) is None:
-        raise ValueError(f"{schedule} cycles the optimizer's momentum, which {type(optimizer).__name__} does not "
-                         "have (SGD, RMSprop, Adam and AdamW do); pass cycle_momentum=False")  # fmt: skip
+        raise ValueError(f"{type(schedule).__name__} with cycle_momentum=True (PyTorch's default) cycles the "
+                         f"optimizer's momentum, which {type(optimizer).__name__} does not have (SGD, RMSprop, Adam "
+                         "and AdamW do); pass cycle_momentum=False")  # fmt: skip
     return optim.with_momentum(optimizer, schedule.max_momentum)
 
 
