@@ -54,7 +54,7 @@ with warnings.catch_warnings():
 
 from unitrain import expr, layers, losses
 from unitrain.loop import TrainingLoop
-from unitrain.optim import SGD, clip_grad_norm_scale, initial_buffer_value, optimizer_update
+from unitrain.optim import SGD, clip_grad_norm_scale, initial_buffer_value, momentum, optimizer_update
 from unitrain.randomness import dropout_mask, dropout_stream, set_stream_state, stream_state
 
 #: PyTorch's state names -> Chainer's attribute names
@@ -339,7 +339,7 @@ class _Rule(chainer.UpdateRule):
 
 class _PyTorchRule(_Rule):
     """Any spec's update (:func:`unitrain.optim.optimizer_update`), in place on the parameter's
-    arrays; ``lr`` is the optimizer's, which ``set_lr`` changes."""
+    arrays; ``lr`` and ``momentum`` are the optimizer's, which ``set_lr`` and a schedule change."""
 
     def __init__(self, spec, optimizer):
         super().__init__(spec)
@@ -354,8 +354,9 @@ class _PyTorchRule(_Rule):
         names = self.spec.state_names
         buffers = tuple(self.state.get(name) for name in names)
         _, buffers = optimizer_update(
-            self.spec, param.array, param.grad, buffers, self.t, self.optimizer.lr, np.sqrt, in_place=True
-        )
+            self.spec, param.array, param.grad, buffers, self.t, self.optimizer.lr, np.sqrt, True,
+            self.optimizer.momentum,
+        )  # fmt: skip
         self.state.update(zip(names, buffers, strict=True))
 
 
@@ -383,7 +384,7 @@ class _Optimizer(chainer.optimizer.GradientMethod):
     def __init__(self, spec):
         super().__init__()
         self.spec = spec
-        self.lr = spec.lr
+        self.lr, self.momentum = spec.lr, momentum(spec)
 
     def create_update_rule(self):
         return _PyTorchRule(self.spec, self)
@@ -479,7 +480,7 @@ class ChainerLoop(TrainingLoop):
         model.cleargrads()  # new links hold NaN gradients, which a first backward would add to
         params = {path.lstrip("/"): param for path, param in model.namedparams()}
         self._params = {name: params[path] for name, path in self._paths.items() if path in params}
-        self.optimizer = _Optimizer(self.optimizer_spec)
+        self.optimizer = _Optimizer(self.update_spec)
         self.optimizer.setup(model)
         if self.clip_grad_norm is not None:
             self.optimizer.add_hook(_ClipGradNorm(self.clip_grad_norm))
@@ -536,6 +537,9 @@ class ChainerLoop(TrainingLoop):
 
     def _set_lr(self, lr):
         self.optimizer.lr = lr
+
+    def _set_momentum(self, momentum):
+        self.optimizer.momentum = momentum
 
     def _step_correct(self, y):
         xp = chainer.backend.get_array_module(self._step_pred)
@@ -605,7 +609,7 @@ class ChainerLoop(TrainingLoop):
 
     def _load_optimizer_state_dict(self, state: Mapping[str, np.ndarray]):
         step = int(state["step"])
-        names = self.optimizer_spec.state_names
+        names = self.update_spec.state_names
         for name, param in self._params.items():
             entries = {key: np.array(state[f"{name}.{key}"]) for key in names if f"{name}.{key}" in state}
             param.update_rule.load(entries, step)

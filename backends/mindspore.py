@@ -2,9 +2,10 @@
 
 MindSpore differentiates functions, not tensors: ``step`` is one ``mindspore.jit`` graph of
 ``value_and_grad(forward + loss)`` followed by the optimizer's update, written into the
-parameters with ``ops.assign``. The step number and the lr enter the graph as tensors (so the
-graph is compiled once, and ``set_lr`` compiles nothing), which makes Adam's bias corrections and
-Adagrad's lr decay float32 where PyTorch's are float64. Gradient clipping runs inside the graph.
+parameters with ``ops.assign``. The step number, the lr and the momentum a schedule cycles enter
+the graph as tensors (so the graph is compiled once, and ``set_lr`` or a OneCycleLR step compiles
+nothing), which makes Adam's bias corrections, Adagrad's lr decay and cycled momentum terms
+(``1 - beta1``) float32 where PyTorch's are float64. Gradient clipping runs inside the graph.
 
 The tutorial-shaped ``backward`` re-runs forward + loss on the batch recorded by ``forward`` and
 ``loss`` through the same compiled gradient function, so it equals ``step`` bit for bit. The
@@ -422,7 +423,7 @@ class MindSporeLoop(TrainingLoop):
                 ops.full(param.shape, value, dtype=param.dtype), name=f"{kind}.{name}", requires_grad=False
             )
 
-        spec = self.optimizer_spec
+        spec = self.update_spec
         self._grads = [buffer_like("grad", name) for name in self._grad_names]
         self._opt_state = {
             kind: [buffer_like(kind, name, initial_buffer_value(spec, kind)) for name in self._grad_names]
@@ -430,6 +431,7 @@ class MindSporeLoop(TrainingLoop):
         }
         # an input of the compiled step, so that set_lr compiles nothing
         self._lr = Tensor(self.lr, ms.float32)
+        self._momentum = Tensor(self.momentum or 0.0, ms.float32)  # read only where a schedule cycles it
         # Whether the optimizer buffers exist (PyTorch creates them at the first step).
         self._opt_ready = False
         self._recorded_x = self._recorded_y = self._recorded_masks = None
@@ -446,7 +448,8 @@ class MindSporeLoop(TrainingLoop):
             return net(x, masks) if masked else net(x)
 
         weights = [self._params[name] for name in self._grad_names]
-        spec = self.optimizer_spec
+        spec = self.update_spec
+        cycled = self.lr_schedule is not None and self.lr_schedule.cycles_momentum
         loss_fn = _loss_function(self.loss_spec, getattr(self.loss_spec, "reduction", None))
         # the core evaluates a CustomLoss itself, from predict
         sum_loss = None if isinstance(self.loss_spec, CustomLoss) else _loss_function(self.loss_spec, "sum")
@@ -481,23 +484,25 @@ class MindSporeLoop(TrainingLoop):
             scale = clip_grad_norm_scale(norms, max_norm, ops.sqrt, ops.minimum)
             return [grad * scale for grad in gradients]
 
-        def apply_update(gradients, t, first, lr):
+        def apply_update(gradients, t, first, lr, momentum):
             for param, grad, buffers in zip(weights, gradients, buffers_of):  # noqa: B905
-                # SGD's momentum buffer is created from the gradient (see _step_args)
+                # SGD's momentum buffer is created from the gradient (see _step_args); without a
+                # schedule cycling it, the momentum is the spec's constant
                 new_param, new_buffers = optimizer_update(
-                    spec, param, grad, (None,) if first else buffers, t, lr, ops.sqrt
-                )
+                    spec, param, grad, (None,) if first else buffers, t, lr, ops.sqrt, False,
+                    momentum if cycled else None,
+                )  # fmt: skip
                 for buf, new_buf in zip(buffers, new_buffers):  # noqa: B905
                     ops.assign(buf, new_buf)
                 ops.assign(param, new_param)
             return t
 
-        def step(x, y, t, first, lr, masks):
+        def step(x, y, t, first, lr, momentum, masks):
             (value, pred), gradients = value_pred_and_grad(x, y, masks)
             gradients = clipped(gradients)
             for buf, grad in zip(grads, gradients):  # noqa: B905
                 ops.assign(buf, grad)
-            apply_update(gradients, t, first, lr)
+            apply_update(gradients, t, first, lr, momentum)
             return value, pred
 
         def backward(x, y, masks):
@@ -506,12 +511,12 @@ class MindSporeLoop(TrainingLoop):
                 ops.assign_add(buf, grad)
             return value
 
-        def update(t, first, lr):
+        def update(t, first, lr, momentum):
             gradients = clipped(grads)
             if max_value is not None or max_norm is not None:
                 for buf, grad in zip(grads, gradients):  # noqa: B905
                     ops.assign(buf, grad)
-            return apply_update(gradients, t, first, lr)
+            return apply_update(gradients, t, first, lr, momentum)
 
         def zero_grad():
             for buf in grads:
@@ -549,17 +554,20 @@ class MindSporeLoop(TrainingLoop):
         dtype = np.int32 if y.dtype.kind in "iu" else self.dtype
         return Tensor.from_numpy(np.ascontiguousarray(y, dtype))
 
-    def _step_args(self) -> tuple[Tensor, bool, Tensor]:
+    def _step_args(self) -> tuple[Tensor, bool, Tensor, Tensor]:
         """The step number (``step_count`` counts the steps already taken; a tensor, so the
-        graph is compiled once, not per step), the lr (a tensor too) and whether
-        SGD's momentum buffer is to be created from the gradient. From the zero buffer the
+        graph is compiled once, not per step), whether SGD's momentum buffer is to be created
+        from the gradient, the lr and the momentum (tensors too). From the zero buffer the
         general formula gives exactly the gradient unless dampening is used, so only then is a
         graph compiled for the first step."""
-        first = not self._opt_ready and bool(getattr(self.optimizer_spec, "dampening", 0))
-        return Tensor(self.step_count + 1, ms.int64), first, self._lr
+        first = not self._opt_ready and bool(getattr(self.update_spec, "dampening", 0))
+        return Tensor(self.step_count + 1, ms.int64), first, self._lr, self._momentum
 
     def _set_lr(self, lr: float) -> None:
         self._lr = Tensor(lr, ms.float32)
+
+    def _set_momentum(self, momentum: float) -> None:
+        self._momentum = Tensor(momentum, ms.float32)
 
     # --- hooks ----------------------------------------------------------------------------
 
@@ -677,7 +685,7 @@ class MindSporeLoop(TrainingLoop):
                 key = f"{name}.{kind}"
                 self._opt_ready |= key in state
                 # An absent buffer restarts from its initial value, as if the first step were still to come.
-                initial = initial_buffer_value(self.optimizer_spec, kind)
+                initial = initial_buffer_value(self.update_spec, kind)
                 _write(
                     buf, np.asarray(state[key], self.dtype) if key in state else np.full(buf.shape, initial, self.dtype)
                 )

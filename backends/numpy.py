@@ -887,7 +887,7 @@ class NumpyLoop(TrainingLoop):
 
     @_quiet
     def _update(self):
-        spec, state, names = self.optimizer_spec, self._optimizer_state, self.optimizer_spec.state_names
+        spec, state, names = self.update_spec, self._optimizer_state, self.update_spec.state_names
         self._clip_gradients()
         for name, param in self._params.items():
             keys = [f"{name}.{buffer}" for buffer in names]
@@ -896,7 +896,7 @@ class NumpyLoop(TrainingLoop):
                     state[key] = np.full_like(param, initial_buffer_value(spec, buffer))
             buffers = tuple(state.get(key) for key in keys)
             _, buffers = optimizer_update(
-                spec, param, self._grads[name], buffers, self.step_count + 1, self.lr, np.sqrt, in_place=True
+                spec, param, self._grads[name], buffers, self.step_count + 1, self.lr, np.sqrt, True, self.momentum
             )
             state.update(zip(keys, buffers, strict=True))
 
@@ -913,6 +913,9 @@ class NumpyLoop(TrainingLoop):
 
     def _set_lr(self, lr):
         pass  # each update reads self.lr
+
+    def _set_momentum(self, momentum):
+        pass  # each update reads self.momentum
 
     def _step(self, x, y):
         self._zero_grad()

@@ -152,7 +152,7 @@ class TorchLoop(TrainingLoop):
             raise TypeError(f"the torch backend trains CPU or CUDA models, got one on {self._device}")
         self._rng_state = torch.Generator(self._device).manual_seed(rank_seed(self.seed, self.rank)).get_state()
         self._criterion = self._make_criterion(self.loss_spec)
-        spec = self.optimizer_spec
+        spec = self.update_spec  # torch.optim's optimizer as a cycling OneCycleLR leaves it at construction
         # every spec field is the torch.optim class's argument of the same name
         arguments = {field.name: getattr(spec, field.name) for field in fields(spec)}
         self.optimizer = getattr(torch.optim, type(spec).__name__)(
@@ -236,6 +236,13 @@ class TorchLoop(TrainingLoop):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
+    def _set_momentum(self, momentum: float) -> None:
+        for group in self.optimizer.param_groups:  # as torch.optim.lr_scheduler.OneCycleLR does
+            if "betas" in group:
+                group["betas"] = (momentum, *group["betas"][1:])
+            else:
+                group["momentum"] = momentum
+
     def _step(self, x: np.ndarray, y: np.ndarray) -> torch.Tensor:
         self.optimizer.zero_grad()
         pred = self._run(self._tensor(x))
@@ -282,13 +289,13 @@ class TorchLoop(TrainingLoop):
             buffers = self.optimizer.state.get(p, {})
             if "step" in buffers and float(buffers["step"]) == 0:  # Adagrad's state exists before its first step
                 continue
-            for key in self.optimizer_spec.state_names:
+            for key in self.update_spec.state_names:
                 if buffers.get(key) is not None:
                     state[f"{name}.{key}"] = _numpy(buffers[key])
         return state
 
     def _load_optimizer_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
-        names = self.optimizer_spec.state_names
+        names = self.update_spec.state_names
         loaded = {}
         for name, p in self._params.items():
             if names and f"{name}.{names[0]}" in state:  # all buffers or none (checked by the caller)

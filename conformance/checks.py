@@ -31,7 +31,7 @@ from unitrain.losses import (
     SmoothL1Loss,
 )
 from unitrain.optim import SGD, Adadelta, Adagrad, Adam, AdamW, RMSprop
-from unitrain.schedules import StepLR
+from unitrain.schedules import StepLR, parse_schedule
 
 from . import reference, tolerances
 from .reference import F64
@@ -578,6 +578,43 @@ def check_set_lr_and_schedule(adapter):
     resumed.seek_schedule(2)
     if resumed.lr != 0.05:
         fail(f"seek_schedule(2) on StepLR(step_size=1, gamma=0.5) from lr 0.2: lr {resumed.lr}, expected 0.05")
+
+
+@check("optimizers")
+def check_one_cycle_momentum(adapter):
+    """OneCycleLR with PyTorch's default ``cycle_momentum=True`` sets the live loop's momentum
+    (Adam: ``betas[0]``) at every step as it sets the lr: ``fit`` matches the reference optimizer run
+    with the schedule's lr and momentum (SGD without momentum gains a momentum buffer, as in
+    PyTorch), and a loop restored mid-schedule with ``seek_schedule`` continues it."""
+    text, steps, batch = "OneCycleLR(max_lr=0.5, total_steps=4)", 4, 2
+    schedule = parse_schedule(text)
+    x, y = inputs((3, 4)), labels()
+    for spec in (SGD(lr=0.1), Adam(lr=0.01, eps=1e-4)):
+        model = dense_model()
+        state = state_of(model)
+        # the lr and momentum floats are unitrain.schedules' (checked against torch.optim.lr_scheduler in
+        # unitrain's tests); what is checked here is that the adapter trains with them
+        running, ref_optimizer = schedule.start(spec.lr), reference.Optimizer(spec)
+        ref = reference.Reference(model, {key: value.astype(F64) for key, value in state.items()})
+        expected = []
+        for step in range(steps):
+            ref_optimizer.lr, ref_optimizer.momentum = running.lr, running.momentum
+            reference.train_step(
+                ref, CrossEntropyLoss(), ref_optimizer, *(v[step * batch : (step + 1) * batch] for v in (x, y))
+            )
+            running.step()
+            expected.append({key: ref.state[key] for key in model.param_shapes()})
+        first = loaded(adapter, model, state, optimizer=spec, lr_schedule=schedule)
+        first.fit((x, y), epochs=1, batch_size=batch, shuffle=False, max_steps=steps // 2)
+        label = f"{spec} with {text}"
+        compare_states(f"{label}, step {steps // 2}: parameter", params_of(first), expected[steps // 2 - 1],
+                       dtype=first.dtype, size=4 * steps // 2)  # fmt: skip
+        resumed = loaded(adapter, model, first.state_dict(), optimizer=spec, lr_schedule=schedule)
+        resumed.load_optimizer_state_dict(first.optimizer_state_dict())
+        resumed.seek_schedule(first.schedule_position)
+        resumed.fit((x, y), epochs=1, batch_size=batch, shuffle=False, start_batch=steps // 2)
+        compare_states(f"{label}, resumed at step {steps // 2}, step {steps}: parameter", params_of(resumed),
+                       expected[-1], dtype=resumed.dtype, size=4 * steps)  # fmt: skip
 
 
 @check("clipping")

@@ -596,11 +596,14 @@ class Optimizer:
         self.spec = spec
         #: the lr of the next update (``spec.lr`` until a check changes it, as ``set_lr`` does)
         self.lr = spec.lr
+        #: the momentum (Adam: ``betas[0]``) of the next update, as a cycling schedule sets it; None: the spec's
+        self.momentum = None
         self.steps = 0
         self.state: dict[str, np.ndarray] = {}
 
     def update(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         spec, self.steps = self.spec, self.steps + 1
+        momentum = getattr(spec, "momentum", None) if self.momentum is None else self.momentum
         new = {}
         kind = type(spec).__name__
         for name, param in params.items():
@@ -609,7 +612,7 @@ class Optimizer:
             if kind == "RMSprop":
                 new[name], *buffers = rmsprop(
                     param, grads[name], state["square_avg"], state["momentum_buffer"], state["grad_avg"], lr=self.lr,
-                    alpha=spec.alpha, eps=spec.eps, weight_decay=spec.weight_decay, momentum=spec.momentum,
+                    alpha=spec.alpha, eps=spec.eps, weight_decay=spec.weight_decay, momentum=momentum,
                     centered=spec.centered,
                 )  # fmt: skip
                 for key, value in zip(("square_avg", "momentum_buffer", "grad_avg"), buffers, strict=True):
@@ -629,13 +632,14 @@ class Optimizer:
                 new[name], self.state[f"{name}.exp_avg"], self.state[f"{name}.exp_avg_sq"] = adam(
                     param, grads[name],
                     self.state.get(f"{name}.exp_avg", 0.0), self.state.get(f"{name}.exp_avg_sq", 0.0), self.steps,
-                    lr=self.lr, betas=spec.betas, eps=spec.eps, weight_decay=spec.weight_decay,
+                    lr=self.lr, betas=spec.betas if self.momentum is None else (self.momentum, spec.betas[1]),
+                    eps=spec.eps, weight_decay=spec.weight_decay,
                     decoupled=spec.decoupled_weight_decay,
                 )  # fmt: skip
             else:
                 new[name], buf = sgd(
                     param, grads[name], self.state.get(f"{name}.momentum_buffer"), lr=self.lr,
-                    momentum=spec.momentum, dampening=spec.dampening, weight_decay=spec.weight_decay,
+                    momentum=momentum, dampening=spec.dampening, weight_decay=spec.weight_decay,
                     nesterov=spec.nesterov,
                 )  # fmt: skip
                 if buf is not None:

@@ -14,7 +14,8 @@ from unitrain.backends import numpy as numpy_backend
 from unitrain.backends.numpy import LossValue, NumpyLoop, _loss_terms
 from unitrain.conformance import CHECKS, run_check, run_checks
 
-from unitrain.optim import Adagrad, Adam, RMSprop
+from unitrain.loop import TrainingLoop
+from unitrain.optim import Adagrad, Adam, RMSprop, momentum
 
 
 class _NumpyAdamVariant(NumpyLoop):
@@ -138,13 +139,25 @@ class AdagradWithoutLrDecay(NumpyLoop):
     """Adagrad ignoring ``lr_decay`` (every step at the full lr)."""
 
     def _update(self):
-        spec = self.optimizer_spec
+        spec = self.update_spec
         if isinstance(spec, Adagrad):
-            self.optimizer_spec = dataclasses.replace(spec, lr_decay=0.0)
+            self.update_spec = dataclasses.replace(spec, lr_decay=0.0)
         try:
             super()._update()
         finally:
-            self.optimizer_spec = spec
+            self.update_spec = spec
+
+
+class MomentumNotCycled(NumpyLoop):
+    """Ignores OneCycleLR's momentum cycling: every update keeps the momentum the optimizer was
+    built with (``max_momentum``, where PyTorch's OneCycleLR puts it at construction)."""
+
+    def _update(self):
+        live, self.momentum = self.momentum, momentum(self.update_spec)
+        try:
+            super()._update()
+        finally:
+            self.momentum = live
 
 
 class ClipPerTensor(NumpyLoop):
@@ -226,6 +239,9 @@ CAUGHT = {
     (AdagradWithoutLrDecay, "check_adagrad_updates"):
         "Adagrad(lr=0.1, weight_decay=0.1, lr_decay=0.5, initial_accumulator_value=0.1) step 2: parameter "
         "'1.weight': expected 0.0445752, got 0.057831 at index (6, 9); max error 0.0133 > tolerance 7.63e-06",
+    (MomentumNotCycled, "check_one_cycle_momentum"):
+        "SGD(lr=0.1) with OneCycleLR(max_lr=0.5, total_steps=4), step 2: parameter '1.weight': "
+        "expected -0.129366, got -0.140081 at index (3, 0); max error 0.0107 > tolerance 7.63e-06",
     (ClipPerTensor, "check_gradient_clipping"):
         "{'clip_grad_norm': 0.05} step 1: parameter '1.weight': "
         "expected 0.26568, got 0.267114 at index (6, 6); max error 0.00143 > tolerance 3.81e-06",
@@ -313,6 +329,17 @@ def test_an_adapter_that_crashes_fails_the_check_naming_the_error():
     result = run_check(Crashes, "check_zero_grad")
     assert result.status == "fail"
     assert result.message.startswith("raised RuntimeError: boom (test_conformance_meta.py:")
+
+
+def test_an_adapter_that_cannot_set_the_momentum_fails_the_one_cycle_check():
+    """A third-party adapter written before momentum cycling (``_set_lr`` only) is not silently wrong."""
+
+    class LrOnly(NumpyLoop):
+        _set_momentum = TrainingLoop._set_momentum
+
+    result = run_check(LrOnly, "check_one_cycle_momentum")
+    assert result.status == "fail"
+    assert result.message.startswith("raised NotImplementedError: the numpy backend cannot change the momentum")
 
 
 def test_every_check_has_a_one_line_summary_and_a_unique_name():

@@ -159,7 +159,9 @@ def test_schedules_give_torch_lr_schedulers_floats(text, make_torch):
         ("StepLR(step_size=x)", "'x' is not a literal value"),
         ("StepLR()", "StepLR needs step_size"),
         ("StepLR(step_size=0)", "step_size must be an integer >= 1"),
-        ("OneCycleLR(max_lr=0.1, total_steps=10)", "cycle_momentum=True"),
+        ("OneCycleLR(max_lr=0.1, total_steps=10, max_momentum=1.0)", "max_momentum must be in (0, 1)"),
+        ("OneCycleLR(max_lr=0.1, total_steps=10, base_momentum=0.0)", "base_momentum must be in (0, 1)"),
+        ("OneCycleLR(max_lr=0.1, total_steps=10, cycle_momentum=1)", "cycle_momentum must be True or False"),
         ("1 + 2", "is not a schedule call"),
     ],
 )

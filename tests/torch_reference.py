@@ -101,8 +101,9 @@ def optimizer_buffers(model, optimizer):
     }
 
 
-def train_torch(model, optimizer, batches):
-    """The hand-written PyTorch training loop (cross-entropy, inputs in the model's dtype); returns each loss."""
+def train_torch(model, optimizer, batches, scheduler=None):
+    """The hand-written PyTorch training loop (cross-entropy, inputs in the model's dtype; ``scheduler``
+    stepped after each optimizer step, as OneCycleLR wants); returns each loss."""
     dtype = next(model.parameters()).dtype
     model.train()
     losses = []
@@ -111,6 +112,8 @@ def train_torch(model, optimizer, batches):
         loss = F.cross_entropy(model(torch.from_numpy(x).to(dtype)), torch.from_numpy(y))
         loss.backward()
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         losses.append(loss.item())
     return losses
 
@@ -169,16 +172,17 @@ class TorchRuns(NamedTuple):
     reversed: TorchRun
 
 
-def torch_runs(make_model, make_optimizer, batches):
+def torch_runs(make_model, make_optimizer, batches, make_scheduler=None):
     """The hand-written loop trained on ``batches`` from the same initial weights (``make_model(dtype)``),
-    as ``TorchRuns``. The models must hold no dropout (its masks follow the sample order); mean losses
-    and batch statistics ignore it."""
+    with ``make_scheduler(optimizer)`` stepped per batch if given, as ``TorchRuns``. The models must
+    hold no dropout (its masks follow the sample order); mean losses and batch statistics ignore it."""
     batches_reversed = [(x[::-1].copy(), y[::-1].copy()) for x, y in batches]
     runs = []
     for dtype, data in ((torch.float32, batches), (torch.float64, batches), (torch.float32, batches_reversed)):
         model = make_model(dtype)
         optimizer = make_optimizer(model.parameters())
-        losses = np.array(train_torch(model, optimizer, data))
+        scheduler = None if make_scheduler is None else make_scheduler(optimizer)
+        losses = np.array(train_torch(model, optimizer, data, scheduler))
         runs.append(TorchRun(numpy_state(model), optimizer_buffers(model, optimizer), {"loss": losses}))
     return TorchRuns(*runs)
 

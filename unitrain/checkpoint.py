@@ -432,9 +432,13 @@ def _verified(folder: Path) -> Checkpoint:
 
     manifest = _manifest(folder / MANIFEST)
     try:
-        spec = optimizer_from_config(manifest["optimizer"])
         recorded = Checkpoint(folder, manifest, {}, {}, {})
-        recorded.lr_schedule()
+        # the buffers follow the optimizer as the schedule runs it (OneCycleLR cycling momentum)
+        spec, schedule = optimizer_from_config(manifest["optimizer"]), recorded.lr_schedule()
+        try:
+            spec = schedules.scheduled_optimizer(spec, schedule)
+        except ValueError as error:  # an optimizer the schedule cannot run
+            raise CheckpointError(f"its lr_schedule is invalid: {error}") from None
         if manifest["run"]:  # checked now, though only a resume uses it (importing nothing)
             recorded.run_spec()
     except CheckpointError as error:

@@ -80,6 +80,16 @@ makes :meth:`fit` step it as PyTorch's scheduler would (per epoch, or per batch 
 ``schedule_position`` counts those steps and ``seek_schedule(position)`` replays the schedule to
 one (a checkpoint restores it). ``optimizer_spec.lr`` stays the initial lr.
 
+Momentum: ``loop.momentum`` is the momentum the next update uses (SGD's and RMSprop's
+``momentum``, Adam's and AdamW's ``betas[0]``; ``None`` for the others): the spec's, except under
+a schedule that cycles it (``OneCycleLR(cycle_momentum=True)``, PyTorch's default), which sets it
+at every schedule step as PyTorch's does (the adapter's ``_set_momentum``, on the live loop like
+the lr). Such a schedule also runs the optimizer as PyTorch's OneCycleLR leaves it:
+``update_spec`` (:func:`~unitrain.schedules.scheduled_optimizer`: momentum at ``max_momentum``,
+so SGD without momentum keeps a ``momentum_buffer``) decides the structure of the updates and of
+the optimizer state, while ``optimizer_spec`` stays the run's spec (checkpoints record it); an
+optimizer without momentum or betas is refused at construction, as PyTorch refuses it.
+
 Gradient clipping (``clip_grad_norm=`` or ``clip_grad_value=``, not both) happens inside
 ``update``/``step``, between the gradients and the optimizer: by global norm with
 ``torch.nn.utils.clip_grad_norm_``'s semantics (every gradient times ``min(1, max_norm /
@@ -134,7 +144,8 @@ from .distributed import shard
 from .layers import Container, _BatchNorm
 from .losses import CrossEntropyLoss, CustomLoss, Loss
 from .optim import SGD, Optimizer
-from .schedules import LRSchedule
+from .optim import momentum as momentum_of
+from .schedules import LRSchedule, scheduled_optimizer
 
 #: Capability tags an adapter may declare (checks gated on a missing one are skipped).
 CAPABILITIES = frozenset({
@@ -198,6 +209,10 @@ class TrainingLoop(ABC):
             raise ValueError("clip_grad_norm and clip_grad_value exclude each other: clip one way")
         self.loss_spec = loss
         self.optimizer_spec = optimizer
+        #: the optimizer whose structure the updates follow (the module docstring's Momentum)
+        self.update_spec = scheduled_optimizer(optimizer, lr_schedule)
+        #: the momentum (Adam: ``betas[0]``) the next update uses; None for optimizers without
+        self.momentum = momentum_of(self.update_spec)
         #: the lr the next update uses (``set_lr``, or the schedule, changes it)
         self.lr = float(optimizer.lr)
         self.lr_schedule = lr_schedule
@@ -229,8 +244,8 @@ class TrainingLoop(ABC):
                 f"got {type(model).__name__}"
             )
         self._set_training(True)
-        if self._scheduler is not None and self._scheduler.lr != self.lr:  # LinearLR, OneCycleLR start elsewhere
-            self.set_lr(self._scheduler.lr)
+        if self._scheduler is not None:  # LinearLR, OneCycleLR start elsewhere
+            self._follow_schedule()
 
     # --- hooks an adapter implements ------------------------------------------------------
 
@@ -313,6 +328,10 @@ class TrainingLoop(ABC):
     def _set_lr(self, lr: float) -> None:
         """Make the next updates use ``lr`` (the optimizer, its state and compiled code stay)."""
         raise NotImplementedError(f"the {self.name} backend cannot change the lr of a live loop")
+
+    def _set_momentum(self, momentum: float) -> None:
+        """Make the next updates use ``momentum`` (Adam: ``betas[0]``), as :meth:`_set_lr` the lr."""
+        raise NotImplementedError(f"the {self.name} backend cannot change the momentum of a live loop")
 
     def _setup_distributed(self) -> tuple[int, int]:
         """Join the process group the engine's launcher set up (called before ``_build``, so
@@ -409,13 +428,24 @@ class TrainingLoop(ABC):
         return 0 if self._scheduler is None else self._scheduler.position
 
     def seek_schedule(self, position: int) -> None:
-        """Put the ``lr_schedule`` at ``position`` (replayed from its start) and use its lr."""
+        """Put the ``lr_schedule`` at ``position`` (replayed from its start) and use its lr (and
+        momentum, where it cycles it)."""
         if self._scheduler is None:
             raise ValueError("this loop has no lr_schedule")
-        self.set_lr(self._scheduler.seek(position))
+        self._scheduler.seek(position)
+        self._follow_schedule()
 
     def _step_schedule(self) -> None:
-        self.set_lr(self._scheduler.step())
+        self._scheduler.step()
+        self._follow_schedule()
+
+    def _follow_schedule(self) -> None:
+        """Train with the schedule's lr, and its momentum where it cycles it."""
+        if self._scheduler.lr != self.lr:
+            self.set_lr(self._scheduler.lr)
+        if self._scheduler.momentum is not None:
+            self._set_momentum(self._scheduler.momentum)
+            self.momentum = self._scheduler.momentum
 
     # --- the whole step and what builds on it ---------------------------------------------
 
@@ -647,13 +677,13 @@ class TrainingLoop(ABC):
     def load_optimizer_state_dict(self, state: Mapping[str, np.ndarray], source: str = "optimizer state") -> None:
         """Restore optimizer buffers and the step count. Each parameter has all of the spec's
         ``state_names`` buffers or none (not created yet)."""
-        names = self.optimizer_spec.state_names
+        names = self.update_spec.state_names
         shapes = self.param_shapes()
         expected = {f"{param}.{name}": shape for param, shape in shapes.items() for name in names}
         unknown = sorted(set(state) - set(expected) - {"step"})
         if "step" not in state or unknown:
             raise weights_io.WeightsError(
-                f"{source} does not fit {self.optimizer_spec}: it needs 'step' and keys among "
+                f"{source} does not fit {self.update_spec}: it needs 'step' and keys among "
                 f"'<param>.{{{', '.join(names)}}}'; missing 'step'={'step' not in state}, unexpected {unknown}"
             )
         for key, value in state.items():

@@ -212,6 +212,21 @@ def optimizer_from_config(config) -> Optimizer:
         raise ValueError(f"{kind}: {error}") from None
 
 
+def momentum(spec: Optimizer) -> float | None:
+    """The momentum a schedule may cycle (PyTorch's OneCycleLR: an optimizer with ``momentum`` or
+    ``betas``): SGD's and RMSprop's ``momentum``, Adam's and AdamW's ``betas[0]``; ``None`` for the others."""
+    if isinstance(spec, (SGD, RMSprop)):
+        return spec.momentum
+    return spec.betas[0] if isinstance(spec, Adam) else None
+
+
+def with_momentum(spec: Optimizer, value: float) -> Optimizer:
+    """``spec`` with its :func:`momentum` replaced by ``value``."""
+    if isinstance(spec, Adam):
+        return dataclasses.replace(spec, betas=(value, spec.betas[1]))
+    return dataclasses.replace(spec, momentum=value)
+
+
 def initial_buffer_value(spec: Optimizer, name: str) -> float:
     """The value a state buffer starts from when the first step creates it (SGD's momentum
     buffer is the exception: it starts as the gradient, see :func:`sgd_update`)."""
@@ -228,29 +243,33 @@ def _arithmetic(in_place: bool):
 
 
 # Every update below takes ``lr`` apart from the spec (a schedule or ``set_lr`` changes it; the
-# spec keeps the initial one) and, with ``in_place=True``, writes ``param`` and the buffers in
-# place (NumPy arrays the caller owns). ``sqrt`` is the array module's square root. Each returns
-# the new parameter and buffers.
+# spec keeps the initial one), and SGD, RMSprop and Adam a live ``momentum`` (Adam's ``beta1``;
+# ``None``: the spec's), which OneCycleLR cycles; the spec's own value decides the structure (whether
+# a momentum buffer is kept: see unitrain.schedules.scheduled_optimizer). With ``in_place=True``
+# they write ``param`` and the buffers in place (NumPy arrays the caller owns). ``sqrt`` is the array
+# module's square root. Each returns the new parameter and buffers.
 
 
-def sgd_update(param, grad, buf, spec: SGD, lr, in_place: bool = False):
+def sgd_update(param, grad, buf, spec: SGD, lr, in_place: bool = False, momentum=None):
     """One SGD step. ``buf`` is ``None`` before the first step. Returns ``(param, buf)``."""
     add, sub, mul, _ = _arithmetic(in_place)
+    momentum = spec.momentum if momentum is None else momentum
     if spec.weight_decay:
         grad = grad + spec.weight_decay * param
     if spec.momentum:
         if buf is None:  # PyTorch clones the gradient; a graph's value needs no copy
             buf = grad.copy() if in_place else grad
         else:
-            buf = add(mul(buf, spec.momentum), (1 - spec.dampening) * grad)
-        grad = grad + spec.momentum * buf if spec.nesterov else buf
+            buf = add(mul(buf, momentum), (1 - spec.dampening) * grad)
+        grad = grad + momentum * buf if spec.nesterov else buf
     return sub(param, lr * grad), buf
 
 
-def adam_update(param, grad, exp_avg, exp_avg_sq, step, spec: Adam, lr, sqrt, in_place: bool = False):
+def adam_update(param, grad, exp_avg, exp_avg_sq, step, spec: Adam, lr, sqrt, in_place: bool = False, beta1=None):
     """One Adam/AdamW step number ``step`` (from 1). Returns ``(param, exp_avg, exp_avg_sq)``."""
     add, sub, mul, div = _arithmetic(in_place)
-    beta1, beta2 = spec.betas
+    beta1 = spec.betas[0] if beta1 is None else beta1
+    beta2 = spec.betas[1]
     if spec.weight_decay:
         if spec.decoupled_weight_decay:
             param = mul(param, 1 - lr * spec.weight_decay)
@@ -263,10 +282,13 @@ def adam_update(param, grad, exp_avg, exp_avg_sq, step, spec: Adam, lr, sqrt, in
     return sub(param, mul(exp_avg / denom, step_size)), exp_avg, exp_avg_sq
 
 
-def rmsprop_update(param, grad, square_avg, momentum_buffer, grad_avg, spec: RMSprop, lr, sqrt, in_place=False):
+def rmsprop_update(
+    param, grad, square_avg, momentum_buffer, grad_avg, spec: RMSprop, lr, sqrt, in_place=False, momentum=None
+):
     """One RMSprop step; ``momentum_buffer`` / ``grad_avg`` are ``None`` unless the spec has
     momentum / is centered. Returns ``(param, square_avg, momentum_buffer, grad_avg)``."""
     add, sub, mul, _ = _arithmetic(in_place)
+    momentum = spec.momentum if momentum is None else momentum
     if spec.weight_decay:
         grad = grad + spec.weight_decay * param
     square_avg = add(mul(square_avg, spec.alpha), (1 - spec.alpha) * grad * grad)
@@ -277,7 +299,7 @@ def rmsprop_update(param, grad, square_avg, momentum_buffer, grad_avg, spec: RMS
         avg = sqrt(square_avg)
     avg = add(avg, spec.eps)
     if spec.momentum:
-        momentum_buffer = add(mul(momentum_buffer, spec.momentum), grad / avg)
+        momentum_buffer = add(mul(momentum_buffer, momentum), grad / avg)
         return sub(param, lr * momentum_buffer), square_avg, momentum_buffer, grad_avg
     return sub(param, mul(grad / avg, lr)), square_avg, momentum_buffer, grad_avg
 
@@ -305,23 +327,28 @@ def adadelta_update(param, grad, square_avg, acc_delta, spec: Adadelta, lr, sqrt
     return sub(param, lr * delta), square_avg, acc_delta
 
 
-def optimizer_update(spec: Optimizer, param, grad, buffers: tuple, step, lr, sqrt, in_place: bool = False):
+def optimizer_update(
+    spec: Optimizer, param, grad, buffers: tuple, step, lr, sqrt, in_place: bool = False, momentum=None
+):
     """One step of ``spec``'s optimizer on one parameter, whatever its kind: ``buffers`` holds
     the spec's ``state_names`` buffers in that order (created by the caller from
     :func:`initial_buffer_value`, except SGD's momentum buffer: ``None`` before the first step);
-    ``step`` counts from 1. Returns ``(param, buffers)`` in the same order."""
+    ``step`` counts from 1; ``momentum`` is the live :func:`momentum` (``None``: the spec's).
+    Returns ``(param, buffers)`` in the same order."""
     # written for MindSpore's graph syntax too: no starred assignment, no dicts
     if isinstance(spec, SGD):
-        param, buf = sgd_update(param, grad, buffers[0] if buffers else None, spec, lr, in_place)
+        param, buf = sgd_update(param, grad, buffers[0] if buffers else None, spec, lr, in_place, momentum)
         return param, (buf,) if buffers else ()
     if isinstance(spec, Adam):
-        param, exp_avg, exp_avg_sq = adam_update(param, grad, buffers[0], buffers[1], step, spec, lr, sqrt, in_place)
+        param, exp_avg, exp_avg_sq = adam_update(
+            param, grad, buffers[0], buffers[1], step, spec, lr, sqrt, in_place, momentum
+        )
         return param, (exp_avg, exp_avg_sq)
     if isinstance(spec, RMSprop):
         momentum_buffer = buffers[1] if spec.momentum else None
         grad_avg = buffers[-1] if spec.centered else None
         param, square_avg, momentum_buffer, grad_avg = rmsprop_update(
-            param, grad, buffers[0], momentum_buffer, grad_avg, spec, lr, sqrt, in_place
+            param, grad, buffers[0], momentum_buffer, grad_avg, spec, lr, sqrt, in_place, momentum
         )
         return param, (square_avg,) + ((momentum_buffer,) if spec.momentum else ()) + (
             (grad_avg,) if spec.centered else ()

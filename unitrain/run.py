@@ -53,7 +53,7 @@ from .datasets import load_datasets
 from .layers import MODEL_PATTERN, model_from_name
 from .losses import LOSSES
 from .reading import Int, Nullable, Number, OneOf, Optional, Text, check_json, path_problem, read_capped, short
-from .schedules import LRSchedule, parse_schedule
+from .schedules import LRSchedule, parse_schedule, scheduled_optimizer
 from .weights import check_state, load_safetensors
 
 
@@ -170,6 +170,10 @@ class Run:
                 raise RunError(f"lr_schedule: {error}") from None
         _require(self.lr_schedule is None or isinstance(self.lr_schedule, LRSchedule), "lr_schedule",
                  self.lr_schedule, "a schedule like 'StepLR(step_size=1, gamma=0.7)'")  # fmt: skip
+        try:  # OneCycleLR cycling momentum needs an optimizer with momentum or betas (as PyTorch)
+            scheduled_optimizer(self.optimizer, self.lr_schedule)
+        except ValueError as error:
+            raise RunError(f"lr_schedule: {error}") from None
         for name in ("clip_grad_norm", "clip_grad_value"):
             value = getattr(self, name)
             _require(value is None or (_is_number(value) and value > 0), name, value, "a finite number > 0")

@@ -13,8 +13,11 @@ resumed run replays the schedule to it and continues with the uninterrupted run'
 ``eval``: the call's name must be one of :data:`SCHEDULES`, its arguments that class's, their
 values Python literals (``ast.literal_eval``) or, for ``SequentialLR``, schedule calls.
 
-``OneCycleLR(cycle_momentum=True)`` (PyTorch's default) also cycles the optimizer's momentum,
-which unitrain does not do; it must be given ``cycle_momentum=False``.
+``OneCycleLR(cycle_momentum=True)`` (PyTorch's default) also cycles the optimizer's momentum
+(SGD's and RMSprop's ``momentum``, Adam's and AdamW's ``betas[0]``) inversely to the lr:
+:attr:`Scheduler.momentum` is the value to train with now, and :func:`scheduled_optimizer` is
+the optimizer as PyTorch's OneCycleLR leaves it at construction (momentum at ``max_momentum``;
+one without either is refused, as PyTorch refuses it).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import math
 from bisect import bisect_right
 from dataclasses import dataclass
 from typing import ClassVar
+
+from . import optim
 
 
 def _number(name: str, value, low: float | None = None, high: float | None = None, *, above: bool = False):
@@ -44,6 +49,11 @@ def _integer(name: str, value, minimum: int) -> None:
 class LRSchedule:
     #: stepped after every optimizer step instead of after every epoch
     per_batch: ClassVar[bool] = False
+
+    @property
+    def cycles_momentum(self) -> bool:
+        """Whether the schedule also sets the optimizer's momentum (:attr:`Scheduler.momentum`)."""
+        return False
 
     def start(self, lr: float) -> Scheduler:
         """A scheduler for an optimizer whose lr is ``lr``, at position 0."""
@@ -138,13 +148,21 @@ class OneCycleLR(LRSchedule):
         _number("pct_start", self.pct_start, 0, 1)
         if self.anneal_strategy not in ("cos", "linear"):
             raise ValueError(f"anneal_strategy must be 'cos' or 'linear', got {self.anneal_strategy!r}")
-        if self.cycle_momentum is not False:
-            raise ValueError("cycle_momentum=True (cycling the optimizer's momentum) is not supported; "
-                             "pass cycle_momentum=False")  # fmt: skip
+        if not isinstance(self.cycle_momentum, bool):
+            raise ValueError(f"cycle_momentum must be True or False, got {self.cycle_momentum!r}")
         for name in ("base_momentum", "max_momentum", "div_factor", "final_div_factor"):
             _number(name, getattr(self, name), 0, above=name.endswith("factor"))
+        for name in ("base_momentum", "max_momentum") if self.cycle_momentum else ():
+            # the momentum (or beta1) it sets: unitrain's optimizers take [0, 1); at 0 PyTorch's SGD and
+            # RMSprop skip their momentum buffer for that step, which a compiled step cannot follow
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in (0, 1) with cycle_momentum=True, got {getattr(self, name)!r}")
         if not isinstance(self.three_phase, bool):
             raise ValueError(f"three_phase must be True or False, got {self.three_phase!r}")
+
+    @property
+    def cycles_momentum(self) -> bool:
+        return self.cycle_momentum
 
     @property
     def steps(self) -> int:
@@ -178,15 +196,31 @@ SCHEDULES = {cls.__name__: cls for cls in (StepLR, MultiStepLR, ExponentialLR, C
                                            OneCycleLR, SequentialLR)}  # fmt: skip
 
 
+def scheduled_optimizer(optimizer: optim.Optimizer, schedule: LRSchedule | None) -> optim.Optimizer:
+    """The optimizer as ``schedule`` leaves it at construction, whose structure (which buffers,
+    :attr:`~unitrain.optim.Optimizer.state_names`) the updates follow: ``optimizer`` itself, but with
+    its momentum (Adam's ``betas[0]``) at ``max_momentum`` under a schedule that cycles it, as
+    PyTorch's OneCycleLR sets it (so SGD or RMSprop without momentum gets a momentum buffer).
+    ValueError, as PyTorch, for an optimizer without ``momentum`` or ``betas``."""
+    if schedule is None or not schedule.cycles_momentum:
+        return optimizer
+    if optim.momentum(optimizer) is None:
+        raise ValueError(f"{type(schedule).__name__} with cycle_momentum=True (PyTorch's default) cycles the "
+                         f"optimizer's momentum, which {type(optimizer).__name__} does not have (SGD, RMSprop, Adam "
+                         "and AdamW do); pass cycle_momentum=False")  # fmt: skip
+    return optim.with_momentum(optimizer, schedule.max_momentum)
+
+
 # --- PyTorch's bookkeeping ----------------------------------------------------------------------
 
 
 class _Group:
     """An optimizer's param_group as the schedulers see it: the lr they share and ``initial_lr``
-    (plus OneCycleLR's ``max_lr`` and ``min_lr``)."""
+    (plus OneCycleLR's ``max_lr`` and ``min_lr``; cycling momentum, ``momentum`` and its bounds)."""
 
     def __init__(self, lr: float):
         self.lr, self.initial_lr = lr, None
+        self.momentum = self.base_momentum = self.max_momentum = None
 
 
 def _running(spec: LRSchedule, group: _Group):
@@ -202,6 +236,9 @@ class _Running:
         if isinstance(spec, OneCycleLR):
             group.initial_lr = spec.max_lr / spec.div_factor
             group.max_lr, group.min_lr = spec.max_lr, group.initial_lr / spec.final_div_factor
+            if spec.cycle_momentum:  # PyTorch sets the optimizer's momentum to max_momentum first
+                group.momentum = group.max_momentum = spec.max_momentum
+                group.base_momentum = spec.base_momentum
         elif group.initial_lr is None:
             group.initial_lr = group.lr
         self.base_lr = group.initial_lr
@@ -267,29 +304,41 @@ class _Running:
         return self._one_cycle()
 
     def _one_cycle(self) -> float:
+        """OneCycleLR's ``get_lr``: the lr of step ``last_epoch`` and, when it cycles momentum, the
+        momentum it sets on the group as it goes (both from the same phase and fraction of it)."""
         spec, group, step = self.spec, self.group, self.last_epoch
         total = spec.steps
         if step > total:
             raise ValueError(f"OneCycleLR stepped {step} times, past its total_steps {total}")
+        low, high = group.base_momentum, group.max_momentum
         ends = [float(spec.pct_start * total) - 1]
         lrs = [(group.initial_lr, group.max_lr)]
+        momenta = [(high, low)]
         if spec.three_phase:
             ends.append(float(2 * spec.pct_start * total) - 2)
-            lrs.append((group.max_lr, group.initial_lr))
-            lrs.append((group.initial_lr, group.min_lr))
+            lrs += [(group.max_lr, group.initial_lr), (group.initial_lr, group.min_lr)]
+            momenta += [(low, high), (high, high)]
         else:
             lrs.append((group.max_lr, group.min_lr))
+            momenta.append((low, high))
         ends.append(total - 1)
         start_step = 0.0
         for i, end_step in enumerate(ends):
             if step <= end_step or i == len(ends) - 1:
                 pct = (step - start_step) / (end_step - start_step)
-                start, end = lrs[i]
-                if spec.anneal_strategy == "cos":
-                    return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
-                return (end - start) * pct + start
+                if spec.cycle_momentum:
+                    group.momentum = _anneal(spec.anneal_strategy, *momenta[i], pct)
+                return _anneal(spec.anneal_strategy, *lrs[i], pct)
             start_step = end_step
         raise AssertionError("unreachable: the last phase always matches")
+
+
+def _anneal(strategy: str, start: float, end: float, pct: float) -> float:
+    """OneCycleLR's ``_annealing_cos`` / ``_annealing_linear``: from ``start`` to ``end`` as ``pct``
+    goes from 0 to 1."""
+    if strategy == "cos":
+        return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
+    return (end - start) * pct + start
 
 
 class _Sequence:
@@ -327,7 +376,8 @@ class _Sequence:
 
 class Scheduler:
     """A schedule running from an optimizer's initial lr: :attr:`lr` is the lr to train with
-    now, :meth:`step` advances it, :attr:`position` counts the steps taken."""
+    now (:attr:`momentum` too, where the schedule cycles it), :meth:`step` advances it,
+    :attr:`position` counts the steps taken."""
 
     def __init__(self, spec: LRSchedule, lr: float):
         self.spec, self.initial_lr = spec, lr
@@ -341,6 +391,11 @@ class Scheduler:
     @property
     def lr(self) -> float:
         return self._group.lr
+
+    @property
+    def momentum(self) -> float | None:
+        """The optimizer's momentum (Adam's ``betas[0]``) now; ``None`` unless the schedule cycles it."""
+        return self._group.momentum
 
     def step(self) -> float:
         self._root.step()
