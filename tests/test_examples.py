@@ -2,7 +2,10 @@
 
 import ast
 import importlib.util
+import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -195,3 +198,20 @@ def test_each_recipe_is_listed_loads_and_trains(name, monkeypatch):
     loop = run.make_loop("numpy")
     history = loop.fit(train.subset(np.arange(3 * run.batch_size)), **{**run.fit_options(), "epochs": 1})
     assert loop.step_count == 3 and np.isfinite(history[0]["train_loss"])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif("torch" not in installed_backends(), reason="PyTorch is not installed")
+def test_pytorch_official_mnist_example_as_a_recipe_reaches_its_first_epoch_accuracy(tmp_path):
+    """pytorch/examples' mnist/main.py reaches 98-99 % test accuracy after its first epoch; its
+    recipe, trained by unitrain on the torch backend, does too."""
+    recipe = EXAMPLES / "recipes" / "pytorch_mnist.toml"
+    metrics = tmp_path / "metrics.jsonl"
+    result = subprocess.run(
+        [sys.executable, "-m", "unitrain", "train", str(recipe), "--backend", "torch", "--epochs", "1",
+         "--no-progress", "--metrics", str(metrics)],
+        cwd=EXAMPLES.parent, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (record,) = map(json.loads, metrics.read_text().splitlines())
+    assert record["test_accuracy"] >= 0.98 and record["lr"] == 1.0
