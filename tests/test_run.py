@@ -86,6 +86,7 @@ def test_replace_changes_fields_and_data_fields():
         ("[data]\nresize = [32]", "field 'data.resize': expected a list of 2"),
         ("[data]\nnormalize = {mean = [0.5], std = [0.0]}", "data.normalize: expected stds > 0"),
         ("[data]\nnormalize = {mean = [0.5, 0.5], std = [0.2]}", "data.normalize: expected as many finite means"),
+        ("[data]\nnormalize = {mean = ['0.5'], std = [0.2]}", "data.normalize: expected as many finite means"),
         ("epochs = ", "is not valid TOML"),
         ("data = 3", "field 'data': expected an object, got 3"),
     ],
@@ -234,6 +235,10 @@ def test_the_checkpoint_records_the_run_and_a_resume_with_transforms_follows_the
         (["--pad", "-1"], "argument --pad: must be >= 0, got -1"),
         (["--resize", "20x20"], "model mlp does not take mnist's 1x20x20 samples"),
         (["--optimizer", "adagrad", "--nesterov"], "--nesterov does not apply to --optimizer adagrad"),
+        (["--normalize", "0.5,0.5/0.2,0.2"], "mnist is grayscale: its normalisation takes one mean and one std, got 2"),
+        (["--resize", "5000x5000"], "data: resize 5000x5000 make 70000 samples of 1x5000x5000, 6519.3 GiB of float32"),
+        (["--pad", "100000"], "data: pad 100000 make 70000 samples of 1x200028x200028"),
+        (["--random-crop-padding", "29"], "data.random_crop_padding 29 is more than the 28x28 samples' size"),
     ],
 )
 def test_bad_run_flags_are_one_line_before_training(tmp_path, args, message):

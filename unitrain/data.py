@@ -307,6 +307,9 @@ def load_packaged(name: str, split: str = "train", data_dir: str | Path | None =
     (10,000). ``data_dir`` reads the original IDX files (gzipped or raw) from elsewhere; by
     default the copy inside the package is used. ``verify`` checks the files' sha256 against
     the originals'."""
+    if normalization is not None and len(normalization.mean) != 1:
+        raise DataError(f"{name} is grayscale: its normalisation takes one mean and one std, got "
+                        f"{len(normalization.mean)}")  # fmt: skip
     images, labels = packaged_arrays(name, split, data_dir, verify=verify)
     normalization = normalization or PACKAGED[name].normalization()
     return ArrayDataset(normalization(images), labels.astype(np.int64), normalization, PACKAGED[name].classes)

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from . import optim, registry
-from .data import PACKAGED, DataError
+from .data import MAX_DATA_BYTES, PACKAGED, DataError
 from .datasets import load_datasets
 from .layers import MODEL_PATTERN, model_from_name
 from .losses import LOSSES
@@ -63,6 +63,8 @@ class RunError(ValueError):
 
 #: a recipe is a few hundred bytes; anything far larger is not one (and is not read whole)
 MAX_RECIPE_BYTES = 1 << 20
+#: resized and padded samples, float32, at most: four times the raw bytes a dataset may have
+MAX_TRANSFORMED_BYTES = 4 * MAX_DATA_BYTES
 
 
 @dataclass(frozen=True)
@@ -101,14 +103,14 @@ class DataSpec:
                      self.resize, "[height, width], each an integer >= 1")  # fmt: skip
         if self.normalize is not None:
             try:
-                mean, std = (tuple(float(v) for v in values) for values in self.normalize)
+                mean, std = (tuple(values) for values in self.normalize)
             except (TypeError, ValueError):
                 raise RunError(f"data.normalize: expected (mean, std), one number each per channel, got "
                                f"{short(self.normalize)}") from None  # fmt: skip
-            _require(len(mean) == len(std) >= 1 and all(map(math.isfinite, mean)), "data.normalize", self.normalize,
-                     "as many finite means as stds")  # fmt: skip
-            _require(all(math.isfinite(s) and s > 0 for s in std), "data.normalize", self.normalize, "stds > 0")
-            object.__setattr__(self, "normalize", (mean, std))
+            _require(len(mean) == len(std) >= 1 and all(map(_is_number, mean + std)), "data.normalize",
+                     self.normalize, "as many finite means as stds")  # fmt: skip
+            _require(all(s > 0 for s in std), "data.normalize", self.normalize, "stds > 0")
+            object.__setattr__(self, "normalize", (tuple(map(float, mean)), tuple(map(float, std))))
 
     def to_dict(self) -> dict[str, Any]:
         normalize = None if self.normalize is None else dict(mean=list(self.normalize[0]), std=list(self.normalize[1]))
@@ -268,6 +270,7 @@ class Run:
         if spec.data_dir is not None and spec.dataset not in PACKAGED:
             raise RunError(f"data.data_dir is for {' or '.join(PACKAGED)}, not for the dataset {spec.dataset}")
         train, test = load_datasets(spec.dataset, data_dir=spec.data_dir, normalization=spec.normalize)
+        self._check_transformed_size(train, test)
         train, test = spec.static_transforms(train), spec.static_transforms(test)
         output = self._output_shape(train.x.shape[1:], train.classes)
         if not LOSSES[self.loss].class_targets:  # an elementwise loss compares the outputs with one-hot labels
@@ -283,6 +286,24 @@ class Run:
         if spec.random_crop_padding or spec.random_horizontal_flip:  # training batches only, not validation's
             train = train.augmented(spec.random_crop_padding, spec.random_horizontal_flip)
         return train, val, test
+
+    def _check_transformed_size(self, train, test) -> None:
+        """Resizing and padding may not grow the data beyond :data:`MAX_TRANSFORMED_BYTES`, nor
+        the random crop pad a sample by more than its size (bounded memory whatever the flags)."""
+        spec, (channels, height, width) = self.data, train.x.shape[1:]
+        if spec.resize is not None:
+            height, width = spec.resize
+        height, width = height + 2 * spec.pad, width + 2 * spec.pad
+        size = (len(train) + len(test)) * channels * height * width * 4
+        if size > MAX_TRANSFORMED_BYTES:
+            transforms = [*([f"resize {'x'.join(map(str, spec.resize))}"] if spec.resize else []),
+                          *([f"pad {spec.pad}"] if spec.pad else [])]  # fmt: skip
+            raise DataError(f"data: {' and '.join(transforms)} make {len(train) + len(test)} samples of "
+                            f"{channels}x{height}x{width}, {size / 2**30:.1f} GiB of float32; expected at most "
+                            f"{MAX_TRANSFORMED_BYTES // 2**30} GiB")  # fmt: skip
+        if spec.random_crop_padding > max(height, width):
+            raise DataError(f"data.random_crop_padding {spec.random_crop_padding} is more than the "
+                            f"{height}x{width} samples' size; expected at most {max(height, width)}")  # fmt: skip
 
     def _output_shape(self, sample_shape: tuple[int, ...], classes: tuple[str, ...] | None) -> tuple[int, ...]:
         try:
