@@ -21,6 +21,7 @@ import numpy as np
 from . import distributed, files, plot, registry
 from .checkpoint import WEIGHTS, Checkpointer, Diverged, Interrupted, checkpoint_paths, load_checkpoint, stop_on_signals
 from .data import PACKAGED, DataError
+from .extensions import EpochReport, MetricsWriter, ProgressBar
 from .layers import PRESETS, model_from_name
 from .loop import InputError
 from .losses import LOSSES
@@ -854,79 +855,6 @@ def _check_checkpoint_dir(args, resume) -> None:
             pass
     except OSError as error:
         raise UsageError(f"--checkpoint-dir {directory} is not writable: {error.strerror}") from None
-
-
-class EpochReport:
-    """One line per epoch: train loss (and accuracy), validation and test accuracy and average
-    loss, samples/s."""
-
-    def __init__(self, epochs: int, prefix: str = ""):
-        self.epochs, self.prefix = epochs, prefix
-
-    def on_epoch_end(self, loop, record):
-        parts = [f"{self.prefix}epoch {record['epoch']}/{self.epochs}", f"train loss {record['train_loss']:.4f}"]
-        if "train_accuracy" in record:
-            parts.append(f"train accuracy {100 * record['train_accuracy']:.2f}%")
-        for name in ("val", "test"):
-            if f"{name}_loss" in record:
-                if math.isfinite(accuracy := record[f"{name}_accuracy"]):  # NaN: targets that are not classes
-                    parts.append(f"{name} accuracy {100 * accuracy:.2f}%")
-                parts.append(f"{name} loss {record[f'{name}_loss']:.4f}")
-        parts.append(f"lr {record['lr']:.4g}")
-        print("  ".join([*parts, f"{record['samples_per_sec']:.0f} samples/s"]), flush=True)
-
-
-class ProgressBar:
-    """tqdm's progress bar on stderr while an epoch runs, removed at the epoch's end (where
-    :class:`EpochReport` prints its line). Reads the loss, a host sync, at most every ``interval``
-    seconds."""
-
-    interval = 0.2
-
-    def on_fit_start(self, loop, plan):
-        self.total, self.bar = plan["steps_per_epoch"], None
-
-    def on_epoch_start(self, loop, epoch):
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=self.total, desc=f"epoch {epoch + 1}", unit="step", leave=False, file=sys.stderr,
-                        mininterval=self.interval, dynamic_ncols=True)  # fmt: skip
-        self.loss_read = 0.0
-
-    def on_step_end(self, loop, index, loss):
-        now = time.monotonic()
-        if now - self.loss_read >= self.interval:
-            self.loss_read = now
-            self.bar.set_postfix_str(f"loss {loop.to_float(loss):.4f}", refresh=False)
-        self.bar.update(index + 1 - self.bar.n)  # a resumed epoch starts at its batch, not at 0
-
-    def on_epoch_end(self, loop, record):
-        self.bar.close()
-
-    def finalize(self, loop):
-        if self.bar is not None:
-            self.bar.close()
-
-
-class MetricsWriter:
-    """JSON Lines, one object per epoch, flushed as each epoch ends. Written where asked, or beside
-    it when something appeared there since start-up (``path`` says where, see
-    :func:`files.create_output`)."""
-
-    def __init__(self, path: Path, fields: dict, overwrite: bool = False):
-        self.file, self.path = files.create_output(path, overwrite=overwrite)
-        self.fields = fields
-
-    def on_epoch_end(self, loop, record):
-        with files.naming(self.path):
-            # an accuracy is NaN where the targets are not classes (--loss mse ...): left out, as JSON has no NaN
-            known = {key: value for key, value in record.items() if not (key.endswith("_accuracy") and value != value)}
-            self.file.write(json.dumps({**self.fields, **known}) + "\n")
-            self.file.flush()
-
-    def finalize(self, loop):
-        with files.naming(self.path):
-            self.file.close()
 
 
 # --- unitrain plot -----------------------------------------------------------------------
