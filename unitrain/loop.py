@@ -497,7 +497,8 @@ class TrainingLoop(ABC):
         if stop > start:  # a last batch smaller than the world leaves some ranks without rows
             self._check_batch_statistics(x[start:stop])
             loss, pred = self._loss_and_gradients(x[start:stop], y[start:stop])
-            local_loss = self.to_float(loss)  # this sync is the step's only one, the count rides on it
+            # read after the loss's sync and summed in the loss's allreduce: no sync or collective of its own
+            local_loss = self.to_float(loss)
             correct = self._count_correct(pred, y[start:stop]) if self._class_indices(y) else None
             local_correct = math.nan if correct is None else self.to_float(correct)  # NaN: not counted, on every rank
         else:
