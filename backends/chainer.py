@@ -542,8 +542,12 @@ class ChainerLoop(TrainingLoop):
         self.optimizer.momentum = momentum
 
     def _step_correct(self, y):
-        xp = chainer.backend.get_array_module(self._step_pred)
-        return (self._step_pred.argmax(axis=1) == xp.asarray(y)).sum()
+        return self._count_correct(self._step_pred, y)
+
+    def _count_correct(self, pred, y):
+        pred = getattr(pred, "array", pred)  # _loss_and_gradients's are Variables
+        xp = chainer.backend.get_array_module(pred)
+        return (pred.argmax(axis=1) == xp.asarray(y)).sum()
 
     @staticmethod
     def to_numpy(value):

@@ -505,6 +505,12 @@ class MindSporeLoop(TrainingLoop):
             apply_update(gradients, t, first, lr, momentum)
             return value, pred
 
+        def loss_and_gradients(x, y, masks):  # one forward pass, where backward runs a second one
+            (value, pred), gradients = value_pred_and_grad(x, y, masks)
+            for buf, grad in zip(grads, gradients):  # noqa: B905
+                ops.assign(buf, grad)
+            return value, pred
+
         def backward(x, y, masks):
             value, gradients = value_and_grad(x, y, masks)
             for buf, grad in zip(grads, gradients):  # noqa: B905
@@ -528,7 +534,7 @@ class MindSporeLoop(TrainingLoop):
             correct = (pred.argmax(1) == y).sum() if y.dtype == ms.int32 else 0  # class indices only
             return sum_loss(pred, y), correct
 
-        functions = (forward, loss, step, backward, update, zero_grad, evaluate)
+        functions = (forward, loss, step, loss_and_gradients, backward, update, zero_grad, evaluate)
         return SimpleNamespace(**{fn.__name__: ms.jit(fn) if self.compiled else fn for fn in functions})
 
     # --- conversions --------------------------------------------------------------------
@@ -614,8 +620,16 @@ class MindSporeLoop(TrainingLoop):
         self._opt_ready = True
         return loss
 
+    def _loss_and_gradients(self, x, y):
+        return self._fn.loss_and_gradients(self._x(x), self._y(y), self._masks(x))
+
     def _step_correct(self, y):
         return (self._step_pred.argmax(1) == self._y(y)).sum()
+
+    def _count_correct(self, pred, y):
+        # On the host: the data-parallel step has synced for its loss already, and three eager
+        # (PyNative) ops cost more than the fused graph itself (3.5 ms against 4.4 ms, the MLP at 32 rows).
+        return int((pred.asnumpy().argmax(1) == y).sum())
 
     @staticmethod
     def to_numpy(value):

@@ -926,7 +926,10 @@ class NumpyLoop(TrainingLoop):
         return loss.value
 
     def _step_correct(self, y):
-        return int((self._step_pred.argmax(1) == y).sum())
+        return self._count_correct(self._step_pred, y)
+
+    def _count_correct(self, pred, y):
+        return int((pred.argmax(1) == y).sum())
 
     def _predict(self, x):
         return self._run(x, record=False)

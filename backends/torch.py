@@ -253,7 +253,10 @@ class TorchLoop(TrainingLoop):
         return loss.detach()
 
     def _step_correct(self, y: np.ndarray) -> torch.Tensor:
-        return (self._step_pred.argmax(1) == self._tensor(y)).sum()
+        return self._count_correct(self._step_pred, y)
+
+    def _count_correct(self, pred: torch.Tensor, y: np.ndarray) -> torch.Tensor:
+        return (pred.detach().argmax(1) == self._tensor(y)).sum()
 
     @staticmethod
     def to_numpy(value) -> np.ndarray:

@@ -732,6 +732,34 @@ def check_tutorial_sequence_equals_step(adapter):
 
 
 @check()
+def check_loss_and_gradients_in_one_pass(adapter):
+    """The data-parallel step's ``_loss_and_gradients(x, y)`` gives the loss, predictions and
+    gradients of zero_grad, forward, loss, backward (replacing earlier gradients), and leaves the
+    same state: BatchNorm's running statistics updated once, the same Dropout masks drawn."""
+    models = [("a dense", dense_model(), (3, 4)), ("a BatchNorm/Dropout", _mode_model(adapter), (6,))]
+    for what, model, shape in models:
+        state = state_of(model)
+        fused, parts = loaded(adapter, model, state), loaded(adapter, model, state)
+        for loop in (fused, parts):  # gradients to be replaced
+            tutorial_gradients(loop, inputs(shape, seed=1), labels(seed=1))
+        x, y = inputs(shape), labels()
+        loss, pred = fused._loss_and_gradients(x, y)
+        parts.zero_grad()
+        expected_pred = parts.forward(x)
+        expected_loss = parts.loss(expected_pred, y)
+        parts.backward(expected_loss)
+        size = 8 * DENSE_FAN_IN  # the widest sum: a weight's gradient over the 8 samples' fan-ins
+        compare(f"{what} model, _loss_and_gradients vs. the tutorial sequence: loss", fused.to_float(loss),
+                parts.to_float(expected_loss), dtype=fused.dtype, size=size)  # fmt: skip
+        compare(f"{what} model, _loss_and_gradients vs. the tutorial sequence: predictions", fused.to_numpy(pred),
+                parts.to_numpy(expected_pred), dtype=fused.dtype, size=size)  # fmt: skip
+        compare_states(f"{what} model, _loss_and_gradients vs. the tutorial sequence: gradient", fused.gradients(),
+                       parts.gradients(), dtype=fused.dtype, size=size)  # fmt: skip
+        compare_states(f"{what} model, _loss_and_gradients vs. the tutorial sequence: state", fused.state_dict(),
+                       parts.state_dict(), dtype=fused.dtype, size=size)  # fmt: skip
+
+
+@check()
 def check_step_follows_state_changes(adapter):
     """step() follows what changed since the last step (a compiled step must not keep stale copies):
     after load_state_dict and load_optimizer_state_dict with fresh optimizer state, and across a

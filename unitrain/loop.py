@@ -114,8 +114,10 @@ seed, or loads the same weights) and calls ``step``/``fit`` with the same *globa
 and in the order one process would use, and the engine sums each rank's gradients weighted by its
 share of the batch, so every rank applies the gradients of the whole global batch: the run equals
 a one-process run on the global batch to float32 rounding of that sum. ``step`` returns the loss
-of the global batch on every rank. The tutorial-shaped step stays per rank: each rank feeds its
-own rows, and ``update`` averages the accumulated gradients across ranks with equal weights.
+of the global batch on every rank, and ``fit``'s ``train_accuracy`` counts the whole global batch
+(each rank counts its rows' training predictions: the sum rides on the loss's allreduce). The
+tutorial-shaped step stays per rank: each rank feeds its own rows, and ``update`` averages the
+accumulated gradients across ranks with equal weights.
 BatchNorm normalises each replica's shard with its own statistics (per-replica, not synchronised:
 its running statistics are rank 0's in checkpoints). Dropout masks come from a stream per rank,
 from ``(seed, rank)`` (rank 0's is the one-process stream): distinct and reproducible; a resumed
@@ -231,6 +233,8 @@ class TrainingLoop(ABC):
         #: per channel and sample as (path, count), or None)
         self._shape_facts: dict[tuple[int, ...], tuple[tuple[int, ...], tuple[str, int] | None]] = {}
         self._forward_shape: tuple[int, ...] | None = None
+        #: the last data-parallel step's correct predictions, summed over ranks; None if not counted
+        self._shard_correct: float | None = None
         if isinstance(model, Container):
             self.model_spec: Container | None = model
             self._build(model)
@@ -294,6 +298,17 @@ class TrainingLoop(ABC):
     @abstractmethod
     def _step(self, x: np.ndarray, y: np.ndarray) -> Any:
         """The whole step; returns the pre-update loss as a native scalar (no host sync)."""
+
+    def _loss_and_gradients(self, x: np.ndarray, y: np.ndarray) -> tuple[Any, Any]:
+        """The gradients of the loss on ``(x, y)`` replace the accumulated ones (no update), from
+        one forward pass; returns the native loss and predictions. A data-parallel step uses it
+        between its allreduces. The default composes the tutorial hooks; an adapter whose
+        ``_backward`` runs the forward pass again (MindSpore's) does it in one pass."""
+        self._zero_grad()
+        pred = self._forward(x)
+        loss = self._loss(pred, y)
+        self._backward(loss)
+        return loss, pred
 
     @abstractmethod
     def _predict(self, x: np.ndarray) -> np.ndarray:
@@ -360,6 +375,13 @@ class TrainingLoop(ABC):
         ``y`` (that step's targets), as a native scalar (no host sync), computed from the forward
         pass the step already made; ``None`` if the adapter does not keep it (then epoch records
         have no ``train_accuracy``)."""
+        return None
+
+    def _count_correct(self, pred: Any, y: np.ndarray) -> Any:
+        """How many rows of native predictions ``pred`` (as ``_loss_and_gradients`` returns them)
+        ``argmax`` to the class indices ``y``: a native scalar, or a Python int where that is cheaper
+        (the data-parallel step reads it right after the loss, which has synced); ``None`` if the
+        adapter does not count (then data-parallel epoch records have no ``train_accuracy``)."""
         return None
 
     @classmethod
@@ -454,27 +476,37 @@ class TrainingLoop(ABC):
         scalar: ``float(...)`` or :meth:`to_float` reads it)."""
         x, y = self._check_batch(batch)
         if self.world_size > 1:
-            loss = self._shard_step(x, y)
+            loss, self._shard_correct = self._shard_step(x, y)
         else:
             self._check_batch_statistics(x)
             loss = self._step(x, y)
         self.step_count += 1
         return loss
 
-    def _shard_step(self, x: np.ndarray, y: np.ndarray) -> float:
-        """This rank's rows of a global batch; returns the global batch's loss (see the module docstring)."""
+    def _class_indices(self, y: np.ndarray) -> bool:
+        """Whether checked targets ``y`` are class indices (then a step counts its correct predictions)."""
+        return self.loss_spec.class_targets and y.dtype.kind in "iu"
+
+    def _shard_step(self, x: np.ndarray, y: np.ndarray) -> tuple[float, float | None]:
+        """This rank's rows of a global batch; returns the global batch's loss and its number of
+        correct training predictions (``None`` if not counted), summed over the ranks in one
+        allreduce (see the module docstring)."""
         start, stop = shard(len(x), self.rank, self.world_size)
         weight = (stop - start) / len(x)
-        self._zero_grad()
-        local = 0.0
+        local_loss = local_correct = 0.0
         if stop > start:  # a last batch smaller than the world leaves some ranks without rows
             self._check_batch_statistics(x[start:stop])
-            loss = self._loss(self._forward(x[start:stop]), y[start:stop])
-            self._backward(loss)
-            local = self.to_float(loss)
+            loss, pred = self._loss_and_gradients(x[start:stop], y[start:stop])
+            # read after the loss's sync and summed in the loss's allreduce: no sync or collective of its own
+            local_loss = self.to_float(loss)
+            correct = self._count_correct(pred, y[start:stop]) if self._class_indices(y) else None
+            local_correct = math.nan if correct is None else self.to_float(correct)  # NaN: not counted, on every rank
+        else:
+            self._zero_grad()
         self._reduce_gradients(weight)
         self._update()
-        return float(self._all_sum(np.array([weight * local]))[0])
+        total_loss, total_correct = self._all_sum(np.array([weight * local_loss, local_correct]))
+        return float(total_loss), None if math.isnan(total_correct) else float(total_correct)
 
     def any_rank(self, flag: bool) -> bool:
         """Whether ``flag`` is true on any rank (every rank must call it at the same point)."""
@@ -544,7 +576,8 @@ class TrainingLoop(ABC):
         backend. Returns one record per epoch: ``epoch``, ``steps``, ``train_loss`` (mean of the
         epoch's step losses), ``lr`` (the lr of the epoch's first step), ``samples_per_sec``; with
         integer class targets ``train_accuracy`` (of the training forward passes, in training mode,
-        as the weights moved: no extra pass; absent if the adapter's ``_step_correct`` is ``None``);
+        as the weights moved: no extra pass; absent if the adapter's ``_step_correct`` is ``None``;
+        data parallel: the ranks' counts summed, as one process would count);
         with ``val_data`` (a validation split) ``val_loss`` / ``val_accuracy``; with ``eval_data``
         ``test_loss`` / ``test_accuracy`` (both from :meth:`evaluate` after the epoch). The
         ``lr_schedule`` steps after each step (per-batch schedules) or after each epoch that ran all
@@ -573,10 +606,7 @@ class TrainingLoop(ABC):
         self._check_schedule_length(
             epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
         )
-        # a data-parallel step keeps only its rank's rows: train accuracy is a one-process record
-        count_correct = (
-            self.world_size == 1 and self.loss_spec.class_targets and np.asarray(train_data.y).dtype.kind in "iu"
-        )
+        count_correct = self._class_indices(np.asarray(train_data.y))
         _call(extensions, "on_fit_start", self, {"epochs": epochs, "steps_per_epoch": steps_per_epoch})
         history = []
         try:
@@ -594,7 +624,7 @@ class TrainingLoop(ABC):
                     loss = self.step((x, y))
                     losses.append(loss)
                     if count_correct:
-                        corrects.append(self._step_correct(y))
+                        corrects.append(self._shard_correct if self.world_size > 1 else self._step_correct(y))
                     seen += len(x)
                     if self._scheduler is not None and self.lr_schedule.per_batch:
                         self._step_schedule()
