@@ -265,7 +265,7 @@ def test_cli_trains_on_an_npz_with_a_validation_split(tmp_path, capsys):
     [
         (["--dataset", "no/such.npz"], "error: dataset no/such.npz does not exist; expected mnist or fashion-mnist"),
         (["--dataset", "fashion-mnist", "--val-split", "60000"], "data.val_split 60000 leaves no training data"),
-        (["--dataset", "{npz}", "--data-dir", "{dir}"], "data.data_dir is for mnist or fashion-mnist, not for"),
+        (["--dataset", "{npz}", "--data-dir", "{dir}"], "a data directory is for mnist or fashion-mnist, not for"),
         (["--dataset", "{colour}"], "model mlp does not take {colour}'s 3x32x32 samples"),
         (["--dataset", "{keys}"], "holds the arrays ['x_train', 'y_train']; expected exactly x_train, y_train, x_test"),
         (["--dataset", "{many}"], "expected one score per class; {many} has 12 classes"),

@@ -252,11 +252,7 @@ def test_compare_takes_a_recipe_and_records_it(tmp_path):
     result = cli("compare", "run.toml", "--backends", "numpy,numpy", cwd=tmp_path)
     assert result.returncode == 2 and "two or more different backends" in result.stderr
     printed = cli("compare", "run.toml", "--lr", "0.1", "--print-recipe", cwd=tmp_path)
-    assert load_recipe_text(printed.stdout).optimizer == unitrain.SGD(lr=0.1)
-
-
-def load_recipe_text(text: str) -> Run:
-    return Run.from_dict(tomllib.loads(text))
+    assert Run.from_dict(tomllib.loads(printed.stdout)).optimizer == unitrain.SGD(lr=0.1)
 
 
 def test_evaluate_and_predict_take_the_runs_model_and_transforms_from_its_recipe(tmp_path):

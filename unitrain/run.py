@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 
 from . import optim, registry
-from .data import MAX_DATA_BYTES, PACKAGED, DataError
+from .data import MAX_DATA_BYTES, DataError
 from .datasets import load_datasets
 from .layers import MODEL_PATTERN, model_from_name
 from .losses import LOSSES
@@ -267,8 +267,6 @@ class Run:
         spec = self.data
         if spec.data_dir is not None and (problem := path_problem(spec.data_dir, "a directory")):
             raise RunError(f"data.data_dir {spec.data_dir} {problem}")
-        if spec.data_dir is not None and spec.dataset not in PACKAGED:
-            raise RunError(f"data.data_dir is for {' or '.join(PACKAGED)}, not for the dataset {spec.dataset}")
         train, test = load_datasets(spec.dataset, data_dir=spec.data_dir, normalization=spec.normalize)
         self._check_transformed_size(train, test)
         train, test = spec.static_transforms(train), spec.static_transforms(test)
