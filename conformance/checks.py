@@ -1084,7 +1084,7 @@ def check_bad_input(adapter):
         fail(f"rejected batches changed step_count to {loop.step_count}")
 
 
-# --- 20-26. graphs with branches, the layers and losses of issue 8, the user's own loss ---------------
+# --- 20-26. graphs with branches, the layers and losses beyond a stack, the user's own loss -----
 
 
 def _longest_sum(model, input_shape, n: int) -> int:

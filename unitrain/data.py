@@ -47,7 +47,7 @@ MAX_DATA_BYTES = 1 << 30
 
 @dataclass(frozen=True)
 class PackagedDataset:
-    """A dataset shipped in ``unitrain/data/<name>/`` as gzipped IDX files with MNIST's names."""
+    """A dataset shipped in ``unitrain/datafiles/<name>/`` as gzipped IDX files with MNIST's names."""
 
     name: str
     title: str
@@ -58,7 +58,7 @@ class PackagedDataset:
     classes: tuple[str, ...]
 
     def directory(self) -> Path:
-        return Path(str(resources.files("unitrain") / "data" / self.name))
+        return Path(str(resources.files("unitrain") / "datafiles" / self.name))
 
     def normalization(self) -> Normalization:
         return Normalization((self.mean,), (self.std,), f"{self.title} training set")
