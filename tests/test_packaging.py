@@ -35,7 +35,7 @@ def test_wheel_contains_every_backend_the_suite_and_the_datasets(wheel):
     assert not any(name.startswith(("tests/", "backends/", "conformance/")) for name in names)
     metadata = next(n for n in names if n.endswith("METADATA"))
     text = zipfile.ZipFile(wheel).read(metadata).decode()
-    for extra in ("torch", "mindspore", "chainer", "distributed", "all", "test"):
+    for extra in ("torch", "mindspore", "chainer", "distributed", "tensorboard", "all", "test", "docs"):
         assert f"Provides-Extra: {extra}" in text
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "unitrain = unitrain.__main__:main" in entry_points

@@ -84,3 +84,52 @@ class MetricsWriter:
     def finalize(self, loop):
         with files.naming(self.path):
             self.file.close()
+
+
+def require_tensorboard(flag: str) -> None:
+    """Fail before a run, not after its first step, when tensorboardX is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboardX") is None:
+        raise files.OutputError(f"{flag} needs tensorboardX: pip install 'unitrain[tensorboard]'")
+
+
+class TensorBoardWriter:
+    """TensorBoard event files in ``log_dir`` (created if missing; event files get names of their
+    own, so nothing there is replaced), written with tensorboardX's ``SummaryWriter``:
+
+    - every step: ``step/loss`` and ``step/lr`` (the lr that step used), at the loop's optimizer
+      step count, so a resumed run continues its curves;
+    - every epoch: each number of :meth:`~unitrain.TrainingLoop.fit`'s record as ``epoch/<key>``
+      (``epoch/train_loss``, ``epoch/train_accuracy``, ``epoch/test_accuracy``, ``epoch/lr``,
+      ``epoch/samples_per_sec``, ...), at the epoch number.
+
+    Reading each step's loss is one host sync per step. ``tensorboard --logdir DIR`` shows them;
+    ``unitrain train --tensorboard DIR`` and ``compare --tensorboard DIR`` (one run per backend,
+    ``DIR/<backend>``) use this class."""
+
+    def __init__(self, log_dir: str | Path):
+        require_tensorboard("TensorBoardWriter")
+        from tensorboardX import SummaryWriter
+
+        self.log_dir = Path(log_dir)
+        self.writer = SummaryWriter(logdir=str(self.log_dir))
+        self.lr = None
+
+    def on_epoch_start(self, loop, epoch):
+        self.lr = loop.lr
+
+    def on_step_end(self, loop, index, loss):
+        # fit steps the lr schedule before this hook: loop.lr is already the next step's
+        self.writer.add_scalar("step/loss", loop.to_float(loss), loop.step_count)
+        self.writer.add_scalar("step/lr", self.lr, loop.step_count)
+        self.lr = loop.lr
+
+    def on_epoch_end(self, loop, record):
+        for key, value in record.items():
+            if key not in ("epoch", "steps") and isinstance(value, (int, float)) and math.isfinite(value):
+                self.writer.add_scalar(f"epoch/{key}", value, record["epoch"])
+        self.writer.flush()
+
+    def finalize(self, loop):
+        self.writer.close()
