@@ -257,6 +257,7 @@ def find_idx_file(directory: Path, stem: str) -> Path | None:
 
 
 def idx_split_files(split: str) -> tuple[str, str]:
+    """MNIST's IDX file names (images, labels) of ``split``, ``"train"`` or ``"test"``, without ``.gz``."""
     prefix = "train" if split == "train" else "t10k"
     return f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"
 
@@ -280,6 +281,7 @@ def _packaged_uint8(name: str, split: str, directory: str, verify: bool) -> tupl
 
 
 def packaged_mnist_dir() -> Path:
+    """The folder of the MNIST files shipped inside the package."""
     return PACKAGED["mnist"].directory()
 
 

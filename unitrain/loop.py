@@ -166,6 +166,9 @@ class InputError(ValueError):
 
 
 class TrainingLoop(ABC):
+    """The protocol every backend implements: the contract is this module's docstring and each
+    public method's; an adapter implements the underscored hooks and declares its ``capabilities``."""
+
     #: registry name, e.g. ``"torch"``
     name: ClassVar[str]
     #: import name of the framework, e.g. ``"torch"``; ``None`` for NumPy-only adapters
