@@ -3,8 +3,9 @@
 - The gallery: every ``examples/*.py`` becomes ``gallery/<name>.md``, with the original it ports
   (its docstring), its output on each installed backend from a run in this build (``--max-steps``
   budget, so CI stays quick), side by side, the figures it drew, and its source.
-  ``UNITRAIN_GALLERY_STEPS`` sets the budget (default 20); ``UNITRAIN_GALLERY=off`` builds the
-  pages without running anything (they say so): the quick strict build of the test suite.
+  ``UNITRAIN_GALLERY_STEPS`` sets the budget (default 20), ``UNITRAIN_GALLERY_BACKENDS`` a subset
+  of the installed backends (``numpy,torch``); ``UNITRAIN_GALLERY=off`` builds the pages without
+  running anything (they say so): the quick strict build of the test suite.
   Outputs are cached in ``.gallery-cache/`` (or ``$UNITRAIN_GALLERY_CACHE``) under a digest of
   the script, the package's sources, the backend and the budget, so a rebuild of unchanged sources
   runs nothing.
@@ -92,8 +93,11 @@ def on_page_content(html_text, page, config, files):
 # --- running the examples --------------------------------------------------------------------
 
 
-def installed_backends() -> list[str]:
-    return [name for name in BACKENDS if importlib.util.find_spec(name) is not None]
+def chosen_backends() -> list[str]:
+    """The installed backends, or those of them ``UNITRAIN_GALLERY_BACKENDS`` (``numpy,torch``) names."""
+    installed = [name for name in BACKENDS if importlib.util.find_spec(name) is not None]
+    chosen = os.environ.get("UNITRAIN_GALLERY_BACKENDS")
+    return installed if chosen is None else [name for name in installed if name in chosen.split(",")]
 
 
 def sources_digest() -> str:
@@ -156,11 +160,11 @@ def render_example(path: Path) -> tuple[str, dict[str, bytes]]:
     steps = int(os.environ.get("UNITRAIN_GALLERY_STEPS", "20"))
     budget = ["--max-steps", str(steps)] if "--max-steps" in source else []
     compares = '"--compare"' in source  # the script trains every installed backend itself
-    runs = (
-        [("all backends", ["--compare"])]
-        if compares
-        else [(b, ["--backend", b, *budget]) for b in installed_backends()]
-    )
+    backends = chosen_backends()
+    if compares:
+        runs = [("compare", ["--compare", "--backends", ",".join(backends)])]
+    else:
+        runs = [(name, ["--backend", name, *budget]) for name in backends]
     lines = [f"# {path.stem}\n", f"**Ports:** {' '.join(title.split())}\n", f"Script: `examples/{path.name}`.\n"]
     figures = {}
     if os.environ.get("UNITRAIN_GALLERY") == "off":
@@ -169,7 +173,7 @@ def render_example(path: Path) -> tuple[str, dict[str, bytes]]:
     else:
         results = [(name, run_example(path, argv)) for name, argv in runs]
         if compares:
-            how = f"`python examples/{path.name} --compare`"
+            how = f"`python examples/{path.name} --compare --backends {','.join(backends)}`"
         else:
             how = f"`python examples/{path.name} --backend B {' '.join(budget)}` on each installed backend B"
         lines.append(f"Run in this build ({time.strftime('%Y-%m-%d')}): {how}.\n")
