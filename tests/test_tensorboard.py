@@ -104,3 +104,13 @@ def test_a_tensorboard_path_that_is_a_file_is_refused_before_training(command, c
     assert status == 2 and not out
     assert err == f"unitrain: error: --tensorboard {tmp_path / 'tb'} is a regular file, expected a directory\n"
     assert (tmp_path / "tb").read_text() == "mine"
+
+
+def test_a_tensorboard_dir_below_a_file_is_refused_and_missing_parents_are_created(capsys, tmp_path):
+    (tmp_path / "file").write_text("mine")
+    below = tmp_path / "file" / "tb"
+    status, _, err = run_cli(capsys, "train", "--tensorboard", str(below), "--max-steps", "1")
+    assert status == 2
+    assert err == f"unitrain: error: --tensorboard {below}: {below.parent} is a regular file, expected a directory\n"
+    TensorBoardWriter(tmp_path / "runs" / "a" / "b").finalize(None)
+    assert list((tmp_path / "runs" / "a" / "b").glob("events.out.tfevents.*"))

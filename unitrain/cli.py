@@ -21,7 +21,7 @@ import numpy as np
 from . import distributed, files, plot, registry
 from .checkpoint import WEIGHTS, Checkpointer, Diverged, Interrupted, checkpoint_paths, load_checkpoint, stop_on_signals
 from .data import PACKAGED, DataError
-from .extensions import EpochReport, MetricsWriter, ProgressBar, TensorBoardWriter, require_tensorboard
+from .extensions import EpochReport, MetricsWriter, ProgressBar, TensorBoardWriter, check_tensorboard_dir
 from .layers import PRESETS, model_from_name
 from .loop import InputError
 from .losses import LOSSES
@@ -89,24 +89,6 @@ def _model(text: str) -> str:
 
 def _add_tensorboard_argument(parser: argparse.ArgumentParser, help: str) -> None:
     parser.add_argument("--tensorboard", type=Path, metavar="DIR", help=f"{help} (tensorboardX)")
-
-
-def _check_tensorboard(path: Path | None, backends: list[str] = ()) -> None:
-    """``--tensorboard DIR``: tensorboardX installed, ``DIR`` a directory or nothing yet (in a
-    directory that exists), and under ``compare`` each ``DIR/<backend>`` too. Event files get
-    names of their own, so a directory holding other runs is fine: nothing in it is replaced."""
-    if path is None:
-        return
-    require_tensorboard("--tensorboard")
-    for directory in [path, *(path / name for name in backends)]:
-        kind = files.describe(directory)
-        if kind == "nothing" and directory == path:
-            files.check_output(path, "--tensorboard", overwrite=False)  # its parent exists and is writable
-            return  # the backends' folders will be new too
-        if kind not in ("nothing", "a directory"):
-            raise files.OutputError(f"--tensorboard {directory} is {kind}, expected a directory")
-        if kind == "a directory" and not os.access(directory, os.W_OK):
-            raise files.OutputError(f"--tensorboard {directory} is not writable")
 
 
 def _add_model_argument(parser: argparse.ArgumentParser, help: str = "", default: str = "mlp") -> None:
@@ -250,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a model's weights to or from PyTorch, MindSpore or Chainer files, or to ONNX",
         description="Convert weights between file formats, chosen by extension: .safetensors (unitrain's), "
         ".pt/.pth (a PyTorch state_dict), .ckpt (MindSpore), .npz (Chainer's save_npz); .onnx to export the model. "
-        "Tensors are named as each framework names the model's layers (see the README).",
+        "Tensors are named as each framework names the model's layers (docs/convert.md).",
     )
     convert.add_argument("input", type=Path, metavar="IN", help="the weights to read")
     convert.add_argument("output", type=Path, metavar="OUT", help="the file to write")
@@ -548,7 +530,8 @@ def cmd_compare(args) -> int:
     run.initial_weights()  # checked now, before any training
     files.check_output(args.json, "--json", args.overwrite)
     files.check_output_dir(args.report, "--report", args.overwrite)
-    _check_tensorboard(args.tensorboard, backends)
+    if args.tensorboard is not None:
+        check_tensorboard_dir(args.tensorboard, "--tensorboard", backends)
     if args.report is not None:
         plot.require_matplotlib("--report")
     if args.native:
@@ -641,7 +624,8 @@ def cmd_train(args) -> int:
     files.check_output(args.save, "--save", args.overwrite)
     files.check_output(args.metrics, "--metrics", args.overwrite)
     files.check_output(args.plot, "--plot", args.overwrite)
-    _check_tensorboard(args.tensorboard)
+    if args.tensorboard is not None:
+        check_tensorboard_dir(args.tensorboard, "--tensorboard")
     outputs = {flag: path.resolve() for flag, path in (("--save", args.save), ("--metrics", args.metrics),
                                                         ("--plot", args.plot)) if path is not None}  # fmt: skip
     if len(set(outputs.values())) < len(outputs):

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from . import files
@@ -86,12 +88,30 @@ class MetricsWriter:
             self.file.close()
 
 
-def require_tensorboard(flag: str) -> None:
-    """Fail before a run, not after its first step, when tensorboardX is missing."""
+def check_tensorboard_dir(path: Path, flag: str, subfolders: Iterable[str] = ()) -> None:
+    """Before a run: tensorboardX is installed, and ``path`` is a writable directory, or nothing yet
+    (created with its missing parents, as TensorBoard loggers do, below a writable directory), as is
+    each ``path/<subfolder>`` (``compare``: one per backend). Event files get names of their own,
+    so a directory holding other runs is fine: nothing in it is replaced.
+    :class:`files.OutputError` names ``flag`` and what is wrong."""
     import importlib.util
 
     if importlib.util.find_spec("tensorboardX") is None:
         raise files.OutputError(f"{flag} needs tensorboardX: pip install 'unitrain[tensorboard]'")
+    path = Path(path)
+    if files.describe(path) == "nothing":
+        existing = next(parent for parent in path.parents if files.describe(parent) != "nothing")
+        if (kind := files.describe(existing)) != "a directory":
+            raise files.OutputError(f"{flag} {path}: {existing} is {kind}, expected a directory")
+        if not os.access(existing, os.W_OK):
+            raise files.OutputError(f"{flag} {path}: directory {existing} is not writable")
+        return  # the subfolders will be new too
+    for directory in [path, *(path / name for name in subfolders)]:
+        kind = files.describe(directory)
+        if kind not in ("nothing", "a directory"):
+            raise files.OutputError(f"{flag} {directory} is {kind}, expected a directory")
+        if kind == "a directory" and not os.access(directory, os.W_OK):
+            raise files.OutputError(f"{flag} {directory} is not writable")
 
 
 class TensorBoardWriter:
@@ -109,7 +129,7 @@ class TensorBoardWriter:
     ``DIR/<backend>``) use this class."""
 
     def __init__(self, log_dir: str | Path):
-        require_tensorboard("TensorBoardWriter")
+        check_tensorboard_dir(log_dir, "TensorBoardWriter")
         from tensorboardX import SummaryWriter
 
         self.log_dir = Path(log_dir)
