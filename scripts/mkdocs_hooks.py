@@ -29,12 +29,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from mkdocs.plugins import event_priority
 from mkdocs.structure.files import File
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 CACHE = Path(os.environ.get("UNITRAIN_GALLERY_CACHE", ROOT / ".gallery-cache"))
-STAGED = ROOT / ".docs-package"  # see stage_package
+_STAGED = None  # see stage_package
 BACKENDS = ["numpy", "torch", "mindspore", "chainer"]
 RUN_TIMEOUT = 600  # seconds for one example on one backend
 
@@ -46,9 +47,10 @@ def examples() -> list[Path]:
 # --- nav and pages -------------------------------------------------------------------------------
 
 
+@event_priority(100)  # before mkdocstrings' on_config, which makes its handlers
 def on_config(config):
     """The package as mkdocstrings reads it, and the gallery's nav section listing every example."""
-    stage_package()
+    stage_package(config)
     pages = ["gallery/index.md", *(f"gallery/{path.stem}.md" for path in examples())]
     for index, item in enumerate(config["nav"] or []):
         if isinstance(item, dict) and "Gallery" in item:
@@ -56,17 +58,21 @@ def on_config(config):
     return config
 
 
-def stage_package() -> None:
-    """``.docs-package/unitrain``: a copy of the package's sources laid out as installed, for
-    mkdocstrings, which reads them without importing anything and so knows nothing of pyproject's
-    ``package-dir`` (backends/ and conformance/ import as unitrain.backends and
-    unitrain.conformance). Copies, since griffe follows symbolic links back to the checkout."""
-    if STAGED.exists():
-        shutil.rmtree(STAGED)
+def stage_package(config) -> None:
+    """A copy of the package's sources laid out as installed, in a temporary folder that
+    mkdocstrings' Python handler searches first: it reads the sources without importing anything,
+    so it knows nothing of pyproject's ``package-dir`` (backends/ and conformance/ import as
+    unitrain.backends and unitrain.conformance). Copies, since griffe follows symbolic links back
+    to the checkout; removed when the build's process ends."""
+    global _STAGED
+    _STAGED = tempfile.TemporaryDirectory(prefix="unitrain-docs-package-")
+    staged = Path(_STAGED.name) / "unitrain"
     python_only = shutil.ignore_patterns("datafiles", "__pycache__", "*.pyc")
-    shutil.copytree(ROOT / "unitrain", STAGED / "unitrain", ignore=python_only)
+    shutil.copytree(ROOT / "unitrain", staged, ignore=python_only)
     for name in ("backends", "conformance"):
-        shutil.copytree(ROOT / name, STAGED / "unitrain" / name, ignore=python_only)
+        shutil.copytree(ROOT / name, staged / name, ignore=python_only)
+    handlers = config.plugins["mkdocstrings"].config.handlers  # read when the handler is first used
+    handlers.setdefault("python", {})["paths"] = [_STAGED.name]
 
 
 def on_files(files, config):
