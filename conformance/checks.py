@@ -79,6 +79,7 @@ CHECKS: dict[str, Check] = {}
 
 
 def check(*requires: str):
+    """Register the decorated function as a check needing the capabilities ``requires``."""
     unknown = set(requires) - CAPABILITIES
     assert not unknown, unknown
 
@@ -109,6 +110,7 @@ _current: contextvars.ContextVar[_Record] = contextvars.ContextVar("conformance_
 
 
 def fail(message: str, max_error: float | None = None, tolerance: float | None = None):
+    """Fail the running check with ``message`` (and the error against its tolerance)."""
     raise CheckFailure(message, max_error, tolerance)
 
 
@@ -222,24 +224,29 @@ CONV_FAN_IN = 27  # the largest number of products summed into one output (3 cha
 
 
 def inputs(shape, seed: int = 0, n: int = 8) -> np.ndarray:
+    """``n`` float32 samples of ``shape``, standard normal from ``seed``."""
     return np.random.default_rng(seed).normal(size=(n, *shape)).astype(np.float32)
 
 
 def labels(n: int = 8, classes: int = 4, seed: int = 0) -> np.ndarray:
+    """``n`` int64 class indices below ``classes``, from ``seed``."""
     return np.random.default_rng(seed + 100).integers(0, classes, n).astype(np.int64)
 
 
 def loaded(adapter, model, state, **options) -> TrainingLoop:
+    """A loop of ``adapter`` on ``model`` holding the weights ``state``."""
     loop = adapter(model, **options)
     loop.load_state_dict(state)
     return loop
 
 
 def state_of(model, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random float64 weights of ``model`` from ``seed`` (the reference's draw)."""
     return reference.random_state(model, np.random.default_rng(seed))
 
 
 def params_of(loop: TrainingLoop) -> dict[str, np.ndarray]:
+    """The loop's trainable parameters (no buffers), by name."""
     state = loop.state_dict()
     return {key: state[key] for key in loop.model_spec.param_shapes()}
 
@@ -1084,7 +1091,7 @@ def check_bad_input(adapter):
         fail(f"rejected batches changed step_count to {loop.step_count}")
 
 
-# --- 20-26. graphs with branches, the layers and losses of issue 8, the user's own loss ---------------
+# --- 20-26. graphs with branches, the layers and losses beyond a stack, the user's own loss -----
 
 
 def _longest_sum(model, input_shape, n: int) -> int:

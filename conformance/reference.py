@@ -302,6 +302,7 @@ def avg_pool2d(x, kernel, stride, padding=(0, 0), count_include_pad=True):
 
 
 def avg_pool2d_backward(x, grad, kernel, stride, padding=(0, 0), count_include_pad=True):
+    """The gradient of ``avg_pool2d`` with respect to ``x``."""
     divisors, windows = _avg_divisors(x, kernel, stride, padding, count_include_pad)
     grad_padded = np.zeros((*x.shape[:2], x.shape[2] + 2 * padding[0], x.shape[3] + 2 * padding[1]))
     for i, j, rows, cols in windows:
@@ -315,11 +316,13 @@ def _adaptive_bins(size, out):
 
 
 def adaptive_avg_pool2d(x, output_size):
+    """``torch.nn.AdaptiveAvgPool2d``: PyTorch's bins, each averaged."""
     rows, cols = (_adaptive_bins(d, o) for d, o in zip(x.shape[2:], output_size, strict=True))
     return np.stack([np.stack([x[:, :, r, c].mean((2, 3)) for c in cols], -1) for r in rows], -2)
 
 
 def adaptive_avg_pool2d_backward(x, grad, output_size):
+    """The gradient of ``adaptive_avg_pool2d`` with respect to ``x``."""
     rows, cols = (_adaptive_bins(d, o) for d, o in zip(x.shape[2:], output_size, strict=True))
     grad_x = np.zeros_like(x)
     for i, r in enumerate(rows):
@@ -339,6 +342,7 @@ def layer_norm(x, rank, eps, weight=None, bias=None):
 
 
 def layer_norm_backward(x, grad, rank, eps, weight=None):
+    """The gradients of ``layer_norm`` with respect to ``x`` (and the affine weight and bias)."""
     axes = tuple(range(x.ndim - rank, x.ndim))
     grad_x, x_hat = _normalise_backward(x, grad if weight is None else grad * weight, axes, eps)
     leading = tuple(range(x.ndim - rank))

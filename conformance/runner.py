@@ -50,6 +50,7 @@ def adapter_label(adapter: type[TrainingLoop]) -> str:
 
 
 def reproduce_command(adapter: type[TrainingLoop], check: str) -> str:
+    """The command that runs ``check`` alone on ``adapter``."""
     label = adapter_label(adapter)
     option = f"--adapter {label}" if ":" in label else f"--backend {label}"
     return f"unitrain conformance {option} --check {check}"
@@ -128,6 +129,7 @@ def format_matrix(results: list[CheckResult]) -> str:
 
 
 def format_report(results: list[CheckResult]) -> str:
+    """The matrix of results, then one line per failure, skip or expected failure."""
     lines = [format_matrix(results)]
     notes = [r for r in results if r.status in ("fail", "xpass", "error", "xfail", "skip")]
     if notes:

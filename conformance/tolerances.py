@@ -36,6 +36,7 @@ OVERRIDES: dict[str, tuple[float, str]] = {
 
 
 def eps(dtype) -> float:
+    """The machine epsilon of ``dtype``."""
     return float(np.finfo(np.dtype(dtype)).eps)
 
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Creates .venv and installs unitrain (editable) with all four frameworks, ONNX export and the
-# test tools. Usage: scripts/setup.sh [PYTHON]   (default: $PYTHON or python3). Safe to run again:
-# when nothing it depends on changed since its last complete run, it returns at once. The first
-# run downloads about 1 GB and takes minutes; it says what it is doing as it goes.
+# Creates .venv and installs unitrain (editable) with all four frameworks, ONNX export, TensorBoard
+# logging, the test tools and the documentation tools. Usage: scripts/setup.sh [PYTHON]
+# (default: $PYTHON or python3). Safe to run again: when nothing it depends on changed since its
+# last complete run, it returns at once. The first run downloads about 1 GB and takes minutes; it
+# says what it is doing as it goes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${1:-${PYTHON:-python3}}
@@ -29,8 +30,8 @@ say "pinned pip, setuptools and wheel"
 # constraints to isolated builds, so build it against the venv's pinned setuptools instead.
 say "chainer 7.8.1 (built from its source distribution)"
 "${pip[@]}" -q --no-build-isolation chainer==7.8.1
-say "unitrain with PyTorch, MindSpore, Chainer, ONNX and the test tools (about 1 GB the first time: minutes)"
+say "unitrain with PyTorch, MindSpore, Chainer, ONNX, the test and documentation tools (about 1 GB the first time: minutes)"
 # pip's own lines say what it downloads and builds; those about what is already there are noise.
-"${pip[@]}" -e '.[all,test]' | { grep -v '^Requirement already satisfied' >&2 || true; }
+"${pip[@]}" -e '.[all,test,docs]' | { grep -v '^Requirement already satisfied' >&2 || true; }
 echo "$key" >"$stamp"
 say "done in $((SECONDS - started)) s; .venv is ready"

@@ -426,7 +426,7 @@ def test_one_epoch_mlp_reaches_90_percent():
     assert record["test_accuracy"] >= 0.90
 
 
-# --- issue 8: branches, the new leaves and losses, ResNet-18 ------------------------------------
+# --- branches, the new leaves and losses, ResNet-18 ------------------------------------
 
 import copy  # noqa: E402
 from collections import OrderedDict  # noqa: E402
@@ -438,7 +438,7 @@ from unitrain import expr  # noqa: E402
 
 nn = torch.nn
 
-# Issue 8's bound on the weights after two SGD-momentum steps in float32. In float64 the same
+# The bound on the weights after two SGD-momentum steps in float32. In float64 the same
 # operations round 2**-29 times finer (eps64 / eps32), which scales the bound accordingly (~4e-14).
 STEP_ATOL32 = 2e-5
 STEP_ATOL64 = STEP_ATOL32 * np.finfo(np.float64).eps / np.finfo(np.float32).eps
@@ -755,7 +755,7 @@ def test_resnet18_matches_plain_pytorch():
         loop.step(batch)
         train_torch(reference, optimizer[1](reference.parameters()), [batch])
         runs[dtype] = logits, (loop.state_dict(), numpy_state(reference))
-    # float64: the same equations agree to float64 rounding (the issue's float32 bound scaled, see STEP_ATOL64).
+    # float64: the same equations agree to float64 rounding (the float32 bound scaled, see STEP_ATOL64).
     for chainer_result, torch_result in runs["float64"]:
         assert largest_difference(chainer_result, torch_result) <= STEP_ATOL64
     # float32: Chainer's error from the float64 truth must be of the order of PyTorch's own float32 error on

@@ -214,9 +214,9 @@ def test_native_cell_trains(mnist_batches):
     assert set(loop.gradients()) == {"1.weight", "1.bias", "2.gamma", "2.beta", "4.weight", "4.bias"}
 
 
-# --- issue 8: the spec tree, new leaves and losses ----------------------------------------------------
+# --- the spec tree, new leaves and losses ----------------------------------------------------
 
-#: Two SGD-momentum steps from the same weights must reach torch.nn's weights to this (the issue's bound).
+#: Two SGD-momentum steps from the same weights must reach torch.nn's weights to this (the backends' shared bound).
 TRAINED_WEIGHTS_ATOL = 2e-5
 
 

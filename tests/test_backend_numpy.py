@@ -384,7 +384,7 @@ def test_one_epoch_of_mlp_reaches_90_percent(mnist_train, mnist_test):
     assert record["test_accuracy"] >= 0.90
 
 
-# --- issue 8: the model as a tree, the new leaves and losses ------------------------------------
+# --- the model as a tree, the new leaves and losses ------------------------------------
 
 
 class TorchResidual(nn.Module):
@@ -436,8 +436,8 @@ def numpy_layout_cases():
 
 LEAF_CASES = leaf_cases() | numpy_layout_cases()
 
-# Two SGD-momentum steps from the same weights. float32: the issue's bound, 2e-5. float64: the same computations
-# with rounding 2**-29 times smaller (float64's unit roundoff over float32's), so 2e-5 * 2**-29 = 3.7e-14.
+# Two SGD-momentum steps from the same weights. float32: the backends' shared bound, 2e-5. float64: the same
+# computations with rounding 2**-29 times smaller (float64's unit roundoff over float32's), so 2e-5 * 2**-29 = 3.7e-14.
 WEIGHT_TOLERANCE = {"float32": 2e-5, "float64": 2e-5 * 2.0**-29}
 
 

@@ -316,7 +316,7 @@ def test_read_only_and_strided_inputs_work_without_warnings(mnist_train):
         np.testing.assert_allclose(loop.predict(x[::-1]), expected[::-1], rtol=1e-5, atol=1e-6)
 
 
-# --- issue 8: branches, named children, the new leaves and losses, the user's own loss --------------------------
+# --- branches, named children, the new leaves and losses, the user's own loss --------------------------
 # The torch backend builds the same torch.nn modules as the hand-written twins and runs the same kernels in the
 # same order, so everything below is compared bit for bit.
 

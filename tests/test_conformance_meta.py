@@ -313,9 +313,9 @@ def test_missing_capability_is_a_skip_with_its_reason():
 
 
 def test_a_declared_expected_failure_is_xfail_with_its_reason():
-    (result,) = run_checks(ZeroGradDoesNothing, ["check_zero_grad"], xfails={"check_zero_grad": "issue 42"})
+    (result,) = run_checks(ZeroGradDoesNothing, ["check_zero_grad"], xfails={"check_zero_grad": "tracker #42"})
     assert result.status == "xfail" and not result.unexpected
-    assert result.message.startswith("expected failure (issue 42): after zero_grad()")
+    assert result.message.startswith("expected failure (tracker #42): after zero_grad()")
 
 
 def test_a_declared_expected_failure_that_passes_is_reported():
@@ -387,7 +387,7 @@ def _env():
     return {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
 
 
-# --- issue 8: broken graphs and layers -------------------------------------------------------------
+# --- broken graphs and layers -------------------------------------------------------------
 
 
 class _ResidualWithoutShortcut(numpy_backend._Residual):

@@ -288,8 +288,8 @@ def test_cli_refuses_bad_data_in_one_line_before_training(tmp_path, capsys, args
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", installed_backends())
 def test_fashion_mnist_one_epoch_of_the_default_mlp_reaches_79_percent(backend, tmp_path, capsys, request):
-    """Issue 9's bar. Measured on numpy and torch: 79.74 % (the shared data README's 80.3 % was
-    with MNIST's normalisation)."""
+    """The Fashion-MNIST tutorials' first-epoch level. Measured on numpy and torch: 79.74 % (the shared
+    data README's 80.3 % was with MNIST's normalisation)."""
     import json
 
     if backend == "torch":

@@ -1,4 +1,4 @@
-"""Data parallel on each framework's own engine (issue 11): ``unitrain train --nproc N`` runs the
+"""Data parallel on each framework's own engine: ``unitrain train --nproc N`` runs the
 backend's launcher (torchrun, mpiexec), and two processes splitting each global batch reproduce one
 process on the whole batch. CPU is scarce: 2 ranks, the MLP, 20 steps."""
 
@@ -29,7 +29,7 @@ RUN = ["--no-progress", "--epochs", "1", "--max-steps", str(STEPS), "--no-shuffl
 # Two ranks each averaging half of a batch of 64, weighted 1/2, sum the same 64 per-sample gradients
 # as one process does, in another order: the float32 results differ by a few ulps (4 * 2**-24 of
 # |g| <= 1 here), so 20 SGD steps at lr 0.01 move the weights apart by about 20 * 0.01 * 4 * 6e-8 =
-# 5e-8. Issue 11 asks for 1e-5: 200 times that, room for BLAS kernels that change with the shard's
+# 5e-8. The bound is 1e-5: 200 times that, room for BLAS kernels that change with the shard's
 # shape on another CPU, while a sharding mistake (one row of 64 lost or counted twice: 1/64 of a
 # gradient, ~1e-2 * lr per step) moves them by 1e-4 or more.
 TOLERANCE = 1e-5

@@ -27,7 +27,7 @@ from unitrain.weights import WeightsError, check_state, load_safetensors, save_s
 
 RUN = {"model": "mlp", "dataset": "mnist", "optimizer": "sgd", "batch_size": 64, "epochs": 3, "max_steps": None,
        "shuffle": True}  # fmt: skip
-MAX_RSS_MB = 700  # issue 7's bound for any input file, whatever its size
+MAX_RSS_MB = 700  # the memory any input file may cost, whatever its size
 # Prelude of the measuring subprocesses: the peak RSS of the process's own memory (VmHWM). Not
 # getrusage's ru_maxrss, which Linux carries over exec from the forking parent (a test process that
 # has loaded every framework reports its own gigabytes there).

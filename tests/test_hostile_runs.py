@@ -1,7 +1,7 @@
-"""Hostile runs (issue 7, the writing and process half): outputs that appear, or are not regular
-files, while unitrain writes; resuming an older checkpoint; early signals; full disks; malformed
-command lines. Every case ends with one line on stderr and exit code 2 (130/143 for signals), and
-every file the user had is byte-identical afterwards."""
+"""Hostile runs (the writing and process half; the files read are in test_hostile_files.py):
+outputs that appear, or are not regular files, while unitrain writes; resuming an older checkpoint;
+early signals; full disks; malformed command lines. Every case ends with one line on stderr and
+exit code 2 (130/143 for signals), and every file the user had is byte-identical afterwards."""
 
 import errno
 import hashlib

@@ -1,5 +1,5 @@
-"""``--model package.module:function`` and ``--loss`` from the command line (issue 9): the
-issue's one-command recipe (.npz data, the user's own model, LogSoftmax + NLL, Adadelta with
+"""``--model package.module:function`` and ``--loss`` from the command line: a
+one-command recipe (.npz data, the user's own model, LogSoftmax + NLL, Adadelta with
 StepLR, clipping, a validation split), its checkpoint and resume, and every way a
 ``module:function`` can fail, each refused in one line before any training."""
 

@@ -1,4 +1,4 @@
-"""Issue 9: RMSprop, Adagrad, Adadelta on every backend against torch.optim; the LR schedules against
+"""RMSprop, Adagrad, Adadelta on every backend against torch.optim; the LR schedules against
 torch.optim.lr_scheduler (resumed mid-schedule too); gradient clipping; the CLI flags."""
 
 import functools
@@ -61,7 +61,7 @@ def test_new_optimizers_land_where_torch_optim_lands_after_20_steps(backend, spe
     """From the same weights and batches. Float64: the equations (conformance formula, ~1e-13).
     Float32: within sqrt(n) times the drift of PyTorch's own float32 loop against float64
     (torch_reference.expected_run). That drift is ~3e-8 for Adagrad and Adadelta, far under the
-    issue's 2e-5, but RMSprop's first steps divide each gradient by about its own magnitude, so
+    two-step bound of 2e-5, but RMSprop's first steps divide each gradient by about its own magnitude, so
     PyTorch's float32 run itself lands up to 6e-3 (centered) from its float64 run on this case."""
     loop_class = unitrain.get_backend(backend)
     if dtype == "float64" and "float64" not in loop_class.capabilities:

@@ -30,12 +30,12 @@ def test_wheel_contains_every_backend_the_suite_and_the_datasets(wheel):
         assert f"unitrain/backends/{module}.py" in names
     assert "unitrain/conformance/__init__.py" in names
     for name, dataset in PACKAGED.items():  # mnist, fashion-mnist: their IDX files and provenance
-        assert {f"unitrain/data/{name}/{stem}.gz" for stem in dataset.sha256} <= names
-        assert f"unitrain/data/{name}/README.md" in names
+        assert {f"unitrain/datafiles/{name}/{stem}.gz" for stem in dataset.sha256} <= names
+        assert f"unitrain/datafiles/{name}/README.md" in names
     assert not any(name.startswith(("tests/", "backends/", "conformance/")) for name in names)
     metadata = next(n for n in names if n.endswith("METADATA"))
     text = zipfile.ZipFile(wheel).read(metadata).decode()
-    for extra in ("torch", "mindspore", "chainer", "distributed", "all", "test"):
+    for extra in ("torch", "mindspore", "chainer", "distributed", "tensorboard", "all", "test", "docs"):
         assert f"Provides-Extra: {extra}" in text
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "unitrain = unitrain.__main__:main" in entry_points

@@ -1,4 +1,4 @@
-"""Figures (issue 10): `compare --report DIR`, `unitrain plot`, `train --plot`, and what they draw
+"""Figures: `compare --report DIR`, `unitrain plot`, `train --plot`, and what they draw
 from: every step's loss and each layer's weight divergence, recorded during `compare`."""
 
 import html

@@ -1,4 +1,4 @@
-"""A run as one value (issue 9, item 6): :class:`unitrain.run.Run` round-trips through dicts and
+"""A run as one value: :class:`unitrain.run.Run` round-trips through dicts and
 TOML recipes, refuses what it cannot describe in one line, and is what ``train``, ``compare``,
 checkpoints and ``--resume`` share: a recipe trains exactly as the flags it was printed from, flags
 override it, a checkpoint records it, and a resumed run with transforms lands where the

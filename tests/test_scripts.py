@@ -1,6 +1,6 @@
-"""The README's two commands (scripts/unitrain, scripts/test) skip the set-up when nothing it
-depends on changed: on a set-up machine they start at once. (The slow path, a fresh clone
-installing everything, is what CI's `bash .ci/run` runs.)"""
+"""The two commands of the README and the getting-started page (scripts/unitrain, scripts/test)
+skip the set-up when nothing it depends on changed: on a set-up machine they start at once. (The
+slow path, a fresh clone installing everything, is what CI's `bash .ci/run` runs.)"""
 
 import hashlib
 import shutil
@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,9 +42,10 @@ def test_both_commands_start_at_once_when_set_up(tmp_path):
     assert time.perf_counter() - started < 10  # measured 0.3 s for both on the 2-core machine
 
 
-def test_readme_opens_with_the_two_commands_and_ci_runs_the_second():
-    readme = (ROOT / "README.md").read_text()
-    first_block = readme.split("```", 2)[1]
+@pytest.mark.parametrize("page", ["README.md", "docs/getting-started.md"])
+def test_readme_and_getting_started_open_with_the_two_commands_and_ci_runs_the_second(page):
+    text = (ROOT / page).read_text()
+    first_block = text.split("```", 2)[1]
     commands = first_block.splitlines()[1:]  # after the fence's language tag
     assert [line for line in commands if line.strip()] == ["scripts/unitrain train --backend torch", "scripts/test"]
     ci = [line for line in (ROOT / ".ci/run").read_text().splitlines() if line and not line.startswith(("#", "set "))]

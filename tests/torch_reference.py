@@ -323,7 +323,7 @@ class GarmentClassifier(nn.Module):
 
 
 def leaf_cases():
-    """Every leaf of issue 8, each in a small trainable network, with its hand-written ``torch.nn`` twin:
+    """Every leaf layer, each in a small trainable network, with its hand-written ``torch.nn`` twin:
     ``{name: (spec, torch module, per-sample input shape)}``. A convolution (images) or a linear layer
     (vectors) in front gives the leaf trainable inputs; a linear head maps to 3 classes."""
     image, vector = (2, 7, 7), (6,)

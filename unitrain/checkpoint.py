@@ -109,6 +109,7 @@ def _digest(path: Path) -> dict[str, Any]:
 
 
 def optimizer_from_config(config: Mapping[str, Any]) -> optim.Optimizer:
+    """The optimizer spec a manifest records; a bad record is a :class:`CheckpointError`."""
     try:
         return optim.optimizer_from_config(config)
     except ValueError as error:

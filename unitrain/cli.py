@@ -21,7 +21,7 @@ import numpy as np
 from . import distributed, files, plot, registry
 from .checkpoint import WEIGHTS, Checkpointer, Diverged, Interrupted, checkpoint_paths, load_checkpoint, stop_on_signals
 from .data import PACKAGED, DataError
-from .extensions import EpochReport, MetricsWriter, ProgressBar
+from .extensions import EpochReport, MetricsWriter, ProgressBar, TensorBoardWriter, check_tensorboard_dir
 from .layers import PRESETS, model_from_name
 from .loop import InputError
 from .losses import LOSSES
@@ -87,6 +87,10 @@ def _model(text: str) -> str:
     return text
 
 
+def _add_tensorboard_argument(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument("--tensorboard", type=Path, metavar="DIR", help=f"{help} (tensorboardX)")
+
+
 def _add_model_argument(parser: argparse.ArgumentParser, help: str = "", default: str = "mlp") -> None:
     parser.add_argument(
         "--model", type=_model, default=default, metavar="NAME|module:function",
@@ -146,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--save", type=Path, metavar="FILE", help="write the trained weights (safetensors)")
     train.add_argument("--metrics", type=Path, metavar="FILE", help="write one JSON object per epoch")
     train.add_argument("--plot", type=Path, metavar="FILE.png", help="draw the run's curves by epoch (matplotlib)")
+    _add_tensorboard_argument(train, "write TensorBoard event files into DIR: loss and lr per step, the epoch records")
     train.add_argument("--overwrite", action="store_true", help="allow --save/--metrics/--plot to replace files")
     train.add_argument(
         "--checkpoint-dir", type=Path, metavar="DIR", help="write checkpoints (each epoch's end, Ctrl-C)"
@@ -177,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--report", type=Path, metavar="DIR", help="also write a web page with figures: DIR/index.html (matplotlib)"
     )
+    _add_tensorboard_argument(compare, "write TensorBoard event files, one run per backend: DIR/<backend>")
     compare.add_argument(
         "--native",
         action="store_true",
@@ -226,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a model's weights to or from PyTorch, MindSpore or Chainer files, or to ONNX",
         description="Convert weights between file formats, chosen by extension: .safetensors (unitrain's), "
         ".pt/.pth (a PyTorch state_dict), .ckpt (MindSpore), .npz (Chainer's save_npz); .onnx to export the model. "
-        "Tensors are named as each framework names the model's layers (see the README).",
+        "Tensors are named as each framework names the model's layers (docs/convert.md).",
     )
     convert.add_argument("input", type=Path, metavar="IN", help="the weights to read")
     convert.add_argument("output", type=Path, metavar="OUT", help="the file to write")
@@ -524,6 +530,8 @@ def cmd_compare(args) -> int:
     run.initial_weights()  # checked now, before any training
     files.check_output(args.json, "--json", args.overwrite)
     files.check_output_dir(args.report, "--report", args.overwrite)
+    if args.tensorboard is not None:
+        check_tensorboard_dir(args.tensorboard, "--tensorboard", backends)
     if args.report is not None:
         plot.require_matplotlib("--report")
     if args.native:
@@ -542,7 +550,11 @@ def cmd_compare(args) -> int:
     show_progress = sys.stderr.isatty() if args.progress is None else args.progress
 
     def extensions(backend):
-        return [*([ProgressBar()] if show_progress else []), EpochReport(run.epochs, prefix=f"{backend}: ")]
+        chosen = [ProgressBar()] if show_progress else []
+        chosen.append(EpochReport(run.epochs, prefix=f"{backend}: "))
+        if args.tensorboard is not None:
+            chosen.append(TensorBoardWriter(args.tensorboard / backend))
+        return chosen
 
     threads = args.threads or default_threads()
     results = compare_backends(backends, run, data=data, extensions=extensions, threads=threads,
@@ -612,6 +624,8 @@ def cmd_train(args) -> int:
     files.check_output(args.save, "--save", args.overwrite)
     files.check_output(args.metrics, "--metrics", args.overwrite)
     files.check_output(args.plot, "--plot", args.overwrite)
+    if args.tensorboard is not None:
+        check_tensorboard_dir(args.tensorboard, "--tensorboard")
     outputs = {flag: path.resolve() for flag, path in (("--save", args.save), ("--metrics", args.metrics),
                                                         ("--plot", args.plot)) if path is not None}  # fmt: skip
     if len(set(outputs.values())) < len(outputs):
@@ -682,6 +696,8 @@ def _train(args, run: Run, loop, initial, resume, data, show_progress: bool) -> 
             metrics = MetricsWriter(args.metrics, fields, args.overwrite)
             placed = _published("--metrics", args.metrics, metrics.path, "metrics", args.overwrite)
             extensions.append(metrics)
+        if args.tensorboard is not None:
+            extensions.append(TensorBoardWriter(args.tensorboard))
 
     def notice():
         if lead:

@@ -171,6 +171,8 @@ class Format:
 
 
 class Safetensors(Format):
+    """unitrain's own weights files (``--save``, ``--init-weights``)."""
+
     suffixes, title = (".safetensors",), "safetensors weights"
 
     def read(self, path, model, name):
@@ -183,6 +185,8 @@ class Safetensors(Format):
 
 
 class TorchStateDict(Format):
+    """A PyTorch ``state_dict`` saved with ``torch.save``, read with ``torch.load(weights_only=True)``."""
+
     suffixes, title = (".pt", ".pth"), "PyTorch state_dict"
 
     def read(self, path, model, name):
@@ -224,6 +228,8 @@ class TorchStateDict(Format):
 
 
 class MindSporeCheckpoint(Format):
+    """A MindSpore ``.ckpt`` (``mindspore.save_checkpoint``), with MindSpore's parameter names."""
+
     suffixes, title, naming = (".ckpt",), "MindSpore checkpoint", "mindspore"
 
     def read(self, path, model, name):
@@ -260,6 +266,8 @@ class MindSporeCheckpoint(Format):
 
 
 class ChainerNpz(Format):
+    """A Chainer ``.npz`` (``chainer.serializers.save_npz``), read with ``allow_pickle=False``."""
+
     suffixes, title, naming = (".npz",), "Chainer npz (serializers.save_npz)", "chainer"
     #: what ``numpy.load`` accepts as a member's header (NumPy's own default)
     _MAX_HEADER = 10000
@@ -329,6 +337,8 @@ class ChainerNpz(Format):
 
 
 class Onnx(Format):
+    """The model as an ONNX graph (opset 20, eval mode) with its weights as initializers; export only."""
+
     suffixes, title, readable = (".onnx",), "ONNX model (export only)", False
 
     def write(self, path, model, state):

@@ -47,7 +47,7 @@ MAX_DATA_BYTES = 1 << 30
 
 @dataclass(frozen=True)
 class PackagedDataset:
-    """A dataset shipped in ``unitrain/data/<name>/`` as gzipped IDX files with MNIST's names."""
+    """A dataset shipped in ``unitrain/datafiles/<name>/`` as gzipped IDX files with MNIST's names."""
 
     name: str
     title: str
@@ -58,7 +58,7 @@ class PackagedDataset:
     classes: tuple[str, ...]
 
     def directory(self) -> Path:
-        return Path(str(resources.files("unitrain") / "data" / self.name))
+        return Path(str(resources.files("unitrain") / "datafiles" / self.name))
 
     def normalization(self) -> Normalization:
         return Normalization((self.mean,), (self.std,), f"{self.title} training set")
@@ -257,6 +257,7 @@ def find_idx_file(directory: Path, stem: str) -> Path | None:
 
 
 def idx_split_files(split: str) -> tuple[str, str]:
+    """MNIST's IDX file names (images, labels) of ``split``, ``"train"`` or ``"test"``, without ``.gz``."""
     prefix = "train" if split == "train" else "t10k"
     return f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"
 
@@ -280,6 +281,7 @@ def _packaged_uint8(name: str, split: str, directory: str, verify: bool) -> tupl
 
 
 def packaged_mnist_dir() -> Path:
+    """The folder of the MNIST files shipped inside the package."""
     return PACKAGED["mnist"].directory()
 
 

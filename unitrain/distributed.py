@@ -39,7 +39,8 @@ def shard(batch_size: int, rank: int, world_size: int) -> tuple[int, int]:
 
 def threads_per_rank(nproc: int) -> int:
     """The cores this process may use, shared among ``nproc`` ranks (at least one each):
-    two threads per rank on two cores made 100 steps 8x slower (issue 11's measurement)."""
+    two threads per rank on two cores made 100 steps 8x slower (measured on this project's
+    2-core machine)."""
     return max(1, len(os.sched_getaffinity(0)) // nproc)
 
 

@@ -140,38 +140,47 @@ def _apply(op: str, *operands, static: tuple = ()) -> Expr:
 
 
 def abs(a) -> Expr:  # the expression language's name, as numpy.abs
+    """``|a|``, elementwise."""
     return _apply("abs", a)
 
 
 def exp(a) -> Expr:
+    """``e ** a``, elementwise."""
     return _apply("exp", a)
 
 
 def log(a) -> Expr:
+    """The natural logarithm, elementwise."""
     return _apply("log", a)
 
 
 def sqrt(a) -> Expr:
+    """The square root, elementwise."""
     return _apply("sqrt", a)
 
 
 def square(a) -> Expr:
+    """``a * a``, elementwise."""
     return _apply("square", a)
 
 
 def maximum(a, b) -> Expr:
+    """The larger of ``a`` and ``b``, elementwise, broadcast (ties split the gradient, as torch)."""
     return _apply("maximum", a, b)
 
 
 def minimum(a, b) -> Expr:
+    """The smaller of ``a`` and ``b``, elementwise, broadcast (ties split the gradient, as torch)."""
     return _apply("minimum", a, b)
 
 
 def log_softmax(a, axis: int) -> Expr:
+    """``log(softmax(a, axis))``, computed without overflow."""
     return _apply("log_softmax", a, static=(_axis(axis),))
 
 
 def softmax(a, axis: int) -> Expr:
+    """``exp(a) / exp(a).sum(axis)`` along ``axis``, computed without overflow."""
     return _apply("softmax", a, static=(_axis(axis),))
 
 

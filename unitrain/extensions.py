@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from . import files
@@ -84,3 +86,70 @@ class MetricsWriter:
     def finalize(self, loop):
         with files.naming(self.path):
             self.file.close()
+
+
+def check_tensorboard_dir(path: Path, flag: str, subfolders: Iterable[str] = ()) -> None:
+    """Before a run: tensorboardX is installed, and ``path`` is a writable directory, or nothing yet
+    (created with its missing parents, as TensorBoard loggers do, below a writable directory), as is
+    each ``path/<subfolder>`` (``compare``: one per backend). Event files get names of their own,
+    so a directory holding other runs is fine: nothing in it is replaced.
+    :class:`files.OutputError` names ``flag`` and what is wrong."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboardX") is None:
+        raise files.OutputError(f"{flag} needs tensorboardX: pip install 'unitrain[tensorboard]'")
+    path = Path(path)
+    if files.describe(path) == "nothing":
+        existing = next(parent for parent in path.parents if files.describe(parent) != "nothing")
+        if (kind := files.describe(existing)) != "a directory":
+            raise files.OutputError(f"{flag} {path}: {existing} is {kind}, expected a directory")
+        if not os.access(existing, os.W_OK):
+            raise files.OutputError(f"{flag} {path}: directory {existing} is not writable")
+        return  # the subfolders will be new too
+    for directory in [path, *(path / name for name in subfolders)]:
+        kind = files.describe(directory)
+        if kind not in ("nothing", "a directory"):
+            raise files.OutputError(f"{flag} {directory} is {kind}, expected a directory")
+        if kind == "a directory" and not os.access(directory, os.W_OK):
+            raise files.OutputError(f"{flag} {directory} is not writable")
+
+
+class TensorBoardWriter:
+    """TensorBoard event files in ``log_dir`` (created if missing; event files get names of their
+    own, so nothing there is replaced), written with tensorboardX's ``SummaryWriter``:
+
+    - every step: ``step/loss`` and ``step/lr`` (the lr that step used), at the loop's optimizer
+      step count, so a resumed run continues its curves;
+    - every epoch: each number of :meth:`~unitrain.TrainingLoop.fit`'s record as ``epoch/<key>``
+      (``epoch/train_loss``, ``epoch/train_accuracy``, ``epoch/test_accuracy``, ``epoch/lr``,
+      ``epoch/samples_per_sec``, ...), at the epoch number.
+
+    Reading each step's loss is one host sync per step. ``tensorboard --logdir DIR`` shows them;
+    ``unitrain train --tensorboard DIR`` and ``compare --tensorboard DIR`` (one run per backend,
+    ``DIR/<backend>``) use this class."""
+
+    def __init__(self, log_dir: str | Path):
+        check_tensorboard_dir(log_dir, "TensorBoardWriter")
+        from tensorboardX import SummaryWriter
+
+        self.log_dir = Path(log_dir)
+        self.writer = SummaryWriter(logdir=str(self.log_dir))
+        self.lr = None
+
+    def on_epoch_start(self, loop, epoch):
+        self.lr = loop.lr
+
+    def on_step_end(self, loop, index, loss):
+        # fit steps the lr schedule before this hook: loop.lr is already the next step's
+        self.writer.add_scalar("step/loss", loop.to_float(loss), loop.step_count)
+        self.writer.add_scalar("step/lr", self.lr, loop.step_count)
+        self.lr = loop.lr
+
+    def on_epoch_end(self, loop, record):
+        for key, value in record.items():
+            if key not in ("epoch", "steps") and isinstance(value, (int, float)) and math.isfinite(value):
+                self.writer.add_scalar(f"epoch/{key}", value, record["epoch"])
+        self.writer.flush()
+
+    def finalize(self, loop):
+        self.writer.close()

@@ -31,6 +31,7 @@ class OutputError(Exception):
 
 
 def current_umask() -> int:
+    """The process's umask (reading it means setting it: set back at once)."""
     umask = os.umask(0)
     os.umask(umask)
     return umask

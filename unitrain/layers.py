@@ -98,6 +98,8 @@ class Layer:
 
 @dataclass(frozen=True)
 class Linear(Layer):
+    """``torch.nn.Linear``: ``x @ weight.T + bias``; ``weight`` is ``(out_features, in_features)``."""
+
     in_features: int
     out_features: int
     bias: bool = True
@@ -322,22 +324,22 @@ class AdaptiveAvgPool2d(Layer):
 
 @dataclass(frozen=True)
 class Identity(Layer):
-    pass
+    """``torch.nn.Identity``: the input, unchanged."""
 
 
 @dataclass(frozen=True)
 class ReLU(Layer):
-    pass
+    """``torch.nn.ReLU``: ``max(x, 0)``."""
 
 
 @dataclass(frozen=True)
 class Tanh(Layer):
-    pass
+    """``torch.nn.Tanh``."""
 
 
 @dataclass(frozen=True)
 class Sigmoid(Layer):
-    pass
+    """``torch.nn.Sigmoid``: ``1 / (1 + exp(-x))``."""
 
 
 @dataclass(frozen=True)
@@ -664,6 +666,7 @@ PRESETS = {"mlp": mlp, "cnn": cnn, "lenet": lenet, "resnet18": mnist_resnet18}
 
 
 def preset(name: str) -> Sequential:
+    """A new spec of the preset ``name`` (``mlp``, ``cnn``, ``lenet``, ``resnet18``); ValueError naming the presets."""
     try:
         return PRESETS[name]()
     except KeyError:

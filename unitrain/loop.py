@@ -152,11 +152,11 @@ from .schedules import LRSchedule, scheduled_optimizer
 #: Capability tags an adapter may declare (checks gated on a missing one are skipped).
 CAPABILITIES = frozenset({
     "float64", "dropout", "batchnorm", "conv", "native-model", "random-state",
-    # issue 8: graphs with branches, the layers and losses real tutorials use, the user's own loss
+    # graphs with branches, the layers and losses real tutorials use, the user's own loss
     "residual", "activations", "layernorm", "pooling", "losses", "custom-loss",
-    # issue 9: RMSprop/Adagrad/Adadelta, set_lr and schedules; gradient clipping
+    # RMSprop/Adagrad/Adadelta, set_lr and schedules; gradient clipping
     "optimizers", "clipping",
-    # issue 11: data parallel on the framework's own engine (``launcher`` names its launcher)
+    # data parallel on the framework's own engine (``launcher`` names its launcher)
     "distributed",
 })  # fmt: skip
 
@@ -166,6 +166,9 @@ class InputError(ValueError):
 
 
 class TrainingLoop(ABC):
+    """The protocol every backend implements: the contract is this module's docstring and each
+    public method's; an adapter implements the underscored hooks and declares its ``capabilities``."""
+
     #: registry name, e.g. ``"torch"``
     name: ClassVar[str]
     #: import name of the framework, e.g. ``"torch"``; ``None`` for NumPy-only adapters

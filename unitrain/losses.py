@@ -64,6 +64,9 @@ def _non_negative(spec: Loss, name: str, strictly: bool = False) -> None:
 
 @dataclass(frozen=True)
 class CrossEntropyLoss(_Reduced):
+    """``torch.nn.CrossEntropyLoss``: log-softmax and NLL over class indices, or against class
+    probabilities (soft or one-hot targets); ``label_smoothing``."""
+
     label_smoothing: float = 0.0
 
     class_targets = True
@@ -77,27 +80,31 @@ class CrossEntropyLoss(_Reduced):
 
 @dataclass(frozen=True)
 class NLLLoss(_Reduced):
+    """``torch.nn.NLLLoss``: the negative log-probability of each sample's class (after ``LogSoftmax(dim=1)``)."""
+
     class_targets = True
     float_targets = False
 
 
 @dataclass(frozen=True)
 class MSELoss(_Reduced):
-    pass
+    """``torch.nn.MSELoss``: squared differences."""
 
 
 @dataclass(frozen=True)
 class L1Loss(_Reduced):
-    pass
+    """``torch.nn.L1Loss``: absolute differences."""
 
 
 @dataclass(frozen=True)
 class BCEWithLogitsLoss(_Reduced):
-    pass
+    """``torch.nn.BCEWithLogitsLoss``: sigmoid and binary cross-entropy in one stable expression."""
 
 
 @dataclass(frozen=True)
 class SmoothL1Loss(_Reduced):
+    """``torch.nn.SmoothL1Loss``: quadratic below ``beta``, linear above."""
+
     beta: float = 1.0
 
     def __post_init__(self):
@@ -107,6 +114,8 @@ class SmoothL1Loss(_Reduced):
 
 @dataclass(frozen=True)
 class HuberLoss(_Reduced):
+    """``torch.nn.HuberLoss``: quadratic below ``delta``, linear above (SmoothL1 times ``delta``)."""
+
     delta: float = 1.0
 
     def __post_init__(self):

@@ -118,6 +118,7 @@ def _node(graph: _Graph, layer: layers.Layer, x: str, path: str, shape) -> tuple
 
 
 def to_onnx(model: layers.Container, state: State, input_shape: tuple[int, ...]) -> onnx.ModelProto:
+    """The spec ``model`` with the weights ``state`` as an ONNX model taking ``(N, *input_shape)``."""
     model.output_shape(input_shape)  # a model that does not fit the input fails here, naming the layer
     graph = _Graph(state)
     output, shape = _node(graph, model, "input", "", tuple(input_shape))

@@ -100,6 +100,8 @@ class Optimizer:
 
 @dataclass(frozen=True)
 class SGD(Optimizer):
+    """``torch.optim.SGD``: its arguments, defaults and update (:func:`sgd_update`)."""
+
     momentum: float = 0.0
     dampening: float = 0.0
     nesterov: bool = False
@@ -118,6 +120,8 @@ class SGD(Optimizer):
 
 @dataclass(frozen=True)
 class Adam(Optimizer):
+    """``torch.optim.Adam`` (without ``amsgrad``): its arguments, defaults and update (:func:`adam_update`)."""
+
     lr: float = 0.001
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -138,12 +142,16 @@ class Adam(Optimizer):
 
 @dataclass(frozen=True)
 class AdamW(Adam):
+    """``torch.optim.AdamW``: Adam with decoupled weight decay, default 0.01."""
+
     weight_decay: float = 0.01
     decoupled_weight_decay = True
 
 
 @dataclass(frozen=True)
 class RMSprop(Optimizer):
+    """``torch.optim.RMSprop``: its arguments, defaults and update (:func:`rmsprop_update`)."""
+
     alpha: float = 0.99
     eps: float = 1e-8
     momentum: float = 0.0
@@ -164,6 +172,8 @@ class RMSprop(Optimizer):
 
 @dataclass(frozen=True)
 class Adagrad(Optimizer):
+    """``torch.optim.Adagrad``: its arguments, defaults and update (:func:`adagrad_update`)."""
+
     lr_decay: float = 0.0
     initial_accumulator_value: float = 0.0
     eps: float = 1e-10
@@ -180,6 +190,8 @@ class Adagrad(Optimizer):
 
 @dataclass(frozen=True)
 class Adadelta(Optimizer):
+    """``torch.optim.Adadelta``: its arguments, defaults and update (:func:`adadelta_update`)."""
+
     lr: float = 1.0
     rho: float = 0.9
     eps: float = 1e-6

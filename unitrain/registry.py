@@ -69,6 +69,7 @@ def _entry_point_backends() -> dict[str, BackendSpec]:
 
 
 def backend_specs() -> dict[str, BackendSpec]:
+    """Every backend by name: the built-in ones and those registered under the ``unitrain.backends`` entry points."""
     return {**BUILTIN, **_entry_point_backends()}
 
 

@@ -124,6 +124,7 @@ def describe(value) -> Declared:
 
 
 def save_safetensors(path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None):
+    """Write ``tensors`` to the safetensors file ``path`` with the ``safetensors`` library, in C order."""
     arrays = {name: np.asarray(value, order="C") for name, value in tensors.items()}  # the library needs C order
     for name, array in arrays.items():
         if array.dtype.newbyteorder("=") not in _CODES:
