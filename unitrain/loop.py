@@ -141,6 +141,7 @@ import numpy as np
 
 from . import expr
 from . import weights as weights_io
+from .controls import EarlyStopping, EarlyStoppingState, ParamGroup, resolve_groups
 from .data import ArrayDataset
 from .distributed import shard
 from .layers import Container, _BatchNorm
@@ -158,6 +159,8 @@ CAPABILITIES = frozenset({
     "optimizers", "clipping",
     # issue 11: data parallel on the framework's own engine (``launcher`` names its launcher)
     "distributed",
+    # issue 16: frozen parameters and parameter groups (unitrain.controls), gradient accumulation
+    "training-controls",
 })  # fmt: skip
 
 
@@ -187,6 +190,8 @@ class TrainingLoop(ABC):
         clip_grad_norm: float | None = None,
         clip_grad_value: float | None = None,
         distributed: bool = False,
+        frozen: Iterable[str] = (),
+        param_groups: Iterable[Mapping[str, Any]] = (),
     ):
         loss = CrossEntropyLoss() if loss is None else loss
         optimizer = SGD() if optimizer is None else optimizer
@@ -222,6 +227,19 @@ class TrainingLoop(ABC):
         self.clip_grad_norm = None if clip_grad_norm is None else float(clip_grad_norm)
         self.clip_grad_value = None if clip_grad_value is None else float(clip_grad_value)
         self.seed = seed
+        self._frozen_patterns = [frozen] if isinstance(frozen, str) else list(frozen)
+        self._group_options = list(param_groups)
+        if (self._frozen_patterns or self._group_options) and "training-controls" not in self.capabilities:
+            raise ValueError(f"the {self.name} backend cannot freeze parameters or group them "
+                             "(no 'training-controls' capability)")  # fmt: skip
+        #: names of the frozen parameters and the parameter groups (:mod:`unitrain.controls`), set
+        #: by :meth:`_resolve_controls` while the model is built
+        self.frozen: frozenset[str] = frozenset()
+        self.param_groups: list[ParamGroup] | None = None
+        #: set to stop :meth:`fit` after the current epoch (early stopping sets it)
+        self.stop_training = False
+        #: the early stopping state of the last :meth:`fit` with ``early_stopping`` (a checkpoint restores it)
+        self.early_stopping: EarlyStoppingState | None = None
         if distributed and "distributed" not in self.capabilities:
             raise ValueError(f"the {self.name} backend cannot train data-parallel (no 'distributed' capability)")
         #: this process's place in a data-parallel run (see the module docstring)
@@ -247,6 +265,8 @@ class TrainingLoop(ABC):
                 f"model must be a unitrain Sequential or Residual or a native {self.name} model, "
                 f"got {type(model).__name__}"
             )
+        if self.param_groups is None:  # an adapter that builds its optimizer without asking for the groups
+            self._resolve_controls(self.param_shapes())
         self._set_training(True)
         if self._scheduler is not None:  # LinearLR, OneCycleLR start elsewhere
             self._follow_schedule()
@@ -341,12 +361,18 @@ class TrainingLoop(ABC):
         (``self.dtype`` arrays). The caller sets ``step_count``."""
 
     def _set_lr(self, lr: float) -> None:
-        """Make the next updates use ``lr`` (the optimizer, its state and compiled code stay)."""
+        """Make the next updates use ``lr``, and each of ``param_groups`` its ``lr`` (the
+        optimizer, its state and compiled code stay)."""
         raise NotImplementedError(f"the {self.name} backend cannot change the lr of a live loop")
 
     def _set_momentum(self, momentum: float) -> None:
-        """Make the next updates use ``momentum`` (Adam: ``betas[0]``), as :meth:`_set_lr` the lr."""
+        """Make the next updates use ``momentum`` (Adam: ``betas[0]``) in every group, as
+        :meth:`_set_lr` the lr."""
         raise NotImplementedError(f"the {self.name} backend cannot change the momentum of a live loop")
+
+    def _scale_gradients(self, factor: float) -> None:
+        """Multiply the accumulated gradients by ``factor`` (gradient accumulation's mean)."""
+        raise NotImplementedError(f"the {self.name} backend cannot scale its gradients")
 
     def _setup_distributed(self) -> tuple[int, int]:
         """Join the process group the engine's launcher set up (called before ``_build``, so
@@ -405,6 +431,26 @@ class TrainingLoop(ABC):
         host copy (syncs): ``loop.to_numpy(loop.forward(x))`` on every backend."""
         return np.array(value)
 
+    def _resolve_controls(self, names: Iterable[str]) -> list[ParamGroup]:
+        """Resolve ``frozen`` and ``param_groups`` against the model's parameters ``names`` (in
+        the model's order); an adapter calls it where it builds its optimizer, and updates each
+        group's parameters with the group's ``spec``, ``lr`` and ``momentum``. ValueError for a
+        pattern that matches nothing, a parameter in two groups or an option the optimizer lacks."""
+        types = {}
+        if self.model_spec is not None:
+            types = {f"{path}.{key}": type(layer).__name__ for path, layer in self.model_spec.named_layers()
+                     for key in layer.param_shapes()}  # fmt: skip
+        self.frozen, self.param_groups = resolve_groups(
+            {name: types.get(name) for name in names}, self.optimizer_spec, self.lr_schedule,
+            self._frozen_patterns, self._group_options,
+        )  # fmt: skip
+        self._group_of = {name: group for group in self.param_groups for name in group.names}
+        return self.param_groups
+
+    def _state_names(self, param: str) -> tuple[str, ...]:
+        """The optimizer buffers of a trainable parameter (its group's spec's ``state_names``)."""
+        return self._group_of[param].spec.state_names
+
     # --- the tutorial-shaped step ---------------------------------------------------------
 
     def zero_grad(self) -> None:
@@ -441,6 +487,8 @@ class TrainingLoop(ABC):
         """Use ``lr`` from the next update on (a schedule's zero included)."""
         if isinstance(lr, bool) or not isinstance(lr, (int, float, np.floating)) or not math.isfinite(lr) or lr < 0:
             raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+        for group in self.param_groups:  # every group keeps its lr's ratio to the spec's
+            group.lr = float(lr) * (group.spec.lr / self.optimizer_spec.lr) if group.options else float(lr)
         self._set_lr(float(lr))
         self.lr = float(lr)
 
@@ -454,18 +502,30 @@ class TrainingLoop(ABC):
         momentum, where it cycles it)."""
         if self._scheduler is None:
             raise ValueError("this loop has no lr_schedule")
-        self._scheduler.seek(position)
+        for scheduler in self._schedulers():
+            scheduler.seek(position)
         self._follow_schedule()
 
     def _step_schedule(self) -> None:
-        self._scheduler.step()
+        for scheduler in self._schedulers():
+            scheduler.step()
         self._follow_schedule()
 
+    def _schedulers(self):
+        return [self._scheduler, *(group.scheduler for group in self.param_groups or ())]
+
     def _follow_schedule(self) -> None:
-        """Train with the schedule's lr, and its momentum where it cycles it."""
-        if self._scheduler.lr != self.lr:
-            self.set_lr(self._scheduler.lr)
+        """Train with the schedule's lr (each group with its own scheduler's), and its momentum
+        where it cycles it."""
+        groups = self.param_groups or ()
+        if self._scheduler.lr != self.lr or any(group.scheduler.lr != group.lr for group in groups):
+            for group in groups:
+                group.lr = group.scheduler.lr
+            self._set_lr(self._scheduler.lr)
+            self.lr = self._scheduler.lr
         if self._scheduler.momentum is not None:
+            for group in groups:
+                group.momentum = self._scheduler.momentum
             self._set_momentum(self._scheduler.momentum)
             self.momentum = self._scheduler.momentum
 
@@ -569,6 +629,8 @@ class TrainingLoop(ABC):
         extensions: Iterable[Any] = (),
         start_epoch: int = 0,
         start_batch: int = 0,
+        accumulate_grad_batches: int = 1,
+        early_stopping: EarlyStopping | None = None,
     ) -> list[dict[str, float]]:
         """Train for ``epochs`` epochs (or until ``max_steps`` optimizer steps in total).
 
@@ -593,39 +655,80 @@ class TrainingLoop(ABC):
         ``start_epoch`` / ``start_batch`` resume a run: training begins at that batch of that
         epoch (0-based), in the order an uninterrupted run would have used (``train_loss`` and
         ``train_accuracy`` of the resumed epoch then cover its remaining batches).
+
+        ``accumulate_grad_batches=K`` (Lightning's name and rule): each optimizer step applies the
+        gradients of K consecutive batches of an epoch, each batch's loss divided by K (an epoch's
+        last step may have fewer batches; it is still divided by K); ``steps``, ``max_steps``,
+        the schedules and ``on_step_end`` count optimizer steps (whose loss is the mean of its
+        batches' losses), and a resume starts at a step's first batch. BatchNorm normalises each
+        batch with its own statistics.
+
+        ``early_stopping`` (:class:`~unitrain.controls.EarlyStopping`) watches a metric of the
+        epoch records and stops after the epoch whose record exhausts its patience (setting
+        :attr:`stop_training` before the extensions' ``on_epoch_end``); the history keeps every
+        epoch trained. :attr:`early_stopping` holds the best value, epoch and weights, which are
+        loaded at the end with ``restore_best_weights``. A loop whose ``early_stopping`` state a
+        checkpoint restored (same spec) continues it.
         """
         train_data = ArrayDataset.of(train_data)
         evaluated = {prefix: ArrayDataset.of(data) for prefix, data in (("val", val_data), ("test", eval_data))
                      if data is not None}  # fmt: skip
         _check_count("epochs", epochs, minimum=0)
         _check_count("batch_size", batch_size, minimum=1)
+        _check_count("accumulate_grad_batches", accumulate_grad_batches, minimum=1)
+        group = accumulate_grad_batches
         if max_steps is not None:
             _check_count("max_steps", max_steps, minimum=0)
+        if group > 1 and self.world_size > 1:
+            raise ValueError("accumulate_grad_batches > 1 is not available in data-parallel runs; "
+                             "a larger global batch is the same")  # fmt: skip
+        if start_batch % group:
+            raise ValueError(f"start_batch {start_batch} is inside an optimizer step of {group} batches; "
+                             f"a resume starts at a multiple of {group}")  # fmt: skip
+        count_correct = self._class_indices(np.asarray(train_data.y))
+        if early_stopping is not None:
+            if not isinstance(early_stopping, EarlyStopping):
+                raise TypeError(f"early_stopping must be a unitrain.controls.EarlyStopping, got {early_stopping!r}")
+            early_stopping.check_available("val" in evaluated, "test" in evaluated, count_correct)
+            if self.early_stopping is None or self.early_stopping.spec != early_stopping:
+                self.early_stopping = EarlyStoppingState(early_stopping)
         extensions = list(extensions)
-        steps_per_epoch = train_data.num_batches(batch_size)
+        batches_per_epoch = train_data.num_batches(batch_size)
+        steps_per_epoch = -(-batches_per_epoch // group)
         self._check_schedule_length(
             epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
         )
-        count_correct = self._class_indices(np.asarray(train_data.y))
-        _call(extensions, "on_fit_start", self, {"epochs": epochs, "steps_per_epoch": steps_per_epoch})
+        _call(extensions, "on_fit_start", self, {"epochs": epochs, "steps_per_epoch": batches_per_epoch})
         history = []
+        self.stop_training = bool(self.early_stopping is not None and self.early_stopping.stopped and early_stopping)
         try:
             for epoch in range(start_epoch, epochs):
-                if max_steps is not None and self.step_count >= max_steps:
+                if (max_steps is not None and self.step_count >= max_steps) or self.stop_training:
                     break
                 self.train()
                 _call(extensions, "on_epoch_start", self, epoch)
                 losses, corrects, seen, started, epoch_lr = [], [], 0, time.perf_counter(), self.lr
                 first = start_batch if epoch == start_epoch else 0
                 batches = train_data.batches(batch_size, shuffle=shuffle, seed=self.seed, epoch=epoch, start=first)
+                pending = []  # an accumulated step's batches: (index, x, y)
                 for index, (x, y) in enumerate(batches, start=first):
                     if max_steps is not None and self.step_count >= max_steps:
                         break
-                    loss = self.step((x, y))
+                    if group > 1:
+                        pending.append((index, x, y))
+                        if len(pending) < group and index + 1 < batches_per_epoch:
+                            continue
+                        loss, correct = self._accumulated_step(pending, group, count_correct)
+                        seen += sum(len(x) for _, x, _ in pending)
+                        pending = []
+                    else:
+                        loss = self.step((x, y))
+                        if count_correct:
+                            correct = self._shard_correct if self.world_size > 1 else self._step_correct(y)
+                        seen += len(x)
                     losses.append(loss)
                     if count_correct:
-                        corrects.append(self._shard_correct if self.world_size > 1 else self._step_correct(y))
-                    seen += len(x)
+                        corrects.append(correct)
                     if self._scheduler is not None and self.lr_schedule.per_batch:
                         self._step_schedule()
                     _call(extensions, "on_step_end", self, index, loss)
@@ -645,13 +748,35 @@ class TrainingLoop(ABC):
                         record[f"{prefix}_loss"] = metrics["loss"]
                         record[f"{prefix}_accuracy"] = metrics["accuracy"]
                 history.append(record)
-                completed = first + len(losses) == steps_per_epoch
+                completed = first // group + len(losses) == steps_per_epoch
                 if self._scheduler is not None and not self.lr_schedule.per_batch and completed:
                     self._step_schedule()
+                if early_stopping is not None and completed:
+                    self.stop_training = self.early_stopping.update(record, self.state_dict)
                 _call(extensions, "on_epoch_end", self, record)
         finally:
             _call(extensions, "finalize", self)
+        if early_stopping is not None and early_stopping.restore_best_weights and self.early_stopping.best_weights:
+            self.load_state_dict(self.early_stopping.best_weights, source="early stopping's best weights")
         return history
+
+    def _accumulated_step(self, batches, group: int, count_correct: bool) -> tuple[Any, Any]:
+        """One optimizer step on the gradients of ``batches`` (``(index, x, y)``), each batch's
+        loss divided by ``group``; returns the mean of the batches' losses and the number of
+        correct training predictions (native scalars; None when not counted)."""
+        self.zero_grad()
+        losses, correct = [], 0 if count_correct else None
+        for _, x, y in batches:
+            pred = self.forward(x)
+            loss = self.loss(pred, y)
+            self.backward(loss)
+            losses.append(loss)
+            if count_correct:
+                counted = self._count_correct(pred, self._check_y(y, len(x), x.shape[1:]))
+                correct = None if counted is None or correct is None else correct + counted
+        self._scale_gradients(1 / group)
+        self.update()
+        return sum(self.to_float(loss) for loss in losses) / len(losses), correct
 
     def _check_schedule_length(self, planned_steps: int) -> None:
         """OneCycleLR is defined for its total_steps only (PyTorch raises past them): refuse a
@@ -673,8 +798,8 @@ class TrainingLoop(ABC):
         return self._state_dict()
 
     def gradients(self) -> dict[str, np.ndarray]:
-        """Accumulated gradients (NumPy copies) by parameter name."""
-        return self._gradients()
+        """Accumulated gradients (NumPy copies) by name of the trainable (not frozen) parameters."""
+        return {name: grad for name, grad in self._gradients().items() if name not in self.frozen}
 
     def load_state_dict(self, state: Mapping[str, np.ndarray], source: str = "state") -> None:
         weights_io.check_state(self.state_shapes(), state, source)
@@ -696,10 +821,12 @@ class TrainingLoop(ABC):
         self.load_state_dict(tensors, source=str(path))
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Trainable parameters' names and shapes (the keys of :meth:`gradients`)."""
+        """Trainable parameters' names and shapes (the keys of :meth:`gradients`: frozen ones left out)."""
         if self.model_spec is not None:
-            return self.model_spec.param_shapes()
-        return {key: value.shape for key, value in self._gradients().items()}
+            shapes = self.model_spec.param_shapes()
+        else:
+            shapes = {key: value.shape for key, value in self._gradients().items()}
+        return {key: shape for key, shape in shapes.items() if key not in self.frozen}
 
     def optimizer_state_dict(self) -> dict[str, np.ndarray]:
         return self._optimizer_state_dict()
@@ -707,11 +834,11 @@ class TrainingLoop(ABC):
     def load_optimizer_state_dict(self, state: Mapping[str, np.ndarray], source: str = "optimizer state") -> None:
         """Restore optimizer buffers and the step count. Each parameter has all of the spec's
         ``state_names`` buffers or none (not created yet)."""
-        names = self.update_spec.state_names
         shapes = self.param_shapes()
-        expected = {f"{param}.{name}": shape for param, shape in shapes.items() for name in names}
+        expected = {f"{param}.{name}": shape for param, shape in shapes.items() for name in self._state_names(param)}
         unknown = sorted(set(state) - set(expected) - {"step"})
         if "step" not in state or unknown:
+            names = sorted({name for param in shapes for name in self._state_names(param)})
             raise weights_io.WeightsError(
                 f"{source} does not fit {self.update_spec}: it needs 'step' and keys among "
                 f"'<param>.{{{', '.join(names)}}}'; missing 'step'={'step' not in state}, unexpected {unknown}"
@@ -722,6 +849,7 @@ class TrainingLoop(ABC):
                     f"{source}: {key!r} has shape {tuple(np.shape(value))}, the model expects {tuple(expected[key])}"
                 )
         for param in shapes:
+            names = self._state_names(param)
             present = [name for name in names if f"{param}.{name}" in state]
             if present and len(present) != len(names):
                 raise weights_io.WeightsError(f"{source}: {param!r} has buffers {present}, needs all of {list(names)}")
