@@ -155,6 +155,7 @@ class TorchLoop(TrainingLoop):
         groups = self._resolve_controls(self._params)
         for name in self.frozen:  # as a fine-tuning tutorial freezes: no gradient, left out of the optimizer
             self._params[name].requires_grad_(False)
+
         # torch.optim's param groups, each with its spec's arguments (every spec field is the
         # torch.optim class's argument of the same name; the spec as a cycling OneCycleLR leaves it);
         # the run's spec's are the defaults too (Adagrad fills its sums from them at construction)
