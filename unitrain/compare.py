@@ -222,9 +222,9 @@ def _train_native(native_loop, evaluator, recorder, train_data, test_data, *, se
 
 
 def planned_steps(data: ArrayDataset, *, epochs: int = 1, batch_size: int = 64, max_steps: int | None = None,
-                  **_: Any) -> int:  # fmt: skip
+                  accumulate_grad_batches: int = 1, **_: Any) -> int:  # fmt: skip
     """How many optimizer steps :meth:`~unitrain.TrainingLoop.fit` takes with these options."""
-    steps = epochs * data.num_batches(batch_size)
+    steps = epochs * -(-data.num_batches(batch_size) // accumulate_grad_batches)
     return steps if max_steps is None else min(steps, max_steps)
 
 

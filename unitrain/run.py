@@ -18,6 +18,8 @@ from Python. A recipe is the run's :meth:`~Run.to_dict` in TOML (``unitrain trai
     seed = 0
     lr_schedule = "StepLR(step_size=1, gamma=0.7)"   # optional, as are clip_grad_norm,
                                                      # clip_grad_value, max_steps, init_weights
+    frozen = ["0"]                # optional: parameters or layers left untrained (unitrain.controls)
+    accumulate_grad_batches = 1   # optional: batches per optimizer step
     [data]
     dataset = "fashion-mnist"     # a packaged dataset, or the path of your own
     val_split = 0
@@ -29,6 +31,14 @@ from Python. A recipe is the run's :meth:`~Run.to_dict` in TOML (``unitrain trai
     type = "SGD"                  # PyTorch's class name; every argument explicit
     lr = 0.01
     ...
+
+    [[param_groups]]              # optional, repeatable: options of the optimizer for some parameters
+    params = ["*.bias", "BatchNorm2d"]
+    weight_decay = 0.0
+
+    [early_stopping]              # optional: unitrain.controls.EarlyStopping's fields
+    monitor = "val_loss"
+    patience = 3
 
 A field left out takes its default; an unknown one is an error (a misspelt name would otherwise
 be silently ignored). Relative paths are relative to the current directory, as on the command line.
@@ -48,6 +58,7 @@ from typing import Any
 import numpy as np
 
 from . import optim, registry
+from .controls import EarlyStopping, resolve_groups
 from .data import MAX_DATA_BYTES, DataError
 from .datasets import load_datasets
 from .layers import MODEL_PATTERN, model_from_name
@@ -142,8 +153,9 @@ class Run:
     ``package.module:function`` returning a spec; ``loss``: a name of :data:`unitrain.losses.LOSSES`;
     ``optimizer``: a spec of :mod:`unitrain.optim`; ``lr_schedule``: a spec of
     :mod:`unitrain.schedules` or its text; ``init_weights``: a safetensors file to start from
-    (None: :func:`~unitrain.weights.init_weights` of the seed). Invalid values raise
-    :class:`RunError` naming the field."""
+    (None: :func:`~unitrain.weights.init_weights` of the seed); ``frozen``, ``param_groups``,
+    ``accumulate_grad_batches`` and ``early_stopping``: the training controls of
+    :mod:`unitrain.controls`. Invalid values raise :class:`RunError` naming the field."""
 
     model: str = "mlp"
     data: DataSpec = field(default_factory=DataSpec)
@@ -158,6 +170,10 @@ class Run:
     shuffle: bool = True
     seed: int = 0
     init_weights: str | None = None
+    frozen: tuple[str, ...] = ()
+    param_groups: tuple[Mapping[str, Any], ...] = ()
+    accumulate_grad_batches: int = 1
+    early_stopping: EarlyStopping | None = None
 
     def __post_init__(self):
         _require(isinstance(self.model, str) and re.fullmatch(MODEL_PATTERN, self.model) is not None, "model",
@@ -188,6 +204,60 @@ class Run:
         _require(_is_int(self.seed, 0), "seed", self.seed, "an integer >= 0")
         _require(self.init_weights is None or isinstance(self.init_weights, str), "init_weights", self.init_weights,
                  "the path of a safetensors file")  # fmt: skip
+        self._check_controls()
+
+    def _check_controls(self) -> None:
+        """The training controls' shapes and values; :meth:`check_parameters` matches them to the model."""
+        frozen = [self.frozen] if isinstance(self.frozen, str) else self.frozen
+        _require(isinstance(frozen, (list, tuple)) and all(isinstance(p, str) and p for p in frozen), "frozen",
+                 self.frozen, "a list of parameter names, layer paths or globs")  # fmt: skip
+        object.__setattr__(self, "frozen", tuple(frozen))
+        _require(isinstance(self.param_groups, (list, tuple)), "param_groups", self.param_groups, "a list of tables")
+        groups = []
+        for index, group in enumerate(self.param_groups):
+            where = f"param_groups[{index}]"
+            _require(isinstance(group, Mapping) and "params" in group, where, group,
+                     "a table with params and optimizer options")  # fmt: skip
+            params = [group["params"]] if isinstance(group["params"], str) else group["params"]
+            _require(isinstance(params, (list, tuple)) and len(params) > 0 and all(isinstance(p, str) and p
+                     for p in params), f"{where}.params", group["params"], "a list of patterns")  # fmt: skip
+            groups.append(
+                {
+                    **group,
+                    "params": list(params),
+                    **({"betas": list(group["betas"])} if isinstance(group.get("betas"), tuple) else {}),
+                }
+            )
+        object.__setattr__(self, "param_groups", tuple(groups))
+        _require(_is_int(self.accumulate_grad_batches, 1), "accumulate_grad_batches", self.accumulate_grad_batches,
+                 "an integer >= 1")  # fmt: skip
+        if isinstance(self.early_stopping, Mapping):
+            try:
+                object.__setattr__(self, "early_stopping", EarlyStopping(**self.early_stopping))
+            except (TypeError, ValueError) as error:
+                raise RunError(f"early_stopping: {error}") from None
+        _require(self.early_stopping is None or isinstance(self.early_stopping, EarlyStopping), "early_stopping",
+                 self.early_stopping, "an EarlyStopping or a table of its fields")  # fmt: skip
+        if self.early_stopping is not None:
+            try:
+                self.early_stopping.check_available(self.data.val_split > 0, True, LOSSES[self.loss].class_targets)
+            except ValueError as error:
+                raise RunError(str(error)) from None
+        try:  # the groups' options against the optimizer (the parameters they name: check_parameters)
+            resolve_groups({}, self.optimizer, self.lr_schedule, (), [{**g, "params": []} for g in self.param_groups])
+        except ValueError as error:
+            raise RunError(str(error)) from None
+
+    def check_parameters(self) -> None:
+        """RunError unless every pattern of ``frozen`` and ``param_groups`` names parameters of the
+        model, and no parameter is in two groups (imports a ``package.module:function`` model)."""
+        spec = self.model_spec()
+        types = {f"{path}.{key}": type(layer).__name__ for path, layer in spec.named_layers()
+                 for key in layer.param_shapes()}  # fmt: skip
+        try:
+            resolve_groups(types, self.optimizer, self.lr_schedule, self.frozen, self.param_groups)
+        except ValueError as error:
+            raise RunError(str(error)) from None
 
     # --- as a value ---------------------------------------------------------------------------
 
@@ -201,6 +271,9 @@ class Run:
             "lr_schedule": None if self.lr_schedule is None else str(self.lr_schedule),
             "clip_grad_norm": self.clip_grad_norm, "clip_grad_value": self.clip_grad_value,
             "data": self.data.to_dict(), "optimizer": self.optimizer.to_config(),
+            "frozen": list(self.frozen) or None, "param_groups": [dict(group) for group in self.param_groups] or None,
+            "accumulate_grad_batches": self.accumulate_grad_batches if self.accumulate_grad_batches > 1 else None,
+            "early_stopping": None if self.early_stopping is None else self.early_stopping.to_dict(),
         }  # fmt: skip
         return {key: value for key, value in values.items() if value is not None}
 
@@ -245,12 +318,14 @@ class Run:
             "loss": None if self.loss == "cross-entropy" else LOSSES[self.loss](),
             "optimizer": self.optimizer, "seed": self.seed, "lr_schedule": self.lr_schedule,
             "clip_grad_norm": self.clip_grad_norm, "clip_grad_value": self.clip_grad_value,
+            "frozen": self.frozen, "param_groups": self.param_groups,
         }  # fmt: skip
 
     def fit_options(self) -> dict[str, Any]:
         """:meth:`~unitrain.TrainingLoop.fit`'s arguments that the run decides."""
         return {"epochs": self.epochs, "batch_size": self.batch_size, "shuffle": self.shuffle,
-                "max_steps": self.max_steps}  # fmt: skip
+                "max_steps": self.max_steps, "accumulate_grad_batches": self.accumulate_grad_batches,
+                "early_stopping": self.early_stopping}  # fmt: skip
 
     def initial_weights(self) -> dict | None:
         """``init_weights``' tensors, checked against the model from the file's header before
@@ -407,4 +482,8 @@ _RUN_SCHEMA = {
     "shuffle": Optional(bool),
     "seed": Optional(Int()),
     "init_weights": Optional(Nullable(Text(".+"))),
+    "frozen": Optional(list),
+    "param_groups": Optional(list),
+    "accumulate_grad_batches": Optional(Int(1)),
+    "early_stopping": Optional(dict),
 }
