@@ -771,6 +771,11 @@ def _train(args, run: Run, loop, initial, resume, data, show_progress: bool) -> 
         return 1
     if not lead:
         return 0
+    if (stopping := loop.early_stopping) is not None and stopping.best is not None:
+        kept = "loaded" if stopping.spec.restore_best_weights else "kept in the checkpoints"
+        how = f"stopped early after epoch {history[-1]['epoch']}: " if loop.stop_training else ""
+        print(f"unitrain: {how}the best {stopping.spec.monitor} {stopping.best:.4f} was epoch {stopping.best_epoch}'s; "
+              f"its weights are {kept}")  # fmt: skip
     if not history:  # --epochs 0 or --max-steps 0: still report the model as it is
         metrics = loop.evaluate(test_data)
         print(

@@ -104,6 +104,8 @@ def resolve_groups(
         options = {key: value for key, value in group.items() if key != "params"}
         patterns = [group["params"]] if isinstance(group["params"], str) else list(group["params"])
         names = [name for name in _selected(patterns, layer_types, where) if name not in frozen_names]
+        if patterns and not names:
+            raise ValueError(f"{where}: every parameter it names is frozen; a frozen parameter has no optimizer")
         for name in names:
             if name in owner:
                 raise ValueError(f"{where}: parameter {name!r} is in param_groups[{owner[name]}] too; "
