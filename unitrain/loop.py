@@ -96,6 +96,14 @@ Gradient clipping (``clip_grad_norm=`` or ``clip_grad_value=``, not both) happen
 (total 2-norm + 1e-6))``, :func:`~unitrain.optim.clip_grad_norm_scale`), or by value (each
 element clamped to ``[-v, v]``); natively where the framework has it.
 
+Training controls (capability ``training-controls``, :mod:`unitrain.controls`): ``frozen=``
+patterns name parameters that get no update, no optimizer state and no entry in ``gradients()``
+or clipping (BatchNorm's running statistics, buffers, still follow training mode);
+``param_groups=`` gives some parameters their own optimizer options, each group with its own lr
+(``param_groups[i].lr``) and scheduler; ``fit(accumulate_grad_batches=K)`` makes one optimizer
+step from K batches, each batch's loss divided by K; ``fit(early_stopping=EarlyStopping(...))``
+stops on a monitored metric and keeps the best weights.
+
 Randomness: dropout masks come from the loop's own random stream, started from ``seed``; the
 user's global RNGs are neither reset nor advanced where the framework allows. With the
 ``random-state`` capability, ``random_state()`` captures that stream as ``{key: uint8 array}``,
