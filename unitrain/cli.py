@@ -29,7 +29,7 @@ from .loop import InputError
 from .losses import LOSSES
 from .optim import OPTIMIZERS
 from .reading import path_problem
-from .run import DataSpec, Run, RunError, load_recipe
+from .run import TASKS, DataSpec, Run, RunError, load_recipe
 from .schedules import parse_schedule
 from .signals import ending_on_signals, interrupted
 from .weights import WeightsError, check_state, load_safetensors
@@ -296,6 +296,9 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="normalise with this mean and std, one number or one per channel, comma-separated "
         "('0.1307/0.3081'; default: the packaged dataset's, or your training set's)",
     )  # fmt: skip
+    parser.add_argument("--task", choices=TASKS, default=unset,
+                        help="what the targets are: class indices (default), an .npz's y (regression, multi-label: "
+                        "0/1 vectors) or the input itself (reconstruction)")  # fmt: skip
     parser.add_argument("--resize", type=_size, default=unset, metavar="HxW", help="resize samples (bilinear)")
     parser.add_argument("--pad", type=_int_at_least(0), default=unset, metavar="N",
                         help="pad samples by N pixels of black on every side (after --resize)")  # fmt: skip

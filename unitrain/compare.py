@@ -231,11 +231,16 @@ def planned_steps(data: ArrayDataset, *, epochs: int = 1, batch_size: int = 64, 
 def format_report(results: Sequence[dict[str, Any]], num_test: int) -> str:
     """The results as a table, one row per backend."""
     first = results[0]["backend"]
-    header = ("backend", "version", "test accuracy by epoch", "test loss", "samples/s",
+    # value targets (regression, reconstruction) have no accuracy: their test MSE by epoch instead
+    errors = all("test_mse" in record for result in results for record in result["history"]) and any(
+        result["history"] for result in results
+    )
+    header = ("backend", "version", f"test {'mse' if errors else 'accuracy'} by epoch", "test loss", "samples/s",
               f"max |Δw| vs {first}", f"same predictions as {first}")  # fmt: skip
     rows = [header]
     for result in results:
-        accuracies = " ".join(f"{100 * record['test_accuracy']:.2f}%" for record in result["history"])
+        accuracies = " ".join(f"{record['test_mse']:.4g}" if errors else f"{100 * record['test_accuracy']:.2f}%"
+                              for record in result["history"])  # fmt: skip
         rows.append((
             result.get("label", result["backend"]),
             result["version"] or "-",

@@ -41,7 +41,8 @@ from .optim import momentum as momentum_of
 from .schedules import LRSchedule, scheduled_optimizer
 
 #: the metrics an epoch record may hold, which early stopping can monitor
-METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "test_loss", "test_accuracy")
+METRICS = ("train_loss", "train_accuracy", *(f"{split}_{metric}" for split in ("val", "test")
+                                              for metric in ("loss", "accuracy", "mse", "mae")))  # fmt: skip
 
 
 def matches(pattern: str, name: str, layer_type: str | None = None) -> bool:
@@ -162,13 +163,14 @@ class EarlyStopping:
 
     @property
     def maximize(self) -> bool:
-        return self.mode == "max" or (self.mode == "auto" and self.monitor.endswith("accuracy"))
+        return self.mode == "max" or (self.mode == "auto" and self.monitor.endswith("accuracy"))  # errors: min
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def check_available(self, has_validation: bool, has_test: bool, class_targets: bool) -> None:
-        """ValueError when the runs' records cannot hold the monitored metric."""
+    def check_available(self, has_validation: bool, has_test: bool, class_targets: bool, values: bool) -> None:
+        """ValueError when the runs' records cannot hold the monitored metric (``class_targets``:
+        accuracies are measured; ``values``: mean squared and absolute errors are)."""
         split, _, kind = self.monitor.partition("_")
         missing = {"val": not has_validation, "test": not has_test}.get(split, False)
         if missing:
@@ -176,6 +178,9 @@ class EarlyStopping:
             raise ValueError(f"early_stopping.monitor: {self.monitor} needs {source}, which the run does not have")
         if kind == "accuracy" and not class_targets:
             raise ValueError(f"early_stopping.monitor: {self.monitor} needs integer class targets; "
+                             f"monitor {split}_loss instead")  # fmt: skip
+        if kind in ("mse", "mae") and not values:
+            raise ValueError(f"early_stopping.monitor: {self.monitor} needs an elementwise loss on value targets; "
                              f"monitor {split}_loss instead")  # fmt: skip
 
 

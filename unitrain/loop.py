@@ -153,7 +153,7 @@ from .controls import EarlyStopping, EarlyStoppingState, ParamGroup, resolve_gro
 from .data import ArrayDataset
 from .distributed import shard
 from .layers import Container, _BatchNorm
-from .losses import CrossEntropyLoss, CustomLoss, Loss
+from .losses import BCEWithLogitsLoss, CrossEntropyLoss, CustomLoss, Loss
 from .optim import SGD, Optimizer
 from .optim import momentum as momentum_of
 from .schedules import LRSchedule, scheduled_optimizer
@@ -599,9 +599,18 @@ class TrainingLoop(ABC):
 
     def evaluate(self, dataset: ArrayDataset | tuple, batch_size: int = 1000) -> dict[str, float]:
         """``{"loss", "accuracy", "num_correct", "num_samples"}`` over the whole dataset in eval
-        mode; ``loss`` is the mean per-sample loss whatever the loss spec's reduction."""
+        mode; ``loss`` is the mean per-sample loss whatever the loss spec's reduction. What the
+        targets are decides the rest (:meth:`_measures`): ``accuracy`` counts ``argmax(pred) == y``
+        for class indices, ``argmax(pred) == argmax(y)`` for class probabilities of the class
+        losses and one-hot targets of the other elementwise losses, and for ``BCEWithLogitsLoss``
+        the share of labels whose logit's sign matches the 0/1 target (Keras'
+        ``binary_accuracy``); NaN otherwise (a CustomLoss, regression). The elementwise losses but
+        ``BCEWithLogitsLoss`` add ``mse`` and ``mae``, the mean squared and absolute errors per
+        element."""
         dataset = ArrayDataset.of(dataset)
-        total_loss, correct = 0.0, 0
+        total_loss, correct, squared, absolute = 0.0, 0, 0.0, 0.0
+        accuracy, errors = self._measures(np.asarray(dataset.y))
+        class_indices = self._class_indices(np.asarray(dataset.y))
         with _eval_mode(self):
             for x, y in dataset.batches(batch_size):
                 x, y = self._check_batch((x, y))
@@ -611,18 +620,45 @@ class TrainingLoop(ABC):
                     continue
                 batch_loss, batch_correct = self._evaluate_batch(x, y)
                 total_loss += batch_loss
-                correct += batch_correct
+                if class_indices:
+                    correct += batch_correct
+                elif accuracy or errors:  # measured from the predictions, in float64
+                    pred, target = self._predict(x).astype(np.float64), y.astype(np.float64)
+                    if isinstance(self.loss_spec, BCEWithLogitsLoss):
+                        correct += int(((pred > 0) == (target > 0.5)).sum())
+                    elif accuracy:
+                        correct += int((pred.argmax(1) == target.argmax(1)).sum())
+                    if errors:
+                        squared += float(np.square(pred - target).sum())
+                        absolute += float(np.abs(pred - target).sum())
         n = len(dataset)
         per_sample = total_loss / n if n else float("nan")
+        elements = max(1, int(np.prod(dataset.y.shape[1:])))
         if not self.loss_spec.class_targets and not isinstance(self.loss_spec, CustomLoss):
-            per_sample /= max(1, int(np.prod(dataset.y.shape[1:])))  # elementwise losses average elements
-        class_indices = self.loss_spec.class_targets and np.asarray(dataset.y).dtype.kind in "iu"
-        return {
+            per_sample /= elements  # elementwise losses average elements
+        counted = n * elements if isinstance(self.loss_spec, BCEWithLogitsLoss) else n
+        metrics = {
             "loss": per_sample,
-            "accuracy": correct / n if n and class_indices else float("nan"),
+            "accuracy": correct / counted if counted and accuracy else float("nan"),
             "num_correct": correct,
             "num_samples": n,
         }
+        if errors:
+            metrics["mse"] = squared / (n * elements) if n else float("nan")
+            metrics["mae"] = absolute / (n * elements) if n else float("nan")
+        return metrics
+
+    def _measures(self, y: np.ndarray) -> tuple[bool, bool]:
+        """``(accuracy, errors)``: whether :meth:`evaluate` measures an accuracy and the mean
+        squared and absolute errors for targets like ``y``."""
+        if isinstance(self.loss_spec, CustomLoss):
+            return False, False
+        if self.loss_spec.class_targets:
+            return True, False
+        if isinstance(self.loss_spec, BCEWithLogitsLoss):
+            return True, False
+        one_hot = y.ndim == 2 and y.size > 0 and bool(np.isin(y, (0, 1)).all() and (y.sum(1) == 1).all())
+        return one_hot, True
 
     def fit(
         self,
@@ -697,7 +733,8 @@ class TrainingLoop(ABC):
         if early_stopping is not None:
             if not isinstance(early_stopping, EarlyStopping):
                 raise TypeError(f"early_stopping must be a unitrain.controls.EarlyStopping, got {early_stopping!r}")
-            early_stopping.check_available("val" in evaluated, "test" in evaluated, count_correct)
+            accuracy, errors = self._measures(np.asarray(train_data.y))
+            early_stopping.check_available("val" in evaluated, "test" in evaluated, accuracy, errors)
             if self.early_stopping is None or self.early_stopping.spec != early_stopping:
                 self.early_stopping = EarlyStoppingState(early_stopping)
         extensions = list(extensions)
@@ -755,6 +792,7 @@ class TrainingLoop(ABC):
                         metrics = self.evaluate(data)
                         record[f"{prefix}_loss"] = metrics["loss"]
                         record[f"{prefix}_accuracy"] = metrics["accuracy"]
+                        record.update({f"{prefix}_{key}": metrics[key] for key in ("mse", "mae") if key in metrics})
                 history.append(record)
                 completed = first // group + len(losses) == steps_per_epoch
                 if self._scheduler is not None and not self.lr_schedule.per_batch and completed:

@@ -26,6 +26,7 @@ from Python. A recipe is the run's :meth:`~Run.to_dict` in TOML (``unitrain trai
     pad = 0                       # optional: normalize = {mean = [...], std = [...]}, resize = [H, W]
     random_crop_padding = 0
     random_horizontal_flip = false
+    task = "classification"       # or regression, multi-label (an .npz of x, y), reconstruction (y = x)
 
     [optimizer]
     type = "SGD"                  # PyTorch's class name; every argument explicit
@@ -60,12 +61,15 @@ import numpy as np
 from . import optim, registry
 from .controls import EarlyStopping, resolve_groups
 from .data import MAX_DATA_BYTES, DataError
-from .datasets import load_datasets
+from .datasets import load_datasets, load_target_arrays
 from .layers import MODEL_PATTERN, model_from_name
 from .losses import LOSSES
 from .reading import Int, Nullable, Number, OneOf, Optional, Text, check_json, path_problem, read_capped, short
 from .schedules import LRSchedule, parse_schedule, scheduled_optimizer
 from .weights import check_state, load_safetensors
+
+#: what a run's targets are (DataSpec.task)
+TASKS = ("classification", "regression", "multi-label", "reconstruction")
 
 
 class RunError(ValueError):
@@ -89,7 +93,14 @@ class DataSpec:
     (``(mean, std)`` per channel; None: the packaged dataset's own, or your training set's),
     then ``resize`` (``(height, width)``, bilinear), then ``pad`` (pixels of normalised black on
     every side). Random ones, on training batches only: ``random_crop_padding`` (torchvision's
-    ``RandomCrop(size, padding)``) and ``random_horizontal_flip``."""
+    ``RandomCrop(size, padding)``) and ``random_horizontal_flip``.
+
+    ``task``: what the targets are. ``classification``: class indices (one-hot vectors for the
+    elementwise losses). ``regression`` and ``multi-label``: the dataset is an .npz of ``x_train,
+    y_train, x_test, y_test`` of any shapes, taken as given
+    (:func:`~unitrain.datasets.load_target_arrays`; multi-label's ``y`` are 0/1 vectors, for
+    ``bce-with-logits``). ``reconstruction``: the target is the (transformed) input itself,
+    reshaped to the model's output (autoencoders)."""
 
     dataset: str = "mnist"
     data_dir: str | None = None
@@ -99,6 +110,7 @@ class DataSpec:
     pad: int = 0
     random_crop_padding: int = 0
     random_horizontal_flip: bool = False
+    task: str = "classification"
 
     def __post_init__(self):
         _require(isinstance(self.dataset, str) and self.dataset != "", "data.dataset", self.dataset,
@@ -108,6 +120,20 @@ class DataSpec:
             _require(_is_int(getattr(self, name), 0), f"data.{name}", getattr(self, name), "an integer >= 0")
         _require(isinstance(self.random_horizontal_flip, bool), "data.random_horizontal_flip",
                  self.random_horizontal_flip, "true or false")  # fmt: skip
+        _require(self.task in TASKS, "data.task", self.task, f"one of {', '.join(TASKS)}")
+        if self.task in ("regression", "multi-label"):
+            image_only = [name for name in ("normalize", "resize") if getattr(self, name) is not None]
+            image_only += [name for name in ("pad", "random_crop_padding", "random_horizontal_flip")
+                           if getattr(self, name)]  # fmt: skip
+            _require(not image_only, "data", f"{self.task} with {', '.join(image_only)}",
+                     "no image transforms: regression and multi-label arrays are used as given")  # fmt: skip
+        if self.task == "reconstruction":
+            _require(
+                not (self.random_crop_padding or self.random_horizontal_flip),
+                "data",
+                "reconstruction with random augmentation",
+                "no random transforms (the target is the input)",
+            )
         if self.resize is not None:
             object.__setattr__(self, "resize", tuple(self.resize))
             _require(len(self.resize) == 2 and all(_is_int(side, 1) for side in self.resize), "data.resize",
@@ -129,6 +155,7 @@ class DataSpec:
             "dataset": self.dataset, "data_dir": self.data_dir, "val_split": self.val_split, "normalize": normalize,
             "resize": None if self.resize is None else list(self.resize), "pad": self.pad,
             "random_crop_padding": self.random_crop_padding, "random_horizontal_flip": self.random_horizontal_flip,
+            "task": None if self.task == "classification" else self.task,
         }  # fmt: skip
         return {key: value for key, value in values.items() if value is not None}
 
@@ -240,7 +267,8 @@ class Run:
                  self.early_stopping, "an EarlyStopping or a table of its fields")  # fmt: skip
         if self.early_stopping is not None:
             try:
-                self.early_stopping.check_available(self.data.val_split > 0, True, LOSSES[self.loss].class_targets)
+                classes = LOSSES[self.loss].class_targets and self.data.task == "classification"
+                self.early_stopping.check_available(self.data.val_split > 0, True, classes, not classes)
             except ValueError as error:
                 raise RunError(str(error)) from None
         try:  # the groups' options against the optimizer (the parameters they name: check_parameters)
@@ -342,13 +370,29 @@ class Run:
         spec = self.data
         if spec.data_dir is not None and (problem := path_problem(spec.data_dir, "a directory")):
             raise RunError(f"data.data_dir {spec.data_dir} {problem}")
-        train, test = load_datasets(spec.dataset, data_dir=spec.data_dir, normalization=spec.normalize)
-        self._check_transformed_size(train, test)
-        train, test = spec.static_transforms(train), spec.static_transforms(test)
-        output = self._output_shape(train.x.shape[1:], train.classes)
-        if not LOSSES[self.loss].class_targets:  # an elementwise loss compares the outputs with one-hot labels
-            train, test = (dataclasses.replace(data, y=np.eye(output[0], dtype=np.float32)[data.y])
+        if spec.task != "classification" and LOSSES[self.loss].class_targets:
+            raise RunError(f"loss: {self.loss} trains classifiers; data.task {spec.task} needs an elementwise loss "
+                           "such as mse, l1 or bce-with-logits")  # fmt: skip
+        if spec.task in ("regression", "multi-label"):
+            train, test = load_target_arrays(spec.dataset)
+            self._check_targets(train, self._model_output(train.x.shape[1:]))
+        else:
+            train, test = load_datasets(spec.dataset, data_dir=spec.data_dir, normalization=spec.normalize)
+            self._check_transformed_size(train, test)
+            train, test = spec.static_transforms(train), spec.static_transforms(test)
+        if spec.task == "reconstruction":
+            output = self._model_output(train.x.shape[1:])
+            if math.prod(output) != math.prod(train.x.shape[1:]):
+                raise DataError(f"data.task reconstruction: model {self.model} gives outputs of shape {output}, "
+                                f"{math.prod(output)} values for inputs of {math.prod(train.x.shape[1:])}; expected "
+                                "as many (the target is the input)")  # fmt: skip
+            train, test = (dataclasses.replace(data, y=data.x.reshape(len(data.x), *output), classes=None)
                            for data in (train, test))  # fmt: skip
+        elif spec.task == "classification":
+            output = self._output_shape(train.x.shape[1:], train.classes)
+            if not LOSSES[self.loss].class_targets:  # an elementwise loss compares the outputs with one-hot labels
+                train, test = (dataclasses.replace(data, y=np.eye(output[0], dtype=np.float32)[data.y])
+                               for data in (train, test))  # fmt: skip
         val = None
         if spec.val_split:
             if spec.val_split >= len(train):
@@ -378,12 +422,22 @@ class Run:
             raise DataError(f"data.random_crop_padding {spec.random_crop_padding} is more than the "
                             f"{height}x{width} samples' size; expected at most {max(height, width)}")  # fmt: skip
 
-    def _output_shape(self, sample_shape: tuple[int, ...], classes: tuple[str, ...] | None) -> tuple[int, ...]:
+    def _model_output(self, sample_shape: tuple[int, ...]) -> tuple[int, ...]:
         try:
-            output = self.model_spec().output_shape(sample_shape)
+            return self.model_spec().output_shape(sample_shape)
         except ValueError as error:
             raise DataError(f"model {self.model} does not take {self.data.dataset}'s "
                             f"{'x'.join(map(str, sample_shape))} samples: {error}") from None  # fmt: skip
+
+    def _check_targets(self, train, output: tuple[int, ...]) -> None:
+        if train.y.shape[1:] != output:
+            raise DataError(f"model {self.model} gives outputs of shape {output}, {self.data.dataset}'s y_train "
+                            f"samples have shape {train.y.shape[1:]}; expected the same")  # fmt: skip
+        if self.data.task == "multi-label" and not np.isin(train.y, (0, 1)).all():
+            raise DataError(f"data.task multi-label: {self.data.dataset}'s y_train holds values other than 0 and 1")
+
+    def _output_shape(self, sample_shape: tuple[int, ...], classes: tuple[str, ...] | None) -> tuple[int, ...]:
+        output = self._model_output(sample_shape)
         if len(output) != 1 or (classes is not None and output[0] < len(classes)):
             many = f"; {self.data.dataset} has {len(classes)} classes" if classes is not None else ""
             raise DataError(f"model {self.model} gives outputs of shape {output}, expected one score per class{many}")
@@ -467,6 +521,7 @@ _DATA_SCHEMA = {
     "pad": Optional(Int()),
     "random_crop_padding": Optional(Int()),
     "random_horizontal_flip": Optional(bool),
+    "task": Optional(str),
 }
 _RUN_SCHEMA = {
     "model": Optional(str),

@@ -1,0 +1,133 @@
+"""Tasks beyond classification: regression from an .npz of float x and y, reconstruction (the
+target is the input), multi-label with BCEWithLogits; the metrics that fit each (accuracy from
+one-hot and probability targets too, MSE and MAE of values), from Python, recipes and the CLI."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import installed_backends
+
+import unitrain as ut
+from unitrain.data import DataError
+from unitrain.run import RunError
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = ROOT / "examples" / "recipes"
+BACKENDS = installed_backends()
+
+
+def cli(*args, **kwargs):
+    return subprocess.run([sys.executable, "-m", "unitrain", *args], capture_output=True, text=True, cwd=ROOT,
+                          **kwargs)  # fmt: skip
+
+
+def test_accuracy_of_one_hot_and_probability_targets_is_the_argmax_agreement():
+    loop = ut.make_loop("numpy", ut.Sequential(ut.Linear(6, 4)))
+    rng = np.random.default_rng(0)
+    x, labels = rng.standard_normal((30, 6)).astype(np.float32), rng.integers(0, 4, 30)
+    predicted = loop.predict(x).argmax(1)
+    by_index = loop.evaluate((x, labels))
+    one_hot = loop.evaluate((x, np.eye(4, dtype=np.float32)[labels]))
+    assert one_hot["accuracy"] == by_index["accuracy"] == (predicted == labels).mean()
+    assert one_hot["loss"] == pytest.approx(by_index["loss"], rel=1e-6)
+    soft = rng.dirichlet(np.ones(4), 30).astype(np.float32)
+    assert loop.evaluate((x, soft))["accuracy"] == (predicted == soft.argmax(1)).mean()
+    mse = ut.make_loop("numpy", ut.Sequential(ut.Linear(6, 4)), loss=ut.MSELoss())
+    metrics = mse.evaluate((x, np.eye(4, dtype=np.float32)[labels]))  # one-hot targets of an elementwise loss
+    assert metrics["accuracy"] == (mse.predict(x).argmax(1) == labels).mean()
+    errors = mse.predict(x).astype(np.float64) - np.eye(4)[labels]
+    assert metrics["mse"] == pytest.approx(np.square(errors).mean(), rel=1e-12)
+    assert metrics["loss"] == pytest.approx(metrics["mse"], rel=1e-6)  # the float32 loss of the same errors
+    assert metrics["mae"] == pytest.approx(np.abs(errors).mean(), rel=1e-12)
+    values = mse.evaluate((x, soft))  # values, not one-hot: no accuracy
+    assert np.isnan(values["accuracy"]) and values["mse"] > 0
+
+
+def _npz(path, x_train, y_train, x_test, y_test):
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    return str(path)
+
+
+def test_multi_label_trains_with_bce_and_reports_binary_accuracy(tmp_path):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((120, 5)).astype(np.float32)
+    y = (x @ rng.standard_normal((5, 3)) > 0).astype(np.int64)  # three 0/1 labels per sample
+    path = _npz(tmp_path / "labels.npz", x[:100], y[:100], x[100:], y[100:])
+    model = f"{__name__}:multi_label_net"
+    run = ut.Run(model=model, loss="bce-with-logits", data=ut.DataSpec(dataset=path, task="multi-label"),
+                 optimizer=ut.Adam(lr=0.01), batch_size=20, epochs=8)  # fmt: skip
+    loop, history = run.train("numpy")
+    final = loop.evaluate(run.datasets()[2])
+    assert history[-1]["test_accuracy"] == final["accuracy"] == (((loop.predict(x[100:]) > 0) == y[100:]).mean())
+    assert final["accuracy"] > 0.8 and "test_mse" not in history[-1]
+
+
+def multi_label_net():
+    return ut.Sequential(ut.Linear(5, 16), ut.ReLU(), ut.Linear(16, 3))
+
+
+@pytest.mark.parametrize(
+    ("arrays", "args", "message"),
+    [
+        ({}, ["--loss", "cross-entropy"], "loss: cross-entropy trains classifiers; data.task regression needs an "
+                                          "elementwise loss"),
+        ({"y": (10, 3)}, [], "y_train samples have shape (3,); expected the same"),
+        ({"x": (10, 5)}, [], "does not take"),
+        ({}, ["--resize", "4x4"], "data: expected no image transforms: regression and multi-label arrays are used"),
+        ({}, ["--task", "multi-label", "--loss", "bce-with-logits"], "y_train holds values other than 0 and 1"),
+        ({"keys": ("x_train", "y_train")}, [], "expected exactly x_train, y_train, x_test, y_test"),
+    ],
+)  # fmt: skip
+def test_bad_task_input_is_one_line_exit_2(arrays, args, message, tmp_path):
+    rng = np.random.default_rng(0)
+    x, y = (
+        rng.standard_normal((12, *arrays.get("x", (10, 8))[1:])),
+        rng.standard_normal((12, *arrays.get("y", (10, 2))[1:])),
+    )
+    contents = {"x_train": x[:10], "y_train": y[:10], "x_test": x[10:], "y_test": y[10:]}
+    np.savez(tmp_path / "regression.npz", **{key: contents[key] for key in arrays.get("keys", contents)})
+    result = cli("train", str(RECIPES / "regression.toml"), "--dataset", str(tmp_path / "regression.npz"),
+                 "--no-progress", *args)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+
+
+def test_reconstruction_needs_as_many_outputs_as_inputs():
+    run = ut.Run(model="mlp", loss="mse", data=ut.DataSpec(task="reconstruction"))
+    with pytest.raises(DataError, match=r"gives outputs of shape \(10,\), 10 values for inputs of 784"):
+        run.datasets()
+    with pytest.raises(RunError, match="no random transforms"):
+        ut.DataSpec(task="reconstruction", random_horizontal_flip=True)
+
+
+def _recipe_run(recipe, backend, tmp_path, *extra):
+    metrics = tmp_path / f"{backend}-{recipe.stem}.jsonl"
+    result = cli("train", str(recipe), "--backend", backend, "--no-progress", "--metrics", str(metrics), *extra)
+    assert result.returncode == 0, result.stderr
+    assert "test mse" in result.stdout and "accuracy" not in result.stdout
+    return [json.loads(line) for line in metrics.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=pytest.mark.slow) if b != "numpy" else b for b in BACKENDS])
+def test_the_regression_and_autoencoder_recipes_train_from_the_cli(backend, tmp_path):
+    """Both recipes on the backend, with MSE reported; the regression's test MSE falls."""
+    records = _recipe_run(RECIPES / "regression.toml", backend, tmp_path, "--epochs", "3")
+    assert records[-1]["test_mse"] < 0.5 * records[0]["test_mse"]
+    (record,) = _recipe_run(RECIPES / "autoencoder.toml", backend, tmp_path, "--epochs", "1", "--max-steps", "40")
+    assert record["test_mse"] < 0.95  # the normalised pixels' variance is 1: the code already explains some of it
+
+
+@pytest.mark.slow
+def test_compare_runs_the_regression_and_autoencoder_recipes_on_every_backend():
+    """The same weights and batches on every backend: the same MSE to float32 rounding."""
+    for recipe, extra in (
+        ("regression.toml", ["--epochs", "2"]),
+        ("autoencoder.toml", ["--max-steps", "20", "--epochs", "1"]),
+    ):
+        result = cli("compare", str(RECIPES / recipe), "--backends", ",".join(BACKENDS), *extra)
+        assert result.returncode == 0, result.stderr
+        assert "test mse by epoch" in result.stdout and "nan" not in result.stdout
