@@ -131,3 +131,61 @@ def test_compare_runs_the_regression_and_autoencoder_recipes_on_every_backend():
         result = cli("compare", str(RECIPES / recipe), "--backends", ",".join(BACKENDS), *extra)
         assert result.returncode == 0, result.stderr
         assert "test mse by epoch" in result.stdout and "nan" not in result.stdout
+
+
+# --- data conventions ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """A Keras-style .npz of 50 + 10 random 28x28 images in file order."""
+    path = tmp_path_factory.mktemp("data") / "digits.npz"
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (60, 28, 28), dtype=np.uint8), rng.integers(0, 10, 60)
+    return _npz(path, x[:50], y[:50], x[50:], y[50:])
+
+
+@pytest.mark.parametrize(
+    ("val_split", "val_from", "train_rows", "val_rows"),
+    [(0.1, "last", range(0, 45), range(45, 50)),  # Keras: x[:int(50 * 0.9)], then the rest
+     (0.15, "last", range(0, 42), range(42, 50)),  # int(42.5) = 42: the validation set takes the rounding
+     (7, "first", range(7, 50), range(0, 7)),
+     (7, "last", range(0, 43), range(43, 50))],
+)  # fmt: skip
+def test_validation_from_the_first_or_last_samples(digits, val_split, val_from, train_rows, val_rows):
+    whole = ut.load_datasets(digits)[0]
+    run = ut.Run(data=ut.DataSpec(dataset=digits, val_split=val_split, val_from=val_from))
+    train, val, _ = run.datasets()
+    np.testing.assert_array_equal(train.x, whole.x[list(train_rows)])
+    np.testing.assert_array_equal(val.y, whole.y[list(val_rows)])
+    assert ut.Run.from_dict(run.to_dict()) == run
+
+
+def test_a_random_validation_split_by_fraction_holds_out_the_same_count(digits):
+    train, val, _ = ut.Run(data=ut.DataSpec(dataset=digits, val_split=0.1)).datasets()
+    assert (len(train), len(val)) == (45, 5)
+
+
+def test_drop_last_leaves_out_the_smaller_last_batch():
+    x, y = np.random.default_rng(0).standard_normal((52, 6)).astype(np.float32), np.arange(52) % 3
+    dropped = ut.make_loop("numpy", ut.Sequential(ut.Linear(6, 3)), seed=1)
+    history = dropped.fit((x, y), epochs=2, batch_size=8, shuffle=False, drop_last=True, test_batch_size=5)
+    assert [record["steps"] for record in history] == [6, 12]
+    first_48 = ut.make_loop("numpy", ut.Sequential(ut.Linear(6, 3)), seed=1)
+    first_48.fit((x[:48], y[:48]), epochs=2, batch_size=8, shuffle=False)
+    for key, value in first_48.state_dict().items():
+        np.testing.assert_array_equal(dropped.state_dict()[key], value)
+    with pytest.raises(ValueError, match="drop_last with batch_size 64 leaves no batch of 52 samples"):
+        dropped.fit((x, y), batch_size=64, drop_last=True)
+
+
+def test_drop_last_and_test_batch_size_from_the_cli(digits, tmp_path):
+    metrics = tmp_path / "m.jsonl"
+    result = cli("train", "--dataset", digits, "--batch-size", "16", "--drop-last", "--test-batch-size", "3",
+                 "--epochs", "1", "--no-progress", "--metrics", str(metrics), "--val-split", "0.2", "--val-from",
+                 "last")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "40 train / 10 validation" in result.stdout
+    assert json.loads(metrics.read_text())["steps"] == 2  # 40 samples in batches of 16, the last 8 left out
+    bad = cli("train", "--dataset", digits, "--val-split", "1.5", "--no-progress")
+    assert bad.returncode == 2 and "argument --val-split: expected a count >= 0 or a fraction in (0, 1)" in bad.stderr

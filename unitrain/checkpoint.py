@@ -309,13 +309,13 @@ class Checkpoint:
         recorded = self.manifest.get("clip_grad", {"norm": None, "value": None})
         return {"clip_grad_norm": recorded["norm"], "clip_grad_value": recorded["value"]}
 
-    def check_position(self, num_samples: int, batch_size: int, accumulate: int = 1) -> None:
+    def check_position(self, num_samples: int, batch_size: int, accumulate: int = 1, drop_last: bool = False) -> None:
         """Refuse a position the run cannot have reached on data of ``num_samples`` samples in
         batches of ``batch_size``, ``accumulate`` batches per optimizer step (raises
         :class:`CheckpointError` naming the field and its range): ``batch`` within an epoch at a
         step's first batch, and ``step == epoch * steps per epoch + batch / accumulate``, which
         every run started from step 0 keeps."""
-        per_epoch = num_batches(num_samples, batch_size)
+        per_epoch = num_batches(num_samples, batch_size, drop_last)
         steps = -(-per_epoch // accumulate)
         where = f"checkpoint {self.path}: {num_samples} samples in batches of {batch_size} make {per_epoch} per epoch"
         if not self.batch < per_epoch:

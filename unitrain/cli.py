@@ -265,7 +265,7 @@ def default_threads() -> int:
 #: arguments unless typed, so that they override a recipe or checkpoint only where given
 _RUN_FIELDS = ("model", "loss", "lr_schedule", "clip_grad_norm", "clip_grad_value", "batch_size", "epochs",
                "max_steps", "shuffle", "seed", "init_weights", "frozen", "param_groups",
-               "accumulate_grad_batches")  # fmt: skip
+               "accumulate_grad_batches", "drop_last", "test_batch_size")  # fmt: skip
 _EARLY_STOPPING_FLAGS = ("early_stopping", "patience", "min_delta")
 _DATA_FIELDS = tuple(field.name for field in dataclasses.fields(DataSpec))
 _OPTIMIZER_FLAGS = ("optimizer", "lr", "momentum", "nesterov", "weight_decay")
@@ -288,9 +288,12 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     _add_data_arguments(parser, default=unset)
     parser.add_argument(
-        "--val-split", type=_int_at_least(0), default=unset, metavar="N",
-        help="hold N training samples out (chosen by --seed) for val_loss / val_accuracy each epoch",
+        "--val-split", type=_count_or_fraction, default=unset, metavar="N|FRACTION",
+        help="hold N training samples (or a fraction such as 0.1) out for val_loss / val_accuracy each epoch",
     )  # fmt: skip
+    parser.add_argument("--val-from", choices=("random", "first", "last"), default=unset,
+                        help="which samples --val-split holds out: chosen by --seed (default), the first or the last "
+                        "(Keras' validation_split) in file order")  # fmt: skip
     parser.add_argument(
         "--normalize", type=_normalization, default=unset, metavar="MEAN/STD",
         help="normalise with this mean and std, one number or one per channel, comma-separated "
@@ -308,6 +311,10 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="augment: flip half of the training samples left to right")  # fmt: skip
     parser.add_argument("--epochs", type=_int_at_least(0), default=unset, help="default 3")
     parser.add_argument("--batch-size", type=_int_at_least(1), default=unset, help="default 64")
+    parser.add_argument("--test-batch-size", type=_int_at_least(1), default=unset, metavar="N",
+                        help="batch size of the validation and test evaluations (default 1000)")  # fmt: skip
+    parser.add_argument("--drop-last", action=argparse.BooleanOptionalAction, default=unset,
+                        help="leave out each epoch's last, smaller batch (PyTorch's drop_last)")  # fmt: skip
     parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default=unset, help="default sgd")
     parser.add_argument("--lr", type=_positive_float, default=unset, help="default 0.01")
     parser.add_argument("--momentum", type=_float, default=unset, help="SGD's or RMSprop's momentum (default 0)")
@@ -391,6 +398,18 @@ def _size(text: str) -> tuple[int, int]:
     if not x or size is None or min(size) < 1:
         raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH such as 32x32, got {text[:100]!r}")
     return size
+
+
+def _count_or_fraction(text: str) -> int | float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value.is_integer() and value >= 0 and "." not in text:
+        return int(value)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a count >= 0 or a fraction in (0, 1), got {text[:100]!r}")
+    return value
 
 
 def _param_group(text: str) -> dict:
@@ -885,7 +904,7 @@ def _resume(args, typed: dict) -> tuple[Run, object]:
 
 def _check_resume_position(args, run: Run, checkpoint, num_samples: int) -> None:
     """The checkpoint's position must be one the run reaches on its training data, before its end."""
-    checkpoint.check_position(num_samples, run.batch_size, run.accumulate_grad_batches)
+    checkpoint.check_position(num_samples, run.batch_size, run.accumulate_grad_batches, run.drop_last)
     if checkpoint.epoch >= run.epochs or (run.max_steps is not None and checkpoint.step >= run.max_steps):
         raise UsageError(f"--resume {args.resume}: the checkpoint at step {checkpoint.step} is already past the run's "
                          f"end (--epochs {run.epochs}, --max-steps {run.max_steps})")  # fmt: skip

@@ -675,6 +675,8 @@ class TrainingLoop(ABC):
         start_batch: int = 0,
         accumulate_grad_batches: int = 1,
         early_stopping: EarlyStopping | None = None,
+        drop_last: bool = False,
+        test_batch_size: int = 1000,
     ) -> list[dict[str, float]]:
         """Train for ``epochs`` epochs (or until ``max_steps`` optimizer steps in total).
 
@@ -700,6 +702,9 @@ class TrainingLoop(ABC):
         epoch (0-based), in the order an uninterrupted run would have used (``train_loss`` and
         ``train_accuracy`` of the resumed epoch then cover its remaining batches).
 
+        ``drop_last`` leaves out each epoch's last batch when it is smaller than ``batch_size``
+        (PyTorch's DataLoader); ``test_batch_size`` is the batch size of the evaluations.
+
         ``accumulate_grad_batches=K`` (Lightning's name and rule): each optimizer step applies the
         gradients of K consecutive batches of an epoch, each batch's loss divided by K (an epoch's
         last step may have fewer batches; it is still divided by K); ``steps``, ``max_steps``,
@@ -720,6 +725,7 @@ class TrainingLoop(ABC):
         _check_count("epochs", epochs, minimum=0)
         _check_count("batch_size", batch_size, minimum=1)
         _check_count("accumulate_grad_batches", accumulate_grad_batches, minimum=1)
+        _check_count("test_batch_size", test_batch_size, minimum=1)
         group = accumulate_grad_batches
         if max_steps is not None:
             _check_count("max_steps", max_steps, minimum=0)
@@ -738,7 +744,9 @@ class TrainingLoop(ABC):
             if self.early_stopping is None or self.early_stopping.spec != early_stopping:
                 self.early_stopping = EarlyStoppingState(early_stopping)
         extensions = list(extensions)
-        batches_per_epoch = train_data.num_batches(batch_size)
+        batches_per_epoch = train_data.num_batches(batch_size, drop_last)
+        if batches_per_epoch == 0 and epochs > start_epoch:
+            raise ValueError(f"drop_last with batch_size {batch_size} leaves no batch of {len(train_data)} samples")
         steps_per_epoch = -(-batches_per_epoch // group)
         self._check_schedule_length(
             epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
@@ -754,7 +762,8 @@ class TrainingLoop(ABC):
                 _call(extensions, "on_epoch_start", self, epoch)
                 losses, corrects, seen, started, epoch_lr = [], [], 0, time.perf_counter(), self.lr
                 first = start_batch if epoch == start_epoch else 0
-                batches = train_data.batches(batch_size, shuffle=shuffle, seed=self.seed, epoch=epoch, start=first)
+                batches = train_data.batches(batch_size, shuffle=shuffle, seed=self.seed, epoch=epoch, start=first,
+                                             drop_last=drop_last)  # fmt: skip
                 pending = []  # an accumulated step's batches: (index, x, y)
                 for index, (x, y) in enumerate(batches, start=first):
                     if max_steps is not None and self.step_count >= max_steps:
@@ -789,7 +798,7 @@ class TrainingLoop(ABC):
                     record["train_accuracy"] = sum(self.to_float(c) for c in corrects) / seen if seen else float("nan")
                 if self.rank == 0:  # evaluation on rank 0 only (module docstring)
                     for prefix, data in evaluated.items():
-                        metrics = self.evaluate(data)
+                        metrics = self.evaluate(data, test_batch_size)
                         record[f"{prefix}_loss"] = metrics["loss"]
                         record[f"{prefix}_accuracy"] = metrics["accuracy"]
                         record.update({f"{prefix}_{key}": metrics[key] for key in ("mse", "mae") if key in metrics})

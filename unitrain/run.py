@@ -88,7 +88,9 @@ class DataSpec:
 
     ``dataset``: a packaged name (``mnist``, ``fashion-mnist``) or the path of your own
     (:func:`~unitrain.datasets.load_datasets`); ``data_dir``: a packaged dataset's IDX files
-    from elsewhere. ``val_split``: training samples held out (chosen by the run's seed) for
+    from elsewhere. ``val_split``: training samples held out (a count, or a fraction in (0, 1)), taken
+    as ``val_from`` says: ``random`` (by the run's seed, Chainer's ``split_dataset_random``),
+    ``first`` or ``last`` (in file order; Keras' ``validation_split`` is the last fraction), for
     ``val_loss``/``val_accuracy``. Static transforms, on every split: ``normalize``
     (``(mean, std)`` per channel; None: the packaged dataset's own, or your training set's),
     then ``resize`` (``(height, width)``, bilinear), then ``pad`` (pixels of normalised black on
@@ -104,7 +106,8 @@ class DataSpec:
 
     dataset: str = "mnist"
     data_dir: str | None = None
-    val_split: int = 0
+    val_split: int | float = 0
+    val_from: str = "random"
     normalize: tuple[tuple[float, ...], tuple[float, ...]] | None = None
     resize: tuple[int, int] | None = None
     pad: int = 0
@@ -116,7 +119,12 @@ class DataSpec:
         _require(isinstance(self.dataset, str) and self.dataset != "", "data.dataset", self.dataset,
                  "a dataset name or path")  # fmt: skip
         _require(self.data_dir is None or isinstance(self.data_dir, str), "data.data_dir", self.data_dir, "a path")
-        for name in ("val_split", "pad", "random_crop_padding"):
+        split = self.val_split
+        _require(_is_int(split, 0) or (_is_number(split) and 0 < split < 1), "data.val_split", split,
+                 "a count of samples >= 0 or a fraction in (0, 1)")  # fmt: skip
+        _require(self.val_from in ("random", "first", "last"), "data.val_from", self.val_from,
+                 "random, first or last")  # fmt: skip
+        for name in ("pad", "random_crop_padding"):
             _require(_is_int(getattr(self, name), 0), f"data.{name}", getattr(self, name), "an integer >= 0")
         _require(isinstance(self.random_horizontal_flip, bool), "data.random_horizontal_flip",
                  self.random_horizontal_flip, "true or false")  # fmt: skip
@@ -152,7 +160,8 @@ class DataSpec:
     def to_dict(self) -> dict[str, Any]:
         normalize = None if self.normalize is None else dict(mean=list(self.normalize[0]), std=list(self.normalize[1]))
         values = {
-            "dataset": self.dataset, "data_dir": self.data_dir, "val_split": self.val_split, "normalize": normalize,
+            "dataset": self.dataset, "data_dir": self.data_dir, "val_split": self.val_split,
+            "val_from": None if self.val_from == "random" else self.val_from, "normalize": normalize,
             "resize": None if self.resize is None else list(self.resize), "pad": self.pad,
             "random_crop_padding": self.random_crop_padding, "random_horizontal_flip": self.random_horizontal_flip,
             "task": None if self.task == "classification" else self.task,
@@ -201,6 +210,8 @@ class Run:
     param_groups: tuple[Mapping[str, Any], ...] = ()
     accumulate_grad_batches: int = 1
     early_stopping: EarlyStopping | None = None
+    drop_last: bool = False
+    test_batch_size: int = 1000
 
     def __post_init__(self):
         _require(isinstance(self.model, str) and re.fullmatch(MODEL_PATTERN, self.model) is not None, "model",
@@ -225,6 +236,8 @@ class Run:
         if self.clip_grad_norm is not None and self.clip_grad_value is not None:
             raise RunError("clip_grad_norm and clip_grad_value exclude each other: clip by norm or by value")
         _require(_is_int(self.batch_size, 1), "batch_size", self.batch_size, "an integer >= 1")
+        _require(_is_int(self.test_batch_size, 1), "test_batch_size", self.test_batch_size, "an integer >= 1")
+        _require(isinstance(self.drop_last, bool), "drop_last", self.drop_last, "true or false")
         _require(_is_int(self.epochs, 0), "epochs", self.epochs, "an integer >= 0")
         _require(self.max_steps is None or _is_int(self.max_steps, 0), "max_steps", self.max_steps, "an integer >= 0")
         _require(isinstance(self.shuffle, bool), "shuffle", self.shuffle, "true or false")
@@ -302,6 +315,8 @@ class Run:
             "frozen": list(self.frozen) or None, "param_groups": [dict(group) for group in self.param_groups] or None,
             "accumulate_grad_batches": self.accumulate_grad_batches if self.accumulate_grad_batches > 1 else None,
             "early_stopping": None if self.early_stopping is None else self.early_stopping.to_dict(),
+            "drop_last": self.drop_last or None,
+            "test_batch_size": None if self.test_batch_size == 1000 else self.test_batch_size,
         }  # fmt: skip
         return {key: value for key, value in values.items() if value is not None}
 
@@ -353,7 +368,8 @@ class Run:
         """:meth:`~unitrain.TrainingLoop.fit`'s arguments that the run decides."""
         return {"epochs": self.epochs, "batch_size": self.batch_size, "shuffle": self.shuffle,
                 "max_steps": self.max_steps, "accumulate_grad_batches": self.accumulate_grad_batches,
-                "early_stopping": self.early_stopping}  # fmt: skip
+                "early_stopping": self.early_stopping, "drop_last": self.drop_last,
+                "test_batch_size": self.test_batch_size}  # fmt: skip
 
     def initial_weights(self) -> dict | None:
         """``init_weights``' tensors, checked against the model from the file's header before
@@ -395,11 +411,20 @@ class Run:
                                for data in (train, test))  # fmt: skip
         val = None
         if spec.val_split:
-            if spec.val_split >= len(train):
-                raise DataError(f"data.val_split {spec.val_split} leaves no training data: the training set has "
+            # a fraction as Keras' validation_split: the training part is int(N * (1 - fraction))
+            kept = int(len(train) * (1 - spec.val_split)) if isinstance(spec.val_split, float) else (
+                len(train) - spec.val_split)  # fmt: skip
+            if not 0 < kept < len(train):
+                left = "no training" if kept <= 0 else "no validation"
+                raise DataError(f"data.val_split {spec.val_split} leaves {left} data: the training set has "
                                 f"{len(train)} samples")  # fmt: skip
-            # held out by the run's seed: the same samples on every backend and in a resumed run
-            train, val = train.split(len(train) - spec.val_split, seed=self.seed)
+            if spec.val_from == "random":  # by the run's seed: the same samples on every backend and in a resume
+                train, val = train.split(kept, seed=self.seed)
+            elif spec.val_from == "last":
+                train, val = train.subset(np.arange(kept)), train.subset(np.arange(kept, len(train)))
+            else:
+                held = len(train) - kept
+                train, val = train.subset(np.arange(held, len(train))), train.subset(np.arange(held))
         if spec.random_crop_padding or spec.random_horizontal_flip:  # training batches only, not validation's
             train = train.augmented(spec.random_crop_padding, spec.random_horizontal_flip)
         return train, val, test
@@ -515,7 +540,8 @@ def _check_fields(values, schema: Mapping[str, Any], where: str) -> None:
 _DATA_SCHEMA = {
     "dataset": Optional(str),
     "data_dir": Optional(str),
-    "val_split": Optional(Int()),
+    "val_split": Optional(Number(0)),
+    "val_from": Optional(OneOf(("random", "first", "last"))),
     "normalize": Optional({"mean": list, "std": list}),
     "resize": Optional([Int(1), Int(1)]),
     "pad": Optional(Int()),
@@ -541,4 +567,6 @@ _RUN_SCHEMA = {
     "param_groups": Optional(list),
     "accumulate_grad_batches": Optional(Int(1)),
     "early_stopping": Optional(dict),
+    "drop_last": Optional(bool),
+    "test_batch_size": Optional(Int(1)),
 }
