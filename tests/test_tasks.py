@@ -189,3 +189,56 @@ def test_drop_last_and_test_batch_size_from_the_cli(digits, tmp_path):
     assert json.loads(metrics.read_text())["steps"] == 2  # 40 samples in batches of 16, the last 8 left out
     bad = cli("train", "--dataset", digits, "--val-split", "1.5", "--no-progress")
     assert bad.returncode == 2 and "argument --val-split: expected a count >= 0 or a fraction in (0, 1)" in bad.stderr
+
+
+def _embedding_model(backend):
+    """A native bag-of-embeddings classifier: 6 token ids in 0..49 -> 3 classes."""
+    if backend == "torch":
+        from torch import nn
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.emb, self.fc = nn.Embedding(50, 8), nn.Linear(8, 3)
+
+            def forward(self, x):
+                return self.fc(self.emb(x).mean(1))
+
+        return Net()
+    if backend == "chainer":
+        import chainer
+        import chainer.functions as F
+        import chainer.links as L
+
+        class Chain(chainer.Chain):
+            def __init__(self):
+                super().__init__()
+                with self.init_scope():
+                    self.emb, self.fc = L.EmbedID(50, 8), L.Linear(8, 3)
+
+            def forward(self, x):
+                return self.fc(F.mean(self.emb(x), axis=1))
+
+        return Chain()
+    from mindspore import nn
+
+    class Cell(nn.Cell):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.fc = nn.Embedding(50, 8), nn.Dense(8, 3)
+
+        def construct(self, x):
+            return self.fc(self.emb(x).mean(1))
+
+    return Cell()
+
+
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=pytest.mark.slow) if b == "mindspore" else b
+                                     for b in BACKENDS if b != "numpy"])  # fmt: skip
+def test_integer_inputs_reach_a_native_model_as_token_ids(backend, torch_single_thread):
+    """Every framework's embedding refuses float indices: the ids must arrive as integers."""
+    x = np.random.default_rng(0).integers(0, 50, (32, 6))
+    y = x.sum(1) % 3
+    loop = ut.make_loop(backend, _embedding_model(backend), optimizer=ut.Adam(lr=0.05))
+    history = loop.fit((x, y), epochs=6, batch_size=8)
+    assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]

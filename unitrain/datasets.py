@@ -219,8 +219,9 @@ def _read_npz(path: Path) -> _Raw:
 def load_target_arrays(source: str | os.PathLike) -> tuple[ArrayDataset, ArrayDataset]:
     """``(train, test)`` of an .npz holding exactly ``x_train, y_train, x_test, y_test`` for
     regression or multi-label training: ``x`` numeric of any shape ``(N, ...)`` and ``y`` numeric
-    of any shape ``(N, ...)`` (0/1 vectors for multi-label), both as given (float32; no
-    normalisation: ``normalization`` records mean 0, std 1)."""
+    of any shape ``(N, ...)`` (0/1 vectors for multi-label), both as given (no normalisation:
+    ``normalization`` records mean 0, std 1); ``y`` float32, ``x`` too unless it holds integers
+    (token ids), which stay int64."""
     path = Path(source)
     if problem := path_problem(path, "an .npz file"):
         raise DataError(f"dataset {path} {problem}")
@@ -248,9 +249,14 @@ def load_target_arrays(source: str | os.PathLike) -> tuple[ArrayDataset, ArrayDa
                             f"{_shape(arrays[f'{name}_test'])}; expected one shape")  # fmt: skip
     identity = Normalization((0.0,), (1.0,), f"none: {path}'s arrays as given")
     return tuple(
-        ArrayDataset(arrays[f"x_{which}"].astype(np.float32), arrays[f"y_{which}"].astype(np.float32), identity)
+        ArrayDataset(_samples(arrays[f"x_{which}"]), arrays[f"y_{which}"].astype(np.float32), identity)
         for which in SPLITS
     )
+
+
+def _samples(x: np.ndarray) -> np.ndarray:
+    """Integer samples stay integers (token ids for an embedding), the others become float32."""
+    return x.astype(np.int64) if x.dtype.kind in "iu" else x.astype(np.float32)
 
 
 def _read_npy(archive: zipfile.ZipFile, member: str, key: str, name: str, values: bool = False) -> np.ndarray:

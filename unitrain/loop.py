@@ -16,7 +16,9 @@ backend starts from identical weights) or the framework's own model object
 (``torch.nn.Module``, MindSpore ``nn.Cell``, Chainer ``Chain``) when the adapter has the
 ``native-model`` capability.
 
-Data: batches are ``(x, y)`` NumPy arrays; ``x`` float32 of shape ``(N, *features)``. The
+Data: batches are ``(x, y)`` NumPy arrays; ``x`` of shape ``(N, *features)``, in the loop's
+dtype (float32 by default; integer inputs of a native model stay integers, int64: token ids for
+its embedding; a spec model's are converted). The
 dtype of ``y`` says what the targets are, checked against the loss spec
 (:mod:`unitrain.losses`) and the model's output shape before any framework sees them:
 
@@ -940,7 +942,8 @@ class TrainingLoop(ABC):
         if x.dtype != self.dtype:
             if x.dtype.kind not in "fiu":
                 raise InputError(f"inputs must be numeric, got dtype {x.dtype}")
-            x = x.astype(self.dtype)
+            # a native model's integer inputs are token ids (its embedding's indices): kept integers
+            x = x.astype(np.int64 if x.dtype.kind in "iu" and self.model_spec is None else self.dtype)
         if x.ndim < 2:
             raise InputError(f"inputs must be a batch of shape (N, ...), got shape {x.shape}")
         if self.model_spec is not None:
