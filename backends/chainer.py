@@ -54,7 +54,7 @@ with warnings.catch_warnings():
 
 from unitrain import expr, layers, losses
 from unitrain.loop import TrainingLoop
-from unitrain.optim import SGD, clip_grad_norm_scale, initial_buffer_value, momentum, optimizer_update
+from unitrain.optim import SGD, clip_grad_norm_scale, initial_buffer_value, optimizer_update
 from unitrain.randomness import dropout_mask, dropout_stream, set_stream_state, stream_state
 
 #: PyTorch's state names -> Chainer's attribute names
@@ -339,11 +339,12 @@ class _Rule(chainer.UpdateRule):
 
 class _PyTorchRule(_Rule):
     """Any spec's update (:func:`unitrain.optim.optimizer_update`), in place on the parameter's
-    arrays; ``lr`` and ``momentum`` are the optimizer's, which ``set_lr`` and a schedule change."""
+    arrays; ``spec``, ``lr`` and ``momentum`` are its parameter group's (``set_lr`` and a schedule
+    change the last two)."""
 
-    def __init__(self, spec, optimizer):
-        super().__init__(spec)
-        self.optimizer = optimizer
+    def __init__(self, group):
+        super().__init__(group.spec)
+        self.group = group
 
     def init_state(self, param):
         if not isinstance(self.spec, SGD):  # SGD's momentum buffer starts as the first gradient
@@ -354,8 +355,7 @@ class _PyTorchRule(_Rule):
         names = self.spec.state_names
         buffers = tuple(self.state.get(name) for name in names)
         _, buffers = optimizer_update(
-            self.spec, param.array, param.grad, buffers, self.t, self.optimizer.lr, np.sqrt, True,
-            self.optimizer.momentum,
+            self.spec, param.array, param.grad, buffers, self.t, self.group.lr, np.sqrt, True, self.group.momentum,
         )  # fmt: skip
         self.state.update(zip(names, buffers, strict=True))
 
@@ -370,7 +370,8 @@ class _ClipGradNorm:
         self.max_norm = max_norm
 
     def __call__(self, optimizer):
-        grads = [param.grad for param in optimizer.target.params() if param.grad is not None]
+        grads = [param.grad for param in optimizer.target.params()
+                 if param.grad is not None and param.update_rule.enabled]  # frozen ones are not clipped  # fmt: skip
         if grads:
             norms = [np.linalg.norm(grad.reshape(-1)) for grad in grads]
             scale = clip_grad_norm_scale(norms, self.max_norm, np.sqrt, np.minimum).astype(grads[0].dtype)
@@ -379,15 +380,21 @@ class _ClipGradNorm:
 
 
 class _Optimizer(chainer.optimizer.GradientMethod):
-    """Chainer's optimizer machinery (setup, per-parameter rules, ``t``) with PyTorch's rules."""
+    """Chainer's optimizer machinery (setup, per-parameter rules, ``t``) with PyTorch's rules, each
+    parameter's those of its group (``groups``: ``id(parameter)`` ->
+    :class:`~unitrain.controls.ParamGroup`; a frozen one has none, and its rule is disabled)."""
 
-    def __init__(self, spec):
+    def __init__(self, groups):
         super().__init__()
-        self.spec = spec
-        self.lr, self.momentum = spec.lr, momentum(spec)
+        self.groups = groups
 
-    def create_update_rule(self):
-        return _PyTorchRule(self.spec, self)
+    def setup(self, link):
+        chainer.Optimizer.setup(self, link)  # GradientMethod's would give every parameter one kind of rule
+        for param in link.params():
+            group = self.groups.get(id(param))
+            param.update_rule = _PyTorchRule(group) if group is not None else _Rule(None)
+            param.update_rule.enabled = group is not None
+        return self
 
     def reallocate_cleared_grads(self):
         """Keep cleared gradients ``None`` (GradientMethod would fill them with zeros)."""
@@ -399,7 +406,7 @@ class ChainerLoop(TrainingLoop):
     capabilities = frozenset({
         "dropout", "batchnorm", "conv", "native-model", "float64", "random-state",
         "residual", "activations", "layernorm", "pooling", "losses", "custom-loss", "optimizers", "clipping",
-        "distributed",
+        "distributed", "training-controls",
     })  # fmt: skip
 
     # --- building ---------------------------------------------------------------------------
@@ -480,7 +487,8 @@ class ChainerLoop(TrainingLoop):
         model.cleargrads()  # new links hold NaN gradients, which a first backward would add to
         params = {path.lstrip("/"): param for path, param in model.namedparams()}
         self._params = {name: params[path] for name, path in self._paths.items() if path in params}
-        self.optimizer = _Optimizer(self.update_spec)
+        groups = self._resolve_controls(self._params)
+        self.optimizer = _Optimizer({id(self._params[name]): group for group in groups for name in group.names})
         self.optimizer.setup(model)
         if self.clip_grad_norm is not None:
             self.optimizer.add_hook(_ClipGradNorm(self.clip_grad_norm))
@@ -536,10 +544,15 @@ class ChainerLoop(TrainingLoop):
         return loss.array
 
     def _set_lr(self, lr):
-        self.optimizer.lr = lr
+        pass  # each rule reads its group's lr
 
     def _set_momentum(self, momentum):
-        self.optimizer.momentum = momentum
+        pass  # each rule reads its group's momentum
+
+    def _scale_gradients(self, factor):
+        for param in self.model.params():
+            if param.grad is not None:
+                param.grad *= self.dtype.type(factor)
 
     def _step_correct(self, y):
         return self._count_correct(self._step_pred, y)
@@ -613,8 +626,8 @@ class ChainerLoop(TrainingLoop):
 
     def _load_optimizer_state_dict(self, state: Mapping[str, np.ndarray]):
         step = int(state["step"])
-        names = self.update_spec.state_names
         for name, param in self._params.items():
+            names = () if name in self.frozen else self._state_names(name)
             entries = {key: np.array(state[f"{name}.{key}"]) for key in names if f"{name}.{key}" in state}
             param.update_rule.load(entries, step)
         self.optimizer.t = step

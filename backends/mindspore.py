@@ -381,7 +381,7 @@ class MindSporeLoop(TrainingLoop):
     capabilities = frozenset({
         "dropout", "batchnorm", "conv", "native-model", "random-state",
         "residual", "activations", "layernorm", "pooling", "losses", "custom-loss", "optimizers", "clipping",
-        "distributed",
+        "distributed", "training-controls",
     })  # fmt: skip
 
     #: ``False`` runs every step eagerly (PyNative), to debug or to compare speed
@@ -414,7 +414,9 @@ class MindSporeLoop(TrainingLoop):
 
     def _setup(self, net: nn.Cell) -> None:
         self._net = net
-        self._grad_names = [name for name, param in self._params.items() if param.requires_grad]
+        groups = self._resolve_controls([name for name, param in self._params.items() if param.requires_grad])
+        # frozen parameters are not differentiated at all: value_and_grad takes the others only
+        self._grad_names = [name for group in groups for name in group.names]
         self._buffers = [param for param in self._params.values() if not param.requires_grad]
 
         def buffer_like(kind: str, name: str, value: float = 0.0) -> Parameter:
@@ -423,14 +425,14 @@ class MindSporeLoop(TrainingLoop):
                 ops.full(param.shape, value, dtype=param.dtype), name=f"{kind}.{name}", requires_grad=False
             )
 
-        spec = self.update_spec
         self._grads = [buffer_like("grad", name) for name in self._grad_names]
-        self._opt_state = {
-            kind: [buffer_like(kind, name, initial_buffer_value(spec, kind)) for name in self._grad_names]
-            for kind in spec.state_names
-        }
-        # an input of the compiled step, so that set_lr compiles nothing
-        self._lr = Tensor(self.lr, ms.float32)
+        # each parameter's optimizer buffers, in its group's spec's state_names order
+        self._opt_state = [
+            {kind: buffer_like(kind, name, initial_buffer_value(group.spec, kind)) for kind in group.spec.state_names}
+            for group in groups for name in group.names
+        ]  # fmt: skip
+        # the groups' lrs: an input of the compiled step, so that set_lr compiles nothing
+        self._lr = self._group_lrs()
         self._momentum = Tensor(self.momentum or 0.0, ms.float32)  # read only where a schedule cycles it
         # Whether the optimizer buffers exist (PyTorch creates them at the first step).
         self._opt_ready = False
@@ -448,7 +450,9 @@ class MindSporeLoop(TrainingLoop):
             return net(x, masks) if masked else net(x)
 
         weights = [self._params[name] for name in self._grad_names]
-        spec = self.update_spec
+        # each parameter's spec and group number, in the order of weights (Python constants of the graph)
+        specs = [group.spec for group in self.param_groups for _ in group.names]
+        group_of = [number for number, group in enumerate(self.param_groups) for _ in group.names]
         cycled = self.lr_schedule is not None and self.lr_schedule.cycles_momentum
         loss_fn = _loss_function(self.loss_spec, getattr(self.loss_spec, "reduction", None))
         # the core evaluates a CustomLoss itself, from predict
@@ -471,8 +475,7 @@ class MindSporeLoop(TrainingLoop):
         # the whole step also returns its predictions (has_aux: not differentiated), for train accuracy
         value_pred_and_grad = ms.value_and_grad(forward_loss_pred, None, weights, has_aux=True)
 
-        # each parameter's optimizer buffers, in the spec's state_names order
-        buffers_of = [tuple(opt_state[kind][i] for kind in spec.state_names) for i in range(len(weights))]
+        buffers_of = [tuple(state.values()) for state in opt_state]
         max_norm, max_value = self.clip_grad_norm, self.clip_grad_value
 
         def clipped(gradients):
@@ -485,11 +488,11 @@ class MindSporeLoop(TrainingLoop):
             return [grad * scale for grad in gradients]
 
         def apply_update(gradients, t, first, lr, momentum):
-            for param, grad, buffers in zip(weights, gradients, buffers_of):  # noqa: B905
+            for param, grad, buffers, spec, group in zip(weights, gradients, buffers_of, specs, group_of):  # noqa: B905
                 # SGD's momentum buffer is created from the gradient (see _step_args); without a
                 # schedule cycling it, the momentum is the spec's constant
                 new_param, new_buffers = optimizer_update(
-                    spec, param, grad, (None,) if first else buffers, t, lr, ops.sqrt, False,
+                    spec, param, grad, (None,) if first else buffers, t, lr[group], ops.sqrt, False,
                     momentum if cycled else None,
                 )  # fmt: skip
                 for buf, new_buf in zip(buffers, new_buffers):  # noqa: B905
@@ -524,6 +527,11 @@ class MindSporeLoop(TrainingLoop):
                     ops.assign(buf, grad)
             return apply_update(gradients, t, first, lr, momentum)
 
+        def scale_gradients(factor):
+            for buf in grads:
+                ops.assign(buf, buf * factor)
+            return factor
+
         def zero_grad():
             for buf in grads:
                 ops.assign(buf, ops.zeros_like(buf))
@@ -534,7 +542,7 @@ class MindSporeLoop(TrainingLoop):
             correct = (pred.argmax(1) == y).sum() if y.dtype == ms.int32 else 0  # class indices only
             return sum_loss(pred, y), correct
 
-        functions = (forward, loss, step, loss_and_gradients, backward, update, zero_grad, evaluate)
+        functions = (forward, loss, step, loss_and_gradients, backward, update, scale_gradients, zero_grad, evaluate)
         return SimpleNamespace(**{fn.__name__: ms.jit(fn) if self.compiled else fn for fn in functions})
 
     # --- conversions --------------------------------------------------------------------
@@ -566,11 +574,17 @@ class MindSporeLoop(TrainingLoop):
         from the gradient, the lr and the momentum (tensors too). From the zero buffer the
         general formula gives exactly the gradient unless dampening is used, so only then is a
         graph compiled for the first step."""
-        first = not self._opt_ready and bool(getattr(self.update_spec, "dampening", 0))
+        first = not self._opt_ready and any(getattr(group.spec, "dampening", 0) for group in self.param_groups)
         return Tensor(self.step_count + 1, ms.int64), first, self._lr, self._momentum
 
+    def _group_lrs(self) -> Tensor:
+        return Tensor(np.array([group.lr for group in self.param_groups] or [self.lr], np.float32))
+
     def _set_lr(self, lr: float) -> None:
-        self._lr = Tensor(lr, ms.float32)
+        self._lr = self._group_lrs()
+
+    def _scale_gradients(self, factor: float) -> None:
+        self._fn.scale_gradients(Tensor(factor, ms.float32))
 
     def _set_momentum(self, momentum: float) -> None:
         self._momentum = Tensor(momentum, ms.float32)
@@ -687,19 +701,19 @@ class MindSporeLoop(TrainingLoop):
     def _optimizer_state_dict(self):
         state = {"step": np.array(self.step_count, np.int64)}
         if self._opt_ready:
-            for kind, buffers in self._opt_state.items():
-                for name, buf in zip(self._grad_names, buffers, strict=True):
+            for name, buffers in zip(self._grad_names, self._opt_state, strict=True):
+                for kind, buf in buffers.items():
                     state[f"{name}.{kind}"] = buf.asnumpy().copy()
         return state
 
     def _load_optimizer_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
         self._opt_ready = False
-        for kind, buffers in self._opt_state.items():
-            for name, buf in zip(self._grad_names, buffers, strict=True):
+        for name, buffers in zip(self._grad_names, self._opt_state, strict=True):
+            for kind, buf in buffers.items():
                 key = f"{name}.{kind}"
                 self._opt_ready |= key in state
                 # An absent buffer restarts from its initial value, as if the first step were still to come.
-                initial = initial_buffer_value(self.update_spec, kind)
+                initial = initial_buffer_value(self._group_of[name].spec, kind)
                 _write(
                     buf, np.asarray(state[key], self.dtype) if key in state else np.full(buf.shape, initial, self.dtype)
                 )

@@ -833,7 +833,7 @@ class NumpyLoop(TrainingLoop):
     capabilities = frozenset({
         "dropout", "batchnorm", "conv", "float64", "random-state",
         "residual", "activations", "layernorm", "pooling", "losses", "custom-loss", "optimizers", "clipping",
-        "distributed",
+        "distributed", "training-controls",
     })  # fmt: skip
 
     def _build(self, model):
@@ -849,6 +849,7 @@ class NumpyLoop(TrainingLoop):
                 self._params[f"{prefix}.{key}"] = layer.params[key]
                 self._grads[f"{prefix}.{key}"] = layer.grads[key]
         self._optimizer_state: dict[str, np.ndarray] = {}
+        self._resolve_controls(self._params)
         self._mode = True
         self._forward_id = 0
 
@@ -887,21 +888,29 @@ class NumpyLoop(TrainingLoop):
 
     @_quiet
     def _update(self):
-        spec, state, names = self.update_spec, self._optimizer_state, self.update_spec.state_names
+        state = self._optimizer_state
         self._clip_gradients()
-        for name, param in self._params.items():
-            keys = [f"{name}.{buffer}" for buffer in names]
-            if keys and keys[0] not in state and names != ("momentum_buffer",):  # SGD's starts as the gradient
-                for key, buffer in zip(keys, names, strict=True):
-                    state[key] = np.full_like(param, initial_buffer_value(spec, buffer))
-            buffers = tuple(state.get(key) for key in keys)
-            _, buffers = optimizer_update(
-                spec, param, self._grads[name], buffers, self.step_count + 1, self.lr, np.sqrt, True, self.momentum
-            )
-            state.update(zip(keys, buffers, strict=True))
+        for group in self.param_groups:
+            spec, names = group.spec, group.spec.state_names
+            for name in group.names:
+                param = self._params[name]
+                keys = [f"{name}.{buffer}" for buffer in names]
+                if keys and keys[0] not in state and names != ("momentum_buffer",):  # SGD's starts as the gradient
+                    for key, buffer in zip(keys, names, strict=True):
+                        state[key] = np.full_like(param, initial_buffer_value(spec, buffer))
+                buffers = tuple(state.get(key) for key in keys)
+                _, buffers = optimizer_update(
+                    spec, param, self._grads[name], buffers, self.step_count + 1, group.lr, np.sqrt, True,
+                    group.momentum,
+                )  # fmt: skip
+                state.update(zip(keys, buffers, strict=True))
+
+    def _scale_gradients(self, factor):
+        for grad in self._grads.values():
+            grad *= self.dtype.type(factor)
 
     def _clip_gradients(self):
-        grads = list(self._grads.values())
+        grads = [grad for name, grad in self._grads.items() if name not in self.frozen]
         if self.clip_grad_value is not None:
             for grad in grads:
                 np.clip(grad, -self.clip_grad_value, self.clip_grad_value, out=grad)
@@ -912,10 +921,10 @@ class NumpyLoop(TrainingLoop):
                 grad *= scale
 
     def _set_lr(self, lr):
-        pass  # each update reads self.lr
+        pass  # each update reads its group's lr
 
     def _set_momentum(self, momentum):
-        pass  # each update reads self.momentum
+        pass  # each update reads its group's momentum
 
     def _step(self, x, y):
         self._zero_grad()

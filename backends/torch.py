@@ -152,12 +152,21 @@ class TorchLoop(TrainingLoop):
             raise TypeError(f"the torch backend trains CPU or CUDA models, got one on {self._device}")
         self._rng_state = torch.Generator(self._device).manual_seed(rank_seed(self.seed, self.rank)).get_state()
         self._criterion = self._make_criterion(self.loss_spec)
-        spec = self.update_spec  # torch.optim's optimizer as a cycling OneCycleLR leaves it at construction
-        # every spec field is the torch.optim class's argument of the same name
-        arguments = {field.name: getattr(spec, field.name) for field in fields(spec)}
-        self.optimizer = getattr(torch.optim, type(spec).__name__)(
-            list(self._params.values()), **arguments, foreach=False
-        )
+        groups = self._resolve_controls(self._params)
+        for name in self.frozen:  # as a fine-tuning tutorial freezes: no gradient, left out of the optimizer
+            self._params[name].requires_grad_(False)
+
+        # torch.optim's param groups, each with its spec's arguments (every spec field is the
+        # torch.optim class's argument of the same name; the spec as a cycling OneCycleLR leaves it);
+        # the run's spec's are the defaults too (Adagrad fills its sums from them at construction)
+        def arguments(spec):
+            return {field.name: getattr(spec, field.name) for field in fields(spec)}
+
+        self.optimizer = getattr(torch.optim, type(self.update_spec).__name__)(
+            [{"params": [self._params[name] for name in group.names], **arguments(group.spec), "lr": group.lr}
+             for group in groups],
+            **arguments(self.update_spec), foreach=False,
+        )  # fmt: skip
 
     # --- helpers --------------------------------------------------------------------------
 
@@ -226,15 +235,20 @@ class TorchLoop(TrainingLoop):
         self.optimizer.step()
 
     def _clip_gradients(self) -> None:
-        params = self._params.values()
+        params = [param for name, param in self._params.items() if name not in self.frozen]
         if self.clip_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm, foreach=False)
         elif self.clip_grad_value is not None:
             torch.nn.utils.clip_grad_value_(params, self.clip_grad_value, foreach=False)
 
     def _set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for native, group in zip(self.optimizer.param_groups, self.param_groups, strict=True):
+            native["lr"] = group.lr
+
+    def _scale_gradients(self, factor: float) -> None:
+        for param in self._params.values():
+            if param.grad is not None:
+                param.grad.mul_(factor)
 
     def _set_momentum(self, momentum: float) -> None:
         for group in self.optimizer.param_groups:  # as torch.optim.lr_scheduler.OneCycleLR does
@@ -292,15 +306,17 @@ class TorchLoop(TrainingLoop):
             buffers = self.optimizer.state.get(p, {})
             if "step" in buffers and float(buffers["step"]) == 0:  # Adagrad's state exists before its first step
                 continue
-            for key in self.update_spec.state_names:
+            for key in self._state_names(name) if name not in self.frozen else ():
                 if buffers.get(key) is not None:
                     state[f"{name}.{key}"] = _numpy(buffers[key])
         return state
 
     def _load_optimizer_state_dict(self, state: Mapping[str, np.ndarray]) -> None:
-        names = self.update_spec.state_names
         loaded = {}
         for name, p in self._params.items():
+            if name in self.frozen:
+                continue
+            names = self._state_names(name)
             if names and f"{name}.{names[0]}" in state:  # all buffers or none (checked by the caller)
                 buffers = {key: torch.tensor(state[f"{name}.{key}"], device=p.device) for key in names}
                 if not isinstance(self.optimizer_spec, optim.SGD):
@@ -308,7 +324,7 @@ class TorchLoop(TrainingLoop):
                     buffers["step"] = torch.tensor(float(state["step"]))
                 loaded[p] = buffers
             elif isinstance(self.optimizer_spec, optim.Adagrad):  # torch creates its sum at construction
-                initial = self.optimizer_spec.initial_accumulator_value
+                initial = self._group_of[name].spec.initial_accumulator_value
                 loaded[p] = {
                     "step": torch.tensor(0.0),
                     "sum": torch.full_like(p, initial, memory_format=torch.preserve_format),

@@ -644,6 +644,62 @@ def check_gradient_clipping(adapter):
             )
 
 
+@check("training-controls")
+def check_frozen_parameters_and_groups(adapter):
+    """``frozen`` parameters never move and have no gradient or optimizer state; a ``param_groups``
+    entry updates its parameters with its own lr, momentum and weight decay, the others with the
+    optimizer's; ``set_lr`` scales every group's lr alike."""
+    model, spec = dense_model(), SGD(lr=0.1, momentum=0.9)
+    group = SGD(lr=0.02, momentum=0.5, weight_decay=0.1)
+    loop = loaded(adapter, model, state_of(model), optimizer=spec, frozen=["1.bias"],
+                  param_groups=[{"params": ["3"], "lr": 0.02, "momentum": 0.5, "weight_decay": 0.1}])  # fmt: skip
+    start = params_of(loop)
+    optimizers = {"1.weight": reference.Optimizer(spec), "3.weight": reference.Optimizer(group)}
+    optimizers["3.bias"] = optimizers["3.weight"]
+    params = {key: value.astype(F64) for key, value in start.items() if key != "1.bias"}
+    for step in range(1, 4):
+        if step == 3:  # the group keeps its lr's ratio to the optimizer's: 0.02 * 0.05 / 0.1
+            loop.set_lr(0.05)
+            optimizers["1.weight"].lr, optimizers["3.weight"].lr = 0.05, 0.01
+        tutorial_gradients(loop, inputs((3, 4), seed=step), labels(seed=step))
+        grads = loop.gradients()
+        if "1.bias" in grads:
+            fail("gradients() holds the frozen '1.bias'; a frozen parameter has no gradient")
+        for names in (["1.weight"], ["3.weight", "3.bias"]):
+            params.update(optimizers[names[0]].update({key: params[key] for key in names}, grads))
+        loop.update()
+        got = params_of(loop)
+        compare_exact(f"step {step}: frozen parameter '1.bias'", got["1.bias"], start["1.bias"])
+        compare_states(f"step {step}: parameter", {key: got[key] for key in params}, params, dtype=loop.dtype,
+                       size=4 * step)  # fmt: skip
+    state = loop.optimizer_state_dict()
+    if extra := [key for key in state if key.startswith("1.bias.")]:
+        fail(f"optimizer_state_dict() holds {extra} for the frozen '1.bias'; a frozen parameter has no state")
+
+
+@check("training-controls")
+def check_gradient_accumulation_in_fit(adapter):
+    """``fit(accumulate_grad_batches=3)`` on 4 batches: one step on the first three batches' mean
+    gradient, one on the last batch's gradient divided by 3 (Lightning's rule)."""
+    model, spec = dense_model(), SGD(lr=0.1, momentum=0.9)
+    state, x, y = state_of(model), inputs((3, 4), n=8), labels(n=8)
+    loop = loaded(adapter, model, state, optimizer=spec)
+    history = loop.fit((x, y), epochs=1, batch_size=2, shuffle=False, accumulate_grad_batches=3)
+    if loop.step_count != 2 or history[0].get("steps") != 2:
+        fail(f"4 batches 3 to a step: {loop.step_count} optimizer steps, record {history[0]}; expected 2")
+    ref, optimizer = reference.Reference(model, {k: v.astype(F64) for k, v in state.items()}), reference.Optimizer(spec)
+    for batches in ((0, 1, 2), (3,)):
+        total = {}
+        for b in batches:
+            _, grad = reference.loss(CrossEntropyLoss(), ref.forward(x[2 * b : 2 * b + 2], training=True),
+                                     y[2 * b : 2 * b + 2])  # fmt: skip
+            for key, value in ref.backward(grad).items():
+                total[key] = total.get(key, 0.0) + value / 3
+        ref.state.update(optimizer.update({key: ref.state[key] for key in total}, total))
+    compare_states("after 2 accumulated steps: parameter", params_of(loop),
+                   {key: ref.state[key] for key in model.param_shapes()}, dtype=loop.dtype, size=4 * 4)  # fmt: skip
+
+
 # --- 8-10. the step ---------------------------------------------------------------------------------
 
 

@@ -464,10 +464,20 @@ def test_new_loss_value_and_step_match_torch(name, torch_single_thread):
             mean = functional(pred, target_tensor, "mean").item()
     # the core sums per-sample float32 values: rounding of one float32 reduction over the batch's elements
     assert metrics["loss"] == pytest.approx(mean, abs=tolerance(np.float32, size=y.size, expected_scale=abs(mean)))
-    class_indices = y.dtype.kind == "i"
-    assert np.isnan(metrics["accuracy"]) != class_indices
-    if class_indices:
-        assert metrics["num_correct"] == int((pred.argmax(1).numpy() == y).sum())
+    # accuracy: of class indices, of class probabilities (argmax), BCE's binary accuracy; NaN for values
+    pred = pred.numpy()
+    if y.dtype.kind == "i":
+        assert metrics["num_correct"] == int((pred.argmax(1) == y).sum())
+    elif isinstance(loss, ut.BCEWithLogitsLoss):
+        assert metrics["accuracy"] == ((pred > 0) == (y > 0.5)).mean()
+    elif loss.class_targets:
+        assert metrics["accuracy"] == (pred.argmax(1) == y.argmax(1)).mean()
+    else:
+        assert np.isnan(metrics["accuracy"])
+    if not loss.class_targets and not isinstance(loss, (ut.BCEWithLogitsLoss, ut.CustomLoss)):
+        errors = pred.astype(np.float64) - y
+        assert metrics["mse"] == pytest.approx(np.square(errors).mean(), rel=1e-12)
+        assert metrics["mae"] == pytest.approx(np.abs(errors).mean(), rel=1e-12)
 
 
 class TorchResidualWithDropout(nn.Module):

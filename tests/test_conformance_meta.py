@@ -139,13 +139,15 @@ class AdagradWithoutLrDecay(NumpyLoop):
     """Adagrad ignoring ``lr_decay`` (every step at the full lr)."""
 
     def _update(self):
-        spec = self.update_spec
-        if isinstance(spec, Adagrad):
-            self.update_spec = dataclasses.replace(spec, lr_decay=0.0)
+        specs = [group.spec for group in self.param_groups]
+        for group in self.param_groups:
+            if isinstance(group.spec, Adagrad):
+                group.spec = dataclasses.replace(group.spec, lr_decay=0.0)
         try:
             super()._update()
         finally:
-            self.update_spec = spec
+            for group, spec in zip(self.param_groups, specs, strict=True):
+                group.spec = spec
 
 
 class MomentumNotCycled(NumpyLoop):
@@ -153,11 +155,14 @@ class MomentumNotCycled(NumpyLoop):
     built with (``max_momentum``, where PyTorch's OneCycleLR puts it at construction)."""
 
     def _update(self):
-        live, self.momentum = self.momentum, momentum(self.update_spec)
+        live = [group.momentum for group in self.param_groups]
+        for group in self.param_groups:
+            group.momentum = momentum(group.spec)
         try:
             super()._update()
         finally:
-            self.momentum = live
+            for group, value in zip(self.param_groups, live, strict=True):
+                group.momentum = value
 
 
 class ClipPerTensor(NumpyLoop):
@@ -227,6 +232,31 @@ class PredictionsAsAList(NumpyLoop):
         return value.tolist()
 
 
+class FrozenParameterMoves(NumpyLoop):
+    """Leaves the frozen parameters out of gradients() but updates them with the rest."""
+
+    def _resolve_controls(self, names):
+        groups = super()._resolve_controls(names)
+        groups[-1].names += tuple(self.frozen)
+        return groups
+
+
+class GroupLrIgnored(NumpyLoop):
+    """Every group trains at the optimizer's lr (its momentum and weight decay are kept)."""
+
+    def _update(self):
+        for group in self.param_groups:
+            group.lr = self.lr
+        super()._update()
+
+
+class AccumulationNotAveraged(NumpyLoop):
+    """Sums the accumulated batches' gradients instead of dividing each batch's loss by K."""
+
+    def _scale_gradients(self, factor):
+        pass
+
+
 def failure(adapter, check):
     result = run_check(adapter, check)
     assert result.status == "fail", result
@@ -280,6 +310,15 @@ CAUGHT = {
         "got 1.33508; max error 0.0348 > tolerance 0.000125",
     (PredictionsAsAList, "check_predictions_as_numpy_and_train_accuracy"):
         "to_numpy(forward(x)) gave list of dtype None, expected a numpy.ndarray of float32",
+    (FrozenParameterMoves, "check_frozen_parameters_and_groups"):
+        "step 1: frozen parameter '1.bias': expected -0.0898877, got -0.0961883 at index (0,); max error 0.0063 > "
+        "tolerance 0 (must be bit-exact)",
+    (GroupLrIgnored, "check_frozen_parameters_and_groups"):
+        "step 1: parameter '3.weight': expected -0.306081, got -0.290677 at index (2, 0); max error 0.0154 > "
+        "tolerance 3.81e-06",
+    (AccumulationNotAveraged, "check_gradient_accumulation_in_fit"):
+        "after 2 accumulated steps: parameter '1.weight': expected 0.252193, got 0.202459 at index (2, 3); "
+        "max error 0.0497 > tolerance 1.53e-05",
 }  # fmt: skip
 
 

@@ -113,7 +113,8 @@ def test_elementwise_losses_train_on_one_hot_labels_and_native_loops_keep_cross_
                  "--backend", "numpy", "--no-progress", cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "mse loss" in result.stdout and "epoch 1/1" in result.stdout
-    assert "accuracy" not in result.stdout  # one-hot targets are not class indices: no accuracy, and no "nan%"
+    # one-hot targets: a test accuracy (argmax) but no train accuracy (that counts class indices), and MSE
+    assert "train accuracy" not in result.stdout and "test accuracy" in result.stdout and "test mse" in result.stdout
     native = run("compare", "--backends", "numpy,torch", "--native", "--loss", "nll", cwd=tmp_path)
     assert native.returncode == 2
     assert "--native: the native loops train with cross-entropy, not nll" in native.stderr

@@ -18,6 +18,7 @@ _EXPORTS = {
     "Residual": "layers", "Sequential": "layers", "Sigmoid": "layers", "SiLU": "layers",
     "Softmax": "layers", "Tanh": "layers", "cnn": "layers", "lenet": "layers", "mlp": "layers",
     "resnet18": "layers",
+    "EarlyStopping": "controls",
     "TrainingLoop": "loop",
     "BCEWithLogitsLoss": "losses", "CrossEntropyLoss": "losses", "CustomLoss": "losses",
     "HuberLoss": "losses", "L1Loss": "losses", "MSELoss": "losses", "NLLLoss": "losses",

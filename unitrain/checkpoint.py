@@ -5,6 +5,7 @@ A checkpoint directory holds the newest ``keep`` checkpoints of one run, one fol
     DIR/step-00001200/weights.safetensors    canonical state (a plain weights file: --weights / --init-weights)
     DIR/step-00001200/optimizer.safetensors  {"step", "<param>.<momentum_buffer|exp_avg|exp_avg_sq>"}
     DIR/step-00001200/random.safetensors     the dropout stream (backends with ``random-state``; opaque bytes)
+    DIR/step-00001200/best.safetensors       early stopping's best weights so far (runs with early stopping)
     DIR/step-00001200/checkpoint.json        manifest: position, run configuration and id, versions, sha256 of the files
 
 A directory holds one run: its manifests carry the run's id, a resume continues it, and a
@@ -34,6 +35,7 @@ Python API::
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -53,6 +55,7 @@ from typing import Any
 import numpy as np
 
 from . import optim, registry, schedules
+from .controls import EarlyStoppingState
 from .data import num_batches
 from .files import atomic_write, current_umask, fsync_dir
 from .layers import MODEL_PATTERN, PRESETS
@@ -77,6 +80,7 @@ from .weights import Declared, State, WeightsError, check_state, load_safetensor
 FORMAT, FORMAT_VERSION = "unitrain-checkpoint", 1
 MANIFEST, WEIGHTS, OPTIMIZER = "checkpoint.json", "weights.safetensors", "optimizer.safetensors"
 RANDOM = "random.safetensors"  # only when the loop has a random state
+BEST = "best.safetensors"  # only when the loop's early stopping has a best epoch
 _NAME = re.compile(r"step-(\d{8,})")
 
 
@@ -186,6 +190,7 @@ def save_checkpoint(
         "normalization": normalization,
         "run_id": run_id,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "early_stopping": None if loop.early_stopping is None else loop.early_stopping.to_json(),
     }
     _sweep(directory, ".tmp-")
     staging = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=directory))
@@ -197,6 +202,9 @@ def save_checkpoint(
         if random_state := loop.random_state():
             save_safetensors(staging / RANDOM, random_state, {"producer": f"unitrain/{loop.name}"})
             files.append(RANDOM)
+        if loop.early_stopping is not None and loop.early_stopping.best_weights:
+            save_safetensors(staging / BEST, loop.early_stopping.best_weights, {"format": "pt"})
+            files.append(BEST)
         manifest["files"] = {file: _digest(staging / file) for file in files}
         atomic_write(staging / MANIFEST, [json.dumps(manifest, indent=1).encode()])  # last: marks it complete
         final = directory / name
@@ -253,6 +261,8 @@ class Checkpoint:
     optimizer_state: State
     #: the loop's dropout stream (``TrainingLoop.random_state()``; empty if it kept none)
     random_state: State
+    #: early stopping's best weights so far (empty without)
+    best_weights: State = dataclasses.field(default_factory=dict)
 
     step = property(lambda self: self.manifest["step"])
     epoch = property(lambda self: self.manifest["epoch"], doc="epoch to continue at (0-based)")
@@ -300,19 +310,24 @@ class Checkpoint:
         recorded = self.manifest.get("clip_grad", {"norm": None, "value": None})
         return {"clip_grad_norm": recorded["norm"], "clip_grad_value": recorded["value"]}
 
-    def check_position(self, num_samples: int, batch_size: int) -> None:
+    def check_position(self, num_samples: int, batch_size: int, accumulate: int = 1, drop_last: bool = False) -> None:
         """Refuse a position the run cannot have reached on data of ``num_samples`` samples in
-        batches of ``batch_size`` (raises :class:`CheckpointError` naming the field and its
-        range): ``batch`` within an epoch, and ``step == epoch * batches per epoch + batch``,
-        which every run started from step 0 keeps."""
-        per_epoch = num_batches(num_samples, batch_size)
+        batches of ``batch_size``, ``accumulate`` batches per optimizer step (raises
+        :class:`CheckpointError` naming the field and its range): ``batch`` within an epoch at a
+        step's first batch, and ``step == epoch * steps per epoch + batch / accumulate``, which
+        every run started from step 0 keeps."""
+        per_epoch = num_batches(num_samples, batch_size, drop_last)
+        steps = -(-per_epoch // accumulate)
         where = f"checkpoint {self.path}: {num_samples} samples in batches of {batch_size} make {per_epoch} per epoch"
         if not self.batch < per_epoch:
             raise CheckpointError(f"{where}, so its batch {short(self.batch)} must be in 0..{per_epoch - 1}")
-        if self.step != self.epoch * per_epoch + self.batch:
-            expected = self.epoch * per_epoch + self.batch
+        if self.batch % accumulate:
+            raise CheckpointError(f"{where}, {accumulate} to a step, so its batch {short(self.batch)} must be a "
+                                  f"multiple of {accumulate}")  # fmt: skip
+        if self.step != self.epoch * steps + self.batch // accumulate:
+            expected = self.epoch * steps + self.batch // accumulate
             raise CheckpointError(f"{where}, so its step {short(self.step)} must be epoch {short(self.epoch)} "
-                                  f"x {per_epoch} + batch {self.batch} = {short(expected)}")  # fmt: skip
+                                  f"x {steps} + batch {self.batch} / {accumulate} = {short(expected)}")  # fmt: skip
 
     def restore(self, loop) -> None:
         """Load weights, optimizer state and step count into ``loop`` (any backend), which must
@@ -348,6 +363,11 @@ class Checkpoint:
             loop.seek_schedule(position)
         elif "lr" in self.manifest:  # an lr set by hand (set_lr)
             loop.set_lr(self.manifest["lr"])
+        if (recorded := self.manifest.get("early_stopping")) is not None:
+            try:
+                loop.early_stopping = EarlyStoppingState.from_json(recorded, self.best_weights or None)
+            except (TypeError, ValueError) as error:
+                raise CheckpointError(f"checkpoint {self.path}: its early_stopping is invalid: {error}") from None
         if self.random_state and set(self.random_state) == set(loop.random_state()):  # the same kind of stream
             try:
                 loop.load_random_state(self.random_state, source=str(self.path / RANDOM))
@@ -419,7 +439,11 @@ MANIFEST_SCHEMA = {
     "normalization": Optional(Nullable({"mean": list, "std": list, "source": str})),
     "created": Optional(str),
     "run_id": Optional(Nullable(str)),  # which run wrote it (save_checkpoint); absent in older checkpoints
-    "files": {WEIGHTS: _DIGEST, OPTIMIZER: _DIGEST, RANDOM: Optional(_DIGEST)},
+    # unitrain.controls.EarlyStoppingState.to_json(); absent in older checkpoints
+    "early_stopping": Optional(
+        Nullable({"spec": dict, "best": Nullable(Number()), "best_epoch": Int(), "wait": Int(), "stopped": bool})
+    ),
+    "files": {WEIGHTS: _DIGEST, OPTIMIZER: _DIGEST, RANDOM: Optional(_DIGEST), BEST: Optional(_DIGEST)},
 }
 #: a manifest is about 1.5 kB; anything far larger is not one
 _MAX_MANIFEST_BYTES = 1 << 20
@@ -440,12 +464,17 @@ def _verified(folder: Path) -> Checkpoint:
             spec = schedules.scheduled_optimizer(spec, schedule)
         except ValueError as error:  # an optimizer the schedule cannot run
             raise CheckpointError(f"its lr_schedule is invalid: {error}") from None
+        state_names = set(spec.state_names)
         if manifest["run"]:  # checked now, though only a resume uses it (importing nothing)
-            recorded.run_spec()
+            run = recorded.run_spec()
+            for group in run.param_groups:  # a group may keep buffers the run's spec does not (momentum)
+                options = {key: value for key, value in group.items() if key != "params"}
+                state_names |= set(schedules.scheduled_optimizer(dataclasses.replace(spec, **options), schedule)
+                                   .state_names)  # fmt: skip
     except CheckpointError as error:
         raise damaged(str(error)) from None
     files = manifest["files"]
-    for file in (WEIGHTS, OPTIMIZER, RANDOM):
+    for file in (WEIGHTS, OPTIMIZER, RANDOM, BEST):
         if file not in files:
             continue
         if problem := path_problem(folder / file):
@@ -470,7 +499,7 @@ def _verified(folder: Path) -> Checkpoint:
         weights_layout.update(declared)
 
     def check_optimizer(declared):  # "step" and, per parameter, buffers of its shape
-        buffers = {f"{key}.{name}": d.shape for key, d in weights_layout.items() for name in spec.state_names}
+        buffers = {f"{key}.{name}": d.shape for key, d in weights_layout.items() for name in state_names}
         expected = {"step": (), **buffers}
         unknown = [key for key in declared if key not in expected]
         wrong = [key for key in declared if key in expected and tuple(declared[key].shape) != expected[key]]
@@ -487,9 +516,14 @@ def _verified(folder: Path) -> Checkpoint:
     weights = read(WEIGHTS, check_weights)
     optimizer_state = read(OPTIMIZER, check_optimizer)
     random_state = read(RANDOM, check_random) if RANDOM in files else {}
+
+    def check_best(declared):  # the same tensors as the weights
+        check_state({key: d.shape for key, d in weights_layout.items()}, declared, f"checkpoint file {folder / BEST}")
+
+    best_weights = read(BEST, check_best) if BEST in files else {}
     if int(optimizer_state["step"]) != manifest["step"]:
         raise damaged(f"optimizer step {int(optimizer_state['step'])} differs from the manifest's {manifest['step']}")
-    return Checkpoint(folder, manifest, weights, optimizer_state, random_state)
+    return Checkpoint(folder, manifest, weights, optimizer_state, random_state, best_weights)
 
 
 def _manifest(path: Path) -> dict[str, Any]:
@@ -594,7 +628,8 @@ class Checkpointer:
             self.position = (self.epoch + 1, 0)
         if self.resumed_mid_epoch:
             record["train_loss"] = self.loss_sum / self.loss_count  # includes the steps before the resume
-        finished = self.position[0] >= self.epochs or (self.max_steps is not None and loop.step_count >= self.max_steps)
+        finished = (self.position[0] >= self.epochs or loop.stop_training
+                    or (self.max_steps is not None and loop.step_count >= self.max_steps))  # fmt: skip
         if self.directory is not None:
             self._save(loop, finished=finished)
         if self.stop_requested and not finished:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import errno
 import itertools
@@ -20,6 +21,7 @@ import numpy as np
 
 from . import distributed, files, plot, registry
 from .checkpoint import WEIGHTS, Checkpointer, Diverged, Interrupted, checkpoint_paths, load_checkpoint, stop_on_signals
+from .controls import METRICS, EarlyStopping
 from .data import PACKAGED, DataError
 from .extensions import EpochReport, MetricsWriter, ProgressBar, TensorBoardWriter, check_tensorboard_dir
 from .layers import PRESETS, model_from_name
@@ -27,7 +29,7 @@ from .loop import InputError
 from .losses import LOSSES
 from .optim import OPTIMIZERS
 from .reading import path_problem
-from .run import DataSpec, Run, RunError, load_recipe
+from .run import TASKS, DataSpec, Run, RunError, load_recipe
 from .schedules import parse_schedule
 from .signals import ending_on_signals, interrupted
 from .weights import WeightsError, check_state, load_safetensors
@@ -268,7 +270,9 @@ def default_threads() -> int:
 #: the flags that describe the run (a :class:`~unitrain.run.Run`): absent from the parsed
 #: arguments unless typed, so that they override a recipe or checkpoint only where given
 _RUN_FIELDS = ("model", "loss", "lr_schedule", "clip_grad_norm", "clip_grad_value", "batch_size", "epochs",
-               "max_steps", "shuffle", "seed", "init_weights")  # fmt: skip
+               "max_steps", "shuffle", "seed", "init_weights", "frozen", "param_groups",
+               "accumulate_grad_batches", "drop_last", "test_batch_size")  # fmt: skip
+_EARLY_STOPPING_FLAGS = ("early_stopping", "patience", "min_delta")
 _DATA_FIELDS = tuple(field.name for field in dataclasses.fields(DataSpec))
 _OPTIMIZER_FLAGS = ("optimizer", "lr", "momentum", "nesterov", "weight_decay")
 
@@ -290,14 +294,20 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     _add_data_arguments(parser, default=unset)
     parser.add_argument(
-        "--val-split", type=_int_at_least(0), default=unset, metavar="N",
-        help="hold N training samples out (chosen by --seed) for val_loss / val_accuracy each epoch",
+        "--val-split", type=_count_or_fraction, default=unset, metavar="N|FRACTION",
+        help="hold N training samples (or a fraction such as 0.1) out for val_loss / val_accuracy each epoch",
     )  # fmt: skip
+    parser.add_argument("--val-from", choices=("random", "first", "last"), default=unset,
+                        help="which samples --val-split holds out: chosen by --seed (default), the first or the last "
+                        "(Keras' validation_split) in file order")  # fmt: skip
     parser.add_argument(
         "--normalize", type=_normalization, default=unset, metavar="MEAN/STD",
         help="normalise with this mean and std, one number or one per channel, comma-separated "
         "('0.1307/0.3081'; default: the packaged dataset's, or your training set's)",
     )  # fmt: skip
+    parser.add_argument("--task", choices=TASKS, default=unset,
+                        help="what the targets are: class indices (default), an .npz's y (regression, multi-label: "
+                        "0/1 vectors) or the input itself (reconstruction)")  # fmt: skip
     parser.add_argument("--resize", type=_size, default=unset, metavar="HxW", help="resize samples (bilinear)")
     parser.add_argument("--pad", type=_int_at_least(0), default=unset, metavar="N",
                         help="pad samples by N pixels of black on every side (after --resize)")  # fmt: skip
@@ -307,6 +317,10 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="augment: flip half of the training samples left to right")  # fmt: skip
     parser.add_argument("--epochs", type=_int_at_least(0), default=unset, help="default 3")
     parser.add_argument("--batch-size", type=_int_at_least(1), default=unset, help="default 64")
+    parser.add_argument("--test-batch-size", type=_int_at_least(1), default=unset, metavar="N",
+                        help="batch size of the validation and test evaluations (default 1000)")  # fmt: skip
+    parser.add_argument("--drop-last", action=argparse.BooleanOptionalAction, default=unset,
+                        help="leave out each epoch's last, smaller batch (PyTorch's drop_last)")  # fmt: skip
     parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default=unset, help="default sgd")
     parser.add_argument("--lr", type=_positive_float, default=unset, help="default 0.01")
     parser.add_argument("--momentum", type=_float, default=unset, help="SGD's or RMSprop's momentum (default 0)")
@@ -329,6 +343,22 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="visit samples in a new random order each epoch (default) or in file order")  # fmt: skip
     parser.add_argument("--init-weights", type=str, default=unset, metavar="FILE",
                         help="start from these safetensors weights")  # fmt: skip
+    parser.add_argument("--freeze", dest="frozen", action="append", default=unset, metavar="PATTERN",
+                        help="leave these parameters untrained: a name (0.weight), a layer path (0, layer1), a glob "
+                        "(*.bias) or a layer class (BatchNorm2d); repeatable")  # fmt: skip
+    parser.add_argument("--param-group", dest="param_groups", action="append", type=_param_group, default=unset,
+                        metavar="'PATTERNS:OPTION=VALUE,...'",
+                        help="optimizer options for some parameters, e.g. '*.bias,BatchNorm2d:weight_decay=0' or "
+                        "'0:lr=0.001'; repeatable")  # fmt: skip
+    parser.add_argument("--accumulate-grad-batches", type=_int_at_least(1), default=unset, metavar="K",
+                        help="one optimizer step per K batches, each batch's loss over K (default 1)")  # fmt: skip
+    parser.add_argument("--early-stopping", choices=METRICS, default=unset, metavar="METRIC",
+                        help=f"stop when METRIC ({', '.join(METRICS)}) stops improving; the best epoch's weights "
+                        "are kept and are the run's result")  # fmt: skip
+    parser.add_argument("--patience", type=_int_at_least(0), default=unset, metavar="N",
+                        help="with --early-stopping: epochs without improvement to stop at (default 0)")  # fmt: skip
+    parser.add_argument("--min-delta", type=_float, default=unset, metavar="X",
+                        help="with --early-stopping: the least improvement that counts (default 0)")  # fmt: skip
     parser.add_argument(
         "--threads",
         type=_int_at_least(1),
@@ -376,9 +406,40 @@ def _size(text: str) -> tuple[int, int]:
     return size
 
 
+def _count_or_fraction(text: str) -> int | float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if value.is_integer() and value >= 0 and "." not in text:
+        return int(value)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a count >= 0 or a fraction in (0, 1), got {text[:100]!r}")
+    return value
+
+
+def _param_group(text: str) -> dict:
+    """``'*.bias,BatchNorm2d:weight_decay=0'`` as ``{"params": [...], "weight_decay": 0}``."""
+    patterns, colon, options = text.partition(":")
+    group = {"params": [pattern.strip() for pattern in patterns.split(",") if pattern.strip()]}
+    try:
+        for option in options.split(",") if options.strip() else ():
+            name, equals, value = option.partition("=")
+            if not equals or not name.strip().isidentifier():
+                raise ValueError
+            group[name.strip()] = ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+        group = {}
+    if not colon or not group.get("params") or len(group) < 2:
+        raise argparse.ArgumentTypeError(f"expected PATTERNS:OPTION=VALUE,... such as '*.bias:weight_decay=0', "
+                                         f"got {text[:100]!r}")  # fmt: skip
+    return group
+
+
 def _typed_run_settings(args) -> dict:
     """The run settings typed on the command line (argparse left the others out)."""
-    return {key: value for key, value in vars(args).items() if key in (*_RUN_FIELDS, *_DATA_FIELDS, *_OPTIMIZER_FLAGS)}
+    fields = (*_RUN_FIELDS, *_DATA_FIELDS, *_OPTIMIZER_FLAGS, *_EARLY_STOPPING_FLAGS)
+    return {key: value for key, value in vars(args).items() if key in fields}
 
 
 def _with_flags(base: Run, typed: dict) -> Run:
@@ -387,9 +448,25 @@ def _with_flags(base: Run, typed: dict) -> Run:
     if "clip_grad_norm" in typed or "clip_grad_value" in typed:  # the one typed replaces the other's clipping
         changes = {"clip_grad_norm": None, "clip_grad_value": None, **changes}
     data = {key: typed[key] for key in _DATA_FIELDS if key in typed}
+    if any(key in typed for key in _EARLY_STOPPING_FLAGS):
+        changes["early_stopping"] = _early_stopping(base.early_stopping, typed)
     try:
         return base.replace(**changes, data=data, optimizer=_optimizer(base.optimizer, typed))
     except RunError as error:
+        raise UsageError(str(error)) from None
+
+
+def _early_stopping(base: EarlyStopping | None, typed: dict) -> EarlyStopping:
+    """``base`` (the recipe's early stopping, if any) with the typed ``--early-stopping``,
+    ``--patience`` and ``--min-delta``."""
+    if base is None and "early_stopping" not in typed:
+        flag = next(key for key in _EARLY_STOPPING_FLAGS if key in typed)
+        raise UsageError(f"--{flag.replace('_', '-')} needs --early-stopping METRIC (or a recipe's [early_stopping])")
+    options = {"monitor": typed["early_stopping"]} if "early_stopping" in typed else {}
+    options.update({key: typed[key] for key in ("patience", "min_delta") if key in typed})
+    try:
+        return dataclasses.replace(base, **options) if base is not None else EarlyStopping(**options)
+    except ValueError as error:
         raise UsageError(str(error)) from None
 
 
@@ -620,6 +697,7 @@ def cmd_train(args) -> int:
         print(run.to_toml(), end="")
         return 0
     # Everything the user typed is checked before the (slow) framework import and any training.
+    run.check_parameters()
     initial = run.initial_weights() if resume is None else None  # a resumed run starts from its checkpoint
     files.check_output(args.save, "--save", args.overwrite)
     files.check_output(args.metrics, "--metrics", args.overwrite)
@@ -731,6 +809,11 @@ def _train(args, run: Run, loop, initial, resume, data, show_progress: bool) -> 
         return 1
     if not lead:
         return 0
+    if (stopping := loop.early_stopping) is not None and stopping.best is not None:
+        kept = "loaded" if stopping.spec.restore_best_weights else "kept in the checkpoints"
+        how = f"stopped early after epoch {history[-1]['epoch']}: " if loop.stop_training else ""
+        print(f"unitrain: {how}the best {stopping.spec.monitor} {stopping.best:.4f} was epoch {stopping.best_epoch}'s; "
+              f"its weights are {kept}")  # fmt: skip
     if not history:  # --epochs 0 or --max-steps 0: still report the model as it is
         metrics = loop.evaluate(test_data)
         print(
@@ -819,6 +902,8 @@ def _resume(args, typed: dict) -> tuple[Run, object]:
                 if getattr(run.data, field) != getattr(recorded.data, field)]  # fmt: skip
     if run.optimizer != recorded.optimizer:
         changed.append(("--optimizer", run.optimizer, recorded.optimizer))
+    if run.early_stopping != recorded.early_stopping:
+        changed.append(("--early-stopping", run.early_stopping, recorded.early_stopping))
     if changed:
         flag, value, kept = changed[0]
         raise UsageError(f"{flag.replace('_', '-')} {value} differs from the resumed run's {kept}; a resumed run "
@@ -835,7 +920,7 @@ def _resume(args, typed: dict) -> tuple[Run, object]:
 
 def _check_resume_position(args, run: Run, checkpoint, num_samples: int) -> None:
     """The checkpoint's position must be one the run reaches on its training data, before its end."""
-    checkpoint.check_position(num_samples, run.batch_size)
+    checkpoint.check_position(num_samples, run.batch_size, run.accumulate_grad_batches, run.drop_last)
     if checkpoint.epoch >= run.epochs or (run.max_steps is not None and checkpoint.step >= run.max_steps):
         raise UsageError(f"--resume {args.resume}: the checkpoint at step {checkpoint.step} is already past the run's "
                          f"end (--epochs {run.epochs}, --max-steps {run.max_steps})")  # fmt: skip

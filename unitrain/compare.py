@@ -160,7 +160,10 @@ def compare_backends(
             start = initial_weights if initial_weights is not None else init_weights(model, run.seed)
             recorder = StepRecorder(sample_every, snapshots)
             native_loop = native_models.native_loop(name, model_name, start, run.optimizer.lr)
-            history = _train_native(native_loop, loop, recorder, train_data, test_data, seed=run.seed, **fit_options)
+            native_options = {key: fit_options[key] for key in ("epochs", "batch_size", "shuffle", "max_steps",
+                                                                 "val_data")}  # fmt: skip
+            history = _train_native(native_loop, loop, recorder, train_data, test_data, seed=run.seed,
+                                    **native_options)  # fmt: skip
             loop.load_state_dict(native_loop.state_dict())
             metrics, labels = loop.evaluate(test_data), loop.predict(test_data.x).argmax(1)
             differences = layer_differences(native_loop.state_dict(), reference[0])
@@ -222,20 +225,25 @@ def _train_native(native_loop, evaluator, recorder, train_data, test_data, *, se
 
 
 def planned_steps(data: ArrayDataset, *, epochs: int = 1, batch_size: int = 64, max_steps: int | None = None,
-                  **_: Any) -> int:  # fmt: skip
+                  accumulate_grad_batches: int = 1, drop_last: bool = False, **_: Any) -> int:  # fmt: skip
     """How many optimizer steps :meth:`~unitrain.TrainingLoop.fit` takes with these options."""
-    steps = epochs * data.num_batches(batch_size)
+    steps = epochs * -(-data.num_batches(batch_size, drop_last) // accumulate_grad_batches)
     return steps if max_steps is None else min(steps, max_steps)
 
 
 def format_report(results: Sequence[dict[str, Any]], num_test: int) -> str:
     """The results as a table, one row per backend."""
     first = results[0]["backend"]
-    header = ("backend", "version", "test accuracy by epoch", "test loss", "samples/s",
+    # value targets (regression, reconstruction) have no accuracy: their test MSE by epoch instead
+    errors = all("test_mse" in record for result in results for record in result["history"]) and any(
+        result["history"] for result in results
+    )
+    header = ("backend", "version", f"test {'mse' if errors else 'accuracy'} by epoch", "test loss", "samples/s",
               f"max |Δw| vs {first}", f"same predictions as {first}")  # fmt: skip
     rows = [header]
     for result in results:
-        accuracies = " ".join(f"{100 * record['test_accuracy']:.2f}%" for record in result["history"])
+        accuracies = " ".join(f"{record['test_mse']:.4g}" if errors else f"{100 * record['test_accuracy']:.2f}%"
+                              for record in result["history"])  # fmt: skip
         rows.append((
             result.get("label", result["backend"]),
             result["version"] or "-",

@@ -95,9 +95,10 @@ class DataError(ValueError):
     """A data file that is missing, truncated, corrupted or of the wrong kind."""
 
 
-def num_batches(num_samples: int, batch_size: int) -> int:
-    """Batches per epoch: the last one holds the remaining samples."""
-    return -(-num_samples // batch_size)
+def num_batches(num_samples: int, batch_size: int, drop_last: bool = False) -> int:
+    """Batches per epoch: the last one holds the remaining samples, or with ``drop_last`` (PyTorch's
+    DataLoader, MindSpore's ``drop_remainder``) those are left out."""
+    return num_samples // batch_size if drop_last else -(-num_samples // batch_size)
 
 
 @dataclass
@@ -132,20 +133,21 @@ class ArrayDataset:
     def __len__(self) -> int:
         return len(self.x)
 
-    def num_batches(self, batch_size: int) -> int:
-        return num_batches(len(self), batch_size)
+    def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
+        return num_batches(len(self), batch_size, drop_last)
 
     def order(self, shuffle: bool, seed: int, epoch: int) -> np.ndarray | None:
         """Sample order of an epoch (``None``: the stored order)."""
         return np.random.default_rng([seed, epoch]).permutation(len(self)) if shuffle else None
 
     def batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0, epoch: int = 0,
-                start: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:  # fmt: skip
+                start: int = 0, drop_last: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:  # fmt: skip
         """Mini-batches of an epoch, from batch number ``start`` on (to resume mid-epoch), each
         augmented by ``augmentation(x, seed, epoch, batch number)`` if set. Unshuffled,
         unaugmented batches are views, not copies."""
         order = self.order(shuffle, seed, epoch)
-        for index, begin in enumerate(range(start * batch_size, len(self), batch_size), start=start):
+        end = self.num_batches(batch_size, drop_last) * batch_size
+        for index, begin in enumerate(range(start * batch_size, min(end, len(self)), batch_size), start=start):
             if order is None:
                 x, y = self.x[begin : begin + batch_size], self.y[begin : begin + batch_size]
             else:

@@ -216,8 +216,52 @@ def _read_npz(path: Path) -> _Raw:
     return _Raw("npz", *split["train"], *split["test"])
 
 
-def _read_npy(archive: zipfile.ZipFile, member: str, key: str, name: str) -> np.ndarray:
-    """One array of an .npz: its header (dtype, shape) checked before any data is read."""
+def load_target_arrays(source: str | os.PathLike) -> tuple[ArrayDataset, ArrayDataset]:
+    """``(train, test)`` of an .npz holding exactly ``x_train, y_train, x_test, y_test`` for
+    regression or multi-label training: ``x`` numeric of any shape ``(N, ...)`` and ``y`` numeric
+    of any shape ``(N, ...)`` (0/1 vectors for multi-label), both as given (no normalisation:
+    ``normalization`` records mean 0, std 1); ``y`` float32, ``x`` too unless it holds integers
+    (token ids), which stay int64."""
+    path = Path(source)
+    if problem := path_problem(path, "an .npz file"):
+        raise DataError(f"dataset {path} {problem}")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = {name.removesuffix(".npy"): name for name in archive.namelist()}
+            if set(members) != set(NPZ_KEYS):
+                raise DataError(f"{path} holds the arrays {short_list(sorted(members))}; expected exactly "
+                                f"{', '.join(NPZ_KEYS)}")  # fmt: skip
+            arrays = {key: _read_npy(archive, members[key], key, f"{path}: {key}", values=True) for key in NPZ_KEYS}
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, NotImplementedError) as error:
+        raise DataError(f"{path} is not a readable .npz file: {str(error)[:200]}") from None
+    for key, array in arrays.items():
+        if array.ndim < (2 if key.startswith("x_") else 1) or (key.endswith("_train") and len(array) == 0):
+            raise DataError(f"{path}: {key} has shape {array.shape}; expected (N, ...) with N >= 1 samples")
+        if not np.isfinite(array).all():
+            raise DataError(f"{path}: {key} holds NaN or infinite values")
+    for which in ("train", "test"):
+        x, y = arrays[f"x_{which}"], arrays[f"y_{which}"]
+        if len(x) != len(y):
+            raise DataError(f"{path}: x_{which} has {len(x)} samples but y_{which} has {len(y)}")
+    for name in ("x", "y"):
+        if arrays[f"{name}_train"].shape[1:] != arrays[f"{name}_test"].shape[1:]:
+            raise DataError(f"{path}: {name}_train's samples are {_shape(arrays[f'{name}_train'])}, {name}_test's "
+                            f"{_shape(arrays[f'{name}_test'])}; expected one shape")  # fmt: skip
+    identity = Normalization((0.0,), (1.0,), f"none: {path}'s arrays as given")
+    return tuple(
+        ArrayDataset(_samples(arrays[f"x_{which}"]), arrays[f"y_{which}"].astype(np.float32), identity)
+        for which in SPLITS
+    )
+
+
+def _samples(x: np.ndarray) -> np.ndarray:
+    """Integer samples stay integers (token ids for an embedding), the others become float32."""
+    return x.astype(np.int64) if x.dtype.kind in "iu" else x.astype(np.float32)
+
+
+def _read_npy(archive: zipfile.ZipFile, member: str, key: str, name: str, values: bool = False) -> np.ndarray:
+    """One array of an .npz: its header (dtype, shape) checked before any data is read (``values``:
+    any numeric samples and targets, as regression reads them)."""
     fmt = np.lib.format
     with archive.open(member) as file:
         try:
@@ -232,8 +276,11 @@ def _read_npy(archive: zipfile.ZipFile, member: str, key: str, name: str) -> np.
             raise DataError(f"{name}: not a .npy array: {str(error)[:200]}") from None
         samples = key.startswith("x_")
         allowed = (dtype == np.uint8 or dtype.kind == "f") if samples else dtype.kind in "iu"
+        if values:
+            allowed = dtype.kind in "fiub"
         if dtype.hasobject or not allowed:
             expected = "uint8 pixels or floats in [0, 1]" if samples else "integer class indices"
+            expected = "numbers" if values else expected
             raise DataError(f"{name} has dtype {dtype}; expected {expected}")
         size = int(np.prod(shape, dtype=object)) * dtype.itemsize
         if size > MAX_DATA_BYTES:

@@ -16,8 +16,8 @@ from . import files
 
 
 class EpochReport:
-    """One line per epoch: train loss (and accuracy), validation and test accuracy and average
-    loss, samples/s."""
+    """One line per epoch: train loss (and accuracy), validation and test accuracy, average loss
+    and (value targets) mean squared and absolute errors, samples/s."""
 
     def __init__(self, epochs: int, prefix: str = ""):
         self.epochs, self.prefix = epochs, prefix
@@ -31,6 +31,8 @@ class EpochReport:
                 if math.isfinite(accuracy := record[f"{name}_accuracy"]):  # NaN: targets that are not classes
                     parts.append(f"{name} accuracy {100 * accuracy:.2f}%")
                 parts.append(f"{name} loss {record[f'{name}_loss']:.4f}")
+                if f"{name}_mse" in record:  # value targets: mean squared and absolute errors
+                    parts.append(f"{name} mse {record[f'{name}_mse']:.4g}  {name} mae {record[f'{name}_mae']:.4g}")
         parts.append(f"lr {record['lr']:.4g}")
         print("  ".join([*parts, f"{record['samples_per_sec']:.0f} samples/s"]), flush=True)
 

@@ -16,7 +16,9 @@ backend starts from identical weights) or the framework's own model object
 (``torch.nn.Module``, MindSpore ``nn.Cell``, Chainer ``Chain``) when the adapter has the
 ``native-model`` capability.
 
-Data: batches are ``(x, y)`` NumPy arrays; ``x`` float32 of shape ``(N, *features)``. The
+Data: batches are ``(x, y)`` NumPy arrays; ``x`` of shape ``(N, *features)``, in the loop's
+dtype (float32 by default; integer inputs of a native model stay integers, int64: token ids for
+its embedding; a spec model's are converted). The
 dtype of ``y`` says what the targets are, checked against the loss spec
 (:mod:`unitrain.losses`) and the model's output shape before any framework sees them:
 
@@ -96,6 +98,14 @@ Gradient clipping (``clip_grad_norm=`` or ``clip_grad_value=``, not both) happen
 (total 2-norm + 1e-6))``, :func:`~unitrain.optim.clip_grad_norm_scale`), or by value (each
 element clamped to ``[-v, v]``); natively where the framework has it.
 
+Training controls (capability ``training-controls``, :mod:`unitrain.controls`): ``frozen=``
+patterns name parameters that get no update, no optimizer state and no entry in ``gradients()``
+or clipping (BatchNorm's running statistics, buffers, still follow training mode);
+``param_groups=`` gives some parameters their own optimizer options, each group with its own lr
+(``param_groups[i].lr``) and scheduler; ``fit(accumulate_grad_batches=K)`` makes one optimizer
+step from K batches, each batch's loss divided by K; ``fit(early_stopping=EarlyStopping(...))``
+stops on a monitored metric and keeps the best weights.
+
 Randomness: dropout masks come from the loop's own random stream, started from ``seed``; the
 user's global RNGs are neither reset nor advanced where the framework allows. With the
 ``random-state`` capability, ``random_state()`` captures that stream as ``{key: uint8 array}``,
@@ -141,10 +151,11 @@ import numpy as np
 
 from . import expr
 from . import weights as weights_io
+from .controls import EarlyStopping, EarlyStoppingState, ParamGroup, resolve_groups
 from .data import ArrayDataset
 from .distributed import shard
 from .layers import Container, _BatchNorm
-from .losses import CrossEntropyLoss, CustomLoss, Loss
+from .losses import BCEWithLogitsLoss, CrossEntropyLoss, CustomLoss, Loss
 from .optim import SGD, Optimizer
 from .optim import momentum as momentum_of
 from .schedules import LRSchedule, scheduled_optimizer
@@ -158,6 +169,8 @@ CAPABILITIES = frozenset({
     "optimizers", "clipping",
     # data parallel on the framework's own engine (``launcher`` names its launcher)
     "distributed",
+    # issue 16: frozen parameters and parameter groups (unitrain.controls), gradient accumulation
+    "training-controls",
 })  # fmt: skip
 
 
@@ -190,6 +203,8 @@ class TrainingLoop(ABC):
         clip_grad_norm: float | None = None,
         clip_grad_value: float | None = None,
         distributed: bool = False,
+        frozen: Iterable[str] = (),
+        param_groups: Iterable[Mapping[str, Any]] = (),
     ):
         loss = CrossEntropyLoss() if loss is None else loss
         optimizer = SGD() if optimizer is None else optimizer
@@ -225,6 +240,19 @@ class TrainingLoop(ABC):
         self.clip_grad_norm = None if clip_grad_norm is None else float(clip_grad_norm)
         self.clip_grad_value = None if clip_grad_value is None else float(clip_grad_value)
         self.seed = seed
+        self._frozen_patterns = [frozen] if isinstance(frozen, str) else list(frozen)
+        self._group_options = list(param_groups)
+        if (self._frozen_patterns or self._group_options) and "training-controls" not in self.capabilities:
+            raise ValueError(f"the {self.name} backend cannot freeze parameters or group them "
+                             "(no 'training-controls' capability)")  # fmt: skip
+        #: names of the frozen parameters and the parameter groups (:mod:`unitrain.controls`), set
+        #: by :meth:`_resolve_controls` while the model is built
+        self.frozen: frozenset[str] = frozenset()
+        self.param_groups: list[ParamGroup] | None = None
+        #: set to stop :meth:`fit` after the current epoch (early stopping sets it)
+        self.stop_training = False
+        #: the early stopping state of the last :meth:`fit` with ``early_stopping`` (a checkpoint restores it)
+        self.early_stopping: EarlyStoppingState | None = None
         if distributed and "distributed" not in self.capabilities:
             raise ValueError(f"the {self.name} backend cannot train data-parallel (no 'distributed' capability)")
         #: this process's place in a data-parallel run (see the module docstring)
@@ -250,6 +278,8 @@ class TrainingLoop(ABC):
                 f"model must be a unitrain Sequential or Residual or a native {self.name} model, "
                 f"got {type(model).__name__}"
             )
+        if self.param_groups is None:  # an adapter that builds its optimizer without asking for the groups
+            self._resolve_controls(self.param_shapes())
         self._set_training(True)
         if self._scheduler is not None:  # LinearLR, OneCycleLR start elsewhere
             self._follow_schedule()
@@ -344,12 +374,18 @@ class TrainingLoop(ABC):
         (``self.dtype`` arrays). The caller sets ``step_count``."""
 
     def _set_lr(self, lr: float) -> None:
-        """Make the next updates use ``lr`` (the optimizer, its state and compiled code stay)."""
+        """Make the next updates use ``lr``, and each of ``param_groups`` its ``lr`` (the
+        optimizer, its state and compiled code stay)."""
         raise NotImplementedError(f"the {self.name} backend cannot change the lr of a live loop")
 
     def _set_momentum(self, momentum: float) -> None:
-        """Make the next updates use ``momentum`` (Adam: ``betas[0]``), as :meth:`_set_lr` the lr."""
+        """Make the next updates use ``momentum`` (Adam: ``betas[0]``) in every group, as
+        :meth:`_set_lr` the lr."""
         raise NotImplementedError(f"the {self.name} backend cannot change the momentum of a live loop")
+
+    def _scale_gradients(self, factor: float) -> None:
+        """Multiply the accumulated gradients by ``factor`` (gradient accumulation's mean)."""
+        raise NotImplementedError(f"the {self.name} backend cannot scale its gradients")
 
     def _setup_distributed(self) -> tuple[int, int]:
         """Join the process group the engine's launcher set up (called before ``_build``, so
@@ -408,6 +444,26 @@ class TrainingLoop(ABC):
         host copy (syncs): ``loop.to_numpy(loop.forward(x))`` on every backend."""
         return np.array(value)
 
+    def _resolve_controls(self, names: Iterable[str]) -> list[ParamGroup]:
+        """Resolve ``frozen`` and ``param_groups`` against the model's parameters ``names`` (in
+        the model's order); an adapter calls it where it builds its optimizer, and updates each
+        group's parameters with the group's ``spec``, ``lr`` and ``momentum``. ValueError for a
+        pattern that matches nothing, a parameter in two groups or an option the optimizer lacks."""
+        types = {}
+        if self.model_spec is not None:
+            types = {f"{path}.{key}": type(layer).__name__ for path, layer in self.model_spec.named_layers()
+                     for key in layer.param_shapes()}  # fmt: skip
+        self.frozen, self.param_groups = resolve_groups(
+            {name: types.get(name) for name in names}, self.optimizer_spec, self.lr_schedule,
+            self._frozen_patterns, self._group_options,
+        )  # fmt: skip
+        self._group_of = {name: group for group in self.param_groups for name in group.names}
+        return self.param_groups
+
+    def _state_names(self, param: str) -> tuple[str, ...]:
+        """The optimizer buffers of a trainable parameter (its group's spec's ``state_names``)."""
+        return self._group_of[param].spec.state_names
+
     # --- the tutorial-shaped step ---------------------------------------------------------
 
     def zero_grad(self) -> None:
@@ -444,6 +500,8 @@ class TrainingLoop(ABC):
         """Use ``lr`` from the next update on (a schedule's zero included)."""
         if isinstance(lr, bool) or not isinstance(lr, (int, float, np.floating)) or not math.isfinite(lr) or lr < 0:
             raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+        for group in self.param_groups:  # every group keeps its lr's ratio to the spec's
+            group.lr = float(lr) * (group.spec.lr / self.optimizer_spec.lr) if group.options else float(lr)
         self._set_lr(float(lr))
         self.lr = float(lr)
 
@@ -457,18 +515,30 @@ class TrainingLoop(ABC):
         momentum, where it cycles it)."""
         if self._scheduler is None:
             raise ValueError("this loop has no lr_schedule")
-        self._scheduler.seek(position)
+        for scheduler in self._schedulers():
+            scheduler.seek(position)
         self._follow_schedule()
 
     def _step_schedule(self) -> None:
-        self._scheduler.step()
+        for scheduler in self._schedulers():
+            scheduler.step()
         self._follow_schedule()
 
+    def _schedulers(self):
+        return [self._scheduler, *(group.scheduler for group in self.param_groups or ())]
+
     def _follow_schedule(self) -> None:
-        """Train with the schedule's lr, and its momentum where it cycles it."""
-        if self._scheduler.lr != self.lr:
-            self.set_lr(self._scheduler.lr)
+        """Train with the schedule's lr (each group with its own scheduler's), and its momentum
+        where it cycles it."""
+        groups = self.param_groups or ()
+        if self._scheduler.lr != self.lr or any(group.scheduler.lr != group.lr for group in groups):
+            for group in groups:
+                group.lr = group.scheduler.lr
+            self._set_lr(self._scheduler.lr)
+            self.lr = self._scheduler.lr
         if self._scheduler.momentum is not None:
+            for group in groups:
+                group.momentum = self._scheduler.momentum
             self._set_momentum(self._scheduler.momentum)
             self.momentum = self._scheduler.momentum
 
@@ -534,9 +604,18 @@ class TrainingLoop(ABC):
 
     def evaluate(self, dataset: ArrayDataset | tuple, batch_size: int = 1000) -> dict[str, float]:
         """``{"loss", "accuracy", "num_correct", "num_samples"}`` over the whole dataset in eval
-        mode; ``loss`` is the mean per-sample loss whatever the loss spec's reduction."""
+        mode; ``loss`` is the mean per-sample loss whatever the loss spec's reduction. What the
+        targets are decides the rest (:meth:`_measures`): ``accuracy`` counts ``argmax(pred) == y``
+        for class indices, ``argmax(pred) == argmax(y)`` for class probabilities of the class
+        losses and one-hot targets of the other elementwise losses, and for ``BCEWithLogitsLoss``
+        the share of labels whose logit's sign matches the 0/1 target (Keras'
+        ``binary_accuracy``); NaN otherwise (a CustomLoss, regression). The elementwise losses but
+        ``BCEWithLogitsLoss`` add ``mse`` and ``mae``, the mean squared and absolute errors per
+        element."""
         dataset = ArrayDataset.of(dataset)
-        total_loss, correct = 0.0, 0
+        total_loss, correct, squared, absolute = 0.0, 0, 0.0, 0.0
+        accuracy, errors = self._measures(np.asarray(dataset.y))
+        class_indices = self._class_indices(np.asarray(dataset.y))
         with _eval_mode(self):
             for x, y in dataset.batches(batch_size):
                 x, y = self._check_batch((x, y))
@@ -546,18 +625,45 @@ class TrainingLoop(ABC):
                     continue
                 batch_loss, batch_correct = self._evaluate_batch(x, y)
                 total_loss += batch_loss
-                correct += batch_correct
+                if class_indices:
+                    correct += batch_correct
+                elif accuracy or errors:  # measured from the predictions, in float64
+                    pred, target = self._predict(x).astype(np.float64), y.astype(np.float64)
+                    if isinstance(self.loss_spec, BCEWithLogitsLoss):
+                        correct += int(((pred > 0) == (target > 0.5)).sum())
+                    elif accuracy:
+                        correct += int((pred.argmax(1) == target.argmax(1)).sum())
+                    if errors:
+                        squared += float(np.square(pred - target).sum())
+                        absolute += float(np.abs(pred - target).sum())
         n = len(dataset)
         per_sample = total_loss / n if n else float("nan")
+        elements = max(1, int(np.prod(dataset.y.shape[1:])))
         if not self.loss_spec.class_targets and not isinstance(self.loss_spec, CustomLoss):
-            per_sample /= max(1, int(np.prod(dataset.y.shape[1:])))  # elementwise losses average elements
-        class_indices = self.loss_spec.class_targets and np.asarray(dataset.y).dtype.kind in "iu"
-        return {
+            per_sample /= elements  # elementwise losses average elements
+        counted = n * elements if isinstance(self.loss_spec, BCEWithLogitsLoss) else n
+        metrics = {
             "loss": per_sample,
-            "accuracy": correct / n if n and class_indices else float("nan"),
+            "accuracy": correct / counted if counted and accuracy else float("nan"),
             "num_correct": correct,
             "num_samples": n,
         }
+        if errors:
+            metrics["mse"] = squared / (n * elements) if n else float("nan")
+            metrics["mae"] = absolute / (n * elements) if n else float("nan")
+        return metrics
+
+    def _measures(self, y: np.ndarray) -> tuple[bool, bool]:
+        """``(accuracy, errors)``: whether :meth:`evaluate` measures an accuracy and the mean
+        squared and absolute errors for targets like ``y``."""
+        if isinstance(self.loss_spec, CustomLoss):
+            return False, False
+        if self.loss_spec.class_targets:
+            return True, False
+        if isinstance(self.loss_spec, BCEWithLogitsLoss):
+            return True, False
+        one_hot = y.ndim == 2 and y.size > 0 and bool(np.isin(y, (0, 1)).all() and (y.sum(1) == 1).all())
+        return one_hot, True
 
     def fit(
         self,
@@ -572,6 +678,10 @@ class TrainingLoop(ABC):
         extensions: Iterable[Any] = (),
         start_epoch: int = 0,
         start_batch: int = 0,
+        accumulate_grad_batches: int = 1,
+        early_stopping: EarlyStopping | None = None,
+        drop_last: bool = False,
+        test_batch_size: int = 1000,
     ) -> list[dict[str, float]]:
         """Train for ``epochs`` epochs (or until ``max_steps`` optimizer steps in total).
 
@@ -596,39 +706,88 @@ class TrainingLoop(ABC):
         ``start_epoch`` / ``start_batch`` resume a run: training begins at that batch of that
         epoch (0-based), in the order an uninterrupted run would have used (``train_loss`` and
         ``train_accuracy`` of the resumed epoch then cover its remaining batches).
+
+        ``drop_last`` leaves out each epoch's last batch when it is smaller than ``batch_size``
+        (PyTorch's DataLoader); ``test_batch_size`` is the batch size of the evaluations.
+
+        ``accumulate_grad_batches=K`` (Lightning's name and rule): each optimizer step applies the
+        gradients of K consecutive batches of an epoch, each batch's loss divided by K (an epoch's
+        last step may have fewer batches; it is still divided by K); ``steps``, ``max_steps``,
+        the schedules and ``on_step_end`` count optimizer steps (whose loss is the mean of its
+        batches' losses), and a resume starts at a step's first batch. BatchNorm normalises each
+        batch with its own statistics.
+
+        ``early_stopping`` (:class:`~unitrain.controls.EarlyStopping`) watches a metric of the
+        epoch records and stops after the epoch whose record exhausts its patience (setting
+        :attr:`stop_training` before the extensions' ``on_epoch_end``); the history keeps every
+        epoch trained. :attr:`early_stopping` holds the best value, epoch and weights, which are
+        loaded at the end with ``restore_best_weights``. A loop whose ``early_stopping`` state a
+        checkpoint restored (same spec) continues it.
         """
         train_data = ArrayDataset.of(train_data)
         evaluated = {prefix: ArrayDataset.of(data) for prefix, data in (("val", val_data), ("test", eval_data))
                      if data is not None}  # fmt: skip
         _check_count("epochs", epochs, minimum=0)
         _check_count("batch_size", batch_size, minimum=1)
+        _check_count("accumulate_grad_batches", accumulate_grad_batches, minimum=1)
+        _check_count("test_batch_size", test_batch_size, minimum=1)
+        group = accumulate_grad_batches
         if max_steps is not None:
             _check_count("max_steps", max_steps, minimum=0)
+        if group > 1 and self.world_size > 1:
+            raise ValueError("accumulate_grad_batches > 1 is not available in data-parallel runs; "
+                             "a larger global batch is the same")  # fmt: skip
+        if start_batch % group:
+            raise ValueError(f"start_batch {start_batch} is inside an optimizer step of {group} batches; "
+                             f"a resume starts at a multiple of {group}")  # fmt: skip
+        count_correct = self._class_indices(np.asarray(train_data.y))
+        if early_stopping is not None:
+            if not isinstance(early_stopping, EarlyStopping):
+                raise TypeError(f"early_stopping must be a unitrain.controls.EarlyStopping, got {early_stopping!r}")
+            accuracy, errors = self._measures(np.asarray(train_data.y))
+            early_stopping.check_available("val" in evaluated, "test" in evaluated, accuracy, errors)
+            if self.early_stopping is None or self.early_stopping.spec != early_stopping:
+                self.early_stopping = EarlyStoppingState(early_stopping)
         extensions = list(extensions)
-        steps_per_epoch = train_data.num_batches(batch_size)
+        batches_per_epoch = train_data.num_batches(batch_size, drop_last)
+        if batches_per_epoch == 0 and epochs > start_epoch:
+            raise ValueError(f"drop_last with batch_size {batch_size} leaves no batch of {len(train_data)} samples")
+        steps_per_epoch = -(-batches_per_epoch // group)
         self._check_schedule_length(
             epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
         )
-        count_correct = self._class_indices(np.asarray(train_data.y))
-        _call(extensions, "on_fit_start", self, {"epochs": epochs, "steps_per_epoch": steps_per_epoch})
+        _call(extensions, "on_fit_start", self, {"epochs": epochs, "steps_per_epoch": batches_per_epoch})
         history = []
+        self.stop_training = bool(self.early_stopping is not None and self.early_stopping.stopped and early_stopping)
         try:
             for epoch in range(start_epoch, epochs):
-                if max_steps is not None and self.step_count >= max_steps:
+                if (max_steps is not None and self.step_count >= max_steps) or self.stop_training:
                     break
                 self.train()
                 _call(extensions, "on_epoch_start", self, epoch)
                 losses, corrects, seen, started, epoch_lr = [], [], 0, time.perf_counter(), self.lr
                 first = start_batch if epoch == start_epoch else 0
-                batches = train_data.batches(batch_size, shuffle=shuffle, seed=self.seed, epoch=epoch, start=first)
+                batches = train_data.batches(batch_size, shuffle=shuffle, seed=self.seed, epoch=epoch, start=first,
+                                             drop_last=drop_last)  # fmt: skip
+                pending = []  # an accumulated step's batches: (index, x, y)
                 for index, (x, y) in enumerate(batches, start=first):
                     if max_steps is not None and self.step_count >= max_steps:
                         break
-                    loss = self.step((x, y))
+                    if group > 1:
+                        pending.append((index, x, y))
+                        if len(pending) < group and index + 1 < batches_per_epoch:
+                            continue
+                        loss, correct = self._accumulated_step(pending, group, count_correct)
+                        seen += sum(len(x) for _, x, _ in pending)
+                        pending = []
+                    else:
+                        loss = self.step((x, y))
+                        if count_correct:
+                            correct = self._shard_correct if self.world_size > 1 else self._step_correct(y)
+                        seen += len(x)
                     losses.append(loss)
                     if count_correct:
-                        corrects.append(self._shard_correct if self.world_size > 1 else self._step_correct(y))
-                    seen += len(x)
+                        corrects.append(correct)
                     if self._scheduler is not None and self.lr_schedule.per_batch:
                         self._step_schedule()
                     _call(extensions, "on_step_end", self, index, loss)
@@ -644,17 +803,40 @@ class TrainingLoop(ABC):
                     record["train_accuracy"] = sum(self.to_float(c) for c in corrects) / seen if seen else float("nan")
                 if self.rank == 0:  # evaluation on rank 0 only (module docstring)
                     for prefix, data in evaluated.items():
-                        metrics = self.evaluate(data)
+                        metrics = self.evaluate(data, test_batch_size)
                         record[f"{prefix}_loss"] = metrics["loss"]
                         record[f"{prefix}_accuracy"] = metrics["accuracy"]
+                        record.update({f"{prefix}_{key}": metrics[key] for key in ("mse", "mae") if key in metrics})
                 history.append(record)
-                completed = first + len(losses) == steps_per_epoch
+                completed = first // group + len(losses) == steps_per_epoch
                 if self._scheduler is not None and not self.lr_schedule.per_batch and completed:
                     self._step_schedule()
+                if early_stopping is not None and completed:
+                    self.stop_training = self.early_stopping.update(record, self.state_dict)
                 _call(extensions, "on_epoch_end", self, record)
         finally:
             _call(extensions, "finalize", self)
+        if early_stopping is not None and early_stopping.restore_best_weights and self.early_stopping.best_weights:
+            self.load_state_dict(self.early_stopping.best_weights, source="early stopping's best weights")
         return history
+
+    def _accumulated_step(self, batches, group: int, count_correct: bool) -> tuple[Any, Any]:
+        """One optimizer step on the gradients of ``batches`` (``(index, x, y)``), each batch's
+        loss divided by ``group``; returns the mean of the batches' losses and the number of
+        correct training predictions (native scalars; None when not counted)."""
+        self.zero_grad()
+        losses, correct = [], 0 if count_correct else None
+        for _, x, y in batches:
+            pred = self.forward(x)
+            loss = self.loss(pred, y)
+            self.backward(loss)
+            losses.append(loss)
+            if count_correct:
+                counted = self._count_correct(pred, self._check_y(y, len(x), x.shape[1:]))
+                correct = None if counted is None or correct is None else correct + counted
+        self._scale_gradients(1 / group)
+        self.update()
+        return sum(self.to_float(loss) for loss in losses) / len(losses), correct
 
     def _check_schedule_length(self, planned_steps: int) -> None:
         """OneCycleLR is defined for its total_steps only (PyTorch raises past them): refuse a
@@ -676,8 +858,8 @@ class TrainingLoop(ABC):
         return self._state_dict()
 
     def gradients(self) -> dict[str, np.ndarray]:
-        """Accumulated gradients (NumPy copies) by parameter name."""
-        return self._gradients()
+        """Accumulated gradients (NumPy copies) by name of the trainable (not frozen) parameters."""
+        return {name: grad for name, grad in self._gradients().items() if name not in self.frozen}
 
     def load_state_dict(self, state: Mapping[str, np.ndarray], source: str = "state") -> None:
         weights_io.check_state(self.state_shapes(), state, source)
@@ -699,10 +881,12 @@ class TrainingLoop(ABC):
         self.load_state_dict(tensors, source=str(path))
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Trainable parameters' names and shapes (the keys of :meth:`gradients`)."""
+        """Trainable parameters' names and shapes (the keys of :meth:`gradients`: frozen ones left out)."""
         if self.model_spec is not None:
-            return self.model_spec.param_shapes()
-        return {key: value.shape for key, value in self._gradients().items()}
+            shapes = self.model_spec.param_shapes()
+        else:
+            shapes = {key: value.shape for key, value in self._gradients().items()}
+        return {key: shape for key, shape in shapes.items() if key not in self.frozen}
 
     def optimizer_state_dict(self) -> dict[str, np.ndarray]:
         return self._optimizer_state_dict()
@@ -710,11 +894,11 @@ class TrainingLoop(ABC):
     def load_optimizer_state_dict(self, state: Mapping[str, np.ndarray], source: str = "optimizer state") -> None:
         """Restore optimizer buffers and the step count. Each parameter has all of the spec's
         ``state_names`` buffers or none (not created yet)."""
-        names = self.update_spec.state_names
         shapes = self.param_shapes()
-        expected = {f"{param}.{name}": shape for param, shape in shapes.items() for name in names}
+        expected = {f"{param}.{name}": shape for param, shape in shapes.items() for name in self._state_names(param)}
         unknown = sorted(set(state) - set(expected) - {"step"})
         if "step" not in state or unknown:
+            names = sorted({name for param in shapes for name in self._state_names(param)})
             raise weights_io.WeightsError(
                 f"{source} does not fit {self.update_spec}: it needs 'step' and keys among "
                 f"'<param>.{{{', '.join(names)}}}'; missing 'step'={'step' not in state}, unexpected {unknown}"
@@ -725,6 +909,7 @@ class TrainingLoop(ABC):
                     f"{source}: {key!r} has shape {tuple(np.shape(value))}, the model expects {tuple(expected[key])}"
                 )
         for param in shapes:
+            names = self._state_names(param)
             present = [name for name in names if f"{param}.{name}" in state]
             if present and len(present) != len(names):
                 raise weights_io.WeightsError(f"{source}: {param!r} has buffers {present}, needs all of {list(names)}")
@@ -760,7 +945,8 @@ class TrainingLoop(ABC):
         if x.dtype != self.dtype:
             if x.dtype.kind not in "fiu":
                 raise InputError(f"inputs must be numeric, got dtype {x.dtype}")
-            x = x.astype(self.dtype)
+            # a native model's integer inputs are token ids (its embedding's indices): kept integers
+            x = x.astype(np.int64 if x.dtype.kind in "iu" and self.model_spec is None else self.dtype)
         if x.ndim < 2:
             raise InputError(f"inputs must be a batch of shape (N, ...), got shape {x.shape}")
         if self.model_spec is not None:

@@ -62,6 +62,11 @@ def check_run(run: Run) -> str:
     options = [key for key in ("lr_schedule", "clip_grad_norm", "clip_grad_value") if getattr(run, key) is not None]
     if options:
         raise ValueError(f"the native loops train at a constant lr without clipping, not with {', '.join(options)}")
+    defaults = {"frozen": (), "param_groups": (), "accumulate_grad_batches": 1, "early_stopping": None,
+                "drop_last": False}  # fmt: skip
+    controls = [key for key, unset in defaults.items() if getattr(run, key) != unset]
+    if controls:
+        raise ValueError(f"the native loops train every parameter, one batch a step, without {', '.join(controls)}")
     return name
 
 

@@ -18,17 +18,28 @@ from Python. A recipe is the run's :meth:`~Run.to_dict` in TOML (``unitrain trai
     seed = 0
     lr_schedule = "StepLR(step_size=1, gamma=0.7)"   # optional, as are clip_grad_norm,
                                                      # clip_grad_value, max_steps, init_weights
+    frozen = ["0"]                # optional: parameters or layers left untrained (unitrain.controls)
+    accumulate_grad_batches = 1   # optional: batches per optimizer step
     [data]
     dataset = "fashion-mnist"     # a packaged dataset, or the path of your own
     val_split = 0
     pad = 0                       # optional: normalize = {mean = [...], std = [...]}, resize = [H, W]
     random_crop_padding = 0
     random_horizontal_flip = false
+    task = "classification"       # or regression, multi-label (an .npz of x, y), reconstruction (y = x)
 
     [optimizer]
     type = "SGD"                  # PyTorch's class name; every argument explicit
     lr = 0.01
     ...
+
+    [[param_groups]]              # optional, repeatable: options of the optimizer for some parameters
+    params = ["*.bias", "BatchNorm2d"]
+    weight_decay = 0.0
+
+    [early_stopping]              # optional: unitrain.controls.EarlyStopping's fields
+    monitor = "val_loss"
+    patience = 3
 
 A field left out takes its default; an unknown one is an error (a misspelt name would otherwise
 be silently ignored). Relative paths are relative to the current directory, as on the command line.
@@ -48,13 +59,17 @@ from typing import Any
 import numpy as np
 
 from . import optim, registry
+from .controls import EarlyStopping, resolve_groups
 from .data import MAX_DATA_BYTES, DataError
-from .datasets import load_datasets
+from .datasets import load_datasets, load_target_arrays
 from .layers import MODEL_PATTERN, model_from_name
 from .losses import LOSSES
 from .reading import Int, Nullable, Number, OneOf, Optional, Text, check_json, path_problem, read_capped, short
 from .schedules import LRSchedule, parse_schedule, scheduled_optimizer
 from .weights import check_state, load_safetensors
+
+#: what a run's targets are (DataSpec.task)
+TASKS = ("classification", "regression", "multi-label", "reconstruction")
 
 
 class RunError(ValueError):
@@ -73,30 +88,60 @@ class DataSpec:
 
     ``dataset``: a packaged name (``mnist``, ``fashion-mnist``) or the path of your own
     (:func:`~unitrain.datasets.load_datasets`); ``data_dir``: a packaged dataset's IDX files
-    from elsewhere. ``val_split``: training samples held out (chosen by the run's seed) for
+    from elsewhere. ``val_split``: training samples held out (a count, or a fraction in (0, 1)), taken
+    as ``val_from`` says: ``random`` (by the run's seed, Chainer's ``split_dataset_random``),
+    ``first`` or ``last`` (in file order; Keras' ``validation_split`` is the last fraction), for
     ``val_loss``/``val_accuracy``. Static transforms, on every split: ``normalize``
     (``(mean, std)`` per channel; None: the packaged dataset's own, or your training set's),
     then ``resize`` (``(height, width)``, bilinear), then ``pad`` (pixels of normalised black on
     every side). Random ones, on training batches only: ``random_crop_padding`` (torchvision's
-    ``RandomCrop(size, padding)``) and ``random_horizontal_flip``."""
+    ``RandomCrop(size, padding)``) and ``random_horizontal_flip``.
+
+    ``task``: what the targets are. ``classification``: class indices (one-hot vectors for the
+    elementwise losses). ``regression`` and ``multi-label``: the dataset is an .npz of ``x_train,
+    y_train, x_test, y_test`` of any shapes, taken as given
+    (:func:`~unitrain.datasets.load_target_arrays`; multi-label's ``y`` are 0/1 vectors, for
+    ``bce-with-logits``). ``reconstruction``: the target is the (transformed) input itself,
+    reshaped to the model's output (autoencoders)."""
 
     dataset: str = "mnist"
     data_dir: str | None = None
-    val_split: int = 0
+    val_split: int | float = 0
+    val_from: str = "random"
     normalize: tuple[tuple[float, ...], tuple[float, ...]] | None = None
     resize: tuple[int, int] | None = None
     pad: int = 0
     random_crop_padding: int = 0
     random_horizontal_flip: bool = False
+    task: str = "classification"
 
     def __post_init__(self):
         _require(isinstance(self.dataset, str) and self.dataset != "", "data.dataset", self.dataset,
                  "a dataset name or path")  # fmt: skip
         _require(self.data_dir is None or isinstance(self.data_dir, str), "data.data_dir", self.data_dir, "a path")
-        for name in ("val_split", "pad", "random_crop_padding"):
+        split = self.val_split
+        _require(_is_int(split, 0) or (_is_number(split) and 0 < split < 1), "data.val_split", split,
+                 "a count of samples >= 0 or a fraction in (0, 1)")  # fmt: skip
+        _require(self.val_from in ("random", "first", "last"), "data.val_from", self.val_from,
+                 "random, first or last")  # fmt: skip
+        for name in ("pad", "random_crop_padding"):
             _require(_is_int(getattr(self, name), 0), f"data.{name}", getattr(self, name), "an integer >= 0")
         _require(isinstance(self.random_horizontal_flip, bool), "data.random_horizontal_flip",
                  self.random_horizontal_flip, "true or false")  # fmt: skip
+        _require(self.task in TASKS, "data.task", self.task, f"one of {', '.join(TASKS)}")
+        if self.task in ("regression", "multi-label"):
+            image_only = [name for name in ("normalize", "resize") if getattr(self, name) is not None]
+            image_only += [name for name in ("pad", "random_crop_padding", "random_horizontal_flip")
+                           if getattr(self, name)]  # fmt: skip
+            _require(not image_only, "data", f"{self.task} with {', '.join(image_only)}",
+                     "no image transforms: regression and multi-label arrays are used as given")  # fmt: skip
+        if self.task == "reconstruction":
+            _require(
+                not (self.random_crop_padding or self.random_horizontal_flip),
+                "data",
+                "reconstruction with random augmentation",
+                "no random transforms (the target is the input)",
+            )
         if self.resize is not None:
             object.__setattr__(self, "resize", tuple(self.resize))
             _require(len(self.resize) == 2 and all(_is_int(side, 1) for side in self.resize), "data.resize",
@@ -115,9 +160,11 @@ class DataSpec:
     def to_dict(self) -> dict[str, Any]:
         normalize = None if self.normalize is None else dict(mean=list(self.normalize[0]), std=list(self.normalize[1]))
         values = {
-            "dataset": self.dataset, "data_dir": self.data_dir, "val_split": self.val_split, "normalize": normalize,
+            "dataset": self.dataset, "data_dir": self.data_dir, "val_split": self.val_split,
+            "val_from": None if self.val_from == "random" else self.val_from, "normalize": normalize,
             "resize": None if self.resize is None else list(self.resize), "pad": self.pad,
             "random_crop_padding": self.random_crop_padding, "random_horizontal_flip": self.random_horizontal_flip,
+            "task": None if self.task == "classification" else self.task,
         }  # fmt: skip
         return {key: value for key, value in values.items() if value is not None}
 
@@ -142,8 +189,9 @@ class Run:
     ``package.module:function`` returning a spec; ``loss``: a name of :data:`unitrain.losses.LOSSES`;
     ``optimizer``: a spec of :mod:`unitrain.optim`; ``lr_schedule``: a spec of
     :mod:`unitrain.schedules` or its text; ``init_weights``: a safetensors file to start from
-    (None: :func:`~unitrain.weights.init_weights` of the seed). Invalid values raise
-    :class:`RunError` naming the field."""
+    (None: :func:`~unitrain.weights.init_weights` of the seed); ``frozen``, ``param_groups``,
+    ``accumulate_grad_batches`` and ``early_stopping``: the training controls of
+    :mod:`unitrain.controls`. Invalid values raise :class:`RunError` naming the field."""
 
     model: str = "mlp"
     data: DataSpec = field(default_factory=DataSpec)
@@ -158,6 +206,12 @@ class Run:
     shuffle: bool = True
     seed: int = 0
     init_weights: str | None = None
+    frozen: tuple[str, ...] = ()
+    param_groups: tuple[Mapping[str, Any], ...] = ()
+    accumulate_grad_batches: int = 1
+    early_stopping: EarlyStopping | None = None
+    drop_last: bool = False
+    test_batch_size: int = 1000
 
     def __post_init__(self):
         _require(isinstance(self.model, str) and re.fullmatch(MODEL_PATTERN, self.model) is not None, "model",
@@ -182,12 +236,69 @@ class Run:
         if self.clip_grad_norm is not None and self.clip_grad_value is not None:
             raise RunError("clip_grad_norm and clip_grad_value exclude each other: clip by norm or by value")
         _require(_is_int(self.batch_size, 1), "batch_size", self.batch_size, "an integer >= 1")
+        _require(_is_int(self.test_batch_size, 1), "test_batch_size", self.test_batch_size, "an integer >= 1")
+        _require(isinstance(self.drop_last, bool), "drop_last", self.drop_last, "true or false")
         _require(_is_int(self.epochs, 0), "epochs", self.epochs, "an integer >= 0")
         _require(self.max_steps is None or _is_int(self.max_steps, 0), "max_steps", self.max_steps, "an integer >= 0")
         _require(isinstance(self.shuffle, bool), "shuffle", self.shuffle, "true or false")
         _require(_is_int(self.seed, 0), "seed", self.seed, "an integer >= 0")
         _require(self.init_weights is None or isinstance(self.init_weights, str), "init_weights", self.init_weights,
                  "the path of a safetensors file")  # fmt: skip
+        self._check_controls()
+
+    def _check_controls(self) -> None:
+        """The training controls' shapes and values; :meth:`check_parameters` matches them to the model."""
+        frozen = [self.frozen] if isinstance(self.frozen, str) else self.frozen
+        _require(isinstance(frozen, (list, tuple)) and all(isinstance(p, str) and p for p in frozen), "frozen",
+                 self.frozen, "a list of parameter names, layer paths or globs")  # fmt: skip
+        object.__setattr__(self, "frozen", tuple(frozen))
+        _require(isinstance(self.param_groups, (list, tuple)), "param_groups", self.param_groups, "a list of tables")
+        groups = []
+        for index, group in enumerate(self.param_groups):
+            where = f"param_groups[{index}]"
+            _require(isinstance(group, Mapping) and "params" in group, where, group,
+                     "a table with params and optimizer options")  # fmt: skip
+            params = [group["params"]] if isinstance(group["params"], str) else group["params"]
+            _require(isinstance(params, (list, tuple)) and len(params) > 0 and all(isinstance(p, str) and p
+                     for p in params), f"{where}.params", group["params"], "a list of patterns")  # fmt: skip
+            groups.append(
+                {
+                    **group,
+                    "params": list(params),
+                    **({"betas": list(group["betas"])} if isinstance(group.get("betas"), tuple) else {}),
+                }
+            )
+        object.__setattr__(self, "param_groups", tuple(groups))
+        _require(_is_int(self.accumulate_grad_batches, 1), "accumulate_grad_batches", self.accumulate_grad_batches,
+                 "an integer >= 1")  # fmt: skip
+        if isinstance(self.early_stopping, Mapping):
+            try:
+                object.__setattr__(self, "early_stopping", EarlyStopping(**self.early_stopping))
+            except (TypeError, ValueError) as error:
+                raise RunError(f"early_stopping: {error}") from None
+        _require(self.early_stopping is None or isinstance(self.early_stopping, EarlyStopping), "early_stopping",
+                 self.early_stopping, "an EarlyStopping or a table of its fields")  # fmt: skip
+        if self.early_stopping is not None:
+            try:
+                classes = LOSSES[self.loss].class_targets and self.data.task == "classification"
+                self.early_stopping.check_available(self.data.val_split > 0, True, classes, not classes)
+            except ValueError as error:
+                raise RunError(str(error)) from None
+        try:  # the groups' options against the optimizer (the parameters they name: check_parameters)
+            resolve_groups({}, self.optimizer, self.lr_schedule, (), [{**g, "params": []} for g in self.param_groups])
+        except ValueError as error:
+            raise RunError(str(error)) from None
+
+    def check_parameters(self) -> None:
+        """RunError unless every pattern of ``frozen`` and ``param_groups`` names parameters of the
+        model, and no parameter is in two groups (imports a ``package.module:function`` model)."""
+        spec = self.model_spec()
+        types = {f"{path}.{key}": type(layer).__name__ for path, layer in spec.named_layers()
+                 for key in layer.param_shapes()}  # fmt: skip
+        try:
+            resolve_groups(types, self.optimizer, self.lr_schedule, self.frozen, self.param_groups)
+        except ValueError as error:
+            raise RunError(str(error)) from None
 
     # --- as a value ---------------------------------------------------------------------------
 
@@ -201,6 +312,11 @@ class Run:
             "lr_schedule": None if self.lr_schedule is None else str(self.lr_schedule),
             "clip_grad_norm": self.clip_grad_norm, "clip_grad_value": self.clip_grad_value,
             "data": self.data.to_dict(), "optimizer": self.optimizer.to_config(),
+            "frozen": list(self.frozen) or None, "param_groups": [dict(group) for group in self.param_groups] or None,
+            "accumulate_grad_batches": self.accumulate_grad_batches if self.accumulate_grad_batches > 1 else None,
+            "early_stopping": None if self.early_stopping is None else self.early_stopping.to_dict(),
+            "drop_last": self.drop_last or None,
+            "test_batch_size": None if self.test_batch_size == 1000 else self.test_batch_size,
         }  # fmt: skip
         return {key: value for key, value in values.items() if value is not None}
 
@@ -245,12 +361,15 @@ class Run:
             "loss": None if self.loss == "cross-entropy" else LOSSES[self.loss](),
             "optimizer": self.optimizer, "seed": self.seed, "lr_schedule": self.lr_schedule,
             "clip_grad_norm": self.clip_grad_norm, "clip_grad_value": self.clip_grad_value,
+            "frozen": self.frozen, "param_groups": self.param_groups,
         }  # fmt: skip
 
     def fit_options(self) -> dict[str, Any]:
         """:meth:`~unitrain.TrainingLoop.fit`'s arguments that the run decides."""
         return {"epochs": self.epochs, "batch_size": self.batch_size, "shuffle": self.shuffle,
-                "max_steps": self.max_steps}  # fmt: skip
+                "max_steps": self.max_steps, "accumulate_grad_batches": self.accumulate_grad_batches,
+                "early_stopping": self.early_stopping, "drop_last": self.drop_last,
+                "test_batch_size": self.test_batch_size}  # fmt: skip
 
     def initial_weights(self) -> dict | None:
         """``init_weights``' tensors, checked against the model from the file's header before
@@ -267,20 +386,45 @@ class Run:
         spec = self.data
         if spec.data_dir is not None and (problem := path_problem(spec.data_dir, "a directory")):
             raise RunError(f"data.data_dir {spec.data_dir} {problem}")
-        train, test = load_datasets(spec.dataset, data_dir=spec.data_dir, normalization=spec.normalize)
-        self._check_transformed_size(train, test)
-        train, test = spec.static_transforms(train), spec.static_transforms(test)
-        output = self._output_shape(train.x.shape[1:], train.classes)
-        if not LOSSES[self.loss].class_targets:  # an elementwise loss compares the outputs with one-hot labels
-            train, test = (dataclasses.replace(data, y=np.eye(output[0], dtype=np.float32)[data.y])
+        if spec.task != "classification" and LOSSES[self.loss].class_targets:
+            raise RunError(f"loss: {self.loss} trains classifiers; data.task {spec.task} needs an elementwise loss "
+                           "such as mse, l1 or bce-with-logits")  # fmt: skip
+        if spec.task in ("regression", "multi-label"):
+            train, test = load_target_arrays(spec.dataset)
+            self._check_targets(train, self._model_output(train.x.shape[1:]))
+        else:
+            train, test = load_datasets(spec.dataset, data_dir=spec.data_dir, normalization=spec.normalize)
+            self._check_transformed_size(train, test)
+            train, test = spec.static_transforms(train), spec.static_transforms(test)
+        if spec.task == "reconstruction":
+            output = self._model_output(train.x.shape[1:])
+            if math.prod(output) != math.prod(train.x.shape[1:]):
+                raise DataError(f"data.task reconstruction: model {self.model} gives outputs of shape {output}, "
+                                f"{math.prod(output)} values for inputs of {math.prod(train.x.shape[1:])}; expected "
+                                "as many (the target is the input)")  # fmt: skip
+            train, test = (dataclasses.replace(data, y=data.x.reshape(len(data.x), *output), classes=None)
                            for data in (train, test))  # fmt: skip
+        elif spec.task == "classification":
+            output = self._output_shape(train.x.shape[1:], train.classes)
+            if not LOSSES[self.loss].class_targets:  # an elementwise loss compares the outputs with one-hot labels
+                train, test = (dataclasses.replace(data, y=np.eye(output[0], dtype=np.float32)[data.y])
+                               for data in (train, test))  # fmt: skip
         val = None
         if spec.val_split:
-            if spec.val_split >= len(train):
-                raise DataError(f"data.val_split {spec.val_split} leaves no training data: the training set has "
+            # a fraction as Keras' validation_split: the training part is int(N * (1 - fraction))
+            kept = int(len(train) * (1 - spec.val_split)) if isinstance(spec.val_split, float) else (
+                len(train) - spec.val_split)  # fmt: skip
+            if not 0 < kept < len(train):
+                left = "no training" if kept <= 0 else "no validation"
+                raise DataError(f"data.val_split {spec.val_split} leaves {left} data: the training set has "
                                 f"{len(train)} samples")  # fmt: skip
-            # held out by the run's seed: the same samples on every backend and in a resumed run
-            train, val = train.split(len(train) - spec.val_split, seed=self.seed)
+            if spec.val_from == "random":  # by the run's seed: the same samples on every backend and in a resume
+                train, val = train.split(kept, seed=self.seed)
+            elif spec.val_from == "last":
+                train, val = train.subset(np.arange(kept)), train.subset(np.arange(kept, len(train)))
+            else:
+                held = len(train) - kept
+                train, val = train.subset(np.arange(held, len(train))), train.subset(np.arange(held))
         if spec.random_crop_padding or spec.random_horizontal_flip:  # training batches only, not validation's
             train = train.augmented(spec.random_crop_padding, spec.random_horizontal_flip)
         return train, val, test
@@ -303,12 +447,22 @@ class Run:
             raise DataError(f"data.random_crop_padding {spec.random_crop_padding} is more than the "
                             f"{height}x{width} samples' size; expected at most {max(height, width)}")  # fmt: skip
 
-    def _output_shape(self, sample_shape: tuple[int, ...], classes: tuple[str, ...] | None) -> tuple[int, ...]:
+    def _model_output(self, sample_shape: tuple[int, ...]) -> tuple[int, ...]:
         try:
-            output = self.model_spec().output_shape(sample_shape)
+            return self.model_spec().output_shape(sample_shape)
         except ValueError as error:
             raise DataError(f"model {self.model} does not take {self.data.dataset}'s "
                             f"{'x'.join(map(str, sample_shape))} samples: {error}") from None  # fmt: skip
+
+    def _check_targets(self, train, output: tuple[int, ...]) -> None:
+        if train.y.shape[1:] != output:
+            raise DataError(f"model {self.model} gives outputs of shape {output}, {self.data.dataset}'s y_train "
+                            f"samples have shape {train.y.shape[1:]}; expected the same")  # fmt: skip
+        if self.data.task == "multi-label" and not np.isin(train.y, (0, 1)).all():
+            raise DataError(f"data.task multi-label: {self.data.dataset}'s y_train holds values other than 0 and 1")
+
+    def _output_shape(self, sample_shape: tuple[int, ...], classes: tuple[str, ...] | None) -> tuple[int, ...]:
+        output = self._model_output(sample_shape)
         if len(output) != 1 or (classes is not None and output[0] < len(classes)):
             many = f"; {self.data.dataset} has {len(classes)} classes" if classes is not None else ""
             raise DataError(f"model {self.model} gives outputs of shape {output}, expected one score per class{many}")
@@ -386,12 +540,14 @@ def _check_fields(values, schema: Mapping[str, Any], where: str) -> None:
 _DATA_SCHEMA = {
     "dataset": Optional(str),
     "data_dir": Optional(str),
-    "val_split": Optional(Int()),
+    "val_split": Optional(Number(0)),
+    "val_from": Optional(OneOf(("random", "first", "last"))),
     "normalize": Optional({"mean": list, "std": list}),
     "resize": Optional([Int(1), Int(1)]),
     "pad": Optional(Int()),
     "random_crop_padding": Optional(Int()),
     "random_horizontal_flip": Optional(bool),
+    "task": Optional(str),
 }
 _RUN_SCHEMA = {
     "model": Optional(str),
@@ -407,4 +563,10 @@ _RUN_SCHEMA = {
     "shuffle": Optional(bool),
     "seed": Optional(Int()),
     "init_weights": Optional(Nullable(Text(".+"))),
+    "frozen": Optional(list),
+    "param_groups": Optional(list),
+    "accumulate_grad_batches": Optional(Int(1)),
+    "early_stopping": Optional(dict),
+    "drop_last": Optional(bool),
+    "test_batch_size": Optional(Int(1)),
 }

@@ -15,3 +15,14 @@ def pytorch_mnist_net() -> Sequential:
         "fc1": Linear(9216, 128), "relu3": ReLU(), "dropout2": Dropout(0.5),
         "fc2": Linear(128, 10), "log_softmax": LogSoftmax(dim=1),
     })  # fmt: skip
+
+
+def regressor() -> Sequential:
+    """A two-hidden-layer MLP from the 8 features of ``regression.npz`` to its 2 targets."""
+    return Sequential(Linear(8, 64), ReLU(), Linear(64, 64), ReLU(), Linear(64, 2))
+
+
+def autoencoder() -> Sequential:
+    """Keras' "simplest possible autoencoder" (784 -> 32 -> 784) on 28x28 images, whose outputs are
+    the flattened image: ReLU code, linear decoder (the inputs are normalised, not in [0, 1])."""
+    return Sequential(Flatten(), Linear(784, 32), ReLU(), Linear(32, 784))
