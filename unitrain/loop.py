@@ -147,7 +147,7 @@ from .layers import Container, _BatchNorm
 from .losses import CrossEntropyLoss, CustomLoss, Loss
 from .optim import SGD, Optimizer
 from .optim import momentum as momentum_of
-from .schedules import LRSchedule, scheduled_optimizer
+from .schedules import LRSchedule, check_schedule_length, scheduled_optimizer
 
 #: Capability tags an adapter may declare (checks gated on a missing one are skipped).
 CAPABILITIES = frozenset({
@@ -603,9 +603,7 @@ class TrainingLoop(ABC):
             _check_count("max_steps", max_steps, minimum=0)
         extensions = list(extensions)
         steps_per_epoch = train_data.num_batches(batch_size)
-        self._check_schedule_length(
-            epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
-        )
+        check_schedule_length(self.lr_schedule, epochs, steps_per_epoch, max_steps)
         count_correct = self._class_indices(np.asarray(train_data.y))
         _call(extensions, "on_fit_start", self, {"epochs": epochs, "steps_per_epoch": steps_per_epoch})
         history = []
@@ -652,14 +650,6 @@ class TrainingLoop(ABC):
         finally:
             _call(extensions, "finalize", self)
         return history
-
-    def _check_schedule_length(self, planned_steps: int) -> None:
-        """OneCycleLR is defined for its total_steps only (PyTorch raises past them): refuse a
-        longer run before training."""
-        spec = self.lr_schedule
-        if spec is not None and spec.per_batch and planned_steps > spec.steps:
-            raise ValueError(f"{spec} covers {spec.steps} steps, but the run takes up to {planned_steps}; "
-                             "raise total_steps (or epochs/steps_per_epoch)")  # fmt: skip
 
     # --- weights --------------------------------------------------------------------------
 

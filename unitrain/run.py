@@ -48,12 +48,12 @@ from typing import Any
 import numpy as np
 
 from . import optim, registry
-from .data import MAX_DATA_BYTES, DataError
+from .data import MAX_DATA_BYTES, PACKAGED, PACKAGED_TRAIN_SAMPLES, DataError, num_batches
 from .datasets import load_datasets
 from .layers import MODEL_PATTERN, model_from_name
 from .losses import LOSSES
 from .reading import Int, Nullable, Number, OneOf, Optional, Text, check_json, path_problem, read_capped, short
-from .schedules import LRSchedule, parse_schedule, scheduled_optimizer
+from .schedules import LRSchedule, check_schedule_length, parse_schedule, scheduled_optimizer
 from .weights import check_state, load_safetensors
 
 
@@ -62,7 +62,10 @@ class RunError(ValueError):
 
 
 #: a recipe is a few hundred bytes; anything far larger is not one (and is not read whole)
-MAX_RECIPE_BYTES = 1 << 20
+MAX_RECIPE_BYTES = 1 << 16
+#: a recipe nests two levels (``[data]``, ``normalize = {mean = [...]}``); the TOML reader recurses
+#: once per level, so a deeper one is refused before it is parsed
+MAX_RECIPE_NESTING = 16
 #: resized and padded samples, float32, at most: four times the raw bytes a dataset may have
 MAX_TRANSFORMED_BYTES = 4 * MAX_DATA_BYTES
 
@@ -267,6 +270,8 @@ class Run:
         spec = self.data
         if spec.data_dir is not None and (problem := path_problem(spec.data_dir, "a directory")):
             raise RunError(f"data.data_dir {spec.data_dir} {problem}")
+        if spec.dataset in PACKAGED and spec.val_split < PACKAGED_TRAIN_SAMPLES:  # its size is known: check now
+            self.check_schedule_length(PACKAGED_TRAIN_SAMPLES - spec.val_split)
         train, test = load_datasets(spec.dataset, data_dir=spec.data_dir, normalization=spec.normalize)
         self._check_transformed_size(train, test)
         train, test = spec.static_transforms(train), spec.static_transforms(test)
@@ -281,9 +286,18 @@ class Run:
                                 f"{len(train)} samples")  # fmt: skip
             # held out by the run's seed: the same samples on every backend and in a resumed run
             train, val = train.split(len(train) - spec.val_split, seed=self.seed)
+        self.check_schedule_length(len(train))
         if spec.random_crop_padding or spec.random_horizontal_flip:  # training batches only, not validation's
             train = train.augmented(spec.random_crop_padding, spec.random_horizontal_flip)
         return train, val, test
+
+    def check_schedule_length(self, num_train_samples: int) -> None:
+        """A OneCycleLR must cover every step the run takes on ``num_train_samples`` (RunError)."""
+        try:
+            check_schedule_length(self.lr_schedule, self.epochs, num_batches(num_train_samples, self.batch_size),
+                                  self.max_steps)  # fmt: skip
+        except ValueError as error:
+            raise RunError(f"lr_schedule: {error}") from None
 
     def _check_transformed_size(self, train, test) -> None:
         """Resizing and padding may not grow the data beyond :data:`MAX_TRANSFORMED_BYTES`, nor
@@ -343,15 +357,54 @@ def load_recipe(path: str | Path) -> Run:
     if (text := read_capped(path, MAX_RECIPE_BYTES)) is None:
         raise RunError(f"recipe {path} is larger than {MAX_RECIPE_BYTES} bytes; a recipe is a few hundred")
     try:
-        values = tomllib.loads(text.decode("utf-8"))
+        text = text.decode("utf-8")
     except UnicodeDecodeError:
         raise RunError(f"recipe {path} is not UTF-8 text") from None
+    if (nesting := toml_nesting(text)) > MAX_RECIPE_NESTING:
+        raise RunError(f"recipe {path} nests arrays, tables or dotted keys {nesting} deep; expected at most "
+                       f"{MAX_RECIPE_NESTING} (a recipe nests two)")  # fmt: skip
+    try:
+        values = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise RunError(f"recipe {path} is not valid TOML: {error}") from None
     try:
         return Run.from_dict(values)
     except RunError as error:
         raise RunError(f"recipe {path}: {error}") from None
+
+
+def toml_nesting(text: str) -> int:
+    """How deep TOML ``text`` nests, at most: its deepest run of open brackets and braces, or of dots
+    in one key, outside strings and comments. One pass with no recursion, so that a document is
+    measured before a recursive parser meets it (invalid TOML is left to the parser)."""
+    deepest = depth = dots = 0
+    i, size = 0, len(text)
+    while i < size:
+        char = text[i]
+        if char in "\"'":
+            quote = text[i : i + 3] if text.startswith(char * 3, i) else char
+            i += len(quote)
+            while i < size and not text.startswith(quote, i):
+                if len(quote) == 1 and text[i] == "\n":  # an unterminated one-line string ends at its line
+                    break
+                i += 2 if char == '"' and text[i] == "\\" else 1  # a basic string's escape: skip what follows
+            i += len(quote)
+            continue
+        if char == "#":
+            i = text.find("\n", i)
+            i = size if i < 0 else i
+            continue
+        if char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth = max(0, depth - 1)
+        elif char == ".":  # a dotted key nests a table per dot (a number has one dot at most)
+            dots += 1
+        if char in "[]{}=,\n":
+            dots = 0
+        deepest = max(deepest, depth, dots)
+        i += 1
+    return deepest
 
 
 # --- validation -------------------------------------------------------------------------------
