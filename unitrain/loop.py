@@ -143,7 +143,7 @@ from . import expr
 from . import weights as weights_io
 from .data import ArrayDataset
 from .distributed import shard
-from .layers import Container, _BatchNorm
+from .layers import Container, _BatchNorm, check_buildable
 from .losses import CrossEntropyLoss, CustomLoss, Loss
 from .optim import SGD, Optimizer
 from .optim import momentum as momentum_of
@@ -236,6 +236,7 @@ class TrainingLoop(ABC):
         #: the last data-parallel step's correct predictions, summed over ranks; None if not counted
         self._shard_correct: float | None = None
         if isinstance(model, Container):
+            check_buildable(model, self.dtype.itemsize)
             self.model_spec: Container | None = model
             self._build(model)
             self.load_state_dict(weights_io.init_weights(model, seed))
