@@ -235,6 +235,8 @@ class TrainingLoop(ABC):
         self._forward_shape: tuple[int, ...] | None = None
         #: the last data-parallel step's correct predictions, summed over ranks; None if not counted
         self._shard_correct: float | None = None
+        #: ``fit``'s last training batch: its samples and correct predictions (native; None if not counted)
+        self.last_batch_size, self.last_batch_correct = 0, None
         if isinstance(model, Container):
             check_buildable(model, self.dtype.itemsize)
             self.model_spec: Container | None = model
@@ -588,8 +590,9 @@ class TrainingLoop(ABC):
         ``extensions`` are duck-typed hooks, as in Chainer's trainer; each may define any of
         ``on_fit_start(loop, plan)``, ``on_epoch_start(loop, epoch)``,
         ``on_step_end(loop, step_in_epoch, loss)`` (``loss`` native; read it only when needed, it
-        syncs), ``on_epoch_end(loop, record)`` and ``finalize(loop)``, which always runs, even
-        when training raises.
+        syncs; the step's ``loop.last_batch_size`` and ``loop.last_batch_correct``, native or None
+        where not counted, tally ``train_accuracy``), ``on_epoch_end(loop, record)`` and
+        ``finalize(loop)``, which always runs, even when training raises.
 
         ``start_epoch`` / ``start_batch`` resume a run: training begins at that batch of that
         epoch (0-based), in the order an uninterrupted run would have used (``train_loss`` and
@@ -622,8 +625,10 @@ class TrainingLoop(ABC):
                         break
                     loss = self.step((x, y))
                     losses.append(loss)
+                    self.last_batch_size, self.last_batch_correct = len(x), None
                     if count_correct:
-                        corrects.append(self._shard_correct if self.world_size > 1 else self._step_correct(y))
+                        self.last_batch_correct = self._shard_correct if self.world_size > 1 else self._step_correct(y)
+                        corrects.append(self.last_batch_correct)
                     seen += len(x)
                     if self._scheduler is not None and self.lr_schedule.per_batch:
                         self._step_schedule()
