@@ -2,6 +2,8 @@
 signals at any instant of start-up. Each ends in one line with exit code 2 (130/143 for signals,
 137 for a killed rank), no process left behind, and nothing of the user's lost."""
 
+import random
+import signal
 import subprocess
 import sys
 import time
@@ -52,6 +54,11 @@ def test_a_second_run_on_a_checkpoint_directory_in_use_is_refused_naming_the_hol
     status, _, err = run_cli(capsys, "train", *TINY_RUN, "--max-steps", "2", "--checkpoint-dir", str(directory))
     assert status == 0, err  # the killed run's lock went with it
     assert [path.name for path in checkpoint_paths(directory)] == ["step-00000002"]
+    fresh = tmp_path / "fresh" / "D"
+    status, _, err = run_cli(capsys, "train", *TINY_RUN, "--dataset", str(tmp_path / "none.npz"), "--checkpoint-dir",
+                             str(fresh))  # fmt: skip
+    assert status == 2 and "none.npz does not exist" in err
+    assert not fresh.exists(), "a run that wrote nothing leaves no directory"
 
 
 # --- a data-parallel job whose launcher is killed ------------------------------------------------------
@@ -72,3 +79,24 @@ def test_a_sigkilled_launcher_leaves_no_process_behind(backend, rank_variable, t
     finally:
         job.stdout.close()
         job.stderr.close()
+
+
+# --- signals over start-up ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_signal_at_any_instant_of_start_up_ends_train_in_one_line(tmp_path):
+    """A sample of the sweep over the first 1.5 s of ``train`` (interpreter start, imports, data
+    loading, the first steps): SIGINT and SIGTERM alternately, at spread instants."""
+    failures = []
+    for index, signum in enumerate([signal.SIGINT, signal.SIGTERM] * 5):
+        instant = 1.5 * (index + random.Random(index).random()) / 10
+        process = start("train", "--no-progress", cwd=tmp_path)
+        time.sleep(instant)
+        process.send_signal(signum)
+        _, err = process.communicate(timeout=120)
+        lines = [line for line in err.splitlines() if line]  # once training runs: the stop notice, then where
+        said = [line for line in lines if line.startswith(("unitrain: interrupted", "unitrain: stopping"))]
+        if process.returncode != 128 + signum or not lines or said != lines or "interrupted" not in lines[-1]:
+            failures.append((signum.name, round(instant, 3), process.returncode, lines[-3:]))
+    assert not failures, failures

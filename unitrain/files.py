@@ -19,7 +19,7 @@ import os
 import stat
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TextIO
 
@@ -211,7 +211,7 @@ def _rename_no_replace(source: Path, target: Path) -> bool:
 #: the file in a directory that :func:`directory_lock` locks (it stays: deleting a lock file races
 #: with a process that has just opened it)
 LOCK_FILE = ".unitrain.lock"
-#: directories this process holds, by resolved path: (lock file descriptor, holds)
+#: directories this process holds, by resolved path: [lock file descriptor, holds, created by the first]
 _HELD: dict[str, list[int]] = {}
 
 
@@ -225,6 +225,7 @@ def directory_lock(directory: str | os.PathLike, what: str) -> Iterator[None]:
     import fcntl  # POSIX only; unitrain runs on Linux and macOS
 
     directory = Path(directory)
+    created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     key = str(directory.resolve())
     if key not in _HELD:
@@ -238,11 +239,19 @@ def directory_lock(directory: str | os.PathLike, what: str) -> Iterator[None]:
                               "choose another directory") from None  # fmt: skip
         os.ftruncate(descriptor, 0)
         os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
-        _HELD[key] = [descriptor, 0]
+        _HELD[key] = [descriptor, 0, created]
     _HELD[key][1] += 1
     try:
         yield
     finally:
         _HELD[key][1] -= 1
         if not _HELD[key][1]:
-            os.close(_HELD.pop(key)[0])  # releases the lock
+            descriptor, _, created = _HELD.pop(key)
+            # a directory made for a run that wrote nothing there (it failed first) goes again
+            emptied = created and os.listdir(directory) == [LOCK_FILE]
+            if emptied:
+                os.unlink(directory / LOCK_FILE)
+            os.close(descriptor)  # releases the lock
+            if emptied:
+                with suppress(OSError):  # another run's files appeared meanwhile: it stays
+                    directory.rmdir()
