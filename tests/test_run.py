@@ -15,7 +15,7 @@ from test_model_and_loss_flags import _dataset
 
 import unitrain
 from unitrain.optim import Adam, RMSprop
-from unitrain.run import DataSpec, Run, RunError, load_recipe
+from unitrain.run import MAX_RECIPE_BYTES, DataSpec, Run, RunError, load_recipe
 from unitrain.schedules import LRSchedule, parse_schedule
 from unitrain.weights import load_safetensors
 
@@ -106,7 +106,7 @@ def test_recipe_files_that_are_not_recipes(tmp_path):
     with pytest.raises(RunError, match="is a directory"):
         load_recipe(tmp_path)
     (tmp_path / "huge.toml").write_bytes(b"#" * (2 << 20))
-    with pytest.raises(RunError, match="larger than 1048576 bytes"):
+    with pytest.raises(RunError, match=f"larger than {MAX_RECIPE_BYTES} bytes"):
         load_recipe(tmp_path / "huge.toml")
     (tmp_path / "binary.toml").write_bytes(b"\xff\xfe\x00")
     with pytest.raises(RunError, match="not UTF-8"):

@@ -47,7 +47,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,7 +57,7 @@ import numpy as np
 from . import optim, registry, schedules
 from .controls import EarlyStoppingState
 from .data import num_batches
-from .files import atomic_write, current_umask, fsync_dir
+from .files import atomic_write, current_umask, directory_lock, fsync_dir
 from .layers import MODEL_PATTERN, PRESETS
 from .reading import (
     Int,
@@ -137,6 +137,7 @@ def save_checkpoint(
     normalization: Mapping[str, Any] | None = None,
     finished: bool = False,
     epoch_loss: tuple[float, int] = (0.0, 0),
+    epoch_correct: tuple[int, int] | None = None,
     keep: int | None = 3,
     run_id: str | None = None,
 ) -> Path:
@@ -144,7 +145,8 @@ def save_checkpoint(
     ``epoch``; keep the newest ``keep`` (None: all) of the run ``run_id`` (a resumed run keeps
     its id; another run's checkpoints are never deleted). ``run`` is the run's
     :meth:`~unitrain.run.Run.to_dict`, ``normalization`` its data's (``Normalization.to_json()``);
-    ``epoch_loss`` the (sum, count) of the current epoch's step losses so far.
+    ``epoch_loss`` the (sum, count) of the current epoch's step losses so far, ``epoch_correct``
+    the (correct predictions, samples) of its training batches so far (None: not counted).
 
     A directory holds one run, its steps only growing: another run's checkpoint there, or one
     later than this step (a resume of an older checkpoint), is refused with
@@ -186,6 +188,7 @@ def save_checkpoint(
         "loss": type(loop.loss_spec).__name__,
         "data_order": "numpy.random.default_rng([seed, epoch]).permutation(num_samples), batches from `batch` on",
         "epoch_loss": {"sum": float(epoch_loss[0]), "count": int(epoch_loss[1])},
+        "epoch_correct": None if epoch_correct is None else {"correct": epoch_correct[0], "samples": epoch_correct[1]},
         "run": dict(run or {}),
         "normalization": normalization,
         "run_id": run_id,
@@ -275,6 +278,13 @@ class Checkpoint:
     @property
     def epoch_loss(self) -> tuple[float, int]:
         return self.manifest["epoch_loss"]["sum"], self.manifest["epoch_loss"]["count"]
+
+    @property
+    def epoch_correct(self) -> tuple[int, int] | None:
+        """The current epoch's (correct predictions, samples) so far; None where not counted (or
+        recorded: checkpoints written before it was)."""
+        counted = self.manifest.get("epoch_correct")
+        return None if counted is None else (counted["correct"], counted["samples"])
 
     def optimizer_spec(self) -> optim.Optimizer:
         return optimizer_from_config(self.manifest["optimizer"])
@@ -433,6 +443,7 @@ MANIFEST_SCHEMA = {
     "loss": Optional(str),
     "data_order": Optional(str),
     "epoch_loss": {"sum": Number(), "count": Int()},
+    "epoch_correct": Optional(Nullable({"correct": Int(), "samples": Int()})),  # absent in older checkpoints
     # the run (unitrain.run.Run.to_dict(), checked when resumed; a checkpoint written from Python may
     # have none); its model is checked here, as the weights are read against a preset's shapes
     "run": {"model": Optional(Text(MODEL_PATTERN))},
@@ -586,7 +597,8 @@ class Checkpointer:
         self.every, self.keep, self.max_steps = every, keep, max_steps
         self.run, self.normalization = None if run is None else run.to_dict(), normalization
         self.check_every = every if every else check_every
-        self.carried = {resume.epoch: resume.epoch_loss} if resume is not None else {}
+        #: the resumed epoch's loss (sum, count) and correct predictions (count, samples) before the resume
+        self.carried = {resume.epoch: (resume.epoch_loss, resume.epoch_correct)} if resume is not None else {}
         #: which checkpoints are this run's (``keep`` deletes no other's); a resume continues the run
         self.run_id = resume.manifest.get("run_id") if resume is not None else uuid.uuid4().hex
         self.stop_requested = False
@@ -595,21 +607,29 @@ class Checkpointer:
         self.last_saved: Path | None = resume.path if resume is not None else None
         self.last_saved_step: int | None = None
         self.position = (resume.epoch, resume.batch) if resume is not None else (0, 0)
-        self.unchecked: list[tuple[int, int, Any]] = []
+        self.unchecked: list[tuple[int, int, Any, Any, int]] = []
+        self._held = ExitStack()
 
     def on_fit_start(self, loop, plan):
         self.epochs, self.steps_per_epoch = plan["epochs"], plan["steps_per_epoch"]
+        if self.directory is not None:  # one run writes there at a time (another's sweep would delete ours)
+            self._held.enter_context(directory_lock(self.directory, f"checkpoint directory {self.directory}"))
+
+    def finalize(self, loop):
+        self._held.close()
 
     def on_epoch_start(self, loop, epoch):
         self.epoch = epoch
-        self.loss_sum, self.loss_count = self.carried.pop(epoch, (0.0, 0))
+        (self.loss_sum, self.loss_count), correct = self.carried.pop(epoch, ((0.0, 0), (0, 0)))
         self.resumed_mid_epoch = self.loss_count > 0
+        #: correct predictions and samples of the epoch's checked steps; None once a step is not counted
+        self.correct, self.samples = correct if correct is not None else (None, 0)
 
     def on_step_end(self, loop, index, loss):
         if loop.world_size > 1 and loop.any_rank(self.stop_requested):  # every rank stops at the same step
             self.stop_requested = True
             self.stop_signal = self.stop_signal or signal.SIGTERM
-        self.unchecked.append((loop.step_count, index, loss))
+        self.unchecked.append((loop.step_count, index, loss, loop.last_batch_correct, loop.last_batch_size))
         self.position = (self.epoch, index + 1)
         if index + 1 == self.steps_per_epoch or (self.max_steps is not None and loop.step_count >= self.max_steps):
             return  # on_epoch_end comes next and checkpoints there
@@ -626,8 +646,12 @@ class Checkpointer:
         self._check_losses(loop)
         if self.position[1] >= self.steps_per_epoch:
             self.position = (self.epoch + 1, 0)
-        if self.resumed_mid_epoch:
-            record["train_loss"] = self.loss_sum / self.loss_count  # includes the steps before the resume
+        if self.resumed_mid_epoch:  # the records cover the steps before the resume too
+            record["train_loss"] = self.loss_sum / self.loss_count
+            if self.correct is None:  # not counted before the resume (an older checkpoint): not known
+                record.pop("train_accuracy", None)
+            elif "train_accuracy" in record:
+                record["train_accuracy"] = self.correct / self.samples
         finished = (self.position[0] >= self.epochs or loop.stop_training
                     or (self.max_steps is not None and loop.step_count >= self.max_steps))  # fmt: skip
         if self.directory is not None:
@@ -643,12 +667,16 @@ class Checkpointer:
             self._save(loop, finished=True)
 
     def _check_losses(self, loop) -> None:
-        for step, index, loss in self.unchecked:
+        for step, index, loss, correct, samples in self.unchecked:
             value = loop.to_float(loss)
             if not np.isfinite(value):
                 raise Diverged(f"loss is {value} at step {step} (epoch {self.epoch + 1}, batch {index + 1})", step)
             self.loss_sum += value
             self.loss_count += 1
+            self.correct = (
+                None if correct is None or self.correct is None else self.correct + round(loop.to_float(correct))
+            )
+            self.samples += samples
         self.unchecked.clear()
 
     def _save_interrupted(self, loop) -> None:
@@ -673,6 +701,7 @@ class Checkpointer:
             normalization=self.normalization,
             finished=finished,
             epoch_loss=(self.loss_sum, self.loss_count) if self.position[1] else (0.0, 0),
+            epoch_correct=(self.correct, self.samples) if self.position[1] and self.correct is not None else None,
             keep=self.keep,
             run_id=self.run_id,
         )

@@ -15,6 +15,7 @@ import sys
 import tempfile
 import time
 import warnings
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -719,24 +720,36 @@ def cmd_train(args) -> int:
         distributed.check_engine(spec.name, spec.launcher)
         if args.master_port is not None:
             distributed.check_port(args.master_port)
+        if args.checkpoint_dir is not None:  # refused now if another run holds it (rank 0 holds it for the run)
+            with files.directory_lock(args.checkpoint_dir, f"--checkpoint-dir {args.checkpoint_dir}"):
+                pass
         # the workers' stderr is a pipe (the failure report is read from it): the progress bar is decided here
         argv = [*_without_option(args.argv, "--nproc"), "--progress" if show_progress else "--no-progress"]
         return distributed.run(spec.launcher, args.nproc, argv, args.master_port)
     if world_size is not None:
+        distributed.die_with_parent()  # the launcher's: no rank outlives the job
         if args.nproc is not None and args.nproc != world_size:
             raise UsageError(f"--nproc {args.nproc}, but {spec.launcher} started {world_size} processes")
         _check_world(run, world_size)
-    data = run.datasets()
-    if resume is not None:
-        _check_resume_position(args, run, resume, len(data[0]))
-    adapter = registry.load_adapter(spec.target)
-    # one process: every core; a data-parallel rank: its share (what the launcher's OMP_NUM_THREADS says)
-    adapter.set_threads(args.threads or distributed.threads_per_rank(world_size or 1))
+    with ExitStack() as held:
+        # one run writes into a checkpoint directory at a time: held from here by one process, from
+        # rank 0's loop on (its rank is known then) by a data-parallel run
+        hold = () if args.checkpoint_dir is None else (args.checkpoint_dir, f"--checkpoint-dir {args.checkpoint_dir}")
+        if hold and world_size is None:
+            held.enter_context(files.directory_lock(*hold))
+        data = run.datasets()
+        if resume is not None:
+            _check_resume_position(args, run, resume, len(data[0]))
+        adapter = registry.load_adapter(spec.target)
+        # one process: every core; a data-parallel rank: its share (what the launcher's OMP_NUM_THREADS says)
+        adapter.set_threads(args.threads or distributed.threads_per_rank(world_size or 1))
 
-    loop = adapter(run.model_spec(), distributed=world_size is not None, **run.loop_options())
-    status = _train(args, run, loop, initial, resume, data, show_progress)
-    if loop.world_size > 1:  # the ranks end together: after rank 0's files, and as engines' teardowns need
-        loop.any_rank(False)
+        loop = adapter(run.model_spec(), distributed=world_size is not None, **run.loop_options())
+        if hold and loop.rank == 0:
+            held.enter_context(files.directory_lock(*hold))
+        status = _train(args, run, loop, initial, resume, data, show_progress)
+        if loop.world_size > 1:  # the ranks end together: after rank 0's files, and as engines' teardowns need
+            loop.any_rank(False)
     return status
 
 

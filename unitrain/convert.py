@@ -42,7 +42,7 @@ import numpy as np
 
 from . import files
 from .layers import Container, LayerNorm, Sequential, _BatchNorm
-from .reading import path_problem, short, short_list
+from .reading import open_npz, path_problem, short, short_list
 from .weights import Declared, State, WeightsError, check_state, describe, load_safetensors, save_safetensors
 
 #: the per-sample input of every preset model (MNIST); an exported ONNX graph takes (N, 1, 28, 28)
@@ -276,11 +276,11 @@ class ChainerNpz(Format):
         _refuse_large(path, name, model)
         self._refuse_large_directory(path, name, model)
         try:
-            with np.load(path, allow_pickle=False) as archive:
-                declared = {key: self._header(archive.zip, key, name) for key in self._members(archive, name)}
+            with open_npz(path, name, WeightsError) as archive:
+                declared = {key: self._header(archive, key, name) for key in self._members(archive, name)}
                 wanted = self._checked(model, declared, name)
-                tensors = {key: archive[native] for native, key in wanted.items()}
-        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+                tensors = {key: self._array(archive, native) for native, key in wanted.items()}
+        except ValueError as error:
             if isinstance(error, WeightsError):
                 raise
             raise WeightsError(f"{name} is not an npz archive NumPy reads: {_reason(error)}") from None
@@ -304,8 +304,8 @@ class ChainerNpz(Format):
             raise WeightsError(f"{name}: its zip directory of {directory} bytes lists far more members than this "
                                f"model's tensors (at most {limit} bytes)")  # fmt: skip
 
-    def _members(self, archive, name: str) -> list[str]:
-        members = archive.zip.namelist()
+    def _members(self, archive: zipfile.ZipFile, name: str) -> list[str]:
+        members = archive.namelist()
         others = [member for member in members if not member.endswith(".npy")]
         if others:
             raise WeightsError(f"{name}: members {short_list(others)} are not .npy arrays")
@@ -313,8 +313,14 @@ class ChainerNpz(Format):
             twice = sorted({member for member in members if members.count(member) > 1})
             raise WeightsError(f"{name}: members {short_list(twice)} appear more than once")
         # ``N`` is BatchNormalization's fine-tuning counter; unitrain has no use for it.
-        chainer_counters = {key for key in archive.files if key.endswith("/N") and f"{key[:-2]}/avg_mean" in archive}
-        return [key for key in archive.files if key not in chainer_counters]
+        keys = [member.removesuffix(".npy") for member in members]
+        chainer_counters = {key for key in keys if key.endswith("/N") and f"{key[:-2]}/avg_mean" in keys}
+        return [key for key in keys if key not in chainer_counters]
+
+    @staticmethod
+    def _array(archive: zipfile.ZipFile, key: str) -> np.ndarray:
+        with archive.open(f"{key}.npy") as member:
+            return np.lib.format.read_array(member, allow_pickle=False)
 
     def _header(self, zip_file: zipfile.ZipFile, key: str, name: str) -> Declared:
         """A member's shape and dtype from its .npy header, before its data is read."""

@@ -88,6 +88,8 @@ PACKAGED = {
     ),
 }  # fmt: skip
 MNIST_FILES = PACKAGED["mnist"].sha256
+#: every packaged dataset's training set (their files are verified against the originals)
+PACKAGED_TRAIN_SAMPLES = MNIST_DIMS["train-images-idx3-ubyte"][0]
 SPLITS = ("train", "test")
 
 

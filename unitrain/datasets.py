@@ -10,7 +10,8 @@
 * a folder of IDX files with MNIST's names (``train-images-idx3-ubyte[.gz]``, ...);
 * a folder ``train/<class>/<image>`` and ``test/<class>/<image>`` of images (Pillow; classes in
   sorted name order as torchvision's ``ImageFolder``; all images one size; grayscale if every
-  image is, else RGB; Pillow's decompression-bomb guard on);
+  image is, else RGB; 16-bit grayscale read at full depth, as floats in [0, 1]; Pillow's
+  decompression-bomb guard on);
 * CIFAR-10's *binary* version (``data_batch_*.bin``, ``test_batch.bin``, possibly inside
   ``cifar-10-batches-bin/``); the pickled ("python") version is refused, never unpickled.
 
@@ -45,12 +46,16 @@ from .data import (
     load_packaged,
     read_idx_file,
 )
-from .reading import path_kind, path_problem, short_list
+from .reading import open_npz, path_kind, path_problem, short_list
 from .transforms import Normalization, channels_last_to_nchw
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 _CIFAR_RECORD = 1 + 3 * 32 * 32  # a label byte, then 1024 red, 1024 green, 1024 blue pixels
+#: Pillow's modes of 16-bit grayscale images (PNG, TIFF), read at their full depth
+_GRAY16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+#: Pillow's modes whose pixels no fixed scale maps to [0, 1]
+_WIDE_MODES = {"I": "32-bit integer pixels", "F": "32-bit float pixels"}
 #: more classes than this is not a classification dataset but a bug in the labels
 MAX_CLASSES = 100_000
 
@@ -113,6 +118,9 @@ def _finish(raw: _Raw, source, given: Normalization | None) -> tuple[ArrayDatase
     if raw.train_x.shape[1:] != raw.test_x.shape[1:]:
         raise DataError(f"{source}: training samples are {_shape(raw.train_x)}, test samples {_shape(raw.test_x)}; "
                         "expected one shape")  # fmt: skip
+    if 0 in raw.train_x.shape[1:]:
+        raise DataError(f"{source}: samples of shape {_shape(raw.train_x)} (channels x height x width) hold no "
+                        "pixels; expected at least one channel of 1x1")  # fmt: skip
     classes = _check_labels(raw, source)
     if given is not None and len(given.mean) not in (1, raw.train_x.shape[1]):
         raise DataError(f"normalisation has {len(given.mean)} means; {source} has {raw.train_x.shape[1]} channels")
@@ -185,15 +193,12 @@ def _read(path: Path) -> _Raw:
 
 
 def _read_npz(path: Path) -> _Raw:
-    try:
-        with zipfile.ZipFile(path) as archive:
-            members = {name.removesuffix(".npy"): name for name in archive.namelist()}
-            if set(members) != set(NPZ_KEYS):
-                raise DataError(f"{path} holds the arrays {short_list(sorted(members))}; expected exactly "
-                                f"{', '.join(NPZ_KEYS)} (Keras's layout)")  # fmt: skip
-            arrays = {key: _read_npy(archive, members[key], key, f"{path}: {key}") for key in NPZ_KEYS}
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, NotImplementedError) as error:
-        raise DataError(f"{path} is not a readable .npz file: {str(error)[:200]}") from None
+    with open_npz(path, str(path), DataError) as archive:
+        members = {name.removesuffix(".npy"): name for name in archive.namelist()}
+        if set(members) != set(NPZ_KEYS):
+            raise DataError(f"{path} holds the arrays {short_list(sorted(members))}; expected exactly "
+                            f"{', '.join(NPZ_KEYS)} (Keras's layout)")  # fmt: skip
+        arrays = {key: _read_npy(archive, members[key], key, f"{path}: {key}") for key in NPZ_KEYS}
     split = {}
     for which in ("train", "test"):
         x, y = arrays[f"x_{which}"], arrays[f"y_{which}"]
@@ -380,16 +385,28 @@ def _read_image_folder(path: Path) -> _Raw:
                                     "expected one size (resize them first)")  # fmt: skip
     if first is None:
         raise DataError(f"image folder {path} holds no images")
-    gray = all(mode in ("L", "1") for _, mode in headers.values())
+    modes = {}  # the first file of each mode, to name in a message
+    for file, (_, mode) in headers.items():
+        modes.setdefault(mode, file)
+    if wide := [mode for mode in modes if mode in _WIDE_MODES]:
+        raise DataError(f"image {modes[wide[0]]} has mode {wide[0]} ({_WIDE_MODES[wide[0]]}); expected 8-bit "
+                        "grayscale or colour, or 16-bit grayscale")  # fmt: skip
+    deep = [file for mode, file in modes.items() if mode in _GRAY16_MODES]  # read whole, as floats in [0, 1]
+    color = [file for mode, file in modes.items() if mode not in ("L", "1", *_GRAY16_MODES)]
+    if deep and color:
+        raise DataError(f"image {deep[0]} is 16-bit grayscale but {color[0]} is in colour; expected one kind of "
+                        "image (convert them first)")  # fmt: skip
+    gray = not color
     channels, (width, height) = (1 if gray else 3), first[1]
-    if len(headers) * channels * width * height > MAX_DATA_BYTES:
+    dtype = np.dtype(np.float32 if deep else np.uint8)
+    if len(headers) * channels * width * height * dtype.itemsize > MAX_DATA_BYTES:
         raise DataError(f"image folder {path}: {len(headers)} images of {_wxh(first[1])} exceed {MAX_DATA_BYTES} bytes")
     out = []
     for split in SPLITS:
         files = [(file, classes.index(name)) for name, group in sorted(listing[split].items()) for file in group]
-        x = np.empty((len(files), channels, height, width), np.uint8)
+        x = np.empty((len(files), channels, height, width), dtype)
         for i, (file, _) in enumerate(files):
-            pixels = _decode(file, "L" if gray else "RGB")
+            pixels = _decode(file, "L" if gray else "RGB", deep)
             x[i] = pixels[None] if gray else pixels.transpose(2, 0, 1)
         out += [x, np.array([label for _, label in files], np.int64)]
     return _Raw("images", *out, classes)
@@ -417,9 +434,15 @@ def _image_header(file: Path) -> tuple[tuple[int, int], str]:
         return image.size, image.mode
 
 
-def _decode(file: Path, mode: str) -> np.ndarray:
+def _decode(file: Path, mode: str, scaled: bool) -> np.ndarray:
+    """``file``'s pixels in ``mode``; ``scaled``: as floats in [0, 1] (a 16-bit image's whole range,
+    which Pillow's convert would clip to 255)."""
     with _pillow_errors(file), Image.open(file) as image:
-        return np.asarray(image.convert(mode), np.uint8)
+        if not scaled:
+            return np.asarray(image.convert(mode), np.uint8)
+        if image.mode in _GRAY16_MODES:
+            return np.asarray(image, np.float32) / 65535
+        return np.asarray(image.convert(mode), np.float32) / 255
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ failure report into one line. Each worker then sees the launcher's environment
 
 from __future__ import annotations
 
+import ctypes
 import importlib.metadata
 import importlib.util
 import os
@@ -177,6 +178,10 @@ def _failure(report: str, ranks_of_pids: dict[int, int] | None = None) -> str | 
     for pattern in _FAILURES:
         if match := pattern.search(report):
             what = " ".join(match["what"].split())  # Open MPI wraps its lines
+            if signalled := re.fullmatch(r"exited on signal (\d+)(?: \(.*\))?", what):
+                what = f"-{signalled[1]}"
+            if exited := re.fullmatch(r"exited with status (\d+)", what):
+                what = exited[1]
             if what.lstrip("-").isdigit():
                 code = int(what)
                 what = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
@@ -213,6 +218,19 @@ def environment(launcher: str, nproc: int) -> dict[str, str]:
     return env
 
 
+def die_with_parent() -> None:
+    """Be killed when the parent process dies: Linux's parent-death signal, kept across exec; SIGKILL,
+    which nothing delays (a rank blocked in a collective whose peer is gone never reaches a Python
+    handler). A SIGKILLed ``unitrain`` cannot end its job: torchrun and both its ranks trained on,
+    writing checkpoints, and NumPy's ranks ran 163 s more. Set in the launcher (between fork and exec)
+    and in each worker at its start, so that the whole tree goes. Other systems have no such signal."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
 def run(launcher: str, nproc: int, argv: list[str], master_port: int | None) -> int:
     """Run the launcher (its output passes through) and return the job's exit status; on failure,
     a last line names the rank that failed. The launcher runs in its own session, so that a
@@ -227,10 +245,12 @@ def run(launcher: str, nproc: int, argv: list[str], master_port: int | None) -> 
         stdout=None if log_dir is None else subprocess.PIPE,
         stderr=subprocess.PIPE if log_dir is None else subprocess.STDOUT,
         start_new_session=True,
+        preexec_fn=die_with_parent,
     )
     stream = process.stderr if log_dir is None else process.stdout
     sink = sys.stderr.buffer if log_dir is None else sys.stdout.buffer
     report, received, partial = b"", None, b""
+    held = bytearray()  # the launchers' and workers' other stderr lines (the last _HELD_BYTES): see _shown
     while True:
         try:
             chunk = os.read(stream.fileno(), 65536)
@@ -252,22 +272,66 @@ def run(launcher: str, nproc: int, argv: list[str], master_port: int | None) -> 
         if log_dir is not None:  # whole lines, without MindSpore's INFO and WARNING log lines
             *lines, partial = (partial + chunk).split(b"\n")
             chunk = b"".join(line + b"\n" for line in lines if not _MINDSPORE_LOG.match(line))
+        else:
+            chunk, partial = _shown(partial + chunk, held)
         if received is not None:
             # stopping as asked: the workers say where they checkpointed; the launchers' reports of
             # workers ending with a non-zero status (tracebacks, MPI_ABORT notices) are noise now
             chunk = b"".join(line for line in chunk.splitlines(keepends=True) if line.startswith(b"unitrain: "))
         sink.write(chunk)
         sink.flush()
+    held += partial if log_dir is None else b""
     status = _wait(process)
     if status == 0 or received is not None:  # finished, or the workers checkpointed and said so
         if log_dir is not None:
             shutil.rmtree(log_dir, ignore_errors=True)
+        if status == 0:  # warnings and the like, held back while the job ran
+            sink.write(held)
+            sink.flush()
         return 0 if status == 0 else 128 + received
     ranks = None if log_dir is None else {pid: rank for rank, pid in _msrun_pids(log_dir).items()}
     failed = _failure(report.decode(errors="replace"), ranks)
-    logs = f"; the workers' logs are in {log_dir}" if log_dir is not None else ""
+    if log_dir is not None:
+        logs = f"; the workers' logs are in {log_dir}"
+    elif held:  # the launcher's report and the workers' tracebacks: a page for one failure, kept aside
+        with tempfile.NamedTemporaryFile("wb", prefix="unitrain-job-", suffix=".log", delete=False) as file:
+            file.write(held)
+        logs = f"; its report is in {file.name}"
+    else:
+        logs = ""
     print(f"unitrain: error: the {launcher} job of {nproc} processes failed"
           f"{f' ({failed})' if failed else f' with exit code {status}'}{logs}", file=sys.stderr)  # fmt: skip
+    return _exit_status(failed, status)
+
+
+#: the workers' and launchers' stderr held back while a job runs, at most (its end is kept)
+_HELD_BYTES = 1 << 20
+
+
+def _shown(text: bytes, held: bytearray) -> tuple[bytes, bytes]:
+    """What of a job's stderr ``text`` to show now: unitrain's own lines (``unitrain: ...``) and the
+    progress bar's redraws (ending in a carriage return). Every other complete line goes to
+    ``held`` (its last :data:`_HELD_BYTES`): the launchers' logs and reports, and the tracebacks of
+    the ranks that lost a peer, are shown once the job ended (or kept in a file if it failed) instead
+    of burying the one line that says what failed. Returns ``(shown, the unfinished last line)``."""
+    pieces = re.findall(rb"[^\r\n]*(?:\r\n|\r|\n)", text)
+    rest = text[sum(map(len, pieces)) :]
+    shown = b"".join(piece for piece in pieces if piece.startswith(b"unitrain: ") or piece.endswith(b"\r"))
+    held += b"".join(piece for piece in pieces if not (piece.startswith(b"unitrain: ") or piece.endswith(b"\r")))
+    if len(rest) > _HELD_BYTES:  # a line without end: no longer a line
+        held += rest
+        rest = b""
+    del held[: max(0, len(held) - _HELD_BYTES)]
+    return shown, rest
+
+
+def _exit_status(failure: str | None, status: int) -> int:
+    """A failed job's exit status, the same on every launcher: 128 + N for a rank killed by signal N
+    (as a shell reports a killed process), a rank's own exit code, else the launcher's."""
+    if failure is not None and (killed := re.search(r"killed by (SIG\w+)", failure)):
+        return 128 + signal.Signals[killed[1]]
+    if failure is not None and (code := re.search(r"(?:exit code|errorcode) (\d+)", failure)) and int(code[1]):
+        return int(code[1])
     return status if status > 0 else 1
 
 

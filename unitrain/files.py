@@ -19,7 +19,7 @@ import os
 import stat
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TextIO
 
@@ -207,3 +207,52 @@ def _rename_no_replace(source: Path, target: Path) -> bool:
     if code == errno.EEXIST:
         return False
     raise OSError(code, os.strerror(code), str(target))
+
+
+#: the file in a directory that :func:`directory_lock` locks (it stays: deleting a lock file races
+#: with a process that has just opened it)
+LOCK_FILE = ".unitrain.lock"
+#: directories this process holds, by resolved path: [lock file descriptor, holds, created by the first]
+_HELD: dict[str, list[int]] = {}
+
+
+@contextmanager
+def directory_lock(directory: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold ``directory`` (created if missing) for this process while the block runs, so that two
+    runs never write into it at once: an exclusive ``flock`` on its :data:`LOCK_FILE`, which holds
+    the holder's pid and which the system releases when the process ends however it ends (SIGKILL
+    included). Re-entrant within a process. Another process holding it raises OutputError naming
+    ``what`` (``--checkpoint-dir DIR``) and that process's pid."""
+    import fcntl  # POSIX only; unitrain runs on Linux and macOS
+
+    directory = Path(directory)
+    created = not directory.exists()
+    directory.mkdir(parents=True, exist_ok=True)
+    key = str(directory.resolve())
+    if key not in _HELD:
+        descriptor = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(descriptor, 32, 0).decode("ascii", "replace").strip()
+            os.close(descriptor)
+            raise OutputError(f"{what} is in use by another run (pid {holder or 'unknown'}); wait for it to end, or "
+                              "choose another directory") from None  # fmt: skip
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+        _HELD[key] = [descriptor, 0, created]
+    _HELD[key][1] += 1
+    try:
+        yield
+    finally:
+        _HELD[key][1] -= 1
+        if not _HELD[key][1]:
+            descriptor, _, created = _HELD.pop(key)
+            # a directory made for a run that wrote nothing there (it failed first) goes again
+            emptied = created and os.listdir(directory) == [LOCK_FILE]
+            if emptied:
+                os.unlink(directory / LOCK_FILE)
+            os.close(descriptor)  # releases the lock
+            if emptied:
+                with suppress(OSError):  # another run's files appeared meanwhile: it stays
+                    directory.rmdir()

@@ -679,6 +679,45 @@ FACTORY_PATTERN = r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*"
 MODEL_PATTERN = "|".join([*map(re.escape, PRESETS), FACTORY_PATTERN])
 
 
+#: how deep containers may nest. Every backend builds and runs the tree recursively: PyTorch's
+#: module calls take about four Python frames a level (300 levels pass Python's default limit of
+#: 1000 frames), and MindSpore names a parameter by its path, in at most 1024 characters.
+MAX_NESTING = 100
+#: layers in a model at most (a container listed many times in another counts each time)
+MAX_LAYERS = 100_000
+
+
+def check_buildable(model: Container, itemsize: int = 4) -> None:
+    """ValueError, before anything is built, for a model that nests containers deeper than
+    :data:`MAX_NESTING`, holds more than :data:`MAX_LAYERS` layers, or whose weights and their
+    gradients (``itemsize`` bytes a value) need more than this machine's memory. Walks the tree
+    without recursion, so that any tree is measured."""
+    stack, layers = [(model, 1)], 0
+    while stack:
+        container, depth = stack.pop()
+        if depth > MAX_NESTING:
+            raise ValueError(f"the model nests containers more than {MAX_NESTING} deep; expected at most "
+                             f"{MAX_NESTING} (every backend builds and runs the tree recursively)")  # fmt: skip
+        layers += len(container.children)
+        if layers > MAX_LAYERS:
+            raise ValueError(f"the model has more than {MAX_LAYERS} layers; expected at most {MAX_LAYERS}")
+        stack.extend((child, depth + 1) for _, child in container.children if isinstance(child, Container))
+    values = sum(math.prod(shape) for shape in model.state_shapes().values())
+    memory = _physical_memory()
+    if memory is not None and 2 * values * itemsize > memory:
+        raise ValueError(f"the model has {values:,} weights, {values * itemsize / 2**30:,.1f} GiB at {itemsize} bytes "
+                         f"each and as much again for their gradients; this machine has {memory / 2**30:,.1f} GiB "
+                         "of memory")  # fmt: skip
+
+
+def _physical_memory() -> int | None:
+    """This machine's memory in bytes (None where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 def model_from_name(name: str) -> Container:
     """The model ``name`` names: a :data:`PRESETS` name, or ``package.module:function``, a
     function importable with the current directory first on ``sys.path`` (as ``python -m``
@@ -694,8 +733,9 @@ def model_from_name(name: str) -> Container:
     sys.path.insert(0, here)
     try:
         module = importlib.import_module(module_name)
-    except Exception as error:  # the user's module may raise anything on import
-        raise ValueError(f"model {name!r}: cannot import {module_name}: {_one_line(error)}") from None
+    except (Exception, SystemExit) as error:  # the user's module may raise anything on import, or exit
+        reason = _one_line(error) if isinstance(error, Exception) else f"importing it {_what_happened(error)}"
+        raise ValueError(f"model {name!r}: cannot import {module_name}: {reason}") from None
     finally:
         sys.path.remove(here)
     function = getattr(module, function_name, None)
@@ -704,12 +744,21 @@ def model_from_name(name: str) -> Container:
         raise ValueError(f"model {name!r}: module {module_name} {found} {function_name!r}; expected {expected}")
     try:
         model = function()
-    except Exception as error:  # the user's code
-        raise ValueError(f"model {name!r}: {function_name}() raised {_one_line(error)}") from None
+    except (Exception, SystemExit) as error:  # the user's code: an exit would end unitrain unexplained
+        raise ValueError(f"model {name!r}: {function_name}() {_what_happened(error)}") from None
     if not isinstance(model, Container):
         raise ValueError(f"model {name!r}: {function_name}() returned {type(model).__name__}, expected a unitrain "
                          "model spec (a unitrain.layers Container such as Sequential)")  # fmt: skip
+    try:
+        check_buildable(model)
+    except ValueError as error:
+        raise ValueError(f"model {name!r}: {error}") from None
     return model
+
+
+def _what_happened(error: BaseException) -> str:
+    """The user's code's failure, for a message: ``raised ValueError: ...`` or ``called sys.exit(3)``."""
+    return f"called sys.exit({error.code!r})" if isinstance(error, SystemExit) else f"raised {_one_line(error)}"
 
 
 def _one_line(error: Exception) -> str:

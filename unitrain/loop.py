@@ -154,11 +154,11 @@ from . import weights as weights_io
 from .controls import EarlyStopping, EarlyStoppingState, ParamGroup, resolve_groups
 from .data import ArrayDataset
 from .distributed import shard
-from .layers import Container, _BatchNorm
+from .layers import Container, _BatchNorm, check_buildable
 from .losses import BCEWithLogitsLoss, CrossEntropyLoss, CustomLoss, Loss
 from .optim import SGD, Optimizer
 from .optim import momentum as momentum_of
-from .schedules import LRSchedule, scheduled_optimizer
+from .schedules import LRSchedule, check_schedule_length, scheduled_optimizer
 
 #: Capability tags an adapter may declare (checks gated on a missing one are skipped).
 CAPABILITIES = frozenset({
@@ -266,7 +266,10 @@ class TrainingLoop(ABC):
         self._forward_shape: tuple[int, ...] | None = None
         #: the last data-parallel step's correct predictions, summed over ranks; None if not counted
         self._shard_correct: float | None = None
+        #: ``fit``'s last training batch: its samples and correct predictions (native; None if not counted)
+        self.last_batch_size, self.last_batch_correct = 0, None
         if isinstance(model, Container):
+            check_buildable(model, self.dtype.itemsize)
             self.model_spec: Container | None = model
             self._build(model)
             self.load_state_dict(weights_io.init_weights(model, seed))
@@ -700,8 +703,9 @@ class TrainingLoop(ABC):
         ``extensions`` are duck-typed hooks, as in Chainer's trainer; each may define any of
         ``on_fit_start(loop, plan)``, ``on_epoch_start(loop, epoch)``,
         ``on_step_end(loop, step_in_epoch, loss)`` (``loss`` native; read it only when needed, it
-        syncs), ``on_epoch_end(loop, record)`` and ``finalize(loop)``, which always runs, even
-        when training raises.
+        syncs; the step's ``loop.last_batch_size`` and ``loop.last_batch_correct``, native or None
+        where not counted, tally ``train_accuracy``), ``on_epoch_end(loop, record)`` and
+        ``finalize(loop)``, which always runs, even when training raises.
 
         ``start_epoch`` / ``start_batch`` resume a run: training begins at that batch of that
         epoch (0-based), in the order an uninterrupted run would have used (``train_loss`` and
@@ -753,9 +757,7 @@ class TrainingLoop(ABC):
         if batches_per_epoch == 0 and epochs > start_epoch:
             raise ValueError(f"drop_last with batch_size {batch_size} leaves no batch of {len(train_data)} samples")
         steps_per_epoch = -(-batches_per_epoch // group)
-        self._check_schedule_length(
-            epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
-        )
+        check_schedule_length(self.lr_schedule, epochs, steps_per_epoch, max_steps)
         _call(extensions, "on_fit_start", self, {"epochs": epochs, "steps_per_epoch": batches_per_epoch})
         history = []
         self.stop_training = bool(self.early_stopping is not None and self.early_stopping.stopped and early_stopping)
@@ -778,15 +780,18 @@ class TrainingLoop(ABC):
                         if len(pending) < group and index + 1 < batches_per_epoch:
                             continue
                         loss, correct = self._accumulated_step(pending, group, count_correct)
-                        seen += sum(len(x) for _, x, _ in pending)
+                        samples = sum(len(x) for _, x, _ in pending)
                         pending = []
                     else:
                         loss = self.step((x, y))
                         if count_correct:
                             correct = self._shard_correct if self.world_size > 1 else self._step_correct(y)
-                        seen += len(x)
+                        samples = len(x)
                     losses.append(loss)
+                    seen += samples
+                    self.last_batch_size, self.last_batch_correct = samples, None
                     if count_correct:
+                        self.last_batch_correct = correct
                         corrects.append(correct)
                     if self._scheduler is not None and self.lr_schedule.per_batch:
                         self._step_schedule()
@@ -837,14 +842,6 @@ class TrainingLoop(ABC):
         self._scale_gradients(1 / group)
         self.update()
         return sum(self.to_float(loss) for loss in losses) / len(losses), correct
-
-    def _check_schedule_length(self, planned_steps: int) -> None:
-        """OneCycleLR is defined for its total_steps only (PyTorch raises past them): refuse a
-        longer run before training."""
-        spec = self.lr_schedule
-        if spec is not None and spec.per_batch and planned_steps > spec.steps:
-            raise ValueError(f"{spec} covers {spec.steps} steps, but the run takes up to {planned_steps}; "
-                             "raise total_steps (or epochs/steps_per_epoch)")  # fmt: skip
 
     # --- weights --------------------------------------------------------------------------
 

@@ -9,12 +9,15 @@ manifests, the dropout stream's state) is checked against a small declarative sc
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import os
 import re
 import stat
-from collections.abc import Mapping
+import zipfile
+import zlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +67,30 @@ def read_capped(path: str | os.PathLike, limit: int) -> bytes | None:
     with open(path, "rb") as file:
         data = file.read(limit + 1)
     return data if len(data) <= limit else None
+
+
+#: how a member of an .npz is stored: what ``numpy.savez`` (stored) and ``savez_compressed`` write
+NPZ_METHODS = {zipfile.ZIP_STORED: "stored", zipfile.ZIP_DEFLATED: "deflated"}
+
+
+@contextlib.contextmanager
+def open_npz(path: str | os.PathLike, name: str, error: type[Exception] = ValueError) -> Iterator[zipfile.ZipFile]:
+    """The .npz (zip) file at ``path`` as an open :class:`zipfile.ZipFile` whose every member
+    NumPy could have written: not encrypted, stored or deflated. Anything else raises ``error``
+    naming the member (``name`` names the file), before any member is read."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for member in archive.infolist():
+                if member.flag_bits & 0x1:
+                    raise error(f"{name}: member {short(member.filename)} is encrypted; expected the unencrypted "
+                                "arrays numpy.savez writes")  # fmt: skip
+                if member.compress_type not in NPZ_METHODS:
+                    raise error(f"{name}: member {short(member.filename)} is compressed with zip method "
+                                f"{member.compress_type}; expected {' or '.join(NPZ_METHODS.values())}, as "
+                                "numpy.savez writes")  # fmt: skip
+            yield archive
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, zlib.error) as problem:
+        raise error(f"{name} is not a readable .npz file: {str(problem)[:200]}") from None
 
 
 # --- JSON schemas ---------------------------------------------------------------------------

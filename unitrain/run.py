@@ -60,12 +60,12 @@ import numpy as np
 
 from . import optim, registry
 from .controls import EarlyStopping, resolve_groups
-from .data import MAX_DATA_BYTES, DataError
+from .data import MAX_DATA_BYTES, PACKAGED, PACKAGED_TRAIN_SAMPLES, DataError, num_batches
 from .datasets import load_datasets, load_target_arrays
 from .layers import MODEL_PATTERN, model_from_name
 from .losses import LOSSES
 from .reading import Int, Nullable, Number, OneOf, Optional, Text, check_json, path_problem, read_capped, short
-from .schedules import LRSchedule, parse_schedule, scheduled_optimizer
+from .schedules import LRSchedule, check_schedule_length, parse_schedule, scheduled_optimizer
 from .weights import check_state, load_safetensors
 
 #: what a run's targets are (DataSpec.task)
@@ -77,7 +77,10 @@ class RunError(ValueError):
 
 
 #: a recipe is a few hundred bytes; anything far larger is not one (and is not read whole)
-MAX_RECIPE_BYTES = 1 << 20
+MAX_RECIPE_BYTES = 1 << 16
+#: a recipe nests two levels (``[data]``, ``normalize = {mean = [...]}``); the TOML reader recurses
+#: once per level, so a deeper one is refused before it is parsed
+MAX_RECIPE_NESTING = 16
 #: resized and padded samples, float32, at most: four times the raw bytes a dataset may have
 MAX_TRANSFORMED_BYTES = 4 * MAX_DATA_BYTES
 
@@ -389,6 +392,8 @@ class Run:
         if spec.task != "classification" and LOSSES[self.loss].class_targets:
             raise RunError(f"loss: {self.loss} trains classifiers; data.task {spec.task} needs an elementwise loss "
                            "such as mse, l1 or bce-with-logits")  # fmt: skip
+        if spec.dataset in PACKAGED and self._training_part(PACKAGED_TRAIN_SAMPLES) > 0:  # its size is known
+            self.check_schedule_length(self._training_part(PACKAGED_TRAIN_SAMPLES))
         if spec.task in ("regression", "multi-label"):
             train, test = load_target_arrays(spec.dataset)
             self._check_targets(train, self._model_output(train.x.shape[1:]))
@@ -412,8 +417,7 @@ class Run:
         val = None
         if spec.val_split:
             # a fraction as Keras' validation_split: the training part is int(N * (1 - fraction))
-            kept = int(len(train) * (1 - spec.val_split)) if isinstance(spec.val_split, float) else (
-                len(train) - spec.val_split)  # fmt: skip
+            kept = self._training_part(len(train))
             if not 0 < kept < len(train):
                 left = "no training" if kept <= 0 else "no validation"
                 raise DataError(f"data.val_split {spec.val_split} leaves {left} data: the training set has "
@@ -425,9 +429,25 @@ class Run:
             else:
                 held = len(train) - kept
                 train, val = train.subset(np.arange(held, len(train))), train.subset(np.arange(held))
+        self.check_schedule_length(len(train))
         if spec.random_crop_padding or spec.random_horizontal_flip:  # training batches only, not validation's
             train = train.augmented(spec.random_crop_padding, spec.random_horizontal_flip)
         return train, val, test
+
+    def _training_part(self, num_samples: int) -> int:
+        """How many of ``num_samples`` training samples ``data.val_split`` leaves for training: a
+        fraction as Keras' validation_split (``int(N * (1 - fraction))``), else a count."""
+        split = self.data.val_split
+        return int(num_samples * (1 - split)) if isinstance(split, float) else num_samples - split
+
+    def check_schedule_length(self, num_train_samples: int) -> None:
+        """A OneCycleLR must cover every step the run takes on ``num_train_samples`` (RunError)."""
+        try:
+            batches = num_batches(num_train_samples, self.batch_size, self.drop_last)
+            steps_per_epoch = -(-batches // self.accumulate_grad_batches)
+            check_schedule_length(self.lr_schedule, self.epochs, steps_per_epoch, self.max_steps)
+        except ValueError as error:
+            raise RunError(f"lr_schedule: {error}") from None
 
     def _check_transformed_size(self, train, test) -> None:
         """Resizing and padding may not grow the data beyond :data:`MAX_TRANSFORMED_BYTES`, nor
@@ -497,15 +517,54 @@ def load_recipe(path: str | Path) -> Run:
     if (text := read_capped(path, MAX_RECIPE_BYTES)) is None:
         raise RunError(f"recipe {path} is larger than {MAX_RECIPE_BYTES} bytes; a recipe is a few hundred")
     try:
-        values = tomllib.loads(text.decode("utf-8"))
+        text = text.decode("utf-8")
     except UnicodeDecodeError:
         raise RunError(f"recipe {path} is not UTF-8 text") from None
+    if (nesting := toml_nesting(text)) > MAX_RECIPE_NESTING:
+        raise RunError(f"recipe {path} nests arrays, tables or dotted keys {nesting} deep; expected at most "
+                       f"{MAX_RECIPE_NESTING} (a recipe nests two)")  # fmt: skip
+    try:
+        values = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise RunError(f"recipe {path} is not valid TOML: {error}") from None
     try:
         return Run.from_dict(values)
     except RunError as error:
         raise RunError(f"recipe {path}: {error}") from None
+
+
+def toml_nesting(text: str) -> int:
+    """How deep TOML ``text`` nests, at most: its deepest run of open brackets and braces, or of dots
+    in one key, outside strings and comments. One pass with no recursion, so that a document is
+    measured before a recursive parser meets it (invalid TOML is left to the parser)."""
+    deepest = depth = dots = 0
+    i, size = 0, len(text)
+    while i < size:
+        char = text[i]
+        if char in "\"'":
+            quote = text[i : i + 3] if text.startswith(char * 3, i) else char
+            i += len(quote)
+            while i < size and not text.startswith(quote, i):
+                if len(quote) == 1 and text[i] == "\n":  # an unterminated one-line string ends at its line
+                    break
+                i += 2 if char == '"' and text[i] == "\\" else 1  # a basic string's escape: skip what follows
+            i += len(quote)
+            continue
+        if char == "#":
+            i = text.find("\n", i)
+            i = size if i < 0 else i
+            continue
+        if char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth = max(0, depth - 1)
+        elif char == ".":  # a dotted key nests a table per dot (a number has one dot at most)
+            dots += 1
+        if char in "[]{}=,\n":
+            dots = 0
+        deepest = max(deepest, depth, dots)
+        i += 1
+    return deepest
 
 
 # --- validation -------------------------------------------------------------------------------

@@ -211,6 +211,17 @@ def scheduled_optimizer(optimizer: optim.Optimizer, schedule: LRSchedule | None)
     return optim.with_momentum(optimizer, schedule.max_momentum)
 
 
+def check_schedule_length(schedule: LRSchedule | None, epochs: int, steps_per_epoch: int,
+                          max_steps: int | None) -> None:  # fmt: skip
+    """OneCycleLR is defined for its total_steps only (PyTorch raises past them): ValueError for a
+    run of ``epochs`` of ``steps_per_epoch`` (at most ``max_steps``) that would go past them."""
+    planned_steps = epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
+    if schedule is not None and schedule.per_batch and planned_steps > schedule.steps:
+        raise ValueError(f"{type(schedule).__name__} covers {schedule.steps} steps, but the run takes up to "
+                         f"{planned_steps}; raise total_steps (or epochs/steps_per_epoch), or lower "
+                         "--max-steps/--epochs")  # fmt: skip
+
+
 # --- PyTorch's bookkeeping ----------------------------------------------------------------------
 
 

@@ -1,0 +1,102 @@
+"""Hostile process events: two runs on one checkpoint directory, a launcher or a rank killed,
+signals at any instant of start-up. Each ends in one line with exit code 2 (130/143 for signals,
+137 for a killed rank), no process left behind, and nothing of the user's lost."""
+
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_distributed import backends_with_engine, descendants, ended, start_long_run, worker
+from test_hostile_runs import TINY_RUN, one_error_line, run_cli
+
+from unitrain.checkpoint import checkpoint_paths
+from unitrain.files import LOCK_FILE
+
+
+def start(*args, **kwargs):
+    return subprocess.Popen([sys.executable, "-m", "unitrain", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kwargs)  # fmt: skip
+
+
+def wait_for(condition, timeout=60.0, what="the condition"):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+# --- two runs on one checkpoint directory ----------------------------------------------------------
+
+
+def test_a_second_run_on_a_checkpoint_directory_in_use_is_refused_naming_the_holder(tmp_path, capsys):
+    """One run's sweep deleted the other's checkpoint in progress, and the other died at its first
+    checkpoint. The directory is locked while a run writes there; the lock dies with its process."""
+    directory = tmp_path / "D"
+    first = start("train", "--no-progress", "--batch-size", "8", "--checkpoint-dir", str(directory),
+                  "--checkpoint-every", "1000000")  # fmt: skip
+    try:
+        lock = directory / LOCK_FILE
+        wait_for(lambda: lock.is_file() and lock.read_text().strip() == str(first.pid), what="the first run's lock")
+        for argv in (["train", *TINY_RUN, "--checkpoint-dir", str(directory)],
+                     ["train", *TINY_RUN, "--checkpoint-dir", str(directory), "--nproc", "2"]):  # fmt: skip
+            status, _, err = run_cli(capsys, *argv)
+            assert status == 2
+            one_error_line(err, f"--checkpoint-dir {directory} is in use by another run (pid {first.pid}); wait for "
+                                "it to end, or choose another directory")  # fmt: skip
+        assert first.poll() is None, "the first run goes on"
+    finally:
+        first.kill()
+        first.communicate()
+    status, _, err = run_cli(capsys, "train", *TINY_RUN, "--max-steps", "2", "--checkpoint-dir", str(directory))
+    assert status == 0, err  # the killed run's lock went with it
+    assert [path.name for path in checkpoint_paths(directory)] == ["step-00000002"]
+    fresh = tmp_path / "fresh" / "D"
+    status, _, err = run_cli(capsys, "train", *TINY_RUN, "--dataset", str(tmp_path / "none.npz"), "--checkpoint-dir",
+                             str(fresh))  # fmt: skip
+    assert status == 2 and "none.npz does not exist" in err
+    assert not fresh.exists(), "a run that wrote nothing leaves no directory"
+
+
+# --- a data-parallel job whose launcher is killed ------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the workers through /proc")
+@pytest.mark.parametrize(("backend", "rank_variable"), [e for e in backends_with_engine() if e.id != "mindspore"])
+def test_a_sigkilled_launcher_leaves_no_process_behind(backend, rank_variable, tmp_path):
+    """torchrun and both ranks trained on, writing checkpoints; NumPy's ranks ran 163 s more."""
+    job = start_long_run(backend, tmp_path)
+    started = descendants(job.pid)  # the launcher (torchrun, mpiexec) and the ranks
+    assert worker(job.pid, rank_variable, 0) in started and worker(job.pid, rank_variable, 1) in started
+    job.kill()
+    job.wait()  # not communicate(): the job's pipes stay open as long as any of its processes lives
+    try:
+        assert all(ended(pid, within=10) for pid in started)
+    finally:
+        job.stdout.close()
+        job.stderr.close()
+
+
+# --- signals over start-up ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_signal_at_any_instant_of_start_up_ends_train_in_one_line(tmp_path):
+    """A sample of the sweep over the first 1.5 s of ``train`` (interpreter start, imports, data
+    loading, the first steps): SIGINT and SIGTERM alternately, at spread instants."""
+    failures = []
+    for index, signum in enumerate([signal.SIGINT, signal.SIGTERM] * 5):
+        instant = 1.5 * (index + random.Random(index).random()) / 10
+        process = start("train", "--no-progress", cwd=tmp_path)
+        time.sleep(instant)
+        process.send_signal(signum)
+        _, err = process.communicate(timeout=120)
+        lines = [line for line in err.splitlines() if line]  # once training runs: the stop notice, then where
+        said = [line for line in lines if line.startswith(("unitrain: interrupted", "unitrain: stopping"))]
+        if process.returncode != 128 + signum or not lines or said != lines or "interrupted" not in lines[-1]:
+            failures.append((signum.name, round(instant, 3), process.returncode, lines[-3:]))
+    assert not failures, failures
