@@ -322,28 +322,59 @@ def test_a_full_disk_names_the_file(tmp_path, monkeypatch):
         assert list(tmp_path.iterdir()) == [], "no temporary file is left behind"
 
 
-def test_a_full_disk_ends_a_run_in_one_line_naming_the_file(tmp_path):
-    """A real full disk: a 1 MiB tmpfs, mounted in a user namespace where the system allows one."""
+def on_a_full_disk(tmp_path, *argv, free_kib=0):
+    """``unitrain ARGV`` with ``DISK`` in ARGV a 1 MiB tmpfs (mounted in a user namespace where the
+    system allows one) holding the user's ``user.txt`` and ``free_kib`` KiB free: the result, and
+    stderr split into unitrain's lines, the disk's listing and user.txt's digest."""
     if shutil.which("unshare") is None:
         pytest.skip("no unshare")
     disk = tmp_path / "disk"
     disk.mkdir()
     script = (
-        'd="$1"; shift; mount -t tmpfs -o size=1m tmpfs "$d" && echo kept > "$d/user.txt" && "$@"; status=$?; '
-        'ls -A "$d" >&2; sha256sum "$d/user.txt" >&2; exit $status'
+        'd="$1"; k="$2"; shift 2; mount -t tmpfs -o size=1m tmpfs "$d" && echo kept > "$d/user.txt" && '
+        'head -c $((1024 * (1020 - k))) /dev/zero > "$d/.fill" && "$@"; status=$?; rm "$d/.fill"; '
+        'ls -A "$d" | tr "\\n" " " >&2; echo >&2; sha256sum "$d/user.txt" >&2; exit $status'
     )
     probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs tmpfs {disk}"], capture_output=True)
     if probe.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {probe.stderr.decode().strip()}")
-    weights = disk / "w.safetensors"
-    result = subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", str(disk), sys.executable, "-m", "unitrain",
-                             "train", *TINY_RUN, "--max-steps", "1", "--save", str(weights)],
-                            capture_output=True, text=True)  # fmt: skip
+    argv = [str(arg).replace("DISK", str(disk)) for arg in argv]
+    result = subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", str(disk), str(free_kib), sys.executable,
+                             "-m", "unitrain", *argv], capture_output=True, text=True)  # fmt: skip
+    *lines, listing, digest = result.stderr.splitlines()
+    assert digest.split()[0] == hashlib.sha256(b"kept\n").hexdigest(), result.stderr
+    return result, lines, listing.split()
+
+
+def test_a_full_disk_ends_a_run_in_one_line_naming_the_file(tmp_path):
+    result, lines, listing = on_a_full_disk(tmp_path, "train", *TINY_RUN, "--max-steps", "1", "--save",
+                                            "DISK/w.safetensors", free_kib=512)  # fmt: skip
     assert result.returncode == 2, result.stderr
-    error, listing, digest = result.stderr.splitlines()
-    assert error == f"unitrain: error: {weights}: No space left on device"
-    assert listing == "user.txt", "the weights' temporary file is gone; nothing else was touched"
-    assert digest.split()[0] == hashlib.sha256(b"kept\n").hexdigest()
+    assert lines == [f"unitrain: error: {tmp_path / 'disk' / 'w.safetensors'}: No space left on device"]
+    assert listing == ["user.txt"], "the weights' temporary file is gone; nothing else was touched"
+
+
+def test_a_full_disk_leaves_no_empty_metrics_file_to_refuse_the_rerun(tmp_path):
+    result, lines, listing = on_a_full_disk(tmp_path, "train", *TINY_RUN, "--max-steps", "1", "--metrics",
+                                            "DISK/m.jsonl")  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert lines[-1] == f"unitrain: error: {tmp_path / 'disk' / 'm.jsonl'}: No space left on device"
+    assert "Traceback" not in result.stderr
+    assert listing == ["user.txt"]
+
+
+@pytest.mark.parametrize(("suffix", "framework"), [(".pt", "torch"), (".npz", None), (".ckpt", "mindspore")])
+def test_a_full_disk_during_convert_is_one_line_and_leaves_nothing(tmp_path, suffix, framework):
+    """torch's C++ zip writer, zipfile's destructor and MindSpore's own temporary file each failed
+    differently on a full disk."""
+    if framework is not None and framework not in installed_backends():
+        pytest.skip(f"{framework} is not installed")
+    source = tmp_path / "w.safetensors"
+    unitrain.make_loop("numpy", unitrain.mlp(), seed=0).save_weights(source)  # 2.6 MB: more than the disk
+    result, lines, listing = on_a_full_disk(tmp_path, "convert", source, f"DISK/out{suffix}", free_kib=512)
+    assert result.returncode == 2, result.stderr
+    assert lines == [f"unitrain: error: {tmp_path / 'disk' / f'out{suffix}'}: No space left on device"]
+    assert listing == ["user.txt"]
 
 
 @pytest.mark.parametrize(
