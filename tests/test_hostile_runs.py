@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from conftest import installed_backends
 
@@ -19,6 +20,7 @@ import unitrain
 from unitrain import cli, files
 from unitrain import run as run_module
 from unitrain.checkpoint import Checkpointer, CheckpointError, checkpoint_paths, load_checkpoint, save_checkpoint
+from unitrain.data import DataError
 from unitrain.weights import load_safetensors
 
 TINY_RUN = ["--no-progress", "--epochs", "1", "--batch-size", "8"]  # numpy, a few steps
@@ -414,3 +416,87 @@ def test_optimizers_refuse_infinite_and_nan_hyperparameters(spec, options, messa
     with pytest.raises(ValueError) as raised:
         spec(**options)
     assert str(raised.value) == message
+
+
+# --- empty test sets: refused, never NaN ---------------------------------------------------------
+
+
+def test_an_empty_test_set_is_refused_and_never_evaluated_to_nan(tmp_path, capsys):
+    images = np.random.default_rng(0).integers(0, 256, (20, 28, 28), np.uint8)
+    dataset = tmp_path / "d.npz"
+    np.savez(dataset, x_train=images, y_train=np.arange(20) % 10, x_test=images[:0], y_test=np.zeros(0, np.int64))
+    metrics = tmp_path / "m.jsonl"
+    status, out, err = run_cli(capsys, "train", *TINY_RUN, "--dataset", str(dataset), "--metrics", str(metrics))
+    assert status == 2 and out == ""
+    one_error_line(err, f"{dataset}: the test set is empty; expected at least one sample")
+    assert not metrics.exists()
+    with pytest.raises(DataError, match="evaluate: the dataset holds no samples"):
+        unitrain.make_loop("numpy", unitrain.mlp(), seed=0).evaluate((images[:0, None] / 255, np.zeros(0, int)))
+
+
+def test_the_metrics_file_is_strict_json_whatever_the_values(tmp_path):
+    from unitrain.extensions import MetricsWriter
+
+    writer = MetricsWriter(tmp_path / "m.jsonl", {"backend": "numpy"})
+    writer.on_epoch_end(None, {"epoch": 1, "train_loss": float("inf"), "test_loss": float("nan"),
+                               "test_accuracy": float("nan")})  # fmt: skip
+    writer.finalize(None)
+
+    def no_constants(name):
+        raise AssertionError(f"{name} is not JSON")
+
+    record = json.loads((tmp_path / "m.jsonl").read_text(), parse_constant=no_constants)
+    assert record == {"backend": "numpy", "epoch": 1, "train_loss": None, "test_loss": None}
+
+
+# --- an output that is an input: refused by every command ------------------------------------------
+
+
+def test_no_command_writes_over_a_file_it_reads(tmp_path, capsys):
+    """The same file by path, by another path and by a hard link, even with --overwrite."""
+    weights, metrics, recipe = tmp_path / "w.safetensors", tmp_path / "m.jsonl", tmp_path / "r.toml"
+    unitrain.make_loop("numpy", unitrain.mlp(), seed=0).save_weights(weights)
+    metrics.write_text('{"epoch": 1, "train_loss": 2.0}\n')
+    recipe.write_text("epochs = 1\n")
+    (tmp_path / "sub").mkdir()
+    linked, roundabout = tmp_path / "linked.jsonl", tmp_path / "sub" / ".." / "w.safetensors"
+    os.link(metrics, linked)
+    dataset = tmp_path / "d.npz"
+    images = np.zeros((4, 28, 28), np.uint8)
+    np.savez(dataset, x_train=images, y_train=np.arange(4), x_test=images, y_test=np.arange(4))
+    cases = [
+        (["plot", metrics, "-o", metrics], "-o", metrics, "a metrics file to draw", metrics),
+        (["plot", metrics, "-o", linked], "-o", linked, "a metrics file", metrics),
+        (["convert", weights, roundabout], "OUT", roundabout, "IN", weights),
+        (["train", "--init-weights", weights, "--save", weights], "--save", weights, "the initial weights", weights),
+        (["train", recipe, "--metrics", recipe], "--metrics", recipe, "the recipe", recipe),
+        (["train", "--dataset", dataset, "--plot", dataset], "--plot", dataset, "the dataset", dataset),
+        (["compare", "--dataset", dataset, "--json", dataset], "--json", dataset, "the dataset", dataset),
+    ]  # fmt: skip
+    before = snapshot(tmp_path)
+    for argv, flag, output, what, source in cases:
+        status, out, err = run_cli(capsys, *map(str, argv), "--overwrite")
+        assert status == 2 and out == "", err
+        one_error_line(err, f"{flag} {output} is {what}")
+        assert f"({source}), which this command reads; expected another file" in err
+    assert snapshot(tmp_path) == before
+
+
+# --- a recipe's model is imported before any data loads, as --model's is ---------------------------
+
+
+@pytest.mark.parametrize("command_line", [["train"], ["compare"], ["evaluate", "--weights", "w"],
+                                          ["predict", "--weights", "w"]])  # fmt: skip
+def test_a_recipe_naming_a_missing_module_is_refused_before_the_data_loads(tmp_path, capsys, monkeypatch,
+                                                                           command_line):  # fmt: skip
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data were loaded")
+
+    monkeypatch.setattr(run_module, "load_datasets", no_data)
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('model = "no_such_module_here:net"\n')
+    recipe_flag = ["--recipe"] if command_line[0] in ("evaluate", "predict") else []
+    status, out, err = run_cli(capsys, *command_line, *recipe_flag, str(recipe))
+    assert status == 2 and out == ""
+    one_error_line(err, "unitrain: error: model 'no_such_module_here:net': cannot import no_such_module_here: "
+                        "ModuleNotFoundError")  # fmt: skip

@@ -412,8 +412,14 @@ def _run_of(args) -> tuple[Run, object]:
         if args.recipe is not None:
             raise UsageError("--resume continues the run its checkpoint records; a RECIPE starts a new run")
         return _resume(args, typed)
-    base = load_recipe(args.recipe) if args.recipe is not None else Run()
-    return _with_flags(base, typed), None
+    run = _with_flags(load_recipe(args.recipe) if args.recipe is not None else Run(), typed)
+    run.model_spec()  # a recipe's package.module:function is imported now, as --model's is, before any data
+    return run, None
+
+
+def _reads(args, run: Run) -> list[tuple[str, object]]:
+    """The files a train or compare run reads, and what they are (for files.check_output)."""
+    return [("the recipe", args.recipe), ("the dataset", run.data.dataset), ("the initial weights", run.init_weights)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -522,7 +528,7 @@ def cmd_compare(args) -> int:
     for name in backends:
         registry.usable_spec(name)
     run.initial_weights()  # checked now, before any training
-    files.check_output(args.json, "--json", args.overwrite)
+    files.check_output(args.json, "--json", args.overwrite, _reads(args, run))
     files.check_output_dir(args.report, "--report", args.overwrite)
     if args.report is not None:
         plot.require_matplotlib("--report")
@@ -596,7 +602,9 @@ def _evaluation_run(args) -> Run:
         return Run(model=getattr(args, "model", "mlp"), data=data)
     if typed:
         raise UsageError(f"{typed[0]} and --recipe exclude each other: the recipe names the model and data")
-    return load_recipe(args.recipe)
+    run = load_recipe(args.recipe)
+    run.model_spec()  # its package.module:function imported before any data, as --model's is
+    return run
 
 
 # --- unitrain train ----------------------------------------------------------------------
@@ -609,9 +617,10 @@ def cmd_train(args) -> int:
         return 0
     # Everything the user typed is checked before the (slow) framework import and any training.
     initial = run.initial_weights() if resume is None else None  # a resumed run starts from its checkpoint
-    files.check_output(args.save, "--save", args.overwrite)
-    files.check_output(args.metrics, "--metrics", args.overwrite)
-    files.check_output(args.plot, "--plot", args.overwrite)
+    reads = _reads(args, run)
+    files.check_output(args.save, "--save", args.overwrite, reads)
+    files.check_output(args.metrics, "--metrics", args.overwrite, reads)
+    files.check_output(args.plot, "--plot", args.overwrite, reads)
     outputs = {flag: path.resolve() for flag, path in (("--save", args.save), ("--metrics", args.metrics),
                                                         ("--plot", args.plot)) if path is not None}  # fmt: skip
     if len(set(outputs.values())) < len(outputs):
@@ -861,7 +870,7 @@ def _check_checkpoint_dir(args, resume) -> None:
 
 
 def cmd_plot(args) -> int:
-    files.check_output(args.output, "-o", args.overwrite)
+    files.check_output(args.output, "-o", args.overwrite, [("a metrics file to draw", path) for path in args.metrics])
     plot.require_matplotlib("unitrain plot")
     runs = []
     for path in args.metrics:

@@ -379,6 +379,6 @@ def convert(source: Path, target: Path, model: Container, *, overwrite: bool = F
     :func:`unitrain.files.publish`: never replacing a file unless ``overwrite``)."""
     source, target = Path(source), Path(target)
     target_format = format_of(target, "OUT")
-    files.check_output(target, "OUT", overwrite)
+    files.check_output(target, "OUT", overwrite, [("IN", source)])
     state = read(source, model, f"IN {source}")
     return files.publish(target, lambda staged: target_format.write(staged, model, state), overwrite=overwrite)

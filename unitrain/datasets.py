@@ -131,15 +131,16 @@ def _shape(x: np.ndarray) -> str:
 
 
 def _check_labels(raw: _Raw, source) -> tuple[str, ...]:
-    if len(raw.train_y) == 0:
-        raise DataError(f"{source}: the training set is empty")
-    low = min(int(raw.train_y.min()), int(raw.test_y.min(initial=0)))
+    for split, y in (("training", raw.train_y), ("test", raw.test_y)):
+        if len(y) == 0:  # an empty test set has no loss or accuracy to report, only NaN
+            raise DataError(f"{source}: the {split} set is empty; expected at least one sample")
+    low = min(int(raw.train_y.min()), int(raw.test_y.min()))
     count = int(raw.train_y.max()) + 1 if raw.classes is None else len(raw.classes)
     if low < 0 or count > MAX_CLASSES:
         raise DataError(f"{source}: label {low if low < 0 else count - 1} is out of range; expected class "
                         f"indices 0..{MAX_CLASSES - 1}")  # fmt: skip
     for split, y in (("training", raw.train_y), ("test", raw.test_y)):
-        if len(y) and int(y.max()) >= count:
+        if int(y.max()) >= count:
             raise DataError(f"{source}: {split} label {int(y.max())} is out of range; the training set's classes "
                             f"are 0..{count - 1}")  # fmt: skip
     return raw.classes or tuple(str(i) for i in range(count))

@@ -83,10 +83,15 @@ def describe(path: Path) -> str:
     return "a symbolic link" if os.path.islink(path) else path_kind(path)
 
 
-def check_output(path: Path | None, flag: str, overwrite: bool) -> None:
-    """At start-up: ``path`` can be created, or replaced (a regular file, with ``overwrite``)."""
+def check_output(path: Path | None, flag: str, overwrite: bool, reads: Iterable[tuple[str, object]] = ()) -> None:
+    """At start-up: ``path`` can be created, or replaced (a regular file, with ``overwrite``), and
+    is none of the files the command ``reads`` (``(what, path)`` pairs; a path that is None or
+    not a file is skipped): not the same file through any link or path, which writing destroys."""
     if path is None:
         return
+    for what, source in reads:
+        if isinstance(source, (str, os.PathLike)) and _same_file(path, source):
+            raise OutputError(f"{flag} {path} is {what} ({source}), which this command reads; expected another file")
     kind = describe(path)
     if kind == "a directory":
         raise OutputError(f"{flag} {path} is a directory, expected a file path")
@@ -99,6 +104,13 @@ def check_output(path: Path | None, flag: str, overwrite: bool) -> None:
         raise OutputError(f"{flag} {path}: directory {parent} does not exist")
     if not os.access(parent, os.W_OK):
         raise OutputError(f"{flag} {path}: directory {parent} is not writable")
+
+
+def _same_file(a, b) -> bool:
+    try:
+        return os.path.samestat(os.stat(a), os.stat(b))
+    except (OSError, ValueError):  # either is missing (or no path at all): not one file
+        return False
 
 
 def check_output_dir(path: Path | None, flag: str, overwrite: bool) -> None:

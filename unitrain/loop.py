@@ -141,7 +141,7 @@ import numpy as np
 
 from . import expr
 from . import weights as weights_io
-from .data import ArrayDataset
+from .data import ArrayDataset, DataError
 from .distributed import shard
 from .layers import Container, _BatchNorm
 from .losses import CrossEntropyLoss, CustomLoss, Loss
@@ -533,6 +533,8 @@ class TrainingLoop(ABC):
         """``{"loss", "accuracy", "num_correct", "num_samples"}`` over the whole dataset in eval
         mode; ``loss`` is the mean per-sample loss whatever the loss spec's reduction."""
         dataset = ArrayDataset.of(dataset)
+        if len(dataset) == 0:  # no mean loss, no accuracy: only NaN and 0/0
+            raise DataError("evaluate: the dataset holds no samples; expected at least one")
         total_loss, correct = 0.0, 0
         with _eval_mode(self):
             for x, y in dataset.batches(batch_size):
@@ -545,13 +547,13 @@ class TrainingLoop(ABC):
                 total_loss += batch_loss
                 correct += batch_correct
         n = len(dataset)
-        per_sample = total_loss / n if n else float("nan")
+        per_sample = total_loss / n
         if not self.loss_spec.class_targets and not isinstance(self.loss_spec, CustomLoss):
             per_sample /= max(1, int(np.prod(dataset.y.shape[1:])))  # elementwise losses average elements
         class_indices = self.loss_spec.class_targets and np.asarray(dataset.y).dtype.kind in "iu"
         return {
             "loss": per_sample,
-            "accuracy": correct / n if n and class_indices else float("nan"),
+            "accuracy": correct / n if class_indices else float("nan"),
             "num_correct": correct,
             "num_samples": n,
         }
