@@ -500,3 +500,27 @@ def test_a_recipe_naming_a_missing_module_is_refused_before_the_data_loads(tmp_p
     assert status == 2 and out == ""
     one_error_line(err, "unitrain: error: model 'no_such_module_here:net': cannot import no_such_module_here: "
                         "ModuleNotFoundError")  # fmt: skip
+
+
+# --- --print-recipe prints what reads back ----------------------------------------------------------
+
+
+def test_print_recipe_reads_back_whatever_the_paths_hold(tmp_path, capsys):
+    odd = str(tmp_path / 'we\nird "quoted"\t\\d.npz')
+    status, out, err = run_cli(capsys, "train", "--dataset", odd, "--init-weights", odd + "\r", "--print-recipe")
+    assert status == 0, err
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(out)
+    run = run_module.load_recipe(recipe)
+    assert (run.data.dataset, run.init_weights) == (odd, odd + "\r")
+
+    undecodable = os.fsdecode(b"\xff.npz")  # a file name that is not UTF-8: no recipe can hold it
+    status, out, err = run_cli(capsys, "train", "--dataset", undecodable, "--print-recipe")
+    assert status == 2 and out == ""
+    one_error_line(err, "data.dataset '\\udcff.npz' is not UTF-8 text, which a recipe holds; rename the file")
+
+
+def test_an_error_naming_a_path_with_a_newline_stays_one_line(tmp_path, capsys):
+    status, _, err = run_cli(capsys, "train", "--dataset", str(tmp_path / "no\nsuch.npz"))
+    assert status == 2
+    one_error_line(err, f"dataset {tmp_path}/no\\nsuch.npz does not exist")

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -438,10 +439,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _one_line(error: Exception) -> str:
-    """An OSError as path and reason (``w.safetensors: No space left on device``), not ``[Errno 28] ...``."""
+    """An OSError as path and reason (``w.safetensors: No space left on device``), not ``[Errno 28] ...``;
+    control characters (a newline in a file name) escaped, so that it stays one line."""
     if isinstance(error, OSError) and error.strerror:
-        return f"{error.filename}: {error.strerror}" if error.filename is not None else error.strerror
-    return str(error)
+        text = f"{error.filename}: {error.strerror}" if error.filename is not None else error.strerror
+    else:
+        text = str(error)
+    return re.sub(r"[\x00-\x1f\x7f]", lambda match: repr(match.group())[1:-1], text)
 
 
 def _published(flag: str, path: Path, final: Path, what: str, overwrite: bool) -> bool:

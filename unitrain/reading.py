@@ -121,7 +121,8 @@ class Text:
         return f"a string matching {self.pattern}"
 
     def accepts(self, value) -> bool:
-        return isinstance(value, str) and re.fullmatch(self.pattern, value) is not None
+        # DOTALL: "." matches a newline too, which a file name may hold
+        return isinstance(value, str) and re.fullmatch(self.pattern, value, re.DOTALL) is not None
 
 
 @dataclass(frozen=True)
