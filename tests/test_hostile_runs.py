@@ -524,3 +524,67 @@ def test_an_error_naming_a_path_with_a_newline_stays_one_line(tmp_path, capsys):
     status, _, err = run_cli(capsys, "train", "--dataset", str(tmp_path / "no\nsuch.npz"))
     assert status == 2
     one_error_line(err, f"dataset {tmp_path}/no\\nsuch.npz does not exist")
+
+
+# --- messages say what is wrong, in the user's terms ---------------------------------------------------
+
+
+def _keras_npz(path, **changes):
+    images = np.random.default_rng(0).integers(0, 256, (8, 28, 28), np.uint8)
+    arrays = {"x_train": images, "y_train": np.arange(8) % 4, "x_test": images[:4], "y_test": np.arange(4)}
+    np.savez(path, **{**arrays, **changes})
+    return path
+
+
+def test_messages_name_the_problem_as_the_user_sees_it(tmp_path, capsys, small_loop):
+    import io
+    import zipfile
+
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"a file, not a folder")
+    huge_label = np.full(8, 2**63 + 5, np.uint64)
+    wide = _keras_npz(tmp_path / "u64.npz", y_train=huge_label)
+    negative = tmp_path / "negative.npz"
+    member = io.BytesIO()
+    np.lib.format.write_array_header_1_0(member, {"descr": "|u1", "fortran_order": False, "shape": (-8, 28, 28)})
+    member.write(bytes(8 * 28 * 28))
+    with zipfile.ZipFile(_keras_npz(tmp_path / "k.npz")) as source, zipfile.ZipFile(negative, "w") as target:
+        for name in source.namelist():
+            target.writestr(name, member.getvalue() if name == "x_train.npy" else source.read(name))
+    cases = [
+        (["--save", weights / "out.safetensors"], f"--save {weights}/out.safetensors: {weights} is a regular file, "
+                                                  "expected a directory"),
+        (["--dataset", wide], f"{wide}: label {2**63 + 5} is out of range; expected class indices 0..99999"),
+        (["--dataset", negative], f"{negative}: x_train declares shape (-8, 28, 28); expected lengths >= 0"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        status, out, err = run_cli(capsys, "train", *TINY_RUN, *map(str, argv))
+        assert status == 2 and out == ""
+        assert err == f"unitrain: error: {message}\n"
+
+    small_loop.step_count = 1
+    save_checkpoint(tmp_path / "D", small_loop, epoch=0, batch=1, keep=1, run_id="one")
+    with pytest.raises(CheckpointError) as raised:
+        save_checkpoint(tmp_path / "D", small_loop, epoch=0, batch=1, keep=1, run_id="another")
+    assert str(raised.value).endswith(f"(or continue that run: unitrain train --resume {tmp_path / 'D'})")
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".svg", ".pdf"])
+def test_a_figure_is_written_in_the_format_its_suffix_names(tmp_path, capsys, suffix):
+    pytest.importorskip("matplotlib")
+    metrics, figure = tmp_path / "m.jsonl", tmp_path / f"curves{suffix}"
+    metrics.write_text('{"epoch": 1, "train_loss": 2.0, "test_loss": 1.9, "test_accuracy": 0.3}\n')
+    status, _, err = run_cli(capsys, "plot", str(metrics), "-o", str(figure))
+    assert status == 0, err
+    signature = {".jpg": b"\xff\xd8\xff", ".svg": b"<?xml", ".pdf": b"%PDF"}[suffix]
+    assert figure.read_bytes().startswith(signature)
+
+
+def test_a_figure_format_matplotlib_cannot_write_is_refused_before_the_run(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    for name in ("curves.xyz", "curves"):
+        status, out, err = run_cli(capsys, "train", "--plot", str(tmp_path / name))
+        assert status == 2 and out == ""
+        one_error_line(err, f"--plot {tmp_path / name} ")
+        assert "expected one of .eps, " in err and ".png" in err
+    assert list(tmp_path.iterdir()) == []

@@ -151,8 +151,8 @@ def save_checkpoint(
     for existing in checkpoint_paths(directory):  # one run per directory, its steps only growing
         if _run_id(existing) not in (run_id, _UNKNOWN_RUN):
             raise CheckpointError(f"{directory} holds {existing.name} of another run; a directory keeps one run's "
-                                  "checkpoints: write this run's into a new directory (a resumed run: "
-                                  "Checkpointer(..., resume=checkpoint) continues its own)")  # fmt: skip
+                                  "checkpoints: write this run's into a new directory (or continue that run: "
+                                  f"unitrain train --resume {directory})")  # fmt: skip
         if _step(existing) > step:
             raise CheckpointError(f"{directory} holds {existing.name}, later than step {step}: writing there would "
                                   "interleave two futures of the run; write the branch's checkpoints into a new "

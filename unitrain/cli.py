@@ -631,6 +631,7 @@ def cmd_train(args) -> int:
         raise UsageError(f"{' and '.join(outputs)} must name different files")
     if args.plot is not None:
         plot.require_matplotlib("--plot")
+        plot.check_figure_path("--plot", args.plot)
     _check_checkpoint_dir(args, resume)
     spec = registry.usable_spec(registry.backend_name(args.backend))
     world_size = distributed.launched_world_size(spec.launcher)  # None: not started by the engine's launcher
@@ -741,7 +742,8 @@ def _train(args, run: Run, loop, initial, resume, data, show_progress: bool) -> 
         print(f"unitrain: no epoch was trained, so there is nothing to draw; --plot {args.plot} not written")
     elif args.plot is not None:
         figure = plot.curves_figure([(f"{loop.name} {run.model}", history)])
-        final = files.publish(args.plot, lambda staged: plot.save_png(figure, staged), overwrite=args.overwrite)
+        final = files.publish(args.plot, lambda staged: plot.save_figure(figure, staged, args.plot.suffix),
+                              overwrite=args.overwrite)  # fmt: skip
         placed = _published("--plot", args.plot, final, "figure", args.overwrite) and placed
         print(f"unitrain: drew the curves in {final}")
     return 0 if placed else 2
@@ -876,13 +878,15 @@ def _check_checkpoint_dir(args, resume) -> None:
 def cmd_plot(args) -> int:
     files.check_output(args.output, "-o", args.overwrite, [("a metrics file to draw", path) for path in args.metrics])
     plot.require_matplotlib("unitrain plot")
+    plot.check_figure_path("-o", args.output)
     runs = []
     for path in args.metrics:
         records = plot.read_metrics(path)
         backends = sorted({str(r["backend"]) for r in records if isinstance(r.get("backend"), str)})
         runs.append((f"{path} ({', '.join(backends)})" if backends else str(path), records))
     figure = plot.curves_figure(runs)
-    final = files.publish(args.output, lambda staged: plot.save_png(figure, staged), overwrite=args.overwrite)
+    final = files.publish(args.output, lambda staged: plot.save_figure(figure, staged, args.output.suffix),
+                          overwrite=args.overwrite)  # fmt: skip
     if not _published("-o", args.output, final, "figure", args.overwrite):
         return 2
     print(f"unitrain: drew {len(runs)} run{'s' if len(runs) > 1 else ''} in {final}")

@@ -211,6 +211,8 @@ def _read_npz(path: Path) -> _Raw:
             raise DataError(f"{path}: y_{which} has shape {y.shape}; expected (N,) or (N, 1) class indices")
         if len(x) != len(y):
             raise DataError(f"{path}: x_{which} has {len(x)} samples but y_{which} has {len(y)}")
+        if y.dtype.kind == "u" and len(y) and (high := int(y.max())) >= MAX_CLASSES:  # int64 would wrap it negative
+            raise DataError(f"{path}: label {high} is out of range; expected class indices 0..{MAX_CLASSES - 1}")
         if x.dtype.kind == "f" and not np.isfinite(x).all():
             raise DataError(f"{path}: x_{which} holds NaN or infinite values")
         split[which] = (x, y.astype(np.int64))
@@ -236,11 +238,14 @@ def _read_npy(archive: zipfile.ZipFile, member: str, key: str, name: str) -> np.
         if dtype.hasobject or not allowed:
             expected = "uint8 pixels or floats in [0, 1]" if samples else "integer class indices"
             raise DataError(f"{name} has dtype {dtype}; expected {expected}")
+        if any(length < 0 for length in shape):
+            raise DataError(f"{name} declares shape {shape}; expected lengths >= 0")
         size = int(np.prod(shape, dtype=object)) * dtype.itemsize
         if size > MAX_DATA_BYTES:
             raise DataError(f"{name} declares shape {shape}, {size} bytes; at most {MAX_DATA_BYTES} are read")
+        data = _read_exactly(file, size, name)
         try:
-            array = np.frombuffer(_read_exactly(file, size, name), dtype).reshape(shape, order="F" if fortran else "C")
+            array = np.frombuffer(data, dtype).reshape(shape, order="F" if fortran else "C")
         except ValueError as error:
             raise DataError(f"{name}: {str(error)[:200]}") from None
     return np.ascontiguousarray(array)

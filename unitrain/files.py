@@ -100,8 +100,10 @@ def check_output(path: Path | None, flag: str, overwrite: bool, reads: Iterable[
     if kind != "nothing" and not overwrite:
         raise OutputError(f"{flag} {path} already exists; pass --overwrite to replace it")
     parent = path.parent
-    if not parent.is_dir():
+    if (found := path_kind(parent)) == "nothing":
         raise OutputError(f"{flag} {path}: directory {parent} does not exist")
+    if found != "a directory":
+        raise OutputError(f"{flag} {path}: {parent} is {found}, expected a directory")
     if not os.access(parent, os.W_OK):
         raise OutputError(f"{flag} {path}: directory {parent} is not writable")
 
