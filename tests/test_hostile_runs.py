@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -305,6 +306,72 @@ def test_an_early_signal_ends_the_command_in_one_line(signum, status):
     assert [line for line in lines if not line.startswith("import time:")] == ["unitrain: interrupted\n"]
 
 
+def signalled(cwd, signum, marker: str, delay: float, *argv) -> tuple[int, list[str]]:
+    """``unitrain ARGV`` sent ``signum`` ``delay`` seconds after the first import whose line
+    (``-X importtime``) names ``marker``: its exit status and its stderr lines but those."""
+    process = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "unitrain", *argv], cwd=cwd,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    lines = []
+    for line in process.stderr:
+        lines.append(line)
+        if marker in line:
+            time.sleep(delay)
+            process.send_signal(signum)
+            break
+    lines += process.stderr.readlines()
+    process.wait(timeout=120)
+    assert any(marker in line for line in lines), f"{marker} was never imported"
+    return process.returncode, [line for line in lines if not line.startswith("import time:")]
+
+
+@pytest.mark.parametrize("marker", ["numpy.core._multiarray_umath", "unitrain.cli"])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_the_command_loads_ends_it_at_once(tmp_path, signum, marker):
+    """Inside NumPy's C extension's import, a KeyboardInterrupt came out as NumPy's "Error importing
+    numpy: you should not try to import numpy from its source directory"."""
+    status, lines = signalled(tmp_path, signum, marker, 0.0, "train", *TINY_RUN)
+    assert (status, lines) == (128 + signum, ["unitrain: interrupted\n"])
+
+
+@pytest.mark.slow
+def test_signals_sampled_over_the_first_seconds_all_end_the_run_cleanly(tmp_path):
+    """A sample of the sweep over start-up (data loading, the first steps): exit 130/143, no
+    traceback. Delays count from NumPy's first import, when unitrain's own code runs (before it,
+    the interpreter starts; the full sweep from the process's start: ``python
+    tests/test_hostile_runs.py N``)."""
+    for number, delay in enumerate(np.random.default_rng(19).uniform(0.0, 1.5, 6)):
+        signum = (signal.SIGINT, signal.SIGTERM)[number % 2]
+        status, lines = signalled(tmp_path, signum, "numpy", delay, "train", "--no-progress", "--max-steps", "100000")
+        assert status == 128 + signum, (delay, lines)
+        assert lines and lines[-1].startswith("unitrain: interrupted") and not any("Error" in line for line in lines)
+
+
+def sweep(count: int, seed: int = 0) -> dict:
+    """Signals at uniformly random instants of the first 1.5 s of ``unitrain train`` (the console
+    script): how many runs ended which way. Counts a death by the signal itself (exit -N: before
+    the interpreter could run any code) apart."""
+    import collections
+    import random
+    import tempfile
+
+    script = shutil.which("unitrain") or os.path.join(os.path.dirname(sys.executable), "unitrain")
+    draw, outcomes = random.Random(seed), collections.Counter()
+    for _ in range(count):
+        delay, signum = draw.uniform(0.0, 1.5), draw.choice([signal.SIGINT, signal.SIGTERM])
+        with tempfile.TemporaryDirectory() as cwd:
+            process = subprocess.Popen([script, "train", "--no-progress", "--max-steps", "100000"], cwd=cwd,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+            time.sleep(delay)
+            process.send_signal(signum)
+            err = process.communicate(timeout=120)[1]
+        clean = "Traceback" not in err and "Error" not in err
+        outcome = ("exit 128+N" if process.returncode == 128 + signum else f"exit {process.returncode}") + (
+            "" if clean else " with a traceback or error"
+        )
+        outcomes[f"{signal.Signals(signum).name}: {outcome}"] += 1
+    return dict(outcomes)
+
+
 # --- messages: one line each ---------------------------------------------------------------------
 
 
@@ -588,3 +655,7 @@ def test_a_figure_format_matplotlib_cannot_write_is_refused_before_the_run(tmp_p
         one_error_line(err, f"--plot {tmp_path / name} ")
         assert "expected one of .eps, " in err and ".png" in err
     assert list(tmp_path.iterdir()) == []
+
+
+if __name__ == "__main__":  # the full sweep: python tests/test_hostile_runs.py [COUNT]
+    print(sweep(int(sys.argv[1]) if len(sys.argv) > 1 else 100))

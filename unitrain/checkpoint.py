@@ -56,8 +56,11 @@ from . import optim, registry, schedules
 from .data import num_batches
 from .files import atomic_write, current_umask, fsync_dir
 from .layers import MODEL_PATTERN, PRESETS
+from .losses import LOSSES, CustomLoss
 from .reading import (
+    Closed,
     Int,
+    ListOf,
     MapOf,
     Nullable,
     Number,
@@ -78,6 +81,10 @@ FORMAT, FORMAT_VERSION = "unitrain-checkpoint", 1
 MANIFEST, WEIGHTS, OPTIMIZER = "checkpoint.json", "weights.safetensors", "optimizer.safetensors"
 RANDOM = "random.safetensors"  # only when the loop has a random state
 _NAME = re.compile(r"step-(\d{8,})")
+#: a run's id: Checkpointer's is uuid4().hex; a name of the caller's own is a short token (never a path)
+RUN_ID_PATTERN = r"[A-Za-z0-9_-]{1,64}"
+#: the most processes a data-parallel run records (no launcher here starts more)
+MAX_WORLD_SIZE = 1 << 16
 
 
 class CheckpointError(WeightsError):
@@ -144,6 +151,8 @@ def save_checkpoint(
     A directory holds one run, its steps only growing: another run's checkpoint there, or one
     later than this step (a resume of an older checkpoint), is refused with
     :class:`CheckpointError`, so that ``load_checkpoint(directory)`` never picks a mixed run."""
+    if run_id is not None and not re.fullmatch(RUN_ID_PATTERN, run_id):
+        raise ValueError(f"run_id {run_id!r}: expected 1 to 64 letters, digits, '_' or '-'")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     step = loop.step_count
@@ -376,6 +385,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
 
 _DIGEST = {"bytes": Int(), "sha256": Text("[0-9a-f]{64}")}
+_PER_CHANNEL, _PER_CHANNEL_POSITIVE = ListOf(Number(), 1, 4), ListOf(Number(0, above=True), 1, 4)
 #: what a manifest must hold (fields it may add are ignored); see save_checkpoint
 MANIFEST_SCHEMA = {
     "format": OneOf((FORMAT,)),
@@ -385,9 +395,11 @@ MANIFEST_SCHEMA = {
     "batch": Int(),
     "finished": bool,
     "backend": str,
+    # every process of a data-parallel run has a rank; no launcher here starts more than this many
+    "world_size": Optional(Int(1, MAX_WORLD_SIZE)),
     "versions": Optional(MapOf(str, Nullable(str))),
     "seed": Int(),
-    "dtype": Optional(str),
+    "dtype": Optional(OneOf(("float32", "float64"))),
     "optimizer": {
         "type": OneOf(tuple(cls.__name__ for cls in optim.OPTIMIZERS.values())),
         "lr": Number(),
@@ -409,16 +421,18 @@ MANIFEST_SCHEMA = {
     # 10^8 steps bounds that at minutes, and no run takes as many (90 ImageNet epochs per batch: 4.5e5)
     "lr_schedule": Optional(Nullable({"schedule": str, "position": Int(0, 10**8)})),
     "clip_grad": Optional({"norm": Nullable(Number(0)), "value": Nullable(Number(0))}),
-    "loss": Optional(str),
+    "loss": Optional(OneOf((*(spec.__name__ for spec in LOSSES.values()), CustomLoss.__name__))),
     "data_order": Optional(str),
-    "epoch_loss": {"sum": Number(), "count": Int()},
+    "epoch_loss": {"sum": Number(), "count": Int()},  # count: the steps into the epoch, `batch` (_verified)
     # the run (unitrain.run.Run.to_dict(), checked when resumed; a checkpoint written from Python may
     # have none); its model is checked here, as the weights are read against a preset's shapes
     "run": {"model": Optional(Text(MODEL_PATTERN))},
-    "normalization": Optional(Nullable({"mean": list, "std": list, "source": str})),
+    # per channel: a dataset has 1..4 (Keras-style .npz, image folders, CIFAR-10: at most RGBA)
+    "normalization": Optional(Nullable({"mean": _PER_CHANNEL, "std": _PER_CHANNEL_POSITIVE, "source": str})),
     "created": Optional(str),
-    "run_id": Optional(Nullable(str)),  # which run wrote it (save_checkpoint); absent in older checkpoints
-    "files": {WEIGHTS: _DIGEST, OPTIMIZER: _DIGEST, RANDOM: Optional(_DIGEST)},
+    # which run wrote it (save_checkpoint); absent in older checkpoints
+    "run_id": Optional(Nullable(Text(RUN_ID_PATTERN))),
+    "files": Closed({WEIGHTS: _DIGEST, OPTIMIZER: _DIGEST, RANDOM: Optional(_DIGEST)}),
 }
 #: a manifest is about 1.5 kB; anything far larger is not one
 _MAX_MANIFEST_BYTES = 1 << 20
@@ -440,9 +454,17 @@ def _verified(folder: Path) -> Checkpoint:
         except ValueError as error:  # an optimizer the schedule cannot run
             raise CheckpointError(f"its lr_schedule is invalid: {error}") from None
         if manifest["run"]:  # checked now, though only a resume uses it (importing nothing)
-            recorded.run_spec()
+            run = recorded.run_spec()
+            if manifest.get("loss", run_loss := LOSSES[run.loss].__name__) != run_loss:
+                raise CheckpointError(f"its loss {manifest['loss']} is not its run's, {run.loss} ({run_loss})")
     except CheckpointError as error:
         raise damaged(str(error)) from None
+    # one loss a step: the epoch's steps so far (none recorded, 0 and 0.0: written from Python without them)
+    total, count = manifest["epoch_loss"]["sum"], manifest["epoch_loss"]["count"]
+    if count != manifest["batch"] and (count, total) != (0, 0):
+        raise damaged(f"epoch_loss.count {count} is not the {manifest['batch']} steps taken in its epoch")
+    if (normalization := manifest.get("normalization")) and len(normalization["mean"]) != len(normalization["std"]):
+        raise damaged(f"normalization has {len(normalization['mean'])} means but {len(normalization['std'])} stds")
     files = manifest["files"]
     for file in (WEIGHTS, OPTIMIZER, RANDOM):
         if file not in files:

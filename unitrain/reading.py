@@ -68,8 +68,8 @@ def read_capped(path: str | os.PathLike, limit: int) -> bytes | None:
 
 # --- JSON schemas ---------------------------------------------------------------------------
 # A schema is a type (str, bool), an Int/Number range, a OneOf set of values, a Text pattern, a
-# list of schemas (a list of that length), a dict of fields (Optional(...) for those that may be
-# absent; unknown fields are ignored), MapOf, or Nullable.
+# list of schemas (a list of that length), ListOf, a dict of fields (Optional(...) for those that may
+# be absent; unknown fields are ignored, but Closed refuses them), MapOf, or Nullable.
 
 
 @dataclass(frozen=True)
@@ -89,16 +89,17 @@ class Int:
 @dataclass(frozen=True)
 class Number:
     low: float = -math.inf
+    above: bool = False  # strictly greater than ``low``
 
     def describe(self) -> str:
-        return "a finite number" + (f" >= {self.low}" if self.low > -math.inf else "")
+        return "a finite number" + (f" {'>' if self.above else '>='} {self.low}" if self.low > -math.inf else "")
 
     def accepts(self, value) -> bool:
         return (
             isinstance(value, (int, float))
             and not isinstance(value, bool)
             and math.isfinite(value)
-            and value >= self.low
+            and (value > self.low if self.above else value >= self.low)
         )
 
 
@@ -145,6 +146,22 @@ class MapOf:
     values: Any
 
 
+@dataclass(frozen=True)
+class ListOf:
+    """A JSON list of ``low..high`` items, each an ``item``."""
+
+    item: Any
+    low: int
+    high: int
+
+
+@dataclass(frozen=True)
+class Closed:
+    """A JSON object of ``fields`` (a dict schema) and no others."""
+
+    fields: Mapping
+
+
 _TYPE_NAMES = {str: "a string", bool: "true or false", list: "a list", dict: "an object"}
 
 
@@ -165,6 +182,16 @@ def check_json(value, schema, where: str = "") -> None:
                 raise ValueError(f"field {inner!r} is missing")
             else:
                 check_json(value[key], field, inner)
+    elif isinstance(schema, Closed):
+        _expect(type(value) is dict, value, "an object", where)
+        if unknown := sorted(set(value) - set(schema.fields)):
+            raise ValueError(f"field {where!r} holds {short(unknown[0])}; expected only {', '.join(schema.fields)}")
+        check_json(value, schema.fields, where)
+    elif isinstance(schema, ListOf):
+        _expect(type(value) is list and schema.low <= len(value) <= schema.high, value,
+                f"a list of {schema.low}..{schema.high} items", where)  # fmt: skip
+        for index, item in enumerate(value):
+            check_json(item, schema.item, f"{where}[{index}]")
     elif isinstance(schema, MapOf):
         _expect(type(value) is dict, value, "an object", where)
         for key, item in value.items():
