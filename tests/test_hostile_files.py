@@ -314,6 +314,41 @@ def test_a_tampered_manifest_is_refused_naming_the_field(checkpoint, tmp_path, e
     assert "\n" not in str(error.value)
 
 
+RANGE_CASES = [
+    ({"world_size": 0}, "field 'world_size': expected an integer in 1..65536, got 0"),
+    ({"world_size": 10**6}, "field 'world_size': expected an integer in 1..65536, got 1000000"),
+    ({"dtype": "object"}, "field 'dtype': expected one of 'float32', 'float64', got 'object'"),
+    ({"normalization": {"mean": [0.1], "std": [0.0], "source": "x"}},
+     "field 'normalization.std[0]': expected a finite number > 0, got 0.0"),
+    ({"normalization": {"mean": [0.1], "std": [float("nan")], "source": "x"}},
+     "field 'normalization.std[0]': expected a finite number > 0, got nan"),
+    ({"normalization": {"mean": [0.1, 0.2], "std": [0.3], "source": "x"}}, "normalization has 2 means but 1 stds"),
+    ({"loss": "MSELoss"}, "its loss MSELoss is not its run's, cross-entropy (CrossEntropyLoss)"),
+    ({"loss": "os.system"}, "field 'loss': expected one of 'CrossEntropyLoss', "),
+    ({"run_id": "../../etc"}, "field 'run_id': expected a string matching [A-Za-z0-9_-]{1,64}, got '../../etc'"),
+    ({"files/extra.bin": {"bytes": 1, "sha256": "0" * 64}},
+     "field 'files' holds 'extra.bin'; expected only weights.safetensors, optimizer.safetensors, random.safetensors"),
+    ({"epoch_loss/count": 10**18, "epoch_loss/sum": 11.5}, "epoch_loss.count 1000000000000000000 is not the 5 steps"),
+    ({"epoch_loss/count": 0, "epoch_loss/sum": 11.5}, "epoch_loss.count 0 is not the 5 steps taken in its epoch"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("edit", "message"), RANGE_CASES, ids=[str(i) for i in range(len(RANGE_CASES))])
+def test_every_manifest_field_is_range_checked(checkpoint, tmp_path, edit, message):
+    """Fields that were accepted whatever they held; a count changed the reported loss on resume."""
+    folder = tampered(checkpoint, tmp_path, edit)
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(folder)
+    assert str(error.value).startswith(f"checkpoint {folder} is damaged: ") and message in str(error.value)
+
+
+def test_a_run_id_is_a_token_not_a_path(tmp_path):
+    loop = unitrain.make_loop("numpy", unitrain.mlp(), seed=0)
+    with pytest.raises(ValueError, match="run_id '../x': expected 1 to 64 letters, digits"):
+        save_checkpoint(tmp_path / "run", loop, epoch=0, batch=0, run_id="../x")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize(
     ("stream", "message"),
     [

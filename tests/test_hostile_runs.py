@@ -11,7 +11,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
+import numpy as np
 import pytest
 from conftest import installed_backends
 
@@ -19,6 +21,7 @@ import unitrain
 from unitrain import cli, files
 from unitrain import run as run_module
 from unitrain.checkpoint import Checkpointer, CheckpointError, checkpoint_paths, load_checkpoint, save_checkpoint
+from unitrain.data import DataError
 from unitrain.weights import load_safetensors
 
 TINY_RUN = ["--no-progress", "--epochs", "1", "--batch-size", "8"]  # numpy, a few steps
@@ -303,6 +306,72 @@ def test_an_early_signal_ends_the_command_in_one_line(signum, status):
     assert [line for line in lines if not line.startswith("import time:")] == ["unitrain: interrupted\n"]
 
 
+def signalled(cwd, signum, marker: str, delay: float, *argv) -> tuple[int, list[str]]:
+    """``unitrain ARGV`` sent ``signum`` ``delay`` seconds after the first import whose line
+    (``-X importtime``) names ``marker``: its exit status and its stderr lines but those."""
+    process = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "unitrain", *argv], cwd=cwd,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    lines = []
+    for line in process.stderr:
+        lines.append(line)
+        if marker in line:
+            time.sleep(delay)
+            process.send_signal(signum)
+            break
+    lines += process.stderr.readlines()
+    process.wait(timeout=120)
+    assert any(marker in line for line in lines), f"{marker} was never imported"
+    return process.returncode, [line for line in lines if not line.startswith("import time:")]
+
+
+@pytest.mark.parametrize("marker", ["numpy.core._multiarray_umath", "unitrain.cli"])
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_the_command_loads_ends_it_at_once(tmp_path, signum, marker):
+    """Inside NumPy's C extension's import, a KeyboardInterrupt came out as NumPy's "Error importing
+    numpy: you should not try to import numpy from its source directory"."""
+    status, lines = signalled(tmp_path, signum, marker, 0.0, "train", *TINY_RUN)
+    assert (status, lines) == (128 + signum, ["unitrain: interrupted\n"])
+
+
+@pytest.mark.slow
+def test_signals_sampled_over_the_first_seconds_all_end_the_run_cleanly(tmp_path):
+    """A sample of the sweep over start-up (data loading, the first steps): exit 130/143, no
+    traceback. Delays count from NumPy's first import, when unitrain's own code runs (before it,
+    the interpreter starts; the full sweep from the process's start: ``python
+    tests/test_hostile_runs.py N``)."""
+    for number, delay in enumerate(np.random.default_rng(19).uniform(0.0, 1.5, 6)):
+        signum = (signal.SIGINT, signal.SIGTERM)[number % 2]
+        status, lines = signalled(tmp_path, signum, "numpy", delay, "train", "--no-progress", "--max-steps", "100000")
+        assert status == 128 + signum, (delay, lines)
+        assert lines and lines[-1].startswith("unitrain: interrupted") and not any("Error" in line for line in lines)
+
+
+def sweep(count: int, seed: int = 0) -> dict:
+    """Signals at uniformly random instants of the first 1.5 s of ``unitrain train`` (the console
+    script): how many runs ended which way. Counts a death by the signal itself (exit -N: before
+    the interpreter could run any code) apart."""
+    import collections
+    import random
+    import tempfile
+
+    script = shutil.which("unitrain") or os.path.join(os.path.dirname(sys.executable), "unitrain")
+    draw, outcomes = random.Random(seed), collections.Counter()
+    for _ in range(count):
+        delay, signum = draw.uniform(0.0, 1.5), draw.choice([signal.SIGINT, signal.SIGTERM])
+        with tempfile.TemporaryDirectory() as cwd:
+            process = subprocess.Popen([script, "train", "--no-progress", "--max-steps", "100000"], cwd=cwd,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+            time.sleep(delay)
+            process.send_signal(signum)
+            err = process.communicate(timeout=120)[1]
+        clean = "Traceback" not in err and "Error" not in err
+        outcome = ("exit 128+N" if process.returncode == 128 + signum else f"exit {process.returncode}") + (
+            "" if clean else " with a traceback or error"
+        )
+        outcomes[f"{signal.Signals(signum).name}: {outcome}"] += 1
+    return dict(outcomes)
+
+
 # --- messages: one line each ---------------------------------------------------------------------
 
 
@@ -322,28 +391,59 @@ def test_a_full_disk_names_the_file(tmp_path, monkeypatch):
         assert list(tmp_path.iterdir()) == [], "no temporary file is left behind"
 
 
-def test_a_full_disk_ends_a_run_in_one_line_naming_the_file(tmp_path):
-    """A real full disk: a 1 MiB tmpfs, mounted in a user namespace where the system allows one."""
+def on_a_full_disk(tmp_path, *argv, free_kib=0):
+    """``unitrain ARGV`` with ``DISK`` in ARGV a 1 MiB tmpfs (mounted in a user namespace where the
+    system allows one) holding the user's ``user.txt`` and ``free_kib`` KiB free: the result, and
+    stderr split into unitrain's lines, the disk's listing and user.txt's digest."""
     if shutil.which("unshare") is None:
         pytest.skip("no unshare")
     disk = tmp_path / "disk"
     disk.mkdir()
     script = (
-        'd="$1"; shift; mount -t tmpfs -o size=1m tmpfs "$d" && echo kept > "$d/user.txt" && "$@"; status=$?; '
-        'ls -A "$d" >&2; sha256sum "$d/user.txt" >&2; exit $status'
+        'd="$1"; k="$2"; shift 2; mount -t tmpfs -o size=1m tmpfs "$d" && echo kept > "$d/user.txt" && '
+        'head -c $((1024 * (1020 - k))) /dev/zero > "$d/.fill" && "$@"; status=$?; rm "$d/.fill"; '
+        'ls -A "$d" | tr "\\n" " " >&2; echo >&2; sha256sum "$d/user.txt" >&2; exit $status'
     )
     probe = subprocess.run(["unshare", "-rm", "sh", "-c", f"mount -t tmpfs tmpfs {disk}"], capture_output=True)
     if probe.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {probe.stderr.decode().strip()}")
-    weights = disk / "w.safetensors"
-    result = subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", str(disk), sys.executable, "-m", "unitrain",
-                             "train", *TINY_RUN, "--max-steps", "1", "--save", str(weights)],
-                            capture_output=True, text=True)  # fmt: skip
+    argv = [str(arg).replace("DISK", str(disk)) for arg in argv]
+    result = subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", str(disk), str(free_kib), sys.executable,
+                             "-m", "unitrain", *argv], capture_output=True, text=True)  # fmt: skip
+    *lines, listing, digest = result.stderr.splitlines()
+    assert digest.split()[0] == hashlib.sha256(b"kept\n").hexdigest(), result.stderr
+    return result, lines, listing.split()
+
+
+def test_a_full_disk_ends_a_run_in_one_line_naming_the_file(tmp_path):
+    result, lines, listing = on_a_full_disk(tmp_path, "train", *TINY_RUN, "--max-steps", "1", "--save",
+                                            "DISK/w.safetensors", free_kib=512)  # fmt: skip
     assert result.returncode == 2, result.stderr
-    error, listing, digest = result.stderr.splitlines()
-    assert error == f"unitrain: error: {weights}: No space left on device"
-    assert listing == "user.txt", "the weights' temporary file is gone; nothing else was touched"
-    assert digest.split()[0] == hashlib.sha256(b"kept\n").hexdigest()
+    assert lines == [f"unitrain: error: {tmp_path / 'disk' / 'w.safetensors'}: No space left on device"]
+    assert listing == ["user.txt"], "the weights' temporary file is gone; nothing else was touched"
+
+
+def test_a_full_disk_leaves_no_empty_metrics_file_to_refuse_the_rerun(tmp_path):
+    result, lines, listing = on_a_full_disk(tmp_path, "train", *TINY_RUN, "--max-steps", "1", "--metrics",
+                                            "DISK/m.jsonl")  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert lines[-1] == f"unitrain: error: {tmp_path / 'disk' / 'm.jsonl'}: No space left on device"
+    assert "Traceback" not in result.stderr
+    assert listing == ["user.txt"]
+
+
+@pytest.mark.parametrize(("suffix", "framework"), [(".pt", "torch"), (".npz", None), (".ckpt", "mindspore")])
+def test_a_full_disk_during_convert_is_one_line_and_leaves_nothing(tmp_path, suffix, framework):
+    """torch's C++ zip writer, zipfile's destructor and MindSpore's own temporary file each failed
+    differently on a full disk."""
+    if framework is not None and framework not in installed_backends():
+        pytest.skip(f"{framework} is not installed")
+    source = tmp_path / "w.safetensors"
+    unitrain.make_loop("numpy", unitrain.mlp(), seed=0).save_weights(source)  # 2.6 MB: more than the disk
+    result, lines, listing = on_a_full_disk(tmp_path, "convert", source, f"DISK/out{suffix}", free_kib=512)
+    assert result.returncode == 2, result.stderr
+    assert lines == [f"unitrain: error: {tmp_path / 'disk' / f'out{suffix}'}: No space left on device"]
+    assert listing == ["user.txt"]
 
 
 @pytest.mark.parametrize(
@@ -383,3 +483,179 @@ def test_optimizers_refuse_infinite_and_nan_hyperparameters(spec, options, messa
     with pytest.raises(ValueError) as raised:
         spec(**options)
     assert str(raised.value) == message
+
+
+# --- empty test sets: refused, never NaN ---------------------------------------------------------
+
+
+def test_an_empty_test_set_is_refused_and_never_evaluated_to_nan(tmp_path, capsys):
+    images = np.random.default_rng(0).integers(0, 256, (20, 28, 28), np.uint8)
+    dataset = tmp_path / "d.npz"
+    np.savez(dataset, x_train=images, y_train=np.arange(20) % 10, x_test=images[:0], y_test=np.zeros(0, np.int64))
+    metrics = tmp_path / "m.jsonl"
+    status, out, err = run_cli(capsys, "train", *TINY_RUN, "--dataset", str(dataset), "--metrics", str(metrics))
+    assert status == 2 and out == ""
+    one_error_line(err, f"{dataset}: the test set is empty; expected at least one sample")
+    assert not metrics.exists()
+    with pytest.raises(DataError, match="evaluate: the dataset holds no samples"):
+        unitrain.make_loop("numpy", unitrain.mlp(), seed=0).evaluate((images[:0, None] / 255, np.zeros(0, int)))
+
+
+def test_the_metrics_file_is_strict_json_whatever_the_values(tmp_path):
+    from unitrain.extensions import MetricsWriter
+
+    writer = MetricsWriter(tmp_path / "m.jsonl", {"backend": "numpy"})
+    writer.on_epoch_end(None, {"epoch": 1, "train_loss": float("inf"), "test_loss": float("nan"),
+                               "test_accuracy": float("nan")})  # fmt: skip
+    writer.finalize(None)
+
+    def no_constants(name):
+        raise AssertionError(f"{name} is not JSON")
+
+    record = json.loads((tmp_path / "m.jsonl").read_text(), parse_constant=no_constants)
+    assert record == {"backend": "numpy", "epoch": 1, "train_loss": None, "test_loss": None}
+
+
+# --- an output that is an input: refused by every command ------------------------------------------
+
+
+def test_no_command_writes_over_a_file_it_reads(tmp_path, capsys):
+    """The same file by path, by another path and by a hard link, even with --overwrite."""
+    weights, metrics, recipe = tmp_path / "w.safetensors", tmp_path / "m.jsonl", tmp_path / "r.toml"
+    unitrain.make_loop("numpy", unitrain.mlp(), seed=0).save_weights(weights)
+    metrics.write_text('{"epoch": 1, "train_loss": 2.0}\n')
+    recipe.write_text("epochs = 1\n")
+    (tmp_path / "sub").mkdir()
+    linked, roundabout = tmp_path / "linked.jsonl", tmp_path / "sub" / ".." / "w.safetensors"
+    os.link(metrics, linked)
+    dataset = tmp_path / "d.npz"
+    images = np.zeros((4, 28, 28), np.uint8)
+    np.savez(dataset, x_train=images, y_train=np.arange(4), x_test=images, y_test=np.arange(4))
+    cases = [
+        (["plot", metrics, "-o", metrics], "-o", metrics, "a metrics file to draw", metrics),
+        (["plot", metrics, "-o", linked], "-o", linked, "a metrics file", metrics),
+        (["convert", weights, roundabout], "OUT", roundabout, "IN", weights),
+        (["train", "--init-weights", weights, "--save", weights], "--save", weights, "the initial weights", weights),
+        (["train", recipe, "--metrics", recipe], "--metrics", recipe, "the recipe", recipe),
+        (["train", "--dataset", dataset, "--plot", dataset], "--plot", dataset, "the dataset", dataset),
+        (["compare", "--dataset", dataset, "--json", dataset], "--json", dataset, "the dataset", dataset),
+    ]  # fmt: skip
+    before = snapshot(tmp_path)
+    for argv, flag, output, what, source in cases:
+        status, out, err = run_cli(capsys, *map(str, argv), "--overwrite")
+        assert status == 2 and out == "", err
+        one_error_line(err, f"{flag} {output} is {what}")
+        assert f"({source}), which this command reads; expected another file" in err
+    assert snapshot(tmp_path) == before
+
+
+# --- a recipe's model is imported before any data loads, as --model's is ---------------------------
+
+
+@pytest.mark.parametrize("command_line", [["train"], ["compare"], ["evaluate", "--weights", "w"],
+                                          ["predict", "--weights", "w"]])  # fmt: skip
+def test_a_recipe_naming_a_missing_module_is_refused_before_the_data_loads(tmp_path, capsys, monkeypatch,
+                                                                           command_line):  # fmt: skip
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data were loaded")
+
+    monkeypatch.setattr(run_module, "load_datasets", no_data)
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('model = "no_such_module_here:net"\n')
+    recipe_flag = ["--recipe"] if command_line[0] in ("evaluate", "predict") else []
+    status, out, err = run_cli(capsys, *command_line, *recipe_flag, str(recipe))
+    assert status == 2 and out == ""
+    one_error_line(err, "unitrain: error: model 'no_such_module_here:net': cannot import no_such_module_here: "
+                        "ModuleNotFoundError")  # fmt: skip
+
+
+# --- --print-recipe prints what reads back ----------------------------------------------------------
+
+
+def test_print_recipe_reads_back_whatever_the_paths_hold(tmp_path, capsys):
+    odd = str(tmp_path / 'we\nird "quoted"\t\\d.npz')
+    status, out, err = run_cli(capsys, "train", "--dataset", odd, "--init-weights", odd + "\r", "--print-recipe")
+    assert status == 0, err
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(out)
+    run = run_module.load_recipe(recipe)
+    assert (run.data.dataset, run.init_weights) == (odd, odd + "\r")
+
+    undecodable = os.fsdecode(b"\xff.npz")  # a file name that is not UTF-8: no recipe can hold it
+    status, out, err = run_cli(capsys, "train", "--dataset", undecodable, "--print-recipe")
+    assert status == 2 and out == ""
+    one_error_line(err, "data.dataset '\\udcff.npz' is not UTF-8 text, which a recipe holds; rename the file")
+
+
+def test_an_error_naming_a_path_with_a_newline_stays_one_line(tmp_path, capsys):
+    status, _, err = run_cli(capsys, "train", "--dataset", str(tmp_path / "no\nsuch.npz"))
+    assert status == 2
+    one_error_line(err, f"dataset {tmp_path}/no\\nsuch.npz does not exist")
+
+
+# --- messages say what is wrong, in the user's terms ---------------------------------------------------
+
+
+def _keras_npz(path, **changes):
+    images = np.random.default_rng(0).integers(0, 256, (8, 28, 28), np.uint8)
+    arrays = {"x_train": images, "y_train": np.arange(8) % 4, "x_test": images[:4], "y_test": np.arange(4)}
+    np.savez(path, **{**arrays, **changes})
+    return path
+
+
+def test_messages_name_the_problem_as_the_user_sees_it(tmp_path, capsys, small_loop):
+    import io
+    import zipfile
+
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"a file, not a folder")
+    huge_label = np.full(8, 2**63 + 5, np.uint64)
+    wide = _keras_npz(tmp_path / "u64.npz", y_train=huge_label)
+    negative = tmp_path / "negative.npz"
+    member = io.BytesIO()
+    np.lib.format.write_array_header_1_0(member, {"descr": "|u1", "fortran_order": False, "shape": (-8, 28, 28)})
+    member.write(bytes(8 * 28 * 28))
+    with zipfile.ZipFile(_keras_npz(tmp_path / "k.npz")) as source, zipfile.ZipFile(negative, "w") as target:
+        for name in source.namelist():
+            target.writestr(name, member.getvalue() if name == "x_train.npy" else source.read(name))
+    cases = [
+        (["--save", weights / "out.safetensors"], f"--save {weights}/out.safetensors: {weights} is a regular file, "
+                                                  "expected a directory"),
+        (["--dataset", wide], f"{wide}: label {2**63 + 5} is out of range; expected class indices 0..99999"),
+        (["--dataset", negative], f"{negative}: x_train declares shape (-8, 28, 28); expected lengths >= 0"),
+    ]  # fmt: skip
+    for argv, message in cases:
+        status, out, err = run_cli(capsys, "train", *TINY_RUN, *map(str, argv))
+        assert status == 2 and out == ""
+        assert err == f"unitrain: error: {message}\n"
+
+    small_loop.step_count = 1
+    save_checkpoint(tmp_path / "D", small_loop, epoch=0, batch=1, keep=1, run_id="one")
+    with pytest.raises(CheckpointError) as raised:
+        save_checkpoint(tmp_path / "D", small_loop, epoch=0, batch=1, keep=1, run_id="another")
+    assert str(raised.value).endswith(f"(or continue that run: unitrain train --resume {tmp_path / 'D'})")
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".svg", ".pdf"])
+def test_a_figure_is_written_in_the_format_its_suffix_names(tmp_path, capsys, suffix):
+    pytest.importorskip("matplotlib")
+    metrics, figure = tmp_path / "m.jsonl", tmp_path / f"curves{suffix}"
+    metrics.write_text('{"epoch": 1, "train_loss": 2.0, "test_loss": 1.9, "test_accuracy": 0.3}\n')
+    status, _, err = run_cli(capsys, "plot", str(metrics), "-o", str(figure))
+    assert status == 0, err
+    signature = {".jpg": b"\xff\xd8\xff", ".svg": b"<?xml", ".pdf": b"%PDF"}[suffix]
+    assert figure.read_bytes().startswith(signature)
+
+
+def test_a_figure_format_matplotlib_cannot_write_is_refused_before_the_run(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    for name in ("curves.xyz", "curves"):
+        status, out, err = run_cli(capsys, "train", "--plot", str(tmp_path / name))
+        assert status == 2 and out == ""
+        one_error_line(err, f"--plot {tmp_path / name} ")
+        assert "expected one of .eps, " in err and ".png" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+if __name__ == "__main__":  # the full sweep: python tests/test_hostile_runs.py [COUNT]
+    print(sweep(int(sys.argv[1]) if len(sys.argv) > 1 else 100))

@@ -1,10 +1,16 @@
 """unitrain: one training loop, four deep-learning backends (PyTorch, MindSpore, Chainer, NumPy).
 
 Importing this package imports no framework; only the backend that is asked for does. Its names
-load on first use (PEP 562), so that the ``unitrain`` command handles Ctrl-C before NumPy loads.
+load on first use (PEP 562), so that the ``unitrain`` command handles Ctrl-C before NumPy loads:
+when this process is the command, its signal handling starts here, the first of its code to run.
 """
 
 import importlib
+
+from . import signals as _signals
+
+if _signals.is_the_command():
+    _signals.exit_at_once()
 
 __version__ = "0.1.0"
 

@@ -59,8 +59,11 @@ from .controls import EarlyStoppingState
 from .data import num_batches
 from .files import atomic_write, current_umask, directory_lock, fsync_dir
 from .layers import MODEL_PATTERN, PRESETS
+from .losses import LOSSES, CustomLoss
 from .reading import (
+    Closed,
     Int,
+    ListOf,
     MapOf,
     Nullable,
     Number,
@@ -82,6 +85,10 @@ MANIFEST, WEIGHTS, OPTIMIZER = "checkpoint.json", "weights.safetensors", "optimi
 RANDOM = "random.safetensors"  # only when the loop has a random state
 BEST = "best.safetensors"  # only when the loop's early stopping has a best epoch
 _NAME = re.compile(r"step-(\d{8,})")
+#: a run's id: Checkpointer's is uuid4().hex; a name of the caller's own is a short token (never a path)
+RUN_ID_PATTERN = r"[A-Za-z0-9_-]{1,64}"
+#: the most processes a data-parallel run records (no launcher here starts more)
+MAX_WORLD_SIZE = 1 << 16
 
 
 class CheckpointError(WeightsError):
@@ -151,6 +158,8 @@ def save_checkpoint(
     A directory holds one run, its steps only growing: another run's checkpoint there, or one
     later than this step (a resume of an older checkpoint), is refused with
     :class:`CheckpointError`, so that ``load_checkpoint(directory)`` never picks a mixed run."""
+    if run_id is not None and not re.fullmatch(RUN_ID_PATTERN, run_id):
+        raise ValueError(f"run_id {run_id!r}: expected 1 to 64 letters, digits, '_' or '-'")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     step = loop.step_count
@@ -158,8 +167,8 @@ def save_checkpoint(
     for existing in checkpoint_paths(directory):  # one run per directory, its steps only growing
         if _run_id(existing) not in (run_id, _UNKNOWN_RUN):
             raise CheckpointError(f"{directory} holds {existing.name} of another run; a directory keeps one run's "
-                                  "checkpoints: write this run's into a new directory (a resumed run: "
-                                  "Checkpointer(..., resume=checkpoint) continues its own)")  # fmt: skip
+                                  "checkpoints: write this run's into a new directory (or continue that run: "
+                                  f"unitrain train --resume {directory})")  # fmt: skip
         if _step(existing) > step:
             raise CheckpointError(f"{directory} holds {existing.name}, later than step {step}: writing there would "
                                   "interleave two futures of the run; write the branch's checkpoints into a new "
@@ -407,6 +416,7 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
 
 _DIGEST = {"bytes": Int(), "sha256": Text("[0-9a-f]{64}")}
+_PER_CHANNEL, _PER_CHANNEL_POSITIVE = ListOf(Number(), 1, 4), ListOf(Number(0, above=True), 1, 4)
 #: what a manifest must hold (fields it may add are ignored); see save_checkpoint
 MANIFEST_SCHEMA = {
     "format": OneOf((FORMAT,)),
@@ -416,9 +426,11 @@ MANIFEST_SCHEMA = {
     "batch": Int(),
     "finished": bool,
     "backend": str,
+    # every process of a data-parallel run has a rank; no launcher here starts more than this many
+    "world_size": Optional(Int(1, MAX_WORLD_SIZE)),
     "versions": Optional(MapOf(str, Nullable(str))),
     "seed": Int(),
-    "dtype": Optional(str),
+    "dtype": Optional(OneOf(("float32", "float64"))),
     "optimizer": {
         "type": OneOf(tuple(cls.__name__ for cls in optim.OPTIMIZERS.values())),
         "lr": Number(),
@@ -440,21 +452,23 @@ MANIFEST_SCHEMA = {
     # 10^8 steps bounds that at minutes, and no run takes as many (90 ImageNet epochs per batch: 4.5e5)
     "lr_schedule": Optional(Nullable({"schedule": str, "position": Int(0, 10**8)})),
     "clip_grad": Optional({"norm": Nullable(Number(0)), "value": Nullable(Number(0))}),
-    "loss": Optional(str),
+    "loss": Optional(OneOf((*(spec.__name__ for spec in LOSSES.values()), CustomLoss.__name__))),
     "data_order": Optional(str),
-    "epoch_loss": {"sum": Number(), "count": Int()},
+    "epoch_loss": {"sum": Number(), "count": Int()},  # count: the steps into the epoch, `batch` (_verified)
     "epoch_correct": Optional(Nullable({"correct": Int(), "samples": Int()})),  # absent in older checkpoints
     # the run (unitrain.run.Run.to_dict(), checked when resumed; a checkpoint written from Python may
     # have none); its model is checked here, as the weights are read against a preset's shapes
     "run": {"model": Optional(Text(MODEL_PATTERN))},
-    "normalization": Optional(Nullable({"mean": list, "std": list, "source": str})),
+    # per channel: a dataset has 1..4 (Keras-style .npz, image folders, CIFAR-10: at most RGBA)
+    "normalization": Optional(Nullable({"mean": _PER_CHANNEL, "std": _PER_CHANNEL_POSITIVE, "source": str})),
     "created": Optional(str),
-    "run_id": Optional(Nullable(str)),  # which run wrote it (save_checkpoint); absent in older checkpoints
+    # which run wrote it (save_checkpoint); absent in older checkpoints
+    "run_id": Optional(Nullable(Text(RUN_ID_PATTERN))),
     # unitrain.controls.EarlyStoppingState.to_json(); absent in older checkpoints
     "early_stopping": Optional(
         Nullable({"spec": dict, "best": Nullable(Number()), "best_epoch": Int(), "wait": Int(), "stopped": bool})
     ),
-    "files": {WEIGHTS: _DIGEST, OPTIMIZER: _DIGEST, RANDOM: Optional(_DIGEST), BEST: Optional(_DIGEST)},
+    "files": Closed({WEIGHTS: _DIGEST, OPTIMIZER: _DIGEST, RANDOM: Optional(_DIGEST), BEST: Optional(_DIGEST)}),
 }
 #: a manifest is about 1.5 kB; anything far larger is not one
 _MAX_MANIFEST_BYTES = 1 << 20
@@ -478,12 +492,20 @@ def _verified(folder: Path) -> Checkpoint:
         state_names = set(spec.state_names)
         if manifest["run"]:  # checked now, though only a resume uses it (importing nothing)
             run = recorded.run_spec()
+            if manifest.get("loss", run_loss := LOSSES[run.loss].__name__) != run_loss:
+                raise CheckpointError(f"its loss {manifest['loss']} is not its run's, {run.loss} ({run_loss})")
             for group in run.param_groups:  # a group may keep buffers the run's spec does not (momentum)
                 options = {key: value for key, value in group.items() if key != "params"}
                 state_names |= set(schedules.scheduled_optimizer(dataclasses.replace(spec, **options), schedule)
                                    .state_names)  # fmt: skip
     except CheckpointError as error:
         raise damaged(str(error)) from None
+    # one loss a step: the epoch's steps so far (none recorded, 0 and 0.0: written from Python without them)
+    total, count = manifest["epoch_loss"]["sum"], manifest["epoch_loss"]["count"]
+    if count != manifest["batch"] and (count, total) != (0, 0):
+        raise damaged(f"epoch_loss.count {count} is not the {manifest['batch']} steps taken in its epoch")
+    if (normalization := manifest.get("normalization")) and len(normalization["mean"]) != len(normalization["std"]):
+        raise damaged(f"normalization has {len(normalization['mean'])} means but {len(normalization['std'])} stds")
     files = manifest["files"]
     for file in (WEIGHTS, OPTIMIZER, RANDOM, BEST):
         if file not in files:

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -496,8 +497,14 @@ def _run_of(args) -> tuple[Run, object]:
         if args.recipe is not None:
             raise UsageError("--resume continues the run its checkpoint records; a RECIPE starts a new run")
         return _resume(args, typed)
-    base = load_recipe(args.recipe) if args.recipe is not None else Run()
-    return _with_flags(base, typed), None
+    run = _with_flags(load_recipe(args.recipe) if args.recipe is not None else Run(), typed)
+    run.model_spec()  # a recipe's package.module:function is imported now, as --model's is, before any data
+    return run, None
+
+
+def _reads(args, run: Run) -> list[tuple[str, object]]:
+    """The files a train or compare run reads, and what they are (for files.check_output)."""
+    return [("the recipe", args.recipe), ("the dataset", run.data.dataset), ("the initial weights", run.init_weights)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -516,10 +523,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _one_line(error: Exception) -> str:
-    """An OSError as path and reason (``w.safetensors: No space left on device``), not ``[Errno 28] ...``."""
+    """An OSError as path and reason (``w.safetensors: No space left on device``), not ``[Errno 28] ...``;
+    control characters (a newline in a file name) escaped, so that it stays one line."""
     if isinstance(error, OSError) and error.strerror:
-        return f"{error.filename}: {error.strerror}" if error.filename is not None else error.strerror
-    return str(error)
+        text = f"{error.filename}: {error.strerror}" if error.filename is not None else error.strerror
+    else:
+        text = str(error)
+    return re.sub(r"[\x00-\x1f\x7f]", lambda match: repr(match.group())[1:-1], text)
 
 
 def _published(flag: str, path: Path, final: Path, what: str, overwrite: bool) -> bool:
@@ -606,7 +616,7 @@ def cmd_compare(args) -> int:
     for name in backends:
         registry.usable_spec(name)
     run.initial_weights()  # checked now, before any training
-    files.check_output(args.json, "--json", args.overwrite)
+    files.check_output(args.json, "--json", args.overwrite, _reads(args, run))
     files.check_output_dir(args.report, "--report", args.overwrite)
     if args.tensorboard is not None:
         check_tensorboard_dir(args.tensorboard, "--tensorboard", backends)
@@ -686,7 +696,9 @@ def _evaluation_run(args) -> Run:
         return Run(model=getattr(args, "model", "mlp"), data=data)
     if typed:
         raise UsageError(f"{typed[0]} and --recipe exclude each other: the recipe names the model and data")
-    return load_recipe(args.recipe)
+    run = load_recipe(args.recipe)
+    run.model_spec()  # its package.module:function imported before any data, as --model's is
+    return run
 
 
 # --- unitrain train ----------------------------------------------------------------------
@@ -700,9 +712,10 @@ def cmd_train(args) -> int:
     # Everything the user typed is checked before the (slow) framework import and any training.
     run.check_parameters()
     initial = run.initial_weights() if resume is None else None  # a resumed run starts from its checkpoint
-    files.check_output(args.save, "--save", args.overwrite)
-    files.check_output(args.metrics, "--metrics", args.overwrite)
-    files.check_output(args.plot, "--plot", args.overwrite)
+    reads = _reads(args, run)
+    files.check_output(args.save, "--save", args.overwrite, reads)
+    files.check_output(args.metrics, "--metrics", args.overwrite, reads)
+    files.check_output(args.plot, "--plot", args.overwrite, reads)
     if args.tensorboard is not None:
         check_tensorboard_dir(args.tensorboard, "--tensorboard")
     outputs = {flag: path.resolve() for flag, path in (("--save", args.save), ("--metrics", args.metrics),
@@ -711,6 +724,7 @@ def cmd_train(args) -> int:
         raise UsageError(f"{' and '.join(outputs)} must name different files")
     if args.plot is not None:
         plot.require_matplotlib("--plot")
+        plot.check_figure_path("--plot", args.plot)
     _check_checkpoint_dir(args, resume)
     spec = registry.usable_spec(registry.backend_name(args.backend))
     world_size = distributed.launched_world_size(spec.launcher)  # None: not started by the engine's launcher
@@ -840,7 +854,8 @@ def _train(args, run: Run, loop, initial, resume, data, show_progress: bool) -> 
         print(f"unitrain: no epoch was trained, so there is nothing to draw; --plot {args.plot} not written")
     elif args.plot is not None:
         figure = plot.curves_figure([(f"{loop.name} {run.model}", history)])
-        final = files.publish(args.plot, lambda staged: plot.save_png(figure, staged), overwrite=args.overwrite)
+        final = files.publish(args.plot, lambda staged: plot.save_figure(figure, staged, args.plot.suffix),
+                              overwrite=args.overwrite)  # fmt: skip
         placed = _published("--plot", args.plot, final, "figure", args.overwrite) and placed
         print(f"unitrain: drew the curves in {final}")
     return 0 if placed else 2
@@ -975,15 +990,17 @@ def _check_checkpoint_dir(args, resume) -> None:
 
 
 def cmd_plot(args) -> int:
-    files.check_output(args.output, "-o", args.overwrite)
+    files.check_output(args.output, "-o", args.overwrite, [("a metrics file to draw", path) for path in args.metrics])
     plot.require_matplotlib("unitrain plot")
+    plot.check_figure_path("-o", args.output)
     runs = []
     for path in args.metrics:
         records = plot.read_metrics(path)
         backends = sorted({str(r["backend"]) for r in records if isinstance(r.get("backend"), str)})
         runs.append((f"{path} ({', '.join(backends)})" if backends else str(path), records))
     figure = plot.curves_figure(runs)
-    final = files.publish(args.output, lambda staged: plot.save_png(figure, staged), overwrite=args.overwrite)
+    final = files.publish(args.output, lambda staged: plot.save_figure(figure, staged, args.output.suffix),
+                          overwrite=args.overwrite)  # fmt: skip
     if not _published("-o", args.output, final, "figure", args.overwrite):
         return 2
     print(f"unitrain: drew {len(runs)} run{'s' if len(runs) > 1 else ''} in {final}")

@@ -31,8 +31,12 @@ larger than the model's weights is opened (memory stays bounded whatever the fil
 
 from __future__ import annotations
 
+import io
+import logging
 import math
 import os
+import shutil
+import tempfile
 import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
@@ -224,7 +228,10 @@ class TorchStateDict(Format):
 
     def write(self, path, model, state):
         torch = _import("torch", "torch")
-        torch.save({key: torch.from_numpy(np.array(value, order="C")) for key, value in state.items()}, path)
+        # Into memory first: torch's C++ zip writer reports a full disk as an unnamed RuntimeError.
+        buffer = io.BytesIO()
+        torch.save({key: torch.from_numpy(np.array(value, order="C")) for key, value in state.items()}, buffer)
+        path.write_bytes(buffer.getbuffer())
 
 
 class MindSporeCheckpoint(Format):
@@ -247,21 +254,23 @@ class MindSporeCheckpoint(Format):
         ms = self._mindspore()
         names = native_names(model, self.naming)
         entries = [{"name": names[key], "data": ms.Tensor(np.array(value, order="C"))} for key, value in state.items()]
-        # save_checkpoint appends ".ckpt" to any other name, so it writes beside ``path`` first.
-        named = path.with_name(path.name + ".ckpt")
+        # save_checkpoint appends ".ckpt" to any other name and stages its own temporary file, which
+        # it leaves behind on a full disk: it writes into a folder of ours, removed whatever happens.
+        folder = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".ms"))
         try:
-            ms.save_checkpoint(entries, str(named))
-            os.replace(named, path)
+            ms.save_checkpoint(entries, str(folder / "weights.ckpt"))
+            os.replace(folder / "weights.ckpt", path)
         finally:
-            named.unlink(missing_ok=True)
+            shutil.rmtree(folder, ignore_errors=True)
 
     @staticmethod
     def _mindspore():
         ms = _import("mindspore", "mindspore")
         # The adapter chooses MindSpore's device, which can be chosen only before its first tensor.
         _import("unitrain.backends.mindspore", "mindspore")
-        # Its failures are raised as exceptions, which say it once: not also logged to stderr.
-        ms.log._get_logger().setLevel("CRITICAL")  # MindSpore has no public handle on its logger
+        # Its failures are raised as exceptions, which say it once: not also logged to stderr (it
+        # logs a failed save as CRITICAL).
+        ms.log._get_logger().setLevel(logging.CRITICAL + 1)  # MindSpore has no public handle on its logger
         return ms
 
 
@@ -338,8 +347,10 @@ class ChainerNpz(Format):
         for key in names.values():  # what every BatchNormalization saves: its fine-tuning counter, unused
             if key.endswith("/avg_mean"):
                 arrays[f"{key[: -len('avg_mean')]}N"] = np.zeros((), np.int64)
-        with open(path, "wb") as file:  # a file object: savez given a name would append ".npz"
-            np.savez_compressed(file, **arrays)  # what save_npz(compression=True) calls
+        # Into memory first: a full disk inside zipfile ends in a second error from its __del__.
+        buffer = io.BytesIO()  # a file object: savez given a name would append ".npz"
+        np.savez_compressed(buffer, **arrays)  # what save_npz(compression=True) calls
+        path.write_bytes(buffer.getbuffer())
 
 
 class Onnx(Format):
@@ -384,6 +395,6 @@ def convert(source: Path, target: Path, model: Container, *, overwrite: bool = F
     :func:`unitrain.files.publish`: never replacing a file unless ``overwrite``)."""
     source, target = Path(source), Path(target)
     target_format = format_of(target, "OUT")
-    files.check_output(target, "OUT", overwrite)
+    files.check_output(target, "OUT", overwrite, [("IN", source)])
     state = read(source, model, f"IN {source}")
     return files.publish(target, lambda staged: target_format.write(staged, model, state), overwrite=overwrite)

@@ -139,15 +139,16 @@ def _shape(x: np.ndarray) -> str:
 
 
 def _check_labels(raw: _Raw, source) -> tuple[str, ...]:
-    if len(raw.train_y) == 0:
-        raise DataError(f"{source}: the training set is empty")
-    low = min(int(raw.train_y.min()), int(raw.test_y.min(initial=0)))
+    for split, y in (("training", raw.train_y), ("test", raw.test_y)):
+        if len(y) == 0:  # an empty test set has no loss or accuracy to report, only NaN
+            raise DataError(f"{source}: the {split} set is empty; expected at least one sample")
+    low = min(int(raw.train_y.min()), int(raw.test_y.min()))
     count = int(raw.train_y.max()) + 1 if raw.classes is None else len(raw.classes)
     if low < 0 or count > MAX_CLASSES:
         raise DataError(f"{source}: label {low if low < 0 else count - 1} is out of range; expected class "
                         f"indices 0..{MAX_CLASSES - 1}")  # fmt: skip
     for split, y in (("training", raw.train_y), ("test", raw.test_y)):
-        if len(y) and int(y.max()) >= count:
+        if int(y.max()) >= count:
             raise DataError(f"{source}: {split} label {int(y.max())} is out of range; the training set's classes "
                             f"are 0..{count - 1}")  # fmt: skip
     return raw.classes or tuple(str(i) for i in range(count))
@@ -215,6 +216,8 @@ def _read_npz(path: Path) -> _Raw:
             raise DataError(f"{path}: y_{which} has shape {y.shape}; expected (N,) or (N, 1) class indices")
         if len(x) != len(y):
             raise DataError(f"{path}: x_{which} has {len(x)} samples but y_{which} has {len(y)}")
+        if y.dtype.kind == "u" and len(y) and (high := int(y.max())) >= MAX_CLASSES:  # int64 would wrap it negative
+            raise DataError(f"{path}: label {high} is out of range; expected class indices 0..{MAX_CLASSES - 1}")
         if x.dtype.kind == "f" and not np.isfinite(x).all():
             raise DataError(f"{path}: x_{which} holds NaN or infinite values")
         split[which] = (x, y.astype(np.int64))
@@ -287,11 +290,14 @@ def _read_npy(archive: zipfile.ZipFile, member: str, key: str, name: str, values
             expected = "uint8 pixels or floats in [0, 1]" if samples else "integer class indices"
             expected = "numbers" if values else expected
             raise DataError(f"{name} has dtype {dtype}; expected {expected}")
+        if any(length < 0 for length in shape):
+            raise DataError(f"{name} declares shape {shape}; expected lengths >= 0")
         size = int(np.prod(shape, dtype=object)) * dtype.itemsize
         if size > MAX_DATA_BYTES:
             raise DataError(f"{name} declares shape {shape}, {size} bytes; at most {MAX_DATA_BYTES} are read")
+        data = _read_exactly(file, size, name)
         try:
-            array = np.frombuffer(_read_exactly(file, size, name), dtype).reshape(shape, order="F" if fortran else "C")
+            array = np.frombuffer(data, dtype).reshape(shape, order="F" if fortran else "C")
         except ValueError as error:
             raise DataError(f"{name}: {str(error)[:200]}") from None
     return np.ascontiguousarray(array)

@@ -70,20 +70,29 @@ class ProgressBar:
 
 
 class MetricsWriter:
-    """JSON Lines, one object per epoch, flushed as each epoch ends. Written where asked, or beside
-    it when something appeared there since start-up (``path`` says where, see
-    :func:`files.create_output`)."""
+    """JSON Lines, one object per epoch, written through as each epoch ends. Written where asked, or
+    beside it when something appeared there since start-up (``path`` says where, see
+    :func:`files.create_output`). A line that cannot be written whole (a full disk) is cut off
+    again, and a file left with no line is removed: a rerun is not refused by an empty file."""
 
     def __init__(self, path: Path, fields: dict, overwrite: bool = False):
         self.file, self.path = files.create_output(path, overwrite=overwrite)
-        self.fields = fields
+        self.fields, self.size = fields, 0
 
     def on_epoch_end(self, loop, record):
-        with files.naming(self.path):
-            # an accuracy is NaN where the targets are not classes (--loss mse ...): left out, as JSON has no NaN
-            known = {key: value for key, value in record.items() if not (key.endswith("_accuracy") and value != value)}
-            self.file.write(json.dumps({**self.fields, **known}) + "\n")
-            self.file.flush()
+        # JSON has no NaN: an accuracy is NaN where the targets are not classes (--loss mse ...), left
+        # out; any other value that is not finite is written as null
+        known = {key: value for key, value in record.items() if not (key.endswith("_accuracy") and value != value)}
+        finite = {key: None if isinstance(value, float) and not math.isfinite(value) else value
+                  for key, value in {**self.fields, **known}.items()}  # fmt: skip
+        line = (json.dumps(finite, allow_nan=False) + "\n").encode()
+        try:
+            with files.naming(self.path):
+                files.write_all(self.file, line)
+        except OSError:
+            files.cut_back(self.file, self.path, self.size)
+            raise
+        self.size += len(line)
 
     def finalize(self, loop):
         with files.naming(self.path):

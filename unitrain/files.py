@@ -12,6 +12,7 @@ or a directory. An OSError while writing carries the path it concerns.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import itertools
@@ -21,7 +22,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import TextIO
+from typing import BinaryIO
 
 from .reading import path_kind
 
@@ -66,7 +67,7 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-@contextmanager
+@contextlib.contextmanager
 def naming(path: Path) -> Iterator[None]:
     """Re-raise an OSError that lacks a file name (a full disk: ``[Errno 28]`` from write or
     fsync) with ``path``, so that the message says which file could not be written."""
@@ -84,10 +85,15 @@ def describe(path: Path) -> str:
     return "a symbolic link" if os.path.islink(path) else path_kind(path)
 
 
-def check_output(path: Path | None, flag: str, overwrite: bool) -> None:
-    """At start-up: ``path`` can be created, or replaced (a regular file, with ``overwrite``)."""
+def check_output(path: Path | None, flag: str, overwrite: bool, reads: Iterable[tuple[str, object]] = ()) -> None:
+    """At start-up: ``path`` can be created, or replaced (a regular file, with ``overwrite``), and
+    is none of the files the command ``reads`` (``(what, path)`` pairs; a path that is None or
+    not a file is skipped): not the same file through any link or path, which writing destroys."""
     if path is None:
         return
+    for what, source in reads:
+        if isinstance(source, (str, os.PathLike)) and _same_file(path, source):
+            raise OutputError(f"{flag} {path} is {what} ({source}), which this command reads; expected another file")
     kind = describe(path)
     if kind == "a directory":
         raise OutputError(f"{flag} {path} is a directory, expected a file path")
@@ -96,10 +102,19 @@ def check_output(path: Path | None, flag: str, overwrite: bool) -> None:
     if kind != "nothing" and not overwrite:
         raise OutputError(f"{flag} {path} already exists; pass --overwrite to replace it")
     parent = path.parent
-    if not parent.is_dir():
+    if (found := path_kind(parent)) == "nothing":
         raise OutputError(f"{flag} {path}: directory {parent} does not exist")
+    if found != "a directory":
+        raise OutputError(f"{flag} {path}: {parent} is {found}, expected a directory")
     if not os.access(parent, os.W_OK):
         raise OutputError(f"{flag} {path}: directory {parent} is not writable")
+
+
+def _same_file(a, b) -> bool:
+    try:
+        return os.path.samestat(os.stat(a), os.stat(b))
+    except (OSError, ValueError):  # either is missing (or no path at all): not one file
+        return False
 
 
 def check_output_dir(path: Path | None, flag: str, overwrite: bool) -> None:
@@ -158,8 +173,8 @@ def publish(path: Path, write: Callable[[Path], None], *, overwrite: bool) -> Pa
     return final
 
 
-def create_output(path: Path, *, overwrite: bool) -> tuple[TextIO, Path]:
-    """Open a new text file at ``path`` for writing as it goes (``--metrics``): created
+def create_output(path: Path, *, overwrite: bool) -> tuple[BinaryIO, Path]:
+    """Open a new file at ``path`` for writing as it goes, unbuffered (``--metrics``): created
     exclusively, or with ``overwrite`` a regular file truncated; when something else is there now,
     it is kept and the file is created at the first free ``stem.N.ext``. Returns it and its path."""
     for target in _beside(Path(path)):
@@ -177,7 +192,24 @@ def create_output(path: Path, *, overwrite: bool) -> tuple[TextIO, Path]:
             continue
         os.set_blocking(fd, True)
         os.ftruncate(fd, 0)
-        return os.fdopen(fd, "w", encoding="utf-8"), target
+        return os.fdopen(fd, "wb", buffering=0), target
+
+
+def write_all(file: BinaryIO, data: bytes) -> None:
+    """Write all of ``data`` to an unbuffered file, whose ``write`` may take only part of it."""
+    view = memoryview(data)
+    while view:
+        view = view[file.write(view) :]
+
+
+def cut_back(file: BinaryIO, path: Path, size: int) -> None:
+    """After a failed write to ``file``, created at ``path`` by :func:`create_output`: cut it back to
+    its first ``size`` bytes (what was written whole), and remove it if that is nothing and it is
+    still the file at ``path``. Closes ``file``."""
+    with file, contextlib.suppress(OSError):  # the write's error is the one to report
+        os.ftruncate(file.fileno(), size)
+        if size == 0 and os.path.samestat(os.fstat(file.fileno()), os.lstat(path)):
+            os.unlink(path)
 
 
 def _link_no_replace(source: Path, target: Path) -> bool:

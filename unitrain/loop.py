@@ -152,7 +152,7 @@ import numpy as np
 from . import expr
 from . import weights as weights_io
 from .controls import EarlyStopping, EarlyStoppingState, ParamGroup, resolve_groups
-from .data import ArrayDataset
+from .data import ArrayDataset, DataError
 from .distributed import shard
 from .layers import Container, _BatchNorm, check_buildable
 from .losses import BCEWithLogitsLoss, CrossEntropyLoss, CustomLoss, Loss
@@ -616,6 +616,8 @@ class TrainingLoop(ABC):
         ``BCEWithLogitsLoss`` add ``mse`` and ``mae``, the mean squared and absolute errors per
         element."""
         dataset = ArrayDataset.of(dataset)
+        if len(dataset) == 0:  # no mean loss, no accuracy: only NaN and 0/0
+            raise DataError("evaluate: the dataset holds no samples; expected at least one")
         total_loss, correct, squared, absolute = 0.0, 0, 0.0, 0.0
         accuracy, errors = self._measures(np.asarray(dataset.y))
         class_indices = self._class_indices(np.asarray(dataset.y))
@@ -640,7 +642,7 @@ class TrainingLoop(ABC):
                         squared += float(np.square(pred - target).sum())
                         absolute += float(np.abs(pred - target).sum())
         n = len(dataset)
-        per_sample = total_loss / n if n else float("nan")
+        per_sample = total_loss / n
         elements = max(1, int(np.prod(dataset.y.shape[1:])))
         if not self.loss_spec.class_targets and not isinstance(self.loss_spec, CustomLoss):
             per_sample /= elements  # elementwise losses average elements

@@ -1,4 +1,5 @@
-"""Figures of training runs: PNG files drawn by matplotlib's headless Agg renderer.
+"""Figures of training runs: files drawn by matplotlib's headless renderers (PNG, or the format a
+path's suffix names).
 
 matplotlib is an optional dependency (``pip install 'unitrain[report]'``), imported only when a
 figure is drawn. Figures are ``matplotlib.figure.Figure`` objects, never pyplot's global state,
@@ -38,6 +39,20 @@ def require_matplotlib(what: str) -> None:
         raise PlotError(f"{what} needs matplotlib: pip install 'unitrain[report]'")
 
 
+def check_figure_path(flag: str, path: Path) -> None:
+    """Before a run: ``path``'s suffix names a format matplotlib writes (see :func:`save_figure`)."""
+    if (suffix := path.suffix.lower().removeprefix(".")) not in _formats():
+        named = f"names the format {suffix!r}" if suffix else "has no suffix naming a figure format"
+        raise PlotError(f"{flag} {path} {named}; expected one of .{', .'.join(_formats())}")
+
+
+def _formats() -> list[str]:
+    """The suffixes of the figure formats matplotlib writes, but PGF (LaTeX code that needs LaTeX)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return [name for name in FigureCanvasBase.get_supported_filetypes() if name != "pgf"]
+
+
 def _figure(rows: int = 1, columns: int = 1, width: float = 6.4, height: float = 4.0, **subplots: Any):
     from matplotlib.figure import Figure
 
@@ -45,9 +60,10 @@ def _figure(rows: int = 1, columns: int = 1, width: float = 6.4, height: float =
     return figure, figure.subplots(rows, columns, squeeze=False, **subplots)
 
 
-def save_png(figure, path: Path) -> None:
-    """Write ``figure`` as PNG to ``path`` whatever its suffix (``files.publish`` stages ``.part``)."""
-    figure.savefig(path, format="png", dpi=100)
+def save_figure(figure, path: Path, suffix: str = ".png") -> None:
+    """Write ``figure`` to ``path`` in the format ``suffix`` names (``files.publish`` stages a
+    ``.part`` file, so the format cannot come from ``path``)."""
+    figure.savefig(path, format=suffix.lower().removeprefix("."), dpi=100)
 
 
 # --- per-epoch curves: unitrain plot, train --plot ------------------------------------------

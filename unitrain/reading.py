@@ -95,8 +95,8 @@ def open_npz(path: str | os.PathLike, name: str, error: type[Exception] = ValueE
 
 # --- JSON schemas ---------------------------------------------------------------------------
 # A schema is a type (str, bool), an Int/Number range, a OneOf set of values, a Text pattern, a
-# list of schemas (a list of that length), a dict of fields (Optional(...) for those that may be
-# absent; unknown fields are ignored), MapOf, or Nullable.
+# list of schemas (a list of that length), ListOf, a dict of fields (Optional(...) for those that may
+# be absent; unknown fields are ignored, but Closed refuses them), MapOf, or Nullable.
 
 
 @dataclass(frozen=True)
@@ -116,16 +116,17 @@ class Int:
 @dataclass(frozen=True)
 class Number:
     low: float = -math.inf
+    above: bool = False  # strictly greater than ``low``
 
     def describe(self) -> str:
-        return "a finite number" + (f" >= {self.low}" if self.low > -math.inf else "")
+        return "a finite number" + (f" {'>' if self.above else '>='} {self.low}" if self.low > -math.inf else "")
 
     def accepts(self, value) -> bool:
         return (
             isinstance(value, (int, float))
             and not isinstance(value, bool)
             and math.isfinite(value)
-            and value >= self.low
+            and (value > self.low if self.above else value >= self.low)
         )
 
 
@@ -148,7 +149,8 @@ class Text:
         return f"a string matching {self.pattern}"
 
     def accepts(self, value) -> bool:
-        return isinstance(value, str) and re.fullmatch(self.pattern, value) is not None
+        # DOTALL: "." matches a newline too, which a file name may hold
+        return isinstance(value, str) and re.fullmatch(self.pattern, value, re.DOTALL) is not None
 
 
 @dataclass(frozen=True)
@@ -171,6 +173,22 @@ class MapOf:
     values: Any
 
 
+@dataclass(frozen=True)
+class ListOf:
+    """A JSON list of ``low..high`` items, each an ``item``."""
+
+    item: Any
+    low: int
+    high: int
+
+
+@dataclass(frozen=True)
+class Closed:
+    """A JSON object of ``fields`` (a dict schema) and no others."""
+
+    fields: Mapping
+
+
 _TYPE_NAMES = {str: "a string", bool: "true or false", list: "a list", dict: "an object"}
 
 
@@ -191,6 +209,16 @@ def check_json(value, schema, where: str = "") -> None:
                 raise ValueError(f"field {inner!r} is missing")
             else:
                 check_json(value[key], field, inner)
+    elif isinstance(schema, Closed):
+        _expect(type(value) is dict, value, "an object", where)
+        if unknown := sorted(set(value) - set(schema.fields)):
+            raise ValueError(f"field {where!r} holds {short(unknown[0])}; expected only {', '.join(schema.fields)}")
+        check_json(value, schema.fields, where)
+    elif isinstance(schema, ListOf):
+        _expect(type(value) is list and schema.low <= len(value) <= schema.high, value,
+                f"a list of {schema.low}..{schema.high} items", where)  # fmt: skip
+        for index, item in enumerate(value):
+            check_json(item, schema.item, f"{where}[{index}]")
     elif isinstance(schema, MapOf):
         _expect(type(value) is dict, value, "an object", where)
         for key, item in value.items():

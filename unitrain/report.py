@@ -13,6 +13,7 @@ goes beside it, and the page links to where it went).
 
 from __future__ import annotations
 
+import functools
 import html
 import math
 from collections.abc import Sequence
@@ -139,7 +140,7 @@ def write_report(
     for name, anything, draw, caption in figures:
         if anything:
             figure = draw()
-            path = _publish(directory / name, lambda staged, f=figure: plot.save_png(f, staged), overwrite, sidestepped)
+            path = _publish(directory / name, functools.partial(plot.save_figure, figure), overwrite, sidestepped)
             drawn.append((path, caption))
     departures = [first_departure(result, names) for result in results[1:]]
     page = _page(title, settings, table, drawn, departures)

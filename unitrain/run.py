@@ -338,9 +338,15 @@ class Run:
         return cls(**values)
 
     def to_toml(self) -> str:
+        """The run as a recipe (:func:`load_recipe` reads it back: tomli-w escapes every control
+        character; a path that is not UTF-8, which a recipe cannot hold, raises RunError)."""
         import tomli_w
 
-        return tomli_w.dumps(self.to_dict())
+        values = self.to_dict()
+        for name, value in [*values.items(), *(("data." + key, v) for key, v in values["data"].items())]:
+            if isinstance(value, str) and _not_utf8(value):
+                raise RunError(f"{name} {value!r} is not UTF-8 text, which a recipe holds; rename the file")
+        return tomli_w.dumps(values)
 
     def replace(self, **changes: Any) -> Run:
         """A copy with ``changes``; ``data`` may be a dict of :class:`DataSpec` fields to change."""
@@ -503,6 +509,14 @@ class Run:
         loop = self.make_loop(backend)
         history = loop.fit(train, eval_data=test, val_data=val, extensions=extensions, **self.fit_options())
         return loop, history
+
+
+def _not_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a file name's undecodable bytes (Python's surrogateescape)
+        return True
+    return False
 
 
 def load_recipe(path: str | Path) -> Run:

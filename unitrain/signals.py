@@ -1,17 +1,44 @@
 """How the ``unitrain`` command ends on Ctrl-C and SIGTERM, from its first instant.
 
-Imports nothing but the standard library, so that :mod:`unitrain.__main__` installs these before
-NumPy or a framework loads: an early Ctrl-C then ends with ``unitrain: interrupted`` and exit code
-130 (SIGTERM: 143), not a traceback or a silent death. During training,
+Imports nothing but the standard library. While the command starts (``unitrain/__init__.py``,
+the package's first code to run, calls :func:`exit_at_once` when it is the command), a signal
+ends the process at once with ``unitrain: interrupted`` and exit code 130 (SIGTERM: 143): an
+exception raised inside an import would surface as a traceback, or as another error where
+C code turns it into an ImportError (NumPy's "Error importing numpy: you should not try to import
+numpy from its source directory"). Once its modules are loaded, :func:`ending_on_signals` raises
+KeyboardInterrupt instead, so that a command cleans up what it was writing; during training,
 :func:`unitrain.checkpoint.stop_on_signals` takes over (it checkpoints first).
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+#: the signals that end a command: Ctrl-C, SIGTERM, and SIGUSR1 (how ``--nproc`` stops mpiexec's ranks)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
+def is_the_command() -> bool:
+    """Whether this process runs the ``unitrain`` command (its console script, or ``python -m
+    unitrain``), not a program that imports unitrain."""
+    argv = getattr(sys, "orig_argv", [])
+    run_as_module = any(argv[i : i + 2] == ["-m", "unitrain"] for i in range(len(argv) - 1))
+    return run_as_module or os.path.basename(sys.argv[0] if sys.argv else "") == "unitrain"
+
+
+def _exit_now(signum, frame):
+    os.write(2, b"unitrain: interrupted\n")
+    os._exit(128 + (signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM))
+
+
+def exit_at_once() -> None:
+    """From now on, until :func:`ending_on_signals`, a stop signal ends the process at once."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _exit_now)
 
 
 class Terminated(KeyboardInterrupt):
@@ -27,9 +54,8 @@ def _raise_terminated(signum, frame):
 def ending_on_signals() -> Iterator[None]:
     """While active, Ctrl-C raises KeyboardInterrupt, SIGTERM and SIGUSR1 :class:`Terminated`."""
     previous = {
-        signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
-        signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_terminated),
-        signal.SIGUSR1: signal.signal(signal.SIGUSR1, _raise_terminated),
+        signum: signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else _raise_terminated)
+        for signum in STOP_SIGNALS
     }
     try:
         yield
