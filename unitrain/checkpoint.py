@@ -489,9 +489,10 @@ def _verified(folder: Path) -> Checkpoint:
             spec = schedules.scheduled_optimizer(spec, schedule)
         except ValueError as error:  # an optimizer the schedule cannot run
             raise CheckpointError(f"its lr_schedule is invalid: {error}") from None
-        state_names = set(spec.state_names)
+        state_names, accumulate = set(spec.state_names), 1
         if manifest["run"]:  # checked now, though only a resume uses it (importing nothing)
             run = recorded.run_spec()
+            accumulate = run.accumulate_grad_batches
             if manifest.get("loss", run_loss := LOSSES[run.loss].__name__) != run_loss:
                 raise CheckpointError(f"its loss {manifest['loss']} is not its run's, {run.loss} ({run_loss})")
             for group in run.param_groups:  # a group may keep buffers the run's spec does not (momentum)
@@ -500,10 +501,12 @@ def _verified(folder: Path) -> Checkpoint:
                                    .state_names)  # fmt: skip
     except CheckpointError as error:
         raise damaged(str(error)) from None
-    # one loss a step: the epoch's steps so far (none recorded, 0 and 0.0: written from Python without them)
+    # one loss an optimizer step: the epoch's steps so far, `accumulate` batches each (none recorded, 0 and
+    # 0.0: written from Python without them)
     total, count = manifest["epoch_loss"]["sum"], manifest["epoch_loss"]["count"]
-    if count != manifest["batch"] and (count, total) != (0, 0):
-        raise damaged(f"epoch_loss.count {count} is not the {manifest['batch']} steps taken in its epoch")
+    if count != -(-manifest["batch"] // accumulate) and (count, total) != (0, 0):
+        raise damaged(f"epoch_loss.count {count} is not the {-(-manifest['batch'] // accumulate)} steps taken in "
+                      "its epoch")  # fmt: skip
     if (normalization := manifest.get("normalization")) and len(normalization["mean"]) != len(normalization["std"]):
         raise damaged(f"normalization has {len(normalization['mean'])} means but {len(normalization['std'])} stds")
     files = manifest["files"]
