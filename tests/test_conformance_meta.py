@@ -4,6 +4,7 @@ with the exact message. Each is the NumPy backend with one thing done wrong."""
 import dataclasses
 import json
 import math
+import re
 import subprocess
 import sys
 from typing import ClassVar
@@ -322,10 +323,26 @@ CAUGHT = {
 }  # fmt: skip
 
 
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
+
+
+def assert_same_report(message: str, expected: str) -> None:
+    """``message`` says what ``expected`` says, each number within one unit of its last printed digit
+    (and 1e-4 relative): the values a broken float32 adapter gives differ between CPUs in their last
+    bits, which can change a printed digit, while a wrong check, index or equation changes the text or
+    moves a number by far more."""
+    assert _NUMBER.sub("#", message) == _NUMBER.sub("#", expected), message
+    for got, want in zip(_NUMBER.findall(message), _NUMBER.findall(expected), strict=True):
+        mantissa = want.split("e")[0]
+        digits = len(mantissa.split(".")[1]) if "." in mantissa else 0
+        unit = 10.0 ** (-digits) * (10.0 ** int(want.split("e")[1]) if "e" in want else 1.0)
+        assert abs(float(got) - float(want)) <= unit + 1e-4 * abs(float(want)), f"{got} != {want} in {message}"
+
+
 @pytest.mark.parametrize(("adapter", "check"), CAUGHT, ids=[a.__name__ for a, _ in CAUGHT])
 def test_a_broken_adapter_is_caught_by_the_right_check(adapter, check):
     message, result = failure(adapter, check)
-    assert message == CAUGHT[adapter, check]
+    assert_same_report(message, CAUGHT[adapter, check])
     if "tolerance" in message:
         assert result.max_error > result.tolerance
 
@@ -333,9 +350,10 @@ def test_a_broken_adapter_is_caught_by_the_right_check(adapter, check):
 def test_chainer_style_momentum_also_fails_on_its_buffer_convention():
     message, _ = failure(ChainerStyleMomentum, "check_sgd_momentum")
     # the velocity holds lr * buffer: 0.1 times PyTorch's
-    assert message == (
+    assert_same_report(
+        message,
         "SGD(lr=0.1, momentum=0.9) step 1: 1.weight.momentum_buffer: "
-        "expected -0.174412, got -0.0174412 at index (6, 6); max error 0.157 > tolerance 3.81e-06"
+        "expected -0.174412, got -0.0174412 at index (6, 6); max error 0.157 > tolerance 3.81e-06",
     )
 
 
@@ -480,5 +498,5 @@ CAUGHT_ISSUE8 = {
 @pytest.mark.parametrize(("adapter", "check"), CAUGHT_ISSUE8, ids=[a.__name__ for a, _ in CAUGHT_ISSUE8])
 def test_a_broken_graph_or_layer_is_caught_by_the_right_check(adapter, check):
     message, result = failure(adapter, check)
-    assert message == CAUGHT_ISSUE8[adapter, check]
+    assert_same_report(message, CAUGHT_ISSUE8[adapter, check])
     assert result.max_error > result.tolerance
