@@ -139,7 +139,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from . import expr
+from . import expr, graph_batches
 from . import weights as weights_io
 from .data import ArrayDataset
 from .distributed import shard
@@ -158,6 +158,8 @@ CAPABILITIES = frozenset({
     "optimizers", "clipping",
     # issue 11: data parallel on the framework's own engine (``launcher`` names its launcher)
     "distributed",
+    # issue 15: unitrain.graph.Graph models (several inputs and outputs, shared layers, tensor operations)
+    "graph",
 })  # fmt: skip
 
 
@@ -235,6 +237,8 @@ class TrainingLoop(ABC):
         self._forward_shape: tuple[int, ...] | None = None
         #: the last data-parallel step's correct predictions, summed over ranks; None if not counted
         self._shard_correct: float | None = None
+        #: a graph's numbers of inputs and outputs (see :mod:`unitrain.graph`); 1 for other models
+        self._inputs, self._outputs = graph_batches.check_model(self, model, loss, distributed)
         if isinstance(model, Container):
             self.model_spec: Container | None = model
             self._build(model)
@@ -415,7 +419,7 @@ class TrainingLoop(ABC):
         """Model output for a batch (native tensor); in training mode it is differentiable."""
         x = self._check_x(x)
         self._check_batch_statistics(x)
-        self._forward_shape = x.shape
+        self._forward_shape = x.shape if self._inputs == 1 else (len(x[0]), tuple(a.shape[1:] for a in x))
         return self._forward(x)
 
     def loss(self, pred: Any, y: np.ndarray) -> Any:
@@ -423,7 +427,7 @@ class TrainingLoop(ABC):
         if self._forward_shape is None:
             raise RuntimeError("loss() needs the predictions of a forward() call first")
         n, *sample_shape = self._forward_shape
-        return self._loss(pred, self._check_y(y, n, tuple(sample_shape)))
+        return self._loss(pred, self._check_y(y, n, tuple(sample_shape) if self._inputs == 1 else sample_shape[0]))
 
     def backward(self, loss: Any) -> None:
         """Accumulate the gradients of ``loss`` (as returned by :meth:`loss`)."""
@@ -525,6 +529,8 @@ class TrainingLoop(ABC):
     def predict(self, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
         """Model outputs (NumPy, ``self.dtype``) in eval mode; changes no state."""
         x = self._check_x(x)
+        if self._inputs > 1 or self._outputs > 1:
+            return graph_batches.predict(self, x, batch_size)
         with _eval_mode(self):
             outputs = [self._predict(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
         return np.concatenate(outputs) if outputs else np.zeros((0,), self.dtype)
@@ -533,6 +539,8 @@ class TrainingLoop(ABC):
         """``{"loss", "accuracy", "num_correct", "num_samples"}`` over the whole dataset in eval
         mode; ``loss`` is the mean per-sample loss whatever the loss spec's reduction."""
         dataset = ArrayDataset.of(dataset)
+        if self._outputs > 1:
+            return graph_batches.evaluate(self, dataset, batch_size)
         total_loss, correct = 0.0, 0
         with _eval_mode(self):
             for x, y in dataset.batches(batch_size):
@@ -606,7 +614,7 @@ class TrainingLoop(ABC):
         self._check_schedule_length(
             epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
         )
-        count_correct = self._class_indices(np.asarray(train_data.y))
+        count_correct = self._outputs == 1 and self._class_indices(np.asarray(train_data.y))
         _call(extensions, "on_fit_start", self, {"epochs": epochs, "steps_per_epoch": steps_per_epoch})
         history = []
         try:
@@ -625,7 +633,7 @@ class TrainingLoop(ABC):
                     losses.append(loss)
                     if count_correct:
                         corrects.append(self._shard_correct if self.world_size > 1 else self._step_correct(y))
-                    seen += len(x)
+                    seen += len(y) if self._outputs == 1 else len(y[0])
                     if self._scheduler is not None and self.lr_schedule.per_batch:
                         self._step_schedule()
                     _call(extensions, "on_step_end", self, index, loss)
@@ -695,6 +703,13 @@ class TrainingLoop(ABC):
         tensors, _ = weights_io.load_safetensors(path, lambda declared: weights_io.check_state(shapes, declared, path))
         self.load_state_dict(tensors, source=str(path))
 
+    def submodule(self, path: str, loss: Loss | None = None, optimizer: Optimizer | None = None) -> TrainingLoop:
+        """The module at dotted ``path`` of the model (``"encoder"`` of an autoencoder
+        :class:`~unitrain.graph.Graph`) as a new loop of this backend holding its current weights
+        (keys without the ``path.`` prefix) and this loop's mode: predict, evaluate, save or train
+        it alone; this loop is not changed."""
+        return graph_batches.submodule(self, path, loss, optimizer)
+
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         """Trainable parameters' names and shapes (the keys of :meth:`gradients`)."""
         if self.model_spec is not None:
@@ -753,6 +768,8 @@ class TrainingLoop(ABC):
     # --- input checks ---------------------------------------------------------------------
 
     def _check_x(self, x) -> np.ndarray:
+        if self._inputs > 1:
+            return graph_batches.check_inputs(self, x)
         x = np.asarray(x)
         if x.dtype != self.dtype:
             if x.dtype.kind not in "fiu":
@@ -785,26 +802,32 @@ class TrainingLoop(ABC):
         """A training forward needs more than one value per BatchNorm channel (as PyTorch)."""
         if not self.training or self.model_spec is None:
             return
-        norm = self._facts(x.shape[1:])[1]
-        if norm is not None and len(x) * norm[1] < 2:
+        n, sample_shape = (len(x), x.shape[1:]) if self._inputs == 1 else (len(x[0]), tuple(a.shape[1:] for a in x))
+        norm = self._facts(sample_shape)[1]
+        if norm is not None and n * norm[1] < 2:
             raise InputError(
                 f"{norm[0]}: BatchNorm in training needs more than one value per channel, but a batch of "
-                f"{len(x)} gives {len(x) * norm[1]} there; use batches of 2 or more (or eval mode)"
+                f"{n} gives {n * norm[1]} there; use batches of 2 or more (or eval mode)"
             )
 
     def _check_y(self, y, n: int, sample_shape=None) -> np.ndarray:
         """Targets checked against the loss spec and, for spec models, the output shape (see
         the module docstring); returns int64 class indices or ``self.dtype`` values."""
+        output = None
+        if sample_shape is not None and self.model_spec is not None:
+            output = self._output_shape(sample_shape)
+        if self._outputs > 1:
+            return graph_batches.check_targets(self, y, n, output)
+        return self._check_target(self.loss_spec, y, n, output)
+
+    def _check_target(self, spec: Loss, y, n: int, output: tuple[int, ...] | None) -> np.ndarray:
+        """``y`` checked against one loss spec and, when known, the per-sample ``output`` shape."""
         y = np.asarray(y)
-        spec = self.loss_spec
         loss_name = type(spec).__name__
         if y.ndim == 0 or len(y) != n:
             raise InputError(f"got {n} inputs but targets of shape {y.shape}")
         if y.dtype.kind not in "fiub":
             raise InputError(f"targets must be numeric, got dtype {y.dtype}")
-        output = None
-        if sample_shape is not None and self.model_spec is not None:
-            output = self._output_shape(sample_shape)
         if spec.class_targets and y.dtype.kind in "iu":
             return self._check_class_indices(y, output, loss_name)
         if not spec.float_targets:
@@ -851,6 +874,8 @@ class TrainingLoop(ABC):
         except (TypeError, ValueError):
             raise InputError(f"a batch must be a pair (x, y), got {type(batch).__name__}") from None
         x = self._check_x(x)
+        if self._inputs > 1:
+            return x, self._check_y(y, len(x[0]), tuple(a.shape[1:] for a in x))
         return x, self._check_y(y, len(x), x.shape[1:])
 
 
