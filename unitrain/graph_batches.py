@@ -102,9 +102,9 @@ def predict(loop: TrainingLoop, x, batch_size: int):
     n = length(x)
     with _eval_mode(loop):
         parts = [loop._predict(rows(x, i, i + batch_size)) for i in range(0, n, batch_size)]
-    if loop._outputs == 1:
+    if loop._output_count == 1:
         return np.concatenate(parts) if parts else np.zeros((0,), loop.dtype)
-    return tuple(np.concatenate([part[k] for part in parts]) for k in range(loop._outputs))
+    return tuple(np.concatenate([part[k] for part in parts]) for k in range(loop._output_count))
 
 
 def evaluate(loop: TrainingLoop, dataset: ArrayDataset, batch_size: int) -> dict[str, float]:
@@ -112,7 +112,7 @@ def evaluate(loop: TrainingLoop, dataset: ArrayDataset, batch_size: int) -> dict
     one's evaluation loss (per sample, or per element for the elementwise losses); no accuracy."""
     from .loop import _eval_mode
 
-    totals = np.zeros(loop._outputs)
+    totals = np.zeros(loop._output_count)
     with _eval_mode(loop):
         for x, y in dataset.batches(batch_size):
             x, y = loop._check_batch((x, y))

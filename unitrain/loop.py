@@ -238,7 +238,7 @@ class TrainingLoop(ABC):
         #: the last data-parallel step's correct predictions, summed over ranks; None if not counted
         self._shard_correct: float | None = None
         #: a graph's numbers of inputs and outputs (see :mod:`unitrain.graph`); 1 for other models
-        self._inputs, self._outputs = graph_batches.check_model(self, model, loss, distributed)
+        self._input_count, self._output_count = graph_batches.check_model(self, model, loss, distributed)
         if isinstance(model, Container):
             self.model_spec: Container | None = model
             self._build(model)
@@ -419,7 +419,7 @@ class TrainingLoop(ABC):
         """Model output for a batch (native tensor); in training mode it is differentiable."""
         x = self._check_x(x)
         self._check_batch_statistics(x)
-        self._forward_shape = x.shape if self._inputs == 1 else (len(x[0]), tuple(a.shape[1:] for a in x))
+        self._forward_shape = x.shape if self._input_count == 1 else (len(x[0]), tuple(a.shape[1:] for a in x))
         return self._forward(x)
 
     def loss(self, pred: Any, y: np.ndarray) -> Any:
@@ -427,7 +427,7 @@ class TrainingLoop(ABC):
         if self._forward_shape is None:
             raise RuntimeError("loss() needs the predictions of a forward() call first")
         n, *sample_shape = self._forward_shape
-        return self._loss(pred, self._check_y(y, n, tuple(sample_shape) if self._inputs == 1 else sample_shape[0]))
+        return self._loss(pred, self._check_y(y, n, tuple(sample_shape) if self._input_count == 1 else sample_shape[0]))
 
     def backward(self, loss: Any) -> None:
         """Accumulate the gradients of ``loss`` (as returned by :meth:`loss`)."""
@@ -529,7 +529,7 @@ class TrainingLoop(ABC):
     def predict(self, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
         """Model outputs (NumPy, ``self.dtype``) in eval mode; changes no state."""
         x = self._check_x(x)
-        if self._inputs > 1 or self._outputs > 1:
+        if self._input_count > 1 or self._output_count > 1:
             return graph_batches.predict(self, x, batch_size)
         with _eval_mode(self):
             outputs = [self._predict(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
@@ -539,7 +539,7 @@ class TrainingLoop(ABC):
         """``{"loss", "accuracy", "num_correct", "num_samples"}`` over the whole dataset in eval
         mode; ``loss`` is the mean per-sample loss whatever the loss spec's reduction."""
         dataset = ArrayDataset.of(dataset)
-        if self._outputs > 1:
+        if self._output_count > 1:
             return graph_batches.evaluate(self, dataset, batch_size)
         total_loss, correct = 0.0, 0
         with _eval_mode(self):
@@ -614,7 +614,7 @@ class TrainingLoop(ABC):
         self._check_schedule_length(
             epochs * steps_per_epoch if max_steps is None else min(max_steps, epochs * steps_per_epoch)
         )
-        count_correct = self._outputs == 1 and self._class_indices(np.asarray(train_data.y))
+        count_correct = self._output_count == 1 and self._class_indices(np.asarray(train_data.y))
         _call(extensions, "on_fit_start", self, {"epochs": epochs, "steps_per_epoch": steps_per_epoch})
         history = []
         try:
@@ -633,7 +633,7 @@ class TrainingLoop(ABC):
                     losses.append(loss)
                     if count_correct:
                         corrects.append(self._shard_correct if self.world_size > 1 else self._step_correct(y))
-                    seen += len(y) if self._outputs == 1 else len(y[0])
+                    seen += len(y) if self._output_count == 1 else len(y[0])
                     if self._scheduler is not None and self.lr_schedule.per_batch:
                         self._step_schedule()
                     _call(extensions, "on_step_end", self, index, loss)
@@ -768,7 +768,7 @@ class TrainingLoop(ABC):
     # --- input checks ---------------------------------------------------------------------
 
     def _check_x(self, x) -> np.ndarray:
-        if self._inputs > 1:
+        if self._input_count > 1:
             return graph_batches.check_inputs(self, x)
         x = np.asarray(x)
         if x.dtype != self.dtype:
@@ -802,7 +802,9 @@ class TrainingLoop(ABC):
         """A training forward needs more than one value per BatchNorm channel (as PyTorch)."""
         if not self.training or self.model_spec is None:
             return
-        n, sample_shape = (len(x), x.shape[1:]) if self._inputs == 1 else (len(x[0]), tuple(a.shape[1:] for a in x))
+        n, sample_shape = (
+            (len(x), x.shape[1:]) if self._input_count == 1 else (len(x[0]), tuple(a.shape[1:] for a in x))
+        )
         norm = self._facts(sample_shape)[1]
         if norm is not None and n * norm[1] < 2:
             raise InputError(
@@ -816,7 +818,7 @@ class TrainingLoop(ABC):
         output = None
         if sample_shape is not None and self.model_spec is not None:
             output = self._output_shape(sample_shape)
-        if self._outputs > 1:
+        if self._output_count > 1:
             return graph_batches.check_targets(self, y, n, output)
         return self._check_target(self.loss_spec, y, n, output)
 
@@ -874,7 +876,7 @@ class TrainingLoop(ABC):
         except (TypeError, ValueError):
             raise InputError(f"a batch must be a pair (x, y), got {type(batch).__name__}") from None
         x = self._check_x(x)
-        if self._inputs > 1:
+        if self._input_count > 1:
             return x, self._check_y(y, len(x[0]), tuple(a.shape[1:] for a in x))
         return x, self._check_y(y, len(x), x.shape[1:])
 
