@@ -152,6 +152,48 @@ CASES = {
 }  # fmt: skip
 
 
+UNET_LAYERS = hasattr(L, "ConvTranspose2d") and hasattr(L, "Upsample")
+
+
+def unet():
+    """Two down blocks, two up blocks (one ConvTranspose2d, one Upsample) and skip concatenations."""
+    x = Input((1, 8, 8))
+    down1 = L.Sequential(L.Conv2d(1, 4, 3, padding=1), L.ReLU())
+    down2 = L.Sequential(L.MaxPool2d(2), L.Conv2d(4, 8, 3, padding=1), L.ReLU())
+    bottom = L.Sequential(L.MaxPool2d(2), L.Conv2d(8, 8, 3, padding=1), L.ReLU())
+    up1, up2 = L.ConvTranspose2d(8, 8, 2, stride=2), L.Upsample(scale_factor=2, mode="nearest")
+    conv1 = L.Sequential(L.Conv2d(16, 8, 3, padding=1), L.ReLU())
+    conv2 = L.Sequential(L.Conv2d(12, 4, 3, padding=1), L.ReLU(), L.Conv2d(4, 2, 1))
+    d1 = down1(x)
+    d2 = down2(d1)
+    u1 = conv1(ops.cat([up1(bottom(d2)), d2], dim=1))
+    out = conv2(ops.cat([up2(u1), d1], dim=1))
+    modules = {"down1": down1, "down2": down2, "bottom": bottom, "up1": up1, "conv1": conv1, "up2": up2, "conv2": conv2}
+    return Graph(x, out, modules)
+
+
+class TorchUNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.down1 = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU())
+        self.down2 = nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(4, 8, 3, padding=1), nn.ReLU())
+        self.bottom = nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.up1 = nn.ConvTranspose2d(8, 8, 2, stride=2)
+        self.conv1 = nn.Sequential(nn.Conv2d(16, 8, 3, padding=1), nn.ReLU())
+        self.up2 = nn.Upsample(scale_factor=2, mode="nearest")
+        self.conv2 = nn.Sequential(nn.Conv2d(12, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 1))
+
+    def forward(self, x):
+        d1 = self.down1(x)
+        d2 = self.down2(d1)
+        u1 = self.conv1(torch.cat([self.up1(self.bottom(d2)), d2], 1))
+        return self.conv2(torch.cat([self.up2(u1), d1], 1))
+
+
+if UNET_LAYERS:  # ConvTranspose2d and Upsample come from another branch; the case joins CASES once they exist
+    CASES["unet"] = (unet, TorchUNet, [(1, 8, 8)], "pixels", MSELoss(), F.mse_loss)
+
+
 def batches_for(case):
     _, _, shapes, targets, _, _ = CASES[case]
     rng = np.random.default_rng(7)
@@ -160,7 +202,8 @@ def batches_for(case):
         xs = tuple(rng.random((BATCH, *shape)).astype(np.float32) for shape in shapes)
         x = xs[0] if len(xs) == 1 else xs
         classes = rng.integers(0, 3, BATCH)
-        y = {"classes": classes, "input": xs[0], "two": (classes, rng.random((BATCH, 2)).astype(np.float32))}
+        y = {"classes": classes, "input": xs[0], "two": (classes, rng.random((BATCH, 2)).astype(np.float32)),
+             "pixels": rng.random((BATCH, 2, 8, 8)).astype(np.float32)}  # fmt: skip
         batches.append((x, y[targets]))
     return batches
 
@@ -324,7 +367,6 @@ def test_graphs_need_the_capability():
         ChainerLoop(two_inputs())
 
 
-@pytest.mark.skip(reason="the U-Net needs ConvTranspose2d and Upsample (branch 'leaves'): enable after the merge")
-def test_unet_trains_as_plain_pytorch():
-    """Two down blocks, two up blocks (one ConvTranspose2d, one Upsample) and skip concatenations:
-    add it to CASES with its torch twin once the layers exist."""
+@pytest.mark.skipif(UNET_LAYERS, reason="the U-Net runs in test_graph_trains_as_plain_pytorch")
+def test_unet_waits_for_its_layers():
+    pytest.skip("the U-Net case needs unitrain.layers.ConvTranspose2d and Upsample (branch 'leaves')")
