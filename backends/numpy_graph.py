@@ -270,25 +270,38 @@ def _replicas(leaves, used):
         yield replica
 
 
+#: operations whose result is a new array (the others return views of their input)
+_FRESH = frozenset({*ops.BINARY, "neg", "cat", "stack", "sum", "mean", "matmul"})
+
+
 def build(spec: Graph, leaves, build_tree, make_leaf) -> GraphRun:
     """The graph's runner, taking its leaves (``named_layers`` order) from ``leaves``;
     ``build_tree(spec, leaves, private)`` builds a module's tree, ``make_leaf(spec)`` an
-    activation layer."""
+    activation layer. A node whose one input is an array the pass made and that nothing else
+    reads gets ``private=True`` (a ReLU may overwrite it), as in a Sequential."""
     own = {path: next(leaves) for path, _ in spec.named_layers()}
+    readers: dict[str, int] = {name: 1 for name in spec.outputs}
+    for node in spec.nodes:
+        for arg in node.args:
+            readers[arg] = readers.get(arg, 0) + 1
+    fresh = dict.fromkeys(spec.input_names, False)
     used: set[int] = set()
     steps = []
     for node in spec.nodes:
-        if node.op == "call_function":
-            if node.target in ops.ACTIVATIONS:
-                steps.append(_Call(make_leaf(ops.ACTIVATIONS[node.target](**node.options))))
-            else:
-                steps.append(_Function(node.target, node.options))
+        private = len(node.args) == 1 and fresh[node.args[0]] and readers[node.args[0]] == 1
+        if node.op == "call_function" and node.target not in ops.ACTIVATIONS:
+            steps.append(_Function(node.target, node.options))
+            fresh[node.name] = node.target in _FRESH
             continue
-        module = get_submodule(spec, node.target)
-        if isinstance(module, Container):
-            paths = [f"{node.target}.{path}" for path, _ in module.named_layers()]
+        if node.op == "call_function":
+            layer = ops.ACTIVATIONS[node.target](**node.options)
+            tree, fresh[node.name] = build_tree(layer, iter([make_leaf(layer)]), private)
         else:
-            paths = [node.target]
-        tree, _ = build_tree(module, _replicas([own[path] for path in paths], used), False)
+            module = get_submodule(spec, node.target)
+            if isinstance(module, Container):
+                paths = [f"{node.target}.{path}" for path, _ in module.named_layers()]
+            else:
+                paths = [node.target]
+            tree, fresh[node.name] = build_tree(module, _replicas([own[path] for path in paths], used), private)
         steps.append(_Call(tree))
     return GraphRun(spec, steps)
