@@ -348,12 +348,32 @@ def test_sequential_in_a_graph_keeps_its_keys():
         (lambda: Input((3,)).reshape(-1, 4), r"^reshape: cannot view per-sample shape \(3,\)"),
         (lambda: Input((3, 4))[:, 1:9:2], r"only integers and slices with step 1"),
         (lambda: ops.cat([Input((3,))], dim=0), r"dim 0 is the batch axis"),
+        (lambda: Graph.from_nodes({"x": (3,)}, [Node("c", "call_function", "cat", ("x",), (("dim", 1), ("foo", 2)))],
+                                  ["c"]), r"^node 'c' \(cat\): cat takes no argument 'foo'; expected among \['dim'\]$"),
+        (lambda: Graph.from_nodes({"x": (3,)}, [Node("a", "call_module", "fc.0", ("x",))], ["a"], {"fc": L.ReLU()}),
+         r"^Graph: node 'a' calls no module 'fc.0': fc has modules \[\]$"),
     ],
 )  # fmt: skip
 def test_bad_graphs_are_refused_in_one_line(build, message):
     with pytest.raises((ValueError, IndexError), match=message) as error:
         build()
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("backend", [NumpyLoop, TorchLoop], ids=["numpy", "torch"])
+def test_a_node_list_without_optional_arguments_uses_their_defaults(backend):
+    """flatten's start_dim defaults to 1 (nn.Flatten's), sum's dim to every per-sample axis."""
+    nodes = [
+        Node("flat", "call_function", "flatten", ("x",)),
+        Node("fc", "call_module", "fc", ("flat",)),
+        Node("total", "call_function", "sum", ("fc",)),
+    ]
+    model = Graph.from_nodes({"x": (2, 3)}, nodes, ["total"], {"fc": L.Linear(6, 4)})
+    loop = backend(model, dtype="float64")
+    x = np.arange(12.0).reshape(2, 2, 3)
+    state = loop.state_dict()
+    expected = (x.reshape(2, 6) @ state["fc.weight"].T + state["fc.bias"]).sum(1)
+    np.testing.assert_allclose(loop.predict(x), expected, rtol=1e-12)
 
 
 def test_graphs_need_the_capability():

@@ -35,11 +35,15 @@ ACTIVATIONS = {
 #: (``reverse=True``: the scalar on the left, ``1 - x``)
 BINARY = ("add", "sub", "mul", "div")
 
-#: every operation a call_function node may name
-OPS = (
-    *BINARY, "neg", "cat", "stack", "narrow", "select", "reshape", "flatten", "permute", "transpose",
-    "sum", "mean", "matmul", *ACTIVATIONS,
-)  # fmt: skip
+#: every operation a call_function node may name, with the keyword arguments it takes (PyTorch's
+#: names; an activation's are its layer spec's fields)
+ARGUMENTS = {
+    **{op: ("other", "reverse") for op in BINARY}, "neg": (), "cat": ("dim",), "stack": ("dim",),
+    "narrow": ("dim", "start", "length"), "select": ("dim", "index"), "reshape": ("shape",),
+    "flatten": ("start_dim", "end_dim"), "permute": ("dims",), "transpose": ("dim0", "dim1"),
+    "sum": ("dim", "keepdim"), "mean": ("dim", "keepdim"), "matmul": (),
+}  # fmt: skip
+OPS = (*ARGUMENTS, *ACTIVATIONS)
 
 
 # --- shape rules -------------------------------------------------------------------------------
@@ -95,6 +99,12 @@ def infer(op: str, shapes: Sequence[Shape], kwargs: dict, what: str) -> Shape:
     node in the ``ValueError``."""
     if op not in OPS:
         raise ValueError(f"{what}: unknown operation {op!r}; expected one of {', '.join(OPS)}")
+    unknown = sorted(set(kwargs) - set(ARGUMENTS.get(op, kwargs)))
+    if unknown:
+        raise ValueError(f"{what}: {op} takes no argument {unknown[0]!r}; expected among {list(ARGUMENTS[op])}")
+    for flag in ("reverse", "keepdim"):
+        if not isinstance(kwargs.get(flag, False), bool):
+            raise ValueError(f"{what}: {flag} must be True or False, got {kwargs[flag]!r}")
     arity = {"cat": None, "stack": None, "matmul": 2}.get(op, 2 if op in BINARY and "other" not in kwargs else 1)
     if (arity is None and not shapes) or (arity is not None and len(shapes) != arity):
         raise ValueError(f"{what}: {op} takes {arity or 'one or more'} tensor inputs, got {len(shapes)}")
