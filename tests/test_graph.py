@@ -376,6 +376,45 @@ def test_a_node_list_without_optional_arguments_uses_their_defaults(backend):
     np.testing.assert_allclose(loop.predict(x), expected, rtol=1e-12)
 
 
+def test_a_graph_inside_a_sequential_and_a_graph_inside_a_graph():
+    """Graphs nest both ways with PyTorch's keys, and both backends compute the same in float64."""
+    inner = tied()
+    x = Input((8,))
+    outer = Graph(x, inner(x) * 2.0, {"block": inner})
+    model = L.Sequential(outer, L.Linear(3, 2))
+    assert list(model.state_shapes()) == ["0.block.shared.weight", "0.block.shared.bias", "0.block.fc.weight",
+                                          "0.block.fc.bias", "1.weight", "1.bias"]  # fmt: skip
+    batch = (np.random.default_rng(0).random((4, 8)), np.array([0, 1, 1, 0]))
+    states, losses = [], []
+    for backend in (NumpyLoop, TorchLoop):
+        loop = backend(model, optimizer=SGD(lr=LR), dtype="float64")
+        losses.append([float(loop.step(batch)) for _ in range(3)])
+        states.append(loop.state_dict())
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-12)
+    for key in states[0]:
+        np.testing.assert_allclose(states[0][key], states[1][key], rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize(
+    ("x", "message"),
+    [
+        (np.zeros((4, 6)), r"^the model takes 2 inputs \['a', 'b'\]: pass a tuple or a dict of arrays, got ndarray$"),
+        ((np.zeros((4, 6)), np.zeros((3, 4))), r"^input 'b' must be a batch of shape \(N, \.\.\.\) with the same N"),
+        ((np.zeros((4, 6)), np.full((4, 4), np.nan)), r"^input 'b' contains NaN or infinite values$"),
+        (
+            (np.zeros((4, 5)), np.zeros((4, 4))),
+            r"^node 'fc1' calls fc1: Linear\(in_features=10, out_features=16, bias=True\) expects 10 input features "
+            r"per sample, got per-sample shape \(9,\)$",
+        ),
+    ],
+)
+def test_bad_inputs_of_a_two_input_graph_are_refused_in_one_line(x, message):
+    loop = NumpyLoop(two_inputs())
+    with pytest.raises(InputError, match=message) as error:
+        loop.predict(x)
+    assert "\n" not in str(error.value)
+
+
 def test_graphs_need_the_capability():
     """An adapter without the "graph" capability refuses a graph in one line, before building anything."""
     pytest.importorskip("chainer")

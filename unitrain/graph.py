@@ -270,8 +270,8 @@ class Graph(Container):
                     for key, value in before.items():  # a shared leaf: keep its fewest values per channel
                         if math.prod(value[1:]) < math.prod(seen[key][1:]):
                             seen[key] = value
-                except ValueError as error:
-                    raise ValueError(f"{what}: {error}") from None
+                except ValueError as error:  # the message starts with the module's path
+                    raise ValueError(f"{where}node {node.name!r} calls {error}") from None
             else:
                 shapes[node.name] = ops.infer(node.target, args, node.options, what)
         return shapes

@@ -61,10 +61,10 @@ def check_inputs(loop: TrainingLoop, x) -> tuple[np.ndarray, ...]:
         value = np.asarray(value)
         if value.dtype.kind not in "fiu":
             raise InputError(f"input {name!r} must be numeric, got dtype {value.dtype}")
-        value = value.astype(loop.dtype, copy=False)
-        if value.ndim < 2 or len(value) != len(np.asarray(x[0])):
+        if value.ndim < 2 or (arrays and len(value) != len(arrays[0])):
             raise InputError(f"input {name!r} must be a batch of shape (N, ...) with the same N as the others, "
                              f"got shape {value.shape}")  # fmt: skip
+        value = value.astype(loop.dtype, copy=False)
         if not np.isfinite(value).all():
             raise InputError(f"input {name!r} contains NaN or infinite values")
         arrays.append(value)

@@ -33,6 +33,13 @@ Adapters wrap the arrays without copying where the framework allows. A training 
 needs more than one value per BatchNorm channel (batch size times the spatial size there, as
 PyTorch demands); that too is refused before any framework work.
 
+A :class:`~unitrain.graph.Graph` model (capability ``graph``) may take several inputs and give
+several outputs: ``x`` is then a tuple of arrays in the graph's input order (or a dict by input
+name), predictions are a tuple, and the loss is a :class:`~unitrain.losses.PerOutputLoss` (one
+loss per output, summed) whose targets ``y`` are a tuple, each checked as above against its own
+loss and output; ``evaluate`` reports the sum of each output's loss. :meth:`submodule` gives a
+part of the model (an autoencoder's encoder) as a loop of its own.
+
 The user's own loss: ``CustomLoss(fn)`` records ``fn(pred, target)`` once as an expression
 tree over a small set of portable operations (:mod:`unitrain.expr`: arithmetic, powers,
 ``sum``/``mean``, ``abs exp log sqrt square maximum minimum log_softmax softmax``). An
