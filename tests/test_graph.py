@@ -34,7 +34,7 @@ from unitrain.backends.torch import TorchLoop
 from unitrain import layers as L
 from unitrain import ops
 from unitrain.data import ArrayDataset
-from unitrain.graph import Graph, Input, Node, from_dict
+from unitrain.graph import Graph, Input, Node, from_dict, to_dict
 from unitrain.loop import InputError
 from unitrain.losses import CrossEntropyLoss, MSELoss, PerOutputLoss
 from unitrain.optim import SGD
@@ -317,6 +317,13 @@ def test_node_list_and_round_trip():
     assert model.get_submodule("branch2.2") == L.Conv2d(4, 4, 3, padding=1)
     assert model.output_shape((4, 8, 8)) == (3,)
     assert model.output_shape((4, 16, 16)) == (3,)  # shapes re-inferred for another input size
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "lenet", "resnet18"])
+def test_every_preset_round_trips_through_json(name):
+    model = getattr(L, name)()
+    again = from_dict(json.loads(json.dumps(to_dict(model))))
+    assert again == model and list(again.state_shapes()) == list(model.state_shapes())
 
 
 def test_sequential_in_a_graph_keeps_its_keys():
