@@ -422,6 +422,48 @@ def test_bad_inputs_of_a_two_input_graph_are_refused_in_one_line(x, message):
     assert "\n" not in str(error.value)
 
 
+def many_ops():
+    """One input ``(12,)``; most operations between two Linear layers, the first called twice."""
+    x = Input((12,))
+    fc, head = L.Linear(12, 12), L.Linear(8, 3)
+    h = fc(ops.tanh(fc(x))).reshape(-1, 2, 3, 2)
+    a = ops.cat([h * h[:, 0:1], 1.0 - h / 2.0], dim=1)  # (4, 3, 2)
+    first, rest = a.split([1, 3], dim=1)
+    f = ops.stack([first.select(1, 0), -rest.mean(1)], dim=1)  # (2, 3, 2)
+    m = f.permute(0, 1, 3, 2) @ f  # (2, 2, 2)
+    u = ops.sigmoid(m).sum(3) + m.transpose(2, 3).sum(-1, keepdim=True).flatten(2, 3)  # (2, 2)
+    v = ops.softmax(u.flatten(), dim=1) + ops.gelu(ops.log_softmax(u, dim=2).flatten(1))  # (4,)
+    return Graph(x, head(ops.cat([v, ops.relu(v)], dim=1)), {"fc": fc, "head": head})
+
+
+@pytest.mark.parametrize("make", [many_ops, inception, tied])
+def test_onnx_export_of_a_graph_runs_as_unitrain(make, tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from unitrain.convert import convert
+    from unitrain.weights import save_safetensors
+
+    model = make()
+    loop = NumpyLoop(model)
+    save_safetensors(tmp_path / "w.safetensors", loop.state_dict())
+    convert(tmp_path / "w.safetensors", tmp_path / "m.onnx", model)
+    x = np.random.default_rng(0).normal(size=(16, *model.input_shapes[0])).astype(np.float32)
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(["output"], {"input": x})[0], loop.predict(x), rtol=0, atol=1e-4)
+
+
+def test_onnx_export_refuses_several_inputs_in_one_line(tmp_path):
+    pytest.importorskip("onnx")
+    from unitrain.convert import convert
+    from unitrain.weights import WeightsError, save_safetensors
+
+    model = two_inputs()
+    save_safetensors(tmp_path / "w.safetensors", init_weights(model, 0))
+    with pytest.raises(WeightsError, match=r"^the model: ONNX export takes graphs of one input and one output, "
+                                           r"this one has 2 and 1$"):  # fmt: skip
+        convert(tmp_path / "w.safetensors", tmp_path / "m.onnx", model)
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_graphs_need_the_capability():
     """An adapter without the "graph" capability refuses a graph in one line, before building anything."""
     pytest.importorskip("chainer")
