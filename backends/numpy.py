@@ -22,6 +22,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from unitrain import expr
+from unitrain.graph import Graph
 from unitrain.layers import (
     ELU,
     GELU,
@@ -54,10 +55,13 @@ from unitrain.losses import (
     L1Loss,
     MSELoss,
     NLLLoss,
+    PerOutputLoss,
     SmoothL1Loss,
 )
 from unitrain.optim import clip_grad_norm_scale, initial_buffer_value, optimizer_update
 from unitrain.randomness import dropout_mask, dropout_stream, set_stream_state, stream_state
+
+from . import numpy_graph
 
 # --- leaves --------------------------------------------------------------------------------------
 
@@ -702,20 +706,23 @@ class _Residual:
         return body_grad
 
 
-def _build(spec, leaves, private):
+def _build(spec, leaves, private, make_leaf=None):
     """The node tree of ``spec``, taking its leaves in ``named_layers`` order from ``leaves``.
     ``private``: whether the node's input is an array this pass made that nothing else reads
-    (so a ReLU may overwrite it). Returns the node and the same property of its output."""
+    (so a ReLU may overwrite it). Returns the node and the same property of its output.
+    ``make_leaf(spec)`` builds a graph's activation functions."""
+    if isinstance(spec, Graph):
+        return numpy_graph.build(spec, leaves, lambda *a: _build(*a, make_leaf), make_leaf), False
     if isinstance(spec, Sequential):
         nodes = []
         for _, child in spec.children:
-            node, private = _build(child, leaves, private)
+            node, private = _build(child, leaves, private, make_leaf)
             nodes.append(node)
         return _Sequence(nodes), private
     if isinstance(spec, Residual):
-        body, body_private = _build(spec.body, leaves, False)  # x feeds the shortcut too
-        shortcut = None if spec.shortcut is None else _build(spec.shortcut, leaves, False)[0]
-        post, private = (None, True) if spec.post is None else _build(spec.post, leaves, True)
+        body, body_private = _build(spec.body, leaves, False, make_leaf)  # x feeds the shortcut too
+        shortcut = None if spec.shortcut is None else _build(spec.shortcut, leaves, False, make_leaf)[0]
+        post, private = (None, True) if spec.post is None else _build(spec.post, leaves, True, make_leaf)
         return _Residual(body, shortcut, post, body_private), private
     layer = next(leaves)
     assert layer.spec is spec, "the tree walk must visit leaves in named_layers order"
@@ -833,14 +840,15 @@ class NumpyLoop(TrainingLoop):
     capabilities = frozenset({
         "dropout", "batchnorm", "conv", "float64", "random-state",
         "residual", "activations", "layernorm", "pooling", "losses", "custom-loss", "optimizers", "clipping",
-        "distributed", "training-controls",
+        "distributed", "training-controls", "graph",
     })  # fmt: skip
 
     def _build(self, model):
         self._rng = dropout_stream(self.seed, self.rank)
         named = list(model.named_layers())
         leaves = [_LAYERS[type(spec)](spec, self.dtype, self._rng) for _, spec in named]
-        self._root, _ = _build(model, iter(leaves), private=False)
+        make_leaf = lambda spec: _LAYERS[type(spec)](spec, self.dtype, self._rng)  # noqa: E731
+        self._root, _ = _build(model, iter(leaves), False, make_leaf)
         self._params, self._grads, self._state = {}, {}, {}
         for (prefix, _), layer in zip(named, leaves, strict=True):
             for key, value in {**layer.params, **layer.buffers}.items():
@@ -870,15 +878,23 @@ class NumpyLoop(TrainingLoop):
 
     @_quiet
     def _loss(self, pred, y):
-        if isinstance(self.loss_spec, CustomLoss):
-            value, grad = expr.numpy_value_and_grad(self.loss_spec.tree, pred, y)
-            return LossValue(self.dtype.type(value), grad.copy, self._forward_id)
-        terms, grad = _loss_terms(self.loss_spec, pred, y)
+        if isinstance(self.loss_spec, PerOutputLoss):  # PyTorch's loss1(out1, y1) + loss2(out2, y2)
+            parts = [self._loss_value(*part) for part in zip(self.loss_spec.losses, pred, y, strict=True)]
+            value = functools.reduce(lambda a, b: a + b, (value for value, _ in parts))
+            return LossValue(value, lambda: tuple(grad() for _, grad in parts), self._forward_id)
+        return LossValue(*self._loss_value(self.loss_spec, pred, y), self._forward_id)
+
+    def _loss_value(self, spec, pred, y):
+        """One loss's value and a function giving its gradient with respect to ``pred``."""
+        if isinstance(spec, CustomLoss):
+            value, grad = expr.numpy_value_and_grad(spec.tree, pred, y)
+            return self.dtype.type(value), grad.copy
+        terms, grad = _loss_terms(spec, pred, y)
         value = terms.sum()
-        if self.loss_spec.reduction == "mean":
+        if spec.reduction == "mean":
             value /= self.dtype.type(terms.size)  # a NumPy 1.x float32 scalar over a Python int gives float64
-            return LossValue(value, lambda: grad(1 / terms.size), self._forward_id)
-        return LossValue(value, lambda: grad(1), self._forward_id)
+            return value, lambda: grad(1 / terms.size)
+        return value, lambda: grad(1)
 
     @_quiet
     def _backward(self, loss):
@@ -945,6 +961,10 @@ class NumpyLoop(TrainingLoop):
 
     def _evaluate_batch(self, x, y):
         pred = self._run(x, record=False)
+        if isinstance(self.loss_spec, PerOutputLoss):
+            sums = [_loss_terms(spec, p, t)[0].sum(dtype=np.float64) for spec, p, t in zip(self.loss_spec.losses,
+                    pred, y, strict=True)]  # fmt: skip
+            return tuple(map(float, sums)), 0
         terms, _ = _loss_terms(self.loss_spec, pred, y)
         correct = int((pred.argmax(1) == y).sum()) if y.dtype.kind in "iu" else 0
         return float(terms.sum(dtype=np.float64)), correct

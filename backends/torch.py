@@ -30,8 +30,11 @@ from torch import nn
 from torch.nn.utils import skip_init
 
 from unitrain import expr, layers, losses, optim
+from unitrain.graph import Graph
 from unitrain.loop import CAPABILITIES, TrainingLoop
 from unitrain.randomness import rank_seed
+
+from .torch_graph import GraphModule
 
 _DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
 
@@ -87,6 +90,8 @@ class _Residual(nn.Module):
 
 
 def _module(spec: layers.Layer, dtype: torch.dtype) -> nn.Module:
+    if isinstance(spec, Graph):
+        return GraphModule(spec, {name: _module(child, dtype) for name, child in spec.children})
     if isinstance(spec, layers.Sequential):
         return nn.Sequential(OrderedDict((name, _module(child, dtype)) for name, child in spec.children))
     if isinstance(spec, layers.Residual):
@@ -172,6 +177,11 @@ class TorchLoop(TrainingLoop):
 
     def _make_criterion(self, spec: losses.Loss):
         """``criterion(pred, y, reduction=None)``: the loss as torch computes it (None: the spec's reduction)."""
+        if isinstance(spec, losses.PerOutputLoss):  # loss1(out1, y1) + loss2(out2, y2), as a PyTorch loop writes it
+            criteria = [self._make_criterion(part) for part in spec.losses]
+            return lambda preds, ys, reduction=None: sum(
+                criterion(pred, y, reduction) for criterion, pred, y in zip(criteria, preds, ys, strict=True)
+            )
         if isinstance(spec, losses.CustomLoss):
             # the user's own loss: its recorded expression on torch tensors, differentiated by autograd;
             # it reduces itself (the core evaluates it per sample)
@@ -181,7 +191,9 @@ class TorchLoop(TrainingLoop):
         arguments = {field.name: getattr(spec, field.name) for field in fields(spec) if field.name != "reduction"}
         return lambda pred, y, reduction=None: function(pred, y, **arguments, reduction=reduction or spec.reduction)
 
-    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+    def _tensor(self, array: np.ndarray | tuple) -> torch.Tensor | tuple:
+        if isinstance(array, tuple):  # several inputs or targets of a graph
+            return tuple(self._tensor(part) for part in array)
         # from_numpy shares the batch's memory; it rejects negative strides and warns on
         # read-only arrays, so those (rare) are copied first.
         if not (array.flags.writeable and array.flags.c_contiguous):
@@ -191,14 +203,17 @@ class TorchLoop(TrainingLoop):
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         """The model's forward; in training, random draws (dropout) come from the loop's stream."""
         if not self.model.training:
-            return self.model(x)
+            return self._call(x)
         outer = self._generator.get_state()
         self._generator.set_state(self._rng_state)
         try:
-            return self.model(x)
+            return self._call(x)
         finally:
             self._rng_state = self._generator.get_state()
             self._generator.set_state(outer)
+
+    def _call(self, x: torch.Tensor | tuple) -> torch.Tensor | tuple:
+        return self.model(*x) if isinstance(x, tuple) else self.model(x)
 
     def _loss_of(self, pred: torch.Tensor, y: np.ndarray, reduction: str | None = None) -> torch.Tensor:
         return self._criterion(pred, self._tensor(y), reduction)
@@ -263,7 +278,7 @@ class TorchLoop(TrainingLoop):
         loss = self._loss_of(pred, y)
         loss.backward()
         self._update()
-        self._step_pred = pred.detach()
+        self._step_pred = pred.detach() if isinstance(pred, torch.Tensor) else None
         return loss.detach()
 
     def _step_correct(self, y: np.ndarray) -> torch.Tensor:
@@ -278,11 +293,16 @@ class TorchLoop(TrainingLoop):
 
     def _predict(self, x: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            return _numpy(self.model(self._tensor(x)))
+            pred = self._call(self._tensor(x))
+            return tuple(map(_numpy, pred)) if isinstance(pred, tuple) else _numpy(pred)
 
     def _evaluate_batch(self, x: np.ndarray, y: np.ndarray) -> tuple[float, int]:
         with torch.no_grad():
-            pred = self.model(self._tensor(x))
+            pred = self._call(self._tensor(x))
+            if isinstance(self.loss_spec, losses.PerOutputLoss):
+                criteria = [self._make_criterion(part) for part in self.loss_spec.losses]
+                sums = [float(c(p, self._tensor(t), "sum")) for c, p, t in zip(criteria, pred, y, strict=True)]
+                return tuple(sums), 0
             total = self._loss_of(pred, y, "sum")
             if y.dtype.kind != "i":  # not class indices: no accuracy
                 return float(total), 0

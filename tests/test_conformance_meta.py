@@ -12,6 +12,7 @@ from typing import ClassVar
 import numpy as np
 import pytest
 from unitrain.backends import numpy as numpy_backend
+from unitrain.backends import numpy_graph
 from unitrain.backends.numpy import LossValue, NumpyLoop, _loss_terms
 from unitrain.conformance import CHECKS, run_check, run_checks
 
@@ -500,3 +501,81 @@ def test_a_broken_graph_or_layer_is_caught_by_the_right_check(adapter, check):
     message, result = failure(adapter, check)
     assert_same_report(message, CAUGHT_ISSUE8[adapter, check])
     assert result.max_error > result.tolerance
+
+
+# --- issue 15: broken graph execution ----------------------------------------------------------------
+
+
+def _graph_steps(node):
+    """Every step of the NumPy backend's graph runners in the built tree, nested graphs included."""
+    for step in getattr(node, "steps", ()):
+        yield step
+        yield from _graph_steps(getattr(step, "tree", None))
+
+
+class _BrokenGraph(NumpyLoop):
+    """The NumPy backend with :meth:`breaks` applied to every step of its graph runners."""
+
+    def _build(self, model):
+        super()._build(model)
+        for step in list(_graph_steps(self._root)):
+            self.breaks(step)
+
+    def breaks(self, step):
+        raise NotImplementedError
+
+
+class ConcatSwapsItsInputs(_BrokenGraph):
+    def breaks(self, step):
+        if isinstance(step, numpy_graph._Function) and step.forward_rule is numpy_graph.FUNCTIONS["cat"][0]:
+            forward, backward = step.forward_rule, step.backward_rule
+            step.forward_rule = lambda args, kwargs: forward(args[::-1], kwargs)
+            step.backward_rule = lambda grad, cache, kwargs, need: backward(grad, cache, kwargs, need)[::-1]
+
+
+class SliceOffByOne(_BrokenGraph):
+    def breaks(self, step):
+        narrow = isinstance(step, numpy_graph._Function) and step.forward_rule is numpy_graph.FUNCTIONS["narrow"][0]
+        if narrow and step.kwargs["start"] > 0:  # one element early: still in bounds, the wrong values
+            step.kwargs = {**step.kwargs, "start": step.kwargs["start"] - 1}
+
+
+class TiedWeightsUpdatedTwice(NumpyLoop):
+    """Applies the SGD step once more to the parameters of a module called at several nodes, as an
+    adapter would that registered the tied weight once per call."""
+
+    def _update(self):
+        super()._update()
+        spec = self.model_spec
+        calls = [node.target for node in getattr(spec, "nodes", ()) if node.op == "call_module"]
+        for name, param in self._params.items():
+            if calls.count(name.rsplit(".", 1)[0]) > 1:
+                param -= self.lr * self._grads[name]
+
+
+CAUGHT_ISSUE15 = {
+    (ConcatSwapsItsInputs, "check_graph_concat_split"):
+        "concat then split: predict() output 0: expected -0.297431, got 0.242469 at index (4, 0); "
+        "max error 0.54 > tolerance 5.34e-05",
+    (SliceOffByOne, "check_graph_concat_split"):
+        "concat then split: predict() output 0: expected -0.297431, got 0.42935 at index (4, 0); "
+        "max error 0.727 > tolerance 5.34e-05",
+    (SliceOffByOne, "check_graph_ops"):
+        "every-op graph: predict() output 0: expected 0.883586, got -0.015956 at index (6, 0); "
+        "max error 0.9 > tolerance 0.00054",
+    (TiedWeightsUpdatedTwice, "check_graph_shared_weights"):
+        "tied weights after one SGD step 'shared.weight': expected -0.277868, got -0.248965 at index (3, 3); "
+        "max error 0.0289 > tolerance 0.000366",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("adapter", "check"), CAUGHT_ISSUE15, ids=[f"{a.__name__}-{c}" for a, c in CAUGHT_ISSUE15])
+def test_a_broken_graph_execution_is_caught_by_the_right_check(adapter, check):
+    message, result = failure(adapter, check)
+    assert message == CAUGHT_ISSUE15[adapter, check]
+    assert result.max_error > result.tolerance
+
+
+def test_the_intact_backend_passes_the_graph_checks():
+    for check in {check for _, check in CAUGHT_ISSUE15}:
+        assert run_check(NumpyLoop, check).status == "pass", check

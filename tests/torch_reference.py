@@ -101,15 +101,29 @@ def optimizer_buffers(model, optimizer):
     }
 
 
-def train_torch(model, optimizer, batches, scheduler=None):
-    """The hand-written PyTorch training loop (cross-entropy, inputs in the model's dtype; ``scheduler``
-    stepped after each optimizer step, as OneCycleLR wants); returns each loss."""
+def _tensors(value, dtype=None):
+    """An array, or a tuple of arrays (several inputs or targets), as tensors (floats in ``dtype``)."""
+    if isinstance(value, tuple):
+        return tuple(_tensors(part, dtype) for part in value)
+    tensor = torch.from_numpy(value)
+    return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+
+def _reversed(value):
+    return tuple(map(_reversed, value)) if isinstance(value, tuple) else value[::-1].copy()
+
+
+def train_torch(model, optimizer, batches, scheduler=None, criterion=F.cross_entropy):
+    """The hand-written PyTorch training loop (``criterion(output, target)``, cross-entropy by default;
+    inputs in the model's dtype, a tuple of them passed as several arguments; ``scheduler`` stepped
+    after each optimizer step, as OneCycleLR wants); returns each loss."""
     dtype = next(model.parameters()).dtype
     model.train()
     losses = []
     for x, y in batches:
         optimizer.zero_grad()
-        loss = F.cross_entropy(model(torch.from_numpy(x).to(dtype)), torch.from_numpy(y))
+        x = _tensors(x, dtype)
+        loss = criterion(model(*x) if isinstance(x, tuple) else model(x), _tensors(y, dtype))
         loss.backward()
         optimizer.step()
         if scheduler is not None:
@@ -172,17 +186,17 @@ class TorchRuns(NamedTuple):
     reversed: TorchRun
 
 
-def torch_runs(make_model, make_optimizer, batches, make_scheduler=None):
+def torch_runs(make_model, make_optimizer, batches, make_scheduler=None, criterion=F.cross_entropy):
     """The hand-written loop trained on ``batches`` from the same initial weights (``make_model(dtype)``),
     with ``make_scheduler(optimizer)`` stepped per batch if given, as ``TorchRuns``. The models must
     hold no dropout (its masks follow the sample order); mean losses and batch statistics ignore it."""
-    batches_reversed = [(x[::-1].copy(), y[::-1].copy()) for x, y in batches]
+    batches_reversed = [(_reversed(x), _reversed(y)) for x, y in batches]
     runs = []
     for dtype, data in ((torch.float32, batches), (torch.float64, batches), (torch.float32, batches_reversed)):
         model = make_model(dtype)
         optimizer = make_optimizer(model.parameters())
         scheduler = None if make_scheduler is None else make_scheduler(optimizer)
-        losses = np.array(train_torch(model, optimizer, data, scheduler))
+        losses = np.array(train_torch(model, optimizer, data, scheduler, criterion))
         runs.append(TorchRun(numpy_state(model), optimizer_buffers(model, optimizer), {"loss": losses}))
     return TorchRuns(*runs)
 

@@ -362,7 +362,8 @@ class Onnx(Format):
         onnx = _import("onnx", "onnx")  # before onnx_export, which imports it
         from .onnx_export import to_onnx
 
-        graph = to_onnx(model, state, INPUT_SHAPE)
+        # a graph declares its input's shape; the presets take MNIST's
+        graph = to_onnx(model, state, model.input_shapes[0] if hasattr(model, "input_shapes") else INPUT_SHAPE)
         onnx.checker.check_model(graph, full_check=True)
         onnx.save_model(graph, str(path))
 

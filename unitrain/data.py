@@ -97,6 +97,20 @@ class DataError(ValueError):
     """A data file that is missing, truncated, corrupted or of the wrong kind."""
 
 
+def _arrays(value):
+    """An array, or a tuple of arrays as such (several inputs or outputs)."""
+    several = isinstance(value, tuple) and value and all(isinstance(v, np.ndarray) for v in value)
+    return tuple(value) if several else np.asarray(value)
+
+
+def _count(value) -> int:
+    return len(value[0]) if isinstance(value, tuple) else len(value)
+
+
+def _take(value, index):
+    return tuple(v[index] for v in value) if isinstance(value, tuple) else value[index]
+
+
 def num_batches(num_samples: int, batch_size: int, drop_last: bool = False) -> int:
     """Batches per epoch: the last one holds the remaining samples, or with ``drop_last`` (PyTorch's
     DataLoader, MindSpore's ``drop_remainder``) those are left out."""
@@ -110,7 +124,10 @@ class ArrayDataset:
     A loaded dataset also says how it was made: ``normalization`` (the mean and std its pixels
     were normalised with, and where they come from), ``classes`` (class names, index order) and
     ``augmentation`` (applied to each training batch by :meth:`batches`; see
-    :class:`~unitrain.transforms.Augmentation`)."""
+    :class:`~unitrain.transforms.Augmentation`).
+
+    A model with several inputs (outputs) takes a tuple of arrays as ``x`` (``y``), one per
+    input (output), of equal length (see :mod:`unitrain.graph`)."""
 
     x: np.ndarray
     y: np.ndarray
@@ -119,8 +136,11 @@ class ArrayDataset:
     augmentation: Augmentation | None = field(default=None, compare=False)
 
     def __post_init__(self):
-        if len(self.x) != len(self.y):
-            raise DataError(f"x has {len(self.x)} samples but y has {len(self.y)}")
+        for part in (self.x, self.y):
+            if isinstance(part, tuple) and len({len(value) for value in part}) > 1:
+                raise DataError(f"the arrays of a tuple must have equal lengths, got {[len(v) for v in part]}")
+        if _count(self.x) != _count(self.y):
+            raise DataError(f"x has {_count(self.x)} samples but y has {_count(self.y)}")
 
     @classmethod
     def of(cls, data) -> ArrayDataset:
@@ -130,10 +150,10 @@ class ArrayDataset:
             x, y = data
         except (TypeError, ValueError):
             raise TypeError(f"expected an ArrayDataset or a pair (x, y), got {type(data).__name__}") from None
-        return cls(np.asarray(x), np.asarray(y))
+        return cls(_arrays(x), _arrays(y))
 
     def __len__(self) -> int:
-        return len(self.x)
+        return _count(self.x)
 
     def num_batches(self, batch_size: int, drop_last: bool = False) -> int:
         return num_batches(len(self), batch_size, drop_last)
@@ -150,15 +170,12 @@ class ArrayDataset:
         order = self.order(shuffle, seed, epoch)
         end = self.num_batches(batch_size, drop_last) * batch_size
         for index, begin in enumerate(range(start * batch_size, min(end, len(self)), batch_size), start=start):
-            if order is None:
-                x, y = self.x[begin : begin + batch_size], self.y[begin : begin + batch_size]
-            else:
-                chosen = order[begin : begin + batch_size]
-                x, y = self.x[chosen], self.y[chosen]
+            chosen = slice(begin, begin + batch_size) if order is None else order[begin : begin + batch_size]
+            x, y = _take(self.x, chosen), _take(self.y, chosen)
             yield (x if self.augmentation is None else self.augmentation(x, seed, epoch, index)), y
 
     def subset(self, index) -> ArrayDataset:
-        return dataclasses.replace(self, x=self.x[index], y=self.y[index])
+        return dataclasses.replace(self, x=_take(self.x, index), y=_take(self.y, index))
 
     def split(self, first: int, seed: int = 0) -> tuple[ArrayDataset, ArrayDataset]:
         """Random split into ``first`` and ``len - first`` samples, like Chainer's

@@ -92,6 +92,12 @@ class Layer:
         """Inputs feeding one output unit; sets the init bound ``1/sqrt(fan_in)``."""
         raise NotImplementedError
 
+    def __call__(self, *inputs):
+        """On symbolic tensors (:mod:`unitrain.ops`): record a call of this layer in a graph."""
+        from .ops import call_layer  # ops imports this module
+
+        return call_layer(self, inputs)
+
 
 # --- leaves with weights ---------------------------------------------------------------------
 

@@ -35,6 +35,13 @@ Adapters wrap the arrays without copying where the framework allows. A training 
 needs more than one value per BatchNorm channel (batch size times the spatial size there, as
 PyTorch demands); that too is refused before any framework work.
 
+A :class:`~unitrain.graph.Graph` model (capability ``graph``) may take several inputs and give
+several outputs: ``x`` is then a tuple of arrays in the graph's input order (or a dict by input
+name), predictions are a tuple, and the loss is a :class:`~unitrain.losses.PerOutputLoss` (one
+loss per output, summed) whose targets ``y`` are a tuple, each checked as above against its own
+loss and output; ``evaluate`` reports the sum of each output's loss. :meth:`submodule` gives a
+part of the model (an autoencoder's encoder) as a loop of its own.
+
 The user's own loss: ``CustomLoss(fn)`` records ``fn(pred, target)`` once as an expression
 tree over a small set of portable operations (:mod:`unitrain.expr`: arithmetic, powers,
 ``sum``/``mean``, ``abs exp log sqrt square maximum minimum log_softmax softmax``). An
@@ -149,7 +156,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from . import expr
+from . import expr, graph_batches
 from . import weights as weights_io
 from .controls import EarlyStopping, EarlyStoppingState, ParamGroup, resolve_groups
 from .data import ArrayDataset, DataError
@@ -169,8 +176,10 @@ CAPABILITIES = frozenset({
     "optimizers", "clipping",
     # data parallel on the framework's own engine (``launcher`` names its launcher)
     "distributed",
-    # issue 16: frozen parameters and parameter groups (unitrain.controls), gradient accumulation
+    # frozen parameters and parameter groups (unitrain.controls), gradient accumulation
     "training-controls",
+    # unitrain.graph.Graph models (several inputs and outputs, shared layers, tensor operations)
+    "graph",
 })  # fmt: skip
 
 
@@ -268,6 +277,8 @@ class TrainingLoop(ABC):
         self._shard_correct: float | None = None
         #: ``fit``'s last training batch: its samples and correct predictions (native; None if not counted)
         self.last_batch_size, self.last_batch_correct = 0, None
+        #: a graph's numbers of inputs and outputs (see :mod:`unitrain.graph`); 1 for other models
+        self._input_count, self._output_count = graph_batches.check_model(self, model, loss, distributed)
         if isinstance(model, Container):
             check_buildable(model, self.dtype.itemsize)
             self.model_spec: Container | None = model
@@ -477,7 +488,7 @@ class TrainingLoop(ABC):
         """Model output for a batch (native tensor); in training mode it is differentiable."""
         x = self._check_x(x)
         self._check_batch_statistics(x)
-        self._forward_shape = x.shape
+        self._forward_shape = x.shape if self._input_count == 1 else (len(x[0]), tuple(a.shape[1:] for a in x))
         return self._forward(x)
 
     def loss(self, pred: Any, y: np.ndarray) -> Any:
@@ -485,7 +496,7 @@ class TrainingLoop(ABC):
         if self._forward_shape is None:
             raise RuntimeError("loss() needs the predictions of a forward() call first")
         n, *sample_shape = self._forward_shape
-        return self._loss(pred, self._check_y(y, n, tuple(sample_shape)))
+        return self._loss(pred, self._check_y(y, n, tuple(sample_shape) if self._input_count == 1 else sample_shape[0]))
 
     def backward(self, loss: Any) -> None:
         """Accumulate the gradients of ``loss`` (as returned by :meth:`loss`)."""
@@ -601,6 +612,8 @@ class TrainingLoop(ABC):
     def predict(self, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
         """Model outputs (NumPy, ``self.dtype``) in eval mode; changes no state."""
         x = self._check_x(x)
+        if self._input_count > 1 or self._output_count > 1:
+            return graph_batches.predict(self, x, batch_size)
         with _eval_mode(self):
             outputs = [self._predict(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
         return np.concatenate(outputs) if outputs else np.zeros((0,), self.dtype)
@@ -618,6 +631,8 @@ class TrainingLoop(ABC):
         dataset = ArrayDataset.of(dataset)
         if len(dataset) == 0:  # no mean loss, no accuracy: only NaN and 0/0
             raise DataError("evaluate: the dataset holds no samples; expected at least one")
+        if self._output_count > 1:
+            return graph_batches.evaluate(self, dataset, batch_size)
         total_loss, correct, squared, absolute = 0.0, 0, 0.0, 0.0
         accuracy, errors = self._measures(np.asarray(dataset.y))
         class_indices = self._class_indices(np.asarray(dataset.y))
@@ -746,7 +761,7 @@ class TrainingLoop(ABC):
         if start_batch % group:
             raise ValueError(f"start_batch {start_batch} is inside an optimizer step of {group} batches; "
                              f"a resume starts at a multiple of {group}")  # fmt: skip
-        count_correct = self._class_indices(np.asarray(train_data.y))
+        count_correct = self._output_count == 1 and self._class_indices(np.asarray(train_data.y))
         if early_stopping is not None:
             if not isinstance(early_stopping, EarlyStopping):
                 raise TypeError(f"early_stopping must be a unitrain.controls.EarlyStopping, got {early_stopping!r}")
@@ -782,13 +797,13 @@ class TrainingLoop(ABC):
                         if len(pending) < group and index + 1 < batches_per_epoch:
                             continue
                         loss, correct = self._accumulated_step(pending, group, count_correct)
-                        samples = sum(len(x) for _, x, _ in pending)
+                        samples = sum(_samples(y) for _, _, y in pending)
                         pending = []
                     else:
                         loss = self.step((x, y))
                         if count_correct:
                             correct = self._shard_correct if self.world_size > 1 else self._step_correct(y)
-                        samples = len(x)
+                        samples = _samples(y)
                     losses.append(loss)
                     seen += samples
                     self.last_batch_size, self.last_batch_correct = samples, None
@@ -879,6 +894,13 @@ class TrainingLoop(ABC):
         tensors, _ = weights_io.load_safetensors(path, lambda declared: weights_io.check_state(shapes, declared, path))
         self.load_state_dict(tensors, source=str(path))
 
+    def submodule(self, path: str, loss: Loss | None = None, optimizer: Optimizer | None = None) -> TrainingLoop:
+        """The module at dotted ``path`` of the model (``"encoder"`` of an autoencoder
+        :class:`~unitrain.graph.Graph`) as a new loop of this backend holding its current weights
+        (keys without the ``path.`` prefix) and this loop's mode: predict, evaluate, save or train
+        it alone; this loop is not changed."""
+        return graph_batches.submodule(self, path, loss, optimizer)
+
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
         """Trainable parameters' names and shapes (the keys of :meth:`gradients`: frozen ones left out)."""
         if self.model_spec is not None:
@@ -940,6 +962,8 @@ class TrainingLoop(ABC):
     # --- input checks ---------------------------------------------------------------------
 
     def _check_x(self, x) -> np.ndarray:
+        if self._input_count > 1:
+            return graph_batches.check_inputs(self, x)
         x = np.asarray(x)
         if x.dtype != self.dtype:
             if x.dtype.kind not in "fiu":
@@ -973,26 +997,34 @@ class TrainingLoop(ABC):
         """A training forward needs more than one value per BatchNorm channel (as PyTorch)."""
         if not self.training or self.model_spec is None:
             return
-        norm = self._facts(x.shape[1:])[1]
-        if norm is not None and len(x) * norm[1] < 2:
+        n, sample_shape = (
+            (len(x), x.shape[1:]) if self._input_count == 1 else (len(x[0]), tuple(a.shape[1:] for a in x))
+        )
+        norm = self._facts(sample_shape)[1]
+        if norm is not None and n * norm[1] < 2:
             raise InputError(
                 f"{norm[0]}: BatchNorm in training needs more than one value per channel, but a batch of "
-                f"{len(x)} gives {len(x) * norm[1]} there; use batches of 2 or more (or eval mode)"
+                f"{n} gives {n * norm[1]} there; use batches of 2 or more (or eval mode)"
             )
 
     def _check_y(self, y, n: int, sample_shape=None) -> np.ndarray:
         """Targets checked against the loss spec and, for spec models, the output shape (see
         the module docstring); returns int64 class indices or ``self.dtype`` values."""
+        output = None
+        if sample_shape is not None and self.model_spec is not None:
+            output = self._output_shape(sample_shape)
+        if self._output_count > 1:
+            return graph_batches.check_targets(self, y, n, output)
+        return self._check_target(self.loss_spec, y, n, output)
+
+    def _check_target(self, spec: Loss, y, n: int, output: tuple[int, ...] | None) -> np.ndarray:
+        """``y`` checked against one loss spec and, when known, the per-sample ``output`` shape."""
         y = np.asarray(y)
-        spec = self.loss_spec
         loss_name = type(spec).__name__
         if y.ndim == 0 or len(y) != n:
             raise InputError(f"got {n} inputs but targets of shape {y.shape}")
         if y.dtype.kind not in "fiub":
             raise InputError(f"targets must be numeric, got dtype {y.dtype}")
-        output = None
-        if sample_shape is not None and self.model_spec is not None:
-            output = self._output_shape(sample_shape)
         if spec.class_targets and y.dtype.kind in "iu":
             return self._check_class_indices(y, output, loss_name)
         if not spec.float_targets:
@@ -1039,6 +1071,8 @@ class TrainingLoop(ABC):
         except (TypeError, ValueError):
             raise InputError(f"a batch must be a pair (x, y), got {type(batch).__name__}") from None
         x = self._check_x(x)
+        if self._input_count > 1:
+            return x, self._check_y(y, len(x[0]), tuple(a.shape[1:] for a in x))
         return x, self._check_y(y, len(x), x.shape[1:])
 
 
@@ -1063,6 +1097,11 @@ def _call(extensions, hook: str, *args) -> None:
         method = getattr(extension, hook, None)
         if method is not None:
             method(*args)
+
+
+def _samples(y) -> int:
+    """How many samples a batch's targets hold (a tuple: one array per output)."""
+    return len(y[0]) if isinstance(y, tuple) else len(y)
 
 
 def _check_count(name: str, value, minimum: int) -> None:

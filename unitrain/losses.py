@@ -140,6 +140,24 @@ class CustomLoss(Loss):
         object.__setattr__(self, "tree", expr.trace(self.fn))
 
 
+@dataclass(frozen=True, init=False)
+class PerOutputLoss(Loss):
+    """One loss per output of a model with several outputs (a :class:`~unitrain.graph.Graph`),
+    summed: ``PerOutputLoss(CrossEntropyLoss(), MSELoss())`` is PyTorch's
+    ``F.cross_entropy(out1, y1) + F.mse_loss(out2, y2)``. Targets are a tuple ``(y1, y2)``, each
+    checked against its own loss and output."""
+
+    losses: tuple[Loss, ...]
+
+    def __init__(self, *losses: Loss):
+        if len(losses) == 1 and isinstance(losses[0], (list, tuple)):
+            losses = tuple(losses[0])
+        if len(losses) < 2 or not all(isinstance(loss, Loss) and not isinstance(loss, PerOutputLoss)
+                                      for loss in losses):  # fmt: skip
+            raise ValueError(f"PerOutputLoss: needs two or more loss specs (one per output), got {losses!r}")
+        object.__setattr__(self, "losses", tuple(losses))
+
+
 #: the losses a run names (``--loss``), with their default arguments
 LOSSES = {
     "cross-entropy": CrossEntropyLoss, "nll": NLLLoss, "mse": MSELoss, "l1": L1Loss,

@@ -13,7 +13,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from . import layers
+from . import layers, ops
+from .graph import Graph, get_submodule
 from .weights import State, WeightsError
 
 OPSET = 20  # the first with Gelu
@@ -21,13 +22,21 @@ OPSET = 20  # the first with Gelu
 
 class _Graph:
     def __init__(self, state: State):
-        self.state, self.nodes, self.initializers, self._count = state, [], [], 0
+        self.state, self.nodes, self.initializers, self._count, self._named = state, [], [], 0, set()
 
-    def tensor(self, name: str, value: np.ndarray | None = None) -> str:
-        """Add unitrain's tensor ``name`` (or ``value`` under that name) as a float32 initializer."""
-        array = self.state[name] if value is None else value
-        self.initializers.append(numpy_helper.from_array(np.asarray(array, np.float32), name))
+    def tensor(self, name: str, value: np.ndarray | None = None, dtype=np.float32) -> str:
+        """Add unitrain's tensor ``name`` (or ``value`` under that name) as an initializer, once
+        (a module a graph calls twice reads the same weights)."""
+        if name not in self._named:
+            array = self.state[name] if value is None else value
+            self.initializers.append(numpy_helper.from_array(np.asarray(array, dtype), name))
+            self._named.add(name)
         return name
+
+    def ints(self, path: str, values) -> str:
+        """An int64 initializer (axes, starts, shapes: inputs of Slice, Reshape, Unsqueeze, Reduce*)."""
+        self._count += 1
+        return self.tensor(f"{path}:ints{self._count}", np.asarray(values, np.int64), np.int64)
 
     def op(self, kind: str, inputs: list[str], path: str, **attributes) -> str:
         self._count += 1
@@ -99,6 +108,8 @@ def _leaf(graph: _Graph, layer: layers.Layer, x: str, path: str, shape: tuple[in
 def _node(graph: _Graph, layer: layers.Layer, x: str, path: str, shape) -> tuple[str, tuple[int, ...]]:
     """``layer`` (a leaf or a container) applied to ``x``: its output and per-sample shape."""
     join = (lambda name: f"{path}.{name}") if path else (lambda name: name)
+    if isinstance(layer, Graph):
+        return _graph(graph, layer, x, path, shape)
     if isinstance(layer, layers.Sequential):
         for name, child in layer.children:
             x, shape = _node(graph, child, x, join(name), shape)
@@ -117,8 +128,77 @@ def _node(graph: _Graph, layer: layers.Layer, x: str, path: str, shape) -> tuple
     return _leaf(graph, layer, x, path, shape), tuple(layer.output_shape(shape))
 
 
+_BINARY = {"add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div"}
+
+
+def _function(graph: _Graph, op: str, args: list[str], kw: dict, path: str, shapes: list) -> str:
+    """A graph operation (:data:`unitrain.ops.OPS`) as ONNX nodes; ``shapes``: its inputs' per-sample shapes."""
+    if op in _BINARY:
+        if len(args) == 1:
+            other = graph.tensor(f"{path}.other", np.asarray(kw["other"]))
+            args = [other, args[0]] if kw.get("reverse") else [args[0], other]
+        return graph.op(_BINARY[op], args, path)
+    if op == "neg":
+        return graph.op("Neg", args, path)
+    if op == "cat":
+        return graph.op("Concat", args, path, axis=kw["dim"])
+    if op == "stack":
+        dim = kw["dim"] % (len(shapes[0]) + 2)
+        return graph.op("Concat", [graph.op("Unsqueeze", [a, graph.ints(path, [dim])], path) for a in args], path,
+                        axis=dim)  # fmt: skip
+    if op == "narrow":
+        start, dim = kw["start"], kw["dim"]
+        bounds = [graph.ints(path, [value]) for value in (start, start + kw["length"], dim)]
+        return graph.op("Slice", [args[0], *bounds], path)
+    if op == "select":
+        index = kw["index"] % shapes[0][kw["dim"] % (len(shapes[0]) + 1) - 1]
+        return graph.op("Gather", [args[0], graph.ints(path, index)], path, axis=kw["dim"])
+    if op in ("reshape", "flatten"):
+        out = ops.infer(op, shapes, kw, path)
+        return graph.op("Reshape", [args[0], graph.ints(path, [0, *out])], path)  # 0: the batch as it is
+    if op == "permute":
+        return graph.op("Transpose", args, path, perm=[d % (len(shapes[0]) + 1) for d in kw["dims"]])
+    if op == "transpose":
+        perm = list(range(len(shapes[0]) + 1))
+        a, b = (kw[name] % len(perm) for name in ("dim0", "dim1"))
+        perm[a], perm[b] = perm[b], perm[a]
+        return graph.op("Transpose", args, path, perm=perm)
+    if op in ("sum", "mean"):
+        axes = graph.ints(path, ops.reduced_dims(kw.get("dim"), len(shapes[0]) + 1, op))
+        kind = "ReduceSum" if op == "sum" else "ReduceMean"
+        return graph.op(kind, [args[0], axes], path, keepdims=int(kw.get("keepdim", False)))
+    if op == "matmul":
+        return graph.op("MatMul", args, path)
+    return _leaf(graph, ops.ACTIVATIONS[op](**kw), args[0], path, shapes[0])
+
+
+def _one_input_one_output(model: Graph, path: str) -> None:
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise WeightsError(f"{path or 'the model'}: ONNX export takes graphs of one input and one output, "
+                           f"this one has {len(model.inputs)} and {len(model.outputs)}")  # fmt: skip
+
+
+def _graph(graph: _Graph, model: Graph, x: str, path: str, shape) -> tuple[str, tuple[int, ...]]:
+    """A single-input, single-output Graph's nodes, in order."""
+    join = (lambda name: f"{path}.{name}") if path else (lambda name: name)
+    _one_input_one_output(model, path)
+    shapes = model._infer([shape], path, {})
+    values = {model.input_names[0]: x}
+    for node in model.nodes:
+        args = [values[arg] for arg in node.args]
+        if node.op == "call_module":
+            module = get_submodule(model, node.target)
+            values[node.name], _ = _node(graph, module, args[0], join(node.target), shapes[node.args[0]])
+        else:
+            arg_shapes = [shapes[arg] for arg in node.args]
+            values[node.name] = _function(graph, node.target, args, node.options, join(node.name), arg_shapes)
+    return values[model.outputs[0]], shapes[model.outputs[0]]
+
+
 def to_onnx(model: layers.Container, state: State, input_shape: tuple[int, ...]) -> onnx.ModelProto:
     """The spec ``model`` with the weights ``state`` as an ONNX model taking ``(N, *input_shape)``."""
+    if isinstance(model, Graph):
+        _one_input_one_output(model, "")
     model.output_shape(input_shape)  # a model that does not fit the input fails here, naming the layer
     graph = _Graph(state)
     output, shape = _node(graph, model, "input", "", tuple(input_shape))

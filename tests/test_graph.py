@@ -1,0 +1,480 @@
+"""Graph models (unitrain.graph) trained on the NumPy and PyTorch backends against the same models
+written by hand in plain PyTorch: an Inception-style block, an autoencoder whose encoder is used
+alone, a model with two inputs, one with two outputs (a loss on each) and one with tied weights.
+
+Each case trains 20 SGD steps. In float64 the run must match PyTorch's float64 loop within the
+conformance formula (the equations); in float32 within sqrt(n) times the drift PyTorch's own float32
+loop shows on the case (torch_reference.drift_tolerances), n bounding the longest sum of one step:
+the batch's elements of the largest value the graph computes (a conv weight gradient adds batch x
+output pixels terms, a Linear's adds batch terms or its inputs, a mean loss all output elements).
+The PyTorch backend runs the same kernels in the same order as the hand-written module, so there
+its float32 run is compared bit for bit.
+"""
+
+import functools
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch_reference import (
+    assert_states_equal,
+    assert_within_drift,
+    expected_run,
+    load_state,
+    torch_output,
+    torch_runs,
+)
+from unitrain.backends.numpy import NumpyLoop
+from unitrain.backends.torch import TorchLoop
+
+from unitrain import layers as L
+from unitrain import ops
+from unitrain.data import ArrayDataset
+from unitrain.graph import Graph, Input, Node, from_dict, to_dict
+from unitrain.loop import InputError
+from unitrain.losses import CrossEntropyLoss, MSELoss, PerOutputLoss
+from unitrain.optim import SGD
+from unitrain.weights import init_weights
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+STEPS, BATCH, LR, MOMENTUM = 20, 8, 0.05, 0.9
+
+# --- the cases: a unitrain graph and its hand-written PyTorch twin ---------------------------------
+
+
+def inception():
+    x = Input((4, 8, 8))
+    b1 = L.Conv2d(4, 4, 1)
+    b2 = L.Sequential(L.Conv2d(4, 4, 1), L.ReLU(), L.Conv2d(4, 4, 3, padding=1))
+    b3 = L.Sequential(L.Conv2d(4, 2, 1), L.ReLU(), L.Conv2d(2, 2, 5, padding=2))
+    b4 = L.Sequential(L.MaxPool2d(3, stride=1, padding=1), L.Conv2d(4, 2, 1))
+    fc = L.Linear(12, 3)
+    y = ops.cat([b1(x), b2(x), b3(x), b4(x)], dim=1).relu()
+    return Graph(x, fc(y.mean((2, 3))), {"branch1": b1, "branch2": b2, "branch3": b3, "branch4": b4, "fc": fc})
+
+
+class TorchInception(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.branch1 = nn.Conv2d(4, 4, 1)
+        self.branch2 = nn.Sequential(nn.Conv2d(4, 4, 1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
+        self.branch3 = nn.Sequential(nn.Conv2d(4, 2, 1), nn.ReLU(), nn.Conv2d(2, 2, 5, padding=2))
+        self.branch4 = nn.Sequential(nn.MaxPool2d(3, stride=1, padding=1), nn.Conv2d(4, 2, 1))
+        self.fc = nn.Linear(12, 3)
+
+    def forward(self, x):
+        y = torch.cat([self.branch1(x), self.branch2(x), self.branch3(x), self.branch4(x)], 1).relu()
+        return self.fc(y.mean((2, 3)))
+
+
+def autoencoder():
+    x = Input((1, 6, 6), name="image")
+    encoder = L.Sequential(L.Flatten(), L.Linear(36, 8), L.ReLU())
+    decoder = L.Sequential(L.Linear(8, 36), L.Sigmoid())
+    return Graph(x, decoder(encoder(x)).reshape(-1, 1, 6, 6), {"encoder": encoder, "decoder": decoder})
+
+
+class TorchAutoencoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Flatten(), nn.Linear(36, 8), nn.ReLU())
+        self.decoder = nn.Sequential(nn.Linear(8, 36), nn.Sigmoid())
+
+    def forward(self, x):
+        return self.decoder(self.encoder(x)).reshape(-1, 1, 6, 6)
+
+
+def two_inputs():
+    a, b = Input((6,), name="a"), Input((4,), name="b")
+    fc1, fc2 = L.Linear(10, 16), L.Linear(16, 3)
+    return Graph([a, b], fc2(fc1(ops.cat([a, b], dim=1)).relu()), {"fc1": fc1, "fc2": fc2})
+
+
+class TorchTwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(10, 16), nn.Linear(16, 3)
+
+    def forward(self, a, b):
+        return self.fc2(F.relu(self.fc1(torch.cat([a, b], 1))))
+
+
+def two_outputs():
+    x = Input((8,))
+    trunk, head1, head2 = L.Linear(8, 16), L.Linear(16, 3), L.Linear(16, 2)
+    h = ops.tanh(trunk(x))
+    return Graph(x, [head1(h), head2(h)], {"trunk": trunk, "head1": head1, "head2": head2})
+
+
+class TorchTwoOutputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.trunk, self.head1, self.head2 = nn.Linear(8, 16), nn.Linear(16, 3), nn.Linear(16, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.trunk(x))
+        return self.head1(h), self.head2(h)
+
+
+def tied():
+    x = Input((8,))
+    shared, fc = L.Linear(8, 8), L.Linear(8, 3)
+    h = shared(ops.tanh(shared(ops.tanh(shared(x)))))
+    return Graph(x, fc(h), {"shared": shared, "fc": fc})
+
+
+class TorchTied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.shared, self.fc = nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(self.shared(torch.tanh(self.shared(torch.tanh(self.shared(x))))))
+
+
+def _two_losses(outputs, targets):
+    return F.cross_entropy(outputs[0], targets[0]) + F.mse_loss(outputs[1], targets[1])
+
+
+# name: (graph, torch twin, per-sample input shapes, targets ("classes", "input", or "two"), loss, criterion)
+CASES = {
+    "inception": (inception, TorchInception, [(4, 8, 8)], "classes", CrossEntropyLoss(), F.cross_entropy),
+    "autoencoder": (autoencoder, TorchAutoencoder, [(1, 6, 6)], "input", MSELoss(), F.mse_loss),
+    "two-inputs": (two_inputs, TorchTwoInputs, [(6,), (4,)], "classes", CrossEntropyLoss(), F.cross_entropy),
+    "two-outputs": (two_outputs, TorchTwoOutputs, [(8,)], "two", PerOutputLoss(CrossEntropyLoss(), MSELoss()),
+                    _two_losses),
+    "tied": (tied, TorchTied, [(8,)], "classes", CrossEntropyLoss(), F.cross_entropy),
+}  # fmt: skip
+
+
+UNET_LAYERS = hasattr(L, "ConvTranspose2d") and hasattr(L, "Upsample")
+
+
+def unet():
+    """Two down blocks, two up blocks (one ConvTranspose2d, one Upsample) and skip concatenations."""
+    x = Input((1, 8, 8))
+    down1 = L.Sequential(L.Conv2d(1, 4, 3, padding=1), L.ReLU())
+    down2 = L.Sequential(L.MaxPool2d(2), L.Conv2d(4, 8, 3, padding=1), L.ReLU())
+    bottom = L.Sequential(L.MaxPool2d(2), L.Conv2d(8, 8, 3, padding=1), L.ReLU())
+    up1, up2 = L.ConvTranspose2d(8, 8, 2, stride=2), L.Upsample(scale_factor=2, mode="nearest")
+    conv1 = L.Sequential(L.Conv2d(16, 8, 3, padding=1), L.ReLU())
+    conv2 = L.Sequential(L.Conv2d(12, 4, 3, padding=1), L.ReLU(), L.Conv2d(4, 2, 1))
+    d1 = down1(x)
+    d2 = down2(d1)
+    u1 = conv1(ops.cat([up1(bottom(d2)), d2], dim=1))
+    out = conv2(ops.cat([up2(u1), d1], dim=1))
+    modules = {"down1": down1, "down2": down2, "bottom": bottom, "up1": up1, "conv1": conv1, "up2": up2, "conv2": conv2}
+    return Graph(x, out, modules)
+
+
+class TorchUNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.down1 = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU())
+        self.down2 = nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(4, 8, 3, padding=1), nn.ReLU())
+        self.bottom = nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+        self.up1 = nn.ConvTranspose2d(8, 8, 2, stride=2)
+        self.conv1 = nn.Sequential(nn.Conv2d(16, 8, 3, padding=1), nn.ReLU())
+        self.up2 = nn.Upsample(scale_factor=2, mode="nearest")
+        self.conv2 = nn.Sequential(nn.Conv2d(12, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 2, 1))
+
+    def forward(self, x):
+        d1 = self.down1(x)
+        d2 = self.down2(d1)
+        u1 = self.conv1(torch.cat([self.up1(self.bottom(d2)), d2], 1))
+        return self.conv2(torch.cat([self.up2(u1), d1], 1))
+
+
+if UNET_LAYERS:  # ConvTranspose2d and Upsample come from another branch; the case joins CASES once they exist
+    CASES["unet"] = (unet, TorchUNet, [(1, 8, 8)], "pixels", MSELoss(), F.mse_loss)
+
+
+def batches_for(case):
+    _, _, shapes, targets, _, _ = CASES[case]
+    rng = np.random.default_rng(7)
+    batches = []
+    for _ in range(STEPS):
+        xs = tuple(rng.random((BATCH, *shape)).astype(np.float32) for shape in shapes)
+        x = xs[0] if len(xs) == 1 else xs
+        classes = rng.integers(0, 3, BATCH)
+        y = {"classes": classes, "input": xs[0], "two": (classes, rng.random((BATCH, 2)).astype(np.float32)),
+             "pixels": rng.random((BATCH, 2, 8, 8)).astype(np.float32)}  # fmt: skip
+        batches.append((x, y[targets]))
+    return batches
+
+
+def longest_sum(model):
+    """The batch's elements of the largest value the graph computes (see the module doc)."""
+    largest = max(math.prod(shape) for shape in (*model.shapes.values(), *model.input_shapes))
+    return BATCH * largest
+
+
+def _cast(value, dtype):
+    if isinstance(value, tuple):
+        return tuple(_cast(part, dtype) for part in value)
+    return value.astype(dtype) if value.dtype.kind == "f" else value
+
+
+@functools.cache
+def _torch_runs(case):
+    """The hand-written runs from the weights every backend starts from (init_weights, seed 0)."""
+    make, twin, _, _, _, criterion = CASES[case]
+    initial = init_weights(make(), 0)
+    return torch_runs(
+        lambda dtype: load_state(twin().to(dtype), initial),
+        lambda params: torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, foreach=False),
+        batches_for(case),
+        criterion=criterion,
+    )
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("backend", [NumpyLoop, TorchLoop], ids=["numpy", "torch"])
+@pytest.mark.parametrize("case", CASES)
+def test_graph_trains_as_plain_pytorch(case, backend, dtype):
+    make, twin, _, _, loss, _ = CASES[case]
+    model = make()
+    loop = backend(model, loss=loss, optimizer=SGD(lr=LR, momentum=MOMENTUM), dtype=dtype)
+    initial = loop.state_dict()
+    assert list(initial) == list(twin().state_dict())  # PyTorch's keys, in its order; a tied weight once
+    runs = _torch_runs(case)
+    expected, tolerances = expected_run(runs, dtype, size=longest_sum(model))
+    losses = {"loss": np.array([float(loop.step(_cast(batch, dtype))) for batch in batches_for(case)])}
+    assert_within_drift(losses, expected.losses, tolerances.losses)
+    assert_within_drift(loop.state_dict(), expected.state, tolerances.state)
+    if backend is TorchLoop and dtype == "float32":  # the same kernels in the same order: the same bits
+        assert_states_equal(loop.state_dict(), expected.state)
+
+
+def test_trained_encoder_is_evaluated_and_saved_alone(tmp_path):
+    loop = NumpyLoop(autoencoder(), loss=MSELoss(), optimizer=SGD(lr=LR, momentum=MOMENTUM))
+    for batch in batches_for("autoencoder"):
+        loop.step(batch)
+    encoder = loop.submodule("encoder")
+    state = loop.state_dict()
+    assert_states_equal(encoder.state_dict(), {key: state[f"encoder.{key}"] for key in ("1.weight", "1.bias")})
+    x = batches_for("autoencoder")[0][0]
+    twin = load_state(TorchAutoencoder().encoder, encoder.state_dict())
+    expected, tolerances = torch_output(twin, x)
+    assert_within_drift({"out": encoder.predict(x)}, expected, tolerances)
+    encoder.save_weights(tmp_path / "encoder.safetensors")
+    again = TorchLoop(loop.model_spec.encoder)
+    again.load_weights(tmp_path / "encoder.safetensors")
+    assert_states_equal(again.state_dict(), encoder.state_dict())
+    assert loop.state_dict().keys() == state.keys()  # the autoencoder's loop is unchanged
+
+
+@pytest.mark.parametrize("backend", [NumpyLoop, TorchLoop], ids=["numpy", "torch"])
+def test_several_inputs_and_outputs_through_the_loop(backend):
+    """Tuple or dict inputs, tuple targets, fit/evaluate/predict and the tutorial-shaped step."""
+    loop = backend(two_inputs(), optimizer=SGD(lr=LR))
+    (a, b), y = batches_for("two-inputs")[0]
+    assert loop.predict((a, b)).shape == (BATCH, 3)
+    np.testing.assert_array_equal(loop.predict({"b": b, "a": a}), loop.predict((a, b)))
+    history = loop.fit(ArrayDataset((a, b), y), epochs=2, batch_size=3)
+    assert [record["steps"] for record in history] == [3, 6] and "train_accuracy" in history[0]
+    assert 0 <= loop.evaluate(((a, b), y))["accuracy"] <= 1
+    two = backend(two_outputs(), loss=PerOutputLoss(CrossEntropyLoss(), MSELoss()))
+    x, targets = batches_for("two-outputs")[0]
+    two.zero_grad()
+    loss = two.loss(two.forward(x), targets)
+    two.backward(loss)
+    two.update()
+    logits, values = two.predict(x)
+    assert logits.shape == (BATCH, 3) and values.shape == (BATCH, 2)
+    assert math.isfinite(two.evaluate((x, targets))["loss"])
+    with pytest.raises(InputError, match="targets must be a tuple of 2 arrays"):
+        two.step((x, targets[0]))
+    with pytest.raises(InputError, match=r"inputs must have the keys \['a', 'b'\]"):
+        loop.predict({"a": a})
+
+
+def test_multi_output_evaluate_is_the_sum_of_each_output_loss():
+    loop = NumpyLoop(two_outputs(), loss=PerOutputLoss(CrossEntropyLoss(), MSELoss()), dtype="float64")
+    x, (classes, values) = _cast(batches_for("two-outputs")[0], "float64")
+    logits, predicted = loop.predict(x)
+    twin = (torch.from_numpy(logits), torch.from_numpy(predicted))
+    expected = float(_two_losses(twin, (torch.from_numpy(classes), torch.from_numpy(values))))
+    assert loop.evaluate((x, (classes, values)))["loss"] == pytest.approx(expected, rel=1e-12)
+
+
+# --- the spec: construction, refusals, serialisation ------------------------------------------------
+
+
+def test_node_list_and_round_trip():
+    model = inception()
+    assert [node.op for node in model.nodes].count("call_module") == 5
+    assert str(model).splitlines()[0] == "%input = input[4, 8, 8]"
+    data = json.loads(json.dumps(model.to_dict()))
+    again = from_dict(data)
+    assert again == model and again.state_shapes() == model.state_shapes()
+    assert model.branch2 is model.get_submodule("branch2")
+    assert model.get_submodule("branch2.2") == L.Conv2d(4, 4, 3, padding=1)
+    assert model.output_shape((4, 8, 8)) == (3,)
+    assert model.output_shape((4, 16, 16)) == (3,)  # shapes re-inferred for another input size
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "lenet", "resnet18"])
+def test_every_preset_round_trips_through_json(name):
+    model = getattr(L, name)()
+    again = from_dict(json.loads(json.dumps(to_dict(model))))
+    assert again == model and list(again.state_shapes()) == list(model.state_shapes())
+
+
+def test_sequential_in_a_graph_keeps_its_keys():
+    body = L.cnn()
+    x = Input((1, 28, 28))
+    assert Graph(x, body(x), {"net": body}).state_shapes() == {f"net.{k}": v for k, v in body.state_shapes().items()}
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: Graph.from_nodes({"x": (3,)}, [Node("a", "call_function", "relu", ("b",)),
+                                                Node("b", "call_function", "relu", ("a",))], ["a"]),
+         r"^Graph: node 'a' is in a cycle: a -> b -> a$"),
+        (lambda: Graph.from_nodes({"x": (3,)}, [Node("a", "call_function", "relu", ("q",))], ["a"]),
+         r"^Graph: node 'a' reads 'q', which is neither an input nor a node \(a dangling input\)$"),
+        (lambda: Graph.from_nodes({"x": (3,), "y": (3,)}, [Node("a", "call_function", "relu", ("x",))], ["a"]),
+         r"^Graph: input 'y' is used by no output \(a dangling input\)$"),
+        (lambda: Graph.from_nodes({"x": (3,)}, [Node("a", "call_function", "cat", ())], ["a"]),
+         r"^Graph: node 'a' \(cat\) depends on no input$"),
+        (lambda: Graph.from_nodes({"x": (2, 4)}, [Node("c", "call_function", "cat", ("x", "t"), (("dim", 1),)),
+                                                  Node("t", "call_function", "transpose", ("x",),
+                                                       (("dim0", 1), ("dim1", 2)))], ["c"]),
+         r"^node 'c' \(cat\): cat needs equal shapes except in dim 1; input 0 has per-sample shape \(2, 4\), "
+         r"input 1 has \(4, 2\)$"),
+        (lambda: Graph(Input((3,)), L.Linear(3, 2)(Input((3,)))), r"^Graph: an output depends on input 'input'"),
+        (lambda: Graph((x := Input((3,))), L.Linear(3, 2)(x)), r"^Graph: Linear\(.*\) is called but not named"),
+        (lambda: ops.cat([Input((2, 4)), Input((3, 5))], dim=1), r"^cat: cat needs equal shapes except in dim 1"),
+        (lambda: Input((3,)).reshape(-1, 4), r"^reshape: cannot view per-sample shape \(3,\)"),
+        (lambda: Input((3, 4))[:, 1:9:2], r"only integers and slices with step 1"),
+        (lambda: ops.cat([Input((3,))], dim=0), r"dim 0 is the batch axis"),
+        (lambda: Graph.from_nodes({"x": (3,)}, [Node("c", "call_function", "cat", ("x",), (("dim", 1), ("foo", 2)))],
+                                  ["c"]), r"^node 'c' \(cat\): cat takes no argument 'foo'; expected among \['dim'\]$"),
+        (lambda: Graph.from_nodes({"x": (3,)}, [Node("a", "call_module", "fc.0", ("x",))], ["a"], {"fc": L.ReLU()}),
+         r"^Graph: node 'a' calls no module 'fc.0': fc has modules \[\]$"),
+    ],
+)  # fmt: skip
+def test_bad_graphs_are_refused_in_one_line(build, message):
+    with pytest.raises((ValueError, IndexError), match=message) as error:
+        build()
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("backend", [NumpyLoop, TorchLoop], ids=["numpy", "torch"])
+def test_a_node_list_without_optional_arguments_uses_their_defaults(backend):
+    """flatten's start_dim defaults to 1 (nn.Flatten's), sum's dim to every per-sample axis."""
+    nodes = [
+        Node("flat", "call_function", "flatten", ("x",)),
+        Node("fc", "call_module", "fc", ("flat",)),
+        Node("total", "call_function", "sum", ("fc",)),
+    ]
+    model = Graph.from_nodes({"x": (2, 3)}, nodes, ["total"], {"fc": L.Linear(6, 4)})
+    loop = backend(model, dtype="float64")
+    x = np.arange(12.0).reshape(2, 2, 3)
+    state = loop.state_dict()
+    expected = (x.reshape(2, 6) @ state["fc.weight"].T + state["fc.bias"]).sum(1)
+    np.testing.assert_allclose(loop.predict(x), expected, rtol=1e-12)
+
+
+def test_a_graph_inside_a_sequential_and_a_graph_inside_a_graph():
+    """Graphs nest both ways with PyTorch's keys, and both backends compute the same in float64."""
+    inner = tied()
+    x = Input((8,))
+    outer = Graph(x, inner(x) * 2.0, {"block": inner})
+    model = L.Sequential(outer, L.Linear(3, 2))
+    assert list(model.state_shapes()) == ["0.block.shared.weight", "0.block.shared.bias", "0.block.fc.weight",
+                                          "0.block.fc.bias", "1.weight", "1.bias"]  # fmt: skip
+    batch = (np.random.default_rng(0).random((4, 8)), np.array([0, 1, 1, 0]))
+    states, losses = [], []
+    for backend in (NumpyLoop, TorchLoop):
+        loop = backend(model, optimizer=SGD(lr=LR), dtype="float64")
+        losses.append([float(loop.step(batch)) for _ in range(3)])
+        states.append(loop.state_dict())
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-12)
+    for key in states[0]:
+        np.testing.assert_allclose(states[0][key], states[1][key], rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize(
+    ("x", "message"),
+    [
+        (np.zeros((4, 6)), r"^the model takes 2 inputs \['a', 'b'\]: pass a tuple or a dict of arrays, got ndarray$"),
+        ((np.zeros((4, 6)), np.zeros((3, 4))), r"^input 'b' must be a batch of shape \(N, \.\.\.\) with the same N"),
+        ((np.zeros((4, 6)), np.full((4, 4), np.nan)), r"^input 'b' contains NaN or infinite values$"),
+        (
+            (np.zeros((4, 5)), np.zeros((4, 4))),
+            r"^node 'fc1' calls fc1: Linear\(in_features=10, out_features=16, bias=True\) expects 10 input features "
+            r"per sample, got per-sample shape \(9,\)$",
+        ),
+    ],
+)
+def test_bad_inputs_of_a_two_input_graph_are_refused_in_one_line(x, message):
+    loop = NumpyLoop(two_inputs())
+    with pytest.raises(InputError, match=message) as error:
+        loop.predict(x)
+    assert "\n" not in str(error.value)
+
+
+def many_ops():
+    """One input ``(12,)``; most operations between two Linear layers, the first called twice."""
+    x = Input((12,))
+    fc, head = L.Linear(12, 12), L.Linear(8, 3)
+    h = fc(ops.tanh(fc(x))).reshape(-1, 2, 3, 2)
+    a = ops.cat([h * h[:, 0:1], 1.0 - h / 2.0], dim=1)  # (4, 3, 2)
+    first, rest = a.split([1, 3], dim=1)
+    f = ops.stack([first.select(1, 0), -rest.mean(1)], dim=1)  # (2, 3, 2)
+    m = f.permute(0, 1, 3, 2) @ f  # (2, 2, 2)
+    u = ops.sigmoid(m).sum(3) + m.transpose(2, 3).sum(-1, keepdim=True).flatten(2, 3)  # (2, 2)
+    v = ops.softmax(u.flatten(), dim=1) + ops.gelu(ops.log_softmax(u, dim=2).flatten(1))  # (4,)
+    return Graph(x, head(ops.cat([v, ops.relu(v)], dim=1)), {"fc": fc, "head": head})
+
+
+@pytest.mark.parametrize("make", [many_ops, inception, tied])
+def test_onnx_export_of_a_graph_runs_as_unitrain(make, tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from unitrain.convert import convert
+    from unitrain.weights import save_safetensors
+
+    model = make()
+    loop = NumpyLoop(model)
+    save_safetensors(tmp_path / "w.safetensors", loop.state_dict())
+    convert(tmp_path / "w.safetensors", tmp_path / "m.onnx", model)
+    x = np.random.default_rng(0).normal(size=(16, *model.input_shapes[0])).astype(np.float32)
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(["output"], {"input": x})[0], loop.predict(x), rtol=0, atol=1e-4)
+
+
+def test_onnx_export_refuses_several_inputs_in_one_line(tmp_path):
+    pytest.importorskip("onnx")
+    from unitrain.convert import convert
+    from unitrain.weights import WeightsError, save_safetensors
+
+    model = two_inputs()
+    save_safetensors(tmp_path / "w.safetensors", init_weights(model, 0))
+    with pytest.raises(WeightsError, match=r"^the model: ONNX export takes graphs of one input and one output, "
+                                           r"this one has 2 and 1$"):  # fmt: skip
+        convert(tmp_path / "w.safetensors", tmp_path / "m.onnx", model)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_graphs_need_the_capability():
+    """An adapter without the "graph" capability refuses a graph in one line, before building anything."""
+    pytest.importorskip("chainer")
+    from unitrain.backends.chainer import ChainerLoop
+
+    if "graph" in ChainerLoop.capabilities:
+        pytest.skip("the chainer backend builds graphs now")
+    with pytest.raises(ValueError, match=r"^the chainer backend cannot build graph models \(no 'graph' capability\)$"):
+        ChainerLoop(two_inputs())
+
+
+@pytest.mark.skipif(UNET_LAYERS, reason="the U-Net runs in test_graph_trains_as_plain_pytorch")
+def test_unet_waits_for_its_layers():
+    pytest.skip("the U-Net case needs unitrain.layers.ConvTranspose2d and Upsample (branch 'leaves')")

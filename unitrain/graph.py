@@ -1,0 +1,466 @@
+"""Models as graphs: any wiring of layers, as torch.fx's ``GraphModule`` holds it.
+
+API summary::
+
+    from unitrain import layers as L
+    from unitrain.graph import Graph, Input
+    from unitrain import ops
+
+    x = Input((1, 28, 28), name="image")             # a symbolic batch: shape (None, 1, 28, 28)
+    encoder = L.Sequential(L.Flatten(), L.Linear(784, 32), L.ReLU())
+    decoder = L.Sequential(L.Linear(32, 784), L.Sigmoid())
+    code = encoder(x)                                 # calling a layer spec records a node
+    out = decoder(code).reshape(-1, 1, 28, 28)        # tensor operations record nodes too
+    model = Graph(x, out, modules={"encoder": encoder, "decoder": decoder})
+
+    model.encoder                  # the Sequential: a sub-model of its own (its weights: encoder.*)
+    model.nodes                    # the flat node list, in execution order (Node: name op target args kwargs)
+    Graph.from_dict(model.to_dict())  # == model: JSON-ready, every layer spec included
+    loop = NumpyLoop(model); enc = loop.submodule("encoder")  # the trained encoder as a loop of its own
+
+A :class:`Graph` is a :class:`~unitrain.layers.Container` like ``Sequential``: it holds named
+modules (``children``, in ``state_dict`` order; keys are ``encoder.1.weight``, PyTorch's) and a
+node list. Nodes are torch.fx's, minus ``get_attr`` and ``output``:
+
+* ``input``: a named input with its per-sample shape (:func:`Input`);
+* ``call_module``: ``target`` is a module path (``encoder`` or ``encoder.1``); calling one module
+  at several nodes shares its weights (tied weights: one key in the ``state_dict``, the gradient
+  is the sum over the uses, BatchNorm statistics update at each use, as in PyTorch);
+* ``call_function``: ``target`` is an operation of :data:`unitrain.ops.OPS` (``cat``, ``narrow``,
+  ``reshape``, ``relu``, ...), ``kwargs`` its arguments (PyTorch's names).
+
+``outputs`` names the output nodes: one (predictions are an array) or several (a tuple, in this
+order; train them with :class:`~unitrain.losses.PerOutputLoss`, one loss per output, summed).
+Several inputs take a batch ``x`` that is a tuple in ``inputs`` order or a dict by input name.
+
+Two ways to build one, checked alike: calling layer specs and operations on symbolic tensors
+(:mod:`unitrain.ops`, as Keras' functional API), or :meth:`Graph.from_nodes` with the node list
+itself (what ``from_dict`` and importers use). A layer called but not named in ``modules`` is
+refused, except a weightless activation (``ReLU()(x)``), which becomes its function (``relu``).
+
+Construction refuses, in one line naming the node: a cycle, an argument that names no input or
+node (a dangling input), an input no output uses, a node no output uses, an output that depends
+on no input, a module never called, and any shape clash (inferred from the inputs' shapes through
+every node, with both shapes in the message).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+
+from . import layers, ops
+from .layers import Container, Layer, Shape
+from .ops import Tensor
+
+_NAME = re.compile(r"[A-Za-z_]\w*")
+_PATH = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
+
+
+def Input(shape: Sequence[int], name: str = "input") -> Tensor:
+    """A graph input: a batch of samples of per-sample ``shape`` (the batch axis is implied)."""
+    shape = tuple(shape)
+    if not shape or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape):
+        raise ValueError(f"Input {name!r}: shape must be per-sample sizes (positive integers), got {shape}")
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(f"Input: name must be an identifier, got {name!r}")
+    return Tensor("input", name, (), {}, shape)
+
+
+def _frozen(value):
+    """Keyword arguments as hashable values (lists become tuples)."""
+    return tuple(_frozen(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _plain(value):
+    """The inverse of :func:`_frozen`, for JSON (tuples become lists)."""
+    return [_plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+@dataclass(frozen=True)
+class Node:
+    """One step of a graph, as a torch.fx node: ``op`` is ``"call_module"`` or
+    ``"call_function"``; ``args`` name its tensor inputs (graph inputs or earlier nodes)."""
+
+    name: str
+    op: str
+    target: str
+    args: tuple[str, ...]
+    kwargs: tuple[tuple[str, object], ...] = ()
+
+    @property
+    def options(self) -> dict:
+        return dict(self.kwargs)
+
+    def __str__(self):
+        extra = "".join(f", {key}={value!r}" for key, value in self.kwargs)
+        return f"%{self.name} = {self.op}[{self.target}](%{', %'.join(self.args)}{extra})"
+
+
+@dataclass(frozen=True, init=False)
+class Graph(Container):
+    """A directed acyclic graph of layer calls and tensor operations (see the module doc)."""
+
+    inputs: tuple[tuple[str, Shape], ...]
+    children: tuple[tuple[str, Layer], ...]
+    nodes: tuple[Node, ...]
+    outputs: tuple[str, ...]
+    #: each node's per-sample output shape, inferred from the inputs' shapes
+    shapes: dict = field(compare=False, repr=False)
+
+    def __init__(self, inputs, outputs, modules: Mapping[str, Layer] | None = None):
+        """``inputs``: a :func:`Input` tensor or a sequence of them; ``outputs``: a tensor or a
+        sequence of them (several outputs); ``modules``: name -> layer spec for every layer
+        called (weightless activations excepted), in ``state_dict`` order."""
+        input_tensors = [inputs] if isinstance(inputs, Tensor) else list(inputs)
+        output_tensors = [outputs] if isinstance(outputs, Tensor) else list(outputs)
+        modules = dict(modules or {})
+        paths = _module_paths(modules)
+        for tensor in (*input_tensors, *output_tensors):
+            if not isinstance(tensor, Tensor):
+                raise TypeError(f"Graph: inputs and outputs must be symbolic Tensors, got {type(tensor).__name__}")
+        for tensor in input_tensors:
+            if tensor.op != "input":
+                raise ValueError(f"Graph: {tensor} is not an Input; inputs must come from unitrain.graph.Input")
+        names, nodes, taken = {}, [], {tensor.target for tensor in input_tensors}
+        for tensor in input_tensors:
+            names[id(tensor)] = tensor.target
+        for tensor in _walk(output_tensors):
+            if tensor.op == "input":
+                if id(tensor) not in names:
+                    raise ValueError(f"Graph: an output depends on input {tensor.target!r}, which is not among "
+                                     f"the graph's inputs {[t.target for t in input_tensors]}")  # fmt: skip
+                continue
+            op, target, kwargs = tensor.op, tensor.target, tensor.kwargs
+            if op == "call_module":
+                path = paths.get(id(target))
+                if path is None:
+                    function = _as_function(target)
+                    if function is None:
+                        raise ValueError(
+                            f"Graph: {target} is called but not named in modules; name it "
+                            "(modules={'name': layer}) so its weights have state_dict keys"
+                        )
+                    op, target, kwargs = "call_function", *function
+                else:
+                    target = path
+            name = _fresh(target.replace(".", "_"), taken)
+            names[id(tensor)] = name
+            args = tuple(names[id(arg)] for arg in tensor.args)
+            nodes.append(Node(name, op, target, args, tuple((k, _frozen(v)) for k, v in kwargs.items())))
+        input_specs = [(tensor.target, tensor.sample_shape) for tensor in input_tensors]
+        self._setup(input_specs, tuple(modules.items()), nodes, [names[id(tensor)] for tensor in output_tensors])
+
+    @classmethod
+    def from_nodes(cls, inputs: Mapping[str, Sequence[int]], nodes: Sequence[Node], outputs: Sequence[str],
+                   modules: Mapping[str, Layer] | None = None) -> Graph:  # fmt: skip
+        """A graph from its node list (any order; sorted topologically), as torch.fx holds one."""
+        graph = cls.__new__(cls)
+        nodes = [node if isinstance(node, Node) else Node(**node) for node in nodes]
+        graph._setup([(name, tuple(shape)) for name, shape in inputs.items()], tuple(dict(modules or {}).items()),
+                     nodes, list(outputs))  # fmt: skip
+        return graph
+
+    def _setup(self, inputs, children, nodes, outputs) -> None:
+        for name, shape in inputs:
+            Input(shape, name)  # validates both
+        for name, child in children:
+            if not isinstance(name, str) or not _PATH.fullmatch(name) or "." in name:
+                raise ValueError(f"Graph: module name {name!r} must be a non-empty name without '.'")
+            if not isinstance(child, Layer):
+                raise TypeError(f"Graph: module {name!r} is {child!r}, expected a unitrain layer spec")
+        seen_ids: dict[int, str] = {}
+        for name, child in children:
+            if id(child) in seen_ids:
+                raise ValueError(f"Graph: one layer is registered twice, as {seen_ids[id(child)]!r} and {name!r}; "
+                                 "call one name at several nodes to share its weights")  # fmt: skip
+            seen_ids[id(child)] = name
+        object.__setattr__(self, "inputs", tuple(inputs))
+        object.__setattr__(self, "children", tuple(children))
+        ordered = _check_structure(self, nodes, outputs)
+        object.__setattr__(self, "nodes", tuple(ordered))
+        object.__setattr__(self, "outputs", tuple(outputs))
+        object.__setattr__(self, "shapes", {})
+        object.__setattr__(self, "shapes", self._infer([shape for _, shape in inputs], "", {}))
+
+    # --- structure ----------------------------------------------------------------------------
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.inputs)
+
+    @property
+    def input_shapes(self) -> tuple[Shape, ...]:
+        return tuple(shape for _, shape in self.inputs)
+
+    @property
+    def modules(self) -> dict[str, Layer]:
+        return dict(self.children)
+
+    def __getattr__(self, name: str):
+        # only reached when normal lookup fails: model.encoder is the module named "encoder"
+        if name.startswith("_") or name in {f.name for f in fields(Graph)}:
+            raise AttributeError(name)
+        for child_name, child in object.__getattribute__(self, "children"):
+            if child_name == name:
+                return child
+        raise AttributeError(f"Graph has no module or attribute {name!r}")
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+    @staticmethod
+    def from_dict(data: Mapping) -> Layer:
+        return from_dict(data)
+
+    def get_submodule(self, path: str) -> Layer:
+        """The module at dotted ``path`` (``encoder``, ``encoder.1``), as ``nn.Module.get_submodule``."""
+        return get_submodule(self, path)
+
+    def __str__(self):
+        lines = [f"%{name} = input{list(shape)}" for name, shape in self.inputs]
+        lines += [str(node) for node in self.nodes]
+        return "\n".join([*lines, f"return %{', %'.join(self.outputs)}"])
+
+    # --- shapes -------------------------------------------------------------------------------
+
+    def infer_shapes(self, input_shapes: Sequence[Shape]) -> tuple[Shape, ...]:
+        """The outputs' per-sample shapes for inputs of per-sample ``input_shapes``."""
+        shapes = self._infer(input_shapes, "", {})
+        return tuple(shapes[name] for name in self.outputs)
+
+    def output_shape(self, input_shape):
+        """One input: its shape; several: a tuple of shapes. One output: its shape; several: a tuple."""
+        return self._trace(input_shape, "", {})
+
+    def _trace(self, input_shape, path, seen):
+        given = [tuple(input_shape)] if len(self.inputs) == 1 else [tuple(shape) for shape in input_shape]
+        shapes = self._infer(given, path, seen)
+        outputs = tuple(shapes[name] for name in self.outputs)
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    def _infer(self, input_shapes, path: str, seen: dict) -> dict[str, Shape]:
+        where = f"{path}: " if path else ""
+        if len(input_shapes) != len(self.inputs):
+            raise ValueError(f"{where}the graph takes {len(self.inputs)} inputs {list(self.input_names)}, "
+                             f"got {len(input_shapes)}")  # fmt: skip
+        shapes = {}
+        for (name, declared), shape in zip(self.inputs, input_shapes, strict=True):
+            shape = tuple(shape)
+            if len(shape) != len(declared):
+                raise ValueError(f"{where}input {name!r} has per-sample shape {declared}, got {shape}")
+            shapes[name] = shape
+        for node in self.nodes:
+            args = [shapes[arg] for arg in node.args]
+            what = f"{where}node {node.name!r} ({node.target})"
+            if node.op == "call_module":
+                module = self.get_submodule(node.target)
+                full = f"{path}.{node.target}" if path else node.target
+                try:
+                    if isinstance(module, Graph):
+                        out = module._infer(args, full, seen)
+                        shapes[node.name] = out[module.outputs[0]]
+                        continue
+                    if len(args) != 1:
+                        raise ValueError(f"{module} takes one tensor input, got {len(args)}")
+                    before = dict(seen)
+                    shapes[node.name] = layers._trace(module, args[0], full, seen)
+                    for key, value in before.items():  # a shared leaf: keep its fewest values per channel
+                        if math.prod(value[1:]) < math.prod(seen[key][1:]):
+                            seen[key] = value
+                except ValueError as error:  # the message starts with the module's path
+                    raise ValueError(f"{where}node {node.name!r} calls {error}") from None
+            else:
+                shapes[node.name] = ops.infer(node.target, args, node.options, what)
+        return shapes
+
+
+def get_submodule(model: Layer, path: str) -> Layer:
+    """The module of ``model`` at dotted ``path``; ``ValueError`` naming the missing part."""
+    module = model
+    for depth, part in enumerate(path.split(".")):
+        children = dict(module.children) if isinstance(module, Container) else {}
+        if part not in children:
+            where = ".".join(path.split(".")[:depth]) or "the model"
+            raise ValueError(f"no module {path!r}: {where} has modules {list(children)}")
+        module = children[part]
+    return module
+
+
+def _module_paths(modules: Mapping[str, Layer]) -> dict[int, str]:
+    """id(layer) -> dotted path, for every module and nested module (the first path wins)."""
+    paths: dict[int, str] = {}
+
+    def visit(layer, path):
+        paths.setdefault(id(layer), path)
+        if isinstance(layer, Container):
+            for name, child in layer.children:
+                visit(child, f"{path}.{name}")
+
+    for name, layer in modules.items():
+        visit(layer, name)
+    return paths
+
+
+def _as_function(layer: Layer):
+    """A weightless activation layer as its function ``(op, kwargs)``, else None."""
+    for op, kind in ops.ACTIVATIONS.items():
+        if type(layer) is kind:
+            return op, {f.name: getattr(layer, f.name) for f in fields(layer)}
+    return None
+
+
+def _walk(outputs: list[Tensor]) -> Iterator[Tensor]:
+    """Every tensor the outputs depend on, each once, inputs before their users (iterative DFS)."""
+    done: set[int] = set()
+    for output in outputs:
+        stack = [(output, False)]
+        while stack:
+            tensor, expanded = stack.pop()
+            if id(tensor) in done:
+                continue
+            if expanded:
+                done.add(id(tensor))
+                yield tensor
+                continue
+            stack.append((tensor, True))
+            stack.extend((arg, False) for arg in reversed(tensor.args) if id(arg) not in done)
+
+
+def _fresh(base: str, taken: set[str]) -> str:
+    name, index = base, 0
+    while name in taken:
+        index += 1
+        name = f"{base}_{index}"
+    taken.add(name)
+    return name
+
+
+def _check_structure(graph: Graph, nodes: list[Node], outputs: list[str]) -> list[Node]:
+    """The nodes in topological order (stable), or ``ValueError`` naming the offending node."""
+    inputs = set(graph.input_names)
+    by_name: dict[str, Node] = {}
+    for node in nodes:
+        if not isinstance(node.name, str) or not _NAME.fullmatch(node.name):
+            raise ValueError(f"Graph: node name {node.name!r} must be an identifier")
+        if node.name in by_name or node.name in inputs:
+            raise ValueError(f"Graph: node name {node.name!r} is used twice")
+        if node.op not in ("call_module", "call_function"):
+            raise ValueError(f"Graph: node {node.name!r} has op {node.op!r}, expected call_module or call_function")
+        if node.op == "call_function" and node.target not in ops.OPS:
+            raise ValueError(f"Graph: node {node.name!r} calls unknown operation {node.target!r}; "
+                             f"expected one of {', '.join(ops.OPS)}")  # fmt: skip
+        if node.op == "call_module":
+            try:
+                get_submodule(graph, node.target)
+            except ValueError as error:
+                raise ValueError(f"Graph: node {node.name!r} calls {error}") from None
+        if not node.args:
+            raise ValueError(f"Graph: node {node.name!r} ({node.target}) depends on no input")
+        by_name[node.name] = node
+    for node in nodes:
+        for arg in node.args:
+            if arg not in by_name and arg not in inputs:
+                raise ValueError(f"Graph: node {node.name!r} reads {arg!r}, which is neither an input nor a node "
+                                 "(a dangling input)")  # fmt: skip
+    if not outputs:
+        raise ValueError("Graph: it needs at least one output")
+    for name in outputs:
+        if name not in by_name and name not in inputs:
+            raise ValueError(f"Graph: output {name!r} names neither an input nor a node")
+    ordered, state = [], {}  # state: 1 on the DFS path, 2 done
+
+    def visit(name, trail):
+        if name in inputs or state.get(name) == 2:
+            return
+        if state.get(name) == 1:
+            cycle = [*trail[trail.index(name) :], name]
+            raise ValueError(f"Graph: node {name!r} is in a cycle: {' -> '.join(cycle)}")
+        state[name] = 1
+        for arg in by_name[name].args:
+            visit(arg, [*trail, name])
+        state[name] = 2
+        ordered.append(by_name[name])
+
+    for node in nodes:  # stable: the given order wherever dependencies allow
+        visit(node.name, [])
+    used = set(outputs)
+    for node in reversed(ordered):
+        if node.name in used:
+            used.update(node.args)
+    for node in ordered:
+        if node.name not in used:
+            raise ValueError(f"Graph: node {node.name!r} ({node.target}) feeds no output")
+    for name in graph.input_names:
+        if name not in used:
+            raise ValueError(f"Graph: input {name!r} is used by no output (a dangling input)")
+    called = {node.target.split(".")[0] for node in ordered if node.op == "call_module"}
+    for name, _ in graph.children:
+        if name not in called:
+            raise ValueError(f"Graph: module {name!r} is never called")
+    return ordered
+
+
+# --- serialisation ----------------------------------------------------------------------------
+
+_LAYER_TYPES = {cls.__name__: cls for cls in vars(layers).values()
+                if isinstance(cls, type) and issubclass(cls, Layer) and not cls.__name__.startswith("_")
+                and cls not in (Layer, Container)}  # fmt: skip
+
+
+def to_dict(model: Layer) -> dict:
+    """A layer spec, container or graph as plain JSON data (``{"type": ..., fields}``)."""
+    kind = type(model).__name__
+    if isinstance(model, Graph):
+        return {
+            "type": kind,
+            "inputs": {name: list(shape) for name, shape in model.inputs},
+            "modules": {name: to_dict(child) for name, child in model.children},
+            "nodes": [
+                {
+                    "name": n.name,
+                    "op": n.op,
+                    "target": n.target,
+                    "args": list(n.args),
+                    "kwargs": {key: _plain(value) for key, value in n.kwargs},
+                }
+                for n in model.nodes
+            ],
+            "outputs": list(model.outputs),
+        }
+    if isinstance(model, layers.Sequential):
+        return {"type": kind, "children": {name: to_dict(child) for name, child in model.children}, "init": model.init}
+    if isinstance(model, layers.Residual):
+        return {"type": kind, "body": to_dict(model.body),
+                "shortcut": None if model.shortcut is None else to_dict(model.shortcut),
+                "post": None if model.post is None else to_dict(model.post)}  # fmt: skip
+    if kind not in _LAYER_TYPES:
+        raise TypeError(f"cannot serialise {model!r}: not a unitrain layer spec")
+    return {"type": kind, **{f.name: _plain(getattr(model, f.name)) for f in fields(model)}}
+
+
+def from_dict(data: Mapping) -> Layer:
+    """The spec :func:`to_dict` wrote; ``ValueError`` naming what does not fit."""
+    if not isinstance(data, Mapping) or not isinstance(data.get("type"), str):
+        raise ValueError(f"a model entry must be a mapping with a 'type', got {str(data)[:80]}")
+    kind, rest = data["type"], {key: value for key, value in data.items() if key != "type"}
+    try:
+        if kind == "Graph":
+            modules = {name: from_dict(child) for name, child in rest["modules"].items()}
+            nodes = [Node(n["name"], n["op"], n["target"], tuple(n["args"]),
+                          tuple((key, _frozen(value)) for key, value in n.get("kwargs", {}).items()))
+                     for n in rest["nodes"]]  # fmt: skip
+            return Graph.from_nodes(rest["inputs"], nodes, rest["outputs"], modules)
+        if kind == "Sequential":
+            children = {name: from_dict(child) for name, child in rest["children"].items()}
+            return layers.Sequential(children, init=rest.get("init", "pytorch"))
+        if kind == "Residual":
+            return layers.Residual(*(None if rest.get(part) is None else from_dict(rest[part])
+                                     for part in ("body", "shortcut", "post")))  # fmt: skip
+        if kind not in _LAYER_TYPES:
+            raise ValueError(f"unknown layer type {kind!r}")
+        return _LAYER_TYPES[kind](**{key: _frozen(value) for key, value in rest.items()})
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"model entry of type {kind!r} does not fit: {type(error).__name__}: {error}") from None

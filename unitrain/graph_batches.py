@@ -1,0 +1,148 @@
+"""The training loop's side of graphs with several inputs or outputs (:mod:`unitrain.graph`).
+
+A batch's ``x`` for several inputs is a tuple in the graph's input order or a dict by input name,
+each array ``(N, *that input's shape)``; predictions of several outputs are a tuple of arrays; the
+targets ``y`` a tuple with one array per output, each checked against its own loss of a
+:class:`~unitrain.losses.PerOutputLoss`. One input and one output take the plain-array path of
+:class:`~unitrain.loop.TrainingLoop` unchanged; these functions run only for the others.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .graph import Graph, get_submodule
+from .layers import Container
+from .losses import CustomLoss, PerOutputLoss
+
+if TYPE_CHECKING:
+    from .data import ArrayDataset
+    from .loop import TrainingLoop
+
+
+def check_model(loop: TrainingLoop, model, loss, distributed: bool) -> tuple[int, int]:
+    """The model's numbers of inputs and outputs, after refusing what this loop cannot train."""
+    if not isinstance(model, Graph):
+        if isinstance(loss, PerOutputLoss):
+            raise ValueError(f"{loss} needs a model with {len(loss.losses)} outputs (a unitrain Graph)")
+        return 1, 1
+    if "graph" not in loop.capabilities:
+        raise ValueError(f"the {loop.name} backend cannot build graph models (no 'graph' capability)")
+    inputs, outputs = len(model.inputs), len(model.outputs)
+    if outputs > 1 and not (isinstance(loss, PerOutputLoss) and len(loss.losses) == outputs):
+        raise ValueError(f"the model has {outputs} outputs {list(model.outputs)}: train it with "
+                         f"PerOutputLoss(one loss per output), got {loss!r}")  # fmt: skip
+    if outputs == 1 and isinstance(loss, PerOutputLoss):
+        raise ValueError(f"{loss} needs a model with {len(loss.losses)} outputs, this graph has one")
+    if outputs > 1 and any(isinstance(part, CustomLoss) for part in loss.losses):
+        raise ValueError("PerOutputLoss: a CustomLoss per output is not supported yet; use the built-in losses")
+    if distributed and (inputs > 1 or outputs > 1):
+        raise ValueError("data-parallel training takes models of one input and one output for now")
+    return inputs, outputs
+
+
+def check_inputs(loop: TrainingLoop, x) -> tuple[np.ndarray, ...]:
+    """``x`` of a graph with several inputs as a tuple of checked arrays in input order."""
+    from .loop import InputError
+
+    names = loop.model_spec.input_names
+    if isinstance(x, Mapping):
+        if set(x) != set(names):
+            raise InputError(f"inputs must have the keys {list(names)}, got {sorted(x)}")
+        x = [x[name] for name in names]
+    if not isinstance(x, (tuple, list)) or len(x) != len(names):
+        raise InputError(f"the model takes {len(names)} inputs {list(names)}: pass a tuple or a dict of arrays, "
+                         f"got {type(x).__name__}")  # fmt: skip
+    arrays = []
+    for name, value in zip(names, x, strict=True):
+        value = np.asarray(value)
+        if value.dtype.kind not in "fiu":
+            raise InputError(f"input {name!r} must be numeric, got dtype {value.dtype}")
+        if value.ndim < 2 or (arrays and len(value) != len(arrays[0])):
+            raise InputError(f"input {name!r} must be a batch of shape (N, ...) with the same N as the others, "
+                             f"got shape {value.shape}")  # fmt: skip
+        value = value.astype(loop.dtype, copy=False)
+        if not np.isfinite(value).all():
+            raise InputError(f"input {name!r} contains NaN or infinite values")
+        arrays.append(value)
+    loop._output_shape(tuple(value.shape[1:] for value in arrays))
+    return tuple(arrays)
+
+
+def check_targets(loop: TrainingLoop, y, n: int, outputs) -> tuple[np.ndarray, ...]:
+    """``y`` for several outputs: one array per output, each checked against its own loss."""
+    from .loop import InputError
+
+    count = len(loop.loss_spec.losses)
+    if not isinstance(y, (tuple, list)) or len(y) != count:
+        raise InputError(f"the model has {count} outputs: targets must be a tuple of {count} arrays, "
+                         f"got {type(y).__name__}")  # fmt: skip
+    return tuple(
+        loop._check_target(spec, target, n, None if outputs is None else outputs[index])
+        for index, (spec, target) in enumerate(zip(loop.loss_spec.losses, y, strict=True))
+    )
+
+
+def rows(x, start: int, stop: int):
+    """Rows ``start:stop`` of an array or of each array in a tuple."""
+    return x[start:stop] if isinstance(x, np.ndarray) else tuple(value[start:stop] for value in x)
+
+
+def length(x) -> int:
+    return len(x) if isinstance(x, np.ndarray) else len(x[0])
+
+
+def predict(loop: TrainingLoop, x, batch_size: int):
+    """:meth:`TrainingLoop.predict` for several inputs or outputs."""
+    from .loop import _eval_mode
+
+    n = length(x)
+    with _eval_mode(loop):
+        parts = [loop._predict(rows(x, i, i + batch_size)) for i in range(0, n, batch_size)]
+    if loop._output_count == 1:
+        return np.concatenate(parts) if parts else np.zeros((0,), loop.dtype)
+    return tuple(np.concatenate([part[k] for part in parts]) for k in range(loop._output_count))
+
+
+def evaluate(loop: TrainingLoop, dataset: ArrayDataset, batch_size: int) -> dict[str, float]:
+    """:meth:`TrainingLoop.evaluate` for several outputs: ``loss`` is the sum over outputs of each
+    one's evaluation loss (per sample, or per element for the elementwise losses); no accuracy."""
+    from .loop import _eval_mode
+
+    totals = np.zeros(loop._output_count)
+    with _eval_mode(loop):
+        for x, y in dataset.batches(batch_size):
+            x, y = loop._check_batch((x, y))
+            totals += np.asarray(loop._evaluate_batch(x, y)[0], np.float64)
+    n = len(dataset)
+    per_output = []
+    for spec, total, target in zip(loop.loss_spec.losses, totals, dataset.y, strict=True):
+        per_sample = total / n if n else float("nan")
+        if not spec.class_targets:
+            per_sample /= max(1, int(np.prod(np.shape(target)[1:])))
+        per_output.append(per_sample)
+    return {"loss": float(sum(per_output)), "accuracy": float("nan"), "num_correct": 0, "num_samples": n}
+
+
+def submodule(loop: TrainingLoop, path: str, loss=None, optimizer=None) -> TrainingLoop:
+    """The module at ``path`` as a loop of its own (see :meth:`TrainingLoop.submodule`)."""
+    if loop.model_spec is None:
+        raise ValueError("submodule needs a unitrain model spec, not a native model")
+    module = get_submodule(loop.model_spec, path)
+    if not isinstance(module, Container):
+        raise ValueError(f"module {path!r} is a {type(module).__name__}: a sub-model must be a Sequential, "
+                         "Residual or Graph")  # fmt: skip
+    prefix = f"{path}."
+    state = {key[len(prefix) :]: value for key, value in loop.state_dict().items() if key.startswith(prefix)}
+    options = {"dtype": str(loop.dtype), "seed": loop.seed}
+    if loss is not None:
+        options["loss"] = loss
+    if optimizer is not None:
+        options["optimizer"] = optimizer
+    sub = type(loop)(module, **options)
+    sub.load_state_dict(state, source=f"module {path!r}")
+    sub.eval() if not loop.training else sub.train()
+    return sub
