@@ -503,7 +503,7 @@ def test_a_broken_graph_or_layer_is_caught_by_the_right_check(adapter, check):
     assert result.max_error > result.tolerance
 
 
-# --- issue 15: broken graph execution ----------------------------------------------------------------
+# --- broken graph execution ---------------------------------------------------------------------------
 
 
 def _graph_steps(node):
