@@ -113,6 +113,57 @@ def _module(spec: layers.Layer, dtype: torch.dtype) -> nn.Module:
     raise TypeError(f"the torch backend cannot build {spec!r}")
 
 
+#: the spec fields that choose other frameworks' equations, at PyTorch's values here
+_EQUATIONS = ("eps_placement", "lr_in_velocity")
+
+
+class _OtherEquations(torch.optim.Optimizer):
+    """A spec with another framework's equations (``Adam(eps_placement="before_correction")``,
+    ``SGD(lr_in_velocity=True)``), which ``torch.optim`` lacks: :func:`unitrain.optim.optimizer_update`
+    on the tensors, with ``torch.optim``'s param groups (``lr``, ``momentum``/``betas``, which
+    ``_set_lr`` and a cycling schedule change) and per-parameter state (the spec's ``state_names``,
+    and ``step`` where PyTorch's optimizer of the same kind keeps one)."""
+
+    @staticmethod
+    def needed(spec: optim.Optimizer) -> bool:
+        return getattr(spec, "eps_placement", "after_correction") != "after_correction" or getattr(
+            spec, "lr_in_velocity", False
+        )
+
+    def __init__(self, params, spec: optim.Optimizer):
+        defaults = {"lr": spec.lr}
+        if isinstance(spec, optim.Adam):
+            defaults["betas"] = spec.betas
+        elif optim.momentum(spec) is not None:
+            defaults["momentum"] = spec.momentum
+        super().__init__(params, defaults)
+        self.spec = spec
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        spec, names = self.spec, self.spec.state_names
+        for group in self.param_groups:
+            live_momentum = group["betas"][0] if "betas" in group else group.get("momentum")
+            for param in group["params"]:
+                if param.grad is None:  # as torch.optim: no gradient, no step
+                    continue
+                state = self.state[param]
+                if not state and not isinstance(spec, optim.SGD):
+                    state["step"] = torch.tensor(0.0)
+                    state.update(
+                        {name: torch.full_like(param, optim.initial_buffer_value(spec, name)) for name in names}
+                    )
+                if "step" in state:
+                    state["step"] += 1
+                buffers = tuple(state.get(name) for name in names)
+                step = int(state["step"]) if "step" in state else 1
+                new_param, buffers = optim.optimizer_update(
+                    spec, param, param.grad, buffers, step, group["lr"], torch.sqrt, momentum=live_momentum
+                )
+                param.copy_(new_param)
+                state.update(zip(names, buffers, strict=True))
+
+
 def _numpy(tensor: torch.Tensor) -> np.ndarray:
     """A host copy that does not alias the tensor (one copy whatever the device)."""
     return tensor.detach().to("cpu", copy=True).numpy()
@@ -153,8 +204,11 @@ class TorchLoop(TrainingLoop):
         self._rng_state = torch.Generator(self._device).manual_seed(rank_seed(self.seed, self.rank)).get_state()
         self._criterion = self._make_criterion(self.loss_spec)
         spec = self.update_spec  # torch.optim's optimizer as a cycling OneCycleLR leaves it at construction
-        # every spec field is the torch.optim class's argument of the same name
-        arguments = {field.name: getattr(spec, field.name) for field in fields(spec)}
+        if _OtherEquations.needed(spec):
+            self.optimizer = _OtherEquations(list(self._params.values()), spec)
+            return
+        # every other spec field is the torch.optim class's argument of the same name
+        arguments = {field.name: getattr(spec, field.name) for field in fields(spec) if field.name not in _EQUATIONS}
         self.optimizer = getattr(torch.optim, type(spec).__name__)(
             list(self._params.values()), **arguments, foreach=False
         )

@@ -21,8 +21,9 @@ import numpy as np
 from . import distributed, files, plot, registry
 from .checkpoint import WEIGHTS, Checkpointer, Diverged, Interrupted, checkpoint_paths, load_checkpoint, stop_on_signals
 from .data import PACKAGED, DataError
+from .dialects import DIALECTS, dialect
 from .extensions import EpochReport, MetricsWriter, ProgressBar
-from .layers import PRESETS, model_from_name
+from .layers import INIT_SCHEMES, PRESETS, model_from_name
 from .loop import InputError
 from .losses import LOSSES
 from .optim import OPTIMIZERS
@@ -262,7 +263,7 @@ def default_threads() -> int:
 #: the flags that describe the run (a :class:`~unitrain.run.Run`): absent from the parsed
 #: arguments unless typed, so that they override a recipe or checkpoint only where given
 _RUN_FIELDS = ("model", "loss", "lr_schedule", "clip_grad_norm", "clip_grad_value", "batch_size", "epochs",
-               "max_steps", "shuffle", "seed", "init_weights")  # fmt: skip
+               "max_steps", "shuffle", "seed", "init_weights", "dialect", "init")  # fmt: skip
 _DATA_FIELDS = tuple(field.name for field in dataclasses.fields(DataSpec))
 _OPTIMIZER_FLAGS = ("optimizer", "lr", "momentum", "nesterov", "weight_decay")
 
@@ -324,6 +325,15 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init-weights", type=str, default=unset, metavar="FILE",
                         help="start from these safetensors weights")  # fmt: skip
     parser.add_argument(
+        "--dialect", choices=list(DIALECTS), default=unset,
+        help="another framework's layer defaults, initialisers and optimizer equations (default torch)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--init", type=str, default=unset, metavar="SCHEME",
+        help=f"how the first weights are drawn: {', '.join(INIT_SCHEMES)}, or an initialiser for every weight "
+        "('xavier_uniform', 'normal(0.02)', ...; default: the model's, or the dialect's)",
+    )  # fmt: skip
+    parser.add_argument(
         "--threads",
         type=_int_at_least(1),
         metavar="N",
@@ -382,7 +392,9 @@ def _with_flags(base: Run, typed: dict) -> Run:
         changes = {"clip_grad_norm": None, "clip_grad_value": None, **changes}
     data = {key: typed[key] for key in _DATA_FIELDS if key in typed}
     try:
-        return base.replace(**changes, data=data, optimizer=_optimizer(base.optimizer, typed))
+        with dialect(changes.get("dialect", base.dialect) or "torch"):  # its defaults for arguments left out
+            optimizer = _optimizer(base.optimizer, typed)
+        return base.replace(**changes, data=data, optimizer=optimizer)
     except RunError as error:
         raise UsageError(str(error)) from None
 
