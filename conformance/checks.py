@@ -539,9 +539,12 @@ def check_sgd_lr_in_velocity(adapter):
     _optimizer_steps(adapter, SGD(lr=0.1, momentum=0.9, lr_in_velocity=True, weight_decay=0.01))
     _optimizer_steps(adapter, SGD(lr=0.1, momentum=0.9, lr_in_velocity=True, nesterov=True))
     loop, ref_optimizer = _optimizer_steps(adapter, SGD(lr=0.1, momentum=0.9, lr_in_velocity=True), steps=2)
-    loop.set_lr(0.02)
-    ref_optimizer.lr = 0.02
-    _optimizer_steps(adapter, loop.optimizer_spec, steps=2, loop=loop, ref_optimizer=ref_optimizer)
+    second = SGD(lr=0.02, momentum=0.9, lr_in_velocity=True)  # resumed with a new lr, as check_sgd_momentum_new_lr
+    resumed = loaded(adapter, dense_model(), loop.state_dict(), optimizer=second)
+    resumed.load_optimizer_state_dict(loop.optimizer_state_dict())
+    resumed.step_count = loop.step_count
+    ref_optimizer.spec, ref_optimizer.lr = second, second.lr
+    _optimizer_steps(adapter, second, steps=2, loop=resumed, ref_optimizer=ref_optimizer)
 
 
 @check()
