@@ -54,7 +54,7 @@ with warnings.catch_warnings():
 
 from unitrain import expr, layers, losses
 from unitrain.loop import TrainingLoop
-from unitrain.optim import SGD, clip_grad_norm_scale, initial_buffer_value, optimizer_update
+from unitrain.optim import clip_grad_norm_scale, initial_buffer_value, optimizer_update, starts_as_gradient
 from unitrain.randomness import dropout_mask, dropout_stream, set_stream_state, stream_state
 
 #: PyTorch's state names -> Chainer's attribute names
@@ -347,7 +347,7 @@ class _PyTorchRule(_Rule):
         self.group = group
 
     def init_state(self, param):
-        if not isinstance(self.spec, SGD):  # SGD's momentum buffer starts as the first gradient
+        if not starts_as_gradient(self.spec):  # PyTorch's momentum buffer starts as the first gradient
             for name in self.spec.state_names:
                 self.state[name] = np.full_like(param.array, initial_buffer_value(self.spec, name))
 

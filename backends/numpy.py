@@ -58,7 +58,7 @@ from unitrain.losses import (
     PerOutputLoss,
     SmoothL1Loss,
 )
-from unitrain.optim import clip_grad_norm_scale, initial_buffer_value, optimizer_update
+from unitrain.optim import clip_grad_norm_scale, initial_buffer_value, optimizer_update, starts_as_gradient
 from unitrain.randomness import dropout_mask, dropout_stream, set_stream_state, stream_state
 
 from . import numpy_graph
@@ -911,7 +911,7 @@ class NumpyLoop(TrainingLoop):
             for name in group.names:
                 param = self._params[name]
                 keys = [f"{name}.{buffer}" for buffer in names]
-                if keys and keys[0] not in state and names != ("momentum_buffer",):  # SGD's starts as the gradient
+                if keys and keys[0] not in state and not starts_as_gradient(spec):
                     for key, buffer in zip(keys, names, strict=True):
                         state[key] = np.full_like(param, initial_buffer_value(spec, buffer))
                 buffers = tuple(state.get(key) for key in keys)

@@ -118,6 +118,64 @@ def _module(spec: layers.Layer, dtype: torch.dtype) -> nn.Module:
     raise TypeError(f"the torch backend cannot build {spec!r}")
 
 
+#: the spec fields that choose other frameworks' equations, at PyTorch's values here
+_EQUATIONS = ("eps_placement", "lr_in_velocity")
+
+
+class _OtherEquations(torch.optim.Optimizer):
+    """A spec with another framework's equations (``Adam(eps_placement="before_correction")``,
+    ``SGD(lr_in_velocity=True)``), which ``torch.optim`` lacks: :func:`unitrain.optim.optimizer_update`
+    on the tensors, with ``torch.optim``'s param groups (``lr``, ``momentum``/``betas``, which
+    ``_set_lr`` and a cycling schedule change) and per-parameter state (the spec's ``state_names``,
+    and ``step`` where PyTorch's optimizer of the same kind keeps one)."""
+
+    @staticmethod
+    def needed(spec: optim.Optimizer) -> bool:
+        return getattr(spec, "eps_placement", "after_correction") != "after_correction" or getattr(
+            spec, "lr_in_velocity", False
+        )
+
+    def __init__(self, params, spec: optim.Optimizer):
+        super().__init__(params, self.group([], spec, spec.lr))
+        self.spec = spec
+
+    @staticmethod
+    def group(params, spec: optim.Optimizer, lr: float) -> dict:
+        """A param group of ``params`` following ``spec`` (a parameter group's own weight decay,
+        momentum or betas) at ``lr``."""
+        group = {"params": params, "lr": lr, "spec": spec}
+        if isinstance(spec, optim.Adam):
+            group["betas"] = spec.betas
+        elif optim.momentum(spec) is not None:
+            group["momentum"] = spec.momentum
+        return group
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            spec = group["spec"]
+            names = spec.state_names
+            live_momentum = group["betas"][0] if "betas" in group else group.get("momentum")
+            for param in group["params"]:
+                if param.grad is None:  # as torch.optim: no gradient, no step
+                    continue
+                state = self.state[param]
+                if not state and not isinstance(spec, optim.SGD):
+                    state["step"] = torch.tensor(0.0)
+                    state.update(
+                        {name: torch.full_like(param, optim.initial_buffer_value(spec, name)) for name in names}
+                    )
+                if "step" in state:
+                    state["step"] += 1
+                buffers = tuple(state.get(name) for name in names)
+                step = int(state["step"]) if "step" in state else 1
+                new_param, buffers = optim.optimizer_update(
+                    spec, param, param.grad, buffers, step, group["lr"], torch.sqrt, momentum=live_momentum
+                )
+                param.copy_(new_param)
+                state.update(zip(names, buffers, strict=True))
+
+
 def _numpy(tensor: torch.Tensor) -> np.ndarray:
     """A host copy that does not alias the tensor (one copy whatever the device)."""
     return tensor.detach().to("cpu", copy=True).numpy()
@@ -160,17 +218,24 @@ class TorchLoop(TrainingLoop):
         groups = self._resolve_controls(self._params)
         for name in self.frozen:  # as a fine-tuning tutorial freezes: no gradient, left out of the optimizer
             self._params[name].requires_grad_(False)
+        spec = self.update_spec  # torch.optim's optimizer as a cycling OneCycleLR leaves it at construction
+        if _OtherEquations.needed(spec):
+            self.optimizer = _OtherEquations(
+                [_OtherEquations.group([self._params[name] for name in group.names], group.spec, group.lr)
+                 for group in groups], spec,
+            )  # fmt: skip
+            return
 
-        # torch.optim's param groups, each with its spec's arguments (every spec field is the
-        # torch.optim class's argument of the same name; the spec as a cycling OneCycleLR leaves it);
-        # the run's spec's are the defaults too (Adagrad fills its sums from them at construction)
+        # torch.optim's param groups, each with its spec's arguments (every other spec field is the
+        # torch.optim class's argument of the same name); the run's spec's are the defaults too
+        # (Adagrad fills its sums from them at construction)
         def arguments(spec):
-            return {field.name: getattr(spec, field.name) for field in fields(spec)}
+            return {field.name: getattr(spec, field.name) for field in fields(spec) if field.name not in _EQUATIONS}
 
-        self.optimizer = getattr(torch.optim, type(self.update_spec).__name__)(
+        self.optimizer = getattr(torch.optim, type(spec).__name__)(
             [{"params": [self._params[name] for name in group.names], **arguments(group.spec), "lr": group.lr}
              for group in groups],
-            **arguments(self.update_spec), foreach=False,
+            **arguments(spec), foreach=False,
         )  # fmt: skip
 
     # --- helpers --------------------------------------------------------------------------

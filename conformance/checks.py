@@ -540,6 +540,30 @@ def check_adam_updates(adapter):
 
 
 @check()
+def check_sgd_lr_in_velocity(adapter):
+    """Chainer's and Keras' momentum (``SGD(lr_in_velocity=True)``): the velocity holds past
+    steps' lrs, so a new lr reaches only new gradients; parameters and ``velocity`` match."""
+    _optimizer_steps(adapter, SGD(lr=0.1, momentum=0.9, lr_in_velocity=True, weight_decay=0.01))
+    _optimizer_steps(adapter, SGD(lr=0.1, momentum=0.9, lr_in_velocity=True, nesterov=True))
+    loop, ref_optimizer = _optimizer_steps(adapter, SGD(lr=0.1, momentum=0.9, lr_in_velocity=True), steps=2)
+    second = SGD(lr=0.02, momentum=0.9, lr_in_velocity=True)  # resumed with a new lr, as check_sgd_momentum_new_lr
+    resumed = loaded(adapter, dense_model(), loop.state_dict(), optimizer=second)
+    resumed.load_optimizer_state_dict(loop.optimizer_state_dict())
+    resumed.step_count = loop.step_count
+    ref_optimizer.spec, ref_optimizer.lr = second, second.lr
+    _optimizer_steps(adapter, second, steps=2, loop=resumed, ref_optimizer=ref_optimizer)
+
+
+@check()
+def check_adam_eps_before_correction(adapter):
+    """Chainer's, Keras' and MindSpore's Adam (``eps_placement="before_correction"``): eps joins
+    the uncorrected ``sqrt(v)``; a large eps makes the difference from PyTorch's visible."""
+    _optimizer_steps(adapter, Adam(lr=0.01, eps=1e-2, eps_placement="before_correction"))
+    _optimizer_steps(adapter, Adam(lr=0.01, betas=(0.8, 0.9), eps=1e-3, weight_decay=0.1,
+                                   eps_placement="before_correction"))  # fmt: skip
+
+
+@check()
 def check_adamw_updates(adapter):
     """AdamW (decoupled weight decay): parameters and both moments match."""
     _optimizer_steps(adapter, AdamW(lr=0.01, eps=1e-4, weight_decay=0.1))
@@ -1049,6 +1073,30 @@ def check_weights_errors(adapter):
                  "(12, 10)")  # fmt: skip
     compare_states("state_dict() after rejected loads (must be unchanged):", loop.state_dict(),
                    reference.initial_state(model, 0))  # fmt: skip
+
+
+@check("conv")
+def check_initializers(adapter):
+    """Every layer's ``weight_init``/``bias_init`` and the model's ``init`` scheme draw the
+    documented distributions with ``torch.nn.init``'s fans (a grouped convolution's too)."""
+    model = layers.Sequential(
+        layers.Conv2d(2, 4, 3, groups=2, weight_init="kaiming_normal(mode='fan_out', nonlinearity='relu')"),
+        layers.ReLU(),
+        layers.Conv2d(4, 4, 1, weight_init="xavier_normal(gain=2.0)", bias_init="zeros"),
+        layers.Flatten(),
+        layers.Linear(16, 8),  # the model's init: Keras' glorot uniform and zero bias
+        layers.ReLU(),
+        layers.Linear(8, 6, weight_init="kaiming_uniform(a=0.2)", bias_init="normal(0.5)"),
+        layers.Linear(6, 5, weight_init="lecun_normal", bias_init="uniform(-0.1, 0.1)"),
+        layers.Linear(5, 3, weight_init="xavier_uniform", bias_init="pytorch"),
+        init="keras",
+    )
+    loop = adapter(model, seed=11)
+    compare_states("initial state_dict() with per-layer initialisers:", loop.state_dict(),
+                   reference.initial_state(model, 11), dtype="float32", size=1)  # fmt: skip
+    model = layers.Sequential(layers.Linear(4, 8), layers.ReLU(), layers.Linear(8, 3), init="chainer")
+    compare_states("initial state_dict() with init='chainer':", adapter(model, seed=2).state_dict(),
+                   reference.initial_state(model, 2), dtype="float32", size=1)  # fmt: skip
 
 
 # --- 16-18. seeds, epochs, dtypes ------------------------------------------------------------------

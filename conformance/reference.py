@@ -12,6 +12,7 @@ forms written by hand for the expressions in :data:`CUSTOM_LOSSES`, not by walki
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import struct
@@ -528,9 +529,21 @@ def sgd(param, grad, buf, *, lr, momentum=0.0, dampening=0.0, weight_decay=0.0, 
     return param - lr * grad, buf
 
 
-def adam(param, grad, exp_avg, exp_avg_sq, step, *, lr, betas, eps, weight_decay=0.0, decoupled=False):
+def sgd_velocity(param, grad, velocity, *, lr, momentum, weight_decay=0.0, nesterov=False):
+    """Chainer's ``MomentumSGDRule`` / Keras' ``SGD``: ``v = momentum * v - lr * g`` from
+    ``v = 0``, then ``p + v`` (Keras' nesterov: ``p + momentum * v - lr * g``). Returns ``(param, v)``."""
+    param, grad = np.asarray(param, F64), np.asarray(grad, F64)
+    if weight_decay:
+        grad = grad + weight_decay * param
+    velocity = momentum * np.asarray(0.0 if velocity is None else velocity, F64) - lr * grad
+    return param + (momentum * velocity - lr * grad if nesterov else velocity), velocity
+
+
+def adam(param, grad, exp_avg, exp_avg_sq, step, *, lr, betas, eps, weight_decay=0.0, decoupled=False,
+         eps_before_correction=False):  # fmt: skip
     """``torch.optim.Adam`` (``decoupled``: ``AdamW``), step ``step`` counted from 1, with both
-    bias corrections. Returns ``(param, exp_avg, exp_avg_sq)``."""
+    bias corrections; ``eps_before_correction``: Keras' ``Adam`` (``lr * sqrt(1 - beta2^t) /
+    (1 - beta1^t) * m / (sqrt(v) + eps)``). Returns ``(param, exp_avg, exp_avg_sq)``."""
     param, grad = np.asarray(param, F64), np.asarray(grad, F64)
     beta1, beta2 = betas
     if weight_decay and decoupled:
@@ -541,6 +554,8 @@ def adam(param, grad, exp_avg, exp_avg_sq, step, *, lr, betas, eps, weight_decay
     exp_avg_sq = beta2 * np.asarray(exp_avg_sq, F64) + (1 - beta2) * grad**2
     m_hat = exp_avg / (1 - beta1**step)
     v_hat = exp_avg_sq / (1 - beta2**step)
+    if eps_before_correction:  # sqrt(v_hat) + eps / sqrt(1 - beta2^t), as the uncorrected form has it
+        return param - lr * m_hat / (np.sqrt(v_hat) + eps / math.sqrt(1 - beta2**step)), exp_avg, exp_avg_sq
     return param - lr * m_hat / (np.sqrt(v_hat) + eps), exp_avg, exp_avg_sq
 
 
@@ -639,6 +654,12 @@ class Optimizer:
                     lr=self.lr, betas=spec.betas if self.momentum is None else (self.momentum, spec.betas[1]),
                     eps=spec.eps, weight_decay=spec.weight_decay,
                     decoupled=spec.decoupled_weight_decay,
+                    eps_before_correction=spec.eps_placement == "before_correction",
+                )  # fmt: skip
+            elif getattr(spec, "lr_in_velocity", False) and momentum:
+                new[name], self.state[f"{name}.velocity"] = sgd_velocity(
+                    param, grads[name], self.state.get(f"{name}.velocity"), lr=self.lr, momentum=momentum,
+                    weight_decay=spec.weight_decay, nesterov=spec.nesterov,
                 )  # fmt: skip
             else:
                 new[name], buf = sgd(
@@ -665,12 +686,13 @@ def train_step(ref: Reference, spec_loss, optimizer: Optimizer, x, y) -> float:
 
 def initial_state(model: layers.Layer, seed: int) -> dict[str, np.ndarray]:
     """The documented initial draw (see :func:`unitrain.weights.init_weights`): per Linear/Conv2d,
-    weight then bias ``~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` (``fan_in = in/groups * kh * kw``)
-    from ``default_rng(seed)`` in float64, rounded to float32; with ``init="resnet"`` Conv2d
-    weights are ``N(0, 2 / (out * kh * kw))`` instead. BatchNorm/LayerNorm weight 1, bias 0,
-    running mean 0, variance 1, count 0."""
+    weight then bias from ``default_rng(seed)`` in float64, rounded to float32, each by the
+    layer's ``weight_init``/``bias_init`` or else the model's ``init`` (:func:`_scheme`): PyTorch's
+    ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` (``fan_in = in/groups * kh * kw``), torchvision's
+    ResNet convolutions ``N(0, 2 / (out * kh * kw))``, Keras' glorot uniform with zero bias,
+    Chainer's LeCun normal with zero bias. BatchNorm/LayerNorm weight 1, bias 0, running mean 0,
+    variance 1, count 0."""
     rng = np.random.default_rng(seed)
-    resnet = getattr(model, "init", None) == "resnet"
     state = {}
     for name, layer in model.named_layers():
         if isinstance(layer, layers.Linear):
@@ -688,14 +710,57 @@ def initial_state(model: layers.Layer, seed: int) -> dict[str, np.ndarray]:
             continue
         else:
             continue
-        bound = 1 / math.sqrt(fan_in)
         for key, shape in layer.param_shapes().items():
-            if resnet and key == "weight" and isinstance(layer, layers.Conv2d):
-                value = rng.normal(0.0, math.sqrt(2 / (shape[0] * shape[2] * shape[3])), shape)
-            else:
-                value = rng.uniform(-bound, bound, shape)
-            state[f"{name}.{key}"] = value.astype(np.float32)
+            how = getattr(layer, f"{key}_init") or _scheme(model, layer, key)
+            state[f"{name}.{key}"] = _draw(rng, str(how), shape, fan_in).astype(np.float32)
     return state
+
+
+def _scheme(model, layer, key: str) -> str:
+    init = getattr(model, "init", "pytorch")
+    if init == "keras":
+        return "xavier_uniform" if key == "weight" else "zeros"
+    if init == "chainer":
+        return "lecun_normal" if key == "weight" else "zeros"
+    if init == "resnet" and key == "weight" and isinstance(layer, layers.Conv2d):
+        return "kaiming_normal(mode='fan_out', nonlinearity='relu')"
+    if init in ("pytorch", "resnet") or key == "bias":
+        return "pytorch"
+    return init
+
+
+def _draw(rng, how: str, shape, layer_fan_in) -> np.ndarray:
+    """One tensor drawn as ``torch.nn.init``'s function of the name ``how`` starts with documents;
+    ``how`` is the initialiser's text (``normal(std=0.02)``)."""
+    call = ast.parse(how, mode="eval").body
+    name = call.id if isinstance(call, ast.Name) else call.func.id
+    args = {} if isinstance(call, ast.Name) else {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+    receptive = int(np.prod(shape[2:])) if len(shape) > 2 else 1
+    fan_in, fan_out = (shape[1] * receptive, shape[0] * receptive) if len(shape) >= 2 else (None, None)
+    gains = {"relu": 2.0, "tanh": 25 / 9, "linear": 1.0, "sigmoid": 1.0, "conv2d": 1.0, "selu": 9 / 16}
+    if name == "pytorch":
+        return rng.uniform(-1 / math.sqrt(layer_fan_in), 1 / math.sqrt(layer_fan_in), shape)
+    if name in ("xavier_uniform", "xavier_normal"):
+        std = args.get("gain", 1.0) * math.sqrt(2.0 / (fan_in + fan_out))
+        return rng.uniform(-math.sqrt(3) * std, math.sqrt(3) * std, shape) if "uniform" in name else rng.normal(
+            0, std, shape)  # fmt: skip
+    if name in ("kaiming_uniform", "kaiming_normal"):
+        slope, nonlinearity = args.get("a", 0.0), args.get("nonlinearity", "leaky_relu")
+        gain2 = 2.0 / (1 + slope**2) if nonlinearity == "leaky_relu" else gains[nonlinearity]
+        std = math.sqrt(gain2 / (fan_out if args.get("mode") == "fan_out" else fan_in))
+        return rng.uniform(-math.sqrt(3) * std, math.sqrt(3) * std, shape) if "uniform" in name else rng.normal(
+            0, std, shape)  # fmt: skip
+    if name == "lecun_uniform":
+        return rng.uniform(-math.sqrt(3 / fan_in), math.sqrt(3 / fan_in), shape)
+    if name == "lecun_normal":
+        return rng.normal(0, 1 / math.sqrt(fan_in), shape)
+    if name == "normal":
+        return rng.normal(args.get("mean", 0.0), args.get("std", 1.0), shape)
+    if name == "uniform":
+        return rng.uniform(args.get("a", 0.0), args.get("b", 1.0), shape)
+    if name in ("zeros", "ones", "constant"):
+        return np.full(shape, {"zeros": 0.0, "ones": 1.0}.get(name, args.get("val", 0.0)))
+    raise NotImplementedError(f"the reference does not draw {how}")
 
 
 def random_state(model: layers.Layer, rng: np.random.Generator) -> dict[str, np.ndarray]:

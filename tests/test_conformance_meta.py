@@ -16,8 +16,11 @@ from unitrain.backends import numpy_graph
 from unitrain.backends.numpy import LossValue, NumpyLoop, _loss_terms
 from unitrain.conformance import CHECKS, run_check, run_checks
 
+from unitrain.initializers import KaimingNormal
+from unitrain.layers import Sequential
 from unitrain.loop import TrainingLoop
 from unitrain.optim import Adagrad, Adam, RMSprop, momentum
+from unitrain.weights import init_weights
 
 
 class _NumpyAdamVariant(NumpyLoop):
@@ -50,6 +53,29 @@ class EpsilonInsideSqrt(_NumpyAdamVariant):
     def adam(self, m, v, t, spec):
         m_hat, v_hat = m / (1 - spec.betas[0] ** t), v / (1 - spec.betas[1] ** t)
         return spec.lr * m_hat / np.sqrt(v_hat + spec.eps)
+
+
+class EpsAlwaysAfterCorrection(_NumpyAdamVariant):
+    """PyTorch's eps placement whatever the spec says (``eps_placement`` ignored)."""
+
+    def adam(self, m, v, t, spec):
+        m_hat, v_hat = m / (1 - spec.betas[0] ** t), v / (1 - spec.betas[1] ** t)
+        return spec.lr * m_hat / (np.sqrt(v_hat) + spec.eps)
+
+
+class KaimingModeIgnored(NumpyLoop):
+    """Draws kaiming initialisers with ``fan_in`` whatever their ``mode`` (the wrong fan)."""
+
+    def __init__(self, model, *args, seed=0, **kwargs):
+        super().__init__(model, *args, seed=seed, **kwargs)
+        if isinstance(model, Sequential):
+            fan_in = {
+                name: dataclasses.replace(layer, weight_init=dataclasses.replace(layer.weight_init, mode="fan_in"))
+                if isinstance(getattr(layer, "weight_init", None), KaimingNormal)
+                else layer
+                for name, layer in model.children
+            }
+            self.load_state_dict(init_weights(Sequential(fan_in, init=model.init), seed))
 
 
 # --- adapters broken inside the NumPy backend's model tree --------------------------------------------
@@ -274,6 +300,12 @@ CAUGHT = {
     (EpsilonInsideSqrt, "check_adam_updates"):
         "Adam(lr=0.01, eps=0.0001) step 1: parameter '1.weight': "
         "expected -0.249878, got -0.257934 at index (4, 11); max error 0.00806 > tolerance 3.81e-06",
+    (EpsAlwaysAfterCorrection, "check_adam_eps_before_correction"):
+        "Adam(lr=0.01, eps=0.01, eps_placement='before_correction') step 1: parameter '1.weight': "
+        "expected 0.271631, got 0.278611 at index (7, 7); max error 0.00698 > tolerance 3.81e-06",
+    (KaimingModeIgnored, "check_initializers"):
+        "initial state_dict() with per-layer initialisers: '0.weight': expected -0.452629, got -0.905257 at index "
+        "(2, 0, 2, 0); max error 0.453 > tolerance 9.54e-07",
     (RMSpropEpsilonInsideSqrt, "check_rmsprop_updates"):
         "RMSprop(lr=0.01, alpha=0.9, eps=0.01) step 1: parameter '1.weight': "
         "expected 0.202825, got 0.217777 at index (3, 1); max error 0.015 > tolerance 3.81e-06",

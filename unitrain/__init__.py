@@ -33,7 +33,7 @@ _EXPORTS = {
     "SGD": "optim", "Adam": "optim", "AdamW": "optim", "RMSprop": "optim", "Adagrad": "optim", "Adadelta": "optim",
     "DataSpec": "run", "Run": "run", "load_recipe": "run",
     "available_backends": "registry", "get_backend": "registry", "make_loop": "registry",
-    "init_weights": "weights",
+    "init_weights": "weights", "dialect": "dialects",
 }  # fmt: skip
 
 __all__ = sorted(_EXPORTS)

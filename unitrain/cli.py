@@ -25,8 +25,9 @@ from . import distributed, files, plot, registry
 from .checkpoint import WEIGHTS, Checkpointer, Diverged, Interrupted, checkpoint_paths, load_checkpoint, stop_on_signals
 from .controls import METRICS, EarlyStopping
 from .data import PACKAGED, DataError
+from .dialects import DIALECTS, dialect
 from .extensions import EpochReport, MetricsWriter, ProgressBar, TensorBoardWriter, check_tensorboard_dir
-from .layers import PRESETS, model_from_name
+from .layers import INIT_SCHEMES, PRESETS, model_from_name
 from .loop import InputError
 from .losses import LOSSES
 from .optim import OPTIMIZERS
@@ -273,7 +274,7 @@ def default_threads() -> int:
 #: arguments unless typed, so that they override a recipe or checkpoint only where given
 _RUN_FIELDS = ("model", "loss", "lr_schedule", "clip_grad_norm", "clip_grad_value", "batch_size", "epochs",
                "max_steps", "shuffle", "seed", "init_weights", "frozen", "param_groups",
-               "accumulate_grad_batches", "drop_last", "test_batch_size")  # fmt: skip
+               "accumulate_grad_batches", "drop_last", "test_batch_size", "dialect", "init")  # fmt: skip
 _EARLY_STOPPING_FLAGS = ("early_stopping", "patience", "min_delta")
 _DATA_FIELDS = tuple(field.name for field in dataclasses.fields(DataSpec))
 _OPTIMIZER_FLAGS = ("optimizer", "lr", "momentum", "nesterov", "weight_decay")
@@ -361,6 +362,15 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --early-stopping: epochs without improvement to stop at (default 0)")  # fmt: skip
     parser.add_argument("--min-delta", type=_float, default=unset, metavar="X",
                         help="with --early-stopping: the least improvement that counts (default 0)")  # fmt: skip
+    parser.add_argument(
+        "--dialect", choices=list(DIALECTS), default=unset,
+        help="another framework's layer defaults, initialisers and optimizer equations (default torch)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--init", type=str, default=unset, metavar="SCHEME",
+        help=f"how the first weights are drawn: {', '.join(INIT_SCHEMES)}, or an initialiser for every weight "
+        "('xavier_uniform', 'normal(0.02)', ...; default: the model's, or the dialect's)",
+    )  # fmt: skip
     parser.add_argument(
         "--threads",
         type=_int_at_least(1),
@@ -453,7 +463,9 @@ def _with_flags(base: Run, typed: dict) -> Run:
     if any(key in typed for key in _EARLY_STOPPING_FLAGS):
         changes["early_stopping"] = _early_stopping(base.early_stopping, typed)
     try:
-        return base.replace(**changes, data=data, optimizer=_optimizer(base.optimizer, typed))
+        with dialect(changes.get("dialect", base.dialect) or "torch"):  # its defaults for arguments left out
+            optimizer = _optimizer(base.optimizer, typed)
+        return base.replace(**changes, data=data, optimizer=optimizer)
     except RunError as error:
         raise UsageError(str(error)) from None
 

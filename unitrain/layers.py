@@ -24,6 +24,9 @@ import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
+from . import dialects
+from .initializers import Initializer, initializer
+
 Shape = tuple[int, ...]
 Pair = tuple[int, int]
 
@@ -102,6 +105,25 @@ class Layer:
 # --- leaves with weights ---------------------------------------------------------------------
 
 
+def _initializers(spec: Layer) -> None:
+    """Normalise ``weight_init`` / ``bias_init`` (None: the model's ``init`` scheme decides) and
+    refuse one that cannot apply to its tensor."""
+    shapes = spec.param_shapes()
+    for key in ("weight", "bias"):
+        value = getattr(spec, f"{key}_init")
+        if value is None:
+            continue
+        name = f"{type(spec).__name__}: {key}_init"
+        try:
+            value = initializer(value)
+        except ValueError as error:
+            raise ValueError(f"{name}: {error}") from None
+        if key not in shapes:
+            raise ValueError(f"{name} {value} is given, but the layer has no bias (bias=False)")
+        value.check_applies(name, shapes[key])
+        object.__setattr__(spec, f"{key}_init", value)
+
+
 @dataclass(frozen=True)
 class Linear(Layer):
     """``torch.nn.Linear``: ``x @ weight.T + bias``; ``weight`` is ``(out_features, in_features)``."""
@@ -109,10 +131,14 @@ class Linear(Layer):
     in_features: int
     out_features: int
     bias: bool = True
+    #: how the first weight and bias are drawn (:mod:`unitrain.initializers`; None: the model's ``init``)
+    weight_init: Initializer | str | None = field(default=None, repr=False)
+    bias_init: Initializer | str | None = field(default=None, repr=False)
 
     def __post_init__(self):
         _positive_int("Linear", "in_features", self.in_features)
         _positive_int("Linear", "out_features", self.out_features)
+        _initializers(self)
 
     def param_shapes(self):
         shapes = {"weight": (self.out_features, self.in_features)}
@@ -135,7 +161,8 @@ class Linear(Layer):
 class Conv2d(Layer):
     """2-D cross-correlation over NCHW input with zero padding (``torch.nn.Conv2d``).
     Weight ``(out_channels, in_channels // groups, kh, kw)``; each of the ``groups`` groups
-    of output channels sees only its own ``in_channels // groups`` input channels."""
+    of output channels sees only its own ``in_channels // groups`` input channels. ``bias``
+    left out: the dialect's (PyTorch's True; MindSpore's ``has_bias=False``)."""
 
     in_channels: int
     out_channels: int
@@ -144,9 +171,13 @@ class Conv2d(Layer):
     padding: int | Pair = 0
     dilation: int | Pair = 1
     groups: int = 1
-    bias: bool = True
+    bias: bool | None = None
+    weight_init: Initializer | str | None = field(default=None, repr=False)
+    bias_init: Initializer | str | None = field(default=None, repr=False)
 
     def __post_init__(self):
+        if self.bias is None:
+            object.__setattr__(self, "bias", dialects.current().conv_bias)
         for name in ("in_channels", "out_channels", "groups"):
             _positive_int("Conv2d", name, getattr(self, name))
         for name, minimum in (("kernel_size", 1), ("stride", 1), ("padding", 0), ("dilation", 1)):
@@ -156,6 +187,7 @@ class Conv2d(Layer):
                 f"Conv2d: in_channels ({self.in_channels}) and out_channels ({self.out_channels}) "
                 f"must be divisible by groups ({self.groups})"
             )
+        _initializers(self)
 
     def param_shapes(self):
         shapes = {"weight": (self.out_channels, self.in_channels // self.groups, *self.kernel_size)}
@@ -185,15 +217,20 @@ class _BatchNorm(_Norm):
     """PyTorch's BatchNorm. Training: normalise with the batch mean and biased variance and
     update ``running = (1 - momentum) * running + momentum * batch_stat`` where the variance
     fed to the running estimate is the *unbiased* one. Eval: normalise with the running
-    statistics. ``num_batches_tracked`` counts training batches, as in PyTorch."""
+    statistics. ``num_batches_tracked`` counts training batches, as in PyTorch. ``eps`` and
+    ``momentum`` left out: the dialect's (PyTorch's 1e-5 and 0.1)."""
 
     num_features: int
-    eps: float = 1e-5
-    momentum: float = 0.1
+    eps: float | None = None
+    momentum: float | None = None
 
     _input_rank = 0
 
     def __post_init__(self):
+        if self.eps is None:
+            object.__setattr__(self, "eps", dialects.current().batchnorm_eps)
+        if self.momentum is None:
+            object.__setattr__(self, "momentum", dialects.current().batchnorm_momentum)
         _positive_int(type(self).__name__, "num_features", self.num_features)
         self._check_eps()
         if not 0.0 < self.momentum <= 1.0:
@@ -504,13 +541,16 @@ class Sequential(Container):
     """An ordered stack, ``Sequential(a, b, ...)`` (children named ``"0"``, ``"1"``, ...) or
     ``Sequential({"conv1": a, "bn1": b})`` (children named by the keys), as
     ``torch.nn.Sequential``. ``init`` chooses how :func:`unitrain.init_weights` draws the
-    model's first weights when this is the outermost container: ``"pytorch"`` (each layer's
-    PyTorch default) or ``"resnet"`` (torchvision's ResNet scheme)."""
+    first weights of the layers that name no ``weight_init`` / ``bias_init`` when this is the
+    outermost container: a scheme of :data:`INIT_SCHEMES` (``"pytorch"``: each layer's PyTorch
+    default; ``"resnet"``: torchvision's ResNet; ``"keras"``, ``"chainer"``: their Dense/Linear and
+    convolution defaults), or an initialiser for every weight (``"xavier_uniform"``; biases keep
+    PyTorch's default). Left out: the dialect's scheme."""
 
     children: tuple[tuple[str, Layer], ...] = field(default_factory=tuple)
     init: str = "pytorch"
 
-    def __init__(self, *layers, init: str = "pytorch"):
+    def __init__(self, *layers, init: str | None = None):
         if len(layers) == 1 and isinstance(layers[0], Mapping):
             items = list(layers[0].items())
             for name, _ in items:
@@ -523,10 +563,8 @@ class Sequential(Container):
         for name, layer in items:
             if not isinstance(layer, Layer):
                 raise TypeError(f"Sequential: item {name} is {layer!r}, expected a unitrain layer spec")
-        if init not in INIT_SCHEMES:
-            raise ValueError(f"Sequential: init must be one of {INIT_SCHEMES}, got {init!r}")
         object.__setattr__(self, "children", tuple(items))
-        object.__setattr__(self, "init", init)
+        object.__setattr__(self, "init", _sequential_init(init))
 
     @property
     def layers(self) -> tuple[Layer, ...]:
@@ -544,7 +582,31 @@ class Sequential(Container):
         return input_shape
 
 
-INIT_SCHEMES = ("pytorch", "resnet")
+#: a model's ``init`` schemes: the weight and bias initialisers of Linear and Conv2d layers
+#: (torchvision's ResNet: ``kaiming_normal_(mode="fan_out", nonlinearity="relu")`` on Conv2d
+#: weights; Keras' Dense and Conv2D: ``glorot_uniform`` and zeros; Chainer's Linear and
+#: Convolution2D: ``LeCunNormal`` and zeros)
+INIT_SCHEMES = ("pytorch", "resnet", "keras", "chainer")
+
+
+def check_init(init) -> str:
+    """``init`` (a scheme or an initialiser's text, for every weight) in its canonical text;
+    ValueError otherwise."""
+    if init in INIT_SCHEMES:
+        return init
+    try:
+        value = initializer(init)
+    except ValueError as error:
+        raise ValueError(f"init must be one of {', '.join(INIT_SCHEMES)} or an initialiser for every weight "
+                         f"({error})") from None  # fmt: skip
+    return str(value)
+
+
+def _sequential_init(init) -> str:
+    try:
+        return check_init(dialects.current().init if init is None else init)
+    except ValueError as error:
+        raise ValueError(f"Sequential: {error}") from None
 
 
 @dataclass(frozen=True)

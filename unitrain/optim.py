@@ -5,9 +5,8 @@ The math lives once, in :func:`sgd_update`, :func:`adam_update`, :func:`rmsprop_
 array type with arithmetic operators (NumPy, Chainer's arrays, MindSpore tensors), in the
 order PyTorch's single-tensor implementations use. Backends whose framework ships PyTorch's
 equations (PyTorch itself) use the native optimizer; the others plug these functions into their
-framework's optimizer machinery. Chainer's and MindSpore's own Adam put epsilon inside the
-bias correction, and Chainer's MomentumSGD folds the learning rate into the velocity; neither
-is used.
+framework's optimizer machinery. Other frameworks' equations (:mod:`unitrain.dialects`) are
+options of the same specs: ``Adam(eps_placement=...)``, ``SGD(lr_in_velocity=...)``.
 
 SGD, for parameter ``p`` with gradient ``g`` (``buf`` starts as ``g`` on the first step)::
 
@@ -16,12 +15,26 @@ SGD, for parameter ``p`` with gradient ``g`` (``buf`` starts as ``g`` on the fir
     g   = g + momentum * buf     if nesterov else buf
     p   = p - lr * g
 
+SGD with ``lr_in_velocity=True`` (Chainer's ``MomentumSGD``, Keras' ``SGD``: the velocity
+``v`` starts at 0 and holds the learning rates of past steps, so a schedule's new lr reaches
+only the new gradients)::
+
+    g = g + weight_decay * p
+    v = momentum * v - lr * g
+    p = p + momentum * v - lr * g     if nesterov else p + v
+
 Adam (``t`` counts steps from 1; AdamW replaces the first line by ``p = p * (1 - lr * wd)``)::
 
     g = g + weight_decay * p
     m = m + (1 - beta1) * (g - m)
     v = beta2 * v + (1 - beta2) * g * g
     p = p - lr / (1 - beta1**t) * m / (sqrt(v) / sqrt(1 - beta2**t) + eps)
+
+and with ``eps_placement="before_correction"`` (Chainer's, Keras', MindSpore's: ``eps`` is
+added to the uncorrected ``sqrt(v)``, which weighs it by ``1 / sqrt(1 - beta2**t)`` compared
+with PyTorch's, large in the first steps)::
+
+    p = p - lr * sqrt(1 - beta2**t) / (1 - beta1**t) * m / (sqrt(v) + eps)
 
 RMSprop (``g += weight_decay * p`` first; ``buf`` with momentum, ``ga`` when centered)::
 
@@ -53,6 +66,8 @@ import dataclasses
 import math
 import operator
 from dataclasses import dataclass
+
+from . import dialects
 
 
 def _check(name: str, value, condition: bool, expected: str) -> None:
@@ -87,7 +102,7 @@ class Optimizer:
         """Compact: the learning rate and whatever differs from the defaults."""
         defaults = type(self)()
         shown = [
-            f"{field.name}={getattr(self, field.name)}"
+            f"{field.name}={getattr(self, field.name)!r}"
             for field in dataclasses.fields(self)
             if field.name == "lr" or getattr(self, field.name) != getattr(defaults, field.name)
         ]
@@ -105,17 +120,28 @@ class SGD(Optimizer):
     momentum: float = 0.0
     dampening: float = 0.0
     nesterov: bool = False
+    #: Chainer's and Keras' momentum: a velocity with the lr folded in (see the module's doc);
+    #: left out, the dialect's (:mod:`unitrain.dialects`)
+    lr_in_velocity: bool | None = None
 
     def __post_init__(self):
+        if self.lr_in_velocity is None:
+            object.__setattr__(self, "lr_in_velocity", dialects.current().sgd_lr_in_velocity and not self.dampening)
         super().__post_init__()
         _check("momentum", self.momentum, 0 <= self.momentum < 1, "in [0, 1)")
         _check("dampening", self.dampening, 0 <= self.dampening <= 1, "in [0, 1]")
         if self.nesterov and (self.momentum == 0 or self.dampening != 0):
             raise ValueError("nesterov requires momentum > 0 and dampening 0")
+        if not isinstance(self.lr_in_velocity, bool):
+            raise ValueError(f"lr_in_velocity must be True or False, got {self.lr_in_velocity!r}")
+        if self.lr_in_velocity and self.dampening:
+            raise ValueError("lr_in_velocity has no dampening (Chainer's and Keras' momentum): expected dampening 0")
 
     @property
     def state_names(self):
-        return ("momentum_buffer",) if self.momentum else ()
+        if not self.momentum:
+            return ()
+        return ("velocity",) if self.lr_in_velocity else ("momentum_buffer",)
 
 
 @dataclass(frozen=True)
@@ -124,13 +150,21 @@ class Adam(Optimizer):
 
     lr: float = 0.001
     betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
+    #: left out, the dialect's (PyTorch's 1e-8; Keras' 1e-7)
+    eps: float | None = None
+    #: where ``eps`` joins ``sqrt(v)``: ``"after_correction"`` (PyTorch's) or ``"before_correction"``
+    #: (Chainer's, Keras', MindSpore's); see the module's doc. Left out, the dialect's.
+    eps_placement: str | None = None
 
     #: AdamW's decoupled decay (``p *= 1 - lr * wd``) instead of L2 added to the gradient
     decoupled_weight_decay = False
     state_names = ("exp_avg", "exp_avg_sq")
 
     def __post_init__(self):
+        if self.eps is None:
+            object.__setattr__(self, "eps", dialects.current().adam_eps)
+        if self.eps_placement is None:
+            object.__setattr__(self, "eps_placement", dialects.current().adam_eps_placement)
         super().__post_init__()
         if not (isinstance(self.betas, (tuple, list)) and len(self.betas) == 2):
             raise ValueError(f"betas must be a pair (beta1, beta2), got {self.betas!r}")
@@ -138,6 +172,12 @@ class Adam(Optimizer):
         for i, beta in enumerate(self.betas):
             _check(f"betas[{i}]", beta, 0 <= beta < 1, "in [0, 1)")
         _check("eps", self.eps, self.eps > 0, "> 0")
+        if self.eps_placement not in EPS_PLACEMENTS:
+            raise ValueError(f"eps_placement must be one of {', '.join(map(repr, EPS_PLACEMENTS))}, "
+                             f"got {self.eps_placement!r}")  # fmt: skip
+
+
+EPS_PLACEMENTS = ("after_correction", "before_correction")
 
 
 @dataclass(frozen=True)
@@ -241,8 +281,14 @@ def with_momentum(spec: Optimizer, value: float) -> Optimizer:
 
 def initial_buffer_value(spec: Optimizer, name: str) -> float:
     """The value a state buffer starts from when the first step creates it (SGD's momentum
-    buffer is the exception: it starts as the gradient, see :func:`sgd_update`)."""
+    buffer is the exception: it starts as the gradient, see :func:`starts_as_gradient`)."""
     return spec.initial_accumulator_value if isinstance(spec, Adagrad) else 0.0
+
+
+def starts_as_gradient(spec: Optimizer) -> bool:
+    """Whether the spec's buffer is created from the first gradient (PyTorch's momentum buffer,
+    ``None`` until then) rather than from :func:`initial_buffer_value` (a velocity starts at 0)."""
+    return isinstance(spec, SGD) and bool(spec.momentum) and not spec.lr_in_velocity
 
 
 def _arithmetic(in_place: bool):
@@ -268,6 +314,10 @@ def sgd_update(param, grad, buf, spec: SGD, lr, in_place: bool = False, momentum
     momentum = spec.momentum if momentum is None else momentum
     if spec.weight_decay:
         grad = grad + spec.weight_decay * param
+    if spec.momentum and spec.lr_in_velocity:  # the velocity starts at 0 (None: not created yet)
+        step = lr * grad
+        buf = -step if buf is None else sub(mul(buf, momentum), step)
+        return add(param, momentum * buf - step if spec.nesterov else buf), buf
     if spec.momentum:
         if buf is None:  # PyTorch clones the gradient; a graph's value needs no copy
             buf = grad.copy() if in_place else grad
@@ -289,6 +339,9 @@ def adam_update(param, grad, exp_avg, exp_avg_sq, step, spec: Adam, lr, sqrt, in
             grad = grad + spec.weight_decay * param
     exp_avg = add(exp_avg, (1 - beta1) * (grad - exp_avg))
     exp_avg_sq = add(mul(exp_avg_sq, beta2), (1 - beta2) * grad * grad)
+    if spec.eps_placement == "before_correction":
+        step_size = lr * (1 - beta2**step) ** 0.5 / (1 - beta1**step)
+        return sub(param, mul(exp_avg / (sqrt(exp_avg_sq) + spec.eps), step_size)), exp_avg, exp_avg_sq
     step_size = lr / (1 - beta1**step)
     denom = add(div(sqrt(exp_avg_sq), (1 - beta2**step) ** 0.5), spec.eps)
     return sub(param, mul(exp_avg / denom, step_size)), exp_avg, exp_avg_sq

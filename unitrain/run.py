@@ -17,7 +17,8 @@ from Python. A recipe is the run's :meth:`~Run.to_dict` in TOML (``unitrain trai
     shuffle = true
     seed = 0
     lr_schedule = "StepLR(step_size=1, gamma=0.7)"   # optional, as are clip_grad_norm,
-                                                     # clip_grad_value, max_steps, init_weights
+                                                     # clip_grad_value, max_steps, init_weights,
+                                                     # dialect and init
     frozen = ["0"]                # optional: parameters or layers left untrained (unitrain.controls)
     accumulate_grad_batches = 1   # optional: batches per optimizer step
     [data]
@@ -58,11 +59,11 @@ from typing import Any
 
 import numpy as np
 
-from . import optim, registry
+from . import dialects, optim, registry
 from .controls import EarlyStopping, resolve_groups
 from .data import MAX_DATA_BYTES, PACKAGED, PACKAGED_TRAIN_SAMPLES, DataError, num_batches
 from .datasets import load_datasets, load_target_arrays
-from .layers import MODEL_PATTERN, model_from_name
+from .layers import MODEL_PATTERN, Sequential, check_init, model_from_name
 from .losses import LOSSES
 from .reading import Int, Nullable, Number, OneOf, Optional, Text, check_json, path_problem, read_capped, short
 from .schedules import LRSchedule, check_schedule_length, parse_schedule, scheduled_optimizer
@@ -192,9 +193,12 @@ class Run:
     ``package.module:function`` returning a spec; ``loss``: a name of :data:`unitrain.losses.LOSSES`;
     ``optimizer``: a spec of :mod:`unitrain.optim`; ``lr_schedule``: a spec of
     :mod:`unitrain.schedules` or its text; ``init_weights``: a safetensors file to start from
-    (None: :func:`~unitrain.weights.init_weights` of the seed); ``frozen``, ``param_groups``,
-    ``accumulate_grad_batches`` and ``early_stopping``: the training controls of
-    :mod:`unitrain.controls`. Invalid values raise :class:`RunError` naming the field."""
+    (None: :func:`~unitrain.weights.init_weights` of the seed); ``dialect``: another framework's
+    defaults for the model and equations for the optimizer (:mod:`unitrain.dialects`; None:
+    PyTorch's, the optimizer as given); ``init``: the model's ``init`` scheme or initialiser for
+    every weight (None: the model's own); ``frozen``, ``param_groups``, ``accumulate_grad_batches``
+    and ``early_stopping``: the training controls of :mod:`unitrain.controls`. Invalid values raise
+    :class:`RunError` naming the field."""
 
     model: str = "mlp"
     data: DataSpec = field(default_factory=DataSpec)
@@ -209,6 +213,8 @@ class Run:
     shuffle: bool = True
     seed: int = 0
     init_weights: str | None = None
+    dialect: str | None = None
+    init: str | None = None
     frozen: tuple[str, ...] = ()
     param_groups: tuple[Mapping[str, Any], ...] = ()
     accumulate_grad_batches: int = 1
@@ -217,6 +223,18 @@ class Run:
     test_batch_size: int = 1000
 
     def __post_init__(self):
+        if self.dialect is not None:
+            try:
+                dialect = dialects.get(self.dialect)
+            except ValueError as error:
+                raise RunError(f"dialect: {error}") from None
+            if isinstance(self.optimizer, optim.Optimizer):
+                object.__setattr__(self, "optimizer", dialect.optimizer(self.optimizer))
+        if self.init is not None:
+            try:
+                object.__setattr__(self, "init", check_init(self.init))
+            except ValueError as error:
+                raise RunError(str(error)) from None
         _require(isinstance(self.model, str) and re.fullmatch(MODEL_PATTERN, self.model) is not None, "model",
                  self.model, "a preset name or package.module:function")  # fmt: skip
         _require(isinstance(self.data, DataSpec), "data", self.data, "a DataSpec")
@@ -315,6 +333,7 @@ class Run:
             "lr_schedule": None if self.lr_schedule is None else str(self.lr_schedule),
             "clip_grad_norm": self.clip_grad_norm, "clip_grad_value": self.clip_grad_value,
             "data": self.data.to_dict(), "optimizer": self.optimizer.to_config(),
+            "dialect": self.dialect, "init": self.init,
             "frozen": list(self.frozen) or None, "param_groups": [dict(group) for group in self.param_groups] or None,
             "accumulate_grad_batches": self.accumulate_grad_batches if self.accumulate_grad_batches > 1 else None,
             "early_stopping": None if self.early_stopping is None else self.early_stopping.to_dict(),
@@ -332,7 +351,8 @@ class Run:
             values["data"] = DataSpec.from_dict(values["data"])
         if "optimizer" in values:
             try:
-                values["optimizer"] = optim.optimizer_from_config(values["optimizer"])
+                with dialects.dialect(values.get("dialect") or "torch"):  # its defaults for arguments left out
+                    values["optimizer"] = optim.optimizer_from_config(values["optimizer"])
             except ValueError as error:
                 raise RunError(f"optimizer: {error}") from None
         return cls(**values)
@@ -357,11 +377,19 @@ class Run:
     # --- what it builds -------------------------------------------------------------------------
 
     def model_spec(self):
-        """The model's spec (imports a ``package.module:function``); RunError if it names none."""
+        """The model's spec (imports a ``package.module:function``), built with the dialect's
+        defaults and the run's ``init``; RunError if it names none."""
         try:
-            return model_from_name(self.model)
+            with dialects.dialect(self.dialect or "torch"):
+                model = model_from_name(self.model)
         except ValueError as error:
             raise RunError(str(error)) from None
+        if self.init is None:
+            return model
+        if not isinstance(model, Sequential):
+            raise RunError(f"init: model {self.model} is a {type(model).__name__}, expected a Sequential to set "
+                           "its init on")  # fmt: skip
+        return Sequential(dict(model.children), init=self.init)
 
     def loop_options(self) -> dict[str, Any]:
         """A loop's constructor arguments besides the model: ``adapter(model, **options)``."""
@@ -636,6 +664,8 @@ _RUN_SCHEMA = {
     "shuffle": Optional(bool),
     "seed": Optional(Int()),
     "init_weights": Optional(Nullable(Text(".+"))),
+    "dialect": Optional(Nullable(OneOf(tuple(dialects.DIALECTS)))),
+    "init": Optional(Nullable(str)),
     "frozen": Optional(list),
     "param_groups": Optional(list),
     "accumulate_grad_batches": Optional(Int(1)),

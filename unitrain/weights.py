@@ -8,7 +8,6 @@ never unpickles anything.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -19,6 +18,7 @@ import safetensors.numpy
 from safetensors import SafetensorError, safe_open
 
 from .files import atomic_write
+from .initializers import Initializer, initializer
 from .layers import Container, Conv2d, LayerNorm, Linear, _BatchNorm
 from .reading import path_problem, short, short_list
 
@@ -33,33 +33,45 @@ def init_weights(model: Container, seed: int) -> State:
     """The first weights, drawn by NumPy so every backend starts identical.
 
     Draws are float64 from ``numpy.random.default_rng(seed)``, leaf by leaf in
-    ``state_dict`` order, weight before bias, then rounded to float32. PyTorch's defaults
-    (``init="pytorch"``): Linear and Conv2d weight and bias ``~ U(-1/sqrt(fan_in),
-    1/sqrt(fan_in))`` with ``fan_in = in_channels / groups * kh * kw`` (what
-    ``kaiming_uniform_(a=sqrt(5))`` amounts to); BatchNorm and LayerNorm weight 1, bias 0,
-    running mean 0, running variance 1. ``init="resnet"`` (torchvision's ResNet) changes
-    only Conv2d weights: ``~ N(0, 2 / fan_out)`` with ``fan_out = out_channels * kh * kw``
-    (``kaiming_normal_(mode="fan_out", nonlinearity="relu")``).
+    ``state_dict`` order, weight before bias, then rounded to float32. A Linear's or Conv2d's
+    ``weight_init`` / ``bias_init`` (:mod:`unitrain.initializers`) decides its draw; left out,
+    the outermost container's ``init`` does (:func:`initializers_of`). PyTorch's defaults
+    (``init="pytorch"``): weight and bias ``~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` with
+    ``fan_in = in_channels / groups * kh * kw`` (what ``kaiming_uniform_(a=sqrt(5))`` amounts
+    to). BatchNorm and LayerNorm weight 1, bias 0, running mean 0, running variance 1.
     """
     rng = np.random.default_rng(seed)
-    resnet = getattr(model, "init", "pytorch") == "resnet"
     state: State = {}
     for name, layer in model.named_layers():
         shapes = layer.param_shapes()
         if isinstance(layer, (Linear, Conv2d)):
-            bound = 1.0 / math.sqrt(layer.fan_in())
-            for key, shape in shapes.items():
-                if resnet and isinstance(layer, Conv2d) and key == "weight":
-                    std = math.sqrt(2.0 / (shape[0] * math.prod(shape[2:])))
-                    value = rng.normal(0.0, std, shape)
-                else:
-                    value = rng.uniform(-bound, bound, shape)
-                state[f"{name}.{key}"] = value.astype(np.float32)
+            for key, draw in initializers_of(model, layer).items():
+                if key in shapes:
+                    state[f"{name}.{key}"] = draw.draw(rng, shapes[key], layer.fan_in()).astype(np.float32)
         elif isinstance(layer, (_BatchNorm, LayerNorm)):
             for key, shape in {**shapes, **layer.buffer_shapes()}.items():
                 fill = 1 if key in ("weight", "running_var") else 0
                 state[f"{name}.{key}"] = np.full(shape, fill, np.int64 if key == "num_batches_tracked" else np.float32)
     return state
+
+
+#: ``init`` schemes' (weight, bias) initialisers of Linear / Conv2d layers (see unitrain.layers.INIT_SCHEMES)
+_SCHEMES = {
+    "pytorch": {Linear: ("pytorch", "pytorch"), Conv2d: ("pytorch", "pytorch")},
+    "resnet": {
+        Linear: ("pytorch", "pytorch"),
+        Conv2d: ("kaiming_normal(mode='fan_out', nonlinearity='relu')", "pytorch"),
+    },
+    "keras": {Linear: ("xavier_uniform", "zeros"), Conv2d: ("xavier_uniform", "zeros")},
+    "chainer": {Linear: ("lecun_normal", "zeros"), Conv2d: ("lecun_normal", "zeros")},
+}
+
+
+def initializers_of(model: Container, layer: Linear | Conv2d) -> dict[str, Initializer]:
+    """``{"weight": ..., "bias": ...}``: how ``init_weights`` draws ``layer``'s tensors in ``model``."""
+    scheme = getattr(model, "init", "pytorch")
+    weight, bias = _SCHEMES[scheme][type(layer)] if scheme in _SCHEMES else (scheme, "pytorch")
+    return {"weight": initializer(layer.weight_init or weight), "bias": initializer(layer.bias_init or bias)}
 
 
 def check_state(expected: Mapping[str, tuple[int, ...]], state: Mapping, source="state"):

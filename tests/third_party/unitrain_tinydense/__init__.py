@@ -99,10 +99,11 @@ class TinyDenseLoop(TrainingLoop):
                     param, grad, state.get(f"{name}.exp_avg", zeros), state.get(f"{name}.exp_avg_sq", zeros),
                     self._steps, spec, spec.lr, np.sqrt,
                 )  # fmt: skip
-            else:
-                param[...], buf = sgd_update(param, grad, state.get(f"{name}.momentum_buffer"), spec, spec.lr)
+            else:  # the buffer's name: PyTorch's momentum_buffer, or Chainer's and Keras' velocity
+                key = f"{name}.{spec.state_names[0]}" if spec.state_names else None
+                param[...], buf = sgd_update(param, grad, state.get(key), spec, spec.lr)
                 if buf is not None:
-                    state[f"{name}.momentum_buffer"] = buf.copy()
+                    state[key] = buf.copy()
 
     def _step(self, x, y):
         self._zero_grad()

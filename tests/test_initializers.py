@@ -1,0 +1,139 @@
+"""Initialisers and dialects from Python, recipes and the CLI: torch.nn.init's fans and gains,
+one-line errors, what a dialect changes, and resuming the velocity of Chainer's/Keras' momentum."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import unitrain
+from unitrain import ArrayDataset, layers, optim
+from unitrain.initializers import INITIALIZERS, NONLINEARITIES, _gain_squared, fans, initializer
+from unitrain.run import Run, RunError
+from unitrain.schedules import StepLR
+from unitrain.weights import init_weights
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (8, 2, 3, 3), (4, 1, 5, 1), (6, 4, 1, 1)])
+def test_fans_are_torch_nn_init_s(shape):
+    torch = pytest.importorskip("torch")
+    assert fans(shape) == torch.nn.init._calculate_fan_in_and_fan_out(torch.empty(shape))
+
+
+@pytest.mark.parametrize("nonlinearity", NONLINEARITIES)
+def test_gains_are_torch_nn_init_s(nonlinearity):
+    torch = pytest.importorskip("torch")
+    for param in (None, 0.2) if nonlinearity == "leaky_relu" else (None,):
+        expected = torch.nn.init.calculate_gain(nonlinearity, param) ** 2
+        assert _gain_squared(nonlinearity, param) == pytest.approx(expected, rel=1e-15)
+
+
+def test_every_initialiser_round_trips_through_its_text():
+    for name, cls in INITIALIZERS.items():
+        assert initializer(str(cls())) == cls()
+        assert str(initializer(name)) == name
+    assert str(initializer("kaiming_normal(0.1, 'fan_out', nonlinearity='relu')")) == (
+        "kaiming_normal(a=0.1, mode='fan_out', nonlinearity='relu')"
+    )
+    assert initializer("glorot_uniform") == initializer("xavier_uniform")
+
+
+def test_draws_follow_their_formulas():
+    rng = np.random.default_rng(0)
+    q = initializer("orthogonal(gain=2.0)").draw(rng, (6, 3, 2, 2), 12).reshape(6, 12)
+    np.testing.assert_allclose(q @ q.T, 4 * np.eye(6), atol=1e-12)  # rows < cols: orthonormal rows
+    values = initializer("truncated_normal(0.5, mean=1.0)").draw(rng, (200, 50), 50)
+    assert np.abs(values - 1.0).max() <= 1.0 and abs(values.mean() - 1.0) < 0.01
+    bound = np.sqrt(6 / (30 + 20))  # xavier_uniform of a (20, 30) weight
+    values = initializer("xavier_uniform").draw(rng, (20, 30), 30)
+    assert bound * 0.98 < np.abs(values).max() <= bound
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: layers.Linear(3, 4, bias_init="orthogonal"),
+         "Linear: bias_init orthogonal cannot apply to a tensor of shape (4,)"),
+        (lambda: layers.Conv2d(1, 2, 3, weight_init="normal(std=-1)"),
+         "Conv2d: weight_init: normal: std must be a finite number > 0, got -1"),
+        (lambda: layers.Linear(3, 4, weight_init="he_normal"), "Linear: weight_init: unknown initialiser 'he_normal'"),
+        (lambda: layers.Linear(3, 4, bias=False, bias_init="zeros"),
+         "Linear: bias_init zeros is given, but the layer has no bias (bias=False)"),
+        (lambda: layers.Linear(3, 4, weight_init="uniform(1, 0)"),
+         "Linear: weight_init: uniform: b must be a finite number > a (1), got 0"),
+        (lambda: layers.Sequential(layers.Linear(3, 4), init="keras()"),
+         "Sequential: init must be one of pytorch, resnet, keras, chainer or an initialiser"),
+        (lambda: unitrain.dialect("jax").__enter__(), "unknown dialect 'jax'; expected one of torch, chainer"),
+    ],
+)  # fmt: skip
+def test_bad_initialisers_and_dialects_are_one_line_errors(make, message):
+    with pytest.raises(ValueError) as error:
+        make()
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+
+
+def test_dialect_defaults_and_explicit_arguments():
+    with unitrain.dialect("mindspore"):
+        conv, explicit = layers.Conv2d(1, 2, 3), layers.Conv2d(1, 2, 3, bias=True)
+        adam = optim.Adam()
+    assert (conv.bias, explicit.bias, adam.eps_placement) == (False, True, "before_correction")
+    with unitrain.dialect("keras"):
+        norm, kept = layers.BatchNorm2d(4), layers.BatchNorm2d(4, momentum=0.3)
+        model, sgd = unitrain.mlp(), optim.SGD(momentum=0.9)
+    assert (norm.eps, norm.momentum, kept.momentum, model.init, sgd.lr_in_velocity) == (1e-3, 0.01, 0.3, "keras", True)
+    assert (layers.Conv2d(1, 2, 3).bias, optim.Adam().eps, unitrain.mlp().init) == (True, 1e-8, "pytorch")
+    state = init_weights(model, 0)
+    assert not state["1.bias"].any() and np.abs(state["1.weight"]).max() <= np.sqrt(6 / (784 + 512))
+
+
+def test_a_run_s_dialect_reaches_model_optimizer_and_recipe():
+    run = Run(model="cnn", dialect="mindspore", optimizer=optim.Adam(eps=1e-6))
+    assert run.optimizer == optim.Adam(eps=1e-6, eps_placement="before_correction")
+    assert "0.bias" not in run.model_spec().param_shapes()  # MindSpore's Conv2d has no bias
+    again = Run.from_dict(run.to_dict())
+    assert again == run and again.to_dict()["dialect"] == "mindspore"
+    recipe = {"dialect": "chainer", "init": "normal(0.02)", "optimizer": {"type": "SGD", "momentum": 0.9}}
+    chainer = Run.from_dict(recipe)
+    assert chainer.optimizer.lr_in_velocity and chainer.model_spec().init == "normal(std=0.02)"
+    with pytest.raises(RunError, match="^dialect: unknown dialect 'tf'"):
+        Run(dialect="tf")
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--dialect", "tf"], "argument --dialect: invalid choice: 'tf'"),
+        (["--init", "orthogonal("], "init must be one of pytorch, resnet, keras, chainer or an initialiser"),
+    ],
+)
+def test_cli_refuses_unknown_dialects_and_initialisers_in_one_line(flags, message):
+    result = subprocess.run([sys.executable, "-m", "unitrain", "train", *flags, "--print-recipe"],
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_velocity_resumes_bit_for_bit():
+    """Chainer's/Keras' momentum keeps its ``velocity`` in the optimizer state; stopping after 3
+    steps under a changing lr and resuming gives the uninterrupted run's bits."""
+    rng = np.random.default_rng(0)
+    data = ArrayDataset(rng.normal(size=(8, 6)).astype(np.float32), rng.integers(0, 3, 8))
+    model = layers.Sequential(layers.Linear(6, 5), layers.ReLU(), layers.Linear(5, 3))
+    spec = optim.SGD(0.1, momentum=0.9, lr_in_velocity=True)
+
+    def loop():
+        return unitrain.make_loop("numpy", model, optimizer=spec, lr_schedule=StepLR(2, 0.5))
+
+    whole = loop()
+    whole.fit(data, epochs=5, batch_size=8)
+    first = loop()
+    first.fit(data, epochs=3, batch_size=8)
+    assert [key.split(".")[-1] for key in first.optimizer_state_dict() if key != "step"] == ["velocity"] * 4
+    resumed = loop()
+    resumed.load_state_dict(first.state_dict())
+    resumed.load_optimizer_state_dict(first.optimizer_state_dict())
+    resumed.step_count = first.step_count
+    resumed.seek_schedule(first.schedule_position)
+    resumed.fit(data, epochs=2, batch_size=8)
+    for key, value in whole.state_dict().items():
+        np.testing.assert_array_equal(resumed.state_dict()[key], value, err_msg=key)
