@@ -42,6 +42,7 @@ from mindspore import Parameter, Tensor, nn, ops
 
 from unitrain import expr, layers
 from unitrain.loop import TrainingLoop
+from unitrain.loss_value import LossExpression
 from unitrain.losses import (
     BCEWithLogitsLoss,
     CrossEntropyLoss,
@@ -436,7 +437,7 @@ class MindSporeLoop(TrainingLoop):
         self._momentum = Tensor(self.momentum or 0.0, ms.float32)  # read only where a schedule cycles it
         # Whether the optimizer buffers exist (PyTorch creates them at the first step).
         self._opt_ready = False
-        self._recorded_x = self._recorded_y = self._recorded_masks = None
+        self._recorded_x = self._recorded_y = self._recorded_masks = self._recorded_loss = None
         # A compiled function keeps the train/eval branches of the mode it was compiled in.
         self._compiled_by_mode: dict[bool, SimpleNamespace] = {}
 
@@ -514,10 +515,10 @@ class MindSporeLoop(TrainingLoop):
                 ops.assign(buf, grad)
             return value, pred
 
-        def backward(x, y, masks):
+        def backward(x, y, masks, slope):
             value, gradients = value_and_grad(x, y, masks)
             for buf, grad in zip(grads, gradients):  # noqa: B905
-                ops.assign_add(buf, grad)
+                ops.assign_add(buf, grad * slope)
             return value
 
         def update(t, first, lr, momentum):
@@ -614,14 +615,20 @@ class MindSporeLoop(TrainingLoop):
 
     def _loss(self, pred, y):
         self._recorded_y = self._y(y)
-        return self._fn.loss(pred, self._recorded_y)
+        # backward differentiates forward and loss again (value_and_grad): the value it is given
+        # says only by which factor, its slope, when it is an expression of the loss (loss * 0.5)
+        self._recorded_loss = LossExpression(self._fn.loss(pred, self._recorded_y), object())
+        return self._recorded_loss
 
     def _backward(self, loss) -> None:
         if self._recorded_y is None:
             raise RuntimeError("backward() needs the loss() of a forward() first")
+        if not isinstance(loss, LossExpression) or loss.origin is not self._recorded_loss.origin:
+            raise RuntimeError("backward() needs the latest loss(), or an expression of it (loss * 0.5)")
         # The re-run would update BatchNorm's running statistics a second time for this batch.
         saved = [buffer.asnumpy().copy() for buffer in self._buffers] if self._net.training else []
-        self._fn.backward(self._recorded_x, self._recorded_y, self._recorded_masks)
+        slope = Tensor(np.array(loss.slope, self.dtype))
+        self._fn.backward(self._recorded_x, self._recorded_y, self._recorded_masks, slope)
         for buffer, value in zip(self._buffers, saved, strict=False):
             _write(buffer, value)
 
@@ -647,6 +654,7 @@ class MindSporeLoop(TrainingLoop):
 
     @staticmethod
     def to_numpy(value):
+        value = value.value if isinstance(value, LossExpression) else value
         return value.asnumpy().copy() if isinstance(value, Tensor) else np.array(value)
 
     def _predict(self, x):

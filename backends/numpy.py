@@ -48,6 +48,7 @@ from unitrain.layers import (
     Tanh,
 )
 from unitrain.loop import InputError, TrainingLoop
+from unitrain.loss_value import LossExpression
 from unitrain.losses import (
     BCEWithLogitsLoss,
     CustomLoss,
@@ -807,20 +808,24 @@ def _loss_terms(spec, pred, y):
     return _class_terms(spec, pred, y)
 
 
-class LossValue:
-    """A loss as returned by :meth:`NumpyLoop.loss`: a 0-d value (``float()`` reads it) that
-    also carries its gradient with respect to the predictions of the forward it came from."""
+class _Origin:
+    """What the gradient of a loss needs: the gradient function of the forward it came from."""
 
-    __slots__ = ("forward_id", "grad", "value")
+    __slots__ = ("forward_id", "grad")
+
+    def __init__(self, grad, forward_id):
+        self.grad, self.forward_id = grad, forward_id
+
+
+class LossValue(LossExpression):
+    """A loss as returned by :meth:`NumpyLoop.loss`: a 0-d value (``float()`` reads it) that takes
+    arithmetic as torch's loss does (see :mod:`unitrain.loss_value`), and carries the gradient
+    with respect to the predictions of the forward it came from."""
+
+    __slots__ = ()
 
     def __init__(self, value, grad, forward_id):
-        self.value, self.grad, self.forward_id = value, grad, forward_id
-
-    def __float__(self):
-        return float(self.value)
-
-    def __repr__(self):
-        return f"LossValue({float(self.value)!r})"
+        super().__init__(value, _Origin(grad, forward_id))
 
 
 def _quiet(method):
@@ -898,9 +903,12 @@ class NumpyLoop(TrainingLoop):
 
     @_quiet
     def _backward(self, loss):
-        if not isinstance(loss, LossValue) or loss.forward_id != self._forward_id:
+        if not isinstance(loss, LossValue) or loss.origin.forward_id != self._forward_id:
             raise RuntimeError("backward() needs the loss of the latest forward(); only its intermediates are kept")
-        self._root.backward(loss.grad(), False)
+        grad = loss.origin.grad()
+        if loss.slope != 1:  # an expression of the loss: the chain rule's factor
+            grad *= self.dtype.type(loss.slope)
+        self._root.backward(grad, False)
 
     @_quiet
     def _update(self):

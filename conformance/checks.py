@@ -754,6 +754,36 @@ def check_gradient_accumulation(adapter):
 
 
 @check()
+def check_loss_expressions(adapter):
+    """``backward(f(loss))`` for the expressions tutorials write (``loss * 0.5``, ``loss / n``,
+    ``loss + loss``, ``loss ** 2``, ``2 - loss``) gives ``f'(loss)`` times the loss's gradient, as
+    torch's and Chainer's autograd do, and ``to_float(f(loss))`` gives ``f(loss)``."""
+    model = dense_model()
+    state = state_of(model)
+    x, y = inputs((3, 4)), labels()
+    ref = reference.Reference(model, state)
+    value, grad = reference.loss(CrossEntropyLoss(), ref.forward(x, training=True), y)
+    expected_grads = ref.backward(grad)
+    expressions = [  # (text, f, f' at the loss)
+        ("loss * 0.5", lambda loss: loss * 0.5, 0.5), ("0.25 * loss", lambda loss: 0.25 * loss, 0.25),
+        ("loss / 4", lambda loss: loss / 4, 0.25), ("loss + loss", lambda loss: loss + loss, 2.0),
+        ("loss ** 2", lambda loss: loss**2, 2 * value), ("2 - loss", lambda loss: 2 - loss, -1.0),
+    ]  # fmt: skip
+    for text, f, slope in expressions:
+        loop = loaded(adapter, model, state)
+        loop.zero_grad()
+        loss = loop.loss(loop.forward(x), y)
+        try:
+            expression = f(loss)
+            loop.backward(expression)
+        except Exception as error:  # the expression or backward refused: the check fails, naming it
+            fail(f"backward({text}) raised {type(error).__name__}: {error}")
+        compare(f"to_float({text})", loop.to_float(expression), f(value), dtype=loop.dtype, size=DENSE_FAN_IN)
+        compare_states(f"gradient of {text}", loop.gradients(), {k: slope * v for k, v in expected_grads.items()},
+                       dtype=loop.dtype, size=8 * DENSE_FAN_IN)  # fmt: skip
+
+
+@check()
 def check_step_returns_pre_update_loss(adapter):
     """step() returns the loss of the weights before its update."""
     model = dense_model()

@@ -254,6 +254,14 @@ class LossAndGradientsForwardsTwice(NumpyLoop):
         return super()._loss_and_gradients(x, y)
 
 
+class BackwardIgnoresTheExpression(NumpyLoop):
+    """Differentiates the loss whatever expression of it backward() is given, as MindSpore's
+    adapter did (its backward runs forward and loss again)."""
+
+    def _backward(self, loss):
+        self._root.backward(loss.origin.grad(), False)
+
+
 class PredictionsAsAList(NumpyLoop):
     @staticmethod
     def to_numpy(value):
@@ -342,6 +350,9 @@ CAUGHT = {
     (LossAndGradientsForwardsTwice, "check_loss_and_gradients_in_one_pass"):
         "a BatchNorm/Dropout model, _loss_and_gradients vs. the tutorial sequence: loss: expected 1.36991, "
         "got 1.33508; max error 0.0348 > tolerance 0.000125",
+    (BackwardIgnoresTheExpression, "check_loss_expressions"):
+        "gradient of loss * 0.5 '3.weight': expected -0.0902389, got -0.180478 at index (2, 7); "
+        "max error 0.0902 > tolerance 9.16e-05",
     (PredictionsAsAList, "check_predictions_as_numpy_and_train_accuracy"):
         "to_numpy(forward(x)) gave list of dtype None, expected a numpy.ndarray of float32",
     (FrozenParameterMoves, "check_frozen_parameters_and_groups"):

@@ -5,6 +5,7 @@ rest through the Python API."""
 
 import gzip
 import hashlib
+import io
 import json
 import os
 import re
@@ -21,6 +22,7 @@ import pytest
 import unitrain
 from unitrain.checkpoint import MANIFEST, RANDOM, CheckpointError, load_checkpoint, save_checkpoint
 from unitrain.data import DataError, load_mnist, packaged_mnist_dir
+from unitrain.datasets import NPZ_KEYS
 from unitrain.layers import MODEL_PATTERN
 from unitrain.randomness import STREAM_KEY
 from unitrain.weights import WeightsError, check_state, load_safetensors, save_safetensors
@@ -205,6 +207,83 @@ def test_a_30_gb_sparse_weights_file_is_refused_in_bounded_memory(tmp_path, weig
         status, rss_mb = map(int, result.stdout.split())
         assert status == 2 and message in result.stderr and result.stderr.count("\n") == 1, result.stderr
         assert rss_mb < MAX_RSS_MB
+
+
+# --- dataset files ------------------------------------------------------------------------------
+
+
+def deflated(header: bytes, zeros: int) -> tuple[bytes, int]:
+    """A raw deflate stream of ``header`` then ``zeros`` zero bytes, made in milliseconds: one
+    compressed MiB of zeros repeated (each ends byte-aligned and refers to nothing before it,
+    Z_FULL_FLUSH), and the CRC-32 of what it inflates to."""
+
+    def block(data: bytes, end=zlib.Z_FULL_FLUSH) -> bytes:
+        compressor = zlib.compressobj(1, zlib.DEFLATED, -15)
+        return compressor.compress(data) + compressor.flush(end)
+
+    mib = bytes(1 << 20)
+    whole, rest = divmod(zeros, len(mib))
+    crc = zlib.crc32(header)
+    for _ in range(whole):
+        crc = zlib.crc32(mib, crc)
+    stream = block(header) + block(mib) * whole + block(mib[:rest], zlib.Z_FINISH)
+    return stream, zlib.crc32(mib[:rest], crc)
+
+
+def write_zip(path: Path, members: dict[str, tuple[bytes, int, int]]) -> None:
+    """A zip of deflated ``name: (stream, crc, size)`` members (zipfile would deflate them itself)."""
+    with open(path, "wb") as file:
+        central = b""
+        for name, (stream, crc, size) in members.items():
+            offset, encoded = file.tell(), name.encode()
+            fields = (8, 0, 0x21, crc, len(stream), size, len(encoded))  # deflate, time, date, sizes, name length
+            file.write(struct.pack("<4sHHHHHIIIHH", b"PK\x03\x04", 20, 0, *fields, 0) + encoded + stream)
+            central += struct.pack("<4sHHHHHHIIIHHHHHII", b"PK\x01\x02", 20, 20, 0, *fields, 0, 0, 0, 0, 0,
+                                   offset) + encoded  # fmt: skip
+        start = file.tell()
+        count = len(members)
+        file.write(central + struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, count, count, len(central), start, 0))
+
+
+def test_an_npz_of_deflated_zeros_is_refused_from_its_headers(tmp_path):
+    """5 MB of .npz whose x_train and x_test declare 549 MB each, within the cap one by one: the
+    total is refused before either is inflated (it was read, then normalised: gigabytes)."""
+    samples = 700_000
+    members = {}
+    for key in NPZ_KEYS:
+        header = io.BytesIO()
+        shape = (samples, 28, 28) if key.startswith("x_") else (samples,)
+        np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": shape})
+        zeros = int(np.prod(shape))
+        members[f"{key}.npy"] = (*deflated(header.getvalue(), zeros), len(header.getvalue()) + zeros)
+    path = tmp_path / "bomb.npz"
+    write_zip(path, members)
+    assert path.stat().st_size < 8 << 20
+    code = (
+        PEAK_RSS
+        + "import sys; from unitrain.cli import main; status = main(sys.argv[1:]); print(status, peak_rss_mb())"
+    )
+    result = subprocess.run([sys.executable, "-c", code, "train", "--dataset", str(path)], capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    status, rss_mb = map(int, result.stdout.split())
+    total = 2 * samples * (784 + 1)
+    assert (
+        result.stderr == f"unitrain: error: {path}: its arrays declare {total} bytes together; at most 1073741824 "
+        "are read\n"
+    )
+    assert status == 2 and rss_mb < MAX_RSS_MB
+
+
+def test_what_transforms_make_is_refused_from_the_npz_headers(tmp_path):
+    images = np.zeros((50, 28, 28), np.uint8)
+    path = tmp_path / "d.npz"
+    np.savez(path, x_train=images, y_train=np.arange(50) % 10, x_test=images[:10], y_test=np.arange(10))
+    result = cli("train", "--dataset", path, "--resize", "6000x6000")
+    assert result.returncode == 2
+    assert (
+        result.stderr == "unitrain: error: data: resize 6000x6000 make 60 samples of 1x6000x6000, 8.0 GiB of "
+        "float32; expected at most 4 GiB\n"
+    )
 
 
 # --- MNIST files ------------------------------------------------------------------------------

@@ -657,5 +657,35 @@ def test_a_figure_format_matplotlib_cannot_write_is_refused_before_the_run(tmp_p
     assert list(tmp_path.iterdir()) == []
 
 
+# --- found while porting tutorial scripts ----------------------------------------------------------
+
+
+def test_a_framework_model_on_another_backend_is_told_where_it_trains():
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError) as raised:
+        unitrain.make_loop("numpy", torch.nn.Linear(784, 10))
+    assert str(raised.value) == (
+        "model must be a unitrain model spec (Sequential, Residual), got torch.nn.modules.linear.Linear, a torch "
+        "model: train it with make_loop('torch', model)"
+    )
+
+
+def test_a_custom_loss_that_would_pair_every_sample_with_every_target_is_refused():
+    """(N, 1) predictions minus (N,) targets broadcast to (N, N); PyTorch's mse_loss only warns."""
+    loss = unitrain.CustomLoss(lambda pred, target: ((pred - target) ** 2).mean())
+    loop = unitrain.make_loop("numpy", unitrain.Sequential(unitrain.Flatten(), unitrain.Linear(4, 1)), loss=loss)
+    x = np.zeros((8, 1, 2, 2), np.float32)
+    with pytest.raises(unitrain.loop.InputError) as raised:
+        loop.step((x, np.zeros(8, np.float32)))
+    assert str(raised.value) == (
+        "CustomLoss on outputs of shape (8, 1), targets (8,): sub of shapes (8, 1) and (8,) would broadcast the "
+        "samples of one against another axis of the other, to (8, 8); give both the same axes (reshape the "
+        "prediction or the target)"
+    )
+    assert loop.step_count == 0
+    loop.step((x, np.zeros((8, 1), np.float32)))  # the same axes: accepted
+    assert loop.step_count == 1
+
+
 if __name__ == "__main__":  # the full sweep: python tests/test_hostile_runs.py [COUNT]
     print(sweep(int(sys.argv[1]) if len(sys.argv) > 1 else 100))

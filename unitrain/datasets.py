@@ -73,17 +73,23 @@ class _Raw:
 
 
 def load_datasets(source: str | os.PathLike, *, data_dir=None, verify: bool = True,
-                  normalization: tuple | Normalization | None = None) -> tuple[ArrayDataset, ArrayDataset]:  # fmt: skip
+                  normalization: tuple | Normalization | None = None,
+                  check_size=None) -> tuple[ArrayDataset, ArrayDataset]:  # fmt: skip
     """``(train, test)`` of a packaged dataset or of the user's own (see the module's doc).
     ``data_dir`` / ``verify``: a packaged dataset's files from elsewhere (see
     :func:`~unitrain.data.load_packaged`). ``normalization``: ``(mean, std)`` (numbers or one
-    per channel) instead of the dataset's own."""
+    per channel) instead of the dataset's own. ``check_size(samples, (C, H, W))``: called with
+    the samples' count and shape before their data is read where the format declares them (an
+    .npz's headers), else before they become float32: raises to refuse what they would become."""
     given = None if normalization is None else _given_normalization(normalization)
     if isinstance(source, str) and source in PACKAGED:
-        return tuple(load_packaged(source, split, data_dir, verify=verify, normalization=given) for split in SPLITS)
+        train, test = (load_packaged(source, split, data_dir, verify=verify, normalization=given) for split in SPLITS)
+        if check_size is not None:  # a few dozen MB: checked once read
+            check_size(len(train) + len(test), train.x.shape[1:])
+        return train, test
     if data_dir is not None:
         raise DataError(f"a data directory is for {' or '.join(PACKAGED)}, not for the dataset {source}")
-    return _finish(_read(Path(source)), source, given)
+    return _finish(_read(Path(source), check_size), source, given, check_size)
 
 
 def load_dataset(source: str | os.PathLike, split: str = "train", **options) -> ArrayDataset:
@@ -114,7 +120,7 @@ def _given_normalization(value) -> Normalization:
     return Normalization(tuple(mean.tolist()), tuple(std.tolist()), "given")
 
 
-def _finish(raw: _Raw, source, given: Normalization | None) -> tuple[ArrayDataset, ArrayDataset]:
+def _finish(raw: _Raw, source, given: Normalization | None, check_size=None) -> tuple[ArrayDataset, ArrayDataset]:
     if raw.train_x.shape[1:] != raw.test_x.shape[1:]:
         raise DataError(f"{source}: training samples are {_shape(raw.train_x)}, test samples {_shape(raw.test_x)}; "
                         "expected one shape")  # fmt: skip
@@ -122,6 +128,8 @@ def _finish(raw: _Raw, source, given: Normalization | None) -> tuple[ArrayDatase
         raise DataError(f"{source}: samples of shape {_shape(raw.train_x)} (channels x height x width) hold no "
                         "pixels; expected at least one channel of 1x1")  # fmt: skip
     classes = _check_labels(raw, source)
+    if check_size is not None:
+        check_size(len(raw.train_x) + len(raw.test_x), raw.train_x.shape[1:])
     if given is not None and len(given.mean) not in (1, raw.train_x.shape[1]):
         raise DataError(f"normalisation has {len(given.mean)} means; {source} has {raw.train_x.shape[1]} channels")
     if given is not None and len(given.mean) != raw.train_x.shape[1]:  # one value for every channel
@@ -183,23 +191,27 @@ def _detect(path: Path) -> tuple[str, Path]:
                     "train/<class>/ and test/<class>/")  # fmt: skip
 
 
-def _read(path: Path) -> _Raw:
+def _read(path: Path, check_size=None) -> _Raw:
     kind, where = _detect(path)
-    return {"npz": _read_npz, "idx": _read_idx_folder, "cifar10": _read_cifar10, "images": _read_image_folder}[kind](
-        where
-    )
+    if kind == "npz":
+        return _read_npz(where, check_size)
+    return {"idx": _read_idx_folder, "cifar10": _read_cifar10, "images": _read_image_folder}[kind](where)
 
 
 # --- .npz -------------------------------------------------------------------------------------
 
 
-def _read_npz(path: Path) -> _Raw:
+def _read_npz(path: Path, check_size=None) -> _Raw:
     with open_npz(path, str(path), DataError) as archive:
         members = {name.removesuffix(".npy"): name for name in archive.namelist()}
         if set(members) != set(NPZ_KEYS):
             raise DataError(f"{path} holds the arrays {short_list(sorted(members))}; expected exactly "
                             f"{', '.join(NPZ_KEYS)} (Keras's layout)")  # fmt: skip
-        arrays = {key: _read_npy(archive, members[key], key, f"{path}: {key}") for key in NPZ_KEYS}
+        headers = _npy_headers(archive, members, path)
+        train, test = headers["x_train"][0], headers["x_test"][0]
+        if check_size is not None and len(train) in (3, 4) and train[1:] == test[1:]:  # others: refused below
+            check_size(train[0] + test[0], (1, *train[1:]) if len(train) == 3 else (train[3], *train[1:3]))
+        arrays = {key: _read_npy(archive, members[key], f"{path}: {key}", headers[key]) for key in NPZ_KEYS}
     split = {}
     for which in ("train", "test"):
         x, y = arrays[f"x_{which}"], arrays[f"y_{which}"]
@@ -233,15 +245,13 @@ def load_target_arrays(source: str | os.PathLike) -> tuple[ArrayDataset, ArrayDa
     path = Path(source)
     if problem := path_problem(path, "an .npz file"):
         raise DataError(f"dataset {path} {problem}")
-    try:
-        with zipfile.ZipFile(path) as archive:
-            members = {name.removesuffix(".npy"): name for name in archive.namelist()}
-            if set(members) != set(NPZ_KEYS):
-                raise DataError(f"{path} holds the arrays {short_list(sorted(members))}; expected exactly "
-                                f"{', '.join(NPZ_KEYS)}")  # fmt: skip
-            arrays = {key: _read_npy(archive, members[key], key, f"{path}: {key}", values=True) for key in NPZ_KEYS}
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, NotImplementedError) as error:
-        raise DataError(f"{path} is not a readable .npz file: {str(error)[:200]}") from None
+    with open_npz(path, str(path), DataError) as archive:
+        members = {name.removesuffix(".npy"): name for name in archive.namelist()}
+        if set(members) != set(NPZ_KEYS):
+            raise DataError(f"{path} holds the arrays {short_list(sorted(members))}; expected exactly "
+                            f"{', '.join(NPZ_KEYS)}")  # fmt: skip
+        headers = _npy_headers(archive, members, path, values=True)
+        arrays = {key: _read_npy(archive, members[key], f"{path}: {key}", headers[key]) for key in NPZ_KEYS}
     for key, array in arrays.items():
         if array.ndim < (2 if key.startswith("x_") else 1) or (key.endswith("_train") and len(array) == 0):
             raise DataError(f"{path}: {key} has shape {array.shape}; expected (N, ...) with N >= 1 samples")
@@ -267,39 +277,61 @@ def _samples(x: np.ndarray) -> np.ndarray:
     return x.astype(np.int64) if x.dtype.kind in "iu" else x.astype(np.float32)
 
 
-def _read_npy(archive: zipfile.ZipFile, member: str, key: str, name: str, values: bool = False) -> np.ndarray:
-    """One array of an .npz: its header (dtype, shape) checked before any data is read (``values``:
-    any numeric samples and targets, as regression reads them)."""
-    fmt = np.lib.format
+def _npy_headers(archive: zipfile.ZipFile, members: dict[str, str], path: Path, values: bool = False) -> dict:
+    """Every array's header first: what they declare together is checked before any data is
+    inflated, since a small file of deflated zeros declares gigabytes."""
+    headers = {key: _npy_header(archive, members[key], key, f"{path}: {key}", values) for key in NPZ_KEYS}
+    total = sum(_npy_bytes(shape, dtype) for shape, _, dtype in headers.values())
+    if total > MAX_DATA_BYTES:
+        raise DataError(f"{path}: its arrays declare {total} bytes together; at most {MAX_DATA_BYTES} are read")
+    return headers
+
+
+def _npy_header(archive: zipfile.ZipFile, member: str, key: str, name: str, values: bool = False) -> tuple:
+    """``(shape, fortran_order, dtype)`` of one array of an .npz, checked; no data is read
+    (``values``: any numeric samples and targets, as regression reads them)."""
     with archive.open(member) as file:
-        try:
-            version = fmt.read_magic(file)
-            if version == (1, 0):
-                shape, fortran, dtype = fmt.read_array_header_1_0(file)
-            elif version == (2, 0):
-                shape, fortran, dtype = fmt.read_array_header_2_0(file)
-            else:
-                raise DataError(f"{name}: .npy format version {version} is not supported; expected 1.0 or 2.0")
-        except ValueError as error:
-            raise DataError(f"{name}: not a .npy array: {str(error)[:200]}") from None
-        samples = key.startswith("x_")
-        allowed = (dtype == np.uint8 or dtype.kind == "f") if samples else dtype.kind in "iu"
-        if values:
-            allowed = dtype.kind in "fiub"
-        if dtype.hasobject or not allowed:
-            expected = "uint8 pixels or floats in [0, 1]" if samples else "integer class indices"
-            expected = "numbers" if values else expected
-            raise DataError(f"{name} has dtype {dtype}; expected {expected}")
-        if any(length < 0 for length in shape):
-            raise DataError(f"{name} declares shape {shape}; expected lengths >= 0")
-        size = int(np.prod(shape, dtype=object)) * dtype.itemsize
-        if size > MAX_DATA_BYTES:
-            raise DataError(f"{name} declares shape {shape}, {size} bytes; at most {MAX_DATA_BYTES} are read")
-        data = _read_exactly(file, size, name)
-        try:
-            array = np.frombuffer(data, dtype).reshape(shape, order="F" if fortran else "C")
-        except ValueError as error:
-            raise DataError(f"{name}: {str(error)[:200]}") from None
+        shape, fortran, dtype = _npy_header_of(file, name)
+    samples = key.startswith("x_")
+    allowed = dtype.kind in "fiub" if values else (dtype == np.uint8 or dtype.kind == "f") if samples else (
+        dtype.kind in "iu")  # fmt: skip
+    if dtype.hasobject or not allowed:
+        expected = "numbers" if values else "uint8 pixels or floats in [0, 1]" if samples else "integer class indices"
+        raise DataError(f"{name} has dtype {dtype}; expected {expected}")
+    if any(length < 0 for length in shape):
+        raise DataError(f"{name} declares shape {shape}; expected lengths >= 0")
+    if (size := _npy_bytes(shape, dtype)) > MAX_DATA_BYTES:
+        raise DataError(f"{name} declares shape {shape}, {size} bytes; at most {MAX_DATA_BYTES} are read")
+    return shape, fortran, dtype
+
+
+def _npy_header_of(file, name: str) -> tuple:
+    fmt = np.lib.format
+    try:
+        version = fmt.read_magic(file)
+        if version == (1, 0):
+            return fmt.read_array_header_1_0(file)
+        if version == (2, 0):
+            return fmt.read_array_header_2_0(file)
+    except ValueError as error:
+        raise DataError(f"{name}: not a .npy array: {str(error)[:200]}") from None
+    raise DataError(f"{name}: .npy format version {version} is not supported; expected 1.0 or 2.0")
+
+
+def _npy_bytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
+    return int(np.prod(shape, dtype=object)) * dtype.itemsize
+
+
+def _read_npy(archive: zipfile.ZipFile, member: str, name: str, header: tuple) -> np.ndarray:
+    """The data of one array of an .npz, whose header :func:`_npy_header` checked."""
+    shape, fortran, dtype = header
+    with archive.open(member) as file:
+        _npy_header_of(file, name)
+        data = _read_exactly(file, _npy_bytes(shape, dtype), name)
+    try:
+        array = np.frombuffer(data, dtype).reshape(shape, order="F" if fortran else "C")
+    except ValueError as error:
+        raise DataError(f"{name}: {str(error)[:200]}") from None
     return np.ascontiguousarray(array)
 
 

@@ -297,27 +297,46 @@ def _axis_of(axis: int, shape: tuple[int, ...], op: str) -> int:
 
 
 def result_shape(tree: Node, pred_shape: tuple[int, ...], target_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The shape ``tree`` computes for inputs of these shapes; ``ValueError`` names the first
-    operation whose operands do not broadcast or whose axis does not exist."""
+    """The shape ``tree`` computes for inputs of these shapes (their first axis: the batch's
+    samples); ``ValueError`` names the first operation whose operands do not broadcast, whose
+    axis does not exist, or that broadcasts one operand's samples against another axis of the other
+    (a prediction ``(N, 1)`` minus targets ``(N,)`` would give ``(N, N)``: every sample against every
+    target, where PyTorch's ``mse_loss`` warns)."""
+    return _shape_and_batch_axis(tree, tuple(pred_shape), tuple(target_shape))[0]
+
+
+def _shape_and_batch_axis(tree: Node, pred_shape, target_shape) -> tuple[tuple[int, ...], int | None]:
+    """The shape and where its batch axis is (None: reduced away, or a constant)."""
     op, children, static = split(tree)
     if op in ("pred", "target", "const"):
-        return {"pred": tuple(pred_shape), "target": tuple(target_shape), "const": ()}[op]
-    shapes = [result_shape(child, pred_shape, target_shape) for child in children]
-    if len(shapes) == 2:
+        return {"pred": (pred_shape, 0), "target": (target_shape, 0), "const": ((), None)}[op]
+    operands = [_shape_and_batch_axis(child, pred_shape, target_shape) for child in children]
+    if len(operands) == 2:
+        (a, a_batch), (b, b_batch) = operands
         try:
-            return tuple(np.broadcast_shapes(*shapes))
+            shape = tuple(np.broadcast_shapes(a, b))
         except ValueError:
-            raise ValueError(f"{op} of shapes {shapes[0]} and {shapes[1]} (they do not broadcast)") from None
-    (shape,) = shapes
+            raise ValueError(f"{op} of shapes {a} and {b} (they do not broadcast)") from None
+        # broadcasting aligns the shapes' last axes: where each operand's batch axis lands
+        landed = {
+            axis + len(shape) - len(operand) for operand, axis in ((a, a_batch), (b, b_batch)) if axis is not None
+        }
+        if len(landed) > 1:
+            raise ValueError(f"{op} of shapes {a} and {b} would broadcast the samples of one against another axis "
+                             f"of the other, to {shape}; give both the same axes (reshape the prediction or the "
+                             "target)")  # fmt: skip
+        return shape, next(iter(landed), None)
+    ((shape, batch),) = operands
     axis = static.get("axis")
     if op in ("sum", "mean"):
         if axis is None:
-            return ()
+            return (), None
         axis = _axis_of(axis, shape, op)
-        return shape[:axis] + shape[axis + 1 :]
+        batch = None if batch == axis else batch if batch is None or batch < axis else batch - 1
+        return shape[:axis] + shape[axis + 1 :], batch
     if op in ("log_softmax", "softmax"):
         _axis_of(axis, shape, op)
-    return shape
+    return shape, batch
 
 
 def numpy_value(tree: Node, pred: np.ndarray, target: np.ndarray) -> float:

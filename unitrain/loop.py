@@ -288,15 +288,22 @@ class TrainingLoop(ABC):
             self.model_spec = None
             self._wrap_native(model)
         else:
-            raise TypeError(
-                f"model must be a unitrain Sequential or Residual or a native {self.name} model, "
-                f"got {type(model).__name__}"
-            )
+            raise TypeError(self._not_a_model(model))
         if self.param_groups is None:  # an adapter that builds its optimizer without asking for the groups
             self._resolve_controls(self.param_shapes())
         self._set_training(True)
         if self._scheduler is not None:  # LinearLR, OneCycleLR start elsewhere
             self._follow_schedule()
+
+    def _not_a_model(self, model: Any) -> str:
+        from .registry import backend_of  # the registry imports this module
+
+        native = f" or a {self.name} model" if "native-model" in self.capabilities else ""
+        kind = type(model)
+        found = f"got {kind.__module__}.{kind.__qualname__}"
+        if (owner := backend_of(model)) is not None:
+            found += f", a {owner} model: train it with make_loop({owner!r}, model)"
+        return f"model must be a unitrain model spec (Sequential, Residual){native}, {found}"
 
     # --- hooks an adapter implements ------------------------------------------------------
 

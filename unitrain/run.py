@@ -432,8 +432,8 @@ class Run:
             train, test = load_target_arrays(spec.dataset)
             self._check_targets(train, self._model_output(train.x.shape[1:]))
         else:
-            train, test = load_datasets(spec.dataset, data_dir=spec.data_dir, normalization=spec.normalize)
-            self._check_transformed_size(train, test)
+            train, test = load_datasets(spec.dataset, data_dir=spec.data_dir, normalization=spec.normalize,
+                                        check_size=self._check_transformed_size)  # fmt: skip
             train, test = spec.static_transforms(train), spec.static_transforms(test)
         if spec.task == "reconstruction":
             output = self._model_output(train.x.shape[1:])
@@ -483,18 +483,19 @@ class Run:
         except ValueError as error:
             raise RunError(f"lr_schedule: {error}") from None
 
-    def _check_transformed_size(self, train, test) -> None:
-        """Resizing and padding may not grow the data beyond :data:`MAX_TRANSFORMED_BYTES`, nor
-        the random crop pad a sample by more than its size (bounded memory whatever the flags)."""
-        spec, (channels, height, width) = self.data, train.x.shape[1:]
+    def _check_transformed_size(self, samples: int, sample_shape: tuple[int, ...]) -> None:
+        """Resizing and padding may not grow ``samples`` of ``sample_shape`` (C, H, W) beyond
+        :data:`MAX_TRANSFORMED_BYTES`, nor the random crop pad a sample by more than its size
+        (bounded memory whatever the flags; called as the dataset declares them, before reading)."""
+        spec, (channels, height, width) = self.data, sample_shape
         if spec.resize is not None:
             height, width = spec.resize
         height, width = height + 2 * spec.pad, width + 2 * spec.pad
-        size = (len(train) + len(test)) * channels * height * width * 4
+        size = samples * channels * height * width * 4
         if size > MAX_TRANSFORMED_BYTES:
             transforms = [*([f"resize {'x'.join(map(str, spec.resize))}"] if spec.resize else []),
                           *([f"pad {spec.pad}"] if spec.pad else [])]  # fmt: skip
-            raise DataError(f"data: {' and '.join(transforms)} make {len(train) + len(test)} samples of "
+            raise DataError(f"data: {' and '.join(transforms)} make {samples} samples of "
                             f"{channels}x{height}x{width}, {size / 2**30:.1f} GiB of float32; expected at most "
                             f"{MAX_TRANSFORMED_BYTES // 2**30} GiB")  # fmt: skip
         if spec.random_crop_padding > max(height, width):
