@@ -299,6 +299,9 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="normalise with this mean and std, one number or one per channel, comma-separated "
         "('0.1307/0.3081'; default: the packaged dataset's, or your training set's)",
     )  # fmt: skip
+    parser.add_argument("--layout", choices=("NCHW", "NHWC"), default=unset,
+                        help="a regression or multi-label .npz's 4-d x: channels-first (default) or channels-last, "
+                        "transposed once")  # fmt: skip
     parser.add_argument("--task", choices=TASKS, default=unset,
                         help="what the targets are: class indices (default), an .npz's y (regression, multi-label: "
                         "0/1 vectors) or the input itself (reconstruction)")  # fmt: skip
