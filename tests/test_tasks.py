@@ -260,3 +260,20 @@ def test_channels_last_arrays_are_transposed_once(tmp_path):
 
 def channels_first_net():
     return ut.Sequential(ut.Conv2d(3, 2, 3), ut.Flatten(), ut.Linear(12, 2))
+
+
+def test_evaluate_and_predict_report_and_write_the_outputs_of_a_regression(tmp_path):
+    recipe, weights, outputs = str(RECIPES / "regression.toml"), tmp_path / "w.safetensors", tmp_path / "out.npy"
+    assert cli("train", recipe, "--epochs", "1", "--no-progress", "--save", str(weights)).returncode == 0
+    evaluated = cli("evaluate", "--recipe", recipe, "--weights", str(weights))
+    assert evaluated.returncode == 0 and "test mse" in evaluated.stdout and "accuracy" not in evaluated.stdout
+    predicted = cli("predict", "--recipe", recipe, "--weights", str(weights), "--index", "3", "--output", str(outputs))
+    assert predicted.returncode == 0, predicted.stderr
+    run = ut.load_recipe(RECIPES / "regression.toml")
+    loop = run.make_loop("numpy")
+    loop.load_weights(weights)
+    expected = loop.predict(run.datasets()[2].x)
+    np.testing.assert_array_equal(np.load(outputs), expected)  # the outputs of every test sample
+    assert f"test sample 3: outputs {np.array2string(expected[3], precision=4)}" in predicted.stdout
+    again = cli("predict", "--recipe", recipe, "--weights", str(weights), "--output", str(outputs))
+    assert again.returncode == 2 and "--output" in again.stderr and "exists" in again.stderr  # nothing overwritten
