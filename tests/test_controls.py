@@ -34,6 +34,8 @@ from torch_reference import (  # noqa: E402 (after the importorskip)
 )
 
 BACKENDS = installed_backends()
+# MindSpore compiles a graph per loop (~5-15 s each on a busy 2-core machine): its cases run with -m slow
+CHEAP_BACKENDS = [pytest.param(name, marks=pytest.mark.slow) if name == "mindspore" else name for name in BACKENDS]
 FEATURES, CLASSES = 20, 3
 
 
@@ -120,7 +122,7 @@ def unitrain_run(backend, dtype, x, y, case):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CHEAP_BACKENDS)
 @pytest.mark.parametrize("name", list(CASES))
 def test_controls_land_where_the_hand_written_torch_loop_lands(name, backend, dtype, torch_single_thread):
     if dtype == "float64" and "float64" not in ut.get_backend(backend).capabilities:
@@ -187,7 +189,7 @@ def hand_early_stopping(dtype, train, val, *, lr, patience, epochs, reverse=Fals
     return TorchRun(best_state, {}, {"val_loss": np.array(losses)}), epoch, best_epoch
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CHEAP_BACKENDS)
 def test_early_stopping_stops_where_the_hand_written_keras_rule_stops(backend, torch_single_thread):
     train, val = noisy_data()
     options = dict(lr=0.005, patience=2, epochs=10)
