@@ -16,6 +16,7 @@ from conftest import installed_backends
 import unitrain as ut
 from unitrain import optim, schedules
 from unitrain.checkpoint import checkpoint_paths, load_checkpoint
+from unitrain.weights import load_safetensors
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -33,6 +34,8 @@ from torch_reference import (  # noqa: E402 (after the importorskip)
 )
 
 BACKENDS = installed_backends()
+# MindSpore compiles a graph per loop (~5-15 s each on a busy 2-core machine): its cases run with -m slow
+CHEAP_BACKENDS = [pytest.param(name, marks=pytest.mark.slow) if name == "mindspore" else name for name in BACKENDS]
 FEATURES, CLASSES = 20, 3
 
 
@@ -119,7 +122,7 @@ def unitrain_run(backend, dtype, x, y, case):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CHEAP_BACKENDS)
 @pytest.mark.parametrize("name", list(CASES))
 def test_controls_land_where_the_hand_written_torch_loop_lands(name, backend, dtype, torch_single_thread):
     if dtype == "float64" and "float64" not in ut.get_backend(backend).capabilities:
@@ -186,7 +189,7 @@ def hand_early_stopping(dtype, train, val, *, lr, patience, epochs, reverse=Fals
     return TorchRun(best_state, {}, {"val_loss": np.array(losses)}), epoch, best_epoch
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", CHEAP_BACKENDS)
 def test_early_stopping_stops_where_the_hand_written_keras_rule_stops(backend, torch_single_thread):
     train, val = noisy_data()
     options = dict(lr=0.005, patience=2, epochs=10)
@@ -313,7 +316,11 @@ def sigkill_and_resume_with_controls(backend, tmp_path, small_npz, kills=2):
         assert list(mine) == list(expected) and expected
         for key, value in expected.items():
             np.testing.assert_array_equal(mine[key], value, err_msg=f"{part} {key}")
-    assert saved.read_bytes() == (tmp_path / "reference.safetensors").read_bytes()
+    # the tensors, not the files' bytes: safetensors writes its metadata map in a per-process order
+    (mine, _), (expected, _) = (load_safetensors(path) for path in (saved, tmp_path / "reference.safetensors"))
+    assert list(mine) == list(expected)
+    for key, value in expected.items():
+        np.testing.assert_array_equal(mine[key], value, err_msg=f"saved {key}")
 
 
 def test_sigkill_and_resume_with_every_control_is_bit_identical_numpy(tmp_path, small_npz):

@@ -242,3 +242,38 @@ def test_integer_inputs_reach_a_native_model_as_token_ids(backend, torch_single_
     loop = ut.make_loop(backend, _embedding_model(backend), optimizer=ut.Adam(lr=0.05))
     history = loop.fit((x, y), epochs=6, batch_size=8)
     assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]
+
+
+def test_channels_last_arrays_are_transposed_once(tmp_path):
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((12, 5, 4, 3)).astype(np.float32), rng.standard_normal((12, 2)).astype(np.float32)
+    path = _npz(tmp_path / "images.npz", x[:10], y[:10], x[10:], y[10:])
+    model = ut.Sequential(ut.Conv2d(3, 2, 3), ut.Flatten(), ut.Linear(12, 2))
+    data = ut.DataSpec(dataset=path, task="regression", layout="NHWC")
+    train, _, test = ut.Run(loss="mse", data=data).replace(model=f"{__name__}:channels_first_net").datasets()
+    np.testing.assert_array_equal(train.x, x[:10].transpose(0, 3, 1, 2))
+    assert train.x.flags.c_contiguous and test.x.shape == (2, 3, 5, 4)
+    assert model.output_shape(train.x.shape[1:]) == (2,)
+    with pytest.raises(RunError, match="data.layout: expected NCHW: image datasets are read channels-first"):
+        ut.DataSpec(layout="NHWC")
+
+
+def channels_first_net():
+    return ut.Sequential(ut.Conv2d(3, 2, 3), ut.Flatten(), ut.Linear(12, 2))
+
+
+def test_evaluate_and_predict_report_and_write_the_outputs_of_a_regression(tmp_path):
+    recipe, weights, outputs = str(RECIPES / "regression.toml"), tmp_path / "w.safetensors", tmp_path / "out.npy"
+    assert cli("train", recipe, "--epochs", "1", "--no-progress", "--save", str(weights)).returncode == 0
+    evaluated = cli("evaluate", "--recipe", recipe, "--weights", str(weights))
+    assert evaluated.returncode == 0 and "test mse" in evaluated.stdout and "accuracy" not in evaluated.stdout
+    predicted = cli("predict", "--recipe", recipe, "--weights", str(weights), "--index", "3", "--output", str(outputs))
+    assert predicted.returncode == 0, predicted.stderr
+    run = ut.load_recipe(RECIPES / "regression.toml")
+    loop = run.make_loop("numpy")
+    loop.load_weights(weights)
+    expected = loop.predict(run.datasets()[2].x)
+    np.testing.assert_array_equal(np.load(outputs), expected)  # the outputs of every test sample
+    assert f"test sample 3: outputs {np.array2string(expected[3], precision=4)}" in predicted.stdout
+    again = cli("predict", "--recipe", recipe, "--weights", str(weights), "--output", str(outputs))
+    assert again.returncode == 2 and "--output" in again.stderr and "exists" in again.stderr  # nothing overwritten

@@ -230,6 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
     source = predict.add_mutually_exclusive_group()
     source.add_argument("--index", type=_int_at_least(0), help="test image number (default 0)")
     source.add_argument("--image", type=Path, metavar="FILE.png", help="28x28 grayscale PNG, white digit on black")
+    predict.add_argument(
+        "--output",
+        type=Path,
+        metavar="FILE.npy",
+        help="also write the model's outputs for the whole test set (or --image) as a .npy array",
+    )
+    predict.add_argument("--overwrite", action="store_true", help="allow --output to replace a file")
     predict.set_defaults(handler=cmd_predict)
 
     convert = commands.add_parser(
@@ -308,6 +315,9 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
         help="normalise with this mean and std, one number or one per channel, comma-separated "
         "('0.1307/0.3081'; default: the packaged dataset's, or your training set's)",
     )  # fmt: skip
+    parser.add_argument("--layout", choices=("NCHW", "NHWC"), default=unset,
+                        help="a regression or multi-label .npz's 4-d x: channels-first (default) or channels-last, "
+                        "transposed once")  # fmt: skip
     parser.add_argument("--task", choices=TASKS, default=unset,
                         help="what the targets are: class indices (default), an .npz's y (regression, multi-label: "
                         "0/1 vectors) or the input itself (reconstruction)")  # fmt: skip
@@ -1030,7 +1040,7 @@ def _read_weights(path: Path, model_name: str, flag: str = "--weights") -> dict:
 
 def _loop_with_weights(args, run: Run):
     weights = _read_weights(args.weights, run.model)
-    loop = registry.get_backend(args.backend)(run.model_spec())
+    loop = registry.get_backend(args.backend)(run.model_spec(), loss=run.loop_options()["loss"])  # the run's loss
     loop.load_state_dict(weights, source=str(args.weights))
     return loop
 
@@ -1040,10 +1050,14 @@ def cmd_evaluate(args) -> int:
     test = run.datasets()[2]
     loop = _loop_with_weights(args, run)
     metrics = loop.evaluate(test)
-    print(
-        f"{args.weights} on {loop.name}: test accuracy {100 * metrics['accuracy']:.2f}% "
-        f"({metrics['num_correct']}/{metrics['num_samples']})  test loss {metrics['loss']:.4f}"
-    )
+    parts = []
+    if math.isfinite(metrics["accuracy"]):  # NaN: targets that are values
+        counts = f"{metrics['num_correct']}/{metrics['num_samples']}"
+        parts.append(f"test accuracy {100 * metrics['accuracy']:.2f}% ({counts})")
+    parts.append(f"test loss {metrics['loss']:.4f}")
+    if "mse" in metrics:
+        parts.append(f"test mse {metrics['mse']:.4g}  test mae {metrics['mae']:.4g}")
+    print(f"{args.weights} on {loop.name}: " + "  ".join(parts))
     return 0
 
 
@@ -1079,6 +1093,7 @@ def _read_png(path: Path, normalization) -> np.ndarray:
 
 def cmd_predict(args) -> int:
     run = _evaluation_run(args)
+    files.check_output(args.output, "--output", args.overwrite)
     test = run.datasets()[2]
     if args.image is not None:  # normalised, resized and padded as the run's samples
         image = _read_png(args.image, test.normalization)
@@ -1089,6 +1104,24 @@ def cmd_predict(args) -> int:
         if index >= len(test):
             raise UsageError(f"--index {index} is out of range: the test set has {len(test)} images")
         x, what = test.x[index : index + 1], f"test image {index} (true label {test.y[index]})"
+    if args.output is not None:
+        outputs = loop.predict(test.x if args.image is None else x)
+
+        def write(staged):
+            with open(staged, "wb") as file:  # np.save given a path would add ".npy" to the staged name
+                np.save(file, outputs)
+
+        final = files.publish(args.output, write, overwrite=args.overwrite)
+        print(f"unitrain: wrote the outputs, shape {outputs.shape}, to {final}")
+    if run.data.task != "classification":  # values: the outputs themselves
+
+        def shown(values):
+            return np.array2string(np.asarray(values), precision=4, threshold=20)
+
+        target = "" if args.image is not None else f"  target {shown(test.y[index])}"
+        where = str(args.image) if args.image is not None else f"test sample {index}"
+        print(f"{where}: outputs {shown(loop.predict(x)[0])}{target}")
+        return 0
     logits = loop.predict(x)[0].astype(np.float64)
     probabilities = np.exp(logits - logits.max())
     probabilities /= probabilities.sum()

@@ -104,7 +104,8 @@ class DataSpec:
     ``task``: what the targets are. ``classification``: class indices (one-hot vectors for the
     elementwise losses). ``regression`` and ``multi-label``: the dataset is an .npz of ``x_train,
     y_train, x_test, y_test`` of any shapes, taken as given
-    (:func:`~unitrain.datasets.load_target_arrays`; multi-label's ``y`` are 0/1 vectors, for
+    (:func:`~unitrain.datasets.load_target_arrays`; ``layout="NHWC"``: 4-d samples channels-last,
+    transposed once to channels-first; multi-label's ``y`` are 0/1 vectors, for
     ``bce-with-logits``). ``reconstruction``: the target is the (transformed) input itself,
     reshaped to the model's output (autoencoders)."""
 
@@ -118,6 +119,7 @@ class DataSpec:
     random_crop_padding: int = 0
     random_horizontal_flip: bool = False
     task: str = "classification"
+    layout: str = "NCHW"
 
     def __post_init__(self):
         _require(isinstance(self.dataset, str) and self.dataset != "", "data.dataset", self.dataset,
@@ -133,6 +135,10 @@ class DataSpec:
         _require(isinstance(self.random_horizontal_flip, bool), "data.random_horizontal_flip",
                  self.random_horizontal_flip, "true or false")  # fmt: skip
         _require(self.task in TASKS, "data.task", self.task, f"one of {', '.join(TASKS)}")
+        _require(self.layout in ("NCHW", "NHWC"), "data.layout", self.layout, "NCHW or NHWC")
+        _require(self.layout == "NCHW" or self.task in ("regression", "multi-label"), "data.layout", self.layout,
+                 "NCHW: image datasets are read channels-first (an .npz's channels-last images are transposed "
+                 "when read)")  # fmt: skip
         if self.task in ("regression", "multi-label"):
             image_only = [name for name in ("normalize", "resize") if getattr(self, name) is not None]
             image_only += [name for name in ("pad", "random_crop_padding", "random_horizontal_flip")
@@ -169,6 +175,7 @@ class DataSpec:
             "resize": None if self.resize is None else list(self.resize), "pad": self.pad,
             "random_crop_padding": self.random_crop_padding, "random_horizontal_flip": self.random_horizontal_flip,
             "task": None if self.task == "classification" else self.task,
+            "layout": None if self.layout == "NCHW" else self.layout,
         }  # fmt: skip
         return {key: value for key, value in values.items() if value is not None}
 
@@ -430,6 +437,12 @@ class Run:
             self.check_schedule_length(self._training_part(PACKAGED_TRAIN_SAMPLES))
         if spec.task in ("regression", "multi-label"):
             train, test = load_target_arrays(spec.dataset)
+            if spec.layout == "NHWC":  # channels-last arrays, transposed once
+                if train.x.ndim != 4:
+                    raise DataError(f"data.layout NHWC: {spec.dataset}'s x_train has shape {train.x.shape}; "
+                                    "expected (N, H, W, C)")  # fmt: skip
+                train, test = (dataclasses.replace(data, x=np.ascontiguousarray(data.x.transpose(0, 3, 1, 2)))
+                               for data in (train, test))  # fmt: skip
             self._check_targets(train, self._model_output(train.x.shape[1:]))
         else:
             train, test = load_datasets(spec.dataset, data_dir=spec.data_dir, normalization=spec.normalize,
@@ -650,6 +663,7 @@ _DATA_SCHEMA = {
     "random_crop_padding": Optional(Int()),
     "random_horizontal_flip": Optional(bool),
     "task": Optional(str),
+    "layout": Optional(str),
 }
 _RUN_SCHEMA = {
     "model": Optional(str),
