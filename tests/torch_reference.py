@@ -102,14 +102,15 @@ def optimizer_buffers(model, optimizer):
 
 
 def train_torch(model, optimizer, batches, scheduler=None):
-    """The hand-written PyTorch training loop (cross-entropy, inputs in the model's dtype; ``scheduler``
+    """The hand-written PyTorch training loop (cross-entropy, float inputs in the model's dtype; ``scheduler``
     stepped after each optimizer step, as OneCycleLR wants); returns each loss."""
     dtype = next(model.parameters()).dtype
     model.train()
     losses = []
     for x, y in batches:
         optimizer.zero_grad()
-        loss = F.cross_entropy(model(torch.from_numpy(x).to(dtype)), torch.from_numpy(y))
+        x = torch.from_numpy(x)
+        loss = F.cross_entropy(model(x.to(dtype) if x.is_floating_point() else x), torch.from_numpy(y))
         loss.backward()
         optimizer.step()
         if scheduler is not None:

@@ -18,6 +18,8 @@ _EXPORTS = {
     "Residual": "layers", "Sequential": "layers", "Sigmoid": "layers", "SiLU": "layers",
     "Softmax": "layers", "Tanh": "layers", "cnn": "layers", "lenet": "layers", "mlp": "layers",
     "resnet18": "layers",
+    "Embedding": "sequences", "RNN": "sequences", "LSTM": "sequences", "GRU": "sequences", "Conv1d": "sequences",
+    "MaxPool1d": "sequences", "AvgPool1d": "sequences", "AdaptiveAvgPool1d": "sequences",
     "TrainingLoop": "loop",
     "BCEWithLogitsLoss": "losses", "CrossEntropyLoss": "losses", "CustomLoss": "losses",
     "HuberLoss": "losses", "L1Loss": "losses", "MSELoss": "losses", "NLLLoss": "losses",

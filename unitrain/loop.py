@@ -16,9 +16,10 @@ backend starts from identical weights) or the framework's own model object
 (``torch.nn.Module``, MindSpore ``nn.Cell``, Chainer ``Chain``) when the adapter has the
 ``native-model`` capability.
 
-Data: batches are ``(x, y)`` NumPy arrays; ``x`` float32 of shape ``(N, *features)``. The
-dtype of ``y`` says what the targets are, checked against the loss spec
-(:mod:`unitrain.losses`) and the model's output shape before any framework sees them:
+Data: batches are ``(x, y)`` NumPy arrays; ``x`` float32 of shape ``(N, *features)`` (a model
+that starts with an :class:`~unitrain.sequences.Embedding`: integer token ids, all within its
+table, passed on as int64). The dtype of ``y`` says what the targets are, checked against the
+loss spec (:mod:`unitrain.losses`) and the model's output shape before any framework sees them:
 
 * integer ``y`` of shape ``(N,)``: class indices in ``0..C-1`` (``CrossEntropyLoss``,
   ``NLLLoss``; the model's per-sample output must be ``(C,)``); passed on as int64;
@@ -148,6 +149,7 @@ from .losses import CrossEntropyLoss, CustomLoss, Loss
 from .optim import SGD, Optimizer
 from .optim import momentum as momentum_of
 from .schedules import LRSchedule, scheduled_optimizer
+from .sequences import Embedding
 
 #: Capability tags an adapter may declare (checks gated on a missing one are skipped).
 CAPABILITIES = frozenset({
@@ -235,8 +237,13 @@ class TrainingLoop(ABC):
         self._forward_shape: tuple[int, ...] | None = None
         #: the last data-parallel step's correct predictions, summed over ranks; None if not counted
         self._shard_correct: float | None = None
+        #: (path, spec) of the Embedding a spec model starts with: its inputs are token ids
+        self._embedding: tuple[str, Embedding] | None = None
         if isinstance(model, Container):
             self.model_spec: Container | None = model
+            first = next(model.named_layers(), None)
+            if first is not None and isinstance(first[1], Embedding):
+                self._embedding = first
             self._build(model)
             self.load_state_dict(weights_io.init_weights(model, seed))
         elif self.is_native_model(model):
@@ -754,6 +761,8 @@ class TrainingLoop(ABC):
 
     def _check_x(self, x) -> np.ndarray:
         x = np.asarray(x)
+        if self._embedding is not None:
+            return self._check_token_ids(x)
         if x.dtype != self.dtype:
             if x.dtype.kind not in "fiu":
                 raise InputError(f"inputs must be numeric, got dtype {x.dtype}")
@@ -765,6 +774,19 @@ class TrainingLoop(ABC):
         if not np.isfinite(x).all():
             raise InputError("inputs contain NaN or infinite values")
         return x
+
+    def _check_token_ids(self, x: np.ndarray) -> np.ndarray:
+        """A model that starts with an Embedding takes integer token ids within its table, passed on as int64."""
+        path, embedding = self._embedding
+        if x.dtype.kind not in "iu":
+            raise InputError(f"{path}: {embedding} expects integer token ids, got {x.dtype} input")
+        if x.ndim < 2:
+            raise InputError(f"inputs must be a batch of shape (N, ...), got shape {x.shape}")
+        self._output_shape(x.shape[1:])
+        problem = embedding.token_problem(int(x.min()), int(x.max())) if x.size else None
+        if problem:
+            raise InputError(f"{path}: {problem}")
+        return x.astype(np.int64, copy=False)
 
     def _output_shape(self, sample_shape: tuple[int, ...]) -> tuple[int, ...]:
         return self._facts(sample_shape)[0]

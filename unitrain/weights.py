@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from .files import atomic_write
 from .layers import Container, Conv2d, LayerNorm, Linear, _BatchNorm
 from .reading import path_problem, short, short_list
+from .sequences import Conv1d, Embedding, _Recurrent
 
 State = dict[str, np.ndarray]
 
@@ -39,14 +40,21 @@ def init_weights(model: Container, seed: int) -> State:
     ``kaiming_uniform_(a=sqrt(5))`` amounts to); BatchNorm and LayerNorm weight 1, bias 0,
     running mean 0, running variance 1. ``init="resnet"`` (torchvision's ResNet) changes
     only Conv2d weights: ``~ N(0, 2 / fan_out)`` with ``fan_out = out_channels * kh * kw``
-    (``kaiming_normal_(mode="fan_out", nonlinearity="relu")``).
+    (``kaiming_normal_(mode="fan_out", nonlinearity="relu")``). Conv1d as Conv2d; Embedding
+    ``~ N(0, 1)`` with the ``padding_idx`` row zeroed; RNN, LSTM and GRU weights and biases
+    ``~ U(-1/sqrt(hidden_size), 1/sqrt(hidden_size))`` (PyTorch's defaults).
     """
     rng = np.random.default_rng(seed)
     resnet = getattr(model, "init", "pytorch") == "resnet"
     state: State = {}
     for name, layer in model.named_layers():
         shapes = layer.param_shapes()
-        if isinstance(layer, (Linear, Conv2d)):
+        if isinstance(layer, Embedding):
+            value = rng.standard_normal(shapes["weight"])
+            if layer.padding_idx is not None:
+                value[layer.padding_idx] = 0
+            state[f"{name}.weight"] = value.astype(np.float32)
+        elif isinstance(layer, (Linear, Conv2d, Conv1d, _Recurrent)):
             bound = 1.0 / math.sqrt(layer.fan_in())
             for key, shape in shapes.items():
                 if resnet and isinstance(layer, Conv2d) and key == "weight":
