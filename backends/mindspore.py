@@ -40,7 +40,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
-from unitrain import expr, layers
+from unitrain import expr, layers, sequences
 from unitrain.loop import TrainingLoop
 from unitrain.losses import (
     BCEWithLogitsLoss,
@@ -192,6 +192,89 @@ def _pool(spec) -> nn.Cell:
     return kind(spec.kernel_size, spec.stride, pad_mode="pad", padding=spec.padding, **extra)
 
 
+class _Embedding(nn.Cell):
+    """``ops.gather`` from PyTorch's table (``ops.embedding`` is Ascend-only); the ``padding_idx``
+    row enters through ``stop_gradient``, so it gets no gradient."""
+
+    def __init__(self, spec: sequences.Embedding):
+        super().__init__()
+        self.weight = Parameter(ops.zeros(spec.param_shapes()["weight"], ms.float32), name="weight")
+        self.trained = None
+        if spec.padding_idx is not None:
+            trained = np.ones((spec.num_embeddings, 1), np.float32)
+            trained[spec.padding_idx] = 0
+            self.trained = Tensor(trained)
+
+    def construct(self, ids):
+        table = self.weight
+        if self.trained is not None:  # exact: one of the two terms is zero
+            table = table * self.trained + ops.stop_gradient(table * (1 - self.trained))
+        return ops.gather(table, ids, 0)
+
+
+class _Conv1d(nn.Cell):
+    """``ops.conv1d`` (MindSpore's Conv2D over (N, C, 1, L)) on PyTorch's ``(out, in/groups, k)`` weight."""
+
+    def __init__(self, spec: sequences.Conv1d):
+        super().__init__()
+        self.spec = spec
+        shapes = spec.param_shapes()
+        self.weight = Parameter(ops.zeros(shapes["weight"], ms.float32), name="weight")
+        self.bias = Parameter(ops.zeros(shapes["bias"], ms.float32), name="bias") if spec.bias else None
+
+    def construct(self, x):
+        spec = self.spec
+        return ops.conv1d(x, self.weight, self.bias, spec.stride, "pad", spec.padding, spec.dilation, spec.groups)
+
+
+class _Through2d(nn.Cell):
+    """A 1-d pool as its 2-d twin's cell over (N, C, 1, L)."""
+
+    def __init__(self, cell: nn.Cell):
+        super().__init__()
+        self.cell = cell
+
+    def construct(self, x):
+        return self.cell(x.expand_dims(2)).squeeze(2)
+
+
+class _Recurrent(_TakesMasks):
+    """RNN, LSTM and GRU as one native ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` per layer: their
+    parameters already have PyTorch's layout, gate order (LSTM ``i, f, g, o``, GRU ``r, z, n`` with
+    the reset gate on ``W_hn h + b_hn``) and names (``weight_ih_l0_reverse``), layer ``k``'s under
+    ``l0``. One layer each, so that dropout between layers takes the loop's masks (the model's
+    ``first_mask``-th on): ``nn.LSTM``'s own ``dropout`` draws from MindSpore's kernels."""
+
+    def __init__(self, spec: sequences._Recurrent, first_mask: int):
+        super().__init__()
+        self.first_mask, self.dropout = first_mask, spec.dropout > 0
+        arguments = {"has_bias": spec.bias, "batch_first": spec.batch_first, "bidirectional": spec.bidirectional}
+        if isinstance(spec, sequences.RNN):
+            arguments["nonlinearity"] = spec.nonlinearity
+        native = {sequences.LSTM: nn.LSTM, sequences.GRU: nn.GRU, sequences.RNN: nn.RNN}[type(spec)]
+        widths = [spec.input_size] + [spec.directions * spec.hidden_size] * (spec.num_layers - 1)
+        saved = np.random.get_state()  # the native cells draw their (discarded) first weights from it
+        try:
+            self.layers = nn.CellList([native(width, spec.hidden_size, 1, **arguments) for width in widths])
+        finally:
+            np.random.set_state(saved)
+        self.state = {}
+        for k, layer in enumerate(self.layers):
+            for d, suffix in enumerate(("", "_reverse")[: spec.directions]):
+                self.state[f"weight_ih_l{k}{suffix}"] = layer.w_ih_list[d]
+                self.state[f"weight_hh_l{k}{suffix}"] = layer.w_hh_list[d]
+                if spec.bias:
+                    self.state[f"bias_ih_l{k}{suffix}"] = layer.b_ih_list[d]
+                    self.state[f"bias_hh_l{k}{suffix}"] = layer.b_hh_list[d]
+
+    def construct(self, x, masks):
+        for index, layer in enumerate(self.layers):
+            if index > 0 and self.dropout and self.training:
+                x = x * masks[self.first_mask + index - 1]
+            x = layer(x)[0]
+        return x
+
+
 #: leaves without weights: spec type -> native cell
 _PLAIN_LEAVES = {
     layers.Identity: lambda spec: nn.Identity(),
@@ -208,6 +291,9 @@ _PLAIN_LEAVES = {
     layers.GELU: lambda spec: _Activation(ops.gelu, spec.approximate),
     layers.Softmax: lambda spec: _Activation(ops.softmax, spec.dim),
     layers.LogSoftmax: lambda spec: _Activation(ops.log_softmax, spec.dim),
+    sequences.MaxPool1d: lambda spec: _Through2d(_pool(spec.as_2d())),
+    sequences.AvgPool1d: lambda spec: _Through2d(_pool(spec.as_2d())),
+    sequences.AdaptiveAvgPool1d: lambda spec: _Through2d(nn.AdaptiveAvgPool2d(spec.as_2d().output_size)),
 }
 
 
@@ -240,6 +326,13 @@ class _Builder:
         if isinstance(spec, (layers.BatchNorm1d, layers.BatchNorm2d)):
             cell = _BatchNorm(spec)
             return cell, cell.state()
+        if isinstance(spec, sequences._Recurrent):
+            cell = _Recurrent(spec, self.dropouts)
+            self.dropouts += spec.num_layers - 1 if spec.dropout else 0
+            return cell, cell.state
+        if isinstance(spec, (sequences.Embedding, sequences.Conv1d)):
+            cell = _Embedding(spec) if isinstance(spec, sequences.Embedding) else _Conv1d(spec)
+            return cell, {"weight": cell.weight, **({"bias": cell.bias} if spec.param_shapes().get("bias") else {})}
         if isinstance(spec, layers.LayerNorm):
             cell = _LayerNorm(spec)
             return cell, {"weight": cell.weight, "bias": cell.bias} if spec.elementwise_affine else {}
@@ -274,7 +367,10 @@ def _dropout_shapes(spec: layers.Layer, shape: tuple[int, ...], found: list) -> 
         return out if spec.post is None else _dropout_shapes(spec.post, out, found)
     if isinstance(spec, layers.Dropout):
         found.append(shape)
-    return spec.output_shape(shape)
+    out = spec.output_shape(shape)
+    if isinstance(spec, sequences._Recurrent) and spec.dropout:  # between its layers, each as wide as the output
+        found.extend([out] * (spec.num_layers - 1))
+    return out
 
 
 def _const(value):
@@ -398,7 +494,12 @@ class MindSporeLoop(TrainingLoop):
 
     def _build(self, model: layers.Sequential) -> None:
         self._rng = dropout_stream(self.seed, self.rank)
-        self._dropout_p = [layer.p for _, layer in model.named_layers() if isinstance(layer, layers.Dropout)]
+        self._dropout_p = []  # per mask, in the order they apply: Dropout layers' and recurrent layers'
+        for _, layer in model.named_layers():
+            if isinstance(layer, layers.Dropout):
+                self._dropout_p.append(layer.p)
+            elif isinstance(layer, sequences._Recurrent) and layer.dropout:
+                self._dropout_p.extend([layer.dropout] * (layer.num_layers - 1))
         self._mask_shapes: dict[tuple[int, ...], list[tuple[int, ...]]] = {}
         builder = _Builder()
         net = builder.build(model, "")
