@@ -274,6 +274,19 @@ class _Recurrent(_TakesMasks):
             x = layer(x)[0]
         return x
 
+    def run(self, x, h0, c0=None):
+        """``(output, h_n, c_n)`` (``c_n`` None but for LSTM) from initial states in PyTorch's
+        layout, ``(D * num_layers, N, hidden_size)``, in eval mode (for graphs that wire them)."""
+        directions = len(self.layers[0].w_ih_list)
+        h_n, c_n = [], []
+        for index, layer in enumerate(self.layers):
+            states = slice(index * directions, (index + 1) * directions)
+            x, state = layer(x, h0[states] if c0 is None else (h0[states], c0[states]))
+            h_n.append(state if c0 is None else state[0])
+            if c0 is not None:
+                c_n.append(state[1])
+        return x, ops.cat(h_n), None if c0 is None else ops.cat(c_n)
+
 
 #: leaves without weights: spec type -> native cell
 _PLAIN_LEAVES = {

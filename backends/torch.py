@@ -119,10 +119,11 @@ def _module(spec: layers.Layer, dtype: torch.dtype) -> nn.Module:
         return _Residual(body, shortcut, post)
     if isinstance(spec, layers.Linear):
         return skip_init(nn.Linear, spec.in_features, spec.out_features, bias=spec.bias, dtype=dtype)
-    if isinstance(spec, layers.Conv2d):
+    if isinstance(spec, (layers.Conv2d, sequences.Conv1d)):
         return skip_init(
-            nn.Conv2d, spec.in_channels, spec.out_channels, spec.kernel_size, stride=spec.stride,
-            padding=spec.padding, dilation=spec.dilation, groups=spec.groups, bias=spec.bias, dtype=dtype,
+            nn.Conv2d if isinstance(spec, layers.Conv2d) else nn.Conv1d, spec.in_channels, spec.out_channels,
+            spec.kernel_size, stride=spec.stride, padding=spec.padding, dilation=spec.dilation, groups=spec.groups,
+            bias=spec.bias, dtype=dtype,
         )  # fmt: skip
     if isinstance(spec, layers._BatchNorm):
         cls = nn.BatchNorm1d if isinstance(spec, layers.BatchNorm1d) else nn.BatchNorm2d
@@ -131,11 +132,6 @@ def _module(spec: layers.Layer, dtype: torch.dtype) -> nn.Module:
         return skip_init(
             nn.LayerNorm, spec.normalized_shape, eps=spec.eps, elementwise_affine=spec.elementwise_affine, dtype=dtype
         )
-    if isinstance(spec, sequences.Conv1d):
-        return skip_init(
-            nn.Conv1d, spec.in_channels, spec.out_channels, spec.kernel_size, stride=spec.stride,
-            padding=spec.padding, dilation=spec.dilation, groups=spec.groups, bias=spec.bias, dtype=dtype,
-        )  # fmt: skip
     if isinstance(spec, sequences.Embedding):
         return skip_init(nn.Embedding, spec.num_embeddings, spec.embedding_dim, spec.padding_idx, dtype=dtype)
     if type(spec) in _RECURRENT:  # every spec field is the torch class's argument of the same name

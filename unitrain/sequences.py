@@ -169,7 +169,23 @@ class RNN(_Recurrent):
 
 
 @dataclass(frozen=True)
-class LSTM(_Recurrent):
+class _Gated(_Recurrent):
+    """LSTM's and GRU's arguments (RNN's add ``nonlinearity`` after ``num_layers``)."""
+
+    input_size: int
+    hidden_size: int
+    num_layers: int = 1
+    bias: bool = True
+    batch_first: bool = False
+    dropout: float = 0.0
+    bidirectional: bool = False
+
+    def __post_init__(self):
+        self._validate()
+
+
+@dataclass(frozen=True)
+class LSTM(_Gated):
     """Long short-term memory (``torch.nn.LSTM``), gates stacked ``i, f, g, o``::
 
         i_t = sigmoid(W_ii x_t + b_ii + W_hi h_{t-1} + b_hi)
@@ -181,24 +197,13 @@ class LSTM(_Recurrent):
 
     ``weight_ih_l{k}`` is ``[W_ii; W_if; W_ig; W_io]`` (rows), the others alike."""
 
-    input_size: int
-    hidden_size: int
-    num_layers: int = 1
-    bias: bool = True
-    batch_first: bool = False
-    dropout: float = 0.0
-    bidirectional: bool = False
-
     gates = 4
     inputs = ("input", "h_0", "c_0")
     outputs = ("output", "h_n", "c_n")
 
-    def __post_init__(self):
-        self._validate()
-
 
 @dataclass(frozen=True)
-class GRU(_Recurrent):
+class GRU(_Gated):
     """Gated recurrent unit (``torch.nn.GRU``), gates stacked ``r, z, n``::
 
         r_t = sigmoid(W_ir x_t + b_ir + W_hr h_{t-1} + b_hr)
@@ -208,18 +213,7 @@ class GRU(_Recurrent):
 
     (the reset gate multiplies ``W_hn h + b_hn``, bias included, as in PyTorch and cuDNN)."""
 
-    input_size: int
-    hidden_size: int
-    num_layers: int = 1
-    bias: bool = True
-    batch_first: bool = False
-    dropout: float = 0.0
-    bidirectional: bool = False
-
     gates = 3
-
-    def __post_init__(self):
-        self._validate()
 
 
 # --- 1-d convolution and pooling -----------------------------------------------------------------
