@@ -512,7 +512,7 @@ class ChainerLoop(TrainingLoop):
     capabilities = frozenset({
         "dropout", "batchnorm", "conv", "native-model", "float64", "random-state",
         "residual", "activations", "layernorm", "pooling", "losses", "custom-loss", "optimizers", "clipping",
-        "distributed",
+        "distributed", "sequences",
     })  # fmt: skip
 
     # --- building ---------------------------------------------------------------------------

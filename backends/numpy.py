@@ -838,7 +838,7 @@ class NumpyLoop(TrainingLoop):
     capabilities = frozenset({
         "dropout", "batchnorm", "conv", "float64", "random-state",
         "residual", "activations", "layernorm", "pooling", "losses", "custom-loss", "optimizers", "clipping",
-        "distributed",
+        "distributed", "sequences",
     })  # fmt: skip
 
     def _build(self, model):

@@ -235,10 +235,13 @@ def test_numpy_gradients_of_initial_states_match_torch_autograd():
         np.testing.assert_allclose(layer.grads[name], param.grad.numpy(), rtol=0, atol=tolerance(np.float64, 100))
 
 
-@pytest.mark.parametrize("backend", installed_backends())
+@pytest.mark.parametrize(
+    "backend",
+    [pytest.param(name, marks=[pytest.mark.slow] if name == "mindspore" else []) for name in installed_backends()],
+)
 def test_dropout_between_layers_only_in_training(backend):
     """Eval mode ignores the inter-layer dropout; training applies it (masks from the loop's stream: NumPy,
-    Chainer and MindSpore draw the same ones)."""
+    Chainer and MindSpore draw the same ones). MindSpore compiles two graphs here: slow suite."""
     spec = ut.Sequential(ut.Embedding(6, 3), ut.LSTM(3, 4, num_layers=2, batch_first=True, dropout=0.5),
                          ut.Flatten(), ut.Linear(16, 2))  # fmt: skip
     plain = ut.Sequential(ut.Embedding(6, 3), ut.LSTM(3, 4, num_layers=2, batch_first=True), ut.Flatten(),

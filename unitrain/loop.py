@@ -160,6 +160,8 @@ CAPABILITIES = frozenset({
     "optimizers", "clipping",
     # issue 11: data parallel on the framework's own engine (``launcher`` names its launcher)
     "distributed",
+    # issue 17: Embedding (integer inputs), RNN/LSTM/GRU, Conv1d and the 1-d pools
+    "sequences",
 })  # fmt: skip
 
 
