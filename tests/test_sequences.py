@@ -4,6 +4,8 @@ PyTorch's own float32 drift (``tests/torch_reference.py``), float64 runs within 
 formula, evaluation alike, initial and final states, integer token ids and their refusals."""
 
 import importlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -307,3 +309,24 @@ def test_init_weights_follow_torch_defaults():
     for key in ("1.weight_ih_l0", "1.weight_hh_l0", "1.bias_hh_l0"):
         assert 0.19 < np.abs(state[key]).max() <= 0.2  # U(-1/sqrt(25), 1/sqrt(25))
     assert np.abs(state["2.weight"]).max() <= 1 / np.sqrt(10)  # fan_in = 4 / 2 * 5
+
+
+def test_a_run_refuses_float_data_for_an_embedding_in_one_line_before_any_framework(tmp_path):
+    (tmp_path / "tokens.py").write_text(
+        "import unitrain as ut\n\n\n"
+        "def tagger():\n    return ut.Sequential(ut.Embedding(10, 4), ut.Flatten(), ut.Linear(4 * 6, 3))\n"
+    )
+    rng = np.random.default_rng(0)
+    arrays = {
+        f"{kind}_{split}": value
+        for split in ("train", "test")
+        for kind, value in (("x", rng.standard_normal((8, 2, 3)).astype(np.float32)), ("y", rng.integers(0, 3, 8)))
+    }
+    np.savez(tmp_path / "floats.npz", **arrays)  # fmt: skip
+    command = ["train", "--dataset", "floats.npz", "--model", "tokens:tagger", "--backend", "mindspore"]
+    result = subprocess.run([sys.executable, "-m", "unitrain", *command], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2 and result.stdout == ""  # nothing announced: no loop was built
+    assert result.stderr == (
+        "unitrain: error: model tokens:tagger does not take floats.npz's samples: 0: Embedding(num_embeddings=10, "
+        "embedding_dim=4, padding_idx=None) expects integer token ids, got float32 input\n"
+    )

@@ -780,14 +780,11 @@ class TrainingLoop(ABC):
     def _check_token_ids(self, x: np.ndarray) -> np.ndarray:
         """A model that starts with an Embedding takes integer token ids within its table, passed on as int64."""
         path, embedding = self._embedding
-        if x.dtype.kind not in "iu":
-            raise InputError(f"{path}: {embedding} expects integer token ids, got {x.dtype} input")
         if x.ndim < 2:
             raise InputError(f"inputs must be a batch of shape (N, ...), got shape {x.shape}")
-        self._output_shape(x.shape[1:])
-        problem = embedding.token_problem(int(x.min()), int(x.max())) if x.size else None
-        if problem:
+        if problem := embedding.ids_problem(x):
             raise InputError(f"{path}: {problem}")
+        self._output_shape(x.shape[1:])
         return x.astype(np.int64, copy=False)
 
     def _output_shape(self, sample_shape: tuple[int, ...]) -> tuple[int, ...]:

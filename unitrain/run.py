@@ -54,6 +54,7 @@ from .layers import MODEL_PATTERN, model_from_name
 from .losses import LOSSES
 from .reading import Int, Nullable, Number, OneOf, Optional, Text, check_json, path_problem, read_capped, short
 from .schedules import LRSchedule, parse_schedule, scheduled_optimizer
+from .sequences import Embedding
 from .weights import check_state, load_safetensors
 
 
@@ -271,6 +272,7 @@ class Run:
         self._check_transformed_size(train, test)
         train, test = spec.static_transforms(train), spec.static_transforms(test)
         output = self._output_shape(train.x.shape[1:], train.classes)
+        self._check_token_ids(train, test)
         if not LOSSES[self.loss].class_targets:  # an elementwise loss compares the outputs with one-hot labels
             train, test = (dataclasses.replace(data, y=np.eye(output[0], dtype=np.float32)[data.y])
                            for data in (train, test))  # fmt: skip
@@ -302,6 +304,16 @@ class Run:
         if spec.random_crop_padding > max(height, width):
             raise DataError(f"data.random_crop_padding {spec.random_crop_padding} is more than the "
                             f"{height}x{width} samples' size; expected at most {max(height, width)}")  # fmt: skip
+
+    def _check_token_ids(self, *datasets) -> None:
+        """A model that starts with an Embedding takes integer ids within its table: checked here
+        for the whole data, before any framework is imported (the loop checks each batch too)."""
+        path, first = next(self.model_spec().named_layers(), (None, None))
+        if not isinstance(first, Embedding):
+            return
+        for data in datasets:
+            if problem := first.ids_problem(np.asarray(data.x)):
+                raise DataError(f"model {self.model} does not take {self.data.dataset}'s samples: {path}: {problem}")
 
     def _output_shape(self, sample_shape: tuple[int, ...], classes: tuple[str, ...] | None) -> tuple[int, ...]:
         try:

@@ -64,8 +64,12 @@ class Embedding(Layer):
     def output_shape(self, input_shape):
         return (*input_shape, self.embedding_dim)
 
-    def token_problem(self, low: int, high: int) -> str | None:
-        """What is wrong with a batch whose ids span ``low..high``, or None."""
+    def ids_problem(self, ids) -> str | None:
+        """What is wrong with ``ids`` (a NumPy array) as this layer's input, or None: not integers, or
+        an id outside the table."""
+        if ids.dtype.kind not in "iu":
+            return f"{self} expects integer token ids, got {ids.dtype} input"
+        low, high = (int(ids.min()), int(ids.max())) if ids.size else (0, 0)
         bad = low if low < 0 else high if high >= self.num_embeddings else None
         if bad is None:
             return None
