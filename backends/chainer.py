@@ -52,7 +52,7 @@ with warnings.catch_warnings():
     import chainer.links as L
     from chainer.serializers import DictionarySerializer, NpzDeserializer
 
-from unitrain import expr, layers, losses
+from unitrain import expr, layers, losses, sequences
 from unitrain.loop import TrainingLoop
 from unitrain.optim import clip_grad_norm_scale, initial_buffer_value, optimizer_update, starts_as_gradient
 from unitrain.randomness import dropout_mask, dropout_stream, set_stream_state, stream_state
@@ -152,6 +152,18 @@ def _adaptive_avg_pool(x, output_size):
     return F.reshape(F.stack(bins, axis=2), (n, c, out_h, out_w))
 
 
+def _adaptive_avg_pool_1d(x, output_size):
+    return F.squeeze(_adaptive_avg_pool(F.expand_dims(x, 2), (1, output_size)), 2)
+
+
+def _avg_pool_1d(spec: sequences.AvgPool1d):
+    # pad_value=0 averages zero padding in (count_include_pad), None divides by the window's real elements
+    pad_value = 0 if spec.count_include_pad else None
+    return functools.partial(
+        F.average_pooling_1d, ksize=spec.kernel_size, stride=spec.stride, pad=spec.padding, pad_value=pad_value
+    )
+
+
 #: Leaves without state: the native function each spec becomes.
 _FUNCTIONS = {
     layers.Identity: lambda spec: _identity,
@@ -168,7 +180,108 @@ _FUNCTIONS = {
     layers.MaxPool2d: _max_pool,
     layers.AvgPool2d: _avg_pool,
     layers.AdaptiveAvgPool2d: lambda spec: functools.partial(_adaptive_avg_pool, output_size=spec.output_size),
+    sequences.MaxPool1d: lambda spec: functools.partial(
+        F.max_pooling_1d, ksize=spec.kernel_size, stride=spec.stride, pad=spec.padding, cover_all=False
+    ),
+    sequences.AvgPool1d: _avg_pool_1d,
+    sequences.AdaptiveAvgPool1d: lambda spec: functools.partial(_adaptive_avg_pool_1d, output_size=spec.output_size),
 }
+
+
+class _Linear(L.Linear):
+    """Over the last axis of input of any rank, as ``torch.nn.Linear`` (Chainer's flattens all
+    axes after the first by default)."""
+
+    def forward(self, x):
+        return super().forward(x, n_batch_axes=x.ndim - 1)
+
+
+class _Embedding(L.EmbedID):
+    """``F.embed_id`` on PyTorch's table; the ``padding_idx`` row enters as a constant, so it gets
+    no gradient (Chainer's ``ignore_label`` would output zeros there instead of the row)."""
+
+    def __init__(self, spec: sequences.Embedding, dtype: np.dtype):
+        super().__init__(spec.num_embeddings, spec.embedding_dim, initialW=chainer.initializers.Zero(dtype))
+        self.padding_idx = spec.padding_idx
+
+    def forward(self, x):
+        table = self.W
+        if self.padding_idx is not None:
+            trained = np.ones((len(table), 1), table.dtype)
+            trained[self.padding_idx] = 0
+            table = table * trained + table.array * (1 - trained)  # exact: one of the two terms is zero
+        return F.embed_id(x, table)
+
+
+class _Recurrent(chainer.Link):
+    """RNN, LSTM and GRU through Chainer's ``F.n_step_lstm`` / ``n_step_bilstm``, ``n_step_gru`` /
+    ``n_step_bigru``, ``n_step_rnn`` / ``n_step_birnn`` (the functions behind ``L.NStepLSTM`` and its
+    kin), one layer per call, on parameters held in PyTorch's layout under PyTorch's names, split
+    into Chainer's per-gate matrices. The gate orders agree: PyTorch stacks LSTM gates ``i, f, g, o``
+    and Chainer's code takes ``W0..W3`` as ``i, f, g, o`` too (``_lstm`` stacks ``W2, W0, W1, W3``
+    into ``F.lstm``'s ``a, i, f, o``; the equations in its docstring name ``W2`` and ``W3`` the other
+    way round), ``W4..W7`` for the hidden state; GRU's ``r, z, n`` are the same in both, with
+    ``n = tanh(W2 x + b2 + r * (W5 h + b5))`` as PyTorch's. Dropout between
+    layers is applied here with masks from the loop's stream (shaped like the layer's output as the
+    loop sees it), as Chainer's own would draw from NumPy's global RNG."""
+
+    def __init__(self, spec: sequences._Recurrent, dtype: np.dtype, rng: np.random.Generator):
+        super().__init__()
+        self.spec, self.rng = spec, rng
+        with self.init_scope():
+            for key, shape in spec.param_shapes().items():
+                setattr(self, key, chainer.Parameter(np.zeros(shape, dtype)))
+        bidirectional = spec.bidirectional
+        if isinstance(spec, sequences.LSTM):
+            self.function = F.n_step_bilstm if bidirectional else F.n_step_lstm
+        elif isinstance(spec, sequences.GRU):
+            self.function = F.n_step_bigru if bidirectional else F.n_step_gru
+        else:
+            native = F.n_step_birnn if bidirectional else F.n_step_rnn
+            self.function = functools.partial(native, activation=spec.nonlinearity)
+
+    def _weights(self, k: int, suffix: str):
+        """Chainer's ``ws`` and ``bs`` entries of layer ``k``'s direction ``suffix``."""
+        gates, rows = self.spec.gates, self.spec.gates * self.spec.hidden_size
+        ws, bs = [], []
+        for part in ("ih", "hh"):
+            weight = F.split_axis(getattr(self, f"weight_{part}_l{k}{suffix}"), gates, axis=0)
+            if self.spec.bias:
+                bias = F.split_axis(getattr(self, f"bias_{part}_l{k}{suffix}"), gates, axis=0)
+            else:
+                bias = np.split(np.zeros(rows, weight[0].dtype), gates)
+            ws += list(weight)
+            bs += list(bias)
+        return ws, bs
+
+    def forward(self, x):
+        return self.run(x)[0]
+
+    def run(self, x, h0=None, c0=None):
+        """``(output, h_n, c_n)`` (``c_n`` None but for LSTM); initial states None are zeros."""
+        spec = self.spec
+        time_axis = 1 if spec.batch_first else 0
+        lstm = isinstance(spec, sequences.LSTM)
+        zeros = np.zeros(spec.state_shape(x.shape[1 - time_axis]), x.dtype)
+        h0 = zeros if h0 is None else h0
+        c0 = zeros if c0 is None and lstm else c0
+        steps = F.separate(x, axis=time_axis)  # the functions take a list of time steps
+        h_n, c_n, directions = [], [], spec.directions
+        for k in range(spec.num_layers):
+            ws, bs = zip(*(self._weights(k, suffix) for suffix in ("", "_reverse")[:directions]), strict=True)
+            states = slice(k * directions, (k + 1) * directions)
+            if lstm:
+                h, c, steps = self.function(1, 0.0, h0[states], c0[states], list(ws), list(bs), steps)
+                c_n.append(c)
+            else:
+                h, steps = self.function(1, 0.0, h0[states], list(ws), list(bs), steps)
+            h_n.append(h)
+            if chainer.config.train and spec.dropout and k < spec.num_layers - 1:
+                output = F.stack(steps, axis=time_axis)
+                output = output * dropout_mask(self.rng, output.shape, spec.dropout, output.dtype)
+                steps = F.separate(output, axis=time_axis)
+        output = F.stack(steps, axis=time_axis)
+        return output, F.concat(h_n, axis=0), F.concat(c_n, axis=0) if lstm else None
 
 
 class _LayerNorm(chainer.Link):
@@ -406,7 +519,7 @@ class ChainerLoop(TrainingLoop):
     capabilities = frozenset({
         "dropout", "batchnorm", "conv", "native-model", "float64", "random-state",
         "residual", "activations", "layernorm", "pooling", "losses", "custom-loss", "optimizers", "clipping",
-        "distributed", "training-controls",
+        "distributed", "training-controls", "sequences",
     })  # fmt: skip
 
     # --- building ---------------------------------------------------------------------------
@@ -435,9 +548,12 @@ class ChainerLoop(TrainingLoop):
             return chain
         layer = self._leaf(spec)
         if isinstance(layer, chainer.Link):
-            names = _LINK_NAMES if isinstance(layer, (L.Linear, L.Convolution2D)) else _BN_NAMES
+            names = (
+                _LINK_NAMES if isinstance(layer, (L.Linear, L.Convolution2D, L.ConvolutionND, L.EmbedID)) else _BN_NAMES
+            )
             for key in {**spec.param_shapes(), **spec.buffer_shapes()}:
-                paths[f"{name}{key}"] = f"{path}{names[key]}"
+                # a recurrent layer's parameters carry PyTorch's names already
+                paths[f"{name}{key}"] = f"{path}{key if isinstance(layer, _Recurrent) else names[key]}"
         return layer
 
     def _child(self, chain: _Sequence, child_name: str, spec, name: str, path: str, paths: dict):
@@ -452,13 +568,18 @@ class ChainerLoop(TrainingLoop):
 
     def _leaf(self, spec):
         """The native link or function of a leaf spec."""
-        if isinstance(spec, (layers.Linear, layers.Conv2d)):
+        if isinstance(spec, (layers.Linear, layers.Conv2d, sequences.Conv1d)):
             zero = chainer.initializers.Zero(self.dtype)  # init_weights is loaded right after
             init = {"nobias": not spec.bias, "initialW": zero, "initial_bias": zero}
             if isinstance(spec, layers.Linear):
-                return L.Linear(spec.in_features, spec.out_features, **init)
+                return _Linear(spec.in_features, spec.out_features, **init)
             size = spec.in_channels, spec.out_channels, spec.kernel_size, spec.stride, spec.padding
-            return L.Convolution2D(*size, dilate=spec.dilation, groups=spec.groups, **init)
+            native = L.Convolution2D if isinstance(spec, layers.Conv2d) else L.Convolution1D
+            return native(*size, dilate=spec.dilation, groups=spec.groups, **init)
+        if isinstance(spec, sequences.Embedding):
+            return _Embedding(spec, self.dtype)
+        if isinstance(spec, sequences._Recurrent):
+            return _Recurrent(spec, self.dtype, self._rng)
         if isinstance(spec, layers._BatchNorm):
             return _BatchNorm(spec, self.dtype)
         if isinstance(spec, layers.LayerNorm):

@@ -39,8 +39,9 @@ from types import SimpleNamespace
 import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
+from unitrain.backends.mindspore_sequences import _Conv1d, _Embedding, _Recurrent, _TakesMasks, _Through2d
 
-from unitrain import expr, layers
+from unitrain import expr, layers, sequences
 from unitrain.loop import TrainingLoop
 from unitrain.loss_value import LossExpression
 from unitrain.losses import (
@@ -138,13 +139,6 @@ class _BatchNorm(nn.Cell):
                 "running_var": bn.moving_variance, "num_batches_tracked": self.num_batches_tracked}  # fmt: skip
 
 
-class _TakesMasks(nn.Cell):
-    """A node called with the dropout masks, ``node(x, masks)``: the containers and Dropout.
-    ``masks`` holds one mask per Dropout layer of the whole model (empty in eval mode): the loop
-    draws them from a stream it owns, so it can checkpoint the stream and ``backward`` can reuse
-    ``forward``'s masks. (The stateful random kernels behind ``nn.Dropout`` allow neither.)"""
-
-
 def _apply(node, x, masks):
     return node(x, masks) if isinstance(node, _TakesMasks) else node(x)
 
@@ -209,6 +203,9 @@ _PLAIN_LEAVES = {
     layers.GELU: lambda spec: _Activation(ops.gelu, spec.approximate),
     layers.Softmax: lambda spec: _Activation(ops.softmax, spec.dim),
     layers.LogSoftmax: lambda spec: _Activation(ops.log_softmax, spec.dim),
+    sequences.MaxPool1d: lambda spec: _Through2d(_pool(spec.as_2d())),
+    sequences.AvgPool1d: lambda spec: _Through2d(_pool(spec.as_2d())),
+    sequences.AdaptiveAvgPool1d: lambda spec: _Through2d(nn.AdaptiveAvgPool2d(spec.as_2d().output_size)),
 }
 
 
@@ -241,6 +238,13 @@ class _Builder:
         if isinstance(spec, (layers.BatchNorm1d, layers.BatchNorm2d)):
             cell = _BatchNorm(spec)
             return cell, cell.state()
+        if isinstance(spec, sequences._Recurrent):
+            cell = _Recurrent(spec, self.dropouts)
+            self.dropouts += spec.num_layers - 1 if spec.dropout else 0
+            return cell, cell.state
+        if isinstance(spec, (sequences.Embedding, sequences.Conv1d)):
+            cell = _Embedding(spec) if isinstance(spec, sequences.Embedding) else _Conv1d(spec)
+            return cell, {"weight": cell.weight, **({"bias": cell.bias} if spec.param_shapes().get("bias") else {})}
         if isinstance(spec, layers.LayerNorm):
             cell = _LayerNorm(spec)
             return cell, {"weight": cell.weight, "bias": cell.bias} if spec.elementwise_affine else {}
@@ -275,7 +279,10 @@ def _dropout_shapes(spec: layers.Layer, shape: tuple[int, ...], found: list) -> 
         return out if spec.post is None else _dropout_shapes(spec.post, out, found)
     if isinstance(spec, layers.Dropout):
         found.append(shape)
-    return spec.output_shape(shape)
+    out = spec.output_shape(shape)
+    if isinstance(spec, sequences._Recurrent) and spec.dropout:  # between its layers, each as wide as the output
+        found.extend([out] * (spec.num_layers - 1))
+    return out
 
 
 def _const(value):
@@ -382,7 +389,7 @@ class MindSporeLoop(TrainingLoop):
     capabilities = frozenset({
         "dropout", "batchnorm", "conv", "native-model", "random-state",
         "residual", "activations", "layernorm", "pooling", "losses", "custom-loss", "optimizers", "clipping",
-        "distributed", "training-controls",
+        "distributed", "training-controls", "sequences",
     })  # fmt: skip
 
     #: ``False`` runs every step eagerly (PyNative), to debug or to compare speed
@@ -399,7 +406,12 @@ class MindSporeLoop(TrainingLoop):
 
     def _build(self, model: layers.Sequential) -> None:
         self._rng = dropout_stream(self.seed, self.rank)
-        self._dropout_p = [layer.p for _, layer in model.named_layers() if isinstance(layer, layers.Dropout)]
+        self._dropout_p = []  # per mask, in the order they apply: Dropout layers' and recurrent layers'
+        for _, layer in model.named_layers():
+            if isinstance(layer, layers.Dropout):
+                self._dropout_p.append(layer.p)
+            elif isinstance(layer, sequences._Recurrent) and layer.dropout:
+                self._dropout_p.extend([layer.dropout] * (layer.num_layers - 1))
         self._mask_shapes: dict[tuple[int, ...], list[tuple[int, ...]]] = {}
         builder = _Builder()
         net = builder.build(model, "")

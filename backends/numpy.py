@@ -20,6 +20,7 @@ import functools
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+from unitrain.backends.numpy_sequences import _Embedding, _Layer, _Recurrent, _sigmoid
 
 from unitrain import expr
 from unitrain.graph import Graph
@@ -61,36 +62,16 @@ from unitrain.losses import (
 )
 from unitrain.optim import clip_grad_norm_scale, initial_buffer_value, optimizer_update, starts_as_gradient
 from unitrain.randomness import dropout_mask, dropout_stream, set_stream_state, stream_state
+from unitrain.sequences import GRU, LSTM, RNN, AdaptiveAvgPool1d, AvgPool1d, Conv1d, Embedding, MaxPool1d
 
 from . import numpy_graph
 
 # --- leaves --------------------------------------------------------------------------------------
 
 
-class _Layer:
-    """Parameters, gradients and buffers as arrays named like PyTorch's, allocated from the spec.
-    Subclasses define ``forward(x, training, record)`` and ``backward(grad, need_input_grad)``."""
-
-    #: backward reads this layer's output array, so nothing may overwrite it in place
-    keeps_output = False
-    #: forward may return its input (or a view of it) unchanged
-    passes_input = False
-
-    def __init__(self, spec, dtype, rng):
-        self.spec = spec
-        self.params = {key: np.zeros(shape, dtype) for key, shape in spec.param_shapes().items()}
-        self.grads = {key: np.zeros(shape, dtype) for key, shape in spec.param_shapes().items()}
-        self.buffers = {
-            key: np.zeros(shape, np.int64 if key == "num_batches_tracked" else dtype)
-            for key, shape in spec.buffer_shapes().items()
-        }
-
-    @property
-    def has_params(self):
-        return bool(self.params)
-
-
 class _Linear(_Layer):
+    """Over the last axis; other axes are rows of one matrix product."""
+
     def forward(self, x, training, record):
         if record:
             self.x = x
@@ -100,9 +81,10 @@ class _Linear(_Layer):
         return out
 
     def backward(self, grad, need_input_grad):
-        self.grads["weight"] += grad.T @ self.x
+        rows = grad.reshape(-1, grad.shape[-1])
+        self.grads["weight"] += rows.T @ self.x.reshape(-1, self.x.shape[-1])
         if "bias" in self.grads:
-            self.grads["bias"] += grad.sum(0)
+            self.grads["bias"] += rows.sum(0)
         return grad @ self.params["weight"] if need_input_grad else None
 
 
@@ -438,12 +420,6 @@ class _Tanh(_Layer):
         return grad
 
 
-def _sigmoid(x):
-    """Stable and accurate for either sign: exp of a non-positive number only."""
-    small = np.exp(-np.abs(x))
-    return np.where(x >= 0, 1, small) / (1 + small)
-
-
 class _Sigmoid(_Layer):
     keeps_output = True
 
@@ -633,7 +609,36 @@ class _Dropout(_Layer):
         return grad
 
 
+class _Through2d(_Layer):
+    """A 1-d layer run as its 2-d twin (``spec.as_2d()``) over (N, C, 1, L); its parameters and
+    gradients are views of the twin's, in the 1-d layer's shapes."""
+
+    def __init__(self, spec, dtype, rng):
+        self.spec = spec
+        self.inner = _LAYERS[type(spec.as_2d())](spec.as_2d(), dtype, rng)
+        self.keeps_output, self.passes_input = self.inner.keeps_output, self.inner.passes_input
+        shapes = spec.param_shapes()
+        self.params = {key: value.reshape(shapes[key]) for key, value in self.inner.params.items()}
+        self.grads = {key: value.reshape(shapes[key]) for key, value in self.inner.grads.items()}
+        self.buffers = {}
+
+    def forward(self, x, training, record):
+        return self.inner.forward(x[:, :, None, :], training, record)[:, :, 0, :]
+
+    def backward(self, grad, need_input_grad):
+        grad = self.inner.backward(grad[:, :, None, :], need_input_grad)
+        return None if grad is None else grad[:, :, 0, :]
+
+
 _LAYERS = {
+    Embedding: _Embedding,
+    RNN: _Recurrent,
+    LSTM: _Recurrent,
+    GRU: _Recurrent,
+    Conv1d: _Through2d,
+    MaxPool1d: _Through2d,
+    AvgPool1d: _Through2d,
+    AdaptiveAvgPool1d: _Through2d,
     Linear: _Linear,
     Conv2d: _Conv2d,
     MaxPool2d: _MaxPool2d,
@@ -845,7 +850,7 @@ class NumpyLoop(TrainingLoop):
     capabilities = frozenset({
         "dropout", "batchnorm", "conv", "float64", "random-state",
         "residual", "activations", "layernorm", "pooling", "losses", "custom-loss", "optimizers", "clipping",
-        "distributed", "training-controls", "graph",
+        "distributed", "training-controls", "graph", "sequences",
     })  # fmt: skip
 
     def _build(self, model):

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import skip_init
 
-from unitrain import expr, layers, losses, optim
+from unitrain import expr, layers, losses, optim, sequences
 from unitrain.graph import Graph
 from unitrain.loop import CAPABILITIES, TrainingLoop
 from unitrain.randomness import rank_seed
@@ -42,7 +42,7 @@ _DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.floa
 _PLAIN_LEAVES = (
     layers.Identity, layers.ReLU, layers.Tanh, layers.Sigmoid, layers.GELU, layers.LeakyReLU, layers.SiLU,
     layers.ELU, layers.Softmax, layers.LogSoftmax, layers.Flatten, layers.Dropout, layers.MaxPool2d,
-    layers.AvgPool2d, layers.AdaptiveAvgPool2d,
+    layers.AvgPool2d, layers.AdaptiveAvgPool2d, sequences.MaxPool1d, sequences.AvgPool1d, sequences.AdaptiveAvgPool1d,
 )  # fmt: skip
 
 #: The built-in loss specs' ``torch.nn.functional`` twins; each spec's fields (``reduction``,
@@ -89,6 +89,29 @@ class _Residual(nn.Module):
         return out if self.post is None else self.post(out)
 
 
+class _OutputOnly:
+    """A recurrent module in a Sequential: only ``output`` flows on (``h_n``, ``c_n`` stay behind);
+    a subclass, so that the ``state_dict`` keys stay ``nn.LSTM``'s."""
+
+    def forward(self, input: torch.Tensor, hx=None) -> torch.Tensor:
+        return super().forward(input, hx)[0]
+
+
+class _RNN(_OutputOnly, nn.RNN):
+    pass
+
+
+class _LSTM(_OutputOnly, nn.LSTM):
+    pass
+
+
+class _GRU(_OutputOnly, nn.GRU):
+    pass
+
+
+_RECURRENT = {sequences.RNN: _RNN, sequences.LSTM: _LSTM, sequences.GRU: _GRU}
+
+
 def _module(spec: layers.Layer, dtype: torch.dtype) -> nn.Module:
     if isinstance(spec, Graph):
         return GraphModule(spec, {name: _module(child, dtype) for name, child in spec.children})
@@ -101,10 +124,11 @@ def _module(spec: layers.Layer, dtype: torch.dtype) -> nn.Module:
         return _Residual(body, shortcut, post)
     if isinstance(spec, layers.Linear):
         return skip_init(nn.Linear, spec.in_features, spec.out_features, bias=spec.bias, dtype=dtype)
-    if isinstance(spec, layers.Conv2d):
+    if isinstance(spec, (layers.Conv2d, sequences.Conv1d)):
         return skip_init(
-            nn.Conv2d, spec.in_channels, spec.out_channels, spec.kernel_size, stride=spec.stride,
-            padding=spec.padding, dilation=spec.dilation, groups=spec.groups, bias=spec.bias, dtype=dtype,
+            nn.Conv2d if isinstance(spec, layers.Conv2d) else nn.Conv1d, spec.in_channels, spec.out_channels,
+            spec.kernel_size, stride=spec.stride, padding=spec.padding, dilation=spec.dilation, groups=spec.groups,
+            bias=spec.bias, dtype=dtype,
         )  # fmt: skip
     if isinstance(spec, layers._BatchNorm):
         cls = nn.BatchNorm1d if isinstance(spec, layers.BatchNorm1d) else nn.BatchNorm2d
@@ -113,6 +137,12 @@ def _module(spec: layers.Layer, dtype: torch.dtype) -> nn.Module:
         return skip_init(
             nn.LayerNorm, spec.normalized_shape, eps=spec.eps, elementwise_affine=spec.elementwise_affine, dtype=dtype
         )
+    if isinstance(spec, sequences.Embedding):
+        return skip_init(nn.Embedding, spec.num_embeddings, spec.embedding_dim, spec.padding_idx, dtype=dtype)
+    if type(spec) in _RECURRENT:  # every spec field is the torch class's argument of the same name
+        arguments = {field.name: getattr(spec, field.name) for field in fields(spec)}
+        # skip_init by hand (it wants a named device argument, nn.RNNBase takes **kwargs)
+        return _RECURRENT[type(spec)](**arguments, device="meta", dtype=dtype).to_empty(device="cpu")
     if isinstance(spec, _PLAIN_LEAVES):
         return getattr(nn, type(spec).__name__)(**{field.name: getattr(spec, field.name) for field in fields(spec)})
     raise TypeError(f"the torch backend cannot build {spec!r}")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from unitrain import layers
+from unitrain import layers, sequences
 from unitrain.data import ArrayDataset, load_mnist
 from unitrain.loop import CAPABILITIES, TrainingLoop
 from unitrain.losses import (
@@ -1249,23 +1249,36 @@ def _longest_sum(model, input_shape, n: int) -> int:
             sizes.append(n * math.prod(batch_shape[2:]))
         elif isinstance(layer, (layers.Softmax, layers.LogSoftmax)):
             sizes.append(batch_shape[layer.dim])
+        elif isinstance(layer, sequences.Embedding):  # a row's gradient adds every position holding its id
+            sizes.append(math.prod(batch_shape))
+        elif isinstance(layer, sequences._Recurrent):  # each step's h reads all earlier steps' sums
+            steps = batch_shape[1] if layer.batch_first else n
+            width = max(layer.input_size, layer.directions * layer.hidden_size) + layer.hidden_size
+            sizes.append(steps * layer.num_layers * width)
+        elif isinstance(layer, sequences.Conv1d):
+            sizes.append(layer.fan_in())
+        elif isinstance(layer, (sequences.MaxPool1d, sequences.AvgPool1d)):
+            sizes.append(layer.kernel_size)
+        elif isinstance(layer, sequences.AdaptiveAvgPool1d):
+            sizes.append(-(-batch_shape[2] // layer.output_size) + 1)
     return max(sizes)
 
 
-def _layer_case(adapter, what, model, input_shape, *, scale=1.0):
+def _layer_case(adapter, what, model, input_shape, *, scale=1.0, x=None):
     """Eval-mode forward and training-mode loss (MSE, sum) and gradients of ``model`` (random weights)
     match the reference; ``scale`` widens the inputs so that activations see their curved regions.
     Tolerance sizes: the forward's :func:`_longest_sum`; the loss adds up every output too; and
-    gradients, as in ``_check_gradients``, allow 8 times the loss's."""
+    gradients, as in ``_check_gradients``, allow 8 times the loss's. ``x``: the inputs, if not those
+    (token ids, say)."""
     state = state_of(model)
     loss = MSELoss(reduction="sum")
     loop = loaded(adapter, model, state, loss=loss)
-    x = scale * inputs(input_shape)
+    x = scale * inputs(input_shape) if x is None else x
     ref = reference.Reference(model, state)
     size = _longest_sum(model, input_shape, len(x))
     compare(f"{what}: predict()", loop.predict(x), ref.forward(x), dtype=loop.dtype, size=size)
     output = model.output_shape(input_shape)
-    target = inputs(output, seed=1)
+    target = inputs(output, seed=1, n=len(x))
     size = max(size, len(x) * math.prod(output))
     expected, grad = reference.loss(loss, ref.forward(x, training=True), target)
     compare(f"{what}: training loss", tutorial_gradients(loop, x, target), expected, dtype=loop.dtype, size=size)
@@ -1340,6 +1353,33 @@ def check_activations(adapter):
     if "conv" in adapter.capabilities:
         layer = layers.LogSoftmax(dim=1)
         _layer_case(adapter, f"{layer!r} of (N, C, H, W)", _between_convs(layer), (2, 6, 5), scale=3.0)
+
+
+@check("sequences")
+def check_sequence_layers(adapter):
+    """Embedding (with padding_idx, integer ids), a stacked bidirectional batch-first LSTM, stacked tanh
+    and bias-free bidirectional ReLU RNNs; a stacked bidirectional time-first GRU feeding Conv1d and the
+    1-d pools; Linear over the last axis: predictions, training loss and gradients through time match
+    the float64 reference (two models, so that compiling backends compile little)."""
+    # three steps: MindSpore unrolls every step of nn.GRU and nn.RNN into the graphs it compiles
+    ids = np.random.default_rng(0).integers(0, 7, (8, 3))
+    ids[0, :2] = 2  # the padding row is read, and gets no gradient
+    recurrent = layers.Sequential(
+        sequences.Embedding(7, 3, padding_idx=2),
+        sequences.LSTM(3, 4, num_layers=2, batch_first=True, bidirectional=True),
+        sequences.RNN(8, 4, num_layers=2, batch_first=True),
+        sequences.RNN(4, 3, nonlinearity="relu", bias=False, batch_first=True, bidirectional=True),
+        layers.Linear(6, 2),
+    )
+    _layer_case(adapter, "Embedding, LSTM, RNN (tanh, relu), batch first", recurrent, (3,), x=ids)
+    # per sample (3 sequences, 3 features): the GRU's batch becomes Conv1d's channels
+    convolved = layers.Sequential(
+        layers.Linear(3, 3), sequences.GRU(3, 8, num_layers=2, bidirectional=True),
+        sequences.Conv1d(3, 4, 3, stride=2, padding=1), sequences.MaxPool1d(2, padding=1),
+        sequences.Conv1d(4, 4, 2, dilation=2, groups=2, bias=False),
+        sequences.AvgPool1d(3, stride=1, padding=1, count_include_pad=False), sequences.AdaptiveAvgPool1d(2),
+    )  # fmt: skip
+    _layer_case(adapter, "GRU time first, Conv1d and the 1-d pools", convolved, (3, 3), x=inputs((3, 3), n=3))
 
 
 def residual_dense_model() -> layers.Sequential:

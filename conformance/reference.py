@@ -20,7 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
-from unitrain import layers
+from unitrain import layers, sequences
+
+from . import reference_sequences
 
 F64 = np.float64
 
@@ -50,7 +52,7 @@ class Reference:
 
     def forward(self, x: np.ndarray, training: bool = False, dropout_masks: dict | None = None) -> np.ndarray:
         """Output for ``x``; in training, Dropout needs its keep-masks by layer path."""
-        self.training, self.masks, self.inputs = training, dropout_masks or {}, {}
+        self.training, self.masks, self.inputs, self.tapes = training, dropout_masks or {}, {}, {}
         return self._forward(self.model, np.asarray(x, F64), "")
 
     def _forward(self, node, x, path):
@@ -69,6 +71,19 @@ class Reference:
         p = self.params(name, layer)
         if isinstance(layer, layers.Linear):
             return x @ p["weight"].T + (p["bias"] if layer.bias else 0.0)
+        if isinstance(layer, sequences.Embedding):
+            return reference_sequences.embedding(p["weight"], x)
+        if isinstance(layer, sequences._Recurrent):
+            output, _, _, self.tapes[name] = reference_sequences.recurrent(layer, p, x, masks=self.masks.get(name))
+            return output
+        if isinstance(layer, sequences.Conv1d):  # the 2-d convolution over (N, C, 1, L)
+            conv = layer.as_2d()
+            weight = p["weight"][:, :, None]
+            return conv2d(x[:, :, None], weight, p.get("bias"), conv.stride, conv.padding, conv.dilation, conv.groups)[
+                :, :, 0
+            ]
+        if isinstance(layer, sequences.ONE_D):  # a pool: its 2-d twin over (N, C, 1, L)
+            return self._leaf(name, layer.as_2d(), x[:, :, None])[:, :, 0]
         if isinstance(layer, layers.Conv2d):
             return conv2d(x, p["weight"], p.get("bias"), layer.stride, layer.padding, layer.dilation, layer.groups)
         if isinstance(layer, layers.MaxPool2d):
@@ -127,11 +142,33 @@ class Reference:
 
     def _leaf_backward(self, name, layer, x, grad):
         p = self.params(name, layer)
-        if isinstance(layer, layers.Linear):
-            self.grads[f"{name}.weight"] = grad.T @ x
+        if isinstance(layer, layers.Linear):  # over the last axis: the others are rows
+            rows, inputs = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+            self.grads[f"{name}.weight"] = rows.T @ inputs
             if layer.bias:
-                self.grads[f"{name}.bias"] = grad.sum(0)
+                self.grads[f"{name}.bias"] = rows.sum(0)
             return grad @ p["weight"]
+        if isinstance(layer, sequences.Embedding):
+            self.grads[f"{name}.weight"] = reference_sequences.embedding_backward(
+                p["weight"], x, grad, layer.padding_idx
+            )
+            return np.zeros_like(x)  # token ids have no gradient
+        if isinstance(layer, sequences._Recurrent):
+            grad_x, grads, _, _ = reference_sequences.recurrent_backward(layer, self.tapes[name], grad)
+            self.grads.update({f"{name}.{key}": value for key, value in grads.items()})
+            return grad_x
+        if isinstance(layer, sequences.Conv1d):
+            conv = layer.as_2d()
+            grad_x, grad_weight, grad_bias = conv2d_backward(
+                x[:, :, None], p["weight"][:, :, None], grad[:, :, None], conv.stride, conv.padding, conv.dilation,
+                conv.groups,
+            )  # fmt: skip
+            self.grads[f"{name}.weight"] = grad_weight[:, :, 0]
+            if layer.bias:
+                self.grads[f"{name}.bias"] = grad_bias
+            return grad_x[:, :, 0]
+        if isinstance(layer, sequences.ONE_D):
+            return self._leaf_backward(name, layer.as_2d(), x[:, :, None], grad[:, :, None])[:, :, 0]
         if isinstance(layer, layers.Conv2d):
             grad_x, self.grads[f"{name}.weight"], bias_grad = conv2d_backward(
                 x, p["weight"], grad, layer.stride, layer.padding, layer.dilation, layer.groups
@@ -774,7 +811,8 @@ def random_state(model: layers.Layer, rng: np.random.Generator) -> dict[str, np.
             elif key == "running_var" or (key == "weight" and isinstance(layer, (layers._BatchNorm, layers.LayerNorm))):
                 value = rng.uniform(0.5, 1.5, shape).astype(np.float32)
             else:
-                bound = 1 / math.sqrt(layer.fan_in()) if isinstance(layer, (layers.Linear, layers.Conv2d)) else 0.5
+                fanned = (layers.Linear, layers.Conv2d, sequences.Conv1d)
+                bound = 1 / math.sqrt(layer.fan_in()) if isinstance(layer, fanned) else 0.5
                 value = rng.uniform(-bound, bound, shape).astype(np.float32)
             state[f"{name}.{key}"] = value
     return state

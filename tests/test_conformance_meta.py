@@ -12,7 +12,7 @@ from typing import ClassVar
 import numpy as np
 import pytest
 from unitrain.backends import numpy as numpy_backend
-from unitrain.backends import numpy_graph
+from unitrain.backends import numpy_graph, numpy_sequences
 from unitrain.backends.numpy import LossValue, NumpyLoop, _loss_terms
 from unitrain.conformance import CHECKS, run_check, run_checks
 
@@ -521,6 +521,46 @@ class LogSoftmaxOverLastAxis(_BrokenTree):
             node.spec = dataclasses.replace(node.spec, dim=-1)
 
 
+class _GatesInChainersDocumentedOrder(numpy_sequences._Direction):
+    """Reads an LSTM's stacked gates as ``i, f, o, g`` (the order Chainer's n_step_lstm docstring gives
+    ``W0..W3``) instead of PyTorch's ``i, f, g, o``."""
+
+    def forward(self, x, h, c, record):
+        if self.kind != "lstm":
+            return super().forward(x, h, c, record)
+        hidden = self.w_hh.shape[1]
+        rows = np.r_[: 2 * hidden, 3 * hidden : 4 * hidden, 2 * hidden : 3 * hidden]
+        saved = self.w_ih, self.w_hh, self.b_ih, self.b_hh
+        self.w_ih, self.w_hh, self.b_ih, self.b_hh = (None if a is None else a[rows] for a in saved)
+        try:
+            return super().forward(x, h, c, record)
+        finally:
+            self.w_ih, self.w_hh, self.b_ih, self.b_hh = saved
+
+
+class LSTMGatesSwapped(_BrokenTree):
+    def breaks(self, node):
+        if isinstance(node, numpy_sequences._Recurrent):
+            for directions in node.layers:
+                for direction in directions:
+                    direction.__class__ = _GatesInChainersDocumentedOrder
+
+
+class _ReadsForwards(numpy_sequences._Direction):
+    """Undoes the caller's reversal: the reverse direction reads the sequence first step first."""
+
+    def forward(self, x, h, c, record):
+        outputs, h, c = super().forward(x[::-1], h, c, record)
+        return outputs[::-1], h, c
+
+
+class ReverseDirectionNotReversed(_BrokenTree):
+    def breaks(self, node):
+        if isinstance(node, numpy_sequences._Recurrent):
+            for directions in node.layers:
+                directions[-1].__class__ = _ReadsForwards if len(directions) == 2 else type(directions[-1])
+
+
 CAUGHT_ISSUE8 = {
     (ResidualDropsShortcut, "check_residual"):
         "dense residual model: predict(): expected -0.678236, got -0.0745026 at index (3, 3); "
@@ -539,10 +579,23 @@ CAUGHT_ISSUE8 = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize(("adapter", "check"), CAUGHT_ISSUE8, ids=[a.__name__ for a, _ in CAUGHT_ISSUE8])
+CAUGHT_SEQUENCES = {
+    (LSTMGatesSwapped, "check_sequence_layers"):
+        "Embedding, LSTM, RNN (tanh, relu), batch first: predict(): expected 0.206039, got 0.187047 at index "
+        "(0, 1, 1); max error 0.019 > tolerance 6.87e-05",
+    (ReverseDirectionNotReversed, "check_sequence_layers"):
+        "Embedding, LSTM, RNN (tanh, relu), batch first: predict(): expected 0.177376, got 0.0695094 at index "
+        "(0, 0, 1); max error 0.108 > tolerance 6.87e-05",
+}  # fmt: skip
+
+
+CAUGHT_LAYERS = CAUGHT_ISSUE8 | CAUGHT_SEQUENCES
+
+
+@pytest.mark.parametrize(("adapter", "check"), CAUGHT_LAYERS, ids=[a.__name__ for a, _ in CAUGHT_LAYERS])
 def test_a_broken_graph_or_layer_is_caught_by_the_right_check(adapter, check):
     message, result = failure(adapter, check)
-    assert_same_report(message, CAUGHT_ISSUE8[adapter, check])
+    assert_same_report(message, CAUGHT_LAYERS[adapter, check])
     assert result.max_error > result.tolerance
 
 

@@ -209,3 +209,16 @@ def test_pytorch_official_mnist_example_as_a_recipe_reaches_its_first_epoch_accu
     assert result.returncode == 0, result.stderr
     (record,) = map(json.loads, metrics.read_text().splitlines())
     assert record["test_accuracy"] >= 0.98 and record["lr"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(name, marks=[] if name == "numpy" else [pytest.mark.slow]) for name in installed_backends()],
+)
+def test_lstm_tagger_tags_the_tutorials_sentence_as_the_tutorial_does(name, request, capsys):
+    """300 epochs of PyTorch's part-of-speech tutorial tag "The dog ate the apple" DET NN V DET NN (0 1 2 0 1)
+    on every backend (600 steps: a few seconds on NumPy; the others in the slow suite)."""
+    if name == "torch":
+        request.getfixturevalue("torch_single_thread")
+    assert example("lstm_tagger").main(["--backend", name]) == [0, 1, 2, 0, 1]
+    assert "predicted tags: 0 1 2 0 1" in capsys.readouterr().out

@@ -237,8 +237,9 @@ def torch_output(model, x, function=None):
     copy computes the same; drift_tolerances): ``assert_within_drift``'s ``expected, tolerances``."""
     twin = copy.deepcopy(model).double()
     outputs = []
+    inputs = torch.from_numpy(x)
     for network, dtype in ((model, torch.float32), (twin, torch.float64)):
-        out = network(torch.from_numpy(x).to(dtype))
+        out = network(inputs.to(dtype) if inputs.is_floating_point() else inputs)
         outputs.append({"out": (function(out) if function else out).detach().numpy()})
     return outputs[0], drift_tolerances(outputs[:1], outputs[1], x.size)
 

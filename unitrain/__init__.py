@@ -26,6 +26,8 @@ _EXPORTS = {
     "resnet18": "layers",
     "EarlyStopping": "controls",
     "Graph": "graph", "Input": "graph",
+    "Embedding": "sequences", "RNN": "sequences", "LSTM": "sequences", "GRU": "sequences", "Conv1d": "sequences",
+    "MaxPool1d": "sequences", "AvgPool1d": "sequences", "AdaptiveAvgPool1d": "sequences",
     "TrainingLoop": "loop",
     "BCEWithLogitsLoss": "losses", "CrossEntropyLoss": "losses", "CustomLoss": "losses",
     "HuberLoss": "losses", "L1Loss": "losses", "MSELoss": "losses", "NLLLoss": "losses",

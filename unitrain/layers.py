@@ -126,7 +126,8 @@ def _initializers(spec: Layer) -> None:
 
 @dataclass(frozen=True)
 class Linear(Layer):
-    """``torch.nn.Linear``: ``x @ weight.T + bias``; ``weight`` is ``(out_features, in_features)``."""
+    """``y = x W^T + b`` over the last axis of input of any rank (``torch.nn.Linear``): per-sample
+    ``(*, in_features)`` gives ``(*, out_features)``; ``weight`` is ``(out_features, in_features)``."""
 
     in_features: int
     out_features: int
@@ -147,11 +148,12 @@ class Linear(Layer):
         return shapes
 
     def output_shape(self, input_shape):
-        if len(input_shape) != 1 or input_shape[0] != self.in_features:
+        # over the last axis of input of any rank, as torch.nn.Linear
+        if len(input_shape) < 1 or input_shape[-1] != self.in_features:
             raise ValueError(
                 f"{self} expects {self.in_features} input features per sample, got per-sample shape {input_shape}"
             )
-        return (self.out_features,)
+        return (*input_shape[:-1], self.out_features)
 
     def fan_in(self):
         return self.in_features

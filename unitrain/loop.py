@@ -18,8 +18,9 @@ backend starts from identical weights) or the framework's own model object
 
 Data: batches are ``(x, y)`` NumPy arrays; ``x`` of shape ``(N, *features)``, in the loop's
 dtype (float32 by default; integer inputs of a native model stay integers, int64: token ids for
-its embedding; a spec model's are converted). The
-dtype of ``y`` says what the targets are, checked against the loss spec
+its embedding; a spec model that starts with an :class:`~unitrain.sequences.Embedding` takes
+integer token ids, all within its table, passed on as int64; a spec model's other inputs are
+converted). The dtype of ``y`` says what the targets are, checked against the loss spec
 (:mod:`unitrain.losses`) and the model's output shape before any framework sees them:
 
 * integer ``y`` of shape ``(N,)``: class indices in ``0..C-1`` (``CrossEntropyLoss``,
@@ -166,6 +167,7 @@ from .losses import BCEWithLogitsLoss, CrossEntropyLoss, CustomLoss, Loss
 from .optim import SGD, Optimizer
 from .optim import momentum as momentum_of
 from .schedules import LRSchedule, check_schedule_length, scheduled_optimizer
+from .sequences import Embedding
 
 #: Capability tags an adapter may declare (checks gated on a missing one are skipped).
 CAPABILITIES = frozenset({
@@ -180,6 +182,8 @@ CAPABILITIES = frozenset({
     "training-controls",
     # unitrain.graph.Graph models (several inputs and outputs, shared layers, tensor operations)
     "graph",
+    # Embedding (integer inputs), RNN/LSTM/GRU, Conv1d and the 1-d pools
+    "sequences",
 })  # fmt: skip
 
 
@@ -279,9 +283,14 @@ class TrainingLoop(ABC):
         self.last_batch_size, self.last_batch_correct = 0, None
         #: a graph's numbers of inputs and outputs (see :mod:`unitrain.graph`); 1 for other models
         self._input_count, self._output_count = graph_batches.check_model(self, model, loss, distributed)
+        #: (path, spec) of the Embedding a spec model starts with: its inputs are token ids
+        self._embedding: tuple[str, Embedding] | None = None
         if isinstance(model, Container):
             check_buildable(model, self.dtype.itemsize)
             self.model_spec: Container | None = model
+            first = next(model.named_layers(), None)
+            if first is not None and isinstance(first[1], Embedding):
+                self._embedding = first
             self._build(model)
             self.load_state_dict(weights_io.init_weights(model, seed))
         elif self.is_native_model(model):
@@ -972,6 +981,8 @@ class TrainingLoop(ABC):
         if self._input_count > 1:
             return graph_batches.check_inputs(self, x)
         x = np.asarray(x)
+        if self._embedding is not None:
+            return self._check_token_ids(x)
         if x.dtype != self.dtype:
             if x.dtype.kind not in "fiu":
                 raise InputError(f"inputs must be numeric, got dtype {x.dtype}")
@@ -984,6 +995,16 @@ class TrainingLoop(ABC):
         if not np.isfinite(x).all():
             raise InputError("inputs contain NaN or infinite values")
         return x
+
+    def _check_token_ids(self, x: np.ndarray) -> np.ndarray:
+        """A model that starts with an Embedding takes integer token ids within its table, passed on as int64."""
+        path, embedding = self._embedding
+        if x.ndim < 2:
+            raise InputError(f"inputs must be a batch of shape (N, ...), got shape {x.shape}")
+        if problem := embedding.ids_problem(x):
+            raise InputError(f"{path}: {problem}")
+        self._output_shape(x.shape[1:])
+        return x.astype(np.int64, copy=False)
 
     def _output_shape(self, sample_shape: tuple[int, ...]) -> tuple[int, ...]:
         return self._facts(sample_shape)[0]

@@ -60,6 +60,9 @@ def _leaf(graph: _Graph, layer: layers.Layer, x: str, path: str, shape: tuple[in
     if isinstance(layer, (layers.Identity, layers.Dropout)):
         return x
     if isinstance(layer, layers.Linear):
+        if len(shape) != 1:  # Gemm multiplies matrices only
+            raise WeightsError(f"{path}: unitrain exports {layer} to ONNX on (N, features) input only, "
+                               f"got per-sample shape {shape}")  # fmt: skip
         inputs = [x, graph.tensor(weight)] + ([graph.tensor(bias)] if layer.bias else [])
         return graph.op("Gemm", inputs, path, transB=1)
     if isinstance(layer, layers.Conv2d):

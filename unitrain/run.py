@@ -67,6 +67,7 @@ from .layers import MODEL_PATTERN, Sequential, check_init, model_from_name
 from .losses import LOSSES
 from .reading import Int, Nullable, Number, OneOf, Optional, Text, check_json, path_problem, read_capped, short
 from .schedules import LRSchedule, check_schedule_length, parse_schedule, scheduled_optimizer
+from .sequences import Embedding
 from .weights import check_state, load_safetensors
 
 #: what a run's targets are (DataSpec.task)
@@ -448,6 +449,7 @@ class Run:
             train, test = load_datasets(spec.dataset, data_dir=spec.data_dir, normalization=spec.normalize,
                                         check_size=self._check_transformed_size)  # fmt: skip
             train, test = spec.static_transforms(train), spec.static_transforms(test)
+        self._check_token_ids(train, test)
         if spec.task == "reconstruction":
             output = self._model_output(train.x.shape[1:])
             if math.prod(output) != math.prod(train.x.shape[1:]):
@@ -514,6 +516,16 @@ class Run:
         if spec.random_crop_padding > max(height, width):
             raise DataError(f"data.random_crop_padding {spec.random_crop_padding} is more than the "
                             f"{height}x{width} samples' size; expected at most {max(height, width)}")  # fmt: skip
+
+    def _check_token_ids(self, *datasets) -> None:
+        """A model that starts with an Embedding takes integer ids within its table: checked here
+        for the whole data, before any framework is imported (the loop checks each batch too)."""
+        path, first = next(self.model_spec().named_layers(), (None, None))
+        if not isinstance(first, Embedding):
+            return
+        for data in datasets:
+            if problem := first.ids_problem(np.asarray(data.x)):
+                raise DataError(f"model {self.model} does not take {self.data.dataset}'s samples: {path}: {problem}")
 
     def _model_output(self, sample_shape: tuple[int, ...]) -> tuple[int, ...]:
         try:

@@ -8,6 +8,7 @@ never unpickles anything.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -21,6 +22,7 @@ from .files import atomic_write
 from .initializers import Initializer, initializer
 from .layers import Container, Conv2d, LayerNorm, Linear, _BatchNorm
 from .reading import path_problem, short, short_list
+from .sequences import Conv1d, Embedding, _Recurrent
 
 State = dict[str, np.ndarray]
 
@@ -38,16 +40,28 @@ def init_weights(model: Container, seed: int) -> State:
     the outermost container's ``init`` does (:func:`initializers_of`). PyTorch's defaults
     (``init="pytorch"``): weight and bias ``~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` with
     ``fan_in = in_channels / groups * kh * kw`` (what ``kaiming_uniform_(a=sqrt(5))`` amounts
-    to). BatchNorm and LayerNorm weight 1, bias 0, running mean 0, running variance 1.
+    to). BatchNorm and LayerNorm weight 1, bias 0, running mean 0, running variance 1. Conv1d
+    as Conv2d's default; Embedding ``~ N(0, 1)`` with the ``padding_idx`` row zeroed; RNN, LSTM
+    and GRU weights and biases ``~ U(-1/sqrt(hidden_size), 1/sqrt(hidden_size))`` (PyTorch's
+    defaults).
     """
     rng = np.random.default_rng(seed)
     state: State = {}
     for name, layer in model.named_layers():
         shapes = layer.param_shapes()
-        if isinstance(layer, (Linear, Conv2d)):
+        if isinstance(layer, Embedding):
+            value = rng.standard_normal(shapes["weight"])
+            if layer.padding_idx is not None:
+                value[layer.padding_idx] = 0
+            state[f"{name}.weight"] = value.astype(np.float32)
+        elif isinstance(layer, (Linear, Conv2d)):
             for key, draw in initializers_of(model, layer).items():
                 if key in shapes:
                     state[f"{name}.{key}"] = draw.draw(rng, shapes[key], layer.fan_in()).astype(np.float32)
+        elif isinstance(layer, (Conv1d, _Recurrent)):
+            bound = 1.0 / math.sqrt(layer.fan_in())
+            for key, shape in shapes.items():
+                state[f"{name}.{key}"] = rng.uniform(-bound, bound, shape).astype(np.float32)
         elif isinstance(layer, (_BatchNorm, LayerNorm)):
             for key, shape in {**shapes, **layer.buffer_shapes()}.items():
                 fill = 1 if key in ("weight", "running_var") else 0

@@ -1,0 +1,238 @@
+"""The NumPy backend's layer base and its sequence layers: Embedding and the recurrent layers (RNN,
+LSTM, GRU) with backpropagation through time written by hand. :mod:`unitrain.backends.numpy`
+imports the base from here (its sequence layers need it too) and runs the nodes like its others.
+
+Recurrent layers compute time-major, ``(T, N, features)``: the input projections of all steps are
+one matrix product, the recurrence a loop over the steps with one ``(N, H) @ (H, G*H)`` product
+each; backward walks the steps in reverse and gathers every weight gradient in one product over
+all steps. The reverse direction is the forward one run on the time-reversed sequence.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from unitrain.randomness import dropout_mask
+from unitrain.sequences import GRU, LSTM
+
+
+class _Layer:
+    """Parameters, gradients and buffers as arrays named like PyTorch's, allocated from the spec.
+    Subclasses define ``forward(x, training, record)`` and ``backward(grad, need_input_grad)``."""
+
+    #: backward reads this layer's output array, so nothing may overwrite it in place
+    keeps_output = False
+    #: forward may return its input (or a view of it) unchanged
+    passes_input = False
+
+    def __init__(self, spec, dtype, rng):
+        self.spec = spec
+        self.params = {key: np.zeros(shape, dtype) for key, shape in spec.param_shapes().items()}
+        self.grads = {key: np.zeros(shape, dtype) for key, shape in spec.param_shapes().items()}
+        self.buffers = {
+            key: np.zeros(shape, np.int64 if key == "num_batches_tracked" else dtype)
+            for key, shape in spec.buffer_shapes().items()
+        }
+
+    @property
+    def has_params(self):
+        return bool(self.params)
+
+
+def _sigmoid(x):
+    """Stable and accurate for either sign: exp of a non-positive number only."""
+    small = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1, small) / (1 + small)
+
+
+class _Embedding(_Layer):
+    """``weight[ids]``; backward adds each position's gradient to its id's row, except at
+    ``padding_idx``. Token ids have no gradient."""
+
+    def forward(self, x, training, record):
+        if record:
+            self.ids = x
+        return self.params["weight"][x]
+
+    def backward(self, grad, need_input_grad):
+        ids, rows = self.ids.reshape(-1), grad.reshape(-1, grad.shape[-1])
+        if self.spec.padding_idx is not None:
+            kept = ids != self.spec.padding_idx
+            ids, rows = ids[kept], rows[kept]
+        np.add.at(self.grads["weight"], ids, rows)
+        return None
+
+
+class _Direction:
+    """One layer's one direction: the recurrence over time-major input, and its backward."""
+
+    def __init__(self, spec, params, grads, suffix):
+        self.kind = "lstm" if isinstance(spec, LSTM) else "gru" if isinstance(spec, GRU) else spec.nonlinearity
+        self.w_ih, self.w_hh = params[f"weight_ih{suffix}"], params[f"weight_hh{suffix}"]
+        self.b_ih, self.b_hh = params.get(f"bias_ih{suffix}"), params.get(f"bias_hh{suffix}")
+        self.g_ih, self.g_hh = grads[f"weight_ih{suffix}"], grads[f"weight_hh{suffix}"]
+        self.gb_ih, self.gb_hh = grads.get(f"bias_ih{suffix}"), grads.get(f"bias_hh{suffix}")
+
+    def forward(self, x, h, c, record):
+        """``x`` (T, N, I), states (N, H); returns every step's h (T, N, H), the last h and c."""
+        hidden = self.w_hh.shape[1]
+        projected = x @ self.w_ih.T  # every step's input projection at once
+        if self.b_ih is not None:
+            projected += self.b_ih
+        outputs = np.empty((len(x), *h.shape), h.dtype)
+        steps = []  # what backward needs, per step
+        for t, step_in in enumerate(projected):
+            recurrent = h @ self.w_hh.T
+            if self.b_hh is not None:
+                recurrent += self.b_hh
+            if self.kind == "lstm":
+                gates = step_in + recurrent
+                i, f, o = (_sigmoid(gates[:, k * hidden : (k + 1) * hidden]) for k in (0, 1, 3))
+                g = np.tanh(gates[:, 2 * hidden : 3 * hidden])
+                c_prev, c = c, f * c + i * g
+                tanh_c = np.tanh(c)
+                saved = (h, c_prev, i, f, g, o, tanh_c)
+                h = o * tanh_c
+            elif self.kind == "gru":
+                r = _sigmoid(step_in[:, :hidden] + recurrent[:, :hidden])
+                z = _sigmoid(step_in[:, hidden : 2 * hidden] + recurrent[:, hidden : 2 * hidden])
+                recurrent_n = recurrent[:, 2 * hidden :]
+                n = np.tanh(step_in[:, 2 * hidden :] + r * recurrent_n)
+                saved = (h, r, z, n, recurrent_n)
+                h = (1 - z) * n + z * h
+            else:
+                pre = step_in + recurrent
+                h_prev, h = h, np.tanh(pre) if self.kind == "tanh" else np.maximum(pre, 0)
+                saved = (h_prev, h)
+            outputs[t] = h
+            if record:
+                steps.append(saved)
+        if record:
+            self.x, self.steps = x, steps
+        return outputs, h, c
+
+    def backward(self, grad_out, grad_h, grad_c):
+        """``grad_out`` (T, N, H) and the final states' gradients; adds the weight gradients and
+        returns those of ``x`` and of the initial states."""
+        hidden = self.w_hh.shape[1]
+        steps = len(grad_out)
+        gates_in = np.empty((steps, grad_out.shape[1], self.w_ih.shape[0]), grad_out.dtype)
+        gates_hidden = gates_in if self.kind != "gru" else np.empty_like(gates_in)
+        previous = np.empty_like(grad_out)  # h_{t-1} of every step, for the recurrent weights' gradient
+        for t in range(steps - 1, -1, -1):
+            grad = grad_out[t] + grad_h
+            saved = self.steps[t]
+            if self.kind == "lstm":
+                h_prev, c_prev, i, f, g, o, tanh_c = saved
+                grad_c = grad_c + grad * o * (1 - tanh_c * tanh_c)
+                block = gates_in[t]
+                block[:, :hidden] = grad_c * g * i * (1 - i)
+                block[:, hidden : 2 * hidden] = grad_c * c_prev * f * (1 - f)
+                block[:, 2 * hidden : 3 * hidden] = grad_c * i * (1 - g * g)
+                block[:, 3 * hidden :] = grad * tanh_c * o * (1 - o)
+                grad_c = grad_c * f
+                grad_h = block @ self.w_hh
+            elif self.kind == "gru":
+                h_prev, r, z, n, recurrent_n = saved
+                grad_n = grad * (1 - z) * (1 - n * n)
+                grad_r = grad_n * recurrent_n * r * (1 - r)
+                grad_z = grad * (h_prev - n) * z * (1 - z)
+                gates_in[t, :, :hidden], gates_in[t, :, hidden : 2 * hidden] = grad_r, grad_z
+                gates_in[t, :, 2 * hidden :] = grad_n
+                gates_hidden[t, :, : 2 * hidden] = gates_in[t, :, : 2 * hidden]
+                gates_hidden[t, :, 2 * hidden :] = grad_n * r
+                grad_h = grad * z + gates_hidden[t] @ self.w_hh
+            else:
+                h_prev, h = saved
+                gates_in[t] = grad * (1 - h * h) if self.kind == "tanh" else grad * (h > 0)
+                grad_h = gates_in[t] @ self.w_hh
+            previous[t] = h_prev
+        flat_in = gates_in.reshape(-1, gates_in.shape[-1])
+        flat_hidden = gates_hidden.reshape(-1, gates_in.shape[-1])
+        self.g_ih += flat_in.T @ self.x.reshape(-1, self.x.shape[-1])
+        self.g_hh += flat_hidden.T @ previous.reshape(-1, hidden)
+        if self.gb_ih is not None:
+            self.gb_ih += flat_in.sum(0)
+            self.gb_hh += flat_hidden.sum(0)
+        return gates_in @ self.w_ih, grad_h, grad_c
+
+
+class _Recurrent(_Layer):
+    """RNN, LSTM and GRU: layers of one or two :class:`_Direction` s, dropout between layers in
+    training (masks from the loop's stream, shaped like the layer's output as the loop sees it)."""
+
+    def __init__(self, spec, dtype, rng):
+        super().__init__(spec, dtype, rng)
+        self.rng = rng
+        suffixes = ("", "_reverse")[: spec.directions]
+        self.layers = [
+            [_Direction(spec, self.params, self.grads, f"_l{k}{suffix}") for suffix in suffixes]
+            for k in range(spec.num_layers)
+        ]
+
+    def forward(self, x, training, record):
+        return self.run(x, None, None, training, record)[0]
+
+    def run(self, x, h0, c0, training, record):
+        """``(output, h_n, c_n)`` (``c_n`` None but for LSTM) from input and initial states (None: zeros),
+        in the spec's layouts."""
+        spec = self.spec
+        if spec.batch_first:
+            x = x.swapaxes(0, 1)
+        shape = spec.state_shape(x.shape[1])
+        h0 = np.zeros(shape, x.dtype) if h0 is None else h0
+        c0 = np.zeros(shape, x.dtype) if c0 is None and isinstance(spec, LSTM) else c0
+        h_n, c_n, masks = [], [], []
+        for k, directions in enumerate(self.layers):
+            outputs = []
+            for d, direction in enumerate(directions):
+                index = k * len(directions) + d
+                sequence = x if d == 0 else x[::-1]
+                c_start = None if c0 is None else c0[index]
+                out, h, c = direction.forward(sequence, h0[index], c_start, record)
+                outputs.append(out if d == 0 else out[::-1])
+                h_n.append(h)
+                c_n.append(c)
+            x = outputs[0] if len(outputs) == 1 else np.concatenate(outputs, -1)
+            mask = None
+            if training and spec.dropout and k < spec.num_layers - 1:
+                facing = x.swapaxes(0, 1) if spec.batch_first else x
+                mask = dropout_mask(self.rng, facing.shape, spec.dropout, x.dtype)
+                x = x * (mask.swapaxes(0, 1) if spec.batch_first else mask)
+            masks.append(mask)
+        if record:
+            self.masks = masks
+        output = x.swapaxes(0, 1) if spec.batch_first else x
+        return output, np.stack(h_n), None if c0 is None else np.stack(c_n)
+
+    def backward(self, grad, need_input_grad):
+        grad_x = self.backward_states(grad, None, None)[0]
+        return grad_x if need_input_grad else None
+
+    def backward_states(self, grad_output, grad_h_n, grad_c_n):
+        """Gradients of input, ``h_0`` and ``c_0`` (None but for LSTM) from those of the outputs
+        (None: zeros); adds the weight gradients."""
+        spec = self.spec
+        grad = grad_output.swapaxes(0, 1) if spec.batch_first else grad_output
+        shape = spec.state_shape(grad.shape[1])
+        grad_h_n = np.zeros(shape, grad.dtype) if grad_h_n is None else grad_h_n
+        lstm = isinstance(spec, LSTM)
+        grad_c_n = np.zeros(shape, grad.dtype) if grad_c_n is None and lstm else grad_c_n
+        grad_h0, grad_c0 = np.empty_like(grad_h_n), None if grad_c_n is None else np.empty_like(grad_c_n)
+        hidden = spec.hidden_size
+        for k in range(len(self.layers) - 1, -1, -1):
+            directions = self.layers[k]
+            if self.masks[k] is not None:
+                grad = grad * (self.masks[k].swapaxes(0, 1) if spec.batch_first else self.masks[k])
+            grad_x = 0
+            for d, direction in enumerate(directions):
+                index = k * len(directions) + d
+                part = grad[..., d * hidden : (d + 1) * hidden]
+                part = part if d == 0 else part[::-1]
+                grad_c = None if grad_c_n is None else grad_c_n[index]
+                grad_in, grad_h0[index], c = direction.backward(part, grad_h_n[index], grad_c)
+                if grad_c0 is not None:
+                    grad_c0[index] = c
+                grad_x = grad_x + (grad_in if d == 0 else grad_in[::-1])
+            grad = grad_x
+        return (grad.swapaxes(0, 1) if spec.batch_first else grad), grad_h0, grad_c0
