@@ -77,11 +77,13 @@ equivalent PyTorch model's ``state_dict()``: each leaf's dotted path (``1.weight
 BatchNorm adds ``running_mean``, ``running_var``, ``num_batches_tracked``. ``load_state_dict``
 accepts exactly those keys and shapes. ``save_weights`` / ``load_weights`` are safetensors files.
 
-Optimizer: the update equations are PyTorch's on every backend (see :mod:`unitrain.optim`).
+Optimizer: the update equations are PyTorch's on every backend (see :mod:`unitrain.optim`), or
+another framework's where the spec says so (``Adam(eps_placement=...)``, ``SGD(lr_in_velocity=...)``).
 ``optimizer_state_dict()`` returns ``{"step": int64 scalar, "<param>.<buffer>": array}`` with
-``<buffer>`` in the spec's ``state_names`` (PyTorch's: ``momentum_buffer``; ``exp_avg``,
-``exp_avg_sq``; ``square_avg``, ``momentum_buffer``, ``grad_avg``; ``sum``; ``square_avg``,
-``acc_delta``); buffers not created yet are absent (Adagrad's ``sum`` too, until the first step).
+``<buffer>`` in the spec's ``state_names`` (PyTorch's: ``momentum_buffer``, or ``velocity`` with
+``lr_in_velocity``; ``exp_avg``, ``exp_avg_sq``; ``square_avg``, ``momentum_buffer``, ``grad_avg``;
+``sum``; ``square_avg``, ``acc_delta``); buffers not created yet are absent (Adagrad's ``sum`` too,
+until the first step).
 
 Learning rate: ``loop.lr`` is the lr the next update uses; it starts as ``optimizer.lr``, and
 ``set_lr(lr)`` changes it on the live loop (no rebuilding; MindSpore feeds it into its compiled

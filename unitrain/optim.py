@@ -1,4 +1,4 @@
-"""Optimizer specs and their update equations, which are PyTorch's on every backend.
+"""Optimizer specs and their update equations: PyTorch's, or another framework's where a spec says so.
 
 The math lives once, in :func:`sgd_update`, :func:`adam_update`, :func:`rmsprop_update`,
 :func:`adagrad_update` and :func:`adadelta_update` (:func:`optimizer_update` picks one): plain functions over any
