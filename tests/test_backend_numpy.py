@@ -372,7 +372,7 @@ def test_float64_trains_end_to_end(mnist_train):
 
 def test_native_models_are_refused():
     assert "native-model" not in NumpyLoop.capabilities
-    with pytest.raises(TypeError, match="native numpy model"):
+    with pytest.raises(TypeError, match=r"a torch model: train it with make_loop\('torch', model\)"):
         NumpyLoop(torch.nn.Linear(2, 2))
 
 
