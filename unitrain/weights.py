@@ -19,7 +19,7 @@ import safetensors.numpy
 from safetensors import SafetensorError, safe_open
 
 from .files import atomic_write
-from .layers import Container, Conv2d, LayerNorm, Linear, _BatchNorm
+from .layers import Container, Conv2d, ConvTranspose2d, LayerNorm, Linear, _BatchNorm
 from .reading import path_problem, short, short_list
 
 State = dict[str, np.ndarray]
@@ -36,7 +36,8 @@ def init_weights(model: Container, seed: int) -> State:
     ``state_dict`` order, weight before bias, then rounded to float32. PyTorch's defaults
     (``init="pytorch"``): Linear and Conv2d weight and bias ``~ U(-1/sqrt(fan_in),
     1/sqrt(fan_in))`` with ``fan_in = in_channels / groups * kh * kw`` (what
-    ``kaiming_uniform_(a=sqrt(5))`` amounts to); BatchNorm and LayerNorm weight 1, bias 0,
+    ``kaiming_uniform_(a=sqrt(5))`` amounts to), the same for ConvTranspose2d with PyTorch's
+    ``fan_in = out_channels / groups * kh * kw`` (its weight's dimension 1); BatchNorm and LayerNorm weight 1, bias 0,
     running mean 0, running variance 1. ``init="resnet"`` (torchvision's ResNet) changes
     only Conv2d weights: ``~ N(0, 2 / fan_out)`` with ``fan_out = out_channels * kh * kw``
     (``kaiming_normal_(mode="fan_out", nonlinearity="relu")``).
@@ -46,7 +47,7 @@ def init_weights(model: Container, seed: int) -> State:
     state: State = {}
     for name, layer in model.named_layers():
         shapes = layer.param_shapes()
-        if isinstance(layer, (Linear, Conv2d)):
+        if isinstance(layer, (Linear, Conv2d, ConvTranspose2d)):
             bound = 1.0 / math.sqrt(layer.fan_in())
             for key, shape in shapes.items():
                 if resnet and isinstance(layer, Conv2d) and key == "weight":
