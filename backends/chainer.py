@@ -312,7 +312,8 @@ class _BinaryCrossEntropy(chainer.FunctionNode):
         p, t = inputs
         self.coefficient = (p - t) / np.maximum((1 - p) * p, p.dtype.type(losses.BCE_GRAD_EPSILON))
         floor = p.dtype.type(losses.BCE_LOG_FLOOR)
-        return ((t - 1) * np.maximum(np.log1p(-p), floor) - t * np.maximum(np.log(p), floor),)
+        with np.errstate(divide="ignore"):  # log(0) is -inf, floored just below
+            return ((t - 1) * np.maximum(np.log1p(-p), floor) - t * np.maximum(np.log(p), floor),)
 
     def backward(self, indexes, grad_outputs):
         return grad_outputs[0] * self.coefficient, None

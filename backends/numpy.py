@@ -848,7 +848,8 @@ def _elementwise_terms(spec, pred, y):
     if isinstance(spec, BCELoss):
         # PyTorch's forward, logs floored at -100, and its gradient, finite at 0 and 1
         floor = pred.dtype.type(BCE_LOG_FLOOR)
-        terms = (y - 1) * np.maximum(np.log1p(-pred), floor) - y * np.maximum(np.log(pred), floor)
+        with np.errstate(divide="ignore"):  # log(0) is -inf, floored right here
+            terms = (y - 1) * np.maximum(np.log1p(-pred), floor) - y * np.maximum(np.log(pred), floor)
         return terms, lambda s: (pred - y) / np.maximum((1 - pred) * pred, pred.dtype.type(BCE_GRAD_EPSILON)) * s
     diff = pred - y
     if isinstance(spec, MSELoss):

@@ -21,6 +21,7 @@ from unitrain import layers
 from unitrain.data import ArrayDataset, load_mnist
 from unitrain.loop import CAPABILITIES, TrainingLoop
 from unitrain.losses import (
+    BCELoss,
     BCEWithLogitsLoss,
     CrossEntropyLoss,
     CustomLoss,
@@ -1098,6 +1099,10 @@ def _longest_sum(model, input_shape, n: int) -> int:
         batch_shape = (n, *shapes[path])
         if isinstance(layer, (layers.Linear, layers.Conv2d)):
             sizes.append(layer.fan_in())
+        elif isinstance(layer, layers.ConvTranspose2d):  # an output adds input channels x kernel taps at most
+            sizes.append(layer.in_channels // layer.groups * math.prod(layer.kernel_size))
+        elif isinstance(layer, layers.Upsample):  # bilinear: two neighbours along each axis
+            sizes.append(4)
         elif isinstance(layer, (layers.MaxPool2d, layers.AvgPool2d)):
             sizes.append(math.prod(layer.kernel_size))
         elif isinstance(layer, layers.AdaptiveAvgPool2d):  # a bin spans at most ceil(size / out) + 1 rows
@@ -1336,6 +1341,48 @@ def check_losses_new(adapter):
         expected, _ = reference.loss(spec, pred, target)
         compare(f"{spec} with {kind} targets: loss", loop.to_float(loop.loss(loop.forward(pred), target)), expected,
                 dtype=loop.dtype, size=LOSS_TERMS)  # fmt: skip
+
+
+@check("conv", "pooling")
+def check_transposed_conv_and_upsample(adapter):
+    """ConvTranspose2d (stride, padding, output_padding below and beyond the stride, groups, dilation,
+    no bias), Upsample (nearest and bilinear, by size and by integer and fractional scale factors,
+    align_corners) and Flatten(start_dim, end_dim) match the reference."""
+    cases = (
+        layers.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1),
+        layers.ConvTranspose2d(4, 4, (3, 2), (2, 1), (1, 0), (1, 0), groups=2, bias=False, dilation=(1, 2)),
+        layers.ConvTranspose2d(4, 2, 3, output_padding=1, dilation=2),
+        layers.Upsample(scale_factor=2),
+        layers.Upsample(scale_factor=(1.7, 0.6)),
+        layers.Upsample(size=(9, 7), mode="bilinear"),
+        layers.Upsample(scale_factor=(1.5, 2), mode="bilinear"),
+        layers.Upsample(scale_factor=1.7, mode="bilinear", align_corners=True),
+    )
+    for layer in cases:
+        _layer_case(adapter, repr(layer), _between_convs(layer), (2, 6, 5))
+    flatten = layers.Flatten(1, 2)
+    model = layers.Sequential(layers.Conv2d(2, 4, 3, padding=1), flatten, layers.Flatten(), layers.Linear(120, 3))
+    _layer_case(adapter, repr(flatten), model, (2, 6, 5))
+
+
+@check("losses")
+def check_bce_loss(adapter):
+    """BCELoss on probabilities, with mean and sum reduction, soft and hard targets, including
+    predictions of exactly 0 and 1 (logarithms floored at -100, PyTorch's finite gradient there):
+    values, gradients and evaluate() match the formula."""
+    rng = np.random.default_rng(9)
+    pred = rng.uniform(0.02, 0.98, (8, 5)).astype(np.float32)
+    pred[0, :2], pred[1, 3] = (0.0, 1.0), 1.0
+    for spec, target in (
+        (BCELoss(), _targets("unit")),
+        (BCELoss(reduction="sum"), (rng.uniform(0, 1, (8, 5)) > 0.5).astype(np.float32)),
+    ):
+        what = f"{spec} on probabilities"
+        loop, _ = _loss_and_gradients(adapter, spec, pred, target, what)
+        if spec.reduction == "mean":
+            per_element = reference.loss_terms(spec, pred, target)[0].mean()
+            compare(f"{what}: evaluate()['loss']", loop.evaluate((pred, target))["loss"], per_element,
+                    dtype=loop.dtype, size=LOSS_TERMS)  # fmt: skip
 
 
 @check("custom-loss")

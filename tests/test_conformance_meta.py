@@ -15,6 +15,7 @@ from unitrain.backends.numpy import LossValue, NumpyLoop, _loss_terms
 from unitrain.conformance import CHECKS, run_check, run_checks
 
 from unitrain.loop import TrainingLoop
+from unitrain.losses import BCELoss
 from unitrain.optim import Adagrad, Adam, RMSprop, momentum
 
 
@@ -302,7 +303,7 @@ def test_chainer_style_momentum_also_fails_on_its_buffer_convention():
 
 def test_the_intact_backend_passes_every_check_the_broken_ones_fail():
     intact = type("NumpyLoop", (NumpyLoop,), {"capabilities": _BrokenTree.capabilities})
-    for check in {check for _, check in (*CAUGHT, *CAUGHT_ISSUE8)}:
+    for check in {check for _, check in (*CAUGHT, *CAUGHT_ISSUE8, *CAUGHT_RESAMPLING)}:
         assert run_check(intact, check).status == "pass", check
 
 
@@ -442,4 +443,103 @@ CAUGHT_ISSUE8 = {
 def test_a_broken_graph_or_layer_is_caught_by_the_right_check(adapter, check):
     message, result = failure(adapter, check)
     assert message == CAUGHT_ISSUE8[adapter, check]
+    assert result.max_error > result.tolerance
+
+
+# --- broken resampling layers and BCELoss -----------------------------------------------------------
+
+
+class _ConvTransposePaddingTheOutput(numpy_backend._ConvTranspose2d):
+    """``output_padding`` as zero rows and columns added to the finished output (MindSpore's
+    ``nn.Conv2dTranspose``), instead of rows of the uncut transpose."""
+
+    def forward(self, x, training, record):
+        spec, self.spec = self.spec, dataclasses.replace(self.spec, output_padding=(0, 0))
+        try:
+            out = super().forward(x, training, record)
+        finally:
+            self.spec = spec
+        (eh, ew) = spec.output_padding
+        return np.pad(out, ((0, 0), (0, 0), (0, eh), (0, ew)))
+
+    def backward(self, grad, need_input_grad):
+        (eh, ew), (h, w) = self.spec.output_padding, grad.shape[2:]
+        spec, self.spec = self.spec, dataclasses.replace(self.spec, output_padding=(0, 0))
+        try:
+            return super().backward(np.ascontiguousarray(grad[:, :, : h - eh, : w - ew]), need_input_grad)
+        finally:
+            self.spec = spec
+
+
+class ConvTransposePadsTheOutput(_BrokenTree):
+    def breaks(self, node):
+        if isinstance(node, numpy_backend._ConvTranspose2d):
+            node.__class__ = _ConvTransposePaddingTheOutput
+
+
+class BilinearFlipsAlignCorners(_BrokenTree):
+    def breaks(self, node):
+        if isinstance(node, numpy_backend._Upsample) and node.spec.mode == "bilinear":
+            node.spec = dataclasses.replace(node.spec, align_corners=not node.spec.align_corners)
+
+
+class _UpsampleScaledBySizes(numpy_backend._Upsample):
+    """A scale factor's output size, but indices scaled by input over output size (Chainer's
+    ``resize_images``, MindSpore's ``interpolate``), not by ``1 / scale_factor``."""
+
+    def forward(self, x, training, record):
+        spec = self.spec
+        size = spec.output_shape(x.shape[1:])[1:]
+        self.spec = dataclasses.replace(spec, size=size, scale_factor=None)
+        try:
+            return super().forward(x, training, record)
+        finally:
+            self.spec = spec
+
+
+class UpsampleScaledBySizes(_BrokenTree):
+    def breaks(self, node):
+        if isinstance(node, numpy_backend._Upsample):
+            node.__class__ = _UpsampleScaledBySizes
+
+
+class BCEFloorsProbabilities(NumpyLoop):
+    """BCELoss with ``p`` and ``1 - p`` floored at 1e-12 inside the logarithms (MindSpore's ``nn.BCELoss``)
+    rather than the logarithms floored at -100."""
+
+    def _loss(self, pred, y):
+        if not isinstance(self.loss_spec, BCELoss):
+            return super()._loss(pred, y)
+        eps = self.dtype.type(1e-12)
+        terms = -(y * np.log(np.maximum(pred, eps)) + (1 - y) * np.log(np.maximum(1 - pred, eps)))
+        scale = 1 / terms.size if self.loss_spec.reduction == "mean" else 1
+
+        def grad():
+            return (pred - y) / np.maximum(pred * (1 - pred), 1e-12) * scale
+
+        return LossValue(self.dtype.type(terms.sum() * scale), grad, self._forward_id)
+
+
+CAUGHT_RESAMPLING = {
+    (ConvTransposePadsTheOutput, "check_transposed_conv_and_upsample"):
+        "ConvTranspose2d(in_channels=4, out_channels=6, kernel_size=(3, 3), stride=(2, 2), padding=(1, 1), "
+        "output_padding=(1, 1), groups=1, bias=True, dilation=(1, 1)): predict(): expected -0.114592, got 0.101105 "
+        "at index (1, 0); max error 0.216 > tolerance 0.000687",
+    (BilinearFlipsAlignCorners, "check_transposed_conv_and_upsample"):
+        "Upsample(size=(9, 7), scale_factor=None, mode='bilinear', align_corners=None): predict(): "
+        "expected 0.0439594, got -0.0420457 at index (6, 0); max error 0.086 > tolerance 0.00024",
+    (UpsampleScaledBySizes, "check_transposed_conv_and_upsample"):
+        "Upsample(size=None, scale_factor=(1.7, 0.6), mode='nearest', align_corners=None): predict(): "
+        "expected -0.281551, got 0.11237 at index (0, 1); max error 0.394 > tolerance 0.000114",
+    # the predictions of exactly 0 and 1 cost 27.6 each instead of 100
+    (BCEFloorsProbabilities, "check_bce_loss"):
+        "BCELoss(reduction='mean') on probabilities: loss: expected 3.30245, got 1.6184; "
+        "max error 1.68 > tolerance 0.000126",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("adapter", "check"), CAUGHT_RESAMPLING, ids=[a.__name__ for a, _ in CAUGHT_RESAMPLING])
+def test_a_broken_resampling_layer_or_bce_is_caught_by_the_right_check(adapter, check):
+    message, result = failure(adapter, check)
+    assert message == CAUGHT_RESAMPLING[adapter, check]
     assert result.max_error > result.tolerance
