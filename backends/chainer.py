@@ -8,8 +8,9 @@ What is special about Chainer:
   (``layer2/0/downsample/0/W`` is ``layer2.0.downsample.0.weight``). A name Chain already uses as an
   attribute (``forward``, ``params``) gets a trailing ``_`` in Chainer only.
 * What Chainer lacks is written from its primitives with PyTorch's equations: exact GELU (``F.erf``),
-  SiLU, adaptive average pooling, label smoothing and probability targets of the cross-entropy,
-  BCE with float targets, and tie-splitting ``maximum``/``minimum`` for ``CustomLoss``.
+  SiLU, adaptive average pooling, upsampling other than nearest doubling, label smoothing and
+  probability targets of the cross-entropy, BCE with float targets and on probabilities, and
+  tie-splitting ``maximum``/``minimum`` for ``CustomLoss``.
 
 * Training vs. eval is not model state but ``chainer.config.train``; the loop sets it around every
   call. ``predict`` / ``evaluate`` also turn off ``enable_backprop``.
@@ -56,6 +57,7 @@ from unitrain import expr, layers, losses, sequences
 from unitrain.loop import TrainingLoop
 from unitrain.optim import clip_grad_norm_scale, initial_buffer_value, optimizer_update, starts_as_gradient
 from unitrain.randomness import dropout_mask, dropout_stream, set_stream_state, stream_state
+from unitrain.upsampling import interpolation_matrix
 
 #: PyTorch's state names -> Chainer's attribute names
 _LINK_NAMES = {"weight": "W", "bias": "b"}
@@ -100,8 +102,9 @@ class _Dropout:
         return F.dropout(x, self.p, mask=dropout_mask(self.rng, x.shape, self.p, x.dtype))
 
 
-def _flatten(x):
-    return F.reshape(x, (x.shape[0], -1))
+def _flatten(x, spec: layers.Flatten):
+    start, end = spec.flattened_dims(x.ndim)
+    return F.reshape(x, (*x.shape[:start], -1, *x.shape[end + 1 :]))
 
 
 def _identity(x):
@@ -164,6 +167,46 @@ def _avg_pool_1d(spec: sequences.AvgPool1d):
     )
 
 
+class _ConvTranspose2d(L.Deconvolution2D):
+    """``L.Deconvolution2D`` (same weight layout as PyTorch) with the output size PyTorch's
+    ``output_padding`` picks, set per input size. Chainer accepts an output size only where a
+    strided convolution of it gives the input back (``output_padding < stride``); otherwise the
+    full unpadded deconvolution gets ``output_padding`` zero rows and columns, and the padding is
+    cut off, which is PyTorch's definition."""
+
+    def __init__(self, spec: layers.ConvTranspose2d, dtype: np.dtype):
+        zero = chainer.initializers.Zero(dtype)  # init_weights is loaded right after
+        super().__init__(spec.in_channels, spec.out_channels, spec.kernel_size, spec.stride, spec.padding,
+                         nobias=not spec.bias, initialW=zero, initial_bias=zero, dilate=spec.dilation,
+                         groups=spec.groups)  # fmt: skip
+        self.spec = spec
+
+    def forward(self, x):
+        spec = self.spec
+        out_size = spec.output_shape(x.shape[1:])[1:]
+        if all(extra < step for extra, step in zip(spec.output_padding, spec.stride, strict=True)):
+            self.outsize = out_size
+            return super().forward(x)
+        full = F.deconvolution_2d(x, self.W, None, spec.stride, 0, dilate=spec.dilation, groups=spec.groups)
+        (oh, ow), (ph, pw), (eh, ew) = out_size, spec.padding, spec.output_padding
+        y = F.pad(full, ((0, 0), (0, 0), (0, eh), (0, ew)), "constant")[:, :, ph : ph + oh, pw : pw + ow]
+        return y if self.b is None else F.bias(y, self.b)
+
+
+def _upsample(x, spec: layers.Upsample):
+    """Nearest doubling: ``F.unpooling_2d`` (PyTorch's ``i >> 1``). Otherwise PyTorch's index rules as
+    each axis' interpolation matrix applied with ``F.linear``: Chainer's ``resize_images`` takes
+    float32 only, uses ``size / out`` where PyTorch uses ``1 / scale_factor``, and its index code calls
+    ``numpy.float``, which NumPy 1.24 removed."""
+    (h, w), (oh, ow) = x.shape[2:], spec.output_shape(x.shape[1:])[1:]
+    if spec.mode == "nearest" and (oh, ow) == (2 * h, 2 * w):
+        return F.unpooling_2d(x, 2, cover_all=False)
+    rows = interpolation_matrix(spec, 0, h, oh, x.dtype)
+    cols = interpolation_matrix(spec, 1, w, ow, x.dtype)
+    y = F.linear(x, cols, n_batch_axes=3)  # (N, C, H, OW)
+    return F.swapaxes(F.linear(F.swapaxes(y, 2, 3), rows, n_batch_axes=3), 2, 3)
+
+
 #: Leaves without state: the native function each spec becomes.
 _FUNCTIONS = {
     layers.Identity: lambda spec: _identity,
@@ -176,7 +219,8 @@ _FUNCTIONS = {
     layers.ELU: lambda spec: functools.partial(F.elu, alpha=spec.alpha),
     layers.Softmax: lambda spec: functools.partial(F.softmax, axis=spec.dim),
     layers.LogSoftmax: lambda spec: functools.partial(F.log_softmax, axis=spec.dim),
-    layers.Flatten: lambda spec: _flatten,
+    layers.Flatten: lambda spec: functools.partial(_flatten, spec=spec),
+    layers.Upsample: lambda spec: functools.partial(_upsample, spec=spec),
     layers.MaxPool2d: _max_pool,
     layers.AvgPool2d: _avg_pool,
     layers.AdaptiveAvgPool2d: lambda spec: functools.partial(_adaptive_avg_pool, output_size=spec.output_size),
@@ -372,6 +416,22 @@ def _bce_with_logits(spec, logits, y):
     return (1 - y) * logits + F.softplus(-logits)
 
 
+class _BinaryCrossEntropy(chainer.FunctionNode):
+    """PyTorch's BCELoss per element (Chainer's losses take logits): ``(t - 1) * max(log1p(-p), -100)
+    - t * max(log(p), -100)``, and PyTorch's gradient ``(p - t) / max(p * (1 - p), 1e-12)``, finite where
+    a clamped logarithm's derivative is not."""
+
+    def forward(self, inputs):
+        p, t = inputs
+        self.coefficient = (p - t) / np.maximum((1 - p) * p, p.dtype.type(losses.BCE_GRAD_EPSILON))
+        floor = p.dtype.type(losses.BCE_LOG_FLOOR)
+        with np.errstate(divide="ignore"):  # log(0) is -inf, floored just below
+            return ((t - 1) * np.maximum(np.log1p(-p), floor) - t * np.maximum(np.log(p), floor),)
+
+    def backward(self, indexes, grad_outputs):
+        return grad_outputs[0] * self.coefficient, None
+
+
 def _smooth_l1(spec, pred, y):
     """PyTorch's ``SmoothL1Loss(beta)`` is ``HuberLoss(delta=beta) / beta``; ``beta=0`` is L1."""
     if spec.beta == 0:
@@ -385,6 +445,7 @@ _LOSS_TERMS = {
     losses.NLLLoss: lambda spec, logp, y: -F.select_item(logp, y.astype(np.int32)),
     losses.MSELoss: lambda spec, pred, y: F.squared_error(pred, y),
     losses.BCEWithLogitsLoss: _bce_with_logits,
+    losses.BCELoss: lambda spec, p, y: _BinaryCrossEntropy().apply((p, y))[0],
     losses.L1Loss: lambda spec, pred, y: F.absolute_error(pred, y),
     losses.SmoothL1Loss: _smooth_l1,
     losses.HuberLoss: lambda spec, pred, y: F.huber_loss(pred, y, spec.delta, reduce="no"),
@@ -549,7 +610,9 @@ class ChainerLoop(TrainingLoop):
         layer = self._leaf(spec)
         if isinstance(layer, chainer.Link):
             names = (
-                _LINK_NAMES if isinstance(layer, (L.Linear, L.Convolution2D, L.ConvolutionND, L.EmbedID)) else _BN_NAMES
+                _LINK_NAMES
+                if isinstance(layer, (L.Linear, L.Convolution2D, L.ConvolutionND, L.EmbedID, L.Deconvolution2D))
+                else _BN_NAMES
             )
             for key in {**spec.param_shapes(), **spec.buffer_shapes()}:
                 # a recurrent layer's parameters carry PyTorch's names already
@@ -580,6 +643,8 @@ class ChainerLoop(TrainingLoop):
             return _Embedding(spec, self.dtype)
         if isinstance(spec, sequences._Recurrent):
             return _Recurrent(spec, self.dtype, self._rng)
+        if isinstance(spec, layers.ConvTranspose2d):
+            return _ConvTranspose2d(spec, self.dtype)
         if isinstance(spec, layers._BatchNorm):
             return _BatchNorm(spec, self.dtype)
         if isinstance(spec, layers.LayerNorm):

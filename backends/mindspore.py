@@ -45,6 +45,9 @@ from unitrain import expr, layers, sequences
 from unitrain.loop import TrainingLoop
 from unitrain.loss_value import LossExpression
 from unitrain.losses import (
+    BCE_GRAD_EPSILON,
+    BCE_LOG_FLOOR,
+    BCELoss,
     BCEWithLogitsLoss,
     CrossEntropyLoss,
     CustomLoss,
@@ -187,12 +190,125 @@ def _pool(spec) -> nn.Cell:
     return kind(spec.kernel_size, spec.stride, pad_mode="pad", padding=spec.padding, **extra)
 
 
+class _ConvTranspose2d(nn.Cell):
+    """PyTorch's ConvTranspose2d through ``ops.Conv2DTranspose`` (the input gradient of a convolution;
+    weight ``(in, out // groups, kh, kw)`` as PyTorch's), told the output size PyTorch's
+    ``output_padding`` picks. ``nn.Conv2dTranspose`` instead pads the finished output with zeros
+    (after the bias), which is PyTorch's result only without padding. The primitive needs an output
+    size a strided convolution maps back onto the input: with ``output_padding < stride`` that is
+    PyTorch's size; otherwise ``output_padding`` comes off the bottom (right) padding, where it
+    cancels PyTorch's extra rows (columns). Beyond the padding, those rows receive nothing but zeros:
+    the full unpadded transpose gets ``output_padding`` zero rows and columns (concatenated: with
+    ``ops.pad`` there, the compiled step's gradients were wrong from the second step on, MindSpore 2.10
+    CPU) and the padding is cut."""
+
+    def __init__(self, spec: layers.ConvTranspose2d):
+        super().__init__()
+        self.out_channels, self.stride = spec.out_channels, spec.stride
+        self.weight = Parameter(ops.zeros(spec.param_shapes()["weight"], ms.float32), name="weight")
+        self.bias = Parameter(ops.zeros((spec.out_channels,), ms.float32), name="bias") if spec.bias else None
+        below_stride = all(extra < step for extra, step in zip(spec.output_padding, spec.stride, strict=True))
+        within_padding = all(extra <= pad for extra, pad in zip(spec.output_padding, spec.padding, strict=True))
+        self.direct = below_stride or within_padding
+        # output size per axis: (size - 1) * stride + growth
+        self.growth = tuple(
+            d * (k - 1) + 1 + extra - 2 * pad
+            for d, k, extra, pad in zip(spec.dilation, spec.kernel_size, spec.output_padding, spec.padding, strict=True)
+        )
+        self.padding, self.output_padding = spec.padding, spec.output_padding
+        (ph, pw), (eh, ew) = spec.padding, spec.output_padding
+        pad = (ph, ph, pw, pw) if below_stride else (ph, ph - eh, pw, pw - ew) if within_padding else (0, 0, 0, 0)
+        self.transpose = ops.Conv2DTranspose(
+            out_channel=spec.in_channels, kernel_size=spec.kernel_size, mode=1, pad_mode="pad", pad=pad,
+            stride=spec.stride, dilation=spec.dilation, group=spec.groups,
+        )  # fmt: skip
+
+    def construct(self, x):
+        n, _, h, w = x.shape
+        oh, ow = (h - 1) * self.stride[0] + self.growth[0], (w - 1) * self.stride[1] + self.growth[1]
+        if self.direct:
+            y = self.transpose(x, self.weight, (n, self.out_channels, oh, ow))
+        else:
+            (ph, pw), (eh, ew) = self.padding, self.output_padding
+            y = self.transpose(x, self.weight, (n, self.out_channels, oh + 2 * ph - eh, ow + 2 * pw - ew))
+            rows = ops.concat((y, ops.zeros((n, self.out_channels, eh, y.shape[3]), y.dtype)), 2)
+            y = ops.concat((rows, ops.zeros((n, self.out_channels, rows.shape[2], ew), y.dtype)), 3)
+            y = y[:, :, ph : ph + oh, pw : pw + ow]
+        return y if self.bias is None else ops.bias_add(y, self.bias)
+
+
+class _Upsample(nn.Cell):
+    """``ops.interpolate`` with the output size where its index scale is PyTorch's: a given size,
+    integer scale factors or ``align_corners`` (scales from the sizes alone). A fractional scale
+    factor, for which PyTorch uses ``1 / scale_factor`` rather than input over output size, gathers
+    PyTorch's source rows and columns (:mod:`unitrain.upsampling`) with float32 index arithmetic, as
+    ATen's kernels do."""
+
+    def __init__(self, spec: layers.Upsample):
+        super().__init__()
+        self.size, self.factors, self.mode = spec.size, spec.scale_factor, spec.mode
+        self.align_corners = bool(spec.align_corners) if spec.mode == "bilinear" else None
+        self.native = self.size is not None or self.align_corners or all(f.is_integer() for f in self.factors)
+        if not self.native:
+            # rounded here by NumPy: a graph's own float constants are rounded toward zero to float32
+            self.scales = tuple(Tensor(np.float32(1.0 / factor)) for factor in spec.scale_factor)
+
+    def construct(self, x):
+        h, w = x.shape[2], x.shape[3]
+        if self.size is None:  # floor(size * factor), positive
+            oh, ow = int(h * self.factors[0]), int(w * self.factors[1])
+        else:
+            oh, ow = self.size
+        if self.native:
+            return ops.interpolate(x, size=(oh, ow), mode=self.mode, align_corners=self.align_corners)
+        return self._along(self._along(x, 2, h, oh, self.scales[0]), 3, w, ow, self.scales[1])
+
+    def _along(self, x, axis, size, out, scale):
+        positions = ops.arange(out).astype(ms.float32)
+        if self.mode == "nearest":
+            return ops.gather(x, ops.minimum(ops.floor(positions * scale).astype(ms.int32), size - 1), axis)
+        source = ops.relu((positions + 0.5) * scale - 0.5)
+        first = ops.floor(source)
+        weight = ops.clamp(source - first, 0.0, 1.0)
+        first = first.astype(ms.int32)
+        second = ops.minimum(first + 1, size - 1)
+        if axis == 2:
+            weight = weight.reshape((-1, 1))
+        return ops.gather(x, first, axis) * (1 - weight) + ops.gather(x, second, axis) * weight
+
+
+class _BinaryCrossEntropy(nn.Cell):
+    """PyTorch's BCELoss per element, ``(t - 1) * max(log1p(-p), -100) - t * max(log(p), -100)`` (in
+    float64, see :func:`_in_float64`), with PyTorch's gradient ``(p - t) / max(p * (1 - p), 1e-12)`` as
+    the Cell's ``bprop``: the clamped logarithms' own derivatives are infinite at 0 and 1, where it is
+    finite. (``nn.BCELoss`` floors ``p`` at 1e-12 instead of the logarithms at -100.)"""
+
+    def construct(self, p, t):
+        p64, t64 = p.astype(ms.float64), t.astype(ms.float64)
+        terms = (t64 - 1) * ops.maximum(ops.log1p(-p64), BCE_LOG_FLOOR) - t64 * ops.maximum(ops.log(p64), BCE_LOG_FLOOR)
+        return terms.astype(p.dtype)
+
+    def bprop(self, p, t, out, dout):
+        return dout * (p - t) / ops.maximum((1 - p) * p, BCE_GRAD_EPSILON), ops.zeros_like(t)
+
+
+class _BCELoss(nn.Cell):
+    def __init__(self, reduction: str):
+        super().__init__()
+        self.terms, self.reduction = _BinaryCrossEntropy(), reduction
+
+    def construct(self, p, t):
+        terms = self.terms(p, t)
+        return terms.mean() if self.reduction == "mean" else terms.sum()
+
+
 #: leaves without weights: spec type -> native cell
 _PLAIN_LEAVES = {
     layers.Identity: lambda spec: nn.Identity(),
     layers.ReLU: lambda spec: nn.ReLU(),
     layers.LeakyReLU: lambda spec: nn.LeakyReLU(spec.negative_slope),
-    layers.Flatten: lambda spec: nn.Flatten(),
+    layers.Flatten: lambda spec: nn.Flatten(spec.start_dim, spec.end_dim),
+    layers.Upsample: lambda spec: _Upsample(spec),
     layers.MaxPool2d: _pool,
     layers.AvgPool2d: _pool,
     layers.AdaptiveAvgPool2d: lambda spec: nn.AdaptiveAvgPool2d(spec.output_size),
@@ -250,6 +366,8 @@ class _Builder:
             return cell, {"weight": cell.weight, "bias": cell.bias} if spec.elementwise_affine else {}
         if isinstance(spec, layers.Linear):
             cell = nn.Dense(spec.in_features, spec.out_features, "zeros", "zeros", has_bias=spec.bias)
+        elif isinstance(spec, layers.ConvTranspose2d):
+            cell = _ConvTranspose2d(spec)
         elif isinstance(spec, layers.Conv2d):
             # PyTorch pads explicitly, (top, bottom, left, right) in MindSpore's "pad" mode.
             (ph, pw) = spec.padding
@@ -373,6 +491,8 @@ def _loss_function(spec: Loss, reduction: str):
         return nn.SmoothL1Loss(spec.beta, reduction) if spec.beta > 0 else nn.L1Loss(reduction)
     if isinstance(spec, HuberLoss):
         return nn.HuberLoss(reduction, spec.delta)
+    if isinstance(spec, BCELoss):
+        return _BCELoss(reduction)
     native = {NLLLoss: nn.NLLLoss, MSELoss: nn.MSELoss, L1Loss: nn.L1Loss, BCEWithLogitsLoss: nn.BCEWithLogitsLoss}
     return native[type(spec)](reduction=reduction)
 

@@ -32,6 +32,7 @@ from unitrain.layers import (
     BatchNorm1d,
     BatchNorm2d,
     Conv2d,
+    ConvTranspose2d,
     Dropout,
     Flatten,
     Identity,
@@ -47,10 +48,14 @@ from unitrain.layers import (
     SiLU,
     Softmax,
     Tanh,
+    Upsample,
 )
 from unitrain.loop import InputError, TrainingLoop
 from unitrain.loss_value import LossExpression
 from unitrain.losses import (
+    BCE_GRAD_EPSILON,
+    BCE_LOG_FLOOR,
+    BCELoss,
     BCEWithLogitsLoss,
     CustomLoss,
     HuberLoss,
@@ -63,6 +68,7 @@ from unitrain.losses import (
 from unitrain.optim import clip_grad_norm_scale, initial_buffer_value, optimizer_update, starts_as_gradient
 from unitrain.randomness import dropout_mask, dropout_stream, set_stream_state, stream_state
 from unitrain.sequences import GRU, LSTM, RNN, AdaptiveAvgPool1d, AvgPool1d, Conv1d, Embedding, MaxPool1d
+from unitrain.upsampling import interpolation_matrix
 
 from . import numpy_graph
 
@@ -185,6 +191,51 @@ class _Conv2d(_Layer):
         return _unpad(grad_x, spec.padding)
 
 
+class _ConvTranspose2d(_Layer):
+    """The transpose of ``_Conv2d``: forward is its col2im (each input pixel's kernel, weighted per
+    group by the ``(in/groups, out/groups*kh*kw)`` weight matrix, added onto the padded output at
+    ``stride`` steps, then ``padding`` cut off), backward its im2col (the strided views of the
+    padded output gradient, one per kernel offset, give the input and weight gradients)."""
+
+    def __init__(self, spec, dtype, rng):
+        super().__init__(spec, dtype, rng)
+        shape = (spec.groups, spec.in_channels // spec.groups, -1)
+        self.matrix = self.params["weight"].reshape(shape)
+        self.grad_matrix = self.grads["weight"].reshape(shape)
+
+    def forward(self, x, training, record):
+        spec = self.spec
+        n, _, h, w = x.shape
+        (kh, kw), (ph, pw) = spec.kernel_size, spec.padding
+        rows = x.reshape(n, spec.groups, -1, h * w)
+        cols = (self.matrix.transpose(0, 2, 1) @ rows).reshape(n, -1, kh, kw, h, w)
+        oh, ow = spec.output_shape(x.shape[1:])[1:]
+        padded = np.zeros((n, spec.out_channels, oh + 2 * ph, ow + 2 * pw), x.dtype)
+        for offset, target in enumerate(_window_slices(padded, spec.kernel_size, spec.stride, (h, w), spec.dilation)):
+            target += cols[:, :, offset // kw, offset % kw]
+        out = _unpad(padded, spec.padding)
+        if "bias" in self.params:
+            out += self.params["bias"][:, None, None]
+        if record:
+            self.rows, self.input_size = rows, (h, w)
+        return out
+
+    def backward(self, grad, need_input_grad):
+        spec = self.spec
+        n, (h, w) = len(grad), self.input_size
+        if "bias" in self.grads:
+            self.grads["bias"] += grad.sum((0, 2, 3))
+        (kh, kw), (dh, dw), (sh, sw) = spec.kernel_size, spec.dilation, spec.stride
+        span = ((kh - 1) * dh + 1, (kw - 1) * dw + 1)
+        windows = sliding_window_view(_pad(grad, spec.padding), span, axis=(2, 3))[:, :, ::sh, ::sw, ::dh, ::dw]
+        cols = windows[:, :, :h, :w].transpose(0, 1, 4, 5, 2, 3).reshape(n, spec.groups, -1, h * w)
+        cols = np.ascontiguousarray(cols)  # BLAS refuses the strided view
+        self.grad_matrix += (self.rows @ cols.transpose(0, 1, 3, 2)).sum(0)
+        if not need_input_grad:
+            return None
+        return (self.matrix @ cols).reshape(n, -1, h, w)
+
+
 class _MaxPool2d(_Layer):
     """Max over the kh*kw strided slices of the (-inf padded) input, one per window offset;
     ``argmax`` keeps the first maximal offset per window (PyTorch's tie rule), and backward
@@ -288,6 +339,22 @@ class _AdaptiveAvgPool2d(_Layer):
         if self.spec.output_size == (1, 1):
             h, w = self.input_shape[2:]
             return np.broadcast_to(grad / (h * w), self.input_shape).copy()
+        return self.rows.T @ grad @ self.cols
+
+
+class _Upsample(_Layer):
+    """Separable: ``rows @ x @ cols.T`` with each axis' interpolation matrix (PyTorch's index
+    rules, :mod:`unitrain.upsampling`), whose transposes give the input gradient."""
+
+    def forward(self, x, training, record):
+        (h, w), (oh, ow) = x.shape[2:], self.spec.output_shape(x.shape[1:])[1:]
+        rows = interpolation_matrix(self.spec, 0, h, oh, x.dtype)
+        cols = interpolation_matrix(self.spec, 1, w, ow, x.dtype)
+        if record:
+            self.rows, self.cols = rows, cols
+        return rows @ x @ cols.T
+
+    def backward(self, grad, need_input_grad):
         return self.rows.T @ grad @ self.cols
 
 
@@ -584,7 +651,8 @@ class _Flatten(_Layer):
     def forward(self, x, training, record):
         if record:
             self.input_shape = x.shape
-        return x.reshape(len(x), -1)
+        start, end = self.spec.flattened_dims(x.ndim)
+        return x.reshape(*x.shape[:start], -1, *x.shape[end + 1 :])
 
     def backward(self, grad, need_input_grad):
         return grad.reshape(self.input_shape)
@@ -641,9 +709,11 @@ _LAYERS = {
     AdaptiveAvgPool1d: _Through2d,
     Linear: _Linear,
     Conv2d: _Conv2d,
+    ConvTranspose2d: _ConvTranspose2d,
     MaxPool2d: _MaxPool2d,
     AvgPool2d: _AvgPool2d,
     AdaptiveAvgPool2d: _AdaptiveAvgPool2d,
+    Upsample: _Upsample,
     BatchNorm1d: _BatchNorm,
     BatchNorm2d: _BatchNorm,
     LayerNorm: _LayerNorm,
@@ -788,6 +858,12 @@ def _elementwise_terms(spec, pred, y):
     if isinstance(spec, BCEWithLogitsLoss):
         # max(p, 0) - p*t + log(1 + exp(-|p|)); gradient sigmoid(p) - t
         return np.maximum(pred, 0) - pred * y + np.log1p(np.exp(-np.abs(pred))), lambda s: (_sigmoid(pred) - y) * s
+    if isinstance(spec, BCELoss):
+        # PyTorch's forward, logs floored at -100, and its gradient, finite at 0 and 1
+        floor = pred.dtype.type(BCE_LOG_FLOOR)
+        with np.errstate(divide="ignore"):  # log(0) is -inf, floored right here
+            terms = (y - 1) * np.maximum(np.log1p(-pred), floor) - y * np.maximum(np.log(pred), floor)
+        return terms, lambda s: (pred - y) / np.maximum((1 - pred) * pred, pred.dtype.type(BCE_GRAD_EPSILON)) * s
     diff = pred - y
     if isinstance(spec, MSELoss):
         return diff * diff, lambda scale: diff * (2 * scale)
@@ -802,7 +878,7 @@ def _elementwise_terms(spec, pred, y):
     return terms, lambda scale: np.where(inside, diff, width * np.sign(diff)) * (scale / divisor)
 
 
-_ELEMENTWISE_LOSSES = (MSELoss, L1Loss, BCEWithLogitsLoss, SmoothL1Loss, HuberLoss)
+_ELEMENTWISE_LOSSES = (MSELoss, L1Loss, BCEWithLogitsLoss, BCELoss, SmoothL1Loss, HuberLoss)
 
 
 def _loss_terms(spec, pred, y):

@@ -42,14 +42,16 @@ _DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.floa
 _PLAIN_LEAVES = (
     layers.Identity, layers.ReLU, layers.Tanh, layers.Sigmoid, layers.GELU, layers.LeakyReLU, layers.SiLU,
     layers.ELU, layers.Softmax, layers.LogSoftmax, layers.Flatten, layers.Dropout, layers.MaxPool2d,
-    layers.AvgPool2d, layers.AdaptiveAvgPool2d, sequences.MaxPool1d, sequences.AvgPool1d, sequences.AdaptiveAvgPool1d,
+    layers.AvgPool2d, layers.AdaptiveAvgPool2d, layers.Upsample, sequences.MaxPool1d, sequences.AvgPool1d,
+    sequences.AdaptiveAvgPool1d,
 )  # fmt: skip
 
 #: The built-in loss specs' ``torch.nn.functional`` twins; each spec's fields (``reduction``,
 #: ``label_smoothing``, ``beta``, ``delta``) are the function's keyword arguments, name for name.
 _FUNCTIONAL_LOSSES = {
     losses.CrossEntropyLoss: F.cross_entropy, losses.NLLLoss: F.nll_loss, losses.MSELoss: F.mse_loss,
-    losses.BCEWithLogitsLoss: F.binary_cross_entropy_with_logits, losses.L1Loss: F.l1_loss,
+    losses.BCEWithLogitsLoss: F.binary_cross_entropy_with_logits, losses.BCELoss: F.binary_cross_entropy,
+    losses.L1Loss: F.l1_loss,
     losses.SmoothL1Loss: F.smooth_l1_loss, losses.HuberLoss: F.huber_loss,
 }  # fmt: skip
 
@@ -129,6 +131,12 @@ def _module(spec: layers.Layer, dtype: torch.dtype) -> nn.Module:
             nn.Conv2d if isinstance(spec, layers.Conv2d) else nn.Conv1d, spec.in_channels, spec.out_channels,
             spec.kernel_size, stride=spec.stride, padding=spec.padding, dilation=spec.dilation, groups=spec.groups,
             bias=spec.bias, dtype=dtype,
+        )  # fmt: skip
+    if isinstance(spec, layers.ConvTranspose2d):
+        return skip_init(
+            nn.ConvTranspose2d, spec.in_channels, spec.out_channels, spec.kernel_size, stride=spec.stride,
+            padding=spec.padding, output_padding=spec.output_padding, groups=spec.groups, bias=spec.bias,
+            dilation=spec.dilation, dtype=dtype,
         )  # fmt: skip
     if isinstance(spec, layers._BatchNorm):
         cls = nn.BatchNorm1d if isinstance(spec, layers.BatchNorm1d) else nn.BatchNorm2d

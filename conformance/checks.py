@@ -21,6 +21,7 @@ from unitrain import layers, sequences
 from unitrain.data import ArrayDataset, load_mnist
 from unitrain.loop import CAPABILITIES, TrainingLoop
 from unitrain.losses import (
+    BCELoss,
     BCEWithLogitsLoss,
     CrossEntropyLoss,
     CustomLoss,
@@ -1239,6 +1240,10 @@ def _longest_sum(model, input_shape, n: int) -> int:
         batch_shape = (n, *shapes[path])
         if isinstance(layer, (layers.Linear, layers.Conv2d)):
             sizes.append(layer.fan_in())
+        elif isinstance(layer, layers.ConvTranspose2d):  # an output adds input channels x kernel taps at most
+            sizes.append(layer.in_channels // layer.groups * math.prod(layer.kernel_size))
+        elif isinstance(layer, layers.Upsample):  # bilinear: two neighbours along each axis
+            sizes.append(4)
         elif isinstance(layer, (layers.MaxPool2d, layers.AvgPool2d)):
             sizes.append(math.prod(layer.kernel_size))
         elif isinstance(layer, layers.AdaptiveAvgPool2d):  # a bin spans at most ceil(size / out) + 1 rows
@@ -1517,6 +1522,45 @@ def check_losses_new(adapter):
         expected, _ = reference.loss(spec, pred, target)
         compare(f"{spec} with {kind} targets: loss", loop.to_float(loop.loss(loop.forward(pred), target)), expected,
                 dtype=loop.dtype, size=LOSS_TERMS)  # fmt: skip
+
+
+@check("conv", "pooling")
+def check_transposed_conv_and_upsample(adapter):
+    """ConvTranspose2d (stride, padding, output_padding below and beyond the stride, groups, dilation,
+    no bias), Upsample (nearest and bilinear, by size and by integer and fractional scale factors,
+    align_corners) and Flatten(start_dim, end_dim) match the reference; three layers per model keep
+    the number of models small."""
+    cases = (
+        (layers.ConvTranspose2d(4, 4, 3, stride=2, padding=1, output_padding=1),  # -> 12x10
+         layers.Upsample(scale_factor=(1.7, 0.6)), layers.Upsample(size=(9, 7), mode="bilinear")),
+        (layers.ConvTranspose2d(4, 4, (3, 2), (2, 1), (1, 0), (1, 0), groups=2, bias=False, dilation=(1, 2)),
+         layers.Upsample(scale_factor=2), layers.Upsample(scale_factor=(1.5, 0.5), mode="bilinear")),
+        (layers.ConvTranspose2d(4, 4, 3, output_padding=1, dilation=2),
+         layers.Upsample(scale_factor=0.7, mode="bilinear", align_corners=True), layers.Flatten(1, 2)),
+    )  # fmt: skip
+    for middle in cases:
+        what = " then ".join(map(repr, middle))
+        _layer_case(adapter, what, _between_convs(*middle), (2, 6, 5))
+
+
+@check("losses")
+def check_bce_loss(adapter):
+    """BCELoss on probabilities, with mean and sum reduction, soft and hard targets, including
+    predictions of exactly 0 and 1 (logarithms floored at -100, PyTorch's finite gradient there):
+    values, gradients and evaluate() match the formula."""
+    rng = np.random.default_rng(9)
+    pred = rng.uniform(0.02, 0.98, (8, 5)).astype(np.float32)
+    pred[0, :2], pred[1, 3] = (0.0, 1.0), 1.0
+    for spec, target in (
+        (BCELoss(), _targets("unit")),
+        (BCELoss(reduction="sum"), (rng.uniform(0, 1, (8, 5)) > 0.5).astype(np.float32)),
+    ):
+        what = f"{spec} on probabilities"
+        loop, _ = _loss_and_gradients(adapter, spec, pred, target, what)
+        if spec.reduction == "mean":
+            per_element = reference.loss_terms(spec, pred, target)[0].mean()
+            compare(f"{what}: evaluate()['loss']", loop.evaluate((pred, target))["loss"], per_element,
+                    dtype=loop.dtype, size=LOSS_TERMS)  # fmt: skip
 
 
 @check("custom-loss")

@@ -92,8 +92,14 @@ class Reference:
             return avg_pool2d(x, layer.kernel_size, layer.stride, layer.padding, layer.count_include_pad)
         if isinstance(layer, layers.AdaptiveAvgPool2d):
             return adaptive_avg_pool2d(x, layer.output_size)
+        if isinstance(layer, layers.ConvTranspose2d):
+            return conv_transpose2d(x, p["weight"], p.get("bias"), layer)
+        if isinstance(layer, layers.Upsample):
+            rows, cols = upsample_matrices(layer, x.shape[2:])
+            return np.einsum("ih,nchw,jw->ncij", rows, x, cols)
         if isinstance(layer, layers.Flatten):
-            return x.reshape(len(x), -1)
+            start, end = (dim % x.ndim for dim in (layer.start_dim, layer.end_dim))
+            return x.reshape(*x.shape[:start], -1, *x.shape[end + 1 :])
         if isinstance(layer, layers.Dropout):
             return x * self.masks[name] / (1 - layer.p) if self.training and layer.p > 0 else x
         if isinstance(layer, layers._BatchNorm):
@@ -182,6 +188,14 @@ class Reference:
             return avg_pool2d_backward(x, grad, layer.kernel_size, layer.stride, layer.padding, layer.count_include_pad)
         if isinstance(layer, layers.AdaptiveAvgPool2d):
             return adaptive_avg_pool2d_backward(x, grad, layer.output_size)
+        if isinstance(layer, layers.ConvTranspose2d):
+            grad_x, self.grads[f"{name}.weight"], bias_grad = conv_transpose2d_backward(x, p["weight"], grad, layer)
+            if layer.bias:
+                self.grads[f"{name}.bias"] = bias_grad
+            return grad_x
+        if isinstance(layer, layers.Upsample):
+            rows, cols = upsample_matrices(layer, x.shape[2:])
+            return np.einsum("ih,ncij,jw->nchw", rows, grad, cols)
         if isinstance(layer, layers.Flatten):
             return grad.reshape(x.shape)
         if isinstance(layer, layers.Dropout):
@@ -281,6 +295,73 @@ def conv2d_backward(x, weight, grad, stride=(1, 1), padding=(0, 0), dilation=(1,
             grad_padded[:, c, rows, cols] += np.einsum("nohw,oc->nchw", grad[:, o], weight[o, :, a, b])
     (ph, pw), (h, w) = padding, xp.shape[2:]
     return grad_padded[:, :, ph : h - ph, pw : w - pw], grad_weight, grad.sum((0, 2, 3))
+
+
+def _transposed_offsets(layer, input_size):
+    """For each kernel offset ``(a, b)``: the rows and columns of the *padded* output (PyTorch's output
+    plus ``padding`` on each side) that input pixel ``(i, j)`` adds ``w[.., a, b]`` times itself to,
+    ``i * stride + a * dilation``, over every input position."""
+    return _offsets(layer.kernel_size, layer.dilation, layer.stride, input_size)
+
+
+def conv_transpose2d(x, weight, bias, layer):
+    """``torch.nn.ConvTranspose2d``: ``out_pad[n, g*O/G + o, i*sh + a*dh, j*sw + b*dw] += x[n, g*C/G + c, i, j]
+    * w[g*C/G + c, o, a, b]``, then ``padding`` rows and columns cut from each side of ``out_pad``, whose
+    size is ``(size - 1) * stride + dilation * (k - 1) + 1 + output_padding`` (the last rows only zeros)."""
+    channels_in, group_out = weight.shape[:2]
+    group_in = channels_in // layer.groups
+    (ph, pw), (oh, ow) = layer.padding, layer.output_shape(x.shape[1:])[1:]
+    padded = np.zeros((len(x), group_out * layer.groups, oh + 2 * ph, ow + 2 * pw))
+    for g in range(layer.groups):
+        c, o = slice(g * group_in, (g + 1) * group_in), slice(g * group_out, (g + 1) * group_out)
+        for a, b, rows, cols in _transposed_offsets(layer, x.shape[2:]):
+            padded[:, o, rows, cols] += np.einsum("nchw,co->nohw", x[:, c], weight[c, :, a, b])
+    out = padded[:, :, ph : ph + oh, pw : pw + ow]
+    return out if bias is None else out + bias[None, :, None, None]
+
+
+def conv_transpose2d_backward(x, weight, grad, layer):
+    """``(grad_x, grad_weight, grad_bias)`` of :func:`conv_transpose2d`: the output gradient, padded back,
+    read at the positions each input pixel wrote to."""
+    channels_in, group_out = weight.shape[:2]
+    group_in = channels_in // layer.groups
+    grad_padded = _pad(grad, layer.padding)
+    grad_x, grad_weight = np.zeros_like(x), np.zeros_like(weight)
+    for g in range(layer.groups):
+        c, o = slice(g * group_in, (g + 1) * group_in), slice(g * group_out, (g + 1) * group_out)
+        for a, b, rows, cols in _transposed_offsets(layer, x.shape[2:]):
+            grad_x[:, c] += np.einsum("nohw,co->nchw", grad_padded[:, o, rows, cols], weight[c, :, a, b])
+            grad_weight[c, :, a, b] = np.einsum("nchw,nohw->co", x[:, c], grad_padded[:, o, rows, cols])
+    return grad_x, grad_weight, grad.sum((0, 2, 3))
+
+
+def upsample_matrices(layer, input_size):
+    """Per axis, the ``(out, size)`` matrix of ``torch.nn.Upsample``'s weights. Output ``i`` reads source
+    position ``src = i * scale`` (nearest, and bilinear with ``align_corners``) or ``(i + 0.5) * scale -
+    0.5`` floored at 0 (bilinear), ``scale`` being ``(size - 1) / (out - 1)`` with ``align_corners``,
+    else ``1 / scale_factor`` when one was given, else ``size / out``. Nearest takes element
+    ``min(floor(src), size - 1)``, its index computed in float32 as ATen does; bilinear weighs
+    ``floor(src)`` and the next element (the last one repeated) by ``1 - frac`` and ``frac``."""
+    matrices = []
+    for axis, (size, out) in enumerate(zip(input_size, layer.output_shape((1, *input_size))[1:], strict=True)):
+        if layer.align_corners:
+            scale = (size - 1) / (out - 1) if out > 1 else 0.0
+        elif layer.scale_factor is not None:
+            scale = 1.0 / layer.scale_factor[axis]
+        else:
+            scale = size / out
+        matrix = np.zeros((out, size))
+        for i in range(out):
+            if layer.mode == "nearest":
+                matrix[i, min(math.floor(np.float32(i) * np.float32(scale)), size - 1)] = 1.0
+                continue
+            source = i * scale if layer.align_corners else max((i + 0.5) * scale - 0.5, 0.0)
+            low = math.floor(source)
+            frac = min(max(source - low, 0.0), 1.0)
+            matrix[i, low] += 1 - frac
+            matrix[i, min(low + 1, size - 1)] += frac
+        matrices.append(matrix)
+    return matrices
 
 
 def _windows(padded_shape, kernel, stride):
@@ -464,6 +545,12 @@ def loss_terms(spec, pred: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, 
     if kind == "BCEWithLogitsLoss":
         t = target.astype(F64)
         return np.maximum(pred, 0) - pred * t + np.log1p(np.exp(-np.abs(pred))), 1 / (1 + np.exp(-pred)) - t
+    if kind == "BCELoss":
+        # PyTorch floors both logarithms at -100; its gradient floors p * (1 - p) at ATen's float 1e-12
+        t = target.astype(F64)
+        with np.errstate(divide="ignore"):
+            terms = -(t * np.maximum(np.log(pred), -100.0) + (1 - t) * np.maximum(np.log1p(-pred), -100.0))
+        return terms, (pred - t) / np.maximum(pred * (1 - pred), float(np.float32(1e-12)))
     if kind == "SmoothL1Loss":
         beta = spec.beta
         if beta == 0:

@@ -471,6 +471,27 @@ LEAVES = {
     "elu": (ut.ELU(alpha=0.5), nn.ELU(alpha=0.5)),
     "softmax_channels": (ut.Softmax(dim=1), nn.Softmax(dim=1)),
     "log_softmax_last": (ut.LogSoftmax(dim=-1), nn.LogSoftmax(dim=-1)),
+    "conv_transpose_output_padding": (
+        ut.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1),
+        nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1),
+    ),
+    "conv_transpose_grouped_dilated_nobias": (
+        ut.ConvTranspose2d(4, 6, (3, 2), (2, 1), (1, 0), (1, 0), groups=2, bias=False, dilation=(1, 2)),
+        nn.ConvTranspose2d(4, 6, (3, 2), (2, 1), (1, 0), (1, 0), groups=2, bias=False, dilation=(1, 2)),
+    ),
+    # output_padding >= stride: no strided convolution maps the output back, Chainer's outsize refuses it
+    "conv_transpose_output_padding_beyond_stride": (
+        ut.ConvTranspose2d(4, 4, 3, padding=2, output_padding=1, dilation=2),
+        nn.ConvTranspose2d(4, 4, 3, padding=2, output_padding=1, dilation=2),
+    ),
+    "upsample_nearest_double": (ut.Upsample(scale_factor=2), nn.Upsample(scale_factor=2)),
+    "upsample_nearest_fractional": (ut.Upsample(scale_factor=(1.7, 0.6)), nn.Upsample(scale_factor=(1.7, 0.6))),
+    "upsample_bilinear": (ut.Upsample(scale_factor=2, mode="bilinear"), nn.Upsample(scale_factor=2, mode="bilinear")),
+    "upsample_bilinear_align_corners": (
+        ut.Upsample(size=(9, 12), mode="bilinear", align_corners=True),
+        nn.Upsample(size=(9, 12), mode="bilinear", align_corners=True),
+    ),
+    "flatten_channels_rows": (ut.Flatten(1, 2), nn.Flatten(1, 2)),
 }
 
 
@@ -605,7 +626,11 @@ LOSSES = {
     "smooth_l1": (ut.SmoothL1Loss(beta=0.5), lambda p, y: TF.smooth_l1_loss(p, y, beta=0.5), "real"),
     "smooth_l1_beta0": (ut.SmoothL1Loss(beta=0.0), lambda p, y: TF.smooth_l1_loss(p, y, beta=0.0), "real"),
     "huber_sum": (ut.HuberLoss("sum", delta=2.0), lambda p, y: TF.huber_loss(p, y, reduction="sum", delta=2.0), "real"),
+    "bce": (ut.BCELoss(), TF.binary_cross_entropy, "unit"),
+    "bce_sum": (ut.BCELoss("sum"), lambda p, y: TF.binary_cross_entropy(p, y, reduction="sum"), "unit"),
 }  # fmt: skip
+#: what a loss needs after the Linear layer: log-probabilities for NLLLoss, probabilities for BCELoss
+HEADS = {ut.NLLLoss: ([ut.LogSoftmax(dim=1)], [nn.LogSoftmax(dim=1)]), ut.BCELoss: ([ut.Sigmoid()], [nn.Sigmoid()])}
 
 
 @pytest.mark.parametrize("name", LOSSES)
@@ -613,9 +638,8 @@ def test_new_loss_matches_torch(name):
     """The loss value and one SGD-momentum step from the same weights (targets reach both sides of
     SmoothL1's beta and Huber's delta)."""
     loss, torch_loss, kind = LOSSES[name]
-    head = [ut.LogSoftmax(dim=1)] if isinstance(loss, ut.NLLLoss) else []
+    head, twin_head = HEADS.get(type(loss), ([], []))
     spec = ut.Sequential(ut.Linear(12, 5), *head)
-    twin_head = [nn.LogSoftmax(dim=1)] if head else []
     twin = load_state(nn.Sequential(nn.Linear(12, 5), *twin_head), ut.init_weights(spec, 0))
     loop = ChainerLoop(spec, loss, SGD_MOMENTUM[0])
     x, y = regression_batch(kind)

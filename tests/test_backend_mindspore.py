@@ -329,7 +329,38 @@ def residual_tree():
     return spec, twin, (2, 8, 8)
 
 
-@pytest.mark.parametrize("model", [vector_leaves, conv_leaves, pool_leaves, residual_tree])
+def resampling_leaves():
+    """ConvTranspose2d (output_padding below and beyond the stride, groups, dilation, no bias), Upsample
+    (nearest and bilinear; by a size, integer and fractional scale factors; align_corners) and
+    Flatten(start_dim, end_dim)."""
+    return (
+        ut.Sequential(
+            ut.Conv2d(2, 4, 3, padding=1), ut.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1),
+            ut.Upsample(scale_factor=(1.7, 0.6)), ut.Conv2d(6, 4, 3, stride=2),  # -> 4x11x3
+            ut.Upsample(size=(9, 12), mode="bilinear", align_corners=True),
+            ut.ConvTranspose2d(4, 4, (3, 2), (2, 1), (1, 0), (1, 0), groups=2, bias=False, dilation=(1, 2)),
+            ut.Upsample(scale_factor=1.5, mode="bilinear"), ut.Conv2d(4, 2, 3, stride=3),  # -> 2x9x7
+            ut.ConvTranspose2d(2, 2, 3, padding=2, output_padding=1, dilation=2),  # output_padding >= stride
+            ut.ConvTranspose2d(2, 2, 3, output_padding=1, dilation=2), ut.Upsample(scale_factor=2),  # ... > padding
+            ut.Upsample(scale_factor=(1.5, 0.5), mode="bilinear", align_corners=True), ut.Upsample(scale_factor=0.5),
+            ut.Flatten(1, 2), ut.Flatten(), ut.Linear(44 * 6, 3),
+        ),
+        nn.Sequential(
+            nn.Conv2d(2, 4, 3, padding=1), nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1),
+            nn.Upsample(scale_factor=(1.7, 0.6)), nn.Conv2d(6, 4, 3, stride=2),
+            nn.Upsample(size=(9, 12), mode="bilinear", align_corners=True),
+            nn.ConvTranspose2d(4, 4, (3, 2), (2, 1), (1, 0), (1, 0), groups=2, bias=False, dilation=(1, 2)),
+            nn.Upsample(scale_factor=1.5, mode="bilinear"), nn.Conv2d(4, 2, 3, stride=3),
+            nn.ConvTranspose2d(2, 2, 3, padding=2, output_padding=1, dilation=2),
+            nn.ConvTranspose2d(2, 2, 3, output_padding=1, dilation=2), nn.Upsample(scale_factor=2),
+            nn.Upsample(scale_factor=(1.5, 0.5), mode="bilinear", align_corners=True), nn.Upsample(scale_factor=0.5),
+            nn.Flatten(1, 2), nn.Flatten(), nn.Linear(44 * 6, 3),
+        ),
+        (2, 7, 7),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("model", [vector_leaves, conv_leaves, pool_leaves, residual_tree, resampling_leaves])
 def test_new_leaves_and_branches_train_like_torch(model):
     """Every new leaf, grouped into four models (one MindSpore compilation each): eval outputs, then
     two SGD-momentum steps (BatchNorm in training mode) from the same weights, against torch.nn."""
@@ -359,6 +390,9 @@ LOSS_CASES = {
     "nll_after_logsoftmax": (ut.NLLLoss(), np.array([1, 1, 0, 4, 2, 3]), lambda p, t: F.nll_loss(p.log_softmax(1), t)),
     "bce_with_logits": (ut.BCEWithLogitsLoss(), (REGRESSION > 0).astype(np.float32),
                         F.binary_cross_entropy_with_logits),
+    "bce": (ut.BCELoss(), (REGRESSION > 0).astype(np.float32), lambda p, t: F.binary_cross_entropy(p.sigmoid(), t)),
+    "bce_soft_targets_sum": (ut.BCELoss(reduction="sum"), PROBABILITIES,
+                             lambda p, t: F.binary_cross_entropy(p.sigmoid(), t, reduction="sum")),
     "l1_sum": (ut.L1Loss(reduction="sum"), REGRESSION, lambda p, t: F.l1_loss(p, t, reduction="sum")),
     "smooth_l1": (ut.SmoothL1Loss(beta=0.5), REGRESSION, lambda p, t: F.smooth_l1_loss(p, t, beta=0.5)),
     "smooth_l1_beta0": (ut.SmoothL1Loss(beta=0.0), REGRESSION, lambda p, t: F.smooth_l1_loss(p, t, beta=0.0)),
@@ -381,8 +415,9 @@ def test_losses_match_torch(case):
     """Each new loss (and a CustomLoss using every operation): value and one SGD-momentum step."""
     loss, y, torch_loss = LOSS_CASES[case]
     x = np.random.default_rng(3).standard_normal((6, 4)).astype(np.float32)
-    log_probabilities = [ut.LogSoftmax(dim=1)] if isinstance(loss, ut.NLLLoss) else []  # NLLLoss's input
-    spec = ut.Sequential(ut.Linear(4, 5), *log_probabilities)
+    # NLLLoss takes log-probabilities, BCELoss probabilities (torch_loss applies the same to the Linear's output)
+    head = {ut.NLLLoss: [ut.LogSoftmax(dim=1)], ut.BCELoss: [ut.Sigmoid()]}.get(type(loss), [])
+    spec = ut.Sequential(ut.Linear(4, 5), *head)
     loop = MindSporeLoop(spec, loss=loss, optimizer=ut.SGD(lr=0.1, momentum=0.9), seed=SEED)
     model = load_state(nn.Sequential(nn.Linear(4, 5)), loop.state_dict())
     value = float(loop.step((x, y)))

@@ -38,6 +38,7 @@ from unitrain import (
     AvgPool2d,
     BatchNorm1d,
     BatchNorm2d,
+    BCELoss,
     BCEWithLogitsLoss,
     Conv2d,
     CrossEntropyLoss,
@@ -54,6 +55,7 @@ from unitrain import (
     ReLU,
     Residual,
     Sequential,
+    Sigmoid,
     SmoothL1Loss,
     Tanh,
     cnn,
@@ -610,6 +612,10 @@ NEW_LOSSES = {
     "nll_after_logsoftmax": (NLLLoss(reduction="sum"), lambda p, t, r: F.nll_loss(p, t, reduction=r), lambda y: y),
     "bce_with_logits": (BCEWithLogitsLoss(), lambda p, t, r: F.binary_cross_entropy_with_logits(p, t, reduction=r),
                         lambda y: np.random.default_rng(3).uniform(0, 1, (len(y), 5))),
+    "bce": (BCELoss(), lambda p, t, r: F.binary_cross_entropy(p, t, reduction=r),
+            lambda y: np.random.default_rng(3).uniform(0, 1, (len(y), 5))),
+    "bce_sum_hard_targets": (BCELoss(reduction="sum"), lambda p, t, r: F.binary_cross_entropy(p, t, reduction=r),
+                             lambda y: np.eye(5)[y]),
     "l1": (L1Loss(reduction="sum"), lambda p, t, r: F.l1_loss(p, t, reduction=r), regression_targets),
     "smooth_l1": (SmoothL1Loss(beta=0.5), lambda p, t, r: F.smooth_l1_loss(p, t, reduction=r, beta=0.5),
                   regression_targets),
@@ -626,10 +632,12 @@ NEW_LOSSES = {
 @pytest.mark.parametrize("name", NEW_LOSSES)
 def test_new_loss_value_gradients_and_step_match_torch(name, dtype):
     loss, functional, make_targets = NEW_LOSSES[name]
-    head = [LogSoftmax(dim=1)] if isinstance(loss, NLLLoss) else []
+    # NLLLoss takes log-probabilities, BCELoss probabilities
+    head, twin_head = {NLLLoss: ([LogSoftmax(dim=1)], [nn.LogSoftmax(dim=1)]),
+                       BCELoss: ([Sigmoid()], [nn.Sigmoid()])}.get(type(loss), ([], []))  # fmt: skip
     optimizer = SGD(lr=0.1, momentum=0.9)
     loop = NumpyLoop(Sequential(Linear(6, 8), Tanh(), Linear(8, 5), *head), loss=loss, optimizer=optimizer, dtype=dtype)
-    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5), *(nn.LogSoftmax(dim=1) for _ in head))
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5), *twin_head)
     model = load_state(model.to(getattr(torch, dtype)), loop.state_dict())
     ((x, labels),) = random_batches((6,), classes=5, count=1, batch_size=8)
     x, y = x.astype(dtype), make_targets(labels)

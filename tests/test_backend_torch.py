@@ -407,6 +407,10 @@ LOSSES = {
     "ce_one_hot": (ut.CrossEntropyLoss(), lambda p, t, r: F.cross_entropy(p, t, reduction=r),
                    lambda y: np.eye(5, dtype=np.float32)[y]),
     "nll_after_logsoftmax": (ut.NLLLoss(), lambda p, t, r: F.nll_loss(p, t, reduction=r), lambda y: y),
+    "bce": (ut.BCELoss(), lambda p, t, r: F.binary_cross_entropy(p, t, reduction=r),
+            lambda y: np.random.default_rng(3).uniform(0, 1, (len(y), 5)).astype(np.float32)),
+    "bce_sum_hard_targets": (ut.BCELoss("sum"), lambda p, t, r: F.binary_cross_entropy(p, t, reduction=r),
+                             lambda y: np.eye(5, dtype=np.float32)[y]),
     "bce_with_logits": (ut.BCEWithLogitsLoss(), lambda p, t, r: F.binary_cross_entropy_with_logits(p, t, reduction=r),
                         lambda y: np.random.default_rng(3).uniform(0, 1, (len(y), 5)).astype(np.float32)),
     "l1": (ut.L1Loss(reduction="sum"), lambda p, t, r: F.l1_loss(p, t, reduction=r), _regression_targets),
@@ -435,17 +439,22 @@ LOSSES = {
 }  # fmt: skip
 
 
+#: what a loss takes after the Linear layer: log-probabilities for NLLLoss, probabilities for BCELoss
+LOSS_HEADS = {
+    ut.NLLLoss: ([ut.LogSoftmax(dim=1)], [nn.LogSoftmax(dim=1)]),
+    ut.BCELoss: ([ut.Sigmoid()], [nn.Sigmoid()]),
+}
+
+
 @pytest.mark.parametrize("name", sorted(LOSSES))
 def test_new_loss_value_and_step_match_torch(name, torch_single_thread):
     loss, functional, target = LOSSES[name]
-    head = [ut.LogSoftmax(dim=1)] if isinstance(loss, ut.NLLLoss) else []
+    head, twin_head = LOSS_HEADS.get(type(loss), ([], []))
     spec = ut.Sequential(ut.Linear(6, 5), *head)
     ((x, labels),) = random_batches((6,), classes=5, count=1)
     y = target(labels)
     loop = TorchLoop(spec, loss=loss, optimizer=MOMENTUM_SGD, seed=SEED)
-    model = load_state(
-        nn.Sequential(nn.Linear(6, 5), *(nn.LogSoftmax(dim=1) for _ in head)), ut.init_weights(spec, SEED)
-    )
+    model = load_state(nn.Sequential(nn.Linear(6, 5), *twin_head), ut.init_weights(spec, SEED))
     value = loop.step((x, y))
     optimizer = momentum_sgd(model)
     expected = functional(model(torch.from_numpy(x)), torch.from_numpy(y), getattr(loss, "reduction", None))

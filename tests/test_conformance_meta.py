@@ -19,6 +19,7 @@ from unitrain.conformance import CHECKS, run_check, run_checks
 from unitrain.initializers import KaimingNormal
 from unitrain.layers import Sequential
 from unitrain.loop import TrainingLoop
+from unitrain.losses import BCELoss
 from unitrain.optim import Adagrad, Adam, RMSprop, momentum
 from unitrain.weights import init_weights
 
@@ -403,7 +404,7 @@ def test_chainer_style_momentum_also_fails_on_its_buffer_convention():
 
 def test_the_intact_backend_passes_every_check_the_broken_ones_fail():
     intact = type("NumpyLoop", (NumpyLoop,), {"capabilities": _BrokenTree.capabilities})
-    for check in {check for _, check in (*CAUGHT, *CAUGHT_ISSUE8)}:
+    for check in {check for _, check in (*CAUGHT, *CAUGHT_TREES, *CAUGHT_RESAMPLING)}:
         assert run_check(intact, check).status == "pass", check
 
 
@@ -561,7 +562,7 @@ class ReverseDirectionNotReversed(_BrokenTree):
                 directions[-1].__class__ = _ReadsForwards if len(directions) == 2 else type(directions[-1])
 
 
-CAUGHT_ISSUE8 = {
+CAUGHT_TREES = {
     (ResidualDropsShortcut, "check_residual"):
         "dense residual model: predict(): expected -0.678236, got -0.0745026 at index (3, 3); "
         "max error 0.604 > tolerance 7.63e-06",
@@ -589,7 +590,7 @@ CAUGHT_SEQUENCES = {
 }  # fmt: skip
 
 
-CAUGHT_LAYERS = CAUGHT_ISSUE8 | CAUGHT_SEQUENCES
+CAUGHT_LAYERS = CAUGHT_TREES | CAUGHT_SEQUENCES
 
 
 @pytest.mark.parametrize(("adapter", "check"), CAUGHT_LAYERS, ids=[a.__name__ for a, _ in CAUGHT_LAYERS])
@@ -649,7 +650,7 @@ class TiedWeightsUpdatedTwice(NumpyLoop):
                 param -= self.lr * self._grads[name]
 
 
-CAUGHT_ISSUE15 = {
+CAUGHT_GRAPHS = {
     (ConcatSwapsItsInputs, "check_graph_concat_split"):
         "concat then split: predict() output 0: expected -0.297431, got 0.242469 at index (4, 0); "
         "max error 0.54 > tolerance 5.34e-05",
@@ -665,13 +666,118 @@ CAUGHT_ISSUE15 = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize(("adapter", "check"), CAUGHT_ISSUE15, ids=[f"{a.__name__}-{c}" for a, c in CAUGHT_ISSUE15])
+@pytest.mark.parametrize(("adapter", "check"), CAUGHT_GRAPHS, ids=[f"{a.__name__}-{c}" for a, c in CAUGHT_GRAPHS])
 def test_a_broken_graph_execution_is_caught_by_the_right_check(adapter, check):
     message, result = failure(adapter, check)
-    assert message == CAUGHT_ISSUE15[adapter, check]
+    assert_same_report(message, CAUGHT_GRAPHS[adapter, check])
     assert result.max_error > result.tolerance
 
 
 def test_the_intact_backend_passes_the_graph_checks():
-    for check in {check for _, check in CAUGHT_ISSUE15}:
+    for check in {check for _, check in CAUGHT_GRAPHS}:
         assert run_check(NumpyLoop, check).status == "pass", check
+
+
+# --- broken resampling layers and BCELoss -----------------------------------------------------------
+
+
+class _ConvTransposePaddingTheOutput(numpy_backend._ConvTranspose2d):
+    """``output_padding`` as zero rows and columns added to the finished output (MindSpore's
+    ``nn.Conv2dTranspose``), instead of rows of the uncut transpose."""
+
+    def forward(self, x, training, record):
+        spec, self.spec = self.spec, dataclasses.replace(self.spec, output_padding=(0, 0))
+        try:
+            out = super().forward(x, training, record)
+        finally:
+            self.spec = spec
+        (eh, ew) = spec.output_padding
+        return np.pad(out, ((0, 0), (0, 0), (0, eh), (0, ew)))
+
+    def backward(self, grad, need_input_grad):
+        (eh, ew), (h, w) = self.spec.output_padding, grad.shape[2:]
+        spec, self.spec = self.spec, dataclasses.replace(self.spec, output_padding=(0, 0))
+        try:
+            return super().backward(np.ascontiguousarray(grad[:, :, : h - eh, : w - ew]), need_input_grad)
+        finally:
+            self.spec = spec
+
+
+class ConvTransposePadsTheOutput(_BrokenTree):
+    def breaks(self, node):
+        if isinstance(node, numpy_backend._ConvTranspose2d):
+            node.__class__ = _ConvTransposePaddingTheOutput
+
+
+class BilinearFlipsAlignCorners(_BrokenTree):
+    def breaks(self, node):
+        if isinstance(node, numpy_backend._Upsample) and node.spec.mode == "bilinear":
+            node.spec = dataclasses.replace(node.spec, align_corners=not node.spec.align_corners)
+
+
+class _UpsampleScaledBySizes(numpy_backend._Upsample):
+    """A scale factor's output size, but indices scaled by input over output size (Chainer's
+    ``resize_images``, MindSpore's ``interpolate``), not by ``1 / scale_factor``."""
+
+    def forward(self, x, training, record):
+        spec = self.spec
+        size = spec.output_shape(x.shape[1:])[1:]
+        self.spec = dataclasses.replace(spec, size=size, scale_factor=None)
+        try:
+            return super().forward(x, training, record)
+        finally:
+            self.spec = spec
+
+
+class UpsampleScaledBySizes(_BrokenTree):
+    def breaks(self, node):
+        if isinstance(node, numpy_backend._Upsample):
+            node.__class__ = _UpsampleScaledBySizes
+
+
+class BCEFloorsProbabilities(NumpyLoop):
+    """BCELoss with ``p`` and ``1 - p`` floored at 1e-12 inside the logarithms (MindSpore's ``nn.BCELoss``)
+    rather than the logarithms floored at -100."""
+
+    def _loss(self, pred, y):
+        if not isinstance(self.loss_spec, BCELoss):
+            return super()._loss(pred, y)
+        eps = self.dtype.type(1e-12)
+        terms = -(y * np.log(np.maximum(pred, eps)) + (1 - y) * np.log(np.maximum(1 - pred, eps)))
+        scale = 1 / terms.size if self.loss_spec.reduction == "mean" else 1
+
+        def grad():
+            return (pred - y) / np.maximum(pred * (1 - pred), 1e-12) * scale
+
+        return LossValue(self.dtype.type(terms.sum() * scale), grad, self._forward_id)
+
+
+#: the first model of check_transposed_conv_and_upsample, which each broken layer fails
+FIRST_RESAMPLING_MODEL = (
+    "ConvTranspose2d(in_channels=4, out_channels=4, kernel_size=(3, 3), stride=(2, 2), padding=(1, 1), "
+    "output_padding=(1, 1), groups=1, bias=True, dilation=(1, 1)) then Upsample(size=None, "
+    "scale_factor=(1.7, 0.6), mode='nearest', align_corners=None) then Upsample(size=(9, 7), scale_factor=None, "
+    "mode='bilinear', align_corners=None)"
+)
+CAUGHT_RESAMPLING = {
+    (ConvTransposePadsTheOutput, "check_transposed_conv_and_upsample"):
+        f"{FIRST_RESAMPLING_MODEL}: predict(): expected -0.143921, got -0.199014 at index (7, 0); "
+        "max error 0.0551 > tolerance 0.00024",
+    (BilinearFlipsAlignCorners, "check_transposed_conv_and_upsample"):
+        f"{FIRST_RESAMPLING_MODEL}: predict(): expected -0.143921, got 0.0906937 at index (7, 0); "
+        "max error 0.235 > tolerance 0.00024",
+    (UpsampleScaledBySizes, "check_transposed_conv_and_upsample"):
+        f"{FIRST_RESAMPLING_MODEL}: predict(): expected -0.259061, got -0.420592 at index (2, 2); "
+        "max error 0.162 > tolerance 0.00024",
+    # the predictions of exactly 0 and 1 cost 27.6 each instead of 100
+    (BCEFloorsProbabilities, "check_bce_loss"):
+        "BCELoss(reduction='mean') on probabilities: loss: expected 3.30245, got 1.6184; "
+        "max error 1.68 > tolerance 0.000126",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(("adapter", "check"), CAUGHT_RESAMPLING, ids=[a.__name__ for a, _ in CAUGHT_RESAMPLING])
+def test_a_broken_resampling_layer_or_bce_is_caught_by_the_right_check(adapter, check):
+    message, result = failure(adapter, check)
+    assert_same_report(message, CAUGHT_RESAMPLING[adapter, check])
+    assert result.max_error > result.tolerance

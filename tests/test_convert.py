@@ -25,6 +25,7 @@ from unitrain.layers import (
     BatchNorm1d,
     BatchNorm2d,
     Conv2d,
+    ConvTranspose2d,
     Dropout,
     Flatten,
     LayerNorm,
@@ -34,6 +35,7 @@ from unitrain.layers import (
     Residual,
     Sequential,
     SiLU,
+    Upsample,
 )  # fmt: skip
 from unitrain.registry import get_backend
 from unitrain.weights import WeightsError, init_weights, save_safetensors
@@ -60,6 +62,17 @@ def rich_model():
          "gap": AdaptiveAvgPool2d(7), "pool": AvgPool2d(3, stride=2, padding=1), "flat": Flatten(),
          "head": Sequential(Linear(64, 16), LayerNorm(16), BatchNorm1d(16), GELU(), Dropout(0.2),
                             Linear(16, 10, bias=False))}
+    )  # fmt: skip
+
+
+def resampling_model():
+    """ConvTranspose2d, Upsample in each mode ONNX can index as PyTorch does, Flatten(start_dim, end_dim)."""
+    return Sequential(
+        Conv2d(1, 4, 3, stride=2, padding=1), ConvTranspose2d(4, 4, 3, stride=2, padding=1, output_padding=1),
+        ReLU(), ConvTranspose2d(4, 4, (3, 2), (2, 1), (1, 0), (1, 0), groups=2, bias=False, dilation=(1, 2)),
+        Upsample(size=(20, 17), mode="bilinear"), Upsample(scale_factor=2), Conv2d(4, 4, 3, stride=3),  # 4x13x11
+        Upsample(scale_factor=(1.5, 0.7), mode="bilinear", align_corners=True), Upsample(scale_factor=(2, 3),
+        mode="bilinear"), Conv2d(4, 2, 5, stride=5), Flatten(1, 2), Flatten(), Linear(56, 10),
     )  # fmt: skip
 
 
@@ -257,12 +270,12 @@ def test_native_network_converts_both_ways(tmp_path, framework, mnist_batches, m
 
 
 @pytest.mark.skipif(not has("onnxruntime"), reason="the onnx extra is not installed")
-@pytest.mark.parametrize("name", ["rich", "lenet"])
+@pytest.mark.parametrize("name", ["rich", "resampling", "lenet"])
 def test_onnx_export_runs_as_unitrain(tmp_path, name, mnist_test):
     import onnxruntime
 
-    model = rich_model() if name == "rich" else layers.preset(name)
-    state = trained_state(model) if name == "rich" else init_weights(model, 3)
+    model = {"rich": rich_model, "resampling": resampling_model}.get(name, lambda: layers.preset(name))()
+    state = init_weights(model, 3) if name == "lenet" else trained_state(model)
     save_safetensors(tmp_path / "w.safetensors", state)
     if name == "lenet":  # through the command line
         assert main(["convert", str(tmp_path / "w.safetensors"), str(tmp_path / "m.onnx"), "--model", name]) == 0
@@ -286,6 +299,10 @@ def test_onnx_is_export_only_and_unexportable_layers_are_named(tmp_path):
         with pytest.raises(WeightsError, match=r"^0: ONNX has no adaptive pooling"):
             convert.convert(tmp_path / "w.safetensors", tmp_path / "m.onnx", model)
         assert not (tmp_path / "m.onnx").exists()
+        fractional = Sequential(Upsample(scale_factor=1.5), Flatten(), Linear(42 * 42, 2))
+        save_safetensors(tmp_path / "u.safetensors", init_weights(fractional, 0))
+        with pytest.raises(WeightsError, match=r"^0: ONNX Resize cannot index as PyTorch does for Upsample\("):
+            convert.convert(tmp_path / "u.safetensors", tmp_path / "m.onnx", fractional)
     with pytest.raises(WeightsError, match=r"IN .*m\.onnx: unknown extension '\.onnx', expected one of"):
         convert.read(tmp_path / "m.onnx", model)
 

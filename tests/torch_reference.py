@@ -358,6 +358,25 @@ def leaf_cases():
         "layernorm_chw": (ut.LayerNorm((4, 7, 7)), nn.LayerNorm((4, 7, 7))),
         "softmax_channels": (ut.Softmax(dim=1), nn.Softmax(dim=1)),
         "logsoftmax_last": (ut.LogSoftmax(dim=-1), nn.LogSoftmax(dim=-1)),
+        "convtranspose2d_output_padding": (ut.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1),
+                                           nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1)),
+        "convtranspose2d_tuple_groups_dilation": (
+            ut.ConvTranspose2d(4, 6, (3, 2), (2, 1), (1, 0), (1, 0), groups=2, bias=False, dilation=(1, 2)),
+            nn.ConvTranspose2d(4, 6, (3, 2), (2, 1), (1, 0), (1, 0), groups=2, bias=False, dilation=(1, 2))),
+        "convtranspose2d_output_padding_beyond_stride": (
+            ut.ConvTranspose2d(4, 4, 3, output_padding=1, dilation=2),
+            nn.ConvTranspose2d(4, 4, 3, output_padding=1, dilation=2)),
+        "upsample_nearest_double": (ut.Upsample(scale_factor=2), nn.Upsample(scale_factor=2)),
+        "upsample_nearest_fractional": (ut.Upsample(scale_factor=(1.7, 0.6)), nn.Upsample(scale_factor=(1.7, 0.6))),
+        "upsample_nearest_size": (ut.Upsample(size=(10, 5)), nn.Upsample(size=(10, 5))),
+        "upsample_bilinear": (ut.Upsample(scale_factor=2, mode="bilinear"),
+                              nn.Upsample(scale_factor=2, mode="bilinear")),
+        "upsample_bilinear_fractional": (ut.Upsample(scale_factor=1.7, mode="bilinear"),
+                                         nn.Upsample(scale_factor=1.7, mode="bilinear")),
+        "upsample_bilinear_align_corners": (ut.Upsample(size=(9, 12), mode="bilinear", align_corners=True),
+                                            nn.Upsample(size=(9, 12), mode="bilinear", align_corners=True)),
+        "flatten_channels_rows": (ut.Flatten(1, 2), nn.Flatten(1, 2)),
+        "flatten_from_rows": (ut.Flatten(start_dim=-2), nn.Flatten(start_dim=-2)),
     }  # fmt: skip
     vector_leaves = {
         "identity": (ut.Identity(), nn.Identity()),

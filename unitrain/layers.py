@@ -206,6 +206,66 @@ class Conv2d(Layer):
 
 
 @dataclass(frozen=True)
+class ConvTranspose2d(Layer):
+    """The transpose (gradient with respect to the input) of a ``Conv2d`` with the same
+    ``stride``, ``padding``, ``dilation`` and ``groups`` (``torch.nn.ConvTranspose2d``): each
+    input pixel adds its weighted kernel into the output at ``stride`` steps, and ``padding``
+    rows and columns are then cut from each border. Output size per axis
+    ``(size - 1) * stride - 2 * padding + dilation * (kernel_size - 1) + output_padding + 1``;
+    ``output_padding`` (below ``stride`` or ``dilation``) adds rows at the bottom and columns at
+    the right, picking one of the input sizes a strided ``Conv2d`` maps to the same output.
+    Weight ``(in_channels, out_channels // groups, kh, kw)``."""
+
+    in_channels: int
+    out_channels: int
+    kernel_size: int | Pair
+    stride: int | Pair = 1
+    padding: int | Pair = 0
+    output_padding: int | Pair = 0
+    groups: int = 1
+    bias: bool = True
+    dilation: int | Pair = 1
+
+    def __post_init__(self):
+        for name in ("in_channels", "out_channels", "groups"):
+            _positive_int("ConvTranspose2d", name, getattr(self, name))
+        for name, minimum in (("kernel_size", 1), ("stride", 1), ("padding", 0), ("output_padding", 0),
+                              ("dilation", 1)):  # fmt: skip
+            _pair(self, name, minimum)
+        if self.in_channels % self.groups or self.out_channels % self.groups:
+            raise ValueError(
+                f"ConvTranspose2d: in_channels ({self.in_channels}) and out_channels ({self.out_channels}) "
+                f"must be divisible by groups ({self.groups})"
+            )
+        if any(o >= max(s, d) for o, s, d in zip(self.output_padding, self.stride, self.dilation, strict=True)):
+            raise ValueError(
+                f"ConvTranspose2d: output_padding {self.output_padding} must be smaller than either stride "
+                f"{self.stride} or dilation {self.dilation}"
+            )
+
+    def param_shapes(self):
+        shapes = {"weight": (self.in_channels, self.out_channels // self.groups, *self.kernel_size)}
+        if self.bias:
+            shapes["bias"] = (self.out_channels,)
+        return shapes
+
+    def output_shape(self, input_shape):
+        _image_shape(self, input_shape, self.in_channels)
+        out = tuple(
+            (size - 1) * step - 2 * pad + dil * (k - 1) + extra + 1
+            for size, step, pad, dil, k, extra in zip(input_shape[1:], self.stride, self.padding, self.dilation,
+                                                      self.kernel_size, self.output_padding, strict=True)
+        )  # fmt: skip
+        if min(out) < 1:
+            raise ValueError(f"{self}: input {input_shape[1]}x{input_shape[2]} gives an empty output {out}")
+        return (self.out_channels, *out)
+
+    def fan_in(self):
+        # PyTorch computes it from the weight's dimension 1, which holds the *output* channels here
+        return self.out_channels // self.groups * math.prod(self.kernel_size)
+
+
+@dataclass(frozen=True)
 class _Norm(Layer):
     """Shared validation of the normalisation layers' ``eps``."""
 
@@ -364,6 +424,56 @@ class AdaptiveAvgPool2d(Layer):
         return (input_shape[0], *self.output_size)
 
 
+# --- resampling ----------------------------------------------------------------------------------
+
+UPSAMPLE_MODES = ("nearest", "bilinear")
+
+
+@dataclass(frozen=True)
+class Upsample(Layer):
+    """Resizes NCHW images to ``size`` or by ``scale_factor`` (exactly one of them;
+    ``torch.nn.Upsample``), as pairs once constructed. The output size is ``size``, or
+    ``floor(size * scale_factor)`` per axis. Each output index ``i`` reads the input at source
+    position ``src(i)`` with PyTorch's rules (:mod:`unitrain.upsampling`): ``"nearest"`` takes
+    element ``min(floor(src), size - 1)``, ``"bilinear"`` interpolates linearly between
+    ``floor(src)`` and the next element along each axis. ``align_corners`` (bilinear only;
+    ``None`` means ``False``) maps the corner pixels' centres onto each other."""
+
+    size: int | Pair | None = None
+    scale_factor: float | tuple[float, float] | None = None
+    mode: str = "nearest"
+    align_corners: bool | None = None
+
+    def __post_init__(self):
+        if (self.size is None) == (self.scale_factor is None):
+            raise ValueError(f"Upsample: give exactly one of size and scale_factor, got size={self.size!r} and "
+                             f"scale_factor={self.scale_factor!r}")  # fmt: skip
+        if self.size is not None:
+            _pair(self, "size", 1)
+        else:
+            factor = self.scale_factor
+            pair = (factor, factor) if not isinstance(factor, (tuple, list)) else tuple(factor)
+            if len(pair) != 2 or any(
+                isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0 for v in pair
+            ):
+                raise ValueError(f"Upsample: scale_factor must be a positive number or a pair of them, got {factor!r}")
+            object.__setattr__(self, "scale_factor", tuple(float(v) for v in pair))
+        if self.mode not in UPSAMPLE_MODES:
+            raise ValueError(f"Upsample: mode must be one of {UPSAMPLE_MODES}, got {self.mode!r}")
+        if self.align_corners is not None and (self.mode == "nearest" or not isinstance(self.align_corners, bool)):
+            wanted = "None with mode 'nearest'" if self.mode == "nearest" else "True, False or None"
+            raise ValueError(f"Upsample: align_corners must be {wanted}, got {self.align_corners!r}")
+
+    def output_shape(self, input_shape):
+        _image_shape(self, input_shape)
+        if self.size is not None:
+            return (input_shape[0], *self.size)
+        out = tuple(math.floor(size * factor) for size, factor in zip(input_shape[1:], self.scale_factor, strict=True))
+        if min(out) < 1:
+            raise ValueError(f"{self}: input {input_shape[1]}x{input_shape[2]} gives an empty output {out}")
+        return (input_shape[0], *out)
+
+
 # --- leaves without weights --------------------------------------------------------------------
 
 
@@ -457,10 +567,32 @@ class LogSoftmax(_SoftmaxLike):
 
 @dataclass(frozen=True)
 class Flatten(Layer):
-    """Flattens every dimension but the batch one (C-order, as ``torch.nn.Flatten``)."""
+    """Merges dimensions ``start_dim`` to ``end_dim`` (both included; counted with the batch
+    axis as 0, negative from the end) into one, in C order (``torch.nn.Flatten``). The default
+    flattens every dimension but the batch one; the batch axis itself always stays."""
+
+    start_dim: int = 1
+    end_dim: int = -1
+
+    def __post_init__(self):
+        for name in ("start_dim", "end_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"Flatten: {name} must be an integer, got {value!r}")
+
+    def flattened_dims(self, rank: int) -> tuple[int, int]:
+        """``(start, end)``, non-negative, for a batch of ``rank`` dimensions."""
+        start, end = (dim + rank if dim < 0 else dim for dim in (self.start_dim, self.end_dim))
+        if not (1 <= start < rank and 1 <= end < rank) or start > end:
+            raise ValueError(
+                f"{self}: for a batch of rank {rank} start_dim and end_dim must lie in 1..{rank - 1} "
+                f"(or {-(rank - 1)}..-1) with start_dim <= end_dim; the batch axis 0 is never flattened"
+            )
+        return start, end
 
     def output_shape(self, input_shape):
-        return (math.prod(input_shape),)
+        start, end = self.flattened_dims(len(input_shape) + 1)
+        return (*input_shape[: start - 1], math.prod(input_shape[start - 1 : end]), *input_shape[end:])
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,9 @@ Every backend computes these natively with PyTorch's definitions (``p = pred``, 
 - ``MSELoss``: ``(p - t)**2``; ``L1Loss``: ``|p - t|``.
 - ``BCEWithLogitsLoss``: ``max(p, 0) - p*t + log(1 + exp(-|p|))`` (stable form of
   ``-t*log(sigmoid(p)) - (1-t)*log(1-sigmoid(p))``).
+- ``BCELoss``: ``-(t*max(log(p), -100) + (1-t)*max(log1p(-p), -100))`` on probabilities
+  ``p`` in [0, 1] (e.g. a ``Sigmoid`` output); the gradient is PyTorch's
+  ``(p - t) / max(p*(1-p), 1e-12)``, finite where a clamped log has none.
 - ``SmoothL1Loss(beta)``: ``0.5*d**2/beta if |d| < beta else |d| - 0.5*beta`` with
   ``d = p - t`` (``beta == 0``: ``|d|``); ``HuberLoss(delta)``:
   ``0.5*d**2 if |d| <= delta else delta*(|d| - 0.5*delta)``.
@@ -102,6 +105,18 @@ class BCEWithLogitsLoss(_Reduced):
 
 
 @dataclass(frozen=True)
+class BCELoss(_Reduced):
+    """Binary cross-entropy on probabilities, ``torch.nn.BCELoss`` without per-element
+    ``weight``. Probabilities outside [0, 1] make PyTorch raise and the other backends give NaN."""
+
+
+#: PyTorch's floor of BCELoss's logarithms, and the floor of ``p*(1-p)`` in its gradient (a C
+#: ``float`` constant in ATen, also for float64)
+BCE_LOG_FLOOR = -100.0
+BCE_GRAD_EPSILON = 9.999999960041972e-13  # float(numpy.float32(1e-12))
+
+
+@dataclass(frozen=True)
 class SmoothL1Loss(_Reduced):
     """``torch.nn.SmoothL1Loss``: quadratic below ``beta``, linear above."""
 
@@ -161,5 +176,5 @@ class PerOutputLoss(Loss):
 #: the losses a run names (``--loss``), with their default arguments
 LOSSES = {
     "cross-entropy": CrossEntropyLoss, "nll": NLLLoss, "mse": MSELoss, "l1": L1Loss,
-    "bce-with-logits": BCEWithLogitsLoss, "smooth-l1": SmoothL1Loss, "huber": HuberLoss,
+    "bce-with-logits": BCEWithLogitsLoss, "bce": BCELoss, "smooth-l1": SmoothL1Loss, "huber": HuberLoss,
 }  # fmt: skip

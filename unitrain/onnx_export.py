@@ -38,6 +38,11 @@ class _Graph:
         self._count += 1
         return self.tensor(f"{path}:ints{self._count}", np.asarray(values, np.int64), np.int64)
 
+    def integers(self, name: str, values) -> str:
+        """An int64 initializer (a shape, sizes) named ``name``."""
+        self.initializers.append(numpy_helper.from_array(np.asarray(values, np.int64), name))
+        return name
+
     def op(self, kind: str, inputs: list[str], path: str, **attributes) -> str:
         self._count += 1
         output = f"{path or kind}:{self._count}"
@@ -69,6 +74,13 @@ def _leaf(graph: _Graph, layer: layers.Layer, x: str, path: str, shape: tuple[in
         inputs = [x, graph.tensor(weight)] + ([graph.tensor(bias)] if layer.bias else [])
         return graph.op("Conv", inputs, path, kernel_shape=list(layer.kernel_size), strides=list(layer.stride),
                         pads=_pads(layer.padding), dilations=list(layer.dilation), group=layer.groups)  # fmt: skip
+    if isinstance(layer, layers.ConvTranspose2d):  # the same weight layout and output size rule as PyTorch
+        inputs = [x, graph.tensor(weight)] + ([graph.tensor(bias)] if layer.bias else [])
+        return graph.op("ConvTranspose", inputs, path, kernel_shape=list(layer.kernel_size), strides=list(layer.stride),
+                        pads=_pads(layer.padding), output_padding=list(layer.output_padding),
+                        dilations=list(layer.dilation), group=layer.groups)  # fmt: skip
+    if isinstance(layer, layers.Upsample):
+        return _resize(graph, layer, x, path, shape)
     if isinstance(layer, layers._BatchNorm):
         inputs = [graph.tensor(f"{path}.{key}") for key in ("weight", "bias", "running_mean", "running_var")]
         return graph.op("BatchNormalization", [x, *inputs], path, epsilon=layer.eps)
@@ -104,8 +116,30 @@ def _leaf(graph: _Graph, layer: layers.Layer, x: str, path: str, shape: tuple[in
     if isinstance(layer, (layers.Softmax, layers.LogSoftmax)):
         return graph.op(type(layer).__name__, [x], path, axis=layer.dim)
     if isinstance(layer, layers.Flatten):
-        return graph.op("Flatten", [x], path, axis=1)
+        if layer.flattened_dims(len(shape) + 1) == (1, len(shape)):
+            return graph.op("Flatten", [x], path, axis=1)
+        # Reshape: 0 keeps the batch size, the rest is the per-sample output shape
+        return graph.op("Reshape", [x, graph.integers(f"{path}.shape", [0, *layer.output_shape(shape)])], path)
     raise WeightsError(f"{path}: unitrain cannot export {layer} to ONNX")
+
+
+def _resize(graph: _Graph, layer: layers.Upsample, x: str, path: str, shape: tuple[int, ...]) -> str:
+    """``Resize`` to the output size (``axes`` 2 and 3): ONNX then maps output ``i`` to input ``i * in /
+    out`` (asymmetric; nearest floors) or ``(i + 0.5) * in / out - 0.5`` (half_pixel, or align_corners),
+    PyTorch's positions wherever PyTorch's scale is ``in / out``: a given size, integer scale factors,
+    align_corners. For a fractional scale factor PyTorch uses ``1 / scale_factor``, which ONNX would
+    pair with its own ``floor(size * scale)`` computed in float32: such a layer is refused."""
+    fractional = layer.scale_factor is not None and not all(factor.is_integer() for factor in layer.scale_factor)
+    if fractional and not layer.align_corners:
+        raise WeightsError(f"{path}: ONNX Resize cannot index as PyTorch does for {layer}; give the "
+                           "output size instead of a fractional scale_factor")  # fmt: skip
+    sizes = graph.integers(f"{path}.sizes", layer.output_shape(shape)[1:])
+    if layer.mode == "nearest":
+        transform = {"coordinate_transformation_mode": "asymmetric", "mode": "nearest", "nearest_mode": "floor"}
+    else:
+        corners = "align_corners" if layer.align_corners else "pytorch_half_pixel"
+        transform = {"coordinate_transformation_mode": corners, "mode": "linear"}
+    return graph.op("Resize", [x, "", "", sizes], path, axes=[2, 3], **transform)
 
 
 def _node(graph: _Graph, layer: layers.Layer, x: str, path: str, shape) -> tuple[str, tuple[int, ...]]:

@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 
 from .files import atomic_write
 from .initializers import Initializer, initializer
-from .layers import Container, Conv2d, LayerNorm, Linear, _BatchNorm
+from .layers import Container, Conv2d, ConvTranspose2d, LayerNorm, Linear, _BatchNorm
 from .reading import path_problem, short, short_list
 from .sequences import Conv1d, Embedding, _Recurrent
 
@@ -40,8 +40,9 @@ def init_weights(model: Container, seed: int) -> State:
     the outermost container's ``init`` does (:func:`initializers_of`). PyTorch's defaults
     (``init="pytorch"``): weight and bias ``~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` with
     ``fan_in = in_channels / groups * kh * kw`` (what ``kaiming_uniform_(a=sqrt(5))`` amounts
-    to). BatchNorm and LayerNorm weight 1, bias 0, running mean 0, running variance 1. Conv1d
-    as Conv2d's default; Embedding ``~ N(0, 1)`` with the ``padding_idx`` row zeroed; RNN, LSTM
+    to); ConvTranspose2d's likewise with PyTorch's ``fan_in = out_channels / groups * kh * kw``
+    (its weight's dimension 1). BatchNorm and LayerNorm weight 1, bias 0, running mean 0, running
+    variance 1. Conv1d as Conv2d's default; Embedding ``~ N(0, 1)`` with the ``padding_idx`` row zeroed; RNN, LSTM
     and GRU weights and biases ``~ U(-1/sqrt(hidden_size), 1/sqrt(hidden_size))`` (PyTorch's
     defaults).
     """
@@ -58,7 +59,7 @@ def init_weights(model: Container, seed: int) -> State:
             for key, draw in initializers_of(model, layer).items():
                 if key in shapes:
                     state[f"{name}.{key}"] = draw.draw(rng, shapes[key], layer.fan_in()).astype(np.float32)
-        elif isinstance(layer, (Conv1d, _Recurrent)):
+        elif isinstance(layer, (ConvTranspose2d, Conv1d, _Recurrent)):
             bound = 1.0 / math.sqrt(layer.fan_in())
             for key, shape in shapes.items():
                 state[f"{name}.{key}"] = rng.uniform(-bound, bound, shape).astype(np.float32)
