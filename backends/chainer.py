@@ -11,6 +11,8 @@ What is special about Chainer:
   SiLU, adaptive average pooling, label smoothing and probability targets of the cross-entropy,
   BCE with float targets, and tie-splitting ``maximum``/``minimum`` for ``CustomLoss``.
 
+* A :class:`~unitrain.graph.Graph` is a Chain of its modules whose forward runs the node list
+  (:mod:`.chainer_graph`); several inputs are passed as several arguments.
 * Training vs. eval is not model state but ``chainer.config.train``; the loop sets it around every
   call. ``predict`` / ``evaluate`` also turn off ``enable_backprop``.
 * Chainer names weights ``W``/``b`` and BatchNorm state ``gamma``/``beta``/``avg_mean``/``avg_var``;

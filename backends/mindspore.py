@@ -20,6 +20,8 @@ call their children in order, a residual block adds its body and shortcut where 
 and every Parameter is kept under its dotted PyTorch name (``layer2.0.downsample.1.weight``).
 A CustomLoss becomes a Cell per expression node (:class:`_ExprNode`), compiled into the step
 like the layers.
+A :class:`~unitrain.graph.Graph` is a Cell per node (:mod:`.mindspore_graph`), compiled into the
+same one step; several inputs or targets enter it as ``mutable`` tuples, as the dropout masks.
 
 MindSpore's BatchNorm feeds the unbiased batch variance to its running estimate, as PyTorch
 does, but its ``momentum`` weights the *old* value; ``num_batches_tracked`` is added here.
@@ -255,7 +257,7 @@ class _Builder:
     def _build(self, spec: layers.Layer, path: str) -> nn.Cell:
         if isinstance(spec, Graph):
             for name, child in spec.children:
-                _check_graph_dropout(spec, name, child)
+                mindspore_graph.check_dropout(spec, name, child)
                 self.build(child, _join(path, name))
             where = mindspore_graph.positions(spec)
             nodes = []
@@ -308,21 +310,6 @@ class _Builder:
         return cell, {"weight": cell.weight, **({"bias": cell.bias} if spec.bias else {})}
 
 
-def _has_dropout(layer: layers.Layer) -> bool:
-    return isinstance(layer, layers.Dropout) or (isinstance(layer, layers.Container) and layer.has(layers.Dropout))
-
-
-def _check_graph_dropout(spec: Graph, name: str, child: layers.Layer) -> None:
-    """The masks are drawn before the compiled step runs, one per Dropout layer: a graph's module
-    holding Dropout must be called at one node, as a whole."""
-    targets = [node.target for node in spec.nodes if node.op == "call_module"]
-    calls = [target for target in targets if target == name or target.startswith(f"{name}.")]
-    if _has_dropout(child) and calls != [name]:
-        raise ValueError(f"the mindspore backend: graph module {name!r} holds Dropout and is called at "
-                         f"{len(calls)} nodes ({', '.join(calls)}); a module with Dropout must be called "
-                         "once, as a whole")  # fmt: skip
-
-
 def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
@@ -343,7 +330,7 @@ def _dropout_shapes(spec: layers.Layer, shape: tuple[int, ...], found: list) -> 
         shapes = spec._infer([shape] if len(spec.inputs) == 1 else list(shape), "", {})
         calls = {node.target: node for node in spec.nodes if node.op == "call_module"}
         for name, child in spec.children:
-            if _has_dropout(child):
+            if mindspore_graph.has_dropout(child):
                 args = [shapes[arg] for arg in calls[name].args]
                 _dropout_shapes(child, args[0] if len(args) == 1 else tuple(args), found)
         return spec.output_shape(shape)
@@ -428,31 +415,13 @@ def _custom_loss(tree) -> nn.Cell:
     return expr.evaluate(tree, _ExprInput(0), _ExprInput(1), builders)
 
 
-class _PerOutputLoss(nn.Cell):
-    """One loss per output: their sum (``summed``), or a tuple of each one's value."""
-
-    def __init__(self, parts: list[nn.Cell], summed: bool):
-        super().__init__()
-        self.parts, self.summed = nn.CellList(parts), summed
-
-    def construct(self, pred, y):
-        values = ()
-        for part, p, t in zip(self.parts, pred, y):  # noqa: B905 (graph mode has no strict=)
-            values = (*values, part(p, t))
-        if not self.summed:
-            return values
-        total = values[0]
-        for value in values[1:]:
-            total = total + value
-        return total
-
-
 def _loss_function(spec: Loss, reduction: str, summed: bool = True):
     """The native loss of ``spec`` with ``reduction`` (MindSpore's losses follow PyTorch's
     equations, arguments aside: ``nn.HuberLoss``'s ``delta``, ``nn.SmoothL1Loss``'s ``beta``).
     A PerOutputLoss gives the sum of its losses, or with ``summed=False`` each one's value."""
     if isinstance(spec, PerOutputLoss):
-        return _PerOutputLoss([_loss_function(part, reduction or part.reduction) for part in spec.losses], summed)
+        parts = [_loss_function(part, reduction or part.reduction) for part in spec.losses]
+        return mindspore_graph.PerOutputLoss(parts, summed)
     if isinstance(spec, CustomLoss):
         return _custom_loss(spec.tree)
     if isinstance(spec, CrossEntropyLoss):

@@ -8,6 +8,11 @@ appends each node's value to that tuple. Everything a node needs besides tensors
 the reshape target) is resolved here, at build time, into positional constants: the compiled
 step holds no Python dispatch. A module called at several nodes is one Cell held by several
 ``ModuleNode``s: its Parameters appear once, and ``value_and_grad`` sums the gradients of their uses.
+
+The dropout masks are drawn before the step, one per Dropout layer in module order, so a module
+holding Dropout must be called at one node (:func:`check_dropout`); the other backends draw
+them as the nodes run, so a graph whose modules run in another order than they are listed
+draws the same masks in another order than NumPy and Chainer.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from collections.abc import Callable
 
 from mindspore import nn, ops
 
+from unitrain import layers
 from unitrain import ops as graph_ops
 from unitrain.graph import Graph, Node
 
@@ -178,3 +184,37 @@ def positions(spec: Graph) -> dict[str, int]:
     """Each input's and node's position in the tuple of values the graph's construct builds."""
     names = [*spec.input_names, *(node.name for node in spec.nodes)]
     return {name: index for index, name in enumerate(names)}
+
+
+def has_dropout(layer: layers.Layer) -> bool:
+    return isinstance(layer, layers.Dropout) or (isinstance(layer, layers.Container) and layer.has(layers.Dropout))
+
+
+def check_dropout(spec: Graph, name: str, child: layers.Layer) -> None:
+    """The masks are drawn before the compiled step runs, one per Dropout layer: a graph's module
+    holding Dropout must be called at one node, as a whole."""
+    targets = [node.target for node in spec.nodes if node.op == "call_module"]
+    calls = [target for target in targets if target == name or target.startswith(f"{name}.")]
+    if has_dropout(child) and calls != [name]:
+        raise ValueError(f"the mindspore backend: graph module {name!r} holds Dropout and is called at "
+                         f"{len(calls)} nodes ({', '.join(calls)}); a module with Dropout must be called "
+                         "once, as a whole")  # fmt: skip
+
+
+class PerOutputLoss(nn.Cell):
+    """One loss per output: their sum (``summed``), or a tuple of each one's value."""
+
+    def __init__(self, parts: list[nn.Cell], summed: bool):
+        super().__init__()
+        self.parts, self.summed = nn.CellList(parts), summed
+
+    def construct(self, pred, y):
+        values = ()
+        for part, p, t in zip(self.parts, pred, y):  # noqa: B905 (graph mode has no strict=)
+            values = (*values, part(p, t))
+        if not self.summed:
+            return values
+        total = values[0]
+        for value in values[1:]:
+            total = total + value
+        return total
