@@ -456,3 +456,34 @@ def test_graphs_need_the_capability():
 @pytest.mark.skipif(UNET_LAYERS, reason="the U-Net runs in test_graph_trains_as_plain_pytorch")
 def test_unet_waits_for_its_layers():
     pytest.skip("the U-Net case needs unitrain.layers.ConvTranspose2d and Upsample (branch 'leaves')")
+
+
+def dropout_graph():
+    x = Input((6,))
+    a = L.Sequential(L.Linear(6, 8), L.ReLU(), L.Dropout(0.5))
+    b = L.Sequential(L.Dropout(0.25), L.Linear(6, 8))
+    fc = L.Linear(16, 3)
+    return Graph(x, fc(ops.cat([a(x), b(x)], dim=1)), {"a": a, "b": b, "fc": fc})
+
+
+@pytest.mark.parametrize("backend", [param for param in BACKEND_PARAMS if param not in ("numpy", "torch")])
+def test_dropout_in_a_graph_draws_the_masks_of_the_numpy_backend(backend):
+    """Chainer and MindSpore draw a graph's dropout masks from the loop's own stream (PyTorch from
+    its generator), as for a Sequential: in float64 (MindSpore: float32) the NumPy backend's steps."""
+    dtype = "float64" if "float64" in get_backend(backend).capabilities else "float32"
+    rng = np.random.default_rng(0)
+    batch = (rng.random((5, 6)).astype(dtype), rng.integers(0, 3, 5))
+    runs = [[float(loop.step(batch)) for _ in range(3)]
+            for loop in (get_backend(name)(dropout_graph(), optimizer=SGD(lr=LR), dtype=dtype)
+                         for name in ("numpy", backend))]  # fmt: skip
+    # another mask moves the loss by ~0.1; float32 rounding of these sums of 5 x 16 products, far less
+    np.testing.assert_allclose(runs[1], runs[0], rtol=1e-12 if dtype == "float64" else 80 * 2**-24)
+
+
+def test_mindspore_refuses_a_module_with_dropout_called_twice():
+    pytest.importorskip("mindspore")
+    x, block = Input((6,)), L.Sequential(L.Linear(6, 6), L.Dropout(0.5))
+    message = (r"^the mindspore backend: graph module 'block' holds Dropout and is called at 2 nodes \(block, "
+               r"block\); a module with Dropout must be called once, as a whole$")  # fmt: skip
+    with pytest.raises(ValueError, match=message):
+        get_backend("mindspore")(Graph(x, block(block(x)), {"block": block}))
