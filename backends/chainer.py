@@ -12,6 +12,8 @@ What is special about Chainer:
   probability targets of the cross-entropy, BCE with float targets and on probabilities, and
   tie-splitting ``maximum``/``minimum`` for ``CustomLoss``.
 
+* A :class:`~unitrain.graph.Graph` is a Chain of its modules whose forward runs the node list
+  (:mod:`.chainer_graph`); several inputs are passed as several arguments.
 * Training vs. eval is not model state but ``chainer.config.train``; the loop sets it around every
   call. ``predict`` / ``evaluate`` also turn off ``enable_backprop``.
 * Chainer names weights ``W``/``b`` and BatchNorm state ``gamma``/``beta``/``avg_mean``/``avg_var``;
@@ -53,11 +55,14 @@ with warnings.catch_warnings():
     import chainer.links as L
     from chainer.serializers import DictionarySerializer, NpzDeserializer
 
-from unitrain import expr, layers, losses, sequences
+from unitrain import expr, layers, losses, ops, sequences
+from unitrain.graph import Graph
 from unitrain.loop import TrainingLoop
 from unitrain.optim import clip_grad_norm_scale, initial_buffer_value, optimizer_update, starts_as_gradient
 from unitrain.randomness import dropout_mask, dropout_stream, set_stream_state, stream_state
 from unitrain.upsampling import interpolation_matrix
+
+from . import chainer_graph
 
 #: PyTorch's state names -> Chainer's attribute names
 _LINK_NAMES = {"weight": "W", "bias": "b"}
@@ -398,6 +403,19 @@ class _Residual(_Sequence):
         return self._branches["post"](super().forward(x) + self._branches["downsample"](x))
 
 
+class _Graph(_Sequence):
+    """A graph's modules as children named as the spec names them (``encoder/1/W`` is
+    ``encoder.1.weight``); ``forward(*inputs)`` runs its nodes (:func:`chainer_graph.run`)."""
+
+    def __init__(self, spec: Graph):
+        super().__init__()
+        self._input_names, self._output_names = spec.input_names, spec.outputs
+        self._steps = []  # (node name, callable, argument names), filled by the loop's builder
+
+    def forward(self, *inputs):
+        return chainer_graph.run(self._steps, self._input_names, self._output_names, inputs)
+
+
 def _cross_entropy(spec: losses.CrossEntropyLoss, logits, y):
     """Per sample. Class indices without smoothing: Chainer's own softmax cross-entropy. Otherwise
     PyTorch's ``-sum(((1 - ε) * target + ε / C) * log_softmax(logits))``, where ``target`` is the given
@@ -580,7 +598,7 @@ class ChainerLoop(TrainingLoop):
     capabilities = frozenset({
         "dropout", "batchnorm", "conv", "native-model", "float64", "random-state",
         "residual", "activations", "layernorm", "pooling", "losses", "custom-loss", "optimizers", "clipping",
-        "distributed", "training-controls", "sequences",
+        "distributed", "training-controls", "sequences", "graph",
     })  # fmt: skip
 
     # --- building ---------------------------------------------------------------------------
@@ -588,6 +606,7 @@ class ChainerLoop(TrainingLoop):
     def _build(self, model):
         self._rng = dropout_stream(self.seed, self.rank)
         paths = {}  # canonical name -> Chainer serializer path
+        self._natives = {}  # dotted module path -> its native callable, for graphs' call_module nodes
         root = self._node(model, "", "", paths)
         self._paths = {key: paths[key] for key in model.state_shapes()}  # in state_dict order
         self._adopt(root)
@@ -607,6 +626,19 @@ class ChainerLoop(TrainingLoop):
             chain = _Sequence()
             self._fill(chain, spec.children, name, path, paths)
             return chain
+        if isinstance(spec, Graph):
+            chain = _Graph(spec)
+            for child_name, child in spec.children:
+                chain.register(*self._child(chain, child_name, child, name, path, paths))
+            for node in spec.nodes:
+                if node.op == "call_module":
+                    call = self._natives[f"{name}{node.target}"]
+                elif node.target in ops.ACTIVATIONS:
+                    call = self._leaf(ops.ACTIVATIONS[node.target](**node.options))
+                else:
+                    call = functools.partial(chainer_graph.FUNCTIONS[node.target], **node.options)
+                chain._steps.append((node.name, call, node.args))
+            return chain
         layer = self._leaf(spec)
         if isinstance(layer, chainer.Link):
             names = (
@@ -622,7 +654,9 @@ class ChainerLoop(TrainingLoop):
     def _child(self, chain: _Sequence, child_name: str, spec, name: str, path: str, paths: dict):
         """``(attribute, native callable)`` of ``chain``'s child ``child_name``."""
         attribute = chain.child_name(child_name)
-        return attribute, self._node(spec, f"{name}{child_name}.", f"{path}{attribute}/", paths)
+        native = self._node(spec, f"{name}{child_name}.", f"{path}{attribute}/", paths)
+        self._natives[f"{name}{child_name}"] = native
+        return attribute, native
 
     def _fill(self, chain: _Sequence, children, name: str, path: str, paths: dict) -> None:
         """Append ``children`` ((name, spec) pairs) to ``chain``."""
@@ -701,14 +735,21 @@ class ChainerLoop(TrainingLoop):
 
     def _forward(self, x):
         with chainer.using_config("train", self._train):
-            return self.model(x)
+            return self._call(x)
+
+    def _call(self, x):
+        return self.model(*x) if isinstance(x, tuple) else self.model(x)  # a tuple: a graph's inputs
 
     def _loss(self, pred, y):
         return self._compute_loss(pred, y)
 
-    def _compute_loss(self, pred, y, reduction=None):
-        """The loss spec's value; ``reduction`` overrides the spec's own (a CustomLoss has none)."""
-        spec = self.loss_spec
+    def _compute_loss(self, pred, y, reduction=None, spec=None):
+        """The value of the loss spec (default: the loop's); ``reduction`` overrides the spec's
+        own (a CustomLoss has none). A PerOutputLoss sums its losses, as a PyTorch loop writes it."""
+        spec = spec or self.loss_spec
+        if isinstance(spec, losses.PerOutputLoss):
+            parts = [self._compute_loss(p, t, reduction, part) for p, t, part in zip(pred, y, spec.losses, strict=True)]
+            return functools.reduce(operator.add, parts)
         if isinstance(spec, losses.CustomLoss):
             return expr.evaluate(spec.tree, pred, y, _EXPR_OPS)
         terms = _LOSS_TERMS[type(spec)](spec, pred, y)
@@ -726,7 +767,8 @@ class ChainerLoop(TrainingLoop):
         loss = self._loss(pred, y)
         loss.backward()
         self.optimizer.update()
-        self._step_pred = pred.array  # arrays, not Variables: a Variable keeps its graph
+        # arrays, not Variables: a Variable keeps its graph
+        self._step_pred = tuple(p.array for p in pred) if isinstance(pred, tuple) else pred.array
         return loss.array
 
     def _set_lr(self, lr):
@@ -780,11 +822,15 @@ class ChainerLoop(TrainingLoop):
 
     def _predict(self, x):
         with chainer.using_config("train", self._train), chainer.no_backprop_mode():
-            return self.model(x).array
+            pred = self._call(x)
+        return tuple(p.array for p in pred) if isinstance(pred, tuple) else pred.array
 
     def _evaluate_batch(self, x, y):
         with chainer.using_config("train", self._train), chainer.no_backprop_mode():
-            pred = self.model(x)
+            pred = self._call(x)
+            if isinstance(self.loss_spec, losses.PerOutputLoss):  # each output's sum
+                parts = zip(pred, y, self.loss_spec.losses, strict=True)
+                return tuple(float(self._compute_loss(p, t, "sum", part).array) for p, t, part in parts), 0
             loss = self._compute_loss(pred, y, "sum")
         correct = int((pred.array.argmax(axis=1) == y).sum()) if y.dtype.kind == "i" else 0  # class indices
         return float(loss.array), correct

@@ -20,6 +20,8 @@ call their children in order, a residual block adds its body and shortcut where 
 and every Parameter is kept under its dotted PyTorch name (``layer2.0.downsample.1.weight``).
 A CustomLoss becomes a Cell per expression node (:class:`_ExprNode`), compiled into the step
 like the layers.
+A :class:`~unitrain.graph.Graph` is a Cell per node (:mod:`.mindspore_graph`), compiled into the
+same one step; several inputs or targets enter it as ``mutable`` tuples, as the dropout masks.
 
 MindSpore's BatchNorm feeds the unbiased batch variance to its running estimate, as PyTorch
 does, but its ``momentum`` weights the *old* value; ``num_batches_tracked`` is added here.
@@ -42,6 +44,8 @@ from mindspore import Parameter, Tensor, nn, ops
 from unitrain.backends.mindspore_sequences import _Conv1d, _Embedding, _Recurrent, _TakesMasks, _Through2d
 
 from unitrain import expr, layers, sequences
+from unitrain import ops as graph_ops
+from unitrain.graph import Graph
 from unitrain.loop import TrainingLoop
 from unitrain.loss_value import LossExpression
 from unitrain.losses import (
@@ -56,10 +60,13 @@ from unitrain.losses import (
     Loss,
     MSELoss,
     NLLLoss,
+    PerOutputLoss,
     SmoothL1Loss,
 )
 from unitrain.optim import clip_grad_norm_scale, initial_buffer_value, optimizer_update
 from unitrain.randomness import dropout_mask, dropout_stream, set_stream_state, stream_state
+
+from . import mindspore_graph
 
 ms.set_device("CPU")  # the adapter is written and tested for MindSpore's CPU build
 
@@ -179,6 +186,28 @@ class _Residual(_TakesMasks):
         y = self.body(x, masks)
         y = y + (x if self.shortcut is None else _apply(self.shortcut, x, masks))
         return y if self.post is None else _apply(self.post, y, masks)
+
+
+class _Graph(_TakesMasks):
+    """A graph's nodes (:mod:`.mindspore_graph`) run in order, each appending its value to the
+    tuple of values (inputs first); returns the output positions' values."""
+
+    def __init__(self, nodes: list[nn.Cell], several_inputs: bool, outputs: tuple[int, ...]):
+        super().__init__()
+        self.nodes, self.several_inputs, self.outputs = nn.CellList(nodes), several_inputs, outputs
+
+    def construct(self, x, masks):
+        values = (x,)
+        if self.several_inputs:
+            values = tuple(x)
+        for node in self.nodes:
+            values = (*values, node(values, masks))
+        if len(self.outputs) == 1:
+            return values[self.outputs[0]]
+        outputs = ()
+        for index in self.outputs:
+            outputs = (*outputs, values[index])
+        return outputs
 
 
 def _pool(spec) -> nn.Cell:
@@ -332,8 +361,33 @@ class _Builder:
     def __init__(self):
         self.params: dict[str, Parameter] = {}
         self.dropouts = 0
+        self.cells: dict[str, nn.Cell] = {}  # dotted path -> its Cell, for graphs' call_module nodes
 
     def build(self, spec: layers.Layer, path: str) -> nn.Cell:
+        cell = self._build(spec, path)
+        self.cells[path] = cell
+        return cell
+
+    def _build(self, spec: layers.Layer, path: str) -> nn.Cell:
+        if isinstance(spec, Graph):
+            for name, child in spec.children:
+                mindspore_graph.check_dropout(spec, name, child)
+                self.build(child, _join(path, name))
+            where = mindspore_graph.positions(spec)
+            nodes = []
+            for node in spec.nodes:
+                indices = tuple(where[arg] for arg in node.args)
+                if node.op == "call_module":
+                    cell = self.cells[_join(path, node.target)]
+                    nodes.append(mindspore_graph.ModuleNode(cell, indices, isinstance(cell, _TakesMasks)))
+                elif node.target in graph_ops.ACTIVATIONS:
+                    cell = _PLAIN_LEAVES[graph_ops.ACTIVATIONS[node.target]](graph_ops.ACTIVATIONS[node.target](
+                        **node.options))  # fmt: skip
+                    nodes.append(mindspore_graph.ModuleNode(cell, indices, False))
+                else:
+                    fn, static = mindspore_graph.function(node, len(spec.shapes[node.args[0]]) + 1)
+                    nodes.append(mindspore_graph.FunctionNode(fn, indices, static))
+            return _Graph(nodes, len(spec.inputs) > 1, tuple(where[name] for name in spec.outputs))
         if isinstance(spec, layers.Sequential):
             return _Sequential([self.build(child, _join(path, name)) for name, child in spec.children])
         if isinstance(spec, layers.Residual):
@@ -395,6 +449,14 @@ def _dropout_shapes(spec: layers.Layer, shape: tuple[int, ...], found: list) -> 
         if spec.shortcut is not None:
             _dropout_shapes(spec.shortcut, shape, found)
         return out if spec.post is None else _dropout_shapes(spec.post, out, found)
+    if isinstance(spec, Graph):  # in module order, the Builder's numbering (each called once, as a whole)
+        shapes = spec._infer([shape] if len(spec.inputs) == 1 else list(shape), "", {})
+        calls = {node.target: node for node in spec.nodes if node.op == "call_module"}
+        for name, child in spec.children:
+            if mindspore_graph.has_dropout(child):
+                args = [shapes[arg] for arg in calls[name].args]
+                _dropout_shapes(child, args[0] if len(args) == 1 else tuple(args), found)
+        return spec.output_shape(shape)
     if isinstance(spec, layers.Dropout):
         found.append(shape)
     out = spec.output_shape(shape)
@@ -479,9 +541,13 @@ def _custom_loss(tree) -> nn.Cell:
     return expr.evaluate(tree, _ExprInput(0), _ExprInput(1), builders)
 
 
-def _loss_function(spec: Loss, reduction: str):
+def _loss_function(spec: Loss, reduction: str, summed: bool = True):
     """The native loss of ``spec`` with ``reduction`` (MindSpore's losses follow PyTorch's
-    equations, arguments aside: ``nn.HuberLoss``'s ``delta``, ``nn.SmoothL1Loss``'s ``beta``)."""
+    equations, arguments aside: ``nn.HuberLoss``'s ``delta``, ``nn.SmoothL1Loss``'s ``beta``).
+    A PerOutputLoss gives the sum of its losses, or with ``summed=False`` each one's value."""
+    if isinstance(spec, PerOutputLoss):
+        parts = [_loss_function(part, reduction or part.reduction) for part in spec.losses]
+        return mindspore_graph.PerOutputLoss(parts, summed)
     if isinstance(spec, CustomLoss):
         return _custom_loss(spec.tree)
     if isinstance(spec, CrossEntropyLoss):
@@ -509,7 +575,7 @@ class MindSporeLoop(TrainingLoop):
     capabilities = frozenset({
         "dropout", "batchnorm", "conv", "native-model", "random-state",
         "residual", "activations", "layernorm", "pooling", "losses", "custom-loss", "optimizers", "clipping",
-        "distributed", "training-controls", "sequences",
+        "distributed", "training-controls", "sequences", "graph",
     })  # fmt: skip
 
     #: ``False`` runs every step eagerly (PyNative), to debug or to compare speed
@@ -589,7 +655,8 @@ class MindSporeLoop(TrainingLoop):
         cycled = self.lr_schedule is not None and self.lr_schedule.cycles_momentum
         loss_fn = _loss_function(self.loss_spec, getattr(self.loss_spec, "reduction", None))
         # the core evaluates a CustomLoss itself, from predict
-        sum_loss = None if isinstance(self.loss_spec, CustomLoss) else _loss_function(self.loss_spec, "sum")
+        sum_loss = None if isinstance(self.loss_spec, CustomLoss) else _loss_function(self.loss_spec, "sum", False)
+        several_outputs = isinstance(self.loss_spec, PerOutputLoss)
 
         def forward(x, masks):
             return run(x, masks)
@@ -672,6 +739,8 @@ class MindSporeLoop(TrainingLoop):
 
         def evaluate(x, y):
             pred = run(x, ())
+            if several_outputs:  # each output's sum; no accuracy
+                return sum_loss(pred, y), 0
             correct = (pred.argmax(1) == y).sum() if y.dtype == ms.int32 else 0  # class indices only
             return sum_loss(pred, y), correct
 
@@ -684,19 +753,26 @@ class MindSporeLoop(TrainingLoop):
         """Fresh dropout masks for a training forward of ``x`` (scaled by ``1/(1-p)``), else ``()``."""
         if not (self._net.training and isinstance(self._net, _TakesMasks) and self._dropout_p):
             return ()
-        if x.shape[1:] not in self._mask_shapes:
-            _dropout_shapes(self.model_spec, x.shape[1:], shapes := [])
-            self._mask_shapes[x.shape[1:]] = shapes
+        several = isinstance(x, tuple)  # a graph's inputs
+        sample_shape = tuple(part.shape[1:] for part in x) if several else x.shape[1:]
+        if sample_shape not in self._mask_shapes:
+            _dropout_shapes(self.model_spec, sample_shape, shapes := [])
+            self._mask_shapes[sample_shape] = shapes
+        n = len(x[0]) if several else len(x)
         # mutable: a plain tuple of tensors would be a graph constant, compiled again at every step
         return ms.mutable(tuple(
-            Tensor.from_numpy(dropout_mask(self._rng, (len(x), *shape), p, np.float32))
-            for p, shape in zip(self._dropout_p, self._mask_shapes[x.shape[1:]], strict=True)
+            Tensor.from_numpy(dropout_mask(self._rng, (n, *shape), p, np.float32))
+            for p, shape in zip(self._dropout_p, self._mask_shapes[sample_shape], strict=True)
         ))  # fmt: skip
 
-    def _x(self, x: np.ndarray) -> Tensor:
+    def _x(self, x: np.ndarray | tuple) -> Tensor:
+        if isinstance(x, tuple):  # a graph's inputs; mutable, as the masks
+            return ms.mutable(tuple(map(self._x, x)))
         return Tensor.from_numpy(np.ascontiguousarray(x))
 
-    def _y(self, y: np.ndarray) -> Tensor:
+    def _y(self, y: np.ndarray | tuple) -> Tensor:
+        if isinstance(y, tuple):  # one target per output of a graph
+            return ms.mutable(tuple(map(self._y, y)))
         # Integer targets are class indices, which MindSpore's class losses take as int32.
         dtype = np.int32 if y.dtype.kind in "iu" else self.dtype
         return Tensor.from_numpy(np.ascontiguousarray(y, dtype))
@@ -790,10 +866,13 @@ class MindSporeLoop(TrainingLoop):
         return value.asnumpy().copy() if isinstance(value, Tensor) else np.array(value)
 
     def _predict(self, x):
-        return self._fn.forward(self._x(x), ()).asnumpy()
+        pred = self._fn.forward(self._x(x), ())
+        return tuple(part.asnumpy() for part in pred) if isinstance(pred, tuple) else pred.asnumpy()
 
     def _evaluate_batch(self, x, y):
         loss, correct = self._fn.evaluate(self._x(x), self._y(y))
+        if isinstance(loss, tuple):  # each output's sum
+            return tuple(map(float, loss)), 0
         return float(loss), int(correct)
 
     # --- data parallel: mindspore.communication (launched by msrun; mccl on CPU) --------------
