@@ -477,13 +477,14 @@ def test_new_loss_value_and_step_match_torch(name, torch_single_thread):
     pred = pred.numpy()
     if y.dtype.kind == "i":
         assert metrics["num_correct"] == int((pred.argmax(1) == y).sum())
-    elif isinstance(loss, ut.BCEWithLogitsLoss):
-        assert metrics["accuracy"] == ((pred > 0) == (y > 0.5)).mean()
+    elif isinstance(loss, (ut.BCEWithLogitsLoss, ut.BCELoss)):  # a logit's sign, a probability's half
+        threshold = 0 if isinstance(loss, ut.BCEWithLogitsLoss) else 0.5
+        assert metrics["accuracy"] == ((pred > threshold) == (y > 0.5)).mean()
     elif loss.class_targets:
         assert metrics["accuracy"] == (pred.argmax(1) == y.argmax(1)).mean()
     else:
         assert np.isnan(metrics["accuracy"])
-    if not loss.class_targets and not isinstance(loss, (ut.BCEWithLogitsLoss, ut.CustomLoss)):
+    if not loss.class_targets and not isinstance(loss, (ut.BCEWithLogitsLoss, ut.BCELoss, ut.CustomLoss)):
         errors = pred.astype(np.float64) - y
         assert metrics["mse"] == pytest.approx(np.square(errors).mean(), rel=1e-12)
         assert metrics["mae"] == pytest.approx(np.abs(errors).mean(), rel=1e-12)

@@ -165,7 +165,7 @@ from .controls import EarlyStopping, EarlyStoppingState, ParamGroup, resolve_gro
 from .data import ArrayDataset, DataError
 from .distributed import shard
 from .layers import Container, _BatchNorm, check_buildable
-from .losses import BCEWithLogitsLoss, CrossEntropyLoss, CustomLoss, Loss
+from .losses import BCELoss, BCEWithLogitsLoss, CrossEntropyLoss, CustomLoss, Loss
 from .optim import SGD, Optimizer
 from .optim import momentum as momentum_of
 from .schedules import LRSchedule, check_schedule_length, scheduled_optimizer
@@ -642,10 +642,10 @@ class TrainingLoop(ABC):
         targets are decides the rest (:meth:`_measures`): ``accuracy`` counts ``argmax(pred) == y``
         for class indices, ``argmax(pred) == argmax(y)`` for class probabilities of the class
         losses and one-hot targets of the other elementwise losses, and for ``BCEWithLogitsLoss``
-        the share of labels whose logit's sign matches the 0/1 target (Keras'
-        ``binary_accuracy``); NaN otherwise (a CustomLoss, regression). The elementwise losses but
-        ``BCEWithLogitsLoss`` add ``mse`` and ``mae``, the mean squared and absolute errors per
-        element."""
+        and ``BCELoss`` the share of labels whose logit's sign (probability's side of 0.5) matches
+        the 0/1 target (Keras' ``binary_accuracy``); NaN otherwise (a CustomLoss, regression). The
+        elementwise losses but the binary ones add ``mse`` and ``mae``, the mean squared and
+        absolute errors per element."""
         dataset = ArrayDataset.of(dataset)
         if len(dataset) == 0:  # no mean loss, no accuracy: only NaN and 0/0
             raise DataError("evaluate: the dataset holds no samples; expected at least one")
@@ -667,8 +667,8 @@ class TrainingLoop(ABC):
                     correct += batch_correct
                 elif accuracy or errors:  # measured from the predictions, in float64
                     pred, target = self._predict(x).astype(np.float64), y.astype(np.float64)
-                    if isinstance(self.loss_spec, BCEWithLogitsLoss):
-                        correct += int(((pred > 0) == (target > 0.5)).sum())
+                    if (threshold := _BINARY_THRESHOLDS.get(type(self.loss_spec))) is not None:
+                        correct += int(((pred > threshold) == (target > 0.5)).sum())
                     elif accuracy:
                         correct += int((pred.argmax(1) == target.argmax(1)).sum())
                     if errors:
@@ -679,7 +679,7 @@ class TrainingLoop(ABC):
         elements = max(1, int(np.prod(dataset.y.shape[1:])))
         if not self.loss_spec.class_targets and not isinstance(self.loss_spec, CustomLoss):
             per_sample /= elements  # elementwise losses average elements
-        counted = n * elements if isinstance(self.loss_spec, BCEWithLogitsLoss) else n
+        counted = n * elements if type(self.loss_spec) in _BINARY_THRESHOLDS else n
         metrics = {
             "loss": per_sample,
             "accuracy": correct / counted if counted and accuracy else float("nan"),
@@ -698,7 +698,7 @@ class TrainingLoop(ABC):
             return False, False
         if self.loss_spec.class_targets:
             return True, False
-        if isinstance(self.loss_spec, BCEWithLogitsLoss):
+        if type(self.loss_spec) in _BINARY_THRESHOLDS:
             return True, False
         one_hot = y.ndim == 2 and y.size > 0 and bool(np.isin(y, (0, 1)).all() and (y.sum(1) == 1).all())
         return one_hot, True
@@ -1127,6 +1127,10 @@ def _call(extensions, hook: str, *args) -> None:
         method = getattr(extension, hook, None)
         if method is not None:
             method(*args)
+
+
+#: the binary losses' decision threshold on a prediction: a logit's sign, a probability's half
+_BINARY_THRESHOLDS = {BCEWithLogitsLoss: 0.0, BCELoss: 0.5}
 
 
 def _samples(y) -> int:
