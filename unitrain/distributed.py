@@ -274,6 +274,10 @@ def run(launcher: str, nproc: int, argv: list[str], master_port: int | None) -> 
             chunk = b"".join(line + b"\n" for line in lines if not _MINDSPORE_LOG.match(line))
         else:
             chunk, partial = _shown(partial + chunk, held)
+            if received is None:  # a rank its launcher stopped because a peer failed: part of the report
+                lines = chunk.splitlines(keepends=True)
+                held += b"".join(line for line in lines if line.rstrip() == _STOPPED_BY_LAUNCHER)
+                chunk = b"".join(line for line in lines if line.rstrip() != _STOPPED_BY_LAUNCHER)
         if received is not None:
             # stopping as asked: the workers say where they checkpointed; the launchers' reports of
             # workers ending with a non-zero status (tracebacks, MPI_ABORT notices) are noise now
@@ -304,6 +308,8 @@ def run(launcher: str, nproc: int, argv: list[str], master_port: int | None) -> 
     return _exit_status(failed, status)
 
 
+#: what a rank says when a signal ends it before it can checkpoint (unitrain.signals)
+_STOPPED_BY_LAUNCHER = b"unitrain: interrupted"
 #: the workers' and launchers' stderr held back while a job runs, at most (its end is kept)
 _HELD_BYTES = 1 << 20
 
