@@ -31,6 +31,7 @@ from torch_reference import (  # noqa: E402 (after the importorskip)
     numpy_state,
     optimizer_buffers,
     torch_layers,
+    torch_optimizer_arguments,
 )
 
 BACKENDS = installed_backends()
@@ -53,12 +54,7 @@ def data(samples, seed=SEED):
 
 
 def torch_optimizer(spec, groups):
-    """torch.optim's optimizer of ``spec``'s kind: its fields are torch's arguments, but for the equation
-    switches of other frameworks' dialects (PyTorch's equations here)."""
-    arguments = {name: getattr(spec, name) for name in spec.__dataclass_fields__}
-    assert arguments.pop("lr_in_velocity", False) is False and arguments.pop("eps_placement", "after_correction") == (
-        "after_correction"
-    )
+    arguments = torch_optimizer_arguments(spec)
     return getattr(torch.optim, type(spec).__name__)(groups, **arguments, foreach=False)
 
 

@@ -20,7 +20,15 @@ from unitrain.run import Run, RunError
 torch = pytest.importorskip("torch")
 
 from test_optim_schedules import _slow_on_mindspore, _small_run  # noqa: E402 (after the importorskip)
-from torch_reference import SEED, assert_within_drift, expected_run, random_batches, reference, torch_runs  # noqa: E402
+from torch_reference import (  # noqa: E402
+    SEED,
+    assert_within_drift,
+    expected_run,
+    random_batches,
+    reference,
+    torch_optimizer_arguments,
+    torch_runs,
+)
 
 T = torch.optim.lr_scheduler
 
@@ -96,7 +104,7 @@ TRAINED = [
 def _torch_runs(spec, text):
     """The batches and PyTorch's runs (optimizer stepped, then its OneCycleLR), once for all backends."""
     batches = random_batches((784,), 10, STEPS, batch_size=8)
-    arguments = {name: getattr(spec, name) for name in spec.__dataclass_fields__}
+    arguments = torch_optimizer_arguments(spec)
     spec_schedule = schedules.parse_schedule(text)
     return batches, torch_runs(
         lambda dtype: reference("mlp", dtype),

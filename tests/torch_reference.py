@@ -113,6 +113,15 @@ def _reversed(value):
     return tuple(map(_reversed, value)) if isinstance(value, tuple) else value[::-1].copy()
 
 
+def torch_optimizer_arguments(spec) -> dict:
+    """An optimizer spec's fields as ``torch.optim``'s arguments of the same names, but for the switches
+    of other frameworks' equations (dialects), which must be at PyTorch's values."""
+    arguments = {name: getattr(spec, name) for name in spec.__dataclass_fields__}
+    assert arguments.pop("lr_in_velocity", False) is False
+    assert arguments.pop("eps_placement", "after_correction") == "after_correction"
+    return arguments
+
+
 def train_torch(model, optimizer, batches, scheduler=None, criterion=F.cross_entropy):
     """The hand-written PyTorch training loop (``criterion(output, target)``, cross-entropy by default;
     inputs in the model's dtype, a tuple of them passed as several arguments; ``scheduler`` stepped

@@ -15,6 +15,7 @@ import numpy as np
 
 from unitrain.layers import Flatten, Linear, ReLU
 from unitrain.loop import TrainingLoop
+from unitrain.loss_value import LossExpression
 from unitrain.losses import MSELoss, NLLLoss
 from unitrain.optim import Adam, adam_update, sgd_update
 
@@ -73,10 +74,11 @@ class TinyDenseLoop(TrainingLoop):
     def _loss(self, pred, y):
         terms, grad = _loss_terms(self.loss_spec, pred, y)
         scale = 1 / terms.size if self.loss_spec.reduction == "mean" else 1
-        return terms.sum() * self.dtype.type(scale), (grad * self.dtype.type(scale)).astype(self.dtype)
+        # the core's LossExpression takes the arithmetic of the tutorial-shaped step (loss * 0.5, ...)
+        return LossExpression(terms.sum() * self.dtype.type(scale), (grad * self.dtype.type(scale)).astype(self.dtype))
 
     def _backward(self, loss):
-        grad = loss[1]
+        grad = (loss.origin * self.dtype.type(loss.slope)).astype(self.dtype)
         for (name, layer), x in zip(reversed(self._layers), reversed(self._inputs), strict=True):
             if isinstance(layer, Linear):
                 self._grads[f"{name}.weight"] += grad.T @ x
@@ -110,11 +112,11 @@ class TinyDenseLoop(TrainingLoop):
         loss = self._loss(self._forward(x), y)
         self._backward(loss)
         self._update()
-        return loss[0]
+        return loss.value
 
     @staticmethod
     def to_float(value):
-        return float(value[0] if isinstance(value, tuple) else value)
+        return float(value)
 
     def _predict(self, x):
         return self._run(x)[0]
