@@ -23,6 +23,7 @@ import unitrain
 from unitrain.checkpoint import MANIFEST, RANDOM, CheckpointError, load_checkpoint, save_checkpoint
 from unitrain.data import DataError, load_mnist, packaged_mnist_dir
 from unitrain.datasets import NPZ_KEYS
+from unitrain.files import LOCK_FILE
 from unitrain.layers import MODEL_PATTERN
 from unitrain.randomness import STREAM_KEY
 from unitrain.weights import WeightsError, check_state, load_safetensors, save_safetensors
@@ -60,12 +61,14 @@ def regular_files(root: Path) -> dict:
 
 
 def assert_refused(root: Path, args, message: str):
+    """One line, exit 2, and every file under ``root`` as it was (a checkpoint directory's lock file,
+    which holds no data and stays by design, may appear)."""
     before = regular_files(root)
     result = cli(*args)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr, result.stderr
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("unitrain: error: "), result.stderr
-    assert regular_files(root) == before
+    assert {path: digest for path, digest in regular_files(root).items() if path.name != LOCK_FILE} == before
 
 
 def header_file(path: Path, header: str, body: bytes = b"") -> Path:

@@ -345,8 +345,9 @@ class Checkpoint:
                                   f"multiple of {accumulate}")  # fmt: skip
         if self.step != self.epoch * steps + self.batch // accumulate:
             expected = self.epoch * steps + self.batch // accumulate
+            per_step = f" / {accumulate}" if accumulate > 1 else ""
             raise CheckpointError(f"{where}, so its step {short(self.step)} must be epoch {short(self.epoch)} "
-                                  f"x {steps} + batch {self.batch} / {accumulate} = {short(expected)}")  # fmt: skip
+                                  f"x {steps} + batch {self.batch}{per_step} = {short(expected)}")  # fmt: skip
 
     def restore(self, loop) -> None:
         """Load weights, optimizer state and step count into ``loop`` (any backend), which must
