@@ -34,14 +34,10 @@ class _Graph:
         return name
 
     def ints(self, path: str, values) -> str:
-        """An int64 initializer (axes, starts, shapes: inputs of Slice, Reshape, Unsqueeze, Reduce*)."""
+        """An int64 initializer (axes, starts, shapes, sizes: inputs of Slice, Reshape, Unsqueeze, Reduce*,
+        Resize)."""
         self._count += 1
         return self.tensor(f"{path}:ints{self._count}", np.asarray(values, np.int64), np.int64)
-
-    def integers(self, name: str, values) -> str:
-        """An int64 initializer (a shape, sizes) named ``name``."""
-        self.initializers.append(numpy_helper.from_array(np.asarray(values, np.int64), name))
-        return name
 
     def op(self, kind: str, inputs: list[str], path: str, **attributes) -> str:
         self._count += 1
@@ -119,7 +115,7 @@ def _leaf(graph: _Graph, layer: layers.Layer, x: str, path: str, shape: tuple[in
         if layer.flattened_dims(len(shape) + 1) == (1, len(shape)):
             return graph.op("Flatten", [x], path, axis=1)
         # Reshape: 0 keeps the batch size, the rest is the per-sample output shape
-        return graph.op("Reshape", [x, graph.integers(f"{path}.shape", [0, *layer.output_shape(shape)])], path)
+        return graph.op("Reshape", [x, graph.ints(path, [0, *layer.output_shape(shape)])], path)
     raise WeightsError(f"{path}: unitrain cannot export {layer} to ONNX")
 
 
@@ -133,7 +129,7 @@ def _resize(graph: _Graph, layer: layers.Upsample, x: str, path: str, shape: tup
     if fractional and not layer.align_corners:
         raise WeightsError(f"{path}: ONNX Resize cannot index as PyTorch does for {layer}; give the "
                            "output size instead of a fractional scale_factor")  # fmt: skip
-    sizes = graph.integers(f"{path}.sizes", layer.output_shape(shape)[1:])
+    sizes = graph.ints(path, layer.output_shape(shape)[1:])
     if layer.mode == "nearest":
         transform = {"coordinate_transformation_mode": "asymmetric", "mode": "nearest", "nearest_mode": "floor"}
     else:
