@@ -109,11 +109,16 @@ class Graph(Container):
     outputs: tuple[str, ...]
     #: each node's per-sample output shape, inferred from the inputs' shapes
     shapes: dict = field(compare=False, repr=False)
+    #: the weights every loop starts from instead of ``init_weights``' draws (an imported model's own:
+    #: ``unitrain.from_torch``); not part of the spec's value or its JSON
+    initial_state: dict | None = field(default=None, compare=False, repr=False)
 
-    def __init__(self, inputs, outputs, modules: Mapping[str, Layer] | None = None):
+    def __init__(self, inputs, outputs, modules: Mapping[str, Layer] | None = None, *,
+                 initial_state: Mapping | None = None):  # fmt: skip
         """``inputs``: a :func:`Input` tensor or a sequence of them; ``outputs``: a tensor or a
         sequence of them (several outputs); ``modules``: name -> layer spec for every layer
-        called (weightless activations excepted), in ``state_dict`` order."""
+        called (weightless activations excepted), in ``state_dict`` order; ``initial_state``:
+        the weights to start from (``state_dict`` keys and shapes)."""
         input_tensors = [inputs] if isinstance(inputs, Tensor) else list(inputs)
         output_tensors = [outputs] if isinstance(outputs, Tensor) else list(outputs)
         modules = dict(modules or {})
@@ -146,12 +151,21 @@ class Graph(Container):
                     op, target, kwargs = "call_function", *function
                 else:
                     target = path
-            name = _fresh(target.replace(".", "_"), taken)
+            name = _fresh(
+                re.sub(r"^(?=\d)", "_", target.replace(".", "_")), taken
+            )  # torch.fx's names: 0.conv -> _0_conv
             names[id(tensor)] = name
             args = tuple(names[id(arg)] for arg in tensor.args)
             nodes.append(Node(name, op, target, args, tuple((k, _frozen(v)) for k, v in kwargs.items())))
         input_specs = [(tensor.target, tensor.sample_shape) for tensor in input_tensors]
         self._setup(input_specs, tuple(modules.items()), nodes, [names[id(tensor)] for tensor in output_tensors])
+        if initial_state is not None:
+            shapes = self.state_shapes()
+            state = dict(initial_state)
+            if list(state) != list(shapes) or any(tuple(state[k].shape) != shapes[k] for k in shapes):
+                given = {key: tuple(value.shape) for key, value in state.items()}
+                raise ValueError(f"Graph: initial_state has {given}, the modules' state_dict {shapes}")
+            object.__setattr__(self, "initial_state", state)
 
     @classmethod
     def from_nodes(cls, inputs: Mapping[str, Sequence[int]], nodes: Sequence[Node], outputs: Sequence[str],

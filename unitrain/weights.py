@@ -44,8 +44,11 @@ def init_weights(model: Container, seed: int) -> State:
     (its weight's dimension 1). BatchNorm and LayerNorm weight 1, bias 0, running mean 0, running
     variance 1. Conv1d as Conv2d's default; Embedding ``~ N(0, 1)`` with the ``padding_idx`` row zeroed; RNN, LSTM
     and GRU weights and biases ``~ U(-1/sqrt(hidden_size), 1/sqrt(hidden_size))`` (PyTorch's
-    defaults).
+    defaults). A graph with an ``initial_state`` (an imported model's weights) starts from
+    that instead, whatever the seed.
     """
+    if getattr(model, "initial_state", None) is not None:
+        return {key: value.copy() for key, value in model.initial_state.items()}
     rng = np.random.default_rng(seed)
     state: State = {}
     for name, layer in model.named_layers():
