@@ -242,7 +242,7 @@ def _index(node, args, kwargs, values):
 
 
 def _pad(node, args, kwargs):
-    x, pad, mode, value = _bind(args, kwargs, "input pad mode='constant' value=None")
+    x, pad = _bind(args, kwargs, "input pad")
     if any(pad):
         raise ValueError(
             f"padding by {list(pad)} is not supported (only by nothing, as a U-Net's F.pad of equal sizes)"
@@ -301,7 +301,7 @@ _OPERATIONS = {
     "transpose": lambda n, a, k: ops.transpose(*_bind(a, k, "input dim0 dim1")),
     "split": lambda n, a, k: ops.split(*_bind(a, k, "tensor split_size_or_sections dim=0")),
     "chunk": lambda n, a, k: ops.chunk(*_bind(a, k, "input chunks dim=0")),
-    "narrow": lambda n, a, k: ops.function("narrow", a[0], **dict(zip(("dim", "start", "length"), a[1:], strict=True)), **k),
+    "narrow": lambda n, a, k: ops.Tensor.narrow(*_bind(a, k, "input dim start length")),
     "sum": _reduce("sum"), "mean": _reduce("mean"), "relu": _activation("relu", "input inplace=False"),
     "sigmoid": _activation("sigmoid"), "tanh": _activation("tanh"),
     "gelu": _activation("gelu", "input approximate='none'", "approximate"),
