@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ast
 import builtins
+import copy
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import fields
@@ -215,19 +216,13 @@ def _flatten(node, args, kwargs):
 
 
 def _view(node, args, kwargs, values):
-    """``view``/``reshape``/``squeeze``/``unsqueeze``: the per-sample shape the example gave, keeping
-    a ``-1`` the module wrote after the batch entry; the batch axis must stay."""
-    x = args[0]
+    """``view``/``reshape``/``squeeze``/``unsqueeze``: to the per-sample shape it gave the example
+    (``x.view(x.size(0), -1)``, ``x.view(len(x), 1, -1)``...); the batch axis must stay."""
     before, after = values[node.args[0]].shape, values[node].shape
     if not after or after[0] != before[0]:
         raise ValueError(f"it turns a batch of {before[0]} into {tuple(after)[:1] or 'a scalar'}: the batch axis "
                          f"must stay first (unitrain keeps samples apart)")  # fmt: skip
-    shape = list(after[1:])
-    if node.target in ("view", "reshape"):
-        written = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
-        if len(written) == len(after):
-            shape = [-1 if entry == -1 else size for entry, size in zip(written[1:], shape, strict=True)]
-    return ops.reshape(x, None, *shape)
+    return ops.reshape(args[0], None, *after[1:])
 
 
 def _index(node, args, kwargs, values):
@@ -432,8 +427,10 @@ class _Importer:
             return _LAYERED[name](node, args, kwargs, self)
         if name in _OPERATIONS:
             return _OPERATIONS[name](node, args, kwargs)
-        supported = ", ".join(sorted({*_OPERATIONS, *_SHAPED, *_LAYERED}))
-        raise ValueError(f"has no unitrain operation; supported: {supported} and the layers' modules")
+        raise ValueError(
+            "has no unitrain operation (docs/graphs.md lists what imports); write it with "
+            "the supported layers and functions"
+        )
 
 
 class _Recurrent:
@@ -511,8 +508,8 @@ def from_torch(module: nn.Module, example_inputs) -> Graph:
         raise ValueError("from_torch: example_inputs must be a tensor or a tuple of tensors, each a batch of "
                          "samples (at least 2 axes: the batch first)")  # fmt: skip
     tracer = _Tracer(examples)
-    try:
-        traced = tracer.trace(module)
+    try:  # on a copy: running the nodes updates a training BatchNorm's statistics
+        traced = tracer.trace(copy.deepcopy(module))
     except (fx.proxy.TraceError, RuntimeError, TypeError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"from_torch: torch.fx cannot trace {type(module).__name__}.forward: {first}") from None
@@ -520,7 +517,7 @@ def from_torch(module: nn.Module, example_inputs) -> Graph:
     if placeholders != len(examples):
         raise ValueError(f"from_torch: {type(module).__name__}.forward takes {placeholders} inputs, "
                          f"{len(examples)} example inputs given")  # fmt: skip
-    importer = _Importer(module, tracer)
+    importer = _Importer(tracer.root, tracer)
     inputs, outputs = importer.run(traced)
     modules = {**_namespaces(module, importer.specs), **importer.functional}
     try:
@@ -601,6 +598,9 @@ def to_torch(graph: Graph, state=None) -> fx.GraphModule:
     outputs = [env[name] for name in graph.outputs]
     code.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
     module = fx.GraphModule(root, code, class_name="GraphModule")
+    # GraphModule copies the called modules in call order; the state_dict's order is registration order
+    module._modules.clear()
+    module._modules.update(root._modules)
     state = init_weights(graph, 0) if state is None else state
     module.load_state_dict({key: torch.from_numpy(np.asarray(value)) for key, value in state.items()})
     return module
