@@ -470,17 +470,28 @@ def test_onnx_export_of_a_graph_runs_as_unitrain(make, tmp_path):
     np.testing.assert_allclose(session.run(["output"], {"input": x})[0], loop.predict(x), rtol=0, atol=1e-4)
 
 
-def test_onnx_export_refuses_several_inputs_in_one_line(tmp_path):
-    pytest.importorskip("onnx")
+@pytest.mark.parametrize("make", [two_inputs, two_outputs])
+def test_onnx_export_of_several_inputs_and_outputs_names_each(make, tmp_path):
+    """Several inputs: each under its graph name; several outputs: each under its node's name."""
+    onnxruntime = pytest.importorskip("onnxruntime")
     from unitrain.convert import convert
-    from unitrain.weights import WeightsError, save_safetensors
+    from unitrain.weights import save_safetensors
 
-    model = two_inputs()
-    save_safetensors(tmp_path / "w.safetensors", init_weights(model, 0))
-    with pytest.raises(WeightsError, match=r"^the model: ONNX export takes graphs of one input and one output, "
-                                           r"this one has 2 and 1$"):  # fmt: skip
-        convert(tmp_path / "w.safetensors", tmp_path / "m.onnx", model)
-    assert not (tmp_path / "m.onnx").exists()
+    model = make()
+    loop = NumpyLoop(model, loss=PerOutputLoss(CrossEntropyLoss(), MSELoss()) if len(model.outputs) > 1 else None)
+    save_safetensors(tmp_path / "w.safetensors", loop.state_dict())
+    convert(tmp_path / "w.safetensors", tmp_path / "m.onnx", model)
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    xs = tuple(rng.normal(size=(16, *shape)).astype(np.float32) for shape in model.input_shapes)
+    names = [value.name for value in session.get_inputs()]
+    assert names == (["input"] if len(xs) == 1 else list(model.input_names))
+    outputs = [value.name for value in session.get_outputs()]
+    assert outputs == (["output"] if len(model.outputs) == 1 else list(model.outputs))
+    got = session.run(outputs, dict(zip(names, xs, strict=True)))
+    expected = loop.predict(xs[0] if len(xs) == 1 else xs)
+    for value, want in zip(got, expected if isinstance(expected, tuple) else (expected,), strict=True):
+        np.testing.assert_allclose(value, want, rtol=0, atol=1e-5)
 
 
 def test_graphs_need_the_capability():
