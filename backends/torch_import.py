@@ -71,14 +71,19 @@ class _Tracer(fx.Tracer):
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda arg: self.values[arg])
         # run it as plain PyTorch: with fx's patches of nn.Module.__call__ and __getattr__ undone
         with torch.no_grad(), _maybe_revert_all_patches():
-            if kind == "call_module":
-                self.values[node] = self.root.get_submodule(target)(*args, **kwargs)
-            elif kind == "call_method":
-                self.values[node] = getattr(args[0], target)(*args[1:], **kwargs)
-            elif kind == "call_function":
-                self.values[node] = target(*args, **kwargs)
-            else:  # get_attr: refused when mapped, its value kept for the trace to go on
-                self.values[node] = operator.attrgetter(target)(self.root)
+            try:
+                if kind == "call_module":
+                    self.values[node] = self.root.get_submodule(target)(*args, **kwargs)
+                elif kind == "call_method":
+                    self.values[node] = getattr(args[0], target)(*args[1:], **kwargs)
+                elif kind == "call_function":
+                    self.values[node] = target(*args, **kwargs)
+                else:  # get_attr: refused when mapped, its value kept for the trace to go on
+                    self.values[node] = operator.attrgetter(target)(self.root)
+            except Exception as error:  # the user's module on the user's example: anything
+                text = " ".join(str(error).split())[:300]
+                raise ValueError(f"from_torch: node {node.name!r} ({_target(node)}) fails on the example inputs: "
+                                 f"{type(error).__name__}: {text}") from None
         return proxy
 
 
@@ -297,6 +302,7 @@ _OPERATIONS = {
     "split": lambda n, a, k: ops.split(*_bind(a, k, "tensor split_size_or_sections dim=0")),
     "chunk": lambda n, a, k: ops.chunk(*_bind(a, k, "input chunks dim=0")),
     "narrow": lambda n, a, k: ops.Tensor.narrow(*_bind(a, k, "input dim start length")),
+    "select": lambda n, a, k: ops.Tensor.select(*_bind(a, k, "input dim index")),
     "sum": _reduce("sum"), "mean": _reduce("mean"), "relu": _activation("relu", "input inplace=False"),
     "sigmoid": _activation("sigmoid"), "tanh": _activation("tanh"),
     "gelu": _activation("gelu", "input approximate='none'", "approximate"),
@@ -331,6 +337,7 @@ _FUNCTIONS: dict[Callable, str] = {
     torch.matmul: "matmul", torch.bmm: "bmm", torch.cat: "cat", torch.concat: "concat",
     torch.concatenate: "concatenate", torch.stack: "stack", torch.flatten: "flatten", torch.permute: "permute",
     torch.transpose: "transpose", torch.split: "split", torch.chunk: "chunk", torch.narrow: "narrow",
+    torch.select: "select",
     torch.reshape: "reshape", torch.squeeze: "squeeze", torch.unsqueeze: "unsqueeze", torch.sum: "sum",
     torch.mean: "mean", torch.relu: "relu", torch.sigmoid: "sigmoid", torch.tanh: "tanh", torch.clamp: "clamp",
     torch.softmax: "softmax", torch.log_softmax: "log_softmax", F.relu: "relu", F.sigmoid: "sigmoid",
@@ -510,7 +517,9 @@ def from_torch(module: nn.Module, example_inputs) -> Graph:
     tracer = _Tracer(examples)
     try:  # on a copy: running the nodes updates a training BatchNorm's statistics
         traced = tracer.trace(copy.deepcopy(module))
-    except (fx.proxy.TraceError, RuntimeError, TypeError) as error:
+    except Exception as error:  # fx's TraceError, or the user's forward failing on proxies
+        if isinstance(error, ValueError) and str(error).startswith("from_torch:"):
+            raise
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"from_torch: torch.fx cannot trace {type(module).__name__}.forward: {first}") from None
     placeholders = sum(1 for node in traced.nodes if node.op == "placeholder")
@@ -543,8 +552,9 @@ def _fx_call(graph: fx.Graph, op: str, args: list, options: dict, rank: int, sha
         return graph.call_function(getattr(torch, op), (tuple(args),), {"dim": options["dim"]})
     if op == "reshape":  # -1: the batch
         return graph.call_method("reshape", (args[0], -1, *shape))
-    if op in ("sum", "mean"):
-        dims = ops.reduced_dims(options.get("dim"), rank, op)
+    if op in ("sum", "mean"):  # dim None: every per-sample axis
+        dims = options.get("dim")
+        dims = ops.reduced_dims(dims, rank, op) if dims is None else dims
         return graph.call_method(op, (args[0], dims), {"keepdim": options.get("keepdim", False)})
     if op == "permute":
         return graph.call_method("permute", (args[0], *options["dims"]))

@@ -22,7 +22,16 @@ import torch.nn.functional as F
 import torch_tutorials as T
 from conftest import installed_backends
 from torch import nn
-from torch_reference import assert_states_equal, assert_within_drift, expected_run, numpy_state, torch_runs
+from torch_reference import (
+    GarmentClassifier,
+    ResNet18,
+    assert_states_equal,
+    assert_within_drift,
+    expected_run,
+    float64_tolerances,
+    numpy_state,
+    torch_runs,
+)
 
 import unitrain
 from unitrain import layers as L
@@ -182,6 +191,72 @@ def test_the_import_keeps_dropout_and_the_node_list_reads_as_the_tutorial():
     assert unitrain.make_loop("numpy", tagger).predict(np.arange(7)[:, None]).shape == (7, 3)
     unet = imported("unet")
     assert unet.get_submodule("up1.conv.double_conv.1") == L.BatchNorm2d(4)
+
+
+class EveryOperation(nn.Module):
+    """The functions and methods the import maps, between layers (two outputs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.ln, self.bn = nn.Linear(12, 12), nn.LayerNorm(12), nn.BatchNorm1d(12)
+        self.conv1d, self.gru = nn.Conv1d(2, 4, 3, padding=1), nn.GRU(4, 5, batch_first=True)
+
+    def forward(self, x):
+        h = self.bn(self.ln(self.fc(x)))
+        a, b = torch.split(h, [4, 8], dim=1)
+        c = torch.stack([a, b[:, :4]], dim=1)
+        d = c.permute(0, 2, 1) @ c
+        e = torch.softmax(d, dim=-1).sum(dim=2) + d.transpose(1, 2).mean(2)
+        f = F.gelu(e) * torch.sigmoid(e) - F.elu(e, alpha=0.5) / 2
+        g = self.conv1d(F.leaky_relu(h.view(-1, 2, 6), 0.2))
+        o, _ = self.gru(g.transpose(1, 2))
+        k = o[:, -1] + o[..., 0:1].squeeze(-1)[:, :5]
+        z = torch.cat([f, k, h.unsqueeze(1).flatten(1)], 1)
+        return F.log_softmax(z, 1), torch.tanh(k.chunk(5, 1)[2])
+
+
+class Images(nn.Module):
+    """The functional pools and interpolation, SiLU and ConvTranspose2d."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.up = nn.Conv2d(3, 4, 3, padding=1), nn.ConvTranspose2d(4, 2, 2, stride=2)
+
+    def forward(self, x):
+        y = F.adaptive_avg_pool2d(F.avg_pool2d(F.silu(self.conv(x)), 2), (2, 2))
+        u = F.interpolate(y, scale_factor=2, mode="bilinear", align_corners=False)
+        return self.up(u).mean((2, 3)) + F.interpolate(y, size=(3, 3)).sum((2, 3)).narrow(1, 0, 2)
+
+
+@pytest.mark.parametrize(
+    ("make", "shape"),
+    [(EveryOperation, (12,)), (Images, (3, 8, 8)), (lambda: ResNet18(10, 1), (1, 28, 28)),
+     (GarmentClassifier, (1, 28, 28))],
+    ids=["every-operation", "images", "resnet18", "training-with-pytorch"],
+)  # fmt: skip
+def test_more_modules_import_as_torch_computes_them(make, shape):
+    """In float64 (the module's float32 weights, widened): the NumPy backend's eval-mode outputs
+    within the conformance formula of the module's; to_torch gives it back, bit for bit."""
+    torch.manual_seed(0)
+    module = make()
+    x = torch.rand(2, *shape)
+    graph = unitrain.from_torch(module, x)
+    loss = unitrain.PerOutputLoss(NLLLoss(), MSELoss()) if len(graph.outputs) > 1 else None
+    loop = get_backend("numpy")(graph, loss=loss, dtype="float64")
+    loop.eval()
+    got = loop.predict(x.numpy().astype(np.float64))
+    with torch.no_grad():
+        want = copy.deepcopy(module).double().eval()(x.double())
+        back = unitrain.to_torch(graph).eval()(x)
+        own = module.eval()(x)
+    want, got = (want, got) if isinstance(want, tuple) else ((want,), (got,))
+    expected = {f"output{k}": value.numpy() for k, value in enumerate(want)}
+    size = 2 * max(math.prod(s) for s in (*graph.shapes.values(), shape))
+    assert_within_drift({f"output{k}": value for k, value in enumerate(got)}, expected,
+                        float64_tolerances(expected, size))  # fmt: skip
+    for mine, theirs in zip(back if isinstance(back, tuple) else (back,), own if isinstance(own, tuple) else (own,),
+                            strict=True):  # fmt: skip
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
 
 
 class Tied(nn.Module):  # the word language model's decoder.weight = encoder.weight, across layer kinds
