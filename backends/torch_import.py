@@ -82,8 +82,10 @@ class _Tracer(fx.Tracer):
                     self.values[node] = operator.attrgetter(target)(self.root)
             except Exception as error:  # the user's module on the user's example: anything
                 text = " ".join(str(error).split())[:300]
-                raise ValueError(f"from_torch: node {node.name!r} ({_target(node)}) fails on the example inputs: "
-                                 f"{type(error).__name__}: {text}") from None
+                raise ValueError(
+                    f"from_torch: node {node.name!r} ({_target(node)}) fails on the example inputs: "
+                    f"{type(error).__name__}: {text}"
+                ) from None
         return proxy
 
 
