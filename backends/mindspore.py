@@ -546,7 +546,7 @@ def _loss_function(spec: Loss, reduction: str, summed: bool = True):
     equations, arguments aside: ``nn.HuberLoss``'s ``delta``, ``nn.SmoothL1Loss``'s ``beta``).
     A PerOutputLoss gives the sum of its losses, or with ``summed=False`` each one's value."""
     if isinstance(spec, PerOutputLoss):
-        parts = [_loss_function(part, reduction or part.reduction) for part in spec.losses]
+        parts = [_loss_function(part, reduction or getattr(part, "reduction", None)) for part in spec.losses]
         return mindspore_graph.PerOutputLoss(parts, summed)
     if isinstance(spec, CustomLoss):
         return _custom_loss(spec.tree)

@@ -37,7 +37,7 @@ from unitrain import ops
 from unitrain.data import ArrayDataset
 from unitrain.graph import Graph, Input, Node, from_dict, to_dict
 from unitrain.loop import InputError
-from unitrain.losses import CrossEntropyLoss, MSELoss, PerOutputLoss
+from unitrain.losses import CrossEntropyLoss, CustomLoss, MSELoss, PerOutputLoss
 from unitrain.optim import SGD
 from unitrain.registry import get_backend
 from unitrain.weights import init_weights
@@ -156,6 +156,14 @@ def _two_losses(outputs, targets):
     return F.cross_entropy(outputs[0], targets[0]) + F.mse_loss(outputs[1], targets[1])
 
 
+def _half_squares(pred, target):  # the user's own loss, written once for unitrain's CustomLoss and torch
+    return ((pred - target) ** 2).mean() * 0.5
+
+
+def _custom_second(outputs, targets):
+    return F.cross_entropy(outputs[0], targets[0]) + _half_squares(outputs[1], targets[1])
+
+
 # name: (graph, torch twin, per-sample input shapes, targets ("classes", "input", or "two"), loss, criterion)
 CASES = {
     "inception": (inception, TorchInception, [(4, 8, 8)], "classes", CrossEntropyLoss(), F.cross_entropy),
@@ -164,6 +172,8 @@ CASES = {
     "two-outputs": (two_outputs, TorchTwoOutputs, [(8,)], "two", PerOutputLoss(CrossEntropyLoss(), MSELoss()),
                     _two_losses),
     "tied": (tied, TorchTied, [(8,)], "classes", CrossEntropyLoss(), F.cross_entropy),
+    "custom-per-output": (two_outputs, TorchTwoOutputs, [(8,)], "two",
+                          PerOutputLoss(CrossEntropyLoss(), CustomLoss(_half_squares)), _custom_second),
 }  # fmt: skip
 
 
@@ -309,6 +319,16 @@ def test_several_inputs_and_outputs_through_the_loop(backend):
         two.step((x, targets[0]))
     with pytest.raises(InputError, match=r"inputs must have the keys \['a', 'b'\]"):
         loop.predict({"a": a})
+
+
+def test_a_custom_loss_per_output_evaluates_per_sample():
+    """evaluate's loss: cross-entropy per sample plus the CustomLoss's mean over samples of its value on each."""
+    loop = NumpyLoop(two_outputs(), loss=CASES["custom-per-output"][4], dtype="float64")
+    x, (classes, values) = _cast(batches_for("two-outputs")[0], "float64")
+    logits, predicted = loop.predict(x)
+    expected = float(F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(classes)))
+    expected += np.mean([_half_squares(predicted[i : i + 1], values[i : i + 1]) for i in range(len(x))])
+    assert loop.evaluate((x, (classes, values)))["loss"] == pytest.approx(expected, rel=1e-12)
 
 
 def test_multi_output_evaluate_is_the_sum_of_each_output_loss():

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from . import expr
 from .graph import Graph, get_submodule
 from .layers import Container
 from .losses import CustomLoss, PerOutputLoss
@@ -37,8 +38,6 @@ def check_model(loop: TrainingLoop, model, loss, distributed: bool) -> tuple[int
                          f"PerOutputLoss(one loss per output), got {loss!r}")  # fmt: skip
     if outputs == 1 and isinstance(loss, PerOutputLoss):
         raise ValueError(f"{loss} needs a model with {len(loss.losses)} outputs, this graph has one")
-    if outputs > 1 and any(isinstance(part, CustomLoss) for part in loss.losses):
-        raise ValueError("PerOutputLoss: a CustomLoss per output is not supported yet; use the built-in losses")
     if distributed and (inputs > 1 or outputs > 1):
         raise ValueError("data-parallel training takes models of one input and one output for now")
     return inputs, outputs
@@ -113,15 +112,22 @@ def evaluate(loop: TrainingLoop, dataset: ArrayDataset, batch_size: int) -> dict
     from .loop import _eval_mode
 
     totals = np.zeros(loop._output_count)
+    # a CustomLoss reduces itself: its evaluation loss is the sum over samples of its value on each
+    # (as for one output), from the predictions; the adapter's value for it is not used
+    custom = {k: spec for k, spec in enumerate(loop.loss_spec.losses) if isinstance(spec, CustomLoss)}
     with _eval_mode(loop):
         for x, y in dataset.batches(batch_size):
             x, y = loop._check_batch((x, y))
-            totals += np.asarray(loop._evaluate_batch(x, y)[0], np.float64)
+            sums = np.asarray(loop._evaluate_batch(x, y)[0], np.float64)
+            pred = loop._predict(x) if custom else ()
+            for k, spec in custom.items():
+                sums[k] = sum(expr.numpy_value(spec.tree, pred[k][i : i + 1], y[k][i : i + 1]) for i in range(len(y[k])))
+            totals += sums
     n = len(dataset)
     per_output = []
     for spec, total, target in zip(loop.loss_spec.losses, totals, dataset.y, strict=True):
         per_sample = total / n if n else float("nan")
-        if not spec.class_targets:
+        if not spec.class_targets and not isinstance(spec, CustomLoss):
             per_sample /= max(1, int(np.prod(np.shape(target)[1:])))
         per_output.append(per_sample)
     return {"loss": float(sum(per_output)), "accuracy": float("nan"), "num_correct": 0, "num_samples": n}
