@@ -1051,8 +1051,10 @@ class NumpyLoop(TrainingLoop):
     def _evaluate_batch(self, x, y):
         pred = self._run(x, record=False)
         if isinstance(self.loss_spec, PerOutputLoss):
-            sums = [0.0 if isinstance(spec, CustomLoss) else _loss_terms(spec, p, t)[0].sum(dtype=np.float64)
-                    for spec, p, t in zip(self.loss_spec.losses, pred, y, strict=True)]  # the core sums a CustomLoss
+            sums = [
+                0.0 if isinstance(spec, CustomLoss) else _loss_terms(spec, p, t)[0].sum(dtype=np.float64)
+                for spec, p, t in zip(self.loss_spec.losses, pred, y, strict=True)
+            ]  # the core sums a CustomLoss
             return tuple(map(float, sums)), 0
         terms, _ = _loss_terms(self.loss_spec, pred, y)
         correct = int((pred.argmax(1) == y).sum()) if y.dtype.kind in "iu" else 0

@@ -121,7 +121,8 @@ def evaluate(loop: TrainingLoop, dataset: ArrayDataset, batch_size: int) -> dict
             sums = np.asarray(loop._evaluate_batch(x, y)[0], np.float64)
             pred = loop._predict(x) if custom else ()
             for k, spec in custom.items():
-                sums[k] = sum(expr.numpy_value(spec.tree, pred[k][i : i + 1], y[k][i : i + 1]) for i in range(len(y[k])))
+                samples = range(len(y[k]))
+                sums[k] = sum(expr.numpy_value(spec.tree, pred[k][i : i + 1], y[k][i : i + 1]) for i in samples)
             totals += sums
     n = len(dataset)
     per_output = []
