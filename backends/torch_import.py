@@ -131,6 +131,12 @@ _FIXED = {
 }  # fmt: skip
 
 
+def _differs(value, fixed) -> bool:
+    """``value`` is not ``fixed`` (a pair of it, as ``dilation=(1, 1)``, is)."""
+    values = value if isinstance(value, (tuple, list)) else (value,)
+    return any(entry != fixed for entry in values) or not values
+
+
 def layer_spec(module: nn.Module, path: str):
     """The unitrain spec of a torch layer; ``ValueError`` naming ``path`` for one unitrain lacks."""
     kind = next((LAYERS[cls] for cls in type(module).__mro__ if cls in LAYERS), None)
@@ -140,7 +146,7 @@ def layer_spec(module: nn.Module, path: str):
                          f"{', '.join(cls.__name__ for cls in LAYERS)}")  # fmt: skip
     names = {f.name for f in fields(kind)}
     for key, value in _FIXED.items():
-        if key not in names and hasattr(module, key) and _plain(getattr(module, key)) != value:
+        if key not in names and hasattr(module, key) and _differs(getattr(module, key), value):
             raise ValueError(f"from_torch: {what} has {key}={getattr(module, key)!r}; unitrain's "
                              f"{kind.__name__} has only {key}={value!r}")  # fmt: skip
     if getattr(module, "momentum", 0.1) is None:
@@ -233,14 +239,10 @@ def _view(node, args, kwargs, values):
 
 
 def _index(node, args, kwargs, values):
+    """``x[:, -1]``, ``x[:, 2:5]`` (a negative index stays one: the last step of any length), or an
+    item of a tuple or size."""
     x, key = args
-    if not isinstance(x, Tensor):
-        return x[key]
-    shape = values[node.args[0]].shape
-    key = key if isinstance(key, tuple) else (key,)
-    # negative indices made positive with the example's sizes (the same model for every batch)
-    return x[tuple(item % shape[dim] if isinstance(item, int) and item < 0 else item
-                   for dim, item in enumerate(key))]  # fmt: skip
+    return x[key]
 
 
 def _pad(node, args, kwargs):
@@ -270,7 +272,7 @@ def _layer(kind: type, signature: str, check: Callable | None = None):
         if options is None:
             return x
         for key, value in _FIXED.items():
-            if options.get(key, value) != value:
+            if _differs(options.get(key, value), value):
                 raise ValueError(f"{key}={options[key]!r} is not supported; only {key}={value!r}")
             options.pop(key, None)
         return importer.functional_layer(node, kind(**{key: _plain(value) for key, value in options.items()}), x)
@@ -415,7 +417,11 @@ class _Importer:
         if path not in self.specs:
             self.specs[path] = layer_spec(self.root.get_submodule(path), path)
         spec = self.specs[path]
-        if len(args) != 1 or kwargs or not isinstance(args[0], Tensor):
+        if (
+            any(arg is not None for arg in args[1:])
+            or any(v is not None for v in kwargs.values())
+            or not (args and isinstance(args[0], Tensor))
+        ):
             raise ValueError("calls a layer with more than one tensor (initial states, masks); unitrain's layers "
                              "take one input (recurrent layers start from zeros)")  # fmt: skip
         out = spec(args[0])
