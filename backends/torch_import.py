@@ -166,7 +166,14 @@ def layer_spec(module: nn.Module, path: str):
 
 
 def _bind(args: tuple, kwargs: dict, names: str) -> list:
-    """Positional-or-keyword arguments by ``names`` ("input dim=0": a default after ``=``)."""
+    """Positional-or-keyword arguments by ``names`` ("input dim=0": a default after ``=``); any
+    other argument is refused (a ``dtype=``, ``out=``, ``rounding_mode=`` would change the result)
+    unless it is None or private (``_stacklevel``)."""
+    known = [item.partition("=")[0] for item in names.split()]
+    extra = [f"{key}={value!r}" for key, value in kwargs.items()
+             if key not in known and value is not None and not key.startswith("_")]  # fmt: skip
+    if len(args) > len(known) or extra:
+        raise ValueError(f"argument {(extra or [repr(args[len(known)])])[0]} is not supported")
     values = []
     for index, item in enumerate(names.split()):
         name, _, default = item.partition("=")
@@ -217,7 +224,7 @@ def _binary(function: Callable):
     def call(node, args, kwargs):
         if kwargs.get("alpha", 1) != 1:
             raise ValueError("alpha is not supported; write the multiplication out")
-        a, b = args[:2]
+        a, b = _bind(args, {key: value for key, value in kwargs.items() if key != "alpha"}, "input other")
         return function(a, b)
 
     return call
@@ -246,7 +253,7 @@ def _index(node, args, kwargs, values):
 
 
 def _pad(node, args, kwargs):
-    x, pad = _bind(args, kwargs, "input pad")
+    x, pad, _mode, _value = _bind(args, kwargs, "input pad mode='constant' value=None")  # by nothing: any mode
     if any(pad):
         raise ValueError(
             f"padding by {list(pad)} is not supported (only by nothing, as a U-Net's F.pad of equal sizes)"

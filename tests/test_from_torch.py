@@ -325,6 +325,8 @@ class Forward(nn.Module):
          r"ceil_mode=False$"),
         (lambda: Forward(lambda self, x: torch.cat([x, x], 0)), (2, 4),
          r"^from_torch: node 'cat' \(torch.cat\): cat: dim 0 is the batch axis"),
+        (lambda: Forward(lambda self, x: torch.div(x, 2.0, rounding_mode="floor")), (2, 4),
+         r"^from_torch: node 'div' \(torch.div\): argument rounding_mode='floor' is not supported$"),
         (Tied, (2, 4), r"^from_torch: b.weight is the same tensor as a.weight \(weights tied across two layers\)"),
         (Unused, (2, 4), r"^from_torch: spare.weight belongs to a layer that forward never calls"),
         (Scaled, (2, 4), r"^from_torch: node 'scale' \(scale\): reads the module's attribute 'scale' directly"),
