@@ -520,9 +520,10 @@ def _state(root: nn.Module, graph: Graph) -> dict[str, np.ndarray]:
 
 def from_torch(module: nn.Module, example_inputs) -> Graph:
     """``module`` as a unitrain :class:`~unitrain.graph.Graph` whose ``initial_state`` is its
-    weights (see the module doc). ``example_inputs``: a tensor or a tuple of them, one per
-    ``forward`` argument, each a batch (axis 0; two samples or more, so that the batch axis is
-    told apart from the others). ``ValueError`` in one line naming what cannot be imported."""
+    weights, in float32 as every loop's first weights are (see the module doc).
+    ``example_inputs``: a tensor or a tuple of them, one per ``forward`` argument, each a batch
+    (axis 0; two samples or more, so that the batch axis is told apart from the others).
+    ``ValueError`` in one line naming what cannot be imported."""
     if not isinstance(module, nn.Module):
         raise TypeError(f"from_torch: expected a torch.nn.Module, got {type(module).__name__}")
     examples = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
