@@ -103,12 +103,15 @@ def detach(value) -> Expr:
     return Expr(("detach", expr._operand(value)))
 
 
-def bce(probabilities, target) -> Expr:
-    """PyTorch's ``F.binary_cross_entropy(p, t)`` (mean over elements, logarithms floored at
-    -100) as an expression; ``target`` may be a number (a GAN's real/fake label)."""
+def bce(probabilities, target, reduction: str = "mean") -> Expr:
+    """PyTorch's ``F.binary_cross_entropy(p, t, reduction=...)`` (logarithms floored at -100) as an
+    expression; ``target`` may be a number (a GAN's real/fake label)."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"bce: reduction must be 'mean' or 'sum', got {reduction!r}")
     floor = -100.0
     p = probabilities
-    return -(target * expr.maximum(expr.log(p), floor) + (1 - target) * expr.maximum(expr.log(1 - p), floor)).mean()
+    terms = -(target * expr.maximum(expr.log(p), floor) + (1 - target) * expr.maximum(expr.log(1 - p), floor))
+    return terms.mean() if reduction == "mean" else terms.sum()
 
 
 class Model:
@@ -390,6 +393,7 @@ def placeholder_loss(model: Container):
 EVALUATORS = {
     "numpy": "unitrain.backends.numpy_steps",
     "torch": "unitrain.backends.torch_steps",
+    "chainer": "unitrain.backends.chainer_steps",
 }
 
 
