@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from test_examples import example
 from torch import nn
 from torch_reference import TorchRun, TorchRuns, expected_run
 
@@ -36,19 +37,6 @@ def discriminator(kit):
         kit.Conv2d(NDF, NDF * 2, 4, 2, 1, bias=False), kit.BatchNorm2d(NDF * 2), kit.LeakyReLU(0.2),
         kit.Conv2d(NDF * 2, 1, 7, 1, 0, bias=False), kit.Sigmoid(),
     )  # fmt: skip
-
-
-def dcgan_init(spec, rng):
-    """The tutorial's ``weights_init``: conv weights N(0, 0.02), BatchNorm weights N(1, 0.02), biases 0."""
-    state = {}
-    for key, value in ut.init_weights(spec, 0).items():
-        if value.ndim == 4:
-            state[key] = rng.normal(0.0, 0.02, value.shape)
-        elif key.endswith(".weight"):
-            state[key] = rng.normal(1.0, 0.02, value.shape)
-        else:
-            state[key] = value.astype(np.float64) if value.dtype.kind == "f" else value
-    return state
 
 
 def dcgan_step():
@@ -198,7 +186,7 @@ def case_data(name):
     rng = np.random.default_rng(7)
     batches = [rng.uniform(case["low"], 1.0, (BATCH, *case["shape"])) for _ in range(STEPS)]
     if name == "dcgan":
-        weights = {model: dcgan_init(spec, rng) for model, spec in step.models}
+        weights = {model: example("dcgan").weights_init(spec, rng) for model, spec in step.models}
     else:
         weights = {model: {k: v.astype(np.float64) for k, v in ut.init_weights(spec, 3).items()}
                    for model, spec in step.models}  # fmt: skip
@@ -359,3 +347,37 @@ def test_one_spec_under_two_names_is_refused():
     shared = ut.Sequential(ut.Linear(2, 2))
     with pytest.raises(ValueError, match="one model spec is given twice, as 'a' and 'b'"):
         steps.MultiStep(**_simple(models={"a": shared, "b": shared}))
+
+
+# --- the examples --------------------------------------------------------------------------
+
+
+def test_the_examples_train_print_their_losses_and_save_each_model(tmp_path, capsys):
+    dcgan = example("dcgan")
+    losses = dcgan.main(["--backend", "numpy", "--max-steps", "2", "--features", "4", "--nz", "8",
+                         "--batch-size", "16", "--save-weights", str(tmp_path / "dcgan")])  # fmt: skip
+    out = capsys.readouterr().out
+    assert out.splitlines()[-1] == (f"final losses: discriminator {losses['discriminator']:.6f}  "
+                                    f"generator {losses['generator']:.6f}")  # fmt: skip
+    saved = ut.make_loop("numpy", dcgan.generator(8, 4), ut.MSELoss())
+    saved.load_weights(tmp_path / "dcgan" / "generator.safetensors")
+    assert (tmp_path / "dcgan" / "discriminator.safetensors").is_file()
+    assert not np.allclose(saved.state_dict()["0.weight"], 0)
+
+    vae = example("vae")
+    result = vae.main(["--backend", "numpy", "--max-steps", "2", "--batch-size", "16",
+                       "--save-weights", str(tmp_path / "vae")])  # fmt: skip
+    out = capsys.readouterr().out
+    assert f"====> Test set loss: {result['test']:.4f}" in out
+    assert sorted(path.name for path in (tmp_path / "vae").iterdir()) == ["decoder.safetensors", "encoder.safetensors"]
+    # an untrained VAE's test loss: about 784 * log(2) ~ 543 per image, as the example's first lines
+    assert 300 < result["test"] < 600
+
+
+@pytest.mark.parametrize("name", ["dcgan", "vae"])
+def test_the_examples_refuse_bad_input_in_one_line(name, capsys):
+    for argv, message in ((["--backend", "tensorflow"], "unknown backend"), (["--max-steps", "0"], "--max-steps")):
+        with pytest.raises(SystemExit) as exit_info:
+            example(name).main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count("\n") == 1 and message in err, err

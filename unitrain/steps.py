@@ -484,3 +484,11 @@ class MultiModelLoop:
     def state_dicts(self) -> dict[str, dict[str, np.ndarray]]:
         """Each model's weights, by model name."""
         return {name: loop.state_dict() for name, loop in self.loops.items()}
+
+    def save_weights(self, directory) -> None:
+        """Each model's weights as ``directory/<model>.safetensors`` (the directory is created)."""
+        from pathlib import Path
+
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        for name, loop in self.loops.items():
+            loop.save_weights(Path(directory) / f"{name}.safetensors")
