@@ -381,3 +381,39 @@ def test_the_examples_refuse_bad_input_in_one_line(name, capsys):
             example(name).main(argv)
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and err.count("\n") == 1 and message in err, err
+
+
+# --- checkpoints ---------------------------------------------------------------------------
+
+
+def small_gan():
+    """An MLP GAN with BatchNorm: every kind of state (weights, running statistics, Adam's buffers)."""
+    gen, disc = steps.Model("g"), steps.Model("d")
+    fake = gen(steps.uniform(3))
+    adam = Adam(1e-2, betas=(0.5, 0.999))
+    return steps.MultiStep(
+        models={"g": ut.Sequential(ut.Linear(3, 6), ut.BatchNorm1d(6), ut.ReLU(), ut.Linear(6, 4), ut.Tanh()),
+                "d": ut.Sequential(ut.Linear(4, 6), ut.LeakyReLU(0.2), ut.Linear(6, 1), ut.Sigmoid())},
+        optimizers={"d": steps.OptimizerOver(adam, ["d"]), "g": steps.OptimizerOver(adam, ["g"])},
+        phases=[steps.Phase("d", steps.bce(disc(steps.batch()), 1.0) + steps.bce(disc(steps.detach(fake)), 0.0), "d"),
+                steps.Phase("g", steps.bce(disc(fake), 1.0), "g")],
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_resuming_from_a_checkpoint_continues_bit_for_bit(backend, tmp_path):
+    batches = np.random.default_rng(2).uniform(-1, 1, (4, 8, 4))
+    straight = steps.MultiModelLoop(small_gan(), backend, seed=4)
+    straight_losses = [straight.step(x) for x in batches]
+    first = steps.MultiModelLoop(small_gan(), backend, seed=4)
+    losses = [first.step(x) for x in batches[:2]]
+    first.save_checkpoint(tmp_path / "run.safetensors")
+    resumed = steps.MultiModelLoop(small_gan(), backend, seed=9)  # other initial weights and noise, all replaced
+    resumed.load_checkpoint(tmp_path / "run.safetensors")
+    losses += [resumed.step(x) for x in batches[2:]]
+    assert losses == straight_losses and resumed.step_count == 4
+    for name, state in straight.state_dicts().items():
+        for key, value in state.items():
+            np.testing.assert_array_equal(resumed.loops[name].state_dict()[key], value, err_msg=f"{name}.{key}")
+        for key, value in straight.loops[name].optimizer_state_dict().items():
+            np.testing.assert_array_equal(resumed.loops[name].optimizer_state_dict()[key], value, err_msg=key)

@@ -58,6 +58,7 @@ optimizer updates, an unknown model or optimizer name, a loss that is not a scal
 from __future__ import annotations
 
 import itertools
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -444,6 +445,12 @@ class PhaseEvaluator:
         return float(value)
 
 
+#: what a multi-model checkpoint holds of each model's loop: the part's getter and loader
+CHECKPOINT_PARTS = {"weights": ("state_dict", "load_state_dict"),
+                    "optimizer": ("optimizer_state_dict", "load_optimizer_state_dict"),
+                    "random": ("random_state", "load_random_state")}  # fmt: skip
+
+
 class MultiModelLoop:
     """Runs a :class:`MultiStep` on one backend: one :class:`~unitrain.TrainingLoop` of the
     backend per model (``loops[name]``: its weights, ``state_dict``, ``save_weights``; each built
@@ -484,6 +491,44 @@ class MultiModelLoop:
     def state_dicts(self) -> dict[str, dict[str, np.ndarray]]:
         """Each model's weights, by model name."""
         return {name: loop.state_dict() for name, loop in self.loops.items()}
+
+    def save_checkpoint(self, path) -> None:
+        """Everything a resume needs in one safetensors file: each model's weights, optimizer state
+        and random stream (``<model>/<part>/<key>``), the step count and the noise stream's state."""
+        from .weights import save_safetensors
+
+        tensors = {
+            f"{name}/{part}/{key}": value
+            for name, loop in self.loops.items()
+            for part, (getter, _) in CHECKPOINT_PARTS.items()
+            for key, value in getattr(loop, getter)().items()
+        }
+        metadata = {"step_count": str(self.step_count), "noise": json.dumps(self.noise.state())}
+        save_safetensors(path, tensors, metadata)
+
+    def load_checkpoint(self, path) -> None:
+        """Resume from a :meth:`save_checkpoint` file of the same step; the next step continues
+        exactly (bit for bit on the same backend and machine)."""
+        from .weights import WeightsError, load_safetensors
+
+        tensors, metadata = load_safetensors(path)
+        parts: dict[tuple[str, str], dict[str, np.ndarray]] = {
+            (name, part): {} for name in self.loops for part in CHECKPOINT_PARTS
+        }
+        for key, value in tensors.items():
+            pieces = key.split("/", 2)
+            if len(pieces) != 3 or (pieces[0], pieces[1]) not in parts:
+                raise WeightsError(f"{path}: {key!r} belongs to no model and part of this step "
+                                   f"(models {list(self.loops)}, parts {list(CHECKPOINT_PARTS)})")  # fmt: skip
+            parts[pieces[0], pieces[1]][pieces[2]] = value
+        try:
+            step_count, noise = int(metadata["step_count"]), json.loads(metadata["noise"])
+        except (KeyError, ValueError):
+            raise WeightsError(f"{path}: not a multi-model checkpoint (no step count and noise state)") from None
+        for (name, part), state in parts.items():
+            getattr(self.loops[name], CHECKPOINT_PARTS[part][1])(state, f"{path} ({name} {part})")
+        self.noise.set_state(noise)
+        self.step_count = step_count
 
     def save_weights(self, directory) -> None:
         """Each model's weights as ``directory/<model>.safetensors`` (the directory is created)."""
