@@ -390,12 +390,26 @@ def placeholder_loss(model: Container):
     return PerOutputLoss(*[MSELoss()] * outputs) if outputs > 1 else MSELoss()
 
 
-#: each backend's evaluator of phases, imported when its backend is asked for
+#: each built-in backend's evaluator of phases, imported when its backend is asked for (another
+#: adapter names its own ``PhaseEvaluator`` subclass as its class attribute ``multi_model_evaluator``)
 EVALUATORS = {
     "numpy": "unitrain.backends.numpy_steps",
     "torch": "unitrain.backends.torch_steps",
     "chainer": "unitrain.backends.chainer_steps",
 }
+
+
+def evaluator_of(adapter: type) -> type[PhaseEvaluator]:
+    """The adapter's ``multi_model_evaluator`` class, or that of the built-in adapter it extends."""
+    import importlib
+
+    own = getattr(adapter, "multi_model_evaluator", None)
+    if own is not None:
+        return own
+    for base in adapter.__mro__:
+        if base.__dict__.get("name") in EVALUATORS:
+            return importlib.import_module(EVALUATORS[base.__dict__["name"]]).Evaluator
+    raise ValueError(f"the {adapter.name} adapter declares 'multi-model' but names no multi_model_evaluator")
 
 
 class PhaseEvaluator:
@@ -457,17 +471,15 @@ class MultiModelLoop:
     with its optimizer's spec, and seeded ``seed + its index``) and the backend's evaluator of
     phases, which differentiates each loss with the framework's own autograd."""
 
-    def __init__(self, step: MultiStep, backend: str = "numpy", *, seed: int = 0, dtype: str = "float32"):
-        import importlib
-
+    def __init__(self, step: MultiStep, backend: str | type = "numpy", *, seed: int = 0, dtype: str = "float32"):
         from .registry import get_backend
 
         if not isinstance(step, MultiStep):
             raise TypeError(f"MultiModelLoop: expected a MultiStep, got {step!r}")
-        adapter = get_backend(backend)
-        if adapter.name not in EVALUATORS:
-            raise ValueError(f"the {adapter.name} backend cannot run several models in one step yet; "
-                             f"expected one of {sorted(EVALUATORS)}")  # fmt: skip
+        adapter = backend if isinstance(backend, type) else get_backend(backend)
+        if "multi-model" not in adapter.capabilities:
+            raise ValueError(f"the {adapter.name} backend cannot run several models in one step yet "
+                             "(no 'multi-model' capability)")  # fmt: skip
         self.step_spec = step
         owners = {model: over.optimizer for _, over in step.optimizers for model in over.models}
         self.loops = {
@@ -477,7 +489,7 @@ class MultiModelLoop:
         self.dtype = np.dtype(dtype)
         self.noise = NoiseStream(seed)
         self.step_count = 0
-        self._evaluator = importlib.import_module(EVALUATORS[adapter.name]).Evaluator(step, self.loops)
+        self._evaluator = evaluator_of(adapter)(step, self.loops)
 
     def step(self, x) -> dict[str, float]:
         """One step on the batch ``x``: every phase in order; returns each phase's loss (before its update)."""
