@@ -396,6 +396,7 @@ EVALUATORS = {
     "numpy": "unitrain.backends.numpy_steps",
     "torch": "unitrain.backends.torch_steps",
     "chainer": "unitrain.backends.chainer_steps",
+    "mindspore": "unitrain.backends.mindspore_steps",
 }
 
 
