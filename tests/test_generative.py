@@ -17,7 +17,12 @@ from unitrain import expr, steps
 from unitrain.optim import Adam
 
 BACKENDS = ["numpy", "torch", "chainer", "mindspore"]
-NZ, NGF, NDF, BATCH, STEPS = 8, 4, 4, 8, 6
+NZ, NGF, NDF, BATCH, STEPS = 8, 4, 4, 8, 4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread(torch_single_thread):
+    """These cases are small: PyTorch's thread pool would only contend for the busy cores."""
 
 
 # --- the DCGAN tutorial, scaled to 28x28 and to a few channels -----------------------------
