@@ -31,7 +31,7 @@ import os
 import numpy as np
 
 import unitrain
-from unitrain import steps
+from unitrain import plot, steps
 
 
 def generator(nz: int, ngf: int) -> unitrain.Sequential:
@@ -90,11 +90,14 @@ def main(argv=None) -> dict[str, float]:
     parser.add_argument("--nz", type=int, default=100)
     parser.add_argument("--features", type=int, default=64, help="ngf = ndf (64 in the tutorial)")
     parser.add_argument("--save-weights", metavar="DIR", help="write DIR/<model>.safetensors for both models")
+    parser.add_argument("--plot", metavar="FILE", help="draw 64 samples of a fixed noise batch (e.g. samples.png)")
     args = parser.parse_args(argv)
     for name in ("max_steps", "batch_size", "nz", "features"):
         if getattr(args, name) < 1:
             parser.exit(2, f"dcgan: --{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}\n")
     try:
+        if args.plot:
+            plot.check_figure_path("--plot", args.plot)
         step = dcgan(args.nz, args.features)
         loop = steps.MultiModelLoop(step, args.backend, seed=args.seed)
     except ValueError as error:  # an unknown backend too
@@ -116,6 +119,10 @@ def main(argv=None) -> dict[str, float]:
             print(f"[{index}/{args.max_steps}]\tLoss_D: {errD:.4f}\tLoss_G: {errG:.4f}")
     if args.save_weights:
         loop.save_weights(args.save_weights)
+    if args.plot:  # the tutorial's fixed_noise; predict() runs the generator in eval mode (running statistics)
+        fixed_noise = np.random.default_rng(args.seed).standard_normal((64, args.nz, 1, 1)).astype(np.float32)
+        samples = (loop.loops["generator"].predict(fixed_noise) + 1) / 2
+        plot.save_image_grids(args.plot, [(f"generated, step {args.max_steps}", samples)])
     print(f"final losses: discriminator {losses['discriminator']:.6f}  generator {losses['generator']:.6f}")
     return losses
 

@@ -27,7 +27,7 @@ import os
 import numpy as np
 
 import unitrain
-from unitrain import expr, steps
+from unitrain import expr, plot, steps
 from unitrain.graph import Graph, Input
 
 
@@ -66,11 +66,14 @@ def main(argv=None) -> dict[str, float]:
     parser.add_argument("--seed", type=int, default=1)  # the example's --seed
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--save-weights", metavar="DIR", help="write DIR/<model>.safetensors for both models")
+    parser.add_argument("--plot", metavar="FILE", help="draw test images, their reconstructions and samples")
     args = parser.parse_args(argv)
     for name in ("max_steps", "batch_size"):
         if getattr(args, name) < 1:
             parser.exit(2, f"vae: --{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}\n")
     try:
+        if args.plot:
+            plot.check_figure_path("--plot", args.plot)
         loop = steps.MultiModelLoop(vae(), args.backend, seed=args.seed)
     except ValueError as error:  # an unknown backend too
         parser.exit(2, f"vae: {error}\n")
@@ -91,6 +94,14 @@ def main(argv=None) -> dict[str, float]:
     print(f"====> Test set loss: {test:.4f}")
     if args.save_weights:
         loop.save_weights(args.save_weights)
+    if args.plot:  # the example's comparison (8 test images over their reconstructions) and its 64 samples
+        originals = test_images[:32].reshape(-1, 784).astype(np.float32) / 255
+        mu, logvar = loop.loops["encoder"].predict(originals)
+        eps = rng.standard_normal(mu.shape).astype(np.float32)
+        reconstructions = loop.loops["decoder"].predict(mu + eps * np.exp(0.5 * logvar))
+        samples = loop.loops["decoder"].predict(rng.standard_normal((64, 20)).astype(np.float32))
+        panels = [("test images", originals), ("reconstructions", reconstructions), ("samples", samples)]
+        plot.save_image_grids(args.plot, [(title, images.reshape(-1, 1, 28, 28)) for title, images in panels])
     print(f"final losses: train {loss:.6f}  test {test:.6f}")
     return {"train": loss, "test": test}
 

@@ -375,7 +375,8 @@ def test_the_examples_train_print_their_losses_and_save_each_model(tmp_path, cap
 
     vae = example("vae")
     result = vae.main(["--backend", "numpy", "--max-steps", "2", "--batch-size", "16",
-                       "--save-weights", str(tmp_path / "vae")])  # fmt: skip
+                       "--save-weights", str(tmp_path / "vae"), "--plot", str(tmp_path / "vae.png")])  # fmt: skip
+    assert (tmp_path / "vae.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     out = capsys.readouterr().out
     assert f"====> Test set loss: {result['test']:.4f}" in out
     assert sorted(path.name for path in (tmp_path / "vae").iterdir()) == ["decoder.safetensors", "encoder.safetensors"]
