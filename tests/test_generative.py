@@ -14,6 +14,7 @@ from torch_reference import TorchRun, TorchRuns, expected_run
 
 import unitrain as ut
 from unitrain import expr, steps
+from unitrain.loop import InputError
 from unitrain.optim import Adam
 
 BACKENDS = ["numpy", "torch", "chainer", "mindspore"]
@@ -350,6 +351,14 @@ def test_refuses_in_one_line(overrides, message):
     with pytest.raises(ValueError, match=re.escape(message)) as caught:
         steps.MultiStep(**_simple(**overrides))
     assert "\n" not in str(caught.value)
+
+
+def test_a_batch_the_models_cannot_take_is_refused_in_one_line():
+    loop = steps.MultiModelLoop(dcgan_step(), "numpy")
+    for batch, message in ((np.zeros((4, 3, 28, 28)), "channels"), (np.full((4, 1, 28, 28), np.nan), "NaN")):
+        with pytest.raises(InputError, match=message) as caught:
+            loop.step(batch)
+        assert "\n" not in str(caught.value)
 
 
 def test_one_spec_under_two_names_is_refused():

@@ -488,12 +488,17 @@ class MultiModelLoop:
             for index, (name, spec) in enumerate(step.models)
         }
         self.dtype = np.dtype(dtype)
+        #: the models called on the batch itself, which check it as their own loop's inputs
+        self._batch_readers = sorted({node[1] for phase in step.phases for node in postorder([phase.loss])
+                                      if node[0] == "call" and node[2:] == (("batch",),)})  # fmt: skip
         self.noise = NoiseStream(seed)
         self.step_count = 0
         self._evaluator = evaluator_of(adapter)(step, self.loops)
 
     def step(self, x) -> dict[str, float]:
         """One step on the batch ``x``: every phase in order; returns each phase's loss (before its update)."""
+        for name in self._batch_readers:  # a wrong batch: one line (InputError) naming what was expected
+            self.loops[name]._check_x(x)
         x = tuple(np.asarray(a, self.dtype) for a in x) if isinstance(x, tuple) else np.asarray(x, self.dtype)
         samples = len(x[0] if isinstance(x, tuple) else x)
         noise = self.noise.draw(self.step_spec.noise, samples, self.dtype)
