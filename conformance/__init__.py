@@ -7,7 +7,7 @@ module; :func:`run_checks`, which returns one :class:`CheckResult` per check.
 
 from . import (
     graph_checks,  # noqa: F401 (registers the graph checks in CHECKS)
-    step_checks,  # noqa: F401 (registers the multi-model step's check)
+    multi_model_checks,  # noqa: F401 (registers the multi-model step's check)
 )
 from .checks import CHECKS, CheckFailure, CheckSkipped
 from .pytest_helpers import parametrize_with_checks
