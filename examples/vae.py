@@ -88,7 +88,8 @@ def main(argv=None) -> dict[str, float]:
         data = images[rows].reshape(len(rows), 784).astype(np.float32) / 255  # ToTensor(), x.view(-1, 784)
         loss = loop.step(data)["loss"] / len(data)
         if index % 50 == 0 or index == args.max_steps - 1:
-            print(f"Train step {index}: [{index * len(data)}/{len(images)}]\tLoss: {loss:.6f}")
+            epoch, seen = index // batches + 1, (index % batches) * len(data)
+            print(f"Train Epoch: {epoch} [{seen}/{len(images)}]\tLoss: {loss:.6f}")
     test_images, _ = unitrain.data.packaged_arrays("mnist", "test")
     test = test_loss(loop, test_images.reshape(-1, 784).astype(np.float32) / 255, rng)
     print(f"====> Test set loss: {test:.4f}")
