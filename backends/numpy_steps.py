@@ -17,8 +17,8 @@ import numpy as np
 from unitrain import expr
 from unitrain.steps import PhaseEvaluator, split
 
-from . import numpy as numpy_backend
 from .numpy_graph import _replicas
+from .numpy_layers import _build
 
 
 class Evaluator(PhaseEvaluator):
@@ -31,7 +31,7 @@ class Evaluator(PhaseEvaluator):
         if node not in self.trees:
             loop = self.loops[model]
             copies = _replicas(loop._leaves, {id(leaf) for leaf in loop._leaves})
-            self.trees[node] = numpy_backend._build(loop.model_spec, copies, False, loop._make_leaf)[0]
+            self.trees[node] = _build(loop.model_spec, copies, False, loop._make_leaf)[0]
         return self.trees[node]
 
     def compute(self, node, op, arguments, static, x, noise):
