@@ -345,6 +345,8 @@ def _simple(**overrides):
          "calls model 'c'"),
         (dict(optimizers={"opt_a": steps.OptimizerOver(Adam(), ["a"]), "again": steps.OptimizerOver(Adam(), ["a"])}),
          "model 'a' is in two optimizers"),
+        (dict(phases=[steps.Phase("one", ("mean", ("pred",), None), "opt_a")]),
+         "phase 'one': unknown operation 'pred'"),
     ],
 )  # fmt: skip
 def test_refuses_in_one_line(overrides, message):

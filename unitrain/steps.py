@@ -70,8 +70,7 @@ from .expr import Expr, Node
 from .layers import Container
 from .optim import Optimizer, optimizer_from_config
 
-#: the leaves and operations this module adds to :mod:`unitrain.expr`'s
-STEP_LEAVES = ("batch", "noise")
+#: the kinds of noise a step draws
 NOISE_KINDS = ("normal", "uniform")
 
 _noise_counter = itertools.count()
@@ -148,6 +147,8 @@ def split(node: Node) -> tuple[str, tuple[Node, ...], dict]:
         return op, node[2:], {"model": node[1]}
     if op == "output":
         return op, (node[2],), {"index": node[1]}
+    if op not in expr.ARITY or op in ("pred", "target"):  # a CustomLoss's leaves mean nothing here
+        raise ValueError(f"unknown operation {op!r}")
     return expr.split(node)
 
 
@@ -319,8 +320,14 @@ def _check_phase(phase: Phase, models: Mapping[str, Container], optimizers: Mapp
         raise ValueError(f"{where} updates no parameters: give it the name of an optimizer")
     if phase.optimizer not in optimizers:
         raise ValueError(f"{where}: no optimizer {phase.optimizer!r}; the optimizers are {list(optimizers)}")
-    for node in postorder([phase.loss]):
+    try:
+        order = postorder([phase.loss])
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
+    for node in order:
         op, children, static = split(node)
+        if op == "noise" and static["kind"] not in NOISE_KINDS:
+            raise ValueError(f"{where}: noise of kind {static['kind']!r}; expected one of {NOISE_KINDS}")
         if op == "call":
             model = models.get(static["model"])
             if model is None:
@@ -335,8 +342,6 @@ def _check_phase(phase: Phase, models: Mapping[str, Container], optimizers: Mapp
             if not 0 <= static["index"] < count or count == 1:
                 raise ValueError(f"{where} reads output {static['index']} of model {split(children[0])[2]['model']!r}, "
                                  f"which has {count}")  # fmt: skip
-        elif node[0] == "call" or node[0] not in (*expr.ARITY, *STEP_LEAVES, "detach", "output"):
-            raise ValueError(f"{where}: unknown operation {node[0]!r}")
     if not _is_scalar(phase.loss):
         raise ValueError(f"{where}: the loss must be a scalar: reduce it with .sum() or .mean() over all elements")
     updated = set(optimizers[phase.optimizer].models)
