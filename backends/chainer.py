@@ -188,6 +188,11 @@ class _ConvTranspose2d(L.Deconvolution2D):
 
     def forward(self, x):
         spec = self.spec
+        if not isinstance(x, chainer.Variable):
+            # Chainer 7.8.1's backward computing the weight gradient alone passes Variables where
+            # shapes belong (Deconvolution2DFunction.backward's _set_cover_all(x, W)); with an input
+            # gradient wanted too, it sets cover_all from shapes first
+            x = chainer.Variable(x)
         out_size = spec.output_shape(x.shape[1:])[1:]
         if all(extra < step for extra, step in zip(spec.output_padding, spec.stride, strict=True)):
             self.outsize = out_size
@@ -598,7 +603,7 @@ class ChainerLoop(TrainingLoop):
     capabilities = frozenset({
         "dropout", "batchnorm", "conv", "native-model", "float64", "random-state",
         "residual", "activations", "layernorm", "pooling", "losses", "custom-loss", "optimizers", "clipping",
-        "distributed", "training-controls", "sequences", "graph",
+        "distributed", "training-controls", "sequences", "graph", "multi-model",
     })  # fmt: skip
 
     # --- building ---------------------------------------------------------------------------

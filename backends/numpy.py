@@ -155,7 +155,7 @@ class NumpyLoop(TrainingLoop):
     capabilities = frozenset({
         "dropout", "batchnorm", "conv", "float64", "random-state",
         "residual", "activations", "layernorm", "pooling", "losses", "custom-loss", "optimizers", "clipping",
-        "distributed", "training-controls", "graph", "sequences",
+        "distributed", "training-controls", "graph", "sequences", "multi-model",
     })  # fmt: skip
 
     def _build(self, model):
@@ -164,6 +164,7 @@ class NumpyLoop(TrainingLoop):
         leaves = [_LAYERS[type(spec)](spec, self.dtype, self._rng) for _, spec in named]
         make_leaf = lambda spec: _LAYERS[type(spec)](spec, self.dtype, self._rng)  # noqa: E731
         self._root, _ = _build(model, iter(leaves), False, make_leaf)
+        self._leaves, self._make_leaf = leaves, make_leaf  # a multi-model step builds a tree per call from them
         self._params, self._grads, self._state = {}, {}, {}
         for (prefix, _), layer in zip(named, leaves, strict=True):
             for key, value in {**layer.params, **layer.buffers}.items():

@@ -15,6 +15,7 @@ from . import (  # noqa: F401
     layer_checks,
     training_checks,
     graph_checks,
+    multi_model_checks,
 )
 
 # isort: on

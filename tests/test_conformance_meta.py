@@ -11,10 +11,11 @@ from typing import ClassVar
 
 import numpy as np
 import pytest
-from unitrain.backends import numpy_graph, numpy_layers, numpy_sequences
+from unitrain.backends import numpy_graph, numpy_layers, numpy_sequences, numpy_steps
 from unitrain.backends.numpy import LossValue, NumpyLoop, _loss_terms
 from unitrain.conformance import CHECKS, run_check, run_checks
 
+from unitrain import steps
 from unitrain.initializers import KaimingNormal
 from unitrain.layers import Sequential
 from unitrain.loop import TrainingLoop
@@ -780,3 +781,74 @@ def test_a_broken_resampling_layer_or_bce_is_caught_by_the_right_check(adapter, 
     message, result = failure(adapter, check)
     assert_same_report(message, CAUGHT_RESAMPLING[adapter, check])
     assert result.max_error > result.tolerance
+
+
+# --- broken multi-model steps --------------------------------------------------------------------
+
+
+def _without_detach(node):
+    """``node`` with every ``detach`` replaced by its operand."""
+    if not isinstance(node, tuple) or not node:
+        return node
+    if node[0] == "detach":
+        return _without_detach(node[1])
+    return tuple(_without_detach(part) for part in node)
+
+
+class _DetachLeaks(numpy_steps.Evaluator):
+    def __init__(self, step, loops):
+        phases = [dataclasses.replace(phase, loss=_without_detach(phase.loss)) for phase in step.phases]
+        super().__init__(steps.MultiStep(step.models, step.optimizers, phases), loops)
+
+
+class DetachLeaks(NumpyLoop):
+    """``detach`` lets the gradient through (as a framework's identity would)."""
+
+    multi_model_evaluator = _DetachLeaks
+
+
+class _UpdatesEveryModel(numpy_steps.Evaluator):
+    def __init__(self, step, loops):
+        super().__init__(step, loops)
+        self.phases = [(phase, tuple(loops), order) for phase, _, order in self.phases]
+
+
+class GeneratorPhaseUpdatesDiscriminator(NumpyLoop):
+    """Each phase zeroes and steps every model, not only its optimizer's: the generator's phase moves
+    the discriminator down the generator's loss."""
+
+    multi_model_evaluator = _UpdatesEveryModel
+
+
+class _OwnNoise(numpy_steps.Evaluator):
+    def compute(self, node, op, arguments, static, x, noise):
+        if op == "noise":  # a backend drawing from its own generator instead of the step's stream
+            return np.random.default_rng(0).standard_normal((len(x), *static["shape"]))
+        return super().compute(node, op, arguments, static, x, noise)
+
+
+class NoiseOfItsOwn(NumpyLoop):
+    """Draws the step's noise from a generator of its own."""
+
+    multi_model_evaluator = _OwnNoise
+
+
+CAUGHT_STEPS = {
+    DetachLeaks: "GAN step 1: the discriminator phase's loss: expected 1.48348, got 1.48307; "
+                 "max error 0.000408 > tolerance 2.53e-13",
+    GeneratorPhaseUpdatesDiscriminator: "GAN step 1: the discriminator phase's loss: expected 1.48348, "
+                                        "got 1.49435; max error 0.0109 > tolerance 2.53e-13",
+    NoiseOfItsOwn: "GAN step 0: the discriminator phase's loss: expected 1.71342, got 1.42957; "
+                   "max error 0.284 > tolerance 2.92e-13",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("adapter", CAUGHT_STEPS, ids=[adapter.__name__ for adapter in CAUGHT_STEPS])
+def test_a_broken_multi_model_step_is_caught(adapter):
+    message, result = failure(adapter, "check_multi_model_step")
+    assert_same_report(message, CAUGHT_STEPS[adapter])
+    assert result.max_error > result.tolerance
+
+
+def test_the_intact_backend_passes_the_multi_model_check():
+    assert run_check(NumpyLoop, "check_multi_model_step").status == "pass"

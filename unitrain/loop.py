@@ -188,6 +188,8 @@ CAPABILITIES = frozenset({
     "graph",
     # Embedding (integer inputs), RNN/LSTM/GRU, Conv1d and the 1-d pools
     "sequences",
+    # several models and optimizers in one step (unitrain.steps: GANs, VAEs)
+    "multi-model",
 })  # fmt: skip
 
 
