@@ -598,7 +598,7 @@ class ChainerLoop(TrainingLoop):
     capabilities = frozenset({
         "dropout", "batchnorm", "conv", "native-model", "float64", "random-state",
         "residual", "activations", "layernorm", "pooling", "losses", "custom-loss", "optimizers", "clipping",
-        "distributed", "training-controls", "sequences", "graph",
+        "distributed", "training-controls", "sequences", "graph", "attention",
     })  # fmt: skip
 
     # --- building ---------------------------------------------------------------------------

@@ -578,7 +578,7 @@ class MindSporeLoop(TrainingLoop):
     capabilities = frozenset({
         "dropout", "batchnorm", "conv", "native-model", "random-state",
         "residual", "activations", "layernorm", "pooling", "losses", "custom-loss", "optimizers", "clipping",
-        "distributed", "training-controls", "sequences", "graph",
+        "distributed", "training-controls", "sequences", "graph", "attention",
     })  # fmt: skip
 
     #: ``False`` runs every step eagerly (PyNative), to debug or to compare speed

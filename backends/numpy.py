@@ -928,7 +928,7 @@ class NumpyLoop(TrainingLoop):
     capabilities = frozenset({
         "dropout", "batchnorm", "conv", "float64", "random-state",
         "residual", "activations", "layernorm", "pooling", "losses", "custom-loss", "optimizers", "clipping",
-        "distributed", "training-controls", "graph", "sequences",
+        "distributed", "training-controls", "graph", "sequences", "attention",
     })  # fmt: skip
 
     def _build(self, model):

@@ -10,9 +10,9 @@ reuses the softmax's output: ``dS = P * (dP - sum(dP * P))`` over the keys.
 from __future__ import annotations
 
 import numpy as np
+from unitrain.backends.numpy_sequences import _Layer
 
 from unitrain.attention import MultiheadAttention, PositionalEncoding
-from unitrain.backends.numpy_sequences import _Layer
 
 
 def _heads(x, heads):
@@ -45,14 +45,9 @@ class _MultiheadAttention(_Layer):
                 p += bias[index * e : (index + 1) * e]
             projected.append(_heads(p, spec.num_heads))
         q, k, v = projected
-        scale = q.dtype.type(1 / np.sqrt(spec.head_dim))
+        scale = q.dtype.type(self.scale())
         scores = (q @ k.swapaxes(-1, -2)) * scale
-        blocked = np.zeros(scores.shape[-2:], bool)
-        if spec.causal:
-            blocked = np.triu(np.ones(scores.shape[-2:], bool), 1)
-        if len(args) == 4:
-            blocked = blocked | (args[3] != 0)[:, None, None, :]
-        scores = np.where(blocked, -np.inf, scores)
+        scores = np.where(self.blocked(*scores.shape[-2:], args[3] if len(args) == 4 else None), -np.inf, scores)
         with np.errstate(invalid="ignore"):  # a query with every key masked gives NaN, as in PyTorch
             scores -= scores.max(-1, keepdims=True)
             weights = np.exp(scores)
@@ -64,6 +59,18 @@ class _MultiheadAttention(_Layer):
         if record:
             self.saved = (len(args), inputs, q, k, v, weights, context, scale)
         return out if spec.batch_first else out.swapaxes(0, 1)
+
+    def scale(self) -> float:
+        """The scores' factor, ``1 / sqrt(head_dim)``."""
+        return 1 / np.sqrt(self.spec.head_dim)
+
+    def blocked(self, length, keys, padding):
+        """Where a query may not read a key: ``(length, keys)``, or ``(N, 1, length, keys)`` with a
+        padding mask ``(N, keys)``."""
+        blocked = np.zeros((length, keys), bool)
+        if self.spec.causal:
+            blocked = np.triu(np.ones((length, keys), bool), 1)
+        return blocked if padding is None else blocked | (padding != 0)[:, None, None, :]
 
     def backward(self, grad, need_input_grad):
         count, inputs, q, k, v, weights, context, scale = self.saved

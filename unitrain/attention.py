@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .graph import Graph, Input
-from .layers import GELU, LayerNorm, Layer, Linear, ReLU, Sequential, Shape, _positive_int
+from .layers import GELU, Layer, LayerNorm, Linear, ReLU, Sequential, Shape, _positive_int
 
 
 def _flag(spec_name: str, name: str, value) -> None:
@@ -273,7 +273,7 @@ class TransformerEncoder(_Encoder):
         if norm is not None and not isinstance(norm, LayerNorm):
             raise ValueError(f"TransformerEncoder: norm must be None or a LayerNorm, got {norm!r}")
         inputs = [Input(shape, name) for name, shape in encoder_layer.inputs]
-        stack = Sequential(*[_rebuild("TransformerEncoderLayer", encoder_layer._arguments()) for _ in range(num_layers)])
+        stack = Sequential(*[TransformerEncoderLayer(**encoder_layer._arguments()) for _ in range(num_layers)])
         x = inputs[0]
         for _, block in stack.children:
             x = block(x, *inputs[1:])

@@ -186,6 +186,8 @@ CAPABILITIES = frozenset({
     "graph",
     # Embedding (integer inputs), RNN/LSTM/GRU, Conv1d and the 1-d pools
     "sequences",
+    # MultiheadAttention, the Transformer encoders, PositionalEncoding (unitrain.attention)
+    "attention",
 })  # fmt: skip
 
 
