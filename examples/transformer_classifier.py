@@ -1,11 +1,11 @@
 """A Transformer-encoder text classifier (Keras' "Text classification with Transformer" and PyTorch's
 ``nn.TransformerEncoder`` put together) on a synthetic task that only attention solves, on any backend.
 
-The task: each sequence is a ``[CLS]`` token, then 3 to 11 random word tokens, one of which is the
-marker ``?``; the label is the word right after the marker (one of the first three words). Those
-three words also appear anywhere else in the sequence, so counting words (a bag of words, a mean of
-embeddings) cannot tell the label: the model must relate each word to its position next to the marker.
-Sequences are padded to one length with token 0, and the padding is masked out of attention.
+The task: each sequence is a ``[CLS]`` token, then 4 to 11 words: filler words, the marker ``?``
+and each of the three label words once; the label is the word right after the marker. Every sequence
+holds the same label words, so counting words (a bag of words, a mean of embeddings) is at chance
+(1/3): the model must relate each word to its position next to the marker. Sequences are padded to
+one length with token 0, and the padding is masked out of attention.
 
 What maps to what (PyTorch -> unitrain):
 
@@ -43,9 +43,12 @@ def make_data(count: int, rng: np.random.Generator) -> tuple[tuple[np.ndarray, n
     tokens = np.zeros((count, LENGTH), np.int64)
     labels = rng.integers(0, CLASSES, count)
     for row, label in zip(tokens, labels, strict=True):
-        words = rng.integers(MARKER + 1, VOCAB, rng.integers(3, LENGTH))  # distractors include the labels' words
-        at = rng.integers(0, len(words) - 1)
+        size = rng.integers(CLASSES + 1, LENGTH)
+        words = rng.integers(MARKER + 1 + CLASSES, VOCAB, size)  # filler words
+        at = rng.integers(0, size - 1)
         words[at], words[at + 1] = MARKER, MARKER + 1 + label
+        elsewhere = rng.choice([i for i in range(size) if i not in (at, at + 1)], CLASSES - 1, replace=False)
+        words[elsewhere] = [MARKER + 1 + other for other in range(CLASSES) if other != label]
         row[0], row[1 : 1 + len(words)] = CLS, words
     return (tokens, (tokens == PAD).astype(np.float32)), labels
 
