@@ -158,6 +158,63 @@ def test_numpy_post_norm_stack_matches_torch_nn_in_float64(variant):
     assert_within_drift(loop.state_dict(), expected.state, tolerances.state)
 
 
+class TimeFirstSelfAttention(nn.Module):
+    """``MultiheadAttention`` in a Sequential: time first, self-attention on its one input."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn, self.head = nn.MultiheadAttention(E, HEADS, bias=False), nn.Linear(3 * E, CLASSES)
+
+    def forward(self, x):
+        return self.head(self.attn(x, x, x, need_weights=False)[0].flatten(1))
+
+
+class CrossAttention(nn.Module):
+    """Queries from one input, keys and values from another of another length."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn, self.head = nn.MultiheadAttention(E, HEADS, batch_first=True), nn.Linear(E, CLASSES)
+
+    def forward(self, query, memory):
+        return self.head(self.attn(query, memory, memory, need_weights=False)[0].mean(1))
+
+
+def _cross_attention_spec():
+    query, memory = Input((3, E), "query"), Input((S, E), "memory")
+    attn, head = ut.MultiheadAttention(E, HEADS, batch_first=True), ut.Linear(E, CLASSES)
+    return Graph([query, memory], head(attn(query, memory, memory).mean(dim=1)), {"attn": attn, "head": head})
+
+
+OTHER_CASES = {  # name -> (spec, twin, batch of x)
+    "time_first_self_attention": (
+        lambda: ut.Sequential({"attn": ut.MultiheadAttention(E, HEADS, bias=False), "flatten": ut.Flatten(),
+                               "head": ut.Linear(3 * E, CLASSES)}),  # the loop's samples are time steps of 3
+        TimeFirstSelfAttention, lambda rng: rng.standard_normal((S, 3, E)),
+    ),
+    "cross_attention": (
+        _cross_attention_spec, CrossAttention,
+        lambda rng: (rng.standard_normal((BATCH, 3, E)), rng.standard_normal((BATCH, S, E))),
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", [name for name in installed_backends() if name in ("numpy", "chainer")])
+@pytest.mark.parametrize("name", OTHER_CASES)
+def test_time_first_and_cross_attention_match_torch_nn_in_float64(name, backend):
+    """MultiheadAttention without batch_first in a Sequential (self-attention), and with queries and keys of
+    different lengths: five SGD-momentum steps within the conformance formula of torch.nn's float64 run."""
+    make_spec, twin, make_x = OTHER_CASES[name]
+    spec, rng = make_spec(), np.random.default_rng(SEED)
+    batches = [(make_x(rng), rng.integers(0, CLASSES, S if name.startswith("time") else BATCH)) for _ in range(5)]
+    initial = ut.init_weights(spec, SEED)
+    runs = torch_runs(lambda dtype: load_state(twin().to(dtype), initial),
+                      lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, foreach=False), batches)  # fmt: skip
+    loop = _loop(backend, spec, "float64")
+    assert list(loop.state_dict()) == list(twin().state_dict())
+    assert_run_within_drift(loop, [loop.to_float(loop.step(batch)) for batch in batches], runs, "float64", SIZE)
+
+
 def test_state_keys_init_and_serialisation_are_torch_s():
     mha = ut.MultiheadAttention(E, HEADS)
     assert mha.param_shapes() == {
@@ -208,6 +265,21 @@ def test_a_mask_of_the_wrong_length_is_refused_before_any_framework_work():
     with pytest.raises(InputError, match=r"key_padding_mask must have per-sample shape \(5,\).*got \(4,\)"):
         loop.step(((x, np.zeros((2, 4), np.float32)), np.array([0, 1])))
     assert loop.step_count == 0
+
+
+def test_token_ids_beside_a_mask_stay_integers_and_are_checked():
+    from unitrain.backends.numpy import NumpyLoop
+
+    tokens, padding = Input((4,), "tokens"), Input((4,), "padding")
+    embedding, attn = ut.Embedding(6, E), ut.MultiheadAttention(E, HEADS, batch_first=True)
+    h = embedding(tokens)
+    loop = NumpyLoop(Graph([tokens, padding], attn(h, h, h, padding), {"embedding": embedding, "attn": attn}))
+    mask = np.array([[0, 0, 0, 1]], np.float32)
+    assert loop.predict((np.array([[1, 5, 2, 0]]), mask)).shape == (1, 4, E)
+    with pytest.raises(InputError, match=r"^input 'tokens': embedding: .* token id 6 is out of range; expected 0\.\.5$"):
+        loop.predict((np.array([[1, 6, 2, 0]]), mask))
+    with pytest.raises(InputError, match="expects integer token ids, got float32 input"):
+        loop.predict((np.array([[1, 5, 2, 0]], np.float32), mask))
 
 
 def test_the_command_refuses_indivisible_heads_in_one_line(tmp_path):
