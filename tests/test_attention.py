@@ -33,12 +33,12 @@ E, S, HEADS, FEEDFORWARD, CLASSES = 8, 5, 2, 16, 3
 STEPS, BATCH = 20, 4
 
 
-def model_spec(norm_first=True, activation="gelu", num_layers=1) -> Graph:
+def model_spec(norm_first=True, activation="gelu", num_layers=1, causal=False) -> Graph:
     """Positional encoding -> encoder (with a final LayerNorm) -> causal self-attention -> mean -> Linear;
     the padding mask reaches every attention."""
     x, padding = Input((S, E), "x"), Input((S,), "padding")
     layer = ut.TransformerEncoderLayer(E, HEADS, FEEDFORWARD, activation=activation, batch_first=True,
-                                       norm_first=norm_first, seq_len=S, padding_mask=True)  # fmt: skip
+                                       norm_first=norm_first, causal=causal, seq_len=S, padding_mask=True)  # fmt: skip
     modules = {
         "pos": ut.PositionalEncoding(E, max_len=S, batch_first=True),
         "enc": ut.TransformerEncoder(layer, num_layers, ut.LayerNorm(E)),
@@ -70,8 +70,9 @@ class TutorialPositionalEncoding(nn.Module):
 class Twin(nn.Module):
     """``model_spec`` written with torch.nn's own modules."""
 
-    def __init__(self, norm_first=True, activation="gelu", num_layers=1):
+    def __init__(self, norm_first=True, activation="gelu", num_layers=1, causal=False):
         super().__init__()
+        self.causal = causal
         self.pos = TutorialPositionalEncoding(E, max_len=S)
         layer = nn.TransformerEncoderLayer(E, HEADS, FEEDFORWARD, dropout=0.0, activation=activation,
                                            batch_first=True, norm_first=norm_first)  # fmt: skip
@@ -81,8 +82,11 @@ class Twin(nn.Module):
 
     def forward(self, x, padding):
         mask = padding != 0
-        h = self.enc(self.pos(x), src_key_padding_mask=mask)
         causal = torch.ones(S, S, dtype=torch.bool).triu(1)
+        if self.causal:
+            h = self.enc(self.pos(x), mask=causal, src_key_padding_mask=mask, is_causal=True)
+        else:
+            h = self.enc(self.pos(x), src_key_padding_mask=mask)
         h = self.attn(h, h, h, key_padding_mask=mask, attn_mask=causal, need_weights=False)[0]
         return self.head(h.mean(1))
 
@@ -144,9 +148,10 @@ def test_trains_and_evaluates_like_torch_nn(case, backend):
     assert_within_drift({"out": loop.predict(x).astype(np.float32)}, outputs[0], tolerances)
 
 
-@pytest.mark.parametrize("variant", [{"norm_first": False, "activation": "relu", "num_layers": 2}])
+@pytest.mark.parametrize("variant", [{"norm_first": False, "activation": "relu", "num_layers": 2, "causal": True}])
 def test_numpy_post_norm_stack_matches_torch_nn_in_float64(variant):
-    """The other encoder arrangement (post-norm, ReLU, two layers) through NumPy's hand-written backward."""
+    """The other encoder arrangement (post-norm, ReLU, two causal layers: PyTorch's ``is_causal`` with the
+    square subsequent mask) through NumPy's hand-written backward."""
     spec, batches = model_spec(**variant), _batches()[:5]
     initial = ut.init_weights(spec, SEED)
     runs = torch_runs(lambda dtype: load_state(Twin(**variant).to(dtype), initial),
