@@ -55,14 +55,14 @@ with warnings.catch_warnings():
     import chainer.links as L
     from chainer.serializers import DictionarySerializer, NpzDeserializer
 
-from unitrain import expr, layers, losses, ops, sequences
+from unitrain import attention, expr, layers, losses, ops, sequences
 from unitrain.graph import Graph
 from unitrain.loop import TrainingLoop
 from unitrain.optim import clip_grad_norm_scale, initial_buffer_value, optimizer_update, starts_as_gradient
 from unitrain.randomness import dropout_mask, dropout_stream, set_stream_state, stream_state
 from unitrain.upsampling import interpolation_matrix
 
-from . import chainer_graph
+from . import chainer_attention, chainer_graph
 
 #: PyTorch's state names -> Chainer's attribute names
 _LINK_NAMES = {"weight": "W", "bias": "b"}
@@ -603,7 +603,7 @@ class ChainerLoop(TrainingLoop):
     capabilities = frozenset({
         "dropout", "batchnorm", "conv", "native-model", "float64", "random-state",
         "residual", "activations", "layernorm", "pooling", "losses", "custom-loss", "optimizers", "clipping",
-        "distributed", "training-controls", "sequences", "graph", "multi-model",
+        "distributed", "training-controls", "sequences", "graph", "multi-model", "attention",
     })  # fmt: skip
 
     # --- building ---------------------------------------------------------------------------
@@ -652,8 +652,9 @@ class ChainerLoop(TrainingLoop):
                 else _BN_NAMES
             )
             for key in {**spec.param_shapes(), **spec.buffer_shapes()}:
-                # a recurrent layer's parameters carry PyTorch's names already
-                paths[f"{name}{key}"] = f"{path}{key if isinstance(layer, _Recurrent) else names[key]}"
+                # a recurrent layer's parameters carry PyTorch's names already, attention's with _ for .
+                torch_named = isinstance(layer, (_Recurrent, chainer_attention.MultiheadAttention))
+                paths[f"{name}{key}"] = f"{path}{key.replace('.', '_') if torch_named else names[key]}"
         return layer
 
     def _child(self, chain: _Sequence, child_name: str, spec, name: str, path: str, paths: dict):
@@ -678,6 +679,8 @@ class ChainerLoop(TrainingLoop):
             size = spec.in_channels, spec.out_channels, spec.kernel_size, spec.stride, spec.padding
             native = L.Convolution2D if isinstance(spec, layers.Conv2d) else L.Convolution1D
             return native(*size, dilate=spec.dilation, groups=spec.groups, **init)
+        if type(spec) in attention.LEAVES.values():
+            return chainer_attention.leaf(spec, self.dtype)
         if isinstance(spec, sequences.Embedding):
             return _Embedding(spec, self.dtype)
         if isinstance(spec, sequences._Recurrent):

@@ -43,7 +43,7 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from unitrain.backends.mindspore_sequences import _Conv1d, _Embedding, _Recurrent, _TakesMasks, _Through2d
 
-from unitrain import expr, layers, sequences
+from unitrain import attention, expr, layers, sequences
 from unitrain import ops as graph_ops
 from unitrain.graph import Graph
 from unitrain.loop import TrainingLoop
@@ -66,7 +66,7 @@ from unitrain.losses import (
 from unitrain.optim import clip_grad_norm_scale, initial_buffer_value, optimizer_update
 from unitrain.randomness import dropout_mask, dropout_stream, set_stream_state, stream_state
 
-from . import mindspore_graph
+from . import mindspore_attention, mindspore_graph
 
 ms.set_device("CPU")  # the adapter is written and tested for MindSpore's CPU build
 
@@ -402,6 +402,9 @@ class _Builder:
     def _leaf(self, spec: layers.Layer) -> tuple[nn.Cell, dict[str, Parameter]]:
         if type(spec) in _PLAIN_LEAVES:
             return _PLAIN_LEAVES[type(spec)](spec), {}
+        if type(spec) in attention.LEAVES.values():
+            cell = mindspore_attention.cell(spec)
+            return cell, cell.state
         if isinstance(spec, layers.Dropout):
             self.dropouts += 1
             return _Dropout(self.dropouts - 1), {}
@@ -575,7 +578,7 @@ class MindSporeLoop(TrainingLoop):
     capabilities = frozenset({
         "dropout", "batchnorm", "conv", "native-model", "random-state",
         "residual", "activations", "layernorm", "pooling", "losses", "custom-loss", "optimizers", "clipping",
-        "distributed", "training-controls", "sequences", "graph", "multi-model",
+        "distributed", "training-controls", "sequences", "graph", "multi-model", "attention",
     })  # fmt: skip
 
     #: ``False`` runs every step eagerly (PyNative), to debug or to compare speed

@@ -155,7 +155,7 @@ class NumpyLoop(TrainingLoop):
     capabilities = frozenset({
         "dropout", "batchnorm", "conv", "float64", "random-state",
         "residual", "activations", "layernorm", "pooling", "losses", "custom-loss", "optimizers", "clipping",
-        "distributed", "training-controls", "graph", "sequences", "multi-model",
+        "distributed", "training-controls", "graph", "sequences", "multi-model", "attention",
     })  # fmt: skip
 
     def _build(self, model):

@@ -217,6 +217,8 @@ class _Call:
 
     def gradients(self, grad, need):
         out = self.tree.backward(grad, any(need))
+        if out is None:  # no input gradient wanted, of however many inputs
+            return (None,) * len(need)
         return out if isinstance(out, tuple) else (out,)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+from unitrain.backends.numpy_attention import LAYERS as _ATTENTION_LAYERS
 from unitrain.backends.numpy_sequences import _Embedding, _Layer, _Recurrent, _sigmoid
 
 from unitrain.graph import Graph
@@ -705,6 +706,7 @@ _LAYERS = {
     LogSoftmax: _LogSoftmax,
     Flatten: _Flatten,
     Dropout: _Dropout,
+    **_ATTENTION_LAYERS,
 }
 
 # --- containers ----------------------------------------------------------------------------------

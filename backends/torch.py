@@ -29,11 +29,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import skip_init
 
-from unitrain import expr, layers, losses, optim, sequences
+from unitrain import attention, expr, layers, losses, optim, sequences
 from unitrain.graph import Graph
 from unitrain.loop import CAPABILITIES, TrainingLoop
 from unitrain.randomness import rank_seed
 
+from . import torch_attention
 from .torch_graph import GraphModule
 
 _DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
@@ -124,6 +125,8 @@ def _module(spec: layers.Layer, dtype: torch.dtype) -> nn.Module:
         shortcut = None if spec.shortcut is None else _module(spec.shortcut, dtype)
         post = None if spec.post is None else _module(spec.post, dtype)
         return _Residual(body, shortcut, post)
+    if type(spec) in attention.LEAVES.values():
+        return torch_attention.module(spec, dtype)
     if isinstance(spec, layers.Linear):
         return skip_init(nn.Linear, spec.in_features, spec.out_features, bias=spec.bias, dtype=dtype)
     if isinstance(spec, (layers.Conv2d, sequences.Conv1d)):

@@ -16,6 +16,7 @@ from . import (  # noqa: F401
     training_checks,
     graph_checks,
     multi_model_checks,
+    attention_checks,
 )
 
 # isort: on

@@ -11,7 +11,7 @@ from typing import ClassVar
 
 import numpy as np
 import pytest
-from unitrain.backends import numpy_graph, numpy_layers, numpy_sequences, numpy_steps
+from unitrain.backends import numpy_attention, numpy_graph, numpy_layers, numpy_sequences, numpy_steps
 from unitrain.backends.numpy import LossValue, NumpyLoop, _loss_terms
 from unitrain.conformance import CHECKS, run_check, run_checks
 
@@ -852,3 +852,62 @@ def test_a_broken_multi_model_step_is_caught(adapter):
 
 def test_the_intact_backend_passes_the_multi_model_check():
     assert run_check(NumpyLoop, "check_multi_model_step").status == "pass"
+
+
+# --- broken attention ---------------------------------------------------------------------------------
+
+
+class _ScaledByEmbedDim(numpy_attention._MultiheadAttention):
+    def scale(self):
+        return 1 / self.spec.head_dim
+
+
+class _PaddingIgnored(numpy_attention._MultiheadAttention):
+    def blocked(self, length, keys, padding):
+        return super().blocked(length, keys, None)
+
+
+class _CausalIgnored(numpy_attention._MultiheadAttention):
+    def blocked(self, length, keys, padding):
+        return np.zeros((length, keys), bool) if padding is None else (padding != 0)[:, None, None, :]
+
+
+class _BrokenAttention(_BrokenGraph):
+    broken: ClassVar[type]
+
+    def breaks(self, step):
+        if isinstance(getattr(step, "tree", None), numpy_attention._MultiheadAttention):
+            step.tree.__class__ = self.broken
+
+
+class AttentionScaledByD(_BrokenAttention):
+    broken = _ScaledByEmbedDim
+
+
+class KeyPaddingMaskIgnored(_BrokenAttention):
+    broken = _PaddingIgnored
+
+
+class CausalMaskIgnored(_BrokenAttention):
+    broken = _CausalIgnored
+
+
+CAUGHT_ATTENTION = {
+    AttentionScaledByD:
+        "causal self-attention with a key padding mask: predict(): expected 0.653416, got 1.05291 at index "
+        "(5, 2, 7); max error 0.399 > tolerance 0.000502",
+    KeyPaddingMaskIgnored:
+        "causal self-attention with a key padding mask: predict(): expected -0.381669, got 0.770145 at index "
+        "(4, 3, 5); max error 1.15 > tolerance 0.000502",
+    CausalMaskIgnored:
+        "causal self-attention with a key padding mask: predict(): expected -1.3761, got 0.494221 at index "
+        "(2, 0, 7); max error 1.87 > tolerance 0.000502",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("adapter", CAUGHT_ATTENTION, ids=[a.__name__ for a in CAUGHT_ATTENTION])
+def test_a_broken_attention_is_caught_by_the_attention_check(adapter):
+    message, result = failure(adapter, "check_attention")
+    assert_same_report(message, CAUGHT_ATTENTION[adapter])
+    assert result.max_error > result.tolerance
+    assert run_check(NumpyLoop, "check_attention").status == "pass"

@@ -222,3 +222,11 @@ def test_lstm_tagger_tags_the_tutorials_sentence_as_the_tutorial_does(name, requ
         request.getfixturevalue("torch_single_thread")
     assert example("lstm_tagger").main(["--backend", name]) == [0, 1, 2, 0, 1]
     assert "predicted tags: 0 1 2 0 1" in capsys.readouterr().out
+
+
+def test_transformer_classifier_trains_from_token_ids_and_a_padding_mask(capsys):
+    """20 steps on NumPy: token ids and the padding mask reach the graph as its two inputs (the full run,
+    above 0.9 test accuracy on every backend, takes minutes)."""
+    accuracy = example("transformer_classifier").main(["--backend", "numpy", *STEPS])
+    assert 0 <= accuracy <= 1 and re.search(rf"epoch 1: mean training loss {NUMBER}\ntest accuracy: {NUMBER}\n",
+                                            capsys.readouterr().out)  # fmt: skip

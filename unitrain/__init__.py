@@ -29,6 +29,8 @@ _EXPORTS = {
     "Graph": "graph", "Input": "graph", "from_torch": "backends.torch_import", "to_torch": "backends.torch_import",
     "Embedding": "sequences", "RNN": "sequences", "LSTM": "sequences", "GRU": "sequences", "Conv1d": "sequences",
     "MaxPool1d": "sequences", "AvgPool1d": "sequences", "AdaptiveAvgPool1d": "sequences",
+    "MultiheadAttention": "attention", "PositionalEncoding": "attention", "TransformerEncoder": "attention",
+    "TransformerEncoderLayer": "attention",
     "TrainingLoop": "loop",
     "BCELoss": "losses", "BCEWithLogitsLoss": "losses", "CrossEntropyLoss": "losses", "CustomLoss": "losses",
     "HuberLoss": "losses", "L1Loss": "losses", "MSELoss": "losses", "NLLLoss": "losses",

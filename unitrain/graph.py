@@ -278,7 +278,10 @@ class Graph(Container):
                         shapes[node.name] = out[module.outputs[0]]
                         continue
                     if len(args) != 1:
-                        raise ValueError(f"{module} takes one tensor input, got {len(args)}")
+                        if not hasattr(module, "output_shape_of"):  # a leaf of several inputs (attention)
+                            raise ValueError(f"{module} takes one tensor input, got {len(args)}")
+                        shapes[node.name] = module.output_shape_of(tuple(args))
+                        continue
                     before = dict(seen)
                     shapes[node.name] = layers._trace(module, args[0], full, seen)
                     for key, value in before.items():  # a shared leaf: keep its fewest values per channel
@@ -427,6 +430,9 @@ _LAYER_TYPES = {cls.__name__: cls for cls in vars(layers).values()
 def to_dict(model: Layer) -> dict:
     """A layer spec, container or graph as plain JSON data (``{"type": ..., fields}``)."""
     kind = type(model).__name__
+    if isinstance(model, Graph) and "arguments" in vars(model):  # built from arguments (an encoder)
+        return {"type": kind, **{key: to_dict(value) if isinstance(value, Layer) else value
+                                 for key, value in model.arguments}}  # fmt: skip
     if isinstance(model, Graph):
         return {
             "type": kind,
@@ -450,7 +456,7 @@ def to_dict(model: Layer) -> dict:
         return {"type": kind, "body": to_dict(model.body),
                 "shortcut": None if model.shortcut is None else to_dict(model.shortcut),
                 "post": None if model.post is None else to_dict(model.post)}  # fmt: skip
-    if kind not in _LAYER_TYPES:
+    if kind not in _LAYER_TYPES and type(model).__module__ != "unitrain.attention":
         raise TypeError(f"cannot serialise {model!r}: not a unitrain layer spec")
     return {"type": kind, **{f.name: _plain(getattr(model, f.name)) for f in fields(model)}}
 
@@ -473,8 +479,14 @@ def from_dict(data: Mapping) -> Layer:
         if kind == "Residual":
             return layers.Residual(*(None if rest.get(part) is None else from_dict(rest[part])
                                      for part in ("body", "shortcut", "post")))  # fmt: skip
-        if kind not in _LAYER_TYPES:
+        from . import attention  # it builds graphs
+
+        if kind in attention.ENCODERS:
+            nested = {key: from_dict(value) if isinstance(value, Mapping) else value for key, value in rest.items()}
+            return attention.ENCODERS[kind](**nested)
+        kinds = {**_LAYER_TYPES, **attention.LEAVES}
+        if kind not in kinds:
             raise ValueError(f"unknown layer type {kind!r}")
-        return _LAYER_TYPES[kind](**{key: _frozen(value) for key, value in rest.items()})
+        return kinds[kind](**{key: _frozen(value) for key, value in rest.items()})
     except (KeyError, TypeError) as error:
         raise ValueError(f"model entry of type {kind!r} does not fit: {type(error).__name__}: {error}") from None

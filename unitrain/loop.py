@@ -190,6 +190,8 @@ CAPABILITIES = frozenset({
     "sequences",
     # several models and optimizers in one step (unitrain.steps: GANs, VAEs)
     "multi-model",
+    # MultiheadAttention, the Transformer encoders, PositionalEncoding (unitrain.attention)
+    "attention",
 })  # fmt: skip
 
 

@@ -337,7 +337,9 @@ def call_layer(layer: layers.Layer, inputs: tuple) -> Tensor:
             raise ValueError(f"{name}: a graph called as a module must have one output, this one has {len(shapes)}")
         return Tensor("call_module", layer, inputs, {}, shapes[0])
     if len(inputs) != 1:
-        raise ValueError(f"{layer} takes one tensor input, got {len(inputs)}")
+        if not hasattr(layer, "output_shape_of"):  # a leaf of several inputs (attention)
+            raise ValueError(f"{layer} takes one tensor input, got {len(inputs)}")
+        return Tensor("call_module", layer, inputs, {}, layer.output_shape_of(tuple(v.sample_shape for v in inputs)))
     shape = layers._trace(layer, inputs[0].sample_shape, name, {})
     return Tensor("call_module", layer, inputs, {}, shape)
 
