@@ -416,16 +416,36 @@ class _Graph(_Sequence):
         return chainer_graph.run(self._steps, self._input_names, self._output_names, inputs)
 
 
+def _class_rows(spec, pred, y):
+    """``(N, C, d1, ...)`` predictions as rows ``(N * d1 * ..., C)`` (classes last) with their
+    targets, and the rows whose class index is ``ignore_index`` left out (PyTorch's mean divides
+    by the rows that count)."""
+    if pred.ndim > 2:
+        classes = pred.shape[1]
+        pred = F.reshape(F.moveaxis(pred, 1, -1), (-1, classes))
+        y = np.moveaxis(y, 1, -1).reshape(-1, classes) if y.dtype.kind == "f" else y.reshape(-1)
+    if y.dtype.kind != "f" and (y == spec.ignore_index).any():
+        kept = np.flatnonzero(y != spec.ignore_index)
+        pred, y = F.get_item(pred, kept), y[kept]
+    return pred, y
+
+
 def _cross_entropy(spec: losses.CrossEntropyLoss, logits, y):
-    """Per sample. Class indices without smoothing: Chainer's own softmax cross-entropy. Otherwise
-    PyTorch's ``-sum(((1 - ε) * target + ε / C) * log_softmax(logits))``, where ``target`` is the given
-    probabilities or the one-hot rows of the class indices (Chainer has no label smoothing)."""
+    """Per row (:func:`_class_rows`). Class indices without smoothing: Chainer's own softmax cross-entropy.
+    Otherwise PyTorch's ``-sum(((1 - ε) * target + ε / C) * log_softmax(logits))``, where ``target`` is
+    the given probabilities or the one-hot rows of the class indices (Chainer has no label smoothing)."""
+    logits, y = _class_rows(spec, logits, y)
     if y.dtype.kind != "f" and not spec.label_smoothing:
         return F.softmax_cross_entropy(logits, y.astype(np.int32), reduce="no")
     classes = logits.shape[1]
     target = y if y.dtype.kind == "f" else np.eye(classes, dtype=logits.dtype)[y]
     target = (1 - spec.label_smoothing) * target + spec.label_smoothing / classes
     return -F.sum(target * F.log_softmax(logits), axis=1)
+
+
+def _negative_log_likelihood(spec: losses.NLLLoss, log_probs, y):
+    log_probs, y = _class_rows(spec, log_probs, y)
+    return -F.select_item(log_probs, y.astype(np.int32))
 
 
 def _bce_with_logits(spec, logits, y):
@@ -460,7 +480,7 @@ def _smooth_l1(spec, pred, y):
 #: Per-sample (class losses) or per-element terms of each loss; ``reduction`` sums or averages them.
 _LOSS_TERMS = {
     losses.CrossEntropyLoss: _cross_entropy,
-    losses.NLLLoss: lambda spec, logp, y: -F.select_item(logp, y.astype(np.int32)),
+    losses.NLLLoss: _negative_log_likelihood,
     losses.MSELoss: lambda spec, pred, y: F.squared_error(pred, y),
     losses.BCEWithLogitsLoss: _bce_with_logits,
     losses.BCELoss: lambda spec, p, y: _BinaryCrossEntropy().apply((p, y))[0],

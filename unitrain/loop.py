@@ -24,7 +24,9 @@ converted). The dtype of ``y`` says what the targets are, checked against the lo
 (:mod:`unitrain.losses`) and the model's output shape before any framework sees them:
 
 * integer ``y`` of shape ``(N,)``: class indices in ``0..C-1`` (``CrossEntropyLoss``,
-  ``NLLLoss``; the model's per-sample output must be ``(C,)``); passed on as int64;
+  ``NLLLoss``; the model's per-sample output must be ``(C,)``), or of shape ``(N, d1, ...)``
+  against outputs ``(C, d1, ...)``, each may equal the loss's ``ignore_index``
+  (:mod:`unitrain.class_targets`); passed on as int64;
 * floating ``y`` shaped like the model's output: class probabilities for
   ``CrossEntropyLoss`` (soft or one-hot targets), regression targets for the elementwise
   losses (``MSELoss``, ``L1Loss``, ``BCEWithLogitsLoss``, ``SmoothL1Loss``, ``HuberLoss``;
@@ -159,7 +161,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from . import expr, graph_batches
+from . import class_targets, expr, graph_batches
 from . import weights as weights_io
 from .controls import EarlyStopping, EarlyStoppingState, ParamGroup, resolve_groups
 from .data import ArrayDataset, DataError
@@ -675,11 +677,13 @@ class TrainingLoop(ABC):
                         squared += float(np.square(pred - target).sum())
                         absolute += float(np.abs(pred - target).sum())
         n = len(dataset)
-        per_sample = total_loss / n
+        # class indices: means over the targets that count (every position's, ignored ones left out)
+        targets = class_targets.counted(self.loss_spec, dataset.y) if class_indices else n
+        per_sample = total_loss / targets
         elements = max(1, int(np.prod(dataset.y.shape[1:])))
         if not self.loss_spec.class_targets and not isinstance(self.loss_spec, CustomLoss):
             per_sample /= elements  # elementwise losses average elements
-        counted = n * elements if type(self.loss_spec) in _BINARY_THRESHOLDS else n
+        counted = n * elements if type(self.loss_spec) in _BINARY_THRESHOLDS else targets
         metrics = {
             "loss": per_sample,
             "accuracy": correct / counted if counted and accuracy else float("nan"),
@@ -803,6 +807,7 @@ class TrainingLoop(ABC):
                 self.train()
                 _call(extensions, "on_epoch_start", self, epoch)
                 losses, corrects, seen, started, epoch_lr = [], [], 0, time.perf_counter(), self.lr
+                scored = 0  # class-index targets that count, what train_accuracy divides by
                 first = start_batch if epoch == start_epoch else 0
                 batches = train_data.batches(batch_size, shuffle=shuffle, seed=self.seed, epoch=epoch, start=first,
                                              drop_last=drop_last)  # fmt: skip
@@ -816,12 +821,14 @@ class TrainingLoop(ABC):
                             continue
                         loss, correct = self._accumulated_step(pending, group, count_correct)
                         samples = sum(_samples(y) for _, _, y in pending)
+                        scored += sum(_scored(self, y, count_correct) for _, _, y in pending)
                         pending = []
                     else:
                         loss = self.step((x, y))
                         if count_correct:
                             correct = self._shard_correct if self.world_size > 1 else self._step_correct(y)
                         samples = _samples(y)
+                        scored += _scored(self, y, count_correct)
                     losses.append(loss)
                     seen += samples
                     self.last_batch_size, self.last_batch_correct = samples, None
@@ -840,7 +847,8 @@ class TrainingLoop(ABC):
                     "samples_per_sec": seen / elapsed if elapsed > 0 else float("nan"),
                 }
                 if count_correct and None not in corrects:
-                    record["train_accuracy"] = sum(self.to_float(c) for c in corrects) / seen if seen else float("nan")
+                    correct_total = sum(self.to_float(c) for c in corrects)
+                    record["train_accuracy"] = correct_total / scored if scored else float("nan")
                 if self.rank == 0:  # evaluation on rank 0 only (module docstring)
                     for prefix, data in evaluated.items():
                         metrics = self.evaluate(data, test_batch_size)
@@ -1056,7 +1064,7 @@ class TrainingLoop(ABC):
         if y.dtype.kind not in "fiub":
             raise InputError(f"targets must be numeric, got dtype {y.dtype}")
         if spec.class_targets and y.dtype.kind in "iu":
-            return self._check_class_indices(y, output, loss_name)
+            return class_targets.check(spec, y, output, InputError)
         if not spec.float_targets:
             raise InputError(f"{loss_name} needs integer class indices of shape (N,), got dtype {y.dtype}")
         if not np.isfinite(y).all():
@@ -1077,23 +1085,6 @@ class TrainingLoop(ABC):
                     f"{(n, *output)}{hint}"
                 )
         return y.astype(self.dtype, copy=False)
-
-    def _check_class_indices(self, y, output, loss_name: str) -> np.ndarray:
-        if y.ndim != 1:
-            raise InputError(f"class targets must be a 1-D integer array, got dtype {y.dtype} shape {y.shape}")
-        if output is not None:
-            if len(output) != 1:
-                raise InputError(
-                    f"{loss_name} with class indices needs model outputs of shape (N, classes), "
-                    f"the model gives per-sample shape {output}"
-                )
-            classes = output[0]
-            if len(y):
-                low, high = int(y.min()), int(y.max())
-                if low < 0 or high >= classes:
-                    bad = low if low < 0 else high
-                    raise InputError(f"label {bad} is out of range: the model has {classes} classes (0..{classes - 1})")
-        return y.astype(np.int64, copy=False)
 
     def _check_batch(self, batch) -> tuple[np.ndarray, np.ndarray]:
         try:
@@ -1131,6 +1122,11 @@ def _call(extensions, hook: str, *args) -> None:
 
 #: the binary losses' decision threshold on a prediction: a logit's sign, a probability's half
 _BINARY_THRESHOLDS = {BCEWithLogitsLoss: 0.0, BCELoss: 0.5}
+
+
+def _scored(loop: TrainingLoop, y, count_correct: bool) -> int:
+    """How many of a batch's class-index targets a training accuracy divides by (0 if not counted)."""
+    return class_targets.counted(loop.loss_spec, np.asarray(y)) if count_correct else 0
 
 
 def _samples(y) -> int:
