@@ -109,7 +109,7 @@ def language_model_data(text: str, length: int, *, level: str = "char", val_frac
         raise DataError(f"val_fraction must be a number between 0 and 1, got {val_fraction!r}")
     vocabulary = Vocabulary.of(text, level)
     ids = vocabulary.encode(text)
-    cut = len(ids) - int(round(len(ids) * val_fraction))
+    cut = len(ids) - round(len(ids) * val_fraction)
     return LanguageModelData(windows(ids[:cut], length, stride), windows(ids[cut:], length, stride), vocabulary)
 
 
@@ -147,7 +147,7 @@ def load_tokens(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | 
         members = {name.removesuffix(".npy"): name for name in archive.namelist()}
         missing = [name for name in ("tokens", "lengths") if name not in members]
         if missing:
-            raise DataError(f"{path}: a token dataset needs the arrays tokens and lengths; missing {', '.join(missing)}")
+            raise DataError(f"{path}: a token dataset needs the arrays tokens and lengths; missing {missing[0]}")
         keys = [key for key in ("tokens", "lengths", "labels") if key in members]
         headers = {key: _npy_header(archive, members[key], key, f"{path}: {key}", values=True) for key in keys}
         if sum(_npy_bytes(shape, dtype) for shape, _, dtype in headers.values()) > MAX_DATA_BYTES:
