@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import numpy as np
 
@@ -96,4 +95,4 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     outcome = main()
-    sys.exit(0 if outcome["perplexity"] < outcome["bigram_perplexity"] else 1)
+    raise SystemExit(0 if outcome["perplexity"] < outcome["bigram_perplexity"] else 1)
