@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from conftest import installed_backends
 from torch import nn
 from torch_reference import SEED, assert_within_drift, expected_run, load_state, torch_runs
+from unitrain.backends.numpy import _loss_terms
 
 import unitrain as ut
-from unitrain.backends.numpy import _loss_terms
 from unitrain.graph import Graph, Input
 from unitrain.loop import InputError
 
@@ -128,7 +128,7 @@ def test_numpy_nll_loss_with_an_ignore_index_inside_the_classes():
     expected = F.nll_loss(logp, torch.from_numpy(y), ignore_index=0)
     expected.backward()
     terms, grad = _loss_terms(ut.NLLLoss(ignore_index=0), logp.detach().numpy(), y)
-    assert terms.size == np.count_nonzero(y) and terms.mean() == pytest.approx(float(expected), rel=1e-12)
+    assert terms.size == np.count_nonzero(y) and terms.mean() == pytest.approx(expected.item(), rel=1e-12)
     np.testing.assert_allclose(grad(1 / terms.size), logp.grad.numpy(), rtol=0, atol=1e-15)
 
 
