@@ -69,6 +69,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--lr", type=float, default=0.005)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sample", type=int, default=120, help="characters to sample after training")
     args = parser.parse_args(argv)
 
     data = text.language_model_data(text.shipped_text()[: args.chars], args.length)
@@ -89,7 +90,7 @@ def main(argv=None) -> dict:
     }
     print(f"validation perplexity {result['perplexity']:.2f} (bigram model: {result['bigram_perplexity']:.2f}, "
           f"uniform: {size})")  # fmt: skip
-    print("sample:", repr(sample(loop, data.vocabulary, "Release 2024a", 120, args.length, 0.8, args.seed)))
+    print("sample:", repr(sample(loop, data.vocabulary, "Release 2024a", args.sample, args.length, 0.8, args.seed)))
     return result
 
 

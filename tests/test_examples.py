@@ -222,3 +222,21 @@ def test_lstm_tagger_tags_the_tutorials_sentence_as_the_tutorial_does(name, requ
         request.getfixturevalue("torch_single_thread")
     assert example("lstm_tagger").main(["--backend", name]) == [0, 1, 2, 0, 1]
     assert "predicted tags: 0 1 2 0 1" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_char_lm_beats_the_bigram_model_and_samples(capsys):
+    """The character LSTM's validation perplexity after its 4 epochs (NumPy, ~15 s) falls below the bigram
+    model's counted on the same training text (the bar its docstring derives); a sample is printed."""
+    outcome = example("char_lm").main(["--backend", "numpy"])
+    assert outcome["perplexity"] < outcome["bigram_perplexity"] < 98  # 98 characters: the uniform model
+    assert "sample: '" in capsys.readouterr().out
+
+
+def test_char_lm_runs_a_few_steps_and_samples(capsys):
+    """The script's mechanics on NumPy (its model trains like torch's on every backend in test_token_losses)."""
+    example("char_lm").main(["--backend", "numpy", "--epochs", "1", "--max-steps", "2", "--chars", "3000",
+                             "--sample", "5"])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert re.search(rf"validation perplexity {NUMBER} \(bigram model: {NUMBER}", printed)
+    assert re.search(r"sample: '.{5}'", printed, re.DOTALL)
