@@ -5,7 +5,10 @@ Three ways to run it: ``unitrain conformance``; :func:`parametrize_with_checks` 
 module; :func:`run_checks`, which returns one :class:`CheckResult` per check.
 """
 
-from . import graph_checks  # noqa: F401 (registers the graph checks in CHECKS)
+from . import (
+    graph_checks,  # noqa: F401 (registers the graph checks in CHECKS)
+    token_checks,  # noqa: F401 (registers the per-position loss checks in CHECKS)
+)
 from .checks import CHECKS, CheckFailure, CheckSkipped
 from .pytest_helpers import parametrize_with_checks
 from .runner import CheckResult, format_matrix, run_check, run_checks

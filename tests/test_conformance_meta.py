@@ -781,3 +781,22 @@ def test_a_broken_resampling_layer_or_bce_is_caught_by_the_right_check(adapter, 
     message, result = failure(adapter, check)
     assert_same_report(message, CAUGHT_RESAMPLING[adapter, check])
     assert result.max_error > result.tolerance
+
+
+class IgnoreIndexIgnored(NumpyLoop):
+    """Class losses that count every target: an ignored one (padding) scores as class 0."""
+
+    def _loss_value(self, spec, pred, y):
+        if getattr(spec, "ignore_index", None) is not None and y.dtype.kind in "iu":
+            y = np.where(y == spec.ignore_index, 0, y)
+        return super()._loss_value(spec, pred, y)
+
+
+def test_a_loss_that_ignores_no_target_is_caught_by_the_per_position_check():
+    message, result = failure(IgnoreIndexIgnored, "check_per_position_losses")
+    assert_same_report(
+        message,
+        "CrossEntropyLoss(reduction='mean', label_smoothing=0.2, ignore_index=-100) over (N, C, T) with ignored "
+        "targets: loss: expected 2.30303, got 2.25374; max error 0.0493 > tolerance 0.000264",
+    )
+    assert result.max_error > result.tolerance
