@@ -303,17 +303,23 @@ class _Recurrent(chainer.Link):
             bs += list(bias)
         return ws, bs
 
-    def forward(self, x):
-        return self.run(x)[0]
+    def forward(self, x, lengths=None):
+        return self.run(x, lengths=lengths)[0]
 
-    def run(self, x, h0=None, c0=None):
-        """``(output, h_n, c_n)`` (``c_n`` None but for LSTM); initial states None are zeros."""
+    def run(self, x, h0=None, c0=None, lengths=None):
+        """``(output, h_n, c_n)`` (``c_n`` None but for LSTM); initial states None are zeros.
+        ``lengths``: each sequence's, of a batch-first padded ``x``. Chainer's functions take
+        sequences of different lengths as time steps of shrinking batches (``xs[t]`` holds the
+        sequences longer than ``t``, longest first), and return each one's state after its last
+        step; the reverse direction starts each sequence at its own last step."""
         spec = self.spec
         time_axis = 1 if spec.batch_first else 0
         lstm = isinstance(spec, sequences.LSTM)
         zeros = np.zeros(spec.state_shape(x.shape[1 - time_axis]), x.dtype)
         h0 = zeros if h0 is None else h0
         c0 = zeros if c0 is None and lstm else c0
+        if lengths is not None:
+            return self._run_padded(x, h0, c0, np.asarray(lengths).reshape(-1))
         steps = F.separate(x, axis=time_axis)  # the functions take a list of time steps
         h_n, c_n, directions = [], [], spec.directions
         for k in range(spec.num_layers):
@@ -331,6 +337,35 @@ class _Recurrent(chainer.Link):
                 steps = F.separate(output, axis=time_axis)
         output = F.stack(steps, axis=time_axis)
         return output, F.concat(h_n, axis=0), F.concat(c_n, axis=0) if lstm else None
+
+    def _run_padded(self, x, h0, c0, lengths):
+        spec = self.spec
+        lstm = isinstance(spec, sequences.LSTM)
+        order = np.argsort(-lengths, kind="stable")  # longest first, as the functions need
+        undo = np.argsort(order)
+        batches = [int((lengths > t).sum()) for t in range(x.shape[1])]
+        x = F.get_item(x, order)
+        steps = [x[:count, t] for t, count in enumerate(batches)]
+        h_n, c_n, directions = [], [], spec.directions
+        for k in range(spec.num_layers):
+            ws, bs = zip(*(self._weights(k, suffix) for suffix in ("", "_reverse")[:directions]), strict=True)
+            states = slice(k * directions, (k + 1) * directions)
+            if lstm:
+                h, c, steps = self.function(1, 0.0, h0[states][:, order], c0[states][:, order], list(ws), list(bs),
+                                            steps)  # fmt: skip
+                c_n.append(c)
+            else:
+                h, steps = self.function(1, 0.0, h0[states][:, order], list(ws), list(bs), steps)
+            h_n.append(h)
+            if chainer.config.train and spec.dropout and k < spec.num_layers - 1:
+                output = F.get_item(F.swapaxes(F.pad_sequence(steps, length=len(lengths)), 0, 1), undo)
+                output = output * dropout_mask(self.rng, output.shape, spec.dropout, output.dtype)
+                output = F.get_item(output, order)
+                steps = [output[:count, t] for t, count in enumerate(batches)]
+        # zeros past each sequence's end, as pad_packed_sequence gives them; back in the batch's order
+        output = F.get_item(F.swapaxes(F.pad_sequence(steps, length=len(lengths)), 0, 1), undo)
+        h_n = F.concat(h_n, axis=0)[:, undo]
+        return output, h_n, F.concat(c_n, axis=0)[:, undo] if lstm else None
 
 
 class _LayerNorm(chainer.Link):

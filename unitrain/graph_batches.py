@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from . import padded
 from .graph import Graph, get_submodule
 from .layers import Container
 from .losses import CustomLoss, PerOutputLoss
@@ -57,13 +58,19 @@ def check_inputs(loop: TrainingLoop, x) -> tuple[np.ndarray, ...]:
         raise InputError(f"the model takes {len(names)} inputs {list(names)}: pass a tuple or a dict of arrays, "
                          f"got {type(x).__name__}")  # fmt: skip
     arrays = []
-    for name, value in zip(names, x, strict=True):
+    roles = padded.input_roles(loop.model_spec)
+    for (name, declared), value in zip(loop.model_spec.inputs, x, strict=True):
         value = np.asarray(value)
         if value.dtype.kind not in "fiu":
             raise InputError(f"input {name!r} must be numeric, got dtype {value.dtype}")
-        if value.ndim < 2 or (arrays and len(value) != len(arrays[0])):
+        if value.ndim < (2 if declared else 1) or (arrays and len(value) != len(arrays[0])):
             raise InputError(f"input {name!r} must be a batch of shape (N, ...) with the same N as the others, "
                              f"got shape {value.shape}")  # fmt: skip
+        if name in roles:  # token ids or sequence lengths: integers, passed on as int64
+            if problem := padded.check_input(roles[name], name, value):
+                raise InputError(problem)
+            arrays.append(value.astype(np.int64, copy=False))
+            continue
         value = value.astype(loop.dtype, copy=False)
         if not np.isfinite(value).all():
             raise InputError(f"input {name!r} contains NaN or infinite values")
