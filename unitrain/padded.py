@@ -44,7 +44,8 @@ class Role:
 
 
 def input_roles(graph) -> dict[str, Role]:
-    """The graph inputs that are token ids or lengths, by name (the others are not listed)."""
+    """The graph inputs that are token ids or lengths, by name (the others are not listed), each with
+    the first layer it feeds."""
     from .graph import Graph, get_submodule
 
     roles = {}
@@ -56,10 +57,10 @@ def input_roles(graph) -> dict[str, Role]:
         first = module if not hasattr(module, "named_layers") or isinstance(module, Graph) else next(
             module.named_layers(), (None, None))[1]  # fmt: skip
         if node.args[0] in inputs and isinstance(first, Embedding):
-            roles[node.args[0]] = Role("ids", node.target, first)
+            roles.setdefault(node.args[0], Role("ids", node.target, first))
         if len(node.args) == 2 and node.args[1] in inputs:
             steps = graph.shapes[node.args[0]][0]
-            roles[node.args[1]] = Role("lengths", node.target, module, steps)
+            roles.setdefault(node.args[1], Role("lengths", node.target, module, steps))
     return roles
 
 
