@@ -800,3 +800,25 @@ def test_a_loss_that_ignores_no_target_is_caught_by_the_per_position_check():
         "targets: loss: expected 2.30303, got 2.25374; max error 0.0493 > tolerance 0.000264",
     )
     assert result.max_error > result.tolerance
+
+
+class LengthsIgnored(NumpyLoop):
+    """Recurrent layers that read every padded step: the lengths reach them and are dropped."""
+
+    def _build(self, model):
+        super()._build(model)
+        for step in list(_graph_steps(self._root)):
+            tree = getattr(step, "tree", None)
+            if isinstance(tree, numpy_sequences._Recurrent):
+                forward = tree.forward
+                tree.forward = lambda x, training, record, forward=forward: forward(x[0], training, record)
+
+
+def test_lengths_ignored_are_caught_by_the_padded_sequences_check():
+    message, result = failure(LengthsIgnored, "check_padded_sequences")
+    assert_same_report(
+        message,
+        "LSTM(bidirectional, batch_first) with lengths [5, 2, 4, 1]: predict(): expected 0, got 0.52929 at index "
+        "(1, 3, 2); max error 0.529 > tolerance 0.00021",
+    )
+    assert result.max_error > result.tolerance
