@@ -20,8 +20,8 @@ def check(spec, y: np.ndarray, output: tuple[int, ...] | None, error: type[Excep
         if len(output) != y.ndim or tuple(output[1:]) != y.shape[1:]:
             wanted = "(N, classes)" if y.ndim == 1 else f"(N, classes, {', '.join(map(str, y.shape[1:]))})"
             raise error(
-                f"{loss_name} with class indices of shape {y.shape} needs model outputs of shape {wanted}, "
-                f"the model gives per-sample shape {output}"
+                f"{loss_name} with class indices needs model outputs of shape {wanted} for targets of shape "
+                f"{y.shape}, the model gives per-sample shape {output}"
             )
         classes = output[0]
         kept = y[y != spec.ignore_index]
