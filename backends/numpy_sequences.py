@@ -200,9 +200,9 @@ class _Recurrent(_Layer):
         spec = self.spec
         if spec.batch_first:
             x = x.swapaxes(0, 1)
-        mask = reverse = None
+        real = reverse = None  # each sequence's real steps, and its reversal, with lengths
         if lengths is not None:
-            mask, reverse = _padding(lengths, len(x), x.dtype)
+            real, reverse = _padding(lengths, len(x), x.dtype)
         if record:
             self.reverse = reverse
         shape = spec.state_shape(x.shape[1])
@@ -215,7 +215,7 @@ class _Recurrent(_Layer):
                 index = k * len(directions) + d
                 sequence = x if d == 0 else _reversed(x, reverse)
                 c_start = None if c0 is None else c0[index]
-                out, h, c = direction.forward(sequence, h0[index], c_start, record, mask)
+                out, h, c = direction.forward(sequence, h0[index], c_start, record, real)
                 outputs.append(out if d == 0 else _reversed(out, reverse))
                 h_n.append(h)
                 c_n.append(c)

@@ -24,12 +24,12 @@ pytestmark = pytest.mark.usefixtures("torch_single_thread")
 VOCABULARY, EMBEDDING, HIDDEN, LENGTH, BATCH, STEPS = 9, 3, 4, 6, 4, 20
 
 
-def tagger(bidirectional_gru: bool = True, lstm_layers: int = 2) -> Graph:
+def tagger(bidirectional_gru: bool = True, lstm_layers: int = 2, dropout: float = 0.0) -> Graph:
     """Embedding, a 2-layer bidirectional LSTM and (optionally) a bidirectional GRU, each given the
     lengths, then Linear: one score per class at every position, ``(N, classes, T)``."""
     tokens, lengths = Input((LENGTH,), name="tokens"), Input((), name="lengths")
     embedding = ut.Embedding(VOCABULARY, EMBEDDING, padding_idx=0)
-    lstm = ut.LSTM(EMBEDDING, HIDDEN, num_layers=lstm_layers, batch_first=True, bidirectional=True)
+    lstm = ut.LSTM(EMBEDDING, HIDDEN, num_layers=lstm_layers, batch_first=True, bidirectional=True, dropout=dropout)
     modules = {"embedding": embedding, "lstm": lstm}
     h = lstm(embedding(tokens), lengths)
     if bidirectional_gru:
@@ -114,6 +114,27 @@ def test_padded_batches_train_like_torch_with_packed_sequences(backend):
         alone = loop.predict((tokens[row : row + 1, :length], lengths[row : row + 1]))
         bound = tolerance(np.dtype(dtype), SIZE, float(np.abs(alone).max()))
         np.testing.assert_allclose(padded[row : row + 1, :, :length], alone, rtol=0, atol=bound)
+
+
+@pytest.mark.skipif("chainer" not in installed_backends(), reason="Chainer is not installed")
+def test_dropout_between_layers_with_lengths_draws_the_same_masks_on_numpy_and_chainer():
+    """Training forwards and gradients with dropout between the LSTM's layers and lengths: NumPy and Chainer
+    draw the loop's masks alike (shaped like the layer's output, in the batch's order), so they agree in
+    float64 within the conformance formula; dropout did act (eval differs)."""
+    (tokens, lengths), tags = batches()[0]
+    results = []
+    for backend in ("numpy", "chainer"):
+        loop = _loop(backend, tagger(dropout=0.5), "float64")
+        loop.zero_grad()
+        pred = loop.forward((tokens, lengths))
+        loop.backward(loop.loss(pred, tags))
+        results.append((loop.to_numpy(pred), loop.gradients(), loop.eval().predict((tokens, lengths))))
+    (pred, gradients, evaluated), (other, other_gradients, _) = results
+    bound = tolerance(np.float64, SIZE, 1.0)
+    np.testing.assert_allclose(other, pred, rtol=0, atol=bound)
+    for key, value in gradients.items():
+        np.testing.assert_allclose(other_gradients[key], value, rtol=0, atol=8 * bound, err_msg=key)
+    assert np.abs(evaluated - pred).max() > 1e3 * bound
 
 
 def test_states_stop_at_each_sequences_end_on_numpy():
