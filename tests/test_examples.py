@@ -240,3 +240,22 @@ def test_char_lm_runs_a_few_steps_and_samples(capsys):
     printed = capsys.readouterr().out
     assert re.search(rf"validation perplexity {NUMBER} \(bigram model: {NUMBER}", printed)
     assert re.search(r"sample: '.{5}'", printed, re.DOTALL)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(name, marks=[] if name in ("numpy", "torch") else [pytest.mark.slow])
+        for name in installed_backends()
+    ],
+)
+def test_word_embeddings_loss_falls_every_epoch_as_in_the_tutorial(name, request, capsys):
+    """PyTorch's N-gram tutorial: 10 epochs of 113 steps, the total loss lower after every epoch (the
+    tutorial's own claim), starting near 113 * ln(97) = 517 (97 words); the embedding of "beauty" printed."""
+    if name == "torch":
+        request.getfixturevalue("torch_single_thread")
+    losses = example("word_embeddings").main(["--backend", name])
+    assert len(losses) == 10 and all(later < earlier for earlier, later in zip(losses, losses[1:]))
+    assert abs(losses[0] - 113 * np.log(97)) < 0.05 * losses[0]
+    printed = capsys.readouterr().out
+    assert len(re.findall(SIGNED, printed[printed.index("]\n") + 2 :])) == 10  # the embedding, EMBEDDING_DIM values
