@@ -139,8 +139,9 @@ def test_numpy_nll_loss_with_an_ignore_index_inside_the_classes():
         (np.full((2, LENGTH), VOCABULARY), f"label {VOCABULARY} is out of range: the model has {VOCABULARY} classes "
                                            f"(0..{VOCABULARY - 1}, or ignore_index=-100)"),
         (np.full((2, LENGTH), -1), "label -1 is out of range"),
-        (np.zeros((2, LENGTH + 1), np.int64), f"needs model outputs of shape (N, classes, {LENGTH + 1}) for targets of shape (2, {LENGTH + 1}), the model "
-                                              f"gives per-sample shape ({VOCABULARY}, {LENGTH})"),
+        (np.zeros((2, LENGTH + 1), np.int64), f"needs model outputs of shape (N, classes, {LENGTH + 1}) for targets "
+                                              f"of shape (2, {LENGTH + 1}), the model gives per-sample shape "
+                                              f"({VOCABULARY}, {LENGTH})"),
         (np.zeros(2, np.int64), "needs model outputs of shape (N, classes)"),
     ],
 )  # fmt: skip
