@@ -3,7 +3,9 @@ validation tail, the shipped text (checked against its recorded digest), token d
 and their refusals, perplexity."""
 
 import hashlib
+import io
 import math
+import zipfile
 
 import numpy as np
 import pytest
@@ -87,3 +89,26 @@ def test_bad_token_datasets_are_refused_in_one_line(tmp_path, arrays, message):
     with pytest.raises(DataError) as error:
         text.load_tokens(path)
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_hostile_token_files_are_refused_in_one_line_before_reading_data(tmp_path):
+    with pytest.raises(DataError, match=r"tokens.npz does not exist$"):
+        text.load_tokens(tmp_path / "tokens.npz")
+    with pytest.raises(DataError, match=r"is a directory, expected an .npz file$"):
+        text.load_tokens(tmp_path)
+    # a header declaring 8 TiB of tokens in a file of a few hundred bytes: refused from the header
+    header = np.lib.format.header_data_from_array_1_0(np.zeros((1,), np.int64))
+    header["shape"] = (1 << 20, 1 << 20)
+    member = io.BytesIO()
+    np.lib.format.write_array_header_1_0(member, header)
+    with zipfile.ZipFile(tmp_path / "big.npz", "w") as archive:
+        archive.writestr("tokens.npy", member.getvalue())
+        archive.writestr("lengths.npy", _npy(np.ones(3, np.int64)))
+    with pytest.raises(DataError, match=r"tokens declares shape \(1048576, 1048576\).*at most"):
+        text.load_tokens(tmp_path / "big.npz")
+
+
+def _npy(array):
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()

@@ -142,7 +142,7 @@ def load_tokens(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | 
     from .reading import open_npz, path_problem
 
     if problem := path_problem(path, "an .npz file"):
-        raise DataError(problem)
+        raise DataError(f"{path} {problem}")
     with open_npz(path, str(path), DataError) as archive:
         members = {name.removesuffix(".npy"): name for name in archive.namelist()}
         missing = [name for name in ("tokens", "lengths") if name not in members]
