@@ -525,15 +525,15 @@ class _GatesInChainersDocumentedOrder(numpy_sequences._Direction):
     """Reads an LSTM's stacked gates as ``i, f, o, g`` (the order Chainer's n_step_lstm docstring gives
     ``W0..W3``) instead of PyTorch's ``i, f, g, o``."""
 
-    def forward(self, x, h, c, record):
+    def forward(self, x, h, c, record, mask=None):
         if self.kind != "lstm":
-            return super().forward(x, h, c, record)
+            return super().forward(x, h, c, record, mask)
         hidden = self.w_hh.shape[1]
         rows = np.r_[: 2 * hidden, 3 * hidden : 4 * hidden, 2 * hidden : 3 * hidden]
         saved = self.w_ih, self.w_hh, self.b_ih, self.b_hh
         self.w_ih, self.w_hh, self.b_ih, self.b_hh = (None if a is None else a[rows] for a in saved)
         try:
-            return super().forward(x, h, c, record)
+            return super().forward(x, h, c, record, mask)
         finally:
             self.w_ih, self.w_hh, self.b_ih, self.b_hh = saved
 
@@ -549,8 +549,8 @@ class LSTMGatesSwapped(_BrokenTree):
 class _ReadsForwards(numpy_sequences._Direction):
     """Undoes the caller's reversal: the reverse direction reads the sequence first step first."""
 
-    def forward(self, x, h, c, record):
-        outputs, h, c = super().forward(x[::-1], h, c, record)
+    def forward(self, x, h, c, record, mask=None):
+        outputs, h, c = super().forward(x[::-1], h, c, record, mask)
         return outputs[::-1], h, c
 
 
