@@ -250,12 +250,15 @@ def test_char_lm_runs_a_few_steps_and_samples(capsys):
     ],
 )
 def test_word_embeddings_loss_falls_every_epoch_as_in_the_tutorial(name, request, capsys):
-    """PyTorch's N-gram tutorial: 10 epochs of 113 steps, the total loss lower after every epoch (the
-    tutorial's own claim), starting near 113 * ln(97) = 517 (97 words); the embedding of "beauty" printed."""
+    """PyTorch's N-gram tutorial: epochs of 113 steps, the total loss lower after every epoch (the
+    tutorial's own claim), starting near 113 * ln(97) = 517 (97 words); the embedding of "beauty" printed.
+    The tutorial's 10 epochs on NumPy and torch; 3 on Chainer and MindSpore (one step per n-gram is slow
+    there, and the claim is the same)."""
     if name == "torch":
         request.getfixturevalue("torch_single_thread")
-    losses = example("word_embeddings").main(["--backend", name])
-    assert len(losses) == 10 and all(np.diff(losses) < 0)
+    epochs = 10 if name in ("numpy", "torch") else 3
+    losses = example("word_embeddings").main(["--backend", name, "--epochs", str(epochs)])
+    assert len(losses) == epochs and all(np.diff(losses) < 0)
     assert abs(losses[0] - 113 * np.log(97)) < 0.05 * losses[0]
     printed = capsys.readouterr().out
     assert len(re.findall(SIGNED, printed[printed.index("]\n") + 2 :])) == 10  # the embedding, EMBEDDING_DIM values
