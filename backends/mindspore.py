@@ -554,7 +554,9 @@ def _loss_function(spec: Loss, reduction: str, summed: bool = True):
     if isinstance(spec, CustomLoss):
         return _custom_loss(spec.tree)
     if isinstance(spec, CrossEntropyLoss):
-        return nn.CrossEntropyLoss(reduction=reduction, label_smoothing=spec.label_smoothing)
+        return nn.CrossEntropyLoss(
+            ignore_index=spec.ignore_index, reduction=reduction, label_smoothing=spec.label_smoothing
+        )
     if isinstance(spec, SmoothL1Loss):
         # PyTorch's beta == 0 is the L1 loss; MindSpore's kernel refuses beta == 0.
         return nn.SmoothL1Loss(spec.beta, reduction) if spec.beta > 0 else nn.L1Loss(reduction)
@@ -562,7 +564,9 @@ def _loss_function(spec: Loss, reduction: str, summed: bool = True):
         return nn.HuberLoss(reduction, spec.delta)
     if isinstance(spec, BCELoss):
         return _BCELoss(reduction)
-    native = {NLLLoss: nn.NLLLoss, MSELoss: nn.MSELoss, L1Loss: nn.L1Loss, BCEWithLogitsLoss: nn.BCEWithLogitsLoss}
+    if isinstance(spec, NLLLoss):
+        return nn.NLLLoss(ignore_index=spec.ignore_index, reduction=reduction)
+    native = {MSELoss: nn.MSELoss, L1Loss: nn.L1Loss, BCEWithLogitsLoss: nn.BCEWithLogitsLoss}
     return native[type(spec)](reduction=reduction)
 
 

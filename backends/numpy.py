@@ -40,18 +40,47 @@ from .numpy_layers import _LAYERS, _build, _log_softmax
 
 
 def _class_terms(spec, pred, y):
-    """CrossEntropyLoss and NLLLoss: per-sample losses and the gradient function."""
-    if pred.ndim != 2:
-        raise InputError(f"{type(spec).__name__} needs predictions of shape (N, classes), got {pred.shape}")
+    """CrossEntropyLoss and NLLLoss: the terms that count and the gradient function. Extra axes,
+    ``(N, C, d1, ...)``, are rows of their own (classes moved last); rows whose class index is
+    ``ignore_index`` give no term and a zero gradient."""
+    if pred.ndim < 2:
+        raise InputError(f"{type(spec).__name__} needs predictions of shape (N, classes, ...), got {pred.shape}")
+    shape, classes = pred.shape, pred.shape[1]
+    if pred.ndim > 2:
+        pred, y = _classes_last(pred), (_classes_last(y) if y.dtype.kind == "f" else y.reshape(-1))
+    terms, grad = _class_rows(spec, pred, y)
+    ignored = None if y.dtype.kind == "f" else y == spec.ignore_index
+    if ignored is not None and ignored.any():
+        terms = terms[~ignored]
+        row_grad = grad
+
+        def grad(scale):
+            g = row_grad(scale, np.where(ignored, 0, y))
+            g[ignored] = 0
+            return g
+
+    if len(shape) == 2:
+        return terms, grad
+    moved = (shape[0], *shape[2:], classes)
+    return terms, lambda scale: np.moveaxis(grad(scale).reshape(moved), -1, 1)
+
+
+def _classes_last(values):
+    """``(N, C, d1, ...)`` as rows ``(N * d1 * ..., C)``."""
+    return np.moveaxis(values, 1, -1).reshape(-1, values.shape[1])
+
+
+def _class_rows(spec, pred, y):
+    """Per-row terms of (N, C) predictions and ``grad(scale, labels=y)``."""
     rows = np.arange(len(y))
     if isinstance(spec, NLLLoss):
 
-        def grad(scale):
+        def grad(scale, labels=y):
             g = np.zeros_like(pred)
-            g[rows, y] = -scale
+            g[rows, labels] = -scale
             return g
 
-        return -pred[rows, y], grad
+        return -pred[rows, np.where(y == spec.ignore_index, 0, y)], grad
     log_probs = _log_softmax(pred, 1)
     smoothing, classes = spec.label_smoothing, pred.shape[1]
     if y.dtype.kind == "f":  # class probabilities, shaped like pred (checked by the core)
@@ -66,13 +95,13 @@ def _class_terms(spec, pred, y):
             return g
 
         return terms, grad
-    terms = -log_probs[rows, y]
+    terms = -log_probs[rows, np.where(y == spec.ignore_index, 0, y)]
     if smoothing:
         terms = (1 - smoothing) * terms - smoothing / classes * log_probs.sum(1)
 
-    def grad(scale):  # softmax - ((1 - smoothing) * one_hot + smoothing / classes)
+    def grad(scale, labels=y):  # softmax - ((1 - smoothing) * one_hot + smoothing / classes)
         g = np.exp(log_probs)
-        g[rows, y] -= 1 - smoothing
+        g[rows, labels] -= 1 - smoothing
         if smoothing:
             g -= smoothing / classes
         g *= scale

@@ -94,10 +94,15 @@ class _Residual(nn.Module):
 
 class _OutputOnly:
     """A recurrent module in a Sequential: only ``output`` flows on (``h_n``, ``c_n`` stay behind);
-    a subclass, so that the ``state_dict`` keys stay ``nn.LSTM``'s."""
+    a subclass, so that the ``state_dict`` keys stay ``nn.LSTM``'s. In a graph it may take each
+    sequence's length (``lstm(x, lengths)``, batch first): PyTorch's packed sequences then."""
 
-    def forward(self, input: torch.Tensor, hx=None) -> torch.Tensor:
-        return super().forward(input, hx)[0]
+    def forward(self, input: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        if lengths is None:
+            return super().forward(input)[0]
+        packed = nn.utils.rnn.pack_padded_sequence(input, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        output = super().forward(packed)[0]
+        return nn.utils.rnn.pad_packed_sequence(output, batch_first=True, total_length=input.shape[1])[0]
 
 
 class _RNN(_OutputOnly, nn.RNN):

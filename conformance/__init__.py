@@ -17,6 +17,7 @@ from . import (  # noqa: F401
     graph_checks,
     multi_model_checks,
     attention_checks,
+    token_checks,
 )
 
 # isort: on

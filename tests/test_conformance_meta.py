@@ -526,15 +526,15 @@ class _GatesInChainersDocumentedOrder(numpy_sequences._Direction):
     """Reads an LSTM's stacked gates as ``i, f, o, g`` (the order Chainer's n_step_lstm docstring gives
     ``W0..W3``) instead of PyTorch's ``i, f, g, o``."""
 
-    def forward(self, x, h, c, record):
+    def forward(self, x, h, c, record, mask=None):
         if self.kind != "lstm":
-            return super().forward(x, h, c, record)
+            return super().forward(x, h, c, record, mask)
         hidden = self.w_hh.shape[1]
         rows = np.r_[: 2 * hidden, 3 * hidden : 4 * hidden, 2 * hidden : 3 * hidden]
         saved = self.w_ih, self.w_hh, self.b_ih, self.b_hh
         self.w_ih, self.w_hh, self.b_ih, self.b_hh = (None if a is None else a[rows] for a in saved)
         try:
-            return super().forward(x, h, c, record)
+            return super().forward(x, h, c, record, mask)
         finally:
             self.w_ih, self.w_hh, self.b_ih, self.b_hh = saved
 
@@ -550,8 +550,8 @@ class LSTMGatesSwapped(_BrokenTree):
 class _ReadsForwards(numpy_sequences._Direction):
     """Undoes the caller's reversal: the reverse direction reads the sequence first step first."""
 
-    def forward(self, x, h, c, record):
-        outputs, h, c = super().forward(x[::-1], h, c, record)
+    def forward(self, x, h, c, record, mask=None):
+        outputs, h, c = super().forward(x[::-1], h, c, record, mask)
         return outputs[::-1], h, c
 
 
@@ -911,3 +911,47 @@ def test_a_broken_attention_is_caught_by_the_attention_check(adapter):
     assert_same_report(message, CAUGHT_ATTENTION[adapter])
     assert result.max_error > result.tolerance
     assert run_check(NumpyLoop, "check_attention").status == "pass"
+
+
+# --- broken per-position losses and padded sequences -------------------------------------------------
+
+
+class IgnoreIndexIgnored(NumpyLoop):
+    """Class losses that count every target: an ignored one (padding) scores as class 0."""
+
+    def _loss_value(self, spec, pred, y):
+        if getattr(spec, "ignore_index", None) is not None and y.dtype.kind in "iu":
+            y = np.where(y == spec.ignore_index, 0, y)
+        return super()._loss_value(spec, pred, y)
+
+
+def test_a_loss_that_ignores_no_target_is_caught_by_the_per_position_check():
+    message, result = failure(IgnoreIndexIgnored, "check_per_position_losses")
+    assert_same_report(
+        message,
+        "CrossEntropyLoss(reduction='mean', label_smoothing=0.2, ignore_index=-100) over (N, C, T) with ignored "
+        "targets: loss: expected 2.30303, got 2.25374; max error 0.0493 > tolerance 0.000264",
+    )
+    assert result.max_error > result.tolerance
+
+
+class LengthsIgnored(NumpyLoop):
+    """Recurrent layers that read every padded step: the lengths reach them and are dropped."""
+
+    def _build(self, model):
+        super()._build(model)
+        for step in list(_graph_steps(self._root)):
+            tree = getattr(step, "tree", None)
+            if isinstance(tree, numpy_sequences._Recurrent):
+                forward = tree.forward
+                tree.forward = lambda x, training, record, forward=forward: forward(x[0], training, record)
+
+
+def test_lengths_ignored_are_caught_by_the_padded_sequences_check():
+    message, result = failure(LengthsIgnored, "check_padded_sequences")
+    assert_same_report(
+        message,
+        "LSTM(bidirectional, batch_first) with lengths [5, 2, 4, 1]: predict(): expected 0, got 0.52929 at index "
+        "(1, 3, 2); max error 0.529 > tolerance 0.00021",
+    )
+    assert result.max_error > result.tolerance

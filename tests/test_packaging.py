@@ -32,6 +32,7 @@ def test_wheel_contains_every_backend_the_suite_and_the_datasets(wheel):
     for name, dataset in PACKAGED.items():  # mnist, fashion-mnist: their IDX files and provenance
         assert {f"unitrain/datafiles/{name}/{stem}.gz" for stem in dataset.sha256} <= names
         assert f"unitrain/datafiles/{name}/README.md" in names
+    assert {"unitrain/datafiles/tz-news/NEWS.gz", "unitrain/datafiles/tz-news/README.md"} <= names  # the text
     assert not any(name.startswith(("tests/", "backends/", "conformance/")) for name in names)
     metadata = next(n for n in names if n.endswith("METADATA"))
     text = zipfile.ZipFile(wheel).read(metadata).decode()

@@ -51,7 +51,7 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 
-from . import layers, ops
+from . import layers, ops, padded
 from .layers import Container, Layer, Shape
 from .ops import Tensor
 
@@ -60,9 +60,10 @@ _PATH = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
 
 
 def Input(shape: Sequence[int], name: str = "input") -> Tensor:
-    """A graph input: a batch of samples of per-sample ``shape`` (the batch axis is implied)."""
+    """A graph input: a batch of samples of per-sample ``shape`` (the batch axis is implied; ``()``:
+    one number per sample, such as each sequence's length, :mod:`unitrain.padded`)."""
     shape = tuple(shape)
-    if not shape or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape):
+    if any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape):
         raise ValueError(f"Input {name!r}: shape must be per-sample sizes (positive integers), got {shape}")
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ValueError(f"Input: name must be an identifier, got {name!r}")
@@ -277,11 +278,13 @@ class Graph(Container):
                         out = module._infer(args, full, seen)
                         shapes[node.name] = out[module.outputs[0]]
                         continue
-                    if len(args) != 1:
-                        if not hasattr(module, "output_shape_of"):  # a leaf of several inputs (attention)
-                            raise ValueError(f"{module} takes one tensor input, got {len(args)}")
+                    if len(args) != 1 and hasattr(module, "output_shape_of"):  # a leaf of several inputs (attention)
                         shapes[node.name] = module.output_shape_of(tuple(args))
                         continue
+                    if len(args) == 2 and (problem := padded.lengths_problem(module, args[0], args[1])):
+                        raise ValueError(problem)
+                    if len(args) not in (1, 2):
+                        raise ValueError(f"{module} takes one tensor input, got {len(args)}")
                     before = dict(seen)
                     shapes[node.name] = layers._trace(module, args[0], full, seen)
                     for key, value in before.items():  # a shared leaf: keep its fewest values per channel

@@ -14,11 +14,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import expr
+from . import expr, padded
 from .graph import Graph, get_submodule
 from .layers import Container
 from .losses import CustomLoss, PerOutputLoss
-from .sequences import Embedding
 
 if TYPE_CHECKING:
     from .data import ArrayDataset
@@ -57,18 +56,17 @@ def check_inputs(loop: TrainingLoop, x) -> tuple[np.ndarray, ...]:
         raise InputError(f"the model takes {len(names)} inputs {list(names)}: pass a tuple or a dict of arrays, "
                          f"got {type(x).__name__}")  # fmt: skip
     arrays = []
-    token_inputs = _embedded_inputs(loop.model_spec)
-    for name, value in zip(names, x, strict=True):
+    roles = padded.input_roles(loop.model_spec)
+    for (name, declared), value in zip(loop.model_spec.inputs, x, strict=True):
         value = np.asarray(value)
         if value.dtype.kind not in "fiu":
             raise InputError(f"input {name!r} must be numeric, got dtype {value.dtype}")
-        if value.ndim < 2 or (arrays and len(value) != len(arrays[0])):
+        if value.ndim < (2 if declared else 1) or (arrays and len(value) != len(arrays[0])):
             raise InputError(f"input {name!r} must be a batch of shape (N, ...) with the same N as the others, "
                              f"got shape {value.shape}")  # fmt: skip
-        if name in token_inputs:  # token ids stay integers, as for a model that starts with an Embedding
-            path, embedding = token_inputs[name]
-            if problem := embedding.ids_problem(value):
-                raise InputError(f"input {name!r}: {path}: {problem}")
+        if name in roles:  # token ids or sequence lengths: integers, passed on as int64
+            if problem := padded.check_input(roles[name], name, value):
+                raise InputError(problem)
             arrays.append(value.astype(np.int64, copy=False))
             continue
         value = value.astype(loop.dtype, copy=False)
@@ -77,19 +75,6 @@ def check_inputs(loop: TrainingLoop, x) -> tuple[np.ndarray, ...]:
         arrays.append(value)
     loop._output_shape(tuple(value.shape[1:] for value in arrays))
     return tuple(arrays)
-
-
-def _embedded_inputs(model: Graph) -> dict[str, tuple[str, Embedding]]:
-    """Input name -> (path, Embedding) of the graph's inputs read by a module that starts with an Embedding."""
-    found = {}
-    for node in model.nodes:
-        if node.op != "call_module" or node.args[0] not in model.input_names:
-            continue
-        module = get_submodule(model, node.target)
-        path, first = (node.target, module) if not isinstance(module, Container) else next(module.named_layers())
-        if isinstance(first, Embedding):
-            found[node.args[0]] = (path if path == node.target else f"{node.target}.{path}", first)
-    return found
 
 
 def check_targets(loop: TrainingLoop, y, n: int, outputs) -> tuple[np.ndarray, ...]:
