@@ -58,7 +58,7 @@ def input_roles(graph) -> dict[str, Role]:
             module.named_layers(), (None, None))[1]  # fmt: skip
         if node.args[0] in inputs and isinstance(first, Embedding):
             roles.setdefault(node.args[0], Role("ids", node.target, first))
-        if len(node.args) == 2 and node.args[1] in inputs:
+        if len(node.args) == 2 and node.args[1] in inputs and isinstance(module, _Recurrent):
             steps = graph.shapes[node.args[0]][0]
             roles.setdefault(node.args[1], Role("lengths", node.target, module, steps))
     return roles
