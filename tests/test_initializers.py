@@ -50,6 +50,32 @@ def test_draws_follow_their_formulas():
     assert bound * 0.98 < np.abs(values).max() <= bound
 
 
+@pytest.mark.parametrize(("ours", "keras_name"), [("glorot_normal", "GlorotNormal"), ("he_normal", "HeNormal"),
+                                                 ("variance_scaling", "LecunNormal")])  # fmt: skip
+def test_keras_truncated_normals_draw_what_keras_draws(ours, keras_name):
+    """Keras 3's own initialiser (torch backend) and unitrain's, on a conv kernel (Keras' layout
+    (kh, kw, in, out) is PyTorch's (out, in, kh, kw) transposed, the same fans): a two-sample
+    Kolmogorov-Smirnov test at the 1e-6 level accepts the two samples and rejects PyTorch's
+    untruncated normal of the same variance, and both lie within Keras' truncation bound (Keras on
+    torch draws four normals per element and keeps the first within it, or the first of the four when
+    none is: about 4e-6 of its elements lie outside)."""
+    import os
+
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    keras = pytest.importorskip("keras")
+    stats = pytest.importorskip("scipy.stats")
+    shape = (128, 64, 3, 3)
+    keras_values = np.asarray(getattr(keras.initializers, keras_name)(seed=0)(shape[::-1])).ravel()
+    values = initializer(ours).draw(np.random.default_rng(0), shape, 64 * 9).ravel()
+    fan_in, fan_out = 64 * 9, 128 * 9
+    variance = {"GlorotNormal": 2 / (fan_in + fan_out), "HeNormal": 2 / fan_in, "LecunNormal": 1 / fan_in}[keras_name]
+    untruncated = np.random.default_rng(0).normal(0.0, np.sqrt(variance), values.size)
+    bound = 2 * np.sqrt(variance) / 0.87962566103423978
+    assert np.count_nonzero(np.abs(keras_values) > bound * (1 + 1e-6)) <= 3 and np.abs(values).max() <= bound
+    assert stats.ks_2samp(values, keras_values).pvalue > 1e-6
+    assert stats.ks_2samp(untruncated, keras_values).pvalue < 1e-6
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [
@@ -57,7 +83,8 @@ def test_draws_follow_their_formulas():
          "Linear: bias_init orthogonal cannot apply to a tensor of shape (4,)"),
         (lambda: layers.Conv2d(1, 2, 3, weight_init="normal(std=-1)"),
          "Conv2d: weight_init: normal: std must be a finite number > 0, got -1"),
-        (lambda: layers.Linear(3, 4, weight_init="he_normal"), "Linear: weight_init: unknown initialiser 'he_normal'"),
+        (lambda: layers.Linear(3, 4, weight_init="he_truncated"),
+         "Linear: weight_init: unknown initialiser 'he_truncated'"),
         (lambda: layers.Linear(3, 4, bias=False, bias_init="zeros"),
          "Linear: bias_init zeros is given, but the layer has no bias (bias=False)"),
         (lambda: layers.Linear(3, 4, weight_init="uniform(1, 0)"),
