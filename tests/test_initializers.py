@@ -1,6 +1,7 @@
 """Initialisers and dialects from Python, recipes and the CLI: torch.nn.init's fans and gains,
 one-line errors, what a dialect changes, and resuming the velocity of Chainer's/Keras' momentum."""
 
+import dataclasses
 import subprocess
 import sys
 
@@ -125,6 +126,53 @@ def test_a_run_s_dialect_reaches_model_optimizer_and_recipe():
     assert chainer.optimizer.lr_in_velocity and chainer.model_spec().init == "normal(std=0.02)"
     with pytest.raises(RunError, match="^dialect: unknown dialect 'tf'"):
         Run(dialect="tf")
+
+
+def test_a_recipe_s_initializers_draw_the_layers_it_names(tmp_path):
+    """``[initializers]`` in a recipe: the same first weights as the model written in Python with
+    those ``weight_init`` / ``bias_init``, and the recipe reads back unchanged."""
+    from unitrain.run import load_recipe
+
+    recipe = tmp_path / "run.toml"
+    recipe.write_text('model = "lenet"\n[initializers]\n"conv*.weight" = "he_normal"\n"*.bias" = "zeros"\n'
+                      '"fc3.weight" = "normal(0.02)"\n')  # fmt: skip
+    run = load_recipe(recipe)
+    expected = layers.lenet()
+    children = {name: dataclasses.replace(layer, weight_init="he_normal") if name.startswith("conv") else layer
+                for name, layer in expected.children}  # fmt: skip
+    children = {name: dataclasses.replace(layer, bias_init="zeros") if hasattr(layer, "bias_init") else layer
+                for name, layer in children.items()}  # fmt: skip
+    children["fc3"] = dataclasses.replace(children["fc3"], weight_init="normal(0.02)")
+    drawn, wanted = init_weights(run.model_spec(), 0), init_weights(layers.Sequential(children), 0)
+    assert list(drawn) == list(wanted) and not drawn["fc1.bias"].any()
+    for key, value in wanted.items():
+        np.testing.assert_array_equal(drawn[key], value, err_msg=key)
+    recipe.write_text(run.to_toml())
+    assert load_recipe(recipe) == run
+
+
+@pytest.mark.parametrize(
+    ("initializers", "message"),
+    [
+        ({"conv9.weight": "zeros"}, "initializers: 'conv9.weight' names no parameter of the model"),
+        ({"*.bias": "zeros", "fc3": "ones"}, "initializers: fc3.bias is named by '*.bias' and by 'fc3'"),
+        ({"fc1.bias": "orthogonal"}, "Linear: bias_init orthogonal cannot apply to a tensor of shape (120,)"),
+        ({"fc1.weight": "he_truncated"}, "initializers: unknown initialiser 'he_truncated'"),
+        ({"fc1.weight": 3}, "initializers: expected a table of parameter pattern = initialiser"),
+    ],
+)  # fmt: skip
+def test_a_recipe_s_bad_initializers_are_one_line_errors(initializers, message):
+    with pytest.raises(RunError) as error:
+        Run(model="lenet", initializers=initializers).model_spec()
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+    with pytest.raises(RunError, match="^initializers: 'bn1' names bn1.weight, a BatchNorm2d parameter"):
+        Run(model="resnet18", initializers={"bn1": "zeros"}).model_spec()
+    with pytest.raises(RunError, match="^initializers: the model holds a Residual; name weight_init"):
+        Run(model="resnet18", initializers={"layer1.0.conv1.weight": "zeros"}).model_spec()
+    assert (
+        Run(model="resnet18", initializers={"fc.weight": "zeros"}).model_spec().children[-1][1].weight_init.name
+        == "zeros"
+    )
 
 
 @pytest.mark.parametrize(

@@ -34,6 +34,7 @@ groups`` input channels, as PyTorch's), and a 1-d tensor has no fans. ``gain`` i
 from __future__ import annotations
 
 import ast
+import dataclasses
 import math
 from dataclasses import dataclass, fields
 
@@ -374,3 +375,53 @@ def initializer(value: Initializer | str) -> Initializer:
             raise ValueError(f"{value[:100]!r}: arguments must be literal values") from None
         raise
     return cls(**arguments)
+
+
+def with_initializers(model, patterns):
+    """``model`` with the first weights of the parameters each pattern of ``patterns`` (a mapping
+    of pattern to initialiser) names drawn by that initialiser: a recipe's ``[initializers]``.
+    Patterns are :func:`unitrain.controls.matches`' (a dotted name, a layer path, an ``fnmatch``
+    glob or a layer class: ``"conv1.weight"``, ``"*.bias"``, ``"Linear"``); each names the
+    ``weight_init`` / ``bias_init`` of Linear and Conv2d layers, inside nested Sequentials.
+    ValueError (one line) for a pattern naming nothing, a parameter named twice, a parameter no
+    initialiser draws, or an initialiser that cannot apply."""
+    from .controls import matches
+    from .layers import Sequential
+
+    leaves = dict(model.named_layers())
+    chosen: dict[str, tuple[str, Initializer]] = {}
+    for pattern, text in patterns.items():
+        try:
+            drawn_by = initializer(text)
+        except ValueError as error:
+            raise ValueError(f"initializers: {str(pattern)[:100]!r}: {error}") from None
+        names = [f"{path}.{key}" for path, layer in leaves.items() for key in layer.param_shapes()
+                 if matches(pattern, f"{path}.{key}", type(layer).__name__)]  # fmt: skip
+        if not names:
+            raise ValueError(f"initializers: {str(pattern)[:100]!r} names no parameter of the model")
+        for name in names:
+            if name in chosen:
+                raise ValueError(f"initializers: {name} is named by {chosen[name][0]!r} and by {pattern!r}")
+            chosen[name] = (pattern, drawn_by)
+    changes: dict[str, dict[str, Initializer]] = {}
+    for name, (pattern, drawn_by) in chosen.items():
+        path, _, key = name.rpartition(".")
+        if not hasattr(leaves[path], f"{key}_init"):
+            raise ValueError(f"initializers: {pattern!r} names {name}, a {type(leaves[path]).__name__} parameter; "
+                             "initialisers draw Linear and Conv2d weights and biases")  # fmt: skip
+        changes.setdefault(path, {})[f"{key}_init"] = drawn_by
+
+    def rebuild(container, prefix):
+        if not isinstance(container, Sequential):
+            raise ValueError(f"initializers: the model holds a {type(container).__name__}; name weight_init "
+                             "/ bias_init in its Python factory (recipes reach nested Sequentials only)")  # fmt: skip
+        children = {}
+        for name, child in container.children:
+            path = f"{prefix}{name}"
+            if hasattr(child, "children"):
+                children[name] = rebuild(child, f"{path}.") if any(p.startswith(f"{path}.") for p in changes) else child
+            else:
+                children[name] = dataclasses.replace(child, **changes[path]) if path in changes else child
+        return Sequential(children, init=container.init)
+
+    return rebuild(model, "") if changes else model
