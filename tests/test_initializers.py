@@ -212,3 +212,21 @@ def test_velocity_resumes_bit_for_bit():
     resumed.fit(data, epochs=2, batch_size=8)
     for key, value in whole.state_dict().items():
         np.testing.assert_array_equal(resumed.state_dict()[key], value, err_msg=key)
+
+
+@pytest.mark.parametrize(("dialect", "model"), [("chainer", "mlp"), ("mindspore", "cnn")])
+def test_compare_native_takes_a_dialect_s_run(dialect, model, torch_single_thread):
+    """``compare --native`` under a dialect: plain SGD is every dialect's equation, and the native
+    loop builds the dialect's model (MindSpore's bias-free convolutions); PyTorch's tutorial loop and
+    the torch adapter then give the same losses and weights to the bit."""
+    pytest.importorskip("torch")
+    from unitrain.compare import compare_backends
+
+    rng = np.random.default_rng(0)
+    data = ArrayDataset(rng.normal(size=(48, 1, 28, 28)).astype(np.float32), rng.integers(0, 10, 48))
+    run = Run(model=model, dialect=dialect, optimizer=optim.SGD(lr=0.05), epochs=1, batch_size=16)
+    assert model == "mlp" or "0.bias" not in run.model_spec().param_shapes()
+    results = compare_backends(["numpy", "torch"], run, data=(data, None, data), native=True)
+    adapter, native = results[1], results[2]
+    assert native["native"] and native["steps"] == 3 and native["step_losses"] == adapter["step_losses"]
+    assert native["max_weight_difference"] == adapter["max_weight_difference"]
