@@ -631,6 +631,16 @@ class _ClipGradNorm:
                 grad *= scale
 
 
+def _stop_gradient(param):
+    """No gradient for ``param`` at all, as PyTorch's ``requires_grad=False``: Chainer's backward
+    computes the gradients of the inputs whose variable node requires one (``FunctionNode``'s
+    ``target_input_indexes``), and a layer whose inputs need none is left out of the graph. Chainer
+    has no public switch for it (``Link.disable_update`` only stops the update), so the parameter's
+    flag and its node's are cleared."""
+    param._requires_grad = False
+    param.node._requires_grad = False
+
+
 class _Optimizer(chainer.optimizer.GradientMethod):
     """Chainer's optimizer machinery (setup, per-parameter rules, ``t``) with PyTorch's rules, each
     parameter's those of its group (``groups``: ``id(parameter)`` ->
@@ -773,6 +783,8 @@ class ChainerLoop(TrainingLoop):
         groups = self._resolve_controls(self._params)
         self.optimizer = _Optimizer({id(self._params[name]): group for group in groups for name in group.names})
         self.optimizer.setup(model)
+        for name in self.frozen:
+            _stop_gradient(self._params[name])
         if self.clip_grad_norm is not None:
             self.optimizer.add_hook(_ClipGradNorm(self.clip_grad_norm))
         elif self.clip_grad_value is not None:  # Chainer's own hook clamps like torch.clamp_

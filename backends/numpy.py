@@ -203,8 +203,18 @@ class NumpyLoop(TrainingLoop):
                 self._grads[f"{prefix}.{key}"] = layer.grads[key]
         self._optimizer_state: dict[str, np.ndarray] = {}
         self._resolve_controls(self._params)
+        self._stop_frozen_gradients({f"{prefix}.{key}": (layer, key) for (prefix, _), layer in
+                                     zip(named, leaves, strict=True) for key in layer.params})  # fmt: skip
         self._mode = True
         self._forward_id = 0
+
+    def _stop_frozen_gradients(self, owners):
+        """No gradient for the frozen parameters whose layer's backward can leave it out (``owners``:
+        name -> (layer, key)), as PyTorch's ``requires_grad=False``."""
+        for name in self.frozen:
+            layer, key = owners[name]
+            if layer.freeze(key):
+                del self._grads[name]
 
     def _set_training(self, mode):
         self._mode = mode

@@ -36,7 +36,13 @@ class _Layer:
 
     @property
     def has_params(self):
-        return bool(self.params)
+        """Whether backward computes a parameter gradient here (frozen ones may have none)."""
+        return bool(self.grads)
+
+    def freeze(self, key):
+        """Compute no gradient for the parameter ``key`` (frozen) if this layer's backward can leave
+        it out; returns whether it does (then ``grads`` has no ``key``)."""
+        return False
 
 
 def _sigmoid(x):

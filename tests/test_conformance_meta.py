@@ -270,7 +270,11 @@ class PredictionsAsAList(NumpyLoop):
 
 
 class FrozenParameterMoves(NumpyLoop):
-    """Leaves the frozen parameters out of gradients() but updates them with the rest."""
+    """Leaves the frozen parameters out of gradients() but computes their gradients and updates
+    them with the rest."""
+
+    def _stop_frozen_gradients(self, owners):
+        pass
 
     def _resolve_controls(self, names):
         groups = super()._resolve_controls(names)
