@@ -1,6 +1,7 @@
 """unitrain.Job from Python: what ``unitrain train`` guarantees (resume after a kill, refused
 resumes, outputs that replace nothing, a launched data-parallel run), without the command line."""
 
+import json
 import signal
 import subprocess
 import sys
@@ -147,3 +148,19 @@ def test_a_job_of_two_processes_is_launched_and_equals_one(tmp_path):
     assert (one.status, two.status, two.loop) == (0, 0, None)
     assert load_checkpoint(tmp_path / "ck").manifest["world_size"] == 2
     assert max_difference(tmp_path / "one.safetensors", tmp_path / "two.safetensors") <= TOLERANCE
+
+
+def test_a_job_compares_backends_as_the_command_does(tmp_path, capsys):
+    """compare from Python: the same run on two backends, the table printed, the JSON report
+    published; train's settings refused."""
+    pytest.importorskip("torch")
+    small = Run(epochs=1, max_steps=3)
+    with pytest.raises(JobError, match="^save: compare trains each backend once"):
+        Job(small, save=tmp_path / "w.safetensors").compare(["numpy", "torch"])
+    outcome = Job(small, progress=False).compare(["numpy", "torch"], json=tmp_path / "report.json")
+    assert outcome.status == 0 and [result["backend"] for result in outcome.results] == ["numpy", "torch"]
+    assert [result["steps"] for result in outcome.results] == [3, 3]
+    recorded = json.loads((tmp_path / "report.json").read_text())
+    assert recorded["run"] == small.to_dict()
+    assert recorded["results"][1]["max_weight_difference"] == outcome.results[1]["max_weight_difference"]
+    assert "max |Δw| vs numpy" in capsys.readouterr().out

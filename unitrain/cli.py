@@ -5,13 +5,9 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
-import json
 import math
-import os
-import platform
 import re
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -21,8 +17,7 @@ from . import distributed, files, plot, registry
 from .controls import METRICS, EarlyStopping
 from .data import PACKAGED, DataError
 from .dialects import DIALECTS, dialect
-from .extensions import EpochReport, ProgressBar, TensorBoardWriter, check_tensorboard_dir
-from .job import RUN_FLAGS, Job, JobError, published, resumable_checkpoint
+from .job import RUN_FLAGS, Job, JobError, published, resumable_checkpoint, write_json
 from .layers import INIT_SCHEMES, PRESETS, model_from_name
 from .loop import InputError
 from .losses import LOSSES
@@ -266,11 +261,6 @@ def build_parser() -> argparse.ArgumentParser:
     conformance.add_argument("--overwrite", action="store_true", help="allow --json to replace a file")
     conformance.set_defaults(handler=cmd_conformance)
     return parser
-
-
-def default_threads() -> int:
-    """Every core this process may run on (its CPU affinity, which a container or taskset narrows)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 # The flags that describe the run (a :class:`~unitrain.run.Run`: those of job.RUN_FLAGS and these)
@@ -524,11 +514,6 @@ def _run_of(args) -> tuple[Run, object]:
     return run, None
 
 
-def _reads(args, run: Run) -> list[tuple[str, object]]:
-    """The files a train or compare run reads, and what they are (for files.check_output)."""
-    return [("the recipe", args.recipe), ("the dataset", run.data.dataset), ("the initial weights", run.init_weights)]
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     # SIGTERM ends a command as Ctrl-C does: MindSpore turns Ctrl-C into SIGTERM (see stop_on_signals).
@@ -598,24 +583,15 @@ def cmd_conformance(args) -> int:
     results = runner.run_matrix(args.backend, args.adapter, args.check)
     print(runner.format_report(results))
     status = 1 if any(r.unexpected for r in results) else 0
-    if args.json is not None and not _write_json(args, runner.results_json(results), "results"):
+    if args.json is not None and not write_json(args.json, runner.results_json(results), "results", args.overwrite):
         return 2
     return status
-
-
-def _write_json(args, report, what: str) -> bool:
-    """``--json``: the report, published without replacing a file that appeared meanwhile."""
-    text = json.dumps(report, indent=1) + "\n"
-    final = files.publish(args.json, lambda staged: staged.write_text(text, encoding="utf-8"), overwrite=args.overwrite)
-    return published("--json", args.json, final, what, args.overwrite)
 
 
 # --- unitrain compare --------------------------------------------------------------------
 
 
 def cmd_compare(args) -> int:
-    from .compare import compare_backends, format_report
-
     run, _ = _run_of(args)
     if args.print_recipe:
         print(run.to_toml(), end="")
@@ -627,78 +603,11 @@ def cmd_compare(args) -> int:
     if len(backends) < 2 or len(set(backends)) != len(backends):
         given = args.backends if args.backends is not None else ",".join(backends)
         raise UsageError(f"--backends needs two or more different backends, got {given!r}")
-    for name in backends:
-        registry.usable_spec(name)
-    run.initial_weights()  # checked now, before any training
-    files.check_output(args.json, "--json", args.overwrite, _reads(args, run))
-    files.check_output_dir(args.report, "--report", args.overwrite)
-    if args.tensorboard is not None:
-        check_tensorboard_dir(args.tensorboard, "--tensorboard", backends)
-    if args.report is not None:
-        plot.require_matplotlib("--report")
-    if args.native:
-        from .native import check_run
-
-        try:
-            check_run(run)
-        except ValueError as error:
-            raise UsageError(f"--native: {error}") from None
-    data = run.datasets()
-    print(
-        f"unitrain compare: {', '.join(backends)}; model {run.model}, {run.loss} loss, {run.optimizer}, "
-        f"batch {run.batch_size}, seed {run.seed}: the same initial weights and batches on every backend",
-        flush=True,
-    )
-    show_progress = sys.stderr.isatty() if args.progress is None else args.progress
-
-    def extensions(backend):
-        chosen = [ProgressBar()] if show_progress else []
-        chosen.append(EpochReport(run.epochs, prefix=f"{backend}: "))
-        if args.tensorboard is not None:
-            chosen.append(TensorBoardWriter(args.tensorboard / backend))
-        return chosen
-
-    threads = args.threads or default_threads()
-    results = compare_backends(backends, run, data=data, extensions=extensions, threads=threads,
-                               sample_every=args.sample_every, native=args.native)  # fmt: skip
-    table = format_report(results, len(data[2]))
-    print()
-    print(table)
-    placed = True
-    settings = {"run": run.to_dict(), "threads": threads}
-    if args.json is not None:
-        placed = _write_json(args, {**settings, "results": results}, "report")
-    if args.report is not None:
-        placed = _write_report(args, results, run, table) and placed
-    return 0 if placed else 2
-
-
-def _write_report(args, results, run: Run, table) -> bool:
-    """``--report DIR``: the web page and its figures; says where files went that could not go
-    where asked (see :func:`files.publish`)."""
-    from .report import write_report
-
-    backends = [result for result in results if not result.get("native")]
-    recorded = run.to_dict()
-    settings = {
-        "backends": ", ".join(f"{r['backend']} {r['version'] or ''}".strip() for r in backends),
-        **{key.replace("_", " "): value for key, value in recorded.items() if key not in ("data", "optimizer")},
-        **{key.replace("_", " "): value for key, value in recorded["data"].items()},
-        "optimizer": str(run.optimizer),
-        "threads": args.threads or default_threads(),
-        "steps": results[0]["steps"],
-        "initial weights": run.init_weights or f"init_weights(model, seed={run.seed})",
-        "machine": f"{platform.machine()}, {default_threads()} cores; {platform.platform(terse=True)}",
-        "written": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-    }
-    native = " and their native loops" if len(backends) < len(results) else ""
-    title = f"unitrain compare: {', '.join(r['backend'] for r in backends)}{native} on {run.model}"
-    index, sidestepped = write_report(args.report, results, title=title, settings=settings, table=table,
-                                      model=run.model_spec(), overwrite=args.overwrite)  # fmt: skip
-    for asked, final in sidestepped:
-        published("--report", asked, final, "file", args.overwrite)
-    print(f"unitrain: report written to {index}")
-    return not sidestepped
+    job = Job(run, tensorboard=args.tensorboard, overwrite=args.overwrite, threads=args.threads,
+              progress=args.progress, recipe=args.recipe)  # fmt: skip
+    outcome = job.compare(backends, native=args.native, sample_every=args.sample_every, json=args.json,
+                          report=args.report)  # fmt: skip
+    return outcome.status
 
 
 def _evaluation_run(args) -> Run:

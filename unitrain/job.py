@@ -28,7 +28,9 @@ from __future__ import annotations
 import dataclasses
 import errno
 import itertools
+import json as json_module
 import os
+import platform
 import sys
 import tempfile
 import time
@@ -94,6 +96,8 @@ class Outcome:
     outputs: dict[str, Path] = field(default_factory=dict)
     #: the newest checkpoint the run wrote (or resumed from)
     checkpoint: Path | None = None
+    #: :meth:`Job.compare`'s: one result per backend (see :func:`~unitrain.compare.compare_backends`)
+    results: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -184,10 +188,8 @@ class Job:
         run.check_parameters()
         # a resumed run starts from its checkpoint
         self._initial = run.initial_weights() if self.checkpoint is None else None
-        reads = [("the recipe", self.recipe), ("the dataset", run.data.dataset),
-                 ("the initial weights", run.init_weights)]  # fmt: skip
         for flag, path in self._outputs().items():
-            files.check_output(path, flag, self.overwrite, reads)
+            files.check_output(path, flag, self.overwrite, self._reads())
         if self.tensorboard is not None:
             check_tensorboard_dir(self.tensorboard, "--tensorboard")
         outputs = {flag: path.resolve() for flag, path in self._outputs().items()}
@@ -200,6 +202,15 @@ class Job:
         if self.extensions and (self.nproc or 1) > 1:
             raise JobError(f"extensions: a job of {self.nproc} processes trains in processes of its launcher; "
                            "use --metrics or --tensorboard")  # fmt: skip
+
+    def _reads(self) -> list[tuple[str, object]]:
+        """The files the job reads, and what they are (for :func:`files.check_output`)."""
+        run = self.run
+        return [
+            ("the recipe", self.recipe),
+            ("the dataset", run.data.dataset),
+            ("the initial weights", run.init_weights),
+        ]
 
     def _outputs(self) -> dict[str, Path]:
         return {flag: path for flag, path in (("--save", self.save), ("--metrics", self.metrics),
@@ -417,6 +428,111 @@ class Job:
             placed = published("--plot", self.plot, outputs["plot"], "figure", self.overwrite) and placed
             print(f"unitrain: drew the curves in {outputs['plot']}")
         return ended(0 if placed else 2, history)
+
+    def compare(
+        self,
+        backends: Sequence[str],
+        *,
+        native: bool = False,
+        sample_every: int | None = None,
+        json: str | os.PathLike | None = None,
+        report: str | os.PathLike | None = None,
+    ) -> Outcome:
+        """The run on each of ``backends`` in turn, as ``unitrain compare`` does: checked first
+        (the backends are installed; ``json``, ``report``, ``tensorboard`` can be written), then
+        :func:`~unitrain.compare.compare_backends` (``native``, ``sample_every``: its arguments) with
+        each backend's epoch lines and ``tensorboard``/<backend> event files; the table printed, the
+        results published as JSON (``json``) and a web page (``report``, a directory). Status 2 if
+        a file went beside the path asked for. Checkpoints, ``save``/``metrics``/``plot`` and
+        ``nproc`` are ``train``'s."""
+        from .compare import compare_backends, format_report
+
+        if given := [name for name in ("resume", "checkpoint_dir", "save", "metrics", "plot", "nproc")
+                     if getattr(self, name) is not None]:  # fmt: skip
+            raise JobError(f"{given[0]}: compare trains each backend once, in this process; that is train's")
+        run = self.run
+        for name in backends:
+            registry.usable_spec(name)
+        run.initial_weights()  # checked now, before any training
+        json, report = (None if path is None else Path(path) for path in (json, report))
+        files.check_output(json, "--json", self.overwrite, self._reads())
+        files.check_output_dir(report, "--report", self.overwrite)
+        if self.tensorboard is not None:
+            check_tensorboard_dir(self.tensorboard, "--tensorboard", backends)
+        if report is not None:
+            plot.require_matplotlib("--report")
+        if native:
+            from .native import check_run
+
+            try:
+                check_run(run)
+            except ValueError as error:
+                raise JobError(f"--native: {error}") from None
+        data = run.datasets()
+        print(
+            f"unitrain compare: {', '.join(backends)}; model {run.model}, {run.loss} loss, {run.optimizer}, "
+            f"batch {run.batch_size}, seed {run.seed}: the same initial weights and batches on every backend",
+            flush=True,
+        )
+        show_progress = sys.stderr.isatty() if self.progress is None else self.progress
+
+        def extensions(backend):
+            chosen = [ProgressBar()] if show_progress else []
+            chosen.append(EpochReport(run.epochs, prefix=f"{backend}: "))
+            if self.tensorboard is not None:
+                chosen.append(TensorBoardWriter(self.tensorboard / backend))
+            return [*chosen, *self.extensions]
+
+        threads = self.threads or distributed.threads_per_rank(1)
+        results = compare_backends(backends, run, data=data, extensions=extensions, threads=threads,
+                                   sample_every=sample_every, native=native)  # fmt: skip
+        table = format_report(results, len(data[2]))
+        print()
+        print(table)
+        placed = True
+        if json is not None:
+            placed = write_json(json, {"run": run.to_dict(), "threads": threads, "results": results}, "report",
+                                self.overwrite)  # fmt: skip
+        if report is not None:
+            placed = self._write_report(report, results, table, threads) and placed
+        return Outcome(0 if placed else 2, results=results)
+
+    def _write_report(self, directory: Path, results, table: str, threads: int) -> bool:
+        """``compare``'s web page and its figures; says where files went that could not go
+        where asked (see :func:`files.publish`)."""
+        from .report import write_report
+
+        run = self.run
+        backends = [result for result in results if not result.get("native")]
+        recorded = run.to_dict()
+        settings = {
+            "backends": ", ".join(f"{r['backend']} {r['version'] or ''}".strip() for r in backends),
+            **{key.replace("_", " "): value for key, value in recorded.items() if key not in ("data", "optimizer")},
+            **{key.replace("_", " "): value for key, value in recorded["data"].items()},
+            "optimizer": str(run.optimizer),
+            "threads": threads,
+            "steps": results[0]["steps"],
+            "initial weights": run.init_weights or f"init_weights(model, seed={run.seed})",
+            "machine": f"{platform.machine()}, {distributed.threads_per_rank(1)} cores; "
+            f"{platform.platform(terse=True)}",
+            "written": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        }
+        native = " and their native loops" if len(backends) < len(results) else ""
+        title = f"unitrain compare: {', '.join(r['backend'] for r in backends)}{native} on {run.model}"
+        index, sidestepped = write_report(directory, results, title=title, settings=settings, table=table,
+                                          model=run.model_spec(), overwrite=self.overwrite)  # fmt: skip
+        for asked, final in sidestepped:
+            published("--report", asked, final, "file", self.overwrite)
+        print(f"unitrain: report written to {index}")
+        return not sidestepped
+
+
+def write_json(path: Path, report, what: str, overwrite: bool) -> bool:
+    """``--json``: ``report`` as JSON, published without replacing a file that appeared meanwhile;
+    whether it went to ``path`` (see :func:`published`)."""
+    text = json_module.dumps(report, indent=1) + "\n"
+    final = files.publish(path, lambda staged: staged.write_text(text, encoding="utf-8"), overwrite=overwrite)
+    return published("--json", path, final, what, overwrite)
 
 
 def published(flag: str, path: Path, final: Path, what: str, overwrite: bool) -> bool:
