@@ -122,6 +122,9 @@ class Job:
       launched rank, its share); ``progress``: a progress bar on stderr (None: when it is a terminal).
     - ``extensions``: more :meth:`~unitrain.TrainingLoop.fit` extensions (rank 0's loop; not with
       ``nproc`` > 1 from here, whose ranks are other processes).
+
+    :meth:`train` runs it as ``unitrain train``; :meth:`compare` runs it on several backends as
+    ``unitrain compare``.
     """
 
     run: Run | None = None
@@ -315,6 +318,8 @@ class Job:
         world size from its launcher (and torchrun's own parser would take ``--nproc`` for an
         ambiguous abbreviation of its ``--nproc-per-node``)."""
         run = self.run
+        if self.checkpoint is not None and run.max_steps is None and self.checkpoint.run_spec().max_steps is not None:
+            raise JobError("max_steps: a resumed run launched over several processes ends at a step count; give one")
         if self.checkpoint is not None:
             argv = ["train", f"--resume={self.resume}", f"--epochs={run.epochs}"]
             argv += [] if run.max_steps is None else [f"--max-steps={run.max_steps}"]
