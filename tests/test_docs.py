@@ -109,6 +109,14 @@ def test_the_recipe_section_shows_what_print_recipe_prints_and_its_python_runs(t
     assert 'model = "mlp"' in result.stdout  # the printed recipe
 
 
+def test_the_job_example_trains_resumes_and_prints_what_it_says(tmp_path):
+    example = page_blocks("jobs.md")[0]
+    result = subprocess.run([sys.executable, "-c", example], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    said = [line.split("  # ")[1] for line in example.splitlines() if line.startswith("print(")]
+    assert [line for line in result.stdout.splitlines() if not line.startswith(("unitrain:", "epoch"))] == said
+
+
 @pytest.mark.slow
 def test_the_tensorboard_example_writes_events(tmp_path):
     pytest.importorskip("tensorboardX")

@@ -16,10 +16,12 @@ def wheel(tmp_path_factory):
 
     root = Path(__file__).resolve().parents[1]
     out = tmp_path_factory.mktemp("dist")
-    subprocess.run(
+    built = subprocess.run(
         [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(out), str(root)],
-        check=True, capture_output=True,
+        check=True, capture_output=True, text=True,
     )  # fmt: skip
+    # setuptools takes folders with an identifier's name for packages: the data folders are declared as such
+    assert "absent from the `packages` configuration" not in built.stdout + built.stderr
     (path,) = out.glob("unitrain-*.whl")
     return path
 

@@ -36,7 +36,7 @@ _EXPORTS = {
     "HuberLoss": "losses", "L1Loss": "losses", "MSELoss": "losses", "NLLLoss": "losses",
     "PerOutputLoss": "losses", "SmoothL1Loss": "losses",
     "SGD": "optim", "Adam": "optim", "AdamW": "optim", "RMSprop": "optim", "Adagrad": "optim", "Adadelta": "optim",
-    "DataSpec": "run", "Run": "run", "load_recipe": "run",
+    "DataSpec": "run", "Run": "run", "load_recipe": "run", "Job": "job",
     "available_backends": "registry", "get_backend": "registry", "make_loop": "registry",
     "init_weights": "weights", "dialect": "dialects",
 }  # fmt: skip
