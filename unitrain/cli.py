@@ -18,35 +18,44 @@ import time
 import warnings
 from contextlib import ExitStack
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-
-from . import distributed, files, plot, registry
-from .checkpoint import WEIGHTS, Checkpointer, Diverged, Interrupted, checkpoint_paths, load_checkpoint, stop_on_signals
+# only what parsing needs: `unitrain --help` and a mistyped flag answer before NumPy loads; each command
+# imports the rest (tests/test_cli_imports.py checks what parsing imports)
+from . import distributed, files, registry
+from .choices import PACKAGED_DATASETS, TASKS
 from .controls import METRICS, EarlyStopping
-from .data import PACKAGED, DataError
 from .dialects import DIALECTS, dialect
 from .extensions import EpochReport, MetricsWriter, ProgressBar, TensorBoardWriter, check_tensorboard_dir
 from .layers import INIT_SCHEMES, PRESETS, model_from_name
-from .loop import InputError
 from .losses import LOSSES
 from .optim import OPTIMIZERS
 from .reading import path_problem
-from .run import TASKS, DataSpec, Run, RunError, load_recipe
 from .schedules import parse_schedule
 from .signals import ending_on_signals, interrupted
-from .weights import WeightsError, check_state, load_safetensors
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .run import Run
 
 
 class UsageError(Exception):
     """A command line that cannot work (bad value, missing file, would overwrite)."""
 
 
-#: errors that are the user's to fix: reported in one line, exit code 2, no traceback
-USER_ERRORS = (
-    UsageError, distributed.LaunchError, files.OutputError, registry.BackendError, DataError, WeightsError, InputError,
-    OSError, plot.PlotError, RunError,
-)  # fmt: skip
+#: errors that are the user's to fix: reported in one line, exit code 2, no traceback; and those defined by
+#: modules that parsing does not load (none of which can have been raised while they are not loaded)
+USER_ERRORS = (UsageError, distributed.LaunchError, files.OutputError, registry.BackendError, OSError)
+_LOADED_LATER_USER_ERRORS = {"unitrain.data": "DataError", "unitrain.weights": "WeightsError",
+                             "unitrain.loop": "InputError", "unitrain.plot": "PlotError",
+                             "unitrain.run": "RunError"}  # fmt: skip
+
+
+def _is_users_error(error: Exception) -> bool:
+    later = [getattr(sys.modules[module], name) for module, name in _LOADED_LATER_USER_ERRORS.items()
+             if module in sys.modules]  # fmt: skip
+    return isinstance(error, (*USER_ERRORS, *later))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -283,7 +292,6 @@ _RUN_FIELDS = ("model", "loss", "lr_schedule", "clip_grad_norm", "clip_grad_valu
                "max_steps", "shuffle", "seed", "init_weights", "frozen", "param_groups",
                "accumulate_grad_batches", "drop_last", "test_batch_size", "dialect", "init")  # fmt: skip
 _EARLY_STOPPING_FLAGS = ("early_stopping", "patience", "min_delta")
-_DATA_FIELDS = tuple(field.name for field in dataclasses.fields(DataSpec))
 _OPTIMIZER_FLAGS = ("optimizer", "lr", "momentum", "nesterov", "weight_decay")
 
 
@@ -398,7 +406,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_data_arguments(parser: argparse.ArgumentParser, default=None) -> None:
     parser.add_argument(
-        "--dataset", default="mnist" if default is None else default, metavar="|".join(PACKAGED) + "|PATH",
+        "--dataset", default="mnist" if default is None else default, metavar="|".join(PACKAGED_DATASETS) + "|PATH",
         help="a packaged dataset, or your own: a Keras-style .npz, a folder of IDX files, of class folders of "
         "images (train/, test/) or of CIFAR-10 binary batches (default: mnist)",
     )  # fmt: skip
@@ -458,18 +466,26 @@ def _param_group(text: str) -> dict:
     return group
 
 
+def _data_fields() -> tuple[str, ...]:
+    from .run import DataSpec
+
+    return tuple(field.name for field in dataclasses.fields(DataSpec))
+
+
 def _typed_run_settings(args) -> dict:
     """The run settings typed on the command line (argparse left the others out)."""
-    fields = (*_RUN_FIELDS, *_DATA_FIELDS, *_OPTIMIZER_FLAGS, *_EARLY_STOPPING_FLAGS)
+    fields = (*_RUN_FIELDS, *_data_fields(), *_OPTIMIZER_FLAGS, *_EARLY_STOPPING_FLAGS)
     return {key: value for key, value in vars(args).items() if key in fields}
 
 
 def _with_flags(base: Run, typed: dict) -> Run:
     """``base`` with the settings ``typed`` on the command line."""
+    from .run import RunError
+
     changes = {key: typed[key] for key in _RUN_FIELDS if key in typed}
     if "clip_grad_norm" in typed or "clip_grad_value" in typed:  # the one typed replaces the other's clipping
         changes = {"clip_grad_norm": None, "clip_grad_value": None, **changes}
-    data = {key: typed[key] for key in _DATA_FIELDS if key in typed}
+    data = {key: typed[key] for key in _data_fields() if key in typed}
     if any(key in typed for key in _EARLY_STOPPING_FLAGS):
         changes["early_stopping"] = _early_stopping(base.early_stopping, typed)
     try:
@@ -514,6 +530,8 @@ def _optimizer(base, typed: dict):
 
 def _run_of(args) -> tuple[Run, object]:
     """The run the command line describes, and the checkpoint it resumes (or None)."""
+    from .run import Run, load_recipe
+
     typed = _typed_run_settings(args)
     if getattr(args, "resume", None) is not None:
         if args.recipe is not None:
@@ -537,7 +555,9 @@ def main(argv: list[str] | None = None) -> int:
             args = build_parser().parse_args(argv)
             args.argv = argv  # which flags were typed (--resume refuses explicit conflicting settings)
             return args.handler(args)
-        except USER_ERRORS as error:
+        except Exception as error:
+            if not _is_users_error(error):
+                raise
             print(f"unitrain: error: {_one_line(error)}", file=sys.stderr)
             return 2
         except KeyboardInterrupt as interrupt:
@@ -622,6 +642,7 @@ def _write_json(args, report, what: str) -> bool:
 
 
 def cmd_compare(args) -> int:
+    from . import plot
     from .compare import compare_backends, format_report
 
     run, _ = _run_of(args)
@@ -712,6 +733,8 @@ def _write_report(args, results, run: Run, table) -> bool:
 def _evaluation_run(args) -> Run:
     """The model and data ``evaluate``/``predict`` use: ``--recipe``'s, or ``--model`` and
     ``--dataset``'s (argparse leaves out those not typed)."""
+    from .run import DataSpec, Run, load_recipe
+
     typed = [f"--{key.replace('_', '-')}" for key in ("model", "dataset", "data_dir") if hasattr(args, key)]
     if args.recipe is None:
         data = DataSpec(dataset=getattr(args, "dataset", "mnist"), data_dir=getattr(args, "data_dir", None))
@@ -745,6 +768,8 @@ def cmd_train(args) -> int:
     if len(set(outputs.values())) < len(outputs):
         raise UsageError(f"{' and '.join(outputs)} must name different files")
     if args.plot is not None:
+        from . import plot
+
         plot.require_matplotlib("--plot")
         plot.check_figure_path("--plot", args.plot)
     _check_checkpoint_dir(args, resume)
@@ -792,6 +817,9 @@ def cmd_train(args) -> int:
 def _train(args, run: Run, loop, initial, resume, data, show_progress: bool) -> int:
     """``unitrain train``'s run, once everything it needs is checked and loaded (``data``: train,
     validation or None, test); the exit status."""
+    from . import plot
+    from .checkpoint import Checkpointer, Diverged, Interrupted, stop_on_signals
+
     train_data, val_data, test_data = data
     lead = loop.rank == 0  # the other ranks train in silence: metrics, progress and files come from rank 0
     if initial is not None:
@@ -936,6 +964,9 @@ def _interrupt_directory() -> Path | None:
 def _resume(args, typed: dict) -> tuple[Run, object]:
     """Load and verify ``--resume``'s checkpoint; the run is the one it records (typed settings
     that differ are errors, except a new --epochs/--max-steps end); returns it and the checkpoint."""
+    from .checkpoint import WEIGHTS, load_checkpoint
+    from .run import RunError
+
     if "init_weights" in typed:
         raise UsageError("--init-weights and --resume exclude each other: a resumed run continues from its checkpoint")
     checkpoint = load_checkpoint(args.resume)
@@ -948,7 +979,7 @@ def _resume(args, typed: dict) -> tuple[Run, object]:
     run = _with_flags(recorded, typed)
     changed = [(f"--{name}", getattr(run, name), getattr(recorded, name)) for name in _RUN_FIELDS
                if name not in ("epochs", "max_steps") and getattr(run, name) != getattr(recorded, name)]  # fmt: skip
-    changed += [(f"--{field}", getattr(run.data, field), getattr(recorded.data, field)) for field in _DATA_FIELDS
+    changed += [(f"--{field}", getattr(run.data, field), getattr(recorded.data, field)) for field in _data_fields()
                 if getattr(run.data, field) != getattr(recorded.data, field)]  # fmt: skip
     if run.optimizer != recorded.optimizer:
         changed.append(("--optimizer", run.optimizer, recorded.optimizer))
@@ -978,6 +1009,8 @@ def _check_resume_position(args, run: Run, checkpoint, num_samples: int) -> None
 
 def _check_checkpoint_dir(args, resume) -> None:
     """``--checkpoint-dir`` must be creatable and writable, and hold no other run's checkpoints."""
+    from .checkpoint import checkpoint_paths
+
     directory = args.checkpoint_dir
     if directory is None:
         if args.checkpoint_every is not None:
@@ -1012,6 +1045,8 @@ def _check_checkpoint_dir(args, resume) -> None:
 
 
 def cmd_plot(args) -> int:
+    from . import plot
+
     files.check_output(args.output, "-o", args.overwrite, [("a metrics file to draw", path) for path in args.metrics])
     plot.require_matplotlib("unitrain plot")
     plot.check_figure_path("-o", args.output)
@@ -1034,6 +1069,8 @@ def cmd_plot(args) -> int:
 
 def _read_weights(path: Path, model_name: str, flag: str = "--weights") -> dict:
     """A weights file checked against the model (from its header) before any framework is imported."""
+    from .weights import check_state, load_safetensors
+
     shapes, name = model_from_name(model_name).state_shapes(), f"{flag} {path}"
     return load_safetensors(path, lambda declared: check_state(shapes, declared, name), name=name)[0]
 
@@ -1063,6 +1100,8 @@ def cmd_evaluate(args) -> int:
 
 def _read_png(path: Path, normalization) -> np.ndarray:
     """A 28x28 8-bit grayscale PNG as one normalised sample, shape (1, 1, 28, 28)."""
+    import numpy as np
+
     if problem := path_problem(path, "a PNG file"):
         raise UsageError(f"--image {path} {problem}")
     try:
@@ -1092,6 +1131,8 @@ def _read_png(path: Path, normalization) -> np.ndarray:
 
 
 def cmd_predict(args) -> int:
+    import numpy as np
+
     run = _evaluation_run(args)
     files.check_output(args.output, "--output", args.overwrite)
     test = run.datasets()[2]

@@ -32,8 +32,10 @@ from __future__ import annotations
 import ast
 import math
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:  # NumPy loads with the first weights drawn, not with the layers (the command line's help)
+    import numpy as np
 
 
 def _gain_squared(nonlinearity: str, param: float | None = None) -> float:
@@ -201,10 +203,10 @@ class Normal(Initializer):
 class TruncatedNormal(Normal):
     def draw(self, rng, shape, layer_fan_in):
         values = rng.normal(self.mean, self.std, shape)
-        outside = np.abs(values - self.mean) > 2 * self.std
+        outside = abs(values - self.mean) > 2 * self.std
         while outside.any():  # each round keeps about 95% of what it redraws
             values[outside] = rng.normal(self.mean, self.std, int(outside.sum()))
-            outside = np.abs(values - self.mean) > 2 * self.std
+            outside = abs(values - self.mean) > 2 * self.std
         return values
 
 
@@ -224,6 +226,8 @@ class Uniform(Initializer):
 @dataclass(frozen=True)
 class Orthogonal(_Gained):
     def draw(self, rng, shape, layer_fan_in):
+        import numpy as np
+
         rows = shape[0]
         cols = math.prod(shape) // rows
         flat = rng.normal(0.0, 1.0, (rows, cols))
@@ -244,18 +248,24 @@ class Constant(Initializer):
         _number("constant", "val", self.val)
 
     def draw(self, rng, shape, layer_fan_in):
+        import numpy as np
+
         return np.full(shape, float(self.val))
 
 
 @dataclass(frozen=True)
 class Zeros(Initializer):
     def draw(self, rng, shape, layer_fan_in):
+        import numpy as np
+
         return np.zeros(shape)
 
 
 @dataclass(frozen=True)
 class Ones(Initializer):
     def draw(self, rng, shape, layer_fan_in):
+        import numpy as np
+
         return np.ones(shape)
 
 

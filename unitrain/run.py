@@ -60,6 +60,7 @@ from typing import Any
 import numpy as np
 
 from . import dialects, optim, registry
+from .choices import TASKS
 from .controls import EarlyStopping, resolve_groups
 from .data import MAX_DATA_BYTES, PACKAGED, PACKAGED_TRAIN_SAMPLES, DataError, num_batches
 from .datasets import load_datasets, load_target_arrays
@@ -69,9 +70,6 @@ from .reading import Int, Nullable, Number, OneOf, Optional, Text, check_json, p
 from .schedules import LRSchedule, check_schedule_length, parse_schedule, scheduled_optimizer
 from .sequences import Embedding
 from .weights import check_state, load_safetensors
-
-#: what a run's targets are (DataSpec.task)
-TASKS = ("classification", "regression", "multi-label", "reconstruction")
 
 
 class RunError(ValueError):
