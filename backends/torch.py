@@ -16,6 +16,8 @@ to the loop's dtype in place.
 from __future__ import annotations
 
 import atexit
+import os
+import shutil
 import sys
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -214,15 +216,38 @@ class _OtherEquations(torch.optim.Optimizer):
                 state.update(zip(names, buffers, strict=True))
 
 
+def _compiled(module: nn.Module) -> nn.Module:
+    """``torch.compile(module)``, or ``module`` itself (said in one line) where TorchInductor cannot
+    compile: CPU code needs the C++ compiler its config names (``$CXX``, else ``g++``:
+    ``torch._inductor.config.cpp.cxx``)."""
+    on_cpu = all(param.device.type == "cpu" for param in module.parameters())
+    compiler = os.environ.get("CXX", "g++")
+    if on_cpu and shutil.which(compiler) is None:
+        print(f"unitrain: no C++ compiler ({compiler}) for torch.compile on the CPU; training eagerly", file=sys.stderr)
+        return module
+    return torch.compile(module)
+
+
 def _numpy(tensor: torch.Tensor) -> np.ndarray:
     """A host copy that does not alias the tensor (one copy whatever the device)."""
     return tensor.detach().to("cpu", copy=True).numpy()
 
 
 class TorchLoop(TrainingLoop):
+    """``compile=True``: the model's forward and backward run as ``torch.compile`` makes them (TorchInductor;
+    on the CPU it compiles C++, so without a C++ compiler the loop says so in one line and runs eagerly).
+    The first step of each input shape compiles (seconds to minutes); the equations are the same, the
+    rounding and dropout's random draws are the compiled kernels'."""
+
     name = "torch"
     framework = "torch"
     capabilities = CAPABILITIES  # every one
+    #: takes ``compile=True`` (see :meth:`unitrain.run.Run.loop_options`)
+    compiles = True
+
+    def __init__(self, model: Any, loss=None, optimizer=None, *, compile: bool = False, **options):
+        super().__init__(model, loss, optimizer, **options)
+        self._module = _compiled(self.model) if compile else self.model
 
     # --- building -------------------------------------------------------------------------
 
@@ -316,7 +341,7 @@ class TorchLoop(TrainingLoop):
             self._generator.set_state(outer)
 
     def _call(self, x: torch.Tensor | tuple) -> torch.Tensor | tuple:
-        return self.model(*x) if isinstance(x, tuple) else self.model(x)
+        return self._module(*x) if isinstance(x, tuple) else self._module(x)
 
     def _loss_of(self, pred: torch.Tensor, y: np.ndarray, reduction: str | None = None) -> torch.Tensor:
         return self._criterion(pred, self._tensor(y), reduction)

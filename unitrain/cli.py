@@ -290,7 +290,7 @@ def default_threads() -> int:
 #: arguments unless typed, so that they override a recipe or checkpoint only where given
 _RUN_FIELDS = ("model", "loss", "lr_schedule", "clip_grad_norm", "clip_grad_value", "batch_size", "epochs",
                "max_steps", "shuffle", "seed", "init_weights", "frozen", "param_groups",
-               "accumulate_grad_batches", "drop_last", "test_batch_size", "dialect", "init")  # fmt: skip
+               "accumulate_grad_batches", "drop_last", "test_batch_size", "dialect", "init", "compile")  # fmt: skip
 _EARLY_STOPPING_FLAGS = ("early_stopping", "patience", "min_delta")
 _OPTIMIZER_FLAGS = ("optimizer", "lr", "momentum", "nesterov", "weight_decay")
 
@@ -342,6 +342,9 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="batch size of the validation and test evaluations (default 1000)")  # fmt: skip
     parser.add_argument("--drop-last", action=argparse.BooleanOptionalAction, default=unset,
                         help="leave out each epoch's last, smaller batch (PyTorch's drop_last)")  # fmt: skip
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=unset,
+                        help="torch: compile the model with torch.compile (MindSpore's steps are compiled "
+                        "anyway)")  # fmt: skip
     parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default=unset, help="default sgd")
     parser.add_argument("--lr", type=_positive_float, default=unset, help="default 0.01")
     parser.add_argument("--momentum", type=_float, default=unset, help="SGD's or RMSprop's momentum (default 0)")
@@ -805,7 +808,7 @@ def cmd_train(args) -> int:
         # one process: every core; a data-parallel rank: its share (what the launcher's OMP_NUM_THREADS says)
         adapter.set_threads(args.threads or distributed.threads_per_rank(world_size or 1))
 
-        loop = adapter(run.model_spec(), distributed=world_size is not None, **run.loop_options())
+        loop = adapter(run.model_spec(), distributed=world_size is not None, **run.loop_options(adapter))
         if hold and loop.rank == 0:
             held.enter_context(files.directory_lock(*hold))
         status = _train(args, run, loop, initial, resume, data, show_progress)
@@ -977,8 +980,9 @@ def _resume(args, typed: dict) -> tuple[Run, object]:
         )
     recorded = checkpoint.run_spec()
     run = _with_flags(recorded, typed)
+    free = ("epochs", "max_steps", "compile")  # a new end, or how the same steps run
     changed = [(f"--{name}", getattr(run, name), getattr(recorded, name)) for name in _RUN_FIELDS
-               if name not in ("epochs", "max_steps") and getattr(run, name) != getattr(recorded, name)]  # fmt: skip
+               if name not in free and getattr(run, name) != getattr(recorded, name)]  # fmt: skip
     changed += [(f"--{field}", getattr(run.data, field), getattr(recorded.data, field)) for field in _data_fields()
                 if getattr(run.data, field) != getattr(recorded.data, field)]  # fmt: skip
     if run.optimizer != recorded.optimizer:

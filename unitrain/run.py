@@ -203,7 +203,8 @@ class Run:
     defaults for the model and equations for the optimizer (:mod:`unitrain.dialects`; None:
     PyTorch's, the optimizer as given); ``init``: the model's ``init`` scheme or initialiser for
     every weight (None: the model's own); ``frozen``, ``param_groups``, ``accumulate_grad_batches``
-    and ``early_stopping``: the training controls of :mod:`unitrain.controls`. Invalid values raise
+    and ``early_stopping``: the training controls of :mod:`unitrain.controls`; ``compile``: compile the
+    model where the backend offers it (torch: ``torch.compile``). Invalid values raise
     :class:`RunError` naming the field."""
 
     model: str = "mlp"
@@ -227,6 +228,7 @@ class Run:
     early_stopping: EarlyStopping | None = None
     drop_last: bool = False
     test_batch_size: int = 1000
+    compile: bool = False
 
     def __post_init__(self):
         if self.dialect is not None:
@@ -265,6 +267,7 @@ class Run:
         _require(_is_int(self.batch_size, 1), "batch_size", self.batch_size, "an integer >= 1")
         _require(_is_int(self.test_batch_size, 1), "test_batch_size", self.test_batch_size, "an integer >= 1")
         _require(isinstance(self.drop_last, bool), "drop_last", self.drop_last, "true or false")
+        _require(isinstance(self.compile, bool), "compile", self.compile, "true or false")
         _require(_is_int(self.epochs, 0), "epochs", self.epochs, "an integer >= 0")
         _require(self.max_steps is None or _is_int(self.max_steps, 0), "max_steps", self.max_steps, "an integer >= 0")
         _require(isinstance(self.shuffle, bool), "shuffle", self.shuffle, "true or false")
@@ -345,6 +348,7 @@ class Run:
             "early_stopping": None if self.early_stopping is None else self.early_stopping.to_dict(),
             "drop_last": self.drop_last or None,
             "test_batch_size": None if self.test_batch_size == 1000 else self.test_batch_size,
+            "compile": self.compile or None,
         }  # fmt: skip
         return {key: value for key, value in values.items() if value is not None}
 
@@ -397,9 +401,12 @@ class Run:
                            "its init on")  # fmt: skip
         return Sequential(dict(model.children), init=self.init)
 
-    def loop_options(self) -> dict[str, Any]:
-        """A loop's constructor arguments besides the model: ``adapter(model, **options)``."""
-        return {
+    def loop_options(self, adapter: type | None = None) -> dict[str, Any]:
+        """A loop's constructor arguments besides the model: ``adapter(model, **options)``; ``compile``
+        for an adapter that compiles on request (``adapter.compiles``: torch. MindSpore's steps are
+        compiled graphs anyway; NumPy and Chainer have no compiler)."""
+        compiled = {"compile": True} if self.compile and getattr(adapter, "compiles", False) else {}
+        return compiled | {
             # None: the loop's default, CrossEntropyLoss, which the native loops use too
             "loss": None if self.loss == "cross-entropy" else LOSSES[self.loss](),
             "optimizer": self.optimizer, "seed": self.seed, "lr_schedule": self.lr_schedule,
@@ -549,7 +556,8 @@ class Run:
     def make_loop(self, backend: str | None = None, *, distributed: bool = False):
         """A loop of ``backend`` (default: ``$UNITRAIN_BACKEND`` or numpy) set up for this run:
         its model, loss, optimizer, seed, schedule, clipping and initial weights."""
-        loop = registry.get_backend(backend)(self.model_spec(), distributed=distributed, **self.loop_options())
+        adapter = registry.get_backend(backend)
+        loop = adapter(self.model_spec(), distributed=distributed, **self.loop_options(adapter))
         if (initial := self.initial_weights()) is not None:
             loop.load_state_dict(initial, source=self.init_weights)
         return loop
@@ -697,4 +705,5 @@ _RUN_SCHEMA = {
     "early_stopping": Optional(dict),
     "drop_last": Optional(bool),
     "test_batch_size": Optional(Int(1)),
+    "compile": Optional(bool),
 }
