@@ -158,13 +158,18 @@ def main():
     parser.add_argument("--models", default=",".join(BENCHES), help="comma-separated, from BENCHES")
     parser.add_argument("--backends", default="numpy,torch,torch-compile,mindspore,chainer")
     parser.add_argument("--repeats", type=int, default=1, help="time both sides this often, alternately; keep the best")
+    parser.add_argument("--threads", type=int, help="compute threads of every framework (default: their own)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
+    for backend in args.backends.split(",") if args.threads else ():
+        # the adapter's set_threads sets its framework's pool and the BLAS's, which the native loops share
+        unitrain.get_backend(backend.removesuffix("-compile")).set_threads(args.threads)
     started = time.perf_counter()
     train = unitrain.load_mnist("train")
     load_seconds = time.perf_counter() - started
-    print(f"machine: {machine()}; MNIST train+cache load {load_seconds:.2f} s")
+    print(f"machine: {machine()}; framework threads: {args.threads or 'their defaults'}; "
+          f"MNIST train+cache load {load_seconds:.2f} s")  # fmt: skip
     print("\n| model | backend | unitrain samples/s | native loop | native samples/s | unitrain / native |")
     print("| --- | --- | ---: | --- | ---: | ---: |")
     results = []
