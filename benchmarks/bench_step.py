@@ -162,9 +162,11 @@ def main():
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
-    for backend in args.backends.split(",") if args.threads else ():
-        # the adapter's set_threads sets its framework's pool and the BLAS's, which the native loops share
-        unitrain.get_backend(backend.removesuffix("-compile")).set_threads(args.threads)
+    frameworks = {backend.removesuffix("-compile") for backend in args.backends.split(",")}
+    for backend in frameworks | ({"torch"} if "numpy" in frameworks else set()) if args.threads else ():
+        # the adapter's set_threads sets its framework's pool and the BLAS's, which the native loops (and
+        # for NumPy PyTorch's) share
+        unitrain.get_backend(backend).set_threads(args.threads)
     started = time.perf_counter()
     train = unitrain.load_mnist("train")
     load_seconds = time.perf_counter() - started
