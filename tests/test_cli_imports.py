@@ -28,10 +28,7 @@ def _imported_by_command(*args: str) -> tuple[set[str], subprocess.CompletedProc
     [
         (("--help",), 0),
         (("train", "--help"), 0),
-        (("compare", "--help"), 0),
-        (("predict", "--help"), 0),
         (("train", "--epochs", "x"), 2),  # argparse's own check
-        (("train", "--task", "x"), 2),  # a choice
         (("train", "--model", "nosuch"), 2),  # the model check that runs while parsing
         (("train", "--lr-schedule", "StepLR(gamma=0.5)"), 2),  # the schedule check that runs while parsing
     ],
