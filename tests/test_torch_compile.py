@@ -5,10 +5,10 @@ on two cores, so it is ``slow``."""
 import numpy as np
 import pytest
 from torch_reference import float64_tolerances, random_batches
+from unitrain.backends.torch import TorchLoop
 
 import unitrain
 from unitrain import Run
-from unitrain.backends.torch import TorchLoop
 
 
 def _model():
