@@ -247,7 +247,7 @@ class TorchLoop(TrainingLoop):
 
     def __init__(self, model: Any, loss=None, optimizer=None, *, compile: bool = False, **options):
         super().__init__(model, loss, optimizer, **options)
-        self._module = _compiled(self.model) if compile else self.model
+        self._forward_module = _compiled(self.model) if compile else self.model
 
     # --- building -------------------------------------------------------------------------
 
@@ -341,7 +341,7 @@ class TorchLoop(TrainingLoop):
             self._generator.set_state(outer)
 
     def _call(self, x: torch.Tensor | tuple) -> torch.Tensor | tuple:
-        return self._module(*x) if isinstance(x, tuple) else self._module(x)
+        return self._forward_module(*x) if isinstance(x, tuple) else self._forward_module(x)
 
     def _loss_of(self, pred: torch.Tensor, y: np.ndarray, reduction: str | None = None) -> torch.Tensor:
         return self._criterion(pred, self._tensor(y), reduction)

@@ -26,7 +26,7 @@ def test_compiled_steps_train_as_eager_ones():
     options = {"seed": 0, "dtype": "float64", "optimizer": unitrain.SGD(lr=0.1, momentum=0.9)}
     eager_losses, eager = _train(TorchLoop(_model(), **options), batches)
     compiled_loop = TorchLoop(_model(), compile=True, **options)
-    assert compiled_loop._module is not compiled_loop.model  # torch.compile's wrapper
+    assert compiled_loop._forward_module is not compiled_loop.model  # torch.compile's wrapper
     losses, state = _train(compiled_loop, batches)
     tolerances = float64_tolerances(eager, size=4 * 16)  # the longest sum: a batch of 4 times 16 features
     for key, value in eager.items():
@@ -41,7 +41,7 @@ def test_without_a_cpp_compiler_the_loop_says_so_and_runs_eagerly(monkeypatch, c
     assert capsys.readouterr().err == (
         "unitrain: no C++ compiler (no-such-compiler-here) for torch.compile on the CPU; training eagerly\n"
     )
-    assert loop._module is loop.model
+    assert loop._forward_module is loop.model
     loop = TorchLoop(_model(), compile=True)
     eager = TorchLoop(_model())
     assert _train(loop, batches)[0] == _train(eager, batches)[0]
