@@ -234,20 +234,9 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
 
 
 class TorchLoop(TrainingLoop):
-    """``compile=True``: the model's forward and backward run as ``torch.compile`` makes them (TorchInductor;
-    on the CPU it compiles C++, so without a C++ compiler the loop says so in one line and runs eagerly).
-    The first step of each input shape compiles (seconds to minutes); the equations are the same, the
-    rounding and dropout's random draws are the compiled kernels'."""
-
     name = "torch"
     framework = "torch"
     capabilities = CAPABILITIES  # every one
-    #: takes ``compile=True`` (see :meth:`unitrain.run.Run.loop_options`)
-    compiles = True
-
-    def __init__(self, model: Any, loss=None, optimizer=None, *, compile: bool = False, **options):
-        super().__init__(model, loss, optimizer, **options)
-        self._forward_module = _compiled(self.model) if compile else self.model
 
     # --- building -------------------------------------------------------------------------
 
@@ -268,6 +257,7 @@ class TorchLoop(TrainingLoop):
 
     def _adopt(self, model: nn.Module) -> None:
         self.model = model
+        self._forward_module = model  # compile() puts torch.compile's wrapper here
         self._params = dict(model.named_parameters())
         self._device = next(iter(self._params.values())).device if self._params else torch.device("cpu")
         if self._device.type == "cpu":
@@ -300,6 +290,13 @@ class TorchLoop(TrainingLoop):
              for group in groups],
             **arguments(spec), foreach=False,
         )  # fmt: skip
+
+    def compile(self) -> None:
+        """From now on run the model's forward and backward as ``torch.compile`` makes them (TorchInductor;
+        on the CPU it compiles C++, so without a C++ compiler the loop says so in one line and stays
+        eager). The first step of each input shape compiles (seconds to minutes); the equations are the
+        same, the rounding and dropout's random draws are the compiled kernels'."""
+        self._forward_module = _compiled(self.model)
 
     # --- helpers --------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ For each backend and model (see ``BENCHES``: the tutorial MLP and CNN, LeNet, Re
 and 3x64x64 input) it times SGD steps on the same batches, after a warm-up, through ``loop.step`` and
 through the framework's own tutorial loop written by hand, and reports samples/s and the ratio
 unitrain/native (1.00 = no overhead). NumPy has no native loop; its ratio is against PyTorch.
-``torch-compile`` is the torch adapter with ``compile=True`` (``torch.compile``) against PyTorch's eager
+``torch-compile`` is the torch adapter after ``loop.compile()`` (``torch.compile``) against PyTorch's eager
 hand-written loop: compiled / eager. The header names the CPU, the BLAS and the thread counts; for the
 NumPy MLP the table is followed by its ceiling: the step's own matrix products alone (sgemm, same
 shapes), timed in the same run.
@@ -183,10 +183,9 @@ def main():
         for backend in args.backends.split(","):
             reference = {"numpy": "torch", "torch-compile": "torch"}.get(backend, backend)
             native_step = NATIVE[reference](model_name, state)
+            loop = unitrain.make_loop(backend.removesuffix("-compile"), bench.spec(), seed=0)
             if backend == "torch-compile":
-                loop = unitrain.make_loop("torch", bench.spec(), seed=0, compile=True)
-            else:
-                loop = unitrain.make_loop(backend, bench.spec(), seed=0)
+                loop.compile()
             ours = native = 0.0
             for _ in range(args.repeats):  # alternated, best of each: load from other processes only slows down
                 ours = max(ours, _time(lambda x, y, loop=loop: loop.step((x, y)), batches, steps, bench.warmup))

@@ -1,6 +1,6 @@
-"""``compile=True`` on the torch backend (``torch.compile``): the same training as eager PyTorch, and
-without a C++ compiler one line and an eager loop. The compiled case takes tens of seconds to compile
-on two cores, so it is ``slow``."""
+"""``loop.compile()`` on the torch backend (``torch.compile``; ``Run(compile=True)``, ``--compile``): the
+same training as eager PyTorch, and without a C++ compiler one line and an eager loop. The compiled
+case takes tens of seconds to compile on two cores, so it is ``slow``."""
 
 import numpy as np
 import pytest
@@ -25,7 +25,8 @@ def test_compiled_steps_train_as_eager_ones():
     batches = random_batches((8,), 3, 3)
     options = {"seed": 0, "dtype": "float64", "optimizer": unitrain.SGD(lr=0.1, momentum=0.9)}
     eager_losses, eager = _train(TorchLoop(_model(), **options), batches)
-    compiled_loop = TorchLoop(_model(), compile=True, **options)
+    compiled_loop = TorchLoop(_model(), **options)
+    compiled_loop.compile()
     assert compiled_loop._forward_module is not compiled_loop.model  # torch.compile's wrapper
     losses, state = _train(compiled_loop, batches)
     tolerances = float64_tolerances(eager, size=4 * 16)  # the longest sum: a batch of 4 times 16 features
@@ -42,7 +43,8 @@ def test_without_a_cpp_compiler_the_loop_says_so_and_runs_eagerly(monkeypatch, c
         "unitrain: no C++ compiler (no-such-compiler-here) for torch.compile on the CPU; training eagerly\n"
     )
     assert loop._forward_module is loop.model
-    loop = TorchLoop(_model(), compile=True)
+    loop = TorchLoop(_model())
+    loop.compile()
     eager = TorchLoop(_model())
     assert _train(loop, batches)[0] == _train(eager, batches)[0]
 
@@ -50,7 +52,7 @@ def test_without_a_cpp_compiler_the_loop_says_so_and_runs_eagerly(monkeypatch, c
 def test_compile_is_a_run_setting_other_backends_leave_alone():
     run = Run(compile=True)
     assert Run.from_dict(run.to_dict()) == run and "compile" not in Run().to_dict()
-    assert run.loop_options(TorchLoop)["compile"] is True
-    assert "compile" not in run.loop_options(unitrain.get_backend("numpy"))
+    numpy_loop = unitrain.make_loop("numpy", unitrain.mlp())
+    assert run.compiled(numpy_loop) is numpy_loop  # nothing to compile, nothing said
     with pytest.raises(ValueError, match="compile"):
         Run(compile="yes")

@@ -808,7 +808,7 @@ def cmd_train(args) -> int:
         # one process: every core; a data-parallel rank: its share (what the launcher's OMP_NUM_THREADS says)
         adapter.set_threads(args.threads or distributed.threads_per_rank(world_size or 1))
 
-        loop = adapter(run.model_spec(), distributed=world_size is not None, **run.loop_options(adapter))
+        loop = run.compiled(adapter(run.model_spec(), distributed=world_size is not None, **run.loop_options()))
         if hold and loop.rank == 0:
             held.enter_context(files.directory_lock(*hold))
         status = _train(args, run, loop, initial, resume, data, show_progress)

@@ -401,18 +401,22 @@ class Run:
                            "its init on")  # fmt: skip
         return Sequential(dict(model.children), init=self.init)
 
-    def loop_options(self, adapter: type | None = None) -> dict[str, Any]:
-        """A loop's constructor arguments besides the model: ``adapter(model, **options)``; ``compile``
-        for an adapter that compiles on request (``adapter.compiles``: torch. MindSpore's steps are
-        compiled graphs anyway; NumPy and Chainer have no compiler)."""
-        compiled = {"compile": True} if self.compile and getattr(adapter, "compiles", False) else {}
-        return compiled | {
+    def loop_options(self) -> dict[str, Any]:
+        """A loop's constructor arguments besides the model: ``adapter(model, **options)``."""
+        return {
             # None: the loop's default, CrossEntropyLoss, which the native loops use too
             "loss": None if self.loss == "cross-entropy" else LOSSES[self.loss](),
             "optimizer": self.optimizer, "seed": self.seed, "lr_schedule": self.lr_schedule,
             "clip_grad_norm": self.clip_grad_norm, "clip_grad_value": self.clip_grad_value,
             "frozen": self.frozen, "param_groups": self.param_groups,
         }  # fmt: skip
+
+    def compiled(self, loop):
+        """``loop``, its model compiled if the run says so and the adapter can (``loop.compile()``: torch.
+        MindSpore's steps are compiled graphs anyway; NumPy and Chainer have no compiler)."""
+        if self.compile and callable(getattr(loop, "compile", None)):
+            loop.compile()
+        return loop
 
     def fit_options(self) -> dict[str, Any]:
         """:meth:`~unitrain.TrainingLoop.fit`'s arguments that the run decides."""
@@ -556,8 +560,8 @@ class Run:
     def make_loop(self, backend: str | None = None, *, distributed: bool = False):
         """A loop of ``backend`` (default: ``$UNITRAIN_BACKEND`` or numpy) set up for this run:
         its model, loss, optimizer, seed, schedule, clipping and initial weights."""
-        adapter = registry.get_backend(backend)
-        loop = adapter(self.model_spec(), distributed=distributed, **self.loop_options(adapter))
+        loop = self.compiled(registry.get_backend(backend)(self.model_spec(), distributed=distributed,
+                                                          **self.loop_options()))  # fmt: skip
         if (initial := self.initial_weights()) is not None:
             loop.load_state_dict(initial, source=self.init_weights)
         return loop
