@@ -426,11 +426,13 @@ class _Builder:
         elif isinstance(spec, layers.ConvTranspose2d):
             cell = _ConvTranspose2d(spec)
         elif isinstance(spec, layers.Conv2d):
-            # PyTorch pads explicitly, (top, bottom, left, right) in MindSpore's "pad" mode.
+            # PyTorch pads explicitly, (top, bottom, left, right) in MindSpore's "pad" mode; no padding is
+            # its "valid" mode, as MindSpore's tutorials write it
             (ph, pw) = spec.padding
-            cell = nn.Conv2d(spec.in_channels, spec.out_channels, spec.kernel_size, spec.stride,
-                             pad_mode="pad", padding=(ph, ph, pw, pw), dilation=spec.dilation, group=spec.groups,
-                             has_bias=spec.bias, weight_init="zeros", bias_init="zeros")  # fmt: skip
+            padding = {"pad_mode": "pad", "padding": (ph, ph, pw, pw)} if ph or pw else {"pad_mode": "valid"}
+            cell = nn.Conv2d(spec.in_channels, spec.out_channels, spec.kernel_size, spec.stride, **padding,
+                             dilation=spec.dilation, group=spec.groups, has_bias=spec.bias, weight_init="zeros",
+                             bias_init="zeros")  # fmt: skip
         else:
             raise TypeError(f"the mindspore backend cannot build {spec!r}")
         return cell, {"weight": cell.weight, **({"bias": cell.bias} if spec.bias else {})}

@@ -16,6 +16,8 @@ to the loop's dtype in place.
 from __future__ import annotations
 
 import atexit
+import os
+import shutil
 import sys
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -222,6 +224,18 @@ class _OtherEquations(torch.optim.Optimizer):
                 state.update(zip(names, buffers, strict=True))
 
 
+def _compiled(module: nn.Module) -> nn.Module:
+    """``torch.compile(module)``, or ``module`` itself (said in one line) where TorchInductor cannot
+    compile: CPU code needs the C++ compiler its config names (``$CXX``, else ``g++``:
+    ``torch._inductor.config.cpp.cxx``)."""
+    on_cpu = all(param.device.type == "cpu" for param in module.parameters())
+    compiler = os.environ.get("CXX", "g++")
+    if on_cpu and shutil.which(compiler) is None:
+        print(f"unitrain: no C++ compiler ({compiler}) for torch.compile on the CPU; training eagerly", file=sys.stderr)
+        return module
+    return torch.compile(module)
+
+
 def _numpy(tensor: torch.Tensor) -> np.ndarray:
     """A host copy that does not alias the tensor (one copy whatever the device)."""
     return tensor.detach().to("cpu", copy=True).numpy()
@@ -251,6 +265,7 @@ class TorchLoop(TrainingLoop):
 
     def _adopt(self, model: nn.Module) -> None:
         self.model = model
+        self._forward_module = model  # compile() puts torch.compile's wrapper here
         self._params = dict(model.named_parameters())
         self._device = next(iter(self._params.values())).device if self._params else torch.device("cpu")
         if self._device.type == "cpu":
@@ -283,6 +298,13 @@ class TorchLoop(TrainingLoop):
              for group in groups],
             **arguments(spec), foreach=False,
         )  # fmt: skip
+
+    def compile(self) -> None:
+        """From now on run the model's forward and backward as ``torch.compile`` makes them (TorchInductor;
+        on the CPU it compiles C++, so without a C++ compiler the loop says so in one line and stays
+        eager). The first step of each input shape compiles (seconds to minutes); the equations are the
+        same, the rounding and dropout's random draws are the compiled kernels'."""
+        self._forward_module = _compiled(self.model)
 
     # --- helpers --------------------------------------------------------------------------
 
@@ -324,7 +346,7 @@ class TorchLoop(TrainingLoop):
             self._generator.set_state(outer)
 
     def _call(self, x: torch.Tensor | tuple) -> torch.Tensor | tuple:
-        return self.model(*x) if isinstance(x, tuple) else self.model(x)
+        return self._forward_module(*x) if isinstance(x, tuple) else self._forward_module(x)
 
     def _loss_of(self, pred: torch.Tensor, y: np.ndarray, reduction: str | None = None) -> torch.Tensor:
         return self._criterion(pred, self._tensor(y), reduction)

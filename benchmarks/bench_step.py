@@ -7,11 +7,17 @@ For each backend and model (see ``BENCHES``: the tutorial MLP and CNN, LeNet, Re
 and 3x64x64 input) it times SGD steps on the same batches, after a warm-up, through ``loop.step`` and
 through the framework's own tutorial loop written by hand, and reports samples/s and the ratio
 unitrain/native (1.00 = no overhead). NumPy has no native loop; its ratio is against PyTorch.
+``torch-compile`` is the torch adapter after ``loop.compile()`` (``torch.compile``) against PyTorch's eager
+hand-written loop: compiled / eager. The header names the CPU, the BLAS and the thread counts; for the
+NumPy MLP the table is followed by its ceiling: the step's own matrix products alone (sgemm, same
+shapes), timed in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
 import os
 import platform
@@ -69,6 +75,54 @@ def _time(step, batches, steps, warmup) -> float:
     return steps * len(batches[0][0]) / (time.perf_counter() - started)
 
 
+def machine() -> str:
+    """The CPU, the BLAS NumPy calls and the threads, and the load average (other processes' work)."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError, StopIteration), open("/proc/cpuinfo") as info:
+        cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
+    blas = f"{blas['name']} {blas.get('version', '')}"
+    with contextlib.suppress(ImportError):  # the library actually loaded, its kernel and threads
+        from threadpoolctl import threadpool_info
+
+        libraries = [info for info in threadpool_info() if info["user_api"] == "blas"]
+        blas = ", ".join(f"{info['internal_api']} {info['version']} ({info.get('architecture')}, "
+                         f"{info['num_threads']} threads)" for info in libraries)  # fmt: skip
+    threads = os.environ.get("OMP_NUM_THREADS", "unset")
+    return f"{cpu}, {cores} cores; BLAS {blas}; OMP_NUM_THREADS {threads}; load average {os.getloadavg()[0]:.1f}"
+
+
+def numpy_mlp_ceiling(batch: int, repeats: int = 20) -> float:
+    """Samples/s of the MLP step's matrix products alone in float32 (forward, weight gradients, input
+    gradients but the first layer's), on preallocated arrays: what the NumPy backend could reach."""
+    rng = np.random.default_rng(0)
+    sizes = (784, 512, 512, 10)
+    weights = [rng.standard_normal((n_out, n_in), np.float32) for n_in, n_out in itertools.pairwise(sizes)]
+    acts = [rng.standard_normal((batch, n), np.float32) for n in sizes]
+    outs = [np.empty((batch, n), np.float32) for n in sizes]
+    grads = [np.empty_like(w) for w in weights]
+
+    def step():
+        for i, w in enumerate(weights):
+            np.matmul(acts[i], w.T, out=outs[i + 1])
+        for i, w in reversed(list(enumerate(weights))):
+            np.matmul(acts[i + 1].T, acts[i], out=grads[i])
+            if i:
+                np.matmul(acts[i + 1], w, out=outs[i])
+
+    step()
+    best = min(_seconds(step, 10) for _ in range(repeats))
+    return batch / best
+
+
+def _seconds(fn, count: int) -> float:
+    started = time.perf_counter()
+    for _ in range(count):
+        fn()
+    return (time.perf_counter() - started) / count
+
+
 def native_torch(model_name, state):
     from torch_reference import GarmentClassifier, ResNet18, torch_cnn, torch_mlp
 
@@ -92,6 +146,7 @@ def native_tutorial_loop(framework):
 
 NATIVE = {
     "torch": native_torch,
+    "torch-compile": native_torch,
     "mindspore": native_tutorial_loop("mindspore"),
     "chainer": native_tutorial_loop("chainer"),
 }
@@ -101,15 +156,21 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, help="timed steps per model (default: each model's own, see BENCHES)")
     parser.add_argument("--models", default=",".join(BENCHES), help="comma-separated, from BENCHES")
-    parser.add_argument("--backends", default="numpy,torch,mindspore,chainer")
+    parser.add_argument("--backends", default="numpy,torch,torch-compile,mindspore,chainer")
     parser.add_argument("--repeats", type=int, default=1, help="time both sides this often, alternately; keep the best")
+    parser.add_argument("--threads", type=int, help="compute threads of every framework (default: their own)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
 
+    frameworks = {backend.removesuffix("-compile") for backend in args.backends.split(",")}
+    for backend in frameworks | ({"torch"} if "numpy" in frameworks else set()) if args.threads else ():
+        # the adapter's set_threads sets its framework's pool and the BLAS's, which the native loops (and
+        # for NumPy PyTorch's) share
+        unitrain.get_backend(backend).set_threads(args.threads)
     started = time.perf_counter()
     train = unitrain.load_mnist("train")
     load_seconds = time.perf_counter() - started
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+    print(f"machine: {machine()}; framework threads: {args.threads or 'their defaults'}; "
           f"MNIST train+cache load {load_seconds:.2f} s")  # fmt: skip
     print("\n| model | backend | unitrain samples/s | native loop | native samples/s | unitrain / native |")
     print("| --- | --- | ---: | --- | ---: | ---: |")
@@ -120,9 +181,11 @@ def main():
         batches = _batches(bench, train, steps)
         state = unitrain.init_weights(bench.spec(), seed=0)
         for backend in args.backends.split(","):
-            reference = "torch" if backend == "numpy" else backend
+            reference = {"numpy": "torch", "torch-compile": "torch"}.get(backend, backend)
             native_step = NATIVE[reference](model_name, state)
-            loop = unitrain.make_loop(backend, bench.spec(), seed=0)
+            loop = unitrain.make_loop(backend.removesuffix("-compile"), bench.spec(), seed=0)
+            if backend == "torch-compile":
+                loop.compile()
             ours = native = 0.0
             for _ in range(args.repeats):  # alternated, best of each: load from other processes only slows down
                 ours = max(ours, _time(lambda x, y, loop=loop: loop.step((x, y)), batches, steps, bench.warmup))
@@ -133,9 +196,27 @@ def main():
             r = results[-1]  # as soon as measured: a long run's rows are not lost if it is stopped
             print(f"| {r['model']} (batch {r['batch']}) | {r['backend']} | {r['unitrain_samples_per_sec']:.0f} | "
                   f"{r['native']} | {r['native_samples_per_sec']:.0f} | {r['ratio']:.2f} |", flush=True)  # fmt: skip
+    ceiling = None
+    if "mlp" in args.models.split(",") and "numpy" in args.backends.split(","):
+        ceiling = numpy_mlp_ceiling(BENCHES["mlp"].batch)
+        ours = next(r["unitrain_samples_per_sec"] for r in results if r["model"] == "mlp" and r["backend"] == "numpy")
+        print(
+            f"\nNumPy MLP ceiling (the step's sgemm calls alone, same shapes): {ceiling:.0f} samples/s; "
+            f"the numpy backend reaches {ours / ceiling:.0%} of it"
+        )
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"mnist_load_seconds": load_seconds, "results": results}, f, indent=1)
+            json.dump(
+                {
+                    "machine": machine(),
+                    "mnist_load_seconds": load_seconds,
+                    "numpy_mlp_ceiling": ceiling,
+                    "results": results,
+                },
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

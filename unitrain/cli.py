@@ -10,34 +10,43 @@ import re
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-
-from . import distributed, files, plot, registry
+# only what parsing needs: `unitrain --help` and a mistyped flag answer before NumPy loads; each command
+# imports the rest (tests/test_cli_imports.py checks what parsing imports)
+from . import distributed, files, registry
+from .choices import PACKAGED_DATASETS, TASKS
 from .controls import METRICS, EarlyStopping
-from .data import PACKAGED, DataError
 from .dialects import DIALECTS, dialect
-from .job import RUN_FLAGS, Job, JobError, published, resumable_checkpoint, write_json
 from .layers import INIT_SCHEMES, PRESETS, model_from_name
-from .loop import InputError
 from .losses import LOSSES
 from .optim import OPTIMIZERS
 from .reading import path_problem
-from .run import TASKS, DataSpec, Run, RunError, load_recipe
 from .schedules import parse_schedule
 from .signals import ending_on_signals, interrupted
-from .weights import WeightsError, check_state, load_safetensors
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .run import Run
 
 
 class UsageError(Exception):
     """A command line that cannot work (bad value, missing file, would overwrite)."""
 
 
-#: errors that are the user's to fix: reported in one line, exit code 2, no traceback
-USER_ERRORS = (
-    UsageError, JobError, distributed.LaunchError, files.OutputError, registry.BackendError, DataError,
-    WeightsError, InputError, OSError, plot.PlotError, RunError,
-)  # fmt: skip
+#: errors that are the user's to fix: reported in one line, exit code 2, no traceback; and those defined by
+#: modules that parsing does not load (none of which can have been raised while they are not loaded)
+USER_ERRORS = (UsageError, distributed.LaunchError, files.OutputError, registry.BackendError, OSError)
+_LOADED_LATER_USER_ERRORS = {"unitrain.data": "DataError", "unitrain.weights": "WeightsError",
+                             "unitrain.input_checks": "InputError", "unitrain.plot": "PlotError",
+                             "unitrain.run": "RunError", "unitrain.job": "JobError"}  # fmt: skip
+
+
+def _is_users_error(error: Exception) -> bool:
+    later = [getattr(sys.modules[module], name) for module, name in _LOADED_LATER_USER_ERRORS.items()
+             if module in sys.modules]  # fmt: skip
+    return isinstance(error, (*USER_ERRORS, *later))
 
 
 class _Parser(argparse.ArgumentParser):
@@ -267,7 +276,6 @@ def build_parser() -> argparse.ArgumentParser:
 # are absent from the parsed arguments unless typed, so that they override a recipe or checkpoint only
 # where given.
 _EARLY_STOPPING_FLAGS = ("early_stopping", "patience", "min_delta")
-_DATA_FIELDS = tuple(field.name for field in dataclasses.fields(DataSpec))
 _OPTIMIZER_FLAGS = ("optimizer", "lr", "momentum", "nesterov", "weight_decay")
 
 
@@ -318,6 +326,9 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="batch size of the validation and test evaluations (default 1000)")  # fmt: skip
     parser.add_argument("--drop-last", action=argparse.BooleanOptionalAction, default=unset,
                         help="leave out each epoch's last, smaller batch (PyTorch's drop_last)")  # fmt: skip
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=unset,
+                        help="torch: compile the model with torch.compile (MindSpore's steps are compiled "
+                        "anyway)")  # fmt: skip
     parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default=unset, help="default sgd")
     parser.add_argument("--lr", type=_positive_float, default=unset, help="default 0.01")
     parser.add_argument("--momentum", type=_float, default=unset, help="SGD's or RMSprop's momentum (default 0)")
@@ -382,7 +393,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _add_data_arguments(parser: argparse.ArgumentParser, default=None) -> None:
     parser.add_argument(
-        "--dataset", default="mnist" if default is None else default, metavar="|".join(PACKAGED) + "|PATH",
+        "--dataset", default="mnist" if default is None else default, metavar="|".join(PACKAGED_DATASETS) + "|PATH",
         help="a packaged dataset, or your own: a Keras-style .npz, a folder of IDX files, of class folders of "
         "images (train/, test/) or of CIFAR-10 binary batches (default: mnist)",
     )  # fmt: skip
@@ -442,18 +453,29 @@ def _param_group(text: str) -> dict:
     return group
 
 
+def _data_fields() -> tuple[str, ...]:
+    from .run import DataSpec
+
+    return tuple(field.name for field in dataclasses.fields(DataSpec))
+
+
 def _typed_run_settings(args) -> dict:
     """The run settings typed on the command line (argparse left the others out)."""
-    fields = (*RUN_FLAGS, *_DATA_FIELDS, *_OPTIMIZER_FLAGS, *_EARLY_STOPPING_FLAGS)
+    from .job import RUN_FLAGS
+
+    fields = (*RUN_FLAGS, *_data_fields(), *_OPTIMIZER_FLAGS, *_EARLY_STOPPING_FLAGS)
     return {key: value for key, value in vars(args).items() if key in fields}
 
 
 def _with_flags(base: Run, typed: dict) -> Run:
     """``base`` with the settings ``typed`` on the command line."""
+    from .job import RUN_FLAGS
+    from .run import RunError
+
     changes = {key: typed[key] for key in RUN_FLAGS if key in typed}
     if "clip_grad_norm" in typed or "clip_grad_value" in typed:  # the one typed replaces the other's clipping
         changes = {"clip_grad_norm": None, "clip_grad_value": None, **changes}
-    data = {key: typed[key] for key in _DATA_FIELDS if key in typed}
+    data = {key: typed[key] for key in _data_fields() if key in typed}
     if any(key in typed for key in _EARLY_STOPPING_FLAGS):
         changes["early_stopping"] = _early_stopping(base.early_stopping, typed)
     try:
@@ -499,6 +521,9 @@ def _optimizer(base, typed: dict):
 def _run_of(args) -> tuple[Run, object]:
     """The run the command line describes, and the checkpoint it resumes (or None): then the
     recorded run with the typed settings, which :class:`~unitrain.job.Job` reconciles."""
+    from .job import resumable_checkpoint
+    from .run import load_recipe
+
     typed = _typed_run_settings(args)
     if getattr(args, "resume", None) is not None:
         if args.recipe is not None:
@@ -523,7 +548,9 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 args = build_parser().parse_args(argv)
                 return args.handler(args)
-            except USER_ERRORS as error:
+            except Exception as error:
+                if not _is_users_error(error):
+                    raise
                 print(f"unitrain: error: {_one_line(error)}", file=sys.stderr)
                 return 2
     except KeyboardInterrupt as interrupt:
@@ -545,6 +572,7 @@ def _one_line(error: Exception) -> str:
 
 def cmd_convert(args) -> int:
     from .convert import convert, format_of
+    from .job import published
 
     final = convert(args.input, args.output, model_from_name(args.model), overwrite=args.overwrite)
     placed = published("OUT", args.output, final, "weights", args.overwrite)
@@ -579,6 +607,8 @@ def cmd_backends(args) -> int:
 def cmd_conformance(args) -> int:
     from unitrain.conformance import runner
 
+    from .job import write_json
+
     files.check_output(args.json, "--json", args.overwrite)
     results = runner.run_matrix(args.backend, args.adapter, args.check)
     print(runner.format_report(results))
@@ -592,6 +622,8 @@ def cmd_conformance(args) -> int:
 
 
 def cmd_compare(args) -> int:
+    from .job import Job
+
     run, _ = _run_of(args)
     if args.print_recipe:
         print(run.to_toml(), end="")
@@ -613,6 +645,8 @@ def cmd_compare(args) -> int:
 def _evaluation_run(args) -> Run:
     """The model and data ``evaluate``/``predict`` use: ``--recipe``'s, or ``--model`` and
     ``--dataset``'s (argparse leaves out those not typed)."""
+    from .run import DataSpec, Run, load_recipe
+
     typed = [f"--{key.replace('_', '-')}" for key in ("model", "dataset", "data_dir") if hasattr(args, key)]
     if args.recipe is None:
         data = DataSpec(dataset=getattr(args, "dataset", "mnist"), data_dir=getattr(args, "data_dir", None))
@@ -628,6 +662,8 @@ def _evaluation_run(args) -> Run:
 
 
 def cmd_train(args) -> int:
+    from .job import Job
+
     run, checkpoint = _run_of(args)
     job = Job(
         run, args.backend, resume=args.resume, checkpoint=checkpoint, checkpoint_dir=args.checkpoint_dir,
@@ -645,6 +681,9 @@ def cmd_train(args) -> int:
 
 
 def cmd_plot(args) -> int:
+    from . import plot
+    from .job import published
+
     files.check_output(args.output, "-o", args.overwrite, [("a metrics file to draw", path) for path in args.metrics])
     plot.require_matplotlib("unitrain plot")
     plot.check_figure_path("-o", args.output)
@@ -667,6 +706,8 @@ def cmd_plot(args) -> int:
 
 def _read_weights(path: Path, model_name: str, flag: str = "--weights") -> dict:
     """A weights file checked against the model (from its header) before any framework is imported."""
+    from .weights import check_state, load_safetensors
+
     shapes, name = model_from_name(model_name).state_shapes(), f"{flag} {path}"
     return load_safetensors(path, lambda declared: check_state(shapes, declared, name), name=name)[0]
 

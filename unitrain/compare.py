@@ -132,7 +132,7 @@ def compare_backends(
     for name, adapter in adapters.items():
         if threads is not None:
             adapter.set_threads(threads)
-        loop = adapter(model, **run.loop_options())
+        loop = run.compiled(adapter(model, **run.loop_options()))
         if initial_weights is not None:
             loop.load_state_dict(initial_weights)
         recorder = StepRecorder(sample_every, snapshots)

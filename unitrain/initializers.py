@@ -37,8 +37,10 @@ import ast
 import dataclasses
 import math
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:  # NumPy loads with the first weights drawn, not with the layers (the command line's help)
+    import numpy as np
 
 
 def _gain_squared(nonlinearity: str, param: float | None = None) -> float:
@@ -205,10 +207,10 @@ class Normal(Initializer):
 def _truncated_normal(rng: np.random.Generator, mean: float, std: float, shape) -> np.ndarray:
     """``N(mean, std^2)`` with values outside ``mean ± 2 std`` drawn again (Keras' truncation)."""
     values = rng.normal(mean, std, shape)
-    outside = np.abs(values - mean) > 2 * std
+    outside = abs(values - mean) > 2 * std
     while outside.any():  # each round keeps about 95% of what it redraws
         values[outside] = rng.normal(mean, std, int(outside.sum()))
-        outside = np.abs(values - mean) > 2 * std
+        outside = abs(values - mean) > 2 * std
     return values
 
 
@@ -286,6 +288,8 @@ class Uniform(Initializer):
 @dataclass(frozen=True)
 class Orthogonal(_Gained):
     def draw(self, rng, shape, layer_fan_in):
+        import numpy as np
+
         rows = shape[0]
         cols = math.prod(shape) // rows
         flat = rng.normal(0.0, 1.0, (rows, cols))
@@ -306,18 +310,24 @@ class Constant(Initializer):
         _number("constant", "val", self.val)
 
     def draw(self, rng, shape, layer_fan_in):
+        import numpy as np
+
         return np.full(shape, float(self.val))
 
 
 @dataclass(frozen=True)
 class Zeros(Initializer):
     def draw(self, rng, shape, layer_fan_in):
+        import numpy as np
+
         return np.zeros(shape)
 
 
 @dataclass(frozen=True)
 class Ones(Initializer):
     def draw(self, rng, shape, layer_fan_in):
+        import numpy as np
+
         return np.ones(shape)
 
 

@@ -63,9 +63,9 @@ class JobError(ValueError):
 #: resumed run reports the first that differs (then the data's fields, the optimizer, early stopping)
 RUN_FLAGS = ("model", "loss", "lr_schedule", "clip_grad_norm", "clip_grad_value", "batch_size", "epochs",
              "max_steps", "shuffle", "seed", "init_weights", "frozen", "param_groups",
-             "accumulate_grad_batches", "drop_last", "test_batch_size", "dialect", "init")  # fmt: skip
-#: where a resumed run ends: the only settings it may change
-_RESUME_MAY_CHANGE = ("epochs", "max_steps")
+             "accumulate_grad_batches", "drop_last", "test_batch_size", "dialect", "init", "compile")  # fmt: skip
+#: what a resumed run may change: where it ends, and whether its steps are compiled (the same steps)
+_RESUME_MAY_CHANGE = ("epochs", "max_steps", "compile")
 
 
 def resumable_checkpoint(path: str | os.PathLike) -> Checkpoint:
@@ -278,7 +278,7 @@ class Job:
             adapter = registry.load_adapter(spec.target)
             # one process: every core; a data-parallel rank: its share (what the launcher's OMP_NUM_THREADS says)
             adapter.set_threads(self.threads or distributed.threads_per_rank(world_size or 1))
-            loop = adapter(run.model_spec(), distributed=world_size is not None, **run.loop_options())
+            loop = run.compiled(adapter(run.model_spec(), distributed=world_size is not None, **run.loop_options()))
             if hold and loop.rank == 0:
                 held.enter_context(files.directory_lock(*hold))
             outcome = self._fit(loop, data, show_progress)

@@ -34,8 +34,6 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import expr
-
 REDUCTIONS = ("mean", "sum")
 
 
@@ -171,6 +169,8 @@ class CustomLoss(Loss):
     def __post_init__(self):
         if not callable(self.fn):
             raise TypeError(f"CustomLoss: fn must be a function (pred, target) -> loss, got {self.fn!r}")
+        from . import expr  # with NumPy, which the command line's help does without
+
         object.__setattr__(self, "tree", expr.trace(self.fn))
 
 

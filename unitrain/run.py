@@ -63,6 +63,7 @@ from typing import Any
 import numpy as np
 
 from . import dialects, optim, registry
+from .choices import TASKS
 from .controls import EarlyStopping, resolve_groups
 from .data import MAX_DATA_BYTES, PACKAGED, PACKAGED_TRAIN_SAMPLES, DataError, num_batches
 from .datasets import load_datasets, load_target_arrays
@@ -73,9 +74,6 @@ from .reading import Int, Nullable, Number, OneOf, Optional, Text, check_json, p
 from .schedules import LRSchedule, check_schedule_length, parse_schedule, scheduled_optimizer
 from .sequences import Embedding
 from .weights import check_state, load_safetensors
-
-#: what a run's targets are (DataSpec.task)
-TASKS = ("classification", "regression", "multi-label", "reconstruction")
 
 
 class RunError(ValueError):
@@ -211,7 +209,8 @@ class Run:
     every weight (None: the model's own); ``initializers``: parameter pattern -> initialiser, for
     some layers' weights or biases (:func:`unitrain.initializers.with_initializers`); ``frozen``,
     ``param_groups``, ``accumulate_grad_batches`` and ``early_stopping``: the training controls of
-    :mod:`unitrain.controls`. Invalid values raise :class:`RunError` naming the field."""
+    :mod:`unitrain.controls`; ``compile``: compile the model where the backend offers it (torch:
+    ``torch.compile``). Invalid values raise :class:`RunError` naming the field."""
 
     model: str = "mlp"
     data: DataSpec = field(default_factory=DataSpec)
@@ -235,6 +234,7 @@ class Run:
     early_stopping: EarlyStopping | None = None
     drop_last: bool = False
     test_batch_size: int = 1000
+    compile: bool = False
 
     def __post_init__(self):
         if self.dialect is not None:
@@ -283,6 +283,7 @@ class Run:
         _require(_is_int(self.batch_size, 1), "batch_size", self.batch_size, "an integer >= 1")
         _require(_is_int(self.test_batch_size, 1), "test_batch_size", self.test_batch_size, "an integer >= 1")
         _require(isinstance(self.drop_last, bool), "drop_last", self.drop_last, "true or false")
+        _require(isinstance(self.compile, bool), "compile", self.compile, "true or false")
         _require(_is_int(self.epochs, 0), "epochs", self.epochs, "an integer >= 0")
         _require(self.max_steps is None or _is_int(self.max_steps, 0), "max_steps", self.max_steps, "an integer >= 0")
         _require(isinstance(self.shuffle, bool), "shuffle", self.shuffle, "true or false")
@@ -363,6 +364,7 @@ class Run:
             "early_stopping": None if self.early_stopping is None else self.early_stopping.to_dict(),
             "drop_last": self.drop_last or None,
             "test_batch_size": None if self.test_batch_size == 1000 else self.test_batch_size,
+            "compile": self.compile or None,
         }  # fmt: skip
         return {key: value for key, value in values.items() if value is not None}
 
@@ -427,6 +429,13 @@ class Run:
             "clip_grad_norm": self.clip_grad_norm, "clip_grad_value": self.clip_grad_value,
             "frozen": self.frozen, "param_groups": self.param_groups,
         }  # fmt: skip
+
+    def compiled(self, loop):
+        """``loop``, its model compiled if the run says so and the adapter can (``loop.compile()``: torch.
+        MindSpore's steps are compiled graphs anyway; NumPy and Chainer have no compiler)."""
+        if self.compile and callable(getattr(loop, "compile", None)):
+            loop.compile()
+        return loop
 
     def fit_options(self) -> dict[str, Any]:
         """:meth:`~unitrain.TrainingLoop.fit`'s arguments that the run decides."""
@@ -570,7 +579,8 @@ class Run:
     def make_loop(self, backend: str | None = None, *, distributed: bool = False):
         """A loop of ``backend`` (default: ``$UNITRAIN_BACKEND`` or numpy) set up for this run:
         its model, loss, optimizer, seed, schedule, clipping and initial weights."""
-        loop = registry.get_backend(backend)(self.model_spec(), distributed=distributed, **self.loop_options())
+        loop = self.compiled(registry.get_backend(backend)(self.model_spec(), distributed=distributed,
+                                                          **self.loop_options()))  # fmt: skip
         if (initial := self.initial_weights()) is not None:
             loop.load_state_dict(initial, source=self.init_weights)
         return loop
@@ -719,4 +729,5 @@ _RUN_SCHEMA = {
     "early_stopping": Optional(dict),
     "drop_last": Optional(bool),
     "test_batch_size": Optional(Int(1)),
+    "compile": Optional(bool),
 }
