@@ -522,7 +522,7 @@ def _run_of(args) -> tuple[Run, object]:
     """The run the command line describes, and the checkpoint it resumes (or None): then the
     recorded run with the typed settings, which :class:`~unitrain.job.Job` reconciles."""
     from .job import resumable_checkpoint
-    from .run import load_recipe
+    from .run import Run, load_recipe
 
     typed = _typed_run_settings(args)
     if getattr(args, "resume", None) is not None:
@@ -737,6 +737,8 @@ def cmd_evaluate(args) -> int:
 
 def _read_png(path: Path, normalization) -> np.ndarray:
     """A 28x28 8-bit grayscale PNG as one normalised sample, shape (1, 1, 28, 28)."""
+    import numpy as np
+
     if problem := path_problem(path, "a PNG file"):
         raise UsageError(f"--image {path} {problem}")
     try:
@@ -766,6 +768,8 @@ def _read_png(path: Path, normalization) -> np.ndarray:
 
 
 def cmd_predict(args) -> int:
+    import numpy as np
+
     run = _evaluation_run(args)
     files.check_output(args.output, "--output", args.overwrite)
     test = run.datasets()[2]
