@@ -531,17 +531,19 @@ def _reads(args, run: Run) -> list[tuple[str, object]]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    # SIGTERM ends a command as Ctrl-C does: MindSpore turns Ctrl-C into SIGTERM (see stop_on_signals)
-    with ending_on_signals():
-        try:
-            args = build_parser().parse_args(argv)
-            args.argv = argv  # which flags were typed (--resume refuses explicit conflicting settings)
-            return args.handler(args)
-        except USER_ERRORS as error:
-            print(f"unitrain: error: {_one_line(error)}", file=sys.stderr)
-            return 2
-        except KeyboardInterrupt as interrupt:
-            return interrupted(interrupt)
+    # SIGTERM ends a command as Ctrl-C does: MindSpore turns Ctrl-C into SIGTERM (see stop_on_signals);
+    # caught outside the handlers' change, so that a signal at that very instant ends it alike
+    try:
+        with ending_on_signals():
+            try:
+                args = build_parser().parse_args(argv)
+                args.argv = argv  # which flags were typed (--resume refuses explicit conflicting settings)
+                return args.handler(args)
+            except USER_ERRORS as error:
+                print(f"unitrain: error: {_one_line(error)}", file=sys.stderr)
+                return 2
+    except KeyboardInterrupt as interrupt:
+        return interrupted(interrupt)
 
 
 def _one_line(error: Exception) -> str:
