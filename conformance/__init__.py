@@ -5,7 +5,19 @@ Three ways to run it: ``unitrain conformance``; :func:`parametrize_with_checks` 
 module; :func:`run_checks`, which returns one :class:`CheckResult` per check.
 """
 
-from . import graph_checks  # noqa: F401 (registers the graph checks in CHECKS)
+# importing a family of checks registers it in CHECKS; this order is the order they run in
+# isort: off
+from . import (  # noqa: F401
+    forward_checks,
+    optimizer_checks,
+    step_checks,
+    state_checks,
+    layer_checks,
+    training_checks,
+    graph_checks,
+)
+
+# isort: on
 from .checks import CHECKS, CheckFailure, CheckSkipped
 from .pytest_helpers import parametrize_with_checks
 from .runner import CheckResult, format_matrix, run_check, run_checks

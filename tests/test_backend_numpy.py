@@ -27,7 +27,8 @@ from torch_reference import (
     torch_runs,
     train_torch,
 )
-from unitrain.backends.numpy import NumpyLoop, _erfc
+from unitrain.backends.numpy import NumpyLoop
+from unitrain.backends.numpy_layers import _erfc
 from unitrain.conformance.tolerances import eps, tolerance
 
 from unitrain import (

@@ -11,8 +11,7 @@ from typing import ClassVar
 
 import numpy as np
 import pytest
-from unitrain.backends import numpy as numpy_backend
-from unitrain.backends import numpy_graph, numpy_sequences
+from unitrain.backends import numpy_graph, numpy_layers, numpy_sequences
 from unitrain.backends.numpy import LossValue, NumpyLoop, _loss_terms
 from unitrain.conformance import CHECKS, run_check, run_checks
 
@@ -85,7 +84,7 @@ class KaimingModeIgnored(NumpyLoop):
 def _nodes(node):
     """Every node of the NumPy backend's model tree, depth first."""
     yield node
-    if isinstance(node, numpy_backend._Layer):
+    if isinstance(node, numpy_layers._Layer):
         return
     for child in getattr(node, "nodes", None) or (node.body, node.shortcut, node.post):
         if child is not None:
@@ -106,18 +105,18 @@ class _BrokenTree(NumpyLoop):
         raise NotImplementedError
 
 
-class _DropoutAlwaysOn(numpy_backend._Dropout):
+class _DropoutAlwaysOn(numpy_layers._Dropout):
     def forward(self, x, training, record):
         return super().forward(x, True, record)
 
 
 class DropoutInEval(_BrokenTree):
     def breaks(self, node):
-        if type(node) is numpy_backend._Dropout:
+        if type(node) is numpy_layers._Dropout:
             node.__class__ = _DropoutAlwaysOn
 
 
-class _BatchNormUpdatingInEval(numpy_backend._BatchNorm):
+class _BatchNormUpdatingInEval(numpy_layers._BatchNorm):
     def forward(self, x, training, record):
         if not training:
             axes = (0, *range(2, x.ndim))
@@ -128,7 +127,7 @@ class _BatchNormUpdatingInEval(numpy_backend._BatchNorm):
 
 class BatchNormStatisticsInEval(_BrokenTree):
     def breaks(self, node):
-        if type(node) is numpy_backend._BatchNorm:
+        if type(node) is numpy_layers._BatchNorm:
             node.__class__ = _BatchNormUpdatingInEval
 
 
@@ -492,7 +491,7 @@ def _env():
 # --- broken graphs and layers -------------------------------------------------------------
 
 
-class _ResidualWithoutShortcut(numpy_backend._Residual):
+class _ResidualWithoutShortcut(numpy_layers._Residual):
     def forward(self, x, training, record):
         out = self.body.forward(x, training, record)
         return out if self.post is None else self.post.forward(out, training, record)
@@ -500,25 +499,25 @@ class _ResidualWithoutShortcut(numpy_backend._Residual):
 
 class ResidualDropsShortcut(_BrokenTree):
     def breaks(self, node):
-        if type(node) is numpy_backend._Residual:
+        if type(node) is numpy_layers._Residual:
             node.__class__ = _ResidualWithoutShortcut
 
 
 class AvgPoolDividesByUnpaddedCount(_BrokenTree):
     def breaks(self, node):
-        if isinstance(node, numpy_backend._AvgPool2d):
+        if isinstance(node, numpy_layers._AvgPool2d):
             node.spec = dataclasses.replace(node.spec, count_include_pad=False)
 
 
 class GeluTanhForExact(_BrokenTree):
     def breaks(self, node):
-        if isinstance(node, numpy_backend._GELU):
+        if isinstance(node, numpy_layers._GELU):
             node.spec = dataclasses.replace(node.spec, approximate="tanh")
 
 
 class LogSoftmaxOverLastAxis(_BrokenTree):
     def breaks(self, node):
-        if isinstance(node, numpy_backend._LogSoftmax):
+        if isinstance(node, numpy_layers._LogSoftmax):
             node.spec = dataclasses.replace(node.spec, dim=-1)
 
 
@@ -681,7 +680,7 @@ def test_the_intact_backend_passes_the_graph_checks():
 # --- broken resampling layers and BCELoss -----------------------------------------------------------
 
 
-class _ConvTransposePaddingTheOutput(numpy_backend._ConvTranspose2d):
+class _ConvTransposePaddingTheOutput(numpy_layers._ConvTranspose2d):
     """``output_padding`` as zero rows and columns added to the finished output (MindSpore's
     ``nn.Conv2dTranspose``), instead of rows of the uncut transpose."""
 
@@ -705,17 +704,17 @@ class _ConvTransposePaddingTheOutput(numpy_backend._ConvTranspose2d):
 
 class ConvTransposePadsTheOutput(_BrokenTree):
     def breaks(self, node):
-        if isinstance(node, numpy_backend._ConvTranspose2d):
+        if isinstance(node, numpy_layers._ConvTranspose2d):
             node.__class__ = _ConvTransposePaddingTheOutput
 
 
 class BilinearFlipsAlignCorners(_BrokenTree):
     def breaks(self, node):
-        if isinstance(node, numpy_backend._Upsample) and node.spec.mode == "bilinear":
+        if isinstance(node, numpy_layers._Upsample) and node.spec.mode == "bilinear":
             node.spec = dataclasses.replace(node.spec, align_corners=not node.spec.align_corners)
 
 
-class _UpsampleScaledBySizes(numpy_backend._Upsample):
+class _UpsampleScaledBySizes(numpy_layers._Upsample):
     """A scale factor's output size, but indices scaled by input over output size (Chainer's
     ``resize_images``, MindSpore's ``interpolate``), not by ``1 / scale_factor``."""
 
@@ -731,7 +730,7 @@ class _UpsampleScaledBySizes(numpy_backend._Upsample):
 
 class UpsampleScaledBySizes(_BrokenTree):
     def breaks(self, node):
-        if isinstance(node, numpy_backend._Upsample):
+        if isinstance(node, numpy_layers._Upsample):
             node.__class__ = _UpsampleScaledBySizes
 
 

@@ -5,7 +5,7 @@ float32 rounding."""
 
 import numpy as np
 import pytest
-from unitrain.conformance.checks import _longest_sum  # the suite's tolerance size of a model's forward pass
+from unitrain.conformance.checks import longest_sum  # the suite's tolerance size of a model's forward pass
 from unitrain.conformance.tolerances import tolerance
 
 import unitrain
@@ -40,7 +40,7 @@ def test_first_step_loss_is_the_adapters(framework, model_name):
 
     # Each side is within the conformance tolerance of the exact loss, whose longest sum is the forward
     # pass's (or the cross entropy's over the classes and the batch), so they are within twice of each other.
-    size = max(_longest_sum(model, input_shape, len(x)), classes, len(x))
+    size = max(longest_sum(model, input_shape, len(x)), classes, len(x))
     assert abs(native_loss - loss) <= 2 * tolerance(np.float32, size, abs(loss))
     # After the step: the weights (SGD moved them by lr times gradients of the same float32 accuracy) and
     # BatchNorm's running statistics (one momentum step towards the batch's, which catches a momentum

@@ -101,7 +101,7 @@ def _case(name):
     return spec, twin, batches
 
 
-def _longest_sum(spec, batches):
+def longest_sum(spec, batches):
     """The elements of the largest layer input of one batch: every sum of one step (a weight gradient
     through time adds batch x steps terms of a layer's input width) has at most that many terms."""
     x = batches[0][0]
@@ -142,7 +142,7 @@ def test_trains_and_evaluates_like_torch_nn(name, backend):
     """20 SGD-momentum steps from the same weights: losses, weights and momentum buffers within PyTorch's own
     float32 drift of its float64 run (float64: within the conformance formula), then eval outputs alike."""
     spec, twin, batches, runs = _runs(name)
-    size = _longest_sum(spec, batches)
+    size = longest_sum(spec, batches)
     for dtype in DTYPES[backend]:
         loop = _loop(backend, spec, dtype)
         assert list(loop.state_dict()) == list(twin().state_dict())

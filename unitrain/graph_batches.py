@@ -97,10 +97,10 @@ def length(x) -> int:
 
 def predict(loop: TrainingLoop, x, batch_size: int):
     """:meth:`TrainingLoop.predict` for several inputs or outputs."""
-    from .loop import _eval_mode
+    from .fitting import eval_mode
 
     n = length(x)
-    with _eval_mode(loop):
+    with eval_mode(loop):
         parts = [loop._predict(rows(x, i, i + batch_size)) for i in range(0, n, batch_size)]
     if loop._output_count == 1:
         return np.concatenate(parts) if parts else np.zeros((0,), loop.dtype)
@@ -110,10 +110,10 @@ def predict(loop: TrainingLoop, x, batch_size: int):
 def evaluate(loop: TrainingLoop, dataset: ArrayDataset, batch_size: int) -> dict[str, float]:
     """:meth:`TrainingLoop.evaluate` for several outputs: ``loss`` is the sum over outputs of each
     one's evaluation loss (per sample, or per element for the elementwise losses); no accuracy."""
-    from .loop import _eval_mode
+    from .fitting import eval_mode
 
     totals = np.zeros(loop._output_count)
-    with _eval_mode(loop):
+    with eval_mode(loop):
         for x, y in dataset.batches(batch_size):
             x, y = loop._check_batch((x, y))
             totals += np.asarray(loop._evaluate_batch(x, y)[0], np.float64)

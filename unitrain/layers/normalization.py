@@ -1,0 +1,110 @@
+"""BatchNorm1d, BatchNorm2d and LayerNorm."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .. import dialects
+from .base import Layer, _positive_int
+
+
+@dataclass(frozen=True)
+class _Norm(Layer):
+    """Shared validation of the normalisation layers' ``eps``."""
+
+    def _check_eps(self):
+        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not self.eps > 0:
+            raise ValueError(f"{type(self).__name__}: eps must be > 0, got {self.eps!r}")
+
+
+@dataclass(frozen=True)
+class _BatchNorm(_Norm):
+    """PyTorch's BatchNorm. Training: normalise with the batch mean and biased variance and
+    update ``running = (1 - momentum) * running + momentum * batch_stat`` where the variance
+    fed to the running estimate is the *unbiased* one. Eval: normalise with the running
+    statistics. ``num_batches_tracked`` counts training batches, as in PyTorch. ``eps`` and
+    ``momentum`` left out: the dialect's (PyTorch's 1e-5 and 0.1)."""
+
+    num_features: int
+    eps: float | None = None
+    momentum: float | None = None
+
+    _input_rank = 0
+
+    def __post_init__(self):
+        if self.eps is None:
+            object.__setattr__(self, "eps", dialects.current().batchnorm_eps)
+        if self.momentum is None:
+            object.__setattr__(self, "momentum", dialects.current().batchnorm_momentum)
+        _positive_int(type(self).__name__, "num_features", self.num_features)
+        self._check_eps()
+        if not 0.0 < self.momentum <= 1.0:
+            raise ValueError(f"{type(self).__name__}: momentum must be in (0, 1], got {self.momentum!r}")
+
+    def param_shapes(self):
+        return {"weight": (self.num_features,), "bias": (self.num_features,)}
+
+    def buffer_shapes(self):
+        n = (self.num_features,)
+        return {"running_mean": n, "running_var": n, "num_batches_tracked": ()}
+
+    def output_shape(self, input_shape):
+        if len(input_shape) != self._input_rank or input_shape[0] != self.num_features:
+            raise ValueError(
+                f"{self} expects per-sample input of rank {self._input_rank} with "
+                f"{self.num_features} channels first, got {input_shape}"
+            )
+        return input_shape
+
+
+@dataclass(frozen=True)
+class BatchNorm1d(_BatchNorm):
+    """Over (N, C) input."""
+
+    _input_rank = 1
+
+
+@dataclass(frozen=True)
+class BatchNorm2d(_BatchNorm):
+    """Over (N, C, H, W) input, statistics per channel."""
+
+    _input_rank = 3
+
+
+@dataclass(frozen=True)
+class LayerNorm(_Norm):
+    """``y = (x - mean) / sqrt(var + eps) * weight + bias`` over the trailing
+    ``normalized_shape`` dims of each sample, biased variance (``torch.nn.LayerNorm``).
+    ``normalized_shape`` (int or tuple) is stored as a tuple of ints."""
+
+    normalized_shape: int | tuple[int, ...]
+    eps: float = 1e-5
+    elementwise_affine: bool = True
+
+    def __post_init__(self):
+        shape = self.normalized_shape
+        shape = (shape,) if isinstance(shape, int) and not isinstance(shape, bool) else shape
+        if (
+            not isinstance(shape, (tuple, list))
+            or not shape
+            or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape)
+        ):
+            raise ValueError(
+                f"LayerNorm: normalized_shape must be a positive integer or a non-empty tuple of them, "
+                f"got {self.normalized_shape!r}"
+            )
+        object.__setattr__(self, "normalized_shape", tuple(shape))
+        self._check_eps()
+
+    def param_shapes(self):
+        if not self.elementwise_affine:
+            return {}
+        return {"weight": self.normalized_shape, "bias": self.normalized_shape}
+
+    def output_shape(self, input_shape):
+        n = len(self.normalized_shape)
+        if tuple(input_shape[len(input_shape) - n :]) != self.normalized_shape:
+            raise ValueError(
+                f"{self} expects per-sample input ending in {self.normalized_shape}, got per-sample shape {input_shape}"
+            )
+        return input_shape
