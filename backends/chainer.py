@@ -55,14 +55,14 @@ with warnings.catch_warnings():
     import chainer.links as L
     from chainer.serializers import DictionarySerializer, NpzDeserializer
 
-from unitrain import expr, layers, losses, ops, sequences
+from unitrain import attention, expr, layers, losses, ops, sequences
 from unitrain.graph import Graph
 from unitrain.loop import TrainingLoop
 from unitrain.optim import clip_grad_norm_scale, initial_buffer_value, optimizer_update, starts_as_gradient
 from unitrain.randomness import dropout_mask, dropout_stream, set_stream_state, stream_state
 from unitrain.upsampling import interpolation_matrix
 
-from . import chainer_graph
+from . import chainer_attention, chainer_graph
 
 #: PyTorch's state names -> Chainer's attribute names
 _LINK_NAMES = {"weight": "W", "bias": "b"}
@@ -188,6 +188,11 @@ class _ConvTranspose2d(L.Deconvolution2D):
 
     def forward(self, x):
         spec = self.spec
+        if not isinstance(x, chainer.Variable):
+            # Chainer 7.8.1's backward computing the weight gradient alone passes Variables where
+            # shapes belong (Deconvolution2DFunction.backward's _set_cover_all(x, W)); with an input
+            # gradient wanted too, it sets cover_all from shapes first
+            x = chainer.Variable(x)
         out_size = spec.output_shape(x.shape[1:])[1:]
         if all(extra < step for extra, step in zip(spec.output_padding, spec.stride, strict=True)):
             self.outsize = out_size
@@ -303,17 +308,23 @@ class _Recurrent(chainer.Link):
             bs += list(bias)
         return ws, bs
 
-    def forward(self, x):
-        return self.run(x)[0]
+    def forward(self, x, lengths=None):
+        return self.run(x, lengths=lengths)[0]
 
-    def run(self, x, h0=None, c0=None):
-        """``(output, h_n, c_n)`` (``c_n`` None but for LSTM); initial states None are zeros."""
+    def run(self, x, h0=None, c0=None, lengths=None):
+        """``(output, h_n, c_n)`` (``c_n`` None but for LSTM); initial states None are zeros.
+        ``lengths``: each sequence's, of a batch-first padded ``x``. Chainer's functions take
+        sequences of different lengths as time steps of shrinking batches (``xs[t]`` holds the
+        sequences longer than ``t``, longest first), and return each one's state after its last
+        step; the reverse direction starts each sequence at its own last step."""
         spec = self.spec
         time_axis = 1 if spec.batch_first else 0
         lstm = isinstance(spec, sequences.LSTM)
         zeros = np.zeros(spec.state_shape(x.shape[1 - time_axis]), x.dtype)
         h0 = zeros if h0 is None else h0
         c0 = zeros if c0 is None and lstm else c0
+        if lengths is not None:
+            return self._run_padded(x, h0, c0, np.asarray(lengths).reshape(-1))
         steps = F.separate(x, axis=time_axis)  # the functions take a list of time steps
         h_n, c_n, directions = [], [], spec.directions
         for k in range(spec.num_layers):
@@ -331,6 +342,35 @@ class _Recurrent(chainer.Link):
                 steps = F.separate(output, axis=time_axis)
         output = F.stack(steps, axis=time_axis)
         return output, F.concat(h_n, axis=0), F.concat(c_n, axis=0) if lstm else None
+
+    def _run_padded(self, x, h0, c0, lengths):
+        spec = self.spec
+        lstm = isinstance(spec, sequences.LSTM)
+        order = np.argsort(-lengths, kind="stable")  # longest first, as the functions need
+        undo = np.argsort(order)
+        batches = [int((lengths > t).sum()) for t in range(x.shape[1])]
+        x = F.get_item(x, order)
+        steps = [x[:count, t] for t, count in enumerate(batches)]
+        h_n, c_n, directions = [], [], spec.directions
+        for k in range(spec.num_layers):
+            ws, bs = zip(*(self._weights(k, suffix) for suffix in ("", "_reverse")[:directions]), strict=True)
+            states = slice(k * directions, (k + 1) * directions)
+            if lstm:
+                h, c, steps = self.function(1, 0.0, h0[states][:, order], c0[states][:, order], list(ws), list(bs),
+                                            steps)  # fmt: skip
+                c_n.append(c)
+            else:
+                h, steps = self.function(1, 0.0, h0[states][:, order], list(ws), list(bs), steps)
+            h_n.append(h)
+            if chainer.config.train and spec.dropout and k < spec.num_layers - 1:
+                output = F.get_item(F.swapaxes(F.pad_sequence(steps, length=len(lengths)), 0, 1), undo)
+                output = output * dropout_mask(self.rng, output.shape, spec.dropout, output.dtype)
+                output = F.get_item(output, order)
+                steps = [output[:count, t] for t, count in enumerate(batches)]
+        # zeros past each sequence's end, as pad_packed_sequence gives them; back in the batch's order
+        output = F.get_item(F.swapaxes(F.pad_sequence(steps, length=len(lengths)), 0, 1), undo)
+        h_n = F.concat(h_n, axis=0)[:, undo]
+        return output, h_n, F.concat(c_n, axis=0)[:, undo] if lstm else None
 
 
 class _LayerNorm(chainer.Link):
@@ -416,16 +456,36 @@ class _Graph(_Sequence):
         return chainer_graph.run(self._steps, self._input_names, self._output_names, inputs)
 
 
+def _class_rows(spec, pred, y):
+    """``(N, C, d1, ...)`` predictions as rows ``(N * d1 * ..., C)`` (classes last) with their
+    targets, and the rows whose class index is ``ignore_index`` left out (PyTorch's mean divides
+    by the rows that count)."""
+    if pred.ndim > 2:
+        classes = pred.shape[1]
+        pred = F.reshape(F.moveaxis(pred, 1, -1), (-1, classes))
+        y = np.moveaxis(y, 1, -1).reshape(-1, classes) if y.dtype.kind == "f" else y.reshape(-1)
+    if y.dtype.kind != "f" and (y == spec.ignore_index).any():
+        kept = np.flatnonzero(y != spec.ignore_index)
+        pred, y = F.get_item(pred, kept), y[kept]
+    return pred, y
+
+
 def _cross_entropy(spec: losses.CrossEntropyLoss, logits, y):
-    """Per sample. Class indices without smoothing: Chainer's own softmax cross-entropy. Otherwise
-    PyTorch's ``-sum(((1 - ε) * target + ε / C) * log_softmax(logits))``, where ``target`` is the given
-    probabilities or the one-hot rows of the class indices (Chainer has no label smoothing)."""
+    """Per row (:func:`_class_rows`). Class indices without smoothing: Chainer's own softmax cross-entropy.
+    Otherwise PyTorch's ``-sum(((1 - ε) * target + ε / C) * log_softmax(logits))``, where ``target`` is
+    the given probabilities or the one-hot rows of the class indices (Chainer has no label smoothing)."""
+    logits, y = _class_rows(spec, logits, y)
     if y.dtype.kind != "f" and not spec.label_smoothing:
         return F.softmax_cross_entropy(logits, y.astype(np.int32), reduce="no")
     classes = logits.shape[1]
     target = y if y.dtype.kind == "f" else np.eye(classes, dtype=logits.dtype)[y]
     target = (1 - spec.label_smoothing) * target + spec.label_smoothing / classes
     return -F.sum(target * F.log_softmax(logits), axis=1)
+
+
+def _negative_log_likelihood(spec: losses.NLLLoss, log_probs, y):
+    log_probs, y = _class_rows(spec, log_probs, y)
+    return -F.select_item(log_probs, y.astype(np.int32))
 
 
 def _bce_with_logits(spec, logits, y):
@@ -460,7 +520,7 @@ def _smooth_l1(spec, pred, y):
 #: Per-sample (class losses) or per-element terms of each loss; ``reduction`` sums or averages them.
 _LOSS_TERMS = {
     losses.CrossEntropyLoss: _cross_entropy,
-    losses.NLLLoss: lambda spec, logp, y: -F.select_item(logp, y.astype(np.int32)),
+    losses.NLLLoss: _negative_log_likelihood,
     losses.MSELoss: lambda spec, pred, y: F.squared_error(pred, y),
     losses.BCEWithLogitsLoss: _bce_with_logits,
     losses.BCELoss: lambda spec, p, y: _BinaryCrossEntropy().apply((p, y))[0],
@@ -571,6 +631,16 @@ class _ClipGradNorm:
                 grad *= scale
 
 
+def _stop_gradient(param):
+    """No gradient for ``param`` at all, as PyTorch's ``requires_grad=False``: Chainer's backward
+    computes the gradients of the inputs whose variable node requires one (``FunctionNode``'s
+    ``target_input_indexes``), and a layer whose inputs need none is left out of the graph. Chainer
+    has no public switch for it (``Link.disable_update`` only stops the update), so the parameter's
+    flag and its node's are cleared."""
+    param._requires_grad = False
+    param.node._requires_grad = False
+
+
 class _Optimizer(chainer.optimizer.GradientMethod):
     """Chainer's optimizer machinery (setup, per-parameter rules, ``t``) with PyTorch's rules, each
     parameter's those of its group (``groups``: ``id(parameter)`` ->
@@ -598,7 +668,7 @@ class ChainerLoop(TrainingLoop):
     capabilities = frozenset({
         "dropout", "batchnorm", "conv", "native-model", "float64", "random-state",
         "residual", "activations", "layernorm", "pooling", "losses", "custom-loss", "optimizers", "clipping",
-        "distributed", "training-controls", "sequences", "graph",
+        "distributed", "training-controls", "sequences", "graph", "multi-model", "attention",
     })  # fmt: skip
 
     # --- building ---------------------------------------------------------------------------
@@ -647,8 +717,9 @@ class ChainerLoop(TrainingLoop):
                 else _BN_NAMES
             )
             for key in {**spec.param_shapes(), **spec.buffer_shapes()}:
-                # a recurrent layer's parameters carry PyTorch's names already
-                paths[f"{name}{key}"] = f"{path}{key if isinstance(layer, _Recurrent) else names[key]}"
+                # a recurrent layer's parameters carry PyTorch's names already, attention's with _ for .
+                torch_named = isinstance(layer, (_Recurrent, chainer_attention.MultiheadAttention))
+                paths[f"{name}{key}"] = f"{path}{key.replace('.', '_') if torch_named else names[key]}"
         return layer
 
     def _child(self, chain: _Sequence, child_name: str, spec, name: str, path: str, paths: dict):
@@ -673,6 +744,8 @@ class ChainerLoop(TrainingLoop):
             size = spec.in_channels, spec.out_channels, spec.kernel_size, spec.stride, spec.padding
             native = L.Convolution2D if isinstance(spec, layers.Conv2d) else L.Convolution1D
             return native(*size, dilate=spec.dilation, groups=spec.groups, **init)
+        if type(spec) in attention.LEAVES.values():
+            return chainer_attention.leaf(spec, self.dtype)
         if isinstance(spec, sequences.Embedding):
             return _Embedding(spec, self.dtype)
         if isinstance(spec, sequences._Recurrent):
@@ -710,6 +783,8 @@ class ChainerLoop(TrainingLoop):
         groups = self._resolve_controls(self._params)
         self.optimizer = _Optimizer({id(self._params[name]): group for group in groups for name in group.names})
         self.optimizer.setup(model)
+        for name in self.frozen:
+            _stop_gradient(self._params[name])
         if self.clip_grad_norm is not None:
             self.optimizer.add_hook(_ClipGradNorm(self.clip_grad_norm))
         elif self.clip_grad_value is not None:  # Chainer's own hook clamps like torch.clamp_

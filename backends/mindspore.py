@@ -43,7 +43,7 @@ import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 from unitrain.backends.mindspore_sequences import _Conv1d, _Embedding, _Recurrent, _TakesMasks, _Through2d
 
-from unitrain import expr, layers, sequences
+from unitrain import attention, expr, layers, sequences
 from unitrain import ops as graph_ops
 from unitrain.graph import Graph
 from unitrain.loop import TrainingLoop
@@ -66,7 +66,7 @@ from unitrain.losses import (
 from unitrain.optim import clip_grad_norm_scale, initial_buffer_value, optimizer_update
 from unitrain.randomness import dropout_mask, dropout_stream, set_stream_state, stream_state
 
-from . import mindspore_graph
+from . import mindspore_attention, mindspore_graph
 
 ms.set_device("CPU")  # the adapter is written and tested for MindSpore's CPU build
 
@@ -402,6 +402,9 @@ class _Builder:
     def _leaf(self, spec: layers.Layer) -> tuple[nn.Cell, dict[str, Parameter]]:
         if type(spec) in _PLAIN_LEAVES:
             return _PLAIN_LEAVES[type(spec)](spec), {}
+        if type(spec) in attention.LEAVES.values():
+            cell = mindspore_attention.cell(spec)
+            return cell, cell.state
         if isinstance(spec, layers.Dropout):
             self.dropouts += 1
             return _Dropout(self.dropouts - 1), {}
@@ -546,12 +549,14 @@ def _loss_function(spec: Loss, reduction: str, summed: bool = True):
     equations, arguments aside: ``nn.HuberLoss``'s ``delta``, ``nn.SmoothL1Loss``'s ``beta``).
     A PerOutputLoss gives the sum of its losses, or with ``summed=False`` each one's value."""
     if isinstance(spec, PerOutputLoss):
-        parts = [_loss_function(part, reduction or part.reduction) for part in spec.losses]
+        parts = [_loss_function(part, reduction or getattr(part, "reduction", None)) for part in spec.losses]
         return mindspore_graph.PerOutputLoss(parts, summed)
     if isinstance(spec, CustomLoss):
         return _custom_loss(spec.tree)
     if isinstance(spec, CrossEntropyLoss):
-        return nn.CrossEntropyLoss(reduction=reduction, label_smoothing=spec.label_smoothing)
+        return nn.CrossEntropyLoss(
+            ignore_index=spec.ignore_index, reduction=reduction, label_smoothing=spec.label_smoothing
+        )
     if isinstance(spec, SmoothL1Loss):
         # PyTorch's beta == 0 is the L1 loss; MindSpore's kernel refuses beta == 0.
         return nn.SmoothL1Loss(spec.beta, reduction) if spec.beta > 0 else nn.L1Loss(reduction)
@@ -559,7 +564,9 @@ def _loss_function(spec: Loss, reduction: str, summed: bool = True):
         return nn.HuberLoss(reduction, spec.delta)
     if isinstance(spec, BCELoss):
         return _BCELoss(reduction)
-    native = {NLLLoss: nn.NLLLoss, MSELoss: nn.MSELoss, L1Loss: nn.L1Loss, BCEWithLogitsLoss: nn.BCEWithLogitsLoss}
+    if isinstance(spec, NLLLoss):
+        return nn.NLLLoss(ignore_index=spec.ignore_index, reduction=reduction)
+    native = {MSELoss: nn.MSELoss, L1Loss: nn.L1Loss, BCEWithLogitsLoss: nn.BCEWithLogitsLoss}
     return native[type(spec)](reduction=reduction)
 
 
@@ -575,7 +582,7 @@ class MindSporeLoop(TrainingLoop):
     capabilities = frozenset({
         "dropout", "batchnorm", "conv", "native-model", "random-state",
         "residual", "activations", "layernorm", "pooling", "losses", "custom-loss", "optimizers", "clipping",
-        "distributed", "training-controls", "sequences", "graph",
+        "distributed", "training-controls", "sequences", "graph", "multi-model", "attention",
     })  # fmt: skip
 
     #: ``False`` runs every step eagerly (PyNative), to debug or to compare speed

@@ -95,10 +95,14 @@ class _Recurrent(_TakesMasks):
                     self.state[f"bias_hh_l{k}{suffix}"] = layer.b_hh_list[d]
 
     def construct(self, x, masks):
+        lengths = None
+        if isinstance(x, tuple):  # a graph's lstm(x, lengths): the native cells' seq_length
+            x, lengths = x
+            lengths = lengths.astype(ms.int32)
         for index, layer in enumerate(self.layers):
             if index > 0 and self.dropout and self.training:
                 x = x * masks[self.first_mask + index - 1]
-            x = layer(x)[0]
+            x = layer(x)[0] if lengths is None else layer(x, None, lengths)[0]
         return x
 
     def run(self, x, h0, c0=None):

@@ -40,18 +40,47 @@ from .numpy_layers import _LAYERS, _build, _log_softmax
 
 
 def _class_terms(spec, pred, y):
-    """CrossEntropyLoss and NLLLoss: per-sample losses and the gradient function."""
-    if pred.ndim != 2:
-        raise InputError(f"{type(spec).__name__} needs predictions of shape (N, classes), got {pred.shape}")
+    """CrossEntropyLoss and NLLLoss: the terms that count and the gradient function. Extra axes,
+    ``(N, C, d1, ...)``, are rows of their own (classes moved last); rows whose class index is
+    ``ignore_index`` give no term and a zero gradient."""
+    if pred.ndim < 2:
+        raise InputError(f"{type(spec).__name__} needs predictions of shape (N, classes, ...), got {pred.shape}")
+    shape, classes = pred.shape, pred.shape[1]
+    if pred.ndim > 2:
+        pred, y = _classes_last(pred), (_classes_last(y) if y.dtype.kind == "f" else y.reshape(-1))
+    terms, grad = _class_rows(spec, pred, y)
+    ignored = None if y.dtype.kind == "f" else y == spec.ignore_index
+    if ignored is not None and ignored.any():
+        terms = terms[~ignored]
+        row_grad = grad
+
+        def grad(scale):
+            g = row_grad(scale, np.where(ignored, 0, y))
+            g[ignored] = 0
+            return g
+
+    if len(shape) == 2:
+        return terms, grad
+    moved = (shape[0], *shape[2:], classes)
+    return terms, lambda scale: np.moveaxis(grad(scale).reshape(moved), -1, 1)
+
+
+def _classes_last(values):
+    """``(N, C, d1, ...)`` as rows ``(N * d1 * ..., C)``."""
+    return np.moveaxis(values, 1, -1).reshape(-1, values.shape[1])
+
+
+def _class_rows(spec, pred, y):
+    """Per-row terms of (N, C) predictions and ``grad(scale, labels=y)``."""
     rows = np.arange(len(y))
     if isinstance(spec, NLLLoss):
 
-        def grad(scale):
+        def grad(scale, labels=y):
             g = np.zeros_like(pred)
-            g[rows, y] = -scale
+            g[rows, labels] = -scale
             return g
 
-        return -pred[rows, y], grad
+        return -pred[rows, np.where(y == spec.ignore_index, 0, y)], grad
     log_probs = _log_softmax(pred, 1)
     smoothing, classes = spec.label_smoothing, pred.shape[1]
     if y.dtype.kind == "f":  # class probabilities, shaped like pred (checked by the core)
@@ -66,13 +95,13 @@ def _class_terms(spec, pred, y):
             return g
 
         return terms, grad
-    terms = -log_probs[rows, y]
+    terms = -log_probs[rows, np.where(y == spec.ignore_index, 0, y)]
     if smoothing:
         terms = (1 - smoothing) * terms - smoothing / classes * log_probs.sum(1)
 
-    def grad(scale):  # softmax - ((1 - smoothing) * one_hot + smoothing / classes)
+    def grad(scale, labels=y):  # softmax - ((1 - smoothing) * one_hot + smoothing / classes)
         g = np.exp(log_probs)
-        g[rows, y] -= 1 - smoothing
+        g[rows, labels] -= 1 - smoothing
         if smoothing:
             g -= smoothing / classes
         g *= scale
@@ -155,7 +184,7 @@ class NumpyLoop(TrainingLoop):
     capabilities = frozenset({
         "dropout", "batchnorm", "conv", "float64", "random-state",
         "residual", "activations", "layernorm", "pooling", "losses", "custom-loss", "optimizers", "clipping",
-        "distributed", "training-controls", "graph", "sequences",
+        "distributed", "training-controls", "graph", "sequences", "multi-model", "attention",
     })  # fmt: skip
 
     def _build(self, model):
@@ -164,6 +193,7 @@ class NumpyLoop(TrainingLoop):
         leaves = [_LAYERS[type(spec)](spec, self.dtype, self._rng) for _, spec in named]
         make_leaf = lambda spec: _LAYERS[type(spec)](spec, self.dtype, self._rng)  # noqa: E731
         self._root, _ = _build(model, iter(leaves), False, make_leaf)
+        self._leaves, self._make_leaf = leaves, make_leaf  # a multi-model step builds a tree per call from them
         self._params, self._grads, self._state = {}, {}, {}
         for (prefix, _), layer in zip(named, leaves, strict=True):
             for key, value in {**layer.params, **layer.buffers}.items():
@@ -173,8 +203,18 @@ class NumpyLoop(TrainingLoop):
                 self._grads[f"{prefix}.{key}"] = layer.grads[key]
         self._optimizer_state: dict[str, np.ndarray] = {}
         self._resolve_controls(self._params)
+        self._stop_frozen_gradients({f"{prefix}.{key}": (layer, key) for (prefix, _), layer in
+                                     zip(named, leaves, strict=True) for key in layer.params})  # fmt: skip
         self._mode = True
         self._forward_id = 0
+
+    def _stop_frozen_gradients(self, owners):
+        """No gradient for the frozen parameters whose layer's backward can leave it out (``owners``:
+        name -> (layer, key)), as PyTorch's ``requires_grad=False``."""
+        for name in self.frozen:
+            layer, key = owners[name]
+            if layer.freeze(key):
+                del self._grads[name]
 
     def _set_training(self, mode):
         self._mode = mode
@@ -280,8 +320,10 @@ class NumpyLoop(TrainingLoop):
     def _evaluate_batch(self, x, y):
         pred = self._run(x, record=False)
         if isinstance(self.loss_spec, PerOutputLoss):
-            sums = [_loss_terms(spec, p, t)[0].sum(dtype=np.float64) for spec, p, t in zip(self.loss_spec.losses,
-                    pred, y, strict=True)]  # fmt: skip
+            sums = [
+                0.0 if isinstance(spec, CustomLoss) else _loss_terms(spec, p, t)[0].sum(dtype=np.float64)
+                for spec, p, t in zip(self.loss_spec.losses, pred, y, strict=True)
+            ]  # the core sums a CustomLoss
             return tuple(map(float, sums)), 0
         terms, _ = _loss_terms(self.loss_spec, pred, y)
         correct = int((pred.argmax(1) == y).sum()) if y.dtype.kind in "iu" else 0

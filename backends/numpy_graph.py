@@ -213,11 +213,15 @@ class _Call:
         self.has_params = tree.has_params
 
     def run(self, args, training, record):
+        self.arity = len(args)
         return self.tree.forward(args[0] if len(args) == 1 else tuple(args), training, record)
 
     def gradients(self, grad, need):
         out = self.tree.backward(grad, any(need))
-        return out if isinstance(out, tuple) else (out,)
+        if out is None:  # no input gradient wanted, of however many inputs
+            return (None,) * len(need)
+        # a recurrent layer's second input, the lengths, has no gradient
+        return out if isinstance(out, tuple) else (out, *[None] * (self.arity - 1))
 
 
 class GraphRun:

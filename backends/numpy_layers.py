@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+from unitrain.backends.numpy_attention import LAYERS as _ATTENTION_LAYERS
 from unitrain.backends.numpy_sequences import _Embedding, _Layer, _Recurrent, _sigmoid
 
 from unitrain.graph import Graph
@@ -51,7 +52,17 @@ from . import numpy_graph
 # --- leaves --------------------------------------------------------------------------------------
 
 
-class _Linear(_Layer):
+class _Freezable(_Layer):
+    """A layer whose backward adds to each of its ``grads`` only if it is there: a frozen parameter's
+    gradient is never computed (and a layer with all its parameters frozen is not backpropagated
+    through when nothing before it trains)."""
+
+    def freeze(self, key):
+        del self.grads[key]
+        return True
+
+
+class _Linear(_Freezable):
     """Over the last axis; other axes are rows of one matrix product."""
 
     def forward(self, x, training, record):
@@ -64,7 +75,8 @@ class _Linear(_Layer):
 
     def backward(self, grad, need_input_grad):
         rows = grad.reshape(-1, grad.shape[-1])
-        self.grads["weight"] += rows.T @ self.x.reshape(-1, self.x.shape[-1])
+        if "weight" in self.grads:
+            self.grads["weight"] += rows.T @ self.x.reshape(-1, self.x.shape[-1])
         if "bias" in self.grads:
             self.grads["bias"] += rows.sum(0)
         return grad @ self.params["weight"] if need_input_grad else None
@@ -102,7 +114,7 @@ def _unpad(x, padding):
 _PER_SAMPLE_POSITIONS = 64
 
 
-class _Conv2d(_Layer):
+class _Conv2d(_Freezable):
     """im2col with the weight as ``groups`` matrices (out/groups, in/groups*kh*kw). Large outputs:
     each sample's windows become a (K, OH*OW) matrix per group, so one batched matmul yields NCHW
     output directly. Small outputs (deep layers): all samples' windows form one (K, N*OH*OW) matrix
@@ -146,10 +158,12 @@ class _Conv2d(_Layer):
             self.grads["bias"] += grad.sum((0, 2, 3))
         if self.per_sample:
             grad = grad.reshape(n, groups, -1, oh * ow)
-            self.grad_matrix += (grad @ self.cols.transpose(0, 1, 3, 2)).sum(0)
+            if "weight" in self.grads:
+                self.grad_matrix += (grad @ self.cols.transpose(0, 1, 3, 2)).sum(0)
         else:
             grad = grad.transpose(1, 0, 2, 3).reshape(groups, -1, n * oh * ow)
-            self.grad_matrix += grad @ self.cols.transpose(0, 2, 1)
+            if "weight" in self.grads:
+                self.grad_matrix += grad @ self.cols.transpose(0, 2, 1)
         if not need_input_grad:
             return None
         grad_cols = self.matrix.transpose(0, 2, 1) @ grad
@@ -334,7 +348,7 @@ class _Upsample(_Layer):
         return self.rows.T @ grad @ self.cols
 
 
-class _BatchNorm(_Layer):
+class _BatchNorm(_Freezable):
     def forward(self, x, training, record):
         axes = (0, *range(2, x.ndim))
         shape = (1, -1) + (1,) * (x.ndim - 2)  # broadcasts per-channel vectors over N(, H, W)
@@ -368,8 +382,9 @@ class _BatchNorm(_Layer):
         shape = self.inv_std.shape
         grad_weight = (grad * self.x_hat).sum(axes)
         grad_bias = grad.sum(axes)
-        self.grads["weight"] += grad_weight
-        self.grads["bias"] += grad_bias
+        for key, value in (("weight", grad_weight), ("bias", grad_bias)):  # the input gradient uses both
+            if key in self.grads:
+                self.grads[key] += value
         if not need_input_grad:
             return None
         scale = self.params["weight"].reshape(shape) * self.inv_std
@@ -705,6 +720,7 @@ _LAYERS = {
     LogSoftmax: _LogSoftmax,
     Flatten: _Flatten,
     Dropout: _Dropout,
+    **_ATTENTION_LAYERS,
 }
 
 # --- containers ----------------------------------------------------------------------------------
@@ -713,9 +729,16 @@ _LAYERS = {
 class _Sequence:
     def __init__(self, nodes):
         self.nodes = nodes
-        # nodes before the first one with parameters need no backward, and it no input gradient
-        self.first_trained = next((i for i, node in enumerate(nodes) if node.has_params), len(nodes))
-        self.has_params = self.first_trained < len(nodes)
+
+    @property
+    def first_trained(self):
+        """Nodes before the first one with parameters to train need no backward, and it no input
+        gradient (read at each backward: freezing comes after the tree is built)."""
+        return next((i for i, node in enumerate(self.nodes) if node.has_params), len(self.nodes))
+
+    @property
+    def has_params(self):
+        return self.first_trained < len(self.nodes)
 
     def forward(self, x, training, record):
         for node in self.nodes:
@@ -736,7 +759,10 @@ class _Residual:
         self.body, self.shortcut, self.post = body, shortcut, post
         #: whether the body's output is an array nothing else reads, so the sum can overwrite it
         self.add_in_place = add_in_place
-        self.has_params = any(node is not None and node.has_params for node in (body, shortcut, post))
+
+    @property
+    def has_params(self):
+        return any(node is not None and node.has_params for node in (self.body, self.shortcut, self.post))
 
     def forward(self, x, training, record):
         out = self.body.forward(x, training, record)

@@ -36,7 +36,13 @@ class _Layer:
 
     @property
     def has_params(self):
-        return bool(self.params)
+        """Whether backward computes a parameter gradient here (frozen ones may have none)."""
+        return bool(self.grads)
+
+    def freeze(self, key):
+        """Compute no gradient for the parameter ``key`` (frozen) if this layer's backward can leave
+        it out; returns whether it does (then ``grads`` has no ``key``)."""
+        return False
 
 
 def _sigmoid(x):
@@ -73,8 +79,10 @@ class _Direction:
         self.g_ih, self.g_hh = grads[f"weight_ih{suffix}"], grads[f"weight_hh{suffix}"]
         self.gb_ih, self.gb_hh = grads.get(f"bias_ih{suffix}"), grads.get(f"bias_hh{suffix}")
 
-    def forward(self, x, h, c, record):
-        """``x`` (T, N, I), states (N, H); returns every step's h (T, N, H), the last h and c."""
+    def forward(self, x, h, c, record, mask=None):
+        """``x`` (T, N, I), states (N, H); returns every step's h (T, N, H), the last h and c. With
+        ``mask`` (T, N, 1) of ones and zeros, a sequence's states stay where they were at its zeros
+        and its outputs there are zero (its steps past its length)."""
         hidden = self.w_hh.shape[1]
         projected = x @ self.w_ih.T  # every step's input projection at once
         if self.b_ih is not None:
@@ -104,11 +112,20 @@ class _Direction:
                 pre = step_in + recurrent
                 h_prev, h = h, np.tanh(pre) if self.kind == "tanh" else np.maximum(pre, 0)
                 saved = (h_prev, h)
+            if mask is not None:  # past a sequence's end: output zero, states kept
+                kept = mask[t]
+                outputs[t] = h * kept
+                h = outputs[t] + (1 - kept) * saved[0]
+                if self.kind == "lstm":
+                    c = kept * c + (1 - kept) * saved[1]
+                if record:
+                    steps.append(saved)
+                continue
             outputs[t] = h
             if record:
                 steps.append(saved)
         if record:
-            self.x, self.steps = x, steps
+            self.x, self.steps, self.mask = x, steps, mask
         return outputs, h, c
 
     def backward(self, grad_out, grad_h, grad_c):
@@ -122,6 +139,11 @@ class _Direction:
         for t in range(steps - 1, -1, -1):
             grad = grad_out[t] + grad_h
             saved = self.steps[t]
+            if self.mask is not None:  # past a sequence's end its state's gradient passes through unchanged
+                kept = self.mask[t]
+                through_h, grad = (1 - kept) * grad_h, grad * kept
+                if self.kind == "lstm":
+                    through_c, grad_c = (1 - kept) * grad_c, grad_c * kept
             if self.kind == "lstm":
                 h_prev, c_prev, i, f, g, o, tanh_c = saved
                 grad_c = grad_c + grad * o * (1 - tanh_c * tanh_c)
@@ -146,6 +168,10 @@ class _Direction:
                 h_prev, h = saved
                 gates_in[t] = grad * (1 - h * h) if self.kind == "tanh" else grad * (h > 0)
                 grad_h = gates_in[t] @ self.w_hh
+            if self.mask is not None:
+                grad_h = grad_h + through_h
+                if self.kind == "lstm":
+                    grad_c = grad_c + through_c
             previous[t] = h_prev
         flat_in = gates_in.reshape(-1, gates_in.shape[-1])
         flat_hidden = gates_hidden.reshape(-1, gates_in.shape[-1])
@@ -171,14 +197,20 @@ class _Recurrent(_Layer):
         ]
 
     def forward(self, x, training, record):
-        return self.run(x, None, None, training, record)[0]
+        x, lengths = x if isinstance(x, tuple) else (x, None)  # a graph's lstm(x, lengths)
+        return self.run(x, None, None, training, record, lengths)[0]
 
-    def run(self, x, h0, c0, training, record):
+    def run(self, x, h0, c0, training, record, lengths=None):
         """``(output, h_n, c_n)`` (``c_n`` None but for LSTM) from input and initial states (None: zeros),
-        in the spec's layouts."""
+        in the spec's layouts; ``lengths`` (N,): each sequence's, of a batch-first padded input."""
         spec = self.spec
         if spec.batch_first:
             x = x.swapaxes(0, 1)
+        real = reverse = None  # each sequence's real steps, and its reversal, with lengths
+        if lengths is not None:
+            real, reverse = _padding(lengths, len(x), x.dtype)
+        if record:
+            self.reverse = reverse
         shape = spec.state_shape(x.shape[1])
         h0 = np.zeros(shape, x.dtype) if h0 is None else h0
         c0 = np.zeros(shape, x.dtype) if c0 is None and isinstance(spec, LSTM) else c0
@@ -187,10 +219,10 @@ class _Recurrent(_Layer):
             outputs = []
             for d, direction in enumerate(directions):
                 index = k * len(directions) + d
-                sequence = x if d == 0 else x[::-1]
+                sequence = x if d == 0 else _reversed(x, reverse)
                 c_start = None if c0 is None else c0[index]
-                out, h, c = direction.forward(sequence, h0[index], c_start, record)
-                outputs.append(out if d == 0 else out[::-1])
+                out, h, c = direction.forward(sequence, h0[index], c_start, record, real)
+                outputs.append(out if d == 0 else _reversed(out, reverse))
                 h_n.append(h)
                 c_n.append(c)
             x = outputs[0] if len(outputs) == 1 else np.concatenate(outputs, -1)
@@ -228,11 +260,29 @@ class _Recurrent(_Layer):
             for d, direction in enumerate(directions):
                 index = k * len(directions) + d
                 part = grad[..., d * hidden : (d + 1) * hidden]
-                part = part if d == 0 else part[::-1]
+                part = part if d == 0 else _reversed(part, self.reverse)
                 grad_c = None if grad_c_n is None else grad_c_n[index]
                 grad_in, grad_h0[index], c = direction.backward(part, grad_h_n[index], grad_c)
                 if grad_c0 is not None:
                     grad_c0[index] = c
-                grad_x = grad_x + (grad_in if d == 0 else grad_in[::-1])
+                grad_x = grad_x + (grad_in if d == 0 else _reversed(grad_in, self.reverse))
             grad = grad_x
         return (grad.swapaxes(0, 1) if spec.batch_first else grad), grad_h0, grad_c0
+
+
+def _padding(lengths, steps, dtype):
+    """The mask (T, N, 1) of each sequence's real steps, and the time index (T, N) that reverses each
+    sequence within its length (padding stays in place), for :func:`_reversed`."""
+    lengths = np.asarray(lengths).reshape(-1)
+    time = np.arange(steps)[:, None]
+    mask = (time < lengths).astype(dtype)[..., None]
+    reverse = np.where(time < lengths, lengths - 1 - time, time)
+    return mask, reverse
+
+
+def _reversed(values, reverse):
+    """``values`` (T, N, ...) read backwards in time: the whole axis, or each sequence within its
+    length (``reverse`` from :func:`_padding`); either is its own inverse."""
+    if reverse is None:
+        return values[::-1]
+    return values[reverse, np.arange(values.shape[1])]

@@ -29,11 +29,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import skip_init
 
-from unitrain import expr, layers, losses, optim, sequences
+from unitrain import attention, expr, layers, losses, optim, sequences
 from unitrain.graph import Graph
 from unitrain.loop import CAPABILITIES, TrainingLoop
 from unitrain.randomness import rank_seed
 
+from . import torch_attention
 from .torch_graph import GraphModule
 
 _DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
@@ -93,10 +94,15 @@ class _Residual(nn.Module):
 
 class _OutputOnly:
     """A recurrent module in a Sequential: only ``output`` flows on (``h_n``, ``c_n`` stay behind);
-    a subclass, so that the ``state_dict`` keys stay ``nn.LSTM``'s."""
+    a subclass, so that the ``state_dict`` keys stay ``nn.LSTM``'s. In a graph it may take each
+    sequence's length (``lstm(x, lengths)``, batch first): PyTorch's packed sequences then."""
 
-    def forward(self, input: torch.Tensor, hx=None) -> torch.Tensor:
-        return super().forward(input, hx)[0]
+    def forward(self, input: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        if lengths is None:
+            return super().forward(input)[0]
+        packed = nn.utils.rnn.pack_padded_sequence(input, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        output = super().forward(packed)[0]
+        return nn.utils.rnn.pad_packed_sequence(output, batch_first=True, total_length=input.shape[1])[0]
 
 
 class _RNN(_OutputOnly, nn.RNN):
@@ -124,6 +130,8 @@ def _module(spec: layers.Layer, dtype: torch.dtype) -> nn.Module:
         shortcut = None if spec.shortcut is None else _module(spec.shortcut, dtype)
         post = None if spec.post is None else _module(spec.post, dtype)
         return _Residual(body, shortcut, post)
+    if type(spec) in attention.LEAVES.values():
+        return torch_attention.module(spec, dtype)
     if isinstance(spec, layers.Linear):
         return skip_init(nn.Linear, spec.in_features, spec.out_features, bias=spec.bias, dtype=dtype)
     if isinstance(spec, (layers.Conv2d, sequences.Conv1d)):

@@ -525,8 +525,16 @@ def loss_terms(spec, pred: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, 
     gradient of their *sum* w.r.t. ``pred``, from PyTorch's documented formulas."""
     pred, kind = np.asarray(pred, F64), type(spec).__name__
     target = np.asarray(target)
+    if kind in ("CrossEntropyLoss", "NLLLoss") and pred.ndim > 2:
+        return _per_position(spec, pred, target)
     if kind in ("CrossEntropyLoss", "NLLLoss"):
         if target.dtype.kind in "iu":
+            counts = target != spec.ignore_index
+            if not counts.all():  # ignored rows: no term, zero gradient
+                terms, grad = loss_terms(spec, pred[counts], target[counts])
+                full = np.zeros_like(pred)
+                full[counts] = grad
+                return terms, full
             q = np.zeros_like(pred)
             q[np.arange(len(pred)), target] = 1.0
         else:
@@ -562,6 +570,18 @@ def loss_terms(spec, pred: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, 
         small = np.abs(d) <= delta
         return np.where(small, 0.5 * d * d, delta * (np.abs(d) - 0.5 * delta)), np.where(small, d, delta * np.sign(d))
     raise ValueError(f"the reference has no loss {kind}")
+
+
+def _per_position(spec, pred, target):
+    """Class losses over ``(N, C, d1, ...)``: each position a sample of its own, position by position."""
+    grad = np.zeros_like(pred)
+    terms = []
+    for position in np.ndindex(*pred.shape[2:]):
+        where = (slice(None), slice(None), *position)
+        labels = target[where] if target.dtype.kind == "f" else target[(slice(None), *position)]
+        part_terms, grad[where] = loss_terms(spec, pred[where], labels)
+        terms.append(part_terms)
+    return np.concatenate(terms), grad
 
 
 def loss(spec, pred, target) -> tuple[float, np.ndarray]:

@@ -11,10 +11,11 @@ from typing import ClassVar
 
 import numpy as np
 import pytest
-from unitrain.backends import numpy_graph, numpy_layers, numpy_sequences
+from unitrain.backends import numpy_attention, numpy_graph, numpy_layers, numpy_sequences, numpy_steps
 from unitrain.backends.numpy import LossValue, NumpyLoop, _loss_terms
 from unitrain.conformance import CHECKS, run_check, run_checks
 
+from unitrain import steps
 from unitrain.initializers import KaimingNormal
 from unitrain.layers import Sequential
 from unitrain.loop import TrainingLoop
@@ -269,7 +270,11 @@ class PredictionsAsAList(NumpyLoop):
 
 
 class FrozenParameterMoves(NumpyLoop):
-    """Leaves the frozen parameters out of gradients() but updates them with the rest."""
+    """Leaves the frozen parameters out of gradients() but computes their gradients and updates
+    them with the rest."""
+
+    def _stop_frozen_gradients(self, owners):
+        pass
 
     def _resolve_controls(self, names):
         groups = super()._resolve_controls(names)
@@ -525,15 +530,15 @@ class _GatesInChainersDocumentedOrder(numpy_sequences._Direction):
     """Reads an LSTM's stacked gates as ``i, f, o, g`` (the order Chainer's n_step_lstm docstring gives
     ``W0..W3``) instead of PyTorch's ``i, f, g, o``."""
 
-    def forward(self, x, h, c, record):
+    def forward(self, x, h, c, record, mask=None):
         if self.kind != "lstm":
-            return super().forward(x, h, c, record)
+            return super().forward(x, h, c, record, mask)
         hidden = self.w_hh.shape[1]
         rows = np.r_[: 2 * hidden, 3 * hidden : 4 * hidden, 2 * hidden : 3 * hidden]
         saved = self.w_ih, self.w_hh, self.b_ih, self.b_hh
         self.w_ih, self.w_hh, self.b_ih, self.b_hh = (None if a is None else a[rows] for a in saved)
         try:
-            return super().forward(x, h, c, record)
+            return super().forward(x, h, c, record, mask)
         finally:
             self.w_ih, self.w_hh, self.b_ih, self.b_hh = saved
 
@@ -549,8 +554,8 @@ class LSTMGatesSwapped(_BrokenTree):
 class _ReadsForwards(numpy_sequences._Direction):
     """Undoes the caller's reversal: the reverse direction reads the sequence first step first."""
 
-    def forward(self, x, h, c, record):
-        outputs, h, c = super().forward(x[::-1], h, c, record)
+    def forward(self, x, h, c, record, mask=None):
+        outputs, h, c = super().forward(x[::-1], h, c, record, mask)
         return outputs[::-1], h, c
 
 
@@ -779,4 +784,178 @@ CAUGHT_RESAMPLING = {
 def test_a_broken_resampling_layer_or_bce_is_caught_by_the_right_check(adapter, check):
     message, result = failure(adapter, check)
     assert_same_report(message, CAUGHT_RESAMPLING[adapter, check])
+    assert result.max_error > result.tolerance
+
+
+# --- broken multi-model steps --------------------------------------------------------------------
+
+
+def _without_detach(node):
+    """``node`` with every ``detach`` replaced by its operand."""
+    if not isinstance(node, tuple) or not node:
+        return node
+    if node[0] == "detach":
+        return _without_detach(node[1])
+    return tuple(_without_detach(part) for part in node)
+
+
+class _DetachLeaks(numpy_steps.Evaluator):
+    def __init__(self, step, loops):
+        phases = [dataclasses.replace(phase, loss=_without_detach(phase.loss)) for phase in step.phases]
+        super().__init__(steps.MultiStep(step.models, step.optimizers, phases), loops)
+
+
+class DetachLeaks(NumpyLoop):
+    """``detach`` lets the gradient through (as a framework's identity would)."""
+
+    multi_model_evaluator = _DetachLeaks
+
+
+class _UpdatesEveryModel(numpy_steps.Evaluator):
+    def __init__(self, step, loops):
+        super().__init__(step, loops)
+        self.phases = [(phase, tuple(loops), order) for phase, _, order in self.phases]
+
+
+class GeneratorPhaseUpdatesDiscriminator(NumpyLoop):
+    """Each phase zeroes and steps every model, not only its optimizer's: the generator's phase moves
+    the discriminator down the generator's loss."""
+
+    multi_model_evaluator = _UpdatesEveryModel
+
+
+class _OwnNoise(numpy_steps.Evaluator):
+    def compute(self, node, op, arguments, static, x, noise):
+        if op == "noise":  # a backend drawing from its own generator instead of the step's stream
+            return np.random.default_rng(0).standard_normal((len(x), *static["shape"]))
+        return super().compute(node, op, arguments, static, x, noise)
+
+
+class NoiseOfItsOwn(NumpyLoop):
+    """Draws the step's noise from a generator of its own."""
+
+    multi_model_evaluator = _OwnNoise
+
+
+CAUGHT_STEPS = {
+    DetachLeaks: "GAN step 1: the discriminator phase's loss: expected 1.48348, got 1.48307; "
+                 "max error 0.000408 > tolerance 2.53e-13",
+    GeneratorPhaseUpdatesDiscriminator: "GAN step 1: the discriminator phase's loss: expected 1.48348, "
+                                        "got 1.49435; max error 0.0109 > tolerance 2.53e-13",
+    NoiseOfItsOwn: "GAN step 0: the discriminator phase's loss: expected 1.71342, got 1.42957; "
+                   "max error 0.284 > tolerance 2.92e-13",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("adapter", CAUGHT_STEPS, ids=[adapter.__name__ for adapter in CAUGHT_STEPS])
+def test_a_broken_multi_model_step_is_caught(adapter):
+    message, result = failure(adapter, "check_multi_model_step")
+    assert_same_report(message, CAUGHT_STEPS[adapter])
+    assert result.max_error > result.tolerance
+
+
+def test_the_intact_backend_passes_the_multi_model_check():
+    assert run_check(NumpyLoop, "check_multi_model_step").status == "pass"
+
+
+# --- broken attention ---------------------------------------------------------------------------------
+
+
+class _ScaledByEmbedDim(numpy_attention._MultiheadAttention):
+    def scale(self):
+        return 1 / self.spec.head_dim
+
+
+class _PaddingIgnored(numpy_attention._MultiheadAttention):
+    def blocked(self, length, keys, padding):
+        return super().blocked(length, keys, None)
+
+
+class _CausalIgnored(numpy_attention._MultiheadAttention):
+    def blocked(self, length, keys, padding):
+        return np.zeros((length, keys), bool) if padding is None else (padding != 0)[:, None, None, :]
+
+
+class _BrokenAttention(_BrokenGraph):
+    broken: ClassVar[type]
+
+    def breaks(self, step):
+        if isinstance(getattr(step, "tree", None), numpy_attention._MultiheadAttention):
+            step.tree.__class__ = self.broken
+
+
+class AttentionScaledByD(_BrokenAttention):
+    broken = _ScaledByEmbedDim
+
+
+class KeyPaddingMaskIgnored(_BrokenAttention):
+    broken = _PaddingIgnored
+
+
+class CausalMaskIgnored(_BrokenAttention):
+    broken = _CausalIgnored
+
+
+CAUGHT_ATTENTION = {
+    AttentionScaledByD:
+        "causal self-attention with a key padding mask: predict(): expected 0.653416, got 1.05291 at index "
+        "(5, 2, 7); max error 0.399 > tolerance 0.000502",
+    KeyPaddingMaskIgnored:
+        "causal self-attention with a key padding mask: predict(): expected -0.381669, got 0.770145 at index "
+        "(4, 3, 5); max error 1.15 > tolerance 0.000502",
+    CausalMaskIgnored:
+        "causal self-attention with a key padding mask: predict(): expected -1.3761, got 0.494221 at index "
+        "(2, 0, 7); max error 1.87 > tolerance 0.000502",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("adapter", CAUGHT_ATTENTION, ids=[a.__name__ for a in CAUGHT_ATTENTION])
+def test_a_broken_attention_is_caught_by_the_attention_check(adapter):
+    message, result = failure(adapter, "check_attention")
+    assert_same_report(message, CAUGHT_ATTENTION[adapter])
+    assert result.max_error > result.tolerance
+    assert run_check(NumpyLoop, "check_attention").status == "pass"
+
+
+# --- broken per-position losses and padded sequences -------------------------------------------------
+
+
+class IgnoreIndexIgnored(NumpyLoop):
+    """Class losses that count every target: an ignored one (padding) scores as class 0."""
+
+    def _loss_value(self, spec, pred, y):
+        if getattr(spec, "ignore_index", None) is not None and y.dtype.kind in "iu":
+            y = np.where(y == spec.ignore_index, 0, y)
+        return super()._loss_value(spec, pred, y)
+
+
+def test_a_loss_that_ignores_no_target_is_caught_by_the_per_position_check():
+    message, result = failure(IgnoreIndexIgnored, "check_per_position_losses")
+    assert_same_report(
+        message,
+        "CrossEntropyLoss(reduction='mean', label_smoothing=0.2, ignore_index=-100) over (N, C, T) with ignored "
+        "targets: loss: expected 2.30303, got 2.25374; max error 0.0493 > tolerance 0.000264",
+    )
+    assert result.max_error > result.tolerance
+
+
+class LengthsIgnored(NumpyLoop):
+    """Recurrent layers that read every padded step: the lengths reach them and are dropped."""
+
+    def _build(self, model):
+        super()._build(model)
+        for step in list(_graph_steps(self._root)):
+            tree = getattr(step, "tree", None)
+            if isinstance(tree, numpy_sequences._Recurrent):
+                forward = tree.forward
+                tree.forward = lambda x, training, record, forward=forward: forward(x[0], training, record)
+
+
+def test_lengths_ignored_are_caught_by_the_padded_sequences_check():
+    message, result = failure(LengthsIgnored, "check_padded_sequences")
+    assert_same_report(
+        message,
+        "LSTM(bidirectional, batch_first) with lengths [5, 2, 4, 1]: predict(): expected 0, got 0.52929 at index "
+        "(1, 3, 2); max error 0.529 > tolerance 0.00021",
+    )
     assert result.max_error > result.tolerance

@@ -17,8 +17,10 @@ import pytest
 
 from unitrain import cli, distributed, registry
 from unitrain.checkpoint import checkpoint_paths, load_checkpoint
+from unitrain.job import Job
 from unitrain.layers import preset
 from unitrain.randomness import dropout_stream, rank_seed
+from unitrain.run import Run
 from unitrain.weights import init_weights, load_safetensors, save_safetensors
 
 #: backends whose engine unitrain drives, and the variable their launcher sets to each worker's rank
@@ -111,9 +113,17 @@ signal 9 (Killed)."""
     assert distributed._failure("nothing recognisable") is None
 
 
-def test_workers_get_the_command_line_without_nproc():
-    argv = ["train", "--nproc", "2", "--np=3", "--no-shuffle", "--lr", "0.1"]
-    assert cli._without_option(argv, "--nproc") == ["train", "--no-shuffle", "--lr", "0.1"]
+def test_workers_get_the_job_without_nproc(tmp_path):
+    """Each worker runs ``unitrain train`` on the same job, its world size from the launcher (torchrun's
+    parser takes ``--nproc`` for an abbreviation of its own ``--nproc-per-node``); a path that starts
+    with a dash stays a value."""
+    recipe = tmp_path / "run.toml"
+    job = Job(Run(epochs=1), "numpy", nproc=2, save="-w.safetensors", checkpoint_dir=tmp_path / "c", keep=2)
+    argv = job.worker_command("numpy", recipe, progress=False)
+    assert not any(token.startswith("--np") for token in argv)
+    args = cli.build_parser().parse_args(argv)
+    chosen = (args.recipe, args.backend, args.save, args.checkpoint_dir, args.keep, args.progress)
+    assert chosen == (recipe, "numpy", Path("-w.safetensors"), tmp_path / "c", 2, False)
 
 
 def test_threads_are_shared_among_ranks():

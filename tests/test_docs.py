@@ -43,7 +43,7 @@ def test_the_site_builds_strictly_with_every_public_name_in_the_api_reference(tm
     # mkdocstrings renders only names with a docstring of their own: an anchor is a documented name
     anchors = set(re.findall(r'id="(unitrain\.[\w.]+)"', reference))
     assert [name for name, module in unitrain._EXPORTS.items() if f"unitrain.{module}.{name}" not in anchors] == []
-    listed = re.findall(r"^\| \[`(\w+)`\]\[unitrain\.(\w+)\.\1\] \|", (DOCS / "api" / "index.md").read_text(), re.M)
+    listed = re.findall(r"^\| \[`(\w+)`\]\[unitrain\.([\w.]+)\.\1\] \|", (DOCS / "api" / "index.md").read_text(), re.M)
     assert listed == sorted(unitrain._EXPORTS.items())
     for example in sorted((ROOT / "examples").glob("*.py")):  # each example has its gallery page
         assert (tmp_path / "site" / "gallery" / example.stem / "index.html").is_file()
@@ -107,6 +107,14 @@ def test_the_recipe_section_shows_what_print_recipe_prints_and_its_python_runs(t
     assert result.returncode == 0, result.stderr
     assert 0.5 < float(result.stdout.splitlines()[0]) <= 1  # the test accuracy after 200 Adadelta steps
     assert 'model = "mlp"' in result.stdout  # the printed recipe
+
+
+def test_the_job_example_trains_resumes_and_prints_what_it_says(tmp_path):
+    example = page_blocks("jobs.md")[0]
+    result = subprocess.run([sys.executable, "-c", example], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    said = [line.split("  # ")[1] for line in example.splitlines() if line.startswith("print(")]
+    assert [line for line in result.stdout.splitlines() if not line.startswith(("unitrain:", "epoch"))] == said
 
 
 @pytest.mark.slow

@@ -222,3 +222,51 @@ def test_lstm_tagger_tags_the_tutorials_sentence_as_the_tutorial_does(name, requ
         request.getfixturevalue("torch_single_thread")
     assert example("lstm_tagger").main(["--backend", name]) == [0, 1, 2, 0, 1]
     assert "predicted tags: 0 1 2 0 1" in capsys.readouterr().out
+
+
+def test_transformer_classifier_trains_from_token_ids_and_a_padding_mask(capsys):
+    """20 steps on NumPy: token ids and the padding mask reach the graph as its two inputs (the full run,
+    above 0.9 test accuracy on every backend, takes minutes)."""
+    accuracy = example("transformer_classifier").main(["--backend", "numpy", *STEPS])
+    assert 0 <= accuracy <= 1 and re.search(rf"epoch 1: mean training loss {NUMBER}\ntest accuracy: {NUMBER}\n",
+                                            capsys.readouterr().out)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_char_lm_beats_the_bigram_model_and_samples(capsys):
+    """The character LSTM's validation perplexity after its 4 epochs (NumPy, ~15 s) falls below the bigram
+    model's counted on the same training text (the bar its docstring derives); a sample is printed."""
+    outcome = example("char_lm").main(["--backend", "numpy"])
+    assert outcome["perplexity"] < outcome["bigram_perplexity"] < 98  # 98 characters: the uniform model
+    assert "sample: '" in capsys.readouterr().out
+
+
+def test_char_lm_runs_a_few_steps_and_samples(capsys):
+    """The script's mechanics on NumPy (its model trains like torch's on every backend in test_token_losses)."""
+    example("char_lm").main(["--backend", "numpy", "--epochs", "1", "--max-steps", "2", "--chars", "3000",
+                             "--sample", "5"])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert re.search(rf"validation perplexity {NUMBER} \(bigram model: {NUMBER}", printed)
+    assert re.search(r"sample: '.{5}'", printed, re.DOTALL)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(name, marks=[] if name in ("numpy", "torch") else [pytest.mark.slow])
+        for name in installed_backends()
+    ],
+)
+def test_word_embeddings_loss_falls_every_epoch_as_in_the_tutorial(name, request, capsys):
+    """PyTorch's N-gram tutorial: epochs of 113 steps, the total loss lower after every epoch (the
+    tutorial's own claim), starting near 113 * ln(97) = 517 (97 words); the embedding of "beauty" printed.
+    The tutorial's 10 epochs on NumPy and torch; 3 on Chainer and MindSpore (one step per n-gram is slow
+    there, and the claim is the same)."""
+    if name == "torch":
+        request.getfixturevalue("torch_single_thread")
+    epochs = 10 if name in ("numpy", "torch") else 3
+    losses = example("word_embeddings").main(["--backend", name, "--epochs", str(epochs)])
+    assert len(losses) == epochs and all(np.diff(losses) < 0)
+    assert abs(losses[0] - 113 * np.log(97)) < 0.05 * losses[0]
+    printed = capsys.readouterr().out
+    assert len(re.findall(SIGNED, printed[printed.index("]\n") + 2 :])) == 10  # the embedding, EMBEDDING_DIM values

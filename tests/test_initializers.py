@@ -1,6 +1,7 @@
 """Initialisers and dialects from Python, recipes and the CLI: torch.nn.init's fans and gains,
 one-line errors, what a dialect changes, and resuming the velocity of Chainer's/Keras' momentum."""
 
+import dataclasses
 import subprocess
 import sys
 
@@ -50,6 +51,32 @@ def test_draws_follow_their_formulas():
     assert bound * 0.98 < np.abs(values).max() <= bound
 
 
+@pytest.mark.parametrize(("ours", "keras_name"), [("glorot_normal", "GlorotNormal"), ("he_normal", "HeNormal"),
+                                                 ("variance_scaling", "LecunNormal")])  # fmt: skip
+def test_keras_truncated_normals_draw_what_keras_draws(ours, keras_name):
+    """Keras 3's own initialiser (torch backend) and unitrain's, on a conv kernel (Keras' layout
+    (kh, kw, in, out) is PyTorch's (out, in, kh, kw) transposed, the same fans): a two-sample
+    Kolmogorov-Smirnov test at the 1e-6 level accepts the two samples and rejects PyTorch's
+    untruncated normal of the same variance, and both lie within Keras' truncation bound (Keras on
+    torch draws four normals per element and keeps the first within it, or the first of the four when
+    none is: about 4e-6 of its elements lie outside)."""
+    import os
+
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    keras = pytest.importorskip("keras")
+    stats = pytest.importorskip("scipy.stats")
+    shape = (128, 64, 3, 3)
+    keras_values = np.asarray(getattr(keras.initializers, keras_name)(seed=0)(shape[::-1])).ravel()
+    values = initializer(ours).draw(np.random.default_rng(0), shape, 64 * 9).ravel()
+    fan_in, fan_out = 64 * 9, 128 * 9
+    variance = {"GlorotNormal": 2 / (fan_in + fan_out), "HeNormal": 2 / fan_in, "LecunNormal": 1 / fan_in}[keras_name]
+    untruncated = np.random.default_rng(0).normal(0.0, np.sqrt(variance), values.size)
+    bound = 2 * np.sqrt(variance) / 0.87962566103423978
+    assert np.count_nonzero(np.abs(keras_values) > bound * (1 + 1e-6)) <= 3 and np.abs(values).max() <= bound
+    assert stats.ks_2samp(values, keras_values).pvalue > 1e-6
+    assert stats.ks_2samp(untruncated, keras_values).pvalue < 1e-6
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [
@@ -57,7 +84,8 @@ def test_draws_follow_their_formulas():
          "Linear: bias_init orthogonal cannot apply to a tensor of shape (4,)"),
         (lambda: layers.Conv2d(1, 2, 3, weight_init="normal(std=-1)"),
          "Conv2d: weight_init: normal: std must be a finite number > 0, got -1"),
-        (lambda: layers.Linear(3, 4, weight_init="he_normal"), "Linear: weight_init: unknown initialiser 'he_normal'"),
+        (lambda: layers.Linear(3, 4, weight_init="he_truncated"),
+         "Linear: weight_init: unknown initialiser 'he_truncated'"),
         (lambda: layers.Linear(3, 4, bias=False, bias_init="zeros"),
          "Linear: bias_init zeros is given, but the layer has no bias (bias=False)"),
         (lambda: layers.Linear(3, 4, weight_init="uniform(1, 0)"),
@@ -100,6 +128,53 @@ def test_a_run_s_dialect_reaches_model_optimizer_and_recipe():
         Run(dialect="tf")
 
 
+def test_a_recipe_s_initializers_draw_the_layers_it_names(tmp_path):
+    """``[initializers]`` in a recipe: the same first weights as the model written in Python with
+    those ``weight_init`` / ``bias_init``, and the recipe reads back unchanged."""
+    from unitrain.run import load_recipe
+
+    recipe = tmp_path / "run.toml"
+    recipe.write_text('model = "lenet"\n[initializers]\n"conv*.weight" = "he_normal"\n"*.bias" = "zeros"\n'
+                      '"fc3.weight" = "normal(0.02)"\n')  # fmt: skip
+    run = load_recipe(recipe)
+    expected = layers.lenet()
+    children = {name: dataclasses.replace(layer, weight_init="he_normal") if name.startswith("conv") else layer
+                for name, layer in expected.children}  # fmt: skip
+    children = {name: dataclasses.replace(layer, bias_init="zeros") if hasattr(layer, "bias_init") else layer
+                for name, layer in children.items()}  # fmt: skip
+    children["fc3"] = dataclasses.replace(children["fc3"], weight_init="normal(0.02)")
+    drawn, wanted = init_weights(run.model_spec(), 0), init_weights(layers.Sequential(children), 0)
+    assert list(drawn) == list(wanted) and not drawn["fc1.bias"].any()
+    for key, value in wanted.items():
+        np.testing.assert_array_equal(drawn[key], value, err_msg=key)
+    recipe.write_text(run.to_toml())
+    assert load_recipe(recipe) == run
+
+
+@pytest.mark.parametrize(
+    ("initializers", "message"),
+    [
+        ({"conv9.weight": "zeros"}, "initializers: 'conv9.weight' names no parameter of the model"),
+        ({"*.bias": "zeros", "fc3": "ones"}, "initializers: fc3.bias is named by '*.bias' and by 'fc3'"),
+        ({"fc1.bias": "orthogonal"}, "Linear: bias_init orthogonal cannot apply to a tensor of shape (120,)"),
+        ({"fc1.weight": "he_truncated"}, "initializers: unknown initialiser 'he_truncated'"),
+        ({"fc1.weight": 3}, "initializers: expected a table of parameter pattern = initialiser"),
+    ],
+)  # fmt: skip
+def test_a_recipe_s_bad_initializers_are_one_line_errors(initializers, message):
+    with pytest.raises(RunError) as error:
+        Run(model="lenet", initializers=initializers).model_spec()
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+    with pytest.raises(RunError, match="^initializers: 'bn1' names bn1.weight, a BatchNorm2d parameter"):
+        Run(model="resnet18", initializers={"bn1": "zeros"}).model_spec()
+    with pytest.raises(RunError, match="^initializers: the model holds a Residual; name weight_init"):
+        Run(model="resnet18", initializers={"layer1.0.conv1.weight": "zeros"}).model_spec()
+    assert (
+        Run(model="resnet18", initializers={"fc.weight": "zeros"}).model_spec().children[-1][1].weight_init.name
+        == "zeros"
+    )
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
@@ -137,3 +212,21 @@ def test_velocity_resumes_bit_for_bit():
     resumed.fit(data, epochs=2, batch_size=8)
     for key, value in whole.state_dict().items():
         np.testing.assert_array_equal(resumed.state_dict()[key], value, err_msg=key)
+
+
+@pytest.mark.parametrize(("dialect", "model"), [("chainer", "mlp"), ("mindspore", "cnn")])
+def test_compare_native_takes_a_dialect_s_run(dialect, model, torch_single_thread):
+    """``compare --native`` under a dialect: plain SGD is every dialect's equation, and the native
+    loop builds the dialect's model (MindSpore's bias-free convolutions); PyTorch's tutorial loop and
+    the torch adapter then give the same losses and weights to the bit."""
+    pytest.importorskip("torch")
+    from unitrain.compare import compare_backends
+
+    rng = np.random.default_rng(0)
+    data = ArrayDataset(rng.normal(size=(48, 1, 28, 28)).astype(np.float32), rng.integers(0, 10, 48))
+    run = Run(model=model, dialect=dialect, optimizer=optim.SGD(lr=0.05), epochs=1, batch_size=16)
+    assert model == "mlp" or "0.bias" not in run.model_spec().param_shapes()
+    results = compare_backends(["numpy", "torch"], run, data=(data, None, data), native=True)
+    adapter, native = results[1], results[2]
+    assert native["native"] and native["steps"] == 3 and native["step_losses"] == adapter["step_losses"]
+    assert native["max_weight_difference"] == adapter["max_weight_difference"]

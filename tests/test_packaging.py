@@ -16,10 +16,12 @@ def wheel(tmp_path_factory):
 
     root = Path(__file__).resolve().parents[1]
     out = tmp_path_factory.mktemp("dist")
-    subprocess.run(
+    built = subprocess.run(
         [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(out), str(root)],
-        check=True, capture_output=True,
+        check=True, capture_output=True, text=True,
     )  # fmt: skip
+    # setuptools takes folders with an identifier's name for packages: the data folders are declared as such
+    assert "absent from the `packages` configuration" not in built.stdout + built.stderr
     (path,) = out.glob("unitrain-*.whl")
     return path
 
@@ -32,6 +34,7 @@ def test_wheel_contains_every_backend_the_suite_and_the_datasets(wheel):
     for name, dataset in PACKAGED.items():  # mnist, fashion-mnist: their IDX files and provenance
         assert {f"unitrain/datafiles/{name}/{stem}.gz" for stem in dataset.sha256} <= names
         assert f"unitrain/datafiles/{name}/README.md" in names
+    assert {"unitrain/datafiles/tz-news/NEWS.gz", "unitrain/datafiles/tz-news/README.md"} <= names  # the text
     assert not any(name.startswith(("tests/", "backends/", "conformance/")) for name in names)
     metadata = next(n for n in names if n.endswith("METADATA"))
     text = zipfile.ZipFile(wheel).read(metadata).decode()

@@ -233,7 +233,7 @@ def test_threads_must_be_positive(capsys):
 
 def test_the_progress_bar_shows_steps_and_loss_then_gives_way_to_the_epoch_line(capsys, monkeypatch):
     # redraw at every step: three fast steps may all fall inside one refresh interval of 0.2 s
-    monkeypatch.setattr(cli.ProgressBar, "interval", 0)
+    monkeypatch.setattr(unitrain.extensions.ProgressBar, "interval", 0)
     status, out, err = run_cli(
         capsys, "train", "--progress", "--epochs", "1", "--batch-size", "1000", "--max-steps", "3"
     )

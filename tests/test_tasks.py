@@ -2,6 +2,7 @@
 target is the input), multi-label with BCEWithLogits; the metrics that fit each (accuracy from
 one-hot and probability targets too, MSE and MAE of values), from Python, recipes and the CLI."""
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -192,6 +193,21 @@ def test_drop_last_and_test_batch_size_from_the_cli(digits, tmp_path):
     assert bad.returncode == 2 and "argument --val-split: expected a count >= 0 or a fraction in (0, 1)" in bad.stderr
 
 
+@contextlib.contextmanager
+def _global_generators_seeded(seed):
+    """NumPy's global generator (Chainer's initialisers draw from it) and torch's, seeded, then restored."""
+    import torch
+
+    numpy_state = np.random.get_state()
+    np.random.seed(seed)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            np.random.set_state(numpy_state)
+
+
 def _embedding_model(backend):
     """A native bag-of-embeddings classifier: 6 token ids in 0..49 -> 3 classes."""
     if backend == "torch":
@@ -237,10 +253,15 @@ def _embedding_model(backend):
 @pytest.mark.parametrize("backend", [pytest.param(b, marks=pytest.mark.slow) if b == "mindspore" else b
                                      for b in BACKENDS if b != "numpy"])  # fmt: skip
 def test_integer_inputs_reach_a_native_model_as_token_ids(backend, torch_single_thread):
-    """Every framework's embedding refuses float indices: the ids must arrive as integers."""
+    """Every framework's embedding refuses float indices: the ids must arrive as integers. The native
+    model draws its weights from the framework's global generator, seeded here (and restored after) so
+    that the run does not depend on which tests ran before: over seeds 0-7 the loss ratio ranges
+    0.24-0.50 on Chainer and 0.32-0.45 on torch; seed 0 gives 0.37 and 0.39."""
     x = np.random.default_rng(0).integers(0, 50, (32, 6))
     y = x.sum(1) % 3
-    loop = ut.make_loop(backend, _embedding_model(backend), optimizer=ut.Adam(lr=0.05))
+    with _global_generators_seeded(0):
+        model = _embedding_model(backend)
+    loop = ut.make_loop(backend, model, optimizer=ut.Adam(lr=0.05))
     history = loop.fit((x, y), epochs=6, batch_size=8)
     assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]
 

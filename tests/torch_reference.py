@@ -240,6 +240,16 @@ def expected_run(runs, dtype, size):
                                     for part32, reversed32, part64 in parts))  # fmt: skip
 
 
+def assert_run_within_drift(loop, losses, runs, dtype, size):
+    """A loop's ``losses``, final state and optimizer buffers after the case of ``runs`` in ``dtype``
+    within :func:`expected_run`'s tolerances."""
+    expected, tolerances = expected_run(runs, dtype, size)
+    assert_within_drift({"loss": np.array(losses)}, expected.losses, tolerances.losses)
+    assert_within_drift(loop.state_dict(), expected.state, tolerances.state)
+    buffers = {key: value for key, value in loop.optimizer_state_dict().items() if key != "step"}
+    assert_within_drift(buffers, expected.buffers, tolerances.buffers)
+
+
 def torch_output(model, x, function=None):
     """``model``'s float32 output for ``x`` in its current mode (a training-mode BatchNorm records its
     statistics), or ``function`` of it, and the tolerances PyTorch's own float32 drift gives it (a float64

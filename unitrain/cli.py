@@ -5,28 +5,19 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
-import errno
-import itertools
-import json
 import math
-import os
-import platform
 import re
 import sys
-import tempfile
-import time
 import warnings
-from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 
 from . import distributed, files, plot, registry
-from .checkpoint import WEIGHTS, Checkpointer, Diverged, Interrupted, checkpoint_paths, load_checkpoint, stop_on_signals
 from .controls import METRICS, EarlyStopping
 from .data import PACKAGED, DataError
 from .dialects import DIALECTS, dialect
-from .extensions import EpochReport, MetricsWriter, ProgressBar, TensorBoardWriter, check_tensorboard_dir
+from .job import RUN_FLAGS, Job, JobError, published, resumable_checkpoint, write_json
 from .layers import INIT_SCHEMES, PRESETS, model_from_name
 from .loop import InputError
 from .losses import LOSSES
@@ -44,8 +35,8 @@ class UsageError(Exception):
 
 #: errors that are the user's to fix: reported in one line, exit code 2, no traceback
 USER_ERRORS = (
-    UsageError, distributed.LaunchError, files.OutputError, registry.BackendError, DataError, WeightsError, InputError,
-    OSError, plot.PlotError, RunError,
+    UsageError, JobError, distributed.LaunchError, files.OutputError, registry.BackendError, DataError,
+    WeightsError, InputError, OSError, plot.PlotError, RunError,
 )  # fmt: skip
 
 
@@ -272,16 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def default_threads() -> int:
-    """Every core this process may run on (its CPU affinity, which a container or taskset narrows)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-#: the flags that describe the run (a :class:`~unitrain.run.Run`): absent from the parsed
-#: arguments unless typed, so that they override a recipe or checkpoint only where given
-_RUN_FIELDS = ("model", "loss", "lr_schedule", "clip_grad_norm", "clip_grad_value", "batch_size", "epochs",
-               "max_steps", "shuffle", "seed", "init_weights", "frozen", "param_groups",
-               "accumulate_grad_batches", "drop_last", "test_batch_size", "dialect", "init")  # fmt: skip
+# The flags that describe the run (a :class:`~unitrain.run.Run`: those of job.RUN_FLAGS and these)
+# are absent from the parsed arguments unless typed, so that they override a recipe or checkpoint only
+# where given.
 _EARLY_STOPPING_FLAGS = ("early_stopping", "patience", "min_delta")
 _DATA_FIELDS = tuple(field.name for field in dataclasses.fields(DataSpec))
 _OPTIMIZER_FLAGS = ("optimizer", "lr", "momentum", "nesterov", "weight_decay")
@@ -460,13 +444,13 @@ def _param_group(text: str) -> dict:
 
 def _typed_run_settings(args) -> dict:
     """The run settings typed on the command line (argparse left the others out)."""
-    fields = (*_RUN_FIELDS, *_DATA_FIELDS, *_OPTIMIZER_FLAGS, *_EARLY_STOPPING_FLAGS)
+    fields = (*RUN_FLAGS, *_DATA_FIELDS, *_OPTIMIZER_FLAGS, *_EARLY_STOPPING_FLAGS)
     return {key: value for key, value in vars(args).items() if key in fields}
 
 
 def _with_flags(base: Run, typed: dict) -> Run:
     """``base`` with the settings ``typed`` on the command line."""
-    changes = {key: typed[key] for key in _RUN_FIELDS if key in typed}
+    changes = {key: typed[key] for key in RUN_FLAGS if key in typed}
     if "clip_grad_norm" in typed or "clip_grad_value" in typed:  # the one typed replaces the other's clipping
         changes = {"clip_grad_norm": None, "clip_grad_value": None, **changes}
     data = {key: typed[key] for key in _DATA_FIELDS if key in typed}
@@ -513,31 +497,31 @@ def _optimizer(base, typed: dict):
 
 
 def _run_of(args) -> tuple[Run, object]:
-    """The run the command line describes, and the checkpoint it resumes (or None)."""
+    """The run the command line describes, and the checkpoint it resumes (or None): then the
+    recorded run with the typed settings, which :class:`~unitrain.job.Job` reconciles."""
     typed = _typed_run_settings(args)
     if getattr(args, "resume", None) is not None:
         if args.recipe is not None:
             raise UsageError("--resume continues the run its checkpoint records; a RECIPE starts a new run")
-        return _resume(args, typed)
+        if "init_weights" in typed:
+            raise UsageError(
+                "--init-weights and --resume exclude each other: a resumed run continues from its checkpoint"
+            )
+        checkpoint = resumable_checkpoint(args.resume)
+        return _with_flags(checkpoint.run_spec(), typed), checkpoint
     run = _with_flags(load_recipe(args.recipe) if args.recipe is not None else Run(), typed)
     run.model_spec()  # a recipe's package.module:function is imported now, as --model's is, before any data
     return run, None
 
 
-def _reads(args, run: Run) -> list[tuple[str, object]]:
-    """The files a train or compare run reads, and what they are (for files.check_output)."""
-    return [("the recipe", args.recipe), ("the dataset", run.data.dataset), ("the initial weights", run.init_weights)]
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    # SIGTERM ends a command as Ctrl-C does: MindSpore turns Ctrl-C into SIGTERM (see stop_on_signals);
-    # caught outside the handlers' change, so that a signal at that very instant ends it alike
+    # SIGTERM ends a command as Ctrl-C does: MindSpore turns Ctrl-C into SIGTERM (see stop_on_signals).
+    # A signal while the handlers are being installed raises there: it too ends the command in one line.
     try:
         with ending_on_signals():
             try:
                 args = build_parser().parse_args(argv)
-                args.argv = argv  # which flags were typed (--resume refuses explicit conflicting settings)
                 return args.handler(args)
             except USER_ERRORS as error:
                 print(f"unitrain: error: {_one_line(error)}", file=sys.stderr)
@@ -556,15 +540,6 @@ def _one_line(error: Exception) -> str:
     return re.sub(r"[\x00-\x1f\x7f]", lambda match: repr(match.group())[1:-1], text)
 
 
-def _published(flag: str, path: Path, final: Path, what: str, overwrite: bool) -> bool:
-    """Whether ``what`` went to ``path`` as asked; if not (see :func:`files.publish`), say where."""
-    if final == path:
-        return True
-    found = f"is {files.describe(path)}, never replaced" if overwrite else "appeared during the run"
-    print(f"unitrain: {flag} {path} {found}; kept it and wrote the {what} to {final} instead", file=sys.stderr)
-    return False
-
-
 # --- unitrain convert --------------------------------------------------------------------
 
 
@@ -572,7 +547,7 @@ def cmd_convert(args) -> int:
     from .convert import convert, format_of
 
     final = convert(args.input, args.output, model_from_name(args.model), overwrite=args.overwrite)
-    placed = _published("OUT", args.output, final, "weights", args.overwrite)
+    placed = published("OUT", args.output, final, "weights", args.overwrite)
     print(f"unitrain: wrote {final} ({format_of(final, 'OUT').title}, model {args.model})")
     return 0 if placed else 2
 
@@ -608,24 +583,15 @@ def cmd_conformance(args) -> int:
     results = runner.run_matrix(args.backend, args.adapter, args.check)
     print(runner.format_report(results))
     status = 1 if any(r.unexpected for r in results) else 0
-    if args.json is not None and not _write_json(args, runner.results_json(results), "results"):
+    if args.json is not None and not write_json(args.json, runner.results_json(results), "results", args.overwrite):
         return 2
     return status
-
-
-def _write_json(args, report, what: str) -> bool:
-    """``--json``: the report, published without replacing a file that appeared meanwhile."""
-    text = json.dumps(report, indent=1) + "\n"
-    final = files.publish(args.json, lambda staged: staged.write_text(text, encoding="utf-8"), overwrite=args.overwrite)
-    return _published("--json", args.json, final, what, args.overwrite)
 
 
 # --- unitrain compare --------------------------------------------------------------------
 
 
 def cmd_compare(args) -> int:
-    from .compare import compare_backends, format_report
-
     run, _ = _run_of(args)
     if args.print_recipe:
         print(run.to_toml(), end="")
@@ -637,78 +603,11 @@ def cmd_compare(args) -> int:
     if len(backends) < 2 or len(set(backends)) != len(backends):
         given = args.backends if args.backends is not None else ",".join(backends)
         raise UsageError(f"--backends needs two or more different backends, got {given!r}")
-    for name in backends:
-        registry.usable_spec(name)
-    run.initial_weights()  # checked now, before any training
-    files.check_output(args.json, "--json", args.overwrite, _reads(args, run))
-    files.check_output_dir(args.report, "--report", args.overwrite)
-    if args.tensorboard is not None:
-        check_tensorboard_dir(args.tensorboard, "--tensorboard", backends)
-    if args.report is not None:
-        plot.require_matplotlib("--report")
-    if args.native:
-        from .native import check_run
-
-        try:
-            check_run(run)
-        except ValueError as error:
-            raise UsageError(f"--native: {error}") from None
-    data = run.datasets()
-    print(
-        f"unitrain compare: {', '.join(backends)}; model {run.model}, {run.loss} loss, {run.optimizer}, "
-        f"batch {run.batch_size}, seed {run.seed}: the same initial weights and batches on every backend",
-        flush=True,
-    )
-    show_progress = sys.stderr.isatty() if args.progress is None else args.progress
-
-    def extensions(backend):
-        chosen = [ProgressBar()] if show_progress else []
-        chosen.append(EpochReport(run.epochs, prefix=f"{backend}: "))
-        if args.tensorboard is not None:
-            chosen.append(TensorBoardWriter(args.tensorboard / backend))
-        return chosen
-
-    threads = args.threads or default_threads()
-    results = compare_backends(backends, run, data=data, extensions=extensions, threads=threads,
-                               sample_every=args.sample_every, native=args.native)  # fmt: skip
-    table = format_report(results, len(data[2]))
-    print()
-    print(table)
-    placed = True
-    settings = {"run": run.to_dict(), "threads": threads}
-    if args.json is not None:
-        placed = _write_json(args, {**settings, "results": results}, "report")
-    if args.report is not None:
-        placed = _write_report(args, results, run, table) and placed
-    return 0 if placed else 2
-
-
-def _write_report(args, results, run: Run, table) -> bool:
-    """``--report DIR``: the web page and its figures; says where files went that could not go
-    where asked (see :func:`files.publish`)."""
-    from .report import write_report
-
-    backends = [result for result in results if not result.get("native")]
-    recorded = run.to_dict()
-    settings = {
-        "backends": ", ".join(f"{r['backend']} {r['version'] or ''}".strip() for r in backends),
-        **{key.replace("_", " "): value for key, value in recorded.items() if key not in ("data", "optimizer")},
-        **{key.replace("_", " "): value for key, value in recorded["data"].items()},
-        "optimizer": str(run.optimizer),
-        "threads": args.threads or default_threads(),
-        "steps": results[0]["steps"],
-        "initial weights": run.init_weights or f"init_weights(model, seed={run.seed})",
-        "machine": f"{platform.machine()}, {default_threads()} cores; {platform.platform(terse=True)}",
-        "written": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-    }
-    native = " and their native loops" if len(backends) < len(results) else ""
-    title = f"unitrain compare: {', '.join(r['backend'] for r in backends)}{native} on {run.model}"
-    index, sidestepped = write_report(args.report, results, title=title, settings=settings, table=table,
-                                      model=run.model_spec(), overwrite=args.overwrite)  # fmt: skip
-    for asked, final in sidestepped:
-        _published("--report", asked, final, "file", args.overwrite)
-    print(f"unitrain: report written to {index}")
-    return not sidestepped
+    job = Job(run, tensorboard=args.tensorboard, overwrite=args.overwrite, threads=args.threads,
+              progress=args.progress, recipe=args.recipe)  # fmt: skip
+    outcome = job.compare(backends, native=args.native, sample_every=args.sample_every, json=args.json,
+                          report=args.report)  # fmt: skip
+    return outcome.status
 
 
 def _evaluation_run(args) -> Run:
@@ -729,285 +628,17 @@ def _evaluation_run(args) -> Run:
 
 
 def cmd_train(args) -> int:
-    run, resume = _run_of(args)
+    run, checkpoint = _run_of(args)
+    job = Job(
+        run, args.backend, resume=args.resume, checkpoint=checkpoint, checkpoint_dir=args.checkpoint_dir,
+        checkpoint_every=args.checkpoint_every, keep=args.keep, save=args.save, metrics=args.metrics,
+        plot=args.plot, tensorboard=args.tensorboard, overwrite=args.overwrite, nproc=args.nproc,
+        master_port=args.master_port, threads=args.threads, progress=args.progress, recipe=args.recipe,
+    )  # fmt: skip
     if args.print_recipe:
-        print(run.to_toml(), end="")
+        print(job.run.to_toml(), end="")
         return 0
-    # Everything the user typed is checked before the (slow) framework import and any training.
-    run.check_parameters()
-    initial = run.initial_weights() if resume is None else None  # a resumed run starts from its checkpoint
-    reads = _reads(args, run)
-    files.check_output(args.save, "--save", args.overwrite, reads)
-    files.check_output(args.metrics, "--metrics", args.overwrite, reads)
-    files.check_output(args.plot, "--plot", args.overwrite, reads)
-    if args.tensorboard is not None:
-        check_tensorboard_dir(args.tensorboard, "--tensorboard")
-    outputs = {flag: path.resolve() for flag, path in (("--save", args.save), ("--metrics", args.metrics),
-                                                        ("--plot", args.plot)) if path is not None}  # fmt: skip
-    if len(set(outputs.values())) < len(outputs):
-        raise UsageError(f"{' and '.join(outputs)} must name different files")
-    if args.plot is not None:
-        plot.require_matplotlib("--plot")
-        plot.check_figure_path("--plot", args.plot)
-    _check_checkpoint_dir(args, resume)
-    spec = registry.usable_spec(registry.backend_name(args.backend))
-    world_size = distributed.launched_world_size(spec.launcher)  # None: not started by the engine's launcher
-    show_progress = sys.stderr.isatty() if args.progress is None else args.progress
-    if world_size is None and (args.nproc or 1) > 1:
-        _check_world(run, args.nproc)
-        distributed.check_engine(spec.name, spec.launcher)
-        if args.master_port is not None:
-            distributed.check_port(args.master_port)
-        if args.checkpoint_dir is not None:  # refused now if another run holds it (rank 0 holds it for the run)
-            with files.directory_lock(args.checkpoint_dir, f"--checkpoint-dir {args.checkpoint_dir}"):
-                pass
-        # the workers' stderr is a pipe (the failure report is read from it): the progress bar is decided here
-        argv = [*_without_option(args.argv, "--nproc"), "--progress" if show_progress else "--no-progress"]
-        return distributed.run(spec.launcher, args.nproc, argv, args.master_port)
-    if world_size is not None:
-        distributed.die_with_parent()  # the launcher's: no rank outlives the job
-        if args.nproc is not None and args.nproc != world_size:
-            raise UsageError(f"--nproc {args.nproc}, but {spec.launcher} started {world_size} processes")
-        _check_world(run, world_size)
-    with ExitStack() as held:
-        # one run writes into a checkpoint directory at a time: held from here by one process, from
-        # rank 0's loop on (its rank is known then) by a data-parallel run
-        hold = () if args.checkpoint_dir is None else (args.checkpoint_dir, f"--checkpoint-dir {args.checkpoint_dir}")
-        if hold and world_size is None:
-            held.enter_context(files.directory_lock(*hold))
-        data = run.datasets()
-        if resume is not None:
-            _check_resume_position(args, run, resume, len(data[0]))
-        adapter = registry.load_adapter(spec.target)
-        # one process: every core; a data-parallel rank: its share (what the launcher's OMP_NUM_THREADS says)
-        adapter.set_threads(args.threads or distributed.threads_per_rank(world_size or 1))
-
-        loop = adapter(run.model_spec(), distributed=world_size is not None, **run.loop_options())
-        if hold and loop.rank == 0:
-            held.enter_context(files.directory_lock(*hold))
-        status = _train(args, run, loop, initial, resume, data, show_progress)
-        if loop.world_size > 1:  # the ranks end together: after rank 0's files, and as engines' teardowns need
-            loop.any_rank(False)
-    return status
-
-
-def _train(args, run: Run, loop, initial, resume, data, show_progress: bool) -> int:
-    """``unitrain train``'s run, once everything it needs is checked and loaded (``data``: train,
-    validation or None, test); the exit status."""
-    train_data, val_data, test_data = data
-    lead = loop.rank == 0  # the other ranks train in silence: metrics, progress and files come from rank 0
-    if initial is not None:
-        loop.load_state_dict(initial, source=run.init_weights)
-    if resume is not None:
-        resume.restore(loop)
-    if lead:
-        _announce(run, loop, resume, data)
-    # checkpoints, NaN/Inf detection and Ctrl-C; before EpochReport, whose train loss it completes after a resume
-    checkpointer = Checkpointer(
-        args.checkpoint_dir if lead else None,
-        every=args.checkpoint_every,
-        keep=args.keep,
-        max_steps=run.max_steps,
-        run=run,
-        normalization=train_data.normalization.to_json(),
-        resume=resume,
-        interrupt_directory=_interrupt_directory() if args.checkpoint_dir is None and lead else None,
-    )
-    extensions = [checkpointer]
-    placed = True  # every output went where the user asked
-    if lead:
-        extensions.append(EpochReport(run.epochs))
-        if show_progress:
-            extensions.insert(0, ProgressBar())
-        if args.metrics is not None:
-            fields = {"backend": loop.name, "model": run.model, "dataset": run.data.dataset,
-                      "normalization": train_data.normalization.to_json(), "world_size": loop.world_size}  # fmt: skip
-            metrics = MetricsWriter(args.metrics, fields, args.overwrite)
-            placed = _published("--metrics", args.metrics, metrics.path, "metrics", args.overwrite)
-            extensions.append(metrics)
-        if args.tensorboard is not None:
-            extensions.append(TensorBoardWriter(args.tensorboard))
-
-    def notice():
-        if lead:
-            print("\nunitrain: stopping at the next step boundary (Ctrl-C again to abort)", file=sys.stderr, flush=True)
-
-    try:
-        with stop_on_signals(checkpointer, notice):
-            history = loop.fit(
-                train_data,
-                **run.fit_options(),
-                eval_data=test_data,
-                val_data=val_data,
-                extensions=extensions,
-                start_epoch=resume.epoch if resume is not None else 0,
-                start_batch=resume.batch if resume is not None else 0,
-            )
-            checkpointer.finish(loop)
-    except Interrupted:
-        if not lead:
-            return 128 + checkpointer.stop_signal
-        if checkpointer.directory is None:
-            how = "no checkpoint written: the current directory is not writable (use --checkpoint-dir DIR)"
-        else:
-            how = f"checkpoint {checkpointer.last_saved}; resume with: unitrain train --resume {checkpointer.directory}"
-        print(f"unitrain: interrupted at step {loop.step_count}; {how}", file=sys.stderr)
-        return 128 + checkpointer.stop_signal
-    except Diverged as error:
-        kept = f"; the last good checkpoint is {checkpointer.last_saved}" if checkpointer.last_saved else ""
-        if lead:
-            print(f"unitrain: error: training diverged: {error}; stopped{kept}", file=sys.stderr)
-        return 1
-    if not lead:
-        return 0
-    if (stopping := loop.early_stopping) is not None and stopping.best is not None:
-        kept = "loaded" if stopping.spec.restore_best_weights else "kept in the checkpoints"
-        how = f"stopped early after epoch {history[-1]['epoch']}: " if loop.stop_training else ""
-        print(f"unitrain: {how}the best {stopping.spec.monitor} {stopping.best:.4f} was epoch {stopping.best_epoch}'s; "
-              f"its weights are {kept}")  # fmt: skip
-    if not history:  # --epochs 0 or --max-steps 0: still report the model as it is
-        metrics = loop.evaluate(test_data)
-        print(
-            f"no training step taken  test accuracy {100 * metrics['accuracy']:.2f}%  test loss {metrics['loss']:.4f}"
-        )
-    if args.save is not None:
-        final = files.publish(args.save, loop.save_weights, overwrite=args.overwrite)
-        placed = _published("--save", args.save, final, "weights", args.overwrite) and placed
-        print(f"unitrain: saved weights to {final}")
-    if args.plot is not None and not history:
-        print(f"unitrain: no epoch was trained, so there is nothing to draw; --plot {args.plot} not written")
-    elif args.plot is not None:
-        figure = plot.curves_figure([(f"{loop.name} {run.model}", history)])
-        final = files.publish(args.plot, lambda staged: plot.save_figure(figure, staged, args.plot.suffix),
-                              overwrite=args.overwrite)  # fmt: skip
-        placed = _published("--plot", args.plot, final, "figure", args.overwrite) and placed
-        print(f"unitrain: drew the curves in {final}")
-    return 0 if placed else 2
-
-
-def _without_option(argv: list[str], flag: str) -> list[str]:
-    """``argv`` without ``flag`` (or an abbreviation argparse accepted) and its value. The workers
-    learn the world size from the launcher, and torchrun's own parser refuses ``--nproc`` as an
-    ambiguous abbreviation of its ``--nproc-per-node``."""
-    kept, tokens = [], iter(argv)
-    for token in tokens:
-        name, equals, _ = token.partition("=")
-        if len(name) > 2 and flag.startswith(name):
-            if not equals:
-                next(tokens, None)
-            continue
-        kept.append(token)
-    return kept
-
-
-def _check_world(run: Run, world_size: int) -> None:
-    """Every rank needs rows of every full global batch."""
-    if world_size > run.batch_size:
-        raise UsageError(f"--nproc {world_size} is more processes than the global batch size {run.batch_size}; "
-                         f"use at most {run.batch_size}")  # fmt: skip
-
-
-def _announce(run: Run, loop, resume, data) -> None:
-    train_data, val_data, test_data = data
-    version = registry.backend_specs()[loop.name].version()
-    processes = f", {loop.world_size} processes" if loop.world_size > 1 else ""
-    print(
-        f"unitrain: backend {loop.name}{f' {version}' if version else ''}{processes}, model {run.model}, "
-        f"{run.loss} loss, {run.optimizer}, batch {run.batch_size}, {run.data.dataset} {len(train_data)} train"
-        f"{f' / {len(val_data)} validation' if val_data is not None else ''} / {len(test_data)} test",
-        flush=True,
-    )
-    if resume is not None:
-        print(f"unitrain: resuming {resume.path} (trained on {resume.backend}): step {resume.step}, "
-              f"epoch {resume.epoch + 1} from batch {resume.batch}", flush=True)  # fmt: skip
-
-
-def _interrupt_directory() -> Path | None:
-    """Where Ctrl-C checkpoints a run that has no --checkpoint-dir: a new folder in the current
-    directory, named after the run's start; None if the current directory is not writable."""
-    stem = f"unitrain-interrupted-{time.strftime('%Y%m%d-%H%M%S')}"
-    candidates = itertools.chain([stem], (f"{stem}-{n}" for n in itertools.count(2)))
-    name = next(name for name in candidates if not Path(name).exists())
-    try:
-        with tempfile.TemporaryFile(dir="."):
-            return Path(name)
-    except OSError:
-        return None
-
-
-def _resume(args, typed: dict) -> tuple[Run, object]:
-    """Load and verify ``--resume``'s checkpoint; the run is the one it records (typed settings
-    that differ are errors, except a new --epochs/--max-steps end); returns it and the checkpoint."""
-    if "init_weights" in typed:
-        raise UsageError("--init-weights and --resume exclude each other: a resumed run continues from its checkpoint")
-    checkpoint = load_checkpoint(args.resume)
-    if checkpoint.finished:
-        raise UsageError(
-            f"--resume {args.resume}: the run finished at step {checkpoint.step}, there is nothing to resume; start a "
-            f"new run from its weights with --init-weights {checkpoint.path / WEIGHTS}"
-        )
-    recorded = checkpoint.run_spec()
-    run = _with_flags(recorded, typed)
-    changed = [(f"--{name}", getattr(run, name), getattr(recorded, name)) for name in _RUN_FIELDS
-               if name not in ("epochs", "max_steps") and getattr(run, name) != getattr(recorded, name)]  # fmt: skip
-    changed += [(f"--{field}", getattr(run.data, field), getattr(recorded.data, field)) for field in _DATA_FIELDS
-                if getattr(run.data, field) != getattr(recorded.data, field)]  # fmt: skip
-    if run.optimizer != recorded.optimizer:
-        changed.append(("--optimizer", run.optimizer, recorded.optimizer))
-    if run.early_stopping != recorded.early_stopping:
-        changed.append(("--early-stopping", run.early_stopping, recorded.early_stopping))
-    if changed:
-        flag, value, kept = changed[0]
-        raise UsageError(f"{flag.replace('_', '-')} {value} differs from the resumed run's {kept}; a resumed run "
-                         "keeps its settings")  # fmt: skip
-    try:  # a package.module:function run imports its model again, as it did when it started
-        run.model_spec()
-    except RunError as error:
-        raise UsageError(f"--resume {args.resume}: {error}") from None
-    args.backend = args.backend or checkpoint.backend
-    if args.checkpoint_dir is None:
-        args.checkpoint_dir = checkpoint.path.parent
-    return run, checkpoint
-
-
-def _check_resume_position(args, run: Run, checkpoint, num_samples: int) -> None:
-    """The checkpoint's position must be one the run reaches on its training data, before its end."""
-    checkpoint.check_position(num_samples, run.batch_size, run.accumulate_grad_batches, run.drop_last)
-    if checkpoint.epoch >= run.epochs or (run.max_steps is not None and checkpoint.step >= run.max_steps):
-        raise UsageError(f"--resume {args.resume}: the checkpoint at step {checkpoint.step} is already past the run's "
-                         f"end (--epochs {run.epochs}, --max-steps {run.max_steps})")  # fmt: skip
-
-
-def _check_checkpoint_dir(args, resume) -> None:
-    """``--checkpoint-dir`` must be creatable and writable, and hold no other run's checkpoints."""
-    directory = args.checkpoint_dir
-    if directory is None:
-        if args.checkpoint_every is not None:
-            raise UsageError("--checkpoint-every needs --checkpoint-dir DIR")
-        return
-    if directory.exists() and not directory.is_dir():
-        raise UsageError(f"--checkpoint-dir {directory} is a file, expected a directory")
-    resumed_here = resume is not None and directory.resolve() == resume.path.parent.resolve()
-    existing = checkpoint_paths(directory) if directory.is_dir() else []
-    if existing and not resumed_here:
-        raise UsageError(
-            f"--checkpoint-dir {directory} already holds a run's checkpoints; continue it with --resume {directory} "
-            "or choose another directory"
-        )
-    if resumed_here and existing and existing[-1].resolve() != resume.path.resolve():
-        # continuing there would interleave two futures of the run (and --keep delete the newer one)
-        raise UsageError(
-            f"--resume {resume.path} is not the newest checkpoint in {directory} ({existing[-1].name} is); "
-            "to branch from it, pass a new --checkpoint-dir DIR"
-        )
-    nearest = next(path for path in (directory.absolute(), *directory.absolute().parents) if path.exists())
-    try:
-        if not nearest.is_dir():
-            raise NotADirectoryError(errno.ENOTDIR, f"{nearest} is not a directory")
-        with tempfile.TemporaryFile(dir=nearest):  # what os.access cannot tell: read-only mounts, root
-            pass
-    except OSError as error:
-        raise UsageError(f"--checkpoint-dir {directory} is not writable: {error.strerror}") from None
+    return job.train().status
 
 
 # --- unitrain plot -----------------------------------------------------------------------
@@ -1025,7 +656,7 @@ def cmd_plot(args) -> int:
     figure = plot.curves_figure(runs)
     final = files.publish(args.output, lambda staged: plot.save_figure(figure, staged, args.output.suffix),
                           overwrite=args.overwrite)  # fmt: skip
-    if not _published("-o", args.output, final, "figure", args.overwrite):
+    if not published("-o", args.output, final, "figure", args.overwrite):
         return 2
     print(f"unitrain: drew {len(runs)} run{'s' if len(runs) > 1 else ''} in {final}")
     return 0

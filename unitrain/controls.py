@@ -7,7 +7,11 @@ the path of its layer (``0``, ``layer1.0.bn1``: every parameter below it), eithe
 
 **Freezing** (``frozen=`` patterns): those parameters get no update and no optimizer state, as
 parameters with ``requires_grad=False`` left out of a ``torch.optim`` optimizer; ``gradients()``
-leaves them out and gradient clipping does not count them. BatchNorm's running statistics are
+leaves them out and gradient clipping does not count them. Their gradients are not computed at
+all where unitrain drives the backward pass: PyTorch's ``requires_grad``, Chainer's variable
+nodes, the NumPy backend's Linear, Conv2d and BatchNorm layers (its other layers compute and drop
+them), and a backward pass stops at the first layer that trains. MindSpore's compiled step
+differentiates the trainable parameters only. BatchNorm's running statistics are
 buffers, not parameters: in training mode they keep following the batches whether the layer's
 weight and bias are frozen or not (PyTorch's rule); ``loop.eval()`` keeps them fixed.
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import expr, graph_batches
+from . import class_targets, expr, graph_batches
 from .controls import EarlyStopping, EarlyStoppingState
 from .data import ArrayDataset, DataError
 from .losses import BCELoss, BCEWithLogitsLoss, CustomLoss
@@ -62,11 +62,13 @@ class Fitting:
                         squared += float(np.square(pred - target).sum())
                         absolute += float(np.abs(pred - target).sum())
         n = len(dataset)
-        per_sample = total_loss / n
+        # class indices: means over the targets that count (every position's, ignored ones left out)
+        targets = class_targets.counted(self.loss_spec, dataset.y) if class_indices else n
+        per_sample = total_loss / targets
         elements = max(1, int(np.prod(dataset.y.shape[1:])))
         if not self.loss_spec.class_targets and not isinstance(self.loss_spec, CustomLoss):
             per_sample /= elements  # elementwise losses average elements
-        counted = n * elements if type(self.loss_spec) in _BINARY_THRESHOLDS else n
+        counted = n * elements if type(self.loss_spec) in _BINARY_THRESHOLDS else targets
         metrics = {
             "loss": per_sample,
             "accuracy": correct / counted if counted and accuracy else float("nan"),
@@ -190,6 +192,7 @@ class Fitting:
                 self.train()
                 _call(extensions, "on_epoch_start", self, epoch)
                 losses, corrects, seen, started, epoch_lr = [], [], 0, time.perf_counter(), self.lr
+                scored = 0  # class-index targets that count, what train_accuracy divides by
                 first = start_batch if epoch == start_epoch else 0
                 batches = train_data.batches(batch_size, shuffle=shuffle, seed=self.seed, epoch=epoch, start=first,
                                              drop_last=drop_last)  # fmt: skip
@@ -203,12 +206,14 @@ class Fitting:
                             continue
                         loss, correct = self._accumulated_step(pending, group, count_correct)
                         samples = sum(_samples(y) for _, _, y in pending)
+                        scored += sum(_scored(self, y, count_correct) for _, _, y in pending)
                         pending = []
                     else:
                         loss = self.step((x, y))
                         if count_correct:
                             correct = self._shard_correct if self.world_size > 1 else self._step_correct(y)
                         samples = _samples(y)
+                        scored += _scored(self, y, count_correct)
                     losses.append(loss)
                     seen += samples
                     self.last_batch_size, self.last_batch_correct = samples, None
@@ -227,7 +232,8 @@ class Fitting:
                     "samples_per_sec": seen / elapsed if elapsed > 0 else float("nan"),
                 }
                 if count_correct and None not in corrects:
-                    record["train_accuracy"] = sum(self.to_float(c) for c in corrects) / seen if seen else float("nan")
+                    correct_total = sum(self.to_float(c) for c in corrects)
+                    record["train_accuracy"] = correct_total / scored if scored else float("nan")
                 if self.rank == 0:  # evaluation on rank 0 only (module docstring)
                     for prefix, data in evaluated.items():
                         metrics = self.evaluate(data, test_batch_size)
@@ -291,6 +297,11 @@ def _call(extensions, hook: str, *args) -> None:
 
 #: the binary losses' decision threshold on a prediction: a logit's sign, a probability's half
 _BINARY_THRESHOLDS = {BCEWithLogitsLoss: 0.0, BCELoss: 0.5}
+
+
+def _scored(loop, y, count_correct: bool) -> int:
+    """How many of a batch's class-index targets a training accuracy divides by (0 if not counted)."""
+    return class_targets.counted(loop.loss_spec, np.asarray(y)) if count_correct else 0
 
 
 def _samples(y) -> int:

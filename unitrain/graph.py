@@ -51,7 +51,7 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 
-from . import layers, ops
+from . import layers, ops, padded
 from .layers import Container, Layer, Shape
 from .ops import Tensor
 
@@ -60,9 +60,10 @@ _PATH = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")
 
 
 def Input(shape: Sequence[int], name: str = "input") -> Tensor:
-    """A graph input: a batch of samples of per-sample ``shape`` (the batch axis is implied)."""
+    """A graph input: a batch of samples of per-sample ``shape`` (the batch axis is implied; ``()``:
+    one number per sample, such as each sequence's length, :mod:`unitrain.padded`)."""
     shape = tuple(shape)
-    if not shape or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape):
+    if any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape):
         raise ValueError(f"Input {name!r}: shape must be per-sample sizes (positive integers), got {shape}")
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise ValueError(f"Input: name must be an identifier, got {name!r}")
@@ -109,11 +110,16 @@ class Graph(Container):
     outputs: tuple[str, ...]
     #: each node's per-sample output shape, inferred from the inputs' shapes
     shapes: dict = field(compare=False, repr=False)
+    #: the weights every loop starts from instead of ``init_weights``' draws (an imported model's own:
+    #: ``unitrain.from_torch``); not part of the spec's value or its JSON
+    initial_state: dict | None = field(default=None, compare=False, repr=False)
 
-    def __init__(self, inputs, outputs, modules: Mapping[str, Layer] | None = None):
+    def __init__(self, inputs, outputs, modules: Mapping[str, Layer] | None = None, *,
+                 initial_state: Mapping | None = None):  # fmt: skip
         """``inputs``: a :func:`Input` tensor or a sequence of them; ``outputs``: a tensor or a
         sequence of them (several outputs); ``modules``: name -> layer spec for every layer
-        called (weightless activations excepted), in ``state_dict`` order."""
+        called (weightless activations excepted), in ``state_dict`` order; ``initial_state``:
+        the weights to start from (``state_dict`` keys and shapes)."""
         input_tensors = [inputs] if isinstance(inputs, Tensor) else list(inputs)
         output_tensors = [outputs] if isinstance(outputs, Tensor) else list(outputs)
         modules = dict(modules or {})
@@ -146,12 +152,21 @@ class Graph(Container):
                     op, target, kwargs = "call_function", *function
                 else:
                     target = path
-            name = _fresh(target.replace(".", "_"), taken)
+            name = _fresh(
+                re.sub(r"^(?=\d)", "_", target.replace(".", "_")), taken
+            )  # torch.fx's names: 0.conv -> _0_conv
             names[id(tensor)] = name
             args = tuple(names[id(arg)] for arg in tensor.args)
             nodes.append(Node(name, op, target, args, tuple((k, _frozen(v)) for k, v in kwargs.items())))
         input_specs = [(tensor.target, tensor.sample_shape) for tensor in input_tensors]
         self._setup(input_specs, tuple(modules.items()), nodes, [names[id(tensor)] for tensor in output_tensors])
+        if initial_state is not None:
+            shapes = self.state_shapes()
+            state = dict(initial_state)
+            if list(state) != list(shapes) or any(tuple(state[k].shape) != shapes[k] for k in shapes):
+                given = {key: tuple(value.shape) for key, value in state.items()}
+                raise ValueError(f"Graph: initial_state has {given}, the modules' state_dict {shapes}")
+            object.__setattr__(self, "initial_state", state)
 
     @classmethod
     def from_nodes(cls, inputs: Mapping[str, Sequence[int]], nodes: Sequence[Node], outputs: Sequence[str],
@@ -263,7 +278,12 @@ class Graph(Container):
                         out = module._infer(args, full, seen)
                         shapes[node.name] = out[module.outputs[0]]
                         continue
-                    if len(args) != 1:
+                    if len(args) != 1 and hasattr(module, "output_shape_of"):  # a leaf of several inputs (attention)
+                        shapes[node.name] = module.output_shape_of(tuple(args))
+                        continue
+                    if len(args) == 2 and (problem := padded.lengths_problem(module, args[0], args[1])):
+                        raise ValueError(problem)
+                    if len(args) not in (1, 2):
                         raise ValueError(f"{module} takes one tensor input, got {len(args)}")
                     before = dict(seen)
                     shapes[node.name] = layers._trace(module, args[0], full, seen)
@@ -413,6 +433,9 @@ _LAYER_TYPES = {cls.__name__: cls for cls in vars(layers).values()
 def to_dict(model: Layer) -> dict:
     """A layer spec, container or graph as plain JSON data (``{"type": ..., fields}``)."""
     kind = type(model).__name__
+    if isinstance(model, Graph) and "arguments" in vars(model):  # built from arguments (an encoder)
+        return {"type": kind, **{key: to_dict(value) if isinstance(value, Layer) else value
+                                 for key, value in model.arguments}}  # fmt: skip
     if isinstance(model, Graph):
         return {
             "type": kind,
@@ -436,7 +459,7 @@ def to_dict(model: Layer) -> dict:
         return {"type": kind, "body": to_dict(model.body),
                 "shortcut": None if model.shortcut is None else to_dict(model.shortcut),
                 "post": None if model.post is None else to_dict(model.post)}  # fmt: skip
-    if kind not in _LAYER_TYPES:
+    if kind not in _LAYER_TYPES and type(model).__module__ != "unitrain.attention":
         raise TypeError(f"cannot serialise {model!r}: not a unitrain layer spec")
     return {"type": kind, **{f.name: _plain(getattr(model, f.name)) for f in fields(model)}}
 
@@ -459,8 +482,14 @@ def from_dict(data: Mapping) -> Layer:
         if kind == "Residual":
             return layers.Residual(*(None if rest.get(part) is None else from_dict(rest[part])
                                      for part in ("body", "shortcut", "post")))  # fmt: skip
-        if kind not in _LAYER_TYPES:
+        from . import attention  # it builds graphs
+
+        if kind in attention.ENCODERS:
+            nested = {key: from_dict(value) if isinstance(value, Mapping) else value for key, value in rest.items()}
+            return attention.ENCODERS[kind](**nested)
+        kinds = {**_LAYER_TYPES, **attention.LEAVES}
+        if kind not in kinds:
             raise ValueError(f"unknown layer type {kind!r}")
-        return _LAYER_TYPES[kind](**{key: _frozen(value) for key, value in rest.items()})
+        return kinds[kind](**{key: _frozen(value) for key, value in rest.items()})
     except (KeyError, TypeError) as error:
         raise ValueError(f"model entry of type {kind!r} does not fit: {type(error).__name__}: {error}") from None

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from . import expr, padded
 from .graph import Graph, get_submodule
 from .layers import Container
 from .losses import CustomLoss, PerOutputLoss
@@ -37,8 +38,6 @@ def check_model(loop: TrainingLoop, model, loss, distributed: bool) -> tuple[int
                          f"PerOutputLoss(one loss per output), got {loss!r}")  # fmt: skip
     if outputs == 1 and isinstance(loss, PerOutputLoss):
         raise ValueError(f"{loss} needs a model with {len(loss.losses)} outputs, this graph has one")
-    if outputs > 1 and any(isinstance(part, CustomLoss) for part in loss.losses):
-        raise ValueError("PerOutputLoss: a CustomLoss per output is not supported yet; use the built-in losses")
     if distributed and (inputs > 1 or outputs > 1):
         raise ValueError("data-parallel training takes models of one input and one output for now")
     return inputs, outputs
@@ -57,13 +56,19 @@ def check_inputs(loop: TrainingLoop, x) -> tuple[np.ndarray, ...]:
         raise InputError(f"the model takes {len(names)} inputs {list(names)}: pass a tuple or a dict of arrays, "
                          f"got {type(x).__name__}")  # fmt: skip
     arrays = []
-    for name, value in zip(names, x, strict=True):
+    roles = padded.input_roles(loop.model_spec)
+    for (name, declared), value in zip(loop.model_spec.inputs, x, strict=True):
         value = np.asarray(value)
         if value.dtype.kind not in "fiu":
             raise InputError(f"input {name!r} must be numeric, got dtype {value.dtype}")
-        if value.ndim < 2 or (arrays and len(value) != len(arrays[0])):
+        if value.ndim < (2 if declared else 1) or (arrays and len(value) != len(arrays[0])):
             raise InputError(f"input {name!r} must be a batch of shape (N, ...) with the same N as the others, "
                              f"got shape {value.shape}")  # fmt: skip
+        if name in roles:  # token ids or sequence lengths: integers, passed on as int64
+            if problem := padded.check_input(roles[name], name, value):
+                raise InputError(problem)
+            arrays.append(value.astype(np.int64, copy=False))
+            continue
         value = value.astype(loop.dtype, copy=False)
         if not np.isfinite(value).all():
             raise InputError(f"input {name!r} contains NaN or infinite values")
@@ -113,15 +118,23 @@ def evaluate(loop: TrainingLoop, dataset: ArrayDataset, batch_size: int) -> dict
     from .fitting import eval_mode
 
     totals = np.zeros(loop._output_count)
+    # a CustomLoss reduces itself: its evaluation loss is the sum over samples of its value on each
+    # (as for one output), from the predictions; the adapter's value for it is not used
+    custom = {k: spec for k, spec in enumerate(loop.loss_spec.losses) if isinstance(spec, CustomLoss)}
     with eval_mode(loop):
         for x, y in dataset.batches(batch_size):
             x, y = loop._check_batch((x, y))
-            totals += np.asarray(loop._evaluate_batch(x, y)[0], np.float64)
+            sums = np.asarray(loop._evaluate_batch(x, y)[0], np.float64)
+            pred = loop._predict(x) if custom else ()
+            for k, spec in custom.items():
+                samples = range(len(y[k]))
+                sums[k] = sum(expr.numpy_value(spec.tree, pred[k][i : i + 1], y[k][i : i + 1]) for i in samples)
+            totals += sums
     n = len(dataset)
     per_output = []
     for spec, total, target in zip(loop.loss_spec.losses, totals, dataset.y, strict=True):
         per_sample = total / n if n else float("nan")
-        if not spec.class_targets:
+        if not spec.class_targets and not isinstance(spec, CustomLoss):
             per_sample /= max(1, int(np.prod(np.shape(target)[1:])))
         per_output.append(per_sample)
     return {"loss": float(sum(per_output)), "accuracy": float("nan"), "num_correct": 0, "num_samples": n}

@@ -20,6 +20,10 @@ groups`` input channels, as PyTorch's), and a 1-d tensor has no fans. ``gain`` i
 ``lecun_normal``       ``N(0, 1 / fan_in)``: Chainer's ``LeCunNormal`` (Keras' is truncated)
 ``normal``             ``N(mean, std^2)``
 ``truncated_normal``   ``N(mean, std^2)`` redrawn outside ``mean ± 2 std`` (Keras' ``TruncatedNormal``)
+``variance_scaling``   Keras' ``VarianceScaling(scale, mode, distribution)``: by default truncated,
+                       variance ``1 / fan_in`` after truncation (Keras' ``lecun_normal``)
+``glorot_normal``      Keras': truncated, variance ``2 / (fan_in + fan_out)`` after truncation
+``he_normal``          Keras': truncated, variance ``2 / fan_in`` after truncation
 ``uniform``            ``U(a, b)``
 ``orthogonal``         ``torch.nn.init.orthogonal_``: QR of a normal matrix, rows flattened, times ``gain``
 ``zeros``, ``ones``,   constants
@@ -30,6 +34,7 @@ groups`` input channels, as PyTorch's), and a 1-d tensor has no fans. ``gain`` i
 from __future__ import annotations
 
 import ast
+import dataclasses
 import math
 from dataclasses import dataclass, fields
 
@@ -197,15 +202,72 @@ class Normal(Initializer):
         return rng.normal(self.mean, self.std, shape)
 
 
+def _truncated_normal(rng: np.random.Generator, mean: float, std: float, shape) -> np.ndarray:
+    """``N(mean, std^2)`` with values outside ``mean ± 2 std`` drawn again (Keras' truncation)."""
+    values = rng.normal(mean, std, shape)
+    outside = np.abs(values - mean) > 2 * std
+    while outside.any():  # each round keeps about 95% of what it redraws
+        values[outside] = rng.normal(mean, std, int(outside.sum()))
+        outside = np.abs(values - mean) > 2 * std
+    return values
+
+
 @dataclass(frozen=True)
 class TruncatedNormal(Normal):
     def draw(self, rng, shape, layer_fan_in):
-        values = rng.normal(self.mean, self.std, shape)
-        outside = np.abs(values - self.mean) > 2 * self.std
-        while outside.any():  # each round keeps about 95% of what it redraws
-            values[outside] = rng.normal(self.mean, self.std, int(outside.sum()))
-            outside = np.abs(values - self.mean) > 2 * self.std
-        return values
+        return _truncated_normal(rng, self.mean, self.std, shape)
+
+
+#: the standard deviation of a standard normal truncated to [-2, 2]: Keras divides by it, so that a
+#: truncated draw keeps the variance asked for (keras/src/initializers/random_initializers.py)
+_TRUNCATED_STD = 0.87962566103423978
+
+
+@dataclass(frozen=True)
+class VarianceScaling(Initializer):
+    """Keras' ``VarianceScaling``: variance ``scale / n``, ``n`` the fan by ``mode`` (``fan_avg``:
+    their mean; at least 1); ``truncated_normal`` draws ``N(0, scale / n) / 0.8796`` truncated at two
+    of its standard deviations (the variance after truncation is ``scale / n``), ``untruncated_normal``
+    the plain normal, ``uniform`` ``U(-b, b)``, ``b = sqrt(3 scale / n)``. Its default is Keras'
+    ``lecun_normal``."""
+
+    scale: float = 1.0
+    mode: str = "fan_in"
+    distribution: str = "truncated_normal"
+    needs_matrix = True
+
+    def __post_init__(self):
+        _number(self.name, "scale", self.scale, lambda v: v > 0, "a finite number > 0")
+        if self.mode not in ("fan_in", "fan_out", "fan_avg"):
+            raise ValueError(f"{self.name}: mode must be 'fan_in', 'fan_out' or 'fan_avg', got {self.mode!r}")
+        if self.distribution not in ("truncated_normal", "untruncated_normal", "uniform"):
+            raise ValueError(f"{self.name}: distribution must be 'truncated_normal', 'untruncated_normal' or "
+                             f"'uniform', got {self.distribution!r}")  # fmt: skip
+
+    def draw(self, rng, shape, layer_fan_in):
+        fan_in, fan_out = fans(shape)
+        fan = {"fan_in": fan_in, "fan_out": fan_out, "fan_avg": (fan_in + fan_out) / 2}[self.mode]
+        variance = self.scale / max(1.0, fan)
+        if self.distribution == "truncated_normal":
+            return _truncated_normal(rng, 0.0, math.sqrt(variance) / _TRUNCATED_STD, shape)
+        if self.distribution == "untruncated_normal":
+            return rng.normal(0.0, math.sqrt(variance), shape)
+        bound = math.sqrt(3.0 * variance)
+        return rng.uniform(-bound, bound, shape)
+
+
+@dataclass(frozen=True)
+class GlorotNormal(VarianceScaling):
+    """Keras' ``glorot_normal``: truncated, variance ``1 / fan_avg`` (PyTorch's ``xavier_normal`` is not truncated)."""
+
+    mode: str = "fan_avg"
+
+
+@dataclass(frozen=True)
+class HeNormal(VarianceScaling):
+    """Keras' ``he_normal``: truncated, variance ``2 / fan_in`` (PyTorch's ``kaiming_normal`` is not truncated)."""
+
+    scale: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -264,8 +326,10 @@ INITIALIZERS = {
     "kaiming_uniform": KaimingUniform, "kaiming_normal": KaimingNormal, "lecun_uniform": LecunUniform,
     "lecun_normal": LecunNormal, "normal": Normal, "truncated_normal": TruncatedNormal, "uniform": Uniform,
     "orthogonal": Orthogonal, "zeros": Zeros, "ones": Ones, "constant": Constant,
+    "variance_scaling": VarianceScaling, "glorot_normal": GlorotNormal, "he_normal": HeNormal,
 }  # fmt: skip
-#: other frameworks' names of the same draws (their *_normal are truncated, so only the uniform ones)
+#: other frameworks' names of the same draws (Keras' *_normal are truncated: variance_scaling, glorot_normal,
+#: he_normal; its lecun_normal is variance_scaling's default, not Chainer's lecun_normal)
 ALIASES = {"glorot_uniform": "xavier_uniform", "he_uniform": "kaiming_uniform"}
 _MAX_TEXT = 200
 
@@ -311,3 +375,53 @@ def initializer(value: Initializer | str) -> Initializer:
             raise ValueError(f"{value[:100]!r}: arguments must be literal values") from None
         raise
     return cls(**arguments)
+
+
+def with_initializers(model, patterns):
+    """``model`` with the first weights of the parameters each pattern of ``patterns`` (a mapping
+    of pattern to initialiser) names drawn by that initialiser: a recipe's ``[initializers]``.
+    Patterns are :func:`unitrain.controls.matches`' (a dotted name, a layer path, an ``fnmatch``
+    glob or a layer class: ``"conv1.weight"``, ``"*.bias"``, ``"Linear"``); each names the
+    ``weight_init`` / ``bias_init`` of Linear and Conv2d layers, inside nested Sequentials.
+    ValueError (one line) for a pattern naming nothing, a parameter named twice, a parameter no
+    initialiser draws, or an initialiser that cannot apply."""
+    from .controls import matches
+    from .layers import Sequential
+
+    leaves = dict(model.named_layers())
+    chosen: dict[str, tuple[str, Initializer]] = {}
+    for pattern, text in patterns.items():
+        try:
+            drawn_by = initializer(text)
+        except ValueError as error:
+            raise ValueError(f"initializers: {str(pattern)[:100]!r}: {error}") from None
+        names = [f"{path}.{key}" for path, layer in leaves.items() for key in layer.param_shapes()
+                 if matches(pattern, f"{path}.{key}", type(layer).__name__)]  # fmt: skip
+        if not names:
+            raise ValueError(f"initializers: {str(pattern)[:100]!r} names no parameter of the model")
+        for name in names:
+            if name in chosen:
+                raise ValueError(f"initializers: {name} is named by {chosen[name][0]!r} and by {pattern!r}")
+            chosen[name] = (pattern, drawn_by)
+    changes: dict[str, dict[str, Initializer]] = {}
+    for name, (pattern, drawn_by) in chosen.items():
+        path, _, key = name.rpartition(".")
+        if not hasattr(leaves[path], f"{key}_init"):
+            raise ValueError(f"initializers: {pattern!r} names {name}, a {type(leaves[path]).__name__} parameter; "
+                             "initialisers draw Linear and Conv2d weights and biases")  # fmt: skip
+        changes.setdefault(path, {})[f"{key}_init"] = drawn_by
+
+    def rebuild(container, prefix):
+        if not isinstance(container, Sequential):
+            raise ValueError(f"initializers: the model holds a {type(container).__name__}; name weight_init "
+                             "/ bias_init in its Python factory (recipes reach nested Sequentials only)")  # fmt: skip
+        children = {}
+        for name, child in container.children:
+            path = f"{prefix}{name}"
+            if hasattr(child, "children"):
+                children[name] = rebuild(child, f"{path}.") if any(p.startswith(f"{path}.") for p in changes) else child
+            else:
+                children[name] = dataclasses.replace(child, **changes[path]) if path in changes else child
+        return Sequential(children, init=container.init)
+
+    return rebuild(model, "") if changes else model

@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-from . import expr, graph_batches
+from . import class_targets, expr, graph_batches
 from .layers import _BatchNorm
 from .losses import CustomLoss, Loss
 
@@ -97,7 +97,7 @@ class InputChecks:
         if y.dtype.kind not in "fiub":
             raise InputError(f"targets must be numeric, got dtype {y.dtype}")
         if spec.class_targets and y.dtype.kind in "iu":
-            return self._check_class_indices(y, output, loss_name)
+            return class_targets.check(spec, y, output, InputError)
         if not spec.float_targets:
             raise InputError(f"{loss_name} needs integer class indices of shape (N,), got dtype {y.dtype}")
         if not np.isfinite(y).all():
@@ -118,23 +118,6 @@ class InputChecks:
                     f"{(n, *output)}{hint}"
                 )
         return y.astype(self.dtype, copy=False)
-
-    def _check_class_indices(self, y, output, loss_name: str) -> np.ndarray:
-        if y.ndim != 1:
-            raise InputError(f"class targets must be a 1-D integer array, got dtype {y.dtype} shape {y.shape}")
-        if output is not None:
-            if len(output) != 1:
-                raise InputError(
-                    f"{loss_name} with class indices needs model outputs of shape (N, classes), "
-                    f"the model gives per-sample shape {output}"
-                )
-            classes = output[0]
-            if len(y):
-                low, high = int(y.min()), int(y.max())
-                if low < 0 or high >= classes:
-                    bad = low if low < 0 else high
-                    raise InputError(f"label {bad} is out of range: the model has {classes} classes (0..{classes - 1})")
-        return y.astype(np.int64, copy=False)
 
     def _check_batch(self, batch) -> tuple[np.ndarray, np.ndarray]:
         try:

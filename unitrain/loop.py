@@ -26,7 +26,9 @@ converted). The dtype of ``y`` says what the targets are, checked against the lo
 (:mod:`unitrain.losses`) and the model's output shape before any framework sees them:
 
 * integer ``y`` of shape ``(N,)``: class indices in ``0..C-1`` (``CrossEntropyLoss``,
-  ``NLLLoss``; the model's per-sample output must be ``(C,)``); passed on as int64;
+  ``NLLLoss``; the model's per-sample output must be ``(C,)``), or of shape ``(N, d1, ...)``
+  against outputs ``(C, d1, ...)``, each may equal the loss's ``ignore_index``
+  (:mod:`unitrain.class_targets`); passed on as int64;
 * floating ``y`` shaped like the model's output: class probabilities for
   ``CrossEntropyLoss`` (soft or one-hot targets), regression targets for the elementwise
   losses (``MSELoss``, ``L1Loss``, ``BCEWithLogitsLoss``, ``SmoothL1Loss``, ``HuberLoss``;
@@ -188,6 +190,10 @@ CAPABILITIES = frozenset({
     "graph",
     # Embedding (integer inputs), RNN/LSTM/GRU, Conv1d and the 1-d pools
     "sequences",
+    # several models and optimizers in one step (unitrain.steps: GANs, VAEs)
+    "multi-model",
+    # MultiheadAttention, the Transformer encoders, PositionalEncoding (unitrain.attention)
+    "attention",
 })  # fmt: skip
 
 

@@ -6,6 +6,11 @@ Every backend computes these natively with PyTorch's definitions (``p = pred``, 
   the target distribution, ``(1-e)*t + e/C``; ``t`` is one-hot of a class index (integer
   targets, shape ``(N,)``) or class probabilities (float targets, shape ``(N, C)``).
 - ``NLLLoss``: ``-p[t]`` on log-probabilities (e.g. after ``LogSoftmax(dim=1)``); integer targets.
+- Both take PyTorch's extra axes: predictions ``(N, C, d1, ..., dK)`` with class indices
+  ``(N, d1, ..., dK)`` (one term per position: a language model's ``(N, vocabulary, T)`` logits
+  against ``(N, T)`` next tokens), and ``ignore_index`` (default -100): targets equal to it add no
+  term and no gradient, and ``"mean"`` divides by the number of the others (PyTorch's mean over
+  non-ignored targets; ``nan`` when every target is ignored).
 - ``MSELoss``: ``(p - t)**2``; ``L1Loss``: ``|p - t|``.
 - ``BCEWithLogitsLoss``: ``max(p, 0) - p*t + log(1 + exp(-|p|))`` (stable form of
   ``-t*log(sigmoid(p)) - (1-t)*log(1-sigmoid(p))``).
@@ -65,17 +70,25 @@ def _non_negative(spec: Loss, name: str, strictly: bool = False) -> None:
     object.__setattr__(spec, name, float(value))
 
 
+def _ignore_index(spec: Loss) -> None:
+    value = spec.ignore_index
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{type(spec).__name__}: ignore_index must be an integer, got {value!r}")
+
+
 @dataclass(frozen=True)
 class CrossEntropyLoss(_Reduced):
     """``torch.nn.CrossEntropyLoss``: log-softmax and NLL over class indices, or against class
     probabilities (soft or one-hot targets); ``label_smoothing``."""
 
     label_smoothing: float = 0.0
+    ignore_index: int = -100
 
     class_targets = True
 
     def __post_init__(self):
         super().__post_init__()
+        _ignore_index(self)
         _non_negative(self, "label_smoothing")
         if self.label_smoothing > 1:
             raise ValueError(f"CrossEntropyLoss: label_smoothing must be in [0, 1], got {self.label_smoothing!r}")
@@ -85,8 +98,14 @@ class CrossEntropyLoss(_Reduced):
 class NLLLoss(_Reduced):
     """``torch.nn.NLLLoss``: the negative log-probability of each sample's class (after ``LogSoftmax(dim=1)``)."""
 
+    ignore_index: int = -100
+
     class_targets = True
     float_targets = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        _ignore_index(self)
 
 
 @dataclass(frozen=True)

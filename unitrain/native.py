@@ -12,12 +12,14 @@ its loop is built.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from .dialects import dialect
 from .layers import preset
 from .optim import SGD
 from .run import Run
@@ -50,12 +52,16 @@ class NativeLoop:
 
 def check_run(run: Run) -> str:
     """The preset name of ``run``'s model if the native loops can train the run: a preset they
-    build, the tutorials' plain SGD(lr) and cross-entropy, a constant lr, no clipping; ValueError
-    saying why not otherwise."""
-    name = next((name for name in MODELS if preset(name) == run.model_spec()), None)
+    build (with the run's dialect's defaults: MindSpore's has bias-free convolutions), the
+    tutorials' plain SGD(lr) and cross-entropy, a constant lr, no clipping; ValueError saying why
+    not otherwise. Plain SGD is every dialect's equation (the lr inside Chainer's and Keras'
+    velocity changes nothing without momentum)."""
+    with dialect(run.dialect or "torch"):
+        name = next((name for name in MODELS if preset(name) == run.model_spec()), None)
     if name is None:
         raise ValueError(f"the native loops build the preset models {', '.join(MODELS)} only")
-    if run.optimizer != SGD(lr=run.optimizer.lr):
+    optimizer = dataclasses.replace(run.optimizer, lr_in_velocity=False) if isinstance(run.optimizer, SGD) else None
+    if optimizer != SGD(lr=run.optimizer.lr):
         raise ValueError(f"the native loops train with the tutorials' plain SGD(lr), not {run.optimizer}")
     if run.loss != "cross-entropy":
         raise ValueError(f"the native loops train with cross-entropy, not {run.loss}")
@@ -104,9 +110,10 @@ def _torch(model_name, state, lr):
         net = nn.Sequential(nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
                             nn.Linear(512, 10))  # fmt: skip
     else:
-        net = nn.Sequential(nn.Conv2d(1, 6, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 12, 5), nn.ReLU(),
-                            nn.MaxPool2d(2), nn.Flatten(), nn.Linear(192, 120), nn.ReLU(), nn.Linear(120, 60),
-                            nn.ReLU(), nn.Linear(60, 10))  # fmt: skip
+        bias = "0.bias" in state  # MindSpore's dialect: convolutions without bias
+        net = nn.Sequential(nn.Conv2d(1, 6, 5, bias=bias), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 12, 5, bias=bias),
+                            nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(192, 120), nn.ReLU(),
+                            nn.Linear(120, 60), nn.ReLU(), nn.Linear(60, 10))  # fmt: skip
     return torch_loop(net, state, lr)
 
 
@@ -143,8 +150,9 @@ def _mindspore(model_name, state, lr):
         net = nn.SequentialCell(nn.Flatten(), nn.Dense(784, 512), nn.ReLU(), nn.Dense(512, 512), nn.ReLU(),
                                 nn.Dense(512, 10))  # fmt: skip
     else:
-        net = nn.SequentialCell(nn.Conv2d(1, 6, 5, pad_mode="valid", has_bias=True), nn.ReLU(),
-                                nn.MaxPool2d(2, 2), nn.Conv2d(6, 12, 5, pad_mode="valid", has_bias=True), nn.ReLU(),
+        bias = "0.bias" in state  # MindSpore's dialect: its own Conv2d default, no bias
+        net = nn.SequentialCell(nn.Conv2d(1, 6, 5, pad_mode="valid", has_bias=bias), nn.ReLU(),
+                                nn.MaxPool2d(2, 2), nn.Conv2d(6, 12, 5, pad_mode="valid", has_bias=bias), nn.ReLU(),
                                 nn.MaxPool2d(2, 2), nn.Flatten(), nn.Dense(192, 120), nn.ReLU(), nn.Dense(120, 60),
                                 nn.ReLU(), nn.Dense(60, 10))  # fmt: skip
     params = net.trainable_params()  # in the order of the PyTorch keys: weight, bias, layer by layer
@@ -276,10 +284,10 @@ def _chainer(model_name, state, lr):
             return self.l3(F.relu(self.l2(F.relu(self.l1(x)))))
 
     class CNN(chainer.Chain):
-        def __init__(self):
+        def __init__(self, nobias):
             super().__init__()
             with self.init_scope():
-                self.c1, self.c2 = L.Convolution2D(1, 6, 5), L.Convolution2D(6, 12, 5)
+                self.c1, self.c2 = L.Convolution2D(1, 6, 5, nobias=nobias), L.Convolution2D(6, 12, 5, nobias=nobias)
                 self.l1, self.l2, self.l3 = L.Linear(192, 120), L.Linear(120, 60), L.Linear(60, 10)
 
         def forward(self, x):
@@ -287,9 +295,10 @@ def _chainer(model_name, state, lr):
             h = F.max_pooling_2d(F.relu(self.c2(h)), 2, cover_all=False)
             return self.l3(F.relu(self.l2(F.relu(self.l1(h)))))
 
-    net = MLP() if model_name == "mlp" else CNN()
+    net = MLP() if model_name == "mlp" else CNN(nobias="0.bias" not in state)
     links = [net.l1, net.l2, net.l3] if model_name == "mlp" else [net.c1, net.c2, net.l1, net.l2, net.l3]
-    params = [p for link in links for p in (link.W, link.b)]  # Chainer's W is (out, in, ...) as PyTorch's
+    # Chainer's W is (out, in, ...) as PyTorch's; a link without bias has b None
+    params = [p for link in links for p in (link.W, link.b) if p is not None]
     for param, value in zip(params, state.values(), strict=True):
         param.array[...] = value
     return _chainer_train(net, lr, lambda: {

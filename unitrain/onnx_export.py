@@ -4,7 +4,8 @@ statistics, Dropout is the identity). Imported only by ``unitrain convert`` when
 
 Every layer is one standard operator (opset 20) with PyTorch's attributes, so any ONNX runtime
 computes what unitrain's eval mode does. The tensors keep unitrain's names as initializers; the
-graph's input ``input`` is ``(N, *input_shape)`` float32 with N free, its output ``output``.
+graph's input ``input`` is ``(N, *input_shape)`` float32 with N free, its output ``output`` (a graph
+of several inputs or outputs: each under its graph name).
 """
 
 from __future__ import annotations
@@ -207,16 +208,22 @@ def _function(graph: _Graph, op: str, args: list[str], kw: dict, path: str, shap
 
 def _one_input_one_output(model: Graph, path: str) -> None:
     if len(model.inputs) != 1 or len(model.outputs) != 1:
-        raise WeightsError(f"{path or 'the model'}: ONNX export takes graphs of one input and one output, "
+        raise WeightsError(f"{path}: ONNX export takes graphs called as modules with one input and one output, "
                            f"this one has {len(model.inputs)} and {len(model.outputs)}")  # fmt: skip
 
 
 def _graph(graph: _Graph, model: Graph, x: str, path: str, shape) -> tuple[str, tuple[int, ...]]:
-    """A single-input, single-output Graph's nodes, in order."""
-    join = (lambda name: f"{path}.{name}") if path else (lambda name: name)
+    """A Graph called as a module (one input, one output)."""
     _one_input_one_output(model, path)
-    shapes = model._infer([shape], path, {})
-    values = {model.input_names[0]: x}
+    outputs, shapes = _graph_values(graph, model, [x], [shape], path)
+    return outputs[0], shapes[0]
+
+
+def _graph_values(graph: _Graph, model: Graph, xs: list[str], input_shapes, path: str) -> tuple[list, list]:
+    """A Graph's nodes, in order, on inputs ``xs``: its outputs and their per-sample shapes."""
+    join = (lambda name: f"{path}.{name}") if path else (lambda name: name)
+    shapes = model._infer(input_shapes, path, {})
+    values = dict(zip(model.input_names, xs, strict=True))
     for node in model.nodes:
         args = [values[arg] for arg in node.args]
         if node.op == "call_module":
@@ -225,18 +232,30 @@ def _graph(graph: _Graph, model: Graph, x: str, path: str, shape) -> tuple[str, 
         else:
             arg_shapes = [shapes[arg] for arg in node.args]
             values[node.name] = _function(graph, node.target, args, node.options, join(node.name), arg_shapes)
-    return values[model.outputs[0]], shapes[model.outputs[0]]
+    return [values[name] for name in model.outputs], [shapes[name] for name in model.outputs]
 
 
 def to_onnx(model: layers.Container, state: State, input_shape: tuple[int, ...]) -> onnx.ModelProto:
-    """The spec ``model`` with the weights ``state`` as an ONNX model taking ``(N, *input_shape)``."""
-    if isinstance(model, Graph):
-        _one_input_one_output(model, "")
-    model.output_shape(input_shape)  # a model that does not fit the input fails here, naming the layer
+    """The spec ``model`` with the weights ``state`` as an ONNX model taking ``(N, *input_shape)``
+    as ``input`` and giving ``output``; a graph of several inputs takes each under its name, with
+    its declared shape, and one of several outputs gives each under its node's name."""
     graph = _Graph(state)
-    output, shape = _node(graph, model, "input", "", tuple(input_shape))
-    graph.nodes.append(helper.make_node("Identity", [output], ["output"], name="output"))
-    inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", *input_shape])]
-    outputs = [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", *shape])]
+    if isinstance(model, Graph):
+        shapes = [tuple(input_shape)] if len(model.inputs) == 1 else [tuple(s) for s in model.input_shapes]
+        names = ["input"] if len(model.inputs) == 1 else list(model.input_names)
+        model.output_shape(shapes[0] if len(shapes) == 1 else shapes)  # a misfit fails here, naming the node
+        results, out_shapes = _graph_values(graph, model, names, shapes, "")
+        out_names = ["output"] if len(results) == 1 else list(model.outputs)
+    else:
+        model.output_shape(input_shape)  # a model that does not fit the input fails here, naming the layer
+        names, shapes, out_names = ["input"], [tuple(input_shape)], ["output"]
+        result, shape = _node(graph, model, "input", "", tuple(input_shape))
+        results, out_shapes = [result], [shape]
+    for result, name in zip(results, out_names, strict=True):
+        graph.nodes.append(helper.make_node("Identity", [result], [name], name=name))
+    inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", *shape])
+              for name, shape in zip(names, shapes, strict=True)]  # fmt: skip
+    outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", *shape])
+               for name, shape in zip(out_names, out_shapes, strict=True)]  # fmt: skip
     body = helper.make_graph(graph.nodes, "unitrain", inputs, outputs, graph.initializers)
     return helper.make_model(body, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="unitrain")

@@ -336,7 +336,14 @@ def call_layer(layer: layers.Layer, inputs: tuple) -> Tensor:
         if len(shapes) != 1:
             raise ValueError(f"{name}: a graph called as a module must have one output, this one has {len(shapes)}")
         return Tensor("call_module", layer, inputs, {}, shapes[0])
-    if len(inputs) != 1:
+    if len(inputs) != 1 and hasattr(layer, "output_shape_of"):  # a leaf of several inputs (attention)
+        return Tensor("call_module", layer, inputs, {}, layer.output_shape_of(tuple(v.sample_shape for v in inputs)))
+    if len(inputs) == 2:  # a recurrent layer and each sequence's length (unitrain.padded)
+        from .padded import lengths_problem
+
+        if problem := lengths_problem(layer, inputs[0].sample_shape, inputs[1].sample_shape):
+            raise ValueError(problem)
+    elif len(inputs) != 1:
         raise ValueError(f"{layer} takes one tensor input, got {len(inputs)}")
     shape = layers._trace(layer, inputs[0].sample_shape, name, {})
     return Tensor("call_module", layer, inputs, {}, shape)

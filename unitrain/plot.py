@@ -39,8 +39,9 @@ def require_matplotlib(what: str) -> None:
         raise PlotError(f"{what} needs matplotlib: pip install 'unitrain[report]'")
 
 
-def check_figure_path(flag: str, path: Path) -> None:
+def check_figure_path(flag: str, path: str | Path) -> None:
     """Before a run: ``path``'s suffix names a format matplotlib writes (see :func:`save_figure`)."""
+    path = Path(path)
     if (suffix := path.suffix.lower().removeprefix(".")) not in _formats():
         named = f"names the format {suffix!r}" if suffix else "has no suffix naming a figure format"
         raise PlotError(f"{flag} {path} {named}; expected one of .{', .'.join(_formats())}")
@@ -249,4 +250,32 @@ def speed_figure(rows: Sequence[tuple[str, float]]):
     ax.set_xlim(0, max(speeds, default=1) * 1.2)
     ax.set_xlabel("training samples per second (higher is faster)")
     ax.grid(alpha=0.3, axis="x")
+    return figure
+
+
+# --- pictures a model draws: the generative examples' --plot ---------------------------------
+
+
+def save_image_grids(path: str | Path, panels: Sequence[tuple[str, Any]], columns: int = 8) -> None:
+    """Write one grid per ``(title, images)`` panel, side by side, to ``path`` (its suffix names the
+    format): grayscale images ``(N, 1, H, W)`` with values in [0, 1], ``columns`` to a row."""
+    path = Path(path)
+    save_figure(image_grid_figure(panels, columns), path, path.suffix)
+
+
+def image_grid_figure(panels: Sequence[tuple[str, Any]], columns: int = 8):
+    """The figure of :func:`save_image_grids`."""
+    figure, axes = _figure(1, len(panels), width=4.0, height=4.4)
+    for ax, (title, images) in zip(axes[0], panels, strict=True):
+        images = np.clip(np.asarray(images, np.float64), 0, 1)
+        height, width = images.shape[-2:]
+        rows = -(-len(images) // columns)
+        grid = np.ones((rows * (height + 2) + 2, columns * (width + 2) + 2))
+        for index, image in enumerate(images):
+            row, column = divmod(index, columns)
+            top, left = 2 + row * (height + 2), 2 + column * (width + 2)
+            grid[top : top + height, left : left + width] = image.reshape(height, width)
+        ax.imshow(grid, cmap="gray", vmin=0, vmax=1)
+        ax.set_title(title)
+        ax.axis("off")
     return figure

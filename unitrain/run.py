@@ -34,6 +34,9 @@ from Python. A recipe is the run's :meth:`~Run.to_dict` in TOML (``unitrain trai
     lr = 0.01
     ...
 
+    [initializers]                # optional: parameter pattern = initialiser (unitrain.initializers)
+    "conv1.weight" = "kaiming_normal(mode='fan_out', nonlinearity='relu')"
+
     [[param_groups]]              # optional, repeatable: options of the optimizer for some parameters
     params = ["*.bias", "BatchNorm2d"]
     weight_decay = 0.0
@@ -63,6 +66,7 @@ from . import dialects, optim, registry
 from .controls import EarlyStopping, resolve_groups
 from .data import MAX_DATA_BYTES, PACKAGED, PACKAGED_TRAIN_SAMPLES, DataError, num_batches
 from .datasets import load_datasets, load_target_arrays
+from .initializers import initializer, with_initializers
 from .layers import MODEL_PATTERN, Sequential, check_init, model_from_name
 from .losses import LOSSES
 from .reading import Int, Nullable, Number, OneOf, Optional, Text, check_json, path_problem, read_capped, short
@@ -204,9 +208,10 @@ class Run:
     (None: :func:`~unitrain.weights.init_weights` of the seed); ``dialect``: another framework's
     defaults for the model and equations for the optimizer (:mod:`unitrain.dialects`; None:
     PyTorch's, the optimizer as given); ``init``: the model's ``init`` scheme or initialiser for
-    every weight (None: the model's own); ``frozen``, ``param_groups``, ``accumulate_grad_batches``
-    and ``early_stopping``: the training controls of :mod:`unitrain.controls`. Invalid values raise
-    :class:`RunError` naming the field."""
+    every weight (None: the model's own); ``initializers``: parameter pattern -> initialiser, for
+    some layers' weights or biases (:func:`unitrain.initializers.with_initializers`); ``frozen``,
+    ``param_groups``, ``accumulate_grad_batches`` and ``early_stopping``: the training controls of
+    :mod:`unitrain.controls`. Invalid values raise :class:`RunError` naming the field."""
 
     model: str = "mlp"
     data: DataSpec = field(default_factory=DataSpec)
@@ -223,6 +228,7 @@ class Run:
     init_weights: str | None = None
     dialect: str | None = None
     init: str | None = None
+    initializers: Mapping[str, str] | None = None
     frozen: tuple[str, ...] = ()
     param_groups: tuple[Mapping[str, Any], ...] = ()
     accumulate_grad_batches: int = 1
@@ -243,6 +249,16 @@ class Run:
                 object.__setattr__(self, "init", check_init(self.init))
             except ValueError as error:
                 raise RunError(str(error)) from None
+        if self.initializers is not None:
+            _require(isinstance(self.initializers, Mapping) and all(isinstance(key, str) and key and isinstance(
+                value, str) for key, value in self.initializers.items()), "initializers", self.initializers,
+                "a table of parameter pattern = initialiser")  # fmt: skip
+            try:
+                for value in self.initializers.values():
+                    initializer(value)
+            except ValueError as error:
+                raise RunError(f"initializers: {error}") from None
+            object.__setattr__(self, "initializers", dict(self.initializers))
         _require(isinstance(self.model, str) and re.fullmatch(MODEL_PATTERN, self.model) is not None, "model",
                  self.model, "a preset name or package.module:function")  # fmt: skip
         _require(isinstance(self.data, DataSpec), "data", self.data, "a DataSpec")
@@ -341,7 +357,7 @@ class Run:
             "lr_schedule": None if self.lr_schedule is None else str(self.lr_schedule),
             "clip_grad_norm": self.clip_grad_norm, "clip_grad_value": self.clip_grad_value,
             "data": self.data.to_dict(), "optimizer": self.optimizer.to_config(),
-            "dialect": self.dialect, "init": self.init,
+            "dialect": self.dialect, "init": self.init, "initializers": self.initializers,
             "frozen": list(self.frozen) or None, "param_groups": [dict(group) for group in self.param_groups] or None,
             "accumulate_grad_batches": self.accumulate_grad_batches if self.accumulate_grad_batches > 1 else None,
             "early_stopping": None if self.early_stopping is None else self.early_stopping.to_dict(),
@@ -392,12 +408,15 @@ class Run:
                 model = model_from_name(self.model)
         except ValueError as error:
             raise RunError(str(error)) from None
-        if self.init is None:
-            return model
-        if not isinstance(model, Sequential):
-            raise RunError(f"init: model {self.model} is a {type(model).__name__}, expected a Sequential to set "
-                           "its init on")  # fmt: skip
-        return Sequential(dict(model.children), init=self.init)
+        if self.init is not None:
+            if not isinstance(model, Sequential):
+                raise RunError(f"init: model {self.model} is a {type(model).__name__}, expected a Sequential to set "
+                               "its init on")  # fmt: skip
+            model = Sequential(dict(model.children), init=self.init)
+        try:
+            return with_initializers(model, self.initializers or {})
+        except ValueError as error:
+            raise RunError(str(error)) from None
 
     def loop_options(self) -> dict[str, Any]:
         """A loop's constructor arguments besides the model: ``adapter(model, **options)``."""
@@ -693,6 +712,7 @@ _RUN_SCHEMA = {
     "init_weights": Optional(Nullable(Text(".+"))),
     "dialect": Optional(Nullable(OneOf(tuple(dialects.DIALECTS)))),
     "init": Optional(Nullable(str)),
+    "initializers": Optional(dict),
     "frozen": Optional(list),
     "param_groups": Optional(list),
     "accumulate_grad_batches": Optional(Int(1)),

@@ -44,13 +44,18 @@ def init_weights(model: Container, seed: int) -> State:
     (its weight's dimension 1). BatchNorm and LayerNorm weight 1, bias 0, running mean 0, running
     variance 1. Conv1d as Conv2d's default; Embedding ``~ N(0, 1)`` with the ``padding_idx`` row zeroed; RNN, LSTM
     and GRU weights and biases ``~ U(-1/sqrt(hidden_size), 1/sqrt(hidden_size))`` (PyTorch's
-    defaults).
+    defaults; MultiheadAttention's, its ``initial_weights``). A graph with an ``initial_state`` (an
+    imported model's weights) starts from that instead, whatever the seed.
     """
+    if getattr(model, "initial_state", None) is not None:
+        return {key: value.copy() for key, value in model.initial_state.items()}
     rng = np.random.default_rng(seed)
     state: State = {}
     for name, layer in model.named_layers():
         shapes = layer.param_shapes()
-        if isinstance(layer, Embedding):
+        if hasattr(layer, "initial_weights"):  # a layer that draws its own (attention)
+            state.update({f"{name}.{key}": value for key, value in layer.initial_weights(rng).items()})
+        elif isinstance(layer, Embedding):
             value = rng.standard_normal(shapes["weight"])
             if layer.padding_idx is not None:
                 value[layer.padding_idx] = 0

@@ -112,8 +112,9 @@ MODEL_PATTERN = "|".join([*map(re.escape, PRESETS), FACTORY_PATTERN])
 def model_from_name(name: str) -> Container:
     """The model ``name`` names: a :data:`PRESETS` name, or ``package.module:function``, a
     function importable with the current directory first on ``sys.path`` (as ``python -m``
-    has it) that takes no arguments and returns a :class:`Container`. ``ValueError`` (one
-    line, naming ``name``) for anything else."""
+    has it) that takes no arguments and returns a :class:`Container`, or a ``torch.nn.Module``
+    as ``(module, example_inputs)`` or with an ``example_input_array``, which
+    ``unitrain.from_torch`` imports. ``ValueError`` (one line, naming ``name``) for anything else."""
     if name in PRESETS:
         return preset(name)
     expected = f"one of {', '.join(PRESETS)} or package.module:function returning a unitrain model spec"
@@ -137,6 +138,10 @@ def model_from_name(name: str) -> Container:
         model = function()
     except (Exception, SystemExit) as error:  # the user's code: an exit would end unitrain unexplained
         raise ValueError(f"model {name!r}: {function_name}() {_what_happened(error)}") from None
+    if _is_torch_model(model):  # the user's code imported torch already: trace it into a Graph
+        from ..backends.torch_import import imported_model
+
+        model = imported_model(model, name)
     if not isinstance(model, Container):
         raise ValueError(f"model {name!r}: {function_name}() returned {type(model).__name__}, expected a unitrain "
                          "model spec (a unitrain.layers Container such as Sequential)")  # fmt: skip
@@ -145,6 +150,13 @@ def model_from_name(name: str) -> Container:
     except ValueError as error:
         raise ValueError(f"model {name!r}: {error}") from None
     return model
+
+
+def _is_torch_model(value) -> bool:
+    """A ``torch.nn.Module``, or ``(module, example_inputs)``, without importing torch."""
+    torch = sys.modules.get("torch")
+    module = value[0] if isinstance(value, tuple) and value else value
+    return torch is not None and isinstance(module, torch.nn.Module)
 
 
 def _what_happened(error: BaseException) -> str:

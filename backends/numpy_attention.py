@@ -1,0 +1,125 @@
+"""The NumPy backend's attention layers: MultiheadAttention with its backward written by hand, and
+the positional encoding. :mod:`unitrain.backends.numpy` registers them in its table of leaves;
+the Transformer encoders are graphs of these, Linear and LayerNorm.
+
+Attention runs batch-first, heads split as ``(N, H, L, d)``: the three input projections are one
+product each, the scores of all heads one batched product, the masks one ``np.where``. Backward
+reuses the softmax's output: ``dS = P * (dP - sum(dP * P))`` over the keys.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from unitrain.backends.numpy_sequences import _Layer
+
+from unitrain.attention import MultiheadAttention, PositionalEncoding
+
+
+def _heads(x, heads):
+    """``(N, L, E)`` -> ``(N, H, L, E / H)``."""
+    n, length, e = x.shape
+    return x.reshape(n, length, heads, e // heads).transpose(0, 2, 1, 3)
+
+
+def _merge(x):
+    """``(N, H, L, d)`` -> ``(N, L, H * d)``."""
+    n, heads, length, d = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(n, length, heads * d)
+
+
+class _MultiheadAttention(_Layer):
+    """Inputs ``x`` (self-attention), ``(query, key, value)`` or ``(query, key, value,
+    key_padding_mask)``; backward returns one gradient per input (None for the mask)."""
+
+    def forward(self, x, training, record):
+        args = x if isinstance(x, tuple) else (x,)
+        spec, e = self.spec, self.spec.embed_dim
+        inputs = (args * 3)[:3] if len(args) == 1 else args[:3]
+        if not spec.batch_first:
+            inputs = tuple(a.swapaxes(0, 1) for a in inputs)
+        weight, bias = self.params["in_proj_weight"], self.params.get("in_proj_bias")
+        projected = []
+        for index, a in enumerate(inputs):
+            p = a @ weight[index * e : (index + 1) * e].T
+            if bias is not None:
+                p += bias[index * e : (index + 1) * e]
+            projected.append(_heads(p, spec.num_heads))
+        q, k, v = projected
+        scale = q.dtype.type(self.scale())
+        scores = (q @ k.swapaxes(-1, -2)) * scale
+        scores = np.where(self.blocked(*scores.shape[-2:], args[3] if len(args) == 4 else None), -np.inf, scores)
+        with np.errstate(invalid="ignore"):  # a query with every key masked gives NaN, as in PyTorch
+            scores -= scores.max(-1, keepdims=True)
+            weights = np.exp(scores)
+            weights /= weights.sum(-1, keepdims=True)
+        context = _merge(weights @ v)
+        out = context @ self.params["out_proj.weight"].T
+        if bias is not None:
+            out += self.params["out_proj.bias"]
+        if record:
+            self.saved = (len(args), inputs, q, k, v, weights, context, scale)
+        return out if spec.batch_first else out.swapaxes(0, 1)
+
+    def scale(self) -> float:
+        """The scores' factor, ``1 / sqrt(head_dim)``."""
+        return 1 / np.sqrt(self.spec.head_dim)
+
+    def blocked(self, length, keys, padding):
+        """Where a query may not read a key: ``(length, keys)``, or ``(N, 1, length, keys)`` with a
+        padding mask ``(N, keys)``."""
+        blocked = np.zeros((length, keys), bool)
+        if self.spec.causal:
+            blocked = np.triu(np.ones((length, keys), bool), 1)
+        return blocked if padding is None else blocked | (padding != 0)[:, None, None, :]
+
+    def backward(self, grad, need_input_grad):
+        count, inputs, q, k, v, weights, context, scale = self.saved
+        spec, e = self.spec, self.spec.embed_dim
+        if not spec.batch_first:
+            grad = grad.swapaxes(0, 1)
+        flat = grad.reshape(-1, e)
+        self.grads["out_proj.weight"] += flat.T @ context.reshape(-1, e)
+        if spec.bias:
+            self.grads["out_proj.bias"] += flat.sum(0)
+        grad_context = _heads(grad @ self.params["out_proj.weight"], spec.num_heads)
+        grad_weights = grad_context @ v.swapaxes(-1, -2)
+        grad_v = weights.swapaxes(-1, -2) @ grad_context
+        grad_scores = weights * (grad_weights - (grad_weights * weights).sum(-1, keepdims=True)) * scale
+        grad_q, grad_k = grad_scores @ k, grad_scores.swapaxes(-1, -2) @ q
+        weight = self.params["in_proj_weight"]
+        input_grads = []
+        for index, (a, g) in enumerate(zip(inputs, (grad_q, grad_k, grad_v), strict=True)):
+            g = _merge(g)
+            rows = slice(index * e, (index + 1) * e)
+            self.grads["in_proj_weight"][rows] += g.reshape(-1, e).T @ a.reshape(-1, e)
+            if spec.bias:
+                self.grads["in_proj_bias"][rows] += g.reshape(-1, e).sum(0)
+            if need_input_grad:
+                g = g @ weight[rows]
+                input_grads.append(g if spec.batch_first else g.swapaxes(0, 1))
+        if count == 1:
+            return sum(input_grads) if need_input_grad else None
+        if not need_input_grad:
+            return (None,) * count
+        return (*input_grads, *([None] if count == 4 else []))
+
+
+class _PositionalEncoding(_Layer):
+    """``x + pe[:T]``; the gradient passes through unchanged."""
+
+    passes_input = False
+
+    def forward(self, x, training, record):
+        spec = self.spec
+        length = x.shape[1] if spec.batch_first else x.shape[0]
+        if length > spec.max_len:
+            raise ValueError(f"{spec}: {length} steps exceed max_len {spec.max_len}")
+        table = spec.table(length).astype(x.dtype)
+        return x + (table[None] if spec.batch_first else table[:, None])
+
+    def backward(self, grad, need_input_grad):
+        return grad if need_input_grad else None
+
+
+#: spec class -> NumPy layer
+LAYERS = {MultiheadAttention: _MultiheadAttention, PositionalEncoding: _PositionalEncoding}

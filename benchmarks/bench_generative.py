@@ -1,0 +1,120 @@
+"""The DCGAN step of unitrain.steps against each framework's hand-written two-optimizer loop.
+
+    .venv/bin/python benchmarks/bench_generative.py [--steps N] [--repeats R] [--backends torch,chainer]
+
+examples/dcgan.py's models (``--features`` channels, nz 100, batch 64, Adam 2e-4 beta1 0.5) trained
+by ``steps.MultiModelLoop``, and by the tutorial's loop written in the framework itself on the same
+native modules (torch: ``nn.Module``s and ``torch.optim.Adam``; Chainer: the adapter's links and
+``chainer.optimizers.Adam``). Both sides run alternately ``R`` times; the best of each is kept; the
+ratio is unitrain's speed over the hand-written loop's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import time
+from pathlib import Path
+
+import numpy as np
+
+from unitrain import steps
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "dcgan.py"
+
+
+def example():
+    spec = importlib.util.spec_from_file_location("dcgan_example", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def torch_loop(loop, nz):
+    """The tutorial's loop on the torch modules of ``loop``'s models."""
+    import torch
+
+    netG, netD = loop.loops["generator"].model, loop.loops["discriminator"].model
+    optimizerD = torch.optim.Adam(netD.parameters(), lr=2e-4, betas=(0.5, 0.999), foreach=False)
+    optimizerG = torch.optim.Adam(netG.parameters(), lr=2e-4, betas=(0.5, 0.999), foreach=False)
+    criterion = torch.nn.BCELoss()
+
+    def step(x):
+        real = torch.from_numpy(x)
+        netD.zero_grad()
+        label = torch.full((len(real),), 1.0)
+        errD_real = criterion(netD(real).view(-1), label)
+        errD_real.backward()
+        fake = netG(torch.randn(len(real), nz, 1, 1))
+        label.fill_(0.0)
+        errD_fake = criterion(netD(fake.detach()).view(-1), label)
+        errD_fake.backward()
+        optimizerD.step()
+        netG.zero_grad()
+        label.fill_(1.0)
+        errG = criterion(netD(fake).view(-1), label)
+        errG.backward()
+        optimizerG.step()
+
+    return step
+
+
+def chainer_loop(loop, nz):
+    """Chainer's examples/dcgan updater, written for these links: its own Adam on each model."""
+    import chainer
+    import chainer.functions as F
+
+    gen, dis = loop.loops["generator"].model, loop.loops["discriminator"].model
+    opt_gen, opt_dis = chainer.optimizers.Adam(2e-4, beta1=0.5), chainer.optimizers.Adam(2e-4, beta1=0.5)
+    opt_gen.setup(gen)
+    opt_dis.setup(dis)
+    rng = np.random.default_rng(0)
+
+    def bce(p, label):
+        return -F.mean(F.log(p) if label else F.log(1 - p))
+
+    def step(x):
+        z = rng.standard_normal((len(x), nz, 1, 1)).astype(np.float32)
+        fake = gen(z)
+        dis.cleargrads()
+        loss_dis = bce(dis(x), 1) + bce(dis(fake.array), 0)
+        loss_dis.backward()
+        opt_dis.update()
+        gen.cleargrads()
+        loss_gen = bce(dis(fake), 1)
+        loss_gen.backward()
+        opt_gen.update()
+
+    return step
+
+
+NATIVE = {"torch": torch_loop, "chainer": chainer_loop}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--features", type=int, default=16)
+    parser.add_argument("--backends", default="torch,chainer")
+    args = parser.parse_args()
+    dcgan, nz = example(), 100
+    batches = [np.random.default_rng(i).uniform(-1, 1, (64, 1, 28, 28)).astype(np.float32) for i in range(args.steps)]
+    print("| backend | unitrain s/step | hand-written s/step | unitrain / hand-written speed |")
+    print("| --- | ---: | ---: | ---: |")
+    for backend in args.backends.split(","):
+        ours = steps.MultiModelLoop(dcgan.dcgan(nz, args.features), backend)
+        native = NATIVE[backend](steps.MultiModelLoop(dcgan.dcgan(nz, args.features), backend), nz)
+        best = {"ours": np.inf, "native": np.inf}
+        for _ in range(args.repeats):
+            for side, run in (("ours", ours.step), ("native", native)):
+                run(batches[0])  # warm-up
+                started = time.perf_counter()
+                for x in batches:
+                    run(x)
+                best[side] = min(best[side], (time.perf_counter() - started) / len(batches))
+        print(f"| {backend} | {best['ours']:.4f} | {best['native']:.4f} | {best['native'] / best['ours']:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""The check of the attention layers (capability ``attention``): multi-head self-attention behind the
+positional encoding, with a causal mask and a key padding mask given as a graph input, against the
+float64 reference of :mod:`.reference_attention`.
+
+Tolerance sizes as in the graph checks: no value sums more terms than the batch's elements of the
+largest value the model computes, so that is the ``size`` of the forward and the loss; gradients
+allow 8 times it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from unitrain.attention import MultiheadAttention, PositionalEncoding
+from unitrain.graph import Graph, Input
+from unitrain.losses import MSELoss
+
+from .checks import check, compare, compare_states, inputs, loaded, state_of, tutorial_gradients
+from .reference_attention import attention, attention_backward, positional_table
+
+F64 = np.float64
+LENGTH, EMBED, HEADS, SAMPLES = 5, 8, 2, 8
+
+
+def attention_model() -> Graph:
+    """Inputs ``x (N, 5, 8)`` and ``padding (N, 5)``: ``x`` plus the positional table, then causal
+    self-attention over two heads that skips the padded keys."""
+    x, padding = Input((LENGTH, EMBED), "x"), Input((LENGTH,), "padding")
+    position = PositionalEncoding(EMBED, max_len=LENGTH, batch_first=True)
+    attend = MultiheadAttention(EMBED, HEADS, batch_first=True, causal=True)
+    h = position(x)
+    return Graph([x, padding], attend(h, h, h, padding), {"position": position, "attend": attend})
+
+
+def padding_masks(seed: int = 3) -> np.ndarray:
+    """Each sample padded at its end to a random length of 2..5 (its first keys stay, so every causal
+    query keeps one); 1 marks padding."""
+    lengths = np.random.default_rng(seed).integers(2, LENGTH + 1, SAMPLES)
+    return (np.arange(LENGTH) >= lengths[:, None]).astype(np.float32)
+
+
+@check("graph", "attention")
+def check_attention(adapter):
+    """Multi-head self-attention (scaled by sqrt(head_dim), causal mask, key padding mask as a graph input)
+    after the sinusoidal positional encoding: forward, loss and every gradient match the float64 reference."""
+    model = attention_model()
+    layer = model.attend
+    state = state_of(model)
+    loop = loaded(adapter, model, state, loss=MSELoss(reduction="sum"))
+    x, padding = inputs((LENGTH, EMBED), n=SAMPLES), padding_masks()
+    target = inputs((LENGTH, EMBED), seed=2, n=SAMPLES)
+    params = {key.removeprefix("attend."): value.astype(F64) for key, value in state.items()}
+    h = x.astype(F64) + positional_table(LENGTH, EMBED)
+    expected, tape = attention(layer, params, h, h, h, padding)
+    size = SAMPLES * LENGTH * EMBED
+    what = "causal self-attention with a key padding mask"
+    compare(f"{what}: predict()", loop.predict((x, padding)), expected, dtype=loop.dtype, size=size)
+    got = tutorial_gradients(loop, (x, padding), target)
+    compare(f"{what}: training loss", got, ((expected - target) ** 2).sum(), dtype=loop.dtype, size=size)
+    grads, _ = attention_backward(layer, params, tape, 2 * (expected - target))
+    compare_states(f"{what}: gradient", loop.gradients(), {f"attend.{key}": value for key, value in grads.items()},
+                   dtype=loop.dtype, size=8 * size)  # fmt: skip

@@ -1,0 +1,303 @@
+"""Attention layers (MultiheadAttention, TransformerEncoderLayer, TransformerEncoder, PositionalEncoding)
+on every backend against ``torch.nn``'s own modules: 20 training steps from the same weights within
+PyTorch's own float32 drift (``tests/torch_reference.py``), float64 runs within the conformance formula,
+evaluation alike; masks as graph inputs; bad arguments and masks refused in one line."""
+
+import importlib
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import installed_backends
+from torch import nn
+from torch_reference import (
+    SEED,
+    assert_run_within_drift,
+    assert_within_drift,
+    drift_tolerances,
+    expected_run,
+    load_state,
+    torch_runs,
+)
+
+import unitrain as ut
+from unitrain.graph import Graph, Input, from_dict, to_dict
+from unitrain.loop import InputError
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+E, S, HEADS, FEEDFORWARD, CLASSES = 8, 5, 2, 16, 3
+STEPS, BATCH = 20, 4
+
+
+def model_spec(norm_first=True, activation="gelu", num_layers=1, causal=False) -> Graph:
+    """Positional encoding -> encoder (with a final LayerNorm) -> causal self-attention -> mean -> Linear;
+    the padding mask reaches every attention."""
+    x, padding = Input((S, E), "x"), Input((S,), "padding")
+    layer = ut.TransformerEncoderLayer(E, HEADS, FEEDFORWARD, activation=activation, batch_first=True,
+                                       norm_first=norm_first, causal=causal, seq_len=S, padding_mask=True)  # fmt: skip
+    modules = {
+        "pos": ut.PositionalEncoding(E, max_len=S, batch_first=True),
+        "enc": ut.TransformerEncoder(layer, num_layers, ut.LayerNorm(E)),
+        "attn": ut.MultiheadAttention(E, HEADS, batch_first=True, causal=True),
+        "head": ut.Linear(E, CLASSES),
+    }
+    h = modules["enc"](modules["pos"](x), padding)
+    h = modules["attn"](h, h, h, padding)
+    return Graph([x, padding], modules["head"](h.mean(dim=1)), modules)
+
+
+class TutorialPositionalEncoding(nn.Module):
+    """PyTorch's word_language_model ``PositionalEncoding`` without its dropout, batch first, its table
+    in float64 (the example's is float32) and not a ``state_dict`` entry."""
+
+    def __init__(self, d_model, max_len=5000):
+        super().__init__()
+        pe = torch.zeros(max_len, d_model, dtype=torch.float64)
+        position = torch.arange(0, max_len, dtype=torch.float64).unsqueeze(1)
+        div_term = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float64) * (-math.log(10000.0) / d_model))
+        pe[:, 0::2] = torch.sin(position * div_term)
+        pe[:, 1::2] = torch.cos(position * div_term)
+        self.register_buffer("pe", pe.unsqueeze(0), persistent=False)
+
+    def forward(self, x):
+        return x + self.pe[:, : x.size(1)]
+
+
+class Twin(nn.Module):
+    """``model_spec`` written with torch.nn's own modules."""
+
+    def __init__(self, norm_first=True, activation="gelu", num_layers=1, causal=False):
+        super().__init__()
+        self.causal = causal
+        self.pos = TutorialPositionalEncoding(E, max_len=S)
+        layer = nn.TransformerEncoderLayer(E, HEADS, FEEDFORWARD, dropout=0.0, activation=activation,
+                                           batch_first=True, norm_first=norm_first)  # fmt: skip
+        self.enc = nn.TransformerEncoder(layer, num_layers, nn.LayerNorm(E), enable_nested_tensor=False)
+        self.attn = nn.MultiheadAttention(E, HEADS, batch_first=True)
+        self.head = nn.Linear(E, CLASSES)
+
+    def forward(self, x, padding):
+        mask = padding != 0
+        causal = torch.ones(S, S, dtype=torch.bool).triu(1)
+        if self.causal:
+            h = self.enc(self.pos(x), mask=causal, src_key_padding_mask=mask, is_causal=True)
+        else:
+            h = self.enc(self.pos(x), src_key_padding_mask=mask)
+        h = self.attn(h, h, h, key_padding_mask=mask, attn_mask=causal, need_weights=False)[0]
+        return self.head(h.mean(1))
+
+
+def _batches():
+    """Sequences padded at their ends (lengths 2..5), so no causal query loses every key."""
+    rng = np.random.default_rng(SEED)
+    batches = []
+    for _ in range(STEPS):
+        x = rng.standard_normal((BATCH, S, E)).astype(np.float32)
+        lengths = rng.integers(2, S + 1, BATCH)
+        padding = (np.arange(S) >= lengths[:, None]).astype(np.float32)
+        batches.append(((x, padding), rng.integers(0, CLASSES, BATCH)))
+    return batches
+
+
+@pytest.fixture(scope="module")
+def case():
+    spec, batches = model_spec(), _batches()
+    initial = ut.init_weights(spec, SEED)
+    runs = torch_runs(lambda dtype: load_state(Twin().to(dtype), initial),
+                      lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, foreach=False), batches)  # fmt: skip
+    return spec, batches, runs
+
+
+def _loop(backend, spec, dtype):
+    module = importlib.import_module(f"unitrain.backends.{backend}")
+    cls = next(value for value in vars(module).values() if isinstance(value, type) and getattr(value, "name", None)
+               == backend and issubclass(value, ut.TrainingLoop))  # fmt: skip
+    return cls(spec, optimizer=ut.SGD(lr=0.1, momentum=0.9), seed=SEED, dtype=dtype)
+
+
+#: float64 where the backend has it (torch's float64 run is the reference itself)
+DTYPES = {"numpy": ("float32", "float64"), "torch": ("float32",), "chainer": ("float32", "float64"),
+          "mindspore": ("float32",)}  # fmt: skip
+#: the longest sum of one step: the feed-forward weight gradient adds batch x steps terms of width 16
+SIZE = BATCH * S * FEEDFORWARD
+
+
+@pytest.mark.parametrize("backend", installed_backends())
+def test_trains_and_evaluates_like_torch_nn(case, backend):
+    """20 SGD-momentum steps from the same weights: losses, weights and momentum buffers within PyTorch's
+    own float32 drift of its float64 run (float64: within the conformance formula), then eval outputs alike.
+    One case, so MindSpore compiles one step and one forward."""
+    spec, batches, runs = case
+    assert list(spec.state_shapes()) == list(Twin().state_dict())
+    for dtype in DTYPES[backend]:
+        loop = _loop(backend, spec, dtype)
+        losses = [loop.to_float(loop.step(((x.astype(dtype), m.astype(dtype)), y))) for (x, m), y in batches]
+        assert_run_within_drift(loop, losses, runs, dtype, SIZE)
+    x = batches[-1][0]
+    trained = {key: value.astype(np.float64) for key, value in loop.state_dict().items()}
+    outputs = []
+    for dtype in (torch.float32, torch.float64):
+        model = load_state(Twin().to(dtype).eval(), trained)
+        with torch.no_grad():
+            outputs.append({"out": model(*(torch.from_numpy(part).to(dtype) for part in x)).numpy()})
+    tolerances = drift_tolerances(outputs[:1], outputs[1], x[0].size)
+    assert_within_drift({"out": loop.predict(x).astype(np.float32)}, outputs[0], tolerances)
+
+
+@pytest.mark.parametrize("variant", [{"norm_first": False, "activation": "relu", "num_layers": 2, "causal": True}])
+def test_numpy_post_norm_stack_matches_torch_nn_in_float64(variant):
+    """The other encoder arrangement (post-norm, ReLU, two causal layers: PyTorch's ``is_causal`` with the
+    square subsequent mask) through NumPy's hand-written backward."""
+    spec, batches = model_spec(**variant), _batches()[:5]
+    initial = ut.init_weights(spec, SEED)
+    runs = torch_runs(lambda dtype: load_state(Twin(**variant).to(dtype), initial),
+                      lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, foreach=False), batches)  # fmt: skip
+    loop = _loop("numpy", spec, "float64")
+    losses = [loop.to_float(loop.step(batch)) for batch in batches]
+    expected, tolerances = expected_run(runs, "float64", SIZE)
+    assert_within_drift({"loss": np.array(losses)}, expected.losses, tolerances.losses)
+    assert_within_drift(loop.state_dict(), expected.state, tolerances.state)
+
+
+class TimeFirstSelfAttention(nn.Module):
+    """``MultiheadAttention`` in a Sequential: time first, self-attention on its one input."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn, self.head = nn.MultiheadAttention(E, HEADS, bias=False), nn.Linear(3 * E, CLASSES)
+
+    def forward(self, x):
+        return self.head(self.attn(x, x, x, need_weights=False)[0].flatten(1))
+
+
+class CrossAttention(nn.Module):
+    """Queries from one input, keys and values from another of another length."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn, self.head = nn.MultiheadAttention(E, HEADS, batch_first=True), nn.Linear(E, CLASSES)
+
+    def forward(self, query, memory):
+        return self.head(self.attn(query, memory, memory, need_weights=False)[0].mean(1))
+
+
+def _cross_attention_spec():
+    query, memory = Input((3, E), "query"), Input((S, E), "memory")
+    attn, head = ut.MultiheadAttention(E, HEADS, batch_first=True), ut.Linear(E, CLASSES)
+    return Graph([query, memory], head(attn(query, memory, memory).mean(dim=1)), {"attn": attn, "head": head})
+
+
+OTHER_CASES = {  # name -> (spec, twin, batch of x)
+    "time_first_self_attention": (
+        lambda: ut.Sequential({"attn": ut.MultiheadAttention(E, HEADS, bias=False), "flatten": ut.Flatten(),
+                               "head": ut.Linear(3 * E, CLASSES)}),  # the loop's samples are time steps of 3
+        TimeFirstSelfAttention, lambda rng: rng.standard_normal((S, 3, E)),
+    ),
+    "cross_attention": (
+        _cross_attention_spec, CrossAttention,
+        lambda rng: (rng.standard_normal((BATCH, 3, E)), rng.standard_normal((BATCH, S, E))),
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", [name for name in installed_backends() if name in ("numpy", "chainer")])
+@pytest.mark.parametrize("name", OTHER_CASES)
+def test_time_first_and_cross_attention_match_torch_nn_in_float64(name, backend):
+    """MultiheadAttention without batch_first in a Sequential (self-attention), and with queries and keys of
+    different lengths: five SGD-momentum steps within the conformance formula of torch.nn's float64 run."""
+    make_spec, twin, make_x = OTHER_CASES[name]
+    spec, rng = make_spec(), np.random.default_rng(SEED)
+    batches = [(make_x(rng), rng.integers(0, CLASSES, S if name.startswith("time") else BATCH)) for _ in range(5)]
+    initial = ut.init_weights(spec, SEED)
+    runs = torch_runs(lambda dtype: load_state(twin().to(dtype), initial),
+                      lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, foreach=False), batches)  # fmt: skip
+    loop = _loop(backend, spec, "float64")
+    assert list(loop.state_dict()) == list(twin().state_dict())
+    assert_run_within_drift(loop, [loop.to_float(loop.step(batch)) for batch in batches], runs, "float64", SIZE)
+
+
+def test_state_keys_init_and_serialisation_are_torch_s():
+    mha = ut.MultiheadAttention(E, HEADS)
+    assert mha.param_shapes() == {
+        key: tuple(v.shape) for key, v in nn.MultiheadAttention(E, HEADS).state_dict().items()
+    }
+    layer = ut.TransformerEncoderLayer(16, 4, 32, batch_first=True, norm_first=True, activation="gelu")
+    twin = nn.TransformerEncoderLayer(16, 4, 32, batch_first=True, norm_first=True, activation="gelu")
+    assert layer.state_shapes() == {key: tuple(value.shape) for key, value in twin.state_dict().items()}
+    state = ut.init_weights(ut.Sequential(ut.MultiheadAttention(64, 4)), 0)
+    bound = math.sqrt(6 / (64 + 3 * 64))  # xavier_uniform_ of the (3E, E) in_proj_weight
+    assert 0.95 * bound < np.abs(state["0.in_proj_weight"]).max() <= bound
+    assert 0.95 / 8 < np.abs(state["0.out_proj.weight"]).max() <= 1 / 8  # the Linear's U(-1/sqrt(E), 1/sqrt(E))
+    assert not state["0.in_proj_bias"].any() and not state["0.out_proj.bias"].any()
+    spec = model_spec()
+    assert from_dict(to_dict(spec)) == spec and repr(spec.enc).startswith("TransformerEncoder(encoder_layer=")
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: ut.MultiheadAttention(10, 3), "embed_dim 10 must be divisible by num_heads 3"),
+        (lambda: ut.TransformerEncoderLayer(10, 4), "embed_dim 10 must be divisible by num_heads 4"),
+        (lambda: ut.TransformerEncoderLayer(8, 2, activation="tanh"), "activation must be 'relu' or 'gelu'"),
+        (lambda: ut.MultiheadAttention(8, 2, dropout=0.1), "dropout must be 0"),
+        (lambda: ut.TransformerEncoder(ut.LayerNorm(8), 2), "encoder_layer must be a TransformerEncoderLayer"),
+        (
+            lambda: ut.MultiheadAttention(8, 2)(
+                Input((3, 8)), Input((3, 8), "k"), Input((3, 8), "v"), Input((3,), "m")
+            ),
+            "a key padding mask needs batch_first=True",
+        ),
+        (
+            lambda: ut.MultiheadAttention(8, 2, batch_first=True)(*(Input((3, 8), n) for n in "qkv"), Input((4,), "m")),
+            r"key_padding_mask must have per-sample shape \(3,\) \(one entry per key\), got \(4,\)",
+        ),
+    ],
+)
+def test_bad_arguments_and_masks(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_a_mask_of_the_wrong_length_is_refused_before_any_framework_work():
+    from unitrain.backends.numpy import NumpyLoop
+
+    loop = NumpyLoop(model_spec())
+    x = np.zeros((2, S, E), np.float32)
+    with pytest.raises(InputError, match=r"key_padding_mask must have per-sample shape \(5,\).*got \(4,\)"):
+        loop.step(((x, np.zeros((2, 4), np.float32)), np.array([0, 1])))
+    assert loop.step_count == 0
+
+
+def test_token_ids_beside_a_mask_stay_integers_and_are_checked():
+    from unitrain.backends.numpy import NumpyLoop
+
+    tokens, padding = Input((4,), "tokens"), Input((4,), "padding")
+    embedding, attn = ut.Embedding(6, E), ut.MultiheadAttention(E, HEADS, batch_first=True)
+    h = embedding(tokens)
+    loop = NumpyLoop(Graph([tokens, padding], attn(h, h, h, padding), {"embedding": embedding, "attn": attn}))
+    mask = np.array([[0, 0, 0, 1]], np.float32)
+    assert loop.predict((np.array([[1, 5, 2, 0]]), mask)).shape == (1, 4, E)
+    with pytest.raises(InputError, match=r"^input .tokens.: embedding: .* token id 6 is out of range; expected 0..5$"):
+        loop.predict((np.array([[1, 6, 2, 0]]), mask))
+    with pytest.raises(InputError, match="expects integer token ids, got float32 input"):
+        loop.predict((np.array([[1, 5, 2, 0]], np.float32), mask))
+
+
+def test_the_command_refuses_indivisible_heads_in_one_line(tmp_path):
+    (tmp_path / "attention.py").write_text(
+        "import unitrain as ut\n\n\n"
+        "def model():\n    return ut.Sequential(ut.MultiheadAttention(10, 3, batch_first=True), ut.Flatten())\n"
+    )
+    rng = np.random.default_rng(0)
+    arrays = {f"{kind}_{split}": value for split in ("train", "test")
+              for kind, value in (("x", rng.standard_normal((8, 4, 10)).astype(np.float32)),
+                                  ("y", rng.integers(0, 3, 8)))}  # fmt: skip
+    np.savez(tmp_path / "data.npz", **arrays)
+    command = ["train", "--dataset", "data.npz", "--model", "attention:model", "--backend", "mindspore"]
+    result = subprocess.run([sys.executable, "-m", "unitrain", *command], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2 and result.stdout == ""  # nothing announced: no loop was built
+    assert result.stderr.count("\n") == 1 and "embed_dim 10 must be divisible by num_heads 3" in result.stderr

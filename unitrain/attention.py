@@ -1,0 +1,291 @@
+"""Layer specs for attention: multi-head attention, Transformer encoders, positional encodings.
+
+As :mod:`unitrain.layers`: PyTorch's class names, arguments, equations and ``state_dict`` keys
+(``torch.nn.MultiheadAttention``, ``TransformerEncoderLayer``, ``TransformerEncoder``; the
+sinusoidal table of PyTorch's word_language_model example). A spec holds no weights.
+
+Masks are inputs, as in PyTorch's ``forward``: in a :class:`~unitrain.graph.Graph`, a
+``MultiheadAttention`` is called on ``(query, key, value)`` or ``(query, key, value,
+key_padding_mask)``, an encoder (layer) on ``(src,)`` or ``(src, src_key_padding_mask)``; the mask
+is a graph input of per-sample shape ``(S,)`` whose non-zero entries mark the keys to ignore
+(PyTorch's boolean ``True``). The causal mask (PyTorch's ``is_causal`` with the triangular
+``attn_mask``) is the spec's ``causal`` flag, fixed when the model is built. Called on one input
+(inside a ``Sequential``), ``MultiheadAttention`` is self-attention: ``query = key = value``.
+
+The encoders are graphs themselves (their modules and nodes are PyTorch's submodules and
+``forward``), so every backend that runs graphs, ``MultiheadAttention``, ``Linear`` and
+``LayerNorm`` runs them natively.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .graph import Graph, Input
+from .layers import GELU, Layer, LayerNorm, Linear, ReLU, Sequential, Shape, _positive_int
+
+
+def _flag(spec_name: str, name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{spec_name}: {name} must be True or False, got {value!r}")
+
+
+def _no_dropout(spec_name: str, dropout) -> float:
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or dropout != 0:
+        raise ValueError(
+            f"{spec_name}: dropout must be 0 (dropout inside attention is not supported yet; "
+            f"add Dropout layers around it), got {dropout!r}"
+        )
+    return 0.0
+
+
+@dataclass(frozen=True)
+class MultiheadAttention(Layer):
+    """Scaled dot-product attention over ``num_heads`` heads of ``embed_dim // num_heads`` features
+    (``torch.nn.MultiheadAttention`` with ``kdim = vdim = embed_dim``, ``need_weights=False``)::
+
+        q, k, v = query @ W_q.T + b_q, key @ W_k.T + b_k, value @ W_v.T + b_v   # W = in_proj_weight rows
+        head_h = softmax(q_h @ k_h.T / sqrt(d) + mask) @ v_h                      # d = embed_dim // num_heads
+        out = concat(head_1 .. head_H) @ out_proj.weight.T + out_proj.bias
+
+    ``mask`` is ``-inf`` where the key is padding (``key_padding_mask`` non-zero) or, with
+    ``causal``, where the key comes after the query (``attn_mask = triu(-inf, 1)``); a query whose
+    keys are all masked gives NaN, as in PyTorch. Weights: ``in_proj_weight`` ``(3E, E)``
+    (Xavier-uniform), ``in_proj_bias`` ``(3E,)`` and ``out_proj.bias`` zeros, ``out_proj.weight``
+    ``(E, E)`` as a Linear's. Per-sample shapes with ``batch_first``: query ``(L, E)``, key and
+    value ``(S, E)``, ``key_padding_mask`` ``(S,)``; output ``(L, E)``. Without ``batch_first`` the
+    loop's axis 0 is the sequence axis (as for the recurrent layers) and no key padding mask fits.
+    ``dropout`` (on the attention weights) must be 0 for now."""
+
+    embed_dim: int
+    num_heads: int
+    dropout: float = 0.0
+    bias: bool = True
+    batch_first: bool = False
+    causal: bool = False
+
+    def __post_init__(self):
+        _positive_int("MultiheadAttention", "embed_dim", self.embed_dim)
+        _positive_int("MultiheadAttention", "num_heads", self.num_heads)
+        if self.embed_dim % self.num_heads:
+            raise ValueError(
+                f"MultiheadAttention: embed_dim {self.embed_dim} must be divisible by num_heads {self.num_heads}"
+            )
+        object.__setattr__(self, "dropout", _no_dropout("MultiheadAttention", self.dropout))
+        for name in ("bias", "batch_first", "causal"):
+            _flag("MultiheadAttention", name, getattr(self, name))
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    def param_shapes(self):
+        e = self.embed_dim
+        shapes = {"in_proj_weight": (3 * e, e)}
+        if self.bias:
+            shapes["in_proj_bias"] = (3 * e,)
+        shapes["out_proj.weight"] = (e, e)
+        if self.bias:
+            shapes["out_proj.bias"] = (e,)
+        return shapes
+
+    def initial_weights(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """PyTorch's ``_reset_parameters``: Xavier-uniform ``in_proj_weight`` (fan_in E, fan_out 3E),
+        zero biases; ``out_proj.weight`` keeps its Linear's ``U(-1/sqrt(E), 1/sqrt(E))``."""
+        e = self.embed_dim
+        bound = math.sqrt(6.0 / (e + 3 * e))
+        drawn = {"in_proj_weight": rng.uniform(-bound, bound, (3 * e, e))}
+        drawn["out_proj.weight"] = rng.uniform(-1 / math.sqrt(e), 1 / math.sqrt(e), (e, e))
+        if self.bias:
+            drawn["in_proj_bias"], drawn["out_proj.bias"] = np.zeros(3 * e), np.zeros(e)
+        return {key: drawn[key].astype(np.float32) for key in self.param_shapes()}
+
+    def output_shape(self, input_shape):
+        return self.output_shape_of((input_shape,))
+
+    def output_shape_of(self, shapes: tuple[Shape, ...]) -> Shape:
+        """The output's per-sample shape for inputs ``(x,)``, ``(query, key, value)`` or
+        ``(query, key, value, key_padding_mask)``; ``ValueError`` naming the input that does not fit."""
+        if len(shapes) not in (1, 3, 4):
+            raise ValueError(f"{self} takes (query), (query, key, value) or (query, key, value, key_padding_mask), "
+                             f"got {len(shapes)} inputs")  # fmt: skip
+        query, key, value = (shapes * 3)[:3] if len(shapes) == 1 else shapes[:3]
+        for name, shape in (("query", query), ("key", key), ("value", value)):
+            if len(shape) != 2 or shape[-1] != self.embed_dim:
+                axes = "(L, E)" if self.batch_first else "(N, E), sequence first"
+                raise ValueError(f"{self} expects per-sample {name} {axes} with E={self.embed_dim}, "
+                                 f"got per-sample shape {tuple(shape)}")  # fmt: skip
+        if key[0] != value[0]:
+            raise ValueError(f"{self}: key and value must have the same length, got {key} and {value}")
+        if self.causal and query[0] != key[0]:
+            raise ValueError(f"{self}: a causal mask needs as many queries as keys, got {query} and {key}")
+        if len(shapes) == 4:
+            if not self.batch_first:
+                raise ValueError(f"{self}: a key padding mask needs batch_first=True (its axis 0 is the batch)")
+            if tuple(shapes[3]) != (key[0],):
+                raise ValueError(f"{self}: key_padding_mask must have per-sample shape ({key[0]},) (one entry "
+                                 f"per key), got {tuple(shapes[3])}")  # fmt: skip
+        return tuple(query)
+
+    def fan_in(self):
+        return self.embed_dim
+
+
+@dataclass(frozen=True)
+class PositionalEncoding(Layer):
+    """``x + pe[:T]`` with PyTorch's word_language_model table: ``pe[t, 2i] = sin(t / 10000^(2i/d))``,
+    ``pe[t, 2i+1] = cos(t / 10000^(2i/d))``. Input ``(T, N, d_model)`` (``batch_first``:
+    ``(N, T, d_model)``), at most ``max_len`` steps. The example's ``dropout`` is a
+    :class:`~unitrain.layers.Dropout` after it, and its fixed table is computed, not a
+    ``state_dict`` buffer (``pe``)."""
+
+    d_model: int
+    max_len: int = 5000
+    batch_first: bool = False
+
+    def __post_init__(self):
+        _positive_int("PositionalEncoding", "d_model", self.d_model)
+        _positive_int("PositionalEncoding", "max_len", self.max_len)
+        _flag("PositionalEncoding", "batch_first", self.batch_first)
+
+    def table(self, length: int) -> np.ndarray:
+        """``pe[:length]`` in float64, ``(length, d_model)``, computed as the example does (in float32
+        there; the backends round this table to their dtype)."""
+        position = np.arange(length, dtype=np.float64)[:, None]
+        div_term = np.exp(np.arange(0, self.d_model, 2, dtype=np.float64) * (-math.log(10000.0) / self.d_model))
+        pe = np.zeros((length, self.d_model))
+        pe[:, 0::2] = np.sin(position * div_term)
+        pe[:, 1::2] = np.cos(position * div_term)[:, : self.d_model // 2]
+        return pe
+
+    def output_shape(self, input_shape):
+        if len(input_shape) != 2 or input_shape[-1] != self.d_model:
+            raise ValueError(f"{self} expects per-sample input (T, d_model={self.d_model}) with batch_first, "
+                             f"else (N, d_model), got per-sample shape {tuple(input_shape)}")  # fmt: skip
+        if self.batch_first and input_shape[0] > self.max_len:
+            raise ValueError(f"{self}: {input_shape[0]} steps exceed max_len {self.max_len}")
+        return tuple(input_shape)
+
+
+_ACTIVATIONS = {"relu": ReLU, "gelu": GELU}
+
+
+class _Encoder(Graph):
+    """A graph built from PyTorch's arguments, shown and serialised as those arguments."""
+
+    def _arguments(self) -> dict:
+        return dict(self.__dict__["arguments"])
+
+    def __repr__(self):
+        arguments = ", ".join(f"{key}={value!r}" for key, value in self._arguments().items())
+        return f"{type(self).__name__}({arguments})"
+
+    __str__ = __repr__
+
+    def __reduce__(self):
+        return _rebuild, (type(self).__name__, self._arguments())
+
+
+def _rebuild(kind: str, arguments: dict):
+    return ENCODERS[kind](**arguments)
+
+
+def _set_arguments(graph: Graph, arguments: dict) -> None:
+    object.__setattr__(graph, "arguments", tuple(arguments.items()))
+
+
+@dataclass(frozen=True, init=False, eq=True, repr=False)
+class TransformerEncoderLayer(_Encoder):
+    """One encoder block, ``torch.nn.TransformerEncoderLayer`` (keys ``self_attn.in_proj_weight``,
+    ``linear1.weight``, ``norm1.weight``, ...)::
+
+        post-norm:  x = norm1(x + self_attn(x, x, x)); x = norm2(x + linear2(activation(linear1(x))))
+        norm_first: x = x + self_attn(norm1(x)); x = x + linear2(activation(linear1(norm2(x))))
+
+    Called on ``(src,)`` or ``(src, src_key_padding_mask)`` (``batch_first`` only); ``causal``
+    masks later keys (PyTorch's ``is_causal`` with the square subsequent mask). ``dropout`` must
+    be 0 for now (PyTorch's default is 0.1)."""
+
+    def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.0,
+                 activation: str = "relu", layer_norm_eps: float = 1e-5, batch_first: bool = False,
+                 norm_first: bool = False, bias: bool = True, causal: bool = False, seq_len: int = 1,
+                 padding_mask: bool = False):  # fmt: skip
+        """``seq_len`` is the per-sample length the graph's shapes are inferred with (any other
+        length runs too); ``padding_mask``: whether the layer takes ``src_key_padding_mask``."""
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"TransformerEncoderLayer: activation must be 'relu' or 'gelu', got {activation!r}")
+        _flag("TransformerEncoderLayer", "norm_first", norm_first)
+        _flag("TransformerEncoderLayer", "padding_mask", padding_mask)
+        _positive_int("TransformerEncoderLayer", "dim_feedforward", dim_feedforward)
+        _positive_int("TransformerEncoderLayer", "seq_len", seq_len)
+        dropout = _no_dropout("TransformerEncoderLayer", dropout)
+        attention = MultiheadAttention(d_model, nhead, dropout, bias, batch_first, causal)
+        modules = {
+            "self_attn": attention,
+            "linear1": Linear(d_model, dim_feedforward, bias=bias),
+            "linear2": Linear(dim_feedforward, d_model, bias=bias),
+            "norm1": LayerNorm(d_model, eps=layer_norm_eps),
+            "norm2": LayerNorm(d_model, eps=layer_norm_eps),
+        }
+        src = Input((seq_len, d_model), "src")
+        inputs = [src]
+        if padding_mask:
+            inputs.append(Input((seq_len,), "src_key_padding_mask"))
+        masks = inputs[1:]
+        act = _ACTIVATIONS[activation]()
+
+        def attend(x):
+            return modules["self_attn"](x, x, x, *masks)
+
+        def feed_forward(x):
+            return modules["linear2"](act(modules["linear1"](x)))
+
+        x = src
+        if norm_first:
+            x = x + attend(modules["norm1"](x))
+            x = x + feed_forward(modules["norm2"](x))
+        else:
+            x = modules["norm1"](x + attend(x))
+            x = modules["norm2"](x + feed_forward(x))
+        Graph.__init__(self, inputs, x, modules)
+        _set_arguments(self, dict(d_model=d_model, nhead=nhead, dim_feedforward=dim_feedforward, dropout=dropout,
+                                  activation=activation, layer_norm_eps=layer_norm_eps, batch_first=batch_first,
+                                  norm_first=norm_first, bias=bias, causal=causal, seq_len=seq_len,
+                                  padding_mask=padding_mask))  # fmt: skip
+
+
+@dataclass(frozen=True, init=False, eq=True, repr=False)
+class TransformerEncoder(_Encoder):
+    """``num_layers`` copies of ``encoder_layer`` (each with its own weights: ``layers.0.*``,
+    ``layers.1.*``, ...) and an optional final ``norm`` (a LayerNorm, ``norm.*``), as
+    ``torch.nn.TransformerEncoder``. PyTorch's layers start as deep copies of one layer (equal
+    weights); :func:`unitrain.init_weights` draws each layer's own. The padding mask reaches every
+    layer."""
+
+    def __init__(self, encoder_layer: TransformerEncoderLayer, num_layers: int, norm: LayerNorm | None = None):
+        if not isinstance(encoder_layer, TransformerEncoderLayer):
+            raise ValueError(f"TransformerEncoder: encoder_layer must be a TransformerEncoderLayer, "
+                             f"got {encoder_layer!r}")  # fmt: skip
+        _positive_int("TransformerEncoder", "num_layers", num_layers)
+        if norm is not None and not isinstance(norm, LayerNorm):
+            raise ValueError(f"TransformerEncoder: norm must be None or a LayerNorm, got {norm!r}")
+        inputs = [Input(shape, name) for name, shape in encoder_layer.inputs]
+        stack = Sequential(*[TransformerEncoderLayer(**encoder_layer._arguments()) for _ in range(num_layers)])
+        x = inputs[0]
+        for _, block in stack.children:
+            x = block(x, *inputs[1:])
+        modules = {"layers": stack}
+        if norm is not None:
+            modules["norm"] = norm
+            x = norm(x)
+        Graph.__init__(self, inputs, x, modules)
+        _set_arguments(self, dict(encoder_layer=encoder_layer, num_layers=num_layers, norm=norm))
+
+
+#: the encoders by name (for :func:`unitrain.graph.from_dict` and pickling)
+ENCODERS = {"TransformerEncoderLayer": TransformerEncoderLayer, "TransformerEncoder": TransformerEncoder}
+#: the attention module's leaf layers by name
+LEAVES = {"MultiheadAttention": MultiheadAttention, "PositionalEncoding": PositionalEncoding}

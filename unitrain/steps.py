@@ -1,0 +1,562 @@
+"""A training step over several models and several optimizers, written once for every backend.
+
+A GAN's step is two losses, each stepping its own optimizer, over two models that call each
+other; a VAE's is one loss over a model with three outputs and random noise. A
+:class:`MultiStep` says such a step as data:
+
+- ``models``: named model specs (``Sequential`` or :class:`~unitrain.graph.Graph`);
+- ``optimizers``: named optimizer specs, each over the parameters of chosen models;
+- ``phases``: in order, each a :class:`Phase`: a loss (an expression of model calls) and the
+  optimizer it steps.
+
+API summary::
+
+    from unitrain import steps
+    from unitrain.optim import Adam
+
+    gen, disc = steps.Model("generator"), steps.Model("discriminator")
+    real = steps.batch()                          # the batch's x
+    fake = gen(steps.normal((16, 1, 1)))          # noise drawn from the step's seeded stream
+    step = steps.MultiStep(
+        models={"generator": g_spec, "discriminator": d_spec},
+        optimizers={"d": steps.OptimizerOver(Adam(2e-4, betas=(0.5, 0.999)), ["discriminator"]),
+                    "g": steps.OptimizerOver(Adam(2e-4, betas=(0.5, 0.999)), ["generator"])},
+        phases=[steps.Phase("discriminator", steps.bce(disc(real), 1.0)
+                            + steps.bce(disc(steps.detach(fake)), 0.0), "d"),
+                steps.Phase("generator", steps.bce(disc(fake), 1.0), "g")],
+    )
+    loop = steps.MultiModelLoop(step, backend="torch", seed=0)
+    losses = loop.step(x)                         # {"discriminator": 1.38, "generator": 0.69}
+
+Losses are expressions of :mod:`unitrain.expr` (the CustomLoss language: arithmetic,
+``sum``/``mean``, ``expr.log``, ...) whose leaves are extended here with:
+
+- ``("batch",)``: the batch's inputs (:func:`batch`);
+- ``("noise", kind, index, shape)``: a per-sample ``shape`` of standard normal or uniform [0, 1)
+  values (:func:`normal`, :func:`uniform`), drawn by the core from the step's own seeded NumPy
+  stream, one array per leaf per step in ``index`` order, and handed to every backend: every
+  backend sees the same noise, and a checkpoint holds the stream's state;
+- ``("call", model, *arguments)``: a model called on expressions (``Model(name)(a, b)``);
+  ``("output", index, call)`` picks one output of a model with several;
+- ``("detach", a)``: ``a`` without its gradient (``tensor.detach()``).
+
+Evaluation rules, the same on every backend:
+
+- A phase zeroes the gradients of its optimizer's models, evaluates its loss (each distinct
+  sub-expression once), back-propagates with the backend's own autograd, and steps its optimizer.
+- A value computed in an earlier phase of the same step is reused as long as no model it calls
+  has been updated since, and computed afresh otherwise: a GAN's ``fake = G(z)`` runs once per step
+  (as the PyTorch tutorial's), and ``D(fake)`` after D's update runs with D's new weights. A
+  module in training mode updates BatchNorm statistics at each call it makes, as in PyTorch.
+
+Construction refuses in one line (``ValueError``): a model given twice (one name twice, or one
+spec under two names), an optimizer over no parameters, a model in two optimizers, a phase with
+no optimizer, a loss that does not depend (other than through ``detach``) on a model its
+optimizer updates, an unknown model or optimizer name, a loss that is not a scalar.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import expr
+from .expr import Expr, Node
+from .layers import Container
+from .optim import Optimizer, optimizer_from_config
+
+#: the kinds of noise a step draws
+NOISE_KINDS = ("normal", "uniform")
+
+_noise_counter = itertools.count()
+
+
+def batch() -> Expr:
+    """The batch's inputs ``x``, as the data gives them."""
+    return Expr(("batch",))
+
+
+def _noise(kind: str, shape) -> Expr:
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    if not shape or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape):
+        raise ValueError(f"{kind}: shape must be per-sample sizes (positive integers), got {shape}")
+    return Expr(("noise", kind, next(_noise_counter), shape))
+
+
+def normal(shape) -> Expr:
+    """Standard normal noise of per-sample ``shape`` (``torch.randn(N, *shape)``), new at each step."""
+    return _noise("normal", shape)
+
+
+def uniform(shape) -> Expr:
+    """Uniform noise in [0, 1) of per-sample ``shape`` (``torch.rand(N, *shape)``), new at each step."""
+    return _noise("uniform", shape)
+
+
+def detach(value) -> Expr:
+    """``value`` with its gradient stopped (``tensor.detach()``)."""
+    return Expr(("detach", expr._operand(value)))
+
+
+def bce(probabilities, target, reduction: str = "mean") -> Expr:
+    """PyTorch's ``F.binary_cross_entropy(p, t, reduction=...)`` (logarithms floored at -100) as an
+    expression; ``target`` may be a number (a GAN's real/fake label)."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"bce: reduction must be 'mean' or 'sum', got {reduction!r}")
+    floor = -100.0
+    p = probabilities
+    terms = -(target * expr.maximum(expr.log(p), floor) + (1 - target) * expr.maximum(expr.log(1 - p), floor))
+    return terms.mean() if reduction == "mean" else terms.sum()
+
+
+class Model:
+    """A named model of a :class:`MultiStep`; calling it records a call. ``outputs``: how many
+    outputs the model has (a call then returns a tuple of that many expressions)."""
+
+    def __init__(self, name: str, outputs: int = 1):
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(f"Model: name must be an identifier, got {name!r}")
+        if isinstance(outputs, bool) or not isinstance(outputs, int) or outputs < 1:
+            raise ValueError(f"Model {name!r}: outputs must be a positive integer, got {outputs!r}")
+        self.name, self.outputs = name, outputs
+
+    def __call__(self, *arguments) -> Expr | tuple[Expr, ...]:
+        if not arguments:
+            raise ValueError(f"Model {self.name!r}: a call needs at least one input")
+        call = ("call", self.name, *(expr._operand(argument) for argument in arguments))
+        if self.outputs == 1:
+            return Expr(call)
+        return tuple(Expr(("output", index, call)) for index in range(self.outputs))
+
+
+def split(node: Node) -> tuple[str, tuple[Node, ...], dict]:
+    """``(op, children, static arguments)`` of any node: this module's and :mod:`unitrain.expr`'s."""
+    op = node[0]
+    if op == "batch":
+        return op, (), {}
+    if op == "noise":
+        return op, (), {"kind": node[1], "index": node[2], "shape": node[3]}
+    if op == "detach":
+        return op, (node[1],), {}
+    if op == "call":
+        return op, node[2:], {"model": node[1]}
+    if op == "output":
+        return op, (node[2],), {"index": node[1]}
+    if op not in expr.ARITY or op in ("pred", "target"):  # a CustomLoss's leaves mean nothing here
+        raise ValueError(f"unknown operation {op!r}")
+    return expr.split(node)
+
+
+def postorder(roots: Iterable[Node]) -> list[Node]:
+    """Every distinct node under ``roots``, each after its children (the order to compute them)."""
+    order, seen = [], set()
+
+    def visit(node):
+        if node in seen:
+            return
+        seen.add(node)
+        for child in split(node)[1]:
+            visit(child)
+        order.append(node)
+
+    for root in roots:
+        visit(root)
+    return order
+
+
+def differentiable_models(node: Node) -> frozenset[str]:
+    """The models whose parameters ``node``'s gradient reaches (``detach`` stops it)."""
+    op, children, static = split(node)
+    if op == "detach":
+        return frozenset()
+    reached = frozenset({static["model"]}) if op == "call" else frozenset()
+    return reached.union(*(differentiable_models(child) for child in children))
+
+
+def noise_leaves(roots: Iterable[Node]) -> list[Node]:
+    """The noise leaves under ``roots``, in the order they are drawn (their index)."""
+    return sorted((node for node in postorder(roots) if node[0] == "noise"), key=lambda node: node[2])
+
+
+def _is_scalar(node: Node) -> bool:
+    op, children, static = split(node)
+    if op in ("batch", "noise", "call", "output"):
+        return False
+    if op == "const":
+        return True
+    if op in ("sum", "mean"):
+        return static["axis"] is None or _is_scalar(children[0])
+    return all(_is_scalar(child) for child in children)
+
+
+@dataclass(frozen=True)
+class OptimizerOver:
+    """An optimizer spec over the parameters of ``models`` (names of the step's models)."""
+
+    optimizer: Optimizer
+    models: tuple[str, ...]
+
+    def __post_init__(self):
+        if not isinstance(self.optimizer, Optimizer):
+            raise TypeError(f"OptimizerOver: expected a unitrain optimizer spec, got {self.optimizer!r}")
+        models = (self.models,) if isinstance(self.models, str) else tuple(self.models)
+        object.__setattr__(self, "models", models)
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One loss of the step and the optimizer it steps (``loss`` an expression, or its tree)."""
+
+    name: str
+    loss: Node
+    optimizer: str | None
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name.isidentifier():
+            raise ValueError(f"Phase: name must be an identifier, got {self.name!r}")
+        loss = self.loss.node if isinstance(self.loss, Expr) else self.loss
+        if not isinstance(loss, tuple):
+            raise TypeError(f"phase {self.name!r}: the loss must be an expression of model calls, got {loss!r}")
+        object.__setattr__(self, "loss", loss)
+
+
+@dataclass(frozen=True, init=False)
+class MultiStep:
+    """Named models, named optimizers over them, and the ordered phases of one step (module doc)."""
+
+    models: tuple[tuple[str, Container], ...]
+    optimizers: tuple[tuple[str, OptimizerOver], ...]
+    phases: tuple[Phase, ...]
+    #: the noise leaves of all phases, in drawing order
+    noise: tuple[Node, ...] = field(compare=False, repr=False)
+
+    def __init__(self, models, optimizers, phases: Sequence[Phase]):
+        models = _pairs(models, "model")
+        optimizers = _pairs(optimizers, "optimizer")
+        specs: dict[int, str] = {}
+        for name, spec in models:
+            if not isinstance(spec, Container):
+                raise TypeError(f"model {name!r} is {spec!r}, expected a unitrain Sequential or Graph")
+            if id(spec) in specs:
+                raise ValueError(f"one model spec is given twice, as {specs[id(spec)]!r} and {name!r}; "
+                                 "call one name twice to use one model twice")  # fmt: skip
+            specs[id(spec)] = name
+        names = dict(models)
+        owner: dict[str, str] = {}
+        for name, over in optimizers:
+            if not isinstance(over, OptimizerOver):
+                raise TypeError(f"optimizer {name!r} must be an OptimizerOver(optimizer, models), got {over!r}")
+            for model in over.models:
+                if model not in names:
+                    raise ValueError(f"optimizer {name!r} names model {model!r}; the models are {list(names)}")
+                if model in owner:
+                    raise ValueError(f"model {model!r} is in two optimizers, {owner[model]!r} and {name!r}")
+                owner[model] = name
+            if not any(names[model].param_shapes() for model in over.models):
+                raise ValueError(f"optimizer {name!r} has no parameters to update (models {list(over.models)})")
+        phases = tuple(phases)
+        if not phases:
+            raise ValueError("MultiStep: needs at least one phase")
+        optimizer_names = dict(optimizers)
+        for phase in phases:
+            if not isinstance(phase, Phase):
+                raise TypeError(f"MultiStep: phases must be Phase(name, loss, optimizer), got {phase!r}")
+            _check_phase(phase, names, optimizer_names)
+        if len({phase.name for phase in phases}) < len(phases):
+            raise ValueError(f"MultiStep: phase names must differ, got {[phase.name for phase in phases]}")
+        object.__setattr__(self, "models", models)
+        object.__setattr__(self, "optimizers", optimizers)
+        object.__setattr__(self, "phases", phases)
+        object.__setattr__(self, "noise", tuple(noise_leaves(phase.loss for phase in phases)))
+
+    def optimizer_models(self, optimizer: str) -> tuple[str, ...]:
+        return dict(self.optimizers)[optimizer].models
+
+    def to_dict(self) -> dict:
+        """JSON-ready: every model spec, optimizer and loss tree (tuples become lists)."""
+        from .graph import to_dict as layer_to_dict
+
+        return {
+            "models": [[name, layer_to_dict(spec)] for name, spec in self.models],
+            "optimizers": [[name, over.optimizer.to_config(), list(over.models)] for name, over in self.optimizers],
+            "phases": [[phase.name, _plain(phase.loss), phase.optimizer] for phase in self.phases],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> MultiStep:
+        from .graph import from_dict as layer_from_dict
+
+        return cls(
+            [(name, layer_from_dict(spec)) for name, spec in data["models"]],
+            [(name, OptimizerOver(optimizer_from_config(config), models)) for name, config, models in
+             data["optimizers"]],
+            [Phase(name, _tree(loss), optimizer) for name, loss, optimizer in data["phases"]],
+        )  # fmt: skip
+
+
+def _pairs(value, kind: str) -> tuple[tuple[str, object], ...]:
+    """A dict or a sequence of (name, value) pairs, refusing a name given twice."""
+    pairs = tuple(value.items()) if isinstance(value, Mapping) else tuple(tuple(pair) for pair in value)
+    seen = set()
+    for name, _ in pairs:
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(f"MultiStep: {kind} name must be an identifier, got {name!r}")
+        if name in seen:
+            raise ValueError(f"MultiStep: {kind} {name!r} is named twice")
+        seen.add(name)
+    if not pairs:
+        raise ValueError(f"MultiStep: needs at least one {kind}")
+    return pairs
+
+
+def _check_phase(phase: Phase, models: Mapping[str, Container], optimizers: Mapping[str, OptimizerOver]):
+    where = f"phase {phase.name!r}"
+    if phase.optimizer is None:
+        raise ValueError(f"{where} updates no parameters: give it the name of an optimizer")
+    if phase.optimizer not in optimizers:
+        raise ValueError(f"{where}: no optimizer {phase.optimizer!r}; the optimizers are {list(optimizers)}")
+    try:
+        order = postorder([phase.loss])
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
+    for node in order:
+        op, children, static = split(node)
+        if op == "noise" and static["kind"] not in NOISE_KINDS:
+            raise ValueError(f"{where}: noise of kind {static['kind']!r}; expected one of {NOISE_KINDS}")
+        if op == "call":
+            model = models.get(static["model"])
+            if model is None:
+                raise ValueError(f"{where} calls model {static['model']!r}; the models are {list(models)}")
+            wanted = len(model.inputs) if hasattr(model, "inputs") else 1
+            if len(children) != wanted:
+                raise ValueError(f"{where} calls model {static['model']!r} with {len(children)} inputs; it takes "
+                                 f"{wanted}")  # fmt: skip
+        elif op == "output":
+            called = models[split(children[0])[2]["model"]]
+            count = len(called.outputs) if hasattr(called, "outputs") else 1
+            if not 0 <= static["index"] < count or count == 1:
+                raise ValueError(f"{where} reads output {static['index']} of model {split(children[0])[2]['model']!r}, "
+                                 f"which has {count}")  # fmt: skip
+    if not _is_scalar(phase.loss):
+        raise ValueError(f"{where}: the loss must be a scalar: reduce it with .sum() or .mean() over all elements")
+    updated = set(optimizers[phase.optimizer].models)
+    if not updated & differentiable_models(phase.loss):
+        raise ValueError(f"{where}: its loss does not depend on the parameters of {sorted(updated)}, which its "
+                         f"optimizer {phase.optimizer!r} updates (a detach() in the way?)")  # fmt: skip
+
+
+def _plain(node):
+    return [_plain(part) for part in node] if isinstance(node, tuple) else node
+
+
+def _tree(value):
+    return tuple(_tree(part) for part in value) if isinstance(value, list) else value
+
+
+# --- the noise stream ----------------------------------------------------------------------------
+
+
+class NoiseStream:
+    """The step's noise: NumPy's PCG64 seeded with ``seed``, drawn in float64 and cast to the
+    run's dtype, so every backend sees the same values."""
+
+    def __init__(self, seed: int):
+        self.generator = np.random.Generator(np.random.PCG64(seed))
+
+    def draw(self, leaves: Sequence[Node], samples: int, dtype) -> dict[Node, np.ndarray]:
+        drawn = {}
+        for leaf in leaves:
+            _, kind, _, shape = leaf
+            size = (samples, *shape)
+            values = self.generator.standard_normal(size) if kind == "normal" else self.generator.random(size)
+            drawn[leaf] = values.astype(dtype)
+        return drawn
+
+    def state(self) -> dict:
+        return self.generator.bit_generator.state
+
+    def set_state(self, state: Mapping) -> None:
+        self.generator.bit_generator.state = dict(state)
+
+
+# --- running it ----------------------------------------------------------------------------------
+
+
+def placeholder_loss(model: Container):
+    """The per-model loops' own loss is never used (the phases' losses are): one that fits the model."""
+    from .losses import MSELoss, PerOutputLoss
+
+    outputs = len(model.outputs) if hasattr(model, "outputs") else 1
+    return PerOutputLoss(*[MSELoss()] * outputs) if outputs > 1 else MSELoss()
+
+
+#: each built-in backend's evaluator of phases, imported when its backend is asked for (another
+#: adapter names its own ``PhaseEvaluator`` subclass as its class attribute ``multi_model_evaluator``)
+EVALUATORS = {
+    "numpy": "unitrain.backends.numpy_steps",
+    "torch": "unitrain.backends.torch_steps",
+    "chainer": "unitrain.backends.chainer_steps",
+    "mindspore": "unitrain.backends.mindspore_steps",
+}
+
+
+def evaluator_of(adapter: type) -> type[PhaseEvaluator]:
+    """The adapter's ``multi_model_evaluator`` class, or that of the built-in adapter it extends."""
+    import importlib
+
+    own = getattr(adapter, "multi_model_evaluator", None)
+    if own is not None:
+        return own
+    for base in adapter.__mro__:
+        if base.__dict__.get("name") in EVALUATORS:
+            return importlib.import_module(EVALUATORS[base.__dict__["name"]]).Evaluator
+    raise ValueError(f"the {adapter.name} adapter declares 'multi-model' but names no multi_model_evaluator")
+
+
+class PhaseEvaluator:
+    """Runs the phases of a step on one backend. The order of the work, the cache of values
+    and the rule that makes them stale are here, once; a backend says how to compute one node
+    (:meth:`compute`) and how to back-propagate a phase's loss (:meth:`backward`)."""
+
+    def __init__(self, step: MultiStep, loops: Mapping[str, Any]):
+        self.step, self.loops = step, loops
+        self.phases = [(phase, step.optimizer_models(phase.optimizer), postorder([phase.loss]))
+                       for phase in step.phases]  # fmt: skip
+        self.calls: dict[Node, frozenset[str]] = {}  # node -> the models it calls (stale when one changes)
+        for _, _, order in self.phases:
+            for node in order:
+                op, children, static = split(node)
+                own = {static["model"]} if op == "call" else set()
+                self.calls[node] = frozenset(own).union(*(self.calls[child] for child in children))
+
+    def run(self, x, noise: Mapping[Node, np.ndarray]) -> list:
+        cache: dict[Node, Any] = {}
+        losses = []
+        for index, (phase, updated, order) in enumerate(self.phases):
+            for name in updated:
+                self.loops[name].zero_grad()
+            for node in order:
+                if node not in cache:
+                    op, children, static = split(node)
+                    cache[node] = self.compute(node, op, [cache[child] for child in children], static, x, noise)
+            self.backward(phase, updated, order, cache, keep=index < len(self.phases) - 1)
+            for name in updated:
+                self.loops[name].update()
+            losses.append(self.loss_value(cache[phase.loss]))
+            for node in [node for node in cache if self.calls[node] & set(updated)]:
+                del cache[node]
+        return losses
+
+    def compute(self, node: Node, op: str, arguments: list, static: dict, x, noise):
+        """The value of ``node`` from its children's values."""
+        raise NotImplementedError
+
+    def backward(self, phase: Phase, updated: Sequence[str], order: list[Node], cache: dict, keep: bool) -> None:
+        """Accumulate the gradient of the phase's loss into the ``updated`` models' parameters
+        (``keep``: a later phase may back-propagate through the cached values again)."""
+        raise NotImplementedError
+
+    def loss_value(self, value) -> float:
+        return float(value)
+
+
+#: what a multi-model checkpoint holds of each model's loop: the part's getter and loader
+CHECKPOINT_PARTS = {"weights": ("state_dict", "load_state_dict"),
+                    "optimizer": ("optimizer_state_dict", "load_optimizer_state_dict"),
+                    "random": ("random_state", "load_random_state")}  # fmt: skip
+
+
+class MultiModelLoop:
+    """Runs a :class:`MultiStep` on one backend: one :class:`~unitrain.TrainingLoop` of the
+    backend per model (``loops[name]``: its weights, ``state_dict``, ``save_weights``; each built
+    with its optimizer's spec, and seeded ``seed + its index``) and the backend's evaluator of
+    phases, which differentiates each loss with the framework's own autograd."""
+
+    def __init__(self, step: MultiStep, backend: str | type = "numpy", *, seed: int = 0, dtype: str = "float32"):
+        from .registry import get_backend
+
+        if not isinstance(step, MultiStep):
+            raise TypeError(f"MultiModelLoop: expected a MultiStep, got {step!r}")
+        adapter = backend if isinstance(backend, type) else get_backend(backend)
+        if "multi-model" not in adapter.capabilities:
+            raise ValueError(f"the {adapter.name} backend cannot run several models in one step yet "
+                             "(no 'multi-model' capability)")  # fmt: skip
+        self.step_spec = step
+        owners = {model: over.optimizer for _, over in step.optimizers for model in over.models}
+        self.loops = {
+            name: adapter(spec, placeholder_loss(spec), owners.get(name), seed=seed + index, dtype=dtype)
+            for index, (name, spec) in enumerate(step.models)
+        }
+        self.dtype = np.dtype(dtype)
+        #: the models called on the batch itself, which check it as their own loop's inputs
+        self._batch_readers = sorted({node[1] for phase in step.phases for node in postorder([phase.loss])
+                                      if node[0] == "call" and node[2:] == (("batch",),)})  # fmt: skip
+        self.noise = NoiseStream(seed)
+        self.step_count = 0
+        self._evaluator = evaluator_of(adapter)(step, self.loops)
+
+    def step(self, x) -> dict[str, float]:
+        """One step on the batch ``x``: every phase in order; returns each phase's loss (before its update)."""
+        for name in self._batch_readers:  # a wrong batch: one line (InputError) naming what was expected
+            self.loops[name]._check_x(x)
+        x = tuple(np.asarray(a, self.dtype) for a in x) if isinstance(x, tuple) else np.asarray(x, self.dtype)
+        samples = len(x[0] if isinstance(x, tuple) else x)
+        noise = self.noise.draw(self.step_spec.noise, samples, self.dtype)
+        losses = self._evaluator.run(x, noise)
+        self.step_count += 1
+        return {phase.name: value for phase, value in zip(self.step_spec.phases, losses, strict=True)}
+
+    def state_dicts(self) -> dict[str, dict[str, np.ndarray]]:
+        """Each model's weights, by model name."""
+        return {name: loop.state_dict() for name, loop in self.loops.items()}
+
+    def save_checkpoint(self, path) -> None:
+        """Everything a resume needs in one safetensors file: each model's weights, optimizer state
+        and random stream (``<model>/<part>/<key>``), the step count and the noise stream's state."""
+        from .weights import save_safetensors
+
+        tensors = {
+            f"{name}/{part}/{key}": value
+            for name, loop in self.loops.items()
+            for part, (getter, _) in CHECKPOINT_PARTS.items()
+            for key, value in getattr(loop, getter)().items()
+        }
+        metadata = {"step_count": str(self.step_count), "noise": json.dumps(self.noise.state())}
+        save_safetensors(path, tensors, metadata)
+
+    def load_checkpoint(self, path) -> None:
+        """Resume from a :meth:`save_checkpoint` file of the same step; the next step continues
+        exactly (bit for bit on the same backend and machine)."""
+        from .weights import WeightsError, load_safetensors
+
+        tensors, metadata = load_safetensors(path)
+        parts: dict[tuple[str, str], dict[str, np.ndarray]] = {
+            (name, part): {} for name in self.loops for part in CHECKPOINT_PARTS
+        }
+        for key, value in tensors.items():
+            pieces = key.split("/", 2)
+            if len(pieces) != 3 or (pieces[0], pieces[1]) not in parts:
+                raise WeightsError(f"{path}: {key!r} belongs to no model and part of this step "
+                                   f"(models {list(self.loops)}, parts {list(CHECKPOINT_PARTS)})")  # fmt: skip
+            parts[pieces[0], pieces[1]][pieces[2]] = value
+        try:
+            step_count, noise = int(metadata["step_count"]), json.loads(metadata["noise"])
+        except (KeyError, ValueError):
+            raise WeightsError(f"{path}: not a multi-model checkpoint (no step count and noise state)") from None
+        for (name, part), state in parts.items():
+            getattr(self.loops[name], CHECKPOINT_PARTS[part][1])(state, f"{path} ({name} {part})")
+        self.noise.set_state(noise)
+        self.step_count = step_count
+
+    def save_weights(self, directory) -> None:
+        """Each model's weights as ``directory/<model>.safetensors`` (the directory is created)."""
+        from pathlib import Path
+
+        Path(directory).mkdir(parents=True, exist_ok=True)
+        for name, loop in self.loops.items():
+            loop.save_weights(Path(directory) / f"{name}.safetensors")
