@@ -1,8 +1,17 @@
 import importlib.util
+import os
+from collections import Counter
 
 import pytest
 
-import unitrain
+import unitrain  # loads nothing of NumPy or a framework yet
+
+# Under pytest-xdist (scripts/test) each worker gets its share of the cores before any framework loads:
+# PyTorch's, OpenBLAS's and the other pools size themselves to the whole machine, and two workers' pools
+# on two cores contend (PyTorch ~10x slower per step). Subprocesses the tests start inherit it.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _WORKERS)))
 
 BACKENDS = ["numpy", "torch", "mindspore", "chainer"]
 
@@ -36,3 +45,16 @@ def torch_single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist with a test file per worker (scripts/test), the files with the most ``slow``
+    tests (minutes each) start first, then the others by their number of tests, so that no worker is
+    left running a long file while the others have finished; each file's tests keep their order."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return
+    slow, size = Counter(), Counter()
+    for item in items:
+        size[item.path] += 1
+        slow[item.path] += item.get_closest_marker("slow") is not None
+    items.sort(key=lambda item: (-slow[item.path], -size[item.path], str(item.path)))

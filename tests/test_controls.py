@@ -198,17 +198,18 @@ def test_early_stopping_stops_where_the_hand_written_keras_rule_stops(backend, t
         hand_early_stopping(dtype, train, val, reverse=reverse, **options)
         for dtype, reverse in ((torch.float32, False), (torch.float64, False), (torch.float32, True))
     )
-    # the premise: every decision is by far more than float32 rounding, so no backend may decide otherwise
-    losses = run64.losses["val_loss"]
-    assert min(abs(losses[i] - min(losses[:i])) for i in range(1, len(losses))) > 1e-4
-    assert (stopped, best_epoch) == (4, 2), "the case is one that stops after improving"
     expected, tolerances = expected_run(TorchRuns(run32, run64, reversed32), "float32", size=8 * FEATURES)
+    # the premise: each "better than the best so far?" decision is by more than two of the tolerances a
+    # backend's validation loss may lie from the exact one (its own and the best's), so none decides otherwise
+    losses, allowed = run64.losses["val_loss"], tolerances.losses["val_loss"]
+    assert min(abs(losses[i] - min(losses[:i])) for i in range(1, len(losses))) > 2 * allowed
+    assert (stopped, best_epoch) == (4, 2), "the case is one that stops after improving"
     loop = ut.make_loop(backend, small_net(), optimizer=optim.SGD(lr=0.005, momentum=0.9), seed=SEED)
     spec = ut.EarlyStopping(monitor="val_loss", patience=2)
     history = loop.fit(train, epochs=10, batch_size=8, shuffle=False, val_data=val, early_stopping=spec)
     assert [record["epoch"] for record in history] == [1, 2, 3, 4], "the history keeps every epoch trained"
     assert loop.stop_training and loop.early_stopping.best_epoch == 2 and loop.early_stopping.wait == 2
-    np.testing.assert_allclose([r["val_loss"] for r in history], losses, atol=1e-4)
+    assert_within_drift({"val_loss": np.array([r["val_loss"] for r in history])}, expected.losses, tolerances.losses)
     assert_within_drift(loop.state_dict(), expected.state, tolerances.state)  # the best epoch's weights
 
 

@@ -31,6 +31,7 @@ from torch_reference import (
 )
 from unitrain.backends.numpy import NumpyLoop
 from unitrain.backends.torch import TorchLoop
+from unitrain.conformance.tolerances import tolerance
 
 from unitrain import layers as L
 from unitrain import ops
@@ -487,7 +488,13 @@ def test_onnx_export_of_a_graph_runs_as_unitrain(make, tmp_path):
     convert(tmp_path / "w.safetensors", tmp_path / "m.onnx", model)
     x = np.random.default_rng(0).normal(size=(16, *model.input_shapes[0])).astype(np.float32)
     session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
-    np.testing.assert_allclose(session.run(["output"], {"input": x})[0], loop.predict(x), rtol=0, atol=1e-4)
+    expected = loop.predict(x)
+    # onnxruntime's float32 kernels and ours each lie within the conformance formula of the exact output:
+    # a chain of roundings behind one output element passes each value at most once and reduces over at
+    # most its elements, so all the values of one sample bound its length
+    chain = sum(math.prod(shape) for shape in (*model.shapes.values(), *model.input_shapes))
+    allowed = 2 * tolerance(np.float32, chain, float(np.abs(expected).max()))
+    np.testing.assert_allclose(session.run(["output"], {"input": x})[0], expected, rtol=0, atol=allowed)
 
 
 @pytest.mark.parametrize("make", [two_inputs, two_outputs])

@@ -87,16 +87,24 @@ def test_a_sigkilled_launcher_leaves_no_process_behind(backend, rank_variable, t
 @pytest.mark.slow
 def test_a_signal_at_any_instant_of_start_up_ends_train_in_one_line(tmp_path):
     """A sample of the sweep over the first 1.5 s of ``train`` (interpreter start, imports, data
-    loading, the first steps): SIGINT and SIGTERM alternately, at spread instants."""
-    failures = []
+    loading, the first steps): SIGINT and SIGTERM alternately, at spread instants. A signal that comes
+    before the interpreter has run the package's first code (``-X importtime`` has not reported
+    ``unitrain``) cannot be handled by it, and on a busy machine (other tests beside this one) start-up
+    can outlast the earliest instants: such a run is excused, and most runs must come later."""
+    failures, excused = [], []
     for index, signum in enumerate([signal.SIGINT, signal.SIGTERM] * 5):
         instant = 1.5 * (index + random.Random(index).random()) / 10
-        process = start("train", "--no-progress", cwd=tmp_path)
+        process = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "unitrain", "train", "--no-progress"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)  # fmt: skip
         time.sleep(instant)
         process.send_signal(signum)
         _, err = process.communicate(timeout=120)
-        lines = [line for line in err.splitlines() if line]  # once training runs: the stop notice, then where
+        imported = [line.rsplit("|", 1)[-1].strip() for line in err.splitlines() if line.startswith("import time:")]
+        lines = [line for line in err.splitlines() if line and not line.startswith("import time:")]
+        # once training runs: the stop notice, then where
         said = [line for line in lines if line.startswith(("unitrain: interrupted", "unitrain: stopping"))]
         if process.returncode != 128 + signum or not lines or said != lines or "interrupted" not in lines[-1]:
-            failures.append((signum.name, round(instant, 3), process.returncode, lines[-3:]))
+            outcome = (signum.name, round(instant, 3), process.returncode, lines[-3:])
+            (failures if "unitrain" in imported else excused).append(outcome)
     assert not failures, failures
+    assert len(excused) <= 5, f"most signals came before unitrain's code ran: {excused}"

@@ -52,12 +52,14 @@ def _raise_terminated(signum, frame):
 
 @contextmanager
 def ending_on_signals() -> Iterator[None]:
-    """While active, Ctrl-C raises KeyboardInterrupt, SIGTERM and SIGUSR1 :class:`Terminated`."""
-    previous = {
-        signum: signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else _raise_terminated)
-        for signum in STOP_SIGNALS
-    }
+    """While active, Ctrl-C raises KeyboardInterrupt, SIGTERM and SIGUSR1 :class:`Terminated`.
+    A signal while the handlers change raises there, with those changed so far put back."""
+    previous = {}
     try:
+        for signum in STOP_SIGNALS:
+            previous[signum] = signal.signal(
+                signum, signal.default_int_handler if signum == signal.SIGINT else _raise_terminated
+            )
         yield
     finally:
         for signum, action in previous.items():
