@@ -46,7 +46,8 @@ class Mask:
 
 def boolean_mask(name: str, args: tuple, values: tuple) -> Mask:
     """``Tensor.bool()`` or ``x != 0`` on a graph tensor (``values``: the arguments' example values)."""
-    if not isinstance(args[0], Tensor) or (name == "ne" and (len(args) != 2 or values[1] != 0)):
+    zero = name == "bool" or (len(values) == 2 and isinstance(values[1], (int, float)) and values[1] == 0)
+    if not isinstance(args[0], Tensor) or not zero:
         raise ValueError("only a graph tensor compared with != 0 (or .bool()) is supported, as a key padding mask")
     return Mask(args[0])
 

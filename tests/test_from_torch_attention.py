@@ -157,6 +157,12 @@ class Weights(TransformerClassifier):
         return self.attention(h, h, h)[1]
 
 
+class Compared(TransformerClassifier):
+    def forward(self, tokens, padding):
+        h = self.embedding(tokens)
+        return self.classifier(self.encoder(h, src_key_padding_mask=padding != 1)[:, 0])
+
+
 @pytest.mark.parametrize(
     ("make", "message"),
     [
@@ -164,6 +170,7 @@ class Weights(TransformerClassifier):
         (lambda: TransformerClassifier(activation=nn.GELU(approximate="tanh")), "only relu and gelu (exact)"),
         (MaskAdded, "a src_key_padding_mask that is not boolean (PyTorch adds a float mask"),
         (Causal, "with mask; unitrain's attention takes only a key padding mask"),
+        (Compared, "only a graph tensor compared with != 0 (or .bool()) is supported, as a key padding mask"),
         (Weights, "takes item 1 of attention's (attn_output, attn_output_weights)"),
     ],
 )
