@@ -34,6 +34,7 @@ from unitrain.graph import Graph, Input
 from unitrain.ops import Tensor
 
 from .torch import _module as torch_module
+from .torch_import_attention import CALLED, boolean_mask, called_spec, positional_encoding, same_as_spec
 
 # --- tracing with concrete values ----------------------------------------------------------------
 
@@ -56,7 +57,11 @@ class _Tracer(fx.Tracer):
         return _Proxy(node, self)
 
     def is_leaf_module(self, module, qualified_name):
-        return isinstance(module, tuple(LAYERS)) or super().is_leaf_module(module, qualified_name)
+        return (
+            isinstance(module, (*LAYERS, *CALLED))
+            or positional_encoding(module) is not None
+            or super().is_leaf_module(module, qualified_name)
+        )
 
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
@@ -344,6 +349,7 @@ _FUNCTIONS: dict[Callable, str] = {
     operator.add: "add", operator.iadd: "add", operator.sub: "sub", operator.isub: "sub", operator.mul: "mul",
     operator.imul: "mul", operator.truediv: "div", operator.itruediv: "div", operator.neg: "neg",
     operator.matmul: "matmul", operator.getitem: "getitem", operator.floordiv: "floordiv",
+    operator.ne: "ne", torch.ne: "ne",
     torch.add: "add", torch.sub: "sub", torch.mul: "mul", torch.div: "div", torch.neg: "neg",
     torch.matmul: "matmul", torch.bmm: "bmm", torch.cat: "cat", torch.concat: "concat",
     torch.concatenate: "concatenate", torch.stack: "stack", torch.flatten: "flatten", torch.permute: "permute",
@@ -376,6 +382,7 @@ class _Importer:
         self.root, self.values = root, tracer.values
         self.specs: dict[str, layers.Layer] = {}  # module path -> its spec (one per torch module)
         self.functional: dict[str, layers.Layer] = {}  # functional layers, named after their nodes
+        self.fixed_buffers: set[str] = set()  # state_dict keys of tables a spec computes (PositionalEncoding's pe)
 
     def functional_layer(self, node, spec, x):
         name = node.name
@@ -421,8 +428,15 @@ class _Importer:
 
     def call_module(self, node, args, kwargs):
         path = node.target
+        module = self.root.get_submodule(path)
+        if isinstance(module, CALLED):
+            return self.call_attention(node, module, args, kwargs)
         if path not in self.specs:
-            self.specs[path] = layer_spec(self.root.get_submodule(path), path)
+            pattern = positional_encoding(module)
+            if pattern is not None:
+                self.specs[path] = self.positional_encoding(node, module, *pattern)
+            else:
+                self.specs[path] = layer_spec(module, path)
         spec = self.specs[path]
         if (
             any(arg is not None for arg in args[1:])
@@ -435,6 +449,30 @@ class _Importer:
         # a recurrent layer returns (output, states): only output flows on (see getitem)
         return _Recurrent(out, path) if isinstance(self.values[node], tuple) else out
 
+    def call_attention(self, node, module, args, kwargs):
+        """An attention layer's spec is made per call (its length, its mask); one module, one spec."""
+        examples = fx.node.map_arg((node.args, node.kwargs), lambda arg: self.values[arg])
+        spec, inputs = called_spec(module, node.target, (args, kwargs), examples)
+        if self.specs.setdefault(node.target, spec) != spec:
+            raise ValueError(f"calls {node.target} again with another length or mask; unitrain's layer is one spec")
+        out = spec(*inputs)
+        return _Recurrent(out, node.target, "(attn_output, attn_output_weights)") if isinstance(
+            self.values[node], tuple) else out  # fmt: skip
+
+    def positional_encoding(self, node, module, spec, dropout):
+        """word_language_model's PositionalEncoding, checked on the example (in eval: no dropout)."""
+        x = self.values[node.args[0]] if node.args else None
+        training = module.training
+        with torch.no_grad(), _maybe_revert_all_patches():
+            out = module.train(False)(x) if isinstance(x, torch.Tensor) else None
+        module.train(training)
+        if out is None or not same_as_spec(spec, x, out):
+            raise ValueError(f"from_torch: module {node.target!r} ({type(module).__name__}) holds the sinusoidal "
+                             "table pe but its forward does not compute x + pe[:T] (word_language_model's "
+                             "PositionalEncoding)")  # fmt: skip
+        self.fixed_buffers.update(f"{node.target}.{name}" for name, _ in module.named_buffers())
+        return layers.Sequential(spec, layers.Dropout(dropout)) if dropout else spec
+
     def call(self, node, args, kwargs):
         name = node.target if node.op == "call_method" else _FUNCTIONS.get(node.target)
         if name == "getitem" and isinstance(args[0], _Recurrent):
@@ -443,6 +481,8 @@ class _Importer:
             return _concrete(self.values[node])  # shape arithmetic: numbers of the example
         if name in ("add", "sub", "mul", "div", "floordiv") and not any(isinstance(a, Tensor) for a in args):
             return _concrete(self.values[node])
+        if name in ("bool", "ne"):
+            return boolean_mask(name, args, fx.node.map_arg(node.args, lambda arg: self.values[arg]))
         if name in _SHAPED:
             return _SHAPED[name](node, args, kwargs, self.values)
         if name in _LAYERED:
@@ -458,12 +498,12 @@ class _Importer:
 class _Recurrent:
     """A recurrent layer's ``(output, states)``: only ``output`` (index 0) is in the graph."""
 
-    def __init__(self, output: Tensor, path: str):
-        self.output_tensor, self.path = output, path
+    def __init__(self, output: Tensor, path: str, parts: str = "(output, states)"):
+        self.output_tensor, self.path, self.parts = output, path, parts
 
     def output(self, index):
         if index != 0:
-            raise ValueError(f"takes item {index!r} of {self.path}'s (output, states); only the output (item 0) "
+            raise ValueError(f"takes item {index!r} of {self.path}'s {self.parts}; only the output (item 0) "
                              "flows in a unitrain graph: take the last step from it (output[:, -1])")  # fmt: skip
         return self.output_tensor
 
@@ -494,7 +534,7 @@ def _namespaces(root: nn.Module, specs: dict[str, layers.Layer]) -> dict[str, la
     return build(root, "")
 
 
-def _state(root: nn.Module, graph: Graph) -> dict[str, np.ndarray]:
+def _state(root: nn.Module, graph: Graph, fixed: set[str]) -> dict[str, np.ndarray]:
     """The module's ``state_dict`` as the graph's initial state; ``ValueError`` when they differ."""
     seen: dict[int, str] = {}
     for name, parameter in root.named_parameters(remove_duplicate=False):
@@ -505,7 +545,7 @@ def _state(root: nn.Module, graph: Graph) -> dict[str, np.ndarray]:
     state = root.state_dict()
     shapes = graph.state_shapes()
     for key in state:
-        if key not in shapes:
+        if key not in shapes and key not in fixed:
             raise ValueError(f"from_torch: {key} belongs to a layer that forward never calls; remove the layer "
                              "(its weights would be lost)")  # fmt: skip
     out = {}
@@ -549,7 +589,7 @@ def from_torch(module: nn.Module, example_inputs) -> Graph:
         graph = Graph(inputs, outputs, modules)
     except ValueError as error:
         raise ValueError(f"from_torch: {error}") from None
-    return Graph(inputs, outputs, modules, initial_state=_state(module, graph))
+    return Graph(inputs, outputs, modules, initial_state=_state(module, graph, importer.fixed_buffers))
 
 
 # --- back to torch --------------------------------------------------------------------------------

@@ -306,8 +306,8 @@ class Forward(nn.Module):
     [
         (lambda: Forward(lambda self, x: torch.sort(x, 1)[0]), (2, 4),
          r"^from_torch: node 'sort' \(torch.sort\): has no unitrain operation"),
-        (lambda: Forward(lambda self, x: self.attention(x, x, x)[0], attention=nn.MultiheadAttention(4, 1)),
-         (2, 3, 4), r"^from_torch: module 'attention' \(MultiheadAttention\) has no unitrain layer"),
+        (lambda: Forward(lambda self, x: self.cell(x), cell=nn.GRUCell(4, 4)),
+         (2, 4), r"^from_torch: module 'cell' \(GRUCell\) has no unitrain layer"),
         (lambda: Forward(lambda self, x: self.lstm(x)[1][0].sum(0), lstm=nn.LSTM(4, 3)), (2, 5, 4),
          r"^from_torch: node 'getitem' \(_operator.getitem\): takes item 1 of lstm's \(output, states\); only the "
          r"output"),

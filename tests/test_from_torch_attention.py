@@ -1,0 +1,182 @@
+"""unitrain.from_torch of attention: a Transformer-encoder text classifier written as a PyTorch
+``nn.Module`` (Keras' "Text classification with Transformer" in PyTorch's words: ``nn.Embedding``,
+word_language_model's ``PositionalEncoding``, ``nn.TransformerEncoder`` with a key padding mask,
+``nn.MultiheadAttention``, a ``Linear`` on the first position), imported with torch.fx and trained
+20 steps on every backend against the module itself trained by a plain PyTorch loop from the same
+weights: float32 within sqrt(n) times PyTorch's own float32 drift on the case, float64 within the
+conformance formula (tests/torch_reference.py); what the specs cannot do is refused in one line."""
+
+import copy
+import functools
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import installed_backends
+from torch import nn
+from torch_reference import SEED, TorchRuns, assert_run_within_drift, assert_states_equal, torch_runs
+
+import unitrain
+from unitrain.attention import MultiheadAttention, PositionalEncoding, TransformerEncoder
+from unitrain.losses import CrossEntropyLoss
+from unitrain.optim import SGD
+from unitrain.registry import get_backend
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+VOCAB, S, D, HEADS, FEEDFORWARD, CLASSES = 10, 6, 8, 2, 16, 3
+STEPS, BATCH, LR, MOMENTUM = 20, 4, 0.1, 0.9
+#: the longest sum of one step: the feed-forward weight gradient adds batch x steps terms of width 16
+SIZE = BATCH * S * FEEDFORWARD
+
+
+class TutorialPositionalEncoding(nn.Module):
+    """PyTorch word_language_model's ``PositionalEncoding`` as written there (a persistent ``pe``
+    buffer, a Dropout), batch first (``pe`` of ``(1, max_len, d_model)``); its table computed in
+    float64 so that the float64 reference run holds the exact table (the example's is float32)."""
+
+    def __init__(self, d_model, dropout=0.1, max_len=5000):
+        super().__init__()
+        self.dropout = nn.Dropout(p=dropout)
+        pe = torch.zeros(max_len, d_model, dtype=torch.float64)
+        position = torch.arange(0, max_len, dtype=torch.float64).unsqueeze(1)
+        div_term = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float64) * (-math.log(10000.0) / d_model))
+        pe[:, 0::2] = torch.sin(position * div_term)
+        pe[:, 1::2] = torch.cos(position * div_term)
+        self.register_buffer("pe", pe.unsqueeze(0))
+
+    def forward(self, x):
+        x = x + self.pe[:, : x.size(1), :]
+        return self.dropout(x)
+
+
+class TransformerClassifier(nn.Module):
+    """Token ids and a padding mask (1 = padding) in, class scores of the first position out; the
+    second block attends once more with ``nn.MultiheadAttention`` itself."""
+
+    def __init__(self, dropout=0.0, activation="relu"):
+        super().__init__()
+        self.embedding = nn.Embedding(VOCAB, D, padding_idx=0)
+        self.position = TutorialPositionalEncoding(D, dropout=dropout, max_len=S)
+        layer = nn.TransformerEncoderLayer(D, HEADS, FEEDFORWARD, dropout=dropout, activation=activation,
+                                           batch_first=True)  # fmt: skip
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.attention = nn.MultiheadAttention(D, HEADS, batch_first=True)
+        self.classifier = nn.Linear(D, CLASSES)
+
+    def forward(self, tokens, padding):
+        mask = padding != 0
+        h = self.encoder(self.position(self.embedding(tokens)), src_key_padding_mask=mask)
+        h, _ = self.attention(h, h, h, key_padding_mask=mask, need_weights=False)
+        return self.classifier(h[:, 0])
+
+
+@functools.cache
+def module() -> nn.Module:
+    """The classifier with PyTorch's own initial weights (seeded), its ``pe`` still float64: each run
+    converts a copy (``.to(dtype)``)."""
+    torch.manual_seed(SEED)
+    return TransformerClassifier()
+
+
+@functools.cache
+def batches():
+    """Sequences padded at their ends (lengths 2..S), position 0 never padding."""
+    rng = np.random.default_rng(SEED)
+    out = []
+    for _ in range(STEPS):
+        lengths = rng.integers(2, S + 1, BATCH)
+        padding = np.arange(S) >= lengths[:, None]
+        tokens = np.where(padding, 0, rng.integers(1, VOCAB, (BATCH, S)))
+        out.append(((tokens, padding.astype(np.float32)), rng.integers(0, CLASSES, BATCH)))
+    return out
+
+
+def example():
+    tokens, padding = batches()[0][0]
+    return torch.from_numpy(tokens), torch.from_numpy(padding)
+
+
+@functools.cache
+def imported():
+    return unitrain.from_torch(copy.deepcopy(module()).float(), example())
+
+
+@functools.cache
+def reference_runs():
+    """PyTorch's runs, their states without the ``pe`` table (not a weight: the import computes it)."""
+    runs = torch_runs(lambda dtype: copy.deepcopy(module()).to(dtype),
+                      lambda params: torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, foreach=False),
+                      batches())  # fmt: skip
+    return TorchRuns(*(run._replace(state={k: v for k, v in run.state.items() if k != "position.pe"}) for run in runs))
+
+
+def test_the_import_is_the_module_s_own_layers_and_weights():
+    graph = imported()
+    encoder = graph.modules["encoder"]
+    assert isinstance(encoder, TransformerEncoder) and encoder._arguments()["num_layers"] == 2
+    assert isinstance(graph.modules["attention"], MultiheadAttention)
+    assert graph.modules["position"] == PositionalEncoding(D, max_len=S, batch_first=True)
+    state = module().state_dict()
+    del state["position.pe"]  # the table is computed, not a weight
+    assert list(graph.initial_state) == list(state)
+    assert_states_equal(graph.initial_state, {key: value.float().numpy() for key, value in state.items()})
+
+
+@pytest.mark.parametrize("backend", installed_backends())
+def test_the_imported_classifier_trains_on_every_backend_as_in_pytorch(backend):
+    """20 SGD-momentum steps from the module's weights: losses, weights and momentum buffers within
+    PyTorch's own float32 drift (float64 where the backend has it: within the conformance formula).
+    One float32 case on MindSpore (one compile)."""
+    runs = reference_runs()
+    capabilities = get_backend(backend).capabilities
+    dtypes = ["float32", "float64"] if "float64" in capabilities and backend != "torch" else ["float32"]
+    for dtype in dtypes:
+        loop = get_backend(backend)(imported(), loss=CrossEntropyLoss(), optimizer=SGD(lr=LR, momentum=MOMENTUM),
+                                    dtype=dtype)  # fmt: skip
+        losses = [loop.to_float(loop.step(((tokens, padding.astype(dtype)), y))) for (tokens, padding), y in batches()]
+        assert_run_within_drift(loop, losses, runs, dtype, SIZE)
+
+
+class MaskAdded(TransformerClassifier):
+    def forward(self, tokens, padding):
+        return self.classifier(self.encoder(self.embedding(tokens), src_key_padding_mask=padding)[:, 0])
+
+
+class Causal(TransformerClassifier):
+    """An attention mask (here an input: made in forward, it would be a constant torch.fx cannot keep)."""
+
+    def forward(self, tokens, padding, causal):
+        return self.classifier(self.encoder(self.embedding(tokens), mask=causal, is_causal=True)[:, 0])
+
+
+class Weights(TransformerClassifier):
+    def forward(self, tokens, padding):
+        h = self.embedding(tokens)
+        return self.attention(h, h, h)[1]
+
+
+class Compared(TransformerClassifier):
+    def forward(self, tokens, padding):
+        h = self.embedding(tokens)
+        return self.classifier(self.encoder(h, src_key_padding_mask=padding != 1)[:, 0])
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: TransformerClassifier(dropout=0.1), "dropout must be 0"),
+        (lambda: TransformerClassifier(activation=nn.GELU(approximate="tanh")), "only relu and gelu (exact)"),
+        (MaskAdded, "a src_key_padding_mask that is not boolean (PyTorch adds a float mask"),
+        (Causal, "with mask; unitrain's attention takes only a key padding mask"),
+        (Compared, "only a graph tensor compared with != 0 (or .bool()) is supported, as a key padding mask"),
+        (Weights, "takes item 1 of attention's (attn_output, attn_output_weights)"),
+    ],
+)
+def test_what_the_specs_cannot_do_is_refused_in_one_line(make, message):
+    torch.manual_seed(SEED)
+    with pytest.raises(ValueError, match="^from_torch: ") as error:
+        causal = [nn.Transformer.generate_square_subsequent_mask(S)] if make is Causal else []
+        unitrain.from_torch(make().float(), (*example(), *causal))
+    assert message in str(error.value) and "\n" not in str(error.value)
