@@ -397,6 +397,9 @@ class _Builder:
                     fn, static = mindspore_graph.function(node, len(spec.shapes[node.args[0]]) + 1)
                     nodes.append(mindspore_graph.FunctionNode(fn, indices, static))
             self.dropouts = taken
+            for key, source in spec.tied:  # the source's Parameter in both Cells: its gradient sums both uses
+                cell_path, attribute = _join(path, key).rsplit(".", 1)
+                setattr(self.cells[cell_path], attribute, self.params[_join(path, source)])
             return _Graph(nodes, len(spec.inputs) > 1, tuple(where[name] for name in spec.outputs))
         if isinstance(spec, layers.Sequential):
             return _Sequential([self.build(child, _join(path, name)) for name, child in spec.children])

@@ -40,6 +40,7 @@ from unitrain.loop import InputError
 from unitrain.losses import CrossEntropyLoss, CustomLoss, MSELoss, PerOutputLoss
 from unitrain.optim import SGD
 from unitrain.registry import get_backend
+from unitrain.sequences import Embedding
 from unitrain.weights import init_weights
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -152,6 +153,45 @@ class TorchTied(nn.Module):
         return self.fc(self.shared(torch.tanh(self.shared(torch.tanh(self.shared(x))))))
 
 
+def tied_embedding():
+    """The word language model's ``tie_weights``: the output layer's weight is the embedding table."""
+    tokens = Input((5,), name="tokens")
+    encoder, hidden, decoder = Embedding(10, 6), L.Linear(6, 6), L.Linear(6, 10)
+    h = ops.tanh(hidden(encoder(tokens).mean(1)))
+    modules = {"encoder": encoder, "hidden": hidden, "decoder": decoder}
+    return Graph(tokens, decoder(h), modules, tied={"decoder.weight": "encoder.weight"})
+
+
+class TorchTiedEmbedding(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder, self.hidden, self.decoder = nn.Embedding(10, 6), nn.Linear(6, 6), nn.Linear(6, 10)
+        self.decoder.weight = self.encoder.weight
+        listed_once(self)
+
+    def forward(self, tokens):
+        return self.decoder(torch.tanh(self.hidden(self.encoder(tokens).mean(1))))
+
+
+def listed_once(module):
+    """PyTorch's state_dict lists a shared tensor under each of its names; unitrain's once, under the
+    first (``named_parameters``' name): hooks that read and write the twin's state as unitrain does."""
+    names = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    tied = {other: names[0] for names in names.values() for other in names[1:]}
+
+    def drop(module, state, prefix, local_metadata):
+        for key in tied:
+            del state[prefix + key]
+
+    def fill(module, state, prefix, *_):
+        state.update({prefix + key: state[prefix + source] for key, source in tied.items()})
+
+    module.register_state_dict_post_hook(drop)
+    module.register_load_state_dict_pre_hook(fill)
+
+
 def _two_losses(outputs, targets):
     return F.cross_entropy(outputs[0], targets[0]) + F.mse_loss(outputs[1], targets[1])
 
@@ -172,6 +212,7 @@ CASES = {
     "two-outputs": (two_outputs, TorchTwoOutputs, [(8,)], "two", PerOutputLoss(CrossEntropyLoss(), MSELoss()),
                     _two_losses),
     "tied": (tied, TorchTied, [(8,)], "classes", CrossEntropyLoss(), F.cross_entropy),
+    "tied-embedding": (tied_embedding, TorchTiedEmbedding, [(5,)], "classes", CrossEntropyLoss(), F.cross_entropy),
     "custom-per-output": (two_outputs, TorchTwoOutputs, [(8,)], "two",
                           PerOutputLoss(CrossEntropyLoss(), CustomLoss(_half_squares)), _custom_second),
 }  # fmt: skip
@@ -224,7 +265,10 @@ def batches_for(case):
     rng = np.random.default_rng(7)
     batches = []
     for _ in range(STEPS):
-        xs = tuple(rng.random((BATCH, *shape)).astype(np.float32) for shape in shapes)
+        if case == "tied-embedding":  # token ids
+            xs = tuple(rng.integers(0, 10, (BATCH, *shape)) for shape in shapes)
+        else:
+            xs = tuple(rng.random((BATCH, *shape)).astype(np.float32) for shape in shapes)
         x = xs[0] if len(xs) == 1 else xs
         classes = rng.integers(0, 3, BATCH)
         y = {"classes": classes, "input": xs[0], "two": (classes, rng.random((BATCH, 2)).astype(np.float32)),
