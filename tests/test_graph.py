@@ -25,6 +25,7 @@ from torch_reference import (
     assert_states_equal,
     assert_within_drift,
     expected_run,
+    listed_once,
     load_state,
     torch_output,
     torch_runs,
@@ -171,25 +172,6 @@ class TorchTiedEmbedding(nn.Module):
 
     def forward(self, tokens):
         return self.decoder(torch.tanh(self.hidden(self.encoder(tokens).mean(1))))
-
-
-def listed_once(module):
-    """PyTorch's state_dict lists a shared tensor under each of its names; unitrain's once, under the
-    first (``named_parameters``' name): hooks that read and write the twin's state as unitrain does."""
-    names = {}
-    for name, param in module.named_parameters(remove_duplicate=False):
-        names.setdefault(id(param), []).append(name)
-    tied = {other: names[0] for names in names.values() for other in names[1:]}
-
-    def drop(module, state, prefix, local_metadata):
-        for key in tied:
-            del state[prefix + key]
-
-    def fill(module, state, prefix, *_):
-        state.update({prefix + key: state[prefix + source] for key, source in tied.items()})
-
-    module.register_state_dict_post_hook(drop)
-    module.register_load_state_dict_pre_hook(fill)
 
 
 def _two_losses(outputs, targets):

@@ -334,6 +334,21 @@ def _check_ties(graph: Graph, tied: dict[str, str]) -> tuple[tuple[str, str], ..
     return tuple(sorted(tied.items(), key=lambda pair: order.index(pair[0])))
 
 
+def entry_layer(model: Container) -> tuple[str, Layer] | None:
+    """``(path, leaf)`` of the layer the model's input meets first (an Embedding takes token ids):
+    a container's first leaf; a graph's that of the first module node reading an input."""
+    if not isinstance(model, Graph):
+        return next(model.named_layers(), None)
+    for node in model.nodes:
+        if node.op == "call_module" and set(node.args) & set(model.input_names):
+            module = model.get_submodule(node.target)
+            if not isinstance(module, Container):
+                return node.target, module
+            inner = entry_layer(module)
+            return None if inner is None else (f"{node.target}.{inner[0]}", inner[1])
+    return None
+
+
 def get_submodule(model: Layer, path: str) -> Layer:
     """The module of ``model`` at dotted ``path``; ``ValueError`` naming the missing part."""
     module = model

@@ -165,6 +165,7 @@ from . import weights as weights_io
 from .controls import EarlyStoppingState, ParamGroup, resolve_groups
 from .distributed import shard
 from .fitting import Fitting, eval_mode
+from .graph import entry_layer
 from .input_checks import InputChecks, InputError  # noqa: F401 (the protocol's error, importable from here)
 from .layers import Container, check_buildable
 from .losses import CrossEntropyLoss, Loss
@@ -288,7 +289,7 @@ class TrainingLoop(Fitting, InputChecks, ABC):
         if isinstance(model, Container):
             check_buildable(model, self.dtype.itemsize)
             self.model_spec: Container | None = model
-            first = next(model.named_layers(), None)
+            first = entry_layer(model)
             if first is not None and isinstance(first[1], Embedding):
                 self._embedding = first
             self._build(model)

@@ -63,6 +63,7 @@ from . import dialects, optim, registry
 from .controls import EarlyStopping, resolve_groups
 from .data import MAX_DATA_BYTES, PACKAGED, PACKAGED_TRAIN_SAMPLES, DataError, num_batches
 from .datasets import load_datasets, load_target_arrays
+from .graph import entry_layer
 from .layers import MODEL_PATTERN, Sequential, check_init, model_from_name
 from .losses import LOSSES
 from .reading import Int, Nullable, Number, OneOf, Optional, Text, check_json, path_problem, read_capped, short
@@ -520,7 +521,7 @@ class Run:
     def _check_token_ids(self, *datasets) -> None:
         """A model that starts with an Embedding takes integer ids within its table: checked here
         for the whole data, before any framework is imported (the loop checks each batch too)."""
-        path, first = next(self.model_spec().named_layers(), (None, None))
+        path, first = entry_layer(self.model_spec()) or (None, None)
         if not isinstance(first, Embedding):
             return
         for data in datasets:
