@@ -389,6 +389,43 @@ def test_every_preset_round_trips_through_json(name):
     assert again == model and list(again.state_shapes()) == list(model.state_shapes())
 
 
+def test_tied_weights_round_trip_and_are_listed_once():
+    model = tied_embedding()
+    again = from_dict(json.loads(json.dumps(model.to_dict())))
+    assert again == model and again.tied == (("decoder.weight", "encoder.weight"),)
+    assert list(model.state_shapes()) == ["encoder.weight", "hidden.weight", "hidden.bias", "decoder.bias"]
+    assert list(init_weights(model, 0)) == list(model.state_shapes())
+
+
+def tie(tied, kind=L.Linear, shape=(4,)):
+    x, first, second = Input(shape), kind(4, 4), kind(4, 4)
+    return Graph(x, second(first(x)), {"first": first, "second": second}, tied=tied)
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: tie({"second.weight": "first.scale"}),
+         r"^Graph: tied 'first.scale' is not a parameter of the graph; expected one of \['first.weight', "),
+        (lambda: tie({"first.weight": "second.weight"}),
+         r"^Graph: tied 'first.weight' comes before its source 'second.weight' in the state_dict; register the "
+         r"source's module first"),
+        (lambda: tie({"second.weight": "first.bias"}),
+         r"^Graph: tied 'second.weight' has shape \(4, 4\), 'first.bias' has \(4,\); tied weights have one shape$"),
+        (lambda: tie({"second.weight": "second.weight"}),
+         r"^Graph: 'second.weight' is tied to 'second.weight', which is not a tensor of its own$"),
+        (lambda: tie({"second.weight": "first.weight"}, functools.partial(L.Conv2d, kernel_size=1), (4, 2, 2)),
+         r"^Graph: tied 'second.weight' belongs to Conv2d\(.*\); ties are between Linear and Embedding parameters$"),
+        (lambda: Graph((x := Input((5,))), (inner := tied_embedding())(x), {"inner": inner}),
+         r"^Graph: module 'inner' is a graph with tied weights; tie them in the outermost graph$"),
+    ],
+)  # fmt: skip
+def test_bad_ties_are_refused_in_one_line(build, message):
+    with pytest.raises(ValueError, match=message) as error:
+        build()
+    assert "\n" not in str(error.value)
+
+
 def test_sequential_in_a_graph_keeps_its_keys():
     body = L.cnn()
     x = Input((1, 28, 28))

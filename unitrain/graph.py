@@ -477,7 +477,7 @@ def _check_structure(graph: Graph, nodes: list[Node], outputs: list[str]) -> lis
 
 # --- serialisation ----------------------------------------------------------------------------
 
-_LAYER_TYPES = {cls.__name__: cls for cls in vars(layers).values()
+_LAYER_TYPES = {cls.__name__: cls for module in (layers, sequences) for cls in vars(module).values()
                 if isinstance(cls, type) and issubclass(cls, Layer) and not cls.__name__.startswith("_")
                 and cls not in (Layer, Container)}  # fmt: skip
 
