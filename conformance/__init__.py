@@ -15,6 +15,7 @@ from . import (  # noqa: F401
     layer_checks,
     training_checks,
     graph_checks,
+    tie_checks,
 )
 
 # isort: on
