@@ -708,6 +708,14 @@ class ChainerLoop(TrainingLoop):
                 else:
                     call = functools.partial(chainer_graph.FUNCTIONS[node.target], **node.options)
                 chain._steps.append((node.name, call, node.args))
+            for key, source in spec.tied:
+                (leaf_path, attribute), (source_path, source_attribute) = key.rsplit(".", 1), source.rsplit(".", 1)
+                link = self._natives[f"{name}{leaf_path}"]
+                shared = getattr(self._natives[f"{name}{source_path}"], _LINK_NAMES[source_attribute])
+                # no longer a parameter of this link (Chainer's optimizer updates each parameter it
+                # lists), but the tensor it computes with; Chainer sums the gradients of both uses
+                delattr(link, _LINK_NAMES[attribute])
+                setattr(link, _LINK_NAMES[attribute], shared)
             return chain
         layer = self._leaf(spec)
         if isinstance(layer, chainer.Link):

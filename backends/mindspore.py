@@ -362,31 +362,44 @@ class _Builder:
         self.params: dict[str, Parameter] = {}
         self.dropouts = 0
         self.cells: dict[str, nn.Cell] = {}  # dotted path -> its Cell, for graphs' call_module nodes
+        # dotted path -> (first, count): its Cell reads the masks at positions first .. first + count - 1
+        self.mask_ranges: dict[str, tuple[int, int]] = {}
 
     def build(self, spec: layers.Layer, path: str) -> nn.Cell:
+        first = self.dropouts
         cell = self._build(spec, path)
         self.cells[path] = cell
+        self.mask_ranges[path] = (first, self.dropouts - first)
         return cell
 
     def _build(self, spec: layers.Layer, path: str) -> nn.Cell:
         if isinstance(spec, Graph):
+            # The graph reads one mask per Dropout call, in the order its nodes run, from its first
+            # position on; each module node hands its call's masks to the positions its Cell reads.
+            first = self.dropouts
             for name, child in spec.children:
-                mindspore_graph.check_dropout(spec, name, child)
                 self.build(child, _join(path, name))
             where = mindspore_graph.positions(spec)
-            nodes = []
+            nodes, taken = [], first
             for node in spec.nodes:
                 indices = tuple(where[arg] for arg in node.args)
                 if node.op == "call_module":
                     cell = self.cells[_join(path, node.target)]
-                    nodes.append(mindspore_graph.ModuleNode(cell, indices, isinstance(cell, _TakesMasks)))
+                    reads, count = self.mask_ranges[_join(path, node.target)]
+                    mask_map = (0,) * reads + tuple(range(taken, taken + count))
+                    taken += count
+                    nodes.append(mindspore_graph.ModuleNode(cell, indices, isinstance(cell, _TakesMasks), mask_map))
                 elif node.target in graph_ops.ACTIVATIONS:
                     cell = _PLAIN_LEAVES[graph_ops.ACTIVATIONS[node.target]](graph_ops.ACTIVATIONS[node.target](
                         **node.options))  # fmt: skip
-                    nodes.append(mindspore_graph.ModuleNode(cell, indices, False))
+                    nodes.append(mindspore_graph.ModuleNode(cell, indices, False, ()))
                 else:
                     fn, static = mindspore_graph.function(node, len(spec.shapes[node.args[0]]) + 1)
                     nodes.append(mindspore_graph.FunctionNode(fn, indices, static))
+            self.dropouts = taken
+            for key, source in spec.tied:  # the source's Parameter in both Cells: its gradient sums both uses
+                cell_path, attribute = _join(path, key).rsplit(".", 1)
+                setattr(self.cells[cell_path], attribute, self.params[_join(path, source)])
             return _Graph(nodes, len(spec.inputs) > 1, tuple(where[name] for name in spec.outputs))
         if isinstance(spec, layers.Sequential):
             return _Sequential([self.build(child, _join(path, name)) for name, child in spec.children])
@@ -443,8 +456,9 @@ def _join(path: str, name: str) -> str:
 
 
 def _dropout_shapes(spec: layers.Layer, shape: tuple[int, ...], found: list) -> tuple[int, ...]:
-    """``spec``'s output shape for per-sample input ``shape``; appends the per-sample input shape
-    of each Dropout it contains to ``found``, in the order they run."""
+    """``spec``'s output shape for per-sample input ``shape``; appends ``(p, per-sample shape)``
+    of each dropout mask it applies to ``found``, in the order they run (a graph's: as its nodes run,
+    a module called at several nodes once per call)."""
     if isinstance(spec, layers.Sequential):
         for child in spec.layers:
             shape = _dropout_shapes(child, shape, found)
@@ -454,19 +468,18 @@ def _dropout_shapes(spec: layers.Layer, shape: tuple[int, ...], found: list) -> 
         if spec.shortcut is not None:
             _dropout_shapes(spec.shortcut, shape, found)
         return out if spec.post is None else _dropout_shapes(spec.post, out, found)
-    if isinstance(spec, Graph):  # in module order, the Builder's numbering (each called once, as a whole)
+    if isinstance(spec, Graph):
         shapes = spec._infer([shape] if len(spec.inputs) == 1 else list(shape), "", {})
-        calls = {node.target: node for node in spec.nodes if node.op == "call_module"}
-        for name, child in spec.children:
-            if mindspore_graph.has_dropout(child):
-                args = [shapes[arg] for arg in calls[name].args]
-                _dropout_shapes(child, args[0] if len(args) == 1 else tuple(args), found)
+        for node in spec.nodes:
+            if node.op == "call_module":
+                args = [shapes[arg] for arg in node.args]
+                _dropout_shapes(spec.get_submodule(node.target), args[0] if len(args) == 1 else tuple(args), found)
         return spec.output_shape(shape)
     if isinstance(spec, layers.Dropout):
-        found.append(shape)
+        found.append((spec.p, shape))
     out = spec.output_shape(shape)
     if isinstance(spec, sequences._Recurrent) and spec.dropout:  # between its layers, each as wide as the output
-        found.extend([out] * (spec.num_layers - 1))
+        found.extend([(spec.dropout, out)] * (spec.num_layers - 1))
     return out
 
 
@@ -601,13 +614,11 @@ class MindSporeLoop(TrainingLoop):
 
     def _build(self, model: layers.Sequential) -> None:
         self._rng = dropout_stream(self.seed, self.rank)
-        self._dropout_p = []  # per mask, in the order they apply: Dropout layers' and recurrent layers'
-        for _, layer in model.named_layers():
-            if isinstance(layer, layers.Dropout):
-                self._dropout_p.append(layer.p)
-            elif isinstance(layer, sequences._Recurrent) and layer.dropout:
-                self._dropout_p.extend([layer.dropout] * (layer.num_layers - 1))
-        self._mask_shapes: dict[tuple[int, ...], list[tuple[int, ...]]] = {}
+        self._has_dropout = any(isinstance(layer, layers.Dropout) or (isinstance(layer, sequences._Recurrent)
+                                                                      and layer.dropout)
+                                for _, layer in model.named_layers())  # fmt: skip
+        # per-sample input shape -> (p, per-sample shape) of each mask, in the order they apply
+        self._mask_shapes: dict[tuple[int, ...], list[tuple[float, tuple[int, ...]]]] = {}
         builder = _Builder()
         net = builder.build(model, "")
         self._params = {key: builder.params[key] for key in model.state_shapes()}  # state_dict order
@@ -760,7 +771,7 @@ class MindSporeLoop(TrainingLoop):
 
     def _masks(self, x: np.ndarray) -> tuple[Tensor, ...]:
         """Fresh dropout masks for a training forward of ``x`` (scaled by ``1/(1-p)``), else ``()``."""
-        if not (self._net.training and isinstance(self._net, _TakesMasks) and self._dropout_p):
+        if not (self._net.training and isinstance(self._net, _TakesMasks) and self._has_dropout):
             return ()
         several = isinstance(x, tuple)  # a graph's inputs
         sample_shape = tuple(part.shape[1:] for part in x) if several else x.shape[1:]
@@ -771,7 +782,7 @@ class MindSporeLoop(TrainingLoop):
         # mutable: a plain tuple of tensors would be a graph constant, compiled again at every step
         return ms.mutable(tuple(
             Tensor.from_numpy(dropout_mask(self._rng, (n, *shape), p, np.float32))
-            for p, shape in zip(self._dropout_p, self._mask_shapes[sample_shape], strict=True)
+            for p, shape in self._mask_shapes[sample_shape]
         ))  # fmt: skip
 
     def _x(self, x: np.ndarray | tuple) -> Tensor:

@@ -9,10 +9,10 @@ the reshape target) is resolved here, at build time, into positional constants: 
 step holds no Python dispatch. A module called at several nodes is one Cell held by several
 ``ModuleNode``s: its Parameters appear once, and ``value_and_grad`` sums the gradients of their uses.
 
-The dropout masks are drawn before the step, one per Dropout layer in module order, so a module
-holding Dropout must be called at one node (:func:`check_dropout`); the other backends draw
-them as the nodes run, so a graph whose modules run in another order than they are listed
-draws the same masks in another order than NumPy and Chainer.
+The dropout masks are drawn before the step, one per Dropout call in the order the nodes run (a
+module called at several nodes gets a mask per call, as on the other backends, which draw them as
+the nodes run): a module's Cell reads its masks at fixed positions of the tuple, so each
+``ModuleNode`` hands its own call's masks to those positions (``mask_map``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from collections.abc import Callable
 
 from mindspore import nn, ops
 
-from unitrain import layers
 from unitrain import ops as graph_ops
 from unitrain.graph import Graph, Node
 
@@ -164,41 +163,32 @@ class FunctionNode(nn.Cell):
 
 class ModuleNode(nn.Cell):
     """A module (or an activation) called on the values at ``indices``; ``masked``: it takes the
-    dropout masks too (the containers and Dropout, see ``_TakesMasks``)."""
+    dropout masks too (the containers and Dropout, see ``_TakesMasks``), the Cell's position ``i``
+    reading the graph's mask ``mask_map[i]``."""
 
-    def __init__(self, cell: nn.Cell, indices: tuple[int, ...], masked: bool):
+    def __init__(self, cell: nn.Cell, indices: tuple[int, ...], masked: bool, mask_map: tuple[int, ...]):
         super().__init__()
-        self.cell, self.indices, self.masked = cell, indices, masked
+        self.cell, self.indices, self.masked, self.mask_map = cell, indices, masked, mask_map
 
     def construct(self, values, masks):
         args = ()
         for index in self.indices:
             args = (*args, values[index])
         x = args[0] if len(args) == 1 else args
-        if self.masked:
+        if not self.masked:
+            return self.cell(x)
+        if len(masks) == 0:  # evaluation: no masks
             return self.cell(x, masks)
-        return self.cell(x)
+        call_masks = ()
+        for index in self.mask_map:
+            call_masks = (*call_masks, masks[index])
+        return self.cell(x, call_masks)
 
 
 def positions(spec: Graph) -> dict[str, int]:
     """Each input's and node's position in the tuple of values the graph's construct builds."""
     names = [*spec.input_names, *(node.name for node in spec.nodes)]
     return {name: index for index, name in enumerate(names)}
-
-
-def has_dropout(layer: layers.Layer) -> bool:
-    return isinstance(layer, layers.Dropout) or (isinstance(layer, layers.Container) and layer.has(layers.Dropout))
-
-
-def check_dropout(spec: Graph, name: str, child: layers.Layer) -> None:
-    """The masks are drawn before the compiled step runs, one per Dropout layer: a graph's module
-    holding Dropout must be called at one node, as a whole."""
-    targets = [node.target for node in spec.nodes if node.op == "call_module"]
-    calls = [target for target in targets if target == name or target.startswith(f"{name}.")]
-    if has_dropout(child) and calls != [name]:
-        raise ValueError(f"the mindspore backend: graph module {name!r} holds Dropout and is called at "
-                         f"{len(calls)} nodes ({', '.join(calls)}); a module with Dropout must be called "
-                         "once, as a whole")  # fmt: skip
 
 
 class PerOutputLoss(nn.Cell):

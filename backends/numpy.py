@@ -34,6 +34,7 @@ from unitrain.losses import (
 from unitrain.optim import clip_grad_norm_scale, initial_buffer_value, optimizer_update, starts_as_gradient
 from unitrain.randomness import dropout_stream, set_stream_state, stream_state
 
+from . import numpy_graph
 from .numpy_layers import _LAYERS, _build, _log_softmax
 
 # --- losses --------------------------------------------------------------------------------------
@@ -191,16 +192,19 @@ class NumpyLoop(TrainingLoop):
         self._rng = dropout_stream(self.seed, self.rank)
         named = list(model.named_layers())
         leaves = [_LAYERS[type(spec)](spec, self.dtype, self._rng) for _, spec in named]
+        tied = numpy_graph.tie(model, dict(zip((path for path, _ in named), leaves, strict=True)))
         make_leaf = lambda spec: _LAYERS[type(spec)](spec, self.dtype, self._rng)  # noqa: E731
         self._root, _ = _build(model, iter(leaves), False, make_leaf)
         self._leaves, self._make_leaf = leaves, make_leaf  # a multi-model step builds a tree per call from them
         self._params, self._grads, self._state = {}, {}, {}
         for (prefix, _), layer in zip(named, leaves, strict=True):
             for key, value in {**layer.params, **layer.buffers}.items():
-                self._state[f"{prefix}.{key}"] = value
-            for key in layer.params:
-                self._params[f"{prefix}.{key}"] = layer.params[key]
-                self._grads[f"{prefix}.{key}"] = layer.grads[key]
+                name = f"{prefix}.{key}"
+                if name in tied:  # its source's arrays, listed under the source's name
+                    continue
+                self._state[name] = value
+                if key in layer.params:
+                    self._params[name], self._grads[name] = value, layer.grads[key]
         self._optimizer_state: dict[str, np.ndarray] = {}
         self._resolve_controls(self._params)
         self._stop_frozen_gradients({f"{prefix}.{key}": (layer, key) for (prefix, _), layer in

@@ -309,3 +309,15 @@ def build(spec: Graph, leaves, build_tree, make_leaf) -> GraphRun:
             tree, fresh[node.name] = build_tree(module, _replicas([own[path] for path in paths], used), private)
         steps.append(_Call(tree))
     return GraphRun(spec, steps)
+
+
+def tie(spec, leaves: dict) -> set[str]:
+    """Make each tied parameter of ``spec`` (a graph's ``tied``) its source's arrays, value and
+    gradient, in the leaves by path; both layers' backward passes add into the one gradient.
+    Returns the tied keys."""
+    tied = dict(getattr(spec, "tied", ()))
+    for key, source in tied.items():
+        (path, name), (source_path, source_name) = key.rsplit(".", 1), source.rsplit(".", 1)
+        leaf, origin = leaves[path], leaves[source_path]
+        leaf.params[name], leaf.grads[name] = origin.params[source_name], origin.grads[source_name]
+    return set(tied)

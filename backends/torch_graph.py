@@ -62,6 +62,14 @@ class GraphModule(nn.Module):
         for name, module in modules.items():
             self.add_module(name, module)
         self.input_names, self.output_names = spec.input_names, spec.outputs
+        # a tied parameter is its source's Parameter, as ``decoder.weight = encoder.weight`` makes it;
+        # the state_dict holds it once, under the source's name (named_parameters' too)
+        self.tied = dict(spec.tied)
+        for key, source in self.tied.items():
+            path, name = key.rsplit(".", 1)
+            setattr(self.get_submodule(path), name, self.get_parameter(source))
+        self.register_state_dict_post_hook(_drop_tied)
+        self.register_load_state_dict_pre_hook(_fill_tied)
         # (name, callable, argument names, kwargs); a plain list, so submodules are registered once
         self.steps = [
             (node.name, self.get_submodule(node.target) if node.op == "call_module" else FUNCTIONS[node.target],
@@ -75,3 +83,14 @@ class GraphModule(nn.Module):
             values[name] = call(*[values[arg] for arg in args], **kwargs)
         outputs = tuple(values[name] for name in self.output_names)
         return outputs if len(outputs) > 1 else outputs[0]
+
+
+def _drop_tied(module: GraphModule, state: dict, prefix: str, local_metadata) -> None:
+    for key in module.tied:
+        del state[prefix + key]
+
+
+def _fill_tied(module: GraphModule, state: dict, prefix: str, *_) -> None:
+    for key, source in module.tied.items():
+        if prefix + source in state:  # a missing source is reported by load_state_dict itself
+            state[prefix + key] = state[prefix + source]

@@ -534,18 +534,23 @@ def _namespaces(root: nn.Module, specs: dict[str, layers.Layer]) -> dict[str, la
     return build(root, "")
 
 
-def _state(root: nn.Module, graph: Graph, fixed: set[str]) -> dict[str, np.ndarray]:
-    """The module's ``state_dict`` as the graph's initial state; ``ValueError`` when they differ."""
+def _ties(root: nn.Module) -> dict[str, str]:
+    """Each parameter that is another's tensor (``decoder.weight = encoder.weight``) -> its first name."""
     seen: dict[int, str] = {}
+    tied = {}
     for name, parameter in root.named_parameters(remove_duplicate=False):
         if id(parameter) in seen:
-            raise ValueError(f"from_torch: {name} is the same tensor as {seen[id(parameter)]} (weights tied across "
-                             "two layers); unitrain ties weights by calling one layer at several places")  # fmt: skip
-        seen[id(parameter)] = name
+            tied[name] = seen[id(parameter)]
+        seen.setdefault(id(parameter), name)
+    return tied
+
+
+def _state(root: nn.Module, graph: Graph, fixed: set[str]) -> dict[str, np.ndarray]:
+    """The module's ``state_dict`` as the graph's initial state; ``ValueError`` when they differ."""
     state = root.state_dict()
     shapes = graph.state_shapes()
     for key in state:
-        if key not in shapes and key not in fixed:
+        if key not in shapes and key not in fixed and key not in dict(graph.tied):
             raise ValueError(f"from_torch: {key} belongs to a layer that forward never calls; remove the layer "
                              "(its weights would be lost)")  # fmt: skip
     out = {}
@@ -585,11 +590,12 @@ def from_torch(module: nn.Module, example_inputs) -> Graph:
     importer = _Importer(tracer.root, tracer)
     inputs, outputs = importer.run(traced)
     modules = {**_namespaces(module, importer.specs), **importer.functional}
+    tied = _ties(module)
     try:
-        graph = Graph(inputs, outputs, modules)
+        graph = Graph(inputs, outputs, modules, tied=tied)
     except ValueError as error:
         raise ValueError(f"from_torch: {error}") from None
-    return Graph(inputs, outputs, modules, initial_state=_state(module, graph, importer.fixed_buffers))
+    return Graph(inputs, outputs, modules, initial_state=_state(module, graph, importer.fixed_buffers), tied=tied)
 
 
 # --- back to torch --------------------------------------------------------------------------------
@@ -667,7 +673,11 @@ def to_torch(graph: Graph, state=None) -> fx.GraphModule:
     # GraphModule copies the called modules in call order; the state_dict's order is registration order
     module._modules.clear()
     module._modules.update(root._modules)
+    for key, source in graph.tied:  # as PyTorch's tie_weights: the state_dict lists both names again
+        path, name = key.rsplit(".", 1)
+        setattr(module.get_submodule(path), name, module.get_parameter(source))
     state = init_weights(graph, 0) if state is None else state
+    state = {**state, **{key: state[source] for key, source in graph.tied}}
     module.load_state_dict({key: torch.from_numpy(np.asarray(value)) for key, value in state.items()})
     return module
 

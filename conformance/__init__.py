@@ -18,6 +18,7 @@ from . import (  # noqa: F401
     multi_model_checks,
     attention_checks,
     token_checks,
+    tie_checks,
 )
 
 # isort: on

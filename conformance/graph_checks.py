@@ -124,6 +124,11 @@ def check_graph_shared_weights(adapter):
     loop, state = _graph_case(adapter, "tied weights", model, x, CrossEntropyLoss(), y)
     if list(loop.state_dict()) != ["shared.weight", "shared.bias", "fc.weight", "fc.bias"]:
         fail(f"state_dict() keys of a graph calling 'shared' twice: got {list(loop.state_dict())}")
+    one_sgd_step(adapter, "tied weights", model, state, x, y)
+
+
+def one_sgd_step(adapter, what, model, state, x, y) -> None:
+    """One SGD step (cross-entropy) moves each parameter once by lr times its reference gradient."""
     ref = GraphReference(model, state)
     _, grad = reference.loss(CrossEntropyLoss(), ref.forward(x, training=True), y)
     grads = ref.backward(grad)
@@ -131,7 +136,7 @@ def check_graph_shared_weights(adapter):
     loop = loaded(adapter, model, state, optimizer=SGD(lr=lr))
     loop.step((x, y))
     expected = {key: state[key] - lr * grads[key] for key in grads}
-    compare_states("tied weights after one SGD step", loop.state_dict(), expected, dtype=loop.dtype,
+    compare_states(f"{what} after one SGD step", loop.state_dict(), expected, dtype=loop.dtype,
                    size=8 * _size(model, len(x)))  # fmt: skip
 
 

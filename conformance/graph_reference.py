@@ -134,11 +134,14 @@ def op_backward(op: str, args: list, kw: dict, grad: np.ndarray) -> list[np.ndar
 
 class GraphReference:
     """A float64 copy of a graph: ``forward`` records each node's inputs, ``backward`` returns every
-    parameter's gradient (a module called at several nodes: the sum over its calls)."""
+    parameter's gradient (a module called at several nodes, or a tensor tied to two layers: the sum
+    over its uses)."""
 
     def __init__(self, graph: Graph, state: dict[str, np.ndarray]):
         self.graph = graph
         self.state = Reference(layers.Sequential(), state).state  # float64 copies, BatchNorm counters int64
+        for key, source in graph.tied:  # a tied parameter computes with its source's values
+            self.state[key] = self.state[source]
 
     def forward(self, x, training: bool = False):
         """Outputs for ``x`` (an array, or one per input); a tuple for several outputs."""
@@ -176,4 +179,7 @@ class GraphReference:
                 parts = op_backward(node.target, [self.values[arg] for arg in node.args], node.options, upstream)
             for arg, part in zip(node.args, parts, strict=True):
                 grads[arg] = grads[arg] + part if arg in grads else part
+        for key, source in self.graph.tied:  # one tensor: the sum of both layers' gradients
+            if key in params:
+                params[source] = params.get(source, 0) + params.pop(key)
         return {key: params.get(key, np.zeros(shape)) for key, shape in self.graph.param_shapes().items()}

@@ -922,6 +922,8 @@ def random_state(model: layers.Layer, rng: np.random.Generator) -> dict[str, np.
                 bound = 1 / math.sqrt(layer.fan_in()) if isinstance(layer, fanned) else 0.5
                 value = rng.uniform(-bound, bound, shape).astype(np.float32)
             state[f"{name}.{key}"] = value
+    for key, _ in getattr(model, "tied", ()):  # a graph's tied parameter is its source's tensor
+        del state[key]
     return state
 
 

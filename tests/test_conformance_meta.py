@@ -654,6 +654,16 @@ class TiedWeightsUpdatedTwice(NumpyLoop):
                 param -= self.lr * self._grads[name]
 
 
+class TiedAcrossLayersUpdatedTwice(NumpyLoop):
+    """Applies the SGD step once more to a tensor tied to two layers, as an adapter would that
+    listed it once per layer."""
+
+    def _update(self):
+        super()._update()
+        for _, source in getattr(self.model_spec, "tied", ()):
+            self._params[source] -= self.lr * self._grads[source]
+
+
 CAUGHT_GRAPHS = {
     (ConcatSwapsItsInputs, "check_graph_concat_split"):
         "concat then split: predict() output 0: expected -0.297431, got 0.242469 at index (4, 0); "
@@ -667,6 +677,9 @@ CAUGHT_GRAPHS = {
     (TiedWeightsUpdatedTwice, "check_graph_shared_weights"):
         "tied weights after one SGD step 'shared.weight': expected -0.277868, got -0.248965 at index (3, 3); "
         "max error 0.0289 > tolerance 0.000366",
+    (TiedAcrossLayersUpdatedTwice, "check_graph_tied_across_layers"):
+        "tied embedding after one SGD step 'encoder.weight': expected 0.141053, got 0.134917 at index (4, 3); "
+        "max error 0.00614 > tolerance 0.000916",
 }  # fmt: skip
 
 

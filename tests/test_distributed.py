@@ -294,3 +294,43 @@ def test_sigterm_checkpoints_once_and_stops_every_rank(backend, rank_variable, t
     # msrun shows worker 0's stdout and stderr together, on stdout
     assert f"checkpoint {saved[0]}" in out + err and "Traceback" not in out + err
     assert load_checkpoint(saved[0]).manifest["world_size"] == 2
+
+
+# A graph with two outputs (a loss on each) from the Python API: the worker steps through the
+# batches of test_graph's case; rank 0 writes its weights. Two ranks each take 4 rows of 8; float32
+# sums in another order move the weights apart by ulps of the gradients, accumulated by momentum 0.9
+# (at most 10x) over 20 steps at lr 0.05: about 20 * 0.05 * 10 * 4 * 6e-8 = 2.4e-6 <= TOLERANCE,
+# while a sharding mistake (a row of 8 lost or counted twice, 1/8 of a gradient) moves them by 1e-3.
+GRAPH_WORKER = """
+import sys
+sys.path.insert(0, sys.argv[2])
+from test_graph import CASES, LR, MOMENTUM, batches_for, two_outputs
+from unitrain.backends.torch import TorchLoop
+from unitrain.optim import SGD
+from unitrain.weights import save_safetensors
+loss = CASES["two-outputs"][4]
+loop = TorchLoop(two_outputs(), loss=loss, optimizer=SGD(lr=LR, momentum=MOMENTUM), distributed=sys.argv[3] == "2")
+for batch in batches_for("two-outputs"):
+    loop.step(batch)
+if loop.rank == 0:
+    save_safetensors(sys.argv[1], loop.state_dict())
+"""
+
+
+@pytest.mark.slow
+def test_a_graph_with_two_outputs_trains_on_two_processes_as_on_one(tmp_path):
+    pytest.importorskip("torch")
+    worker = tmp_path / "worker.py"
+    worker.write_text(GRAPH_WORKER)
+    tests = str(Path(__file__).parent)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for run, launch in (("one", []), ("two", ["-m", "torch.distributed.run", "--nproc-per-node", "2",
+                                              "--master-port", port])):  # fmt: skip
+        result = subprocess.run([sys.executable, *launch, str(worker), str(tmp_path / f"{run}.safetensors"), tests,
+                                 "2" if launch else "1"], capture_output=True, text=True, env=environment,
+                                timeout=300)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-2000:]
+    assert max_difference(tmp_path / "one.safetensors", tmp_path / "two.safetensors") <= TOLERANCE

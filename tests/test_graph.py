@@ -25,6 +25,7 @@ from torch_reference import (
     assert_states_equal,
     assert_within_drift,
     expected_run,
+    listed_once,
     load_state,
     torch_output,
     torch_runs,
@@ -41,6 +42,7 @@ from unitrain.loop import InputError
 from unitrain.losses import CrossEntropyLoss, CustomLoss, MSELoss, PerOutputLoss
 from unitrain.optim import SGD
 from unitrain.registry import get_backend
+from unitrain.sequences import Embedding
 from unitrain.weights import init_weights
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -153,6 +155,26 @@ class TorchTied(nn.Module):
         return self.fc(self.shared(torch.tanh(self.shared(torch.tanh(self.shared(x))))))
 
 
+def tied_embedding():
+    """The word language model's ``tie_weights``: the output layer's weight is the embedding table."""
+    tokens = Input((5,), name="tokens")
+    encoder, hidden, decoder = Embedding(10, 6), L.Linear(6, 6), L.Linear(6, 10)
+    h = ops.tanh(hidden(encoder(tokens).mean(1)))
+    modules = {"encoder": encoder, "hidden": hidden, "decoder": decoder}
+    return Graph(tokens, decoder(h), modules, tied={"decoder.weight": "encoder.weight"})
+
+
+class TorchTiedEmbedding(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder, self.hidden, self.decoder = nn.Embedding(10, 6), nn.Linear(6, 6), nn.Linear(6, 10)
+        self.decoder.weight = self.encoder.weight
+        listed_once(self)
+
+    def forward(self, tokens):
+        return self.decoder(torch.tanh(self.hidden(self.encoder(tokens).mean(1))))
+
+
 def _two_losses(outputs, targets):
     return F.cross_entropy(outputs[0], targets[0]) + F.mse_loss(outputs[1], targets[1])
 
@@ -173,6 +195,7 @@ CASES = {
     "two-outputs": (two_outputs, TorchTwoOutputs, [(8,)], "two", PerOutputLoss(CrossEntropyLoss(), MSELoss()),
                     _two_losses),
     "tied": (tied, TorchTied, [(8,)], "classes", CrossEntropyLoss(), F.cross_entropy),
+    "tied-embedding": (tied_embedding, TorchTiedEmbedding, [(5,)], "classes", CrossEntropyLoss(), F.cross_entropy),
     "custom-per-output": (two_outputs, TorchTwoOutputs, [(8,)], "two",
                           PerOutputLoss(CrossEntropyLoss(), CustomLoss(_half_squares)), _custom_second),
 }  # fmt: skip
@@ -225,7 +248,10 @@ def batches_for(case):
     rng = np.random.default_rng(7)
     batches = []
     for _ in range(STEPS):
-        xs = tuple(rng.random((BATCH, *shape)).astype(np.float32) for shape in shapes)
+        if case == "tied-embedding":  # token ids
+            xs = tuple(rng.integers(0, 10, (BATCH, *shape)) for shape in shapes)
+        else:
+            xs = tuple(rng.random((BATCH, *shape)).astype(np.float32) for shape in shapes)
         x = xs[0] if len(xs) == 1 else xs
         classes = rng.integers(0, 3, BATCH)
         y = {"classes": classes, "input": xs[0], "two": (classes, rng.random((BATCH, 2)).astype(np.float32)),
@@ -362,6 +388,43 @@ def test_every_preset_round_trips_through_json(name):
     model = getattr(L, name)()
     again = from_dict(json.loads(json.dumps(to_dict(model))))
     assert again == model and list(again.state_shapes()) == list(model.state_shapes())
+
+
+def test_tied_weights_round_trip_and_are_listed_once():
+    model = tied_embedding()
+    again = from_dict(json.loads(json.dumps(model.to_dict())))
+    assert again == model and again.tied == (("decoder.weight", "encoder.weight"),)
+    assert list(model.state_shapes()) == ["encoder.weight", "hidden.weight", "hidden.bias", "decoder.bias"]
+    assert list(init_weights(model, 0)) == list(model.state_shapes())
+
+
+def tie(tied, kind=L.Linear, shape=(4,)):
+    x, first, second = Input(shape), kind(4, 4), kind(4, 4)
+    return Graph(x, second(first(x)), {"first": first, "second": second}, tied=tied)
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda: tie({"second.weight": "first.scale"}),
+         r"^Graph: tied 'first.scale' is not a parameter of the graph; expected one of \['first.weight', "),
+        (lambda: tie({"first.weight": "second.weight"}),
+         r"^Graph: tied 'first.weight' comes before its source 'second.weight' in the state_dict; register the "
+         r"source's module first"),
+        (lambda: tie({"second.weight": "first.bias"}),
+         r"^Graph: tied 'second.weight' has shape \(4, 4\), 'first.bias' has \(4,\); tied weights have one shape$"),
+        (lambda: tie({"second.weight": "second.weight"}),
+         r"^Graph: 'second.weight' is tied to 'second.weight', which is not a tensor of its own$"),
+        (lambda: tie({"second.weight": "first.weight"}, functools.partial(L.Conv2d, kernel_size=1), (4, 2, 2)),
+         r"^Graph: tied 'second.weight' belongs to Conv2d\(.*\); ties are between Linear and Embedding parameters$"),
+        (lambda: Graph((x := Input((5,))), (inner := tied_embedding())(x), {"inner": inner}),
+         r"^Graph: module 'inner' is a graph with tied weights; tie them in the outermost graph$"),
+    ],
+)  # fmt: skip
+def test_bad_ties_are_refused_in_one_line(build, message):
+    with pytest.raises(ValueError, match=message) as error:
+        build()
+    assert "\n" not in str(error.value)
 
 
 def test_sequential_in_a_graph_keeps_its_keys():
@@ -539,11 +602,13 @@ def test_unet_waits_for_its_layers():
 
 
 def dropout_graph():
+    """Dropout in two modules, ``b`` listed after ``a`` but run first, and ``a`` called at two nodes:
+    each call draws a mask of its own, in the order the nodes run."""
     x = Input((6,))
-    a = L.Sequential(L.Linear(6, 8), L.ReLU(), L.Dropout(0.5))
-    b = L.Sequential(L.Dropout(0.25), L.Linear(6, 8))
-    fc = L.Linear(16, 3)
-    return Graph(x, fc(ops.cat([a(x), b(x)], dim=1)), {"a": a, "b": b, "fc": fc})
+    a = L.Sequential(L.Linear(6, 6), L.ReLU(), L.Dropout(0.5))
+    b = L.Sequential(L.Dropout(0.25), L.Linear(6, 6))
+    fc = L.Linear(12, 3)
+    return Graph(x, fc(ops.cat([b(x), a(a(x))], dim=1)), {"a": a, "b": b, "fc": fc})
 
 
 @pytest.mark.parametrize("backend", [param for param in BACKEND_PARAMS if param not in ("numpy", "torch")])
@@ -556,14 +621,5 @@ def test_dropout_in_a_graph_draws_the_masks_of_the_numpy_backend(backend):
     runs = [[float(loop.step(batch)) for _ in range(3)]
             for loop in (get_backend(name)(dropout_graph(), optimizer=SGD(lr=LR), dtype=dtype)
                          for name in ("numpy", backend))]  # fmt: skip
-    # another mask moves the loss by ~0.1; float32 rounding of these sums of 5 x 16 products, far less
+    # another mask moves the loss by ~0.1; float32 rounding of these sums of 5 x 12 products, far less
     np.testing.assert_allclose(runs[1], runs[0], rtol=1e-12 if dtype == "float64" else 80 * 2**-24)
-
-
-def test_mindspore_refuses_a_module_with_dropout_called_twice():
-    pytest.importorskip("mindspore")
-    x, block = Input((6,)), L.Sequential(L.Linear(6, 6), L.Dropout(0.5))
-    message = (r"^the mindspore backend: graph module 'block' holds Dropout and is called at 2 nodes \(block, "
-               r"block\); a module with Dropout must be called once, as a whole$")  # fmt: skip
-    with pytest.raises(ValueError, match=message):
-        get_backend("mindspore")(Graph(x, block(block(x)), {"block": block}))

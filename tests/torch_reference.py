@@ -83,6 +83,26 @@ def load_state(model, state):
     return model
 
 
+def listed_once(module):
+    """PyTorch's state_dict lists a shared tensor under each of its names; unitrain's once, under the
+    first (``named_parameters``' name): hooks that read and write the twin's state as unitrain does."""
+    names = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    tied = {other: names[0] for names in names.values() for other in names[1:]}
+
+    def drop(module, state, prefix, local_metadata):
+        for key in tied:
+            del state[prefix + key]
+
+    def fill(module, state, prefix, *_):
+        state.update({prefix + key: state[prefix + source] for key, source in tied.items()})
+
+    module.register_state_dict_post_hook(drop)
+    module.register_load_state_dict_pre_hook(fill)
+    return module
+
+
 def numpy_state(model):
     return {key: value.detach().numpy() for key, value in model.state_dict().items()}
 

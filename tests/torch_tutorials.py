@@ -291,3 +291,33 @@ class LSTMTagger(nn.Module):
         tag_space = self.hidden2tag(lstm_out.view(len(sentence), -1))
         tag_scores = F.log_softmax(tag_space, dim=1)
         return tag_scores
+
+
+class WordLanguageModel(nn.Module):
+    """pytorch/examples' word_language_model RNNModel (LSTM, ``tie_weights=True``), its hidden state
+    left to the LSTM's zeros and its batch of one sentence laid out as the tagger's above."""
+
+    def __init__(self, ntoken=9, ninp=6, nhid=6, dropout=0.5):
+        super(WordLanguageModel, self).__init__()
+        self.ntoken = ntoken
+        self.drop = nn.Dropout(dropout)
+        self.encoder = nn.Embedding(ntoken, ninp)
+        self.rnn = nn.LSTM(ninp, nhid)
+        self.decoder = nn.Linear(nhid, ntoken)
+        # Optionally tie weights as in:
+        # "Using the Output Embedding to Improve Language Models" (Press & Wolf 2016)
+        self.decoder.weight = self.encoder.weight
+        self.init_weights()
+
+    def init_weights(self):
+        initrange = 0.1
+        nn.init.uniform_(self.encoder.weight, -initrange, initrange)
+        nn.init.zeros_(self.decoder.bias)
+        nn.init.uniform_(self.decoder.weight, -initrange, initrange)
+
+    def forward(self, input):
+        emb = self.drop(self.encoder(input))
+        output, _ = self.rnn(emb.view(len(input), 1, -1))
+        output = self.drop(output)
+        decoded = self.decoder(output.view(len(input), -1))
+        return F.log_softmax(decoded, dim=1)

@@ -29,6 +29,12 @@ node list. Nodes are torch.fx's, minus ``get_attr`` and ``output``:
 * ``call_function``: ``target`` is an operation of :data:`unitrain.ops.OPS` (``cat``, ``narrow``,
   ``reshape``, ``relu``, ...), ``kwargs`` its arguments (PyTorch's names).
 
+Two different layers can share one tensor too, as PyTorch's ``decoder.weight = encoder.weight``
+(the word language model's tied embedding and output weights): ``tied={"decoder.weight":
+"encoder.weight"}`` makes the key on the left the tensor on the right. The ``state_dict`` holds it
+once, under its first name (as ``named_parameters`` does), and its gradient is the sum over both
+layers' uses. Ties are between Linear and Embedding parameters of one shape.
+
 ``outputs`` names the output nodes: one (predictions are an array) or several (a tuple, in this
 order; train them with :class:`~unitrain.losses.PerOutputLoss`, one loss per output, summed).
 Several inputs take a batch ``x`` that is a tuple in ``inputs`` order or a dict by input name.
@@ -51,7 +57,7 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 
-from . import layers, ops, padded
+from . import layers, ops, padded, sequences
 from .layers import Container, Layer, Shape
 from .ops import Tensor
 
@@ -113,13 +119,16 @@ class Graph(Container):
     #: the weights every loop starts from instead of ``init_weights``' draws (an imported model's own:
     #: ``unitrain.from_torch``); not part of the spec's value or its JSON
     initial_state: dict | None = field(default=None, compare=False, repr=False)
+    #: ``(key, source)`` pairs: the parameter ``key`` is the tensor ``source`` (see the module doc)
+    tied: tuple[tuple[str, str], ...] = ()
 
     def __init__(self, inputs, outputs, modules: Mapping[str, Layer] | None = None, *,
-                 initial_state: Mapping | None = None):  # fmt: skip
+                 initial_state: Mapping | None = None, tied: Mapping[str, str] | None = None):  # fmt: skip
         """``inputs``: a :func:`Input` tensor or a sequence of them; ``outputs``: a tensor or a
         sequence of them (several outputs); ``modules``: name -> layer spec for every layer
         called (weightless activations excepted), in ``state_dict`` order; ``initial_state``:
-        the weights to start from (``state_dict`` keys and shapes)."""
+        the weights to start from (``state_dict`` keys and shapes); ``tied``: parameter key ->
+        the key of the tensor it is (``{"decoder.weight": "encoder.weight"}``)."""
         input_tensors = [inputs] if isinstance(inputs, Tensor) else list(inputs)
         output_tensors = [outputs] if isinstance(outputs, Tensor) else list(outputs)
         modules = dict(modules or {})
@@ -159,7 +168,8 @@ class Graph(Container):
             args = tuple(names[id(arg)] for arg in tensor.args)
             nodes.append(Node(name, op, target, args, tuple((k, _frozen(v)) for k, v in kwargs.items())))
         input_specs = [(tensor.target, tensor.sample_shape) for tensor in input_tensors]
-        self._setup(input_specs, tuple(modules.items()), nodes, [names[id(tensor)] for tensor in output_tensors])
+        self._setup(input_specs, tuple(modules.items()), nodes, [names[id(tensor)] for tensor in output_tensors],
+                    tied)  # fmt: skip
         if initial_state is not None:
             shapes = self.state_shapes()
             state = dict(initial_state)
@@ -170,15 +180,16 @@ class Graph(Container):
 
     @classmethod
     def from_nodes(cls, inputs: Mapping[str, Sequence[int]], nodes: Sequence[Node], outputs: Sequence[str],
-                   modules: Mapping[str, Layer] | None = None) -> Graph:  # fmt: skip
+                   modules: Mapping[str, Layer] | None = None, tied: Mapping[str, str] | None = None,
+                   ) -> Graph:  # fmt: skip
         """A graph from its node list (any order; sorted topologically), as torch.fx holds one."""
         graph = cls.__new__(cls)
         nodes = [node if isinstance(node, Node) else Node(**node) for node in nodes]
         graph._setup([(name, tuple(shape)) for name, shape in inputs.items()], tuple(dict(modules or {}).items()),
-                     nodes, list(outputs))  # fmt: skip
+                     nodes, list(outputs), tied)  # fmt: skip
         return graph
 
-    def _setup(self, inputs, children, nodes, outputs) -> None:
+    def _setup(self, inputs, children, nodes, outputs, tied) -> None:
         for name, shape in inputs:
             Input(shape, name)  # validates both
         for name, child in children:
@@ -199,6 +210,7 @@ class Graph(Container):
         object.__setattr__(self, "outputs", tuple(outputs))
         object.__setattr__(self, "shapes", {})
         object.__setattr__(self, "shapes", self._infer([shape for _, shape in inputs], "", {}))
+        object.__setattr__(self, "tied", _check_ties(self, dict(tied or {})))
 
     # --- structure ----------------------------------------------------------------------------
 
@@ -213,6 +225,10 @@ class Graph(Container):
     @property
     def modules(self) -> dict[str, Layer]:
         return dict(self.children)
+
+    def _shapes(self, of) -> dict[str, Shape]:
+        ties = dict(self.tied)
+        return {key: shape for key, shape in super()._shapes(of).items() if key not in ties}
 
     def __getattr__(self, name: str):
         # only reached when normal lookup fails: model.encoder is the module named "encoder"
@@ -295,6 +311,48 @@ class Graph(Container):
             else:
                 shapes[node.name] = ops.infer(node.target, args, node.options, what)
         return shapes
+
+
+def _check_ties(graph: Graph, tied: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    """``tied`` as ``(key, source)`` pairs in ``state_dict`` order, or ``ValueError`` naming the key."""
+    leaves = dict(graph.named_layers())
+    params = {f"{path}.{key}": (layer, shape) for path, layer in leaves.items()
+              for key, shape in layer.param_shapes().items()}  # fmt: skip
+    order = list(params)
+    for path, child in graph.children:
+        if isinstance(child, Graph) and child.tied:
+            raise ValueError(f"Graph: module {path!r} is a graph with tied weights; tie them in the outermost graph")
+    for key, source in tied.items():
+        for name in (key, source):
+            if name not in params:
+                raise ValueError(f"Graph: tied {name!r} is not a parameter of the graph; expected one of {order}")
+            if not isinstance(params[name][0], (layers.Linear, sequences.Embedding)):
+                raise ValueError(f"Graph: tied {name!r} belongs to {params[name][0]}; "
+                                 "ties are between Linear and Embedding parameters")  # fmt: skip
+        if source in tied or key == source:
+            raise ValueError(f"Graph: {key!r} is tied to {source!r}, which is not a tensor of its own")
+        if params[key][1] != params[source][1]:
+            raise ValueError(f"Graph: tied {key!r} has shape {params[key][1]}, {source!r} has "
+                             f"{params[source][1]}; tied weights have one shape")  # fmt: skip
+        if order.index(source) > order.index(key):
+            raise ValueError(f"Graph: tied {key!r} comes before its source {source!r} in the state_dict; register "
+                             "the source's module first (PyTorch names a shared tensor by its first path)")  # fmt: skip
+    return tuple(sorted(tied.items(), key=lambda pair: order.index(pair[0])))
+
+
+def entry_layer(model: Container) -> tuple[str, Layer] | None:
+    """``(path, leaf)`` of the layer the model's input meets first (an Embedding takes token ids):
+    a container's first leaf; a graph's that of the first module node reading an input."""
+    if not isinstance(model, Graph):
+        return next(model.named_layers(), None)
+    for node in model.nodes:
+        if node.op == "call_module" and set(node.args) & set(model.input_names):
+            module = model.get_submodule(node.target)
+            if not isinstance(module, Container):
+                return node.target, module
+            inner = entry_layer(module)
+            return None if inner is None else (f"{node.target}.{inner[0]}", inner[1])
+    return None
 
 
 def get_submodule(model: Layer, path: str) -> Layer:
@@ -425,7 +483,7 @@ def _check_structure(graph: Graph, nodes: list[Node], outputs: list[str]) -> lis
 
 # --- serialisation ----------------------------------------------------------------------------
 
-_LAYER_TYPES = {cls.__name__: cls for cls in vars(layers).values()
+_LAYER_TYPES = {cls.__name__: cls for module in (layers, sequences) for cls in vars(module).values()
                 if isinstance(cls, type) and issubclass(cls, Layer) and not cls.__name__.startswith("_")
                 and cls not in (Layer, Container)}  # fmt: skip
 
@@ -452,6 +510,7 @@ def to_dict(model: Layer) -> dict:
                 for n in model.nodes
             ],
             "outputs": list(model.outputs),
+            **({"tied": dict(model.tied)} if model.tied else {}),
         }
     if isinstance(model, layers.Sequential):
         return {"type": kind, "children": {name: to_dict(child) for name, child in model.children}, "init": model.init}
@@ -475,7 +534,7 @@ def from_dict(data: Mapping) -> Layer:
             nodes = [Node(n["name"], n["op"], n["target"], tuple(n["args"]),
                           tuple((key, _frozen(value)) for key, value in n.get("kwargs", {}).items()))
                      for n in rest["nodes"]]  # fmt: skip
-            return Graph.from_nodes(rest["inputs"], nodes, rest["outputs"], modules)
+            return Graph.from_nodes(rest["inputs"], nodes, rest["outputs"], modules, rest.get("tied"))
         if kind == "Sequential":
             children = {name: from_dict(child) for name, child in rest["children"].items()}
             return layers.Sequential(children, init=rest.get("init", "pytorch"))

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from .loop import TrainingLoop
 
 
-def check_model(loop: TrainingLoop, model, loss, distributed: bool) -> tuple[int, int]:
+def check_model(loop: TrainingLoop, model, loss) -> tuple[int, int]:
     """The model's numbers of inputs and outputs, after refusing what this loop cannot train."""
     if not isinstance(model, Graph):
         if isinstance(loss, PerOutputLoss):
@@ -38,8 +38,6 @@ def check_model(loop: TrainingLoop, model, loss, distributed: bool) -> tuple[int
                          f"PerOutputLoss(one loss per output), got {loss!r}")  # fmt: skip
     if outputs == 1 and isinstance(loss, PerOutputLoss):
         raise ValueError(f"{loss} needs a model with {len(loss.losses)} outputs, this graph has one")
-    if distributed and (inputs > 1 or outputs > 1):
-        raise ValueError("data-parallel training takes models of one input and one output for now")
     return inputs, outputs
 
 

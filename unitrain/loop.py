@@ -167,6 +167,7 @@ from . import weights as weights_io
 from .controls import EarlyStoppingState, ParamGroup, resolve_groups
 from .distributed import shard
 from .fitting import Fitting, eval_mode
+from .graph import entry_layer
 from .input_checks import InputChecks, InputError  # noqa: F401 (the protocol's error, importable from here)
 from .layers import Container, check_buildable
 from .losses import CrossEntropyLoss, Loss
@@ -288,13 +289,13 @@ class TrainingLoop(Fitting, InputChecks, ABC):
         #: ``fit``'s last training batch: its samples and correct predictions (native; None if not counted)
         self.last_batch_size, self.last_batch_correct = 0, None
         #: a graph's numbers of inputs and outputs (see :mod:`unitrain.graph`); 1 for other models
-        self._input_count, self._output_count = graph_batches.check_model(self, model, loss, distributed)
+        self._input_count, self._output_count = graph_batches.check_model(self, model, loss)
         #: (path, spec) of the Embedding a spec model starts with: its inputs are token ids
         self._embedding: tuple[str, Embedding] | None = None
         if isinstance(model, Container):
             check_buildable(model, self.dtype.itemsize)
             self.model_spec: Container | None = model
-            first = next(model.named_layers(), None)
+            first = entry_layer(model)
             if first is not None and isinstance(first[1], Embedding):
                 self._embedding = first
             self._build(model)
@@ -600,15 +601,18 @@ class TrainingLoop(Fitting, InputChecks, ABC):
         """This rank's rows of a global batch; returns the global batch's loss and its number of
         correct training predictions (``None`` if not counted), summed over the ranks in one
         allreduce (see the module docstring)."""
-        start, stop = shard(len(x), self.rank, self.world_size)
-        weight = (stop - start) / len(x)
+        n = graph_batches.length(x)  # x and y: arrays, or tuples of them (a graph's inputs and outputs)
+        start, stop = shard(n, self.rank, self.world_size)
+        weight = (stop - start) / n
         local_loss = local_correct = 0.0
         if stop > start:  # a last batch smaller than the world leaves some ranks without rows
-            self._check_batch_statistics(x[start:stop])
-            loss, pred = self._loss_and_gradients(x[start:stop], y[start:stop])
+            x_rows, y_rows = graph_batches.rows(x, start, stop), graph_batches.rows(y, start, stop)
+            self._check_batch_statistics(x_rows)
+            loss, pred = self._loss_and_gradients(x_rows, y_rows)
             # read after the loss's sync and summed in the loss's allreduce: no sync or collective of its own
             local_loss = self.to_float(loss)
-            correct = self._count_correct(pred, y[start:stop]) if self._class_indices(y) else None
+            counted = self._output_count == 1 and self._class_indices(y)
+            correct = self._count_correct(pred, y_rows) if counted else None
             local_correct = math.nan if correct is None else self.to_float(correct)  # NaN: not counted, on every rank
         else:
             self._zero_grad()

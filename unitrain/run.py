@@ -67,6 +67,7 @@ from .choices import TASKS
 from .controls import EarlyStopping, resolve_groups
 from .data import MAX_DATA_BYTES, PACKAGED, PACKAGED_TRAIN_SAMPLES, DataError, num_batches
 from .datasets import load_datasets, load_target_arrays
+from .graph import entry_layer
 from .initializers import initializer, with_initializers
 from .layers import MODEL_PATTERN, Sequential, check_init, model_from_name
 from .losses import LOSSES
@@ -548,7 +549,7 @@ class Run:
     def _check_token_ids(self, *datasets) -> None:
         """A model that starts with an Embedding takes integer ids within its table: checked here
         for the whole data, before any framework is imported (the loop checks each batch too)."""
-        path, first = next(self.model_spec().named_layers(), (None, None))
+        path, first = entry_layer(self.model_spec()) or (None, None)
         if not isinstance(first, Embedding):
             return
         for data in datasets:

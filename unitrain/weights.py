@@ -72,6 +72,8 @@ def init_weights(model: Container, seed: int) -> State:
             for key, shape in {**shapes, **layer.buffer_shapes()}.items():
                 fill = 1 if key in ("weight", "running_var") else 0
                 state[f"{name}.{key}"] = np.full(shape, fill, np.int64 if key == "num_batches_tracked" else np.float32)
+    for key, _ in getattr(model, "tied", ()):  # drawn as PyTorch draws it, then replaced by its source
+        del state[key]
     return state
 
 
