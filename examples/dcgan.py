@@ -20,7 +20,8 @@ What maps to what (PyTorch -> unitrain):
 * ``optim.Adam(lr=0.0002, betas=(0.5, 0.999))`` for both; batch 128; images scaled to [-1, 1]
   (``Normalize((0.5,), (0.5,))``).
 
-Prints the tutorial's ``Loss_D`` / ``Loss_G`` lines and the final losses.
+Prints the tutorial's ``Loss_D`` / ``Loss_G`` lines and the final losses. ``--checkpoint-dir DIR``
+checkpoints the run (crash-safe, every ``--checkpoint-every`` steps); ``--resume`` continues it.
 Run: ``python examples/dcgan.py --backend torch --max-steps 200 --save-weights out/``.
 """
 
@@ -32,7 +33,8 @@ import os
 import numpy as np
 
 import unitrain
-from unitrain import plot, steps
+from unitrain import plot, step_checkpoints, steps
+from unitrain.files import OutputError
 
 
 def generator(nz: int, ngf: int) -> unitrain.Sequential:
@@ -97,6 +99,7 @@ def main(argv=None) -> dict[str, float]:
     )
     parser.add_argument("--save-weights", metavar="DIR", help="write DIR/<model>.safetensors for both models")
     parser.add_argument("--plot", metavar="FILE", help="draw 64 samples of a fixed noise batch (e.g. samples.png)")
+    step_checkpoints.add_arguments(parser)
     args = parser.parse_args(argv)
     for name in ("max_steps", "batch_size", "nz", "features"):
         if getattr(args, name) < 1:
@@ -104,25 +107,32 @@ def main(argv=None) -> dict[str, float]:
     try:
         if args.plot:
             plot.check_figure_path("--plot", args.plot)
+        settings = {name: getattr(args, name) for name in ("backend", "seed", "batch_size", "nz", "features")}
+        checkpoints = step_checkpoints.StepCheckpoints.from_arguments(args, settings)
         step = dcgan(args.nz, args.features)
         loop = steps.MultiModelLoop(step, args.backend, seed=args.seed)
-    except ValueError as error:  # an unknown backend too
+    except ValueError as error:  # an unknown backend, a checkpoint option, too
         parser.exit(2, f"dcgan: {error}\n")
     rng = np.random.default_rng(args.seed)
     for name, spec in step.models:
         loop.loops[name].load_state_dict(weights_init(spec, rng))
 
     images, _ = unitrain.data.packaged_arrays("mnist", "train")
-    order = rng.permutation(len(images))
+    order = rng.permutation(len(images))  # the same on a resume: the checkpoint replaces only the state
     batches = len(images) // args.batch_size
     losses = {}
-    for index in range(args.max_steps):
-        rows = order[(index % batches) * args.batch_size : (index % batches + 1) * args.batch_size]
-        real = images[rows].astype(np.float32) / 127.5 - 1  # ToTensor() then Normalize((0.5,), (0.5,))
-        losses = loop.step(real)
-        if index % 50 == 0 or index == args.max_steps - 1:
-            errD, errG = losses["discriminator"], losses["generator"]
-            print(f"[{index}/{args.max_steps}]\tLoss_D: {errD:.4f}\tLoss_G: {errG:.4f}")
+    try:
+        with checkpoints.held():
+            for index in checkpoints.remaining(loop, args.max_steps):
+                rows = order[(index % batches) * args.batch_size : (index % batches + 1) * args.batch_size]
+                real = images[rows].astype(np.float32) / 127.5 - 1  # ToTensor() then Normalize((0.5,), (0.5,))
+                losses = loop.step(real)
+                checkpoints.after_step(loop, last=index == args.max_steps - 1)
+                if index % 50 == 0 or index == args.max_steps - 1:
+                    errD, errG = losses["discriminator"], losses["generator"]
+                    print(f"[{index}/{args.max_steps}]\tLoss_D: {errD:.4f}\tLoss_G: {errG:.4f}")
+    except (ValueError, OutputError) as error:  # a checkpoint that cannot be resumed, a directory in use
+        parser.exit(2, f"dcgan: {error}\n")
     if args.save_weights:
         loop.save_weights(args.save_weights)
     if args.plot:  # the tutorial's fixed_noise; predict() runs the generator in eval mode (running statistics)

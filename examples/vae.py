@@ -16,6 +16,9 @@ What maps to what (PyTorch -> unitrain):
   "Test set loss" is the summed loss over the test set divided by its size (here computed with the
   models' ``predict`` and NumPy, ``eps`` drawn from ``--seed``).
 
+``--checkpoint-dir DIR`` checkpoints the run (crash-safe, every ``--checkpoint-every`` steps);
+``--resume`` continues it.
+
 Run: ``python examples/vae.py --backend chainer --max-steps 469 --save-weights out/``.
 """
 
@@ -27,7 +30,8 @@ import os
 import numpy as np
 
 import unitrain
-from unitrain import expr, plot, steps
+from unitrain import expr, plot, step_checkpoints, steps
+from unitrain.files import OutputError
 from unitrain.graph import Graph, Input
 
 
@@ -67,6 +71,7 @@ def main(argv=None) -> dict[str, float]:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--save-weights", metavar="DIR", help="write DIR/<model>.safetensors for both models")
     parser.add_argument("--plot", metavar="FILE", help="draw test images, their reconstructions and samples")
+    step_checkpoints.add_arguments(parser)
     args = parser.parse_args(argv)
     for name in ("max_steps", "batch_size"):
         if getattr(args, name) < 1:
@@ -74,22 +79,29 @@ def main(argv=None) -> dict[str, float]:
     try:
         if args.plot:
             plot.check_figure_path("--plot", args.plot)
+        settings = {name: getattr(args, name) for name in ("backend", "seed", "batch_size")}
+        checkpoints = step_checkpoints.StepCheckpoints.from_arguments(args, settings)
         loop = steps.MultiModelLoop(vae(), args.backend, seed=args.seed)
-    except ValueError as error:  # an unknown backend too
+    except ValueError as error:  # an unknown backend, a checkpoint option, too
         parser.exit(2, f"vae: {error}\n")
 
     images, _ = unitrain.data.packaged_arrays("mnist", "train")
     rng = np.random.default_rng(args.seed)
-    order = rng.permutation(len(images))
+    order = rng.permutation(len(images))  # the same on a resume: the checkpoint replaces only the state
     batches = len(images) // args.batch_size
     loss = float("nan")
-    for index in range(args.max_steps):
-        rows = order[(index % batches) * args.batch_size : (index % batches + 1) * args.batch_size]
-        data = images[rows].reshape(len(rows), 784).astype(np.float32) / 255  # ToTensor(), x.view(-1, 784)
-        loss = loop.step(data)["loss"] / len(data)
-        if index % 50 == 0 or index == args.max_steps - 1:
-            epoch, seen = index // batches + 1, (index % batches) * len(data)
-            print(f"Train Epoch: {epoch} [{seen}/{len(images)}]\tLoss: {loss:.6f}")
+    try:
+        with checkpoints.held():
+            for index in checkpoints.remaining(loop, args.max_steps):
+                rows = order[(index % batches) * args.batch_size : (index % batches + 1) * args.batch_size]
+                data = images[rows].reshape(len(rows), 784).astype(np.float32) / 255  # ToTensor(), x.view(-1, 784)
+                loss = loop.step(data)["loss"] / len(data)
+                checkpoints.after_step(loop, last=index == args.max_steps - 1)
+                if index % 50 == 0 or index == args.max_steps - 1:
+                    epoch, seen = index // batches + 1, (index % batches) * len(data)
+                    print(f"Train Epoch: {epoch} [{seen}/{len(images)}]\tLoss: {loss:.6f}")
+    except (ValueError, OutputError) as error:  # a checkpoint that cannot be resumed, a directory in use
+        parser.exit(2, f"vae: {error}\n")
     test_images, _ = unitrain.data.packaged_arrays("mnist", "test")
     test = test_loss(loop, test_images.reshape(-1, 784).astype(np.float32) / 255, rng)
     print(f"====> Test set loss: {test:.4f}")
