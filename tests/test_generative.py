@@ -446,7 +446,7 @@ def test_resuming_from_a_checkpoint_continues_bit_for_bit(backend, tmp_path):
             np.testing.assert_array_equal(resumed.loops[name].optimizer_state_dict()[key], value, err_msg=key)
 
 
-def test_the_examples_refuse_checkpoint_options_they_cannot_follow_in_one_line(tmp_path, capsys):
+def test_the_examples_refuse_checkpoint_and_compare_options_they_cannot_follow_in_one_line(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     (tmp_path / "used").mkdir()
     (tmp_path / "used" / step_checkpoints.CHECKPOINT_FILE).write_text("")
@@ -454,7 +454,11 @@ def test_the_examples_refuse_checkpoint_options_they_cannot_follow_in_one_line(t
              (["--checkpoint-dir", tmp_path / "run", "--checkpoint-every", "0"], "--checkpoint-every must be"),
              (["--checkpoint-dir", tmp_path / "file"], "is a file, expected a directory"),
              (["--checkpoint-dir", tmp_path / "used"], "already holds a run's checkpoint; pass --resume"),
-             (["--checkpoint-dir", tmp_path / "none", "--resume"], "does not exist"))  # fmt: skip
+             (["--checkpoint-dir", tmp_path / "none", "--resume"], "does not exist"),
+             (["--compare", "numpy,tensorflow"], "unknown backend 'tensorflow'"),
+             (["--compare", "numpy,numpy"], "a backend named twice"),
+             (["--compare", "--checkpoint-dir", tmp_path / "run"], "takes no --checkpoint-dir"),
+             (["--compare", "--save-weights", tmp_path / "run"], "--compare saves no weights"))  # fmt: skip
     for name in ("dcgan", "vae"):
         for argv, message in cases:
             with pytest.raises(SystemExit) as exit_info:
@@ -462,6 +466,23 @@ def test_the_examples_refuse_checkpoint_options_they_cannot_follow_in_one_line(t
             err = capsys.readouterr().err
             assert exit_info.value.code == 2 and err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "run").exists() and not (tmp_path / "none").exists()
+
+
+def test_compare_trains_each_backend_from_the_same_weights_and_noise_and_prints_each_loss(tmp_path, capsys):
+    tiny = ["--features", "2", "--nz", "4", "--batch-size", "4", "--max-steps", "3"]
+    histories = example("dcgan").main([*tiny, "--compare", "numpy,torch,chainer", "--plot", str(tmp_path / "c.png")])
+    lines = [line for line in capsys.readouterr().out.splitlines() if "largest |difference|" in line]
+    assert [line.split()[:2] for line in lines] == [[phase, backend] for phase in ("discriminator", "generator")
+                                                   for backend in ("numpy", "torch", "chainer")]  # fmt: skip
+    for line in lines:
+        phase, backend, _, final, *_, largest = line.split()
+        values = [losses[phase] for losses in histories[backend]]
+        assert len(values) == 3 and final == f"{values[-1]:.6f}"
+        expected = max(abs(a - b[phase]) for a, b in zip(values, histories["numpy"], strict=True))
+        assert largest == f"{expected:.2e}"
+    for backend in ("numpy", "chainer"):  # each backend's run is the one --backend makes
+        assert example("dcgan").main([*tiny, "--backend", backend]) == histories[backend][-1]
+    assert (tmp_path / "c.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
 TINY_DCGAN = ["--features", "2", "--nz", "4", "--batch-size", "4", "--checkpoint-every", "2"]

@@ -86,7 +86,19 @@ class StepCheckpoints:
                 raise CheckpointError(f"--max-steps {max_steps}: the checkpoint is already at step {loop.step_count}")
         return range(loop.step_count, max_steps)
 
+    def steps(self, loop, max_steps: int) -> Iterator[int]:
+        """The indices of the steps still to run (:meth:`remaining`), with the directory held;
+        each one is checkpointed when due (:meth:`after_step`) once the loop's body has run it."""
+        with self.held():
+            for index in self.remaining(loop, max_steps):
+                yield index
+                self.after_step(loop, last=index == max_steps - 1)
+
     def after_step(self, loop, last: bool) -> None:
         """Checkpoint when ``every`` steps have passed since the start, or the run ends."""
         if self.path is not None and (last or loop.step_count % self.every == 0):
             loop.save_checkpoint(self.path, {"settings": json.dumps(self.settings)})
+
+
+#: a run without checkpoints
+NO_CHECKPOINTS = StepCheckpoints(None, 1, {})
