@@ -20,7 +20,10 @@ What maps to what (PyTorch -> unitrain):
 * ``optim.Adam(lr=0.0002, betas=(0.5, 0.999))`` for both; batch 128; images scaled to [-1, 1]
   (``Normalize((0.5,), (0.5,))``).
 
-Prints the tutorial's ``Loss_D`` / ``Loss_G`` lines and the final losses.
+Prints the tutorial's ``Loss_D`` / ``Loss_G`` lines and the final losses. ``--checkpoint-dir DIR``
+checkpoints the run (crash-safe, every ``--checkpoint-every`` steps); ``--resume`` continues it.
+``--compare`` trains on every installed backend from the same weights and noise and prints
+one line per loss per backend (``--plot FILE``: their loss curves).
 Run: ``python examples/dcgan.py --backend torch --max-steps 200 --save-weights out/``.
 """
 
@@ -32,7 +35,8 @@ import os
 import numpy as np
 
 import unitrain
-from unitrain import plot, steps
+from unitrain import plot, step_checkpoints, step_compare, steps
+from unitrain.files import OutputError
 
 
 def generator(nz: int, ngf: int) -> unitrain.Sequential:
@@ -97,6 +101,8 @@ def main(argv=None) -> dict[str, float]:
     )
     parser.add_argument("--save-weights", metavar="DIR", help="write DIR/<model>.safetensors for both models")
     parser.add_argument("--plot", metavar="FILE", help="draw 64 samples of a fixed noise batch (e.g. samples.png)")
+    step_checkpoints.add_arguments(parser)
+    step_compare.add_argument(parser)
     args = parser.parse_args(argv)
     for name in ("max_steps", "batch_size", "nz", "features"):
         if getattr(args, name) < 1:
@@ -104,33 +110,45 @@ def main(argv=None) -> dict[str, float]:
     try:
         if args.plot:
             plot.check_figure_path("--plot", args.plot)
-        step = dcgan(args.nz, args.features)
-        loop = steps.MultiModelLoop(step, args.backend, seed=args.seed)
-    except ValueError as error:  # an unknown backend too
+        if args.compare is not None:  # the losses of every backend, one line each, and their curves with --plot
+            return step_compare.compare(lambda backend: train(args, backend)[1], step_compare.backends_to_compare(args),
+                                        args.plot)  # fmt: skip
+        settings = {name: getattr(args, name) for name in ("backend", "seed", "batch_size", "nz", "features")}
+        loop, history = train(args, args.backend, step_checkpoints.StepCheckpoints.from_arguments(args, settings))
+    except (ValueError, OutputError) as error:  # an unknown backend, a checkpoint that cannot be resumed
         parser.exit(2, f"dcgan: {error}\n")
-    rng = np.random.default_rng(args.seed)
-    for name, spec in step.models:
-        loop.loops[name].load_state_dict(weights_init(spec, rng))
-
-    images, _ = unitrain.data.packaged_arrays("mnist", "train")
-    order = rng.permutation(len(images))
-    batches = len(images) // args.batch_size
-    losses = {}
-    for index in range(args.max_steps):
-        rows = order[(index % batches) * args.batch_size : (index % batches + 1) * args.batch_size]
-        real = images[rows].astype(np.float32) / 127.5 - 1  # ToTensor() then Normalize((0.5,), (0.5,))
-        losses = loop.step(real)
-        if index % 50 == 0 or index == args.max_steps - 1:
-            errD, errG = losses["discriminator"], losses["generator"]
-            print(f"[{index}/{args.max_steps}]\tLoss_D: {errD:.4f}\tLoss_G: {errG:.4f}")
     if args.save_weights:
         loop.save_weights(args.save_weights)
     if args.plot:  # the tutorial's fixed_noise; predict() runs the generator in eval mode (running statistics)
         fixed_noise = np.random.default_rng(args.seed).standard_normal((64, args.nz, 1, 1)).astype(np.float32)
         samples = (loop.loops["generator"].predict(fixed_noise) + 1) / 2
         plot.save_image_grids(args.plot, [(f"generated, step {args.max_steps}", samples)])
+    losses = history[-1]
     print(f"final losses: discriminator {losses['discriminator']:.6f}  generator {losses['generator']:.6f}")
     return losses
+
+
+def train(args, backend: str, checkpoints=step_checkpoints.NO_CHECKPOINTS):
+    """The tutorial's loop on ``backend``: the loop and the losses of every step it ran."""
+    step = dcgan(args.nz, args.features)
+    loop = steps.MultiModelLoop(step, backend, seed=args.seed)
+    rng = np.random.default_rng(args.seed)
+    for name, spec in step.models:
+        loop.loops[name].load_state_dict(weights_init(spec, rng))
+
+    images, _ = unitrain.data.packaged_arrays("mnist", "train")
+    order = rng.permutation(len(images))  # the same on a resume: the checkpoint replaces only the state
+    batches = len(images) // args.batch_size
+    label = "" if args.compare is None else f"{backend}: "
+    history = []
+    for index in checkpoints.steps(loop, args.max_steps):
+        rows = order[(index % batches) * args.batch_size : (index % batches + 1) * args.batch_size]
+        real = images[rows].astype(np.float32) / 127.5 - 1  # ToTensor() then Normalize((0.5,), (0.5,))
+        history.append(loop.step(real))
+        if index % 50 == 0 or index == args.max_steps - 1:
+            errD, errG = history[-1]["discriminator"], history[-1]["generator"]
+            print(f"{label}[{index}/{args.max_steps}]\tLoss_D: {errD:.4f}\tLoss_G: {errG:.4f}")
+    return loop, history
 
 
 if __name__ == "__main__":

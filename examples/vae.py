@@ -16,6 +16,11 @@ What maps to what (PyTorch -> unitrain):
   "Test set loss" is the summed loss over the test set divided by its size (here computed with the
   models' ``predict`` and NumPy, ``eps`` drawn from ``--seed``).
 
+``--checkpoint-dir DIR`` checkpoints the run (crash-safe, every ``--checkpoint-every`` steps);
+``--resume`` continues it.
+``--compare`` trains on every installed backend from the same weights and noise and prints
+one line per loss per backend (``--plot FILE``: their loss curves).
+
 Run: ``python examples/vae.py --backend chainer --max-steps 469 --save-weights out/``.
 """
 
@@ -27,7 +32,8 @@ import os
 import numpy as np
 
 import unitrain
-from unitrain import expr, plot, steps
+from unitrain import expr, plot, step_checkpoints, step_compare, steps
+from unitrain.files import OutputError
 from unitrain.graph import Graph, Input
 
 
@@ -67,6 +73,8 @@ def main(argv=None) -> dict[str, float]:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--save-weights", metavar="DIR", help="write DIR/<model>.safetensors for both models")
     parser.add_argument("--plot", metavar="FILE", help="draw test images, their reconstructions and samples")
+    step_checkpoints.add_arguments(parser)
+    step_compare.add_argument(parser)
     args = parser.parse_args(argv)
     for name in ("max_steps", "batch_size"):
         if getattr(args, name) < 1:
@@ -74,22 +82,13 @@ def main(argv=None) -> dict[str, float]:
     try:
         if args.plot:
             plot.check_figure_path("--plot", args.plot)
-        loop = steps.MultiModelLoop(vae(), args.backend, seed=args.seed)
-    except ValueError as error:  # an unknown backend too
+        if args.compare is not None:  # the losses of every backend, one line each, and their curves with --plot
+            return step_compare.compare(lambda backend: train(args, backend)[1], step_compare.backends_to_compare(args),
+                                        args.plot)  # fmt: skip
+        settings = {name: getattr(args, name) for name in ("backend", "seed", "batch_size")}
+        loop, history, rng = train(args, args.backend, step_checkpoints.StepCheckpoints.from_arguments(args, settings))
+    except (ValueError, OutputError) as error:  # an unknown backend, a checkpoint that cannot be resumed
         parser.exit(2, f"vae: {error}\n")
-
-    images, _ = unitrain.data.packaged_arrays("mnist", "train")
-    rng = np.random.default_rng(args.seed)
-    order = rng.permutation(len(images))
-    batches = len(images) // args.batch_size
-    loss = float("nan")
-    for index in range(args.max_steps):
-        rows = order[(index % batches) * args.batch_size : (index % batches + 1) * args.batch_size]
-        data = images[rows].reshape(len(rows), 784).astype(np.float32) / 255  # ToTensor(), x.view(-1, 784)
-        loss = loop.step(data)["loss"] / len(data)
-        if index % 50 == 0 or index == args.max_steps - 1:
-            epoch, seen = index // batches + 1, (index % batches) * len(data)
-            print(f"Train Epoch: {epoch} [{seen}/{len(images)}]\tLoss: {loss:.6f}")
     test_images, _ = unitrain.data.packaged_arrays("mnist", "test")
     test = test_loss(loop, test_images.reshape(-1, 784).astype(np.float32) / 255, rng)
     print(f"====> Test set loss: {test:.4f}")
@@ -103,8 +102,28 @@ def main(argv=None) -> dict[str, float]:
         samples = loop.loops["decoder"].predict(rng.standard_normal((64, 20)).astype(np.float32))
         panels = [("test images", originals), ("reconstructions", reconstructions), ("samples", samples)]
         plot.save_image_grids(args.plot, [(title, images.reshape(-1, 1, 28, 28)) for title, images in panels])
+    loss = history[-1]["loss"]
     print(f"final losses: train {loss:.6f}  test {test:.6f}")
     return {"train": loss, "test": test}
+
+
+def train(args, backend: str, checkpoints=step_checkpoints.NO_CHECKPOINTS):
+    """The example's ``train`` on ``backend``: the loop, each step's loss per image, and the
+    generator the test loss goes on drawing from."""
+    loop = steps.MultiModelLoop(vae(), backend, seed=args.seed)
+    history, label = [], "" if args.compare is None else f"{backend}: "
+    images, _ = unitrain.data.packaged_arrays("mnist", "train")
+    rng = np.random.default_rng(args.seed)
+    order = rng.permutation(len(images))  # the same on a resume: the checkpoint replaces only the state
+    batches = len(images) // args.batch_size
+    for index in checkpoints.steps(loop, args.max_steps):
+        rows = order[(index % batches) * args.batch_size : (index % batches + 1) * args.batch_size]
+        data = images[rows].reshape(len(rows), 784).astype(np.float32) / 255  # ToTensor(), x.view(-1, 784)
+        history.append({"loss": loop.step(data)["loss"] / len(data)})
+        if index % 50 == 0 or index == args.max_steps - 1:
+            epoch, seen = index // batches + 1, (index % batches) * len(data)
+            print(f"{label}Train Epoch: {epoch} [{seen}/{len(images)}]\tLoss: {history[-1]['loss']:.6f}")
+    return loop, history, rng
 
 
 if __name__ == "__main__":

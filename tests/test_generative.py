@@ -2,20 +2,26 @@
 tutorial scaled to 28x28) and the VAE of PyTorch's examples/vae on each backend, against the
 hand-written PyTorch loops of the same cases from the same weights and noise; the spec's refusals."""
 
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_examples import example
+from test_examples import EXAMPLES, example
 from torch import nn
 from torch_reference import TorchRun, TorchRuns, expected_run
 
 import unitrain as ut
-from unitrain import expr, steps
+from unitrain import expr, step_checkpoints, steps
 from unitrain.loop import InputError
 from unitrain.optim import Adam
+from unitrain.weights import load_safetensors
 
 BACKENDS = ["numpy", "torch", "chainer", "mindspore"]
 NZ, NGF, NDF, BATCH, STEPS = 8, 4, 4, 8, 4
@@ -438,3 +444,89 @@ def test_resuming_from_a_checkpoint_continues_bit_for_bit(backend, tmp_path):
             np.testing.assert_array_equal(resumed.loops[name].state_dict()[key], value, err_msg=f"{name}.{key}")
         for key, value in straight.loops[name].optimizer_state_dict().items():
             np.testing.assert_array_equal(resumed.loops[name].optimizer_state_dict()[key], value, err_msg=key)
+
+
+def test_the_examples_refuse_checkpoint_and_compare_options_they_cannot_follow_in_one_line(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / step_checkpoints.CHECKPOINT_FILE).write_text("")
+    cases = ((["--resume"], "--resume needs --checkpoint-dir"),
+             (["--checkpoint-dir", tmp_path / "run", "--checkpoint-every", "0"], "--checkpoint-every must be"),
+             (["--checkpoint-dir", tmp_path / "file"], "is a file, expected a directory"),
+             (["--checkpoint-dir", tmp_path / "used"], "already holds a run's checkpoint; pass --resume"),
+             (["--checkpoint-dir", tmp_path / "none", "--resume"], "does not exist"),
+             (["--compare", "numpy,tensorflow"], "unknown backend 'tensorflow'"),
+             (["--compare", "numpy,numpy"], "a backend named twice"),
+             (["--compare", "--checkpoint-dir", tmp_path / "run"], "takes no --checkpoint-dir"),
+             (["--compare", "--save-weights", tmp_path / "run"], "--compare saves no weights"))  # fmt: skip
+    for name in ("dcgan", "vae"):
+        for argv, message in cases:
+            with pytest.raises(SystemExit) as exit_info:
+                example(name).main([str(value) for value in argv])
+            err = capsys.readouterr().err
+            assert exit_info.value.code == 2 and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "none").exists()
+
+
+def test_compare_trains_each_backend_from_the_same_weights_and_noise_and_prints_each_loss(tmp_path, capsys):
+    tiny = ["--features", "2", "--nz", "4", "--batch-size", "4", "--max-steps", "3"]
+    histories = example("dcgan").main([*tiny, "--compare", "numpy,torch,chainer", "--plot", str(tmp_path / "c.png")])
+    lines = [line for line in capsys.readouterr().out.splitlines() if "largest |difference|" in line]
+    assert [line.split()[:2] for line in lines] == [[phase, backend] for phase in ("discriminator", "generator")
+                                                   for backend in ("numpy", "torch", "chainer")]  # fmt: skip
+    for line in lines:
+        phase, backend, _, final, *_, largest = line.split()
+        values = [losses[phase] for losses in histories[backend]]
+        assert len(values) == 3 and final == f"{values[-1]:.6f}"
+        expected = max(abs(a - b[phase]) for a, b in zip(values, histories["numpy"], strict=True))
+        assert largest == f"{expected:.2e}"
+    for backend in ("numpy", "chainer"):  # each backend's run is the one --backend makes
+        assert example("dcgan").main([*tiny, "--backend", backend]) == histories[backend][-1]
+    assert (tmp_path / "c.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+TINY_DCGAN = ["--features", "2", "--nz", "4", "--batch-size", "4", "--checkpoint-every", "2"]
+
+
+def _killed_mid_run(argv: list[str], checkpoint) -> int:
+    """Run examples/dcgan.py with ``argv`` for ever, SIGKILL it once it has checkpointed; the step
+    count of the checkpoint it left."""
+    command = [sys.executable, str(EXAMPLES / "dcgan.py"), *argv, "--max-steps", "1000000"]
+    # one thread, as this module's own torch runs (another count sums in another order)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env) as process:
+        deadline = time.monotonic() + 120
+        while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(process.pid, signal.SIGKILL)
+        _, err = process.communicate()
+    assert process.returncode == -signal.SIGKILL, err
+    return int(load_safetensors(checkpoint)[1]["step_count"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS[:3])  # MindSpore's eager ops are not bit-reproducible across processes
+def test_a_sigkilled_example_resumes_to_the_weights_of_an_uninterrupted_run(backend, tmp_path, capsys):
+    common = [*TINY_DCGAN, "--backend", backend]
+    killed = tmp_path / "killed"
+    done = _killed_mid_run([*common, "--checkpoint-dir", str(killed)], killed / step_checkpoints.CHECKPOINT_FILE)
+    target = str(done + 3)  # chosen after the kill: no race with how far the killed run got
+    with pytest.raises(SystemExit) as exit_info:  # another run's settings: refused, the checkpoint untouched
+        example("dcgan").main([*common, "--seed", "5", "--max-steps", target, "--checkpoint-dir", str(killed),
+                               "--resume"])  # fmt: skip
+    assert exit_info.value.code == 2 and "seed 999 there, 5 now" in capsys.readouterr().err
+    dcgan = example("dcgan")
+    resumed = dcgan.main([*common, "--max-steps", target, "--checkpoint-dir", str(killed), "--resume",
+                          "--save-weights", str(tmp_path / "resumed")])  # fmt: skip
+    straight = dcgan.main([*common, "--max-steps", target, "--save-weights", str(tmp_path / "straight")])
+    assert resumed == straight
+    for model in ("generator", "discriminator"):
+        expected, _ = load_safetensors(tmp_path / "straight" / f"{model}.safetensors")
+        got, _ = load_safetensors(tmp_path / "resumed" / f"{model}.safetensors")
+        assert expected.keys() == got.keys()
+        for key, value in expected.items():
+            np.testing.assert_array_equal(got[key], value, err_msg=f"{model}.{key}")
+    assert int(load_safetensors(killed / step_checkpoints.CHECKPOINT_FILE)[1]["step_count"]) == done + 3
+    with pytest.raises(SystemExit) as exit_info:
+        dcgan.main([*common, "--max-steps", target, "--checkpoint-dir", str(killed), "--resume"])
+    assert exit_info.value.code == 2 and f"already at step {target}" in capsys.readouterr().err

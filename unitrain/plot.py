@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -278,4 +278,27 @@ def image_grid_figure(panels: Sequence[tuple[str, Any]], columns: int = 8):
         ax.imshow(grid, cmap="gray", vmin=0, vmax=1)
         ax.set_title(title)
         ax.axis("off")
+    return figure
+
+
+def save_step_losses(path: str | Path, histories: Mapping[str, Sequence[Mapping[str, float]]]) -> None:
+    """Write :func:`step_losses_figure` to ``path`` (its suffix names the format)."""
+    path = Path(path)
+    save_figure(step_losses_figure(histories), path, path.suffix)
+
+
+def step_losses_figure(histories: Mapping[str, Sequence[Mapping[str, float]]]):
+    """A multi-model step's losses at every step on several backends (``{backend: [{phase: loss}]}``):
+    one panel per loss, one curve per backend, the first thick and the others dashed over it."""
+    phases = list(next(iter(histories.values()))[-1])
+    figure, axes = _figure(1, len(phases), width=5.0, height=3.8)
+    for ax, phase in zip(axes[0], phases, strict=True):
+        for index, (backend, history) in enumerate(histories.items()):
+            ax.plot(np.arange(1, len(history) + 1), [losses[phase] for losses in history], label=backend,
+                    **_style(index))  # fmt: skip
+        ax.set_title(f"{phase} loss at every step")
+        ax.set_xlabel("step")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
     return figure

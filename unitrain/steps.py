@@ -515,9 +515,10 @@ class MultiModelLoop:
         """Each model's weights, by model name."""
         return {name: loop.state_dict() for name, loop in self.loops.items()}
 
-    def save_checkpoint(self, path) -> None:
-        """Everything a resume needs in one safetensors file: each model's weights, optimizer state
-        and random stream (``<model>/<part>/<key>``), the step count and the noise stream's state."""
+    def save_checkpoint(self, path, metadata: Mapping[str, str] | None = None) -> None:
+        """Everything a resume needs in one safetensors file, written atomically: each model's
+        weights, optimizer state and random stream (``<model>/<part>/<key>``), the step count and
+        the noise stream's state; ``metadata``: the caller's own strings, kept beside them."""
         from .weights import save_safetensors
 
         tensors = {
@@ -526,12 +527,12 @@ class MultiModelLoop:
             for part, (getter, _) in CHECKPOINT_PARTS.items()
             for key, value in getattr(loop, getter)().items()
         }
-        metadata = {"step_count": str(self.step_count), "noise": json.dumps(self.noise.state())}
-        save_safetensors(path, tensors, metadata)
+        own = {"step_count": str(self.step_count), "noise": json.dumps(self.noise.state())}
+        save_safetensors(path, tensors, {**(metadata or {}), **own})
 
-    def load_checkpoint(self, path) -> None:
+    def load_checkpoint(self, path) -> dict[str, str]:
         """Resume from a :meth:`save_checkpoint` file of the same step; the next step continues
-        exactly (bit for bit on the same backend and machine)."""
+        exactly (bit for bit on the same backend and machine). Returns the file's metadata."""
         from .weights import WeightsError, load_safetensors
 
         tensors, metadata = load_safetensors(path)
@@ -552,6 +553,7 @@ class MultiModelLoop:
             getattr(self.loops[name], CHECKPOINT_PARTS[part][1])(state, f"{path} ({name} {part})")
         self.noise.set_state(noise)
         self.step_count = step_count
+        return metadata
 
     def save_weights(self, directory) -> None:
         """Each model's weights as ``directory/<model>.safetensors`` (the directory is created)."""
