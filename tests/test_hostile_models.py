@@ -1,0 +1,109 @@
+"""Hostile input to the surfaces of models and sequences: a model spec from JSON of any shape
+(``unitrain.graph.from_dict``), text and token ids (``unitrain.text``), multi-model checkpoints
+(``unitrain.steps``). Each is read correctly or refused in one line (``ValueError`` /
+``DataError`` / ``WeightsError``) naming the value and what was expected: no other exception,
+no unbounded memory."""
+
+import numpy as np
+import pytest
+
+from unitrain import layers as L
+from unitrain import ops, text
+from unitrain.data import DataError
+from unitrain.graph import Graph, Input, from_dict
+
+
+def _graph_dict():
+    x = Input((4,), name="x")
+    fc1, fc2 = L.Linear(4, 8), L.Linear(8, 2)
+    return Graph(x, fc2(ops.relu(fc1(x))), {"fc1": fc1, "fc2": fc2}).to_dict()
+
+
+def _nested_sequential(depth):
+    entry = {"type": "Linear", "in_features": 4, "out_features": 4}
+    for _ in range(depth):
+        entry = {"type": "Sequential", "children": {"0": entry}}
+    return entry
+
+
+def _edited(change):
+    data = _graph_dict()
+    change(data)
+    return data
+
+
+GRAPH_ENTRIES = {  # JSON a file could hold where a graph entry is expected -> the message's words
+    "inputs a list": (_edited(lambda d: d.__setitem__("inputs", ["x"])), "'inputs' must be a mapping"),
+    "inputs null": (_edited(lambda d: d.__setitem__("inputs", None)), "'inputs' must be a mapping"),
+    "modules a list": (_edited(lambda d: d.__setitem__("modules", [1])), "'modules' must be a mapping"),
+    "nodes a string": (_edited(lambda d: d.__setitem__("nodes", "abc")), "'nodes' must be a list"),
+    "node a number": (_edited(lambda d: d["nodes"].__setitem__(0, 5)), "a graph node must be a mapping"),
+    "target a list": (_edited(lambda d: d["nodes"][0].__setitem__("target", ["fc1"])), "target must be a string"),
+    "args a string": (_edited(lambda d: d["nodes"][0].__setitem__("args", "x")), "args must be a list"),
+    "args nested": (_edited(lambda d: d["nodes"][0].__setitem__("args", [["x"]])), "args must be a list"),
+    "kwargs a list": (_edited(lambda d: d["nodes"][0].__setitem__("kwargs", [1])), "kwargs must be a mapping"),
+    "children null": ({"type": "Sequential", "children": None}, "'children' must be a mapping"),
+    "3000 deep": (_nested_sequential(3000), "nests containers more than 100 deep"),
+}
+
+
+@pytest.mark.parametrize("name", GRAPH_ENTRIES)
+def test_a_model_entry_of_any_shape_is_refused_in_one_line(name):
+    data, words = GRAPH_ENTRIES[name]
+    with pytest.raises(ValueError, match=words) as caught:
+        from_dict(data)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_model_entry_at_the_nesting_bound_still_loads():
+    assert isinstance(from_dict(_nested_sequential(99)), L.Sequential)
+
+
+TEXT_CALLS = {  # a call with hostile arguments -> the message's words
+    "bytes as text": (lambda: text.Vocabulary.of(b"abc"), "text must be a str"),
+    "None as text": (lambda: text.language_model_data(None, 4), "text must be a str"),
+    "float ids": (lambda: text.windows(np.array([0.5, 1.7, 2.2, 3.0]), 2), "integer token ids, got float64"),
+    "2-d ids": (
+        lambda: text.windows(np.arange(100).reshape(10, 10), 2),
+        r"1-d integer token ids, got int64 \(10,",
+    ),
+    "negative ids": (lambda: text.windows(-np.arange(10), 2), "token id -9 is outside"),
+    "671 GiB of windows": (lambda: text.windows(np.arange(10**6), 10**5, 1), "900000 windows of 100000 tokens"),
+    "id past the vocabulary": (lambda: text.Vocabulary.of("abc").decode([5]), r"token id 5 is outside 0\.\.2"),
+    "negative id decoded": (lambda: text.Vocabulary.of("abc").decode([-1]), r"token id -1 is outside 0\.\.2"),
+    "no loss to exponentiate": (lambda: text.perplexity({"accuracy": 1.0}), "expected a loss"),
+    "shipped text by list": (lambda: text.shipped_text(["tz-news"]), "no shipped text named"),
+    "no sequences saved": (lambda: text.save_tokens("unused.npz", []), "at least one sequence"),
+    "a 2-d sequence saved": (lambda: text.save_tokens("unused.npz", [[[1, 2], [3, 4]]]), "1-d integer token ids"),
+}
+
+
+@pytest.mark.parametrize("name", TEXT_CALLS)
+def test_hostile_text_arguments_are_refused_in_one_line(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    call, words = TEXT_CALLS[name]
+    with pytest.raises(DataError, match=words) as caught:
+        call()
+    assert "\n" not in str(caught.value)
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_perplexity_past_float64_is_infinite_as_torch_exp():
+    assert text.perplexity(1e6) == float("inf") and np.isnan(text.perplexity(float("nan")))
+
+
+TOKEN_FILES = {  # arrays of a token dataset -> the message's words
+    "negative ids": (dict(tokens=-np.ones((3, 4), np.int64)), "token id -1 is outside"),
+    "uint64 past int64": (dict(tokens=np.full((3, 4), 2**63 + 5, np.uint64)), "token id 9223372036854775813"),
+    "no sequences": (dict(tokens=np.ones((0, 4), np.int64), lengths=np.zeros(0, np.int64)), "N >= 1"),
+}
+
+
+@pytest.mark.parametrize("name", TOKEN_FILES)
+def test_hostile_token_datasets_are_refused_in_one_line(name, tmp_path):
+    arrays, words = TOKEN_FILES[name]
+    arrays = {"tokens": np.ones((3, 4), np.int64), "lengths": np.array([1, 2, 4]), **arrays}
+    np.savez(tmp_path / "tokens.npz", **arrays)
+    with pytest.raises(DataError, match=words) as caught:
+        text.load_tokens(tmp_path / "tokens.npz")
+    assert "\n" not in str(caught.value) and str(tmp_path / "tokens.npz") in str(caught.value)
