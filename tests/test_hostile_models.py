@@ -4,6 +4,8 @@
 ``DataError`` / ``WeightsError``) naming the value and what was expected: no other exception,
 no unbounded memory."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -107,3 +109,50 @@ def test_hostile_token_datasets_are_refused_in_one_line(name, tmp_path):
     with pytest.raises(DataError, match=words) as caught:
         text.load_tokens(tmp_path / "tokens.npz")
     assert "\n" not in str(caught.value) and str(tmp_path / "tokens.npz") in str(caught.value)
+
+
+# --- a multi-model step's checkpoint ----------------------------------------------------------
+
+
+def _step_loop(seed=0):
+    from unitrain import steps
+    from unitrain.optim import Adam
+
+    net = steps.Model("net")
+    step = steps.MultiStep({"net": L.Sequential(L.Linear(4, 1), L.Sigmoid())},
+                           {"adam": steps.OptimizerOver(Adam(0.01), ["net"])},
+                           [steps.Phase("fit", steps.bce(net(steps.batch()), 1.0), "adam")])  # fmt: skip
+    return steps.MultiModelLoop(step, "numpy", seed=seed)
+
+
+def _noise(**changes):
+    state = {"bit_generator": "PCG64", "state": {"state": 1, "inc": 3}, "has_uint32": 0, "uinteger": 0}
+    return json.dumps({**state, **changes})
+
+
+CHECKPOINT_EDITS = {  # (tensors changed, metadata changed) -> the message's words
+    "negative step count": ({}, {"step_count": "-5"}, "step count '-5'; expected a whole number >= 0"),
+    "fractional step count": ({}, {"step_count": "1.5"}, "step count '1.5'"),
+    "noise null": ({}, {"noise": "null"}, "noise stream is not a PCG64 state: the value: expected an object"),
+    "noise a number": ({}, {"noise": "NaN"}, "noise stream is not a PCG64 state"),
+    "noise of another generator": ({}, {"noise": _noise(bit_generator="MT19937")}, "expected one of 'PCG64'"),
+    "noise state a string": ({}, {"noise": _noise(state={"state": "x", "inc": 3})}, "field 'state.state'"),
+    "noise 100k deep": ({}, {"noise": "[" * 100_000 + "]" * 100_000}, "noise stream is not a PCG64 state"),
+    "optimizer step -1": ({"net/optimizer/step": np.array(-1)}, {}, "'step' must be one whole number >= 0"),
+    "optimizer step a vector": ({"net/optimizer/step": np.zeros(3, np.int64)}, {}, "'step' must be one whole"),
+}
+
+
+@pytest.mark.parametrize("name", CHECKPOINT_EDITS)
+def test_a_tampered_multi_model_checkpoint_is_refused_in_one_line(name, tmp_path):
+    from unitrain.weights import WeightsError, load_safetensors, save_safetensors
+
+    tensors_changed, metadata_changed, words = CHECKPOINT_EDITS[name]
+    _step_loop().save_checkpoint(tmp_path / "good.safetensors")
+    tensors, metadata = load_safetensors(tmp_path / "good.safetensors")
+    save_safetensors(tmp_path / "bad.safetensors", {**tensors, **tensors_changed}, {**metadata, **metadata_changed})
+    resumed = _step_loop(seed=1)
+    with pytest.raises(WeightsError, match=words) as caught:
+        resumed.load_checkpoint(tmp_path / "bad.safetensors")
+    assert "\n" not in str(caught.value) and str(tmp_path / "bad.safetensors") in str(caught.value)
+    assert resumed.step_count == 0
