@@ -156,3 +156,56 @@ def test_a_tampered_multi_model_checkpoint_is_refused_in_one_line(name, tmp_path
         resumed.load_checkpoint(tmp_path / "bad.safetensors")
     assert "\n" not in str(caught.value) and str(tmp_path / "bad.safetensors") in str(caught.value)
     assert resumed.step_count == 0
+
+
+# --- a --model function returning a torch module ------------------------------------------------
+
+TORCH_FACTORIES = {  # the function's body (torch, nn, sys imported; X a batch of two images) -> the line's words
+    "a 1-tuple": (
+        "return (net(),)",
+        "returned a tuple of 1 items; expected a torch module",
+    ),
+    "a 3-tuple": ("return (net(), X, 'extra')", "returned a tuple of 3 items"),
+    "NaN weights": ("m = net()\n    m[1].weight.data.fill_(float('nan'))\n    return m, X", "1.weight holds NaN or"),
+    "complex weights": (
+        "return nn.Sequential(nn.Flatten(), nn.Linear(784, 10, dtype=torch.complex64)), X.cfloat()",
+        "1.weight holds complex values; expected finite real weights",
+    ),
+    "forward exits": ("return Exits(), X", "torch.fx cannot trace Exits.forward: it called sys.exit(0)"),
+}
+TORCH_MODULE = """
+import sys
+import torch
+from torch import nn
+
+X = torch.zeros(2, 1, 28, 28)
+
+
+def net():
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+
+
+class Exits(nn.Module):
+    def forward(self, x):
+        sys.exit(0)
+
+
+def build():
+    {body}
+"""
+
+
+@pytest.mark.parametrize("name", TORCH_FACTORIES)
+def test_a_torch_model_that_cannot_be_imported_is_one_line_and_exit_2(name, tmp_path, monkeypatch, capsys):
+    """A 1-tuple raised IndexError; NaN weights trained to NaN; complex weights lost their imaginary
+    parts with a warning; a forward calling sys.exit(0) ended unitrain with exit code 0."""
+    pytest.importorskip("torch")
+    from test_hostile_runs import one_error_line, run_cli
+
+    body, words = TORCH_FACTORIES[name]
+    monkeypatch.chdir(tmp_path)
+    module = "torch_factory_" + name.replace(" ", "_").replace("-", "_")
+    (tmp_path / f"{module}.py").write_text(TORCH_MODULE.format(body=body))
+    status, out, err = run_cli(capsys, "train", "--model", f"{module}:build", "--epochs", "0")
+    assert status == 2 and out == ""
+    one_error_line(err, f"model '{module}:build': " + ("" if "tuple" in name else "from_torch: ") + words)
