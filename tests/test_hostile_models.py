@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 
+import unitrain as ut
 from unitrain import layers as L
 from unitrain import ops, text
 from unitrain.data import DataError
@@ -209,3 +210,29 @@ def test_a_torch_model_that_cannot_be_imported_is_one_line_and_exit_2(name, tmp_
     status, out, err = run_cli(capsys, "train", "--model", f"{module}:build", "--epochs", "0")
     assert status == 2 and out == ""
     one_error_line(err, f"model '{module}:build': " + ("" if "tuple" in name else "from_torch: ") + words)
+
+
+# --- batches: none of the samples, or none of the targets, count --------------------------------
+
+
+@pytest.mark.parametrize("what", ["step", "evaluate"])
+def test_a_batch_whose_every_target_is_ignored_is_refused_in_one_line(what):
+    """A mean over no targets divided by zero (ZeroDivisionError) in step and evaluate."""
+    from unitrain.backends.numpy import NumpyLoop
+
+    from unitrain.loop import InputError
+
+    loop = NumpyLoop(L.Sequential(L.Linear(4, 3)), loss=ut.CrossEntropyLoss(), optimizer=ut.SGD(lr=0.1), seed=0)
+    with pytest.raises(InputError, match=r"every target of the batch is ignore_index=-100") as caught:
+        getattr(loop, what)((np.zeros((2, 4)), np.full(2, -100)))
+    assert "\n" not in str(caught.value)
+
+
+def test_an_empty_batch_is_refused_in_one_line():
+    from unitrain.backends.numpy import NumpyLoop
+
+    from unitrain.loop import InputError
+
+    loop = NumpyLoop(L.Sequential(L.Linear(4, 3)), loss=ut.CrossEntropyLoss(), optimizer=ut.SGD(lr=0.1), seed=0)
+    with pytest.raises(InputError, match="a batch must hold at least one sample, got 0"):
+        loop.step((np.zeros((0, 4)), np.zeros(0, np.int64)))
