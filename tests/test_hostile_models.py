@@ -8,12 +8,14 @@ import json
 
 import numpy as np
 import pytest
+from unitrain.backends.numpy import NumpyLoop
 
 import unitrain as ut
 from unitrain import layers as L
 from unitrain import ops, text
 from unitrain.data import DataError
 from unitrain.graph import Graph, Input, from_dict
+from unitrain.loop import InputError
 
 
 def _graph_dict():
@@ -218,10 +220,6 @@ def test_a_torch_model_that_cannot_be_imported_is_one_line_and_exit_2(name, tmp_
 @pytest.mark.parametrize("what", ["step", "evaluate"])
 def test_a_batch_whose_every_target_is_ignored_is_refused_in_one_line(what):
     """A mean over no targets divided by zero (ZeroDivisionError) in step and evaluate."""
-    from unitrain.backends.numpy import NumpyLoop
-
-    from unitrain.loop import InputError
-
     loop = NumpyLoop(L.Sequential(L.Linear(4, 3)), loss=ut.CrossEntropyLoss(), optimizer=ut.SGD(lr=0.1), seed=0)
     with pytest.raises(InputError, match=r"every target of the batch is ignore_index=-100") as caught:
         getattr(loop, what)((np.zeros((2, 4)), np.full(2, -100)))
@@ -229,10 +227,19 @@ def test_a_batch_whose_every_target_is_ignored_is_refused_in_one_line(what):
 
 
 def test_an_empty_batch_is_refused_in_one_line():
-    from unitrain.backends.numpy import NumpyLoop
-
-    from unitrain.loop import InputError
-
     loop = NumpyLoop(L.Sequential(L.Linear(4, 3)), loss=ut.CrossEntropyLoss(), optimizer=ut.SGD(lr=0.1), seed=0)
     with pytest.raises(InputError, match="a batch must hold at least one sample, got 0"):
         loop.step((np.zeros((0, 4)), np.zeros(0, np.int64)))
+
+
+def test_sequence_lengths_are_checked_against_the_batchs_padded_axis():
+    """Lengths were checked against the padded axis the graph declared (6), not the batch's: 5 for
+    3 steps raised IndexError inside the recurrent layer; 9 for 9 steps was refused."""
+    tokens, lengths = Input((6,), name="tokens"), Input((), name="lengths")
+    modules = {"embedding": ut.Embedding(5, 3), "lstm": ut.LSTM(3, 4, batch_first=True), "head": L.Linear(4, 2)}
+    h = modules["lstm"](modules["embedding"](tokens), lengths)
+    graph = Graph([tokens, lengths], modules["head"](h).permute(0, 2, 1), modules=modules)
+    loop = NumpyLoop(graph, loss=ut.CrossEntropyLoss(), optimizer=ut.SGD(lr=0.1), seed=0)
+    with pytest.raises(InputError, match=r"^input 'lengths': sequence length 5 is outside 1\.\.3 \(the padded axis"):
+        loop.predict((np.ones((2, 3), np.int64), np.array([5, 5])))
+    assert loop.predict((np.ones((2, 9), np.int64), np.array([9, 4]))).shape == (2, 2, 9)
