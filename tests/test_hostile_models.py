@@ -243,3 +243,15 @@ def test_sequence_lengths_are_checked_against_the_batchs_padded_axis():
     with pytest.raises(InputError, match=r"^input 'lengths': sequence length 5 is outside 1\.\.3 \(the padded axis"):
         loop.predict((np.ones((2, 3), np.int64), np.array([5, 5])))
     assert loop.predict((np.ones((2, 9), np.int64), np.array([9, 4]))).shape == (2, 2, 9)
+
+
+def test_a_permutation_naming_an_axis_the_batch_lacks_is_refused():
+    """dims [0, 5, 1] of a rank-3 batch were taken modulo 3 (as [0, 2, 1]) where PyTorch refuses them."""
+    data = {"type": "Graph", "inputs": {"x": [4, 6]}, "modules": {}, "outputs": ["p"],
+            "nodes": [{"name": "p", "op": "call_function", "target": "permute", "args": ["x"],
+                       "kwargs": {"dims": [0, 5, 1]}}]}  # fmt: skip
+    with pytest.raises(ValueError, match=r"dims must order all 3 axes with the batch axis 0 first, got \(0, 5, 1\)"):
+        from_dict(data)
+    assert from_dict({**data, "nodes": [{**data["nodes"][0], "kwargs": {"dims": [0, -1, 1]}}]}).output_shape(
+        (4, 6)
+    ) == (6, 4)
