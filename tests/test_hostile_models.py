@@ -255,3 +255,29 @@ def test_a_permutation_naming_an_axis_the_batch_lacks_is_refused():
     assert from_dict({**data, "nodes": [{**data["nodes"][0], "kwargs": {"dims": [0, -1, 1]}}]}).output_shape(
         (4, 6)
     ) == (6, 4)
+
+
+def _nested_list(depth):
+    value = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        (lambda data: data.pop("models"), "KeyError: 'models'"),
+        (lambda data: data.__setitem__("optimizers", None), "TypeError: 'NoneType' object is not iterable"),
+        (lambda data: data["phases"][0].__setitem__(1, []), "IndexError"),
+        (lambda data: data["phases"][0].__setitem__(1, _nested_list(5000)), "RecursionError"),
+    ],
+    ids=["no models", "optimizers null", "an empty loss", "a loss 5000 deep"],
+)
+def test_a_multi_step_from_json_of_another_shape_is_one_line(change, words):
+    from unitrain import steps
+
+    data = json.loads(json.dumps(_step_loop().step_spec.to_dict()))
+    change(data)
+    with pytest.raises(ValueError, match=f"the data does not fit to_dict's models, optimizers and phases: {words}"):
+        steps.MultiStep.from_dict(data)

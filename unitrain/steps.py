@@ -289,14 +289,19 @@ class MultiStep:
 
     @classmethod
     def from_dict(cls, data: Mapping) -> MultiStep:
+        """The step :meth:`to_dict` gave; ``ValueError`` in one line for data of any other shape."""
         from .graph import from_dict as layer_from_dict
 
-        return cls(
-            [(name, layer_from_dict(spec)) for name, spec in data["models"]],
-            [(name, OptimizerOver(optimizer_from_config(config), models)) for name, config, models in
-             data["optimizers"]],
-            [Phase(name, _tree(loss), optimizer) for name, loss, optimizer in data["phases"]],
-        )  # fmt: skip
+        try:
+            return cls(
+                [(name, layer_from_dict(spec)) for name, spec in data["models"]],
+                [(name, OptimizerOver(optimizer_from_config(config), models)) for name, config, models in
+                 data["optimizers"]],
+                [Phase(name, _tree(loss), optimizer) for name, loss, optimizer in data["phases"]],
+            )  # fmt: skip
+        except (KeyError, TypeError, IndexError, RecursionError) as error:  # JSON of another shape, or nested deep
+            raise ValueError(f"MultiStep.from_dict: the data does not fit to_dict's models, optimizers and phases: "
+                             f"{type(error).__name__}: {str(error)[:200]}") from None  # fmt: skip
 
 
 def _pairs(value, kind: str) -> tuple[tuple[str, object], ...]:
