@@ -85,7 +85,7 @@ class _Tracer(fx.Tracer):
                     self.values[node] = target(*args, **kwargs)
                 else:  # get_attr: refused when mapped, its value kept for the trace to go on
                     self.values[node] = operator.attrgetter(target)(self.root)
-            except Exception as error:  # the user's module on the user's example: anything
+            except (Exception, SystemExit) as error:  # the user's module on the user's example: anything
                 text = " ".join(str(error).split())[:300]
                 raise ValueError(
                     f"from_torch: node {node.name!r} ({_target(node)}) fails on the example inputs: "
@@ -558,6 +558,9 @@ def _state(root: nn.Module, graph: Graph, fixed: set[str]) -> dict[str, np.ndarr
         tensor = state[key].detach().cpu()
         if tuple(tensor.shape) != tuple(shape):
             raise ValueError(f"from_torch: {key} has shape {tuple(tensor.shape)}, the layer's spec {tuple(shape)}")
+        if tensor.is_complex() or not torch.isfinite(tensor).all():  # astype would drop imaginary parts
+            raise ValueError(f"from_torch: {key} holds {'complex' if tensor.is_complex() else 'NaN or infinite'} "
+                             "values; expected finite real weights")  # fmt: skip
         dtype = np.int64 if key.endswith("num_batches_tracked") else np.float32
         out[key] = tensor.numpy().astype(dtype)
     return out
@@ -578,10 +581,12 @@ def from_torch(module: nn.Module, example_inputs) -> Graph:
     tracer = _Tracer(examples)
     try:  # on a copy: running the nodes updates a training BatchNorm's statistics
         traced = tracer.trace(copy.deepcopy(module))
-    except Exception as error:  # fx's TraceError, or the user's forward failing on proxies
+    except (Exception, SystemExit) as error:  # fx's TraceError, or the user's forward failing (or exiting)
         if isinstance(error, ValueError) and str(error).startswith("from_torch:"):
             raise
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if isinstance(error, SystemExit):
+            first = f"it called sys.exit({error.code!r})"
         raise ValueError(f"from_torch: torch.fx cannot trace {type(module).__name__}.forward: {first}") from None
     placeholders = sum(1 for node in traced.nodes if node.op == "placeholder")
     if placeholders != len(examples):
@@ -688,7 +693,10 @@ def to_torch(graph: Graph, state=None) -> fx.GraphModule:
 def imported_model(value, name: str) -> Graph:
     """A ``--model`` function's torch result as a graph: ``(module, example_inputs)``, or a module
     with an ``example_input_array`` (PyTorch Lightning's attribute); ``ValueError`` otherwise."""
-    module, example = (value[0], value[1]) if isinstance(value, tuple) else (value, None)
+    if isinstance(value, tuple) and len(value) != 2:
+        raise ValueError(f"model {name!r}: returned a tuple of {len(value)} items; expected a torch module "
+                         "or (module, example_inputs)")  # fmt: skip
+    module, example = value if isinstance(value, tuple) else (value, None)
     example = getattr(module, "example_input_array", None) if example is None else example
     if example is None:
         raise ValueError(f"model {name!r}: returned a torch {type(module).__name__} without an example input; "

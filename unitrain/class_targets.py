@@ -33,6 +33,9 @@ def check(spec, y: np.ndarray, output: tuple[int, ...] | None, error: type[Excep
                     f"label {bad} is out of range: the model has {classes} classes (0..{classes - 1}, "
                     f"or ignore_index={spec.ignore_index})"
                 )
+    if spec.reduction == "mean" and y.size and not np.any(y != spec.ignore_index):
+        raise error(f"every target of the batch is ignore_index={spec.ignore_index}: {loss_name}'s mean over "
+                    "no targets is undefined (PyTorch's is NaN)")  # fmt: skip
     return y.astype(np.int64, copy=False)
 
 

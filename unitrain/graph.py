@@ -524,27 +524,40 @@ def to_dict(model: Layer) -> dict:
 
 
 def from_dict(data: Mapping) -> Layer:
-    """The spec :func:`to_dict` wrote; ``ValueError`` naming what does not fit."""
+    """The spec :func:`to_dict` wrote; ``ValueError`` naming what does not fit (data from a file is
+    checked here: any shape of JSON gets one line, nesting deeper than the backends build included)."""
+    return _from_entry(data, 1)
+
+
+def _from_entry(data: Mapping, depth: int) -> Layer:
     if not isinstance(data, Mapping) or not isinstance(data.get("type"), str):
         raise ValueError(f"a model entry must be a mapping with a 'type', got {str(data)[:80]}")
+    if depth > layers.MAX_NESTING:
+        raise ValueError(f"the model entry nests containers more than {layers.MAX_NESTING} deep; "
+                         f"expected at most {layers.MAX_NESTING}")  # fmt: skip
     kind, rest = data["type"], {key: value for key, value in data.items() if key != "type"}
+
+    def child(value):
+        return _from_entry(value, depth + 1)
+
     try:
         if kind == "Graph":
-            modules = {name: from_dict(child) for name, child in rest["modules"].items()}
-            nodes = [Node(n["name"], n["op"], n["target"], tuple(n["args"]),
-                          tuple((key, _frozen(value)) for key, value in n.get("kwargs", {}).items()))
-                     for n in rest["nodes"]]  # fmt: skip
-            return Graph.from_nodes(rest["inputs"], nodes, rest["outputs"], modules, rest.get("tied"))
+            modules = {name: child(spec) for name, spec in _field(rest, "modules", Mapping).items()}
+            nodes = [_node(n) for n in _field(rest, "nodes", list)]
+            tied = _field(rest, "tied", Mapping) if "tied" in rest else None
+            return Graph.from_nodes(
+                _field(rest, "inputs", Mapping), nodes, _field(rest, "outputs", list), modules, tied
+            )
         if kind == "Sequential":
-            children = {name: from_dict(child) for name, child in rest["children"].items()}
+            children = {name: child(spec) for name, spec in _field(rest, "children", Mapping).items()}
             return layers.Sequential(children, init=rest.get("init", "pytorch"))
         if kind == "Residual":
-            return layers.Residual(*(None if rest.get(part) is None else from_dict(rest[part])
+            return layers.Residual(*(None if rest.get(part) is None else child(rest[part])
                                      for part in ("body", "shortcut", "post")))  # fmt: skip
         from . import attention  # it builds graphs
 
         if kind in attention.ENCODERS:
-            nested = {key: from_dict(value) if isinstance(value, Mapping) else value for key, value in rest.items()}
+            nested = {key: child(value) if isinstance(value, Mapping) else value for key, value in rest.items()}
             return attention.ENCODERS[kind](**nested)
         kinds = {**_LAYER_TYPES, **attention.LEAVES}
         if kind not in kinds:
@@ -552,3 +565,30 @@ def from_dict(data: Mapping) -> Layer:
         return kinds[kind](**{key: _frozen(value) for key, value in rest.items()})
     except (KeyError, TypeError) as error:
         raise ValueError(f"model entry of type {kind!r} does not fit: {type(error).__name__}: {error}") from None
+
+
+def _field(entry: Mapping, key: str, kind: type):
+    """``entry[key]``, refused in one line unless it is a ``kind`` (a mapping or a list)."""
+    value = entry.get(key)
+    if not isinstance(value, kind):
+        expected = "a mapping" if kind is Mapping else "a list"
+        raise ValueError(f"a model entry's {key!r} must be {expected}, got {str(value)[:80]}")
+    return value
+
+
+def _node(entry) -> Node:
+    """One node of a graph entry: ``name``, ``op``, ``target`` strings, ``args`` a list of names,
+    ``kwargs`` a mapping (the node list's own checks follow in :meth:`Graph.from_nodes`)."""
+    if not isinstance(entry, Mapping):
+        raise ValueError(f"a graph node must be a mapping with name, op, target, args, got {str(entry)[:80]}")
+    where = f"graph node {str(entry.get('name'))[:40]!r}"
+    if not isinstance(entry.get("target"), str):
+        raise ValueError(f"{where}: target must be a string, got {str(entry.get('target'))[:80]}")
+    args = entry.get("args")
+    if not isinstance(args, list) or not all(isinstance(arg, str) for arg in args):
+        raise ValueError(f"{where}: args must be a list of input or node names, got {str(args)[:80]}")
+    kwargs = entry.get("kwargs", {})
+    if not isinstance(kwargs, Mapping):
+        raise ValueError(f"{where}: kwargs must be a mapping, got {str(kwargs)[:80]}")
+    return Node(entry.get("name"), entry.get("op"), entry["target"], tuple(args),
+                tuple((key, _frozen(value)) for key, value in kwargs.items()))  # fmt: skip

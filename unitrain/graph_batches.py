@@ -62,17 +62,25 @@ def check_inputs(loop: TrainingLoop, x) -> tuple[np.ndarray, ...]:
         if value.ndim < (2 if declared else 1) or (arrays and len(value) != len(arrays[0])):
             raise InputError(f"input {name!r} must be a batch of shape (N, ...) with the same N as the others, "
                              f"got shape {value.shape}")  # fmt: skip
-        if name in roles:  # token ids or sequence lengths: integers, passed on as int64
-            if problem := padded.check_input(roles[name], name, value):
+        if name in roles:  # token ids or sequence lengths: integers, passed on as int64 (lengths checked below)
+            if roles[name].kind == "ids" and (problem := padded.check_input(roles[name], name, value)):
                 raise InputError(problem)
-            arrays.append(value.astype(np.int64, copy=False))
+            arrays.append(value)
             continue
         value = value.astype(loop.dtype, copy=False)
         if not np.isfinite(value).all():
             raise InputError(f"input {name!r} contains NaN or infinite values")
         arrays.append(value)
-    loop._output_shape(tuple(value.shape[1:] for value in arrays))
-    return tuple(arrays)
+    shapes = tuple(value.shape[1:] for value in arrays)
+    loop._output_shape(shapes)
+    if lengths := [(name, role) for name, role in roles.items() if role.kind == "lengths"]:
+        inferred = loop.model_spec._infer(shapes, "", {})  # this batch's padded axes, not the declared ones
+        for name, role in lengths:
+            value = arrays[names.index(name)]
+            if problem := padded.check_input(role, name, value, steps=inferred[role.source][0]):
+                raise InputError(problem)
+    return tuple(value.astype(np.int64, copy=False) if name in roles else value
+                 for name, value in zip(names, arrays, strict=True))  # fmt: skip
 
 
 def check_targets(loop: TrainingLoop, y, n: int, outputs) -> tuple[np.ndarray, ...]:

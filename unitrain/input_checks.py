@@ -125,6 +125,8 @@ class InputChecks:
         except (TypeError, ValueError):
             raise InputError(f"a batch must be a pair (x, y), got {type(batch).__name__}") from None
         x = self._check_x(x)
+        if not len(x[0] if self._input_count > 1 else x):  # a mean over it would divide by zero
+            raise InputError("a batch must hold at least one sample, got 0")
         if self._input_count > 1:
             return x, self._check_y(y, len(x[0]), tuple(a.shape[1:] for a in x))
         return x, self._check_y(y, len(x), x.shape[1:])

@@ -718,7 +718,10 @@ class TrainingLoop(Fitting, InputChecks, ABC):
             present = [name for name in names if f"{param}.{name}" in state]
             if present and len(present) != len(names):
                 raise weights_io.WeightsError(f"{source}: {param!r} has buffers {present}, needs all of {list(names)}")
-        step = int(np.asarray(state["step"]))
+        step = np.asarray(state["step"])
+        if step.shape != () or step.dtype.kind not in "iuf" or not 0 <= step < 2**62 or step != np.floor(step):
+            raise weights_io.WeightsError(f"{source}: 'step' must be one whole number >= 0, got {str(step)[:40]}")
+        step = int(step)
         self._load_optimizer_state_dict({
             "step": np.array(step, np.int64),
             **{key: np.asarray(value, self.dtype) for key, value in state.items() if key != "step"},

@@ -164,7 +164,8 @@ def infer(op: str, shapes: Sequence[Shape], kwargs: dict, what: str) -> Shape:
         return (*first[: start - 1], math.prod(first[start - 1 : end]), *first[end:])
     if op == "permute":
         dims = tuple(kwargs.get("dims", ()))
-        if sorted(d % rank if isinstance(d, int) else d for d in dims) != list(range(rank)) or dims[0] % rank:
+        in_range = all(isinstance(d, int) and not isinstance(d, bool) and -rank <= d < rank for d in dims)
+        if not in_range or sorted(d % rank for d in dims) != list(range(rank)) or dims[0] % rank:
             raise ValueError(f"{what}: dims must order all {rank} axes with the batch axis 0 first, got {dims}")
         return tuple(first[d % rank - 1] for d in dims[1:])
     if op == "transpose":

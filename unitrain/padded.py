@@ -35,12 +35,14 @@ def lengths_problem(layer: Layer, input_shape: tuple, lengths_shape: tuple) -> s
 @dataclass(frozen=True)
 class Role:
     """What a graph input is: ``"ids"`` (feeds ``layer``, an Embedding, at ``path``) or ``"lengths"``
-    (of the padded axis of ``steps`` steps, fed to the recurrent ``layer`` at ``path``)."""
+    (of the padded axis of ``steps`` steps as declared, fed to the recurrent ``layer`` at ``path``
+    with the sequences of node or input ``source``)."""
 
     kind: str
     path: str
     layer: Layer
     steps: int = 0
+    source: str = ""
 
 
 def input_roles(graph) -> dict[str, Role]:
@@ -60,19 +62,21 @@ def input_roles(graph) -> dict[str, Role]:
             roles.setdefault(node.args[0], Role("ids", node.target, first))
         if len(node.args) == 2 and node.args[1] in inputs and isinstance(module, _Recurrent):
             steps = graph.shapes[node.args[0]][0]
-            roles.setdefault(node.args[1], Role("lengths", node.target, module, steps))
+            roles.setdefault(node.args[1], Role("lengths", node.target, module, steps, node.args[0]))
     return roles
 
 
-def check_input(role: Role, name: str, value: np.ndarray) -> str | None:
-    """What is wrong with the batch ``value`` of the graph input ``name`` in its ``role``, or None."""
+def check_input(role: Role, name: str, value: np.ndarray, steps: int | None = None) -> str | None:
+    """What is wrong with the batch ``value`` of the graph input ``name`` in its ``role``, or None
+    (``steps``: the batch's padded axis, when it is not the declared one)."""
     if role.kind == "ids":
         problem = role.layer.ids_problem(value)
         return None if problem is None else f"input {name!r}: {role.path}: {problem}"
     if value.dtype.kind not in "iu":
         return f"input {name!r}: sequence lengths must be integers, got {value.dtype}"
-    bad = value[(value < 1) | (value > role.steps)]
+    steps = role.steps if steps is None else steps
+    bad = value[(value < 1) | (value > steps)]
     if bad.size:
-        return (f"input {name!r}: sequence length {int(bad.flat[0])} is outside 1..{role.steps} "
+        return (f"input {name!r}: sequence length {int(bad.flat[0])} is outside 1..{steps} "
                 f"(the padded axis of {role.path})")  # fmt: skip
     return None

@@ -45,7 +45,7 @@ def stream_state(rng: np.random.Generator) -> dict[str, np.ndarray]:
 
 
 #: what ``numpy.random.PCG64().state`` holds: 128-bit state and increment, a cached 32-bit half
-_PCG64_STATE = {
+PCG64_STATE = {
     "bit_generator": OneOf(("PCG64",)),
     "state": {"state": Int(0, 2**128 - 1), "inc": Int(0, 2**128 - 1)},
     "has_uint32": Int(0, 1),
@@ -57,7 +57,7 @@ def set_stream_state(rng: np.random.Generator, state: dict[str, np.ndarray]) -> 
     """Restore :func:`stream_state` into ``rng``; ValueError if the bytes are not one."""
     try:
         decoded = json.loads(np.asarray(state[STREAM_KEY], np.uint8).tobytes())
-        check_json(decoded, _PCG64_STATE)
+        check_json(decoded, PCG64_STATE)
     except (ValueError, RecursionError, TypeError, KeyError) as error:  # ValueError: bad JSON, or the schema's
         raise ValueError(f"not a {type(rng.bit_generator).__name__} state ({str(error)[:200]})") from None
     rng.bit_generator.state = decoded

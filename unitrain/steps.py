@@ -289,14 +289,19 @@ class MultiStep:
 
     @classmethod
     def from_dict(cls, data: Mapping) -> MultiStep:
+        """The step :meth:`to_dict` gave; ``ValueError`` in one line for data of any other shape."""
         from .graph import from_dict as layer_from_dict
 
-        return cls(
-            [(name, layer_from_dict(spec)) for name, spec in data["models"]],
-            [(name, OptimizerOver(optimizer_from_config(config), models)) for name, config, models in
-             data["optimizers"]],
-            [Phase(name, _tree(loss), optimizer) for name, loss, optimizer in data["phases"]],
-        )  # fmt: skip
+        try:
+            return cls(
+                [(name, layer_from_dict(spec)) for name, spec in data["models"]],
+                [(name, OptimizerOver(optimizer_from_config(config), models)) for name, config, models in
+                 data["optimizers"]],
+                [Phase(name, _tree(loss), optimizer) for name, loss, optimizer in data["phases"]],
+            )  # fmt: skip
+        except (KeyError, TypeError, IndexError, RecursionError) as error:  # JSON of another shape, or nested deep
+            raise ValueError(f"MultiStep.from_dict: the data does not fit to_dict's models, optimizers and phases: "
+                             f"{type(error).__name__}: {str(error)[:200]}") from None  # fmt: skip
 
 
 def _pairs(value, kind: str) -> tuple[tuple[str, object], ...]:
@@ -533,6 +538,8 @@ class MultiModelLoop:
     def load_checkpoint(self, path) -> dict[str, str]:
         """Resume from a :meth:`save_checkpoint` file of the same step; the next step continues
         exactly (bit for bit on the same backend and machine). Returns the file's metadata."""
+        from .randomness import PCG64_STATE
+        from .reading import check_json
         from .weights import WeightsError, load_safetensors
 
         tensors, metadata = load_safetensors(path)
@@ -545,14 +552,20 @@ class MultiModelLoop:
                 raise WeightsError(f"{path}: {key!r} belongs to no model and part of this step "
                                    f"(models {list(self.loops)}, parts {list(CHECKPOINT_PARTS)})")  # fmt: skip
             parts[pieces[0], pieces[1]][pieces[2]] = value
+        if "step_count" not in metadata or "noise" not in metadata:
+            raise WeightsError(f"{path}: not a multi-model checkpoint (no step count and noise state)")
+        step_count = metadata["step_count"]
+        if not (step_count.isascii() and step_count.isdigit() and len(step_count) < 19):
+            raise WeightsError(f"{path}: step count {step_count[:40]!r}; expected a whole number >= 0")
         try:
-            step_count, noise = int(metadata["step_count"]), json.loads(metadata["noise"])
-        except (KeyError, ValueError):
-            raise WeightsError(f"{path}: not a multi-model checkpoint (no step count and noise state)") from None
+            noise = json.loads(metadata["noise"])
+            check_json(noise, PCG64_STATE)
+        except (ValueError, RecursionError) as error:  # ValueError: bad JSON, or the schema's
+            raise WeightsError(f"{path}: its noise stream is not a PCG64 state: {str(error)[:200]}") from None
         for (name, part), state in parts.items():
             getattr(self.loops[name], CHECKPOINT_PARTS[part][1])(state, f"{path} ({name} {part})")
         self.noise.set_state(noise)
-        self.step_count = step_count
+        self.step_count = int(step_count)
         return metadata
 
     def save_weights(self, directory) -> None:

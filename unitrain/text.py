@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import ArrayDataset, DataError
+from .data import MAX_DATA_BYTES, ArrayDataset, DataError
 
 LEVELS = ("char", "word")
 
@@ -33,7 +33,7 @@ SHIPPED = {"tz-news": ("tz-news/NEWS.gz", "800d5b6bddf7fff2b15b6165c9a3b863902f8
 def shipped_text(name: str = "tz-news") -> str:
     """A public-domain text shipped with the package (see ``unitrain/datafiles/tz-news/README.md``):
     ``"tz-news"``, the tz database's NEWS file (239 kB of English prose about time zones)."""
-    if name not in SHIPPED:
+    if not isinstance(name, str) or name not in SHIPPED:
         raise DataError(f"no shipped text named {name!r}; expected one of {', '.join(SHIPPED)}")
     relative, _ = SHIPPED[name]
     with resources.files("unitrain").joinpath("datafiles", relative).open("rb") as file:
@@ -41,6 +41,8 @@ def shipped_text(name: str = "tz-news") -> str:
 
 
 def _tokens(text: str, level: str) -> list[str]:
+    if not isinstance(text, str):  # bytes would give integer "characters"
+        raise DataError(f"text must be a str (decode a file's bytes first), got {type(text).__name__}")
     if level not in LEVELS:
         raise DataError(f"level must be one of {', '.join(LEVELS)}, got {level!r}")
     return list(text) if level == "char" else text.split()
@@ -74,7 +76,7 @@ class Vocabulary:
     def decode(self, ids) -> str:
         """The text of token ids (words joined by single spaces)."""
         separator = "" if self.level == "char" else " "
-        return separator.join(self.tokens[int(i)] for i in np.asarray(ids).reshape(-1))
+        return separator.join(self.tokens[i] for i in _ids(np.asarray(ids).reshape(-1), len(self), "decode"))
 
 
 def windows(ids: np.ndarray, length: int, stride: int | None = None) -> ArrayDataset:
@@ -84,10 +86,13 @@ def windows(ids: np.ndarray, length: int, stride: int | None = None) -> ArrayDat
     for name, value in (("length", length), ("stride", stride)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise DataError(f"windows: {name} must be an integer >= 1, got {value!r}")
-    ids = np.asarray(ids, np.int64)
+    ids = _ids(ids, None, "windows")
     if len(ids) < length + 1:
         raise DataError(f"windows: {len(ids)} tokens cannot make one window of {length} inputs and its targets")
     starts = np.arange(0, len(ids) - length, stride)
+    if (need := 2 * len(starts) * length * ids.itemsize) > MAX_DATA_BYTES:  # inputs and targets, copied
+        raise DataError(f"windows: {len(starts)} windows of {length} tokens need {need} bytes; at most "
+                        f"{MAX_DATA_BYTES} (use a larger stride or shorter windows)")  # fmt: skip
     offsets = np.arange(length)
     return ArrayDataset(ids[starts[:, None] + offsets], ids[starts[:, None] + offsets + 1])
 
@@ -114,15 +119,20 @@ def language_model_data(text: str, length: int, *, level: str = "char", val_frac
 
 
 def perplexity(loss: float | dict) -> float:
-    """``exp`` of a mean per-token cross-entropy (natural log), or of ``evaluate``'s ``"loss"``."""
-    value = loss["loss"] if isinstance(loss, dict) else loss
-    return math.exp(value)
+    """``exp`` of a mean per-token cross-entropy (natural log), or of ``evaluate``'s ``"loss"``
+    (``inf`` past float64's range, as ``torch.exp``)."""
+    value = loss.get("loss") if isinstance(loss, dict) else loss
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+        raise DataError(f"perplexity: expected a loss (a number, or evaluate's results with 'loss'), got {loss!r}")
+    return math.inf if value > 709 else math.exp(value)
 
 
 def save_tokens(path: str | Path, sequences, labels=None, padding: int = 0) -> None:
     """Variable-length token sequences as a token dataset: ``tokens`` ``(N, T)`` int64 padded with
     ``padding`` to the longest, ``lengths`` ``(N,)``, and ``labels`` if given."""
-    sequences = [np.asarray(sequence, np.int64).reshape(-1) for sequence in sequences]
+    sequences = [_ids(sequence, None, f"save_tokens: sequence {i}") for i, sequence in enumerate(sequences)]
+    if not sequences or not all(len(sequence) for sequence in sequences):
+        raise DataError("save_tokens: expected at least one sequence, each of at least one token")
     lengths = np.array([len(sequence) for sequence in sequences], np.int64)
     tokens = np.full((len(sequences), int(lengths.max(initial=0))), padding, np.int64)
     for row, sequence in zip(tokens, sequences, strict=True):
@@ -154,8 +164,11 @@ def load_tokens(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | 
             raise DataError(f"{path}: its arrays declare more than {MAX_DATA_BYTES} bytes together")
         arrays = {key: _read_npy(archive, members[key], f"{path}: {key}", headers[key]) for key in keys}
     tokens, lengths, labels = arrays["tokens"], arrays["lengths"], arrays.get("labels")
-    if tokens.dtype.kind not in "iu" or tokens.ndim != 2:
-        raise DataError(f"{path}: tokens must be integer ids of shape (N, T), got {tokens.dtype} {tokens.shape}")
+    if tokens.dtype.kind not in "iu" or tokens.ndim != 2 or not len(tokens):
+        raise DataError(
+            f"{path}: tokens must be integer ids of shape (N, T), N >= 1, got {tokens.dtype} {tokens.shape}"
+        )
+    _ids(tokens, None, f"{path}: tokens", ndim=2)
     if lengths.dtype.kind not in "iu" or lengths.shape != (len(tokens),):
         raise DataError(f"{path}: lengths must be {len(tokens)} integers, got {lengths.dtype} {lengths.shape}")
     bad = lengths[(lengths < 1) | (lengths > tokens.shape[1])]
@@ -164,3 +177,18 @@ def load_tokens(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | 
     if labels is not None and len(labels) != len(tokens):
         raise DataError(f"{path}: {len(labels)} labels for {len(tokens)} sequences")
     return tokens.astype(np.int64), lengths.astype(np.int64), labels
+
+
+def _ids(ids, vocabulary: int | None, what: str, ndim: int = 1) -> np.ndarray:
+    """``ids`` as int64 token ids, one line unless they are integers in ``0..vocabulary - 1`` (or
+    any id int64 holds) with ``ndim`` axes."""
+    array = np.asarray(ids)
+    if array.dtype.kind not in "iu" or array.ndim != ndim:
+        raise DataError(f"{what}: expected {ndim}-d integer token ids, got {array.dtype} {array.shape}")
+    if array.size:
+        low, high = array.min(), array.max()
+        limit = np.iinfo(np.int64).max if vocabulary is None else vocabulary - 1
+        if low < 0 or high > limit:
+            bad = low if low < 0 else high
+            raise DataError(f"{what}: token id {int(bad)} is outside 0..{limit}")
+    return array.astype(np.int64)
