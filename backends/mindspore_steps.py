@@ -24,7 +24,7 @@ class Evaluator(PhaseEvaluator):
     def __init__(self, step, loops):
         super().__init__(step, loops)
         for name, loop in loops.items():
-            if loop._dropout_p:
+            if loop._has_dropout:
                 raise ValueError(f"model {name!r}: dropout inside a multi-model step is not supported on MindSpore yet")
             loop.train()
 
