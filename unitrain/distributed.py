@@ -276,8 +276,8 @@ def run(launcher: str, nproc: int, argv: list[str], master_port: int | None) -> 
             chunk, partial = _shown(partial + chunk, held)
             if received is None:  # a rank its launcher stopped because a peer failed: part of the report
                 lines = chunk.splitlines(keepends=True)
-                held += b"".join(line for line in lines if line.rstrip() == _STOPPED_BY_LAUNCHER)
-                chunk = b"".join(line for line in lines if line.rstrip() != _STOPPED_BY_LAUNCHER)
+                held += b"".join(line for line in lines if _stopped_by_launcher(line))
+                chunk = b"".join(line for line in lines if not _stopped_by_launcher(line))
         if received is not None:
             # stopping as asked: the workers say where they checkpointed; the launchers' reports of
             # workers ending with a non-zero status (tracebacks, MPI_ABORT notices) are noise now
@@ -308,8 +308,18 @@ def run(launcher: str, nproc: int, argv: list[str], master_port: int | None) -> 
     return _exit_status(failed, status)
 
 
-#: what a rank says when a signal ends it before it can checkpoint (unitrain.signals)
+#: what a rank says when a signal reaches it: the notice of the training loop's stop handler
+#: (unitrain.job), and the line of a rank the signal ends before it can checkpoint (unitrain.signals)
+_STOP_NOTICE = b"unitrain: stopping at the next step boundary"
 _STOPPED_BY_LAUNCHER = b"unitrain: interrupted"
+
+
+def _stopped_by_launcher(line: bytes) -> bool:
+    """Whether ``line`` is a rank's answer to a stop signal, which (when the user sent none) its
+    launcher sent because a peer failed: part of the job's report, not news for the console."""
+    return line.rstrip() == _STOPPED_BY_LAUNCHER or line.startswith(_STOP_NOTICE)
+
+
 #: the workers' and launchers' stderr held back while a job runs, at most (its end is kept)
 _HELD_BYTES = 1 << 20
 
