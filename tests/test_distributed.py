@@ -176,8 +176,16 @@ def test_two_processes_equal_one(backend, rank_variable, initial, tmp_path):
     common = ["train", "--backend", backend, *RUN, "--init-weights", str(initial)]
     records = {}
     for run, nproc in (("one", "1"), ("two", "2")):
-        result = command(*common, "--nproc", nproc, "--save", str(tmp_path / f"{run}.safetensors"),
-                         "--metrics", str(tmp_path / f"{run}.jsonl"))  # fmt: skip
+        arguments = [*common, "--nproc", nproc, "--save", str(tmp_path / f"{run}.safetensors"), "--metrics",
+                     str(tmp_path / f"{run}.jsonl")]  # fmt: skip
+        result = command(*arguments)
+        if backend == "torch" and "killed by SIGABRT" in result.stderr:
+            # once in three fresh-clone runs under -n 2 a torchrun rank aborted inside torch/gloo
+            # ("terminate called without an active exception"), not reproduced alone: run it again,
+            # once (its outputs removed first); the results below are still compared
+            for output in (tmp_path / f"{run}.safetensors", tmp_path / f"{run}.jsonl"):
+                output.unlink(missing_ok=True)
+            result = command(*arguments)
         assert result.returncode == 0, result.stderr
         (records[run],) = [json.loads(line) for line in (tmp_path / f"{run}.jsonl").read_text().splitlines()]
     assert "2 processes" in result.stdout and result.stdout.count("epoch 1/1") == 1  # rank 0 reports, alone
