@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from test_examples import EXAMPLES, example
 from torch import nn
 from torch_reference import TorchRun, TorchRuns, expected_run
+from unitrain.conformance.tolerances import tolerance
 
 import unitrain as ut
 from unitrain import expr, step_checkpoints, steps
@@ -308,7 +309,10 @@ def test_detach_stops_the_gradient_on_every_backend():
         loop = steps.MultiModelLoop(step, backend, dtype="float64")
         loop.loops["net"].load_state_dict(weights)
         loop.step(x)
-        np.testing.assert_allclose(loop.loops["net"].state_dict()["0.weight"], expected, rtol=1e-12, err_msg=backend)
+        # one float64 step through a 3-input layer: the conformance formula over that chain
+        allowed = tolerance(np.float64, 3, float(np.abs(expected).max()))
+        np.testing.assert_allclose(loop.loops["net"].state_dict()["0.weight"], expected, rtol=0, atol=allowed,
+                                   err_msg=backend)  # fmt: skip
 
 
 def test_round_trips_through_json():
