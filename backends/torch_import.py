@@ -578,6 +578,27 @@ def from_torch(module: nn.Module, example_inputs) -> Graph:
     if not examples or not all(isinstance(x, torch.Tensor) and x.dim() >= 2 for x in examples):
         raise ValueError("from_torch: example_inputs must be a tensor or a tuple of tensors, each a batch of "
                          "samples (at least 2 axes: the batch first)")  # fmt: skip
+    graph, build = _imported(module, examples)
+    # the batch axis is symbolic in the graph; a forward that reads the example's batch size as a plain
+    # number (x.view(2, -1)) would be another model at another size: trace once more, a sample longer
+    longer = tuple(torch.cat([x, x[:1]]) for x in examples)
+    try:
+        again = _imported(module, longer)[0]
+    except ValueError as error:
+        again = str(error).removeprefix("from_torch: ")
+    if again != graph:
+        batch = len(examples[0])
+        where = again if isinstance(again, str) else _first_difference(graph, again)
+        raise ValueError(f"from_torch: {type(module).__name__}.forward depends on the example's batch size "
+                         f"{batch}: with {batch + 1} samples, {where}; write the batch as x.size(0), len(x) or "
+                         "-1")  # fmt: skip
+    inputs, outputs, modules, fixed_buffers = build
+    return Graph(inputs, outputs, modules, initial_state=_state(module, graph, fixed_buffers), tied=graph.tied)
+
+
+def _imported(module: nn.Module, examples: tuple) -> tuple[Graph, tuple]:
+    """The traced graph (without weights) and what built it: its input and output tensors, its modules
+    and the ``state_dict`` keys of the tables its specs compute."""
     tracer = _Tracer(examples)
     try:  # on a copy: running the nodes updates a training BatchNorm's statistics
         traced = tracer.trace(copy.deepcopy(module))
@@ -595,12 +616,22 @@ def from_torch(module: nn.Module, example_inputs) -> Graph:
     importer = _Importer(tracer.root, tracer)
     inputs, outputs = importer.run(traced)
     modules = {**_namespaces(module, importer.specs), **importer.functional}
-    tied = _ties(module)
     try:
-        graph = Graph(inputs, outputs, modules, tied=tied)
+        graph = Graph(inputs, outputs, modules, tied=_ties(module))
     except ValueError as error:
         raise ValueError(f"from_torch: {error}") from None
-    return Graph(inputs, outputs, modules, initial_state=_state(module, graph, importer.fixed_buffers), tied=tied)
+    return graph, (inputs, outputs, modules, importer.fixed_buffers)
+
+
+def _first_difference(graph: Graph, other: Graph) -> str:
+    """Where two imports of one module differ: the first node (or input) that is not the same."""
+    for (name, shape), (_, other_shape) in zip(graph.inputs, other.inputs, strict=True):
+        if shape != other_shape:
+            return f"input {name!r} has per-sample shape {other_shape}, not {shape}"
+    for node, again in zip(graph.nodes, other.nodes, strict=False):
+        if node != again:
+            return f"node {node.name!r} ({node.target}) is {again}, not {node}"
+    return "the graph differs"
 
 
 # --- back to torch --------------------------------------------------------------------------------

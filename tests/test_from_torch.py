@@ -32,6 +32,7 @@ from torch_reference import (
     float64_tolerances,
     listed_once,
     numpy_state,
+    torch_output,
     torch_runs,
 )
 
@@ -209,6 +210,38 @@ def test_the_import_keeps_dropout_and_the_node_list_reads_as_the_tutorial():
     assert unet.get_submodule("up1.conv.double_conv.1") == L.BatchNorm2d(4)
 
 
+class BatchBySize(nn.Module):
+    """``x.view(x.size(0), -1)``: the batch read from the input, as ResNet-style code writes it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 2, 3), nn.Linear(2 * 26 * 26, 10)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.conv(x)).view(x.size(0), -1))
+
+
+@pytest.mark.parametrize("backend", [name for name in installed_backends() if name != "mindspore"])
+@pytest.mark.parametrize(
+    "make", [GarmentClassifier, lambda: case_module("mnist-net"), BatchBySize],
+    ids=["view(-1, 256)", "flatten(x, 1)", "view(x.size(0), -1)"],
+)  # fmt: skip
+def test_a_model_traced_with_two_samples_trains_with_sixty_four(make, backend):
+    """The batch axis of an imported view is symbolic: the graph traced on two samples is the one traced
+    on 64, and a step on 64 samples has PyTorch's loss (within its own float32 drift)."""
+    torch.manual_seed(0)
+    module = make()
+    graph = unitrain.from_torch(module, torch.zeros(2, 1, 28, 28))
+    assert graph == unitrain.from_torch(module, torch.zeros(64, 1, 28, 28))
+    rng = np.random.default_rng(3)
+    x, y = rng.random((64, 1, 28, 28), np.float32), rng.integers(0, 10, 64)
+    loss = NLLLoss() if isinstance(module, T.MnistNet) else CrossEntropyLoss()
+    criterion = F.nll_loss if isinstance(module, T.MnistNet) else F.cross_entropy
+    expected, tolerances = torch_output(module.train(), x, lambda out: criterion(out, torch.from_numpy(y)))
+    got = get_backend(backend)(graph, loss=loss, optimizer=SGD(lr=LR)).step((x, y))
+    assert_within_drift({"out": np.asarray(float(got))}, expected, tolerances)
+
+
 class EveryOperation(nn.Module):
     """The functions and methods the import maps, between layers (two outputs)."""
 
@@ -325,6 +358,9 @@ class Forward(nn.Module):
         (lambda: Forward(lambda self, x: self.lstm(x)[1][0].sum(0), lstm=nn.LSTM(4, 3)), (2, 5, 4),
          r"^from_torch: node 'getitem' \(_operator.getitem\): takes item 1 of lstm's \(output, states\); only the "
          r"output"),
+        (lambda: Forward(lambda self, x: x.view(2, -1, 4)), (2, 8),
+         r"^from_torch: Forward.forward depends on the example's batch size 2: with 3 samples, node 'view' "
+         r"\(Tensor.view\): it turns a batch of 3 into \(2,\).*; write the batch as x.size\(0\), len\(x\) or -1$"),
         (lambda: Forward(lambda self, x: x.view(-1)), (2, 4),
          r"^from_torch: node 'view' \(Tensor.view\): it turns a batch of 2 into \(8,\): the batch axis must stay"),
         (lambda: Forward(lambda self, x: F.pad(x, [1, 1])), (2, 4),
