@@ -568,6 +568,7 @@ _EXPR_OPS = {
     "minimum": _minimum,
     "log_softmax": lambda a, axis: F.log_softmax(a, axis=axis),
     "softmax": lambda a, axis: F.softmax(a, axis=axis),
+    "item": lambda a, index: a[index],
 }
 
 

@@ -515,13 +515,17 @@ def _softmax(a, axis):
     return _in_float64(ops.softmax, a, axis)
 
 
+def _item(a, index):
+    return a[index]
+
+
 #: The custom-loss operations of :mod:`unitrain.expr` as MindSpore functions, whose parameters
 #: after the operands are the op's static arguments in ``expr.STATIC`` order.
 _EXPR_OPS = {
     "const": _const, "add": ops.add, "sub": ops.sub, "mul": ops.mul, "div": ops.div, "neg": ops.neg,
     "pow": _power, "abs": ops.abs, "square": ops.square, "sqrt": ops.sqrt, "exp": _exp, "log": _log,
     "maximum": ops.maximum, "minimum": ops.minimum, "sum": _sum, "mean": _mean,
-    "log_softmax": _log_softmax, "softmax": _softmax,
+    "log_softmax": _log_softmax, "softmax": _softmax, "item": _item,
 }  # fmt: skip
 
 

@@ -246,8 +246,9 @@ class NumpyLoop(TrainingLoop):
     def _loss_value(self, spec, pred, y):
         """One loss's value and a function giving its gradient with respect to ``pred``."""
         if isinstance(spec, CustomLoss):
-            value, grad = expr.numpy_value_and_grad(spec.tree, pred, y)
-            return self.dtype.type(value), grad.copy
+            value, grad = expr.numpy_value_and_grad(spec.tree, pred, y)  # several outputs: a tuple of gradients
+            return self.dtype.type(value), lambda: tuple(part.copy() for part in grad) if isinstance(
+                grad, tuple) else grad.copy()  # fmt: skip
         terms, grad = _loss_terms(spec, pred, y)
         value = terms.sum()
         if spec.reduction == "mean":

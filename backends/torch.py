@@ -70,6 +70,7 @@ def _expr_ops(dtype: torch.dtype, device: torch.device) -> dict:
         "abs": torch.abs, "exp": torch.exp, "log": torch.log, "sqrt": torch.sqrt, "square": torch.square,
         "maximum": torch.maximum, "minimum": torch.minimum,
         "log_softmax": lambda a, axis: torch.log_softmax(a, axis), "softmax": lambda a, axis: torch.softmax(a, axis),
+        "item": lambda a, index: a[index],
     }  # fmt: skip
 
 

@@ -34,8 +34,8 @@ from unitrain.backends.numpy import NumpyLoop
 from unitrain.backends.torch import TorchLoop
 from unitrain.conformance.tolerances import tolerance
 
+from unitrain import expr, ops
 from unitrain import layers as L
-from unitrain import ops
 from unitrain.data import ArrayDataset
 from unitrain.graph import Graph, Input, Node, from_dict, to_dict
 from unitrain.loop import InputError
@@ -175,6 +175,36 @@ class TorchTiedEmbedding(nn.Module):
         return self.decoder(torch.tanh(self.hidden(self.encoder(tokens).mean(1))))
 
 
+def three_outputs():
+    """A VAE's shape without its noise: the reconstruction, the code's mean and its log-variance."""
+    x = Input((12,))
+    encoder, mean, log_variance, decoder = L.Linear(12, 8), L.Linear(8, 3), L.Linear(8, 3), L.Linear(3, 12)
+    h = ops.tanh(encoder(x))
+    mu = mean(h)
+    modules = {"encoder": encoder, "mean": mean, "log_variance": log_variance, "decoder": decoder}
+    return Graph(x, [ops.sigmoid(decoder(mu)), mu, log_variance(h)], modules)
+
+
+class TorchThreeOutputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder, self.mean, self.log_variance = nn.Linear(12, 8), nn.Linear(8, 3), nn.Linear(8, 3)
+        self.decoder = nn.Linear(3, 12)
+
+    def forward(self, x):
+        h = torch.tanh(self.encoder(x))
+        mu = self.mean(h)
+        return torch.sigmoid(self.decoder(mu)), mu, self.log_variance(h)
+
+
+def _vae_loss(pred, target, log=expr.log, exp=expr.exp):
+    """pytorch/examples' VAE loss, written once for unitrain's CustomLoss and for torch: the
+    reconstruction's binary cross-entropy (summed) plus the KL term of the two other outputs."""
+    recon, mu, logvar = pred[0], pred[1], pred[2]
+    bce = -(target * log(recon) + (1 - target) * log(1 - recon)).sum()
+    return bce - 0.5 * (1 + logvar - mu**2 - exp(logvar)).sum()
+
+
 def _two_losses(outputs, targets):
     return F.cross_entropy(outputs[0], targets[0]) + F.mse_loss(outputs[1], targets[1])
 
@@ -198,6 +228,8 @@ CASES = {
     "tied-embedding": (tied_embedding, TorchTiedEmbedding, [(5,)], "classes", CrossEntropyLoss(), F.cross_entropy),
     "custom-per-output": (two_outputs, TorchTwoOutputs, [(8,)], "two",
                           PerOutputLoss(CrossEntropyLoss(), CustomLoss(_half_squares)), _custom_second),
+    "loss-over-outputs": (three_outputs, TorchThreeOutputs, [(12,)], "input", CustomLoss(_vae_loss),
+                          functools.partial(_vae_loss, log=torch.log, exp=torch.exp)),
 }  # fmt: skip
 
 
@@ -356,6 +388,30 @@ def test_a_custom_loss_per_output_evaluates_per_sample():
     expected = float(F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(classes)))
     expected += np.mean([_half_squares(predicted[i : i + 1], values[i : i + 1]) for i in range(len(x))])
     assert loop.evaluate((x, (classes, values)))["loss"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_a_custom_loss_over_several_outputs_evaluates_per_sample_and_checks_what_it_reads():
+    loop = NumpyLoop(three_outputs(), loss=CASES["loss-over-outputs"][4], dtype="float64")
+    x, y = _cast(batches_for("loss-over-outputs")[0], "float64")
+    pred = loop.predict(x)
+    rows = [(tuple(torch.from_numpy(part[i : i + 1]) for part in pred), torch.from_numpy(y[i : i + 1]))
+            for i in range(len(x))]  # fmt: skip
+    expected = np.mean([float(_vae_loss(p, t, torch.log, torch.exp)) for p, t in rows])
+    assert loop.evaluate((x, y))["loss"] == pytest.approx(expected, rel=1e-12)
+    for loss, model, message in (
+        (CustomLoss(_half_squares), three_outputs(), r"^CustomLoss reads pred whole, but the model has 3 outputs: "
+                                                     r"write pred\[0\] to pred\[2\]$"),
+        (CustomLoss(lambda p, t: (p[3] - t).sum()), three_outputs(), r"^CustomLoss reads pred\[3\], but the model"),
+        (CustomLoss(lambda p, t: (p[1] - t).sum()), tied(), r"^CustomLoss reads pred\[1\], but the model has one "
+                                                            r"output: write pred$"),
+    ):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            NumpyLoop(model, loss=loss)
+    with pytest.raises(InputError, match=r"CustomLoss on outputs of shapes \[\(8, 12\), \(8, 3\), \(8, 3\)\], "
+                                         r"targets \(8, 5\): "):  # fmt: skip
+        loop.step((x, y[:, :5]))
+    with pytest.raises(TypeError, match=r"only pred\[i\] and target\[i\] index"):
+        CustomLoss(lambda p, t: (p[0][1] - t).sum())
 
 
 def test_multi_output_evaluate_is_the_sum_of_each_output_loss():

@@ -4,6 +4,9 @@
 operations it applies are recorded as a tree of plain tuples:
 
 - leaves ``("pred",)``, ``("target",)``, ``("const", value)`` (a Python float);
+- ``("item", leaf, index)``: ``pred[index]`` (``target[index]``), one output of a model with
+  several (a Graph's; its targets a tuple when the loss reads ``target[index]``), so that one loss
+  combines them: a VAE's reconstruction term of output 0 and KL term of outputs 1 and 2;
 - an operation ``(op, *children, *static)``: ``ARITY[op]`` children (nodes), then the
   static arguments named ``STATIC[op]`` (an exponent, an axis), e.g.
   ``("sum", ("sub", ("pred",), ("target",)), None)``.
@@ -35,13 +38,13 @@ Node = tuple
 ARITY = {
     "pred": 0, "target": 0, "const": 0,
     "neg": 1, "abs": 1, "exp": 1, "log": 1, "sqrt": 1, "square": 1,
-    "pow": 1, "sum": 1, "mean": 1, "log_softmax": 1, "softmax": 1,
+    "pow": 1, "sum": 1, "mean": 1, "log_softmax": 1, "softmax": 1, "item": 1,
     "add": 2, "sub": 2, "mul": 2, "div": 2, "maximum": 2, "minimum": 2,
 }  # fmt: skip
 
 #: Names of each operation's static arguments, stored after its children.
 STATIC = {"const": ("value",), "pow": ("exponent",), "sum": ("axis",), "mean": ("axis",),
-          "log_softmax": ("axis",), "softmax": ("axis",)}  # fmt: skip
+          "log_softmax": ("axis",), "softmax": ("axis",), "item": ("index",)}  # fmt: skip
 
 #: The operations a backend's op table must provide (``const(value)`` returns a native scalar).
 OPS = tuple(op for op in ARITY if op not in ("pred", "target"))
@@ -108,6 +111,17 @@ class Expr:
         if not _number(exponent):
             raise TypeError(f"CustomLoss: the exponent of ** must be a Python number, got {exponent!r}")
         return _apply("pow", self, static=(float(exponent),))
+
+    def __getitem__(self, index):
+        if self.node not in (("pred",), ("target",)) or isinstance(index, bool) or not isinstance(index, int):
+            raise TypeError(f"CustomLoss: only pred[i] and target[i] index (an output of a model with several, "
+                            f"i a non-negative integer), got {self.node[0]}[{index!r}]")  # fmt: skip
+        if index < 0:
+            raise TypeError(f"CustomLoss: {self.node[0]}[{index}]: count outputs from 0")
+        return _apply("item", self, static=(index,))
+
+    #: pred and target are not sequences: ``a, b = pred`` would never end (write pred[0], pred[1])
+    __iter__ = None
 
     def sum(self, axis: int | None = None) -> Expr:
         return _apply("sum", self, static=(_axis(axis, allow_none=True),))
@@ -219,9 +233,20 @@ def trace(fn: Callable) -> Node:
     return result.node
 
 
+def items(tree: Node, leaf: str) -> set[int]:
+    """The indices ``tree`` reads of ``leaf`` (``pred[i]``); ``{None}`` among them where it reads it whole."""
+    op, children, static = split(tree)
+    if op == leaf:
+        return {None}
+    if op == "item" and children[0][0] == leaf:
+        return {static["index"]}
+    return set().union(*(items(child, leaf) for child in children))
+
+
 def evaluate(tree: Node, pred, target, ops: Mapping[str, Callable]):
     """Walk ``tree`` calling ``ops[op](*children, **static)``; ``pred``/``target`` are the
-    backend's native arrays, ``ops`` its native functions (the names of :data:`OPS`)."""
+    backend's native arrays (tuples of them for a model with several outputs), ``ops`` its native
+    functions (the names of :data:`OPS`; ``item`` indexes a tuple)."""
     op, children, static = split(tree)
     if op == "pred":
         return pred
@@ -279,6 +304,7 @@ NUMPY_OPS: dict[str, tuple[Callable, Callable]] = {
         lambda g, a, out, axis: (np.broadcast_to(g if axis is None else np.expand_dims(g, axis), a.shape),),
     ),
     "mean": (lambda a, axis: np.mean(a, axis=axis), _mean_vjp),
+    "item": (lambda a, index: a[index], None),  # a leaf's part: numpy_value_and_grad sends its gradient there
     "log_softmax": (
         _log_softmax,
         lambda g, a, out, axis: (g - np.exp(out) * g.sum(axis=axis, keepdims=True),),
@@ -296,10 +322,11 @@ def _axis_of(axis: int, shape: tuple[int, ...], op: str) -> int:
     return axis % len(shape)
 
 
-def result_shape(tree: Node, pred_shape: tuple[int, ...], target_shape: tuple[int, ...]) -> tuple[int, ...]:
+def result_shape(tree: Node, pred_shape: tuple, target_shape: tuple) -> tuple[int, ...]:
     """The shape ``tree`` computes for inputs of these shapes (their first axis: the batch's
-    samples); ``ValueError`` names the first operation whose operands do not broadcast, whose
-    axis does not exist, or that broadcasts one operand's samples against another axis of the other
+    samples; a tuple of shapes where the tree reads ``pred[i]``/``target[i]``); ``ValueError``
+    names the first operation whose operands do not broadcast, whose axis does not exist, an item
+    beyond the outputs, or that broadcasts one operand's samples against another axis of the other
     (a prediction ``(N, 1)`` minus targets ``(N,)`` would give ``(N, N)``: every sample against every
     target, where PyTorch's ``mse_loss`` warns)."""
     return _shape_and_batch_axis(tree, tuple(pred_shape), tuple(target_shape))[0]
@@ -310,6 +337,12 @@ def _shape_and_batch_axis(tree: Node, pred_shape, target_shape) -> tuple[tuple[i
     op, children, static = split(tree)
     if op in ("pred", "target", "const"):
         return {"pred": (pred_shape, 0), "target": (target_shape, 0), "const": ((), None)}[op]
+    if op == "item":
+        leaf, index = children[0][0], static["index"]
+        shapes = pred_shape if leaf == "pred" else target_shape
+        if index >= len(shapes):
+            raise ValueError(f"{leaf}[{index}] of {len(shapes)} {'outputs' if leaf == 'pred' else 'targets'}")
+        return tuple(shapes[index]), 0
     operands = [_shape_and_batch_axis(child, pred_shape, target_shape) for child in children]
     if len(operands) == 2:
         (a, a_batch), (b, b_batch) = operands
@@ -339,18 +372,23 @@ def _shape_and_batch_axis(tree: Node, pred_shape, target_shape) -> tuple[tuple[i
     return shape, batch
 
 
-def numpy_value(tree: Node, pred: np.ndarray, target: np.ndarray) -> float:
+def numpy_value(tree: Node, pred, target) -> float:
     """The loss alone, computed with the same NumPy forward rules."""
-    return float(evaluate(tree, pred, target, _numpy_forward(pred.dtype)))
+    return float(evaluate(tree, pred, target, _numpy_forward(_first(pred).dtype)))
+
+
+def _first(value):
+    return value[0] if isinstance(value, tuple) else value
 
 
 def _numpy_forward(dtype) -> dict[str, Callable]:
     return {op: forward for op, (forward, _) in NUMPY_OPS.items()} | {"const": lambda value: np.asarray(value, dtype)}
 
 
-def numpy_value_and_grad(tree: Node, pred: np.ndarray, target: np.ndarray) -> tuple[float, np.ndarray]:
-    """The loss and ``dloss/dpred`` in ``pred``'s dtype (constants take that dtype too)."""
-    dtype = pred.dtype
+def numpy_value_and_grad(tree: Node, pred, target) -> tuple[float, np.ndarray | tuple]:
+    """The loss and ``dloss/dpred`` in ``pred``'s dtype (constants take that dtype too); ``pred`` a
+    tuple of outputs (read as ``pred[i]``): a tuple of their gradients."""
+    dtype = _first(pred).dtype
 
     def forward(node):
         op, children, static = split(node)
@@ -360,6 +398,8 @@ def numpy_value_and_grad(tree: Node, pred: np.ndarray, target: np.ndarray) -> tu
             return target, None
         if op == "const":
             return np.asarray(static["value"], dtype), None
+        if op == "item":
+            return forward(children[0])[0][static["index"]], None
         inputs = [forward(child) for child in children]
         values = [value for value, _ in inputs]
         return np.asarray(NUMPY_OPS[op][0](*values, **static), dtype), inputs
@@ -368,6 +408,10 @@ def numpy_value_and_grad(tree: Node, pred: np.ndarray, target: np.ndarray) -> tu
         op, children, static = split(node)
         if op == "pred":
             total += grad
+            return
+        if op == "item" and children[0] == ("pred",):
+            part = total[static["index"]]
+            np.add(part, grad, out=part)
             return
         if not inputs or not _uses(node, ("pred",)):
             return
@@ -378,6 +422,6 @@ def numpy_value_and_grad(tree: Node, pred: np.ndarray, target: np.ndarray) -> tu
             backward(child, child_value, child_inputs, child_grad, total)
 
     value, inputs = forward(tree)
-    total = np.zeros_like(pred)
+    total = tuple(np.zeros_like(part) for part in pred) if isinstance(pred, tuple) else np.zeros_like(pred)
     backward(tree, value, inputs, np.ones((), dtype), total)
     return float(value), total

@@ -33,12 +33,27 @@ def check_model(loop: TrainingLoop, model, loss) -> tuple[int, int]:
     if "graph" not in loop.capabilities:
         raise ValueError(f"the {loop.name} backend cannot build graph models (no 'graph' capability)")
     inputs, outputs = len(model.inputs), len(model.outputs)
-    if outputs > 1 and not (isinstance(loss, PerOutputLoss) and len(loss.losses) == outputs):
+    if isinstance(loss, CustomLoss):
+        check_custom_loss(loss, outputs)
+    elif outputs > 1 and not (isinstance(loss, PerOutputLoss) and len(loss.losses) == outputs):
         raise ValueError(f"the model has {outputs} outputs {list(model.outputs)}: train it with "
-                         f"PerOutputLoss(one loss per output), got {loss!r}")  # fmt: skip
+                         f"PerOutputLoss(one loss per output) or a CustomLoss of pred[0], pred[1]..., got "
+                         f"{loss!r}")  # fmt: skip
     if outputs == 1 and isinstance(loss, PerOutputLoss):
         raise ValueError(f"{loss} needs a model with {len(loss.losses)} outputs, this graph has one")
     return inputs, outputs
+
+
+def check_custom_loss(loss: CustomLoss, outputs: int) -> None:
+    """A CustomLoss reads a model's one output as ``pred``, each of several as ``pred[i]``."""
+    read = expr.items(loss.tree, "pred")
+    if outputs == 1 and read != {None}:
+        raise ValueError(f"CustomLoss reads pred[{max(i for i in read if i is not None)}], but the model has one "
+                         "output: write pred")  # fmt: skip
+    if outputs > 1 and (None in read or max(read) >= outputs):
+        what = "pred whole" if None in read else f"pred[{max(read)}]"
+        raise ValueError(f"CustomLoss reads {what}, but the model has {outputs} outputs: write pred[0] to "
+                         f"pred[{outputs - 1}]")  # fmt: skip
 
 
 def check_inputs(loop: TrainingLoop, x) -> tuple[np.ndarray, ...]:
@@ -87,6 +102,8 @@ def check_targets(loop: TrainingLoop, y, n: int, outputs) -> tuple[np.ndarray, .
     """``y`` for several outputs: one array per output, each checked against its own loss."""
     from .loop import InputError
 
+    if isinstance(loop.loss_spec, CustomLoss):
+        return custom_targets(loop, y, n, outputs)
     count = len(loop.loss_spec.losses)
     if not isinstance(y, (tuple, list)) or len(y) != count:
         raise InputError(f"the model has {count} outputs: targets must be a tuple of {count} arrays, "
@@ -95,6 +112,37 @@ def check_targets(loop: TrainingLoop, y, n: int, outputs) -> tuple[np.ndarray, .
         loop._check_target(spec, target, n, None if outputs is None else outputs[index])
         for index, (spec, target) in enumerate(zip(loop.loss_spec.losses, y, strict=True))
     )
+
+
+def custom_targets(loop: TrainingLoop, y, n: int, outputs):
+    """``y`` of a CustomLoss over several outputs: one array (``target``) or a tuple (``target[i]``),
+    each numeric, finite, of ``n`` samples, and of shapes the loss's expression can combine."""
+    from .loop import InputError
+
+    read = expr.items(loop.loss_spec.tree, "target")
+    if read - {None}:
+        count = max(read - {None}) + 1
+        if None in read or not isinstance(y, (tuple, list)) or len(y) < count:
+            raise InputError(f"the CustomLoss reads target[{count - 1}]: targets must be a tuple of {count} "
+                             f"arrays, got {type(y).__name__}")  # fmt: skip
+        y = tuple(np.asarray(part) for part in y)
+    else:
+        y = np.asarray(y)
+    parts = y if isinstance(y, tuple) else (y,)
+    for part in parts:
+        if part.ndim == 0 or len(part) != n or part.dtype.kind not in "fiub":
+            raise InputError(f"got {n} inputs but targets of shape {part.shape} and dtype {part.dtype}")
+        if not np.isfinite(part).all():
+            raise InputError("targets contain NaN or infinite values")
+    if outputs is not None:
+        shapes = tuple((n, *output) for output in outputs)
+        targets = tuple(part.shape for part in parts) if isinstance(y, tuple) else y.shape
+        try:
+            expr.result_shape(loop.loss_spec.tree, shapes, targets)
+        except ValueError as error:
+            raise InputError(f"CustomLoss on outputs of shapes {list(shapes)}, targets {targets}: {error}") from None
+    cast = tuple(part.astype(loop.dtype, copy=False) for part in parts)
+    return cast if isinstance(y, tuple) else cast[0]
 
 
 def rows(x, start: int, stop: int):
@@ -123,6 +171,8 @@ def evaluate(loop: TrainingLoop, dataset: ArrayDataset, batch_size: int) -> dict
     one's evaluation loss (per sample, or per element for the elementwise losses); no accuracy."""
     from .fitting import eval_mode
 
+    if isinstance(loop.loss_spec, CustomLoss):
+        return custom_evaluate(loop, dataset, batch_size)
     totals = np.zeros(loop._output_count)
     # a CustomLoss reduces itself: its evaluation loss is the sum over samples of its value on each
     # (as for one output), from the predictions; the adapter's value for it is not used
@@ -144,6 +194,21 @@ def evaluate(loop: TrainingLoop, dataset: ArrayDataset, batch_size: int) -> dict
             per_sample /= max(1, int(np.prod(np.shape(target)[1:])))
         per_output.append(per_sample)
     return {"loss": float(sum(per_output)), "accuracy": float("nan"), "num_correct": 0, "num_samples": n}
+
+
+def custom_evaluate(loop: TrainingLoop, dataset: ArrayDataset, batch_size: int) -> dict[str, float]:
+    """:func:`evaluate` for a CustomLoss over several outputs: as for one output, the mean over
+    samples of its value on each, from the predictions."""
+    from .fitting import eval_mode
+
+    total, tree = 0.0, loop.loss_spec.tree
+    with eval_mode(loop):
+        for x, y in dataset.batches(batch_size):
+            x, y = loop._check_batch((x, y))
+            pred = loop._predict(x)
+            total += sum(expr.numpy_value(tree, rows(pred, i, i + 1), rows(y, i, i + 1)) for i in range(length(x)))
+    n = len(dataset)
+    return {"loss": total / n if n else float("nan"), "accuracy": float("nan"), "num_correct": 0, "num_samples": n}
 
 
 def submodule(loop: TrainingLoop, path: str, loss=None, optimizer=None) -> TrainingLoop:

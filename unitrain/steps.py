@@ -147,7 +147,7 @@ def split(node: Node) -> tuple[str, tuple[Node, ...], dict]:
         return op, node[2:], {"model": node[1]}
     if op == "output":
         return op, (node[2],), {"index": node[1]}
-    if op not in expr.ARITY or op in ("pred", "target"):  # a CustomLoss's leaves mean nothing here
+    if op not in expr.ARITY or op in ("pred", "target", "item"):  # a CustomLoss's leaves mean nothing here
         raise ValueError(f"unknown operation {op!r}")
     return expr.split(node)
 
