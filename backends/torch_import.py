@@ -415,8 +415,14 @@ class _Importer:
                                          "tuple of them")  # fmt: skip
                     return inputs, outputs
                 elif node.op == "get_attr":
-                    raise ValueError(f"reads the module's attribute {node.target!r} directly; unitrain graphs hold "
-                                     "weights only in layers (nn.Linear, nn.Conv2d, ...)")  # fmt: skip
+                    outside = (
+                        " (a weight used outside its layer, such as a transposed tie F.linear(x, "
+                        "encoder.weight.t()), is not supported: keep two weights)"
+                    )
+                    layer_weight = "." in node.target and isinstance(self.values[node], nn.Parameter)
+                    raise ValueError(f"reads the module's attribute {node.target!r} directly"
+                                     f"{outside if layer_weight else ''}; unitrain graphs hold weights only in "
+                                     "layers (nn.Linear, nn.Conv2d, ...)")  # fmt: skip
                 elif node.op == "call_module":
                     env[node] = self.call_module(node, args, kwargs)
                 else:

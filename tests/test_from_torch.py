@@ -379,6 +379,10 @@ class Forward(nn.Module):
          r"^from_torch: node 'div' \(torch.div\): argument rounding_mode='floor' is not supported$"),
         (TiedConvolutions, (2, 1, 3, 3), r"^from_torch: Graph: tied 'b.weight' belongs to Conv2d\(.*\); ties are "
          r"between Linear and Embedding parameters$"),
+        (lambda: Forward(lambda self, x: F.linear(self.enc(x), self.enc.weight.t()), enc=nn.Linear(4, 3)), (2, 4),
+         r"^from_torch: node 'enc_weight' \(enc.weight\): reads the module's attribute 'enc.weight' directly \(a "
+         r"weight used outside its layer, such as a transposed tie F.linear\(x, encoder.weight.t\(\)\), is not "
+         r"supported: keep two weights\)"),
         (Unused, (2, 4), r"^from_torch: spare.weight belongs to a layer that forward never calls"),
         (Scaled, (2, 4), r"^from_torch: node 'scale' \(scale\): reads the module's attribute 'scale' directly"),
     ],

@@ -469,6 +469,10 @@ def tie(tied, kind=L.Linear, shape=(4,)):
          r"source's module first"),
         (lambda: tie({"second.weight": "first.bias"}),
          r"^Graph: tied 'second.weight' has shape \(4, 4\), 'first.bias' has \(4,\); tied weights have one shape$"),
+        (lambda: Graph((x := Input((6,))), (decoder := L.Linear(3, 6))((encoder := L.Linear(6, 3))(x)),
+                       {"encoder": encoder, "decoder": decoder}, tied={"decoder.weight": "encoder.weight"}),
+         r"^Graph: tied 'decoder.weight' has shape \(6, 3\), 'encoder.weight' has \(3, 6\); tied weights have one "
+         r"shape \(a transposed tie is not supported: keep two weights\)$"),
         (lambda: tie({"second.weight": "second.weight"}),
          r"^Graph: 'second.weight' is tied to 'second.weight', which is not a tensor of its own$"),
         (lambda: tie({"second.weight": "first.weight"}, functools.partial(L.Conv2d, kernel_size=1), (4, 2, 2)),

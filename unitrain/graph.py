@@ -332,8 +332,10 @@ def _check_ties(graph: Graph, tied: dict[str, str]) -> tuple[tuple[str, str], ..
         if source in tied or key == source:
             raise ValueError(f"Graph: {key!r} is tied to {source!r}, which is not a tensor of its own")
         if params[key][1] != params[source][1]:
-            raise ValueError(f"Graph: tied {key!r} has shape {params[key][1]}, {source!r} has "
-                             f"{params[source][1]}; tied weights have one shape")  # fmt: skip
+            transposed = " (a transposed tie is not supported: keep two weights)"
+            raise ValueError(f"Graph: tied {key!r} has shape {params[key][1]}, {source!r} has {params[source][1]}; "
+                             "tied weights have one shape"
+                             f"{transposed if params[key][1] == params[source][1][::-1] else ''}")  # fmt: skip
         if order.index(source) > order.index(key):
             raise ValueError(f"Graph: tied {key!r} comes before its source {source!r} in the state_dict; register "
                              "the source's module first (PyTorch names a shared tensor by its first path)")  # fmt: skip
