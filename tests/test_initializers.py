@@ -110,6 +110,7 @@ def test_dialect_defaults_and_explicit_arguments():
         norm, kept = layers.BatchNorm2d(4), layers.BatchNorm2d(4, momentum=0.3)
         model, sgd = unitrain.mlp(), optim.SGD(momentum=0.9)
     assert (norm.eps, norm.momentum, kept.momentum, model.init, sgd.lr_in_velocity) == (1e-3, 0.01, 0.3, "keras", True)
+    assert norm.running_var == "biased" and layers.BatchNorm2d(4).running_var == "unbiased"
     assert (layers.Conv2d(1, 2, 3).bias, optim.Adam().eps, unitrain.mlp().init) == (True, 1e-8, "pytorch")
     state = init_weights(model, 0)
     assert not state["1.bias"].any() and np.abs(state["1.weight"]).max() <= np.sqrt(6 / (784 + 512))
