@@ -189,6 +189,22 @@ def test_cli_refuses_unknown_dialects_and_initialisers_in_one_line(flags, messag
     assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1
 
 
+@pytest.mark.parametrize(
+    ("recipe", "message"),
+    [
+        ('dialect = "jax"', "field 'dialect': expected one of 'torch', 'chainer', 'keras', 'mindspore', got 'jax'"),
+        ('[initializers]\n"fc1.bias" = "orthogonal"',
+         "Linear: bias_init orthogonal cannot apply to a tensor of shape (120,): it needs 2 or more dimensions"),
+    ],
+)  # fmt: skip
+def test_cli_refuses_a_recipe_s_unknown_dialect_and_an_init_that_cannot_apply(recipe, message, tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text(f'model = "lenet"\n{recipe}\n')
+    result = subprocess.run([sys.executable, "-m", "unitrain", "train", str(path), "--max-steps", "1", "--no-progress"],
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+
+
 def test_velocity_resumes_bit_for_bit():
     """Chainer's/Keras' momentum keeps its ``velocity`` in the optimizer state; stopping after 3
     steps under a changing lr and resuming gives the uninterrupted run's bits."""
