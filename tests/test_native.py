@@ -72,13 +72,15 @@ def _mlp_batch():
 
 @pytest.mark.parametrize("optimizer", NATIVE_OPTIMIZERS)
 @pytest.mark.parametrize("framework", FRAMEWORKS)
-def test_native_optimizers_step_as_the_adapter(framework, optimizer):
+def test_native_optimizers_step_as_the_adapter(framework, optimizer, request):
     """The framework's own optimizer (torch.optim.SGD/Adam, chainer.optimizers.MomentumSGD/Adam,
     mindspore.nn.Momentum/Adam) under the framework's dialect, two steps from the same weights: the
     weights are unitrain's adapter's within twice the float32 bound of their scale (each within one
     of the exact equations). The premise that no ReLU decision lies within rounding of a flip at
     either step is test_native_optimizer_cases_keep_their_relu_decisions'."""
     pytest.importorskip(f"unitrain.backends.{framework}")
+    if framework == "torch":
+        request.getfixturevalue("torch_single_thread")
     model, spec, state = _native_optimizer_case(framework, optimizer)
     x, y = _mlp_batch()
     native = native_loop(framework, "mlp", state, spec)
@@ -107,7 +109,7 @@ def _native_optimizer_case(framework, optimizer):
     ("framework", "optimizer"), [("torch", "momentum"), ("torch", "adam"), ("mindspore", "adam"),
                                  ("chainer", "momentum"), ("chainer", "adam")],
 )  # fmt: skip
-def test_native_optimizer_cases_keep_their_relu_decisions(framework, optimizer):
+def test_native_optimizer_cases_keep_their_relu_decisions(framework, optimizer, torch_single_thread):
     """Every ReLU input of both steps' forward passes (float64 NumPy run) lies more than
     RoundingModel.MARGIN rounding scales from zero, on any CPU. (MindSpore's momentum case is
     torch's: the same MLP, weights and equation.)"""
