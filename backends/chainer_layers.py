@@ -34,12 +34,14 @@ class _BatchNorm(L.BatchNormalization):
     """Chainer's BatchNormalization plus PyTorch's ``num_batches_tracked``.
 
     Chainer's ``decay`` weighs the old running value (``decay = 1 - momentum``) and it feeds the
-    running variance the unbiased batch variance (``m / (m - 1)`` adjustment), as PyTorch does."""
+    running variance the unbiased batch variance (``m / (m - 1)`` adjustment), as PyTorch does;
+    with ``running_var="biased"`` (Keras') a training forward puts the biased one in its place."""
 
     def __init__(self, spec: layers._BatchNorm, dtype: np.dtype):
         super().__init__(spec.num_features, decay=1 - spec.momentum, eps=spec.eps, dtype=dtype)
         self.num_batches_tracked = np.zeros((), np.int64)
         self.register_persistent("num_batches_tracked")
+        self.biased = spec.running_var == "biased"
 
     def forward(self, x):
         if chainer.config.train:
@@ -51,7 +53,13 @@ class _BatchNorm(L.BatchNormalization):
             # and variance came out 5e-5 to 8e-5 off, 1000x the 4e-8 to 2e-7 of a C-contiguous copy.
             # Reshaping through (N, -1) makes that copy (a view is impossible) and is differentiable.
             x = F.reshape(F.reshape(x, (x.shape[0], -1)), x.shape)
-        return super().forward(x)
+        if not (chainer.config.train and self.biased):
+            return super().forward(x)
+        kept = self.avg_var.copy()
+        output = super().forward(x)
+        biased = x.array.var(axis=(0, *range(2, x.ndim)))
+        self.avg_var[...] = kept * self.decay + biased * (1 - self.decay)
+        return output
 
 
 class _Dropout:

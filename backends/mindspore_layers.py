@@ -63,18 +63,29 @@ class _LayerNorm(nn.Cell):
 
 
 class _BatchNorm(nn.Cell):
-    """MindSpore's BatchNorm plus PyTorch's ``num_batches_tracked``."""
+    """MindSpore's BatchNorm plus PyTorch's ``num_batches_tracked``; with ``running_var="biased"``
+    (Keras') a training forward puts the biased batch variance where MindSpore's kernel put the
+    unbiased one."""
 
     def __init__(self, spec):
         super().__init__()
         native = nn.BatchNorm2d if isinstance(spec, layers.BatchNorm2d) else nn.BatchNorm1d
         self.bn = native(spec.num_features, eps=spec.eps, momentum=1.0 - spec.momentum)
         self.num_batches_tracked = Parameter(Tensor(0, ms.int64), name="num_batches_tracked", requires_grad=False)
+        self.biased, self.momentum = spec.running_var == "biased", spec.momentum
+        self.axes = (0, 2, 3) if isinstance(spec, layers.BatchNorm2d) else (0,)
 
     def construct(self, x):
-        if self.training:
-            ops.assign_add(self.num_batches_tracked, Tensor(1, ms.int64))
-        return self.bn(x)
+        if not self.training:
+            return self.bn(x)
+        ops.assign_add(self.num_batches_tracked, Tensor(1, ms.int64))
+        if not self.biased:
+            return self.bn(x)
+        kept = self.bn.moving_variance * 1.0
+        output = self.bn(x)
+        biased = ops.stop_gradient(x).var(axis=self.axes, ddof=0)
+        ops.assign(self.bn.moving_variance, kept * (1.0 - self.momentum) + biased * self.momentum)
+        return output
 
     def state(self) -> dict[str, Parameter]:
         bn = self.bn

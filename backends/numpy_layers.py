@@ -361,7 +361,8 @@ class _BatchNorm(_Freezable):
             centered = x - mean
             squares = np.square(centered).sum(axes)
             inv_std = 1 / np.sqrt(squares.reshape(shape) / count + self.spec.eps)
-            self._update_running(mean.reshape(-1), squares / (count - 1))
+            fed = squares / (count - 1 if self.spec.running_var == "unbiased" else count)  # PyTorch's, Keras'
+            self._update_running(mean.reshape(-1), fed)
             x_hat = centered
             x_hat *= inv_std
         else:
@@ -371,10 +372,10 @@ class _BatchNorm(_Freezable):
             self.x_hat, self.inv_std, self.batch_stats = x_hat, inv_std, training
         return x_hat * weight + bias
 
-    def _update_running(self, mean, unbiased_var):
+    def _update_running(self, mean, var):
         momentum = self.spec.momentum
         self.buffers["running_mean"][...] = momentum * mean + (1 - momentum) * self.buffers["running_mean"]
-        self.buffers["running_var"][...] = momentum * unbiased_var + (1 - momentum) * self.buffers["running_var"]
+        self.buffers["running_var"][...] = momentum * var + (1 - momentum) * self.buffers["running_var"]
         self.buffers["num_batches_tracked"] += 1
 
     def backward(self, grad, need_input_grad):

@@ -123,6 +123,38 @@ class _GRU(_OutputOnly, nn.GRU):
 _RECURRENT = {sequences.RNN: _RNN, sequences.LSTM: _LSTM, sequences.GRU: _GRU}
 
 
+class _BiasedRunningVar:
+    """Keras' BatchNorm (``running_var="biased"``): torch's kernel feeds the running variance the
+    unbiased batch variance, so a training forward gives the kernel a copy to update and updates
+    the buffer itself with the biased one (not in place of the kernel's update: autograd saved the
+    kernel's input and checks that nothing changed it)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(input)
+        running_var = self.running_var
+        self.running_var = running_var.clone()
+        try:
+            output = super().forward(input)
+        finally:
+            self.running_var = running_var
+        with torch.no_grad():
+            biased = input.var([0, *range(2, input.ndim)], correction=0)
+            running_var.mul_(1 - self.momentum).add_(biased, alpha=self.momentum)
+        return output
+
+
+class _BiasedBatchNorm1d(_BiasedRunningVar, nn.BatchNorm1d):
+    pass
+
+
+class _BiasedBatchNorm2d(_BiasedRunningVar, nn.BatchNorm2d):
+    pass
+
+
+_BIASED = {layers.BatchNorm1d: _BiasedBatchNorm1d, layers.BatchNorm2d: _BiasedBatchNorm2d}
+
+
 def _module(spec: layers.Layer, dtype: torch.dtype) -> nn.Module:
     if isinstance(spec, Graph):
         return GraphModule(spec, {name: _module(child, dtype) for name, child in spec.children})
@@ -150,7 +182,7 @@ def _module(spec: layers.Layer, dtype: torch.dtype) -> nn.Module:
             dilation=spec.dilation, dtype=dtype,
         )  # fmt: skip
     if isinstance(spec, layers._BatchNorm):
-        cls = nn.BatchNorm1d if isinstance(spec, layers.BatchNorm1d) else nn.BatchNorm2d
+        cls = _BIASED[type(spec)] if spec.running_var == "biased" else getattr(nn, type(spec).__name__)
         return skip_init(cls, spec.num_features, eps=spec.eps, momentum=spec.momentum, dtype=dtype)
     if isinstance(spec, layers.LayerNorm):
         return skip_init(

@@ -130,7 +130,7 @@ def native_torch(model_name, state):
         "mlp": torch_mlp, "cnn": torch_cnn, "lenet": GarmentClassifier,
         "resnet18-1x28x28": lambda: ResNet18(num_classes=10, in_channels=1), "resnet18-3x64x64": ResNet18,
     }[model_name]()  # fmt: skip
-    return torch_loop(net, state, lr=0.01).step
+    return torch_loop(net, state, unitrain.SGD(0.01)).step
 
 
 def native_tutorial_loop(framework):

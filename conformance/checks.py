@@ -192,18 +192,20 @@ def dropout_model() -> layers.Sequential:
     )
 
 
-def batchnorm_model() -> layers.Sequential:
+def batchnorm_model(running_var: str = "unbiased") -> layers.Sequential:
     """Input ``(N, 6)``."""
     return layers.Sequential(
-        layers.Linear(6, 8), layers.BatchNorm1d(8, momentum=0.2), layers.ReLU(), layers.Linear(8, 4)
-    )
+        layers.Linear(6, 8), layers.BatchNorm1d(8, momentum=0.2, running_var=running_var), layers.ReLU(),
+        layers.Linear(8, 4),
+    )  # fmt: skip
 
 
-def batchnorm2d_model() -> layers.Sequential:
+def batchnorm2d_model(running_var: str = "unbiased") -> layers.Sequential:
     """Input ``(N, 2, 5, 5)``."""
     return layers.Sequential(
-        layers.Conv2d(2, 3, 3), layers.BatchNorm2d(3, eps=1e-3), layers.ReLU(), layers.Flatten(), layers.Linear(27, 4)
-    )
+        layers.Conv2d(2, 3, 3), layers.BatchNorm2d(3, eps=1e-3, running_var=running_var), layers.ReLU(),
+        layers.Flatten(), layers.Linear(27, 4),
+    )  # fmt: skip
 
 
 DENSE_FAN_IN = 12

@@ -128,11 +128,10 @@ class Reference:
         if self.training:
             count = x.size // x.shape[1]
             mean, var = x.mean(axes), x.var(axes)  # biased variance normalises ...
-            m = layer.momentum  # ... the unbiased one feeds the running estimate (PyTorch)
+            m = layer.momentum  # ... the unbiased one feeds the running estimate (PyTorch), or the biased (Keras)
+            fed = var * count / (count - 1) if layer.running_var == "unbiased" else var
             self.state[f"{name}.running_mean"] = (1 - m) * self.state[f"{name}.running_mean"] + m * mean
-            self.state[f"{name}.running_var"] = (1 - m) * self.state[f"{name}.running_var"] + m * var * count / (
-                count - 1
-            )
+            self.state[f"{name}.running_var"] = (1 - m) * self.state[f"{name}.running_var"] + m * fed
             self.state[f"{name}.num_batches_tracked"] = self.state[f"{name}.num_batches_tracked"] + 1
         else:
             mean, var = self.state[f"{name}.running_mean"], self.state[f"{name}.running_var"]

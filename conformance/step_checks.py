@@ -305,11 +305,15 @@ def check_random_state_resumes_dropout(adapter):
 
 @check("batchnorm")
 def check_batchnorm_running_stats(adapter):
-    """Running statistics follow PyTorch's momentum and unbiased-variance convention, and change
-    only in training (not in eval forwards, predict or evaluate)."""
+    """Running statistics follow PyTorch's momentum and unbiased-variance convention (Keras' biased
+    variance with ``running_var="biased"``), and change only in training (not in eval forwards,
+    predict or evaluate)."""
     models = [(batchnorm_model(), (6,))]
     if "conv" in adapter.capabilities:
         models.append((batchnorm2d_model(), (2, 5, 5)))
+    models.append((batchnorm_model("biased"), (6,)))
+    if "conv" in adapter.capabilities:
+        models.append((batchnorm2d_model("biased"), (2, 5, 5)))
     for model, shape in models:
         state = state_of(model)
         loop = loaded(adapter, model, state)
@@ -319,11 +323,13 @@ def check_batchnorm_running_stats(adapter):
         ref.forward(x, training=True)
         buffers = {k: v for k, v in ref.state.items() if k.startswith("1.running") or k.startswith("1.num")}
         got = loop.state_dict()
+        biased = " (running_var='biased')" if model.children[1][1].running_var == "biased" else ""
         for key, value in buffers.items():
+            what = f"{key}{biased} after one training forward"
             if key.endswith("num_batches_tracked"):
-                compare_exact(f"{key} after one training forward", got[key], value)
+                compare_exact(what, got[key], value)
             else:
-                compare(f"{key} after one training forward", got[key], value, dtype=loop.dtype, size=2 * len(x))
+                compare(what, got[key], value, dtype=loop.dtype, size=2 * len(x))
         loop.eval()
         before = loop.state_dict()
         actions = {"an eval-mode forward": loop.forward, "predict": loop.predict, "evaluate": loop.evaluate}

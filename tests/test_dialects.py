@@ -92,6 +92,22 @@ def chainer_native(state, x, y, dtype, optimizer):
             "2.weight": model.l2.W.array, "2.bias": model.l2.b.array}  # fmt: skip
 
 
+def keras_fit(model, opt, x, y, steps=STEPS):
+    """The guide's loop on the torch backend: ``steps`` full-batch steps of sparse categorical
+    cross-entropy on the logits, the gradients from torch's autograd applied by ``opt``."""
+    import keras
+    import torch
+
+    for _ in range(steps):
+        logits = model(x, training=True)
+        loss = keras.ops.mean(keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True))
+        model.zero_grad()
+        loss.backward()
+        gradients = [variable.value.grad for variable in model.trainable_weights]
+        with torch.no_grad():
+            opt.apply(gradients, model.trainable_weights)
+
+
 def keras_native(state, x, y, dtype, optimizer):
     """Keras' guide "writing a training loop from scratch" on its torch backend."""
     os.environ.setdefault("KERAS_BACKEND", "torch")
@@ -110,15 +126,7 @@ def keras_native(state, x, y, dtype, optimizer):
     else:
         schedule = keras.optimizers.schedules.ExponentialDecay(SGD_LR, STEP_SIZE, GAMMA, staircase=True)
         opt = keras.optimizers.SGD(schedule, momentum=SGD_MOMENTUM)
-    x, y = torch.from_numpy(x.astype(dtype)), torch.from_numpy(y)
-    for _ in range(STEPS):
-        logits = model(x, training=True)
-        loss = keras.ops.mean(keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True))
-        model.zero_grad()
-        loss.backward()
-        gradients = [variable.value.grad for variable in model.trainable_weights]
-        with torch.no_grad():
-            opt.apply(gradients, model.trainable_weights)
+    keras_fit(model, opt, torch.from_numpy(x.astype(dtype)), torch.from_numpy(y))
     (w1, b1), (w2, b2) = hidden.get_weights(), output.get_weights()
     return {"0.weight": w1.T, "0.bias": b1, "2.weight": w2.T, "2.bias": b2}
 

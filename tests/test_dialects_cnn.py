@@ -26,6 +26,7 @@ import os
 import numpy as np
 import pytest
 from conftest import installed_backends
+from test_dialects import keras_fit
 from torch_reference import (
     RoundingModel,
     assert_within_drift,
@@ -137,15 +138,7 @@ def keras_native(state, batches, dtype, optimizer):
         else:
             schedule = keras.optimizers.schedules.ExponentialDecay(SGD_LR, STEP_SIZE, GAMMA, staircase=True)
             opt = keras.optimizers.SGD(schedule, momentum=SGD_MOMENTUM)
-        x, y = torch.from_numpy(x.transpose(0, 2, 3, 1).astype(dtype)), torch.from_numpy(y)
-        for _ in range(STEPS):
-            logits = model(x, training=True)
-            loss = keras.ops.mean(keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True))
-            model.zero_grad()
-            loss.backward()
-            gradients = [variable.value.grad for variable in model.trainable_weights]
-            with torch.no_grad():
-                opt.apply(gradients, model.trainable_weights)
+        keras_fit(model, opt, torch.from_numpy(x.transpose(0, 2, 3, 1).astype(dtype)), torch.from_numpy(y))
         result = {}
         for layer, index, axes in ((conv1, 0, (3, 2, 0, 1)), (conv2, 3, (3, 2, 0, 1)), (dense, 7, (1, 0))):
             kernel, bias = layer.get_weights()

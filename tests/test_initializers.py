@@ -110,6 +110,7 @@ def test_dialect_defaults_and_explicit_arguments():
         norm, kept = layers.BatchNorm2d(4), layers.BatchNorm2d(4, momentum=0.3)
         model, sgd = unitrain.mlp(), optim.SGD(momentum=0.9)
     assert (norm.eps, norm.momentum, kept.momentum, model.init, sgd.lr_in_velocity) == (1e-3, 0.01, 0.3, "keras", True)
+    assert norm.running_var == "biased" and layers.BatchNorm2d(4).running_var == "unbiased"
     assert (layers.Conv2d(1, 2, 3).bias, optim.Adam().eps, unitrain.mlp().init) == (True, 1e-8, "pytorch")
     state = init_weights(model, 0)
     assert not state["1.bias"].any() and np.abs(state["1.weight"]).max() <= np.sqrt(6 / (784 + 512))
@@ -186,6 +187,22 @@ def test_cli_refuses_unknown_dialects_and_initialisers_in_one_line(flags, messag
     result = subprocess.run([sys.executable, "-m", "unitrain", "train", *flags, "--print-recipe"],
                             capture_output=True, text=True)  # fmt: skip
     assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("recipe", "message"),
+    [
+        ('dialect = "jax"', "field 'dialect': expected one of 'torch', 'chainer', 'keras', 'mindspore', got 'jax'"),
+        ('[initializers]\n"fc1.bias" = "orthogonal"',
+         "Linear: bias_init orthogonal cannot apply to a tensor of shape (120,): it needs 2 or more dimensions"),
+    ],
+)  # fmt: skip
+def test_cli_refuses_a_recipe_s_unknown_dialect_and_an_init_that_cannot_apply(recipe, message, tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text(f'model = "lenet"\n{recipe}\n')
+    result = subprocess.run([sys.executable, "-m", "unitrain", "train", str(path), "--max-steps", "1", "--no-progress"],
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 2 and message in result.stderr and result.stderr.count("\n") == 1, result.stderr
 
 
 def test_velocity_resumes_bit_for_bit():

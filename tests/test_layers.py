@@ -122,6 +122,10 @@ def test_pairs_are_normalised_and_groups_shape_the_weight():
         (lambda: AdaptiveAvgPool2d(0), "output_size must be an integer >= 1"),
         (lambda: LayerNorm(()), "normalized_shape must be"),
         (lambda: LayerNorm(4, eps=0), "eps must be > 0"),
+        (
+            lambda: unitrain.BatchNorm2d(4, running_var="sample"),
+            "BatchNorm2d: running_var must be one of unbiased, biased, got 'sample'",
+        ),
         (lambda: unitrain.GELU("fast"), "approximate must be 'none' or 'tanh', got 'fast'"),
         (lambda: unitrain.ConvTranspose2d(4, 3, 3, groups=2), r"divisible by groups \(2\)"),
         (

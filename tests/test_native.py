@@ -51,3 +51,79 @@ def test_first_step_loss_is_the_adapters(framework, model_name):
         value = np.asarray(value, np.float64)
         bound = 2 * tolerance(np.float32, size, float(np.abs(value).max()))
         np.testing.assert_allclose(native_state[key], value, rtol=0, atol=bound, err_msg=key)
+
+
+# --- each framework's own momentum SGD and Adam (what ``compare --native`` trains with) ------------
+#: two steps, so that the momentum buffer and Adam's moments of the first step enter the second. Adam's
+#: eps 1e-3 makes its update Lipschitz in the gradient (at most lr / eps = 1 times it; with 1e-8 a gradient
+#: within rounding of zero would move its weight by +-lr on one side and not the other).
+NATIVE_OPTIMIZERS = {
+    "momentum": lambda: unitrain.SGD(0.05, momentum=0.9),
+    "adam": lambda: unitrain.Adam(1e-3, eps=1e-3),
+}
+FRAMEWORKS = [pytest.param(name, marks=[pytest.mark.slow] if name == "mindspore" else [])
+              for name in ("torch", "mindspore", "chainer")]  # fmt: skip
+
+
+def _mlp_batch():
+    rng = np.random.default_rng(1)
+    return rng.standard_normal((4, 1, 28, 28), np.float32), rng.integers(0, 10, 4)
+
+
+@pytest.mark.parametrize("optimizer", NATIVE_OPTIMIZERS)
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_native_optimizers_step_as_the_adapter(framework, optimizer, request):
+    """The framework's own optimizer (torch.optim.SGD/Adam, chainer.optimizers.MomentumSGD/Adam,
+    mindspore.nn.Momentum/Adam) under the framework's dialect, two steps from the same weights: the
+    weights are unitrain's adapter's within twice the float32 bound of their scale (each within one
+    of the exact equations). The premise that no ReLU decision lies within rounding of a flip at
+    either step is test_native_optimizer_cases_keep_their_relu_decisions'."""
+    pytest.importorskip(f"unitrain.backends.{framework}")
+    if framework == "torch":
+        request.getfixturevalue("torch_single_thread")
+    model, spec, state = _native_optimizer_case(framework, optimizer)
+    x, y = _mlp_batch()
+    native = native_loop(framework, "mlp", state, spec)
+    loop = unitrain.make_loop(framework, model, optimizer=spec, seed=0)
+    loop.load_state_dict(state)
+    for _ in range(2):
+        native.step(x, y)
+        loop.step((x, y))
+    size = longest_sum(model, (1, 28, 28), len(x))
+    native_state = native.state_dict()
+    for key, value in loop.state_dict().items():
+        value = np.asarray(value, np.float64)
+        bound = 2 * tolerance(np.float32, size, float(np.abs(value).max()))
+        np.testing.assert_allclose(native_state[key], value, rtol=0, atol=bound, err_msg=key)
+
+
+def _native_optimizer_case(framework, optimizer):
+    """The framework's dialect's MLP preset and optimizer (its momentum and eps placement), and the
+    first weights."""
+    with unitrain.dialect(framework):
+        model, spec = unitrain.mlp(), NATIVE_OPTIMIZERS[optimizer]()
+    return model, spec, unitrain.init_weights(model, seed=0)
+
+
+@pytest.mark.parametrize(
+    ("framework", "optimizer"), [("torch", "momentum"), ("torch", "adam"), ("mindspore", "adam"),
+                                 ("chainer", "momentum"), ("chainer", "adam")],
+)  # fmt: skip
+def test_native_optimizer_cases_keep_their_relu_decisions(framework, optimizer, torch_single_thread):
+    """Every ReLU input of both steps' forward passes (float64 NumPy run) lies more than
+    RoundingModel.MARGIN rounding scales from zero, on any CPU. (MindSpore's momentum case is
+    torch's: the same MLP, weights and equation.)"""
+    torch = pytest.importorskip("torch")
+    from torch_reference import RoundingModel, torch_mlp
+
+    model, spec, state = _native_optimizer_case(framework, optimizer)
+    x, y = _mlp_batch()
+    loop = unitrain.make_loop("numpy", model, optimizer=spec, dtype="float64")
+    loop.load_state_dict(state)
+    for step in range(2):
+        net = torch_mlp().double()
+        net.load_state_dict({key: torch.from_numpy(np.asarray(value, np.float64)) for key, value in
+                             loop.state_dict().items()})  # fmt: skip
+        for name, index, margin in RoundingModel(net, torch.from_numpy(x)).margins():
+            assert margin > RoundingModel.MARGIN, f"step {step + 1}, {name} call {index}: {margin:.1f} scales"
+        loop.step((x.astype(np.float64), y))

@@ -115,8 +115,24 @@ def test_the_native_loop_row_is_plain_pytorch_trained_on_the_same_batches(mnist_
 
 @needs_torch
 def test_native_loops_refuse_what_the_tutorials_do_not_do(capsys):
-    status, _, err = run_cli(capsys, "compare", "--backends", "numpy,torch", "--native", "--optimizer", "adam")
-    assert status == 2 and "--native: the native loops train with the tutorials' plain SGD(lr), not Adam(" in err
+    status, _, err = run_cli(capsys, "compare", "--backends", "numpy,torch", "--native", "--optimizer", "rmsprop")
+    assert status == 2
+    assert "--native: the native loops train with the frameworks' SGD(lr, momentum) or Adam(lr, betas, eps), " \
+           "not RMSprop(" in err  # fmt: skip
+
+
+def test_a_framework_whose_adam_puts_eps_elsewhere_has_no_native_row(capsys, tmp_path, torch_single_thread):
+    """PyTorch's dialect adds Adam's eps after the bias correction, Chainer's Adam before it."""
+    rng = np.random.default_rng(0)
+    data = tmp_path / "small.npz"
+    np.savez(data, x_train=rng.random((8, 28, 28), np.float32), y_train=np.arange(8) % 10,
+             x_test=rng.random((4, 28, 28), np.float32), y_test=np.arange(4))  # fmt: skip
+    status, out, _ = run_cli(capsys, "compare", "--backends", "numpy,chainer,torch", "--native", "--optimizer",
+                             "adam", "--dataset", str(data), "--batch-size", "4", "--no-progress")  # fmt: skip
+    assert status == 0
+    assert "no chainer native loop: chainer's own Adam adds eps before the bias correction, this run's after " \
+           "the bias correction" in out  # fmt: skip
+    assert "torch (native loop)" in out and "chainer (native loop)" not in out
 
 
 def test_the_sample_interval_bounds_the_snapshots():

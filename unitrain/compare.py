@@ -115,7 +115,8 @@ def compare_backends(
     ``threads``: each backend's :meth:`~unitrain.TrainingLoop.set_threads` before it trains.
 
     ``native``: after each backend whose framework has one, its hand-written tutorial loop
-    (:mod:`unitrain.native`; preset models and plain SGD only) trains too, from the same weights
+    (:mod:`unitrain.native`; preset models, the framework's own SGD, momentum SGD or Adam where it
+    computes the run's equations: :func:`~unitrain.native.native_frameworks`) trains too, from the same weights
     over the same batches, in a result of its own with ``native`` True and ``label``
     ``"<backend> (native loop)"``; its test metrics are those of its weights loaded into the
     backend's unitrain loop."""
@@ -156,10 +157,10 @@ def compare_backends(
             "same_predictions": int((labels == reference[1]).sum()) if results else None,
             "divergence": recorder.divergence if results else None,
         })  # fmt: skip
-        if model_name is not None and name in native_models.FRAMEWORKS:
+        if model_name is not None and name in native_models.native_frameworks(run.optimizer):
             start = initial_weights if initial_weights is not None else init_weights(model, run.seed)
             recorder = StepRecorder(sample_every, snapshots)
-            native_loop = native_models.native_loop(name, model_name, start, run.optimizer.lr)
+            native_loop = native_models.native_loop(name, model_name, start, run.optimizer)
             native_options = {key: fit_options[key] for key in ("epochs", "batch_size", "shuffle", "max_steps",
                                                                  "val_data")}  # fmt: skip
             history = _train_native(native_loop, loop, recorder, train_data, test_data, seed=run.seed,

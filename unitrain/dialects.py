@@ -6,7 +6,7 @@ script says ``dialect="keras"`` (:class:`unitrain.Run`, a recipe's ``dialect``, 
 builds its specs inside ``with unitrain.dialect("keras"):``, and then
 
 - arguments a layer or optimizer spec leaves out take that framework's defaults (a model's
-  ``init`` scheme, a Conv2d's bias, BatchNorm's ``eps`` and ``momentum``, Adam's ``eps``), still
+  ``init`` scheme, a Conv2d's bias, BatchNorm's ``eps``, ``momentum`` and ``running_var``, Adam's ``eps``), still
   written in PyTorch's conventions (Keras' ``BatchNormalization(momentum=0.99)`` is
   ``momentum=0.01`` here);
 - a :class:`~unitrain.Run`'s optimizer follows that framework's equations (Adam's
@@ -35,6 +35,8 @@ class Dialect:
     batchnorm_eps: float
     #: PyTorch's convention: the weight of the new batch's statistics (1 - Keras'/MindSpore's/Chainer's)
     batchnorm_momentum: float
+    #: the batch variance fed to the running variance: "unbiased" (PyTorch) or "biased" (Keras)
+    batchnorm_running_var: str
     adam_eps: float
     adam_eps_placement: str
     sgd_lr_in_velocity: bool
@@ -51,16 +53,18 @@ class Dialect:
 
 DIALECTS = {
     # torch/nn/modules/{linear,conv,batchnorm}.py, torch/optim/{adam,sgd}.py
-    "torch": Dialect("torch", "pytorch", True, 1e-5, 0.1, 1e-8, "after_correction", False),
+    "torch": Dialect("torch", "pytorch", True, 1e-5, 0.1, "unbiased", 1e-8, "after_correction", False),
     # chainer/links/connection/{linear,convolution_2d}.py (LeCunNormal, bias 0),
-    # links/normalization/batch_normalization.py (decay=0.9, eps=2e-5), optimizers/{adam,momentum_sgd}.py
-    "chainer": Dialect("chainer", "chainer", True, 2e-5, 0.1, 1e-8, "before_correction", True),
+    # links/normalization/batch_normalization.py (decay=0.9, eps=2e-5; functions/normalization/
+    # batch_normalization.py: adjust = m / (m - 1), the unbiased variance), optimizers/{adam,momentum_sgd}.py
+    "chainer": Dialect("chainer", "chainer", True, 2e-5, 0.1, "unbiased", 1e-8, "before_correction", True),
     # keras/src/layers/core/dense.py, convolutional/base_conv.py (glorot_uniform, zeros),
-    # normalization/batch_normalization.py (momentum=0.99, epsilon=1e-3), optimizers/{adam,sgd}.py (epsilon=1e-7)
-    "keras": Dialect("keras", "keras", True, 1e-3, 0.01, 1e-7, "before_correction", True),
+    # normalization/batch_normalization.py (momentum=0.99, epsilon=1e-3; ops.moments' biased variance
+    # updates moving_variance), optimizers/{adam,sgd}.py (epsilon=1e-7)
+    "keras": Dialect("keras", "keras", True, 1e-3, 0.01, "biased", 1e-7, "before_correction", True),
     # mindspore/nn/layer/{basic,conv}.py (HeUniform(sqrt(5)), Uniform(1/sqrt(fan_in)); Conv2d has_bias=False),
     # nn/layer/normalization.py (momentum=0.9, eps=1e-5), nn/optim/adam.py (the Adam primitive), momentum.py
-    "mindspore": Dialect("mindspore", "pytorch", False, 1e-5, 0.1, 1e-8, "before_correction", False),
+    "mindspore": Dialect("mindspore", "pytorch", False, 1e-5, 0.1, "unbiased", 1e-8, "before_correction", False),
 }
 
 _current: contextvars.ContextVar[Dialect] = contextvars.ContextVar("unitrain_dialect", default=DIALECTS["torch"])

@@ -467,12 +467,15 @@ class Job:
         if report is not None:
             plot.require_matplotlib("--report")
         if native:
-            from .native import check_run
+            from .native import FRAMEWORKS, check_run, optimizer_problem
 
             try:
                 check_run(run)
             except ValueError as error:
                 raise JobError(f"--native: {error}") from None
+            for name in [name for name in backends if name in FRAMEWORKS]:
+                if problem := optimizer_problem(name, run.optimizer):
+                    print(f"unitrain compare: no {name} native loop: {problem}", flush=True)
         data = run.datasets()
         print(
             f"unitrain compare: {', '.join(backends)}; model {run.model}, {run.loss} loss, {run.optimizer}, "

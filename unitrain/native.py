@@ -1,10 +1,11 @@
 """Each framework's own tutorial training loop, written by hand without unitrain, for the preset
-models and plain SGD: what ``unitrain compare --native`` and ``benchmarks/bench_step.py``
-measure unitrain's adapters against, in speed and in weights.
+models with the framework's own SGD, momentum SGD or Adam: what ``unitrain compare --native`` and
+``benchmarks/bench_step.py`` measure unitrain's adapters against, in speed and in weights.
 
-PyTorch: ``zero_grad / forward / cross_entropy / backward / step``. MindSpore: ``value_and_grad``
-plus a ``@mindspore.jit`` ``train_step`` calling ``nn.SGD``. Chainer: a ``Chain`` with
-``cleargrads / backward / update`` and ``optimizers.SGD``. Each starts from the given weights
+PyTorch: ``zero_grad / forward / cross_entropy / backward / step`` with ``torch.optim.SGD`` or
+``Adam``. MindSpore: ``value_and_grad`` plus a ``@mindspore.jit`` ``train_step`` calling
+``nn.SGD``, ``nn.Momentum`` or ``nn.Adam``. Chainer: a ``Chain`` with ``cleargrads / backward /
+update`` and ``optimizers.SGD``, ``MomentumSGD`` or ``Adam``. Each starts from the given weights
 (PyTorch layouts, as :func:`~unitrain.weights.init_weights` makes them) and gives them back the
 same way, so they compare key by key with any unitrain loop. The framework is imported only when
 its loop is built.
@@ -12,7 +13,6 @@ its loop is built.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Callable
 from typing import Any
@@ -21,11 +21,14 @@ import numpy as np
 
 from .dialects import dialect
 from .layers import preset
-from .optim import SGD
+from .optim import SGD, Adam, Optimizer
 from .run import Run
 
 #: frameworks with a native loop here (NumPy has no tutorial loop of its own)
 FRAMEWORKS = ("torch", "mindspore", "chainer")
+#: where each framework's own Adam adds eps (torch/optim/adam.py; chainer/optimizers/adam.py and
+#: MindSpore's ``P.Adam`` primitive: see docs/dialects.md); no framework has the other place natively
+ADAM_EPS_PLACEMENT = {"torch": "after_correction", "mindspore": "before_correction", "chainer": "before_correction"}
 #: the preset models every native loop builds (what ``compare --native`` accepts)
 MODELS = ("mlp", "cnn")
 #: built by the MindSpore and Chainer loops too, for ``benchmarks/bench_step.py`` (whose PyTorch twins
@@ -52,17 +55,25 @@ class NativeLoop:
 
 def check_run(run: Run) -> str:
     """The preset name of ``run``'s model if the native loops can train the run: a preset they
-    build (with the run's dialect's defaults: MindSpore's has bias-free convolutions), the
-    tutorials' plain SGD(lr) and cross-entropy, a constant lr, no clipping; ValueError saying why
-    not otherwise. Plain SGD is every dialect's equation (the lr inside Chainer's and Keras'
-    velocity changes nothing without momentum)."""
+    build (with the run's dialect's defaults: MindSpore's has bias-free convolutions), SGD(lr,
+    momentum) or Adam(lr, betas, eps) as the frameworks' own optimizers have them, cross-entropy, a
+    constant lr, no clipping; ValueError saying why not otherwise. At a constant lr PyTorch's
+    momentum (``buf = m * buf + g; p -= lr * buf``, MindSpore's too) and Chainer's (``v = m * v -
+    lr * g; p += v``) are the same update (``v = -lr * buf``), so every framework's serves every
+    dialect; Adam's eps placement is each framework's own (:data:`ADAM_EPS_PLACEMENT`,
+    :func:`optimizer_problem`)."""
     with dialect(run.dialect or "torch"):
         name = next((name for name in MODELS if preset(name) == run.model_spec()), None)
     if name is None:
         raise ValueError(f"the native loops build the preset models {', '.join(MODELS)} only")
-    optimizer = dataclasses.replace(run.optimizer, lr_in_velocity=False) if isinstance(run.optimizer, SGD) else None
-    if optimizer != SGD(lr=run.optimizer.lr):
-        raise ValueError(f"the native loops train with the tutorials' plain SGD(lr), not {run.optimizer}")
+    spec, native = run.optimizer, None
+    if type(spec) is SGD:
+        native = SGD(lr=spec.lr, momentum=spec.momentum, lr_in_velocity=spec.lr_in_velocity)
+    elif type(spec) is Adam:
+        native = Adam(lr=spec.lr, betas=spec.betas, eps=spec.eps, eps_placement=spec.eps_placement)
+    if spec != native:
+        raise ValueError(f"the native loops train with the frameworks' SGD(lr, momentum) or Adam(lr, betas, eps), "
+                         f"not {spec}")  # fmt: skip
     if run.loss != "cross-entropy":
         raise ValueError(f"the native loops train with cross-entropy, not {run.loss}")
     options = [key for key in ("lr_schedule", "clip_grad_norm", "clip_grad_value") if getattr(run, key) is not None]
@@ -76,10 +87,28 @@ def check_run(run: Run) -> str:
     return name
 
 
-def native_loop(framework: str, model_name: str, state: dict[str, np.ndarray], lr: float = 0.01) -> NativeLoop:
+def optimizer_problem(framework: str, spec: Optimizer) -> str | None:
+    """Why ``framework``'s own optimizer cannot compute ``spec`` (a :func:`check_run` optimizer), or None."""
+    if isinstance(spec, Adam) and spec.eps_placement != ADAM_EPS_PLACEMENT[framework]:
+        return (f"{framework}'s own Adam adds eps {ADAM_EPS_PLACEMENT[framework].replace('_', ' the bias ')}, "
+                f"this run's {spec.eps_placement.replace('_', ' the bias ')}")  # fmt: skip
+    return None
+
+
+def native_frameworks(spec: Optimizer) -> tuple[str, ...]:
+    """The frameworks whose own optimizer computes ``spec`` (a :func:`check_run` optimizer)."""
+    return tuple(framework for framework in FRAMEWORKS if optimizer_problem(framework, spec) is None)
+
+
+def native_loop(framework: str, model_name: str, state: dict[str, np.ndarray], optimizer: Optimizer | None = None
+                ) -> NativeLoop:  # fmt: skip
     """The ``framework``'s tutorial loop training preset ``model_name`` (one of :data:`MODELS`, or for
-    MindSpore and Chainer of :data:`BENCHMARK_MODELS` too) from ``state`` with SGD(lr)."""
-    return {"torch": _torch, "mindspore": _mindspore, "chainer": _chainer}[framework](model_name, state, lr)
+    MindSpore and Chainer of :data:`BENCHMARK_MODELS` too) from ``state`` with the framework's own
+    ``optimizer`` (default SGD(0.01); a :func:`check_run` optimizer without :func:`optimizer_problem`)."""
+    optimizer = SGD(0.01) if optimizer is None else optimizer
+    if problem := optimizer_problem(framework, optimizer):
+        raise ValueError(problem)
+    return {"torch": _torch, "mindspore": _mindspore, "chainer": _chainer}[framework](model_name, state, optimizer)
 
 
 def _batches_tracked(state: dict[str, np.ndarray], steps: int) -> dict[str, np.ndarray]:
@@ -103,7 +132,7 @@ def _resnet_shape(state: dict[str, np.ndarray]) -> tuple[int, int]:
     return state["conv1.weight"].shape[1], state["fc.weight"].shape[0]
 
 
-def _torch(model_name, state, lr):
+def _torch(model_name, state, optimizer):
     from torch import nn
 
     if model_name == "mlp":
@@ -114,17 +143,20 @@ def _torch(model_name, state, lr):
         net = nn.Sequential(nn.Conv2d(1, 6, 5, bias=bias), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 12, 5, bias=bias),
                             nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(192, 120), nn.ReLU(),
                             nn.Linear(120, 60), nn.ReLU(), nn.Linear(60, 10))  # fmt: skip
-    return torch_loop(net, state, lr)
+    return torch_loop(net, state, optimizer)
 
 
-def torch_loop(net, state: dict[str, np.ndarray], lr: float) -> NativeLoop:
-    """PyTorch's tutorial loop (``zero_grad / forward / loss / backward / step``, plain SGD) training
-    the ``torch.nn.Module`` ``net`` from ``state``."""
+def torch_loop(net, state: dict[str, np.ndarray], spec: Optimizer) -> NativeLoop:
+    """PyTorch's tutorial loop (``zero_grad / forward / loss / backward / step``, ``torch.optim``'s
+    SGD or Adam for ``spec``) training the ``torch.nn.Module`` ``net`` from ``state``."""
     import torch
     import torch.nn.functional as F
 
     net.load_state_dict({k: torch.from_numpy(np.array(v, np.float32)) for k, v in state.items()})
-    optimizer = torch.optim.SGD(net.parameters(), lr=lr)
+    if isinstance(spec, Adam):
+        optimizer = torch.optim.Adam(net.parameters(), lr=spec.lr, betas=spec.betas, eps=spec.eps)
+    else:
+        optimizer = torch.optim.SGD(net.parameters(), lr=spec.lr, momentum=spec.momentum)
 
     def step(x, y):
         optimizer.zero_grad()
@@ -139,13 +171,13 @@ def torch_loop(net, state: dict[str, np.ndarray], lr: float) -> NativeLoop:
     return NativeLoop(step, state_dict, lambda loss: loss.item())
 
 
-def _mindspore(model_name, state, lr):
+def _mindspore(model_name, state, optimizer):
     import mindspore as ms
     from mindspore import nn
 
     ms.set_device("CPU")
     if model_name in BENCHMARK_MODELS:
-        return _mindspore_named(model_name, state, lr)
+        return _mindspore_named(model_name, state, optimizer)
     if model_name == "mlp":
         net = nn.SequentialCell(nn.Flatten(), nn.Dense(784, 512), nn.ReLU(), nn.Dense(512, 512), nn.ReLU(),
                                 nn.Dense(512, 10))  # fmt: skip
@@ -158,19 +190,24 @@ def _mindspore(model_name, state, lr):
     params = net.trainable_params()  # in the order of the PyTorch keys: weight, bias, layer by layer
     for param, value in zip(params, state.values(), strict=True):
         param.set_data(ms.Tensor(np.array(value, np.float32)))
-    return _mindspore_train(net, params, lr, lambda: {
+    return _mindspore_train(net, params, optimizer, lambda: {
         key: param.asnumpy().copy() for key, param in zip(state, params, strict=True)})  # fmt: skip
 
 
-def _mindspore_train(net, params, lr, state_dict):
-    """MindSpore's tutorial training step for ``net``: ``value_and_grad`` of the loss, ``nn.SGD`` on
-    ``params``, one ``@mindspore.jit`` graph."""
+def _mindspore_train(net, params, spec, state_dict):
+    """MindSpore's tutorial training step for ``net``: ``value_and_grad`` of the loss, ``nn.SGD``,
+    ``nn.Momentum`` or ``nn.Adam`` (``spec``) on ``params``, one ``@mindspore.jit`` graph."""
     import mindspore as ms
     from mindspore import nn
 
     net.set_train(True)  # BatchNorm normalises with the batch's statistics and updates its running ones
     loss_fn = nn.CrossEntropyLoss()
-    optimizer = nn.SGD(params, learning_rate=lr)
+    if isinstance(spec, Adam):
+        optimizer = nn.Adam(params, learning_rate=spec.lr, beta1=spec.betas[0], beta2=spec.betas[1], eps=spec.eps)
+    elif spec.momentum:
+        optimizer = nn.Momentum(params, learning_rate=spec.lr, momentum=spec.momentum)
+    else:
+        optimizer = nn.SGD(params, learning_rate=spec.lr)
 
     def forward(data, label):
         return loss_fn(net(data), label)
@@ -189,7 +226,7 @@ def _mindspore_train(net, params, lr, state_dict):
     return NativeLoop(step, state_dict, lambda loss: float(loss.asnumpy()))
 
 
-def _mindspore_named(model_name, state, lr):
+def _mindspore_named(model_name, state, optimizer):
     """LeNet and ResNet-18 as Cells whose parameter names are PyTorch's but for BatchNorm's."""
     import mindspore as ms
     from mindspore import nn, ops
@@ -261,18 +298,18 @@ def _mindspore_named(model_name, state, lr):
         values |= _batches_tracked(state, loop.step_count)
         return {key: values[key] for key in state}
 
-    loop = _mindspore_train(net, net.trainable_params(), lr, state_dict)
+    loop = _mindspore_train(net, net.trainable_params(), optimizer, state_dict)
     return loop
 
 
-def _chainer(model_name, state, lr):
+def _chainer(model_name, state, optimizer):
     os.environ.setdefault("SETUPTOOLS_USE_DISTUTILS", "stdlib")
     import chainer
     import chainer.functions as F
     import chainer.links as L
 
     if model_name in BENCHMARK_MODELS:
-        return _chainer_named(model_name, state, lr)
+        return _chainer_named(model_name, state, optimizer)
 
     class MLP(chainer.Chain):  # as in Chainer's "write a training loop" tutorial
         def __init__(self):
@@ -301,17 +338,22 @@ def _chainer(model_name, state, lr):
     params = [p for link in links for p in (link.W, link.b) if p is not None]
     for param, value in zip(params, state.values(), strict=True):
         param.array[...] = value
-    return _chainer_train(net, lr, lambda: {
+    return _chainer_train(net, optimizer, lambda: {
         key: param.array.copy() for key, param in zip(state, params, strict=True)})  # fmt: skip
 
 
-def _chainer_train(net, lr, state_dict):
+def _chainer_train(net, spec, state_dict):
     """Chainer's tutorial training step for ``net``: ``cleargrads / backward / update`` with
-    ``optimizers.SGD``."""
+    ``optimizers.SGD``, ``MomentumSGD`` or ``Adam`` (``spec``)."""
     import chainer
     import chainer.functions as F
 
-    optimizer = chainer.optimizers.SGD(lr=lr)
+    if isinstance(spec, Adam):
+        optimizer = chainer.optimizers.Adam(alpha=spec.lr, beta1=spec.betas[0], beta2=spec.betas[1], eps=spec.eps)
+    elif spec.momentum:
+        optimizer = chainer.optimizers.MomentumSGD(lr=spec.lr, momentum=spec.momentum)
+    else:
+        optimizer = chainer.optimizers.SGD(lr=spec.lr)
     optimizer.setup(net)
 
     def step(x, y):
@@ -324,7 +366,7 @@ def _chainer_train(net, lr, state_dict):
     return NativeLoop(step, state_dict, float)
 
 
-def _chainer_named(model_name, state, lr):
+def _chainer_named(model_name, state, optimizer):
     """LeNet and ResNet-18 as Chains whose link names are PyTorch's module names."""
     import chainer
     import chainer.functions as F
@@ -405,5 +447,5 @@ def _chainer_named(model_name, state, lr):
         values |= _batches_tracked(state, loop.step_count)
         return {key: values[key] for key in state}
 
-    loop = _chainer_train(net, lr, state_dict)
+    loop = _chainer_train(net, optimizer, state_dict)
     return loop

@@ -7,6 +7,10 @@ from dataclasses import dataclass
 from .. import dialects
 from .base import Layer, _positive_int
 
+#: what a BatchNorm feeds its running variance: the unbiased batch variance (PyTorch, Chainer,
+#: MindSpore) or the biased one it normalised with (Keras)
+RUNNING_VARIANCES = ("unbiased", "biased")
+
 
 @dataclass(frozen=True)
 class _Norm(Layer):
@@ -21,13 +25,16 @@ class _Norm(Layer):
 class _BatchNorm(_Norm):
     """PyTorch's BatchNorm. Training: normalise with the batch mean and biased variance and
     update ``running = (1 - momentum) * running + momentum * batch_stat`` where the variance
-    fed to the running estimate is the *unbiased* one. Eval: normalise with the running
-    statistics. ``num_batches_tracked`` counts training batches, as in PyTorch. ``eps`` and
-    ``momentum`` left out: the dialect's (PyTorch's 1e-5 and 0.1)."""
+    fed to the running estimate is the *unbiased* one (``running_var="unbiased"``: PyTorch,
+    Chainer, MindSpore) or the biased one that normalised the batch (``"biased"``: Keras'
+    ``BatchNormalization``). Eval: normalise with the running statistics.
+    ``num_batches_tracked`` counts training batches, as in PyTorch. ``eps``, ``momentum`` and
+    ``running_var`` left out: the dialect's (PyTorch's 1e-5, 0.1 and ``"unbiased"``)."""
 
     num_features: int
     eps: float | None = None
     momentum: float | None = None
+    running_var: str | None = None
 
     _input_rank = 0
 
@@ -36,10 +43,17 @@ class _BatchNorm(_Norm):
             object.__setattr__(self, "eps", dialects.current().batchnorm_eps)
         if self.momentum is None:
             object.__setattr__(self, "momentum", dialects.current().batchnorm_momentum)
+        if self.running_var is None:
+            object.__setattr__(self, "running_var", dialects.current().batchnorm_running_var)
         _positive_int(type(self).__name__, "num_features", self.num_features)
         self._check_eps()
         if not 0.0 < self.momentum <= 1.0:
             raise ValueError(f"{type(self).__name__}: momentum must be in (0, 1], got {self.momentum!r}")
+        if self.running_var not in RUNNING_VARIANCES:
+            raise ValueError(
+                f"{type(self).__name__}: running_var must be one of {', '.join(RUNNING_VARIANCES)}, "
+                f"got {str(self.running_var)[:100]!r}"
+            )
 
     def param_shapes(self):
         return {"weight": (self.num_features,), "bias": (self.num_features,)}
