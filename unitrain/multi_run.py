@@ -106,6 +106,8 @@ class _Reader:
         try:
             tree = ast.parse(text.strip(), mode="eval").body
             value = self._node(tree, where)
+        except RunError:
+            raise
         except SyntaxError as error:
             raise _expression_error(where, f"is not an expression: {error.msg}") from None
         except (RecursionError, MemoryError):
@@ -504,13 +506,15 @@ class MultiJob:
                 for phase, value in losses.items():
                     progress["sums"][phase] = progress["sums"].get(phase, 0.0) + value
                 progress["steps"] += 1
-                if position == per_epoch - 1 or index == total - 1:
+                ended = position == per_epoch - 1
+                if ended or index == total - 1:  # a run ending mid-epoch reports it, and its checkpoint keeps the sums
                     means = {f"{phase}_loss": value / progress["steps"] for phase, value in progress["sums"].items()}
-                    record = {"epoch": epoch + 1, "step": index + 1, **means}
-                    progress.update(sums={}, steps=0)
-                    progress["records"].append(record)
+                    record, drawn = {"epoch": epoch + 1, "step": index + 1, **means}, []
                     if pictures is not None:
-                        progress["pictures"].append(pictures.draw(loop.loops))
+                        drawn = [pictures.draw(loop.loops)]
+                    if ended:
+                        progress.update(sums={}, steps=0, records=[*progress["records"], record],
+                                        pictures=[*progress["pictures"], *drawn])  # fmt: skip
                     print("  ".join(f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}"
                                     for key, value in record.items()), flush=True)  # fmt: skip
                     if writer is not None:
@@ -519,10 +523,11 @@ class MultiJob:
         if writer is not None:
             writer.finalize(loop)
             print(f"unitrain: wrote the metrics to {writer.path}")
-        self._publish(loop, pictures, progress)
-        return loop, progress["records"]
+        partial = not ended
+        self._publish(loop, pictures, progress["pictures"] + (drawn if partial else []))
+        return loop, progress["records"] + ([record] if partial else [])
 
-    def _publish(self, loop, pictures, progress) -> None:
+    def _publish(self, loop, pictures, drawn: list) -> None:
         from . import plot
 
         if self.save is not None:
@@ -530,11 +535,11 @@ class MultiJob:
             for name, model in loop.loops.items():
                 final = files.publish(self.save / f"{name}.safetensors", model.save_weights, overwrite=self.overwrite)
                 print(f"unitrain: saved {name}'s weights to {final}")
-        if self.plot is not None and progress["pictures"]:
-            figure = pictures.figure(progress["pictures"])
+        if self.plot is not None and drawn:
+            figure = pictures.figure(drawn)
             final = files.publish(self.plot, lambda staged: plot.save_figure(figure, staged, self.plot.suffix),
                                   overwrite=self.overwrite)  # fmt: skip
-            print(f"unitrain: drew the pictures of {len(progress['pictures'])} epochs in {final}")
+            print(f"unitrain: drew the pictures of {len(drawn)} epochs in {final}")
 
 
 def histories_of(run: MultiRun, backends: Sequence[str]) -> dict[str, list[dict[str, float]]]:
