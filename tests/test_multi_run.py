@@ -4,6 +4,7 @@ recipes; a SIGKILL mid-run resumed bit for bit; the refusals, one line each."""
 
 import json
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -29,6 +30,10 @@ def generator():
 
 def discriminator():
     return Sequential(Flatten(), Linear(64, 12), BatchNorm1d(12), LeakyReLU(0.2), Linear(12, 1), Sigmoid())
+
+
+def plain_discriminator():
+    return Sequential(Flatten(), Linear(64, 12), LeakyReLU(0.2), Linear(12, 1), Sigmoid())
 
 
 def no_parameters():
@@ -254,6 +259,16 @@ def test_bad_recipes_are_refused_in_one_line(tiny, case, capsys):
     assert not (tiny / "out").exists()
 
 
+def test_a_loss_no_split_of_the_batch_computes_is_refused_before_processes_start(tiny, capsys):
+    mixed = RECIPE.replace("bce(discriminator(fake), 1.0)", "bce(discriminator(fake), 1.0) + (fake ** 2).sum()")
+    (tiny / "mixed.toml").write_text(mixed)
+    status, _, err = run_cli(capsys, "train", "mixed.toml", "--nproc", "2", "--max-steps", "1")
+    assert status == 2 and err == ("unitrain: error: phase 'generator' cannot be split over processes: it adds a "
+                                   "mean over the batch to a sum over it\n")  # fmt: skip
+    status, _, err = run_cli(capsys, "train", "gan.toml", "--nproc", "9", "--max-steps", "1")
+    assert status == 2 and err == "unitrain: error: batch_size 8: 9 processes need a row each\n"
+
+
 def test_a_metrics_file_on_a_full_disk_is_one_line(tiny):
     result, lines, listing = on_a_full_disk(tiny, "train", "gan.toml", "--max-steps", "1", "--metrics",
                                             "DISK/m.jsonl")  # fmt: skip
@@ -268,6 +283,10 @@ def test_the_shipped_recipes_read_and_build(monkeypatch):
         run = multi_run.load_multi_recipe(f"examples/recipes/{name}.toml")
         step, pictures = run.build()
         assert [phase.name for phase in step.phases] == phases and "samples" in pictures
+        # how --nproc weighs each rank's gradients: the DCGAN's losses are means, the VAE's sums
+        assert [steps.batch_weighting(phase.loss) for phase in step.phases] == [
+            "mean" if name == "dcgan" else "sum"
+        ] * len(phases)
 
 
 @pytest.mark.slow
@@ -286,3 +305,25 @@ def test_a_sigkilled_cli_run_resumes_to_the_weights_of_an_uninterrupted_one(tiny
         assert status == 0, err
     _assert_same_weights(_weights(tiny / "resumed"), _weights(tiny / "straight"))
     assert load_safetensors(tiny / "killed" / CHECKPOINT_FILE)[1]["step_count"] == target
+
+
+# Two ranks each computing half of a batch of 8, weighted 1/2, sum the same per-sample gradients as
+# one process in another order: the case of tests/test_distributed.py (plain SGD at lr 0.01, BCE
+# gradients of a sigmoid's output), whose derivation of its bound holds here with fewer steps. The
+# discriminator has no BatchNorm: each rank would normalise its own rows (per replica, as documented).
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_two_processes_train_a_multi_model_run_as_one_does(tiny, backend, capsys, torch_single_thread):
+    from test_distributed import TOLERANCE
+
+    sgd = RECIPE.replace('type = "Adam"\nlr = 0.01\nbetas = [0.5, 0.999]', 'type = "SGD"\nlr = 0.01')
+    (tiny / "sgd.toml").write_text(sgd.replace("tinynets:discriminator", "tinynets:plain_discriminator"))
+    common = ["train", "sgd.toml", "--backend", backend, "--max-steps", "6"]
+    assert run_cli(capsys, *common, "--save", "one")[0] == 0
+    result = subprocess.run([sys.executable, "-m", "unitrain", *common, "--nproc", "2", "--save", "two",
+                             "--metrics", "two.jsonl"], capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "over 2 processes" in result.stdout and len(_records(tiny / "two.jsonl")) == 2
+    one, two = _weights(tiny / "one"), _weights(tiny / "two")
+    largest = max(np.abs(two[name][key] - value).max() for name, state in one.items() for key, value in state.items())
+    assert largest <= TOLERANCE  # measured 7.5e-9 (numpy); a share of 5/8 for 4/8 rows: 2.0e-3

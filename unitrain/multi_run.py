@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import ast
 import base64
+import contextlib
 import dataclasses
 import json
 import math
@@ -461,6 +462,8 @@ class MultiJob:
     metrics: Path | None = None
     plot: Path | None = None
     overwrite: bool = False
+    #: a rank of a data-parallel job (its launcher started it): rank 0 alone writes and prints
+    distributed: bool = False
 
     def check(self) -> None:
         from . import plot
@@ -484,18 +487,26 @@ class MultiJob:
         step, expressions = self.run.build()
         train, test = self.run.datasets()
         backend = get_backend(self.backend).name
-        loop = steps.MultiModelLoop(step, backend, seed=self.run.seed)
+        try:
+            loop = steps.MultiModelLoop(step, backend, seed=self.run.seed, distributed=self.distributed)
+        except ValueError as error:  # a backend without the capability; data parallel: a loss no split computes
+            raise RunError(str(error)) from None
+        if loop.world_size > self.run.batch_size:
+            raise RunError(f"batch_size {self.run.batch_size}: {loop.world_size} processes need a row each")
         per_epoch, total = len(train) // self.run.batch_size, self.run.total_steps(len(train))
         if total < 1:
             raise RunError(f"epochs {self.run.epochs}, max_steps {self.run.max_steps}: no step to train")
         every = self.checkpoint_every or per_epoch
         checkpoints = RunCheckpoints(self.run, self.checkpoint_dir, every, resume=self.resume)
         pictures = Pictures(self.run, expressions, test) if expressions else None
-        print(f"unitrain: {', '.join(self.run.models)} on {backend}: {total} steps of {self.run.batch_size}, "
-              f"phases {', '.join(p['name'] for p in self.run.phases)}", flush=True)  # fmt: skip
-        writer = None if self.metrics is None else MetricsWriter(self.metrics, {"backend": backend}, self.overwrite)
+        lead = loop.rank == 0  # the one that writes: checkpoints, metrics, pictures, weights, lines
+        if lead:
+            print(f"unitrain: {', '.join(self.run.models)} on {backend}: {total} steps of {self.run.batch_size}"
+                  f"{f' over {loop.world_size} processes' if loop.world_size > 1 else ''}, phases "
+                  f"{', '.join(p['name'] for p in self.run.phases)}", flush=True)  # fmt: skip
+        writer = MetricsWriter(self.metrics, {"backend": backend}, self.overwrite) if self.metrics and lead else None
         order, progress = None, checkpoints.progress
-        with checkpoints.held():
+        with checkpoints.held() if lead else contextlib.nullcontext():
             for index in checkpoints.remaining(loop, total):
                 epoch, position = divmod(index, per_epoch)
                 if order is None or position == 0:
@@ -510,21 +521,26 @@ class MultiJob:
                 if ended or index == total - 1:  # a run ending mid-epoch reports it, and its checkpoint keeps the sums
                     means = {f"{phase}_loss": value / progress["steps"] for phase, value in progress["sums"].items()}
                     record, drawn = {"epoch": epoch + 1, "step": index + 1, **means}, []
-                    if pictures is not None:
+                    if pictures is not None and lead:
                         drawn = [pictures.draw(loop.loops)]
                     if ended:
                         progress.update(sums={}, steps=0, records=[*progress["records"], record],
                                         pictures=[*progress["pictures"], *drawn])  # fmt: skip
-                    print("  ".join(f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}"
-                                    for key, value in record.items()), flush=True)  # fmt: skip
+                    if lead:
+                        print("  ".join(f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}"
+                                        for key, value in record.items()), flush=True)  # fmt: skip
                     if writer is not None:
                         writer.on_epoch_end(loop, record)
-                checkpoints.after_step(loop, last=index == total - 1)
+                if lead:
+                    checkpoints.after_step(loop, last=index == total - 1)
         if writer is not None:
             writer.finalize(loop)
             print(f"unitrain: wrote the metrics to {writer.path}")
         partial = not ended
-        self._publish(loop, pictures, progress["pictures"] + (drawn if partial else []))
+        if lead:
+            self._publish(loop, pictures, progress["pictures"] + (drawn if partial else []))
+        if loop.world_size > 1:  # the ranks end together, after rank 0's files
+            next(iter(loop.loops.values())).any_rank(False)
         return loop, progress["records"] + ([record] if partial else [])
 
     def _publish(self, loop, pictures, drawn: list) -> None:
@@ -605,11 +621,10 @@ def _print_recipe(run: MultiRun) -> int:
 
 def train_command(args, typed: Mapping[str, Any]) -> int:
     """``unitrain train RECIPE.toml`` / ``--resume DIR`` of a multi-model run."""
-    for flag in ("tensorboard", "master_port"):
-        if getattr(args, flag, None) is not None:
-            raise RunError(f"--{flag.replace('_', '-')} does not apply to a multi-model run yet")
-    if (args.nproc or 1) > 1:
-        raise RunError("--nproc: a multi-model run trains in one process")
+    from . import distributed, registry
+
+    if args.tensorboard is not None:
+        raise RunError("--tensorboard does not apply to a multi-model run yet")
     if args.resume is not None:
         if args.recipe is not None:
             raise RunError("--resume continues the run its checkpoint records; a RECIPE starts a new run")
@@ -624,16 +639,63 @@ def train_command(args, typed: Mapping[str, Any]) -> int:
         directory = args.checkpoint_dir
     if args.print_recipe:
         return _print_recipe(run)
-    job = MultiJob(run, args.backend, directory, args.checkpoint_every, args.resume is not None, args.save,
-                   args.metrics, args.plot, args.overwrite)  # fmt: skip
+    spec = registry.usable_spec(registry.backend_name(args.backend))
+    world_size = distributed.launched_world_size(spec.launcher)  # None: not started by the engine's launcher
+    job = MultiJob(run, spec.name, directory, args.checkpoint_every, args.resume is not None, args.save,
+                   args.metrics, args.plot, args.overwrite, distributed=world_size is not None)  # fmt: skip
+    if world_size is None and (args.nproc or 1) > 1:
+        return _launch(job, args, spec)
+    if world_size is not None:
+        distributed.die_with_parent()  # the launcher's: no rank outlives the job
     job.train()
     return 0
 
 
+def _launch(job: MultiJob, args, spec) -> int:
+    """Start ``--nproc`` ranks of this command with the backend's launcher (torchrun, mpiexec), each
+    on the same run (written to a temporary recipe, or resumed from the checkpoint), and wait."""
+    import tempfile
+
+    import tomli_w
+
+    from . import distributed, registry
+
+    job.check()
+    if job.run.batch_size < args.nproc:
+        raise RunError(f"batch_size {job.run.batch_size}: {args.nproc} processes need a row each")
+    step, _ = job.run.build()
+    for phase in step.phases:  # refused here, before any process starts
+        try:
+            steps.MultiModelLoop._weighting(phase)
+        except ValueError as error:
+            raise RunError(str(error)) from None
+    if steps.evaluator_of(registry.get_backend(spec.name)).run is not steps.PhaseEvaluator.run:
+        raise RunError(f"--nproc: the {spec.name} backend runs a multi-model step in one process only")
+    distributed.check_engine(spec.name, spec.launcher)
+    if args.master_port is not None:
+        distributed.check_port(args.master_port)
+    with tempfile.TemporaryDirectory(prefix="unitrain-job-") as folder:
+        if job.resume:
+            argv = ["train", f"--resume={job.checkpoint_dir}"]
+            argv += [f"--{key.replace('_', '-')}={getattr(job.run, key)}" for key in _RESUME_FLAGS
+                     if getattr(job.run, key) is not None]  # fmt: skip
+        else:
+            recipe = Path(folder) / "run.toml"
+            recipe.write_text(tomli_w.dumps(job.run.to_dict()), encoding="utf-8")
+            argv = ["train", str(recipe)]
+        settings = (("--backend", spec.name), ("--checkpoint-dir", None if job.resume else job.checkpoint_dir),
+                    ("--checkpoint-every", job.checkpoint_every), ("--save", job.save), ("--metrics", job.metrics),
+                    ("--plot", job.plot))  # fmt: skip
+        argv += [f"{flag}={value}" for flag, value in settings if value is not None]
+        return distributed.run(spec.launcher, args.nproc, [*argv, *(["--overwrite"] if job.overwrite else [])],
+                               args.master_port)  # fmt: skip
+
+
 def load_multi_recipe(path) -> MultiRun:
     """The multi-model run a recipe file describes (RunError naming the file and the field)."""
+    values = recipe_values(path)
     try:
-        run = MultiRun.from_dict(recipe_values(path))
+        run = MultiRun.from_dict(values)
         run.build()  # its models imported and its expressions read before any data
     except RunError as error:
         raise RunError(f"recipe {path}: {error}") from None

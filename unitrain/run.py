@@ -605,8 +605,9 @@ def _not_utf8(text: str) -> bool:
 
 def load_recipe(path: str | Path) -> Run:
     """The run a TOML recipe file describes (RunError naming the file and the field)."""
+    values = recipe_values(path)
     try:
-        return Run.from_dict(recipe_values(path))
+        return Run.from_dict(values)
     except RunError as error:
         raise RunError(f"recipe {path}: {error}") from None
 
