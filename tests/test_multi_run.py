@@ -4,6 +4,7 @@ recipes; a SIGKILL mid-run resumed bit for bit; the refusals, one line each."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -114,7 +115,7 @@ def _assert_same_weights(got, expected):
 def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tiny, backend, capsys, torch_single_thread):
     """Stopped after 3 of 8 steps (mid-epoch), then resumed: the same weights bit for bit, and the
     epoch that the resume split holds the losses of all its steps."""
-    steps_run = 6 if backend == "mindspore" else 8  # MindSpore's eager ops: slow, and bit-reproducible within
+    steps_run = 5 if backend == "mindspore" else 8  # MindSpore's eager ops: slow, and bit-reproducible within
     status, out, err = run_cli(
         capsys,
         "train",
@@ -305,6 +306,20 @@ def test_a_sigkilled_cli_run_resumes_to_the_weights_of_an_uninterrupted_one(tiny
         assert status == 0, err
     _assert_same_weights(_weights(tiny / "resumed"), _weights(tiny / "straight"))
     assert load_safetensors(tiny / "killed" / CHECKPOINT_FILE)[1]["step_count"] == target
+
+
+def test_ctrl_c_checkpoints_at_a_step_boundary_and_exits_130(tiny):
+    command = [sys.executable, "-m", "unitrain", "train", "gan.toml", "--epochs", "100000", "--checkpoint-dir",
+               "run", "--checkpoint-every", "1000000"]  # fmt: skip
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+        while "steps of 8" not in process.stdout.readline():  # training has begun
+            pass
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=120)
+    step = load_safetensors(tiny / "run" / CHECKPOINT_FILE)[1]["step_count"]
+    assert process.returncode == 130 and err.splitlines()[-1] == (
+        f"unitrain: stopped at step {step}; checkpoint in {os.path.join('run', CHECKPOINT_FILE)}"
+    ), err
 
 
 # Two ranks each computing half of a batch of 8, weighted 1/2, sum the same per-sample gradients as

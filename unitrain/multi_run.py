@@ -53,6 +53,8 @@ import contextlib
 import dataclasses
 import json
 import math
+import signal
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -418,6 +420,8 @@ class RunCheckpoints(StepCheckpoints):
     def __init__(self, run: MultiRun, directory, every, *, resume=False):
         super().__init__(directory, every, run.settings(), resume=resume)
         self.run, self.progress = run, {"sums": {}, "steps": 0, "records": [], "pictures": []}
+        # what unitrain.checkpoint.stop_on_signals sets on Ctrl-C, SIGTERM or a launcher's SIGUSR1
+        self.stop_requested, self.stop_signal = False, None
 
     def remaining(self, loop, max_steps):
         left = super().remaining(loop, max_steps)
@@ -426,7 +430,7 @@ class RunCheckpoints(StepCheckpoints):
         return left
 
     def after_step(self, loop, last):
-        if self.path is not None and (last or loop.step_count % self.every == 0):
+        if self.path is not None and (last or self.stop_requested or loop.step_count % self.every == 0):
             loop.save_checkpoint(
                 self.path,
                 {
@@ -478,8 +482,11 @@ class MultiJob:
         if self.save is not None:
             files.check_output_dir(self.save, "--save", self.overwrite)
 
-    def train(self) -> tuple[steps.MultiModelLoop, list[dict]]:
-        """Train; returns the loop and the epochs' records."""
+    def train(self) -> tuple[steps.MultiModelLoop, list[dict], int]:
+        """Train; returns the loop, the epochs' records and the exit status: 0, or 128 + N when
+        signal N (Ctrl-C, SIGTERM) stopped the run at a step boundary, checkpointed into
+        ``--checkpoint-dir`` if there is one."""
+        from .checkpoint import stop_on_signals
         from .extensions import MetricsWriter
         from .registry import get_backend
 
@@ -505,8 +512,14 @@ class MultiJob:
                   f"{f' over {loop.world_size} processes' if loop.world_size > 1 else ''}, phases "
                   f"{', '.join(p['name'] for p in self.run.phases)}", flush=True)  # fmt: skip
         writer = MetricsWriter(self.metrics, {"backend": backend}, self.overwrite) if self.metrics and lead else None
-        order, progress = None, checkpoints.progress
-        with checkpoints.held() if lead else contextlib.nullcontext():
+        order, progress, stopped = None, checkpoints.progress, False
+
+        def notice():
+            if lead:
+                print("\nunitrain: stopping at the next step boundary (Ctrl-C again to abort)", file=sys.stderr,
+                      flush=True)  # fmt: skip
+
+        with checkpoints.held() if lead else contextlib.nullcontext(), stop_on_signals(checkpoints, notice):
             for index in checkpoints.remaining(loop, total):
                 epoch, position = divmod(index, per_epoch)
                 if order is None or position == 0:
@@ -531,17 +544,27 @@ class MultiJob:
                                         for key, value in record.items()), flush=True)  # fmt: skip
                     if writer is not None:
                         writer.on_epoch_end(loop, record)
+                stopped = checkpoints.stop_requested = loop.any_rank(checkpoints.stop_requested)  # all ranks at once
                 if lead:
                     checkpoints.after_step(loop, last=index == total - 1)
+                if stopped and index < total - 1:
+                    break
         if writer is not None:
             writer.finalize(loop)
             print(f"unitrain: wrote the metrics to {writer.path}")
+        if stopped and index < total - 1:
+            if lead:
+                where = (
+                    f"checkpoint in {checkpoints.path}" if checkpoints.path else "no --checkpoint-dir, no checkpoint"
+                )
+                print(f"unitrain: stopped at step {loop.step_count}; {where}", file=sys.stderr, flush=True)
+            return loop, progress["records"], 128 + (checkpoints.stop_signal or signal.SIGINT)
         partial = not ended
         if lead:
             self._publish(loop, pictures, progress["pictures"] + (drawn if partial else []))
         if loop.world_size > 1:  # the ranks end together, after rank 0's files
-            next(iter(loop.loops.values())).any_rank(False)
-        return loop, progress["records"] + ([record] if partial else [])
+            loop.any_rank(False)
+        return loop, progress["records"] + ([record] if partial else []), 0
 
     def _publish(self, loop, pictures, drawn: list) -> None:
         from . import plot
@@ -647,8 +670,7 @@ def train_command(args, typed: Mapping[str, Any]) -> int:
         return _launch(job, args, spec)
     if world_size is not None:
         distributed.die_with_parent()  # the launcher's: no rank outlives the job
-    job.train()
-    return 0
+    return job.train()[2]
 
 
 def _launch(job: MultiJob, args, spec) -> int:

@@ -593,6 +593,10 @@ class MultiModelLoop:
         self.step_count += 1
         return {phase.name: value for phase, value in zip(self.step_spec.phases, losses, strict=True)}
 
+    def any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any rank (every rank calls it at the same point)."""
+        return next(iter(self.loops.values())).any_rank(flag)
+
     def state_dicts(self) -> dict[str, dict[str, np.ndarray]]:
         """Each model's weights, by model name."""
         return {name: loop.state_dict() for name, loop in self.loops.items()}
