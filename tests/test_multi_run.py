@@ -161,7 +161,8 @@ def test_compare_evaluate_convert_and_print_recipe(tiny, capsys, torch_single_th
                                            for backend in ("numpy", "torch")]  # fmt: skip
     for phase, backend, _, final, *_ in lines:
         assert len(report["losses"][backend]) == 3 and final == f"{report['losses'][backend][-1][phase]:.6f}"
-    assert (tiny / "report" / "losses.png").read_bytes().startswith(b"\x89PNG")
+    for figure in ("losses.png", "pictures.png"):
+        assert (tiny / "report" / figure).read_bytes().startswith(b"\x89PNG")
     # each backend's compared run is the one train makes
     assert run_cli(capsys, "train", "gan.toml", "--max-steps", "3", "--save", "w", "--metrics", "m.jsonl")[0] == 0
     assert _records(tiny / "m.jsonl")[0]["generator_loss"] == pytest.approx(

@@ -380,16 +380,17 @@ class Pictures:
             drawn[name] = json.dumps([list(pixels.shape), base64.b64encode(pixels.tobytes()).decode()])
         return drawn
 
-    def figure(self, epochs: Sequence[Mapping[str, str]]):
-        """One row per epoch: its samples and reconstructions (the test images first when reconstructed)."""
+    def figure(self, labelled: Sequence[tuple[str, Mapping[str, str]]]):
+        """One row per ``(label, drawn)``: an epoch's, or a backend's, samples and reconstructions
+        (the test images first when reconstructed)."""
         from . import plot
 
         rows = []
-        for number, drawn in enumerate(epochs, 1):
+        for label, drawn in labelled:
             row = [("test images", self.images(self.inputs))] if "reconstructions" in drawn else []
             for name, text in drawn.items():
                 shape, data = json.loads(text)
-                row.append((f"epoch {number}: {name}", np.frombuffer(base64.b64decode(data), np.uint8)
+                row.append((f"{label}: {name}", np.frombuffer(base64.b64decode(data), np.uint8)
                             .reshape(shape) / 255.0))  # fmt: skip
             rows.append(row)
         figure, axes = plot._figure(len(rows), len(rows[0]), width=3.0, height=3.2)
@@ -575,18 +576,20 @@ class MultiJob:
                 final = files.publish(self.save / f"{name}.safetensors", model.save_weights, overwrite=self.overwrite)
                 print(f"unitrain: saved {name}'s weights to {final}")
         if self.plot is not None and drawn:
-            figure = pictures.figure(drawn)
+            figure = pictures.figure([(f"epoch {number}", epoch) for number, epoch in enumerate(drawn, 1)])
             final = files.publish(self.plot, lambda staged: plot.save_figure(figure, staged, self.plot.suffix),
                                   overwrite=self.overwrite)  # fmt: skip
             print(f"unitrain: drew the pictures of {len(drawn)} epochs in {final}")
 
 
-def histories_of(run: MultiRun, backends: Sequence[str]) -> dict[str, list[dict[str, float]]]:
-    """Each backend's losses at every step, from the same weights, batches and noise (``compare``)."""
-    step, _ = run.build()
-    train, _ = run.datasets()
+def histories_of(run: MultiRun, backends: Sequence[str]) -> tuple[dict[str, list[dict[str, float]]], dict]:
+    """Each backend's losses at every step, from the same weights, batches and noise (``compare``),
+    and its pictures at the end (empty without ``[pictures]``)."""
+    step, expressions = run.build()
+    train, test = run.datasets()
+    pictures = Pictures(run, expressions, test) if expressions else None
     per_epoch, total = len(train) // run.batch_size, run.total_steps(len(train))
-    histories = {}
+    histories, drawn = {}, {}
     for backend in backends:
         loop = steps.MultiModelLoop(step, backend, seed=run.seed)
         history = []
@@ -595,7 +598,9 @@ def histories_of(run: MultiRun, backends: Sequence[str]) -> dict[str, list[dict[
             rows = batch_order(run.seed, epoch, len(train))[position * run.batch_size :][: run.batch_size]
             history.append(loop.step(train.x[rows]))
         histories[backend] = history
-    return histories
+        if pictures is not None:
+            drawn[backend] = pictures.draw(loop.loops)
+    return histories, (pictures, drawn)
 
 
 def test_losses(run: MultiRun, loops: Mapping[str, Any], test, batch_size: int = 1000) -> dict[str, float]:
@@ -727,7 +732,8 @@ def load_multi_recipe(path) -> MultiRun:
 def compare_command(args, typed: Mapping[str, Any]) -> int:
     """``unitrain compare RECIPE.toml --backends A,B``: each backend from the same weights, batches
     and noise; one line per loss per backend, ``--json`` every step's losses, ``--report DIR`` the
-    loss curves (``DIR/losses.png``, one panel per loss, one curve per backend)."""
+    loss curves (``DIR/losses.png``, one panel per loss, one curve per backend) and each backend's
+    ``[pictures]`` after training (``DIR/pictures.png``, one row per backend)."""
     from . import plot, registry
     from .step_compare import comparison_lines
 
@@ -752,7 +758,7 @@ def compare_command(args, typed: Mapping[str, Any]) -> int:
     if args.report is not None:
         plot.require_matplotlib("--report")
         files.check_output_dir(args.report, "--report", args.overwrite)
-    histories = histories_of(run, backends)
+    histories, (pictures, drawn) = histories_of(run, backends)
     print("\n".join(comparison_lines(histories)))
     if args.json is not None:
         finite = {
@@ -771,6 +777,11 @@ def compare_command(args, typed: Mapping[str, Any]) -> int:
         final = files.publish(args.report / "losses.png", lambda staged: plot.save_figure(figure, staged, ".png"),
                               overwrite=args.overwrite)  # fmt: skip
         print(f"unitrain: drew the losses in {final}")
+        if drawn:  # the same noise and test images through each backend's trained models: one row each
+            figure = pictures.figure(list(drawn.items()))
+            final = files.publish(args.report / "pictures.png", lambda staged: plot.save_figure(figure, staged, ".png"),
+                                  overwrite=args.overwrite)  # fmt: skip
+            print(f"unitrain: drew each backend's pictures in {final}")
     return 0
 
 
