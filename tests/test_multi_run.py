@@ -247,6 +247,10 @@ HOSTILE = {
         lambda r: _mutated(r, "generator(normal(4))", "generator(normal(0))"),
         "normal: shape must be per-sample sizes",
     ),
+    "a loss nested a thousand deep": (
+        lambda r: _mutated(r, '"bce(discriminator(fake), 1.0)"', '"bce(discriminator(fake), 1.0)' + "+1" * 980 + '"'),
+        "phases[1].loss: nests too deep",
+    ),
     "a flag the recipe owns": (lambda r: r, "--lr does not apply to a multi-model recipe"),
 }
 
