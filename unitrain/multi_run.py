@@ -675,6 +675,8 @@ def train_command(args, typed: Mapping[str, Any]) -> int:
         return _launch(job, args, spec)
     if world_size is not None:
         distributed.die_with_parent()  # the launcher's: no rank outlives the job
+    if args.threads or world_size:  # a launched rank: its share of the cores, as a one-model run's
+        registry.get_backend(spec.name).set_threads(args.threads or distributed.threads_per_rank(world_size))
     return job.train()[2]
 
 
@@ -712,7 +714,7 @@ def _launch(job: MultiJob, args, spec) -> int:
             argv = ["train", str(recipe)]
         settings = (("--backend", spec.name), ("--checkpoint-dir", None if job.resume else job.checkpoint_dir),
                     ("--checkpoint-every", job.checkpoint_every), ("--save", job.save), ("--metrics", job.metrics),
-                    ("--plot", job.plot))  # fmt: skip
+                    ("--plot", job.plot), ("--threads", args.threads))  # fmt: skip
         argv += [f"{flag}={value}" for flag, value in settings if value is not None]
         return distributed.run(spec.launcher, args.nproc, [*argv, *(["--overwrite"] if job.overwrite else [])],
                                args.master_port)  # fmt: skip
