@@ -491,7 +491,8 @@ class MultiJob:
         from .extensions import MetricsWriter
         from .registry import get_backend
 
-        self.check()
+        if not self.distributed:  # a launched job's ranks: rank 0 alone, below (the outputs are its own)
+            self.check()
         step, expressions = self.run.build()
         train, test = self.run.datasets()
         backend = get_backend(self.backend).name
@@ -508,6 +509,8 @@ class MultiJob:
         checkpoints = RunCheckpoints(self.run, self.checkpoint_dir, every, resume=self.resume)
         pictures = Pictures(self.run, expressions, test) if expressions else None
         lead = loop.rank == 0  # the one that writes: checkpoints, metrics, pictures, weights, lines
+        if self.distributed and lead:
+            self.check()
         if lead:
             print(f"unitrain: {', '.join(self.run.models)} on {backend}: {total} steps of {self.run.batch_size}"
                   f"{f' over {loop.world_size} processes' if loop.world_size > 1 else ''}, phases "
