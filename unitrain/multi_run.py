@@ -393,7 +393,7 @@ class Pictures:
                 row.append((f"{label}: {name}", np.frombuffer(base64.b64decode(data), np.uint8)
                             .reshape(shape) / 255.0))  # fmt: skip
             rows.append(row)
-        figure, axes = plot._figure(len(rows), len(rows[0]), width=3.0, height=3.2)
+        figure, axes = plot._figure(len(rows), len(rows[0]), width=3.0, height=0.6 + 3.0 * -(-self.count // 8) / 8)
         for axes_row, row in zip(axes, rows, strict=True):
             for ax, (title, images) in zip(axes_row, row, strict=True):
                 ax.imshow(_grid(images), cmap="gray", vmin=0, vmax=1)
