@@ -249,7 +249,7 @@ HOSTILE = {
     ),
     "a loss nested a thousand deep": (
         lambda r: _mutated(r, '"bce(discriminator(fake), 1.0)"', '"bce(discriminator(fake), 1.0)' + "+1" * 980 + '"'),
-        "phases[1].loss: nests too deep",
+        "phases[1].loss: nests 984 deep; expected at most 100",
     ),
     "a flag the recipe owns": (lambda r: r, "--lr does not apply to a multi-model recipe"),
 }

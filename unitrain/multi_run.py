@@ -70,6 +70,8 @@ from .step_checkpoints import CHECKPOINT_FILE, StepCheckpoints
 
 #: longest loss or value text a recipe may hold (a DCGAN's loss is under 100 characters)
 MAX_EXPRESSION_CHARS = 2000
+#: deepest nesting of an expression's syntax tree (a VAE's loss nests 12 deep)
+MAX_EXPRESSION_DEPTH = 100
 #: the functions an expression may call, besides the models
 FUNCTIONS = {
     "normal": steps.normal, "uniform": steps.uniform, "detach": steps.detach, "bce": steps.bce,
@@ -108,6 +110,8 @@ class _Reader:
             raise _expression_error(where, f"{len(text)} characters; expected at most {MAX_EXPRESSION_CHARS}")
         try:
             tree = ast.parse(text.strip(), mode="eval").body
+            if (depth := _depth(tree)) > MAX_EXPRESSION_DEPTH:  # refused whatever the interpreter's recursion limit
+                raise _expression_error(where, f"nests {depth} deep; expected at most {MAX_EXPRESSION_DEPTH}")
             value = self._node(tree, where)
         except RunError:
             raise
@@ -198,6 +202,16 @@ class _Reader:
             return FUNCTIONS[name](*arguments, **keywords)
         except TypeError as error:
             raise _expression_error(where, f"{name}(): {error}") from None
+
+
+def _depth(tree: ast.AST) -> int:
+    """How deep ``tree`` nests, without recursion."""
+    deepest, stack = 0, [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node))
+    return deepest
 
 
 def _output_count(spec) -> int:
