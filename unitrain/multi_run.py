@@ -596,7 +596,7 @@ class MultiJob:
             figure = pictures.figure([(f"epoch {number}", epoch) for number, epoch in enumerate(drawn, 1)])
             final = files.publish(self.plot, lambda staged: plot.save_figure(figure, staged, self.plot.suffix),
                                   overwrite=self.overwrite)  # fmt: skip
-            print(f"unitrain: drew the pictures of {len(drawn)} epochs in {final}")
+            print(f"unitrain: drew the pictures of {len(drawn)} epoch{'s' * (len(drawn) > 1)} in {final}")
 
 
 def histories_of(run: MultiRun, backends: Sequence[str]) -> tuple[dict[str, list[dict[str, float]]], dict]:
