@@ -525,10 +525,6 @@ class MultiJob:
         lead = loop.rank == 0  # the one that writes: checkpoints, metrics, pictures, weights, lines
         if self.distributed and lead:
             self.check()
-        if lead:
-            print(f"unitrain: {', '.join(self.run.models)} on {backend}: {total} steps of {self.run.batch_size}"
-                  f"{f' over {loop.world_size} processes' if loop.world_size > 1 else ''}, phases "
-                  f"{', '.join(p['name'] for p in self.run.phases)}", flush=True)  # fmt: skip
         writer = MetricsWriter(self.metrics, {"backend": backend}, self.overwrite) if self.metrics and lead else None
         order, progress, stopped = None, checkpoints.progress, False
 
@@ -538,6 +534,11 @@ class MultiJob:
                       flush=True)  # fmt: skip
 
         with checkpoints.held() if lead else contextlib.nullcontext(), stop_on_signals(checkpoints, notice):
+            # announced once a stop signal would checkpoint: from here, Ctrl-C stops at a step boundary
+            if lead:
+                print(f"unitrain: {', '.join(self.run.models)} on {backend}: {total} steps of {self.run.batch_size}"
+                      f"{f' over {loop.world_size} processes' if loop.world_size > 1 else ''}, phases "
+                      f"{', '.join(p['name'] for p in self.run.phases)}", flush=True)  # fmt: skip
             for index in checkpoints.remaining(loop, total):
                 epoch, position = divmod(index, per_epoch)
                 if order is None or position == 0:
