@@ -112,10 +112,11 @@ def _assert_same_weights(got, expected):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tiny, backend, capsys, torch_single_thread):
-    """Stopped after 3 of 8 steps (mid-epoch), then resumed: the same weights bit for bit, and the
-    epoch that the resume split holds the losses of all its steps."""
-    steps_run = 5 if backend == "mindspore" else 8  # MindSpore's eager ops: slow, and bit-reproducible within
+def test_train_writes_metrics_pictures_and_weights_and_resumes_mid_epoch(tiny, backend, capsys, torch_single_thread):
+    """Metrics, pictures and weights on every backend; on NumPy, stopped after 3 of 8 steps (mid-epoch)
+    and resumed: the same weights bit for bit, and the epoch that the resume split holds the losses
+    of all its steps."""
+    steps_run = 4 if backend == "mindspore" else 8  # MindSpore's eager ops: slow, and bit-reproducible within
     status, out, err = run_cli(
         capsys,
         "train",
@@ -133,11 +134,13 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tiny, backend, capsy
     )
     assert status == 0, err
     straight = _records(tiny / "straight.jsonl")
-    assert [(r["backend"], r["epoch"], r["step"]) for r in straight] == [(backend, 1, 4), (backend, 2, steps_run)]
+    assert [(r["backend"], r["epoch"], r["step"]) for r in straight] == [(backend, 1, 4), (backend, 2, 8)][
+        : steps_run // 4
+    ]
     assert all(np.isfinite([r["discriminator_loss"], r["generator_loss"]]).all() for r in straight)
     assert (tiny / "pictures.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
-    assert "drew the pictures of 2 epochs" in out
-    if backend == "mindspore":  # one process only: the run above is the check there
+    assert f"drew the pictures of {steps_run // 4} epoch" in out
+    if backend != "numpy":  # the resume on torch and chainer: the SIGKILL test (slow); MindSpore: one process only
         return
     args = ("train", "gan.toml", "--backend", backend, "--checkpoint-dir", "ckpt", "--checkpoint-every", "3")
     assert run_cli(capsys, *args, "--max-steps", "3")[0] == 0
