@@ -16,7 +16,7 @@ from test_hostile_runs import on_a_full_disk, run_cli
 
 from unitrain import multi_run, steps
 from unitrain.step_checkpoints import CHECKPOINT_FILE
-from unitrain.weights import load_safetensors
+from unitrain.weights import load_safetensors, save_safetensors
 
 NETS = """
 from unitrain.graph import Graph, Input
@@ -276,6 +276,24 @@ def test_a_loss_no_split_of_the_batch_computes_is_refused_before_processes_start
                                    "mean over the batch to a sum over it\n")  # fmt: skip
     status, _, err = run_cli(capsys, "train", "gan.toml", "--nproc", "9", "--max-steps", "1")
     assert status == 2 and err == "unitrain: error: batch_size 8: 9 processes need a row each\n"
+
+
+def test_a_checkpoint_whose_records_were_tampered_with_is_refused_in_one_line(tiny, capsys):
+    assert run_cli(capsys, "train", "gan.toml", "--max-steps", "1", "--checkpoint-dir", "run")[0] == 0
+    path = tiny / "run" / CHECKPOINT_FILE
+    tensors, metadata = load_safetensors(path)
+    progress = json.loads(metadata["progress"])
+    for field, value, message in (("steps", -1, "field 'progress.steps': expected an integer"),
+                                  ("sums", {"d": "1"}, "field 'progress.sums.d': expected a number, got '1'"),
+                                  ("pictures", [{"samples": '[[1, 2], "AAAA"]'}], "a picture of shape [1, 2]"),
+                                  ("pictures", [{"samples": '[[1, 1, 1, 9], "AAAA"]'}], "cannot reshape")):  # fmt: skip
+        save_safetensors(path, tensors, {**metadata, "progress": json.dumps({**progress, field: value})})
+        status, _, err = run_cli(capsys, "train", "--resume", "run", "--max-steps", "2")
+        assert status == 2 and err.count("\n") == 1 and "holds no multi-model run's progress" in err, err
+        assert message in err, err
+    save_safetensors(path, tensors, {**metadata, "multi_run": '{"models": 5}'})
+    status, _, err = run_cli(capsys, "train", "--resume", "run", "--max-steps", "2")
+    assert status == 2 and err.count("\n") == 1 and "records no multi-model run" in err, err
 
 
 def test_a_metrics_file_on_a_full_disk_is_one_line(tiny):

@@ -64,7 +64,7 @@ import numpy as np
 
 from . import expr, files, steps
 from .data import DataError
-from .reading import Int, Optional, check_json, short
+from .reading import Closed, Int, ListOf, MapOf, OneOf, Optional, check_json, short
 from .run import DataSpec, RunError, _check_fields, recipe_values
 from .step_checkpoints import CHECKPOINT_FILE, StepCheckpoints
 
@@ -441,7 +441,7 @@ class RunCheckpoints(StepCheckpoints):
     def remaining(self, loop, max_steps):
         left = super().remaining(loop, max_steps)
         if self.resume:
-            self.progress = json.loads(self.metadata.get("progress", "null")) or self.progress
+            self.progress = _checked_progress(self.metadata.get("progress"), self.path)
         return left
 
     def after_step(self, loop, last):
@@ -454,6 +454,39 @@ class RunCheckpoints(StepCheckpoints):
                     "progress": json.dumps(self.progress),
                 },
             )
+
+
+class _Float:
+    """A number, NaN and infinities included (a diverged loss is still a record)."""
+
+    def describe(self) -> str:
+        return "a number"
+
+    def accepts(self, value) -> bool:
+        return type(value) in (float, int)
+
+
+_PROGRESS = Closed({"sums": MapOf(str, _Float()), "steps": Int(), "records": ListOf(MapOf(str, _Float()), 0, 10**6),
+                    "pictures": ListOf(MapOf(OneOf(("samples", "reconstructions")), str), 0, 10**6)})  # fmt: skip
+
+
+def _checked_progress(text, path) -> dict:
+    """A checkpoint's record of the epoch in progress, refused (CheckpointError) unless it is the
+    shape :class:`RunCheckpoints` writes, its pictures 8-bit images of their stated shapes."""
+    from .checkpoint import CheckpointError
+
+    try:
+        progress = json.loads(text)
+        check_json(progress, _PROGRESS, "progress")
+        for drawn in progress["pictures"]:
+            for value in drawn.values():
+                shape, data = json.loads(value)
+                if not (isinstance(shape, list) and 3 <= len(shape) <= 4):
+                    raise ValueError(f"a picture of shape {short(shape)}; expected (N, C, H, W) or (N, H, W)")
+                np.frombuffer(base64.b64decode(data, validate=True), np.uint8).reshape(shape)
+    except (TypeError, ValueError, RecursionError) as error:  # not JSON, another shape, pixels that do not fit
+        raise CheckpointError(f"--resume: {path} holds no multi-model run's progress: {str(error)[:200]}") from None
+    return progress
 
 
 def resumed_run(directory: Path) -> MultiRun:
