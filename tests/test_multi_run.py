@@ -304,18 +304,6 @@ def test_a_metrics_file_on_a_full_disk_is_one_line(tiny):
     assert "Traceback" not in result.stderr and listing == ["user.txt"]
 
 
-def test_the_shipped_recipes_read_and_build(monkeypatch):
-    monkeypatch.chdir(os.path.dirname(os.path.dirname(__file__)))
-    for name, phases in (("dcgan", ["discriminator", "generator"]), ("vae", ["vae"])):
-        run = multi_run.load_multi_recipe(f"examples/recipes/{name}.toml")
-        step, pictures = run.build()
-        assert [phase.name for phase in step.phases] == phases and "samples" in pictures
-        # how --nproc weighs each rank's gradients: the DCGAN's losses are means, the VAE's sums
-        assert [steps.batch_weighting(phase.loss) for phase in step.phases] == [
-            "mean" if name == "dcgan" else "sum"
-        ] * len(phases)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", [name for name in BACKENDS if name != "mindspore"])  # eager: not across processes
 def test_a_sigkilled_cli_run_resumes_to_the_weights_of_an_uninterrupted_one(tiny, backend, capsys,
