@@ -4,6 +4,7 @@ recipes; a SIGKILL mid-run resumed bit for bit; the refusals, one line each."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -349,8 +350,14 @@ def test_two_processes_train_a_multi_model_run_as_one_does(tiny, backend, capsys
     (tiny / "sgd.toml").write_text(sgd.replace("tinynets:discriminator", "tinynets:plain_discriminator"))
     common = ["train", "sgd.toml", "--backend", backend, "--max-steps", "6"]
     assert run_cli(capsys, *common, "--save", "one")[0] == 0
-    result = subprocess.run([sys.executable, "-m", "unitrain", *common, "--nproc", "2", "--save", "two",
-                             "--metrics", "two.jsonl"], capture_output=True, text=True)  # fmt: skip
+    command = [sys.executable, "-m", "unitrain", *common, "--nproc", "2", "--save", "two", "--metrics", "two.jsonl"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if backend == "torch" and "killed by SIGABRT" in result.stderr:
+        # a torchrun rank aborting inside torch/gloo before training on a loaded machine ("terminate called
+        # without an active exception"), as tests/test_distributed.py meets it: run it again, once
+        shutil.rmtree(tiny / "two", ignore_errors=True)
+        (tiny / "two.jsonl").unlink(missing_ok=True)
+        result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "over 2 processes" in result.stdout and len(_records(tiny / "two.jsonl")) == 2
     one, two = _weights(tiny / "one"), _weights(tiny / "two")
