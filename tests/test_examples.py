@@ -182,12 +182,24 @@ RECIPES = sorted(path.stem for path in (EXAMPLES / "recipes").glob("*.toml"))
 
 @pytest.mark.parametrize("name", RECIPES)
 def test_each_recipe_is_listed_loads_and_trains(name, monkeypatch):
-    """Every tutorial recipe describes a valid run whose model takes its data, and takes steps."""
+    """Every tutorial recipe describes a valid run whose model takes its data, and takes steps (a
+    recipe of several models: three steps of 8 images; how --nproc would weigh its losses)."""
+    from unitrain import multi_run, steps
     from unitrain.run import load_recipe
 
     monkeypatch.chdir(EXAMPLES.parent)  # its module:function models import from the repository's root
     assert f"recipes/{name}.toml" in (EXAMPLES / "README.md").read_text()
-    run = load_recipe(EXAMPLES / "recipes" / f"{name}.toml")
+    path = EXAMPLES / "recipes" / f"{name}.toml"
+    if multi_run.is_multi_recipe(path):
+        multi = multi_run.load_multi_recipe(path)
+        step, pictures = multi.build()
+        loop, images = steps.MultiModelLoop(step, "numpy", seed=multi.seed), multi.datasets()[0].x
+        losses = [loop.step(images[8 * i : 8 * (i + 1)]) for i in range(3)]
+        assert loop.step_count == 3 and np.isfinite([list(step_losses.values()) for step_losses in losses]).all()
+        assert "samples" in pictures  # the DCGAN's losses are means over the batch, the VAE's sums
+        assert {steps.batch_weighting(phase.loss) for phase in step.phases} == {"sum" if name == "vae" else "mean"}
+        return
+    run = load_recipe(path)
     train = run.datasets()[0]
     loop = run.make_loop("numpy")
     history = loop.fit(train.subset(np.arange(3 * run.batch_size)), **{**run.fit_options(), "epochs": 1})

@@ -492,10 +492,9 @@ def test_compare_trains_each_backend_from_the_same_weights_and_noise_and_prints_
 TINY_DCGAN = ["--features", "2", "--nz", "4", "--batch-size", "4", "--checkpoint-every", "2"]
 
 
-def _killed_mid_run(argv: list[str], checkpoint) -> int:
-    """Run examples/dcgan.py with ``argv`` for ever, SIGKILL it once it has checkpointed; the step
-    count of the checkpoint it left."""
-    command = [sys.executable, str(EXAMPLES / "dcgan.py"), *argv, "--max-steps", "1000000"]
+def killed_mid_run(command: list[str], checkpoint) -> int:
+    """Run ``command`` (a multi-model run that never ends), SIGKILL it once it has checkpointed; the
+    step count of the checkpoint it left."""
     # one thread, as this module's own torch runs (another count sums in another order)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env) as process:
@@ -513,7 +512,9 @@ def _killed_mid_run(argv: list[str], checkpoint) -> int:
 def test_a_sigkilled_example_resumes_to_the_weights_of_an_uninterrupted_run(backend, tmp_path, capsys):
     common = [*TINY_DCGAN, "--backend", backend]
     killed = tmp_path / "killed"
-    done = _killed_mid_run([*common, "--checkpoint-dir", str(killed)], killed / step_checkpoints.CHECKPOINT_FILE)
+    command = [sys.executable, str(EXAMPLES / "dcgan.py"), *common, "--checkpoint-dir", str(killed), "--max-steps",
+               "1000000"]  # fmt: skip
+    done = killed_mid_run(command, killed / step_checkpoints.CHECKPOINT_FILE)
     target = str(done + 3)  # chosen after the kill: no race with how far the killed run got
     with pytest.raises(SystemExit) as exit_info:  # another run's settings: refused, the checkpoint untouched
         example("dcgan").main([*common, "--seed", "5", "--max-steps", target, "--checkpoint-dir", str(killed),

@@ -622,8 +622,11 @@ def cmd_conformance(args) -> int:
 
 
 def cmd_compare(args) -> int:
+    from . import multi_commands
     from .job import Job
 
+    if multi_commands.wanted(args):
+        return multi_commands.compare_command(args, _typed_run_settings(args))
     run, _ = _run_of(args)
     if args.print_recipe:
         print(run.to_toml(), end="")
@@ -662,8 +665,11 @@ def _evaluation_run(args) -> Run:
 
 
 def cmd_train(args) -> int:
+    from . import multi_commands
     from .job import Job
 
+    if multi_commands.wanted(args):  # a recipe of several models and optimizers (unitrain.multi_run)
+        return multi_commands.train_command(args, _typed_run_settings(args))
     run, checkpoint = _run_of(args)
     job = Job(
         run, args.backend, resume=args.resume, checkpoint=checkpoint, checkpoint_dir=args.checkpoint_dir,
@@ -720,6 +726,10 @@ def _loop_with_weights(args, run: Run):
 
 
 def cmd_evaluate(args) -> int:
+    from . import multi_commands
+
+    if multi_commands.wanted(args):
+        return multi_commands.evaluate_command(args)
     run = _evaluation_run(args)
     test = run.datasets()[2]
     loop = _loop_with_weights(args, run)

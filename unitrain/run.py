@@ -605,6 +605,15 @@ def _not_utf8(text: str) -> bool:
 
 def load_recipe(path: str | Path) -> Run:
     """The run a TOML recipe file describes (RunError naming the file and the field)."""
+    values = recipe_values(path)
+    try:
+        return Run.from_dict(values)
+    except RunError as error:
+        raise RunError(f"recipe {path}: {error}") from None
+
+
+def recipe_values(path: str | Path) -> dict[str, Any]:
+    """A TOML recipe file's values, read within the limits on its size and nesting (RunError)."""
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover - Python 3.10
@@ -622,13 +631,9 @@ def load_recipe(path: str | Path) -> Run:
         raise RunError(f"recipe {path} nests arrays, tables or dotted keys {nesting} deep; expected at most "
                        f"{MAX_RECIPE_NESTING} (a recipe nests two)")  # fmt: skip
     try:
-        values = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise RunError(f"recipe {path} is not valid TOML: {error}") from None
-    try:
-        return Run.from_dict(values)
-    except RunError as error:
-        raise RunError(f"recipe {path}: {error}") from None
 
 
 def toml_nesting(text: str) -> int:

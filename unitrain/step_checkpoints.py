@@ -47,6 +47,7 @@ class StepCheckpoints:
         if resume and directory is None:
             raise CheckpointError("--resume needs --checkpoint-dir DIR (the run to continue)")
         self.directory, self.every, self.resume = directory, every, resume
+        self.metadata: dict[str, str] = {}  # the resumed checkpoint's
         self.settings = json.loads(json.dumps(dict(settings)))  # as they come back from the file
         self.path = None if directory is None else directory / CHECKPOINT_FILE
         if directory is not None and directory.exists() and not directory.is_dir():
@@ -74,7 +75,7 @@ class StepCheckpoints:
         """The indices of the steps still to run up to ``max_steps``, after loading the checkpoint
         into ``loop`` when resuming (refused when it is of other settings or already that far)."""
         if self.resume:
-            metadata = loop.load_checkpoint(self.path)
+            metadata = self.metadata = loop.load_checkpoint(self.path)
             recorded = json.loads(metadata.get("settings", "null"))
             if recorded != self.settings:
                 differ = sorted(key for key in {**self.settings, **(recorded or {})}

@@ -439,7 +439,10 @@ class PhaseEvaluator:
                 own = {static["model"]} if op == "call" else set()
                 self.calls[node] = frozenset(own).union(*(self.calls[child] for child in children))
 
-    def run(self, x, noise: Mapping[Node, np.ndarray]) -> list:
+    def run(self, x, noise: Mapping[Node, np.ndarray], weights: Sequence[float] | None = None) -> list:
+        """Every phase on ``x``; ``weights`` (data parallel): each phase's share of the global batch,
+        the gradients summed over the ranks with it before the update (each loop's ``update``
+        would average them with equal shares)."""
         cache: dict[Node, Any] = {}
         losses = []
         for index, (phase, updated, order) in enumerate(self.phases):
@@ -451,7 +454,13 @@ class PhaseEvaluator:
                     cache[node] = self.compute(node, op, [cache[child] for child in children], static, x, noise)
             self.backward(phase, updated, order, cache, keep=index < len(self.phases) - 1)
             for name in updated:
-                self.loops[name].update()
+                loop = self.loops[name]
+                if weights is None:
+                    loop.update()
+                else:
+                    loop._reduce_gradients(weights[index])
+                    loop._update()
+                    loop.step_count += 1
             losses.append(self.loss_value(cache[phase.loss]))
             for node in [node for node in cache if self.calls[node] & set(updated)]:
                 del cache[node]
@@ -470,6 +479,44 @@ class PhaseEvaluator:
         return float(value)
 
 
+def batch_weighting(loss: Node) -> str:
+    """How ``loss`` adds up over a batch's rows, which data parallel needs: ``"mean"`` (a
+    combination of means over every element: the global loss is the ranks' losses weighted by
+    their shares of the batch) or ``"sum"`` (of sums: the ranks' losses added). ValueError for a
+    loss that is neither (a constant term, a mean beside a sum, a reduction over the batch inside
+    another), which no split of the batch computes exactly."""
+    op, children, static = split(loss)
+    if op == "neg":
+        return batch_weighting(children[0])
+    if op in ("add", "sub"):
+        kinds = {batch_weighting(child) for child in children}
+        if len(kinds) == 1:
+            return kinds.pop()
+        raise ValueError("it adds a mean over the batch to a sum over it")
+    if op in ("mul", "div"):
+        constant = [_constant(child) for child in children]
+        if op == "mul" and constant.count(True) == 1:
+            return batch_weighting(children[constant.index(False)])
+        if op == "div" and constant == [False, True]:
+            return batch_weighting(children[0])
+    if op in ("sum", "mean") and static["axis"] is None and _per_sample(children[0]):
+        return op
+    raise ValueError("it is not a sum or mean over the batch of per-sample terms (times constants)")
+
+
+def _constant(node: Node) -> bool:
+    return not any(part[0] in ("batch", "noise", "call") for part in postorder([node]))
+
+
+def _per_sample(node: Node) -> bool:
+    """Whether each row of ``node`` depends on its own batch row alone (no reduction over the batch axis)."""
+    for part in postorder([node]):
+        op, _, static = split(part)
+        if op in ("sum", "mean", "softmax", "log_softmax") and static.get("axis") in (None, 0):
+            return False
+    return True
+
+
 #: what a multi-model checkpoint holds of each model's loop: the part's getter and loader
 CHECKPOINT_PARTS = {"weights": ("state_dict", "load_state_dict"),
                     "optimizer": ("optimizer_state_dict", "load_optimizer_state_dict"),
@@ -482,7 +529,8 @@ class MultiModelLoop:
     with its optimizer's spec, and seeded ``seed + its index``) and the backend's evaluator of
     phases, which differentiates each loss with the framework's own autograd."""
 
-    def __init__(self, step: MultiStep, backend: str | type = "numpy", *, seed: int = 0, dtype: str = "float32"):
+    def __init__(self, step: MultiStep, backend: str | type = "numpy", *, seed: int = 0, dtype: str = "float32",
+                 distributed: bool = False):  # fmt: skip
         from .registry import get_backend
 
         if not isinstance(step, MultiStep):
@@ -494,9 +542,14 @@ class MultiModelLoop:
         self.step_spec = step
         owners = {model: over.optimizer for _, over in step.optimizers for model in over.models}
         self.loops = {
-            name: adapter(spec, placeholder_loss(spec), owners.get(name), seed=seed + index, dtype=dtype)
+            name: adapter(spec, placeholder_loss(spec), owners.get(name), seed=seed + index, dtype=dtype,
+                          distributed=distributed)
             for index, (name, spec) in enumerate(step.models)
-        }
+        }  # fmt: skip
+        first = next(iter(self.loops.values()))
+        self.rank, self.world_size = first.rank, first.world_size
+        #: data parallel: how each phase's loss adds up over the ranks' rows (batch_weighting)
+        self._weightings = [self._weighting(phase) for phase in step.phases] if self.world_size > 1 else None
         self.dtype = np.dtype(dtype)
         #: the models called on the batch itself, which check it as their own loop's inputs
         self._batch_readers = sorted({node[1] for phase in step.phases for node in postorder([phase.loss])
@@ -504,6 +557,15 @@ class MultiModelLoop:
         self.noise = NoiseStream(seed)
         self.step_count = 0
         self._evaluator = evaluator_of(adapter)(step, self.loops)
+        if self.world_size > 1 and type(self._evaluator).run is not PhaseEvaluator.run:
+            raise ValueError(f"the {adapter.name} backend runs a multi-model step in one process only")
+
+    @staticmethod
+    def _weighting(phase: Phase) -> str:
+        try:
+            return batch_weighting(phase.loss)
+        except ValueError as error:
+            raise ValueError(f"phase {phase.name!r} cannot be split over processes: {error}") from None
 
     def step(self, x) -> dict[str, float]:
         """One step on the batch ``x``: every phase in order; returns each phase's loss (before its update)."""
@@ -511,10 +573,29 @@ class MultiModelLoop:
             self.loops[name]._check_x(x)
         x = tuple(np.asarray(a, self.dtype) for a in x) if isinstance(x, tuple) else np.asarray(x, self.dtype)
         samples = len(x[0] if isinstance(x, tuple) else x)
-        noise = self.noise.draw(self.step_spec.noise, samples, self.dtype)
-        losses = self._evaluator.run(x, noise)
+        noise = self.noise.draw(self.step_spec.noise, samples, self.dtype)  # every rank: the global batch's
+        if self.world_size == 1:
+            losses = self._evaluator.run(x, noise)
+        else:  # this rank's rows of the batch and its noise; the gradients summed with each rank's share
+            from .distributed import shard
+            from .graph_batches import rows
+
+            start, stop = shard(samples, self.rank, self.world_size)
+            if stop == start:
+                raise ValueError(f"a batch of {samples} rows over {self.world_size} processes: each needs one")
+            noise = {leaf: values[start:stop] for leaf, values in noise.items()}
+            weights = [(stop - start) / samples if kind == "mean" else 1.0 for kind in self._weightings]
+            local = self._evaluator.run(rows(x, start, stop), noise, weights)
+            first = next(iter(self.loops.values()))
+            losses = [
+                float(value) for value in first._all_sum(np.array([w * v for w, v in zip(weights, local, strict=True)]))
+            ]
         self.step_count += 1
         return {phase.name: value for phase, value in zip(self.step_spec.phases, losses, strict=True)}
+
+    def any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any rank (every rank calls it at the same point)."""
+        return next(iter(self.loops.values())).any_rank(flag)
 
     def state_dicts(self) -> dict[str, dict[str, np.ndarray]]:
         """Each model's weights, by model name."""

@@ -1,17 +1,22 @@
 """Models of the recipes beside this file that no preset covers, as ``module:function`` factories
 (run the recipes from the repository's root, where ``examples.recipes.nets`` imports)."""
 
+from unitrain.graph import Graph, Input
 from unitrain.layers import (
     AvgPool2d,
+    BatchNorm2d,
     Conv2d,
+    ConvTranspose2d,
     Dropout,
     Flatten,
+    LeakyReLU,
     Linear,
     LogSoftmax,
     MaxPool2d,
     ReLU,
     Sequential,
     Sigmoid,
+    Tanh,
 )
 
 
@@ -49,3 +54,43 @@ def d2l_lenet() -> Sequential:
         Linear(16 * 5 * 5, 120), Sigmoid(), Linear(120, 84), Sigmoid(), Linear(84, 10),
         init="xavier_uniform",
     )  # fmt: skip
+
+
+def dcgan_generator() -> Sequential:
+    """examples/dcgan.py's generator (PyTorch's DCGAN tutorial scaled to 28x28; nz 100, ngf 16). Its
+    weights start at PyTorch's defaults, not the tutorial's N(0, 0.02) (``weight_init`` draws
+    Linear and Conv2d weights only; examples/dcgan.py loads the tutorial's draw instead)."""
+    nz, ngf = 100, 16
+    return Sequential(
+        ConvTranspose2d(nz, ngf * 4, 7, 1, 0, bias=False), BatchNorm2d(ngf * 4), ReLU(),
+        ConvTranspose2d(ngf * 4, ngf * 2, 4, 2, 1, bias=False), BatchNorm2d(ngf * 2), ReLU(),
+        ConvTranspose2d(ngf * 2, 1, 4, 2, 1, bias=False), Tanh(),
+    )  # fmt: skip
+
+
+def dcgan_discriminator() -> Sequential:
+    """examples/dcgan.py's discriminator (ndf 16), its convolutions' weights N(0, 0.02) as the
+    tutorial's ``weights_init`` (its BatchNorm weights start at 1, not N(1, 0.02))."""
+    ndf, init = 16, "normal(std=0.02)"
+    return Sequential(
+        Conv2d(1, ndf, 4, 2, 1, bias=False, weight_init=init), LeakyReLU(0.2),
+        Conv2d(ndf, ndf * 2, 4, 2, 1, bias=False, weight_init=init), BatchNorm2d(ndf * 2), LeakyReLU(0.2),
+        Conv2d(ndf * 2, 1, 7, 1, 0, bias=False, weight_init=init), Sigmoid(),
+    )  # fmt: skip
+
+
+def vae_encoder() -> Graph:
+    """``VAE.encode`` of PyTorch's examples/vae on 1x28x28 images: fc1 (784 -> 400), ReLU, then fc21
+    and fc22 (400 -> 20), two outputs: ``mu`` and ``logvar``."""
+    x = Input((1, 28, 28), name="x")
+    fc1, fc21, fc22 = Linear(784, 400), Linear(400, 20), Linear(400, 20)
+    h1 = fc1(x.flatten()).relu()
+    return Graph(x, [fc21(h1), fc22(h1)], modules={"fc1": fc1, "fc21": fc21, "fc22": fc22})
+
+
+def vae_decoder() -> Graph:
+    """``VAE.decode``: fc3 (20 -> 400), ReLU, fc4 (400 -> 784), sigmoid, viewed as 1x28x28 images
+    (the shape of the batch its reconstructions are compared with)."""
+    z = Input((20,), name="z")
+    fc3, fc4 = Linear(20, 400), Linear(400, 784)
+    return Graph(z, fc4(fc3(z).relu()).sigmoid().reshape(-1, 1, 28, 28), modules={"fc3": fc3, "fc4": fc4})
