@@ -45,6 +45,16 @@ class _Layer:
         return False
 
 
+class _Freezable(_Layer):
+    """A layer whose backward adds to each of its ``grads`` only if it is there: a frozen parameter's
+    gradient is never computed (and a layer with all its parameters frozen is not backpropagated
+    through when nothing before it trains)."""
+
+    def freeze(self, key):
+        del self.grads[key]
+        return True
+
+
 def _sigmoid(x):
     """Stable and accurate for either sign: exp of a non-positive number only."""
     small = np.exp(-np.abs(x))
