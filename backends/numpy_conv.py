@@ -171,39 +171,70 @@ class _ConvTranspose2d(_Layer):
         return (self.matrix @ cols).reshape(n, -1, h, w)
 
 
+def _along(array, axis, start, stride, count):
+    """The view of ``array`` at ``start``, ``start + stride``, ... (``count`` of them) along ``axis``."""
+    index = [slice(None)] * array.ndim
+    index[axis] = slice(start, start + stride * (count - 1) + 1, stride)
+    return array[tuple(index)]
+
+
+def _max_along(x, axis, kernel, stride, count):
+    """Max pooling along one axis: the maxima, and per kernel offset a 0/1 mask of the windows whose
+    first maximal element sits there (``None``: all of them, for a kernel of 1). Arrays keep ``x``'s
+    memory layout."""
+    windows = [_along(x, axis, offset, stride, count) for offset in range(kernel)]
+    out = windows[0].copy(order="K")
+    for window in windows[1:]:
+        np.maximum(out, window, out=out)
+    masks, left = [], None  # left: 1 where no earlier offset held the maximum
+    for window in windows[:-1]:
+        hit = np.equal(window, out).astype(x.dtype)
+        if left is None:
+            left = 1 - hit
+        else:
+            hit *= left
+            left -= hit
+        masks.append(hit)
+    return out, [*masks, left]
+
+
+def _spread_along(grad, masks, axis, stride, size, batch_last):
+    """The transpose of :func:`_max_along`: each window's gradient back to its maximal element."""
+    kernel, count = len(masks), grad.shape[axis]
+    shape = (*grad.shape[:axis], size, *grad.shape[axis + 1 :])
+    # windows that tile the axis exactly write every element once: no zeroing, no adding
+    tiled = stride == kernel and size == kernel * count
+    out = _new(shape, grad.dtype, batch_last, np.empty if tiled else np.zeros)
+    for offset, mask in enumerate(masks):
+        target = _along(out, axis, offset, stride, count)
+        if tiled:
+            np.copyto(target, grad) if mask is None else np.multiply(grad, mask, out=target)
+        else:
+            target += grad if mask is None else grad * mask
+    return out
+
+
 class _MaxPool2d(_Layer):
-    """Max over the kh*kw strided slices of the (-inf padded) input, one per window offset;
-    ``argmax`` keeps the first maximal offset per window (PyTorch's tie rule), and backward
-    routes the gradient there."""
+    """Separable, over the (-inf padded) input: the max over each window's ``kw`` columns, then the
+    max of those over its ``kh`` rows, ``kh + kw - 2`` elementwise passes instead of ``kh*kw - 1``.
+    Each pass keeps 0/1 masks of where its maxima came from, which route the gradient back: the
+    first column with the maximum within each row, then the first such row, is the first maximal
+    element in row-major order (PyTorch's tie rule)."""
 
     def forward(self, x, training, record):
         spec = self.spec
         x = _pad(x, spec.padding, -np.inf)
-        out_size = _pooled_size(x.shape, spec)
-        slices = _window_slices(x, spec.kernel_size, spec.stride, out_size)
-        out = next(slices).copy(order="K")  # "K": keep the input's layout (see _Conv2d)
-        argmax = np.zeros_like(out, np.min_scalar_type(np.prod(spec.kernel_size) - 1))
-        for offset, candidate in enumerate(slices, 1):
-            np.putmask(argmax, candidate > out, offset)  # putmask, maximum: far faster than copyto(where=)
-            np.maximum(out, candidate, out=out)
+        (oh, ow), (kh, kw), (sh, sw) = _pooled_size(x.shape, spec), spec.kernel_size, spec.stride
+        rows, column_masks = _max_along(x, 3, kw, sw, ow)
+        out, row_masks = _max_along(rows, 2, kh, sh, oh)
         if record:
-            self.argmax, self.padded_shape, self.batch_last = argmax, x.shape, _is_batch_last(x)
+            self.masks, self.padded_shape, self.batch_last = (row_masks, column_masks), x.shape, _is_batch_last(x)
         return out
 
     def backward(self, grad, need_input_grad):
-        spec = self.spec
-        if spec.stride == spec.kernel_size and self.padded_shape[2:] == tuple(
-            o * k for o, k in zip(grad.shape[2:], spec.kernel_size, strict=True)
-        ):
-            # windows tile the input exactly: every element is written once, no zeroing or adding
-            grad_x = _new(self.padded_shape, grad.dtype, self.batch_last)
-            for offset, target in enumerate(_window_slices(grad_x, spec.kernel_size, spec.stride, grad.shape[2:])):
-                target[...] = grad * (self.argmax == offset)  # faster than a ufunc writing to strided out=
-        else:
-            grad_x = _new(self.padded_shape, grad.dtype, self.batch_last, np.zeros)
-            for offset, target in enumerate(_window_slices(grad_x, spec.kernel_size, spec.stride, grad.shape[2:])):
-                target += grad * (self.argmax == offset)
-        return _unpad(grad_x, spec.padding)
+        (sh, sw), (row_masks, column_masks), (h, w) = self.spec.stride, self.masks, self.padded_shape[2:]
+        rows = _spread_along(grad, row_masks, 2, sh, h, self.batch_last)
+        return _unpad(_spread_along(rows, column_masks, 3, sw, w, self.batch_last), self.spec.padding)
 
 
 class _AvgPool2d(_Layer):
