@@ -62,20 +62,21 @@ class _Linear(_Freezable):
     """Over the last axis; other axes are rows of one matrix product."""
 
     def forward(self, x, training, record):
+        rows = x.reshape(-1, x.shape[-1])  # a strided input is copied once, not multiplied slice by slice
         if record:
-            self.x = x
-        out = x @ self.params["weight"].T
+            self.rows = rows
+        out = rows @ self.params["weight"].T
         if "bias" in self.params:
             out += self.params["bias"]
-        return out
+        return out.reshape(*x.shape[:-1], -1)
 
     def backward(self, grad, need_input_grad):
         rows = grad.reshape(-1, grad.shape[-1])
         if "weight" in self.grads:
-            self.grads["weight"] += rows.T @ self.x.reshape(-1, self.x.shape[-1])
+            self.grads["weight"] += rows.T @ self.rows
         if "bias" in self.grads:
             self.grads["bias"] += rows.sum(0)
-        return grad @ self.params["weight"] if need_input_grad else None
+        return (rows @ self.params["weight"]).reshape(*grad.shape[:-1], -1) if need_input_grad else None
 
 
 class _Upsample(_Layer):
