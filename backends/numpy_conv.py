@@ -127,7 +127,7 @@ class _Conv2d(_Freezable):
         return _unpad(grad_x, spec.padding)
 
 
-class _ConvTranspose2d(_Layer):
+class _ConvTranspose2d(_Freezable):
     """The transpose of ``_Conv2d``: forward is its col2im (each input pixel's kernel, weighted per
     group by the ``(in/groups, out/groups*kh*kw)`` weight matrix, added onto the padded output at
     ``stride`` steps, then ``padding`` cut off), backward its im2col (the strided views of the
@@ -166,7 +166,8 @@ class _ConvTranspose2d(_Layer):
         windows = sliding_window_view(_pad(grad, spec.padding), span, axis=(2, 3))[:, :, ::sh, ::sw, ::dh, ::dw]
         cols = windows[:, :, :h, :w].transpose(0, 1, 4, 5, 2, 3).reshape(n, spec.groups, -1, h * w)
         cols = np.ascontiguousarray(cols)  # BLAS refuses the strided view
-        self.grad_matrix += (self.rows @ cols.transpose(0, 1, 3, 2)).sum(0)
+        if "weight" in self.grads:
+            self.grad_matrix += (self.rows @ cols.transpose(0, 1, 3, 2)).sum(0)
         if not need_input_grad:
             return None
         return (self.matrix @ cols).reshape(n, -1, h, w)

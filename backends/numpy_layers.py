@@ -146,7 +146,7 @@ class _BatchNorm(_Freezable):
         return grad_x
 
 
-class _LayerNorm(_Layer):
+class _LayerNorm(_Freezable):
     """Per sample over the trailing ``normalized_shape`` dims: ``x_hat = (x - mean) / std``
     (biased variance), ``x_hat * weight + bias``; backward as BatchNorm's over those dims."""
 
@@ -168,9 +168,11 @@ class _LayerNorm(_Layer):
 
     def backward(self, grad, need_input_grad):
         leading = tuple(range(grad.ndim - len(self.axes)))
-        if self.params:
+        if "weight" in self.grads:
             self.grads["weight"] += (grad * self.x_hat).sum(leading)
+        if "bias" in self.grads:
             self.grads["bias"] += grad.sum(leading)
+        if self.params:
             grad = grad * self.params["weight"]
         if not need_input_grad:
             return None
@@ -427,6 +429,12 @@ class _Through2d(_Layer):
         self.params = {key: value.reshape(shapes[key]) for key, value in self.inner.params.items()}
         self.grads = {key: value.reshape(shapes[key]) for key, value in self.inner.grads.items()}
         self.buffers = {}
+
+    def freeze(self, key):
+        if not self.inner.freeze(key):
+            return False
+        del self.grads[key]
+        return True
 
     def forward(self, x, training, record):
         return self.inner.forward(x[:, :, None, :], training, record)[:, :, 0, :]

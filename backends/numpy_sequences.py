@@ -61,7 +61,7 @@ def _sigmoid(x):
     return np.where(x >= 0, 1, small) / (1 + small)
 
 
-class _Embedding(_Layer):
+class _Embedding(_Freezable):
     """``weight[ids]``; backward adds each position's gradient to its id's row, except at
     ``padding_idx``. Token ids have no gradient."""
 
@@ -71,6 +71,8 @@ class _Embedding(_Layer):
         return self.params["weight"][x]
 
     def backward(self, grad, need_input_grad):
+        if "weight" not in self.grads:
+            return None
         ids, rows = self.ids.reshape(-1), grad.reshape(-1, grad.shape[-1])
         if self.spec.padding_idx is not None:
             kept = ids != self.spec.padding_idx
@@ -275,7 +277,7 @@ class _LSTMDirection(_Direction):
         return (grad_gates.reshape(steps * n, -1) @ self.w_ih).reshape(steps, n, -1), grad_h, grad_c
 
 
-class _Recurrent(_Layer):
+class _Recurrent(_Freezable):
     """RNN, LSTM and GRU: layers of one or two :class:`_Direction` s, dropout between layers in
     training (masks from the loop's stream, shaped like the layer's output as the loop sees it)."""
 
