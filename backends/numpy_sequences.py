@@ -77,7 +77,12 @@ class _Embedding(_Freezable):
         if self.spec.padding_idx is not None:
             kept = ids != self.spec.padding_idx
             ids, rows = ids[kept], rows[kept]
-        np.add.at(self.grads["weight"], ids, rows)
+        if len(ids):
+            # each id's rows summed in their order, then added to its row once (np.add.at: 5x slower)
+            order = np.argsort(ids, kind="stable")
+            ids = ids[order]
+            starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+            self.grads["weight"][ids[starts]] += np.add.reduceat(rows[order], starts)
         return None
 
 
