@@ -10,7 +10,7 @@ reuses the softmax's output: ``dS = P * (dP - sum(dP * P))`` over the keys.
 from __future__ import annotations
 
 import numpy as np
-from unitrain.backends.numpy_sequences import _Layer
+from unitrain.backends.numpy_sequences import _Freezable, _Layer
 
 from unitrain.attention import MultiheadAttention, PositionalEncoding
 
@@ -27,7 +27,7 @@ def _merge(x):
     return x.transpose(0, 2, 1, 3).reshape(n, length, heads * d)
 
 
-class _MultiheadAttention(_Layer):
+class _MultiheadAttention(_Freezable):
     """Inputs ``x`` (self-attention), ``(query, key, value)`` or ``(query, key, value,
     key_padding_mask)``; backward returns one gradient per input (None for the mask)."""
 
@@ -78,8 +78,9 @@ class _MultiheadAttention(_Layer):
         if not spec.batch_first:
             grad = grad.swapaxes(0, 1)
         flat = grad.reshape(-1, e)
-        self.grads["out_proj.weight"] += flat.T @ context.reshape(-1, e)
-        if spec.bias:
+        if "out_proj.weight" in self.grads:
+            self.grads["out_proj.weight"] += flat.T @ context.reshape(-1, e)
+        if "out_proj.bias" in self.grads:
             self.grads["out_proj.bias"] += flat.sum(0)
         grad_context = _heads(grad @ self.params["out_proj.weight"], spec.num_heads)
         grad_weights = grad_context @ v.swapaxes(-1, -2)
@@ -91,8 +92,9 @@ class _MultiheadAttention(_Layer):
         for index, (a, g) in enumerate(zip(inputs, (grad_q, grad_k, grad_v), strict=True)):
             g = _merge(g)
             rows = slice(index * e, (index + 1) * e)
-            self.grads["in_proj_weight"][rows] += g.reshape(-1, e).T @ a.reshape(-1, e)
-            if spec.bias:
+            if "in_proj_weight" in self.grads:
+                self.grads["in_proj_weight"][rows] += g.reshape(-1, e).T @ a.reshape(-1, e)
+            if "in_proj_bias" in self.grads:
                 self.grads["in_proj_bias"][rows] += g.reshape(-1, e).sum(0)
             if need_input_grad:
                 g = g @ weight[rows]

@@ -11,9 +11,15 @@ in place, so views of them (the convolution's weight matrix) stay valid.
 from __future__ import annotations
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 from unitrain.backends.numpy_attention import LAYERS as _ATTENTION_LAYERS
-from unitrain.backends.numpy_sequences import _Embedding, _Layer, _Recurrent, _sigmoid
+from unitrain.backends.numpy_conv import (
+    _AdaptiveAvgPool2d,
+    _AvgPool2d,
+    _Conv2d,
+    _ConvTranspose2d,
+    _MaxPool2d,
+)
+from unitrain.backends.numpy_sequences import _Embedding, _Freezable, _Layer, _Recurrent, _sigmoid
 
 from unitrain.graph import Graph
 from unitrain.layers import (
@@ -52,284 +58,25 @@ from . import numpy_graph
 # --- leaves --------------------------------------------------------------------------------------
 
 
-class _Freezable(_Layer):
-    """A layer whose backward adds to each of its ``grads`` only if it is there: a frozen parameter's
-    gradient is never computed (and a layer with all its parameters frozen is not backpropagated
-    through when nothing before it trains)."""
-
-    def freeze(self, key):
-        del self.grads[key]
-        return True
-
-
 class _Linear(_Freezable):
     """Over the last axis; other axes are rows of one matrix product."""
 
     def forward(self, x, training, record):
+        rows = x.reshape(-1, x.shape[-1])  # a strided input is copied once, not multiplied slice by slice
         if record:
-            self.x = x
-        out = x @ self.params["weight"].T
+            self.rows = rows
+        out = rows @ self.params["weight"].T
         if "bias" in self.params:
             out += self.params["bias"]
-        return out
+        return out.reshape(*x.shape[:-1], -1)
 
     def backward(self, grad, need_input_grad):
         rows = grad.reshape(-1, grad.shape[-1])
         if "weight" in self.grads:
-            self.grads["weight"] += rows.T @ self.x.reshape(-1, self.x.shape[-1])
+            self.grads["weight"] += rows.T @ self.rows
         if "bias" in self.grads:
             self.grads["bias"] += rows.sum(0)
-        return grad @ self.params["weight"] if need_input_grad else None
-
-
-def _window_slices(array, kernel, stride, out_size, dilation=(1, 1)):
-    """For each kernel offset ``(i, j)`` in row-major order, the strided view of ``array``
-    (N, C, H, W) holding the element at that offset of every window, shape (N, C, OH, OW)."""
-    (kh, kw), (sh, sw), (oh, ow), (dh, dw) = kernel, stride, out_size, dilation
-    for i in range(kh):
-        for j in range(kw):
-            top, left = i * dh, j * dw
-            yield array[:, :, top : top + sh * (oh - 1) + 1 : sh, left : left + sw * (ow - 1) + 1 : sw]
-
-
-def _pad(x, padding, value=0.0):
-    (ph, pw) = padding
-    return np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=value) if ph or pw else x
-
-
-def _pooled_size(padded_shape, spec):
-    """Output height and width of a pooling window sliding over a padded (N, C, H, W) input."""
-    return tuple((d - k) // s + 1 for d, k, s in zip(padded_shape[2:], spec.kernel_size, spec.stride, strict=True))
-
-
-def _unpad(x, padding):
-    (ph, pw), (h, w) = padding, x.shape[2:]
-    return x[:, :, ph : h - ph, pw : w - pw] if ph or pw else x
-
-
-#: Output positions per sample from which per-sample matmuls beat one matmul over the whole batch.
-#: Measured on MNIST's CNN (24x24 and 8x8 outputs: per sample 1.5-3.5x faster, the big matmul
-#: needs transposing copies) and ResNet-18 on 28x28 (7x7 and smaller: one matmul 1.4-12x faster,
-#: the per-sample matrices being too thin for BLAS).
-_PER_SAMPLE_POSITIONS = 64
-
-
-class _Conv2d(_Freezable):
-    """im2col with the weight as ``groups`` matrices (out/groups, in/groups*kh*kw). Large outputs:
-    each sample's windows become a (K, OH*OW) matrix per group, so one batched matmul yields NCHW
-    output directly. Small outputs (deep layers): all samples' windows form one (K, N*OH*OW) matrix
-    per group, for one large matmul. ``_PER_SAMPLE_POSITIONS`` picks."""
-
-    def __init__(self, spec, dtype, rng):
-        super().__init__(spec, dtype, rng)
-        shape = (spec.groups, spec.out_channels // spec.groups, -1)
-        self.matrix = self.params["weight"].reshape(shape)
-        self.grad_matrix = self.grads["weight"].reshape(shape)
-
-    def forward(self, x, training, record):
-        spec = self.spec
-        (kh, kw), (dh, dw), (sh, sw), groups = spec.kernel_size, spec.dilation, spec.stride, spec.groups
-        x = _pad(x, spec.padding)
-        n = len(x)
-        span = ((kh - 1) * dh + 1, (kw - 1) * dw + 1)
-        windows = sliding_window_view(x, span, axis=(2, 3))[:, :, ::sh, ::sw, ::dh, ::dw]  # (N, C, OH, OW, kh, kw)
-        oh, ow = windows.shape[2:4]
-        per_sample = oh * ow >= _PER_SAMPLE_POSITIONS
-        if per_sample:
-            cols = windows.transpose(0, 1, 4, 5, 2, 3).reshape(n, groups, -1, oh * ow)
-        else:
-            cols = windows.transpose(1, 4, 5, 0, 2, 3).reshape(groups, -1, n * oh * ow)
-        # the one copy: reshape may return a view whose strides BLAS refuses (NumPy's own loop is far slower)
-        cols = np.ascontiguousarray(cols)
-        if per_sample:
-            out = (self.matrix @ cols).reshape(n, -1, oh, ow)
-        else:
-            out = (self.matrix @ cols).reshape(-1, n, oh, ow).transpose(1, 0, 2, 3)
-        if "bias" in self.params:
-            out += self.params["bias"][:, None, None]
-        if record:
-            self.cols, self.padded_shape, self.per_sample = cols, x.shape, per_sample
-        return out if per_sample else np.ascontiguousarray(out)
-
-    def backward(self, grad, need_input_grad):
-        spec, groups = self.spec, self.spec.groups
-        n, _, oh, ow = grad.shape
-        if "bias" in self.grads:
-            self.grads["bias"] += grad.sum((0, 2, 3))
-        if self.per_sample:
-            grad = grad.reshape(n, groups, -1, oh * ow)
-            if "weight" in self.grads:
-                self.grad_matrix += (grad @ self.cols.transpose(0, 1, 3, 2)).sum(0)
-        else:
-            grad = grad.transpose(1, 0, 2, 3).reshape(groups, -1, n * oh * ow)
-            if "weight" in self.grads:
-                self.grad_matrix += grad @ self.cols.transpose(0, 2, 1)
-        if not need_input_grad:
-            return None
-        grad_cols = self.matrix.transpose(0, 2, 1) @ grad
-        c = self.padded_shape[1]
-        (kh, kw) = spec.kernel_size
-        if self.per_sample:
-            grad_cols = grad_cols.reshape(n, c, kh, kw, oh, ow)
-        else:
-            grad_cols = grad_cols.reshape(c, kh, kw, n, oh, ow).transpose(3, 0, 1, 2, 4, 5)
-        # col2im: scatter-add each kernel offset's columns back onto the input positions it read
-        grad_x = np.zeros(self.padded_shape, grad.dtype)
-        targets = _window_slices(grad_x, spec.kernel_size, spec.stride, (oh, ow), spec.dilation)
-        for offset, target in enumerate(targets):
-            target += grad_cols[:, :, offset // kw, offset % kw]
-        return _unpad(grad_x, spec.padding)
-
-
-class _ConvTranspose2d(_Layer):
-    """The transpose of ``_Conv2d``: forward is its col2im (each input pixel's kernel, weighted per
-    group by the ``(in/groups, out/groups*kh*kw)`` weight matrix, added onto the padded output at
-    ``stride`` steps, then ``padding`` cut off), backward its im2col (the strided views of the
-    padded output gradient, one per kernel offset, give the input and weight gradients)."""
-
-    def __init__(self, spec, dtype, rng):
-        super().__init__(spec, dtype, rng)
-        shape = (spec.groups, spec.in_channels // spec.groups, -1)
-        self.matrix = self.params["weight"].reshape(shape)
-        self.grad_matrix = self.grads["weight"].reshape(shape)
-
-    def forward(self, x, training, record):
-        spec = self.spec
-        n, _, h, w = x.shape
-        (kh, kw), (ph, pw) = spec.kernel_size, spec.padding
-        rows = x.reshape(n, spec.groups, -1, h * w)
-        cols = (self.matrix.transpose(0, 2, 1) @ rows).reshape(n, -1, kh, kw, h, w)
-        oh, ow = spec.output_shape(x.shape[1:])[1:]
-        padded = np.zeros((n, spec.out_channels, oh + 2 * ph, ow + 2 * pw), x.dtype)
-        for offset, target in enumerate(_window_slices(padded, spec.kernel_size, spec.stride, (h, w), spec.dilation)):
-            target += cols[:, :, offset // kw, offset % kw]
-        out = _unpad(padded, spec.padding)
-        if "bias" in self.params:
-            out += self.params["bias"][:, None, None]
-        if record:
-            self.rows, self.input_size = rows, (h, w)
-        return out
-
-    def backward(self, grad, need_input_grad):
-        spec = self.spec
-        n, (h, w) = len(grad), self.input_size
-        if "bias" in self.grads:
-            self.grads["bias"] += grad.sum((0, 2, 3))
-        (kh, kw), (dh, dw), (sh, sw) = spec.kernel_size, spec.dilation, spec.stride
-        span = ((kh - 1) * dh + 1, (kw - 1) * dw + 1)
-        windows = sliding_window_view(_pad(grad, spec.padding), span, axis=(2, 3))[:, :, ::sh, ::sw, ::dh, ::dw]
-        cols = windows[:, :, :h, :w].transpose(0, 1, 4, 5, 2, 3).reshape(n, spec.groups, -1, h * w)
-        cols = np.ascontiguousarray(cols)  # BLAS refuses the strided view
-        self.grad_matrix += (self.rows @ cols.transpose(0, 1, 3, 2)).sum(0)
-        if not need_input_grad:
-            return None
-        return (self.matrix @ cols).reshape(n, -1, h, w)
-
-
-class _MaxPool2d(_Layer):
-    """Max over the kh*kw strided slices of the (-inf padded) input, one per window offset;
-    ``argmax`` keeps the first maximal offset per window (PyTorch's tie rule), and backward
-    routes the gradient there."""
-
-    def forward(self, x, training, record):
-        spec = self.spec
-        x = _pad(x, spec.padding, -np.inf)
-        out_size = _pooled_size(x.shape, spec)
-        slices = _window_slices(x, spec.kernel_size, spec.stride, out_size)
-        out = next(slices).copy()
-        argmax = np.zeros(out.shape, np.min_scalar_type(np.prod(spec.kernel_size) - 1))
-        for offset, candidate in enumerate(slices, 1):
-            np.putmask(argmax, candidate > out, offset)  # putmask, maximum: far faster than copyto(where=)
-            np.maximum(out, candidate, out=out)
-        if record:
-            self.argmax, self.padded_shape = argmax, x.shape
-        return out
-
-    def backward(self, grad, need_input_grad):
-        spec = self.spec
-        if spec.stride == spec.kernel_size and self.padded_shape[2:] == tuple(
-            o * k for o, k in zip(grad.shape[2:], spec.kernel_size, strict=True)
-        ):
-            # windows tile the input exactly: every element is written once, no zeroing or adding
-            grad_x = np.empty(self.padded_shape, grad.dtype)
-            for offset, target in enumerate(_window_slices(grad_x, spec.kernel_size, spec.stride, grad.shape[2:])):
-                target[...] = grad * (self.argmax == offset)  # faster than a ufunc writing to strided out=
-        else:
-            grad_x = np.zeros(self.padded_shape, grad.dtype)
-            for offset, target in enumerate(_window_slices(grad_x, spec.kernel_size, spec.stride, grad.shape[2:])):
-                target += grad * (self.argmax == offset)
-        return _unpad(grad_x, spec.padding)
-
-
-class _AvgPool2d(_Layer):
-    """Sum of the kh*kw strided slices of the zero-padded input over the divisor: kh*kw, or with
-    ``count_include_pad=False`` each window's count of non-padding elements."""
-
-    def _divisor(self, size, out_size):
-        spec = self.spec
-        if spec.count_include_pad or spec.padding == (0, 0):
-            return np.prod(spec.kernel_size)
-        # per axis: how many of a window's rows (columns) lie inside the unpadded input
-        counts = [
-            np.minimum(np.arange(o) * s - p + k, d) - np.maximum(np.arange(o) * s - p, 0)
-            for d, o, k, s, p in zip(size, out_size, spec.kernel_size, spec.stride, spec.padding, strict=True)
-        ]
-        return np.outer(*counts)
-
-    def forward(self, x, training, record):
-        spec = self.spec
-        size = x.shape[2:]
-        x = _pad(x, spec.padding)
-        out_size = _pooled_size(x.shape, spec)
-        slices = _window_slices(x, spec.kernel_size, spec.stride, out_size)
-        out = next(slices).copy()
-        for candidate in slices:
-            out += candidate
-        divisor = self._divisor(size, out_size)
-        out /= np.asarray(divisor, out.dtype)
-        if record:
-            self.divisor, self.padded_shape = divisor, x.shape
-        return out
-
-    def backward(self, grad, need_input_grad):
-        spec = self.spec
-        grad = grad / np.asarray(self.divisor, grad.dtype)
-        grad_x = np.zeros(self.padded_shape, grad.dtype)
-        for target in _window_slices(grad_x, spec.kernel_size, spec.stride, grad.shape[2:]):
-            target += grad
-        return _unpad(grad_x, spec.padding)
-
-
-def _adaptive_bins(size, out):
-    """(out, size) averaging matrix of PyTorch's adaptive bins along one axis: row ``i`` is
-    ``1/len`` over ``floor(i*size/out) .. ceil((i+1)*size/out)``."""
-    starts = np.arange(out) * size // out
-    ends = -(-(np.arange(out) + 1) * size // out)
-    positions = np.arange(size)
-    inside = (positions >= starts[:, None]) & (positions < ends[:, None])
-    return inside / (ends - starts)[:, None]
-
-
-class _AdaptiveAvgPool2d(_Layer):
-    """Output size 1: the mean over H and W. Otherwise bin averages are separable, so
-    ``rows @ x @ cols.T`` with the two axes' averaging matrices (``_adaptive_bins``)."""
-
-    def forward(self, x, training, record):
-        if record:
-            self.input_shape = x.shape
-        if self.spec.output_size == (1, 1):
-            return x.mean((2, 3), keepdims=True)
-        (h, w), (oh, ow) = x.shape[2:], self.spec.output_size
-        rows, cols = _adaptive_bins(h, oh).astype(x.dtype), _adaptive_bins(w, ow).astype(x.dtype)
-        if record:
-            self.rows, self.cols = rows, cols
-        return rows @ x @ cols.T
-
-    def backward(self, grad, need_input_grad):
-        if self.spec.output_size == (1, 1):
-            h, w = self.input_shape[2:]
-            return np.broadcast_to(grad / (h * w), self.input_shape).copy()
-        return self.rows.T @ grad @ self.cols
+        return (rows @ self.params["weight"]).reshape(*grad.shape[:-1], -1) if need_input_grad else None
 
 
 class _Upsample(_Layer):
@@ -400,7 +147,7 @@ class _BatchNorm(_Freezable):
         return grad_x
 
 
-class _LayerNorm(_Layer):
+class _LayerNorm(_Freezable):
     """Per sample over the trailing ``normalized_shape`` dims: ``x_hat = (x - mean) / std``
     (biased variance), ``x_hat * weight + bias``; backward as BatchNorm's over those dims."""
 
@@ -422,9 +169,11 @@ class _LayerNorm(_Layer):
 
     def backward(self, grad, need_input_grad):
         leading = tuple(range(grad.ndim - len(self.axes)))
-        if self.params:
+        if "weight" in self.grads:
             self.grads["weight"] += (grad * self.x_hat).sum(leading)
+        if "bias" in self.grads:
             self.grads["bias"] += grad.sum(leading)
+        if self.params:
             grad = grad * self.params["weight"]
         if not need_input_grad:
             return None
@@ -681,6 +430,12 @@ class _Through2d(_Layer):
         self.params = {key: value.reshape(shapes[key]) for key, value in self.inner.params.items()}
         self.grads = {key: value.reshape(shapes[key]) for key, value in self.inner.grads.items()}
         self.buffers = {}
+
+    def freeze(self, key):
+        if not self.inner.freeze(key):
+            return False
+        del self.grads[key]
+        return True
 
     def forward(self, x, training, record):
         return self.inner.forward(x[:, :, None, :], training, record)[:, :, 0, :]

@@ -45,13 +45,23 @@ class _Layer:
         return False
 
 
+class _Freezable(_Layer):
+    """A layer whose backward adds to each of its ``grads`` only if it is there: a frozen parameter's
+    gradient is never computed (and a layer with all its parameters frozen is not backpropagated
+    through when nothing before it trains)."""
+
+    def freeze(self, key):
+        del self.grads[key]
+        return True
+
+
 def _sigmoid(x):
     """Stable and accurate for either sign: exp of a non-positive number only."""
     small = np.exp(-np.abs(x))
     return np.where(x >= 0, 1, small) / (1 + small)
 
 
-class _Embedding(_Layer):
+class _Embedding(_Freezable):
     """``weight[ids]``; backward adds each position's gradient to its id's row, except at
     ``padding_idx``. Token ids have no gradient."""
 
@@ -61,23 +71,50 @@ class _Embedding(_Layer):
         return self.params["weight"][x]
 
     def backward(self, grad, need_input_grad):
+        if "weight" not in self.grads:
+            return None
         ids, rows = self.ids.reshape(-1), grad.reshape(-1, grad.shape[-1])
         if self.spec.padding_idx is not None:
             kept = ids != self.spec.padding_idx
             ids, rows = ids[kept], rows[kept]
-        np.add.at(self.grads["weight"], ids, rows)
+        if len(ids):
+            # each id's rows summed in their order, then added to its row once (np.add.at: 5x slower)
+            order = np.argsort(ids, kind="stable")
+            ids = ids[order]
+            starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+            self.grads["weight"][ids[starts]] += np.add.reduceat(rows[order], starts)
         return None
 
 
 class _Direction:
-    """One layer's one direction: the recurrence over time-major input, and its backward."""
+    """One layer's one direction: the recurrence over time-major input, and its backward (RNN and
+    GRU; the LSTM's is :class:`_LSTMDirection`)."""
 
     def __init__(self, spec, params, grads, suffix):
         self.kind = "lstm" if isinstance(spec, LSTM) else "gru" if isinstance(spec, GRU) else spec.nonlinearity
         self.w_ih, self.w_hh = params[f"weight_ih{suffix}"], params[f"weight_hh{suffix}"]
         self.b_ih, self.b_hh = params.get(f"bias_ih{suffix}"), params.get(f"bias_hh{suffix}")
-        self.g_ih, self.g_hh = grads[f"weight_ih{suffix}"], grads[f"weight_hh{suffix}"]
-        self.gb_ih, self.gb_hh = grads.get(f"bias_ih{suffix}"), grads.get(f"bias_hh{suffix}")
+        self.grads, self.suffix = grads, suffix
+
+    def _add_weight_gradients(self, grad_in, grad_hidden, previous):
+        """Adds every step's weight and bias gradients at once, from the gates' gradients over all
+        steps (``grad_hidden``: those the recurrent weights see, None: the same) and each step's
+        previous hidden state, skipping frozen parameters (looked up here: freezing comes after the
+        layer is built)."""
+        grad_in = grad_in.reshape(-1, grad_in.shape[-1])
+        grad_hidden = grad_in if grad_hidden is None else grad_hidden.reshape(grad_in.shape)
+        weight_ih, weight_hh, bias_ih, bias_hh = (
+            self.grads.get(f"{name}{self.suffix}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+        )
+        if weight_ih is not None:
+            weight_ih += grad_in.T @ self.x.reshape(-1, self.x.shape[-1])
+        if weight_hh is not None:
+            weight_hh += grad_hidden.T @ previous.reshape(-1, previous.shape[-1])
+        sum_in = grad_in.sum(0)
+        if bias_ih is not None:
+            bias_ih += sum_in
+        if bias_hh is not None:
+            bias_hh += sum_in if grad_hidden is grad_in else grad_hidden.sum(0)
 
     def forward(self, x, h, c, record, mask=None):
         """``x`` (T, N, I), states (N, H); returns every step's h (T, N, H), the last h and c. With
@@ -93,15 +130,7 @@ class _Direction:
             recurrent = h @ self.w_hh.T
             if self.b_hh is not None:
                 recurrent += self.b_hh
-            if self.kind == "lstm":
-                gates = step_in + recurrent
-                i, f, o = (_sigmoid(gates[:, k * hidden : (k + 1) * hidden]) for k in (0, 1, 3))
-                g = np.tanh(gates[:, 2 * hidden : 3 * hidden])
-                c_prev, c = c, f * c + i * g
-                tanh_c = np.tanh(c)
-                saved = (h, c_prev, i, f, g, o, tanh_c)
-                h = o * tanh_c
-            elif self.kind == "gru":
+            if self.kind == "gru":
                 r = _sigmoid(step_in[:, :hidden] + recurrent[:, :hidden])
                 z = _sigmoid(step_in[:, hidden : 2 * hidden] + recurrent[:, hidden : 2 * hidden])
                 recurrent_n = recurrent[:, 2 * hidden :]
@@ -116,8 +145,6 @@ class _Direction:
                 kept = mask[t]
                 outputs[t] = h * kept
                 h = outputs[t] + (1 - kept) * saved[0]
-                if self.kind == "lstm":
-                    c = kept * c + (1 - kept) * saved[1]
                 if record:
                     steps.append(saved)
                 continue
@@ -142,19 +169,7 @@ class _Direction:
             if self.mask is not None:  # past a sequence's end its state's gradient passes through unchanged
                 kept = self.mask[t]
                 through_h, grad = (1 - kept) * grad_h, grad * kept
-                if self.kind == "lstm":
-                    through_c, grad_c = (1 - kept) * grad_c, grad_c * kept
-            if self.kind == "lstm":
-                h_prev, c_prev, i, f, g, o, tanh_c = saved
-                grad_c = grad_c + grad * o * (1 - tanh_c * tanh_c)
-                block = gates_in[t]
-                block[:, :hidden] = grad_c * g * i * (1 - i)
-                block[:, hidden : 2 * hidden] = grad_c * c_prev * f * (1 - f)
-                block[:, 2 * hidden : 3 * hidden] = grad_c * i * (1 - g * g)
-                block[:, 3 * hidden :] = grad * tanh_c * o * (1 - o)
-                grad_c = grad_c * f
-                grad_h = block @ self.w_hh
-            elif self.kind == "gru":
+            if self.kind == "gru":
                 h_prev, r, z, n, recurrent_n = saved
                 grad_n = grad * (1 - z) * (1 - n * n)
                 grad_r = grad_n * recurrent_n * r * (1 - r)
@@ -170,29 +185,116 @@ class _Direction:
                 grad_h = gates_in[t] @ self.w_hh
             if self.mask is not None:
                 grad_h = grad_h + through_h
-                if self.kind == "lstm":
-                    grad_c = grad_c + through_c
             previous[t] = h_prev
-        flat_in = gates_in.reshape(-1, gates_in.shape[-1])
-        flat_hidden = gates_hidden.reshape(-1, gates_in.shape[-1])
-        self.g_ih += flat_in.T @ self.x.reshape(-1, self.x.shape[-1])
-        self.g_hh += flat_hidden.T @ previous.reshape(-1, hidden)
-        if self.gb_ih is not None:
-            self.gb_ih += flat_in.sum(0)
-            self.gb_hh += flat_hidden.sum(0)
+        self._add_weight_gradients(gates_in, gates_hidden if self.kind == "gru" else None, previous)
         return gates_in @ self.w_ih, grad_h, grad_c
 
 
-class _Recurrent(_Layer):
+def _sigmoid_in_place(x):
+    """``1 / (1 + exp(-x))`` over ``x``: as accurate for either sign as :func:`_sigmoid` (where
+    ``exp(-x)`` overflows, the result rounds to 0 anyway), in four passes and no temporary. Call
+    under ``np.errstate(over="ignore")``."""
+    np.negative(x, out=x)
+    np.exp(x, out=x)
+    x += 1
+    np.reciprocal(x, out=x)
+
+
+class _LSTMDirection(_Direction):
+    """The LSTM's recurrence in as few passes per step as it needs (the per-step arrays are small,
+    so each NumPy call's overhead counts): the gates' activations overwrite the input projections
+    of all steps (one product for all, kept for backward), the states go into preallocated
+    ``(T + 1, N, H)`` arrays, and backward computes once over all steps every factor that does not
+    depend on the incoming gradient, leaving per step four multiplications, two additions and the
+    one product for the previous hidden state's gradient; the weight gradients are one product each."""
+
+    def forward(self, x, h, c, record, mask=None):
+        hidden, (steps, n) = self.w_hh.shape[1], x.shape[:2]
+        x = x.reshape(-1, x.shape[-1])  # one product over all steps (a batch-first input is copied time-major)
+        gates = (x @ self.w_ih.T).reshape(steps, n, -1)  # every step's input projection, then its gates (i, f, g, o)
+        for bias in (self.b_ih, self.b_hh):
+            if bias is not None:
+                gates += bias
+        hs, cs = np.empty((2, steps + 1, n, hidden), h.dtype)  # the states entering each step, and the last
+        hs[0], cs[0] = h, c
+        tanh_cs = np.empty((steps, n, hidden), h.dtype)
+        outputs = hs[1:] if mask is None else np.empty_like(tanh_cs)
+        # mask: past a sequence's end its output is zero and its states stay (computed in c_new, h_new)
+        c_new, h_new = (cs[1:], hs[1:]) if mask is None else np.empty((2, steps, n, hidden), h.dtype)
+        recurrent, tanh_g = np.empty((n, 4 * hidden), h.dtype), np.empty((n, hidden), h.dtype)
+        w_hh = self.w_hh.T
+        with np.errstate(over="ignore"):
+            for t in range(steps):
+                step = gates[t]
+                step += np.matmul(hs[t], w_hh, out=recurrent)
+                i, f, g, o = step.reshape(n, 4, hidden).transpose(1, 0, 2)
+                np.tanh(g, out=tanh_g)
+                _sigmoid_in_place(step)
+                np.copyto(g, tanh_g)
+                np.multiply(f, cs[t], out=c_new[t])
+                c_new[t] += np.multiply(i, g, out=tanh_g)
+                np.tanh(c_new[t], out=tanh_cs[t])
+                np.multiply(o, tanh_cs[t], out=h_new[t])
+                if mask is not None:
+                    kept = mask[t]
+                    np.multiply(h_new[t], kept, out=outputs[t])
+                    hs[t + 1] = outputs[t] + (1 - kept) * hs[t]
+                    cs[t + 1] = kept * c_new[t] + (1 - kept) * cs[t]
+        if record:
+            self.x, self.gates, self.hs, self.cs, self.tanh_cs, self.mask = x, gates, hs, cs, tanh_cs, mask
+        return outputs, hs[-1], cs[-1]
+
+    def backward(self, grad_out, grad_h, grad_c):
+        hidden, (steps, n) = self.w_hh.shape[1], grad_out.shape[:2]
+        i, f, g, o = (self.gates[..., k * hidden : (k + 1) * hidden] for k in range(4))
+        tanh_c = self.tanh_cs
+        through_tanh = np.multiply(tanh_c, tanh_c)  # d h / d c = o * (1 - tanh(c)^2)
+        np.subtract(1, through_tanh, out=through_tanh)
+        through_tanh *= o
+        # the gates' derivatives, times the c (i, f, g) or h (o) gradient step by step: the gates' gradients
+        grad_gates = np.subtract(1, self.gates)
+        grad_gates *= self.gates  # the sigmoids' derivatives (i, f, o; g's place is overwritten)
+        by_gate = grad_gates.reshape(steps, n, 4, hidden)
+        by_gate[:, :, 0] *= g
+        by_gate[:, :, 1] *= self.cs[:-1]
+        np.multiply(g, g, out=by_gate[:, :, 2])
+        np.subtract(1, by_gate[:, :, 2], out=by_gate[:, :, 2])
+        by_gate[:, :, 2] *= i
+        by_gate[:, :, 3] *= tanh_c
+        grad, scratch = np.empty((2, n, hidden), grad_out.dtype)
+        grad_c, grad_h = grad_c.copy(), grad_h.copy()
+        for t in range(steps - 1, -1, -1):
+            np.add(grad_out[t], grad_h, out=grad)
+            if self.mask is not None:  # past a sequence's end its state's gradient passes through unchanged
+                kept = self.mask[t]
+                through_h, through_c = (1 - kept) * grad_h, (1 - kept) * grad_c
+                grad *= kept
+                grad_c *= kept
+            grad_c += np.multiply(grad, through_tanh[t], out=scratch)
+            by_gate[t, :, :3] *= grad_c[:, None, :]
+            by_gate[t, :, 3] *= grad
+            grad_c *= f[t]
+            np.matmul(grad_gates[t], self.w_hh, out=grad_h)
+            if self.mask is not None:
+                grad_h += through_h
+                grad_c += through_c
+        self._add_weight_gradients(grad_gates, None, self.hs[:-1])
+        return (grad_gates.reshape(steps * n, -1) @ self.w_ih).reshape(steps, n, -1), grad_h, grad_c
+
+
+class _Recurrent(_Freezable):
     """RNN, LSTM and GRU: layers of one or two :class:`_Direction` s, dropout between layers in
     training (masks from the loop's stream, shaped like the layer's output as the loop sees it)."""
+
+    keeps_output = True  # an LSTM's output is its kept hidden states
 
     def __init__(self, spec, dtype, rng):
         super().__init__(spec, dtype, rng)
         self.rng = rng
         suffixes = ("", "_reverse")[: spec.directions]
+        direction = _LSTMDirection if isinstance(spec, LSTM) else _Direction
         self.layers = [
-            [_Direction(spec, self.params, self.grads, f"_l{k}{suffix}") for suffix in suffixes]
+            [direction(spec, self.params, self.grads, f"_l{k}{suffix}") for suffix in suffixes]
             for k in range(spec.num_layers)
         ]
 

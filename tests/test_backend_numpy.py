@@ -411,8 +411,9 @@ class TorchResidual(nn.Module):
 
 def numpy_layout_cases():
     """Geometries the shared ``leaf_cases`` (7x7 images) do not reach in this backend: convolutions with
-    64 or more output positions per sample take the per-sample matmul layout (``_PER_SAMPLE_POSITIONS``),
-    and rectangular windows on a 9x8 image; same form as ``leaf_cases``."""
+    groups, dilation and rectangular kernels over a larger image, each taking its input in the
+    batch-last memory layout the first convolution leaves (see ``numpy_conv._Conv2d``), and rectangular
+    windows on a 9x8 image; same form as ``leaf_cases``."""
     leaves = {
         "conv2d_per_sample_groups_dilation": (Conv2d(4, 6, 3, padding=(2, 1), dilation=(2, 1), groups=2),
                                               nn.Conv2d(4, 6, 3, padding=(2, 1), dilation=(2, 1), groups=2)),

@@ -537,13 +537,11 @@ class LogSoftmaxOverLastAxis(_BrokenTree):
             node.spec = dataclasses.replace(node.spec, dim=-1)
 
 
-class _GatesInChainersDocumentedOrder(numpy_sequences._Direction):
+class _GatesInChainersDocumentedOrder(numpy_sequences._LSTMDirection):
     """Reads an LSTM's stacked gates as ``i, f, o, g`` (the order Chainer's n_step_lstm docstring gives
     ``W0..W3``) instead of PyTorch's ``i, f, g, o``."""
 
     def forward(self, x, h, c, record, mask=None):
-        if self.kind != "lstm":
-            return super().forward(x, h, c, record, mask)
         hidden = self.w_hh.shape[1]
         rows = np.r_[: 2 * hidden, 3 * hidden : 4 * hidden, 2 * hidden : 3 * hidden]
         saved = self.w_ih, self.w_hh, self.b_ih, self.b_hh
@@ -559,10 +557,11 @@ class LSTMGatesSwapped(_BrokenTree):
         if isinstance(node, numpy_sequences._Recurrent):
             for directions in node.layers:
                 for direction in directions:
-                    direction.__class__ = _GatesInChainersDocumentedOrder
+                    if isinstance(direction, numpy_sequences._LSTMDirection):
+                        direction.__class__ = _GatesInChainersDocumentedOrder
 
 
-class _ReadsForwards(numpy_sequences._Direction):
+class _ReadsForwards:
     """Undoes the caller's reversal: the reverse direction reads the sequence first step first."""
 
     def forward(self, x, h, c, record, mask=None):
@@ -570,11 +569,17 @@ class _ReadsForwards(numpy_sequences._Direction):
         return outputs[::-1], h, c
 
 
+#: the direction classes with their reversal undone
+_READING_FORWARDS = {kind: type(f"ReadsForwards{kind.__name__}", (_ReadsForwards, kind), {})
+                     for kind in (numpy_sequences._Direction, numpy_sequences._LSTMDirection)}  # fmt: skip
+
+
 class ReverseDirectionNotReversed(_BrokenTree):
     def breaks(self, node):
         if isinstance(node, numpy_sequences._Recurrent):
             for directions in node.layers:
-                directions[-1].__class__ = _ReadsForwards if len(directions) == 2 else type(directions[-1])
+                if len(directions) == 2:
+                    directions[-1].__class__ = _READING_FORWARDS[type(directions[-1])]
 
 
 CAUGHT_TREES = {
