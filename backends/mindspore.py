@@ -416,7 +416,8 @@ class _Builder:
         if type(spec) in _PLAIN_LEAVES:
             return _PLAIN_LEAVES[type(spec)](spec), {}
         if type(spec) in attention.LEAVES.values():
-            cell = mindspore_attention.cell(spec)
+            cell = mindspore_attention.cell(spec, self.dropouts)
+            self.dropouts += 1 if getattr(spec, "dropout", 0) else 0  # MultiheadAttention's weights' mask
             return cell, cell.state
         if isinstance(spec, layers.Dropout):
             self.dropouts += 1
@@ -477,6 +478,10 @@ def _dropout_shapes(spec: layers.Layer, shape: tuple[int, ...], found: list) -> 
         return spec.output_shape(shape)
     if isinstance(spec, layers.Dropout):
         found.append((spec.p, shape))
+    if isinstance(spec, attention.MultiheadAttention):
+        if spec.dropout:
+            found.append((spec.dropout, mindspore_attention.dropout_mask_shape(spec, shape)))
+        return spec.output_shape_of((shape,) if isinstance(shape[0], int) else shape)
     out = spec.output_shape(shape)
     if isinstance(spec, sequences._Recurrent) and spec.dropout:  # between its layers, each as wide as the output
         found.extend([(spec.dropout, out)] * (spec.num_layers - 1))
@@ -614,9 +619,11 @@ class MindSporeLoop(TrainingLoop):
 
     def _build(self, model: layers.Sequential) -> None:
         self._rng = dropout_stream(self.seed, self.rank)
-        self._has_dropout = any(isinstance(layer, layers.Dropout) or (isinstance(layer, sequences._Recurrent)
-                                                                      and layer.dropout)
-                                for _, layer in model.named_layers())  # fmt: skip
+        self._has_dropout = any(
+            isinstance(layer, layers.Dropout)
+            or (isinstance(layer, (sequences._Recurrent, attention.MultiheadAttention)) and layer.dropout)
+            for _, layer in model.named_layers()
+        )
         # per-sample input shape -> (p, per-sample shape) of each mask, in the order they apply
         self._mask_shapes: dict[tuple[int, ...], list[tuple[float, tuple[int, ...]]]] = {}
         builder = _Builder()
@@ -781,7 +788,8 @@ class MindSporeLoop(TrainingLoop):
         n = len(x[0]) if several else len(x)
         # mutable: a plain tuple of tensors would be a graph constant, compiled again at every step
         return ms.mutable(tuple(
-            Tensor.from_numpy(dropout_mask(self._rng, (n, *shape), p, np.float32))
+            Tensor.from_numpy(dropout_mask(self._rng, (n, *(n if size is None else size for size in shape)), p,
+                                           np.float32))
             for p, shape in self._mask_shapes[sample_shape]
         ))  # fmt: skip
 

@@ -4,7 +4,10 @@ the Transformer encoders are graphs of these, Linear and LayerNorm.
 
 Attention runs batch-first, heads split as ``(N, H, L, d)``: the three input projections are one
 product each, the scores of all heads one batched product, the masks one ``np.where``. Backward
-reuses the softmax's output: ``dS = P * (dP - sum(dP * P))`` over the keys.
+reuses the softmax's output: ``dS = P * (dP - sum(dP * P))`` over the keys. In training with
+``dropout``, the weights ``P`` that multiply the values are ``P * mask``, the mask ``(N, H, L, S)``
+drawn from the loop's stream (:mod:`unitrain.randomness`) when the layer runs; backward multiplies
+``dP`` by the same mask.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import numpy as np
 from unitrain.backends.numpy_sequences import _Layer
 
 from unitrain.attention import MultiheadAttention, PositionalEncoding
+from unitrain.randomness import dropout_mask
 
 
 def _heads(x, heads):
@@ -30,6 +34,10 @@ def _merge(x):
 class _MultiheadAttention(_Layer):
     """Inputs ``x`` (self-attention), ``(query, key, value)`` or ``(query, key, value,
     key_padding_mask)``; backward returns one gradient per input (None for the mask)."""
+
+    def __init__(self, spec, dtype, rng):
+        super().__init__(spec, dtype, rng)
+        self.rng = rng
 
     def forward(self, x, training, record):
         args = x if isinstance(x, tuple) else (x,)
@@ -52,12 +60,13 @@ class _MultiheadAttention(_Layer):
             scores -= scores.max(-1, keepdims=True)
             weights = np.exp(scores)
             weights /= weights.sum(-1, keepdims=True)
-        context = _merge(weights @ v)
+        mask = dropout_mask(self.rng, weights.shape, spec.dropout, weights.dtype) if training and spec.dropout else None
+        context = _merge((weights if mask is None else weights * mask) @ v)
         out = context @ self.params["out_proj.weight"].T
         if bias is not None:
             out += self.params["out_proj.bias"]
         if record:
-            self.saved = (len(args), inputs, q, k, v, weights, context, scale)
+            self.saved = (len(args), inputs, q, k, v, weights, mask, context, scale)
         return out if spec.batch_first else out.swapaxes(0, 1)
 
     def scale(self) -> float:
@@ -73,7 +82,7 @@ class _MultiheadAttention(_Layer):
         return blocked if padding is None else blocked | (padding != 0)[:, None, None, :]
 
     def backward(self, grad, need_input_grad):
-        count, inputs, q, k, v, weights, context, scale = self.saved
+        count, inputs, q, k, v, weights, mask, context, scale = self.saved
         spec, e = self.spec, self.spec.embed_dim
         if not spec.batch_first:
             grad = grad.swapaxes(0, 1)
@@ -83,7 +92,9 @@ class _MultiheadAttention(_Layer):
             self.grads["out_proj.bias"] += flat.sum(0)
         grad_context = _heads(grad @ self.params["out_proj.weight"], spec.num_heads)
         grad_weights = grad_context @ v.swapaxes(-1, -2)
-        grad_v = weights.swapaxes(-1, -2) @ grad_context
+        if mask is not None:
+            grad_weights *= mask
+        grad_v = (weights if mask is None else weights * mask).swapaxes(-1, -2) @ grad_context
         grad_scores = weights * (grad_weights - (grad_weights * weights).sum(-1, keepdims=True)) * scale
         grad_q, grad_k = grad_scores @ k, grad_scores.swapaxes(-1, -2) @ q
         weight = self.params["in_proj_weight"]

@@ -15,11 +15,12 @@ from unitrain import attention
 class _MultiheadAttention(nn.MultiheadAttention):
     """``forward(x)`` (self-attention), ``forward(query, key, value)`` or ``forward(query, key,
     value, key_padding_mask)`` with the mask's non-zero entries ``True``; ``need_weights=False``, the
-    spec's causal mask as ``attn_mask`` with ``is_causal``."""
+    spec's causal mask as ``attn_mask`` with ``is_causal``; ``dropout`` is PyTorch's own (its masks
+    from the loop's torch generator)."""
 
     def __init__(self, spec: attention.MultiheadAttention, device=None, dtype=None):
-        super().__init__(spec.embed_dim, spec.num_heads, bias=spec.bias, batch_first=spec.batch_first, device=device,
-                         dtype=dtype)  # fmt: skip
+        super().__init__(spec.embed_dim, spec.num_heads, spec.dropout, bias=spec.bias, batch_first=spec.batch_first,
+                         device=device, dtype=dtype)  # fmt: skip
         self.causal = spec.causal
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:

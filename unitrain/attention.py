@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .graph import Graph, Input
-from .layers import GELU, Layer, LayerNorm, Linear, ReLU, Sequential, Shape, _positive_int
+from .layers import GELU, Dropout, Layer, LayerNorm, Linear, ReLU, Sequential, Shape, _positive_int
 
 
 def _flag(spec_name: str, name: str, value) -> None:
@@ -33,13 +33,10 @@ def _flag(spec_name: str, name: str, value) -> None:
         raise ValueError(f"{spec_name}: {name} must be True or False, got {value!r}")
 
 
-def _no_dropout(spec_name: str, dropout) -> float:
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or dropout != 0:
-        raise ValueError(
-            f"{spec_name}: dropout must be 0 (dropout inside attention is not supported yet; "
-            f"add Dropout layers around it), got {dropout!r}"
-        )
-    return 0.0
+def _dropout(spec_name: str, dropout) -> float:
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ValueError(f"{spec_name}: dropout must be a number in [0, 1), got {dropout!r}")
+    return float(dropout)
 
 
 @dataclass(frozen=True)
@@ -53,12 +50,13 @@ class MultiheadAttention(Layer):
 
     ``mask`` is ``-inf`` where the key is padding (``key_padding_mask`` non-zero) or, with
     ``causal``, where the key comes after the query (``attn_mask = triu(-inf, 1)``); a query whose
-    keys are all masked gives NaN, as in PyTorch. Weights: ``in_proj_weight`` ``(3E, E)``
+    keys are all masked gives NaN, as in PyTorch. In training, ``dropout`` zeroes each attention
+    weight ``softmax(...)`` with that probability and scales the others by ``1 / (1 - dropout)``
+    (PyTorch's ``dropout_p``), each weight of each head its own draw. Weights: ``in_proj_weight`` ``(3E, E)``
     (Xavier-uniform), ``in_proj_bias`` ``(3E,)`` and ``out_proj.bias`` zeros, ``out_proj.weight``
     ``(E, E)`` as a Linear's. Per-sample shapes with ``batch_first``: query ``(L, E)``, key and
     value ``(S, E)``, ``key_padding_mask`` ``(S,)``; output ``(L, E)``. Without ``batch_first`` the
-    loop's axis 0 is the sequence axis (as for the recurrent layers) and no key padding mask fits.
-    ``dropout`` (on the attention weights) must be 0 for now."""
+    loop's axis 0 is the sequence axis (as for the recurrent layers) and no key padding mask fits."""
 
     embed_dim: int
     num_heads: int
@@ -74,7 +72,7 @@ class MultiheadAttention(Layer):
             raise ValueError(
                 f"MultiheadAttention: embed_dim {self.embed_dim} must be divisible by num_heads {self.num_heads}"
             )
-        object.__setattr__(self, "dropout", _no_dropout("MultiheadAttention", self.dropout))
+        object.__setattr__(self, "dropout", _dropout("MultiheadAttention", self.dropout))
         for name in ("bias", "batch_first", "causal"):
             _flag("MultiheadAttention", name, getattr(self, name))
 
@@ -202,12 +200,15 @@ class TransformerEncoderLayer(_Encoder):
     """One encoder block, ``torch.nn.TransformerEncoderLayer`` (keys ``self_attn.in_proj_weight``,
     ``linear1.weight``, ``norm1.weight``, ...)::
 
-        post-norm:  x = norm1(x + self_attn(x, x, x)); x = norm2(x + linear2(activation(linear1(x))))
-        norm_first: x = x + self_attn(norm1(x)); x = x + linear2(activation(linear1(norm2(x))))
+        sa(x) = dropout1(self_attn(x, x, x));  ff(x) = dropout2(linear2(dropout(activation(linear1(x)))))
+        post-norm:  x = norm1(x + sa(x)); x = norm2(x + ff(x))
+        norm_first: x = x + sa(norm1(x)); x = x + ff(norm2(x))
 
     Called on ``(src,)`` or ``(src, src_key_padding_mask)`` (``batch_first`` only); ``causal``
-    masks later keys (PyTorch's ``is_causal`` with the square subsequent mask). ``dropout`` must
-    be 0 for now (PyTorch's default is 0.1)."""
+    masks later keys (PyTorch's ``is_causal`` with the square subsequent mask). ``dropout`` is
+    every one of PyTorch's four: the attention weights' and the three
+    :class:`~unitrain.layers.Dropout` modules ``dropout``, ``dropout1``, ``dropout2`` (present only
+    when ``dropout > 0``; they hold no weights). Its default here is 0.0, PyTorch's 0.1."""
 
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.0,
                  activation: str = "relu", layer_norm_eps: float = 1e-5, batch_first: bool = False,
@@ -221,15 +222,20 @@ class TransformerEncoderLayer(_Encoder):
         _flag("TransformerEncoderLayer", "padding_mask", padding_mask)
         _positive_int("TransformerEncoderLayer", "dim_feedforward", dim_feedforward)
         _positive_int("TransformerEncoderLayer", "seq_len", seq_len)
-        dropout = _no_dropout("TransformerEncoderLayer", dropout)
+        dropout = _dropout("TransformerEncoderLayer", dropout)
         attention = MultiheadAttention(d_model, nhead, dropout, bias, batch_first, causal)
+        # PyTorch's module order; the Dropout modules only with dropout > 0 (p = 0 would draw nothing)
+        dropouts = (lambda *names: {name: Dropout(dropout) for name in names}) if dropout else lambda *names: {}
         modules = {
             "self_attn": attention,
             "linear1": Linear(d_model, dim_feedforward, bias=bias),
+            **dropouts("dropout"),
             "linear2": Linear(dim_feedforward, d_model, bias=bias),
             "norm1": LayerNorm(d_model, eps=layer_norm_eps),
             "norm2": LayerNorm(d_model, eps=layer_norm_eps),
+            **dropouts("dropout1", "dropout2"),
         }
+        drop = {name: modules.get(name, lambda x: x) for name in ("dropout", "dropout1", "dropout2")}
         src = Input((seq_len, d_model), "src")
         inputs = [src]
         if padding_mask:
@@ -238,10 +244,10 @@ class TransformerEncoderLayer(_Encoder):
         act = _ACTIVATIONS[activation]()
 
         def attend(x):
-            return modules["self_attn"](x, x, x, *masks)
+            return drop["dropout1"](modules["self_attn"](x, x, x, *masks))
 
         def feed_forward(x):
-            return modules["linear2"](act(modules["linear1"](x)))
+            return drop["dropout2"](modules["linear2"](drop["dropout"](act(modules["linear1"](x)))))
 
         x = src
         if norm_first:
