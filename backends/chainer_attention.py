@@ -21,7 +21,8 @@ def _heads(x, heads: int):
 
 class MultiheadAttention(chainer.Link):
     """``forward(x)`` (self-attention), ``forward(query, key, value)`` or ``forward(query, key,
-    value, key_padding_mask)``: the projections through ``F.linear`` over the last axis, the scores
+    value, *masks)`` (a key padding mask, an attention mask: added with ``additive_masks``): the
+    projections through ``F.linear`` over the last axis, the scores
     of all heads through ``F.matmul``, masked positions set to ``-inf`` by ``F.where`` before
     ``F.softmax`` over the keys; in training with ``dropout``, ``F.dropout`` of the weights with a
     mask from the loop's stream (as its Dropout layers: Chainer's own draws from NumPy's global RNG)."""
@@ -46,9 +47,13 @@ class MultiheadAttention(chainer.Link):
         blocked = np.zeros(scores.shape[-2:], bool)
         if spec.causal:
             blocked = np.triu(np.ones(scores.shape[-2:], bool), 1)
-        if len(args) == 4:
-            mask = args[3].array if isinstance(args[3], chainer.Variable) else args[3]
-            blocked = blocked | (mask != 0)[:, None, None, :]
+        for mask in args[3:]:  # (N, S) key padding, (N, L, S) or (N, H, L, S) attention: as (N, 1 or H, L or 1, S)
+            mask = mask.array if isinstance(mask, chainer.Variable) else mask
+            mask = mask[:, None, None, :] if mask.ndim == 2 else mask[:, None] if mask.ndim == 3 else mask
+            if spec.additive_masks:
+                scores = scores + np.broadcast_to(mask, scores.shape).astype(scores.dtype)
+            else:
+                blocked = blocked | (mask != 0)
         blocked = np.broadcast_to(blocked, scores.shape)
         scores = F.where(blocked, np.full(scores.shape, -np.inf, scores.dtype), scores)
         weights = F.softmax(scores, axis=-1)

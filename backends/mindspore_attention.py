@@ -29,7 +29,8 @@ def _project(x, weight, bias):
 
 
 class MultiheadAttention(_TakesMasks):
-    """``x`` (self-attention) or the tuple ``(query, key, value[, key_padding_mask])``: projections
+    """``x`` (self-attention) or the tuple ``(query, key, value, *masks)`` (a key padding mask, an
+    attention mask: added with ``additive_masks``): projections
     by ``ops.matmul``, the masked scores set to ``-inf`` by ``ops.masked_fill`` before
     ``ops.softmax`` over the keys. With ``dropout``, training multiplies the weights by the model's
     ``mask_index``-th mask, drawn by the loop flat (see ``dropout_mask_shape``) and read as
@@ -37,7 +38,7 @@ class MultiheadAttention(_TakesMasks):
 
     def __init__(self, spec: attention.MultiheadAttention, mask_index: int):
         super().__init__()
-        self.dropout, self.mask_index = spec.dropout > 0, mask_index
+        self.dropout, self.mask_index, self.additive_masks = spec.dropout > 0, mask_index, spec.additive_masks
         e, self.heads, self.batch_first, self.causal = spec.embed_dim, spec.num_heads, spec.batch_first, spec.causal
         self.scale = float(1 / np.sqrt(spec.head_dim))
         shapes = spec.param_shapes()
@@ -53,11 +54,11 @@ class MultiheadAttention(_TakesMasks):
         self.e = e
 
     def construct(self, x, masks):
-        padding = None
+        given = ()
         if isinstance(x, tuple):
             query, key, value = x[0], x[1], x[2]
-            if len(x) == 4:
-                padding = x[3]
+            for index in range(3, len(x)):
+                given = (*given, x[index])
         else:
             query, key, value = x, x, x
         if not self.batch_first:
@@ -74,8 +75,15 @@ class MultiheadAttention(_TakesMasks):
         blocked = ops.zeros((length, keys), ms.bool_)
         if self.causal:
             blocked = ops.expand_dims(ops.arange(keys), 0) > ops.expand_dims(ops.arange(length), 1)
-        if padding is not None:
-            blocked = ops.logical_or(blocked, ops.reshape(padding != 0, (padding.shape[0], 1, 1, keys)))
+        for mask in given:  # (N, S) key padding, (N, L, S) or (N, H, L, S) attention: as (N, 1 or H, L or 1, S)
+            if mask.ndim == 2:
+                mask = ops.reshape(mask, (mask.shape[0], 1, 1, keys))
+            elif mask.ndim == 3:
+                mask = ops.expand_dims(mask, 1)
+            if self.additive_masks:
+                scores = scores + mask
+            else:
+                blocked = ops.logical_or(blocked, mask != 0)
         scores = ops.masked_fill(scores, ops.broadcast_to(blocked, scores.shape), Tensor(float("-inf"), ms.float32))
         weights = ops.softmax(scores, -1)
         if self.dropout and self.training:

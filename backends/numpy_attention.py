@@ -32,8 +32,8 @@ def _merge(x):
 
 
 class _MultiheadAttention(_Layer):
-    """Inputs ``x`` (self-attention), ``(query, key, value)`` or ``(query, key, value,
-    key_padding_mask)``; backward returns one gradient per input (None for the mask)."""
+    """Inputs ``x`` (self-attention), ``(query, key, value)`` or ``(query, key, value)`` and its
+    masks; backward returns one gradient per input (None for the masks)."""
 
     def __init__(self, spec, dtype, rng):
         super().__init__(spec, dtype, rng)
@@ -55,7 +55,10 @@ class _MultiheadAttention(_Layer):
         q, k, v = projected
         scale = q.dtype.type(self.scale())
         scores = (q @ k.swapaxes(-1, -2)) * scale
-        scores = np.where(self.blocked(*scores.shape[-2:], args[3] if len(args) == 4 else None), -np.inf, scores)
+        blocked, added = self.masks(*scores.shape[-2:], args[3:])
+        if added is not None:
+            scores += added
+        scores = np.where(blocked, -np.inf, scores)
         with np.errstate(invalid="ignore"):  # a query with every key masked gives NaN, as in PyTorch
             scores -= scores.max(-1, keepdims=True)
             weights = np.exp(scores)
@@ -73,13 +76,21 @@ class _MultiheadAttention(_Layer):
         """The scores' factor, ``1 / sqrt(head_dim)``."""
         return 1 / np.sqrt(self.spec.head_dim)
 
-    def blocked(self, length, keys, padding):
-        """Where a query may not read a key: ``(length, keys)``, or ``(N, 1, length, keys)`` with a
-        padding mask ``(N, keys)``."""
-        blocked = np.zeros((length, keys), bool)
-        if self.spec.causal:
-            blocked = np.triu(np.ones((length, keys), bool), 1)
-        return blocked if padding is None else blocked | (padding != 0)[:, None, None, :]
+    def masks(self, length, keys, masks):
+        """``(blocked, added)``: where a query may not read a key (``(length, keys)`` or broadcasting
+        to ``(N, H, length, keys)``), and the float masks' sum to add to the scores (None without
+        ``additive_masks``), from the batch's key padding mask ``(N, keys)`` and attention mask
+        ``(N, length, keys)`` or ``(N, H, length, keys)``, either of them left out."""
+        blocked = np.triu(np.ones((length, keys), bool), 1) if self.spec.causal else np.zeros((length, keys), bool)
+        added = None
+        for mask in masks:
+            # as (N, 1 or H, length or 1, keys)
+            mask = mask[:, None, None, :] if mask.ndim == 2 else mask[:, None] if mask.ndim == 3 else mask
+            if self.spec.additive_masks:
+                added = mask if added is None else added + mask
+            else:
+                blocked = blocked | (mask != 0)
+        return blocked, added
 
     def backward(self, grad, need_input_grad):
         count, inputs, q, k, v, weights, mask, context, scale = self.saved
@@ -112,7 +123,7 @@ class _MultiheadAttention(_Layer):
             return sum(input_grads) if need_input_grad else None
         if not need_input_grad:
             return (None,) * count
-        return (*input_grads, *([None] if count == 4 else []))
+        return (*input_grads, *([None] * (count - 3)))  # the masks have none
 
 
 class _PositionalEncoding(_Layer):

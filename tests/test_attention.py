@@ -274,6 +274,85 @@ def test_time_first_and_cross_attention_match_torch_nn_in_float64(name, backend)
     assert_run_within_drift(loop, [loop.to_float(loop.step(batch)) for batch in batches], runs, "float64", SIZE)
 
 
+class MaskedSelfAttention(nn.Module):
+    """Self-attention with a key padding mask and an attention mask, boolean (a per-sample ``(L, S)`` mask:
+    PyTorch's ``(N * H, L, S)`` repeats it per head) or float (per head, ``(H, L, S)``: added)."""
+
+    def __init__(self, additive):
+        super().__init__()
+        self.additive = additive
+        self.attn, self.head = nn.MultiheadAttention(E, HEADS, batch_first=True), nn.Linear(E, CLASSES)
+
+    def forward(self, x, padding, mask):
+        if self.additive:
+            padding, mask = padding, mask.flatten(0, 1)
+        else:
+            padding, mask = padding != 0, (mask != 0).repeat_interleave(HEADS, 0)
+        return self.head(self.attn(x, x, x, key_padding_mask=padding, attn_mask=mask, need_weights=False)[0].mean(1))
+
+
+def _masked_spec(additive):
+    x, padding = Input((S, E), "x"), Input((S,), "padding")
+    mask = Input((HEADS, S, S) if additive else (S, S), "mask")
+    attn, head = ut.MultiheadAttention(E, HEADS, batch_first=True, additive_masks=additive), ut.Linear(E, CLASSES)
+    return Graph([x, padding, mask], head(attn(x, x, x, padding, mask).mean(dim=1)), {"attn": attn, "head": head})
+
+
+def _masked_batches(additive):
+    """Padded keys and masked (query, key) pairs, key 0 never masked: no query loses every key. Float masks
+    are -inf where they mask, offsets of about 1 elsewhere."""
+    rng = np.random.default_rng(SEED)
+    batches = []
+    for _ in range(5):
+        x = rng.standard_normal((BATCH, S, E))
+        padded = np.arange(S) >= rng.integers(2, S + 1, BATCH)[:, None]
+        masked = rng.random((BATCH, *((HEADS, S, S) if additive else (S, S)))) < 0.3
+        masked[..., 0] = False
+        if additive:
+            padding = np.where(padded, -np.inf, rng.uniform(-1, 1, padded.shape))
+            mask = np.where(masked, -np.inf, rng.standard_normal(masked.shape))
+        else:
+            padding, mask = padded.astype(np.float64), masked.astype(np.float64)
+        batches.append(((x, padding, mask), rng.integers(0, CLASSES, BATCH)))
+    return batches
+
+
+@pytest.mark.parametrize("backend", [name for name in installed_backends() if name != "mindspore"])
+@pytest.mark.parametrize("additive", [False, True], ids=["boolean", "additive"])
+def test_attention_masks_train_like_torch_nn(additive, backend):
+    """A key padding mask with an attention mask, PyTorch's boolean ones (a per-sample (L, S) mask) or float
+    ones added to the scores (-inf and offsets; a per-head (H, L, S) mask): five SGD-momentum steps within
+    the conformance formula of torch.nn's float64 run (float32: within its drift). MindSpore runs them in
+    the conformance suite's check_attention."""
+    spec, batches = _masked_spec(additive), _masked_batches(additive)
+    initial = ut.init_weights(spec, SEED)
+    runs = torch_runs(lambda dtype: load_state(MaskedSelfAttention(additive).to(dtype), initial), SGD_OF, batches)
+    for dtype in DTYPES[backend]:
+        loop = _loop(backend, spec, dtype)
+        data = [(tuple(part.astype(dtype) for part in x), y) for x, y in batches]
+        assert_run_within_drift(loop, [loop.to_float(loop.step(batch)) for batch in data], runs, dtype, SIZE)
+
+
+def test_masks_of_the_wrong_shape_or_values_are_refused_before_any_framework_work():
+    from unitrain.backends.numpy import NumpyLoop
+
+    loop = NumpyLoop(_masked_spec(additive=True))
+    x, padding, mask = np.zeros((2, S, E)), np.zeros((2, S)), np.zeros((2, HEADS, S, S))
+    with pytest.raises(
+        InputError, match=r"attn_mask must have per-sample shape \(5, 5\) or \(2, 5, 5\) .*got \(3, 5, 5\)"
+    ):
+        loop.step(((x, padding, np.zeros((2, 3, S, S))), np.array([0, 1])))
+    with pytest.raises(InputError, match=r"^input 'mask': attn: an additive attention mask holds NaN or \+inf"):
+        loop.step(((x, padding, np.full((2, HEADS, S, S), np.nan)), np.array([0, 1])))
+    with pytest.raises(InputError, match=r"^input 'padding' must be numeric, got dtype <U1"):
+        loop.step(((x, np.full((2, S), "a"), mask), np.array([0, 1])))
+    assert loop.step_count == 0
+    padding[:, -1] = -np.inf  # -inf masks a key
+    assert np.isfinite(loop.predict((x, padding, mask))).all()
+    with pytest.raises(ValueError, match=r"after \(query, key, value\) it takes key_padding_mask \(S,\) and/or"):
+        _masked_spec(True).modules["attn"](*(Input((S, E), n) for n in "qkv"), Input((S, S), "m"), Input((S,), "p"))
+
+
 def test_state_keys_init_and_serialisation_are_torch_s():
     mha = ut.MultiheadAttention(E, HEADS)
     assert mha.param_shapes() == {

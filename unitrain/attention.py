@@ -48,15 +48,20 @@ class MultiheadAttention(Layer):
         head_h = softmax(q_h @ k_h.T / sqrt(d) + mask) @ v_h                      # d = embed_dim // num_heads
         out = concat(head_1 .. head_H) @ out_proj.weight.T + out_proj.bias
 
-    ``mask`` is ``-inf`` where the key is padding (``key_padding_mask`` non-zero) or, with
-    ``causal``, where the key comes after the query (``attn_mask = triu(-inf, 1)``); a query whose
-    keys are all masked gives NaN, as in PyTorch. In training, ``dropout`` zeroes each attention
-    weight ``softmax(...)`` with that probability and scales the others by ``1 / (1 - dropout)``
-    (PyTorch's ``dropout_p``), each weight of each head its own draw. Weights: ``in_proj_weight`` ``(3E, E)``
-    (Xavier-uniform), ``in_proj_bias`` ``(3E,)`` and ``out_proj.bias`` zeros, ``out_proj.weight``
+    ``mask`` is ``-inf`` where the key is padding (``key_padding_mask`` non-zero), where
+    ``attn_mask`` is non-zero (its per-sample ``(L, S)``, or ``(num_heads, L, S)``: PyTorch's
+    ``(N * num_heads, L, S)``) or, with ``causal``, where the key comes after the query
+    (``attn_mask = triu(-inf, 1)``): PyTorch's boolean masks. With ``additive_masks`` the two
+    masks' values are added to the scores instead (PyTorch's float masks; ``-inf`` masks), the
+    causal mask still ``-inf``. The masks are inputs (floats, as every graph input; so their kind
+    is the spec's). A query whose keys are all masked gives NaN, as in PyTorch. In training,
+    ``dropout`` zeroes each attention weight ``softmax(...)`` with that probability and scales the
+    others by ``1 / (1 - dropout)`` (PyTorch's ``dropout_p``), each weight of each head its own
+    draw. Weights: ``in_proj_weight`` ``(3E, E)`` (Xavier-uniform), ``in_proj_bias`` ``(3E,)`` and
+    ``out_proj.bias`` zeros, ``out_proj.weight``
     ``(E, E)`` as a Linear's. Per-sample shapes with ``batch_first``: query ``(L, E)``, key and
     value ``(S, E)``, ``key_padding_mask`` ``(S,)``; output ``(L, E)``. Without ``batch_first`` the
-    loop's axis 0 is the sequence axis (as for the recurrent layers) and no key padding mask fits."""
+    loop's axis 0 is the sequence axis (as for the recurrent layers) and no mask input fits."""
 
     embed_dim: int
     num_heads: int
@@ -64,6 +69,7 @@ class MultiheadAttention(Layer):
     bias: bool = True
     batch_first: bool = False
     causal: bool = False
+    additive_masks: bool = False
 
     def __post_init__(self):
         _positive_int("MultiheadAttention", "embed_dim", self.embed_dim)
@@ -73,7 +79,7 @@ class MultiheadAttention(Layer):
                 f"MultiheadAttention: embed_dim {self.embed_dim} must be divisible by num_heads {self.num_heads}"
             )
         object.__setattr__(self, "dropout", _dropout("MultiheadAttention", self.dropout))
-        for name in ("bias", "batch_first", "causal"):
+        for name in ("bias", "batch_first", "causal", "additive_masks"):
             _flag("MultiheadAttention", name, getattr(self, name))
 
     @property
@@ -105,11 +111,12 @@ class MultiheadAttention(Layer):
         return self.output_shape_of((input_shape,))
 
     def output_shape_of(self, shapes: tuple[Shape, ...]) -> Shape:
-        """The output's per-sample shape for inputs ``(x,)``, ``(query, key, value)`` or
-        ``(query, key, value, key_padding_mask)``; ``ValueError`` naming the input that does not fit."""
-        if len(shapes) not in (1, 3, 4):
-            raise ValueError(f"{self} takes (query), (query, key, value) or (query, key, value, key_padding_mask), "
-                             f"got {len(shapes)} inputs")  # fmt: skip
+        """The output's per-sample shape for inputs ``(x,)``, ``(query, key, value)`` or ``(query, key,
+        value)`` and a key padding mask, an attention mask or both (see :meth:`mask_names`);
+        ``ValueError`` naming the input that does not fit."""
+        if len(shapes) not in (1, 3, 4, 5):
+            raise ValueError(f"{self} takes (query), (query, key, value) and optionally key_padding_mask and "
+                             f"attn_mask, got {len(shapes)} inputs")  # fmt: skip
         query, key, value = (shapes * 3)[:3] if len(shapes) == 1 else shapes[:3]
         for name, shape in (("query", query), ("key", key), ("value", value)):
             if len(shape) != 2 or shape[-1] != self.embed_dim:
@@ -120,13 +127,32 @@ class MultiheadAttention(Layer):
             raise ValueError(f"{self}: key and value must have the same length, got {key} and {value}")
         if self.causal and query[0] != key[0]:
             raise ValueError(f"{self}: a causal mask needs as many queries as keys, got {query} and {key}")
-        if len(shapes) == 4:
-            if not self.batch_first:
-                raise ValueError(f"{self}: a key padding mask needs batch_first=True (its axis 0 is the batch)")
-            if tuple(shapes[3]) != (key[0],):
-                raise ValueError(f"{self}: key_padding_mask must have per-sample shape ({key[0]},) (one entry "
-                                 f"per key), got {tuple(shapes[3])}")  # fmt: skip
+        masks = self.mask_names(shapes[3:]) if len(shapes) > 3 else ()
+        if masks and not self.batch_first:
+            what = masks[0].replace("attn_", "attention ").replace("key_padding_", "key padding ")
+            raise ValueError(f"{self}: a {what} needs batch_first=True (its axis 0 is the batch)")
+        for name, shape in zip(masks, shapes[3:], strict=True):
+            wanted = [(key[0],)] if name == "key_padding_mask" else [(query[0], key[0]),
+                                                                     (self.num_heads, query[0], key[0])]  # fmt: skip
+            if tuple(shape) not in wanted:
+                hint = "one entry per key" if name == "key_padding_mask" else "(L, S) or (num_heads, L, S)"
+                raise ValueError(f"{self}: {name} must have per-sample shape {' or '.join(map(str, wanted))} "
+                                 f"({hint}), got {tuple(shape)}")  # fmt: skip
         return tuple(query)
+
+    @staticmethod
+    def mask_names(shapes: tuple[Shape, ...]) -> tuple[str, ...]:
+        """What the inputs after ``(query, key, value)`` are, from their per-sample shapes:
+        ``key_padding_mask`` ``(S,)`` then ``attn_mask`` ``(L, S)`` or ``(num_heads, L, S)`` (PyTorch's
+        order; either may be left out); ``ValueError`` for any other."""
+        names = tuple("key_padding_mask" if len(shape) == 1 else "attn_mask" for shape in shapes)
+        if names not in ((), ("key_padding_mask",), ("attn_mask",), ("key_padding_mask", "attn_mask")) or any(
+            len(shape) not in (1, 2, 3) for shape in shapes
+        ):
+            raise ValueError(f"MultiheadAttention: after (query, key, value) it takes key_padding_mask (S,) and/or "
+                             f"attn_mask (L, S) or (num_heads, L, S), in that order; got per-sample shapes "
+                             f"{tuple(tuple(shape) for shape in shapes)}")  # fmt: skip
+        return names
 
     def fan_in(self):
         return self.embed_dim
