@@ -239,17 +239,19 @@ class TransformerEncoderLayer(_Encoder):
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.0,
                  activation: str = "relu", layer_norm_eps: float = 1e-5, batch_first: bool = False,
                  norm_first: bool = False, bias: bool = True, causal: bool = False, seq_len: int = 1,
-                 padding_mask: bool = False):  # fmt: skip
+                 padding_mask: bool = False, additive_masks: bool = False):  # fmt: skip
         """``seq_len`` is the per-sample length the graph's shapes are inferred with (any other
-        length runs too); ``padding_mask``: whether the layer takes ``src_key_padding_mask``."""
+        length runs too); ``padding_mask``: whether the layer takes ``src_key_padding_mask``,
+        added to the scores with ``additive_masks`` (PyTorch's float mask; see MultiheadAttention)."""
         if activation not in _ACTIVATIONS:
             raise ValueError(f"TransformerEncoderLayer: activation must be 'relu' or 'gelu', got {activation!r}")
         _flag("TransformerEncoderLayer", "norm_first", norm_first)
         _flag("TransformerEncoderLayer", "padding_mask", padding_mask)
+        _flag("TransformerEncoderLayer", "additive_masks", additive_masks)
         _positive_int("TransformerEncoderLayer", "dim_feedforward", dim_feedforward)
         _positive_int("TransformerEncoderLayer", "seq_len", seq_len)
         dropout = _dropout("TransformerEncoderLayer", dropout)
-        attention = MultiheadAttention(d_model, nhead, dropout, bias, batch_first, causal)
+        attention = MultiheadAttention(d_model, nhead, dropout, bias, batch_first, causal, additive_masks)
         # PyTorch's module order; the Dropout modules only with dropout > 0 (p = 0 would draw nothing)
         dropouts = (lambda *names: {name: Dropout(dropout) for name in names}) if dropout else lambda *names: {}
         modules = {
@@ -286,7 +288,7 @@ class TransformerEncoderLayer(_Encoder):
         _set_arguments(self, dict(d_model=d_model, nhead=nhead, dim_feedforward=dim_feedforward, dropout=dropout,
                                   activation=activation, layer_norm_eps=layer_norm_eps, batch_first=batch_first,
                                   norm_first=norm_first, bias=bias, causal=causal, seq_len=seq_len,
-                                  padding_mask=padding_mask))  # fmt: skip
+                                  padding_mask=padding_mask, additive_masks=additive_masks))  # fmt: skip
 
 
 @dataclass(frozen=True, init=False, eq=True, repr=False)

@@ -66,6 +66,11 @@ def input_roles(graph) -> dict[str, Role]:
             for arg in node.args[3:]:
                 if arg in inputs:
                     roles.setdefault(arg, Role("additive mask", node.target, module))
+        if isinstance(module, Graph):  # an encoder's padding mask reaches its attention
+            inner = input_roles(module)
+            for arg, name in zip(node.args, module.input_names, strict=False):
+                if arg in inputs and name in inner and inner[name].kind == "additive mask":
+                    roles.setdefault(arg, Role("additive mask", f"{node.target}.{inner[name].path}", inner[name].layer))
         if len(node.args) == 2 and node.args[1] in inputs and isinstance(module, _Recurrent):
             steps = graph.shapes[node.args[0]][0]
             roles.setdefault(node.args[1], Role("lengths", node.target, module, steps, node.args[0]))
