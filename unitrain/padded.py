@@ -27,6 +27,9 @@ def lengths_problem(layer: Layer, input_shape: tuple, lengths_shape: tuple) -> s
         return f"{layer} takes one tensor input; only RNN, LSTM and GRU take a second one, the lengths"
     if not layer.batch_first:
         return f"{layer}: sequence lengths need batch_first=True (the loop's samples must be the sequences)"
+    if lengths_shape == layer.state_shape(1)[::2]:  # (D * num_layers, hidden_size): an h_0 per sample
+        return (f"{layer}: initial states are not graph inputs (in a graph the layer starts from zeros); "
+                f"its second input is the lengths, per-sample shape ()")  # fmt: skip
     if lengths_shape != ():
         return f"{layer}: lengths must have per-sample shape () (one length per sequence), got {lengths_shape}"
     return None
