@@ -29,6 +29,7 @@ from torch_reference import (
     torch_runs,
     train_torch,
 )
+from unitrain.conformance.tolerances import tolerance
 
 import unitrain as ut
 from unitrain.graph import Graph, Input, from_dict, to_dict
@@ -272,6 +273,29 @@ def test_time_first_and_cross_attention_match_torch_nn_in_float64(name, backend)
     loop = _loop(backend, spec, "float64")
     assert list(loop.state_dict()) == list(twin().state_dict())
     assert_run_within_drift(loop, [loop.to_float(loop.step(batch)) for batch in batches], runs, "float64", SIZE)
+
+
+@pytest.mark.parametrize("backend", [name for name in installed_backends() if name in ("chainer", "mindspore")])
+def test_time_first_attention_drops_what_numpy_drops(backend):
+    """Sequence first, the loop's batch is the sequence and the heads' batch a per-sample axis: the masks of
+    the attention weights still come from the stream in NumPy's (N, H, L, S) order (MindSpore draws them flat
+    and reads them so). One training forward and its gradients, float32."""
+    spec = ut.Sequential({"attn": ut.MultiheadAttention(E, HEADS, dropout=0.5), "flatten": ut.Flatten(),
+                          "head": ut.Linear(3 * E, CLASSES)})  # fmt: skip
+    x, y = np.random.default_rng(SEED).standard_normal((S, 3, E)).astype(np.float32), np.arange(S) % CLASSES
+    results = []
+    for name in ("numpy", backend):
+        loop = _loop(name, spec, "float32")
+        loop.zero_grad()
+        pred = loop.forward(x)
+        loop.backward(loop.loss(pred, y))
+        results.append((loop.to_numpy(pred), loop.gradients(), loop.eval().predict(x)))
+    (expected, gradients, evaluated), (pred, other_gradients, _) = results
+    bound = tolerance(np.float32, SIZE, 1.0)
+    np.testing.assert_allclose(pred, expected, rtol=0, atol=bound)
+    for key, value in gradients.items():
+        np.testing.assert_allclose(other_gradients[key], value, rtol=0, atol=8 * bound, err_msg=key)
+    assert np.abs(evaluated - expected).max() > 100 * bound  # dropout acted
 
 
 class MaskedSelfAttention(nn.Module):
