@@ -348,10 +348,14 @@ class _CrossEntropyLoss(nn.Cell):
 
     def __init__(self, ignore_index: int, reduction: str):
         super().__init__()
-        self.nll = nn.NLLLoss(ignore_index=ignore_index, reduction=reduction)
+        self.nll, self.reduction = nn.NLLLoss(ignore_index=ignore_index, reduction=reduction), reduction
 
     def construct(self, pred, target):
-        return self.nll(_in_float64(_log_softmax_of_primitives, pred, 1), target)
+        log_probs = _in_float64(_log_softmax_of_primitives, pred, 1)
+        if target.dtype == ms.int32:  # class indices
+            return self.nll(log_probs, target)
+        losses = -(target * log_probs).sum(1)  # class probabilities: PyTorch's mean over the rest
+        return losses.mean() if self.reduction == "mean" else losses.sum() if self.reduction == "sum" else losses
 
 
 #: leaves without weights: spec type -> native cell
