@@ -376,7 +376,7 @@ class ChainerLoop(TrainingLoop):
             native = L.Convolution2D if isinstance(spec, layers.Conv2d) else L.Convolution1D
             return native(*size, dilate=spec.dilation, groups=spec.groups, **init)
         if type(spec) in attention.LEAVES.values():
-            return chainer_attention.leaf(spec, self.dtype)
+            return chainer_attention.leaf(spec, self.dtype, self._rng)
         if isinstance(spec, sequences.Embedding):
             return _Embedding(spec, self.dtype)
         if isinstance(spec, sequences._Recurrent):

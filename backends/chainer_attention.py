@@ -10,6 +10,7 @@ import chainer.functions as F
 import numpy as np
 
 from unitrain import attention
+from unitrain.randomness import dropout_mask
 
 
 def _heads(x, heads: int):
@@ -20,13 +21,15 @@ def _heads(x, heads: int):
 
 class MultiheadAttention(chainer.Link):
     """``forward(x)`` (self-attention), ``forward(query, key, value)`` or ``forward(query, key,
-    value, key_padding_mask)``: the projections through ``F.linear`` over the last axis, the scores
+    value, *masks)`` (a key padding mask, an attention mask: added with ``additive_masks``): the
+    projections through ``F.linear`` over the last axis, the scores
     of all heads through ``F.matmul``, masked positions set to ``-inf`` by ``F.where`` before
-    ``F.softmax`` over the keys."""
+    ``F.softmax`` over the keys; in training with ``dropout``, ``F.dropout`` of the weights with a
+    mask from the loop's stream (as its Dropout layers: Chainer's own draws from NumPy's global RNG)."""
 
-    def __init__(self, spec: attention.MultiheadAttention, dtype: np.dtype):
+    def __init__(self, spec: attention.MultiheadAttention, dtype: np.dtype, rng: np.random.Generator):
         super().__init__()
-        self.spec = spec
+        self.spec, self.rng = spec, rng
         with self.init_scope():
             for key, shape in spec.param_shapes().items():
                 setattr(self, key.replace(".", "_"), chainer.Parameter(np.zeros(shape, dtype)))
@@ -44,12 +47,20 @@ class MultiheadAttention(chainer.Link):
         blocked = np.zeros(scores.shape[-2:], bool)
         if spec.causal:
             blocked = np.triu(np.ones(scores.shape[-2:], bool), 1)
-        if len(args) == 4:
-            mask = args[3].array if isinstance(args[3], chainer.Variable) else args[3]
-            blocked = blocked | (mask != 0)[:, None, None, :]
+        for mask in args[3:]:  # (N, S) key padding, (N, L, S) or (N, H, L, S) attention: as (N, 1 or H, L or 1, S)
+            mask = mask.array if isinstance(mask, chainer.Variable) else mask
+            mask = mask[:, None, None, :] if mask.ndim == 2 else mask[:, None] if mask.ndim == 3 else mask
+            if spec.additive_masks:
+                scores = scores + np.broadcast_to(mask, scores.shape).astype(scores.dtype)
+            else:
+                blocked = blocked | (mask != 0)
         blocked = np.broadcast_to(blocked, scores.shape)
         scores = F.where(blocked, np.full(scores.shape, -np.inf, scores.dtype), scores)
-        context = F.matmul(F.softmax(scores, axis=-1), v)
+        weights = F.softmax(scores, axis=-1)
+        if chainer.config.train and spec.dropout:
+            weights = F.dropout(weights, spec.dropout, mask=dropout_mask(self.rng, weights.shape, spec.dropout,
+                                                                           weights.dtype))  # fmt: skip
+        context = F.matmul(weights, v)
         n, _, length, _ = context.shape
         context = F.reshape(F.transpose(context, (0, 2, 1, 3)), (n, length, e))
         out = F.linear(context, self.out_proj_weight, self.out_proj_bias if spec.bias else None, n_batch_axes=2)
@@ -68,10 +79,11 @@ class PositionalEncoding:
         return x + (table[None] if self.spec.batch_first else table[:, None])
 
 
-def leaf(spec, dtype: np.dtype):
-    """The link or function of an attention leaf spec, or None for other specs."""
+def leaf(spec, dtype: np.dtype, rng: np.random.Generator):
+    """The link or function of an attention leaf spec (``rng``: the loop's dropout stream), or None
+    for other specs."""
     if isinstance(spec, attention.MultiheadAttention):
-        return MultiheadAttention(spec, dtype)
+        return MultiheadAttention(spec, dtype, rng)
     if isinstance(spec, attention.PositionalEncoding):
         return PositionalEncoding(spec)
     return None

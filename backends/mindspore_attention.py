@@ -14,6 +14,8 @@ from mindspore import Parameter, Tensor, nn, ops
 
 from unitrain import attention
 
+from .mindspore_sequences import _TakesMasks
+
 
 def _heads(x, heads):
     """``(N, L, E)`` -> ``(N, H, L, E / H)``."""
@@ -26,13 +28,17 @@ def _project(x, weight, bias):
     return out if bias is None else out + bias
 
 
-class MultiheadAttention(nn.Cell):
-    """``x`` (self-attention) or the tuple ``(query, key, value[, key_padding_mask])``: projections
+class MultiheadAttention(_TakesMasks):
+    """``x`` (self-attention) or the tuple ``(query, key, value, *masks)`` (a key padding mask, an
+    attention mask: added with ``additive_masks``): projections
     by ``ops.matmul``, the masked scores set to ``-inf`` by ``ops.masked_fill`` before
-    ``ops.softmax`` over the keys."""
+    ``ops.softmax`` over the keys. With ``dropout``, training multiplies the weights by the model's
+    ``mask_index``-th mask, drawn by the loop flat (see ``dropout_mask_shape``) and read as
+    ``(N, H, L, S)``: the same numbers in the same order as the other backends' masks."""
 
-    def __init__(self, spec: attention.MultiheadAttention):
+    def __init__(self, spec: attention.MultiheadAttention, mask_index: int):
         super().__init__()
+        self.dropout, self.mask_index, self.additive_masks = spec.dropout > 0, mask_index, spec.additive_masks
         e, self.heads, self.batch_first, self.causal = spec.embed_dim, spec.num_heads, spec.batch_first, spec.causal
         self.scale = float(1 / np.sqrt(spec.head_dim))
         shapes = spec.param_shapes()
@@ -47,12 +53,12 @@ class MultiheadAttention(nn.Cell):
         self.state = {key: self.state[key] for key in shapes}
         self.e = e
 
-    def construct(self, x):
-        padding = None
+    def construct(self, x, masks):
+        given = ()
         if isinstance(x, tuple):
             query, key, value = x[0], x[1], x[2]
-            if len(x) == 4:
-                padding = x[3]
+            for index in range(3, len(x)):
+                given = (*given, x[index])
         else:
             query, key, value = x, x, x
         if not self.batch_first:
@@ -69,10 +75,20 @@ class MultiheadAttention(nn.Cell):
         blocked = ops.zeros((length, keys), ms.bool_)
         if self.causal:
             blocked = ops.expand_dims(ops.arange(keys), 0) > ops.expand_dims(ops.arange(length), 1)
-        if padding is not None:
-            blocked = ops.logical_or(blocked, ops.reshape(padding != 0, (padding.shape[0], 1, 1, keys)))
+        for mask in given:  # (N, S) key padding, (N, L, S) or (N, H, L, S) attention: as (N, 1 or H, L or 1, S)
+            if mask.ndim == 2:
+                mask = ops.reshape(mask, (mask.shape[0], 1, 1, keys))
+            elif mask.ndim == 3:
+                mask = ops.expand_dims(mask, 1)
+            if self.additive_masks:
+                scores = scores + mask
+            else:
+                blocked = ops.logical_or(blocked, mask != 0)
         scores = ops.masked_fill(scores, ops.broadcast_to(blocked, scores.shape), Tensor(float("-inf"), ms.float32))
-        context = ops.matmul(ops.softmax(scores, -1), v)
+        weights = ops.softmax(scores, -1)
+        if self.dropout and self.training:
+            weights = weights * ops.reshape(masks[self.mask_index], weights.shape)
+        context = ops.matmul(weights, v)
         n = context.shape[0]
         context = ops.reshape(ops.transpose(context, (0, 2, 1, 3)), (n, length, e))
         out = _project(context, self.out_proj_weight, self.out_proj_bias)
@@ -96,6 +112,21 @@ class PositionalEncoding(nn.Cell):
         return x + ops.expand_dims(self.pe[: x.shape[0]], 1)
 
 
-def cell(spec) -> nn.Cell:
-    """The cell of an attention leaf spec (its ``state``: PyTorch's key -> Parameter)."""
-    return MultiheadAttention(spec) if isinstance(spec, attention.MultiheadAttention) else PositionalEncoding(spec)
+def cell(spec, mask_index: int) -> nn.Cell:
+    """The cell of an attention leaf spec (its ``state``: PyTorch's key -> Parameter); a
+    MultiheadAttention with dropout reads the model's ``mask_index``-th dropout mask."""
+    if isinstance(spec, attention.MultiheadAttention):
+        return MultiheadAttention(spec, mask_index)
+    return PositionalEncoding(spec)
+
+
+def dropout_mask_shape(spec: attention.MultiheadAttention, shapes: tuple) -> tuple:
+    """The per-sample shape of the attention weights' mask for per-sample inputs ``shapes`` (one
+    shape, or query's, key's, ...), flattened; ``None`` stands for the batch size. The loop draws
+    ``(batch, *shape)``: with ``batch_first`` one sample's ``(H, L, S)``; sequence first the loop's
+    batch is the sequence (``L = S``) and the heads' batch ``N`` a per-sample axis, so ``N * H``
+    rows of ``S`` keys per query."""
+    query, key = (shapes, shapes) if isinstance(shapes[0], int) else shapes[:2]
+    if spec.batch_first:
+        return (spec.num_heads * query[0] * key[0],)
+    return (query[0] * spec.num_heads, None)

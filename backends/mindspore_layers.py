@@ -25,6 +25,14 @@ def _in_float64(fn, x, *args):
     return fn(x.astype(ms.float64), *args).astype(x.dtype)
 
 
+def _log_softmax_of_primitives(x, axis):
+    """``log_softmax`` from max, exp, sum and log: MindSpore's LogSoftmax kernel computes in float32
+    whatever its input's dtype (on float64 N(0, 1) logits 3.4e-6 off, its float32 result), while
+    its float64 primitives round correctly."""
+    shifted = x - ops.amax(x, axis, True)
+    return shifted - ops.log(ops.sum(ops.exp(shifted), axis, True))
+
+
 def _elu(x, alpha):
     # MindSpore's Elu kernel accepts only alpha == 1.0, so PyTorch's equation from primitives.
     return ops.where(x > 0, x, alpha * ops.expm1(x))
@@ -265,7 +273,7 @@ _PLAIN_LEAVES = {
     layers.ELU: lambda spec: _Activation(_elu, spec.alpha),
     layers.GELU: lambda spec: _Activation(ops.gelu, spec.approximate),
     layers.Softmax: lambda spec: _Activation(ops.softmax, spec.dim),
-    layers.LogSoftmax: lambda spec: _Activation(ops.log_softmax, spec.dim),
+    layers.LogSoftmax: lambda spec: _Activation(_log_softmax_of_primitives, spec.dim),
     sequences.MaxPool1d: lambda spec: _Through2d(_pool(spec.as_2d())),
     sequences.AvgPool1d: lambda spec: _Through2d(_pool(spec.as_2d())),
     sequences.AdaptiveAvgPool1d: lambda spec: _Through2d(nn.AdaptiveAvgPool2d(spec.as_2d().output_size)),
@@ -334,7 +342,8 @@ class _Builder:
         if type(spec) in _PLAIN_LEAVES:
             return _PLAIN_LEAVES[type(spec)](spec), {}
         if type(spec) in attention.LEAVES.values():
-            cell = mindspore_attention.cell(spec)
+            cell = mindspore_attention.cell(spec, self.dropouts)
+            self.dropouts += 1 if getattr(spec, "dropout", 0) else 0  # MultiheadAttention's weights' mask
             return cell, cell.state
         if isinstance(spec, layers.Dropout):
             self.dropouts += 1
@@ -395,6 +404,10 @@ def _dropout_shapes(spec: layers.Layer, shape: tuple[int, ...], found: list) -> 
         return spec.output_shape(shape)
     if isinstance(spec, layers.Dropout):
         found.append((spec.p, shape))
+    if isinstance(spec, attention.MultiheadAttention):
+        if spec.dropout:
+            found.append((spec.dropout, mindspore_attention.dropout_mask_shape(spec, shape)))
+        return spec.output_shape_of((shape,) if isinstance(shape[0], int) else shape)
     out = spec.output_shape(shape)
     if isinstance(spec, sequences._Recurrent) and spec.dropout:  # between its layers, each as wide as the output
         found.extend([(spec.dropout, out)] * (spec.num_layers - 1))

@@ -4,7 +4,10 @@ the Transformer encoders are graphs of these, Linear and LayerNorm.
 
 Attention runs batch-first, heads split as ``(N, H, L, d)``: the three input projections are one
 product each, the scores of all heads one batched product, the masks one ``np.where``. Backward
-reuses the softmax's output: ``dS = P * (dP - sum(dP * P))`` over the keys.
+reuses the softmax's output: ``dS = P * (dP - sum(dP * P))`` over the keys. In training with
+``dropout``, the weights ``P`` that multiply the values are ``P * mask``, the mask ``(N, H, L, S)``
+drawn from the loop's stream (:mod:`unitrain.randomness`) when the layer runs; backward multiplies
+``dP`` by the same mask.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import numpy as np
 from unitrain.backends.numpy_sequences import _Freezable, _Layer
 
 from unitrain.attention import MultiheadAttention, PositionalEncoding
+from unitrain.randomness import dropout_mask
 
 
 def _heads(x, heads):
@@ -28,8 +32,12 @@ def _merge(x):
 
 
 class _MultiheadAttention(_Freezable):
-    """Inputs ``x`` (self-attention), ``(query, key, value)`` or ``(query, key, value,
-    key_padding_mask)``; backward returns one gradient per input (None for the mask)."""
+    """Inputs ``x`` (self-attention), ``(query, key, value)`` or ``(query, key, value)`` and its
+    masks; backward returns one gradient per input (None for the masks)."""
+
+    def __init__(self, spec, dtype, rng):
+        super().__init__(spec, dtype, rng)
+        self.rng = rng
 
     def forward(self, x, training, record):
         args = x if isinstance(x, tuple) else (x,)
@@ -47,33 +55,45 @@ class _MultiheadAttention(_Freezable):
         q, k, v = projected
         scale = q.dtype.type(self.scale())
         scores = (q @ k.swapaxes(-1, -2)) * scale
-        scores = np.where(self.blocked(*scores.shape[-2:], args[3] if len(args) == 4 else None), -np.inf, scores)
+        blocked, added = self.masks(*scores.shape[-2:], args[3:])
+        if added is not None:
+            scores += added
+        scores = np.where(blocked, -np.inf, scores)
         with np.errstate(invalid="ignore"):  # a query with every key masked gives NaN, as in PyTorch
             scores -= scores.max(-1, keepdims=True)
             weights = np.exp(scores)
             weights /= weights.sum(-1, keepdims=True)
-        context = _merge(weights @ v)
+        mask = dropout_mask(self.rng, weights.shape, spec.dropout, weights.dtype) if training and spec.dropout else None
+        context = _merge((weights if mask is None else weights * mask) @ v)
         out = context @ self.params["out_proj.weight"].T
         if bias is not None:
             out += self.params["out_proj.bias"]
         if record:
-            self.saved = (len(args), inputs, q, k, v, weights, context, scale)
+            self.saved = (len(args), inputs, q, k, v, weights, mask, context, scale)
         return out if spec.batch_first else out.swapaxes(0, 1)
 
     def scale(self) -> float:
         """The scores' factor, ``1 / sqrt(head_dim)``."""
         return 1 / np.sqrt(self.spec.head_dim)
 
-    def blocked(self, length, keys, padding):
-        """Where a query may not read a key: ``(length, keys)``, or ``(N, 1, length, keys)`` with a
-        padding mask ``(N, keys)``."""
-        blocked = np.zeros((length, keys), bool)
-        if self.spec.causal:
-            blocked = np.triu(np.ones((length, keys), bool), 1)
-        return blocked if padding is None else blocked | (padding != 0)[:, None, None, :]
+    def masks(self, length, keys, masks):
+        """``(blocked, added)``: where a query may not read a key (``(length, keys)`` or broadcasting
+        to ``(N, H, length, keys)``), and the float masks' sum to add to the scores (None without
+        ``additive_masks``), from the batch's key padding mask ``(N, keys)`` and attention mask
+        ``(N, length, keys)`` or ``(N, H, length, keys)``, either of them left out."""
+        blocked = np.triu(np.ones((length, keys), bool), 1) if self.spec.causal else np.zeros((length, keys), bool)
+        added = None
+        for mask in masks:
+            # as (N, 1 or H, length or 1, keys)
+            mask = mask[:, None, None, :] if mask.ndim == 2 else mask[:, None] if mask.ndim == 3 else mask
+            if self.spec.additive_masks:
+                added = mask if added is None else added + mask
+            else:
+                blocked = blocked | (mask != 0)
+        return blocked, added
 
     def backward(self, grad, need_input_grad):
-        count, inputs, q, k, v, weights, context, scale = self.saved
+        count, inputs, q, k, v, weights, mask, context, scale = self.saved
         spec, e = self.spec, self.spec.embed_dim
         if not spec.batch_first:
             grad = grad.swapaxes(0, 1)
@@ -84,7 +104,9 @@ class _MultiheadAttention(_Freezable):
             self.grads["out_proj.bias"] += flat.sum(0)
         grad_context = _heads(grad @ self.params["out_proj.weight"], spec.num_heads)
         grad_weights = grad_context @ v.swapaxes(-1, -2)
-        grad_v = weights.swapaxes(-1, -2) @ grad_context
+        if mask is not None:
+            grad_weights *= mask
+        grad_v = (weights if mask is None else weights * mask).swapaxes(-1, -2) @ grad_context
         grad_scores = weights * (grad_weights - (grad_weights * weights).sum(-1, keepdims=True)) * scale
         grad_q, grad_k = grad_scores @ k, grad_scores.swapaxes(-1, -2) @ q
         weight = self.params["in_proj_weight"]
@@ -103,7 +125,7 @@ class _MultiheadAttention(_Freezable):
             return sum(input_grads) if need_input_grad else None
         if not need_input_grad:
             return (None,) * count
-        return (*input_grads, *([None] if count == 4 else []))
+        return (*input_grads, *([None] * (count - 3)))  # the masks have none
 
 
 class _PositionalEncoding(_Layer):

@@ -14,23 +14,38 @@ from unitrain import attention
 
 class _MultiheadAttention(nn.MultiheadAttention):
     """``forward(x)`` (self-attention), ``forward(query, key, value)`` or ``forward(query, key,
-    value, key_padding_mask)`` with the mask's non-zero entries ``True``; ``need_weights=False``, the
-    spec's causal mask as ``attn_mask`` with ``is_causal``."""
+    value, *masks)``: a key padding mask ``(N, S)`` and an attention mask ``(N, L, S)`` or
+    ``(N, H, L, S)`` (as PyTorch's ``(N * H, L, S)``), their non-zero entries ``True`` or, with
+    ``additive_masks``, the floats themselves; ``need_weights=False``, the spec's causal mask in
+    ``attn_mask`` (with ``is_causal`` when it is the only attention mask); ``dropout`` is PyTorch's own (its masks
+    from the loop's torch generator)."""
 
     def __init__(self, spec: attention.MultiheadAttention, device=None, dtype=None):
-        super().__init__(spec.embed_dim, spec.num_heads, bias=spec.bias, batch_first=spec.batch_first, device=device,
-                         dtype=dtype)  # fmt: skip
-        self.causal = spec.causal
+        super().__init__(spec.embed_dim, spec.num_heads, spec.dropout, bias=spec.bias, batch_first=spec.batch_first,
+                         device=device, dtype=dtype)  # fmt: skip
+        self.causal, self.additive_masks = spec.causal, spec.additive_masks
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:
         query, key, value = (args * 3)[:3] if len(args) == 1 else args[:3]
-        padding = args[3] != 0 if len(args) == 4 else None
-        mask = None
+        masks = {"key_padding_mask": None, "attn_mask": None}
+        for mask in args[3:]:  # (N, S) key padding, (N, L, S) or (N, H, L, S) attention: PyTorch's (N * H, L, S)
+            name = "key_padding_mask" if mask.dim() == 2 else "attn_mask"
+            if name == "attn_mask":
+                mask = mask.repeat_interleave(self.num_heads, 0) if mask.dim() == 3 else mask.flatten(0, 1)
+            masks[name] = mask if self.additive_masks else mask != 0  # PyTorch adds float masks
         if self.causal:
             length = query.shape[1 if self.batch_first else 0]
-            mask = torch.ones(length, length, dtype=torch.bool, device=query.device).triu(1)  # True: not allowed
-        out, _ = super().forward(query, key, value, key_padding_mask=padding, need_weights=False, attn_mask=mask,
-                                 is_causal=self.causal)  # fmt: skip
+            causal = torch.ones(length, length, dtype=torch.bool, device=query.device).triu(1)  # True: not allowed
+            given = masks["attn_mask"]
+            if given is None:
+                masks["attn_mask"] = causal
+            elif self.additive_masks:
+                masks["attn_mask"] = given.masked_fill(causal, float("-inf"))
+            else:
+                masks["attn_mask"] = given | causal
+        # is_causal: a hint that attn_mask is the causal one alone (PyTorch may use either)
+        only_causal = self.causal and not any(mask.dim() > 2 for mask in args[3:])
+        out, _ = super().forward(query, key, value, need_weights=False, is_causal=only_causal, **masks)
         return out
 
 

@@ -5,14 +5,17 @@
 Unlike the other layers, an attention layer's spec depends on its call: the per-sample length of
 ``src`` and whether a key padding mask comes in are arguments of the encoder's graph. So the spec
 is made when the traced ``forward`` calls the module, from the module's attributes and the call's
-example values. The padding mask must be boolean, as PyTorch reads it (``True``: ignore the key;
-a float mask would be added to the scores instead): a ``bool`` forward argument, or a float or
-integer argument turned boolean in ``forward`` with ``mask.bool()`` or ``mask != 0``, which is the
-unitrain graph input itself (its non-zero entries mark padding). Masks of ``attn_mask`` / ``mask``
-(causal or any other) are refused: the spec's ``causal`` flag is fixed when the model is built.
+example values. The padding mask is read as PyTorch reads it: a ``bool`` forward argument, or a
+float or integer argument turned boolean in ``forward`` with ``mask.bool()`` or ``mask != 0``, is
+the unitrain graph input itself (its non-zero entries mark padding); a float forward argument is
+added to the scores (the spec's ``additive_masks``). Masks of ``attn_mask`` / ``mask`` (causal or
+any other) are refused: the spec's ``causal`` flag is fixed when the model is built, and an
+``(L, S)`` mask made in ``forward`` has no batch axis to become a graph input.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import torch
@@ -66,7 +69,7 @@ def _attention(module: nn.MultiheadAttention, path: str) -> MultiheadAttention:
                               module.batch_first)  # fmt: skip
 
 
-def _encoder_layer(module: nn.TransformerEncoderLayer, path: str, seq_len: int, padding_mask: bool):
+def _encoder_layer(module: nn.TransformerEncoderLayer, path: str, seq_len: int, padding_mask: bool, additive: bool):
     activation = {1: "relu", 2: "gelu"}.get(module.activation_relu_or_gelu)
     if activation is None or getattr(module.activation, "approximate", "none") != "none":
         raise ValueError(f"module {path!r}: activation {module.activation!r} is not supported; only relu and "
@@ -80,7 +83,7 @@ def _encoder_layer(module: nn.TransformerEncoderLayer, path: str, seq_len: int, 
     return TransformerEncoderLayer(
         attention.embed_dim, attention.num_heads, module.linear1.out_features, module.dropout.p, activation,
         norm.eps, attention.batch_first, module.norm_first, module.linear1.bias is not None, seq_len=seq_len,
-        padding_mask=padding_mask,
+        padding_mask=padding_mask, additive_masks=additive,
     )  # fmt: skip
 
 
@@ -101,25 +104,26 @@ def called_spec(module: nn.Module, path: str, call: tuple[tuple, dict], examples
         if given.get(name) not in (None, False):
             raise ValueError(f"calls {path} with {name}; unitrain's attention takes only a key padding mask "
                              "(build a causal model with the spec's causal=True)")  # fmt: skip
-    mask = given.get(mask_name)
+    mask, additive = given.get(mask_name), False
     if mask is not None:
         if isinstance(mask, Mask):
             mask = mask.tensor
-        elif not (isinstance(mask, Tensor) and examples[mask_name].dtype == torch.bool):
-            raise ValueError(f"calls {path} with a {mask_name} that is not boolean (PyTorch adds a float mask "
-                             "to the scores); pass mask.bool() or mask != 0")  # fmt: skip
+        elif not isinstance(mask, Tensor):
+            raise ValueError(f"calls {path} with a {mask_name} that is not a graph input or made from one")
+        else:  # bool, or float (PyTorch refuses other masks on the example): PyTorch adds a float mask
+            additive = examples[mask_name].dtype != torch.bool
     inputs = [given[name] for name in names[: 3 if isinstance(module, nn.MultiheadAttention) else 1]]
     if not all(isinstance(value, Tensor) for value in inputs):
         raise ValueError(f"calls {path} with something other than tensors as {', '.join(names[: len(inputs)])}")
     padding = [] if mask is None else [mask]
     if isinstance(module, nn.MultiheadAttention):
-        return _attention(module, path), [*inputs, *padding]
+        return dataclasses.replace(_attention(module, path), additive_masks=additive), [*inputs, *padding]
     seq_len = examples["src"].shape[1]
     if isinstance(module, nn.TransformerEncoderLayer):
-        return _encoder_layer(module, path, seq_len, mask is not None), [*inputs, *padding]
+        return _encoder_layer(module, path, seq_len, mask is not None, additive), [*inputs, *padding]
     if len(module.layers) == 0:
         raise ValueError(f"module {path!r} has no layers")
-    specs = [_encoder_layer(layer, f"{path}.layers.{i}", seq_len, mask is not None)
+    specs = [_encoder_layer(layer, f"{path}.layers.{i}", seq_len, mask is not None, additive)
              for i, layer in enumerate(module.layers)]  # fmt: skip
     if any(spec != specs[0] for spec in specs):
         raise ValueError(f"module {path!r}: its layers differ in their arguments; unitrain's TransformerEncoder "

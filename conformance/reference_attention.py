@@ -1,5 +1,5 @@
 """The independent reference for attention: PyTorch's multi-head attention (``F.multi_head_attention_forward``
-without dropout) and the word_language_model positional table, forward and backward in float64,
+without dropout; boolean or float masks) and the word_language_model positional table, forward and backward in float64,
 written from the equations without importing anything from the NumPy backend. One sample and one
 head at a time; the softmax's backward is its Jacobian ``diag(a) - a a^T`` applied row by row."""
 
@@ -22,18 +22,31 @@ def positional_table(length: int, d_model: int) -> np.ndarray:
     return table
 
 
-def _allowed(layer, length: int, keys: int, padding_row) -> np.ndarray:
-    """``allowed[i, j]``: query ``i`` may read key ``j`` (not padding; with ``causal``, ``j <= i``)."""
+def _allowed(layer, length: int, keys: int, padding_row, mask) -> np.ndarray:
+    """``allowed[i, j]``: query ``i`` may read key ``j`` (not padding, not masked by ``mask`` ``(L, S)``:
+    boolean masks; with ``causal``, ``j <= i``)."""
     allowed = np.ones((length, keys), bool)
     for i in range(length):
         for j in range(keys):
-            if (layer.causal and j > i) or (padding_row is not None and padding_row[j] != 0):
+            if (layer.causal and j > i) or (
+                not layer.additive_masks
+                and ((padding_row is not None and padding_row[j] != 0) or (mask is not None and mask[i, j] != 0))
+            ):
                 allowed[i, j] = False
     return allowed
 
 
-def attention(layer, p, query, key, value, padding=None):
-    """The output ``(N, L, E)`` of batch-first inputs and the tape for :func:`attention_backward`."""
+def _head_mask(attn_mask, n: int, h: int):
+    """Sample ``n``'s attention mask ``(L, S)`` for head ``h``: its ``(L, S)`` mask, or row ``h`` of its
+    ``(heads, L, S)`` one (PyTorch's ``(N * heads, L, S)`` row ``n * heads + h``)."""
+    if attn_mask is None:
+        return None
+    return attn_mask[n] if attn_mask[n].ndim == 2 else attn_mask[n][h]
+
+
+def attention(layer, p, query, key, value, padding=None, attn_mask=None):
+    """The output ``(N, L, E)`` of batch-first inputs and the tape for :func:`attention_backward`; the masks
+    mask (non-zero entries) or, with ``additive_masks``, are added to the logits (``-inf`` masks)."""
     e, heads = layer.embed_dim, layer.num_heads
     d = e // heads
     w_q, w_k, w_v = (p["in_proj_weight"][i * e : (i + 1) * e] for i in range(3))
@@ -41,12 +54,17 @@ def attention(layer, p, query, key, value, padding=None):
     out, tape = np.zeros((len(query), query.shape[1], e), F64), []
     for n in range(len(query)):
         q, k, v = query[n] @ w_q.T + b_q, key[n] @ w_k.T + b_k, value[n] @ w_v.T + b_v
-        allowed = _allowed(layer, len(q), len(k), None if padding is None else padding[n])
         context, weights = np.zeros((len(q), e), F64), []
         for h in range(heads):
             cols = slice(h * d, (h + 1) * d)
+            mask = _head_mask(attn_mask, n, h)
+            allowed = _allowed(layer, len(q), len(k), None if padding is None else padding[n], mask)
             logits = q[:, cols] @ k[:, cols].T / math.sqrt(d)
-            exps = np.where(allowed, np.exp(logits - logits.max(axis=1, keepdims=True)), 0.0)
+            if layer.additive_masks:
+                logits = logits + (0.0 if padding is None else padding[n][None, :].astype(F64))
+                logits = logits + (0.0 if mask is None else mask.astype(F64))
+            logits = np.where(allowed, logits, -np.inf)
+            exps = np.exp(logits - logits.max(axis=1, keepdims=True))
             a = exps / exps.sum(axis=1, keepdims=True)
             context[:, cols] = a @ v[:, cols]
             weights.append(a)

@@ -15,13 +15,21 @@ from conftest import installed_backends
 from torch import nn
 from torch_reference import (
     SEED,
+    TorchRun,
+    assert_run_close,
     assert_run_within_drift,
     assert_within_drift,
     drift_tolerances,
+    dropout_through_python,
     expected_run,
     load_state,
+    loop_masks,
+    numpy_state,
+    optimizer_buffers,
     torch_runs,
+    train_torch,
 )
+from unitrain.conformance.tolerances import tolerance
 
 import unitrain as ut
 from unitrain.graph import Graph, Input, from_dict, to_dict
@@ -33,16 +41,16 @@ E, S, HEADS, FEEDFORWARD, CLASSES = 8, 5, 2, 16, 3
 STEPS, BATCH = 20, 4
 
 
-def model_spec(norm_first=True, activation="gelu", num_layers=1, causal=False) -> Graph:
+def model_spec(norm_first=True, activation="gelu", num_layers=1, causal=False, dropout=0.0) -> Graph:
     """Positional encoding -> encoder (with a final LayerNorm) -> causal self-attention -> mean -> Linear;
     the padding mask reaches every attention."""
     x, padding = Input((S, E), "x"), Input((S,), "padding")
-    layer = ut.TransformerEncoderLayer(E, HEADS, FEEDFORWARD, activation=activation, batch_first=True,
+    layer = ut.TransformerEncoderLayer(E, HEADS, FEEDFORWARD, dropout, activation=activation, batch_first=True,
                                        norm_first=norm_first, causal=causal, seq_len=S, padding_mask=True)  # fmt: skip
     modules = {
         "pos": ut.PositionalEncoding(E, max_len=S, batch_first=True),
         "enc": ut.TransformerEncoder(layer, num_layers, ut.LayerNorm(E)),
-        "attn": ut.MultiheadAttention(E, HEADS, batch_first=True, causal=True),
+        "attn": ut.MultiheadAttention(E, HEADS, dropout, batch_first=True, causal=True),
         "head": ut.Linear(E, CLASSES),
     }
     h = modules["enc"](modules["pos"](x), padding)
@@ -70,14 +78,14 @@ class TutorialPositionalEncoding(nn.Module):
 class Twin(nn.Module):
     """``model_spec`` written with torch.nn's own modules."""
 
-    def __init__(self, norm_first=True, activation="gelu", num_layers=1, causal=False):
+    def __init__(self, norm_first=True, activation="gelu", num_layers=1, causal=False, dropout=0.0):
         super().__init__()
         self.causal = causal
         self.pos = TutorialPositionalEncoding(E, max_len=S)
-        layer = nn.TransformerEncoderLayer(E, HEADS, FEEDFORWARD, dropout=0.0, activation=activation,
+        layer = nn.TransformerEncoderLayer(E, HEADS, FEEDFORWARD, dropout=dropout, activation=activation,
                                            batch_first=True, norm_first=norm_first)  # fmt: skip
         self.enc = nn.TransformerEncoder(layer, num_layers, nn.LayerNorm(E), enable_nested_tensor=False)
-        self.attn = nn.MultiheadAttention(E, HEADS, batch_first=True)
+        self.attn = nn.MultiheadAttention(E, HEADS, dropout=dropout, batch_first=True)
         self.head = nn.Linear(E, CLASSES)
 
     def forward(self, x, padding):
@@ -126,26 +134,73 @@ DTYPES = {"numpy": ("float32", "float64"), "torch": ("float32",), "chainer": ("f
 SIZE = BATCH * S * FEEDFORWARD
 
 
-@pytest.mark.parametrize("backend", installed_backends())
+@pytest.mark.parametrize("backend", [name for name in installed_backends() if name != "mindspore"])
 def test_trains_and_evaluates_like_torch_nn(case, backend):
     """20 SGD-momentum steps from the same weights: losses, weights and momentum buffers within PyTorch's
     own float32 drift of its float64 run (float64: within the conformance formula), then eval outputs alike.
-    One case, so MindSpore compiles one step and one forward."""
+    MindSpore runs the same case with dropout only (``test_dropout_inside_attention_trains_like_torch_nn``:
+    one step and one forward to compile)."""
     spec, batches, runs = case
     assert list(spec.state_shapes()) == list(Twin().state_dict())
     for dtype in DTYPES[backend]:
         loop = _loop(backend, spec, dtype)
         losses = [loop.to_float(loop.step(((x.astype(dtype), m.astype(dtype)), y))) for (x, m), y in batches]
         assert_run_within_drift(loop, losses, runs, dtype, SIZE)
-    x = batches[-1][0]
+    assert_evaluates_like_torch_nn(loop, batches[-1][0])
+
+
+def assert_evaluates_like_torch_nn(loop, x, **variant):
+    """The loop's eval output on ``x`` within PyTorch's own float32 drift of ``Twin`` with its weights."""
     trained = {key: value.astype(np.float64) for key, value in loop.state_dict().items()}
     outputs = []
     for dtype in (torch.float32, torch.float64):
-        model = load_state(Twin().to(dtype).eval(), trained)
+        model = load_state(Twin(**variant).to(dtype).eval(), trained)
         with torch.no_grad():
             outputs.append({"out": model(*(torch.from_numpy(part).to(dtype) for part in x)).numpy()})
     tolerances = drift_tolerances(outputs[:1], outputs[1], x[0].size)
     assert_within_drift({"out": loop.predict(x).astype(np.float32)}, outputs[0], tolerances)
+
+
+#: dropout on the attention weights and at the encoder's three Dropout modules
+P = 0.3
+SGD_OF = lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, foreach=False)  # noqa: E731
+
+
+@pytest.fixture(scope="module")
+def dropout_case():
+    """The case with dropout: ``Twin`` trained with the loops' masks (drawn in float32, and in float64 for
+    the float64 runs, which draw other numbers), and with PyTorch's own masks from the torch loop's seed."""
+    spec, batches = model_spec(dropout=P), _batches()
+    initial = ut.init_weights(spec, SEED)
+    make = lambda dtype: dropout_through_python(load_state(Twin(dropout=P).to(dtype), initial))  # noqa: E731
+    runs = {draw: torch_runs(make, SGD_OF, batches, masks=lambda flip, draw=draw: loop_masks(SEED, draw, BATCH, flip))
+            for draw in (np.float32, np.float64)}  # fmt: skip
+    own = load_state(Twin(dropout=P).to(torch.float32), initial)
+    optimizer = SGD_OF(own.parameters())
+    outer = torch.get_rng_state()
+    torch.manual_seed(SEED)  # the torch loop's generator starts at its seed (rank 0)
+    try:
+        losses = np.array(train_torch(own, optimizer, batches))
+    finally:
+        torch.set_rng_state(outer)
+    return spec, batches, runs, TorchRun(numpy_state(own), optimizer_buffers(own, optimizer), {"loss": losses})
+
+
+@pytest.mark.parametrize("backend", installed_backends())
+def test_dropout_inside_attention_trains_like_torch_nn(dropout_case, backend):
+    """20 SGD-momentum steps with dropout 0.3 on the attention weights and after the encoder's blocks: NumPy,
+    Chainer and MindSpore drop what torch.nn drops when given the loop's masks (float32 within PyTorch's own
+    float32 drift, float64 within the conformance formula); the torch loop draws from its own generator, as
+    torch.nn does from the same seed. Eval mode drops nothing."""
+    spec, batches, runs, own = dropout_case
+    for dtype in DTYPES[backend]:
+        loop = _loop(backend, spec, dtype)
+        losses = [loop.to_float(loop.step(((x.astype(dtype), m.astype(dtype)), y))) for (x, m), y in batches]
+        if backend == "torch":  # other masks: PyTorch's drift on the case with the loops' masks bounds it
+            assert_run_close(loop, losses, own, expected_run(runs[np.float32], dtype, SIZE)[1])
+        else:
+            assert_run_within_drift(loop, losses, runs[np.dtype(dtype).type], dtype, SIZE)
+    assert_evaluates_like_torch_nn(loop, batches[-1][0], dropout=P)
 
 
 @pytest.mark.parametrize("variant", [{"norm_first": False, "activation": "relu", "num_layers": 2, "causal": True}])
@@ -220,6 +275,108 @@ def test_time_first_and_cross_attention_match_torch_nn_in_float64(name, backend)
     assert_run_within_drift(loop, [loop.to_float(loop.step(batch)) for batch in batches], runs, "float64", SIZE)
 
 
+@pytest.mark.parametrize("backend", [name for name in installed_backends() if name in ("chainer", "mindspore")])
+def test_time_first_attention_drops_what_numpy_drops(backend):
+    """Sequence first, the loop's batch is the sequence and the heads' batch a per-sample axis: the masks of
+    the attention weights still come from the stream in NumPy's (N, H, L, S) order (MindSpore draws them flat
+    and reads them so). One training forward and its gradients, float32."""
+    spec = ut.Sequential({"attn": ut.MultiheadAttention(E, HEADS, dropout=0.5), "flatten": ut.Flatten(),
+                          "head": ut.Linear(3 * E, CLASSES)})  # fmt: skip
+    x, y = np.random.default_rng(SEED).standard_normal((S, 3, E)).astype(np.float32), np.arange(S) % CLASSES
+    results = []
+    for name in ("numpy", backend):
+        loop = _loop(name, spec, "float32")
+        loop.zero_grad()
+        pred = loop.forward(x)
+        loop.backward(loop.loss(pred, y))
+        results.append((loop.to_numpy(pred), loop.gradients(), loop.eval().predict(x)))
+    (expected, gradients, evaluated), (pred, other_gradients, _) = results
+    bound = tolerance(np.float32, SIZE, 1.0)
+    np.testing.assert_allclose(pred, expected, rtol=0, atol=bound)
+    for key, value in gradients.items():
+        np.testing.assert_allclose(other_gradients[key], value, rtol=0, atol=8 * bound, err_msg=key)
+    assert np.abs(evaluated - expected).max() > 100 * bound  # dropout acted
+
+
+class MaskedSelfAttention(nn.Module):
+    """Self-attention with a key padding mask and an attention mask, boolean (a per-sample ``(L, S)`` mask:
+    PyTorch's ``(N * H, L, S)`` repeats it per head) or float (per head, ``(H, L, S)``: added)."""
+
+    def __init__(self, additive):
+        super().__init__()
+        self.additive = additive
+        self.attn, self.head = nn.MultiheadAttention(E, HEADS, batch_first=True), nn.Linear(E, CLASSES)
+
+    def forward(self, x, padding, mask):
+        if self.additive:
+            padding, mask = padding, mask.flatten(0, 1)
+        else:
+            padding, mask = padding != 0, (mask != 0).repeat_interleave(HEADS, 0)
+        return self.head(self.attn(x, x, x, key_padding_mask=padding, attn_mask=mask, need_weights=False)[0].mean(1))
+
+
+def _masked_spec(additive):
+    x, padding = Input((S, E), "x"), Input((S,), "padding")
+    mask = Input((HEADS, S, S) if additive else (S, S), "mask")
+    attn, head = ut.MultiheadAttention(E, HEADS, batch_first=True, additive_masks=additive), ut.Linear(E, CLASSES)
+    return Graph([x, padding, mask], head(attn(x, x, x, padding, mask).mean(dim=1)), {"attn": attn, "head": head})
+
+
+def _masked_batches(additive):
+    """Padded keys and masked (query, key) pairs, key 0 never masked: no query loses every key. Float masks
+    are -inf where they mask, offsets of about 1 elsewhere."""
+    rng = np.random.default_rng(SEED)
+    batches = []
+    for _ in range(5):
+        x = rng.standard_normal((BATCH, S, E))
+        padded = np.arange(S) >= rng.integers(2, S + 1, BATCH)[:, None]
+        masked = rng.random((BATCH, *((HEADS, S, S) if additive else (S, S)))) < 0.3
+        masked[..., 0] = False
+        if additive:
+            padding = np.where(padded, -np.inf, rng.uniform(-1, 1, padded.shape))
+            mask = np.where(masked, -np.inf, rng.standard_normal(masked.shape))
+        else:
+            padding, mask = padded.astype(np.float64), masked.astype(np.float64)
+        batches.append(((x, padding, mask), rng.integers(0, CLASSES, BATCH)))
+    return batches
+
+
+@pytest.mark.parametrize("backend", [name for name in installed_backends() if name != "mindspore"])
+@pytest.mark.parametrize("additive", [False, True], ids=["boolean", "additive"])
+def test_attention_masks_train_like_torch_nn(additive, backend):
+    """A key padding mask with an attention mask, PyTorch's boolean ones (a per-sample (L, S) mask) or float
+    ones added to the scores (-inf and offsets; a per-head (H, L, S) mask): five SGD-momentum steps within
+    the conformance formula of torch.nn's float64 run (float32: within its drift). MindSpore runs them in
+    the conformance suite's check_attention."""
+    spec, batches = _masked_spec(additive), _masked_batches(additive)
+    initial = ut.init_weights(spec, SEED)
+    runs = torch_runs(lambda dtype: load_state(MaskedSelfAttention(additive).to(dtype), initial), SGD_OF, batches)
+    for dtype in DTYPES[backend]:
+        loop = _loop(backend, spec, dtype)
+        data = [(tuple(part.astype(dtype) for part in x), y) for x, y in batches]
+        assert_run_within_drift(loop, [loop.to_float(loop.step(batch)) for batch in data], runs, dtype, SIZE)
+
+
+def test_masks_of_the_wrong_shape_or_values_are_refused_before_any_framework_work():
+    from unitrain.backends.numpy import NumpyLoop
+
+    loop = NumpyLoop(_masked_spec(additive=True))
+    x, padding, mask = np.zeros((2, S, E)), np.zeros((2, S)), np.zeros((2, HEADS, S, S))
+    with pytest.raises(
+        InputError, match=r"attn_mask must have per-sample shape \(5, 5\) or \(2, 5, 5\) .*got \(3, 5, 5\)"
+    ):
+        loop.step(((x, padding, np.zeros((2, 3, S, S))), np.array([0, 1])))
+    with pytest.raises(InputError, match=r"^input 'mask': attn: an additive attention mask holds NaN or \+inf"):
+        loop.step(((x, padding, np.full((2, HEADS, S, S), np.nan)), np.array([0, 1])))
+    with pytest.raises(InputError, match=r"^input 'padding' must be numeric, got dtype <U1"):
+        loop.step(((x, np.full((2, S), "a"), mask), np.array([0, 1])))
+    assert loop.step_count == 0
+    padding[:, -1] = -np.inf  # -inf masks a key
+    assert np.isfinite(loop.predict((x, padding, mask))).all()
+    with pytest.raises(ValueError, match=r"after \(query, key, value\) it takes key_padding_mask \(S,\) and/or"):
+        _masked_spec(True).modules["attn"](*(Input((S, E), n) for n in "qkv"), Input((S, S), "m"), Input((S,), "p"))
+
+
 def test_state_keys_init_and_serialisation_are_torch_s():
     mha = ut.MultiheadAttention(E, HEADS)
     assert mha.param_shapes() == {
@@ -243,7 +400,9 @@ def test_state_keys_init_and_serialisation_are_torch_s():
         (lambda: ut.MultiheadAttention(10, 3), "embed_dim 10 must be divisible by num_heads 3"),
         (lambda: ut.TransformerEncoderLayer(10, 4), "embed_dim 10 must be divisible by num_heads 4"),
         (lambda: ut.TransformerEncoderLayer(8, 2, activation="tanh"), "activation must be 'relu' or 'gelu'"),
-        (lambda: ut.MultiheadAttention(8, 2, dropout=0.1), "dropout must be 0"),
+        (lambda: ut.MultiheadAttention(8, 2, dropout=1.0), r"dropout must be a number in \[0, 1\), got 1.0"),
+        (lambda: ut.TransformerEncoderLayer(8, 2, dropout=-0.1), r"dropout must be a number in \[0, 1\), got -0.1"),
+        (lambda: ut.MultiheadAttention(8, 2, dropout="0.1"), r"dropout must be a number in \[0, 1\), got '0.1'"),
         (lambda: ut.TransformerEncoder(ut.LayerNorm(8), 2), "encoder_layer must be a TransformerEncoderLayer"),
         (
             lambda: ut.MultiheadAttention(8, 2)(

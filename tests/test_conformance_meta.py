@@ -896,13 +896,36 @@ class _ScaledByEmbedDim(numpy_attention._MultiheadAttention):
 
 
 class _PaddingIgnored(numpy_attention._MultiheadAttention):
-    def blocked(self, length, keys, padding):
-        return super().blocked(length, keys, None)
+    def masks(self, length, keys, masks):
+        return super().masks(length, keys, tuple(mask for mask in masks if mask.ndim != 2))
 
 
-class _CausalIgnored(numpy_attention._MultiheadAttention):
-    def blocked(self, length, keys, padding):
-        return np.zeros((length, keys), bool) if padding is None else (padding != 0)[:, None, None, :]
+class _MasksOfAnotherSpec(numpy_attention._MultiheadAttention):
+    """The masks as the spec with ``changes`` computes them."""
+
+    changes: ClassVar[dict] = {}
+
+    def masks(self, length, keys, masks):
+        spec, self.spec = self.spec, dataclasses.replace(self.spec, **self.changes)
+        try:
+            return super().masks(length, keys, masks)
+        finally:
+            self.spec = spec
+
+
+class _CausalIgnored(_MasksOfAnotherSpec):
+    changes: ClassVar[dict] = {"causal": False}
+
+
+class _AttentionMaskIgnored(numpy_attention._MultiheadAttention):
+    def masks(self, length, keys, masks):
+        return super().masks(length, keys, tuple(mask for mask in masks if mask.ndim == 2))
+
+
+class _FloatMasksAsBoolean(_MasksOfAnotherSpec):
+    """Any non-zero float masks its key: what the float key padding mask did before it was added."""
+
+    changes: ClassVar[dict] = {"additive_masks": False}
 
 
 class _BrokenAttention(_BrokenGraph):
@@ -925,6 +948,14 @@ class CausalMaskIgnored(_BrokenAttention):
     broken = _CausalIgnored
 
 
+class AttentionMaskIgnored(_BrokenAttention):
+    broken = _AttentionMaskIgnored
+
+
+class FloatMasksAsBoolean(_BrokenAttention):
+    broken = _FloatMasksAsBoolean
+
+
 CAUGHT_ATTENTION = {
     AttentionScaledByD:
         "causal self-attention with a key padding mask: predict(): expected 0.653416, got 1.05291 at index "
@@ -935,6 +966,12 @@ CAUGHT_ATTENTION = {
     CausalMaskIgnored:
         "causal self-attention with a key padding mask: predict(): expected -1.3761, got 0.494221 at index "
         "(2, 0, 7); max error 1.87 > tolerance 0.000502",
+    AttentionMaskIgnored:
+        "causal self-attention with additive key padding and attention masks: predict(): expected -0.834444, "
+        "got 0.0916875 at index (2, 4, 7); max error 0.926 > tolerance 0.000556",
+    FloatMasksAsBoolean:  # every key of a query with a non-zero float masked: NaN, as PyTorch gives
+        "causal self-attention with additive key padding and attention masks: predict(): expected -1.06507, "
+        "got nan at index (0, 0, 0); max error inf > tolerance 0.000556",
 }  # fmt: skip
 
 

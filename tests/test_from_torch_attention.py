@@ -15,7 +15,15 @@ import pytest
 import torch
 from conftest import installed_backends
 from torch import nn
-from torch_reference import SEED, TorchRuns, assert_run_within_drift, assert_states_equal, torch_runs
+from torch_reference import (
+    SEED,
+    TorchRuns,
+    assert_run_within_drift,
+    assert_states_equal,
+    dropout_through_python,
+    loop_masks,
+    torch_runs,
+)
 
 import unitrain
 from unitrain.attention import MultiheadAttention, PositionalEncoding, TransformerEncoder
@@ -73,11 +81,11 @@ class TransformerClassifier(nn.Module):
 
 
 @functools.cache
-def module() -> nn.Module:
+def module(dropout=0.0) -> nn.Module:
     """The classifier with PyTorch's own initial weights (seeded), its ``pe`` still float64: each run
     converts a copy (``.to(dtype)``)."""
     torch.manual_seed(SEED)
-    return TransformerClassifier()
+    return TransformerClassifier(dropout)
 
 
 @functools.cache
@@ -104,11 +112,20 @@ def imported():
 
 
 @functools.cache
-def reference_runs():
-    """PyTorch's runs, their states without the ``pe`` table (not a weight: the import computes it)."""
-    runs = torch_runs(lambda dtype: copy.deepcopy(module()).to(dtype),
-                      lambda params: torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, foreach=False),
-                      batches())  # fmt: skip
+def reference_runs(dropout=0.0):
+    """PyTorch's runs, their states without the ``pe`` table (not a weight: the import computes it); with
+    ``dropout``, the module drops what the loops drop (their float64 masks)."""
+    make = (lambda dtype: copy.deepcopy(module()).to(dtype)) if not dropout else (
+        lambda dtype: dropout_through_python(copy.deepcopy(module(dropout)).to(dtype)))  # fmt: skip
+    masks = None if not dropout else lambda flip: loop_masks(SEED, np.float64, BATCH, flip)
+    return _without_table(torch_runs(make, sgd, batches(), masks=masks))
+
+
+def sgd(params):
+    return torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, foreach=False)
+
+
+def _without_table(runs):
     return TorchRuns(*(run._replace(state={k: v for k, v in run.state.items() if k != "position.pe"}) for run in runs))
 
 
@@ -139,9 +156,49 @@ def test_the_imported_classifier_trains_on_every_backend_as_in_pytorch(backend):
         assert_run_within_drift(loop, losses, runs, dtype, SIZE)
 
 
-class MaskAdded(TransformerClassifier):
+def test_dropout_imports_and_trains_with_the_loop_s_masks():
+    """PyTorch's default-style encoder with dropout 0.1 (the attention weights', the layers' three, the
+    positional encoding's): the import keeps each p, and 20 float64 steps of the import on NumPy equal the
+    module trained with the loop's masks within the conformance formula (the other backends draw the same
+    masks: tests/test_attention.py)."""
+    graph = unitrain.from_torch(copy.deepcopy(module(0.1)).float(), example())
+    layer = graph.modules["encoder"].modules["layers"].layers[0]
+    assert layer.modules["self_attn"].dropout == 0.1 and layer.modules["dropout2"] == unitrain.Dropout(0.1)
+    loop = get_backend("numpy")(graph, loss=CrossEntropyLoss(), optimizer=SGD(lr=LR, momentum=MOMENTUM),
+                                dtype="float64", seed=SEED)  # fmt: skip
+    losses = [loop.to_float(loop.step(((tokens, padding.astype("float64")), y))) for (tokens, padding), y in batches()]
+    assert_run_within_drift(loop, losses, reference_runs(0.1), "float64", SIZE)
+
+
+class FloatPadding(TransformerClassifier):
+    """PyTorch's float key padding masks, added to the scores: -inf at padding (from the data)."""
+
     def forward(self, tokens, padding):
-        return self.classifier(self.encoder(self.embedding(tokens), src_key_padding_mask=padding)[:, 0])
+        h = self.encoder(self.position(self.embedding(tokens)), src_key_padding_mask=padding)
+        h, _ = self.attention(h, h, h, key_padding_mask=padding, need_weights=False)
+        return self.classifier(h[:, 0])
+
+
+def test_float_padding_masks_import_as_added_masks_and_train_on_numpy():
+    """The encoder's and the attention's float masks import as ``additive_masks`` (the -inf passes the input
+    checks), and 20 float64 steps on NumPy equal the module's within the conformance formula."""
+    torch.manual_seed(SEED)
+    twin = FloatPadding()
+    data = [((tokens, np.where(padding != 0, -np.inf, 0.0)), y) for (tokens, padding), y in batches()]
+    (tokens, padding), _ = data[0]
+    example = (torch.from_numpy(tokens), torch.from_numpy(padding).float())
+    graph = unitrain.from_torch(copy.deepcopy(twin).float(), example)
+    layer = graph.modules["encoder"].modules["layers"].layers[0]
+    assert graph.modules["attention"].additive_masks and layer.modules["self_attn"].additive_masks
+    runs = _without_table(torch_runs(lambda dtype: copy.deepcopy(twin).to(dtype), sgd, data))
+    loop = get_backend("numpy")(graph, loss=CrossEntropyLoss(), optimizer=SGD(lr=LR, momentum=MOMENTUM),
+                                dtype="float64")  # fmt: skip
+    assert_run_within_drift(loop, [loop.to_float(loop.step(batch)) for batch in data], runs, "float64", SIZE)
+
+
+class IntegerPadding(TransformerClassifier):
+    def forward(self, tokens, padding):
+        return self.classifier(self.encoder(self.embedding(tokens), src_key_padding_mask=padding.long())[:, 0])
 
 
 class Causal(TransformerClassifier):
@@ -166,9 +223,8 @@ class Compared(TransformerClassifier):
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (lambda: TransformerClassifier(dropout=0.1), "dropout must be 0"),
         (lambda: TransformerClassifier(activation=nn.GELU(approximate="tanh")), "only relu and gelu (exact)"),
-        (MaskAdded, "a src_key_padding_mask that is not boolean (PyTorch adds a float mask"),
+        (IntegerPadding, "only bool and floating types of src_key_padding_mask are supported"),
         (Causal, "with mask; unitrain's attention takes only a key padding mask"),
         (Compared, "only a graph tensor compared with != 0 (or .bool()) is supported, as a key padding mask"),
         (Weights, "takes item 1 of attention's (attn_output, attn_output_weights)"),

@@ -12,7 +12,7 @@ import torch
 from conftest import installed_backends
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
-from torch_reference import SEED, assert_within_drift, expected_run, load_state, torch_runs
+from torch_reference import SEED, assert_run_within_drift, load_state, torch_runs
 from unitrain.conformance.tolerances import tolerance
 
 import unitrain as ut
@@ -83,30 +83,31 @@ def _loop(backend, model, dtype="float32"):
 SIZE = BATCH * LENGTH * 2 * HIDDEN
 
 
-@pytest.mark.parametrize("backend", [name for name in installed_backends() if name != "mindspore"])
+#: per backend, the tagger's arguments: MindSpore unrolls every step of a native cell given seq_length into
+#: the graphs it compiles (a minute for the whole tagger on two cores), so it trains the one-layer
+#: bidirectional LSTM without the GRU (whose loss once came out biased: MindSpore's LogSoftmax kernel)
+CASES = {"numpy": {}, "torch": {}, "chainer": {}, "mindspore": {"bidirectional_gru": False, "lstm_layers": 1}}
+
+
+@pytest.mark.parametrize("backend", installed_backends())
 def test_padded_batches_train_like_torch_with_packed_sequences(backend):
     """20 SGD-momentum steps on padded batches: losses, weights and momentum buffers within PyTorch's
     float32 drift of its float64 run (NumPy in float64, within the conformance formula); then each
     sequence of a padded batch predicts, at its real steps, what it predicts alone, unpadded (within the
-    conformance formula of the run's dtype). MindSpore unrolls every step of a native cell given
-    seq_length into the graphs it compiles (a minute for this model on two cores): the conformance
-    suite's check_padded_sequences holds it, as every backend, to the float64 reference run on each
-    sequence alone."""
-    data = batches()
-    initial = ut.init_weights(tagger(), SEED)
-    runs = torch_runs(lambda dtype: load_state(Tagger().to(dtype), initial),
+    conformance formula of the run's dtype; not on MindSpore, which would compile a graph per length: the
+    conformance suite's check_padded_sequences holds it, as every backend, to the float64 reference run on
+    each sequence alone)."""
+    data, case = batches(), CASES[backend]
+    initial = ut.init_weights(tagger(**case), SEED)
+    runs = torch_runs(lambda dtype: load_state(Tagger(**case).to(dtype), initial),
                       lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, foreach=False), data)  # fmt: skip
     # NumPy in float64: its hand-written masked steps and their backward, at the equations' precision
-    dtypes = ("float64",) if backend == "numpy" else ("float32",)
-    for dtype in dtypes:
-        loop = _loop(backend, tagger(), dtype)
-        losses = np.array([loop.to_float(loop.step(batch)) for batch in data])
-        expected, tolerances = expected_run(runs, dtype, SIZE)
-        assert_within_drift({"loss": losses}, expected.losses, tolerances.losses)
-        assert_within_drift(loop.state_dict(), expected.state, tolerances.state)
-        buffers = {key: value for key, value in loop.optimizer_state_dict().items() if key != "step"}
-        assert_within_drift(buffers, expected.buffers, tolerances.buffers)
-
+    dtype = "float64" if backend == "numpy" else "float32"
+    loop = _loop(backend, tagger(**case), dtype)
+    losses = np.array([loop.to_float(loop.step(batch)) for batch in data])
+    assert_run_within_drift(loop, losses, runs, dtype, SIZE)
+    if backend == "mindspore":
+        return
     (tokens, lengths), _ = data[-1]
     padded = loop.predict((tokens, lengths))
     for row in range(BATCH):
@@ -171,3 +172,5 @@ def test_lengths_need_a_batch_first_recurrent_layer():
         ut.Linear(3, 4)(x, lengths)
     with pytest.raises(ValueError, match=r"lengths must have per-sample shape \(\)"):
         ut.LSTM(3, 4, batch_first=True)(x, Input((1,), name="counts"))
+    with pytest.raises(ValueError, match=r"initial states are not graph inputs \(in a graph the layer starts from"):
+        ut.LSTM(3, 4, batch_first=True, bidirectional=True)(x, Input((2, 4), name="h_0"))

@@ -1,8 +1,11 @@
 """Plain PyTorch as ground truth for the backend tests: hand-written twins of unitrain's networks, a
 translation of any layer spec into ``torch.nn``, a hand-written training loop, and state comparisons."""
 
+import contextlib
 import copy
+import functools
 from typing import NamedTuple
+from unittest import mock
 
 import numpy as np
 import torch
@@ -11,6 +14,7 @@ from torch import nn
 from unitrain.conformance.tolerances import tolerance
 
 import unitrain as ut
+from unitrain.randomness import dropout_stream
 
 SEED = 0
 
@@ -215,19 +219,57 @@ class TorchRuns(NamedTuple):
     reversed: TorchRun
 
 
-def torch_runs(make_model, make_optimizer, batches, make_scheduler=None, criterion=F.cross_entropy):
+def torch_runs(make_model, make_optimizer, batches, make_scheduler=None, criterion=F.cross_entropy, masks=None):
     """The hand-written loop trained on ``batches`` from the same initial weights (``make_model(dtype)``),
     with ``make_scheduler(optimizer)`` stepped per batch if given, as ``TorchRuns``. The models must
-    hold no dropout (its masks follow the sample order); mean losses and batch statistics ignore it."""
+    hold no dropout (its masks follow the sample order), unless ``masks(reversed)`` gives the context
+    in which they draw known masks (``loop_masks``); mean losses and batch statistics ignore the order."""
     batches_reversed = [(_reversed(x), _reversed(y)) for x, y in batches]
     runs = []
     for dtype, data in ((torch.float32, batches), (torch.float64, batches), (torch.float32, batches_reversed)):
         model = make_model(dtype)
         optimizer = make_optimizer(model.parameters())
         scheduler = None if make_scheduler is None else make_scheduler(optimizer)
-        losses = np.array(train_torch(model, optimizer, data, scheduler, criterion))
+        with contextlib.nullcontext() if masks is None else masks(data is batches_reversed):
+            losses = np.array(train_torch(model, optimizer, data, scheduler, criterion))
         runs.append(TorchRun(numpy_state(model), optimizer_buffers(model, optimizer), {"loss": losses}))
     return TorchRuns(*runs)
+
+
+def _weights_path(forward, *args, **kwargs):
+    return forward(*args, **{**kwargs, "need_weights": True})
+
+
+def dropout_through_python(model: nn.Module) -> nn.Module:
+    """``model`` with each ``nn.MultiheadAttention`` taking its ``need_weights=True`` path, the one
+    that drops attention weights with ``F.dropout`` (the other, ``scaled_dot_product_attention``,
+    draws inside ATen, out of ``loop_masks``' reach); the same equations."""
+    for child in model.modules():
+        if isinstance(child, nn.MultiheadAttention):
+            child.forward = functools.partial(_weights_path, child.forward)
+    return model
+
+
+@contextlib.contextmanager
+def loop_masks(seed: int, draw, batch: int, reversed_batch: bool = False):
+    """Within it ``F.dropout`` (``nn.Dropout``'s, and ``nn.MultiheadAttention``'s after
+    ``dropout_through_python``) drops what the NumPy, Chainer and MindSpore loops drop from ``seed``:
+    the dropout stream's ``random(shape, draw) >= p``, scaled by ``1 / (1 - p)``, one draw per call in
+    the order the calls run (``unitrain.randomness``); ``reversed_batch``: the batch of ``batch``
+    samples (its leading axis; ``(N * heads, L, S)`` for attention weights) is in reverse order."""
+    rng = dropout_stream(seed)
+
+    def dropout(input, p=0.5, training=True, inplace=False):
+        if not training or p == 0:
+            return input
+        keep = rng.random(tuple(input.shape), draw) >= p
+        if reversed_batch:
+            keep = keep.reshape(batch, -1)[::-1].reshape(keep.shape)
+        mask = np.multiply(keep, 1 / (1 - p), dtype=np.float64 if input.dtype == torch.float64 else np.float32)
+        return input * torch.from_numpy(mask)
+
+    with mock.patch.object(F, "dropout", dropout):
+        yield
 
 
 def drift_tolerances(runs32, run64, size):
@@ -263,7 +305,12 @@ def expected_run(runs, dtype, size):
 def assert_run_within_drift(loop, losses, runs, dtype, size):
     """A loop's ``losses``, final state and optimizer buffers after the case of ``runs`` in ``dtype``
     within :func:`expected_run`'s tolerances."""
-    expected, tolerances = expected_run(runs, dtype, size)
+    assert_run_close(loop, losses, *expected_run(runs, dtype, size))
+
+
+def assert_run_close(loop, losses, expected, tolerances):
+    """A loop's ``losses``, final state and optimizer buffers within ``tolerances`` (a TorchRun of
+    tolerances per part and key) of the TorchRun ``expected``."""
     assert_within_drift({"loss": np.array(losses)}, expected.losses, tolerances.losses)
     assert_within_drift(loop.state_dict(), expected.state, tolerances.state)
     buffers = {key: value for key, value in loop.optimizer_state_dict().items() if key != "step"}

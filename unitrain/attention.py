@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .graph import Graph, Input
-from .layers import GELU, Layer, LayerNorm, Linear, ReLU, Sequential, Shape, _positive_int
+from .layers import GELU, Dropout, Layer, LayerNorm, Linear, ReLU, Sequential, Shape, _positive_int
 
 
 def _flag(spec_name: str, name: str, value) -> None:
@@ -33,13 +33,10 @@ def _flag(spec_name: str, name: str, value) -> None:
         raise ValueError(f"{spec_name}: {name} must be True or False, got {value!r}")
 
 
-def _no_dropout(spec_name: str, dropout) -> float:
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or dropout != 0:
-        raise ValueError(
-            f"{spec_name}: dropout must be 0 (dropout inside attention is not supported yet; "
-            f"add Dropout layers around it), got {dropout!r}"
-        )
-    return 0.0
+def _dropout(spec_name: str, dropout) -> float:
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ValueError(f"{spec_name}: dropout must be a number in [0, 1), got {dropout!r}")
+    return float(dropout)
 
 
 @dataclass(frozen=True)
@@ -51,14 +48,20 @@ class MultiheadAttention(Layer):
         head_h = softmax(q_h @ k_h.T / sqrt(d) + mask) @ v_h                      # d = embed_dim // num_heads
         out = concat(head_1 .. head_H) @ out_proj.weight.T + out_proj.bias
 
-    ``mask`` is ``-inf`` where the key is padding (``key_padding_mask`` non-zero) or, with
-    ``causal``, where the key comes after the query (``attn_mask = triu(-inf, 1)``); a query whose
-    keys are all masked gives NaN, as in PyTorch. Weights: ``in_proj_weight`` ``(3E, E)``
-    (Xavier-uniform), ``in_proj_bias`` ``(3E,)`` and ``out_proj.bias`` zeros, ``out_proj.weight``
+    ``mask`` is ``-inf`` where the key is padding (``key_padding_mask`` non-zero), where
+    ``attn_mask`` is non-zero (its per-sample ``(L, S)``, or ``(num_heads, L, S)``: PyTorch's
+    ``(N * num_heads, L, S)``) or, with ``causal``, where the key comes after the query
+    (``attn_mask = triu(-inf, 1)``): PyTorch's boolean masks. With ``additive_masks`` the two
+    masks' values are added to the scores instead (PyTorch's float masks; ``-inf`` masks), the
+    causal mask still ``-inf``. The masks are inputs (floats, as every graph input; so their kind
+    is the spec's). A query whose keys are all masked gives NaN, as in PyTorch. In training,
+    ``dropout`` zeroes each attention weight ``softmax(...)`` with that probability and scales the
+    others by ``1 / (1 - dropout)`` (PyTorch's ``dropout_p``), each weight of each head its own
+    draw. Weights: ``in_proj_weight`` ``(3E, E)`` (Xavier-uniform), ``in_proj_bias`` ``(3E,)`` and
+    ``out_proj.bias`` zeros, ``out_proj.weight``
     ``(E, E)`` as a Linear's. Per-sample shapes with ``batch_first``: query ``(L, E)``, key and
     value ``(S, E)``, ``key_padding_mask`` ``(S,)``; output ``(L, E)``. Without ``batch_first`` the
-    loop's axis 0 is the sequence axis (as for the recurrent layers) and no key padding mask fits.
-    ``dropout`` (on the attention weights) must be 0 for now."""
+    loop's axis 0 is the sequence axis (as for the recurrent layers) and no mask input fits."""
 
     embed_dim: int
     num_heads: int
@@ -66,6 +69,7 @@ class MultiheadAttention(Layer):
     bias: bool = True
     batch_first: bool = False
     causal: bool = False
+    additive_masks: bool = False
 
     def __post_init__(self):
         _positive_int("MultiheadAttention", "embed_dim", self.embed_dim)
@@ -74,8 +78,8 @@ class MultiheadAttention(Layer):
             raise ValueError(
                 f"MultiheadAttention: embed_dim {self.embed_dim} must be divisible by num_heads {self.num_heads}"
             )
-        object.__setattr__(self, "dropout", _no_dropout("MultiheadAttention", self.dropout))
-        for name in ("bias", "batch_first", "causal"):
+        object.__setattr__(self, "dropout", _dropout("MultiheadAttention", self.dropout))
+        for name in ("bias", "batch_first", "causal", "additive_masks"):
             _flag("MultiheadAttention", name, getattr(self, name))
 
     @property
@@ -107,11 +111,12 @@ class MultiheadAttention(Layer):
         return self.output_shape_of((input_shape,))
 
     def output_shape_of(self, shapes: tuple[Shape, ...]) -> Shape:
-        """The output's per-sample shape for inputs ``(x,)``, ``(query, key, value)`` or
-        ``(query, key, value, key_padding_mask)``; ``ValueError`` naming the input that does not fit."""
-        if len(shapes) not in (1, 3, 4):
-            raise ValueError(f"{self} takes (query), (query, key, value) or (query, key, value, key_padding_mask), "
-                             f"got {len(shapes)} inputs")  # fmt: skip
+        """The output's per-sample shape for inputs ``(x,)``, ``(query, key, value)`` or ``(query, key,
+        value)`` and a key padding mask, an attention mask or both (see :meth:`mask_names`);
+        ``ValueError`` naming the input that does not fit."""
+        if len(shapes) not in (1, 3, 4, 5):
+            raise ValueError(f"{self} takes (query), (query, key, value) and optionally key_padding_mask and "
+                             f"attn_mask, got {len(shapes)} inputs")  # fmt: skip
         query, key, value = (shapes * 3)[:3] if len(shapes) == 1 else shapes[:3]
         for name, shape in (("query", query), ("key", key), ("value", value)):
             if len(shape) != 2 or shape[-1] != self.embed_dim:
@@ -122,13 +127,32 @@ class MultiheadAttention(Layer):
             raise ValueError(f"{self}: key and value must have the same length, got {key} and {value}")
         if self.causal and query[0] != key[0]:
             raise ValueError(f"{self}: a causal mask needs as many queries as keys, got {query} and {key}")
-        if len(shapes) == 4:
-            if not self.batch_first:
-                raise ValueError(f"{self}: a key padding mask needs batch_first=True (its axis 0 is the batch)")
-            if tuple(shapes[3]) != (key[0],):
-                raise ValueError(f"{self}: key_padding_mask must have per-sample shape ({key[0]},) (one entry "
-                                 f"per key), got {tuple(shapes[3])}")  # fmt: skip
+        masks = self.mask_names(shapes[3:]) if len(shapes) > 3 else ()
+        if masks and not self.batch_first:
+            what = masks[0].replace("attn_", "attention ").replace("key_padding_", "key padding ")
+            raise ValueError(f"{self}: a {what} needs batch_first=True (its axis 0 is the batch)")
+        for name, shape in zip(masks, shapes[3:], strict=True):
+            wanted = [(key[0],)] if name == "key_padding_mask" else [(query[0], key[0]),
+                                                                     (self.num_heads, query[0], key[0])]  # fmt: skip
+            if tuple(shape) not in wanted:
+                hint = "one entry per key" if name == "key_padding_mask" else "(L, S) or (num_heads, L, S)"
+                raise ValueError(f"{self}: {name} must have per-sample shape {' or '.join(map(str, wanted))} "
+                                 f"({hint}), got {tuple(shape)}")  # fmt: skip
         return tuple(query)
+
+    @staticmethod
+    def mask_names(shapes: tuple[Shape, ...]) -> tuple[str, ...]:
+        """What the inputs after ``(query, key, value)`` are, from their per-sample shapes:
+        ``key_padding_mask`` ``(S,)`` then ``attn_mask`` ``(L, S)`` or ``(num_heads, L, S)`` (PyTorch's
+        order; either may be left out); ``ValueError`` for any other."""
+        names = tuple("key_padding_mask" if len(shape) == 1 else "attn_mask" for shape in shapes)
+        if names not in ((), ("key_padding_mask",), ("attn_mask",), ("key_padding_mask", "attn_mask")) or any(
+            len(shape) not in (1, 2, 3) for shape in shapes
+        ):
+            raise ValueError(f"MultiheadAttention: after (query, key, value) it takes key_padding_mask (S,) and/or "
+                             f"attn_mask (L, S) or (num_heads, L, S), in that order; got per-sample shapes "
+                             f"{tuple(tuple(shape) for shape in shapes)}")  # fmt: skip
+        return names
 
     def fan_in(self):
         return self.embed_dim
@@ -202,34 +226,44 @@ class TransformerEncoderLayer(_Encoder):
     """One encoder block, ``torch.nn.TransformerEncoderLayer`` (keys ``self_attn.in_proj_weight``,
     ``linear1.weight``, ``norm1.weight``, ...)::
 
-        post-norm:  x = norm1(x + self_attn(x, x, x)); x = norm2(x + linear2(activation(linear1(x))))
-        norm_first: x = x + self_attn(norm1(x)); x = x + linear2(activation(linear1(norm2(x))))
+        sa(x) = dropout1(self_attn(x, x, x));  ff(x) = dropout2(linear2(dropout(activation(linear1(x)))))
+        post-norm:  x = norm1(x + sa(x)); x = norm2(x + ff(x))
+        norm_first: x = x + sa(norm1(x)); x = x + ff(norm2(x))
 
     Called on ``(src,)`` or ``(src, src_key_padding_mask)`` (``batch_first`` only); ``causal``
-    masks later keys (PyTorch's ``is_causal`` with the square subsequent mask). ``dropout`` must
-    be 0 for now (PyTorch's default is 0.1)."""
+    masks later keys (PyTorch's ``is_causal`` with the square subsequent mask). ``dropout`` is
+    every one of PyTorch's four: the attention weights' and the three
+    :class:`~unitrain.layers.Dropout` modules ``dropout``, ``dropout1``, ``dropout2`` (present only
+    when ``dropout > 0``; they hold no weights). Its default here is 0.0, PyTorch's 0.1."""
 
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.0,
                  activation: str = "relu", layer_norm_eps: float = 1e-5, batch_first: bool = False,
                  norm_first: bool = False, bias: bool = True, causal: bool = False, seq_len: int = 1,
-                 padding_mask: bool = False):  # fmt: skip
+                 padding_mask: bool = False, additive_masks: bool = False):  # fmt: skip
         """``seq_len`` is the per-sample length the graph's shapes are inferred with (any other
-        length runs too); ``padding_mask``: whether the layer takes ``src_key_padding_mask``."""
+        length runs too); ``padding_mask``: whether the layer takes ``src_key_padding_mask``,
+        added to the scores with ``additive_masks`` (PyTorch's float mask; see MultiheadAttention)."""
         if activation not in _ACTIVATIONS:
             raise ValueError(f"TransformerEncoderLayer: activation must be 'relu' or 'gelu', got {activation!r}")
         _flag("TransformerEncoderLayer", "norm_first", norm_first)
         _flag("TransformerEncoderLayer", "padding_mask", padding_mask)
+        _flag("TransformerEncoderLayer", "additive_masks", additive_masks)
         _positive_int("TransformerEncoderLayer", "dim_feedforward", dim_feedforward)
         _positive_int("TransformerEncoderLayer", "seq_len", seq_len)
-        dropout = _no_dropout("TransformerEncoderLayer", dropout)
-        attention = MultiheadAttention(d_model, nhead, dropout, bias, batch_first, causal)
+        dropout = _dropout("TransformerEncoderLayer", dropout)
+        attention = MultiheadAttention(d_model, nhead, dropout, bias, batch_first, causal, additive_masks)
+        # PyTorch's module order; the Dropout modules only with dropout > 0 (p = 0 would draw nothing)
+        dropouts = (lambda *names: {name: Dropout(dropout) for name in names}) if dropout else lambda *names: {}
         modules = {
             "self_attn": attention,
             "linear1": Linear(d_model, dim_feedforward, bias=bias),
+            **dropouts("dropout"),
             "linear2": Linear(dim_feedforward, d_model, bias=bias),
             "norm1": LayerNorm(d_model, eps=layer_norm_eps),
             "norm2": LayerNorm(d_model, eps=layer_norm_eps),
+            **dropouts("dropout1", "dropout2"),
         }
+        drop = {name: modules.get(name, lambda x: x) for name in ("dropout", "dropout1", "dropout2")}
         src = Input((seq_len, d_model), "src")
         inputs = [src]
         if padding_mask:
@@ -238,10 +272,10 @@ class TransformerEncoderLayer(_Encoder):
         act = _ACTIVATIONS[activation]()
 
         def attend(x):
-            return modules["self_attn"](x, x, x, *masks)
+            return drop["dropout1"](modules["self_attn"](x, x, x, *masks))
 
         def feed_forward(x):
-            return modules["linear2"](act(modules["linear1"](x)))
+            return drop["dropout2"](modules["linear2"](drop["dropout"](act(modules["linear1"](x)))))
 
         x = src
         if norm_first:
@@ -254,7 +288,7 @@ class TransformerEncoderLayer(_Encoder):
         _set_arguments(self, dict(d_model=d_model, nhead=nhead, dim_feedforward=dim_feedforward, dropout=dropout,
                                   activation=activation, layer_norm_eps=layer_norm_eps, batch_first=batch_first,
                                   norm_first=norm_first, bias=bias, causal=causal, seq_len=seq_len,
-                                  padding_mask=padding_mask))  # fmt: skip
+                                  padding_mask=padding_mask, additive_masks=additive_masks))  # fmt: skip
 
 
 @dataclass(frozen=True, init=False, eq=True, repr=False)

@@ -77,6 +77,12 @@ def check_inputs(loop: TrainingLoop, x) -> tuple[np.ndarray, ...]:
         if value.ndim < (2 if declared else 1) or (arrays and len(value) != len(arrays[0])):
             raise InputError(f"input {name!r} must be a batch of shape (N, ...) with the same N as the others, "
                              f"got shape {value.shape}")  # fmt: skip
+        if name in roles and roles[name].kind == "additive mask":  # -inf masks a key
+            value = value.astype(loop.dtype, copy=False)
+            if problem := padded.check_input(roles[name], name, value):
+                raise InputError(problem)
+            arrays.append(value)
+            continue
         if name in roles:  # token ids or sequence lengths: integers, passed on as int64 (lengths checked below)
             if roles[name].kind == "ids" and (problem := padded.check_input(roles[name], name, value)):
                 raise InputError(problem)
@@ -94,7 +100,7 @@ def check_inputs(loop: TrainingLoop, x) -> tuple[np.ndarray, ...]:
             value = arrays[names.index(name)]
             if problem := padded.check_input(role, name, value, steps=inferred[role.source][0]):
                 raise InputError(problem)
-    return tuple(value.astype(np.int64, copy=False) if name in roles else value
+    return tuple(value.astype(np.int64, copy=False) if name in roles and roles[name].kind != "additive mask" else value
                  for name, value in zip(names, arrays, strict=True))  # fmt: skip
 
 

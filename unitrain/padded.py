@@ -27,6 +27,9 @@ def lengths_problem(layer: Layer, input_shape: tuple, lengths_shape: tuple) -> s
         return f"{layer} takes one tensor input; only RNN, LSTM and GRU take a second one, the lengths"
     if not layer.batch_first:
         return f"{layer}: sequence lengths need batch_first=True (the loop's samples must be the sequences)"
+    if lengths_shape == layer.state_shape(1)[::2]:  # (D * num_layers, hidden_size): an h_0 per sample
+        return (f"{layer}: initial states are not graph inputs (in a graph the layer starts from zeros); "
+                f"its second input is the lengths, per-sample shape ()")  # fmt: skip
     if lengths_shape != ():
         return f"{layer}: lengths must have per-sample shape () (one length per sequence), got {lengths_shape}"
     return None
@@ -34,9 +37,10 @@ def lengths_problem(layer: Layer, input_shape: tuple, lengths_shape: tuple) -> s
 
 @dataclass(frozen=True)
 class Role:
-    """What a graph input is: ``"ids"`` (feeds ``layer``, an Embedding, at ``path``) or ``"lengths"``
+    """What a graph input is: ``"ids"`` (feeds ``layer``, an Embedding, at ``path``), ``"lengths"``
     (of the padded axis of ``steps`` steps as declared, fed to the recurrent ``layer`` at ``path``
-    with the sequences of node or input ``source``)."""
+    with the sequences of node or input ``source``) or ``"additive mask"`` (a mask added to the
+    scores of the MultiheadAttention ``layer`` at ``path``: ``-inf`` allowed)."""
 
     kind: str
     path: str
@@ -48,6 +52,7 @@ class Role:
 def input_roles(graph) -> dict[str, Role]:
     """The graph inputs that are token ids or lengths, by name (the others are not listed), each with
     the first layer it feeds."""
+    from .attention import MultiheadAttention
     from .graph import Graph, get_submodule
 
     roles = {}
@@ -60,6 +65,15 @@ def input_roles(graph) -> dict[str, Role]:
             module.named_layers(), (None, None))[1]  # fmt: skip
         if node.args[0] in inputs and isinstance(first, Embedding):
             roles.setdefault(node.args[0], Role("ids", node.target, first))
+        if isinstance(module, MultiheadAttention) and module.additive_masks:
+            for arg in node.args[3:]:
+                if arg in inputs:
+                    roles.setdefault(arg, Role("additive mask", node.target, module))
+        if isinstance(module, Graph):  # an encoder's padding mask reaches its attention
+            inner = input_roles(module)
+            for arg, name in zip(node.args, module.input_names, strict=False):
+                if arg in inputs and name in inner and inner[name].kind == "additive mask":
+                    roles.setdefault(arg, Role("additive mask", f"{node.target}.{inner[name].path}", inner[name].layer))
         if len(node.args) == 2 and node.args[1] in inputs and isinstance(module, _Recurrent):
             steps = graph.shapes[node.args[0]][0]
             roles.setdefault(node.args[1], Role("lengths", node.target, module, steps, node.args[0]))
@@ -72,6 +86,10 @@ def check_input(role: Role, name: str, value: np.ndarray, steps: int | None = No
     if role.kind == "ids":
         problem = role.layer.ids_problem(value)
         return None if problem is None else f"input {name!r}: {role.path}: {problem}"
+    if role.kind == "additive mask":
+        if np.isnan(value).any() or (value == np.inf).any():
+            return f"input {name!r}: {role.path}: an additive attention mask holds NaN or +inf; expected -inf or finite"
+        return None
     if value.dtype.kind not in "iu":
         return f"input {name!r}: sequence lengths must be integers, got {value.dtype}"
     steps = role.steps if steps is None else steps
