@@ -2,12 +2,14 @@
 translation of any layer spec into ``torch.nn``, a hand-written training loop, and state comparisons."""
 
 import copy
+import math
 from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from unitrain.conformance.checks import longest_sum
 from unitrain.conformance.tolerances import tolerance
 
 import unitrain as ut
@@ -247,6 +249,31 @@ def float64_tolerances(expected, size):
     checked where rounding is ~1e-16. ``size``: the longest sum in one step; the elements of one input
     batch bound every sum of these networks (a conv weight gradient adds batch x output pixels terms)."""
     return {key: tolerance(np.float64, size, float(np.abs(value).max(initial=0))) for key, value in expected.items()}
+
+
+def gradient_size(spec, input_shape, n):
+    """The ``size`` (conformance/tolerances.py) of ``spec``'s weight gradients on ``n`` samples: each summed
+    product carries the forward's longest sum (``longest_sum``), and a weight's gradient adds one product
+    per sample and output position (n for a Linear on flat input, n x output pixels for a convolution)."""
+    shapes = spec.leaf_input_shapes(tuple(input_shape))
+    products = [n]
+    for path, layer in spec.named_layers():
+        if layer.param_shapes():
+            out = layer.output_shape(shapes[path])
+            if isinstance(layer, ut.Linear):  # features last
+                positions = math.prod(out[:-1])
+            elif isinstance(layer, ut.LayerNorm):
+                positions = math.prod(out) // math.prod(layer.normalized_shape)
+            else:  # channels first
+                positions = math.prod(out[1:])
+            products.append(n * positions)
+    return longest_sum(spec, input_shape, n) + max(products)
+
+
+def twin_tolerance(dtype, size, expected):
+    """How far two computations of ``expected`` in ``dtype`` (ours and PyTorch's, or two orders of one sum)
+    may differ: each lies within the conformance formula of the exact value over ``size`` roundings."""
+    return 2 * tolerance(dtype, size, float(np.abs(expected).max(initial=0)))
 
 
 def expected_run(runs, dtype, size):
