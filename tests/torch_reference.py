@@ -270,6 +270,15 @@ def gradient_size(spec, input_shape, n):
     return longest_sum(spec, input_shape, n) + max(products)
 
 
+def steps_tolerance(spec, batches, dtype, loss_size=0):
+    """Ours against PyTorch after SGD steps (lr x (1 + momentum) <= 1) on ``batches`` from the same weights,
+    per unit of scale (``assert_states_close(scale_atol=True)``): each step's gradients carry the formula over
+    ``gradient_size`` plus the loss's own sum (``loss_size``), the update scales that error by at most 1, and
+    the steps add up."""
+    x = batches[0][0]
+    return twin_tolerance(dtype, len(batches) * (gradient_size(spec, x.shape[1:], len(x)) + loss_size), 1)
+
+
 def twin_tolerance(dtype, size, expected):
     """How far two computations of ``expected`` in ``dtype`` (ours and PyTorch's, or two orders of one sum)
     may differ: each lies within the conformance formula of the exact value over ``size`` roundings."""
