@@ -159,9 +159,12 @@ def test_a_dropout_model_resumes_with_the_masks_an_uninterrupted_run_draws(backe
         checkpoint.restore(moved)
         final = fit(moved, small_train, resume=checkpoint).state_dict()
         difference = max(float(np.abs(final[key] - value).max()) for key, value in loop.state_dict().items())
-        # NumPy, Chainer and MindSpore keep one kind of stream (unitrain.randomness): the same masks
+        # NumPy, Chainer and MindSpore keep one kind of stream (unitrain.randomness): the same masks. Other
+        # masks give the dropped units other gradients, so their weights' Adam steps (of about lr each)
+        # differ at every step; float32 rounding moves no weight by a whole step (1e-7 measured)
         same_stream = "torch" not in (backend, other)
-        assert (difference < 1e-5) == same_stream, f"{backend} -> {other}: weights differ by {difference}"
+        one_step = optimizer.lr
+        assert (difference < one_step) == same_stream, f"{backend} -> {other}: weights differ by {difference}"
 
 
 # --- crash safety ---------------------------------------------------------------------------
