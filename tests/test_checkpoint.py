@@ -337,8 +337,17 @@ def test_cross_backend_resume_from_the_command_line(tmp_path):
                  "--max-steps", "12", "--checkpoint-dir", str(moved))  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "backend torch" in result.stdout and "trained on numpy" in result.stdout
-    for key, value in final_state(folder).items():
-        np.testing.assert_allclose(final_state(moved)[key], value, rtol=1e-4, atol=1e-6, err_msg=key)
+    # both float32 runs approximate the run's float64 trajectory: the moved one may drift sqrt(n) times as far
+    # as the uninterrupted one measurably does (drift_tolerances), n the longest sum of one step
+    run = load_checkpoint(folder).run_spec()
+    exact = unitrain.get_backend("numpy")(run.model_spec(), dtype="float64", **run.loop_options())
+    exact.fit(run.datasets()[0], **run.fit_options())
+    reference, result = final_state(folder), final_state(moved)
+    truth = {**exact.state_dict(), **{f"optimizer.{k}": v for k, v in exact.optimizer_state_dict().items()}}
+    truth = {key: np.asarray(truth[key]) for key in reference}
+    size = gradient_size(run.model_spec(), (1, 28, 28), run.batch_size) + 10  # + the softmax over 10 classes
+    tolerances = drift_tolerances([reference], truth, size)
+    assert_within_drift(result, reference, {key: 2 * value for key, value in tolerances.items()})
 
 
 def test_divergence_from_the_command_line(tmp_path):
