@@ -38,7 +38,8 @@ RUN = ["--no-progress", "--epochs", "1", "--max-steps", str(STEPS), "--no-shuffl
 # moves them by 1e-4 or more.
 
 
-def float64_mlp_run(initial) -> dict:
+@pytest.fixture(scope="module")
+def float64_weights(initial) -> dict:
     """The weights of ``RUN`` from ``initial`` on MNIST, in float64 on NumPy: the exact trajectory to ~1e-14."""
     loop = registry.get_backend("numpy")(preset("mlp"), dtype="float64")
     loop.load_state_dict({key: value.astype(np.float64) for key, value in load_safetensors(initial)[0].items()})
@@ -187,7 +188,7 @@ def test_busy_port(capsys):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("backend", "rank_variable"), backends_with_engine())
-def test_two_processes_equal_one(backend, rank_variable, initial, tmp_path):
+def test_two_processes_equal_one(backend, rank_variable, initial, float64_weights, tmp_path):
     common = ["train", "--backend", backend, *RUN, "--init-weights", str(initial)]
     records = {}
     for run, nproc in (("one", "1"), ("two", "2")):
@@ -205,7 +206,7 @@ def test_two_processes_equal_one(backend, rank_variable, initial, tmp_path):
         (records[run],) = [json.loads(line) for line in (tmp_path / f"{run}.jsonl").read_text().splitlines()]
     assert "2 processes" in result.stdout and result.stdout.count("epoch 1/1") == 1  # rank 0 reports, alone
     assert records["two"]["world_size"] == 2
-    bound = drift_bound(tmp_path / "one.safetensors", float64_mlp_run(initial))
+    bound = drift_bound(tmp_path / "one.safetensors", float64_weights)
     assert max_difference(tmp_path / "one.safetensors", tmp_path / "two.safetensors") <= bound
     # The training forward passes of the same weights (within that bound) on the same global batches:
     # a prediction flips only where its two largest logits lie within the logits' float32 spread
@@ -216,7 +217,7 @@ def test_two_processes_equal_one(backend, rank_variable, initial, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_with_another_process_count(initial, tmp_path):
+def test_resume_with_another_process_count(initial, float64_weights, tmp_path):
     """Two processes checkpoint at step 10; one process resumes there and ends where one process
     running all 20 steps ends."""
     common = ["train", "--backend", "numpy", *RUN]
@@ -229,7 +230,7 @@ def test_resume_with_another_process_count(initial, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     whole = command(*common, "--init-weights", str(initial), "--save", str(tmp_path / "whole.safetensors"))
     assert whole.returncode == 0, whole.stderr
-    bound = drift_bound(tmp_path / "whole.safetensors", float64_mlp_run(initial))
+    bound = drift_bound(tmp_path / "whole.safetensors", float64_weights)
     assert max_difference(tmp_path / "whole.safetensors", tmp_path / "resumed.safetensors") <= bound
 
 
