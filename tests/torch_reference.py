@@ -270,6 +270,20 @@ def gradient_size(spec, input_shape, n):
     return longest_sum(spec, input_shape, n) + max(products)
 
 
+def accumulation_tolerances(loop, x, y, full):
+    """Per key, how far gradients accumulated over parts of the batch ``(x, y)`` may lie from ``full``, the
+    loop's float32 gradients of the whole batch: twice sqrt(n) times ``full``'s measured drift from the same
+    gradients in float64 on NumPy (``drift_tolerances``; n: ``gradient_size`` plus the softmax over the
+    outputs), both approximating them."""
+    from unitrain.backends.numpy import NumpyLoop
+
+    exact = NumpyLoop(loop.model_spec, loss=loop.loss_spec, dtype="float64")
+    exact.load_state_dict({key: value.astype(np.float64) for key, value in loop.state_dict().items()})
+    exact.backward(exact.loss(exact.forward(x.astype(np.float64)), y))
+    size = gradient_size(loop.model_spec, x.shape[1:], len(x)) + loop.model_spec.output_shape(x.shape[1:])[0]
+    return {key: 2 * value for key, value in drift_tolerances([full], exact.gradients(), size).items()}
+
+
 def steps_tolerance(spec, batches, dtype, loss_size=0):
     """Ours against PyTorch after SGD steps (lr x (1 + momentum) <= 1) on ``batches`` from the same weights,
     per unit of scale (``assert_states_close(scale_atol=True)``): each step's gradients carry the formula over
