@@ -77,7 +77,8 @@ def test_mindspore_model_training_prints_the_tutorials_lines(backend, capsys):
     printed = capsys.readouterr().out
     assert "loss: " in printed and "[  0/938]" in printed
     (accuracy,) = map(float, re.findall(r"Test: \n Accuracy: (\d+\.\d)%, Avg loss: \d+\.\d{6} \n", printed))
-    assert accuracy == pytest.approx(100 * accuracies[0], abs=0.05) and accuracy > 15  # chance: 10%
+    # printed to one decimal, so within half of it; chance: 10%
+    assert accuracy == pytest.approx(100 * accuracies[0], rel=0, abs=0.05) and accuracy > 15
     assert printed.rstrip().endswith("Done!")
 
 

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+from unitrain.conformance.tolerances import tolerance
 
 NETWORK = """
 from unitrain.layers import Flatten, Linear, LogSoftmax, ReLU, Sequential
@@ -49,7 +50,8 @@ def test_the_issues_recipe_trains_in_one_command_and_resumes_with_its_model_and_
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
     # StepLR's lr for epoch e is lr * gamma**e; the record carries the lr its epoch trained with
-    assert [record["lr"] for record in records] == pytest.approx([1.0, 0.7, 0.49])
+    # products of gamma in float64, as torch's scheduler takes them: a rounding per epoch
+    assert [record["lr"] for record in records] == pytest.approx([1.0, 0.7, 0.49], rel=0, abs=tolerance(np.float64, 2))
     assert all(record["model"] == "netdef:build" for record in records)
     for record in records:
         assert np.isfinite(record["val_loss"]) and 0 <= record["val_accuracy"] <= 1

@@ -116,9 +116,12 @@ def test_per_position_loss_with_ignored_targets_trains_like_torch(backend, name)
     counted = y != IGNORED
     correct = int((logits.argmax(1).numpy() == y)[counted].sum())
     metrics = loop.evaluate((x, y), batch_size=5)
-    assert metrics["loss"] == pytest.approx(mean, rel=1e-4)  # float32 forward, summed in float64
+    # the loop's forward (float32 on most backends) against float64: the formula over the step's longest
+    # sum, then the mean over every position's loss
+    allowed = tolerance(loop.dtype, size + y.size, mean)
+    assert metrics["loss"] == pytest.approx(mean, rel=0, abs=allowed)
     assert (metrics["num_correct"], metrics["num_samples"]) == (correct, len(x))
-    assert metrics["accuracy"] == pytest.approx(correct / counted.sum())
+    assert metrics["accuracy"] == pytest.approx(correct / counted.sum(), rel=0, abs=tolerance(np.float64, 1))
 
 
 def test_numpy_nll_loss_with_an_ignore_index_inside_the_classes():
@@ -130,7 +133,8 @@ def test_numpy_nll_loss_with_an_ignore_index_inside_the_classes():
     expected = F.nll_loss(logp, torch.from_numpy(y), ignore_index=0)
     expected.backward()
     terms, grad = _loss_terms(ut.NLLLoss(ignore_index=0), logp.detach().numpy(), y)
-    assert terms.size == np.count_nonzero(y) and terms.mean() == pytest.approx(expected.item(), rel=1e-12)
+    allowed = 2 * tolerance(np.float64, terms.size, expected.item())  # two float64 means of the same terms
+    assert terms.size == np.count_nonzero(y) and terms.mean() == pytest.approx(expected.item(), rel=0, abs=allowed)
     # one rounding of each scaled entry, in float64 (the conformance formula over a chain of 1)
     want = logp.grad.numpy()
     np.testing.assert_allclose(grad(1 / terms.size), want, rtol=0, atol=tolerance(np.float64, 1, np.abs(want).max()))

@@ -4,6 +4,7 @@ translation of any layer spec into ``torch.nn``, a hand-written training loop, a
 import contextlib
 import copy
 import functools
+import math
 from typing import NamedTuple
 from unittest import mock
 
@@ -11,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from unitrain.conformance.checks import longest_sum
 from unitrain.conformance.tolerances import tolerance
 
 import unitrain as ut
@@ -289,6 +291,54 @@ def float64_tolerances(expected, size):
     checked where rounding is ~1e-16. ``size``: the longest sum in one step; the elements of one input
     batch bound every sum of these networks (a conv weight gradient adds batch x output pixels terms)."""
     return {key: tolerance(np.float64, size, float(np.abs(value).max(initial=0))) for key, value in expected.items()}
+
+
+def gradient_size(spec, input_shape, n):
+    """The ``size`` (conformance/tolerances.py) of ``spec``'s weight gradients on ``n`` samples: each summed
+    product carries the forward's longest sum (``longest_sum``), and a weight's gradient adds one product
+    per sample and output position (n for a Linear on flat input, n x output pixels for a convolution)."""
+    shapes = spec.leaf_input_shapes(tuple(input_shape))
+    products = [n]
+    for path, layer in spec.named_layers():
+        if layer.param_shapes():
+            out = layer.output_shape(shapes[path])
+            if isinstance(layer, ut.Linear):  # features last
+                positions = math.prod(out[:-1])
+            elif isinstance(layer, ut.LayerNorm):
+                positions = math.prod(out) // math.prod(layer.normalized_shape)
+            else:  # channels first
+                positions = math.prod(out[1:])
+            products.append(n * positions)
+    return longest_sum(spec, input_shape, n) + max(products)
+
+
+def accumulation_tolerances(loop, x, y, full):
+    """Per key, how far gradients accumulated over parts of the batch ``(x, y)`` may lie from ``full``, the
+    loop's float32 gradients of the whole batch: twice sqrt(n) times ``full``'s measured drift from the same
+    gradients in float64 on NumPy (``drift_tolerances``; n: ``gradient_size`` plus the softmax over the
+    outputs), both approximating them."""
+    from unitrain.backends.numpy import NumpyLoop
+
+    exact = NumpyLoop(loop.model_spec, loss=loop.loss_spec, dtype="float64")
+    exact.load_state_dict({key: value.astype(np.float64) for key, value in loop.state_dict().items()})
+    exact.backward(exact.loss(exact.forward(x.astype(np.float64)), y))
+    size = gradient_size(loop.model_spec, x.shape[1:], len(x)) + loop.model_spec.output_shape(x.shape[1:])[0]
+    return {key: 2 * value for key, value in drift_tolerances([full], exact.gradients(), size).items()}
+
+
+def steps_tolerance(spec, batches, dtype, loss_size=0):
+    """Ours against PyTorch after SGD steps (lr x (1 + momentum) <= 1) on ``batches`` from the same weights,
+    per unit of scale (``assert_states_close(scale_atol=True)``): each step's gradients carry the formula over
+    ``gradient_size`` plus the loss's own sum (``loss_size``), the update scales that error by at most 1, and
+    the steps add up."""
+    x = batches[0][0]
+    return twin_tolerance(dtype, len(batches) * (gradient_size(spec, x.shape[1:], len(x)) + loss_size), 1)
+
+
+def twin_tolerance(dtype, size, expected):
+    """How far two computations of ``expected`` in ``dtype`` (ours and PyTorch's, or two orders of one sum)
+    may differ: each lies within the conformance formula of the exact value over ``size`` roundings."""
+    return 2 * tolerance(dtype, size, float(np.abs(expected).max(initial=0)))
 
 
 def expected_run(runs, dtype, size):
