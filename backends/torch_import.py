@@ -669,7 +669,8 @@ def _fx_call(graph: fx.Graph, op: str, args: list, options: dict, rank: int, sha
         return graph.call_method("permute", (args[0], *options["dims"]))
     if op == "flatten":
         options = {"start_dim": 1, "end_dim": -1, **options}
-    functions = {"neg": torch.neg, "exp": torch.exp, "log": torch.log, "narrow": torch.narrow, "select": torch.select, "flatten": torch.flatten,
+    functions = {"neg": torch.neg, "exp": torch.exp, "log": torch.log,
+                 "narrow": torch.narrow, "select": torch.select, "flatten": torch.flatten,
                  "transpose": torch.transpose, "matmul": torch.matmul, "relu": F.relu, "sigmoid": torch.sigmoid,
                  "tanh": torch.tanh, "gelu": F.gelu, "silu": F.silu, "elu": F.elu, "leaky_relu": F.leaky_relu,
                  "softmax": F.softmax, "log_softmax": F.log_softmax}  # fmt: skip

@@ -212,7 +212,8 @@ class Tensor:
     __slots__ = ("args", "kwargs", "op", "sample_shape", "target")
 
     def __init__(self, op: str, target, args: tuple, kwargs: dict, sample_shape: Shape):
-        #: ``"input"`` (target: its name), ``"noise"`` (target: its kind), ``"call_module"`` (target: the layer spec) or ``"call_function"``
+        #: ``"input"`` (target: its name), ``"noise"`` (target: its kind), ``"call_module"`` (target:
+        #: the layer spec) or ``"call_function"``
         self.op, self.target, self.args, self.kwargs = op, target, args, kwargs
         self.sample_shape = tuple(sample_shape)
 
