@@ -639,7 +639,8 @@ class TrainingLoop(Fitting, InputChecks, ABC):
 
     def predict(self, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
         """Model outputs (NumPy, ``self.dtype``) in eval mode; changes no state."""
-        x = self._check_x(x)
+        with eval_mode(self):  # a graph's noise is evaluation's (unitrain.graph_noise)
+            x = self._check_x(x)
         if self._input_count > 1 or self._output_count > 1:
             return graph_batches.predict(self, x, batch_size)
         with eval_mode(self):
