@@ -23,8 +23,8 @@ from .randomness import set_stream_state, stream_state
 
 #: the noise stream's key in ``TrainingLoop.random_state()``
 NOISE_KEY = "unitrain_graph_noise"
-#: the seed's children that the two streams are (the dropout stream is child 0 of rank 0)
-_TRAINING_CHILD, _EVALUATION_CHILD = 0x6E6F6973, 0x6E6F6965
+#: the spawn keys of the two streams, children of the seed (the dropout stream is child 0 of rank 0)
+TRAINING_CHILD, EVALUATION_CHILD = 0x6E6F6973, 0x6E6F6965
 
 
 def _stream(seed: int, child: int) -> np.random.Generator:
@@ -38,11 +38,11 @@ class GraphNoise:
         shapes = dict(graph.inputs)
         self.inputs = [(name, kind, shapes[name]) for name, kind in graph.noise]
         self.seed = seed
-        self.generator = _stream(seed, _TRAINING_CHILD)
+        self.generator = _stream(seed, TRAINING_CHILD)
 
     def draw(self, samples: int, dtype, training: bool) -> list[np.ndarray]:
         """One array ``(samples, *shape)`` per noise input, in input order."""
-        generator = self.generator if training else _stream(self.seed, _EVALUATION_CHILD)
+        generator = self.generator if training else _stream(self.seed, EVALUATION_CHILD)
         drawn = []
         for _, kind, shape in self.inputs:
             size = (samples, *shape)
