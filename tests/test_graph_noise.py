@@ -98,7 +98,14 @@ def case():
 
 @pytest.mark.parametrize(
     ("backend", "dtype"),
-    [*((name, "float32") for name in installed_backends() if name != "mindspore"), ("numpy", "float64")],
+    [
+        # MindSpore compiles the step: seconds on two cores, so `slow`
+        *(
+            pytest.param(name, "float32", marks=[pytest.mark.slow] if name == "mindspore" else [])
+            for name in installed_backends()
+        ),
+        ("numpy", "float64"),
+    ],
 )
 def test_imported_vae_trains_as_pytorch_with_the_same_noise(case, backend, dtype):
     graph, images, runs = case
