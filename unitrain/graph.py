@@ -35,6 +35,10 @@ Two different layers can share one tensor too, as PyTorch's ``decoder.weight = e
 once, under its first name (as ``named_parameters`` does), and its gradient is the sum over both
 layers' uses. Ties are between Linear and Embedding parameters of one shape.
 
+Noise inside a model (a VAE's ``mu + ops.randn_like(logvar) * (0.5 * logvar).exp()``) is an input
+of the graph, listed in ``noise`` after the data inputs, that the loop fills from its seeded stream
+(:mod:`unitrain.graph_noise`); a batch's ``x`` holds the data inputs only.
+
 ``outputs`` names the output nodes: one (predictions are an array) or several (a tuple, in this
 order; train them with :class:`~unitrain.losses.PerOutputLoss`, one loss per output, summed).
 Several inputs take a batch ``x`` that is a tuple in ``inputs`` order or a dict by input name.
