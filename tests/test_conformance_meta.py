@@ -698,7 +698,7 @@ def test_the_intact_backend_passes_the_graph_checks():
 # --- broken noise inside a graph ---------------------------------------------------------------------
 
 
-class NoiseOfItsOwn(NumpyLoop):
+class GraphNoiseOfItsOwn(NumpyLoop):
     """Draws a graph's noise itself, of the right kinds, from a generator of its own seeded with the
     loop's seed, instead of taking the loop's: noise that differs between backends."""
 
@@ -722,7 +722,7 @@ class NoiseIgnoredInTraining(NumpyLoop):
 
 
 CAUGHT_NOISE = {
-    NoiseOfItsOwn: "noise graph, first training forward: loss: expected 36.8865, got 23.7345; "
+    GraphNoiseOfItsOwn: "noise graph, first training forward: loss: expected 36.8865, got 23.7345; "
     "max error 13.2 > tolerance 0.00141",
     NoiseIgnoredInTraining: "noise graph, first training forward: loss: expected 36.8865, got 15.2968; "
     "max error 21.6 > tolerance 0.00141",
