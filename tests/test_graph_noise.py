@@ -147,3 +147,18 @@ def test_refusals_in_one_line():
     inner = Graph(x, x * ops.randn_like(x))
     with pytest.raises(ValueError, match=r"takes 2 inputs \['input', 'randn_like'\], got 1$"):  # its noise is an input
         Graph(x, inner(x), {"inner": inner})
+
+
+def test_to_torch_draws_with_torch_and_onnx_refuses_noise(case):
+    graph = case[0]
+    module = unitrain.to_torch(graph)
+    assert "torch.randn((size, 20), dtype = torch.float32)" in module.code
+    x = torch.rand(4, 1, 28, 28)
+    first, second = module(x)[0], module(x)[0]
+    assert first.shape == (4, 784) and not torch.equal(first, second)  # new noise at each call, as the example
+    pytest.importorskip("onnx")
+    from unitrain.onnx_export import to_onnx
+    from unitrain.weights import WeightsError
+
+    with pytest.raises(WeightsError, match=r"^the graph draws noise \(randn_like\), which this ONNX export does not"):
+        to_onnx(graph, graph.initial_state, (1, 28, 28))
