@@ -49,6 +49,7 @@ def _reduce(function: Callable) -> Callable:
 #: each non-activation operation of unitrain.ops.OPS as Chainer functions (kwargs: the node's)
 FUNCTIONS: dict[str, Callable] = {
     **{op: _binary(getattr(operator, "truediv" if op == "div" else op)) for op in ops.BINARY}, "neg": lambda x: -x,
+    "exp": F.exp, "log": F.log,
     "cat": lambda *args, dim: F.concat(args, axis=dim), "stack": lambda *args, dim: F.stack(args, axis=dim),
     "narrow": lambda x, dim, start, length: x[_axis(x, dim, slice(start, start + length))],
     "select": lambda x, dim, index: x[_axis(x, dim, index)], "reshape": _reshape, "flatten": _flatten,

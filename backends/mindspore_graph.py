@@ -69,6 +69,14 @@ def _neg(args):
     return ops.neg(args[0])
 
 
+def _exp(args):
+    return ops.exp(args[0])
+
+
+def _log(args):
+    return ops.log(args[0])
+
+
 def _cat(args, dim):
     return ops.cat(args, dim)
 
@@ -144,7 +152,7 @@ def function(node: Node, rank: int) -> tuple[Callable, tuple]:
         return _select, (kwargs["dim"] % rank, kwargs["index"])
     if op in ("cat", "stack"):
         return (_cat if op == "cat" else _stack), (kwargs["dim"] % (rank + (op == "stack")),)
-    return {"neg": _neg, "matmul": _matmul}[op], ()
+    return {"neg": _neg, "exp": _exp, "log": _log, "matmul": _matmul}[op], ()
 
 
 class FunctionNode(nn.Cell):

@@ -171,6 +171,8 @@ FUNCTIONS = {
                lambda grad, cache, kwargs, need, op=op: _binary_backward(op, grad, cache, kwargs, need))
        for op in ops.BINARY},
     "neg": _op(lambda args, kwargs: (-args[0], None), lambda grad, cache, kwargs, need: (-grad,)),
+    "exp": _op(lambda args, kwargs: (out := np.exp(args[0]), out), lambda grad, out, kwargs, need: (grad * out,)),
+    "log": _op(lambda args, kwargs: (np.log(args[0]), args[0]), lambda grad, x, kwargs, need: (grad / x,)),
     "cat": _op(_cat_forward, _cat_backward),
     "stack": _op(lambda args, kwargs: (np.stack(args, axis=kwargs["dim"]), len(args)), _stack_backward),
     "narrow": _op(_narrow_forward, _narrow_backward),
@@ -275,7 +277,7 @@ def _replicas(leaves, used):
 
 
 #: operations whose result is a new array (the others return views of their input)
-_FRESH = frozenset({*ops.BINARY, "neg", "cat", "stack", "sum", "mean", "matmul"})
+_FRESH = frozenset({*ops.BINARY, "neg", "exp", "log", "cat", "stack", "sum", "mean", "matmul"})
 
 
 def build(spec: Graph, leaves, build_tree, make_leaf) -> GraphRun:

@@ -43,6 +43,7 @@ def _reduce(method: str):
 FUNCTIONS: dict[str, Callable] = {
     "add": _binary(torch.add), "sub": _binary(torch.sub, lambda x, other: other - x), "mul": _binary(torch.mul),
     "div": _binary(torch.div, lambda x, other: other / x), "neg": torch.neg,
+    "exp": torch.exp, "log": torch.log,
     "cat": lambda *args, dim: torch.cat(args, dim), "stack": lambda *args, dim: torch.stack(args, dim),
     "narrow": torch.narrow, "select": torch.select, "reshape": _reshape,
     "flatten": lambda x, start_dim=1, end_dim=-1: torch.flatten(x, start_dim, end_dim),

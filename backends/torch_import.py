@@ -308,6 +308,10 @@ def _interpolate(options):
 _OPERATIONS = {
     "add": _binary(operator.add), "sub": _binary(operator.sub), "mul": _binary(operator.mul),
     "div": _binary(operator.truediv), "truediv": _binary(operator.truediv), "neg": lambda n, a, k: -a[0],
+    "exp": lambda n, a, k: ops.exp(*_bind(a, k, "input")), "log": lambda n, a, k: ops.log(*_bind(a, k, "input")),
+    # noise: an input of the graph that the loop fills from its seeded stream (unitrain.graph_noise)
+    "randn_like": lambda n, a, k: ops.randn_like(*_bind(a, k, "input")),
+    "rand_like": lambda n, a, k: ops.rand_like(*_bind(a, k, "input")),
     "matmul": lambda n, a, k: a[0] @ a[1], "bmm": lambda n, a, k: a[0] @ a[1],
     "cat": lambda n, a, k: ops.cat(*_bind(a, k, "tensors dim=0")),
     "concat": lambda n, a, k: ops.cat(*_bind(a, k, "tensors dim=0")),
@@ -350,6 +354,7 @@ _FUNCTIONS: dict[Callable, str] = {
     operator.imul: "mul", operator.truediv: "div", operator.itruediv: "div", operator.neg: "neg",
     operator.matmul: "matmul", operator.getitem: "getitem", operator.floordiv: "floordiv",
     operator.ne: "ne", torch.ne: "ne",
+    torch.exp: "exp", torch.log: "log", torch.randn_like: "randn_like", torch.rand_like: "rand_like",
     torch.add: "add", torch.sub: "sub", torch.mul: "mul", torch.div: "div", torch.neg: "neg",
     torch.matmul: "matmul", torch.bmm: "bmm", torch.cat: "cat", torch.concat: "concat",
     torch.concatenate: "concatenate", torch.stack: "stack", torch.flatten: "flatten", torch.permute: "permute",
@@ -664,7 +669,8 @@ def _fx_call(graph: fx.Graph, op: str, args: list, options: dict, rank: int, sha
         return graph.call_method("permute", (args[0], *options["dims"]))
     if op == "flatten":
         options = {"start_dim": 1, "end_dim": -1, **options}
-    functions = {"neg": torch.neg, "narrow": torch.narrow, "select": torch.select, "flatten": torch.flatten,
+    functions = {"neg": torch.neg, "exp": torch.exp, "log": torch.log,
+                 "narrow": torch.narrow, "select": torch.select, "flatten": torch.flatten,
                  "transpose": torch.transpose, "matmul": torch.matmul, "relu": F.relu, "sigmoid": torch.sigmoid,
                  "tanh": torch.tanh, "gelu": F.gelu, "silu": F.silu, "elu": F.elu, "leaky_relu": F.leaky_relu,
                  "softmax": F.softmax, "log_softmax": F.log_softmax}  # fmt: skip
@@ -699,7 +705,13 @@ def to_torch(graph: Graph, state=None) -> fx.GraphModule:
     for name, child in graph.children:
         root.add_module(name, _plain_module(child))
     code = fx.Graph()
-    env = {name: code.placeholder(name) for name in graph.input_names}
+    noise = dict(graph.noise)
+    env = {name: code.placeholder(name) for name, _ in graph.data_inputs}
+    batch = code.call_method("size", (env[graph.data_inputs[0][0]], 0)) if noise else None
+    for name, shape in graph.inputs:  # noise: torch's own draw, of the batch's size (randn_like's)
+        if name in noise:
+            draw = torch.randn if noise[name] == "normal" else torch.rand
+            env[name] = code.call_function(draw, ((batch, *shape),), {"dtype": torch.float32})
     for node in graph.nodes:
         args = [env[arg] for arg in node.args]
         if node.op == "call_module":

@@ -15,6 +15,7 @@ from . import (  # noqa: F401
     layer_checks,
     training_checks,
     graph_checks,
+    noise_checks,
     multi_model_checks,
     attention_checks,
     token_checks,

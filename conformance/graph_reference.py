@@ -46,6 +46,8 @@ def op_forward(op: str, args: list, kw: dict) -> np.ndarray:
         return {"add": lambda: a + b, "sub": lambda: a - b, "mul": lambda: a * b, "div": lambda: a / b}[op]()
     if op == "neg":
         return -x
+    if op in ("exp", "log"):
+        return getattr(np, op)(x)
     if op == "cat":
         return np.concatenate(args, axis=kw["dim"])
     if op == "stack":
@@ -94,6 +96,10 @@ def op_backward(op: str, args: list, kw: dict, grad: np.ndarray) -> list[np.ndar
         return [_sum_to(parts[0], a.shape), _sum_to(parts[1], b.shape)]
     if op == "neg":
         return [-grad]
+    if op == "exp":
+        return [grad * np.exp(x)]
+    if op == "log":
+        return [grad / x]
     if op == "cat":
         dim, out, start = _positive(kw["dim"], x.ndim), [], 0
         for arg in args:

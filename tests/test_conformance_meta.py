@@ -711,6 +711,48 @@ def test_the_intact_backend_passes_the_graph_checks():
         assert run_check(NumpyLoop, check).status == "pass", check
 
 
+# --- broken noise inside a graph ---------------------------------------------------------------------
+
+
+class GraphNoiseOfItsOwn(NumpyLoop):
+    """Draws a graph's noise itself, of the right kinds, from a generator of its own seeded with the
+    loop's seed, instead of taking the loop's: noise that differs between backends."""
+
+    def _forward(self, x):
+        kinds = [kind for _, kind in self.model_spec.noise]
+        if kinds:
+            own = np.random.default_rng(self.seed)
+            drawn = [own.standard_normal(v.shape) if kind == "normal" else own.random(v.shape)
+                     for kind, v in zip(kinds, x[-len(kinds) :], strict=True)]  # fmt: skip
+            x = (*x[: -len(kinds)], *(v.astype(self.dtype) for v in drawn))
+        return super()._forward(x)
+
+
+class NoiseIgnoredInTraining(NumpyLoop):
+    """Trains as if the noise were zero (a model sampling only its mean)."""
+
+    def _forward(self, x):
+        if self.model_spec.noise:
+            x = (*x[: -len(self.model_spec.noise)], *(np.zeros_like(v) for v in x[-len(self.model_spec.noise) :]))
+        return super()._forward(x)
+
+
+CAUGHT_NOISE = {
+    GraphNoiseOfItsOwn: "noise graph, first training forward: loss: expected 36.8865, got 23.7345; "
+    "max error 13.2 > tolerance 0.00141",
+    NoiseIgnoredInTraining: "noise graph, first training forward: loss: expected 36.8865, got 15.2968; "
+    "max error 21.6 > tolerance 0.00141",
+}
+
+
+@pytest.mark.parametrize("adapter", CAUGHT_NOISE, ids=[a.__name__ for a in CAUGHT_NOISE])
+def test_broken_noise_is_caught(adapter):
+    message, result = failure(adapter, "check_graph_noise")
+    assert_same_report(message, CAUGHT_NOISE[adapter])
+    assert result.max_error > result.tolerance
+    assert run_check(NumpyLoop, "check_graph_noise").status == "pass"
+
+
 # --- broken resampling layers and BCELoss -----------------------------------------------------------
 
 

@@ -49,6 +49,10 @@ GRAPH_ENTRIES = {  # JSON a file could hold where a graph entry is expected -> t
     "kwargs a list": (_edited(lambda d: d["nodes"][0].__setitem__("kwargs", [1])), "kwargs must be a mapping"),
     "children null": ({"type": "Sequential", "children": None}, "'children' must be a mapping"),
     "3000 deep": (_nested_sequential(3000), "nests containers more than 100 deep"),
+    "noise a list": (_edited(lambda d: d.__setitem__("noise", ["x"])), "'noise' must be a mapping"),
+    "noise of no input": (_edited(lambda d: d.__setitem__("noise", {"eps": "normal"})), "noise 'eps' is not one of"),
+    "noise kind a list": (_edited(lambda d: d.__setitem__("noise", {"x": [1]})), r"noise 'x' has kind \[1\]"),
+    "only noise": (_edited(lambda d: d.__setitem__("noise", {"x": "normal"})), "every input is noise"),
 }
 
 

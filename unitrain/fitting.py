@@ -282,10 +282,12 @@ class eval_mode:
         self.was_training = self.loop.training
         if self.was_training:
             self.loop._set_training(False)
+            self.loop.training = False  # what the batch checks read (a graph's noise: evaluation's)
 
     def __exit__(self, *exc):
         if self.was_training:
             self.loop._set_training(True)
+            self.loop.training = True
 
 
 def _call(extensions, hook: str, *args) -> None:

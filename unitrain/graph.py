@@ -35,6 +35,10 @@ Two different layers can share one tensor too, as PyTorch's ``decoder.weight = e
 once, under its first name (as ``named_parameters`` does), and its gradient is the sum over both
 layers' uses. Ties are between Linear and Embedding parameters of one shape.
 
+Noise inside a model (a VAE's ``mu + ops.randn_like(logvar) * (0.5 * logvar).exp()``) is an input
+of the graph, listed in ``noise`` after the data inputs, that the loop fills from its seeded stream
+(:mod:`unitrain.graph_noise`); a batch's ``x`` holds the data inputs only.
+
 ``outputs`` names the output nodes: one (predictions are an array) or several (a tuple, in this
 order; train them with :class:`~unitrain.losses.PerOutputLoss`, one loss per output, summed).
 Several inputs take a batch ``x`` that is a tuple in ``inputs`` order or a dict by input name.
@@ -121,6 +125,9 @@ class Graph(Container):
     initial_state: dict | None = field(default=None, compare=False, repr=False)
     #: ``(key, source)`` pairs: the parameter ``key`` is the tensor ``source`` (see the module doc)
     tied: tuple[tuple[str, str], ...] = ()
+    #: ``(input, kind)`` pairs: the inputs that are noise (:func:`~unitrain.ops.randn_like`), which
+    #: the loop fills (:mod:`unitrain.graph_noise`); they come after the data inputs
+    noise: tuple[tuple[str, str], ...] = ()
 
     def __init__(self, inputs, outputs, modules: Mapping[str, Layer] | None = None, *,
                  initial_state: Mapping | None = None, tied: Mapping[str, str] | None = None):  # fmt: skip
@@ -139,10 +146,14 @@ class Graph(Container):
         for tensor in input_tensors:
             if tensor.op != "input":
                 raise ValueError(f"Graph: {tensor} is not an Input; inputs must come from unitrain.graph.Input")
-        names, nodes, taken = {}, [], {tensor.target for tensor in input_tensors}
+        names, nodes, taken, noise = {}, [], {tensor.target for tensor in input_tensors}, []
         for tensor in input_tensors:
             names[id(tensor)] = tensor.target
         for tensor in _walk(output_tensors):
+            if tensor.op == "noise":  # torch.fx's name for it: randn_like, rand_like
+                names[id(tensor)] = _fresh("randn_like" if tensor.target == "normal" else "rand_like", taken)
+                noise.append((names[id(tensor)], tensor.target, tensor.sample_shape))
+                continue
             if tensor.op == "input":
                 if id(tensor) not in names:
                     raise ValueError(f"Graph: an output depends on input {tensor.target!r}, which is not among "
@@ -168,8 +179,9 @@ class Graph(Container):
             args = tuple(names[id(arg)] for arg in tensor.args)
             nodes.append(Node(name, op, target, args, tuple((k, _frozen(v)) for k, v in kwargs.items())))
         input_specs = [(tensor.target, tensor.sample_shape) for tensor in input_tensors]
+        input_specs += [(name, shape) for name, _, shape in noise]
         self._setup(input_specs, tuple(modules.items()), nodes, [names[id(tensor)] for tensor in output_tensors],
-                    tied)  # fmt: skip
+                    tied, {name: kind for name, kind, _ in noise})  # fmt: skip
         if initial_state is not None:
             shapes = self.state_shapes()
             state = dict(initial_state)
@@ -181,22 +193,26 @@ class Graph(Container):
     @classmethod
     def from_nodes(cls, inputs: Mapping[str, Sequence[int]], nodes: Sequence[Node], outputs: Sequence[str],
                    modules: Mapping[str, Layer] | None = None, tied: Mapping[str, str] | None = None,
-                   ) -> Graph:  # fmt: skip
-        """A graph from its node list (any order; sorted topologically), as torch.fx holds one."""
+                   noise: Mapping[str, str] | None = None) -> Graph:  # fmt: skip
+        """A graph from its node list (any order; sorted topologically), as torch.fx holds one;
+        ``noise``: which of ``inputs`` are noise, and of which kind (``"normal"``, ``"uniform"``)."""
         graph = cls.__new__(cls)
         nodes = [node if isinstance(node, Node) else Node(**node) for node in nodes]
         graph._setup([(name, tuple(shape)) for name, shape in inputs.items()], tuple(dict(modules or {}).items()),
-                     nodes, list(outputs), tied)  # fmt: skip
+                     nodes, list(outputs), tied, noise)  # fmt: skip
         return graph
 
-    def _setup(self, inputs, children, nodes, outputs, tied) -> None:
+    def _setup(self, inputs, children, nodes, outputs, tied, noise=None) -> None:
         for name, shape in inputs:
             Input(shape, name)  # validates both
+        object.__setattr__(self, "noise", _check_noise([name for name, _ in inputs], dict(noise or {})))
         for name, child in children:
             if not isinstance(name, str) or not _PATH.fullmatch(name) or "." in name:
                 raise ValueError(f"Graph: module name {name!r} must be a non-empty name without '.'")
             if not isinstance(child, Layer):
                 raise TypeError(f"Graph: module {name!r} is {child!r}, expected a unitrain layer spec")
+            if isinstance(child, Graph) and child.noise:
+                raise ValueError(f"Graph: module {name!r} is a graph that draws noise; draw it in the outermost graph")
         seen_ids: dict[int, str] = {}
         for name, child in children:
             if id(child) in seen_ids:
@@ -217,6 +233,12 @@ class Graph(Container):
     @property
     def input_names(self) -> tuple[str, ...]:
         return tuple(name for name, _ in self.inputs)
+
+    @property
+    def data_inputs(self) -> tuple[tuple[str, Shape], ...]:
+        """The inputs a batch's ``x`` holds: all but the noise."""
+        noise = dict(self.noise)
+        return tuple((name, shape) for name, shape in self.inputs if name not in noise)
 
     @property
     def input_shapes(self) -> tuple[Shape, ...]:
@@ -251,7 +273,8 @@ class Graph(Container):
         return get_submodule(self, path)
 
     def __str__(self):
-        lines = [f"%{name} = input{list(shape)}" for name, shape in self.inputs]
+        noise = dict(self.noise)
+        lines = [f"%{name} = {noise.get(name, 'input')}{list(shape)}" for name, shape in self.inputs]
         lines += [str(node) for node in self.nodes]
         return "\n".join([*lines, f"return %{', %'.join(self.outputs)}"])
 
@@ -311,6 +334,20 @@ class Graph(Container):
             else:
                 shapes[node.name] = ops.infer(node.target, args, node.options, what)
         return shapes
+
+
+def _check_noise(inputs: list[str], noise: dict) -> tuple[tuple[str, str], ...]:
+    """``noise`` as ``(input, kind)`` pairs, or ``ValueError``: each a noise kind of an input after the data inputs."""
+    for name, kind in noise.items():
+        if name not in inputs:
+            raise ValueError(f"Graph: noise {name!r} is not one of the inputs {inputs}")
+        if kind not in ops.NOISE_KINDS:
+            raise ValueError(f"Graph: noise {name!r} has kind {kind!r}; expected one of {list(ops.NOISE_KINDS)}")
+    if noise and not set(inputs[-len(noise) :]) == set(noise):
+        raise ValueError(f"Graph: the noise inputs {list(noise)} must come after the data inputs, got {inputs}")
+    if len(noise) == len(inputs):
+        raise ValueError("Graph: every input is noise; it needs at least one data input (the batch)")
+    return tuple((name, noise[name]) for name in inputs if name in noise)
 
 
 def _check_ties(graph: Graph, tied: dict[str, str]) -> tuple[tuple[str, str], ...]:
@@ -513,6 +550,7 @@ def to_dict(model: Layer) -> dict:
             ],
             "outputs": list(model.outputs),
             **({"tied": dict(model.tied)} if model.tied else {}),
+            **({"noise": dict(model.noise)} if model.noise else {}),
         }
     if isinstance(model, layers.Sequential):
         return {"type": kind, "children": {name: to_dict(child) for name, child in model.children}, "init": model.init}
@@ -547,8 +585,9 @@ def _from_entry(data: Mapping, depth: int) -> Layer:
             modules = {name: child(spec) for name, spec in _field(rest, "modules", Mapping).items()}
             nodes = [_node(n) for n in _field(rest, "nodes", list)]
             tied = _field(rest, "tied", Mapping) if "tied" in rest else None
+            noise = _field(rest, "noise", Mapping) if "noise" in rest else None
             return Graph.from_nodes(
-                _field(rest, "inputs", Mapping), nodes, _field(rest, "outputs", list), modules, tied
+                _field(rest, "inputs", Mapping), nodes, _field(rest, "outputs", list), modules, tied, noise
             )
         if kind == "Sequential":
             children = {name: child(spec) for name, spec in _field(rest, "children", Mapping).items()}

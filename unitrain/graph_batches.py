@@ -57,10 +57,14 @@ def check_custom_loss(loss: CustomLoss, outputs: int) -> None:
 
 
 def check_inputs(loop: TrainingLoop, x) -> tuple[np.ndarray, ...]:
-    """``x`` of a graph with several inputs as a tuple of checked arrays in input order."""
+    """``x`` of a graph with several inputs as a tuple of checked arrays in input order (a graph
+    that draws noise: the data inputs' from ``x``, one array when it has one, then the noise's)."""
     from .loop import InputError
 
-    names = loop.model_spec.input_names
+    data_inputs = loop.model_spec.data_inputs
+    names = tuple(name for name, _ in data_inputs)
+    if loop._noise is not None and len(names) == 1 and not isinstance(x, (Mapping, tuple, list)):
+        x = (x,)
     if isinstance(x, Mapping):
         if set(x) != set(names):
             raise InputError(f"inputs must have the keys {list(names)}, got {sorted(x)}")
@@ -70,7 +74,7 @@ def check_inputs(loop: TrainingLoop, x) -> tuple[np.ndarray, ...]:
                          f"got {type(x).__name__}")  # fmt: skip
     arrays = []
     roles = padded.input_roles(loop.model_spec)
-    for (name, declared), value in zip(loop.model_spec.inputs, x, strict=True):
+    for (name, declared), value in zip(data_inputs, x, strict=True):
         value = np.asarray(value)
         if value.dtype.kind not in "fiu":
             raise InputError(f"input {name!r} must be numeric, got dtype {value.dtype}")
@@ -92,6 +96,9 @@ def check_inputs(loop: TrainingLoop, x) -> tuple[np.ndarray, ...]:
         if not np.isfinite(value).all():
             raise InputError(f"input {name!r} contains NaN or infinite values")
         arrays.append(value)
+    if loop._noise is not None:
+        arrays += loop._noise.draw(len(arrays[0]), loop.dtype, loop.training)
+        names = loop.model_spec.input_names
     shapes = tuple(value.shape[1:] for value in arrays)
     loop._output_shape(shapes)
     if lengths := [(name, role) for name, role in roles.items() if role.kind == "lengths"]:

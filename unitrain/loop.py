@@ -162,7 +162,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from . import graph_batches
+from . import graph_batches, graph_noise
 from . import weights as weights_io
 from .controls import EarlyStoppingState, ParamGroup, resolve_groups
 from .distributed import shard
@@ -290,6 +290,8 @@ class TrainingLoop(Fitting, InputChecks, ABC):
         self.last_batch_size, self.last_batch_correct = 0, None
         #: a graph's numbers of inputs and outputs (see :mod:`unitrain.graph`); 1 for other models
         self._input_count, self._output_count = graph_batches.check_model(self, model, loss)
+        #: the noise inputs a graph's randn_like / rand_like draw (None without)
+        self._noise = graph_noise.of(model, seed)
         #: (path, spec) of the Embedding a spec model starts with: its inputs are token ids
         self._embedding: tuple[str, Embedding] | None = None
         if isinstance(model, Container):
@@ -637,7 +639,8 @@ class TrainingLoop(Fitting, InputChecks, ABC):
 
     def predict(self, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
         """Model outputs (NumPy, ``self.dtype``) in eval mode; changes no state."""
-        x = self._check_x(x)
+        with eval_mode(self):  # a graph's noise is evaluation's (unitrain.graph_noise)
+            x = self._check_x(x)
         if self._input_count > 1 or self._output_count > 1:
             return graph_batches.predict(self, x, batch_size)
         with eval_mode(self):
@@ -729,17 +732,22 @@ class TrainingLoop(Fitting, InputChecks, ABC):
         self.step_count = step
 
     def random_state(self) -> dict[str, np.ndarray]:
-        """The dropout stream's state (``{}`` without the ``random-state`` capability)."""
-        return self._random_state()
+        """The dropout stream's state (``{}`` without the ``random-state`` capability) and a
+        graph's noise stream's."""
+        return {**self._random_state(), **graph_noise.state(self._noise)}
 
     def load_random_state(self, state: Mapping[str, np.ndarray], source: str = "random state") -> None:
         """Restore a :meth:`random_state` of this backend; other keys or bytes are an error."""
-        expected = set(self._random_state())
+        expected = set(self.random_state())
         if set(state) != expected:
             raise weights_io.WeightsError(
                 f"{source} has keys {sorted(state)}, the {self.name} backend's random state has {sorted(expected)}"
             )
-        if not expected or self.rank != 0:  # the other ranks' streams are their own (module docstring)
+        try:  # every rank draws the same noise
+            state = graph_noise.load_state(self._noise, state)
+        except ValueError as error:
+            raise weights_io.WeightsError(f"{source} is not a graph noise state: {error}") from None
+        if not state or self.rank != 0:  # the other ranks' streams are their own (module docstring)
             return
         try:
             self._load_random_state({key: np.asarray(value, np.uint8) for key, value in state.items()})

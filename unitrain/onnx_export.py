@@ -172,8 +172,8 @@ def _function(graph: _Graph, op: str, args: list[str], kw: dict, path: str, shap
             other = graph.tensor(f"{path}.other", np.asarray(kw["other"]))
             args = [other, args[0]] if kw.get("reverse") else [args[0], other]
         return graph.op(_BINARY[op], args, path)
-    if op == "neg":
-        return graph.op("Neg", args, path)
+    if op in ("neg", "exp", "log"):
+        return graph.op(op.capitalize(), args, path)
     if op == "cat":
         return graph.op("Concat", args, path, axis=kw["dim"])
     if op == "stack":
@@ -240,6 +240,9 @@ def to_onnx(model: layers.Container, state: State, input_shape: tuple[int, ...])
     as ``input`` and giving ``output``; a graph of several inputs takes each under its name, with
     its declared shape, and one of several outputs gives each under its node's name."""
     graph = _Graph(state)
+    if isinstance(model, Graph) and model.noise:
+        raise WeightsError(f"the graph draws noise ({', '.join(name for name, _ in model.noise)}), which this ONNX "
+                           "export does not write; export the model without its sampling step")  # fmt: skip
     if isinstance(model, Graph):
         shapes = [tuple(input_shape)] if len(model.inputs) == 1 else [tuple(s) for s in model.input_shapes]
         names = ["input"] if len(model.inputs) == 1 else list(model.input_names)

@@ -38,12 +38,16 @@ BINARY = ("add", "sub", "mul", "div")
 #: every operation a call_function node may name, with the keyword arguments it takes (PyTorch's
 #: names; an activation's are its layer spec's fields)
 ARGUMENTS = {
-    **{op: ("other", "reverse") for op in BINARY}, "neg": (), "cat": ("dim",), "stack": ("dim",),
+    **{op: ("other", "reverse") for op in BINARY}, "neg": (), "exp": (), "log": (), "cat": ("dim",), "stack": ("dim",),
     "narrow": ("dim", "start", "length"), "select": ("dim", "index"), "reshape": ("shape",),
     "flatten": ("start_dim", "end_dim"), "permute": ("dims",), "transpose": ("dim0", "dim1"),
     "sum": ("dim", "keepdim"), "mean": ("dim", "keepdim"), "matmul": (),
 }  # fmt: skip
 OPS = (*ARGUMENTS, *ACTIVATIONS)
+
+#: the noise a graph can draw (:func:`randn_like`, :func:`rand_like`): each becomes an input of the
+#: graph that the loop fills (see :mod:`unitrain.graph_noise`)
+NOISE_KINDS = ("normal", "uniform")
 
 
 # --- shape rules -------------------------------------------------------------------------------
@@ -117,7 +121,7 @@ def infer(op: str, shapes: Sequence[Shape], kwargs: dict, what: str) -> Shape:
                 raise ValueError(f"{what}: other must be a finite number, got {other!r}")
             return first
         return _broadcast(first, shapes[1], what)
-    if op in ("neg", *ACTIVATIONS):
+    if op in ("neg", "exp", "log", *ACTIVATIONS):
         if op in ACTIVATIONS:
             try:
                 return ACTIVATIONS[op](**kwargs).output_shape(first)
@@ -208,7 +212,8 @@ class Tensor:
     __slots__ = ("args", "kwargs", "op", "sample_shape", "target")
 
     def __init__(self, op: str, target, args: tuple, kwargs: dict, sample_shape: Shape):
-        #: ``"input"`` (target: its name), ``"call_module"`` (target: the layer spec) or ``"call_function"``
+        #: ``"input"`` (target: its name), ``"noise"`` (target: its kind), ``"call_module"`` (target:
+        #: the layer spec) or ``"call_function"``
         self.op, self.target, self.args, self.kwargs = op, target, args, kwargs
         self.sample_shape = tuple(sample_shape)
 
@@ -251,6 +256,12 @@ class Tensor:
 
     def __neg__(self):
         return function("neg", self)
+
+    def exp(self):
+        return function("exp", self)
+
+    def log(self):
+        return function("log", self)
 
     def __matmul__(self, other):
         return matmul(self, other)
@@ -499,3 +510,22 @@ def softmax(x: Tensor, dim: int) -> Tensor:
 
 def log_softmax(x: Tensor, dim: int) -> Tensor:
     return function("log_softmax", x, dim=dim)
+
+
+def exp(x: Tensor) -> Tensor:
+    return function("exp", x)
+
+
+def log(x: Tensor) -> Tensor:
+    return function("log", x)
+
+
+def randn_like(x: Tensor) -> Tensor:
+    """Standard normal noise of ``x``'s shape (``torch.randn_like``), drawn anew at every training
+    forward from the loop's seeded stream: the graph gets an input the loop fills."""
+    return Tensor("noise", "normal", (), {}, _check_tensor(x, "randn_like").sample_shape)
+
+
+def rand_like(x: Tensor) -> Tensor:
+    """Uniform noise in [0, 1) of ``x``'s shape (``torch.rand_like``), as :func:`randn_like`."""
+    return Tensor("noise", "uniform", (), {}, _check_tensor(x, "rand_like").sample_shape)

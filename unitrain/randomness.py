@@ -39,9 +39,9 @@ def dropout_mask(rng: np.random.Generator, shape: tuple[int, ...], p: float, dty
 STREAM_KEY = "unitrain_dropout_stream"
 
 
-def stream_state(rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """``{STREAM_KEY: the generator's state as uint8 bytes (its JSON)}``."""
-    return {STREAM_KEY: np.frombuffer(json.dumps(rng.bit_generator.state).encode(), np.uint8)}
+def stream_state(rng: np.random.Generator, key: str = STREAM_KEY) -> dict[str, np.ndarray]:
+    """``{key: the generator's state as uint8 bytes (its JSON)}``."""
+    return {key: np.frombuffer(json.dumps(rng.bit_generator.state).encode(), np.uint8)}
 
 
 #: what ``numpy.random.PCG64().state`` holds: 128-bit state and increment, a cached 32-bit half
@@ -53,10 +53,10 @@ PCG64_STATE = {
 }
 
 
-def set_stream_state(rng: np.random.Generator, state: dict[str, np.ndarray]) -> None:
+def set_stream_state(rng: np.random.Generator, state: dict[str, np.ndarray], key: str = STREAM_KEY) -> None:
     """Restore :func:`stream_state` into ``rng``; ValueError if the bytes are not one."""
     try:
-        decoded = json.loads(np.asarray(state[STREAM_KEY], np.uint8).tobytes())
+        decoded = json.loads(np.asarray(state[key], np.uint8).tobytes())
         check_json(decoded, PCG64_STATE)
     except (ValueError, RecursionError, TypeError, KeyError) as error:  # ValueError: bad JSON, or the schema's
         raise ValueError(f"not a {type(rng.bit_generator).__name__} state ({str(error)[:200]})") from None

@@ -1,0 +1,164 @@
+"""Noise inside a model: pytorch/examples' VAE, ``torch.randn_like`` in its ``reparameterize``,
+imported with ``from_torch`` and trained on every backend against the same module in plain
+PyTorch fed the same noise (drawn with unitrain's stream and passed to torch as an argument)."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import installed_backends
+from torch import nn
+from torch_reference import assert_run_within_drift, torch_runs
+
+import unitrain
+from unitrain import expr, ops
+from unitrain.graph import Graph, Input, Node
+from unitrain.graph_noise import GraphNoise
+from unitrain.losses import CustomLoss
+from unitrain.optim import Adam
+
+STEPS, BATCH, SEED = 20, 8, 3
+
+
+class VAE(nn.Module):
+    """pytorch/examples' vae/main.py, as written there."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(784, 400)
+        self.fc21 = nn.Linear(400, 20)
+        self.fc22 = nn.Linear(400, 20)
+        self.fc3 = nn.Linear(20, 400)
+        self.fc4 = nn.Linear(400, 784)
+
+    def encode(self, x):
+        h1 = F.relu(self.fc1(x))
+        return self.fc21(h1), self.fc22(h1)
+
+    def reparameterize(self, mu, logvar):
+        std = torch.exp(0.5 * logvar)
+        eps = torch.randn_like(std)
+        return mu + eps * std
+
+    def decode(self, z):
+        h3 = F.relu(self.fc3(z))
+        return torch.sigmoid(self.fc4(h3))
+
+    def forward(self, x):
+        mu, logvar = self.encode(x.view(-1, 784))
+        z = self.reparameterize(mu, logvar)
+        return self.decode(z), mu, logvar
+
+
+class GivenNoise(VAE):
+    """The same module with its noise passed in: ``forward(x, eps)``."""
+
+    def forward(self, x, eps):
+        self.eps = eps
+        return super().forward(x)
+
+    def reparameterize(self, mu, logvar):
+        return mu + self.eps * torch.exp(0.5 * logvar)
+
+
+def torch_vae_loss(output, x):  # the example's loss_function
+    recon, mu, logvar = output
+    bce = F.binary_cross_entropy(recon, x, reduction="sum")
+    return bce - 0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+
+
+def vae_loss(pred, x):
+    recon, mu, logvar = pred[0], pred[1], pred[2]
+    bce = -(x * expr.log(recon) + (1 - x) * expr.log(1 - recon)).sum()
+    return bce - 0.5 * (1 + logvar - mu**2 - expr.exp(logvar)).sum()
+
+
+@pytest.fixture(scope="module")
+def case():
+    torch.manual_seed(SEED)
+    module = VAE()
+    graph = unitrain.from_torch(module, torch.rand(2, 1, 28, 28))
+    images = np.random.default_rng(SEED).random((STEPS, BATCH, 1, 28, 28))
+    noise = GraphNoise(graph, SEED)  # the stream a loop of seed SEED draws from, step by step
+    batches = [((x, noise.draw(BATCH, np.float64, True)[0]), x.reshape(BATCH, 784)) for x in images]
+
+    def make_model(dtype):
+        twin = GivenNoise().to(dtype)
+        twin.load_state_dict(copy.deepcopy(module).to(dtype).state_dict())
+        return twin
+
+    runs = torch_runs(make_model, lambda params: torch.optim.Adam(params, lr=1e-3), batches,
+                      criterion=torch_vae_loss)  # fmt: skip
+    return graph, images, runs
+
+
+@pytest.mark.parametrize(
+    ("backend", "dtype"),
+    [
+        # MindSpore compiles the step: seconds on two cores, so `slow`
+        *(
+            pytest.param(name, "float32", marks=[pytest.mark.slow] if name == "mindspore" else [])
+            for name in installed_backends()
+        ),
+        ("numpy", "float64"),
+    ],
+)
+def test_imported_vae_trains_as_pytorch_with_the_same_noise(case, backend, dtype):
+    graph, images, runs = case
+    loop = unitrain.make_loop(backend, graph, CustomLoss(vae_loss), Adam(lr=1e-3), dtype=dtype, seed=SEED)
+    losses = [loop.to_float(loop.step((x, x.reshape(BATCH, 784)))) for x in images]
+    # the longest sum of one step: the reconstruction's, over the batch's 784 pixels
+    assert_run_within_drift(loop, losses, runs, dtype, BATCH * 784)
+
+
+def test_noise_is_part_of_the_random_state_and_fresh_at_each_step():
+    x = Input((3,))
+    model = Graph(x, x + ops.randn_like(x) * ops.rand_like(x).exp().log())
+    assert model.noise == (("randn_like", "normal"), ("rand_like", "uniform"))
+    assert Graph.from_dict(model.to_dict()) == model
+    loop = unitrain.make_loop("numpy", model, seed=1)
+    batch = np.zeros((4, 3))
+    state = loop.random_state()
+    first, second = loop.predict(batch), loop.predict(batch)
+    np.testing.assert_array_equal(first, second)  # evaluation: the same draws each call
+    loop.train()
+    drawn = [np.array(loop.to_numpy(loop.forward(batch))) for _ in range(2)]
+    assert not np.allclose(drawn[0], drawn[1])  # training: new noise at each forward
+    loop.load_random_state(state)
+    np.testing.assert_array_equal(loop.to_numpy(loop.forward(batch)), drawn[0])
+
+
+def test_refusals_in_one_line():
+    class Float64Noise(VAE):
+        def reparameterize(self, mu, logvar):
+            return mu + torch.randn_like(logvar, dtype=torch.float16).float() * logvar
+
+    with pytest.raises(ValueError, match=r"^from_torch: node 'randn_like' .*argument dtype=torch.float16 is not"):
+        unitrain.from_torch(Float64Noise(), torch.rand(2, 1, 28, 28))
+    x = Input((3,))
+    with pytest.raises(ValueError, match=r"^Graph: noise 'x' has kind 'gamma'; expected one of \['normal', "):
+        Graph.from_nodes({"x": (3,)}, [], ["x"], noise={"x": "gamma"})
+    with pytest.raises(ValueError, match=r"^Graph: every input is noise"):
+        Graph.from_nodes({"eps": (3,)}, [Node("y", "call_function", "neg", ("eps",))], ["y"], noise={"eps": "normal"})
+    inner = Graph(x, x * ops.randn_like(x))
+    with pytest.raises(ValueError, match=r"takes 2 inputs \['input', 'randn_like'\], got 1$"):  # its noise is an input
+        Graph(x, inner(x), {"inner": inner})
+
+
+def test_to_torch_draws_with_torch_and_onnx_refuses_noise(case):
+    graph = case[0]
+    module = unitrain.to_torch(graph)
+    assert "torch.randn((size, 20), dtype = torch.float32)" in module.code
+    x = torch.rand(4, 1, 28, 28)
+    first, second = module(x)[0], module(x)[0]
+    assert first.shape == (4, 784) and not torch.equal(first, second)  # new noise at each call, as the example
+    pytest.importorskip("onnx")
+    from unitrain.onnx_export import to_onnx
+    from unitrain.weights import WeightsError
+
+    with pytest.raises(WeightsError, match=r"^the graph draws noise \(randn_like\), which this ONNX export does not"):
+        to_onnx(graph, graph.initial_state, (1, 28, 28))
