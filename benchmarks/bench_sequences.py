@@ -2,7 +2,7 @@
 hand-written loop, same run.
 
     .venv/bin/python benchmarks/bench_sequences.py [--models char-lm,transformer] [--backends numpy,torch,...]
-        [--steps N] [--repeats R] [--json FILE]
+        [--steps N] [--repeats R] [--threads T] [--json FILE]
 
 The models: examples/char_lm.py's character LSTM language model (Embedding -> LSTM(batch_first) ->
 Linear per position, cross-entropy over ``(N, vocabulary, T)``) on windows of the shipped text, and
@@ -210,8 +210,13 @@ def main():
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3, help="time both sides this often, alternately; keep the best")
+    parser.add_argument("--threads", type=int, help="compute threads of every framework (default: their own)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
+    for backend in {"torch" if name == "numpy" else name for name in args.backends.split(",")} if args.threads else ():
+        # MindSpore's own pool defaults to 25 threads whatever the cores: on a loaded 2-core machine its
+        # steps then swing by 10x from one to the next, which is how its hand-written loop measured 60 samples/s
+        unitrain.get_backend(backend).set_threads(args.threads)
 
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     print("\n| model | backend | unitrain samples/s | native loop | native samples/s | unitrain / native |")
