@@ -417,7 +417,9 @@ class MindSporeLoop(TrainingLoop):
             return sum_loss(pred, y), correct
 
         functions = (forward, loss, step, loss_and_gradients, backward, update, scale_gradients, zero_grad, evaluate)
-        return SimpleNamespace(**{fn.__name__: ms.jit(fn) if self.compiled else fn for fn in functions})
+        compiled = SimpleNamespace(**{fn.__name__: ms.jit(fn) if self.compiled else fn for fn in functions})
+        compiled.update_in_graph = update  # for a caller's own compiled graph (a multi-model step's)
+        return compiled
 
     # --- conversions --------------------------------------------------------------------
 
@@ -450,14 +452,14 @@ class MindSporeLoop(TrainingLoop):
         dtype = np.int32 if y.dtype.kind in "iu" else self.dtype
         return Tensor.from_numpy(np.ascontiguousarray(y, dtype))
 
-    def _step_args(self) -> tuple[Tensor, bool, Tensor, Tensor]:
+    def _step_args(self, ahead: int = 0) -> tuple[Tensor, bool, Tensor, Tensor]:
         """The step number (``step_count`` counts the steps already taken; a tensor, so the
         graph is compiled once, not per step), whether SGD's momentum buffer is to be created
         from the gradient, the lr and the momentum (tensors too). From the zero buffer the
         general formula gives exactly the gradient unless dampening is used, so only then is a
-        graph compiled for the first step."""
-        first = not self._opt_ready and any(getattr(group.spec, "dampening", 0) for group in self.param_groups)
-        return Tensor(self.step_count + 1, ms.int64), first, self._lr, self._momentum
+        graph compiled for the first step. ``ahead``: for the update after ``ahead`` more updates."""
+        first = not (self._opt_ready or ahead) and any(getattr(g.spec, "dampening", 0) for g in self.param_groups)
+        return Tensor(self.step_count + 1 + ahead, ms.int64), first, self._lr, self._momentum
 
     def _group_lrs(self) -> Tensor:
         return Tensor(np.array([group.lr for group in self.param_groups] or [self.lr], np.float32))

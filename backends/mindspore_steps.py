@@ -1,77 +1,287 @@
-"""The MindSpore backend's evaluator of a multi-model step (:mod:`unitrain.steps`).
+"""The MindSpore backend's evaluator of a multi-model step (:mod:`unitrain.steps`), compiled.
 
 MindSpore's autograd is functional: ``mindspore.value_and_grad`` differentiates a function of the
-parameters, so a phase is one function that computes its loss from the batch and the noise,
-calling the models' cells and the CustomLoss table of the MindSpore adapter, differentiated
-with respect to the weights of the phase's optimizer. A value an earlier phase of the step computed
-is computed again inside it (the function must see the path to the weights); the rule of
-:mod:`unitrain.steps` that such a value is computed once is kept for what it changes, BatchNorm's
-running statistics: a model whose calls in the phase all repeat earlier ones gets its buffers back
-afterwards, as the adapter's own ``backward`` does after its re-run. Runs eagerly (PyNative).
+parameters. So each phase is one Cell, :class:`_PhaseLoss`, that computes the phase's loss from
+the batch, the noise and the dropout masks, with the models' own Cells, differentiated with
+respect to the weights of the phase's optimizer inside one ``mindspore.jit`` graph that also writes
+the gradients into the loops' buffers; each loop's own compiled ``update`` then steps its
+optimizer. This is how MindSpore's DCGAN tutorial writes its step (a loss Cell per phase,
+``value_and_grad`` of it in graph mode), with the noise and masks as inputs drawn by the loop.
+
+Graph mode compiles ``construct`` from its source and cannot walk an expression tree, so the
+phase's nodes become one Cell each at construction (as :mod:`.mindspore_graph` does for a graph):
+each reads its arguments by position from the tuple of values computed so far, and
+:class:`_PhaseLoss` appends each node's value to it. A model called at several nodes is one Cell
+held by several :class:`_Call` nodes: its Parameters appear once, and ``value_and_grad`` sums the
+gradients of their uses.
+
+A value an earlier phase of the step computed is computed again inside the phase (the graph must
+see the path to the weights); the rule of :mod:`unitrain.steps` that such a value is computed
+once is kept for what it changes: a repeated call gets the dropout masks of its first call, and a
+model whose calls in the phase all repeat earlier ones gets its BatchNorm statistics back
+afterwards, as the adapter's own ``backward`` does after its re-run. With ``compiled = False``
+on the adapter the same Cells run eagerly (PyNative).
 """
 
 from __future__ import annotations
 
 import mindspore as ms
-from mindspore import Tensor, ops
+import numpy as np
+from mindspore import Tensor, nn, ops
 
+from unitrain.randomness import dropout_mask
 from unitrain.steps import PhaseEvaluator, split
 
-from .mindspore import _EXPR_OPS, _TakesMasks, _write
+from .mindspore import _EXPR_OPS, _dropout_shapes, _TakesMasks
+
+
+class _Input(nn.Cell):
+    """The batch (position 0 of the phase's inputs) or one noise array."""
+
+    def __init__(self, position: int):
+        super().__init__(auto_prefix=False)
+        self.position = position
+
+    def construct(self, values, inputs, masks):
+        return inputs[self.position]
+
+
+class _Detach(nn.Cell):
+    def __init__(self, position: int):
+        super().__init__(auto_prefix=False)
+        self.position = position
+
+    def construct(self, values, inputs, masks):
+        return ops.stop_gradient(values[self.position])
+
+
+class _Output(nn.Cell):
+    """One output of a model with several."""
+
+    def __init__(self, position: int, index: int):
+        super().__init__(auto_prefix=False)
+        self.position, self.index = position, index
+
+    def construct(self, values, inputs, masks):
+        return values[self.position][self.index]
+
+
+class _Call(nn.Cell):
+    """A model's Cell called on the values at ``positions``, with the step's masks at
+    ``mask_positions``. No prefix: the Parameters keep the PyTorch names their loop gave them."""
+
+    def __init__(self, net: nn.Cell, positions: tuple[int, ...], mask_positions: tuple[int, ...]):
+        super().__init__(auto_prefix=False)
+        self.net, self.positions, self.mask_positions = net, positions, mask_positions
+        self.masked = isinstance(net, _TakesMasks)
+
+    def construct(self, values, inputs, masks):
+        args = ()
+        for position in self.positions:
+            args = (*args, values[position])
+        x = args[0] if len(args) == 1 else args
+        if not self.masked:
+            return self.net(x)
+        call_masks = ()
+        for position in self.mask_positions:
+            call_masks = (*call_masks, masks[position])
+        return self.net(x, call_masks)
+
+
+class _Operation(nn.Cell):
+    """A CustomLoss operation: ``fn(*operands, *static)``."""
+
+    def __init__(self, fn, positions: tuple[int, ...], static: tuple):
+        super().__init__(auto_prefix=False)
+        self.fn, self.positions, self.static = fn, positions, static
+
+    def construct(self, values, inputs, masks):
+        args = ()
+        for position in self.positions:
+            args = (*args, values[position])
+        return self.fn(*args, *self.static)
+
+
+class _PhaseLoss(nn.Cell):
+    """A phase's nodes in evaluation order; its loss is the last one's value."""
+
+    def __init__(self, nodes: list[nn.Cell]):
+        super().__init__(auto_prefix=False)
+        self.nodes = nn.CellList(nodes, auto_prefix=False)
+
+    def construct(self, inputs, masks):
+        values = ()
+        for node in self.nodes:
+            values = (*values, node(values, inputs, masks))
+        return values[-1]
 
 
 class Evaluator(PhaseEvaluator):
     def __init__(self, step, loops):
         super().__init__(step, loops)
-        for name, loop in loops.items():
-            if loop._has_dropout:
-                raise ValueError(f"model {name!r}: dropout inside a multi-model step is not supported on MindSpore yet")
+        if any(loop.world_size > 1 for loop in loops.values()):
+            raise ValueError("a multi-model step on MindSpore runs in one process (no data parallel yet)")
+        for name, loop in loops.items():  # one graph holds Parameters of several loops: their names must differ
+            optimizer_buffers = [buffer for state in loop._opt_state for buffer in state.values()]
+            for param in (*loop._params.values(), *loop._grads, *optimizer_buffers):
+                param.name = f"{name}.{param.name}"
             loop.train()
+        self.plan = self._plan()
+        self._step = None  # built at the first step, when the masks' positions are known
 
-    def _value(self, node, op, arguments, static, x, noise):
-        if op == "batch":
-            return Tensor(x) if not isinstance(x, tuple) else tuple(Tensor(part) for part in x)
-        if op == "noise":
-            return Tensor(noise[node])
-        if op == "detach":
-            return ops.stop_gradient(arguments[0])
-        if op == "call":
-            net = self.loops[static["model"]]._net
-            inputs = arguments[0] if len(arguments) == 1 else tuple(arguments)
-            return net(inputs, ()) if isinstance(net, _TakesMasks) else net(inputs)  # no dropout: no masks
-        if op == "output":
-            return arguments[0][static["index"]]
-        return _EXPR_OPS[op](*arguments, *static.values())
+    def _plan(self) -> list:
+        """For each phase: its calls in evaluation order, those that run afresh (the others
+        repeat a call of an earlier phase of the step, whose masks they reuse) and the models
+        whose calls all repeat (their BatchNorm statistics are put back after the phase)."""
+        computed: set = set()  # the nodes an earlier phase of the step computed, still valid
+        plan = []
+        for _, updated, order in self.phases:
+            calls = [node for node in order if node[0] == "call"]
+            fresh = {node for node in calls if node not in computed}
+            repeated = sorted({node[1] for node in calls} - {node[1] for node in fresh})
+            plan.append((calls, fresh, repeated))
+            computed = {node for node in computed | set(order) if not self.calls[node] & set(updated)}
+        return plan
+
+    def _build(self, mask_positions: list[dict]):
+        phases = []
+        for (_, updated, order), (_, _, repeated), positions in zip(self.phases, self.plan, mask_positions,
+                                                                     strict=True):  # fmt: skip
+            updated = [self.loops[name] for name in updated]
+            weights = [loop._params[name] for loop in updated for name in loop._grad_names]
+            phases.append((
+                ms.value_and_grad(self._phase_cell(order, positions), None, weights),
+                [buffer for loop in updated for buffer in loop._grads],
+                [buffer for name in repeated for buffer in self.loops[name]._buffers],
+                [loop._fn.update_in_graph for loop in updated],
+            ))  # fmt: skip
+        step = _train_step(phases)
+        return ms.jit(step) if all(loop.compiled for loop in self.loops.values()) else step
+
+    def _phase_cell(self, order, mask_positions: dict) -> _PhaseLoss:
+        position = {node: index for index, node in enumerate(order)}
+        inputs = {leaf: 1 + index for index, leaf in enumerate(self.step.noise)}
+        cells = []
+        for node in order:
+            op, children, static = split(node)
+            at = tuple(position[child] for child in children)
+            if op in ("batch", "noise"):
+                cells.append(_Input(0 if op == "batch" else inputs[node]))
+            elif op == "detach":
+                cells.append(_Detach(*at))
+            elif op == "output":
+                cells.append(_Output(*at, static["index"]))
+            elif op == "call":
+                cells.append(_Call(self.loops[static["model"]]._net, at, mask_positions.get(node, ())))
+            else:
+                cells.append(_Operation(_EXPR_OPS[op], at, tuple(static.values())))
+        return _PhaseLoss(cells)
+
+    def _masks(self, x, noise) -> tuple[list, list[dict]]:
+        """Every dropout mask of the step, drawn before it runs from each model's loop stream in
+        the order its calls run, and per phase each call's positions among them (a repeated
+        call: those of the call it repeats)."""
+        shapes, masks, drawn, positions = None, [], {}, []
+        for calls, fresh, _ in self.plan:
+            for node in calls:
+                if node in fresh and self.loops[node[1]]._has_dropout:
+                    shapes = shapes or _shapes(self.phases, x, noise, self.loops)
+                    inputs = [shapes[argument] for argument in node[2:]]
+                    new = _draw_masks(self.loops[node[1]], inputs[0] if len(inputs) == 1 else tuple(inputs))
+                    drawn[node] = tuple(range(len(masks), len(masks) + len(new)))
+                    masks.extend(new)
+            positions.append({node: drawn[node] for node in calls if node in drawn})
+        return masks, positions
 
     def run(self, x, noise):
-        computed: set = set()  # the nodes an earlier phase of this step computed, still valid
-        losses = []
-        for phase, updated, order in self.phases:
-            loops = [self.loops[name] for name in updated]
-            weights = [loop._params[name] for loop in loops for name in loop._grad_names]
-            calls = [node for node in order if node[0] == "call"]
-            repeated = {node[1] for node in calls if node in computed} - {node[1] for node in calls
-                                                                          if node not in computed}  # fmt: skip
-            saved = {name: [buffer.asnumpy().copy() for buffer in self.loops[name]._buffers] for name in repeated}
+        batch = ms.mutable(tuple(map(Tensor.from_numpy, x))) if isinstance(x, tuple) else Tensor.from_numpy(x)
+        inputs = ms.mutable((batch, *(Tensor.from_numpy(noise[leaf]) for leaf in self.step.noise)))
+        masks, positions = self._masks(x, noise)
+        if self._step is None:
+            self._step = self._build(positions)
+        ahead = dict.fromkeys(self.loops, 0)
+        tensors, flags = [], []
+        for _, updated, _ in self.phases:
+            for name in updated:
+                t, first, lr, momentum = self.loops[name]._step_args(ahead[name])
+                tensors.extend((t, lr, momentum))
+                flags.append(first)
+                ahead[name] += 1
+        # mutable: tensors in a plain tuple would be constants of the graph, compiled again at every step
+        losses = self._step(inputs, ms.mutable(tuple(masks)) if masks else (), ms.mutable(tuple(tensors)),
+                            tuple(flags))  # fmt: skip
+        for name, count in ahead.items():
+            self.loops[name].step_count += count
+            self.loops[name]._opt_ready |= count > 0
+        return [float(value) for value in ops.stack(losses).asnumpy()]
 
-            def loss(order=order, phase=phase):
-                values = {}
-                for node in order:
-                    op, children, static = split(node)
-                    values[node] = self._value(node, op, [values[child] for child in children], static, x, noise)
-                return values[phase.loss]
 
-            value, gradients = ms.value_and_grad(loss, None, weights)()
-            for name, buffers in saved.items():
-                for buffer, array in zip(self.loops[name]._buffers, buffers, strict=True):
-                    _write(buffer, array)
-            position = 0
-            for loop in loops:
-                for buffer in loop._grads:
-                    ops.assign(buffer, gradients[position])
-                    position += 1
-                loop.update()
-            losses.append(float(value.asnumpy()))
-            computed |= set(order)
-            computed = {node for node in computed if not self.calls[node] & set(updated)}
+def _train_step(phases):
+    """The whole step as one function of the inputs, the masks and the optimizers' step numbers,
+    lrs and momenta (``tensors``, three per update) and first-step flags: per phase, the loss
+    and its gradients (``value_and_grad``), the repeated models' statistics put back, the
+    gradients into their buffers and each updated loop's own update. (MindSpore's graph syntax
+    has no ``zip(strict=)``.)"""
+
+    def train_step(inputs, masks, tensors, flags):
+        losses = ()
+        update = 0
+        for value_and_grad, grads, restored, updates in phases:
+            saved = [buffer + 0 for buffer in restored]
+            value, gradients = value_and_grad(inputs, masks)
+            for buffer, kept in zip(restored, saved):  # noqa: B905
+                ops.assign(buffer, kept)
+            for buffer, gradient in zip(grads, gradients):  # noqa: B905
+                ops.assign(buffer, gradient)
+            for update_in_graph in updates:
+                update_in_graph(tensors[3 * update], flags[update], tensors[3 * update + 1], tensors[3 * update + 2])
+                update += 1
+            losses = (*losses, value)
         return losses
+
+    return train_step
+
+
+def _draw_masks(loop, shapes) -> tuple:
+    """Masks for one call of ``loop``'s model on inputs of ``shapes``, from the loop's own stream."""
+    several = isinstance(shapes[0], tuple)
+    samples = shapes[0][0] if several else shapes[0]
+    sample_shape = tuple(shape[1:] for shape in shapes) if several else shapes[1:]
+    _dropout_shapes(loop.model_spec, sample_shape, found := [])
+    return tuple(Tensor.from_numpy(dropout_mask(loop._rng, (samples, *shape), p, np.float32)) for p, shape in found)
+
+
+def _shapes(phases, x, noise, loops) -> dict:
+    """Each node's value's shape (a tuple of shapes for a model with several outputs), for the
+    dropout masks of the calls: the masks are drawn before the graph runs."""
+    shapes: dict = {}
+    for _, _, order in phases:
+        for node in order:
+            if node in shapes:
+                continue
+            op, children, static = split(node)
+            args = [shapes[child] for child in children]
+            if op == "batch":
+                shapes[node] = tuple(part.shape for part in x) if isinstance(x, tuple) else x.shape
+            elif op == "noise":
+                shapes[node] = noise[node].shape
+            elif op == "detach":
+                shapes[node] = args[0]
+            elif op == "output":
+                shapes[node] = args[0][static["index"]]
+            elif op == "call":
+                samples = args[0][0]
+                out = loops[static["model"]].model_spec.output_shape(
+                    args[0][1:] if len(args) == 1 else tuple(arg[1:] for arg in args)
+                )
+                several = isinstance(out, (list, tuple)) and out and isinstance(out[0], (list, tuple))
+                shapes[node] = tuple((samples, *part) for part in out) if several else (samples, *out)
+            elif op == "const":
+                shapes[node] = ()
+            elif op in ("sum", "mean"):
+                axis = static["axis"]
+                rank = len(args[0])
+                shapes[node] = () if axis is None else tuple(size for a, size in enumerate(args[0]) if a != axis % rank)
+            else:
+                shapes[node] = np.broadcast_shapes(*args) if args else ()
+    return shapes

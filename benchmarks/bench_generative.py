@@ -5,7 +5,9 @@
 examples/dcgan.py's models (``--features`` channels, nz 100, batch 64, Adam 2e-4 beta1 0.5) trained
 by ``steps.MultiModelLoop``, and by the tutorial's loop written in the framework itself on the same
 native modules (torch: ``nn.Module``s and ``torch.optim.Adam``; Chainer: the adapter's links and
-``chainer.optimizers.Adam``). Both sides run alternately ``R`` times; the best of each is kept; the
+``chainer.optimizers.Adam``; MindSpore: the adapter's Cells, ``nn.Adam`` and ``nn.BCELoss``, each
+phase's ``value_and_grad`` and both optimizers in one ``mindspore.jit`` step, as MindSpore's DCGAN
+tutorial writes it). Both sides run alternately ``R`` times; the best of each is kept; the
 ratio is unitrain's speed over the hand-written loop's.
 """
 
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+import unitrain
 from unitrain import steps
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "dcgan.py"
@@ -88,7 +91,53 @@ def chainer_loop(loop, nz):
     return step
 
 
-NATIVE = {"torch": torch_loop, "chainer": chainer_loop}
+def mindspore_loop(loop, nz):
+    """MindSpore's DCGAN tutorial's step on these Cells: a loss function per phase, differentiated
+    with ``value_and_grad`` over its optimizer's parameters, both phases and both ``nn.Adam``
+    updates in one compiled step. Functional autograd makes the generator phase compute
+    ``netG(z)`` again, as the tutorial's does (so does the unitrain step)."""
+    import mindspore as ms
+    from mindspore import Tensor, nn, ops
+
+    net_g, net_d = loop.loops["generator"]._net, loop.loops["discriminator"]._net  # they take (x, dropout masks)
+    opt_g = nn.Adam(net_g.trainable_params(), learning_rate=2e-4, beta1=0.5, beta2=0.999)
+    opt_d = nn.Adam(net_d.trainable_params(), learning_rate=2e-4, beta1=0.5, beta2=0.999)
+    weights = {id(param) for param in net_g.trainable_params()}
+    for param in opt_g.get_parameters():  # one graph holds both optimizers: their own step, powers... need other names
+        if id(param) not in weights:
+            param.name = f"generator.{param.name}"
+    criterion = nn.BCELoss()
+
+    def discriminator_loss(real, z):
+        fake = ops.stop_gradient(net_g(z, ()))
+        real_label, fake_label = ops.ones(real.shape[0], ms.float32), ops.zeros(real.shape[0], ms.float32)
+        return criterion(net_d(real, ()).view(-1), real_label) + criterion(net_d(fake, ()).view(-1), fake_label)
+
+    def generator_loss(z):
+        return criterion(net_d(net_g(z, ()), ()).view(-1), ops.ones(z.shape[0], ms.float32))
+
+    grad_d = ms.value_and_grad(discriminator_loss, None, opt_d.parameters)
+    grad_g = ms.value_and_grad(generator_loss, None, opt_g.parameters)
+
+    @ms.jit
+    def train_step(real, z):
+        loss_d, grads_d = grad_d(real, z)
+        opt_d(grads_d)
+        loss_g, grads_g = grad_g(z)
+        opt_g(grads_g)
+        return loss_d, loss_g
+
+    rng = np.random.default_rng(0)
+
+    def step(x):
+        z = rng.standard_normal((len(x), nz, 1, 1)).astype(np.float32)
+        loss_d, loss_g = train_step(Tensor(x), Tensor(z))
+        return float(loss_d.asnumpy()), float(loss_g.asnumpy())  # the losses, as the unitrain step returns them
+
+    return step
+
+
+NATIVE = {"torch": torch_loop, "chainer": chainer_loop, "mindspore": mindspore_loop}
 
 
 def main() -> None:
@@ -96,8 +145,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--features", type=int, default=16)
-    parser.add_argument("--backends", default="torch,chainer")
+    parser.add_argument("--backends", default="torch,chainer,mindspore")
+    parser.add_argument("--threads", type=int, help="compute threads of every framework (default: their own)")
     args = parser.parse_args()
+    for backend in args.backends.split(",") if args.threads else ():
+        unitrain.get_backend(backend).set_threads(args.threads)  # the framework's pool, which its native loop uses too
     dcgan, nz = example(), 100
     batches = [np.random.default_rng(i).uniform(-1, 1, (64, 1, 28, 28)).astype(np.float32) for i in range(args.steps)]
     print("| backend | unitrain s/step | hand-written s/step | unitrain / hand-written speed |")

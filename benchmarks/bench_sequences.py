@@ -222,6 +222,8 @@ def main():
     global clock
     clock = time.process_time if args.cpu_time else time.perf_counter
     frameworks = set(args.backends.split(","))
+    # MindSpore's own pool defaults to 25 threads whatever the cores: on a loaded 2-core machine its
+    # steps then swing by 10x from one to the next, which is how its hand-written loop measured 60 samples/s
     for backend in frameworks | ({"torch"} if "numpy" in frameworks else set()) if args.threads else ():
         unitrain.get_backend(backend).set_threads(args.threads)  # its pool and the BLAS's, shared by the natives
 

@@ -431,6 +431,41 @@ def small_gan():
     )  # fmt: skip
 
 
+def dropout_gan():
+    """small_gan with Dropout in both models: the discriminator runs three times a step (three
+    masks), the generator once, its call repeated by the second phase (which must reuse its mask)."""
+    gen, disc = steps.Model("g"), steps.Model("d")
+    fake = gen(steps.uniform(3))
+    sgd = ut.optim.SGD(0.5)
+    return steps.MultiStep(
+        models={"g": ut.Sequential(ut.Linear(3, 6), ut.BatchNorm1d(6), ut.Tanh(), ut.Dropout(0.5), ut.Linear(6, 4)),
+                "d": ut.Sequential(ut.Linear(4, 6), ut.Tanh(), ut.Dropout(0.25), ut.Linear(6, 1), ut.Sigmoid())},
+        optimizers={"d": steps.OptimizerOver(sgd, ["d"]), "g": steps.OptimizerOver(sgd, ["g"])},
+        phases=[steps.Phase("d", steps.bce(disc(steps.batch()), 1.0) + steps.bce(disc(steps.detach(fake)), 0.0), "d"),
+                steps.Phase("g", steps.bce(disc(fake), 1.0), "g")],
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", ["chainer", "mindspore"])
+def test_dropout_in_a_step_draws_the_masks_of_the_numpy_backend(backend):
+    """Chainer and MindSpore draw each model call's dropout masks from that model's loop stream, in
+    the order the calls run, as the NumPy backend does (PyTorch draws from its generator); a call
+    that repeats an earlier phase's reuses its masks. So from the same weights the three runs take
+    the same steps: within the conformance formula twice over (each float32 run within it of the
+    exact one), over the chain of the 4 steps' sums of 8 samples x 6 inputs; another mask moves a
+    loss by ~0.1."""
+    batches = np.random.default_rng(2).uniform(-1, 1, (4, 8, 4)).astype(np.float32)
+    runs = {}
+    for name in ("numpy", backend):
+        loop = steps.MultiModelLoop(dropout_gan(), name, seed=4)
+        runs[name] = ([list(loop.step(x).values()) for x in batches], _flat(loop.state_dicts()))
+    allowed = 2 * tolerance(np.float32, len(batches) * 8 * 6)
+    np.testing.assert_allclose(runs[backend][0], runs["numpy"][0], rtol=0, atol=allowed)
+    for key, value in runs["numpy"][1].items():
+        np.testing.assert_allclose(runs[backend][1][key], value, rtol=0, atol=allowed * max(1, np.abs(value).max()),
+                                   err_msg=key)  # fmt: skip
+
+
 @pytest.mark.parametrize("backend", BACKENDS[:3])  # MindSpore passes too, in 13 s of eager ops: left out for time
 def test_resuming_from_a_checkpoint_continues_bit_for_bit(backend, tmp_path):
     batches = np.random.default_rng(2).uniform(-1, 1, (4, 8, 4))
