@@ -12,17 +12,31 @@ forms written by hand for the expressions in :data:`CUSTOM_LOSSES`, not by walki
 
 from __future__ import annotations
 
-import ast
-import json
 import math
-import struct
-from pathlib import Path
 
 import numpy as np
 
 from unitrain import layers, sequences
 
 from . import reference_sequences
+
+# re-exported: checks and tests read the whole reference from this module
+from .reference_optim import (  # noqa: F401
+    Optimizer,
+    adadelta,
+    adagrad,
+    adam,
+    clip_gradients,
+    rmsprop,
+    sgd,
+    sgd_velocity,
+)
+from .reference_state import (  # noqa: F401
+    initial_state,
+    random_state,
+    torchvision_resnet18_state_shapes,
+    write_safetensors,
+)
 
 F64 = np.float64
 
@@ -658,164 +672,6 @@ CUSTOM_LOSSES = dict([
 ])  # fmt: skip
 
 
-# --- optimizers -------------------------------------------------------------------------------
-
-
-def sgd(param, grad, buf, *, lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False):
-    """``torch.optim.SGD``'s documented update. ``buf`` is ``None`` before the first step.
-    Returns ``(param, buf)``."""
-    param, grad = np.asarray(param, F64), np.asarray(grad, F64)
-    if weight_decay:
-        grad = grad + weight_decay * param
-    if momentum:
-        buf = grad.copy() if buf is None else momentum * np.asarray(buf, F64) + (1 - dampening) * grad
-        grad = grad + momentum * buf if nesterov else buf
-    return param - lr * grad, buf
-
-
-def sgd_velocity(param, grad, velocity, *, lr, momentum, weight_decay=0.0, nesterov=False):
-    """Chainer's ``MomentumSGDRule`` / Keras' ``SGD``: ``v = momentum * v - lr * g`` from
-    ``v = 0``, then ``p + v`` (Keras' nesterov: ``p + momentum * v - lr * g``). Returns ``(param, v)``."""
-    param, grad = np.asarray(param, F64), np.asarray(grad, F64)
-    if weight_decay:
-        grad = grad + weight_decay * param
-    velocity = momentum * np.asarray(0.0 if velocity is None else velocity, F64) - lr * grad
-    return param + (momentum * velocity - lr * grad if nesterov else velocity), velocity
-
-
-def adam(param, grad, exp_avg, exp_avg_sq, step, *, lr, betas, eps, weight_decay=0.0, decoupled=False,
-         eps_before_correction=False):  # fmt: skip
-    """``torch.optim.Adam`` (``decoupled``: ``AdamW``), step ``step`` counted from 1, with both
-    bias corrections; ``eps_before_correction``: Keras' ``Adam`` (``lr * sqrt(1 - beta2^t) /
-    (1 - beta1^t) * m / (sqrt(v) + eps)``). Returns ``(param, exp_avg, exp_avg_sq)``."""
-    param, grad = np.asarray(param, F64), np.asarray(grad, F64)
-    beta1, beta2 = betas
-    if weight_decay and decoupled:
-        param = param * (1 - lr * weight_decay)
-    elif weight_decay:
-        grad = grad + weight_decay * param
-    exp_avg = beta1 * np.asarray(exp_avg, F64) + (1 - beta1) * grad
-    exp_avg_sq = beta2 * np.asarray(exp_avg_sq, F64) + (1 - beta2) * grad**2
-    m_hat = exp_avg / (1 - beta1**step)
-    v_hat = exp_avg_sq / (1 - beta2**step)
-    if eps_before_correction:  # sqrt(v_hat) + eps / sqrt(1 - beta2^t), as the uncorrected form has it
-        return param - lr * m_hat / (np.sqrt(v_hat) + eps / math.sqrt(1 - beta2**step)), exp_avg, exp_avg_sq
-    return param - lr * m_hat / (np.sqrt(v_hat) + eps), exp_avg, exp_avg_sq
-
-
-def rmsprop(param, grad, square_avg, momentum_buffer, grad_avg, *, lr, alpha, eps, weight_decay, momentum, centered):
-    """``torch.optim.RMSprop``'s documented algorithm (buffers start at 0). Returns ``(param,
-    square_avg, momentum_buffer, grad_avg)``, the last two ``None`` where not used."""
-    param, grad = np.asarray(param, F64), np.asarray(grad, F64)
-    if weight_decay:
-        grad = grad + weight_decay * param
-    square_avg = alpha * np.asarray(square_avg, F64) + (1 - alpha) * grad**2
-    variance = square_avg
-    if centered:
-        grad_avg = alpha * np.asarray(grad_avg, F64) + (1 - alpha) * grad
-        variance = variance - grad_avg**2
-    if momentum > 0:
-        momentum_buffer = momentum * np.asarray(momentum_buffer, F64) + grad / (np.sqrt(variance) + eps)
-        return param - lr * momentum_buffer, square_avg, momentum_buffer, grad_avg if centered else None
-    return param - lr * grad / (np.sqrt(variance) + eps), square_avg, None, grad_avg if centered else None
-
-
-def adagrad(param, grad, state_sum, step, *, lr, lr_decay, weight_decay, eps):
-    """``torch.optim.Adagrad``'s documented algorithm, step ``step`` counted from 1. Returns ``(param, sum)``."""
-    param, grad = np.asarray(param, F64), np.asarray(grad, F64)
-    if weight_decay:
-        grad = grad + weight_decay * param
-    decayed = lr / (1 + (step - 1) * lr_decay)
-    state_sum = np.asarray(state_sum, F64) + grad**2
-    return param - decayed * grad / (np.sqrt(state_sum) + eps), state_sum
-
-
-def adadelta(param, grad, square_avg, acc_delta, *, lr, rho, eps, weight_decay):
-    """``torch.optim.Adadelta``'s documented algorithm (buffers start at 0). Returns ``(param,
-    square_avg, acc_delta)``."""
-    param, grad = np.asarray(param, F64), np.asarray(grad, F64)
-    if weight_decay:
-        grad = grad + weight_decay * param
-    square_avg = rho * np.asarray(square_avg, F64) + (1 - rho) * grad**2
-    delta = np.sqrt(np.asarray(acc_delta, F64) + eps) / np.sqrt(square_avg + eps) * grad
-    acc_delta = rho * np.asarray(acc_delta, F64) + (1 - rho) * delta**2
-    return param - lr * delta, square_avg, acc_delta
-
-
-def clip_gradients(grads: dict[str, np.ndarray], *, max_norm=None, max_value=None) -> dict[str, np.ndarray]:
-    """``torch.nn.utils.clip_grad_norm_`` (every gradient times ``min(1, max_norm / (total + 1e-6))``,
-    ``total`` the 2-norm of all gradients together) or ``clip_grad_value_`` (clamp to ``[-v, v]``)."""
-    grads = {name: np.asarray(grad, F64) for name, grad in grads.items()}
-    if max_value is not None:
-        return {name: np.clip(grad, -max_value, max_value) for name, grad in grads.items()}
-    total = np.sqrt(sum(float(np.sum(grad**2)) for grad in grads.values()))
-    return {name: grad * min(1.0, max_norm / (total + 1e-6)) for name, grad in grads.items()}
-
-
-class Optimizer:
-    """Applies a unitrain optimizer spec with the functions above, keeping PyTorch-named state."""
-
-    def __init__(self, spec):
-        self.spec = spec
-        #: the lr of the next update (``spec.lr`` until a check changes it, as ``set_lr`` does)
-        self.lr = spec.lr
-        #: the momentum (Adam: ``betas[0]``) of the next update, as a cycling schedule sets it; None: the spec's
-        self.momentum = None
-        self.steps = 0
-        self.state: dict[str, np.ndarray] = {}
-
-    def update(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        spec, self.steps = self.spec, self.steps + 1
-        momentum = getattr(spec, "momentum", None) if self.momentum is None else self.momentum
-        new = {}
-        kind = type(spec).__name__
-        for name, param in params.items():
-            state = {key: self.state.get(f"{name}.{key}", 0.0) for key in ("square_avg", "momentum_buffer", "grad_avg",
-                                                                            "acc_delta")}  # fmt: skip
-            if kind == "RMSprop":
-                new[name], *buffers = rmsprop(
-                    param, grads[name], state["square_avg"], state["momentum_buffer"], state["grad_avg"], lr=self.lr,
-                    alpha=spec.alpha, eps=spec.eps, weight_decay=spec.weight_decay, momentum=momentum,
-                    centered=spec.centered,
-                )  # fmt: skip
-                for key, value in zip(("square_avg", "momentum_buffer", "grad_avg"), buffers, strict=True):
-                    if value is not None:
-                        self.state[f"{name}.{key}"] = value
-            elif kind == "Adagrad":
-                new[name], self.state[f"{name}.sum"] = adagrad(
-                    param, grads[name], self.state.get(f"{name}.sum", spec.initial_accumulator_value), self.steps,
-                    lr=self.lr, lr_decay=spec.lr_decay, weight_decay=spec.weight_decay, eps=spec.eps,
-                )  # fmt: skip
-            elif kind == "Adadelta":
-                new[name], self.state[f"{name}.square_avg"], self.state[f"{name}.acc_delta"] = adadelta(
-                    param, grads[name], state["square_avg"], state["acc_delta"], lr=self.lr, rho=spec.rho,
-                    eps=spec.eps, weight_decay=spec.weight_decay,
-                )  # fmt: skip
-            elif hasattr(spec, "betas"):
-                new[name], self.state[f"{name}.exp_avg"], self.state[f"{name}.exp_avg_sq"] = adam(
-                    param, grads[name],
-                    self.state.get(f"{name}.exp_avg", 0.0), self.state.get(f"{name}.exp_avg_sq", 0.0), self.steps,
-                    lr=self.lr, betas=spec.betas if self.momentum is None else (self.momentum, spec.betas[1]),
-                    eps=spec.eps, weight_decay=spec.weight_decay,
-                    decoupled=spec.decoupled_weight_decay,
-                    eps_before_correction=spec.eps_placement == "before_correction",
-                )  # fmt: skip
-            elif getattr(spec, "lr_in_velocity", False) and momentum:
-                new[name], self.state[f"{name}.velocity"] = sgd_velocity(
-                    param, grads[name], self.state.get(f"{name}.velocity"), lr=self.lr, momentum=momentum,
-                    weight_decay=spec.weight_decay, nesterov=spec.nesterov,
-                )  # fmt: skip
-            else:
-                new[name], buf = sgd(
-                    param, grads[name], self.state.get(f"{name}.momentum_buffer"), lr=self.lr,
-                    momentum=momentum, dampening=spec.dampening, weight_decay=spec.weight_decay,
-                    nesterov=spec.nesterov,
-                )  # fmt: skip
-                if buf is not None:
-                    self.state[f"{name}.momentum_buffer"] = buf
-        return new
-
-
 def train_step(ref: Reference, spec_loss, optimizer: Optimizer, x, y) -> float:
     """One whole step on the reference: forward (training), loss, backward, update. Returns the
     pre-update loss."""
@@ -823,153 +679,3 @@ def train_step(ref: Reference, spec_loss, optimizer: Optimizer, x, y) -> float:
     grads = ref.backward(grad)
     ref.state.update(optimizer.update({name: ref.state[name] for name in grads}, grads))
     return value
-
-
-# --- initial weights and weight files ---------------------------------------------------------
-
-
-def initial_state(model: layers.Layer, seed: int) -> dict[str, np.ndarray]:
-    """The documented initial draw (see :func:`unitrain.weights.init_weights`): per Linear/Conv2d,
-    weight then bias from ``default_rng(seed)`` in float64, rounded to float32, each by the
-    layer's ``weight_init``/``bias_init`` or else the model's ``init`` (:func:`_scheme`): PyTorch's
-    ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` (``fan_in = in/groups * kh * kw``), torchvision's
-    ResNet convolutions ``N(0, 2 / (out * kh * kw))``, Keras' glorot uniform with zero bias,
-    Chainer's LeCun normal with zero bias. BatchNorm/LayerNorm weight 1, bias 0, running mean 0,
-    variance 1, count 0."""
-    rng = np.random.default_rng(seed)
-    state = {}
-    for name, layer in model.named_layers():
-        if isinstance(layer, layers.Linear):
-            fan_in = layer.in_features
-        elif isinstance(layer, layers.Conv2d):
-            fan_in = layer.in_channels // layer.groups * layer.kernel_size[0] * layer.kernel_size[1]
-        elif isinstance(layer, (layers._BatchNorm, layers.LayerNorm)):
-            for key, shape in {**layer.param_shapes(), **layer.buffer_shapes()}.items():
-                if key == "num_batches_tracked":
-                    state[f"{name}.{key}"] = np.array(0, np.int64)
-                else:
-                    state[f"{name}.{key}"] = np.full(
-                        shape, 1.0 if key in ("weight", "running_var") else 0.0, np.float32
-                    )
-            continue
-        else:
-            continue
-        for key, shape in layer.param_shapes().items():
-            how = getattr(layer, f"{key}_init") or _scheme(model, layer, key)
-            state[f"{name}.{key}"] = _draw(rng, str(how), shape, fan_in).astype(np.float32)
-    return state
-
-
-def _scheme(model, layer, key: str) -> str:
-    init = getattr(model, "init", "pytorch")
-    if init == "keras":
-        return "xavier_uniform" if key == "weight" else "zeros"
-    if init == "chainer":
-        return "lecun_normal" if key == "weight" else "zeros"
-    if init == "resnet" and key == "weight" and isinstance(layer, layers.Conv2d):
-        return "kaiming_normal(mode='fan_out', nonlinearity='relu')"
-    if init in ("pytorch", "resnet") or key == "bias":
-        return "pytorch"
-    return init
-
-
-def _draw(rng, how: str, shape, layer_fan_in) -> np.ndarray:
-    """One tensor drawn as ``torch.nn.init``'s function of the name ``how`` starts with documents;
-    ``how`` is the initialiser's text (``normal(std=0.02)``)."""
-    call = ast.parse(how, mode="eval").body
-    name = call.id if isinstance(call, ast.Name) else call.func.id
-    args = {} if isinstance(call, ast.Name) else {k.arg: ast.literal_eval(k.value) for k in call.keywords}
-    receptive = int(np.prod(shape[2:])) if len(shape) > 2 else 1
-    fan_in, fan_out = (shape[1] * receptive, shape[0] * receptive) if len(shape) >= 2 else (None, None)
-    gains = {"relu": 2.0, "tanh": 25 / 9, "linear": 1.0, "sigmoid": 1.0, "conv2d": 1.0, "selu": 9 / 16}
-    if name == "pytorch":
-        return rng.uniform(-1 / math.sqrt(layer_fan_in), 1 / math.sqrt(layer_fan_in), shape)
-    if name in ("xavier_uniform", "xavier_normal"):
-        std = args.get("gain", 1.0) * math.sqrt(2.0 / (fan_in + fan_out))
-        return rng.uniform(-math.sqrt(3) * std, math.sqrt(3) * std, shape) if "uniform" in name else rng.normal(
-            0, std, shape)  # fmt: skip
-    if name in ("kaiming_uniform", "kaiming_normal"):
-        slope, nonlinearity = args.get("a", 0.0), args.get("nonlinearity", "leaky_relu")
-        gain2 = 2.0 / (1 + slope**2) if nonlinearity == "leaky_relu" else gains[nonlinearity]
-        std = math.sqrt(gain2 / (fan_out if args.get("mode") == "fan_out" else fan_in))
-        return rng.uniform(-math.sqrt(3) * std, math.sqrt(3) * std, shape) if "uniform" in name else rng.normal(
-            0, std, shape)  # fmt: skip
-    if name == "lecun_uniform":
-        return rng.uniform(-math.sqrt(3 / fan_in), math.sqrt(3 / fan_in), shape)
-    if name == "lecun_normal":
-        return rng.normal(0, 1 / math.sqrt(fan_in), shape)
-    if name == "normal":
-        return rng.normal(args.get("mean", 0.0), args.get("std", 1.0), shape)
-    if name == "uniform":
-        return rng.uniform(args.get("a", 0.0), args.get("b", 1.0), shape)
-    if name in ("zeros", "ones", "constant"):
-        return np.full(shape, {"zeros": 0.0, "ones": 1.0}.get(name, args.get("val", 0.0)))
-    raise NotImplementedError(f"the reference does not draw {how}")
-
-
-def random_state(model: layers.Layer, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """float32 weights with every entry non-trivial (BatchNorm scales, shifts and running
-    statistics away from 1 and 0), to load into a loop under test."""
-    state = {}
-    for name, layer in model.named_layers():
-        for key, shape in {**layer.param_shapes(), **layer.buffer_shapes()}.items():
-            if key == "num_batches_tracked":
-                value = np.array(3, np.int64)
-            elif key == "running_var" or (key == "weight" and isinstance(layer, (layers._BatchNorm, layers.LayerNorm))):
-                value = rng.uniform(0.5, 1.5, shape).astype(np.float32)
-            else:
-                fanned = (layers.Linear, layers.Conv2d, sequences.Conv1d)
-                bound = 1 / math.sqrt(layer.fan_in()) if isinstance(layer, fanned) else 0.5
-                value = rng.uniform(-bound, bound, shape).astype(np.float32)
-            state[f"{name}.{key}"] = value
-    for key, _ in getattr(model, "tied", ()):  # a graph's tied parameter is its source's tensor
-        del state[key]
-    return state
-
-
-def torchvision_resnet18_state_shapes(num_classes: int = 1000, in_channels: int = 3) -> dict[str, tuple]:
-    """``torchvision.models.resnet18().state_dict()``'s keys and shapes, in order, written from
-    torchvision's resnet.py: ``ResNet.__init__`` registers conv1 (7x7, no bias), bn1, relu,
-    maxpool, layer1..layer4 (two BasicBlocks each), avgpool, fc; a BasicBlock registers conv1,
-    bn1, relu, conv2, bn2 (3x3 convs without bias) and, in the first block of layers 2-4, a
-    downsample ``Sequential(conv1x1 stride 2, BatchNorm2d)``. (``in_channels`` replaces conv1's 3.)"""
-
-    def batch_norm(name, n):
-        return {f"{name}.weight": (n,), f"{name}.bias": (n,), f"{name}.running_mean": (n,),
-                f"{name}.running_var": (n,), f"{name}.num_batches_tracked": ()}  # fmt: skip
-
-    shapes = {"conv1.weight": (64, in_channels, 7, 7), **batch_norm("bn1", 64)}
-    planes_in = 64
-    for stage, planes in enumerate((64, 128, 256, 512), start=1):
-        for block in range(2):
-            prefix, cin = f"layer{stage}.{block}", planes_in if block == 0 else planes
-            shapes[f"{prefix}.conv1.weight"] = (planes, cin, 3, 3)
-            shapes.update(batch_norm(f"{prefix}.bn1", planes))
-            shapes[f"{prefix}.conv2.weight"] = (planes, planes, 3, 3)
-            shapes.update(batch_norm(f"{prefix}.bn2", planes))
-            if block == 0 and cin != planes:
-                shapes[f"{prefix}.downsample.0.weight"] = (planes, cin, 1, 1)
-                shapes.update(batch_norm(f"{prefix}.downsample.1", planes))
-        planes_in = planes
-    return {**shapes, "fc.weight": (num_classes, 512), "fc.bias": (num_classes,)}
-
-
-_SAFETENSORS_CODES = {np.dtype(np.float32): "F32", np.dtype(np.float64): "F64", np.dtype(np.int64): "I64"}
-
-
-def write_safetensors(path: Path, state: dict[str, np.ndarray]) -> None:
-    """A minimal safetensors writer (little-endian header length, JSON header, raw data), as
-    the format's specification describes it; independent of :mod:`unitrain.weights`."""
-    header, chunks, offset = {}, [], 0
-    for name in sorted(state):
-        data = np.ascontiguousarray(state[name]).astype(state[name].dtype.newbyteorder("<")).tobytes()
-        code = _SAFETENSORS_CODES[np.dtype(state[name].dtype)]
-        header[name] = {
-            "dtype": code,
-            "shape": list(np.shape(state[name])),
-            "data_offsets": [offset, offset + len(data)],
-        }
-        chunks.append(data)
-        offset += len(data)
-    encoded = json.dumps(header).encode()
-    Path(path).write_bytes(struct.pack("<Q", len(encoded)) + encoded + b"".join(chunks))
