@@ -10,13 +10,12 @@ KeyboardInterrupt instead, so that a command cleans up what it was writing; duri
 :func:`unitrain.checkpoint.stop_on_signals` takes over (it checkpoints first).
 """
 
-from __future__ import annotations
-
+# only modules the interpreter has loaded before running any of unitrain (``_signal`` is built in;
+# ``signal`` would import enum; contextlib, collections and functools): the package's first
+# statement installs the handlers below, and nothing it imports may lengthen the time before
+import _signal as signal
 import os
-import signal
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 #: the signals that end a command: Ctrl-C, SIGTERM, and SIGUSR1 (how ``--nproc`` stops mpiexec's ranks)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
@@ -50,20 +49,31 @@ def _raise_terminated(signum, frame):
     raise Terminated()
 
 
-@contextmanager
-def ending_on_signals() -> Iterator[None]:
-    """While active, Ctrl-C raises KeyboardInterrupt, SIGTERM and SIGUSR1 :class:`Terminated`.
-    A signal while the handlers change raises there, with those changed so far put back."""
-    previous = {}
-    try:
-        for signum in STOP_SIGNALS:
-            previous[signum] = signal.signal(
-                signum, signal.default_int_handler if signum == signal.SIGINT else _raise_terminated
-            )
-        yield
-    finally:
-        for signum, action in previous.items():
+class _EndingOnSignals:
+    def __enter__(self) -> None:
+        self.previous = {}
+        try:
+            for signum in STOP_SIGNALS:
+                self.previous[signum] = signal.signal(
+                    signum, signal.default_int_handler if signum == signal.SIGINT else _raise_terminated
+                )
+        except BaseException:
+            self._restore()
+            raise
+
+    def __exit__(self, *exc_info) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for signum, action in self.previous.items():
             signal.signal(signum, action)
+
+
+def ending_on_signals() -> _EndingOnSignals:
+    """While active (``with ending_on_signals():``), Ctrl-C raises KeyboardInterrupt, SIGTERM and
+    SIGUSR1 :class:`Terminated`. A signal while the handlers change raises there, with those
+    changed so far put back."""
+    return _EndingOnSignals()
 
 
 def interrupted(interrupt: KeyboardInterrupt) -> int:
