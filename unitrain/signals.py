@@ -45,8 +45,22 @@ class Terminated(KeyboardInterrupt):
     Ctrl-C raises KeyboardInterrupt, so that all end a command alike."""
 
 
-def _raise_terminated(signum, frame):
-    raise Terminated()
+def _in_an_import(frame) -> bool:
+    """Whether ``frame`` runs inside an import (a command imports NumPy and the run's modules on
+    demand): an exception raised there would not end the command in one line, as a C extension's
+    initialisation turns it into an ImportError ("Error importing numpy") or, in Cython's, a warning
+    and a traceback, after which the command went on (exit 0)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib._bootstrap"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _raise_interrupt(signum, frame):
+    if _in_an_import(frame):  # nothing is half-written by an import: end at once, as at start-up
+        _exit_now(signum, frame)
+    raise Terminated() if signum != signal.SIGINT else KeyboardInterrupt()
 
 
 class _EndingOnSignals:
@@ -54,9 +68,7 @@ class _EndingOnSignals:
         self.previous = {}
         try:
             for signum in STOP_SIGNALS:
-                self.previous[signum] = signal.signal(
-                    signum, signal.default_int_handler if signum == signal.SIGINT else _raise_terminated
-                )
+                self.previous[signum] = signal.signal(signum, _raise_interrupt)
         except BaseException:
             self._restore()
             raise
