@@ -43,15 +43,23 @@ class _Proxy(fx.Proxy):
     """fx's proxy that knows its example value's length (``len(sentence)`` in a forward)."""
 
     def __len__(self):
+        self.tracer.run_pending()
         return len(self.tracer.values[self.node])
 
 
 class _Tracer(fx.Tracer):
-    """fx's tracer that also runs each node on the example inputs (``values``: node -> value)."""
+    """fx's tracer that also runs each node on the example inputs (``values``: node -> value).
+
+    Running a node means undoing fx's patches of ``nn.Module`` around it: writes of class
+    attributes, each of which invalidates the method caches of every ``nn.Module`` subclass
+    (about a millisecond). Once per node that made a 20,000-layer chain take minutes, so the nodes
+    wait in ``pending`` and run in order, under one undoing, when a value is asked for during the
+    trace (``len(x)``) and once the trace ends (:meth:`run_pending`)."""
 
     def __init__(self, examples: Sequence[torch.Tensor]):
         super().__init__()
-        self.examples, self.values = list(examples), {}
+        self.examples, self.values, self.pending = list(examples), {}, []
+        self.placeholders = 0
 
     def proxy(self, node):
         return _Proxy(node, self)
@@ -67,31 +75,42 @@ class _Tracer(fx.Tracer):
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
         node = proxy.node
         if kind == "placeholder":
-            index = sum(1 for other in node.graph.nodes if other.op == "placeholder") - 1
-            if index >= len(self.examples):
+            if self.placeholders >= len(self.examples):
                 raise ValueError(f"from_torch: forward takes an argument {node.name!r} beyond the "
                                  f"{len(self.examples)} example inputs given")  # fmt: skip
-            self.values[node] = self.examples[index]
-            return proxy
-        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda arg: self.values[arg])
-        # run it as plain PyTorch: with fx's patches of nn.Module.__call__ and __getattr__ undone
-        with torch.no_grad(), _maybe_revert_all_patches():
-            try:
-                if kind == "call_module":
-                    self.values[node] = self.root.get_submodule(target)(*args, **kwargs)
-                elif kind == "call_method":
-                    self.values[node] = getattr(args[0], target)(*args[1:], **kwargs)
-                elif kind == "call_function":
-                    self.values[node] = target(*args, **kwargs)
-                else:  # get_attr: refused when mapped, its value kept for the trace to go on
-                    self.values[node] = operator.attrgetter(target)(self.root)
-            except (Exception, SystemExit) as error:  # the user's module on the user's example: anything
-                text = " ".join(str(error).split())[:300]
-                raise ValueError(
-                    f"from_torch: node {node.name!r} ({_target(node)}) fails on the example inputs: "
-                    f"{type(error).__name__}: {text}"
-                ) from None
+            self.values[node] = self.examples[self.placeholders]
+            self.placeholders += 1
+        else:
+            self.pending.append(node)
         return proxy
+
+    def run_pending(self) -> None:
+        """Run the nodes traced since the last call on the example inputs, in the trace's order."""
+        pending, self.pending = self.pending, []
+        if not pending:
+            return
+        # as plain PyTorch: with fx's patches of nn.Module.__call__ and __getattr__ undone
+        with torch.no_grad(), _maybe_revert_all_patches():
+            for node in pending:
+                self._run(node)
+
+    def _run(self, node) -> None:
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda arg: self.values[arg])
+        try:
+            if node.op == "call_module":
+                self.values[node] = self.root.get_submodule(node.target)(*args, **kwargs)
+            elif node.op == "call_method":
+                self.values[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
+            elif node.op == "call_function":
+                self.values[node] = node.target(*args, **kwargs)
+            else:  # get_attr: refused when mapped, its value kept for the trace to go on
+                self.values[node] = operator.attrgetter(node.target)(self.root)
+        except (Exception, SystemExit) as error:  # the user's module on the user's example: anything
+            text = " ".join(str(error).split())[:300]
+            raise ValueError(
+                f"from_torch: node {node.name!r} ({_target(node)}) fails on the example inputs: "
+                f"{type(error).__name__}: {text}"
+            ) from None
 
 
 # --- layers: torch module -> unitrain spec ------------------------------------------------------
@@ -614,8 +633,14 @@ def _imported(module: nn.Module, examples: tuple) -> tuple[Graph, tuple]:
     try:  # on a copy: running the nodes updates a training BatchNorm's statistics
         traced = tracer.trace(copy.deepcopy(module))
     except (Exception, SystemExit) as error:  # fx's TraceError, or the user's forward failing (or exiting)
-        if isinstance(error, ValueError) and str(error).startswith("from_torch:"):
-            raise
+        failure = error
+    else:
+        failure = None
+    if isinstance(failure, ValueError) and str(failure).startswith("from_torch:"):
+        raise failure
+    tracer.run_pending()  # before the trace's own error: a node that fails on the examples is the cause
+    if failure is not None:
+        error = failure
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         if isinstance(error, SystemExit):
             first = f"it called sys.exit({error.code!r})"

@@ -20,6 +20,8 @@ from torch_reference import assert_within_drift, drift_tolerances, gradient_size
 
 import unitrain
 from unitrain.checkpoint import (
+    MANIFEST,
+    RANDOM,
     Checkpointer,
     CheckpointError,
     Diverged,
@@ -165,6 +167,43 @@ def test_a_dropout_model_resumes_with_the_masks_an_uninterrupted_run_draws(backe
         same_stream = "torch" not in (backend, other)
         one_step = optimizer.lr
         assert (difference < one_step) == same_stream, f"{backend} -> {other}: weights differ by {difference}"
+
+
+def loop_state(loop):
+    """Everything a restore assigns: weights, optimizer state, step count, random stream."""
+    return {**{f"w/{k}": v for k, v in loop.state_dict().items()},
+            **{f"o/{k}": v for k, v in loop.optimizer_state_dict().items()},
+            **{f"r/{k}": v for k, v in loop.random_state().items()}, "step": np.array(loop.step_count)}  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_checkpoint_refused_at_its_last_part_leaves_the_loop_as_it_was(backend, tmp_path):
+    """The random stream is checked last: its refusal used to come after the weights and the
+    optimizer state were loaded, leaving a live loop half resumed."""
+    if "random-state" not in unitrain.get_backend(backend).capabilities:
+        pytest.skip(f"{backend} keeps no random state")
+    trained = unitrain.make_loop(backend, dropout_mlp(), optimizer=OPTIMIZERS["adam"], seed=3)
+    batch = (np.random.default_rng(0).random((8, 1, 28, 28), np.float32), np.arange(8) % 10)
+    trained.step(batch)
+    save_checkpoint(tmp_path / "good", trained, epoch=0, batch=1)
+    good = load_checkpoint(tmp_path / "good")
+    folder = tmp_path / "bad" / good.path.name
+    shutil.copytree(good.path, folder)
+    (key,) = trained.random_state()
+    save_safetensors(folder / RANDOM, {key: np.frombuffer(b"[" * 40, np.uint8)})
+    manifest = json.loads((folder / MANIFEST).read_text())
+    data = (folder / RANDOM).read_bytes()
+    manifest["files"][RANDOM] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    fresh = unitrain.make_loop(backend, dropout_mlp(), optimizer=OPTIMIZERS["adam"], seed=3)
+    for _ in range(2):  # a live loop with weights and optimizer state of its own
+        fresh.step(batch)
+    before = loop_state(fresh)
+    with pytest.raises(CheckpointError, match=f"is not a {backend} random state"):
+        load_checkpoint(folder).restore(fresh)
+    assert_same_state(loop_state(fresh), before)
+    good.restore(fresh)  # and the good one loads whole
+    assert_same_state(loop_state(fresh), loop_state(trained))
 
 
 # --- crash safety ---------------------------------------------------------------------------

@@ -3,11 +3,14 @@ no framework, none of the modules that load data, weights or training loops (eac
 milliseconds to every such answer). Checked by the module list of ``python -X importtime``, not by
 timing."""
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+import unitrain
 from unitrain import choices, data
 
 #: modules whose import the answers below must not pay for
@@ -49,3 +52,20 @@ def test_a_command_that_trains_does_import_them():
 
 def test_the_packaged_dataset_names_are_the_packaged_datasets():
     assert tuple(data.PACKAGED) == choices.PACKAGED_DATASETS
+
+
+def test_the_commands_signal_handlers_come_before_any_other_import(tmp_path):
+    """A signal before unitrain's handlers are installed meets Python's (a Ctrl-C traceback), so the
+    package's first statement installs them, and what that imports must already be loaded by the
+    interpreter: after runpy (``-m``), the first module whose import ends is ``unitrain.signals``,
+    with nothing under it (it imported enum, signal and contextlib's kin before). Without ``site``
+    (``-S``, the package found on PYTHONPATH), so that an editable install's finder, which loads much
+    of the standard library first, cannot hide such an import."""
+    package_root = Path(unitrain.__file__).parent.parent
+    done = subprocess.run([sys.executable, "-S", "-X", "importtime", "-m", "unitrain", "train", "--epochs", "x"],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(package_root)})  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    modules = [line.rsplit("|", 1)[1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")]
+    after_runpy = modules[modules.index("runpy") + 1 :]
+    assert after_runpy[:2] == ["unitrain.signals", "unitrain"], after_runpy[:8]

@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import installed_backends
 from unitrain.backends.numpy import NumpyLoop
 
 import unitrain as ut
@@ -121,7 +122,7 @@ def test_hostile_token_datasets_are_refused_in_one_line(name, tmp_path):
 # --- a multi-model step's checkpoint ----------------------------------------------------------
 
 
-def _step_loop(seed=0):
+def _step_loop(seed=0, backend="numpy"):
     from unitrain import steps
     from unitrain.optim import Adam
 
@@ -129,7 +130,7 @@ def _step_loop(seed=0):
     step = steps.MultiStep({"net": L.Sequential(L.Linear(4, 1), L.Sigmoid())},
                            {"adam": steps.OptimizerOver(Adam(0.01), ["net"])},
                            [steps.Phase("fit", steps.bce(net(steps.batch()), 1.0), "adam")])  # fmt: skip
-    return steps.MultiModelLoop(step, "numpy", seed=seed)
+    return steps.MultiModelLoop(step, backend, seed=seed)
 
 
 def _noise(**changes):
@@ -163,6 +164,41 @@ def test_a_tampered_multi_model_checkpoint_is_refused_in_one_line(name, tmp_path
         resumed.load_checkpoint(tmp_path / "bad.safetensors")
     assert "\n" not in str(caught.value) and str(tmp_path / "bad.safetensors") in str(caught.value)
     assert resumed.step_count == 0
+
+
+def _everything(multi):
+    """Each model's weights, optimizer state, step count and random stream, and the noise stream."""
+    return {(name, part, key): np.array(value) for name, loop in multi.loops.items()
+            for part, state in (("w", loop.state_dict()), ("o", loop.optimizer_state_dict()),
+                                ("r", loop.random_state()), ("n", {"step": loop.step_count}))
+            for key, value in state.items()} | {("noise",): np.array(json.dumps(multi.noise.state()))}  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", installed_backends())
+@pytest.mark.parametrize("part", ["optimizer", "random"])
+def test_a_multi_model_checkpoint_refused_at_a_later_part_leaves_every_loop_as_it_was(backend, part, tmp_path):
+    """The weights come first in the file: a refused optimizer state or random stream used to
+    leave them loaded. Every part is checked before any is assigned."""
+    from unitrain.weights import WeightsError, load_safetensors, save_safetensors
+
+    trained = _step_loop(backend=backend)
+    batch = np.random.default_rng(0).random((6, 4), np.float32)
+    trained.step(batch)
+    trained.save_checkpoint(tmp_path / "good.safetensors")
+    tensors, metadata = load_safetensors(tmp_path / "good.safetensors")
+    (random_key,) = [key for key in tensors if key.startswith("net/random/")]
+    bad = {"optimizer": {"net/optimizer/step": np.array(-1)}, "random": {random_key: np.zeros(3, np.uint8)}}[part]
+    save_safetensors(tmp_path / "bad.safetensors", {**tensors, **bad}, metadata)
+    live = _step_loop(seed=1, backend=backend)
+    live.step(batch)
+    before = _everything(live)
+    with pytest.raises(WeightsError, match=f"net {part}"):
+        live.load_checkpoint(tmp_path / "bad.safetensors")
+    after = _everything(live)
+    assert after.keys() == before.keys() and all(np.array_equal(after[k], before[k]) for k in before)
+    live.load_checkpoint(tmp_path / "good.safetensors")
+    loaded, expected = _everything(live), _everything(trained)
+    assert all(np.array_equal(loaded[k], expected[k]) for k in expected)
 
 
 # --- a --model function returning a torch module ------------------------------------------------

@@ -108,3 +108,16 @@ def test_a_signal_at_any_instant_of_start_up_ends_train_in_one_line(tmp_path):
             (failures if "unitrain" in imported else excused).append(outcome)
     assert not failures, failures
     assert len(excused) <= 5, f"most signals came before unitrain's code ran: {excused}"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_an_import_ends_the_command_at_once(signum, tmp_path):
+    """While a command runs (``ending_on_signals``) it imports NumPy and the run's modules on demand;
+    a signal then raised KeyboardInterrupt inside the import, which NumPy's C extensions turn into
+    "Error importing numpy" and Cython's into a warning, the command going on (the start-up sweep
+    met both under load). Inside an import the command now ends at once, in one line."""
+    (tmp_path / "slow_module.py").write_text(f"import os, time\nos.kill(os.getpid(), {int(signum)})\ntime.sleep(30)\n")
+    code = ("import sys\nfrom unitrain.signals import ending_on_signals\nsys.path.insert(0, sys.argv[1])\n"
+            "with ending_on_signals():\n    import slow_module\nprint('went on')\n")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout, done.stderr) == (128 + signum, "", "unitrain: interrupted\n")

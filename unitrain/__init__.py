@@ -5,12 +5,14 @@ load on first use (PEP 562), so that the ``unitrain`` command handles Ctrl-C bef
 when this process is the command, its signal handling starts here, the first of its code to run.
 """
 
-import importlib
-
+# first, before anything else is read: the command's handlers (unitrain.signals imports only what
+# the interpreter has loaded already), so that a signal during start-up ends it in one line
 from . import signals as _signals
 
 if _signals.is_the_command():
     _signals.exit_at_once()
+
+import importlib
 
 __version__ = "0.1.0"
 

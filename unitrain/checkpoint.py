@@ -54,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-from . import optim, registry, schedules
+from . import optim, registry, schedules, state_loading
 from .controls import EarlyStoppingState
 from .data import num_batches
 from .files import atomic_write, current_umask, directory_lock, fsync_dir
@@ -368,9 +368,10 @@ class Checkpoint:
         if {"clip_grad_norm": loop.clip_grad_norm, "clip_grad_value": loop.clip_grad_value} != clipping:
             used = f"clip_grad_norm={loop.clip_grad_norm}, clip_grad_value={loop.clip_grad_value}"
             raise CheckpointError(f"{self.path} was trained with {clipping}, the loop clips with {used}")
-        loop.load_state_dict(self.weights, source=str(self.path / WEIGHTS))
+        # every part checked before any is loaded: a checkpoint refused leaves the loop as it was
+        weights = state_loading.checked_weights(loop, self.weights, str(self.path / WEIGHTS))
         try:
-            loop.load_optimizer_state_dict(self.optimizer_state)
+            optimizer_state = state_loading.checked_optimizer_state(loop, self.optimizer_state, "optimizer state")
         except (KeyError, ValueError) as error:
             raise CheckpointError(f"{self.path / OPTIMIZER} does not fit the model: {error}") from None
         if schedule is not None:
@@ -380,19 +381,26 @@ class Checkpoint:
             if position != expected:
                 raise CheckpointError(f"checkpoint {self.path}: lr_schedule position {short(position)} does not fit "
                                       f"{'step' if schedule.per_batch else 'epoch'} {short(expected)}")  # fmt: skip
-            loop.seek_schedule(position)
-        elif "lr" in self.manifest:  # an lr set by hand (set_lr)
-            loop.set_lr(self.manifest["lr"])
+        early_stopping = loop.early_stopping
         if (recorded := self.manifest.get("early_stopping")) is not None:
             try:
-                loop.early_stopping = EarlyStoppingState.from_json(recorded, self.best_weights or None)
+                early_stopping = EarlyStoppingState.from_json(recorded, self.best_weights or None)
             except (TypeError, ValueError) as error:
                 raise CheckpointError(f"checkpoint {self.path}: its early_stopping is invalid: {error}") from None
+        random_state = None
         if self.random_state and set(self.random_state) == set(loop.random_state()):  # the same kind of stream
             try:
-                loop.load_random_state(self.random_state, source=str(self.path / RANDOM))
+                random_state = state_loading.checked_random_state(loop, self.random_state, str(self.path / RANDOM))
             except WeightsError as error:
                 raise CheckpointError(str(error)) from None
+        state_loading.assign(loop, "weights", weights)
+        state_loading.assign(loop, "optimizer", optimizer_state)
+        state_loading.assign(loop, "random", random_state)
+        if schedule is not None:
+            loop.seek_schedule(self.manifest["lr_schedule"]["position"])
+        elif "lr" in self.manifest:  # an lr set by hand (set_lr)
+            loop.set_lr(self.manifest["lr"])
+        loop.early_stopping = early_stopping
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:

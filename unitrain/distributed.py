@@ -209,9 +209,14 @@ def _msrun_pids(log_dir: str) -> dict[int, int]:
 
 
 def environment(launcher: str, nproc: int) -> dict[str, str]:
-    """The launcher's environment: this one, with cores / ``nproc`` threads per rank unless set."""
+    """The launcher's environment: this one, with cores / ``nproc`` threads per rank unless set,
+    and Python's fault handler on."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(threads_per_rank(nproc)))
+    # a rank that a fatal signal ends (a framework's C++ std::terminate: SIGABRT) writes every
+    # thread's Python stack first, into the job's report: where it was (a step, a collective, the
+    # teardown at exit) is what the launcher's "exitcode: -6" alone does not say
+    env.setdefault("PYTHONFAULTHANDLER", "1")
     if launcher == "msrun":
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])  # its `python`
         env.setdefault("GLOG_v", "2")  # MindSpore's warnings, which name each worker's pid

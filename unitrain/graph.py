@@ -324,10 +324,10 @@ class Graph(Container):
                         raise ValueError(problem)
                     if len(args) not in (1, 2):
                         raise ValueError(f"{module} takes one tensor input, got {len(args)}")
-                    before = dict(seen)
-                    shapes[node.name] = layers._trace(module, args[0], full, seen)
-                    for key, value in before.items():  # a shared leaf: keep its fewest values per channel
-                        if math.prod(value[1:]) < math.prod(seen[key][1:]):
+                    traced: dict[str, Shape] = {}  # this call's leaves only: a copy of `seen` per node is quadratic
+                    shapes[node.name] = layers._trace(module, args[0], full, traced)
+                    for key, value in traced.items():  # a shared leaf: keep its fewest values per channel
+                        if key not in seen or math.prod(value[1:]) <= math.prod(seen[key][1:]):
                             seen[key] = value
                 except ValueError as error:  # the message starts with the module's path
                     raise ValueError(f"{where}node {node.name!r} calls {error}") from None
@@ -398,7 +398,7 @@ def get_submodule(model: Layer, path: str) -> Layer:
     """The module of ``model`` at dotted ``path``; ``ValueError`` naming the missing part."""
     module = model
     for depth, part in enumerate(path.split(".")):
-        children = dict(module.children) if isinstance(module, Container) else {}
+        children = module.named_children if isinstance(module, Container) else {}
         if part not in children:
             where = ".".join(path.split(".")[:depth]) or "the model"
             raise ValueError(f"no module {path!r}: {where} has modules {list(children)}")

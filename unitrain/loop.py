@@ -162,7 +162,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from . import graph_batches, graph_noise
+from . import graph_batches, graph_noise, state_loading
 from . import weights as weights_io
 from .controls import EarlyStoppingState, ParamGroup, resolve_groups
 from .distributed import shard
@@ -663,15 +663,7 @@ class TrainingLoop(Fitting, InputChecks, ABC):
         return {name: grad for name, grad in self._gradients().items() if name not in self.frozen}
 
     def load_state_dict(self, state: Mapping[str, np.ndarray], source: str = "state") -> None:
-        weights_io.check_state(self.state_shapes(), state, source)
-        converted = {
-            key: np.asarray(value, np.int64 if key.endswith("num_batches_tracked") else self.dtype)
-            for key, value in state.items()
-        }
-        for key, value in converted.items():
-            if value.dtype.kind == "f" and not np.isfinite(value).all():
-                raise weights_io.WeightsError(f"{source}: {key!r} contains NaN or infinite values")
-        self._load_state_dict(converted)
+        state_loading.assign(self, "weights", state_loading.checked_weights(self, state, source))
 
     def save_weights(self, path) -> None:
         weights_io.save_safetensors(path, self.state_dict(), {"format": "pt", "producer": f"unitrain/{self.name}"})
@@ -702,34 +694,7 @@ class TrainingLoop(Fitting, InputChecks, ABC):
     def load_optimizer_state_dict(self, state: Mapping[str, np.ndarray], source: str = "optimizer state") -> None:
         """Restore optimizer buffers and the step count. Each parameter has all of the spec's
         ``state_names`` buffers or none (not created yet)."""
-        shapes = self.param_shapes()
-        expected = {f"{param}.{name}": shape for param, shape in shapes.items() for name in self._state_names(param)}
-        unknown = sorted(set(state) - set(expected) - {"step"})
-        if "step" not in state or unknown:
-            names = sorted({name for param in shapes for name in self._state_names(param)})
-            raise weights_io.WeightsError(
-                f"{source} does not fit {self.update_spec}: it needs 'step' and keys among "
-                f"'<param>.{{{', '.join(names)}}}'; missing 'step'={'step' not in state}, unexpected {unknown}"
-            )
-        for key, value in state.items():
-            if key != "step" and tuple(np.shape(value)) != tuple(expected[key]):
-                raise weights_io.WeightsError(
-                    f"{source}: {key!r} has shape {tuple(np.shape(value))}, the model expects {tuple(expected[key])}"
-                )
-        for param in shapes:
-            names = self._state_names(param)
-            present = [name for name in names if f"{param}.{name}" in state]
-            if present and len(present) != len(names):
-                raise weights_io.WeightsError(f"{source}: {param!r} has buffers {present}, needs all of {list(names)}")
-        step = np.asarray(state["step"])
-        if step.shape != () or step.dtype.kind not in "iuf" or not 0 <= step < 2**62 or step != np.floor(step):
-            raise weights_io.WeightsError(f"{source}: 'step' must be one whole number >= 0, got {str(step)[:40]}")
-        step = int(step)
-        self._load_optimizer_state_dict({
-            "step": np.array(step, np.int64),
-            **{key: np.asarray(value, self.dtype) for key, value in state.items() if key != "step"},
-        })  # fmt: skip
-        self.step_count = step
+        state_loading.assign(self, "optimizer", state_loading.checked_optimizer_state(self, state, source))
 
     def random_state(self) -> dict[str, np.ndarray]:
         """The dropout stream's state (``{}`` without the ``random-state`` capability) and a
@@ -737,19 +702,6 @@ class TrainingLoop(Fitting, InputChecks, ABC):
         return {**self._random_state(), **graph_noise.state(self._noise)}
 
     def load_random_state(self, state: Mapping[str, np.ndarray], source: str = "random state") -> None:
-        """Restore a :meth:`random_state` of this backend; other keys or bytes are an error."""
-        expected = set(self.random_state())
-        if set(state) != expected:
-            raise weights_io.WeightsError(
-                f"{source} has keys {sorted(state)}, the {self.name} backend's random state has {sorted(expected)}"
-            )
-        try:  # every rank draws the same noise
-            state = graph_noise.load_state(self._noise, state)
-        except ValueError as error:
-            raise weights_io.WeightsError(f"{source} is not a graph noise state: {error}") from None
-        if not state or self.rank != 0:  # the other ranks' streams are their own (module docstring)
-            return
-        try:
-            self._load_random_state({key: np.asarray(value, np.uint8) for key, value in state.items()})
-        except ValueError as error:
-            raise weights_io.WeightsError(f"{source} is not a {self.name} random state: {error}") from None
+        """Restore a :meth:`random_state` of this backend; other keys or bytes are an error (the
+        other ranks' streams are their own: see the module docstring)."""
+        state_loading.assign(self, "random", state_loading.checked_random_state(self, state, source))

@@ -10,13 +10,12 @@ KeyboardInterrupt instead, so that a command cleans up what it was writing; duri
 :func:`unitrain.checkpoint.stop_on_signals` takes over (it checkpoints first).
 """
 
-from __future__ import annotations
-
+# only modules the interpreter has loaded before running any of unitrain (``_signal`` is built in;
+# ``signal`` would import enum; contextlib, collections and functools): the package's first
+# statement installs the handlers below, and nothing it imports may lengthen the time before
+import _signal as signal
 import os
-import signal
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 #: the signals that end a command: Ctrl-C, SIGTERM, and SIGUSR1 (how ``--nproc`` stops mpiexec's ranks)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
@@ -46,24 +45,47 @@ class Terminated(KeyboardInterrupt):
     Ctrl-C raises KeyboardInterrupt, so that all end a command alike."""
 
 
-def _raise_terminated(signum, frame):
-    raise Terminated()
+def _in_an_import(frame) -> bool:
+    """Whether ``frame`` runs inside an import (a command imports NumPy and the run's modules on
+    demand): an exception raised there would not end the command in one line, as a C extension's
+    initialisation turns it into an ImportError ("Error importing numpy") or, in Cython's, a warning
+    and a traceback, after which the command went on (exit 0)."""
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib._bootstrap"):
+            return True
+        frame = frame.f_back
+    return False
 
 
-@contextmanager
-def ending_on_signals() -> Iterator[None]:
-    """While active, Ctrl-C raises KeyboardInterrupt, SIGTERM and SIGUSR1 :class:`Terminated`.
-    A signal while the handlers change raises there, with those changed so far put back."""
-    previous = {}
-    try:
-        for signum in STOP_SIGNALS:
-            previous[signum] = signal.signal(
-                signum, signal.default_int_handler if signum == signal.SIGINT else _raise_terminated
-            )
-        yield
-    finally:
-        for signum, action in previous.items():
+def _raise_interrupt(signum, frame):
+    if _in_an_import(frame):  # nothing is half-written by an import: end at once, as at start-up
+        _exit_now(signum, frame)
+    raise Terminated() if signum != signal.SIGINT else KeyboardInterrupt()
+
+
+class _EndingOnSignals:
+    def __enter__(self) -> None:
+        self.previous = {}
+        try:
+            for signum in STOP_SIGNALS:
+                self.previous[signum] = signal.signal(signum, _raise_interrupt)
+        except BaseException:
+            self._restore()
+            raise
+
+    def __exit__(self, *exc_info) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        for signum, action in self.previous.items():
             signal.signal(signum, action)
+
+
+def ending_on_signals() -> _EndingOnSignals:
+    """While active (``with ending_on_signals():``), Ctrl-C raises KeyboardInterrupt, SIGTERM and
+    SIGUSR1 :class:`Terminated`. A signal while the handlers change raises there, with those
+    changed so far put back."""
+    return _EndingOnSignals()
 
 
 def interrupted(interrupt: KeyboardInterrupt) -> int:

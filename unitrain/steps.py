@@ -517,10 +517,9 @@ def _per_sample(node: Node) -> bool:
     return True
 
 
-#: what a multi-model checkpoint holds of each model's loop: the part's getter and loader
-CHECKPOINT_PARTS = {"weights": ("state_dict", "load_state_dict"),
-                    "optimizer": ("optimizer_state_dict", "load_optimizer_state_dict"),
-                    "random": ("random_state", "load_random_state")}  # fmt: skip
+#: what a multi-model checkpoint holds of each model's loop: the part's getter (loaded by
+#: :mod:`unitrain.state_loading`, every part checked before any is assigned)
+CHECKPOINT_PARTS = {"weights": "state_dict", "optimizer": "optimizer_state_dict", "random": "random_state"}
 
 
 class MultiModelLoop:
@@ -610,7 +609,7 @@ class MultiModelLoop:
         tensors = {
             f"{name}/{part}/{key}": value
             for name, loop in self.loops.items()
-            for part, (getter, _) in CHECKPOINT_PARTS.items()
+            for part, getter in CHECKPOINT_PARTS.items()
             for key, value in getattr(loop, getter)().items()
         }
         own = {"step_count": str(self.step_count), "noise": json.dumps(self.noise.state())}
@@ -621,6 +620,7 @@ class MultiModelLoop:
         exactly (bit for bit on the same backend and machine). Returns the file's metadata."""
         from .randomness import PCG64_STATE
         from .reading import check_json
+        from .state_loading import CHECKERS, assign
         from .weights import WeightsError, load_safetensors
 
         tensors, metadata = load_safetensors(path)
@@ -643,8 +643,12 @@ class MultiModelLoop:
             check_json(noise, PCG64_STATE)
         except (ValueError, RecursionError) as error:  # ValueError: bad JSON, or the schema's
             raise WeightsError(f"{path}: its noise stream is not a PCG64 state: {str(error)[:200]}") from None
-        for (name, part), state in parts.items():
-            getattr(self.loops[name], CHECKPOINT_PARTS[part][1])(state, f"{path} ({name} {part})")
+        checked = {  # every part of every model first: a part refused leaves the loops as they were
+            (name, part): CHECKERS[part](self.loops[name], state, f"{path} ({name} {part})")
+            for (name, part), state in parts.items()
+        }
+        for (name, part), state in checked.items():
+            assign(self.loops[name], part, state)
         self.noise.set_state(noise)
         self.step_count = int(step_count)
         return metadata

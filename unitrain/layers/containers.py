@@ -3,8 +3,10 @@ builds within."""
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import types
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -18,6 +20,11 @@ class Container(Layer):
     (``layer1.0.conv1.weight``), in ``state_dict`` order."""
 
     children: tuple[tuple[str, Layer], ...]
+
+    @functools.cached_property
+    def named_children(self) -> Mapping[str, Layer]:
+        """``children`` by name (built once: a lookup per node of a 20,000-layer model must not scan them)."""
+        return types.MappingProxyType(dict(self.children))
 
     def named_layers(self, prefix: str = "") -> Iterator[tuple[str, Layer]]:
         """Every leaf layer with its dotted path, in ``state_dict`` order."""
