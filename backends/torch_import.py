@@ -128,9 +128,11 @@ def _plain(value):
 
 
 def _spec(kind: type, module: nn.Module, **given):
-    """``kind`` from the torch module's attributes of the spec's field names (``given`` overrides)."""
+    """``kind`` from the torch module's attributes of the spec's field names (``given`` overrides);
+    a tensor of such a name is the module's state, not an argument (BatchNorm's ``running_var``)."""
     values = {f.name: _plain(getattr(module, f.name)) for f in fields(kind) if hasattr(module, f.name)}
-    values = {key: value for key, value in values.items() if not key.endswith("_init")}
+    values = {key: value for key, value in values.items()
+              if not key.endswith("_init") and not isinstance(value, torch.Tensor)}  # fmt: skip
     return kind(**{**values, **given})
 
 
@@ -180,6 +182,8 @@ def layer_spec(module: nn.Module, path: str):
         raise ValueError(f"from_torch: {what} has bias=False; unitrain's LayerNorm has a bias when elementwise_affine")
     given = {"bias": _bias(module)} if kind in (layers.Linear, layers.Conv2d, layers.ConvTranspose2d,
                                                 sequences.Conv1d) else {}  # fmt: skip
+    if issubclass(kind, layers._BatchNorm):  # PyTorch's running variance, whatever the dialect around the import
+        given["running_var"] = "unbiased"
     try:
         return _spec(kind, module, **given)
     except (TypeError, ValueError) as error:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from torch_reference import drift_tolerances, gradient_size
+from torch_reference import drift_tolerances, gradient_size, twin_tolerance
 
 from unitrain import cli, distributed, registry
 from unitrain.checkpoint import checkpoint_paths, load_checkpoint
@@ -52,6 +52,15 @@ def drift_bound(one: Path, exact: dict, size: int = gradient_size(preset("mlp"),
     """Twice sqrt(size) times the largest drift of the float32 weights in ``one`` from ``exact``."""
     weights = load_safetensors(one)[0]
     return 2 * max(drift_tolerances([weights], {key: exact[key] for key in weights}, size).values())
+
+
+def sharding_bound(size: int, steps: int, lr: float) -> float:
+    """How far ``steps`` plain-SGD steps of two ranks may land from one process when neither measured
+    drift nor a float64 run is at hand: each gradient element is the same sum of per-sample terms in
+    another order, both within the conformance formula over ``size`` (the longest sum of one gradient,
+    |g| <= 1), and an update moves a weight by ``lr`` times it. A sharding mistake moves a weight by a
+    whole sample's share of a gradient times ``lr`` per step, orders of magnitude more."""
+    return steps * lr * twin_tolerance(np.float32, size, 1.0)
 
 
 def backends_with_engine():
