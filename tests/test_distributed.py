@@ -4,6 +4,7 @@ process on the whole batch. CPU is scarce: 2 ranks, the MLP, 20 steps."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -52,6 +53,14 @@ def drift_bound(one: Path, exact: dict, size: int = gradient_size(preset("mlp"),
     """Twice sqrt(size) times the largest drift of the float32 weights in ``one`` from ``exact``."""
     weights = load_safetensors(one)[0]
     return 2 * max(drift_tolerances([weights], {key: exact[key] for key in weights}, size).values())
+
+
+def torch_teardown_crash(stderr: str) -> bool:
+    """A torchrun rank that died of SIGABRT ("terminate called without an active exception") or SIGSEGV
+    on a loaded machine: its fault-handler report shows a thread with no Python frame, a C++ thread of
+    torch.distributed still running while the process tears down. Not reproduced on a quiet machine;
+    the tests that meet it run the job again, once."""
+    return re.search(r"killed by SIG(ABRT|SEGV)", stderr) is not None
 
 
 def sharding_bound(size: int, steps: int, lr: float) -> float:
@@ -219,7 +228,7 @@ def test_two_processes_equal_one(backend, rank_variable, initial, float64_weight
         arguments = [*common, "--nproc", nproc, "--save", str(tmp_path / f"{run}.safetensors"), "--metrics",
                      str(tmp_path / f"{run}.jsonl")]  # fmt: skip
         result = command(*arguments)
-        if backend == "torch" and "killed by SIGABRT" in result.stderr:
+        if backend == "torch" and torch_teardown_crash(result.stderr):
             # once in three fresh-clone runs under -n 2 a torchrun rank aborted inside torch/gloo
             # ("terminate called without an active exception"); not reproduced in 26 runs under load
             # nor 8 beside another pytest. Run it again, once (its outputs removed first; the results
