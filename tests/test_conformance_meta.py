@@ -613,11 +613,16 @@ CAUGHT_SEQUENCES = {
 CAUGHT_LAYERS = CAUGHT_TREES | CAUGHT_SEQUENCES
 
 
+def assert_caught(adapter, check, expected):
+    """``check`` fails ``adapter`` with the report ``expected``, by more than its tolerance."""
+    message, result = failure(adapter, check)
+    assert_same_report(message, expected)
+    assert result.max_error > result.tolerance
+
+
 @pytest.mark.parametrize(("adapter", "check"), CAUGHT_LAYERS, ids=[a.__name__ for a, _ in CAUGHT_LAYERS])
 def test_a_broken_graph_or_layer_is_caught_by_the_right_check(adapter, check):
-    message, result = failure(adapter, check)
-    assert_same_report(message, CAUGHT_LAYERS[adapter, check])
-    assert result.max_error > result.tolerance
+    assert_caught(adapter, check, CAUGHT_LAYERS[adapter, check])
 
 
 # --- broken graph execution ---------------------------------------------------------------------------
@@ -701,9 +706,7 @@ CAUGHT_GRAPHS = {
 
 @pytest.mark.parametrize(("adapter", "check"), CAUGHT_GRAPHS, ids=[f"{a.__name__}-{c}" for a, c in CAUGHT_GRAPHS])
 def test_a_broken_graph_execution_is_caught_by_the_right_check(adapter, check):
-    message, result = failure(adapter, check)
-    assert_same_report(message, CAUGHT_GRAPHS[adapter, check])
-    assert result.max_error > result.tolerance
+    assert_caught(adapter, check, CAUGHT_GRAPHS[adapter, check])
 
 
 def test_the_intact_backend_passes_the_graph_checks():
@@ -747,9 +750,7 @@ CAUGHT_NOISE = {
 
 @pytest.mark.parametrize("adapter", CAUGHT_NOISE, ids=[a.__name__ for a in CAUGHT_NOISE])
 def test_broken_noise_is_caught(adapter):
-    message, result = failure(adapter, "check_graph_noise")
-    assert_same_report(message, CAUGHT_NOISE[adapter])
-    assert result.max_error > result.tolerance
+    assert_caught(adapter, "check_graph_noise", CAUGHT_NOISE[adapter])
     assert run_check(NumpyLoop, "check_graph_noise").status == "pass"
 
 
@@ -853,9 +854,7 @@ CAUGHT_RESAMPLING = {
 
 @pytest.mark.parametrize(("adapter", "check"), CAUGHT_RESAMPLING, ids=[a.__name__ for a, _ in CAUGHT_RESAMPLING])
 def test_a_broken_resampling_layer_or_bce_is_caught_by_the_right_check(adapter, check):
-    message, result = failure(adapter, check)
-    assert_same_report(message, CAUGHT_RESAMPLING[adapter, check])
-    assert result.max_error > result.tolerance
+    assert_caught(adapter, check, CAUGHT_RESAMPLING[adapter, check])
 
 
 # --- broken multi-model steps --------------------------------------------------------------------
@@ -920,9 +919,7 @@ CAUGHT_STEPS = {
 
 @pytest.mark.parametrize("adapter", CAUGHT_STEPS, ids=[adapter.__name__ for adapter in CAUGHT_STEPS])
 def test_a_broken_multi_model_step_is_caught(adapter):
-    message, result = failure(adapter, "check_multi_model_step")
-    assert_same_report(message, CAUGHT_STEPS[adapter])
-    assert result.max_error > result.tolerance
+    assert_caught(adapter, "check_multi_model_step", CAUGHT_STEPS[adapter])
 
 
 def test_the_intact_backend_passes_the_multi_model_check():
@@ -1019,9 +1016,7 @@ CAUGHT_ATTENTION = {
 
 @pytest.mark.parametrize("adapter", CAUGHT_ATTENTION, ids=[a.__name__ for a in CAUGHT_ATTENTION])
 def test_a_broken_attention_is_caught_by_the_attention_check(adapter):
-    message, result = failure(adapter, "check_attention")
-    assert_same_report(message, CAUGHT_ATTENTION[adapter])
-    assert result.max_error > result.tolerance
+    assert_caught(adapter, "check_attention", CAUGHT_ATTENTION[adapter])
     assert run_check(NumpyLoop, "check_attention").status == "pass"
 
 
