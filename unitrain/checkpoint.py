@@ -22,7 +22,8 @@ function of ``(seed, e)`` (see :mod:`unitrain.data`), so the position ``(epoch, 
 data stream where it stopped. The checkpoint also keeps the loop's dropout stream
 (``TrainingLoop.random_state()``) and a resume restores it into a loop that keeps the same kind
 of stream, so dropout masks continue exactly too: the same backend, or NumPy, Chainer and
-MindSpore among themselves (:mod:`unitrain.randomness`); PyTorch's generator is its own.
+MindSpore among themselves (:mod:`unitrain.randomness`); PyTorch's generator is its own. A graph's
+noise stream (:mod:`unitrain.graph_noise`) is unitrain's own on every backend, so it resumes on any.
 
 Python API::
 
@@ -352,7 +353,8 @@ class Checkpoint:
     def restore(self, loop) -> None:
         """Load weights, optimizer state and step count into ``loop`` (any backend), which must
         use the checkpoint's optimizer and seed; and the random state where ``loop`` keeps the
-        same kind of stream (the same backend, or NumPy, Chainer and MindSpore among themselves)."""
+        same kind of stream (the same backend, or NumPy, Chainer and MindSpore among themselves),
+        a graph's noise stream on every backend."""
         if loop.optimizer_spec != self.optimizer_spec():
             raise CheckpointError(
                 f"{self.path} was trained with {self.optimizer_spec()}, the loop uses {loop.optimizer_spec}"
@@ -387,12 +389,10 @@ class Checkpoint:
                 early_stopping = EarlyStoppingState.from_json(recorded, self.best_weights or None)
             except (TypeError, ValueError) as error:
                 raise CheckpointError(f"checkpoint {self.path}: its early_stopping is invalid: {error}") from None
-        random_state = None
-        if self.random_state and set(self.random_state) == set(loop.random_state()):  # the same kind of stream
-            try:
-                random_state = state_loading.checked_random_state(loop, self.random_state, str(self.path / RANDOM))
-            except WeightsError as error:
-                raise CheckpointError(str(error)) from None
+        try:  # the dropout stream where the loop keeps its kind, a graph's noise stream on any backend
+            random_state = state_loading.resumable_random_state(loop, self.random_state, str(self.path / RANDOM))
+        except WeightsError as error:
+            raise CheckpointError(str(error)) from None
         state_loading.assign(loop, "weights", weights)
         state_loading.assign(loop, "optimizer", optimizer_state)
         state_loading.assign(loop, "random", random_state)

@@ -4,7 +4,8 @@ A checkpoint holds several parts (each model's weights, optimizer state and rand
 part refused after another was loaded would leave the loop half resumed, its weights the
 checkpoint's and its optimizer its own. So each part is first turned into what the adapter's
 loader takes (:func:`checked_weights`, :func:`checked_optimizer_state`,
-:func:`checked_random_state`: ``WeightsError`` naming the part and key), and only once all are
+:func:`checked_random_state`, or :func:`resumable_random_state` for another backend's: ``WeightsError``
+naming the part and key), and only once all are
 checked are they assigned (:func:`assign`), which cannot refuse any more. The loop's own
 ``load_state_dict`` / ``load_optimizer_state_dict`` / ``load_random_state`` are these two steps
 for one part.
@@ -93,6 +94,22 @@ def checked_random_state(loop: TrainingLoop, state: Mapping[str, np.ndarray], so
         raise WeightsError(f"{source} is not a {loop.name} random state: {error}") from None
     loop._load_random_state(current)
     return {**noise, **converted}
+
+
+def resumable_random_state(loop: TrainingLoop, state: Mapping[str, np.ndarray], source: str):
+    """What ``loop`` resumes of another loop's random state: all of it from a loop that keeps the
+    same kind of dropout stream (:func:`checked_random_state`), else only a graph's noise stream,
+    which unitrain draws itself the same way on every backend; None when nothing fits."""
+    if set(state) == set(loop.random_state()):
+        return checked_random_state(loop, state, source)
+    if loop._noise is None or graph_noise.NOISE_KEY not in state:
+        return None
+    noise = {graph_noise.NOISE_KEY: state[graph_noise.NOISE_KEY]}
+    try:
+        graph_noise.load_state(copy.deepcopy(loop._noise), noise)
+    except ValueError as error:
+        raise WeightsError(f"{source} is not a graph noise state: {error}") from None
+    return noise
 
 
 #: the checker of each part of a loop's state that a checkpoint holds, by the part's name
