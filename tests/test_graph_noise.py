@@ -149,8 +149,8 @@ def test_refusals_in_one_line():
     with pytest.raises(ValueError, match=r"^Graph: every input is noise"):
         Graph.from_nodes({"eps": (3,)}, [Node("y", "call_function", "neg", ("eps",))], ["y"], noise={"eps": "normal"})
     inner = Graph(x, x * ops.randn_like(x))
-    with pytest.raises(ValueError, match=r"takes 2 inputs \['input', 'randn_like'\], got 1$"):  # its noise is an input
-        Graph(x, inner(x), {"inner": inner})
+    with pytest.raises(ValueError, match=r"takes 2 inputs \['input', 'randn_like'\], got 3$"):  # data, or data + noise
+        Graph(x, inner(x, x, x), {"inner": inner})
 
 
 def test_to_torch_draws_with_torch_and_onnx_refuses_noise(case):
@@ -227,3 +227,84 @@ def test_a_checkpoint_resumes_the_noise_stream_on_another_backend(resume_case, f
         errors = {k: np.abs(v - uninterrupted.state_dict()[k]).max() / (2 * tolerances[k])
                   for k, v in restarted.state_dict().items()}  # fmt: skip
         assert max(errors.values()) > 100, errors
+
+
+# --- a graph that draws noise, called as a module of another graph ---
+
+NESTED_STEPS, NESTED_BATCH = 20, 8
+
+
+def nested_vae():
+    """A denoising VAE: uniform noise on the input, then an encoder graph whose reparameterisation
+    draws normal noise, then a decoder. The encoder's noise is lifted into the outer graph."""
+    x = Input((12,))
+    hidden, mu, logvar = L.Linear(12, 8), L.Linear(8, 4), L.Linear(8, 4)
+    h = hidden(x).relu()
+    mean, log_variance = mu(h), logvar(h)
+    encoder = Graph(x, mean + ops.randn_like(log_variance) * (0.5 * log_variance).exp(),
+                    {"hidden": hidden, "mu": mu, "logvar": logvar})  # fmt: skip
+    image, decoder = Input((12,)), L.Linear(4, 12)
+    code = encoder(image + 0.1 * ops.rand_like(image))
+    return Graph(image, decoder(code).sigmoid(), {"encoder": encoder, "decoder": decoder})
+
+
+class NestedVAE(nn.Module):
+    """The same model in plain PyTorch, its two noises passed in."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.ModuleDict({"hidden": nn.Linear(12, 8), "mu": nn.Linear(8, 4), "logvar": nn.Linear(8, 4)})
+        self.decoder = nn.Linear(4, 12)
+
+    def forward(self, x, uniform, normal):
+        h = F.relu(self.encoder["hidden"](x + 0.1 * uniform))
+        mean, log_variance = self.encoder["mu"](h), self.encoder["logvar"](h)
+        return torch.sigmoid(self.decoder(mean + normal * torch.exp(0.5 * log_variance)))
+
+
+@pytest.fixture(scope="module")
+def nested_case():
+    graph = nested_vae()
+    initial = unitrain.make_loop("numpy", graph, seed=SEED, dtype="float64").state_dict()
+    images = np.random.default_rng(SEED).random((NESTED_STEPS, NESTED_BATCH, 12))
+    noise = GraphNoise(graph, SEED)  # the outer graph's inputs: its own noise, then the encoder's
+    batches = [((x, *noise.draw(NESTED_BATCH, np.float64, True)), x) for x in images]
+
+    def make_model(dtype):
+        model = NestedVAE().to(dtype)
+        model.load_state_dict({key: torch.tensor(value, dtype=dtype) for key, value in initial.items()})
+        return model
+
+    runs = torch_runs(make_model, lambda params: torch.optim.SGD(params, lr=0.5, momentum=0.9), batches,
+                      criterion=F.mse_loss)  # fmt: skip
+    return graph, initial, images, runs
+
+
+def test_a_noisy_graph_called_as_a_module_lifts_its_noise_into_the_caller():
+    graph = nested_vae()
+    # in the order the nodes meet them: the caller's own draw, then the encoder's, each call its own
+    assert graph.noise == (("rand_like", "uniform"), ("randn_like", "normal"))
+    assert [node.args for node in graph.nodes if node.target == "encoder"] == [("add", "randn_like")]
+    assert Graph.from_dict(graph.to_dict()) == graph
+    x = Input((12,))
+    twice = Graph(x, graph.encoder(x) + graph.encoder(x), {"encoder": graph.encoder})
+    assert twice.noise == (("randn_like", "normal"), ("randn_like_1", "normal"))  # one draw per call
+    data = graph.to_dict()
+    data["noise"] = {"rand_like": "normal", "randn_like": "uniform"}
+    with pytest.raises(ValueError, match=r"^Graph: node 'encoder' fills encoder's normal noise 'randn_like' with "
+                                         r"'randn_like', which is uniform noise$"):  # fmt: skip
+        Graph.from_dict(data)
+    loop = unitrain.make_loop("numpy", graph, seed=SEED)
+    alone = loop.submodule("encoder")  # evaluated alone, the encoder draws its own noise
+    assert alone.predict(np.zeros((2, 12))).shape == (2, 4)
+
+
+@pytest.mark.parametrize(
+    ("backend", "dtype"), [*((name, "float32") for name in installed_backends()), ("numpy", "float64")]
+)
+def test_a_noisy_sub_graph_trains_as_pytorch_with_the_same_noise(nested_case, backend, dtype):
+    graph, initial, images, runs = nested_case
+    loop = unitrain.make_loop(backend, graph, MSELoss(), SGD(lr=0.5, momentum=0.9), dtype=dtype, seed=SEED)
+    loop.load_state_dict(initial)
+    losses = [loop.to_float(loop.step((x, x))) for x in images]
+    assert_run_within_drift(loop, losses, runs, dtype, NESTED_BATCH * 12)  # the longest sum: the loss's

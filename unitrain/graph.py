@@ -37,7 +37,9 @@ layers' uses. Ties are between Linear and Embedding parameters of one shape.
 
 Noise inside a model (a VAE's ``mu + ops.randn_like(logvar) * (0.5 * logvar).exp()``) is an input
 of the graph, listed in ``noise`` after the data inputs, that the loop fills from its seeded stream
-(:mod:`unitrain.graph_noise`); a batch's ``x`` holds the data inputs only.
+(:mod:`unitrain.graph_noise`); a batch's ``x`` holds the data inputs only. A graph that draws noise,
+called as a module on its data inputs only, lifts its noise inputs into the caller's (one set per
+call, in the order the caller's nodes meet them).
 
 ``outputs`` names the output nodes: one (predictions are an array) or several (a tuple, in this
 order; train them with :class:`~unitrain.losses.PerOutputLoss`, one loss per output, summed).
@@ -211,8 +213,6 @@ class Graph(Container):
                 raise ValueError(f"Graph: module name {name!r} must be a non-empty name without '.'")
             if not isinstance(child, Layer):
                 raise TypeError(f"Graph: module {name!r} is {child!r}, expected a unitrain layer spec")
-            if isinstance(child, Graph) and child.noise:
-                raise ValueError(f"Graph: module {name!r} is a graph that draws noise; draw it in the outermost graph")
         seen_ids: dict[int, str] = {}
         for name, child in children:
             if id(child) in seen_ids:
@@ -227,6 +227,7 @@ class Graph(Container):
         object.__setattr__(self, "shapes", {})
         object.__setattr__(self, "shapes", self._infer([shape for _, shape in inputs], "", {}))
         object.__setattr__(self, "tied", _check_ties(self, dict(tied or {})))
+        _check_lifted_noise(self)
 
     # --- structure ----------------------------------------------------------------------------
 
@@ -348,6 +349,19 @@ def _check_noise(inputs: list[str], noise: dict) -> tuple[tuple[str, str], ...]:
     if len(noise) == len(inputs):
         raise ValueError("Graph: every input is noise; it needs at least one data input (the batch)")
     return tuple((name, noise[name]) for name in inputs if name in noise)
+
+
+def _check_lifted_noise(graph: Graph) -> None:
+    """A module graph's noise input, where the calling graph's noise fills it, takes noise of its kind."""
+    outer = dict(graph.noise)
+    for node in graph.nodes:
+        module = graph.get_submodule(node.target) if node.op == "call_module" else None
+        if isinstance(module, Graph) and module.noise:
+            inner = dict(module.noise)
+            for (name, _), arg in zip(module.inputs, node.args, strict=True):
+                if name in inner and arg in outer and outer[arg] != inner[name]:
+                    raise ValueError(f"Graph: node {node.name!r} fills {node.target}'s {inner[name]} noise "
+                                     f"{name!r} with {arg!r}, which is {outer[arg]} noise")  # fmt: skip
 
 
 def _check_ties(graph: Graph, tied: dict[str, str]) -> tuple[tuple[str, str], ...]:

@@ -344,6 +344,9 @@ def call_layer(layer: layers.Layer, inputs: tuple) -> Tensor:
     for value in inputs:
         _check_tensor(value, f"{name}(...)")
     if isinstance(layer, layers.Container) and hasattr(layer, "input_names"):  # a Graph used as a module
+        if layer.noise and len(inputs) == len(layer.inputs) - len(layer.noise):  # its data inputs only:
+            declared = dict(layer.inputs)  # its noise becomes the calling graph's, drawn anew at each call
+            inputs = (*inputs, *(Tensor("noise", kind, (), {}, declared[name]) for name, kind in layer.noise))
         shapes = layer.infer_shapes([value.sample_shape for value in inputs])
         if len(shapes) != 1:
             raise ValueError(f"{name}: a graph called as a module must have one output, this one has {len(shapes)}")
