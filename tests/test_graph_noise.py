@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from conftest import installed_backends
 from torch import nn
 from torch_reference import assert_run_within_drift, assert_within_drift, drift_tolerances, gradient_size, torch_runs
+from unitrain.conformance.tolerances import tolerance
 
 import unitrain
 from unitrain import expr, ops
@@ -153,19 +155,65 @@ def test_refusals_in_one_line():
         Graph(x, inner(x, x, x), {"inner": inner})
 
 
-def test_to_torch_draws_with_torch_and_onnx_refuses_noise(case):
+def test_to_torch_draws_with_torch(case):
     graph = case[0]
     module = unitrain.to_torch(graph)
     assert "torch.randn((size, 20), dtype = torch.float32)" in module.code
     x = torch.rand(4, 1, 28, 28)
     first, second = module(x)[0], module(x)[0]
     assert first.shape == (4, 784) and not torch.equal(first, second)  # new noise at each call, as the example
-    pytest.importorskip("onnx")
-    from unitrain.onnx_export import to_onnx
-    from unitrain.weights import WeightsError
 
-    with pytest.raises(WeightsError, match=r"^the graph draws noise \(randn_like\), which this ONNX export does not"):
-        to_onnx(graph, graph.initial_state, (1, 28, 28))
+
+def onnx_session(graph, state, input_shape, tmp_path):
+    """``graph`` exported to ONNX, checked by ``onnx.checker``, and an onnxruntime session of it (None
+    without onnxruntime)."""
+    onnx = pytest.importorskip("onnx")
+    from unitrain.onnx_export import to_onnx
+
+    model = to_onnx(graph, state, input_shape)
+    onnx.checker.check_model(model, full_check=True)  # full_check: every node's shapes and types inferred
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    onnx.save(model, tmp_path / "m.onnx")
+    return onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+
+
+def test_onnx_export_draws_the_noise_in_the_graph(tmp_path):
+    """The runtime draws its own noise, so the draws are checked by their statistics: a graph that
+    outputs them, on N samples of 250 values, mean and variance within six standard errors."""
+    x = Input((250,))
+    graph = Graph(x, [x + ops.randn_like(x), x + ops.rand_like(x)])
+    session = onnx_session(graph, {}, (250,), tmp_path)
+    if session is None:
+        pytest.skip("onnxruntime is not installed: the export is checked by onnx.checker only")
+    zeros = np.zeros((40, 250), np.float32)
+    (normal, uniform), (again, _) = session.run(None, {"input": zeros}), session.run(None, {"input": zeros})
+    assert normal.shape == uniform.shape == (40, 250) and not np.array_equal(normal, again)  # drawn at each run
+    n = normal.size
+    # standard errors of a sample mean (sigma / sqrt(n)) and variance (sqrt((mu4 - sigma^4) / n)):
+    # normal: sigma 1, mu4 3; uniform [0, 1): sigma^2 1/12, mu4 1/80
+    assert abs(normal.mean()) < 6 / np.sqrt(n) and abs(normal.var() - 1) < 6 * np.sqrt(2 / n)
+    assert uniform.min() >= 0 and uniform.max() < 1
+    assert abs(uniform.mean() - 0.5) < 6 * np.sqrt(1 / 12 / n)
+    assert abs(uniform.var() - 1 / 12) < 6 * np.sqrt((1 / 80 - 1 / 144) / n)
+
+
+def test_onnx_export_of_a_noisy_vae_computes_the_rest_as_unitrain(case, tmp_path):
+    """pytorch/examples' VAE: mean and log-variance do not depend on the noise (as unitrain's within
+    twice the conformance formula), the reconstruction does: its shape and range."""
+    graph = case[0]
+    session = onnx_session(graph, graph.initial_state, (1, 28, 28), tmp_path)
+    if session is None:
+        pytest.skip("onnxruntime is not installed: the export is checked by onnx.checker only")
+    x = np.random.default_rng(SEED).random((4, 1, 28, 28)).astype(np.float32)
+    recon, mu, logvar = session.run(None, {"input": x})
+    _, mu_expected, logvar_expected = unitrain.make_loop("numpy", graph, CustomLoss(vae_loss), seed=SEED).predict(x)
+    for got, expected in ((mu, mu_expected), (logvar, logvar_expected)):
+        chain = sum(math.prod(shape) for shape in (*graph.shapes.values(), *graph.input_shapes))
+        np.testing.assert_allclose(got, expected, rtol=0, atol=2 * tolerance(np.float32, chain, np.abs(expected).max()))
+    assert recon.shape == (4, 784) and recon.min() >= 0 and recon.max() <= 1
 
 
 # --- resuming on another backend: the noise stream is unitrain's own, so it moves with the checkpoint ---
@@ -297,6 +345,17 @@ def test_a_noisy_graph_called_as_a_module_lifts_its_noise_into_the_caller():
     loop = unitrain.make_loop("numpy", graph, seed=SEED)
     alone = loop.submodule("encoder")  # evaluated alone, the encoder draws its own noise
     assert alone.predict(np.zeros((2, 12))).shape == (2, 4)
+    assert unitrain.to_torch(graph)(torch.rand(3, 12)).shape == (3, 12)  # torch draws both, the encoder's given
+
+
+def test_onnx_export_draws_a_sub_graphs_noise_in_the_caller(tmp_path):
+    graph = nested_vae()
+    session = onnx_session(graph, unitrain.make_loop("numpy", graph, seed=SEED).state_dict(), (12,), tmp_path)
+    if session is None:
+        pytest.skip("onnxruntime is not installed: the export is checked by onnx.checker only")
+    x = np.random.default_rng(SEED).random((5, 12)).astype(np.float32)
+    first, second = session.run(None, {"input": x})[0], session.run(None, {"input": x})[0]
+    assert first.shape == (5, 12) and not np.array_equal(first, second)
 
 
 @pytest.mark.parametrize(

@@ -291,6 +291,9 @@ class Graph(Container):
         return self._trace(input_shape, "", {})
 
     def _trace(self, input_shape, path, seen):
+        if self.noise and all(isinstance(size, int) for size in input_shape):  # one shape: a container's call
+            raise ValueError(f"{path or 'Graph'}: a graph that draws noise takes it from the Graph that calls it "
+                             "(unitrain.graph_noise); call it in a Graph, not in a Sequential or Residual")  # fmt: skip
         given = [tuple(input_shape)] if len(self.inputs) == 1 else [tuple(shape) for shape in input_shape]
         shapes = self._infer(given, path, seen)
         outputs = tuple(shapes[name] for name in self.outputs)

@@ -5,7 +5,9 @@ statistics, Dropout is the identity). Imported only by ``unitrain convert`` when
 Every layer is one standard operator (opset 20) with PyTorch's attributes, so any ONNX runtime
 computes what unitrain's eval mode does. The tensors keep unitrain's names as initializers; the
 graph's input ``input`` is ``(N, *input_shape)`` float32 with N free, its output ``output`` (a graph
-of several inputs or outputs: each under its graph name).
+of several inputs or outputs: each under its graph name). A graph's noise (``randn_like``,
+``rand_like``) is drawn inside the ONNX graph, by ``RandomNormalLike`` / ``RandomUniformLike``:
+sampled at every run, as PyTorch's module samples (the runtime's generator, not unitrain's stream).
 """
 
 from __future__ import annotations
@@ -207,9 +209,29 @@ def _function(graph: _Graph, op: str, args: list[str], kw: dict, path: str, shap
 
 
 def _one_input_one_output(model: Graph, path: str) -> None:
-    if len(model.inputs) != 1 or len(model.outputs) != 1:
+    if len(model.data_inputs) != 1 or len(model.outputs) != 1:
         raise WeightsError(f"{path}: ONNX export takes graphs called as modules with one input and one output, "
-                           f"this one has {len(model.inputs)} and {len(model.outputs)}")  # fmt: skip
+                           f"this one has {len(model.data_inputs)} and {len(model.outputs)}")  # fmt: skip
+
+
+#: a noise kind's ONNX operator: a fresh draw at every run, shaped like its input tensor
+_NOISE = {"normal": "RandomNormalLike", "uniform": "RandomUniformLike"}
+
+
+def _noise(graph: _Graph, model: Graph, batch_of: str) -> list[str]:
+    """The graph's noise inputs drawn inside the ONNX graph, each ``(N, *shape)`` with N that of the
+    input ``batch_of``: zeros of that shape (``ConstantOfShape``) given to ``RandomNormalLike`` /
+    ``RandomUniformLike``, whose defaults are unitrain's (mean 0, scale 1; low 0, high 1) and
+    whose float32 output is the model's dtype."""
+    shapes = dict(model.inputs)
+    drawn = []
+    for name, kind in model.noise:
+        batch = graph.op("Shape", [batch_of], name, start=0, end=1)
+        shape = graph.op("Concat", [batch, graph.ints(name, shapes[name])], name, axis=0)
+        zero = helper.make_tensor("zero", TensorProto.FLOAT, [1], [0])
+        zeros = graph.op("ConstantOfShape", [shape], name, value=zero)
+        drawn.append(graph.op(_NOISE[kind], [zeros], name, dtype=TensorProto.FLOAT))
+    return drawn
 
 
 def _graph(graph: _Graph, model: Graph, x: str, path: str, shape) -> tuple[str, tuple[int, ...]]:
@@ -226,8 +248,12 @@ def _graph_values(graph: _Graph, model: Graph, xs: list[str], input_shapes, path
     values = dict(zip(model.input_names, xs, strict=True))
     for node in model.nodes:
         args = [values[arg] for arg in node.args]
-        if node.op == "call_module":
-            module = get_submodule(model, node.target)
+        module = get_submodule(model, node.target) if node.op == "call_module" else None
+        if isinstance(module, Graph):  # its noise inputs, if any, are the caller's (lifted)
+            _one_input_one_output(module, join(node.target))
+            results, _ = _graph_values(graph, module, args, [shapes[arg] for arg in node.args], join(node.target))
+            values[node.name] = results[0]
+        elif module is not None:
             values[node.name], _ = _node(graph, module, args[0], join(node.target), shapes[node.args[0]])
         else:
             arg_shapes = [shapes[arg] for arg in node.args]
@@ -240,14 +266,14 @@ def to_onnx(model: layers.Container, state: State, input_shape: tuple[int, ...])
     as ``input`` and giving ``output``; a graph of several inputs takes each under its name, with
     its declared shape, and one of several outputs gives each under its node's name."""
     graph = _Graph(state)
-    if isinstance(model, Graph) and model.noise:
-        raise WeightsError(f"the graph draws noise ({', '.join(name for name, _ in model.noise)}), which this ONNX "
-                           "export does not write; export the model without its sampling step")  # fmt: skip
     if isinstance(model, Graph):
-        shapes = [tuple(input_shape)] if len(model.inputs) == 1 else [tuple(s) for s in model.input_shapes]
-        names = ["input"] if len(model.inputs) == 1 else list(model.input_names)
-        model.output_shape(shapes[0] if len(shapes) == 1 else shapes)  # a misfit fails here, naming the node
-        results, out_shapes = _graph_values(graph, model, names, shapes, "")
+        data = model.data_inputs
+        shapes = [tuple(input_shape)] if len(data) == 1 else [tuple(shape) for _, shape in data]
+        names = ["input"] if len(data) == 1 else [name for name, _ in data]
+        noise_shapes = [shape for name, shape in model.inputs[len(data) :]]
+        every = [*shapes, *noise_shapes]
+        model.output_shape(every[0] if len(every) == 1 else every)  # a misfit fails here, naming the node
+        results, out_shapes = _graph_values(graph, model, [*names, *_noise(graph, model, names[0])], every, "")
         out_names = ["output"] if len(results) == 1 else list(model.outputs)
     else:
         model.output_shape(input_shape)  # a model that does not fit the input fails here, naming the layer
