@@ -57,7 +57,22 @@ def _new(shape, dtype, batch_last, fill=np.empty):
     return fill((*shape[1:], shape[0]), dtype).transpose(3, 0, 1, 2)
 
 
-class _Conv2d(_Freezable):
+class _Convolution(_Freezable):
+    """A convolution's weight and its gradient as one matrix per group ``(groups, rows / groups, -1)``:
+    views of the arrays, taken again by :meth:`bind_weight` when a tie (``numpy_graph.tie``) hands
+    the layer another layer's arrays."""
+
+    def __init__(self, spec, dtype, rng, rows):
+        super().__init__(spec, dtype, rng)
+        self._matrix_shape = (spec.groups, rows // spec.groups, -1)
+        self.bind_weight()
+
+    def bind_weight(self):
+        self.matrix = self.params["weight"].reshape(self._matrix_shape)
+        self.grad_matrix = self.grads["weight"].reshape(self._matrix_shape)
+
+
+class _Conv2d(_Convolution):
     """im2col in one layout for the forward and both gradients, with the batch innermost: the
     columns are ``(C/groups*kh*kw, OH*OW*N)`` per group, and arrays travel through the layer as
     (N, C, H, W) views of memory laid out (C, H, W, N). With the batch innermost, each kernel
@@ -69,10 +84,7 @@ class _Conv2d(_Freezable):
     The columns of a training forward are kept for the backward in a buffer reused across steps."""
 
     def __init__(self, spec, dtype, rng):
-        super().__init__(spec, dtype, rng)
-        shape = (spec.groups, spec.out_channels // spec.groups, -1)
-        self.matrix = self.params["weight"].reshape(shape)
-        self.grad_matrix = self.grads["weight"].reshape(shape)
+        super().__init__(spec, dtype, rng, spec.out_channels)
 
     def forward(self, x, training, record):
         spec = self.spec
@@ -126,17 +138,14 @@ class _Conv2d(_Freezable):
         return _unpad(grad_x, spec.padding)
 
 
-class _ConvTranspose2d(_Freezable):
+class _ConvTranspose2d(_Convolution):
     """The transpose of ``_Conv2d``: forward is its col2im (each input pixel's kernel, weighted per
     group by the ``(in/groups, out/groups*kh*kw)`` weight matrix, added onto the padded output at
     ``stride`` steps, then ``padding`` cut off), backward its im2col (the strided views of the
     padded output gradient, one per kernel offset, give the input and weight gradients)."""
 
     def __init__(self, spec, dtype, rng):
-        super().__init__(spec, dtype, rng)
-        shape = (spec.groups, spec.in_channels // spec.groups, -1)
-        self.matrix = self.params["weight"].reshape(shape)
-        self.grad_matrix = self.grads["weight"].reshape(shape)
+        super().__init__(spec, dtype, rng, spec.in_channels)
 
     def forward(self, x, training, record):
         spec = self.spec

@@ -322,4 +322,6 @@ def tie(spec, leaves: dict) -> set[str]:
         (path, name), (source_path, source_name) = key.rsplit(".", 1), source.rsplit(".", 1)
         leaf, origin = leaves[path], leaves[source_path]
         leaf.params[name], leaf.grads[name] = origin.params[source_name], origin.grads[source_name]
+        if hasattr(leaf, "bind_weight"):  # a convolution computes with views of its weight
+            leaf.bind_weight()
     return set(tied)

@@ -309,10 +309,10 @@ def test_more_modules_import_as_torch_computes_them(make, shape):
         torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
 
 
-class TiedConvolutions(nn.Module):  # decoder.weight = encoder.weight, between layers unitrain does not tie
+class TiedNorms(nn.Module):  # b.weight = a.weight, between layers unitrain does not tie
     def __init__(self):
         super().__init__()
-        self.a, self.b = nn.Conv2d(1, 1, 1), nn.Conv2d(1, 1, 1)
+        self.a, self.b = nn.BatchNorm1d(4), nn.BatchNorm1d(4)
         self.b.weight = self.a.weight
 
     def forward(self, x):
@@ -379,8 +379,8 @@ class Forward(nn.Module):
          r"^from_torch: node 'cat' \(torch.cat\): cat: dim 0 is the batch axis"),
         (lambda: Forward(lambda self, x: torch.div(x, 2.0, rounding_mode="floor")), (2, 4),
          r"^from_torch: node 'div' \(torch.div\): argument rounding_mode='floor' is not supported$"),
-        (TiedConvolutions, (2, 1, 3, 3), r"^from_torch: Graph: tied 'b.weight' belongs to Conv2d\(.*\); ties are "
-         r"between Linear and Embedding parameters$"),
+        (TiedNorms, (2, 4), r"^from_torch: Graph: tied 'b.weight' belongs to BatchNorm1d\(.*\); ties are between "
+         r"Linear, Embedding, Conv2d and ConvTranspose2d parameters$"),
         (lambda: Forward(lambda self, x: F.linear(self.enc(x), self.enc.weight.t()), enc=nn.Linear(4, 3)), (2, 4),
          r"^from_torch: node 'enc_weight' \(enc.weight\): reads the module's attribute 'enc.weight' directly \(a "
          r"weight used outside its layer, such as a transposed tie F.linear\(x, encoder.weight.t\(\)\), is not "

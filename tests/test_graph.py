@@ -34,6 +34,7 @@ from unitrain.backends.numpy import NumpyLoop
 from unitrain.backends.torch import TorchLoop
 from unitrain.conformance.tolerances import tolerance
 
+import unitrain
 from unitrain import expr, ops
 from unitrain import layers as L
 from unitrain.data import ArrayDataset
@@ -271,8 +272,32 @@ class TorchUNet(nn.Module):
         return self.conv2(torch.cat([self.up2(u1), d1], 1))
 
 
+def tied_conv_transpose():
+    """A convolutional autoencoder whose decoder is its encoder's transpose: ``ConvTranspose2d(4, 2)``
+    holds its weight ``(4, 2, 3, 3)`` as ``Conv2d(2, 4)`` does, so the tie is the weight itself."""
+    x = Input((2, 6, 6))
+    encoder = L.Conv2d(2, 4, 3, stride=2, padding=1)
+    decoder = L.ConvTranspose2d(4, 2, 3, stride=2, padding=1, output_padding=1)
+    return Graph(x, decoder(ops.tanh(encoder(x))), {"encoder": encoder, "decoder": decoder},
+                 tied={"decoder.weight": "encoder.weight"})  # fmt: skip
+
+
+class TorchTiedConvTranspose(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Conv2d(2, 4, 3, stride=2, padding=1)
+        self.decoder = nn.ConvTranspose2d(4, 2, 3, stride=2, padding=1, output_padding=1)
+        self.decoder.weight = self.encoder.weight
+        listed_once(self)
+
+    def forward(self, x):
+        return self.decoder(torch.tanh(self.encoder(x)))
+
+
 if UNET_LAYERS:  # ConvTranspose2d and Upsample come from another branch; the case joins CASES once they exist
     CASES["unet"] = (unet, TorchUNet, [(1, 8, 8)], "pixels", MSELoss(), F.mse_loss)
+    CASES["tied-conv-transpose"] = (tied_conv_transpose, TorchTiedConvTranspose, [(2, 6, 6)], "input", MSELoss(),
+                                    F.mse_loss)  # fmt: skip
 
 
 def batches_for(case):
@@ -458,6 +483,19 @@ def test_tied_weights_round_trip_and_are_listed_once():
     assert list(init_weights(model, 0)) == list(model.state_shapes())
 
 
+def test_from_torch_maps_a_convolution_tied_to_a_transposed_one():
+    module = TorchTiedConvTranspose()
+    graph = unitrain.from_torch(module, torch.rand(2, 2, 6, 6))
+    spec = tied_conv_transpose()
+    assert graph.tied == spec.tied and graph.children == spec.children
+    assert str(graph).replace("%x", "%input") == str(spec)  # the same nodes, the input named as forward names it
+    assert list(graph.initial_state) == list(module.state_dict()) == ["encoder.weight", "encoder.bias", "decoder.bias"]
+    back = unitrain.to_torch(graph)
+    assert back.decoder.weight is back.encoder.weight  # one Parameter again, as the module's
+    x = torch.rand(3, 2, 6, 6)
+    torch.testing.assert_close(back(x), module(x), rtol=0, atol=0)
+
+
 def tie(tied, kind=L.Linear, shape=(4,)):
     x, first, second = Input(shape), kind(4, 4), kind(4, 4)
     return Graph(x, second(first(x)), {"first": first, "second": second}, tied=tied)
@@ -479,8 +517,10 @@ def tie(tied, kind=L.Linear, shape=(4,)):
          r"shape \(a transposed tie is not supported: keep two weights\)$"),
         (lambda: tie({"second.weight": "second.weight"}),
          r"^Graph: 'second.weight' is tied to 'second.weight', which is not a tensor of its own$"),
-        (lambda: tie({"second.weight": "first.weight"}, functools.partial(L.Conv2d, kernel_size=1), (4, 2, 2)),
-         r"^Graph: tied 'second.weight' belongs to Conv2d\(.*\); ties are between Linear and Embedding parameters$"),
+        (lambda: Graph((x := Input((4,))), (b := L.BatchNorm1d(4))((a := L.BatchNorm1d(4))(x)), {"a": a, "b": b},
+                       tied={"b.weight": "a.weight"}),
+         r"^Graph: tied 'b.weight' belongs to BatchNorm1d\(.*\); ties are between Linear, Embedding, Conv2d and "
+         r"ConvTranspose2d parameters$"),
         (lambda: Graph((x := Input((5,))), (inner := tied_embedding())(x), {"inner": inner}),
          r"^Graph: module 'inner' is a graph with tied weights; tie them in the outermost graph$"),
     ],
@@ -611,7 +651,7 @@ def many_ops():
     return Graph(x, head(ops.cat([v, ops.relu(v)], dim=1)), {"fc": fc, "head": head})
 
 
-@pytest.mark.parametrize("make", [many_ops, inception, tied])
+@pytest.mark.parametrize("make", [many_ops, inception, tied, tied_conv_transpose])
 def test_onnx_export_of_a_graph_runs_as_unitrain(make, tmp_path):
     onnxruntime = pytest.importorskip("onnxruntime")
     from unitrain.convert import convert

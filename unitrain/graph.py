@@ -33,7 +33,8 @@ Two different layers can share one tensor too, as PyTorch's ``decoder.weight = e
 (the word language model's tied embedding and output weights): ``tied={"decoder.weight":
 "encoder.weight"}`` makes the key on the left the tensor on the right. The ``state_dict`` holds it
 once, under its first name (as ``named_parameters`` does), and its gradient is the sum over both
-layers' uses. Ties are between Linear and Embedding parameters of one shape.
+layers' uses. Ties are between Linear, Embedding, Conv2d and ConvTranspose2d parameters of one
+shape (:data:`TIEABLE`).
 
 Noise inside a model (a VAE's ``mu + ops.randn_like(logvar) * (0.5 * logvar).exp()``) is an input
 of the graph, listed in ``noise`` after the data inputs, that the loop fills from its seeded stream
@@ -367,6 +368,12 @@ def _check_lifted_noise(graph: Graph) -> None:
                                      f"{name!r} with {arg!r}, which is {outer[arg]} noise")  # fmt: skip
 
 
+#: the layers whose parameters a tie may share: Linear and Embedding (a language model's tied
+#: embedding and output), Conv2d and ConvTranspose2d (a convolutional autoencoder's decoder as its
+#: encoder's transpose: ``ConvTranspose2d(D, C)`` holds its weight as ``Conv2d(C, D)`` does, (D, C, kh, kw))
+TIEABLE = (layers.Linear, sequences.Embedding, layers.Conv2d, layers.ConvTranspose2d)
+
+
 def _check_ties(graph: Graph, tied: dict[str, str]) -> tuple[tuple[str, str], ...]:
     """``tied`` as ``(key, source)`` pairs in ``state_dict`` order, or ``ValueError`` naming the key."""
     leaves = dict(graph.named_layers())
@@ -380,9 +387,9 @@ def _check_ties(graph: Graph, tied: dict[str, str]) -> tuple[tuple[str, str], ..
         for name in (key, source):
             if name not in params:
                 raise ValueError(f"Graph: tied {name!r} is not a parameter of the graph; expected one of {order}")
-            if not isinstance(params[name][0], (layers.Linear, sequences.Embedding)):
-                raise ValueError(f"Graph: tied {name!r} belongs to {params[name][0]}; "
-                                 "ties are between Linear and Embedding parameters")  # fmt: skip
+            if not isinstance(params[name][0], TIEABLE):
+                raise ValueError(f"Graph: tied {name!r} belongs to {params[name][0]}; ties are between "
+                                 "Linear, Embedding, Conv2d and ConvTranspose2d parameters")  # fmt: skip
         if source in tied or key == source:
             raise ValueError(f"Graph: {key!r} is tied to {source!r}, which is not a tensor of its own")
         if params[key][1] != params[source][1]:

@@ -24,12 +24,14 @@ OPSET = 20  # the first with Gelu
 
 
 class _Graph:
-    def __init__(self, state: State):
+    def __init__(self, state: State, tied: dict[str, str]):
         self.state, self.nodes, self.initializers, self._count, self._named = state, [], [], 0, set()
+        self.tied = tied
 
     def tensor(self, name: str, value: np.ndarray | None = None, dtype=np.float32) -> str:
         """Add unitrain's tensor ``name`` (or ``value`` under that name) as an initializer, once
-        (a module a graph calls twice reads the same weights)."""
+        (a module a graph calls twice reads the same weights; a tied key reads its source's)."""
+        name = self.tied.get(name, name)
         if name not in self._named:
             array = self.state[name] if value is None else value
             self.initializers.append(numpy_helper.from_array(np.asarray(array, dtype), name))
@@ -265,7 +267,7 @@ def to_onnx(model: layers.Container, state: State, input_shape: tuple[int, ...])
     """The spec ``model`` with the weights ``state`` as an ONNX model taking ``(N, *input_shape)``
     as ``input`` and giving ``output``; a graph of several inputs takes each under its name, with
     its declared shape, and one of several outputs gives each under its node's name."""
-    graph = _Graph(state)
+    graph = _Graph(state, dict(getattr(model, "tied", ())))
     if isinstance(model, Graph):
         data = model.data_inputs
         shapes = [tuple(input_shape)] if len(data) == 1 else [tuple(shape) for _, shape in data]
