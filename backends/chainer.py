@@ -55,7 +55,7 @@ with warnings.catch_warnings():
     from chainer.serializers import DictionarySerializer, NpzDeserializer
 
 from unitrain import attention, expr, layers, losses, ops, sequences
-from unitrain.graph import Graph
+from unitrain.graph import Graph, tie_source
 from unitrain.loop import TrainingLoop
 from unitrain.optim import clip_grad_norm_scale, initial_buffer_value, optimizer_update, starts_as_gradient
 from unitrain.randomness import dropout_stream, set_stream_state, stream_state
@@ -75,6 +75,7 @@ from .chainer_layers import (
     _Recurrent,
     _Residual,
     _Sequence,
+    _TransposedTie,
 )
 
 
@@ -331,14 +332,18 @@ class ChainerLoop(TrainingLoop):
                 else:
                     call = functools.partial(chainer_graph.FUNCTIONS[node.target], **node.options)
                 chain._steps.append((node.name, call, node.args))
-            for key, source in spec.tied:
+            for key, given in spec.tied:
+                source, transposed = tie_source(given)
                 (leaf_path, attribute), (source_path, source_attribute) = key.rsplit(".", 1), source.rsplit(".", 1)
                 link = self._natives[f"{name}{leaf_path}"]
                 shared = getattr(self._natives[f"{name}{source_path}"], _LINK_NAMES[source_attribute])
                 # no longer a parameter of this link (Chainer's optimizer updates each parameter it
                 # lists), but the tensor it computes with; Chainer sums the gradients of both uses
                 delattr(link, _LINK_NAMES[attribute])
-                setattr(link, _LINK_NAMES[attribute], shared)
+                if transposed:
+                    link.add_hook(_TransposedTie(_LINK_NAMES[attribute], shared))
+                else:
+                    setattr(link, _LINK_NAMES[attribute], shared)
             return chain
         layer = self._leaf(spec)
         if isinstance(layer, chainer.Link):

@@ -218,6 +218,19 @@ class _Linear(L.Linear):
         return super().forward(x, n_batch_axes=x.ndim - 1)
 
 
+class _TransposedTie(chainer.LinkHook):
+    """A transposed tie (a graph's ``tied``): before each call, the link computes with its source's
+    transpose, a new node of the graph each time, so the source's gradient sums both uses."""
+
+    name = "transposed_tie"
+
+    def __init__(self, attribute: str, source: chainer.Parameter):
+        self.attribute, self.source = attribute, source
+
+    def forward_preprocess(self, args):
+        object.__setattr__(args.link, self.attribute, F.transpose(self.source))
+
+
 class _Embedding(L.EmbedID):
     """``F.embed_id`` on PyTorch's table; the ``padding_idx`` row enters as a constant, so it gets
     no gradient (Chainer's ``ignore_label`` would output zeros there instead of the row)."""

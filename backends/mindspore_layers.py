@@ -11,7 +11,7 @@ from unitrain.backends.mindspore_sequences import _Conv1d, _Embedding, _Recurren
 
 from unitrain import attention, layers, sequences
 from unitrain import ops as graph_ops
-from unitrain.graph import Graph
+from unitrain.graph import Graph, tie_source
 
 from . import mindspore_attention, mindspore_graph
 
@@ -323,9 +323,12 @@ class _Builder:
                     fn, static = mindspore_graph.function(node, len(spec.shapes[node.args[0]]) + 1)
                     nodes.append(mindspore_graph.FunctionNode(fn, indices, static))
             self.dropouts = taken
-            for key, source in spec.tied:  # the source's Parameter in both Cells: its gradient sums both uses
+            for key, given in spec.tied:  # the source's Parameter in both Cells: its gradient sums both uses
+                source, transposed = tie_source(given)
                 cell_path, attribute = _join(path, key).rsplit(".", 1)
                 setattr(self.cells[cell_path], attribute, self.params[_join(path, source)])
+                if transposed:  # nn.Dense multiplies by its weight transposed: by the source, untransposed
+                    self.cells[cell_path].matmul = ops.MatMul()
             return _Graph(nodes, len(spec.inputs) > 1, tuple(where[name] for name in spec.outputs))
         if isinstance(spec, layers.Sequential):
             return _Sequential([self.build(child, _join(path, name)) for name, child in spec.children])

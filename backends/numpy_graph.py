@@ -20,7 +20,7 @@ import copy
 import numpy as np
 
 from unitrain import ops
-from unitrain.graph import Graph, get_submodule
+from unitrain.graph import Graph, get_submodule, tie_source
 from unitrain.layers import Container
 
 
@@ -318,10 +318,13 @@ def tie(spec, leaves: dict) -> set[str]:
     gradient, in the leaves by path; both layers' backward passes add into the one gradient.
     Returns the tied keys."""
     tied = dict(getattr(spec, "tied", ()))
-    for key, source in tied.items():
+    for key, given in tied.items():
+        source, transposed = tie_source(given)
         (path, name), (source_path, source_name) = key.rsplit(".", 1), source.rsplit(".", 1)
         leaf, origin = leaves[path], leaves[source_path]
-        leaf.params[name], leaf.grads[name] = origin.params[source_name], origin.grads[source_name]
+        value, grad = origin.params[source_name], origin.grads[source_name]
+        # a transposed tie: views of the source's arrays, so the update and the gradient sum are theirs
+        leaf.params[name], leaf.grads[name] = (value.T, grad.T) if transposed else (value, grad)
         if hasattr(leaf, "bind_weight"):  # a convolution computes with views of its weight
             leaf.bind_weight()
     return set(tied)

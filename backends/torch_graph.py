@@ -8,6 +8,7 @@ its weights appear once), and ``forward(*inputs)`` evaluates the nodes in order 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unitrain import ops
-from unitrain.graph import Graph
+from unitrain.graph import Graph, tie_source
 
 
 def _binary(function: Callable, reverse_function: Callable | None = None):
@@ -66,9 +67,8 @@ class GraphModule(nn.Module):
         # a tied parameter is its source's Parameter, as ``decoder.weight = encoder.weight`` makes it;
         # the state_dict holds it once, under the source's name (named_parameters' too)
         self.tied = dict(spec.tied)
-        for key, source in self.tied.items():
-            path, name = key.rsplit(".", 1)
-            setattr(self.get_submodule(path), name, self.get_parameter(source))
+        for key, given in self.tied.items():
+            tie(self, key, given)
         self.register_state_dict_post_hook(_drop_tied)
         self.register_load_state_dict_pre_hook(_fill_tied)
         # (name, callable, argument names, kwargs); a plain list, so submodules are registered once
@@ -86,12 +86,30 @@ class GraphModule(nn.Module):
         return outputs if len(outputs) > 1 else outputs[0]
 
 
+def tie(root: nn.Module, key: str, given: str) -> None:
+    """Make the parameter ``key`` of ``root`` its source's Parameter (a graph's ``tied``), or, for a
+    transposed tie, no parameter but the source's transpose, taken at each call of its module
+    (the tensor a tied autoencoder's ``F.linear(h, encoder.weight.t())`` computes with)."""
+    source, transposed = tie_source(given)
+    path, name = key.rsplit(".", 1)
+    module, parameter = root.get_submodule(path), root.get_parameter(source)
+    if not transposed:
+        setattr(module, name, parameter)
+        return
+    delattr(module, name)
+    module.register_forward_pre_hook(functools.partial(_transpose_of, name=name, source=parameter))
+
+
+def _transpose_of(module: nn.Module, args, name: str, source: nn.Parameter) -> None:
+    setattr(module, name, source.t())
+
+
 def _drop_tied(module: GraphModule, state: dict, prefix: str, local_metadata) -> None:
     for key in module.tied:
-        del state[prefix + key]
+        state.pop(prefix + key, None)  # a transposed tie is no parameter
 
 
 def _fill_tied(module: GraphModule, state: dict, prefix: str, *_) -> None:
-    for key, source in module.tied.items():
-        if prefix + source in state:  # a missing source is reported by load_state_dict itself
-            state[prefix + key] = state[prefix + source]
+    for key, given in module.tied.items():
+        if prefix + given in state:  # a missing source is reported by load_state_dict itself; a transposed
+            state[prefix + key] = state[prefix + given]  # tie (given 'encoder.weight.T') is no parameter

@@ -33,6 +33,7 @@ from unitrain import layers, ops, sequences
 from unitrain.graph import Graph, Input
 from unitrain.ops import Tensor
 
+from . import torch_graph, torch_import_ties
 from .torch import _module as torch_module
 from .torch_import_attention import CALLED, boolean_mask, called_spec, positional_encoding, same_as_spec
 
@@ -411,6 +412,7 @@ class _Importer:
         self.specs: dict[str, layers.Layer] = {}  # module path -> its spec (one per torch module)
         self.functional: dict[str, layers.Layer] = {}  # functional layers, named after their nodes
         self.fixed_buffers: set[str] = set()  # state_dict keys of tables a spec computes (PositionalEncoding's pe)
+        self.tied: dict[str, str] = {}  # a functional layer's weight -> the layer weight it is (torch_import_ties)
 
     def functional_layer(self, node, spec, x):
         name = node.name
@@ -442,15 +444,8 @@ class _Importer:
                         raise ValueError("the module returns something other than tensors; return a tensor or a "
                                          "tuple of them")  # fmt: skip
                     return inputs, outputs
-                elif node.op == "get_attr":
-                    outside = (
-                        " (a weight used outside its layer, such as a transposed tie F.linear(x, "
-                        "encoder.weight.t()), is not supported: keep two weights)"
-                    )
-                    layer_weight = "." in node.target and isinstance(self.values[node], nn.Parameter)
-                    raise ValueError(f"reads the module's attribute {node.target!r} directly"
-                                     f"{outside if layer_weight else ''}; unitrain graphs hold weights only in "
-                                     "layers (nn.Linear, nn.Conv2d, ...)")  # fmt: skip
+                elif node.op == "get_attr":  # a Linear's weight, for F.linear (a tied decoder), or refused
+                    env[node] = torch_import_ties.weight_of(node, self.values[node], self.root)
                 elif node.op == "call_module":
                     env[node] = self.call_module(node, args, kwargs)
                 else:
@@ -508,6 +503,8 @@ class _Importer:
         return layers.Sequential(spec, layers.Dropout(dropout)) if dropout else spec
 
     def call(self, node, args, kwargs):
+        if (tied := torch_import_ties.call(node, args, kwargs, self)) is not None:
+            return tied
         name = node.target if node.op == "call_method" else _FUNCTIONS.get(node.target)
         if name == "getitem" and isinstance(args[0], _Recurrent):
             return args[0].output(args[1])
@@ -657,7 +654,7 @@ def _imported(module: nn.Module, examples: tuple) -> tuple[Graph, tuple]:
     inputs, outputs = importer.run(traced)
     modules = {**_namespaces(module, importer.specs), **importer.functional}
     try:
-        graph = Graph(inputs, outputs, modules, tied=_ties(module))
+        graph = Graph(inputs, outputs, modules, tied={**_ties(module), **importer.tied})
     except ValueError as error:
         raise ValueError(f"from_torch: {error}") from None
     return graph, (inputs, outputs, modules, importer.fixed_buffers)
@@ -757,10 +754,9 @@ def to_torch(graph: Graph, state=None) -> fx.GraphModule:
     module._modules.clear()
     module._modules.update(root._modules)
     for key, source in graph.tied:  # as PyTorch's tie_weights: the state_dict lists both names again
-        path, name = key.rsplit(".", 1)
-        setattr(module.get_submodule(path), name, module.get_parameter(source))
+        torch_graph.tie(module, key, source)  # (a transposed tie: no parameter, the source's transpose)
     state = init_weights(graph, 0) if state is None else state
-    state = {**state, **{key: state[source] for key, source in graph.tied}}
+    state = {**state, **{key: state[source] for key, source in graph.tied if source in state}}
     module.load_state_dict({key: torch.from_numpy(np.asarray(value)) for key, value in state.items()})
     return module
 

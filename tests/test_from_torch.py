@@ -381,10 +381,13 @@ class Forward(nn.Module):
          r"^from_torch: node 'div' \(torch.div\): argument rounding_mode='floor' is not supported$"),
         (TiedNorms, (2, 4), r"^from_torch: Graph: tied 'b.weight' belongs to BatchNorm1d\(.*\); ties are between "
          r"Linear, Embedding, Conv2d and ConvTranspose2d parameters$"),
-        (lambda: Forward(lambda self, x: F.linear(self.enc(x), self.enc.weight.t()), enc=nn.Linear(4, 3)), (2, 4),
-         r"^from_torch: node 'enc_weight' \(enc.weight\): reads the module's attribute 'enc.weight' directly \(a "
-         r"weight used outside its layer, such as a transposed tie F.linear\(x, encoder.weight.t\(\)\), is not "
-         r"supported: keep two weights\)"),
+        (lambda: Forward(lambda self, x: self.enc(x) @ self.enc.weight, enc=nn.Linear(4, 3)), (2, 4),
+         r"^from_torch: node 'matmul' \(_operator.matmul\): uses the weight enc.weight outside its layer other than as "
+         r"F.linear's weight \(F.linear\(x, encoder.weight.t\(\)\)\); keep it in its layer$"),
+        (lambda: Forward(lambda self, x: F.linear(self.enc(x), self.enc.weight.t(), self.enc.bias),
+                         enc=nn.Linear(3, 3)), (2, 3),
+         r"^from_torch: node 'enc_bias' \(enc.bias\): reads the module's attribute 'enc.bias' directly; unitrain "
+         r"graphs hold weights only in layers"),
         (Unused, (2, 4), r"^from_torch: spare.weight belongs to a layer that forward never calls"),
         (Scaled, (2, 4), r"^from_torch: node 'scale' \(scale\): reads the module's attribute 'scale' directly"),
     ],

@@ -272,6 +272,26 @@ class TorchUNet(nn.Module):
         return self.conv2(torch.cat([self.up2(u1), d1], 1))
 
 
+def tied_transposed():
+    """A tied autoencoder: the decoder computes with the encoder's weight transposed (named as
+    ``from_torch`` names the functional call it imports it from)."""
+    x = Input((8,))
+    encoder, decoder = L.Linear(8, 3), L.Linear(3, 8, bias=False)
+    return Graph(x, ops.sigmoid(decoder(ops.tanh(encoder(x)))), {"encoder": encoder, "linear": decoder},
+                 tied={"linear.weight": "encoder.weight.T"})  # fmt: skip
+
+
+class TorchTiedTransposed(nn.Module):
+    """As tied autoencoders are written in PyTorch: ``F.linear`` with the encoder's weight transposed."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return torch.sigmoid(F.linear(torch.tanh(self.encoder(x)), self.encoder.weight.t()))
+
+
 def tied_conv_transpose():
     """A convolutional autoencoder whose decoder is its encoder's transpose: ``ConvTranspose2d(4, 2)``
     holds its weight ``(4, 2, 3, 3)`` as ``Conv2d(2, 4)`` does, so the tie is the weight itself."""
@@ -294,6 +314,7 @@ class TorchTiedConvTranspose(nn.Module):
         return self.decoder(torch.tanh(self.encoder(x)))
 
 
+CASES["tied-transposed"] = (tied_transposed, TorchTiedTransposed, [(8,)], "input", MSELoss(), F.mse_loss)
 if UNET_LAYERS:  # ConvTranspose2d and Upsample come from another branch; the case joins CASES once they exist
     CASES["unet"] = (unet, TorchUNet, [(1, 8, 8)], "pixels", MSELoss(), F.mse_loss)
     CASES["tied-conv-transpose"] = (tied_conv_transpose, TorchTiedConvTranspose, [(2, 6, 6)], "input", MSELoss(),
@@ -483,6 +504,21 @@ def test_tied_weights_round_trip_and_are_listed_once():
     assert list(init_weights(model, 0)) == list(model.state_shapes())
 
 
+def test_a_transposed_tie_round_trips_imports_and_goes_to_torch():
+    model = tied_transposed()
+    again = from_dict(json.loads(json.dumps(model.to_dict())))
+    assert again == model and again.tied == (("linear.weight", "encoder.weight.T"),)
+    assert list(model.state_shapes()) == ["encoder.weight", "encoder.bias"]  # the weight once, as PyTorch's
+    twin = TorchTiedTransposed()
+    imported = unitrain.from_torch(twin, torch.rand(2, 8))
+    assert str(imported).replace("%x", "%input") == str(model) and imported.tied == model.tied
+    assert list(imported.initial_state) == list(twin.state_dict())
+    module = unitrain.to_torch(imported)
+    assert list(module.state_dict()) == list(twin.state_dict())  # the decoder computes with encoder.weight.t()
+    x = torch.rand(4, 8)
+    torch.testing.assert_close(module(x), twin(x), rtol=0, atol=0)
+
+
 def test_from_torch_maps_a_convolution_tied_to_a_transposed_one():
     module = TorchTiedConvTranspose()
     graph = unitrain.from_torch(module, torch.rand(2, 2, 6, 6))
@@ -514,7 +550,14 @@ def tie(tied, kind=L.Linear, shape=(4,)):
         (lambda: Graph((x := Input((6,))), (decoder := L.Linear(3, 6))((encoder := L.Linear(6, 3))(x)),
                        {"encoder": encoder, "decoder": decoder}, tied={"decoder.weight": "encoder.weight"}),
          r"^Graph: tied 'decoder.weight' has shape \(6, 3\), 'encoder.weight' has \(3, 6\); tied weights have one "
-         r"shape \(a transposed tie is not supported: keep two weights\)$"),
+         r"shape \(a transposed tie: tie it to 'encoder.weight.T'\)$"),
+        (lambda: tie({"second.bias": "first.bias.T"}),
+         r"^Graph: 'second.bias' is tied to the transpose of 'first.bias'; a transposed tie is between two Linear "
+         r"weights$"),
+        (lambda: Graph((x := Input((6,))), (decoder := L.Linear(3, 3))((encoder := L.Linear(6, 3))(x)),
+                       {"encoder": encoder, "decoder": decoder}, tied={"decoder.weight": "encoder.weight.T"}),
+         r"^Graph: tied 'decoder.weight' has shape \(3, 3\), 'encoder.weight.T' has \(6, 3\); tied weights have one "
+         r"shape$"),
         (lambda: tie({"second.weight": "second.weight"}),
          r"^Graph: 'second.weight' is tied to 'second.weight', which is not a tensor of its own$"),
         (lambda: Graph((x := Input((4,))), (b := L.BatchNorm1d(4))((a := L.BatchNorm1d(4))(x)), {"a": a, "b": b},
@@ -651,7 +694,7 @@ def many_ops():
     return Graph(x, head(ops.cat([v, ops.relu(v)], dim=1)), {"fc": fc, "head": head})
 
 
-@pytest.mark.parametrize("make", [many_ops, inception, tied, tied_conv_transpose])
+@pytest.mark.parametrize("make", [many_ops, inception, tied, tied_conv_transpose, tied_transposed])
 def test_onnx_export_of_a_graph_runs_as_unitrain(make, tmp_path):
     onnxruntime = pytest.importorskip("onnxruntime")
     from unitrain.convert import convert

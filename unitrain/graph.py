@@ -374,6 +374,16 @@ def _check_lifted_noise(graph: Graph) -> None:
 TIEABLE = (layers.Linear, sequences.Embedding, layers.Conv2d, layers.ConvTranspose2d)
 
 
+#: a tie's source ending in it names its transpose: a tied autoencoder's decoder ``Linear(h, d)``
+#: computing with ``encoder.weight.t()`` of its encoder ``Linear(d, h)`` is ``{"decoder.weight": "encoder.weight.T"}``
+TRANSPOSED = ".T"
+
+
+def tie_source(source: str) -> tuple[str, bool]:
+    """A tie's source parameter key, and whether the tied parameter is its transpose (:data:`TRANSPOSED`)."""
+    return (source[: -len(TRANSPOSED)], True) if source.endswith(TRANSPOSED) else (source, False)
+
+
 def _check_ties(graph: Graph, tied: dict[str, str]) -> tuple[tuple[str, str], ...]:
     """``tied`` as ``(key, source)`` pairs in ``state_dict`` order, or ``ValueError`` naming the key."""
     leaves = dict(graph.named_layers())
@@ -383,7 +393,8 @@ def _check_ties(graph: Graph, tied: dict[str, str]) -> tuple[tuple[str, str], ..
     for path, child in graph.children:
         if isinstance(child, Graph) and child.tied:
             raise ValueError(f"Graph: module {path!r} is a graph with tied weights; tie them in the outermost graph")
-    for key, source in tied.items():
+    for key, given in tied.items():
+        source, transposed = tie_source(given) if isinstance(given, str) else (given, False)
         for name in (key, source):
             if name not in params:
                 raise ValueError(f"Graph: tied {name!r} is not a parameter of the graph; expected one of {order}")
@@ -392,11 +403,16 @@ def _check_ties(graph: Graph, tied: dict[str, str]) -> tuple[tuple[str, str], ..
                                  "Linear, Embedding, Conv2d and ConvTranspose2d parameters")  # fmt: skip
         if source in tied or key == source:
             raise ValueError(f"Graph: {key!r} is tied to {source!r}, which is not a tensor of its own")
-        if params[key][1] != params[source][1]:
-            transposed = " (a transposed tie is not supported: keep two weights)"
-            raise ValueError(f"Graph: tied {key!r} has shape {params[key][1]}, {source!r} has {params[source][1]}; "
-                             "tied weights have one shape"
-                             f"{transposed if params[key][1] == params[source][1][::-1] else ''}")  # fmt: skip
+        if transposed and not all(isinstance(params[name][0], layers.Linear) and name.endswith(".weight")
+                                  for name in (key, source)):  # fmt: skip
+            raise ValueError(f"Graph: {key!r} is tied to the transpose of {source!r}; a transposed tie is "
+                             "between two Linear weights")  # fmt: skip
+        shape, wanted = params[key][1], params[source][1][::-1] if transposed else params[source][1]
+        if shape != wanted:
+            reversed_ = not transposed and shape == wanted[::-1]
+            hint = f" (a transposed tie: tie it to {source + TRANSPOSED!r})" if reversed_ else ""
+            raise ValueError(f"Graph: tied {key!r} has shape {shape}, {given!r} has {wanted}; tied weights have "
+                             f"one shape{hint}")  # fmt: skip
         if order.index(source) > order.index(key):
             raise ValueError(f"Graph: tied {key!r} comes before its source {source!r} in the state_dict; register "
                              "the source's module first (PyTorch names a shared tensor by its first path)")  # fmt: skip

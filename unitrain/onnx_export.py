@@ -17,7 +17,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from . import layers, ops
-from .graph import Graph, get_submodule
+from .graph import Graph, get_submodule, tie_source
 from .weights import State, WeightsError
 
 OPSET = 20  # the first with Gelu
@@ -30,8 +30,11 @@ class _Graph:
 
     def tensor(self, name: str, value: np.ndarray | None = None, dtype=np.float32) -> str:
         """Add unitrain's tensor ``name`` (or ``value`` under that name) as an initializer, once
-        (a module a graph calls twice reads the same weights; a tied key reads its source's)."""
-        name = self.tied.get(name, name)
+        (a module a graph calls twice reads the same weights; a tied key reads its source's, or its
+        transpose: a ``Transpose`` node)."""
+        if name in self.tied:
+            source, transposed = tie_source(self.tied[name])
+            return self.op("Transpose", [self.tensor(source)], name) if transposed else self.tensor(source)
         if name not in self._named:
             array = self.state[name] if value is None else value
             self.initializers.append(numpy_helper.from_array(np.asarray(array, dtype), name))
