@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from unitrain import layers, ops
-from unitrain.graph import Graph, get_submodule
+from unitrain.graph import Graph, get_submodule, tie_source
 
 from .reference import F64, Reference, activation, softmax_backward
 
@@ -146,8 +146,9 @@ class GraphReference:
     def __init__(self, graph: Graph, state: dict[str, np.ndarray]):
         self.graph = graph
         self.state = Reference(layers.Sequential(), state).state  # float64 copies, BatchNorm counters int64
-        for key, source in graph.tied:  # a tied parameter computes with its source's values
-            self.state[key] = self.state[source]
+        for key, given in graph.tied:  # a tied parameter computes with its source's values (or their transpose)
+            source, transposed = tie_source(given)
+            self.state[key] = self.state[source].T if transposed else self.state[source]
 
     def forward(self, x, training: bool = False):
         """Outputs for ``x`` (an array, or one per input); a tuple for several outputs."""
@@ -185,7 +186,8 @@ class GraphReference:
                 parts = op_backward(node.target, [self.values[arg] for arg in node.args], node.options, upstream)
             for arg, part in zip(node.args, parts, strict=True):
                 grads[arg] = grads[arg] + part if arg in grads else part
-        for key, source in self.graph.tied:  # one tensor: the sum of both layers' gradients
+        for key, given in self.graph.tied:  # one tensor: the sum of both layers' gradients
+            source, transposed = tie_source(given)
             if key in params:
-                params[source] = params.get(source, 0) + params.pop(key)
+                params[source] = params.get(source, 0) + (params.pop(key).T if transposed else params.pop(key))
         return {key: params.get(key, np.zeros(shape)) for key, shape in self.graph.param_shapes().items()}
