@@ -20,7 +20,7 @@ from unitrain.conformance.tolerances import tolerance
 import unitrain
 from unitrain import expr, ops
 from unitrain import layers as L
-from unitrain.checkpoint import Checkpointer, load_checkpoint
+from unitrain.checkpoint import Checkpointer, CheckpointError, load_checkpoint
 from unitrain.data import ArrayDataset
 from unitrain.graph import Graph, Input, Node
 from unitrain.graph_noise import NOISE_KEY, GraphNoise
@@ -367,3 +367,15 @@ def test_a_noisy_sub_graph_trains_as_pytorch_with_the_same_noise(nested_case, ba
     loop.load_state_dict(initial)
     losses = [loop.to_float(loop.step((x, x))) for x in images]
     assert_run_within_drift(loop, losses, runs, dtype, NESTED_BATCH * 12)  # the longest sum: the loss's
+
+
+def test_another_backends_bad_noise_state_is_refused_in_one_line(resume_case):
+    checkpoint = resume_case("torch")[1]
+    broken = dataclasses.replace(checkpoint, random_state={**checkpoint.random_state,
+                                                           NOISE_KEY: np.frombuffer(b"{}", np.uint8)})  # fmt: skip
+    loop = unitrain.make_loop("numpy", noisy_regressor(), MSELoss(), SGD(lr=0.1, momentum=0.9), seed=SEED)
+    before = loop.state_dict()
+    with pytest.raises(CheckpointError, match=r"random.safetensors is not a graph noise state: not a PCG64") as error:
+        broken.restore(loop)
+    assert "\n" not in str(error.value)
+    assert all(np.array_equal(value, before[key]) for key, value in loop.state_dict().items())  # nothing loaded
