@@ -237,6 +237,39 @@ def test_numpy_gradients_of_initial_states_match_torch_autograd():
         np.testing.assert_allclose(layer.grads[name], param.grad.numpy(), rtol=0, atol=tolerance(np.float64, 100))
 
 
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_numpy_lstm_buffers_reused_across_steps_change_no_result(bidirectional):
+    """The NumPy LSTM keeps what its backward reads in buffers reused from one training step to the
+    next: an evaluation between a training forward and its backward, the next training steps (the
+    last with longer sequences, which replaces the buffers) and the outputs already handed on are
+    left exactly as by a layer whose every step is its first."""
+    from unitrain.backends.numpy import NumpyLoop
+
+    spec = ut.LSTM(3, 4, num_layers=2, bidirectional=bidirectional, batch_first=True)
+    rng = np.random.default_rng(3)
+    batches = [(rng.standard_normal((2, steps, 3)), rng.standard_normal((2, steps, 4 * spec.directions)))
+               for steps in (5, 5, 7)]  # fmt: skip
+    layer = NumpyLoop(ut.Sequential(spec), dtype="float64", seed=0)._root.nodes[0]
+
+    def first_step(x, grad):
+        fresh = NumpyLoop(ut.Sequential(spec), dtype="float64", seed=0)._root.nodes[0]
+        return fresh.forward(x, True, True), fresh.backward(grad, True), fresh.grads
+
+    kept = layer.forward(batches[0][0], True, True)
+    kept_copy = kept.copy()
+    layer.forward(batches[1][0], False, False)  # an evaluation before the backward
+    for k, (x, grad) in enumerate(batches):
+        for name in layer.grads:
+            layer.grads[name].fill(0)
+        output = kept if k == 0 else layer.forward(x, True, True)
+        wanted_output, wanted_grad, wanted_grads = first_step(x, grad)
+        np.testing.assert_array_equal(output, wanted_output)
+        np.testing.assert_array_equal(layer.backward(grad, True), wanted_grad)
+        for name, value in layer.grads.items():
+            np.testing.assert_array_equal(value, wanted_grads[name])
+    np.testing.assert_array_equal(kept, kept_copy)
+
+
 @pytest.mark.parametrize(
     "backend",
     [pytest.param(name, marks=[pytest.mark.slow] if name == "mindspore" else []) for name in installed_backends()],
