@@ -106,32 +106,25 @@ class _Direction:
         self.b_ih, self.b_hh = params.get(f"bias_ih{suffix}"), params.get(f"bias_hh{suffix}")
         self.grads, self.suffix = grads, suffix
 
-    def _add_weight_gradients(self, grad_in, grad_hidden, previous, inputs, blocks=None):
+    def _add_weight_gradients(self, grad_in, grad_hidden, previous):
         """Adds every step's weight and bias gradients at once, from the gates' gradients over all
-        steps (``grad_hidden``: those the recurrent weights see, None: the same), each step's
-        previous hidden state and its input (rows over the steps' samples, all three), skipping
-        frozen parameters (looked up here: freezing comes after the layer is built). ``blocks``:
-        where each of PyTorch's gates is among the gradients' gate blocks, if not in its order."""
+        steps (``grad_hidden``: those the recurrent weights see, None: the same) and each step's
+        previous hidden state, skipping frozen parameters (looked up here: freezing comes after the
+        layer is built)."""
         grad_in = grad_in.reshape(-1, grad_in.shape[-1])
         grad_hidden = grad_in if grad_hidden is None else grad_hidden.reshape(grad_in.shape)
         weight_ih, weight_hh, bias_ih, bias_hh = (
             self.grads.get(f"{name}{self.suffix}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
         )
-
-        def add(gradient, value):
-            if blocks is not None:
-                value = value.reshape(len(blocks), -1, *value.shape[1:])[blocks].reshape(value.shape)
-            gradient += value
-
         if weight_ih is not None:
-            add(weight_ih, grad_in.T @ inputs.reshape(-1, inputs.shape[-1]))
+            weight_ih += grad_in.T @ self.x.reshape(-1, self.x.shape[-1])
         if weight_hh is not None:
-            add(weight_hh, grad_hidden.T @ previous.reshape(-1, previous.shape[-1]))
+            weight_hh += grad_hidden.T @ previous.reshape(-1, previous.shape[-1])
         sum_in = grad_in.sum(0)
         if bias_ih is not None:
-            add(bias_ih, sum_in)
+            bias_ih += sum_in
         if bias_hh is not None:
-            add(bias_hh, sum_in if grad_hidden is grad_in else grad_hidden.sum(0))
+            bias_hh += sum_in if grad_hidden is grad_in else grad_hidden.sum(0)
 
     def forward(self, x, h, c, record, mask=None):
         """``x`` (T, N, I), states (N, H); returns every step's h (T, N, H), the last h and c. With
@@ -203,15 +196,14 @@ class _Direction:
             if self.mask is not None:
                 grad_h = grad_h + through_h
             previous[t] = h_prev
-        gates_hidden = gates_hidden if self.kind == "gru" else None
-        self._add_weight_gradients(gates_in, gates_hidden, previous, self.x)
+        self._add_weight_gradients(gates_in, gates_hidden if self.kind == "gru" else None, previous)
         return gates_in @ self.w_ih, grad_h, grad_c
 
 
 #: the order in which an LSTM step computes its gates, as indices into PyTorch's stacking (i, f, g, o):
 #: the cell candidate g (tanh) first, then the three sigmoid gates i, f, o as one contiguous block
 _STEP_ORDER = [2, 0, 1, 3]
-#: where PyTorch's gates are in the step order
+#: where each of PyTorch's gates is in the step order
 _TORCH_ORDER = list(np.argsort(_STEP_ORDER))
 
 
@@ -233,39 +225,38 @@ class _LSTMDirection(_Direction):
         return array.reshape(4, self.w_hh.shape[1], *array.shape[1:])[_STEP_ORDER]
 
     def _step_weights(self):
-        """``W_ih`` ``(4H, I)``, ``W_hh`` ``(4H, H)`` and both biases summed ``(4H, 1)`` (None without),
-        in step order with the sigmoid gates' rows negated."""
-        w_ih, w_hh = self._step_blocks(self.w_ih), self._step_blocks(self.w_hh)
-        biases = [b for b in (self.b_ih, self.b_hh) if b is not None]
-        bias = None if not biases else self._step_blocks(sum(biases[1:], biases[0])[:, None])
-        for blocks in (w_ih, w_hh, bias):
-            if blocks is not None:
-                np.negative(blocks[1:], out=blocks[1:])
-        bias = None if bias is None else bias.reshape(-1, 1)
-        return w_ih.reshape(-1, w_ih.shape[-1]), w_hh.reshape(-1, w_hh.shape[-1]), bias
+        """``[W_hh | W_ih | b_ih + b_hh]`` ``(4H, H + I (+ 1))``, each step's one product with its
+        ``[h; x; 1]``: gate blocks in step order, the sigmoid gates' rows negated."""
+        biases = [b[:, None] for b in (self.b_ih, self.b_hh) if b is not None]
+        parts = [self.w_hh, self.w_ih] + ([sum(biases[1:], biases[0])] if biases else [])
+        weights = self._step_blocks(np.concatenate(parts, axis=1))
+        np.negative(weights[1:], out=weights[1:])
+        return weights.reshape(-1, weights.shape[-1])
 
     def forward(self, x, h, c, record, mask=None):
-        hidden, (steps, n) = self.w_hh.shape[1], x.shape[:2]
-        w_ih, w_hh, bias = self._step_weights()
+        hidden, (steps, n, inputs) = self.w_hh.shape[1], x.shape
+        weights = self._step_weights()
+        # each step's product reads [h_t; x_t; 1]: the states entering each step (and the last, the
+        # output), every step's input and the bias's row of ones, one (H + I + 1, N) block per step
+        states = np.empty((steps + 1, weights.shape[1], n), h.dtype)
+        states[0, :hidden] = h.T
+        states[:-1, hidden : hidden + inputs] = x.transpose(0, 2, 1)
+        states[:-1, hidden + inputs :] = 1
+        hs = states[:, :hidden]
         # what backward reads lives in buffers reused across training steps (fresh ones cost page faults)
         kept_for_backward = _scratch if record else lambda _owner, _name, shape, dtype: np.empty(shape, dtype)
-        gates = kept_for_backward(self, "_gates", (steps, 4 * hidden, n), h.dtype)
-        np.matmul(w_ih, x.transpose(0, 2, 1), out=gates)  # every step's input projection, then its gates
-        if bias is not None:
-            gates += bias
-        hs = np.empty((steps + 1, hidden, n), h.dtype)  # the states entering each step, and the last
+        gates = kept_for_backward(self, "_gates", (steps, 4 * hidden, n), h.dtype)  # (g, i, f, o) per step
         cs = kept_for_backward(self, "_cs", hs.shape, h.dtype)
-        hs[0], cs[0] = h.T, c.T
+        cs[0] = c.T
         tanh_cs = kept_for_backward(self, "_tanh_cs", (steps, hidden, n), h.dtype)
         kept = None if mask is None else mask.transpose(0, 2, 1)  # (T, 1, N)
         outputs = hs[1:] if mask is None else np.empty_like(tanh_cs)
         # mask: past a sequence's end its output is zero and its states stay (computed in c_new, h_new)
         c_new, h_new = (cs[1:], hs[1:]) if mask is None else np.empty((2, steps, hidden, n), h.dtype)
-        recurrent, scratch = np.empty((4 * hidden, n), h.dtype), np.empty((hidden, n), h.dtype)
+        scratch = np.empty((hidden, n), h.dtype)
         with np.errstate(over="ignore"):
             for t in range(steps):
-                step = gates[t]
-                step += np.dot(w_hh, hs[t], out=recurrent)  # np.dot: less call overhead than matmul
+                step = np.dot(weights, states[t], out=gates[t])  # np.dot: less call overhead than matmul
                 g, sigmoids = step[:hidden], step[hidden:]
                 np.tanh(g, out=g)
                 np.exp(sigmoids, out=sigmoids)  # of the negated pre-activations: 1 / (1 + exp(-x))
@@ -281,7 +272,7 @@ class _LSTMDirection(_Direction):
                     hs[t + 1] = outputs[t] + (1 - kept[t]) * hs[t]
                     cs[t + 1] = kept[t] * c_new[t] + (1 - kept[t]) * cs[t]
         if record:
-            self.x, self.gates, self.hs, self.cs, self.tanh_cs, self.kept = x, gates, hs, cs, tanh_cs, kept
+            self.states, self.gates, self.cs, self.tanh_cs, self.kept = states, gates, cs, tanh_cs, kept
         return outputs.transpose(0, 2, 1), hs[-1].T, cs[-1].T
 
     def backward(self, grad_out, grad_h, grad_c):
@@ -331,10 +322,16 @@ class _LSTMDirection(_Direction):
                 grad_h += through_h
                 grad_c += through_c
         rows = rows.reshape(4 * hidden, -1)
-        states = _scratch(self, "_states", (hidden, steps, n), dtype)
-        np.copyto(states, self.hs[:-1].transpose(1, 0, 2))
-        states = states.reshape(hidden, -1)
-        self._add_weight_gradients(rows.T, None, states.T, self.x, _TORCH_ORDER)
+        # every weight's and the bias's gradient in one product: the gates' gradients by [h; x; 1]
+        inputs = _scratch(self, "_inputs", (self.states.shape[1], steps, n), dtype)
+        np.copyto(inputs, self.states[:-1].transpose(1, 0, 2))
+        products = (rows @ inputs.reshape(len(inputs), -1).T).reshape(4, hidden, -1)[_TORCH_ORDER]
+        products = products.reshape(4 * hidden, -1)
+        parts = {"weight_hh": products[:, :hidden], "weight_ih": products[:, hidden : hidden + self.w_ih.shape[1]],
+                 "bias_ih": products[:, -1], "bias_hh": products[:, -1]}  # fmt: skip
+        for name, part in parts.items():
+            if (gradient := self.grads.get(f"{name}{self.suffix}")) is not None:  # frozen: none
+                gradient += part
         w_ih = self._step_blocks(self.w_ih).reshape(4 * hidden, -1)
         return (rows.T @ w_ih).reshape(steps, n, -1), grad_h.T, grad_c.T
 
