@@ -105,6 +105,12 @@ class _Direction:
         self.w_ih, self.w_hh = params[f"weight_ih{suffix}"], params[f"weight_hh{suffix}"]
         self.b_ih, self.b_hh = params.get(f"bias_ih{suffix}"), params.get(f"bias_hh{suffix}")
         self.grads, self.suffix = grads, suffix
+        self.made_from = spec, params, grads, suffix
+
+    def replica(self):
+        """A direction on the same weights and gradients that records its own forward (and keeps
+        its own buffers)."""
+        return type(self)(*self.made_from)
 
     def _add_weight_gradients(self, grad_in, grad_hidden, previous):
         """Adds every step's weight and bias gradients at once, from the gates' gradients over all
@@ -350,6 +356,14 @@ class _Recurrent(_Freezable):
             [direction(spec, self.params, self.grads, f"_l{k}{suffix}") for suffix in suffixes]
             for k in range(spec.num_layers)
         ]
+
+    def __copy__(self):
+        """A graph runs a layer's second call on a shallow copy: the same weights and gradients, but
+        directions of its own, which record that call's forward for its backward."""
+        copied = type(self).__new__(type(self))
+        copied.__dict__.update(self.__dict__)
+        copied.layers = [[direction.replica() for direction in directions] for directions in self.layers]
+        return copied
 
     def forward(self, x, training, record):
         x, lengths = x if isinstance(x, tuple) else (x, None)  # a graph's lstm(x, lengths)

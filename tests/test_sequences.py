@@ -237,6 +237,27 @@ def test_numpy_gradients_of_initial_states_match_torch_autograd():
         np.testing.assert_allclose(layer.grads[name], param.grad.numpy(), rtol=0, atol=tolerance(np.float64, 100))
 
 
+@pytest.mark.parametrize("kind", [ut.LSTM, ut.GRU])
+def test_numpy_recurrent_layer_called_twice_in_a_graph_has_torch_s_gradients(kind):
+    """A graph that calls one recurrent module on two inputs: NumPy's second call records its own
+    forward (the copy the graph makes for it once shared its first call's directions, and the first
+    call's backward read the second's states: 0.07 off in float64)."""
+    from unitrain.graph import Graph, Input
+
+    first, second = Input((5, 3), name="first"), Input((5, 3), name="second")
+    layer = kind(3, 4, batch_first=True, bidirectional=True)
+    graph = Graph([first, second], layer(first) + layer(second), modules={"rnn": layer})
+    rng = np.random.default_rng(4)
+    x, y = tuple(rng.standard_normal((2, 2, 5, 3))), rng.standard_normal((2, 5, 8))
+    loops = [ut.make_loop(backend, graph, ut.MSELoss(), ut.SGD(lr=0.1), seed=0, dtype="float64")
+             for backend in ("numpy", "torch")]  # fmt: skip
+    loops[1].load_state_dict(loops[0].state_dict())
+    for loop in loops:
+        loop.step((x, y))
+    for name, wanted in loops[1].gradients().items():
+        np.testing.assert_allclose(loops[0].gradients()[name], wanted, rtol=0, atol=tolerance(np.float64, 100))
+
+
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_numpy_lstm_buffers_reused_across_steps_change_no_result(bidirectional):
     """The NumPy LSTM keeps what its backward reads in buffers reused from one training step to the
