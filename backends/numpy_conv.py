@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
-from unitrain.backends.numpy_sequences import _Freezable, _Layer
+from unitrain.backends.numpy_sequences import _Freezable, _Layer, _scratch
 
 
 def _window_slices(array, kernel, stride, out_size, dilation=(1, 1)):
@@ -33,16 +33,6 @@ def _pooled_size(padded_shape, spec):
 def _unpad(x, padding):
     (ph, pw), (h, w) = padding, x.shape[2:]
     return x[:, :, ph : h - ph, pw : w - pw] if ph or pw else x
-
-
-def _scratch(owner, name, shape, dtype):
-    """``owner``'s array ``name`` of that shape and dtype, reused across steps: allocated (zeroed)
-    at the first call, so the shallow copies a graph makes of a layer called twice get their own."""
-    array = getattr(owner, name, None)
-    if array is None or array.shape != shape or array.dtype != dtype:
-        array = np.zeros(shape, dtype)
-        setattr(owner, name, array)
-    return array
 
 
 def _is_batch_last(array):

@@ -364,7 +364,8 @@ class TorchLoop(TrainingLoop):
         # read-only arrays, so those (rare) are copied first.
         if not (array.flags.writeable and array.flags.c_contiguous):
             array = np.array(array)
-        return torch.from_numpy(array).to(self._device)
+        tensor = torch.from_numpy(array)
+        return tensor if self._device.type == "cpu" else tensor.to(self._device)
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         """The model's forward; in training, random draws (dropout) come from the loop's stream."""
@@ -416,6 +417,8 @@ class TorchLoop(TrainingLoop):
         self.optimizer.step()
 
     def _clip_gradients(self) -> None:
+        if self.clip_grad_norm is None and self.clip_grad_value is None:
+            return
         params = [param for name, param in self._params.items() if name not in self.frozen]
         if self.clip_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm, foreach=False)

@@ -237,6 +237,60 @@ def test_numpy_gradients_of_initial_states_match_torch_autograd():
         np.testing.assert_allclose(layer.grads[name], param.grad.numpy(), rtol=0, atol=tolerance(np.float64, 100))
 
 
+@pytest.mark.parametrize("kind", [ut.LSTM, ut.GRU])
+def test_numpy_recurrent_layer_called_twice_in_a_graph_has_torch_s_gradients(kind):
+    """A graph that calls one recurrent module on two inputs: NumPy's second call records its own
+    forward (the copy the graph makes for it once shared its first call's directions, and the first
+    call's backward read the second's states: 0.07 off in float64)."""
+    from unitrain.graph import Graph, Input
+
+    first, second = Input((5, 3), name="first"), Input((5, 3), name="second")
+    layer = kind(3, 4, batch_first=True, bidirectional=True)
+    graph = Graph([first, second], layer(first) + layer(second), modules={"rnn": layer})
+    rng = np.random.default_rng(4)
+    x, y = tuple(rng.standard_normal((2, 2, 5, 3))), rng.standard_normal((2, 5, 8))
+    loops = [ut.make_loop(backend, graph, ut.MSELoss(), ut.SGD(lr=0.1), seed=0, dtype="float64")
+             for backend in ("numpy", "torch")]  # fmt: skip
+    loops[1].load_state_dict(loops[0].state_dict())
+    for loop in loops:
+        loop.step((x, y))
+    for name, wanted in loops[1].gradients().items():
+        np.testing.assert_allclose(loops[0].gradients()[name], wanted, rtol=0, atol=tolerance(np.float64, 100))
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_numpy_lstm_buffers_reused_across_steps_change_no_result(bidirectional):
+    """The NumPy LSTM keeps what its backward reads in buffers reused from one training step to the
+    next: an evaluation between a training forward and its backward, the next training steps (the
+    last with longer sequences, which replaces the buffers) and the outputs already handed on are
+    left exactly as by a layer whose every step is its first."""
+    from unitrain.backends.numpy import NumpyLoop
+
+    spec = ut.LSTM(3, 4, num_layers=2, bidirectional=bidirectional, batch_first=True)
+    rng = np.random.default_rng(3)
+    batches = [(rng.standard_normal((2, steps, 3)), rng.standard_normal((2, steps, 4 * spec.directions)))
+               for steps in (5, 5, 7)]  # fmt: skip
+    layer = NumpyLoop(ut.Sequential(spec), dtype="float64", seed=0)._root.nodes[0]
+
+    def first_step(x, grad):
+        fresh = NumpyLoop(ut.Sequential(spec), dtype="float64", seed=0)._root.nodes[0]
+        return fresh.forward(x, True, True), fresh.backward(grad, True), fresh.grads
+
+    kept = layer.forward(batches[0][0], True, True)
+    kept_copy = kept.copy()
+    layer.forward(batches[1][0], False, False)  # an evaluation before the backward
+    for k, (x, grad) in enumerate(batches):
+        for name in layer.grads:
+            layer.grads[name].fill(0)
+        output = kept if k == 0 else layer.forward(x, True, True)
+        wanted_output, wanted_grad, wanted_grads = first_step(x, grad)
+        np.testing.assert_array_equal(output, wanted_output)
+        np.testing.assert_array_equal(layer.backward(grad, True), wanted_grad)
+        for name, value in layer.grads.items():
+            np.testing.assert_array_equal(value, wanted_grads[name])
+    np.testing.assert_array_equal(kept, kept_copy)
+
+
 @pytest.mark.parametrize(
     "backend",
     [pytest.param(name, marks=[pytest.mark.slow] if name == "mindspore" else []) for name in installed_backends()],

@@ -24,15 +24,18 @@ def check(spec, y: np.ndarray, output: tuple[int, ...] | None, error: type[Excep
                 f"{y.shape}, the model gives per-sample shape {output}"
             )
         classes = output[0]
-        kept = y[y != spec.ignore_index]
-        if kept.size:
-            low, high = int(kept.min()), int(kept.max())
+        low, high = (int(y.min()), int(y.max())) if y.size else (0, 0)
+        if low < 0 or high >= classes:  # out of range, unless ignore_index: look again without those
+            kept = y[y != spec.ignore_index]
+            low, high = (int(kept.min()), int(kept.max())) if kept.size else (0, 0)
             if low < 0 or high >= classes:
                 bad = low if low < 0 else high
                 raise error(
                     f"label {bad} is out of range: the model has {classes} classes (0..{classes - 1}, "
                     f"or ignore_index={spec.ignore_index})"
                 )
+        elif low != high or low != spec.ignore_index:  # some target is not ignore_index
+            return y.astype(np.int64, copy=False)
     if spec.reduction == "mean" and y.size and not np.any(y != spec.ignore_index):
         raise error(f"every target of the batch is ignore_index={spec.ignore_index}: {loss_name}'s mean over "
                     "no targets is undefined (PyTorch's is NaN)")  # fmt: skip
