@@ -298,6 +298,83 @@ def test_time_first_attention_drops_what_numpy_drops(backend):
     assert np.abs(evaluated - expected).max() > 100 * bound  # dropout acted
 
 
+KDIM, VDIM = 6, 4
+
+
+class WideMemoryCrossAttention(nn.Module):
+    """Cross-attention to another input of another width: keys of ``kdim`` features (the memory through a
+    Linear) and values of ``vdim`` (another Linear of it), PyTorch's separate ``q/k/v_proj_weight``."""
+
+    def __init__(self):
+        super().__init__()
+        self.keys, self.values = nn.Linear(KDIM, KDIM), nn.Linear(KDIM, VDIM)
+        self.attn = nn.MultiheadAttention(E, HEADS, kdim=KDIM, vdim=VDIM, batch_first=True)
+        self.head = nn.Linear(E, CLASSES)
+
+    def forward(self, query, memory):
+        h = self.attn(query, self.keys(memory), self.values(memory), need_weights=False)[0]
+        return self.head(h.mean(1))
+
+
+def _wide_memory_batches(steps=STEPS):
+    rng = np.random.default_rng(SEED)
+    return [((rng.standard_normal((BATCH, 3, E)).astype(np.float32), rng.standard_normal((BATCH, S, KDIM))
+              .astype(np.float32)), rng.integers(0, CLASSES, BATCH)) for _ in range(steps)]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def wide_memory_case():
+    """The graph imported from ``WideMemoryCrossAttention`` (torch.fx), its initial weights drawn by unitrain,
+    and torch.nn's runs of the module from them."""
+    batches = _wide_memory_batches()
+    spec = ut.from_torch(WideMemoryCrossAttention(), tuple(map(torch.from_numpy, batches[0][0])))
+    initial = ut.init_weights(spec, SEED)
+    runs = torch_runs(lambda dtype: load_state(WideMemoryCrossAttention().to(dtype), initial), SGD_OF, batches)
+    return spec, batches, runs
+
+
+@pytest.mark.parametrize("backend", installed_backends())
+def test_cross_attention_with_other_key_and_value_widths_trains_like_torch_nn(wide_memory_case, backend):
+    """``kdim``/``vdim`` (queries of 8 features, keys of 6, values of 4): from_torch maps the module, and 20
+    SGD-momentum steps from the same weights land within PyTorch's own float32 drift of its float64 run
+    (float64: within the conformance formula) on every backend (MindSpore: one float32 run, one compile)."""
+    spec, batches, runs = wide_memory_case
+    attn = spec.modules["attn"]
+    assert attn == ut.MultiheadAttention(E, HEADS, batch_first=True, kdim=KDIM, vdim=VDIM)
+    assert list(spec.state_shapes()) == list(WideMemoryCrossAttention().state_dict())
+    for dtype in DTYPES[backend]:
+        loop = _loop(backend, spec, dtype)
+        losses = [loop.to_float(loop.step((tuple(part.astype(dtype) for part in x), y))) for x, y in batches]
+        assert_run_within_drift(loop, losses, runs, dtype, SIZE)
+
+
+def test_other_key_and_value_widths_init_refusals_and_to_torch():
+    """PyTorch's Xavier bound per projection (fan_in its input's width), ``kdim = embed_dim`` the default's
+    spec, inputs of the wrong width refused naming the width, and ``to_torch`` computing what the module
+    computes from the same weights."""
+    attn = ut.MultiheadAttention(64, 4, kdim=32, vdim=64)
+    assert attn.param_shapes() == {key: tuple(value.shape) for key, value in
+                                   nn.MultiheadAttention(64, 4, kdim=32, vdim=64).state_dict().items()}  # fmt: skip
+    state = ut.init_weights(ut.Sequential(attn), 0)
+    for key, fan_in in (("q_proj_weight", 64), ("k_proj_weight", 32), ("v_proj_weight", 64)):
+        bound = math.sqrt(6 / (64 + fan_in))
+        assert 0.95 * bound < np.abs(state[f"0.{key}"]).max() <= bound
+    assert ut.MultiheadAttention(8, 2, kdim=8, vdim=8) == ut.MultiheadAttention(8, 2)
+    with pytest.raises(ValueError, match=r"expects per-sample value \(L, vdim\) with vdim=4, got per-sample shape "
+                                         r"\(5, 6\)"):  # fmt: skip
+        ut.MultiheadAttention(E, HEADS, batch_first=True, kdim=KDIM, vdim=VDIM)(
+            Input((3, E), "q"), Input((S, KDIM), "k"), Input((S, KDIM), "v"))  # fmt: skip
+    with pytest.raises(ValueError, match="kdim must be a positive integer"):
+        ut.MultiheadAttention(E, HEADS, kdim=0)
+    batches = _wide_memory_batches(1)
+    module = WideMemoryCrossAttention()
+    query, memory = (torch.from_numpy(part) for part in batches[0][0])
+    exported = ut.to_torch(ut.from_torch(module, (query, memory)))
+    assert list(exported.state_dict()) == list(module.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(exported(query, memory), module(query, memory), rtol=0, atol=0)
+
+
 class MaskedSelfAttention(nn.Module):
     """Self-attention with a key padding mask and an attention mask, boolean (a per-sample ``(L, S)`` mask:
     PyTorch's ``(N * H, L, S)`` repeats it per head) or float (per head, ``(H, L, S)``: added)."""
