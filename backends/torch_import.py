@@ -35,7 +35,7 @@ from unitrain.ops import Tensor
 
 from . import torch_graph, torch_import_ties
 from .torch import _module as torch_module
-from .torch_import_attention import CALLED, boolean_mask, called_spec, positional_encoding, same_as_spec
+from .torch_import_attention import CALLED, called_spec, mask_operation, positional_encoding, same_as_spec
 
 # --- tracing with concrete values ----------------------------------------------------------------
 
@@ -512,8 +512,8 @@ class _Importer:
             return _concrete(self.values[node])  # shape arithmetic: numbers of the example
         if name in ("add", "sub", "mul", "div", "floordiv") and not any(isinstance(a, Tensor) for a in args):
             return _concrete(self.values[node])
-        if name in ("bool", "ne"):
-            return boolean_mask(name, args, fx.node.map_arg(node.args, lambda arg: self.values[arg]))
+        if name in ("bool", "ne", "repeat_interleave"):
+            return mask_operation(name, args, fx.node.map_arg(node.args, lambda arg: self.values[arg]))
         if name in _SHAPED:
             return _SHAPED[name](node, args, kwargs, self.values)
         if name in _LAYERED:

@@ -5,12 +5,13 @@
 Unlike the other layers, an attention layer's spec depends on its call: the per-sample length of
 ``src`` and whether a key padding mask comes in are arguments of the encoder's graph. So the spec
 is made when the traced ``forward`` calls the module, from the module's attributes and the call's
-example values. The padding mask is read as PyTorch reads it: a ``bool`` forward argument, or a
+example values. The masks are read as PyTorch reads them: a ``bool`` forward argument, or a
 float or integer argument turned boolean in ``forward`` with ``mask.bool()`` or ``mask != 0``, is
-the unitrain graph input itself (its non-zero entries mark padding); a float forward argument is
-added to the scores (the spec's ``additive_masks``). Masks of ``attn_mask`` / ``mask`` (causal or
-any other) are refused: the spec's ``causal`` flag is fixed when the model is built, and an
-``(L, S)`` mask made in ``forward`` has no batch axis to become a graph input.
+the unitrain graph input itself (its non-zero entries mask); a float forward argument is added to
+the scores (the spec's ``additive_masks``, which both masks of one call share). An attention mask
+(``attn_mask`` / ``src_mask`` / ``mask``) is a graph input of per-sample ``(L, S)`` that ``forward``
+repeats for PyTorch's ``(N * num_heads, L, S)``: ``mask.repeat_interleave(num_heads, 0)``. An
+``(L, S)`` mask made in ``forward`` has no batch axis to become a graph input, and is refused.
 """
 
 from __future__ import annotations
@@ -28,31 +29,37 @@ from unitrain.ops import Tensor
 #: torch modules whose spec is made at their call
 CALLED: tuple[type, ...] = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder)
 
-#: their forward's arguments after the input(s), with the ones unitrain refuses when given
+#: their forward's arguments after the input(s), the key padding mask's name and the attention mask's
 _SIGNATURES = {
     nn.MultiheadAttention: ("query key value key_padding_mask need_weights attn_mask average_attn_weights "
-                            "is_causal", "key_padding_mask", ("attn_mask", "is_causal")),
-    nn.TransformerEncoderLayer: ("src src_mask src_key_padding_mask is_causal", "src_key_padding_mask",
-                                 ("src_mask", "is_causal")),
-    nn.TransformerEncoder: ("src mask src_key_padding_mask is_causal", "src_key_padding_mask",
-                            ("mask", "is_causal")),
+                            "is_causal", "key_padding_mask", "attn_mask"),
+    nn.TransformerEncoderLayer: ("src src_mask src_key_padding_mask is_causal", "src_key_padding_mask", "src_mask"),
+    nn.TransformerEncoder: ("src mask src_key_padding_mask is_causal", "src_key_padding_mask", "mask"),
 }  # fmt: skip
 
 
 class Mask:
-    """A graph tensor made boolean in ``forward`` (``padding.bool()``, ``padding != 0``): usable only as
-    an attention layer's key padding mask, where the graph input itself is the mask."""
+    """A graph tensor made boolean in ``forward`` (``padding.bool()``, ``padding != 0``) or repeated per
+    head (``mask.repeat_interleave(num_heads, 0)``, ``heads``): usable only as an attention layer's mask,
+    where the graph input itself is the mask."""
 
-    def __init__(self, tensor: Tensor):
-        self.tensor = tensor
+    def __init__(self, tensor: Tensor, heads: int | None = None):
+        self.tensor, self.heads = tensor, heads
 
 
-def boolean_mask(name: str, args: tuple, values: tuple) -> Mask:
-    """``Tensor.bool()`` or ``x != 0`` on a graph tensor (``values``: the arguments' example values)."""
+def mask_operation(name: str, args: tuple, values: tuple) -> Mask:
+    """``Tensor.bool()``, ``x != 0`` or ``x.repeat_interleave(heads, 0)`` on a graph tensor or a mask
+    (``values``: the arguments' example values)."""
+    tensor, heads = (args[0].tensor, args[0].heads) if isinstance(args[0], Mask) else (args[0], None)
+    if name == "repeat_interleave":
+        if not isinstance(tensor, Tensor) or heads or len(values) != 3 or type(values[1]) is not int or values[2]:
+            raise ValueError("only a graph tensor's repeat_interleave(num_heads, 0) is supported, as an "
+                             "attention mask")  # fmt: skip
+        return Mask(tensor, values[1])
     zero = name == "bool" or (len(values) == 2 and isinstance(values[1], (int, float)) and values[1] == 0)
-    if not isinstance(args[0], Tensor) or not zero:
-        raise ValueError("only a graph tensor compared with != 0 (or .bool()) is supported, as a key padding mask")
-    return Mask(args[0])
+    if not isinstance(tensor, Tensor) or not zero:
+        raise ValueError("only a graph tensor compared with != 0 (or .bool()) is supported, as a mask")
+    return Mask(tensor, heads)
 
 
 def _layer_norm(module: nn.LayerNorm, path: str) -> layers.LayerNorm:
@@ -69,7 +76,7 @@ def _attention(module: nn.MultiheadAttention, path: str) -> MultiheadAttention:
                               module.batch_first, kdim=module.kdim, vdim=module.vdim)  # fmt: skip
 
 
-def _encoder_layer(module: nn.TransformerEncoderLayer, path: str, seq_len: int, padding_mask: bool, additive: bool):
+def _encoder_layer(module: nn.TransformerEncoderLayer, path: str, seq_len: int, masks: dict, additive: bool):
     activation = {1: "relu", 2: "gelu"}.get(module.activation_relu_or_gelu)
     if activation is None or getattr(module.activation, "approximate", "none") != "none":
         raise ValueError(f"module {path!r}: activation {module.activation!r} is not supported; only relu and "
@@ -83,7 +90,7 @@ def _encoder_layer(module: nn.TransformerEncoderLayer, path: str, seq_len: int, 
     return TransformerEncoderLayer(
         attention.embed_dim, attention.num_heads, module.linear1.out_features, module.dropout.p, activation,
         norm.eps, attention.batch_first, module.norm_first, module.linear1.bias is not None, seq_len=seq_len,
-        padding_mask=padding_mask, additive_masks=additive,
+        padding_mask="padding" in masks, additive_masks=additive, src_mask="attention" in masks,
     )  # fmt: skip
 
 
@@ -93,43 +100,58 @@ def _bound(names: list[str], args: tuple, kwargs: dict, path: str) -> dict:
     return {**dict(zip(names, args, strict=False)), **kwargs}
 
 
+def _graph_mask(module, path: str, name: str, mask, example) -> tuple[Tensor, bool]:
+    """The graph input a mask argument is, and whether PyTorch adds it (a float mask)."""
+    heads = module.num_heads if isinstance(module, nn.MultiheadAttention) else (
+        module.layers[0] if isinstance(module, nn.TransformerEncoder) else module).self_attn.num_heads  # fmt: skip
+    repeated = isinstance(mask, Mask) and mask.heads is not None
+    if name.endswith("padding_mask") and repeated:
+        raise ValueError(f"calls {path} with a {name} repeated per head; it has one entry per key")
+    if not name.endswith("padding_mask") and not (repeated and mask.heads == heads):
+        raise ValueError(f"calls {path} with a {name} that is not a graph input repeated per head "
+                         f"(mask.repeat_interleave({heads}, 0) of an (N, L, S) input); unitrain's attention "
+                         "masks are graph inputs (a causal mask: the spec's causal=True)")  # fmt: skip
+    if not isinstance(mask, (Mask, Tensor)):
+        raise ValueError(f"calls {path} with a {name} that is not a graph input or made from one")
+    return (mask.tensor if isinstance(mask, Mask) else mask), example.dtype != torch.bool
+
+
 def called_spec(module: nn.Module, path: str, call: tuple[tuple, dict], examples: tuple[tuple, dict]):
     """``(spec, its tensor inputs)`` for a call of an attention ``module`` with the graph values
     ``call`` (positional and keyword arguments) whose example values are ``examples``; ``ValueError``
     for what unitrain's specs cannot do."""
-    signature, mask_name, refused = _SIGNATURES[type(module)]
+    signature, padding_name, attention_name = _SIGNATURES[type(module)]
     names = signature.split()
     given, examples = _bound(names, *call, path), _bound(names, *examples, path)
-    for name in refused:
-        if given.get(name) not in (None, False):
-            raise ValueError(f"calls {path} with {name}; unitrain's attention takes only a key padding mask "
-                             "(build a causal model with the spec's causal=True)")  # fmt: skip
-    mask, additive = given.get(mask_name), False
-    if mask is not None:
-        if isinstance(mask, Mask):
-            mask = mask.tensor
-        elif not isinstance(mask, Tensor):
-            raise ValueError(f"calls {path} with a {mask_name} that is not a graph input or made from one")
-        else:  # bool, or float (PyTorch refuses other masks on the example): PyTorch adds a float mask
-            additive = examples[mask_name].dtype != torch.bool
+    if given.get("is_causal") not in (None, False):
+        raise ValueError(f"calls {path} with is_causal; build a causal model with the spec's causal=True")
+    masks, kinds = {}, set()  # kind -> graph input; PyTorch adds float masks (bool or float: it refuses others)
+    for kind, name in (("padding", padding_name), ("attention", attention_name)):
+        if given.get(name) is not None:
+            masks[kind], additive = _graph_mask(module, path, name, given[name], examples[name])
+            kinds.add(additive)
+    if len(kinds) > 1:
+        raise ValueError(f"calls {path} with a boolean and a float mask; unitrain's masks are both boolean or both "
+                         "added (additive_masks)")  # fmt: skip
+    additive = kinds == {True}
     inputs = [given[name] for name in names[: 3 if isinstance(module, nn.MultiheadAttention) else 1]]
     if not all(isinstance(value, Tensor) for value in inputs):
         raise ValueError(f"calls {path} with something other than tensors as {', '.join(names[: len(inputs)])}")
-    padding = [] if mask is None else [mask]
+    inputs += list(masks.values())  # the key padding mask first, as the specs take them
     if isinstance(module, nn.MultiheadAttention):
-        return dataclasses.replace(_attention(module, path), additive_masks=additive), [*inputs, *padding]
+        return dataclasses.replace(_attention(module, path), additive_masks=additive), inputs
     seq_len = examples["src"].shape[1]
     if isinstance(module, nn.TransformerEncoderLayer):
-        return _encoder_layer(module, path, seq_len, mask is not None, additive), [*inputs, *padding]
+        return _encoder_layer(module, path, seq_len, masks, additive), inputs
     if len(module.layers) == 0:
         raise ValueError(f"module {path!r} has no layers")
-    specs = [_encoder_layer(layer, f"{path}.layers.{i}", seq_len, mask is not None, additive)
+    specs = [_encoder_layer(layer, f"{path}.layers.{i}", seq_len, masks, additive)
              for i, layer in enumerate(module.layers)]  # fmt: skip
     if any(spec != specs[0] for spec in specs):
         raise ValueError(f"module {path!r}: its layers differ in their arguments; unitrain's TransformerEncoder "
                          "repeats one layer's")  # fmt: skip
     norm = None if module.norm is None else _layer_norm(module.norm, f"{path}.norm")
-    return TransformerEncoder(specs[0], len(specs), norm), [*inputs, *padding]
+    return TransformerEncoder(specs[0], len(specs), norm), inputs
 
 
 # --- word_language_model's PositionalEncoding -----------------------------------------------------

@@ -5,11 +5,12 @@ As :mod:`unitrain.layers`: PyTorch's class names, arguments, equations and ``sta
 sinusoidal table of PyTorch's word_language_model example). A spec holds no weights.
 
 Masks are inputs, as in PyTorch's ``forward``: in a :class:`~unitrain.graph.Graph`, a
-``MultiheadAttention`` is called on ``(query, key, value)`` or ``(query, key, value,
-key_padding_mask)``, an encoder (layer) on ``(src,)`` or ``(src, src_key_padding_mask)``; the mask
-is a graph input of per-sample shape ``(S,)`` whose non-zero entries mark the keys to ignore
-(PyTorch's boolean ``True``). The causal mask (PyTorch's ``is_causal`` with the triangular
-``attn_mask``) is the spec's ``causal`` flag, fixed when the model is built. Called on one input
+``MultiheadAttention`` is called on ``(query, key, value)`` and optionally ``key_padding_mask``
+and ``attn_mask``, an encoder (layer) on ``src`` and optionally ``src_key_padding_mask`` and
+``src_mask``; the key padding mask is a graph input of per-sample shape ``(S,)`` whose non-zero
+entries mark the keys to ignore (PyTorch's boolean ``True``), the attention mask one of ``(L,
+S)``. The causal mask (PyTorch's ``is_causal`` with the triangular ``attn_mask``) is the spec's
+``causal`` flag, fixed when the model is built. Called on one input
 (inside a ``Sequential``), ``MultiheadAttention`` is self-attention: ``query = key = value``.
 
 The encoders are graphs themselves (their modules and nodes are PyTorch's submodules and
@@ -267,8 +268,11 @@ class TransformerEncoderLayer(_Encoder):
         post-norm:  x = norm1(x + sa(x)); x = norm2(x + ff(x))
         norm_first: x = x + sa(norm1(x)); x = x + ff(norm2(x))
 
-    Called on ``(src,)`` or ``(src, src_key_padding_mask)`` (``batch_first`` only); ``causal``
-    masks later keys (PyTorch's ``is_causal`` with the square subsequent mask). ``dropout`` is
+    Called on ``(src,)``, ``(src, src_key_padding_mask)``, ``(src, src_mask)`` or ``(src,
+    src_key_padding_mask, src_mask)`` (a mask only with ``batch_first``; ``src_mask`` per sample
+    ``(S, S)``, PyTorch's ``attn_mask``, here after the padding mask as for
+    :class:`MultiheadAttention`); ``causal`` masks later keys (PyTorch's ``is_causal`` with the
+    square subsequent mask), beside ``src_mask`` when both are given. ``dropout`` is
     every one of PyTorch's four: the attention weights' and the three
     :class:`~unitrain.layers.Dropout` modules ``dropout``, ``dropout1``, ``dropout2`` (present only
     when ``dropout > 0``; they hold no weights). Its default here is 0.0, PyTorch's 0.1."""
@@ -276,14 +280,16 @@ class TransformerEncoderLayer(_Encoder):
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.0,
                  activation: str = "relu", layer_norm_eps: float = 1e-5, batch_first: bool = False,
                  norm_first: bool = False, bias: bool = True, causal: bool = False, seq_len: int = 1,
-                 padding_mask: bool = False, additive_masks: bool = False):  # fmt: skip
+                 padding_mask: bool = False, additive_masks: bool = False, src_mask: bool = False):  # fmt: skip
         """``seq_len`` is the per-sample length the graph's shapes are inferred with (any other
-        length runs too); ``padding_mask``: whether the layer takes ``src_key_padding_mask``,
-        added to the scores with ``additive_masks`` (PyTorch's float mask; see MultiheadAttention)."""
+        length runs too); ``padding_mask``, ``src_mask``: whether the layer takes
+        ``src_key_padding_mask``, ``src_mask``, both added to the scores with ``additive_masks``
+        (PyTorch's float masks; see MultiheadAttention)."""
         if activation not in _ACTIVATIONS:
             raise ValueError(f"TransformerEncoderLayer: activation must be 'relu' or 'gelu', got {activation!r}")
         _flag("TransformerEncoderLayer", "norm_first", norm_first)
         _flag("TransformerEncoderLayer", "padding_mask", padding_mask)
+        _flag("TransformerEncoderLayer", "src_mask", src_mask)
         _flag("TransformerEncoderLayer", "additive_masks", additive_masks)
         _positive_int("TransformerEncoderLayer", "dim_feedforward", dim_feedforward)
         _positive_int("TransformerEncoderLayer", "seq_len", seq_len)
@@ -305,6 +311,8 @@ class TransformerEncoderLayer(_Encoder):
         inputs = [src]
         if padding_mask:
             inputs.append(Input((seq_len,), "src_key_padding_mask"))
+        if src_mask:
+            inputs.append(Input((seq_len, seq_len), "src_mask"))
         masks = inputs[1:]
         act = _ACTIVATIONS[activation]()
 
@@ -325,7 +333,8 @@ class TransformerEncoderLayer(_Encoder):
         _set_arguments(self, dict(d_model=d_model, nhead=nhead, dim_feedforward=dim_feedforward, dropout=dropout,
                                   activation=activation, layer_norm_eps=layer_norm_eps, batch_first=batch_first,
                                   norm_first=norm_first, bias=bias, causal=causal, seq_len=seq_len,
-                                  padding_mask=padding_mask, additive_masks=additive_masks))  # fmt: skip
+                                  padding_mask=padding_mask, additive_masks=additive_masks,
+                                  src_mask=src_mask))  # fmt: skip
 
 
 @dataclass(frozen=True, init=False, eq=True, repr=False)
@@ -333,8 +342,8 @@ class TransformerEncoder(_Encoder):
     """``num_layers`` copies of ``encoder_layer`` (each with its own weights: ``layers.0.*``,
     ``layers.1.*``, ...) and an optional final ``norm`` (a LayerNorm, ``norm.*``), as
     ``torch.nn.TransformerEncoder``. PyTorch's layers start as deep copies of one layer (equal
-    weights); :func:`unitrain.init_weights` draws each layer's own. The padding mask reaches every
-    layer."""
+    weights); :func:`unitrain.init_weights` draws each layer's own. The masks (PyTorch's ``mask``
+    and ``src_key_padding_mask``) reach every layer."""
 
     def __init__(self, encoder_layer: TransformerEncoderLayer, num_layers: int, norm: LayerNorm | None = None):
         if not isinstance(encoder_layer, TransformerEncoderLayer):
