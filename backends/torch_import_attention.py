@@ -11,7 +11,8 @@ the unitrain graph input itself (its non-zero entries mask); a float forward arg
 the scores (the spec's ``additive_masks``, which both masks of one call share). An attention mask
 (``attn_mask`` / ``src_mask`` / ``mask``) is a graph input of per-sample ``(L, S)`` that ``forward``
 repeats for PyTorch's ``(N * num_heads, L, S)``: ``mask.repeat_interleave(num_heads, 0)``. An
-``(L, S)`` mask made in ``forward`` has no batch axis to become a graph input, and is refused.
+``(L, S)`` mask made in ``forward`` has no batch axis to become a graph input: the causal one (checked
+on the example) is the spec's ``causal`` flag, any other is refused.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import dataclasses
 
 import numpy as np
 import torch
-from torch import nn
+from torch import fx, nn
 
 from unitrain import layers
 from unitrain.attention import MultiheadAttention, PositionalEncoding, TransformerEncoder, TransformerEncoderLayer
@@ -76,7 +77,8 @@ def _attention(module: nn.MultiheadAttention, path: str) -> MultiheadAttention:
                               module.batch_first, kdim=module.kdim, vdim=module.vdim)  # fmt: skip
 
 
-def _encoder_layer(module: nn.TransformerEncoderLayer, path: str, seq_len: int, masks: dict, additive: bool):
+def _encoder_layer(module: nn.TransformerEncoderLayer, path: str, seq_len: int, masks: dict, additive: bool,
+                   causal: bool):  # fmt: skip
     activation = {1: "relu", 2: "gelu"}.get(module.activation_relu_or_gelu)
     if activation is None or getattr(module.activation, "approximate", "none") != "none":
         raise ValueError(f"module {path!r}: activation {module.activation!r} is not supported; only relu and "
@@ -90,7 +92,7 @@ def _encoder_layer(module: nn.TransformerEncoderLayer, path: str, seq_len: int, 
     return TransformerEncoderLayer(
         attention.embed_dim, attention.num_heads, module.linear1.out_features, module.dropout.p, activation,
         norm.eps, attention.batch_first, module.norm_first, module.linear1.bias is not None, seq_len=seq_len,
-        padding_mask="padding" in masks, additive_masks=additive, src_mask="attention" in masks,
+        causal=causal, padding_mask="padding" in masks, additive_masks=additive, src_mask="attention" in masks,
     )  # fmt: skip
 
 
@@ -100,10 +102,55 @@ def _bound(names: list[str], args: tuple, kwargs: dict, path: str) -> dict:
     return {**dict(zip(names, args, strict=False)), **kwargs}
 
 
+class ConstantTensor:
+    """A tensor ``forward`` builds from no graph value (``nn.Transformer.generate_square_subsequent_mask(L)``,
+    ``torch.triu(torch.ones(5, 5), 1).bool()``): its example value, usable only as an attention layer's
+    causal mask, the spec's ``causal`` flag."""
+
+    def __init__(self, value: torch.Tensor):
+        self.value = value
+
+
+#: what builds a mask: torch functions, and tensor methods and operators by name
+_BUILDERS = (torch.full, torch.ones, torch.zeros, torch.triu, torch.tril, torch.logical_not)
+_BUILDING = {"triu", "tril", "bool", "float", "to", "masked_fill", "logical_not", "ne", "eq", "invert"}
+
+
+def constant(node, name, args: tuple, kwargs: dict, value) -> ConstantTensor | None:
+    """A :class:`ConstantTensor` when ``node`` (``name``: the method's or operator's) builds a tensor from
+    constants alone (``args``, ``kwargs``: their values in the graph, ``value``: the example's), else None.
+    fx keeps a tensor computed outside the trace as a ``get_attr`` of ``_tensor_constant<k>``."""
+    if node.op == "get_attr":
+        return ConstantTensor(value) if node.target.startswith("_tensor_constant") and torch.is_tensor(value) else None
+    if not torch.is_tensor(value) or not (node.target in _BUILDERS or name in _BUILDING):
+        return None
+    leaves = []
+    fx.node.map_aggregate((args, kwargs), leaves.append)
+    plain = (ConstantTensor, int, float, bool, str, torch.dtype, torch.device, type(None))
+    return ConstantTensor(value) if all(isinstance(leaf, plain) for leaf in leaves) else None
+
+
+def _causal(mask: ConstantTensor, length: int) -> bool:
+    """Whether ``mask`` is the square subsequent mask of ``length``: ``True`` (boolean) or ``-inf`` (float,
+    0 elsewhere) above the diagonal."""
+    value, above = mask.value, torch.ones(length, length, dtype=torch.bool).triu(1)
+    if tuple(value.shape) != (length, length):
+        return False
+    if value.dtype == torch.bool:
+        return bool(torch.equal(value, above))
+    return value.is_floating_point() and bool((value[above] == float("-inf")).all() and (value[~above] == 0).all())
+
+
+def _self_attention(module) -> nn.MultiheadAttention:
+    """The attention of a call's module (an encoder's first layer's)."""
+    if isinstance(module, nn.MultiheadAttention):
+        return module
+    return (module.layers[0] if isinstance(module, nn.TransformerEncoder) else module).self_attn
+
+
 def _graph_mask(module, path: str, name: str, mask, example) -> tuple[Tensor, bool]:
     """The graph input a mask argument is, and whether PyTorch adds it (a float mask)."""
-    heads = module.num_heads if isinstance(module, nn.MultiheadAttention) else (
-        module.layers[0] if isinstance(module, nn.TransformerEncoder) else module).self_attn.num_heads  # fmt: skip
+    heads = _self_attention(module).num_heads
     repeated = isinstance(mask, Mask) and mask.heads is not None
     if name.endswith("padding_mask") and repeated:
         raise ValueError(f"calls {path} with a {name} repeated per head; it has one entry per key")
@@ -123,8 +170,15 @@ def called_spec(module: nn.Module, path: str, call: tuple[tuple, dict], examples
     signature, padding_name, attention_name = _SIGNATURES[type(module)]
     names = signature.split()
     given, examples = _bound(names, *call, path), _bound(names, *examples, path)
-    if given.get("is_causal") not in (None, False):
-        raise ValueError(f"calls {path} with is_causal; build a causal model with the spec's causal=True")
+    length = examples[names[0]].shape[1 if _self_attention(module).batch_first else 0]
+    causal = isinstance(given.get(attention_name), ConstantTensor)
+    if causal and not _causal(given.pop(attention_name), length):
+        raise ValueError(f"calls {path} with a {attention_name} made in forward that is not the causal mask "
+                         f"(triu of -inf or True, diagonal 1) of {length}; other masks must be graph "
+                         "inputs")  # fmt: skip
+    if given.get("is_causal") not in (None, False) and not causal:
+        raise ValueError(f"calls {path} with is_causal but no causal {attention_name}; build a causal model with "
+                         "the spec's causal=True")  # fmt: skip
     masks, kinds = {}, set()  # kind -> graph input; PyTorch adds float masks (bool or float: it refuses others)
     for kind, name in (("padding", padding_name), ("attention", attention_name)):
         if given.get(name) is not None:
@@ -139,13 +193,13 @@ def called_spec(module: nn.Module, path: str, call: tuple[tuple, dict], examples
         raise ValueError(f"calls {path} with something other than tensors as {', '.join(names[: len(inputs)])}")
     inputs += list(masks.values())  # the key padding mask first, as the specs take them
     if isinstance(module, nn.MultiheadAttention):
-        return dataclasses.replace(_attention(module, path), additive_masks=additive), inputs
+        return dataclasses.replace(_attention(module, path), additive_masks=additive, causal=causal), inputs
     seq_len = examples["src"].shape[1]
     if isinstance(module, nn.TransformerEncoderLayer):
-        return _encoder_layer(module, path, seq_len, masks, additive), inputs
+        return _encoder_layer(module, path, seq_len, masks, additive, causal), inputs
     if len(module.layers) == 0:
         raise ValueError(f"module {path!r} has no layers")
-    specs = [_encoder_layer(layer, f"{path}.layers.{i}", seq_len, masks, additive)
+    specs = [_encoder_layer(layer, f"{path}.layers.{i}", seq_len, masks, additive, causal)
              for i, layer in enumerate(module.layers)]  # fmt: skip
     if any(spec != specs[0] for spec in specs):
         raise ValueError(f"module {path!r}: its layers differ in their arguments; unitrain's TransformerEncoder "

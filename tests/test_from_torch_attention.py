@@ -229,6 +229,34 @@ def test_attention_masks_from_graph_inputs_import_and_train_on_numpy():
     assert_run_within_drift(loop, [loop.to_float(loop.step(batch)) for batch in data], runs, "float64", SIZE)
 
 
+class CausalInForward(TransformerClassifier):
+    """Causal masks made in ``forward``: PyTorch's float square subsequent mask for the encoder, a boolean one
+    from a constant length for the attention (fx keeps it as a tensor constant)."""
+
+    def forward(self, tokens, padding):
+        causal = nn.Transformer.generate_square_subsequent_mask(tokens.size(1))
+        h = self.encoder(self.position(self.embedding(tokens)), mask=causal, is_causal=True)
+        mask = torch.triu(torch.ones(S, S), 1).bool()
+        h, _ = self.attention(h, h, h, key_padding_mask=padding != 0, attn_mask=mask, need_weights=False)
+        return self.classifier(h[:, -1])
+
+
+def test_causal_masks_made_in_forward_import_as_the_causal_flag_and_train_on_numpy():
+    """The square subsequent mask built in ``forward`` (float or boolean) imports as the specs' ``causal``
+    flag, and 20 float64 steps on NumPy equal the module's within the conformance formula."""
+    torch.manual_seed(SEED)
+    twin = CausalInForward()
+    graph = unitrain.from_torch(copy.deepcopy(twin).float(), example())
+    layer = graph.modules["encoder"].modules["layers"].layers[0]
+    assert graph.modules["attention"].causal and layer.modules["self_attn"].causal
+    assert layer.input_names == ("src",)
+    runs = _without_table(torch_runs(lambda dtype: copy.deepcopy(twin).to(dtype), sgd, batches()))
+    loop = get_backend("numpy")(graph, loss=CrossEntropyLoss(), optimizer=SGD(lr=LR, momentum=MOMENTUM),
+                                dtype="float64")  # fmt: skip
+    data = [((tokens, padding.astype("float64")), y) for (tokens, padding), y in batches()]
+    assert_run_within_drift(loop, [loop.to_float(loop.step(batch)) for batch in data], runs, "float64", SIZE)
+
+
 class IntegerPadding(TransformerClassifier):
     def forward(self, tokens, padding):
         return self.classifier(self.encoder(self.embedding(tokens), src_key_padding_mask=padding.long())[:, 0])
@@ -252,6 +280,17 @@ class MixedMasks(TransformerClassifier):
         return self.classifier(self.encoder(self.embedding(tokens), mask=mask, src_key_padding_mask=padding != 0)[:, 0])
 
 
+class NotCausal(TransformerClassifier):
+    def forward(self, tokens, padding):
+        mask = torch.tril(torch.ones(S, S), -1).bool()
+        return self.classifier(self.encoder(self.embedding(tokens), mask=mask)[:, 0])
+
+
+class AddsAConstant(TransformerClassifier):
+    def forward(self, tokens, padding):
+        return self.classifier(self.embedding(tokens)[:, 0] + torch.ones(D))
+
+
 class Weights(TransformerClassifier):
     def forward(self, tokens, padding):
         h = self.embedding(tokens)
@@ -269,7 +308,16 @@ class Compared(TransformerClassifier):
     [
         (lambda: TransformerClassifier(activation=nn.GELU(approximate="tanh")), "only relu and gelu (exact)"),
         (IntegerPadding, "only bool and floating types of src_key_padding_mask are supported"),
-        (Causal, "with is_causal; build a causal model with the spec's causal=True"),
+        (
+            AddsAConstant,
+            "node 'add' (_operator.add): add: the other operand must be a Tensor or a number, got ConstantTensor",
+        ),
+        (Causal, "with is_causal but no causal mask; build a causal model with the spec's causal=True"),
+        (
+            NotCausal,
+            "with a mask made in forward that is not the causal mask (triu of -inf or True, diagonal 1) "
+            "of 6; other masks must be graph inputs",
+        ),
         (Unrepeated, "with a mask that is not a graph input repeated per head (mask.repeat_interleave(2, 0) of"),
         (MixedMasks, "with a boolean and a float mask; unitrain's masks are both boolean or both added"),
         (Compared, "only a graph tensor compared with != 0 (or .bool()) is supported, as a mask"),
