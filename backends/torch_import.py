@@ -520,7 +520,7 @@ class _Importer:
         if name in ("add", "sub", "mul", "div", "floordiv") and not any(isinstance(a, Tensor) for a in args):
             return _concrete(self.values[node])
         if name in ("bool", "ne", "repeat_interleave"):
-            return mask_operation(name, args, fx.node.map_arg(node.args, lambda arg: self.values[arg]))
+            return mask_operation(name, args, fx.node.map_arg((node.args, node.kwargs), lambda arg: self.values[arg]))
         if name in _SHAPED:
             return _SHAPED[name](node, args, kwargs, self.values)
         if name in _LAYERED:

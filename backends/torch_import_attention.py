@@ -48,15 +48,17 @@ class Mask:
         self.tensor, self.heads = tensor, heads
 
 
-def mask_operation(name: str, args: tuple, values: tuple) -> Mask:
+def mask_operation(name: str, args: tuple, values: tuple[tuple, dict]) -> Mask:
     """``Tensor.bool()``, ``x != 0`` or ``x.repeat_interleave(heads, 0)`` on a graph tensor or a mask
-    (``values``: the arguments' example values)."""
+    (``values``: the arguments' example values, positional and by keyword)."""
     tensor, heads = (args[0].tensor, args[0].heads) if isinstance(args[0], Mask) else (args[0], None)
+    values, keywords = values
     if name == "repeat_interleave":
-        if not isinstance(tensor, Tensor) or heads or len(values) != 3 or type(values[1]) is not int or values[2]:
+        repeats, dim = (*values[1:], *(keywords.get(key) for key in ("repeats", "dim")[len(values) - 1 :]))[:2]
+        if not isinstance(tensor, Tensor) or heads or type(repeats) is not int or dim != 0:
             raise ValueError("only a graph tensor's repeat_interleave(num_heads, 0) is supported, as an "
                              "attention mask")  # fmt: skip
-        return Mask(tensor, values[1])
+        return Mask(tensor, repeats)
     zero = name == "bool" or (len(values) == 2 and isinstance(values[1], (int, float)) and values[1] == 0)
     if not isinstance(tensor, Tensor) or not zero:
         raise ValueError("only a graph tensor compared with != 0 (or .bool()) is supported, as a mask")

@@ -201,7 +201,7 @@ class AttentionMasks(TransformerClassifier):
     ``(N * H, S, S)``, beside the key padding mask, in the encoder and in the attention after it."""
 
     def forward(self, tokens, padding, mask):
-        padding, mask = padding != 0, (mask != 0).repeat_interleave(HEADS, 0)
+        padding, mask = padding != 0, (mask != 0).repeat_interleave(HEADS, dim=0)
         h = self.encoder(self.position(self.embedding(tokens)), mask=mask, src_key_padding_mask=padding)
         h, _ = self.attention(h, h, h, key_padding_mask=padding, attn_mask=mask, need_weights=False)
         return self.classifier(h[:, 0])
