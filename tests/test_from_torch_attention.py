@@ -324,6 +324,7 @@ class Compared(TransformerClassifier):
         (Weights, "takes item 1 of attention's (attn_output, attn_output_weights)"),
     ],
 )
+@pytest.mark.filterwarnings("ignore:Support for mismatched src_key_padding_mask and mask")  # MixedMasks: PyTorch's
 def test_what_the_specs_cannot_do_is_refused_in_one_line(make, message):
     torch.manual_seed(SEED)
     with pytest.raises(ValueError, match="^from_torch: ") as error:
