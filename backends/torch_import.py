@@ -96,9 +96,8 @@ class _Tracer(fx.Tracer):
                 self._run(node)
 
     def _run(self, node) -> None:
-        for arg in node.all_input_nodes:  # a tensor fx made outside the trace: a get_attr it never proxied
-            if arg not in self.values and arg.op == "get_attr":
-                self.values[arg] = operator.attrgetter(arg.target)(self.root)
+        unseen = [arg for arg in node.all_input_nodes if arg.op == "get_attr" and arg not in self.values]
+        self.values.update({arg: operator.attrgetter(arg.target)(self.root) for arg in unseen})  # fx's constants
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda arg: self.values[arg])
         try:
             if node.op == "call_module":
