@@ -115,7 +115,8 @@ class ConstantTensor:
 
 #: what builds a mask: torch functions, and tensor methods and operators by name
 _BUILDERS = (torch.full, torch.ones, torch.zeros, torch.triu, torch.tril, torch.logical_not)
-_BUILDING = {"triu", "tril", "bool", "float", "to", "masked_fill", "logical_not", "ne", "eq", "invert"}
+_BUILDING = {"triu", "tril", "bool", "float", "to", "masked_fill", "logical_not", "ne", "eq", "invert", "mul", "add",
+             "neg"}  # fmt: skip
 
 
 def constant(node, name, args: tuple, kwargs: dict, value) -> ConstantTensor | None:
