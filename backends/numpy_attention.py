@@ -45,10 +45,10 @@ class _MultiheadAttention(_Freezable):
         inputs = (args * 3)[:3] if len(args) == 1 else args[:3]
         if not spec.batch_first:
             inputs = tuple(a.swapaxes(0, 1) for a in inputs)
-        weight, bias = self.params["in_proj_weight"], self.params.get("in_proj_bias")
+        bias = self.params.get("in_proj_bias")
         projected = []
         for index, a in enumerate(inputs):
-            p = a @ weight[index * e : (index + 1) * e].T
+            p = a @ self.projection(index).T
             if bias is not None:
                 p += bias[index * e : (index + 1) * e]
             projected.append(_heads(p, spec.num_heads))
@@ -71,6 +71,15 @@ class _MultiheadAttention(_Freezable):
         if record:
             self.saved = (len(args), inputs, q, k, v, weights, mask, context, scale)
         return out if spec.batch_first else out.swapaxes(0, 1)
+
+    def projection(self, index: int) -> np.ndarray:
+        """The query's (0), key's (1) or value's (2) projection weight ``(E, width)``: its own
+        parameter, or a block of rows of ``in_proj_weight`` (a view: its gradient adds in place)."""
+        return self.block(self.params, index)
+
+    def block(self, arrays: dict, index: int) -> np.ndarray:
+        name, e = self.spec.projection_weights()[index], self.spec.embed_dim
+        return arrays[name] if self.spec.separate_projections else arrays[name][index * e : (index + 1) * e]
 
     def scale(self) -> float:
         """The scores' factor, ``1 / sqrt(head_dim)``."""
@@ -109,17 +118,15 @@ class _MultiheadAttention(_Freezable):
         grad_v = (weights if mask is None else weights * mask).swapaxes(-1, -2) @ grad_context
         grad_scores = weights * (grad_weights - (grad_weights * weights).sum(-1, keepdims=True)) * scale
         grad_q, grad_k = grad_scores @ k, grad_scores.swapaxes(-1, -2) @ q
-        weight = self.params["in_proj_weight"]
         input_grads = []
         for index, (a, g) in enumerate(zip(inputs, (grad_q, grad_k, grad_v), strict=True)):
             g = _merge(g)
-            rows = slice(index * e, (index + 1) * e)
-            if "in_proj_weight" in self.grads:
-                self.grads["in_proj_weight"][rows] += g.reshape(-1, e).T @ a.reshape(-1, e)
+            if spec.projection_weights()[index] in self.grads:
+                self.block(self.grads, index)[...] += g.reshape(-1, e).T @ a.reshape(-1, a.shape[-1])
             if "in_proj_bias" in self.grads:
-                self.grads["in_proj_bias"][rows] += g.reshape(-1, e).sum(0)
+                self.grads["in_proj_bias"][index * e : (index + 1) * e] += g.reshape(-1, e).sum(0)
             if need_input_grad:
-                g = g @ weight[rows]
+                g = g @ self.projection(index)
                 input_grads.append(g if spec.batch_first else g.swapaxes(0, 1))
         if count == 1:
             return sum(input_grads) if need_input_grad else None

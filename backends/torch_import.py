@@ -35,7 +35,7 @@ from unitrain.ops import Tensor
 
 from . import torch_graph, torch_import_ties
 from .torch import _module as torch_module
-from .torch_import_attention import CALLED, boolean_mask, called_spec, positional_encoding, same_as_spec
+from .torch_import_attention import CALLED, called_spec, constant, mask_operation, positional_encoding, same_as_spec
 
 # --- tracing with concrete values ----------------------------------------------------------------
 
@@ -96,6 +96,8 @@ class _Tracer(fx.Tracer):
                 self._run(node)
 
     def _run(self, node) -> None:
+        unseen = [arg for arg in node.all_input_nodes if arg.op == "get_attr" and arg not in self.values]
+        self.values.update({arg: operator.attrgetter(arg.target)(self.root) for arg in unseen})  # fx's constants
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda arg: self.values[arg])
         try:
             if node.op == "call_module":
@@ -444,8 +446,10 @@ class _Importer:
                         raise ValueError("the module returns something other than tensors; return a tensor or a "
                                          "tuple of them")  # fmt: skip
                     return inputs, outputs
-                elif node.op == "get_attr":  # a Linear's weight, for F.linear (a tied decoder), or refused
-                    env[node] = torch_import_ties.weight_of(node, self.values[node], self.root)
+                elif node.op == "get_attr":  # a Linear's weight, for F.linear (a tied decoder), a mask, or refused
+                    value = self.values[node]
+                    env[node] = constant(node, None, (), {}, value) or torch_import_ties.weight_of(
+                        node, value, self.root)  # fmt: skip
                 elif node.op == "call_module":
                     env[node] = self.call_module(node, args, kwargs)
                 else:
@@ -506,14 +510,16 @@ class _Importer:
         if (tied := torch_import_ties.call(node, args, kwargs, self)) is not None:
             return tied
         name = node.target if node.op == "call_method" else _FUNCTIONS.get(node.target)
+        if (built := constant(node, name, args, kwargs, self.values[node])) is not None:
+            return built  # a causal mask made in forward
         if name == "getitem" and isinstance(args[0], _Recurrent):
             return args[0].output(args[1])
         if (node.op == "call_method" and name in ("size", "dim")) or name == "getattr":
             return _concrete(self.values[node])  # shape arithmetic: numbers of the example
         if name in ("add", "sub", "mul", "div", "floordiv") and not any(isinstance(a, Tensor) for a in args):
             return _concrete(self.values[node])
-        if name in ("bool", "ne"):
-            return boolean_mask(name, args, fx.node.map_arg(node.args, lambda arg: self.values[arg]))
+        if name in ("bool", "ne", "repeat_interleave"):
+            return mask_operation(name, args, fx.node.map_arg((node.args, node.kwargs), lambda arg: self.values[arg]))
         if name in _SHAPED:
             return _SHAPED[name](node, args, kwargs, self.values)
         if name in _LAYERED:

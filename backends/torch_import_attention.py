@@ -5,12 +5,14 @@
 Unlike the other layers, an attention layer's spec depends on its call: the per-sample length of
 ``src`` and whether a key padding mask comes in are arguments of the encoder's graph. So the spec
 is made when the traced ``forward`` calls the module, from the module's attributes and the call's
-example values. The padding mask is read as PyTorch reads it: a ``bool`` forward argument, or a
+example values. The masks are read as PyTorch reads them: a ``bool`` forward argument, or a
 float or integer argument turned boolean in ``forward`` with ``mask.bool()`` or ``mask != 0``, is
-the unitrain graph input itself (its non-zero entries mark padding); a float forward argument is
-added to the scores (the spec's ``additive_masks``). Masks of ``attn_mask`` / ``mask`` (causal or
-any other) are refused: the spec's ``causal`` flag is fixed when the model is built, and an
-``(L, S)`` mask made in ``forward`` has no batch axis to become a graph input.
+the unitrain graph input itself (its non-zero entries mask); a float forward argument is added to
+the scores (the spec's ``additive_masks``, which both masks of one call share). An attention mask
+(``attn_mask`` / ``src_mask`` / ``mask``) is a graph input of per-sample ``(L, S)`` that ``forward``
+repeats for PyTorch's ``(N * num_heads, L, S)``: ``mask.repeat_interleave(num_heads, 0)``. An
+``(L, S)`` mask made in ``forward`` has no batch axis to become a graph input: the causal one (checked
+on the example) is the spec's ``causal`` flag, any other is refused.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import dataclasses
 
 import numpy as np
 import torch
-from torch import nn
+from torch import fx, nn
 
 from unitrain import layers
 from unitrain.attention import MultiheadAttention, PositionalEncoding, TransformerEncoder, TransformerEncoderLayer
@@ -28,31 +30,39 @@ from unitrain.ops import Tensor
 #: torch modules whose spec is made at their call
 CALLED: tuple[type, ...] = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerEncoder)
 
-#: their forward's arguments after the input(s), with the ones unitrain refuses when given
+#: their forward's arguments after the input(s), the key padding mask's name and the attention mask's
 _SIGNATURES = {
     nn.MultiheadAttention: ("query key value key_padding_mask need_weights attn_mask average_attn_weights "
-                            "is_causal", "key_padding_mask", ("attn_mask", "is_causal")),
-    nn.TransformerEncoderLayer: ("src src_mask src_key_padding_mask is_causal", "src_key_padding_mask",
-                                 ("src_mask", "is_causal")),
-    nn.TransformerEncoder: ("src mask src_key_padding_mask is_causal", "src_key_padding_mask",
-                            ("mask", "is_causal")),
+                            "is_causal", "key_padding_mask", "attn_mask"),
+    nn.TransformerEncoderLayer: ("src src_mask src_key_padding_mask is_causal", "src_key_padding_mask", "src_mask"),
+    nn.TransformerEncoder: ("src mask src_key_padding_mask is_causal", "src_key_padding_mask", "mask"),
 }  # fmt: skip
 
 
 class Mask:
-    """A graph tensor made boolean in ``forward`` (``padding.bool()``, ``padding != 0``): usable only as
-    an attention layer's key padding mask, where the graph input itself is the mask."""
+    """A graph tensor made boolean in ``forward`` (``padding.bool()``, ``padding != 0``) or repeated per
+    head (``mask.repeat_interleave(num_heads, 0)``, ``heads``): usable only as an attention layer's mask,
+    where the graph input itself is the mask."""
 
-    def __init__(self, tensor: Tensor):
-        self.tensor = tensor
+    def __init__(self, tensor: Tensor, heads: int | None = None):
+        self.tensor, self.heads = tensor, heads
 
 
-def boolean_mask(name: str, args: tuple, values: tuple) -> Mask:
-    """``Tensor.bool()`` or ``x != 0`` on a graph tensor (``values``: the arguments' example values)."""
+def mask_operation(name: str, args: tuple, values: tuple[tuple, dict]) -> Mask:
+    """``Tensor.bool()``, ``x != 0`` or ``x.repeat_interleave(heads, 0)`` on a graph tensor or a mask
+    (``values``: the arguments' example values, positional and by keyword)."""
+    tensor, heads = (args[0].tensor, args[0].heads) if isinstance(args[0], Mask) else (args[0], None)
+    values, keywords = values
+    if name == "repeat_interleave":
+        repeats, dim = (*values[1:], *(keywords.get(key) for key in ("repeats", "dim")[len(values) - 1 :]))[:2]
+        if not isinstance(tensor, Tensor) or heads or type(repeats) is not int or dim != 0:
+            raise ValueError("only a graph tensor's repeat_interleave(num_heads, 0) is supported, as an "
+                             "attention mask")  # fmt: skip
+        return Mask(tensor, repeats)
     zero = name == "bool" or (len(values) == 2 and isinstance(values[1], (int, float)) and values[1] == 0)
-    if not isinstance(args[0], Tensor) or not zero:
-        raise ValueError("only a graph tensor compared with != 0 (or .bool()) is supported, as a key padding mask")
-    return Mask(args[0])
+    if not isinstance(tensor, Tensor) or not zero:
+        raise ValueError("only a graph tensor compared with != 0 (or .bool()) is supported, as a mask")
+    return Mask(tensor, heads)
 
 
 def _layer_norm(module: nn.LayerNorm, path: str) -> layers.LayerNorm:
@@ -62,14 +72,15 @@ def _layer_norm(module: nn.LayerNorm, path: str) -> layers.LayerNorm:
 
 
 def _attention(module: nn.MultiheadAttention, path: str) -> MultiheadAttention:
-    if not module._qkv_same_embed_dim or module.bias_k is not None or module.add_zero_attn:
-        raise ValueError(f"module {path!r}: unitrain's MultiheadAttention has kdim = vdim = embed_dim, "
-                         "add_bias_kv=False and add_zero_attn=False")  # fmt: skip
+    if module.bias_k is not None or module.add_zero_attn:
+        raise ValueError(f"module {path!r}: unitrain's MultiheadAttention has add_bias_kv=False and "
+                         "add_zero_attn=False")  # fmt: skip
     return MultiheadAttention(module.embed_dim, module.num_heads, module.dropout, module.in_proj_bias is not None,
-                              module.batch_first)  # fmt: skip
+                              module.batch_first, kdim=module.kdim, vdim=module.vdim)  # fmt: skip
 
 
-def _encoder_layer(module: nn.TransformerEncoderLayer, path: str, seq_len: int, padding_mask: bool, additive: bool):
+def _encoder_layer(module: nn.TransformerEncoderLayer, path: str, seq_len: int, masks: dict, additive: bool,
+                   causal: bool):  # fmt: skip
     activation = {1: "relu", 2: "gelu"}.get(module.activation_relu_or_gelu)
     if activation is None or getattr(module.activation, "approximate", "none") != "none":
         raise ValueError(f"module {path!r}: activation {module.activation!r} is not supported; only relu and "
@@ -83,7 +94,7 @@ def _encoder_layer(module: nn.TransformerEncoderLayer, path: str, seq_len: int, 
     return TransformerEncoderLayer(
         attention.embed_dim, attention.num_heads, module.linear1.out_features, module.dropout.p, activation,
         norm.eps, attention.batch_first, module.norm_first, module.linear1.bias is not None, seq_len=seq_len,
-        padding_mask=padding_mask, additive_masks=additive,
+        causal=causal, padding_mask="padding" in masks, additive_masks=additive, src_mask="attention" in masks,
     )  # fmt: skip
 
 
@@ -93,43 +104,111 @@ def _bound(names: list[str], args: tuple, kwargs: dict, path: str) -> dict:
     return {**dict(zip(names, args, strict=False)), **kwargs}
 
 
+class ConstantTensor:
+    """A tensor ``forward`` builds from no graph value (``nn.Transformer.generate_square_subsequent_mask(L)``,
+    ``torch.triu(torch.ones(5, 5), 1).bool()``): its example value, usable only as an attention layer's
+    causal mask, the spec's ``causal`` flag."""
+
+    def __init__(self, value: torch.Tensor):
+        self.value = value
+
+
+#: what builds a mask: torch functions, and tensor methods and operators by name
+_BUILDERS = (torch.full, torch.ones, torch.zeros, torch.triu, torch.tril, torch.logical_not)
+_BUILDING = {"triu", "tril", "bool", "float", "to", "masked_fill", "logical_not", "ne", "eq", "invert", "mul", "add",
+             "neg"}  # fmt: skip
+
+
+def constant(node, name, args: tuple, kwargs: dict, value) -> ConstantTensor | None:
+    """A :class:`ConstantTensor` when ``node`` (``name``: the method's or operator's) builds a tensor from
+    constants alone (``args``, ``kwargs``: their values in the graph, ``value``: the example's), else None.
+    fx keeps a tensor computed outside the trace as a ``get_attr`` of ``_tensor_constant<k>``."""
+    if node.op == "get_attr":
+        return ConstantTensor(value) if node.target.startswith("_tensor_constant") and torch.is_tensor(value) else None
+    if not torch.is_tensor(value) or not (node.target in _BUILDERS or name in _BUILDING):
+        return None
+    leaves = []
+    fx.node.map_aggregate((args, kwargs), leaves.append)
+    plain = (ConstantTensor, int, float, bool, str, torch.dtype, torch.device, type(None))
+    return ConstantTensor(value) if all(isinstance(leaf, plain) for leaf in leaves) else None
+
+
+def _causal(mask: ConstantTensor, length: int) -> bool:
+    """Whether ``mask`` is the square subsequent mask of ``length``: ``True`` (boolean) or ``-inf`` (float,
+    0 elsewhere) above the diagonal."""
+    value, above = mask.value, torch.ones(length, length, dtype=torch.bool).triu(1)
+    if tuple(value.shape) != (length, length):
+        return False
+    if value.dtype == torch.bool:
+        return bool(torch.equal(value, above))
+    return value.is_floating_point() and bool((value[above] == float("-inf")).all() and (value[~above] == 0).all())
+
+
+def _self_attention(module) -> nn.MultiheadAttention:
+    """The attention of a call's module (an encoder's first layer's)."""
+    if isinstance(module, nn.MultiheadAttention):
+        return module
+    return (module.layers[0] if isinstance(module, nn.TransformerEncoder) else module).self_attn
+
+
+def _graph_mask(module, path: str, name: str, mask, example) -> tuple[Tensor, bool]:
+    """The graph input a mask argument is, and whether PyTorch adds it (a float mask)."""
+    heads = _self_attention(module).num_heads
+    repeated = isinstance(mask, Mask) and mask.heads is not None
+    if name.endswith("padding_mask") and repeated:
+        raise ValueError(f"calls {path} with a {name} repeated per head; it has one entry per key")
+    if not name.endswith("padding_mask") and not (repeated and mask.heads == heads):
+        raise ValueError(f"calls {path} with a {name} that is not a graph input repeated per head "
+                         f"(mask.repeat_interleave({heads}, 0) of an (N, L, S) input); unitrain's attention "
+                         "masks are graph inputs (a causal mask: the spec's causal=True)")  # fmt: skip
+    if not isinstance(mask, (Mask, Tensor)):
+        raise ValueError(f"calls {path} with a {name} that is not a graph input or made from one")
+    return (mask.tensor if isinstance(mask, Mask) else mask), example.dtype != torch.bool
+
+
 def called_spec(module: nn.Module, path: str, call: tuple[tuple, dict], examples: tuple[tuple, dict]):
     """``(spec, its tensor inputs)`` for a call of an attention ``module`` with the graph values
     ``call`` (positional and keyword arguments) whose example values are ``examples``; ``ValueError``
     for what unitrain's specs cannot do."""
-    signature, mask_name, refused = _SIGNATURES[type(module)]
+    signature, padding_name, attention_name = _SIGNATURES[type(module)]
     names = signature.split()
     given, examples = _bound(names, *call, path), _bound(names, *examples, path)
-    for name in refused:
-        if given.get(name) not in (None, False):
-            raise ValueError(f"calls {path} with {name}; unitrain's attention takes only a key padding mask "
-                             "(build a causal model with the spec's causal=True)")  # fmt: skip
-    mask, additive = given.get(mask_name), False
-    if mask is not None:
-        if isinstance(mask, Mask):
-            mask = mask.tensor
-        elif not isinstance(mask, Tensor):
-            raise ValueError(f"calls {path} with a {mask_name} that is not a graph input or made from one")
-        else:  # bool, or float (PyTorch refuses other masks on the example): PyTorch adds a float mask
-            additive = examples[mask_name].dtype != torch.bool
+    length = examples[names[0]].shape[1 if _self_attention(module).batch_first else 0]
+    causal = isinstance(given.get(attention_name), ConstantTensor)
+    if causal and not _causal(given.pop(attention_name), length):
+        raise ValueError(f"calls {path} with a {attention_name} made in forward that is not the causal mask "
+                         f"(triu of -inf or True, diagonal 1) of {length}; other masks must be graph "
+                         "inputs")  # fmt: skip
+    if given.get("is_causal") not in (None, False) and not causal:
+        raise ValueError(f"calls {path} with is_causal but no causal {attention_name}; build a causal model with "
+                         "the spec's causal=True")  # fmt: skip
+    masks, kinds = {}, set()  # kind -> graph input; PyTorch adds float masks (bool or float: it refuses others)
+    for kind, name in (("padding", padding_name), ("attention", attention_name)):
+        if given.get(name) is not None:
+            masks[kind], additive = _graph_mask(module, path, name, given[name], examples[name])
+            kinds.add(additive)
+    if len(kinds) > 1:
+        raise ValueError(f"calls {path} with a boolean and a float mask; unitrain's masks are both boolean or both "
+                         "added (additive_masks)")  # fmt: skip
+    additive = kinds == {True}
     inputs = [given[name] for name in names[: 3 if isinstance(module, nn.MultiheadAttention) else 1]]
     if not all(isinstance(value, Tensor) for value in inputs):
         raise ValueError(f"calls {path} with something other than tensors as {', '.join(names[: len(inputs)])}")
-    padding = [] if mask is None else [mask]
+    inputs += list(masks.values())  # the key padding mask first, as the specs take them
     if isinstance(module, nn.MultiheadAttention):
-        return dataclasses.replace(_attention(module, path), additive_masks=additive), [*inputs, *padding]
+        return dataclasses.replace(_attention(module, path), additive_masks=additive, causal=causal), inputs
     seq_len = examples["src"].shape[1]
     if isinstance(module, nn.TransformerEncoderLayer):
-        return _encoder_layer(module, path, seq_len, mask is not None, additive), [*inputs, *padding]
+        return _encoder_layer(module, path, seq_len, masks, additive, causal), inputs
     if len(module.layers) == 0:
         raise ValueError(f"module {path!r} has no layers")
-    specs = [_encoder_layer(layer, f"{path}.layers.{i}", seq_len, mask is not None, additive)
+    specs = [_encoder_layer(layer, f"{path}.layers.{i}", seq_len, masks, additive, causal)
              for i, layer in enumerate(module.layers)]  # fmt: skip
     if any(spec != specs[0] for spec in specs):
         raise ValueError(f"module {path!r}: its layers differ in their arguments; unitrain's TransformerEncoder "
                          "repeats one layer's")  # fmt: skip
     norm = None if module.norm is None else _layer_norm(module.norm, f"{path}.norm")
-    return TransformerEncoder(specs[0], len(specs), norm), [*inputs, *padding]
+    return TransformerEncoder(specs[0], len(specs), norm), inputs
 
 
 # --- word_language_model's PositionalEncoding -----------------------------------------------------

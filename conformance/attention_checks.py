@@ -1,6 +1,7 @@
 """The check of the attention layers (capability ``attention``): multi-head self-attention behind the
 positional encoding, with a causal mask and a key padding mask given as a graph input, then with float
-key padding and per-head attention masks added to the scores, against the float64 reference of
+key padding and per-head attention masks added to the scores, then cross-attention to keys and values
+of other widths (``kdim``, ``vdim``: separate projection weights), against the float64 reference of
 :mod:`.reference_attention`.
 
 Tolerance sizes as in the graph checks: no value sums more terms than the batch's elements of the
@@ -21,6 +22,8 @@ from .reference_attention import attention, attention_backward, positional_table
 
 F64 = np.float64
 LENGTH, EMBED, HEADS, SAMPLES = 5, 8, 2, 8
+#: cross-attention's memory: its length, the keys' and the values' widths
+MEMORY, KDIM, VDIM = 4, 6, 3
 
 
 def attention_model(additive: bool = False) -> Graph:
@@ -33,6 +36,13 @@ def attention_model(additive: bool = False) -> Graph:
     h = position(x)
     masks = [padding] + ([Input((HEADS, LENGTH, LENGTH), "bias")] if additive else [])
     return Graph([x, *masks], attend(h, h, h, *masks), {"position": position, "attend": attend})
+
+
+def cross_attention_model() -> Graph:
+    """Queries ``(N, 5, 8)`` attend over two heads to keys ``(N, 4, 6)`` and values ``(N, 4, 3)``."""
+    query, key, value = Input((LENGTH, EMBED), "query"), Input((MEMORY, KDIM), "key"), Input((MEMORY, VDIM), "value")
+    attend = MultiheadAttention(EMBED, HEADS, batch_first=True, kdim=KDIM, vdim=VDIM)
+    return Graph([query, key, value], attend(query, key, value), {"attend": attend})
 
 
 def padding_masks(seed: int = 3) -> np.ndarray:
@@ -76,3 +86,21 @@ def check_attention(adapter):
         compare_states(f"{what}: gradient", loop.gradients(),
                        {f"attend.{key}": value for key, value in grads.items()}, dtype=loop.dtype,
                        size=8 * size)  # fmt: skip
+    _check_cross_attention(adapter)
+
+
+def _check_cross_attention(adapter):
+    model = cross_attention_model()
+    state = state_of(model)
+    loop = loaded(adapter, model, state, loss=MSELoss(reduction="sum"))
+    x = tuple(inputs(shape, seed=seed, n=SAMPLES) for seed, (_, shape) in enumerate(model.inputs, 5))
+    target = inputs((LENGTH, EMBED), seed=2, n=SAMPLES)
+    params = {key.removeprefix("attend."): value.astype(F64) for key, value in state.items()}
+    expected, tape = attention(model.attend, params, *(part.astype(F64) for part in x))
+    size, what = SAMPLES * LENGTH * EMBED, "cross-attention to keys and values of other widths"
+    compare(f"{what}: predict()", loop.predict(x), expected, dtype=loop.dtype, size=size)
+    got = tutorial_gradients(loop, x, target)
+    compare(f"{what}: training loss", got, ((expected - target) ** 2).sum(), dtype=loop.dtype, size=size)
+    grads, _ = attention_backward(model.attend, params, tape, 2 * (expected - target))
+    compare_states(f"{what}: gradient", loop.gradients(), {f"attend.{key}": value for key, value in grads.items()},
+                   dtype=loop.dtype, size=8 * size)  # fmt: skip

@@ -43,19 +43,20 @@ STEPS, BATCH = 20, 4
 
 def model_spec(norm_first=True, activation="gelu", num_layers=1, causal=False, dropout=0.0) -> Graph:
     """Positional encoding -> encoder (with a final LayerNorm) -> causal self-attention -> mean -> Linear;
-    the padding mask reaches every attention."""
-    x, padding = Input((S, E), "x"), Input((S,), "padding")
+    the padding mask reaches every attention, the attention mask ``(S, S)`` every encoder layer."""
+    x, padding, mask = Input((S, E), "x"), Input((S,), "padding"), Input((S, S), "mask")
     layer = ut.TransformerEncoderLayer(E, HEADS, FEEDFORWARD, dropout, activation=activation, batch_first=True,
-                                       norm_first=norm_first, causal=causal, seq_len=S, padding_mask=True)  # fmt: skip
+                                       norm_first=norm_first, causal=causal, seq_len=S, padding_mask=True,
+                                       src_mask=True)  # fmt: skip
     modules = {
         "pos": ut.PositionalEncoding(E, max_len=S, batch_first=True),
         "enc": ut.TransformerEncoder(layer, num_layers, ut.LayerNorm(E)),
         "attn": ut.MultiheadAttention(E, HEADS, dropout, batch_first=True, causal=True),
         "head": ut.Linear(E, CLASSES),
     }
-    h = modules["enc"](modules["pos"](x), padding)
+    h = modules["enc"](modules["pos"](x), padding, mask)
     h = modules["attn"](h, h, h, padding)
-    return Graph([x, padding], modules["head"](h.mean(dim=1)), modules)
+    return Graph([x, padding, mask], modules["head"](h.mean(dim=1)), modules)
 
 
 class TutorialPositionalEncoding(nn.Module):
@@ -88,26 +89,27 @@ class Twin(nn.Module):
         self.attn = nn.MultiheadAttention(E, HEADS, dropout=dropout, batch_first=True)
         self.head = nn.Linear(E, CLASSES)
 
-    def forward(self, x, padding):
-        mask = padding != 0
+    def forward(self, x, padding, mask):
+        padding = padding != 0
         causal = torch.ones(S, S, dtype=torch.bool).triu(1)
-        if self.causal:
-            h = self.enc(self.pos(x), mask=causal, src_key_padding_mask=mask, is_causal=True)
-        else:
-            h = self.enc(self.pos(x), src_key_padding_mask=mask)
-        h = self.attn(h, h, h, key_padding_mask=mask, attn_mask=causal, need_weights=False)[0]
+        mask = (mask != 0).repeat_interleave(HEADS, 0)  # one (S, S) mask per sample: PyTorch's (N * H, S, S)
+        h = self.enc(self.pos(x), mask=mask | causal if self.causal else mask, src_key_padding_mask=padding)
+        h = self.attn(h, h, h, key_padding_mask=padding, attn_mask=causal, need_weights=False)[0]
         return self.head(h.mean(1))
 
 
 def _batches():
-    """Sequences padded at their ends (lengths 2..5), so no causal query loses every key."""
+    """Sequences padded at their ends (lengths 2..5) and attention masks masking (query, key) pairs at random,
+    never key 0, so no query loses every key."""
     rng = np.random.default_rng(SEED)
     batches = []
     for _ in range(STEPS):
         x = rng.standard_normal((BATCH, S, E)).astype(np.float32)
         lengths = rng.integers(2, S + 1, BATCH)
         padding = (np.arange(S) >= lengths[:, None]).astype(np.float32)
-        batches.append(((x, padding), rng.integers(0, CLASSES, BATCH)))
+        mask = rng.random((BATCH, S, S)) < 0.3
+        mask[..., 0] = False
+        batches.append(((x, padding, mask.astype(np.float32)), rng.integers(0, CLASSES, BATCH)))
     return batches
 
 
@@ -144,7 +146,7 @@ def test_trains_and_evaluates_like_torch_nn(case, backend):
     assert list(spec.state_shapes()) == list(Twin().state_dict())
     for dtype in DTYPES[backend]:
         loop = _loop(backend, spec, dtype)
-        losses = [loop.to_float(loop.step(((x.astype(dtype), m.astype(dtype)), y))) for (x, m), y in batches]
+        losses = [loop.to_float(loop.step((tuple(part.astype(dtype) for part in x), y))) for x, y in batches]
         assert_run_within_drift(loop, losses, runs, dtype, SIZE)
     assert_evaluates_like_torch_nn(loop, batches[-1][0])
 
@@ -195,7 +197,7 @@ def test_dropout_inside_attention_trains_like_torch_nn(dropout_case, backend):
     spec, batches, runs, own = dropout_case
     for dtype in DTYPES[backend]:
         loop = _loop(backend, spec, dtype)
-        losses = [loop.to_float(loop.step(((x.astype(dtype), m.astype(dtype)), y))) for (x, m), y in batches]
+        losses = [loop.to_float(loop.step((tuple(part.astype(dtype) for part in x), y))) for x, y in batches]
         if backend == "torch":  # other masks: PyTorch's drift on the case with the loops' masks bounds it
             assert_run_close(loop, losses, own, expected_run(runs[np.float32], dtype, SIZE)[1])
         else:
@@ -296,6 +298,83 @@ def test_time_first_attention_drops_what_numpy_drops(backend):
     for key, value in gradients.items():
         np.testing.assert_allclose(other_gradients[key], value, rtol=0, atol=8 * bound, err_msg=key)
     assert np.abs(evaluated - expected).max() > 100 * bound  # dropout acted
+
+
+KDIM, VDIM = 6, 4
+
+
+class WideMemoryCrossAttention(nn.Module):
+    """Cross-attention to another input of another width: keys of ``kdim`` features (the memory through a
+    Linear) and values of ``vdim`` (another Linear of it), PyTorch's separate ``q/k/v_proj_weight``."""
+
+    def __init__(self):
+        super().__init__()
+        self.keys, self.values = nn.Linear(KDIM, KDIM), nn.Linear(KDIM, VDIM)
+        self.attn = nn.MultiheadAttention(E, HEADS, kdim=KDIM, vdim=VDIM, batch_first=True)
+        self.head = nn.Linear(E, CLASSES)
+
+    def forward(self, query, memory):
+        h = self.attn(query, self.keys(memory), self.values(memory), need_weights=False)[0]
+        return self.head(h.mean(1))
+
+
+def _wide_memory_batches(steps=STEPS):
+    rng = np.random.default_rng(SEED)
+    return [((rng.standard_normal((BATCH, 3, E)).astype(np.float32), rng.standard_normal((BATCH, S, KDIM))
+              .astype(np.float32)), rng.integers(0, CLASSES, BATCH)) for _ in range(steps)]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def wide_memory_case():
+    """The graph imported from ``WideMemoryCrossAttention`` (torch.fx), its initial weights drawn by unitrain,
+    and torch.nn's runs of the module from them."""
+    batches = _wide_memory_batches()
+    spec = ut.from_torch(WideMemoryCrossAttention(), tuple(map(torch.from_numpy, batches[0][0])))
+    initial = ut.init_weights(spec, SEED)
+    runs = torch_runs(lambda dtype: load_state(WideMemoryCrossAttention().to(dtype), initial), SGD_OF, batches)
+    return spec, batches, runs
+
+
+@pytest.mark.parametrize("backend", installed_backends())
+def test_cross_attention_with_other_key_and_value_widths_trains_like_torch_nn(wide_memory_case, backend):
+    """``kdim``/``vdim`` (queries of 8 features, keys of 6, values of 4): from_torch maps the module, and 20
+    SGD-momentum steps from the same weights land within PyTorch's own float32 drift of its float64 run
+    (float64: within the conformance formula) on every backend (MindSpore: one float32 run, one compile)."""
+    spec, batches, runs = wide_memory_case
+    attn = spec.modules["attn"]
+    assert attn == ut.MultiheadAttention(E, HEADS, batch_first=True, kdim=KDIM, vdim=VDIM)
+    assert list(spec.state_shapes()) == list(WideMemoryCrossAttention().state_dict())
+    for dtype in DTYPES[backend]:
+        loop = _loop(backend, spec, dtype)
+        losses = [loop.to_float(loop.step((tuple(part.astype(dtype) for part in x), y))) for x, y in batches]
+        assert_run_within_drift(loop, losses, runs, dtype, SIZE)
+
+
+def test_other_key_and_value_widths_init_refusals_and_to_torch():
+    """PyTorch's Xavier bound per projection (fan_in its input's width), ``kdim = embed_dim`` the default's
+    spec, inputs of the wrong width refused naming the width, and ``to_torch`` computing what the module
+    computes from the same weights."""
+    attn = ut.MultiheadAttention(64, 4, kdim=32, vdim=64)
+    assert attn.param_shapes() == {key: tuple(value.shape) for key, value in
+                                   nn.MultiheadAttention(64, 4, kdim=32, vdim=64).state_dict().items()}  # fmt: skip
+    state = ut.init_weights(ut.Sequential(attn), 0)
+    for key, fan_in in (("q_proj_weight", 64), ("k_proj_weight", 32), ("v_proj_weight", 64)):
+        bound = math.sqrt(6 / (64 + fan_in))
+        assert 0.95 * bound < np.abs(state[f"0.{key}"]).max() <= bound
+    assert ut.MultiheadAttention(8, 2, kdim=8, vdim=8) == ut.MultiheadAttention(8, 2)
+    with pytest.raises(ValueError, match=r"expects per-sample value \(L, vdim\) with vdim=4, got per-sample shape "
+                                         r"\(5, 6\)"):  # fmt: skip
+        ut.MultiheadAttention(E, HEADS, batch_first=True, kdim=KDIM, vdim=VDIM)(
+            Input((3, E), "q"), Input((S, KDIM), "k"), Input((S, KDIM), "v"))  # fmt: skip
+    with pytest.raises(ValueError, match="kdim must be a positive integer"):
+        ut.MultiheadAttention(E, HEADS, kdim=0)
+    batches = _wide_memory_batches(1)
+    module = WideMemoryCrossAttention()
+    query, memory = (torch.from_numpy(part) for part in batches[0][0])
+    exported = ut.to_torch(ut.from_torch(module, (query, memory)))
+    assert list(exported.state_dict()) == list(module.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(exported(query, memory), module(query, memory), rtol=0, atol=0)
 
 
 class MaskedSelfAttention(nn.Module):
@@ -426,8 +505,11 @@ def test_a_mask_of_the_wrong_length_is_refused_before_any_framework_work():
 
     loop = NumpyLoop(model_spec())
     x = np.zeros((2, S, E), np.float32)
+    padding, mask = np.zeros((2, S), np.float32), np.zeros((2, S, S), np.float32)
     with pytest.raises(InputError, match=r"key_padding_mask must have per-sample shape \(5,\).*got \(4,\)"):
-        loop.step(((x, np.zeros((2, 4), np.float32)), np.array([0, 1])))
+        loop.step(((x, np.zeros((2, 4), np.float32), mask), np.array([0, 1])))
+    with pytest.raises(InputError, match=r"attn_mask must have per-sample shape \(5, 5\) or \(2, 5, 5\).*got \(5, 4\)"):
+        loop.step(((x, padding, np.zeros((2, S, 4), np.float32)), np.array([0, 1])))
     assert loop.step_count == 0
 
 

@@ -983,6 +983,18 @@ class _FloatMasksAsBoolean(_MasksOfAnotherSpec):
     changes: ClassVar[dict] = {"additive_masks": False}
 
 
+class _SeparateProjectionsUntrained(numpy_attention._MultiheadAttention):
+    """``q/k/v_proj_weight`` read by the forward, left without gradients by the backward (as if only
+    ``in_proj_weight`` had one)."""
+
+    def backward(self, grad, need_input_grad):
+        separate = {key: value.copy() for key, value in self.grads.items() if key[0] in "qkv"}
+        result = super().backward(grad, need_input_grad)
+        for key, value in separate.items():
+            self.grads[key][...] = value
+        return result
+
+
 class _BrokenAttention(_BrokenGraph):
     broken: ClassVar[type]
 
@@ -1011,6 +1023,10 @@ class FloatMasksAsBoolean(_BrokenAttention):
     broken = _FloatMasksAsBoolean
 
 
+class SeparateProjectionsUntrained(_BrokenAttention):
+    broken = _SeparateProjectionsUntrained
+
+
 CAUGHT_ATTENTION = {
     AttentionScaledByD:
         "causal self-attention with a key padding mask: predict(): expected 0.653416, got 1.05291 at index "
@@ -1024,6 +1040,9 @@ CAUGHT_ATTENTION = {
     AttentionMaskIgnored:
         "causal self-attention with additive key padding and attention masks: predict(): expected -0.834444, "
         "got 0.0916875 at index (2, 4, 7); max error 0.926 > tolerance 0.000556",
+    SeparateProjectionsUntrained:
+        "cross-attention to keys and values of other widths: gradient 'attend.q_proj_weight': expected 2.55122, "
+        "got 0 at index (4, 1); max error 2.55 > tolerance 0.00623",
     FloatMasksAsBoolean:  # every key of a query with a non-zero float masked: NaN, as PyTorch gives
         "causal self-attention with additive key padding and attention masks: predict(): expected -1.06507, "
         "got nan at index (0, 0, 0); max error inf > tolerance 0.000556",

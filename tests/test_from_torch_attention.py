@@ -196,6 +196,67 @@ def test_float_padding_masks_import_as_added_masks_and_train_on_numpy():
     assert_run_within_drift(loop, [loop.to_float(loop.step(batch)) for batch in data], runs, "float64", SIZE)
 
 
+class AttentionMasks(TransformerClassifier):
+    """An attention mask per sample, ``(N, S, S)`` (1 = not allowed), repeated per head for PyTorch's
+    ``(N * H, S, S)``, beside the key padding mask, in the encoder and in the attention after it."""
+
+    def forward(self, tokens, padding, mask):
+        padding, mask = padding != 0, (mask != 0).repeat_interleave(HEADS, dim=0)
+        h = self.encoder(self.position(self.embedding(tokens)), mask=mask, src_key_padding_mask=padding)
+        h, _ = self.attention(h, h, h, key_padding_mask=padding, attn_mask=mask, need_weights=False)
+        return self.classifier(h[:, 0])
+
+
+def test_attention_masks_from_graph_inputs_import_and_train_on_numpy():
+    """``encoder(x, mask=..., src_key_padding_mask=...)`` and ``attention(..., attn_mask=...)`` with masks
+    from graph inputs import as the specs' mask inputs (``src_mask``), and 20 float64 steps on NumPy equal the
+    module's within the conformance formula (the specs' masks on four backends: tests/test_attention.py)."""
+    torch.manual_seed(SEED)
+    twin = AttentionMasks()
+    rng = np.random.default_rng(SEED)
+    masks = (rng.random((len(batches()), BATCH, S, S)) < 0.3) & (np.arange(S) > 0)  # key 0 never masked
+    data = [
+        ((tokens, padding, mask.astype(np.float32)), y)
+        for ((tokens, padding), y), mask in zip(batches(), masks, strict=True)
+    ]
+    graph = unitrain.from_torch(copy.deepcopy(twin).float(), tuple(map(torch.from_numpy, data[0][0])))
+    layer = graph.modules["encoder"].modules["layers"].layers[0]
+    assert layer._arguments()["src_mask"] and layer.input_names == ("src", "src_key_padding_mask", "src_mask")
+    runs = _without_table(torch_runs(lambda dtype: copy.deepcopy(twin).to(dtype), sgd, data))
+    loop = get_backend("numpy")(graph, loss=CrossEntropyLoss(), optimizer=SGD(lr=LR, momentum=MOMENTUM),
+                                dtype="float64")  # fmt: skip
+    data = [((tokens, padding.astype("float64"), mask.astype("float64")), y) for (tokens, padding, mask), y in data]
+    assert_run_within_drift(loop, [loop.to_float(loop.step(batch)) for batch in data], runs, "float64", SIZE)
+
+
+class CausalInForward(TransformerClassifier):
+    """Causal masks made in ``forward``: PyTorch's float square subsequent mask for the encoder, a boolean one
+    from a constant length for the attention (fx keeps it as a tensor constant)."""
+
+    def forward(self, tokens, padding):
+        causal = nn.Transformer.generate_square_subsequent_mask(tokens.size(1))
+        h = self.encoder(self.position(self.embedding(tokens)), mask=causal, is_causal=True)
+        mask = torch.triu(torch.ones(S, S), 1).bool()
+        h, _ = self.attention(h, h, h, key_padding_mask=padding != 0, attn_mask=mask, need_weights=False)
+        return self.classifier(h[:, -1])
+
+
+def test_causal_masks_made_in_forward_import_as_the_causal_flag_and_train_on_numpy():
+    """The square subsequent mask built in ``forward`` (float or boolean) imports as the specs' ``causal``
+    flag, and 20 float64 steps on NumPy equal the module's within the conformance formula."""
+    torch.manual_seed(SEED)
+    twin = CausalInForward()
+    graph = unitrain.from_torch(copy.deepcopy(twin).float(), example())
+    layer = graph.modules["encoder"].modules["layers"].layers[0]
+    assert graph.modules["attention"].causal and layer.modules["self_attn"].causal
+    assert layer.input_names == ("src",)
+    runs = _without_table(torch_runs(lambda dtype: copy.deepcopy(twin).to(dtype), sgd, batches()))
+    loop = get_backend("numpy")(graph, loss=CrossEntropyLoss(), optimizer=SGD(lr=LR, momentum=MOMENTUM),
+                                dtype="float64")  # fmt: skip
+    data = [((tokens, padding.astype("float64")), y) for (tokens, padding), y in batches()]
+    assert_run_within_drift(loop, [loop.to_float(loop.step(batch)) for batch in data], runs, "float64", SIZE)
+
+
 class IntegerPadding(TransformerClassifier):
     def forward(self, tokens, padding):
         return self.classifier(self.encoder(self.embedding(tokens), src_key_padding_mask=padding.long())[:, 0])
@@ -206,6 +267,28 @@ class Causal(TransformerClassifier):
 
     def forward(self, tokens, padding, causal):
         return self.classifier(self.encoder(self.embedding(tokens), mask=causal, is_causal=True)[:, 0])
+
+
+class Unrepeated(TransformerClassifier):
+    def forward(self, tokens, padding, causal):
+        return self.classifier(self.encoder(self.embedding(tokens), mask=causal)[:, 0])
+
+
+class MixedMasks(TransformerClassifier):
+    def forward(self, tokens, padding, mask):
+        mask = mask.repeat_interleave(HEADS, 0)
+        return self.classifier(self.encoder(self.embedding(tokens), mask=mask, src_key_padding_mask=padding != 0)[:, 0])
+
+
+class NotCausal(TransformerClassifier):
+    def forward(self, tokens, padding):
+        mask = torch.tril(torch.ones(S, S), -1).bool()
+        return self.classifier(self.encoder(self.embedding(tokens), mask=mask)[:, 0])
+
+
+class AddsAConstant(TransformerClassifier):
+    def forward(self, tokens, padding):
+        return self.classifier(self.embedding(tokens)[:, 0] + torch.ones(D))
 
 
 class Weights(TransformerClassifier):
@@ -225,14 +308,27 @@ class Compared(TransformerClassifier):
     [
         (lambda: TransformerClassifier(activation=nn.GELU(approximate="tanh")), "only relu and gelu (exact)"),
         (IntegerPadding, "only bool and floating types of src_key_padding_mask are supported"),
-        (Causal, "with mask; unitrain's attention takes only a key padding mask"),
-        (Compared, "only a graph tensor compared with != 0 (or .bool()) is supported, as a key padding mask"),
+        (
+            AddsAConstant,
+            "node 'add' (_operator.add): add: the other operand must be a Tensor or a number, got ConstantTensor",
+        ),
+        (Causal, "with is_causal but no causal mask; build a causal model with the spec's causal=True"),
+        (
+            NotCausal,
+            "with a mask made in forward that is not the causal mask (triu of -inf or True, diagonal 1) "
+            "of 6; other masks must be graph inputs",
+        ),
+        (Unrepeated, "with a mask that is not a graph input repeated per head (mask.repeat_interleave(2, 0) of"),
+        (MixedMasks, "with a boolean and a float mask; unitrain's masks are both boolean or both added"),
+        (Compared, "only a graph tensor compared with != 0 (or .bool()) is supported, as a mask"),
         (Weights, "takes item 1 of attention's (attn_output, attn_output_weights)"),
     ],
 )
+@pytest.mark.filterwarnings("ignore:Support for mismatched src_key_padding_mask and mask")  # MixedMasks: PyTorch's
 def test_what_the_specs_cannot_do_is_refused_in_one_line(make, message):
     torch.manual_seed(SEED)
     with pytest.raises(ValueError, match="^from_torch: ") as error:
-        causal = [nn.Transformer.generate_square_subsequent_mask(S)] if make is Causal else []
+        causal = [nn.Transformer.generate_square_subsequent_mask(S)] if make in (Causal, Unrepeated) else []
+        causal = [torch.zeros(BATCH, S, S)] if make is MixedMasks else causal
         unitrain.from_torch(make().float(), (*example(), *causal))
     assert message in str(error.value) and "\n" not in str(error.value)

@@ -5,11 +5,12 @@ As :mod:`unitrain.layers`: PyTorch's class names, arguments, equations and ``sta
 sinusoidal table of PyTorch's word_language_model example). A spec holds no weights.
 
 Masks are inputs, as in PyTorch's ``forward``: in a :class:`~unitrain.graph.Graph`, a
-``MultiheadAttention`` is called on ``(query, key, value)`` or ``(query, key, value,
-key_padding_mask)``, an encoder (layer) on ``(src,)`` or ``(src, src_key_padding_mask)``; the mask
-is a graph input of per-sample shape ``(S,)`` whose non-zero entries mark the keys to ignore
-(PyTorch's boolean ``True``). The causal mask (PyTorch's ``is_causal`` with the triangular
-``attn_mask``) is the spec's ``causal`` flag, fixed when the model is built. Called on one input
+``MultiheadAttention`` is called on ``(query, key, value)`` and optionally ``key_padding_mask``
+and ``attn_mask``, an encoder (layer) on ``src`` and optionally ``src_key_padding_mask`` and
+``src_mask``; the key padding mask is a graph input of per-sample shape ``(S,)`` whose non-zero
+entries mark the keys to ignore (PyTorch's boolean ``True``), the attention mask one of ``(L,
+S)``. The causal mask (PyTorch's ``is_causal`` with the triangular ``attn_mask``) is the spec's
+``causal`` flag, fixed when the model is built. Called on one input
 (inside a ``Sequential``), ``MultiheadAttention`` is self-attention: ``query = key = value``.
 
 The encoders are graphs themselves (their modules and nodes are PyTorch's submodules and
@@ -42,7 +43,7 @@ def _dropout(spec_name: str, dropout) -> float:
 @dataclass(frozen=True)
 class MultiheadAttention(Layer):
     """Scaled dot-product attention over ``num_heads`` heads of ``embed_dim // num_heads`` features
-    (``torch.nn.MultiheadAttention`` with ``kdim = vdim = embed_dim``, ``need_weights=False``)::
+    (``torch.nn.MultiheadAttention`` with ``need_weights=False``)::
 
         q, k, v = query @ W_q.T + b_q, key @ W_k.T + b_k, value @ W_v.T + b_v   # W = in_proj_weight rows
         head_h = softmax(q_h @ k_h.T / sqrt(d) + mask) @ v_h                      # d = embed_dim // num_heads
@@ -59,9 +60,13 @@ class MultiheadAttention(Layer):
     others by ``1 / (1 - dropout)`` (PyTorch's ``dropout_p``), each weight of each head its own
     draw. Weights: ``in_proj_weight`` ``(3E, E)`` (Xavier-uniform), ``in_proj_bias`` ``(3E,)`` and
     ``out_proj.bias`` zeros, ``out_proj.weight``
-    ``(E, E)`` as a Linear's. Per-sample shapes with ``batch_first``: query ``(L, E)``, key and
-    value ``(S, E)``, ``key_padding_mask`` ``(S,)``; output ``(L, E)``. Without ``batch_first`` the
-    loop's axis 0 is the sequence axis (as for the recurrent layers) and no mask input fits."""
+    ``(E, E)`` as a Linear's. Keys and values of other widths (``kdim``, ``vdim``: cross-attention
+    to another model's features) have their own projections, as PyTorch's: ``q_proj_weight``
+    ``(E, E)``, ``k_proj_weight`` ``(E, kdim)``, ``v_proj_weight`` ``(E, vdim)`` (each Xavier-uniform)
+    in place of ``in_proj_weight``, whenever either width differs from ``E``. Per-sample shapes
+    with ``batch_first``: query ``(L, E)``, key ``(S, kdim)``, value ``(S, vdim)``,
+    ``key_padding_mask`` ``(S,)``; output ``(L, E)``. Without ``batch_first`` the loop's axis 0 is
+    the sequence axis (as for the recurrent layers) and no mask input fits."""
 
     embed_dim: int
     num_heads: int
@@ -70,10 +75,17 @@ class MultiheadAttention(Layer):
     batch_first: bool = False
     causal: bool = False
     additive_masks: bool = False
+    kdim: int | None = None
+    vdim: int | None = None
 
     def __post_init__(self):
         _positive_int("MultiheadAttention", "embed_dim", self.embed_dim)
         _positive_int("MultiheadAttention", "num_heads", self.num_heads)
+        for name in ("kdim", "vdim"):
+            if getattr(self, name) is not None:
+                _positive_int("MultiheadAttention", name, getattr(self, name))
+                if getattr(self, name) == self.embed_dim:  # PyTorch's None: one spec for one layer
+                    object.__setattr__(self, name, None)
         if self.embed_dim % self.num_heads:
             raise ValueError(
                 f"MultiheadAttention: embed_dim {self.embed_dim} must be divisible by num_heads {self.num_heads}"
@@ -86,9 +98,30 @@ class MultiheadAttention(Layer):
     def head_dim(self) -> int:
         return self.embed_dim // self.num_heads
 
+    @property
+    def widths(self) -> tuple[int, int, int]:
+        """The features of query, key and value: ``(embed_dim, kdim, vdim)``."""
+        e = self.embed_dim
+        return e, self.kdim or e, self.vdim or e
+
+    @property
+    def separate_projections(self) -> bool:
+        """Whether the projections are ``q/k/v_proj_weight`` (PyTorch's ``not _qkv_same_embed_dim``)."""
+        return self.kdim is not None or self.vdim is not None
+
+    def projection_weights(self) -> tuple[str, str, str]:
+        """The ``state_dict`` keys holding the query's, key's and value's projection: three names, or
+        ``in_proj_weight`` three times (its row blocks ``E`` apart)."""
+        if self.separate_projections:
+            return "q_proj_weight", "k_proj_weight", "v_proj_weight"
+        return ("in_proj_weight",) * 3
+
     def param_shapes(self):
         e = self.embed_dim
-        shapes = {"in_proj_weight": (3 * e, e)}
+        if self.separate_projections:
+            shapes = {name: (e, width) for name, width in zip(self.projection_weights(), self.widths, strict=True)}
+        else:
+            shapes = {"in_proj_weight": (3 * e, e)}
         if self.bias:
             shapes["in_proj_bias"] = (3 * e,)
         shapes["out_proj.weight"] = (e, e)
@@ -97,11 +130,15 @@ class MultiheadAttention(Layer):
         return shapes
 
     def initial_weights(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """PyTorch's ``_reset_parameters``: Xavier-uniform ``in_proj_weight`` (fan_in E, fan_out 3E),
-        zero biases; ``out_proj.weight`` keeps its Linear's ``U(-1/sqrt(E), 1/sqrt(E))``."""
+        """PyTorch's ``_reset_parameters``: Xavier-uniform ``in_proj_weight`` (fan_in E, fan_out 3E), or
+        each of ``q/k/v_proj_weight`` (fan_in its input's width, fan_out E), zero biases;
+        ``out_proj.weight`` keeps its Linear's ``U(-1/sqrt(E), 1/sqrt(E))``."""
         e = self.embed_dim
-        bound = math.sqrt(6.0 / (e + 3 * e))
-        drawn = {"in_proj_weight": rng.uniform(-bound, bound, (3 * e, e))}
+        drawn = {}
+        for name, shape in self.param_shapes().items():
+            if name.endswith("proj_weight"):
+                bound = math.sqrt(6.0 / sum(shape))
+                drawn[name] = rng.uniform(-bound, bound, shape)
         drawn["out_proj.weight"] = rng.uniform(-1 / math.sqrt(e), 1 / math.sqrt(e), (e, e))
         if self.bias:
             drawn["in_proj_bias"], drawn["out_proj.bias"] = np.zeros(3 * e), np.zeros(e)
@@ -118,10 +155,11 @@ class MultiheadAttention(Layer):
             raise ValueError(f"{self} takes (query), (query, key, value) and optionally key_padding_mask and "
                              f"attn_mask, got {len(shapes)} inputs")  # fmt: skip
         query, key, value = (shapes * 3)[:3] if len(shapes) == 1 else shapes[:3]
-        for name, shape in (("query", query), ("key", key), ("value", value)):
-            if len(shape) != 2 or shape[-1] != self.embed_dim:
-                axes = "(L, E)" if self.batch_first else "(N, E), sequence first"
-                raise ValueError(f"{self} expects per-sample {name} {axes} with E={self.embed_dim}, "
+        for (name, shape), width in zip((("query", query), ("key", key), ("value", value)), self.widths, strict=True):
+            if len(shape) != 2 or shape[-1] != width:
+                letter = {"query": "E", "key": "kdim", "value": "vdim"}[name]
+                axes = f"(L, {letter})" if self.batch_first else f"(N, {letter}), sequence first"
+                raise ValueError(f"{self} expects per-sample {name} {axes} with {letter}={width}, "
                                  f"got per-sample shape {tuple(shape)}")  # fmt: skip
         if key[0] != value[0]:
             raise ValueError(f"{self}: key and value must have the same length, got {key} and {value}")
@@ -230,8 +268,11 @@ class TransformerEncoderLayer(_Encoder):
         post-norm:  x = norm1(x + sa(x)); x = norm2(x + ff(x))
         norm_first: x = x + sa(norm1(x)); x = x + ff(norm2(x))
 
-    Called on ``(src,)`` or ``(src, src_key_padding_mask)`` (``batch_first`` only); ``causal``
-    masks later keys (PyTorch's ``is_causal`` with the square subsequent mask). ``dropout`` is
+    Called on ``(src,)``, ``(src, src_key_padding_mask)``, ``(src, src_mask)`` or ``(src,
+    src_key_padding_mask, src_mask)`` (a mask only with ``batch_first``; ``src_mask`` per sample
+    ``(S, S)``, PyTorch's ``attn_mask``, here after the padding mask as for
+    :class:`MultiheadAttention`); ``causal`` masks later keys (PyTorch's ``is_causal`` with the
+    square subsequent mask), beside ``src_mask`` when both are given. ``dropout`` is
     every one of PyTorch's four: the attention weights' and the three
     :class:`~unitrain.layers.Dropout` modules ``dropout``, ``dropout1``, ``dropout2`` (present only
     when ``dropout > 0``; they hold no weights). Its default here is 0.0, PyTorch's 0.1."""
@@ -239,14 +280,16 @@ class TransformerEncoderLayer(_Encoder):
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.0,
                  activation: str = "relu", layer_norm_eps: float = 1e-5, batch_first: bool = False,
                  norm_first: bool = False, bias: bool = True, causal: bool = False, seq_len: int = 1,
-                 padding_mask: bool = False, additive_masks: bool = False):  # fmt: skip
+                 padding_mask: bool = False, additive_masks: bool = False, src_mask: bool = False):  # fmt: skip
         """``seq_len`` is the per-sample length the graph's shapes are inferred with (any other
-        length runs too); ``padding_mask``: whether the layer takes ``src_key_padding_mask``,
-        added to the scores with ``additive_masks`` (PyTorch's float mask; see MultiheadAttention)."""
+        length runs too); ``padding_mask``, ``src_mask``: whether the layer takes
+        ``src_key_padding_mask``, ``src_mask``, both added to the scores with ``additive_masks``
+        (PyTorch's float masks; see MultiheadAttention)."""
         if activation not in _ACTIVATIONS:
             raise ValueError(f"TransformerEncoderLayer: activation must be 'relu' or 'gelu', got {activation!r}")
         _flag("TransformerEncoderLayer", "norm_first", norm_first)
         _flag("TransformerEncoderLayer", "padding_mask", padding_mask)
+        _flag("TransformerEncoderLayer", "src_mask", src_mask)
         _flag("TransformerEncoderLayer", "additive_masks", additive_masks)
         _positive_int("TransformerEncoderLayer", "dim_feedforward", dim_feedforward)
         _positive_int("TransformerEncoderLayer", "seq_len", seq_len)
@@ -268,6 +311,8 @@ class TransformerEncoderLayer(_Encoder):
         inputs = [src]
         if padding_mask:
             inputs.append(Input((seq_len,), "src_key_padding_mask"))
+        if src_mask:
+            inputs.append(Input((seq_len, seq_len), "src_mask"))
         masks = inputs[1:]
         act = _ACTIVATIONS[activation]()
 
@@ -288,7 +333,8 @@ class TransformerEncoderLayer(_Encoder):
         _set_arguments(self, dict(d_model=d_model, nhead=nhead, dim_feedforward=dim_feedforward, dropout=dropout,
                                   activation=activation, layer_norm_eps=layer_norm_eps, batch_first=batch_first,
                                   norm_first=norm_first, bias=bias, causal=causal, seq_len=seq_len,
-                                  padding_mask=padding_mask, additive_masks=additive_masks))  # fmt: skip
+                                  padding_mask=padding_mask, additive_masks=additive_masks,
+                                  src_mask=src_mask))  # fmt: skip
 
 
 @dataclass(frozen=True, init=False, eq=True, repr=False)
@@ -296,8 +342,8 @@ class TransformerEncoder(_Encoder):
     """``num_layers`` copies of ``encoder_layer`` (each with its own weights: ``layers.0.*``,
     ``layers.1.*``, ...) and an optional final ``norm`` (a LayerNorm, ``norm.*``), as
     ``torch.nn.TransformerEncoder``. PyTorch's layers start as deep copies of one layer (equal
-    weights); :func:`unitrain.init_weights` draws each layer's own. The padding mask reaches every
-    layer."""
+    weights); :func:`unitrain.init_weights` draws each layer's own. The masks (PyTorch's ``mask``
+    and ``src_key_padding_mask``) reach every layer."""
 
     def __init__(self, encoder_layer: TransformerEncoderLayer, num_layers: int, norm: LayerNorm | None = None):
         if not isinstance(encoder_layer, TransformerEncoderLayer):
