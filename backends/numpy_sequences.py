@@ -10,6 +10,8 @@ all steps. The reverse direction is the forward one run on the time-reversed seq
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 
 from unitrain.randomness import dropout_mask
@@ -297,6 +299,14 @@ class _Recurrent(_Freezable):
             [direction(spec, self.params, self.grads, f"_l{k}{suffix}") for suffix in suffixes]
             for k in range(spec.num_layers)
         ]
+
+    def __copy__(self):
+        """A replica for another call of the layer in a graph: the same weights and gradients, its own
+        caches (which live in the directions)."""
+        replica = object.__new__(type(self))
+        replica.__dict__.update(self.__dict__)
+        replica.layers = [[copy.copy(direction) for direction in directions] for directions in self.layers]
+        return replica
 
     def forward(self, x, training, record):
         x, lengths = x if isinstance(x, tuple) else (x, None)  # a graph's lstm(x, lengths)

@@ -1,0 +1,146 @@
+"""Initial states in and final states out of RNN/LSTM/GRU in a graph (``out, (h, c) = lstm(x, (h0, c0))``):
+a seq2seq-shaped graph (an encoder LSTM over padded sequences, whose final states are the decoder LSTM's
+initial states, and a GRU whose initial state is a graph input) and a bidirectional 2-layer LSTM classifier
+on its final states train 20 steps within PyTorch's own float32 drift of the same models in plain PyTorch
+(NumPy also in float64, within the conformance formula); shapes are checked before any framework work,
+the errors naming the node."""
+
+import importlib
+
+import numpy as np
+import pytest
+import torch
+from conftest import installed_backends
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+from torch_reference import SEED, assert_run_within_drift, load_state, torch_runs
+
+import unitrain as ut
+from unitrain import ops
+from unitrain.graph import Graph, Input
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+VOCABULARY, EMBEDDING, HIDDEN, LENGTH, BATCH, STEPS, CLASSES = 7, 3, 4, 5, 4, 20, 3
+
+
+def seq2seq(lengths: bool = True) -> Graph:
+    """Embedding; a 2-layer encoder LSTM (given each sequence's length) whose final ``(h, c)`` start a
+    2-layer decoder LSTM over the same embeddings; a GRU started from the graph input ``h0``; Linear at
+    every position, ``(N, classes, T)``. The encoder reaches the loss only through its final states."""
+    tokens, h0 = Input((LENGTH,), name="tokens"), Input((1, HIDDEN), name="h0")
+    inputs = [tokens, h0]
+    modules = {"embedding": ut.Embedding(VOCABULARY, EMBEDDING),
+               "encoder": ut.LSTM(EMBEDDING, HIDDEN, num_layers=2, batch_first=True),
+               "decoder": ut.LSTM(EMBEDDING, HIDDEN, num_layers=2, batch_first=True),
+               "gru": ut.GRU(HIDDEN, HIDDEN, batch_first=True), "head": ut.Linear(HIDDEN, CLASSES)}  # fmt: skip
+    x = modules["embedding"](tokens)
+    if lengths:
+        inputs.insert(1, Input((), name="lengths"))
+        _, (h, c) = modules["encoder"](x, lengths=inputs[1])
+    else:
+        _, (h, c) = modules["encoder"](x)
+    y, _ = modules["decoder"](x, (h, c))
+    z, _ = modules["gru"](y, h0)
+    return Graph(inputs, modules["head"](z).permute(0, 2, 1), modules=modules)
+
+
+class Seq2Seq(nn.Module):
+    """The same model in plain PyTorch (states layer-major: the graph input ``h0`` transposed)."""
+
+    def __init__(self, lengths: bool = True):
+        super().__init__()
+        self.lengths = lengths
+        self.embedding = nn.Embedding(VOCABULARY, EMBEDDING)
+        self.encoder = nn.LSTM(EMBEDDING, HIDDEN, num_layers=2, batch_first=True)
+        self.decoder = nn.LSTM(EMBEDDING, HIDDEN, num_layers=2, batch_first=True)
+        self.gru = nn.GRU(HIDDEN, HIDDEN, batch_first=True)
+        self.head = nn.Linear(HIDDEN, CLASSES)
+
+    def forward(self, tokens, *rest):
+        lengths, h0 = rest if self.lengths else (None, rest[0])
+        x = self.embedding(tokens)
+        encoded = x if lengths is None else pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
+        _, (h, c) = self.encoder(encoded)
+        y, _ = self.decoder(x, (h, c))
+        z, _ = self.gru(y, h0.transpose(0, 1).contiguous())
+        return self.head(z).permute(0, 2, 1)
+
+
+def classifier() -> Graph:
+    """A bidirectional 2-layer LSTM read by its last layer's final states, both directions: PyTorch's
+    ``cat((h_n[-2], h_n[-1]), 1)``, plus the last cell state, into Linear."""
+    x = Input((LENGTH, EMBEDDING), name="x")
+    lstm = ut.LSTM(EMBEDDING, HIDDEN, num_layers=2, batch_first=True, bidirectional=True)
+    head = ut.Linear(3 * HIDDEN, CLASSES)
+    _, (h, c) = lstm(x)
+    return Graph(x, head(ops.cat([h[-2], h[-1], c[-1]], dim=1)), modules={"lstm": lstm, "head": head})
+
+
+class Classifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(EMBEDDING, HIDDEN, num_layers=2, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(3 * HIDDEN, CLASSES)
+
+    def forward(self, x):
+        _, (h, c) = self.lstm(x)
+        return self.head(torch.cat((h[-2], h[-1], c[-1]), 1))
+
+
+def seq2seq_batches(lengths: bool = True):
+    """Token sequences padded with id 0 (lengths 1..5, the first of each batch full), their lengths,
+    an initial GRU state per sequence, and a class per position."""
+    rng = np.random.default_rng(SEED)
+    out = []
+    for _ in range(STEPS):
+        sizes = rng.integers(1, LENGTH + 1, BATCH)
+        sizes[0] = LENGTH
+        tokens = np.where(np.arange(LENGTH) >= sizes[:, None], 0, rng.integers(1, VOCABULARY, (BATCH, LENGTH)))
+        h0 = rng.standard_normal((BATCH, 1, HIDDEN)).astype(np.float32)
+        x = (tokens, sizes, h0) if lengths else (tokens, h0)
+        out.append((x, rng.integers(0, CLASSES, (BATCH, LENGTH))))
+    return out
+
+
+def classifier_batches():
+    rng = np.random.default_rng(SEED + 1)
+    return [(rng.standard_normal((BATCH, LENGTH, EMBEDDING)).astype(np.float32), rng.integers(0, CLASSES, BATCH))
+            for _ in range(STEPS)]  # fmt: skip
+
+
+def _loop(backend, model, dtype="float32"):
+    module = importlib.import_module(f"unitrain.backends.{backend}")
+    cls = next(value for value in vars(module).values() if isinstance(value, type) and getattr(value, "name", None)
+               == backend and issubclass(value, ut.TrainingLoop))  # fmt: skip
+    return cls(model, loss=ut.CrossEntropyLoss(), optimizer=ut.SGD(lr=0.1, momentum=0.9), seed=SEED, dtype=dtype)
+
+
+#: the longest sum of one step: a weight gradient through time adds batch x steps terms of the widest input
+SIZE = BATCH * LENGTH * 2 * HIDDEN
+
+#: (graph, plain PyTorch model, batches) per case; MindSpore unrolls a native cell given seq_length into every
+#: graph it compiles, so it trains the seq2seq graph without lengths
+CASES = {
+    "seq2seq": (seq2seq, Seq2Seq, seq2seq_batches),
+    "seq2seq_unpadded": (lambda: seq2seq(False), lambda: Seq2Seq(False), lambda: seq2seq_batches(False)),
+    "classifier": (classifier, Classifier, classifier_batches),
+}
+PAIRS = [(backend, case) for backend in installed_backends() for case in CASES
+         if (case == "seq2seq_unpadded") == (backend == "mindspore") or case == "classifier"]  # fmt: skip
+
+
+@pytest.mark.parametrize(("backend", "case"), PAIRS)
+def test_states_train_like_plain_torch(backend, case):
+    """20 SGD-momentum steps: losses, weights and momentum buffers within PyTorch's float32 drift of its
+    float64 run (NumPy in float64, its hand-written backward through the states, within the conformance
+    formula)."""
+    make_graph, make_module, make_batches = CASES[case]
+    data = make_batches()
+    initial = ut.init_weights(make_graph(), SEED)
+    runs = torch_runs(lambda dtype: load_state(make_module().to(dtype), initial),
+                      lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, foreach=False), data)  # fmt: skip
+    dtype = "float64" if backend == "numpy" else "float32"
+    loop = _loop(backend, make_graph(), dtype)
+    losses = np.array([loop.to_float(loop.step(batch)) for batch in data])
+    assert_run_within_drift(loop, losses, runs, dtype, SIZE)
