@@ -255,7 +255,8 @@ class _StatesCall:
         if grad_output is None:
             grad_output = np.zeros(self.output_shape, next(g for g in grad if g is not None).dtype)
         grad_x, grad_h0, grad_c0 = self.layer.backward_states(
-            grad_output, *(None if g is None else np.ascontiguousarray(g.swapaxes(0, 1)) for g in (grad_h, grad_c)))
+            grad_output, *(None if g is None else np.ascontiguousarray(g.swapaxes(0, 1)) for g in (grad_h, grad_c))
+        )
         states = (grad_h0, grad_c0)[: self.count]
         return (grad_x, *[None] * self.lengths, *(state.swapaxes(0, 1) for state in states))
 

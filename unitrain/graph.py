@@ -181,8 +181,8 @@ class Graph(Container):
         for tensor in _walk(output_tensors):
             items = getattr(tensor, "_items", None)  # the call itself and its unpacked items: two calls
             if items is not None and id(items[0]) in names:
-                raise ValueError(f"Graph: {tensor.target} is used both as its call and unpacked "
-                                 "(out, h = layer(x)); use the unpacked output, or the layer would run twice")  # fmt: skip
+                raise ValueError(f"Graph: {tensor.target} is used both as its call and unpacked (out, h = "
+                                 "layer(x)); use the unpacked output, or the layer would run twice")  # fmt: skip
         input_specs = [(tensor.target, tensor.sample_shape) for tensor in input_tensors]
         input_specs += [(name, shape) for name, _, shape in noise]
         self._setup(input_specs, tuple(modules.items()), nodes, [names[id(tensor)] for tensor in output_tensors],

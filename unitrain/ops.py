@@ -468,7 +468,7 @@ class RecurrentResult(Tensor):
     def items(self) -> tuple:
         """``(output, h_n)`` or ``(output, (h_n, c_n))``, made once."""
         if getattr(self, "_items", None) is None:
-            from .padded import LSTM, call_shape
+            from .padded import call_shape
 
             options = {**self.kwargs, "final_states": True}
             layer = self.target
