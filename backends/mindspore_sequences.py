@@ -156,5 +156,11 @@ class _StatesCall(_TakesMasks):
         if not self.final:
             return x
         if self.lstm:
-            return x, ops.swapaxes(ops.cat(h_n), 0, 1), ops.swapaxes(ops.cat(c_n), 0, 1)
-        return x, ops.swapaxes(ops.cat(h_n), 0, 1)
+            return x, _batch_first(h_n), _batch_first(c_n)
+        return x, _batch_first(h_n)
+
+
+def _batch_first(states: tuple):
+    """Each layer's ``(directions, N, hidden)`` states as one ``(N, layers * directions, hidden)``."""
+    joined = states[0] if len(states) == 1 else ops.cat(states)  # (graph mode reports a cat of one)
+    return ops.swapaxes(joined, 0, 1)
