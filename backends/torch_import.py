@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx._symbolic_trace import _maybe_revert_all_patches
 
-from unitrain import layers, ops, sequences
+from unitrain import layers, ops, padded, sequences
 from unitrain.graph import Graph, Input
 from unitrain.ops import Tensor
 
@@ -422,7 +422,7 @@ class _Importer:
     def run(self, graph: fx.Graph):
         env: dict = {}
         inputs = []
-        live = set()  # what the output depends on: not the unused half of `out, _ = self.lstm(x)`
+        live = self.live = set()  # what the output depends on: not the unused half of `out, _ = self.lstm(x)`
         for node in reversed(graph.nodes):
             if node.op in ("output", "placeholder") or node in live:
                 live.update(node.all_input_nodes)
@@ -472,16 +472,16 @@ class _Importer:
             else:
                 self.specs[path] = layer_spec(module, path)
         spec = self.specs[path]
+        if isinstance(spec, sequences._Recurrent) and isinstance(self.values[node], tuple):
+            return recurrent_call(spec, node, args, kwargs, self.live)
         if (
             any(arg is not None for arg in args[1:])
             or any(v is not None for v in kwargs.values())
             or not (args and isinstance(args[0], Tensor))
         ):
-            raise ValueError("calls a layer with more than one tensor (initial states, masks); unitrain's layers "
-                             "take one input (recurrent layers start from zeros)")  # fmt: skip
-        out = spec(args[0])
-        # a recurrent layer returns (output, states): only output flows on (see getitem)
-        return _Recurrent(out, path) if isinstance(self.values[node], tuple) else out
+            raise ValueError("calls a layer with more than one tensor (masks); unitrain's layers take one input "
+                             "(recurrent layers their initial states too)")  # fmt: skip
+        return spec(args[0])
 
     def call_attention(self, node, module, args, kwargs):
         """An attention layer's spec is made per call (its length, its mask); one module, one spec."""
@@ -511,6 +511,8 @@ class _Importer:
         name = node.target if node.op == "call_method" else _FUNCTIONS.get(node.target)
         if name == "getitem" and isinstance(args[0], _Recurrent):
             return args[0].output(args[1])
+        if name == "getitem" and isinstance(args[0], tuple):  # (h_n, c_n) of an LSTM
+            return args[0][args[1]]
         if (node.op == "call_method" and name in ("size", "dim")) or name == "getattr":
             return _concrete(self.values[node])  # shape arithmetic: numbers of the example
         if name in ("add", "sub", "mul", "div", "floordiv") and not any(isinstance(a, Tensor) for a in args):
@@ -529,16 +531,35 @@ class _Importer:
         )
 
 
-class _Recurrent:
-    """A recurrent layer's ``(output, states)``: only ``output`` (index 0) is in the graph."""
+def recurrent_call(spec, node, args, kwargs, live):
+    """A recurrent module's call ``lstm(x)``, ``lstm(x, (h0, c0))``, ``gru(x, h0)``: its result, whose
+    items ``getitem`` reads. Initial states must be another recurrent layer's final states (or their
+    slices): a forward argument holds its batch on axis 1, which a unitrain graph input cannot. The
+    states are taken out only when the module reads them, so that ``out, _ = self.lstm(x)`` stays the
+    plain call."""
+    x, states = _bind(args, kwargs, "input hx=None")
+    for state in states if isinstance(states, tuple) else (states,):
+        if state is not None and not isinstance(state, ops.StateTensor):
+            raise ValueError("an initial state that is not another recurrent layer's final state (h_n, c_n or a "
+                             "slice of them) is not supported: a graph input holds its batch first")  # fmt: skip
+    result = spec(x) if states is None else spec(x, states)
+    reads_states = any(user in live and user.target is operator.getitem and user.args[1] != 0 for user in node.users)
+    return _Recurrent(result, node.target, unpacked=reads_states or states is not None)
 
-    def __init__(self, output: Tensor, path: str, parts: str = "(output, states)"):
-        self.output_tensor, self.path, self.parts = output, path, parts
+
+class _Recurrent:
+    """A recurrent layer's ``(output, states)`` (or an attention layer's ``(output, weights)``): its
+    ``output`` (index 0) and, for a recurrent layer that reads them, its final states."""
+
+    def __init__(self, output: Tensor, path: str, parts: str = "(output, states)", unpacked: bool = False):
+        self.output_tensor, self.path, self.parts, self.unpacked = output, path, parts, unpacked
 
     def output(self, index):
+        if self.unpacked:
+            return self.output_tensor[index]
         if index != 0:
             raise ValueError(f"takes item {index!r} of {self.path}'s {self.parts}; only the output (item 0) "
-                             "flows in a unitrain graph: take the last step from it (output[:, -1])")  # fmt: skip
+                             "flows in a unitrain graph")  # fmt: skip
         return self.output_tensor
 
 
@@ -722,6 +743,25 @@ def _plain_module(spec: layers.Layer) -> nn.Module:
     return torch_module(spec, torch.float32)
 
 
+def _fx_states_call(code: fx.Graph, graph: Graph, node, args) -> tuple:
+    """A recurrent call with initial or final states as torch writes it, ``lstm(x, (h0, c0))``, the
+    states moved between the graph's batch-first layout and torch's: ``(output, h_n[, c_n])`` as fx
+    nodes (a graph's ``getitem`` picks one)."""
+    spec = graph.get_submodule(node.target)
+    roles = padded.argument_roles(spec, len(args), node.options)
+    if "lengths" in roles:
+        raise ValueError(f"to_torch: node {node.name!r} gives {node.target} lengths and states; torch writes it "
+                         "with pack_padded_sequence, which to_torch does not emit")  # fmt: skip
+    states = [code.call_method("contiguous", (code.call_method("transpose", (arg, 0, 1)),)) for arg in args[1:]]
+    hx = (tuple(states) if len(states) == 2 else states[0]) if states else None
+    result = code.call_module(node.target, (args[0], hx))
+    final = code.call_function(operator.getitem, (result, 1))
+    lstm = isinstance(spec, sequences.LSTM)
+    finals = [code.call_function(operator.getitem, (final, i)) for i in range(2)] if lstm else [final]
+    output = code.call_function(operator.getitem, (result, 0))
+    return (output, *(code.call_method("transpose", (state, 0, 1)) for state in finals))
+
+
 def to_torch(graph: Graph, state=None) -> fx.GraphModule:
     """``graph`` as a ``torch.fx.GraphModule`` (float32) holding ``state`` (default: the graph's
     ``initial_state``, else ``init_weights(graph, 0)``): the same ``state_dict`` keys, a
@@ -743,10 +783,14 @@ def to_torch(graph: Graph, state=None) -> fx.GraphModule:
             env[name] = code.call_function(draw, ((batch, *shape),), {"dtype": torch.float32})
     for node in graph.nodes:
         args = [env[arg] for arg in node.args]
-        if node.op == "call_module":
+        if node.op == "call_module" and node.options:
+            env[node.name] = _fx_states_call(code, graph, node, args)
+        elif node.op == "call_module":
             env[node.name] = code.call_module(node.target, tuple(args))
             if isinstance(root.get_submodule(node.target), nn.RNNBase):
                 env[node.name] = code.call_function(operator.getitem, (env[node.name], 0))
+        elif node.target == "getitem":  # an item of a recurrent call's (output, h_n[, c_n])
+            env[node.name] = args[0][node.options["index"]]
         else:
             rank = len(graph.shapes[node.args[0]]) + 1
             env[node.name] = _fx_call(code, node.target, args, node.options, rank, graph.shapes[node.name])

@@ -14,10 +14,11 @@ from conftest import installed_backends
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 from torch_reference import SEED, assert_run_within_drift, load_state, torch_runs
+from unitrain.conformance.tolerances import tolerance
 
 import unitrain as ut
 from unitrain import ops
-from unitrain.graph import Graph, Input
+from unitrain.graph import Graph, Input, Node
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 
@@ -166,3 +167,109 @@ def test_states_train_like_plain_torch(backend, case):
     loop = _loop(backend, make_graph(), dtype)
     losses = np.array([loop.to_float(loop.step(batch)) for batch in data])
     assert_run_within_drift(loop, losses, runs, dtype, SIZE)
+
+
+# --- from_torch and to_torch ---------------------------------------------------------------------------------
+
+
+class EncoderDecoder(nn.Module):
+    """PyTorch's own writing of states: ``out, (h, c) = self.lstm(x, (h0, c0))`` from another LSTM's
+    final states, ``out, h = self.gru(x)``, ``h[-1]``, both directions of the last layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = nn.Embedding(VOCABULARY, EMBEDDING)
+        self.encoder = nn.LSTM(EMBEDDING, HIDDEN, num_layers=2, batch_first=True, bidirectional=True)
+        self.decoder = nn.LSTM(EMBEDDING, HIDDEN, num_layers=2, batch_first=True, bidirectional=True)
+        self.gru = nn.GRU(2 * HIDDEN, HIDDEN, batch_first=True)
+        self.head = nn.Linear(3 * HIDDEN, CLASSES)
+
+    def forward(self, tokens):
+        x = self.embedding(tokens)
+        _, (h, c) = self.encoder(x)
+        out, (h, c) = self.decoder(x, (h, c))
+        _, state = self.gru(out)
+        return self.head(torch.cat((h[-2], h[-1], state[-1]), dim=1))
+
+
+def test_from_torch_maps_states_and_to_torch_writes_them_back():
+    """The imported graph predicts what the module does (NumPy in float64 and the torch backend in float32,
+    within the conformance formula), and ``to_torch`` of it is a module that computes the same."""
+    module = EncoderDecoder().double()
+    tokens = np.random.default_rng(SEED).integers(0, VOCABULARY, (BATCH, LENGTH))
+    graph = ut.from_torch(module, torch.from_numpy(tokens[:2]))
+    assert "initial_states=True, final_states=True" in str(graph)
+    expected = module(torch.from_numpy(tokens)).detach().numpy()
+    for backend, dtype in (("numpy", "float64"), ("torch", "float32")):
+        got = _loop(backend, graph, dtype).predict(tokens)
+        bound = tolerance(np.dtype(dtype), SIZE, float(np.abs(expected).max()))
+        np.testing.assert_allclose(got, expected, rtol=0, atol=bound)
+    exported = ut.to_torch(graph).double()(torch.from_numpy(tokens)).detach().numpy()
+    bound = tolerance(np.dtype("float64"), SIZE, float(np.abs(expected).max()))
+    np.testing.assert_allclose(exported, expected, rtol=0, atol=bound)
+
+
+class StateFromAnArgument(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gru = nn.GRU(EMBEDDING, HIDDEN, batch_first=True)
+
+    def forward(self, x, h0):
+        return self.gru(x, h0)[0]
+
+
+def test_from_torch_refuses_an_initial_state_from_a_forward_argument():
+    with pytest.raises(ValueError, match=r"^from_torch: node 'gru' \(gru\): an initial state that is not another "
+                       r"recurrent layer's final state .* a graph input holds its batch first$"):  # fmt: skip
+        ut.from_torch(StateFromAnArgument(), (torch.zeros(2, LENGTH, EMBEDDING), torch.zeros(1, 2, HIDDEN)))
+
+
+# --- refusals, before any framework work -------------------------------------------------------------------
+
+
+def _message(action) -> str:
+    with pytest.raises((ValueError, IndexError)) as error:
+        action()
+    return str(error.value)
+
+
+def test_state_shapes_and_uses_are_checked_naming_the_layer_or_node():
+    x = Input((LENGTH, EMBEDDING), name="x")
+    stacked = ut.LSTM(EMBEDDING, HIDDEN, num_layers=2, batch_first=True, bidirectional=True)
+    wrong = (Input((2, HIDDEN), name="h0"), Input((2, HIDDEN), name="c0"))
+    assert _message(lambda: stacked(x, wrong)).endswith(
+        ": h_0 has per-sample shape (2, 4), expected (num_layers * num_directions, hidden_size) = (4, 4) "
+        "(a graph's states are batch-first)")  # fmt: skip
+    assert _message(lambda: stacked(x, wrong[0])).endswith(
+        "takes its initial states as a tuple (h0, c0), got one tensor"
+    )
+    assert _message(lambda: ut.GRU(EMBEDDING, HIDDEN)(x, wrong[0])).endswith(
+        "initial and final states in a graph need batch_first=True (the loop's samples must be the sequences)"
+    )
+    gru = ut.GRU(EMBEDDING, HIDDEN, batch_first=True)
+    _, h = gru(x)
+    assert h.shape == (1, None, HIDDEN)  # PyTorch's (num_layers * num_directions, N, hidden_size)
+    assert _message(lambda: ut.Linear(HIDDEN, 2)(h)).startswith(
+        "Linear: h_n is read as PyTorch's (num_layers * num_directions, N, hidden_size); index it (h_n[-1]) or put "
+        "its batch axis first (h_n.transpose(0, 1))")  # fmt: skip
+    assert _message(lambda: h[:, 0]).startswith("indexing h_n: index its first axis only")
+    call = gru(x)
+    _, h = call
+    assert _message(lambda: Graph(x, [call, h[-1]], modules={"gru": gru})).endswith(
+        "is used both as its call and unpacked (out, h = layer(x)); use the unpacked output, or the layer would run "
+        "twice")  # fmt: skip
+    nodes = [Node("gru", "call_module", "gru", ("x", "h0"), (("initial_states", True),))]
+    assert _message(lambda: Graph.from_nodes({"x": [LENGTH, EMBEDDING], "h0": [2, HIDDEN]}, nodes, ["gru"],
+                                             {"gru": gru})).startswith("node 'gru' calls GRU(")  # fmt: skip
+    tuple_out = [Node("gru", "call_module", "gru", ("x",), (("final_states", True),))]
+    assert _message(lambda: Graph.from_nodes({"x": [LENGTH, EMBEDDING]}, tuple_out, ["gru"], {"gru": gru})) == (
+        "output 'gru' is a recurrent layer's tuple; output its items (getitem)"
+    )
+    misread = [*tuple_out, Node("relu", "call_function", "relu", ("gru",))]
+    assert _message(lambda: Graph.from_nodes({"x": [LENGTH, EMBEDDING]}, misread, ["relu"], {"gru": gru})) == (
+        "node 'relu' (relu): only getitem reads a recurrent layer's tuple (output, h_n[, c_n]), and it reads nothing "
+        "else")  # fmt: skip
+    unknown = [Node("gru", "call_module", "gru", ("x",), (("hx", True),))]
+    assert _message(lambda: Graph.from_nodes({"x": [LENGTH, EMBEDDING]}, unknown, ["gru"], {"gru": gru})).endswith(
+        "takes no argument 'hx'; expected among ['initial_states', 'final_states']"
+    )

@@ -180,7 +180,7 @@ class Graph(Container):
             nodes.append(Node(name, op, target, args, tuple((k, _frozen(v)) for k, v in kwargs.items())))
         for tensor in _walk(output_tensors):
             items = getattr(tensor, "_items", None)  # the call itself and its unpacked items: two calls
-            if items is not None and id(items[0]) in names:
+            if items is not None and id(items[0].args[0]) in names:
                 raise ValueError(f"Graph: {tensor.target} is used both as its call and unpacked (out, h = "
                                  "layer(x)); use the unpacked output, or the layer would run twice")  # fmt: skip
         input_specs = [(tensor.target, tensor.sample_shape) for tensor in input_tensors]

@@ -402,7 +402,8 @@ def _recurrent_call(layer, inputs: tuple, lengths: Tensor | None) -> Tensor:
         states = tuple(states) if isinstance(states, (tuple, list)) else (states,)
         if len(states) != count:
             wanted = "a tuple (h0, c0)" if count == 2 else "one tensor h0"
-            raise ValueError(f"{layer} takes its initial states as {wanted}, got {len(states)} tensors")
+            got = "one tensor" if len(states) == 1 else f"{len(states)} tensors"
+            raise ValueError(f"{layer} takes its initial states as {wanted}, got {got}")
     arguments = (x, *([] if lengths is None else [lengths]), *(states or ()))
     for value in arguments:
         _check_tensor(value, f"{type(layer).__name__}(...)")
@@ -572,11 +573,15 @@ def flatten(x: Tensor, start_dim: int = 1, end_dim: int = -1) -> Tensor:
 
 
 def permute(x: Tensor, *dims) -> Tensor:
+    if isinstance(x, StateTensor):  # its axes are PyTorch's (layers, N, hidden)
+        return x.permute(*dims)
     dims = tuple(dims[0]) if len(dims) == 1 and isinstance(dims[0], (list, tuple)) else dims
     return function("permute", x, dims=list(dims))
 
 
 def transpose(x: Tensor, dim0: int, dim1: int) -> Tensor:
+    if isinstance(x, StateTensor):
+        return x.transpose(dim0, dim1)
     return function("transpose", x, dim0=dim0, dim1=dim1)
 
 
