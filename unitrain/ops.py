@@ -395,8 +395,8 @@ def _recurrent_call(layer, inputs: tuple, lengths: Tensor | None) -> Tensor:
         raise ValueError(f"{layer} takes the input and its initial states (and lengths=), got {len(inputs)} "
                          "inputs; an LSTM's states are one tuple (h0, c0)")  # fmt: skip
     states = rest[0] if rest else None
-    if isinstance(states, Tensor) and not isinstance(states, StateTensor) and states.sample_shape == ():
-        states, lengths = None, states  # the lengths as the second argument: lstm(x, lengths)
+    if isinstance(states, Tensor) and not isinstance(states, StateTensor) and len(states.sample_shape) != 2:
+        states, lengths = None, states  # the lengths as the second argument, lstm(x, lengths); a state is 2-d
     if states is not None:
         count = 2 if isinstance(layer, LSTM) else 1
         states = tuple(states) if isinstance(states, (tuple, list)) else (states,)
