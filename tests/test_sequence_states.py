@@ -273,3 +273,37 @@ def test_state_shapes_and_uses_are_checked_naming_the_layer_or_node():
     assert _message(lambda: Graph.from_nodes({"x": [LENGTH, EMBEDDING]}, unknown, ["gru"], {"gru": gru})).endswith(
         "takes no argument 'hx'; expected among ['initial_states', 'final_states']"
     )
+
+
+def shared_gru() -> Graph:
+    """One GRU called at two nodes: over the sequence from zeros, then again from its own final state
+    (its weights shared: the gradient is the sum over both calls)."""
+    x = Input((LENGTH, EMBEDDING), name="x")
+    gru, head = ut.GRU(EMBEDDING, HIDDEN, batch_first=True), ut.Linear(HIDDEN, CLASSES)
+    _, h = gru(x)
+    _, again = gru(x, h)
+    return Graph(x, head(again[-1]), modules={"gru": gru, "head": head})
+
+
+class SharedGRU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gru, self.head = nn.GRU(EMBEDDING, HIDDEN, batch_first=True), nn.Linear(HIDDEN, CLASSES)
+
+    def forward(self, x):
+        _, h = self.gru(x)
+        return self.head(self.gru(x, h)[1][-1])
+
+
+@pytest.mark.parametrize("backend", [backend for backend in installed_backends() if backend in ("numpy", "torch")])
+def test_a_recurrent_layer_called_twice_keeps_each_calls_caches(backend):
+    """NumPy runs each call of a shared layer on a replica whose directions hold their own caches (sharing
+    them, the second call's forward overwrote what the first call's backward reads)."""
+    data = classifier_batches()
+    initial = ut.init_weights(shared_gru(), SEED)
+    runs = torch_runs(lambda dtype: load_state(SharedGRU().to(dtype), initial),
+                      lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, foreach=False), data)  # fmt: skip
+    dtype = "float64" if backend == "numpy" else "float32"
+    loop = _loop(backend, shared_gru(), dtype)
+    losses = np.array([loop.to_float(loop.step(batch)) for batch in data])
+    assert_run_within_drift(loop, losses, runs, dtype, SIZE)
