@@ -9,6 +9,11 @@ travel with their sequences through batching and shuffling. This module says whi
 are token ids (they feed an ``Embedding``) and which are lengths, and checks both before any
 framework sees a batch: integer ids within the table, integer lengths in ``1..T`` (``T`` the
 padded axis of the layer they feed).
+
+A recurrent call in a graph may also take initial states and give its final ones
+(``out, (h, c) = lstm(x, (h0, c0), lengths=lengths)``): :func:`argument_roles` says which of a
+call node's inputs are the lengths and which the states, :func:`call_shape` checks them and gives
+the node's value, a tuple ``(output, h_n[, c_n])`` with ``final_states`` (see docs/sequences.md).
 """
 
 from __future__ import annotations
