@@ -233,6 +233,12 @@ def _message(action) -> str:
     return str(error.value)
 
 
+def test_a_graph_with_states_round_trips_through_json():
+    for make in (seq2seq, classifier, bridge):
+        graph = make()
+        assert Graph.from_dict(graph.to_dict()) == graph
+
+
 def test_state_shapes_and_uses_are_checked_naming_the_layer_or_node():
     x = Input((LENGTH, EMBEDDING), name="x")
     stacked = ut.LSTM(EMBEDDING, HIDDEN, num_layers=2, batch_first=True, bidirectional=True)
