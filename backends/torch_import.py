@@ -29,12 +29,13 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx._symbolic_trace import _maybe_revert_all_patches
 
-from unitrain import layers, ops, padded, sequences
+from unitrain import layers, ops, sequences
 from unitrain.graph import Graph, Input
 from unitrain.ops import Tensor
 
 from .torch import _module as torch_module
 from .torch_import_attention import CALLED, boolean_mask, called_spec, positional_encoding, same_as_spec
+from .torch_import_states import fx_states_call, recurrent_call
 
 # --- tracing with concrete values ----------------------------------------------------------------
 
@@ -473,7 +474,8 @@ class _Importer:
                 self.specs[path] = layer_spec(module, path)
         spec = self.specs[path]
         if isinstance(spec, sequences._Recurrent) and isinstance(self.values[node], tuple):
-            return recurrent_call(spec, node, args, kwargs, self.live)
+            result, unpacked = recurrent_call(spec, node, *_bind(args, kwargs, "input hx=None"), self.live)
+            return _Recurrent(result, path, unpacked=unpacked)
         if (
             any(arg is not None for arg in args[1:])
             or any(v is not None for v in kwargs.values())
@@ -529,22 +531,6 @@ class _Importer:
             "has no unitrain operation (docs/graphs.md lists what imports); write it with "
             "the supported layers and functions"
         )
-
-
-def recurrent_call(spec, node, args, kwargs, live):
-    """A recurrent module's call ``lstm(x)``, ``lstm(x, (h0, c0))``, ``gru(x, h0)``: its result, whose
-    items ``getitem`` reads. Initial states must be another recurrent layer's final states (or their
-    slices): a forward argument holds its batch on axis 1, which a unitrain graph input cannot. The
-    states are taken out only when the module reads them, so that ``out, _ = self.lstm(x)`` stays the
-    plain call."""
-    x, states = _bind(args, kwargs, "input hx=None")
-    for state in states if isinstance(states, tuple) else (states,):
-        if state is not None and not isinstance(state, ops.StateTensor):
-            raise ValueError("an initial state that is not another recurrent layer's final state (h_n, c_n or a "
-                             "slice of them) is not supported: a graph input holds its batch first")  # fmt: skip
-    result = spec(x) if states is None else spec(x, states)
-    reads_states = any(user in live and user.target is operator.getitem and user.args[1] != 0 for user in node.users)
-    return _Recurrent(result, node.target, unpacked=reads_states or states is not None)
 
 
 class _Recurrent:
@@ -743,25 +729,6 @@ def _plain_module(spec: layers.Layer) -> nn.Module:
     return torch_module(spec, torch.float32)
 
 
-def _fx_states_call(code: fx.Graph, graph: Graph, node, args) -> tuple:
-    """A recurrent call with initial or final states as torch writes it, ``lstm(x, (h0, c0))``, the
-    states moved between the graph's batch-first layout and torch's: ``(output, h_n[, c_n])`` as fx
-    nodes (a graph's ``getitem`` picks one)."""
-    spec = graph.get_submodule(node.target)
-    roles = padded.argument_roles(spec, len(args), node.options)
-    if "lengths" in roles:
-        raise ValueError(f"to_torch: node {node.name!r} gives {node.target} lengths and states; torch writes it "
-                         "with pack_padded_sequence, which to_torch does not emit")  # fmt: skip
-    states = [code.call_method("contiguous", (code.call_method("transpose", (arg, 0, 1)),)) for arg in args[1:]]
-    hx = (tuple(states) if len(states) == 2 else states[0]) if states else None
-    result = code.call_module(node.target, (args[0], hx))
-    final = code.call_function(operator.getitem, (result, 1))
-    lstm = isinstance(spec, sequences.LSTM)
-    finals = [code.call_function(operator.getitem, (final, i)) for i in range(2)] if lstm else [final]
-    output = code.call_function(operator.getitem, (result, 0))
-    return (output, *(code.call_method("transpose", (state, 0, 1)) for state in finals))
-
-
 def to_torch(graph: Graph, state=None) -> fx.GraphModule:
     """``graph`` as a ``torch.fx.GraphModule`` (float32) holding ``state`` (default: the graph's
     ``initial_state``, else ``init_weights(graph, 0)``): the same ``state_dict`` keys, a
@@ -784,7 +751,7 @@ def to_torch(graph: Graph, state=None) -> fx.GraphModule:
     for node in graph.nodes:
         args = [env[arg] for arg in node.args]
         if node.op == "call_module" and node.options:
-            env[node.name] = _fx_states_call(code, graph, node, args)
+            env[node.name] = fx_states_call(code, graph, node, args)
         elif node.op == "call_module":
             env[node.name] = code.call_module(node.target, tuple(args))
             if isinstance(root.get_submodule(node.target), nn.RNNBase):
