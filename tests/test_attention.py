@@ -393,43 +393,6 @@ def test_attention_masks_train_like_torch_nn(additive, backend):
         assert_run_within_drift(loop, [loop.to_float(loop.step(batch)) for batch in data], runs, dtype, SIZE)
 
 
-class MaskedEncoder(nn.Module):
-    """A 2-layer post-norm encoder given ``mask`` (a per-sample (L, S) boolean mask: PyTorch's (N * H, L, S)
-    repeats it per head) and ``src_key_padding_mask``, its mean over positions classified."""
-
-    def __init__(self):
-        super().__init__()
-        layer = nn.TransformerEncoderLayer(E, HEADS, FEEDFORWARD, dropout=0.0, batch_first=True)
-        self.enc, self.head = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), nn.Linear(E, CLASSES)
-
-    def forward(self, x, padding, mask):
-        mask = (mask != 0).repeat_interleave(HEADS, 0)
-        return self.head(self.enc(x, mask=mask, src_key_padding_mask=padding != 0).mean(1))
-
-
-def _masked_encoder_spec():
-    layer = ut.TransformerEncoderLayer(E, HEADS, FEEDFORWARD, batch_first=True, seq_len=S, padding_mask=True,
-                                       src_mask=True)  # fmt: skip
-    x = Input((S, E), "x")
-    enc, head = ut.TransformerEncoder(layer, 2), ut.Linear(E, CLASSES)
-    padding, mask = Input((S,), "padding"), Input((S, S), "mask")
-    return Graph([x, padding, mask], head(enc(x, mask, padding).mean(dim=1)), {"enc": enc, "head": head})
-
-
-@pytest.mark.parametrize("backend", [name for name in installed_backends() if name != "mindspore"])
-def test_encoder_src_mask_trains_like_torch_nn(backend):
-    """``TransformerEncoder`` given ``mask`` and ``src_key_padding_mask`` (graph inputs, in PyTorch's forward
-    order): five SGD-momentum steps within the conformance formula of torch.nn's float64 run (float32: within
-    its drift). The encoder is a graph of MultiheadAttention, whose masks MindSpore runs in check_attention."""
-    spec, batches = _masked_encoder_spec(), _masked_batches(False)
-    initial = ut.init_weights(spec, SEED)
-    runs = torch_runs(lambda dtype: load_state(MaskedEncoder().to(dtype), initial), SGD_OF, batches)
-    for dtype in DTYPES[backend]:
-        loop = _loop(backend, spec, dtype)
-        data = [(tuple(part.astype(dtype) for part in x), y) for x, y in batches]
-        assert_run_within_drift(loop, [loop.to_float(loop.step(batch)) for batch in data], runs, dtype, SIZE)
-
-
 def test_masks_of_the_wrong_shape_or_values_are_refused_before_any_framework_work():
     from unitrain.backends.numpy import NumpyLoop
 

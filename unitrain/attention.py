@@ -270,20 +270,15 @@ class TransformerEncoderLayer(_Encoder):
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.0,
                  activation: str = "relu", layer_norm_eps: float = 1e-5, batch_first: bool = False,
                  norm_first: bool = False, bias: bool = True, causal: bool = False, seq_len: int = 1,
-                 padding_mask: bool = False, additive_masks: bool = False, src_mask: bool = False):  # fmt: skip
+                 padding_mask: bool = False, additive_masks: bool = False):  # fmt: skip
         """``seq_len`` is the per-sample length the graph's shapes are inferred with (any other
         length runs too); ``padding_mask``: whether the layer takes ``src_key_padding_mask``,
-        ``src_mask``: whether it takes an attention mask ``src_mask`` of per-sample shape ``(seq_len,
-        seq_len)`` (PyTorch's ``(L, S)``, one per sample: its ``(N * nhead, L, S)`` repeated over the
-        heads), both added to the scores with ``additive_masks`` (PyTorch's float masks; see
-        MultiheadAttention), else masking where non-zero. The graph's inputs are ``src``, then
-        ``src_mask`` and ``src_key_padding_mask`` where taken (the order of PyTorch's ``forward``)."""
+        added to the scores with ``additive_masks`` (PyTorch's float mask; see MultiheadAttention)."""
         if activation not in _ACTIVATIONS:
             raise ValueError(f"TransformerEncoderLayer: activation must be 'relu' or 'gelu', got {activation!r}")
         _flag("TransformerEncoderLayer", "norm_first", norm_first)
         _flag("TransformerEncoderLayer", "padding_mask", padding_mask)
         _flag("TransformerEncoderLayer", "additive_masks", additive_masks)
-        _flag("TransformerEncoderLayer", "src_mask", src_mask)
         _positive_int("TransformerEncoderLayer", "dim_feedforward", dim_feedforward)
         _positive_int("TransformerEncoderLayer", "seq_len", seq_len)
         dropout = _dropout("TransformerEncoderLayer", dropout)
@@ -301,10 +296,10 @@ class TransformerEncoderLayer(_Encoder):
         }
         drop = {name: modules.get(name, lambda x: x) for name in ("dropout", "dropout1", "dropout2")}
         src = Input((seq_len, d_model), "src")
-        attention_mask = [Input((seq_len, seq_len), "src_mask")] if src_mask else []
-        padding = [Input((seq_len,), "src_key_padding_mask")] if padding_mask else []
-        inputs = [src, *attention_mask, *padding]
-        masks = [*padding, *attention_mask]  # MultiheadAttention's order
+        inputs = [src]
+        if padding_mask:
+            inputs.append(Input((seq_len,), "src_key_padding_mask"))
+        masks = inputs[1:]
         act = _ACTIVATIONS[activation]()
 
         def attend(x):
@@ -324,8 +319,7 @@ class TransformerEncoderLayer(_Encoder):
         _set_arguments(self, dict(d_model=d_model, nhead=nhead, dim_feedforward=dim_feedforward, dropout=dropout,
                                   activation=activation, layer_norm_eps=layer_norm_eps, batch_first=batch_first,
                                   norm_first=norm_first, bias=bias, causal=causal, seq_len=seq_len,
-                                  padding_mask=padding_mask, additive_masks=additive_masks,
-                                  src_mask=src_mask))  # fmt: skip
+                                  padding_mask=padding_mask, additive_masks=additive_masks))  # fmt: skip
 
 
 @dataclass(frozen=True, init=False, eq=True, repr=False)
@@ -333,8 +327,8 @@ class TransformerEncoder(_Encoder):
     """``num_layers`` copies of ``encoder_layer`` (each with its own weights: ``layers.0.*``,
     ``layers.1.*``, ...) and an optional final ``norm`` (a LayerNorm, ``norm.*``), as
     ``torch.nn.TransformerEncoder``. PyTorch's layers start as deep copies of one layer (equal
-    weights); :func:`unitrain.init_weights` draws each layer's own. The masks (``src_mask``,
-    ``src_key_padding_mask``: PyTorch's ``mask`` and ``src_key_padding_mask``) reach every layer."""
+    weights); :func:`unitrain.init_weights` draws each layer's own. The padding mask reaches every
+    layer."""
 
     def __init__(self, encoder_layer: TransformerEncoderLayer, num_layers: int, norm: LayerNorm | None = None):
         if not isinstance(encoder_layer, TransformerEncoderLayer):
