@@ -39,10 +39,7 @@ class MultiheadAttention(chainer.Link):
         inputs = (args * 3)[:3] if len(args) == 1 else args[:3]
         if not spec.batch_first:
             inputs = tuple(F.swapaxes(a, 0, 1) for a in inputs)
-        if spec.separate_projections:
-            weights = (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)
-        else:
-            weights = F.split_axis(self.in_proj_weight, 3, axis=0)
+        weights = F.split_axis(self.in_proj_weight, 3, axis=0)
         biases = F.split_axis(self.in_proj_bias, 3, axis=0) if spec.bias else (None,) * 3
         q, k, v = (_heads(F.linear(a, w, b, n_batch_axes=2), spec.num_heads)
                    for a, w, b in zip(inputs, weights, biases, strict=True))  # fmt: skip

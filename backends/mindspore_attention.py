@@ -42,17 +42,14 @@ class MultiheadAttention(_TakesMasks):
         e, self.heads, self.batch_first, self.causal = spec.embed_dim, spec.num_heads, spec.batch_first, spec.causal
         self.scale = float(1 / np.sqrt(spec.head_dim))
         shapes = spec.param_shapes()
-        self.separate = spec.separate_projections
-        for name in dict.fromkeys(spec.projection_names()):  # in_proj_weight, or the three of kdim/vdim
-            setattr(self, name, Parameter(ops.zeros(shapes[name], ms.float32), name=name))
+        self.in_proj_weight = Parameter(ops.zeros(shapes["in_proj_weight"], ms.float32), name="in_proj_weight")
         self.out_proj_weight = Parameter(ops.zeros((e, e), ms.float32), name="out_proj_weight")
         self.in_proj_bias = self.out_proj_bias = None
         if spec.bias:
             self.in_proj_bias = Parameter(ops.zeros((3 * e,), ms.float32), name="in_proj_bias")
             self.out_proj_bias = Parameter(ops.zeros((e,), ms.float32), name="out_proj_bias")
-        self.state = {**{name: getattr(self, name) for name in spec.projection_names()},
-                      "in_proj_bias": self.in_proj_bias, "out_proj.weight": self.out_proj_weight,
-                      "out_proj.bias": self.out_proj_bias}  # fmt: skip
+        self.state = {"in_proj_weight": self.in_proj_weight, "in_proj_bias": self.in_proj_bias,
+                      "out_proj.weight": self.out_proj_weight, "out_proj.bias": self.out_proj_bias}  # fmt: skip
         self.state = {key: self.state[key] for key in shapes}
         self.e = e
 
@@ -69,13 +66,10 @@ class MultiheadAttention(_TakesMasks):
         e = self.e
         b = self.in_proj_bias
         bq, bk, bv = (None, None, None) if b is None else (b[:e], b[e : 2 * e], b[2 * e :])
-        if self.separate:
-            wq, wk, wv = self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
-        else:
-            wq, wk, wv = self.in_proj_weight[:e], self.in_proj_weight[e : 2 * e], self.in_proj_weight[2 * e :]
-        q = _heads(_project(query, wq, bq), self.heads)
-        k = _heads(_project(key, wk, bk), self.heads)
-        v = _heads(_project(value, wv, bv), self.heads)
+        w = self.in_proj_weight
+        q = _heads(_project(query, w[:e], bq), self.heads)
+        k = _heads(_project(key, w[e : 2 * e], bk), self.heads)
+        v = _heads(_project(value, w[2 * e :], bv), self.heads)
         scores = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))) * self.scale
         length, keys = scores.shape[2], scores.shape[3]
         blocked = ops.zeros((length, keys), ms.bool_)

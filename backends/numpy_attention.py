@@ -39,22 +39,16 @@ class _MultiheadAttention(_Freezable):
         super().__init__(spec, dtype, rng)
         self.rng = rng
 
-    def _projection(self, index: int) -> tuple[str, slice]:
-        """The weight of the query (0), key (1) or value (2) projection: its name and its rows."""
-        e, name = self.spec.embed_dim, self.spec.projection_names()[index]
-        return name, slice(index * e, (index + 1) * e) if name == "in_proj_weight" else slice(None)
-
     def forward(self, x, training, record):
         args = x if isinstance(x, tuple) else (x,)
         spec, e = self.spec, self.spec.embed_dim
         inputs = (args * 3)[:3] if len(args) == 1 else args[:3]
         if not spec.batch_first:
             inputs = tuple(a.swapaxes(0, 1) for a in inputs)
-        bias = self.params.get("in_proj_bias")
+        weight, bias = self.params["in_proj_weight"], self.params.get("in_proj_bias")
         projected = []
         for index, a in enumerate(inputs):
-            name, rows = self._projection(index)
-            p = a @ self.params[name][rows].T
+            p = a @ weight[index * e : (index + 1) * e].T
             if bias is not None:
                 p += bias[index * e : (index + 1) * e]
             projected.append(_heads(p, spec.num_heads))
@@ -115,16 +109,17 @@ class _MultiheadAttention(_Freezable):
         grad_v = (weights if mask is None else weights * mask).swapaxes(-1, -2) @ grad_context
         grad_scores = weights * (grad_weights - (grad_weights * weights).sum(-1, keepdims=True)) * scale
         grad_q, grad_k = grad_scores @ k, grad_scores.swapaxes(-1, -2) @ q
+        weight = self.params["in_proj_weight"]
         input_grads = []
         for index, (a, g) in enumerate(zip(inputs, (grad_q, grad_k, grad_v), strict=True)):
             g = _merge(g)
-            name, rows = self._projection(index)
-            if name in self.grads:
-                self.grads[name][rows] += g.reshape(-1, e).T @ a.reshape(-1, a.shape[-1])
+            rows = slice(index * e, (index + 1) * e)
+            if "in_proj_weight" in self.grads:
+                self.grads["in_proj_weight"][rows] += g.reshape(-1, e).T @ a.reshape(-1, e)
             if "in_proj_bias" in self.grads:
-                self.grads["in_proj_bias"][index * e : (index + 1) * e] += g.reshape(-1, e).sum(0)
+                self.grads["in_proj_bias"][rows] += g.reshape(-1, e).sum(0)
             if need_input_grad:
-                g = g @ self.params[name][rows]
+                g = g @ weight[rows]
                 input_grads.append(g if spec.batch_first else g.swapaxes(0, 1))
         if count == 1:
             return sum(input_grads) if need_input_grad else None

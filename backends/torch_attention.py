@@ -21,8 +21,8 @@ class _MultiheadAttention(nn.MultiheadAttention):
     from the loop's torch generator)."""
 
     def __init__(self, spec: attention.MultiheadAttention, device=None, dtype=None):
-        super().__init__(spec.embed_dim, spec.num_heads, spec.dropout, bias=spec.bias, kdim=spec.kdim, vdim=spec.vdim,
-                         batch_first=spec.batch_first, device=device, dtype=dtype)  # fmt: skip
+        super().__init__(spec.embed_dim, spec.num_heads, spec.dropout, bias=spec.bias, batch_first=spec.batch_first,
+                         device=device, dtype=dtype)  # fmt: skip
         self.causal, self.additive_masks = spec.causal, spec.additive_masks
 
     def forward(self, *args: torch.Tensor) -> torch.Tensor:

@@ -62,11 +62,11 @@ def _layer_norm(module: nn.LayerNorm, path: str) -> layers.LayerNorm:
 
 
 def _attention(module: nn.MultiheadAttention, path: str) -> MultiheadAttention:
-    if module.bias_k is not None or module.add_zero_attn:
-        raise ValueError(f"module {path!r}: unitrain's MultiheadAttention has add_bias_kv=False and "
-                         "add_zero_attn=False")  # fmt: skip
+    if not module._qkv_same_embed_dim or module.bias_k is not None or module.add_zero_attn:
+        raise ValueError(f"module {path!r}: unitrain's MultiheadAttention has kdim = vdim = embed_dim, "
+                         "add_bias_kv=False and add_zero_attn=False")  # fmt: skip
     return MultiheadAttention(module.embed_dim, module.num_heads, module.dropout, module.in_proj_bias is not None,
-                              module.batch_first, kdim=module.kdim, vdim=module.vdim)  # fmt: skip
+                              module.batch_first)  # fmt: skip
 
 
 def _encoder_layer(module: nn.TransformerEncoderLayer, path: str, seq_len: int, padding_mask: bool, additive: bool):

@@ -44,21 +44,12 @@ def _head_mask(attn_mask, n: int, h: int):
     return attn_mask[n] if attn_mask[n].ndim == 2 else attn_mask[n][h]
 
 
-def _projections(layer, p):
-    """``W_q, W_k, W_v``: the thirds of ``in_proj_weight``, or with a ``kdim`` or ``vdim`` other than
-    ``embed_dim`` PyTorch's three weights ``q_proj_weight``, ``k_proj_weight``, ``v_proj_weight``."""
-    e = layer.embed_dim
-    if layer.kdim == layer.vdim == e:
-        return tuple(p["in_proj_weight"][i * e : (i + 1) * e] for i in range(3))
-    return p["q_proj_weight"], p["k_proj_weight"], p["v_proj_weight"]
-
-
 def attention(layer, p, query, key, value, padding=None, attn_mask=None):
     """The output ``(N, L, E)`` of batch-first inputs and the tape for :func:`attention_backward`; the masks
     mask (non-zero entries) or, with ``additive_masks``, are added to the logits (``-inf`` masks)."""
     e, heads = layer.embed_dim, layer.num_heads
     d = e // heads
-    w_q, w_k, w_v = _projections(layer, p)
+    w_q, w_k, w_v = (p["in_proj_weight"][i * e : (i + 1) * e] for i in range(3))
     b_q, b_k, b_v = (p["in_proj_bias"][i * e : (i + 1) * e] if layer.bias else np.zeros(e) for i in range(3))
     out, tape = np.zeros((len(query), query.shape[1], e), F64), []
     for n in range(len(query)):
@@ -88,7 +79,7 @@ def attention_backward(layer, p, tape, grad):
     d = e // heads
     grads = {key: np.zeros(np.shape(value), F64) for key, value in p.items()}
     grad_inputs = [np.zeros((len(tape), *tape[0][i].shape), F64) for i in range(3)]
-    w = _projections(layer, p)
+    w = [p["in_proj_weight"][i * e : (i + 1) * e] for i in range(3)]
     for n, (x_q, x_k, x_v, q, k, v, weights, context) in enumerate(tape):
         g = grad[n]
         grads["out_proj.weight"] += g.T @ context
@@ -107,10 +98,7 @@ def attention_backward(layer, p, tape, grad):
             g_q[:, cols] += g_logits @ k[:, cols] / math.sqrt(d)
             g_k[:, cols] += g_logits.T @ q[:, cols] / math.sqrt(d)
         for i, (g_proj, x) in enumerate(((g_q, x_q), (g_k, x_k), (g_v, x_v))):
-            if layer.kdim == layer.vdim == e:  # the rows of in_proj_weight
-                grads["in_proj_weight"][i * e : (i + 1) * e] += g_proj.T @ x
-            else:
-                grads[("q_proj_weight", "k_proj_weight", "v_proj_weight")[i]] += g_proj.T @ x
+            grads["in_proj_weight"][i * e : (i + 1) * e] += g_proj.T @ x
             if layer.bias:
                 grads["in_proj_bias"][i * e : (i + 1) * e] += g_proj.sum(axis=0)
             grad_inputs[i][n] = g_proj @ w[i]

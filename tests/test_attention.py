@@ -275,42 +275,6 @@ def test_time_first_and_cross_attention_match_torch_nn_in_float64(name, backend)
     assert_run_within_drift(loop, [loop.to_float(loop.step(batch)) for batch in batches], runs, "float64", SIZE)
 
 
-class ProjectedCrossAttention(nn.Module):
-    """Cross-attention whose keys and values have their own widths (``kdim``, ``vdim``): PyTorch's three
-    projection weights ``q_proj_weight``, ``k_proj_weight``, ``v_proj_weight``."""
-
-    def __init__(self):
-        super().__init__()
-        self.attn = nn.MultiheadAttention(E, HEADS, batch_first=True, kdim=KDIM, vdim=VDIM)
-        self.head = nn.Linear(E, CLASSES)
-
-    def forward(self, query, keys, values):
-        return self.head(self.attn(query, keys, values, need_weights=False)[0].mean(1))
-
-
-KDIM, VDIM = 3, 5
-
-
-@pytest.mark.parametrize("backend", installed_backends())
-def test_kdim_and_vdim_import_and_train_like_torch_nn(backend):
-    """``from_torch`` of a cross-attention with ``kdim``/``vdim``: the spec has PyTorch's keys, and 20
-    SGD-momentum steps land within PyTorch's float32 drift (NumPy in float64, the conformance formula)."""
-    module, rng = ProjectedCrossAttention(), np.random.default_rng(SEED)
-    shapes = ((BATCH, 3, E), (BATCH, S, KDIM), (BATCH, S, VDIM))
-    batches = [(tuple(rng.standard_normal(shape).astype(np.float32) for shape in shapes),
-                rng.integers(0, CLASSES, BATCH)) for _ in range(STEPS)]  # fmt: skip
-    spec = ut.from_torch(module, tuple(torch.from_numpy(a[:2]) for a in batches[0][0]))
-    assert spec.attn.kdim == KDIM and spec.attn.vdim == VDIM
-    assert list(spec.state_shapes()) == list(module.state_dict())
-    initial = ut.init_weights(spec, SEED)
-    assert set(initial) >= {"attn.q_proj_weight", "attn.k_proj_weight", "attn.v_proj_weight"}
-    runs = torch_runs(lambda dtype: load_state(ProjectedCrossAttention().to(dtype), initial),
-                      lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, foreach=False), batches)  # fmt: skip
-    dtype = "float64" if backend == "numpy" else "float32"
-    loop = _loop(backend, spec, dtype)
-    assert_run_within_drift(loop, [loop.to_float(loop.step(batch)) for batch in batches], runs, dtype, SIZE)
-
-
 @pytest.mark.parametrize("backend", [name for name in installed_backends() if name in ("chainer", "mindspore")])
 def test_time_first_attention_drops_what_numpy_drops(backend):
     """Sequence first, the loop's batch is the sequence and the heads' batch a per-sample axis: the masks of

@@ -42,7 +42,7 @@ def _dropout(spec_name: str, dropout) -> float:
 @dataclass(frozen=True)
 class MultiheadAttention(Layer):
     """Scaled dot-product attention over ``num_heads`` heads of ``embed_dim // num_heads`` features
-    (``torch.nn.MultiheadAttention`` with ``need_weights=False``)::
+    (``torch.nn.MultiheadAttention`` with ``kdim = vdim = embed_dim``, ``need_weights=False``)::
 
         q, k, v = query @ W_q.T + b_q, key @ W_k.T + b_k, value @ W_v.T + b_v   # W = in_proj_weight rows
         head_h = softmax(q_h @ k_h.T / sqrt(d) + mask) @ v_h                      # d = embed_dim // num_heads
@@ -58,13 +58,10 @@ class MultiheadAttention(Layer):
     ``dropout`` zeroes each attention weight ``softmax(...)`` with that probability and scales the
     others by ``1 / (1 - dropout)`` (PyTorch's ``dropout_p``), each weight of each head its own
     draw. Weights: ``in_proj_weight`` ``(3E, E)`` (Xavier-uniform), ``in_proj_bias`` ``(3E,)`` and
-    ``out_proj.bias`` zeros, ``out_proj.weight`` ``(E, E)`` as a Linear's; with ``kdim`` or ``vdim``
-    (the key's and value's features, None: E) other than E, ``q_proj_weight`` ``(E, E)``,
-    ``k_proj_weight`` ``(E, kdim)``, ``v_proj_weight`` ``(E, vdim)`` instead of ``in_proj_weight``,
-    each Xavier-uniform (:meth:`projection_names`). Per-sample shapes with ``batch_first``: query
-    ``(L, E)``, key ``(S, kdim)``, value ``(S, vdim)``, ``key_padding_mask`` ``(S,)``; output ``(L, E)``.
-    Without ``batch_first`` the loop's axis 0 is the sequence axis (as for the recurrent layers) and
-    no mask input fits."""
+    ``out_proj.bias`` zeros, ``out_proj.weight``
+    ``(E, E)`` as a Linear's. Per-sample shapes with ``batch_first``: query ``(L, E)``, key and
+    value ``(S, E)``, ``key_padding_mask`` ``(S,)``; output ``(L, E)``. Without ``batch_first`` the
+    loop's axis 0 is the sequence axis (as for the recurrent layers) and no mask input fits."""
 
     embed_dim: int
     num_heads: int
@@ -73,16 +70,10 @@ class MultiheadAttention(Layer):
     batch_first: bool = False
     causal: bool = False
     additive_masks: bool = False
-    kdim: int | None = None
-    vdim: int | None = None
 
     def __post_init__(self):
         _positive_int("MultiheadAttention", "embed_dim", self.embed_dim)
         _positive_int("MultiheadAttention", "num_heads", self.num_heads)
-        for name in ("kdim", "vdim"):  # None: embed_dim, as PyTorch stores it
-            if getattr(self, name) is None:
-                object.__setattr__(self, name, self.embed_dim)
-            _positive_int("MultiheadAttention", name, getattr(self, name))
         if self.embed_dim % self.num_heads:
             raise ValueError(
                 f"MultiheadAttention: embed_dim {self.embed_dim} must be divisible by num_heads {self.num_heads}"
@@ -95,25 +86,9 @@ class MultiheadAttention(Layer):
     def head_dim(self) -> int:
         return self.embed_dim // self.num_heads
 
-    @property
-    def separate_projections(self) -> bool:
-        """Whether key or value has other features than the query (PyTorch's ``not _qkv_same_embed_dim``):
-        then the projections are three weights, ``q_proj_weight`` ``(E, E)``, ``k_proj_weight`` ``(E, kdim)``
-        and ``v_proj_weight`` ``(E, vdim)``, instead of the rows of ``in_proj_weight``."""
-        return (self.kdim, self.vdim) != (self.embed_dim, self.embed_dim)
-
-    def projection_names(self) -> tuple[str, str, str]:
-        """The weights of the query, key and value projections: three names, or ``in_proj_weight`` thrice."""
-        if self.separate_projections:
-            return ("q_proj_weight", "k_proj_weight", "v_proj_weight")
-        return ("in_proj_weight",) * 3
-
     def param_shapes(self):
         e = self.embed_dim
-        if self.separate_projections:
-            shapes = {"q_proj_weight": (e, e), "k_proj_weight": (e, self.kdim), "v_proj_weight": (e, self.vdim)}
-        else:
-            shapes = {"in_proj_weight": (3 * e, e)}
+        shapes = {"in_proj_weight": (3 * e, e)}
         if self.bias:
             shapes["in_proj_bias"] = (3 * e,)
         shapes["out_proj.weight"] = (e, e)
@@ -122,15 +97,11 @@ class MultiheadAttention(Layer):
         return shapes
 
     def initial_weights(self, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """PyTorch's ``_reset_parameters``: Xavier-uniform ``in_proj_weight`` (fan_in E, fan_out 3E), or
-        each of ``q_proj_weight``, ``k_proj_weight``, ``v_proj_weight`` (fan_in its columns, fan_out E),
+        """PyTorch's ``_reset_parameters``: Xavier-uniform ``in_proj_weight`` (fan_in E, fan_out 3E),
         zero biases; ``out_proj.weight`` keeps its Linear's ``U(-1/sqrt(E), 1/sqrt(E))``."""
-        e, shapes = self.embed_dim, self.param_shapes()
-        drawn = {}
-        for key in dict.fromkeys(self.projection_names()):
-            rows, columns = shapes[key]
-            bound = math.sqrt(6.0 / (rows + columns))
-            drawn[key] = rng.uniform(-bound, bound, (rows, columns))
+        e = self.embed_dim
+        bound = math.sqrt(6.0 / (e + 3 * e))
+        drawn = {"in_proj_weight": rng.uniform(-bound, bound, (3 * e, e))}
         drawn["out_proj.weight"] = rng.uniform(-1 / math.sqrt(e), 1 / math.sqrt(e), (e, e))
         if self.bias:
             drawn["in_proj_bias"], drawn["out_proj.bias"] = np.zeros(3 * e), np.zeros(e)
@@ -147,12 +118,10 @@ class MultiheadAttention(Layer):
             raise ValueError(f"{self} takes (query), (query, key, value) and optionally key_padding_mask and "
                              f"attn_mask, got {len(shapes)} inputs")  # fmt: skip
         query, key, value = (shapes * 3)[:3] if len(shapes) == 1 else shapes[:3]
-        features = (("query", query, "E", self.embed_dim), ("key", key, "kdim", self.kdim),
-                    ("value", value, "vdim", self.vdim))  # fmt: skip
-        for name, shape, size, wanted in features:
-            if len(shape) != 2 or shape[-1] != wanted:
-                axes = f"(L, {size})" if self.batch_first else f"(N, {size}), sequence first"
-                raise ValueError(f"{self} expects per-sample {name} {axes} with {size}={wanted}, "
+        for name, shape in (("query", query), ("key", key), ("value", value)):
+            if len(shape) != 2 or shape[-1] != self.embed_dim:
+                axes = "(L, E)" if self.batch_first else "(N, E), sequence first"
+                raise ValueError(f"{self} expects per-sample {name} {axes} with E={self.embed_dim}, "
                                  f"got per-sample shape {tuple(shape)}")  # fmt: skip
         if key[0] != value[0]:
             raise ValueError(f"{self}: key and value must have the same length, got {key} and {value}")
