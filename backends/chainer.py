@@ -327,6 +327,8 @@ class ChainerLoop(TrainingLoop):
             for node in spec.nodes:
                 if node.op == "call_module":
                     call = self._natives[f"{name}{node.target}"]
+                    if node.options:  # a recurrent call with initial or final states
+                        call = functools.partial(call.call_states, **node.options)
                 elif node.target in ops.ACTIVATIONS:
                     call = self._leaf(ops.ACTIVATIONS[node.target](**node.options))
                 else:

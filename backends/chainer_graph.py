@@ -56,6 +56,7 @@ FUNCTIONS: dict[str, Callable] = {
     "permute": lambda x, dims: F.transpose(x, [d % x.ndim for d in dims]),
     "transpose": lambda x, dim0, dim1: F.swapaxes(x, dim0 % x.ndim, dim1 % x.ndim),
     "sum": _reduce(F.sum), "mean": _reduce(F.mean), "matmul": F.matmul,
+    "getitem": lambda values, index: values[index],
 }  # fmt: skip
 assert set(FUNCTIONS) | set(ops.ACTIVATIONS) == set(ops.OPS), "every operation has its Chainer function"
 

@@ -292,6 +292,18 @@ class _Recurrent(chainer.Link):
     def forward(self, x, lengths=None):
         return self.run(x, lengths=lengths)[0]
 
+    def call_states(self, x, *rest, initial_states=False, final_states=False):
+        """A graph's call with initial states or returning the final ones (both batch-first in a graph,
+        ``(N, num_layers * num_directions, hidden_size)``): ``rest`` is the lengths, if any, then
+        the initial states."""
+        count = (2 if isinstance(self.spec, sequences.LSTM) else 1) if initial_states else 0
+        lengths = rest[0] if len(rest) > count else None
+        states = [F.swapaxes(state, 0, 1) for state in rest[len(rest) - count :]] + [None, None]
+        output, h_n, c_n = self.run(x, states[0], states[1], lengths)
+        if not final_states:
+            return output
+        return (output, *(F.swapaxes(state, 0, 1) for state in (h_n, c_n) if state is not None))
+
     def run(self, x, h0=None, c0=None, lengths=None):
         """``(output, h_n, c_n)`` (``c_n`` None but for LSTM); initial states None are zeros.
         ``lengths``: each sequence's, of a batch-first padded ``x``. Chainer's functions take

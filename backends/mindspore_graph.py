@@ -118,6 +118,10 @@ def _matmul(args):
     return ops.matmul(args[0], args[1])
 
 
+def _getitem(args, index):
+    return args[0][index]
+
+
 _BINARY = {"add": (_add, _add_number, _add_number), "sub": (_sub, _sub_number, _number_sub),
            "mul": (_mul, _mul_number, _mul_number), "div": (_div, _div_number, _number_div)}  # fmt: skip
 
@@ -152,6 +156,8 @@ def function(node: Node, rank: int) -> tuple[Callable, tuple]:
         return _select, (kwargs["dim"] % rank, kwargs["index"])
     if op in ("cat", "stack"):
         return (_cat if op == "cat" else _stack), (kwargs["dim"] % (rank + (op == "stack")),)
+    if op == "getitem":
+        return _getitem, (kwargs["index"],)
     return {"neg": _neg, "exp": _exp, "log": _log, "matmul": _matmul}[op], ()
 
 

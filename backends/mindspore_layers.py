@@ -7,7 +7,14 @@ from __future__ import annotations
 import mindspore as ms
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
-from unitrain.backends.mindspore_sequences import _Conv1d, _Embedding, _Recurrent, _TakesMasks, _Through2d
+from unitrain.backends.mindspore_sequences import (
+    _Conv1d,
+    _Embedding,
+    _Recurrent,
+    _StatesCall,
+    _TakesMasks,
+    _Through2d,
+)
 
 from unitrain import attention, layers, sequences
 from unitrain import ops as graph_ops
@@ -314,6 +321,8 @@ class _Builder:
                     reads, count = self.mask_ranges[_join(path, node.target)]
                     mask_map = (0,) * reads + tuple(range(taken, taken + count))
                     taken += count
+                    if node.options:  # a recurrent call with initial or final states
+                        cell = _StatesCall(cell, spec.get_submodule(node.target), len(node.args), node.options)
                     nodes.append(mindspore_graph.ModuleNode(cell, indices, isinstance(cell, _TakesMasks), mask_map))
                 elif node.target in graph_ops.ACTIVATIONS:
                     cell = _PLAIN_LEAVES[graph_ops.ACTIVATIONS[node.target]](graph_ops.ACTIVATIONS[node.target](

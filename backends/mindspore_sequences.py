@@ -117,3 +117,50 @@ class _Recurrent(_TakesMasks):
             if c0 is not None:
                 c_n.append(state[1])
         return x, ops.cat(h_n), None if c0 is None else ops.cat(c_n)
+
+
+class _StatesCall(_TakesMasks):
+    """A graph's call of a recurrent cell (``cell``, of ``spec``) on ``count`` inputs: the input, the
+    lengths if any, then the initial states with ``initial_states``; with ``final_states`` its value is
+    ``(output, h_n[, c_n])``. A graph holds states batch-first, the native cells layer-major."""
+
+    def __init__(self, cell: _Recurrent, spec: sequences._Recurrent, count: int, options: dict):
+        super().__init__()
+        self.cell, self.lstm, self.directions = cell, isinstance(spec, sequences.LSTM), spec.directions
+        self.states = (2 if self.lstm else 1) if options.get("initial_states") else 0
+        self.lengths, self.final = count - 1 > self.states, options.get("final_states", False)
+
+    def construct(self, x, masks):
+        inputs = x if isinstance(x, tuple) else (x,)
+        x = inputs[0]
+        lengths = inputs[1].astype(ms.int32) if self.lengths else None
+        h0 = c0 = None
+        if self.states > 0:
+            h0 = ops.swapaxes(inputs[len(inputs) - self.states], 0, 1)
+        if self.states > 1:
+            c0 = ops.swapaxes(inputs[len(inputs) - 1], 0, 1)
+        h_n, c_n = (), ()
+        for index, layer in enumerate(self.cell.layers):
+            if index > 0 and self.cell.dropout and self.training:
+                x = x * masks[self.cell.first_mask + index - 1]
+            hx = None
+            if h0 is not None:
+                start = index * self.directions
+                hx = h0[start : start + self.directions]
+                if c0 is not None:
+                    hx = (hx, c0[start : start + self.directions])
+            x, state = layer(x, hx, lengths)
+            h_n = (*h_n, state[0] if self.lstm else state)
+            if self.lstm:
+                c_n = (*c_n, state[1])
+        if not self.final:
+            return x
+        if self.lstm:
+            return x, _batch_first(h_n), _batch_first(c_n)
+        return x, _batch_first(h_n)
+
+
+def _batch_first(states: tuple):
+    """Each layer's ``(directions, N, hidden)`` states as one ``(N, layers * directions, hidden)``."""
+    joined = states[0] if len(states) == 1 else ops.cat(states)  # (graph mode reports a cat of one)
+    return ops.swapaxes(joined, 0, 1)

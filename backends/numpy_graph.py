@@ -22,6 +22,7 @@ import numpy as np
 from unitrain import ops
 from unitrain.graph import Graph, get_submodule, tie_source
 from unitrain.layers import Container
+from unitrain.sequences import LSTM
 
 
 def _unbroadcast(grad, shape):
@@ -185,6 +186,10 @@ FUNCTIONS = {
                lambda grad, cache, kwargs, need, op=op: _reduce_backward(op, grad, cache, kwargs, need))
        for op in ("sum", "mean")},
     "matmul": _op(_matmul_forward, _matmul_backward),
+    # an item of a recurrent call's tuple; its gradient is the tuple's, None at the other items
+    "getitem": _op(lambda args, kwargs: (args[0][kwargs["index"]], len(args[0])),
+                   lambda grad, count, kwargs, need: (tuple(grad if i == kwargs["index"] else None
+                                                            for i in range(count)),)),
 }  # fmt: skip
 
 
@@ -226,6 +231,36 @@ class _Call:
         return out if isinstance(out, tuple) else (out, *[None] * (self.arity - 1))
 
 
+class _StatesCall:
+    """A recurrent layer at a node with initial states (its last inputs) or returning the tuple
+    ``(output, h_n[, c_n])``; a graph holds states batch-first, the layer layer-major."""
+
+    def __init__(self, layer, options):
+        self.layer, self.options, self.has_params = layer, options, layer.has_params
+        self.count = (2 if isinstance(layer.spec, LSTM) else 1) if options.get("initial_states") else 0
+
+    def run(self, args, training, record):
+        x, rest = args[0], args[1:]
+        self.lengths = len(rest) > self.count
+        states = [state.swapaxes(0, 1) for state in rest[len(rest) - self.count :]] + [None, None]
+        output, h_n, c_n = self.layer.run(x, states[0], states[1], training, record, rest[0] if self.lengths else None)
+        if record:
+            self.output_shape = output.shape
+        if not self.options.get("final_states"):
+            return output
+        return (output, *(state.swapaxes(0, 1) for state in (h_n, c_n) if state is not None))
+
+    def gradients(self, grad, need):
+        grad_output, grad_h, grad_c = (*grad, None)[:3] if isinstance(grad, tuple) else (grad, None, None)
+        if grad_output is None:
+            grad_output = np.zeros(self.output_shape, next(g for g in grad if g is not None).dtype)
+        grad_x, grad_h0, grad_c0 = self.layer.backward_states(
+            grad_output, *(None if g is None else np.ascontiguousarray(g.swapaxes(0, 1)) for g in (grad_h, grad_c))
+        )
+        states = (grad_h0, grad_c0)[: self.count]
+        return (grad_x, *[None] * self.lengths, *(state.swapaxes(0, 1) for state in states))
+
+
 class GraphRun:
     def __init__(self, spec: Graph, steps):
         self.spec, self.steps = spec, steps
@@ -262,7 +297,11 @@ class GraphRun:
 
 
 def _accumulate(grads, name, value):
-    if name in grads:
+    if isinstance(value, tuple):  # a recurrent call's tuple: item by item, None where no gradient reached
+        known = grads.get(name, (None,) * len(value))
+        value = tuple(b if a is None else a if b is None else a + b for a, b in zip(known, value, strict=True))
+        grads[name] = value
+    elif name in grads:
         grads[name] = grads[name] + value  # a fresh array: either summand may be a view of another's
     else:
         grads[name] = value
@@ -309,6 +348,10 @@ def build(spec: Graph, leaves, build_tree, make_leaf) -> GraphRun:
             else:
                 paths = [node.target]
             tree, fresh[node.name] = build_tree(module, _replicas([own[path] for path in paths], used), private)
+            if node.options:  # a recurrent call with initial or final states (the tree is the layer)
+                steps.append(_StatesCall(tree, node.options))
+                fresh[node.name] = False
+                continue
         steps.append(_Call(tree))
     return GraphRun(spec, steps)
 

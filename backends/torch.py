@@ -98,14 +98,26 @@ class _Residual(nn.Module):
 class _OutputOnly:
     """A recurrent module in a Sequential: only ``output`` flows on (``h_n``, ``c_n`` stay behind);
     a subclass, so that the ``state_dict`` keys stay ``nn.LSTM``'s. In a graph it may take each
-    sequence's length (``lstm(x, lengths)``, batch first): PyTorch's packed sequences then."""
+    sequence's length (``lstm(x, lengths)``, batch first): PyTorch's packed sequences then; and
+    initial states or return the final ones (the node's ``initial_states``, ``final_states``), which
+    a graph holds batch-first, ``(N, num_layers * num_directions, hidden_size)``."""
 
-    def forward(self, input: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, *rest: torch.Tensor, initial_states: bool = False,
+                final_states: bool = False):  # fmt: skip
+        states = len(rest) - (1 + isinstance(self, nn.LSTM) if initial_states else 0)
+        lengths, hx = (rest[0] if states else None), rest[states:]
+        hx = tuple(state.transpose(0, 1).contiguous() for state in hx) or None
+        if hx is not None and not isinstance(self, nn.LSTM):
+            hx = hx[0]
         if lengths is None:
-            return super().forward(input)[0]
-        packed = nn.utils.rnn.pack_padded_sequence(input, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        output = super().forward(packed)[0]
-        return nn.utils.rnn.pad_packed_sequence(output, batch_first=True, total_length=input.shape[1])[0]
+            output, final = super().forward(input, hx)
+        else:
+            packed = nn.utils.rnn.pack_padded_sequence(input, lengths.cpu(), batch_first=True, enforce_sorted=False)
+            output, final = super().forward(packed, hx)
+            output = nn.utils.rnn.pad_packed_sequence(output, batch_first=True, total_length=input.shape[1])[0]
+        if not final_states:
+            return output
+        return (output, *(state.transpose(0, 1) for state in (final if isinstance(final, tuple) else (final,))))
 
 
 class _RNN(_OutputOnly, nn.RNN):

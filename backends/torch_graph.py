@@ -50,6 +50,7 @@ FUNCTIONS: dict[str, Callable] = {
     "flatten": lambda x, start_dim=1, end_dim=-1: torch.flatten(x, start_dim, end_dim),
     "permute": lambda x, dims: x.permute(*dims), "transpose": torch.transpose,
     "sum": _reduce("sum"), "mean": _reduce("mean"), "matmul": torch.matmul,
+    "getitem": lambda values, index: values[index],
     "relu": F.relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh, "gelu": F.gelu, "silu": F.silu, "elu": F.elu,
     "leaky_relu": F.leaky_relu, "softmax": F.softmax, "log_softmax": F.log_softmax,
 }  # fmt: skip

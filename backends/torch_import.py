@@ -36,6 +36,7 @@ from unitrain.ops import Tensor
 from . import torch_graph, torch_import_ties
 from .torch import _module as torch_module
 from .torch_import_attention import CALLED, called_spec, constant, mask_operation, positional_encoding, same_as_spec
+from .torch_import_states import fx_states_call, recurrent_call
 
 # --- tracing with concrete values ----------------------------------------------------------------
 
@@ -426,7 +427,7 @@ class _Importer:
     def run(self, graph: fx.Graph):
         env: dict = {}
         inputs = []
-        live = set()  # what the output depends on: not the unused half of `out, _ = self.lstm(x)`
+        live = self.live = set()  # what the output depends on: not the unused half of `out, _ = self.lstm(x)`
         for node in reversed(graph.nodes):
             if node.op in ("output", "placeholder") or node in live:
                 live.update(node.all_input_nodes)
@@ -471,16 +472,17 @@ class _Importer:
             else:
                 self.specs[path] = layer_spec(module, path)
         spec = self.specs[path]
+        if isinstance(spec, sequences._Recurrent) and isinstance(self.values[node], tuple):
+            result, unpacked = recurrent_call(spec, node, *_bind(args, kwargs, "input hx=None"), self.live)
+            return _Recurrent(result, path, unpacked=unpacked)
         if (
             any(arg is not None for arg in args[1:])
             or any(v is not None for v in kwargs.values())
             or not (args and isinstance(args[0], Tensor))
         ):
-            raise ValueError("calls a layer with more than one tensor (initial states, masks); unitrain's layers "
-                             "take one input (recurrent layers start from zeros)")  # fmt: skip
-        out = spec(args[0])
-        # a recurrent layer returns (output, states): only output flows on (see getitem)
-        return _Recurrent(out, path) if isinstance(self.values[node], tuple) else out
+            raise ValueError("calls a layer with more than one tensor (masks); unitrain's layers take one input "
+                             "(recurrent layers their initial states too)")  # fmt: skip
+        return spec(args[0])
 
     def call_attention(self, node, module, args, kwargs):
         """An attention layer's spec is made per call (its length, its mask); one module, one spec."""
@@ -514,6 +516,8 @@ class _Importer:
             return built  # a causal mask made in forward
         if name == "getitem" and isinstance(args[0], _Recurrent):
             return args[0].output(args[1])
+        if name == "getitem" and isinstance(args[0], tuple):  # (h_n, c_n) of an LSTM
+            return args[0][args[1]]
         if (node.op == "call_method" and name in ("size", "dim")) or name == "getattr":
             return _concrete(self.values[node])  # shape arithmetic: numbers of the example
         if name in ("add", "sub", "mul", "div", "floordiv") and not any(isinstance(a, Tensor) for a in args):
@@ -533,15 +537,18 @@ class _Importer:
 
 
 class _Recurrent:
-    """A recurrent layer's ``(output, states)``: only ``output`` (index 0) is in the graph."""
+    """A recurrent layer's ``(output, states)`` (or an attention layer's ``(output, weights)``): its
+    ``output`` (index 0) and, for a recurrent layer that reads them, its final states."""
 
-    def __init__(self, output: Tensor, path: str, parts: str = "(output, states)"):
-        self.output_tensor, self.path, self.parts = output, path, parts
+    def __init__(self, output: Tensor, path: str, parts: str = "(output, states)", unpacked: bool = False):
+        self.output_tensor, self.path, self.parts, self.unpacked = output, path, parts, unpacked
 
     def output(self, index):
+        if self.unpacked:
+            return self.output_tensor[index]
         if index != 0:
             raise ValueError(f"takes item {index!r} of {self.path}'s {self.parts}; only the output (item 0) "
-                             "flows in a unitrain graph: take the last step from it (output[:, -1])")  # fmt: skip
+                             "flows in a unitrain graph")  # fmt: skip
         return self.output_tensor
 
 
@@ -746,10 +753,14 @@ def to_torch(graph: Graph, state=None) -> fx.GraphModule:
             env[name] = code.call_function(draw, ((batch, *shape),), {"dtype": torch.float32})
     for node in graph.nodes:
         args = [env[arg] for arg in node.args]
-        if node.op == "call_module":
+        if node.op == "call_module" and node.options:
+            env[node.name] = fx_states_call(code, graph, node, args)
+        elif node.op == "call_module":
             env[node.name] = code.call_module(node.target, tuple(args))
             if isinstance(root.get_submodule(node.target), nn.RNNBase):
                 env[node.name] = code.call_function(operator.getitem, (env[node.name], 0))
+        elif node.target == "getitem":  # an item of a recurrent call's (output, h_n[, c_n])
+            env[node.name] = args[0][node.options["index"]]
         else:
             rank = len(graph.shapes[node.args[0]]) + 1
             env[node.name] = _fx_call(code, node.target, args, node.options, rank, graph.shapes[node.name])

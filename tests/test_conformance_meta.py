@@ -1097,3 +1097,22 @@ def test_lengths_ignored_are_caught_by_the_padded_sequences_check():
         "(1, 3, 2); max error 0.529 > tolerance 0.00021",
     )
     assert result.max_error > result.tolerance
+
+
+class InitialStatesIgnored(_BrokenGraph):
+    """Recurrent calls that start from zeros: the initial states reach them and are dropped."""
+
+    def breaks(self, step):
+        if isinstance(step, numpy_graph._StatesCall):
+            run = step.layer.run
+            step.layer.run = lambda x, h0, c0, *rest: run(x, None, None, *rest)
+
+
+def test_initial_states_ignored_are_caught_by_the_recurrent_states_check():
+    message, result = failure(InitialStatesIgnored, "check_recurrent_states")
+    assert_same_report(
+        message,
+        "LSTM(bidirectional, 2 layers) from initial states with lengths [4, 2, 3, 1], final states read: predict(): "
+        "expected 0.313702, got -0.193669 at index (3, 46); max error 0.507 > tolerance 0.000137",
+    )
+    assert result.max_error > result.tolerance

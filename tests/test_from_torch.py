@@ -358,8 +358,11 @@ class Forward(nn.Module):
         (lambda: Forward(lambda self, x: self.cell(x), cell=nn.GRUCell(4, 4)),
          (2, 4), r"^from_torch: module 'cell' \(GRUCell\) has no unitrain layer"),
         (lambda: Forward(lambda self, x: self.lstm(x)[1][0].sum(0), lstm=nn.LSTM(4, 3)), (2, 5, 4),
-         r"^from_torch: node 'getitem' \(_operator.getitem\): takes item 1 of lstm's \(output, states\); only the "
-         r"output"),
+         r"^from_torch: node 'getitem' \(_operator.getitem\): LSTM\(.*\): initial and final states in a graph need "
+         r"batch_first=True"),
+        (lambda: Forward(lambda self, x: self.lstm(x)[1][0].sum(0), lstm=nn.LSTM(4, 3, batch_first=True)), (2, 5, 4),
+         r"^from_torch: node 'sum_1' \(Tensor.sum\): sum: h_n is read as PyTorch's \(num_layers \* num_directions, N, "
+         r"hidden_size\); index it"),
         (lambda: Forward(lambda self, x: x.view(2, -1, 4)), (2, 8),
          r"^from_torch: Forward.forward depends on the example's batch size 2: with 3 samples, node 'view' "
          r"\(Tensor.view\): it turns a batch of 3 into \(2,\).*; write the batch as x.size\(0\), len\(x\) or -1$"),

@@ -54,6 +54,14 @@ GRAPH_ENTRIES = {  # JSON a file could hold where a graph entry is expected -> t
     "noise of no input": (_edited(lambda d: d.__setitem__("noise", {"eps": "normal"})), "noise 'eps' is not one of"),
     "noise kind a list": (_edited(lambda d: d.__setitem__("noise", {"x": [1]})), r"noise 'x' has kind \[1\]"),
     "only noise": (_edited(lambda d: d.__setitem__("noise", {"x": "normal"})), "every input is noise"),
+    "states on a Linear": (
+        _edited(lambda d: d["nodes"][0].__setitem__("kwargs", {"final_states": True})),
+        "takes no argument 'final_states'; expected none",
+    ),
+    "getitem of a tensor": (
+        _edited(lambda d: d["nodes"].__setitem__(1, {**d["nodes"][1], "target": "getitem", "kwargs": {"index": 0}})),
+        "only getitem reads a recurrent layer's tuple",
+    ),
 }
 
 

@@ -172,5 +172,5 @@ def test_lengths_need_a_batch_first_recurrent_layer():
         ut.Linear(3, 4)(x, lengths)
     with pytest.raises(ValueError, match=r"lengths must have per-sample shape \(\)"):
         ut.LSTM(3, 4, batch_first=True)(x, Input((1,), name="counts"))
-    with pytest.raises(ValueError, match=r"initial states are not graph inputs \(in a graph the layer starts from"):
+    with pytest.raises(ValueError, match=r"takes its initial states as a tuple \(h0, c0\), got one tensor$"):
         ut.LSTM(3, 4, batch_first=True, bidirectional=True)(x, Input((2, 4), name="h_0"))

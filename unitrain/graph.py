@@ -181,6 +181,11 @@ class Graph(Container):
             names[id(tensor)] = name
             args = tuple(names[id(arg)] for arg in tensor.args)
             nodes.append(Node(name, op, target, args, tuple((k, _frozen(v)) for k, v in kwargs.items())))
+        for tensor in _walk(output_tensors):
+            items = getattr(tensor, "_items", None)  # the call itself and its unpacked items: two calls
+            if items is not None and id(items[0].args[0]) in names:
+                raise ValueError(f"Graph: {tensor.target} is used both as its call and unpacked (out, h = "
+                                 "layer(x)); use the unpacked output, or the layer would run twice")  # fmt: skip
         input_specs = [(tensor.target, tensor.sample_shape) for tensor in input_tensors]
         input_specs += [(name, shape) for name, _, shape in noise]
         self._setup(input_specs, tuple(modules.items()), nodes, [names[id(tensor)] for tensor in output_tensors],
@@ -325,19 +330,29 @@ class Graph(Container):
                     if len(args) != 1 and hasattr(module, "output_shape_of"):  # a leaf of several inputs (attention)
                         shapes[node.name] = module.output_shape_of(tuple(args))
                         continue
-                    if len(args) == 2 and (problem := padded.lengths_problem(module, args[0], args[1])):
+                    if any(map(padded.is_group, args)):
+                        raise ValueError(f"{module}: an input is a recurrent layer's tuple; read an item of it "
+                                         "(getitem)")  # fmt: skip
+                    padded.argument_roles(module, len(args), node.options)  # the inputs' count and options
+                    if len(args) == 2 and not node.options and (problem := padded.lengths_problem(module, *args)):
                         raise ValueError(problem)
-                    if len(args) not in (1, 2):
-                        raise ValueError(f"{module} takes one tensor input, got {len(args)}")
                     traced: dict[str, Shape] = {}  # this call's leaves only: a copy of `seen` per node is quadratic
                     shapes[node.name] = layers._trace(module, args[0], full, traced)
+                    if isinstance(module, sequences._Recurrent):
+                        shapes[node.name] = padded.call_shape(module, shapes[node.name], args, node.options)
                     for key, value in traced.items():  # a shared leaf: keep its fewest values per channel
                         if key not in seen or math.prod(value[1:]) <= math.prod(seen[key][1:]):
                             seen[key] = value
                 except ValueError as error:  # the message starts with the module's path
                     raise ValueError(f"{where}node {node.name!r} calls {error}") from None
             else:
+                if any(map(padded.is_group, args)) != (node.target == "getitem"):
+                    raise ValueError(f"{what}: only getitem reads a recurrent layer's tuple (output, h_n[, c_n]), "
+                                     "and it reads nothing else")  # fmt: skip
                 shapes[node.name] = ops.infer(node.target, args, node.options, what)
+        for name in self.outputs:
+            if padded.is_group(shapes[name]):
+                raise ValueError(f"{where}output {name!r} is a recurrent layer's tuple; output its items (getitem)")
         return shapes
 
 

@@ -41,7 +41,7 @@ ARGUMENTS = {
     **{op: ("other", "reverse") for op in BINARY}, "neg": (), "exp": (), "log": (), "cat": ("dim",), "stack": ("dim",),
     "narrow": ("dim", "start", "length"), "select": ("dim", "index"), "reshape": ("shape",),
     "flatten": ("start_dim", "end_dim"), "permute": ("dims",), "transpose": ("dim0", "dim1"),
-    "sum": ("dim", "keepdim"), "mean": ("dim", "keepdim"), "matmul": (),
+    "sum": ("dim", "keepdim"), "mean": ("dim", "keepdim"), "matmul": (), "getitem": ("index",),
 }  # fmt: skip
 OPS = (*ARGUMENTS, *ACTIVATIONS)
 
@@ -109,6 +109,12 @@ def infer(op: str, shapes: Sequence[Shape], kwargs: dict, what: str) -> Shape:
     for flag in ("reverse", "keepdim"):
         if not isinstance(kwargs.get(flag, False), bool):
             raise ValueError(f"{what}: {flag} must be True or False, got {kwargs[flag]!r}")
+    if op == "getitem":  # an item of a recurrent layer's tuple (output, h_n[, c_n])
+        index = kwargs.get("index")
+        if len(shapes) != 1 or isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(shapes[0]):
+            raise ValueError(f"{what}: getitem takes one recurrent call's tuple of {len(shapes[0])} and an index "
+                             f"0..{len(shapes[0]) - 1}, got index {index!r}")  # fmt: skip
+        return shapes[0][index]
     arity = {"cat": None, "stack": None, "matmul": 2}.get(op, 2 if op in BINARY and "other" not in kwargs else 1)
     if (arity is None and not shapes) or (arity is not None and len(shapes) != arity):
         raise ValueError(f"{what}: {op} takes {arity or 'one or more'} tensor inputs, got {len(shapes)}")
@@ -332,17 +338,34 @@ def function(op: str, *inputs: Tensor, **kwargs) -> Tensor:
     """Record ``op`` on ``inputs`` (a ``call_function`` node); its shape is inferred now."""
     for value in inputs:
         _check_tensor(value, op)
+        if isinstance(value, StateTensor):
+            raise ValueError(f"{op}: {value.role} is read as PyTorch's (num_layers * num_directions, N, "
+                             f"hidden_size); index it ({value.role}[-1]) or put its batch axis first "
+                             f"({value.role}.transpose(0, 1)) before {op}")  # fmt: skip
+    return _record(op, inputs, kwargs)
+
+
+def _record(op: str, inputs: tuple, kwargs: dict, kind: type | None = None) -> Tensor:
     kwargs = {key: value for key, value in kwargs.items() if value is not None or key == "dim"}
     shape = infer(op, [value.sample_shape for value in inputs], kwargs, op)
-    return Tensor("call_function", op, inputs, kwargs, shape)
+    return (kind or Tensor)("call_function", op, inputs, kwargs, shape)
 
 
-def call_layer(layer: layers.Layer, inputs: tuple) -> Tensor:
+def call_layer(layer: layers.Layer, inputs: tuple, lengths: Tensor | None = None) -> Tensor:
     """``layer(*inputs)`` on symbolic tensors: a ``call_module`` node (a weightless activation
-    not named in the graph's modules becomes its function; see :class:`~unitrain.graph.Graph`)."""
+    not named in the graph's modules becomes its function; see :class:`~unitrain.graph.Graph`).
+    A recurrent layer takes initial states and lengths too (:func:`_recurrent_call`)."""
     name = type(layer).__name__
+    from .sequences import _Recurrent
+
+    if isinstance(layer, _Recurrent) and (lengths is not None or len(inputs) > 1):
+        return _recurrent_call(layer, inputs, lengths)
+    if lengths is not None:
+        raise ValueError(f"{layer} takes no lengths; only RNN, LSTM and GRU do")
     for value in inputs:
         _check_tensor(value, f"{name}(...)")
+        if isinstance(value, StateTensor):
+            function(name, value)  # refused there, in the same words
     if isinstance(layer, layers.Container) and hasattr(layer, "input_names"):  # a Graph used as a module
         if layer.noise and len(inputs) == len(layer.inputs) - len(layer.noise):  # its data inputs only:
             declared = dict(layer.inputs)  # its noise becomes the calling graph's, drawn anew at each call
@@ -361,7 +384,118 @@ def call_layer(layer: layers.Layer, inputs: tuple) -> Tensor:
     elif len(inputs) != 1:
         raise ValueError(f"{layer} takes one tensor input, got {len(inputs)}")
     shape = layers._trace(layer, inputs[0].sample_shape, name, {})
-    return Tensor("call_module", layer, inputs, {}, shape)
+    return (RecurrentResult if isinstance(layer, _Recurrent) else Tensor)("call_module", layer, inputs, {}, shape)
+
+
+def _recurrent_call(layer, inputs: tuple, lengths: Tensor | None) -> Tensor:
+    """``lstm(x, (h0, c0))``, ``gru(x, h0)``, ``lstm(x, lengths)`` (a per-sample shape ``()``),
+    ``lstm(x, (h0, c0), lengths=lengths)``: one call node whose inputs are ``x``, the lengths and the
+    initial states (``initial_states=True``), as :func:`unitrain.padded.argument_roles` reads them."""
+    from .padded import LSTM, call_shape
+
+    x, *rest = inputs
+    if len(rest) > 1:
+        raise ValueError(f"{layer} takes the input and its initial states (and lengths=), got {len(inputs)} "
+                         "inputs; an LSTM's states are one tuple (h0, c0)")  # fmt: skip
+    states = rest[0] if rest else None
+    if isinstance(states, Tensor) and not isinstance(states, StateTensor) and len(states.sample_shape) != 2:
+        states, lengths = None, states  # the lengths as the second argument, lstm(x, lengths); a state is 2-d
+    if states is not None:
+        count = 2 if isinstance(layer, LSTM) else 1
+        states = tuple(states) if isinstance(states, (tuple, list)) else (states,)
+        if len(states) != count:
+            wanted = "a tuple (h0, c0)" if count == 2 else "one tensor h0"
+            got = "one tensor" if len(states) == 1 else f"{len(states)} tensors"
+            raise ValueError(f"{layer} takes its initial states as {wanted}, got {got}")
+    arguments = (x, *([] if lengths is None else [lengths]), *(states or ()))
+    for value in arguments:
+        _check_tensor(value, f"{type(layer).__name__}(...)")
+    options = {"initial_states": True} if states is not None else {}
+    shapes = [value.sample_shape for value in arguments]
+    shape = call_shape(layer, layers._trace(layer, x.sample_shape, type(layer).__name__, {}), shapes, options)
+    return RecurrentResult("call_module", layer, arguments, options, shape)
+
+
+class StateTensor(Tensor):
+    """A recurrent layer's ``h_n`` or ``c_n`` in a graph. A graph holds it batch-first, per-sample
+    ``(num_layers * num_directions, hidden_size)``, but it reads as PyTorch's ``(num_layers *
+    num_directions, N, hidden_size)``: ``h_n[-1]`` is the last layer's state ``(N, hidden_size)``
+    (a ``select`` of the per-sample axis 0), ``h_n[-2:]`` a state of the last two, ``h_n.transpose(0,
+    1)`` or ``h_n.permute(1, 0, 2)`` the batch-first tensor. It is another layer's initial state as
+    it is; anything else must index it or put its batch axis first."""
+
+    __slots__ = ("role",)
+
+    @property
+    def shape(self):
+        return (self.sample_shape[0], None, self.sample_shape[1])
+
+    def _state(self, op: str, **kwargs) -> Tensor:
+        out = _record(op, (self,), kwargs, StateTensor)
+        out.role = self.role
+        return out
+
+    def __getitem__(self, key):
+        key = key if isinstance(key, tuple) else (key,)
+        first, rest = key[0], key[1:]
+        if any(item != slice(None) for item in rest) or not isinstance(first, (int, slice)) or isinstance(first, bool):
+            raise IndexError(f"indexing {self.role}: index its first axis only ({self.role}[-1], {self.role}[-2:]), "
+                             f"got {key!r}")  # fmt: skip
+        if isinstance(first, int):
+            return _record("select", (self,), {"dim": 1, "index": first})
+        start, stop, step = first.indices(self.sample_shape[0])
+        if step != 1 or stop <= start:
+            raise IndexError(f"indexing {self.role}: only a non-empty slice with step 1, got {first}")
+        return self._state("narrow", dim=1, start=start, length=stop - start)
+
+    def permute(self, *dims):
+        dims = tuple(dims[0]) if len(dims) == 1 and isinstance(dims[0], (list, tuple)) else dims
+        if len(dims) != 3 or dims[0] % 3 != 1:
+            raise ValueError(f"permute of {self.role}: put its batch axis (1) first, as permute(1, 0, 2), got {dims}")
+        batch_first = {0: 1, 1: 0, 2: 2}  # PyTorch's axes of the state -> the graph's
+        return _record("permute", (self,), {"dims": [batch_first[d % 3] for d in dims]})
+
+    def transpose(self, dim0: int, dim1: int):
+        if {dim0 % 3, dim1 % 3} != {0, 1}:
+            raise ValueError(f"transpose of {self.role}: swap axes 0 and 1 (its batch first), got {dim0}, {dim1}")
+        return _record("permute", (self,), {"dims": [0, 1, 2]})
+
+
+class RecurrentResult(Tensor):
+    """What calling a recurrent layer returns: the ``output`` tensor, which also unpacks as PyTorch's
+    result, ``output, (h_n, c_n) = lstm(x)`` (``output, h_n = gru(x)``), and indexes as it (``lstm(x)[0]``,
+    ``lstm(x)[1]``). Unpacked, the call becomes one node with ``final_states=True`` whose items are
+    ``getitem`` nodes; use that ``output`` rather than the call itself, which would run the layer twice."""
+
+    __slots__ = ("_items",)
+
+    def items(self) -> tuple:
+        """``(output, h_n)`` or ``(output, (h_n, c_n))``, made once."""
+        if getattr(self, "_items", None) is None:
+            from .padded import call_shape
+
+            options = {**self.kwargs, "final_states": True}
+            layer = self.target
+            shapes = [value.sample_shape for value in self.args]
+            group = Tensor("call_module", layer, self.args, options, call_shape(layer, self.sample_shape, shapes,
+                                                                                  options))  # fmt: skip
+            items = [_record("getitem", (group,), {"index": index}, StateTensor if index else Tensor)
+                     for index in range(len(group.sample_shape))]  # fmt: skip
+            for item, role in zip(items[1:], ("h_n", "c_n"), strict=False):
+                item.role = role
+            self._items = (items[0], items[1] if len(items) == 2 else (items[1], items[2]))
+        return self._items
+
+    def __iter__(self):
+        return iter(self.items())
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, key):
+        if isinstance(key, int) and not isinstance(key, bool):
+            return self.items()[key]
+        return super().__getitem__(key)
 
 
 def _binary(op: str, a: Tensor, b, reverse: bool = False) -> Tensor:
@@ -442,11 +576,15 @@ def flatten(x: Tensor, start_dim: int = 1, end_dim: int = -1) -> Tensor:
 
 
 def permute(x: Tensor, *dims) -> Tensor:
+    if isinstance(x, StateTensor):  # its axes are PyTorch's (layers, N, hidden)
+        return x.permute(*dims)
     dims = tuple(dims[0]) if len(dims) == 1 and isinstance(dims[0], (list, tuple)) else dims
     return function("permute", x, dims=list(dims))
 
 
 def transpose(x: Tensor, dim0: int, dim1: int) -> Tensor:
+    if isinstance(x, StateTensor):
+        return x.transpose(dim0, dim1)
     return function("transpose", x, dim0=dim0, dim1=dim1)
 
 

@@ -9,8 +9,8 @@ Recurrent layers declare their inputs (``input``, ``h_0`` and for LSTM ``c_0``) 
 (``output``, ``h_n`` and for LSTM ``c_n``) in :attr:`~_Recurrent.inputs` and
 :attr:`~_Recurrent.outputs`. Inside a :class:`~unitrain.layers.Sequential` the initial states are
 zeros and only ``output`` flows on to the next layer (what ``nn.Sequential`` cannot do with
-``nn.LSTM``, whose tuple result the next layer would receive); the other outputs are there for
-graphs that wire them.
+``nn.LSTM``, whose tuple result the next layer would receive); a graph wires the others
+(``out, (h_n, c_n) = lstm(x, (h_0, c_0))``, :mod:`unitrain.padded`).
 """
 
 from __future__ import annotations

@@ -74,11 +74,12 @@ class Layer:
         """Inputs feeding one output unit; sets the init bound ``1/sqrt(fan_in)``."""
         raise NotImplementedError
 
-    def __call__(self, *inputs):
-        """On symbolic tensors (:mod:`unitrain.ops`): record a call of this layer in a graph."""
+    def __call__(self, *inputs, lengths=None):
+        """On symbolic tensors (:mod:`unitrain.ops`): record a call of this layer in a graph
+        (``lengths``: each sequence's, for a recurrent layer given initial states too)."""
         from ..ops import call_layer  # ops imports this package
 
-        return call_layer(self, inputs)
+        return call_layer(self, inputs, lengths)
 
 
 def _initializers(spec: Layer) -> None:
