@@ -87,8 +87,8 @@ def _model(text: str) -> str:
     command before any training; kept as typed, as runs and checkpoints record it."""
     try:
         model_from_name(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+    except ValueError as error:  # raised as argparse words it, also when called after parsing (evaluate)
+        raise UsageError(f"argument --model: {error}") from None
     return text
 
 
@@ -96,9 +96,9 @@ def _add_tensorboard_argument(parser: argparse.ArgumentParser, help: str) -> Non
     parser.add_argument("--tensorboard", type=Path, metavar="DIR", help=f"{help} (tensorboardX)")
 
 
-def _add_model_argument(parser: argparse.ArgumentParser, help: str = "", default: str = "mlp") -> None:
+def _add_model_argument(parser: argparse.ArgumentParser, help: str = "", default: str = "mlp", check=_model) -> None:
     parser.add_argument(
-        "--model", type=_model, default=default, metavar="NAME|module:function",
+        "--model", type=check, default=default, metavar="NAME|module:function",
         help=f"{help}{', '.join(PRESETS)} (default mlp), or package.module:function returning a unitrain model spec",
     )  # fmt: skip
 
@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--recipe", type=Path, metavar="RECIPE.toml",
             help="the model and data (dataset and transforms) of the run the weights come from",
         )  # fmt: skip
-        _add_model_argument(command, default=argparse.SUPPRESS)
+        _add_model_argument(command, default=argparse.SUPPRESS, check=str)  # or a --recipe's [models] name
         _add_data_arguments(command, default=argparse.SUPPRESS)
     evaluate.set_defaults(handler=cmd_evaluate)
     source = predict.add_mutually_exclusive_group()
@@ -651,13 +651,12 @@ def _evaluation_run(args) -> Run:
     from .run import DataSpec, Run, load_recipe
 
     typed = [f"--{key.replace('_', '-')}" for key in ("model", "dataset", "data_dir") if hasattr(args, key)]
-    if args.recipe is None:
-        data = DataSpec(dataset=getattr(args, "dataset", "mnist"), data_dir=getattr(args, "data_dir", None))
-        return Run(model=getattr(args, "model", "mlp"), data=data)
-    if typed:
+    if args.recipe is not None and typed:
         raise UsageError(f"{typed[0]} and --recipe exclude each other: the recipe names the model and data")
-    run = load_recipe(args.recipe)
-    run.model_spec()  # its package.module:function imported before any data, as --model's is
+    data = DataSpec(dataset=getattr(args, "dataset", "mnist"), data_dir=getattr(args, "data_dir", None))
+    model = _model(getattr(args, "model", "mlp")) if args.recipe is None else None
+    run = Run(model=model, data=data) if args.recipe is None else load_recipe(args.recipe)
+    run.model_spec()  # its package.module:function imported before any data
     return run
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from . import distributed, files, registry, steps
 from .multi_run import MultiJob, MultiRun, histories_of, is_multi_recipe, load_multi_recipe, resumed_run, test_losses
+from .reading import short
 from .run import RunError
 from .step_checkpoints import CHECKPOINT_FILE
 
@@ -171,24 +172,38 @@ def compare_command(args, typed: Mapping[str, Any]) -> int:
 
 def evaluate_command(args) -> int:
     """``unitrain evaluate --recipe RECIPE.toml --weights DIR``: each phase's loss over the test set
-    with the weights ``train --save DIR`` wrote (``DIR/<model>.safetensors``), in eval mode."""
+    with the weights ``train --save DIR`` wrote (``DIR/<model>.safetensors``), in eval mode;
+    ``--model NAME``: that model's report (:mod:`unitrain.model_report`), which reads the weights of
+    the models it calls only."""
+    from .model_report import evaluate_model, models_called
     from .weights import check_state, load_safetensors
 
-    typed = [f"--{key.replace('_', '-')}" for key in ("model", "dataset", "data_dir") if hasattr(args, key)]
+    typed = [f"--{key.replace('_', '-')}" for key in ("dataset", "data_dir") if hasattr(args, key)]
     if typed:
         raise RunError(f"{typed[0]} and --recipe exclude each other: the recipe names the models and data")
     run = load_multi_recipe(args.recipe)
     step, _ = run.build()
+    model = getattr(args, "model", None)
+    if model is not None and model not in run.models:
+        raise RunError(f"--model {short(model)}: expected one of the recipe's models, {', '.join(run.models)}")
     if not Path(args.weights).is_dir():
         raise RunError(f"--weights {args.weights}: expected the directory train --save wrote (DIR/<model>.safetensors)")
     backend = registry.get_backend(args.backend).name
     loop = steps.MultiModelLoop(step, backend, seed=run.seed)
+    needed = run.models if model is None else models_called(run, model)
     for name, spec in step.models:
+        if name not in needed:
+            continue
         path = Path(args.weights) / f"{name}.safetensors"
         shapes, source = spec.state_shapes(), f"--weights {path}"
         state = load_safetensors(path, lambda declared, s=shapes, n=source: check_state(s, declared, n), name=source)[0]
         loop.loops[name].load_state_dict(state, source=str(path))
     _, test = run.datasets()
+    if model is not None:
+        report = evaluate_model(run, loop.loops, test, model)
+        print(f"{args.weights} on {backend}: {model} over {report.samples} test images")
+        print("\n".join(f"  {line}" for line in report.lines()))
+        return 0
     losses = test_losses(run, loop.loops, test)
     shown = "  ".join(f"test {name} loss {value:.4f}" for name, value in losses.items())
     print(f"{args.weights} on {backend}: {shown}")

@@ -288,15 +288,8 @@ class MultiRun:
 
         specs = self.model_specs()
         reader = _Reader({name: _output_count(spec) for name, spec in specs.items()}, {})
-        named = {}
-        for name, text in self.values.items():
-            if not name.isidentifier() or name == "batch" or name in specs or name in FUNCTIONS:
-                raise RunError(f"values.{name}: a value's name must be an identifier that is no model, function "
-                               "or 'batch'")  # fmt: skip
-            named[name] = reader.read(text, f"values.{name}")
-            reader.values = named
-        phases = [steps.Phase(phase["name"], reader.read(phase["loss"], f"phases[{index}].loss"),
-                              phase.get("optimizer")) for index, phase in enumerate(self.phases)]  # fmt: skip
+        phases = [steps.Phase(phase["name"], loss, phase.get("optimizer"))
+                  for phase, loss in zip(self.phases, self.read_losses(reader), strict=True)]  # fmt: skip
         optimizers = {}
         for name, options in self.optimizers.items():
             config = {key: value for key, value in options.items() if key != "models"}
@@ -311,6 +304,17 @@ class MultiRun:
         pictures = {key: reader.read(text, f"pictures.{key}") for key, text in (self.pictures or {}).items()
                     if key in ("samples", "reconstructions")}  # fmt: skip
         return step, pictures
+
+    def read_losses(self, reader: _Reader) -> list[expr.Expr]:
+        """Each phase's loss, read with ``reader`` after the ``[values]`` (whose noise is drawn first)."""
+        named = {}
+        for name, text in self.values.items():
+            if not name.isidentifier() or name == "batch" or name in reader.outputs or name in FUNCTIONS:
+                raise RunError(f"values.{name}: a value's name must be an identifier that is no model, function "
+                               "or 'batch'")  # fmt: skip
+            named[name] = reader.read(text, f"values.{name}")
+            reader.values = named
+        return [reader.read(phase["loss"], f"phases[{index}].loss") for index, phase in enumerate(self.phases)]
 
     def datasets(self):
         """``(train, test)``: the data's images, transformed as the recipe's ``[data]`` says."""
@@ -341,8 +345,13 @@ def batch_order(seed: int, epoch: int, samples: int) -> np.ndarray:
 
 def forward(root: expr.Expr, loops: Mapping[str, Any], x, noise: Mapping) -> np.ndarray:
     """``root``'s value with the models in eval mode (``predict``), no gradient: pictures, evaluate."""
+    return forward_all([root], loops, x, noise)[root.node]
+
+
+def forward_all(roots: Sequence[expr.Expr], loops: Mapping[str, Any], x, noise: Mapping) -> dict:
+    """Every node's value under ``roots`` (each computed once), as :func:`forward`'s."""
     values = {}
-    for node in steps.postorder([root.node]):
+    for node in steps.postorder([root.node for root in roots]):
         op, children, static = steps.split(node)
         arguments = [values[child] for child in children]
         if op == "batch":
@@ -359,7 +368,7 @@ def forward(root: expr.Expr, loops: Mapping[str, Any], x, noise: Mapping) -> np.
             values[node] = np.float32(static["value"])
         else:
             values[node] = np.asarray(expr.NUMPY_OPS[op][0](*arguments, **static), np.float32)
-    return values[root.node]
+    return values
 
 
 class Pictures:
@@ -654,8 +663,9 @@ def histories_of(run: MultiRun, backends: Sequence[str]) -> tuple[dict[str, list
 
 
 def test_losses(run: MultiRun, loops: Mapping[str, Any], test, batch_size: int = 1000) -> dict[str, float]:
-    """Each phase's loss over the test set with the models in eval mode, no update: the mean of the
-    batches' losses weighted by their sizes (noise from the run's seed)."""
+    """Each phase's loss over the test set with the models in eval mode, no update (noise from the
+    run's seed): a mean over the batch averaged over the test set, a sum over it per test sample
+    (the VAE's, as PyTorch's example prints it; :func:`batch_share`)."""
     step, _ = run.build()
     stream, sums = steps.NoiseStream(run.seed), {}
     for start in range(0, len(test), batch_size):
@@ -663,8 +673,18 @@ def test_losses(run: MultiRun, loops: Mapping[str, Any], test, batch_size: int =
         noise = stream.draw(step.noise, len(x), np.float32)
         for phase in step.phases:
             value = float(forward(expr.Expr(phase.loss), loops, x, noise))
-            sums[phase.name] = sums.get(phase.name, 0.0) + value * len(x)
+            sums[phase.name] = sums.get(phase.name, 0.0) + value * batch_share(phase.loss, len(x))
     return {name: total / len(test) for name, total in sums.items()}
+
+
+def batch_share(loss: steps.Node, samples: int) -> int:
+    """A test batch's weight in a figure over the test set that is divided by its size: the batch's
+    size for a loss that is a mean over the batch, 1 for a sum over it (the figure is then per
+    sample); the size for a loss that is neither (:func:`unitrain.steps.batch_weighting`)."""
+    try:
+        return 1 if steps.batch_weighting(loss) == "sum" else samples
+    except ValueError:
+        return samples
 
 
 def load_multi_recipe(path) -> MultiRun:
