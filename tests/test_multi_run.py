@@ -194,6 +194,35 @@ def test_compare_evaluate_convert_and_print_recipe(tiny, capsys, torch_single_th
     assert status == 0 and "epochs = 7" in out and 'fake = "generator(normal(4))"' in out
 
 
+def test_train_draws_a_progress_bar_logs_to_tensorboard_and_keeps_the_newest_checkpoints(tiny, capsys):
+    """``--progress``, ``--tensorboard`` and ``--keep`` as a one-model run has them: each step's
+    phase losses and each epoch's record in the event files (read with TensorBoard's own reader),
+    the newest K checkpoints kept, an earlier one a checkpoint that resumes to the same weights."""
+    from test_tensorboard import scalars
+
+    status, _, err = run_cli(capsys, "train", "gan.toml", "--max-steps", "8", "--checkpoint-dir", "ckpt",
+                               "--checkpoint-every", "2", "--keep", "2", "--tensorboard", "tb", "--metrics",
+                               "m.jsonl", "--save", "straight", "--progress")  # fmt: skip
+    assert status == 0, err
+    assert "\repoch 1:" in err and "\repoch 2:" in err and "/4 [" in err  # tqdm's bar, one per epoch of 4 steps
+    logged, records = scalars(tiny / "tb"), _records(tiny / "m.jsonl")
+    for phase in ("discriminator", "generator"):
+        assert [step for step, _ in logged[f"step/{phase}_loss"]] == list(range(1, 9))
+        losses = np.array([value for _, value in logged[f"step/{phase}_loss"]]).reshape(2, 4)
+        for record, epoch_losses in zip(records, losses, strict=True):  # event files hold float32: rounded once
+            np.testing.assert_allclose(epoch_losses.mean(), record[f"{phase}_loss"], rtol=2**-23)
+        assert logged[f"epoch/{phase}_loss"] == [(r["epoch"], pytest.approx(r[f"{phase}_loss"], rel=2**-23))
+                                                 for r in records]  # fmt: skip
+    assert "epoch/step" not in logged
+    kept = sorted(path.name for path in (tiny / "ckpt").glob("*.safetensors"))
+    assert kept == ["checkpoint-6.safetensors", CHECKPOINT_FILE]
+    assert load_safetensors(tiny / "ckpt" / "checkpoint-6.safetensors")[1]["step_count"] == "6"
+    shutil.copy(tiny / "ckpt" / "checkpoint-6.safetensors", tiny / "ckpt" / CHECKPOINT_FILE)
+    status, _, err = run_cli(capsys, "train", "--resume", "ckpt", "--max-steps", "8", "--save", "resumed")
+    assert status == 0, err
+    _assert_same_weights(_weights(tiny / "resumed"), _weights(tiny / "straight"))
+
+
 def _loops_with(run, directory, backend="numpy"):
     loop = steps.MultiModelLoop(run.build()[0], backend, seed=run.seed)
     for name, state in _weights(directory).items():
@@ -426,7 +455,7 @@ def test_ctrl_c_checkpoints_at_a_step_boundary_and_exits_130(tiny):
 # gradients of a sigmoid's output), whose derivation of its bound holds here with fewer steps. The
 # discriminator has no BatchNorm: each rank would normalise its own rows (per replica, as documented).
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@pytest.mark.parametrize("backend", ["numpy", "torch", "chainer"])
 def test_two_processes_train_a_multi_model_run_as_one_does(tiny, backend, capsys, torch_single_thread):
     from test_distributed import sharding_bound, torch_teardown_crash
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -48,8 +49,6 @@ def _print_recipe(run: MultiRun) -> int:
 def train_command(args, typed: Mapping[str, Any]) -> int:
     """``unitrain train RECIPE.toml`` / ``--resume DIR`` of a multi-model run."""
 
-    if args.tensorboard is not None:
-        raise RunError("--tensorboard does not apply to a multi-model run yet")
     if args.resume is not None:
         if args.recipe is not None:
             raise RunError("--resume continues the run its checkpoint records; a RECIPE starts a new run")
@@ -67,7 +66,8 @@ def train_command(args, typed: Mapping[str, Any]) -> int:
     spec = registry.usable_spec(registry.backend_name(args.backend))
     world_size = distributed.launched_world_size(spec.launcher)  # None: not started by the engine's launcher
     job = MultiJob(run, spec.name, directory, args.checkpoint_every, args.resume is not None, args.save,
-                   args.metrics, args.plot, args.overwrite, distributed=world_size is not None)  # fmt: skip
+                   args.metrics, args.plot, args.overwrite, distributed=world_size is not None,
+                   tensorboard=args.tensorboard, keep=args.keep, progress=args.progress)  # fmt: skip
     if world_size is None and (args.nproc or 1) > 1:
         return _launch(job, args, spec)
     if world_size is not None:
@@ -108,8 +108,13 @@ def _launch(job: MultiJob, args, spec) -> int:
             argv = ["train", str(recipe)]
         settings = (("--backend", spec.name), ("--checkpoint-dir", None if job.resume else job.checkpoint_dir),
                     ("--checkpoint-every", job.checkpoint_every), ("--save", job.save), ("--metrics", job.metrics),
-                    ("--plot", job.plot), ("--threads", args.threads))  # fmt: skip
+                    ("--plot", job.plot), ("--threads", args.threads), ("--tensorboard", job.tensorboard),
+                    ("--keep", job.keep))  # fmt: skip
         argv += [f"{flag}={value}" for flag, value in settings if value is not None]
+        # the workers' stderr is the launcher's pipe: whether to draw the bar is decided here
+        argv.append(
+            "--progress" if (sys.stderr.isatty() if job.progress is None else job.progress) else "--no-progress"
+        )
         return distributed.run(spec.launcher, args.nproc, [*argv, *(["--overwrite"] if job.overwrite else [])],
                                args.master_port)  # fmt: skip
 

@@ -440,8 +440,8 @@ class RunCheckpoints(StepCheckpoints):
     """:class:`~unitrain.step_checkpoints.StepCheckpoints` that also keep the recipe and the
     epoch's running record (losses summed so far, earlier epochs' records and pictures)."""
 
-    def __init__(self, run: MultiRun, directory, every, *, resume=False):
-        super().__init__(directory, every, run.settings(), resume=resume)
+    def __init__(self, run: MultiRun, directory, every, *, resume=False, keep=1):
+        super().__init__(directory, every, run.settings(), resume=resume, keep=keep)
         self.run, self.progress = run, {"sums": {}, "steps": 0, "records": [], "pictures": []}
         # what unitrain.checkpoint.stop_on_signals sets on Ctrl-C, SIGTERM or a launcher's SIGUSR1
         self.stop_requested, self.stop_signal = False, None
@@ -454,8 +454,8 @@ class RunCheckpoints(StepCheckpoints):
 
     def after_step(self, loop, last):
         if self.path is not None and (last or self.stop_requested or loop.step_count % self.every == 0):
-            loop.save_checkpoint(
-                self.path,
+            self.save(
+                loop,
                 {
                     "settings": json.dumps(self.settings),
                     "multi_run": json.dumps(self.run.to_dict()),
@@ -524,11 +524,20 @@ class MultiJob:
     overwrite: bool = False
     #: a rank of a data-parallel job (its launcher started it): rank 0 alone writes and prints
     distributed: bool = False
+    #: event files of each step's and epoch's losses (:class:`~unitrain.extensions.PhaseTensorBoardWriter`)
+    tensorboard: Path | None = None
+    #: how many of the newest checkpoints stay (:class:`~unitrain.step_checkpoints.StepCheckpoints`)
+    keep: int = 3
+    #: a progress bar on stderr (None: when stderr is a terminal)
+    progress: bool | None = None
 
     def check(self) -> None:
         from . import plot
+        from .extensions import check_tensorboard_dir
 
         files.check_output(self.metrics, "--metrics", self.overwrite)
+        if self.tensorboard is not None:
+            check_tensorboard_dir(self.tensorboard, "--tensorboard")
         files.check_output(self.plot, "--plot", self.overwrite)
         if self.plot is not None:
             plot.require_matplotlib("--plot")
@@ -561,12 +570,13 @@ class MultiJob:
         if total < 1:
             raise RunError(f"epochs {self.run.epochs}, max_steps {self.run.max_steps}: no step to train")
         every = self.checkpoint_every or per_epoch
-        checkpoints = RunCheckpoints(self.run, self.checkpoint_dir, every, resume=self.resume)
+        checkpoints = RunCheckpoints(self.run, self.checkpoint_dir, every, resume=self.resume, keep=self.keep)
         pictures = Pictures(self.run, expressions, test) if expressions else None
         lead = loop.rank == 0  # the one that writes: checkpoints, metrics, pictures, weights, lines
         if self.distributed and lead:
             self.check()
         writer = MetricsWriter(self.metrics, {"backend": backend}, self.overwrite) if self.metrics and lead else None
+        extensions = self._extensions(per_epoch) if lead else []
         order, progress, stopped = None, checkpoints.progress, False
 
         def notice():
@@ -584,8 +594,12 @@ class MultiJob:
                 epoch, position = divmod(index, per_epoch)
                 if order is None or position == 0:
                     order = batch_order(self.run.seed, epoch, len(train))
+                    for extension in extensions:
+                        extension.on_epoch_start(loop, epoch)
                 rows = order[position * self.run.batch_size : (position + 1) * self.run.batch_size]
                 losses = loop.step(train.x[rows])
+                for extension in extensions:
+                    extension.on_step_end(loop, position, losses)
                 progress = checkpoints.progress
                 for phase, value in losses.items():
                     progress["sums"][phase] = progress["sums"].get(phase, 0.0) + value
@@ -599,16 +613,18 @@ class MultiJob:
                     if ended:
                         progress.update(sums={}, steps=0, records=[*progress["records"], record],
                                         pictures=[*progress["pictures"], *drawn])  # fmt: skip
+                    for extension in [*extensions, *([writer] if writer is not None else [])]:
+                        extension.on_epoch_end(loop, record)  # the progress bar first goes: the line replaces it
                     if lead:
                         print("  ".join(f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}"
                                         for key, value in record.items()), flush=True)  # fmt: skip
-                    if writer is not None:
-                        writer.on_epoch_end(loop, record)
                 stopped = checkpoints.stop_requested = loop.any_rank(checkpoints.stop_requested)  # all ranks at once
                 if lead:
                     checkpoints.after_step(loop, last=index == total - 1)
                 if stopped and index < total - 1:
                     break
+        for extension in extensions:
+            extension.finalize(loop)
         if writer is not None:
             writer.finalize(loop)
             print(f"unitrain: wrote the metrics to {writer.path}")
@@ -625,6 +641,18 @@ class MultiJob:
         if loop.world_size > 1:  # the ranks end together, after rank 0's files
             loop.any_rank(False)
         return loop, progress["records"] + ([record] if partial else []), 0
+
+    def _extensions(self, per_epoch: int) -> list:
+        """Rank 0's progress bar and TensorBoard writer, as ``fit`` drives a one-model run's."""
+        from .extensions import PhaseProgressBar, PhaseTensorBoardWriter
+
+        chosen = []
+        if sys.stderr.isatty() if self.progress is None else self.progress:
+            chosen.append(PhaseProgressBar())
+            chosen[-1].on_fit_start(None, {"steps_per_epoch": per_epoch})
+        if self.tensorboard is not None:
+            chosen.append(PhaseTensorBoardWriter(self.tensorboard))
+        return chosen
 
     def _publish(self, loop, pictures, drawn: list) -> None:
         from . import plot
