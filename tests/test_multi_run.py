@@ -159,10 +159,19 @@ def test_train_writes_metrics_pictures_and_weights_and_resumes_mid_epoch(tiny, b
 
 
 def test_compare_evaluate_convert_and_print_recipe(tiny, capsys, torch_single_thread):
+    from test_tensorboard import scalars
+
     status, out, err = run_cli(capsys, "compare", "gan.toml", "--backends", "numpy,torch", "--max-steps", "3",
-                               "--json", "c.json", "--report", "report")  # fmt: skip
+                               "--json", "c.json", "--report", "report", "--tensorboard", "tb")  # fmt: skip
     assert status == 0, err
     report = json.loads((tiny / "c.json").read_text())
+    for backend in ("numpy", "torch"):  # one run per backend, each step's losses (event files hold float32)
+        logged = scalars(tiny / "tb" / backend)
+        for phase in ("discriminator", "generator"):
+            assert logged[f"step/{phase}_loss"] == [
+                (step, pytest.approx(losses[phase], rel=2**-23))
+                for step, losses in enumerate(report["losses"][backend], 1)
+            ]
     lines = [line.split() for line in out.splitlines() if "largest |difference|" in line]
     assert [line[:2] for line in lines] == [[phase, backend] for phase in ("discriminator", "generator")
                                            for backend in ("numpy", "torch")]  # fmt: skip

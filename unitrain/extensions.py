@@ -188,5 +188,10 @@ class PhaseTensorBoardWriter(TensorBoardWriter):
         pass  # no learning rate: each phase's optimizer has its own
 
     def on_step_end(self, loop, index, losses):
-        for phase, value in losses.items():
-            self.writer.add_scalar(f"step/{phase}_loss", value, loop.step_count)
+        self.log_steps([losses], loop.step_count)
+
+    def log_steps(self, history, first: int = 1) -> None:
+        """Each step's ``{phase: loss}`` of ``history``, the first at step ``first`` (``compare``)."""
+        for step, losses in enumerate(history, first):
+            for phase, value in losses.items():
+                self.writer.add_scalar(f"step/{phase}_loss", value, step)

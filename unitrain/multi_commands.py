@@ -123,13 +123,13 @@ def compare_command(args, typed: Mapping[str, Any]) -> int:
     """``unitrain compare RECIPE.toml --backends A,B``: each backend from the same weights, batches
     and noise; one line per loss per backend, ``--json`` every step's losses, ``--report DIR`` the
     loss curves (``DIR/losses.png``, one panel per loss, one curve per backend) and each backend's
-    ``[pictures]`` after training (``DIR/pictures.png``, one row per backend)."""
+    ``[pictures]`` after training (``DIR/pictures.png``, one row per backend); ``--tensorboard DIR``
+    each step's losses as ``DIR/<backend>``'s ``step/<phase>_loss``."""
     from . import plot
     from .step_compare import comparison_lines
 
-    for flag in ("tensorboard", "sample_every"):
-        if getattr(args, flag, None) is not None:
-            raise RunError(f"--{flag.replace('_', '-')} does not apply to a multi-model run")
+    if getattr(args, "sample_every", None) is not None:
+        raise RunError("--sample-every does not apply to a multi-model run")
     if args.native:
         raise RunError("--native: the frameworks' hand-written loops are of one model")
     run = _with_flags(load_multi_recipe(args.recipe), typed, FLAGS, "to a multi-model recipe")
@@ -145,11 +145,23 @@ def compare_command(args, typed: Mapping[str, Any]) -> int:
         if "multi-model" not in registry.get_backend(name).capabilities:
             raise RunError(f"--backends: the {name} backend cannot run several models in one step")
     files.check_output(args.json, "--json", args.overwrite)
+    if args.tensorboard is not None:
+        from .extensions import check_tensorboard_dir
+
+        check_tensorboard_dir(args.tensorboard, "--tensorboard", backends)
     if args.report is not None:
         plot.require_matplotlib("--report")
         files.check_output_dir(args.report, "--report", args.overwrite)
     histories, (pictures, drawn) = histories_of(run, backends)
     print("\n".join(comparison_lines(histories)))
+    if args.tensorboard is not None:  # one run per backend, as a one-model compare's
+        from .extensions import PhaseTensorBoardWriter
+
+        for backend, history in histories.items():
+            writer = PhaseTensorBoardWriter(args.tensorboard / backend)
+            writer.log_steps(history)
+            writer.finalize(None)
+        print(f"unitrain: wrote TensorBoard event files to {args.tensorboard}/<backend>")
     if args.json is not None:
         finite = {
             backend: [
