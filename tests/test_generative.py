@@ -429,8 +429,10 @@ def test_the_dcgan_recipe_and_example_draw_the_tutorial_s_weights_identically_on
     run = load_multi_recipe(EXAMPLES / "recipes" / "dcgan.toml")
     step, _ = run.build()
     assert dict(step.models) == dict(example("dcgan").dcgan(100, 16).models)
-    states = {backend: steps.MultiModelLoop(step, backend, seed=run.seed).state_dicts() for backend in BACKENDS}
     drawn = {model: ut.init_weights(spec, run.seed + index) for index, (model, spec) in enumerate(step.models)}
+    # each model's loop as MultiModelLoop makes it: seeded with the run's seed plus the model's index
+    states = {backend: {model: ut.make_loop(backend, spec, ut.MSELoss(), seed=run.seed + index).state_dict()
+                        for index, (model, spec) in enumerate(step.models)} for backend in BACKENDS}  # fmt: skip
     for backend, state in states.items():
         for model, weights in drawn.items():
             assert state[model].keys() == weights.keys()
