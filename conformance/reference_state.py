@@ -15,13 +15,14 @@ from unitrain import layers, sequences
 
 
 def initial_state(model: layers.Layer, seed: int) -> dict[str, np.ndarray]:
-    """The documented initial draw (see :func:`unitrain.weights.init_weights`): per Linear/Conv2d,
-    weight then bias from ``default_rng(seed)`` in float64, rounded to float32, each by the
+    """The documented initial draw (see :func:`unitrain.weights.init_weights`): per Linear/Conv2d/
+    ConvTranspose2d, weight then bias from ``default_rng(seed)`` in float64, rounded to float32, each by the
     layer's ``weight_init``/``bias_init`` or else the model's ``init`` (:func:`_scheme`): PyTorch's
     ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` (``fan_in = in/groups * kh * kw``), torchvision's
     ResNet convolutions ``N(0, 2 / (out * kh * kw))``, Keras' glorot uniform with zero bias,
-    Chainer's LeCun normal with zero bias. BatchNorm/LayerNorm weight 1, bias 0, running mean 0,
-    variance 1, count 0."""
+    Chainer's LeCun normal with zero bias; ConvTranspose2d's default PyTorch's whatever the scheme,
+    with ``fan_in = out/groups * kh * kw``. BatchNorm/LayerNorm weight 1, bias 0 (a BatchNorm's
+    ``weight_init``/``bias_init`` if given), running mean 0, variance 1, count 0."""
     rng = np.random.default_rng(seed)
     state = {}
     for name, layer in model.named_layers():
@@ -29,10 +30,15 @@ def initial_state(model: layers.Layer, seed: int) -> dict[str, np.ndarray]:
             fan_in = layer.in_features
         elif isinstance(layer, layers.Conv2d):
             fan_in = layer.in_channels // layer.groups * layer.kernel_size[0] * layer.kernel_size[1]
+        elif isinstance(layer, layers.ConvTranspose2d):  # torch's fan in: the weight's dimension 1, output channels
+            fan_in = layer.out_channels // layer.groups * layer.kernel_size[0] * layer.kernel_size[1]
         elif isinstance(layer, (layers._BatchNorm, layers.LayerNorm)):
             for key, shape in {**layer.param_shapes(), **layer.buffer_shapes()}.items():
                 if key == "num_batches_tracked":
                     state[f"{name}.{key}"] = np.array(0, np.int64)
+                elif getattr(layer, f"{key}_init", None) is not None:
+                    state[f"{name}.{key}"] = _draw(rng, str(getattr(layer, f"{key}_init")), shape, None).astype(
+                        np.float32)  # fmt: skip
                 else:
                     state[f"{name}.{key}"] = np.full(
                         shape, 1.0 if key in ("weight", "running_var") else 0.0, np.float32
@@ -48,6 +54,8 @@ def initial_state(model: layers.Layer, seed: int) -> dict[str, np.ndarray]:
 
 def _scheme(model, layer, key: str) -> str:
     init = getattr(model, "init", "pytorch")
+    if isinstance(layer, layers.ConvTranspose2d):  # no scheme names it: PyTorch's default
+        return "pytorch"
     if init == "keras":
         return "xavier_uniform" if key == "weight" else "zeros"
     if init == "chainer":

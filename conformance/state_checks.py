@@ -101,6 +101,15 @@ def check_initializers(adapter):
     model = layers.Sequential(layers.Linear(4, 8), layers.ReLU(), layers.Linear(8, 3), init="chainer")
     compare_states("initial state_dict() with init='chainer':", adapter(model, seed=2).state_dict(),
                    reference.initial_state(model, 2), dtype="float32", size=1)  # fmt: skip
+    # the DCGAN tutorial's weights_init; a transposed convolution keeps PyTorch's default under any scheme
+    model = layers.Sequential(
+        layers.ConvTranspose2d(3, 4, 3, bias=False, weight_init="normal(std=0.02)"),
+        layers.BatchNorm2d(4, weight_init="normal(std=0.02, mean=1.0)", bias_init="uniform(-0.1, 0.1)"),
+        layers.ConvTranspose2d(4, 2, 2, stride=2), layers.Flatten(), layers.Linear(200, 3), init="keras",
+    )  # fmt: skip
+    compare_states("initial state_dict() of ConvTranspose2d and BatchNorm initialisers:",
+                   adapter(model, seed=5).state_dict(), reference.initial_state(model, 5), dtype="float32",
+                   size=1)  # fmt: skip
 
 
 # --- 16-18. seeds, epochs, dtypes ------------------------------------------------------------------

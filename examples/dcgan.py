@@ -9,8 +9,9 @@ What maps to what (PyTorch -> unitrain):
   mirrors it (two stride-2 4x4 convolutions, LeakyReLU(0.2), BatchNorm, a 7x7 convolution to one
   value, ``Sigmoid``). No biases, as in the tutorial. Feature maps ``ngf = ndf = --features``:
   16 by default (the tutorial's 64, ``--features 64``, is 16 times the work on a CPU).
-* ``weights_init`` (conv weights N(0, 0.02), BatchNorm weights N(1, 0.02), biases 0) ->
-  :func:`weights_init`, drawn with NumPy from ``--seed`` and loaded into each model.
+* ``netG.apply(weights_init)`` (Conv and ConvTranspose weights N(0, 0.02), BatchNorm weights
+  N(1, 0.02), biases 0) -> each layer's ``weight_init=`` (:data:`CONV_INIT`, :data:`NORM_INIT`):
+  the loop draws them with NumPy from ``--seed``, the same numbers on every backend.
 * ``nn.BCELoss()``, ``real_label = 1.``, ``fake_label = 0.`` -> ``steps.bce(D(x), 1.0)``.
 * The training loop's two updates -> two phases of one ``steps.MultiStep``: "discriminator"
   (``errD_real + errD_fake`` on ``D(real)`` and ``D(fake.detach())``, stepping optimizerD), then
@@ -38,35 +39,27 @@ import unitrain
 from unitrain import plot, step_checkpoints, step_compare, steps
 from unitrain.files import OutputError
 
+#: the tutorial's ``weights_init``: every convolution's weight N(0, 0.02), BatchNorm's weight N(1, 0.02), bias 0
+CONV_INIT, NORM_INIT = "normal(std=0.02)", "normal(std=0.02, mean=1.0)"
+
 
 def generator(nz: int, ngf: int) -> unitrain.Sequential:
     return unitrain.Sequential(
-        unitrain.ConvTranspose2d(nz, ngf * 4, 7, 1, 0, bias=False), unitrain.BatchNorm2d(ngf * 4), unitrain.ReLU(),
-        unitrain.ConvTranspose2d(ngf * 4, ngf * 2, 4, 2, 1, bias=False), unitrain.BatchNorm2d(ngf * 2),
-        unitrain.ReLU(),
-        unitrain.ConvTranspose2d(ngf * 2, 1, 4, 2, 1, bias=False), unitrain.Tanh(),
+        unitrain.ConvTranspose2d(nz, ngf * 4, 7, 1, 0, bias=False, weight_init=CONV_INIT),
+        unitrain.BatchNorm2d(ngf * 4, weight_init=NORM_INIT), unitrain.ReLU(),
+        unitrain.ConvTranspose2d(ngf * 4, ngf * 2, 4, 2, 1, bias=False, weight_init=CONV_INIT),
+        unitrain.BatchNorm2d(ngf * 2, weight_init=NORM_INIT), unitrain.ReLU(),
+        unitrain.ConvTranspose2d(ngf * 2, 1, 4, 2, 1, bias=False, weight_init=CONV_INIT), unitrain.Tanh(),
     )  # fmt: skip
 
 
 def discriminator(ndf: int) -> unitrain.Sequential:
     return unitrain.Sequential(
-        unitrain.Conv2d(1, ndf, 4, 2, 1, bias=False), unitrain.LeakyReLU(0.2),
-        unitrain.Conv2d(ndf, ndf * 2, 4, 2, 1, bias=False), unitrain.BatchNorm2d(ndf * 2), unitrain.LeakyReLU(0.2),
-        unitrain.Conv2d(ndf * 2, 1, 7, 1, 0, bias=False), unitrain.Sigmoid(),
+        unitrain.Conv2d(1, ndf, 4, 2, 1, bias=False, weight_init=CONV_INIT), unitrain.LeakyReLU(0.2),
+        unitrain.Conv2d(ndf, ndf * 2, 4, 2, 1, bias=False, weight_init=CONV_INIT),
+        unitrain.BatchNorm2d(ndf * 2, weight_init=NORM_INIT), unitrain.LeakyReLU(0.2),
+        unitrain.Conv2d(ndf * 2, 1, 7, 1, 0, bias=False, weight_init=CONV_INIT), unitrain.Sigmoid(),
     )  # fmt: skip
-
-
-def weights_init(spec, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """The tutorial's ``weights_init``: conv weights N(0, 0.02), BatchNorm weights N(1, 0.02), biases 0."""
-    state = {}
-    for key, value in unitrain.init_weights(spec, 0).items():
-        if value.ndim == 4:
-            state[key] = rng.normal(0.0, 0.02, value.shape)
-        elif key.endswith(".weight"):
-            state[key] = rng.normal(1.0, 0.02, value.shape)
-        else:
-            state[key] = value
-    return state
 
 
 def dcgan(nz: int, features: int) -> steps.MultiStep:
@@ -131,10 +124,8 @@ def main(argv=None) -> dict[str, float]:
 def train(args, backend: str, checkpoints=step_checkpoints.NO_CHECKPOINTS):
     """The tutorial's loop on ``backend``: the loop and the losses of every step it ran."""
     step = dcgan(args.nz, args.features)
-    loop = steps.MultiModelLoop(step, backend, seed=args.seed)
+    loop = steps.MultiModelLoop(step, backend, seed=args.seed)  # weights drawn by each layer's weight_init
     rng = np.random.default_rng(args.seed)
-    for name, spec in step.models:
-        loop.loops[name].load_state_dict(weights_init(spec, rng))
 
     images, _ = unitrain.data.packaged_arrays("mnist", "train")
     order = rng.permutation(len(images))  # the same on a resume: the checkpoint replaces only the state

@@ -193,13 +193,27 @@ CASES = {
 }
 
 
+def tutorial_weights(spec, rng):
+    """The DCGAN tutorial's ``weights_init`` drawn in float64 (the float32 runs round them): conv
+    weights N(0, 0.02), BatchNorm weights N(1, 0.02), biases 0."""
+    state = {}
+    for key, value in ut.init_weights(spec, 0).items():
+        if value.ndim == 4:
+            state[key] = rng.normal(0.0, 0.02, value.shape)
+        elif key.endswith(".weight"):
+            state[key] = rng.normal(1.0, 0.02, value.shape)
+        else:
+            state[key] = value
+    return state
+
+
 def case_data(name):
     case = CASES[name]
     step = case["step"]()
     rng = np.random.default_rng(7)
     batches = [rng.uniform(case["low"], 1.0, (BATCH, *case["shape"])) for _ in range(STEPS)]
     if name == "dcgan":
-        weights = {model: example("dcgan").weights_init(spec, rng) for model, spec in step.models}
+        weights = {model: tutorial_weights(spec, rng) for model, spec in step.models}
     else:
         weights = {model: {k: v.astype(np.float64) for k, v in ut.init_weights(spec, 3).items()}
                    for model, spec in step.models}  # fmt: skip
@@ -403,6 +417,43 @@ def test_the_examples_train_print_their_losses_and_save_each_model(tmp_path, cap
     assert sorted(path.name for path in (tmp_path / "vae").iterdir()) == ["decoder.safetensors", "encoder.safetensors"]
     # an untrained VAE's test loss: about 784 * log(2) ~ 543 per image, as the example's first lines
     assert 300 < result["test"] < 600
+
+
+def test_the_dcgan_recipe_and_example_draw_the_tutorial_s_weights_identically_on_every_backend(monkeypatch):
+    """``weights_init`` of the DCGAN tutorial through ``weight_init=``: every Conv2d and
+    ConvTranspose2d weight ~ N(0, 0.02), every BatchNorm weight ~ N(1, 0.02), biases 0; the
+    recipe's models are the example's, and the four backends start from the same bits."""
+    from unitrain.multi_run import load_multi_recipe
+
+    monkeypatch.chdir(EXAMPLES.parent)  # the recipe's module:function models import from the repository's root
+    run = load_multi_recipe(EXAMPLES / "recipes" / "dcgan.toml")
+    step, _ = run.build()
+    assert dict(step.models) == dict(example("dcgan").dcgan(100, 16).models)
+    drawn = {model: ut.init_weights(spec, run.seed + index) for index, (model, spec) in enumerate(step.models)}
+    # each model's loop as MultiModelLoop makes it: seeded with the run's seed plus the model's index
+    states = {backend: {model: ut.make_loop(backend, spec, ut.MSELoss(), seed=run.seed + index).state_dict()
+                        for index, (model, spec) in enumerate(step.models)} for backend in BACKENDS}  # fmt: skip
+    for backend, state in states.items():
+        for model, weights in drawn.items():
+            assert state[model].keys() == weights.keys()
+            for key, value in weights.items():
+                np.testing.assert_array_equal(state[model][key], value, err_msg=f"{backend}: {model}.{key}")
+    for model, spec in step.models:
+        kinds = dict(spec.named_layers())
+        for key, value in drawn[model].items():
+            layer, leaf = kinds[key.rpartition(".")[0]], key.rpartition(".")[2]
+            if leaf in ("bias", "running_mean", "num_batches_tracked"):
+                assert not value.any(), key
+                continue
+            if leaf == "running_var":
+                assert (value == 1).all(), key
+                continue
+            mean = 1.0 if isinstance(layer, ut.BatchNorm2d) else 0.0
+            # the sample mean and standard deviation of n normal draws lie within 5 of their standard
+            # errors, sigma / sqrt(n) and sigma / sqrt(2 n), but once in 1.7 million
+            n, sigma = value.size, 0.02
+            assert abs(value.mean(dtype=np.float64) - mean) < 5 * sigma / np.sqrt(n), key
+            assert abs(value.std(dtype=np.float64) - sigma) < 5 * sigma / np.sqrt(2 * n), key
 
 
 @pytest.mark.parametrize("name", ["dcgan", "vae"])

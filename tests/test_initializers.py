@@ -11,7 +11,7 @@ from unitrain.conformance.tolerances import eps, tolerance
 
 import unitrain
 from unitrain import ArrayDataset, layers, optim
-from unitrain.initializers import INITIALIZERS, NONLINEARITIES, _gain_squared, fans, initializer
+from unitrain.initializers import INITIALIZERS, NONLINEARITIES, _gain_squared, fans, initializer, with_initializers
 from unitrain.run import Run, RunError
 from unitrain.schedules import StepLR
 from unitrain.weights import init_weights
@@ -172,8 +172,10 @@ def test_a_recipe_s_bad_initializers_are_one_line_errors(initializers, message):
     with pytest.raises(RunError) as error:
         Run(model="lenet", initializers=initializers).model_spec()
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
-    with pytest.raises(RunError, match="^initializers: 'bn1' names bn1.weight, a BatchNorm2d parameter"):
-        Run(model="resnet18", initializers={"bn1": "zeros"}).model_spec()
+    with pytest.raises(RunError, match="^BatchNorm2d: weight_init pytorch draws from a fan in, which a BatchNorm"):
+        Run(model="resnet18", initializers={"bn1.weight": "pytorch"}).model_spec()
+    with pytest.raises(ValueError, match="^initializers: '1' names 1.weight, a LayerNorm parameter"):
+        with_initializers(layers.Sequential(layers.Linear(4, 4), layers.LayerNorm(4)), {"1": "zeros"})
     with pytest.raises(RunError, match="^initializers: the model holds a Residual; name weight_init"):
         Run(model="resnet18", initializers={"layer1.0.conv1.weight": "zeros"}).model_spec()
     assert (

@@ -12,10 +12,13 @@ import sys
 import numpy as np
 import pytest
 from conftest import installed_backends
+from test_examples import EXAMPLES
 from test_generative import killed_mid_run
 from test_hostile_runs import on_a_full_disk, run_cli
+from unitrain.conformance.tolerances import tolerance
 
 from unitrain import multi_run, steps
+from unitrain.model_report import evaluate_model, models_called
 from unitrain.step_checkpoints import CHECKPOINT_FILE
 from unitrain.weights import load_safetensors, save_safetensors
 
@@ -156,10 +159,19 @@ def test_train_writes_metrics_pictures_and_weights_and_resumes_mid_epoch(tiny, b
 
 
 def test_compare_evaluate_convert_and_print_recipe(tiny, capsys, torch_single_thread):
+    from test_tensorboard import scalars
+
     status, out, err = run_cli(capsys, "compare", "gan.toml", "--backends", "numpy,torch", "--max-steps", "3",
-                               "--json", "c.json", "--report", "report")  # fmt: skip
+                               "--json", "c.json", "--report", "report", "--tensorboard", "tb")  # fmt: skip
     assert status == 0, err
     report = json.loads((tiny / "c.json").read_text())
+    for backend in ("numpy", "torch"):  # one run per backend, each step's losses (event files hold float32)
+        logged = scalars(tiny / "tb" / backend)
+        for phase in ("discriminator", "generator"):
+            assert logged[f"step/{phase}_loss"] == [
+                (step, pytest.approx(losses[phase], rel=2**-23))
+                for step, losses in enumerate(report["losses"][backend], 1)
+            ]
     lines = [line.split() for line in out.splitlines() if "largest |difference|" in line]
     assert [line[:2] for line in lines] == [[phase, backend] for phase in ("discriminator", "generator")
                                            for backend in ("numpy", "torch")]  # fmt: skip
@@ -189,6 +201,116 @@ def test_compare_evaluate_convert_and_print_recipe(tiny, capsys, torch_single_th
     np.testing.assert_array_equal(converted["1.weight"].numpy(), _weights(tiny / "w")["discriminator"]["1.weight"])
     status, out, _ = run_cli(capsys, "train", "gan.toml", "--epochs", "7", "--print-recipe")
     assert status == 0 and "epochs = 7" in out and 'fake = "generator(normal(4))"' in out
+
+
+def test_train_draws_a_progress_bar_logs_to_tensorboard_and_keeps_the_newest_checkpoints(tiny, capsys):
+    """``--progress``, ``--tensorboard`` and ``--keep`` as a one-model run has them: each step's
+    phase losses and each epoch's record in the event files (read with TensorBoard's own reader),
+    the newest K checkpoints kept, an earlier one a checkpoint that resumes to the same weights."""
+    from test_tensorboard import scalars
+
+    status, _, err = run_cli(capsys, "train", "gan.toml", "--max-steps", "8", "--checkpoint-dir", "ckpt",
+                               "--checkpoint-every", "2", "--keep", "2", "--tensorboard", "tb", "--metrics",
+                               "m.jsonl", "--save", "straight", "--progress")  # fmt: skip
+    assert status == 0, err
+    assert "\repoch 1:" in err and "\repoch 2:" in err and "/4 [" in err  # tqdm's bar, one per epoch of 4 steps
+    logged, records = scalars(tiny / "tb"), _records(tiny / "m.jsonl")
+    for phase in ("discriminator", "generator"):
+        assert [step for step, _ in logged[f"step/{phase}_loss"]] == list(range(1, 9))
+        losses = np.array([value for _, value in logged[f"step/{phase}_loss"]]).reshape(2, 4)
+        for record, epoch_losses in zip(records, losses, strict=True):  # event files hold float32: rounded once
+            np.testing.assert_allclose(epoch_losses.mean(), record[f"{phase}_loss"], rtol=2**-23)
+        assert logged[f"epoch/{phase}_loss"] == [(r["epoch"], pytest.approx(r[f"{phase}_loss"], rel=2**-23))
+                                                 for r in records]  # fmt: skip
+    assert "epoch/step" not in logged
+    kept = sorted(path.name for path in (tiny / "ckpt").glob("*.safetensors"))
+    assert kept == ["checkpoint-6.safetensors", CHECKPOINT_FILE]
+    assert load_safetensors(tiny / "ckpt" / "checkpoint-6.safetensors")[1]["step_count"] == "6"
+    shutil.copy(tiny / "ckpt" / "checkpoint-6.safetensors", tiny / "ckpt" / CHECKPOINT_FILE)
+    status, _, err = run_cli(capsys, "train", "--resume", "ckpt", "--max-steps", "8", "--save", "resumed")
+    assert status == 0, err
+    _assert_same_weights(_weights(tiny / "resumed"), _weights(tiny / "straight"))
+
+
+def _loops_with(run, directory, backend="numpy"):
+    loop = steps.MultiModelLoop(run.build()[0], backend, seed=run.seed)
+    for name, state in _weights(directory).items():
+        loop.loops[name].load_state_dict(state)
+    return loop
+
+
+def test_evaluate_of_one_model_reports_what_its_phase_trains_it_on(tiny, capsys, torch_single_thread):
+    """``evaluate --model discriminator``: its phase's loss, and its outputs on real and generated
+    images with the bce and the accuracy against their labels, computed here by hand from each
+    model's own predictions; the same on every backend; an unknown model refused in one line."""
+    assert run_cli(capsys, "train", "gan.toml", "--max-steps", "3", "--save", "w")[0] == 0
+    run = multi_run.load_multi_recipe(tiny / "gan.toml")
+    step, test = run.build()[0], run.datasets()[1]
+    loop = _loops_with(run, tiny / "w")
+    (leaf,) = step.noise  # fake's normal(4), drawn for the test set as evaluate draws it
+    noise = steps.NoiseStream(run.seed).draw([leaf], len(test), np.float32)[leaf]
+    real = loop.loops["discriminator"].predict(test.x).astype(np.float64)
+    fake = loop.loops["discriminator"].predict(loop.loops["generator"].predict(noise)).astype(np.float64)
+    real_bce, fake_bce = -np.log(real).mean(), -np.log(1 - fake).mean()
+    expected = {
+        "discriminator(batch)": {"mean": real.mean(), "std": real.std(), "bce against 1.0": real_bce,
+                                 "accuracy as 1.0": (real > 0.5).mean()},
+        "discriminator(fake)": {"mean": fake.mean(), "std": fake.std(), "bce against 0.0": fake_bce,
+                                "accuracy as 0.0": (fake <= 0.5).mean()},
+    }  # fmt: skip
+    allowed = tolerance(np.float32, 2 * len(test), 1.0)  # a mean of logarithms over the batch, in float32
+    for backend in BACKENDS:
+        report = evaluate_model(run, _loops_with(run, tiny / "w", backend).loops, test, "discriminator")
+        assert report.outputs.keys() == expected.keys() and report.samples == len(test)
+        for text, figures in expected.items():
+            assert report.outputs[text].keys() == figures.keys()
+            for key, value in figures.items():
+                assert report.outputs[text][key] == pytest.approx(value, abs=allowed), (backend, text, key)
+        assert report.losses == {"discriminator": pytest.approx(real_bce + fake_bce, abs=allowed)}, backend
+    status, out, err = run_cli(capsys, "evaluate", "--recipe", "gan.toml", "--weights", "w", "--model", "discriminator")
+    report = evaluate_model(run, loop.loops, test, "discriminator")
+    assert status == 0 and out.splitlines() == ["w on numpy: discriminator over 8 test images",
+                                                *(f"  {line}" for line in report.lines())], err  # fmt: skip
+    assert "  discriminator(fake): mean " in out and "accuracy as 0.0 " in out
+    generator = evaluate_model(run, loop.loops, test, "generator")
+    assert list(generator.losses) == ["generator"] and list(generator.outputs) == ["generator(normal(4))"]
+    assert generator.losses["generator"] == pytest.approx(-np.log(fake).mean(), abs=allowed)
+    status, out, err = run_cli(capsys, "evaluate", "--recipe", "gan.toml", "--weights", "w", "--model", "encoder")
+    assert (
+        status == 2
+        and out == ""
+        and err
+        == ("unitrain: error: --model 'encoder': expected one of the recipe's models, generator, discriminator\n")
+    )
+
+
+def test_evaluate_of_a_vae_s_decoder_and_encoder(monkeypatch, tmp_path):
+    """The shipped VAE recipe from its first weights: the decoder's reconstruction loss per test
+    image (``bce(..., reduction='sum')``, about 784 log 2 untrained), the encoder's mu and logvar,
+    each computed here by hand from the models' predictions and the recipe's noise."""
+    monkeypatch.chdir(EXAMPLES.parent)
+    run = multi_run.load_multi_recipe(EXAMPLES / "recipes" / "vae.toml")
+    step, test = run.build()[0], run.datasets()[1]
+    test = test.subset(np.arange(4))  # one batch: a float32 sum of 4 * 784 terms
+    loops = steps.MultiModelLoop(step, "numpy", seed=run.seed).loops
+    (leaf,) = step.noise
+    eps = steps.NoiseStream(run.seed).draw([leaf], len(test), np.float32)[leaf]
+    mu, logvar = (np.asarray(value, np.float64) for value in loops["encoder"].predict(test.x))
+    decoded = loops["decoder"].predict((mu + eps * np.exp(0.5 * logvar)).astype(np.float32)).astype(np.float64)
+    reconstruction = -(test.x * np.log(decoded) + (1 - test.x) * np.log(1 - decoded)).sum()
+    decoder = evaluate_model(run, loops, test, "decoder")
+    (text,) = decoder.outputs
+    assert text == "decoder(mu + normal(20) * exp(0.5 * logvar))" and list(decoder.losses) == ["vae"]
+    assert 500 < reconstruction / len(test) < 600
+    allowed = tolerance(np.float32, 4 * 784, reconstruction) / len(test)
+    assert decoder.outputs[text]["bce against batch"] == pytest.approx(reconstruction / len(test), abs=allowed)
+    kl = -0.5 * (1 + logvar - mu**2 - np.exp(logvar)).sum()
+    assert decoder.losses["vae"] == pytest.approx((reconstruction + kl) / len(test), abs=allowed)
+    encoder = evaluate_model(run, loops, test, "encoder")
+    assert encoder.losses == decoder.losses and list(encoder.outputs) == ["encoder(batch)[0]", "encoder(batch)[1]"]
+    for figures, values in zip(encoder.outputs.values(), (mu, logvar), strict=True):  # float64 sums of 80 terms
+        assert figures == pytest.approx({"mean": values.mean(), "std": values.std()}, abs=tolerance(np.float64, 80))
+    assert models_called(run, "encoder") == ["encoder", "decoder"]
 
 
 def _mutated(text: str, old: str, new: str) -> str:
@@ -342,7 +464,7 @@ def test_ctrl_c_checkpoints_at_a_step_boundary_and_exits_130(tiny):
 # gradients of a sigmoid's output), whose derivation of its bound holds here with fewer steps. The
 # discriminator has no BatchNorm: each rank would normalise its own rows (per replica, as documented).
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["numpy", "torch"])
+@pytest.mark.parametrize("backend", ["numpy", "torch", "chainer"])
 def test_two_processes_train_a_multi_model_run_as_one_does(tiny, backend, capsys, torch_single_thread):
     from test_distributed import sharding_bound, torch_teardown_crash
 

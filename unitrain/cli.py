@@ -23,6 +23,7 @@ from .cli_arguments import (
     add_tensorboard_argument,
     int_at_least,
     int_in_range,
+    model_name,
 )
 from .controls import EarlyStopping
 from .dialects import dialect
@@ -159,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--recipe", type=Path, metavar="RECIPE.toml",
             help="the model and data (dataset and transforms) of the run the weights come from",
         )  # fmt: skip
-        add_model_argument(command, default=argparse.SUPPRESS)
+        add_model_argument(command, default=argparse.SUPPRESS, check=str)  # or a --recipe's [models] name
         add_data_arguments(command, default=argparse.SUPPRESS)
     evaluate.set_defaults(handler=cmd_evaluate)
     source = predict.add_mutually_exclusive_group()
@@ -405,13 +406,15 @@ def _evaluation_run(args) -> Run:
     from .run import DataSpec, Run, load_recipe
 
     typed = [f"--{key.replace('_', '-')}" for key in ("model", "dataset", "data_dir") if hasattr(args, key)]
-    if args.recipe is None:
-        data = DataSpec(dataset=getattr(args, "dataset", "mnist"), data_dir=getattr(args, "data_dir", None))
-        return Run(model=getattr(args, "model", "mlp"), data=data)
-    if typed:
+    if args.recipe is not None and typed:
         raise UsageError(f"{typed[0]} and --recipe exclude each other: the recipe names the model and data")
-    run = load_recipe(args.recipe)
-    run.model_spec()  # its package.module:function imported before any data, as --model's is
+    data = DataSpec(dataset=getattr(args, "dataset", "mnist"), data_dir=getattr(args, "data_dir", None))
+    try:  # checked here, not while parsing: with a --recipe of several models it names one of them
+        model = model_name(getattr(args, "model", "mlp")) if args.recipe is None else None
+    except argparse.ArgumentTypeError as error:
+        raise UsageError(f"argument --model: {error}") from None
+    run = Run(model=model, data=data) if args.recipe is None else load_recipe(args.recipe)
+    run.model_spec()  # its package.module:function imported before any data
     return run
 
 

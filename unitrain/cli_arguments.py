@@ -42,7 +42,7 @@ def _schedule(text: str) -> str:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def _model(text: str) -> str:
+def model_name(text: str) -> str:
     """A model name, resolved now (importing a ``module:function``) so that a bad one stops the
     command before any training; kept as typed, as runs and checkpoints record it."""
     try:
@@ -56,9 +56,10 @@ def add_tensorboard_argument(parser: argparse.ArgumentParser, help: str) -> None
     parser.add_argument("--tensorboard", type=Path, metavar="DIR", help=f"{help} (tensorboardX)")
 
 
-def add_model_argument(parser: argparse.ArgumentParser, help: str = "", default: str = "mlp") -> None:
+def add_model_argument(parser: argparse.ArgumentParser, help: str = "", default: str = "mlp",
+                       check=model_name) -> None:  # fmt: skip
     parser.add_argument(
-        "--model", type=_model, default=default, metavar="NAME|module:function",
+        "--model", type=check, default=default, metavar="NAME|module:function",
         help=f"{help}{', '.join(PRESETS)} (default mlp), or package.module:function returning a unitrain model spec",
     )  # fmt: skip
 

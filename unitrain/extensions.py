@@ -158,9 +158,40 @@ class TensorBoardWriter:
 
     def on_epoch_end(self, loop, record):
         for key, value in record.items():
-            if key not in ("epoch", "steps") and isinstance(value, (int, float)) and math.isfinite(value):
+            if key not in ("epoch", "steps", "step") and isinstance(value, (int, float)) and math.isfinite(value):
                 self.writer.add_scalar(f"epoch/{key}", value, record["epoch"])
         self.writer.flush()
 
     def finalize(self, loop):
         self.writer.close()
+
+
+class PhaseProgressBar(ProgressBar):
+    """:class:`ProgressBar` for a run of several models (:mod:`unitrain.multi_run`): each step's
+    losses, one per phase, arrive as numbers already."""
+
+    def on_step_end(self, loop, index, losses):
+        now = time.monotonic()
+        if now - self.loss_read >= self.interval:
+            self.loss_read = now
+            self.bar.set_postfix_str("  ".join(f"{phase} {value:.4f}" for phase, value in losses.items()),
+                                     refresh=False)  # fmt: skip
+        self.bar.update(index + 1 - self.bar.n)
+
+
+class PhaseTensorBoardWriter(TensorBoardWriter):
+    """:class:`TensorBoardWriter` for a run of several models: every step ``step/<phase>_loss`` at
+    the step count (a resumed run continues its curves), every epoch its record's numbers as
+    ``epoch/<key>`` (``epoch/<phase>_loss``: the phase's mean over the epoch)."""
+
+    def on_epoch_start(self, loop, epoch):
+        pass  # no learning rate: each phase's optimizer has its own
+
+    def on_step_end(self, loop, index, losses):
+        self.log_steps([losses], loop.step_count)
+
+    def log_steps(self, history, first: int = 1) -> None:
+        """Each step's ``{phase: loss}`` of ``history``, the first at step ``first`` (``compare``)."""
+        for step, losses in enumerate(history, first):
+            for phase, value in losses.items():
+                self.writer.add_scalar(f"step/{phase}_loss", value, step)

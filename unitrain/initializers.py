@@ -392,7 +392,8 @@ def with_initializers(model, patterns):
     of pattern to initialiser) names drawn by that initialiser: a recipe's ``[initializers]``.
     Patterns are :func:`unitrain.controls.matches`' (a dotted name, a layer path, an ``fnmatch``
     glob or a layer class: ``"conv1.weight"``, ``"*.bias"``, ``"Linear"``); each names the
-    ``weight_init`` / ``bias_init`` of Linear and Conv2d layers, inside nested Sequentials.
+    ``weight_init`` / ``bias_init`` of Linear, Conv2d, ConvTranspose2d and BatchNorm layers, inside
+    nested Sequentials.
     ValueError (one line) for a pattern naming nothing, a parameter named twice, a parameter no
     initialiser draws, or an initialiser that cannot apply."""
     from .controls import matches
@@ -418,7 +419,8 @@ def with_initializers(model, patterns):
         path, _, key = name.rpartition(".")
         if not hasattr(leaves[path], f"{key}_init"):
             raise ValueError(f"initializers: {pattern!r} names {name}, a {type(leaves[path]).__name__} parameter; "
-                             "initialisers draw Linear and Conv2d weights and biases")  # fmt: skip
+                             "initialisers draw Linear, Conv2d, ConvTranspose2d and "
+                             "BatchNorm weights and biases")  # fmt: skip
         changes.setdefault(path, {})[f"{key}_init"] = drawn_by
 
     def rebuild(container, prefix):

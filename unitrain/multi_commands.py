@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 
 from . import distributed, files, registry, steps
 from .multi_run import MultiJob, MultiRun, histories_of, is_multi_recipe, load_multi_recipe, resumed_run, test_losses
+from .reading import short
 from .run import RunError
 from .step_checkpoints import CHECKPOINT_FILE
 
@@ -47,8 +49,6 @@ def _print_recipe(run: MultiRun) -> int:
 def train_command(args, typed: Mapping[str, Any]) -> int:
     """``unitrain train RECIPE.toml`` / ``--resume DIR`` of a multi-model run."""
 
-    if args.tensorboard is not None:
-        raise RunError("--tensorboard does not apply to a multi-model run yet")
     if args.resume is not None:
         if args.recipe is not None:
             raise RunError("--resume continues the run its checkpoint records; a RECIPE starts a new run")
@@ -66,7 +66,8 @@ def train_command(args, typed: Mapping[str, Any]) -> int:
     spec = registry.usable_spec(registry.backend_name(args.backend))
     world_size = distributed.launched_world_size(spec.launcher)  # None: not started by the engine's launcher
     job = MultiJob(run, spec.name, directory, args.checkpoint_every, args.resume is not None, args.save,
-                   args.metrics, args.plot, args.overwrite, distributed=world_size is not None)  # fmt: skip
+                   args.metrics, args.plot, args.overwrite, distributed=world_size is not None,
+                   tensorboard=args.tensorboard, keep=args.keep, progress=args.progress)  # fmt: skip
     if world_size is None and (args.nproc or 1) > 1:
         return _launch(job, args, spec)
     if world_size is not None:
@@ -107,8 +108,13 @@ def _launch(job: MultiJob, args, spec) -> int:
             argv = ["train", str(recipe)]
         settings = (("--backend", spec.name), ("--checkpoint-dir", None if job.resume else job.checkpoint_dir),
                     ("--checkpoint-every", job.checkpoint_every), ("--save", job.save), ("--metrics", job.metrics),
-                    ("--plot", job.plot), ("--threads", args.threads))  # fmt: skip
+                    ("--plot", job.plot), ("--threads", args.threads), ("--tensorboard", job.tensorboard),
+                    ("--keep", job.keep))  # fmt: skip
         argv += [f"{flag}={value}" for flag, value in settings if value is not None]
+        # the workers' stderr is the launcher's pipe: whether to draw the bar is decided here
+        argv.append(
+            "--progress" if (sys.stderr.isatty() if job.progress is None else job.progress) else "--no-progress"
+        )
         return distributed.run(spec.launcher, args.nproc, [*argv, *(["--overwrite"] if job.overwrite else [])],
                                args.master_port)  # fmt: skip
 
@@ -117,13 +123,13 @@ def compare_command(args, typed: Mapping[str, Any]) -> int:
     """``unitrain compare RECIPE.toml --backends A,B``: each backend from the same weights, batches
     and noise; one line per loss per backend, ``--json`` every step's losses, ``--report DIR`` the
     loss curves (``DIR/losses.png``, one panel per loss, one curve per backend) and each backend's
-    ``[pictures]`` after training (``DIR/pictures.png``, one row per backend)."""
+    ``[pictures]`` after training (``DIR/pictures.png``, one row per backend); ``--tensorboard DIR``
+    each step's losses as ``DIR/<backend>``'s ``step/<phase>_loss``."""
     from . import plot
     from .step_compare import comparison_lines
 
-    for flag in ("tensorboard", "sample_every"):
-        if getattr(args, flag, None) is not None:
-            raise RunError(f"--{flag.replace('_', '-')} does not apply to a multi-model run")
+    if getattr(args, "sample_every", None) is not None:
+        raise RunError("--sample-every does not apply to a multi-model run")
     if args.native:
         raise RunError("--native: the frameworks' hand-written loops are of one model")
     run = _with_flags(load_multi_recipe(args.recipe), typed, FLAGS, "to a multi-model recipe")
@@ -139,11 +145,23 @@ def compare_command(args, typed: Mapping[str, Any]) -> int:
         if "multi-model" not in registry.get_backend(name).capabilities:
             raise RunError(f"--backends: the {name} backend cannot run several models in one step")
     files.check_output(args.json, "--json", args.overwrite)
+    if args.tensorboard is not None:
+        from .extensions import check_tensorboard_dir
+
+        check_tensorboard_dir(args.tensorboard, "--tensorboard", backends)
     if args.report is not None:
         plot.require_matplotlib("--report")
         files.check_output_dir(args.report, "--report", args.overwrite)
     histories, (pictures, drawn) = histories_of(run, backends)
     print("\n".join(comparison_lines(histories)))
+    if args.tensorboard is not None:  # one run per backend, as a one-model compare's
+        from .extensions import PhaseTensorBoardWriter
+
+        for backend, history in histories.items():
+            writer = PhaseTensorBoardWriter(args.tensorboard / backend)
+            writer.log_steps(history)
+            writer.finalize(None)
+        print(f"unitrain: wrote TensorBoard event files to {args.tensorboard}/<backend>")
     if args.json is not None:
         finite = {
             backend: [
@@ -171,24 +189,38 @@ def compare_command(args, typed: Mapping[str, Any]) -> int:
 
 def evaluate_command(args) -> int:
     """``unitrain evaluate --recipe RECIPE.toml --weights DIR``: each phase's loss over the test set
-    with the weights ``train --save DIR`` wrote (``DIR/<model>.safetensors``), in eval mode."""
+    with the weights ``train --save DIR`` wrote (``DIR/<model>.safetensors``), in eval mode;
+    ``--model NAME``: that model's report (:mod:`unitrain.model_report`), which reads the weights of
+    the models it calls only."""
+    from .model_report import evaluate_model, models_called
     from .weights import check_state, load_safetensors
 
-    typed = [f"--{key.replace('_', '-')}" for key in ("model", "dataset", "data_dir") if hasattr(args, key)]
+    typed = [f"--{key.replace('_', '-')}" for key in ("dataset", "data_dir") if hasattr(args, key)]
     if typed:
         raise RunError(f"{typed[0]} and --recipe exclude each other: the recipe names the models and data")
     run = load_multi_recipe(args.recipe)
     step, _ = run.build()
+    model = getattr(args, "model", None)
+    if model is not None and model not in run.models:
+        raise RunError(f"--model {short(model)}: expected one of the recipe's models, {', '.join(run.models)}")
     if not Path(args.weights).is_dir():
         raise RunError(f"--weights {args.weights}: expected the directory train --save wrote (DIR/<model>.safetensors)")
     backend = registry.get_backend(args.backend).name
     loop = steps.MultiModelLoop(step, backend, seed=run.seed)
+    needed = run.models if model is None else models_called(run, model)
     for name, spec in step.models:
+        if name not in needed:
+            continue
         path = Path(args.weights) / f"{name}.safetensors"
         shapes, source = spec.state_shapes(), f"--weights {path}"
         state = load_safetensors(path, lambda declared, s=shapes, n=source: check_state(s, declared, n), name=source)[0]
         loop.loops[name].load_state_dict(state, source=str(path))
     _, test = run.datasets()
+    if model is not None:
+        report = evaluate_model(run, loop.loops, test, model)
+        print(f"{args.weights} on {backend}: {model} over {report.samples} test images")
+        print("\n".join(f"  {line}" for line in report.lines()))
+        return 0
     losses = test_losses(run, loop.loops, test)
     shown = "  ".join(f"test {name} loss {value:.4f}" for name, value in losses.items())
     print(f"{args.weights} on {backend}: {shown}")

@@ -288,15 +288,8 @@ class MultiRun:
 
         specs = self.model_specs()
         reader = _Reader({name: _output_count(spec) for name, spec in specs.items()}, {})
-        named = {}
-        for name, text in self.values.items():
-            if not name.isidentifier() or name == "batch" or name in specs or name in FUNCTIONS:
-                raise RunError(f"values.{name}: a value's name must be an identifier that is no model, function "
-                               "or 'batch'")  # fmt: skip
-            named[name] = reader.read(text, f"values.{name}")
-            reader.values = named
-        phases = [steps.Phase(phase["name"], reader.read(phase["loss"], f"phases[{index}].loss"),
-                              phase.get("optimizer")) for index, phase in enumerate(self.phases)]  # fmt: skip
+        phases = [steps.Phase(phase["name"], loss, phase.get("optimizer"))
+                  for phase, loss in zip(self.phases, self.read_losses(reader), strict=True)]  # fmt: skip
         optimizers = {}
         for name, options in self.optimizers.items():
             config = {key: value for key, value in options.items() if key != "models"}
@@ -311,6 +304,17 @@ class MultiRun:
         pictures = {key: reader.read(text, f"pictures.{key}") for key, text in (self.pictures or {}).items()
                     if key in ("samples", "reconstructions")}  # fmt: skip
         return step, pictures
+
+    def read_losses(self, reader: _Reader) -> list[expr.Expr]:
+        """Each phase's loss, read with ``reader`` after the ``[values]`` (whose noise is drawn first)."""
+        named = {}
+        for name, text in self.values.items():
+            if not name.isidentifier() or name == "batch" or name in reader.outputs or name in FUNCTIONS:
+                raise RunError(f"values.{name}: a value's name must be an identifier that is no model, function "
+                               "or 'batch'")  # fmt: skip
+            named[name] = reader.read(text, f"values.{name}")
+            reader.values = named
+        return [reader.read(phase["loss"], f"phases[{index}].loss") for index, phase in enumerate(self.phases)]
 
     def datasets(self):
         """``(train, test)``: the data's images, transformed as the recipe's ``[data]`` says."""
@@ -341,8 +345,13 @@ def batch_order(seed: int, epoch: int, samples: int) -> np.ndarray:
 
 def forward(root: expr.Expr, loops: Mapping[str, Any], x, noise: Mapping) -> np.ndarray:
     """``root``'s value with the models in eval mode (``predict``), no gradient: pictures, evaluate."""
+    return forward_all([root], loops, x, noise)[root.node]
+
+
+def forward_all(roots: Sequence[expr.Expr], loops: Mapping[str, Any], x, noise: Mapping) -> dict:
+    """Every node's value under ``roots`` (each computed once), as :func:`forward`'s."""
     values = {}
-    for node in steps.postorder([root.node]):
+    for node in steps.postorder([root.node for root in roots]):
         op, children, static = steps.split(node)
         arguments = [values[child] for child in children]
         if op == "batch":
@@ -359,7 +368,7 @@ def forward(root: expr.Expr, loops: Mapping[str, Any], x, noise: Mapping) -> np.
             values[node] = np.float32(static["value"])
         else:
             values[node] = np.asarray(expr.NUMPY_OPS[op][0](*arguments, **static), np.float32)
-    return values[root.node]
+    return values
 
 
 class Pictures:
@@ -431,8 +440,8 @@ class RunCheckpoints(StepCheckpoints):
     """:class:`~unitrain.step_checkpoints.StepCheckpoints` that also keep the recipe and the
     epoch's running record (losses summed so far, earlier epochs' records and pictures)."""
 
-    def __init__(self, run: MultiRun, directory, every, *, resume=False):
-        super().__init__(directory, every, run.settings(), resume=resume)
+    def __init__(self, run: MultiRun, directory, every, *, resume=False, keep=1):
+        super().__init__(directory, every, run.settings(), resume=resume, keep=keep)
         self.run, self.progress = run, {"sums": {}, "steps": 0, "records": [], "pictures": []}
         # what unitrain.checkpoint.stop_on_signals sets on Ctrl-C, SIGTERM or a launcher's SIGUSR1
         self.stop_requested, self.stop_signal = False, None
@@ -445,8 +454,8 @@ class RunCheckpoints(StepCheckpoints):
 
     def after_step(self, loop, last):
         if self.path is not None and (last or self.stop_requested or loop.step_count % self.every == 0):
-            loop.save_checkpoint(
-                self.path,
+            self.save(
+                loop,
                 {
                     "settings": json.dumps(self.settings),
                     "multi_run": json.dumps(self.run.to_dict()),
@@ -515,11 +524,20 @@ class MultiJob:
     overwrite: bool = False
     #: a rank of a data-parallel job (its launcher started it): rank 0 alone writes and prints
     distributed: bool = False
+    #: event files of each step's and epoch's losses (:class:`~unitrain.extensions.PhaseTensorBoardWriter`)
+    tensorboard: Path | None = None
+    #: how many of the newest checkpoints stay (:class:`~unitrain.step_checkpoints.StepCheckpoints`)
+    keep: int = 3
+    #: a progress bar on stderr (None: when stderr is a terminal)
+    progress: bool | None = None
 
     def check(self) -> None:
         from . import plot
+        from .extensions import check_tensorboard_dir
 
         files.check_output(self.metrics, "--metrics", self.overwrite)
+        if self.tensorboard is not None:
+            check_tensorboard_dir(self.tensorboard, "--tensorboard")
         files.check_output(self.plot, "--plot", self.overwrite)
         if self.plot is not None:
             plot.require_matplotlib("--plot")
@@ -552,12 +570,13 @@ class MultiJob:
         if total < 1:
             raise RunError(f"epochs {self.run.epochs}, max_steps {self.run.max_steps}: no step to train")
         every = self.checkpoint_every or per_epoch
-        checkpoints = RunCheckpoints(self.run, self.checkpoint_dir, every, resume=self.resume)
+        checkpoints = RunCheckpoints(self.run, self.checkpoint_dir, every, resume=self.resume, keep=self.keep)
         pictures = Pictures(self.run, expressions, test) if expressions else None
         lead = loop.rank == 0  # the one that writes: checkpoints, metrics, pictures, weights, lines
         if self.distributed and lead:
             self.check()
         writer = MetricsWriter(self.metrics, {"backend": backend}, self.overwrite) if self.metrics and lead else None
+        extensions = self._extensions(per_epoch) if lead else []
         order, progress, stopped = None, checkpoints.progress, False
 
         def notice():
@@ -575,8 +594,12 @@ class MultiJob:
                 epoch, position = divmod(index, per_epoch)
                 if order is None or position == 0:
                     order = batch_order(self.run.seed, epoch, len(train))
+                    for extension in extensions:
+                        extension.on_epoch_start(loop, epoch)
                 rows = order[position * self.run.batch_size : (position + 1) * self.run.batch_size]
                 losses = loop.step(train.x[rows])
+                for extension in extensions:
+                    extension.on_step_end(loop, position, losses)
                 progress = checkpoints.progress
                 for phase, value in losses.items():
                     progress["sums"][phase] = progress["sums"].get(phase, 0.0) + value
@@ -590,16 +613,18 @@ class MultiJob:
                     if ended:
                         progress.update(sums={}, steps=0, records=[*progress["records"], record],
                                         pictures=[*progress["pictures"], *drawn])  # fmt: skip
+                    for extension in [*extensions, *([writer] if writer is not None else [])]:
+                        extension.on_epoch_end(loop, record)  # the progress bar first goes: the line replaces it
                     if lead:
                         print("  ".join(f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}"
                                         for key, value in record.items()), flush=True)  # fmt: skip
-                    if writer is not None:
-                        writer.on_epoch_end(loop, record)
                 stopped = checkpoints.stop_requested = loop.any_rank(checkpoints.stop_requested)  # all ranks at once
                 if lead:
                     checkpoints.after_step(loop, last=index == total - 1)
                 if stopped and index < total - 1:
                     break
+        for extension in extensions:
+            extension.finalize(loop)
         if writer is not None:
             writer.finalize(loop)
             print(f"unitrain: wrote the metrics to {writer.path}")
@@ -616,6 +641,18 @@ class MultiJob:
         if loop.world_size > 1:  # the ranks end together, after rank 0's files
             loop.any_rank(False)
         return loop, progress["records"] + ([record] if partial else []), 0
+
+    def _extensions(self, per_epoch: int) -> list:
+        """Rank 0's progress bar and TensorBoard writer, as ``fit`` drives a one-model run's."""
+        from .extensions import PhaseProgressBar, PhaseTensorBoardWriter
+
+        chosen = []
+        if sys.stderr.isatty() if self.progress is None else self.progress:
+            chosen.append(PhaseProgressBar())
+            chosen[-1].on_fit_start(None, {"steps_per_epoch": per_epoch})
+        if self.tensorboard is not None:
+            chosen.append(PhaseTensorBoardWriter(self.tensorboard))
+        return chosen
 
     def _publish(self, loop, pictures, drawn: list) -> None:
         from . import plot
@@ -654,8 +691,9 @@ def histories_of(run: MultiRun, backends: Sequence[str]) -> tuple[dict[str, list
 
 
 def test_losses(run: MultiRun, loops: Mapping[str, Any], test, batch_size: int = 1000) -> dict[str, float]:
-    """Each phase's loss over the test set with the models in eval mode, no update: the mean of the
-    batches' losses weighted by their sizes (noise from the run's seed)."""
+    """Each phase's loss over the test set with the models in eval mode, no update (noise from the
+    run's seed): a mean over the batch averaged over the test set, a sum over it per test sample
+    (the VAE's, as PyTorch's example prints it; :func:`batch_share`)."""
     step, _ = run.build()
     stream, sums = steps.NoiseStream(run.seed), {}
     for start in range(0, len(test), batch_size):
@@ -663,8 +701,18 @@ def test_losses(run: MultiRun, loops: Mapping[str, Any], test, batch_size: int =
         noise = stream.draw(step.noise, len(x), np.float32)
         for phase in step.phases:
             value = float(forward(expr.Expr(phase.loss), loops, x, noise))
-            sums[phase.name] = sums.get(phase.name, 0.0) + value * len(x)
+            sums[phase.name] = sums.get(phase.name, 0.0) + value * batch_share(phase.loss, len(x))
     return {name: total / len(test) for name, total in sums.items()}
+
+
+def batch_share(loss: steps.Node, samples: int) -> int:
+    """A test batch's weight in a figure over the test set that is divided by its size: the batch's
+    size for a loss that is a mean over the batch, 1 for a sum over it (the figure is then per
+    sample); the size for a loss that is neither (:func:`unitrain.steps.batch_weighting`)."""
+    try:
+        return 1 if steps.batch_weighting(loss) == "sum" else samples
+    except ValueError:
+        return samples
 
 
 def load_multi_recipe(path) -> MultiRun:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -39,14 +40,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 class StepCheckpoints:
     """Checkpoints every ``every`` steps into ``directory`` (None: none) and at the run's end.
-    ``settings`` (JSON values) are what a resumed run must share with the checkpointed one."""
+    ``settings`` (JSON values) are what a resumed run must share with the checkpointed one.
+    ``keep``: how many of the newest checkpoints stay; the newest is always
+    ``DIR/checkpoint.safetensors`` (what ``--resume`` continues), each earlier one kept as
+    ``DIR/checkpoint-<step>.safetensors`` (a hard link made before the newest replaces it, so a
+    crash still leaves a whole newest checkpoint); the oldest beyond ``keep`` are deleted."""
 
-    def __init__(self, directory: Path | None, every: int, settings: Mapping[str, object], *, resume: bool = False):
+    def __init__(self, directory: Path | None, every: int, settings: Mapping[str, object], *, resume: bool = False,
+                 keep: int = 1):  # fmt: skip
         if every < 1:
             raise CheckpointError(f"--checkpoint-every must be a positive integer, got {every}")
+        if keep < 1:
+            raise CheckpointError(f"--keep must be a positive integer, got {keep}")
         if resume and directory is None:
             raise CheckpointError("--resume needs --checkpoint-dir DIR (the run to continue)")
-        self.directory, self.every, self.resume = directory, every, resume
+        self.directory, self.every, self.resume, self.keep = directory, every, resume, keep
+        self.saved_step: int | None = None  # the step the newest checkpoint holds (None: none yet)
         self.metadata: dict[str, str] = {}  # the resumed checkpoint's
         self.settings = json.loads(json.dumps(dict(settings)))  # as they come back from the file
         self.path = None if directory is None else directory / CHECKPOINT_FILE
@@ -85,6 +94,7 @@ class StepCheckpoints:
                 raise CheckpointError(f"--resume: {self.path} is a run with other settings ({shown})")
             if loop.step_count >= max_steps:
                 raise CheckpointError(f"--max-steps {max_steps}: the checkpoint is already at step {loop.step_count}")
+            self.saved_step = loop.step_count
         return range(loop.step_count, max_steps)
 
     def steps(self, loop, max_steps: int) -> Iterator[int]:
@@ -98,7 +108,27 @@ class StepCheckpoints:
     def after_step(self, loop, last: bool) -> None:
         """Checkpoint when ``every`` steps have passed since the start, or the run ends."""
         if self.path is not None and (last or loop.step_count % self.every == 0):
-            loop.save_checkpoint(self.path, {"settings": json.dumps(self.settings)})
+            self.save(loop, {"settings": json.dumps(self.settings)})
+
+    def save(self, loop, metadata: Mapping[str, str]) -> None:
+        """Write the newest checkpoint, keeping the earlier ones ``keep`` asks for."""
+        if self.keep > 1 and self.saved_step is not None and self.saved_step != loop.step_count:
+            earlier = self.directory / f"checkpoint-{self.saved_step}.safetensors"
+            earlier.unlink(missing_ok=True)  # a killed run's, of the same step: the same state
+            os.link(self.path, earlier)
+        loop.save_checkpoint(self.path, metadata)
+        self.saved_step = loop.step_count
+        kept = sorted((path for path in self.directory.glob("checkpoint-*.safetensors") if _step_of(path) >= 0),
+                      key=_step_of)  # fmt: skip
+        for old in kept[: max(len(kept) - (self.keep - 1), 0)]:
+            old.unlink(missing_ok=True)
+
+
+def _step_of(path: Path) -> int:
+    """The step in a kept checkpoint's name (``checkpoint-<step>.safetensors``); -1 for another
+    name, which is none of the run's and is left alone."""
+    step = path.name[len("checkpoint-") : -len(".safetensors")]
+    return int(step) if step.isdigit() else -1
 
 
 #: a run without checkpoints

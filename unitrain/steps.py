@@ -110,7 +110,10 @@ def bce(probabilities, target, reduction: str = "mean") -> Expr:
         raise ValueError(f"bce: reduction must be 'mean' or 'sum', got {reduction!r}")
     floor = -100.0
     p = probabilities
-    terms = -(target * expr.maximum(expr.log(p), floor) + (1 - target) * expr.maximum(expr.log(1 - p), floor))
+    if isinstance(target, int | float) and target in (0, 1):  # a label: the other term is exactly 0, left out
+        terms = -expr.maximum(expr.log(p if target == 1 else 1 - p), floor)
+    else:
+        terms = -(target * expr.maximum(expr.log(p), floor) + (1 - target) * expr.maximum(expr.log(1 - p), floor))
     return terms.mean() if reduction == "mean" else terms.sum()
 
 

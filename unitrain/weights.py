@@ -35,14 +35,15 @@ def init_weights(model: Container, seed: int) -> State:
     """The first weights, drawn by NumPy so every backend starts identical.
 
     Draws are float64 from ``numpy.random.default_rng(seed)``, leaf by leaf in
-    ``state_dict`` order, weight before bias, then rounded to float32. A Linear's or Conv2d's
-    ``weight_init`` / ``bias_init`` (:mod:`unitrain.initializers`) decides its draw; left out,
-    the outermost container's ``init`` does (:func:`initializers_of`). PyTorch's defaults
-    (``init="pytorch"``): weight and bias ``~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` with
-    ``fan_in = in_channels / groups * kh * kw`` (what ``kaiming_uniform_(a=sqrt(5))`` amounts
-    to); ConvTranspose2d's likewise with PyTorch's ``fan_in = out_channels / groups * kh * kw``
-    (its weight's dimension 1). BatchNorm and LayerNorm weight 1, bias 0, running mean 0, running
-    variance 1. Conv1d as Conv2d's default; Embedding ``~ N(0, 1)`` with the ``padding_idx`` row zeroed; RNN, LSTM
+    ``state_dict`` order, weight before bias, then rounded to float32. A Linear's, Conv2d's,
+    ConvTranspose2d's or BatchNorm's ``weight_init`` / ``bias_init`` (:mod:`unitrain.initializers`)
+    decides its draw; left out, the outermost container's ``init`` does for Linear and Conv2d
+    (:func:`initializers_of`). PyTorch's defaults (``init="pytorch"``): weight and bias
+    ``~ U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` with ``fan_in = in_channels / groups * kh * kw``
+    (what ``kaiming_uniform_(a=sqrt(5))`` amounts to); ConvTranspose2d's likewise with PyTorch's
+    ``fan_in = out_channels / groups * kh * kw`` (its weight's dimension 1), whatever the scheme.
+    BatchNorm and LayerNorm weight 1, bias 0, running mean 0, running variance 1. Conv1d as
+    Conv2d's default; Embedding ``~ N(0, 1)`` with the ``padding_idx`` row zeroed; RNN, LSTM
     and GRU weights and biases ``~ U(-1/sqrt(hidden_size), 1/sqrt(hidden_size))`` (PyTorch's
     defaults; MultiheadAttention's, its ``initial_weights``). A graph with an ``initial_state`` (an
     imported model's weights) starts from that instead, whatever the seed.
@@ -60,16 +61,19 @@ def init_weights(model: Container, seed: int) -> State:
             if layer.padding_idx is not None:
                 value[layer.padding_idx] = 0
             state[f"{name}.weight"] = value.astype(np.float32)
-        elif isinstance(layer, (Linear, Conv2d)):
+        elif isinstance(layer, (Linear, Conv2d, ConvTranspose2d)):
             for key, draw in initializers_of(model, layer).items():
                 if key in shapes:
                     state[f"{name}.{key}"] = draw.draw(rng, shapes[key], layer.fan_in()).astype(np.float32)
-        elif isinstance(layer, (ConvTranspose2d, Conv1d, _Recurrent)):
+        elif isinstance(layer, (Conv1d, _Recurrent)):
             bound = 1.0 / math.sqrt(layer.fan_in())
             for key, shape in shapes.items():
                 state[f"{name}.{key}"] = rng.uniform(-bound, bound, shape).astype(np.float32)
         elif isinstance(layer, (_BatchNorm, LayerNorm)):
             for key, shape in {**shapes, **layer.buffer_shapes()}.items():
+                if (draw := getattr(layer, f"{key}_init", None)) is not None:  # a BatchNorm's weight_init / bias_init
+                    state[f"{name}.{key}"] = draw.draw(rng, shape, None).astype(np.float32)
+                    continue
                 fill = 1 if key in ("weight", "running_var") else 0
                 state[f"{name}.{key}"] = np.full(shape, fill, np.int64 if key == "num_batches_tracked" else np.float32)
     for key, _ in getattr(model, "tied", ()):  # drawn as PyTorch draws it, then replaced by its source
@@ -89,10 +93,13 @@ _SCHEMES = {
 }
 
 
-def initializers_of(model: Container, layer: Linear | Conv2d) -> dict[str, Initializer]:
+def initializers_of(model: Container, layer: Linear | Conv2d | ConvTranspose2d) -> dict[str, Initializer]:
     """``{"weight": ..., "bias": ...}``: how ``init_weights`` draws ``layer``'s tensors in ``model``."""
     scheme = getattr(model, "init", "pytorch")
-    weight, bias = _SCHEMES[scheme][type(layer)] if scheme in _SCHEMES else (scheme, "pytorch")
+    if isinstance(layer, ConvTranspose2d):  # the schemes name Linear and Conv2d draws only
+        weight, bias = "pytorch", "pytorch"
+    else:
+        weight, bias = _SCHEMES[scheme][type(layer)] if scheme in _SCHEMES else (scheme, "pytorch")
     return {"weight": initializer(layer.weight_init or weight), "bias": initializer(layer.bias_init or bias)}
 
 

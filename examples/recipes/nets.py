@@ -57,25 +57,28 @@ def d2l_lenet() -> Sequential:
 
 
 def dcgan_generator() -> Sequential:
-    """examples/dcgan.py's generator (PyTorch's DCGAN tutorial scaled to 28x28; nz 100, ngf 16). Its
-    weights start at PyTorch's defaults, not the tutorial's N(0, 0.02) (``weight_init`` draws
-    Linear and Conv2d weights only; examples/dcgan.py loads the tutorial's draw instead)."""
-    nz, ngf = 100, 16
+    """examples/dcgan.py's generator (PyTorch's DCGAN tutorial scaled to 28x28; nz 100, ngf 16), its
+    weights drawn as the tutorial's ``weights_init``: transposed convolutions N(0, 0.02), BatchNorm
+    weights N(1, 0.02) and biases 0."""
+    nz, ngf, conv, norm = 100, 16, "normal(std=0.02)", "normal(std=0.02, mean=1.0)"
     return Sequential(
-        ConvTranspose2d(nz, ngf * 4, 7, 1, 0, bias=False), BatchNorm2d(ngf * 4), ReLU(),
-        ConvTranspose2d(ngf * 4, ngf * 2, 4, 2, 1, bias=False), BatchNorm2d(ngf * 2), ReLU(),
-        ConvTranspose2d(ngf * 2, 1, 4, 2, 1, bias=False), Tanh(),
+        ConvTranspose2d(nz, ngf * 4, 7, 1, 0, bias=False, weight_init=conv), BatchNorm2d(ngf * 4, weight_init=norm),
+        ReLU(),
+        ConvTranspose2d(ngf * 4, ngf * 2, 4, 2, 1, bias=False, weight_init=conv),
+        BatchNorm2d(ngf * 2, weight_init=norm), ReLU(),
+        ConvTranspose2d(ngf * 2, 1, 4, 2, 1, bias=False, weight_init=conv), Tanh(),
     )  # fmt: skip
 
 
 def dcgan_discriminator() -> Sequential:
-    """examples/dcgan.py's discriminator (ndf 16), its convolutions' weights N(0, 0.02) as the
-    tutorial's ``weights_init`` (its BatchNorm weights start at 1, not N(1, 0.02))."""
-    ndf, init = 16, "normal(std=0.02)"
+    """examples/dcgan.py's discriminator (ndf 16), its weights drawn as the tutorial's
+    ``weights_init``: convolutions N(0, 0.02), BatchNorm weights N(1, 0.02) and biases 0."""
+    ndf, conv, norm = 16, "normal(std=0.02)", "normal(std=0.02, mean=1.0)"
     return Sequential(
-        Conv2d(1, ndf, 4, 2, 1, bias=False, weight_init=init), LeakyReLU(0.2),
-        Conv2d(ndf, ndf * 2, 4, 2, 1, bias=False, weight_init=init), BatchNorm2d(ndf * 2), LeakyReLU(0.2),
-        Conv2d(ndf * 2, 1, 7, 1, 0, bias=False, weight_init=init), Sigmoid(),
+        Conv2d(1, ndf, 4, 2, 1, bias=False, weight_init=conv), LeakyReLU(0.2),
+        Conv2d(ndf, ndf * 2, 4, 2, 1, bias=False, weight_init=conv), BatchNorm2d(ndf * 2, weight_init=norm),
+        LeakyReLU(0.2),
+        Conv2d(ndf * 2, 1, 7, 1, 0, bias=False, weight_init=conv), Sigmoid(),
     )  # fmt: skip
 
 

@@ -65,7 +65,8 @@ class ConvTranspose2d(Layer):
     ``(size - 1) * stride - 2 * padding + dilation * (kernel_size - 1) + output_padding + 1``;
     ``output_padding`` (below ``stride`` or ``dilation``) adds rows at the bottom and columns at
     the right, picking one of the input sizes a strided ``Conv2d`` maps to the same output.
-    Weight ``(in_channels, out_channels // groups, kh, kw)``."""
+    Weight ``(in_channels, out_channels // groups, kh, kw)``; ``weight_init`` / ``bias_init``
+    left out: PyTorch's default draw, whatever the model's ``init`` scheme."""
 
     in_channels: int
     out_channels: int
@@ -76,6 +77,8 @@ class ConvTranspose2d(Layer):
     groups: int = 1
     bias: bool = True
     dilation: int | Pair = 1
+    weight_init: Initializer | str | None = field(default=None, repr=False)
+    bias_init: Initializer | str | None = field(default=None, repr=False)
 
     def __post_init__(self):
         for name in ("in_channels", "out_channels", "groups"):
@@ -93,6 +96,7 @@ class ConvTranspose2d(Layer):
                 f"ConvTranspose2d: output_padding {self.output_padding} must be smaller than either stride "
                 f"{self.stride} or dilation {self.dilation}"
             )
+        _initializers(self)
 
     def param_shapes(self):
         shapes = {"weight": (self.in_channels, self.out_channels // self.groups, *self.kernel_size)}

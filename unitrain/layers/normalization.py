@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .. import dialects
-from .base import Layer, _positive_int
+from ..initializers import Initializer, PyTorchDefault
+from .base import Layer, _initializers, _positive_int
 
 #: what a BatchNorm feeds its running variance: the unbiased batch variance (PyTorch, Chainer,
 #: MindSpore) or the biased one it normalised with (Keras)
@@ -29,12 +30,16 @@ class _BatchNorm(_Norm):
     Chainer, MindSpore) or the biased one that normalised the batch (``"biased"``: Keras'
     ``BatchNormalization``). Eval: normalise with the running statistics.
     ``num_batches_tracked`` counts training batches, as in PyTorch. ``eps``, ``momentum`` and
-    ``running_var`` left out: the dialect's (PyTorch's 1e-5, 0.1 and ``"unbiased"``)."""
+    ``running_var`` left out: the dialect's (PyTorch's 1e-5, 0.1 and ``"unbiased"``).
+    ``weight_init`` / ``bias_init`` left out: weight 1 and bias 0, as every framework's; the DCGAN
+    tutorial's ``weights_init`` is ``weight_init="normal(std=0.02, mean=1.0)"``."""
 
     num_features: int
     eps: float | None = None
     momentum: float | None = None
     running_var: str | None = None
+    weight_init: Initializer | str | None = field(default=None, repr=False)
+    bias_init: Initializer | str | None = field(default=None, repr=False)
 
     _input_rank = 0
 
@@ -54,6 +59,11 @@ class _BatchNorm(_Norm):
                 f"{type(self).__name__}: running_var must be one of {', '.join(RUNNING_VARIANCES)}, "
                 f"got {str(self.running_var)[:100]!r}"
             )
+        _initializers(self)
+        for key in ("weight", "bias"):  # PyTorch's default draw is a layer's U(-1/sqrt(fan_in), ...): no fan here
+            if isinstance(getattr(self, f"{key}_init"), PyTorchDefault):
+                raise ValueError(f"{type(self).__name__}: {key}_init pytorch draws from a fan in, which a "
+                                 "BatchNorm has not; PyTorch starts it at weight ones, bias zeros")  # fmt: skip
 
     def param_shapes(self):
         return {"weight": (self.num_features,), "bias": (self.num_features,)}
