@@ -1,11 +1,15 @@
 """MindSpore backend (CPU, float32).
 
 MindSpore differentiates functions, not tensors: ``step`` is one ``mindspore.jit`` graph of
-``value_and_grad(forward + loss)`` followed by the optimizer's update, written into the
-parameters with ``ops.assign``. The step number, the lr and the momentum a schedule cycles enter
-the graph as tensors (so the graph is compiled once, and ``set_lr`` or a OneCycleLR step compiles
-nothing), which makes Adam's bias corrections, Adagrad's lr decay and cycled momentum terms
-(``1 - beta1``) float32 where PyTorch's are float64. Gradient clipping runs inside the graph.
+``value_and_grad(forward + loss)`` followed by the optimizer's update: PyTorch's SGD by MindSpore's
+own fused SGD kernel, one per parameter as ``nn.SGD`` runs it (:func:`_sgd_kernel`), the other
+optimizers' equations written into the parameters with ``ops.assign``. The step's gradients leave
+the graph as outputs; they are copied into the buffers that ``gradients()`` reads only when
+something adds to them or updates from them (:meth:`MindSporeLoop._keep_step_gradients`). The
+step number, the lr and the momentum a schedule cycles enter the graph as tensors (so the graph is
+compiled once, and ``set_lr`` or a OneCycleLR step compiles nothing), which makes Adam's bias
+corrections, Adagrad's lr decay and cycled momentum terms (``1 - beta1``) float32 where PyTorch's are
+float64. Gradient clipping runs inside the graph.
 
 The tutorial-shaped ``backward`` re-runs forward + loss on the batch recorded by ``forward`` and
 ``loss`` through the same compiled gradient function, so it equals ``step`` bit for bit. The
@@ -61,7 +65,7 @@ from unitrain.losses import (
     PerOutputLoss,
     SmoothL1Loss,
 )
-from unitrain.optim import clip_grad_norm_scale, initial_buffer_value, optimizer_update
+from unitrain.optim import SGD, clip_grad_norm_scale, initial_buffer_value, optimizer_update
 from unitrain.randomness import dropout_mask, dropout_stream, set_stream_state, stream_state
 
 from . import mindspore_graph
@@ -235,6 +239,29 @@ def _loss_function(spec: Loss, reduction: str, summed: bool = True):
     return native[type(spec)](reduction=reduction)
 
 
+def _sgd_kernel(spec, param: Parameter, buffers: tuple, cycled: bool, zeros: dict) -> tuple | None:
+    """``(ops.SGD(...), accum, momentum, stat)``: the arguments after the parameter, gradient and lr with
+    which MindSpore's fused SGD kernel (``nn.SGD``'s) computes ``spec``'s update of ``param`` in place;
+    ``None`` where it computes another equation. Its CPU kernel (sgd_cpu_kernel.cc) runs per element
+    ``g += wd * p``; ``buf = m * buf + (1 - dampening) * g`` (``buf = g`` where ``stat > 0``, which it
+    then zeroes); ``g += m * buf`` if nesterov, else ``g = buf``; ``p -= lr * g``: torch/optim/sgd.py's
+    equations, in its order. ``stat`` is a zero constant here, never written: from a zero buffer
+    ``m * 0 + g`` is the gradient PyTorch's first step copies, and a dampened first step runs the
+    assigned update (``first``); without momentum the kernel reads neither ``accum`` nor ``stat``.
+    Fused nowhere else: a velocity with the lr in it (``lr_in_velocity``), a momentum a schedule cycles
+    (at 0 the kernel would skip the buffer PyTorch updates), other optimizers (MindSpore's Adam kernels
+    add eps before the bias correction, as ``eps_placement="before_correction"`` but in another order;
+    its RMSprop, Adagrad and Adadelta kernels differ from torch.optim's too). ``zeros``: one constant
+    per shape, shared."""
+    if type(spec) is not SGD or spec.lr_in_velocity or cycled:
+        return None
+    if param.shape not in zeros:
+        zeros[param.shape] = Tensor(np.zeros(param.shape, np.float32))
+    stat = zeros[param.shape]
+    kernel = ops.SGD(float(spec.dampening), float(spec.weight_decay), spec.nesterov)
+    return kernel, buffers[0] if spec.momentum else stat, Tensor(spec.momentum, ms.float32), stat
+
+
 def _write(param: Parameter, value: np.ndarray) -> None:
     # In place: after Parameter.set_data a compiled graph no longer sees the parameter's updates.
     ops.assign(param, Tensor(np.array(value, copy=True)))
@@ -308,6 +335,7 @@ class MindSporeLoop(TrainingLoop):
         # Whether the optimizer buffers exist (PyTorch creates them at the first step).
         self._opt_ready = False
         self._recorded_x = self._recorded_y = self._recorded_masks = self._recorded_loss = None
+        self._step_gradients = None  # the last step's gradients, until the buffers are next used
         # A compiled function keeps the train/eval branches of the mode it was compiled in.
         self._compiled_by_mode: dict[bool, SimpleNamespace] = {}
 
@@ -359,26 +387,42 @@ class MindSporeLoop(TrainingLoop):
             scale = clip_grad_norm_scale(norms, max_norm, ops.sqrt, ops.minimum)
             return [grad * scale for grad in gradients]
 
-        def apply_update(gradients, t, first, lr, momentum):
-            for param, grad, buffers, spec, group in zip(weights, gradients, buffers_of, specs, group_of):  # noqa: B905
+        # MindSpore's fused SGD kernel (one per parameter, as nn.SGD runs it) where it computes the spec's
+        # equation; the other parameters (all of them at a dampened first step) assign PyTorch's update
+        zeros: dict = {}
+        kernels = [_sgd_kernel(spec, param, buffers, cycled, zeros)
+                   for spec, param, buffers in zip(specs, weights, buffers_of, strict=True)]  # fmt: skip
+        fused = [index for index, kernel in enumerate(kernels) if kernel is not None]
+        others = [index for index, kernel in enumerate(kernels) if kernel is None]
+
+        def assigned_update(indices, gradients, t, first, lr, momentum):
+            for index in indices:
+                param, buffers, spec = weights[index], buffers_of[index], specs[index]
                 # SGD's momentum buffer is created from the gradient (see _step_args); without a
                 # schedule cycling it, the momentum is the spec's constant
                 new_param, new_buffers = optimizer_update(
-                    spec, param, grad, (None,) if first else buffers, t, lr[group], ops.sqrt, False,
-                    momentum if cycled else None,
+                    spec, param, gradients[index], (None,) if first else buffers, t, lr[group_of[index]], ops.sqrt,
+                    False, momentum if cycled else None,
                 )  # fmt: skip
                 for buf, new_buf in zip(buffers, new_buffers):  # noqa: B905
                     ops.assign(buf, new_buf)
                 ops.assign(param, new_param)
             return t
 
+        def apply_update(gradients, t, first, lr, momentum):
+            if first:  # a dampened momentum buffer starts as the gradient: PyTorch's first step
+                return assigned_update(fused + others, gradients, t, first, lr, momentum)
+            for index in fused:
+                sgd, accum, momentum_value, stat = kernels[index]
+                sgd(weights[index], gradients[index], lr[group_of[index]], accum, momentum_value, stat)
+            return assigned_update(others, gradients, t, first, lr, momentum)
+
         def step(x, y, t, first, lr, momentum, masks):
             (value, pred), gradients = value_pred_and_grad(x, y, masks)
             gradients = clipped(gradients)
-            for buf, grad in zip(grads, gradients):  # noqa: B905
-                ops.assign(buf, grad)
             apply_update(gradients, t, first, lr, momentum)
-            return value, pred
+            # the gradients leave as outputs, not copied into the buffers: see _keep_step_gradients
+            return value, pred, gradients
 
         def loss_and_gradients(x, y, masks):  # one forward pass, where backward runs a second one
             (value, pred), gradients = value_pred_and_grad(x, y, masks)
@@ -468,6 +512,7 @@ class MindSporeLoop(TrainingLoop):
         self._lr = self._group_lrs()
 
     def _scale_gradients(self, factor: float) -> None:
+        self._keep_step_gradients()
         self._fn.scale_gradients(Tensor(factor, ms.float32))
 
     def _set_momentum(self, momentum: float) -> None:
@@ -490,6 +535,7 @@ class MindSporeLoop(TrainingLoop):
         self._fn = self._compiled_by_mode[mode]
 
     def _zero_grad(self) -> None:
+        self._step_gradients = None
         self._fn.zero_grad()
 
     def _forward(self, x):
@@ -510,21 +556,35 @@ class MindSporeLoop(TrainingLoop):
             raise RuntimeError("backward() needs the latest loss(), or an expression of it (loss * 0.5)")
         # The re-run would update BatchNorm's running statistics a second time for this batch.
         saved = [buffer.asnumpy().copy() for buffer in self._buffers] if self._net.training else []
+        self._keep_step_gradients()  # a backward after a step adds to that step's gradients
         slope = Tensor(np.array(loss.slope, self.dtype))
         self._fn.backward(self._recorded_x, self._recorded_y, self._recorded_masks, slope)
         for buffer, value in zip(self._buffers, saved, strict=False):
             _write(buffer, value)
 
     def _update(self) -> None:
+        self._keep_step_gradients()
         self._fn.update(*self._step_args())
         self._opt_ready = True
 
     def _step(self, x, y):
-        loss, self._step_pred = self._fn.step(self._x(x), self._y(y), *self._step_args(), self._masks(x))
+        loss, self._step_pred, self._step_gradients = self._fn.step(
+            self._x(x), self._y(y), *self._step_args(), self._masks(x)
+        )
         self._opt_ready = True
         return loss
 
+    def _keep_step_gradients(self) -> None:
+        """Write the last ``step``'s gradients into the gradient buffers, for what adds to them or reads
+        them after a step (``backward``, ``update``, scaling, an allreduce). The step returns them
+        instead: a copy per parameter on every step is as many kernels again as the update's."""
+        if self._step_gradients is not None:
+            for buf, grad in zip(self._grads, self._step_gradients, strict=True):
+                ops.assign(buf, grad)
+            self._step_gradients = None
+
     def _loss_and_gradients(self, x, y):
+        self._step_gradients = None
         return self._fn.loss_and_gradients(self._x(x), self._y(y), self._masks(x))
 
     def _step_correct(self, y):
@@ -561,6 +621,7 @@ class MindSporeLoop(TrainingLoop):
         return get_rank(), get_group_size()
 
     def _reduce_gradients(self, weight):
+        self._keep_step_gradients()
         if self._reduce is None:  # the gradient buffers exist once the model is built
             grads, allreduce = self._grads, self._allreduce
 
@@ -583,7 +644,8 @@ class MindSporeLoop(TrainingLoop):
         set_stream_state(self._rng, state)
 
     def _gradients(self):
-        return {name: buf.asnumpy().copy() for name, buf in zip(self._grad_names, self._grads, strict=True)}
+        grads = self._grads if self._step_gradients is None else self._step_gradients
+        return {name: grad.asnumpy().copy() for name, grad in zip(self._grad_names, grads, strict=True)}
 
     def _state_dict(self):
         return {name: param.asnumpy().copy() for name, param in self._params.items()}

@@ -6,6 +6,8 @@ The tutorial CNN (``unitrain.cnn()``, batch 100, SGD lr 0.01) twice from the sam
 batches: as the Sequential, and as a Graph calling each of its twelve layers as a module of its own
 (the most nodes the model can have, so the graph's per-node work shows most). Both sides are timed
 alternately ``R`` times and the best of each is kept; the ratio is graph speed over Sequential speed.
+For torch, MindSpore and Chainer the framework's own hand-written loop of the same CNN
+(``unitrain.native``) is timed in the same alternation: graph speed over native speed.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 
 import unitrain as ut
 from unitrain.graph import Graph, Input
+from unitrain.native import FRAMEWORKS, native_loop
 
 
 def layer_by_layer(model: ut.Sequential) -> Graph:
@@ -29,10 +32,13 @@ def layer_by_layer(model: ut.Sequential) -> Graph:
 
 
 def seconds_per_step(loop, batches) -> float:
-    loop.step(batches[0])  # warm-up: first-call allocations
+    """``loop``: a unitrain loop, or a native one, whose ``step`` takes the batch's two arrays."""
+    step = loop.step if isinstance(loop, ut.TrainingLoop) else lambda batch: loop.step(*batch)
+    step(batches[0])  # warm-up: first-call allocations
     started = time.perf_counter()
     for batch in batches:
-        loop.step(batch)
+        last = step(batch)
+    loop.to_float(last)  # an asynchronous framework finishes
     return (time.perf_counter() - started) / len(batches)
 
 
@@ -44,19 +50,22 @@ def main() -> None:
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     batches = [(rng.random((100, 1, 28, 28), np.float32), rng.integers(0, 10, 100)) for _ in range(args.steps)]
-    print("| backend | Sequential s/step | Graph s/step | graph / sequential speed |")
-    print("| --- | ---: | ---: | ---: |")
+    print("| backend | Sequential s/step | Graph s/step | graph / sequential speed | native s/step | graph / native |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    state = ut.init_weights(ut.cnn(), seed=0)
     for backend in args.backends.split(","):
         adapter = ut.get_backend(backend)
         adapter.set_threads(1)
-        sides = {"sequential": ut.cnn(), "graph": layer_by_layer(ut.cnn())}
+        sides = {"sequential": adapter(ut.cnn()), "graph": adapter(layer_by_layer(ut.cnn()))}
+        if backend in FRAMEWORKS:
+            sides["native"] = native_loop(backend, "cnn", state)
         best = dict.fromkeys(sides, float("inf"))
         for _ in range(args.repeats):
-            for side, model in sides.items():
-                best[side] = min(best[side], seconds_per_step(adapter(model), batches))
-        print(
-            f"| {backend} | {best['sequential']:.4f} | {best['graph']:.4f} | {best['sequential'] / best['graph']:.2f} |"
-        )
+            for side, loop in sides.items():
+                best[side] = min(best[side], seconds_per_step(loop, batches))
+        native = f"{best['native']:.4f} | {best['native'] / best['graph']:.2f}" if "native" in best else "— | —"
+        print(f"| {backend} | {best['sequential']:.4f} | {best['graph']:.4f} | "
+              f"{best['sequential'] / best['graph']:.2f} | {native} |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from torch_reference import (
     train_torch,
     twin_tolerance,
 )
-from unitrain.backends.mindspore import MindSporeLoop
+from unitrain.backends.mindspore import MindSporeLoop, _sgd_kernel
 from unitrain.conformance.checks import longest_sum
 from unitrain.conformance.tolerances import tolerance
 
@@ -146,6 +146,26 @@ def test_tutorial_step_equals_step(spec, small):
     for got, want in [(tutorial.state_dict(), whole.state_dict()), (tutorial.gradients(), whole.gradients()),
                       (tutorial.optimizer_state_dict(), whole.optimizer_state_dict())]:  # fmt: skip
         assert_states_equal(got, want)
+    # the whole step returns its gradients rather than storing them: a backward and an update after it
+    # still add to and apply them
+    for loop in (whole, tutorial):
+        loop.backward(loop.loss(loop.forward(x), y))
+        loop.update()
+    for got, want in [(tutorial.gradients(), whole.gradients()), (tutorial.state_dict(), whole.state_dict())]:
+        assert_states_equal(got, want)
+
+
+@pytest.mark.parametrize(
+    ("spec", "fused"),
+    [(ut.SGD(lr=0.1), True), (ut.SGD(lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.01), True),
+     (ut.SGD(lr=0.1, momentum=0.9, nesterov=True), True), (ut.SGD(lr=0.1, momentum=0.9, lr_in_velocity=True), False),
+     (ut.Adam(eps_placement="before_correction"), False), (ut.RMSprop(), False)],
+)  # fmt: skip
+def test_fused_sgd_kernel_only_where_it_computes_the_spec(spec, fused):
+    param = ms.Parameter(ms.Tensor(np.zeros((2, 3), np.float32)))
+    buffers = tuple(ms.Parameter(ms.Tensor(np.zeros((2, 3), np.float32))) for _ in spec.state_names)
+    assert (_sgd_kernel(spec, param, buffers, False, {}) is not None) == fused
+    assert _sgd_kernel(spec, param, buffers, True, {}) is None  # a momentum a schedule cycles
 
 
 def test_gradients_accumulate_until_zero_grad(mnist_train):
