@@ -254,6 +254,14 @@ HOSTILE = {
         lambda r: _mutated(r, '"bce(discriminator(fake), 1.0)"', '"bce(discriminator(fake), 1.0)' + "+1" * 980 + '"'),
         "phases[1].loss: nests 984 deep; expected at most 100",
     ),
+    "noise no memory holds": (  # 8 PB a batch: NumPy's allocation error was a traceback
+        lambda r: _mutated(r, "generator(normal(4))", "generator(normal(1000000000000000))"),
+        "phases: its noise is 1,000,000,000,000,000 values a sample",
+    ),
+    "pictures no memory holds": (
+        lambda r: _mutated(r, "count = 4", "count = 1000000000000000"),
+        "pictures: its noise is 4 values a sample",
+    ),
     "a flag the recipe owns": (lambda r: r, "--lr does not apply to a multi-model recipe"),
 }
 
