@@ -348,7 +348,8 @@ TEARDOWN_WORKER = """
 import atexit, os
 def threads():
     return sorted(open(f"/proc/self/task/{task}/comm").read().strip() for task in os.listdir("/proc/self/task"))
-atexit.register(lambda: print("threads at exit:", threads(), flush=True))  # runs after those registered later
+# one write, whole (both ranks share the pipe); registered first, it runs after those registered later
+atexit.register(lambda: os.write(1, f"threads at exit: {threads()}\\n".encode()))
 from unitrain.backends.torch import TorchLoop
 from unitrain.layers import preset
 loop = TorchLoop(preset("mlp"), distributed=True)  # its optimizer imports torch._dynamo
