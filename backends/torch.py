@@ -286,6 +286,13 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().to("cpu", copy=True).numpy()
 
 
+def _end_process_group() -> None:
+    """At exit, while the interpreter is whole: free the process group, joining its threads (its
+    ranks met last in the job's final collective). A program that destroyed it already is left be."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 class TorchLoop(TrainingLoop):
     name = "torch"
     framework = "torch"
@@ -537,8 +544,17 @@ class TorchLoop(TrainingLoop):
 
     def _setup_distributed(self) -> tuple[int, int]:
         if not dist.is_initialized():
+            # torch.distributed.nn.functional (and FSDP's grad scaler, ZeroRedundancyOptimizer) write
+            # `group.WORLD` into their functions' defaults. torch._dynamo imports them, and the first
+            # torch.optim optimizer imports torch._dynamo: imported after init_process_group, those
+            # defaults held the process group, which destroy_process_group then could not free, and
+            # its gloo threads lived into the interpreter's teardown, where a rank now and then died
+            # of SIGABRT ("terminate called without an active exception") or SIGSEGV after training.
+            # Imported first, the defaults are None.
+            import torch._dynamo  # noqa: F401
+
             dist.init_process_group()  # gloo for CPU tensors, NCCL for CUDA ones where built in
-            atexit.register(dist.destroy_process_group)
+            atexit.register(_end_process_group)
         return dist.get_rank(), dist.get_world_size()
 
     def _reduce_gradients(self, weight: float) -> None:
@@ -553,7 +569,9 @@ class TorchLoop(TrainingLoop):
             param.grad.copy_(reduced.view_as(param))
 
     def _all_sum(self, values: np.ndarray) -> np.ndarray:
-        total = torch.from_numpy(np.array(values, np.float64))
+        # a tensor of torch's own memory: one that shares NumPy's frees it under the GIL, which a
+        # gloo worker thread releasing the finished collective would have to take
+        total = torch.tensor(np.asarray(values, np.float64))
         dist.all_reduce(total)
         return total.numpy()
 

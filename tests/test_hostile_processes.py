@@ -2,7 +2,6 @@
 signals at any instant of start-up. Each ends in one line with exit code 2 (130/143 for signals,
 137 for a killed rank), no process left behind, and nothing of the user's lost."""
 
-import random
 import signal
 import subprocess
 import sys
@@ -10,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from signal_sweep import instants, outcome, signal_run
 from test_distributed import backends_with_engine, descendants, ended, start_long_run, worker
 from test_hostile_runs import TINY_RUN, one_error_line, run_cli
 
@@ -92,20 +92,14 @@ def test_a_signal_at_any_instant_of_start_up_ends_train_in_one_line(tmp_path):
     ``unitrain``) cannot be handled by it, and on a busy machine (other tests beside this one) start-up
     can outlast the earliest instants: such a run is excused, and most runs must come later."""
     failures, excused = [], []
-    for index, signum in enumerate([signal.SIGINT, signal.SIGTERM] * 5):
-        instant = 1.5 * (index + random.Random(index).random()) / 10
-        process = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "unitrain", "train", "--no-progress"],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)  # fmt: skip
-        time.sleep(instant)
-        process.send_signal(signum)
-        _, err = process.communicate(timeout=120)
+    for signum, instant in instants(10):
+        returncode, err = signal_run([sys.executable, "-X", "importtime", "-m", "unitrain", "train", "--no-progress"],
+                                     signum, instant, tmp_path)  # fmt: skip
         imported = [line.rsplit("|", 1)[-1].strip() for line in err.splitlines() if line.startswith("import time:")]
         lines = [line for line in err.splitlines() if line and not line.startswith("import time:")]
-        # once training runs: the stop notice, then where
-        said = [line for line in lines if line.startswith(("unitrain: interrupted", "unitrain: stopping"))]
-        if process.returncode != 128 + signum or not lines or said != lines or "interrupted" not in lines[-1]:
-            outcome = (signum.name, round(instant, 3), process.returncode, lines[-3:])
-            (failures if "unitrain" in imported else excused).append(outcome)
+        if outcome(signum, returncode, lines) != "said":  # once training runs: the stop notice, then where
+            (failures if "unitrain" in imported else excused).append((signum.name, round(instant, 3), returncode,
+                                                                      lines[-3:]))  # fmt: skip
     assert not failures, failures
     assert len(excused) <= 5, f"most signals came before unitrain's code ran: {excused}"
 

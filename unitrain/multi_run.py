@@ -52,6 +52,7 @@ import base64
 import contextlib
 import dataclasses
 import json
+import math
 import signal
 import sys
 from collections.abc import Mapping, Sequence
@@ -63,6 +64,7 @@ import numpy as np
 
 from . import expr, files, steps
 from .data import DataError
+from .layers.containers import physical_memory
 from .reading import Closed, Int, ListOf, MapOf, OneOf, Optional, check_json, short
 from .run import DataSpec, RunError, _check_fields, recipe_values
 from .step_checkpoints import CHECKPOINT_FILE, StepCheckpoints
@@ -303,6 +305,9 @@ class MultiRun:
             raise RunError(str(error)) from None
         pictures = {key: reader.read(text, f"pictures.{key}") for key, text in (self.pictures or {}).items()
                     if key in ("samples", "reconstructions")}  # fmt: skip
+        _check_noise_size(steps.noise_leaves(phase.loss for phase in step.phases), self.batch_size, "phases")
+        count = (self.pictures or {}).get("count", PICTURES)
+        _check_noise_size(steps.noise_leaves(e.node for e in pictures.values()), count, "pictures")
         return step, pictures
 
     def read_losses(self, reader: _Reader) -> list[expr.Expr]:
@@ -369,6 +374,16 @@ def forward_all(roots: Sequence[expr.Expr], loops: Mapping[str, Any], x, noise: 
         else:
             values[node] = np.asarray(expr.NUMPY_OPS[op][0](*arguments, **static), np.float32)
     return values
+
+
+def _check_noise_size(leaves, samples: int, where: str) -> None:
+    """RunError, before anything is drawn, when ``samples`` draws of the noise ``leaves`` would not fit
+    in this machine's memory (NumPy draws them in float64)."""
+    per_sample = sum(math.prod(leaf[3]) for leaf in leaves)
+    needed, memory = 8 * samples * per_sample, physical_memory()
+    if memory is not None and needed > memory:
+        raise RunError(f"{where}: its noise is {per_sample:,} values a sample, {needed / 2**30:,.1f} GiB for "
+                       f"{samples:,} samples; this machine has {memory / 2**30:,.1f} GiB of memory")  # fmt: skip
 
 
 class Pictures:

@@ -221,14 +221,14 @@ def check_buildable(model: Container, itemsize: int = 4) -> None:
             raise ValueError(f"the model has more than {MAX_LAYERS} layers; expected at most {MAX_LAYERS}")
         stack.extend((child, depth + 1) for _, child in container.children if isinstance(child, Container))
     values = sum(math.prod(shape) for shape in model.state_shapes().values())
-    memory = _physical_memory()
+    memory = physical_memory()
     if memory is not None and 2 * values * itemsize > memory:
         raise ValueError(f"the model has {values:,} weights, {values * itemsize / 2**30:,.1f} GiB at {itemsize} bytes "
                          f"each and as much again for their gradients; this machine has {memory / 2**30:,.1f} GiB "
                          "of memory")  # fmt: skip
 
 
-def _physical_memory() -> int | None:
+def physical_memory() -> int | None:
     """This machine's memory in bytes (None where the system does not say)."""
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
