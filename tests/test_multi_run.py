@@ -5,6 +5,7 @@ recipes; a SIGKILL mid-run resumed bit for bit; the refusals, one line each."""
 import json
 import os
 import signal
+import shutil
 import subprocess
 import sys
 
