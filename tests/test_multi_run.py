@@ -4,8 +4,8 @@ recipes; a SIGKILL mid-run resumed bit for bit; the refusals, one line each."""
 
 import json
 import os
-import signal
 import shutil
+import signal
 import subprocess
 import sys
 
