@@ -115,3 +115,25 @@ def test_a_signal_during_an_import_ends_the_command_at_once(signum, tmp_path):
             "with ending_on_signals():\n    import slow_module\nprint('went on')\n")  # fmt: skip
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert (done.returncode, done.stdout, done.stderr) == (128 + signum, "", "unitrain: interrupted\n")
+
+
+def test_a_train_started_with_ctrl_c_ignored_keeps_ignoring_it(tmp_path):
+    """A shell script's background job (``unitrain train &``) starts with SIGINT ignored, so that the
+    Ctrl-C meant for the script leaves it running, as Python leaves it ignored. unitrain installed its
+    handlers over the ignore, at start-up and during training: the Ctrl-C stopped the job too. SIGTERM,
+    not ignored, still stops it in one line."""
+
+    def ctrl_c_ignored():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    process = start("train", "--no-progress", "--epochs", "1", cwd=tmp_path, preexec_fn=ctrl_c_ignored)
+    assert process.stdout.readline().startswith("unitrain: backend numpy")
+    time.sleep(0.5)  # into the epoch (stop_on_signals' handlers)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    assert process.poll() is None, process.communicate()[1]
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    assert "Traceback" not in stderr and "resume with: unitrain train --resume" in stderr

@@ -79,6 +79,7 @@ from .reading import (
     short_list,
 )
 from .run import Run, RunError
+from .signals import STOP_SIGNALS, handled
 from .weights import Declared, State, WeightsError, check_state, load_safetensors, save_safetensors
 
 FORMAT, FORMAT_VERSION = "unitrain-checkpoint", 1
@@ -748,11 +749,6 @@ class Checkpointer:
 _FLAT_RUN_FIELDS = ("model", "loss", "batch_size", "epochs", "max_steps", "shuffle", "lr_schedule", "clip_grad_norm",
                     "clip_grad_value")  # fmt: skip
 
-#: SIGTERM too: a cluster's preemption notice, and what MindSpore turns Ctrl-C into (its own SIGINT
-#: handler, installed at every graph run, kills the process with SIGTERM); SIGUSR1: how
-#: ``unitrain train --nproc`` stops the ranks of an mpiexec job (mpiexec forwards only that one)
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
-
 
 @contextmanager
 def stop_on_signals(checkpointer: Checkpointer, notice=None):
@@ -763,12 +759,13 @@ def stop_on_signals(checkpointer: Checkpointer, notice=None):
     def handler(signum, frame):
         checkpointer.stop_requested = True
         checkpointer.stop_signal = signum
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for stop, abort in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+            if stop in previous:
+                signal.signal(stop, abort)
         if notice is not None:
             notice()
 
-    previous = {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
+    previous = {signum: signal.signal(signum, handler) for signum in handled(STOP_SIGNALS)}
     try:
         yield checkpointer
     finally:

@@ -17,7 +17,9 @@ import _signal as signal
 import os
 import sys
 
-#: the signals that end a command: Ctrl-C, SIGTERM, and SIGUSR1 (how ``--nproc`` stops mpiexec's ranks)
+#: the signals that end a command: Ctrl-C; SIGTERM, a cluster's preemption notice and what MindSpore turns
+#: Ctrl-C into (its own SIGINT handler, installed at every graph run, kills the process with SIGTERM); and
+#: SIGUSR1, how ``unitrain train --nproc`` stops the ranks of an mpiexec job (mpiexec forwards only that one)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
@@ -34,9 +36,16 @@ def _exit_now(signum, frame):
     os._exit(128 + (signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM))
 
 
+def handled(signals=STOP_SIGNALS) -> tuple:
+    """Those of ``signals`` this process does not ignore. A program started with a signal ignored keeps
+    ignoring it, as Python itself does: a shell script's background job (``unitrain train &``) is
+    started with SIGINT ignored, so that the Ctrl-C meant for the script does not stop the job too."""
+    return tuple(signum for signum in signals if signal.getsignal(signum) != signal.SIG_IGN)
+
+
 def exit_at_once() -> None:
     """From now on, until :func:`ending_on_signals`, a stop signal ends the process at once."""
-    for signum in STOP_SIGNALS:
+    for signum in handled():
         signal.signal(signum, _exit_now)
 
 
@@ -67,7 +76,7 @@ class _EndingOnSignals:
     def __enter__(self) -> None:
         self.previous = {}
         try:
-            for signum in STOP_SIGNALS:
+            for signum in handled():
                 self.previous[signum] = signal.signal(signum, _raise_interrupt)
         except BaseException:
             self._restore()
