@@ -7,6 +7,8 @@ respect to the weights of the phase's optimizer inside one ``mindspore.jit`` gra
 the gradients into the loops' buffers; each loop's own compiled ``update`` then steps its
 optimizer. This is how MindSpore's DCGAN tutorial writes its step (a loss Cell per phase,
 ``value_and_grad`` of it in graph mode), with the noise and masks as inputs drawn by the loop.
+Data parallel (under ``msrun``), each phase's gradients are summed over the ranks, times the
+rank's share, by the loops' ``AllReduce`` in the same graph, before the phase's update.
 
 Graph mode compiles ``construct`` from its source and cannot walk an expression tree, so the
 phase's nodes become one Cell each at construction (as :mod:`.mindspore_graph` does for a graph):
@@ -119,8 +121,6 @@ class _PhaseLoss(nn.Cell):
 class Evaluator(PhaseEvaluator):
     def __init__(self, step, loops):
         super().__init__(step, loops)
-        if any(loop.world_size > 1 for loop in loops.values()):
-            raise ValueError("a multi-model step on MindSpore runs in one process (no data parallel yet)")
         for name, loop in loops.items():  # one graph holds Parameters of several loops: their names must differ
             optimizer_buffers = [buffer for state in loop._opt_state for buffer in state.values()]
             for param in (*loop._params.values(), *loop._grads, *optimizer_buffers):
@@ -155,7 +155,8 @@ class Evaluator(PhaseEvaluator):
                 [buffer for name in repeated for buffer in self.loops[name]._buffers],
                 [loop._fn.update_in_graph for loop in updated],
             ))  # fmt: skip
-        step = _train_step(phases)
+        first = next(iter(self.loops.values()))
+        step = _train_step(phases, first._allreduce if first.world_size > 1 else None)
         return ms.jit(step) if all(loop.compiled for loop in self.loops.values()) else step
 
     def _phase_cell(self, order, mask_positions: dict) -> _PhaseLoss:
@@ -193,7 +194,7 @@ class Evaluator(PhaseEvaluator):
             positions.append({node: drawn[node] for node in calls if node in drawn})
         return masks, positions
 
-    def run(self, x, noise):
+    def run(self, x, noise, weights=None):
         batch = ms.mutable(tuple(map(Tensor.from_numpy, x))) if isinstance(x, tuple) else Tensor.from_numpy(x)
         inputs = ms.mutable((batch, *(Tensor.from_numpy(noise[leaf]) for leaf in self.step.noise)))
         masks, positions = self._masks(x, noise)
@@ -208,27 +209,32 @@ class Evaluator(PhaseEvaluator):
                 flags.append(first)
                 ahead[name] += 1
         # mutable: tensors in a plain tuple would be constants of the graph, compiled again at every step
+        # data parallel: each phase's share, by which its gradients are weighted in the sum over the ranks
+        shares = () if weights is None else ms.mutable(tuple(Tensor(weight, ms.float32) for weight in weights))
         losses = self._step(inputs, ms.mutable(tuple(masks)) if masks else (), ms.mutable(tuple(tensors)),
-                            tuple(flags))  # fmt: skip
+                            tuple(flags), shares)  # fmt: skip
         for name, count in ahead.items():
             self.loops[name].step_count += count
             self.loops[name]._opt_ready |= count > 0
         return [float(value) for value in ops.stack(losses).asnumpy()]
 
 
-def _train_step(phases):
-    """The whole step as one function of the inputs, the masks and the optimizers' step numbers,
-    lrs and momenta (``tensors``, three per update) and first-step flags: per phase, the loss
-    and its gradients (``value_and_grad``), the repeated models' statistics put back, the
-    gradients into their buffers and each updated loop's own update. (MindSpore's graph syntax
-    has no ``zip(strict=)``.)"""
+def _train_step(phases, allreduce):
+    """The whole step as one function of the inputs, the masks, the optimizers' step numbers,
+    lrs and momenta (``tensors``, three per update), first-step flags and, data parallel, each
+    phase's share (``shares``): per phase, the loss and its gradients (``value_and_grad``), summed
+    over the ranks times the share by ``allreduce`` (None in one process), the repeated models'
+    statistics put back, the gradients into their buffers and each updated loop's own update.
+    (MindSpore's graph syntax has no ``zip(strict=)``.)"""
 
-    def train_step(inputs, masks, tensors, flags):
+    def train_step(inputs, masks, tensors, flags, shares):
         losses = ()
         update = 0
-        for value_and_grad, grads, restored, updates in phases:
+        for index, (value_and_grad, grads, restored, updates) in enumerate(phases):
             saved = [buffer + 0 for buffer in restored]
             value, gradients = value_and_grad(inputs, masks)
+            if allreduce is not None:  # before the update, which reads the buffers
+                gradients = [allreduce(gradient * shares[index]) for gradient in gradients]
             for buffer, kept in zip(restored, saved):  # noqa: B905
                 ops.assign(buffer, kept)
             for buffer, gradient in zip(grads, gradients):  # noqa: B905

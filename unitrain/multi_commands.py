@@ -92,7 +92,7 @@ def _launch(job: MultiJob, args, spec) -> int:
             steps.MultiModelLoop._weighting(phase)
         except ValueError as error:
             raise RunError(str(error)) from None
-    if steps.evaluator_of(registry.get_backend(spec.name)).run is not steps.PhaseEvaluator.run:
+    if not steps.runs_data_parallel(steps.evaluator_of(registry.get_backend(spec.name))):
         raise RunError(f"--nproc: the {spec.name} backend runs a multi-model step in one process only")
     distributed.check_engine(spec.name, spec.launcher)
     if args.master_port is not None:

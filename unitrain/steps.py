@@ -426,6 +426,14 @@ def evaluator_of(adapter: type) -> type[PhaseEvaluator]:
     raise ValueError(f"the {adapter.name} adapter declares 'multi-model' but names no multi_model_evaluator")
 
 
+def runs_data_parallel(evaluator: type[PhaseEvaluator]) -> bool:
+    """Whether ``evaluator``'s ``run`` takes each phase's share of the global batch (``weights``),
+    by which data parallel sums the gradients over the ranks (every built-in evaluator does)."""
+    import inspect
+
+    return "weights" in inspect.signature(evaluator.run).parameters
+
+
 class PhaseEvaluator:
     """Runs the phases of a step on one backend. The order of the work, the cache of values
     and the rule that makes them stale are here, once; a backend says how to compute one node
@@ -559,7 +567,7 @@ class MultiModelLoop:
         self.noise = NoiseStream(seed)
         self.step_count = 0
         self._evaluator = evaluator_of(adapter)(step, self.loops)
-        if self.world_size > 1 and type(self._evaluator).run is not PhaseEvaluator.run:
+        if self.world_size > 1 and not runs_data_parallel(type(self._evaluator)):
             raise ValueError(f"the {adapter.name} backend runs a multi-model step in one process only")
 
     @staticmethod
