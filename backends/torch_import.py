@@ -447,9 +447,9 @@ class _Importer:
                         raise ValueError("the module returns something other than tensors; return a tensor or a "
                                          "tuple of them")  # fmt: skip
                     return inputs, outputs
-                elif node.op == "get_attr":  # a Linear's weight, for F.linear (a tied decoder), a mask, or refused
+                elif node.op == "get_attr":  # a Linear's weight (F.linear: a tied decoder), a constant, or refused
                     value = self.values[node]
-                    env[node] = constant(node, None, (), {}, value) or torch_import_ties.weight_of(
+                    env[node] = constant(node, None, (), {}, value, self.root) or torch_import_ties.weight_of(
                         node, value, self.root)  # fmt: skip
                 elif node.op == "call_module":
                     env[node] = self.call_module(node, args, kwargs)

@@ -115,22 +115,33 @@ class ConstantTensor:
 
 #: what builds a mask: torch functions, and tensor methods and operators by name
 _BUILDERS = (torch.full, torch.ones, torch.zeros, torch.triu, torch.tril, torch.logical_not)
+_NEW = ("new_zeros", "new_ones", "new_full")  # a tensor's methods that read only its dtype and device
 _BUILDING = {"triu", "tril", "bool", "float", "to", "masked_fill", "logical_not", "ne", "eq", "invert", "mul", "add",
-             "neg"}  # fmt: skip
+             "neg", *_NEW}  # fmt: skip
 
 
-def constant(node, name, args: tuple, kwargs: dict, value) -> ConstantTensor | None:
+def constant(node, name, args: tuple, kwargs: dict, value, root: nn.Module | None = None) -> ConstantTensor | None:
     """A :class:`ConstantTensor` when ``node`` (``name``: the method's or operator's) builds a tensor from
     constants alone (``args``, ``kwargs``: their values in the graph, ``value``: the example's), else None.
-    fx keeps a tensor computed outside the trace as a ``get_attr`` of ``_tensor_constant<k>``."""
+    fx keeps a tensor computed outside the trace as a ``get_attr`` of ``_tensor_constant<k>``, and a tensor
+    held in a plain attribute of ``root`` (``self.hidden = torch.zeros(...)``, neither weight nor buffer)
+    as a ``get_attr`` of its name."""
     if node.op == "get_attr":
-        return ConstantTensor(value) if node.target.startswith("_tensor_constant") and torch.is_tensor(value) else None
+        held = node.target.startswith("_tensor_constant") or (root is not None and _plain_attribute(root, node.target))
+        return ConstantTensor(value) if held and torch.is_tensor(value) else None
     if not torch.is_tensor(value) or not (node.target in _BUILDERS or name in _BUILDING):
         return None
-    leaves = []
-    fx.node.map_aggregate((args, kwargs), leaves.append)
+    leaves = []  # x.new_zeros(shape) reads only x's dtype and device
+    fx.node.map_aggregate((args[1:] if name in _NEW else args, kwargs), leaves.append)
     plain = (ConstantTensor, int, float, bool, str, torch.dtype, torch.device, type(None))
     return ConstantTensor(value) if all(isinstance(leaf, plain) for leaf in leaves) else None
+
+
+def _plain_attribute(root: nn.Module, target: str) -> bool:
+    """Whether ``target`` names a tensor attribute of ``root`` that is neither a parameter nor a buffer."""
+    held = {name for name, _ in root.named_parameters(remove_duplicate=False)}
+    held.update(name for name, _ in root.named_buffers(remove_duplicate=False))
+    return target not in held
 
 
 def _causal(mask: ConstantTensor, length: int) -> bool:
