@@ -114,7 +114,7 @@ class ConstantTensor:
 
 
 #: what builds a mask: torch functions, and tensor methods and operators by name
-_BUILDERS = (torch.full, torch.ones, torch.zeros, torch.triu, torch.tril, torch.logical_not)
+_BUILDERS = (torch.full, torch.ones, torch.zeros, torch.zeros_like, torch.triu, torch.tril, torch.logical_not)
 _NEW = ("new_zeros", "new_ones", "new_full")  # a tensor's methods that read only its dtype and device
 _BUILDING = {"triu", "tril", "bool", "float", "to", "masked_fill", "logical_not", "ne", "eq", "invert", "mul", "add",
              "neg", *_NEW}  # fmt: skip

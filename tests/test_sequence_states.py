@@ -239,6 +239,7 @@ class BiRNN(nn.Module):
         shape = (self.num_layers * 2, x.size(0), self.hidden_size)
         states = {"zeros": lambda: (torch.zeros(*shape).to(torch.device("cpu")), torch.zeros(*shape)),
                   "device": lambda: (torch.zeros(*shape, device=x.device), x.new_zeros(shape)),
+                  "like": lambda: (torch.zeros_like(h0 := torch.zeros(*shape, dtype=x.dtype)), h0),
                   "ones": lambda: (torch.ones(*shape), torch.zeros(*shape)),
                   "mixed": lambda: (torch.zeros(*shape), self.lstm(x)[1][1]),
                   "attribute": lambda: self.hidden}  # fmt: skip
@@ -253,7 +254,7 @@ def test_from_torch_takes_zeros_built_in_forward_as_the_layers_default():
     x = torch.zeros(2, LENGTH, EMBEDDING)
     plain = ut.from_torch(BiRNN(), x)
     assert "initial_states" not in str(plain)
-    for initial in ("zeros", "device"):
+    for initial in ("zeros", "device", "like"):
         torch.manual_seed(0)
         module = BiRNN(initial)
         torch.manual_seed(0)
