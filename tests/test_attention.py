@@ -43,10 +43,11 @@ STEPS, BATCH = 20, 4
 
 def model_spec(norm_first=True, activation="gelu", num_layers=1, causal=False, dropout=0.0, per_head=False) -> Graph:
     """Positional encoding -> encoder (with a final LayerNorm) -> causal self-attention -> mean -> Linear;
-    the padding mask reaches every attention, the attention mask ``(S, S)`` (``per_head``: ``(HEADS, S,
-    S)``) every encoder layer."""
+    the padding mask reaches every attention, the attention mask ``(S, S)`` every encoder layer. With
+    ``per_head`` the encoder's is ``(HEADS, S, S)``, and the self-attention takes an ``(S, S)`` one."""
     mask = Input((HEADS, S, S) if per_head else (S, S), "mask")
     x, padding = Input((S, E), "x"), Input((S,), "padding")
+    attention_masks = [Input((S, S), "attention_mask")] if per_head else []
     layer = ut.TransformerEncoderLayer(E, HEADS, FEEDFORWARD, dropout, activation=activation, batch_first=True,
                                        norm_first=norm_first, causal=causal, seq_len=S, padding_mask=True,
                                        src_mask=True, per_head_mask=per_head)  # fmt: skip
@@ -57,8 +58,8 @@ def model_spec(norm_first=True, activation="gelu", num_layers=1, causal=False, d
         "head": ut.Linear(E, CLASSES),
     }
     h = modules["enc"](modules["pos"](x), padding, mask)
-    h = modules["attn"](h, h, h, padding)
-    return Graph([x, padding, mask], modules["head"](h.mean(dim=1)), modules)
+    h = modules["attn"](h, h, h, padding, *attention_masks)
+    return Graph([x, padding, mask, *attention_masks], modules["head"](h.mean(dim=1)), modules)
 
 
 class TutorialPositionalEncoding(nn.Module):
@@ -91,19 +92,21 @@ class Twin(nn.Module):
         self.attn = nn.MultiheadAttention(E, HEADS, dropout=dropout, batch_first=True)
         self.head = nn.Linear(E, CLASSES)
 
-    def forward(self, x, padding, mask):
+    def forward(self, x, padding, mask, *attention_mask):
         padding = padding != 0
         causal = torch.ones(S, S, dtype=torch.bool).triu(1)
         # one (S, S) mask per sample, or per sample and head: PyTorch's (N * H, S, S)
         mask = (mask != 0).flatten(0, 1) if self.per_head else (mask != 0).repeat_interleave(HEADS, 0)
         h = self.enc(self.pos(x), mask=mask | causal if self.causal else mask, src_key_padding_mask=padding)
+        if attention_mask:
+            causal = causal | (attention_mask[0] != 0).repeat_interleave(HEADS, 0)
         h = self.attn(h, h, h, key_padding_mask=padding, attn_mask=causal, need_weights=False)[0]
         return self.head(h.mean(1))
 
 
 def _batches(per_head=False):
     """Sequences padded at their ends (lengths 2..5) and attention masks masking (query, key) pairs at random
-    (``per_head``: for each head), never key 0, so no query loses every key."""
+    (``per_head``: for each head, then another per sample), never key 0, so no query loses every key."""
     rng = np.random.default_rng(SEED)
     batches = []
     for _ in range(STEPS):
@@ -111,8 +114,10 @@ def _batches(per_head=False):
         lengths = rng.integers(2, S + 1, BATCH)
         padding = (np.arange(S) >= lengths[:, None]).astype(np.float32)
         mask = rng.random((BATCH, HEADS, S, S) if per_head else (BATCH, S, S)) < 0.3
-        mask[..., 0] = False
-        batches.append(((x, padding, mask.astype(np.float32)), rng.integers(0, CLASSES, BATCH)))
+        masks = (mask, *([rng.random((BATCH, S, S)) < 0.3] if per_head else []))
+        for each in masks:
+            each[..., 0] = False
+        batches.append(((x, padding, *(each.astype(np.float32) for each in masks)), rng.integers(0, CLASSES, BATCH)))
     return batches
 
 
