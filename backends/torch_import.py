@@ -33,7 +33,7 @@ from unitrain import layers, ops, sequences
 from unitrain.graph import Graph, Input
 from unitrain.ops import Tensor
 
-from . import torch_graph, torch_import_ties
+from . import torch_graph, torch_import_attention, torch_import_ties
 from .torch import _module as torch_module
 from .torch_import_attention import CALLED, called_spec, constant, mask_operation, positional_encoding, same_as_spec
 from .torch_import_states import fx_states_call, recurrent_call
@@ -344,7 +344,7 @@ _OPERATIONS = {
     "concat": lambda n, a, k: ops.cat(*_bind(a, k, "tensors dim=0")),
     "concatenate": lambda n, a, k: ops.cat(*_bind(a, k, "tensors dim=0")),
     "stack": lambda n, a, k: ops.stack(*_bind(a, k, "tensors dim=0")),
-    "flatten": _flatten, "permute": lambda n, a, k: ops.permute(a[0], *(a[1:] or [k["dims"]])),
+    "permute": lambda n, a, k: ops.permute(a[0], *(a[1:] or [k["dims"]])),
     "transpose": lambda n, a, k: ops.transpose(*_bind(a, k, "input dim0 dim1")),
     "split": lambda n, a, k: ops.split(*_bind(a, k, "tensor split_size_or_sections dim=0")),
     "chunk": lambda n, a, k: ops.chunk(*_bind(a, k, "input chunks dim=0")),
@@ -359,7 +359,7 @@ _OPERATIONS = {
     "softmax": _activation("softmax", "input dim=None", "dim"),
     "log_softmax": _activation("log_softmax", "input dim=None", "dim"),
     "pad": _pad, "clamp": _clamp, "clamp_min": lambda n, a, k: _clamp(n, (a[0], a[1]), {}),
-    "contiguous": lambda n, a, k: a[0],
+    "contiguous": lambda n, a, k: a[0], "flatten": torch_import_attention.per_head_flatten(_flatten),
 }  # fmt: skip
 #: the reshaping ones read the example's shapes
 _SHAPED = {"view": _view, "reshape": _view, "squeeze": _view, "unsqueeze": _view, "getitem": _index}
@@ -447,9 +447,9 @@ class _Importer:
                         raise ValueError("the module returns something other than tensors; return a tensor or a "
                                          "tuple of them")  # fmt: skip
                     return inputs, outputs
-                elif node.op == "get_attr":  # a Linear's weight, for F.linear (a tied decoder), a mask, or refused
+                elif node.op == "get_attr":  # a Linear's weight (F.linear: a tied decoder), a constant, or refused
                     value = self.values[node]
-                    env[node] = constant(node, None, (), {}, value) or torch_import_ties.weight_of(
+                    env[node] = constant(node, None, (), {}, value, self.root) or torch_import_ties.weight_of(
                         node, value, self.root)  # fmt: skip
                 elif node.op == "call_module":
                     env[node] = self.call_module(node, args, kwargs)

@@ -10,7 +10,8 @@ float or integer argument turned boolean in ``forward`` with ``mask.bool()`` or 
 the unitrain graph input itself (its non-zero entries mask); a float forward argument is added to
 the scores (the spec's ``additive_masks``, which both masks of one call share). An attention mask
 (``attn_mask`` / ``src_mask`` / ``mask``) is a graph input of per-sample ``(L, S)`` that ``forward``
-repeats for PyTorch's ``(N * num_heads, L, S)``: ``mask.repeat_interleave(num_heads, 0)``. An
+repeats for PyTorch's ``(N * num_heads, L, S)``: ``mask.repeat_interleave(num_heads, 0)``, or one of
+per-sample ``(num_heads, L, S)``, one mask per head, that ``forward`` flattens: ``mask.flatten(0, 1)``. An
 ``(L, S)`` mask made in ``forward`` has no batch axis to become a graph input: the causal one (checked
 on the example) is the spec's ``causal`` flag, any other is refused.
 """
@@ -18,6 +19,7 @@ on the example) is the spec's ``causal`` flag, any other is refused.
 from __future__ import annotations
 
 import dataclasses
+import operator
 
 import numpy as np
 import torch
@@ -40,9 +42,9 @@ _SIGNATURES = {
 
 
 class Mask:
-    """A graph tensor made boolean in ``forward`` (``padding.bool()``, ``padding != 0``) or repeated per
-    head (``mask.repeat_interleave(num_heads, 0)``, ``heads``): usable only as an attention layer's mask,
-    where the graph input itself is the mask."""
+    """A graph tensor made boolean in ``forward`` (``padding.bool()``, ``padding != 0``) or laid out per
+    head (``heads``: ``mask.repeat_interleave(num_heads, 0)``, or ``mask.flatten(0, 1)`` of one mask per
+    head): usable only as an attention layer's mask, where the graph input itself is the mask."""
 
     def __init__(self, tensor: Tensor, heads: int | None = None):
         self.tensor, self.heads = tensor, heads
@@ -63,6 +65,40 @@ def mask_operation(name: str, args: tuple, values: tuple[tuple, dict]) -> Mask:
     if not isinstance(tensor, Tensor) or not zero:
         raise ValueError("only a graph tensor compared with != 0 (or .bool()) is supported, as a mask")
     return Mask(tensor, heads)
+
+
+def per_head_flatten(flatten):
+    """``flatten`` (from_torch's), that reads ``mask.flatten(0, 1)`` of a graph tensor of per-sample
+    ``(H, L, S)`` (or of a mask made from one), passed only as attention masks by keyword, as PyTorch's
+    ``(N * H, L, S)`` attention mask: a :class:`Mask` of ``H`` heads. Any other flatten is ``flatten``'s
+    (which refuses mixing samples)."""
+
+    def call(node, args, kwargs):
+        source = args[0].tensor if isinstance(args[0], Mask) else args[0]
+        start = args[1] if len(args) > 1 else kwargs.get("start_dim", 0)
+        end = args[2] if len(args) > 2 else kwargs.get("end_dim", -1)
+        heads = isinstance(source, Tensor) and len(source.sample_shape) == 3 and (start, end) == (0, 1)
+        if heads and not (isinstance(args[0], Mask) and args[0].heads is not None) and _only_attention_mask(node):
+            return Mask(source, source.sample_shape[0])
+        return flatten(node, args, kwargs)
+
+    return call
+
+
+def _only_attention_mask(node) -> bool:
+    """Whether ``node`` is used (itself or as ``!= 0`` / ``.bool()`` of it) only as a module call's
+    ``mask``, ``src_mask`` or ``attn_mask`` keyword argument."""
+    for user in node.users:
+        if user.op == "call_module":
+            keywords = [key for key, value in user.kwargs.items() if value is node]
+            if node in user.args or not keywords or any(key not in _MASK_KEYWORDS for key in keywords):
+                return False
+        elif user.target not in ("bool", "ne", operator.ne, torch.ne) or not _only_attention_mask(user):
+            return False
+    return bool(node.users)
+
+
+_MASK_KEYWORDS = ("mask", "src_mask", "attn_mask")
 
 
 def _layer_norm(module: nn.LayerNorm, path: str) -> layers.LayerNorm:
@@ -95,6 +131,7 @@ def _encoder_layer(module: nn.TransformerEncoderLayer, path: str, seq_len: int, 
         attention.embed_dim, attention.num_heads, module.linear1.out_features, module.dropout.p, activation,
         norm.eps, attention.batch_first, module.norm_first, module.linear1.bias is not None, seq_len=seq_len,
         causal=causal, padding_mask="padding" in masks, additive_masks=additive, src_mask="attention" in masks,
+        per_head_mask="attention" in masks and len(masks["attention"].sample_shape) == 3,
     )  # fmt: skip
 
 
@@ -114,23 +151,34 @@ class ConstantTensor:
 
 
 #: what builds a mask: torch functions, and tensor methods and operators by name
-_BUILDERS = (torch.full, torch.ones, torch.zeros, torch.triu, torch.tril, torch.logical_not)
+_BUILDERS = (torch.full, torch.ones, torch.zeros, torch.zeros_like, torch.triu, torch.tril, torch.logical_not)
+_NEW = ("new_zeros", "new_ones", "new_full")  # a tensor's methods that read only its dtype and device
 _BUILDING = {"triu", "tril", "bool", "float", "to", "masked_fill", "logical_not", "ne", "eq", "invert", "mul", "add",
-             "neg"}  # fmt: skip
+             "neg", *_NEW}  # fmt: skip
 
 
-def constant(node, name, args: tuple, kwargs: dict, value) -> ConstantTensor | None:
+def constant(node, name, args: tuple, kwargs: dict, value, root: nn.Module | None = None) -> ConstantTensor | None:
     """A :class:`ConstantTensor` when ``node`` (``name``: the method's or operator's) builds a tensor from
     constants alone (``args``, ``kwargs``: their values in the graph, ``value``: the example's), else None.
-    fx keeps a tensor computed outside the trace as a ``get_attr`` of ``_tensor_constant<k>``."""
+    fx keeps a tensor computed outside the trace as a ``get_attr`` of ``_tensor_constant<k>``, and a tensor
+    held in a plain attribute of ``root`` (``self.hidden = torch.zeros(...)``, neither weight nor buffer)
+    as a ``get_attr`` of its name."""
     if node.op == "get_attr":
-        return ConstantTensor(value) if node.target.startswith("_tensor_constant") and torch.is_tensor(value) else None
+        held = node.target.startswith("_tensor_constant") or (root is not None and _plain_attribute(root, node.target))
+        return ConstantTensor(value) if held and torch.is_tensor(value) else None
     if not torch.is_tensor(value) or not (node.target in _BUILDERS or name in _BUILDING):
         return None
-    leaves = []
-    fx.node.map_aggregate((args, kwargs), leaves.append)
+    leaves = []  # x.new_zeros(shape) reads only x's dtype and device
+    fx.node.map_aggregate((args[1:] if name in _NEW else args, kwargs), leaves.append)
     plain = (ConstantTensor, int, float, bool, str, torch.dtype, torch.device, type(None))
     return ConstantTensor(value) if all(isinstance(leaf, plain) for leaf in leaves) else None
+
+
+def _plain_attribute(root: nn.Module, target: str) -> bool:
+    """Whether ``target`` names a tensor attribute of ``root`` that is neither a parameter nor a buffer."""
+    held = {name for name, _ in root.named_parameters(remove_duplicate=False)}
+    held.update(name for name, _ in root.named_buffers(remove_duplicate=False))
+    return target not in held
 
 
 def _causal(mask: ConstantTensor, length: int) -> bool:
@@ -159,8 +207,9 @@ def _graph_mask(module, path: str, name: str, mask, example) -> tuple[Tensor, bo
         raise ValueError(f"calls {path} with a {name} repeated per head; it has one entry per key")
     if not name.endswith("padding_mask") and not (repeated and mask.heads == heads):
         raise ValueError(f"calls {path} with a {name} that is not a graph input repeated per head "
-                         f"(mask.repeat_interleave({heads}, 0) of an (N, L, S) input); unitrain's attention "
-                         "masks are graph inputs (a causal mask: the spec's causal=True)")  # fmt: skip
+                         f"(mask.repeat_interleave({heads}, 0) of an (N, L, S) input) or one per head "
+                         f"(mask.flatten(0, 1) of an (N, {heads}, L, S) input); unitrain's attention masks are "
+                         "graph inputs (a causal mask: the spec's causal=True)")  # fmt: skip
     if not isinstance(mask, (Mask, Tensor)):
         raise ValueError(f"calls {path} with a {name} that is not a graph input or made from one")
     return (mask.tensor if isinstance(mask, Mask) else mask), example.dtype != torch.bool

@@ -41,13 +41,16 @@ E, S, HEADS, FEEDFORWARD, CLASSES = 8, 5, 2, 16, 3
 STEPS, BATCH = 20, 4
 
 
-def model_spec(norm_first=True, activation="gelu", num_layers=1, causal=False, dropout=0.0) -> Graph:
+def model_spec(norm_first=True, activation="gelu", num_layers=1, causal=False, dropout=0.0, per_head=False) -> Graph:
     """Positional encoding -> encoder (with a final LayerNorm) -> causal self-attention -> mean -> Linear;
-    the padding mask reaches every attention, the attention mask ``(S, S)`` every encoder layer."""
-    x, padding, mask = Input((S, E), "x"), Input((S,), "padding"), Input((S, S), "mask")
+    the padding mask reaches every attention, the attention mask ``(S, S)`` every encoder layer. With
+    ``per_head`` the encoder's is ``(HEADS, S, S)``, and the self-attention takes an ``(S, S)`` one."""
+    mask = Input((HEADS, S, S) if per_head else (S, S), "mask")
+    x, padding = Input((S, E), "x"), Input((S,), "padding")
+    attention_masks = [Input((S, S), "attention_mask")] if per_head else []
     layer = ut.TransformerEncoderLayer(E, HEADS, FEEDFORWARD, dropout, activation=activation, batch_first=True,
                                        norm_first=norm_first, causal=causal, seq_len=S, padding_mask=True,
-                                       src_mask=True)  # fmt: skip
+                                       src_mask=True, per_head_mask=per_head)  # fmt: skip
     modules = {
         "pos": ut.PositionalEncoding(E, max_len=S, batch_first=True),
         "enc": ut.TransformerEncoder(layer, num_layers, ut.LayerNorm(E)),
@@ -55,8 +58,8 @@ def model_spec(norm_first=True, activation="gelu", num_layers=1, causal=False, d
         "head": ut.Linear(E, CLASSES),
     }
     h = modules["enc"](modules["pos"](x), padding, mask)
-    h = modules["attn"](h, h, h, padding)
-    return Graph([x, padding, mask], modules["head"](h.mean(dim=1)), modules)
+    h = modules["attn"](h, h, h, padding, *attention_masks)
+    return Graph([x, padding, mask, *attention_masks], modules["head"](h.mean(dim=1)), modules)
 
 
 class TutorialPositionalEncoding(nn.Module):
@@ -79,9 +82,9 @@ class TutorialPositionalEncoding(nn.Module):
 class Twin(nn.Module):
     """``model_spec`` written with torch.nn's own modules."""
 
-    def __init__(self, norm_first=True, activation="gelu", num_layers=1, causal=False, dropout=0.0):
+    def __init__(self, norm_first=True, activation="gelu", num_layers=1, causal=False, dropout=0.0, per_head=False):
         super().__init__()
-        self.causal = causal
+        self.causal, self.per_head = causal, per_head
         self.pos = TutorialPositionalEncoding(E, max_len=S)
         layer = nn.TransformerEncoderLayer(E, HEADS, FEEDFORWARD, dropout=dropout, activation=activation,
                                            batch_first=True, norm_first=norm_first)  # fmt: skip
@@ -89,27 +92,32 @@ class Twin(nn.Module):
         self.attn = nn.MultiheadAttention(E, HEADS, dropout=dropout, batch_first=True)
         self.head = nn.Linear(E, CLASSES)
 
-    def forward(self, x, padding, mask):
+    def forward(self, x, padding, mask, *attention_mask):
         padding = padding != 0
         causal = torch.ones(S, S, dtype=torch.bool).triu(1)
-        mask = (mask != 0).repeat_interleave(HEADS, 0)  # one (S, S) mask per sample: PyTorch's (N * H, S, S)
+        # one (S, S) mask per sample, or per sample and head: PyTorch's (N * H, S, S)
+        mask = (mask != 0).flatten(0, 1) if self.per_head else (mask != 0).repeat_interleave(HEADS, 0)
         h = self.enc(self.pos(x), mask=mask | causal if self.causal else mask, src_key_padding_mask=padding)
+        if attention_mask:
+            causal = causal | (attention_mask[0] != 0).repeat_interleave(HEADS, 0)
         h = self.attn(h, h, h, key_padding_mask=padding, attn_mask=causal, need_weights=False)[0]
         return self.head(h.mean(1))
 
 
-def _batches():
-    """Sequences padded at their ends (lengths 2..5) and attention masks masking (query, key) pairs at random,
-    never key 0, so no query loses every key."""
+def _batches(per_head=False):
+    """Sequences padded at their ends (lengths 2..5) and attention masks masking (query, key) pairs at random
+    (``per_head``: for each head, then another per sample), never key 0, so no query loses every key."""
     rng = np.random.default_rng(SEED)
     batches = []
     for _ in range(STEPS):
         x = rng.standard_normal((BATCH, S, E)).astype(np.float32)
         lengths = rng.integers(2, S + 1, BATCH)
         padding = (np.arange(S) >= lengths[:, None]).astype(np.float32)
-        mask = rng.random((BATCH, S, S)) < 0.3
-        mask[..., 0] = False
-        batches.append(((x, padding, mask.astype(np.float32)), rng.integers(0, CLASSES, BATCH)))
+        mask = rng.random((BATCH, HEADS, S, S) if per_head else (BATCH, S, S)) < 0.3
+        masks = (mask, *([rng.random((BATCH, S, S)) < 0.3] if per_head else []))
+        for each in masks:
+            each[..., 0] = False
+        batches.append(((x, padding, *(each.astype(np.float32) for each in masks)), rng.integers(0, CLASSES, BATCH)))
     return batches
 
 
@@ -171,13 +179,14 @@ SGD_OF = lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, foreach=Fa
 @pytest.fixture(scope="module")
 def dropout_case():
     """The case with dropout: ``Twin`` trained with the loops' masks (drawn in float32, and in float64 for
-    the float64 runs, which draw other numbers), and with PyTorch's own masks from the torch loop's seed."""
-    spec, batches = model_spec(dropout=P), _batches()
+    the float64 runs, which draw other numbers), and with PyTorch's own masks from the torch loop's seed.
+    Its encoder takes a mask per head (``per_head_mask``), the other case's one per sample."""
+    spec, batches = model_spec(dropout=P, per_head=True), _batches(per_head=True)
     initial = ut.init_weights(spec, SEED)
-    make = lambda dtype: dropout_through_python(load_state(Twin(dropout=P).to(dtype), initial))  # noqa: E731
+    make = lambda dtype: dropout_through_python(load_state(Twin(dropout=P, per_head=True).to(dtype), initial))  # noqa: E731
     runs = {draw: torch_runs(make, SGD_OF, batches, masks=lambda flip, draw=draw: loop_masks(SEED, draw, BATCH, flip))
             for draw in (np.float32, np.float64)}  # fmt: skip
-    own = load_state(Twin(dropout=P).to(torch.float32), initial)
+    own = load_state(Twin(dropout=P, per_head=True).to(torch.float32), initial)
     optimizer = SGD_OF(own.parameters())
     outer = torch.get_rng_state()
     torch.manual_seed(SEED)  # the torch loop's generator starts at its seed (rank 0)
@@ -190,7 +199,8 @@ def dropout_case():
 
 @pytest.mark.parametrize("backend", installed_backends())
 def test_dropout_inside_attention_trains_like_torch_nn(dropout_case, backend):
-    """20 SGD-momentum steps with dropout 0.3 on the attention weights and after the encoder's blocks: NumPy,
+    """20 SGD-momentum steps with dropout 0.3 on the attention weights and after the encoder's blocks, its
+    attention mask one per head (``(nhead, S, S)``, PyTorch's ``(N * nhead, S, S)``): NumPy,
     Chainer and MindSpore drop what torch.nn drops when given the loop's masks (float32 within PyTorch's own
     float32 drift, float64 within the conformance formula); the torch loop draws from its own generator, as
     torch.nn does from the same seed. Eval mode drops nothing."""
@@ -202,7 +212,7 @@ def test_dropout_inside_attention_trains_like_torch_nn(dropout_case, backend):
             assert_run_close(loop, losses, own, expected_run(runs[np.float32], dtype, SIZE)[1])
         else:
             assert_run_within_drift(loop, losses, runs[np.dtype(dtype).type], dtype, SIZE)
-    assert_evaluates_like_torch_nn(loop, batches[-1][0], dropout=P)
+    assert_evaluates_like_torch_nn(loop, batches[-1][0], dropout=P, per_head=True)
 
 
 @pytest.mark.parametrize("variant", [{"norm_first": False, "activation": "relu", "num_layers": 2, "causal": True}])
@@ -469,8 +479,8 @@ def test_state_keys_init_and_serialisation_are_torch_s():
     assert 0.95 * bound < np.abs(state["0.in_proj_weight"]).max() <= bound
     assert 0.95 / 8 < np.abs(state["0.out_proj.weight"]).max() <= 1 / 8  # the Linear's U(-1/sqrt(E), 1/sqrt(E))
     assert not state["0.in_proj_bias"].any() and not state["0.out_proj.bias"].any()
-    spec = model_spec()
-    assert from_dict(to_dict(spec)) == spec and repr(spec.enc).startswith("TransformerEncoder(encoder_layer=")
+    for spec in (model_spec(), model_spec(per_head=True)):
+        assert from_dict(to_dict(spec)) == spec and repr(spec.enc).startswith("TransformerEncoder(encoder_layer=")
 
 
 @pytest.mark.parametrize(
@@ -483,6 +493,10 @@ def test_state_keys_init_and_serialisation_are_torch_s():
         (lambda: ut.TransformerEncoderLayer(8, 2, dropout=-0.1), r"dropout must be a number in \[0, 1\), got -0.1"),
         (lambda: ut.MultiheadAttention(8, 2, dropout="0.1"), r"dropout must be a number in \[0, 1\), got '0.1'"),
         (lambda: ut.TransformerEncoder(ut.LayerNorm(8), 2), "encoder_layer must be a TransformerEncoderLayer"),
+        (
+            lambda: ut.TransformerEncoderLayer(8, 2, per_head_mask=True),
+            "per_head_mask=True describes src_mask; it needs src_mask=True",
+        ),
         (
             lambda: ut.MultiheadAttention(8, 2)(
                 Input((3, 8)), Input((3, 8), "k"), Input((3, 8), "v"), Input((3,), "m")

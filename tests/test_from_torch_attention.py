@@ -198,23 +198,32 @@ def test_float_padding_masks_import_as_added_masks_and_train_on_numpy():
 
 class AttentionMasks(TransformerClassifier):
     """An attention mask per sample, ``(N, S, S)`` (1 = not allowed), repeated per head for PyTorch's
-    ``(N * H, S, S)``, beside the key padding mask, in the encoder and in the attention after it."""
+    ``(N * H, S, S)`` (``per_head``: one per sample and head, ``(N, H, S, S)``, flattened), beside the key
+    padding mask, in the encoder and in the attention after it."""
+
+    def __init__(self, per_head=False):
+        super().__init__()
+        self.per_head = per_head
 
     def forward(self, tokens, padding, mask):
-        padding, mask = padding != 0, (mask != 0).repeat_interleave(HEADS, dim=0)
+        padding = padding != 0
+        mask = (mask != 0).flatten(0, 1) if self.per_head else (mask != 0).repeat_interleave(HEADS, dim=0)
         h = self.encoder(self.position(self.embedding(tokens)), mask=mask, src_key_padding_mask=padding)
         h, _ = self.attention(h, h, h, key_padding_mask=padding, attn_mask=mask, need_weights=False)
         return self.classifier(h[:, 0])
 
 
-def test_attention_masks_from_graph_inputs_import_and_train_on_numpy():
+@pytest.mark.parametrize("per_head", [False, True], ids=["per-sample", "per-head"])
+def test_attention_masks_from_graph_inputs_import_and_train_on_numpy(per_head):
     """``encoder(x, mask=..., src_key_padding_mask=...)`` and ``attention(..., attn_mask=...)`` with masks
-    from graph inputs import as the specs' mask inputs (``src_mask``), and 20 float64 steps on NumPy equal the
-    module's within the conformance formula (the specs' masks on four backends: tests/test_attention.py)."""
+    from graph inputs import as the specs' mask inputs (``src_mask``; per head: ``per_head_mask``), and 20
+    float64 steps on NumPy equal the module's within the conformance formula (the specs' masks on four
+    backends: tests/test_attention.py)."""
     torch.manual_seed(SEED)
-    twin = AttentionMasks()
+    twin = AttentionMasks(per_head)
     rng = np.random.default_rng(SEED)
-    masks = (rng.random((len(batches()), BATCH, S, S)) < 0.3) & (np.arange(S) > 0)  # key 0 never masked
+    shape = (len(batches()), BATCH, *((HEADS,) if per_head else ()), S, S)
+    masks = (rng.random(shape) < 0.3) & (np.arange(S) > 0)  # key 0 never masked
     data = [
         ((tokens, padding, mask.astype(np.float32)), y)
         for ((tokens, padding), y), mask in zip(batches(), masks, strict=True)
@@ -222,6 +231,7 @@ def test_attention_masks_from_graph_inputs_import_and_train_on_numpy():
     graph = unitrain.from_torch(copy.deepcopy(twin).float(), tuple(map(torch.from_numpy, data[0][0])))
     layer = graph.modules["encoder"].modules["layers"].layers[0]
     assert layer._arguments()["src_mask"] and layer.input_names == ("src", "src_key_padding_mask", "src_mask")
+    assert layer._arguments()["per_head_mask"] == per_head
     runs = _without_table(torch_runs(lambda dtype: copy.deepcopy(twin).to(dtype), sgd, data))
     loop = get_backend("numpy")(graph, loss=CrossEntropyLoss(), optimizer=SGD(lr=LR, momentum=MOMENTUM),
                                 dtype="float64")  # fmt: skip

@@ -224,6 +224,52 @@ def test_from_torch_refuses_an_initial_state_from_a_forward_argument():
         ut.from_torch(StateFromAnArgument(), (torch.zeros(2, LENGTH, EMBEDDING), torch.zeros(1, 2, HIDDEN)))
 
 
+class BiRNN(nn.Module):
+    """yunjey/pytorch-tutorial's bidirectional RNN: ``h0``, ``c0`` built in forward as zeros (``initial``:
+    how; None: not given, the layer's own zeros)."""
+
+    def __init__(self, initial=None):
+        super().__init__()
+        self.initial, self.num_layers, self.hidden_size = initial, 2, HIDDEN
+        self.lstm = nn.LSTM(EMBEDDING, HIDDEN, self.num_layers, batch_first=True, bidirectional=True)
+        self.fc = nn.Linear(HIDDEN * 2, CLASSES)
+        self.hidden = (torch.zeros(4, 2, HIDDEN), torch.zeros(4, 2, HIDDEN))  # init_hidden(2)'s
+
+    def forward(self, x):
+        shape = (self.num_layers * 2, x.size(0), self.hidden_size)
+        states = {"zeros": lambda: (torch.zeros(*shape).to(torch.device("cpu")), torch.zeros(*shape)),
+                  "device": lambda: (torch.zeros(*shape, device=x.device), x.new_zeros(shape)),
+                  "like": lambda: (torch.zeros_like(h0 := torch.zeros(*shape, dtype=x.dtype)), h0),
+                  "ones": lambda: (torch.ones(*shape), torch.zeros(*shape)),
+                  "mixed": lambda: (torch.zeros(*shape), self.lstm(x)[1][1]),
+                  "attribute": lambda: self.hidden}  # fmt: skip
+        out, _ = self.lstm(x) if self.initial is None else self.lstm(x, states[self.initial]())
+        return self.fc(out[:, -1, :])
+
+
+def test_from_torch_takes_zeros_built_in_forward_as_the_layers_default():
+    """Zeros are the layer's own initial states: the call imports without them (checked on the example's
+    values); anything else built in forward is refused naming the node, and a fixed-batch ``init_hidden``
+    attribute as a forward that depends on the example's batch size."""
+    x = torch.zeros(2, LENGTH, EMBEDDING)
+    plain = ut.from_torch(BiRNN(), x)
+    assert "initial_states" not in str(plain)
+    for initial in ("zeros", "device", "like"):
+        torch.manual_seed(0)
+        module = BiRNN(initial)
+        torch.manual_seed(0)
+        assert ut.from_torch(module, x) == ut.from_torch(BiRNN(), x), initial
+    assert _message(lambda: ut.from_torch(BiRNN("ones"), x)) == (
+        "from_torch: node 'lstm' (lstm): an initial state built in forward must be zeros (the layer's default), "
+        "got values other than zeros")  # fmt: skip
+    assert _message(lambda: ut.from_torch(BiRNN("mixed"), x)).endswith(
+        ": initial states (h0, c0) with one built as zeros in forward and the other not; give both as zeros or "
+        "both as another layer's final states")  # fmt: skip
+    assert _message(lambda: ut.from_torch(BiRNN("attribute"), x)).startswith(
+        "from_torch: BiRNN.forward depends on the example's batch size 2: with 3 samples, node 'lstm' (lstm) fails "
+        "on the example inputs: RuntimeError: Expected hidden[0] size (4, 3, 4), got [4, 2, 4]")  # fmt: skip
+
+
 # --- refusals, before any framework work -------------------------------------------------------------------
 
 

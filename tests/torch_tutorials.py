@@ -1,4 +1,4 @@
-"""Ten nn.Modules as public PyTorch tutorials write them, for unitrain.from_torch.
+"""Thirteen nn.Modules as public PyTorch tutorials write them, for unitrain.from_torch.
 
 Each class keeps its tutorial's code (layer names, functional calls, views); only sizes are
 shrunk where a constructor argument allows it, so that tests stay quick. Sources:
@@ -15,6 +15,10 @@ shrunk where a constructor argument allows it, so that tests stay quick. Sources
   tutorial draws how many per forward, a trace is one path: two here).
 * ``TwoInputNet``: the image-plus-features model of the PyTorch forums' multi-input answer.
 * ``LSTMTagger``: "Sequence Models and Long Short-Term Memory Networks".
+* ``BiLSTMClassifier``: the sentiment tutorials' bidirectional LSTM on its last layer's final states, its
+  initial states zeros built in ``forward`` as yunjey/pytorch-tutorial's BiRNN builds them.
+* ``GRUEncoderDecoder``: "NLP From Scratch: Translation with a Sequence to Sequence Network" (the
+  encoder's final state starts the decoder).
 """
 
 # ruff: noqa: UP008 (super(Net, self), as the tutorials write it)
@@ -321,3 +325,50 @@ class WordLanguageModel(nn.Module):
         output = self.drop(output)
         decoded = self.decoder(output.view(len(input), -1))
         return F.log_softmax(decoded, dim=1)
+
+
+class BiLSTMClassifier(nn.Module):
+    """The sentiment tutorials' bidirectional LSTM classifier (bentrevett/pytorch-sentiment-analysis:
+    ``torch.cat((hidden[-2,:,:], hidden[-1,:,:]), dim=1)`` into the classifier), its states started as
+    yunjey/pytorch-tutorial's BiRNN starts them: zeros built in ``forward`` (here in the input's dtype, so
+    that the float64 reference runs too: ``x.new_zeros`` and ``torch.zeros(..., dtype=, device=)``)."""
+
+    def __init__(self, vocab_size=9, embedding_dim=6, hidden_size=6, num_layers=2, num_classes=3):
+        super(BiLSTMClassifier, self).__init__()
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.embedding = nn.Embedding(vocab_size, embedding_dim)
+        self.lstm = nn.LSTM(embedding_dim, hidden_size, num_layers, batch_first=True, bidirectional=True)
+        self.fc = nn.Linear(hidden_size * 2, num_classes)  # 2 for bidirection
+
+    def forward(self, text):
+        embedded = self.embedding(text)
+        # Set initial states
+        h0 = embedded.new_zeros(self.num_layers * 2, embedded.size(0), self.hidden_size)  # 2 for bidirection
+        c0 = torch.zeros(self.num_layers * 2, embedded.size(0), self.hidden_size, dtype=embedded.dtype,
+                         device=embedded.device)  # fmt: skip
+        _, (hidden, _) = self.lstm(embedded, (h0, c0))
+        hidden = torch.cat((hidden[-2, :, :], hidden[-1, :, :]), dim=1)
+        return self.fc(hidden)
+
+
+class GRUEncoderDecoder(nn.Module):
+    """ "NLP From Scratch: Translation with a Sequence to Sequence Network"'s ``EncoderRNN`` and
+    ``DecoderRNN`` (GRUs, the encoder's final hidden state the decoder's initial one), the decoder fed the
+    whole target sequence at once (teacher forcing) and its last output classified (the tutorial's greedy
+    loop over ``topk`` is not a trace)."""
+
+    def __init__(self, input_size=9, output_size=9, hidden_size=6, num_classes=3):
+        super(GRUEncoderDecoder, self).__init__()
+        self.encoder_embedding = nn.Embedding(input_size, hidden_size)
+        self.encoder_gru = nn.GRU(hidden_size, hidden_size, batch_first=True)
+        self.decoder_embedding = nn.Embedding(output_size, hidden_size)
+        self.decoder_gru = nn.GRU(hidden_size, hidden_size, batch_first=True)
+        self.out = nn.Linear(hidden_size, num_classes)
+
+    def forward(self, input, target):
+        embedded = self.encoder_embedding(input)
+        _, encoder_hidden = self.encoder_gru(embedded)
+        output = F.relu(self.decoder_embedding(target))
+        decoder_outputs, _ = self.decoder_gru(output, encoder_hidden)
+        return self.out(decoder_outputs[:, -1])

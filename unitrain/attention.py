@@ -270,7 +270,8 @@ class TransformerEncoderLayer(_Encoder):
 
     Called on ``(src,)``, ``(src, src_key_padding_mask)``, ``(src, src_mask)`` or ``(src,
     src_key_padding_mask, src_mask)`` (a mask only with ``batch_first``; ``src_mask`` per sample
-    ``(S, S)``, PyTorch's ``attn_mask``, here after the padding mask as for
+    ``(S, S)``, or ``(nhead, S, S)`` with ``per_head_mask``: PyTorch's ``attn_mask`` of ``(S, S)``
+    repeated per sample and head, or ``(N * nhead, S, S)``, here after the padding mask as for
     :class:`MultiheadAttention`); ``causal`` masks later keys (PyTorch's ``is_causal`` with the
     square subsequent mask), beside ``src_mask`` when both are given. ``dropout`` is
     every one of PyTorch's four: the attention weights' and the three
@@ -280,17 +281,22 @@ class TransformerEncoderLayer(_Encoder):
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int = 2048, dropout: float = 0.0,
                  activation: str = "relu", layer_norm_eps: float = 1e-5, batch_first: bool = False,
                  norm_first: bool = False, bias: bool = True, causal: bool = False, seq_len: int = 1,
-                 padding_mask: bool = False, additive_masks: bool = False, src_mask: bool = False):  # fmt: skip
+                 padding_mask: bool = False, additive_masks: bool = False, src_mask: bool = False,
+                 per_head_mask: bool = False):  # fmt: skip
         """``seq_len`` is the per-sample length the graph's shapes are inferred with (any other
         length runs too); ``padding_mask``, ``src_mask``: whether the layer takes
         ``src_key_padding_mask``, ``src_mask``, both added to the scores with ``additive_masks``
-        (PyTorch's float masks; see MultiheadAttention)."""
+        (PyTorch's float masks; see MultiheadAttention); ``per_head_mask``: ``src_mask`` holds one
+        ``(S, S)`` mask per head."""
         if activation not in _ACTIVATIONS:
             raise ValueError(f"TransformerEncoderLayer: activation must be 'relu' or 'gelu', got {activation!r}")
         _flag("TransformerEncoderLayer", "norm_first", norm_first)
         _flag("TransformerEncoderLayer", "padding_mask", padding_mask)
         _flag("TransformerEncoderLayer", "src_mask", src_mask)
         _flag("TransformerEncoderLayer", "additive_masks", additive_masks)
+        _flag("TransformerEncoderLayer", "per_head_mask", per_head_mask)
+        if per_head_mask and not src_mask:
+            raise ValueError("TransformerEncoderLayer: per_head_mask=True describes src_mask; it needs src_mask=True")
         _positive_int("TransformerEncoderLayer", "dim_feedforward", dim_feedforward)
         _positive_int("TransformerEncoderLayer", "seq_len", seq_len)
         dropout = _dropout("TransformerEncoderLayer", dropout)
@@ -312,7 +318,7 @@ class TransformerEncoderLayer(_Encoder):
         if padding_mask:
             inputs.append(Input((seq_len,), "src_key_padding_mask"))
         if src_mask:
-            inputs.append(Input((seq_len, seq_len), "src_mask"))
+            inputs.append(Input((nhead, seq_len, seq_len) if per_head_mask else (seq_len, seq_len), "src_mask"))
         masks = inputs[1:]
         act = _ACTIVATIONS[activation]()
 
@@ -334,7 +340,7 @@ class TransformerEncoderLayer(_Encoder):
                                   activation=activation, layer_norm_eps=layer_norm_eps, batch_first=batch_first,
                                   norm_first=norm_first, bias=bias, causal=causal, seq_len=seq_len,
                                   padding_mask=padding_mask, additive_masks=additive_masks,
-                                  src_mask=src_mask))  # fmt: skip
+                                  src_mask=src_mask, per_head_mask=per_head_mask))  # fmt: skip
 
 
 @dataclass(frozen=True, init=False, eq=True, repr=False)
