@@ -72,7 +72,8 @@ def batches():
     return out
 
 
-def _loop(backend, model, dtype="float32"):
+def momentum_loop(backend, model, dtype="float32"):
+    """``backend``'s loop over ``model``: cross-entropy, SGD lr 0.1 momentum 0.9, the shared seed."""
     module = importlib.import_module(f"unitrain.backends.{backend}")
     cls = next(value for value in vars(module).values() if isinstance(value, type) and getattr(value, "name", None)
                == backend and issubclass(value, ut.TrainingLoop))  # fmt: skip
@@ -103,7 +104,7 @@ def test_padded_batches_train_like_torch_with_packed_sequences(backend):
                       lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, foreach=False), data)  # fmt: skip
     # NumPy in float64: its hand-written masked steps and their backward, at the equations' precision
     dtype = "float64" if backend == "numpy" else "float32"
-    loop = _loop(backend, tagger(**case), dtype)
+    loop = momentum_loop(backend, tagger(**case), dtype)
     losses = np.array([loop.to_float(loop.step(batch)) for batch in data])
     assert_run_within_drift(loop, losses, runs, dtype, SIZE)
     if backend == "mindspore":
@@ -125,7 +126,7 @@ def test_dropout_between_layers_with_lengths_draws_the_same_masks_on_numpy_and_c
     (tokens, lengths), tags = batches()[0]
     results = []
     for backend in ("numpy", "chainer"):
-        loop = _loop(backend, tagger(dropout=0.5), "float64")
+        loop = momentum_loop(backend, tagger(dropout=0.5), "float64")
         loop.zero_grad()
         pred = loop.forward((tokens, lengths))
         loop.backward(loop.loss(pred, tags))
@@ -141,7 +142,7 @@ def test_dropout_between_layers_with_lengths_draws_the_same_masks_on_numpy_and_c
 def test_states_stop_at_each_sequences_end_on_numpy():
     """What a padded position holds cannot leak into the real ones: changing the padding tokens changes
     no prediction at a real position (and PyTorch's pad_packed_sequence zeros reach the head there)."""
-    loop = _loop("numpy", tagger(), "float64")
+    loop = momentum_loop("numpy", tagger(), "float64")
     (tokens, lengths), _ = batches()[0]
     other = np.where(np.arange(LENGTH) >= lengths[:, None], 5, tokens)
     first, second = loop.predict((tokens, lengths)), loop.predict((other, lengths))
@@ -158,7 +159,7 @@ def test_states_stop_at_each_sequences_end_on_numpy():
     ],
 )
 def test_bad_lengths_are_refused_in_one_line_before_any_framework_work(lengths, message):
-    loop = _loop("numpy", tagger())
+    loop = momentum_loop("numpy", tagger())
     with pytest.raises(InputError) as error:
         loop.predict((np.ones((2, LENGTH), np.int64), np.array(lengths)))
     assert str(error.value) == message

@@ -5,12 +5,11 @@ on its final states train 20 steps within PyTorch's own float32 drift of the sam
 (NumPy also in float64, within the conformance formula); shapes are checked before any framework work,
 the errors naming the node."""
 
-import importlib
-
 import numpy as np
 import pytest
 import torch
 from conftest import installed_backends
+from test_padded import momentum_loop
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 from torch_reference import SEED, assert_run_within_drift, load_state, torch_runs
@@ -134,13 +133,6 @@ def classifier_batches():
             for _ in range(STEPS)]  # fmt: skip
 
 
-def _loop(backend, model, dtype="float32"):
-    module = importlib.import_module(f"unitrain.backends.{backend}")
-    cls = next(value for value in vars(module).values() if isinstance(value, type) and getattr(value, "name", None)
-               == backend and issubclass(value, ut.TrainingLoop))  # fmt: skip
-    return cls(model, loss=ut.CrossEntropyLoss(), optimizer=ut.SGD(lr=0.1, momentum=0.9), seed=SEED, dtype=dtype)
-
-
 #: the longest sum of one step: a weight gradient through time adds batch x steps terms of the widest input
 SIZE = BATCH * LENGTH * 2 * HIDDEN
 
@@ -159,12 +151,15 @@ def test_states_train_like_plain_torch(backend, case):
     float64 run (NumPy in float64, its hand-written backward through the states, within the conformance
     formula)."""
     make_graph, make_module, make_batches = CASES[case]
-    data = make_batches()
+    _trains_like_torch(backend, make_graph, make_module, make_batches())
+
+
+def _trains_like_torch(backend, make_graph, make_module, data):
     initial = ut.init_weights(make_graph(), SEED)
     runs = torch_runs(lambda dtype: load_state(make_module().to(dtype), initial),
                       lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, foreach=False), data)  # fmt: skip
     dtype = "float64" if backend == "numpy" else "float32"
-    loop = _loop(backend, make_graph(), dtype)
+    loop = momentum_loop(backend, make_graph(), dtype)
     losses = np.array([loop.to_float(loop.step(batch)) for batch in data])
     assert_run_within_drift(loop, losses, runs, dtype, SIZE)
 
@@ -201,7 +196,7 @@ def test_from_torch_maps_states_and_to_torch_writes_them_back():
     assert "initial_states=True, final_states=True" in str(graph)
     expected = module(torch.from_numpy(tokens)).detach().numpy()
     for backend, dtype in (("numpy", "float64"), ("torch", "float32")):
-        got = _loop(backend, graph, dtype).predict(tokens)
+        got = momentum_loop(backend, graph, dtype).predict(tokens)
         bound = tolerance(np.dtype(dtype), SIZE, float(np.abs(expected).max()))
         np.testing.assert_allclose(got, expected, rtol=0, atol=bound)
     exported = ut.to_torch(graph).double()(torch.from_numpy(tokens)).detach().numpy()
@@ -351,11 +346,4 @@ class SharedGRU(nn.Module):
 def test_a_recurrent_layer_called_twice_keeps_each_calls_caches(backend):
     """NumPy runs each call of a shared layer on a replica whose directions hold their own caches (sharing
     them, the second call's forward overwrote what the first call's backward reads)."""
-    data = classifier_batches()
-    initial = ut.init_weights(shared_gru(), SEED)
-    runs = torch_runs(lambda dtype: load_state(SharedGRU().to(dtype), initial),
-                      lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, foreach=False), data)  # fmt: skip
-    dtype = "float64" if backend == "numpy" else "float32"
-    loop = _loop(backend, shared_gru(), dtype)
-    losses = np.array([loop.to_float(loop.step(batch)) for batch in data])
-    assert_run_within_drift(loop, losses, runs, dtype, SIZE)
+    _trains_like_torch(backend, shared_gru, SharedGRU, classifier_batches())
