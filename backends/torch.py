@@ -104,11 +104,11 @@ class _OutputOnly:
 
     def forward(self, input: torch.Tensor, *rest: torch.Tensor, initial_states: bool = False,
                 final_states: bool = False):  # fmt: skip
-        states = len(rest) - (1 + isinstance(self, nn.LSTM) if initial_states else 0)
-        lengths, hx = (rest[0] if states else None), rest[states:]
-        hx = tuple(state.transpose(0, 1).contiguous() for state in hx) or None
-        if hx is not None and not isinstance(self, nn.LSTM):
-            hx = hx[0]
+        lstm = isinstance(self, nn.LSTM)
+        state_count = (2 if lstm else 1) if initial_states else 0  # after the optional lengths
+        lengths = rest[0] if len(rest) > state_count else None
+        hx = tuple(state.transpose(0, 1).contiguous() for state in rest[len(rest) - state_count :])
+        hx = (hx if lstm else hx[0]) if hx else None
         if lengths is None:
             output, final = super().forward(input, hx)
         else:
