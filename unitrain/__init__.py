@@ -28,7 +28,7 @@ _EXPORTS = {
     "Softmax": "layers", "Tanh": "layers", "Upsample": "layers", "cnn": "layers", "lenet": "layers", "mlp": "layers",
     "resnet18": "layers",
     "EarlyStopping": "controls",
-    "Graph": "graph", "Input": "graph", "from_torch": "backends.torch_import", "to_torch": "backends.torch_import",
+    "Graph": "graph", "Input": "graph", "from_torch": "backends.torch_import", "to_torch": "backends.torch_export",
     "Embedding": "sequences", "RNN": "sequences", "LSTM": "sequences", "GRU": "sequences", "Conv1d": "sequences",
     "MaxPool1d": "sequences", "AvgPool1d": "sequences", "AdaptiveAvgPool1d": "sequences",
     "MultiheadAttention": "attention", "PositionalEncoding": "attention", "TransformerEncoder": "attention",
