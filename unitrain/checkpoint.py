@@ -15,7 +15,8 @@ checkpoint), is refused rather than interleaved; ``keep`` deletes only the run's
 A checkpoint is written into a hidden ``.tmp-*`` folder (each file fsynced, the manifest last) which
 is then renamed into place and the directory fsynced, so a crash at any instant leaves either no new
 checkpoint or a complete one; leftover ``.tmp-*`` folders are ignored and swept on the next write.
-Loading verifies the manifest's sizes and sha256 digests and never unpickles anything.
+Loading verifies the manifest's sizes and sha256 digests and never unpickles anything (the format,
+the manifest's schema and its reading: :mod:`unitrain.checkpoint_format`).
 
 The batch order needs no RNG state beyond the run's seed: the order of epoch ``e`` is a pure
 function of ``(seed, e)`` (see :mod:`unitrain.data`), so the position ``(epoch, batch)`` restarts the
@@ -37,7 +38,6 @@ Python API::
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -56,25 +56,29 @@ from typing import Any
 import numpy as np
 
 from . import optim, registry, schedules, state_loading
+from .checkpoint_format import (  # the format's names, importable from here as before it had its own module
+    BEST,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    MANIFEST_SCHEMA,  # noqa: F401
+    MAX_WORLD_SIZE,  # noqa: F401
+    OPTIMIZER,
+    RANDOM,
+    RUN_ID_PATTERN,
+    WEIGHTS,
+    CheckpointError,
+    file_digest,
+    read_manifest,
+)
 from .controls import EarlyStoppingState
 from .data import num_batches
 from .files import atomic_write, current_umask, directory_lock, fsync_dir
-from .layers import MODEL_PATTERN, PRESETS
-from .losses import LOSSES, CustomLoss
+from .layers import PRESETS
+from .losses import LOSSES
 from .reading import (
-    Closed,
-    Int,
-    ListOf,
-    MapOf,
-    Nullable,
-    Number,
-    OneOf,
-    Optional,
-    Text,
-    check_json,
     path_kind,
     path_problem,
-    read_capped,
     short,
     short_list,
 )
@@ -82,19 +86,7 @@ from .run import Run, RunError
 from .signals import STOP_SIGNALS, handled
 from .weights import Declared, State, WeightsError, check_state, load_safetensors, save_safetensors
 
-FORMAT, FORMAT_VERSION = "unitrain-checkpoint", 1
-MANIFEST, WEIGHTS, OPTIMIZER = "checkpoint.json", "weights.safetensors", "optimizer.safetensors"
-RANDOM = "random.safetensors"  # only when the loop has a random state
-BEST = "best.safetensors"  # only when the loop's early stopping has a best epoch
 _NAME = re.compile(r"step-(\d{8,})")
-#: a run's id: Checkpointer's is uuid4().hex; a name of the caller's own is a short token (never a path)
-RUN_ID_PATTERN = r"[A-Za-z0-9_-]{1,64}"
-#: the most processes a data-parallel run records (no launcher here starts more)
-MAX_WORLD_SIZE = 1 << 16
-
-
-class CheckpointError(WeightsError):
-    """A checkpoint that is missing, damaged, or does not fit the run resuming from it."""
 
 
 class Diverged(RuntimeError):
@@ -110,15 +102,6 @@ class Interrupted(Exception):
 
 
 # --- writing --------------------------------------------------------------------------------
-
-
-def _digest(path: Path) -> dict[str, Any]:
-    digest, size = hashlib.sha256(), 0
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):  # in pieces: memory stays bounded
-            digest.update(chunk)
-            size += len(chunk)
-    return {"bytes": size, "sha256": digest.hexdigest()}
 
 
 def optimizer_from_config(config: Mapping[str, Any]) -> optim.Optimizer:
@@ -219,7 +202,7 @@ def save_checkpoint(
         if loop.early_stopping is not None and loop.early_stopping.best_weights:
             save_safetensors(staging / BEST, loop.early_stopping.best_weights, {"format": "pt"})
             files.append(BEST)
-        manifest["files"] = {file: _digest(staging / file) for file in files}
+        manifest["files"] = {file: file_digest(staging / file) for file in files}
         atomic_write(staging / MANIFEST, [json.dumps(manifest, indent=1).encode()])  # last: marks it complete
         final = directory / name
         if final.exists():  # the same step again (a resumed run): the old copy goes first
@@ -244,7 +227,7 @@ _UNKNOWN_RUN = object()
 def _run_id(folder: Path) -> object:
     """The run a checkpoint belongs to, as its manifest says (None: written before runs had ids)."""
     try:
-        return _manifest(folder / MANIFEST).get("run_id")
+        return read_manifest(folder / MANIFEST).get("run_id")
     except (OSError, CheckpointError):
         return _UNKNOWN_RUN
 
@@ -406,8 +389,9 @@ class Checkpoint:
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """The checkpoint at ``path``: a checkpoint folder, or a checkpoint directory (its newest
-    checkpoint). Validates the manifest against :data:`MANIFEST_SCHEMA`, then each file's size,
-    sha256 and header before reading its tensors; raises :class:`CheckpointError`."""
+    checkpoint). Validates the manifest against :data:`~unitrain.checkpoint_format.MANIFEST_SCHEMA`,
+    then each file's size, sha256 and header before reading its tensors; raises
+    :class:`CheckpointError`."""
     path = Path(path)
     if problem := path_problem(path, "a checkpoint directory"):
         raise CheckpointError(f"checkpoint {path} {problem}")
@@ -425,65 +409,6 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
                               f"pass --resume {candidates[-2]} to continue from it") from None  # fmt: skip
 
 
-_DIGEST = {"bytes": Int(), "sha256": Text("[0-9a-f]{64}")}
-_PER_CHANNEL, _PER_CHANNEL_POSITIVE = ListOf(Number(), 1, 4), ListOf(Number(0, above=True), 1, 4)
-#: what a manifest must hold (fields it may add are ignored); see save_checkpoint
-MANIFEST_SCHEMA = {
-    "format": OneOf((FORMAT,)),
-    "format_version": OneOf((FORMAT_VERSION,)),
-    "step": Int(),
-    "epoch": Int(),
-    "batch": Int(),
-    "finished": bool,
-    "backend": str,
-    # every process of a data-parallel run has a rank; no launcher here starts more than this many
-    "world_size": Optional(Int(1, MAX_WORLD_SIZE)),
-    "versions": Optional(MapOf(str, Nullable(str))),
-    "seed": Int(),
-    "dtype": Optional(OneOf(("float32", "float64"))),
-    "optimizer": {
-        "type": OneOf(tuple(cls.__name__ for cls in optim.OPTIMIZERS.values())),
-        "lr": Number(),
-        "weight_decay": Number(),
-        "momentum": Optional(Number()),
-        "dampening": Optional(Number()),
-        "nesterov": Optional(bool),
-        "lr_in_velocity": Optional(bool),
-        "betas": Optional([Number(), Number()]),
-        "eps": Optional(Number()),
-        "eps_placement": Optional(OneOf(optim.EPS_PLACEMENTS)),
-        "alpha": Optional(Number()),
-        "centered": Optional(bool),
-        "lr_decay": Optional(Number()),
-        "initial_accumulator_value": Optional(Number()),
-        "rho": Optional(Number()),
-    },
-    # the live lr, the schedule and its position (steps taken), clipping; absent in older checkpoints
-    "lr": Optional(Number(0)),
-    # restoring replays the schedule step by step (PyTorch's floats depend on the path), a few µs each:
-    # 10^8 steps bounds that at minutes, and no run takes as many (90 ImageNet epochs per batch: 4.5e5)
-    "lr_schedule": Optional(Nullable({"schedule": str, "position": Int(0, 10**8)})),
-    "clip_grad": Optional({"norm": Nullable(Number(0)), "value": Nullable(Number(0))}),
-    "loss": Optional(OneOf((*(spec.__name__ for spec in LOSSES.values()), CustomLoss.__name__))),
-    "data_order": Optional(str),
-    "epoch_loss": {"sum": Number(), "count": Int()},  # count: the steps into the epoch, `batch` (_verified)
-    "epoch_correct": Optional(Nullable({"correct": Int(), "samples": Int()})),  # absent in older checkpoints
-    # the run (unitrain.run.Run.to_dict(), checked when resumed; a checkpoint written from Python may
-    # have none); its model is checked here, as the weights are read against a preset's shapes
-    "run": {"model": Optional(Text(MODEL_PATTERN))},
-    # per channel: a dataset has 1..4 (Keras-style .npz, image folders, CIFAR-10: at most RGBA)
-    "normalization": Optional(Nullable({"mean": _PER_CHANNEL, "std": _PER_CHANNEL_POSITIVE, "source": str})),
-    "created": Optional(str),
-    # which run wrote it (save_checkpoint); absent in older checkpoints
-    "run_id": Optional(Nullable(Text(RUN_ID_PATTERN))),
-    # unitrain.controls.EarlyStoppingState.to_json(); absent in older checkpoints
-    "early_stopping": Optional(
-        Nullable({"spec": dict, "best": Nullable(Number()), "best_epoch": Int(), "wait": Int(), "stopped": bool})
-    ),
-    "files": Closed({WEIGHTS: _DIGEST, OPTIMIZER: _DIGEST, RANDOM: Optional(_DIGEST), BEST: Optional(_DIGEST)}),
-}
-#: a manifest is about 1.5 kB; anything far larger is not one
-_MAX_MANIFEST_BYTES = 1 << 20
 #: the backends' random states are PCG64's JSON (about 170 bytes) or torch's CPU generator (5 kB)
 _MAX_RANDOM_STATE_BYTES = 1 << 20
 
@@ -492,7 +417,7 @@ def _verified(folder: Path) -> Checkpoint:
     def damaged(why: str) -> CheckpointError:
         return CheckpointError(f"checkpoint {folder} is damaged: {why}")
 
-    manifest = _manifest(folder / MANIFEST)
+    manifest = read_manifest(folder / MANIFEST)
     try:
         recorded = Checkpoint(folder, manifest, {}, {}, {})
         # the buffers follow the optimizer as the schedule runs it (OneCycleLR cycling momentum)
@@ -530,7 +455,7 @@ def _verified(folder: Path) -> Checkpoint:
         declared, size = files[file], (folder / file).stat().st_size
         if size != declared["bytes"]:  # before reading any of it
             raise damaged(f"{file} has {size} bytes, the manifest says {declared['bytes']} (truncated?)")
-        if _digest(folder / file)["sha256"] != declared["sha256"]:
+        if file_digest(folder / file)["sha256"] != declared["sha256"]:
             raise damaged(f"{file} does not match its sha256 in the manifest (corrupted bytes)")
 
     def read(file: str, check) -> State:
@@ -572,31 +497,6 @@ def _verified(folder: Path) -> Checkpoint:
     if int(optimizer_state["step"]) != manifest["step"]:
         raise damaged(f"optimizer step {int(optimizer_state['step'])} differs from the manifest's {manifest['step']}")
     return Checkpoint(folder, manifest, weights, optimizer_state, random_state, best_weights)
-
-
-def _manifest(path: Path) -> dict[str, Any]:
-    """The manifest, parsed and validated against :data:`MANIFEST_SCHEMA`."""
-
-    def damaged(why: str) -> CheckpointError:
-        return CheckpointError(f"checkpoint {path.parent} is damaged: {why}")
-
-    if problem := path_problem(path):
-        raise damaged(f"{MANIFEST} {problem}")
-    if (text := read_capped(path, _MAX_MANIFEST_BYTES)) is None:
-        raise damaged(f"{MANIFEST} is over {_MAX_MANIFEST_BYTES} bytes, not a manifest")
-    try:
-        manifest = json.loads(text)
-    except (ValueError, RecursionError) as error:  # ValueError: not JSON, or an integer of over 4300 digits
-        raise damaged(f"{MANIFEST} is not valid JSON ({str(error)[:200]})") from None
-    version = manifest.get("format_version", FORMAT_VERSION) if isinstance(manifest, dict) else FORMAT_VERSION
-    if version != FORMAT_VERSION and manifest.get("format") == FORMAT:
-        raise CheckpointError(f"checkpoint {path.parent} has format version {short(version)}; "
-                              f"this unitrain reads version {FORMAT_VERSION}")  # fmt: skip
-    try:
-        check_json(manifest, MANIFEST_SCHEMA)
-    except ValueError as error:
-        raise damaged(f"{MANIFEST} {error}") from None
-    return manifest
 
 
 # --- the training extension -----------------------------------------------------------------
