@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 
 from . import expr, steps
-from .multi_run import MultiRun, _output_count, _Reader, batch_share, forward_all
+from .multi_recipe import MultiRun, _output_count, _Reader
+from .multi_run import batch_share, forward_all
 
 
 @dataclass

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from . import distributed, files, registry, steps
-from .multi_run import MultiJob, MultiRun, histories_of, is_multi_recipe, load_multi_recipe, resumed_run, test_losses
+from .multi_recipe import MultiRun, is_multi_recipe, load_multi_recipe
+from .multi_run import MultiJob, histories_of, resumed_run, test_losses
 from .reading import short
 from .run import RunError
 from .step_checkpoints import CHECKPOINT_FILE
