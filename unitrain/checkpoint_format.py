@@ -1,9 +1,9 @@
 """A checkpoint folder's files and its manifest, ``checkpoint.json``: their names, what the
 manifest must hold (:data:`MANIFEST_SCHEMA`), reading it, and the digests that tie each file to it.
 
-:mod:`unitrain.checkpoint` writes and loads checkpoints; this module holds what describes their
-format and checks a folder against it before anything in it is loaded. A manifest is read here both
-to load its checkpoint and to learn which run wrote it, before another run's is written beside it.
+:mod:`unitrain.checkpoint` writes and loads checkpoints (checking each file against the manifest
+before reading it); this module holds what describes their format. A manifest is read here both to
+load its checkpoint and to learn which run wrote it, before another run's is written beside it.
 """
 
 from __future__ import annotations
