@@ -16,8 +16,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from . import layers, ops
-from .graph import Graph, get_submodule, tie_source
+from . import layers, ops, padded
+from .graph import Graph, entry_layer, get_submodule, tie_source
+from .onnx_recurrent import recurrent
+from .sequences import Embedding, _Recurrent
 from .weights import State, WeightsError
 
 OPSET = 20  # the first with Gelu
@@ -48,10 +50,17 @@ class _Graph:
         return self.tensor(f"{path}:ints{self._count}", np.asarray(values, np.int64), np.int64)
 
     def op(self, kind: str, inputs: list[str], path: str, **attributes) -> str:
+        return self.node(kind, inputs, path, [True], **attributes)[0]
+
+    def node(self, kind: str, inputs: list[str], path: str, wanted: list[bool], **attributes) -> list[str]:
+        """A node of several outputs, each named if ``wanted``, else ``""`` (ONNX: not computed)."""
         self._count += 1
-        output = f"{path or kind}:{self._count}"
-        self.nodes.append(helper.make_node(kind, inputs, [output], name=output, **attributes))
-        return output
+        name = f"{path or kind}:{self._count}"
+        outputs = [(f"{name}.{index}" if index else name) if want else "" for index, want in enumerate(wanted)]
+        while not outputs[-1]:  # ONNX omits trailing optional outputs
+            outputs.pop()
+        self.nodes.append(helper.make_node(kind, inputs, outputs, name=name, **attributes))
+        return outputs + [""] * (len(wanted) - len(outputs))
 
 
 _SIMPLE = {layers.ReLU: "Relu", layers.Tanh: "Tanh", layers.Sigmoid: "Sigmoid"}
@@ -69,11 +78,16 @@ def _leaf(graph: _Graph, layer: layers.Layer, x: str, path: str, shape: tuple[in
     if isinstance(layer, (layers.Identity, layers.Dropout)):
         return x
     if isinstance(layer, layers.Linear):
-        if len(shape) != 1:  # Gemm multiplies matrices only
-            raise WeightsError(f"{path}: unitrain exports {layer} to ONNX on (N, features) input only, "
-                               f"got per-sample shape {shape}")  # fmt: skip
-        inputs = [x, graph.tensor(weight)] + ([graph.tensor(bias)] if layer.bias else [])
-        return graph.op("Gemm", inputs, path, transB=1)
+        if len(shape) == 1:
+            inputs = [x, graph.tensor(weight)] + ([graph.tensor(bias)] if layer.bias else [])
+            return graph.op("Gemm", inputs, path, transB=1)
+        # over the last axis of (N, ..., features): Gemm takes matrices only, MatMul broadcasts
+        product = graph.op("MatMul", [x, graph.op("Transpose", [graph.tensor(weight)], path)], path)
+        return graph.op("Add", [product, graph.tensor(bias)], path) if layer.bias else product
+    if isinstance(layer, Embedding):
+        return graph.op("Gather", [graph.tensor(weight), x], path, axis=0)
+    if isinstance(layer, _Recurrent):  # in a Sequential: zero initial states, the output only
+        return recurrent(graph, layer, x, path)[0]
     if isinstance(layer, layers.Conv2d):
         inputs = [x, graph.tensor(weight)] + ([graph.tensor(bias)] if layer.bias else [])
         return graph.op("Conv", inputs, path, kernel_shape=list(layer.kernel_size), strides=list(layer.stride),
@@ -210,6 +224,8 @@ def _function(graph: _Graph, op: str, args: list[str], kw: dict, path: str, shap
         return graph.op(kind, [args[0], axes], path, keepdims=int(kw.get("keepdim", False)))
     if op == "matmul":
         return graph.op("MatMul", args, path)
+    if op == "getitem":  # an item of a recurrent call's [output, h_n, c_n]
+        return args[0][kw["index"]]
     return _leaf(graph, ops.ACTIVATIONS[op](**kw), args[0], path, shapes[0])
 
 
@@ -258,12 +274,35 @@ def _graph_values(graph: _Graph, model: Graph, xs: list[str], input_shapes, path
             _one_input_one_output(module, join(node.target))
             results, _ = _graph_values(graph, module, args, [shapes[arg] for arg in node.args], join(node.target))
             values[node.name] = results[0]
+        elif isinstance(module, _Recurrent):
+            values[node.name] = _recurrent_call(graph, model, node, module, args, join(node.target))
         elif module is not None:
             values[node.name], _ = _node(graph, module, args[0], join(node.target), shapes[node.args[0]])
         else:
             arg_shapes = [shapes[arg] for arg in node.args]
             values[node.name] = _function(graph, node.target, args, node.options, join(node.name), arg_shapes)
     return [values[name] for name in model.outputs], [shapes[name] for name in model.outputs]
+
+
+def _recurrent_call(graph: _Graph, model: Graph, node, layer: _Recurrent, args: list[str], path: str):
+    """A recurrent layer's call node: its output, or with ``final_states`` the tuple ``[output, h_n[,
+    c_n]]`` of which only the items the graph's ``getitem`` nodes read are computed."""
+    roles = dict(zip(padded.argument_roles(layer, len(args), node.options), args, strict=True))
+    states = node.options.get("final_states")
+    reads = {item.options["index"] for item in model.nodes if item.target == "getitem" and item.args[0] == node.name}
+    results = recurrent(graph, layer, args[0], path, reads if states else {0}, roles.get("lengths"),
+                        roles.get("h_0"), roles.get("c_0"))  # fmt: skip
+    return results if states else results[0]
+
+
+def _input_type(model: layers.Container, name: str) -> int:
+    """A graph input's ONNX type: int64 for token ids and sequence lengths, float32 otherwise."""
+    role = padded.input_roles(model).get(name) if isinstance(model, Graph) else None
+    if role is not None and role.kind in ("ids", "lengths"):
+        return TensorProto.INT64
+    first = entry_layer(model)
+    single = not isinstance(model, Graph) or len(model.data_inputs) == 1
+    return TensorProto.INT64 if single and first is not None and isinstance(first[1], Embedding) else TensorProto.FLOAT
 
 
 def to_onnx(model: layers.Container, state: State, input_shape: tuple[int, ...]) -> onnx.ModelProto:
@@ -287,8 +326,10 @@ def to_onnx(model: layers.Container, state: State, input_shape: tuple[int, ...])
         results, out_shapes = [result], [shape]
     for result, name in zip(results, out_names, strict=True):
         graph.nodes.append(helper.make_node("Identity", [result], [name], name=name))
-    inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", *shape])
-              for name, shape in zip(names, shapes, strict=True)]  # fmt: skip
+    types = [_input_type(model, name) for name in (model.input_names[: len(names)] if isinstance(model, Graph)
+                                                   else names)]  # fmt: skip
+    inputs = [helper.make_tensor_value_info(name, kind, ["N", *shape])
+              for name, kind, shape in zip(names, types, shapes, strict=True)]  # fmt: skip
     outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", *shape])
                for name, shape in zip(out_names, out_shapes, strict=True)]  # fmt: skip
     body = helper.make_graph(graph.nodes, "unitrain", inputs, outputs, graph.initializers)
