@@ -1,0 +1,170 @@
+"""ONNX export of sequence models: Embedding as ``Gather``, RNN/LSTM/GRU as ONNX's own operators (gates
+reordered, one node per layer, lengths as ``sequence_lens``, states as ``initial_h``/``initial_c`` and
+``Y_h``/``Y_c``), Linear on ``(N, T, features)``.
+
+Each export passes ``onnx.checker``'s full check, and onnxruntime's outputs lie within PyTorch's own
+float32 drift (torch backend, float32 against float64, times sqrt of the longest sum:
+``drift_tolerances``) of the float64 run of the same weights, as the NumPy and torch backends'
+float32 ``predict`` do; an exporter that stacks the gates in PyTorch's order fails that bound."""
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_sequence_states import seq2seq
+from torch_reference import assert_within_drift, drift_tolerances
+from unitrain.conformance.checks import longest_sum
+
+import unitrain as ut
+from unitrain import ops, padded
+from unitrain.graph import Graph, Input
+from unitrain.sequences import GRU, LSTM, _Recurrent
+
+onnx = pytest.importorskip("onnx")
+onnxruntime = pytest.importorskip("onnxruntime")
+from unitrain import onnx_export, onnx_recurrent  # noqa: E402  (they import onnx)
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+BATCH = 6
+
+
+def char_lm() -> Graph:
+    """examples/char_lm.py's model at its own widths (embedding 32, hidden 128), on windows of 16."""
+    spec = importlib.util.spec_from_file_location("examples_char_lm", EXAMPLES / "char_lm.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.char_lm(30, 16, 32, 128)
+
+
+def lstm_classifier() -> Graph:
+    """The sentiment tutorials' bidirectional 2-layer LSTM over padded token ids, started from given
+    states, classified on ``cat(h_n[-2], h_n[-1])``; its output (zero past each length) and ``c_n``
+    are outputs too."""
+    tokens, lengths = Input((12,), name="tokens"), Input((), name="lengths")
+    h0, c0 = Input((4, 16), name="h0"), Input((4, 16), name="c0")
+    modules = {"embedding": ut.Embedding(40, 8), "head": ut.Linear(32, 3),
+               "lstm": ut.LSTM(8, 16, num_layers=2, batch_first=True, bidirectional=True)}  # fmt: skip
+    out, (h, c) = modules["lstm"](modules["embedding"](tokens), (h0, c0), lengths=lengths)
+    return Graph([tokens, lengths, h0, c0], [modules["head"](ops.cat([h[-2], h[-1]], dim=1)), out, c], modules)
+
+
+def gru_tagger() -> Graph:
+    """A 2-layer GRU over float features from a given ``h0``, Linear at every position, ``h_n`` out."""
+    x, h0 = Input((9, 5), name="x"), Input((2, 12), name="h0")
+    gru, head = ut.GRU(5, 12, num_layers=2, batch_first=True), ut.Linear(12, 4)
+    out, h = gru(x, h0)
+    return Graph([x, h0], [head(out), h], {"gru": gru, "head": head})
+
+
+def rnn(nonlinearity: str) -> ut.Sequential:
+    """A time-first bidirectional 2-layer RNN in a Sequential (the loop's axis 0 is time), Linear after."""
+    return ut.Sequential(ut.RNN(5, 8, num_layers=2, nonlinearity=nonlinearity, bidirectional=True), ut.Linear(16, 3))
+
+
+CASES = {"char_lm": char_lm, "lstm_classifier": lstm_classifier, "gru_tagger": gru_tagger, "seq2seq": seq2seq,
+         "rnn_tanh": lambda: rnn("tanh"), "rnn_relu": lambda: rnn("relu")}  # fmt: skip
+
+
+def _inputs(model, rng) -> list[np.ndarray]:
+    """A batch for ``model``: token ids within the table, lengths 1..T (the longest among them), floats."""
+    if not isinstance(model, Graph):
+        return [rng.normal(size=(7, BATCH, 5)).astype(np.float32)]  # 7 time steps of BATCH sequences
+    roles = padded.input_roles(model)
+    batch = []
+    for name, shape in model.data_inputs:
+        role = roles.get(name)
+        if role is not None and role.kind == "ids":
+            batch.append(rng.integers(0, role.layer.num_embeddings, (BATCH, *shape)))
+        elif role is not None:
+            batch.append(np.append(role.steps, rng.integers(1, role.steps + 1, BATCH - 1)))
+        else:
+            batch.append(rng.normal(size=(BATCH, *shape)).astype(np.float32))
+    return batch
+
+
+def _loop(backend, model, dtype="float32"):
+    outputs = len(model.outputs) if isinstance(model, Graph) else 1
+    loss = ut.PerOutputLoss(*[ut.MSELoss()] * outputs) if outputs > 1 else None
+    return ut.make_loop(backend, model, loss, seed=3, dtype=dtype)
+
+
+def _as_dict(outputs) -> dict[str, np.ndarray]:
+    return {f"out{index}": value for index, value in enumerate(outputs if isinstance(outputs, tuple) else (outputs,))}
+
+
+def _export(model, state, tmp_path):
+    """``model`` with ``state`` as ONNX, full-checked, and an onnxruntime session of it."""
+    shape = model.input_shapes[0] if isinstance(model, Graph) else (BATCH, 5)
+    exported = onnx_export.to_onnx(model, state, shape)
+    onnx.checker.check_model(exported, full_check=True)  # every node's shapes and types inferred
+    onnx.save(exported, tmp_path / "m.onnx")
+    return exported, onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request):
+    """A case's model, weights, batch, the float64 run of it (torch backend) and the tolerances its
+    float32 run's drift gives (sqrt of the longest sum times the drift, at least one rounding)."""
+    model = CASES[request.param]()
+    batch = _inputs(model, np.random.default_rng(0))
+    torch32 = _loop("torch", model)
+    state = torch32.state_dict()
+    torch64 = _loop("torch", model, "float64")
+    torch64.load_state_dict(state)
+    x = batch[0] if len(batch) == 1 else tuple(batch)
+    exact = _as_dict(torch64.predict(x))
+    shape = model.input_shapes if isinstance(model, Graph) and len(batch) > 1 else batch[0].shape[1:]
+    tolerances = drift_tolerances([_as_dict(torch32.predict(x))], exact, longest_sum(model, shape, BATCH))
+    return request.param, model, state, batch, exact, tolerances
+
+
+def test_exports_run_as_unitrain_predicts(case, tmp_path):
+    _, model, state, batch, exact, tolerances = case
+    exported, session = _export(model, state, tmp_path)
+    recurrent = [node.op_type for node in exported.graph.node if node.op_type in ("LSTM", "GRU", "RNN")]
+    layers = [layer for _, layer in model.named_layers() if isinstance(layer, _Recurrent)]
+    assert len(recurrent) == sum(layer.num_layers for layer in layers)  # ONNX's own operator, one per layer
+    integers = [value.type.tensor_type.elem_type == onnx.TensorProto.INT64 for value in exported.graph.input]
+    assert integers == [array.dtype.kind == "i" for array in batch]  # ids and lengths are int64 inputs
+    got = _as_dict(tuple(session.run(None, dict(zip([i.name for i in session.get_inputs()], batch, strict=True)))))
+    assert_within_drift(got, exact, tolerances)
+    x = batch[0] if len(batch) == 1 else tuple(batch)
+    for backend in ("numpy", "torch"):
+        loop = _loop(backend, model)
+        loop.load_state_dict(state)
+        ours = _as_dict(loop.predict(x))
+        assert_within_drift(ours, exact, tolerances)
+        assert_within_drift(got, ours, {key: 2 * value for key, value in tolerances.items()})
+
+
+def _gates_in_pytorchs_order(kind):
+    def breaks(monkeypatch):
+        monkeypatch.setitem(onnx_recurrent.GATE_ORDER, kind, tuple(range(kind.gates)))
+
+    return breaks
+
+
+def _reset_gate_before_the_product(monkeypatch):  # ONNX's default GRU, not PyTorch's equation
+    attributes = onnx_recurrent._attributes
+    monkeypatch.setattr(onnx_recurrent, "_attributes", lambda layer: {**attributes(layer), "linear_before_reset": 0})
+
+
+BROKEN = {"lstm_gates_unordered": _gates_in_pytorchs_order(LSTM), "gru_gates_unordered": _gates_in_pytorchs_order(GRU),
+          "gru_linear_after_reset": _reset_gate_before_the_product}  # fmt: skip
+
+
+@pytest.mark.parametrize(("case", "broken"), [("char_lm", "lstm_gates_unordered"),
+                         ("lstm_classifier", "lstm_gates_unordered"), ("gru_tagger", "gru_gates_unordered"),
+                         ("gru_tagger", "gru_linear_after_reset")], indirect=["case"])  # fmt: skip
+def test_a_wrong_gate_order_or_equation_fails_the_bound(case, broken, monkeypatch, tmp_path):
+    """The same comparison catches an exporter that leaves the gates in PyTorch's order, or gives GRU
+    ONNX's default equation (reset gate before ``R_h``); measured: 8e4 to 5e5 times the bound."""
+    _, model, state, batch, exact, tolerances = case
+    BROKEN[broken](monkeypatch)
+    _, session = _export(model, state, tmp_path)
+    got = _as_dict(tuple(session.run(None, dict(zip([i.name for i in session.get_inputs()], batch, strict=True)))))
+    with pytest.raises(AssertionError, match="max difference"):
+        assert_within_drift(got, exact, tolerances)
