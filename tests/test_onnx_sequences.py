@@ -18,8 +18,10 @@ from unitrain.conformance.checks import longest_sum
 
 import unitrain as ut
 from unitrain import ops, padded
+from unitrain.convert import convert
 from unitrain.graph import Graph, Input
 from unitrain.sequences import GRU, LSTM, _Recurrent
+from unitrain.weights import save_safetensors
 
 onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")
@@ -64,8 +66,22 @@ def rnn(nonlinearity: str) -> ut.Sequential:
     return ut.Sequential(ut.RNN(5, 8, num_layers=2, nonlinearity=nonlinearity, bidirectional=True), ut.Linear(16, 3))
 
 
+def conv_classifier() -> Graph:
+    """A convolutional text classifier: token embeddings as channels, Conv1d (grouped, strided, dilated),
+    every 1-d pool, Linear."""
+    tokens = Input((24,), name="tokens")
+    embedding, head = ut.Embedding(40, 8), ut.Linear(12, 3)
+    body = ut.Sequential(ut.Conv1d(8, 6, 3, padding=1), ut.ReLU(), ut.MaxPool1d(2),
+                         ut.Conv1d(6, 6, 3, stride=2, padding=2, dilation=2, groups=2),
+                         ut.AvgPool1d(3, stride=1, padding=1, count_include_pad=False), ut.AdaptiveAvgPool1d(2),
+                         ut.Flatten())  # fmt: skip
+    return Graph(tokens, head(body(embedding(tokens).permute(0, 2, 1))), {"embedding": embedding, "body": body,
+                                                                         "head": head})  # fmt: skip
+
+
 CASES = {"char_lm": char_lm, "lstm_classifier": lstm_classifier, "gru_tagger": gru_tagger, "seq2seq": seq2seq,
-         "rnn_tanh": lambda: rnn("tanh"), "rnn_relu": lambda: rnn("relu")}  # fmt: skip
+         "rnn_tanh": lambda: rnn("tanh"), "rnn_relu": lambda: rnn("relu"),
+         "conv_classifier": conv_classifier}  # fmt: skip
 
 
 def _inputs(model, rng) -> list[np.ndarray]:
@@ -96,11 +112,16 @@ def _as_dict(outputs) -> dict[str, np.ndarray]:
 
 
 def _export(model, state, tmp_path):
-    """``model`` with ``state`` as ONNX, full-checked, and an onnxruntime session of it."""
-    shape = model.input_shapes[0] if isinstance(model, Graph) else (BATCH, 5)
-    exported = onnx_export.to_onnx(model, state, shape)
+    """``model`` with ``state`` as ONNX, full-checked, and an onnxruntime session of it: a graph through
+    the file converter ``unitrain convert`` runs, a Sequential (no declared input shape) directly."""
+    if isinstance(model, Graph):
+        save_safetensors(tmp_path / "w.safetensors", state)
+        convert(tmp_path / "w.safetensors", tmp_path / "m.onnx", model)
+        exported = onnx.load(tmp_path / "m.onnx")
+    else:
+        exported = onnx_export.to_onnx(model, state, (BATCH, 5))
+        onnx.save(exported, tmp_path / "m.onnx")
     onnx.checker.check_model(exported, full_check=True)  # every node's shapes and types inferred
-    onnx.save(exported, tmp_path / "m.onnx")
     return exported, onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
 
 

@@ -3,11 +3,13 @@ statistics, Dropout is the identity). Imported only by ``unitrain convert`` when
 ``.onnx``; needs the ``onnx`` extra.
 
 Every layer is one standard operator (opset 20) with PyTorch's attributes, so any ONNX runtime
-computes what unitrain's eval mode does. The tensors keep unitrain's names as initializers; the
-graph's input ``input`` is ``(N, *input_shape)`` float32 with N free, its output ``output`` (a graph
-of several inputs or outputs: each under its graph name). A graph's noise (``randn_like``,
-``rand_like``) is drawn inside the ONNX graph, by ``RandomNormalLike`` / ``RandomUniformLike``:
-sampled at every run, as PyTorch's module samples (the runtime's generator, not unitrain's stream).
+computes what unitrain's eval mode does; the recurrent layers are ONNX's own ``RNN``/``LSTM``/``GRU``
+(:mod:`unitrain.onnx_recurrent`). The tensors keep unitrain's names as initializers; the graph's input
+``input`` is ``(N, *input_shape)`` with N free, float32 (int64 where it holds token ids or sequence
+lengths), its output ``output`` (a graph of several inputs or outputs: each under its graph name). A
+graph's noise (``randn_like``, ``rand_like``) is drawn inside the ONNX graph, by ``RandomNormalLike`` /
+``RandomUniformLike``: sampled at every run, as PyTorch's module samples (the runtime's generator, not
+unitrain's stream).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 from . import layers, ops, padded
 from .graph import Graph, entry_layer, get_submodule, tie_source
 from .onnx_recurrent import recurrent
-from .sequences import Embedding, _Recurrent
+from .sequences import ONE_D, Embedding, _Recurrent
 from .weights import State, WeightsError
 
 OPSET = 20  # the first with Gelu
@@ -67,7 +69,7 @@ _SIMPLE = {layers.ReLU: "Relu", layers.Tanh: "Tanh", layers.Sigmoid: "Sigmoid"}
 
 
 def _pads(padding) -> list[int]:
-    return [padding[0], padding[1], padding[0], padding[1]]  # ONNX: all begins, then all ends
+    return [*padding, *padding]  # ONNX: all begins, then all ends
 
 
 def _leaf(graph: _Graph, layer: layers.Layer, x: str, path: str, shape: tuple[int, ...]) -> str:
@@ -88,10 +90,14 @@ def _leaf(graph: _Graph, layer: layers.Layer, x: str, path: str, shape: tuple[in
         return graph.op("Gather", [graph.tensor(weight), x], path, axis=0)
     if isinstance(layer, _Recurrent):  # in a Sequential: zero initial states, the output only
         return recurrent(graph, layer, x, path)[0]
+    # Conv1d and the 1-d pools: ONNX's operators over one axis, with their 2-d twins' arguments but the first
+    spec = layer  # named in messages as the user wrote it
+    layer, axes = (layer.as_2d(), slice(1, None)) if isinstance(layer, ONE_D) else (layer, slice(None))
     if isinstance(layer, layers.Conv2d):
         inputs = [x, graph.tensor(weight)] + ([graph.tensor(bias)] if layer.bias else [])
-        return graph.op("Conv", inputs, path, kernel_shape=list(layer.kernel_size), strides=list(layer.stride),
-                        pads=_pads(layer.padding), dilations=list(layer.dilation), group=layer.groups)  # fmt: skip
+        return graph.op("Conv", inputs, path, kernel_shape=list(layer.kernel_size[axes]),
+                        strides=list(layer.stride[axes]), pads=_pads(layer.padding[axes]),
+                        dilations=list(layer.dilation[axes]), group=layer.groups)  # fmt: skip
     if isinstance(layer, layers.ConvTranspose2d):  # the same weight layout and output size rule as PyTorch
         inputs = [x, graph.tensor(weight)] + ([graph.tensor(bias)] if layer.bias else [])
         return graph.op("ConvTranspose", inputs, path, kernel_shape=list(layer.kernel_size), strides=list(layer.stride),
@@ -110,18 +116,19 @@ def _leaf(graph: _Graph, layer: layers.Layer, x: str, path: str, shape: tuple[in
         return graph.op("LayerNormalization", [x, scale, shift], path, axis=-len(layer.normalized_shape),
                         epsilon=layer.eps)  # fmt: skip
     if isinstance(layer, (layers.MaxPool2d, layers.AvgPool2d)):
-        window = {"kernel_shape": list(layer.kernel_size), "strides": list(layer.stride), "pads": _pads(layer.padding)}
+        window = {"kernel_shape": list(layer.kernel_size[axes]), "strides": list(layer.stride[axes]),
+                  "pads": _pads(layer.padding[axes])}  # fmt: skip
         if isinstance(layer, layers.MaxPool2d):
             return graph.op("MaxPool", [x], path, **window)
         return graph.op("AveragePool", [x], path, count_include_pad=int(layer.count_include_pad), **window)
     if isinstance(layer, layers.AdaptiveAvgPool2d):
-        (height, width), (out_h, out_w) = shape[1:], layer.output_size
-        if (out_h, out_w) == (1, 1):
+        sizes, outputs = shape[1:], layer.output_size[axes]
+        if set(outputs) == {1}:
             return graph.op("GlobalAveragePool", [x], path)
-        if height % out_h or width % out_w:
-            raise WeightsError(f"{path}: ONNX has no adaptive pooling; {layer} on {height}x{width} input has "
-                               "windows of unequal sizes")  # fmt: skip
-        window = [height // out_h, width // out_w]
+        if any(size % out for size, out in zip(sizes, outputs, strict=True)):
+            raise WeightsError(f"{path}: ONNX has no adaptive pooling; {spec} on {'x'.join(map(str, sizes))} "
+                               "input has windows of unequal sizes")  # fmt: skip
+        window = [size // out for size, out in zip(sizes, outputs, strict=True)]
         return graph.op("AveragePool", [x], path, kernel_shape=window, strides=window)
     if isinstance(layer, layers.SiLU):
         return graph.op("Mul", [x, graph.op("Sigmoid", [x], path)], path)
@@ -138,7 +145,7 @@ def _leaf(graph: _Graph, layer: layers.Layer, x: str, path: str, shape: tuple[in
             return graph.op("Flatten", [x], path, axis=1)
         # Reshape: 0 keeps the batch size, the rest is the per-sample output shape
         return graph.op("Reshape", [x, graph.ints(path, [0, *layer.output_shape(shape)])], path)
-    raise WeightsError(f"{path}: unitrain cannot export {layer} to ONNX")
+    raise WeightsError(f"{path}: unitrain cannot export {spec} to ONNX")
 
 
 def _resize(graph: _Graph, layer: layers.Upsample, x: str, path: str, shape: tuple[int, ...]) -> str:
