@@ -21,7 +21,7 @@ from unitrain import ops, padded
 from unitrain.convert import convert
 from unitrain.graph import Graph, Input
 from unitrain.sequences import GRU, LSTM, _Recurrent
-from unitrain.weights import save_safetensors
+from unitrain.weights import WeightsError, save_safetensors
 
 onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")
@@ -189,3 +189,14 @@ def test_a_wrong_gate_order_or_equation_fails_the_bound(case, broken, monkeypatc
     got = _as_dict(tuple(session.run(None, dict(zip([i.name for i in session.get_inputs()], batch, strict=True)))))
     with pytest.raises(AssertionError, match="max difference"):
         assert_within_drift(got, exact, tolerances)
+
+
+def test_a_sequential_that_does_not_fit_mnists_shape_is_refused_in_one_line(tmp_path):
+    """``unitrain convert`` exports a Sequential on MNIST's per-sample shape (it declares none): a sequence
+    model that does not fit it is one line naming the layer and the way out, and no file."""
+    model = ut.Sequential(ut.Embedding(30, 8), ut.LSTM(8, 16, batch_first=True))
+    save_safetensors(tmp_path / "w.safetensors", ut.init_weights(model, 0))
+    with pytest.raises(WeightsError, match=r"^1: LSTM\(.*got per-sample shape \(1, 28, 28, 8\); a Sequential declares "
+                       r"no input shape .* export a Graph, whose Input declares it") as error:  # fmt: skip
+        convert(tmp_path / "w.safetensors", tmp_path / "m.onnx", model)
+    assert "\n" not in str(error.value) and not (tmp_path / "m.onnx").exists()

@@ -327,7 +327,12 @@ def to_onnx(model: layers.Container, state: State, input_shape: tuple[int, ...])
         results, out_shapes = _graph_values(graph, model, [*names, *_noise(graph, model, names[0])], every, "")
         out_names = ["output"] if len(results) == 1 else list(model.outputs)
     else:
-        model.output_shape(input_shape)  # a model that does not fit the input fails here, naming the layer
+        try:  # a model that does not fit the input fails here, naming the layer
+            model.output_shape(input_shape)
+        except ValueError as error:  # a container declares no input shape: ``unitrain convert`` gives MNIST's
+            raise WeightsError(f"{error}; a {type(model).__name__} declares no input shape and is exported on "
+                               f"per-sample input {tuple(input_shape)}: export a Graph, whose Input declares it, "
+                               "or call unitrain.onnx_export.to_onnx(model, state, input_shape)") from None  # fmt: skip
         names, shapes, out_names = ["input"], [tuple(input_shape)], ["output"]
         result, shape = _node(graph, model, "input", "", tuple(input_shape))
         results, out_shapes = [result], [shape]
