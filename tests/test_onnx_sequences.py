@@ -66,6 +66,17 @@ def rnn(nonlinearity: str) -> ut.Sequential:
     return ut.Sequential(ut.RNN(5, 8, num_layers=2, nonlinearity=nonlinearity, bidirectional=True), ut.Linear(16, 3))
 
 
+def lstm_tagger() -> ut.Sequential:
+    """Token ids into a bidirectional 2-layer LSTM (dropout between its layers) in a Sequential, Linear at
+    every position."""
+    return ut.Sequential(ut.Embedding(40, 8), ut.LSTM(8, 16, num_layers=2, batch_first=True, bidirectional=True,
+                                                      dropout=0.3), ut.Linear(32, 3))  # fmt: skip
+
+
+#: a Sequential's per-sample input (it declares none): BATCH sequences of 7 steps, time first, or 12 token ids
+SEQUENTIAL_INPUTS = {"rnn_tanh": (BATCH, 5), "rnn_relu": (BATCH, 5), "lstm_tagger": (12,)}
+
+
 def conv_classifier() -> Graph:
     """A convolutional text classifier: token embeddings as channels, Conv1d (grouped, strided, dilated),
     every 1-d pool, Linear."""
@@ -80,14 +91,17 @@ def conv_classifier() -> Graph:
 
 
 CASES = {"char_lm": char_lm, "lstm_classifier": lstm_classifier, "gru_tagger": gru_tagger, "seq2seq": seq2seq,
-         "rnn_tanh": lambda: rnn("tanh"), "rnn_relu": lambda: rnn("relu"),
+         "rnn_tanh": lambda: rnn("tanh"), "rnn_relu": lambda: rnn("relu"), "lstm_tagger": lstm_tagger,
          "conv_classifier": conv_classifier}  # fmt: skip
 
 
-def _inputs(model, rng) -> list[np.ndarray]:
-    """A batch for ``model``: token ids within the table, lengths 1..T (the longest among them), floats."""
+def _inputs(case_name, model, rng) -> list[np.ndarray]:
+    """A batch for the case ``case_name``: token ids within the table, lengths 1..T (the longest among them), floats."""
     if not isinstance(model, Graph):
-        return [rng.normal(size=(7, BATCH, 5)).astype(np.float32)]  # 7 time steps of BATCH sequences
+        embedding = next(model.named_layers())[1]
+        if isinstance(embedding, ut.Embedding):
+            return [rng.integers(0, embedding.num_embeddings, (BATCH, *SEQUENTIAL_INPUTS[case_name]))]
+        return [rng.normal(size=(7, *SEQUENTIAL_INPUTS[case_name])).astype(np.float32)]
     roles = padded.input_roles(model)
     batch = []
     for name, shape in model.data_inputs:
@@ -111,7 +125,7 @@ def _as_dict(outputs) -> dict[str, np.ndarray]:
     return {f"out{index}": value for index, value in enumerate(outputs if isinstance(outputs, tuple) else (outputs,))}
 
 
-def _export(model, state, tmp_path):
+def _export(model, state, batch, tmp_path):
     """``model`` with ``state`` as ONNX, full-checked, and an onnxruntime session of it: a graph through
     the file converter ``unitrain convert`` runs, a Sequential (no declared input shape) directly."""
     if isinstance(model, Graph):
@@ -119,7 +133,7 @@ def _export(model, state, tmp_path):
         convert(tmp_path / "w.safetensors", tmp_path / "m.onnx", model)
         exported = onnx.load(tmp_path / "m.onnx")
     else:
-        exported = onnx_export.to_onnx(model, state, (BATCH, 5))
+        exported = onnx_export.to_onnx(model, state, batch[0].shape[1:])
         onnx.save(exported, tmp_path / "m.onnx")
     onnx.checker.check_model(exported, full_check=True)  # every node's shapes and types inferred
     return exported, onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
@@ -130,7 +144,7 @@ def case(request):
     """A case's model, weights, batch, the float64 run of it (torch backend) and the tolerances its
     float32 run's drift gives (sqrt of the longest sum times the drift, at least one rounding)."""
     model = CASES[request.param]()
-    batch = _inputs(model, np.random.default_rng(0))
+    batch = _inputs(request.param, model, np.random.default_rng(0))
     torch32 = _loop("torch", model)
     state = torch32.state_dict()
     torch64 = _loop("torch", model, "float64")
@@ -144,7 +158,7 @@ def case(request):
 
 def test_exports_run_as_unitrain_predicts(case, tmp_path):
     _, model, state, batch, exact, tolerances = case
-    exported, session = _export(model, state, tmp_path)
+    exported, session = _export(model, state, batch, tmp_path)
     recurrent = [node.op_type for node in exported.graph.node if node.op_type in ("LSTM", "GRU", "RNN")]
     layers = [layer for _, layer in model.named_layers() if isinstance(layer, _Recurrent)]
     assert len(recurrent) == sum(layer.num_layers for layer in layers)  # ONNX's own operator, one per layer
@@ -185,7 +199,7 @@ def test_a_wrong_gate_order_or_equation_fails_the_bound(case, broken, monkeypatc
     ONNX's default equation (reset gate before ``R_h``); measured: 8e4 to 5e5 times the bound."""
     _, model, state, batch, exact, tolerances = case
     BROKEN[broken](monkeypatch)
-    _, session = _export(model, state, tmp_path)
+    _, session = _export(model, state, batch, tmp_path)
     got = _as_dict(tuple(session.run(None, dict(zip([i.name for i in session.get_inputs()], batch, strict=True)))))
     with pytest.raises(AssertionError, match="max difference"):
         assert_within_drift(got, exact, tolerances)
