@@ -175,6 +175,21 @@ def test_exports_run_as_unitrain_predicts(case, tmp_path):
         assert_within_drift(got, ours, {key: 2 * value for key, value in tolerances.items()})
 
 
+@pytest.mark.parametrize("case", ["char_lm", "gru_tagger", "rnn_tanh", "lstm_tagger"], indirect=True)
+def test_onnxs_reference_implementation_computes_the_same(case, tmp_path):
+    """onnx.reference, the operators' definitions in NumPy and no runtime's kernels, agrees within the same
+    bound: the gate order and GRU's equation are the spec's, not only onnxruntime's. (It ignores
+    ``sequence_lens`` and knows no ``Relu`` for RNN, so the cases with lengths and ReLU are onnxruntime's
+    alone.)"""
+    from onnx.reference import ReferenceEvaluator
+
+    _, model, state, batch, exact, tolerances = case
+    exported, _ = _export(model, state, batch, tmp_path)
+    names = [value.name for value in exported.graph.input]
+    got = _as_dict(tuple(ReferenceEvaluator(exported).run(None, dict(zip(names, batch, strict=True)))))
+    assert_within_drift(got, exact, tolerances)
+
+
 def _gates_in_pytorchs_order(kind):
     def breaks(monkeypatch):
         monkeypatch.setitem(onnx_recurrent.GATE_ORDER, kind, tuple(range(kind.gates)))
