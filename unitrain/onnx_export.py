@@ -3,11 +3,13 @@ statistics, Dropout is the identity). Imported only by ``unitrain convert`` when
 ``.onnx``; needs the ``onnx`` extra.
 
 Every layer is one standard operator (opset 20) with PyTorch's attributes, so any ONNX runtime
-computes what unitrain's eval mode does. The tensors keep unitrain's names as initializers; the
-graph's input ``input`` is ``(N, *input_shape)`` float32 with N free, its output ``output`` (a graph
-of several inputs or outputs: each under its graph name). A graph's noise (``randn_like``,
-``rand_like``) is drawn inside the ONNX graph, by ``RandomNormalLike`` / ``RandomUniformLike``:
-sampled at every run, as PyTorch's module samples (the runtime's generator, not unitrain's stream).
+computes what unitrain's eval mode does; the recurrent layers are ONNX's own ``RNN``/``LSTM``/``GRU``
+(:mod:`unitrain.onnx_recurrent`). The tensors keep unitrain's names as initializers; the graph's input
+``input`` is ``(N, *input_shape)`` with N free, float32 (int64 where it holds token ids or sequence
+lengths), its output ``output`` (a graph of several inputs or outputs: each under its graph name). A
+graph's noise (``randn_like``, ``rand_like``) is drawn inside the ONNX graph, by ``RandomNormalLike`` /
+``RandomUniformLike``: sampled at every run, as PyTorch's module samples (the runtime's generator, not
+unitrain's stream).
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from . import layers, ops
-from .graph import Graph, get_submodule, tie_source
+from . import layers, ops, padded
+from .graph import Graph, entry_layer, get_submodule, tie_source
+from .onnx_recurrent import recurrent
+from .sequences import ONE_D, Embedding, _Recurrent
 from .weights import State, WeightsError
 
 OPSET = 20  # the first with Gelu
@@ -48,17 +52,24 @@ class _Graph:
         return self.tensor(f"{path}:ints{self._count}", np.asarray(values, np.int64), np.int64)
 
     def op(self, kind: str, inputs: list[str], path: str, **attributes) -> str:
+        return self.node(kind, inputs, path, [True], **attributes)[0]
+
+    def node(self, kind: str, inputs: list[str], path: str, wanted: list[bool], **attributes) -> list[str]:
+        """A node of several outputs, each named if ``wanted``, else ``""`` (ONNX: not computed)."""
         self._count += 1
-        output = f"{path or kind}:{self._count}"
-        self.nodes.append(helper.make_node(kind, inputs, [output], name=output, **attributes))
-        return output
+        name = f"{path or kind}:{self._count}"
+        outputs = [(f"{name}.{index}" if index else name) if want else "" for index, want in enumerate(wanted)]
+        while not outputs[-1]:  # ONNX omits trailing optional outputs
+            outputs.pop()
+        self.nodes.append(helper.make_node(kind, inputs, outputs, name=name, **attributes))
+        return outputs + [""] * (len(wanted) - len(outputs))
 
 
 _SIMPLE = {layers.ReLU: "Relu", layers.Tanh: "Tanh", layers.Sigmoid: "Sigmoid"}
 
 
 def _pads(padding) -> list[int]:
-    return [padding[0], padding[1], padding[0], padding[1]]  # ONNX: all begins, then all ends
+    return [*padding, *padding]  # ONNX: all begins, then all ends
 
 
 def _leaf(graph: _Graph, layer: layers.Layer, x: str, path: str, shape: tuple[int, ...]) -> str:
@@ -69,15 +80,24 @@ def _leaf(graph: _Graph, layer: layers.Layer, x: str, path: str, shape: tuple[in
     if isinstance(layer, (layers.Identity, layers.Dropout)):
         return x
     if isinstance(layer, layers.Linear):
-        if len(shape) != 1:  # Gemm multiplies matrices only
-            raise WeightsError(f"{path}: unitrain exports {layer} to ONNX on (N, features) input only, "
-                               f"got per-sample shape {shape}")  # fmt: skip
-        inputs = [x, graph.tensor(weight)] + ([graph.tensor(bias)] if layer.bias else [])
-        return graph.op("Gemm", inputs, path, transB=1)
+        if len(shape) == 1:
+            inputs = [x, graph.tensor(weight)] + ([graph.tensor(bias)] if layer.bias else [])
+            return graph.op("Gemm", inputs, path, transB=1)
+        # over the last axis of (N, ..., features): Gemm takes matrices only, MatMul broadcasts
+        product = graph.op("MatMul", [x, graph.op("Transpose", [graph.tensor(weight)], path)], path)
+        return graph.op("Add", [product, graph.tensor(bias)], path) if layer.bias else product
+    if isinstance(layer, Embedding):
+        return graph.op("Gather", [graph.tensor(weight), x], path, axis=0)
+    if isinstance(layer, _Recurrent):  # in a Sequential: zero initial states, the output only
+        return recurrent(graph, layer, x, path)[0]
+    # Conv1d and the 1-d pools: ONNX's operators over one axis, with their 2-d twins' arguments but the first
+    spec = layer  # named in messages as the user wrote it
+    layer, axes = (layer.as_2d(), slice(1, None)) if isinstance(layer, ONE_D) else (layer, slice(None))
     if isinstance(layer, layers.Conv2d):
         inputs = [x, graph.tensor(weight)] + ([graph.tensor(bias)] if layer.bias else [])
-        return graph.op("Conv", inputs, path, kernel_shape=list(layer.kernel_size), strides=list(layer.stride),
-                        pads=_pads(layer.padding), dilations=list(layer.dilation), group=layer.groups)  # fmt: skip
+        return graph.op("Conv", inputs, path, kernel_shape=list(layer.kernel_size[axes]),
+                        strides=list(layer.stride[axes]), pads=_pads(layer.padding[axes]),
+                        dilations=list(layer.dilation[axes]), group=layer.groups)  # fmt: skip
     if isinstance(layer, layers.ConvTranspose2d):  # the same weight layout and output size rule as PyTorch
         inputs = [x, graph.tensor(weight)] + ([graph.tensor(bias)] if layer.bias else [])
         return graph.op("ConvTranspose", inputs, path, kernel_shape=list(layer.kernel_size), strides=list(layer.stride),
@@ -96,18 +116,19 @@ def _leaf(graph: _Graph, layer: layers.Layer, x: str, path: str, shape: tuple[in
         return graph.op("LayerNormalization", [x, scale, shift], path, axis=-len(layer.normalized_shape),
                         epsilon=layer.eps)  # fmt: skip
     if isinstance(layer, (layers.MaxPool2d, layers.AvgPool2d)):
-        window = {"kernel_shape": list(layer.kernel_size), "strides": list(layer.stride), "pads": _pads(layer.padding)}
+        window = {"kernel_shape": list(layer.kernel_size[axes]), "strides": list(layer.stride[axes]),
+                  "pads": _pads(layer.padding[axes])}  # fmt: skip
         if isinstance(layer, layers.MaxPool2d):
             return graph.op("MaxPool", [x], path, **window)
         return graph.op("AveragePool", [x], path, count_include_pad=int(layer.count_include_pad), **window)
     if isinstance(layer, layers.AdaptiveAvgPool2d):
-        (height, width), (out_h, out_w) = shape[1:], layer.output_size
-        if (out_h, out_w) == (1, 1):
+        sizes, outputs = shape[1:], layer.output_size[axes]
+        if set(outputs) == {1}:
             return graph.op("GlobalAveragePool", [x], path)
-        if height % out_h or width % out_w:
-            raise WeightsError(f"{path}: ONNX has no adaptive pooling; {layer} on {height}x{width} input has "
-                               "windows of unequal sizes")  # fmt: skip
-        window = [height // out_h, width // out_w]
+        if any(size % out for size, out in zip(sizes, outputs, strict=True)):
+            raise WeightsError(f"{path}: ONNX has no adaptive pooling; {spec} on {'x'.join(map(str, sizes))} "
+                               "input has windows of unequal sizes")  # fmt: skip
+        window = [size // out for size, out in zip(sizes, outputs, strict=True)]
         return graph.op("AveragePool", [x], path, kernel_shape=window, strides=window)
     if isinstance(layer, layers.SiLU):
         return graph.op("Mul", [x, graph.op("Sigmoid", [x], path)], path)
@@ -124,7 +145,7 @@ def _leaf(graph: _Graph, layer: layers.Layer, x: str, path: str, shape: tuple[in
             return graph.op("Flatten", [x], path, axis=1)
         # Reshape: 0 keeps the batch size, the rest is the per-sample output shape
         return graph.op("Reshape", [x, graph.ints(path, [0, *layer.output_shape(shape)])], path)
-    raise WeightsError(f"{path}: unitrain cannot export {layer} to ONNX")
+    raise WeightsError(f"{path}: unitrain cannot export {spec} to ONNX")
 
 
 def _resize(graph: _Graph, layer: layers.Upsample, x: str, path: str, shape: tuple[int, ...]) -> str:
@@ -210,6 +231,8 @@ def _function(graph: _Graph, op: str, args: list[str], kw: dict, path: str, shap
         return graph.op(kind, [args[0], axes], path, keepdims=int(kw.get("keepdim", False)))
     if op == "matmul":
         return graph.op("MatMul", args, path)
+    if op == "getitem":  # an item of a recurrent call's [output, h_n, c_n]
+        return args[0][kw["index"]]
     return _leaf(graph, ops.ACTIVATIONS[op](**kw), args[0], path, shapes[0])
 
 
@@ -258,12 +281,35 @@ def _graph_values(graph: _Graph, model: Graph, xs: list[str], input_shapes, path
             _one_input_one_output(module, join(node.target))
             results, _ = _graph_values(graph, module, args, [shapes[arg] for arg in node.args], join(node.target))
             values[node.name] = results[0]
+        elif isinstance(module, _Recurrent):
+            values[node.name] = _recurrent_call(graph, model, node, module, args, join(node.target))
         elif module is not None:
             values[node.name], _ = _node(graph, module, args[0], join(node.target), shapes[node.args[0]])
         else:
             arg_shapes = [shapes[arg] for arg in node.args]
             values[node.name] = _function(graph, node.target, args, node.options, join(node.name), arg_shapes)
     return [values[name] for name in model.outputs], [shapes[name] for name in model.outputs]
+
+
+def _recurrent_call(graph: _Graph, model: Graph, node, layer: _Recurrent, args: list[str], path: str):
+    """A recurrent layer's call node: its output, or with ``final_states`` the tuple ``[output, h_n[,
+    c_n]]`` of which only the items the graph's ``getitem`` nodes read are computed."""
+    roles = dict(zip(padded.argument_roles(layer, len(args), node.options), args, strict=True))
+    states = node.options.get("final_states")
+    reads = {item.options["index"] for item in model.nodes if item.target == "getitem" and item.args[0] == node.name}
+    results = recurrent(graph, layer, args[0], path, reads if states else {0}, roles.get("lengths"),
+                        roles.get("h_0"), roles.get("c_0"))  # fmt: skip
+    return results if states else results[0]
+
+
+def _input_type(model: layers.Container, name: str) -> int:
+    """A graph input's ONNX type: int64 for token ids and sequence lengths, float32 otherwise."""
+    role = padded.input_roles(model).get(name) if isinstance(model, Graph) else None
+    if role is not None and role.kind in ("ids", "lengths"):
+        return TensorProto.INT64
+    first = entry_layer(model)
+    single = not isinstance(model, Graph) or len(model.data_inputs) == 1
+    return TensorProto.INT64 if single and first is not None and isinstance(first[1], Embedding) else TensorProto.FLOAT
 
 
 def to_onnx(model: layers.Container, state: State, input_shape: tuple[int, ...]) -> onnx.ModelProto:
@@ -281,14 +327,21 @@ def to_onnx(model: layers.Container, state: State, input_shape: tuple[int, ...])
         results, out_shapes = _graph_values(graph, model, [*names, *_noise(graph, model, names[0])], every, "")
         out_names = ["output"] if len(results) == 1 else list(model.outputs)
     else:
-        model.output_shape(input_shape)  # a model that does not fit the input fails here, naming the layer
+        try:  # a model that does not fit the input fails here, naming the layer
+            model.output_shape(input_shape)
+        except ValueError as error:  # a container declares no input shape: ``unitrain convert`` gives MNIST's
+            raise WeightsError(f"{error}; a {type(model).__name__} declares no input shape and is exported on "
+                               f"per-sample input {tuple(input_shape)}: export a Graph, whose Input declares it, "
+                               "or call unitrain.onnx_export.to_onnx(model, state, input_shape)") from None  # fmt: skip
         names, shapes, out_names = ["input"], [tuple(input_shape)], ["output"]
         result, shape = _node(graph, model, "input", "", tuple(input_shape))
         results, out_shapes = [result], [shape]
     for result, name in zip(results, out_names, strict=True):
         graph.nodes.append(helper.make_node("Identity", [result], [name], name=name))
-    inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", *shape])
-              for name, shape in zip(names, shapes, strict=True)]  # fmt: skip
+    types = [_input_type(model, name) for name in (model.input_names[: len(names)] if isinstance(model, Graph)
+                                                   else names)]  # fmt: skip
+    inputs = [helper.make_tensor_value_info(name, kind, ["N", *shape])
+              for name, kind, shape in zip(names, types, shapes, strict=True)]  # fmt: skip
     outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", *shape])
                for name, shape in zip(out_names, out_shapes, strict=True)]  # fmt: skip
     body = helper.make_graph(graph.nodes, "unitrain", inputs, outputs, graph.initializers)
