@@ -265,10 +265,12 @@ class MultiStep:
         phases = tuple(phases)
         if not phases:
             raise ValueError("MultiStep: needs at least one phase")
-        optimizer_names = dict(optimizers)
         for phase in phases:
             if not isinstance(phase, Phase):
                 raise TypeError(f"MultiStep: phases must be Phase(name, loss, optimizer), got {phase!r}")
+        phases = lift_model_noise(phases, names)
+        optimizer_names = dict(optimizers)
+        for phase in phases:
             _check_phase(phase, names, optimizer_names)
         if len({phase.name for phase in phases}) < len(phases):
             raise ValueError(f"MultiStep: phase names must differ, got {[phase.name for phase in phases]}")
@@ -341,9 +343,15 @@ def _check_phase(phase: Phase, models: Mapping[str, Container], optimizers: Mapp
             if model is None:
                 raise ValueError(f"{where} calls model {static['model']!r}; the models are {list(models)}")
             wanted = len(model.inputs) if hasattr(model, "inputs") else 1
+            noise = getattr(model, "noise", ())  # a graph's randn_like/rand_like: its last inputs
             if len(children) != wanted:
+                data = f" ({wanted - len(noise)} without its noise)" if noise else ""
                 raise ValueError(f"{where} calls model {static['model']!r} with {len(children)} inputs; it takes "
-                                 f"{wanted}")  # fmt: skip
+                                 f"{wanted}{data}")  # fmt: skip
+            for (name, kind), given in zip(noise, children[wanted - len(noise) :], strict=True):
+                if given[0] == "noise" and given[1] != kind:
+                    raise ValueError(f"{where} fills model {static['model']!r}'s {kind} noise {name!r} with "
+                                     f"{given[1]} noise")  # fmt: skip
         elif op == "output":
             called = models[split(children[0])[2]["model"]]
             count = len(called.outputs) if hasattr(called, "outputs") else 1
@@ -356,6 +364,49 @@ def _check_phase(phase: Phase, models: Mapping[str, Container], optimizers: Mapp
     if not updated & differentiable_models(phase.loss):
         raise ValueError(f"{where}: its loss does not depend on the parameters of {sorted(updated)}, which its "
                          f"optimizer {phase.optimizer!r} updates (a detach() in the way?)")  # fmt: skip
+
+
+def lift_model_noise(phases: Sequence[Phase], models: Mapping[str, Container]) -> tuple[Phase, ...]:
+    """``phases`` with the noise of each model that draws its own (a graph with ``ops.randn_like``,
+    see :mod:`unitrain.graph_noise`) lifted into the step: a call of such a model on its data inputs
+    only gets one new noise leaf per noise input of the model, in the model's order, appended to its
+    arguments, so the step's stream draws it (after the leaves written in the losses, the calls in
+    the order the phases meet them). One call node is one call: a value an earlier phase computed
+    and a later one reuses keeps its draw, as it keeps its dropout masks; two calls draw twice, as a
+    module calling ``randn_like`` twice. Calls given every input (the noise too) stay as written."""
+    lifted: dict[Node, Node] = {}
+
+    def lift(node: Node) -> Node:
+        if node not in lifted:
+            op, children, static = split(node)
+            new = _with_children(node, tuple(lift(child) for child in children))
+            model = models.get(static["model"]) if op == "call" else None
+            noise = getattr(model, "noise", ())
+            if noise and len(children) == len(model.inputs) - len(noise):
+                shapes = dict(model.inputs)
+                new = (*new, *(_noise(kind, shapes[name]).node for name, kind in noise))
+            lifted[node] = new
+        return lifted[node]
+
+    lifted_phases = []
+    for phase in phases:
+        try:
+            lifted_phases.append(Phase(phase.name, lift(phase.loss), phase.optimizer))
+        except ValueError:  # an unknown operation: kept as written, for the phase's check to name it
+            lifted_phases.append(phase)
+    return tuple(lifted_phases)
+
+
+def _with_children(node: Node, children: tuple[Node, ...]) -> Node:
+    """``node`` with ``children`` in place of its own (``split``'s order)."""
+    op = node[0]
+    if op in ("batch", "noise"):
+        return node
+    if op in ("call", "output"):
+        return (op, node[1], *children)
+    if op == "detach":
+        return (op, *children)
+    return (op, *children, *node[1 + len(children) :])
 
 
 def _plain(node):
