@@ -324,3 +324,83 @@ def test_a_noisy_model_called_with_other_inputs_is_refused_in_one_line(inputs, m
         steps.MultiStep({"encoder": noisy_encoder()}, {"sgd": sgd},
                         [steps.Phase("p", (encode(*inputs())[0] ** 2).mean(), "sgd")])  # fmt: skip
     assert "\n" not in str(caught.value)
+
+
+NOISY_NETS = """
+from unitrain import ops
+from unitrain.graph import Graph, Input
+from unitrain.layers import Linear
+
+
+def encoder():
+    x = Input((1, 8, 8), name="x")
+    hidden, mu, logvar = Linear(64, 12), Linear(12, 4), Linear(12, 4)
+    h = hidden(x.flatten()).relu()
+    mean, log_variance = mu(h), logvar(h)
+    z = mean + ops.randn_like(log_variance) * (0.5 * log_variance).exp()
+    return Graph(x, [z, mean, log_variance], {"hidden": hidden, "mu": mu, "logvar": logvar})
+
+
+def decoder():
+    z = Input((4,), name="z")
+    fc = Linear(4, 64)
+    return Graph(z, fc(z).sigmoid().reshape(-1, 1, 8, 8), {"fc": fc})
+"""
+
+NOISY_RECIPE = """
+seed = 1
+batch_size = 8
+epochs = 1
+[data]
+dataset = "tiny.npz"
+normalize = { mean = [0.0], std = [255.0] }
+[models]
+encoder = "noisynets:encoder"
+decoder = "noisynets:decoder"
+[optimizers.adam]
+type = "Adam"
+models = ["encoder", "decoder"]
+[values]
+z = "encoder(batch)[0]"
+mu = "encoder(batch)[1]"
+logvar = "encoder(batch)[2]"
+[[phases]]
+name = "vae"
+loss = "bce(decoder(z), batch, reduction='sum') - 0.5 * (1 + logvar - mu ** 2 - exp(logvar)).sum()"
+optimizer = "adam"
+[pictures]
+reconstructions = "decoder(z)"
+count = 4
+"""
+
+
+def test_a_recipe_s_noisy_model_trains_and_evaluates_drawing_as_its_predict(tmp_path, monkeypatch, capsys):
+    """From a recipe: training draws the model's noise from the step's stream (above); the test
+    loss (``evaluate``, and ``evaluate --model``) and the pictures call the model as its loop's
+    ``predict`` does, drawing its evaluation noise itself: the figure computed here by hand."""
+    from test_hostile_runs import run_cli
+    from unitrain.conformance.tolerances import tolerance
+
+    from unitrain import multi_run
+    from unitrain.model_report import evaluate_model
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "noisynets.py").write_text(NOISY_NETS)
+    (tmp_path / "vae.toml").write_text(NOISY_RECIPE)
+    images = np.random.default_rng(0).integers(0, 256, (40, 8, 8), dtype=np.uint8)
+    np.savez(tmp_path / "tiny.npz", x_train=images[:32], y_train=np.zeros(32, np.uint8), x_test=images[32:],
+             y_test=np.zeros(8, np.uint8))  # fmt: skip
+    status, _, err = run_cli(capsys, "train", "vae.toml", "--max-steps", "2", "--plot", "p.png", "--save", "w")
+    assert status == 0 and (tmp_path / "p.png").is_file(), err
+    run = multi_run.load_multi_recipe(tmp_path / "vae.toml")
+    test = run.datasets()[1]
+    loops = steps.MultiModelLoop(run.build()[0], "numpy", seed=run.seed).loops
+    for name, loop in loops.items():
+        loop.load_weights(tmp_path / "w" / f"{name}.safetensors")
+    z, mu, logvar = (np.asarray(value, np.float64) for value in loops["encoder"].predict(test.x))
+    decoded = loops["decoder"].predict(z.astype(np.float32)).astype(np.float64)
+    reconstruction = -(test.x * np.log(decoded) + (1 - test.x) * np.log(1 - decoded)).sum()
+    expected = (reconstruction - 0.5 * (1 + logvar - mu**2 - np.exp(logvar)).sum()) / len(test)
+    allowed = tolerance(np.float32, len(test) * 64, reconstruction) / len(test)  # a float32 sum of 8 x 64 terms
+    assert multi_run.test_losses(run, loops, test) == {"vae": pytest.approx(expected, abs=allowed)}
+    assert evaluate_model(run, loops, test, "encoder").losses == {"vae": pytest.approx(expected, abs=allowed)}

@@ -397,6 +397,16 @@ def lift_model_noise(phases: Sequence[Phase], models: Mapping[str, Container]) -
     return tuple(lifted_phases)
 
 
+def data_arguments(loop, arguments: Sequence):
+    """A call's ``arguments`` as ``loop.predict`` takes them: one array, or a tuple for several
+    inputs. A model that draws noise gets its data inputs only: outside a step (a run's pictures
+    and test losses) it draws its noise as its loop's ``predict`` does (:mod:`unitrain.graph_noise`)."""
+    model = loop.model_spec
+    noise = getattr(model, "noise", ())
+    data = arguments[: len(model.inputs) - len(noise)] if noise else arguments
+    return data[0] if len(data) == 1 else tuple(data)
+
+
 def _with_children(node: Node, children: tuple[Node, ...]) -> Node:
     """``node`` with ``children`` in place of its own (``split``'s order)."""
     op = node[0]
