@@ -47,7 +47,10 @@ Evaluation rules, the same on every backend:
 - A value computed in an earlier phase of the same step is reused as long as no model it calls
   has been updated since, and computed afresh otherwise: a GAN's ``fake = G(z)`` runs once per step
   (as the PyTorch tutorial's), and ``D(fake)`` after D's update runs with D's new weights. A
-  module in training mode updates BatchNorm statistics at each call it makes, as in PyTorch.
+  module in training mode updates BatchNorm statistics at each call it makes, as in PyTorch; a
+  reused value is no call.
+- A model that draws noise inside itself (a graph with ``ops.randn_like``) called on its data
+  inputs alone takes its noise from the step's stream: :func:`lift_model_noise`.
 
 Construction refuses in one line (``ValueError``): a model given twice (one name twice, or one
 spec under two names), an optimizer over no parameters, a model in two optimizers, a phase with
