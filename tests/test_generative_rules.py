@@ -404,3 +404,14 @@ def test_a_recipe_s_noisy_model_trains_and_evaluates_drawing_as_its_predict(tmp_
     allowed = tolerance(np.float32, len(test) * 64, reconstruction) / len(test)  # a float32 sum of 8 x 64 terms
     assert multi_run.test_losses(run, loops, test) == {"vae": pytest.approx(expected, abs=allowed)}
     assert evaluate_model(run, loops, test, "encoder").losses == {"vae": pytest.approx(expected, abs=allowed)}
+
+
+def test_a_batch_a_noisy_model_cannot_take_is_refused_in_one_line():
+    """A model called on the batch and its lifted noise checks the batch as its own loop's input."""
+    from unitrain.loop import InputError
+
+    loop = steps.MultiModelLoop(vae_step(), "numpy")
+    for batch, message in ((np.zeros((4, 11)), "expects 12 input features"), (np.full((4, 12), np.nan), "NaN")):
+        with pytest.raises(InputError, match=message) as caught:
+            loop.step(batch)
+        assert "\n" not in str(caught.value)

@@ -366,7 +366,7 @@ def forward_all(roots: Sequence[expr.Expr], loops: Mapping[str, Any], x, noise: 
         elif op == "detach":
             values[node] = arguments[0]
         elif op == "call":
-            values[node] = loops[static["model"]].predict(steps.data_arguments(loops[static["model"]], arguments))
+            values[node] = steps.predict_call(loops[static["model"]], arguments)
         elif op == "output":
             values[node] = arguments[0][static["index"]]
         elif op == "const":

@@ -79,6 +79,10 @@ NOISE_KINDS = ("normal", "uniform")
 _noise_counter = itertools.count()
 
 
+#: the batch's node
+BATCH = ("batch",)
+
+
 def batch() -> Expr:
     """The batch's inputs ``x``, as the data gives them."""
     return Expr(("batch",))
@@ -400,11 +404,16 @@ def lift_model_noise(phases: Sequence[Phase], models: Mapping[str, Container]) -
     return tuple(lifted_phases)
 
 
-def data_arguments(loop, arguments: Sequence):
-    """A call's ``arguments`` as ``loop.predict`` takes them: one array, or a tuple for several
-    inputs. A model that draws noise gets its data inputs only: outside a step (a run's pictures
-    and test losses) it draws its noise as its loop's ``predict`` does (:mod:`unitrain.graph_noise`)."""
-    model = loop.model_spec
+def predict_call(loop, arguments: Sequence):
+    """A call's value outside a step (a run's pictures and test losses): ``loop.predict`` of its
+    data arguments. A model that draws noise draws it as its loop's ``predict`` does
+    (:mod:`unitrain.graph_noise`), not from the step's stream."""
+    return loop.predict(data_arguments(loop.model_spec, arguments))
+
+
+def data_arguments(model: Container, arguments: Sequence):
+    """A call's ``arguments`` as the loop of ``model`` takes them (``step``'s checks, ``predict``):
+    one value, or a tuple for several inputs; the data inputs alone for a model that draws noise."""
     noise = getattr(model, "noise", ())
     data = arguments[: len(model.inputs) - len(noise)] if noise else arguments
     return data[0] if len(data) == 1 else tuple(data)
@@ -626,8 +635,9 @@ class MultiModelLoop:
         self._weightings = [self._weighting(phase) for phase in step.phases] if self.world_size > 1 else None
         self.dtype = np.dtype(dtype)
         #: the models called on the batch itself, which check it as their own loop's inputs
-        self._batch_readers = sorted({node[1] for phase in step.phases for node in postorder([phase.loss])
-                                      if node[0] == "call" and node[2:] == (("batch",),)})  # fmt: skip
+        specs = dict(step.models)
+        calls = [node for phase in step.phases for node in postorder([phase.loss]) if node[0] == "call"]
+        self._batch_readers = sorted({call[1] for call in calls if data_arguments(specs[call[1]], call[2:]) == BATCH})
         self.noise = NoiseStream(seed)
         self.step_count = 0
         self._evaluator = evaluator_of(adapter)(step, self.loops)
