@@ -66,7 +66,7 @@ def forward_all(roots: Sequence[expr.Expr], loops: Mapping[str, Any], x, noise: 
         elif op == "detach":
             values[node] = arguments[0]
         elif op == "call":
-            values[node] = loops[static["model"]].predict(arguments[0] if len(arguments) == 1 else tuple(arguments))
+            values[node] = steps.predict_call(loops[static["model"]], arguments)
         elif op == "output":
             values[node] = arguments[0][static["index"]]
         elif op == "const":
