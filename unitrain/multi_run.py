@@ -68,6 +68,7 @@ from .layers.containers import physical_memory
 from .reading import Closed, Int, ListOf, MapOf, OneOf, Optional, check_json, short
 from .run import DataSpec, RunError, _check_fields, recipe_values
 from .step_checkpoints import CHECKPOINT_FILE, StepCheckpoints
+from .step_shapes import check_run_shapes
 
 #: longest loss or value text a recipe may hold (a DCGAN's loss is under 100 characters)
 MAX_EXPRESSION_CHARS = 2000
@@ -574,6 +575,7 @@ class MultiJob:
             self.check()
         step, expressions = self.run.build()
         train, test = self.run.datasets()
+        check_run_shapes(self.run, step, expressions, train.x.shape[1:])  # before anything is written
         backend = get_backend(self.backend).name
         try:
             loop = steps.MultiModelLoop(step, backend, seed=self.run.seed, distributed=self.distributed)
@@ -689,6 +691,7 @@ def histories_of(run: MultiRun, backends: Sequence[str]) -> tuple[dict[str, list
     and its pictures at the end (empty without ``[pictures]``)."""
     step, expressions = run.build()
     train, test = run.datasets()
+    check_run_shapes(run, step, expressions, train.x.shape[1:])
     pictures = Pictures(run, expressions, test) if expressions else None
     per_epoch, total = len(train) // run.batch_size, run.total_steps(len(train))
     histories, drawn = {}, {}

@@ -1,0 +1,102 @@
+"""Hostile multi-model steps (``unitrain.steps``, recipes with ``[models]``): a model called on a
+value of another shape, and ``[pictures]`` that are no images, are refused in one line, exit
+code 2, before any phase runs: no traceback from inside a backend's layers, no epoch trained and
+then lost, nothing written. The recipe's other refusals are in ``test_multi_run.py``."""
+
+import numpy as np
+import pytest
+from test_hostile_runs import one_error_line, run_cli
+from test_multi_run import RECIPE, tiny  # noqa: F401 (tiny: the tiny GAN's directory, a fixture)
+
+from unitrain import expr, steps
+from unitrain.graph import Graph, Input
+from unitrain.input_checks import InputError
+from unitrain.layers import Linear, Sequential, Sigmoid
+from unitrain.optim import SGD
+from unitrain.step_shapes import check_step_shapes
+
+OUTPUTS = ["out", "ck", "m.jsonl", "p.png"]  # what the runs below would write
+
+
+RECIPES = {  # (text replaced, by) -> the line's words
+    # each was a NumPy matmul traceback from inside the first phase
+    "noise of another size": (
+        ("generator(normal(4))", "generator(normal(5))"),
+        "phase 'discriminator': model 'generator': node 'first' calls first: Linear(in_features=4, out_features=12, "
+        "bias=True) expects 4 input features per sample, got per-sample shape (5,)",
+    ),
+    "noise of another rank": (
+        ("generator(normal(4))", "generator(normal(2, 2))"),
+        "phase 'discriminator': model 'generator': input 'z' has per-sample shape (4,), got (2, 2)",
+    ),
+    "the discriminator given the noise": (
+        ("bce(discriminator(batch), 1.0)", "bce(discriminator(normal(4)), 1.0)"),
+        "phase 'discriminator': model 'discriminator': 1: Linear(in_features=64, out_features=12, bias=True) expects "
+        "64 input features per sample, got per-sample shape (4,)",
+    ),
+    # found only when the first epoch's pictures were drawn: the epoch's training lost, no checkpoint
+    "pictures from noise the generator does not take": (
+        ('samples = "generator(uniform(4) * 2 - 1)"', 'samples = "generator(uniform(5))"'),
+        "pictures.samples: model 'generator': node 'first' calls first: Linear(in_features=4",
+    ),
+    # drawn as a strip of 4x1 pixels, or as one pixel, without a word
+    "pictures of the discriminator's scores": (
+        ('samples = "generator(uniform(4) * 2 - 1)"', 'samples = "discriminator(batch)"'),
+        "pictures.samples: gives values of shape (4, 1); expected grayscale images, (N, H, W) or (N, 1, H, W)",
+    ),
+    "a picture of one number": (
+        ('samples = "generator(uniform(4) * 2 - 1)"', 'samples = "generator(uniform(4)).mean()"'),
+        "pictures.samples: gives values of shape (); expected grayscale images",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", RECIPES)
+def test_a_model_given_values_of_another_shape_is_refused_before_any_step(tiny, capsys, case):  # noqa: F811
+    (old, new), words = RECIPES[case]
+    assert old in RECIPE
+    (tiny / "bad.toml").write_text(RECIPE.replace(old, new))
+    status, _, err = run_cli(capsys, "train", "bad.toml", "--epochs", "1", "--save", "out", "--checkpoint-dir", "ck",
+                             "--metrics", "m.jsonl", "--plot", "p.png", "--no-progress")  # fmt: skip
+    assert status == 2
+    one_error_line(err, words)
+    assert not [name for name in OUTPUTS if (tiny / name).exists()]
+
+
+def test_a_refused_step_leaves_every_model_and_the_noise_stream_as_they_were():
+    z = Input((3,), name="z")
+    first = Linear(3, 6)
+    generator = Graph(z, first(z), {"first": first})
+    critic = Sequential(Linear(6, 1), Sigmoid())
+    g, d = steps.Model("g"), steps.Model("d")
+    wrong = steps.MultiStep({"g": generator, "d": critic}, {"sgd": steps.OptimizerOver(SGD(0.1), ["g", "d"])},
+                            [steps.Phase("fit", steps.bce(d(g(steps.normal(4))), 1.0), "sgd")])  # fmt: skip
+    loop = steps.MultiModelLoop(wrong, "numpy", seed=0)
+    before = ({name: state.copy() for name, state in loop.state_dicts()["g"].items()}, dict(loop.noise.state()))
+    with pytest.raises(InputError, match=r"^phase 'fit': model 'g': node 'first' calls first: Linear\(in_features=3"):
+        loop.step(np.zeros((5, 6), np.float32))
+    after = loop.state_dicts()["g"]
+    assert all(np.array_equal(after[key], value) for key, value in before[0].items())
+    assert loop.noise.state() == before[1] and loop.step_count == 0
+
+
+def _vae_step(decoded: int) -> steps.MultiStep:
+    """A VAE-shaped step on samples of 8 values: an encoder of two outputs, the reparameterisation,
+    a summed loss; its decoder gives ``decoded`` values."""
+    x = Input((8,), name="x")
+    mu, logvar = Linear(8, 2), Linear(8, 2)
+    encoder = Graph(x, [mu(x), logvar(x)], {"mu": mu, "logvar": logvar})
+    e, d = steps.Model("encoder", outputs=2), steps.Model("decoder")
+    m, v = e(steps.batch())
+    z = m + expr.exp(0.5 * v) * steps.normal(2)
+    loss = steps.bce(d(z), steps.batch(), reduction="sum") - 0.5 * (1 + v - m**2 - expr.exp(v)).sum()
+    return steps.MultiStep({"encoder": encoder, "decoder": Sequential(Linear(2, decoded), Sigmoid())},
+                           {"sgd": steps.OptimizerOver(SGD(0.1), ["encoder", "decoder"])},
+                           [steps.Phase("vae", loss, "sgd")])  # fmt: skip
+
+
+def test_shapes_are_inferred_through_several_outputs_noise_and_reductions():
+    check_step_shapes(_vae_step(8), (4, 8))
+    mismatch = r"^phase 'vae': mul of shapes \(4, 8\) and \(4, 7\) \(they do not broadcast\)$"
+    with pytest.raises(InputError, match=mismatch):
+        check_step_shapes(_vae_step(7), (4, 8))
