@@ -5,7 +5,7 @@ then lost, nothing written. The recipe's other refusals are in ``test_multi_run.
 
 import numpy as np
 import pytest
-from test_hostile_runs import one_error_line, run_cli
+from test_hostile_runs import on_a_full_disk, one_error_line, run_cli
 from test_multi_run import RECIPE, tiny  # noqa: F401 (tiny: the tiny GAN's directory, a fixture)
 
 from unitrain import expr, steps
@@ -100,3 +100,44 @@ def test_shapes_are_inferred_through_several_outputs_noise_and_reductions():
     mismatch = r"^phase 'vae': mul of shapes \(4, 8\) and \(4, 7\) \(they do not broadcast\)$"
     with pytest.raises(InputError, match=mismatch):
         check_step_shapes(_vae_step(7), (4, 8))
+
+
+def test_evaluate_names_the_phase_of_a_model_given_values_of_another_shape(tiny, capsys):  # noqa: F811
+    """It was the model's own batch check, naming neither the phase nor the model."""
+    assert run_cli(capsys, "train", "gan.toml", "--max-steps", "1", "--save", "w", "--no-progress")[0] == 0
+    (old, new), words = RECIPES["noise of another size"]
+    (tiny / "bad.toml").write_text(RECIPE.replace(old, new))
+    for model in ("generator", "discriminator", None):
+        chosen = [] if model is None else ["--model", model]
+        status, out, err = run_cli(capsys, "evaluate", "--recipe", "bad.toml", "--weights", "w", *chosen)
+        assert status == 2 and out == ""
+        one_error_line(err, words)
+
+
+def test_a_full_disk_under_the_checkpoint_directory_is_named_and_leaves_nothing(tiny):  # noqa: F811
+    """Its lock file's pid could not be written: "No space left on device" named no file, and the
+    directory, its lock file and an empty --metrics file (never closed: the run raised) stayed,
+    so that the rerun was refused as "already exists"."""
+    result, lines, listing = on_a_full_disk(tiny, "train", "gan.toml", "--max-steps", "2", "--checkpoint-dir",
+                                            "DISK/ck", "--metrics", "m.jsonl")  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert lines[-1] == f"unitrain: error: {tiny / 'disk' / 'ck' / '.unitrain.lock'}: No space left on device"
+    assert listing == ["user.txt"] and not (tiny / "m.jsonl").exists()
+
+
+def test_a_metrics_file_a_run_leaves_without_a_line_is_removed(tmp_path):
+    """The multi-model loop calls no finalize when a step raises: the writer's file goes with it."""
+    import gc
+
+    from unitrain.extensions import MetricsWriter
+
+    for path, lines in ((tmp_path / "finished.jsonl", 0), (tmp_path / "raised.jsonl", 0), (tmp_path / "one.jsonl", 1)):
+        writer = MetricsWriter(path, {"backend": "numpy"})
+        for epoch in range(lines):
+            writer.on_epoch_end(None, {"epoch": epoch + 1, "loss": 0.5})
+        if path.stem == "finished":
+            writer.finalize(None)
+        del writer
+        gc.collect()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["one.jsonl"]
+    assert (tmp_path / "one.jsonl").read_text() == '{"backend": "numpy", "epoch": 1, "loss": 0.5}\n'
