@@ -148,3 +148,22 @@ def test_a_recipe_naming_a_graph_reader_reports_its_file_in_one_line(graph_file,
     status, _, err = run_cli(capsys, "train", "run.toml")
     assert status == 2
     one_error_line(err, "Linear: bias must be true or false, got 'false'")
+
+
+def test_a_graph_mindspore_cannot_compile_is_refused_before_it_compiles(graph_file, capsys, tmp_path):
+    """MindSpore's graph mode unrolls a graph into about two nested calls per node, within its limit
+    of 1,000: 500 nodes raised a RuntimeError of 20 lines at the first step and left
+    rank_0/om/analyze_fail.ir in the current directory."""
+    pytest.importorskip("mindspore")
+    import unitrain
+    from unitrain.registry import BackendError
+
+    data = _relu_chain(460, reverse=False)
+    with pytest.raises(BackendError, match=r"^the mindspore backend compiles .* this one needs about 926; use fewer"):
+        unitrain.make_loop("mindspore", from_dict(data))
+    graph_file(data)
+    status, _, err = run_cli(capsys, "train", "--backend", "mindspore", "--model", "graphreader:build")
+    assert status == 2
+    one_error_line(err, "unitrain: error: the mindspore backend compiles a model's layers and graph nodes into about")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["graph.json", "graphreader.py"]
+    assert unitrain.make_loop("mindspore", from_dict(_relu_chain(100, reverse=False)))  # built; compiles 3 s

@@ -5,6 +5,7 @@ then lost, nothing written. The recipe's other refusals are in ``test_multi_run.
 
 import numpy as np
 import pytest
+from conftest import installed_backends
 from test_hostile_runs import on_a_full_disk, one_error_line, run_cli
 from test_multi_run import RECIPE, tiny  # noqa: F401 (tiny: the tiny GAN's directory, a fixture)
 
@@ -63,7 +64,8 @@ def test_a_model_given_values_of_another_shape_is_refused_before_any_step(tiny, 
     assert not [name for name in OUTPUTS if (tiny / name).exists()]
 
 
-def test_a_refused_step_leaves_every_model_and_the_noise_stream_as_they_were():
+@pytest.mark.parametrize("backend", installed_backends())
+def test_a_refused_step_leaves_every_model_and_the_noise_stream_as_they_were(backend):
     z = Input((3,), name="z")
     first = Linear(3, 6)
     generator = Graph(z, first(z), {"first": first})
@@ -71,7 +73,7 @@ def test_a_refused_step_leaves_every_model_and_the_noise_stream_as_they_were():
     g, d = steps.Model("g"), steps.Model("d")
     wrong = steps.MultiStep({"g": generator, "d": critic}, {"sgd": steps.OptimizerOver(SGD(0.1), ["g", "d"])},
                             [steps.Phase("fit", steps.bce(d(g(steps.normal(4))), 1.0), "sgd")])  # fmt: skip
-    loop = steps.MultiModelLoop(wrong, "numpy", seed=0)
+    loop = steps.MultiModelLoop(wrong, backend, seed=0)
     before = ({name: state.copy() for name, state in loop.state_dicts()["g"].items()}, dict(loop.noise.state()))
     with pytest.raises(InputError, match=r"^phase 'fit': model 'g': node 'first' calls first: Linear\(in_features=3"):
         loop.step(np.zeros((5, 6), np.float32))
