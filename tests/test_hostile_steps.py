@@ -127,7 +127,7 @@ def test_a_full_disk_under_the_checkpoint_directory_is_named_and_leaves_nothing(
     assert listing == ["user.txt"] and not (tiny / "m.jsonl").exists()
 
 
-def test_a_metrics_file_a_run_leaves_without_a_line_is_removed(tmp_path):
+def test_a_metrics_file_a_failed_run_leaves_without_a_line_is_removed(tmp_path):
     """The multi-model loop calls no finalize when a step raises: the writer's file goes with it."""
     import gc
 
@@ -141,5 +141,5 @@ def test_a_metrics_file_a_run_leaves_without_a_line_is_removed(tmp_path):
             writer.finalize(None)
         del writer
         gc.collect()
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["one.jsonl"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["finished.jsonl", "one.jsonl"]  # a run of 0 steps
     assert (tmp_path / "one.jsonl").read_text() == '{"backend": "numpy", "epoch": 1, "loss": 0.5}\n'

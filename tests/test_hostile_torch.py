@@ -111,3 +111,33 @@ def test_modules_from_torch_cannot_import_are_one_line_and_exit_2(torchnets, cap
 def test_ctrl_c_while_a_module_is_traced_ends_the_command_as_interrupted(torchnets, capsys):
     status, out, err = run_cli(capsys, "train", "--model", "torchnets:ctrl_c")
     assert status == 130 and out == "" and err == "unitrain: interrupted\n"
+
+
+COUNTED = """
+import sys
+import torch
+from torch import nn
+
+CALLS = []
+
+
+def build():
+    CALLS.append("build")
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 10)), torch.zeros(2, 1, 28, 28)
+"""
+
+
+def test_one_command_calls_the_model_function_and_traces_the_module_once(tmp_path, monkeypatch, capsys):
+    """It was called (and the module traced, twice each time) six times by one train: a model of 318 MB
+    peaked at 4.2 GB of memory, against 1.5 GB for the same model written with unitrain's layers."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "counted_torch.py").write_text(COUNTED)
+    status, _, err = run_cli(capsys, "train", "--model", "counted_torch:build", "--max-steps", "1", "--no-progress",
+                             "--save", "w.safetensors")  # fmt: skip
+    assert status == 0, err
+    import counted_torch
+
+    assert counted_torch.CALLS == ["build"]
+    status, _, err = run_cli(capsys, "evaluate", "--model", "counted_torch:build", "--weights", "w.safetensors")
+    assert status == 0, err
+    assert counted_torch.CALLS == ["build"] * 2  # each command builds its own

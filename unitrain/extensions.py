@@ -79,8 +79,8 @@ class MetricsWriter:
     def __init__(self, path: Path, fields: dict, overwrite: bool = False):
         self.file, self.path = files.create_output(path, overwrite=overwrite)
         self.fields, self.size = fields, 0
-        # a run that raises may never call finalize: the file is closed, and removed if empty, when
-        # the writer goes (at the latest when the interpreter exits)
+        # a run that raises may not call finalize: the file is closed, and removed if no line was
+        # written, when the writer goes (at the latest when the interpreter exits)
         self._abandoned = weakref.finalize(self, _close_keeping_lines, self.file, self.path)
 
     def on_epoch_end(self, loop, record):
@@ -100,11 +100,6 @@ class MetricsWriter:
 
     def finalize(self, loop):
         self._abandoned.detach()
-        if self.file.closed:  # a write failed: cut back and closed then
-            return
-        if self.size == 0:  # no epoch ended (a stop before the first): nothing to keep
-            files.cut_back(self.file, self.path, 0)
-            return
         with files.naming(self.path):
             self.file.close()
 
