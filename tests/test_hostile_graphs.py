@@ -5,6 +5,7 @@ of any JSON shape are in ``test_hostile_models.py``."""
 
 import json
 
+import numpy as np
 import pytest
 from test_hostile_runs import one_error_line, run_cli
 
@@ -167,3 +168,54 @@ def test_a_graph_mindspore_cannot_compile_is_refused_before_it_compiles(graph_fi
     one_error_line(err, "unitrain: error: the mindspore backend compiles a model's layers and graph nodes into about")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["graph.json", "graphreader.py"]
     assert unitrain.make_loop("mindspore", from_dict(_relu_chain(100, reverse=False)))  # built; compiles 3 s
+
+
+def _deep_chain(length: int, width: int) -> Graph:
+    x = Input((16,), name="x")
+    first, last = L.Linear(16, width), L.Linear(width, 2)
+    h = first(x)
+    for _ in range(length):
+        h = ops.relu(h)
+    return Graph(x, last(h), {"first": first, "last": last})
+
+
+@pytest.mark.parametrize("backend", ["numpy", "chainer"])
+def test_evaluating_a_deep_graph_holds_a_few_values_at_a_time(backend):
+    """Every node's value was held until the graph's end: a chain of 100 ReLUs over a batch of 1000x4096
+    held 1.6 GB on NumPy (1.7 GB on Chainer, 1.9 GB on PyTorch) where the same Sequential held 76 MB.
+    NumPy's arrays (Chainer's too) are traced by tracemalloc: the peak counts the values alive at once."""
+    import tracemalloc
+
+    pytest.importorskip(backend)
+    import unitrain
+
+    loop = unitrain.make_loop(backend, _deep_chain(50, 1024), seed=0)
+    x = np.zeros((500, 16), np.float32)
+    loop.predict(x[:2])  # the first call's one-time allocations
+    tracemalloc.start()
+    try:
+        loop.predict(x)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    value = 500 * 1024 * 4  # one node's value; the 50 of the chain: 102 MB
+    assert peak < 8 * value, f"{peak / value:.1f} values alive at once"
+
+
+def test_a_torch_graph_lets_go_of_each_value_its_last_reader_has_read():
+    torch = pytest.importorskip("torch")
+    import gc
+
+    import unitrain
+
+    loop = unitrain.make_loop("torch", _deep_chain(50, 1024), seed=0)
+    alive = []
+
+    def count(module, args):
+        gc.collect()
+        tensors = [obj for obj in gc.get_objects() if type(obj) in (torch.Tensor, torch.nn.Parameter)]
+        alive.append(sum(1 for tensor in tensors if tensor.shape[-1:] == (1024,)))
+
+    loop.model.get_submodule("last").register_forward_pre_hook(count)
+    loop.predict(np.zeros((8, 16), np.float32))
+    assert alive and alive[0] <= 3, alive  # the last ReLU's value (and the weights of first, 1024 x 16)

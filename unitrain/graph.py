@@ -581,6 +581,22 @@ def _check_structure(graph: Graph, nodes: list[Node], outputs: list[str]) -> lis
     return ordered
 
 
+def released_after(graph: Graph) -> tuple[tuple[str, ...], ...]:
+    """For each node in order, the values (inputs and nodes) that no later node reads and no output
+    is: what an eager backend's run of the nodes lets go of after it, so that evaluating a deep graph
+    holds a few values at a time as a Sequential does (a chain of 100 ReLUs over a batch of
+    1000x4096 held 1.6 GB where the same Sequential held 76 MB)."""
+    last = {}
+    for index, node in enumerate(graph.nodes):
+        for arg in node.args:
+            last[arg] = index
+    released: list[list[str]] = [[] for _ in graph.nodes]
+    for name, index in last.items():
+        if name not in graph.outputs:
+            released[index].append(name)
+    return tuple(map(tuple, released))
+
+
 # --- serialisation ----------------------------------------------------------------------------
 
 _LAYER_TYPES = {cls.__name__: cls for module in (layers, sequences) for cls in vars(module).values()
