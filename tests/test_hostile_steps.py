@@ -143,3 +143,34 @@ def test_a_metrics_file_a_failed_run_leaves_without_a_line_is_removed(tmp_path):
         gc.collect()
     assert sorted(path.name for path in tmp_path.iterdir()) == ["finished.jsonl", "one.jsonl"]  # a run of 0 steps
     assert (tmp_path / "one.jsonl").read_text() == '{"backend": "numpy", "epoch": 1, "loss": 0.5}\n'
+
+
+def test_sigterm_mid_run_checkpoints_and_the_resume_equals_an_uninterrupted_run(tiny, capsys):  # noqa: F811
+    """As Ctrl-C (test_multi_run.py): SIGTERM stops at a step boundary with a checkpoint and 143; the
+    resumed run's weights are the uninterrupted run's, bit for bit on NumPy."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from test_multi_run import _assert_same_weights, _weights
+
+    from unitrain.step_checkpoints import CHECKPOINT_FILE
+    from unitrain.weights import load_safetensors
+
+    command = [sys.executable, "-m", "unitrain", "train", "gan.toml", "--epochs", "100000", "--checkpoint-dir",
+               "run", "--checkpoint-every", "1000000", "--no-progress"]  # fmt: skip
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+        while "steps of 8" not in process.stdout.readline():  # training has begun
+            pass
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=120)
+    step = int(load_safetensors(tiny / "run" / CHECKPOINT_FILE)[1]["step_count"])
+    assert process.returncode == 143 and err.splitlines()[-1] == (
+        f"unitrain: stopped at step {step}; checkpoint in {os.path.join('run', CHECKPOINT_FILE)}"
+    ), err
+    for argv in (["--resume", "run", "--max-steps", str(step + 3), "--save", "resumed"],
+                 ["gan.toml", "--epochs", "100000", "--max-steps", str(step + 3), "--save", "straight"]):  # fmt: skip
+        status, _, err = run_cli(capsys, "train", *argv, "--no-progress")
+        assert status == 0, err
+    _assert_same_weights(_weights(tiny / "resumed"), _weights(tiny / "straight"))
