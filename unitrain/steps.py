@@ -640,6 +640,7 @@ class MultiModelLoop:
         self._batch_readers = sorted({call[1] for call in calls if data_arguments(specs[call[1]], call[2:]) == BATCH})
         self.noise = NoiseStream(seed)
         self.step_count = 0
+        self._fitting_shapes: set[tuple] = set()  # the batch shapes every phase was checked to fit
         self._evaluator = evaluator_of(adapter)(step, self.loops)
         if self.world_size > 1 and not runs_data_parallel(type(self._evaluator)):
             raise ValueError(f"the {adapter.name} backend runs a multi-model step in one process only")
@@ -656,6 +657,12 @@ class MultiModelLoop:
         for name in self._batch_readers:  # a wrong batch: one line (InputError) naming what was expected
             self.loops[name]._check_x(x)
         x = tuple(np.asarray(a, self.dtype) for a in x) if isinstance(x, tuple) else np.asarray(x, self.dtype)
+        shape = tuple(a.shape for a in x) if isinstance(x, tuple) else x.shape
+        if shape not in self._fitting_shapes:  # each batch shape once (a shorter last batch is another)
+            from .step_shapes import check_step_shapes
+
+            check_step_shapes(self.step_spec, shape)
+            self._fitting_shapes.add(shape)
         samples = len(x[0] if isinstance(x, tuple) else x)
         noise = self.noise.draw(self.step_spec.noise, samples, self.dtype)  # every rank: the global batch's
         if self.world_size == 1:
