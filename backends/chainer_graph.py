@@ -61,10 +61,13 @@ FUNCTIONS: dict[str, Callable] = {
 assert set(FUNCTIONS) | set(ops.ACTIVATIONS) == set(ops.OPS), "every operation has its Chainer function"
 
 
-def run(steps, input_names, output_names, inputs):
-    """The graph's outputs: ``steps`` are ``(node name, callable, argument names)`` in order."""
+def run(steps, input_names, output_names, inputs, released):
+    """The graph's outputs: ``steps`` are ``(node name, callable, argument names)`` in order, after
+    each of which the values ``released`` names are let go of (:func:`unitrain.graph.released_after`)."""
     values = dict(zip(input_names, inputs, strict=True))
-    for name, call, args in steps:
+    for (name, call, args), done in zip(steps, released, strict=True):
         values[name] = call(*[values[arg] for arg in args])
+        for value in done:
+            del values[value]
     outputs = tuple(values[name] for name in output_names)
     return outputs if len(outputs) > 1 else outputs[0]

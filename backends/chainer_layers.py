@@ -18,7 +18,7 @@ with warnings.catch_warnings():
     import chainer.links as L
 
 from unitrain import layers, sequences
-from unitrain.graph import Graph
+from unitrain.graph import Graph, released_after
 from unitrain.randomness import dropout_mask
 from unitrain.upsampling import interpolation_matrix
 
@@ -444,6 +444,7 @@ class _Graph(_Sequence):
         super().__init__()
         self._input_names, self._output_names = spec.input_names, spec.outputs
         self._steps = []  # (node name, callable, argument names), filled by the loop's builder
+        self._released = released_after(spec)
 
     def forward(self, *inputs):
-        return chainer_graph.run(self._steps, self._input_names, self._output_names, inputs)
+        return chainer_graph.run(self._steps, self._input_names, self._output_names, inputs, self._released)

@@ -69,6 +69,7 @@ from unitrain.losses import (
 )
 from unitrain.optim import SGD, clip_grad_norm_scale, initial_buffer_value, optimizer_update
 from unitrain.randomness import dropout_mask, dropout_stream, set_stream_state, stream_state
+from unitrain.registry import BackendError
 
 from . import mindspore_graph
 from .mindspore_layers import _Builder, _dropout_shapes, _in_float64, _log_softmax_of_primitives
@@ -300,6 +301,11 @@ class MindSporeLoop(TrainingLoop):
         )
         # per-sample input shape -> (p, per-sample shape) of each mask, in the order they apply
         self._mask_shapes: dict[tuple[int, ...], list[tuple[float, tuple[int, ...]]]] = {}
+        if (depth := mindspore_graph.unrolled_depth(model)) > mindspore_graph.MODEL_CALL_DEPTH:  # before compiling
+            raise BackendError(f"the mindspore backend compiles a model's layers and graph nodes into about two "
+                               f"nested calls each, within MindSpore's limit of {mindspore_graph.CALL_DEPTH_LIMIT} "
+                               f"({mindspore_graph.MODEL_CALL_DEPTH} for the model): this one needs about {depth}; use "
+                               "fewer layers or nodes, or another backend")  # fmt: skip
         builder = _Builder()
         net = builder.build(model, "")
         self._params = {key: builder.params[key] for key in model.state_shapes()}  # state_dict order

@@ -19,9 +19,10 @@ gradients of their uses.
 
 A value an earlier phase of the step computed is computed again inside the phase (the graph must
 see the path to the weights); the rule of :mod:`unitrain.steps` that such a value is computed
-once is kept for what it changes: a repeated call gets the dropout masks of its first call, and a
-model whose calls in the phase all repeat earlier ones gets its BatchNorm statistics back
-afterwards, as the adapter's own ``backward`` does after its re-run. With ``compiled = False``
+once is kept for what it changes: a repeated call (:class:`_RepeatedCall`) gets the dropout masks
+of its first call, and puts its model's BatchNorm statistics back after it runs, as the adapter's
+own ``backward`` does after its re-run, so each call of the step counts once even where the phase
+also calls the model afresh (a generator on new noise beside its earlier fake). With ``compiled = False``
 on the adapter the same Cells run eagerly (PyNative).
 """
 
@@ -90,6 +91,26 @@ class _Call(nn.Cell):
         return self.net(x, call_masks)
 
 
+class _RepeatedCall(_Call):
+    """A call that repeats one an earlier phase of the step computed (the graph computes it again
+    to see the path to the weights): its model's BatchNorm statistics, which that call updated
+    already, are put back after it, so each call of the step counts once, whatever else the phase
+    calls the model on."""
+
+    def __init__(self, net: nn.Cell, positions: tuple[int, ...], mask_positions: tuple[int, ...], buffers: list):
+        super().__init__(net, positions, mask_positions)
+        self.buffers = ms.ParameterTuple(buffers)
+
+    def construct(self, values, inputs, masks):
+        saved = ()
+        for buffer in self.buffers:
+            saved = (*saved, buffer + 0)
+        output = super().construct(values, inputs, masks)
+        for buffer, kept in zip(self.buffers, saved):  # noqa: B905
+            ops.assign(buffer, kept)
+        return output
+
+
 class _Operation(nn.Cell):
     """A CustomLoss operation: ``fn(*operands, *static)``."""
 
@@ -130,36 +151,32 @@ class Evaluator(PhaseEvaluator):
         self._step = None  # built at the first step, when the masks' positions are known
 
     def _plan(self) -> list:
-        """For each phase: its calls in evaluation order, those that run afresh (the others
-        repeat a call of an earlier phase of the step, whose masks they reuse) and the models
-        whose calls all repeat (their BatchNorm statistics are put back after the phase)."""
+        """For each phase: its calls in evaluation order and those that run afresh (the others
+        repeat a call of an earlier phase of the step, whose masks they reuse and whose
+        BatchNorm statistics they leave as that call made them)."""
         computed: set = set()  # the nodes an earlier phase of the step computed, still valid
         plan = []
         for _, updated, order in self.phases:
             calls = [node for node in order if node[0] == "call"]
-            fresh = {node for node in calls if node not in computed}
-            repeated = sorted({node[1] for node in calls} - {node[1] for node in fresh})
-            plan.append((calls, fresh, repeated))
+            plan.append((calls, {node for node in calls if node not in computed}))
             computed = {node for node in computed | set(order) if not self.calls[node] & set(updated)}
         return plan
 
     def _build(self, mask_positions: list[dict]):
         phases = []
-        for (_, updated, order), (_, _, repeated), positions in zip(self.phases, self.plan, mask_positions,
-                                                                     strict=True):  # fmt: skip
+        for (_, updated, order), (_, fresh), positions in zip(self.phases, self.plan, mask_positions, strict=True):
             updated = [self.loops[name] for name in updated]
             weights = [loop._params[name] for loop in updated for name in loop._grad_names]
             phases.append((
-                ms.value_and_grad(self._phase_cell(order, positions), None, weights),
+                ms.value_and_grad(self._phase_cell(order, fresh, positions), None, weights),
                 [buffer for loop in updated for buffer in loop._grads],
-                [buffer for name in repeated for buffer in self.loops[name]._buffers],
                 [loop._fn.update_in_graph for loop in updated],
             ))  # fmt: skip
         first = next(iter(self.loops.values()))
         step = _train_step(phases, first._allreduce if first.world_size > 1 else None)
         return ms.jit(step) if all(loop.compiled for loop in self.loops.values()) else step
 
-    def _phase_cell(self, order, mask_positions: dict) -> _PhaseLoss:
+    def _phase_cell(self, order, fresh: set, mask_positions: dict) -> _PhaseLoss:
         position = {node: index for index, node in enumerate(order)}
         inputs = {leaf: 1 + index for index, leaf in enumerate(self.step.noise)}
         cells = []
@@ -172,8 +189,11 @@ class Evaluator(PhaseEvaluator):
                 cells.append(_Detach(*at))
             elif op == "output":
                 cells.append(_Output(*at, static["index"]))
-            elif op == "call":
+            elif op == "call" and node in fresh:
                 cells.append(_Call(self.loops[static["model"]]._net, at, mask_positions.get(node, ())))
+            elif op == "call":
+                loop = self.loops[static["model"]]
+                cells.append(_RepeatedCall(loop._net, at, mask_positions.get(node, ()), loop._buffers))
             else:
                 cells.append(_Operation(_EXPR_OPS[op], at, tuple(static.values())))
         return _PhaseLoss(cells)
@@ -183,7 +203,7 @@ class Evaluator(PhaseEvaluator):
         the order its calls run, and per phase each call's positions among them (a repeated
         call: those of the call it repeats)."""
         shapes, masks, drawn, positions = None, [], {}, []
-        for calls, fresh, _ in self.plan:
+        for calls, fresh in self.plan:
             for node in calls:
                 if node in fresh and self.loops[node[1]]._has_dropout:
                     shapes = shapes or _shapes(self.phases, x, noise, self.loops)
@@ -223,20 +243,17 @@ def _train_step(phases, allreduce):
     """The whole step as one function of the inputs, the masks, the optimizers' step numbers,
     lrs and momenta (``tensors``, three per update), first-step flags and, data parallel, each
     phase's share (``shares``): per phase, the loss and its gradients (``value_and_grad``), summed
-    over the ranks times the share by ``allreduce`` (None in one process), the repeated models'
-    statistics put back, the gradients into their buffers and each updated loop's own update.
+    over the ranks times the share by ``allreduce`` (None in one process), the gradients into their
+    buffers and each updated loop's own update.
     (MindSpore's graph syntax has no ``zip(strict=)``.)"""
 
     def train_step(inputs, masks, tensors, flags, shares):
         losses = ()
         update = 0
-        for index, (value_and_grad, grads, restored, updates) in enumerate(phases):
-            saved = [buffer + 0 for buffer in restored]
+        for index, (value_and_grad, grads, updates) in enumerate(phases):
             value, gradients = value_and_grad(inputs, masks)
             if allreduce is not None:  # before the update, which reads the buffers
                 gradients = [allreduce(gradient * shares[index]) for gradient in gradients]
-            for buffer, kept in zip(restored, saved):  # noqa: B905
-                ops.assign(buffer, kept)
             for buffer, gradient in zip(grads, gradients):  # noqa: B905
                 ops.assign(buffer, gradient)
             for update_in_graph in updates:

@@ -20,7 +20,7 @@ import copy
 import numpy as np
 
 from unitrain import ops
-from unitrain.graph import Graph, get_submodule, tie_source
+from unitrain.graph import Graph, get_submodule, released_after, tie_source
 from unitrain.layers import Container
 from unitrain.sequences import LSTM
 
@@ -270,11 +270,14 @@ class GraphRun:
             requires[node.name] = step.has_params or any(requires[arg] for arg in node.args)
         self.requires = requires
         self.has_params = any(requires[name] for name in self.outputs)
+        self.released = released_after(spec)
 
     def forward(self, x, training, record):
         values = dict(zip(self.inputs, x if len(self.inputs) > 1 else (x,), strict=True))
-        for node, step in zip(self.spec.nodes, self.steps, strict=True):
+        for node, step, released in zip(self.spec.nodes, self.steps, self.released, strict=True):
             values[node.name] = step.run([values[arg] for arg in node.args], training, record)
+            for name in released:  # read by no later node: the steps keep what their backward needs
+                del values[name]
         outputs = tuple(values[name] for name in self.outputs)
         return outputs if len(outputs) > 1 else outputs[0]
 

@@ -78,6 +78,8 @@ class Evaluator(PhaseEvaluator):
                     else:
                         grad = np.array(np.broadcast_to(grad, outputs.shape), self.dtype)  # the tree may overwrite it
                     parts = self.trees[node].backward(grad, any(need))
+                    if parts is None:  # no input needs a gradient (a model called on the batch and noise)
+                        parts = (None,) * len(children)
                     parts = parts if isinstance(parts, tuple) else (parts,)
                 else:
                     values = [cache[child] for child in children]

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unitrain import ops
-from unitrain.graph import Graph, tie_source
+from unitrain.graph import Graph, released_after, tie_source
 
 
 def _binary(function: Callable, reverse_function: Callable | None = None):
@@ -72,17 +72,20 @@ class GraphModule(nn.Module):
             tie(self, key, given)
         self.register_state_dict_post_hook(_drop_tied)
         self.register_load_state_dict_pre_hook(_fill_tied)
-        # (name, callable, argument names, kwargs); a plain list, so submodules are registered once
+        # (name, callable, argument names, kwargs, the values let go of after it); a plain list, so
+        # submodules are registered once
         self.steps = [
             (node.name, self.get_submodule(node.target) if node.op == "call_module" else FUNCTIONS[node.target],
-             node.args, node.options)
-            for node in spec.nodes
+             node.args, node.options, released)
+            for node, released in zip(spec.nodes, released_after(spec), strict=True)
         ]  # fmt: skip
 
     def forward(self, *inputs: torch.Tensor):
         values = dict(zip(self.input_names, inputs, strict=True))
-        for name, call, args, kwargs in self.steps:
+        for name, call, args, kwargs, released in self.steps:
             values[name] = call(*[values[arg] for arg in args], **kwargs)
+            for done in released:  # read by no later node: autograd keeps what backward needs
+                del values[done]
         outputs = tuple(values[name] for name in self.output_names)
         return outputs if len(outputs) > 1 else outputs[0]
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 # only what parsing needs: `unitrain --help` and a mistyped flag answer before NumPy loads; each command
 # imports the rest (tests/test_cli_imports.py checks what parsing imports)
 from . import distributed, files, registry
+from .built_models import one_model_per_name
 from .cli_arguments import (
     EARLY_STOPPING_FLAGS,
     OPTIMIZER_FLAGS,
@@ -301,8 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with ending_on_signals():
             try:
-                args = build_parser().parse_args(argv)
-                return args.handler(args)
+                with one_model_per_name():  # parsing checks --model by building it: once a command
+                    args = build_parser().parse_args(argv)
+                    return args.handler(args)
             except Exception as error:
                 if not _is_users_error(error):
                     raise

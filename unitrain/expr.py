@@ -343,7 +343,12 @@ def _shape_and_batch_axis(tree: Node, pred_shape, target_shape) -> tuple[tuple[i
         if index >= len(shapes):
             raise ValueError(f"{leaf}[{index}] of {len(shapes)} {'outputs' if leaf == 'pred' else 'targets'}")
         return tuple(shapes[index]), 0
-    operands = [_shape_and_batch_axis(child, pred_shape, target_shape) for child in children]
+    return operation_shape(op, static, [_shape_and_batch_axis(child, pred_shape, target_shape) for child in children])
+
+
+def operation_shape(op: str, static: Mapping, operands: list) -> tuple[tuple[int, ...], int | None]:
+    """What operation ``op`` computes of ``operands``, each ``(shape, where its batch axis is or
+    None)``: the same pair, or ``ValueError`` naming the rule it breaks (:func:`result_shape`)."""
     if len(operands) == 2:
         (a, a_batch), (b, b_batch) = operands
         try:

@@ -9,6 +9,7 @@ import math
 import os
 import sys
 import time
+import weakref
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -78,6 +79,9 @@ class MetricsWriter:
     def __init__(self, path: Path, fields: dict, overwrite: bool = False):
         self.file, self.path = files.create_output(path, overwrite=overwrite)
         self.fields, self.size = fields, 0
+        # a run that raises may not call finalize: the file is closed, and removed if no line was
+        # written, when the writer goes (at the latest when the interpreter exits)
+        self._abandoned = weakref.finalize(self, _close_keeping_lines, self.file, self.path)
 
     def on_epoch_end(self, loop, record):
         # JSON has no NaN: an accuracy is NaN where the targets are not classes (--loss mse ...), left
@@ -95,8 +99,14 @@ class MetricsWriter:
         self.size += len(line)
 
     def finalize(self, loop):
+        self._abandoned.detach()
         with files.naming(self.path):
             self.file.close()
+
+
+def _close_keeping_lines(file, path: Path) -> None:
+    if not file.closed:
+        files.cut_back(file, path, os.fstat(file.fileno()).st_size)
 
 
 def check_tensorboard_dir(path: Path, flag: str, subfolders: Iterable[str] = ()) -> None:

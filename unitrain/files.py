@@ -270,8 +270,17 @@ def directory_lock(directory: str | os.PathLike, what: str) -> Iterator[None]:
             os.close(descriptor)
             raise OutputError(f"{what} is in use by another run (pid {holder or 'unknown'}); wait for it to end, or "
                               "choose another directory") from None  # fmt: skip
-        os.ftruncate(descriptor, 0)
-        os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+        try:  # on a full disk: the lock file named, and what this call made goes again
+            with naming(directory / LOCK_FILE):
+                os.ftruncate(descriptor, 0)
+                os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            os.close(descriptor)
+            if created:
+                with suppress(OSError):
+                    os.unlink(directory / LOCK_FILE)
+                    directory.rmdir()
+            raise
         _HELD[key] = [descriptor, 0, created]
     _HELD[key][1] += 1
     try:

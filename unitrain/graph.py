@@ -543,21 +543,27 @@ def _check_structure(graph: Graph, nodes: list[Node], outputs: list[str]) -> lis
         if name not in by_name and name not in inputs:
             raise ValueError(f"Graph: output {name!r} names neither an input nor a node")
     ordered, state = [], {}  # state: 1 on the DFS path, 2 done
-
-    def visit(name, trail):
-        if name in inputs or state.get(name) == 2:
-            return
-        if state.get(name) == 1:
-            cycle = [*trail[trail.index(name) :], name]
-            raise ValueError(f"Graph: node {name!r} is in a cycle: {' -> '.join(cycle)}")
-        state[name] = 1
-        for arg in by_name[name].args:
-            visit(arg, [*trail, name])
-        state[name] = 2
-        ordered.append(by_name[name])
-
     for node in nodes:  # stable: the given order wherever dependencies allow
-        visit(node.name, [])
+        if node.name in state:
+            continue
+        state[node.name] = 1
+        path = [(node.name, iter(node.args))]  # iterative: a chain of any length, listed in any order
+        while path:
+            name, pending = path[-1]
+            arg = next(pending, None)
+            if arg is None:
+                path.pop()
+                state[name] = 2
+                ordered.append(by_name[name])
+            elif arg not in inputs and state.get(arg) != 2:
+                if state.get(arg) == 1:
+                    trail = [entry for entry, _ in path]
+                    cycle = [*trail[trail.index(arg) :], arg]
+                    if len(cycle) > 12:  # a line, not a page
+                        cycle = [*cycle[:5], f"... {len(cycle) - 10} more ...", *cycle[-5:]]
+                    raise ValueError(f"Graph: node {arg!r} is in a cycle: {' -> '.join(cycle)}")
+                state[arg] = 1
+                path.append((arg, iter(by_name[arg].args)))
     used = set(outputs)
     for node in reversed(ordered):
         if node.name in used:
@@ -573,6 +579,22 @@ def _check_structure(graph: Graph, nodes: list[Node], outputs: list[str]) -> lis
         if name not in called:
             raise ValueError(f"Graph: module {name!r} is never called")
     return ordered
+
+
+def released_after(graph: Graph) -> tuple[tuple[str, ...], ...]:
+    """For each node in order, the values (inputs and nodes) that no later node reads and no output
+    is: what an eager backend's run of the nodes lets go of after it, so that evaluating a deep graph
+    holds a few values at a time as a Sequential does (a chain of 100 ReLUs over a batch of
+    1000x4096 held 1.6 GB where the same Sequential held 76 MB)."""
+    last = {}
+    for index, node in enumerate(graph.nodes):
+        for arg in node.args:
+            last[arg] = index
+    released: list[list[str]] = [[] for _ in graph.nodes]
+    for name, index in last.items():
+        if name not in graph.outputs:
+            released[index].append(name)
+    return tuple(map(tuple, released))
 
 
 # --- serialisation ----------------------------------------------------------------------------
@@ -641,9 +663,12 @@ def _from_entry(data: Mapping, depth: int) -> Layer:
             nodes = [_node(n) for n in _field(rest, "nodes", list)]
             tied = _field(rest, "tied", Mapping) if "tied" in rest else None
             noise = _field(rest, "noise", Mapping) if "noise" in rest else None
-            return Graph.from_nodes(
-                _field(rest, "inputs", Mapping), nodes, _field(rest, "outputs", list), modules, tied, noise
-            )
+            inputs = _field(rest, "inputs", Mapping)
+            for name, shape in inputs.items():
+                if not isinstance(shape, list):  # a string's characters are no sizes
+                    raise ValueError(f"graph input {str(name)[:40]!r}: shape must be a list of sizes, got "
+                                     f"{str(shape)[:80]!r}")  # fmt: skip
+            return Graph.from_nodes(inputs, nodes, _field(rest, "outputs", list), modules, tied, noise)
         if kind == "Sequential":
             children = {name: child(spec) for name, spec in _field(rest, "children", Mapping).items()}
             return layers.Sequential(children, init=rest.get("init", "pytorch"))
@@ -658,6 +683,9 @@ def _from_entry(data: Mapping, depth: int) -> Layer:
         kinds = {**_LAYER_TYPES, **attention.LEAVES}
         if kind not in kinds:
             raise ValueError(f"unknown layer type {kind!r}")
+        for flag in (f.name for f in fields(kinds[kind]) if f.type in ("bool", "bool | None")):
+            if not isinstance(rest.get(flag, False), bool | None):  # a file's "false" would read as True
+                raise ValueError(f"{kind}: {flag} must be true or false, got {str(rest[flag])[:80]!r}")
         return kinds[kind](**{key: _frozen(value) for key, value in rest.items()})
     except (KeyError, TypeError) as error:
         raise ValueError(f"model entry of type {kind!r} does not fit: {type(error).__name__}: {error}") from None

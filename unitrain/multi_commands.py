@@ -194,6 +194,7 @@ def evaluate_command(args) -> int:
     ``--model NAME``: that model's report (:mod:`unitrain.model_report`), which reads the weights of
     the models it calls only."""
     from .model_report import evaluate_model, models_called
+    from .step_shapes import check_run_shapes
     from .weights import check_state, load_safetensors
 
     typed = [f"--{key.replace('_', '-')}" for key in ("dataset", "data_dir") if hasattr(args, key)]
@@ -217,6 +218,7 @@ def evaluate_command(args) -> int:
         state = load_safetensors(path, lambda declared, s=shapes, n=source: check_state(s, declared, n), name=source)[0]
         loop.loops[name].load_state_dict(state, source=str(path))
     _, test = run.datasets()
+    check_run_shapes(run, step, {}, test.x.shape[1:])  # a model given values of another shape: its phase named
     if model is not None:
         report = evaluate_model(run, loop.loops, test, model)
         print(f"{args.weights} on {backend}: {model} over {report.samples} test images")

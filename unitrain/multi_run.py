@@ -41,6 +41,7 @@ from .multi_recipe import (  # the recipe's names, importable from here as befor
 from .reading import Closed, Int, ListOf, MapOf, OneOf, check_json, short
 from .run import RunError
 from .step_checkpoints import CHECKPOINT_FILE, StepCheckpoints
+from .step_shapes import check_run_shapes
 
 
 def batch_order(seed: int, epoch: int, samples: int) -> np.ndarray:
@@ -66,7 +67,7 @@ def forward_all(roots: Sequence[expr.Expr], loops: Mapping[str, Any], x, noise: 
         elif op == "detach":
             values[node] = arguments[0]
         elif op == "call":
-            values[node] = loops[static["model"]].predict(arguments[0] if len(arguments) == 1 else tuple(arguments))
+            values[node] = steps.predict_call(loops[static["model"]], arguments)
         elif op == "output":
             values[node] = arguments[0][static["index"]]
         elif op == "const":
@@ -264,6 +265,7 @@ class MultiJob:
             self.check()
         step, expressions = self.run.build()
         train, test = self.run.datasets()
+        check_run_shapes(self.run, step, expressions, train.x.shape[1:])  # before anything is written
         backend = get_backend(self.backend).name
         try:
             loop = steps.MultiModelLoop(step, backend, seed=self.run.seed, distributed=self.distributed)
@@ -379,6 +381,7 @@ def histories_of(run: MultiRun, backends: Sequence[str]) -> tuple[dict[str, list
     and its pictures at the end (empty without ``[pictures]``)."""
     step, expressions = run.build()
     train, test = run.datasets()
+    check_run_shapes(run, step, expressions, train.x.shape[1:])
     pictures = Pictures(run, expressions, test) if expressions else None
     per_epoch, total = len(train) // run.batch_size, run.total_steps(len(train))
     histories, drawn = {}, {}

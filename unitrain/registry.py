@@ -22,7 +22,7 @@ ENV_VAR = "UNITRAIN_BACKEND"
 
 
 class BackendError(ValueError):
-    """An unknown backend, or one whose framework is not installed."""
+    """An unknown backend, one whose framework is not installed, or a model it cannot run."""
 
 
 @dataclass(frozen=True)

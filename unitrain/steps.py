@@ -47,7 +47,10 @@ Evaluation rules, the same on every backend:
 - A value computed in an earlier phase of the same step is reused as long as no model it calls
   has been updated since, and computed afresh otherwise: a GAN's ``fake = G(z)`` runs once per step
   (as the PyTorch tutorial's), and ``D(fake)`` after D's update runs with D's new weights. A
-  module in training mode updates BatchNorm statistics at each call it makes, as in PyTorch.
+  module in training mode updates BatchNorm statistics at each call it makes, as in PyTorch; a
+  reused value is no call.
+- A model that draws noise inside itself (a graph with ``ops.randn_like``) called on its data
+  inputs alone takes its noise from the step's stream: :func:`lift_model_noise`.
 
 Construction refuses in one line (``ValueError``): a model given twice (one name twice, or one
 spec under two names), an optimizer over no parameters, a model in two optimizers, a phase with
@@ -74,6 +77,10 @@ from .optim import Optimizer, optimizer_from_config
 NOISE_KINDS = ("normal", "uniform")
 
 _noise_counter = itertools.count()
+
+
+#: the batch's node
+BATCH = ("batch",)
 
 
 def batch() -> Expr:
@@ -265,10 +272,12 @@ class MultiStep:
         phases = tuple(phases)
         if not phases:
             raise ValueError("MultiStep: needs at least one phase")
-        optimizer_names = dict(optimizers)
         for phase in phases:
             if not isinstance(phase, Phase):
                 raise TypeError(f"MultiStep: phases must be Phase(name, loss, optimizer), got {phase!r}")
+        phases = lift_model_noise(phases, names)
+        optimizer_names = dict(optimizers)
+        for phase in phases:
             _check_phase(phase, names, optimizer_names)
         if len({phase.name for phase in phases}) < len(phases):
             raise ValueError(f"MultiStep: phase names must differ, got {[phase.name for phase in phases]}")
@@ -341,9 +350,15 @@ def _check_phase(phase: Phase, models: Mapping[str, Container], optimizers: Mapp
             if model is None:
                 raise ValueError(f"{where} calls model {static['model']!r}; the models are {list(models)}")
             wanted = len(model.inputs) if hasattr(model, "inputs") else 1
+            noise = getattr(model, "noise", ())  # a graph's randn_like/rand_like: its last inputs
             if len(children) != wanted:
+                data = f" ({wanted - len(noise)} without its noise)" if noise else ""
                 raise ValueError(f"{where} calls model {static['model']!r} with {len(children)} inputs; it takes "
-                                 f"{wanted}")  # fmt: skip
+                                 f"{wanted}{data}")  # fmt: skip
+            for (name, kind), given in zip(noise, children[wanted - len(noise) :], strict=True):
+                if given[0] == "noise" and given[1] != kind:
+                    raise ValueError(f"{where} fills model {static['model']!r}'s {kind} noise {name!r} with "
+                                     f"{given[1]} noise")  # fmt: skip
         elif op == "output":
             called = models[split(children[0])[2]["model"]]
             count = len(called.outputs) if hasattr(called, "outputs") else 1
@@ -356,6 +371,64 @@ def _check_phase(phase: Phase, models: Mapping[str, Container], optimizers: Mapp
     if not updated & differentiable_models(phase.loss):
         raise ValueError(f"{where}: its loss does not depend on the parameters of {sorted(updated)}, which its "
                          f"optimizer {phase.optimizer!r} updates (a detach() in the way?)")  # fmt: skip
+
+
+def lift_model_noise(phases: Sequence[Phase], models: Mapping[str, Container]) -> tuple[Phase, ...]:
+    """``phases`` with the noise of each model that draws its own (a graph with ``ops.randn_like``,
+    see :mod:`unitrain.graph_noise`) lifted into the step: a call of such a model on its data inputs
+    only gets one new noise leaf per noise input of the model, in the model's order, appended to its
+    arguments, so the step's stream draws it (after the leaves written in the losses, the calls in
+    the order the phases meet them). One call node is one call: a value an earlier phase computed
+    and a later one reuses keeps its draw, as it keeps its dropout masks; two calls draw twice, as a
+    module calling ``randn_like`` twice. Calls given every input (the noise too) stay as written."""
+    lifted: dict[Node, Node] = {}
+
+    def lift(node: Node) -> Node:
+        if node not in lifted:
+            op, children, static = split(node)
+            new = _with_children(node, tuple(lift(child) for child in children))
+            model = models.get(static["model"]) if op == "call" else None
+            noise = getattr(model, "noise", ())
+            if noise and len(children) == len(model.inputs) - len(noise):
+                shapes = dict(model.inputs)
+                new = (*new, *(_noise(kind, shapes[name]).node for name, kind in noise))
+            lifted[node] = new
+        return lifted[node]
+
+    lifted_phases = []
+    for phase in phases:
+        try:
+            lifted_phases.append(Phase(phase.name, lift(phase.loss), phase.optimizer))
+        except ValueError:  # an unknown operation: kept as written, for the phase's check to name it
+            lifted_phases.append(phase)
+    return tuple(lifted_phases)
+
+
+def predict_call(loop, arguments: Sequence):
+    """A call's value outside a step (a run's pictures and test losses): ``loop.predict`` of its
+    data arguments. A model that draws noise draws it as its loop's ``predict`` does
+    (:mod:`unitrain.graph_noise`), not from the step's stream."""
+    return loop.predict(data_arguments(loop.model_spec, arguments))
+
+
+def data_arguments(model: Container, arguments: Sequence):
+    """A call's ``arguments`` as the loop of ``model`` takes them (``step``'s checks, ``predict``):
+    one value, or a tuple for several inputs; the data inputs alone for a model that draws noise."""
+    noise = getattr(model, "noise", ())
+    data = arguments[: len(model.inputs) - len(noise)] if noise else arguments
+    return data[0] if len(data) == 1 else tuple(data)
+
+
+def _with_children(node: Node, children: tuple[Node, ...]) -> Node:
+    """``node`` with ``children`` in place of its own (``split``'s order)."""
+    op = node[0]
+    if op in ("batch", "noise"):
+        return node
+    if op in ("call", "output"):
+        return (op, node[1], *children)
+    if op == "detach":
+        return (op, *children)
+    return (op, *children, *node[1 + len(children) :])
 
 
 def _plain(node):
@@ -562,10 +635,12 @@ class MultiModelLoop:
         self._weightings = [self._weighting(phase) for phase in step.phases] if self.world_size > 1 else None
         self.dtype = np.dtype(dtype)
         #: the models called on the batch itself, which check it as their own loop's inputs
-        self._batch_readers = sorted({node[1] for phase in step.phases for node in postorder([phase.loss])
-                                      if node[0] == "call" and node[2:] == (("batch",),)})  # fmt: skip
+        specs = dict(step.models)
+        calls = [node for phase in step.phases for node in postorder([phase.loss]) if node[0] == "call"]
+        self._batch_readers = sorted({call[1] for call in calls if data_arguments(specs[call[1]], call[2:]) == BATCH})
         self.noise = NoiseStream(seed)
         self.step_count = 0
+        self._fitting_shapes: set[tuple] = set()  # the batch shapes every phase was checked to fit
         self._evaluator = evaluator_of(adapter)(step, self.loops)
         if self.world_size > 1 and not runs_data_parallel(type(self._evaluator)):
             raise ValueError(f"the {adapter.name} backend runs a multi-model step in one process only")
@@ -582,6 +657,12 @@ class MultiModelLoop:
         for name in self._batch_readers:  # a wrong batch: one line (InputError) naming what was expected
             self.loops[name]._check_x(x)
         x = tuple(np.asarray(a, self.dtype) for a in x) if isinstance(x, tuple) else np.asarray(x, self.dtype)
+        shape = tuple(a.shape for a in x) if isinstance(x, tuple) else x.shape
+        if shape not in self._fitting_shapes:  # each batch shape once (a shorter last batch is another)
+            from .step_shapes import check_step_shapes
+
+            check_step_shapes(self.step_spec, shape)
+            self._fitting_shapes.add(shape)
         samples = len(x[0] if isinstance(x, tuple) else x)
         noise = self.noise.draw(self.step_spec.noise, samples, self.dtype)  # every rank: the global batch's
         if self.world_size == 1:

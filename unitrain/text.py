@@ -130,16 +130,21 @@ def perplexity(loss: float | dict) -> float:
 def save_tokens(path: str | Path, sequences, labels=None, padding: int = 0) -> None:
     """Variable-length token sequences as a token dataset: ``tokens`` ``(N, T)`` int64 padded with
     ``padding`` to the longest, ``lengths`` ``(N,)``, and ``labels`` if given."""
+    sequences = list(sequences)
+    for i, sequence in enumerate(sequences):  # an empty list would be named as float64 ids
+        if np.size(sequence) == 0:
+            raise DataError(f"save_tokens: sequence {i} is empty; expected at least one token")
     sequences = [_ids(sequence, None, f"save_tokens: sequence {i}") for i, sequence in enumerate(sequences)]
-    if not sequences or not all(len(sequence) for sequence in sequences):
+    if not sequences:
         raise DataError("save_tokens: expected at least one sequence, each of at least one token")
+    _ids([padding], None, "save_tokens: padding")  # what load_tokens refuses is never written
     lengths = np.array([len(sequence) for sequence in sequences], np.int64)
     tokens = np.full((len(sequences), int(lengths.max(initial=0))), padding, np.int64)
     for row, sequence in zip(tokens, sequences, strict=True):
         row[: len(sequence)] = sequence
     arrays = {"tokens": tokens, "lengths": lengths}
     if labels is not None:
-        arrays["labels"] = np.asarray(labels)
+        arrays["labels"] = _checked_labels(np.asarray(labels), len(sequences), "save_tokens")
     np.savez_compressed(path, **arrays)
 
 
@@ -174,9 +179,18 @@ def load_tokens(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | 
     bad = lengths[(lengths < 1) | (lengths > tokens.shape[1])]
     if bad.size:
         raise DataError(f"{path}: length {int(bad[0])} is outside 1..{tokens.shape[1]} (the padded axis)")
-    if labels is not None and len(labels) != len(tokens):
-        raise DataError(f"{path}: {len(labels)} labels for {len(tokens)} sequences")
+    if labels is not None:
+        _checked_labels(labels, len(tokens), str(path))
     return tokens.astype(np.int64), lengths.astype(np.int64), labels
+
+
+def _checked_labels(labels: np.ndarray, sequences: int, where: str) -> np.ndarray:
+    """``labels`` unless they are not numbers with one row per sequence (DataError)."""
+    if labels.dtype.kind not in "biuf" or labels.ndim < 1 or len(labels) != sequences:
+        count = len(labels) if labels.ndim else "not a list of"
+        raise DataError(f"{where}: {count} labels for {sequences} sequences ({labels.dtype} {labels.shape}); "
+                        "expected one number per sequence")  # fmt: skip
+    return labels
 
 
 def _ids(ids, vocabulary: int | None, what: str, ndim: int = 1) -> np.ndarray:

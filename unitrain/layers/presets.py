@@ -115,6 +115,19 @@ def model_from_name(name: str) -> Container:
     has it) that takes no arguments and returns a :class:`Container`, or a ``torch.nn.Module``
     as ``(module, example_inputs)`` or with an ``example_input_array``, which
     ``unitrain.from_torch`` imports. ``ValueError`` (one line, naming ``name``) for anything else."""
+    from .. import dialects
+    from ..built_models import BUILT
+
+    built, key = BUILT.get(), (name, dialects.current().name)
+    if built is not None and key in built:
+        return built[key]
+    model = _model_from_name(name)
+    if built is not None:
+        built[key] = model
+    return model
+
+
+def _model_from_name(name: str) -> Container:
     if name in PRESETS:
         return preset(name)
     expected = f"one of {', '.join(PRESETS)} or package.module:function returning a unitrain model spec"

@@ -1,0 +1,176 @@
+"""Hostile multi-model steps (``unitrain.steps``, recipes with ``[models]``): a model called on a
+value of another shape, and ``[pictures]`` that are no images, are refused in one line, exit
+code 2, before any phase runs: no traceback from inside a backend's layers, no epoch trained and
+then lost, nothing written. The recipe's other refusals are in ``test_multi_run.py``."""
+
+import numpy as np
+import pytest
+from conftest import installed_backends
+from test_hostile_runs import on_a_full_disk, one_error_line, run_cli
+from test_multi_run import RECIPE, tiny  # noqa: F401 (tiny: the tiny GAN's directory, a fixture)
+
+from unitrain import expr, steps
+from unitrain.graph import Graph, Input
+from unitrain.input_checks import InputError
+from unitrain.layers import Linear, Sequential, Sigmoid
+from unitrain.optim import SGD
+from unitrain.step_shapes import check_step_shapes
+
+OUTPUTS = ["out", "ck", "m.jsonl", "p.png"]  # what the runs below would write
+
+
+RECIPES = {  # (text replaced, by) -> the line's words
+    # each was a NumPy matmul traceback from inside the first phase
+    "noise of another size": (
+        ("generator(normal(4))", "generator(normal(5))"),
+        "phase 'discriminator': model 'generator': node 'first' calls first: Linear(in_features=4, out_features=12, "
+        "bias=True) expects 4 input features per sample, got per-sample shape (5,)",
+    ),
+    "noise of another rank": (
+        ("generator(normal(4))", "generator(normal(2, 2))"),
+        "phase 'discriminator': model 'generator': input 'z' has per-sample shape (4,), got (2, 2)",
+    ),
+    "the discriminator given the noise": (
+        ("bce(discriminator(batch), 1.0)", "bce(discriminator(normal(4)), 1.0)"),
+        "phase 'discriminator': model 'discriminator': 1: Linear(in_features=64, out_features=12, bias=True) expects "
+        "64 input features per sample, got per-sample shape (4,)",
+    ),
+    # found only when the first epoch's pictures were drawn: the epoch's training lost, no checkpoint
+    "pictures from noise the generator does not take": (
+        ('samples = "generator(uniform(4) * 2 - 1)"', 'samples = "generator(uniform(5))"'),
+        "pictures.samples: model 'generator': node 'first' calls first: Linear(in_features=4",
+    ),
+    # drawn as a strip of 4x1 pixels, or as one pixel, without a word
+    "pictures of the discriminator's scores": (
+        ('samples = "generator(uniform(4) * 2 - 1)"', 'samples = "discriminator(batch)"'),
+        "pictures.samples: gives values of shape (4, 1); expected grayscale images, (N, H, W) or (N, 1, H, W)",
+    ),
+    "a picture of one number": (
+        ('samples = "generator(uniform(4) * 2 - 1)"', 'samples = "generator(uniform(4)).mean()"'),
+        "pictures.samples: gives values of shape (); expected grayscale images",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", RECIPES)
+def test_a_model_given_values_of_another_shape_is_refused_before_any_step(tiny, capsys, case):  # noqa: F811
+    (old, new), words = RECIPES[case]
+    assert old in RECIPE
+    (tiny / "bad.toml").write_text(RECIPE.replace(old, new))
+    status, _, err = run_cli(capsys, "train", "bad.toml", "--epochs", "1", "--save", "out", "--checkpoint-dir", "ck",
+                             "--metrics", "m.jsonl", "--plot", "p.png", "--no-progress")  # fmt: skip
+    assert status == 2
+    one_error_line(err, words)
+    assert not [name for name in OUTPUTS if (tiny / name).exists()]
+
+
+@pytest.mark.parametrize("backend", installed_backends())
+def test_a_refused_step_leaves_every_model_and_the_noise_stream_as_they_were(backend):
+    z = Input((3,), name="z")
+    first = Linear(3, 6)
+    generator = Graph(z, first(z), {"first": first})
+    critic = Sequential(Linear(6, 1), Sigmoid())
+    g, d = steps.Model("g"), steps.Model("d")
+    wrong = steps.MultiStep({"g": generator, "d": critic}, {"sgd": steps.OptimizerOver(SGD(0.1), ["g", "d"])},
+                            [steps.Phase("fit", steps.bce(d(g(steps.normal(4))), 1.0), "sgd")])  # fmt: skip
+    loop = steps.MultiModelLoop(wrong, backend, seed=0)
+    before = ({name: state.copy() for name, state in loop.state_dicts()["g"].items()}, dict(loop.noise.state()))
+    with pytest.raises(InputError, match=r"^phase 'fit': model 'g': node 'first' calls first: Linear\(in_features=3"):
+        loop.step(np.zeros((5, 6), np.float32))
+    after = loop.state_dicts()["g"]
+    assert all(np.array_equal(after[key], value) for key, value in before[0].items())
+    assert loop.noise.state() == before[1] and loop.step_count == 0
+
+
+def _vae_step(decoded: int) -> steps.MultiStep:
+    """A VAE-shaped step on samples of 8 values: an encoder of two outputs, the reparameterisation,
+    a summed loss; its decoder gives ``decoded`` values."""
+    x = Input((8,), name="x")
+    mu, logvar = Linear(8, 2), Linear(8, 2)
+    encoder = Graph(x, [mu(x), logvar(x)], {"mu": mu, "logvar": logvar})
+    e, d = steps.Model("encoder", outputs=2), steps.Model("decoder")
+    m, v = e(steps.batch())
+    z = m + expr.exp(0.5 * v) * steps.normal(2)
+    loss = steps.bce(d(z), steps.batch(), reduction="sum") - 0.5 * (1 + v - m**2 - expr.exp(v)).sum()
+    return steps.MultiStep({"encoder": encoder, "decoder": Sequential(Linear(2, decoded), Sigmoid())},
+                           {"sgd": steps.OptimizerOver(SGD(0.1), ["encoder", "decoder"])},
+                           [steps.Phase("vae", loss, "sgd")])  # fmt: skip
+
+
+def test_shapes_are_inferred_through_several_outputs_noise_and_reductions():
+    check_step_shapes(_vae_step(8), (4, 8))
+    mismatch = r"^phase 'vae': mul of shapes \(4, 8\) and \(4, 7\) \(they do not broadcast\)$"
+    with pytest.raises(InputError, match=mismatch):
+        check_step_shapes(_vae_step(7), (4, 8))
+
+
+def test_evaluate_names_the_phase_of_a_model_given_values_of_another_shape(tiny, capsys):  # noqa: F811
+    """It was the model's own batch check, naming neither the phase nor the model."""
+    assert run_cli(capsys, "train", "gan.toml", "--max-steps", "1", "--save", "w", "--no-progress")[0] == 0
+    (old, new), words = RECIPES["noise of another size"]
+    (tiny / "bad.toml").write_text(RECIPE.replace(old, new))
+    for model in ("generator", "discriminator", None):
+        chosen = [] if model is None else ["--model", model]
+        status, out, err = run_cli(capsys, "evaluate", "--recipe", "bad.toml", "--weights", "w", *chosen)
+        assert status == 2 and out == ""
+        one_error_line(err, words)
+
+
+def test_a_full_disk_under_the_checkpoint_directory_is_named_and_leaves_nothing(tiny):  # noqa: F811
+    """Its lock file's pid could not be written: "No space left on device" named no file, and the
+    directory, its lock file and an empty --metrics file (never closed: the run raised) stayed,
+    so that the rerun was refused as "already exists"."""
+    result, lines, listing = on_a_full_disk(tiny, "train", "gan.toml", "--max-steps", "2", "--checkpoint-dir",
+                                            "DISK/ck", "--metrics", "m.jsonl")  # fmt: skip
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert lines[-1] == f"unitrain: error: {tiny / 'disk' / 'ck' / '.unitrain.lock'}: No space left on device"
+    assert listing == ["user.txt"] and not (tiny / "m.jsonl").exists()
+
+
+def test_a_metrics_file_a_failed_run_leaves_without_a_line_is_removed(tmp_path):
+    """The multi-model loop calls no finalize when a step raises: the writer's file goes with it."""
+    import gc
+
+    from unitrain.extensions import MetricsWriter
+
+    for path, lines in ((tmp_path / "finished.jsonl", 0), (tmp_path / "raised.jsonl", 0), (tmp_path / "one.jsonl", 1)):
+        writer = MetricsWriter(path, {"backend": "numpy"})
+        for epoch in range(lines):
+            writer.on_epoch_end(None, {"epoch": epoch + 1, "loss": 0.5})
+        if path.stem == "finished":
+            writer.finalize(None)
+        del writer
+        gc.collect()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["finished.jsonl", "one.jsonl"]  # a run of 0 steps
+    assert (tmp_path / "one.jsonl").read_text() == '{"backend": "numpy", "epoch": 1, "loss": 0.5}\n'
+
+
+def test_sigterm_mid_run_checkpoints_and_the_resume_equals_an_uninterrupted_run(tiny, capsys):  # noqa: F811
+    """As Ctrl-C (test_multi_run.py): SIGTERM stops at a step boundary with a checkpoint and 143; the
+    resumed run's weights are the uninterrupted run's, bit for bit on NumPy."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from test_multi_run import _assert_same_weights, _weights
+
+    from unitrain.step_checkpoints import CHECKPOINT_FILE
+    from unitrain.weights import load_safetensors
+
+    command = [sys.executable, "-m", "unitrain", "train", "gan.toml", "--epochs", "100000", "--checkpoint-dir",
+               "run", "--checkpoint-every", "1000000", "--no-progress"]  # fmt: skip
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
+        while "steps of 8" not in process.stdout.readline():  # training has begun
+            pass
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=120)
+    step = int(load_safetensors(tiny / "run" / CHECKPOINT_FILE)[1]["step_count"])
+    assert process.returncode == 143 and err.splitlines()[-1] == (
+        f"unitrain: stopped at step {step}; checkpoint in {os.path.join('run', CHECKPOINT_FILE)}"
+    ), err
+    for argv in (["--resume", "run", "--max-steps", str(step + 3), "--save", "resumed"],
+                 ["gan.toml", "--epochs", "100000", "--max-steps", str(step + 3), "--save", "straight"]):  # fmt: skip
+        status, _, err = run_cli(capsys, "train", *argv, "--no-progress")
+        assert status == 0, err
+    _assert_same_weights(_weights(tiny / "resumed"), _weights(tiny / "straight"))

@@ -1,0 +1,116 @@
+"""The shapes a multi-model step computes, inferred from the batch's and the noise's before any
+backend runs a phase: a model called on a value of another shape (noise of the wrong size, a
+discriminator given the noise instead of the images) is one line naming the phase and the
+layer, where the backend's own error came from deep inside its layers as a traceback."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+from . import expr
+from .expr import Node
+from .input_checks import InputError
+from .steps import MultiStep, postorder, split
+
+#: a value's shape and where its batch axis is (None: reduced away); a call of a model with
+#: several outputs is ``("outputs", (samples, per-sample shapes))``; None: not known here
+Value = tuple | None
+
+
+def check_step_shapes(step: MultiStep, batch_shape) -> None:
+    """InputError unless every phase of ``step`` fits a batch of shape ``batch_shape`` (its
+    samples first; a tuple of shapes for a batch of several inputs, whose readers the models'
+    own loops check): each model call gets per-sample inputs of the shapes the model takes,
+    and every operation's operands broadcast (as a CustomLoss's, never the samples of one
+    against another axis of the other)."""
+    models = dict(step.models)
+    samples = batch_shape[0]
+    batch: Value = None if isinstance(samples, tuple) else (tuple(batch_shape), 0)
+    values: dict[Node, Value] = {}
+    for phase in step.phases:
+        for node in postorder([phase.loss]):
+            if node not in values:
+                try:
+                    values[node] = _value(node, [values[child] for child in split(node)[1]], models, batch)
+                except ValueError as error:
+                    raise InputError(f"phase {phase.name!r}: {error}") from None
+
+
+def _value(node: Node, operands: list[Value], models: Mapping, batch: Value) -> Value:
+    op, _, static = split(node)
+    if op == "batch":
+        return batch
+    if op == "noise":
+        return None if batch is None else ((batch[0][0], *static["shape"]), 0)
+    if op == "const":
+        return (), None
+    if op == "output":
+        if operands[0] is None:
+            return None
+        _, (samples, outputs) = operands[0]
+        return (samples, *outputs[static["index"]]), 0
+    if None in operands or any(operand[0] == "outputs" for operand in operands):
+        return None  # a multi-output call used whole is refused when the step is built
+    if op == "detach":
+        return operands[0]
+    if op == "call":
+        return _call(static["model"], models[static["model"]], operands)
+    return expr.operation_shape(op, static, operands)
+
+
+def _call(name: str, model, operands: list) -> Value:
+    if getattr(model, "noise", ()):  # its own noise inputs are lifted into its callers: not known here
+        return None
+    for shape, batch_axis in operands:
+        if batch_axis != 0:
+            where = "no samples axis" if batch_axis is None else f"its samples on axis {batch_axis}"
+            raise ValueError(f"model {name!r} is given a value of shape {shape} with {where}; expected its "
+                             "samples first")  # fmt: skip
+    per_sample = [shape[1:] for shape, _ in operands]
+    try:
+        output = model.output_shape(per_sample[0] if len(per_sample) == 1 else per_sample)
+    except ValueError as error:
+        raise ValueError(f"model {name!r}: {error}") from None
+    samples = operands[0][0][0]
+    if output and isinstance(output[0], tuple):
+        return "outputs", (samples, output)
+    return (samples, *output), 0
+
+
+def check_picture_shapes(pictures: Mapping[str, expr.Expr], models: Mapping, batch_shape) -> None:
+    """RunError, before any training, unless each expression of a recipe's ``[pictures]`` fits
+    the models and gives grayscale images, ``(N, H, W)`` or ``(N, 1, H, W)`` (what ``--plot``
+    draws): a wrong one was found only at the first epoch's end, its training lost."""
+    from .run import RunError
+
+    batch: Value = None if isinstance(batch_shape[0], tuple) else (tuple(batch_shape), 0)
+    for key, expression in pictures.items():
+        values: dict[Node, Value] = {}
+        try:
+            for node in postorder([expression.node]):
+                values[node] = _value(node, [values[child] for child in split(node)[1]], models, batch)
+        except ValueError as error:
+            raise RunError(f"pictures.{key}: {error}") from None
+        value = values[expression.node]
+        if value is None:
+            continue
+        shape, batch_axis = value
+        if shape == "outputs" or batch_axis != 0 or len(shape) < 3 or math.prod(shape[1:-2]) != 1:
+            raise RunError(f"pictures.{key}: gives values of shape {batch_axis if shape == 'outputs' else shape}; "
+                           "expected grayscale images, (N, H, W) or (N, 1, H, W)")  # fmt: skip
+
+
+def check_run_shapes(run, step: MultiStep, pictures: Mapping[str, expr.Expr], sample_shape) -> None:
+    """RunError, before a multi-model run writes anything (its metrics file, a checkpoint), unless
+    its phases fit batches of the data's samples (:func:`check_step_shapes`) and its pictures are
+    images (:func:`check_picture_shapes`)."""
+    from .multi_run import PICTURES
+    from .run import RunError
+
+    try:
+        check_step_shapes(step, (run.batch_size, *sample_shape))
+    except InputError as error:
+        raise RunError(str(error)) from None
+    count = (run.pictures or {}).get("count", PICTURES)
+    check_picture_shapes(pictures, dict(step.models), (count, *sample_shape))
