@@ -236,7 +236,7 @@ class Evaluator(PhaseEvaluator):
         for name, count in ahead.items():
             self.loops[name].step_count += count
             self.loops[name]._opt_ready |= count > 0
-        return [float(value) for value in ops.stack(losses).asnumpy()]
+        return [float(value) for value in losses.asnumpy()]
 
 
 def _train_step(phases, allreduce):
@@ -244,7 +244,7 @@ def _train_step(phases, allreduce):
     lrs and momenta (``tensors``, three per update), first-step flags and, data parallel, each
     phase's share (``shares``): per phase, the loss and its gradients (``value_and_grad``), summed
     over the ranks times the share by ``allreduce`` (None in one process), the gradients into their
-    buffers and each updated loop's own update.
+    buffers and each updated loop's own update; returns the phases' losses stacked.
     (MindSpore's graph syntax has no ``zip(strict=)``.)"""
 
     def train_step(inputs, masks, tensors, flags, shares):
@@ -260,7 +260,7 @@ def _train_step(phases, allreduce):
                 update_in_graph(tensors[3 * update], flags[update], tensors[3 * update + 1], tensors[3 * update + 2])
                 update += 1
             losses = (*losses, value)
-        return losses
+        return ops.stack(losses)  # one output: several cost the whole graph time (see .mindspore)
 
     return train_step
 
