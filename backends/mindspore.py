@@ -463,7 +463,7 @@ class MindSporeLoop(TrainingLoop):
             return len(grads)
 
         def correct_count(pred, y):
-            """How many rows of ``pred`` argmax to the class indices ``y``, as the loss's float32 (exact
+            """How many rows of ``pred`` argmax to the class indices ``y``, as a float32 (exact
             below 2**24 rows); zero for other targets."""
             if isinstance(pred, tuple) or y.dtype != ms.int32 or pred.ndim < 2:
                 return ops.zeros((), ms.float32)
