@@ -236,11 +236,12 @@ def die_with_parent() -> None:
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
-def run(launcher: str, nproc: int, argv: list[str], master_port: int | None) -> int:
+def run(launcher: str, nproc: int, argv: list[str], master_port: int | None, relaunches: int = 1) -> int:
     """Run the launcher (its output passes through) and return the job's exit status; on failure,
     a last line names the rank that failed. The launcher runs in its own session, so that a
     terminal's Ctrl-C reaches the workers once, as the launcher's SIGTERM (a second signal would
-    abort them before their checkpoint)."""
+    abort them before their checkpoint). A launcher that failed before starting any rank
+    (:func:`failed_before_ranks`) is run again, at most ``relaunches`` times."""
     env = environment(launcher, nproc)
     log_dir = tempfile.mkdtemp(prefix="unitrain-msrun-") if launcher == "msrun" else None
     # msrun shows worker 0's log (its stdout and stderr) on its stdout, MindSpore's log lines included
@@ -291,6 +292,8 @@ def run(launcher: str, nproc: int, argv: list[str], master_port: int | None) -> 
         sink.flush()
     held += partial if log_dir is None else b""
     status = _wait(process)
+    if status and received is None and relaunches and failed_before_ranks(launcher, report):
+        return run(launcher, nproc, argv, master_port, relaunches - 1)
     if status == 0 or received is not None:  # finished, or the workers checkpointed and said so
         if log_dir is not None:
             shutil.rmtree(log_dir, ignore_errors=True)
@@ -311,6 +314,17 @@ def run(launcher: str, nproc: int, argv: list[str], master_port: int | None) -> 
     print(f"unitrain: error: the {launcher} job of {nproc} processes failed"
           f"{f' ({failed})' if failed else f' with exit code {status}'}{logs}", file=sys.stderr)  # fmt: skip
     return _exit_status(failed, status)
+
+
+#: Open MPI's mpiexec, now and then on a loaded machine, fails to start its PMIx server's listener
+#: thread and stops before it launches any rank (a start-up race seen upstream too, open-mpi/ompi#1986)
+_MPIEXEC_START_RACE = b"The PMIx server's listener thread failed to start"
+
+
+def failed_before_ranks(launcher: str, report: bytes) -> bool:
+    """Whether a failed job's ``report`` says its launcher stopped before starting any rank, for a
+    reason of its own that a second launch does not meet again: nothing ran, nothing was written."""
+    return launcher == "mpiexec" and _MPIEXEC_START_RACE in report
 
 
 #: what a rank says when a signal reaches it: the notice of the training loop's stop handler
