@@ -29,12 +29,18 @@ def check_step_shapes(step: MultiStep, batch_shape) -> None:
     batch: Value = None if isinstance(samples, tuple) else (tuple(batch_shape), 0)
     values: dict[Node, Value] = {}
     for phase in step.phases:
-        for node in postorder([phase.loss]):
-            if node not in values:
-                try:
-                    values[node] = _value(node, [values[child] for child in split(node)[1]], models, batch)
-                except ValueError as error:
-                    raise InputError(f"phase {phase.name!r}: {error}") from None
+        try:
+            _evaluate(phase.loss, models, batch, values)
+        except ValueError as error:
+            raise InputError(f"phase {phase.name!r}: {error}") from None
+
+
+def _evaluate(root: Node, models: Mapping, batch: Value, values: dict[Node, Value]) -> Value:
+    """The value of ``root``, each node of its tree not in ``values`` yet added to it, children first."""
+    for node in postorder([root]):
+        if node not in values:
+            values[node] = _value(node, [values[child] for child in split(node)[1]], models, batch)
+    return values[root]
 
 
 def _value(node: Node, operands: list[Value], models: Mapping, batch: Value) -> Value:
@@ -86,13 +92,10 @@ def check_picture_shapes(pictures: Mapping[str, expr.Expr], models: Mapping, bat
 
     batch: Value = None if isinstance(batch_shape[0], tuple) else (tuple(batch_shape), 0)
     for key, expression in pictures.items():
-        values: dict[Node, Value] = {}
         try:
-            for node in postorder([expression.node]):
-                values[node] = _value(node, [values[child] for child in split(node)[1]], models, batch)
+            value = _evaluate(expression.node, models, batch, {})
         except ValueError as error:
             raise RunError(f"pictures.{key}: {error}") from None
-        value = values[expression.node]
         if value is None:
             continue
         shape, batch_axis = value
