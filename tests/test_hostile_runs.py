@@ -393,6 +393,40 @@ def test_a_full_disk_names_the_file(tmp_path, monkeypatch):
         assert list(tmp_path.iterdir()) == [], "no temporary file is left behind"
 
 
+def test_files_published_together_are_all_or_none(tmp_path, monkeypatch):
+    """A full disk at the second of two files: the first is not published either (no partial
+    output), the files the user had there stay as they were though ``overwrite`` allowed replacing
+    them, no temporary file is left, and the error names the file that did not fit."""
+    old = {name: f"the user's {name}".encode() for name in ("a", "b")}
+    for name, data in old.items():
+        (tmp_path / f"{name}.safetensors").write_bytes(data)
+
+    def disk_full(staged):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    outputs = [(tmp_path / "a.safetensors", lambda staged: staged.write_bytes(b"new a")),
+               (tmp_path / "b.safetensors", disk_full), (tmp_path / "c.safetensors", disk_full)]  # fmt: skip
+    for overwrite in (True, False):
+        with pytest.raises(OSError) as raised:
+            files.publish_together(outputs, overwrite=overwrite)
+        assert cli._one_line(raised.value) == f"{tmp_path / 'b.safetensors'}: No space left on device"
+        assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == {
+            f"{name}.safetensors": data for name, data in old.items()
+        }
+    real_link = files.os.link
+
+    def link_fails_second(source, target):  # naming fails after one file was named: that one goes again
+        if os.path.basename(target).startswith("b"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_link(source, target)
+
+    monkeypatch.setattr(files.os, "link", link_fails_second)
+    writes = [(tmp_path / "new" / name, lambda staged: staged.write_bytes(b"x")) for name in ("a", "b")]
+    with pytest.raises(OSError, match="No space left on device"), files.output_directory(tmp_path / "new"):
+        files.publish_together(writes, overwrite=False)
+    assert not (tmp_path / "new").exists(), "the directory made for them goes too"
+
+
 def on_a_full_disk(tmp_path, *argv, free_kib=0):
     """``unitrain ARGV`` with ``DISK`` in ARGV a 1 MiB tmpfs (mounted in a user namespace where the
     system allows one) holding the user's ``user.txt`` and ``free_kib`` KiB free: the result, and

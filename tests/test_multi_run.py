@@ -455,6 +455,16 @@ def test_a_metrics_file_on_a_full_disk_is_one_line(tiny):
     assert "Traceback" not in result.stderr and listing == ["user.txt"]
 
 
+def test_weights_on_a_full_disk_leave_no_partial_directory(tiny):
+    """4 KiB free: the generator's file fits, the discriminator's does not. The generator's alone
+    was left in DIR, which then made the rerun refuse DIR as "not empty"."""
+    result, lines, listing = on_a_full_disk(tiny, "train", "gan.toml", "--max-steps", "1", "--save", "DISK/out",
+                                            free_kib=4)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert lines == [f"unitrain: error: {tiny / 'disk' / 'out' / 'discriminator.safetensors'}: No space left on device"]
+    assert listing == ["user.txt"] and "saved" not in result.stdout
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", [name for name in BACKENDS if name != "mindspore"])  # eager: not across processes
 def test_a_sigkilled_cli_run_resumes_to_the_weights_of_an_uninterrupted_one(tiny, backend, capsys,

@@ -19,7 +19,7 @@ import itertools
 import os
 import stat
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import BinaryIO
@@ -146,9 +146,50 @@ def publish(path: Path, write: Callable[[Path], None], *, overwrite: bool) -> Pa
     """Create the file ``path`` by ``write(staged)`` into a temporary file beside it, then
     publish that without replacing anything: when something appeared at ``path`` meanwhile (or,
     with ``overwrite``, something other than a regular file), it is kept and the file goes to
-    the first free ``stem.N.ext`` instead. Returns where the file went."""
-    path = Path(path)
+    the first free ``stem.N.ext`` instead. Returns where the file went. On failure (a full disk)
+    nothing is left behind and the OSError names ``path``."""
+    return publish_together([(path, write)], overwrite=overwrite)[0]
+
+
+def publish_together(outputs: Sequence[tuple[Path, Callable[[Path], None]]], *, overwrite: bool) -> list[Path]:
+    """:func:`publish` for files that make one output (a multi-model run's weights, one file per
+    model): every file is written and on disk before any is published, so that a failure (a full
+    disk at the last one) leaves none of them, and replaces nothing. Returns where each went."""
+    outputs = [(Path(path), write) for path, write in outputs]
+    staged: list[Path] = []
+    published: list[tuple[Path, bool]] = []  # where each went, and whether it replaced a file there
     try:
+        for path, write in outputs:
+            staged.append(_stage(path, write))
+        for (path, _), file in zip(outputs, staged, strict=True):
+            published.append(_place(path, file, overwrite))
+        for path in {path.parent: path for path, _ in outputs}.values():  # one sync per folder
+            with _named_after(path):
+                fsync_dir(path.parent)
+    except BaseException:
+        for final, replaced in published:  # a file named before a later one failed: it goes again
+            if not replaced:
+                Path(final).unlink(missing_ok=True)
+        raise
+    finally:
+        for file in staged:
+            file.unlink(missing_ok=True)
+    return [final for final, _ in published]
+
+
+@contextlib.contextmanager
+def _named_after(path: Path) -> Iterator[None]:
+    """Re-raise an OSError as one about ``path``, the file asked for, not our temporary one."""
+    try:
+        yield
+    except OSError as error:
+        raise OSError(error.errno, error.strerror or str(error), str(path)) from None
+
+
+def _stage(path: Path, write: Callable[[Path], None]) -> Path:
+    """``write(staged)`` into a new temporary file beside ``path``, readable as a file created
+    there would be, and on disk; removed again if anything fails."""
+    with _named_after(path):
         fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
         os.close(fd)
         staged = Path(name)
@@ -160,17 +201,36 @@ def publish(path: Path, write: Callable[[Path], None], *, overwrite: bool) -> Pa
                 os.fsync(fd)  # whatever ``write`` did: the bytes are on disk before the name is
             finally:
                 os.close(fd)
-            if overwrite and describe(path) in ("nothing", "a regular file"):
-                os.replace(staged, path)  # replaces a symbolic link itself, never what it points to
-                final = path
-            else:
-                final = next(target for target in _beside(path) if _link_no_replace(staged, target))
-        finally:
+        except BaseException:
             staged.unlink(missing_ok=True)
-        fsync_dir(path.parent)
-    except OSError as error:  # named after the file asked for, not our temporary one
-        raise OSError(error.errno, error.strerror or str(error), str(path)) from None
-    return final
+            raise
+    return staged
+
+
+def _place(path: Path, staged: Path, overwrite: bool) -> tuple[Path, bool]:
+    """Give the ``staged`` file the name ``path`` (see :func:`publish`): where it went, and
+    whether it replaced a file there (only with ``overwrite``)."""
+    with _named_after(path):
+        if overwrite and (found := describe(path)) in ("nothing", "a regular file"):
+            os.replace(staged, path)  # replaces a symbolic link itself, never what it points to
+            return path, found != "nothing"
+        return next(target for target in _beside(path) if _link_no_replace(staged, target)), False
+
+
+@contextmanager
+def output_directory(path: Path) -> Iterator[Path]:
+    """The directory ``path`` (``--save DIR``), created if missing, for the block to publish into;
+    if the block raises, a directory it created goes again (unless something else appeared in it)."""
+    path = Path(path)
+    created = not os.path.lexists(path)
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        yield path
+    except BaseException:
+        if created:
+            with suppress(OSError):  # not empty: another process's files, kept
+                path.rmdir()
+        raise
 
 
 def create_output(path: Path, *, overwrite: bool) -> tuple[BinaryIO, Path]:

@@ -364,10 +364,11 @@ class MultiJob:
     def _publish(self, loop, pictures, drawn: list) -> None:
         from . import plot
 
-        if self.save is not None:
-            self.save.mkdir(parents=True, exist_ok=True)
-            for name, model in loop.loops.items():
-                final = files.publish(self.save / f"{name}.safetensors", model.save_weights, overwrite=self.overwrite)
+        if self.save is not None:  # every model's file or none: a full disk at the last one leaves no partial DIR
+            with files.output_directory(self.save) as directory:
+                weights = [(directory / f"{name}.safetensors", one.save_weights) for name, one in loop.loops.items()]
+                finals = files.publish_together(weights, overwrite=self.overwrite)
+            for name, final in zip(loop.loops, finals, strict=True):
                 print(f"unitrain: saved {name}'s weights to {final}")
         if self.plot is not None and drawn:
             figure = pictures.figure([(f"epoch {number}", epoch) for number, epoch in enumerate(drawn, 1)])
