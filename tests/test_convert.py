@@ -14,6 +14,7 @@ import zipfile
 
 import numpy as np
 import pytest
+from conftest import installed_backends
 from unitrain.conformance.tolerances import tolerance
 
 from unitrain import convert, layers
@@ -319,6 +320,107 @@ def test_onnx_is_export_only_and_unexportable_layers_are_named(tmp_path):
             convert.convert(tmp_path / "u.safetensors", tmp_path / "m.onnx", fractional)
     with pytest.raises(WeightsError, match=r"IN .*m\.onnx: unknown extension '\.onnx', expected one of"):
         convert.read(tmp_path / "m.onnx", model)
+
+
+#: a Sequential for 3x20x24 images, and a graph declaring that input; ``--model shapenets:...``
+SHAPE_NETS = """
+from unitrain.graph import Graph, Input
+from unitrain.layers import BatchNorm2d, Conv2d, Flatten, Linear, MaxPool2d, ReLU, Sequential
+
+def sequential():
+    return Sequential(Conv2d(3, 4, 3, padding=1), BatchNorm2d(4), ReLU(), MaxPool2d(2), Flatten(), Linear(480, 10))
+
+def graph():
+    image = Input((3, 20, 24), name="image")
+    body = sequential()
+    return Graph(image, body(image), modules={"body": body})
+
+def two_inputs():
+    a, b = Input((4,), name="a"), Input((4,), name="b")
+    fc = Linear(4, 2)
+    return Graph([a, b], fc(a + b), modules={"fc": fc})
+"""
+
+
+@pytest.fixture
+def shape_nets(tmp_path, monkeypatch):
+    """The current directory holds ``shapenets.py`` and each model's trained-looking weights."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "shapenets", raising=False)  # another test's directory had one
+    (tmp_path / "shapenets.py").write_text(SHAPE_NETS)
+    for name in ("sequential", "graph", "two_inputs"):
+        save_safetensors(tmp_path / f"{name}.safetensors", trained_state(layers.model_from_name(f"shapenets:{name}")))
+    yield tmp_path
+    sys.modules.pop("shapenets", None)
+
+
+@pytest.mark.skipif(not has("onnxruntime"), reason="the onnx extra is not installed")
+def test_a_sequential_exports_to_onnx_on_the_input_shape_given(shape_nets, capsys):
+    """A Sequential does not know its input's shape: --input-shape gives it (no batch dimension)."""
+    import onnxruntime
+
+    code, _, err = run(capsys, "sequential.safetensors", "m.onnx", "--model", "shapenets:sequential",
+                       "--input-shape", "3,20,24")  # fmt: skip
+    assert code == 0 and err == "", err
+    model = layers.model_from_name("shapenets:sequential")
+    state = convert.read(shape_nets / "sequential.safetensors", model)
+    x = np.random.default_rng(0).standard_normal((64, 3, 20, 24)).astype(np.float32)
+    session = onnxruntime.InferenceSession("m.onnx", providers=["CPUExecutionProvider"])
+    assert [(i.name, i.shape) for i in session.get_inputs()] == [("input", ["N", 3, 20, 24])]
+    got = session.run(["output"], {"input": x})[0]
+    for backend in installed_backends():  # each backend's own prediction (MindSpore's: one compile)
+        loop = get_backend(backend)(model)
+        loop.load_state_dict(state)
+        expected = np.asarray(loop.predict(x))
+        # conv 27 terms, BatchNorm 4, the pool's window 4, Linear 480: each side within the formula
+        allowed = 2 * tolerance(np.float32, 27 + 4 + 4 + 480, float(np.abs(expected).max()))
+        np.testing.assert_allclose(got, expected, rtol=0, atol=allowed, err_msg=backend)
+    assert np.ptp(expected.argmax(1)) > 0  # the weights discriminate: not one class everywhere
+    # a graph declares its input: --input-shape may be left out, or repeat it
+    for repeated in ([], ["--input-shape", "3,20,24"]):
+        code, _, err = run(capsys, "graph.safetensors", "g.onnx", "--model", "shapenets:graph", "--overwrite",
+                           *repeated)  # fmt: skip
+        assert code == 0 and err == "", err
+        graph = onnxruntime.InferenceSession("g.onnx", providers=["CPUExecutionProvider"])
+        np.testing.assert_allclose(graph.run(["output"], {"input": x})[0], expected, rtol=0, atol=allowed)
+
+
+SHAPE_REFUSALS = {  # (model, IN's model, OUT, --input-shape) -> the line
+    "not a shape": ("sequential", "m.onnx", "abc", "argument --input-shape: expected one sample's sizes without the "
+                    "batch dimension, positive integers separated by commas such as 1,28,28, got 'abc'"),
+    "a zero size": ("sequential", "m.onnx", "0,28", "got '0,28'"),
+    "a negative size": ("sequential", "m.onnx", "-1", "got '-1'"),
+    "a trailing comma": ("sequential", "m.onnx", "3,20,24,", "got '3,20,24,'"),
+    "a shape the model cannot take": ("sequential", "m.onnx", "1,28,28", "--input-shape 1,28,28: 0: Conv2d("
+                                      "in_channels=3"),
+    "a shape its Linear cannot take": ("sequential", "m.onnx", "3,20,20", "--input-shape 3,20,20: 5: Linear("
+                                       "in_features=480, out_features=10, bias=True) expects 480 input features "
+                                       "per sample, got per-sample shape (400,)"),
+    "one a graph does not declare": ("graph", "m.onnx", "3,24,20", "--input-shape 3,24,20 disagrees with the "
+                                     "graph's declared input (image 3,20,24); leave --input-shape out"),
+    "one for a graph of two inputs": ("two_inputs", "m.onnx", "4", "--input-shape 4 is one input's shape; the "
+                                      "graph declares 2 inputs (a 4, b 4); leave --input-shape out"),
+    "a format without one": ("sequential", "m.npz", "3,20,24", "--input-shape is for ONNX export (OUT .onnx); OUT "
+                             "m.npz is a Chainer npz"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", SHAPE_REFUSALS)
+def test_a_bad_input_shape_is_one_line_and_writes_nothing(shape_nets, capsys, case):
+    model, out, shape, message = SHAPE_REFUSALS[case]
+    code, stdout, err = run(capsys, f"{model}.safetensors", out, "--model", f"shapenets:{model}",
+                            "--input-shape", shape)  # fmt: skip
+    assert code == 2 and stdout == ""
+    assert err.count("\n") == 1 and err.startswith("unitrain: error: ") and message in err, err
+    assert "Traceback" not in err and not (shape_nets / out).exists()
+
+
+def test_a_sequential_that_cannot_take_mnist_is_told_to_give_its_input_shape(shape_nets, capsys):
+    code, _, err = run(capsys, "sequential.safetensors", "m.onnx", "--model", "shapenets:sequential")
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.endswith("a Sequential declares no input shape and is exported on per-sample input 1,28,28 (MNIST's) "
+                        "unless told: give its input's with --input-shape, such as 3,32,32\n")  # fmt: skip
+    assert not (shape_nets / "m.onnx").exists()
 
 
 # --- the command line and hostile files -------------------------------------------------------------

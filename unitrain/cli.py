@@ -22,6 +22,7 @@ from .cli_arguments import (
     add_model_argument,
     add_run_arguments,
     add_tensorboard_argument,
+    input_shape,
     int_at_least,
     int_in_range,
     model_name,
@@ -186,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("input", type=Path, metavar="IN", help="the weights to read")
     convert.add_argument("output", type=Path, metavar="OUT", help="the file to write")
     add_model_argument(convert, "the model the weights belong to: ")
+    convert.add_argument("--input-shape", type=input_shape, metavar="SIZES",
+                         help="for OUT.onnx: one sample's input shape without the batch dimension, such as "
+                              "3,32,32 (default: a graph's declared one, else MNIST's 1,28,28)")  # fmt: skip
     convert.add_argument("--overwrite", action="store_true", help="allow OUT to replace a file")
     convert.set_defaults(handler=cmd_convert)
 
@@ -331,7 +335,8 @@ def cmd_convert(args) -> int:
     from .convert import convert, format_of
     from .job import published
 
-    final = convert(args.input, args.output, model_from_name(args.model), overwrite=args.overwrite)
+    final = convert(args.input, args.output, model_from_name(args.model), overwrite=args.overwrite,
+                    input_shape=args.input_shape)  # fmt: skip
     placed = published("OUT", args.output, final, "weights", args.overwrite)
     print(f"unitrain: wrote {final} ({format_of(final, 'OUT').title}, model {args.model})")
     return 0 if placed else 2

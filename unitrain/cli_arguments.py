@@ -240,6 +240,18 @@ def _size(text: str) -> tuple[int, int]:
     return size
 
 
+def input_shape(text: str) -> tuple[int, ...]:
+    """``--input-shape 1,28,28``: one sample's sizes, without the batch dimension."""
+    try:
+        shape = tuple(int(size) for size in text.split(","))
+    except ValueError:
+        shape = ()
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected one sample's sizes without the batch dimension, positive integers "
+                                         f"separated by commas such as 1,28,28, got {text[:100]!r}")  # fmt: skip
+    return shape
+
+
 def _count_or_fraction(text: str) -> int | float:
     try:
         value = float(text)

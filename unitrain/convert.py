@@ -39,12 +39,13 @@ import shutil
 import tempfile
 import warnings
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
 from . import files
+from .graph import Graph
 from .layers import Container, LayerNorm, Sequential, _BatchNorm
 from .reading import open_npz, path_problem, short, short_list
 from .weights import Declared, State, WeightsError, check_state, describe, load_safetensors, save_safetensors
@@ -358,14 +359,41 @@ class Onnx(Format):
 
     suffixes, title, readable = (".onnx",), "ONNX model (export only)", False
 
-    def write(self, path, model, state):
+    def write(self, path, model, state, input_shape=INPUT_SHAPE):
         onnx = _import("onnx", "onnx")  # before onnx_export, which imports it
         from .onnx_export import to_onnx
 
-        # a graph declares its input's shape; the presets take MNIST's
-        graph = to_onnx(model, state, model.input_shapes[0] if hasattr(model, "input_shapes") else INPUT_SHAPE)
+        graph = to_onnx(model, state, input_shape)
         onnx.checker.check_model(graph, full_check=True)
         onnx.save_model(graph, str(path))
+
+
+def export_shape(model: Container, given: Sequence[int] | None = None) -> tuple[int, ...]:
+    """The per-sample input shape (no batch dimension) to export ``model`` on: a graph's declared
+    one, which ``given`` (``--input-shape``) may only repeat; else ``given``, which the model must
+    take; else the presets' MNIST shape (:data:`INPUT_SHAPE`). Refused in one line naming it."""
+    given = None if given is None else tuple(given)
+    flag = None if given is None else f"--input-shape {','.join(map(str, given))}"
+    if given is not None and (not given or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in given)):
+        raise WeightsError(f"{flag}: expected one sample's sizes, positive integers (no batch dimension)")
+    if isinstance(model, Graph):  # its inputs declare their shapes (a graph has at least one)
+        declared = model.data_inputs
+        if given is not None and [shape for _, shape in declared] != [given]:
+            inputs = ", ".join(f"{name} {','.join(map(str, shape)) or '(one number)'}" for name, shape in declared)
+            why = (f"is one input's shape; the graph declares {len(declared)} inputs" if len(declared) > 1
+                   else "disagrees with the graph's declared input")  # fmt: skip
+            raise WeightsError(f"{flag} {why} ({inputs}); leave --input-shape out")
+        return declared[0][1]
+    shape = INPUT_SHAPE if given is None else given
+    try:  # a model that does not take the input fails here, naming the layer, before any file is read
+        model.output_shape(shape)
+    except ValueError as error:
+        if given is not None:
+            raise WeightsError(f"{flag}: {error}") from None
+        raise WeightsError(f"{error}; a {type(model).__name__} declares no input shape and is exported on "
+                           f"per-sample input {','.join(map(str, shape))} (MNIST's) unless told: give its "
+                           "input's with --input-shape, such as 3,32,32") from None  # fmt: skip
+    return shape
 
 
 FORMATS: tuple[Format, ...] = (Safetensors(), TorchStateDict(), MindSporeCheckpoint(), ChainerNpz(), Onnx())
@@ -391,11 +419,21 @@ def read(path: Path, model: Container, name: str | None = None) -> State:
     return source.read(path, model, name)
 
 
-def convert(source: Path, target: Path, model: Container, *, overwrite: bool = False) -> Path:
+def convert(
+    source: Path, target: Path, model: Container, *, overwrite: bool = False, input_shape: Sequence[int] | None = None
+) -> Path:
     """Read ``source``, write ``target`` (formats by extension); returns where the file went (see
-    :func:`unitrain.files.publish`: never replacing a file unless ``overwrite``)."""
+    :func:`unitrain.files.publish`: never replacing a file unless ``overwrite``). ``input_shape``:
+    one sample's shape for ONNX export (see :func:`export_shape`)."""
     source, target = Path(source), Path(target)
     target_format = format_of(target, "OUT")
+    options = {}
+    if isinstance(target_format, Onnx):
+        options["input_shape"] = export_shape(model, input_shape)
+    elif input_shape is not None:
+        raise WeightsError(f"--input-shape is for ONNX export (OUT .onnx); OUT {target} is a {target_format.title} "
+                           "file, whose weights need no input shape")  # fmt: skip
     files.check_output(target, "OUT", overwrite, [("IN", source)])
     state = read(source, model, f"IN {source}")
-    return files.publish(target, lambda staged: target_format.write(staged, model, state), overwrite=overwrite)
+    return files.publish(target, lambda staged: target_format.write(staged, model, state, **options),
+                         overwrite=overwrite)  # fmt: skip
