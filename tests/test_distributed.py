@@ -339,6 +339,23 @@ def ended(pid: int, within: float) -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("backend", [engine.id for engine in backends_with_engine() if engine.id in ("numpy", "torch")])
+def test_a_refusal_every_rank_meets_is_one_line(backend, tmp_path):
+    """Each rank reads the dataset and refuses its labels (one is 12, the model scores 10 classes):
+    the user read the line once per rank, then the job's failure line naming a report of the
+    launcher's noise. torchrun (torch) and mpiexec (NumPy): the two ways a job's output is read."""
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (64, 28, 28), dtype=np.uint8), np.arange(64) % 10
+    labels[40] = 12
+    np.savez(tmp_path / "bad.npz", x_train=images, y_train=labels, x_test=images[:16], y_test=labels[:16])
+    result = command("train", "--dataset", "bad.npz", "--backend", backend, "--nproc", "2", "--max-steps", "2",
+                     "--batch-size", "16", "--no-progress", cwd=tmp_path, timeout=120)  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == ["unitrain: error: model mlp gives outputs of shape (10,), expected one score "
+                                          "per class; bad.npz has 13 classes"]  # fmt: skip
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(("backend", "rank_variable"), backends_with_engine())
 def test_sigterm_checkpoints_once_and_stops_every_rank(backend, rank_variable, tmp_path):
     job = start_long_run(backend, tmp_path)

@@ -238,10 +238,12 @@ _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 def run(launcher: str, nproc: int, argv: list[str], master_port: int | None, relaunches: int = 1) -> int:
     """Run the launcher (its output passes through) and return the job's exit status; on failure,
-    a last line names the rank that failed. The launcher runs in its own session, so that a
-    terminal's Ctrl-C reaches the workers once, as the launcher's SIGTERM (a second signal would
-    abort them before their checkpoint). A launcher that failed before starting any rank
-    (:func:`failed_before_ranks`) is run again, at most ``relaunches`` times."""
+    a last line names the rank that failed, unless a rank refused the run (exit status 2) in a
+    line of its own: then that line, shown once however many ranks said it, is all. The launcher
+    runs in its own session, so that a terminal's Ctrl-C reaches the workers once, as the
+    launcher's SIGTERM (a second signal would abort them before their checkpoint). A launcher that
+    failed before starting any rank (:func:`failed_before_ranks`) is run again, at most
+    ``relaunches`` times."""
     env = environment(launcher, nproc)
     log_dir = tempfile.mkdtemp(prefix="unitrain-msrun-") if launcher == "msrun" else None
     # msrun shows worker 0's log (its stdout and stderr) on its stdout, MindSpore's log lines included
@@ -257,6 +259,7 @@ def run(launcher: str, nproc: int, argv: list[str], master_port: int | None, rel
     sink = sys.stderr.buffer if log_dir is None else sys.stdout.buffer
     report, received, partial = b"", None, b""
     held = bytearray()  # the launchers' and workers' other stderr lines (the last _HELD_BYTES): see _shown
+    said: set[bytes] = set()  # the ranks' error lines shown: see _unrepeated
     while True:
         try:
             chunk = os.read(stream.fileno(), 65536)
@@ -280,6 +283,7 @@ def run(launcher: str, nproc: int, argv: list[str], master_port: int | None, rel
             chunk = b"".join(line + b"\n" for line in lines if not _MINDSPORE_LOG.match(line))
         else:
             chunk, partial = _shown(partial + chunk, held)
+            chunk = _unrepeated(chunk, said)
             if received is None:  # a rank its launcher stopped because a peer failed: part of the report
                 lines = chunk.splitlines(keepends=True)
                 held += b"".join(line for line in lines if _stopped_by_launcher(line))
@@ -303,6 +307,8 @@ def run(launcher: str, nproc: int, argv: list[str], master_port: int | None, rel
         return 0 if status == 0 else 128 + received
     ranks = None if log_dir is None else {pid: rank for rank, pid in _msrun_pids(log_dir).items()}
     failed = _failure(report.decode(errors="replace"), ranks)
+    if said and _exit_status(failed, status) == _REFUSED:
+        return _REFUSED  # a rank refused the run and its line said why: the launcher's report adds nothing
     if log_dir is not None:
         logs = f"; the workers' logs are in {log_dir}"
     elif held:  # the launcher's report and the workers' tracebacks: a page for one failure, kept aside
@@ -337,6 +343,25 @@ def _stopped_by_launcher(line: bytes) -> bool:
     """Whether ``line`` is a rank's answer to a stop signal, which (when the user sent none) its
     launcher sent because a peer failed: part of the job's report, not news for the console."""
     return line.rstrip() == _STOPPED_BY_LAUNCHER or line.startswith(_STOP_NOTICE)
+
+
+#: the exit status of a command that refused its input, after one line ``unitrain: error: ...``
+_REFUSED = 2
+_ERROR_LINE = b"unitrain: error: "
+
+
+def _unrepeated(text: bytes, said: set[bytes]) -> bytes:
+    """``text`` without the error lines shown already (``said``, which gains the new ones): every
+    rank that meets the same bad input (a label out of range in the dataset each reads) refuses it
+    in the same words, and the user reads them once."""
+    kept = []
+    for line in text.splitlines(keepends=True):
+        if line.startswith(_ERROR_LINE):
+            if line in said:
+                continue
+            said.add(line)
+        kept.append(line)
+    return b"".join(kept)
 
 
 #: the workers' and launchers' stderr held back while a job runs, at most (its end is kept)
