@@ -455,6 +455,28 @@ def test_a_metrics_file_on_a_full_disk_is_one_line(tiny):
     assert "Traceback" not in result.stderr and listing == ["user.txt"]
 
 
+def test_a_weights_file_that_appeared_during_the_run_is_kept_and_ours_goes_beside_it(tiny, capsys, monkeypatch):
+    """As the one-model --save: it was published beside it with exit code 0 and no word on stderr."""
+    from unitrain import datasets
+
+    load_datasets = datasets.load_datasets
+
+    def load_then_create(*args, **kwargs):  # after the start-up checks, as a user (or another job) would
+        (tiny / "out").mkdir()
+        (tiny / "out" / "generator.safetensors").write_bytes(b"the user's")
+        return load_datasets(*args, **kwargs)
+
+    monkeypatch.setattr(datasets, "load_datasets", load_then_create)
+    status, out, err = run_cli(capsys, "train", "gan.toml", "--max-steps", "1", "--save", "out", "--no-progress")
+    assert status == 2
+    assert err.splitlines() == ["unitrain: --save out/generator.safetensors appeared during the run; kept it and wrote "
+                                "the generator's weights to out/generator.1.safetensors instead"]  # fmt: skip
+    assert "saved generator's weights to out/generator.1.safetensors" in out
+    assert (tiny / "out" / "generator.safetensors").read_bytes() == b"the user's"
+    assert sorted(path.name for path in (tiny / "out").iterdir()) == [
+        "discriminator.safetensors", "generator.1.safetensors", "generator.safetensors"]  # fmt: skip
+
+
 def test_weights_on_a_full_disk_leave_no_partial_directory(tiny):
     """4 KiB free: the generator's file fits, the discriminator's does not. The generator's alone
     was left in DIR, which then made the rerun refuse DIR as "not empty"."""

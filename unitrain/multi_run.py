@@ -343,11 +343,10 @@ class MultiJob:
                 print(f"unitrain: stopped at step {loop.step_count}; {where}", file=sys.stderr, flush=True)
             return loop, progress["records"], 128 + (checkpoints.stop_signal or signal.SIGINT)
         partial = not ended
-        if lead:
-            self._publish(loop, pictures, progress["pictures"] + (drawn if partial else []))
+        placed = self._publish(loop, pictures, progress["pictures"] + (drawn if partial else [])) if lead else True
         if loop.world_size > 1:  # the ranks end together, after rank 0's files
             loop.any_rank(False)
-        return loop, progress["records"] + ([record] if partial else []), 0
+        return loop, progress["records"] + ([record] if partial else []), 0 if placed else 2
 
     def _extensions(self, per_epoch: int) -> list:
         """Rank 0's progress bar and TensorBoard writer, as ``fit`` drives a one-model run's."""
@@ -361,20 +360,27 @@ class MultiJob:
             chosen.append(PhaseTensorBoardWriter(self.tensorboard))
         return chosen
 
-    def _publish(self, loop, pictures, drawn: list) -> None:
+    def _publish(self, loop, pictures, drawn: list) -> bool:
+        """``--save`` and ``--plot``, as the one-model run's; whether each file went where asked
+        (if not, stderr says where: :func:`unitrain.job.published`)."""
         from . import plot
+        from .job import published
 
+        placed = True
         if self.save is not None:  # every model's file or none: a full disk at the last one leaves no partial DIR
             with files.output_directory(self.save) as directory:
                 weights = [(directory / f"{name}.safetensors", one.save_weights) for name, one in loop.loops.items()]
                 finals = files.publish_together(weights, overwrite=self.overwrite)
-            for name, final in zip(loop.loops, finals, strict=True):
+            for name, (asked, _), final in zip(loop.loops, weights, finals, strict=True):
+                placed = published("--save", asked, final, f"{name}'s weights", self.overwrite) and placed
                 print(f"unitrain: saved {name}'s weights to {final}")
         if self.plot is not None and drawn:
             figure = pictures.figure([(f"epoch {number}", epoch) for number, epoch in enumerate(drawn, 1)])
             final = files.publish(self.plot, lambda staged: plot.save_figure(figure, staged, self.plot.suffix),
                                   overwrite=self.overwrite)  # fmt: skip
+            placed = published("--plot", self.plot, final, "pictures", self.overwrite) and placed
             print(f"unitrain: drew the pictures of {len(drawn)} epoch{'s' * (len(drawn) > 1)} in {final}")
+        return placed
 
 
 def histories_of(run: MultiRun, backends: Sequence[str]) -> tuple[dict[str, list[dict[str, float]]], dict]:
