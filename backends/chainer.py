@@ -499,7 +499,7 @@ class ChainerLoop(TrainingLoop):
         return self._count_correct(self._step_pred, y)
 
     def _count_correct(self, pred, y):
-        pred = getattr(pred, "array", pred)  # _loss_and_gradients's are Variables
+        pred = getattr(pred, "array", pred)  # forward's are Variables
         xp = chainer.backend.get_array_module(pred)
         return (pred.argmax(axis=1) == xp.asarray(y)).sum()
 

@@ -33,6 +33,7 @@ import numpy as np
 from mindspore import Tensor, nn, ops
 
 from unitrain.randomness import dropout_mask
+from unitrain.step_shapes import node_shapes
 from unitrain.steps import PhaseEvaluator, split
 
 from .mindspore import _EXPR_OPS, _dropout_shapes, _TakesMasks
@@ -198,15 +199,16 @@ class Evaluator(PhaseEvaluator):
                 cells.append(_Operation(_EXPR_OPS[op], at, tuple(static.values())))
         return _PhaseLoss(cells)
 
-    def _masks(self, x, noise) -> tuple[list, list[dict]]:
+    def _masks(self, x) -> tuple[list, list[dict]]:
         """Every dropout mask of the step, drawn before it runs from each model's loop stream in
         the order its calls run, and per phase each call's positions among them (a repeated
         call: those of the call it repeats)."""
+        batch_shape = tuple(part.shape for part in x) if isinstance(x, tuple) else x.shape
         shapes, masks, drawn, positions = None, [], {}, []
         for calls, fresh in self.plan:
             for node in calls:
                 if node in fresh and self.loops[node[1]]._has_dropout:
-                    shapes = shapes or _shapes(self.phases, x, noise, self.loops)
+                    shapes = shapes or node_shapes(self.step, batch_shape)
                     inputs = [shapes[argument] for argument in node[2:]]
                     new = _draw_masks(self.loops[node[1]], inputs[0] if len(inputs) == 1 else tuple(inputs))
                     drawn[node] = tuple(range(len(masks), len(masks) + len(new)))
@@ -217,7 +219,7 @@ class Evaluator(PhaseEvaluator):
     def run(self, x, noise, weights=None):
         batch = ms.mutable(tuple(map(Tensor.from_numpy, x))) if isinstance(x, tuple) else Tensor.from_numpy(x)
         inputs = ms.mutable((batch, *(Tensor.from_numpy(noise[leaf]) for leaf in self.step.noise)))
-        masks, positions = self._masks(x, noise)
+        masks, positions = self._masks(x)
         if self._step is None:
             self._step = self._build(positions)
         ahead = dict.fromkeys(self.loops, 0)
@@ -272,39 +274,3 @@ def _draw_masks(loop, shapes) -> tuple:
     sample_shape = tuple(shape[1:] for shape in shapes) if several else shapes[1:]
     _dropout_shapes(loop.model_spec, sample_shape, found := [])
     return tuple(Tensor.from_numpy(dropout_mask(loop._rng, (samples, *shape), p, np.float32)) for p, shape in found)
-
-
-def _shapes(phases, x, noise, loops) -> dict:
-    """Each node's value's shape (a tuple of shapes for a model with several outputs), for the
-    dropout masks of the calls: the masks are drawn before the graph runs."""
-    shapes: dict = {}
-    for _, _, order in phases:
-        for node in order:
-            if node in shapes:
-                continue
-            op, children, static = split(node)
-            args = [shapes[child] for child in children]
-            if op == "batch":
-                shapes[node] = tuple(part.shape for part in x) if isinstance(x, tuple) else x.shape
-            elif op == "noise":
-                shapes[node] = noise[node].shape
-            elif op == "detach":
-                shapes[node] = args[0]
-            elif op == "output":
-                shapes[node] = args[0][static["index"]]
-            elif op == "call":
-                samples = args[0][0]
-                out = loops[static["model"]].model_spec.output_shape(
-                    args[0][1:] if len(args) == 1 else tuple(arg[1:] for arg in args)
-                )
-                several = isinstance(out, (list, tuple)) and out and isinstance(out[0], (list, tuple))
-                shapes[node] = tuple((samples, *part) for part in out) if several else (samples, *out)
-            elif op == "const":
-                shapes[node] = ()
-            elif op in ("sum", "mean"):
-                axis = static["axis"]
-                rank = len(args[0])
-                shapes[node] = () if axis is None else tuple(size for a, size in enumerate(args[0]) if a != axis % rank)
-            else:
-                shapes[node] = np.broadcast_shapes(*args) if args else ()
-    return shapes

@@ -113,6 +113,19 @@ def compare(what: str, got, expected, *, dtype, size: float, scale: float | None
     _within(what, got, expected, tolerances.tolerance(dtype, size, scale, record.name))
 
 
+def compare_correct(what: str, got, pred, y, *, dtype, size: float) -> None:
+    """``got`` can be the number of rows of predictions ``pred`` that argmax to the class indices
+    ``y`` when each prediction may be off by :func:`compare`'s tolerance: a row whose label's score
+    and best other score are within twice of it counts either way."""
+    pred = np.asarray(pred, F64)
+    tolerance = tolerances.tolerance(dtype, size, float(np.abs(pred).max()), _current.get().name)
+    others = np.where(np.arange(pred.shape[1]) == y[:, None], -math.inf, pred).max(1)
+    lead = pred[np.arange(len(y)), y] - others
+    fewest, most = int((lead > 2 * tolerance).sum()), int((lead >= -2 * tolerance).sum())
+    if got is None or not fewest <= float(got) <= most:
+        fail(f"{what}: expected {fewest}" + (f" to {most}" if most > fewest else "") + f", got {got}")
+
+
 def compare_exact(what: str, got, expected) -> None:
     """Bit-for-bit equality, dtype included."""
     got, expected = np.asarray(got), np.asarray(expected)

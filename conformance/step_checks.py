@@ -23,6 +23,7 @@ from .checks import (
     batchnorm_model,
     check,
     compare,
+    compare_correct,
     compare_exact,
     compare_states,
     dense_model,
@@ -165,9 +166,9 @@ def check_tutorial_sequence_equals_step(adapter):
 
 @check()
 def check_loss_and_gradients_in_one_pass(adapter):
-    """The data-parallel step's ``_loss_and_gradients(x, y)`` gives the loss, predictions and
-    gradients of zero_grad, forward, loss, backward (replacing earlier gradients), and leaves the
-    same state: BatchNorm's running statistics updated once, the same Dropout masks drawn."""
+    """The data-parallel step's ``_loss_and_gradients(x, y)`` gives the loss, the number of correct
+    predictions and the gradients of zero_grad, forward, loss, backward (replacing earlier gradients),
+    and leaves the same state: BatchNorm's running statistics updated once, the same Dropout masks drawn."""
     models = [("a dense", dense_model(), (3, 4)), ("a BatchNorm/Dropout", mode_model(adapter), (6,))]
     for what, model, shape in models:
         state = state_of(model)
@@ -175,7 +176,7 @@ def check_loss_and_gradients_in_one_pass(adapter):
         for loop in (fused, parts):  # gradients to be replaced
             tutorial_gradients(loop, inputs(shape, seed=1), labels(seed=1))
         x, y = inputs(shape), labels()
-        loss, pred = fused._loss_and_gradients(x, y)
+        loss, correct = fused._loss_and_gradients(x, y)
         parts.zero_grad()
         expected_pred = parts.forward(x)
         expected_loss = parts.loss(expected_pred, y)
@@ -183,8 +184,8 @@ def check_loss_and_gradients_in_one_pass(adapter):
         size = 8 * DENSE_FAN_IN  # the widest sum: a weight's gradient over the 8 samples' fan-ins
         compare(f"{what} model, _loss_and_gradients vs. the tutorial sequence: loss", fused.to_float(loss),
                 parts.to_float(expected_loss), dtype=fused.dtype, size=size)  # fmt: skip
-        compare(f"{what} model, _loss_and_gradients vs. the tutorial sequence: predictions", fused.to_numpy(pred),
-                parts.to_numpy(expected_pred), dtype=fused.dtype, size=size)  # fmt: skip
+        compare_correct(f"{what} model, _loss_and_gradients vs. the tutorial sequence: correct predictions",
+                        correct, parts.to_numpy(expected_pred), y, dtype=fused.dtype, size=size)  # fmt: skip
         compare_states(f"{what} model, _loss_and_gradients vs. the tutorial sequence: gradient", fused.gradients(),
                        parts.gradients(), dtype=fused.dtype, size=size)  # fmt: skip
         compare_states(f"{what} model, _loss_and_gradients vs. the tutorial sequence: state", fused.state_dict(),

@@ -497,18 +497,35 @@ def dropout_gan():
     )  # fmt: skip
 
 
+def dropout_after_noise():
+    """A VAE on samples of 4 values whose encoder draws its own noise (``randn_like``, lifted into
+    the step) and whose decoder has Dropout: the decoder's masks take the shape of the encoder's
+    output, which MindSpore infers before its graph runs."""
+    x = ut.graph.Input((4,), name="x")
+    mu, logvar = ut.Linear(4, 3), ut.Linear(4, 3)
+    z = mu(x) + ut.ops.randn_like(logvar(x)) * (0.5 * logvar(x)).exp()
+    encode, decode = steps.Model("encoder"), steps.Model("decoder")
+    return steps.MultiStep(
+        models={"encoder": ut.graph.Graph(x, z, {"mu": mu, "logvar": logvar}),
+                "decoder": ut.Sequential(ut.Linear(3, 6), ut.Tanh(), ut.Dropout(0.5), ut.Linear(6, 4))},
+        optimizers={"sgd": steps.OptimizerOver(ut.optim.SGD(0.1), ["encoder", "decoder"])},
+        phases=[steps.Phase("vae", ((decode(encode(steps.batch())) - steps.batch()) ** 2).mean(), "sgd")],
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("backend", ["chainer", "mindspore"])
-def test_dropout_in_a_step_draws_the_masks_of_the_numpy_backend(backend):
+@pytest.mark.parametrize("case", [dropout_gan, dropout_after_noise])
+def test_dropout_in_a_step_draws_the_masks_of_the_numpy_backend(backend, case):
     """Chainer and MindSpore draw each model call's dropout masks from that model's loop stream, in
     the order the calls run, as the NumPy backend does (PyTorch draws from its generator); a call
     that repeats an earlier phase's reuses its masks. So from the same weights the three runs take
     the same steps: within the conformance formula twice over (each float32 run within it of the
-    exact one), over the chain of the 4 steps' sums of 8 samples x 6 inputs; another mask moves a
-    loss by ~0.1."""
+    exact one), over the chain of the 4 steps' sums of 8 samples x 6 inputs (the widest: the VAE's
+    loss sums 8 x 4); another mask moves a loss by ~0.1."""
     batches = np.random.default_rng(2).uniform(-1, 1, (4, 8, 4)).astype(np.float32)
     runs = {}
     for name in ("numpy", backend):
-        loop = steps.MultiModelLoop(dropout_gan(), name, seed=4)
+        loop = steps.MultiModelLoop(case(), name, seed=4)
         runs[name] = ([list(loop.step(x).values()) for x in batches], _flat(loop.state_dicts()))
     allowed = 2 * tolerance(np.float32, len(batches) * 8 * 6)
     np.testing.assert_allclose(runs[backend][0], runs["numpy"][0], rtol=0, atol=allowed)

@@ -9,12 +9,12 @@ from conftest import installed_backends
 from test_hostile_runs import on_a_full_disk, one_error_line, run_cli
 from test_multi_run import RECIPE, tiny  # noqa: F401 (tiny: the tiny GAN's directory, a fixture)
 
-from unitrain import expr, steps
+from unitrain import expr, ops, steps
 from unitrain.graph import Graph, Input
 from unitrain.input_checks import InputError
 from unitrain.layers import Linear, Sequential, Sigmoid
 from unitrain.optim import SGD
-from unitrain.step_shapes import check_step_shapes
+from unitrain.step_shapes import check_step_shapes, node_shapes
 
 OUTPUTS = ["out", "ck", "m.jsonl", "p.png"]  # what the runs below would write
 
@@ -102,6 +102,30 @@ def test_shapes_are_inferred_through_several_outputs_noise_and_reductions():
     mismatch = r"^phase 'vae': mul of shapes \(4, 8\) and \(4, 7\) \(they do not broadcast\)$"
     with pytest.raises(InputError, match=mismatch):
         check_step_shapes(_vae_step(7), (4, 8))
+
+
+def _noisy_encoder_step(decoded_from: int) -> steps.MultiStep:
+    """An encoder drawing its own noise (``randn_like``: the step lifts it into the call) of 3
+    values per sample, then a decoder taking ``decoded_from``."""
+    x = Input((6,), name="x")
+    mu, logvar = Linear(6, 3), Linear(6, 3)
+    encoder = Graph(x, mu(x) + ops.randn_like(logvar(x)) * (0.5 * logvar(x)).exp(), {"mu": mu, "logvar": logvar})
+    e, d = steps.Model("encoder"), steps.Model("decoder")
+    return steps.MultiStep({"encoder": encoder, "decoder": Sequential(Linear(decoded_from, 6), Sigmoid())},
+                           {"sgd": steps.OptimizerOver(SGD(0.1), ["encoder", "decoder"])},
+                           [steps.Phase("vae", steps.bce(d(e(steps.batch())), steps.batch()), "sgd")])  # fmt: skip
+
+
+def test_shapes_are_inferred_through_a_model_drawing_its_own_noise():
+    """A decoder of another width after it went unchecked (the encoder's output was "not known"), to
+    a traceback from inside the backend's layers; MindSpore draws the decoder's dropout masks from
+    these shapes."""
+    shapes = node_shapes(_noisy_encoder_step(3), (4, 6))
+    assert {node[1]: shape for node, shape in shapes.items() if node[0] == "call"} == {"encoder": (4, 3),
+                                                                                       "decoder": (4, 6)}  # fmt: skip
+    words = r"^phase 'vae': model 'decoder': 0: Linear\(in_features=2, out_features=6, bias=True\) expects 2 input"
+    with pytest.raises(InputError, match=words):
+        check_step_shapes(_noisy_encoder_step(2), (4, 6))
 
 
 def test_evaluate_names_the_phase_of_a_model_given_values_of_another_shape(tiny, capsys):  # noqa: F811

@@ -40,7 +40,7 @@ class Fitting:
             return graph_batches.evaluate(self, dataset, batch_size)
         total_loss, correct, squared, absolute = 0.0, 0, 0.0, 0.0
         accuracy, errors = self._measures(np.asarray(dataset.y))
-        class_indices = self._class_indices(np.asarray(dataset.y))
+        class_indices = self._counts_correct(np.asarray(dataset.y))
         with eval_mode(self):
             for x, y in dataset.batches(batch_size):
                 x, y = self._check_batch((x, y))
@@ -168,7 +168,7 @@ class Fitting:
         if start_batch % group:
             raise ValueError(f"start_batch {start_batch} is inside an optimizer step of {group} batches; "
                              f"a resume starts at a multiple of {group}")  # fmt: skip
-        count_correct = self._output_count == 1 and self._class_indices(np.asarray(train_data.y))
+        count_correct = self._counts_correct(np.asarray(train_data.y))
         if early_stopping is not None:
             if not isinstance(early_stopping, EarlyStopping):
                 raise TypeError(f"early_stopping must be a unitrain.controls.EarlyStopping, got {early_stopping!r}")

@@ -372,15 +372,15 @@ class TrainingLoop(Fitting, InputChecks, ABC):
         """The whole step; returns the pre-update loss as a native scalar (no host sync)."""
 
     def _loss_and_gradients(self, x: np.ndarray, y: np.ndarray) -> tuple[Any, Any]:
-        """The gradients of the loss on ``(x, y)`` replace the accumulated ones (no update), from
-        one forward pass; returns the native loss and predictions. A data-parallel step uses it
-        between its allreduces. The default composes the tutorial hooks; an adapter whose
-        ``_backward`` runs the forward pass again (MindSpore's) does it in one pass."""
+        """The gradients of the loss on ``(x, y)`` replace the accumulated ones (no update), from one
+        forward pass; returns the native loss and its predictions' :meth:`_count_correct` (read only where
+        :meth:`_counts_correct`). A data-parallel step uses it between its allreduces. The default composes
+        the tutorial hooks; MindSpore's, whose ``_backward`` runs the forward pass again, makes one pass."""
         self._zero_grad()
         pred = self._forward(x)
         loss = self._loss(pred, y)
         self._backward(loss)
-        return loss, pred
+        return loss, self._count_correct(pred, y) if self._counts_correct(y) else None
 
     @abstractmethod
     def _predict(self, x: np.ndarray) -> np.ndarray:
@@ -456,10 +456,9 @@ class TrainingLoop(Fitting, InputChecks, ABC):
         return None
 
     def _count_correct(self, pred: Any, y: np.ndarray) -> Any:
-        """How many rows of native predictions ``pred`` (as ``_loss_and_gradients`` returns them)
-        ``argmax`` to the class indices ``y``: a native scalar, or a Python int where that is cheaper
-        (the data-parallel step reads it right after the loss, which has synced); ``None`` if the
-        adapter does not count (then data-parallel epoch records have no ``train_accuracy``)."""
+        """How many rows of native predictions ``pred`` (as ``_forward`` returns them) ``argmax`` to
+        the class indices ``y``: a native scalar, or a Python int where that is cheaper; ``None`` if
+        the adapter does not count (then data-parallel epoch records have no ``train_accuracy``)."""
         return None
 
     @classmethod
@@ -595,9 +594,9 @@ class TrainingLoop(Fitting, InputChecks, ABC):
         self.step_count += 1
         return loss
 
-    def _class_indices(self, y: np.ndarray) -> bool:
-        """Whether checked targets ``y`` are class indices (then a step counts its correct predictions)."""
-        return self.loss_spec.class_targets and y.dtype.kind in "iu"
+    def _counts_correct(self, y: np.ndarray) -> bool:
+        """Whether a step on checked targets ``y`` counts its correct predictions: class indices, one output."""
+        return self._output_count == 1 and self.loss_spec.class_targets and y.dtype.kind in "iu"
 
     def _shard_step(self, x: np.ndarray, y: np.ndarray) -> tuple[float, float | None]:
         """This rank's rows of a global batch; returns the global batch's loss and its number of
@@ -610,12 +609,11 @@ class TrainingLoop(Fitting, InputChecks, ABC):
         if stop > start:  # a last batch smaller than the world leaves some ranks without rows
             x_rows, y_rows = graph_batches.rows(x, start, stop), graph_batches.rows(y, start, stop)
             self._check_batch_statistics(x_rows)
-            loss, pred = self._loss_and_gradients(x_rows, y_rows)
+            loss, correct = self._loss_and_gradients(x_rows, y_rows)
             # read after the loss's sync and summed in the loss's allreduce: no sync or collective of its own
             local_loss = self.to_float(loss)
-            counted = self._output_count == 1 and self._class_indices(y)
-            correct = self._count_correct(pred, y_rows) if counted else None
-            local_correct = math.nan if correct is None else self.to_float(correct)  # NaN: not counted, on every rank
+            counted = correct is not None and self._counts_correct(y)
+            local_correct = self.to_float(correct) if counted else math.nan  # NaN: not counted, on every rank
         else:
             self._zero_grad()
         self._reduce_gradients(weight)

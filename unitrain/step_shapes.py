@@ -24,15 +24,39 @@ def check_step_shapes(step: MultiStep, batch_shape) -> None:
     own loops check): each model call gets per-sample inputs of the shapes the model takes,
     and every operation's operands broadcast (as a CustomLoss's, never the samples of one
     against another axis of the other)."""
-    models = dict(step.models)
-    samples = batch_shape[0]
-    batch: Value = None if isinstance(samples, tuple) else (tuple(batch_shape), 0)
+    _step_values(step, batch_shape)
+
+
+def node_shapes(step: MultiStep, batch_shape) -> dict[Node, tuple]:
+    """The shape of each node of ``step``'s phases on a batch of shape ``batch_shape`` (a tuple of
+    shapes for a call's several outputs; None where not known: after a batch of several inputs),
+    as :func:`check_step_shapes` checks them: what a backend that draws a call's dropout masks
+    before running its graph (MindSpore's) needs."""
+    return {node: _shape(value) for node, value in _step_values(step, batch_shape).items()}
+
+
+def _step_values(step: MultiStep, batch_shape) -> dict[Node, Value]:
+    models, batch = dict(step.models), _batch(batch_shape)
     values: dict[Node, Value] = {}
     for phase in step.phases:
         try:
             _evaluate(phase.loss, models, batch, values)
         except ValueError as error:
             raise InputError(f"phase {phase.name!r}: {error}") from None
+    return values
+
+
+def _batch(batch_shape) -> Value:
+    return None if isinstance(batch_shape[0], tuple) else (tuple(batch_shape), 0)
+
+
+def _shape(value: Value) -> tuple | None:
+    if value is None:
+        return None
+    if value[0] == "outputs":
+        samples, outputs = value[1]
+        return tuple((samples, *output) for output in outputs)
+    return value[0]
 
 
 def _evaluate(root: Node, models: Mapping, batch: Value, values: dict[Node, Value]) -> Value:
@@ -66,7 +90,8 @@ def _value(node: Node, operands: list[Value], models: Mapping, batch: Value) -> 
 
 
 def _call(name: str, model, operands: list) -> Value:
-    if getattr(model, "noise", ()):  # its own noise inputs are lifted into its callers: not known here
+    noise = getattr(model, "noise", ())
+    if noise and len(operands) < len(model.inputs):  # its noise not lifted into the call (a picture's)
         return None
     for shape, batch_axis in operands:
         if batch_axis != 0:
@@ -90,7 +115,7 @@ def check_picture_shapes(pictures: Mapping[str, expr.Expr], models: Mapping, bat
     draws): a wrong one was found only at the first epoch's end, its training lost."""
     from .run import RunError
 
-    batch: Value = None if isinstance(batch_shape[0], tuple) else (tuple(batch_shape), 0)
+    batch = _batch(batch_shape)
     for key, expression in pictures.items():
         try:
             value = _evaluate(expression.node, models, batch, {})
