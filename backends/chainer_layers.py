@@ -77,7 +77,10 @@ class _Dropout:
 
 def _flatten(x, spec: layers.Flatten):
     start, end = spec.flattened_dims(x.ndim)
-    return F.reshape(x, (*x.shape[:start], -1, *x.shape[end + 1 :]))
+    shape = (*x.shape[:start], -1, *x.shape[end + 1 :])
+    if isinstance(x, np.ndarray):  # the batch itself, which needs no gradient: a view, as L.Linear reshapes it
+        return chainer.Variable(x.reshape(shape), requires_grad=False)
+    return F.reshape(x, shape)
 
 
 def _identity(x):
