@@ -1,7 +1,7 @@
 """The DCGAN step of unitrain.steps against each framework's hand-written two-optimizer loop.
 
     .venv/bin/python benchmarks/bench_generative.py [--steps N] [--repeats R] [--backends torch,chainer]
-        [--threads N] [--cpu-time]
+        [--threads N] [--cpu-time] [--json FILE]
 
 examples/dcgan.py's models (``--features`` channels, nz 100, batch 64, Adam 2e-4 beta1 0.5) trained
 by ``steps.MultiModelLoop``, and by the tutorial's loop written in the framework itself on the same
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import time
 from pathlib import Path
 
@@ -149,7 +150,9 @@ def main() -> None:
     parser.add_argument("--backends", default="torch,chainer,mindspore")
     parser.add_argument("--threads", type=int, help="compute threads of every framework (default: their own)")
     parser.add_argument("--cpu-time", action="store_true", help="time the steps in process CPU time, not wall-clock")
+    parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
+    results = []
     # CPU time moves far less than wall-clock time on a machine other processes load (with one thread
     # per framework, both sides are counted alike), as benchmarks/bench_step.py's --cpu-time
     clock = time.process_time if args.cpu_time else time.perf_counter
@@ -171,6 +174,11 @@ def main() -> None:
                     run(x)
                 best[side] = min(best[side], (clock() - started) / len(batches))
         print(f"| {backend} | {best['ours']:.4f} | {best['native']:.4f} | {best['native'] / best['ours']:.2f}x |")
+        results.append({"model": "dcgan", "backend": backend, "unitrain_seconds_per_step": best["ours"],
+                        "native_seconds_per_step": best["native"]})  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"results": results}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """A model written as a unitrain Graph against the same model as a Sequential: training-step time.
 
     .venv/bin/python benchmarks/bench_graph.py [--steps N] [--repeats R] [--backends numpy,torch]
+        [--cpu-time] [--json FILE]
 
 The tutorial CNN (``unitrain.cnn()``, batch 100, SGD lr 0.01) twice from the same weights and
 batches: as the Sequential, and as a Graph calling each of its twelve layers as a module of its own
@@ -13,6 +14,7 @@ For torch, MindSpore and Chainer the framework's own hand-written loop of the sa
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import numpy as np
@@ -35,11 +37,15 @@ def seconds_per_step(loop, batches) -> float:
     """``loop``: a unitrain loop, or a native one, whose ``step`` takes the batch's two arrays."""
     step = loop.step if isinstance(loop, ut.TrainingLoop) else lambda batch: loop.step(*batch)
     step(batches[0])  # warm-up: first-call allocations
-    started = time.perf_counter()
+    started = clock()
     for batch in batches:
         last = step(batch)
     loop.to_float(last)  # an asynchronous framework finishes
-    return (time.perf_counter() - started) / len(batches)
+    return (clock() - started) / len(batches)
+
+
+#: wall-clock, or with --cpu-time the process's CPU time (as benchmarks/bench_step.py's)
+clock = time.perf_counter
 
 
 def main() -> None:
@@ -47,7 +53,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--backends", default="numpy,torch")
+    parser.add_argument("--cpu-time", action="store_true", help="time the steps in process CPU time, not wall-clock")
+    parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
+    global clock
+    clock = time.process_time if args.cpu_time else time.perf_counter
+    results = []
     rng = np.random.default_rng(0)
     batches = [(rng.random((100, 1, 28, 28), np.float32), rng.integers(0, 10, 100)) for _ in range(args.steps)]
     print("| backend | Sequential s/step | Graph s/step | graph / sequential speed | native s/step | graph / native |")
@@ -64,8 +75,14 @@ def main() -> None:
             for side, loop in sides.items():
                 best[side] = min(best[side], seconds_per_step(loop, batches))
         native = f"{best['native']:.4f} | {best['native'] / best['graph']:.2f}" if "native" in best else "— | —"
+        results.append({"model": "cnn as a graph", "backend": backend, "unitrain_seconds_per_step": best["graph"],
+                        "sequential_seconds_per_step": best["sequential"],
+                        "native_seconds_per_step": best.get("native")})  # fmt: skip
         print(f"| {backend} | {best['sequential']:.4f} | {best['graph']:.4f} | "
               f"{best['sequential'] / best['graph']:.2f} | {native} |", flush=True)  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"results": results}, f, indent=1)
 
 
 if __name__ == "__main__":
