@@ -32,8 +32,6 @@ class Evaluator(PhaseEvaluator):
         return self.ops[op](*arguments, **static)
 
     def _tensor(self, array):
-        if isinstance(array, tuple):
-            return tuple(self._tensor(part) for part in array)
         return torch.from_numpy(array).to(self.device)
 
     def backward(self, phase, updated, order, cache, keep):
