@@ -653,7 +653,8 @@ class MultiModelLoop:
             raise ValueError(f"phase {phase.name!r} cannot be split over processes: {error}") from None
 
     def step(self, x) -> dict[str, float]:
-        """One step on the batch ``x``: every phase in order; returns each phase's loss (before its update)."""
+        """One step on the batch ``x`` (one array of shape (N, ...): what ``batch`` stands for): every
+        phase in order; returns each phase's loss (before its update)."""
         from .step_shapes import check_step_shapes, checked_batch
 
         # a wrong batch: one line (InputError) naming what was expected, before any phase runs
