@@ -15,8 +15,9 @@ from test_multi_run import RECIPE, tiny  # noqa: F401 (tiny: the tiny GAN's dire
 from unitrain import expr, ops, steps
 from unitrain.graph import Graph, Input
 from unitrain.input_checks import InputError
-from unitrain.layers import BatchNorm1d, Linear, Sequential, Sigmoid
+from unitrain.layers import BatchNorm1d, Flatten, Linear, Sequential, Sigmoid
 from unitrain.optim import SGD
+from unitrain.sequences import Embedding
 from unitrain.step_shapes import check_step_shapes, node_shapes
 
 OUTPUTS = ["out", "ck", "m.jsonl", "p.png"]  # what the runs below would write
@@ -162,6 +163,36 @@ def test_rows_as_lists_and_integers_train_as_the_float_array_does():
         same = [steps.MultiModelLoop(step, "numpy", seed=0).step(batch) for batch in
                 (pixels.astype(np.float32), pixels, pixels.tolist())]  # fmt: skip
         assert same[0] == same[1] == same[2], name
+
+
+def _token_step(first, *, target: bool = False) -> steps.MultiStep:
+    """A model reading the batch through ``first`` (an Embedding of 10 ids, or its one-hot Linear),
+    the batch also a target when ``target``."""
+    d = steps.Model("d")
+    loss = steps.bce(d(steps.batch()), 1.0) + (((steps.batch() - 1) ** 2).mean() if target else 0.0)
+    return steps.MultiStep({"d": Sequential(first, Flatten(), Linear(12, 1), Sigmoid())},
+                           {"sgd": steps.OptimizerOver(SGD(0.1), ["d"])}, [steps.Phase("d", loss, "sgd")])  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", installed_backends())
+def test_token_ids_reach_a_model_that_starts_with_an_embedding(backend):
+    """They were cast to float32 with any other batch: NumPy's IndexError, PyTorch's and Chainer's
+    dtype errors, from inside the first phase."""
+    ids = np.arange(20).reshape(5, 4) % 7
+    tokens = steps.MultiModelLoop(_token_step(Embedding(10, 3)), backend, seed=0)
+    one_hot = steps.MultiModelLoop(_token_step(Linear(10, 3, bias=False)), backend, seed=0)
+    state = tokens.loops["d"].state_dict()
+    one_hot.loops["d"].load_state_dict({**state, "0.weight": np.ascontiguousarray(state["0.weight"].T)})
+    # a one-hot row times the table is that row exactly (the other products are zeros): the same bits
+    assert tokens.step(ids) == one_hot.step(np.eye(10, dtype=np.float32)[ids])
+
+
+def test_token_ids_also_used_as_values_are_refused():
+    loop = steps.MultiModelLoop(_token_step(Embedding(10, 3), target=True), "numpy", seed=0)
+    words = ("model 'd' takes the batch as token ids (it starts with an Embedding), but phase 'd' (its sub) uses "
+             "it as values; a step's batch is one or the other")  # fmt: skip
+    with pytest.raises(InputError, match=f"^{re.escape(words)}$"):
+        loop.step(np.arange(20).reshape(5, 4) % 7)
 
 
 def _vae_step(decoded: int) -> steps.MultiStep:

@@ -15,19 +15,20 @@ import numpy as np
 from . import expr
 from .expr import Node
 from .input_checks import InputError, norm_problem, smallest_norm
-from .steps import MultiStep, postorder, split
+from .steps import BATCH, MultiStep, data_arguments, postorder, split
 
 #: a value's shape and where its batch axis is (None: reduced away); a call of a model with
 #: several outputs is ``("outputs", (samples, per-sample shapes))``; None: not known here
 Value = tuple | None
 
 
-def checked_batch(x, dtype: np.dtype, readers: Sequence) -> np.ndarray:
-    """``x`` as the one array of ``dtype`` that ``batch`` stands for in a step's losses, or
-    InputError: several arrays (a tuple, a dict: ``batch`` is one value, and no loss can take
-    one of several apart), a value that is no numeric array of shape (N, ...) with N >= 1, or
-    one that is not finite in ``dtype``. ``readers``: the loops of the models called on the
-    batch itself, whose own checks name what their model expects (its width, token ids)."""
+def checked_batch(x, dtype: np.dtype, step: MultiStep, readers: Mapping) -> np.ndarray:
+    """``x`` as the one array of ``dtype`` that ``batch`` stands for in ``step``'s losses (int64
+    token ids when the models reading it start with an Embedding), or InputError: several
+    arrays (a tuple, a dict: ``batch`` is one value, and no loss can take one of several apart),
+    a value that is no numeric array of shape (N, ...) with N >= 1, or one that is not finite in
+    ``dtype``. ``readers``: the loops of the models called on the batch itself, by name, whose
+    own checks name what their model expects (its width, token ids within its table)."""
     if isinstance(x, tuple | Mapping):
         shapes = [np.shape(part) for part in (x.values() if isinstance(x, Mapping) else x)]
         raise InputError(f"a multi-model step's batch is one array of shape (N, ...) (`batch` in its losses); "
@@ -44,13 +45,32 @@ def checked_batch(x, dtype: np.dtype, readers: Sequence) -> np.ndarray:
         raise InputError(f"the batch must be of shape (N, ...), got shape {array.shape}")
     if not len(array):  # a mean over it would divide by zero
         raise InputError("a batch must hold at least one sample, got 0")
-    for loop in readers:
-        loop._check_x(array)
+    checked = {name: loop._check_x(array) for name, loop in readers.items()}
+    if ids := [name for name, loop in readers.items() if loop._embedding is not None]:
+        if other := _value_use(step, ids):
+            raise InputError(f"model {ids[0]!r} takes the batch as token ids (it starts with an Embedding), but "
+                             f"{other} uses it as values; a step's batch is one or the other")  # fmt: skip
+        return checked[ids[0]]
     with np.errstate(over="ignore"):  # an overflow is refused below, in words
         array = array.astype(dtype, copy=False)
     if not np.isfinite(array).all():  # after the cast: 1e39 is no float32
         raise InputError(f"the batch contains NaN or infinite values (in {np.dtype(dtype)})")
     return array
+
+
+def _value_use(step: MultiStep, token_readers: Sequence[str]) -> str | None:
+    """Where a phase of ``step`` uses the batch other than as the token ids of ``token_readers``."""
+    models = dict(step.models)
+    for phase in step.phases:
+        for node in postorder([phase.loss]):
+            op, children, static = split(node)
+            if BATCH not in children:
+                continue
+            reads = op == "call" and static["model"] in token_readers
+            if not reads or data_arguments(models[static["model"]], children) != BATCH:
+                where = f"model {static['model']!r}" if op == "call" else f"its {op}"
+                return f"phase {phase.name!r} ({where})"
+    return None
 
 
 def check_step_shapes(step: MultiStep, batch_shape, training: bool = True) -> None:

@@ -658,7 +658,7 @@ class MultiModelLoop:
         from .step_shapes import check_step_shapes, checked_batch
 
         # a wrong batch: one line (InputError) naming what was expected, before any phase runs
-        x = checked_batch(x, self.dtype, [self.loops[name] for name in self._batch_readers])
+        x = checked_batch(x, self.dtype, self.step_spec, {name: self.loops[name] for name in self._batch_readers})
         if x.shape not in self._fitting_shapes:  # each batch shape once (a shorter last batch is another)
             check_step_shapes(self.step_spec, x.shape)
             self._fitting_shapes.add(x.shape)
