@@ -5,6 +5,7 @@ inside a backend's layers, no step trained on it silently, no epoch trained and 
 nothing written. The recipe's other refusals are in ``test_multi_run.py``."""
 
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -163,6 +164,21 @@ def test_rows_as_lists_and_integers_train_as_the_float_array_does():
         same = [steps.MultiModelLoop(step, "numpy", seed=0).step(batch) for batch in
                 (pixels.astype(np.float32), pixels, pixels.tolist())]  # fmt: skip
         assert same[0] == same[1] == same[2], name
+
+
+@pytest.mark.parametrize("backend", installed_backends())
+def test_a_reversed_or_read_only_batch_trains_as_its_copy_does(backend):
+    """PyTorch's from_numpy refused the reversed view (a ValueError traceback) and warned on the
+    read-only one; the other backends copied them."""
+    plain = np.arange(40, dtype=np.float32).reshape(10, 4) / 40
+    reversed_view = np.ascontiguousarray(plain[::-1])[::-1]
+    reversed_view.flags.writeable = False
+    step = _batch_steps()["targets"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert steps.MultiModelLoop(step, backend, seed=0).step(reversed_view) == steps.MultiModelLoop(
+            step, backend, seed=0
+        ).step(plain)
 
 
 def _token_step(first, *, target: bool = False) -> steps.MultiStep:
