@@ -203,12 +203,11 @@ class Evaluator(PhaseEvaluator):
         """Every dropout mask of the step, drawn before it runs from each model's loop stream in
         the order its calls run, and per phase each call's positions among them (a repeated
         call: those of the call it repeats)."""
-        batch_shape = tuple(part.shape for part in x) if isinstance(x, tuple) else x.shape
         shapes, masks, drawn, positions = None, [], {}, []
         for calls, fresh in self.plan:
             for node in calls:
                 if node in fresh and self.loops[node[1]]._has_dropout:
-                    shapes = shapes or node_shapes(self.step, batch_shape)
+                    shapes = shapes or node_shapes(self.step, x.shape)
                     inputs = [shapes[argument] for argument in node[2:]]
                     new = _draw_masks(self.loops[node[1]], inputs[0] if len(inputs) == 1 else tuple(inputs))
                     drawn[node] = tuple(range(len(masks), len(masks) + len(new)))
@@ -217,8 +216,7 @@ class Evaluator(PhaseEvaluator):
         return masks, positions
 
     def run(self, x, noise, weights=None):
-        batch = ms.mutable(tuple(map(Tensor.from_numpy, x))) if isinstance(x, tuple) else Tensor.from_numpy(x)
-        inputs = ms.mutable((batch, *(Tensor.from_numpy(noise[leaf]) for leaf in self.step.noise)))
+        inputs = ms.mutable((Tensor.from_numpy(x), *(Tensor.from_numpy(noise[leaf]) for leaf in self.step.noise)))
         masks, positions = self._masks(x)
         if self._step is None:
             self._step = self._build(positions)

@@ -4,8 +4,6 @@ module, and ``loss.backward()``: torch's autograd differentiates the phase."""
 
 from __future__ import annotations
 
-import torch
-
 from unitrain.steps import PhaseEvaluator
 
 from .torch import _DTYPES, _expr_ops
@@ -17,6 +15,7 @@ class Evaluator(PhaseEvaluator):
         first = next(iter(loops.values()))
         self.device = first._device
         self.ops = _expr_ops(_DTYPES[first.dtype], self.device)
+        self._tensor = first._tensor  # copies what from_numpy refuses (negative strides) or warns on (read-only)
 
     def compute(self, node, op, arguments, static, x, noise):
         if op == "batch":
@@ -30,11 +29,6 @@ class Evaluator(PhaseEvaluator):
         if op == "output":
             return arguments[0][static["index"]]
         return self.ops[op](*arguments, **static)
-
-    def _tensor(self, array):
-        if isinstance(array, tuple):
-            return tuple(self._tensor(part) for part in array)
-        return torch.from_numpy(array).to(self.device)
 
     def backward(self, phase, updated, order, cache, keep):
         cache[phase.loss].backward(retain_graph=keep)

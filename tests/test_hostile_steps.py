@@ -1,7 +1,11 @@
-"""Hostile multi-model steps (``unitrain.steps``, recipes with ``[models]``): a model called on a
-value of another shape, and ``[pictures]`` that are no images, are refused in one line, exit
-code 2, before any phase runs: no traceback from inside a backend's layers, no epoch trained and
-then lost, nothing written. The recipe's other refusals are in ``test_multi_run.py``."""
+"""Hostile multi-model steps (``unitrain.steps``, recipes with ``[models]``): a batch that is not
+one finite numeric array, a model called on a value of another shape, and ``[pictures]`` that
+are no images, are refused in one line, exit code 2, before any phase runs: no traceback from
+inside a backend's layers, no step trained on it silently, no epoch trained and then lost,
+nothing written. The recipe's other refusals are in ``test_multi_run.py``."""
+
+import re
+import warnings
 
 import numpy as np
 import pytest
@@ -12,8 +16,9 @@ from test_multi_run import RECIPE, tiny  # noqa: F401 (tiny: the tiny GAN's dire
 from unitrain import expr, ops, steps
 from unitrain.graph import Graph, Input
 from unitrain.input_checks import InputError
-from unitrain.layers import Linear, Sequential, Sigmoid
+from unitrain.layers import BatchNorm1d, Flatten, Linear, Sequential, Sigmoid
 from unitrain.optim import SGD
+from unitrain.sequences import Embedding
 from unitrain.step_shapes import check_step_shapes, node_shapes
 
 OUTPUTS = ["out", "ck", "m.jsonl", "p.png"]  # what the runs below would write
@@ -44,6 +49,12 @@ RECIPES = {  # (text replaced, by) -> the line's words
     "pictures of the discriminator's scores": (
         ('samples = "generator(uniform(4) * 2 - 1)"', 'samples = "discriminator(batch)"'),
         "pictures.samples: gives values of shape (4, 1); expected grayscale images, (N, H, W) or (N, 1, H, W)",
+    ),
+    # a NumPy or PyTorch error from inside BatchNorm at the first step; Chainer trained on it silently
+    "one sample a step through BatchNorm": (
+        ("batch_size = 8", "batch_size = 1"),
+        "phase 'discriminator': model 'discriminator': 2: BatchNorm in training needs more than one value per "
+        "channel, but a batch of 1 gives 1 there",
     ),
     "a picture of one number": (
         ('samples = "generator(uniform(4) * 2 - 1)"', 'samples = "generator(uniform(4)).mean()"'),
@@ -80,6 +91,124 @@ def test_a_refused_step_leaves_every_model_and_the_noise_stream_as_they_were(bac
     after = loop.state_dicts()["g"]
     assert all(np.array_equal(after[key], value) for key, value in before[0].items())
     assert loop.noise.state() == before[1] and loop.step_count == 0
+
+
+def _batch_steps() -> dict[str, steps.MultiStep]:
+    """Two steps on samples of 4 values: one whose model reads the batch (through BatchNorm),
+    one that uses the batch only as the target of a generator's output."""
+    d, g = steps.Model("d"), steps.Model("g")
+    reader = Sequential(Linear(4, 3), BatchNorm1d(3), Linear(3, 1), Sigmoid())
+    reads = steps.MultiStep({"d": reader}, {"sgd": steps.OptimizerOver(SGD(0.1), ["d"])},
+                            [steps.Phase("d", steps.bce(d(steps.batch()), 1.0), "sgd")])  # fmt: skip
+    fit = ((g(steps.normal(2)) - steps.batch()) ** 2).mean()
+    targets = steps.MultiStep({"g": Sequential(Linear(2, 4))}, {"sgd": steps.OptimizerOver(SGD(0.1), ["g"])},
+                              [steps.Phase("g", fit, "sgd")])  # fmt: skip
+    return {"reads": reads, "targets": targets}
+
+
+@pytest.fixture(scope="module", params=installed_backends())
+def batch_loops(request):
+    """Each step of :func:`_batch_steps` as a loop of one backend (none compiles: every case is refused)."""
+    return {name: steps.MultiModelLoop(step, request.param, seed=0) for name, step in _batch_steps().items()}
+
+
+X = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32)
+ONE = "a multi-model step's batch is one array of shape (N, ...) (`batch` in its losses); got "
+BATCHES = {  # the batch -> the line, on both steps
+    # a NumPy traceback ("setting an array element with a sequence"), a backend's TypeError, or (the
+    # batch used as a target alone) trained on NumPy
+    "(x, y)": ((X, np.zeros(5, np.int64)), ONE + "a tuple of 2 values of shapes (5, 4), (5,)"),
+    "(x1, x2)": ((X, X), ONE + "a tuple of 2 values of shapes (5, 4), (5, 4)"),
+    "a dict": ({"x": X}, ONE + "a dict of 1 values of shapes (5, 4)"),
+    # the rest trained as a target (NaN or inf losses, booleans as numbers), or was a traceback
+    "booleans": (X > 0, "the batch must be numeric, got dtype bool"),
+    "strings": (X.astype(str), "the batch must be numeric, got dtype <U"),
+    "NaN": (np.where(X > 1, np.nan, X), "NaN or infinite values"),  # "inputs contain ...": the reader's check
+    "beyond float32": (X.astype(np.float64) * 1e39, "NaN or infinite values"),
+    "no rows": (X[:0], "a batch must hold at least one sample, got 0"),
+    "one row as a 1-d array": (X[0], "the batch must be of shape (N, ...), got shape (4,)"),
+    "a number": (1.0, "the batch must be of shape (N, ...), got shape ()"),
+    "ragged rows": ([[1.0, 2.0], [3.0]], "the batch must be one array of shape (N, ...); got a list of rows of diff"),
+}
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # a reading model's check casts, then refuses
+@pytest.mark.parametrize("case", BATCHES)
+def test_a_batch_that_is_not_one_finite_array_is_refused_before_any_phase(batch_loops, case):
+    batch, words = BATCHES[case]
+    for name, loop in batch_loops.items():
+        (model,) = loop.loops
+        before = ({key: value.copy() for key, value in loop.state_dicts()[model].items()}, dict(loop.noise.state()))
+        with pytest.raises(InputError) as raised:
+            loop.step(batch)
+        assert words in str(raised.value) and "\n" not in str(raised.value), (name, str(raised.value))
+        after = loop.state_dicts()[model]
+        assert all(np.array_equal(after[key], value) for key, value in before[0].items())
+        assert loop.noise.state() == before[1] and loop.step_count == 0
+
+
+def test_one_sample_through_batchnorm_is_refused_before_any_phase(batch_loops):
+    """PyTorch raised inside its BatchNorm (a traceback); Chainer trained on it silently."""
+    words = ("phase 'd': model 'd': 1: BatchNorm in training needs more than one value per channel, but a batch of "
+             "1 gives 1 there; use batches of 2 or more (or eval mode)")  # fmt: skip
+    with pytest.raises(InputError, match=f"^{re.escape(words)}$"):
+        batch_loops["reads"].step(X[:1])
+    assert batch_loops["reads"].step_count == 0
+
+
+def test_rows_as_lists_and_integers_train_as_the_float_array_does():
+    """What the refusals above must not catch: a list of rows is its array, integers (pixels) are
+    cast to the step's dtype, as a model's own loop takes them."""
+    pixels = np.arange(20).reshape(5, 4) % 7
+    for name, step in _batch_steps().items():
+        same = [steps.MultiModelLoop(step, "numpy", seed=0).step(batch) for batch in
+                (pixels.astype(np.float32), pixels, pixels.tolist())]  # fmt: skip
+        assert same[0] == same[1] == same[2], name
+
+
+@pytest.mark.parametrize("backend", installed_backends())
+def test_a_reversed_or_read_only_batch_trains_as_its_copy_does(backend):
+    """PyTorch's from_numpy refused the reversed view (a ValueError traceback) and warned on the
+    read-only one; the other backends copied them."""
+    plain = np.arange(40, dtype=np.float32).reshape(10, 4) / 40
+    reversed_view = np.ascontiguousarray(plain[::-1])[::-1]
+    reversed_view.flags.writeable = False
+    step = _batch_steps()["targets"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert steps.MultiModelLoop(step, backend, seed=0).step(reversed_view) == steps.MultiModelLoop(
+            step, backend, seed=0
+        ).step(plain)
+
+
+def _token_step(first, *, target: bool = False) -> steps.MultiStep:
+    """A model reading the batch through ``first`` (an Embedding of 10 ids, or its one-hot Linear),
+    the batch also a target when ``target``."""
+    d = steps.Model("d")
+    loss = steps.bce(d(steps.batch()), 1.0) + (((steps.batch() - 1) ** 2).mean() if target else 0.0)
+    return steps.MultiStep({"d": Sequential(first, Flatten(), Linear(12, 1), Sigmoid())},
+                           {"sgd": steps.OptimizerOver(SGD(0.1), ["d"])}, [steps.Phase("d", loss, "sgd")])  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", installed_backends())
+def test_token_ids_reach_a_model_that_starts_with_an_embedding(backend):
+    """They were cast to float32 with any other batch: NumPy's IndexError, PyTorch's and Chainer's
+    dtype errors, from inside the first phase."""
+    ids = np.arange(20).reshape(5, 4) % 7
+    tokens = steps.MultiModelLoop(_token_step(Embedding(10, 3)), backend, seed=0)
+    one_hot = steps.MultiModelLoop(_token_step(Linear(10, 3, bias=False)), backend, seed=0)
+    state = tokens.loops["d"].state_dict()
+    one_hot.loops["d"].load_state_dict({**state, "0.weight": np.ascontiguousarray(state["0.weight"].T)})
+    # a one-hot row times the table is that row exactly (the other products are zeros): the same bits
+    assert tokens.step(ids) == one_hot.step(np.eye(10, dtype=np.float32)[ids])
+
+
+def test_token_ids_also_used_as_values_are_refused():
+    loop = steps.MultiModelLoop(_token_step(Embedding(10, 3), target=True), "numpy", seed=0)
+    words = ("model 'd' takes the batch as token ids (it starts with an Embedding), but phase 'd' (its sub) uses "
+             "it as values; a step's batch is one or the other")  # fmt: skip
+    with pytest.raises(InputError, match=f"^{re.escape(words)}$"):
+        loop.step(np.arange(20).reshape(5, 4) % 7)
 
 
 def _vae_step(decoded: int) -> steps.MultiStep:
@@ -128,6 +257,19 @@ def test_shapes_are_inferred_through_a_model_drawing_its_own_noise():
         check_step_shapes(_noisy_encoder_step(2), (4, 6))
 
 
+def test_a_dataset_whose_images_the_models_cannot_take_is_refused_before_anything_is_written(tiny, capsys):  # noqa: F811
+    images = np.random.default_rng(0).integers(0, 256, (40, 9, 9), dtype=np.uint8)
+    np.savez(tiny / "nine.npz", x_train=images[:32], y_train=np.zeros(32, np.uint8), x_test=images[32:],
+             y_test=np.zeros(8, np.uint8))  # fmt: skip
+    (tiny / "bad.toml").write_text(RECIPE.replace('dataset = "tiny.npz"', 'dataset = "nine.npz"'))
+    status, _, err = run_cli(capsys, "train", "bad.toml", "--epochs", "1", "--save", "out", "--checkpoint-dir", "ck",
+                             "--metrics", "m.jsonl", "--plot", "p.png", "--no-progress")  # fmt: skip
+    assert status == 2
+    one_error_line(err, "phase 'discriminator': model 'discriminator': 1: Linear(in_features=64, out_features=12, "
+                        "bias=True) expects 64 input features per sample, got per-sample shape (81,)")  # fmt: skip
+    assert not [name for name in OUTPUTS if (tiny / name).exists()]
+
+
 def test_evaluate_names_the_phase_of_a_model_given_values_of_another_shape(tiny, capsys):  # noqa: F811
     """It was the model's own batch check, naming neither the phase nor the model."""
     assert run_cli(capsys, "train", "gan.toml", "--max-steps", "1", "--save", "w", "--no-progress")[0] == 0
@@ -138,6 +280,9 @@ def test_evaluate_names_the_phase_of_a_model_given_values_of_another_shape(tiny,
         status, out, err = run_cli(capsys, "evaluate", "--recipe", "bad.toml", "--weights", "w", *chosen)
         assert status == 2 and out == ""
         one_error_line(err, words)
+    # evaluation runs BatchNorm on its running statistics: one sample a batch is no error there
+    (tiny / "one.toml").write_text(RECIPE.replace("batch_size = 8", "batch_size = 1"))
+    assert run_cli(capsys, "evaluate", "--recipe", "one.toml", "--weights", "w")[0] == 0
 
 
 def test_a_full_disk_under_the_checkpoint_directory_is_named_and_leaves_nothing(tiny):  # noqa: F811

@@ -17,6 +17,23 @@ class InputError(ValueError):
     """A batch that cannot be fed to the model: wrong shape, dtype, labels or NaN."""
 
 
+def smallest_norm(model, inputs: dict) -> tuple[str, int] | None:
+    """The BatchNorm of ``model`` with the fewest values per channel in one sample, and that count
+    (``inputs``: each layer's input shape, ``leaf_input_shapes``); None without BatchNorm."""
+    norms = [(path, math.prod(inputs[path][1:])) for path, layer in model.named_layers()
+             if isinstance(layer, _BatchNorm)]  # fmt: skip
+    return min(norms, key=lambda norm: norm[1], default=None)
+
+
+def norm_problem(norm: tuple[str, int] | None, samples: int) -> str | None:
+    """Why a training forward of ``samples`` cannot normalise at ``norm`` (:func:`smallest_norm`):
+    it needs more than one value per channel, as PyTorch."""
+    if norm is not None and samples * norm[1] < 2:
+        return (f"{norm[0]}: BatchNorm in training needs more than one value per channel, but a batch of "
+                f"{samples} gives {samples * norm[1]} there; use batches of 2 or more (or eval mode)")  # fmt: skip
+    return None
+
+
 class InputChecks:
     """The part of :class:`~unitrain.loop.TrainingLoop` that validates batches."""
 
@@ -59,9 +76,7 @@ class InputChecks:
                 inputs = self.model_spec.leaf_input_shapes(sample_shape)
             except ValueError as error:
                 raise InputError(str(error)) from None
-            norms = [(path, math.prod(inputs[path][1:])) for path, layer in self.model_spec.named_layers()
-                     if isinstance(layer, _BatchNorm)]  # fmt: skip
-            self._shape_facts[sample_shape] = (output, min(norms, key=lambda norm: norm[1], default=None))
+            self._shape_facts[sample_shape] = (output, smallest_norm(self.model_spec, inputs))
         return self._shape_facts[sample_shape]
 
     def _check_batch_statistics(self, x: np.ndarray) -> None:
@@ -71,12 +86,8 @@ class InputChecks:
         n, sample_shape = (
             (len(x), x.shape[1:]) if self._input_count == 1 else (len(x[0]), tuple(a.shape[1:] for a in x))
         )
-        norm = self._facts(sample_shape)[1]
-        if norm is not None and n * norm[1] < 2:
-            raise InputError(
-                f"{norm[0]}: BatchNorm in training needs more than one value per channel, but a batch of "
-                f"{n} gives {n * norm[1]} there; use batches of 2 or more (or eval mode)"
-            )
+        if problem := norm_problem(self._facts(sample_shape)[1], n):
+            raise InputError(problem)
 
     def _check_y(self, y, n: int, sample_shape=None) -> np.ndarray:
         """Targets checked against the loss spec and, for spec models, the output shape (see

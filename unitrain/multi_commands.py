@@ -218,7 +218,8 @@ def evaluate_command(args) -> int:
         state = load_safetensors(path, lambda declared, s=shapes, n=source: check_state(s, declared, n), name=source)[0]
         loop.loops[name].load_state_dict(state, source=str(path))
     _, test = run.datasets()
-    check_run_shapes(run, step, {}, test.x.shape[1:])  # a model given values of another shape: its phase named
+    # a model given values of another shape: its phase named (BatchNorm in eval mode: one sample is fine)
+    check_run_shapes(run, step, {}, test.x.shape[1:], training=False)
     if model is not None:
         report = evaluate_model(run, loop.loops, test, model)
         print(f"{args.weights} on {backend}: {model} over {report.samples} test images")

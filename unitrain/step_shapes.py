@@ -1,53 +1,119 @@
-"""The shapes a multi-model step computes, inferred from the batch's and the noise's before any
-backend runs a phase: a model called on a value of another shape (noise of the wrong size, a
-discriminator given the noise instead of the images) is one line naming the phase and the
-layer, where the backend's own error came from deep inside its layers as a traceback."""
+"""A multi-model step's batch, and the shapes the step computes from it, checked before any backend
+runs a phase: a batch that is not one finite numeric array (several arrays, strings, NaN, no
+rows), or a model called on a value of another shape (noise of the wrong size, a discriminator
+given the noise instead of the images), is one line naming what was given and what was
+expected, where the backend's own error came from deep inside its layers as a traceback, or
+the step trained on it silently."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+
+import numpy as np
 
 from . import expr
 from .expr import Node
-from .input_checks import InputError
-from .steps import MultiStep, postorder, split
+from .input_checks import InputError, norm_problem, smallest_norm
+from .steps import BATCH, MultiStep, data_arguments, postorder, split
 
 #: a value's shape and where its batch axis is (None: reduced away); a call of a model with
 #: several outputs is ``("outputs", (samples, per-sample shapes))``; None: not known here
 Value = tuple | None
 
 
-def check_step_shapes(step: MultiStep, batch_shape) -> None:
+def checked_batch(x, dtype: np.dtype, step: MultiStep, readers: Mapping) -> np.ndarray:
+    """``x`` as the one array of ``dtype`` that ``batch`` stands for in ``step``'s losses (int64
+    token ids when the models reading it start with an Embedding), or InputError: several
+    arrays (a tuple, a dict: ``batch`` is one value, and no loss can take one of several apart),
+    a value that is no numeric array of shape (N, ...) with N >= 1, or one that is not finite in
+    ``dtype``. ``readers``: the loops of the models called on the batch itself, by name, whose
+    own checks name what their model expects (its width, token ids within its table)."""
+    if isinstance(x, tuple | Mapping):
+        shapes = [np.shape(part) for part in (x.values() if isinstance(x, Mapping) else x)]
+        raise InputError(f"a multi-model step's batch is one array of shape (N, ...) (`batch` in its losses); "
+                         f"got a {type(x).__name__} of {len(shapes)} values of shapes "
+                         f"{', '.join(map(str, shapes))}")  # fmt: skip
+    try:
+        array = np.asarray(x)
+    except ValueError:  # rows of different lengths
+        raise InputError(f"the batch must be one array of shape (N, ...); got a {type(x).__name__} of rows "
+                         "of different shapes") from None  # fmt: skip
+    if array.dtype.kind not in "fiu":
+        raise InputError(f"the batch must be numeric, got dtype {array.dtype}")
+    if array.ndim < 2:
+        raise InputError(f"the batch must be of shape (N, ...), got shape {array.shape}")
+    if not len(array):  # a mean over it would divide by zero
+        raise InputError("a batch must hold at least one sample, got 0")
+    checked = {name: loop._check_x(array) for name, loop in readers.items()}
+    if ids := [name for name, loop in readers.items() if loop._embedding is not None]:
+        if other := _value_use(step, ids):
+            raise InputError(f"model {ids[0]!r} takes the batch as token ids (it starts with an Embedding), but "
+                             f"{other} uses it as values; a step's batch is one or the other")  # fmt: skip
+        return checked[ids[0]]
+    with np.errstate(over="ignore"):  # an overflow is refused below, in words
+        array = array.astype(dtype, copy=False)
+    if not np.isfinite(array).all():  # after the cast: 1e39 is no float32
+        raise InputError(f"the batch contains NaN or infinite values (in {np.dtype(dtype)})")
+    return array
+
+
+def _value_use(step: MultiStep, token_readers: Sequence[str]) -> str | None:
+    """Where a phase of ``step`` uses the batch other than as the token ids of ``token_readers``."""
+    models = dict(step.models)
+    for phase in step.phases:
+        for node in postorder([phase.loss]):
+            op, children, static = split(node)
+            if BATCH not in children:
+                continue
+            reads = op == "call" and static["model"] in token_readers
+            if not reads or data_arguments(models[static["model"]], children) != BATCH:
+                where = f"model {static['model']!r}" if op == "call" else f"its {op}"
+                return f"phase {phase.name!r} ({where})"
+    return None
+
+
+def check_step_shapes(step: MultiStep, batch_shape, training: bool = True) -> None:
     """InputError unless every phase of ``step`` fits a batch of shape ``batch_shape`` (its
-    samples first; a tuple of shapes for a batch of several inputs, whose readers the models'
-    own loops check): each model call gets per-sample inputs of the shapes the model takes,
-    and every operation's operands broadcast (as a CustomLoss's, never the samples of one
-    against another axis of the other)."""
-    _step_values(step, batch_shape)
+    samples first): each model call gets per-sample inputs of the shapes the model takes (in
+    ``training``, more than one value per channel at each BatchNorm, as PyTorch), and every
+    operation's operands broadcast (as a CustomLoss's, never the samples of one against another
+    axis of the other)."""
+    _step_values(step, batch_shape, training)
 
 
 def node_shapes(step: MultiStep, batch_shape) -> dict[Node, tuple]:
     """The shape of each node of ``step``'s phases on a batch of shape ``batch_shape`` (a tuple of
-    shapes for a call's several outputs; None where not known: after a batch of several inputs),
-    as :func:`check_step_shapes` checks them: what a backend that draws a call's dropout masks
-    before running its graph (MindSpore's) needs."""
+    shapes for a call's several outputs; None where not known), as :func:`check_step_shapes`
+    checks them: what a backend that draws a call's dropout masks before running its graph
+    (MindSpore's) needs."""
     return {node: _shape(value) for node, value in _step_values(step, batch_shape).items()}
 
 
-def _step_values(step: MultiStep, batch_shape) -> dict[Node, Value]:
-    models, batch = dict(step.models), _batch(batch_shape)
+def _step_values(step: MultiStep, batch_shape, training: bool = False) -> dict[Node, Value]:
+    models, batch = dict(step.models), (tuple(batch_shape), 0)
     values: dict[Node, Value] = {}
     for phase in step.phases:
         try:
             _evaluate(phase.loss, models, batch, values)
+            if training:
+                _check_norms(phase.loss, models, values)
         except ValueError as error:
             raise InputError(f"phase {phase.name!r}: {error}") from None
     return values
 
 
-def _batch(batch_shape) -> Value:
-    return None if isinstance(batch_shape[0], tuple) else (tuple(batch_shape), 0)
+def _check_norms(root: Node, models: Mapping, values: Mapping[Node, Value]) -> None:
+    """ValueError for a call that BatchNorm cannot normalise in training (PyTorch raises inside its
+    layer, Chainer trains on it silently): one sample where a channel holds one value."""
+    for node in postorder([root]):
+        operands = [values[argument] for argument in node[2:]] if node[0] == "call" else [None]
+        if None in operands or any(operand[0] == "outputs" for operand in operands):
+            continue
+        model, per_sample = models[node[1]], [shape[1:] for shape, _ in operands]
+        per_sample = per_sample[0] if len(per_sample) == 1 else per_sample
+        if problem := norm_problem(smallest_norm(model, model.leaf_input_shapes(per_sample)), operands[0][0][0]):
+            raise ValueError(f"model {node[1]!r}: {problem}")
 
 
 def _shape(value: Value) -> tuple | None:
@@ -72,7 +138,7 @@ def _value(node: Node, operands: list[Value], models: Mapping, batch: Value) -> 
     if op == "batch":
         return batch
     if op == "noise":
-        return None if batch is None else ((batch[0][0], *static["shape"]), 0)
+        return (batch[0][0], *static["shape"]), 0
     if op == "const":
         return (), None
     if op == "output":
@@ -115,7 +181,7 @@ def check_picture_shapes(pictures: Mapping[str, expr.Expr], models: Mapping, bat
     draws): a wrong one was found only at the first epoch's end, its training lost."""
     from .run import RunError
 
-    batch = _batch(batch_shape)
+    batch = (tuple(batch_shape), 0)
     for key, expression in pictures.items():
         try:
             value = _evaluate(expression.node, models, batch, {})
@@ -129,7 +195,8 @@ def check_picture_shapes(pictures: Mapping[str, expr.Expr], models: Mapping, bat
                            "expected grayscale images, (N, H, W) or (N, 1, H, W)")  # fmt: skip
 
 
-def check_run_shapes(run, step: MultiStep, pictures: Mapping[str, expr.Expr], sample_shape) -> None:
+def check_run_shapes(run, step: MultiStep, pictures: Mapping[str, expr.Expr], sample_shape,
+                     training: bool = True) -> None:  # fmt: skip
     """RunError, before a multi-model run writes anything (its metrics file, a checkpoint), unless
     its phases fit batches of the data's samples (:func:`check_step_shapes`) and its pictures are
     images (:func:`check_picture_shapes`)."""
@@ -137,7 +204,7 @@ def check_run_shapes(run, step: MultiStep, pictures: Mapping[str, expr.Expr], sa
     from .run import RunError
 
     try:
-        check_step_shapes(step, (run.batch_size, *sample_shape))
+        check_step_shapes(step, (run.batch_size, *sample_shape), training)
     except InputError as error:
         raise RunError(str(error)) from None
     count = (run.pictures or {}).get("count", PICTURES)

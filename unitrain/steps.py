@@ -653,30 +653,28 @@ class MultiModelLoop:
             raise ValueError(f"phase {phase.name!r} cannot be split over processes: {error}") from None
 
     def step(self, x) -> dict[str, float]:
-        """One step on the batch ``x``: every phase in order; returns each phase's loss (before its update)."""
-        for name in self._batch_readers:  # a wrong batch: one line (InputError) naming what was expected
-            self.loops[name]._check_x(x)
-        x = tuple(np.asarray(a, self.dtype) for a in x) if isinstance(x, tuple) else np.asarray(x, self.dtype)
-        shape = tuple(a.shape for a in x) if isinstance(x, tuple) else x.shape
-        if shape not in self._fitting_shapes:  # each batch shape once (a shorter last batch is another)
-            from .step_shapes import check_step_shapes
+        """One step on the batch ``x`` (one array of shape (N, ...): what ``batch`` stands for): every
+        phase in order; returns each phase's loss (before its update)."""
+        from .step_shapes import check_step_shapes, checked_batch
 
-            check_step_shapes(self.step_spec, shape)
-            self._fitting_shapes.add(shape)
-        samples = len(x[0] if isinstance(x, tuple) else x)
+        # a wrong batch: one line (InputError) naming what was expected, before any phase runs
+        x = checked_batch(x, self.dtype, self.step_spec, {name: self.loops[name] for name in self._batch_readers})
+        if x.shape not in self._fitting_shapes:  # each batch shape once (a shorter last batch is another)
+            check_step_shapes(self.step_spec, x.shape)
+            self._fitting_shapes.add(x.shape)
+        samples = len(x)
         noise = self.noise.draw(self.step_spec.noise, samples, self.dtype)  # every rank: the global batch's
         if self.world_size == 1:
             losses = self._evaluator.run(x, noise)
         else:  # this rank's rows of the batch and its noise; the gradients summed with each rank's share
             from .distributed import shard
-            from .graph_batches import rows
 
             start, stop = shard(samples, self.rank, self.world_size)
             if stop == start:
                 raise ValueError(f"a batch of {samples} rows over {self.world_size} processes: each needs one")
             noise = {leaf: values[start:stop] for leaf, values in noise.items()}
             weights = [(stop - start) / samples if kind == "mean" else 1.0 for kind in self._weightings]
-            local = self._evaluator.run(rows(x, start, stop), noise, weights)
+            local = self._evaluator.run(x[start:stop], noise, weights)
             first = next(iter(self.loops.values()))
             losses = [
                 float(value) for value in first._all_sum(np.array([w * v for w, v in zip(weights, local, strict=True)]))
