@@ -384,10 +384,11 @@ def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(method, signalle
     """Every rank stops at the step where the signalled one does, and the lead rank says where it
     checkpointed. A rank that stopped alone left the other in the next step's all-reduce: gloo's
     collective mismatch (SIGABRT, or "Connection reset by peer") ended the job, and when rank 0 was
-    the one left, without its line (10 epochs of 10 steps: batches of 6000)."""
+    the one left, without its line."""
     pytest.importorskip("torch")
     worker = tmp_path / "worker.py"
     worker.write_text(SIGNAL_WORKER)
+    # batches of 6000: 10 steps an epoch, so that step 10 is an epoch's end
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(worker),
                method, str(signalled), str(at), "train", "--backend", "torch", "--no-progress", "--epochs", "10",
                "--batch-size", "6000", "--checkpoint-dir", str(tmp_path / "ck")]  # fmt: skip
