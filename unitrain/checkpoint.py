@@ -597,11 +597,9 @@ class Checkpointer:
             raise Interrupted()
 
     def _stopping(self, loop) -> bool:
-        """Whether to stop at this boundary: :attr:`stop_requested`, which a signal handler sets
-        between any two bytecodes, read once; on several ranks, whether any rank's was set, each
-        voting at the same boundaries. A signal that arrives after its rank's flag went into the
-        vote (its handler runs once the vote's all-reduce returns) counts at the next boundary,
-        on every rank: stopping alone, a rank left the others in a collective it never joined."""
+        """:attr:`stop_requested` (which a signal handler sets at any instant) read once; on several
+        ranks their vote on it, which alone decides: a rank whose signal came after its vote stops with
+        the others at the next boundary, not alone, leaving them in a collective it never joins."""
         stopping = self.stop_requested
         if loop.world_size > 1 and loop.any_rank(stopping):
             stopping = self.stop_requested = True
