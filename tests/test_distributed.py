@@ -369,6 +369,55 @@ def test_sigterm_checkpoints_once_and_stops_every_rank(backend, rank_variable, t
     assert load_checkpoint(saved[0]).manifest["world_size"] == 2
 
 
+# A torchrun job in which one rank gets its stop signal where the ranks' decisions can part: while
+# they vote on a step's stop (its flag already read: the moment a rank blocked in the vote's
+# all-reduce, waiting for the other, runs its handler), or while rank 0 alone evaluates at an
+# epoch's end. The signal is the rank's own, sent at that call, so the moment is the same on any
+# machine; "rank R exit S" at the end says how each rank ended.
+SIGNAL_WORKER = """
+import os, signal, sys
+from unitrain.cli import main
+from unitrain.loop import TrainingLoop
+method, signalled, at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+original, sent = getattr(TrainingLoop, method), []
+def with_signal(self, *args, **kwargs):
+    if self.rank == signalled and self.step_count == at and not sent:
+        sent.append(os.kill(os.getpid(), signal.SIGTERM))
+    return original(self, *args, **kwargs)
+setattr(TrainingLoop, method, with_signal)
+status = main(sys.argv[4:])
+os.write(1, f"rank {os.environ['RANK']} exit {status}\\n".encode())
+sys.exit(status)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("method", "signalled", "at", "stop"),
+    [pytest.param("any_rank", 1, 5, 6, id="rank-1-during-the-vote"),
+     pytest.param("evaluate", 0, 10, 10, id="rank-0-evaluating-at-the-epoch-end")],
+)  # fmt: skip
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(method, signalled, at, stop, tmp_path):
+    """Every rank stops at the step where the signalled one does, and the lead rank says where it
+    checkpointed. A rank that stopped alone left the other in the next step's all-reduce: gloo's
+    collective mismatch (SIGABRT, or "Connection reset by peer") ended the job, and when rank 0 was
+    the one left, without its line."""
+    pytest.importorskip("torch")
+    worker = tmp_path / "worker.py"
+    worker.write_text(SIGNAL_WORKER)
+    # batches of 6000: 10 steps an epoch, so that step 10 is an epoch's end
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(worker),
+               method, str(signalled), str(at), "train", "--backend", "torch", "--no-progress", "--epochs", "10",
+               "--batch-size", "6000", "--checkpoint-dir", str(tmp_path / "ck")]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            timeout=120)  # fmt: skip
+    output = result.stdout + result.stderr
+    assert "rank 0 exit 143" in result.stdout and "rank 1 exit 143" in result.stdout, output[-3000:]
+    saved = checkpoint_paths(tmp_path / "ck")[-1]
+    assert saved.name == f"step-{stop:08d}" and load_checkpoint(saved).manifest["world_size"] == 2
+    assert f"unitrain: interrupted at step {stop}; checkpoint {saved}" in result.stderr, output[-3000:]
+
+
 # A graph with two outputs (a loss on each) from the Python API: the worker steps through the
 # batches of test_graph's case; rank 0 writes its weights. Two ranks each take 4 rows of 8; float32
 # sums in another order move the weights apart by ulps of the gradients, accumulated by momentum 0.9

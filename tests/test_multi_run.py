@@ -519,6 +519,34 @@ def test_ctrl_c_checkpoints_at_a_step_boundary_and_exits_130(tiny):
     ), err
 
 
+# The run's own SIGTERM, sent after its stop flag went into the ranks' vote on step 3 (the moment a
+# rank blocked in the vote's all-reduce runs its handler; one process votes alone).
+SIGNAL_DURING_THE_VOTE = """
+import os, signal, sys
+from unitrain.cli import main
+from unitrain.steps import MultiModelLoop
+vote, sent = MultiModelLoop.any_rank, []
+def any_rank(self, flag):
+    if self.step_count == 3 and not sent:
+        sent.append(os.kill(os.getpid(), signal.SIGTERM))
+    return vote(self, flag)
+MultiModelLoop.any_rank = any_rank
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_signal_during_the_vote_stops_the_next_step(tiny):
+    """The vote's result overwrote the flag that the signal's handler had just set: the stop was
+    lost, and the run trained to its end (exit 0)."""
+    command = [sys.executable, "-c", SIGNAL_DURING_THE_VOTE, "train", "gan.toml", "--max-steps", "8",
+               "--checkpoint-dir", "run", "--checkpoint-every", "100"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 128 + signal.SIGTERM and result.stderr.splitlines()[-1] == (
+        f"unitrain: stopped at step 4; checkpoint in {os.path.join('run', CHECKPOINT_FILE)}"
+    ), result.stderr
+    assert load_safetensors(tiny / "run" / CHECKPOINT_FILE)[1]["step_count"] == "4"
+
+
 # Two ranks each computing half of a batch of 8, weighted 1/2, sum the same per-sample gradients as
 # one process in another order: the case of tests/test_distributed.py (plain SGD at lr 0.01, BCE
 # gradients of a sigmoid's output), whose derivation of its bound holds here with fewer steps. The

@@ -563,23 +563,22 @@ class Checkpointer:
         self.correct, self.samples = correct if correct is not None else (None, 0)
 
     def on_step_end(self, loop, index, loss):
-        if loop.world_size > 1 and loop.any_rank(self.stop_requested):  # every rank stops at the same step
-            self.stop_requested = True
-            self.stop_signal = self.stop_signal or signal.SIGTERM
+        stopping = self._stopping(loop)
         self.unchecked.append((loop.step_count, index, loss, loop.last_batch_correct, loop.last_batch_size))
         self.position = (self.epoch, index + 1)
         if index + 1 == self.steps_per_epoch or (self.max_steps is not None and loop.step_count >= self.max_steps):
             return  # on_epoch_end comes next and checkpoints there
         due = self.every is not None and loop.step_count % self.every == 0
-        if due or self.stop_requested or len(self.unchecked) >= self.check_every:
+        if due or stopping or len(self.unchecked) >= self.check_every:
             self._check_losses(loop)
         if due and self.directory is not None:
             self._save(loop, finished=False)
-        if self.stop_requested:
+        if stopping:
             self._save_interrupted(loop)
             raise Interrupted()
 
     def on_epoch_end(self, loop, record):
+        stopping = self._stopping(loop)  # rank 0 alone evaluated since the last step's vote
         self._check_losses(loop)
         if self.position[1] >= self.steps_per_epoch:
             self.position = (self.epoch + 1, 0)
@@ -593,9 +592,19 @@ class Checkpointer:
                     or (self.max_steps is not None and loop.step_count >= self.max_steps))  # fmt: skip
         if self.directory is not None:
             self._save(loop, finished=finished)
-        if self.stop_requested and not finished:
+        if stopping and not finished:
             self._save_interrupted(loop)  # saved just above when the run has a directory
             raise Interrupted()
+
+    def _stopping(self, loop) -> bool:
+        """:attr:`stop_requested` (which a signal handler sets at any instant) read once; on several
+        ranks their vote on it, which alone decides: a rank whose signal came after its vote stops with
+        the others at the next boundary, not alone, leaving them in a collective it never joins."""
+        stopping = self.stop_requested
+        if loop.world_size > 1 and loop.any_rank(stopping):
+            stopping = self.stop_requested = True
+            self.stop_signal = self.stop_signal or signal.SIGTERM
+        return stopping
 
     def finish(self, loop) -> None:
         """After ``fit`` returned: make sure the newest checkpoint is the finished state."""

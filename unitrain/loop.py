@@ -149,7 +149,7 @@ multi-process run restores rank 0's stream, the other ranks restart theirs. ``fi
 rank 0 only (the other ranks' records lack the test metrics); the caller keeps metrics, progress,
 checkpoints and saved weights to rank 0, whose checkpoints record ``world_size``, and has the
 ranks stop together (:meth:`any_rank`: :class:`~unitrain.checkpoint.Checkpointer` agrees on a
-Ctrl-C at every step). A checkpoint
+Ctrl-C at every step and epoch end). A checkpoint
 resumes with any number of processes (and on any backend): the global batches are the same.
 """
 

@@ -158,8 +158,8 @@ class RunCheckpoints(StepCheckpoints):
             self.progress = _checked_progress(self.metadata.get("progress"), self.path)
         return left
 
-    def after_step(self, loop, last):
-        if self.path is not None and (last or self.stop_requested or loop.step_count % self.every == 0):
+    def after_step(self, loop, last, stopping=False):
+        if self.path is not None and (last or stopping or loop.step_count % self.every == 0):
             self.save(
                 loop,
                 {
@@ -325,9 +325,12 @@ class MultiJob:
                     if lead:
                         print("  ".join(f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}"
                                         for key, value in record.items()), flush=True)  # fmt: skip
-                stopped = checkpoints.stop_requested = loop.any_rank(checkpoints.stop_requested)  # all ranks at once
+                # all ranks at once, on the flag read once. A signal whose handler runs during the vote, after
+                # the flag was read, stops the next step: the vote's False must not overwrite what it set
+                if stopped := loop.any_rank(checkpoints.stop_requested):
+                    checkpoints.stop_requested = True
                 if lead:
-                    checkpoints.after_step(loop, last=index == total - 1)
+                    checkpoints.after_step(loop, last=index == total - 1, stopping=stopped)
                 if stopped and index < total - 1:
                     break
         for extension in extensions:
