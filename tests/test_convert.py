@@ -419,7 +419,8 @@ def test_a_sequential_that_cannot_take_mnist_is_told_to_give_its_input_shape(sha
     code, _, err = run(capsys, "sequential.safetensors", "m.onnx", "--model", "shapenets:sequential")
     assert code == 2 and err.count("\n") == 1, err
     assert err.endswith("a Sequential declares no input shape and is exported on per-sample input 1,28,28 (MNIST's) "
-                        "unless told: give its input's with --input-shape, such as 3,32,32\n")  # fmt: skip
+                        "unless told: give its input's with --input-shape (input_shape= from Python), such as "
+                        "3,32,32\n")  # fmt: skip
     assert not (shape_nets / "m.onnx").exists()
 
 

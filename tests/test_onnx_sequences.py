@@ -226,6 +226,7 @@ def test_a_sequential_that_does_not_fit_mnists_shape_is_refused_in_one_line(tmp_
     model = ut.Sequential(ut.Embedding(30, 8), ut.LSTM(8, 16, batch_first=True))
     save_safetensors(tmp_path / "w.safetensors", ut.init_weights(model, 0))
     with pytest.raises(WeightsError, match=r"^1: LSTM\(.*got per-sample shape \(1, 28, 28, 8\); a Sequential declares "
-                       r"no input shape .* export a Graph, whose Input declares it") as error:  # fmt: skip
+                       r"no input shape .* unless told: give its input's with --input-shape \(input_shape= from "
+                       r"Python\)") as error:  # fmt: skip
         convert(tmp_path / "w.safetensors", tmp_path / "m.onnx", model)
     assert "\n" not in str(error.value) and not (tmp_path / "m.onnx").exists()

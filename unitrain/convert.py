@@ -391,8 +391,8 @@ def export_shape(model: Container, given: Sequence[int] | None = None) -> tuple[
         if given is not None:
             raise WeightsError(f"{flag}: {error}") from None
         raise WeightsError(f"{error}; a {type(model).__name__} declares no input shape and is exported on "
-                           f"per-sample input {','.join(map(str, shape))} (MNIST's) unless told: give its "
-                           "input's with --input-shape, such as 3,32,32") from None  # fmt: skip
+                           f"per-sample input {','.join(map(str, shape))} (MNIST's) unless told: give its input's "
+                           "with --input-shape (input_shape= from Python), such as 3,32,32") from None  # fmt: skip
     return shape
 
 
