@@ -115,3 +115,27 @@ def test_sigterm_outside_training_ends_the_command_like_ctrl_c(monkeypatch, caps
     assert cli.main(["backends"]) == 143  # 128 + SIGTERM, as a shell reports a process that SIGTERM ended
     assert capsys.readouterr().err == "unitrain: interrupted\n"
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_refusal_is_one_write_even_when_python_writes_through(tmp_path, monkeypatch):
+    """The ranks of a data-parallel job share their launcher's stderr pipe; with PYTHONUNBUFFERED a
+    ``print`` wrote the text and its newline apart, and two ranks' refusals ran into one line."""
+    import io
+
+    from unitrain import cli
+
+    class Writes(io.RawIOBase):
+        def __init__(self):
+            self.calls = []
+
+        def writable(self):
+            return True
+
+        def write(self, data):
+            self.calls.append(bytes(data))
+            return len(data)
+
+    raw = Writes()
+    monkeypatch.setattr(sys, "stderr", io.TextIOWrapper(raw, write_through=True))  # as PYTHONUNBUFFERED makes it
+    assert cli.main(["train", "--dataset", str(tmp_path / "missing.npz"), "--max-steps", "1"]) == 2
+    assert [call.count(b"\n") for call in raw.calls] == [1] and raw.calls[0].startswith(b"unitrain: error: ")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import re
@@ -301,6 +302,7 @@ def _run_of(args) -> tuple[Run, object]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    _whole_lines_to_stderr()
     # SIGTERM ends a command as Ctrl-C does: MindSpore turns Ctrl-C into SIGTERM (see stop_on_signals).
     # A signal while the handlers are being installed raises there: it too ends the command in one line.
     try:
@@ -316,6 +318,15 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
     except KeyboardInterrupt as interrupt:
         return interrupted(interrupt)
+
+
+def _whole_lines_to_stderr() -> None:
+    """Each line written to stderr in one write: the ranks of a data-parallel job share their
+    launcher's pipe, and where Python's output is unbuffered (``PYTHONUNBUFFERED``, ``-u``) a
+    ``print`` is two writes, the text and its newline, so that two ranks' refusals could run into
+    one line. Line buffering flushes at each newline (and a progress bar's carriage return) all the same."""
+    with contextlib.suppress(AttributeError, ValueError, OSError):  # a stream that cannot be reconfigured
+        sys.stderr.reconfigure(line_buffering=True, write_through=False)
 
 
 def _one_line(error: Exception) -> str:
