@@ -8,7 +8,10 @@ and 3x64x64 input) it times SGD steps on the same batches, after a warm-up, thro
 through the framework's own tutorial loop written by hand, and reports samples/s and the ratio
 unitrain/native (1.00 = no overhead). NumPy has no native loop; its ratio is against PyTorch.
 ``torch-compile`` is the torch adapter after ``loop.compile()`` (``torch.compile``) against PyTorch's eager
-hand-written loop: compiled / eager. The header names the CPU, the BLAS and the thread counts; for the
+hand-written loop: compiled / eager. ``<framework>-native`` (``mindspore-native``, ...) is the A/A control: a
+second instance of the hand-written loop in the adapter's place, whose ratio is this machine's noise alone.
+Each ratio is the best block of each side (``--repeats`` alternated blocks); the median of the paired
+blocks' ratios is printed beside it. The header names the CPU, the BLAS and the thread counts; for the
 NumPy MLP the table is followed by its ceiling: the step's own matrix products alone (sgemm, same
 shapes), timed in the same run.
 """
@@ -21,6 +24,7 @@ import itertools
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -149,6 +153,12 @@ def native_tutorial_loop(framework):
     return make
 
 
+def _framework(backend: str) -> str:
+    """The framework a ``--backends`` entry runs: ``torch-compile`` and ``mindspore-native`` name their
+    framework's adapter compiled and the A/A control."""
+    return backend.removesuffix("-compile").removesuffix("-native")
+
+
 NATIVE = {
     "torch": native_torch,
     "torch-compile": native_torch,
@@ -170,7 +180,7 @@ def main():
     global clock
     clock = time.process_time if args.cpu_time else time.perf_counter
 
-    frameworks = {backend.removesuffix("-compile") for backend in args.backends.split(",")}
+    frameworks = {_framework(backend) for backend in args.backends.split(",")}
     for backend in frameworks | ({"torch"} if "numpy" in frameworks else set()) if args.threads else ():
         # the adapter's set_threads sets its framework's pool and the BLAS's, which the native loops (and
         # for NumPy PyTorch's) share
@@ -180,8 +190,10 @@ def main():
     load_seconds = time.perf_counter() - started
     print(f"machine: {machine()}; framework threads: {args.threads or 'their defaults'}; "
           f"clock: {'CPU time' if args.cpu_time else 'wall'}; MNIST train+cache load {load_seconds:.2f} s")  # fmt: skip
-    print("\n| model | backend | unitrain samples/s | native loop | native samples/s | unitrain / native |")
-    print("| --- | --- | ---: | --- | ---: | ---: |")
+    print(
+        "\n| model | backend | unitrain samples/s | native loop | native samples/s | unitrain / native | median pair |"
+    )
+    print("| --- | --- | ---: | --- | ---: | ---: | ---: |")
     results = []
     for model_name in args.models.split(","):
         bench = BENCHES[model_name]
@@ -189,21 +201,29 @@ def main():
         batches = _batches(bench, train, steps)
         state = unitrain.init_weights(bench.spec(), seed=0)
         for backend in args.backends.split(","):
-            reference = {"numpy": "torch", "torch-compile": "torch"}.get(backend, backend)
+            framework = _framework(backend)
+            reference = "torch" if framework == "numpy" else framework
             native_step = NATIVE[reference](model_name, state)
-            loop = unitrain.make_loop(backend.removesuffix("-compile"), bench.spec(), seed=0)
-            if backend == "torch-compile":
-                loop.compile()
-            ours = native = 0.0
+            if backend.endswith("-native"):  # the A/A control
+                step = NATIVE[reference](model_name, state)
+            else:
+                loop = unitrain.make_loop(framework, bench.spec(), seed=0)
+                if backend == "torch-compile":
+                    loop.compile()
+                step = lambda x, y, loop=loop: loop.step((x, y))  # noqa: E731
+            ours, native = [], []
             for _ in range(args.repeats):  # alternated, best of each: load from other processes only slows down
-                ours = max(ours, _time(lambda x, y, loop=loop: loop.step((x, y)), batches, steps, bench.warmup))
-                native = max(native, _time(native_step, batches, steps, bench.warmup))
+                ours.append(_time(step, batches, steps, bench.warmup))
+                native.append(_time(native_step, batches, steps, bench.warmup))
+            paired = statistics.median(a / b for a, b in zip(ours, native, strict=True))
             results.append({"model": model_name, "batch": bench.batch, "backend": backend,
-                            "unitrain_samples_per_sec": ours, "native": reference,
-                            "native_samples_per_sec": native, "ratio": ours / native})  # fmt: skip
+                            "unitrain_samples_per_sec": max(ours), "native": reference,
+                            "native_samples_per_sec": max(native), "ratio": max(ours) / max(native),
+                            "median_paired_ratio": paired})  # fmt: skip
             r = results[-1]  # as soon as measured: a long run's rows are not lost if it is stopped
             print(f"| {r['model']} (batch {r['batch']}) | {r['backend']} | {r['unitrain_samples_per_sec']:.0f} | "
-                  f"{r['native']} | {r['native_samples_per_sec']:.0f} | {r['ratio']:.2f} |", flush=True)  # fmt: skip
+                  f"{r['native']} | {r['native_samples_per_sec']:.0f} | {r['ratio']:.2f} | "
+                  f"{r['median_paired_ratio']:.2f} |", flush=True)  # fmt: skip
     ceiling = None
     if "mlp" in args.models.split(",") and "numpy" in args.backends.split(","):
         ceiling = numpy_mlp_ceiling(BENCHES["mlp"].batch)
