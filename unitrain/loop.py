@@ -586,10 +586,10 @@ class TrainingLoop(Fitting, InputChecks, ABC):
         """zero_grad, forward, loss, backward, update; returns the pre-update loss (native
         scalar: ``float(...)`` or :meth:`to_float` reads it)."""
         x, y = self._check_batch(batch)
+        self._check_batch_statistics(x, self.world_size)  # every rank the same: before any collective
         if self.world_size > 1:
             loss, self._shard_correct = self._shard_step(x, y)
         else:
-            self._check_batch_statistics(x)
             loss = self._step(x, y)
         self.step_count += 1
         return loss
@@ -608,7 +608,6 @@ class TrainingLoop(Fitting, InputChecks, ABC):
         local_loss = local_correct = 0.0
         if stop > start:  # a last batch smaller than the world leaves some ranks without rows
             x_rows, y_rows = graph_batches.rows(x, start, stop), graph_batches.rows(y, start, stop)
-            self._check_batch_statistics(x_rows)
             loss, correct = self._loss_and_gradients(x_rows, y_rows)
             # read after the loss's sync and summed in the loss's allreduce: no sync or collective of its own
             local_loss = self.to_float(loss)
