@@ -561,11 +561,12 @@ def test_a_batch_leaving_a_rank_one_row_through_batchnorm_is_refused_alike_on_ev
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", [engine.id for engine in backends_with_engine() if engine.id in ("numpy", "torch")])
+@pytest.mark.parametrize("backend", [engine.id for engine in backends_with_engine() if engine.id != "mindspore"])
 def test_a_last_batch_leaving_a_rank_one_row_is_refused_before_training(backend, tmp_path):
     """67 samples in batches of 64 over 2 processes: the last batch of 3 gives rank 0 one row at
     a BatchNorm. Refused in one line before the first step, as PyTorch's DataLoader users fix it:
-    --drop-last (which then trains)."""
+    --drop-last (which then trains; on torch). torchrun and mpiexec (NumPy, Chainer): the two ways
+    a job's output is read; msrun keeps its own failure line after a rank's refusal."""
     (tmp_path / "bnnet.py").write_text(
         "from unitrain.layers import BatchNorm1d, Flatten, Linear, Sequential\n"
         "def build():\n"
@@ -584,5 +585,6 @@ def test_a_last_batch_leaving_a_rank_one_row_is_refused_before_training(backend,
         "its own rows: a batch of 3 gives rank 0 one row; use batches of 4 or more (2 rows per process), or eval mode"
     ]
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
-    result = command(*common, "--drop-last", "--overwrite", cwd=tmp_path, timeout=120)
-    assert result.returncode == 0, result.stderr
+    if backend == "torch":
+        result = command(*common, "--drop-last", "--overwrite", cwd=tmp_path, timeout=120)
+        assert result.returncode == 0, result.stderr
