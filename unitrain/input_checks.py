@@ -127,11 +127,11 @@ class InputChecks:
         a smaller last one unless ``drop_last`` or the run ends before it: ``last_reached``) must be
         one BatchNorm can normalise on every rank; the step would refuse it only once reached, a
         whole epoch in. Refused, not dropped: a PyTorch DataLoader does not drop it either."""
-        samples = graph_batches.length(data.x)
+        samples = len(data)
         last = samples % batch_size if last_reached and not drop_last else 0
         for size in [batch_size] * (samples >= batch_size) + [last] * (last > 0):
             # a batch the step's own checks refuse is refused here in the same words
-            if problem := self._norm_problem(self._check_x(graph_batches.rows(data.x, 0, size)), self.world_size):
+            if problem := self._norm_problem(self._check_x(data.subset(slice(0, size)).x), self.world_size):
                 last_words = f" leaves a last batch of {size} (drop_last=True, --drop-last, leaves it out)"
                 raise InputError(f"batch_size {batch_size} on {samples} samples{last_words if size == last else ''}: "
                                  f"{problem}")  # fmt: skip

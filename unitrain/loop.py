@@ -143,10 +143,10 @@ of the global batch on every rank, and ``fit``'s ``train_accuracy`` counts the w
 tutorial-shaped step stays per rank: each rank feeds its own rows, and ``update`` averages the
 accumulated gradients across ranks with equal weights.
 BatchNorm normalises each replica's shard with its own statistics (per-replica, not synchronised:
-its running statistics are rank 0's in checkpoints); a global batch that leaves any rank one row
-there is refused by every rank alike, before any collective (``input_checks.norm_problem``). Dropout masks come from a stream per rank,
-from ``(seed, rank)`` (rank 0's is the one-process stream): distinct and reproducible; a resumed
-multi-process run restores rank 0's stream, the other ranks restart theirs. ``fit`` evaluates on
+its running statistics are rank 0's in checkpoints); a batch leaving a rank one row there is
+refused by every rank alike, before any collective (``input_checks.norm_problem``). Dropout masks
+come from a stream per rank, from ``(seed, rank)`` (rank 0's is the one-process stream): distinct
+and reproducible; a resumed multi-process run restores rank 0's stream, the others restart theirs. ``fit`` evaluates on
 rank 0 only (the other ranks' records lack the test metrics); the caller keeps metrics, progress,
 checkpoints and saved weights to rank 0, whose checkpoints record ``world_size``, and has the
 ranks stop together (:meth:`any_rank`: :class:`~unitrain.checkpoint.Checkpointer` agrees on a
