@@ -498,3 +498,96 @@ def test_a_graph_with_two_outputs_trains_on_two_processes_as_on_one(tmp_path):
         exact.step(_cast(batch, "float64"))
     bound = drift_bound(tmp_path / "one.safetensors", exact.state_dict(), longest_sum(two_outputs()))
     assert max_difference(tmp_path / "one.safetensors", tmp_path / "two.safetensors") <= bound
+
+
+# --- BatchNorm on each rank's rows: every rank decides alike, before any collective ------------
+
+BATCHNORM_WORKER = """
+import sys
+import numpy as np
+from unitrain import MSELoss, steps
+from unitrain.backends.torch import TorchLoop
+from unitrain.layers import BatchNorm1d, Linear, Sequential, Sigmoid
+from unitrain.loop import InputError
+from unitrain.optim import SGD
+
+rng = np.random.default_rng(0)
+one = TorchLoop(Sequential(Linear(4, 3), BatchNorm1d(3)), loss=MSELoss(), optimizer=SGD(lr=0.1), distributed=True)
+d = steps.Model("d")
+step = steps.MultiStep({"d": Sequential(Linear(4, 3), BatchNorm1d(3), Linear(3, 1), Sigmoid())},
+                       {"sgd": steps.OptimizerOver(SGD(0.1), ["d"])},
+                       [steps.Phase("d", steps.bce(d(steps.batch()), 1.0), "sgd")])
+several = steps.MultiModelLoop(step, "torch", seed=0, distributed=True)
+lines = []
+for rows in (3, 1, 4):  # 3: rank 0's one row; 1: rank 0 without rows, rank 1's one row; 4: two rows each
+    x = rng.standard_normal((rows, 4)).astype(np.float32)
+    for name, call in (("one model", lambda: one.step((x, np.zeros((rows, 3), np.float32)))),
+                       ("multi-model", lambda: several.step(x))):
+        try:
+            call()
+            lines.append(f"{name}, {rows} rows: trained")
+        except InputError as error:
+            lines.append(f"{name}, {rows} rows: {error}")
+with open(f"{sys.argv[1]}/rank{one.rank}.txt", "w") as out:  # the ranks share the launcher's pipe
+    out.write("\\n".join(lines))
+"""
+
+
+@pytest.mark.slow
+def test_a_batch_leaving_a_rank_one_row_through_batchnorm_is_refused_alike_on_every_rank(tmp_path):
+    """Each rank checked its own shard: rank 0 (one row of 3) refused, and rank 1 waited in the
+    gradients' allreduce until gloo reported rank 0's end ("Connection closed by peer"), or a rank
+    that caught the refusal and went on met the other's earlier collective. Now both ranks refuse
+    the same batches in the same words, and the next batch trains on both (its collectives meet)."""
+    pytest.importorskip("torch")
+    worker = tmp_path / "worker.py"
+    worker.write_text(BATCHNORM_WORKER)
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(worker),
+              str(tmp_path)]  # fmt: skip
+    result = subprocess.run(launch, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    ranks = [(tmp_path / f"rank{rank}.txt").read_text().splitlines() for rank in (0, 1)]
+    assert ranks[0] == ranks[1], ranks
+    words = set(ranks[0])
+    one_row = ("BatchNorm in training needs more than one value per channel, and each of 2 processes normalises its "
+               "own rows: a batch of {rows} gives rank {rank} one row; use batches of 4 or more (2 rows per process), "
+               "or eval mode")  # fmt: skip
+    assert words == {
+        "one model, 3 rows: 1: " + one_row.format(rows=3, rank=0),
+        "multi-model, 3 rows: phase 'd': model 'd': 1: " + one_row.format(rows=3, rank=0),
+        "one model, 1 rows: 1: " + one_row.format(rows=1, rank=1),
+        "multi-model, 1 rows: a batch of 1 over 2 processes leaves a process without rows; use batches of 2 or more",
+        "one model, 4 rows: trained",
+        "multi-model, 4 rows: trained",
+    }, words
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", [engine.id for engine in backends_with_engine() if engine.id != "mindspore"])
+def test_a_last_batch_leaving_a_rank_one_row_is_refused_before_training(backend, tmp_path):
+    """67 samples in batches of 64 over 2 processes: the last batch of 3 gives rank 0 one row at
+    a BatchNorm. Refused in one line before the first step, as PyTorch's DataLoader users fix it:
+    --drop-last (which then trains; on torch). torchrun and mpiexec (NumPy, Chainer): the two ways
+    a job's output is read; msrun keeps its own failure line after a rank's refusal."""
+    (tmp_path / "bnnet.py").write_text(
+        "from unitrain.layers import BatchNorm1d, Flatten, Linear, Sequential\n"
+        "def build():\n"
+        "    return Sequential(Flatten(), Linear(64, 8), BatchNorm1d(8), Linear(8, 10))\n"
+    )
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (67, 8, 8), dtype=np.uint8), np.arange(67) % 10
+    np.savez(tmp_path / "d.npz", x_train=images, y_train=labels, x_test=images[:16], y_test=labels[:16])
+    common = ["train", "--dataset", "d.npz", "--model", "bnnet:build", "--backend", backend, "--nproc", "2",
+              "--batch-size", "64", "--epochs", "1", "--no-progress", "--checkpoint-dir", "runs"]  # fmt: skip
+    result = command(*common, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        "unitrain: error: batch_size 64 on 67 samples leaves a last batch of 3 (drop_last=True, --drop-last, leaves it "
+        "out): 2: BatchNorm in training needs more than one value per channel, and each of 2 processes normalises "
+        "its own rows: a batch of 3 gives rank 0 one row; use batches of 4 or more (2 rows per process), or eval mode"
+    ]
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    if backend == "torch":
+        result = command(*common, "--drop-last", "--overwrite", cwd=tmp_path, timeout=120)
+        assert result.returncode == 0, result.stderr

@@ -280,6 +280,28 @@ def test_an_empty_batch_is_refused_in_one_line():
         loop.step((np.zeros((0, 4)), np.zeros(0, np.int64)))
 
 
+def test_several_arrays_where_a_model_takes_one_are_refused_in_one_line():
+    """np.asarray stacked a list or tuple of same-shape arrays: ``predict([x1, x2])`` of a model
+    on rows of 4 values returned outputs of shape (2, 5, 3), and a step refused the targets'
+    count instead. A multi-model step refuses them too (tests/test_hostile_steps.py); rows as
+    plain lists, and a list of a graph's several inputs, are what they were."""
+    loop = NumpyLoop(L.Sequential(L.Linear(4, 3)), loss=ut.CrossEntropyLoss(), optimizer=ut.SGD(lr=0.1), seed=0)
+    x, y = np.ones((5, 4), np.float32), np.zeros(5, np.int64)
+    expected = "^the model takes one input, an array of shape \\(N, ...\\); got a {} of 2 arrays of shapes \\(5, 4\\), "
+    for several in ([x, x], (x, x)):
+        words = expected.format(type(several).__name__)
+        for method, argument in ((loop.predict, several), (loop.step, (several, y)), (loop.forward, several)):
+            with pytest.raises(InputError, match=words) as caught:
+                method(argument)
+            assert "\n" not in str(caught.value)
+    assert loop.step_count == 0
+    assert np.array_equal(loop.predict(x.tolist()), loop.predict(x))
+    a, b = Input((4,), name="a"), Input((4,), name="b")
+    fc = L.Linear(4, 3)
+    two = NumpyLoop(Graph([a, b], fc(a + b), {"fc": fc}), loss=ut.CrossEntropyLoss(), optimizer=ut.SGD(lr=0.1))
+    assert np.array_equal(two.predict([x, x]), two.predict((x, x)))
+
+
 def test_sequence_lengths_are_checked_against_the_batchs_padded_axis():
     """Lengths were checked against the padded axis the graph declared (6), not the batch's: 5 for
     3 steps raised IndexError inside the recurrent layer; 9 for 9 steps was refused."""

@@ -120,6 +120,9 @@ BATCHES = {  # the batch -> the line, on both steps
     "(x, y)": ((X, np.zeros(5, np.int64)), ONE + "a tuple of 2 values of shapes (5, 4), (5,)"),
     "(x1, x2)": ((X, X), ONE + "a tuple of 2 values of shapes (5, 4), (5, 4)"),
     "a dict": ({"x": X}, ONE + "a dict of 1 values of shapes (5, 4)"),
+    # np.asarray stacked it: rows of shape (5, 4), refused by the reading model's width or, the batch a
+    # target alone, trained on 2 "samples"
+    "[x1, x2]": ([X, X], ONE + "a list of 2 arrays of shapes (5, 4), (5, 4) (np.stack them if they are its rows)"),
     # the rest trained as a target (NaN or inf losses, booleans as numbers), or was a traceback
     "booleans": (X > 0, "the batch must be numeric, got dtype bool"),
     "strings": (X.astype(str), "the batch must be numeric, got dtype <U"),
@@ -157,13 +160,35 @@ def test_one_sample_through_batchnorm_is_refused_before_any_phase(batch_loops):
 
 
 def test_rows_as_lists_and_integers_train_as_the_float_array_does():
-    """What the refusals above must not catch: a list of rows is its array, integers (pixels) are
-    cast to the step's dtype, as a model's own loop takes them."""
+    """What the refusals above must not catch: a list of rows (plain numbers) is its array,
+    integers (pixels) are cast to the step's dtype, as a model's own loop takes them."""
     pixels = np.arange(20).reshape(5, 4) % 7
     for name, step in _batch_steps().items():
         same = [steps.MultiModelLoop(step, "numpy", seed=0).step(batch) for batch in
                 (pixels.astype(np.float32), pixels, pixels.tolist())]  # fmt: skip
         assert same[0] == same[1] == same[2], name
+
+
+def test_a_batch_that_leaves_a_data_parallel_rank_one_row_through_batchnorm_is_refused():
+    """Over 2 processes each rank normalises its own rows: every rank checks every rank's shard of
+    the global batch (the same numbers on each, so all refuse alike before any collective)."""
+    step = _batch_steps()["reads"]
+    one_row = ("phase 'd': model 'd': 1: BatchNorm in training needs more than one value per channel, and each of "
+               "{world} processes normalises its own rows: a batch of {rows} gives {ranks} one row; use batches of "
+               "{least} or more (2 rows per process), or eval mode")  # fmt: skip
+    for rows, world, ranks in ((3, 2, "rank 0"), (5, 3, "rank 0"), (4, 3, "ranks 0, 1"), (2, 2, "ranks 0, 1")):
+        with pytest.raises(
+            InputError, match=f"^{re.escape(one_row.format(world=world, rows=rows, ranks=ranks, least=2 * world))}$"
+        ):
+            check_step_shapes(step, (rows, 4), world_size=world)
+    with pytest.raises(
+        InputError, match="^a batch of 1 over 2 processes leaves a process without rows; use batches of 2"
+    ):
+        check_step_shapes(step, (1, 4), world_size=2)
+    with pytest.raises(InputError, match="a batch of 1 gives 1 there"):
+        check_step_shapes(step, (1, 4))
+    for rows, world in ((4, 2), (6, 3), (2, 1)):
+        check_step_shapes(step, (rows, 4), world_size=world)
 
 
 @pytest.mark.parametrize("backend", installed_backends())

@@ -3,6 +3,8 @@ and the CustomLoss expression language (NumPy gradients vs finite differences)."
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from unitrain.conformance.reference import torchvision_resnet18_state_shapes
@@ -307,3 +309,25 @@ def test_batchnorm_training_needs_two_values_per_channel():
     loop.eval()
     assert loop.predict(one).shape == (1, 2)
     assert unitrain.resnet18().leaf_input_shapes((3, 64, 64))["layer4.1.bn2"] == (512, 2, 2)
+
+
+def test_fit_refuses_an_epoch_whose_batches_batchnorm_cannot_normalise_before_training():
+    """5 samples in batches of 2 end each epoch in a batch of 1, which the step refused only when
+    it came, after the epoch's other steps had trained. Refused before the first step, with
+    PyTorch's remedy (drop_last); trained where the run ends before it or leaves it out."""
+    from unitrain.loop import InputError
+
+    model = Sequential(Linear(4, 3), unitrain.BatchNorm1d(3))
+    x, y = np.random.default_rng(0).standard_normal((5, 4)).astype(np.float32), np.zeros((5, 3), np.float32)
+    loop = _loop(unitrain.MSELoss(), model)
+    before = loop.state_dict()
+    message = ("batch_size 2 on 5 samples leaves a last batch of 1 (drop_last=True, --drop-last, leaves it out): 1: "
+               "BatchNorm in training needs more than one value per channel, but a batch of 1 gives 1")  # fmt: skip
+    with pytest.raises(InputError, match=f"^{re.escape(message)}"):
+        loop.fit((x, y), epochs=1, batch_size=2, shuffle=False)
+    with pytest.raises(InputError, match=r"^batch_size 1 on 5 samples: 1: BatchNorm in training"):
+        loop.fit((x, y), epochs=1, batch_size=1, shuffle=False)
+    assert loop.step_count == 0 and all(np.array_equal(v, loop.state_dict()[k]) for k, v in before.items())
+    loop.fit((x, y), epochs=1, batch_size=2, shuffle=False, max_steps=2)  # the last batch is never reached
+    loop.fit((x, y), epochs=2, batch_size=2, shuffle=False, drop_last=True)
+    assert loop.step_count == 2 + 4

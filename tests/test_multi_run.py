@@ -547,6 +547,24 @@ def test_a_signal_during_the_vote_stops_the_next_step(tiny):
     assert load_safetensors(tiny / "run" / CHECKPOINT_FILE)[1]["step_count"] == "4"
 
 
+@pytest.mark.slow
+def test_a_batch_size_leaving_a_rank_one_row_at_batchnorm_is_refused_before_training(tiny):
+    """batch_size 3 over 2 processes: rank 0 normalises one row at the discriminator's BatchNorm.
+    Each rank checks every rank's share as the run starts, so both refuse alike, one line, exit 2,
+    nothing written (a rank's models see only its rows; one refusing alone left the other in an
+    allreduce)."""
+    (tiny / "three.toml").write_text(RECIPE.replace("batch_size = 8", "batch_size = 3"))
+    command = [sys.executable, "-m", "unitrain", "train", "three.toml", "--backend", "torch", "--nproc", "2",
+               "--max-steps", "2", "--checkpoint-dir", "run"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.splitlines() == [
+        "unitrain: error: phase 'discriminator': model 'discriminator': 2: BatchNorm in training needs more than one "
+        "value per channel, and each of 2 processes normalises its own rows: a batch of 3 gives rank 0 one row; use "
+        "batches of 4 or more (2 rows per process), or eval mode"
+    ], result.stderr
+    assert not (tiny / "run").exists()
+
+
 # Two ranks each computing half of a batch of 8, weighted 1/2, sum the same per-sample gradients as
 # one process in another order: the case of tests/test_distributed.py (plain SGD at lr 0.01, BCE
 # gradients of a sigmoid's output), whose derivation of its bound holds here with fewer steps. The

@@ -181,6 +181,11 @@ class Fitting:
         if batches_per_epoch == 0 and epochs > start_epoch:
             raise ValueError(f"drop_last with batch_size {batch_size} leaves no batch of {len(train_data)} samples")
         steps_per_epoch = -(-batches_per_epoch // group)
+        steps_left = None if max_steps is None else max_steps - self.step_count
+        if epochs > start_epoch and (steps_left is None or steps_left > 0) and self.model_spec is not None:
+            # the epoch's last batch is reached unless max_steps ends the run before it
+            reached = steps_left is None or steps_left * group >= batches_per_epoch - start_batch
+            self._check_epoch_batches(train_data, batch_size, drop_last, reached)
         check_schedule_length(self.lr_schedule, epochs, steps_per_epoch, max_steps)
         _call(extensions, "on_fit_start", self, {"epochs": epochs, "steps_per_epoch": batches_per_epoch})
         history = []

@@ -9,6 +9,7 @@ import math
 import numpy as np
 
 from . import class_targets, expr, graph_batches
+from .distributed import shard
 from .layers import _BatchNorm
 from .losses import CustomLoss, Loss
 
@@ -25,13 +26,38 @@ def smallest_norm(model, inputs: dict) -> tuple[str, int] | None:
     return min(norms, key=lambda norm: norm[1], default=None)
 
 
-def norm_problem(norm: tuple[str, int] | None, samples: int) -> str | None:
+def norm_problem(norm: tuple[str, int] | None, samples: int, world_size: int = 1) -> str | None:
     """Why a training forward of ``samples`` cannot normalise at ``norm`` (:func:`smallest_norm`):
-    it needs more than one value per channel, as PyTorch."""
-    if norm is not None and samples * norm[1] < 2:
-        return (f"{norm[0]}: BatchNorm in training needs more than one value per channel, but a batch of "
-                f"{samples} gives {samples * norm[1]} there; use batches of 2 or more (or eval mode)")  # fmt: skip
-    return None
+    it needs more than one value per channel, as PyTorch. Over ``world_size`` data-parallel
+    processes each normalises its own shard of the rows: every rank computes every rank's shard
+    from the same two numbers, so all decide alike before any collective (one rank refusing alone
+    would leave the others waiting in the next one)."""
+    if norm is None:
+        return None
+    if world_size == 1:
+        if samples * norm[1] < 2:
+            return (f"{norm[0]}: BatchNorm in training needs more than one value per channel, but a batch of "
+                    f"{samples} gives {samples * norm[1]} there; use batches of 2 or more (or eval mode)")  # fmt: skip
+        return None
+    sizes = [stop - start for start, stop in (shard(samples, rank, world_size) for rank in range(world_size))]
+    short = [str(rank) for rank, rows in enumerate(sizes) if 0 < rows * norm[1] < 2]  # rows 1, one value each
+    if not short:
+        return None
+    ranks = f"rank {short[0]}" if len(short) == 1 else f"ranks {', '.join(short)}"
+    return (f"{norm[0]}: BatchNorm in training needs more than one value per channel, and each of {world_size} "
+            f"processes normalises its own rows: a batch of {samples} gives {ranks} one row; use batches of "
+            f"{2 * world_size} or more (2 rows per process), or eval mode")  # fmt: skip
+
+
+def several_arrays(x) -> str | None:
+    """What ``x`` is when it is a tuple or list holding arrays ("a list of 2 arrays of shapes
+    (5, 4), (5, 4)"), else None: np.asarray would stack them into rows silently, though they may
+    as well be several inputs (a batch ``(x, y)``, two models' images)."""
+    if not isinstance(x, tuple | list) or not any(len(getattr(part, "shape", ())) for part in x):
+        return None
+    shapes = [str(tuple(np.shape(part))) for part in x[:4]]
+    more = ", ..." if len(x) > 4 else ""
+    return f"a {type(x).__name__} of {len(x)} arrays of shapes {', '.join(shapes)}{more}"
 
 
 class InputChecks:
@@ -40,6 +66,9 @@ class InputChecks:
     def _check_x(self, x) -> np.ndarray:
         if self._input_count > 1:
             return graph_batches.check_inputs(self, x)
+        if several := several_arrays(x):
+            raise InputError(f"the model takes one input, an array of shape (N, ...); got {several} "
+                             "(np.stack them if they are its rows)")  # fmt: skip
         x = np.asarray(x)
         if self._embedding is not None:
             return self._check_token_ids(x)
@@ -79,15 +108,33 @@ class InputChecks:
             self._shape_facts[sample_shape] = (output, smallest_norm(self.model_spec, inputs))
         return self._shape_facts[sample_shape]
 
-    def _check_batch_statistics(self, x: np.ndarray) -> None:
-        """A training forward needs more than one value per BatchNorm channel (as PyTorch)."""
-        if not self.training or self.model_spec is None:
-            return
+    def _check_batch_statistics(self, x, world_size: int = 1) -> None:
+        """A training forward needs more than one value per BatchNorm channel (as PyTorch); ``x``:
+        the whole (checked) batch that ``world_size`` data-parallel processes share."""
+        if self.training and (problem := self._norm_problem(x, world_size)):
+            raise InputError(problem)
+
+    def _norm_problem(self, x, world_size: int) -> str | None:
+        if self.model_spec is None:
+            return None
         n, sample_shape = (
             (len(x), x.shape[1:]) if self._input_count == 1 else (len(x[0]), tuple(a.shape[1:] for a in x))
         )
-        if problem := norm_problem(self._facts(sample_shape)[1], n):
-            raise InputError(problem)
+        return norm_problem(self._facts(sample_shape)[1], n, world_size)
+
+    def _check_epoch_batches(self, data, batch_size: int, drop_last: bool, last_reached: bool) -> None:
+        """Before :meth:`fit` trains: each batch size an epoch of ``data`` gives (the full one, and
+        a smaller last one unless ``drop_last`` or the run ends before it: ``last_reached``) must be
+        one BatchNorm can normalise on every rank; the step would refuse it only once reached, a
+        whole epoch in. Refused, not dropped: a PyTorch DataLoader does not drop it either."""
+        samples = len(data)
+        last = samples % batch_size if last_reached and not drop_last else 0
+        for size in [batch_size] * (samples >= batch_size) + [last] * (last > 0):
+            # a batch the step's own checks refuse is refused here in the same words
+            if problem := self._norm_problem(self._check_x(data.subset(slice(0, size)).x), self.world_size):
+                last_words = f" leaves a last batch of {size} (drop_last=True, --drop-last, leaves it out)"
+                raise InputError(f"batch_size {batch_size} on {samples} samples{last_words if size == last else ''}: "
+                                 f"{problem}")  # fmt: skip
 
     def _check_y(self, y, n: int, sample_shape=None) -> np.ndarray:
         """Targets checked against the loss spec and, for spec models, the output shape (see

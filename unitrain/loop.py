@@ -143,9 +143,10 @@ of the global batch on every rank, and ``fit``'s ``train_accuracy`` counts the w
 tutorial-shaped step stays per rank: each rank feeds its own rows, and ``update`` averages the
 accumulated gradients across ranks with equal weights.
 BatchNorm normalises each replica's shard with its own statistics (per-replica, not synchronised:
-its running statistics are rank 0's in checkpoints). Dropout masks come from a stream per rank,
-from ``(seed, rank)`` (rank 0's is the one-process stream): distinct and reproducible; a resumed
-multi-process run restores rank 0's stream, the other ranks restart theirs. ``fit`` evaluates on
+its running statistics are rank 0's in checkpoints); a batch leaving a rank one row there is
+refused by every rank alike, before any collective (``input_checks.norm_problem``). Dropout masks
+come from a stream per rank, from ``(seed, rank)`` (rank 0's is the one-process stream): distinct
+and reproducible; a resumed multi-process run restores rank 0's stream, the others restart theirs. ``fit`` evaluates on
 rank 0 only (the other ranks' records lack the test metrics); the caller keeps metrics, progress,
 checkpoints and saved weights to rank 0, whose checkpoints record ``world_size``, and has the
 ranks stop together (:meth:`any_rank`: :class:`~unitrain.checkpoint.Checkpointer` agrees on a
@@ -586,10 +587,10 @@ class TrainingLoop(Fitting, InputChecks, ABC):
         """zero_grad, forward, loss, backward, update; returns the pre-update loss (native
         scalar: ``float(...)`` or :meth:`to_float` reads it)."""
         x, y = self._check_batch(batch)
+        self._check_batch_statistics(x, self.world_size)  # every rank the same: before any collective
         if self.world_size > 1:
             loss, self._shard_correct = self._shard_step(x, y)
         else:
-            self._check_batch_statistics(x)
             loss = self._step(x, y)
         self.step_count += 1
         return loss
@@ -608,7 +609,6 @@ class TrainingLoop(Fitting, InputChecks, ABC):
         local_loss = local_correct = 0.0
         if stop > start:  # a last batch smaller than the world leaves some ranks without rows
             x_rows, y_rows = graph_batches.rows(x, start, stop), graph_batches.rows(y, start, stop)
-            self._check_batch_statistics(x_rows)
             loss, correct = self._loss_and_gradients(x_rows, y_rows)
             # read after the loss's sync and summed in the loss's allreduce: no sync or collective of its own
             local_loss = self.to_float(loss)

@@ -265,7 +265,6 @@ class MultiJob:
             self.check()
         step, expressions = self.run.build()
         train, test = self.run.datasets()
-        check_run_shapes(self.run, step, expressions, train.x.shape[1:])  # before anything is written
         backend = get_backend(self.backend).name
         try:
             loop = steps.MultiModelLoop(step, backend, seed=self.run.seed, distributed=self.distributed)
@@ -273,6 +272,8 @@ class MultiJob:
             raise RunError(str(error)) from None
         if loop.world_size > self.run.batch_size:
             raise RunError(f"batch_size {self.run.batch_size}: {loop.world_size} processes need a row each")
+        # before anything is written; data parallel: on every rank alike (BatchNorm on each rank's rows)
+        check_run_shapes(self.run, step, expressions, train.x.shape[1:], world_size=loop.world_size)
         per_epoch, total = len(train) // self.run.batch_size, self.run.total_steps(len(train))
         if total < 1:
             raise RunError(f"epochs {self.run.epochs}, max_steps {self.run.max_steps}: no step to train")

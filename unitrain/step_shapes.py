@@ -14,7 +14,7 @@ import numpy as np
 
 from . import expr
 from .expr import Node
-from .input_checks import InputError, norm_problem, smallest_norm
+from .input_checks import InputError, norm_problem, several_arrays, smallest_norm
 from .steps import BATCH, MultiStep, data_arguments, postorder, split
 
 #: a value's shape and where its batch axis is (None: reduced away); a call of a model with
@@ -25,15 +25,16 @@ Value = tuple | None
 def checked_batch(x, dtype: np.dtype, step: MultiStep, readers: Mapping) -> np.ndarray:
     """``x`` as the one array of ``dtype`` that ``batch`` stands for in ``step``'s losses (int64
     token ids when the models reading it start with an Embedding), or InputError: several
-    arrays (a tuple, a dict: ``batch`` is one value, and no loss can take one of several apart),
-    a value that is no numeric array of shape (N, ...) with N >= 1, or one that is not finite in
-    ``dtype``. ``readers``: the loops of the models called on the batch itself, by name, whose
+    arrays (a tuple, a dict, a list of arrays: ``batch`` is one value, and no loss can take one of
+    several apart), a value that is no numeric array of shape (N, ...) with N >= 1, or one that is
+    not finite in ``dtype``. ``readers``: the loops of the models called on the batch itself, by name, whose
     own checks name what their model expects (its width, token ids within its table)."""
+    one = "a multi-model step's batch is one array of shape (N, ...) (`batch` in its losses); got "
     if isinstance(x, tuple | Mapping):
         shapes = [np.shape(part) for part in (x.values() if isinstance(x, Mapping) else x)]
-        raise InputError(f"a multi-model step's batch is one array of shape (N, ...) (`batch` in its losses); "
-                         f"got a {type(x).__name__} of {len(shapes)} values of shapes "
-                         f"{', '.join(map(str, shapes))}")  # fmt: skip
+        raise InputError(f"{one}a {type(x).__name__} of {len(shapes)} values of shapes {', '.join(map(str, shapes))}")
+    if several := several_arrays(x):  # a list of plain rows is the array of those rows, as for one model
+        raise InputError(f"{one}{several} (np.stack them if they are its rows)")
     try:
         array = np.asarray(x)
     except ValueError:  # rows of different lengths
@@ -74,13 +75,16 @@ def _value_use(step: MultiStep, token_readers: Sequence[str]) -> str | None:
     return None
 
 
-def check_step_shapes(step: MultiStep, batch_shape, training: bool = True) -> None:
+def check_step_shapes(step: MultiStep, batch_shape, training: bool = True, world_size: int = 1) -> None:
     """InputError unless every phase of ``step`` fits a batch of shape ``batch_shape`` (its
     samples first): each model call gets per-sample inputs of the shapes the model takes (in
-    ``training``, more than one value per channel at each BatchNorm, as PyTorch), and every
-    operation's operands broadcast (as a CustomLoss's, never the samples of one against another
-    axis of the other)."""
-    _step_values(step, batch_shape, training)
+    ``training``, more than one value per channel at each BatchNorm, as PyTorch, on each of
+    ``world_size`` data-parallel processes' rows), and every operation's operands broadcast (as a
+    CustomLoss's, never the samples of one against another axis of the other)."""
+    if batch_shape[0] < world_size:  # a mean over a rank's no rows: NaN
+        raise InputError(f"a batch of {batch_shape[0]} over {world_size} processes leaves a process without rows; "
+                         f"use batches of {world_size} or more")  # fmt: skip
+    _step_values(step, batch_shape, training, world_size)
 
 
 def node_shapes(step: MultiStep, batch_shape) -> dict[Node, tuple]:
@@ -91,20 +95,20 @@ def node_shapes(step: MultiStep, batch_shape) -> dict[Node, tuple]:
     return {node: _shape(value) for node, value in _step_values(step, batch_shape).items()}
 
 
-def _step_values(step: MultiStep, batch_shape, training: bool = False) -> dict[Node, Value]:
+def _step_values(step: MultiStep, batch_shape, training: bool = False, world_size: int = 1) -> dict[Node, Value]:
     models, batch = dict(step.models), (tuple(batch_shape), 0)
     values: dict[Node, Value] = {}
     for phase in step.phases:
         try:
             _evaluate(phase.loss, models, batch, values)
             if training:
-                _check_norms(phase.loss, models, values)
+                _check_norms(phase.loss, models, values, world_size)
         except ValueError as error:
             raise InputError(f"phase {phase.name!r}: {error}") from None
     return values
 
 
-def _check_norms(root: Node, models: Mapping, values: Mapping[Node, Value]) -> None:
+def _check_norms(root: Node, models: Mapping, values: Mapping[Node, Value], world_size: int) -> None:
     """ValueError for a call that BatchNorm cannot normalise in training (PyTorch raises inside its
     layer, Chainer trains on it silently): one sample where a channel holds one value."""
     for node in postorder([root]):
@@ -113,7 +117,8 @@ def _check_norms(root: Node, models: Mapping, values: Mapping[Node, Value]) -> N
             continue
         model, per_sample = models[node[1]], [shape[1:] for shape, _ in operands]
         per_sample = per_sample[0] if len(per_sample) == 1 else per_sample
-        if problem := norm_problem(smallest_norm(model, model.leaf_input_shapes(per_sample)), operands[0][0][0]):
+        norm = smallest_norm(model, model.leaf_input_shapes(per_sample))
+        if problem := norm_problem(norm, operands[0][0][0], world_size):
             raise ValueError(f"model {node[1]!r}: {problem}")
 
 
@@ -197,7 +202,7 @@ def check_picture_shapes(pictures: Mapping[str, expr.Expr], models: Mapping, bat
 
 
 def check_run_shapes(run, step: MultiStep, pictures: Mapping[str, expr.Expr], sample_shape,
-                     training: bool = True) -> None:  # fmt: skip
+                     training: bool = True, world_size: int = 1) -> None:  # fmt: skip
     """RunError, before a multi-model run writes anything (its metrics file, a checkpoint), unless
     its phases fit batches of the data's samples (:func:`check_step_shapes`) and its pictures are
     images (:func:`check_picture_shapes`)."""
@@ -205,7 +210,7 @@ def check_run_shapes(run, step: MultiStep, pictures: Mapping[str, expr.Expr], sa
     from .run import RunError
 
     try:
-        check_step_shapes(step, (run.batch_size, *sample_shape), training)
+        check_step_shapes(step, (run.batch_size, *sample_shape), training, world_size)
     except InputError as error:
         raise RunError(str(error)) from None
     count = (run.pictures or {}).get("count", PICTURES)

@@ -660,7 +660,7 @@ class MultiModelLoop:
         # a wrong batch: one line (InputError) naming what was expected, before any phase runs
         x = checked_batch(x, self.dtype, self.step_spec, {name: self.loops[name] for name in self._batch_readers})
         if x.shape not in self._fitting_shapes:  # each batch shape once (a shorter last batch is another)
-            check_step_shapes(self.step_spec, x.shape)
+            check_step_shapes(self.step_spec, x.shape, world_size=self.world_size)  # alike on every rank
             self._fitting_shapes.add(x.shape)
         samples = len(x)
         noise = self.noise.draw(self.step_spec.noise, samples, self.dtype)  # every rank: the global batch's
@@ -670,8 +670,6 @@ class MultiModelLoop:
             from .distributed import shard
 
             start, stop = shard(samples, self.rank, self.world_size)
-            if stop == start:
-                raise ValueError(f"a batch of {samples} rows over {self.world_size} processes: each needs one")
             noise = {leaf: values[start:stop] for leaf, values in noise.items()}
             weights = [(stop - start) / samples if kind == "mean" else 1.0 for kind in self._weightings]
             local = self._evaluator.run(x[start:stop], noise, weights)
