@@ -16,7 +16,9 @@ def main() -> int:
         record(f"raised {type(error).__name__}")
         raise
     record(f"exit {status}")
-    return status
+    from unitrain.distributed import status_for_launcher
+
+    return status_for_launcher(status)
 
 
 if __name__ == "__main__":

@@ -261,6 +261,17 @@ def record_rank(rank: int) -> None:
     record(f"rank {rank}")
 
 
+def status_for_launcher(status: int) -> int:
+    """The exit status a rank of ``unitrain train --nproc`` gives its launcher: its own, but 0 for a
+    stop ended cleanly under msrun, which SIGKILLs the other workers as soon as one exits non-zero:
+    caught in their teardown before they had left MindSpore's cluster, its scheduler waited 30 s for
+    their heartbeat (6 of 9 stops took 31-36 s instead of 5-7). The parent reads the rank's own
+    status from its record."""
+    if os.environ.get(RANK_RECORDS) and launched_world_size("msrun") is not None and status in _CLEAN_STOPS:
+        return 0
+    return status
+
+
 def run(launcher: str, nproc: int, argv: list[str], master_port: int | None, relaunches: int = 1) -> int:
     """Run the launcher (its output passes through) and return the job's exit status; on failure,
     a last line names the rank that failed, unless a rank refused the run (exit status 2) in a
@@ -278,6 +289,7 @@ def run(launcher: str, nproc: int, argv: list[str], master_port: int | None, rel
         job = _watch(launcher, nproc, argv, master_port, env, log_dir)
         ranks_of_pids = _ranks_of_pids(records, log_dir)
         unfinished = None if job.received is None else _unfinished_stops(records, job.report, ranks_of_pids)
+        stopped = _stop_status(records)
     finally:
         shutil.rmtree(records, ignore_errors=True)
     sink = sys.stderr.buffer if log_dir is None else sys.stdout.buffer
@@ -285,12 +297,6 @@ def run(launcher: str, nproc: int, argv: list[str], master_port: int | None, rel
     if status and job.received is None and relaunches and failed_before_ranks(launcher, job.report):
         _remove(log_dir)
         return run(launcher, nproc, argv, master_port, relaunches - 1)
-    if status == 0 or unfinished == {}:  # finished, or every rank checkpointed and stopped as asked
-        _remove(log_dir)
-        if status == 0:  # warnings and the like, held back while the job ran
-            sink.write(job.held)
-            sink.flush()
-        return 0 if status == 0 else 128 + job.received
     if unfinished:  # a stop that some rank did not end cleanly: a crash, not a stop
         # those the records or the launcher say something of first: the others may have died of their loss
         ranks = sorted(unfinished, key=lambda rank: (unfinished[rank][0] == _UNSAID, rank))
@@ -302,6 +308,14 @@ def run(launcher: str, nproc: int, argv: list[str], master_port: int | None, rel
         print(f"unitrain: error: the {launcher} job of {nproc} processes failed while stopping ({failed})"
               f"{_kept_report(log_dir, job.held)}", file=sys.stderr)  # fmt: skip
         return code if code not in _CLEAN_STOPS else 1
+    if unfinished == {} and (status or stopped):  # every rank checkpointed and stopped as asked
+        _remove(log_dir)
+        return 128 + job.received
+    if status == 0:
+        _remove(log_dir)
+        sink.write(job.held)  # warnings and the like, held back while the job ran
+        sink.flush()
+        return stopped  # 0, or the ranks' own stop (a signal sent to them, not to this process) under msrun
     failed = _failure(job.report.decode(errors="replace"), ranks_of_pids)
     if job.said and _exit_status(failed, status) == _REFUSED:
         _remove(log_dir)
@@ -451,6 +465,12 @@ def _records(records: str) -> dict[int, tuple[int, dict[str, str]]]:
         if notes.get("rank", "").isdigit():
             found[int(path.name)] = (int(notes["rank"]), notes)
     return found
+
+
+def _stop_status(records: str) -> int:
+    """128 + N if a rank ended a stop by signal N (see status_for_launcher), else 0."""
+    return max((int(end) for _, notes in _records(records).values() if (end := notes.get("exit", "")).isdigit()
+                and int(end) in _CLEAN_STOPS), default=0)  # fmt: skip
 
 
 #: what is known of a rank that ended its stop without a word (a signal, the launcher's kill)
