@@ -23,6 +23,7 @@ from unitrain.job import Job
 from unitrain.layers import preset
 from unitrain.randomness import dropout_stream, rank_seed
 from unitrain.run import Run
+from unitrain.signals import RANK_RECORDS
 from unitrain.weights import init_weights, load_safetensors, save_safetensors
 
 #: backends whose engine unitrain drives, and the variable their launcher sets to each worker's rank
@@ -170,6 +171,24 @@ def test_a_stop_counts_as_clean_only_if_every_rank_that_trained_ended_it_cleanly
     for pid in (106, 107, 108, 109):
         (tmp_path / str(pid)).unlink()
     assert distributed._unfinished_stops(str(tmp_path), report, None) == {}
+
+
+def test_a_clean_stop_under_msrun_exits_0_to_msrun_alone(monkeypatch, tmp_path):
+    """msrun SIGKILLs the other workers when one exits non-zero, and its scheduler then waits 30 s for
+    them: a rank of `unitrain train --nproc` that stopped cleanly exits 0 to it; the parent reads
+    the status from the rank's record (and still returns 128 + N)."""
+    monkeypatch.setenv(RANK_RECORDS, str(tmp_path))
+    monkeypatch.setenv("MS_WORKER_NUM", "2")
+    assert [distributed.status_for_launcher(status) for status in (143, 138, 130, 0, 1, 2)] == [0, 0, 0, 0, 1, 2]
+    monkeypatch.delenv("MS_WORKER_NUM")  # torchrun, mpiexec: their own status
+    assert distributed.status_for_launcher(143) == 143
+    (tmp_path / "11").write_text("rank 0\nexit 143\n")
+    (tmp_path / "12").write_text("rank 1\nexit 143\n")
+    assert distributed._stop_status(str(tmp_path)) == 143
+    assert distributed._unfinished_stops(str(tmp_path), b"", None) == {}
+    monkeypatch.delenv(RANK_RECORDS)  # not launched by unitrain (msrun by hand): the rank's status
+    monkeypatch.setenv("MS_WORKER_NUM", "2")
+    assert distributed.status_for_launcher(143) == 143
 
 
 def test_workers_get_the_job_without_nproc(tmp_path):
