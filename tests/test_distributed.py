@@ -23,6 +23,7 @@ from unitrain.job import Job
 from unitrain.layers import preset
 from unitrain.randomness import dropout_stream, rank_seed
 from unitrain.run import Run
+from unitrain.signals import RANK_RECORDS
 from unitrain.weights import init_weights, load_safetensors, save_safetensors
 
 #: backends whose engine unitrain drives, and the variable their launcher sets to each worker's rank
@@ -150,6 +151,44 @@ continue.
     assert not distributed.failed_before_ranks("torchrun", race)
     killed = b"prterun noticed that process rank 1 with PID 20501 on node vm exited on\nsignal 9 (Killed)."
     assert not distributed.failed_before_ranks("mpiexec", killed)
+
+
+def test_a_stop_counts_as_clean_only_if_every_rank_that_trained_ended_it_cleanly(tmp_path):
+    """Each rank notes its rank once its loop is made, then how it ended (unitrain/__main__.py): 0 or
+    128 + a stop signal ends a stop cleanly; another status, an exception, or no word at all (a
+    segfault, named by the launcher's report where it says so) is a crash. A process that never made
+    its loop (stopped while it started, or msrun's scheduler) had nothing to save."""
+    notes = {101: "rank 0\nexit 143", 102: "rank 1\nexit 138", 103: "exit 1", 104: "rank 2\nexit 0",
+             105: "rank 3\nexit 130", 106: "rank 4\nexit 2", 107: "rank 5\nraised OSError", 108: "rank 6",
+             109: "rank 7"}  # fmt: skip
+    for pid, text in notes.items():
+        (tmp_path / str(pid)).write_text(text + "\n")
+    (tmp_path / "logs").mkdir()  # torchrun's log folders share the folder
+    report = b"prterun noticed that process rank 6 with PID 108 on node vm exited on\nsignal 11 (Segmentation fault)."
+    assert distributed._unfinished_stops(str(tmp_path), report, None) == {
+        4: ("exit code 2", 2), 5: ("raised OSError", 1), 6: ("killed by SIGSEGV", 128 + signal.SIGSEGV),
+        7: ("did not finish stopping", 1)}  # fmt: skip
+    for pid in (106, 107, 108, 109):
+        (tmp_path / str(pid)).unlink()
+    assert distributed._unfinished_stops(str(tmp_path), report, None) == {}
+
+
+def test_a_clean_stop_under_msrun_exits_0_to_msrun_alone(monkeypatch, tmp_path):
+    """msrun SIGKILLs the other workers when one exits non-zero, and its scheduler then waits 30 s for
+    them: a rank of `unitrain train --nproc` that stopped cleanly exits 0 to it; the parent reads
+    the status from the rank's record (and still returns 128 + N)."""
+    monkeypatch.setenv(RANK_RECORDS, str(tmp_path))
+    monkeypatch.setenv("MS_WORKER_NUM", "2")
+    assert [distributed.status_for_launcher(status) for status in (143, 138, 130, 0, 1, 2)] == [0, 0, 0, 0, 1, 2]
+    monkeypatch.delenv("MS_WORKER_NUM")  # torchrun, mpiexec: their own status
+    assert distributed.status_for_launcher(143) == 143
+    (tmp_path / "11").write_text("rank 0\nexit 143\n")
+    (tmp_path / "12").write_text("rank 1\nexit 143\n")
+    assert distributed._stop_status(str(tmp_path)) == 143
+    assert distributed._unfinished_stops(str(tmp_path), b"", None) == {}
+    monkeypatch.delenv(RANK_RECORDS)  # not launched by unitrain (msrun by hand): the rank's status
+    monkeypatch.setenv("MS_WORKER_NUM", "2")
+    assert distributed.status_for_launcher(143) == 143
 
 
 def test_workers_get_the_job_without_nproc(tmp_path):
@@ -285,14 +324,14 @@ def worker(pid: int, variable: str, rank: int) -> int | None:
     return None
 
 
-def start_long_run(backend, tmp_path):
+def start_long_run(backend, tmp_path, env=None):
     """A full epoch on two processes, checkpointed every 3 steps (only the newest kept); returns
     once the first checkpoint is there: both ranks are training (they take each step together),
     with their stop handlers in place. A signal before that ends the job with nothing to save."""
     job = subprocess.Popen([sys.executable, "-m", "unitrain", "train", "--backend", backend, "--nproc", "2",
                             "--no-progress", "--epochs", "1", "--checkpoint-dir", str(tmp_path / "ck"),
                             "--checkpoint-every", "3", "--keep", "1"],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
     deadline = time.monotonic() + 120
     while not list((tmp_path / "ck").glob("step-*")):
         assert job.poll() is None and time.monotonic() < deadline, job.communicate()
@@ -339,26 +378,39 @@ def ended(pid: int, within: float) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", [engine.id for engine in backends_with_engine() if engine.id in ("numpy", "torch")])
+@pytest.mark.parametrize("backend", [engine.id for engine in backends_with_engine()
+                                     if engine.id in ("numpy", "torch", "mindspore")])  # fmt: skip
 def test_a_refusal_every_rank_meets_is_one_line(backend, tmp_path):
     """Each rank reads the dataset and refuses its labels (one is 12, the model scores 10 classes):
     the user read the line once per rank, then the job's failure line naming a report of the
-    launcher's noise. torchrun (torch) and mpiexec (NumPy): the two ways a job's output is read."""
+    launcher's noise. torchrun (torch), mpiexec (NumPy) and msrun (MindSpore, which showed its own
+    start notes, failure lines and traceback, and kept its log folder): nothing is left behind."""
     rng = np.random.default_rng(0)
     images, labels = rng.integers(0, 256, (64, 28, 28), dtype=np.uint8), np.arange(64) % 10
     labels[40] = 12
     np.savez(tmp_path / "bad.npz", x_train=images, y_train=labels, x_test=images[:16], y_test=labels[:16])
+    (tmp_path / "tmp").mkdir()
     result = command("train", "--dataset", "bad.npz", "--backend", backend, "--nproc", "2", "--max-steps", "2",
-                     "--batch-size", "16", "--no-progress", cwd=tmp_path, timeout=120)  # fmt: skip
+                     "--batch-size", "16", "--no-progress", cwd=tmp_path, timeout=120,
+                     env={**os.environ, "TMPDIR": str(tmp_path / "tmp")})  # fmt: skip
     assert result.returncode == 2, result.stderr
     assert result.stderr.splitlines() == ["unitrain: error: model mlp gives outputs of shape (10,), expected one score "
                                           "per class; bad.npz has 13 classes"]  # fmt: skip
+    assert result.stdout == ""
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["bad.npz", "tmp"] and left_in(tmp_path / "tmp") == []
+
+
+def left_in(temporary: Path) -> list[str]:
+    """What a job left in its temporary directory, but torch's compile cache, which every program that
+    imports torch._dynamo keeps there (``torchinductor_<user>``)."""
+    return [path.name for path in temporary.iterdir() if not path.name.startswith("torchinductor_")]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("backend", "rank_variable"), backends_with_engine())
 def test_sigterm_checkpoints_once_and_stops_every_rank(backend, rank_variable, tmp_path):
-    job = start_long_run(backend, tmp_path)
+    (tmp_path / "tmp").mkdir()
+    job = start_long_run(backend, tmp_path, env={**os.environ, "TMPDIR": str(tmp_path / "tmp")})
     job.send_signal(signal.SIGTERM)
     out, err = job.communicate(timeout=120)
     assert job.returncode == 128 + signal.SIGTERM, err
@@ -366,7 +418,57 @@ def test_sigterm_checkpoints_once_and_stops_every_rank(backend, rank_variable, t
     assert len(saved) == 1, saved  # the interrupted step's (--keep 1)
     # msrun shows worker 0's stdout and stderr together, on stdout
     assert f"checkpoint {saved[0]}" in out + err and "Traceback" not in out + err
+    assert all(line.startswith("unitrain: ") for line in err.splitlines()), err
     assert load_checkpoint(saved[0]).manifest["world_size"] == 2
+    assert left_in(tmp_path / "tmp") == []  # the launchers' folders (torchrun's torchelastic_*, msrun's logs)
+
+
+# A rank that crashes in its stop path: every rank calls Checkpointer._save_interrupted once the ranks
+# voted to stop; there, the rank named raises (as a failed checkpoint write would) or segfaults (as a
+# collective can). Injected from a sitecustomize module on the ranks' PYTHONPATH, since the parent
+# starts them itself (`python -m unitrain`).
+CRASHING_STOP = """
+import os, signal, sys
+ranks = {"RANK", "OMPI_COMM_WORLD_RANK"} & os.environ.keys() or os.environ.get("MS_ROLE") == "MS_WORKER"
+if "unitrain" in sys.orig_argv and ranks:  # a rank (not the parent, nor its launcher)
+    from unitrain.checkpoint import Checkpointer
+    crash, rank = os.environ["CRASH_WHILE_STOPPING"].split(":")
+    original = Checkpointer._save_interrupted
+    def crashing(self, loop):
+        if loop.rank == int(rank):
+            if crash == "raise":
+                raise RuntimeError("injected: the checkpoint write failed")
+            os.kill(os.getpid(), signal.SIGSEGV)
+        return original(self, loop)
+    Checkpointer._save_interrupted = crashing
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("backend", "crash", "said", "status"),
+    [pytest.param("torch", "raise:0", "rank 0: raised RuntimeError", 1, id="torch-rank-0-raises"),
+     pytest.param("numpy", "segv:1", "rank 1: killed by SIGSEGV", 128 + signal.SIGSEGV, id="numpy-rank-1-segfaults")],
+)  # fmt: skip
+def test_a_rank_that_crashes_while_stopping_fails_the_job(backend, crash, said, status, tmp_path):
+    """After a stop the parent shows only the ranks' own lines: a rank that crashed while stopping
+    looked like a clean stop (exit 143, no word). Now the job fails in one line naming the rank and
+    the report (the traceback, or the fault handler's stack), with the crash's status."""
+    if backend not in [engine.id for engine in backends_with_engine()]:
+        pytest.skip(f"no {backend} engine")
+    (tmp_path / "inject").mkdir()
+    (tmp_path / "inject" / "sitecustomize.py").write_text(CRASHING_STOP)
+    path = os.pathsep.join(filter(None, [str(tmp_path / "inject"), os.environ.get("PYTHONPATH")]))
+    job = start_long_run(backend, tmp_path, env={**os.environ, "PYTHONPATH": path, "CRASH_WHILE_STOPPING": crash})
+    job.send_signal(signal.SIGTERM)
+    _, err = job.communicate(timeout=120)
+    assert job.returncode == status, err
+    last = err.splitlines()[-1]
+    launcher = registry.backend_specs()[backend].launcher
+    assert last.startswith(f"unitrain: error: the {launcher} job of 2 processes failed while stopping ({said}"), err
+    report = Path(last.partition("its report is in ")[2])
+    assert ("injected: the checkpoint write failed" if "raise" in crash else "Segmentation fault") in report.read_text()
+    report.unlink()
 
 
 # A torchrun job in which one rank gets its stop signal where the ranks' decisions can part: while

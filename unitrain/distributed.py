@@ -11,6 +11,7 @@ failure report into one line. Each worker then sees the launcher's environment
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib.metadata
 import importlib.util
@@ -25,7 +26,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .signals import Terminated
+from .signals import RANK_RECORDS, STOP_SIGNALS, Terminated, record
 
 
 class LaunchError(ValueError):
@@ -135,7 +136,9 @@ def command(
     launcher: str, nproc: int, worker: list[str], master_port: int | None = None, log_dir: str | None = None
 ) -> list[str]:
     """The launcher's command line that starts ``nproc`` workers of ``python WORKER`` (a script and
-    its arguments, or ``-m module ...``). msrun writes each worker's output to ``log_dir``."""
+    its arguments, or ``-m module ...``). msrun writes each worker's output to ``log_dir``; torchrun
+    makes its (here empty) log folders there, else in a new ``torchelastic_*`` folder of the system's
+    temporary directory that it never removes."""
     if launcher == "msrun":
         # it starts the `python` first on PATH (see run); it shows worker 0's log as it grows
         return [sys.executable, "-m", "mindspore.parallel.cluster.run", "--worker_num", str(nproc),
@@ -145,7 +148,9 @@ def command(
         rendezvous = ["--standalone"]  # a free port of its own choosing
         if master_port is not None:
             rendezvous = ["--nnodes", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{master_port}"]
-        return [sys.executable, "-m", "torch.distributed.run", *rendezvous, "--nproc-per-node", str(nproc), *worker]
+        logs = [] if log_dir is None else ["--log-dir", log_dir]
+        return [sys.executable, "-m", "torch.distributed.run", *rendezvous, *logs, "--nproc-per-node", str(nproc),
+                *worker]  # fmt: skip
     options = ["-n", str(nproc), "-x", "OMP_NUM_THREADS"]
     if os.geteuid() == 0:
         options.append("--allow-run-as-root")
@@ -177,19 +182,33 @@ def _failure(report: str, ranks_of_pids: dict[int, int] | None = None) -> str | 
     report = report[report.rfind("Root Cause") :] if "Root Cause" in report else report  # torchrun's first failure
     for pattern in _FAILURES:
         if match := pattern.search(report):
-            what = " ".join(match["what"].split())  # Open MPI wraps its lines
-            if signalled := re.fullmatch(r"exited on signal (\d+)(?: \(.*\))?", what):
-                what = f"-{signalled[1]}"
-            if exited := re.fullmatch(r"exited with status (\d+)", what):
-                what = exited[1]
-            if what.lstrip("-").isdigit():
-                code = int(what)
-                what = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-            rank = int(match["rank"])
-            if ranks_of_pids is not None:
-                return f"rank {ranks_of_pids[rank]}: {what}" if rank in ranks_of_pids else f"pid {rank}: {what}"
-            return f"rank {rank}: {what}"
+            return _rank_and_what(match, ranks_of_pids)
     return None
+
+
+def _failures(report: str, ranks_of_pids: dict[int, int] | None) -> dict[int, str]:
+    """``{rank: what happened}`` for every rank the launcher's report names (the first it says of each)."""
+    said = {}
+    for pattern in _FAILURES:
+        for match in pattern.finditer(report):
+            if (named := re.match(r"rank (\d+): (.*)", _rank_and_what(match, ranks_of_pids))) is not None:
+                said.setdefault(int(named[1]), named[2])
+    return said
+
+
+def _rank_and_what(match: re.Match, ranks_of_pids: dict[int, int] | None) -> str:
+    what = " ".join(match["what"].split())  # Open MPI wraps its lines
+    if signalled := re.fullmatch(r"exited on signal (\d+)(?: \(.*\))?", what):
+        what = f"-{signalled[1]}"
+    if exited := re.fullmatch(r"exited with status (\d+)", what):
+        what = exited[1]
+    if what.lstrip("-").isdigit():
+        code = int(what)
+        what = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+    rank = int(match["rank"])
+    if ranks_of_pids is not None:
+        return f"rank {ranks_of_pids[rank]}: {what}" if rank in ranks_of_pids else f"pid {rank}: {what}"
+    return f"rank {rank}: {what}"
 
 
 #: MindSpore's own log lines below ERROR (``[WARNING] DEVICE(1234,7f..,python):...``, msrun's
@@ -236,25 +255,107 @@ def die_with_parent() -> None:
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
+def record_rank(rank: int) -> None:
+    """In a rank of ``unitrain train --nproc``, once its loop is made: note its rank. From then on the
+    parent expects the rank to note how it ended too (``unitrain/__main__.py``)."""
+    record(f"rank {rank}")
+
+
+def status_for_launcher(status: int) -> int:
+    """The exit status a rank of ``unitrain train --nproc`` gives its launcher: its own, but 0 for a
+    stop ended cleanly under msrun, which SIGKILLs the other workers as soon as one exits non-zero:
+    caught in their teardown before they had left MindSpore's cluster, its scheduler waited 30 s for
+    their heartbeat (6 of 9 stops took 31-36 s instead of 5-7). The parent reads the rank's own
+    status from its record."""
+    if os.environ.get(RANK_RECORDS) and launched_world_size("msrun") is not None and status in _CLEAN_STOPS:
+        return 0
+    return status
+
+
 def run(launcher: str, nproc: int, argv: list[str], master_port: int | None, relaunches: int = 1) -> int:
     """Run the launcher (its output passes through) and return the job's exit status; on failure,
     a last line names the rank that failed, unless a rank refused the run (exit status 2) in a
     line of its own: then that line, shown once however many ranks said it, is all. The launcher
     runs in its own session, so that a terminal's Ctrl-C reaches the workers once, as the
-    launcher's SIGTERM (a second signal would abort them before their checkpoint). A launcher that
-    failed before starting any rank (:func:`failed_before_ranks`) is run again, at most
-    ``relaunches`` times."""
+    launcher's SIGTERM (a second signal would abort them before their checkpoint). After such a
+    stop, a rank that did not end it cleanly (:func:`_unfinished_stops`) fails the job as a crash
+    would. A launcher that failed before starting any rank (:func:`failed_before_ranks`) is run
+    again, at most ``relaunches`` times. Nothing the launcher writes is left behind, but the report
+    of a failure, named in its line."""
     env = environment(launcher, nproc)
+    env[RANK_RECORDS] = records = tempfile.mkdtemp(prefix="unitrain-ranks-")
     log_dir = tempfile.mkdtemp(prefix="unitrain-msrun-") if launcher == "msrun" else None
-    # msrun shows worker 0's log (its stdout and stderr) on its stdout, MindSpore's log lines included
-    process = subprocess.Popen(
-        command(launcher, nproc, ["-m", "unitrain", *argv], master_port, log_dir),
-        env=env,
-        stdout=None if log_dir is None else subprocess.PIPE,
-        stderr=subprocess.PIPE if log_dir is None else subprocess.STDOUT,
-        start_new_session=True,
-        preexec_fn=die_with_parent,
-    )
+    try:
+        job = _watch(launcher, nproc, argv, master_port, env, log_dir)
+        ranks_of_pids = _ranks_of_pids(records, log_dir)
+        unfinished = None if job.received is None else _unfinished_stops(records, job.report, ranks_of_pids)
+        stopped = _stop_status(records)
+    finally:
+        shutil.rmtree(records, ignore_errors=True)
+    sink = sys.stderr.buffer if log_dir is None else sys.stdout.buffer
+    status = job.status
+    if status and job.received is None and relaunches and failed_before_ranks(launcher, job.report):
+        _remove(log_dir)
+        return run(launcher, nproc, argv, master_port, relaunches - 1)
+    if unfinished:  # a stop that some rank did not end cleanly: a crash, not a stop
+        # those the records or the launcher say something of first: the others may have died of their loss
+        ranks = sorted(unfinished, key=lambda rank: (unfinished[rank][0] == _UNSAID, rank))
+        failed = "; ".join(f"rank {rank}: {unfinished[rank][0]}" for rank in ranks)
+        code = unfinished[ranks[0]][1]
+        if job.said and {code for _, code in unfinished.values()} == {_REFUSED}:
+            _remove(log_dir)  # as when it refused without a stop: its line said why
+            return _REFUSED
+        print(f"unitrain: error: the {launcher} job of {nproc} processes failed while stopping ({failed})"
+              f"{_kept_report(log_dir, job.held)}", file=sys.stderr)  # fmt: skip
+        return code if code not in _CLEAN_STOPS else 1
+    if unfinished == {} and (status or stopped):  # every rank checkpointed and stopped as asked
+        _remove(log_dir)
+        return 128 + job.received
+    if status == 0:
+        _remove(log_dir)
+        sink.write(job.held)  # warnings and the like, held back while the job ran
+        sink.flush()
+        return stopped  # 0, or the ranks' own stop (a signal sent to them, not to this process) under msrun
+    failed = _failure(job.report.decode(errors="replace"), ranks_of_pids)
+    if job.said and _exit_status(failed, status) == _REFUSED:
+        _remove(log_dir)
+        return _REFUSED  # a rank refused the run and its line said why: the launcher's report adds nothing
+    print(f"unitrain: error: the {launcher} job of {nproc} processes failed"
+          f"{f' ({failed})' if failed else f' with exit code {status}'}{_kept_report(log_dir, job.held)}",
+          file=sys.stderr)  # fmt: skip
+    return _exit_status(failed, status)
+
+
+@dataclass
+class _Watched:
+    """What :func:`_watch` saw of a job."""
+
+    status: int
+    #: the stop signal the user sent (the parent passed it on), or None
+    received: int | None
+    #: the end of the launcher's output, where its failure report is
+    report: bytes
+    #: the output held back (see _shown)
+    held: bytes
+    #: the ranks' error lines shown (see _unrepeated)
+    said: set[bytes]
+
+
+def _watch(launcher: str, nproc: int, argv: list[str], master_port: int | None, env: dict, log_dir: str | None):
+    """Start the launcher, show its output as it comes (see :func:`_shown`), pass a stop signal on to
+    the workers, and wait for the job's end."""
+    # msrun shows worker 0's log (its stdout and stderr) on its stdout, MindSpore's log lines included;
+    # its own messages (its logger's, its traceback) go to its log folder
+    with open(Path(log_dir) / "msrun.log", "ab") if log_dir is not None else contextlib.nullcontext() as msrun_log:
+        process = subprocess.Popen(
+            # torchrun's log folders in the ranks' records' folder, removed with it
+            command(launcher, nproc, ["-m", "unitrain", *argv], master_port, log_dir or f"{env[RANK_RECORDS]}/logs"),
+            env=env,
+            stdout=None if log_dir is None else subprocess.PIPE,
+            stderr=subprocess.PIPE if log_dir is None else msrun_log,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
     stream = process.stderr if log_dir is None else process.stdout
     sink = sys.stderr.buffer if log_dir is None else sys.stdout.buffer
     report, received, partial = b"", None, b""
@@ -278,9 +379,13 @@ def run(launcher: str, nproc: int, argv: list[str], master_port: int | None, rel
         if not chunk:
             break
         report = (report + chunk)[-(1 << 16) :]
-        if log_dir is not None:  # whole lines, without MindSpore's INFO and WARNING log lines
+        if log_dir is not None:  # whole lines, without MindSpore's log lines below ERROR and msrun's own
             *lines, partial = (partial + chunk).split(b"\n")
-            chunk = b"".join(line + b"\n" for line in lines if not _MINDSPORE_LOG.match(line))
+            chunk = _unrepeated(b"".join(line + b"\n" for line in lines if not _msrun_noise(line)), said)
+            errors = b"".join(line for line in chunk.splitlines(keepends=True) if line.startswith(_ERROR_LINE))
+            chunk = b"".join(line for line in chunk.splitlines(keepends=True) if not line.startswith(_ERROR_LINE))
+            sys.stderr.buffer.write(errors)  # where the rank wrote them
+            sys.stderr.buffer.flush()
         else:
             chunk, partial = _shown(partial + chunk, held)
             chunk = _unrepeated(chunk, said)
@@ -290,36 +395,106 @@ def run(launcher: str, nproc: int, argv: list[str], master_port: int | None, rel
                 chunk = b"".join(line for line in lines if not _stopped_by_launcher(line))
         if received is not None:
             # stopping as asked: the workers say where they checkpointed; the launchers' reports of
-            # workers ending with a non-zero status (tracebacks, MPI_ABORT notices) are noise now
+            # workers ending with a non-zero status (tracebacks, MPI_ABORT notices) are noise now,
+            # held for the report unless every rank stopped cleanly
             chunk = b"".join(line for line in chunk.splitlines(keepends=True) if line.startswith(b"unitrain: "))
         sink.write(chunk)
         sink.flush()
     held += partial if log_dir is None else b""
     status = _wait(process)
-    if status and received is None and relaunches and failed_before_ranks(launcher, report):
-        return run(launcher, nproc, argv, master_port, relaunches - 1)
-    if status == 0 or received is not None:  # finished, or the workers checkpointed and said so
-        if log_dir is not None:
-            shutil.rmtree(log_dir, ignore_errors=True)
-        if status == 0:  # warnings and the like, held back while the job ran
-            sink.write(held)
-            sink.flush()
-        return 0 if status == 0 else 128 + received
-    ranks = None if log_dir is None else {pid: rank for rank, pid in _msrun_pids(log_dir).items()}
-    failed = _failure(report.decode(errors="replace"), ranks)
-    if said and _exit_status(failed, status) == _REFUSED:
-        return _REFUSED  # a rank refused the run and its line said why: the launcher's report adds nothing
     if log_dir is not None:
-        logs = f"; the workers' logs are in {log_dir}"
-    elif held:  # the launcher's report and the workers' tracebacks: a page for one failure, kept aside
-        with tempfile.NamedTemporaryFile("wb", prefix="unitrain-job-", suffix=".log", delete=False) as file:
-            file.write(held)
-        logs = f"; its report is in {file.name}"
-    else:
-        logs = ""
-    print(f"unitrain: error: the {launcher} job of {nproc} processes failed"
-          f"{f' ({failed})' if failed else f' with exit code {status}'}{logs}", file=sys.stderr)  # fmt: skip
-    return _exit_status(failed, status)
+        report = (report + (Path(log_dir) / "msrun.log").read_bytes())[-(1 << 16) :]
+        if status:  # a rank's refusal that msrun's tail of worker 0 cut off, or that another rank said
+            sys.stderr.buffer.write(_unrepeated(_error_lines(log_dir), said))
+            sys.stderr.buffer.flush()
+    return _Watched(status, received, report, bytes(held), said)
+
+
+#: msrun's own lines on its stdout: "Start worker process with rank id:0, log file:..., Execute command: ..."
+_MSRUN_STARTS = re.compile(rb"Start (scheduler|worker) process")
+
+
+def _msrun_noise(line: bytes) -> bool:
+    """Whether ``line`` of msrun's stdout is MindSpore's log (below ERROR) or msrun's note of a start."""
+    return bool(_MINDSPORE_LOG.match(line) or _MSRUN_STARTS.match(line))
+
+
+def _error_lines(log_dir: str) -> bytes:
+    """The ranks' ``unitrain: error: ...`` lines in msrun's worker logs, in the ranks' order."""
+    logs = sorted(Path(log_dir).glob("worker_*.log"), key=lambda log: int(log.stem.rpartition("_")[2]))
+    return b"".join(
+        line + b"\n" for log in logs for line in log.read_bytes().splitlines() if line.startswith(_ERROR_LINE)
+    )
+
+
+def _remove(log_dir: str | None) -> None:
+    if log_dir is not None:
+        shutil.rmtree(log_dir, ignore_errors=True)
+
+
+def _kept_report(log_dir: str | None, held: bytes) -> str:
+    """Where a failed job's report is kept, for its error line: msrun's log folder, or a file of the
+    launcher's report and the workers' tracebacks (a page for one failure, kept aside)."""
+    if log_dir is not None:
+        return f"; the workers' logs are in {log_dir}"
+    if not held:
+        return ""
+    with tempfile.NamedTemporaryFile("wb", prefix="unitrain-job-", suffix=".log", delete=False) as file:
+        file.write(held)
+    return f"; its report is in {file.name}"
+
+
+#: how a rank that ended a requested stop as asked exits: it checkpointed, or was stopped before it
+#: trained, and returned 128 + the signal (unitrain.job, unitrain.signals); or it had finished already
+_CLEAN_STOPS = frozenset({0, *(128 + signum for signum in STOP_SIGNALS)})
+
+
+def _ranks_of_pids(records: str, log_dir: str | None) -> dict[int, int] | None:
+    """``{pid: rank}`` of msrun's workers (its report names pids), else None."""
+    if log_dir is None:
+        return None
+    ranks = {pid: rank for rank, pid in _msrun_pids(log_dir).items()}
+    return ranks | {pid: rank for pid, (rank, _) in _records(records).items()}
+
+
+def _records(records: str) -> dict[int, tuple[int, dict[str, str]]]:
+    """``{pid: (rank, notes)}`` of the ranks that made their loop, from their records (see record_rank)."""
+    found = {}
+    for path in Path(records).glob("[0-9]*"):  # named by the ranks' pids
+        notes = dict(line.split(" ", 1) for line in path.read_text(errors="replace").splitlines() if " " in line)
+        if notes.get("rank", "").isdigit():
+            found[int(path.name)] = (int(notes["rank"]), notes)
+    return found
+
+
+def _stop_status(records: str) -> int:
+    """128 + N if a rank ended a stop by signal N (see status_for_launcher), else 0."""
+    return max((int(end) for _, notes in _records(records).values() if (end := notes.get("exit", "")).isdigit()
+                and int(end) in _CLEAN_STOPS), default=0)  # fmt: skip
+
+
+#: what is known of a rank that ended its stop without a word (a signal, the launcher's kill)
+_UNSAID = "did not finish stopping"
+
+
+def _unfinished_stops(records: str, report: bytes, ranks_of_pids: dict[int, int] | None) -> dict[int, tuple[str, int]]:
+    """``{rank: (what happened, exit status)}`` of the ranks that had begun training and did not end
+    a requested stop cleanly: one exited with another status, raised, or died without a word (a
+    segfault, an abort, the launcher's kill), which its launcher's report may name. A rank stopped
+    before it made its loop had nothing to save, and is not counted."""
+    said = _failures(report.decode(errors="replace"), ranks_of_pids)
+    unfinished = {}
+    for rank, notes in _records(records).values():
+        if (end := notes.get("exit", "")).lstrip("-").isdigit():
+            if int(end) not in _CLEAN_STOPS:
+                unfinished[rank] = (f"exit code {end}", int(end))
+        elif "raised" in notes:
+            unfinished[rank] = (f"raised {notes['raised']}", 1)
+        elif rank in said:
+            unfinished[rank] = (said[rank], _exit_status(said[rank], 1))
+        else:
+            unfinished[rank] = (_UNSAID, 1)
+    return unfinished
 
 
 #: Open MPI's mpiexec, now and then on a loaded machine, fails to start its PMIx server's listener

@@ -279,6 +279,8 @@ class Job:
             # one process: every core; a data-parallel rank: its share (what the launcher's OMP_NUM_THREADS says)
             adapter.set_threads(self.threads or distributed.threads_per_rank(world_size or 1))
             loop = run.compiled(adapter(run.model_spec(), distributed=world_size is not None, **run.loop_options()))
+            if world_size is not None:
+                distributed.record_rank(loop.rank)
             if hold and loop.rank == 0:
                 held.enter_context(files.directory_lock(*hold))
             outcome = self._fit(loop, data, show_progress)

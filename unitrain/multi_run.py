@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from . import expr, files, steps
+from . import distributed, expr, files, steps
 from .multi_recipe import (  # the recipe's names, importable from here as before it had its own module
     FUNCTIONS,  # noqa: F401
     MAX_EXPRESSION_CHARS,  # noqa: F401
@@ -270,6 +270,8 @@ class MultiJob:
             loop = steps.MultiModelLoop(step, backend, seed=self.run.seed, distributed=self.distributed)
         except ValueError as error:  # a backend without the capability; data parallel: a loss no split computes
             raise RunError(str(error)) from None
+        if self.distributed:
+            distributed.record_rank(loop.rank)
         if loop.world_size > self.run.batch_size:
             raise RunError(f"batch_size {self.run.batch_size}: {loop.world_size} processes need a row each")
         # before anything is written; data parallel: on every rank alike (BatchNorm on each rank's rows)

@@ -31,9 +31,32 @@ def is_the_command() -> bool:
     return run_as_module or os.path.basename(sys.argv[0] if sys.argv else "") == "unitrain"
 
 
+#: the folder where each rank of ``unitrain train --nproc`` notes which rank it is and how it ended:
+#: set in the launcher's environment by the parent (:func:`unitrain.distributed.run`), which reads
+#: there how a requested stop ended on every rank (torchrun, once stopped, says nothing of its workers)
+RANK_RECORDS = "UNITRAIN_RANK_RECORDS"
+
+
+def record(note: str) -> None:
+    """Add the line ``note`` to this process's record, when it is a rank of ``unitrain train --nproc``."""
+    folder = os.environ.get(RANK_RECORDS)
+    if not folder:
+        return
+    try:
+        file = os.open(os.path.join(folder, str(os.getpid())), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    except OSError:  # the parent is gone, and its folder with it
+        return
+    try:
+        os.write(file, note.encode() + b"\n")
+    finally:
+        os.close(file)
+
+
 def _exit_now(signum, frame):
     os.write(2, b"unitrain: interrupted\n")
-    os._exit(128 + (signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM))
+    status = 128 + (signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
+    record(f"exit {status}")
+    os._exit(status)
 
 
 def handled(signals=STOP_SIGNALS) -> tuple:
