@@ -162,15 +162,15 @@ def split(node: Node) -> tuple[str, tuple[Node, ...], dict]:
     return expr.split(node)
 
 
-def postorder(roots: Iterable[Node]) -> list[Node]:
-    """Every distinct node under ``roots``, each after its children (the order to compute them)."""
+def postorder(roots: Iterable[Node], children=lambda node: split(node)[1]) -> list[Node]:
+    """Every distinct node under ``roots``, each after its ``children`` (the order to compute them)."""
     order, seen = [], set()
 
     def visit(node):
         if node in seen:
             return
         seen.add(node)
-        for child in split(node)[1]:
+        for child in children(node):
             visit(child)
         order.append(node)
 
@@ -517,9 +517,10 @@ class PhaseEvaluator:
         self.phases = [(phase, step.optimizer_models(phase.optimizer), postorder([phase.loss]))
                        for phase in step.phases]  # fmt: skip
         self.calls: dict[Node, frozenset[str]] = {}  # node -> the models it calls (stale when one changes)
+        self.splits: dict[Node, tuple] = {}  # node -> split(node), once rather than at every step
         for _, _, order in self.phases:
             for node in order:
-                op, children, static = split(node)
+                op, children, static = self.splits[node] = split(node)
                 own = {static["model"]} if op == "call" else set()
                 self.calls[node] = frozenset(own).union(*(self.calls[child] for child in children))
 
@@ -529,14 +530,10 @@ class PhaseEvaluator:
         would average them with equal shares)."""
         cache: dict[Node, Any] = {}
         losses = []
-        for index, (phase, updated, order) in enumerate(self.phases):
+        for index, (phase, updated, _) in enumerate(self.phases):
             for name in updated:
                 self.loops[name].zero_grad()
-            for node in order:
-                if node not in cache:
-                    op, children, static = split(node)
-                    cache[node] = self.compute(node, op, [cache[child] for child in children], static, x, noise)
-            self.backward(phase, updated, order, cache, keep=index < len(self.phases) - 1)
+            self.differentiate(index, cache, x, noise)
             for name in updated:
                 loop = self.loops[name]
                 if weights is None:
@@ -549,6 +546,19 @@ class PhaseEvaluator:
             for node in [node for node in cache if self.calls[node] & set(updated)]:
                 del cache[node]
         return losses
+
+    def differentiate(self, index: int, cache: dict, x, noise) -> None:
+        """Compute phase ``index``'s nodes into ``cache`` and accumulate its loss's gradients."""
+        phase, updated, order = self.phases[index]
+        self.evaluate(order, cache, x, noise)
+        self.backward(phase, updated, order, cache, keep=index < len(self.phases) - 1)
+
+    def evaluate(self, order: Sequence[Node], cache: dict, x, noise) -> None:
+        """The nodes of ``order`` that ``cache`` lacks, each from its children's values."""
+        for node in order:
+            if node not in cache:
+                op, children, static = self.splits[node]
+                cache[node] = self.compute(node, op, [cache[child] for child in children], static, x, noise)
 
     def compute(self, node: Node, op: str, arguments: list, static: dict, x, noise):
         """The value of ``node`` from its children's values."""
