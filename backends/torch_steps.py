@@ -3,7 +3,7 @@ torch operation (the CustomLoss table of the torch adapter), each model call thr
 module, and ``loss.backward()``: torch's autograd differentiates the phase.
 
 The step runs what a hand-written PyTorch loop runs: a loss that is a sum of terms sharing no graph
-is back-propagated one term at a time, as soon as the term is computed (:mod:`unitrain.step_passes`),
+is back-propagated one term at a time, as soon as the term is computed (:mod:`unitrain.phase_losses`),
 and :func:`unitrain.steps.bce` against a 0/1 label is ``F.binary_cross_entropy``, ``nn.BCELoss``'s
 one operation forward and one backward (the expression's logarithm, floor, negation and mean are
 four each way, and round differently)."""
@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from unitrain.step_passes import backward_passes
+from unitrain.phase_losses import backward_passes
 from unitrain.steps import PhaseEvaluator, postorder
 
 from .torch import _DTYPES, _expr_ops

@@ -573,44 +573,6 @@ class PhaseEvaluator:
         return float(value)
 
 
-def batch_weighting(loss: Node) -> str:
-    """How ``loss`` adds up over a batch's rows, which data parallel needs: ``"mean"`` (a
-    combination of means over every element: the global loss is the ranks' losses weighted by
-    their shares of the batch) or ``"sum"`` (of sums: the ranks' losses added). ValueError for a
-    loss that is neither (a constant term, a mean beside a sum, a reduction over the batch inside
-    another), which no split of the batch computes exactly."""
-    op, children, static = split(loss)
-    if op == "neg":
-        return batch_weighting(children[0])
-    if op in ("add", "sub"):
-        kinds = {batch_weighting(child) for child in children}
-        if len(kinds) == 1:
-            return kinds.pop()
-        raise ValueError("it adds a mean over the batch to a sum over it")
-    if op in ("mul", "div"):
-        constant = [_constant(child) for child in children]
-        if op == "mul" and constant.count(True) == 1:
-            return batch_weighting(children[constant.index(False)])
-        if op == "div" and constant == [False, True]:
-            return batch_weighting(children[0])
-    if op in ("sum", "mean") and static["axis"] is None and _per_sample(children[0]):
-        return op
-    raise ValueError("it is not a sum or mean over the batch of per-sample terms (times constants)")
-
-
-def _constant(node: Node) -> bool:
-    return not any(part[0] in ("batch", "noise", "call") for part in postorder([node]))
-
-
-def _per_sample(node: Node) -> bool:
-    """Whether each row of ``node`` depends on its own batch row alone (no reduction over the batch axis)."""
-    for part in postorder([node]):
-        op, _, static = split(part)
-        if op in ("sum", "mean", "softmax", "log_softmax") and static.get("axis") in (None, 0):
-            return False
-    return True
-
-
 #: what a multi-model checkpoint holds of each model's loop: the part's getter (loaded by
 #: :mod:`unitrain.state_loading`, every part checked before any is assigned)
 CHECKPOINT_PARTS = {"weights": "state_dict", "optimizer": "optimizer_state_dict", "random": "random_state"}
@@ -641,7 +603,7 @@ class MultiModelLoop:
         }  # fmt: skip
         first = next(iter(self.loops.values()))
         self.rank, self.world_size = first.rank, first.world_size
-        #: data parallel: how each phase's loss adds up over the ranks' rows (batch_weighting)
+        #: data parallel: how each phase's loss adds up over the ranks' rows (phase_losses.batch_weighting)
         self._weightings = [self._weighting(phase) for phase in step.phases] if self.world_size > 1 else None
         self.dtype = np.dtype(dtype)
         #: the models called on the batch itself, which check it as their own loop's inputs
@@ -657,8 +619,10 @@ class MultiModelLoop:
 
     @staticmethod
     def _weighting(phase: Phase) -> str:
+        from . import phase_losses
+
         try:
-            return batch_weighting(phase.loss)
+            return phase_losses.batch_weighting(phase.loss)
         except ValueError as error:
             raise ValueError(f"phase {phase.name!r} cannot be split over processes: {error}") from None
 

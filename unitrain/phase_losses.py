@@ -1,4 +1,6 @@
-"""A multi-model step's backward passes as a hand-written PyTorch loop makes them.
+"""What a multi-model step's phase losses are made of: how each adds up over a batch's rows
+(:func:`batch_weighting`, which data parallel needs) and the backward passes a hand-written PyTorch
+loop makes of them (:func:`backward_passes`).
 
 PyTorch frees a graph as it back-propagates through it, and a hand-written loop calls ``backward``
 as soon as a loss term exists: the DCGAN tutorial's discriminator phase is
@@ -9,7 +11,7 @@ as soon as a loss term exists: the DCGAN tutorial's discriminator phase is
 so the activations ``netD(real)`` saved for its backward are freed before ``netD(fake)`` is computed.
 Back-propagating ``errD_real + errD_fake`` once instead holds both graphs at the same time: the same
 operations, but a larger peak of memory, which the C allocator gives back to the system and takes
-again at every step (page faults, a tenth of a DCGAN step on one CPU thread).
+again, page by page, at every step (docs/speed.md counts the page faults).
 
 :func:`backward_passes` plans each phase's passes: a loss that is a sum of terms which share no
 graph (each term's gradient reaches its own nodes only, ``detach`` cutting the rest) is one pass
@@ -27,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from .expr import Node
-from .steps import split
+from .steps import postorder, split
 
 
 @dataclass(frozen=True)
@@ -80,3 +82,41 @@ def backward_passes(phases: Sequence[tuple], calls: Mapping[Node, frozenset[str]
             keep = keep or any(not calls[node] & updated for node in nodes & later_nodes)
         passes[index].append(BackwardPass(root, keep))
     return passes
+
+
+def batch_weighting(loss: Node) -> str:
+    """How ``loss`` adds up over a batch's rows, which data parallel needs: ``"mean"`` (a
+    combination of means over every element: the global loss is the ranks' losses weighted by
+    their shares of the batch) or ``"sum"`` (of sums: the ranks' losses added). ValueError for a
+    loss that is neither (a constant term, a mean beside a sum, a reduction over the batch inside
+    another), which no split of the batch computes exactly."""
+    op, children, static = split(loss)
+    if op == "neg":
+        return batch_weighting(children[0])
+    if op in ("add", "sub"):
+        kinds = {batch_weighting(child) for child in children}
+        if len(kinds) == 1:
+            return kinds.pop()
+        raise ValueError("it adds a mean over the batch to a sum over it")
+    if op in ("mul", "div"):
+        constant = [_constant(child) for child in children]
+        if op == "mul" and constant.count(True) == 1:
+            return batch_weighting(children[constant.index(False)])
+        if op == "div" and constant == [False, True]:
+            return batch_weighting(children[0])
+    if op in ("sum", "mean") and static["axis"] is None and _per_sample(children[0]):
+        return op
+    raise ValueError("it is not a sum or mean over the batch of per-sample terms (times constants)")
+
+
+def _constant(node: Node) -> bool:
+    return not any(part[0] in ("batch", "noise", "call") for part in postorder([node]))
+
+
+def _per_sample(node: Node) -> bool:
+    """Whether each row of ``node`` depends on its own batch row alone (no reduction over the batch axis)."""
+    for part in postorder([node]):
+        op, _, static = split(part)
+        if op in ("sum", "mean", "softmax", "log_softmax") and static.get("axis") in (None, 0):
+            return False
+    return True
