@@ -379,6 +379,20 @@ def test_a_torch_backward_pass_keeps_its_graph_only_for_a_later_pass_through_it(
         assert all(np.isfinite(list(loop.step(x).values())).all() for _ in range(2))
 
 
+def test_a_bce_of_values_outside_0_1_is_nan_on_torch_as_on_numpy():
+    """torch's binary_cross_entropy refuses such values with an error; the step computes the
+    expression instead (NaN, as every other backend), not a traceback."""
+    model = steps.Model("m")
+    x = steps.batch()
+    loss = steps.bce(model(x), 1.0) + steps.bce(model(x) * 2, 0.0)
+    sgd = steps.OptimizerOver(ut.SGD(0.1), ["m"])
+    step = steps.MultiStep(models={"m": ut.Sequential(ut.Linear(3, 1))}, optimizers={"o": sgd},
+                           phases=[steps.Phase("p", loss, "o")])  # fmt: skip
+    x = 5 * np.random.default_rng(0).standard_normal((8, 3))
+    for backend in ("numpy", "torch"):
+        assert np.isnan(steps.MultiModelLoop(step, backend).step(x)["p"])
+
+
 def test_noise_is_drawn_once_for_every_backend():
     """The core draws the noise: a seeded stream, the same arrays whatever the backend, resumable."""
     step = dcgan_step()
