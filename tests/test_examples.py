@@ -185,7 +185,7 @@ RECIPES = sorted(path.stem for path in (EXAMPLES / "recipes").glob("*.toml"))
 def test_each_recipe_is_listed_loads_and_trains(name, monkeypatch):
     """Every tutorial recipe describes a valid run whose model takes its data, and takes steps (a
     recipe of several models: three steps of 8 images; how --nproc would weigh its losses)."""
-    from unitrain import multi_run, steps
+    from unitrain import multi_run, phase_losses, steps
     from unitrain.run import load_recipe
 
     monkeypatch.chdir(EXAMPLES.parent)  # its module:function models import from the repository's root
@@ -198,7 +198,8 @@ def test_each_recipe_is_listed_loads_and_trains(name, monkeypatch):
         losses = [loop.step(images[8 * i : 8 * (i + 1)]) for i in range(3)]
         assert loop.step_count == 3 and np.isfinite([list(step_losses.values()) for step_losses in losses]).all()
         assert "samples" in pictures  # the DCGAN's losses are means over the batch, the VAE's sums
-        assert {steps.batch_weighting(phase.loss) for phase in step.phases} == {"sum" if name == "vae" else "mean"}
+        weightings = {phase_losses.batch_weighting(phase.loss) for phase in step.phases}
+        assert weightings == {"sum" if name == "vae" else "mean"}
         return
     run = load_recipe(path)
     train = run.datasets()[0]

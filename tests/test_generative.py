@@ -67,16 +67,17 @@ def dcgan_step():
     )
 
 
-def torch_dcgan(weights, batches, noises, dtype):
-    """The tutorial's training loop, as written there (one fake batch per step, D then G)."""
+def tutorial_dcgan(weights, dtype):
+    """The models and one step of the tutorial's training loop, as written there (one fake batch
+    per step, D then G; each loss term back-propagated as soon as it is computed)."""
     netG, netD = generator(nn).to(dtype), discriminator(nn).to(dtype)
     _load(netG, weights["generator"], dtype)
     _load(netD, weights["discriminator"], dtype)
     optimizerD = torch.optim.Adam(netD.parameters(), lr=2e-4, betas=(0.5, 0.999), foreach=False)
     optimizerG = torch.optim.Adam(netG.parameters(), lr=2e-4, betas=(0.5, 0.999), foreach=False)
     criterion = nn.BCELoss()
-    losses = []
-    for x, (noise,) in zip(batches, noises, strict=True):
+
+    def step(x, noise):
         real = torch.from_numpy(x).to(dtype)
         netD.zero_grad()
         label = torch.full((len(real),), 1.0, dtype=dtype)
@@ -92,8 +93,14 @@ def torch_dcgan(weights, batches, noises, dtype):
         errG = criterion(netD(fake).view(-1), label)
         errG.backward()
         optimizerG.step()
-        losses.append(((errD_real + errD_fake).item(), errG.item()))
-    return {"generator": netG, "discriminator": netD}, losses
+        return (errD_real + errD_fake).item(), errG.item()
+
+    return {"generator": netG, "discriminator": netD}, step
+
+
+def torch_dcgan(weights, batches, noises, dtype):
+    models, step = tutorial_dcgan(weights, dtype)
+    return models, [step(x, noise) for x, (noise,) in zip(batches, noises, strict=True)]
 
 
 # --- PyTorch's examples/vae: 784-400-20, BCE sum + KLD, Adam 1e-3 --------------------------
@@ -290,6 +297,100 @@ def test_matches_the_hand_written_pytorch_loop(case, backend, dtype):
         for key, value in want.items():
             difference = float(np.abs(got[key].astype(np.float64) - value.astype(np.float64)).max(initial=0))
             assert difference <= bound[key], f"{name} {backend} {dtype} {key}: {difference:.3g} > {bound[key]:.3g}"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_the_torch_dcgan_step_is_the_tutorial_loop_bit_for_bit(dtype):
+    """The torch adapter runs the tutorial's own step (nn.BCELoss's operation for a bce against a 0/1
+    label, each loss term back-propagated on its own): from the same weights and noise, every weight,
+    BatchNorm statistic and loss equals the hand-written loop's exactly, not within rounding."""
+    step, weights, batches, noises = case_data("dcgan")
+    expected = torch_run("dcgan", weights, batches, noises, getattr(torch, dtype))
+    actual = unitrain_run(step, weights, batches, noises, "torch", dtype)
+    assert list(actual.state) == list(expected.state)
+    for key, value in expected.state.items():
+        np.testing.assert_array_equal(actual.state[key], value, err_msg=key)
+    np.testing.assert_array_equal(actual.losses["loss"], expected.losses["loss"])
+
+
+#: what the tutorial's ``netD(x).view(-1)`` and its labels (``torch.full``, its ``.to(dtype)``) add and
+#: the adapter's ``full_like`` labels replace: no arithmetic, no copy of the activations
+SHAPES_AND_ALLOCATIONS = {"aten::view", "aten::reshape", "autograd::engine::evaluate_function: ViewBackward0",
+                          "aten::to", "aten::full", "aten::full_like", "aten::empty", "aten::empty_like",
+                          "aten::empty_strided"}  # fmt: skip
+
+
+def test_the_torch_dcgan_step_runs_the_operations_and_backward_passes_of_the_tutorial_loop(monkeypatch):
+    """One step through the torch adapter executes the ATen operations and autograd nodes of the
+    tutorial's hand-written step, as many times each (no extra op, copy or detach), in as many
+    backward passes (errD_real, errD_fake, errG), none retaining its graph: the discriminator's
+    activations on the real batch are freed before it sees the fake one, as in the tutorial."""
+    from collections import Counter
+
+    from torch.profiler import profile
+
+    step, weights, batches, noises = case_data("dcgan")
+    _, tutorial = tutorial_dcgan(weights, torch.float32)
+    loop = steps.MultiModelLoop(step, "torch", seed=11)
+    for model, state in weights.items():
+        loop.loops[model].load_state_dict(state)
+    passes = []
+    backward = torch.autograd.backward
+
+    def counted(tensors, grad_tensors=None, retain_graph=None, *args, **kwargs):
+        passes[-1].append(bool(retain_graph))
+        return backward(tensors, grad_tensors, retain_graph, *args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "backward", counted)
+    operations = []
+    # float32 batches and noise, as a DataLoader gives them (the adapter draws its noise in float32 too)
+    x, noise = [batch.astype(np.float32) for batch in batches], [step[0].astype(np.float32) for step in noises]
+    for run in (lambda x, noise: loop.step(x), tutorial):
+        passes.append([])
+        run(x[0], noise[0])  # the first step creates Adam's state
+        passes[-1].clear()
+        with profile() as profiled:
+            run(x[1], noise[1])
+        operations.append(Counter(event.name for event in profiled.events()
+                                  if event.name.startswith(("aten::", "autograd::engine"))
+                                  and event.name not in SHAPES_AND_ALLOCATIONS))  # fmt: skip
+    ours, tutorials = operations
+    assert ours == tutorials, f"the adapter's step: {ours - tutorials}; the tutorial's: {tutorials - ours}"
+    assert passes == [[False] * 3, [False] * 3]
+
+
+def test_a_torch_backward_pass_keeps_its_graph_only_for_a_later_pass_through_it():
+    """The tutorial's discriminator phase is two passes that free their graphs; where the fake batch is
+    not detached, the discriminator's pass goes through the generator's graph, which the generator's
+    phase goes through again: that pass alone keeps it, and the step trains."""
+    gen, disc = steps.Model("generator"), steps.Model("discriminator")
+    fake = gen(steps.normal((NZ, 1, 1)))
+    adam = Adam(2e-4, betas=(0.5, 0.999))
+    undetached = steps.MultiStep(
+        models={"generator": generator(ut), "discriminator": discriminator(ut)},
+        optimizers={"d": steps.OptimizerOver(adam, ["discriminator"]), "g": steps.OptimizerOver(adam, ["generator"])},
+        phases=[steps.Phase("discriminator", steps.bce(disc(steps.batch()), 1.0) + steps.bce(disc(fake), 0.0), "d"),
+                steps.Phase("generator", steps.bce(disc(fake), 1.0), "g")],
+    )  # fmt: skip
+    x = np.random.default_rng(0).uniform(-1, 1, (BATCH, 1, 28, 28))
+    for step, keeps in ((dcgan_step(), [[False, False], [False]]), (undetached, [[False, True], [False]])):
+        loop = steps.MultiModelLoop(step, "torch")
+        assert [[keep for _, keep, _ in phase] for phase in loop._evaluator.passes] == keeps
+        assert all(np.isfinite(list(loop.step(x).values())).all() for _ in range(2))
+
+
+def test_a_bce_of_values_outside_0_1_is_nan_on_torch_as_on_numpy():
+    """torch's binary_cross_entropy refuses such values with an error; the step computes the
+    expression instead (NaN, as every other backend), not a traceback."""
+    model = steps.Model("m")
+    x = steps.batch()
+    loss = steps.bce(model(x), 1.0) + steps.bce(model(x) * 2, 0.0)
+    sgd = steps.OptimizerOver(ut.SGD(0.1), ["m"])
+    step = steps.MultiStep(models={"m": ut.Sequential(ut.Linear(3, 1))}, optimizers={"o": sgd},
+                           phases=[steps.Phase("p", loss, "o")])  # fmt: skip
+    x = 5 * np.random.default_rng(0).standard_normal((8, 3))
+    for backend in ("numpy", "torch"):
+        assert np.isnan(steps.MultiModelLoop(step, backend).step(x)["p"])
 
 
 def test_noise_is_drawn_once_for_every_backend():

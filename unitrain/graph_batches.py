@@ -73,7 +73,7 @@ def check_inputs(loop: TrainingLoop, x) -> tuple[np.ndarray, ...]:
         raise InputError(f"the model takes {len(names)} inputs {list(names)}: pass a tuple or a dict of arrays, "
                          f"got {type(x).__name__}")  # fmt: skip
     arrays = []
-    roles = padded.input_roles(loop.model_spec)
+    roles = loop._input_roles
     for (name, declared), value in zip(data_inputs, x, strict=True):
         value = np.asarray(value)
         if value.dtype.kind not in "fiu":

@@ -4,11 +4,12 @@ output shape, enough values per BatchNorm channel."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 
-from . import class_targets, expr, graph_batches
+from . import class_targets, expr, graph_batches, padded
 from .distributed import shard
 from .layers import _BatchNorm
 from .losses import CustomLoss, Loss
@@ -62,6 +63,12 @@ def several_arrays(x) -> str | None:
 
 class InputChecks:
     """The part of :class:`~unitrain.loop.TrainingLoop` that validates batches."""
+
+    @functools.cached_property
+    def _input_roles(self) -> dict:
+        """The graph inputs that are token ids, lengths or additive masks (:func:`unitrain.padded.input_roles`):
+        the spec's, found once rather than at every batch (a walk of the graph costs more than the checks)."""
+        return padded.input_roles(self.model_spec)
 
     def _check_x(self, x) -> np.ndarray:
         if self._input_count > 1:

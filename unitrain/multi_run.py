@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from . import distributed, expr, files, steps
+from . import distributed, expr, files, phase_losses, steps
 from .multi_recipe import (  # the recipe's names, importable from here as before it had its own module
     FUNCTIONS,  # noqa: F401
     MAX_EXPRESSION_CHARS,  # noqa: F401
@@ -429,8 +429,8 @@ def test_losses(run: MultiRun, loops: Mapping[str, Any], test, batch_size: int =
 def batch_share(loss: steps.Node, samples: int) -> int:
     """A test batch's weight in a figure over the test set that is divided by its size: the batch's
     size for a loss that is a mean over the batch, 1 for a sum over it (the figure is then per
-    sample); the size for a loss that is neither (:func:`unitrain.steps.batch_weighting`)."""
+    sample); the size for a loss that is neither (:func:`unitrain.phase_losses.batch_weighting`)."""
     try:
-        return 1 if steps.batch_weighting(loss) == "sum" else samples
+        return 1 if phase_losses.batch_weighting(loss) == "sum" else samples
     except ValueError:
         return samples

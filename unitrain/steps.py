@@ -162,15 +162,15 @@ def split(node: Node) -> tuple[str, tuple[Node, ...], dict]:
     return expr.split(node)
 
 
-def postorder(roots: Iterable[Node]) -> list[Node]:
-    """Every distinct node under ``roots``, each after its children (the order to compute them)."""
+def postorder(roots: Iterable[Node], children=lambda node: split(node)[1]) -> list[Node]:
+    """Every distinct node under ``roots``, each after its ``children`` (the order to compute them)."""
     order, seen = [], set()
 
     def visit(node):
         if node in seen:
             return
         seen.add(node)
-        for child in split(node)[1]:
+        for child in children(node):
             visit(child)
         order.append(node)
 
@@ -517,9 +517,10 @@ class PhaseEvaluator:
         self.phases = [(phase, step.optimizer_models(phase.optimizer), postorder([phase.loss]))
                        for phase in step.phases]  # fmt: skip
         self.calls: dict[Node, frozenset[str]] = {}  # node -> the models it calls (stale when one changes)
+        self.splits: dict[Node, tuple] = {}  # node -> split(node), once rather than at every step
         for _, _, order in self.phases:
             for node in order:
-                op, children, static = split(node)
+                op, children, static = self.splits[node] = split(node)
                 own = {static["model"]} if op == "call" else set()
                 self.calls[node] = frozenset(own).union(*(self.calls[child] for child in children))
 
@@ -529,14 +530,10 @@ class PhaseEvaluator:
         would average them with equal shares)."""
         cache: dict[Node, Any] = {}
         losses = []
-        for index, (phase, updated, order) in enumerate(self.phases):
+        for index, (phase, updated, _) in enumerate(self.phases):
             for name in updated:
                 self.loops[name].zero_grad()
-            for node in order:
-                if node not in cache:
-                    op, children, static = split(node)
-                    cache[node] = self.compute(node, op, [cache[child] for child in children], static, x, noise)
-            self.backward(phase, updated, order, cache, keep=index < len(self.phases) - 1)
+            self.differentiate(index, cache, x, noise)
             for name in updated:
                 loop = self.loops[name]
                 if weights is None:
@@ -550,6 +547,19 @@ class PhaseEvaluator:
                 del cache[node]
         return losses
 
+    def differentiate(self, index: int, cache: dict, x, noise) -> None:
+        """Compute phase ``index``'s nodes into ``cache`` and accumulate its loss's gradients."""
+        phase, updated, order = self.phases[index]
+        self.evaluate(order, cache, x, noise)
+        self.backward(phase, updated, order, cache, keep=index < len(self.phases) - 1)
+
+    def evaluate(self, order: Sequence[Node], cache: dict, x, noise) -> None:
+        """The nodes of ``order`` that ``cache`` lacks, each from its children's values."""
+        for node in order:
+            if node not in cache:
+                op, children, static = self.splits[node]
+                cache[node] = self.compute(node, op, [cache[child] for child in children], static, x, noise)
+
     def compute(self, node: Node, op: str, arguments: list, static: dict, x, noise):
         """The value of ``node`` from its children's values."""
         raise NotImplementedError
@@ -561,44 +571,6 @@ class PhaseEvaluator:
 
     def loss_value(self, value) -> float:
         return float(value)
-
-
-def batch_weighting(loss: Node) -> str:
-    """How ``loss`` adds up over a batch's rows, which data parallel needs: ``"mean"`` (a
-    combination of means over every element: the global loss is the ranks' losses weighted by
-    their shares of the batch) or ``"sum"`` (of sums: the ranks' losses added). ValueError for a
-    loss that is neither (a constant term, a mean beside a sum, a reduction over the batch inside
-    another), which no split of the batch computes exactly."""
-    op, children, static = split(loss)
-    if op == "neg":
-        return batch_weighting(children[0])
-    if op in ("add", "sub"):
-        kinds = {batch_weighting(child) for child in children}
-        if len(kinds) == 1:
-            return kinds.pop()
-        raise ValueError("it adds a mean over the batch to a sum over it")
-    if op in ("mul", "div"):
-        constant = [_constant(child) for child in children]
-        if op == "mul" and constant.count(True) == 1:
-            return batch_weighting(children[constant.index(False)])
-        if op == "div" and constant == [False, True]:
-            return batch_weighting(children[0])
-    if op in ("sum", "mean") and static["axis"] is None and _per_sample(children[0]):
-        return op
-    raise ValueError("it is not a sum or mean over the batch of per-sample terms (times constants)")
-
-
-def _constant(node: Node) -> bool:
-    return not any(part[0] in ("batch", "noise", "call") for part in postorder([node]))
-
-
-def _per_sample(node: Node) -> bool:
-    """Whether each row of ``node`` depends on its own batch row alone (no reduction over the batch axis)."""
-    for part in postorder([node]):
-        op, _, static = split(part)
-        if op in ("sum", "mean", "softmax", "log_softmax") and static.get("axis") in (None, 0):
-            return False
-    return True
 
 
 #: what a multi-model checkpoint holds of each model's loop: the part's getter (loaded by
@@ -631,7 +603,7 @@ class MultiModelLoop:
         }  # fmt: skip
         first = next(iter(self.loops.values()))
         self.rank, self.world_size = first.rank, first.world_size
-        #: data parallel: how each phase's loss adds up over the ranks' rows (batch_weighting)
+        #: data parallel: how each phase's loss adds up over the ranks' rows (phase_losses.batch_weighting)
         self._weightings = [self._weighting(phase) for phase in step.phases] if self.world_size > 1 else None
         self.dtype = np.dtype(dtype)
         #: the models called on the batch itself, which check it as their own loop's inputs
@@ -647,8 +619,10 @@ class MultiModelLoop:
 
     @staticmethod
     def _weighting(phase: Phase) -> str:
+        from . import phase_losses
+
         try:
-            return batch_weighting(phase.loss)
+            return phase_losses.batch_weighting(phase.loss)
         except ValueError as error:
             raise ValueError(f"phase {phase.name!r} cannot be split over processes: {error}") from None
 
