@@ -1,7 +1,7 @@
 """Every benchmark in one table: each backend against its framework's hand-written loop, every model.
 
     .venv/bin/python benchmarks/bench_all.py [--backends numpy,torch,chainer,mindspore] [--repeats R]
-        [--threads N] [--cpu-time] [--control] [--quick] [--markdown FILE]
+        [--threads N] [--cpu-time] [--control] [--processes K] [--quick] [--markdown FILE]
 
 Runs, one process each (a framework's thread pools and compiled graphs do not outlive its bench),
 ``bench_step.py`` (the MLP, the CNN, LeNet and ResNet-18 on MNIST; ``torch-compile`` too),
@@ -46,7 +46,7 @@ def _benches(backends: list[str], args) -> list[tuple[str, list[str]]]:
         )
     benches = [
         ("bench_step.py", ["--models", STEP_MODELS, "--backends", step_backends.lstrip(","), *threads, *common,
-                           *(["--steps", "3"] if args.quick else [])]),
+                           "--processes", str(args.processes), *(["--steps", "3"] if args.quick else [])]),
         ("bench_graph.py", ["--backends", frameworks, *common, "--steps", "3" if args.quick else "50"]),
         ("bench_sequences.py", ["--backends", frameworks, *threads, *common,
                                 *(["--steps", "2", "--warmup", "1"] if args.quick else [])]),
@@ -87,6 +87,8 @@ def main() -> None:
     parser.add_argument("--control", action="store_true",
                         help="also time each hand-written step loop against a second instance of itself (A/A: "
                         "the machine's noise)")  # fmt: skip
+    parser.add_argument("--processes", type=int, default=1, help="bench_step.py's rows: the median of this many "
+                        "processes")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="a few steps of each: a smoke run")
     parser.add_argument("--markdown", help="also write the table here")
     args = parser.parse_args()
