@@ -9,7 +9,7 @@ import math
 
 import numpy as np
 
-from . import class_targets, expr, graph_batches, padded
+from . import class_targets, expr, graph_batches, graph_noise, padded
 from .distributed import shard
 from .layers import _BatchNorm
 from .losses import CustomLoss, Loss
@@ -136,12 +136,16 @@ class InputChecks:
         whole epoch in. Refused, not dropped: a PyTorch DataLoader does not drop it either."""
         samples = len(data)
         last = samples % batch_size if last_reached and not drop_last else 0
-        for size in [batch_size] * (samples >= batch_size) + [last] * (last > 0):
-            # a batch the step's own checks refuse is refused here in the same words
-            if problem := self._norm_problem(self._check_x(data.subset(slice(0, size)).x), self.world_size):
-                last_words = f" leaves a last batch of {size} (drop_last=True, --drop-last, leaves it out)"
-                raise InputError(f"batch_size {batch_size} on {samples} samples{last_words if size == last else ''}: "
-                                 f"{problem}")  # fmt: skip
+        noise = graph_noise.state(self._noise)  # checking a graph's input draws its noise: put the stream back
+        try:
+            for size in [batch_size] * (samples >= batch_size) + [last] * (last > 0):
+                # a batch the step's own checks refuse is refused here in the same words
+                if problem := self._norm_problem(self._check_x(data.subset(slice(0, size)).x), self.world_size):
+                    last_words = f" leaves a last batch of {size} (drop_last=True, --drop-last, leaves it out)"
+                    raise InputError(f"batch_size {batch_size} on {samples} samples"
+                                     f"{last_words if size == last else ''}: {problem}")  # fmt: skip
+        finally:
+            graph_noise.load_state(self._noise, noise)
 
     def _check_y(self, y, n: int, sample_shape=None) -> np.ndarray:
         """Targets checked against the loss spec and, for spec models, the output shape (see
