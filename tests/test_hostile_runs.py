@@ -344,8 +344,10 @@ def test_signals_sampled_over_the_first_seconds_all_end_the_run_cleanly(tmp_path
     for number, delay in enumerate(np.random.default_rng(19).uniform(0.0, 1.5, 6)):
         signum = (signal.SIGINT, signal.SIGTERM)[number % 2]
         status, lines = signalled(tmp_path, signum, "numpy", delay, "train", "--no-progress", "--max-steps", "100000")
-        assert status == 128 + signum, (delay, lines)
-        assert lines and lines[-1].startswith("unitrain: interrupted") and not any("Error" in line for line in lines)
+        said = f"signal {signum} {delay:.3f} s after NumPy's import: exit {status}, stderr:\n{''.join(lines)}"
+        assert status == 128 + signum, said  # a string: pytest shows it whole, a traceback included
+        assert lines and lines[-1].startswith("unitrain: interrupted"), said
+        assert not any("Error" in line for line in lines), said
 
 
 def sweep(count: int, seed: int = 0) -> dict:
