@@ -182,9 +182,7 @@ def across_processes(args) -> None:
             "unitrain_samples_per_sec", "native_samples_per_sec", "ratio", "median_paired_ratio")},
             "process_ratios": ratios})  # fmt: skip
         r = results[-1]
-        print(f"| {r['model']} (batch {r['batch']}) | {r['backend']} | {r['unitrain_samples_per_sec']:.0f} | "
-              f"{r['native']} | {r['native_samples_per_sec']:.0f} | {r['ratio']:.2f} | "
-              f"{r['median_paired_ratio']:.2f} | {', '.join(f'{ratio:.2f}' for ratio in ratios)} |")  # fmt: skip
+        print(f"{_row(r)} {', '.join(f'{ratio:.2f}' for ratio in ratios)} |")
     ceilings = [report["numpy_mlp_ceiling"] for report in reports if report["numpy_mlp_ceiling"]]
     if args.json:
         Path(args.json).write_text(json.dumps({
@@ -192,6 +190,14 @@ def across_processes(args) -> None:
             "mnist_load_seconds": statistics.median(report["mnist_load_seconds"] for report in reports),
             "numpy_mlp_ceiling": statistics.median(ceilings) if ceilings else None, "results": results,
         }, indent=1))  # fmt: skip
+
+
+def _row(r: dict) -> str:
+    """One result as a row of the table (its columns up to the median pair)."""
+    return (
+        f"| {r['model']} (batch {r['batch']}) | {r['backend']} | {r['unitrain_samples_per_sec']:.0f} | "
+        f"{r['native']} | {r['native_samples_per_sec']:.0f} | {r['ratio']:.2f} | {r['median_paired_ratio']:.2f} |"
+    )
 
 
 def _framework(backend: str) -> str:
@@ -266,9 +272,7 @@ def main():
                             "native_samples_per_sec": max(native), "ratio": max(ours) / max(native),
                             "median_paired_ratio": paired})  # fmt: skip
             r = results[-1]  # as soon as measured: a long run's rows are not lost if it is stopped
-            print(f"| {r['model']} (batch {r['batch']}) | {r['backend']} | {r['unitrain_samples_per_sec']:.0f} | "
-                  f"{r['native']} | {r['native_samples_per_sec']:.0f} | {r['ratio']:.2f} | "
-                  f"{r['median_paired_ratio']:.2f} |", flush=True)  # fmt: skip
+            print(_row(r), flush=True)
     ceiling = None
     if "mlp" in args.models.split(",") and "numpy" in args.backends.split(","):
         ceiling = numpy_mlp_ceiling(BENCHES["mlp"].batch)
